@@ -1,0 +1,252 @@
+//! Configuration: `config.toml`, deserialized straight into these structs. Unknown keys
+//! are errors so that a typo never silently falls back to a default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::server::auth::{TokenHash, TokenHashError};
+
+/// The only config format version this build understands. Read first so the format can
+/// evolve without misreading an older or newer file.
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Config format version; must be 1.
+    pub version: u32,
+    /// Listener, storage and request limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Logging output.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// SCIM protocol limits advertised in /ServiceProviderConfig.
+    #[serde(default)]
+    pub scim: ScimConfig,
+    /// Tenants: each has its own SCIM base URL `/scim/v2/{id}` and its own tokens.
+    #[serde(default, rename = "tenants")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Largest request body accepted; larger requests get 413.
+    pub max_body_bytes: usize,
+    /// External base URL used in `meta.location` and `Location` headers, e.g.
+    /// `https://rosterd.example.com`. Defaults to `http://{listen}`.
+    pub public_url: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            max_body_bytes: 16 * 1024 * 1024,
+            public_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `rosterd=debug,info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScimConfig {
+    /// Largest page a list or search returns (`count` is capped to it).
+    pub max_results: usize,
+    /// Largest number of operations in one /Bulk request.
+    pub bulk_max_operations: usize,
+    /// Largest number of matches a `sortBy` query will sort; more gives `tooMany`.
+    pub max_sort_results: usize,
+}
+
+impl Default for ScimConfig {
+    fn default() -> Self {
+        ScimConfig {
+            max_results: 1000,
+            bulk_max_operations: 1000,
+            max_sort_results: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id: the `{tenant}` of `/scim/v2/{tenant}`. Letters, digits, `-` and `_`.
+    pub id: String,
+    /// Name of an environment variable holding a plain SCIM bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Stored token hashes as printed by `rosterd token new` (`sha256:<hex>`).
+    #[serde(default)]
+    pub token_hashes: Vec<String>,
+}
+
+impl Config {
+    /// Read and validate a config file. Token environment variables are not resolved here.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.version != CONFIG_VERSION {
+            return Err(format!(
+                "key `version`: this rosterd reads config version {CONFIG_VERSION}, not {}",
+                self.version
+            ));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err("key `server.max_body_bytes`: must be at least 1024".into());
+        }
+        if self.scim.max_results == 0 || self.scim.bulk_max_operations == 0 {
+            return Err(
+                "keys `scim.max_results` and `scim.bulk_max_operations` must be positive".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let valid = !t.id.is_empty()
+                && t.id.len() <= 64
+                && t.id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                return Err(format!(
+                    "key `tenants[{i}].id`: {:?} must be 1-64 letters, digits, '-' or '_'",
+                    t.id
+                ));
+            }
+            if !seen.insert(t.id.as_str()) {
+                return Err(format!(
+                    "key `tenants[{i}].id`: tenant {:?} is declared twice",
+                    t.id
+                ));
+            }
+            if t.token_env.is_none() && t.token_hashes.is_empty() {
+                return Err(format!(
+                    "tenant {:?}: set `token_env` or `token_hashes`, or no client can authenticate",
+                    t.id
+                ));
+            }
+            for (j, h) in t.token_hashes.iter().enumerate() {
+                TokenHash::parse(h).map_err(|e: TokenHashError| {
+                    format!("key `tenants[{i}].token_hashes[{j}]`: {e}")
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The base URL clients see, without a trailing slash.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!("http://{bound}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(
+            "version = 1\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn tenant_needs_a_token_source() {
+        let err = Config::parse("version = 1\n[[tenants]]\nid = \"a\"\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token_env"), "{err}");
+    }
+
+    #[test]
+    fn bad_hash_is_reported_with_its_key() {
+        let err = Config::parse(
+            "version = 1\n[[tenants]]\nid = \"a\"\ntoken_hashes = [\"md5:00\"]\n",
+            Path::new("x"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tenants[0].token_hashes[0]"), "{err}");
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let err = Config::parse("version = 2\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("version"), "{err}");
+    }
+}

@@ -1,0 +1,202 @@
+//! SCIM bearer tokens: generated high-entropy, stored only as SHA-256 hashes, compared in
+//! constant time. A fast hash is enough because tokens are 256-bit random values, not
+//! passwords a person chose.
+
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use subtle::ConstantTimeEq;
+
+use crate::config::TenantConfig;
+
+const HASH_PREFIX: &str = "sha256:";
+const TOKEN_PREFIX: &str = "rsd_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenHashError {
+    #[error("a token hash must look like `sha256:<64 hex digits>`")]
+    Format,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenHash([u8; 32]);
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({HASH_PREFIX}…)")
+    }
+}
+
+impl TokenHash {
+    pub fn of(token: &str) -> TokenHash {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+
+    pub fn parse(s: &str) -> Result<TokenHash, TokenHashError> {
+        let hex_part = s.strip_prefix(HASH_PREFIX).ok_or(TokenHashError::Format)?;
+        let bytes = hex::decode(hex_part).map_err(|_| TokenHashError::Format)?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| TokenHashError::Format)?;
+        Ok(TokenHash(arr))
+    }
+
+    fn ct_eq(&self, other: &TokenHash) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl std::fmt::Display for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{HASH_PREFIX}{}", hex::encode(self.0))
+    }
+}
+
+/// A fresh random token and the hash to paste into the config.
+pub fn new_token() -> (String, TokenHash) {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let token = format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hash = TokenHash::of(&token);
+    (token, hash)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("tenant {tenant:?}: environment variable {var} (token_env) is not set or empty")]
+    MissingEnv { tenant: String, var: String },
+    #[error("tenant {tenant:?}: {source}")]
+    BadHash {
+        tenant: String,
+        source: TokenHashError,
+    },
+}
+
+/// Outcome of checking a bearer token against a tenant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Allowed,
+    /// The token is valid, but for another tenant.
+    OtherTenant,
+    /// No such token.
+    Denied,
+}
+
+/// Every tenant's token hashes.
+#[derive(Debug, Default, Clone)]
+pub struct TokenRegistry {
+    by_tenant: HashMap<String, Vec<TokenHash>>,
+}
+
+impl TokenRegistry {
+    /// Resolve each tenant's `token_env` and `token_hashes` with `env` as the environment.
+    pub fn from_config(
+        tenants: &[TenantConfig],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<TokenRegistry, AuthSetupError> {
+        let mut by_tenant = HashMap::new();
+        for t in tenants {
+            let mut hashes = Vec::new();
+            if let Some(var) = &t.token_env {
+                match env(var).filter(|v| !v.trim().is_empty()) {
+                    Some(token) => hashes.push(TokenHash::of(token.trim())),
+                    None => {
+                        return Err(AuthSetupError::MissingEnv {
+                            tenant: t.id.clone(),
+                            var: var.clone(),
+                        });
+                    }
+                }
+            }
+            for h in &t.token_hashes {
+                hashes.push(TokenHash::parse(h).map_err(|source| AuthSetupError::BadHash {
+                    tenant: t.id.clone(),
+                    source,
+                })?);
+            }
+            by_tenant.insert(t.id.clone(), hashes);
+        }
+        Ok(TokenRegistry { by_tenant })
+    }
+
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.by_tenant.contains_key(tenant)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.by_tenant.keys().map(String::as_str)
+    }
+
+    /// Check `token` for `tenant`. Every stored hash is compared so the time taken does not
+    /// depend on which one (if any) matched.
+    pub fn check(&self, tenant: &str, token: &str) -> AuthOutcome {
+        let presented = TokenHash::of(token);
+        let mut own = false;
+        let mut other = false;
+        for (t, hashes) in &self.by_tenant {
+            for h in hashes {
+                if h.ct_eq(&presented) {
+                    if t == tenant {
+                        own = true;
+                    } else {
+                        other = true;
+                    }
+                }
+            }
+        }
+        if own {
+            AuthOutcome::Allowed
+        } else if other {
+            AuthOutcome::OtherTenant
+        } else {
+            AuthOutcome::Denied
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: &str, env: Option<&str>, hashes: Vec<String>) -> TenantConfig {
+        TenantConfig {
+            id: id.into(),
+            token_env: env.map(Into::into),
+            token_hashes: hashes,
+        }
+    }
+
+    #[test]
+    fn tokens_open_only_their_tenant() {
+        let (ta, ha) = new_token();
+        let (tb, _) = new_token();
+        let reg = TokenRegistry::from_config(
+            &[
+                tenant("a", None, vec![ha.to_string()]),
+                tenant("b", Some("B_TOKEN"), vec![]),
+            ],
+            |v| (v == "B_TOKEN").then(|| tb.clone()),
+        )
+        .unwrap();
+        assert_eq!(reg.check("a", &ta), AuthOutcome::Allowed);
+        assert_eq!(reg.check("b", &tb), AuthOutcome::Allowed);
+        assert_eq!(reg.check("b", &ta), AuthOutcome::OtherTenant);
+        assert_eq!(reg.check("a", "rsd_nope"), AuthOutcome::Denied);
+    }
+
+    #[test]
+    fn hash_round_trips_and_rejects_garbage() {
+        let (_, h) = new_token();
+        assert_eq!(TokenHash::parse(&h.to_string()).unwrap(), h);
+        assert!(TokenHash::parse("sha256:abcd").is_err());
+        assert!(TokenHash::parse("plain").is_err());
+    }
+
+    #[test]
+    fn missing_env_is_an_error() {
+        let err = TokenRegistry::from_config(&[tenant("a", Some("NOPE"), vec![])], |_| None)
+            .unwrap_err();
+        assert!(err.to_string().contains("NOPE"));
+    }
+}

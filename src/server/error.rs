@@ -1,0 +1,103 @@
+//! The one place SCIM failures become HTTP responses.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::scim::ScimError;
+use crate::store::StoreError;
+
+pub const SCIM_CONTENT_TYPE: &str = "application/scim+json";
+
+/// A SCIM error on its way out, rendered with the SCIM error schema.
+#[derive(Debug)]
+pub struct ScimFailure(pub ScimError);
+
+impl From<ScimError> for ScimFailure {
+    fn from(e: ScimError) -> Self {
+        ScimFailure(e)
+    }
+}
+
+impl From<StoreError> for ScimFailure {
+    fn from(e: StoreError) -> Self {
+        ScimFailure(store_to_scim(e))
+    }
+}
+
+/// Map a store failure to the SCIM error a client should see. Internal failures are logged
+/// with their cause and answered without internals.
+pub fn store_to_scim(e: StoreError) -> ScimError {
+    match e {
+        StoreError::NotFound { kind, id } => {
+            ScimError::not_found(format!("{kind:?} {id:?} not found"))
+        }
+        StoreError::Uniqueness(msg) => ScimError::uniqueness(msg),
+        StoreError::PreconditionFailed { current } => ScimError::precondition_failed(format!(
+            "If-Match does not match the current version {current}"
+        )),
+        StoreError::Rejected(e) => e,
+        other => {
+            tracing::error!(error = %other, "Store failure while serving a SCIM request.");
+            ScimError::new(500, None, "internal error; the change was not applied")
+        }
+    }
+}
+
+impl IntoResponse for ScimFailure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = self.0.to_json().to_string();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(SCIM_CONTENT_TYPE),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rosterd\""),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scim::ResourceKind;
+
+    #[test]
+    fn store_errors_map_to_scim_statuses() {
+        let cases = [
+            (
+                StoreError::NotFound {
+                    kind: ResourceKind::User,
+                    id: "x".into(),
+                },
+                404,
+            ),
+            (StoreError::Uniqueness("dup".into()), 409),
+            (
+                StoreError::PreconditionFailed {
+                    current: "W/\"1\"".into(),
+                },
+                412,
+            ),
+            (StoreError::Backend("disk".into()), 500),
+        ];
+        for (e, status) in cases {
+            assert_eq!(store_to_scim(e).status, status);
+        }
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let r = ScimFailure(ScimError::new(401, None, "no")).into_response();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
+        assert_eq!(r.headers()[header::CONTENT_TYPE], SCIM_CONTENT_TYPE);
+    }
+}

@@ -1,0 +1,1511 @@
+//! SCIM 2.0 endpoints at `/scim/v2/{tenant}`: authentication, resource CRUD, list and
+//! search, /Bulk and discovery. Protocol rules come from `crate::scim`; persistence from
+//! `crate::store`. Each operation is a plain function returning a [`Reply`] so that /Bulk
+//! runs exactly the code the single-resource endpoints run.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::AppState;
+use super::auth::AuthOutcome;
+use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
+use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
+use crate::scim::patch::{MemberOp, MemberRef, apply, parse_patch_request, split_member_ops};
+use crate::scim::resource::{check_immutable, normalize_input, project};
+use crate::scim::schema::{
+    self, ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA, ResourceKind, USER_SCHEMA, lookup,
+};
+use crate::scim::{ScimError, ScimResult};
+use crate::store::{IfMatch, IndexQuery, Resource, Store, Update};
+
+const LIST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
+const SEARCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:SearchRequest";
+const BULK_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+const BULK_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkResponse";
+const SPC_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig";
+const RESOURCE_TYPE_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ResourceType";
+
+type St = State<Arc<AppState>>;
+type HandlerResult = Result<Response, ScimFailure>;
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/scim/v2/{tenant}/Users", get(list_users).post(create_user))
+        .route("/scim/v2/{tenant}/Users/.search", post(search_users))
+        .route(
+            "/scim/v2/{tenant}/Users/{id}",
+            get(get_user)
+                .put(replace_user)
+                .patch(patch_user)
+                .delete(delete_user),
+        )
+        .route("/scim/v2/{tenant}/Groups", get(list_groups).post(create_group))
+        .route("/scim/v2/{tenant}/Groups/.search", post(search_groups))
+        .route(
+            "/scim/v2/{tenant}/Groups/{id}",
+            get(get_group)
+                .put(replace_group)
+                .patch(patch_group)
+                .delete(delete_group),
+        )
+        .route("/scim/v2/{tenant}/.search", post(search_root))
+        .route("/scim/v2/{tenant}/Bulk", post(bulk))
+        .route(
+            "/scim/v2/{tenant}/ServiceProviderConfig",
+            get(service_provider_config),
+        )
+        // Entra's test collection probes this older alias.
+        .route(
+            "/scim/v2/{tenant}/serviceConfiguration",
+            get(service_provider_config),
+        )
+        .route("/scim/v2/{tenant}/Schemas", get(schemas))
+        .route("/scim/v2/{tenant}/Schemas/{id}", get(schema_by_id))
+        .route("/scim/v2/{tenant}/ResourceTypes", get(resource_types))
+        .route("/scim/v2/{tenant}/ResourceTypes/{id}", get(resource_type_by_id))
+        .route("/scim/v2/{tenant}/Me", axum::routing::any(me))
+}
+
+/// Anything unrouted. Under `/scim/` the answer is a SCIM error, and a protocol version
+/// other than v2 is named as such.
+pub(super) async fn not_found(method: Method, uri: Uri) -> ScimFailure {
+    let path = uri.path();
+    if let Some(rest) = path.strip_prefix("/scim/") {
+        let version = rest.split('/').next().unwrap_or("");
+        if !version.eq_ignore_ascii_case("v2") {
+            return ScimError::invalid_vers(format!(
+                "SCIM protocol version {version:?} is not supported; use /scim/v2/{{tenant}}"
+            ))
+            .into();
+        }
+    }
+    ScimError::not_found(format!("no endpoint {method} {path}")).into()
+}
+
+// ---------------------------------------------------------------------------------------
+// Authentication and request plumbing
+
+fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<()> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    let Some(token) = token else {
+        return Err(ScimError::new(401, None, "a Bearer token is required"));
+    };
+    match state.tokens.check(tenant, token) {
+        AuthOutcome::Allowed if state.tokens.has_tenant(tenant) => Ok(()),
+        AuthOutcome::Allowed | AuthOutcome::OtherTenant => Err(ScimError::new(
+            403,
+            None,
+            "this token does not open this tenant",
+        )),
+        AuthOutcome::Denied => Err(ScimError::new(401, None, "the Bearer token is not valid")),
+    }
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> ScimResult<Value> {
+    let bytes = match body {
+        Ok(b) => b,
+        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ScimError::new(
+                413,
+                None,
+                format!("request body is larger than the {limit}-byte limit"),
+            ));
+        }
+        Err(rej) => return Err(ScimError::invalid_syntax(rej.body_text())),
+    };
+    if bytes.is_empty() {
+        return Err(ScimError::invalid_syntax("request body is empty"));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ScimError::invalid_syntax(format!("request body is not valid JSON: {e}")))
+}
+
+fn if_match(headers: &HeaderMap) -> ScimResult<Option<IfMatch>> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ScimError::invalid_syntax("If-Match is not ASCII"))?;
+    if v.trim() == "*" {
+        return Ok(Some(IfMatch::Any));
+    }
+    Ok(Some(IfMatch::Tags(
+        v.split(',').map(|t| t.trim().to_owned()).collect(),
+    )))
+}
+
+/// A successful SCIM answer, shared by the endpoints and /Bulk.
+struct Reply {
+    status: StatusCode,
+    body: Option<Value>,
+    etag: Option<String>,
+    location: Option<String>,
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut resp = match self.body {
+            Some(b) => (self.status, b.to_string()).into_response(),
+            None => self.status.into_response(),
+        };
+        let no_content = resp.status() == StatusCode::NO_CONTENT;
+        let h = resp.headers_mut();
+        if !no_content {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(SCIM_CONTENT_TYPE),
+            );
+        }
+        if let Some(etag) = self.etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+            h.insert(header::ETAG, etag);
+        }
+        if let Some(loc) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            h.insert(header::LOCATION, loc);
+        }
+        resp
+    }
+}
+
+fn ok(v: Value) -> Reply {
+    Reply {
+        status: StatusCode::OK,
+        body: Some(v),
+        etag: None,
+        location: None,
+    }
+}
+
+fn endpoint(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "Users",
+        ResourceKind::Group => "Groups",
+    }
+}
+
+fn location(state: &AppState, tenant: &str, kind: ResourceKind, id: &str) -> String {
+    format!(
+        "{}/scim/v2/{tenant}/{}/{id}",
+        state.base_url,
+        endpoint(kind)
+    )
+}
+
+fn tenant_base(state: &AppState, tenant: &str) -> String {
+    format!("{}/scim/v2/{tenant}", state.base_url)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+
+/// Which attributes a response carries.
+#[derive(Debug, Clone, Default)]
+struct Projection {
+    attributes: Vec<AttrPath>,
+    excluded: Vec<AttrPath>,
+}
+
+impl Projection {
+    fn from_params(params: &Params) -> ScimResult<Projection> {
+        Ok(Projection {
+            attributes: match params.get("attributes") {
+                Some(a) => parse_attr_list(a)?,
+                None => vec![],
+            },
+            excluded: match params.get("excludedattributes") {
+                Some(a) => parse_attr_list(a)?,
+                None => vec![],
+            },
+        })
+    }
+
+    /// Would a top-level core attribute `name` be returned? Used to skip loading members
+    /// or groups that the client excluded.
+    fn wants(&self, name: &str) -> bool {
+        let named = |list: &[AttrPath]| {
+            list.iter().any(|p| {
+                p.attr.eq_ignore_ascii_case(name)
+                    && p.urn
+                        .as_deref()
+                        .is_none_or(|u| u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA))
+            })
+        };
+        if !self.attributes.is_empty() {
+            return named(&self.attributes);
+        }
+        !self
+            .excluded
+            .iter()
+            .any(|p| p.sub.is_none() && p.attr.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Attach what is stored apart from the document: a group's members, a user's groups.
+fn attach_relations(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    doc: &mut Value,
+    id: &str,
+) -> ScimResult<()> {
+    let Some(obj) = doc.as_object_mut() else {
+        return Ok(());
+    };
+    match kind {
+        ResourceKind::Group => {
+            let mut members = Vec::new();
+            for m in state.store.members(tenant, id).map_err(store_to_scim)? {
+                let m = m.map_err(store_to_scim)?;
+                let member_kind = if m.kind == "Group" {
+                    ResourceKind::Group
+                } else {
+                    ResourceKind::User
+                };
+                let mut e = Map::new();
+                e.insert("value".into(), Value::String(m.value.clone()));
+                e.insert(
+                    "$ref".into(),
+                    Value::String(location(state, tenant, member_kind, &m.value)),
+                );
+                e.insert("type".into(), Value::String(m.kind));
+                if let Some(d) = m.display {
+                    e.insert("display".into(), Value::String(d));
+                }
+                members.push(Value::Object(e));
+            }
+            if !members.is_empty() {
+                obj.insert("members".into(), Value::Array(members));
+            }
+        }
+        ResourceKind::User => {
+            let mut groups = Vec::new();
+            for gid in state.store.groups_of(tenant, id).map_err(store_to_scim)? {
+                let display = state
+                    .store
+                    .get(tenant, ResourceKind::Group, &gid)
+                    .map_err(store_to_scim)?
+                    .and_then(|g| g.doc.get("displayName").cloned());
+                let mut e = Map::new();
+                e.insert("value".into(), Value::String(gid.clone()));
+                e.insert(
+                    "$ref".into(),
+                    Value::String(location(state, tenant, ResourceKind::Group, &gid)),
+                );
+                if let Some(d) = display {
+                    e.insert("display".into(), d);
+                }
+                e.insert("type".into(), Value::String("direct".into()));
+                groups.push(Value::Object(e));
+            }
+            if !groups.is_empty() {
+                obj.insert("groups".into(), Value::Array(groups));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    res: &Resource,
+    projection: &Projection,
+) -> ScimResult<Value> {
+    let mut doc = res.doc.clone();
+    let relation = match kind {
+        ResourceKind::Group => "members",
+        ResourceKind::User => "groups",
+    };
+    if projection.wants(relation) {
+        attach_relations(state, tenant, kind, &mut doc, &res.id)?;
+    }
+    if let Some(meta) = doc.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.insert(
+            "location".into(),
+            Value::String(location(state, tenant, kind, &res.id)),
+        );
+    }
+    Ok(project(
+        kind,
+        &doc,
+        &projection.attributes,
+        &projection.excluded,
+    ))
+}
+
+fn resource_reply(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    res: &Resource,
+    status: StatusCode,
+    projection: &Projection,
+) -> ScimResult<Reply> {
+    let body = render(state, tenant, kind, res, projection)?;
+    Ok(Reply {
+        status,
+        body: Some(body),
+        etag: Some(res.etag()),
+        location: Some(location(state, tenant, kind, &res.id)),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Write operations (shared with /Bulk)
+
+/// Split a normalized group document into the document proper and its members.
+fn take_members(kind: ResourceKind, doc: &mut Value) -> ScimResult<Option<Vec<MemberRef>>> {
+    if kind != ResourceKind::Group {
+        return Ok(None);
+    }
+    let Some(members) = doc.as_object_mut().and_then(|o| o.remove("members")) else {
+        return Ok(None);
+    };
+    let Value::Array(items) = members else {
+        return Err(ScimError::invalid_value("members must be an array"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let value = item
+            .get("value")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ScimError::invalid_value("every member needs a string \"value\""))?;
+        out.push(MemberRef {
+            value: value.to_owned(),
+            kind: item.get("type").and_then(Value::as_str).map(str::to_owned),
+            display: item.get("display").and_then(Value::as_str).map(str::to_owned),
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Normalize a client document; passwords are never stored: rosterd is not an
+/// authenticator, and keeping them would only create a liability.
+fn normalize(kind: ResourceKind, body: Value) -> ScimResult<Value> {
+    let n = normalize_input(kind, body)?;
+    if !n.ignored.is_empty() {
+        tracing::warn!(ignored = ?n.ignored, "Ignored attributes that are not in the schema.");
+    }
+    let mut doc = n.resource;
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("password");
+    }
+    Ok(doc)
+}
+
+async fn op_create(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    body: Value,
+) -> ScimResult<Reply> {
+    let mut doc = normalize(kind, body)?;
+    let members = take_members(kind, &mut doc)?.unwrap_or_default();
+    let res = state
+        .store
+        .create(tenant, kind, doc, members)
+        .await
+        .map_err(store_to_scim)?;
+    tracing::info!(id = %res.id, kind = ?kind, "Resource created.");
+    resource_reply(
+        state,
+        tenant,
+        kind,
+        &res,
+        StatusCode::CREATED,
+        &Projection::default(),
+    )
+}
+
+async fn op_replace(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    id: &str,
+    cond: Option<IfMatch>,
+    body: Value,
+) -> ScimResult<Reply> {
+    if let Some(body_id) = body.get("id").and_then(Value::as_str) {
+        if body_id != id {
+            return Err(ScimError::mutability(format!(
+                "id {body_id:?} in the body does not match {id:?} in the path"
+            )));
+        }
+    }
+    let mut doc = normalize(kind, body)?;
+    // PUT replaces the whole resource, members included (a diff is applied in the store).
+    let members = take_members(kind, &mut doc)?.unwrap_or_default();
+    let res = state
+        .store
+        .update(tenant, kind, id, cond, move |old| {
+            check_immutable(kind, old, &doc)?;
+            Ok(Update {
+                doc,
+                members: if kind == ResourceKind::Group {
+                    vec![MemberOp::ReplaceAll(members)]
+                } else {
+                    vec![]
+                },
+            })
+        })
+        .await
+        .map_err(store_to_scim)?;
+    resource_reply(state, tenant, kind, &res, StatusCode::OK, &Projection::default())
+}
+
+async fn op_patch(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    id: &str,
+    cond: Option<IfMatch>,
+    body: Value,
+    projection: &Projection,
+) -> ScimResult<Reply> {
+    let ops = parse_patch_request(&body)?;
+    let (member_ops, doc_ops) = if kind == ResourceKind::Group {
+        split_member_ops(ops)?
+    } else {
+        (vec![], ops)
+    };
+    let res = state
+        .store
+        .update(tenant, kind, id, cond, move |old| {
+            let mut doc = old.clone();
+            apply(kind, &mut doc, &doc_ops)?;
+            let mut doc = normalize(kind, doc)?;
+            if let Some(obj) = doc.as_object_mut() {
+                obj.remove("members");
+                obj.remove("groups");
+            }
+            check_immutable(kind, old, &doc)?;
+            Ok(Update {
+                doc,
+                members: member_ops,
+            })
+        })
+        .await
+        .map_err(store_to_scim)?;
+    resource_reply(state, tenant, kind, &res, StatusCode::OK, projection)
+}
+
+async fn op_delete(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    id: &str,
+    cond: Option<IfMatch>,
+) -> ScimResult<Reply> {
+    state
+        .store
+        .delete(tenant, kind, id, cond)
+        .await
+        .map_err(store_to_scim)?;
+    tracing::info!(%id, kind = ?kind, "Resource deleted.");
+    Ok(Reply {
+        status: StatusCode::NO_CONTENT,
+        body: None,
+        etag: None,
+        location: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Single-resource handlers
+
+type Params = HashMap<String, String>;
+
+/// Query parameter names are matched case-insensitively.
+fn lower_keys(q: HashMap<String, String>) -> Params {
+    q.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
+fn get_one(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    id: &str,
+    headers: &HeaderMap,
+    params: Params,
+) -> ScimResult<Reply> {
+    let projection = Projection::from_params(&params)?;
+    let res = state
+        .store
+        .get(tenant, kind, id)
+        .map_err(store_to_scim)?
+        .ok_or_else(|| ScimError::not_found(format!("{kind:?} {id:?} not found")))?;
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    {
+        let hit = inm.trim() == "*"
+            || inm
+                .split(',')
+                .any(|t| crate::store::tag_version(t) == Some(res.version));
+        if hit {
+            return Ok(Reply {
+                status: StatusCode::NOT_MODIFIED,
+                body: None,
+                etag: Some(res.etag()),
+                location: None,
+            });
+        }
+    }
+    resource_reply(state, tenant, kind, &res, StatusCode::OK, &projection)
+}
+
+macro_rules! resource_handlers {
+    ($kind:expr, $get:ident, $create:ident, $replace:ident, $patch:ident, $delete:ident, $list:ident, $search:ident) => {
+        async fn $get(
+            State(st): St,
+            Path((tenant, id)): Path<(String, String)>,
+            Query(q): Query<HashMap<String, String>>,
+            headers: HeaderMap,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            Ok(get_one(&st, &tenant, $kind, &id, &headers, lower_keys(q))?.into_response())
+        }
+
+        async fn $create(
+            State(st): St,
+            Path(tenant): Path<String>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            Ok(op_create(&st, &tenant, $kind, body).await?.into_response())
+        }
+
+        async fn $replace(
+            State(st): St,
+            Path((tenant, id)): Path<(String, String)>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let cond = if_match(&headers)?;
+            Ok(op_replace(&st, &tenant, $kind, &id, cond, body)
+                .await?
+                .into_response())
+        }
+
+        async fn $patch(
+            State(st): St,
+            Path((tenant, id)): Path<(String, String)>,
+            Query(q): Query<HashMap<String, String>>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let cond = if_match(&headers)?;
+            let projection = Projection::from_params(&lower_keys(q))?;
+            Ok(op_patch(&st, &tenant, $kind, &id, cond, body, &projection)
+                .await?
+                .into_response())
+        }
+
+        async fn $delete(
+            State(st): St,
+            Path((tenant, id)): Path<(String, String)>,
+            headers: HeaderMap,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let cond = if_match(&headers)?;
+            Ok(op_delete(&st, &tenant, $kind, &id, cond).await?.into_response())
+        }
+
+        async fn $list(
+            State(st): St,
+            Path(tenant): Path<String>,
+            Query(q): Query<HashMap<String, String>>,
+            headers: HeaderMap,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let query = ListQuery::from_params(&st, &lower_keys(q))?;
+            Ok(run_list(st, tenant, vec![$kind], query).await?.into_response())
+        }
+
+        async fn $search(
+            State(st): St,
+            Path(tenant): Path<String>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> HandlerResult {
+            authorize(&st, &tenant, &headers)?;
+            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let query = ListQuery::from_search_body(&st, &body)?;
+            Ok(run_list(st, tenant, vec![$kind], query).await?.into_response())
+        }
+    };
+}
+
+resource_handlers!(
+    ResourceKind::User,
+    get_user,
+    create_user,
+    replace_user,
+    patch_user,
+    delete_user,
+    list_users,
+    search_users
+);
+resource_handlers!(
+    ResourceKind::Group,
+    get_group,
+    create_group,
+    replace_group,
+    patch_group,
+    delete_group,
+    list_groups,
+    search_groups
+);
+
+async fn search_root(
+    State(st): St,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    let body = parse_body(body, st.config.server.max_body_bytes)?;
+    let query = ListQuery::from_search_body(&st, &body)?;
+    Ok(
+        run_list(st, tenant, vec![ResourceKind::User, ResourceKind::Group], query)
+            .await?
+            .into_response(),
+    )
+}
+
+async fn me(State(st): St, Path(tenant): Path<String>, headers: HeaderMap) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    Err(ScimError::not_implemented(
+        "/Me is not supported: SCIM tokens here belong to provisioning clients, not users",
+    )
+    .into())
+}
+
+// ---------------------------------------------------------------------------------------
+// List, filter, sort, page
+
+#[derive(Debug, Clone)]
+struct ListQuery {
+    filter: Option<Filter>,
+    sort_by: Option<AttrPath>,
+    descending: bool,
+    /// 1-based.
+    start_index: usize,
+    count: usize,
+    projection: Projection,
+}
+
+impl ListQuery {
+    fn build(
+        state: &AppState,
+        filter: Option<&str>,
+        sort_by: Option<&str>,
+        sort_order: Option<&str>,
+        start_index: Option<i64>,
+        count: Option<i64>,
+        projection: Projection,
+    ) -> ScimResult<ListQuery> {
+        let filter = match filter.map(str::trim).filter(|f| !f.is_empty()) {
+            Some(f) => Some(parse_filter(f)?),
+            None => None,
+        };
+        let sort_by = match sort_by.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => {
+                let mut paths = parse_attr_list(s)
+                    .map_err(|e| ScimError::invalid_value(format!("sortBy: {}", e.detail)))?;
+                if paths.len() != 1 {
+                    return Err(ScimError::invalid_value("sortBy names one attribute"));
+                }
+                paths.pop()
+            }
+            None => None,
+        };
+        let descending = match sort_order.map(str::trim) {
+            None | Some("") => false,
+            Some(o) if o.eq_ignore_ascii_case("ascending") => false,
+            Some(o) if o.eq_ignore_ascii_case("descending") => true,
+            Some(o) => {
+                return Err(ScimError::invalid_value(format!(
+                    "sortOrder {o:?} is neither ascending nor descending"
+                )));
+            }
+        };
+        // RFC 7644 §3.4.2.4: values below 1 are treated as 1, negative counts as 0.
+        let start_index = start_index.unwrap_or(1).max(1) as usize;
+        let max = state.config.scim.max_results;
+        let count = count.map(|c| c.max(0) as usize).unwrap_or(max).min(max);
+        Ok(ListQuery {
+            filter,
+            sort_by,
+            descending,
+            start_index,
+            count,
+            projection,
+        })
+    }
+
+    fn from_params(state: &AppState, p: &Params) -> ScimResult<ListQuery> {
+        let int = |name: &str| -> ScimResult<Option<i64>> {
+            match p.get(name) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                    ScimError::invalid_value(format!("{name} must be an integer, not {v:?}"))
+                }),
+            }
+        };
+        Self::build(
+            state,
+            p.get("filter").map(String::as_str),
+            p.get("sortby").map(String::as_str),
+            p.get("sortorder").map(String::as_str),
+            int("startindex")?,
+            int("count")?,
+            Projection::from_params(p)?,
+        )
+    }
+
+    fn from_search_body(state: &AppState, body: &Value) -> ScimResult<ListQuery> {
+        let obj = body
+            .as_object()
+            .ok_or_else(|| ScimError::invalid_syntax("a SearchRequest must be a JSON object"))?;
+        let field = |name: &str| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        };
+        let schemas_ok = field("schemas")
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(SEARCH_SCHEMA)))
+            });
+        if !schemas_ok {
+            return Err(ScimError::invalid_syntax(format!(
+                "schemas must contain {SEARCH_SCHEMA}"
+            )));
+        }
+        let string = |name: &str| -> ScimResult<Option<String>> {
+            match field(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(Value::Array(a)) => {
+                    let parts: Option<Vec<&str>> = a.iter().map(Value::as_str).collect();
+                    parts
+                        .map(|p| Some(p.join(",")))
+                        .ok_or_else(|| ScimError::invalid_value(format!("{name} must be strings")))
+                }
+                Some(_) => Err(ScimError::invalid_value(format!("{name} must be a string"))),
+            }
+        };
+        let int = |name: &str| -> ScimResult<Option<i64>> {
+            match field(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                    .map(Some)
+                    .ok_or_else(|| ScimError::invalid_value(format!("{name} must be an integer"))),
+            }
+        };
+        let projection = Projection {
+            attributes: match string("attributes")? {
+                Some(a) => parse_attr_list(&a)?,
+                None => vec![],
+            },
+            excluded: match string("excludedAttributes")? {
+                Some(a) => parse_attr_list(&a)?,
+                None => vec![],
+            },
+        };
+        Self::build(
+            state,
+            string("filter")?.as_deref(),
+            string("sortBy")?.as_deref(),
+            string("sortOrder")?.as_deref(),
+            int("startIndex")?,
+            int("count")?,
+            projection,
+        )
+    }
+}
+
+/// Candidate ids from an index, when the filter pins an indexed attribute with `eq`.
+/// `None` means a scan is needed. The full filter is still evaluated on each candidate.
+fn index_plan(
+    store: &Store,
+    tenant: &str,
+    kind: ResourceKind,
+    filter: &Filter,
+) -> ScimResult<Option<Vec<String>>> {
+    match filter {
+        Filter::And(a, b) => {
+            if let Some(ids) = index_plan(store, tenant, kind, a)? {
+                return Ok(Some(ids));
+            }
+            index_plan(store, tenant, kind, b)
+        }
+        Filter::Or(a, b) => {
+            let (Some(mut x), Some(y)) = (
+                index_plan(store, tenant, kind, a)?,
+                index_plan(store, tenant, kind, b)?,
+            ) else {
+                return Ok(None);
+            };
+            x.extend(y);
+            Ok(Some(x))
+        }
+        Filter::Compare {
+            path,
+            op: CompareOp::Eq,
+            value: Value::String(v),
+        } => index_lookup(store, tenant, kind, path, None, v),
+        Filter::ValuePath { path, filter } => match filter.as_ref() {
+            Filter::Compare {
+                path: inner,
+                op: CompareOp::Eq,
+                value: Value::String(v),
+            } if inner.sub.is_none() && inner.urn.is_none() => {
+                index_lookup(store, tenant, kind, path, Some(&inner.attr), v)
+            }
+            Filter::And(..) => {
+                // `emails[type eq "work" and value eq "x"]`: use whichever side indexes.
+                let mut found = None;
+                for side in and_terms(filter) {
+                    if let Filter::Compare {
+                        path: inner,
+                        op: CompareOp::Eq,
+                        value: Value::String(v),
+                    } = side
+                    {
+                        if let Some(ids) =
+                            index_lookup(store, tenant, kind, path, Some(&inner.attr), v)?
+                        {
+                            found = Some(ids);
+                            break;
+                        }
+                    }
+                }
+                Ok(found)
+            }
+            _ => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+fn and_terms(f: &Filter) -> Vec<&Filter> {
+    match f {
+        Filter::And(a, b) => {
+            let mut v = and_terms(a);
+            v.extend(and_terms(b));
+            v
+        }
+        other => vec![other],
+    }
+}
+
+fn index_lookup(
+    store: &Store,
+    tenant: &str,
+    kind: ResourceKind,
+    path: &AttrPath,
+    sub_override: Option<&str>,
+    value: &str,
+) -> ScimResult<Option<Vec<String>>> {
+    let sub = sub_override.or(path.sub.as_deref());
+    let core = path
+        .urn
+        .as_deref()
+        .is_none_or(|u| u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA));
+    let ent = path
+        .urn
+        .as_deref()
+        .is_some_and(|u| u.eq_ignore_ascii_case(ENTERPRISE_USER_SCHEMA));
+    let attr = path.attr.to_ascii_lowercase();
+    let query = match (kind, core, ent, attr.as_str(), sub.map(str::to_ascii_lowercase)) {
+        (_, true, _, "id", None) => {
+            return Ok(Some(
+                store
+                    .get(tenant, kind, value)
+                    .map_err(store_to_scim)?
+                    .map(|r| r.id)
+                    .into_iter()
+                    .collect(),
+            ));
+        }
+        (ResourceKind::User, true, _, "username", None) => IndexQuery::UserName(value.into()),
+        (ResourceKind::User, true, _, "externalid", None) => IndexQuery::ExternalId(value.into()),
+        (ResourceKind::User, true, _, "emails", None) => IndexQuery::Email(value.into()),
+        (ResourceKind::User, true, _, "emails", Some(s)) if s == "value" => {
+            IndexQuery::Email(value.into())
+        }
+        (ResourceKind::User, _, true, "manager", Some(s)) if s == "value" => {
+            IndexQuery::Manager(value.into())
+        }
+        (ResourceKind::User, _, true, "department", None) => IndexQuery::Department(value.into()),
+        (ResourceKind::Group, true, _, "displayname", None) => IndexQuery::GroupName(value.into()),
+        (ResourceKind::Group, true, _, "externalid", None) => {
+            return Ok(Some(
+                store
+                    .lookup_group_external_id(tenant, value)
+                    .map_err(store_to_scim)?,
+            ));
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(store.lookup(tenant, &query).map_err(store_to_scim)?))
+}
+
+/// A value to order by, per the attribute's type; missing values sort last.
+#[derive(Debug, Clone, PartialEq, PartialOrd)]
+enum SortKey {
+    Bool(bool),
+    Num(f64),
+    Text(String),
+}
+
+fn sort_key(kind: ResourceKind, doc: &Value, path: &AttrPath) -> Option<SortKey> {
+    let obj = doc.as_object()?;
+    let get = |o: &Map<String, Value>, name: &str| -> Option<Value> {
+        o.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let base = match path.urn.as_deref() {
+        Some(u) if !u.eq_ignore_ascii_case(USER_SCHEMA) && !u.eq_ignore_ascii_case(GROUP_SCHEMA) => {
+            get(obj, u)?
+        }
+        _ => doc.clone(),
+    };
+    let mut v = get(base.as_object()?, &path.attr)?;
+    if let Value::Array(items) = &v {
+        // Multi-valued: the primary element, else the first (RFC 7644 §3.4.2.3).
+        let pick = items
+            .iter()
+            .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
+            .or_else(|| items.first())?
+            .clone();
+        v = match &path.sub {
+            Some(s) => get(pick.as_object()?, s)?,
+            None => pick.get("value").cloned().unwrap_or(pick),
+        };
+    } else if let Some(s) = &path.sub {
+        v = get(v.as_object()?, s)?;
+    }
+    let case_exact = lookup(kind, path.urn.as_deref(), &path.attr, path.sub.as_deref())
+        .map(|d| d.case_exact)
+        .unwrap_or(path.attr.eq_ignore_ascii_case("id"));
+    match v {
+        Value::Bool(b) => Some(SortKey::Bool(b)),
+        Value::Number(n) => n.as_f64().map(SortKey::Num),
+        Value::String(s) => Some(SortKey::Text(if case_exact { s } else { s.to_lowercase() })),
+        _ => None,
+    }
+}
+
+async fn run_list(
+    state: Arc<AppState>,
+    tenant: String,
+    kinds: Vec<ResourceKind>,
+    query: ListQuery,
+) -> ScimResult<Reply> {
+    tokio::task::spawn_blocking(move || list_blocking(&state, &tenant, &kinds, &query))
+        .await
+        .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
+}
+
+fn filter_touches(filter: &Filter, attr: &str) -> bool {
+    filter
+        .attr_paths()
+        .iter()
+        .any(|p| p.attr.eq_ignore_ascii_case(attr))
+}
+
+/// Stream every candidate through the filter, keeping only the requested page (or, when
+/// sorting, only sort keys and ids) in memory.
+fn list_blocking(
+    state: &AppState,
+    tenant: &str,
+    kinds: &[ResourceKind],
+    q: &ListQuery,
+) -> ScimResult<Reply> {
+    let store = &state.store;
+    let skip = q.start_index - 1;
+    let mut total = 0usize;
+    let mut page: Vec<(ResourceKind, Resource)> = Vec::new();
+    let mut sortable: Vec<(Option<SortKey>, ResourceKind, String)> = Vec::new();
+    let max_sort = state.config.scim.max_sort_results;
+
+    for &kind in kinds {
+        let relation = match kind {
+            ResourceKind::Group => "members",
+            ResourceKind::User => "groups",
+        };
+        let needs_relations = q
+            .filter
+            .as_ref()
+            .is_some_and(|f| filter_touches(f, relation));
+        let mut consider = |res: Resource| -> ScimResult<()> {
+            if let Some(f) = &q.filter {
+                let matched = if needs_relations {
+                    let mut doc = res.doc.clone();
+                    attach_relations(state, tenant, kind, &mut doc, &res.id)?;
+                    f.matches(kind, &doc)
+                } else {
+                    f.matches(kind, &res.doc)
+                };
+                if !matched {
+                    return Ok(());
+                }
+            }
+            total += 1;
+            if let Some(path) = &q.sort_by {
+                if sortable.len() >= max_sort {
+                    return Err(ScimError::too_many(format!(
+                        "more than {max_sort} matches to sort; narrow the filter"
+                    )));
+                }
+                sortable.push((sort_key(kind, &res.doc, path), kind, res.id));
+            } else if total > skip && page.len() < q.count {
+                page.push((kind, res));
+            }
+            Ok(())
+        };
+        let planned = match &q.filter {
+            Some(f) => index_plan(store, tenant, kind, f)?,
+            None => None,
+        };
+        match planned {
+            Some(mut ids) => {
+                ids.sort();
+                ids.dedup();
+                for id in ids {
+                    if let Some(res) = store.get(tenant, kind, &id).map_err(store_to_scim)? {
+                        consider(res)?;
+                    }
+                }
+            }
+            None => {
+                for res in store.scan(tenant, kind).map_err(store_to_scim)? {
+                    consider(res.map_err(store_to_scim)?)?;
+                }
+            }
+        }
+    }
+
+    if q.sort_by.is_some() {
+        sortable.sort_by(|a, b| {
+            let ord = match (&a.0, &b.0) {
+                (Some(x), Some(y)) => x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            let ord = if q.descending { ord.reverse() } else { ord };
+            ord.then_with(|| a.2.cmp(&b.2))
+        });
+        for (_, kind, id) in sortable.into_iter().skip(skip).take(q.count) {
+            if let Some(res) = store.get(tenant, kind, &id).map_err(store_to_scim)? {
+                page.push((kind, res));
+            }
+        }
+    }
+
+    let mut resources = Vec::with_capacity(page.len());
+    for (kind, res) in &page {
+        resources.push(render(state, tenant, *kind, res, &q.projection)?);
+    }
+    Ok(ok(json!({
+        "schemas": [LIST_SCHEMA],
+        "totalResults": total,
+        "startIndex": q.start_index,
+        "itemsPerPage": resources.len(),
+        "Resources": resources,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------
+// Bulk (RFC 7644 §3.7)
+
+async fn bulk(
+    State(st): St,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    let body = parse_body(body, st.config.server.max_body_bytes)?;
+    Ok(run_bulk(&st, &tenant, body).await?.into_response())
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+/// Replace every `"bulkId:x"` string with the id created for `x`. An unresolved
+/// reference is an error for that operation.
+fn resolve_bulk_ids(v: &mut Value, ids: &HashMap<String, String>) -> ScimResult<()> {
+    match v {
+        Value::String(s) => {
+            if let Some(key) = s.strip_prefix("bulkId:") {
+                match ids.get(key) {
+                    Some(id) => *s = id.clone(),
+                    None => {
+                        return Err(ScimError::invalid_value(format!(
+                            "bulkId {key:?} does not name an earlier successful operation"
+                        )));
+                    }
+                }
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                resolve_bulk_ids(x, ids)?;
+            }
+        }
+        Value::Object(o) => {
+            for x in o.values_mut() {
+                resolve_bulk_ids(x, ids)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn parse_bulk_path(path: &str) -> ScimResult<(ResourceKind, Option<String>)> {
+    let trimmed = path.trim().trim_start_matches('/');
+    let mut parts = trimmed.splitn(2, '/');
+    let kind = match parts.next().unwrap_or("") {
+        p if p.eq_ignore_ascii_case("Users") => ResourceKind::User,
+        p if p.eq_ignore_ascii_case("Groups") => ResourceKind::Group,
+        other => {
+            return Err(ScimError::invalid_value(format!(
+                "bulk path {other:?} is not /Users or /Groups"
+            )));
+        }
+    };
+    let id = parts.next().filter(|s| !s.is_empty()).map(str::to_owned);
+    Ok((kind, id))
+}
+
+async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Reply> {
+    let obj = body
+        .as_object()
+        .ok_or_else(|| ScimError::invalid_syntax("a BulkRequest must be a JSON object"))?;
+    let schemas_ok = field(obj, "schemas")
+        .and_then(Value::as_array)
+        .is_some_and(|a| {
+            a.iter().any(|s| {
+                s.as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(BULK_REQUEST_SCHEMA))
+            })
+        });
+    if !schemas_ok {
+        return Err(ScimError::invalid_syntax(format!(
+            "schemas must contain {BULK_REQUEST_SCHEMA}"
+        )));
+    }
+    let ops = field(obj, "Operations")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ScimError::invalid_syntax("Operations must be an array"))?;
+    let max_ops = state.config.scim.bulk_max_operations;
+    if ops.len() > max_ops {
+        return Err(ScimError::new(
+            413,
+            None,
+            format!(
+                "the request has {} operations; the limit is {max_ops}",
+                ops.len()
+            ),
+        ));
+    }
+    let fail_on_errors = match field(obj, "failOnErrors") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ScimError::invalid_value("failOnErrors must be a positive integer"))?
+                as usize,
+        ),
+    };
+
+    // bulkIds must be unique: a duplicate would make references ambiguous.
+    let mut seen = HashSet::new();
+    for op in ops {
+        if let Some(b) = op.get("bulkId").and_then(Value::as_str) {
+            if !seen.insert(b) {
+                return Err(ScimError::invalid_value(format!("bulkId {b:?} is used twice")));
+            }
+        }
+    }
+
+    let mut created: HashMap<String, String> = HashMap::new();
+    let mut results = Vec::with_capacity(ops.len());
+    let mut errors = 0usize;
+    for op in ops {
+        let method_name = op
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_owned);
+        let outcome = run_bulk_op(state, tenant, op, &method_name, &created).await;
+        let mut entry = Map::new();
+        entry.insert("method".into(), Value::String(method_name.clone()));
+        if let Some(b) = &bulk_id {
+            entry.insert("bulkId".into(), Value::String(b.clone()));
+        }
+        match outcome {
+            Ok((reply, id)) => {
+                if let (Some(b), Some(id)) = (&bulk_id, &id) {
+                    if method_name == "POST" {
+                        created.insert(b.clone(), id.clone());
+                    }
+                }
+                if let Some(loc) = reply.location {
+                    entry.insert("location".into(), Value::String(loc));
+                }
+                if let Some(v) = reply.etag {
+                    entry.insert("version".into(), Value::String(v));
+                }
+                entry.insert(
+                    "status".into(),
+                    Value::String(reply.status.as_u16().to_string()),
+                );
+            }
+            Err(e) => {
+                errors += 1;
+                entry.insert("status".into(), Value::String(e.status.to_string()));
+                entry.insert("response".into(), e.to_json());
+            }
+        }
+        results.push(Value::Object(entry));
+        if fail_on_errors.is_some_and(|limit| errors >= limit) {
+            break;
+        }
+    }
+    Ok(ok(json!({
+        "schemas": [BULK_RESPONSE_SCHEMA],
+        "Operations": results,
+    })))
+}
+
+async fn run_bulk_op(
+    state: &AppState,
+    tenant: &str,
+    op: &Value,
+    method: &str,
+    created: &HashMap<String, String>,
+) -> ScimResult<(Reply, Option<String>)> {
+    let path = op
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ScimError::invalid_syntax("every bulk operation needs a path"))?;
+    let mut path = path.to_owned();
+    if let Some(pos) = path.find("bulkId:") {
+        let key = &path[pos + "bulkId:".len()..];
+        let id = created.get(key).ok_or_else(|| {
+            ScimError::invalid_value(format!("bulkId {key:?} has not been created"))
+        })?;
+        path = format!("{}{id}", &path[..pos]);
+    }
+    let (kind, id) = parse_bulk_path(&path)?;
+    let mut data = op.get("data").cloned();
+    if let Some(d) = data.as_mut() {
+        resolve_bulk_ids(d, created)?;
+    }
+    let cond = op
+        .get("version")
+        .and_then(Value::as_str)
+        .map(|v| IfMatch::Tags(vec![v.to_owned()]));
+    let need_id = || {
+        id.clone()
+            .ok_or_else(|| ScimError::invalid_value(format!("{method} needs /{}/{{id}}", endpoint(kind))))
+    };
+    let need_data = || {
+        data.clone()
+            .ok_or_else(|| ScimError::invalid_syntax(format!("{method} needs data")))
+    };
+    let reply = match method {
+        "POST" => {
+            if op.get("bulkId").and_then(Value::as_str).is_none() {
+                return Err(ScimError::invalid_syntax("POST in /Bulk needs a bulkId"));
+            }
+            op_create(state, tenant, kind, need_data()?).await?
+        }
+        "PUT" => op_replace(state, tenant, kind, &need_id()?, cond, need_data()?).await?,
+        "PATCH" => {
+            op_patch(
+                state,
+                tenant,
+                kind,
+                &need_id()?,
+                cond,
+                need_data()?,
+                &Projection::default(),
+            )
+            .await?
+        }
+        "DELETE" => op_delete(state, tenant, kind, &need_id()?, cond).await?,
+        other => {
+            return Err(ScimError::invalid_syntax(format!(
+                "bulk method {other:?} is not POST, PUT, PATCH or DELETE"
+            )));
+        }
+    };
+    let new_id = reply
+        .location
+        .as_deref()
+        .and_then(|l| l.rsplit('/').next())
+        .map(str::to_owned);
+    Ok((reply, new_id))
+}
+
+// ---------------------------------------------------------------------------------------
+// Discovery (RFC 7644 §4)
+
+fn spc_json(state: &AppState, tenant: &str) -> Value {
+    let scim = &state.config.scim;
+    json!({
+        "schemas": [SPC_SCHEMA],
+        "documentationUri": "https://github.com/rosterd/rosterd#readme",
+        "patch": {"supported": true},
+        "bulk": {
+            "supported": true,
+            "maxOperations": scim.bulk_max_operations,
+            "maxPayloadSize": state.config.server.max_body_bytes,
+        },
+        "filter": {"supported": true, "maxResults": scim.max_results},
+        "changePassword": {"supported": false},
+        "sort": {"supported": true},
+        "etag": {"supported": true},
+        "authenticationSchemes": [{
+            "type": "oauthbearertoken",
+            "name": "OAuth Bearer Token",
+            "description": "A per-tenant bearer token created with `rosterd token new`.",
+            "specUri": "https://www.rfc-editor.org/info/rfc6750",
+            "primary": true,
+        }],
+        "meta": {
+            "resourceType": "ServiceProviderConfig",
+            "location": format!("{}/ServiceProviderConfig", tenant_base(state, tenant)),
+        },
+    })
+}
+
+async fn service_provider_config(
+    State(st): St,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    Ok(ok(spc_json(&st, &tenant)).into_response())
+}
+
+fn all_schemas(state: &AppState, tenant: &str) -> Vec<Value> {
+    let base = tenant_base(state, tenant);
+    [&schema::USER, &schema::ENTERPRISE_USER, &schema::GROUP]
+        .into_iter()
+        .map(|s| schema::schema_json(s, &base))
+        .collect()
+}
+
+fn list_response(items: Vec<Value>) -> Value {
+    json!({
+        "schemas": [LIST_SCHEMA],
+        "totalResults": items.len(),
+        "startIndex": 1,
+        "itemsPerPage": items.len(),
+        "Resources": items,
+    })
+}
+
+async fn schemas(State(st): St, Path(tenant): Path<String>, headers: HeaderMap) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    Ok(ok(list_response(all_schemas(&st, &tenant))).into_response())
+}
+
+async fn schema_by_id(
+    State(st): St,
+    Path((tenant, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    all_schemas(&st, &tenant)
+        .into_iter()
+        .find(|s| s["id"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&id)))
+        .map(|s| ok(s).into_response())
+        .ok_or_else(|| ScimError::not_found(format!("schema {id:?} not found")).into())
+}
+
+fn all_resource_types(state: &AppState, tenant: &str) -> Vec<Value> {
+    let base = tenant_base(state, tenant);
+    vec![
+        json!({
+            "schemas": [RESOURCE_TYPE_SCHEMA],
+            "id": "User",
+            "name": "User",
+            "endpoint": "/Users",
+            "description": "User Account",
+            "schema": USER_SCHEMA,
+            "schemaExtensions": [{"schema": ENTERPRISE_USER_SCHEMA, "required": false}],
+            "meta": {"resourceType": "ResourceType", "location": format!("{base}/ResourceTypes/User")},
+        }),
+        json!({
+            "schemas": [RESOURCE_TYPE_SCHEMA],
+            "id": "Group",
+            "name": "Group",
+            "endpoint": "/Groups",
+            "description": "Group",
+            "schema": GROUP_SCHEMA,
+            "meta": {"resourceType": "ResourceType", "location": format!("{base}/ResourceTypes/Group")},
+        }),
+    ]
+}
+
+async fn resource_types(
+    State(st): St,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    Ok(ok(list_response(all_resource_types(&st, &tenant))).into_response())
+}
+
+async fn resource_type_by_id(
+    State(st): St,
+    Path((tenant, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    all_resource_types(&st, &tenant)
+        .into_iter()
+        .find(|s| s["id"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&id)))
+        .map(|s| ok(s).into_response())
+        .ok_or_else(|| ScimError::not_found(format!("resource type {id:?} not found")).into())
+}

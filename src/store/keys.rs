@@ -1,0 +1,130 @@
+//! Key layout inside one tenant's tree. Every key starts with a one-byte family tag.
+//! Ids are server-assigned UUIDs (36 bytes), always the last component, so index keys can be
+//! split even when an indexed value contains the separator byte.
+
+use crate::scim::ResourceKind;
+
+pub(crate) const ID_LEN: usize = 36;
+const SEP: u8 = 0;
+
+pub(crate) const SEQ_KEY: &[u8] = b"s\0seq";
+
+fn kind_tag(kind: ResourceKind) -> u8 {
+    match kind {
+        ResourceKind::User => b'U',
+        ResourceKind::Group => b'G',
+    }
+}
+
+/// `r U id` → resource document.
+pub(crate) fn resource(kind: ResourceKind, id: &str) -> Vec<u8> {
+    let mut k = resource_prefix(kind);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn resource_prefix(kind: ResourceKind) -> Vec<u8> {
+    vec![b'r', SEP, kind_tag(kind), SEP]
+}
+
+/// Secondary indexes. `Unique` families map value → id; the others hold `value SEP id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Index {
+    /// User userName, lower-cased: unique per tenant.
+    UserName,
+    UserExternalId,
+    GroupExternalId,
+    /// Every email value, lower-cased.
+    Email,
+    /// Enterprise manager.value.
+    Manager,
+    /// Enterprise department, lower-cased.
+    Department,
+    /// Group displayName, lower-cased.
+    GroupName,
+}
+
+impl Index {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Index::UserName => b"un",
+            Index::UserExternalId => b"ux",
+            Index::GroupExternalId => b"gx",
+            Index::Email => b"em",
+            Index::Manager => b"mg",
+            Index::Department => b"dp",
+            Index::GroupName => b"gn",
+        }
+    }
+
+    pub(crate) fn is_unique(self) -> bool {
+        matches!(self, Index::UserName)
+    }
+}
+
+/// For unique indexes the whole key; for the others the prefix to scan for `value`.
+pub(crate) fn index_prefix(index: Index, value: &str) -> Vec<u8> {
+    let mut k = vec![b'i', SEP];
+    k.extend_from_slice(index.tag());
+    k.push(SEP);
+    k.extend_from_slice(value.as_bytes());
+    if !index.is_unique() {
+        k.push(SEP);
+    }
+    k
+}
+
+pub(crate) fn index_entry(index: Index, value: &str, id: &str) -> Vec<u8> {
+    let mut k = index_prefix(index, value);
+    if !index.is_unique() {
+        k.extend_from_slice(id.as_bytes());
+    }
+    k
+}
+
+/// `m gid mid` → member record (forward membership).
+pub(crate) fn member(group: &str, member: &str) -> Vec<u8> {
+    let mut k = members_prefix(group);
+    k.extend_from_slice(member.as_bytes());
+    k
+}
+
+pub(crate) fn members_prefix(group: &str) -> Vec<u8> {
+    let mut k = vec![b'm', SEP];
+    k.extend_from_slice(group.as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// `b mid gid` → empty (reverse membership: the groups a resource belongs to).
+pub(crate) fn backref(member: &str, group: &str) -> Vec<u8> {
+    let mut k = backrefs_prefix(member);
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+pub(crate) fn backrefs_prefix(member: &str) -> Vec<u8> {
+    let mut k = vec![b'b', SEP];
+    k.extend_from_slice(member.as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// `c seq` → change event, big-endian so the log iterates in order.
+pub(crate) fn change(seq: u64) -> Vec<u8> {
+    let mut k = changes_prefix();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn changes_prefix() -> Vec<u8> {
+    vec![b'c', SEP]
+}
+
+/// The id at the end of a non-unique index, membership or backref key.
+pub(crate) fn trailing_id(key: &[u8], prefix_len: usize) -> Option<&str> {
+    if key.len() != prefix_len + ID_LEN {
+        return None;
+    }
+    std::str::from_utf8(&key[prefix_len..]).ok()
+}

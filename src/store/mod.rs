@@ -1,0 +1,989 @@
+//! The roster store: users, groups, their secondary indexes, group membership in both
+//! directions and a per-tenant change log, on an embedded sled database.
+//!
+//! Every write to a tenant runs under that tenant's write lock, reads through an overlay of
+//! its own pending writes, and lands as one atomic sled batch that also appends the change
+//! events it produced. Callers get control back only after the group-commit flusher has
+//! made the batch durable. No sled type appears in this module's public API, so another
+//! engine can take its place behind the same functions.
+
+mod commit;
+mod keys;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::scim::filter::{AttrPath, Filter};
+use crate::scim::patch::{MemberOp, MemberRef};
+use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
+use crate::scim::{ResourceKind, ScimError};
+use commit::GroupCommit;
+pub(crate) use keys::Index;
+
+/// Layout version of the data directory. Bumped whenever keys or values change shape.
+const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind:?} {id} not found")]
+    NotFound { kind: ResourceKind, id: String },
+    #[error("{0}")]
+    Uniqueness(String),
+    #[error("version mismatch: the resource is at {current}")]
+    PreconditionFailed { current: String },
+    /// The caller's update function refused the change.
+    #[error(transparent)]
+    Rejected(#[from] ScimError),
+    #[error("storage engine: {0}")]
+    Backend(String),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error(
+        "data directory has layout version {found}; this rosterd reads version {SCHEMA_VERSION}"
+    )]
+    UnknownSchema { found: u64 },
+    #[error("not durable: {0}")]
+    NotDurable(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A stored user or group document (without group members, which live apart).
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub id: String,
+    /// Sequence number of the last change to this resource; the ETag is derived from it.
+    pub version: u64,
+    pub doc: Value,
+}
+
+impl Resource {
+    pub fn etag(&self) -> String {
+        etag(self.version)
+    }
+}
+
+pub fn etag(version: u64) -> String {
+    format!("W/\"{version}\"")
+}
+
+/// One member of a group, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Member {
+    pub value: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+/// An `If-Match` precondition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IfMatch {
+    Any,
+    /// The ETags the client accepts, as sent.
+    Tags(Vec<String>),
+}
+
+impl IfMatch {
+    fn admits(&self, version: u64) -> bool {
+        match self {
+            IfMatch::Any => true,
+            IfMatch::Tags(tags) => tags.iter().any(|t| tag_version(t) == Some(version)),
+        }
+    }
+}
+
+/// The version number inside `W/"12"` or `"12"`.
+pub fn tag_version(tag: &str) -> Option<u64> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    t.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeOp {
+    Created,
+    Updated,
+    Deleted,
+}
+
+/// One entry of a tenant's change log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub resource_type: String,
+    pub id: String,
+    pub op: ChangeOp,
+    /// The document after the change (absent for deletes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members_added: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members_removed: Vec<String>,
+}
+
+/// What an update function returns: the new document and membership changes.
+pub struct Update {
+    pub doc: Value,
+    pub members: Vec<MemberOp>,
+}
+
+/// Lookups answered from an index.
+#[derive(Debug, Clone)]
+pub enum IndexQuery {
+    UserName(String),
+    ExternalId(String),
+    Email(String),
+    Manager(String),
+    Department(String),
+    GroupName(String),
+}
+
+struct Tenant {
+    tree: sled::Tree,
+    write_lock: Mutex<()>,
+}
+
+struct Inner {
+    db: sled::Db,
+    tenants: RwLock<HashMap<String, Arc<Tenant>>>,
+    commit: GroupCommit,
+}
+
+/// The store handle; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn record_flush(elapsed: std::time::Duration) {
+    tracing::trace!(micros = elapsed.as_micros() as u64, "Store flushed.");
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn resource_type(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::User => "User",
+        ResourceKind::Group => "Group",
+    }
+}
+
+fn decode(bytes: &[u8]) -> StoreResult<Value> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn version_of(doc: &Value) -> u64 {
+    doc.pointer("/meta/version")
+        .and_then(Value::as_str)
+        .and_then(tag_version)
+        .unwrap_or(0)
+}
+
+fn to_resource(id: String, doc: Value) -> Resource {
+    Resource {
+        version: version_of(&doc),
+        id,
+        doc,
+    }
+}
+
+/// Every index entry a document contributes.
+fn index_entries(kind: ResourceKind, id: &str, doc: &Value) -> Vec<(Index, String)> {
+    let mut out = Vec::new();
+    let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    match kind {
+        ResourceKind::User => {
+            if let Some(u) = s(doc.get("userName")) {
+                out.push((Index::UserName, u.to_lowercase()));
+            }
+            if let Some(x) = s(doc.get("externalId")) {
+                out.push((Index::UserExternalId, x));
+            }
+            if let Some(emails) = doc.get("emails").and_then(Value::as_array) {
+                for e in emails {
+                    if let Some(v) = s(e.get("value")) {
+                        out.push((Index::Email, v.to_lowercase()));
+                    }
+                }
+            }
+            if let Some(ext) = doc.get(ENTERPRISE_USER_SCHEMA) {
+                if let Some(m) = s(ext.pointer("/manager/value")) {
+                    out.push((Index::Manager, m));
+                }
+                if let Some(d) = s(ext.get("department")) {
+                    out.push((Index::Department, d.to_lowercase()));
+                }
+            }
+        }
+        ResourceKind::Group => {
+            if let Some(x) = s(doc.get("externalId")) {
+                out.push((Index::GroupExternalId, x));
+            }
+            if let Some(n) = s(doc.get("displayName")) {
+                out.push((Index::GroupName, n.to_lowercase()));
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.0 as u8, &a.1).cmp(&(b.0 as u8, &b.1)));
+    out.dedup();
+    let _ = id;
+    out
+}
+
+/// A tenant write in progress: reads see the pending writes first.
+struct Txn<'a> {
+    tree: &'a sled::Tree,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    events: Vec<ChangeEvent>,
+    next_seq: u64,
+    first_seq: u64,
+    now: DateTime<Utc>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(tree: &'a sled::Tree) -> StoreResult<Txn<'a>> {
+        let last = match tree.get(keys::SEQ_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("sequence counter".into()))?,
+            ),
+            None => 0,
+        };
+        Ok(Txn {
+            tree,
+            pending: BTreeMap::new(),
+            events: Vec::new(),
+            next_seq: last + 1,
+            first_seq: last + 1,
+            now: now(),
+        })
+    }
+
+    fn get(&self, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        if let Some(p) = self.pending.get(key) {
+            return Ok(p.clone());
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn exists(&self, key: &[u8]) -> StoreResult<bool> {
+        if let Some(p) = self.pending.get(key) {
+            return Ok(p.is_some());
+        }
+        Ok(self.tree.contains_key(key)?)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending.insert(key, Some(value));
+    }
+
+    fn del(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+
+    /// Keys under `prefix`, committed and pending merged.
+    fn keys_with_prefix(&self, prefix: &[u8]) -> StoreResult<Vec<Vec<u8>>> {
+        let mut set: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for kv in self.tree.scan_prefix(prefix).keys() {
+            set.insert(kv?.to_vec());
+        }
+        for (k, v) in self.pending.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if v.is_some() {
+                set.insert(k.clone());
+            } else {
+                set.remove(k);
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn log(&mut self, event: ChangeEvent) {
+        self.events.push(event);
+    }
+
+    fn load(&self, kind: ResourceKind, id: &str) -> StoreResult<Option<Value>> {
+        match self.get(&keys::resource(kind, id))? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save(&mut self, kind: ResourceKind, id: &str, doc: &Value) -> StoreResult<()> {
+        let bytes = encode(doc)?;
+        self.put(keys::resource(kind, id), bytes);
+        Ok(())
+    }
+
+    fn reindex(
+        &mut self,
+        kind: ResourceKind,
+        id: &str,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> StoreResult<()> {
+        let before: HashSet<(Index, String)> = old
+            .map(|d| index_entries(kind, id, d).into_iter().collect())
+            .unwrap_or_default();
+        let after: Vec<(Index, String)> =
+            new.map(|d| index_entries(kind, id, d)).unwrap_or_default();
+        let after_set: HashSet<(Index, String)> = after.iter().cloned().collect();
+        for (index, value) in &before {
+            if !after_set.contains(&(*index, value.clone())) {
+                self.del(keys::index_entry(*index, value, id));
+            }
+        }
+        for (index, value) in after {
+            if before.contains(&(index, value.clone())) {
+                continue;
+            }
+            let key = keys::index_entry(index, &value, id);
+            if index.is_unique() {
+                if let Some(owner) = self.get(&key)? {
+                    if owner != id.as_bytes() {
+                        return Err(StoreError::Uniqueness(format!(
+                            "userName {value:?} is already taken in this tenant"
+                        )));
+                    }
+                }
+                self.put(key, id.as_bytes().to_vec());
+            } else {
+                self.put(key, Vec::new());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stamp `meta` for a write at `seq`.
+    fn stamp(&self, kind: ResourceKind, doc: &mut Value, created: Option<Value>, seq: u64) {
+        let ts = timestamp(self.now);
+        let meta = json!({
+            "resourceType": resource_type(kind),
+            "created": created.unwrap_or_else(|| Value::String(ts.clone())),
+            "lastModified": ts,
+            "version": etag(seq),
+        });
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("meta".into(), meta);
+        }
+    }
+
+    /// Touch a group whose membership changed through another resource's deletion.
+    fn touch_group(&mut self, gid: &str, removed: String) -> StoreResult<()> {
+        let Some(mut doc) = self.load(ResourceKind::Group, gid)? else {
+            return Ok(());
+        };
+        let seq = self.seq();
+        let created = doc.pointer("/meta/created").cloned();
+        self.stamp(ResourceKind::Group, &mut doc, created, seq);
+        self.save(ResourceKind::Group, gid, &doc)?;
+        let event = ChangeEvent {
+            seq,
+            at: self.now,
+            resource_type: "Group".into(),
+            id: gid.to_owned(),
+            op: ChangeOp::Updated,
+            snapshot: Some(doc),
+            members_added: vec![],
+            members_removed: vec![removed],
+        };
+        self.log(event);
+        Ok(())
+    }
+
+    fn member_kind(&self, m: &MemberRef) -> StoreResult<String> {
+        let candidates: &[ResourceKind] = match m.kind.as_deref() {
+            Some(k) if k.eq_ignore_ascii_case("user") => &[ResourceKind::User],
+            Some(k) if k.eq_ignore_ascii_case("group") => &[ResourceKind::Group],
+            _ => &[ResourceKind::User, ResourceKind::Group],
+        };
+        for k in candidates {
+            if self.exists(&keys::resource(*k, &m.value))? {
+                return Ok(resource_type(*k).to_owned());
+            }
+        }
+        Err(StoreError::Rejected(ScimError::invalid_value(format!(
+            "member {:?} is not a {} of this tenant",
+            m.value,
+            m.kind.as_deref().unwrap_or("User or Group")
+        ))))
+    }
+
+    fn add_member(
+        &mut self,
+        gid: &str,
+        m: &MemberRef,
+        added: &mut Vec<String>,
+    ) -> StoreResult<()> {
+        let key = keys::member(gid, &m.value);
+        if self.exists(&key)? {
+            return Ok(());
+        }
+        if m.value == gid {
+            return Err(StoreError::Rejected(ScimError::invalid_value(
+                "a group cannot be a member of itself",
+            )));
+        }
+        let kind = self.member_kind(m)?;
+        let record = Member {
+            value: m.value.clone(),
+            kind,
+            display: m.display.clone(),
+        };
+        let bytes = encode(&record)?;
+        self.put(key, bytes);
+        self.put(keys::backref(&m.value, gid), Vec::new());
+        added.push(m.value.clone());
+        Ok(())
+    }
+
+    fn remove_member(
+        &mut self,
+        gid: &str,
+        mid: &str,
+        removed: &mut Vec<String>,
+    ) -> StoreResult<()> {
+        let key = keys::member(gid, mid);
+        if self.exists(&key)? {
+            self.del(key);
+            self.del(keys::backref(mid, gid));
+            removed.push(mid.to_owned());
+        }
+        Ok(())
+    }
+
+    fn member_ids(&self, gid: &str) -> StoreResult<Vec<String>> {
+        let prefix = keys::members_prefix(gid);
+        let mut out = Vec::new();
+        for k in self.keys_with_prefix(&prefix)? {
+            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
+                out.push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply_member_ops(
+        &mut self,
+        gid: &str,
+        ops: &[MemberOp],
+    ) -> StoreResult<(Vec<String>, Vec<String>)> {
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for op in ops {
+            match op {
+                MemberOp::Add(refs) => {
+                    for m in refs {
+                        self.add_member(gid, m, &mut added)?;
+                    }
+                }
+                MemberOp::Remove(ids) => {
+                    for id in ids {
+                        self.remove_member(gid, id, &mut removed)?;
+                    }
+                }
+                MemberOp::RemoveAll => {
+                    for id in self.member_ids(gid)? {
+                        self.remove_member(gid, &id, &mut removed)?;
+                    }
+                }
+                MemberOp::ReplaceAll(refs) => {
+                    // A diff against what is stored, so pushing the whole list to add one
+                    // member costs one insert, not a delete and re-insert of everyone.
+                    let wanted: HashSet<&str> = refs.iter().map(|m| m.value.as_str()).collect();
+                    for id in self.member_ids(gid)? {
+                        if !wanted.contains(id.as_str()) {
+                            self.remove_member(gid, &id, &mut removed)?;
+                        }
+                    }
+                    for m in refs {
+                        self.add_member(gid, m, &mut added)?;
+                    }
+                }
+                MemberOp::RemoveMatching(filter) => {
+                    for id in self.member_ids(gid)? {
+                        let Some(bytes) = self.get(&keys::member(gid, &id))? else {
+                            continue;
+                        };
+                        let member: Member = serde_json::from_slice(&bytes)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        if member_matches(filter, &member) {
+                            self.remove_member(gid, &id, &mut removed)?;
+                        }
+                    }
+                }
+            }
+        }
+        // An id both added and removed within one request nets out to its final state.
+        let added_set: HashSet<&String> = added.iter().collect();
+        let removed_set: HashSet<&String> = removed.iter().collect();
+        let net_added: Vec<String> = added
+            .iter()
+            .filter(|id| !removed_set.contains(id))
+            .cloned()
+            .collect();
+        let net_removed: Vec<String> = removed
+            .iter()
+            .filter(|id| !added_set.contains(id))
+            .cloned()
+            .collect();
+        Ok((net_added, net_removed))
+    }
+
+    fn into_batch(mut self) -> StoreResult<(sled::Batch, Vec<ChangeEvent>)> {
+        let mut batch = sled::Batch::default();
+        let events = std::mem::take(&mut self.events);
+        for e in &events {
+            batch.insert(keys::change(e.seq), encode(e)?);
+        }
+        if self.next_seq != self.first_seq {
+            batch.insert(keys::SEQ_KEY, &(self.next_seq - 1).to_be_bytes());
+        }
+        for (k, v) in self.pending {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        Ok((batch, events))
+    }
+}
+
+fn member_matches(filter: &Filter, member: &Member) -> bool {
+    let element = serde_json::to_value(member).unwrap_or(Value::Null);
+    let wrapped = Filter::ValuePath {
+        path: AttrPath {
+            urn: None,
+            attr: "members".into(),
+            sub: None,
+        },
+        filter: Box::new(filter.clone()),
+    };
+    wrapped.matches(ResourceKind::Group, &json!({ "members": [element] }))
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> StoreResult<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            // Flushes are ours (group commit); sled's timer would only add fsyncs.
+            .flush_every_ms(None)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()?;
+        match db.get(SCHEMA_VERSION_KEY)? {
+            Some(v) => {
+                let found = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(u64::MAX);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::UnknownSchema { found });
+                }
+            }
+            None => {
+                db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+                db.flush()?;
+            }
+        }
+        let commit =
+            GroupCommit::start(db.clone()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                tenants: RwLock::new(HashMap::new()),
+                commit,
+            }),
+        })
+    }
+
+    fn tenant(&self, tenant: &str) -> StoreResult<Arc<Tenant>> {
+        if let Some(t) = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+        {
+            return Ok(t.clone());
+        }
+        let mut map = self.inner.tenants.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = map.get(tenant) {
+            return Ok(t.clone());
+        }
+        let tree = self.inner.db.open_tree(format!("tenant/{tenant}"))?;
+        let t = Arc::new(Tenant {
+            tree,
+            write_lock: Mutex::new(()),
+        });
+        map.insert(tenant.to_owned(), t.clone());
+        Ok(t)
+    }
+
+    /// Run a write under the tenant lock, apply it atomically and take a durability ticket.
+    fn write_sync<T>(
+        &self,
+        tenant: &str,
+        f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T>,
+    ) -> StoreResult<(T, Option<u64>)> {
+        let t = self.tenant(tenant)?;
+        let _guard = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut txn = Txn::new(&t.tree)?;
+        let out = f(&mut txn)?;
+        if txn.pending.is_empty() && txn.events.is_empty() {
+            return Ok((out, None));
+        }
+        let (batch, _events) = txn.into_batch()?;
+        t.tree.apply_batch(batch)?;
+        drop(_guard);
+        Ok((out, Some(self.inner.commit.ticket())))
+    }
+
+    /// Run a write on the blocking pool and return once it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        tenant: &str,
+        f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let store = self.clone();
+        let tenant = tenant.to_owned();
+        let (out, ticket) = tokio::task::spawn_blocking(move || store.write_sync(&tenant, f))
+            .await
+            .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
+        if let Some(ticket) = ticket {
+            self.inner
+                .commit
+                .wait(ticket)
+                .await
+                .map_err(|e| StoreError::NotDurable(e.0.to_string()))?;
+        }
+        Ok(out)
+    }
+
+    /// Create a resource from a normalized document; the store assigns `id` and `meta`.
+    pub async fn create(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        mut doc: Value,
+        members: Vec<MemberRef>,
+    ) -> StoreResult<Resource> {
+        self.write(tenant, move |txn| {
+            let id = uuid::Uuid::new_v4().to_string();
+            let seq = txn.seq();
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("id".into(), Value::String(id.clone()));
+            }
+            txn.stamp(kind, &mut doc, None, seq);
+            txn.reindex(kind, &id, None, Some(&doc))?;
+            txn.save(kind, &id, &doc)?;
+            let mut added = Vec::new();
+            if kind == ResourceKind::Group && !members.is_empty() {
+                (added, _) = txn.apply_member_ops(&id, &[MemberOp::Add(members)])?;
+            }
+            txn.log(ChangeEvent {
+                seq,
+                at: txn.now,
+                resource_type: resource_type(kind).into(),
+                id: id.clone(),
+                op: ChangeOp::Created,
+                snapshot: Some(doc.clone()),
+                members_added: added,
+                members_removed: vec![],
+            });
+            Ok(to_resource(id, doc))
+        })
+        .await
+    }
+
+    /// Read-modify-write one resource. `f` sees the current document (with `id` and
+    /// `meta`) and returns the new one; `id` and `meta` of its result are overwritten.
+    /// A change that alters nothing is not written and keeps the version.
+    pub async fn update(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        id: &str,
+        if_match: Option<IfMatch>,
+        f: impl FnOnce(&Value) -> Result<Update, ScimError> + Send + 'static,
+    ) -> StoreResult<Resource> {
+        let id = id.to_owned();
+        self.write(tenant, move |txn| {
+            let old = txn.load(kind, &id)?.ok_or_else(|| StoreError::NotFound {
+                kind,
+                id: id.clone(),
+            })?;
+            let current = version_of(&old);
+            if let Some(cond) = &if_match {
+                if !cond.admits(current) {
+                    return Err(StoreError::PreconditionFailed {
+                        current: etag(current),
+                    });
+                }
+            }
+            let Update { mut doc, members } = f(&old)?;
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("id".into(), Value::String(id.clone()));
+                if let Some(meta) = old.get("meta") {
+                    obj.insert("meta".into(), meta.clone());
+                }
+            }
+            let (added, removed) = if kind == ResourceKind::Group {
+                txn.apply_member_ops(&id, &members)?
+            } else {
+                (vec![], vec![])
+            };
+            if doc == old && added.is_empty() && removed.is_empty() {
+                txn.pending.clear();
+                return Ok(to_resource(id, old));
+            }
+            let seq = txn.seq();
+            let created = old.pointer("/meta/created").cloned();
+            txn.stamp(kind, &mut doc, created, seq);
+            txn.reindex(kind, &id, Some(&old), Some(&doc))?;
+            txn.save(kind, &id, &doc)?;
+            txn.log(ChangeEvent {
+                seq,
+                at: txn.now,
+                resource_type: resource_type(kind).into(),
+                id: id.clone(),
+                op: ChangeOp::Updated,
+                snapshot: Some(doc.clone()),
+                members_added: added,
+                members_removed: removed,
+            });
+            Ok(to_resource(id, doc))
+        })
+        .await
+    }
+
+    /// Delete a resource, its indexes, its memberships and (for a group) its members.
+    pub async fn delete(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        id: &str,
+        if_match: Option<IfMatch>,
+    ) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.write(tenant, move |txn| {
+            let old = txn.load(kind, &id)?.ok_or_else(|| StoreError::NotFound {
+                kind,
+                id: id.clone(),
+            })?;
+            if let Some(cond) = &if_match {
+                let current = version_of(&old);
+                if !cond.admits(current) {
+                    return Err(StoreError::PreconditionFailed {
+                        current: etag(current),
+                    });
+                }
+            }
+            let seq = txn.seq();
+            txn.reindex(kind, &id, Some(&old), None)?;
+            txn.del(keys::resource(kind, &id));
+            let mut removed = Vec::new();
+            if kind == ResourceKind::Group {
+                for mid in txn.member_ids(&id)? {
+                    txn.remove_member(&id, &mid, &mut removed)?;
+                }
+            }
+            txn.log(ChangeEvent {
+                seq,
+                at: txn.now,
+                resource_type: resource_type(kind).into(),
+                id: id.clone(),
+                op: ChangeOp::Deleted,
+                snapshot: None,
+                members_added: vec![],
+                members_removed: removed,
+            });
+            let prefix = keys::backrefs_prefix(&id);
+            for key in txn.keys_with_prefix(&prefix)? {
+                let Some(gid) = keys::trailing_id(&key, prefix.len()).map(str::to_owned) else {
+                    continue;
+                };
+                txn.del(key.clone());
+                txn.del(keys::member(&gid, &id));
+                txn.touch_group(&gid, id.clone())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn get(&self, tenant: &str, kind: ResourceKind, id: &str) -> StoreResult<Option<Resource>> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(keys::resource(kind, id))? {
+            Some(b) => Ok(Some(to_resource(id.to_owned(), decode(&b)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids answering an indexed equality lookup.
+    pub fn lookup(&self, tenant: &str, query: &IndexQuery) -> StoreResult<Vec<String>> {
+        let t = self.tenant(tenant)?;
+        let (index, value) = match query {
+            IndexQuery::UserName(v) => (Index::UserName, v.to_lowercase()),
+            IndexQuery::ExternalId(v) => (Index::UserExternalId, v.clone()),
+            IndexQuery::Email(v) => (Index::Email, v.to_lowercase()),
+            IndexQuery::Manager(v) => (Index::Manager, v.clone()),
+            IndexQuery::Department(v) => (Index::Department, v.to_lowercase()),
+            IndexQuery::GroupName(v) => (Index::GroupName, v.to_lowercase()),
+        };
+        self.lookup_index(&t, index, &value)
+    }
+
+    /// Group ids whose externalId is `value`.
+    pub fn lookup_group_external_id(&self, tenant: &str, value: &str) -> StoreResult<Vec<String>> {
+        let t = self.tenant(tenant)?;
+        self.lookup_index(&t, Index::GroupExternalId, value)
+    }
+
+    fn lookup_index(&self, t: &Tenant, index: Index, value: &str) -> StoreResult<Vec<String>> {
+        let prefix = keys::index_prefix(index, value);
+        if index.is_unique() {
+            return Ok(t
+                .tree
+                .get(&prefix)?
+                .and_then(|v| String::from_utf8(v.to_vec()).ok())
+                .into_iter()
+                .collect());
+        }
+        let mut out = Vec::new();
+        for k in t.tree.scan_prefix(&prefix).keys() {
+            let k = k?;
+            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
+                out.push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every resource of a kind, in id order, streamed from disk.
+    pub fn scan(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<Resource>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::resource_prefix(kind);
+        let plen = prefix.len();
+        Ok(t.tree.scan_prefix(prefix).map(move |kv| {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[plen..]).into_owned();
+            Ok(to_resource(id, decode(&v)?))
+        }))
+    }
+
+    /// A group's members, streamed.
+    pub fn members(
+        &self,
+        tenant: &str,
+        group: &str,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<Member>> + use<>> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree
+            .scan_prefix(keys::members_prefix(group))
+            .values()
+            .map(|v| {
+                let v = v?;
+                serde_json::from_slice::<Member>(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
+            }))
+    }
+
+    /// Is `member` directly in `group`?
+    pub fn is_member(&self, tenant: &str, group: &str, member: &str) -> StoreResult<bool> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree.contains_key(keys::member(group, member))?)
+    }
+
+    /// Ids of the groups `member` directly belongs to.
+    pub fn groups_of(&self, tenant: &str, member: &str) -> StoreResult<Vec<String>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::backrefs_prefix(member);
+        let mut out = Vec::new();
+        for k in t.tree.scan_prefix(&prefix).keys() {
+            let k = k?;
+            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
+                out.push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Change events with `seq > since`, oldest first, at most `limit`.
+    pub fn changes(&self, tenant: &str, since: u64, limit: usize) -> StoreResult<Vec<ChangeEvent>> {
+        let t = self.tenant(tenant)?;
+        let start = keys::change(since.saturating_add(1));
+        let end = keys::change(u64::MAX);
+        let mut out = Vec::new();
+        for kv in t.tree.range(start..=end).take(limit) {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// The tenant's last change sequence number.
+    pub fn last_seq(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        Ok(match t.tree.get(keys::SEQ_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("sequence counter".into()))?,
+            ),
+            None => 0,
+        })
+    }
+
+    /// On-disk size in bytes.
+    pub fn size_on_disk(&self) -> StoreResult<u64> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// Flush everything and stop the flusher. Safe to call more than once.
+    pub fn close(&self) -> StoreResult<()> {
+        let ticket = self.inner.commit.ticket();
+        let _ = self.inner.commit.wait_blocking(ticket);
+        self.inner.commit.stop();
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
