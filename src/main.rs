@@ -74,13 +74,15 @@ fn main() -> Result<()> {
 fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
     for t in &config.tenants {
-        if let Some(var) = &t.token_env {
-            if std::env::var(var).map(|v| v.trim().is_empty()).unwrap_or(true) {
-                eprintln!(
-                    "warning: tenant {:?}: environment variable {var} is not set here; `serve` needs it",
-                    t.id
-                );
-            }
+        if let Some(var) = &t.token_env
+            && std::env::var(var)
+                .map(|v| v.trim().is_empty())
+                .unwrap_or(true)
+        {
+            eprintln!(
+                "warning: tenant {:?}: environment variable {var} is not set here; `serve` needs it",
+                t.id
+            );
         }
     }
     println!(

@@ -46,23 +46,51 @@ pub struct ScimError {
 
 impl ScimError {
     pub fn new(status: u16, scim_type: Option<ScimType>, detail: impl Into<String>) -> Self {
-        ScimError { status, scim_type, detail: detail.into() }
+        ScimError {
+            status,
+            scim_type,
+            detail: detail.into(),
+        }
     }
     fn bad(t: ScimType, detail: impl Into<String>) -> Self {
         Self::new(400, Some(t), detail)
     }
-    pub fn invalid_filter(d: impl Into<String>) -> Self { Self::bad(ScimType::InvalidFilter, d) }
-    pub fn invalid_path(d: impl Into<String>) -> Self { Self::bad(ScimType::InvalidPath, d) }
-    pub fn invalid_value(d: impl Into<String>) -> Self { Self::bad(ScimType::InvalidValue, d) }
-    pub fn invalid_syntax(d: impl Into<String>) -> Self { Self::bad(ScimType::InvalidSyntax, d) }
-    pub fn mutability(d: impl Into<String>) -> Self { Self::bad(ScimType::Mutability, d) }
-    pub fn no_target(d: impl Into<String>) -> Self { Self::bad(ScimType::NoTarget, d) }
-    pub fn too_many(d: impl Into<String>) -> Self { Self::bad(ScimType::TooMany, d) }
-    pub fn invalid_vers(d: impl Into<String>) -> Self { Self::bad(ScimType::InvalidVers, d) }
-    pub fn uniqueness(d: impl Into<String>) -> Self { Self::new(409, Some(ScimType::Uniqueness), d) }
-    pub fn not_found(d: impl Into<String>) -> Self { Self::new(404, None, d) }
-    pub fn precondition_failed(d: impl Into<String>) -> Self { Self::new(412, None, d) }
-    pub fn not_implemented(d: impl Into<String>) -> Self { Self::new(501, None, d) }
+    pub fn invalid_filter(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::InvalidFilter, d)
+    }
+    pub fn invalid_path(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::InvalidPath, d)
+    }
+    pub fn invalid_value(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::InvalidValue, d)
+    }
+    pub fn invalid_syntax(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::InvalidSyntax, d)
+    }
+    pub fn mutability(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::Mutability, d)
+    }
+    pub fn no_target(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::NoTarget, d)
+    }
+    pub fn too_many(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::TooMany, d)
+    }
+    pub fn invalid_vers(d: impl Into<String>) -> Self {
+        Self::bad(ScimType::InvalidVers, d)
+    }
+    pub fn uniqueness(d: impl Into<String>) -> Self {
+        Self::new(409, Some(ScimType::Uniqueness), d)
+    }
+    pub fn not_found(d: impl Into<String>) -> Self {
+        Self::new(404, None, d)
+    }
+    pub fn precondition_failed(d: impl Into<String>) -> Self {
+        Self::new(412, None, d)
+    }
+    pub fn not_implemented(d: impl Into<String>) -> Self {
+        Self::new(501, None, d)
+    }
 
     /// The error as the SCIM error JSON body.
     pub fn to_json(&self) -> Value {

@@ -31,7 +31,11 @@ pub enum CompareOp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Filter {
     /// `attrPath op compValue`; value is a JSON string, number, bool or null.
-    Compare { path: AttrPath, op: CompareOp, value: Value },
+    Compare {
+        path: AttrPath,
+        op: CompareOp,
+        value: Value,
+    },
     /// `attrPath pr`
     Present(AttrPath),
     And(Box<Filter>, Box<Filter>),
@@ -39,7 +43,10 @@ pub enum Filter {
     Not(Box<Filter>),
     /// `attrPath "[" valFilter "]"`: `filter` is evaluated against each element of the
     /// multi-valued attribute `path` (its AttrPath names in `filter` are sub-attributes).
-    ValuePath { path: AttrPath, filter: Box<Filter> },
+    ValuePath {
+        path: AttrPath,
+        filter: Box<Filter>,
+    },
 }
 
 /// A PATCH `path` (RFC 7644 §3.5.2): `attrPath` or `valuePath ["." subAttr]`.
@@ -71,5 +78,11 @@ impl Filter {
         false
     }
 }
-pub fn parse_attr_list(_s: &str) -> ScimResult<Vec<AttrPath>> { Ok(vec![]) }
-impl Filter { pub fn attr_paths(&self) -> Vec<&AttrPath> { vec![] } }
+pub fn parse_attr_list(_s: &str) -> ScimResult<Vec<AttrPath>> {
+    Ok(vec![])
+}
+impl Filter {
+    pub fn attr_paths(&self) -> Vec<&AttrPath> {
+        vec![]
+    }
+}

@@ -4,7 +4,8 @@
 
 pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
-pub const ENTERPRISE_USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+pub const ENTERPRISE_USER_SCHEMA: &str =
+    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttrKind {
@@ -77,12 +78,23 @@ pub enum ResourceKind {
 /// `attr` the top-level attribute name and `sub` the sub-attribute, all matched
 /// case-insensitively. A core-schema URN resolves against the core schema of `kind`.
 /// Returns the definition of the innermost named attribute (the sub-attribute if given).
-pub fn lookup(kind: ResourceKind, urn: Option<&str>, attr: &str, sub: Option<&str>) -> Option<&'static AttrDef> {
+pub fn lookup(
+    kind: ResourceKind,
+    urn: Option<&str>,
+    attr: &str,
+    sub: Option<&str>,
+) -> Option<&'static AttrDef> {
     let schema = schema_for(kind, urn)?;
-    let top = schema.attributes.iter().find(|a| a.name.eq_ignore_ascii_case(attr))?;
+    let top = schema
+        .attributes
+        .iter()
+        .find(|a| a.name.eq_ignore_ascii_case(attr))?;
     match sub {
         None => Some(top),
-        Some(s) => top.sub_attributes.iter().find(|a| a.name.eq_ignore_ascii_case(s)),
+        Some(s) => top
+            .sub_attributes
+            .iter()
+            .find(|a| a.name.eq_ignore_ascii_case(s)),
     }
 }
 
@@ -92,7 +104,9 @@ pub fn schema_for(kind: ResourceKind, urn: Option<&str>) -> Option<&'static Sche
         (ResourceKind::User, None) => Some(&USER),
         (ResourceKind::Group, None) => Some(&GROUP),
         (ResourceKind::User, Some(u)) if u.eq_ignore_ascii_case(USER_SCHEMA) => Some(&USER),
-        (ResourceKind::User, Some(u)) if u.eq_ignore_ascii_case(ENTERPRISE_USER_SCHEMA) => Some(&ENTERPRISE_USER),
+        (ResourceKind::User, Some(u)) if u.eq_ignore_ascii_case(ENTERPRISE_USER_SCHEMA) => {
+            Some(&ENTERPRISE_USER)
+        }
         (ResourceKind::Group, Some(u)) if u.eq_ignore_ascii_case(GROUP_SCHEMA) => Some(&GROUP),
         _ => None,
     }
@@ -122,7 +136,11 @@ pub static USER: SchemaDef = SchemaDef {
     name: "User",
     description: "User Account",
     attributes: &[
-        AttrDef { uniqueness: Uniqueness::Server, required: true, ..simple("userName", AttrKind::String) },
+        AttrDef {
+            uniqueness: Uniqueness::Server,
+            required: true,
+            ..simple("userName", AttrKind::String)
+        },
         simple("displayName", AttrKind::String),
         simple("active", AttrKind::Boolean),
     ],
@@ -132,13 +150,21 @@ pub static ENTERPRISE_USER: SchemaDef = SchemaDef {
     id: ENTERPRISE_USER_SCHEMA,
     name: "EnterpriseUser",
     description: "Enterprise User",
-    attributes: &[simple("employeeNumber", AttrKind::String), simple("department", AttrKind::String)],
+    attributes: &[
+        simple("employeeNumber", AttrKind::String),
+        simple("department", AttrKind::String),
+    ],
 };
 
 pub static GROUP: SchemaDef = SchemaDef {
     id: GROUP_SCHEMA,
     name: "Group",
     description: "Group",
-    attributes: &[AttrDef { required: true, ..simple("displayName", AttrKind::String) }],
+    attributes: &[AttrDef {
+        required: true,
+        ..simple("displayName", AttrKind::String)
+    }],
 };
-pub fn schema_json(_def: &SchemaDef, _base: &str) -> serde_json::Value { serde_json::Value::Null }
+pub fn schema_json(_def: &SchemaDef, _base: &str) -> serde_json::Value {
+    serde_json::Value::Null
+}

@@ -110,10 +110,12 @@ impl TokenRegistry {
                 }
             }
             for h in &t.token_hashes {
-                hashes.push(TokenHash::parse(h).map_err(|source| AuthSetupError::BadHash {
-                    tenant: t.id.clone(),
-                    source,
-                })?);
+                hashes.push(
+                    TokenHash::parse(h).map_err(|source| AuthSetupError::BadHash {
+                        tenant: t.id.clone(),
+                        source,
+                    })?,
+                );
             }
             by_tenant.insert(t.id.clone(), hashes);
         }
@@ -195,8 +197,8 @@ mod tests {
 
     #[test]
     fn missing_env_is_an_error() {
-        let err = TokenRegistry::from_config(&[tenant("a", Some("NOPE"), vec![])], |_| None)
-            .unwrap_err();
+        let err =
+            TokenRegistry::from_config(&[tenant("a", Some("NOPE"), vec![])], |_| None).unwrap_err();
         assert!(err.to_string().contains("NOPE"));
     }
 }

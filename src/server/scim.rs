@@ -47,7 +47,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
                 .patch(patch_user)
                 .delete(delete_user),
         )
-        .route("/scim/v2/{tenant}/Groups", get(list_groups).post(create_group))
+        .route(
+            "/scim/v2/{tenant}/Groups",
+            get(list_groups).post(create_group),
+        )
         .route("/scim/v2/{tenant}/Groups/.search", post(search_groups))
         .route(
             "/scim/v2/{tenant}/Groups/{id}",
@@ -70,7 +73,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/scim/v2/{tenant}/Schemas", get(schemas))
         .route("/scim/v2/{tenant}/Schemas/{id}", get(schema_by_id))
         .route("/scim/v2/{tenant}/ResourceTypes", get(resource_types))
-        .route("/scim/v2/{tenant}/ResourceTypes/{id}", get(resource_type_by_id))
+        .route(
+            "/scim/v2/{tenant}/ResourceTypes/{id}",
+            get(resource_type_by_id),
+        )
         .route("/scim/v2/{tenant}/Me", axum::routing::any(me))
 }
 
@@ -239,9 +245,9 @@ impl Projection {
         let named = |list: &[AttrPath]| {
             list.iter().any(|p| {
                 p.attr.eq_ignore_ascii_case(name)
-                    && p.urn
-                        .as_deref()
-                        .is_none_or(|u| u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA))
+                    && p.urn.as_deref().is_none_or(|u| {
+                        u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA)
+                    })
             })
         };
         if !self.attributes.is_empty() {
@@ -388,7 +394,10 @@ fn take_members(kind: ResourceKind, doc: &mut Value) -> ScimResult<Option<Vec<Me
         out.push(MemberRef {
             value: value.to_owned(),
             kind: item.get("type").and_then(Value::as_str).map(str::to_owned),
-            display: item.get("display").and_then(Value::as_str).map(str::to_owned),
+            display: item
+                .get("display")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
         });
     }
     Ok(Some(out))
@@ -440,12 +449,12 @@ async fn op_replace(
     cond: Option<IfMatch>,
     body: Value,
 ) -> ScimResult<Reply> {
-    if let Some(body_id) = body.get("id").and_then(Value::as_str) {
-        if body_id != id {
-            return Err(ScimError::mutability(format!(
-                "id {body_id:?} in the body does not match {id:?} in the path"
-            )));
-        }
+    if let Some(body_id) = body.get("id").and_then(Value::as_str)
+        && body_id != id
+    {
+        return Err(ScimError::mutability(format!(
+            "id {body_id:?} in the body does not match {id:?} in the path"
+        )));
     }
     let mut doc = normalize(kind, body)?;
     // PUT replaces the whole resource, members included (a diff is applied in the store).
@@ -465,7 +474,14 @@ async fn op_replace(
         })
         .await
         .map_err(store_to_scim)?;
-    resource_reply(state, tenant, kind, &res, StatusCode::OK, &Projection::default())
+    resource_reply(
+        state,
+        tenant,
+        kind,
+        &res,
+        StatusCode::OK,
+        &Projection::default(),
+    )
 }
 
 async fn op_patch(
@@ -532,7 +548,9 @@ type Params = HashMap<String, String>;
 
 /// Query parameter names are matched case-insensitively.
 fn lower_keys(q: HashMap<String, String>) -> Params {
-    q.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+    q.into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
 }
 
 fn get_one(
@@ -629,7 +647,9 @@ macro_rules! resource_handlers {
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
             let cond = if_match(&headers)?;
-            Ok(op_delete(&st, &tenant, $kind, &id, cond).await?.into_response())
+            Ok(op_delete(&st, &tenant, $kind, &id, cond)
+                .await?
+                .into_response())
         }
 
         async fn $list(
@@ -640,7 +660,9 @@ macro_rules! resource_handlers {
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
             let query = ListQuery::from_params(&st, &lower_keys(q))?;
-            Ok(run_list(st, tenant, vec![$kind], query).await?.into_response())
+            Ok(run_list(st, tenant, vec![$kind], query)
+                .await?
+                .into_response())
         }
 
         async fn $search(
@@ -652,7 +674,9 @@ macro_rules! resource_handlers {
             authorize(&st, &tenant, &headers)?;
             let body = parse_body(body, st.config.server.max_body_bytes)?;
             let query = ListQuery::from_search_body(&st, &body)?;
-            Ok(run_list(st, tenant, vec![$kind], query).await?.into_response())
+            Ok(run_list(st, tenant, vec![$kind], query)
+                .await?
+                .into_response())
         }
     };
 }
@@ -687,11 +711,14 @@ async fn search_root(
     authorize(&st, &tenant, &headers)?;
     let body = parse_body(body, st.config.server.max_body_bytes)?;
     let query = ListQuery::from_search_body(&st, &body)?;
-    Ok(
-        run_list(st, tenant, vec![ResourceKind::User, ResourceKind::Group], query)
-            .await?
-            .into_response(),
+    Ok(run_list(
+        st,
+        tenant,
+        vec![ResourceKind::User, ResourceKind::Group],
+        query,
     )
+    .await?
+    .into_response())
 }
 
 async fn me(State(st): St, Path(tenant): Path<String>, headers: HeaderMap) -> HandlerResult {
@@ -795,12 +822,12 @@ impl ListQuery {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v)
         };
-        let schemas_ok = field("schemas")
-            .and_then(Value::as_array)
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(SEARCH_SCHEMA)))
-            });
+        let schemas_ok = field("schemas").and_then(Value::as_array).is_some_and(|a| {
+            a.iter().any(|s| {
+                s.as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(SEARCH_SCHEMA))
+            })
+        });
         if !schemas_ok {
             return Err(ScimError::invalid_syntax(format!(
                 "schemas must contain {SEARCH_SCHEMA}"
@@ -898,13 +925,11 @@ fn index_plan(
                         op: CompareOp::Eq,
                         value: Value::String(v),
                     } = side
-                    {
-                        if let Some(ids) =
+                        && let Some(ids) =
                             index_lookup(store, tenant, kind, path, Some(&inner.attr), v)?
-                        {
-                            found = Some(ids);
-                            break;
-                        }
+                    {
+                        found = Some(ids);
+                        break;
                     }
                 }
                 Ok(found)
@@ -935,16 +960,21 @@ fn index_lookup(
     value: &str,
 ) -> ScimResult<Option<Vec<String>>> {
     let sub = sub_override.or(path.sub.as_deref());
-    let core = path
-        .urn
-        .as_deref()
-        .is_none_or(|u| u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA));
+    let core = path.urn.as_deref().is_none_or(|u| {
+        u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA)
+    });
     let ent = path
         .urn
         .as_deref()
         .is_some_and(|u| u.eq_ignore_ascii_case(ENTERPRISE_USER_SCHEMA));
     let attr = path.attr.to_ascii_lowercase();
-    let query = match (kind, core, ent, attr.as_str(), sub.map(str::to_ascii_lowercase)) {
+    let query = match (
+        kind,
+        core,
+        ent,
+        attr.as_str(),
+        sub.map(str::to_ascii_lowercase),
+    ) {
         (_, true, _, "id", None) => {
             return Ok(Some(
                 store
@@ -994,7 +1024,9 @@ fn sort_key(kind: ResourceKind, doc: &Value, path: &AttrPath) -> Option<SortKey>
             .map(|(_, v)| v.clone())
     };
     let base = match path.urn.as_deref() {
-        Some(u) if !u.eq_ignore_ascii_case(USER_SCHEMA) && !u.eq_ignore_ascii_case(GROUP_SCHEMA) => {
+        Some(u)
+            if !u.eq_ignore_ascii_case(USER_SCHEMA) && !u.eq_ignore_ascii_case(GROUP_SCHEMA) =>
+        {
             get(obj, u)?
         }
         _ => doc.clone(),
@@ -1244,23 +1276,23 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             ),
         ));
     }
-    let fail_on_errors = match field(obj, "failOnErrors") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_u64()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| ScimError::invalid_value("failOnErrors must be a positive integer"))?
-                as usize,
-        ),
-    };
+    let fail_on_errors =
+        match field(obj, "failOnErrors") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                ScimError::invalid_value("failOnErrors must be a positive integer")
+            })? as usize),
+        };
 
     // bulkIds must be unique: a duplicate would make references ambiguous.
     let mut seen = HashSet::new();
     for op in ops {
-        if let Some(b) = op.get("bulkId").and_then(Value::as_str) {
-            if !seen.insert(b) {
-                return Err(ScimError::invalid_value(format!("bulkId {b:?} is used twice")));
-            }
+        if let Some(b) = op.get("bulkId").and_then(Value::as_str)
+            && !seen.insert(b)
+        {
+            return Err(ScimError::invalid_value(format!(
+                "bulkId {b:?} is used twice"
+            )));
         }
     }
 
@@ -1282,10 +1314,10 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         }
         match outcome {
             Ok((reply, id)) => {
-                if let (Some(b), Some(id)) = (&bulk_id, &id) {
-                    if method_name == "POST" {
-                        created.insert(b.clone(), id.clone());
-                    }
+                if let (Some(b), Some(id)) = (&bulk_id, &id)
+                    && method_name == "POST"
+                {
+                    created.insert(b.clone(), id.clone());
                 }
                 if let Some(loc) = reply.location {
                     entry.insert("location".into(), Value::String(loc));
@@ -1344,8 +1376,9 @@ async fn run_bulk_op(
         .and_then(Value::as_str)
         .map(|v| IfMatch::Tags(vec![v.to_owned()]));
     let need_id = || {
-        id.clone()
-            .ok_or_else(|| ScimError::invalid_value(format!("{method} needs /{}/{{id}}", endpoint(kind))))
+        id.clone().ok_or_else(|| {
+            ScimError::invalid_value(format!("{method} needs /{}/{{id}}", endpoint(kind)))
+        })
     };
     let need_data = || {
         data.clone()
@@ -1458,7 +1491,11 @@ async fn schema_by_id(
     authorize(&st, &tenant, &headers)?;
     all_schemas(&st, &tenant)
         .into_iter()
-        .find(|s| s["id"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&id)))
+        .find(|s| {
+            s["id"]
+                .as_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case(&id))
+        })
         .map(|s| ok(s).into_response())
         .ok_or_else(|| ScimError::not_found(format!("schema {id:?} not found")).into())
 }
@@ -1505,7 +1542,11 @@ async fn resource_type_by_id(
     authorize(&st, &tenant, &headers)?;
     all_resource_types(&st, &tenant)
         .into_iter()
-        .find(|s| s["id"].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&id)))
+        .find(|s| {
+            s["id"]
+                .as_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case(&id))
+        })
         .map(|s| ok(s).into_response())
         .ok_or_else(|| ScimError::not_found(format!("resource type {id:?} not found")).into())
 }

@@ -374,12 +374,12 @@ impl<'a> Txn<'a> {
             }
             let key = keys::index_entry(index, &value, id);
             if index.is_unique() {
-                if let Some(owner) = self.get(&key)? {
-                    if owner != id.as_bytes() {
-                        return Err(StoreError::Uniqueness(format!(
-                            "userName {value:?} is already taken in this tenant"
-                        )));
-                    }
+                if let Some(owner) = self.get(&key)?
+                    && owner != id.as_bytes()
+                {
+                    return Err(StoreError::Uniqueness(format!(
+                        "userName {value:?} is already taken in this tenant"
+                    )));
                 }
                 self.put(key, id.as_bytes().to_vec());
             } else {
@@ -444,12 +444,7 @@ impl<'a> Txn<'a> {
         ))))
     }
 
-    fn add_member(
-        &mut self,
-        gid: &str,
-        m: &MemberRef,
-        added: &mut Vec<String>,
-    ) -> StoreResult<()> {
+    fn add_member(&mut self, gid: &str, m: &MemberRef, added: &mut Vec<String>) -> StoreResult<()> {
         let key = keys::member(gid, &m.value);
         if self.exists(&key)? {
             return Ok(());
@@ -642,7 +637,11 @@ impl Store {
         {
             return Ok(t.clone());
         }
-        let mut map = self.inner.tenants.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .inner
+            .tenants
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(t) = map.get(tenant) {
             return Ok(t.clone());
         }
@@ -749,12 +748,12 @@ impl Store {
                 id: id.clone(),
             })?;
             let current = version_of(&old);
-            if let Some(cond) = &if_match {
-                if !cond.admits(current) {
-                    return Err(StoreError::PreconditionFailed {
-                        current: etag(current),
-                    });
-                }
+            if let Some(cond) = &if_match
+                && !cond.admits(current)
+            {
+                return Err(StoreError::PreconditionFailed {
+                    current: etag(current),
+                });
             }
             let Update { mut doc, members } = f(&old)?;
             if let Some(obj) = doc.as_object_mut() {
@@ -985,5 +984,132 @@ impl Store {
         self.inner.commit.stop();
         self.inner.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> Value {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name,
+               "emails": [{"value": format!("{name}@x.test")}]})
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_share_flushes_and_log_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.create("t", ResourceKind::User, user(&format!("u{i}")), vec![])
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut versions = Vec::new();
+        for t in tasks {
+            versions.push(t.await.unwrap().version);
+        }
+        versions.sort();
+        assert_eq!(versions, (1..=64).collect::<Vec<u64>>());
+        assert_eq!(store.last_seq("t").unwrap(), 64);
+        let log = store.changes("t", 0, 1000).unwrap();
+        assert_eq!(log.len(), 64);
+        assert!(log.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        // Another tenant's log is separate.
+        assert_eq!(store.last_seq("other").unwrap(), 0);
+        store.close().unwrap();
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.scan("t", ResourceKind::User).unwrap().count(), 64);
+        assert_eq!(
+            reopened
+                .lookup("t", &IndexQuery::Email("U7@X.TEST".into()))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn membership_ops_see_their_own_pending_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store
+            .create("t", ResourceKind::User, user("a"), vec![])
+            .await
+            .unwrap();
+        let b = store
+            .create("t", ResourceKind::User, user("b"), vec![])
+            .await
+            .unwrap();
+        let m = |id: &str| MemberRef {
+            value: id.to_owned(),
+            kind: None,
+            display: None,
+        };
+        let g = store
+            .create(
+                "t",
+                ResourceKind::Group,
+                json!({"displayName": "g"}),
+                vec![m(&a.id)],
+            )
+            .await
+            .unwrap();
+        let (aid, bid) = (a.id.clone(), b.id.clone());
+        let updated = store
+            .update("t", ResourceKind::Group, &g.id, None, move |doc| {
+                Ok(Update {
+                    doc: doc.clone(),
+                    members: vec![
+                        MemberOp::Add(vec![m(&bid), m(&bid)]),
+                        MemberOp::ReplaceAll(vec![m(&bid)]),
+                    ],
+                })
+            })
+            .await
+            .unwrap();
+        assert!(updated.version > g.version);
+        let members: Vec<String> = store
+            .members("t", &g.id)
+            .unwrap()
+            .map(|m| m.unwrap().value)
+            .collect();
+        assert_eq!(members, vec![b.id.clone()]);
+        assert_eq!(store.groups_of("t", &aid).unwrap(), Vec::<String>::new());
+        assert_eq!(store.groups_of("t", &b.id).unwrap(), vec![g.id.clone()]);
+        let last = store.changes("t", updated.version - 1, 10).unwrap();
+        assert_eq!(last[0].members_added, vec![b.id.clone()]);
+        assert_eq!(last[0].members_removed, vec![aid]);
+
+        // A no-op update writes nothing and keeps the version.
+        let same = store
+            .update("t", ResourceKind::Group, &g.id, None, |doc| {
+                Ok(Update {
+                    doc: doc.clone(),
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(same.version, updated.version);
+    }
+
+    #[test]
+    fn unknown_layout_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(SCHEMA_VERSION_KEY, b"99").unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::UnknownSchema { found: 99 })
+        ));
     }
 }

@@ -1,0 +1,260 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! SCIM load benchmark against the real daemon, run as a child process so its peak RSS is
+//! its own: durable creates/s with concurrency, userName-eq lookup latency at full size,
+//! one large group PATCH. `cargo bench --bench scim_load`; `BENCH_USERS` (default 100000)
+//! and `BENCH_CONCURRENCY` (default 64) tune it. Prints a Markdown table.
+
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const TENANT: &str = "bench";
+const TOKEN: &str = "rsd_benchmark_token_not_secret";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Daemon {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon() -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("BENCH_TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn rosterd");
+    Daemon {
+        child,
+        base: format!("http://127.0.0.1:{port}/scim/v2/{TENANT}"),
+        _dir: dir,
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn user_body(i: usize) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+        "userName": format!("user{i:07}@bench.example"),
+        "externalId": format!("ext-{i}"),
+        "name": {"givenName": "Bench", "familyName": format!("User{i}")},
+        "emails": [{"value": format!("user{i:07}@bench.example"), "type": "work", "primary": true}],
+        "title": "Engineer",
+        "active": true,
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"department": "R&D"},
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let users = env_usize("BENCH_USERS", 100_000);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 64);
+    let group_size = env_usize("BENCH_GROUP_MEMBERS", 50_000).min(users);
+    let daemon = start_daemon();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("client");
+    let auth = format!("Bearer {TOKEN}");
+
+    // Wait for the daemon.
+    let ready = Instant::now();
+    loop {
+        let r = client
+            .get(format!("{}/ServiceProviderConfig", daemon.base))
+            .header("authorization", &auth)
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            ready.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 1. Durable creates with concurrency.
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); users]));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, ids, auth, base) = (
+            client.clone(),
+            next.clone(),
+            ids.clone(),
+            auth.clone(),
+            daemon.base.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= users {
+                    break;
+                }
+                let body = serde_json::to_vec(&user_body(i)).expect("json");
+                let r = client
+                    .post(format!("{base}/Users"))
+                    .header("authorization", &auth)
+                    .header("content-type", "application/scim+json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("create");
+                assert_eq!(r.status(), 201, "create {i}");
+                let v: Value = r.json().await.expect("json");
+                ids.lock().expect("ids")[i] = v["id"].as_str().expect("id").to_owned();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let create_secs = started.elapsed().as_secs_f64();
+    let creates_per_sec = users as f64 / create_secs;
+
+    // 2. userName eq lookups at full size, one at a time so latency is the server's.
+    let lookups = 2_000;
+    let mut lat = Vec::with_capacity(lookups);
+    for k in 0..lookups {
+        let i = (k * 7919) % users;
+        let url = format!(
+            "{}/Users?filter=userName%20eq%20%22USER{i:07}%40bench.example%22",
+            daemon.base
+        );
+        let t = Instant::now();
+        let r = client
+            .get(&url)
+            .header("authorization", &auth)
+            .send()
+            .await
+            .expect("lookup");
+        let v: Value = r.json().await.expect("json");
+        lat.push(t.elapsed());
+        assert_eq!(v["totalResults"], 1, "lookup {i}");
+    }
+    lat.sort();
+
+    // 3. One PATCH adding `group_size` members, then one removing them all by value.
+    let r = client
+        .post(format!("{}/Groups", daemon.base))
+        .header("authorization", &auth)
+        .json(&json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "Everyone"}))
+        .send()
+        .await
+        .expect("group");
+    let gid = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("gid")
+        .to_owned();
+    let members: Vec<Value> = ids.lock().expect("ids")[..group_size]
+        .iter()
+        .map(|id| json!({"value": id}))
+        .collect();
+    let add = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "add", "path": "members", "value": members}]});
+    let t = Instant::now();
+    let r = client
+        .patch(format!(
+            "{}/Groups/{gid}?excludedAttributes=members",
+            daemon.base
+        ))
+        .header("authorization", &auth)
+        .json(&add)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let patch_add = t.elapsed();
+    let remove = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "remove", "path": "members", "value": members}]});
+    let t = Instant::now();
+    let r = client
+        .patch(format!(
+            "{}/Groups/{gid}?excludedAttributes=members",
+            daemon.base
+        ))
+        .header("authorization", &auth)
+        .json(&remove)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let patch_remove = t.elapsed();
+
+    let rss = peak_rss_kib(daemon.child.id());
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!("| users created | {users} (concurrency {concurrency}) |");
+    println!("| durable creates/s | {creates_per_sec:.0} ({create_secs:.1} s) |");
+    println!(
+        "| userName eq lookup at {users} users, p50 / p99 | {:.3} ms / {:.3} ms |",
+        percentile(&lat, 0.50).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "| PATCH adding {group_size} members in one request | {:.0} ms |",
+        patch_add.as_secs_f64() * 1e3
+    );
+    println!(
+        "| PATCH removing {group_size} members in one request | {:.0} ms |",
+        patch_remove.as_secs_f64() * 1e3
+    );
+    println!("| daemon peak RSS | {:.0} MiB |", rss as f64 / 1024.0);
+}

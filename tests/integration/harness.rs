@@ -1,0 +1,274 @@
+//! Boots rosterd in-process on 127.0.0.1:0 with a temporary store.
+#![allow(dead_code)]
+
+use reqwest::{Method, StatusCode, header::HeaderMap};
+use rosterd::config::{Config, ScimConfig, ServerConfig, TenantConfig};
+use rosterd::server::auth::{TokenRegistry, new_token};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TENANT: &str = "acme";
+pub const OTHER_TENANT: &str = "globex";
+
+pub struct TestDaemon {
+    pub addr: std::net::SocketAddr,
+    pub token: String,
+    pub other_token: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<Result<(), rosterd::server::ServerError>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub struct Options {
+    pub max_body_bytes: usize,
+    pub scim: ScimConfig,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_body_bytes: 1024 * 1024,
+            scim: ScimConfig::default(),
+        }
+    }
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_owned();
+        let mut d = Self::boot(&path, opts, None).await;
+        d._dir = Some(dir);
+        d
+    }
+
+    /// Boot on an existing data directory with known tokens (restart tests).
+    async fn boot(data_dir: &Path, opts: Options, tokens: Option<(String, String)>) -> TestDaemon {
+        let (token, hash) = match &tokens {
+            Some((t, _)) => (t.clone(), rosterd::server::auth::TokenHash::of(t)),
+            None => new_token(),
+        };
+        let (other_token, other_hash) = match &tokens {
+            Some((_, o)) => (o.clone(), rosterd::server::auth::TokenHash::of(o)),
+            None => new_token(),
+        };
+        let config = Config {
+            version: 1,
+            server: ServerConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                data_dir: data_dir.to_owned(),
+                max_body_bytes: opts.max_body_bytes,
+                public_url: None,
+            },
+            log: Default::default(),
+            scim: opts.scim,
+            tenants: vec![
+                TenantConfig {
+                    id: TENANT.into(),
+                    token_env: None,
+                    token_hashes: vec![hash.to_string()],
+                },
+                TenantConfig {
+                    id: OTHER_TENANT.into(),
+                    token_env: None,
+                    token_hashes: vec![other_hash.to_string()],
+                },
+            ],
+        };
+        let tokens = TokenRegistry::from_config(&config.tenants, |_| None).expect("tokens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(rosterd::run_with_tokens(
+            config,
+            tokens,
+            listener,
+            shutdown.clone(),
+        ));
+        let client = reqwest::Client::new();
+        // The listener is bound before run() starts, so the first request simply waits for
+        // the store to open.
+        TestDaemon {
+            addr,
+            token,
+            other_token,
+            client,
+            data_dir: data_dir.to_owned(),
+            shutdown,
+            handle: Some(handle),
+            _dir: None,
+        }
+    }
+
+    /// Stop gracefully and start again on the same data directory.
+    pub async fn restart(mut self) -> TestDaemon {
+        let dir = self._dir.take();
+        let tokens = (self.token.clone(), self.other_token.clone());
+        let data_dir = self.data_dir.clone();
+        self.stop().await;
+        let mut d = Self::boot(&data_dir, Options::default(), Some(tokens)).await;
+        d._dir = dir;
+        d
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("daemon exited with an error");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn scim_url(&self, path: &str) -> String {
+        self.url(&format!("/scim/v2/{TENANT}{path}"))
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Resp {
+        let mut req = self.client.request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/scim+json").body(b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A SCIM request on the test tenant with its token.
+    pub async fn scim(&self, method: Method, path: &str, body: Option<Value>) -> Resp {
+        self.scim_with(method, path, body, &[]).await
+    }
+
+    pub async fn scim_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let url = self.scim_url(path);
+        self.raw(
+            method,
+            &url,
+            Some(&self.token),
+            headers,
+            body.map(|b| serde_json::to_vec(&b).expect("json")),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.scim(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.scim(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Resp {
+        self.scim(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Resp {
+        self.scim(Method::PATCH, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.scim(Method::DELETE, path, None).await
+    }
+
+    /// Create a user and return its id, asserting 201.
+    pub async fn create_user(&self, user_name: &str) -> String {
+        let r = self.post("/Users", user(user_name)).await;
+        assert_eq!(r.status, 201, "create {user_name}: {}", r.body);
+        r.body["id"].as_str().expect("id").to_owned()
+    }
+
+    pub async fn create_group(&self, name: &str) -> String {
+        let r = self
+            .post(
+                "/Groups",
+                serde_json::json!({
+                    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                    "displayName": name,
+                }),
+            )
+            .await;
+        assert_eq!(r.status, 201, "create group {name}: {}", r.body);
+        r.body["id"].as_str().expect("id").to_owned()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn user(user_name: &str) -> Value {
+    serde_json::json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": user_name,
+        "name": {"givenName": "Given", "familyName": "Family"},
+        "emails": [{"value": user_name, "type": "work", "primary": true}],
+        "active": true,
+    })
+}
+
+pub fn patch_op(ops: Value) -> Value {
+    serde_json::json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": ops,
+    })
+}
+
+pub const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";

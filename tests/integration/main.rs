@@ -1,0 +1,10 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! One integration-test binary: every module boots the real daemon on a loopback port and
+//! speaks HTTP to it.
+mod harness;
+mod scim_bulk;
+mod scim_errors;
+mod scim_groups;
+mod scim_idp_sessions;
+mod scim_list;
+mod scim_users;

@@ -1,0 +1,117 @@
+use crate::harness::*;
+use serde_json::json;
+
+const BULK: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+
+#[tokio::test]
+async fn bulk_ids_link_operations() {
+    let d = TestDaemon::start().await;
+    let r = d
+        .post(
+            "/Bulk",
+            json!({
+                "schemas": [BULK],
+                "Operations": [
+                    {"method": "POST", "path": "/Users", "bulkId": "u1", "data": user("bulk1@example.com")},
+                    {"method": "POST", "path": "/Groups", "bulkId": "g1", "data": {
+                        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                        "displayName": "Bulk Group",
+                        "members": [{"value": "bulkId:u1", "type": "User"}]}},
+                    {"method": "PATCH", "path": "/Users/bulkId:u1", "data": patch_op(json!([
+                        {"op": "replace", "path": "displayName", "value": "Bulky"}]))},
+                ],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["schemas"][0],
+        "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
+    );
+    let ops = r.body["Operations"].as_array().unwrap();
+    assert_eq!(ops.len(), 3);
+    assert_eq!(ops[0]["status"], "201");
+    assert_eq!(ops[1]["status"], "201", "{}", ops[1]);
+    assert_eq!(ops[2]["status"], "200", "{}", ops[2]);
+    let uid = ops[0]["location"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap();
+    let gloc = ops[1]["location"].as_str().unwrap();
+    let gid = gloc.rsplit('/').next().unwrap();
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert_eq!(g.body["members"][0]["value"], uid);
+    let u = d.get(&format!("/Users/{uid}")).await;
+    assert_eq!(u.body["displayName"], "Bulky");
+}
+
+#[tokio::test]
+async fn bulk_fail_on_errors_stops_early() {
+    let d = TestDaemon::start().await;
+    d.create_user("dup@example.com").await;
+    let r = d
+        .post(
+            "/Bulk",
+            json!({
+                "schemas": [BULK],
+                "failOnErrors": 1,
+                "Operations": [
+                    {"method": "POST", "path": "/Users", "bulkId": "a", "data": user("dup@example.com")},
+                    {"method": "POST", "path": "/Users", "bulkId": "b", "data": user("fresh@example.com")},
+                ],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let ops = r.body["Operations"].as_array().unwrap();
+    assert_eq!(ops.len(), 1, "stopped after the first error: {}", r.body);
+    assert_eq!(ops[0]["status"], "409");
+    assert_eq!(ops[0]["response"]["scimType"], "uniqueness");
+    let l = d
+        .get("/Users?filter=userName%20eq%20%22fresh@example.com%22")
+        .await;
+    assert_eq!(l.body["totalResults"], 0);
+
+    // Without failOnErrors every operation runs.
+    let r = d
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK], "Operations": [
+                {"method": "POST", "path": "/Users", "bulkId": "a", "data": user("dup@example.com")},
+                {"method": "POST", "path": "/Users", "bulkId": "b", "data": user("fresh@example.com")},
+                {"method": "DELETE", "path": "/Users/does-not-exist"},
+                {"method": "POST", "path": "/Groups", "bulkId": "g", "data": {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "G", "members": [{"value": "bulkId:nope"}]}},
+            ]}),
+        )
+        .await;
+    let statuses: Vec<&str> = r.body["Operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["409", "201", "404", "400"]);
+}
+
+#[tokio::test]
+async fn bulk_over_the_operation_limit_is_413() {
+    let d = TestDaemon::start_with(Options {
+        scim: rosterd::config::ScimConfig {
+            bulk_max_operations: 2,
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let ops: Vec<_> = (0..3)
+        .map(|i| json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"), "data": user(&format!("l{i}@x.test"))}))
+        .collect();
+    let r = d
+        .post("/Bulk", json!({"schemas": [BULK], "Operations": ops}))
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    let l = d.get("/Users?count=0").await;
+    assert_eq!(l.body["totalResults"], 0, "nothing applied");
+}

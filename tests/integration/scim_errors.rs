@@ -1,0 +1,120 @@
+use crate::harness::*;
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn malformed_input_gets_scim_errors() {
+    let d = TestDaemon::start().await;
+    let bad_json = d
+        .raw(
+            Method::POST,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[],
+            Some(b"{not json".to_vec()),
+        )
+        .await;
+    assert_eq!(bad_json.status, 400);
+    assert_eq!(bad_json.body["scimType"], "invalidSyntax");
+
+    let missing = d
+        .post(
+            "/Users",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "displayName": "x"}),
+        )
+        .await;
+    assert_eq!(missing.status, 400, "{}", missing.body);
+    assert_eq!(missing.body["scimType"], "invalidValue");
+
+    let wrong_type = d.post("/Users", json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "t@x", "active": "maybe"})).await;
+    assert_eq!(wrong_type.status, 400, "{}", wrong_type.body);
+    assert_eq!(wrong_type.body["scimType"], "invalidValue");
+
+    let id = d.create_user("errs@example.com").await;
+    let p = format!("/Users/{id}");
+    let bad_path = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "replace", "path": "emails[type eq", "value": "x"}])),
+        )
+        .await;
+    assert_eq!(bad_path.status, 400);
+    assert_eq!(bad_path.body["scimType"], "invalidPath");
+    let no_target = d.patch(&p, patch_op(json!([{"op": "remove"}]))).await;
+    assert_eq!(no_target.status, 400);
+    assert_eq!(no_target.body["scimType"], "noTarget");
+    let read_only = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "replace", "path": "id", "value": "other"}])),
+        )
+        .await;
+    assert_eq!(read_only.status, 400);
+    assert_eq!(read_only.body["scimType"], "mutability");
+    let bad_op = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "frobnicate", "path": "displayName", "value": "x"}])),
+        )
+        .await;
+    assert_eq!(bad_op.status, 400, "{}", bad_op.body);
+    // None of the failed requests changed the user.
+    let g = d.get(&p).await;
+    assert_eq!(g.body["meta"]["version"], g.header("etag").unwrap());
+    assert_eq!(g.body["userName"], "errs@example.com");
+}
+
+#[tokio::test]
+async fn limits_and_unsupported_things() {
+    let d = TestDaemon::start_with(Options {
+        max_body_bytes: 4096,
+        ..Options::default()
+    })
+    .await;
+    let mut big = user("big@example.com");
+    big["displayName"] = json!("x".repeat(10_000));
+    let r = d.post("/Users", big).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.body["status"], "413");
+
+    let r = d.get("/Me").await;
+    assert_eq!(r.status, 501);
+    let r = d
+        .raw(
+            Method::GET,
+            &d.url(&format!("/scim/v1/{TENANT}/Users")),
+            Some(&d.token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["scimType"], "invalidVers");
+    let r = d.get("/Nope").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["status"], "404");
+    let r = d.get("/Users?sortOrder=sideways").await;
+    assert_eq!(r.status, 400);
+    let r = d.get("/Users?count=abc").await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn too_many_to_sort_is_reported() {
+    let d = TestDaemon::start_with(Options {
+        scim: rosterd::config::ScimConfig {
+            max_sort_results: 2,
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    for i in 0..3 {
+        d.create_user(&format!("s{i}@example.com")).await;
+    }
+    let r = d.get("/Users?sortBy=userName").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["scimType"], "tooMany");
+    let r = d.get("/Users").await;
+    assert_eq!(r.body["totalResults"], 3);
+}

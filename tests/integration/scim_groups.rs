@@ -1,0 +1,206 @@
+use crate::harness::*;
+use serde_json::{Value, json};
+
+fn member_ids(body: &Value) -> Vec<String> {
+    let mut v: Vec<String> = body["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["value"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn group_membership_add_remove_replace() {
+    let d = TestDaemon::start().await;
+    let a = d.create_user("a@example.com").await;
+    let b = d.create_user("b@example.com").await;
+    let c = d.create_user("c@example.com").await;
+    let r = d
+        .post(
+            "/Groups",
+            json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                "displayName": "Engineering",
+                "members": [{"value": a, "type": "User"}],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let gid = r.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(member_ids(&r.body), vec![a.clone()]);
+    let path = format!("/Groups/{gid}");
+
+    // Adding merges without duplicates.
+    let r = d
+        .patch(
+            &path,
+            patch_op(
+                json!([{"op": "Add", "path": "members", "value": [{"value": a}, {"value": b}]}]),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(member_ids(&r.body), want);
+
+    // Entra's newer removal form.
+    let r = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{a}\"]")}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(member_ids(&r.body), vec![b.clone()]);
+
+    // Entra's older removal form.
+    let r = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "Remove", "path": "members", "value": [{"value": b}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(member_ids(&r.body).is_empty());
+
+    // Replace with a whole list, then PUT with another.
+    let r = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "replace", "path": "members", "value": [{"value": a}, {"value": c}]}])),
+        )
+        .await;
+    let mut want = vec![a.clone(), c.clone()];
+    want.sort();
+    assert_eq!(member_ids(&r.body), want);
+    let r = d
+        .put(
+            &path,
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "Eng", "members": [{"value": c}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["displayName"], "Eng");
+    assert_eq!(member_ids(&r.body), vec![c.clone()]);
+
+    // The user sees its group; deleting the user removes the membership.
+    let u = d.get(&format!("/Users/{c}")).await;
+    assert_eq!(u.body["groups"][0]["value"], gid.as_str());
+    assert_eq!(u.body["groups"][0]["display"], "Eng");
+    assert_eq!(d.delete(&format!("/Users/{c}")).await.status, 204);
+    let g = d.get(&path).await;
+    assert!(member_ids(&g.body).is_empty(), "{}", g.body);
+}
+
+#[tokio::test]
+async fn members_must_exist_and_failed_patch_changes_nothing() {
+    let d = TestDaemon::start().await;
+    let a = d.create_user("exists@example.com").await;
+    let gid = d.create_group("G").await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([
+                {"op": "add", "path": "members", "value": [{"value": a}]},
+                {"op": "add", "path": "members", "value": [{"value": "00000000-0000-0000-0000-000000000000"}]},
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidValue");
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert!(
+        member_ids(&g.body).is_empty(),
+        "nothing half-applied: {}",
+        g.body
+    );
+}
+
+#[tokio::test]
+async fn excluded_members_and_group_filters() {
+    let d = TestDaemon::start().await;
+    let a = d.create_user("m@example.com").await;
+    let gid = d.create_group("Sales Team").await;
+    d.patch(
+        &format!("/Groups/{gid}"),
+        patch_op(json!([{"op": "add", "path": "members", "value": [{"value": a}]}])),
+    )
+    .await;
+    let r = d
+        .get("/Groups?filter=displayName%20eq%20%22sales%20team%22&excludedAttributes=members")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["totalResults"], 1);
+    assert!(r.body["Resources"][0].get("members").is_none());
+    let r = d
+        .get(&format!(
+            "/Groups?filter=members%5Bvalue%20eq%20%22{a}%22%5D"
+        ))
+        .await;
+    assert_eq!(r.body["totalResults"], 1, "{}", r.body);
+    let r = d
+        .get(&format!("/Groups/{gid}?excludedAttributes=members"))
+        .await;
+    assert!(r.body.get("members").is_none());
+    assert_eq!(r.body["displayName"], "Sales Team");
+}
+
+#[tokio::test]
+async fn large_member_patch_is_applied_whole() {
+    let d = TestDaemon::start().await;
+    let gid = d.create_group("Big").await;
+    // Users created through /Bulk to keep the test quick.
+    let ops: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
+                   "data": user(&format!("big{i}@example.com"))})
+        })
+        .collect();
+    let r = d
+        .post(
+            "/Bulk",
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ids: Vec<String> = r.body["Operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            assert_eq!(o["status"], "201", "{o}");
+            o["location"]
+                .as_str()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let members: Vec<Value> = ids.iter().map(|i| json!({"value": i})).collect();
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}?excludedAttributes=members"),
+            patch_op(json!([{"op": "add", "path": "members", "value": members}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert_eq!(g.body["members"].as_array().unwrap().len(), 1000);
+    // Remove half in one request.
+    let half: Vec<Value> = ids[..500].iter().map(|i| json!({"value": i})).collect();
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "remove", "path": "members", "value": half}])),
+        )
+        .await;
+    assert_eq!(r.body["members"].as_array().unwrap().len(), 500);
+}

@@ -1,0 +1,228 @@
+use crate::harness::*;
+use serde_json::{Value, json};
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn seed(d: &TestDaemon) {
+    let people = [
+        ("ann@example.com", "Ann", "Sales", true, "E1"),
+        ("ben@example.com", "Ben", "Sales", false, "E2"),
+        ("cat@corp.test", "Cat", "Engineering", true, "E3"),
+        ("dan@corp.test", "Dan", "Engineering", true, "E4"),
+        ("eve@example.com", "Eve", "Legal", true, "E5"),
+    ];
+    for (u, given, dept, active, ext) in people {
+        let body = json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE],
+            "userName": u,
+            "externalId": ext,
+            "name": {"givenName": given, "familyName": "Doe"},
+            "emails": [{"value": u, "type": "work", "primary": true},
+                       {"value": format!("home-{u}"), "type": "home"}],
+            "active": active,
+            ENTERPRISE: {"department": dept},
+        });
+        let r = d.post("/Users", body).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+}
+
+async fn names(d: &TestDaemon, query: &str) -> Vec<String> {
+    let r = d.get(&format!("/Users?{query}")).await;
+    assert_eq!(r.status, 200, "{query}: {}", r.body);
+    r.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userName"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn filter(d: &TestDaemon, f: &str) -> Vec<String> {
+    let mut v = names(d, &format!("filter={}", enc(f))).await;
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn filters_cover_the_grammar() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("userName eq \"ANN@example.com\"", vec!["ann@example.com"]),
+        ("username Eq \"ann@example.com\"", vec!["ann@example.com"]),
+        ("externalId eq \"E3\"", vec!["cat@corp.test"]),
+        ("externalId eq \"e3\"", vec![]),
+        (
+            "emails.value eq \"home-dan@corp.test\"",
+            vec!["dan@corp.test"],
+        ),
+        (
+            "emails[type eq \"work\" and value co \"@corp.test\"]",
+            vec!["cat@corp.test", "dan@corp.test"],
+        ),
+        (
+            "userName sw \"a\" or userName ew \"corp.test\"",
+            vec!["ann@example.com", "cat@corp.test", "dan@corp.test"],
+        ),
+        ("active eq false", vec!["ben@example.com"]),
+        ("not (active eq true)", vec!["ben@example.com"]),
+        (
+            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department eq \"engineering\"",
+            vec!["cat@corp.test", "dan@corp.test"],
+        ),
+        (
+            "name.givenName eq \"eve\" or (userName co \"ben\" and active eq false)",
+            vec!["ben@example.com", "eve@example.com"],
+        ),
+        ("title pr", vec![]),
+        (
+            "externalId pr and userName gt \"d\"",
+            vec!["dan@corp.test", "eve@example.com"],
+        ),
+        (
+            "meta.created gt \"2000-01-01T00:00:00Z\" and userName le \"b\"",
+            vec!["ann@example.com"],
+        ),
+    ];
+    for (f, want) in cases {
+        assert_eq!(filter(&d, f).await, want, "filter {f}");
+    }
+}
+
+#[tokio::test]
+async fn bad_filters_are_scim_errors() {
+    let d = TestDaemon::start().await;
+    for f in [
+        "userName eq",
+        "(userName eq \"a\"",
+        "userName zz \"a\"",
+        "emails[type eq \"work\"",
+    ] {
+        let r = d.get(&format!("/Users?filter={}", enc(f))).await;
+        assert_eq!(r.status, 400, "{f}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidFilter", "{f}");
+    }
+}
+
+#[tokio::test]
+async fn paging_sorting_and_projection() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    assert_eq!(
+        names(&d, "sortBy=userName&sortOrder=descending&count=2").await,
+        vec!["eve@example.com", "dan@corp.test"]
+    );
+    let r = d.get("/Users?sortBy=userName&startIndex=3&count=2").await;
+    assert_eq!(r.body["totalResults"], 5);
+    assert_eq!(r.body["startIndex"], 3);
+    assert_eq!(r.body["itemsPerPage"], 2);
+    assert_eq!(r.body["Resources"][0]["userName"], "cat@corp.test");
+
+    // Unsorted paging is stable and covers everyone exactly once.
+    let mut seen = Vec::new();
+    for start in [1, 3, 5] {
+        seen.extend(names(&d, &format!("startIndex={start}&count=2")).await);
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 5);
+
+    let r = d.get("/Users?count=0").await;
+    assert_eq!(r.body["totalResults"], 5);
+    assert_eq!(r.body["Resources"].as_array().map(Vec::len).unwrap_or(0), 0);
+
+    let r = d.get("/Users?attributes=userName&count=1").await;
+    let u = &r.body["Resources"][0];
+    assert!(u.get("userName").is_some() && u.get("id").is_some(), "{u}");
+    assert!(u.get("name").is_none() && u.get("emails").is_none(), "{u}");
+
+    let r = d.get("/Users?excludedAttributes=emails,name&count=1").await;
+    let u = &r.body["Resources"][0];
+    assert!(u.get("emails").is_none() && u.get("name").is_none(), "{u}");
+    assert!(u.get("userName").is_some());
+}
+
+#[tokio::test]
+async fn search_endpoint_takes_a_body() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    let r = d
+        .post(
+            "/Users/.search",
+            json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+                "filter": "userName ew \"example.com\"",
+                "attributes": ["userName"],
+                "sortBy": "userName",
+                "startIndex": 1,
+                "count": 10,
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got: Vec<&str> = r.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        vec!["ann@example.com", "ben@example.com", "eve@example.com"]
+    );
+    let r = d.post("/.search", json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "filter": "userName eq \"ann@example.com\" or displayName pr"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["totalResults"], 1, "{}", r.body);
+    let r = d
+        .post("/Users/.search", json!({"filter": "userName pr"}))
+        .await;
+    assert_eq!(r.status, 400, "schemas are required: {}", r.body);
+}
+
+#[tokio::test]
+async fn discovery_endpoints_describe_what_is_supported() {
+    let d = TestDaemon::start().await;
+    let spc = d.get("/ServiceProviderConfig").await;
+    assert_eq!(spc.status, 200);
+    for feature in ["patch", "bulk", "filter", "sort", "etag"] {
+        assert_eq!(spc.body[feature]["supported"], true, "{feature}");
+    }
+    assert_eq!(spc.body["changePassword"]["supported"], false);
+    let rt = d.get("/ResourceTypes").await;
+    let ids: Vec<&str> = rt.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["User", "Group"]);
+    let schemas = d.get("/Schemas").await;
+    let ids: Vec<&str> = schemas.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&ENTERPRISE), "{ids:?}");
+    let user = d
+        .get("/Schemas/urn:ietf:params:scim:schemas:core:2.0:User")
+        .await;
+    assert_eq!(user.status, 200);
+    let attrs: &Vec<Value> = user.body["attributes"].as_array().unwrap();
+    let user_name = attrs.iter().find(|a| a["name"] == "userName").unwrap();
+    assert_eq!(user_name["uniqueness"], "server");
+    assert_eq!(user_name["caseExact"], false);
+    let pw = attrs.iter().find(|a| a["name"] == "password").unwrap();
+    assert_eq!(pw["returned"], "never");
+}

@@ -1,0 +1,213 @@
+use crate::harness::*;
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn create_get_replace_delete_user() {
+    let d = TestDaemon::start().await;
+    let mut body = user("Alice@Example.com");
+    body[ENTERPRISE] = json!({"department": "Sales", "employeeNumber": "701"});
+    body["schemas"] = json!(["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE]);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/scim+json"),
+        "SCIM media type"
+    );
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let loc = r.header("location").unwrap().to_owned();
+    assert!(
+        loc.ends_with(&format!("/scim/v2/{TENANT}/Users/{id}")),
+        "{loc}"
+    );
+    assert_eq!(r.body["meta"]["resourceType"], "User");
+    assert_eq!(r.body["meta"]["location"], loc);
+    assert_eq!(r.body["userName"], "Alice@Example.com", "stored as sent");
+    assert_eq!(r.body[ENTERPRISE]["department"], "Sales");
+    let etag = r.header("etag").unwrap().to_owned();
+    assert_eq!(r.body["meta"]["version"], etag);
+
+    let g = d.get(&format!("/Users/{id}")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.body["name"]["givenName"], "Given");
+    assert_eq!(g.header("etag"), Some(etag.as_str()));
+
+    let mut replacement = user("alice@example.com");
+    replacement["displayName"] = json!("Alice A.");
+    let p = d.put(&format!("/Users/{id}"), replacement).await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(p.body["displayName"], "Alice A.");
+    assert!(p.body.get(ENTERPRISE).is_none(), "PUT replaces everything");
+    assert_ne!(p.header("etag"), Some(etag.as_str()), "version moves");
+    assert_eq!(p.body["meta"]["created"], r.body["meta"]["created"]);
+
+    let del = d.delete(&format!("/Users/{id}")).await;
+    assert_eq!(del.status, 204);
+    let gone = d.get(&format!("/Users/{id}")).await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        gone.body["schemas"][0],
+        "urn:ietf:params:scim:api:messages:2.0:Error"
+    );
+    assert_eq!(gone.body["status"], "404");
+    assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 404);
+}
+
+#[tokio::test]
+async fn user_name_is_unique_case_insensitively() {
+    let d = TestDaemon::start().await;
+    d.create_user("bob@example.com").await;
+    let r = d.post("/Users", user("BOB@example.COM")).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.body["scimType"], "uniqueness");
+    // Renaming another user onto a taken name is refused too.
+    let other = d.create_user("carol@example.com").await;
+    let r = d
+        .put(&format!("/Users/{other}"), user("Bob@Example.com"))
+        .await;
+    assert_eq!(r.status, 409);
+    // The failed write changed nothing.
+    let g = d.get(&format!("/Users/{other}")).await;
+    assert_eq!(g.body["userName"], "carol@example.com");
+}
+
+#[tokio::test]
+async fn etags_drive_preconditions() {
+    let d = TestDaemon::start().await;
+    let r = d.post("/Users", user("etag@example.com")).await;
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let etag = r.header("etag").unwrap().to_owned();
+    let path = format!("/Users/{id}");
+
+    let nm = d
+        .scim_with(Method::GET, &path, None, &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(nm.status, 304);
+
+    let stale = d
+        .scim_with(
+            Method::PUT,
+            &path,
+            Some(user("etag@example.com")),
+            &[("if-match", "W/\"999999\"")],
+        )
+        .await;
+    assert_eq!(stale.status, 412, "{}", stale.body);
+
+    let fresh = d
+        .scim_with(
+            Method::PATCH,
+            &path,
+            Some(patch_op(
+                json!([{"op": "replace", "path": "displayName", "value": "E"}]),
+            )),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    let new_etag = fresh.header("etag").unwrap().to_owned();
+    assert_ne!(new_etag, etag);
+
+    let old = d
+        .scim_with(Method::DELETE, &path, None, &[("if-match", &etag)])
+        .await;
+    assert_eq!(old.status, 412);
+    let ok = d
+        .scim_with(Method::DELETE, &path, None, &[("if-match", &new_etag)])
+        .await;
+    assert_eq!(ok.status, 204);
+}
+
+#[tokio::test]
+async fn writes_survive_a_restart() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("durable@example.com").await;
+    let gid = d.create_group("Durable").await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = d.restart().await;
+    let u = d.get(&format!("/Users/{id}")).await;
+    assert_eq!(u.status, 200);
+    assert_eq!(u.body["userName"], "durable@example.com");
+    assert_eq!(u.body["groups"][0]["value"], gid.as_str());
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert_eq!(g.body["members"][0]["value"], id.as_str());
+}
+
+#[tokio::test]
+async fn tokens_open_only_their_own_tenant() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("iso@example.com").await;
+    // No token: 401 with WWW-Authenticate.
+    let r = d
+        .raw(Method::GET, &d.scim_url("/Users"), None, &[], None)
+        .await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    assert_eq!(r.body["status"], "401");
+    // Wrong token: 401.
+    let r = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some("rsd_bogus"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    // The other tenant's valid token: 403 here.
+    let r = d
+        .raw(
+            Method::GET,
+            &d.scim_url(&format!("/Users/{id}")),
+            Some(&d.other_token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    // In its own tenant the user does not exist.
+    let r = d
+        .raw(
+            Method::GET,
+            &d.url(&format!("/scim/v2/{OTHER_TENANT}/Users/{id}")),
+            Some(&d.other_token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let r = d
+        .raw(
+            Method::GET,
+            &d.url(&format!(
+                "/scim/v2/{OTHER_TENANT}/Users?filter=userName%20eq%20%22iso@example.com%22"
+            )),
+            Some(&d.other_token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["totalResults"], 0);
+}
+
+#[tokio::test]
+async fn password_is_accepted_but_never_returned() {
+    let d = TestDaemon::start().await;
+    let mut body = user("pw@example.com");
+    body["password"] = json!("Secret-123");
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201);
+    assert!(r.body.get("password").is_none());
+    let id = r.body["id"].as_str().unwrap();
+    let g = d.get(&format!("/Users/{id}?attributes=password")).await;
+    assert!(g.body.get("password").is_none());
+}
