@@ -1,8 +1,16 @@
-//! TEMPORARY stand-in, replaced by the PATCH engine.
-use crate::scim::error::ScimResult;
-use crate::scim::filter::{Filter, PatchPath};
-use crate::scim::schema::ResourceKind;
-use serde_json::Value;
+//! SCIM PATCH (RFC 7644 §3.5.2): parsing the request and applying it to a stored document,
+//! including the dialects Entra ID and Okta really send (`../shared/reference/idp-quirks.md`).
+//!
+//! Group membership is not part of the stored document (each membership is its own store
+//! key, so large groups stay cheap); [`split_member_ops`] turns member operations into
+//! [`MemberOp`]s the store applies key by key.
+use serde_json::{Map, Value};
+
+use crate::scim::error::{ScimError, ScimResult};
+use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path};
+use crate::scim::schema::{self, AttrDef, Mutability, ResourceKind};
+
+pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PatchOpKind {
@@ -10,32 +18,1022 @@ pub enum PatchOpKind {
     Remove,
     Replace,
 }
+
 #[derive(Debug, Clone)]
 pub struct PatchOp {
     pub op: PatchOpKind,
     pub path: Option<PatchPath>,
     pub value: Option<Value>,
 }
+
+/// A member as a client names it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberRef {
     pub value: String,
+    /// `User` or `Group` when the client said which.
     pub kind: Option<String>,
     pub display: Option<String>,
 }
+
+/// A change to a group's membership, applied by the store without loading the group.
 #[derive(Debug, Clone)]
 pub enum MemberOp {
     Add(Vec<MemberRef>),
     Remove(Vec<String>),
     RemoveAll,
     ReplaceAll(Vec<MemberRef>),
+    /// Remove every member the value filter (over `value`, `type`, `display`) selects.
     RemoveMatching(Filter),
 }
-pub fn parse_patch_request(_body: &Value) -> ScimResult<Vec<PatchOp>> {
-    Ok(vec![])
+
+fn get_ci<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
 }
-pub fn apply(_kind: ResourceKind, _r: &mut Value, _ops: &[PatchOp]) -> ScimResult<()> {
+
+/// The key under which `name` is stored in `obj`, if any (names match case-insensitively).
+fn key_ci(obj: &Map<String, Value>, name: &str) -> Option<String> {
+    if obj.contains_key(name) {
+        return Some(name.to_owned());
+    }
+    obj.keys().find(|k| k.eq_ignore_ascii_case(name)).cloned()
+}
+
+/// Parse a PatchOp request body. Errors are `invalidSyntax`, `invalidPath` or
+/// `invalidValue`, so a malformed request is refused before anything is applied.
+pub fn parse_patch_request(body: &Value) -> ScimResult<Vec<PatchOp>> {
+    let Some(obj) = body.as_object() else {
+        return Err(ScimError::invalid_syntax("a PATCH body is a JSON object"));
+    };
+    if let Some(schemas) = get_ci(obj, "schemas") {
+        let ok = schemas.as_array().is_some_and(|a| {
+            a.iter().any(|s| {
+                s.as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(PATCH_OP_SCHEMA))
+            })
+        });
+        if !ok {
+            return Err(ScimError::invalid_syntax(format!(
+                "a PATCH body's schemas must contain {PATCH_OP_SCHEMA}"
+            )));
+        }
+    }
+    let Some(Value::Array(items)) = get_ci(obj, "Operations") else {
+        return Err(ScimError::invalid_syntax(
+            "a PATCH body needs an \"Operations\" array",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ScimError::invalid_syntax("\"Operations\" is empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            parse_op(item).map_err(|mut e| {
+                e.detail = format!("Operations[{i}]: {}", e.detail);
+                e
+            })
+        })
+        .collect()
+}
+
+fn parse_op(item: &Value) -> ScimResult<PatchOp> {
+    let Some(o) = item.as_object() else {
+        return Err(ScimError::invalid_syntax("an operation is a JSON object"));
+    };
+    let op = match get_ci(o, "op").and_then(Value::as_str) {
+        Some(s) if s.eq_ignore_ascii_case("add") => PatchOpKind::Add,
+        Some(s) if s.eq_ignore_ascii_case("remove") => PatchOpKind::Remove,
+        Some(s) if s.eq_ignore_ascii_case("replace") => PatchOpKind::Replace,
+        Some(s) => {
+            return Err(ScimError::invalid_syntax(format!(
+                "unknown op {s:?}; expected add, remove or replace"
+            )));
+        }
+        None => return Err(ScimError::invalid_syntax("\"op\" is missing")),
+    };
+    let path = match get_ci(o, "path") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if p.trim().is_empty() => None,
+        Some(Value::String(p)) => Some(parse_path(p.trim())?),
+        Some(_) => return Err(ScimError::invalid_path("\"path\" must be a string")),
+    };
+    let value = get_ci(o, "value").filter(|v| !v.is_null()).cloned();
+    match (op, &path, &value) {
+        (PatchOpKind::Remove, None, _) => Err(ScimError::no_target(
+            "remove needs a \"path\" (RFC 7644 §3.5.2.2)",
+        )),
+        (PatchOpKind::Add | PatchOpKind::Replace, _, None) => {
+            Err(ScimError::invalid_value("add and replace need a \"value\""))
+        }
+        (PatchOpKind::Add | PatchOpKind::Replace, None, Some(v)) if !v.is_object() => {
+            Err(ScimError::invalid_value(
+                "without a \"path\", \"value\" must be an object of attributes",
+            ))
+        }
+        _ => Ok(PatchOp { op, path, value }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Membership
+
+fn is_members(kind: ResourceKind, p: &AttrPath) -> bool {
+    kind == ResourceKind::Group && p.is_core() && p.attr.eq_ignore_ascii_case("members")
+}
+
+fn member_refs(value: Value) -> ScimResult<Vec<MemberRef>> {
+    let items = match value {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(s) => Ok(MemberRef {
+                value: s,
+                kind: None,
+                display: None,
+            }),
+            Value::Object(o) => {
+                let value = get_ci(&o, "value")
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        ScimError::invalid_value("every member needs a string \"value\"")
+                    })?;
+                let text = |k: &str| get_ci(&o, k).and_then(Value::as_str).map(str::to_owned);
+                Ok(MemberRef {
+                    value: value.to_owned(),
+                    kind: text("type"),
+                    display: text("display"),
+                })
+            }
+            _ => Err(ScimError::invalid_value(
+                "a member is an object with a \"value\"",
+            )),
+        })
+        .collect()
+}
+
+/// `value eq "a" or value eq "b"`: the ids named, or None for any other filter.
+fn member_ids_of(filter: &Filter) -> Option<Vec<String>> {
+    match filter {
+        Filter::Compare {
+            path,
+            op: CompareOp::Eq,
+            value: Value::String(v),
+        } if path.urn.is_none()
+            && path.sub.is_none()
+            && path.attr.eq_ignore_ascii_case("value") =>
+        {
+            Some(vec![v.clone()])
+        }
+        Filter::Or(a, b) => {
+            let mut ids = member_ids_of(a)?;
+            ids.extend(member_ids_of(b)?);
+            Some(ids)
+        }
+        _ => None,
+    }
+}
+
+/// Separate a group PATCH into membership changes and changes to the document proper.
+pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<PatchOp>)> {
+    let kind = ResourceKind::Group;
+    let mut members = Vec::new();
+    let mut doc_ops = Vec::new();
+    for op in ops {
+        match op.path {
+            Some(path) if is_members(kind, &path.attr) => {
+                if path.attr.sub.is_some() || path.sub_after_filter.is_some() {
+                    return Err(ScimError::invalid_path(
+                        "member sub-attributes are immutable; add or remove whole members",
+                    ));
+                }
+                match (op.op, path.filter, op.value) {
+                    (PatchOpKind::Add, None, Some(v)) => {
+                        members.push(MemberOp::Add(member_refs(v)?))
+                    }
+                    (PatchOpKind::Replace, None, Some(v)) => {
+                        members.push(MemberOp::ReplaceAll(member_refs(v)?));
+                    }
+                    // Entra's older dialect names the members to remove in `value`.
+                    (PatchOpKind::Remove, None, Some(v)) => members.push(MemberOp::Remove(
+                        member_refs(v)?.into_iter().map(|m| m.value).collect(),
+                    )),
+                    (PatchOpKind::Remove, None, None) => members.push(MemberOp::RemoveAll),
+                    (PatchOpKind::Remove, Some(f), _) => members.push(match member_ids_of(&f) {
+                        Some(ids) => MemberOp::Remove(ids),
+                        None => MemberOp::RemoveMatching(f),
+                    }),
+                    (PatchOpKind::Add | PatchOpKind::Replace, Some(f), Some(v)) => {
+                        // Replacing selected members: drop them, then add the given ones.
+                        members.push(MemberOp::RemoveMatching(f));
+                        members.push(MemberOp::Add(member_refs(v)?));
+                    }
+                    (_, _, None) => {
+                        return Err(ScimError::invalid_value("add and replace need a \"value\""));
+                    }
+                }
+            }
+            None if op.op != PatchOpKind::Remove => {
+                let mut value = op.value;
+                if let Some(Value::Object(obj)) = value.as_mut()
+                    && let Some(key) = key_ci(obj, "members")
+                    && let Some(list) = obj.remove(&key)
+                {
+                    members.push(match op.op {
+                        PatchOpKind::Replace => MemberOp::ReplaceAll(member_refs(list)?),
+                        _ => MemberOp::Add(member_refs(list)?),
+                    });
+                }
+                if value
+                    .as_ref()
+                    .and_then(Value::as_object)
+                    .is_some_and(|o| !o.is_empty())
+                {
+                    doc_ops.push(PatchOp {
+                        op: op.op,
+                        path: None,
+                        value,
+                    });
+                }
+            }
+            path => doc_ops.push(PatchOp {
+                op: op.op,
+                path,
+                value: op.value,
+            }),
+        }
+    }
+    Ok((members, doc_ops))
+}
+
+// ---------------------------------------------------------------------------------------
+// Applying to a document
+
+/// Apply `ops` in order to `doc`. The caller normalizes the result (booleans sent as
+/// strings, attribute-name case) and persists it only if every operation succeeded.
+pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult<()> {
+    if !doc.is_object() {
+        return Err(ScimError::invalid_value("resource is not an object"));
+    }
+    for op in ops {
+        match &op.path {
+            None => apply_pathless(kind, doc, op.op, op.value.as_ref())?,
+            Some(p) => apply_path(kind, doc, op.op, p, op.value.as_ref(), true)?,
+        }
+    }
     Ok(())
 }
-pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<PatchOp>)> {
-    Ok((vec![], ops))
+
+/// A path-less add/replace: each key of the value is an attribute path of its own. Keys
+/// may be dotted (`name.givenName`) or URN-qualified, as Entra sends them.
+fn apply_pathless(
+    kind: ResourceKind,
+    doc: &mut Value,
+    op: PatchOpKind,
+    value: Option<&Value>,
+) -> ScimResult<()> {
+    let Some(Value::Object(attrs)) = value else {
+        return Err(ScimError::invalid_value(
+            "without a \"path\", \"value\" must be an object of attributes",
+        ));
+    };
+    for (key, v) in attrs {
+        if ["schemas", "id", "meta"]
+            .iter()
+            .any(|k| key.eq_ignore_ascii_case(k))
+        {
+            // Okta's group rename carries the id; it, meta and schemas are not the
+            // client's to set, and are rebuilt by the server anyway.
+            continue;
+        }
+        if let Some(ext) = schema::schemas_of(kind)
+            .iter()
+            .skip(1)
+            .find(|s| s.id.eq_ignore_ascii_case(key))
+        {
+            let Value::Object(inner) = v else {
+                return Err(ScimError::invalid_value(format!(
+                    "{key}: an extension's value is an object"
+                )));
+            };
+            for (k2, v2) in inner {
+                let path = parse_path(&format!("{}:{k2}", ext.id))?;
+                apply_path(kind, doc, op, &path, Some(v2), false)?;
+            }
+            continue;
+        }
+        let path = parse_path(key).map_err(|e| ScimError::invalid_value(e.detail))?;
+        apply_path(kind, doc, op, &path, Some(v), false)?;
+    }
+    Ok(())
+}
+
+/// The object an attribute lives in: the document, or an extension's object within it.
+fn container<'a>(
+    kind: ResourceKind,
+    doc: &'a mut Value,
+    attr: &AttrPath,
+    create: bool,
+) -> ScimResult<Option<&'a mut Map<String, Value>>> {
+    let Some(root) = doc.as_object_mut() else {
+        return Ok(None);
+    };
+    let Some(urn) = attr.urn.as_deref().filter(|_| !attr.is_core()) else {
+        return Ok(Some(root));
+    };
+    let Some(ext) = schema::schemas_of(kind)
+        .iter()
+        .skip(1)
+        .find(|s| s.id.eq_ignore_ascii_case(urn))
+    else {
+        return Err(ScimError::invalid_path(format!("unknown schema {urn:?}")));
+    };
+    let key = key_ci(root, ext.id);
+    match key {
+        Some(k) => Ok(root.get_mut(&k).and_then(Value::as_object_mut)),
+        None if create => {
+            let slot = root
+                .entry(ext.id.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            Ok(slot.as_object_mut())
+        }
+        None => Ok(None),
+    }
+}
+
+fn apply_path(
+    kind: ResourceKind,
+    doc: &mut Value,
+    op: PatchOpKind,
+    path: &PatchPath,
+    value: Option<&Value>,
+    explicit: bool,
+) -> ScimResult<()> {
+    let attr = &path.attr;
+    if attr.is_whole_schema() {
+        return apply_whole_extension(kind, doc, op, attr, value);
+    }
+    let def = schema::lookup(kind, attr.urn.as_deref(), &attr.attr, None);
+    if explicit && def.is_none() {
+        return Err(ScimError::invalid_path(format!(
+            "{attr} is not an attribute of {}",
+            kind.name()
+        )));
+    }
+    if let Some(d) = def {
+        let sub_def = attr
+            .sub
+            .as_deref()
+            .or(path.sub_after_filter.as_deref())
+            .and_then(|s| {
+                d.sub_attributes
+                    .iter()
+                    .find(|x| x.name.eq_ignore_ascii_case(s))
+            });
+        let read_only = d.mutability == Mutability::ReadOnly
+            || sub_def.is_some_and(|s| s.mutability == Mutability::ReadOnly);
+        if read_only {
+            if explicit {
+                return Err(ScimError::mutability(format!("{attr} is read-only")));
+            }
+            return Ok(());
+        }
+        if explicit && (attr.sub.is_some() || path.sub_after_filter.is_some()) && sub_def.is_none()
+        {
+            return Err(ScimError::invalid_path(format!(
+                "{path_text} names no sub-attribute of {}",
+                d.name,
+                path_text = attr
+            )));
+        }
+    }
+    let name = def.map_or(attr.attr.as_str(), |d| d.name);
+    let Some(obj) = container(kind, doc, attr, op != PatchOpKind::Remove)? else {
+        return Ok(());
+    };
+    let key = key_ci(obj, name).unwrap_or_else(|| name.to_owned());
+    match &path.filter {
+        None => apply_plain(obj, &key, def, attr.sub.as_deref(), op, value),
+        Some(f) => apply_filtered(
+            kind,
+            obj,
+            &key,
+            attr,
+            f,
+            path.sub_after_filter.as_deref(),
+            op,
+            value,
+        ),
+    }
+}
+
+fn apply_whole_extension(
+    kind: ResourceKind,
+    doc: &mut Value,
+    op: PatchOpKind,
+    attr: &AttrPath,
+    value: Option<&Value>,
+) -> ScimResult<()> {
+    let urn = attr.urn.as_deref().unwrap_or_default();
+    if attr.is_core() {
+        return match op {
+            PatchOpKind::Remove => {
+                Err(ScimError::invalid_path("the core schema cannot be removed"))
+            }
+            _ => apply_pathless(kind, doc, op, value),
+        };
+    }
+    match op {
+        PatchOpKind::Remove => {
+            // Validates the URN as a side effect.
+            container(kind, doc, attr, false)?;
+            if let Some(root) = doc.as_object_mut()
+                && let Some(k) = key_ci(root, urn)
+            {
+                root.remove(&k);
+            }
+            Ok(())
+        }
+        _ => {
+            let Some(Value::Object(inner)) = value else {
+                return Err(ScimError::invalid_value(format!(
+                    "{urn}: an extension's value is an object"
+                )));
+            };
+            for (k, v) in inner {
+                let path = parse_path(&format!("{urn}:{k}"))?;
+                apply_path(kind, doc, op, &path, Some(v), false)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn push_unique(list: &mut Vec<Value>, v: Value) {
+    if !list.contains(&v) {
+        list.push(v);
+    }
+}
+
+/// `attr` or `attr.sub` without a value filter.
+fn apply_plain(
+    obj: &mut Map<String, Value>,
+    key: &str,
+    def: Option<&AttrDef>,
+    sub: Option<&str>,
+    op: PatchOpKind,
+    value: Option<&Value>,
+) -> ScimResult<()> {
+    let multi = def.is_some_and(|d| d.multi_valued);
+    let complex = def.is_some_and(|d| !d.sub_attributes.is_empty());
+    if let Some(sub) = sub {
+        let sub_name = def
+            .and_then(|d| {
+                d.sub_attributes
+                    .iter()
+                    .find(|s| s.name.eq_ignore_ascii_case(sub))
+            })
+            .map_or(sub, |s| s.name);
+        return match (op, obj.get_mut(key)) {
+            (PatchOpKind::Remove, Some(Value::Object(o))) => {
+                if let Some(k) = key_ci(o, sub_name) {
+                    o.remove(&k);
+                }
+                Ok(())
+            }
+            (PatchOpKind::Remove, Some(Value::Array(items))) => {
+                for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                    if let Some(k) = key_ci(item, sub_name) {
+                        item.remove(&k);
+                    }
+                }
+                Ok(())
+            }
+            (PatchOpKind::Remove, _) => Ok(()),
+            (_, Some(Value::Array(items))) => {
+                for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                    set_ci(item, sub_name, value.cloned().unwrap_or(Value::Null));
+                }
+                Ok(())
+            }
+            (_, slot) => {
+                let v = value.cloned().unwrap_or(Value::Null);
+                match slot {
+                    Some(Value::Object(o)) => set_ci(o, sub_name, v),
+                    _ => {
+                        let mut o = Map::new();
+                        o.insert(sub_name.to_owned(), v);
+                        obj.insert(key.to_owned(), Value::Object(o));
+                    }
+                }
+                Ok(())
+            }
+        };
+    }
+    let value = value.cloned();
+    match op {
+        PatchOpKind::Remove => {
+            match (value, obj.get_mut(key)) {
+                // Entra's older dialect: remove the listed values of a multi-valued attribute.
+                (Some(v), Some(Value::Array(items))) if multi => {
+                    let gone = match v {
+                        Value::Array(vs) => vs,
+                        v => vec![v],
+                    };
+                    items.retain(|i| !gone.iter().any(|g| same_element(i, g)));
+                    if items.is_empty() {
+                        obj.remove(key);
+                    }
+                }
+                _ => {
+                    obj.remove(key);
+                }
+            }
+            Ok(())
+        }
+        PatchOpKind::Add if multi => {
+            let new = match value {
+                Some(Value::Array(vs)) => vs,
+                Some(v) => vec![v],
+                None => vec![],
+            };
+            let slot = obj
+                .entry(key.to_owned())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if !slot.is_array() {
+                *slot = Value::Array(vec![slot.take()]);
+            }
+            if let Value::Array(items) = slot {
+                for v in new {
+                    push_unique(items, v);
+                }
+            }
+            Ok(())
+        }
+        // RFC 7644 §3.5.2.1/§3.5.2.3: a complex value merges into what is there.
+        _ if complex && !multi => {
+            let new = match value {
+                Some(Value::Object(o)) => o,
+                // Entra sends `manager` as a bare id.
+                Some(v @ Value::String(_)) => Map::from_iter([("value".to_owned(), v)]),
+                Some(_) | None => {
+                    return Err(ScimError::invalid_value(format!(
+                        "{key} is complex; its value is an object"
+                    )));
+                }
+            };
+            match obj.get_mut(key) {
+                Some(Value::Object(existing)) => {
+                    for (k, v) in new {
+                        set_ci(existing, &k, v);
+                    }
+                }
+                _ => {
+                    obj.insert(key.to_owned(), Value::Object(new));
+                }
+            }
+            Ok(())
+        }
+        _ => {
+            match value {
+                Some(v) => obj.insert(key.to_owned(), v),
+                None => obj.remove(key),
+            };
+            Ok(())
+        }
+    }
+}
+
+fn same_element(stored: &Value, given: &Value) -> bool {
+    match (stored, given) {
+        (Value::Object(s), Value::Object(g)) => match (get_ci(s, "value"), get_ci(g, "value")) {
+            (Some(a), Some(b)) => a == b,
+            _ => s == g,
+        },
+        (Value::Object(s), g) => get_ci(s, "value") == Some(g),
+        (s, g) => s == g,
+    }
+}
+
+fn set_ci(obj: &mut Map<String, Value>, name: &str, v: Value) {
+    let key = key_ci(obj, name).unwrap_or_else(|| name.to_owned());
+    obj.insert(key, v);
+}
+
+/// The element a filter like `type eq "work" and primary eq true` describes, so that a
+/// filtered add/replace matching nothing can create it (Entra relies on this).
+fn synthesize(filter: &Filter) -> Option<Map<String, Value>> {
+    match filter {
+        Filter::Compare {
+            path,
+            op: CompareOp::Eq,
+            value,
+        } if path.urn.is_none() && path.sub.is_none() && !value.is_null() => {
+            Some(Map::from_iter([(path.attr.clone(), value.clone())]))
+        }
+        Filter::And(a, b) => {
+            let mut m = synthesize(a)?;
+            m.extend(synthesize(b)?);
+            Some(m)
+        }
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_filtered(
+    kind: ResourceKind,
+    obj: &mut Map<String, Value>,
+    key: &str,
+    attr: &AttrPath,
+    filter: &Filter,
+    sub: Option<&str>,
+    op: PatchOpKind,
+    value: Option<&Value>,
+) -> ScimResult<()> {
+    let matches = |e: &Value| filter.matches_element(kind, attr, e);
+    match obj.get_mut(key) {
+        // A single-valued complex attribute (`manager[value eq "…"]`).
+        Some(Value::Object(_)) => {
+            let slot = obj.get(key).cloned().unwrap_or(Value::Null);
+            if !matches(&slot) {
+                return if op == PatchOpKind::Remove {
+                    Ok(())
+                } else {
+                    Err(ScimError::no_target(format!(
+                        "{attr}[{filter}] matches nothing"
+                    )))
+                };
+            }
+            let Some(Value::Object(o)) = obj.get_mut(key) else {
+                return Ok(());
+            };
+            match (op, sub) {
+                (PatchOpKind::Remove, None) => {
+                    obj.remove(key);
+                }
+                (PatchOpKind::Remove, Some(s)) => {
+                    if let Some(k) = key_ci(o, s) {
+                        o.remove(&k);
+                    }
+                }
+                (_, Some(s)) => set_ci(o, s, value.cloned().unwrap_or(Value::Null)),
+                (_, None) => merge_element(o, op, value, attr)?,
+            }
+            Ok(())
+        }
+        Some(Value::Array(items)) => {
+            let hits: Vec<usize> = (0..items.len()).filter(|&i| matches(&items[i])).collect();
+            if hits.is_empty() {
+                return create_matching(obj, key, attr, filter, sub, op, value);
+            }
+            match (op, sub) {
+                (PatchOpKind::Remove, None) => {
+                    let mut i = 0;
+                    items.retain(|_| {
+                        let keep = !hits.contains(&i);
+                        i += 1;
+                        keep
+                    });
+                    if items.is_empty() {
+                        obj.remove(key);
+                    }
+                }
+                (PatchOpKind::Remove, Some(s)) => {
+                    for &i in &hits {
+                        if let Some(o) = items[i].as_object_mut()
+                            && let Some(k) = key_ci(o, s)
+                        {
+                            o.remove(&k);
+                        }
+                    }
+                }
+                (_, Some(s)) => {
+                    for &i in &hits {
+                        if let Some(o) = items[i].as_object_mut() {
+                            set_ci(o, s, value.cloned().unwrap_or(Value::Null));
+                        }
+                    }
+                }
+                (_, None) => {
+                    for &i in &hits {
+                        if let Some(o) = items[i].as_object_mut() {
+                            merge_element(o, op, value, attr)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => create_matching(obj, key, attr, filter, sub, op, value),
+    }
+}
+
+fn merge_element(
+    o: &mut Map<String, Value>,
+    op: PatchOpKind,
+    value: Option<&Value>,
+    attr: &AttrPath,
+) -> ScimResult<()> {
+    let Some(Value::Object(new)) = value else {
+        return Err(ScimError::invalid_value(format!(
+            "{attr}[…]: the value for a selected element is an object"
+        )));
+    };
+    if op == PatchOpKind::Replace {
+        o.clear();
+    }
+    for (k, v) in new {
+        set_ci(o, k, v.clone());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn create_matching(
+    obj: &mut Map<String, Value>,
+    key: &str,
+    attr: &AttrPath,
+    filter: &Filter,
+    sub: Option<&str>,
+    op: PatchOpKind,
+    value: Option<&Value>,
+) -> ScimResult<()> {
+    if op == PatchOpKind::Remove {
+        // Removing what is not there leaves the resource as the client wants it.
+        return Ok(());
+    }
+    let Some(mut element) = synthesize(filter) else {
+        return Err(ScimError::no_target(format!(
+            "{attr}[{filter}] matches nothing, and the filter does not describe an element to create"
+        )));
+    };
+    match (sub, value) {
+        (Some(s), Some(v)) => {
+            element.insert(s.to_owned(), v.clone());
+        }
+        (None, Some(Value::Object(o))) => element.extend(o.clone()),
+        _ => {
+            return Err(ScimError::invalid_value(format!(
+                "{attr}[…]: the value for a selected element is an object"
+            )));
+        }
+    }
+    let slot = obj
+        .entry(key.to_owned())
+        .or_insert_with(|| Value::Array(Vec::new()));
+    match slot {
+        Value::Array(items) => items.push(Value::Object(element)),
+        other => *other = Value::Array(vec![Value::Object(element)]),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scim::error::ScimType;
+    use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
+    use serde_json::json;
+
+    fn user() -> Value {
+        json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "id": "u1",
+            "userName": "bjensen",
+            "active": true,
+            "name": {"givenName": "Barbara", "familyName": "Jensen"},
+            "emails": [
+                {"value": "b@work.example", "type": "work", "primary": true},
+                {"value": "b@home.example", "type": "home"}
+            ]
+        })
+    }
+
+    fn patch(doc: &mut Value, ops: Value) -> ScimResult<()> {
+        let body = json!({"schemas": [PATCH_OP_SCHEMA], "Operations": ops});
+        let ops = parse_patch_request(&body)?;
+        apply(ResourceKind::User, doc, &ops)
+    }
+
+    #[test]
+    fn replace_add_remove_simple() {
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([
+                {"op": "Replace", "path": "userName", "value": "babs"},
+                {"op": "add", "path": "nickName", "value": "Babs"},
+                {"op": "remove", "path": "name.familyName"},
+                {"op": "remove", "path": "title"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d["userName"], "babs");
+        assert_eq!(d["nickName"], "Babs");
+        assert_eq!(d["name"], json!({"givenName": "Barbara"}));
+    }
+
+    #[test]
+    fn entra_pathless_replace_with_dotted_and_urn_keys() {
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "Replace", "value": {
+                "name.givenName": "Babs",
+                "active": "False",
+                format!("{ENTERPRISE_USER_SCHEMA}:employeeNumber"): "42",
+                ENTERPRISE_USER_SCHEMA: {"department": "Tours"}
+            }}]),
+        )
+        .unwrap();
+        assert_eq!(d["name"]["givenName"], "Babs");
+        assert_eq!(d["name"]["familyName"], "Jensen", "merge, not overwrite");
+        assert_eq!(
+            d["active"], "False",
+            "normalization turns it into a boolean later"
+        );
+        assert_eq!(d[ENTERPRISE_USER_SCHEMA]["employeeNumber"], "42");
+        assert_eq!(d[ENTERPRISE_USER_SCHEMA]["department"], "Tours");
+    }
+
+    #[test]
+    fn okta_rename_drops_id() {
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "replace", "value": {"id": "other", "displayName": "B"}}]),
+        )
+        .unwrap();
+        assert_eq!(d["id"], "u1");
+        assert_eq!(d["displayName"], "B");
+    }
+
+    #[test]
+    fn filtered_paths() {
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([
+                {"op": "replace", "path": "emails[type eq \"work\"].value", "value": "new@work.example"},
+                {"op": "remove", "path": "emails[type eq \"home\"]"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "new@work.example", "type": "work", "primary": true}])
+        );
+    }
+
+    #[test]
+    fn filtered_add_matching_nothing_creates_the_element() {
+        let mut d = json!({"userName": "x"});
+        patch(
+            &mut d,
+            json!([
+                {"op": "Add", "path": "emails[type eq \"work\"].value", "value": "x@w"},
+                {"op": "Add", "path": "phoneNumbers[type eq \"mobile\" and primary eq true].value", "value": "+1"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d["emails"], json!([{"type": "work", "value": "x@w"}]));
+        assert_eq!(
+            d["phoneNumbers"],
+            json!([{"type": "mobile", "primary": true, "value": "+1"}])
+        );
+        let e = patch(
+            &mut d,
+            json!([{"op": "replace", "path": "emails[value co \"zz\"].type", "value": "home"}]),
+        )
+        .unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::NoTarget));
+    }
+
+    #[test]
+    fn multi_valued_add_appends_without_duplicates() {
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "add", "path": "emails", "value": [
+                {"value": "b@home.example", "type": "home"},
+                {"value": "c@other.example", "type": "other"}
+            ]}]),
+        )
+        .unwrap();
+        assert_eq!(d["emails"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn manager_bare_string_and_filtered_remove() {
+        let mut d = user();
+        let mgr = format!("{ENTERPRISE_USER_SCHEMA}:manager");
+        patch(&mut d, json!([{"op": "Add", "path": mgr, "value": "m1"}])).unwrap();
+        assert_eq!(d[ENTERPRISE_USER_SCHEMA]["manager"], json!({"value": "m1"}));
+        patch(
+            &mut d,
+            json!([{"op": "remove", "path": format!("{mgr}[value eq \"other\"]")}]),
+        )
+        .unwrap();
+        assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_some());
+        patch(
+            &mut d,
+            json!([{"op": "remove", "path": format!("{mgr}[value eq \"m1\"]")}]),
+        )
+        .unwrap();
+        assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none());
+    }
+
+    #[test]
+    fn errors() {
+        let cases = [
+            (json!({"Operations": []}), ScimType::InvalidSyntax),
+            (
+                json!({"schemas": ["x"], "Operations": [{"op": "add", "path": "nickName", "value": "x"}]}),
+                ScimType::InvalidSyntax,
+            ),
+            (
+                json!({"Operations": [{"op": "frob", "path": "x"}]}),
+                ScimType::InvalidSyntax,
+            ),
+            (
+                json!({"Operations": [{"op": "remove"}]}),
+                ScimType::NoTarget,
+            ),
+            (
+                json!({"Operations": [{"op": "add", "path": "nickName"}]}),
+                ScimType::InvalidValue,
+            ),
+            (
+                json!({"Operations": [{"op": "add", "path": "emails[type eq"}]}),
+                ScimType::InvalidPath,
+            ),
+            (
+                json!({"Operations": [{"op": "replace", "value": "x"}]}),
+                ScimType::InvalidValue,
+            ),
+        ];
+        for (body, want) in cases {
+            let e = parse_patch_request(&body).expect_err(&body.to_string());
+            assert_eq!(e.scim_type, Some(want), "{body}");
+        }
+        let mut d = user();
+        let unknown = patch(
+            &mut d,
+            json!([{"op": "add", "path": "favouriteColour", "value": "x"}]),
+        );
+        assert_eq!(unknown.unwrap_err().scim_type, Some(ScimType::InvalidPath));
+        let ro = patch(
+            &mut d,
+            json!([{"op": "replace", "path": "groups", "value": []}]),
+        );
+        assert_eq!(ro.unwrap_err().scim_type, Some(ScimType::Mutability));
+        let bad_urn = patch(
+            &mut d,
+            json!([{"op": "add", "path": "urn:x:y:z", "value": "x"}]),
+        );
+        assert!(bad_urn.is_err());
+        assert_eq!(d, user(), "failed operations left the document as it was");
+    }
+
+    #[test]
+    fn member_ops_are_split_out() {
+        let body = json!({"Operations": [
+            {"op": "Add", "path": "members", "value": [{"value": "a"}, {"value": "b", "type": "User"}]},
+            {"op": "Remove", "path": "members[value eq \"c\"]"},
+            {"op": "Remove", "path": "members", "value": [{"value": "d"}]},
+            {"op": "remove", "path": "members[type eq \"Group\"]"},
+            {"op": "replace", "value": {"id": "g", "displayName": "Team", "members": [{"value": "e"}]}},
+            {"op": "remove", "path": "members"}
+        ]});
+        let (members, doc_ops) = split_member_ops(parse_patch_request(&body).unwrap()).unwrap();
+        assert!(
+            matches!(&members[0], MemberOp::Add(v) if v.len() == 2 && v[1].kind.as_deref() == Some("User"))
+        );
+        assert!(matches!(&members[1], MemberOp::Remove(v) if v == &["c"]));
+        assert!(matches!(&members[2], MemberOp::Remove(v) if v == &["d"]));
+        assert!(matches!(&members[3], MemberOp::RemoveMatching(_)));
+        assert!(matches!(&members[4], MemberOp::ReplaceAll(v) if v[0].value == "e"));
+        assert!(matches!(&members[5], MemberOp::RemoveAll));
+        assert_eq!(doc_ops.len(), 1);
+        assert!(doc_ops[0].value.as_ref().unwrap().get("members").is_none());
+    }
+
+    #[test]
+    fn large_member_add_is_one_op() {
+        let refs: Vec<Value> = (0..50_000)
+            .map(|i| json!({"value": format!("u{i}")}))
+            .collect();
+        let body = json!({"Operations": [{"op": "add", "path": "members", "value": refs}]});
+        let (members, _) = split_member_ops(parse_patch_request(&body).unwrap()).unwrap();
+        assert!(matches!(&members[0], MemberOp::Add(v) if v.len() == 50_000));
+    }
 }

@@ -1,21 +1,646 @@
-//! TEMPORARY stand-in, replaced by the schema helper's module.
-use crate::scim::error::ScimResult;
+//! Resource documents: normalizing what clients send into what is stored, and projecting
+//! what is stored into what a client asked to see (RFC 7644 §3.4.2.5, §3.9).
+//!
+//! Stored documents use the schema's spelling of every attribute name and the schema's
+//! types (`"False"` becomes `false`), and keep values, array order and unknown-to-us but
+//! well-formed sub-attribute values exactly as sent: a client reading back must see what
+//! it wrote.
+use serde_json::{Map, Value};
+
+use crate::scim::error::{ScimError, ScimResult};
 use crate::scim::filter::AttrPath;
-use crate::scim::schema::ResourceKind;
-use serde_json::Value;
+use crate::scim::schema::{self, AttrDef, AttrKind, Mutability, ResourceKind, Returned, SchemaDef};
+
+/// A normalized document and the names of what was dropped because no schema defines it.
+#[derive(Debug)]
 pub struct Normalized {
     pub resource: Value,
     pub ignored: Vec<String>,
 }
-pub fn normalize_input(_kind: ResourceKind, body: Value) -> ScimResult<Normalized> {
+
+/// Turn a client's document into the stored form. Read-only attributes (`id`, `meta`,
+/// `groups`, …) are dropped: the server owns them. Attributes no schema defines are
+/// dropped and reported in `ignored`, so the caller can log them. Values of the wrong type
+/// are refused with `invalidValue`.
+pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized> {
+    let Value::Object(input) = body else {
+        return Err(ScimError::invalid_syntax("a resource is a JSON object"));
+    };
+    let core = schema::core_schema(kind);
+    let mut out = Map::new();
+    let mut ignored = Vec::new();
+    let mut exts: Vec<(&'static SchemaDef, Map<String, Value>)> = Vec::new();
+
+    for (key, value) in input {
+        if key.eq_ignore_ascii_case("schemas") {
+            continue;
+        }
+        if let Some(ext) = extension(kind, &key) {
+            let Value::Object(inner) = value else {
+                if value.is_null() {
+                    continue;
+                }
+                return Err(ScimError::invalid_value(format!(
+                    "{key}: an extension's value is an object"
+                )));
+            };
+            let mut m = Map::new();
+            for (k, v) in inner {
+                put_attr(ext, &mut m, &k, v, &mut ignored, &format!("{}:", ext.id))?;
+            }
+            merge_ext(&mut exts, ext, m);
+            continue;
+        }
+        // A URN-qualified attribute name at the top level (`urn:…:User:department`).
+        if key.len() > 4 && key[..4].eq_ignore_ascii_case("urn:") {
+            if let Some((urn, attr)) = key.rsplit_once(':') {
+                if urn.eq_ignore_ascii_case(core.id) {
+                    put_attr(core, &mut out, attr, value, &mut ignored, "")?;
+                    continue;
+                }
+                if let Some(ext) = extension(kind, urn) {
+                    let mut m = Map::new();
+                    put_attr(
+                        ext,
+                        &mut m,
+                        attr,
+                        value,
+                        &mut ignored,
+                        &format!("{}:", ext.id),
+                    )?;
+                    merge_ext(&mut exts, ext, m);
+                    continue;
+                }
+            }
+            ignored.push(key);
+            continue;
+        }
+        put_attr(core, &mut out, &key, value, &mut ignored, "")?;
+    }
+
+    let mut schemas = vec![Value::String(core.id.to_owned())];
+    for (ext, m) in exts {
+        if !m.is_empty() {
+            schemas.push(Value::String(ext.id.to_owned()));
+            out.insert(ext.id.to_owned(), Value::Object(m));
+        }
+    }
+    out.insert("schemas".into(), Value::Array(schemas));
+
+    for def in core.attributes.iter().filter(|d| d.required) {
+        let ok = match out.get(def.name) {
+            Some(Value::String(s)) => !s.trim().is_empty(),
+            Some(v) => !v.is_null(),
+            None => false,
+        };
+        if !ok {
+            return Err(ScimError::invalid_value(format!(
+                "{} is required for a {}",
+                def.name,
+                kind.name()
+            )));
+        }
+    }
     Ok(Normalized {
-        resource: body,
-        ignored: vec![],
+        resource: Value::Object(out),
+        ignored,
     })
 }
-pub fn check_immutable(_kind: ResourceKind, _old: &Value, _new: &Value) -> ScimResult<()> {
+
+fn extension(kind: ResourceKind, urn: &str) -> Option<&'static SchemaDef> {
+    schema::schemas_of(kind)
+        .iter()
+        .skip(1)
+        .find(|s| s.id.eq_ignore_ascii_case(urn))
+        .copied()
+}
+
+fn merge_ext(
+    exts: &mut Vec<(&'static SchemaDef, Map<String, Value>)>,
+    ext: &'static SchemaDef,
+    m: Map<String, Value>,
+) {
+    match exts.iter_mut().find(|(e, _)| e.id == ext.id) {
+        Some((_, existing)) => existing.extend(m),
+        None => exts.push((ext, m)),
+    }
+}
+
+/// Place one attribute (possibly dotted: `name.givenName`) into `out` in stored form.
+fn put_attr(
+    schema: &SchemaDef,
+    out: &mut Map<String, Value>,
+    key: &str,
+    value: Value,
+    ignored: &mut Vec<String>,
+    prefix: &str,
+) -> ScimResult<()> {
+    let (name, sub) = match key.split_once('.') {
+        Some((a, s)) => (a, Some(s)),
+        None => (key, None),
+    };
+    let Some(def) = schema
+        .attributes
+        .iter()
+        .find(|a| a.name.eq_ignore_ascii_case(name))
+    else {
+        // Common attributes: externalId is the client's, id and meta are the server's.
+        if sub.is_none() && name.eq_ignore_ascii_case("externalId") && prefix.is_empty() {
+            match value {
+                Value::Null => {}
+                Value::String(s) => {
+                    out.insert("externalId".into(), Value::String(s));
+                }
+                _ => return Err(ScimError::invalid_value("externalId must be a string")),
+            }
+        } else if !(name.eq_ignore_ascii_case("id") || name.eq_ignore_ascii_case("meta"))
+            || !prefix.is_empty()
+        {
+            ignored.push(format!("{prefix}{key}"));
+        }
+        return Ok(());
+    };
+    if def.mutability == Mutability::ReadOnly {
+        return Ok(());
+    }
+    match sub {
+        None => {
+            if let Some(v) = normalize_value(def, value, ignored, &format!("{prefix}{}", def.name))?
+            {
+                out.insert(def.name.to_owned(), v);
+            }
+        }
+        Some(s) => {
+            // `name.givenName` as a key: merge into the complex value.
+            let Some(sub_def) = def
+                .sub_attributes
+                .iter()
+                .find(|x| x.name.eq_ignore_ascii_case(s))
+            else {
+                ignored.push(format!("{prefix}{key}"));
+                return Ok(());
+            };
+            if def.multi_valued {
+                return Err(ScimError::invalid_value(format!(
+                    "{key}: set sub-attributes of a multi-valued attribute through PATCH paths"
+                )));
+            }
+            let path = format!("{prefix}{}.{}", def.name, sub_def.name);
+            let v = normalize_scalar(sub_def, value, &path)?;
+            let slot = out
+                .entry(def.name.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let (Value::Object(o), Some(v)) = (slot, v) {
+                o.insert(sub_def.name.to_owned(), v);
+            }
+        }
+    }
     Ok(())
 }
-pub fn project(_kind: ResourceKind, r: &Value, _a: &[AttrPath], _e: &[AttrPath]) -> Value {
-    r.clone()
+
+/// A value of attribute `def` in stored form; `None` when it is unassigned (null, empty).
+fn normalize_value(
+    def: &AttrDef,
+    value: Value,
+    ignored: &mut Vec<String>,
+    path: &str,
+) -> ScimResult<Option<Value>> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    if def.multi_valued {
+        let items = match value {
+            Value::Array(items) => items,
+            single => vec![single],
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let item = if def.kind == AttrKind::Complex {
+                normalize_complex(def, item, ignored, path)?
+            } else {
+                normalize_scalar(def, item, path)?
+            };
+            out.extend(item);
+        }
+        return Ok((!out.is_empty()).then_some(Value::Array(out)));
+    }
+    if def.kind == AttrKind::Complex {
+        return normalize_complex(def, value, ignored, path);
+    }
+    normalize_scalar(def, value, path)
+}
+
+fn normalize_complex(
+    def: &AttrDef,
+    value: Value,
+    ignored: &mut Vec<String>,
+    path: &str,
+) -> ScimResult<Option<Value>> {
+    let obj = match value {
+        Value::Object(o) => o,
+        Value::Null => return Ok(None),
+        // Entra sends `manager` as a bare id and `roles` entries as JSON-encoded strings.
+        Value::String(s) => match serde_json::from_str::<Value>(&s) {
+            Ok(Value::Object(o)) if s.trim_start().starts_with('{') => o,
+            _ => Map::from_iter([("value".to_owned(), Value::String(s))]),
+        },
+        other => {
+            return Err(ScimError::invalid_value(format!(
+                "{path}: expected an object, got {other}"
+            )));
+        }
+    };
+    let mut out = Map::new();
+    for (k, v) in obj {
+        let Some(sub) = def
+            .sub_attributes
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(&k))
+        else {
+            ignored.push(format!("{path}.{k}"));
+            continue;
+        };
+        // Read-only sub-attributes the server computes (manager.displayName is kept:
+        // clients send it and expect to read it back).
+        if let Some(v) = normalize_scalar(sub, v, &format!("{path}.{}", sub.name))? {
+            out.insert(sub.name.to_owned(), v);
+        }
+    }
+    Ok((!out.is_empty()).then_some(Value::Object(out)))
+}
+
+fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Option<Value>> {
+    let bad = |v: &Value| {
+        ScimError::invalid_value(format!("{path}: expected a {}, got {v}", def.kind.as_str()))
+    };
+    Ok(Some(match (def.kind, value) {
+        (_, Value::Null) => return Ok(None),
+        (AttrKind::Boolean, Value::Bool(b)) => Value::Bool(b),
+        // Entra's older dialect sends booleans as "True"/"False".
+        (AttrKind::Boolean, Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => return Err(bad(&Value::String(s))),
+        },
+        (AttrKind::String | AttrKind::Reference | AttrKind::Binary, Value::String(s)) => {
+            Value::String(s)
+        }
+        // Some clients send employee numbers and the like as JSON numbers.
+        (AttrKind::String, Value::Number(n)) => Value::String(n.to_string()),
+        (AttrKind::Integer, Value::Number(n)) if n.is_i64() || n.is_u64() => Value::Number(n),
+        (AttrKind::Decimal, Value::Number(n)) => Value::Number(n),
+        (AttrKind::Integer | AttrKind::Decimal, Value::String(s)) => {
+            match serde_json::from_str::<serde_json::Number>(s.trim()) {
+                Ok(n) if def.kind == AttrKind::Decimal || n.is_i64() || n.is_u64() => {
+                    Value::Number(n)
+                }
+                _ => return Err(bad(&Value::String(s))),
+            }
+        }
+        (AttrKind::DateTime, Value::String(s)) => {
+            if chrono::DateTime::parse_from_rfc3339(&s).is_err() {
+                return Err(ScimError::invalid_value(format!(
+                    "{path}: {s:?} is not an RFC 3339 date-time"
+                )));
+            }
+            Value::String(s)
+        }
+        (AttrKind::Complex, v) => {
+            return Err(ScimError::invalid_value(format!(
+                "{path}: nested complex value {v} is not allowed"
+            )));
+        }
+        (_, v) => return Err(bad(&v)),
+    }))
+}
+
+/// Refuse a change to an immutable attribute that already has a value (RFC 7643 §2.2).
+pub fn check_immutable(kind: ResourceKind, old: &Value, new: &Value) -> ScimResult<()> {
+    for s in schema::schemas_of(kind) {
+        let (old_obj, new_obj) = if s.id == schema::core_schema(kind).id {
+            (old.as_object(), new.as_object())
+        } else {
+            (
+                old.get(s.id).and_then(Value::as_object),
+                new.get(s.id).and_then(Value::as_object),
+            )
+        };
+        let Some(old_obj) = old_obj else { continue };
+        for def in s
+            .attributes
+            .iter()
+            .filter(|d| d.mutability == Mutability::Immutable)
+        {
+            let before = old_obj.get(def.name);
+            let after = new_obj.and_then(|o| o.get(def.name));
+            if before.is_some() && before != after {
+                return Err(ScimError::mutability(format!(
+                    "{} is immutable once set",
+                    def.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Projection
+
+fn names(p: &AttrPath, schema_id: &str, core: bool, attr: &str) -> bool {
+    let urn_ok = match p.urn.as_deref() {
+        None => core,
+        Some(u) => u.eq_ignore_ascii_case(schema_id),
+    };
+    urn_ok && p.attr.eq_ignore_ascii_case(attr)
+}
+
+/// Shape `doc` for a response. `attributes` (if non-empty) lists what to return besides
+/// what is always returned, and then `excluded` is ignored (RFC 7644 §3.4.2.5);
+/// otherwise everything returned by default, minus `excluded`. `returned: never`
+/// attributes (password) are never shown.
+pub fn project(
+    kind: ResourceKind,
+    doc: &Value,
+    attributes: &[AttrPath],
+    excluded: &[AttrPath],
+) -> Value {
+    let Some(obj) = doc.as_object() else {
+        return doc.clone();
+    };
+    let core = schema::core_schema(kind);
+    let mut out = Map::new();
+    for (key, value) in obj {
+        if key == "schemas" || key == "id" {
+            out.insert(key.clone(), value.clone());
+            continue;
+        }
+        if let Some(ext) = extension(kind, key) {
+            let Some(inner) = value.as_object() else {
+                continue;
+            };
+            let whole = |list: &[AttrPath]| {
+                list.iter().any(|p| {
+                    p.is_whole_schema()
+                        && p.urn
+                            .as_deref()
+                            .is_some_and(|u| u.eq_ignore_ascii_case(ext.id))
+                })
+            };
+            let m = if !attributes.is_empty() && whole(attributes) {
+                project_attrs(ext, inner, &[], &[], false)
+            } else if attributes.is_empty() && whole(excluded) {
+                Map::new()
+            } else {
+                project_attrs(ext, inner, attributes, excluded, false)
+            };
+            if !m.is_empty() {
+                out.insert(key.clone(), Value::Object(m));
+            }
+            continue;
+        }
+        let single = Map::from_iter([(key.clone(), value.clone())]);
+        out.extend(project_attrs(core, &single, attributes, excluded, true));
+    }
+    Value::Object(out)
+}
+
+fn project_attrs(
+    schema: &SchemaDef,
+    obj: &Map<String, Value>,
+    attributes: &[AttrPath],
+    excluded: &[AttrPath],
+    core: bool,
+) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, value) in obj {
+        let def = schema
+            .attributes
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(key))
+            .or_else(|| schema::lookup_common(key, None).filter(|_| core));
+        let returned = def.map_or(Returned::Default, |d| d.returned);
+        if returned == Returned::Never {
+            continue;
+        }
+        let list = if attributes.is_empty() {
+            excluded
+        } else {
+            attributes
+        };
+        let mentions: Vec<&AttrPath> = list
+            .iter()
+            .filter(|p| names(p, schema.id, core, key))
+            .collect();
+        if returned == Returned::Always {
+            out.insert(key.clone(), value.clone());
+            continue;
+        }
+        if !attributes.is_empty() {
+            if mentions.is_empty() {
+                continue;
+            }
+            if mentions.iter().any(|p| p.sub.is_none()) {
+                out.insert(key.clone(), value.clone());
+            } else {
+                let subs: Vec<&str> = mentions.iter().filter_map(|p| p.sub.as_deref()).collect();
+                if let Some(v) = keep_subs(value, &subs, true) {
+                    out.insert(key.clone(), v);
+                }
+            }
+            continue;
+        }
+        if returned == Returned::Request {
+            continue;
+        }
+        if mentions.iter().any(|p| p.sub.is_none()) {
+            continue;
+        }
+        if mentions.is_empty() {
+            out.insert(key.clone(), value.clone());
+        } else {
+            let subs: Vec<&str> = mentions.iter().filter_map(|p| p.sub.as_deref()).collect();
+            if let Some(v) = keep_subs(value, &subs, false) {
+                out.insert(key.clone(), v);
+            }
+        }
+    }
+    out
+}
+
+/// Keep (or drop) the named sub-attributes of a complex value or of every element of a
+/// multi-valued one.
+fn keep_subs(value: &Value, subs: &[&str], keep: bool) -> Option<Value> {
+    let filter_obj = |o: &Map<String, Value>| -> Map<String, Value> {
+        o.iter()
+            .filter(|(k, _)| subs.iter().any(|s| s.eq_ignore_ascii_case(k)) == keep)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    match value {
+        Value::Object(o) => {
+            let m = filter_obj(o);
+            (!m.is_empty()).then_some(Value::Object(m))
+        }
+        Value::Array(items) => {
+            let v: Vec<Value> = items
+                .iter()
+                .filter_map(|i| match i {
+                    Value::Object(o) => {
+                        let m = filter_obj(o);
+                        (!m.is_empty()).then_some(Value::Object(m))
+                    }
+                    other => Some(other.clone()),
+                })
+                .collect();
+            (!v.is_empty()).then_some(Value::Array(v))
+        }
+        other => Some(other.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scim::error::ScimType;
+    use crate::scim::filter::parse_attr_list;
+    use crate::scim::schema::{ENTERPRISE_USER_SCHEMA, USER_SCHEMA};
+    use serde_json::json;
+
+    fn norm(v: Value) -> Normalized {
+        normalize_input(ResourceKind::User, v).unwrap()
+    }
+
+    #[test]
+    fn canonical_names_types_and_readonly() {
+        let n = norm(json!({
+            "schemas": [USER_SCHEMA, "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User"],
+            "USERNAME": "bjensen",
+            "id": "client-chosen",
+            "meta": {"resourceType": "User"},
+            "groups": [],
+            "roles": [],
+            "Active": "False",
+            "name": {"GIVENNAME": "Barbara", "nickname?": "x"},
+            "emails": [{"value": "b@x", "primary": false, "type": "work"}],
+            "favouriteColour": "blue",
+            ENTERPRISE_USER_SCHEMA.to_lowercase(): {"employeeNumber": 701984, "manager": "m1"},
+            format!("{ENTERPRISE_USER_SCHEMA}:department"): "Tours"
+        }));
+        let r = &n.resource;
+        assert_eq!(r["userName"], "bjensen");
+        assert!(r.get("id").is_none() && r.get("meta").is_none() && r.get("groups").is_none());
+        assert!(r.get("roles").is_none(), "empty values are unassigned");
+        assert_eq!(r["active"], false);
+        assert_eq!(r["name"], json!({"givenName": "Barbara"}));
+        assert_eq!(r["emails"][0]["primary"], false, "stored as sent");
+        assert_eq!(r["schemas"], json!([USER_SCHEMA, ENTERPRISE_USER_SCHEMA]));
+        assert_eq!(
+            r[ENTERPRISE_USER_SCHEMA],
+            json!({"employeeNumber": "701984", "manager": {"value": "m1"}, "department": "Tours"})
+        );
+        assert!(n.ignored.contains(&"favouriteColour".to_owned()));
+        assert!(n.ignored.iter().any(|i| i.contains("nickname?")));
+    }
+
+    #[test]
+    fn dotted_keys_and_json_encoded_roles() {
+        let n = norm(json!({
+            "userName": "x",
+            "name.familyName": "Jensen",
+            "roles": ["{\"value\":\"admin\",\"primary\":\"True\"}"]
+        }));
+        assert_eq!(n.resource["name"]["familyName"], "Jensen");
+        assert_eq!(
+            n.resource["roles"],
+            json!([{"value": "admin", "primary": true}])
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        for (body, kind) in [
+            (json!({"displayName": "no userName"}), ResourceKind::User),
+            (json!({"userName": "  "}), ResourceKind::User),
+            (
+                json!({"userName": "x", "active": "maybe"}),
+                ResourceKind::User,
+            ),
+            (
+                json!({"userName": "x", "name": ["not", "complex"]}),
+                ResourceKind::User,
+            ),
+            (json!({"members": []}), ResourceKind::Group),
+        ] {
+            let e = normalize_input(kind, body.clone()).expect_err(&body.to_string());
+            assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{body}");
+        }
+        assert_eq!(
+            normalize_input(ResourceKind::User, json!([1]))
+                .unwrap_err()
+                .scim_type,
+            Some(ScimType::InvalidSyntax)
+        );
+    }
+
+    fn stored() -> Value {
+        json!({
+            "schemas": [USER_SCHEMA, ENTERPRISE_USER_SCHEMA],
+            "id": "u1",
+            "userName": "bjensen",
+            "password": "secret",
+            "name": {"givenName": "Barbara", "familyName": "Jensen"},
+            "emails": [{"value": "b@x", "type": "work"}],
+            "meta": {"resourceType": "User"},
+            ENTERPRISE_USER_SCHEMA: {"department": "Tours", "employeeNumber": "1"}
+        })
+    }
+
+    fn proj(attrs: &str, excl: &str) -> Value {
+        project(
+            ResourceKind::User,
+            &stored(),
+            &parse_attr_list(attrs).unwrap(),
+            &parse_attr_list(excl).unwrap(),
+        )
+    }
+
+    #[test]
+    fn projection() {
+        let all = proj("", "");
+        assert!(all.get("password").is_none(), "returned: never");
+        assert_eq!(all["meta"]["resourceType"], "User");
+
+        let only = proj("userName,name.familyName", "");
+        assert_eq!(
+            only,
+            json!({"schemas": [USER_SCHEMA, ENTERPRISE_USER_SCHEMA], "id": "u1",
+                   "userName": "bjensen", "name": {"familyName": "Jensen"}})
+        );
+
+        let ext = proj(&format!("{ENTERPRISE_USER_SCHEMA}:department"), "");
+        assert_eq!(ext[ENTERPRISE_USER_SCHEMA], json!({"department": "Tours"}));
+        assert!(ext.get("userName").is_none());
+
+        let whole = proj(ENTERPRISE_USER_SCHEMA, "");
+        assert_eq!(whole[ENTERPRISE_USER_SCHEMA]["employeeNumber"], "1");
+
+        let ex = proj("", "emails,name.givenName,id");
+        assert!(ex.get("emails").is_none());
+        assert_eq!(ex["name"], json!({"familyName": "Jensen"}));
+        assert_eq!(ex["id"], "u1", "id is always returned");
+
+        let ex_ext = proj("", ENTERPRISE_USER_SCHEMA);
+        assert!(ex_ext.get(ENTERPRISE_USER_SCHEMA).is_none());
+
+        // attributes wins over excludedAttributes.
+        let both = proj("userName", "userName");
+        assert_eq!(both["userName"], "bjensen");
+    }
+
+    #[test]
+    fn immutable_check() {
+        let old = json!({"displayName": "g"});
+        assert!(check_immutable(ResourceKind::Group, &old, &json!({"displayName": "h"})).is_ok());
+    }
 }
