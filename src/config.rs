@@ -41,6 +41,12 @@ pub struct Config {
     /// Tenants: each has its own SCIM base URL `/scim/v2/{id}` and its own tokens.
     #[serde(default, rename = "tenants")]
     pub tenants: Vec<TenantConfig>,
+    /// The Roster API (`/api/v1/roster`).
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The directory of the config file: relative paths in it resolve against this.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,6 +132,44 @@ pub struct TenantConfig {
     /// Stored token hashes as printed by `rosterd token new` (`sha256:<hex>`).
     #[serde(default)]
     pub token_hashes: Vec<String>,
+    /// The tenant's archetype bundle (TOML), relative to this config file. Without one,
+    /// users get no archetype.
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// Overrides the bundle's `review_threshold`.
+    #[serde(default)]
+    pub review_threshold: Option<f64>,
+    /// Tenant policy: may people set manual archetype overrides? When false the Roster
+    /// API answers overrides with 422.
+    #[serde(default = "default_true")]
+    pub allow_overrides: bool,
+    /// Members of a group get an archetype, ahead of the classifier. First match wins.
+    #[serde(default)]
+    pub group_rules: Vec<GroupRule>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[[tenants.group_rules]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRule {
+    /// The group's displayName (case-insensitive), externalId or SCIM id.
+    pub group: String,
+    /// An archetype id of the tenant's bundle.
+    pub archetype: String,
+}
+
+/// `[api]`: the Roster API.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// How Roster API bearer tokens (JWTs) are verified. Without it the Roster API
+    /// refuses every request.
+    #[serde(default)]
+    pub jwt: Option<crate::api::jwt::JwtConfig>,
 }
 
 impl Config {
@@ -139,10 +183,11 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -190,6 +235,18 @@ impl Config {
                     t.id
                 ));
             }
+            if let Some(th) = t.review_threshold
+                && !(th > 0.0 && th <= 1.0)
+            {
+                return Err(format!(
+                    "key `tenants[{i}].review_threshold`: {th} is not in (0, 1]"
+                ));
+            }
+            if !t.group_rules.is_empty() && t.bundle.is_none() {
+                return Err(format!(
+                    "key `tenants[{i}].group_rules`: group rules need a `bundle` to name archetypes"
+                ));
+            }
             for (j, h) in t.token_hashes.iter().enumerate() {
                 TokenHash::parse(h).map_err(|e: TokenHashError| {
                     format!("key `tenants[{i}].token_hashes[{j}]`: {e}")
@@ -197,6 +254,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// A path from the config file, resolved against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     /// The base URL clients see, without a trailing slash.

@@ -1,3 +1,4 @@
+#![recursion_limit = "512"]
 //! rosterd: turns what identity providers push over SCIM 2.0 into a clean roster.
 //!
 //! # Layout
@@ -12,9 +13,12 @@
 //!   ids and graceful shutdown. [`server::run`] is the whole daemon.
 //! - `main.rs`: the thin binary: argument parsing, logging, signals.
 
+pub mod api;
+pub mod classify;
 pub mod config;
+pub mod schedule;
 pub mod scim;
 pub mod server;
 pub mod store;
 
-pub use server::{run, run_with_tokens};
+pub use server::{run, run_with_env};

@@ -166,6 +166,10 @@ mod tests {
             id: id.into(),
             token_env: env.map(Into::into),
             token_hashes: hashes,
+            bundle: None,
+            review_threshold: None,
+            allow_overrides: true,
+            group_rules: vec![],
         }
     }
 

@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::api::jwt::{JwtError, JwtVerifier};
+use crate::api::{RosterState, TenantRoster};
+use crate::classify::{ClassifyError, TenantPolicy};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
 use auth::{AuthSetupError, TokenRegistry};
@@ -29,15 +32,26 @@ pub enum ServerError {
     Auth(#[from] AuthSetupError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("Roster API JWT settings: {0}")]
+    Jwt(#[from] JwtError),
+    #[error("tenant {tenant:?}: archetype bundle: {source}")]
+    Bundle {
+        tenant: String,
+        source: ClassifyError,
+    },
 }
 
+/// Reads environment variables; injectable so tests need not touch the process's.
+pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// What every handler can reach.
-pub(crate) struct AppState {
+pub struct AppState {
     pub store: Store,
     pub tokens: TokenRegistry,
     pub config: Config,
     /// External base URL without a trailing slash.
     pub base_url: String,
+    pub roster: RosterState,
 }
 
 /// Run the daemon on `listener` until `shutdown` is cancelled, then drain in-flight
@@ -47,23 +61,61 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let tokens = TokenRegistry::from_config(&config.tenants, |v| std::env::var(v).ok())?;
-    run_with_tokens(config, tokens, listener, shutdown).await
+    run_with_env(
+        config,
+        Arc::new(|v: &str| std::env::var(v).ok()),
+        listener,
+        shutdown,
+    )
+    .await
 }
 
-/// As [`run`], with tokens already resolved (tests pass them without touching the
-/// process environment).
-pub async fn run_with_tokens(
+/// As [`run`], reading SCIM tokens and secrets through `env` (tests pass their own).
+pub async fn run_with_env(
     config: Config,
-    tokens: TokenRegistry,
+    env: EnvFn,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    let tokens = TokenRegistry::from_config(&config.tenants, |v| env(v))?;
+    let verifier = match &config.api.jwt {
+        Some(j) => Some(JwtVerifier::from_config(j, &config.base_dir, &|v| env(v))?),
+        None => None,
+    };
+    let mut tenants = std::collections::HashMap::new();
+    let mut policies = Vec::new();
+    for t in &config.tenants {
+        let policy = TenantPolicy::load(t, &config.base_dir)
+            .map_err(|source| ServerError::Bundle {
+                tenant: t.id.clone(),
+                source,
+            })?
+            .map(Arc::new);
+        if let Some(p) = &policy {
+            policies.push((t.id.clone(), p.clone()));
+        }
+        tenants.insert(
+            t.id.clone(),
+            TenantRoster {
+                policy: std::sync::RwLock::new(policy),
+                allow_overrides: t.allow_overrides,
+            },
+        );
+    }
+    let roster = RosterState {
+        verifier,
+        tenants,
+        syncing: Default::default(),
+    };
+
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)?;
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
+    for (tenant, p) in &policies {
+        store.set_resolver(tenant, p.clone());
+    }
     let local: SocketAddr = listener.local_addr()?;
     let base_url = config.public_url(local);
     let state = Arc::new(AppState {
@@ -71,7 +123,26 @@ pub async fn run_with_tokens(
         tokens,
         config,
         base_url,
+        roster,
     });
+    for t in &state.config.tenants {
+        let n = state.store.mark_interrupted_jobs(&t.id).await?;
+        if n > 0 {
+            tracing::warn!(tenant = %t.id, jobs = n, "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
+        }
+    }
+    // A bundle (or group rule) that changed since the assignments were computed means
+    // everyone is reclassified, in the background.
+    for (tenant, p) in &policies {
+        if state.store.policy_fingerprint(tenant)?.as_deref() != Some(p.fingerprint()) {
+            tracing::info!(tenant = %tenant, version = %p.bundle().version, "Archetype policy changed; reclassifying the tenant.");
+            if let Err(e) =
+                crate::schedule::start_reclassify(state.clone(), tenant, "bundle_change").await
+            {
+                tracing::error!(tenant = %tenant, error = %e, "Cannot start the reclassification.");
+            }
+        }
+    }
     let app = router(state.clone());
     tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
     let served = axum::serve(listener, app)
@@ -91,6 +162,7 @@ fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
     Router::new()
         .merge(scim::routes())
+        .merge(crate::api::routes())
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route("/readyz", axum::routing::get(|| async { "ready" }))
         .fallback(scim::not_found)
@@ -110,9 +182,12 @@ async fn request_span(req: Request, next: Next) -> Response {
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let path = req.uri().path();
+    // The Roster API's tenant is known only after the JWT is verified; its handlers log
+    // it in their own spans.
     let tenant = path
         .strip_prefix("/scim/v2/")
         .and_then(|rest| rest.split('/').next())
+        .or_else(|| req.headers().get("x-tenant").and_then(|v| v.to_str().ok()))
         .unwrap_or("")
         .to_owned();
     let span = tracing::info_span!(

@@ -128,3 +128,58 @@ pub(crate) fn trailing_id(key: &[u8], prefix_len: usize) -> Option<&str> {
     }
     std::str::from_utf8(&key[prefix_len..]).ok()
 }
+
+/// `a id` → the user's archetype assignment.
+pub(crate) fn assignment(id: &str) -> Vec<u8> {
+    let mut k = vec![b'a', SEP];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `x archetype id` → empty: users by archetype.
+pub(crate) fn archetype_entry(archetype: &str, id: &str) -> Vec<u8> {
+    let mut k = archetype_prefix(archetype);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn archetype_prefix(archetype: &str) -> Vec<u8> {
+    let mut k = vec![b'x', SEP];
+    k.extend_from_slice(archetype.as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// `q id` → empty: the review queue.
+pub(crate) fn review(id: &str) -> Vec<u8> {
+    let mut k = review_prefix();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn review_prefix() -> Vec<u8> {
+    vec![b'q', SEP]
+}
+
+pub(crate) const GSEQ_KEY: &[u8] = b"s\0gseq";
+
+/// `g seq` → governance event, big-endian so events iterate in order.
+pub(crate) fn governance(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'g', SEP];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `j job-id` → job record.
+pub(crate) fn job(id: &str) -> Vec<u8> {
+    let mut k = jobs_prefix();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn jobs_prefix() -> Vec<u8> {
+    vec![b'j', SEP]
+}
+
+/// The redo record of the transaction being applied (see `apply_ops`).
+pub(crate) const INTENT_KEY: &[u8] = b"s\0intent";

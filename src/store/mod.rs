@@ -9,6 +9,7 @@
 
 mod commit;
 mod keys;
+mod roster;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,10 @@ use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
 pub(crate) use keys::Index;
+pub use roster::{
+    Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef, Job,
+    JobStatus, ReclassifyCounts, Resolver,
+};
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
 const SCHEMA_VERSION: u64 = 1;
@@ -118,6 +123,8 @@ pub enum ChangeOp {
     Created,
     Updated,
     Deleted,
+    /// Only the user's archetype assignment changed.
+    Archetype,
 }
 
 /// One entry of a tenant's change log.
@@ -135,6 +142,9 @@ pub struct ChangeEvent {
     pub members_added: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members_removed: Vec<String>,
+    /// A user's archetype assignment, when this change set or changed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<Assignment>,
 }
 
 /// What an update function returns: the new document and membership changes.
@@ -161,6 +171,7 @@ struct Tenant {
 
 struct Inner {
     db: sled::Db,
+    resolvers: RwLock<HashMap<String, Arc<dyn Resolver>>>,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     commit: GroupCommit,
 }
@@ -256,6 +267,9 @@ fn index_entries(kind: ResourceKind, id: &str, doc: &Value) -> Vec<(Index, Strin
     out
 }
 
+/// One key write of a transaction: `None` deletes.
+type Op = (Vec<u8>, Option<Vec<u8>>);
+
 /// A tenant write in progress: reads see the pending writes first.
 struct Txn<'a> {
     tree: &'a sled::Tree,
@@ -264,10 +278,12 @@ struct Txn<'a> {
     next_seq: u64,
     first_seq: u64,
     now: DateTime<Utc>,
+    /// The tenant's archetype policy, if it has one.
+    resolver: Option<Arc<dyn Resolver>>,
 }
 
 impl<'a> Txn<'a> {
-    fn new(tree: &'a sled::Tree) -> StoreResult<Txn<'a>> {
+    fn new(tree: &'a sled::Tree, resolver: Option<Arc<dyn Resolver>>) -> StoreResult<Txn<'a>> {
         let last = match tree.get(keys::SEQ_KEY)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -283,6 +299,7 @@ impl<'a> Txn<'a> {
             next_seq: last + 1,
             first_seq: last + 1,
             now: now(),
+            resolver,
         })
     }
 
@@ -421,6 +438,7 @@ impl<'a> Txn<'a> {
             snapshot: Some(doc),
             members_added: vec![],
             members_removed: vec![removed],
+            assignment: None,
         };
         self.log(event);
         Ok(())
@@ -557,26 +575,118 @@ impl<'a> Txn<'a> {
             .filter(|id| !added_set.contains(id))
             .cloned()
             .collect();
+        let touched: Vec<String> = net_added.iter().chain(&net_removed).cloned().collect();
+        self.reassign_members(&touched)?;
         Ok((net_added, net_removed))
     }
 
-    fn into_batch(mut self) -> StoreResult<(sled::Batch, Vec<ChangeEvent>)> {
-        let mut batch = sled::Batch::default();
+    /// Every key this transaction writes (`None` deletes), change events and the
+    /// sequence counter included.
+    fn into_ops(mut self) -> StoreResult<Vec<Op>> {
         let events = std::mem::take(&mut self.events);
+        let mut ops = Vec::with_capacity(self.pending.len() + events.len() + 1);
         for e in &events {
-            batch.insert(keys::change(e.seq), encode(e)?);
+            ops.push((keys::change(e.seq), Some(encode(e)?)));
         }
         if self.next_seq != self.first_seq {
-            batch.insert(keys::SEQ_KEY, &(self.next_seq - 1).to_be_bytes());
+            ops.push((
+                keys::SEQ_KEY.to_vec(),
+                Some((self.next_seq - 1).to_be_bytes().to_vec()),
+            ));
         }
-        for (k, v) in self.pending {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        Ok((batch, events))
+        ops.extend(self.pending);
+        Ok(ops)
     }
+}
+
+/// Apply a transaction's writes so that a crash part-way cannot leave half of them.
+///
+/// sled's `apply_batch` would be atomic, but it takes sled's process-wide write lock,
+/// which waits for every in-progress flush: with group commit that serializes all
+/// writers behind the fsync (measured: ~1,300 creates/s at any concurrency). Plain
+/// inserts only take the shared side. So the writes are first recorded as one redo
+/// record, then applied one by one, then the record is removed; sled recovers a prefix
+/// of its log, so after a crash either the record is absent (nothing or everything
+/// landed) or it is present and [`recover_intent`] re-applies it. Writers of one tenant
+/// are serialized by the tenant lock, so one record key per tenant suffices.
+fn apply_ops(tree: &sled::Tree, ops: Vec<Op>) -> StoreResult<()> {
+    let single = ops.len() == 1;
+    if !single {
+        tree.insert(keys::INTENT_KEY, encode_ops(&ops))?;
+    }
+    for (k, v) in ops {
+        match v {
+            Some(v) => tree.insert(k, v)?,
+            None => tree.remove(k)?,
+        };
+    }
+    if !single {
+        tree.remove(keys::INTENT_KEY)?;
+    }
+    Ok(())
+}
+
+fn encode_ops(ops: &[Op]) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for (k, v) in ops {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        match v {
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+fn decode_ops(mut b: &[u8]) -> StoreResult<Vec<Op>> {
+    let bad = || StoreError::Corrupt("unreadable redo record".into());
+    let take = |n: usize, b: &mut &[u8]| -> StoreResult<Vec<u8>> {
+        if b.len() < n {
+            return Err(bad());
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head.to_vec())
+    };
+    let mut ops = Vec::new();
+    while !b.is_empty() {
+        let klen = u32::from_be_bytes(take(4, &mut b)?.try_into().map_err(|_| bad())?) as usize;
+        let k = take(klen, &mut b)?;
+        let flag = take(1, &mut b)?;
+        let v = if flag[0] == 1 {
+            let vlen = u32::from_be_bytes(take(4, &mut b)?.try_into().map_err(|_| bad())?) as usize;
+            Some(take(vlen, &mut b)?)
+        } else {
+            None
+        };
+        ops.push((k, v));
+    }
+    Ok(ops)
+}
+
+/// Finish a transaction a crash interrupted (see [`apply_ops`]).
+fn recover_intent(tree: &sled::Tree) -> StoreResult<bool> {
+    let Some(record) = tree.get(keys::INTENT_KEY)? else {
+        return Ok(false);
+    };
+    for (k, v) in decode_ops(&record)? {
+        match v {
+            Some(v) => tree.insert(k, v)?,
+            None => tree.remove(k)?,
+        };
+    }
+    tree.remove(keys::INTENT_KEY)?;
+    tree.flush()?;
+    Ok(true)
 }
 
 fn member_matches(filter: &Filter, member: &Member) -> bool {
@@ -622,6 +732,7 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 tenants: RwLock::new(HashMap::new()),
+                resolvers: RwLock::new(HashMap::new()),
                 commit,
             }),
         })
@@ -646,6 +757,9 @@ impl Store {
             return Ok(t.clone());
         }
         let tree = self.inner.db.open_tree(format!("tenant/{tenant}"))?;
+        if recover_intent(&tree)? {
+            tracing::warn!(tenant, "Completed a write that a crash had interrupted.");
+        }
         let t = Arc::new(Tenant {
             tree,
             write_lock: Mutex::new(()),
@@ -662,13 +776,13 @@ impl Store {
     ) -> StoreResult<(T, Option<u64>)> {
         let t = self.tenant(tenant)?;
         let _guard = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut txn = Txn::new(&t.tree)?;
+        let mut txn = Txn::new(&t.tree, self.resolver(tenant))?;
         let out = f(&mut txn)?;
         if txn.pending.is_empty() && txn.events.is_empty() {
             return Ok((out, None));
         }
-        let (batch, _events) = txn.into_batch()?;
-        t.tree.apply_batch(batch)?;
+        let ops = txn.into_ops()?;
+        apply_ops(&t.tree, ops)?;
         drop(_guard);
         Ok((out, Some(self.inner.commit.ticket())))
     }
@@ -715,6 +829,10 @@ impl Store {
             if kind == ResourceKind::Group && !members.is_empty() {
                 (added, _) = txn.apply_member_ops(&id, &[MemberOp::Add(members)])?;
             }
+            let assignment = match kind {
+                ResourceKind::User => txn.reassign(&id, &doc)?,
+                ResourceKind::Group => None,
+            };
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -724,6 +842,7 @@ impl Store {
                 snapshot: Some(doc.clone()),
                 members_added: added,
                 members_removed: vec![],
+                assignment,
             });
             Ok(to_resource(id, doc))
         })
@@ -776,6 +895,10 @@ impl Store {
             txn.stamp(kind, &mut doc, created, seq);
             txn.reindex(kind, &id, Some(&old), Some(&doc))?;
             txn.save(kind, &id, &doc)?;
+            let assignment = match kind {
+                ResourceKind::User => txn.reassign(&id, &doc)?,
+                ResourceKind::Group => None,
+            };
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -785,6 +908,7 @@ impl Store {
                 snapshot: Some(doc.clone()),
                 members_added: added,
                 members_removed: removed,
+                assignment,
             });
             Ok(to_resource(id, doc))
         })
@@ -816,11 +940,15 @@ impl Store {
             let seq = txn.seq();
             txn.reindex(kind, &id, Some(&old), None)?;
             txn.del(keys::resource(kind, &id));
+            if kind == ResourceKind::User {
+                txn.drop_assignment(&id)?;
+            }
             let mut removed = Vec::new();
             if kind == ResourceKind::Group {
                 for mid in txn.member_ids(&id)? {
                     txn.remove_member(&id, &mid, &mut removed)?;
                 }
+                txn.reassign_members(&removed)?;
             }
             txn.log(ChangeEvent {
                 seq,
@@ -831,6 +959,7 @@ impl Store {
                 snapshot: None,
                 members_added: vec![],
                 members_removed: removed,
+                assignment: None,
             });
             let prefix = keys::backrefs_prefix(&id);
             for key in txn.keys_with_prefix(&prefix)? {

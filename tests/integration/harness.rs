@@ -1,23 +1,29 @@
-//! Boots rosterd in-process on 127.0.0.1:0 with a temporary store.
+//! Boots rosterd in-process on 127.0.0.1:0 from a real config file (with an archetype
+//! bundle and Roster API JWT settings) and a temporary store.
 #![allow(dead_code)]
 
 use reqwest::{Method, StatusCode, header::HeaderMap};
-use rosterd::config::{Config, ScimConfig, ServerConfig, TenantConfig};
-use rosterd::server::auth::{TokenRegistry, new_token};
-use serde_json::Value;
+use rosterd::config::{Config, ScimConfig};
+use rosterd::server::auth::{TokenHash, new_token};
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub const TENANT: &str = "acme";
 pub const OTHER_TENANT: &str = "globex";
+pub const JWT_SECRET: &str = "integration-test-secret-of-at-least-32-bytes";
+pub const JWT_AUDIENCE: &str = "rosterd-tests";
+/// The test bundle, shared by both tenants.
+pub const BUNDLE: &str = include_str!("../fixtures/bundle.toml");
 
 pub struct TestDaemon {
     pub addr: std::net::SocketAddr,
     pub token: String,
     pub other_token: String,
     pub client: reqwest::Client,
-    pub data_dir: PathBuf,
+    pub root: PathBuf,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<Result<(), rosterd::server::ServerError>>>,
     _dir: Option<tempfile::TempDir>,
@@ -49,6 +55,39 @@ impl Default for Options {
     }
 }
 
+fn config_text(root: &Path, opts: &Options, hash: &TokenHash, other_hash: &TokenHash) -> String {
+    format!(
+        r#"version = 1
+[server]
+listen = "127.0.0.1:0"
+data_dir = {data:?}
+max_body_bytes = {max_body}
+[scim]
+max_results = {max_results}
+bulk_max_operations = {bulk}
+max_sort_results = {sort}
+[api.jwt]
+audience = ["{JWT_AUDIENCE}"]
+hs256_secret_env = "TEST_JWT_SECRET"
+[[tenants]]
+id = "{TENANT}"
+token_hashes = ["{hash}"]
+bundle = "bundle.toml"
+group_rules = [{{ group = "Engineering Leads", archetype = "eng_lead" }}]
+[[tenants]]
+id = "{OTHER_TENANT}"
+token_hashes = ["{other_hash}"]
+bundle = "bundle.toml"
+allow_overrides = false
+"#,
+        data = root.join("data"),
+        max_body = opts.max_body_bytes,
+        max_results = opts.scim.max_results,
+        bulk = opts.scim.bulk_max_operations,
+        sort = opts.scim.max_sort_results,
+    )
+}
+
 impl TestDaemon {
     pub async fn start() -> TestDaemon {
         Self::start_with(Options::default()).await
@@ -62,48 +101,30 @@ impl TestDaemon {
         d
     }
 
-    /// Boot on an existing data directory with known tokens (restart tests).
-    async fn boot(data_dir: &Path, opts: Options, tokens: Option<(String, String)>) -> TestDaemon {
+    /// Boot with the config and store under `root`, with known tokens (restart tests).
+    async fn boot(root: &Path, opts: Options, tokens: Option<(String, String)>) -> TestDaemon {
         let (token, hash) = match &tokens {
-            Some((t, _)) => (t.clone(), rosterd::server::auth::TokenHash::of(t)),
+            Some((t, _)) => (t.clone(), TokenHash::of(t)),
             None => new_token(),
         };
         let (other_token, other_hash) = match &tokens {
-            Some((_, o)) => (o.clone(), rosterd::server::auth::TokenHash::of(o)),
+            Some((_, o)) => (o.clone(), TokenHash::of(o)),
             None => new_token(),
         };
-        let config = Config {
-            version: 1,
-            server: ServerConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                data_dir: data_dir.to_owned(),
-                max_body_bytes: opts.max_body_bytes,
-                public_url: None,
-            },
-            log: Default::default(),
-            scim: opts.scim,
-            tenants: vec![
-                TenantConfig {
-                    id: TENANT.into(),
-                    token_env: None,
-                    token_hashes: vec![hash.to_string()],
-                },
-                TenantConfig {
-                    id: OTHER_TENANT.into(),
-                    token_env: None,
-                    token_hashes: vec![other_hash.to_string()],
-                },
-            ],
-        };
-        let tokens = TokenRegistry::from_config(&config.tenants, |_| None).expect("tokens");
+        std::fs::write(root.join("bundle.toml"), BUNDLE).expect("bundle");
+        let config_path = root.join("config.toml");
+        std::fs::write(&config_path, config_text(root, &opts, &hash, &other_hash)).expect("config");
+        let config = Config::load(&config_path).expect("config parses");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(rosterd::run_with_tokens(
+        let env: rosterd::server::EnvFn =
+            Arc::new(|v: &str| (v == "TEST_JWT_SECRET").then(|| JWT_SECRET.to_owned()));
+        let handle = tokio::spawn(rosterd::run_with_env(
             config,
-            tokens,
+            env,
             listener,
             shutdown.clone(),
         ));
@@ -115,22 +136,79 @@ impl TestDaemon {
             token,
             other_token,
             client,
-            data_dir: data_dir.to_owned(),
+            root: root.to_owned(),
             shutdown,
             handle: Some(handle),
             _dir: None,
         }
     }
 
-    /// Stop gracefully and start again on the same data directory.
+    /// Stop gracefully and start again on the same config and store.
     pub async fn restart(mut self) -> TestDaemon {
         let dir = self._dir.take();
         let tokens = (self.token.clone(), self.other_token.clone());
-        let data_dir = self.data_dir.clone();
+        let root = self.root.clone();
         self.stop().await;
-        let mut d = Self::boot(&data_dir, Options::default(), Some(tokens)).await;
+        let mut d = Self::boot(&root, Options::default(), Some(tokens)).await;
         d._dir = dir;
         d
+    }
+
+    /// A Roster API token for `tenant` with `scope` (space-separated).
+    pub fn jwt(&self, tenant: &str, scope: &str) -> String {
+        jwt_with(json!({
+            "sub": "it.admin@acme.test",
+            "tenant": tenant,
+            "scope": scope,
+            "aud": JWT_AUDIENCE,
+            "exp": chrono::Utc::now().timestamp() + 3600,
+        }))
+    }
+
+    /// A Roster API request; `body` is sent as JSON.
+    pub async fn roster(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Resp {
+        self.roster_with(method, path, token, body, &[]).await
+    }
+
+    pub async fn roster_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut req = self
+            .client
+            .request(method, self.url(&format!("/api/v1/roster{path}")))
+            .bearer_auth(token);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn stop(&mut self) {
@@ -272,3 +350,8 @@ pub fn patch_op(ops: Value) -> Value {
 }
 
 pub const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+
+/// Sign arbitrary claims with the test secret.
+pub fn jwt_with(claims: Value) -> String {
+    rosterd::api::jwt::testing::hs256_token(JWT_SECRET.as_bytes(), &claims)
+}

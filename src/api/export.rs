@@ -1,0 +1,183 @@
+//! `GET /api/v1/roster/users:export?format=csv`: the roster as CSV, streamed. Rows are
+//! produced on the blocking pool into a small bounded channel, so memory stays constant
+//! whatever the tenant's size and a slow client slows the producer instead of buffering.
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::jwt::Scope;
+use super::roster::{FILTER_PARAMS, Renderer, RosterUser, UserFilter, blocking};
+use super::{ApiError, ApiResult, authenticate};
+use crate::server::AppState;
+
+/// The columns of roster-api.txt, in order.
+pub const COLUMNS: [&str; 11] = [
+    "user_id",
+    "email",
+    "first_name",
+    "last_name",
+    "job_title",
+    "department",
+    "manager",
+    "archetype_id",
+    "archetype_confidence",
+    "is_active",
+    "groups",
+];
+
+const CHUNK: usize = 64 * 1024;
+
+/// A cell that a spreadsheet would run as a formula gets a leading `'` (OWASP CSV
+/// injection advice): identity data is attacker-influenced, exports are opened in Excel.
+pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+        _ => cell.into(),
+    }
+}
+
+fn row(u: &RosterUser) -> [String; 11] {
+    let s = |v: &Option<String>| v.clone().unwrap_or_default();
+    [
+        u.user_id.clone(),
+        s(&u.email),
+        s(&u.first_name),
+        s(&u.last_name),
+        s(&u.job_title),
+        s(&u.department),
+        u.manager_user_id
+            .as_deref()
+            .map(|m| m.strip_prefix("user:").unwrap_or(m).to_owned())
+            .unwrap_or_default(),
+        s(&u.archetype_id),
+        u.archetype_confidence
+            .map(|c| format!("{c:.3}"))
+            .unwrap_or_default(),
+        u.is_active.to_string(),
+        u.groups.join(","),
+    ]
+}
+
+/// The csv writer's sink: shared so full chunks can be taken out while it keeps writing.
+#[derive(Clone, Default)]
+struct SharedBuf(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl SharedBuf {
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+}
+
+impl std::io::Write for SharedBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn csv_error(e: csv::Error) -> ApiError {
+    ApiError::Internal(crate::store::StoreError::Backend(format!("csv: {e}")))
+}
+
+pub(super) async fn export_users(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(p): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let mut allowed = FILTER_PARAMS.to_vec();
+    allowed.push("format");
+    if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown query parameter {k:?}"
+        )));
+    }
+    match p.get("format").map(String::as_str) {
+        None | Some("csv") => {}
+        Some(f) => {
+            return Err(ApiError::BadRequest(format!(
+                "format {f:?} is not supported; use format=csv"
+            )));
+        }
+    }
+    let tenant = caller.tenant;
+    // Validate the filters before the 200 goes out: errors after that cannot be reported.
+    let filter = {
+        let (st, tenant, p) = (st.clone(), tenant.clone(), p.clone());
+        blocking(move || UserFilter::from_params(&st.store, &tenant, &p)).await?
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        let store = &st.store;
+        let mut renderer = Renderer::new(store, &tenant);
+        let buf = SharedBuf::default();
+        let mut w = csv::WriterBuilder::new()
+            .terminator(csv::Terminator::CRLF)
+            .from_writer(buf.clone());
+        let send = |buf: &mut Vec<u8>| -> bool {
+            let chunk = std::mem::take(buf);
+            tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
+        };
+        let result = (|| -> ApiResult<()> {
+            w.write_record(COLUMNS).map_err(csv_error)?;
+            filter.for_each(store, &tenant, None, |res, _| {
+                let u = renderer.user(&res)?;
+                let cells = row(&u);
+                w.write_record(cells.iter().map(|c| neutralize(c).into_owned()))
+                    .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+                if buf.len() >= CHUNK {
+                    w.flush()
+                        .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+                    // The client went away: stop reading the store.
+                    return Ok(send(&mut buf.0.borrow_mut()));
+                }
+                Ok(true)
+            })?;
+            w.flush()
+                .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+            send(&mut buf.0.borrow_mut());
+            Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "CSV export failed part-way; the client sees a truncated body.");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"roster.csv\"",
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formula_cells_are_neutralized() {
+        assert_eq!(neutralize("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
+        assert_eq!(neutralize("+1"), "'+1");
+        assert_eq!(neutralize("-2"), "'-2");
+        assert_eq!(neutralize("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(neutralize("Engineer"), "Engineer");
+        assert_eq!(neutralize(""), "");
+    }
+}

@@ -1,0 +1,199 @@
+//! The Roster API (`/api/v1/roster`, JSON): the classified roster as operators and
+//! downstream systems read it, archetype overrides, the review queue, governance events
+//! and sync jobs. Authenticated with JWTs whose claims name the tenant and the scopes.
+//!
+//! Every failure is an [`ApiError`], rendered in one place as
+//! `{"error": "<stable code>", "message": "<for people>"}`.
+
+mod export;
+pub mod jwt;
+mod openapi;
+mod roster;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::classify::TenantPolicy;
+use crate::server::AppState;
+use crate::store::StoreError;
+use jwt::{JwtError, JwtVerifier, Principal, Scope};
+
+pub use openapi::openapi_document;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(#[from] JwtError),
+    #[error("this token does not open tenant {0:?}")]
+    TenantMismatch(String),
+    #[error("this request needs the {0} scope")]
+    MissingScope(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("archetype {0:?} is not in this tenant's bundle")]
+    InvalidArchetype(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("a sync job is running for this tenant; try again when it has finished")]
+    SyncInProgress,
+    #[error("this tenant's policy does not allow manual archetype overrides")]
+    OverridesForbidden,
+    #[error("this tenant has no archetype bundle configured")]
+    NoBundle,
+    #[error("internal error")]
+    Internal(#[from] StoreError),
+}
+
+impl From<crate::schedule::JobError> for ApiError {
+    fn from(e: crate::schedule::JobError) -> Self {
+        match e {
+            crate::schedule::JobError::AlreadyRunning(_) => ApiError::SyncInProgress,
+            crate::schedule::JobError::Store(s) => ApiError::Internal(s),
+        }
+    }
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.code()),
+            ApiError::TenantMismatch(_) => (StatusCode::FORBIDDEN, "tenant_mismatch"),
+            ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::InvalidArchetype(_) => (StatusCode::BAD_REQUEST, "invalid_archetype"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::SyncInProgress => (StatusCode::CONFLICT, "sync_in_progress"),
+            ApiError::OverridesForbidden => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "override_forbidden")
+            }
+            ApiError::NoBundle => (StatusCode::CONFLICT, "no_bundle"),
+            ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            ApiError::Internal(StoreError::NotFound { .. }) => "not found".to_owned(),
+            ApiError::Internal(e) => {
+                tracing::error!(error = %e, "Store failure while serving a Roster API request.");
+                "internal error; nothing was changed".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({"error": code, "message": message}).to_string(),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED
+            && let Ok(v) = "Bearer realm=\"rosterd\", error=\"invalid_token\"".parse()
+        {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        resp
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// One tenant as the Roster API sees it.
+pub struct TenantRoster {
+    /// Replaced whole on a bundle reload, so a request sees one consistent bundle.
+    pub policy: RwLock<Option<Arc<TenantPolicy>>>,
+    pub allow_overrides: bool,
+}
+
+impl TenantRoster {
+    pub fn policy(&self) -> Option<Arc<TenantPolicy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Roster API state shared by its handlers.
+pub struct RosterState {
+    pub verifier: Option<JwtVerifier>,
+    pub tenants: HashMap<String, TenantRoster>,
+    /// Tenants with a sync job running: overrides answer 409 meanwhile.
+    pub syncing: Mutex<HashSet<String>>,
+}
+
+impl RosterState {
+    pub fn is_syncing(&self, tenant: &str) -> bool {
+        self.syncing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(tenant)
+    }
+}
+
+/// A verified caller, bound to one tenant.
+pub struct Caller {
+    pub tenant: String,
+    pub principal: Principal,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> ApiResult<()> {
+        if self.principal.has(scope) {
+            Ok(())
+        } else {
+            Err(ApiError::MissingScope(match scope {
+                Scope::Read => "roster:read",
+                Scope::Write => "roster:write",
+                Scope::Admin => "roster:admin",
+            }))
+        }
+    }
+}
+
+/// Verify the bearer JWT and the tenant it names. `X-Tenant` (or the reference's
+/// `X-Claresia-Tenant`), when sent, must agree with the token: a client cannot pick a
+/// tenant its token does not name.
+pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let Some(verifier) = &state.roster.verifier else {
+        return Err(ApiError::Unauthorized(JwtError::Missing));
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .ok_or(ApiError::Unauthorized(JwtError::Missing))?;
+    let principal = verifier.verify(token)?;
+    for name in ["x-tenant", "x-claresia-tenant"] {
+        if let Some(v) = headers.get(name) {
+            let v = v.to_str().unwrap_or_default();
+            if v != principal.tenant {
+                return Err(ApiError::TenantMismatch(v.to_owned()));
+            }
+        }
+    }
+    if !state.roster.tenants.contains_key(&principal.tenant) {
+        return Err(ApiError::TenantMismatch(principal.tenant.clone()));
+    }
+    Ok(Caller {
+        tenant: principal.tenant.clone(),
+        principal,
+    })
+}
+
+pub(crate) fn routes() -> Router<Arc<AppState>> {
+    roster::routes().route(
+        "/api/v1/openapi.json",
+        axum::routing::get(|| async { axum::Json(openapi_document()) }),
+    )
+}

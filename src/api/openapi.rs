@@ -1,0 +1,286 @@
+//! The OpenAPI 3.1 description of the Roster API, served at `/api/v1/openapi.json`. An
+//! integration test walks every operation listed here against the running daemon, so the
+//! document cannot name a route the router does not serve.
+use serde_json::{Value, json};
+
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    })
+}
+
+fn ok_json(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn query(name: &str, description: &str, schema: Value) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": description, "schema": schema})
+}
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
+}
+
+fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
+    if let Some(map) = responses.as_object_mut() {
+        map.insert(
+            "401".into(),
+            error_response("Missing, malformed, expired or wrongly signed JWT"),
+        );
+        map.insert(
+            "403".into(),
+            error_response("Missing scope, or X-Tenant does not match the token's tenant"),
+        );
+        for (code, d) in extra {
+            map.insert((*code).into(), error_response(d));
+        }
+    }
+    responses
+}
+
+fn user_filters() -> Vec<Value> {
+    vec![
+        query(
+            "archetype",
+            "Only users with this archetype",
+            json!({"type": "string"}),
+        ),
+        query(
+            "active",
+            "true (default), false, or any",
+            json!({"type": "string", "enum": ["true", "false", "any"], "default": "true"}),
+        ),
+        query(
+            "email",
+            "Exact e-mail match (case-insensitive)",
+            json!({"type": "string"}),
+        ),
+        query(
+            "manager_user_id",
+            "Direct reports of this manager (user:<userName> or SCIM id)",
+            json!({"type": "string"}),
+        ),
+        query(
+            "department",
+            "Department, case-insensitive",
+            json!({"type": "string"}),
+        ),
+        query(
+            "group",
+            "Members of this group (SCIM id, displayName or externalId)",
+            json!({"type": "string"}),
+        ),
+        query(
+            "archetype_confidence__lt",
+            "Only assignments with confidence below this",
+            json!({"type": "number"}),
+        ),
+    ]
+}
+
+fn paging() -> Vec<Value> {
+    vec![
+        query(
+            "limit",
+            "Page size, 1 to 1000",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+        ),
+        query(
+            "cursor",
+            "The next_cursor of the previous page",
+            json!({"type": "string"}),
+        ),
+    ]
+}
+
+pub fn openapi_document() -> Value {
+    let mut list_params = user_filters();
+    list_params.extend(paging());
+    let mut export_params = user_filters();
+    export_params.push(query(
+        "format",
+        "Only csv",
+        json!({"type": "string", "enum": ["csv"]}),
+    ));
+    let user_ref = json!({"$ref": "#/components/schemas/User"});
+    let assignment_ref = json!({"$ref": "#/components/schemas/AssignmentResult"});
+    let sec = json!([{"bearer": []}]);
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rosterd Roster API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The per-tenant roster: users with their archetype assignments, overrides, review queue, governance events and sync jobs. Tenant and scopes come from the JWT; an X-Tenant header, when sent, must match."
+        },
+        "servers": [{"url": "/"}],
+        "security": sec,
+        "paths": {
+            "/api/v1/roster/users": {"get": {
+                "operationId": "listUsers", "summary": "List users",
+                "parameters": list_params,
+                "responses": common_errors(json!({"200": ok_json("A page of users", json!({
+                    "type": "object", "required": ["users"],
+                    "properties": {"users": {"type": "array", "items": user_ref}, "next_cursor": {"type": ["string", "null"]}}
+                })), "400": error_response("Unknown parameter or bad value")}), &[])
+            }},
+            "/api/v1/roster/users/{user_id}": {
+                "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
+                "get": {
+                    "operationId": "getUser", "summary": "One user",
+                    "responses": common_errors(json!({"200": ok_json("The user", user_ref)}), &[("404", "User not found")])
+                },
+                "patch": {
+                    "operationId": "overrideArchetype", "summary": "Set or clear a manual archetype override (roster:write)",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["archetype_id"], "additionalProperties": false,
+                        "properties": {"archetype_id": {"type": ["string", "null"], "description": "null clears the override"}}
+                    }}}},
+                    "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
+                        ("400", "archetype_id not in the tenant's bundle, or a malformed body"),
+                        ("404", "User not found"),
+                        ("409", "A sync job is running for the tenant"),
+                        ("422", "Tenant policy forbids manual overrides"),
+                    ])
+                }
+            },
+            "/api/v1/roster/users:export": {"get": {
+                "operationId": "exportUsers", "summary": "The roster as CSV, streamed",
+                "parameters": export_params,
+                "responses": common_errors(json!({"200": {"description": "RFC 4180 CSV with columns user_id,email,first_name,last_name,job_title,department,manager,archetype_id,archetype_confidence,is_active,groups; cells beginning with = + - @ are prefixed with '",
+                    "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format")}), &[])
+            }},
+            "/api/v1/roster/archetype:bulk-assign": {"post": {
+                "operationId": "bulkAssign", "summary": "Override many users' archetypes (roster:write)",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["assignments"],
+                    "properties": {"assignments": {"type": "array", "maxItems": 10000, "items": {
+                        "type": "object", "required": ["user_id", "archetype_id"],
+                        "properties": {"user_id": {"type": "string"}, "archetype_id": {"type": "string"}}}}}
+                }}}},
+                "responses": common_errors(json!({"200": ok_json("Per-item outcome", json!({
+                    "type": "object",
+                    "properties": {"updated": {"type": "integer"}, "failed": {"type": "integer"},
+                        "errors": {"type": "array", "items": {"type": "object", "properties": {
+                            "index": {"type": "integer"}, "user_id": {"type": "string"}, "status": {"type": "integer"},
+                            "error": {"type": "string"}, "message": {"type": "string"}}}}}
+                })), "400": error_response("Malformed body")}), &[
+                    ("409", "A sync job is running for the tenant"),
+                    ("422", "Tenant policy forbids manual overrides"),
+                ])
+            }},
+            "/api/v1/roster/archetypes": {"get": {
+                "operationId": "listArchetypes", "summary": "The tenant's archetypes with user counts",
+                "responses": common_errors(json!({"200": ok_json("Archetypes", json!({
+                    "type": "object", "properties": {"bundle_version": {"type": "string"}, "archetypes": {"type": "array", "items": {
+                        "type": "object", "properties": {
+                            "archetype_id": {"type": "string"}, "title": {"type": "string"},
+                            "function_focus": {"type": "array", "items": {"type": "string"}},
+                            "default_cowork_id": {"type": "string"}, "user_count": {"type": "integer"},
+                            "active_user_count": {"type": "integer"}}}}}
+                }))}), &[("409", "No archetype bundle is configured")])
+            }},
+            "/api/v1/roster/groups": {"get": {
+                "operationId": "listGroups", "summary": "Groups with member counts",
+                "responses": common_errors(json!({"200": ok_json("Groups", json!({
+                    "type": "object", "properties": {"groups": {"type": "array", "items": {
+                        "type": "object", "properties": {
+                            "group_id": {"type": "string"}, "display_name": {"type": ["string", "null"]},
+                            "external_id": {"type": ["string", "null"]}, "source": {"type": "string"},
+                            "member_count": {"type": "integer"}, "archetype_rule": {"type": ["string", "null"]}}}}}
+                }))}), &[])
+            }},
+            "/api/v1/roster/review": {"get": {
+                "operationId": "listReview", "summary": "Users whose automatic assignment is below the review threshold",
+                "parameters": paging(),
+                "responses": common_errors(json!({"200": ok_json("Review items", json!({
+                    "type": "object", "properties": {
+                        "review_threshold": {"type": ["number", "null"]}, "total": {"type": "integer"},
+                        "next_cursor": {"type": ["string", "null"]},
+                        "items": {"type": "array", "items": {"type": "object", "properties": {
+                            "user_id": {"type": "string"}, "scim_id": {"type": "string"},
+                            "job_title": {"type": ["string", "null"]}, "department": {"type": ["string", "null"]},
+                            "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": "number"},
+                            "assigned_by": {"type": "string"},
+                            "candidates": {"type": "array", "items": {"type": "object", "properties": {
+                                "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}}}}
+                })), "400": error_response("Bad paging parameter")}), &[])
+            }},
+            "/api/v1/roster/review/{user_id}/accept": {"post": {
+                "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (empty body) or choose an archetype (roster:write)",
+                "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"archetype_id": {"type": "string"}}}}}},
+                "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
+                    ("400", "archetype_id not in the bundle, or nothing to accept"),
+                    ("404", "User not found"),
+                    ("409", "A sync job is running for the tenant"),
+                    ("422", "Tenant policy forbids manual overrides"),
+                ])
+            }},
+            "/api/v1/roster/events": {"get": {
+                "operationId": "listEvents", "summary": "Governance events (assignment changes), oldest first",
+                "parameters": [
+                    query("user_id", "Only this user (user:<userName> or SCIM id)", json!({"type": "string"})),
+                    query("kind", "rbac.archetype_assigned, rbac.archetype_overridden, rbac.archetype_cleared or rbac.archetype_removed", json!({"type": "string"})),
+                    query("since", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
+                    query("until", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
+                    query("after", "Only events after this seq (next_after of the previous page)", json!({"type": "integer"})),
+                    query("limit", "Page size, 1 to 1000", json!({"type": "integer", "minimum": 1, "maximum": 1000}))
+                ],
+                "responses": common_errors(json!({"200": ok_json("Events", json!({
+                    "type": "object", "properties": {"next_after": {"type": ["integer", "null"]}, "events": {"type": "array", "items": {
+                        "type": "object", "properties": {
+                            "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+                            "kind": {"type": "string"}, "user_id": {"type": "string"}, "scim_id": {"type": "string"},
+                            "actor": {"type": "string"}, "before": {}, "after": {}}}}}
+                })), "400": error_response("Bad parameter")}), &[("404", "user_id names no user")])
+            }},
+            "/api/v1/roster/scim:sync": {"post": {
+                "operationId": "startSync", "summary": "Start a sync job: reclassify the tenant (roster:write)",
+                "responses": common_errors(json!({"202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"}))}), &[
+                    ("409", "A job is already running, or no bundle is configured")
+                ])
+            }},
+            "/api/v1/roster/scim/jobs/{job_id}": {"get": {
+                "operationId": "getJob", "summary": "A sync job's state and counts",
+                "parameters": [path_param("job_id", "The job_id scim:sync returned")],
+                "responses": common_errors(json!({"200": ok_json("The job", json!({"$ref": "#/components/schemas/Job"}))}), &[("404", "No such job")])
+            }},
+            "/api/v1/openapi.json": {"get": {
+                "operationId": "openapi", "summary": "This document", "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}}
+            }}
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "HS256, RS256 or ES256; claims: sub, exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "message"], "properties": {
+                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, insufficient_scope, not_found, sync_in_progress, override_forbidden, token_expired"},
+                    "message": {"type": "string"}}},
+                "User": {"type": "object", "properties": {
+                    "user_id": {"type": "string"}, "scim_id": {"type": "string"},
+                    "email": {"type": ["string", "null"]}, "first_name": {"type": ["string", "null"]},
+                    "last_name": {"type": ["string", "null"]}, "job_title": {"type": ["string", "null"]},
+                    "department": {"type": ["string", "null"]}, "manager_user_id": {"type": ["string", "null"]},
+                    "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": ["number", "null"]},
+                    "archetype_assigned_by": {"type": ["string", "null"]},
+                    "archetype_assigned_at": {"type": ["string", "null"], "format": "date-time"},
+                    "is_active": {"type": "boolean"}, "scim_external_id": {"type": ["string", "null"]},
+                    "groups": {"type": "array", "items": {"type": "string"}}}},
+                "AssignmentResult": {"type": "object", "properties": {
+                    "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
+                    "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},
+                    "archetype_assigned_at": {"type": "string", "format": "date-time"}}},
+                "Job": {"type": "object", "properties": {
+                    "job_id": {"type": "string"}, "kind": {"type": "string"},
+                    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "interrupted"]},
+                    "started_at": {"type": "string", "format": "date-time"},
+                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "error": {"type": ["string", "null"]}}}
+            }
+        }
+    })
+}

@@ -1,0 +1,995 @@
+//! Roster API handlers. Reads stream from the store on the blocking pool; writes go
+//! through the store's one write path, so an override lands in the same kind of
+//! transaction (with its governance event and change event) as a SCIM write.
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::jwt::Scope;
+use super::{ApiError, ApiResult, Caller, TenantRoster, authenticate};
+use crate::scim::ResourceKind;
+use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
+use crate::server::AppState;
+use crate::store::{Assignment, EventQuery, IndexQuery, Job, Resource, Store, StoreResult};
+
+type St = State<Arc<AppState>>;
+type Params = Query<HashMap<String, String>>;
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+const MAX_BULK: usize = 10_000;
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/roster/users", get(list_users))
+        .route(
+            "/api/v1/roster/users:export",
+            get(super::export::export_users),
+        )
+        .route(
+            "/api/v1/roster/users/{user_id}",
+            get(get_user).patch(patch_user),
+        )
+        .route("/api/v1/roster/archetype:bulk-assign", post(bulk_assign))
+        .route("/api/v1/roster/archetypes", get(list_archetypes))
+        .route("/api/v1/roster/groups", get(list_groups))
+        .route("/api/v1/roster/review", get(list_review))
+        .route(
+            "/api/v1/roster/review/{user_id}/accept",
+            post(accept_review),
+        )
+        .route("/api/v1/roster/events", get(list_events))
+        .route("/api/v1/roster/scim:sync", post(start_sync))
+        .route("/api/v1/roster/scim/jobs/{job_id}", get(get_job))
+}
+
+// ---------------------------------------------------------------------------------------
+// Plumbing
+
+pub(super) fn tenant_of<'a>(state: &'a AppState, caller: &Caller) -> ApiResult<&'a TenantRoster> {
+    state
+        .roster
+        .tenants
+        .get(&caller.tenant)
+        .ok_or_else(|| ApiError::TenantMismatch(caller.tenant.clone()))
+}
+
+/// Run store reads off the async threads.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(crate::store::StoreError::Backend(e.to_string())))?
+}
+
+fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+    let mut unknown: Vec<&str> = p
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !allowed.contains(k))
+        .collect();
+    unknown.sort_unstable();
+    match unknown.first() {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "unknown query parameter {k:?}; this endpoint takes {}",
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
+    match p.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadRequest(format!(
+                "limit must be an integer from 1 to {MAX_LIMIT}"
+            ))),
+        },
+    }
+}
+
+fn encode_cursor(id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> ApiResult<String> {
+    URL_SAFE_NO_PAD
+        .decode(c.as_bytes())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))
+}
+
+fn parse_json(body: &Bytes) -> ApiResult<Value> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+}
+
+/// `user:<userName>` or a SCIM id.
+pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult<Resource> {
+    let found = match user_id.strip_prefix("user:") {
+        Some(name) => match store
+            .lookup(tenant, &IndexQuery::UserName(name.to_owned()))?
+            .first()
+        {
+            Some(id) => store.get(tenant, ResourceKind::User, id)?,
+            None => None,
+        },
+        None => store.get(tenant, ResourceKind::User, user_id)?,
+    };
+    found.ok_or_else(|| ApiError::NotFound(format!("user {user_id:?} not found")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering users
+
+/// A user as the Roster API shows it (roster-api.txt).
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct RosterUser {
+    pub user_id: String,
+    pub scim_id: String,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub job_title: Option<String>,
+    pub department: Option<String>,
+    pub manager_user_id: Option<String>,
+    pub archetype_id: Option<String>,
+    pub archetype_confidence: Option<f64>,
+    pub archetype_assigned_by: Option<String>,
+    pub archetype_assigned_at: Option<DateTime<Utc>>,
+    pub is_active: bool,
+    pub scim_external_id: Option<String>,
+    pub groups: Vec<String>,
+}
+
+fn text(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+pub(super) fn primary_email(doc: &Value) -> Option<String> {
+    let emails = doc.get("emails").and_then(Value::as_array);
+    let pick = emails.and_then(|list| {
+        list.iter()
+            .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
+            .or_else(|| {
+                list.iter()
+                    .find(|e| e.get("type").and_then(Value::as_str) == Some("work"))
+            })
+            .or_else(|| list.first())
+    });
+    text(pick.and_then(|e| e.get("value")))
+        .or_else(|| text(doc.get("userName")).filter(|u| u.contains('@')))
+}
+
+pub(super) fn is_active(doc: &Value) -> bool {
+    doc.get("active").and_then(Value::as_bool).unwrap_or(true)
+}
+
+pub(super) fn department(doc: &Value) -> Option<String> {
+    text(
+        doc.get(ENTERPRISE_USER_SCHEMA)
+            .and_then(|e| e.get("department")),
+    )
+}
+
+/// Renders users, caching group names and manager userNames across one request.
+pub(super) struct Renderer<'a> {
+    store: &'a Store,
+    tenant: &'a str,
+    group_names: HashMap<String, String>,
+    manager_names: HashMap<String, Option<String>>,
+}
+
+impl<'a> Renderer<'a> {
+    pub fn new(store: &'a Store, tenant: &'a str) -> Self {
+        Renderer {
+            store,
+            tenant,
+            group_names: HashMap::new(),
+            manager_names: HashMap::new(),
+        }
+    }
+
+    pub fn user(&mut self, res: &Resource) -> StoreResult<RosterUser> {
+        let doc = &res.doc;
+        let assignment = self.store.assignment(self.tenant, &res.id)?;
+        let manager_user_id = match text(
+            doc.get(ENTERPRISE_USER_SCHEMA)
+                .and_then(|e| e.pointer("/manager/value")),
+        ) {
+            Some(mid) => self.manager_name(&mid)?.map(|n| format!("user:{n}")),
+            None => None,
+        };
+        let mut groups = Vec::new();
+        for gid in self.store.groups_of(self.tenant, &res.id)? {
+            groups.push(self.group_name(&gid)?);
+        }
+        groups.sort();
+        let user_name = text(doc.get("userName")).unwrap_or_default();
+        let (archetype_id, confidence, by, at) = match assignment {
+            Some(Assignment {
+                archetype_id,
+                confidence,
+                assigned_by,
+                assigned_at,
+                ..
+            }) => (
+                archetype_id,
+                Some(confidence),
+                Some(assigned_by),
+                Some(assigned_at),
+            ),
+            None => (None, None, None, None),
+        };
+        Ok(RosterUser {
+            user_id: format!("user:{user_name}"),
+            scim_id: res.id.clone(),
+            email: primary_email(doc),
+            first_name: text(doc.pointer("/name/givenName")),
+            last_name: text(doc.pointer("/name/familyName")),
+            job_title: text(doc.get("title")),
+            department: department(doc),
+            manager_user_id,
+            archetype_id,
+            archetype_confidence: confidence,
+            archetype_assigned_by: by,
+            archetype_assigned_at: at,
+            is_active: is_active(doc),
+            scim_external_id: text(doc.get("externalId")),
+            groups,
+        })
+    }
+
+    fn manager_name(&mut self, id: &str) -> StoreResult<Option<String>> {
+        if let Some(n) = self.manager_names.get(id) {
+            return Ok(n.clone());
+        }
+        let n = self
+            .store
+            .get(self.tenant, ResourceKind::User, id)?
+            .and_then(|m| text(m.doc.get("userName")));
+        self.manager_names.insert(id.to_owned(), n.clone());
+        Ok(n)
+    }
+
+    fn group_name(&mut self, id: &str) -> StoreResult<String> {
+        if let Some(n) = self.group_names.get(id) {
+            return Ok(n.clone());
+        }
+        let n = self
+            .store
+            .get(self.tenant, ResourceKind::Group, id)?
+            .and_then(|g| text(g.doc.get("displayName")))
+            .unwrap_or_else(|| id.to_owned());
+        self.group_names.insert(id.to_owned(), n.clone());
+        Ok(n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Listing users
+
+/// The filters of `GET /users` (and the export).
+#[derive(Debug, Clone, Default)]
+pub(super) struct UserFilter {
+    pub archetype: Option<String>,
+    /// None: active and inactive.
+    pub active: Option<bool>,
+    pub email: Option<String>,
+    /// SCIM id of the manager (resolved from `user:<userName>`).
+    pub manager: Option<String>,
+    pub department: Option<String>,
+    /// SCIM id of the group.
+    pub group: Option<String>,
+    pub confidence_lt: Option<f64>,
+}
+
+pub(super) const FILTER_PARAMS: &[&str] = &[
+    "archetype",
+    "active",
+    "email",
+    "manager_user_id",
+    "department",
+    "group",
+    "archetype_confidence__lt",
+];
+
+impl UserFilter {
+    pub fn from_params(
+        store: &Store,
+        tenant: &str,
+        p: &HashMap<String, String>,
+    ) -> ApiResult<Self> {
+        let active = match p.get("active").map(|s| s.to_ascii_lowercase()).as_deref() {
+            None | Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some("any") | Some("all") => None,
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "active must be true, false or any, not {other:?}"
+                )));
+            }
+        };
+        let manager = match p.get("manager_user_id") {
+            // An unknown manager has no reports; the id stays so nothing matches.
+            Some(m) => Some(match find_user(store, tenant, m) {
+                Ok(r) => r.id,
+                Err(ApiError::NotFound(_)) => format!("\0unknown:{m}"),
+                Err(e) => return Err(e),
+            }),
+            None => None,
+        };
+        let group = match p.get("group") {
+            Some(g) => {
+                Some(find_group(store, tenant, g)?.unwrap_or_else(|| format!("\0unknown:{g}")))
+            }
+            None => None,
+        };
+        let confidence_lt =
+            match p.get("archetype_confidence__lt") {
+                Some(v) => Some(v.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(
+                    || ApiError::BadRequest("archetype_confidence__lt must be a number".into()),
+                )?),
+                None => None,
+            };
+        Ok(UserFilter {
+            archetype: p.get("archetype").cloned(),
+            active,
+            email: p.get("email").cloned(),
+            manager,
+            department: p.get("department").cloned(),
+            group,
+            confidence_lt,
+        })
+    }
+
+    /// Candidate ids from the most selective index, or None to scan everyone.
+    fn candidates(&self, store: &Store, tenant: &str) -> StoreResult<Option<Vec<String>>> {
+        let mut ids = if let Some(e) = &self.email {
+            store.lookup(tenant, &IndexQuery::Email(e.clone()))?
+        } else if let Some(m) = &self.manager {
+            store.lookup(tenant, &IndexQuery::Manager(m.clone()))?
+        } else if let Some(g) = &self.group {
+            let mut v = Vec::new();
+            for m in store.members(tenant, g)? {
+                let m = m?;
+                if m.kind == "User" {
+                    v.push(m.value);
+                }
+            }
+            v
+        } else if let Some(a) = &self.archetype {
+            store.users_with_archetype(tenant, a)?
+        } else if let Some(d) = &self.department {
+            store.lookup(tenant, &IndexQuery::Department(d.clone()))?
+        } else {
+            return Ok(None);
+        };
+        ids.sort();
+        ids.dedup();
+        Ok(Some(ids))
+    }
+
+    fn matches(
+        &self,
+        store: &Store,
+        tenant: &str,
+        res: &Resource,
+        a: Option<&Assignment>,
+    ) -> StoreResult<bool> {
+        let doc = &res.doc;
+        if self.active.is_some_and(|want| is_active(doc) != want) {
+            return Ok(false);
+        }
+        if let Some(want) = &self.archetype
+            && a.and_then(|a| a.archetype_id.as_ref()) != Some(want)
+        {
+            return Ok(false);
+        }
+        if let Some(lt) = self.confidence_lt
+            && !a.is_some_and(|a| a.confidence < lt)
+        {
+            return Ok(false);
+        }
+        if let Some(d) = &self.department
+            && !department(doc).is_some_and(|x| x.eq_ignore_ascii_case(d))
+        {
+            return Ok(false);
+        }
+        if let Some(e) = &self.email {
+            let has = doc
+                .get("emails")
+                .and_then(Value::as_array)
+                .is_some_and(|l| {
+                    l.iter().any(|x| {
+                        x.get("value")
+                            .and_then(Value::as_str)
+                            .is_some_and(|v| v.eq_ignore_ascii_case(e))
+                    })
+                });
+            if !has {
+                return Ok(false);
+            }
+        }
+        if let Some(m) = &self.manager
+            && doc
+                .get(ENTERPRISE_USER_SCHEMA)
+                .and_then(|x| x.pointer("/manager/value"))
+                .and_then(Value::as_str)
+                != Some(m.as_str())
+        {
+            return Ok(false);
+        }
+        if let Some(g) = &self.group
+            && !store.is_member(tenant, g, &res.id)?
+        {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Walk matching users in id order after `after`, calling `f` until it returns false.
+    pub fn for_each(
+        &self,
+        store: &Store,
+        tenant: &str,
+        after: Option<&str>,
+        mut f: impl FnMut(Resource, Option<Assignment>) -> StoreResult<bool>,
+    ) -> StoreResult<()> {
+        let mut visit = |res: Resource| -> StoreResult<bool> {
+            let a = store.assignment(tenant, &res.id)?;
+            if self.matches(store, tenant, &res, a.as_ref())? {
+                return f(res, a);
+            }
+            Ok(true)
+        };
+        match self.candidates(store, tenant)? {
+            Some(ids) => {
+                for id in ids {
+                    if after.is_some_and(|a| id.as_str() <= a) {
+                        continue;
+                    }
+                    if let Some(res) = store.get(tenant, ResourceKind::User, &id)?
+                        && !visit(res)?
+                    {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for res in store.scan_after(tenant, ResourceKind::User, after)? {
+                    if !visit(res?)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A group named by SCIM id, displayName (any case) or externalId.
+fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>> {
+    if store.get(tenant, ResourceKind::Group, g)?.is_some() {
+        return Ok(Some(g.to_owned()));
+    }
+    if let Some(id) = store
+        .lookup(tenant, &IndexQuery::GroupName(g.to_owned()))?
+        .into_iter()
+        .next()
+    {
+        return Ok(Some(id));
+    }
+    Ok(store
+        .lookup_group_external_id(tenant, g)?
+        .into_iter()
+        .next())
+}
+
+async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let mut allowed = FILTER_PARAMS.to_vec();
+    allowed.extend(["limit", "cursor"]);
+    check_params(&p, &allowed)?;
+    let limit = parse_limit(&p)?;
+    let after = p.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let tenant = caller.tenant;
+    blocking(move || {
+        let store = &st.store;
+        let filter = UserFilter::from_params(store, &tenant, &p)?;
+        let mut renderer = Renderer::new(store, &tenant);
+        let mut users = Vec::with_capacity(limit);
+        let mut more = false;
+        filter.for_each(store, &tenant, after.as_deref(), |res, _| {
+            if users.len() == limit {
+                more = true;
+                return Ok(false);
+            }
+            users.push(renderer.user(&res)?);
+            Ok(true)
+        })?;
+        let next = more
+            .then(|| users.last().map(|u| encode_cursor(&u.scim_id)))
+            .flatten();
+        Ok(Json(json!({"users": users, "next_cursor": next})).into_response())
+    })
+    .await
+}
+
+async fn get_user(
+    State(st): St,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let tenant = caller.tenant;
+    blocking(move || {
+        let res = find_user(&st.store, &tenant, &user_id)?;
+        let user = Renderer::new(&st.store, &tenant).user(&res)?;
+        Ok(Json(user).into_response())
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Overrides
+
+fn assignment_reply(user_name: &str, a: &Assignment) -> Value {
+    json!({
+        "user_id": format!("user:{user_name}"),
+        "archetype_id": a.archetype_id,
+        "archetype_confidence": a.confidence,
+        "archetype_assigned_by": a.assigned_by,
+        "archetype_assigned_at": a.assigned_at,
+    })
+}
+
+/// Checks shared by every override: the caller may write, the tenant allows overrides,
+/// no sync job is rewriting assignments, and the archetype is in the bundle.
+fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> ApiResult<()> {
+    caller.require(Scope::Write)?;
+    let t = tenant_of(st, caller)?;
+    if !t.allow_overrides {
+        return Err(ApiError::OverridesForbidden);
+    }
+    if let Some(a) = archetype {
+        let policy = t.policy().ok_or(ApiError::NoBundle)?;
+        if !policy.has_archetype(a) {
+            return Err(ApiError::InvalidArchetype(a.to_owned()));
+        }
+    }
+    if st.roster.is_syncing(&caller.tenant) {
+        return Err(ApiError::SyncInProgress);
+    }
+    Ok(())
+}
+
+/// The `archetype_id` of a body: a string sets an override, `null` clears it.
+fn archetype_field(body: &Value) -> ApiResult<Option<String>> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    };
+    if let Some(k) = obj.keys().find(|k| *k != "archetype_id") {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field {k:?}; the body is {{\"archetype_id\": \"<id>\" | null}}"
+        )));
+    }
+    match obj.get("archetype_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Value::Null) => Ok(None),
+        _ => Err(ApiError::BadRequest(
+            "archetype_id must be an archetype id, or null to clear the override".into(),
+        )),
+    }
+}
+
+async fn patch_user(
+    State(st): St,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Write)?;
+    let archetype = archetype_field(&parse_json(&body)?)?;
+    let user = {
+        let (st, tenant, user_id) = (st.clone(), caller.tenant.clone(), user_id.clone());
+        blocking(move || find_user(&st.store, &tenant, &user_id)).await?
+    };
+    check_override(&st, &caller, archetype.as_deref())?;
+    if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
+        return Err(ApiError::NoBundle);
+    }
+    let a = st
+        .store
+        .set_override(
+            &caller.tenant,
+            &user.id,
+            archetype,
+            &caller.principal.actor(),
+        )
+        .await?;
+    let name = text(user.doc.get("userName")).unwrap_or_default();
+    tracing::info!(user = %user.id, archetype = ?a.archetype_id, actor = %caller.principal.actor(), "Archetype override set.");
+    Ok(Json(assignment_reply(&name, &a)).into_response())
+}
+
+async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Write)?;
+    let body = parse_json(&body)?;
+    let Some(items) = body.get("assignments").and_then(Value::as_array) else {
+        return Err(ApiError::BadRequest(
+            "body must be {\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}".into(),
+        ));
+    };
+    if items.len() > MAX_BULK {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_BULK} assignments per request"
+        )));
+    }
+    check_override(&st, &caller, None)?;
+    let policy = tenant_of(&st, &caller)?
+        .policy()
+        .ok_or(ApiError::NoBundle)?;
+    let mut updated = 0u64;
+    let mut errors = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let user_id = item
+            .get("user_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let archetype = item.get("archetype_id").and_then(Value::as_str);
+        let outcome: ApiResult<()> = async {
+            let archetype =
+                archetype.ok_or_else(|| ApiError::BadRequest("archetype_id is required".into()))?;
+            if !policy.has_archetype(archetype) {
+                return Err(ApiError::InvalidArchetype(archetype.to_owned()));
+            }
+            let user = {
+                let (st, tenant, uid) = (st.clone(), caller.tenant.clone(), user_id.to_owned());
+                blocking(move || find_user(&st.store, &tenant, &uid)).await?
+            };
+            st.store
+                .set_override(
+                    &caller.tenant,
+                    &user.id,
+                    Some(archetype.to_owned()),
+                    &caller.principal.actor(),
+                )
+                .await?;
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => updated += 1,
+            Err(ApiError::Internal(e))
+                if !matches!(e, crate::store::StoreError::NotFound { .. }) =>
+            {
+                return Err(ApiError::Internal(e));
+            }
+            Err(e) => {
+                let (status, code) = e.status_and_code();
+                errors.push(json!({
+                    "index": index,
+                    "user_id": user_id,
+                    "status": status.as_u16(),
+                    "error": code,
+                    "message": e.to_string(),
+                }));
+            }
+        }
+    }
+    Ok(Json(json!({"updated": updated, "failed": errors.len(), "errors": errors})).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Archetypes and groups
+
+async fn list_archetypes(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let policy = tenant_of(&st, &caller)?
+        .policy()
+        .ok_or(ApiError::NoBundle)?;
+    let tenant = caller.tenant;
+    blocking(move || {
+        let mut out = Vec::new();
+        for a in &policy.bundle().archetypes {
+            let ids = st.store.users_with_archetype(&tenant, &a.id)?;
+            let mut active = 0u64;
+            for id in &ids {
+                if st
+                    .store
+                    .get(&tenant, ResourceKind::User, id)?
+                    .is_some_and(|r| is_active(&r.doc))
+                {
+                    active += 1;
+                }
+            }
+            out.push(json!({
+                "archetype_id": a.id,
+                "title": a.title,
+                "function_focus": a.function_focus,
+                "default_cowork_id": a.default_cowork_id,
+                "user_count": ids.len(),
+                "active_user_count": active,
+            }));
+        }
+        Ok(Json(json!({
+            "bundle_version": policy.bundle().version,
+            "archetypes": out,
+        }))
+        .into_response())
+    })
+    .await
+}
+
+async fn list_groups(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let policy = tenant_of(&st, &caller)?.policy();
+    let tenant = caller.tenant;
+    blocking(move || {
+        let mut out = Vec::new();
+        for g in st.store.scan(&tenant, ResourceKind::Group)? {
+            let g = g?;
+            let mut members = 0u64;
+            for m in st.store.members(&tenant, &g.id)? {
+                m?;
+                members += 1;
+            }
+            let name = text(g.doc.get("displayName"));
+            let external = text(g.doc.get("externalId"));
+            let rule = policy.as_ref().and_then(|p| {
+                p.group_rule_for(&g.id, name.as_deref(), external.as_deref())
+                    .map(str::to_owned)
+            });
+            out.push(json!({
+                "group_id": g.id,
+                "display_name": name,
+                "external_id": external,
+                "source": "scim",
+                "member_count": members,
+                "archetype_rule": rule,
+            }));
+        }
+        Ok(Json(json!({"groups": out})).into_response())
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Review queue
+
+async fn list_review(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    check_params(&p, &["limit", "cursor"])?;
+    let limit = parse_limit(&p)?;
+    let after = p.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let threshold = tenant_of(&st, &caller)?
+        .policy()
+        .map(|p| p.review_threshold_value());
+    let tenant = caller.tenant;
+    blocking(move || {
+        let mut items = Vec::new();
+        let mut more = false;
+        for id in st.store.review_queue(&tenant)? {
+            if after.as_deref().is_some_and(|a| id.as_str() <= a) {
+                continue;
+            }
+            if items.len() == limit {
+                more = true;
+                break;
+            }
+            let (Some(res), Some(a)) = (
+                st.store.get(&tenant, ResourceKind::User, &id)?,
+                st.store.assignment(&tenant, &id)?,
+            ) else {
+                continue;
+            };
+            items.push(json!({
+                "user_id": format!("user:{}", text(res.doc.get("userName")).unwrap_or_default()),
+                "scim_id": id,
+                "job_title": text(res.doc.get("title")),
+                "department": department(&res.doc),
+                "archetype_id": a.archetype_id,
+                "archetype_confidence": a.confidence,
+                "assigned_by": a.assigned_by,
+                "candidates": a.candidates,
+            }));
+        }
+        let next = if more {
+            items
+                .last()
+                .and_then(|i| i["scim_id"].as_str())
+                .map(encode_cursor)
+        } else {
+            None
+        };
+        Ok(Json(json!({
+            "review_threshold": threshold,
+            "total": st.store.review_queue_len(&tenant)?,
+            "items": items,
+            "next_cursor": next,
+        }))
+        .into_response())
+    })
+    .await
+}
+
+/// Accept the suggested archetype (empty body) or pick another (`{"archetype_id": …}`):
+/// either way a person decided, so it becomes an override and leaves the queue.
+async fn accept_review(
+    State(st): St,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Write)?;
+    let chosen = if body.is_empty() {
+        None
+    } else {
+        archetype_field(&parse_json(&body)?)?
+    };
+    let (user, current) = {
+        let (st, tenant, uid) = (st.clone(), caller.tenant.clone(), user_id.clone());
+        blocking(move || {
+            let u = find_user(&st.store, &tenant, &uid)?;
+            let a = st.store.assignment(&tenant, &u.id)?;
+            Ok((u, a))
+        })
+        .await?
+    };
+    let archetype = match chosen.or_else(|| current.and_then(|a| a.archetype_id)) {
+        Some(a) => a,
+        None => {
+            return Err(ApiError::BadRequest(
+                "this user has no suggested archetype; send {\"archetype_id\": …}".into(),
+            ));
+        }
+    };
+    check_override(&st, &caller, Some(&archetype))?;
+    let a = st
+        .store
+        .set_override(
+            &caller.tenant,
+            &user.id,
+            Some(archetype),
+            &caller.principal.actor(),
+        )
+        .await?;
+    let name = text(user.doc.get("userName")).unwrap_or_default();
+    Ok(Json(assignment_reply(&name, &a)).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Governance events
+
+fn parse_time(p: &HashMap<String, String>, key: &str) -> ApiResult<Option<DateTime<Utc>>> {
+    p.get(key)
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::BadRequest(format!("{key} must be an RFC 3339 time")))
+        })
+        .transpose()
+}
+
+async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    check_params(&p, &["user_id", "kind", "since", "until", "limit", "after"])?;
+    let limit = parse_limit(&p)?;
+    let after_seq = match p.get("after") {
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("after must be an event seq".into()))?,
+        None => 0,
+    };
+    let (since, until) = (parse_time(&p, "since")?, parse_time(&p, "until")?);
+    let tenant = caller.tenant;
+    blocking(move || {
+        let user = match p.get("user_id") {
+            Some(u) => Some(find_user(&st.store, &tenant, u)?.id),
+            None => None,
+        };
+        let q = EventQuery {
+            user,
+            kind: p.get("kind").cloned(),
+            since,
+            until,
+            after_seq,
+            limit,
+        };
+        let events = st.store.governance_events(&tenant, &q)?;
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        let mut out = Vec::with_capacity(events.len());
+        for e in &events {
+            if !names.contains_key(&e.user) {
+                let n = st
+                    .store
+                    .get(&tenant, ResourceKind::User, &e.user)?
+                    .and_then(|r| text(r.doc.get("userName")))
+                    .map(|n| format!("user:{n}"))
+                    .unwrap_or_else(|| e.user.clone());
+                names.insert(e.user.clone(), n);
+            }
+            out.push(json!({
+                "seq": e.seq,
+                "at": e.at,
+                "kind": e.kind,
+                "user_id": names.get(&e.user),
+                "scim_id": e.user,
+                "actor": e.actor,
+                "before": e.before,
+                "after": e.after,
+            }));
+        }
+        let next = (events.len() == limit)
+            .then(|| events.last().map(|e| e.seq))
+            .flatten();
+        Ok(Json(json!({"events": out, "next_after": next})).into_response())
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------
+// Sync jobs
+
+fn job_json(j: &Job) -> Value {
+    json!({
+        "job_id": j.job_id,
+        "kind": j.kind,
+        "status": j.status,
+        "started_at": j.started_at,
+        "finished_at": j.finished_at,
+        "counts": j.counts,
+        "error": j.error,
+    })
+}
+
+async fn start_sync(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Write)?;
+    tenant_of(&st, &caller)?
+        .policy()
+        .ok_or(ApiError::NoBundle)?;
+    let job = crate::schedule::start_reclassify(st.clone(), &caller.tenant, "scim_sync").await?;
+    Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
+}
+
+async fn get_job(
+    State(st): St,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let job = st
+        .store
+        .job(&caller.tenant, &job_id)?
+        .ok_or_else(|| ApiError::NotFound(format!("job {job_id:?} not found")))?;
+    Ok(Json(job_json(&job)).into_response())
+}

@@ -1,0 +1,191 @@
+//! A tenant's archetype policy: group rules, then the classifier, then the bundle's
+//! default. Manual overrides sit above all of it and are kept by the store, which never
+//! asks the policy about a user with an override.
+use serde_json::Value;
+use std::path::Path;
+
+use super::{Bundle, Classifier, ClassifyError};
+use crate::config::{GroupRule, TenantConfig};
+use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
+use crate::store::{AssignmentSource, Candidate, Decision, GroupRef, Resolver};
+
+pub const CLASSIFIER_ACTOR: &str = "service:classifier";
+pub const DEFAULT_ACTOR: &str = "service:default";
+
+pub struct TenantPolicy {
+    bundle: Bundle,
+    classifier: Classifier,
+    rules: Vec<GroupRule>,
+    threshold: f64,
+    fingerprint: String,
+}
+
+impl TenantPolicy {
+    /// Build from a loaded bundle; group rules must name archetypes of the bundle.
+    pub fn new(
+        bundle: Bundle,
+        rules: Vec<GroupRule>,
+        threshold: Option<f64>,
+    ) -> Result<TenantPolicy, ClassifyError> {
+        for (i, r) in rules.iter().enumerate() {
+            if bundle.get(&r.archetype).is_none() {
+                return Err(ClassifyError::Invalid(format!(
+                    "group_rules[{i}]: archetype {:?} is not in the bundle",
+                    r.archetype
+                )));
+            }
+        }
+        let classifier = Classifier::new(&bundle);
+        // Rules and threshold are part of what decides, so they are part of the identity
+        // a reload compares.
+        let fingerprint = format!(
+            "{}:{}:{}",
+            bundle.fingerprint(),
+            rules
+                .iter()
+                .map(|r| format!("{}={}", r.group, r.archetype))
+                .collect::<Vec<_>>()
+                .join(","),
+            threshold.unwrap_or(bundle.review_threshold)
+        );
+        Ok(TenantPolicy {
+            threshold: threshold.unwrap_or(bundle.review_threshold),
+            bundle,
+            classifier,
+            rules,
+            fingerprint,
+        })
+    }
+
+    /// Load the bundle a tenant's config names (relative to the config's directory).
+    pub fn load(t: &TenantConfig, base_dir: &Path) -> Result<Option<TenantPolicy>, ClassifyError> {
+        let Some(path) = &t.bundle else {
+            return Ok(None);
+        };
+        let path = if path.is_absolute() {
+            path.clone()
+        } else {
+            base_dir.join(path)
+        };
+        let bundle = Bundle::load(&path)?;
+        TenantPolicy::new(bundle, t.group_rules.clone(), t.review_threshold).map(Some)
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    pub fn has_archetype(&self, id: &str) -> bool {
+        self.bundle.get(id).is_some()
+    }
+
+    pub fn review_threshold_value(&self) -> f64 {
+        self.threshold
+    }
+
+    /// Identity of everything that decides assignments: a change means reclassify.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The archetype a group rule gives members of this group, if any.
+    pub fn group_rule_for(
+        &self,
+        id: &str,
+        display_name: Option<&str>,
+        external_id: Option<&str>,
+    ) -> Option<&str> {
+        self.rules
+            .iter()
+            .find(|r| rule_matches(r, id, display_name, external_id))
+            .map(|r| r.archetype.as_str())
+    }
+}
+
+fn rule_matches(r: &GroupRule, id: &str, name: Option<&str>, external: Option<&str>) -> bool {
+    r.group == id
+        || name.is_some_and(|n| n.eq_ignore_ascii_case(&r.group))
+        || external.is_some_and(|x| x == r.group)
+}
+
+fn text(v: Option<&Value>) -> Option<&str> {
+    v.and_then(Value::as_str).filter(|s| !s.trim().is_empty())
+}
+
+impl Resolver for TenantPolicy {
+    fn decide(&self, user: &Value, groups: &[GroupRef]) -> Decision {
+        let version = self.bundle.version.clone();
+        // Rules in config order: the operator's order is the precedence among groups.
+        for r in &self.rules {
+            if let Some(g) = groups.iter().find(|g| {
+                rule_matches(
+                    r,
+                    &g.id,
+                    g.display_name.as_deref(),
+                    g.external_id.as_deref(),
+                )
+            }) {
+                return Decision {
+                    archetype_id: Some(r.archetype.clone()),
+                    confidence: 1.0,
+                    assigned_by: format!("group:{}", g.id),
+                    source: AssignmentSource::Group,
+                    bundle_version: version,
+                    candidates: vec![],
+                };
+            }
+        }
+        let title = text(user.get("title")).unwrap_or("");
+        let department = text(
+            user.get(ENTERPRISE_USER_SCHEMA)
+                .and_then(|e| e.get("department")),
+        );
+        let c = self.classifier.classify(title, department);
+        let candidates: Vec<Candidate> = c
+            .candidates
+            .iter()
+            .map(|k| Candidate {
+                archetype_id: k.archetype_id.clone(),
+                confidence: k.confidence,
+            })
+            .collect();
+        match c.archetype_id {
+            Some(a) if !title.is_empty() || department.is_some() => Decision {
+                archetype_id: Some(a),
+                confidence: c.confidence,
+                assigned_by: CLASSIFIER_ACTOR.into(),
+                source: AssignmentSource::Classifier,
+                bundle_version: version,
+                candidates,
+            },
+            _ => Decision {
+                archetype_id: self.bundle.default_archetype.clone(),
+                confidence: 0.0,
+                assigned_by: DEFAULT_ACTOR.into(),
+                source: if self.bundle.default_archetype.is_some() {
+                    AssignmentSource::Default
+                } else {
+                    AssignmentSource::Unassigned
+                },
+                bundle_version: version,
+                candidates,
+            },
+        }
+    }
+
+    fn review_threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    fn uses_groups(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
+    fn bundle_version(&self) -> &str {
+        &self.bundle.version
+    }
+}

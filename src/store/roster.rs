@@ -1,0 +1,691 @@
+//! Archetype assignments, the review queue, governance events and jobs: the roster state
+//! that lives beside the SCIM documents and changes in the same transactions.
+//!
+//! The store does not know how archetypes are chosen; a tenant's [`Resolver`] (built by
+//! the classify stage from its bundle and group rules) decides, and the store makes that
+//! decision durable together with the write that caused it.
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ChangeEvent, ChangeOp, Store, StoreError, StoreResult, Txn, decode, encode, keys};
+use crate::scim::ResourceKind;
+
+/// Where an assignment came from, highest precedence first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentSource {
+    Override,
+    Group,
+    Classifier,
+    Default,
+    Unassigned,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub archetype_id: String,
+    pub confidence: f64,
+}
+
+/// What a tenant's policy decides for one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub archetype_id: Option<String>,
+    pub confidence: f64,
+    pub assigned_by: String,
+    pub source: AssignmentSource,
+    pub bundle_version: String,
+    pub candidates: Vec<Candidate>,
+}
+
+/// A user's archetype as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub archetype_id: Option<String>,
+    pub confidence: f64,
+    pub assigned_by: String,
+    pub assigned_at: DateTime<Utc>,
+    pub source: AssignmentSource,
+    #[serde(default)]
+    pub bundle_version: String,
+    /// The classifier's best candidates, kept for reviewers even under an override.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
+    /// In the review queue: decided automatically with confidence under the threshold.
+    #[serde(default)]
+    pub needs_review: bool,
+}
+
+impl Assignment {
+    fn same_decision(&self, d: &Decision) -> bool {
+        self.archetype_id == d.archetype_id
+            && (self.confidence - d.confidence).abs() < 1e-9
+            && self.source == d.source
+            && self.assigned_by == d.assigned_by
+            && self.bundle_version == d.bundle_version
+    }
+}
+
+/// A group as a resolver sees it.
+#[derive(Debug, Clone)]
+pub struct GroupRef {
+    pub id: String,
+    pub display_name: Option<String>,
+    pub external_id: Option<String>,
+}
+
+/// A tenant's archetype policy, consulted inside store transactions. Must be fast and
+/// must not block: it runs under the tenant's write lock.
+pub trait Resolver: Send + Sync {
+    /// The automatic decision for a user (everything below a manual override).
+    fn decide(&self, user: &Value, groups: &[GroupRef]) -> Decision;
+    /// Assignments under this confidence (and not set by a person or a group) need review.
+    fn review_threshold(&self) -> f64;
+    /// Whether group membership can change a decision (so membership changes re-resolve).
+    fn uses_groups(&self) -> bool;
+    /// The bundle version decisions are made with.
+    fn bundle_version(&self) -> &str;
+}
+
+/// One governance event: an audit record of an assignment change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GovernanceEvent {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    /// `rbac.archetype_assigned`, `rbac.archetype_overridden`, `rbac.archetype_cleared`,
+    /// `rbac.archetype_removed`.
+    pub kind: String,
+    /// SCIM id of the user.
+    pub user: String,
+    pub actor: String,
+    pub before: Option<Assignment>,
+    pub after: Option<Assignment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    /// Was running when the daemon stopped without finishing it.
+    Interrupted,
+}
+
+/// A background job (reclassify / reconcile) and what it did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub job_id: String,
+    pub kind: String,
+    pub status: JobStatus,
+    pub started_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub counts: std::collections::BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Governance event filters.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub user: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only events with a larger sequence number (paging).
+    pub after_seq: u64,
+    pub limit: usize,
+}
+
+fn review_needed(source: AssignmentSource, confidence: f64, threshold: f64) -> bool {
+    matches!(
+        source,
+        AssignmentSource::Classifier | AssignmentSource::Default | AssignmentSource::Unassigned
+    ) && confidence < threshold
+}
+
+impl Txn<'_> {
+    pub(super) fn load_assignment(&self, id: &str) -> StoreResult<Option<Assignment>> {
+        match self.get(&keys::assignment(id))? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn group_refs_of(&self, id: &str) -> StoreResult<Vec<GroupRef>> {
+        let prefix = keys::backrefs_prefix(id);
+        let mut out = Vec::new();
+        for key in self.keys_with_prefix(&prefix)? {
+            let Some(gid) = keys::trailing_id(&key, prefix.len()) else {
+                continue;
+            };
+            let doc = self.load(ResourceKind::Group, gid)?;
+            let text = |k: &str| {
+                doc.as_ref()
+                    .and_then(|d| d.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            out.push(GroupRef {
+                id: gid.to_owned(),
+                display_name: text("displayName"),
+                external_id: text("externalId"),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Store `new` as the user's assignment, keeping the archetype index and the review
+    /// queue in step, and record the change.
+    fn put_assignment(
+        &mut self,
+        id: &str,
+        before: Option<&Assignment>,
+        mut new: Assignment,
+        kind: &str,
+        actor: &str,
+    ) -> StoreResult<Assignment> {
+        let threshold = self.resolver.as_ref().map_or(0.0, |r| r.review_threshold());
+        new.needs_review = review_needed(new.source, new.confidence, threshold);
+        if let Some(b) = before {
+            if let Some(a) = &b.archetype_id {
+                self.del(keys::archetype_entry(a, id));
+            }
+            if b.needs_review {
+                self.del(keys::review(id));
+            }
+        }
+        if let Some(a) = &new.archetype_id {
+            self.put(keys::archetype_entry(a, id), Vec::new());
+        }
+        if new.needs_review {
+            self.put(keys::review(id), Vec::new());
+        }
+        self.put(keys::assignment(id), encode(&new)?);
+        self.govern(kind, id, actor, before.cloned(), Some(new.clone()))?;
+        Ok(new)
+    }
+
+    pub(super) fn govern(
+        &mut self,
+        kind: &str,
+        user: &str,
+        actor: &str,
+        before: Option<Assignment>,
+        after: Option<Assignment>,
+    ) -> StoreResult<()> {
+        let seq = self.next_gseq()?;
+        let event = GovernanceEvent {
+            seq,
+            at: self.now,
+            kind: kind.to_owned(),
+            user: user.to_owned(),
+            actor: actor.to_owned(),
+            before,
+            after,
+        };
+        self.put(keys::governance(seq), encode(&event)?);
+        Ok(())
+    }
+
+    fn next_gseq(&mut self) -> StoreResult<u64> {
+        let last = match self.get(keys::GSEQ_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("governance counter".into()))?,
+            ),
+            None => 0,
+        };
+        self.put(keys::GSEQ_KEY.to_vec(), (last + 1).to_be_bytes().to_vec());
+        Ok(last + 1)
+    }
+
+    /// Re-run the tenant's policy for a user whose document or groups changed. A manual
+    /// override is sticky and is left alone. Returns the assignment if it changed.
+    pub(super) fn reassign(&mut self, id: &str, doc: &Value) -> StoreResult<Option<Assignment>> {
+        let Some(resolver) = self.resolver.clone() else {
+            return Ok(None);
+        };
+        let current = self.load_assignment(id)?;
+        if current
+            .as_ref()
+            .is_some_and(|a| a.source == AssignmentSource::Override)
+        {
+            return Ok(None);
+        }
+        let groups = if resolver.uses_groups() {
+            self.group_refs_of(id)?
+        } else {
+            Vec::new()
+        };
+        let d = resolver.decide(doc, &groups);
+        if current.as_ref().is_some_and(|a| a.same_decision(&d)) {
+            return Ok(None);
+        }
+        let new = Assignment {
+            archetype_id: d.archetype_id,
+            confidence: d.confidence,
+            assigned_by: d.assigned_by.clone(),
+            assigned_at: self.now,
+            source: d.source,
+            bundle_version: d.bundle_version,
+            candidates: d.candidates,
+            needs_review: false,
+        };
+        let stored = self.put_assignment(
+            id,
+            current.as_ref(),
+            new,
+            "rbac.archetype_assigned",
+            &d.assigned_by,
+        )?;
+        Ok(Some(stored))
+    }
+
+    /// Group membership changed for these members: re-resolve the users among them if
+    /// group rules can matter.
+    pub(super) fn reassign_members(&mut self, ids: &[String]) -> StoreResult<()> {
+        if !self.resolver.as_ref().is_some_and(|r| r.uses_groups()) {
+            return Ok(());
+        }
+        for id in ids {
+            if let Some(doc) = self.load(ResourceKind::User, id)?
+                && let Some(a) = self.reassign(id, &doc)?
+            {
+                self.log_assignment(id, a);
+            }
+        }
+        Ok(())
+    }
+
+    /// A change event for an assignment that changed without the document changing.
+    pub(super) fn log_assignment(&mut self, id: &str, a: Assignment) {
+        let seq = self.seq();
+        self.log(ChangeEvent {
+            seq,
+            at: self.now,
+            resource_type: "User".into(),
+            id: id.to_owned(),
+            op: ChangeOp::Archetype,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: Some(a),
+        });
+    }
+
+    pub(super) fn drop_assignment(&mut self, id: &str) -> StoreResult<()> {
+        if let Some(a) = self.load_assignment(id)? {
+            if let Some(arch) = &a.archetype_id {
+                self.del(keys::archetype_entry(arch, id));
+            }
+            self.del(keys::review(id));
+            self.del(keys::assignment(id));
+            self.govern("rbac.archetype_removed", id, "service:scim", Some(a), None)?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts from a reclassification pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReclassifyCounts {
+    pub scanned: u64,
+    pub changed: u64,
+    pub overrides_kept: u64,
+}
+
+impl Store {
+    /// Install (or replace) a tenant's archetype policy. Existing assignments are not
+    /// touched until [`Store::reclassify`] runs.
+    pub fn set_resolver(&self, tenant: &str, resolver: std::sync::Arc<dyn Resolver>) {
+        self.inner
+            .resolvers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tenant.to_owned(), resolver);
+    }
+
+    pub fn resolver(&self, tenant: &str) -> Option<std::sync::Arc<dyn Resolver>> {
+        self.inner
+            .resolvers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    pub fn assignment(&self, tenant: &str, id: &str) -> StoreResult<Option<Assignment>> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(keys::assignment(id))? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Set (`Some`) or clear (`None`) a manual override. Clearing hands the user back to
+    /// the automatic policy at once.
+    pub async fn set_override(
+        &self,
+        tenant: &str,
+        id: &str,
+        archetype: Option<String>,
+        actor: &str,
+    ) -> StoreResult<Assignment> {
+        let id = id.to_owned();
+        let actor = actor.to_owned();
+        self.write(tenant, move |txn| {
+            let doc = txn
+                .load(ResourceKind::User, &id)?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: ResourceKind::User,
+                    id: id.clone(),
+                })?;
+            let current = txn.load_assignment(&id)?;
+            let stored = match archetype {
+                Some(a) => {
+                    let version = txn
+                        .resolver
+                        .as_ref()
+                        .map(|r| r.bundle_version().to_owned())
+                        .unwrap_or_default();
+                    let new = Assignment {
+                        archetype_id: Some(a),
+                        confidence: 1.0,
+                        assigned_by: actor.clone(),
+                        assigned_at: txn.now,
+                        source: AssignmentSource::Override,
+                        bundle_version: version,
+                        candidates: current
+                            .as_ref()
+                            .map(|c| c.candidates.clone())
+                            .unwrap_or_default(),
+                        needs_review: false,
+                    };
+                    if current.as_ref().is_some_and(|c| {
+                        c.source == AssignmentSource::Override && c.archetype_id == new.archetype_id
+                    }) {
+                        // Repeating an override is not a change.
+                        return Ok(current.unwrap_or(new));
+                    }
+                    txn.put_assignment(
+                        &id,
+                        current.as_ref(),
+                        new,
+                        "rbac.archetype_overridden",
+                        &actor,
+                    )?
+                }
+                None => {
+                    if current
+                        .as_ref()
+                        .is_none_or(|c| c.source != AssignmentSource::Override)
+                    {
+                        return match current {
+                            Some(c) => Ok(c),
+                            None => Err(StoreError::NotFound {
+                                kind: ResourceKind::User,
+                                id: id.clone(),
+                            }),
+                        };
+                    }
+                    // Drop the override, then let the policy decide afresh.
+                    if let Some(c) = &current {
+                        if let Some(a) = &c.archetype_id {
+                            txn.del(keys::archetype_entry(a, &id));
+                        }
+                        txn.del(keys::assignment(&id));
+                    }
+                    txn.govern("rbac.archetype_cleared", &id, &actor, current.clone(), None)?;
+                    match txn.reassign(&id, &doc)? {
+                        Some(a) => a,
+                        None => {
+                            return Err(StoreError::Backend(
+                                "no archetype policy for this tenant".into(),
+                            ));
+                        }
+                    }
+                }
+            };
+            txn.log_assignment(&id, stored.clone());
+            Ok(stored)
+        })
+        .await
+    }
+
+    /// Re-run the policy for every user (after a bundle change, or as a sync job), in
+    /// batches so SCIM writes interleave. Overrides are kept.
+    pub async fn reclassify(&self, tenant: &str, batch: usize) -> StoreResult<ReclassifyCounts> {
+        let mut counts = ReclassifyCounts::default();
+        let mut after: Option<String> = None;
+        loop {
+            let ids = self.user_ids_after(tenant, after.as_deref(), batch.max(1))?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            let (c, o) = self
+                .write(tenant, move |txn| {
+                    let mut changed = 0u64;
+                    let mut kept = 0u64;
+                    for id in &ids {
+                        let Some(doc) = txn.load(ResourceKind::User, id)? else {
+                            continue;
+                        };
+                        if txn
+                            .load_assignment(id)?
+                            .is_some_and(|a| a.source == AssignmentSource::Override)
+                        {
+                            kept += 1;
+                            continue;
+                        }
+                        if let Some(a) = txn.reassign(id, &doc)? {
+                            txn.log_assignment(id, a);
+                            changed += 1;
+                        }
+                    }
+                    Ok((changed, kept))
+                })
+                .await?;
+            counts.changed += c;
+            counts.overrides_kept += o;
+            after = Some(last);
+        }
+        counts.scanned = self.count_users(tenant)?;
+        Ok(counts)
+    }
+
+    fn user_ids_after(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let mut out = Vec::with_capacity(limit);
+        for r in self.scan_after(tenant, ResourceKind::User, after)? {
+            out.push(r?.id);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of users (a key scan: no documents are decoded).
+    pub fn count_users(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        let mut n = 0;
+        for k in t
+            .tree
+            .scan_prefix(keys::resource_prefix(ResourceKind::User))
+            .keys()
+        {
+            k?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Resources of a kind with id greater than `after`, in id order, streamed.
+    pub fn scan_after(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        after: Option<&str>,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<super::Resource>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::resource_prefix(kind);
+        let plen = prefix.len();
+        let start = match after {
+            Some(a) => {
+                let mut k = keys::resource(kind, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix.clone();
+        end.push(0xff);
+        Ok(t.tree.range(start..end).map(move |kv| {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k[plen..]).into_owned();
+            Ok(super::to_resource(id, decode(&v)?))
+        }))
+    }
+
+    /// Ids of users assigned `archetype`, in id order.
+    pub fn users_with_archetype(&self, tenant: &str, archetype: &str) -> StoreResult<Vec<String>> {
+        self.ids_under(tenant, &keys::archetype_prefix(archetype))
+    }
+
+    /// Ids of users in the review queue, in id order.
+    pub fn review_queue(&self, tenant: &str) -> StoreResult<Vec<String>> {
+        self.ids_under(tenant, &keys::review_prefix())
+    }
+
+    pub fn review_queue_len(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        let mut n = 0;
+        for k in t.tree.scan_prefix(keys::review_prefix()).keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn ids_under(&self, tenant: &str, prefix: &[u8]) -> StoreResult<Vec<String>> {
+        let t = self.tenant(tenant)?;
+        let mut out = Vec::new();
+        for k in t.tree.scan_prefix(prefix).keys() {
+            let k = k?;
+            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
+                out.push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Governance events matching `q`, oldest first.
+    pub fn governance_events(
+        &self,
+        tenant: &str,
+        q: &EventQuery,
+    ) -> StoreResult<Vec<GovernanceEvent>> {
+        let t = self.tenant(tenant)?;
+        let start = keys::governance(q.after_seq.saturating_add(1));
+        let end = keys::governance(u64::MAX);
+        let mut out = Vec::new();
+        for kv in t.tree.range(start..=end) {
+            let (_, v) = kv?;
+            let e: GovernanceEvent =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if q.user.as_ref().is_some_and(|u| u != &e.user)
+                || q.kind.as_ref().is_some_and(|k| k != &e.kind)
+                || q.since.is_some_and(|s| e.at < s)
+                || q.until.is_some_and(|u| e.at > u)
+            {
+                continue;
+            }
+            out.push(e);
+            if out.len() >= q.limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn put_job(&self, tenant: &str, job: Job) -> StoreResult<()> {
+        self.write(tenant, move |txn| {
+            txn.put(keys::job(&job.job_id), encode(&job)?);
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn job(&self, tenant: &str, id: &str) -> StoreResult<Option<Job>> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(keys::job(id))? {
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn jobs(&self, tenant: &str) -> StoreResult<Vec<Job>> {
+        let t = self.tenant(tenant)?;
+        let mut out = Vec::new();
+        for kv in t.tree.scan_prefix(keys::jobs_prefix()) {
+            let (_, v) = kv?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Jobs left `queued` or `running` by a daemon that stopped are marked interrupted,
+    /// so nobody waits on them and they can be started again.
+    pub async fn mark_interrupted_jobs(&self, tenant: &str) -> StoreResult<u64> {
+        let stale: Vec<Job> = self
+            .jobs(tenant)?
+            .into_iter()
+            .filter(|j| matches!(j.status, JobStatus::Queued | JobStatus::Running))
+            .collect();
+        let n = stale.len() as u64;
+        for mut j in stale {
+            j.status = JobStatus::Interrupted;
+            j.finished_at = Some(Utc::now());
+            j.error = Some("the daemon stopped before the job finished".into());
+            self.put_job(tenant, j).await?;
+        }
+        Ok(n)
+    }
+}
+
+const POLICY_FINGERPRINT_KEY: &[u8] = b"s\0policy";
+
+impl Store {
+    /// The fingerprint of the policy the tenant's assignments were last computed with.
+    pub fn policy_fingerprint(&self, tenant: &str) -> StoreResult<Option<String>> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree
+            .get(POLICY_FINGERPRINT_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub async fn set_policy_fingerprint(&self, tenant: &str, fp: &str) -> StoreResult<()> {
+        let fp = fp.as_bytes().to_vec();
+        self.write(tenant, move |txn| {
+            txn.put(POLICY_FINGERPRINT_KEY.to_vec(), fp);
+            Ok(())
+        })
+        .await
+    }
+}
