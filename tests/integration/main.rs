@@ -2,6 +2,7 @@
 //! One integration-test binary: every module boots the real daemon on a loopback port and
 //! speaks HTTP to it.
 mod harness;
+mod roster_api;
 mod scim_bulk;
 mod scim_errors;
 mod scim_groups;

@@ -1,0 +1,872 @@
+//! The Roster API over HTTP: classification on SCIM writes, resolution precedence,
+//! overrides and their errors, listing, export, review queue, events, jobs, auth and
+//! tenant isolation.
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::harness::{ENTERPRISE, OTHER_TENANT, TENANT, TestDaemon, jwt_with, patch_op};
+
+fn person(user_name: &str, title: &str, department: Option<&str>) -> Value {
+    let mut u = json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", ENTERPRISE],
+        "userName": user_name,
+        "name": {"givenName": "Given", "familyName": "Family"},
+        "emails": [{"value": user_name, "type": "work", "primary": true}],
+        "title": title,
+        "active": true,
+    });
+    if let Some(d) = department {
+        u[ENTERPRISE] = json!({"department": d});
+    }
+    u
+}
+
+async fn create(d: &TestDaemon, user_name: &str, title: &str, dept: Option<&str>) -> String {
+    let r = d.post("/Users", person(user_name, title, dept)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+async fn roster_user(d: &TestDaemon, token: &str, user_id: &str) -> Value {
+    let r = d
+        .roster(Method::GET, &format!("/users/{user_id}"), token, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+async fn wait_job(d: &TestDaemon, token: &str, job_id: &str) -> Value {
+    for _ in 0..600 {
+        let r = d
+            .roster(Method::GET, &format!("/scim/jobs/{job_id}"), token, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let status = r.body["status"].as_str().unwrap().to_owned();
+        if status == "succeeded" || status == "failed" {
+            return r.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("job {job_id} did not finish");
+}
+
+/// Wait for the start-up reclassification (a fresh store has no policy fingerprint).
+async fn settled(d: &TestDaemon) -> String {
+    let admin = d.jwt(TENANT, "roster:admin");
+    for _ in 0..500 {
+        let r = d
+            .roster(
+                Method::PATCH,
+                "/users/user:nobody@x.test",
+                &admin,
+                Some(json!({"archetype_id": "sales_rep"})),
+            )
+            .await;
+        if r.status != 409 {
+            return admin;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("start-up job never finished");
+}
+
+#[tokio::test]
+async fn scim_writes_classify_and_overrides_stick() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(
+        &d,
+        "ada@acme.test",
+        "software engineer",
+        Some("Engineering"),
+    )
+    .await;
+
+    let u = roster_user(&d, &admin, "user:ada@acme.test").await;
+    assert_eq!(u["archetype_id"], "software_engineer", "{u}");
+    assert_eq!(u["archetype_assigned_by"], "service:classifier");
+    let c = u["archetype_confidence"].as_f64().unwrap();
+    assert!(c > 0.0 && c <= 1.0, "{c}");
+    assert_eq!(u["user_id"], "user:ada@acme.test");
+    assert_eq!(u["job_title"], "software engineer");
+    assert_eq!(u["department"], "Engineering");
+    // The same user by SCIM id.
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["user_id"],
+        "user:ada@acme.test"
+    );
+
+    // A title change reclassifies inside the SCIM write.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "financial analyst"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["archetype_id"],
+        "fpa_analyst"
+    );
+
+    // A manual override wins and survives later SCIM updates.
+    let r = d
+        .roster(
+            Method::PATCH,
+            "/users/user:ada@acme.test",
+            &admin,
+            Some(json!({"archetype_id": "production_planner"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["archetype_id"], "production_planner");
+    assert_eq!(r.body["archetype_confidence"], 1.0);
+    assert_eq!(r.body["archetype_assigned_by"], "user:it.admin@acme.test");
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "software engineer"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let u = roster_user(&d, &admin, &id).await;
+    assert_eq!(
+        u["archetype_id"], "production_planner",
+        "override is sticky"
+    );
+
+    // A sync job (reclassification) keeps it too.
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["status"], "queued");
+    let job = wait_job(&d, &admin, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["overrides_kept"], 1, "{job}");
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["archetype_id"],
+        "production_planner"
+    );
+
+    // Clearing hands the user back to the classifier at once.
+    let r = d
+        .roster(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            &admin,
+            Some(json!({"archetype_id": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["archetype_id"], "software_engineer");
+    assert_eq!(r.body["archetype_assigned_by"], "service:classifier");
+
+    // Governance events record each change with its actor, before and after.
+    let r = d
+        .roster(Method::GET, &format!("/events?user_id={id}"), &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kinds: Vec<&str> = r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "rbac.archetype_assigned",
+            "rbac.archetype_assigned",
+            "rbac.archetype_overridden",
+            "rbac.archetype_cleared",
+            "rbac.archetype_assigned"
+        ],
+        "{}",
+        r.body
+    );
+    let overridden = &r.body["events"][2];
+    assert_eq!(overridden["actor"], "user:it.admin@acme.test");
+    assert_eq!(overridden["before"]["archetype_id"], "fpa_analyst");
+    assert_eq!(overridden["after"]["archetype_id"], "production_planner");
+    let r = d
+        .roster(
+            Method::GET,
+            "/events?kind=rbac.archetype_overridden",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
+    let r = d
+        .roster(
+            Method::GET,
+            "/events?since=2999-01-01T00:00:00Z",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["events"], json!([]));
+}
+
+#[tokio::test]
+async fn group_rules_outrank_the_classifier() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "lin@acme.test", "software engineer", None).await;
+    let gid = d.create_group("Engineering Leads").await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let u = roster_user(&d, &admin, &id).await;
+    assert_eq!(u["archetype_id"], "eng_lead", "{u}");
+    assert_eq!(u["archetype_assigned_by"], format!("group:{gid}"));
+    assert_eq!(u["archetype_confidence"], 1.0);
+    assert_eq!(u["groups"], json!(["Engineering Leads"]));
+
+    let r = d.roster(Method::GET, "/groups", &admin, None).await;
+    assert_eq!(r.status, 200);
+    let g = &r.body["groups"][0];
+    assert_eq!(g["member_count"], 1);
+    assert_eq!(g["archetype_rule"], "eng_lead");
+
+    // Leaving the group returns the user to the classifier.
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{id}\"]")}])),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let u = roster_user(&d, &admin, &id).await;
+    assert_eq!(u["archetype_id"], "software_engineer");
+    assert_eq!(u["archetype_assigned_by"], "service:classifier");
+}
+
+#[tokio::test]
+async fn override_errors_are_documented_codes() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    create(&d, "bo@acme.test", "account executive", Some("Sales")).await;
+    let path = "/users/user:bo@acme.test";
+
+    let r = d
+        .roster(
+            Method::PATCH,
+            path,
+            &admin,
+            Some(json!({"archetype_id": "astronaut"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (400, Some("invalid_archetype"))
+    );
+    let r = d
+        .roster(
+            Method::PATCH,
+            path,
+            &admin,
+            Some(json!({"archetype": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(
+            Method::PATCH,
+            path,
+            &reader,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (403, Some("insufficient_scope"))
+    );
+    let r = d
+        .roster(
+            Method::PATCH,
+            "/users/user:ghost@acme.test",
+            &admin,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (404, Some("not_found"))
+    );
+
+    // globex's policy forbids overrides.
+    let r = d
+        .raw(
+            Method::POST,
+            &d.url(&format!("/scim/v2/{OTHER_TENANT}/Users")),
+            Some(&d.other_token),
+            &[],
+            Some(serde_json::to_vec(&person("cy@globex.test", "sales manager", None)).unwrap()),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let globex = d.jwt(OTHER_TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::PATCH,
+            "/users/user:cy@globex.test",
+            &globex,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (422, Some("override_forbidden")),
+        "{}",
+        r.body
+    );
+
+    // While a sync job runs, overrides answer 409. A few thousand users keep it busy.
+    let ops: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"),
+                   "data": person(&format!("bulk{i}@acme.test"), "software developer", None)})
+        })
+        .collect();
+    for chunk in ops.chunks(500) {
+        let r = d
+            .post(
+                "/Bulk",
+                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202);
+    let job_id = r.body["job_id"].as_str().unwrap().to_owned();
+    let during = d
+        .roster(
+            Method::PATCH,
+            path,
+            &admin,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    let second = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    let job = wait_job(&d, &admin, &job_id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["counts"]["users"], 1001, "{job}");
+    assert_eq!(
+        (during.status.as_u16(), during.body["error"].as_str()),
+        (409, Some("sync_in_progress"))
+    );
+    assert_eq!(second.status, 409, "one job per tenant at a time");
+    let r = d
+        .roster(
+            Method::PATCH,
+            path,
+            &admin,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "after the job, overrides work again: {}",
+        r.body
+    );
+
+    let r = d
+        .roster(Method::GET, "/scim/jobs/scim-sync-unknown", &admin, None)
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (404, Some("not_found"))
+    );
+}
+
+#[tokio::test]
+async fn bulk_assign_reports_per_item() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    create(&d, "a@acme.test", "software engineer", None).await;
+    create(&d, "b@acme.test", "account executive", None).await;
+    let r = d
+        .roster(
+            Method::POST,
+            "/archetype:bulk-assign",
+            &admin,
+            Some(json!({"assignments": [
+                {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst"},
+                {"user_id": "user:b@acme.test", "archetype_id": "production_planner"},
+                {"user_id": "user:nobody@acme.test", "archetype_id": "fpa_analyst"},
+                {"user_id": "user:a@acme.test", "archetype_id": "astronaut"}
+            ]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["updated"], 2);
+    assert_eq!(r.body["failed"], 2);
+    assert_eq!(r.body["errors"][0]["index"], 2);
+    assert_eq!(r.body["errors"][0]["error"], "not_found");
+    assert_eq!(r.body["errors"][1]["error"], "invalid_archetype");
+    assert_eq!(
+        roster_user(&d, &admin, "user:b@acme.test").await["archetype_id"],
+        "production_planner"
+    );
+
+    let r = d.roster(Method::GET, "/archetypes", &admin, None).await;
+    assert_eq!(r.status, 200);
+    let by_id = |id: &str| {
+        r.body["archetypes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["archetype_id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_id("fpa_analyst")["user_count"], 1);
+    assert_eq!(by_id("production_planner")["active_user_count"], 1);
+    assert_eq!(by_id("software_engineer")["user_count"], 0);
+    assert_eq!(
+        by_id("fpa_analyst")["default_cowork_id"],
+        "fpa-analyst.test.v1"
+    );
+}
+
+#[tokio::test]
+async fn listing_filters_and_pages() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let boss = create(
+        &d,
+        "boss@acme.test",
+        "engineering manager",
+        Some("Engineering"),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut u = person(
+            &format!("dev{i}@acme.test"),
+            "software engineer",
+            Some("Engineering"),
+        );
+        u[ENTERPRISE]["manager"] = json!({"value": boss});
+        let r = d.post("/Users", u).await;
+        assert_eq!(r.status, 201);
+        ids.push(r.body["id"].as_str().unwrap().to_owned());
+    }
+    create(&d, "fin@acme.test", "financial analyst", Some("Finance")).await;
+    let gid = d.create_group("Pilot").await;
+    d.patch(
+        &format!("/Groups/{gid}"),
+        patch_op(json!([{"op": "add", "path": "members", "value": [{"value": ids[0]}, {"value": ids[1]}]}])),
+    )
+    .await;
+    // Deactivated users are hidden unless asked for.
+    d.patch(
+        &format!("/Users/{}", ids[6]),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+
+    let list = |q: &str| {
+        let (d, admin, q) = (&d, admin.clone(), q.to_owned());
+        async move {
+            let r = d
+                .roster(Method::GET, &format!("/users{q}"), &admin, None)
+                .await;
+            assert_eq!(r.status, 200, "{q}: {}", r.body);
+            r.body
+        }
+    };
+    let names = |b: &Value| -> Vec<String> {
+        let mut v: Vec<String> = b["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["user_id"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&list("?archetype=software_engineer").await).len(), 6);
+    assert_eq!(
+        names(&list("?archetype=software_engineer&active=false").await),
+        ["user:dev6@acme.test"]
+    );
+    assert_eq!(
+        names(&list("?archetype=software_engineer&active=any").await).len(),
+        7
+    );
+    assert_eq!(
+        names(&list("?email=FIN@acme.test").await),
+        ["user:fin@acme.test"]
+    );
+    assert_eq!(
+        names(&list("?manager_user_id=user:boss@acme.test").await).len(),
+        6
+    );
+    assert_eq!(
+        names(&list("?department=finance").await),
+        ["user:fin@acme.test"]
+    );
+    assert_eq!(
+        names(&list("?group=Pilot").await),
+        ["user:dev0@acme.test", "user:dev1@acme.test"]
+    );
+    assert_eq!(
+        names(&list(&format!("?group={gid}&department=engineering")).await).len(),
+        2
+    );
+    assert_eq!(names(&list("?archetype_confidence__lt=0").await).len(), 0);
+    assert_eq!(
+        names(&list("?archetype_confidence__lt=1.01").await).len(),
+        8
+    );
+    let u = &list("?email=dev0@acme.test").await["users"][0];
+    assert_eq!(u["manager_user_id"], "user:boss@acme.test");
+    assert_eq!(u["groups"], json!(["Pilot"]));
+    assert_eq!(u["is_active"], true);
+
+    // Paging with limit and an opaque cursor visits everyone exactly once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("?limit=3&cursor={c}"),
+            None => "?limit=3".to_owned(),
+        };
+        let b = list(&q).await;
+        seen.extend(names(&b));
+        match b["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+
+    for bad in [
+        "?limit=0",
+        "?limit=5000",
+        "?active=maybe",
+        "?cursor=!!",
+        "?archetype_confidence__lt=x",
+        "?colour=red",
+    ] {
+        let r = d
+            .roster(Method::GET, &format!("/users{bad}"), &admin, None)
+            .await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn csv_export_has_the_documented_columns_and_is_safe() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(
+        &d,
+        "eve@acme.test",
+        "=HYPERLINK(\"http://evil\")",
+        Some("R&D, Labs"),
+    )
+    .await;
+    create(&d, "max@acme.test", "financial analyst", Some("Finance")).await;
+    for name in ["Alpha, Team", "Beta"] {
+        let gid = d.create_group(name).await;
+        d.patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id}]}])),
+        )
+        .await;
+    }
+    let resp = d
+        .client
+        .get(d.url("/api/v1/roster/users:export?format=csv"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = resp.text().await.unwrap();
+    let mut rdr = csv::Reader::from_reader(text.as_bytes());
+    let headers: Vec<String> = rdr.headers().unwrap().iter().map(str::to_owned).collect();
+    assert_eq!(
+        headers,
+        [
+            "user_id",
+            "email",
+            "first_name",
+            "last_name",
+            "job_title",
+            "department",
+            "manager",
+            "archetype_id",
+            "archetype_confidence",
+            "is_active",
+            "groups"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2);
+    let eve = rows.iter().find(|r| &r[0] == "user:eve@acme.test").unwrap();
+    assert_eq!(
+        &eve[4], "'=HYPERLINK(\"http://evil\")",
+        "formula neutralized"
+    );
+    assert_eq!(&eve[5], "R&D, Labs", "commas quoted, not split");
+    assert_eq!(&eve[10], "Alpha, Team,Beta");
+    assert_eq!(&eve[9], "true");
+    assert!(text.contains("\r\n"), "RFC 4180 line endings");
+
+    let filtered = d
+        .client
+        .get(d.url("/api/v1/roster/users:export?format=csv&department=finance"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(filtered.lines().count(), 2, "{filtered}");
+    let r = d
+        .roster(Method::GET, "/users:export?format=xlsx", &admin, None)
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn review_queue_lists_and_resolves() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let doubtful = create(&d, "who@acme.test", "zzqx blorp", None).await;
+    create(
+        &d,
+        "sure@acme.test",
+        "software engineer",
+        Some("Engineering"),
+    )
+    .await;
+    let r = d.roster(Method::GET, "/review", &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let items = r.body["items"].as_array().unwrap();
+    assert!(
+        items.iter().any(|i| i["scim_id"] == doubtful.as_str()),
+        "{}",
+        r.body
+    );
+    assert!(
+        items.iter().all(|i| i["user_id"] != "user:sure@acme.test"),
+        "{}",
+        r.body
+    );
+    assert!(
+        items
+            .iter()
+            .all(|i| i["archetype_confidence"].as_f64().unwrap() < 0.7)
+    );
+    let total = r.body["total"].as_u64().unwrap();
+
+    let r = d
+        .roster(
+            Method::POST,
+            "/review/user:who@acme.test/accept",
+            &admin,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["archetype_id"], "sales_rep");
+    let r = d.roster(Method::GET, "/review", &admin, None).await;
+    assert_eq!(r.body["total"].as_u64().unwrap(), total - 1);
+    assert!(
+        r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["scim_id"] != doubtful.as_str())
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_verified_and_tenants_isolated() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "iso@acme.test", "software engineer", None).await;
+
+    let r = d.roster(Method::GET, "/users", "not-a-jwt", None).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").is_some());
+    assert!(
+        r.body["error"].is_string() && r.body["message"].is_string(),
+        "{}",
+        r.body
+    );
+    let r = d
+        .client
+        .get(d.url("/api/v1/roster/users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let now = chrono::Utc::now().timestamp();
+    let expired = jwt_with(
+        json!({"sub": "x", "tenant": TENANT, "scope": "roster:read", "aud": "rosterd-tests", "exp": now - 3600}),
+    );
+    let r = d.roster(Method::GET, "/users", &expired, None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (401, Some("token_expired"))
+    );
+    let wrong_aud = jwt_with(
+        json!({"sub": "x", "tenant": TENANT, "scope": "roster:read", "aud": "someone-else", "exp": now + 60}),
+    );
+    assert_eq!(
+        d.roster(Method::GET, "/users", &wrong_aud, None)
+            .await
+            .status,
+        401
+    );
+    let not_yet = jwt_with(
+        json!({"sub": "x", "tenant": TENANT, "scope": "roster:read", "aud": "rosterd-tests", "exp": now + 7200, "nbf": now + 3600}),
+    );
+    assert_eq!(
+        d.roster(Method::GET, "/users", &not_yet, None).await.status,
+        401
+    );
+    let no_scope = d.jwt(TENANT, "openid");
+    let r = d.roster(Method::GET, "/users", &no_scope, None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (403, Some("insufficient_scope"))
+    );
+
+    // X-Tenant must agree with the token.
+    let r = d
+        .roster_with(
+            Method::GET,
+            "/users",
+            &admin,
+            None,
+            &[("x-tenant", OTHER_TENANT)],
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (403, Some("tenant_mismatch"))
+    );
+    let r = d
+        .roster_with(Method::GET, "/users", &admin, None, &[("x-tenant", TENANT)])
+        .await;
+    assert_eq!(r.status, 200);
+    // A token for an undeclared tenant opens nothing.
+    let stranger = d.jwt("initech", "roster:admin");
+    assert_eq!(
+        d.roster(Method::GET, "/users", &stranger, None)
+            .await
+            .status,
+        403
+    );
+
+    // globex cannot see or change acme's users, by name or by id.
+    let globex = d.jwt(OTHER_TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/users?active=any", &globex, None)
+        .await;
+    assert_eq!(r.body["users"], json!([]));
+    for path in [
+        "/users/user:iso@acme.test".to_owned(),
+        format!("/users/{id}"),
+    ] {
+        assert_eq!(
+            d.roster(Method::GET, &path, &globex, None).await.status,
+            404
+        );
+        let r = d
+            .roster(
+                Method::PATCH,
+                &path,
+                &globex,
+                Some(json!({"archetype_id": "sales_rep"})),
+            )
+            .await;
+        assert!(matches!(r.status.as_u16(), 404 | 422), "{}", r.status);
+    }
+    let r = d
+        .roster(Method::GET, &format!("/events?user_id={id}"), &globex, None)
+        .await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn openapi_lists_exactly_the_served_operations() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let doc: Value = d
+        .client
+        .get(d.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 12);
+    let mut checked = 0;
+    for (path, item) in paths {
+        for method in ["get", "post", "patch", "put", "delete"] {
+            let Some(op) = item.get(method) else { continue };
+            assert!(op["responses"].is_object(), "{method} {path}");
+            let url = path
+                .replace("{user_id}", "user:nobody@acme.test")
+                .replace("{job_id}", "none");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let resp = d
+                .client
+                .request(m, d.url(&url))
+                .bearer_auth(&admin)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            // Served by a Roster API handler: a 2xx, or one of its JSON errors; never the
+            // router's 404/405.
+            assert_ne!(status, 405, "{method} {path}");
+            assert!(
+                status < 300 || body.get("error").is_some(),
+                "{method} {path}: {status} {body}"
+            );
+            let documented = op["responses"].get(status.to_string()).is_some();
+            assert!(
+                documented,
+                "{method} {path} answered {status}, which the document does not list"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 13, "{checked}");
+}
