@@ -5,83 +5,12 @@
 //! and `BENCH_CONCURRENCY` (default 64) tune it. Prints a Markdown table.
 
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-const TENANT: &str = "bench";
-const TOKEN: &str = "rsd_benchmark_token_not_secret";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Daemon {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon() -> Daemon {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n",
-            dir.path().join("data")
-        ),
-    )
-    .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("BENCH_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn rosterd");
-    Daemon {
-        child,
-        base: format!("http://127.0.0.1:{port}/scim/v2/{TENANT}"),
-        _dir: dir,
-    }
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
+mod common;
+use common::{TOKEN, env_usize, percentile, rss_kib, start_daemon};
 
 fn user_body(i: usize) -> Value {
     json!({
@@ -102,30 +31,14 @@ async fn main() {
     let users = env_usize("BENCH_USERS", 100_000);
     let concurrency = env_usize("BENCH_CONCURRENCY", 64);
     let group_size = env_usize("BENCH_GROUP_MEMBERS", 50_000).min(users);
-    let daemon = start_daemon();
+    let daemon = start_daemon("", &[]);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
         .expect("client");
     let auth = format!("Bearer {TOKEN}");
 
-    // Wait for the daemon.
-    let ready = Instant::now();
-    loop {
-        let r = client
-            .get(format!("{}/ServiceProviderConfig", daemon.base))
-            .header("authorization", &auth)
-            .send()
-            .await;
-        if r.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        assert!(
-            ready.elapsed() < Duration::from_secs(30),
-            "daemon did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon.wait_ready(&client).await;
 
     // 1. Durable creates with concurrency.
     let next = Arc::new(AtomicUsize::new(0));
@@ -138,7 +51,7 @@ async fn main() {
             next.clone(),
             ids.clone(),
             auth.clone(),
-            daemon.base.clone(),
+            daemon.scim(),
         );
         tasks.push(tokio::spawn(async move {
             loop {
@@ -174,7 +87,7 @@ async fn main() {
         let i = (k * 7919) % users;
         let url = format!(
             "{}/Users?filter=userName%20eq%20%22USER{i:07}%40bench.example%22",
-            daemon.base
+            daemon.scim()
         );
         let t = Instant::now();
         let r = client
@@ -191,7 +104,7 @@ async fn main() {
 
     // 3. One PATCH adding `group_size` members, then one removing them all by value.
     let r = client
-        .post(format!("{}/Groups", daemon.base))
+        .post(format!("{}/Groups", daemon.scim()))
         .header("authorization", &auth)
         .json(&json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "Everyone"}))
         .send()
@@ -211,7 +124,7 @@ async fn main() {
     let r = client
         .patch(format!(
             "{}/Groups/{gid}?excludedAttributes=members",
-            daemon.base
+            daemon.scim()
         ))
         .header("authorization", &auth)
         .json(&add)
@@ -227,7 +140,7 @@ async fn main() {
     let r = client
         .patch(format!(
             "{}/Groups/{gid}?excludedAttributes=members",
-            daemon.base
+            daemon.scim()
         ))
         .header("authorization", &auth)
         .json(&remove)
@@ -238,7 +151,7 @@ async fn main() {
     let _ = r.bytes().await;
     let patch_remove = t.elapsed();
 
-    let rss = peak_rss_kib(daemon.child.id());
+    let rss = rss_kib(daemon.child.id(), "VmHWM:");
     println!("| metric | value |");
     println!("|---|---|");
     println!("| users created | {users} (concurrency {concurrency}) |");

@@ -11,8 +11,9 @@ use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use super::{ApiError, ApiResult, Caller, TenantRoster, authenticate};
 use crate::scim::ResourceKind;
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::server::AppState;
-use crate::store::{Assignment, EventQuery, IndexQuery, Job, Resource, Store, StoreResult};
+use crate::store::{Assignment, EventQuery, IdScan, IndexQuery, Job, Resource, Store, StoreResult};
 
 type St = State<Arc<AppState>>;
 type Params = Query<HashMap<String, String>>;
@@ -163,30 +164,104 @@ fn text(v: Option<&Value>) -> Option<String> {
         .map(str::to_owned)
 }
 
-pub(super) fn primary_email(doc: &Value) -> Option<String> {
-    let emails = doc.get("emails").and_then(Value::as_array);
-    let pick = emails.and_then(|list| {
-        list.iter()
-            .find(|e| e.get("primary").and_then(Value::as_bool) == Some(true))
+/// The parts of a stored user the Roster API shows, decoded straight from the stored
+/// JSON with borrowed strings: listing and export decode every user they pass, and a full
+/// `serde_json::Value` per user was most of the export's cost.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct UserView<'a> {
+    #[serde(default, borrow, rename = "userName")]
+    pub user_name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub name: Option<NameView<'a>>,
+    #[serde(default, borrow)]
+    pub emails: Vec<EmailView<'a>>,
+    #[serde(default, borrow)]
+    pub title: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub active: Option<bool>,
+    #[serde(default, borrow, rename = "externalId")]
+    pub external_id: Option<Cow<'a, str>>,
+    #[serde(
+        default,
+        borrow,
+        rename = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+    )]
+    pub enterprise: Option<EnterpriseView<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct NameView<'a> {
+    #[serde(default, borrow, rename = "givenName")]
+    pub given: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "familyName")]
+    pub family: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct EmailView<'a> {
+    #[serde(default, borrow)]
+    pub value: Option<Cow<'a, str>>,
+    #[serde(default, borrow, rename = "type")]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub primary: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct EnterpriseView<'a> {
+    #[serde(default, borrow)]
+    pub department: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub manager: Option<ManagerView<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ManagerView<'a> {
+    #[serde(default, borrow)]
+    pub value: Option<Cow<'a, str>>,
+}
+
+fn owned(v: &Option<Cow<'_, str>>) -> Option<String> {
+    v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+impl<'a> UserView<'a> {
+    pub fn decode(bytes: &'a [u8]) -> StoreResult<UserView<'a>> {
+        serde_json::from_slice(bytes).map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))
+    }
+
+    pub fn email(&self) -> Option<String> {
+        let pick = self
+            .emails
+            .iter()
+            .find(|e| e.primary == Some(true))
             .or_else(|| {
-                list.iter()
-                    .find(|e| e.get("type").and_then(Value::as_str) == Some("work"))
+                self.emails
+                    .iter()
+                    .find(|e| e.kind.as_deref() == Some("work"))
             })
-            .or_else(|| list.first())
-    });
-    text(pick.and_then(|e| e.get("value")))
-        .or_else(|| text(doc.get("userName")).filter(|u| u.contains('@')))
-}
+            .or_else(|| self.emails.first());
+        pick.and_then(|e| owned(&e.value))
+            .or_else(|| owned(&self.user_name).filter(|u| u.contains('@')))
+    }
 
-pub(super) fn is_active(doc: &Value) -> bool {
-    doc.get("active").and_then(Value::as_bool).unwrap_or(true)
-}
+    pub fn is_active(&self) -> bool {
+        self.active.unwrap_or(true)
+    }
 
-pub(super) fn department(doc: &Value) -> Option<String> {
-    text(
-        doc.get(ENTERPRISE_USER_SCHEMA)
-            .and_then(|e| e.get("department")),
-    )
+    pub fn department(&self) -> Option<&str> {
+        self.enterprise
+            .as_ref()
+            .and_then(|e| e.department.as_deref())
+            .filter(|d| !d.is_empty())
+    }
+
+    pub fn manager(&self) -> Option<&str> {
+        self.enterprise
+            .as_ref()
+            .and_then(|e| e.manager.as_ref())
+            .and_then(|m| m.value.as_deref())
+    }
 }
 
 /// Renders users, caching group names and manager userNames across one request.
@@ -207,52 +282,47 @@ impl<'a> Renderer<'a> {
         }
     }
 
-    pub fn user(&mut self, res: &Resource) -> StoreResult<RosterUser> {
-        let doc = &res.doc;
-        let assignment = self.store.assignment(self.tenant, &res.id)?;
-        let manager_user_id = match text(
-            doc.get(ENTERPRISE_USER_SCHEMA)
-                .and_then(|e| e.pointer("/manager/value")),
-        ) {
-            Some(mid) => self.manager_name(&mid)?.map(|n| format!("user:{n}")),
+    /// Render one user by SCIM id.
+    pub fn by_id(&mut self, id: &str) -> ApiResult<RosterUser> {
+        let raw = self
+            .store
+            .get_raw(self.tenant, ResourceKind::User, id)?
+            .ok_or_else(|| ApiError::NotFound(format!("user {id:?} not found")))?;
+        let view = UserView::decode(&raw)?;
+        let a = self.store.assignment(self.tenant, id)?;
+        Ok(self.user(id, &view, a.as_ref())?)
+    }
+
+    pub fn user(
+        &mut self,
+        id: &str,
+        view: &UserView<'_>,
+        assignment: Option<&Assignment>,
+    ) -> StoreResult<RosterUser> {
+        let manager_user_id = match view.manager() {
+            Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
         let mut groups = Vec::new();
-        for gid in self.store.groups_of(self.tenant, &res.id)? {
+        for gid in self.store.groups_of(self.tenant, id)? {
             groups.push(self.group_name(&gid)?);
         }
         groups.sort();
-        let user_name = text(doc.get("userName")).unwrap_or_default();
-        let (archetype_id, confidence, by, at) = match assignment {
-            Some(Assignment {
-                archetype_id,
-                confidence,
-                assigned_by,
-                assigned_at,
-                ..
-            }) => (
-                archetype_id,
-                Some(confidence),
-                Some(assigned_by),
-                Some(assigned_at),
-            ),
-            None => (None, None, None, None),
-        };
         Ok(RosterUser {
-            user_id: format!("user:{user_name}"),
-            scim_id: res.id.clone(),
-            email: primary_email(doc),
-            first_name: text(doc.pointer("/name/givenName")),
-            last_name: text(doc.pointer("/name/familyName")),
-            job_title: text(doc.get("title")),
-            department: department(doc),
+            user_id: format!("user:{}", view.user_name.as_deref().unwrap_or_default()),
+            scim_id: id.to_owned(),
+            email: view.email(),
+            first_name: view.name.as_ref().and_then(|n| owned(&n.given)),
+            last_name: view.name.as_ref().and_then(|n| owned(&n.family)),
+            job_title: owned(&view.title),
+            department: view.department().map(str::to_owned),
             manager_user_id,
-            archetype_id,
-            archetype_confidence: confidence,
-            archetype_assigned_by: by,
-            archetype_assigned_at: at,
-            is_active: is_active(doc),
-            scim_external_id: text(doc.get("externalId")),
+            archetype_id: assignment.and_then(|a| a.archetype_id.clone()),
+            archetype_confidence: assignment.map(|a| a.confidence),
+            archetype_assigned_by: assignment.map(|a| a.assigned_by.clone()),
+            archetype_assigned_at: assignment.map(|a| a.assigned_at),
+            is_active: view.is_active(),
+            scim_external_id: owned(&view.external_id),
             groups,
         })
     }
@@ -360,42 +430,32 @@ impl UserFilter {
         })
     }
 
-    /// Candidate ids from the most selective index, or None to scan everyone.
-    fn candidates(&self, store: &Store, tenant: &str) -> StoreResult<Option<Vec<String>>> {
-        let mut ids = if let Some(e) = &self.email {
-            store.lookup(tenant, &IndexQuery::Email(e.clone()))?
+    /// The most selective index to walk, or None to walk every user.
+    fn index(&self) -> Option<IdScan> {
+        if let Some(e) = &self.email {
+            Some(IdScan::Email(e.clone()))
         } else if let Some(m) = &self.manager {
-            store.lookup(tenant, &IndexQuery::Manager(m.clone()))?
+            Some(IdScan::Manager(m.clone()))
         } else if let Some(g) = &self.group {
-            let mut v = Vec::new();
-            for m in store.members(tenant, g)? {
-                let m = m?;
-                if m.kind == "User" {
-                    v.push(m.value);
-                }
-            }
-            v
+            Some(IdScan::Members(g.clone()))
         } else if let Some(a) = &self.archetype {
-            store.users_with_archetype(tenant, a)?
-        } else if let Some(d) = &self.department {
-            store.lookup(tenant, &IndexQuery::Department(d.clone()))?
+            Some(IdScan::Archetype(a.clone()))
         } else {
-            return Ok(None);
-        };
-        ids.sort();
-        ids.dedup();
-        Ok(Some(ids))
+            self.department
+                .as_ref()
+                .map(|d| IdScan::Department(d.clone()))
+        }
     }
 
     fn matches(
         &self,
         store: &Store,
         tenant: &str,
-        res: &Resource,
+        id: &str,
+        view: &UserView<'_>,
         a: Option<&Assignment>,
     ) -> StoreResult<bool> {
-        let doc = &res.doc;
-        if self.active.is_some_and(|want| is_active(doc) != want) {
+        if self.active.is_some_and(|want| view.is_active() != want) {
             return Ok(false);
         }
         if let Some(want) = &self.archetype
@@ -409,36 +469,26 @@ impl UserFilter {
             return Ok(false);
         }
         if let Some(d) = &self.department
-            && !department(doc).is_some_and(|x| x.eq_ignore_ascii_case(d))
+            && !view.department().is_some_and(|x| x.eq_ignore_ascii_case(d))
         {
             return Ok(false);
         }
-        if let Some(e) = &self.email {
-            let has = doc
-                .get("emails")
-                .and_then(Value::as_array)
-                .is_some_and(|l| {
-                    l.iter().any(|x| {
-                        x.get("value")
-                            .and_then(Value::as_str)
-                            .is_some_and(|v| v.eq_ignore_ascii_case(e))
-                    })
-                });
-            if !has {
-                return Ok(false);
-            }
+        if let Some(e) = &self.email
+            && !view.emails.iter().any(|x| {
+                x.value
+                    .as_deref()
+                    .is_some_and(|v| v.eq_ignore_ascii_case(e))
+            })
+        {
+            return Ok(false);
         }
         if let Some(m) = &self.manager
-            && doc
-                .get(ENTERPRISE_USER_SCHEMA)
-                .and_then(|x| x.pointer("/manager/value"))
-                .and_then(Value::as_str)
-                != Some(m.as_str())
+            && view.manager() != Some(m.as_str())
         {
             return Ok(false);
         }
         if let Some(g) = &self.group
-            && !store.is_member(tenant, g, &res.id)?
+            && !store.is_member(tenant, g, id)?
         {
             return Ok(false);
         }
@@ -446,36 +496,37 @@ impl UserFilter {
     }
 
     /// Walk matching users in id order after `after`, calling `f` until it returns false.
+    /// Memory is one user at a time; a page costs its own size plus what the filters skip.
     pub fn for_each(
         &self,
         store: &Store,
         tenant: &str,
         after: Option<&str>,
-        mut f: impl FnMut(Resource, Option<Assignment>) -> StoreResult<bool>,
+        mut f: impl FnMut(&str, &UserView<'_>, Option<&Assignment>) -> StoreResult<bool>,
     ) -> StoreResult<()> {
-        let mut visit = |res: Resource| -> StoreResult<bool> {
-            let a = store.assignment(tenant, &res.id)?;
-            if self.matches(store, tenant, &res, a.as_ref())? {
-                return f(res, a);
+        let mut visit = |id: &str, raw: &[u8]| -> StoreResult<bool> {
+            let view = UserView::decode(raw)?;
+            let a = store.assignment(tenant, id)?;
+            if self.matches(store, tenant, id, &view, a.as_ref())? {
+                return f(id, &view, a.as_ref());
             }
             Ok(true)
         };
-        match self.candidates(store, tenant)? {
-            Some(ids) => {
-                for id in ids {
-                    if after.is_some_and(|a| id.as_str() <= a) {
-                        continue;
-                    }
-                    if let Some(res) = store.get(tenant, ResourceKind::User, &id)?
-                        && !visit(res)?
+        match self.index() {
+            Some(scan) => {
+                for id in store.scan_ids(tenant, &scan, after)? {
+                    let id = id?;
+                    if let Some(raw) = store.get_raw(tenant, ResourceKind::User, &id)?
+                        && !visit(&id, &raw)?
                     {
                         break;
                     }
                 }
             }
             None => {
-                for res in store.scan_after(tenant, ResourceKind::User, after)? {
-                    if !visit(res?)? {
+                for item in store.scan_raw_after(tenant, ResourceKind::User, after)? {
+                    let (id, raw) = item?;
+                    if !visit(&id, &raw)? {
                         break;
                     }
                 }
@@ -518,12 +569,12 @@ async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiR
         let mut renderer = Renderer::new(store, &tenant);
         let mut users = Vec::with_capacity(limit);
         let mut more = false;
-        filter.for_each(store, &tenant, after.as_deref(), |res, _| {
+        filter.for_each(store, &tenant, after.as_deref(), |id, view, a| {
             if users.len() == limit {
                 more = true;
                 return Ok(false);
             }
-            users.push(renderer.user(&res)?);
+            users.push(renderer.user(id, view, a)?);
             Ok(true)
         })?;
         let next = more
@@ -544,7 +595,7 @@ async fn get_user(
     let tenant = caller.tenant;
     blocking(move || {
         let res = find_user(&st.store, &tenant, &user_id)?;
-        let user = Renderer::new(&st.store, &tenant).user(&res)?;
+        let user = Renderer::new(&st.store, &tenant).by_id(&res.id)?;
         Ok(Json(user).into_response())
     })
     .await
@@ -721,7 +772,7 @@ async fn list_archetypes(State(st): St, headers: HeaderMap) -> ApiResult<Respons
                 if st
                     .store
                     .get(&tenant, ResourceKind::User, id)?
-                    .is_some_and(|r| is_active(&r.doc))
+                    .is_some_and(|r| r.doc.get("active").and_then(Value::as_bool) != Some(false))
                 {
                     active += 1;
                 }
@@ -812,7 +863,7 @@ async fn list_review(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                 "user_id": format!("user:{}", text(res.doc.get("userName")).unwrap_or_default()),
                 "scim_id": id,
                 "job_title": text(res.doc.get("title")),
-                "department": department(&res.doc),
+                "department": text(res.doc.get(ENTERPRISE_USER_SCHEMA).and_then(|e| e.get("department"))),
                 "archetype_id": a.archetype_id,
                 "archetype_confidence": a.confidence,
                 "assigned_by": a.assigned_by,

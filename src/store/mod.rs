@@ -25,8 +25,8 @@ use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
 pub(crate) use keys::Index;
 pub use roster::{
-    Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef, Job,
-    JobStatus, ReclassifyCounts, Resolver,
+    Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
+    IdScan, Job, JobStatus, ReclassifyCounts, Resolver,
 };
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.

@@ -689,3 +689,97 @@ impl Store {
         .await
     }
 }
+
+/// An index to walk in id order, for paged listings.
+#[derive(Debug, Clone)]
+pub enum IdScan {
+    Archetype(String),
+    Department(String),
+    Manager(String),
+    Email(String),
+    /// Members of a group (users and groups).
+    Members(String),
+}
+
+impl Store {
+    /// Ids under an index entry, in id order, strictly after `after`, streamed: a page
+    /// costs its own size, not the size of the index entry.
+    pub fn scan_ids(
+        &self,
+        tenant: &str,
+        scan: &IdScan,
+        after: Option<&str>,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<String>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = match scan {
+            IdScan::Archetype(a) => keys::archetype_prefix(a),
+            IdScan::Department(d) => {
+                keys::index_prefix(super::Index::Department, &d.to_lowercase())
+            }
+            IdScan::Manager(m) => keys::index_prefix(super::Index::Manager, m),
+            IdScan::Email(e) => keys::index_prefix(super::Index::Email, &e.to_lowercase()),
+            IdScan::Members(g) => keys::members_prefix(g),
+        };
+        let plen = prefix.len();
+        let start = match after {
+            Some(a) => {
+                let mut k = prefix.clone();
+                k.extend_from_slice(a.as_bytes());
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix;
+        end.push(0xff);
+        Ok(t.tree
+            .range(start..end)
+            .keys()
+            .filter_map(move |k| match k {
+                Ok(k) => keys::trailing_id(&k, plen).map(|id| Ok(id.to_owned())),
+                Err(e) => Some(Err(e.into())),
+            }))
+    }
+
+    /// A resource's stored JSON, undecoded, for readers that decode only what they need.
+    pub fn get_raw(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        id: &str,
+    ) -> StoreResult<Option<bytes::Bytes>> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree
+            .get(keys::resource(kind, id))?
+            .map(|v| bytes::Bytes::copy_from_slice(&v)))
+    }
+
+    /// Resources of a kind after `after` as (id, stored JSON), streamed and undecoded.
+    pub fn scan_raw_after(
+        &self,
+        tenant: &str,
+        kind: ResourceKind,
+        after: Option<&str>,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<(String, bytes::Bytes)>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::resource_prefix(kind);
+        let plen = prefix.len();
+        let start = match after {
+            Some(a) => {
+                let mut k = keys::resource(kind, a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix;
+        end.push(0xff);
+        Ok(t.tree.range(start..end).map(move |kv| {
+            let (k, v) = kv?;
+            Ok((
+                String::from_utf8_lossy(&k[plen..]).into_owned(),
+                bytes::Bytes::copy_from_slice(&v),
+            ))
+        }))
+    }
+}

@@ -1,0 +1,111 @@
+//! What the benchmarks share: a real daemon started as a child process (so its RSS is its
+//! own), on a loopback port with a temporary store and config.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const TENANT: &str = "bench";
+pub const TOKEN: &str = "rsd_benchmark_token_not_secret";
+pub const JWT_SECRET: &str = "benchmark-jwt-secret-at-least-32-bytes-long";
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub base: String,
+    pub root: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start rosterd with one tenant; `tenant_extra` is appended to its `[[tenants]]` table and
+/// `files` are written next to the config first.
+pub fn start_daemon(tenant_extra: &str, files: &[(&str, &str)]) -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("file");
+    }
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{tenant_extra}\n",
+            dir.path().join("data")
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("BENCH_TOKEN", TOKEN)
+        .env("BENCH_JWT_SECRET", JWT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn rosterd");
+    Daemon {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        root: dir.path().display().to_string(),
+        dir,
+    }
+}
+
+impl Daemon {
+    pub fn scim(&self) -> String {
+        format!("{}/scim/v2/{TENANT}", self.base)
+    }
+
+    pub async fn wait_ready(&self, client: &reqwest::Client) {
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "daemon did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `VmHWM` (peak) or `VmRSS` (current) of a process, in KiB.
+pub fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}

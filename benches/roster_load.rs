@@ -1,0 +1,181 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Roster API at scale against the real daemon (child process): seed `BENCH_USERS`
+//! (default 1,000,000) classified users through SCIM /Bulk, then time filtered list pages
+//! and the full CSV export, sampling the daemon's RSS while the export streams.
+//! `cargo bench --bench roster_load`. Prints a Markdown table.
+
+mod common;
+use common::{JWT_SECRET, TOKEN, env_usize, percentile, rss_kib, start_daemon};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const BUNDLE: &str = include_str!("../tests/fixtures/bundle.toml");
+const TITLES: &[&str] = &[
+    "software engineer",
+    "senior software engineer",
+    "financial analyst",
+    "production planner",
+    "account executive",
+    "engineering manager",
+    "sales manager",
+    "plant manager",
+    "budget analyst",
+    "zzqx blorp",
+];
+const DEPARTMENTS: &[&str] = &["Engineering", "Finance", "Operations", "Sales"];
+
+fn user(i: usize) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+        "userName": format!("u{i:08}@bench.example"),
+        "name": {"givenName": "Bench", "familyName": format!("User{i}")},
+        "emails": [{"value": format!("u{i:08}@bench.example"), "type": "work", "primary": true}],
+        "title": TITLES[i % TITLES.len()],
+        "active": !i.is_multiple_of(50),
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":
+            {"department": DEPARTMENTS[i % DEPARTMENTS.len()]},
+    })
+}
+
+fn jwt() -> String {
+    let claims = json!({"sub": "bench", "tenant": common::TENANT, "scope": "roster:admin",
+                        "aud": "bench", "exp": chrono::Utc::now().timestamp() + 86_400});
+    rosterd::api::jwt::testing::hs256_token(JWT_SECRET.as_bytes(), &claims)
+}
+
+#[tokio::main]
+async fn main() {
+    let users = env_usize("BENCH_USERS", 1_000_000);
+    let batch = 1000;
+    let daemon = start_daemon("bundle = \"bundle.toml\"\n", &[("bundle.toml", BUNDLE)]);
+    let client = reqwest::Client::new();
+    daemon.wait_ready(&client).await;
+    let scim_auth = format!("Bearer {TOKEN}");
+
+    // Seed through /Bulk, a few requests at a time.
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (client, next, auth, base) = (
+            client.clone(),
+            next.clone(),
+            scim_auth.clone(),
+            daemon.scim(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let from = next.fetch_add(batch, Ordering::Relaxed);
+                if from >= users {
+                    break;
+                }
+                let ops: Vec<Value> = (from..(from + batch).min(users))
+                    .map(|i| json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"), "data": user(i)}))
+                    .collect();
+                let r = client
+                    .post(format!("{base}/Bulk"))
+                    .header("authorization", &auth)
+                    .json(&json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops}))
+                    .send()
+                    .await
+                    .expect("bulk");
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("seed");
+    }
+    let seed_secs = started.elapsed().as_secs_f64();
+
+    let token = jwt();
+    let api = format!("{}/api/v1/roster", daemon.base);
+    // Filtered list pages, one at a time so latency is the server's.
+    let queries = [
+        "archetype=software_engineer&limit=100",
+        "department=Finance&limit=100",
+        "archetype_confidence__lt=0.7&limit=100",
+        "email=u00000042@bench.example",
+    ];
+    let mut list_rows = Vec::new();
+    for q in queries {
+        let mut lat = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let r = client
+                .get(format!("{api}/users?{q}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("list");
+            assert_eq!(r.status(), 200, "{q}");
+            let v: Value = r.json().await.expect("json");
+            lat.push(t.elapsed());
+            assert!(!v["users"].as_array().expect("users").is_empty(), "{q}");
+        }
+        lat.sort();
+        list_rows.push((q, percentile(&lat, 0.5), percentile(&lat, 0.99)));
+    }
+
+    // The whole roster as CSV, sampling RSS while it streams.
+    let pid = daemon.child.id();
+    let rss_before = rss_kib(pid, "VmRSS:");
+    let done = Arc::new(AtomicBool::new(false));
+    let max_rss = Arc::new(AtomicU64::new(rss_before));
+    let sampler = {
+        let (done, max_rss) = (done.clone(), max_rss.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                max_rss.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let t = Instant::now();
+    let mut resp = client
+        .get(format!("{api}/users:export?format=csv&active=any"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(resp.status(), 200);
+    let mut lines = 0usize;
+    let mut bytes = 0usize;
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        bytes += chunk.len();
+        lines += chunk.iter().filter(|b| **b == b'\n').count();
+    }
+    let export_secs = t.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let rows = lines - 1;
+    assert_eq!(rows, users, "every user exported once");
+
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| users seeded through /Bulk (classified in the write) | {users} in {seed_secs:.1} s ({:.0}/s) |",
+        users as f64 / seed_secs
+    );
+    for (q, p50, p99) in list_rows {
+        println!(
+            "| GET /users?{q} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "| CSV export, {rows} rows ({:.0} MiB) | {export_secs:.1} s = {:.0} rows/s |",
+        bytes as f64 / 1048576.0,
+        rows as f64 / export_secs
+    );
+    println!(
+        "| daemon RSS growth during the export | {:.1} MiB (from {:.0} MiB) |",
+        (max_rss.load(Ordering::Relaxed).saturating_sub(rss_before)) as f64 / 1024.0,
+        rss_before as f64 / 1024.0
+    );
+}
