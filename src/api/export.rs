@@ -128,8 +128,8 @@ pub(super) async fn export_users(
         };
         let result = (|| -> ApiResult<()> {
             w.write_record(COLUMNS).map_err(csv_error)?;
-            filter.for_each(store, &tenant, None, |id, view, a| {
-                let u = renderer.user(id, view, a)?;
+            filter.for_each(store, &tenant, None, |id, view, a, groups| {
+                let u = renderer.user(id, view, a, groups)?;
                 let cells = row(&u);
                 w.write_record(cells.iter().map(|c| neutralize(c).into_owned()))
                     .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;

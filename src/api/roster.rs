@@ -290,7 +290,7 @@ impl<'a> Renderer<'a> {
             .ok_or_else(|| ApiError::NotFound(format!("user {id:?} not found")))?;
         let view = UserView::decode(&raw)?;
         let a = self.store.assignment(self.tenant, id)?;
-        Ok(self.user(id, &view, a.as_ref())?)
+        Ok(self.user(id, &view, a.as_ref(), None)?)
     }
 
     pub fn user(
@@ -298,14 +298,23 @@ impl<'a> Renderer<'a> {
         id: &str,
         view: &UserView<'_>,
         assignment: Option<&Assignment>,
+        group_ids: Option<&[String]>,
     ) -> StoreResult<RosterUser> {
         let manager_user_id = match view.manager() {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
-        let mut groups = Vec::new();
-        for gid in self.store.groups_of(self.tenant, id)? {
-            groups.push(self.group_name(&gid)?);
+        let looked_up;
+        let group_ids = match group_ids {
+            Some(g) => g,
+            None => {
+                looked_up = self.store.groups_of(self.tenant, id)?;
+                &looked_up
+            }
+        };
+        let mut groups = Vec::with_capacity(group_ids.len());
+        for gid in group_ids {
+            groups.push(self.group_name(gid)?);
         }
         groups.sort();
         Ok(RosterUser {
@@ -496,37 +505,81 @@ impl UserFilter {
     }
 
     /// Walk matching users in id order after `after`, calling `f` until it returns false.
-    /// Memory is one user at a time; a page costs its own size plus what the filters skip.
+    /// `f` gets the user's group ids when the walk already has them. Memory is one user
+    /// at a time; a page costs its own size plus what the filters skip.
     pub fn for_each(
         &self,
         store: &Store,
         tenant: &str,
         after: Option<&str>,
-        mut f: impl FnMut(&str, &UserView<'_>, Option<&Assignment>) -> StoreResult<bool>,
+        mut f: impl FnMut(
+            &str,
+            &UserView<'_>,
+            Option<&Assignment>,
+            Option<&[String]>,
+        ) -> StoreResult<bool>,
     ) -> StoreResult<()> {
-        let mut visit = |id: &str, raw: &[u8]| -> StoreResult<bool> {
-            let view = UserView::decode(raw)?;
-            let a = store.assignment(tenant, id)?;
-            if self.matches(store, tenant, id, &view, a.as_ref())? {
-                return f(id, &view, a.as_ref());
-            }
-            Ok(true)
-        };
         match self.index() {
             Some(scan) => {
                 for id in store.scan_ids(tenant, &scan, after)? {
                     let id = id?;
-                    if let Some(raw) = store.get_raw(tenant, ResourceKind::User, &id)?
-                        && !visit(&id, &raw)?
+                    let Some(raw) = store.get_raw(tenant, ResourceKind::User, &id)? else {
+                        continue;
+                    };
+                    let view = UserView::decode(&raw)?;
+                    let a = store.assignment(tenant, &id)?;
+                    if self.matches(store, tenant, &id, &view, a.as_ref())?
+                        && !f(&id, &view, a.as_ref(), None)?
                     {
                         break;
                     }
                 }
             }
             None => {
+                // A full walk: users, assignments and memberships are all keyed by user
+                // id, so three ordered scans are merged instead of two lookups per user.
+                let mut assignments = store.scan_assignments_after(tenant, after)?.peekable();
+                let mut memberships = store.scan_memberships_after(tenant, after)?.peekable();
+                let mut groups: Vec<String> = Vec::new();
                 for item in store.scan_raw_after(tenant, ResourceKind::User, after)? {
                     let (id, raw) = item?;
-                    if !visit(&id, &raw)? {
+                    let mut a = None;
+                    while let Some(next) = assignments.peek() {
+                        match next {
+                            Ok((aid, _)) if aid.as_str() < id.as_str() => {
+                                assignments.next();
+                            }
+                            Ok((aid, _)) if *aid == id => {
+                                a = assignments.next().transpose()?.map(|(_, a)| a);
+                                break;
+                            }
+                            Ok(_) => break,
+                            Err(_) => {
+                                assignments.next().transpose()?;
+                            }
+                        }
+                    }
+                    groups.clear();
+                    while let Some(next) = memberships.peek() {
+                        match next {
+                            Ok((mid, _)) if mid.as_str() < id.as_str() => {
+                                memberships.next();
+                            }
+                            Ok((mid, _)) if *mid == id => {
+                                if let Some((_, gid)) = memberships.next().transpose()? {
+                                    groups.push(gid);
+                                }
+                            }
+                            Ok(_) => break,
+                            Err(_) => {
+                                memberships.next().transpose()?;
+                            }
+                        }
+                    }
+                    let view = UserView::decode(&raw)?;
+                    if self.matches(store, tenant, &id, &view, a.as_ref())?
+                        && !f(&id, &view, a.as_ref(), Some(&groups))?
+                    {
                         break;
                     }
                 }
@@ -569,12 +622,12 @@ async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiR
         let mut renderer = Renderer::new(store, &tenant);
         let mut users = Vec::with_capacity(limit);
         let mut more = false;
-        filter.for_each(store, &tenant, after.as_deref(), |id, view, a| {
+        filter.for_each(store, &tenant, after.as_deref(), |id, view, a, groups| {
             if users.len() == limit {
                 more = true;
                 return Ok(false);
             }
-            users.push(renderer.user(id, view, a)?);
+            users.push(renderer.user(id, view, a, groups)?);
             Ok(true)
         })?;
         let next = more

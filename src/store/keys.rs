@@ -183,3 +183,8 @@ pub(crate) fn jobs_prefix() -> Vec<u8> {
 
 /// The redo record of the transaction being applied (see `apply_ops`).
 pub(crate) const INTENT_KEY: &[u8] = b"s\0intent";
+
+/// Prefix of every backref key (all members' group lists, in member order).
+pub(crate) fn backrefs_all_prefix() -> Vec<u8> {
+    vec![b'b', SEP]
+}

@@ -783,3 +783,66 @@ impl Store {
         }))
     }
 }
+
+impl Store {
+    /// Every assignment with user id after `after`, in id order: lets a full walk of the
+    /// users join assignments by merging instead of a lookup per user.
+    pub fn scan_assignments_after(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<(String, Assignment)>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::assignment("");
+        let plen = prefix.len();
+        let start = match after {
+            Some(a) => {
+                let mut k = keys::assignment(a);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix;
+        end.push(0xff);
+        Ok(t.tree.range(start..end).map(move |kv| {
+            let (k, v) = kv?;
+            let a: Assignment =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((String::from_utf8_lossy(&k[plen..]).into_owned(), a))
+        }))
+    }
+
+    /// Every (member id, group id) pair with member id after `after`, in member order.
+    pub fn scan_memberships_after(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+    ) -> StoreResult<impl Iterator<Item = StoreResult<(String, String)>> + use<>> {
+        let t = self.tenant(tenant)?;
+        let prefix = keys::backrefs_all_prefix();
+        let plen = prefix.len();
+        let start = match after {
+            Some(a) => {
+                let mut k = keys::backrefs_prefix(a);
+                k.push(0xff);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut end = prefix;
+        end.push(0xff);
+        Ok(t.tree.range(start..end).keys().filter_map(move |k| {
+            let k = match k {
+                Ok(k) => k,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let rest = k.get(plen..)?;
+            let (member, group) = (rest.get(..keys::ID_LEN)?, rest.get(keys::ID_LEN + 1..)?);
+            Some(Ok((
+                String::from_utf8_lossy(member).into_owned(),
+                String::from_utf8_lossy(group).into_owned(),
+            )))
+        }))
+    }
+}
