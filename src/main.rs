@@ -40,17 +40,55 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
     },
-    /// SCIM token utilities.
+    /// SCIM token and Roster API JWT utilities.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Dry-run an archetype bundle: classify titles (one per line, or CSV with a `title`
+    /// column and optionally `department`) and print CSV rows title,archetype_id,confidence.
+    Classify {
+        /// The bundle (TOML) to classify with.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Titles file; standard input when absent.
+        input: Option<PathBuf>,
+    },
+    /// Archetype bundle utilities.
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
     },
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Print a fresh random token and the hash to put in `token_hashes`.
+    /// Print a fresh random SCIM token and the hash to put in `token_hashes`.
     New,
+    /// Print an HS256 Roster API JWT signed with the secret in `[api.jwt] hs256_secret_env`
+    /// (for trying the API and for scripts; real clients get tokens from your IdP).
+    Jwt {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// Space-separated scopes.
+        #[arg(long, default_value = "roster:read")]
+        scope: String,
+        /// The `sub` claim; overrides and events record it as `user:<sub>`.
+        #[arg(long, default_value = "operator")]
+        sub: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Build a bundle from a CSV of labeled titles (`archetype_id,title`); each distinct
+    /// id becomes an archetype. Writes TOML to standard output.
+    FromCsv { examples: PathBuf },
 }
 
 fn main() -> Result<()> {
@@ -62,6 +100,27 @@ fn main() -> Result<()> {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::CheckConfig { config } => check_config(config),
+        Command::Classify { bundle, input } => classify(&bundle, input.as_deref()),
+        Command::Bundle {
+            command: BundleCommand::FromCsv { examples },
+        } => {
+            let file = std::fs::File::open(&examples)
+                .with_context(|| format!("cannot open {}", examples.display()))?;
+            let bundle = rosterd::classify::Bundle::from_labeled_csv(file)
+                .with_context(|| format!("while reading {}", examples.display()))?;
+            print!("{}", bundle.to_toml_string()?);
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Jwt {
+                    config,
+                    tenant,
+                    scope,
+                    sub,
+                    ttl,
+                },
+        } => jwt(&config, &tenant, &scope, &sub, ttl),
         Command::Token {
             command: TokenCommand::New,
         } => {
@@ -96,6 +155,91 @@ fn check_config(path: PathBuf) -> Result<()> {
         config.tenants.len(),
         if config.tenants.len() == 1 { "" } else { "s" }
     );
+    Ok(())
+}
+
+fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let bundle = rosterd::classify::Bundle::load(bundle)?;
+    let classifier = rosterd::classify::Classifier::new(&bundle);
+    let mut text = String::new();
+    match input {
+        Some(p) => {
+            text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+        }
+        None => {
+            std::io::stdin().read_to_string(&mut text)?;
+        }
+    }
+    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+    out.write_record(["title", "archetype_id", "confidence"])?;
+    let first = text.lines().next().unwrap_or_default();
+    let header: Vec<String> = first
+        .split(',')
+        .map(|h| h.trim().trim_matches('"').to_ascii_lowercase())
+        .collect();
+    let mut emit = |title: &str, department: Option<&str>| -> Result<()> {
+        let c = classifier.classify(title, department);
+        out.write_record([
+            title,
+            c.archetype_id.as_deref().unwrap_or(""),
+            &format!("{:.3}", c.confidence),
+        ])?;
+        Ok(())
+    };
+    if let Some(col) = header.iter().position(|h| h == "title") {
+        // CSV with a header naming its columns.
+        let dept = header.iter().position(|h| h == "department");
+        let mut rdr = csv::Reader::from_reader(text.as_bytes());
+        for rec in rdr.records() {
+            let rec = rec?;
+            emit(rec.get(col).unwrap_or(""), dept.and_then(|d| rec.get(d)))?;
+        }
+    } else {
+        for line in text.as_bytes().lines() {
+            let line = line?;
+            if !line.trim().is_empty() {
+                emit(line.trim(), None)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<()> {
+    let config = Config::load(config)?;
+    let jwt = config
+        .api
+        .jwt
+        .as_ref()
+        .context("config has no [api.jwt] section")?;
+    let var = jwt
+        .hs256_secret_env
+        .as_ref()
+        .context("[api.jwt] has no hs256_secret_env; mint RS256/ES256 tokens with your IdP")?;
+    let secret =
+        std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?;
+    if !config.tenants.iter().any(|t| t.id == tenant) {
+        anyhow::bail!("tenant {tenant:?} is not declared in the config");
+    }
+    let now = chrono::Utc::now().timestamp();
+    let claims = serde_json::json!({
+        "sub": sub,
+        jwt.tenant_claim.as_str(): tenant,
+        "scope": scope,
+        "aud": jwt.audience.first().context("[api.jwt] audience is empty")?,
+        "iss": jwt.issuer,
+        "iat": now,
+        "exp": now + ttl,
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?;
+    println!("{token}");
     Ok(())
 }
 

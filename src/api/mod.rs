@@ -44,6 +44,8 @@ pub enum ApiError {
     OverridesForbidden,
     #[error("this tenant has no archetype bundle configured")]
     NoBundle,
+    #[error("the Roster API is not configured on this daemon: {0}")]
+    Disabled(String),
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -71,6 +73,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "override_forbidden")
             }
             ApiError::NoBundle => (StatusCode::CONFLICT, "no_bundle"),
+            ApiError::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "roster_api_disabled"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -124,6 +127,8 @@ impl TenantRoster {
 /// Roster API state shared by its handlers.
 pub struct RosterState {
     pub verifier: Option<JwtVerifier>,
+    /// Why there is no verifier, told to callers.
+    pub disabled: Option<String>,
     pub tenants: HashMap<String, TenantRoster>,
     /// Tenants with a sync job running: overrides answer 409 meanwhile.
     pub syncing: Mutex<HashSet<String>>,
@@ -163,7 +168,9 @@ impl Caller {
 /// tenant its token does not name.
 pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     let Some(verifier) = &state.roster.verifier else {
-        return Err(ApiError::Unauthorized(JwtError::Missing));
+        return Err(ApiError::Disabled(
+            state.roster.disabled.clone().unwrap_or_default(),
+        ));
     };
     let token = headers
         .get(header::AUTHORIZATION)
@@ -174,6 +181,7 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
         })
         .ok_or(ApiError::Unauthorized(JwtError::Missing))?;
     let principal = verifier.verify(token)?;
+    tracing::Span::current().record("tenant", principal.tenant.as_str());
     for name in ["x-tenant", "x-claresia-tenant"] {
         if let Some(v) = headers.get(name) {
             let v = v.to_str().unwrap_or_default();

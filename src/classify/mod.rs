@@ -42,6 +42,12 @@ impl Bundle {
         let s = std::fs::read_to_string(path).map_err(|e| ClassifyError::Invalid(e.to_string()))?;
         toml::from_str(&s).map_err(|e| ClassifyError::Invalid(e.to_string()))
     }
+    pub fn from_labeled_csv(_r: impl std::io::Read) -> Result<Bundle, ClassifyError> {
+        Err(ClassifyError::Invalid("stub".into()))
+    }
+    pub fn to_toml_string(&self) -> Result<String, ClassifyError> {
+        toml::to_string(self).map_err(|e| ClassifyError::Invalid(e.to_string()))
+    }
     pub fn get(&self, id: &str) -> Option<&Archetype> {
         self.archetypes.iter().find(|a| a.id == id)
     }

@@ -78,9 +78,21 @@ pub async fn run_with_env(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let tokens = TokenRegistry::from_config(&config.tenants, |v| env(v))?;
-    let verifier = match &config.api.jwt {
-        Some(j) => Some(JwtVerifier::from_config(j, &config.base_dir, &|v| env(v))?),
-        None => None,
+    // Without its secret the Roster API is off, but SCIM provisioning still runs: an IdP
+    // should not stop syncing because an operator has not set up API access yet.
+    let (verifier, api_disabled) = match &config.api.jwt {
+        Some(j) => match JwtVerifier::from_config(j, &config.base_dir, &|v| env(v)) {
+            Ok(v) => (Some(v), None),
+            Err(e @ JwtError::SecretUnset { .. }) => {
+                tracing::warn!(error = %e, "The Roster API is disabled until this is set.");
+                (None, Some(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => (
+            None,
+            Some("config.toml has no [api.jwt] section".to_owned()),
+        ),
     };
     let mut tenants = std::collections::HashMap::new();
     let mut policies = Vec::new();
@@ -104,6 +116,7 @@ pub async fn run_with_env(
     }
     let roster = RosterState {
         verifier,
+        disabled: api_disabled,
         tenants,
         syncing: Default::default(),
     };
