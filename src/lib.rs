@@ -9,7 +9,12 @@
 //! - [`store`]: the embedded store: resources, secondary indexes, membership in both
 //!   directions and the per-tenant change log, written atomically and made durable by
 //!   group commit before any write is acknowledged. No sled type leaves it.
-//! - [`server`]: the HTTP surface: routing, authentication, the SCIM endpoints, request
+//! - [`classify`]: archetype bundles, the title classifier and a tenant's resolution
+//!   policy (group rules, classifier, default), which the store consults in-transaction.
+//! - [`api`]: the Roster API (`/api/v1/roster`): JWT auth, listing, overrides, review
+//!   queue, governance events, CSV export, jobs, its OpenAPI document.
+//! - [`schedule`]: background jobs (reclassification), one per tenant at a time.
+//! - [`server`]: the HTTP surface: routing, SCIM authentication and endpoints, request
 //!   ids and graceful shutdown. [`server::run`] is the whole daemon.
 //! - `main.rs`: the thin binary: argument parsing, logging, signals.
 

@@ -1241,4 +1241,32 @@ mod tests {
             Err(StoreError::UnknownSchema { found: 99 })
         ));
     }
+
+    #[test]
+    fn an_interrupted_write_is_completed_when_the_tenant_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let ops: Vec<Op> = vec![
+            (b"k1".to_vec(), Some(b"v1".to_vec())),
+            (b"k2".to_vec(), Some(b"v2".to_vec())),
+            (b"gone".to_vec(), None),
+        ];
+        {
+            // What a crash after the redo record and the first key leaves behind.
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())
+                .unwrap();
+            let tree = db.open_tree("tenant/t").unwrap();
+            tree.insert(b"gone", b"x".to_vec()).unwrap();
+            tree.insert(keys::INTENT_KEY, encode_ops(&ops)).unwrap();
+            tree.insert(b"k1", b"v1".to_vec()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let t = store.tenant("t").unwrap();
+        assert_eq!(t.tree.get(b"k2").unwrap().as_deref(), Some(&b"v2"[..]));
+        assert_eq!(t.tree.get(b"gone").unwrap(), None);
+        assert_eq!(t.tree.get(keys::INTENT_KEY).unwrap(), None);
+        assert_eq!(decode_ops(&encode_ops(&ops)).unwrap(), ops);
+        assert!(decode_ops(b"\0\0\0\x09short").is_err());
+    }
 }
