@@ -120,6 +120,12 @@ fn parse_json(body: &Bytes) -> ApiResult<Value> {
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
 }
 
+/// [`find_user`] on the blocking pool.
+async fn find_user_async(st: &Arc<AppState>, tenant: &str, user_id: &str) -> ApiResult<Resource> {
+    let (st, tenant, user_id) = (st.clone(), tenant.to_owned(), user_id.to_owned());
+    blocking(move || find_user(&st.store, &tenant, &user_id)).await
+}
+
 /// `user:<userName>` or a SCIM id.
 pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult<Resource> {
     let found = match user_id.strip_prefix("user:") {
@@ -715,10 +721,7 @@ async fn patch_user(
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
     let archetype = archetype_field(&parse_json(&body)?)?;
-    let user = {
-        let (st, tenant, user_id) = (st.clone(), caller.tenant.clone(), user_id.clone());
-        blocking(move || find_user(&st.store, &tenant, &user_id)).await?
-    };
+    let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(&st, &caller, archetype.as_deref())?;
     if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
         return Err(ApiError::NoBundle);
@@ -769,10 +772,7 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
             if !policy.has_archetype(archetype) {
                 return Err(ApiError::InvalidArchetype(archetype.to_owned()));
             }
-            let user = {
-                let (st, tenant, uid) = (st.clone(), caller.tenant.clone(), user_id.to_owned());
-                blocking(move || find_user(&st.store, &tenant, &uid)).await?
-            };
+            let user = find_user_async(&st, &caller.tenant, user_id).await?;
             st.store
                 .set_override(
                     &caller.tenant,

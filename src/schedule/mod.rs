@@ -67,15 +67,14 @@ pub async fn start_reclassify(
     let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            let _slot = slot;
-            run_reclassify(&state, &tenant, job).await;
+            run_reclassify(&state, &tenant, job, slot).await;
         },
         span,
     ));
     Ok(queued)
 }
 
-async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job) {
+async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job, slot: Slot) {
     job.status = JobStatus::Running;
     if let Err(e) = state.store.put_job(tenant, job.clone()).await {
         tracing::error!(error = %e, "Cannot record the job as running; it will not run.");
@@ -111,6 +110,8 @@ async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job) {
         }
     }
     job.finished_at = Some(Utc::now());
+    // Free the slot before the outcome is visible: whoever sees "succeeded" may override.
+    drop(slot);
     if let Err(e) = state.store.put_job(tenant, job).await {
         tracing::error!(error = %e, "Cannot record the job's outcome.");
     }

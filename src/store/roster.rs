@@ -141,6 +141,21 @@ pub struct EventQuery {
     pub limit: usize,
 }
 
+/// The key range of everything under `prefix` that sorts after `after_key` (itself a key
+/// under `prefix`), or all of it.
+fn range_after(prefix: &[u8], after_key: Option<Vec<u8>>) -> std::ops::Range<Vec<u8>> {
+    let start = match after_key {
+        Some(mut k) => {
+            k.push(0);
+            k
+        }
+        None => prefix.to_vec(),
+    };
+    let mut end = prefix.to_vec();
+    end.push(0xff);
+    start..end
+}
+
 fn review_needed(source: AssignmentSource, confidence: f64, threshold: f64) -> bool {
     matches!(
         source,
@@ -544,17 +559,8 @@ impl Store {
         let t = self.tenant(tenant)?;
         let prefix = keys::resource_prefix(kind);
         let plen = prefix.len();
-        let start = match after {
-            Some(a) => {
-                let mut k = keys::resource(kind, a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut end = prefix.clone();
-        end.push(0xff);
-        Ok(t.tree.range(start..end).map(move |kv| {
+        let range = range_after(&prefix, after.map(|a| keys::resource(kind, a)));
+        Ok(t.tree.range(range).map(move |kv| {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[plen..]).into_owned();
             Ok(super::to_resource(id, decode(&v)?))
@@ -764,17 +770,8 @@ impl Store {
         let t = self.tenant(tenant)?;
         let prefix = keys::resource_prefix(kind);
         let plen = prefix.len();
-        let start = match after {
-            Some(a) => {
-                let mut k = keys::resource(kind, a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut end = prefix;
-        end.push(0xff);
-        Ok(t.tree.range(start..end).map(move |kv| {
+        let range = range_after(&prefix, after.map(|a| keys::resource(kind, a)));
+        Ok(t.tree.range(range).map(move |kv| {
             let (k, v) = kv?;
             Ok((
                 String::from_utf8_lossy(&k[plen..]).into_owned(),
@@ -795,17 +792,8 @@ impl Store {
         let t = self.tenant(tenant)?;
         let prefix = keys::assignment("");
         let plen = prefix.len();
-        let start = match after {
-            Some(a) => {
-                let mut k = keys::assignment(a);
-                k.push(0);
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut end = prefix;
-        end.push(0xff);
-        Ok(t.tree.range(start..end).map(move |kv| {
+        let range = range_after(&prefix, after.map(keys::assignment));
+        Ok(t.tree.range(range).map(move |kv| {
             let (k, v) = kv?;
             let a: Assignment =
                 serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -822,17 +810,14 @@ impl Store {
         let t = self.tenant(tenant)?;
         let prefix = keys::backrefs_all_prefix();
         let plen = prefix.len();
-        let start = match after {
-            Some(a) => {
-                let mut k = keys::backrefs_prefix(a);
-                k.push(0xff);
-                k
-            }
-            None => prefix.clone(),
-        };
-        let mut end = prefix;
-        end.push(0xff);
-        Ok(t.tree.range(start..end).keys().filter_map(move |k| {
+        // Past every key of `after` itself: its keys are `b SEP after SEP group`.
+        let after_key = after.map(|a| {
+            let mut k = keys::backrefs_prefix(a);
+            k.push(0xff);
+            k
+        });
+        let range = range_after(&prefix, after_key);
+        Ok(t.tree.range(range).keys().filter_map(move |k| {
             let k = match k {
                 Ok(k) => k,
                 Err(e) => return Some(Err(e.into())),
