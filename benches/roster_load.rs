@@ -121,6 +121,17 @@ async fn main() {
         list_rows.push((q, percentile(&lat, 0.5), percentile(&lat, 0.99)));
     }
 
+    // Extra unmeasured exports first, for profiling (`BENCH_EXPORT_WARMUP=N`).
+    for _ in 0..env_usize("BENCH_EXPORT_WARMUP", 0) {
+        let mut r = client
+            .get(format!("{api}/users:export?format=csv&active=any"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("export");
+        while r.chunk().await.expect("chunk").is_some() {}
+    }
+
     // The whole roster as CSV, sampling RSS while it streams.
     let pid = daemon.child.id();
     let rss_before = rss_kib(pid, "VmRSS:");

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! One integration-test binary: every module boots the real daemon on a loopback port and
 //! speaks HTTP to it.
+mod cli;
 mod harness;
 mod roster_api;
 mod scim_bulk;

@@ -1,0 +1,124 @@
+//! The binary's operator commands, run as a child process.
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn rosterd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bundle_from_csv_then_classify_dry_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("examples.csv");
+    std::fs::write(
+        &examples,
+        "archetype_id,title\n\
+         nurse,staff nurse\nnurse,registered nurse\nnurse,nurse practitioner\nnurse,charge nurse\n\
+         driver,lorry driver\ndriver,delivery driver\ndriver,bus driver\ndriver,van driver\n\
+         chef,head chef\nchef,sous chef\nchef,pastry chef\nchef,line cook\n",
+    )
+    .unwrap();
+    let (ok, toml, err) = rosterd(&["bundle", "from-csv", examples.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    for id in ["nurse", "driver", "chef"] {
+        assert!(toml.contains(id), "{toml}");
+    }
+    let bundle = dir.path().join("bundle.toml");
+    std::fs::write(&bundle, &toml).unwrap();
+
+    // One title per line.
+    let (ok, out, err) = rosterd(
+        &["classify", "--bundle", bundle.to_str().unwrap()],
+        Some("Senior Staff Nurse\nHGV Lorry Driver (EMEA)\n"),
+    );
+    assert!(ok, "{err}");
+    let mut rdr = csv::Reader::from_reader(out.as_bytes());
+    assert_eq!(
+        rdr.headers().unwrap().iter().collect::<Vec<_>>(),
+        ["title", "archetype_id", "confidence"]
+    );
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    assert_eq!(&rows[0][1], "nurse", "{out}");
+    assert_eq!(&rows[1][1], "driver", "{out}");
+    for r in &rows {
+        let c: f64 = r[2].parse().unwrap();
+        assert!((0.0..=1.0).contains(&c), "{out}");
+    }
+
+    // CSV with a title column (and other columns around it).
+    let titles = dir.path().join("titles.csv");
+    std::fs::write(&titles, "id,title,department\n1,\"Chef, Head\",Kitchen\n").unwrap();
+    let (ok, out, err) = rosterd(
+        &[
+            "classify",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            titles.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
+}
+
+#[test]
+fn bad_bundles_and_configs_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.toml");
+    std::fs::write(
+        &bundle,
+        "version = \"1\"\n[[archetypes]]\nid = \"a\"\ntitel = \"typo\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = rosterd(
+        &["classify", "--bundle", bundle.to_str().unwrap()],
+        Some("x\n"),
+    );
+    assert!(!ok);
+    assert!(err.contains("titel"), "{err}");
+
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n",
+    )
+    .unwrap();
+    let (ok, _, err) = rosterd(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("listne"), "{err}");
+    let (ok, out, _) = rosterd(
+        &[
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ],
+        None,
+    );
+    assert!(ok, "the example config is valid");
+    assert!(out.contains("ok"));
+}
