@@ -29,10 +29,12 @@ impl TenantPolicy {
     ) -> Result<TenantPolicy, ClassifyError> {
         for (i, r) in rules.iter().enumerate() {
             if bundle.get(&r.archetype).is_none() {
-                return Err(ClassifyError::Invalid(format!(
-                    "group_rules[{i}]: archetype {:?} is not in the bundle",
-                    r.archetype
-                )));
+                return Err(ClassifyError::Invalid {
+                    origin: "config.toml".into(),
+                    key: format!("group_rules[{i}].archetype"),
+                    archetype: Some(r.archetype.clone()),
+                    reason: "not an archetype of the tenant's bundle".into(),
+                });
             }
         }
         let classifier = Classifier::new(&bundle);

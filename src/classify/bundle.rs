@@ -1,0 +1,238 @@
+//! Archetype bundles: the per-tenant TOML file the classifier learns from.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::ClassifyError;
+use super::normalize::normalize_title;
+
+fn default_review_threshold() -> f64 {
+    0.7
+}
+
+/// A tenant's set of archetypes. Bumping `version` asks for everyone to be
+/// reclassified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub version: String,
+    /// Used when a title gives no usable evidence at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_archetype: Option<String>,
+    /// Assignments below this confidence should go to a person for review.
+    #[serde(default = "default_review_threshold")]
+    pub review_threshold: f64,
+    #[serde(default)]
+    pub archetypes: Vec<Archetype>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Archetype {
+    pub id: String,
+    pub title: String,
+    #[serde(default)]
+    pub function_focus: Vec<String>,
+    pub default_cowork_id: String,
+    #[serde(default)]
+    pub examples: Vec<String>,
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Department names that suggest this archetype.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub departments: Vec<String>,
+}
+
+const CSV_ORIGIN: &str = "labeled CSV";
+
+impl Bundle {
+    pub fn load(path: &Path) -> Result<Bundle, ClassifyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ClassifyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Bundle::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// `origin` names the source (usually the file path) in error messages.
+    pub fn from_toml_str(s: &str, origin: &str) -> Result<Bundle, ClassifyError> {
+        let bundle: Bundle = toml::from_str(s).map_err(|e| ClassifyError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        bundle.validate(origin)?;
+        Ok(bundle)
+    }
+
+    pub fn to_toml_string(&self) -> Result<String, ClassifyError> {
+        toml::to_string(self).map_err(|e| ClassifyError::Serialize(e.to_string()))
+    }
+
+    /// Builds a bundle from a two-column CSV with a header (`archetype_id,title`
+    /// or e.g. `soc_minor_group,title`): each distinct label becomes an
+    /// archetype whose examples are its titles. Archetypes are sorted by id
+    /// so the result does not depend on row order.
+    pub fn from_labeled_csv(r: impl std::io::Read) -> Result<Bundle, ClassifyError> {
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(false)
+            .trim(csv::Trim::All)
+            .from_reader(r);
+        let csv_err = |e: csv::Error| ClassifyError::Csv {
+            origin: CSV_ORIGIN.to_string(),
+            line: e.position().map_or(0, |p| p.line()),
+            message: e.to_string(),
+        };
+        let headers = reader.headers().map_err(csv_err)?.clone();
+        if headers.len() < 2 {
+            return Err(ClassifyError::Csv {
+                origin: CSV_ORIGIN.to_string(),
+                line: 1,
+                message: format!(
+                    "expected a header with two columns (label,title), got {}",
+                    headers.len()
+                ),
+            });
+        }
+        let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for record in reader.records() {
+            let record = record.map_err(csv_err)?;
+            let line = record.position().map_or(0, |p| p.line());
+            let (Some(label), Some(title)) = (record.get(0), record.get(1)) else {
+                continue;
+            };
+            if label.is_empty() {
+                return Err(ClassifyError::Csv {
+                    origin: CSV_ORIGIN.to_string(),
+                    line,
+                    message: format!("empty `{}`", &headers[0]),
+                });
+            }
+            if title.is_empty() {
+                continue;
+            }
+            by_label
+                .entry(label.to_string())
+                .or_default()
+                .push(title.to_string());
+        }
+        if by_label.is_empty() {
+            return Err(ClassifyError::Csv {
+                origin: CSV_ORIGIN.to_string(),
+                line: 1,
+                message: "no labeled rows".to_string(),
+            });
+        }
+        let archetypes: Vec<Archetype> = by_label
+            .into_iter()
+            .map(|(id, examples)| Archetype {
+                title: id.clone(),
+                id,
+                function_focus: Vec::new(),
+                default_cowork_id: String::new(),
+                examples,
+                keywords: Vec::new(),
+                departments: Vec::new(),
+            })
+            .collect();
+        let mut bundle = Bundle {
+            version: String::new(),
+            default_archetype: None,
+            review_threshold: default_review_threshold(),
+            archetypes,
+        };
+        // The content decides the version, so new data means reclassification.
+        bundle.version = format!("csv-{}", &bundle.fingerprint()[..16]);
+        bundle.validate(CSV_ORIGIN)?;
+        Ok(bundle)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Archetype> {
+        self.archetypes.iter().find(|a| a.id == id)
+    }
+
+    /// Hex FNV-1a-128 of the canonical TOML: equal bundles give equal
+    /// fingerprints on every platform and build.
+    pub fn fingerprint(&self) -> String {
+        // Serialising plain strings and numbers cannot fail in practice; the
+        // Debug form is an equally deterministic stand-in if it ever does.
+        let canonical = self
+            .to_toml_string()
+            .unwrap_or_else(|_| format!("{self:?}"));
+        format!("{:032x}", fnv1a_128(canonical.as_bytes()))
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ClassifyError> {
+        let invalid = |key: &str, archetype: Option<&str>, reason: String| ClassifyError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            archetype: archetype.map(str::to_string),
+            reason,
+        };
+        if self.version.trim().is_empty() {
+            return Err(invalid("version", None, "must not be empty".into()));
+        }
+        if !(self.review_threshold > 0.0 && self.review_threshold <= 1.0) {
+            return Err(invalid(
+                "review_threshold",
+                None,
+                format!("must be in (0, 1], got {}", self.review_threshold),
+            ));
+        }
+        if self.archetypes.is_empty() {
+            return Err(invalid(
+                "archetypes",
+                None,
+                "at least one is required".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, a) in self.archetypes.iter().enumerate() {
+            if a.id.trim().is_empty() {
+                return Err(invalid(
+                    "id",
+                    None,
+                    format!("archetype #{} (title {:?}) has an empty id", i + 1, a.title),
+                ));
+            }
+            if !seen.insert(a.id.as_str()) {
+                return Err(invalid("id", Some(&a.id), "duplicate archetype id".into()));
+            }
+            for (key, list) in [
+                ("examples", &a.examples),
+                ("keywords", &a.keywords),
+                ("departments", &a.departments),
+            ] {
+                if let Some(j) = list.iter().position(|s| normalize_title(s).is_empty()) {
+                    return Err(invalid(
+                        key,
+                        Some(&a.id),
+                        format!("entry #{} ({:?}) has no words", j + 1, list[j]),
+                    ));
+                }
+            }
+        }
+        if let Some(d) = &self.default_archetype
+            && !seen.contains(d.as_str())
+        {
+            return Err(invalid(
+                "default_archetype",
+                None,
+                format!("`{d}` is not the id of any archetype"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn fnv1a_128(bytes: &[u8]) -> u128 {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let mut h = OFFSET;
+    for &b in bytes {
+        h = (h ^ u128::from(b)).wrapping_mul(PRIME);
+    }
+    h
+}

@@ -1,0 +1,426 @@
+//! Title normalization: the same function feeds training (bundle examples)
+//! and classification, so every rule here applies symmetrically and a rule
+//! can only make two spellings of one title look alike.
+
+/// Lower-cases, drops punctuation, expands common abbreviations and strips
+/// regional/location decorations, returning space-separated tokens.
+///
+/// `"Sr. Software Eng. (EMEA)"` becomes `"senior software engineer"`.
+pub fn normalize_title(title: &str) -> String {
+    let segments = split_segments(title);
+    let mut tokens = Vec::with_capacity(8);
+    let total = segments.len();
+    for (i, seg) in segments.iter().enumerate() {
+        // A decoration segment ("- London", "(EMEA)", ", UK") is dropped,
+        // but the first segment is always the title itself.
+        if i > 0 && total > 1 && is_location_phrase(seg) {
+            continue;
+        }
+        tokens.extend(seg.iter().cloned());
+    }
+    if tokens.is_empty() {
+        // Everything looked like a location; better keep it than return nothing.
+        tokens = segments.into_iter().flatten().collect();
+    }
+    strip_locations(&mut tokens);
+    let mut out = String::with_capacity(title.len() + 16);
+    let last = tokens.len().saturating_sub(1);
+    for (i, tok) in tokens.iter().enumerate() {
+        let expanded = expand(tok, i == last);
+        for word in expanded.split(' ') {
+            if word.is_empty() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(word);
+        }
+    }
+    strip_levels(&mut out);
+    out
+}
+
+/// Splits into segments at separators that usually introduce a decoration
+/// (commas, parentheses, " - ", "|"), and each segment into lower-case tokens.
+fn split_segments(title: &str) -> Vec<Vec<String>> {
+    let chars: Vec<char> = title.chars().collect();
+    let mut segments: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, current: &mut Vec<String>| {
+        if !word.is_empty() {
+            current.push(std::mem::take(word));
+        }
+    };
+    for (i, &c) in chars.iter().enumerate() {
+        let prev = if i > 0 { chars[i - 1] } else { ' ' };
+        let next = chars.get(i + 1).copied().unwrap_or(' ');
+        match c {
+            c if c.is_alphanumeric() => word.extend(c.to_lowercase()),
+            // "Teacher's" and "O'Neil" read as one word.
+            '\'' | '\u{2019}' | '`' if prev.is_alphanumeric() && next.is_alphanumeric() => {}
+            // "V.P." and "U.K." are acronyms; "Sr.Engineer" is two words.
+            '.' if prev.is_alphabetic()
+                && next.is_alphabetic()
+                && (i < 2 || !chars[i - 2].is_alphanumeric()) =>
+            {
+                // A one-letter piece before the dot: part of an acronym.
+            }
+            // Short prefixes ("co-ordinator", "e-commerce") join; longer
+            // hyphenated pairs ("front-end") split so both halves match.
+            '-' if prev.is_alphanumeric() && next.is_alphanumeric() => {
+                if word.chars().count() > 2 {
+                    flush(&mut word, &mut current);
+                }
+            }
+            '&' | '+' => {
+                flush(&mut word, &mut current);
+                current.push(if c == '&' { "and" } else { "plus" }.to_string());
+            }
+            ',' | '|' | '(' | ')' | '[' | ']' | ';' | ':' | '-' | '\u{2013}' | '\u{2014}' | '@' => {
+                flush(&mut word, &mut current);
+                if !current.is_empty() {
+                    segments.push(std::mem::take(&mut current));
+                }
+            }
+            _ => flush(&mut word, &mut current),
+        }
+    }
+    flush(&mut word, &mut current);
+    if !current.is_empty() {
+        segments.push(current);
+    }
+    segments
+}
+
+/// Region codes and places that decorate a title without changing the role.
+fn is_location_token(t: &str) -> bool {
+    matches!(
+        t,
+        "emea"
+            | "apac"
+            | "apj"
+            | "amer"
+            | "amers"
+            | "americas"
+            | "latam"
+            | "mena"
+            | "dach"
+            | "anz"
+            | "nordics"
+            | "benelux"
+            | "na"
+            | "noram"
+            | "uk"
+            | "us"
+            | "usa"
+            | "eu"
+            | "europe"
+            | "asia"
+            | "africa"
+            | "india"
+            | "canada"
+            | "germany"
+            | "france"
+            | "ireland"
+            | "spain"
+            | "italy"
+            | "japan"
+            | "china"
+            | "australia"
+            | "brazil"
+            | "mexico"
+            | "remote"
+            | "hybrid"
+            | "onsite"
+            | "london"
+            | "manchester"
+            | "edinburgh"
+            | "dublin"
+            | "paris"
+            | "berlin"
+            | "munich"
+            | "amsterdam"
+            | "madrid"
+            | "barcelona"
+            | "milan"
+            | "zurich"
+            | "stockholm"
+            | "copenhagen"
+            | "warsaw"
+            | "prague"
+            | "lisbon"
+            | "singapore"
+            | "tokyo"
+            | "sydney"
+            | "melbourne"
+            | "bangalore"
+            | "bengaluru"
+            | "mumbai"
+            | "pune"
+            | "hyderabad"
+            | "shanghai"
+            | "beijing"
+            | "toronto"
+            | "vancouver"
+            | "montreal"
+            | "chicago"
+            | "boston"
+            | "seattle"
+            | "austin"
+            | "denver"
+            | "atlanta"
+            | "dallas"
+            | "houston"
+            | "nyc"
+            | "sf"
+            | "bay"
+            | "area"
+            | "new"
+            | "york"
+            | "san"
+            | "francisco"
+            | "jose"
+            | "diego"
+            | "los"
+            | "angeles"
+            | "north"
+            | "south"
+            | "east"
+            | "west"
+            | "central"
+            | "america"
+            | "hong"
+            | "kong"
+            | "based"
+            | "office"
+    )
+}
+
+/// Tokens that can be a region only when they stand next to another region
+/// token or alone in a decoration segment ("New York", "North America").
+fn is_weak_location_token(t: &str) -> bool {
+    matches!(
+        t,
+        "new"
+            | "york"
+            | "san"
+            | "francisco"
+            | "jose"
+            | "diego"
+            | "los"
+            | "angeles"
+            | "north"
+            | "south"
+            | "east"
+            | "west"
+            | "central"
+            | "america"
+            | "hong"
+            | "kong"
+            | "bay"
+            | "area"
+            | "based"
+            | "office"
+    )
+}
+
+fn is_location_phrase(seg: &[String]) -> bool {
+    !seg.is_empty()
+        && seg.iter().all(|t| is_location_token(t))
+        && seg
+            .iter()
+            .any(|t| !is_weak_location_token(t) || seg.len() > 1)
+}
+
+/// Trailing (and clearly regional leading) location tokens, e.g.
+/// "sales manager emea", "uk sales manager", "engineer new york".
+fn strip_locations(tokens: &mut Vec<String>) {
+    // Trailing: remove a maximal run of location tokens, but only when the
+    // run contains a strong token; weak ones ("north", "area") alone are
+    // real words in many titles.
+    let mut cut = tokens.len();
+    while cut > 1 && is_location_token(&tokens[cut - 1]) {
+        cut -= 1;
+    }
+    if cut < tokens.len() && tokens[cut..].iter().any(|t| !is_weak_location_token(t)) {
+        // "office" and "based" are only decoration next to a place.
+        tokens.truncate(cut);
+    }
+    let lead = tokens
+        .iter()
+        .take_while(|t| {
+            matches!(
+                t.as_str(),
+                "emea" | "apac" | "amer" | "latam" | "uk" | "us" | "usa" | "eu" | "dach" | "anz"
+            )
+        })
+        .count();
+    if lead > 0 && lead < tokens.len() {
+        tokens.drain(..lead);
+    }
+}
+
+/// Level markers ("II", "3") say nothing about the role.
+fn strip_levels(out: &mut String) {
+    loop {
+        let Some(pos) = out.rfind(' ') else { return };
+        let last = &out[pos + 1..];
+        let is_level = matches!(last, "i" | "ii" | "iii" | "iv" | "v")
+            || (!last.is_empty() && last.len() <= 2 && last.bytes().all(|b| b.is_ascii_digit()));
+        if !is_level {
+            return;
+        }
+        out.truncate(pos);
+    }
+}
+
+/// Abbreviation expansion. `last` marks the final token, where the noun
+/// form is meant ("Software Eng." is an engineer, "Eng. Manager" manages
+/// engineering).
+fn expand(tok: &str, last: bool) -> &str {
+    match tok {
+        "sr" | "snr" | "senr" => "senior",
+        "jr" | "jnr" => "junior",
+        "mgr" | "mngr" | "mgnr" | "manger" => "manager",
+        "mgmt" | "mgt" | "mngmt" => "management",
+        "mfr" | "mfg" | "mfrs" | "manuf" => "manufacturing",
+        "eng" if last => "engineer",
+        "eng" => "engineering",
+        "engr" | "enginr" => "engineer",
+        "engg" | "engrg" => "engineering",
+        "dir" | "dirctr" => "director",
+        "vp" => "vice president",
+        "svp" => "senior vice president",
+        "evp" => "executive vice president",
+        "avp" => "assistant vice president",
+        "asst" | "assnt" | "asstnt" | "assist" => "assistant",
+        "assoc" => "associate",
+        "admin" | "adm" | "admn" => "administrator",
+        "sysadmin" => "system administrator",
+        "tech" | "techn" if last => "technician",
+        "tech" => "technical",
+        "techs" => "technicians",
+        "coord" | "coordr" | "coordntr" => "coordinator",
+        "exec" | "exe" => "executive",
+        "dept" | "dpt" => "department",
+        "ops" => "operations",
+        "acct" | "accnt" if last => "accountant",
+        "acct" | "accnt" => "account",
+        "accts" => "accounts",
+        "acctg" | "accting" => "accounting",
+        "mktg" => "marketing",
+        "mkt" => "market",
+        "hr" => "human resources",
+        "qa" => "quality assurance",
+        "qc" => "quality control",
+        "rep" | "repr" => "representative",
+        "supv" | "supvr" | "supvsr" | "spvr" => "supervisor",
+        "supt" => "superintendent",
+        "intl" => "international",
+        "natl" => "national",
+        "govt" | "gov" => "government",
+        "dev" if last => "developer",
+        "dev" => "development",
+        "devs" => "developers",
+        "prod" => "production",
+        "proj" => "project",
+        "svc" => "service",
+        "svcs" => "services",
+        "sys" => "systems",
+        "sw" => "software",
+        "hw" => "hardware",
+        "fw" => "firmware",
+        "cust" => "customer",
+        "spec" if last => "specialist",
+        "spec" => "specification",
+        "specs" => "specialists",
+        "anlst" | "analyt" => "analyst",
+        "prin" | "princ" => "principal",
+        "pres" => "president",
+        "chmn" => "chairman",
+        "maint" | "mntc" => "maintenance",
+        "elec" => "electrical",
+        "mech" => "mechanical",
+        "op" if last => "operator",
+        "oper" | "opr" => "operator",
+        "ctrl" => "control",
+        "ctrlr" => "controller",
+        "insp" => "inspector",
+        "purch" => "purchasing",
+        "fin" => "finance",
+        "rn" => "registered nurse",
+        "nhs" => "national health service",
+        "dr" => "doctor",
+        "pa" if last => "personal assistant",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_title as n;
+
+    #[test]
+    fn case_and_punctuation() {
+        assert_eq!(n("  Software   ENGINEER!! "), "software engineer");
+        assert_eq!(n("Teacher's Aide"), "teachers aide");
+        assert_eq!(n("R&D Engineer"), "r and d engineer");
+        assert_eq!(n("Co-ordinator"), "coordinator");
+        assert_eq!(n("front-end developer"), "front end developer");
+        assert_eq!(n("Designer/Developer"), "designer developer");
+        assert_eq!(n(""), "");
+        assert_eq!(n(" -- "), "");
+    }
+
+    #[test]
+    fn abbreviations() {
+        assert_eq!(n("Sr. Software Eng."), "senior software engineer");
+        assert_eq!(n("Snr Mgr"), "senior manager");
+        assert_eq!(n("Jr. Accountant"), "junior accountant");
+        assert_eq!(n("Eng. Mngr"), "engineering manager");
+        assert_eq!(n("Mfg. Engr"), "manufacturing engineer");
+        assert_eq!(n("Dir. of Sales"), "director of sales");
+        assert_eq!(n("VP Engineering"), "vice president engineering");
+        assert_eq!(n("V.P. Sales"), "vice president sales");
+        assert_eq!(n("Asst. Store Mgr"), "assistant store manager");
+        assert_eq!(n("IT Admin"), "it administrator");
+        assert_eq!(n("Lab Tech"), "lab technician");
+        assert_eq!(n("Tech Lead"), "technical lead");
+        assert_eq!(n("Marketing Coord."), "marketing coordinator");
+        assert_eq!(n("Sales Exec"), "sales executive");
+        assert_eq!(n("Dept Head"), "department head");
+        assert_eq!(n("Ops Mgr"), "operations manager");
+        assert_eq!(n("Staff Acct"), "staff accountant");
+        assert_eq!(n("Acct Exec"), "account executive");
+        assert_eq!(n("HR Business Partner"), "human resources business partner");
+    }
+
+    #[test]
+    fn location_suffixes() {
+        assert_eq!(n("Sales Manager EMEA"), "sales manager");
+        assert_eq!(n("Sales Manager (EMEA)"), "sales manager");
+        assert_eq!(n("Sales Manager - London"), "sales manager");
+        assert_eq!(n("Account Executive, UK"), "account executive");
+        assert_eq!(n("Account Executive, New York"), "account executive");
+        assert_eq!(n("Regional Director APAC"), "regional director");
+        assert_eq!(n("Solutions Engineer - NA"), "solutions engineer");
+        assert_eq!(n("Head of Sales LATAM"), "head of sales");
+        assert_eq!(n("Territory Manager US"), "territory manager");
+        assert_eq!(n("UK Sales Manager"), "sales manager");
+        assert_eq!(n("Field Engineer | AMER | Remote"), "field engineer");
+        // Role words that happen to be directions are kept.
+        assert_eq!(n("Area Manager"), "area manager");
+        assert_eq!(n("Head of North"), "head of north");
+        // A title that is only a place is kept rather than emptied.
+        assert_eq!(n("London"), "london");
+    }
+
+    #[test]
+    fn level_markers() {
+        assert_eq!(n("Software Engineer II"), "software engineer");
+        assert_eq!(n("Engineer 3"), "engineer");
+        assert_eq!(n("Analyst"), "analyst");
+    }
+}

@@ -1,0 +1,389 @@
+use super::*;
+
+/// A hand-made bundle small enough that calibration runs on a few dozen
+/// held-out examples.
+const TINY: &str = r#"
+version = "2026-11-01"
+default_archetype = "general"
+
+[[archetypes]]
+id = "software_engineer"
+title = "Software Engineer"
+function_focus = ["engineering"]
+default_cowork_id = "cw-eng"
+examples = ["Software Engineer", "Senior Software Engineer", "Backend Developer",
+            "Frontend Engineer", "Full Stack Developer", "Web Developer",
+            "Mobile Developer", "Platform Engineer"]
+keywords = ["software", "developer"]
+departments = ["Software Engineering"]
+
+[[archetypes]]
+id = "fpa_analyst"
+title = "FP&A Analyst"
+function_focus = ["finance"]
+default_cowork_id = "cw-fin"
+examples = ["Financial Analyst", "Senior Financial Analyst", "FP&A Analyst",
+            "Budget Analyst", "Finance Manager", "Accountant", "Controller",
+            "Financial Planning Manager"]
+keywords = ["finance", "budget"]
+departments = ["Finance"]
+
+[[archetypes]]
+id = "it_admin"
+title = "IT Administrator"
+function_focus = ["it"]
+default_cowork_id = "cw-it"
+examples = ["IT Administrator", "Systems Administrator", "Network Administrator",
+            "IT Support Analyst", "Help Desk Technician", "Desktop Support Technician",
+            "IT Manager", "IT Systems Analyst"]
+keywords = ["it", "helpdesk", "network"]
+departments = ["IT", "Information Technology"]
+
+[[archetypes]]
+id = "sales_rep"
+title = "Sales Representative"
+function_focus = ["sales"]
+default_cowork_id = "cw-sales"
+examples = ["Sales Representative", "Account Executive", "Account Manager",
+            "Sales Development Representative", "Inside Sales Rep",
+            "Regional Sales Manager", "Territory Sales Manager", "Key Account Manager"]
+keywords = ["sales", "account"]
+departments = ["Sales"]
+
+[[archetypes]]
+id = "hr_partner"
+title = "HR Business Partner"
+function_focus = ["people"]
+default_cowork_id = "cw-people"
+examples = ["HR Business Partner", "Human Resources Manager", "HR Generalist",
+            "Recruiter", "Technical Recruiter", "Talent Acquisition Partner",
+            "People Partner", "HR Coordinator"]
+keywords = ["hr", "recruiting", "talent"]
+departments = ["Human Resources", "People"]
+
+[[archetypes]]
+id = "general"
+title = "General Staff"
+default_cowork_id = "cw-general"
+examples = ["Office Manager", "Receptionist", "Administrative Assistant",
+            "Executive Assistant", "Facilities Coordinator", "Office Administrator"]
+"#;
+
+fn tiny() -> Bundle {
+    match Bundle::from_toml_str(TINY, "tiny.toml") {
+        Ok(b) => b,
+        Err(e) => panic!("tiny bundle must load: {e}"),
+    }
+}
+
+fn err_text(toml: &str) -> String {
+    match Bundle::from_toml_str(toml, "tenant.toml") {
+        Ok(_) => panic!("expected an error for:\n{toml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn classifier_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Classifier>();
+}
+
+#[test]
+fn obvious_titles_are_right_and_confident() {
+    let clf = Classifier::new(&tiny());
+    for (title, want) in [
+        ("Senior Software Engineer", "software_engineer"),
+        ("Sr. Backend Software Eng. - London", "software_engineer"),
+        ("Staff Software Engineer (EMEA)", "software_engineer"),
+        ("Senior Financial Analyst, UK", "fpa_analyst"),
+        ("Systems Admin", "it_admin"),
+        ("Sr Account Exec APAC", "sales_rep"),
+        ("Senior Technical Recruiter", "hr_partner"),
+    ] {
+        let c = clf.classify(title, None);
+        assert_eq!(c.archetype_id.as_deref(), Some(want), "{title}: {c:?}");
+        assert!(c.confidence >= 0.7, "{title}: confidence {}", c.confidence);
+    }
+}
+
+#[test]
+fn exact_example_match_is_near_certain() {
+    let clf = Classifier::new(&tiny());
+    let c = clf.classify("help desk technician", None);
+    assert_eq!(c.archetype_id.as_deref(), Some("it_admin"));
+    assert!(c.confidence >= 0.95, "{c:?}");
+}
+
+#[test]
+fn nonsense_gets_low_confidence() {
+    let clf = Classifier::new(&tiny());
+    for title in ["qwzx blorft", "zzzz", "Florist", "Bus Driver"] {
+        let c = clf.classify(title, None);
+        assert!(c.confidence < 0.4, "{title}: {c:?}");
+    }
+}
+
+#[test]
+fn empty_title_falls_back_to_default() {
+    let clf = Classifier::new(&tiny());
+    let c = clf.classify("  -- ", None);
+    assert_eq!(c.archetype_id.as_deref(), Some("general"));
+    assert_eq!(c.confidence, 0.0);
+    assert!(c.candidates.is_empty());
+
+    let mut no_default = tiny();
+    no_default.default_archetype = None;
+    let c = Classifier::new(&no_default).classify("", Some("Finance"));
+    assert_eq!(c.archetype_id, None);
+    assert_eq!(c.confidence, 0.0);
+}
+
+#[test]
+fn candidates_are_top3_best_first() {
+    let clf = Classifier::new(&tiny());
+    let c = clf.classify("Analyst", None);
+    assert_eq!(c.candidates.len(), 3);
+    assert_eq!(
+        c.candidates[0].archetype_id.as_str(),
+        c.archetype_id.as_deref().unwrap_or("")
+    );
+    assert_eq!(c.candidates[0].confidence, c.confidence);
+    assert!(
+        c.candidates
+            .windows(2)
+            .all(|w| w[0].confidence >= w[1].confidence)
+    );
+    let total: f64 = c.candidates.iter().map(|c| c.confidence).sum();
+    assert!(total <= 1.0 + 1e-6, "{c:?}");
+}
+
+#[test]
+fn department_breaks_a_tie() {
+    let clf = Classifier::new(&tiny());
+    // "Specialist" fits no archetype better than another; the department
+    // decides, through the bundle's hints (including a partial match) and
+    // through department words the examples taught ("sales").
+    for (dept, want) in [
+        ("Finance", "fpa_analyst"),
+        ("Information Technology - EMEA", "it_admin"),
+        ("People Operations", "hr_partner"),
+        ("Sales", "sales_rep"),
+    ] {
+        let c = clf.classify("Specialist", Some(dept));
+        assert_eq!(c.archetype_id.as_deref(), Some(want), "{dept}: {c:?}");
+    }
+    let without = clf.classify("Specialist", None);
+    assert!(without.confidence < 0.5, "{without:?}");
+    let c = clf.classify("Analyst", Some("IT"));
+    assert_eq!(c.archetype_id.as_deref(), Some("it_admin"), "{c:?}");
+    // A department with no hint still leaves a clear title alone.
+    let c = clf.classify("Senior Software Engineer", Some("Finance"));
+    assert_eq!(c.archetype_id.as_deref(), Some("software_engineer"));
+}
+
+#[test]
+fn deterministic_across_builds() {
+    let titles = [
+        "Analyst",
+        "Sr. Platform Eng.",
+        "Payroll Specialist",
+        "xyz",
+        "Regional Manager",
+    ];
+    let a = Classifier::new(&tiny());
+    let b = Classifier::new(&tiny());
+    for t in titles {
+        assert_eq!(a.classify(t, None), b.classify(t, None), "{t}");
+        assert_eq!(
+            a.classify(t, Some("Sales")),
+            a.classify(t, Some("Sales")),
+            "{t}"
+        );
+    }
+    assert_eq!(a.bundle_version(), "2026-11-01");
+    assert_eq!(a.review_threshold(), 0.7);
+}
+
+#[test]
+fn toml_round_trip_and_fingerprint() {
+    let b = tiny();
+    let text = match b.to_toml_string() {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    let back = match Bundle::from_toml_str(&text, "round-trip") {
+        Ok(b) => b,
+        Err(e) => panic!("{e}\n{text}"),
+    };
+    assert_eq!(back, b);
+    assert_eq!(back.fingerprint(), b.fingerprint());
+    assert_eq!(b.fingerprint().len(), 32);
+
+    let mut changed = b.clone();
+    changed.archetypes[0].examples.push("Rust Developer".into());
+    assert_ne!(changed.fingerprint(), b.fingerprint());
+    assert_eq!(
+        b.get("it_admin").map(|a| a.title.as_str()),
+        Some("IT Administrator")
+    );
+    assert!(b.get("nope").is_none());
+}
+
+#[test]
+fn defaults_apply() {
+    let b = match Bundle::from_toml_str(
+        "version = \"1\"\n[[archetypes]]\nid = \"a\"\ntitle = \"A\"\ndefault_cowork_id = \"c\"\nexamples = [\"Cook\"]\n",
+        "min.toml",
+    ) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(b.review_threshold, 0.7);
+    assert_eq!(b.default_archetype, None);
+    assert!(b.archetypes[0].keywords.is_empty() && b.archetypes[0].departments.is_empty());
+    // A one-archetype bundle still classifies without panicking.
+    let c = Classifier::new(&b).classify("Head Cook", None);
+    assert_eq!(c.archetype_id.as_deref(), Some("a"));
+}
+
+#[test]
+fn validation_errors_name_file_key_and_archetype() {
+    let dup = TINY.replace("id = \"general\"", "id = \"it_admin\"");
+    let msg = err_text(&dup);
+    assert!(
+        msg.contains("tenant.toml") && msg.contains("`id`") && msg.contains("it_admin"),
+        "{msg}"
+    );
+
+    let missing_default = TINY.replace(
+        "default_archetype = \"general\"",
+        "default_archetype = \"ghost\"",
+    );
+    let msg = err_text(&missing_default);
+    assert!(
+        msg.contains("default_archetype") && msg.contains("ghost"),
+        "{msg}"
+    );
+
+    for bad in ["0.0", "1.5", "-0.2", "nan"] {
+        let t = TINY.replace(
+            "default_archetype",
+            &format!("review_threshold = {bad}\ndefault_archetype"),
+        );
+        let msg = err_text(&t);
+        assert!(msg.contains("review_threshold"), "{msg}");
+    }
+    let ok = TINY.replace(
+        "default_archetype",
+        "review_threshold = 1.0\ndefault_archetype",
+    );
+    assert!(Bundle::from_toml_str(&ok, "t").is_ok());
+
+    let unknown = TINY.replace(
+        "function_focus = [\"it\"]",
+        "function_focus = [\"it\"]\nkeyword = [\"x\"]",
+    );
+    let msg = err_text(&unknown);
+    assert!(
+        msg.contains("tenant.toml") && msg.contains("keyword"),
+        "{msg}"
+    );
+
+    let unknown_top = format!("colour = \"red\"\n{TINY}");
+    assert!(err_text(&unknown_top).contains("colour"));
+
+    let empty_id = TINY.replace("id = \"general\"", "id = \"\"");
+    let msg = err_text(&empty_id);
+    assert!(
+        msg.contains("`id`") && msg.contains("General Staff"),
+        "{msg}"
+    );
+
+    let empty_example = TINY.replace("\"Receptionist\"", "\" -- \"");
+    let msg = err_text(&empty_example);
+    assert!(msg.contains("examples") && msg.contains("general"), "{msg}");
+
+    let no_version = TINY.replace("version = \"2026-11-01\"", "version = \"\"");
+    assert!(err_text(&no_version).contains("version"));
+
+    let missing_title = TINY.replace("title = \"General Staff\"\n", "");
+    let msg = err_text(&missing_title);
+    assert!(msg.contains("title"), "{msg}");
+}
+
+#[test]
+fn load_reads_files_and_names_missing_ones() {
+    let dir = std::env::temp_dir().join(format!("classify-test-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("bundle.toml");
+    if let Err(e) = std::fs::write(&path, TINY) {
+        panic!("{e}");
+    }
+    let loaded = Bundle::load(&path);
+    assert!(matches!(&loaded, Ok(b) if *b == tiny()), "{loaded:?}");
+
+    let missing = dir.join("missing.toml");
+    match Bundle::load(&missing) {
+        Err(e @ ClassifyError::Io { .. }) => assert!(e.to_string().contains("missing.toml")),
+        other => panic!("expected Io error, got {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn labeled_csv_builds_one_archetype_per_label() {
+    let csv = "soc_minor_group,title\n\
+               811,cleaner metal goods mfr\n\
+               111,chairman\n\
+               811,\"curer, rubber\"\n\
+               111,councillor local government\n";
+    let b = match Bundle::from_labeled_csv(csv.as_bytes()) {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    };
+    let ids: Vec<&str> = b.archetypes.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["111", "811"]);
+    assert_eq!(b.archetypes[1].title, "811");
+    assert_eq!(
+        b.archetypes[1].examples,
+        ["cleaner metal goods mfr", "curer, rubber"]
+    );
+    assert!(b.version.starts_with("csv-"));
+    assert_eq!(b.review_threshold, 0.7);
+
+    // Same rows in another order: same bundle.
+    let shuffled = "archetype_id,title\n111,chairman\n811,cleaner metal goods mfr\n\
+                    111,councillor local government\n811,\"curer, rubber\"\n";
+    let again = Bundle::from_labeled_csv(shuffled.as_bytes());
+    assert!(matches!(&again, Ok(a) if *a == b), "{again:?}");
+
+    // Round-trips through TOML like any other bundle.
+    let text = b.to_toml_string().unwrap_or_default();
+    assert!(matches!(Bundle::from_toml_str(&text, "csv"), Ok(x) if x == b));
+
+    let clf = Classifier::new(&b);
+    let c = clf.classify("chairman", None);
+    assert_eq!(c.archetype_id.as_deref(), Some("111"));
+
+    for bad in [
+        "title\nchairman\n",
+        "a,b\n",
+        "a,b\n,chairman\n",
+        "a,b\n1,x,extra\n",
+    ] {
+        match Bundle::from_labeled_csv(bad.as_bytes()) {
+            Err(e @ ClassifyError::Csv { .. }) => assert!(e.to_string().contains("labeled CSV")),
+            other => panic!("{bad:?}: expected Csv error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn classify_serializes_to_json() {
+    let clf = Classifier::new(&tiny());
+    let c = clf.classify("Recruiter", None);
+    let json = serde_json::to_string(&c).unwrap_or_default();
+    assert!(json.contains("\"archetype_id\":\"hr_partner\""), "{json}");
+    assert!(json.contains("\"candidates\""), "{json}");
+}
