@@ -44,6 +44,9 @@ pub struct Config {
     /// The Roster API (`/api/v1/roster`).
     #[serde(default)]
     pub api: ApiConfig,
+    /// Downstream connectors: one TOML file per target in a directory.
+    #[serde(default)]
+    pub connectors: ConnectorsConfig,
     /// The directory of the config file: relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -172,6 +175,23 @@ pub struct ApiConfig {
     pub jwt: Option<crate::api::jwt::JwtConfig>,
 }
 
+/// `[connectors]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorsConfig {
+    /// Directory of connector drop-in files (`*.toml`), relative to this file. Read at
+    /// start and again on SIGHUP.
+    pub dir: PathBuf,
+}
+
+impl Default for ConnectorsConfig {
+    fn default() -> Self {
+        ConnectorsConfig {
+            dir: PathBuf::from("connectors"),
+        }
+    }
+}
+
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -263,6 +283,12 @@ impl Config {
         } else {
             self.base_dir.join(p)
         }
+    }
+
+    /// Load the connectors directory: the good files, and what was wrong with the rest.
+    pub fn load_connectors(&self) -> crate::connectors::Loaded {
+        let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
+        crate::connectors::load_dir(&self.resolve(&self.connectors.dir), &tenants)
     }
 
     /// The base URL clients see, without a trailing slash.

@@ -21,6 +21,9 @@
 pub mod api;
 pub mod classify;
 pub mod config;
+pub mod connectors;
+pub mod dispatch;
+pub mod ops;
 pub mod schedule;
 pub mod scim;
 pub mod server;

@@ -59,6 +59,49 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Print a running daemon's /status readably.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, replay or discard a connector's dead letters on a running daemon.
+    DeadLetters {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// The tenant the connector belongs to.
+        #[arg(long)]
+        tenant: String,
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+/// How the CLI reaches a running daemon.
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// The daemon's config (for its listen address and, without --token, the JWT secret).
+    #[arg(long, short, default_value = "config.toml")]
+    config: PathBuf,
+    /// Base URL of the daemon; defaults to http://<server.listen>.
+    #[arg(long)]
+    url: Option<String>,
+    /// A Roster API JWT with roster:admin; by default one is minted from the config's
+    /// HS256 secret for a minute.
+    #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List a connector's dead letters.
+    List { connector: String },
+    /// Send a dead letter again; on success it is removed.
+    Replay { connector: String, id: u64 },
+    /// Drop a dead letter without sending it.
+    Discard { connector: String, id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +143,12 @@ fn main() -> Result<()> {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::CheckConfig { config } => check_config(config),
+        Command::Status { daemon, json } => print_status(&daemon, json),
+        Command::DeadLetters {
+            daemon,
+            tenant,
+            command,
+        } => dead_letters(&daemon, &tenant, command),
         Command::Classify { bundle, input } => classify(&bundle, input.as_deref()),
         Command::Bundle {
             command: BundleCommand::FromCsv { examples },
@@ -210,6 +259,11 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
 
 fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<()> {
     let config = Config::load(config)?;
+    println!("{}", mint_jwt(&config, tenant, scope, sub, ttl)?);
+    Ok(())
+}
+
+fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<String> {
     let jwt = config
         .api
         .jwt
@@ -239,7 +293,216 @@ fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64)
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )?;
-    println!("{token}");
+    Ok(token)
+}
+
+/// Call a running daemon: `GET`/`POST`/`DELETE` `path`, with an admin token for `tenant`
+/// when given. Answers the status and the JSON body.
+fn call_daemon(
+    daemon: &DaemonArgs,
+    tenant: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<(reqwest::StatusCode, serde_json::Value)> {
+    let config = Config::load(&daemon.config)?;
+    let base = daemon
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.server.listen));
+    let token = match (&daemon.token, tenant) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(t)) => Some(mint_jwt(
+            &config,
+            t,
+            "roster:read roster:write roster:admin",
+            "cli",
+            60,
+        )?),
+        (None, None) => None,
+    };
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut req = reqwest::Client::new()
+            .request(method, &url)
+            .timeout(std::time::Duration::from_secs(60));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach rosterd at {url}; is it running?"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+            })
+        };
+        Ok((status, body))
+    })
+}
+
+fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Result<()> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let message = body["message"].as_str().unwrap_or_default();
+    anyhow::bail!(
+        "rosterd answered {status}: {} {message}",
+        body["error"].as_str().unwrap_or_default()
+    )
+}
+
+fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -> Result<()> {
+    use reqwest::Method;
+    let base = "/api/v1/roster/connectors";
+    match command {
+        DeadLetterCommand::List { connector } => {
+            let (status, body) = call_daemon(
+                daemon,
+                Some(tenant),
+                Method::GET,
+                &format!("{base}/{connector}/dead-letters"),
+            )?;
+            fail_unless_ok(status, &body)?;
+            let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
+            if letters.is_empty() {
+                println!("{connector}: no dead letters");
+            }
+            for l in letters {
+                println!(
+                    "#{} {} seq {} {}/{}: {}",
+                    l["id"],
+                    l["at"].as_str().unwrap_or_default(),
+                    l["event"]["seq"],
+                    l["event"]["resource_type"].as_str().unwrap_or_default(),
+                    l["event"]["id"].as_str().unwrap_or_default(),
+                    l["reason"].as_str().unwrap_or_default()
+                );
+                if let Some(r) = l["request"].as_object() {
+                    println!(
+                        "    sent: {} {}",
+                        r["method"].as_str().unwrap_or_default(),
+                        r["url"].as_str().unwrap_or_default()
+                    );
+                }
+                if let Some(r) = l["response"].as_object() {
+                    println!(
+                        "    answer: {} {}",
+                        r["status"],
+                        r["body"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+        DeadLetterCommand::Replay { connector, id } => {
+            let (status, body) = call_daemon(
+                daemon,
+                Some(tenant),
+                Method::POST,
+                &format!("{base}/{connector}/dead-letters/{id}/replay"),
+            )?;
+            fail_unless_ok(status, &body)?;
+            println!("{connector}: dead letter #{id} delivered and removed");
+        }
+        DeadLetterCommand::Discard { connector, id } => {
+            let (status, body) = call_daemon(
+                daemon,
+                Some(tenant),
+                Method::DELETE,
+                &format!("{base}/{connector}/dead-letters/{id}"),
+            )?;
+            fail_unless_ok(status, &body)?;
+            println!("{connector}: dead letter #{id} discarded");
+        }
+    }
+    Ok(())
+}
+
+fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
+    let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status")?;
+    fail_unless_ok(status, &s)?;
+    if raw {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let up = s["uptime_seconds"].as_i64().unwrap_or(0);
+    println!(
+        "rosterd {}  up {}h{:02}m  store {:.1} MiB{}",
+        str_of(&s["version"]),
+        up / 3600,
+        (up % 3600) / 60,
+        s["store"]["size_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        if s["draining"] == true {
+            "  DRAINING"
+        } else {
+            ""
+        }
+    );
+    if let Some(tenants) = s["tenants"].as_object() {
+        for (id, t) in tenants {
+            println!(
+                "tenant {id}: {} users ({} active), {} groups, review queue {}, last change #{}",
+                t["users"], t["active_users"], t["groups"], t["review_queue"], t["last_seq"]
+            );
+        }
+    }
+    for c in s["connectors"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "connector {} ({}, tenant {}){}: {}{}",
+            str_of(&c["name"]),
+            str_of(&c["kind"]),
+            str_of(&c["tenant"]),
+            if c["dry_run"] == true { " DRY RUN" } else { "" },
+            str_of(&c["state"]),
+            if c["paused"] == true { ", PAUSED" } else { "" },
+        );
+        println!(
+            "    cursor #{}  lag {} events / {:.1} s  delivered {}  retries {}  dead letters {}  last success {}",
+            c["cursor"],
+            c["lag_events"],
+            c["lag_seconds"].as_f64().unwrap_or(0.0),
+            c["delivered"],
+            c["retries"],
+            c["dead_letters"],
+            str_of(&c["last_success_at"])
+        );
+        if !c["last_error"].is_null() {
+            println!(
+                "    last error ({}): {}",
+                str_of(&c["last_error_at"]),
+                str_of(&c["last_error"])
+            );
+        }
+    }
+    let errors = s["connector_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !errors.is_empty() {
+        println!("connector files NOT loaded:");
+        for e in errors {
+            println!("    {}", str_of(&e));
+        }
+    }
+    if let Some(schedules) = s["schedules"].as_object() {
+        for (name, sch) in schedules {
+            println!(
+                "schedule {name} ({}): last run {} ({}), next run {}",
+                str_of(&sch["cron"]),
+                str_of(&sch["last_run"]),
+                str_of(&sch["last_result"]),
+                str_of(&sch["next_run"])
+            );
+        }
+    }
     Ok(())
 }
 
@@ -259,7 +522,9 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
         config.server.listen = l;
     }
     if let Some(d) = data_dir {
-        config.server.data_dir = d;
+        // A path on the command line is relative to where the command runs.
+        config.server.data_dir =
+            std::path::absolute(&d).with_context(|| format!("data dir {}", d.display()))?;
     }
     init_logging(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;

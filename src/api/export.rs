@@ -13,6 +13,7 @@ use super::jwt::Scope;
 use super::roster::{FILTER_PARAMS, Renderer, RosterUser, UserFilter, blocking};
 use super::{ApiError, ApiResult, authenticate};
 use crate::server::AppState;
+use crate::store::{Store, StoreError, StoreResult};
 
 /// The columns of roster-api.txt, in order.
 pub const COLUMNS: [&str; 11] = [
@@ -82,8 +83,59 @@ impl std::io::Write for SharedBuf {
     }
 }
 
-fn csv_error(e: csv::Error) -> ApiError {
-    ApiError::Internal(crate::store::StoreError::Backend(format!("csv: {e}")))
+fn csv_error(e: csv::Error) -> StoreError {
+    StoreError::Backend(format!("csv: {e}"))
+}
+
+/// The roster CSV's writer settings: RFC 4180 quoting, CRLF line ends.
+fn csv_writer<W: std::io::Write>(out: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(out)
+}
+
+/// Write the header and one row per user `filter` matches, in id order, calling
+/// `after_row` after each row (false stops the walk). Returns the rows written. The one
+/// place roster CSV rows are made: the HTTP export and the CSV connector both come here.
+fn write_rows<W: std::io::Write>(
+    store: &Store,
+    tenant: &str,
+    filter: &UserFilter,
+    w: &mut csv::Writer<W>,
+    mut after_row: impl FnMut(&mut csv::Writer<W>) -> StoreResult<bool>,
+) -> StoreResult<u64> {
+    let mut renderer = Renderer::new(store, tenant);
+    let mut rows = 0u64;
+    w.write_record(COLUMNS).map_err(csv_error)?;
+    filter.for_each(store, tenant, None, |id, view, a, groups| {
+        let u = renderer.user(id, view, a, groups)?;
+        let cells = row(&u);
+        w.write_record(cells.iter().map(|c| neutralize(c).into_owned()))
+            .map_err(csv_error)?;
+        rows += 1;
+        after_row(w)
+    })?;
+    Ok(rows)
+}
+
+/// The roster CSV of every user of the tenant, active and inactive (the export with
+/// `active=any`), to `out`: the columns of [`COLUMNS`], cells [`neutralize`]d, RFC 4180
+/// quoting, CRLF line ends. Streams the store; returns the number of users written.
+/// Blocking: call it from the blocking pool.
+pub fn write_roster_csv<W: std::io::Write>(
+    store: &Store,
+    tenant: &str,
+    out: W,
+) -> StoreResult<u64> {
+    let all = UserFilter {
+        active: None,
+        ..UserFilter::default()
+    };
+    let mut w = csv_writer(out);
+    let rows = write_rows(store, tenant, &all, &mut w, |_| Ok(true))?;
+    w.flush()
+        .map_err(|e| StoreError::Backend(format!("csv: {e}")))?;
+    Ok(rows)
 }
 
 pub(super) async fn export_users(
@@ -117,32 +169,22 @@ pub(super) async fn export_users(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {
         let store = &st.store;
-        let mut renderer = Renderer::new(store, &tenant);
         let buf = SharedBuf::default();
-        let mut w = csv::WriterBuilder::new()
-            .terminator(csv::Terminator::CRLF)
-            .from_writer(buf.clone());
+        let mut w = csv_writer(buf.clone());
         let send = |buf: &mut Vec<u8>| -> bool {
             let chunk = std::mem::take(buf);
             tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
         };
         let result = (|| -> ApiResult<()> {
-            w.write_record(COLUMNS).map_err(csv_error)?;
-            filter.for_each(store, &tenant, None, |id, view, a, groups| {
-                let u = renderer.user(id, view, a, groups)?;
-                let cells = row(&u);
-                w.write_record(cells.iter().map(|c| neutralize(c).into_owned()))
-                    .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+            write_rows(store, &tenant, &filter, &mut w, |w| {
                 if buf.len() >= CHUNK {
-                    w.flush()
-                        .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+                    w.flush().map_err(|e| StoreError::Backend(e.to_string()))?;
                     // The client went away: stop reading the store.
                     return Ok(send(&mut buf.0.borrow_mut()));
                 }
                 Ok(true)
             })?;
-            w.flush()
-                .map_err(|e| crate::store::StoreError::Backend(e.to_string()))?;
+            w.flush().map_err(|e| StoreError::Backend(e.to_string()))?;
             send(&mut buf.0.borrow_mut());
             Ok(())
         })();

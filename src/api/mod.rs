@@ -7,6 +7,7 @@
 
 mod export;
 pub mod jwt;
+mod mirror;
 mod openapi;
 mod roster;
 
@@ -22,6 +23,7 @@ use crate::server::AppState;
 use crate::store::StoreError;
 use jwt::{JwtError, JwtVerifier, Principal, Scope};
 
+pub use export::{COLUMNS, neutralize, write_roster_csv};
 pub use openapi::openapi_document;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,11 @@ pub enum ApiError {
     NoBundle,
     #[error("the Roster API is not configured on this daemon: {0}")]
     Disabled(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// A downstream target refused what we sent on the caller's behalf.
+    #[error("{0}")]
+    Upstream(String),
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -74,6 +81,8 @@ impl ApiError {
             }
             ApiError::NoBundle => (StatusCode::CONFLICT, "no_bundle"),
             ApiError::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "roster_api_disabled"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -200,7 +209,7 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
 }
 
 pub(crate) fn routes() -> Router<Arc<AppState>> {
-    roster::routes().route(
+    roster::routes().merge(mirror::routes()).route(
         "/api/v1/openapi.json",
         axum::routing::get(|| async { axum::Json(openapi_document()) }),
     )

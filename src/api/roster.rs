@@ -75,7 +75,7 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(crate::store::StoreError::Backend(e.to_string())))?
 }
 
-fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+pub(super) fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
     let mut unknown: Vec<&str> = p
         .keys()
         .map(String::as_str)
@@ -91,7 +91,7 @@ fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> 
     }
 }
 
-fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
+pub(super) fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
     match p.get("limit") {
         None => Ok(DEFAULT_LIMIT),
         Some(v) => match v.parse::<usize>() {

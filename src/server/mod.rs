@@ -52,6 +52,13 @@ pub struct AppState {
     /// External base URL without a trailing slash.
     pub base_url: String,
     pub roster: RosterState,
+    /// The downstream connectors.
+    pub dispatch: Arc<crate::dispatch::Dispatcher>,
+    /// Cancelled when the daemon starts draining.
+    pub shutdown: CancellationToken,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Reloads (SIGHUP) completed.
+    pub reloads: std::sync::atomic::AtomicU64,
 }
 
 /// Run the daemon on `listener` until `shutdown` is cancelled, then drain in-flight
@@ -121,7 +128,8 @@ pub async fn run_with_env(
         syncing: Default::default(),
     };
 
-    let data_dir = config.server.data_dir.clone();
+    // Relative to the config file, like every other path in it.
+    let data_dir = config.resolve(&config.server.data_dir);
     std::fs::create_dir_all(&data_dir)?;
     let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
         .await
@@ -131,12 +139,22 @@ pub async fn run_with_env(
     }
     let local: SocketAddr = listener.local_addr()?;
     let base_url = config.public_url(local);
+    // Connectors stop on their own token, after the HTTP server drained: the last
+    // acknowledged writes still get their chance to go out before the cursors are left.
+    let dispatch_stop = CancellationToken::new();
+    let dispatch =
+        crate::dispatch::Dispatcher::new(store.clone(), env.clone(), dispatch_stop.clone());
+    dispatch.apply(config.load_connectors()).await;
     let state = Arc::new(AppState {
         store: store.clone(),
         tokens,
         config,
         base_url,
         roster,
+        dispatch: dispatch.clone(),
+        shutdown: shutdown.clone(),
+        started_at: chrono::Utc::now(),
+        reloads: Default::default(),
     });
     for t in &state.config.tenants {
         let n = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -156,12 +174,22 @@ pub async fn run_with_env(
             }
         }
     }
+    let reloads = tokio::spawn(reload_on_sighup(state.clone(), shutdown.clone()));
+    let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
+    crate::ops::systemd::notify_ready();
     tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
-    tracing::info!("Draining finished; flushing the store.");
+    crate::ops::systemd::notify_stopping();
+    reloads.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    tracing::info!("Draining finished; stopping connectors and flushing the store.");
+    dispatch_stop.cancel();
+    dispatch.stop_all().await;
     let closed = tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -171,13 +199,76 @@ pub async fn run_with_env(
     Ok(())
 }
 
+async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("Cannot install the SIGHUP handler; reload by restarting.");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading connectors and archetype bundles.");
+                reload(&state).await;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Re-read the connectors directory and every tenant's archetype bundle. Requests keep
+/// being served throughout; a connector or bundle that fails to load is reported and the
+/// previous one (for bundles) or none (for connector files) stays in effect.
+pub async fn reload(state: &Arc<AppState>) {
+    crate::ops::systemd::notify_reloading();
+    let errors = state.dispatch.apply(state.config.load_connectors()).await;
+    let mut failed = errors.len();
+    for t in &state.config.tenants {
+        let Some(roster) = state.roster.tenants.get(&t.id) else {
+            continue;
+        };
+        let policy = match TenantPolicy::load(t, &state.config.base_dir) {
+            Ok(Some(p)) => Arc::new(p),
+            Ok(None) => continue,
+            Err(e) => {
+                failed += 1;
+                tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect.");
+                continue;
+            }
+        };
+        let unchanged = roster
+            .policy()
+            .is_some_and(|old| old.fingerprint() == policy.fingerprint());
+        if unchanged {
+            continue;
+        }
+        *roster.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
+        state.store.set_resolver(&t.id, policy.clone());
+        tracing::info!(tenant = %t.id, version = %policy.bundle().version, "Archetype bundle changed; reclassifying the tenant.");
+        if let Err(e) =
+            crate::schedule::start_reclassify(state.clone(), &t.id, "bundle_change").await
+        {
+            tracing::error!(tenant = %t.id, error = %e, "Cannot start the reclassification.");
+        }
+    }
+    state
+        .reloads
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::ops::systemd::notify_reloaded();
+    if failed > 0 {
+        crate::ops::systemd::notify_status(&format!(
+            "Serving; last reload had {failed} error(s), see the log"
+        ));
+    }
+    tracing::info!(errors = failed, "Reload finished.");
+}
+
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
     Router::new()
         .merge(scim::routes())
         .merge(crate::api::routes())
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", axum::routing::get(|| async { "ready" }))
+        .merge(crate::ops::status::routes())
         .fallback(scim::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(request_span))

@@ -42,6 +42,8 @@ pub(crate) enum Index {
     Department,
     /// Group displayName, lower-cased.
     GroupName,
+    /// Users with `active: false` (value empty), so status can count them without a scan.
+    Inactive,
 }
 
 impl Index {
@@ -54,6 +56,7 @@ impl Index {
             Index::Manager => b"mg",
             Index::Department => b"dp",
             Index::GroupName => b"gn",
+            Index::Inactive => b"in",
         }
     }
 

@@ -8,6 +8,7 @@
 //! engine can take its place behind the same functions.
 
 mod commit;
+mod delivery;
 mod keys;
 mod roster;
 
@@ -23,6 +24,7 @@ use crate::scim::patch::{MemberOp, MemberRef};
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
+pub use delivery::{DeadLetter, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
 pub use roster::{
     Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
@@ -145,6 +147,10 @@ pub struct ChangeEvent {
     /// A user's archetype assignment, when this change set or changed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assignment: Option<Assignment>,
+    /// This change turned an active user inactive (`active: false`), which downstream
+    /// targets treat as its own event.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deactivated: bool,
 }
 
 /// What an update function returns: the new document and membership changes.
@@ -174,6 +180,9 @@ struct Inner {
     resolvers: RwLock<HashMap<String, Arc<dyn Resolver>>>,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     commit: GroupCommit,
+    /// Per tenant, the last change sequence number known to be on disk. Connectors read
+    /// the log only up to it, so nothing leaves the daemon that a crash could still undo.
+    durable: RwLock<HashMap<String, tokio::sync::watch::Sender<u64>>>,
 }
 
 /// The store handle; cheap to clone.
@@ -243,6 +252,9 @@ fn index_entries(kind: ResourceKind, id: &str, doc: &Value) -> Vec<(Index, Strin
                     }
                 }
             }
+            if doc.get("active") == Some(&Value::Bool(false)) {
+                out.push((Index::Inactive, String::new()));
+            }
             if let Some(ext) = doc.get(ENTERPRISE_USER_SCHEMA) {
                 if let Some(m) = s(ext.pointer("/manager/value")) {
                     out.push((Index::Manager, m));
@@ -266,6 +278,10 @@ fn index_entries(kind: ResourceKind, id: &str, doc: &Value) -> Vec<(Index, Strin
     let _ = id;
     out
 }
+
+/// A write that changed something: its durability ticket and the last change sequence
+/// number it logged (if it logged any).
+type Applied = (u64, Option<u64>);
 
 /// One key write of a transaction: `None` deletes.
 type Op = (Vec<u8>, Option<Vec<u8>>);
@@ -439,6 +455,7 @@ impl<'a> Txn<'a> {
             members_added: vec![],
             members_removed: vec![removed],
             assignment: None,
+            deactivated: false,
         };
         self.log(event);
         Ok(())
@@ -734,6 +751,7 @@ impl Store {
                 tenants: RwLock::new(HashMap::new()),
                 resolvers: RwLock::new(HashMap::new()),
                 commit,
+                durable: RwLock::new(HashMap::new()),
             }),
         })
     }
@@ -773,7 +791,7 @@ impl Store {
         &self,
         tenant: &str,
         f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T>,
-    ) -> StoreResult<(T, Option<u64>)> {
+    ) -> StoreResult<(T, Option<Applied>)> {
         let t = self.tenant(tenant)?;
         let _guard = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut txn = Txn::new(&t.tree, self.resolver(tenant))?;
@@ -781,10 +799,11 @@ impl Store {
         if txn.pending.is_empty() && txn.events.is_empty() {
             return Ok((out, None));
         }
+        let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let ops = txn.into_ops()?;
         apply_ops(&t.tree, ops)?;
         drop(_guard);
-        Ok((out, Some(self.inner.commit.ticket())))
+        Ok((out, Some((self.inner.commit.ticket(), last_seq))))
     }
 
     /// Run a write on the blocking pool and return once it is durable.
@@ -794,18 +813,50 @@ impl Store {
         f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let store = self.clone();
-        let tenant = tenant.to_owned();
-        let (out, ticket) = tokio::task::spawn_blocking(move || store.write_sync(&tenant, f))
+        let owned = tenant.to_owned();
+        let (out, ticket) = tokio::task::spawn_blocking(move || store.write_sync(&owned, f))
             .await
             .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
-        if let Some(ticket) = ticket {
+        if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit
                 .wait(ticket)
                 .await
                 .map_err(|e| StoreError::NotDurable(e.0.to_string()))?;
+            if let Some(seq) = last_seq {
+                // Writers of a tenant apply in sequence order and a flush covers
+                // everything applied before it, so the largest durable seq is a watermark.
+                self.durable_sender(tenant)
+                    .send_if_modified(|v| std::mem::replace(v, (*v).max(seq)) < seq);
+            }
         }
         Ok(out)
+    }
+
+    fn durable_sender(&self, tenant: &str) -> tokio::sync::watch::Sender<u64> {
+        if let Some(tx) = self
+            .inner
+            .durable
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+        {
+            return tx.clone();
+        }
+        let start = self.last_seq(tenant).unwrap_or(0);
+        self.inner
+            .durable
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_owned())
+            .or_insert_with(|| tokio::sync::watch::channel(start).0)
+            .clone()
+    }
+
+    /// Watch the tenant's durable change-log watermark: the largest sequence number that
+    /// is on disk. Starts at the log's end as found when first asked.
+    pub fn watch_durable(&self, tenant: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.durable_sender(tenant).subscribe()
     }
 
     /// Create a resource from a normalized document; the store assigns `id` and `meta`.
@@ -843,6 +894,7 @@ impl Store {
                 members_added: added,
                 members_removed: vec![],
                 assignment,
+                deactivated: false,
             });
             Ok(to_resource(id, doc))
         })
@@ -899,6 +951,9 @@ impl Store {
                 ResourceKind::User => txn.reassign(&id, &doc)?,
                 ResourceKind::Group => None,
             };
+            let deactivated = kind == ResourceKind::User
+                && old.get("active") != Some(&Value::Bool(false))
+                && doc.get("active") == Some(&Value::Bool(false));
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -909,6 +964,7 @@ impl Store {
                 members_added: added,
                 members_removed: removed,
                 assignment,
+                deactivated,
             });
             Ok(to_resource(id, doc))
         })
@@ -960,6 +1016,7 @@ impl Store {
                 members_added: vec![],
                 members_removed: removed,
                 assignment: None,
+                deactivated: false,
             });
             let prefix = keys::backrefs_prefix(&id);
             for key in txn.keys_with_prefix(&prefix)? {
@@ -1099,6 +1156,24 @@ impl Store {
             ),
             None => 0,
         })
+    }
+
+    /// Users with `active: false`.
+    pub fn count_inactive(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree
+            .scan_prefix(keys::index_prefix(Index::Inactive, ""))
+            .keys()
+            .count() as u64)
+    }
+
+    /// Number of groups (a key scan).
+    pub fn count_groups(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree
+            .scan_prefix(keys::resource_prefix(ResourceKind::Group))
+            .keys()
+            .count() as u64)
     }
 
     /// On-disk size in bytes.

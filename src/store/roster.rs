@@ -333,6 +333,7 @@ impl Txn<'_> {
             members_added: vec![],
             members_removed: vec![],
             assignment: Some(a),
+            deactivated: false,
         });
     }
 

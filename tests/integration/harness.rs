@@ -24,6 +24,7 @@ pub struct TestDaemon {
     pub other_token: String,
     pub client: reqwest::Client,
     pub root: PathBuf,
+    env: Vec<(String, String)>,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<Result<(), rosterd::server::ServerError>>>,
     _dir: Option<tempfile::TempDir>,
@@ -59,9 +60,14 @@ impl Resp {
     }
 }
 
+#[derive(Clone)]
 pub struct Options {
     pub max_body_bytes: usize,
     pub scim: ScimConfig,
+    /// Connector drop-in files (name, TOML) written to the connectors directory.
+    pub connectors: Vec<(String, String)>,
+    /// Environment variables the daemon sees (connector secrets).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -69,6 +75,8 @@ impl Default for Options {
         Options {
             max_body_bytes: 1024 * 1024,
             scim: ScimConfig::default(),
+            connectors: vec![],
+            env: vec![],
         }
     }
 }
@@ -84,6 +92,8 @@ max_body_bytes = {max_body}
 max_results = {max_results}
 bulk_max_operations = {bulk}
 max_sort_results = {sort}
+[connectors]
+dir = "connectors"
 [api.jwt]
 audience = ["{JWT_AUDIENCE}"]
 hs256_secret_env = "TEST_JWT_SECRET"
@@ -130,6 +140,12 @@ impl TestDaemon {
             None => new_token(),
         };
         std::fs::write(root.join("bundle.toml"), BUNDLE).expect("bundle");
+        let connectors = root.join("connectors");
+        std::fs::create_dir_all(&connectors).expect("connectors dir");
+        for (name, text) in &opts.connectors {
+            std::fs::write(connectors.join(name), text).expect("connector file");
+        }
+        let env_vars = opts.env.clone();
         let config_path = root.join("config.toml");
         std::fs::write(&config_path, config_text(root, &opts, &hash, &other_hash)).expect("config");
         let config = Config::load(&config_path).expect("config parses");
@@ -138,8 +154,15 @@ impl TestDaemon {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let env: rosterd::server::EnvFn =
-            Arc::new(|v: &str| (v == "TEST_JWT_SECRET").then(|| JWT_SECRET.to_owned()));
+        let vars = env_vars.clone();
+        let env: rosterd::server::EnvFn = Arc::new(move |v: &str| {
+            if v == "TEST_JWT_SECRET" {
+                return Some(JWT_SECRET.to_owned());
+            }
+            vars.iter()
+                .find(|(k, _)| k == v)
+                .map(|(_, val)| val.clone())
+        });
         let handle = tokio::spawn(rosterd::run_with_env(
             config,
             env,
@@ -155,6 +178,7 @@ impl TestDaemon {
             other_token,
             client,
             root: root.to_owned(),
+            env: env_vars,
             shutdown,
             handle: Some(handle),
             _dir: None,
@@ -166,8 +190,12 @@ impl TestDaemon {
         let dir = self._dir.take();
         let tokens = (self.token.clone(), self.other_token.clone());
         let root = self.root.clone();
+        let opts = Options {
+            env: self.env.clone(),
+            ..Options::default()
+        };
         self.stop().await;
-        let mut d = Self::boot(&root, Options::default(), Some(tokens)).await;
+        let mut d = Self::boot(&root, opts, Some(tokens)).await;
         d._dir = dir;
         d
     }
@@ -213,6 +241,38 @@ impl TestDaemon {
             req = req.json(&b);
         }
         Resp::read(req.send().await.expect("request")).await
+    }
+
+    /// Send the process SIGHUP (as an operator's `systemctl reload` does) and wait until
+    /// this daemon has finished a reload that began after the call.
+    pub async fn reload(&self) {
+        let reloads = |v: &Value| v["reloads"].as_u64().expect("reloads in /status");
+        let before = reloads(
+            &self
+                .raw(Method::GET, &self.url("/status"), None, &[], None)
+                .await
+                .body,
+        );
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP failed");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let now = reloads(
+                &self
+                    .raw(Method::GET, &self.url("/status"), None, &[], None)
+                    .await
+                    .body,
+            );
+            if now > before {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no reload happened");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn stop(&mut self) {

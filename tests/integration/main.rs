@@ -2,7 +2,11 @@
 //! One integration-test binary: every module boots the real daemon on a loopback port and
 //! speaks HTTP to it.
 mod cli;
+mod crash;
 mod harness;
+mod mirror;
+#[path = "../support/oneroster.rs"]
+mod oneroster;
 mod roster_api;
 mod scim_bulk;
 mod scim_errors;
@@ -10,3 +14,5 @@ mod scim_groups;
 mod scim_idp_sessions;
 mod scim_list;
 mod scim_users;
+#[path = "../support/webhook.rs"]
+mod webhook;

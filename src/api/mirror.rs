@@ -1,0 +1,164 @@
+//! The mirror's side of the Roster API: the change feed for pull consumers, and the
+//! connectors with their dead letters for operators.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::jwt::Scope;
+use super::roster::{blocking, check_params, parse_limit};
+use super::{ApiError, ApiResult, authenticate};
+use crate::dispatch::DispatchError;
+use crate::server::AppState;
+
+type St = State<Arc<AppState>>;
+type Params = Query<HashMap<String, String>>;
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/roster/changes", get(list_changes))
+        .route("/api/v1/roster/connectors", get(list_connectors))
+        .route("/api/v1/roster/connectors/{name}", get(get_connector))
+        .route("/api/v1/roster/connectors/{name}/resume", post(resume))
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters",
+            get(list_dead_letters),
+        )
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters/{id}",
+            delete(discard),
+        )
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay",
+            post(replay),
+        )
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::Store(s) => ApiError::Internal(s),
+            DispatchError::UnknownConnector(_) | DispatchError::NoSuchLetter(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            DispatchError::NotRunning(..) => ApiError::Conflict(e.to_string()),
+            DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
+        }
+    }
+}
+
+/// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
+/// first. `next_since` is what to ask for next.
+async fn list_changes(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    check_params(&p, &["since", "limit"])?;
+    let limit = parse_limit(&p)?;
+    let since = match p.get("since") {
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("since must be a change sequence number".into()))?,
+        None => 0,
+    };
+    let tenant = caller.tenant;
+    let durable = *st.store.watch_durable(&tenant).borrow();
+    blocking(move || {
+        let n = (durable.saturating_sub(since) as usize).min(limit);
+        let changes = if n == 0 {
+            vec![]
+        } else {
+            st.store.changes(&tenant, since, n)?
+        };
+        let next_since = changes.last().map(|c| c.seq).unwrap_or(since);
+        Ok(Json(json!({
+            "changes": changes,
+            "next_since": next_since,
+            "last_seq": durable,
+        }))
+        .into_response())
+    })
+    .await
+}
+
+async fn list_connectors(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let tenant = caller.tenant;
+    blocking(move || {
+        Ok(Json(json!({ "connectors": st.dispatch.status(Some(&tenant)) })).into_response())
+    })
+    .await
+}
+
+async fn get_connector(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let tenant = caller.tenant;
+    blocking(move || Ok(Json(st.dispatch.connector_status(&tenant, &name)?).into_response())).await
+}
+
+async fn list_dead_letters(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Read)?;
+    let tenant = caller.tenant;
+    blocking(move || {
+        let letters = st.dispatch.dead_letters(&tenant, &name)?;
+        Ok(Json(json!({ "dead_letters": letters })).into_response())
+    })
+    .await
+}
+
+fn letter_id(raw: &str) -> ApiResult<u64> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest(format!("dead letter id {raw:?} is not a number")))
+}
+
+async fn discard(
+    State(st): St,
+    headers: HeaderMap,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Admin)?;
+    st.dispatch
+        .discard(&caller.tenant, &name, letter_id(&id)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn replay(
+    State(st): St,
+    headers: HeaderMap,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Admin)?;
+    let id = letter_id(&id)?;
+    st.dispatch.replay(&caller.tenant, &name, id).await?;
+    Ok(Json(json!({ "replayed": id })).into_response())
+}
+
+async fn resume(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Admin)?;
+    st.dispatch.resume(&caller.tenant, &name)?;
+    Ok(Json(json!({ "resumed": name })).into_response())
+}

@@ -1,0 +1,1231 @@
+//! The CSV connector: the roster CSV (the columns of roster-api.txt) and, optionally, a
+//! OneRoster 1.2 CSV bundle, written to a directory through a temporary file, fsync and
+//! an atomic rename, so a reader never sees half a file.
+//!
+//! [`write_snapshot`] streams the store: one user, one group or one membership at a time
+//! is in memory, whatever the tenant's size.
+
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::oneroster::{UserFields, enrollment_id};
+use super::sourced_id;
+use crate::api::neutralize;
+use crate::scim::ResourceKind;
+use crate::store::{Assignment, Store, StoreError};
+
+/// `[csv]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CsvSettings {
+    /// Output directory (relative paths resolve against the connectors directory).
+    pub dir: PathBuf,
+    /// The roster CSV's file name.
+    #[serde(default = "default_file_name")]
+    pub file_name: String,
+    /// Wait this long after a change for more before writing (on-change mode).
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+    /// A cron expression (with seconds field); when set, files are written on this
+    /// schedule instead of after changes.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Also write `oneroster.zip`: a OneRoster 1.2 CSV bundle.
+    #[serde(default)]
+    pub oneroster: Option<OneRosterCsv>,
+}
+
+/// `[csv.oneroster]`: what the OneRoster CSV bundle needs beyond the roster.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OneRosterCsv {
+    pub org_sourced_id: String,
+    pub org_name: String,
+    #[serde(default = "default_org_type")]
+    pub org_type: String,
+    pub course_sourced_id: String,
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    #[serde(default = "default_role")]
+    pub default_role: String,
+    #[serde(default = "default_role")]
+    pub enrollment_role: String,
+    /// `source.systemName` of the manifest.
+    #[serde(default = "default_system_name")]
+    pub system_name: String,
+}
+
+fn default_file_name() -> String {
+    "roster.csv".into()
+}
+fn default_debounce_ms() -> u64 {
+    2000
+}
+fn default_org_type() -> String {
+    "district".into()
+}
+fn default_role() -> String {
+    "teacher".into()
+}
+fn default_system_name() -> String {
+    "rosterd".into()
+}
+
+impl CsvSettings {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.file_name.contains('/') || matches!(self.file_name.as_str(), "" | "." | "..") {
+            return Err(format!(
+                "key `file_name`: {:?} must be a plain file name",
+                self.file_name
+            ));
+        }
+        if self.oneroster.is_some() && self.file_name == BUNDLE_FILE {
+            return Err(format!(
+                "key `file_name`: {BUNDLE_FILE:?} is the OneRoster bundle's name; pick another"
+            ));
+        }
+        if let Some(s) = &self.schedule {
+            s.parse::<croner::Cron>()
+                .map_err(|e| format!("key `schedule`: {s:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing a snapshot
+
+/// The OneRoster bundle's file name, next to the roster CSV.
+pub const BUNDLE_FILE: &str = "oneroster.zip";
+
+/// Title of the one course the classes live under (the REST connector's default title).
+const COURSE_TITLE: &str = "rosterd groups";
+
+/// What [`write_snapshot`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Users in the roster CSV, active and inactive.
+    pub users: u64,
+    /// The files replaced: the roster CSV, then the OneRoster bundle if configured.
+    pub files: Vec<PathBuf>,
+    /// The tenant's change sequence number when the walk began: every change up to it is
+    /// in the files.
+    pub seq: u64,
+    /// No change was committed while the files were being written, so they agree with
+    /// each other and with the store as of `seq`. When false a change landed part-way
+    /// (it may or may not be in the files); the next snapshot picks it up.
+    pub consistent: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CsvError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot write {}: {message}", path.display())]
+    Zip { path: PathBuf, message: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CsvError + 'a {
+    move |source| CsvError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Write the roster CSV (`settings.dir/settings.file_name`) with every user of the
+/// tenant, and with `settings.oneroster` also `oneroster.zip`, a OneRoster 1.2 CSV bundle.
+/// Each file is written under a temporary name in the same directory and fsynced; only
+/// when all are complete is each renamed over its target, then the directory is fsynced:
+/// a reader sees the old file or the new one, never a part. On error the temporary files
+/// are removed; a target is either replaced whole or left as it was (should the bundle's
+/// rename fail after the roster CSV's succeeded, the roster CSV is the new one).
+///
+/// Blocking: call it from `spawn_blocking`. Streams the store; memory does not grow with
+/// the tenant (beyond the roster renderer's cache of group and manager names).
+pub fn write_snapshot(
+    store: &Store,
+    tenant: &str,
+    settings: &CsvSettings,
+) -> Result<SnapshotReport, CsvError> {
+    let dir = settings.dir.as_path();
+    std::fs::create_dir_all(dir).map_err(io_err("create the directory", dir))?;
+    let seq = store.last_seq(tenant)?;
+
+    let roster = Staged::create(dir, &settings.file_name)?;
+    let users = write_roster(store, tenant, &roster)?;
+    roster.sync()?;
+    let mut staged = vec![roster];
+    if let Some(or) = &settings.oneroster {
+        let bundle = Staged::create(dir, BUNDLE_FILE)?;
+        write_bundle(store, tenant, or, &bundle)?;
+        bundle.sync()?;
+        staged.push(bundle);
+    }
+    let consistent = store.last_seq(tenant)? == seq;
+
+    let mut files = Vec::with_capacity(staged.len());
+    let mut published = Ok(());
+    for s in staged {
+        match s.publish() {
+            Ok(path) => files.push(path),
+            Err(e) => {
+                // The rest are dropped, which removes them.
+                published = Err(e);
+                break;
+            }
+        }
+    }
+    // Renames are durable once the directory is synced, also when a later one failed.
+    let synced = if files.is_empty() {
+        Ok(())
+    } else {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("sync the directory", dir))
+    };
+    published?;
+    synced?;
+    Ok(SnapshotReport {
+        users,
+        files,
+        seq,
+        consistent,
+    })
+}
+
+/// A file being written next to its target under a temporary name. Dropped before
+/// [`Staged::publish`] it removes itself, so no partial file is left behind.
+struct Staged {
+    tmp: PathBuf,
+    target: PathBuf,
+    file: File,
+    armed: bool,
+}
+
+/// Tells apart temporary files of one process (two connectors may share a directory).
+static STAGED: AtomicU64 = AtomicU64::new(0);
+
+impl Staged {
+    fn create(dir: &Path, name: &str) -> Result<Staged, CsvError> {
+        let n = STAGED.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        Ok(Staged {
+            target: dir.join(name),
+            tmp,
+            file,
+            armed: true,
+        })
+    }
+
+    fn sync(&self) -> Result<(), CsvError> {
+        self.file.sync_all().map_err(io_err("sync", &self.tmp))
+    }
+
+    /// Rename over the target; the caller fsyncs the directory.
+    fn publish(mut self) -> Result<PathBuf, CsvError> {
+        std::fs::rename(&self.tmp, &self.target).map_err(io_err("replace", &self.target))?;
+        self.armed = false;
+        Ok(std::mem::take(&mut self.target))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Passes writes through and keeps the first I/O error, which the roster writer can only
+/// report as text.
+struct Tap<W> {
+    inner: W,
+    error: Option<std::io::Error>,
+}
+
+impl<W> Tap<W> {
+    fn keep(&mut self, e: std::io::Error) -> std::io::Error {
+        let copy = std::io::Error::new(e.kind(), e.to_string());
+        self.error.get_or_insert(e);
+        copy
+    }
+}
+
+impl<W: Write> Write for Tap<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self.inner.write(data) {
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.keep(e)),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.inner.flush() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.keep(e)),
+        }
+    }
+}
+
+/// The roster CSV, rendered by the Roster API export's own code.
+fn write_roster(store: &Store, tenant: &str, staged: &Staged) -> Result<u64, CsvError> {
+    let mut out = Tap {
+        inner: BufWriter::new(&staged.file),
+        error: None,
+    };
+    let users = crate::api::write_roster_csv(store, tenant, &mut out).map_err(|e| {
+        match out.error.take() {
+            Some(source) => CsvError::Io {
+                op: "write",
+                path: staged.target.clone(),
+                source,
+            },
+            None => CsvError::Store(e),
+        }
+    })?;
+    out.inner.flush().map_err(io_err("write", &staged.target))?;
+    Ok(users)
+}
+
+// ---------------------------------------------------------------------------------------
+// The OneRoster 1.2 CSV bundle
+
+/// The `file.*` entries of a 1.2 manifest, in the standard's order, and whether the
+/// bundle has the file (`bulk`) or not (`absent`).
+const MANIFEST_FILES: [(&str, bool); 21] = [
+    ("academicSessions", false),
+    ("categories", false),
+    ("classes", true),
+    ("classResources", false),
+    ("courses", true),
+    ("courseResources", false),
+    ("demographics", false),
+    ("enrollments", true),
+    ("lineItemLearningObjectiveIds", false),
+    ("lineItems", false),
+    ("lineItemScoreScales", false),
+    ("orgs", true),
+    ("resources", false),
+    ("resultLearningObjectiveIds", false),
+    ("results", false),
+    ("resultScoreScales", false),
+    ("roles", true),
+    ("scoreScales", false),
+    ("userProfiles", false),
+    ("userResources", false),
+    ("users", true),
+];
+
+const ORGS: [&str; 7] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "name",
+    "type",
+    "identifier",
+    "parentSourcedId",
+];
+
+const COURSES: [&str; 10] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "schoolYearSourcedId",
+    "title",
+    "courseCode",
+    "grades",
+    "orgSourcedId",
+    "subjects",
+    "subjectCodes",
+];
+
+const USERS: [&str; 22] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "enabledUser",
+    "username",
+    "userIds",
+    "givenName",
+    "familyName",
+    "middleName",
+    "identifier",
+    "email",
+    "sms",
+    "phone",
+    "agentSourcedIds",
+    "grades",
+    "password",
+    "userMasterIdentifier",
+    "preferredGivenName",
+    "preferredMiddleName",
+    "preferredFamilyName",
+    "primaryOrgSourcedId",
+    "pronouns",
+];
+
+const ROLES: [&str; 10] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "userSourcedId",
+    "roleType",
+    "role",
+    "beginDate",
+    "endDate",
+    "orgSourcedId",
+    "userProfileSourcedId",
+];
+
+const CLASSES: [&str; 14] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "title",
+    "grades",
+    "courseSourcedId",
+    "classCode",
+    "classType",
+    "location",
+    "schoolSourcedId",
+    "termSourcedIds",
+    "subjects",
+    "subjectCodes",
+    "periods",
+];
+
+const ENROLLMENTS: [&str; 10] = [
+    "sourcedId",
+    "status",
+    "dateLastModified",
+    "classSourcedId",
+    "schoolSourcedId",
+    "userSourcedId",
+    "role",
+    "primary",
+    "beginDate",
+    "endDate",
+];
+
+type ZipOut<'a> = zip::ZipWriter<BufWriter<&'a File>>;
+
+/// The same CSV dialect as the roster CSV: RFC 4180 quoting, CRLF line ends.
+fn csv_writer<W: Write>(out: W) -> ::csv::Writer<W> {
+    ::csv::WriterBuilder::new()
+        .terminator(::csv::Terminator::CRLF)
+        .from_writer(out)
+}
+
+/// Free text from the identity provider, made safe to open in a spreadsheet.
+fn text(s: &str) -> String {
+    neutralize(s).into_owned()
+}
+
+/// The bundle being written: one entry at a time.
+struct Bundle<'a> {
+    zip: ZipOut<'a>,
+    path: &'a Path,
+    options: zip::write::SimpleFileOptions,
+}
+
+impl<'a> Bundle<'a> {
+    fn zip_error(&self, e: zip::result::ZipError) -> CsvError {
+        zip_error(self.path, e)
+    }
+
+    /// Start entry `name` and write its rows with `f`, which gets a CSV writer that has
+    /// already written `header`.
+    fn entry(
+        &mut self,
+        name: &str,
+        header: &[&str],
+        f: impl FnOnce(&mut Rows<'_, &mut ZipOut<'a>>) -> Result<(), CsvError>,
+    ) -> Result<(), CsvError> {
+        let (path, options) = (self.path, self.options);
+        self.zip
+            .start_file(name, options)
+            .map_err(|e| self.zip_error(e))?;
+        let mut rows = Rows {
+            w: csv_writer(&mut self.zip),
+            path,
+            entry: name.to_owned(),
+        };
+        rows.row(header)?;
+        f(&mut rows)?;
+        rows.finish()
+    }
+
+    /// Copy a spooled CSV file in as entry `name`.
+    fn entry_from(&mut self, name: &str, spool: &Staged) -> Result<(), CsvError> {
+        let options = self.options;
+        self.zip
+            .start_file(name, options)
+            .map_err(|e| self.zip_error(e))?;
+        let mut src = &spool.file;
+        src.seek(std::io::SeekFrom::Start(0))
+            .map_err(io_err("read", &spool.tmp))?;
+        std::io::copy(&mut src, &mut self.zip).map_err(io_err("write", self.path))?;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), CsvError> {
+        let path = self.path;
+        let mut out = self.zip.finish().map_err(|e| zip_error(path, e))?;
+        out.flush().map_err(io_err("write", path))
+    }
+}
+
+fn zip_error(path: &Path, e: zip::result::ZipError) -> CsvError {
+    match e {
+        zip::result::ZipError::Io(source) => CsvError::Io {
+            op: "write",
+            path: path.to_owned(),
+            source,
+        },
+        other => CsvError::Zip {
+            path: path.to_owned(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// A CSV writer whose errors name the file (and the bundle entry) they are about.
+struct Rows<'p, W: Write> {
+    w: ::csv::Writer<W>,
+    path: &'p Path,
+    entry: String,
+}
+
+impl<W: Write> Rows<'_, W> {
+    fn error(&self, e: ::csv::Error) -> CsvError {
+        let what = if self.entry.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.entry)
+        };
+        if e.is_io_error()
+            && let ::csv::ErrorKind::Io(source) = e.into_kind()
+        {
+            return CsvError::Io {
+                op: "write",
+                path: self.path.to_owned(),
+                source: std::io::Error::new(source.kind(), format!("{source}{what}")),
+            };
+        }
+        CsvError::Zip {
+            path: self.path.to_owned(),
+            message: format!("CSV encoding failed{what}"),
+        }
+    }
+
+    fn row<I>(&mut self, cells: I) -> Result<(), CsvError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<[u8]>,
+    {
+        self.w.write_record(cells).map_err(|e| self.error(e))
+    }
+
+    fn finish(mut self) -> Result<(), CsvError> {
+        self.w.flush().map_err(|e| self.error(e.into()))
+    }
+}
+
+/// The current time for the entries' timestamps (zip times have no zone; UTC is used).
+fn zip_now() -> zip::DateTime {
+    use chrono::{Datelike, Timelike};
+    let t = chrono::Utc::now().naive_utc();
+    zip::DateTime::from_date_and_time(
+        u16::try_from(t.year()).unwrap_or(1980),
+        t.month() as u8,
+        t.day() as u8,
+        t.hour() as u8,
+        t.minute() as u8,
+        t.second() as u8,
+    )
+    .unwrap_or_default()
+}
+
+fn write_bundle(
+    store: &Store,
+    tenant: &str,
+    or: &OneRosterCsv,
+    staged: &Staged,
+) -> Result<(), CsvError> {
+    let org = or.org_sourced_id.as_str();
+    let course = or.course_sourced_id.as_str();
+    let mut b = Bundle {
+        zip: zip::ZipWriter::new(BufWriter::new(&staged.file)),
+        path: &staged.target,
+        options: zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .last_modified_time(zip_now())
+            .unix_permissions(0o644),
+    };
+
+    b.entry("manifest.csv", &["propertyName", "value"], |w| {
+        w.row(["manifest.version", "1.0"])?;
+        w.row(["oneroster.version", "1.2"])?;
+        for (file, present) in MANIFEST_FILES {
+            let key = format!("file.{file}");
+            w.row([key.as_str(), if present { "bulk" } else { "absent" }])?;
+        }
+        w.row(["source.systemName", &text(&or.system_name)])?;
+        w.row(["source.systemCode", &text(tenant)])
+    })?;
+
+    b.entry("orgs.csv", &ORGS, |w| {
+        w.row([org, "", "", &text(&or.org_name), &or.org_type, "", ""])
+    })?;
+
+    b.entry("courses.csv", &COURSES, |w| {
+        w.row([course, "", "", "", COURSE_TITLE, course, "", org, "", ""])
+    })?;
+
+    // users.csv and roles.csv come from one walk of the users; the roles are spooled to a
+    // temporary file meanwhile, since a zip entry is written in one piece.
+    let spool = Staged::create(
+        staged.target.parent().unwrap_or(Path::new(".")),
+        "oneroster.roles.csv",
+    )?;
+    let mut roles = Rows {
+        w: csv_writer(BufWriter::new(&spool.file)),
+        path: &spool.tmp,
+        entry: String::new(),
+    };
+    roles.row(ROLES)?;
+    b.entry("users.csv", &USERS, |w| {
+        for_each_user(store, tenant, |id, doc, assignment| {
+            let u = UserFields { doc };
+            let user_sid = sourced_id(tenant, &format!("User/{id}"));
+            let email = u.email();
+            // OneRoster requires both names; stand-ins as the REST connector uses them.
+            let local = email
+                .or(u.user_name())
+                .map(|e| e.split('@').next().unwrap_or(e));
+            // (The stand-in "-" is ours, so it is not neutralized into "'-".)
+            let given = u.given_name().or(local).map_or_else(|| "-".into(), text);
+            let family = u.family_name().map_or_else(|| "-".into(), text);
+            let identifier = doc
+                .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
+                .and_then(|e| e.get("employeeNumber"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let enabled = if u.active() { "true" } else { "false" };
+            w.row([
+                user_sid.as_str(),
+                "",
+                "",
+                enabled,
+                &text(u.user_name().or(email).unwrap_or_default()),
+                "",
+                &given,
+                &family,
+                "",
+                &text(identifier),
+                &text(email.unwrap_or_default()),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                org,
+                "",
+            ])?;
+            let role = assignment
+                .and_then(|a| a.archetype_id.as_deref())
+                .and_then(|a| or.roles.get(a))
+                .unwrap_or(&or.default_role);
+            roles.row([
+                sourced_id(tenant, &format!("Role/{id}")).as_str(),
+                "",
+                "",
+                &user_sid,
+                "primary",
+                role,
+                "",
+                "",
+                org,
+                "",
+            ])
+        })
+    })?;
+    roles.finish()?;
+    b.entry_from("roles.csv", &spool)?;
+    drop(spool);
+
+    b.entry("classes.csv", &CLASSES, |w| {
+        for g in store.scan(tenant, ResourceKind::Group)? {
+            let g = g?;
+            let str_of = |k: &str| g.doc.get(k).and_then(Value::as_str);
+            let title = str_of("displayName").unwrap_or(&g.id);
+            w.row([
+                sourced_id(tenant, &format!("Group/{}", g.id)).as_str(),
+                "",
+                "",
+                &text(title),
+                "",
+                course,
+                &text(str_of("externalId").unwrap_or_default()),
+                "homeroom",
+                "",
+                org,
+                "",
+                "",
+                "",
+                "",
+            ])?;
+        }
+        Ok(())
+    })?;
+
+    b.entry("enrollments.csv", &ENROLLMENTS, |w| {
+        // Group ids only (the documents stay undecoded); each group's members stream from
+        // the store, so a group of any size costs one member at a time.
+        for g in store.scan_raw_after(tenant, ResourceKind::Group, None)? {
+            let (gid, _) = g?;
+            let class_sid = sourced_id(tenant, &format!("Group/{gid}"));
+            for m in store.members(tenant, &gid)? {
+                let m = m?;
+                // Enrollments are for users; nested groups have none.
+                if m.kind != "User" {
+                    continue;
+                }
+                w.row([
+                    enrollment_id(tenant, &gid, &m.value).as_str(),
+                    "",
+                    "",
+                    &class_sid,
+                    org,
+                    &sourced_id(tenant, &format!("User/{}", m.value)),
+                    &or.enrollment_role,
+                    "false",
+                    "",
+                    "",
+                ])?;
+            }
+        }
+        Ok(())
+    })?;
+
+    b.finish()
+}
+
+/// Every user in id order with its assignment, joined by merging two ordered scans.
+fn for_each_user(
+    store: &Store,
+    tenant: &str,
+    mut f: impl FnMut(&str, &Value, Option<&Assignment>) -> Result<(), CsvError>,
+) -> Result<(), CsvError> {
+    let mut assignments = store.scan_assignments_after(tenant, None)?.peekable();
+    for user in store.scan(tenant, ResourceKind::User)? {
+        let user = user?;
+        let mut found = None;
+        while let Some(next) = assignments.peek() {
+            match next {
+                Ok((aid, _)) if aid.as_str() < user.id.as_str() => {
+                    assignments.next();
+                }
+                Ok((aid, _)) if *aid == user.id => {
+                    found = assignments.next().transpose()?.map(|(_, a)| a);
+                    break;
+                }
+                Ok(_) => break,
+                Err(_) => {
+                    assignments.next().transpose()?;
+                }
+            }
+        }
+        f(&user.id, &user.doc, found.as_ref())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scim::patch::MemberRef;
+    use serde_json::json;
+    use std::io::Read;
+
+    const T: &str = "demo";
+
+    fn settings(dir: &Path) -> CsvSettings {
+        let mut roles = BTreeMap::new();
+        roles.insert("eng_lead".to_owned(), "districtAdministrator".to_owned());
+        CsvSettings {
+            dir: dir.to_owned(),
+            file_name: default_file_name(),
+            debounce_ms: 0,
+            schedule: None,
+            oneroster: Some(OneRosterCsv {
+                org_sourced_id: "org-1".into(),
+                org_name: "=Springfield, \"District\"".into(),
+                org_type: default_org_type(),
+                course_sourced_id: "course-1".into(),
+                roles,
+                default_role: default_role(),
+                enrollment_role: "student".into(),
+                system_name: default_system_name(),
+            }),
+        }
+    }
+
+    fn member(id: &str) -> MemberRef {
+        MemberRef {
+            value: id.to_owned(),
+            kind: None,
+            display: None,
+        }
+    }
+
+    struct Fixture {
+        _db: tempfile::TempDir,
+        store: Store,
+        ada: String,
+        bob: String,
+        cy: String,
+        ops: String,
+        evil: String,
+    }
+
+    async fn fixture() -> Fixture {
+        let db = tempfile::tempdir().unwrap();
+        let store = Store::open(db.path()).unwrap();
+        let create = |doc: Value| {
+            let store = store.clone();
+            async move {
+                store
+                    .create(T, ResourceKind::User, doc, vec![])
+                    .await
+                    .unwrap()
+                    .id
+            }
+        };
+        let ada = create(json!({
+            "userName": "ada@x.test",
+            "name": {"givenName": "Ada", "familyName": "Lovelace, \"Countess\""},
+            "title": "=cmd|' /C calc'!A0",
+            "emails": [{"value": "ada@x.test", "primary": true}],
+        }))
+        .await;
+        let bob = create(json!({
+            "userName": "bob",
+            "name": {"givenName": "+Bob", "familyName": "Builder"},
+            "title": "Foreman",
+            "active": false,
+            "emails": [{"value": "bob@x.test", "type": "work"}],
+            crate::scim::schema::ENTERPRISE_USER_SCHEMA: {
+                "employeeNumber": "E2", "department": "Sites", "manager": {"value": ada}
+            },
+        }))
+        .await;
+        let cy = create(json!({"userName": "cy@x.test"})).await;
+        store
+            .set_override(T, &ada, Some("eng_lead".into()), "user:admin")
+            .await
+            .unwrap();
+        let ops = store
+            .create(
+                T,
+                ResourceKind::Group,
+                json!({"displayName": "Ops, \"core\"", "externalId": "OPS-1"}),
+                vec![member(&ada), member(&bob)],
+            )
+            .await
+            .unwrap()
+            .id;
+        // A nested group is a member too; it gets no enrollment.
+        let evil = store
+            .create(
+                T,
+                ResourceKind::Group,
+                json!({"displayName": "=evil"}),
+                vec![member(&cy), member(&ops)],
+            )
+            .await
+            .unwrap()
+            .id;
+        Fixture {
+            _db: db,
+            store,
+            ada,
+            bob,
+            cy,
+            ops,
+            evil,
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Vec<Vec<String>> {
+        ::csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(bytes)
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+            .collect()
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Entry name → bytes, in archive order.
+    fn unzip(path: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut z = zip::ZipArchive::new(File::open(path).unwrap()).unwrap();
+        (0..z.len())
+            .map(|i| {
+                let mut f = z.by_index(i).unwrap();
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes).unwrap();
+                (f.name().unwrap().into_owned(), bytes)
+            })
+            .collect()
+    }
+
+    fn by_first<'a>(rows: &'a [Vec<String>], key: &str) -> &'a Vec<String> {
+        rows.iter()
+            .find(|r| r[0] == key)
+            .unwrap_or_else(|| panic!("no row {key}"))
+    }
+
+    fn user_sid(id: &str) -> String {
+        sourced_id(T, &format!("User/{id}"))
+    }
+
+    #[tokio::test]
+    async fn the_roster_csv_has_every_user_quoted_and_neutralized() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("nested/csv");
+        let mut s = settings(&dir);
+        s.oneroster = None;
+        let (store, s2) = (fx.store.clone(), s.clone());
+        let report = tokio::task::spawn_blocking(move || write_snapshot(&store, T, &s2))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.users, 3);
+        assert_eq!(report.files, vec![dir.join("roster.csv")]);
+        assert!(report.consistent);
+        assert_eq!(report.seq, fx.store.last_seq(T).unwrap());
+
+        let bytes = std::fs::read(dir.join("roster.csv")).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.starts_with(
+            "user_id,email,first_name,last_name,job_title,department,manager,archetype_id,\
+             archetype_confidence,is_active,groups\r\n"
+        ));
+        assert!(text.ends_with("\r\n") && !text.replace("\r\n", "").contains('\n'));
+        // RFC 4180: a cell with a comma or quote is quoted, its quotes doubled.
+        assert!(text.contains(r#","Lovelace, ""Countess""","#), "{text}");
+        assert!(text.contains(",'=cmd|' /C calc'!A0,") && !text.contains(",=cmd"));
+
+        let rows = parse(&bytes);
+        assert_eq!(rows[0], crate::api::COLUMNS);
+        assert_eq!(rows.len(), 4);
+        let ada = by_first(&rows, "user:ada@x.test");
+        assert_eq!(ada[3], "Lovelace, \"Countess\"");
+        assert_eq!(ada[4], "'=cmd|' /C calc'!A0");
+        assert_eq!(ada[7], "eng_lead");
+        assert_eq!(ada[9], "true");
+        assert_eq!(ada[10], "Ops, \"core\"");
+        let bob = by_first(&rows, "user:bob");
+        assert_eq!(bob[2], "'+Bob");
+        assert_eq!(bob[5], "Sites");
+        assert_eq!(bob[6], "ada@x.test");
+        assert_eq!(bob[9], "false", "the inactive user is in the file");
+        let cy = by_first(&rows, "user:cy@x.test");
+        assert_eq!(cy[1], "cy@x.test");
+        assert_eq!(cy[10], "'=evil");
+
+        // The very rows of the Roster API export.
+        let mut direct = Vec::new();
+        crate::api::write_roster_csv(&fx.store, T, &mut direct).unwrap();
+        assert_eq!(direct, bytes);
+        assert_eq!(listing(&dir), vec!["roster.csv"]);
+    }
+
+    #[tokio::test]
+    async fn the_oneroster_bundle_has_every_file_and_row() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let report = write_snapshot(&fx.store, T, &settings(out.path())).unwrap();
+        assert_eq!(
+            report.files,
+            vec![out.path().join("roster.csv"), out.path().join(BUNDLE_FILE)]
+        );
+        assert_eq!(listing(out.path()), vec!["oneroster.zip", "roster.csv"]);
+
+        let entries = unzip(&out.path().join(BUNDLE_FILE));
+        let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "manifest.csv",
+                "orgs.csv",
+                "courses.csv",
+                "users.csv",
+                "roles.csv",
+                "classes.csv",
+                "enrollments.csv"
+            ]
+        );
+        let files: BTreeMap<&str, Vec<Vec<String>>> = entries
+            .iter()
+            .map(|(n, b)| (n.as_str(), parse(b)))
+            .collect();
+        for (name, b) in &entries {
+            assert!(
+                std::str::from_utf8(b).unwrap().ends_with("\r\n"),
+                "{name} uses CRLF"
+            );
+        }
+
+        let manifest = &files["manifest.csv"];
+        assert_eq!(manifest[0], ["propertyName", "value"]);
+        assert_eq!(manifest.len(), 1 + 2 + 21 + 2);
+        let prop = |k: &str| by_first(manifest, k)[1].clone();
+        assert_eq!(prop("manifest.version"), "1.0");
+        assert_eq!(prop("oneroster.version"), "1.2");
+        for f in [
+            "users",
+            "orgs",
+            "courses",
+            "classes",
+            "enrollments",
+            "roles",
+        ] {
+            assert_eq!(prop(&format!("file.{f}")), "bulk", "{f}");
+        }
+        for f in ["academicSessions", "categories", "demographics", "results"] {
+            assert_eq!(prop(&format!("file.{f}")), "absent", "{f}");
+        }
+        assert_eq!(prop("source.systemName"), "rosterd");
+        assert_eq!(prop("source.systemCode"), T);
+
+        let orgs = &files["orgs.csv"];
+        assert_eq!(orgs[0], ORGS);
+        assert_eq!(
+            orgs[1],
+            [
+                "org-1",
+                "",
+                "",
+                "'=Springfield, \"District\"",
+                "district",
+                "",
+                ""
+            ]
+        );
+        let courses = &files["courses.csv"];
+        assert_eq!(courses[0], COURSES);
+        assert_eq!(courses.len(), 2);
+        assert_eq!(courses[1][0], "course-1");
+        assert_eq!(courses[1][7], "org-1");
+
+        let users = &files["users.csv"];
+        assert_eq!(users[0], USERS);
+        assert_eq!(users.len(), 4);
+        let ada = by_first(users, &user_sid(&fx.ada));
+        assert_eq!(&ada[1..5], ["", "", "true", "ada@x.test"]);
+        assert_eq!(ada[6], "Ada");
+        assert_eq!(ada[7], "Lovelace, \"Countess\"");
+        assert_eq!(ada[10], "ada@x.test");
+        assert_eq!(ada[20], "org-1");
+        let bob = by_first(users, &user_sid(&fx.bob));
+        assert_eq!(bob[3], "false", "inactive users are disabled, not left out");
+        assert_eq!(bob[4], "bob");
+        assert_eq!(bob[6], "'+Bob");
+        assert_eq!(bob[9], "E2");
+        assert_eq!(bob[10], "bob@x.test");
+        let cy = by_first(users, &user_sid(&fx.cy));
+        assert_eq!((cy[6].as_str(), cy[7].as_str()), ("cy", "-"));
+
+        let roles = &files["roles.csv"];
+        assert_eq!(roles[0], ROLES);
+        assert_eq!(roles.len(), 4);
+        let role_of = |id: &str| {
+            let r = by_first(roles, &sourced_id(T, &format!("Role/{id}")));
+            assert_eq!(r[3], user_sid(id));
+            assert_eq!((r[4].as_str(), r[8].as_str()), ("primary", "org-1"));
+            r[5].clone()
+        };
+        assert_eq!(role_of(&fx.ada), "districtAdministrator");
+        assert_eq!(role_of(&fx.bob), "teacher");
+        assert_eq!(role_of(&fx.cy), "teacher");
+
+        let classes = &files["classes.csv"];
+        assert_eq!(classes[0], CLASSES);
+        assert_eq!(classes.len(), 3);
+        let ops = by_first(classes, &sourced_id(T, &format!("Group/{}", fx.ops)));
+        assert_eq!(ops[3], "Ops, \"core\"");
+        assert_eq!(
+            (&ops[5], &ops[6], &ops[7], &ops[9]),
+            (
+                &"course-1".to_owned(),
+                &"OPS-1".to_owned(),
+                &"homeroom".to_owned(),
+                &"org-1".to_owned()
+            )
+        );
+        let evil = by_first(classes, &sourced_id(T, &format!("Group/{}", fx.evil)));
+        assert_eq!(evil[3], "'=evil");
+
+        let enrollments = &files["enrollments.csv"];
+        assert_eq!(enrollments[0], ENROLLMENTS);
+        let mut got: Vec<Vec<String>> = enrollments[1..].to_vec();
+        got.sort();
+        let mut want: Vec<Vec<String>> =
+            [(&fx.ops, &fx.ada), (&fx.ops, &fx.bob), (&fx.evil, &fx.cy)]
+                .iter()
+                .map(|(g, u)| {
+                    [
+                        enrollment_id(T, g, u),
+                        String::new(),
+                        String::new(),
+                        sourced_id(T, &format!("Group/{g}")),
+                        "org-1".into(),
+                        user_sid(u),
+                        "student".into(),
+                        "false".into(),
+                        String::new(),
+                        String::new(),
+                    ]
+                    .to_vec()
+                })
+                .collect();
+        want.sort();
+        assert_eq!(
+            got, want,
+            "one enrollment per user member; none for the nested group"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_snapshot_replaces_the_first_atomically() {
+        use std::os::unix::fs::MetadataExt;
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        write_snapshot(&fx.store, T, &s).unwrap();
+        let path = out.path().join("roster.csv");
+        let before = std::fs::read(&path).unwrap();
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        // A reader that opened the old file keeps reading the whole old file.
+        let mut reader = File::open(&path).unwrap();
+
+        let dee = fx
+            .store
+            .create(
+                T,
+                ResourceKind::User,
+                json!({"userName": "dee@x.test"}),
+                vec![],
+            )
+            .await
+            .unwrap()
+            .id;
+        fx.store
+            .delete(T, ResourceKind::User, &fx.cy, None)
+            .await
+            .unwrap();
+        let report = write_snapshot(&fx.store, T, &s).unwrap();
+        assert_eq!(report.users, 3);
+
+        let after = std::fs::read(&path).unwrap();
+        assert_ne!(
+            std::fs::metadata(&path).unwrap().ino(),
+            inode,
+            "renamed, not rewritten"
+        );
+        let mut old = Vec::new();
+        reader.read_to_end(&mut old).unwrap();
+        assert_eq!(old, before);
+        let rows = parse(&after);
+        assert!(rows.iter().any(|r| r[0] == "user:dee@x.test"));
+        assert!(!rows.iter().any(|r| r[0] == "user:cy@x.test"));
+
+        let entries = unzip(&out.path().join(BUNDLE_FILE));
+        let users = parse(&entries.iter().find(|(n, _)| n == "users.csv").unwrap().1);
+        assert!(users.iter().any(|r| r[0] == user_sid(&dee)));
+        assert!(!users.iter().any(|r| r[0] == user_sid(&fx.cy)));
+        let enrollments = parse(
+            &entries
+                .iter()
+                .find(|(n, _)| n == "enrollments.csv")
+                .unwrap()
+                .1,
+        );
+        assert_eq!(enrollments.len(), 1 + 2, "cy's enrollment went with cy");
+        assert_eq!(listing(out.path()), vec!["oneroster.zip", "roster.csv"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_snapshot_leaves_the_old_files_and_no_temporary_ones() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        write_snapshot(&fx.store, T, &s).unwrap();
+        let roster_before = std::fs::read(out.path().join("roster.csv")).unwrap();
+        // The bundle's target cannot be replaced: a non-empty directory stands there.
+        std::fs::remove_file(out.path().join(BUNDLE_FILE)).unwrap();
+        std::fs::create_dir(out.path().join(BUNDLE_FILE)).unwrap();
+        std::fs::write(out.path().join(BUNDLE_FILE).join("x"), "x").unwrap();
+        let err = write_snapshot(&fx.store, T, &s).unwrap_err();
+        assert!(
+            matches!(&err, CsvError::Io { path, .. } if path.ends_with(BUNDLE_FILE)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("oneroster.zip"), "{err}");
+        assert_eq!(listing(out.path()), vec!["oneroster.zip", "roster.csv"]);
+        // The roster CSV was replaced before the bundle failed (same content here).
+        assert_eq!(
+            std::fs::read(out.path().join("roster.csv")).unwrap(),
+            roster_before
+        );
+
+        // A directory that cannot be created is named in the error.
+        let file = out.path().join("roster.csv");
+        let err = write_snapshot(&fx.store, T, &settings(&file.join("sub"))).unwrap_err();
+        assert!(err.to_string().contains("roster.csv/sub"), "{err}");
+    }
+
+    #[test]
+    fn the_roster_file_may_not_take_the_bundles_name() {
+        let mut s = settings(Path::new("/tmp/x"));
+        s.file_name = BUNDLE_FILE.into();
+        assert!(s.validate().unwrap_err().contains("OneRoster bundle"));
+        s.oneroster = None;
+        assert!(s.validate().is_ok());
+        s.file_name = "..".into();
+        assert!(s.validate().is_err());
+    }
+}

@@ -1,0 +1,286 @@
+//! One HTTP request to a target and what its answer means for delivery. The retry
+//! decision lives here (retry 408, 425, 429, 5xx but 501, and transport errors; honour
+//! `Retry-After`); the waiting between attempts is the dispatcher's.
+
+use chrono::Utc;
+use reqwest::{Method, StatusCode};
+use std::time::Duration;
+
+use crate::store::{SentRequest, TargetResponse};
+
+/// Longest `Retry-After` honoured; a target asking for more is treated as asking for this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// How much of a target's error body is kept in a dead letter.
+const KEPT_BODY: usize = 4096;
+
+/// A request a connector wants sent. Built once, sent as often as retries need.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    /// JSON body.
+    pub body: Option<Vec<u8>>,
+    /// A DELETE whose object is already gone (404) succeeded.
+    pub absent_ok: bool,
+    /// The webhook message id, when this is a webhook delivery (it is signed per attempt).
+    pub message_id: Option<String>,
+}
+
+impl Request {
+    pub fn put(url: String, body: &serde_json::Value) -> Request {
+        Request {
+            method: Method::PUT,
+            url,
+            body: Some(body.to_string().into_bytes()),
+            absent_ok: false,
+            message_id: None,
+        }
+    }
+
+    pub fn delete(url: String) -> Request {
+        Request {
+            method: Method::DELETE,
+            url,
+            body: None,
+            absent_ok: true,
+            message_id: None,
+        }
+    }
+
+    pub fn get(url: String) -> Request {
+        Request {
+            method: Method::GET,
+            url,
+            body: None,
+            absent_ok: false,
+            message_id: None,
+        }
+    }
+
+    /// The request as a dead letter records it.
+    pub fn record(&self) -> SentRequest {
+        SentRequest {
+            method: self.method.to_string(),
+            url: self.url.clone(),
+            body: self
+                .body
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+        }
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// 2xx (or 404 for a DELETE of something already gone). The body is kept for GETs.
+    Delivered { status: u16, body: bytes::Bytes },
+    /// Worth trying again later.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+        response: Option<TargetResponse>,
+    },
+    /// 401: the credentials need refreshing; then it is worth another try.
+    Unauthorized { response: TargetResponse },
+    /// 410: the target says this endpoint is gone for good (webhooks).
+    Gone { response: TargetResponse },
+    /// The target refused this request and would refuse it again: a dead letter.
+    Refused {
+        reason: String,
+        response: TargetResponse,
+    },
+}
+
+/// Send one attempt. `extra` are headers added per attempt (authorization, signatures).
+pub async fn send(
+    client: &reqwest::Client,
+    req: &Request,
+    extra: Vec<(&'static str, String)>,
+    timeout: Duration,
+) -> Outcome {
+    let mut b = client
+        .request(req.method.clone(), &req.url)
+        .timeout(timeout);
+    if let Some(body) = &req.body {
+        b = b
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
+    }
+    for (k, v) in extra {
+        b = b.header(k, v);
+    }
+    let resp = match b.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "could not connect"
+            } else {
+                "transport error"
+            };
+            return Outcome::Retry {
+                reason: format!("{what}: {}", error_chain(&e)),
+                retry_after: None,
+                response: None,
+            };
+        }
+    };
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            return Outcome::Retry {
+                reason: format!("answer {status} cut off: {}", error_chain(&e)),
+                retry_after,
+                response: None,
+            };
+        }
+    };
+    classify(req, status, retry_after, body)
+}
+
+fn classify(
+    req: &Request,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: bytes::Bytes,
+) -> Outcome {
+    let response = || TargetResponse {
+        status: status.as_u16(),
+        body: String::from_utf8_lossy(&body[..body.len().min(KEPT_BODY)]).into_owned(),
+    };
+    let code = status.as_u16();
+    if status.is_success() || (req.absent_ok && code == 404) {
+        return Outcome::Delivered { status: code, body };
+    }
+    match code {
+        401 => Outcome::Unauthorized {
+            response: response(),
+        },
+        410 if req.message_id.is_some() => Outcome::Gone {
+            response: response(),
+        },
+        408 | 425 | 429 => Outcome::Retry {
+            reason: format!("target answered {status}"),
+            retry_after,
+            response: Some(response()),
+        },
+        501 => Outcome::Refused {
+            reason: format!("target answered {status}: it does not implement this request"),
+            response: response(),
+        },
+        500..=599 => Outcome::Retry {
+            reason: format!("target answered {status}"),
+            retry_after,
+            response: Some(response()),
+        },
+        _ => Outcome::Refused {
+            reason: match code {
+                403 => format!("target answered {status}: this object is not ours to change"),
+                404 => format!("target answered {status}: the object or a reference is missing"),
+                409 => format!("target answered {status}: conflict"),
+                _ => format!("target answered {status}"),
+            },
+            response: response(),
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+        (at.with_timezone(&Utc) - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+/// reqwest's errors hide the useful part ("connection refused") in their sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(method: Method, code: u16) -> Outcome {
+        let req = Request {
+            absent_ok: method == Method::DELETE,
+            method,
+            url: "http://x/".into(),
+            body: None,
+            message_id: None,
+        };
+        classify(
+            &req,
+            StatusCode::from_u16(code).unwrap(),
+            None,
+            bytes::Bytes::new(),
+        )
+    }
+
+    #[test]
+    fn retry_decision_follows_the_status() {
+        for code in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(outcome(Method::PUT, code), Outcome::Retry { .. }),
+                "{code}"
+            );
+        }
+        for code in [400, 403, 409, 422, 501] {
+            assert!(
+                matches!(outcome(Method::PUT, code), Outcome::Refused { .. }),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            outcome(Method::PUT, 401),
+            Outcome::Unauthorized { .. }
+        ));
+        assert!(matches!(
+            outcome(Method::DELETE, 404),
+            Outcome::Delivered { .. }
+        ));
+        assert!(matches!(
+            outcome(Method::PUT, 201),
+            Outcome::Delivered { .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = (Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+        let d = parse_retry_after(&later).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,371 @@
+//! Downstream connectors: what each target is (its drop-in TOML file, [`ConnectorConfig`])
+//! and how a change becomes requests to it (`oneroster`, `webhook`, `csv`). Sending,
+//! retrying, ordering and cursors are the dispatch stage's business (`crate::dispatch`);
+//! a connector here only describes requests and how to authorize them.
+//!
+//! Every file in the connectors directory ending in `.toml` is one target. A file that
+//! does not parse is reported by file name and key, and the others still load, so one
+//! typo cannot stop the mirror to every other target.
+
+pub mod csv;
+pub mod http;
+pub mod oneroster;
+pub mod webhook;
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Namespace of the UUIDv5 sourcedIds rosterd sends downstream. Fixed forever: changing
+/// it would make every target see a second copy of every object.
+const SOURCED_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f1c_2b1e_8a43_4d3e_9b7e_52a1_0c0d_e5f1);
+
+/// The sourcedId of a rosterd object downstream: a UUIDv5 of tenant and local key, so it
+/// is stable across restarts and carries no personal data.
+pub fn sourced_id(tenant: &str, key: &str) -> String {
+    uuid::Uuid::new_v5(&SOURCED_ID_NAMESPACE, format!("{tenant}/{key}").as_bytes()).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("{file}: {message}")]
+    Invalid { file: PathBuf, message: String },
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Oneroster,
+    Webhook,
+    Csv,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Oneroster => "oneroster",
+            Kind::Webhook => "webhook",
+            Kind::Csv => "csv",
+        }
+    }
+}
+
+/// One drop-in file: the settings every connector has, and the section of its kind.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub kind: Kind,
+    /// Unique across the directory; the connector's cursor and dead letters are kept
+    /// under it, so renaming a connector starts it over.
+    pub name: String,
+    pub tenant: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Log what would be sent instead of sending. A dry run keeps a cursor of its own, so
+    /// turning it off later sends everything for real.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Requests in flight at once (order per object is kept whatever this is).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub oneroster: Option<oneroster::OneRosterSettings>,
+    #[serde(default)]
+    pub webhook: Option<webhook::WebhookSettings>,
+    #[serde(default)]
+    pub csv: Option<csv::CsvSettings>,
+    /// The file it came from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// `[retry]`: how a connector waits out a target that is down or rate-limiting.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First backoff delay; each retry doubles it, with jitter, up to `max_delay_ms`.
+    pub initial_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// After this many failed attempts in a row (over all objects) the connector pauses.
+    pub pause_after_failures: u64,
+    /// How long a paused connector waits before it probes the target again.
+    pub pause_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_delay_ms: 200,
+            max_delay_ms: 60_000,
+            pause_after_failures: 20,
+            pause_secs: 60,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn initial_delay(&self) -> Duration {
+        Duration::from_millis(self.initial_delay_ms)
+    }
+    pub fn max_delay(&self) -> Duration {
+        Duration::from_millis(self.max_delay_ms)
+    }
+    pub fn pause(&self) -> Duration {
+        Duration::from_secs(self.pause_secs)
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_concurrency() -> usize {
+    16
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+impl ConnectorConfig {
+    /// Parse one drop-in file's text; `base_dir` resolves relative paths in it.
+    pub fn parse(text: &str, file: &Path, base_dir: &Path) -> Result<Self, ConnectorError> {
+        let invalid = |message: String| ConnectorError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
+        let mut c: ConnectorConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        c.file = file.to_owned();
+        c.validate().map_err(invalid)?;
+        if let Some(csv) = &mut c.csv
+            && csv.dir.is_relative()
+        {
+            csv.dir = base_dir.join(&csv.dir);
+        }
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(format!(
+                "key `name`: {:?} must be 1-64 letters, digits, '-' or '_'",
+                self.name
+            ));
+        }
+        if self.concurrency == 0 || self.concurrency > 1024 {
+            return Err("key `concurrency`: must be between 1 and 1024".into());
+        }
+        if self.timeout_ms == 0 {
+            return Err("key `timeout_ms`: must be positive".into());
+        }
+        if self.retry.initial_delay_ms == 0 || self.retry.max_delay_ms < self.retry.initial_delay_ms
+        {
+            return Err(
+                "keys `retry.initial_delay_ms`/`retry.max_delay_ms`: need 0 < initial <= max"
+                    .into(),
+            );
+        }
+        if self.retry.pause_after_failures == 0 {
+            return Err("key `retry.pause_after_failures`: must be positive".into());
+        }
+        let sections = [
+            (Kind::Oneroster, self.oneroster.is_some()),
+            (Kind::Webhook, self.webhook.is_some()),
+            (Kind::Csv, self.csv.is_some()),
+        ];
+        if sections
+            .iter()
+            .any(|(k, present)| *k == self.kind && !present)
+        {
+            return Err(format!(
+                "kind = \"{0}\" needs a [{0}] section",
+                self.kind.as_str()
+            ));
+        }
+        for (kind, present) in sections {
+            if kind != self.kind && present {
+                return Err(format!(
+                    "section [{}] does not belong in a connector of kind \"{}\"",
+                    kind.as_str(),
+                    self.kind.as_str()
+                ));
+            }
+        }
+        if let Some(o) = &self.oneroster {
+            o.validate().map_err(|e| format!("[oneroster] {e}"))?;
+        }
+        if let Some(w) = &self.webhook {
+            w.validate().map_err(|e| format!("[webhook] {e}"))?;
+        }
+        if let Some(c) = &self.csv {
+            c.validate().map_err(|e| format!("[csv] {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// What loading a connectors directory found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub connectors: Vec<ConnectorConfig>,
+    pub errors: Vec<ConnectorError>,
+}
+
+/// Load every `*.toml` file of `dir`, in file-name order. A missing directory means no
+/// connectors. Files naming an unknown tenant, or a name already taken, are errors.
+pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
+    let mut out = Loaded::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
+        Err(source) => {
+            out.errors.push(ConnectorError::Read {
+                file: dir.to_owned(),
+                source,
+            });
+            return out;
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(source) => {
+                out.errors.push(ConnectorError::Read { file, source });
+                continue;
+            }
+        };
+        let parsed = ConnectorConfig::parse(&text, &file, dir).and_then(|c| {
+            if !tenants.contains(&c.tenant.as_str()) {
+                return Err(ConnectorError::Invalid {
+                    file: file.clone(),
+                    message: format!("key `tenant`: no tenant {:?} in config.toml", c.tenant),
+                });
+            }
+            if let Some(other) = out.connectors.iter().find(|o| o.name == c.name) {
+                return Err(ConnectorError::Invalid {
+                    file: file.clone(),
+                    message: format!(
+                        "key `name`: {:?} is already used by {}",
+                        c.name,
+                        other.file.display()
+                    ),
+                });
+            }
+            Ok(c)
+        });
+        match parsed {
+            Ok(c) => out.connectors.push(c),
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEBHOOK: &str = r#"
+kind = "webhook"
+name = "hooks"
+tenant = "demo"
+[webhook]
+url = "http://127.0.0.1:9/hook"
+secret_env = "HOOK_SECRET"
+"#;
+
+    #[test]
+    fn sourced_ids_are_stable_and_tenant_scoped() {
+        let a = sourced_id("demo", "User/1");
+        assert_eq!(a, sourced_id("demo", "User/1"));
+        assert_ne!(a, sourced_id("other", "User/1"));
+        assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 5);
+    }
+
+    #[test]
+    fn a_bad_file_is_named_and_the_rest_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a-good.toml"), WEBHOOK).unwrap();
+        std::fs::write(
+            dir.path().join("b-typo.toml"),
+            WEBHOOK.replace("name = \"hooks\"", "name = \"h2\"\nconcurency = 3"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("c-tenant.toml"),
+            WEBHOOK
+                .replace("hooks", "h3")
+                .replace("\"demo\"", "\"nope\""),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("d-dup.toml"), WEBHOOK).unwrap();
+        std::fs::write(dir.path().join("README.md"), "not a connector").unwrap();
+        let loaded = load_dir(dir.path(), &["demo"]);
+        assert_eq!(loaded.connectors.len(), 1);
+        assert_eq!(loaded.connectors[0].name, "hooks");
+        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("b-typo.toml") && errors[0].contains("concurency"));
+        assert!(errors[1].contains("c-tenant.toml") && errors[1].contains("tenant"));
+        assert!(errors[2].contains("d-dup.toml") && errors[2].contains("already used"));
+    }
+
+    #[test]
+    fn the_shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors");
+        let mut kinds = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.to_string_lossy().ends_with(".toml.example") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let c = ConnectorConfig::parse(&text, &path, &dir)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                kinds.push(c.kind.as_str());
+            }
+        }
+        kinds.sort_unstable();
+        assert_eq!(kinds, ["csv", "oneroster", "webhook"]);
+    }
+
+    #[test]
+    fn the_kind_needs_its_section_and_no_other() {
+        let err = ConnectorConfig::parse(
+            "kind = \"oneroster\"\nname = \"x\"\ntenant = \"demo\"\n",
+            Path::new("x.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[oneroster]"), "{err}");
+        let err = ConnectorConfig::parse(
+            &WEBHOOK.replace("kind = \"webhook\"", "kind = \"csv\""),
+            Path::new("x.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[csv] section"), "{err}");
+    }
+}

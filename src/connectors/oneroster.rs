@@ -1,0 +1,733 @@
+//! The OneRoster 1.2 connector: users become OneRoster users, groups become classes under
+//! one configured course, memberships become enrollments. Every object is written with an
+//! idempotent PUT by a UUIDv5 sourcedId, so a repeated delivery changes nothing.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+use super::http::Request;
+use super::sourced_id;
+use crate::store::{Assignment, ChangeEvent};
+
+/// User roles OneRoster 1.2 defines (anything else must be `ext:…`).
+const ROLES: [&str; 12] = [
+    "aide",
+    "counselor",
+    "districtAdministrator",
+    "guardian",
+    "parent",
+    "principal",
+    "proctor",
+    "relative",
+    "siteAdministrator",
+    "student",
+    "systemAdministrator",
+    "teacher",
+];
+const ENROLLMENT_ROLES: [&str; 4] = ["administrator", "proctor", "student", "teacher"];
+
+/// `[oneroster]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OneRosterSettings {
+    /// The rostering API root including its path prefix, e.g.
+    /// `https://sis.example.com/ims/oneroster/rostering/v1p2`.
+    pub base_url: String,
+    pub auth: AuthSettings,
+    /// The org every user's role and every class belongs to; checked with GET at start.
+    pub org_sourced_id: String,
+    /// The course rosterd's classes (one per SCIM group) live under; PUT at start.
+    pub course_sourced_id: String,
+    #[serde(default = "default_course_title")]
+    pub course_title: String,
+    /// OneRoster role per archetype id; users whose archetype is not listed get
+    /// `default_role`.
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+    #[serde(default = "default_role")]
+    pub default_role: String,
+    /// Role of group members in their class's enrollment.
+    #[serde(default = "default_role")]
+    pub enrollment_role: String,
+    /// What a SCIM deactivation (`active: false`) becomes downstream.
+    #[serde(default)]
+    pub deactivate: Deactivate,
+}
+
+fn default_course_title() -> String {
+    "rosterd groups".into()
+}
+
+fn default_role() -> String {
+    "teacher".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Deactivate {
+    /// PUT the user with `enabledUser: "false"`.
+    #[default]
+    Disable,
+    /// DELETE the user (the target soft-deletes: status `tobedeleted`).
+    Delete,
+}
+
+/// `[oneroster.auth]`: a static bearer token, or OAuth 2.0 client credentials.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Environment variable holding a static bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// OAuth 2.0 token endpoint (client credentials grant).
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+impl OneRosterSettings {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+            return Err(format!(
+                "key `base_url`: {:?} is not an http(s) URL",
+                self.base_url
+            ));
+        }
+        let a = &self.auth;
+        match (&a.token_env, &a.token_url) {
+            (Some(_), None) => {}
+            (None, Some(_)) => {
+                if a.client_id.is_none() || a.client_secret_env.is_none() {
+                    return Err(
+                        "key `auth.token_url` needs `auth.client_id` and `auth.client_secret_env`"
+                            .into(),
+                    );
+                }
+            }
+            _ => {
+                return Err("[oneroster.auth] needs exactly one of `token_env` (static bearer token) or `token_url` (OAuth client credentials)".into());
+            }
+        }
+        for (arch, role) in &self.roles {
+            if !valid_role(role) {
+                return Err(format!(
+                    "key `roles.{arch}`: {role:?} is not a OneRoster role (one of {} or ext:…)",
+                    ROLES.join(", ")
+                ));
+            }
+        }
+        if !valid_role(&self.default_role) {
+            return Err(format!(
+                "key `default_role`: {:?} is not a OneRoster role",
+                self.default_role
+            ));
+        }
+        if !ENROLLMENT_ROLES.contains(&self.enrollment_role.as_str()) {
+            return Err(format!(
+                "key `enrollment_role`: {:?} is not one of {}",
+                self.enrollment_role,
+                ENROLLMENT_ROLES.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/{path}", self.base_url.trim_end_matches('/'))
+    }
+
+    /// The role of a user with this archetype.
+    pub fn role_for(&self, archetype: Option<&str>) -> &str {
+        archetype
+            .and_then(|a| self.roles.get(a))
+            .unwrap_or(&self.default_role)
+    }
+}
+
+pub(super) fn valid_role(r: &str) -> bool {
+    ROLES.contains(&r) || r.strip_prefix("ext:").is_some_and(|s| !s.is_empty())
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A change this connector cannot express; it goes to the dead letters as is.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unmappable(pub String);
+
+/// The fields of a SCIM user a OneRoster user needs.
+pub struct UserFields<'a> {
+    pub doc: &'a Value,
+}
+
+impl UserFields<'_> {
+    fn str(&self, ptr: &str) -> Option<&str> {
+        self.doc
+            .pointer(ptr)
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    pub fn user_name(&self) -> Option<&str> {
+        self.str("/userName")
+    }
+
+    /// The primary email, else the work one, else the first; else a userName that is one.
+    pub fn email(&self) -> Option<&str> {
+        let emails = self.doc.get("emails").and_then(Value::as_array);
+        let pick = |pred: &dyn Fn(&Value) -> bool| {
+            emails.and_then(|es| {
+                es.iter()
+                    .find(|e| pred(e))
+                    .and_then(|e| e.get("value"))
+                    .and_then(Value::as_str)
+            })
+        };
+        pick(&|e| e.get("primary") == Some(&Value::Bool(true)))
+            .or_else(|| pick(&|e| e.get("type").and_then(Value::as_str) == Some("work")))
+            .or_else(|| pick(&|_| true))
+            .or_else(|| self.user_name().filter(|u| u.contains('@')))
+    }
+
+    pub fn given_name(&self) -> Option<&str> {
+        self.str("/name/givenName")
+    }
+
+    pub fn family_name(&self) -> Option<&str> {
+        self.str("/name/familyName")
+    }
+
+    pub fn active(&self) -> bool {
+        self.doc.get("active") != Some(&Value::Bool(false))
+    }
+
+    fn enterprise(&self, attr: &str) -> Option<&str> {
+        self.doc
+            .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
+            .and_then(|e| e.get(attr))
+            .and_then(Value::as_str)
+    }
+}
+
+/// The OneRoster user body (inside `{"user": …}`) for a SCIM user.
+pub fn user_body(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    id: &str,
+    doc: &Value,
+    assignment: Option<&Assignment>,
+    modified: DateTime<Utc>,
+) -> Result<Value, Unmappable> {
+    let u = UserFields { doc };
+    let email = u.email().ok_or_else(|| {
+        Unmappable(format!(
+            "user {id} has no email and no email-like userName; OneRoster requires one"
+        ))
+    })?;
+    // OneRoster requires both names; a SCIM user need not have them. The email's local
+    // part stands in rather than refusing the user.
+    let local = email.split('@').next().unwrap_or(email);
+    let given = u.given_name().unwrap_or(local);
+    let family = u.family_name().unwrap_or("-");
+    let archetype = assignment.and_then(|a| a.archetype_id.as_deref());
+    let manager = doc
+        .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
+        .and_then(|e| e.pointer("/manager/value"))
+        .and_then(Value::as_str)
+        .map(|m| sourced_id(tenant, &format!("User/{m}")));
+    let org = json!({ "sourcedId": settings.org_sourced_id, "type": "org" });
+    Ok(json!({
+        "sourcedId": sourced_id(tenant, &format!("User/{id}")),
+        "status": "active",
+        "dateLastModified": ts(modified),
+        "enabledUser": if u.active() { "true" } else { "false" },
+        "username": u.user_name().unwrap_or(email),
+        "givenName": given,
+        "familyName": family,
+        "email": email,
+        "identifier": u.enterprise("employeeNumber"),
+        "roles": [{
+            "roleType": "primary",
+            "role": settings.role_for(archetype),
+            "org": org,
+        }],
+        "primaryOrg": org,
+        "metadata": {
+            "archetype_id": archetype,
+            "confidence": assignment.map(|a| a.confidence),
+            "department": u.enterprise("department"),
+            "job_title": u.str("/title"),
+            "manager": manager,
+        },
+    }))
+}
+
+/// The class body for a SCIM group.
+pub fn class_body(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    id: &str,
+    doc: &Value,
+    modified: DateTime<Utc>,
+) -> Value {
+    let title = doc.get("displayName").and_then(Value::as_str).unwrap_or(id);
+    json!({
+        "sourcedId": sourced_id(tenant, &format!("Group/{id}")),
+        "status": "active",
+        "dateLastModified": ts(modified),
+        "title": title,
+        "classCode": doc.get("externalId").and_then(Value::as_str),
+        "classType": "homeroom",
+        "course": { "sourcedId": settings.course_sourced_id, "type": "course" },
+        "org": { "sourcedId": settings.org_sourced_id, "type": "org" },
+        "school": { "sourcedId": settings.org_sourced_id, "type": "org" },
+        "terms": [],
+        "metadata": { "scim_id": id },
+    })
+}
+
+pub fn enrollment_id(tenant: &str, group: &str, user: &str) -> String {
+    sourced_id(tenant, &format!("Member/{group}/{user}"))
+}
+
+pub fn enrollment_body(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    group: &str,
+    user: &str,
+    modified: DateTime<Utc>,
+) -> Value {
+    json!({
+        "sourcedId": enrollment_id(tenant, group, user),
+        "status": "active",
+        "dateLastModified": ts(modified),
+        "role": settings.enrollment_role,
+        "primary": "false",
+        "user": { "sourcedId": sourced_id(tenant, &format!("User/{user}")), "type": "user" },
+        "class": { "sourcedId": sourced_id(tenant, &format!("Group/{group}")), "type": "class" },
+        "school": { "sourcedId": settings.org_sourced_id, "type": "org" },
+    })
+}
+
+/// The state of one object as a change leaves it, for this connector.
+pub struct Current<'a> {
+    pub doc: Option<&'a Value>,
+    pub assignment: Option<&'a Assignment>,
+    /// Members of a group that are users (enrollments exist only for users).
+    pub user_members_added: Vec<&'a str>,
+    pub user_members_removed: Vec<&'a str>,
+}
+
+/// A planned delivery: stages run one after another, the requests of a stage at once.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub stages: Vec<Vec<Request>>,
+    /// Content hash per object key after delivery (`None`: removed downstream).
+    pub hashes: Vec<(String, Option<u64>)>,
+}
+
+/// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.
+pub fn content_hash(body: &Value) -> u64 {
+    use sha2::Digest;
+    let mut v = body.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("dateLastModified");
+    }
+    let d = sha2::Sha256::digest(v.to_string().as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Requests for one change.
+pub fn plan(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    event: &ChangeEvent,
+    cur: &Current<'_>,
+) -> Result<Plan, Unmappable> {
+    let mut p = Plan::default();
+    let key = format!("{}/{}", event.resource_type, event.id);
+    match (event.resource_type.as_str(), cur.doc) {
+        ("User", Some(doc)) => {
+            let u = UserFields { doc };
+            let url = settings.url(&format!(
+                "users/{}",
+                sourced_id(tenant, &format!("User/{}", event.id))
+            ));
+            if !u.active() && settings.deactivate == Deactivate::Delete {
+                p.stages.push(vec![Request::delete(url)]);
+                p.hashes.push((key, None));
+            } else {
+                let body = user_body(settings, tenant, &event.id, doc, cur.assignment, event.at)?;
+                p.hashes.push((key, Some(content_hash(&body))));
+                p.stages
+                    .push(vec![Request::put(url, &json!({ "user": body }))]);
+            }
+        }
+        ("User", None) => {
+            p.stages.push(vec![Request::delete(settings.url(&format!(
+                "users/{}",
+                sourced_id(tenant, &format!("User/{}", event.id))
+            )))]);
+            p.hashes.push((key, None));
+        }
+        ("Group", doc) => {
+            let class_url = settings.url(&format!(
+                "classes/{}",
+                sourced_id(tenant, &format!("Group/{}", event.id))
+            ));
+            let enrollment = |user: &str| {
+                settings.url(&format!(
+                    "enrollments/{}",
+                    enrollment_id(tenant, &event.id, user)
+                ))
+            };
+            let removals: Vec<Request> = cur
+                .user_members_removed
+                .iter()
+                .map(|u| {
+                    p.hashes.push((format!("Member/{}/{u}", event.id), None));
+                    Request::delete(enrollment(u))
+                })
+                .collect();
+            match doc {
+                Some(doc) => {
+                    let body = class_body(settings, tenant, &event.id, doc, event.at);
+                    p.hashes.push((key, Some(content_hash(&body))));
+                    // The class must exist before enrollments reference it.
+                    p.stages
+                        .push(vec![Request::put(class_url, &json!({ "class": body }))]);
+                    let mut adds = removals;
+                    for u in &cur.user_members_added {
+                        let body = enrollment_body(settings, tenant, &event.id, u, event.at);
+                        p.hashes.push((
+                            format!("Member/{}/{u}", event.id),
+                            Some(content_hash(&body)),
+                        ));
+                        adds.push(Request::put(enrollment(u), &json!({ "enrollment": body })));
+                    }
+                    if !adds.is_empty() {
+                        p.stages.push(adds);
+                    }
+                }
+                None => {
+                    // Enrollments go first: a class with active enrollments may not be
+                    // deletable downstream.
+                    if !removals.is_empty() {
+                        p.stages.push(removals);
+                    }
+                    p.stages.push(vec![Request::delete(class_url)]);
+                    p.hashes.push((key, None));
+                }
+            }
+        }
+        (other, _) => {
+            return Err(Unmappable(format!(
+                "resource type {other:?} has no OneRoster mapping"
+            )));
+        }
+    }
+    Ok(p)
+}
+
+/// The requests that check and prepare the target before any change is sent: the org
+/// must exist (GET), the course is created or updated (PUT).
+pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<Request> {
+    vec![
+        Request::get(settings.url(&format!("orgs/{}", settings.org_sourced_id))),
+        Request::put(
+            settings.url(&format!("courses/{}", settings.course_sourced_id)),
+            &json!({ "course": {
+                "sourcedId": settings.course_sourced_id,
+                "status": "active",
+                "dateLastModified": ts(now),
+                "title": settings.course_title,
+                "courseCode": settings.course_sourced_id,
+                "org": { "sourcedId": settings.org_sourced_id, "type": "org" },
+            }}),
+        ),
+    ]
+}
+
+/// Bearer credentials for the target: a static token, or an OAuth access token cached
+/// until shortly before it expires and fetched again after a 401.
+pub struct Credentials {
+    settings: AuthSettings,
+    static_token: Option<String>,
+    client_secret: Option<String>,
+    cached: Mutex<Option<(String, Instant)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("environment variable {0} is not set")]
+    Unset(String),
+    #[error("token endpoint: {0}")]
+    Token(String),
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Credentials {
+    pub fn new(
+        settings: &AuthSettings,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Credentials, AuthError> {
+        let read = |v: &Option<String>| -> Result<Option<String>, AuthError> {
+            match v {
+                Some(name) => env(name)
+                    .map(Some)
+                    .ok_or_else(|| AuthError::Unset(name.clone())),
+                None => Ok(None),
+            }
+        };
+        Ok(Credentials {
+            static_token: read(&settings.token_env)?,
+            client_secret: read(&settings.client_secret_env)?,
+            settings: settings.clone(),
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// The `Authorization` header value for the next request.
+    pub async fn bearer(&self, client: &reqwest::Client) -> Result<String, AuthError> {
+        if let Some(t) = &self.static_token {
+            return Ok(format!("Bearer {t}"));
+        }
+        let mut cached = self.cached.lock().await;
+        if let Some((t, until)) = &*cached
+            && Instant::now() < *until
+        {
+            return Ok(format!("Bearer {t}"));
+        }
+        let (token, ttl) = self.fetch(client).await?;
+        // Refresh a little early so a token never expires in flight.
+        let until = Instant::now() + ttl.saturating_sub(Duration::from_secs(30).min(ttl / 2));
+        *cached = Some((token.clone(), until));
+        Ok(format!("Bearer {token}"))
+    }
+
+    /// Forget the cached token (the target answered 401).
+    pub async fn invalidate(&self) {
+        *self.cached.lock().await = None;
+    }
+
+    async fn fetch(&self, client: &reqwest::Client) -> Result<(String, Duration), AuthError> {
+        let url = self.settings.token_url.as_deref().unwrap_or_default();
+        let mut form = vec![
+            ("grant_type", "client_credentials".to_owned()),
+            (
+                "client_id",
+                self.settings.client_id.clone().unwrap_or_default(),
+            ),
+            (
+                "client_secret",
+                self.client_secret.clone().unwrap_or_default(),
+            ),
+        ];
+        if let Some(s) = &self.settings.scope {
+            form.push(("scope", s.clone()));
+        }
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", form_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let resp = client
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .timeout(Duration::from_secs(30))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| AuthError::Token(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| AuthError::Token(e.to_string()))?;
+        if !status.is_success() {
+            return Err(AuthError::Token(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
+            )));
+        }
+        let t: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| AuthError::Token(format!("unreadable answer: {e}")))?;
+        Ok((
+            t.access_token,
+            Duration::from_secs(t.expires_in.unwrap_or(3600).max(1)),
+        ))
+    }
+}
+
+/// application/x-www-form-urlencoded value encoding.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> OneRosterSettings {
+        toml::from_str(
+            r#"
+base_url = "http://t/or/"
+org_sourced_id = "org-1"
+course_sourced_id = "course-1"
+roles = { eng_lead = "districtAdministrator" }
+[auth]
+token_env = "T"
+"#,
+        )
+        .unwrap()
+    }
+
+    use crate::store::ChangeOp;
+
+    fn event(rt: &str, op: ChangeOp) -> ChangeEvent {
+        ChangeEvent {
+            seq: 1,
+            at: Utc::now(),
+            resource_type: rt.into(),
+            id: "u1".into(),
+            op,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated: false,
+        }
+    }
+
+    #[test]
+    fn a_user_becomes_a_wrapped_oneroster_user() {
+        let s = settings();
+        let doc = json!({"userName": "ada@x.test", "name": {"givenName": "Ada", "familyName": "L"},
+            "title": "Staff Engineer", "emails": [{"value": "ada@x.test", "primary": true}],
+            crate::scim::schema::ENTERPRISE_USER_SCHEMA: {"department": "R&D", "manager": {"value": "m1"}}});
+        let a = Assignment {
+            archetype_id: Some("eng_lead".into()),
+            confidence: 0.9,
+            assigned_by: "service:classifier".into(),
+            assigned_at: Utc::now(),
+            source: crate::store::AssignmentSource::Classifier,
+            bundle_version: String::new(),
+            candidates: vec![],
+            needs_review: false,
+        };
+        let cur = Current {
+            doc: Some(&doc),
+            assignment: Some(&a),
+            user_members_added: vec![],
+            user_members_removed: vec![],
+        };
+        let p = plan(&s, "demo", &event("User", ChangeOp::Created), &cur).unwrap();
+        assert_eq!(p.stages.len(), 1);
+        let r = &p.stages[0][0];
+        let sid = sourced_id("demo", "User/u1");
+        assert_eq!(r.url, format!("http://t/or/users/{sid}"));
+        let body: Value = serde_json::from_slice(r.body.as_ref().unwrap()).unwrap();
+        let u = &body["user"];
+        assert_eq!(u["sourcedId"], sid);
+        assert_eq!(u["enabledUser"], "true");
+        assert_eq!(u["roles"][0]["role"], "districtAdministrator");
+        assert_eq!(u["roles"][0]["org"]["sourcedId"], "org-1");
+        assert_eq!(u["metadata"]["department"], "R&D");
+        assert_eq!(u["metadata"]["manager"], sourced_id("demo", "User/m1"));
+    }
+
+    #[test]
+    fn a_user_without_email_is_unmappable() {
+        let doc = json!({"userName": "ada"});
+        let cur = Current {
+            doc: Some(&doc),
+            assignment: None,
+            user_members_added: vec![],
+            user_members_removed: vec![],
+        };
+        let err = plan(&settings(), "demo", &event("User", ChangeOp::Created), &cur).unwrap_err();
+        assert!(err.0.contains("email"), "{err}");
+    }
+
+    #[test]
+    fn a_group_is_a_class_then_its_enrollments() {
+        let doc = json!({"displayName": "Ops"});
+        let mut ev = event("Group", ChangeOp::Updated);
+        ev.id = "g1".into();
+        let cur = Current {
+            doc: Some(&doc),
+            assignment: None,
+            user_members_added: vec!["u1", "u2"],
+            user_members_removed: vec!["u3"],
+        };
+        let p = plan(&settings(), "demo", &ev, &cur).unwrap();
+        assert_eq!(p.stages.len(), 2);
+        assert!(p.stages[0][0].url.contains("/classes/"));
+        assert_eq!(p.stages[1].len(), 3);
+        assert_eq!(p.stages[1][0].method, reqwest::Method::DELETE);
+        // Deleting a group removes enrollments before the class.
+        let p = plan(
+            &settings(),
+            "demo",
+            &ev,
+            &Current {
+                doc: None,
+                assignment: None,
+                user_members_added: vec![],
+                user_members_removed: vec!["u1"],
+            },
+        )
+        .unwrap();
+        assert!(p.stages[0][0].url.contains("/enrollments/"));
+        assert!(p.stages[1][0].url.contains("/classes/"));
+    }
+
+    #[test]
+    fn content_hash_ignores_the_timestamp_only() {
+        let a = json!({"x": 1, "dateLastModified": "a"});
+        let b = json!({"x": 1, "dateLastModified": "b"});
+        let c = json!({"x": 2, "dateLastModified": "a"});
+        assert_eq!(content_hash(&a), content_hash(&b));
+        assert_ne!(content_hash(&a), content_hash(&c));
+    }
+
+    #[test]
+    fn bad_roles_are_refused() {
+        let mut s = settings();
+        s.roles.insert("x".into(), "wizard".into());
+        assert!(s.validate().unwrap_err().contains("roles.x"));
+    }
+}

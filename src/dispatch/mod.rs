@@ -1,0 +1,1119 @@
+//! Dispatch: every committed change reaches every configured connector, in order per
+//! object, at least once.
+//!
+//! Each connector runs one task that follows its tenant's change log from a durable
+//! cursor, reading only up to the store's durable watermark (nothing a crash could still
+//! undo leaves the daemon). A batch of changes is delivered concurrently, but a change
+//! waits for every earlier change of the batch that touches one of its objects (a group's
+//! membership change waits for its members' own changes, so an enrollment never precedes
+//! its user). The cursor moves only after the whole batch was acknowledged or set aside
+//! as dead letters; a crash replays the batch, which the targets absorb because every
+//! request is idempotent (PUT by stable sourcedId, DELETE tolerating 404, webhook ids
+//! stable per change).
+//!
+//! Retrying is apart from transport: `connectors::http` says what an answer means,
+//! this module waits (exponential backoff with jitter, at least `Retry-After`), pauses a
+//! connector whose target keeps failing, and dead-letters what the target refused.
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::connectors::http::{self, Outcome, Request};
+use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
+use crate::connectors::webhook::{self, Signer, WebhookSettings};
+use crate::connectors::{ConnectorConfig, Kind, Loaded, csv::CsvSettings};
+use crate::scim::ResourceKind;
+use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
+
+/// Changes read from the log per batch.
+const BATCH: u64 = 1000;
+
+/// Reads environment variables (secrets named in connector files).
+pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("no connector {0:?} for this tenant")]
+    UnknownConnector(String),
+    #[error("connector {0:?} is not running: {1}")]
+    NotRunning(String, String),
+    #[error("dead letter {0} not found")]
+    NoSuchLetter(u64),
+    #[error("the target refused the replay: {0}")]
+    ReplayFailed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a connector is doing, as `/status` and the Roster API show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectorStatus {
+    pub name: String,
+    pub tenant: String,
+    pub kind: &'static str,
+    pub file: String,
+    pub enabled: bool,
+    pub dry_run: bool,
+    /// Running, or why not.
+    pub state: String,
+    pub cursor: u64,
+    pub lag_events: u64,
+    pub lag_seconds: f64,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub paused: bool,
+    pub paused_until: Option<DateTime<Utc>>,
+    pub dead_letters: u64,
+    pub delivered: u64,
+    pub retries: u64,
+}
+
+#[derive(Default)]
+struct Health {
+    state: String,
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+    last_error_at: Option<DateTime<Utc>>,
+    /// Paused until then; `Some(None)`-like "until resumed" is `DateTime::MAX_UTC`.
+    paused_until: Option<DateTime<Utc>>,
+}
+
+/// Shared, live state of one connector.
+struct Live {
+    health: Mutex<Health>,
+    failures_in_a_row: AtomicU64,
+    delivered: AtomicU64,
+    retries: AtomicU64,
+    /// Wakes request loops waiting out a pause when it is lifted early.
+    resumed: tokio::sync::Notify,
+}
+
+impl Live {
+    fn new(state: &str) -> Arc<Live> {
+        Arc::new(Live {
+            health: Mutex::new(Health {
+                state: state.to_owned(),
+                ..Health::default()
+            }),
+            failures_in_a_row: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            resumed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_state(&self, s: &str) {
+        self.health().state = s.to_owned();
+    }
+
+    fn success(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if self.failures_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+            let mut h = self.health();
+            h.paused_until = None;
+        }
+        self.health().last_success_at = Some(Utc::now());
+    }
+
+    /// Record a failed attempt; pause the connector once failures in a row reach the limit.
+    fn failure(&self, name: &str, reason: &str, pause_after: u64, pause: Duration) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut h = self.health();
+        h.last_error = Some(reason.to_owned());
+        h.last_error_at = Some(Utc::now());
+        if n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+            let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
+            h.paused_until = Some(until);
+            tracing::warn!(connector = name, failures = n, until = %until, reason, "Target keeps failing; connector paused.");
+        }
+    }
+
+    fn pause_until_resumed(&self, name: &str, reason: &str) {
+        let mut h = self.health();
+        h.last_error = Some(reason.to_owned());
+        h.last_error_at = Some(Utc::now());
+        h.paused_until = Some(DateTime::<Utc>::MAX_UTC);
+        tracing::error!(
+            connector = name,
+            reason,
+            "Connector paused until resumed or reloaded."
+        );
+    }
+
+    fn resume(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.health().paused_until = None;
+        self.resumed.notify_waiters();
+    }
+
+    fn paused_until(&self) -> Option<DateTime<Utc>> {
+        self.health().paused_until.filter(|u| *u > Utc::now())
+    }
+
+    /// Wait while paused. False if cancelled meanwhile.
+    async fn wait_unpaused(&self, cancel: &CancellationToken) -> bool {
+        while let Some(until) = self.paused_until() {
+            let wait = (until - Utc::now()).to_std().unwrap_or_default();
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+                _ = self.resumed.notified() => {}
+            }
+        }
+        !cancel.is_cancelled()
+    }
+}
+
+/// What a connector sends to.
+enum Target {
+    OneRoster {
+        settings: Box<OneRosterSettings>,
+        credentials: Credentials,
+    },
+    Webhook {
+        settings: WebhookSettings,
+        signer: Signer,
+    },
+    Csv {
+        settings: CsvSettings,
+    },
+}
+
+impl Target {
+    fn build(config: &ConnectorConfig, env: &EnvFn) -> Result<Target, String> {
+        let env = |v: &str| env(v);
+        match config.kind {
+            Kind::Oneroster => {
+                let settings = config.oneroster.clone().ok_or("no [oneroster] section")?;
+                let credentials =
+                    Credentials::new(&settings.auth, &env).map_err(|e| e.to_string())?;
+                Ok(Target::OneRoster {
+                    settings: Box::new(settings),
+                    credentials,
+                })
+            }
+            Kind::Webhook => {
+                let settings = config.webhook.clone().ok_or("no [webhook] section")?;
+                let signer = Signer::from_env(&settings, &env).map_err(|e| e.to_string())?;
+                Ok(Target::Webhook { settings, signer })
+            }
+            Kind::Csv => Ok(Target::Csv {
+                settings: config.csv.clone().ok_or("no [csv] section")?,
+            }),
+        }
+    }
+}
+
+/// Everything a connector's task works with.
+struct Ctx {
+    store: Store,
+    client: reqwest::Client,
+    config: ConnectorConfig,
+    target: Target,
+    live: Arc<Live>,
+    cancel: CancellationToken,
+    /// Bounds requests in flight.
+    slots: Semaphore,
+}
+
+impl Ctx {
+    fn tenant(&self) -> &str {
+        &self.config.tenant
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The cursor's key: a dry run keeps its own, so switching it off later sends
+    /// everything for real.
+    fn cursor_name(&self) -> String {
+        cursor_name(&self.config)
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::new()
+            .with_min_delay(self.config.retry.initial_delay())
+            .with_max_delay(self.config.retry.max_delay())
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
+
+fn cursor_name(config: &ConnectorConfig) -> String {
+    if config.dry_run {
+        format!("{}.dry-run", config.name)
+    } else {
+        config.name.clone()
+    }
+}
+
+/// How one request ended.
+enum Sent {
+    Ok,
+    Refused {
+        reason: String,
+        response: Option<TargetResponse>,
+    },
+    Cancelled,
+}
+
+/// How one change ended.
+enum Delivered {
+    /// Acknowledged; these delivered-content hashes now hold.
+    Done(Vec<(String, Option<u64>)>),
+    /// Set aside as a dead letter.
+    DeadLettered,
+    Cancelled,
+}
+
+impl Ctx {
+    /// Authorization headers of one attempt.
+    async fn headers(&self, req: &Request) -> Result<Vec<(&'static str, String)>, String> {
+        match &self.target {
+            Target::OneRoster { credentials, .. } => credentials
+                .bearer(&self.client)
+                .await
+                .map(|b| vec![("authorization", b)])
+                .map_err(|e| format!("cannot get an access token: {e}")),
+            Target::Webhook { signer, .. } => Ok(match (&req.message_id, &req.body) {
+                (Some(id), Some(body)) => signer.headers(id, body),
+                _ => vec![],
+            }),
+            Target::Csv { .. } => Ok(vec![]),
+        }
+    }
+
+    /// Send one request until the target acknowledges or refuses it. `max_attempts`
+    /// bounds retries (replays try once); `None` retries until cancelled.
+    async fn send(&self, req: &Request, max_attempts: Option<u32>) -> Sent {
+        let name = self.name();
+        if self.config.dry_run {
+            tracing::info!(connector = name, method = %req.method, url = %req.url,
+                body = %req.body.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+                "Dry run: would send.");
+            return Sent::Ok;
+        }
+        let mut backoff = self.backoff();
+        let mut refreshed = false;
+        let mut attempts = 0u32;
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        loop {
+            if !self.live.wait_unpaused(&self.cancel).await {
+                return Sent::Cancelled;
+            }
+            attempts += 1;
+            let outcome = match self.headers(req).await {
+                Ok(headers) => {
+                    let Ok(_slot) = self.slots.acquire().await else {
+                        return Sent::Cancelled;
+                    };
+                    tokio::select! {
+                        o = http::send(&self.client, req, headers, timeout) => o,
+                        _ = self.cancel.cancelled() => return Sent::Cancelled,
+                    }
+                }
+                Err(reason) => Outcome::Retry {
+                    reason,
+                    retry_after: None,
+                    response: None,
+                },
+            };
+            let (reason, retry_after, response) = match outcome {
+                Outcome::Delivered { .. } => {
+                    self.live.success();
+                    metrics::counter!("rosterd_deliveries_total", "connector" => name.to_owned(), "outcome" => "delivered").increment(1);
+                    return Sent::Ok;
+                }
+                Outcome::Refused { reason, response } => {
+                    return Sent::Refused {
+                        reason,
+                        response: Some(response),
+                    };
+                }
+                Outcome::Unauthorized { response } => {
+                    if let Target::OneRoster { credentials, .. } = &self.target
+                        && !refreshed
+                    {
+                        // An expired or revoked token: fetch a new one and try at once.
+                        credentials.invalidate().await;
+                        refreshed = true;
+                        continue;
+                    }
+                    (
+                        "target refuses our credentials (401)".to_owned(),
+                        None,
+                        Some(response),
+                    )
+                }
+                Outcome::Gone { response } => {
+                    self.live.pause_until_resumed(
+                        name,
+                        &format!(
+                            "target answered 410 Gone: the endpoint is disabled; fix it, then reload or resume ({})",
+                            response.body
+                        ),
+                    );
+                    continue;
+                }
+                Outcome::Retry {
+                    reason,
+                    retry_after,
+                    response,
+                } => (reason, retry_after, response),
+            };
+            metrics::counter!("rosterd_delivery_retries_total", "connector" => name.to_owned())
+                .increment(1);
+            self.live.failure(
+                name,
+                &reason,
+                self.config.retry.pause_after_failures,
+                self.config.retry.pause(),
+            );
+            if max_attempts.is_some_and(|m| attempts >= m) {
+                return Sent::Refused { reason, response };
+            }
+            let delay = backoff
+                .next()
+                .unwrap_or(self.config.retry.max_delay())
+                .max(retry_after.unwrap_or_default());
+            tracing::debug!(connector = name, url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return Sent::Cancelled,
+            }
+        }
+    }
+
+    async fn send_one<'r>(
+        &self,
+        req: &'r Request,
+        max_attempts: Option<u32>,
+    ) -> (&'r Request, Sent) {
+        (req, self.send(req, max_attempts).await)
+    }
+
+    /// The requests for one change.
+    fn plan(&self, ev: &ChangeEvent) -> Result<oneroster::Plan, String> {
+        let tenant = self.tenant();
+        match &self.target {
+            Target::OneRoster { settings, .. } => {
+                // Assignment-only changes carry no snapshot: the current document is the
+                // one the assignment belongs to.
+                let loaded;
+                let doc = match (&ev.snapshot, ev.resource_type.as_str()) {
+                    (Some(s), _) => Some(s),
+                    (None, "User") if ev.op != crate::store::ChangeOp::Deleted => {
+                        loaded = self
+                            .store
+                            .get(tenant, ResourceKind::User, &ev.id)
+                            .map_err(|e| e.to_string())?;
+                        loaded.as_ref().map(|r| &r.doc)
+                    }
+                    _ => None,
+                };
+                let stored;
+                let assignment = match &ev.assignment {
+                    Some(a) => Some(a),
+                    None if ev.resource_type == "User" && doc.is_some() => {
+                        stored = self
+                            .store
+                            .assignment(tenant, &ev.id)
+                            .map_err(|e| e.to_string())?;
+                        stored.as_ref()
+                    }
+                    None => None,
+                };
+                let mut added = Vec::with_capacity(ev.members_added.len());
+                for m in &ev.members_added {
+                    // Enrollments are for users; nested groups have none.
+                    if self
+                        .store
+                        .get_raw(tenant, ResourceKind::User, m)
+                        .map_err(|e| e.to_string())?
+                        .is_some()
+                    {
+                        added.push(m.as_str());
+                    }
+                }
+                let cur = oneroster::Current {
+                    doc,
+                    assignment,
+                    user_members_added: added,
+                    user_members_removed: ev.members_removed.iter().map(String::as_str).collect(),
+                };
+                oneroster::plan(settings, tenant, ev, &cur).map_err(|e| e.0)
+            }
+            Target::Webhook { settings, .. } => {
+                let loaded;
+                let snapshot = match &ev.snapshot {
+                    Some(s) => Some(s),
+                    None if ev.op == crate::store::ChangeOp::Archetype => {
+                        loaded = self
+                            .store
+                            .get(tenant, ResourceKind::User, &ev.id)
+                            .map_err(|e| e.to_string())?;
+                        loaded.as_ref().map(|r| &r.doc)
+                    }
+                    None => None,
+                };
+                let msgs = webhook::plan(settings, tenant, ev, snapshot);
+                Ok(oneroster::Plan {
+                    stages: if msgs.is_empty() { vec![] } else { vec![msgs] },
+                    hashes: vec![],
+                })
+            }
+            Target::Csv { .. } => Ok(oneroster::Plan::default()),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        ev: &ChangeEvent,
+        reason: String,
+        request: Option<&Request>,
+        response: Option<TargetResponse>,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(connector = self.name(), seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), %reason, "Change set aside as a dead letter.");
+        metrics::counter!("rosterd_dead_letters_total", "connector" => self.name().to_owned())
+            .increment(1);
+        self.store
+            .add_dead_letter(
+                self.tenant(),
+                DeadLetter {
+                    id: 0,
+                    connector: self.name().to_owned(),
+                    at: Utc::now(),
+                    reason,
+                    request: request.map(Request::record),
+                    response,
+                    event: ev.clone(),
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Deliver one change: its stages in order, the requests of a stage concurrently.
+    async fn deliver(
+        &self,
+        ev: &ChangeEvent,
+        max_attempts: Option<u32>,
+    ) -> Result<Delivered, StoreError> {
+        let plan = match self.plan(ev) {
+            Ok(p) => p,
+            Err(reason) => {
+                self.dead_letter(ev, reason, None, None).await?;
+                return Ok(Delivered::DeadLettered);
+            }
+        };
+        for stage in &plan.stages {
+            // A stage can hold 50,000 enrollments: keep only a window of them in flight.
+            let mut pending = stage.iter();
+            let mut inflight = FuturesUnordered::new();
+            let window = self.config.concurrency * 2;
+            let mut refused = None;
+            loop {
+                while inflight.len() < window {
+                    match pending.next() {
+                        Some(req) => inflight.push(self.send_one(req, max_attempts)),
+                        None => break,
+                    }
+                }
+                let Some((req, sent)) = inflight.next().await else {
+                    break;
+                };
+                match sent {
+                    Sent::Ok => {}
+                    Sent::Cancelled => return Ok(Delivered::Cancelled),
+                    Sent::Refused { reason, response } => {
+                        refused.get_or_insert((req, reason, response));
+                    }
+                }
+            }
+            // The rest of the change depends on this stage (a class before its
+            // enrollments), so it stops here.
+            if let Some((req, reason, response)) = refused {
+                self.dead_letter(ev, reason, Some(req), response).await?;
+                return Ok(Delivered::DeadLettered);
+            }
+        }
+        Ok(Delivered::Done(plan.hashes))
+    }
+
+    /// Deliver a batch: concurrently, but each change after every earlier change of the
+    /// batch that touches one of its objects. `None` if cancelled part-way.
+    async fn deliver_batch(
+        &self,
+        events: &[ChangeEvent],
+    ) -> Result<Option<Vec<(String, Option<u64>)>>, StoreError> {
+        let (done_tx, done_rx): (Vec<_>, Vec<_>) =
+            events.iter().map(|_| watch::channel(false)).unzip();
+        let mut last: HashMap<String, usize> = HashMap::new();
+        let mut running = FuturesUnordered::new();
+        for (i, ev) in events.iter().enumerate() {
+            let mut deps: Vec<usize> = object_keys(ev)
+                .into_iter()
+                .filter_map(|k| last.insert(k, i))
+                .collect();
+            deps.sort_unstable();
+            deps.dedup();
+            let waits: Vec<watch::Receiver<bool>> =
+                deps.into_iter().map(|d| done_rx[d].clone()).collect();
+            let done = &done_tx[i];
+            running.push(async move {
+                for mut w in waits {
+                    // A dropped sender means the batch is being abandoned.
+                    if w.wait_for(|d| *d).await.is_err() {
+                        return (i, Ok(Delivered::Cancelled));
+                    }
+                }
+                let r = self.deliver(ev, None).await;
+                done.send_replace(true);
+                (i, r)
+            });
+        }
+        let mut results: Vec<Option<Delivered>> = events.iter().map(|_| None).collect();
+        while let Some((i, r)) = running.next().await {
+            match r? {
+                Delivered::Cancelled => return Ok(None),
+                d => results[i] = Some(d),
+            }
+        }
+        let mut hashes = Vec::new();
+        for r in results.into_iter().flatten() {
+            if let Delivered::Done(h) = r {
+                hashes.extend(h);
+            }
+        }
+        Ok(Some(hashes))
+    }
+}
+
+/// The objects a change touches; changes sharing one are delivered in log order.
+fn object_keys(ev: &ChangeEvent) -> Vec<String> {
+    let mut keys = vec![format!("{}/{}", ev.resource_type, ev.id)];
+    if ev.resource_type == "Group" {
+        keys.extend(
+            ev.members_added
+                .iter()
+                .chain(&ev.members_removed)
+                .map(|m| format!("User/{m}")),
+        );
+    }
+    keys
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend(format!("task failed: {e}")))?
+}
+
+/// The task of an HTTP connector (OneRoster, webhook).
+async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
+    let name = ctx.name().to_owned();
+    let tenant = ctx.tenant().to_owned();
+    if let Target::OneRoster { settings, .. } = &ctx.target {
+        // The org must exist and the course must be in place before any class.
+        ctx.live.set_state("preflight");
+        for req in oneroster::preflight(settings, Utc::now()) {
+            loop {
+                match ctx.send(&req, None).await {
+                    Sent::Ok => break,
+                    Sent::Cancelled => return Ok(()),
+                    Sent::Refused { reason, .. } => {
+                        ctx.live.pause_until_resumed(
+                            &name,
+                            &format!("preflight {} {} failed: {reason}", req.method, req.url),
+                        );
+                        if !ctx.live.wait_unpaused(&ctx.cancel).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ctx.live.set_state("running");
+    let mut durable = ctx.store.watch_durable(&tenant);
+    let cursor_name = ctx.cursor_name();
+    loop {
+        let cursor = ctx.store.cursor(&tenant, &cursor_name)?;
+        let upto = *durable.borrow_and_update();
+        if upto <= cursor {
+            tokio::select! {
+                r = durable.changed() => if r.is_err() { return Ok(()) },
+                _ = ctx.cancel.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        let n = (upto - cursor).min(BATCH) as usize;
+        let events = {
+            let (store, tenant) = (ctx.store.clone(), tenant.clone());
+            blocking(move || store.changes(&tenant, cursor, n)).await?
+        };
+        let Some(last) = events.last().map(|e| e.seq) else {
+            // The log below the watermark was compacted away; skip to what exists.
+            ctx.store
+                .advance_cursor(&tenant, &cursor_name, upto, vec![])
+                .await?;
+            continue;
+        };
+        let Some(hashes) = ctx.deliver_batch(&events).await? else {
+            return Ok(());
+        };
+        ctx.store
+            .advance_cursor(&tenant, &cursor_name, last, hashes)
+            .await?;
+    }
+}
+
+/// The task of a CSV connector: write the files after changes settle, or on a schedule.
+async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
+    let Target::Csv { settings } = &ctx.target else {
+        return Ok(());
+    };
+    let tenant = ctx.tenant().to_owned();
+    let cursor_name = ctx.cursor_name();
+    let mut durable = ctx.store.watch_durable(&tenant);
+    let schedule = settings
+        .schedule
+        .as_deref()
+        .and_then(|s| s.parse::<croner::Cron>().ok());
+    ctx.live.set_state("running");
+    let mut backoff = ctx.backoff();
+    loop {
+        match &schedule {
+            Some(cron) => {
+                let Ok(next) = cron.find_next_occurrence(&Utc::now(), false) else {
+                    ctx.live
+                        .pause_until_resumed(ctx.name(), "the schedule has no next run");
+                    return Ok(());
+                };
+                let wait = (next - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                }
+            }
+            None => {
+                let cursor = ctx.store.cursor(&tenant, &cursor_name)?;
+                if *durable.borrow_and_update() <= cursor {
+                    tokio::select! {
+                        r = durable.changed() => if r.is_err() { return Ok(()) },
+                        _ = ctx.cancel.cancelled() => return Ok(()),
+                    }
+                    continue;
+                }
+                // Let a burst of changes settle into one write.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(settings.debounce_ms)) => {}
+                    _ = ctx.cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+        let upto = *durable.borrow_and_update();
+        if ctx.config.dry_run {
+            tracing::info!(connector = ctx.name(), dir = %settings.dir.display(), "Dry run: would write the CSV files.");
+        } else {
+            let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                crate::connectors::csv::write_snapshot(&store, &t, &s)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match written {
+                Ok(report) => {
+                    let report: crate::connectors::csv::SnapshotReport = report;
+                    ctx.live.success();
+                    backoff = ctx.backoff();
+                    tracing::info!(
+                        connector = ctx.name(),
+                        users = report.users,
+                        "CSV files written."
+                    );
+                }
+                Err(reason) => {
+                    ctx.live.failure(
+                        ctx.name(),
+                        &reason,
+                        ctx.config.retry.pause_after_failures,
+                        ctx.config.retry.pause(),
+                    );
+                    tracing::error!(connector = ctx.name(), %reason, "Cannot write the CSV files.");
+                    let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = ctx.cancel.cancelled() => return Ok(()),
+                    }
+                    if !ctx.live.wait_unpaused(&ctx.cancel).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+        }
+        ctx.store
+            .advance_cursor(&tenant, &cursor_name, upto, vec![])
+            .await?;
+    }
+}
+
+struct Running {
+    config: ConnectorConfig,
+    live: Arc<Live>,
+    ctx: Option<Arc<Ctx>>,
+    cancel: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// A running connector, as found by name.
+struct Found {
+    config: ConnectorConfig,
+    live: Arc<Live>,
+    ctx: Option<Arc<Ctx>>,
+}
+
+/// All connectors of the daemon. Reloading replaces the ones whose file changed and
+/// leaves the others running.
+pub struct Dispatcher {
+    store: Store,
+    env: EnvFn,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+    running: Mutex<BTreeMap<String, Running>>,
+    load_errors: Mutex<Vec<String>>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Store, env: EnvFn, shutdown: CancellationToken) -> Arc<Dispatcher> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("rosterd/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_default();
+        Arc::new(Dispatcher {
+            store,
+            env,
+            client,
+            shutdown,
+            running: Mutex::new(BTreeMap::new()),
+            load_errors: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Apply a freshly loaded connectors directory: stop connectors that went away or
+    /// changed, start new and changed ones. Returns the load errors, also kept for /status.
+    pub async fn apply(&self, loaded: Loaded) -> Vec<String> {
+        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        for e in &errors {
+            tracing::error!(error = %e, "Connector file not loaded; the others are.");
+        }
+        *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
+        let wanted: BTreeMap<String, ConnectorConfig> = loaded
+            .connectors
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        let stopping: Vec<Running> = {
+            let mut running = self.running();
+            let names: Vec<String> = running
+                .iter()
+                .filter(|(n, r)| wanted.get(*n) != Some(&r.config))
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| running.remove(&n))
+                .collect()
+        };
+        for r in stopping {
+            tracing::info!(connector = %r.config.name, "Stopping connector (its file changed or went away).");
+            stop(r).await;
+        }
+        for (name, config) in wanted {
+            if self.running().contains_key(&name) {
+                continue;
+            }
+            let r = self.start(config);
+            self.running().insert(name, r);
+        }
+        errors
+    }
+
+    fn start(&self, config: ConnectorConfig) -> Running {
+        let cancel = self.shutdown.child_token();
+        if !config.enabled {
+            return Running {
+                live: Live::new("disabled"),
+                config,
+                ctx: None,
+                cancel,
+                handle: None,
+            };
+        }
+        let target = match Target::build(&config, &self.env) {
+            Ok(t) => t,
+            Err(e) => {
+                let reason = format!("not started: {e}");
+                tracing::error!(connector = %config.name, %reason, "Connector not started.");
+                let live = Live::new(&reason);
+                live.health().last_error = Some(e);
+                return Running {
+                    live,
+                    config,
+                    ctx: None,
+                    cancel,
+                    handle: None,
+                };
+            }
+        };
+        let live = Live::new("starting");
+        let ctx = Arc::new(Ctx {
+            store: self.store.clone(),
+            client: self.client.clone(),
+            slots: Semaphore::new(config.concurrency),
+            config: config.clone(),
+            target,
+            live: live.clone(),
+            cancel: cancel.clone(),
+        });
+        let span = tracing::info_span!("connector", connector = %config.name, tenant = %config.tenant, kind = config.kind.as_str());
+        let task_ctx = ctx.clone();
+        let handle = tokio::spawn(
+            async move {
+                tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
+                let r = match task_ctx.target {
+                    Target::Csv { .. } => run_csv(task_ctx.clone()).await,
+                    _ => run_http(task_ctx.clone()).await,
+                };
+                match r {
+                    Ok(()) => task_ctx.live.set_state("stopped"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Connector stopped on a store error.");
+                        task_ctx.live.set_state(&format!("failed: {e}"));
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Running {
+            config,
+            live,
+            ctx: Some(ctx),
+            cancel,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stop every connector; cursors stay where the last acknowledged batch left them.
+    pub async fn stop_all(&self) {
+        let all: Vec<Running> = std::mem::take(&mut *self.running()).into_values().collect();
+        for r in all {
+            stop(r).await;
+        }
+    }
+
+    pub fn load_errors(&self) -> Vec<String> {
+        self.load_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Status of every connector (of one tenant, if given).
+    pub fn status(&self, tenant: Option<&str>) -> Vec<ConnectorStatus> {
+        let snapshot: Vec<(ConnectorConfig, Arc<Live>)> = self
+            .running()
+            .values()
+            .filter(|r| tenant.is_none_or(|t| t == r.config.tenant))
+            .map(|r| (r.config.clone(), r.live.clone()))
+            .collect();
+        snapshot
+            .into_iter()
+            .map(|(c, live)| self.status_of(&c, &live))
+            .collect()
+    }
+
+    fn status_of(&self, c: &ConnectorConfig, live: &Live) -> ConnectorStatus {
+        let cursor = self.store.cursor(&c.tenant, &cursor_name(c)).unwrap_or(0);
+        let durable = *self.store.watch_durable(&c.tenant).borrow();
+        let lag_events = durable.saturating_sub(cursor);
+        let lag_seconds = if lag_events > 0 {
+            self.store
+                .changes(&c.tenant, cursor, 1)
+                .ok()
+                .and_then(|e| e.first().map(|e| e.at))
+                .map(|at| (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let paused_until = live.paused_until();
+        let h = live.health();
+        ConnectorStatus {
+            name: c.name.clone(),
+            tenant: c.tenant.clone(),
+            kind: c.kind.as_str(),
+            file: c.file.display().to_string(),
+            enabled: c.enabled,
+            dry_run: c.dry_run,
+            state: h.state.clone(),
+            cursor,
+            lag_events,
+            lag_seconds,
+            last_success_at: h.last_success_at,
+            last_error: h.last_error.clone(),
+            last_error_at: h.last_error_at,
+            paused: paused_until.is_some(),
+            paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
+            dead_letters: self
+                .store
+                .dead_letter_count(&c.tenant, &c.name)
+                .unwrap_or(0),
+            delivered: live.delivered.load(Ordering::Relaxed),
+            retries: live.retries.load(Ordering::Relaxed),
+        }
+    }
+
+    fn find(&self, tenant: &str, name: &str) -> Result<Found, DispatchError> {
+        let running = self.running();
+        let r = running
+            .get(name)
+            .filter(|r| r.config.tenant == tenant)
+            .ok_or_else(|| DispatchError::UnknownConnector(name.to_owned()))?;
+        Ok(Found {
+            config: r.config.clone(),
+            live: r.live.clone(),
+            ctx: r.ctx.clone(),
+        })
+    }
+
+    pub fn connector_status(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<ConnectorStatus, DispatchError> {
+        let f = self.find(tenant, name)?;
+        Ok(self.status_of(&f.config, &f.live))
+    }
+
+    pub fn dead_letters(&self, tenant: &str, name: &str) -> Result<Vec<DeadLetter>, DispatchError> {
+        self.find(tenant, name)?;
+        Ok(self.store.dead_letters(tenant, name)?)
+    }
+
+    pub async fn discard(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
+        self.find(tenant, name)?;
+        if self.store.remove_dead_letter(tenant, name, id).await? {
+            Ok(())
+        } else {
+            Err(DispatchError::NoSuchLetter(id))
+        }
+    }
+
+    /// Send a dead letter's change again, once. On success the letter is removed; on
+    /// failure it stays and the target's reason is returned.
+    pub async fn replay(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
+        let Found { config, ctx, .. } = self.find(tenant, name)?;
+        let ctx = ctx.ok_or_else(|| {
+            DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
+        })?;
+        let letter = self
+            .store
+            .dead_letter(tenant, name, id)?
+            .ok_or(DispatchError::NoSuchLetter(id))?;
+        let plan = ctx
+            .plan(&letter.event)
+            .map_err(DispatchError::ReplayFailed)?;
+        for stage in &plan.stages {
+            for req in stage {
+                match ctx.send(req, Some(1)).await {
+                    Sent::Ok => {}
+                    Sent::Cancelled => {
+                        return Err(DispatchError::NotRunning(
+                            name.to_owned(),
+                            "shutting down".into(),
+                        ));
+                    }
+                    Sent::Refused { reason, response } => {
+                        let detail = response
+                            .map(|r| format!(" ({}: {})", r.status, r.body))
+                            .unwrap_or_default();
+                        return Err(DispatchError::ReplayFailed(format!("{reason}{detail}")));
+                    }
+                }
+            }
+        }
+        if !plan.hashes.is_empty() {
+            self.store
+                .set_delivered(tenant, &config.name, plan.hashes)
+                .await?;
+        }
+        self.store.remove_dead_letter(tenant, name, id).await?;
+        tracing::info!(connector = name, id, "Dead letter replayed.");
+        Ok(())
+    }
+
+    /// Lift a pause now (after the operator fixed the target).
+    pub fn resume(&self, tenant: &str, name: &str) -> Result<(), DispatchError> {
+        self.find(tenant, name)?.live.resume();
+        Ok(())
+    }
+}
+
+async fn stop(r: Running) {
+    r.cancel.cancel();
+    if let Some(h) = r.handle {
+        let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChangeOp;
+
+    #[test]
+    fn group_changes_depend_on_their_members() {
+        let ev = ChangeEvent {
+            seq: 1,
+            at: Utc::now(),
+            resource_type: "Group".into(),
+            id: "g".into(),
+            op: ChangeOp::Updated,
+            snapshot: None,
+            members_added: vec!["u1".into()],
+            members_removed: vec!["u2".into()],
+            assignment: None,
+            deactivated: false,
+        };
+        assert_eq!(object_keys(&ev), ["Group/g", "User/u1", "User/u2"]);
+    }
+}

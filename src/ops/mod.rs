@@ -1,0 +1,4 @@
+//! The operator's surface: systemd integration, status and metrics.
+
+pub mod status;
+pub mod systemd;

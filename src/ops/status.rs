@@ -1,0 +1,79 @@
+//! `/healthz`, `/readyz` and `/status`: what an operator (or a load balancer, or systemd's
+//! watchdog) asks a running daemon. No authentication, and nothing in the answers that
+//! identifies a person: counts, cursors and error messages only.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::server::AppState;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if st.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    "ready".into_response()
+}
+
+async fn status(State(st): State<Arc<AppState>>) -> Response {
+    match tokio::task::spawn_blocking(move || document(&st)).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "Cannot read the store for /status.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "internal", "message": e.to_string()})),
+            )
+                .into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "internal", "message": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// The `/status` document.
+pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
+    let mut tenants = serde_json::Map::new();
+    for t in &st.config.tenants {
+        let users = st.store.count_users(&t.id)?;
+        let inactive = st.store.count_inactive(&t.id)?;
+        tenants.insert(
+            t.id.clone(),
+            json!({
+                "users": users,
+                "active_users": users.saturating_sub(inactive),
+                "groups": st.store.count_groups(&t.id)?,
+                "review_queue": st.store.review_queue_len(&t.id)?,
+                "last_seq": *st.store.watch_durable(&t.id).borrow(),
+            }),
+        );
+    }
+    Ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": st.started_at,
+        "uptime_seconds": (chrono::Utc::now() - st.started_at).num_seconds(),
+        "draining": st.shutdown.is_cancelled(),
+        "store": { "size_bytes": st.store.size_on_disk()? },
+        "tenants": tenants,
+        "connectors": st.dispatch.status(None),
+        "connector_errors": st.dispatch.load_errors(),
+        "reloads": st.reloads.load(Ordering::Relaxed),
+        "schedules": crate::schedule::status(st),
+    }))
+}

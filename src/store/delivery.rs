@@ -1,0 +1,301 @@
+//! Delivery state of the downstream connectors: one cursor per connector over the
+//! tenant's change log, the dead letters it set aside, and the content hash of what it
+//! last delivered for each object (which reconciliation compares with the current state).
+//!
+//! Connector names are the drop-in file's `name`; everything here is keyed by tenant and
+//! connector so that removing a connector file and adding it back resumes where it was.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{ChangeEvent, Store, StoreError, StoreResult};
+
+const SEP: u8 = 0;
+
+/// `k conn` → cursor (u64 big-endian): every change up to it was acknowledged.
+fn cursor_key(connector: &str) -> Vec<u8> {
+    let mut k = vec![b'k', SEP];
+    k.extend_from_slice(connector.as_bytes());
+    k
+}
+
+/// `d conn SEP id` → dead letter.
+fn dead_prefix(connector: &str) -> Vec<u8> {
+    let mut k = vec![b'd', SEP];
+    k.extend_from_slice(connector.as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn dead_key(connector: &str, id: u64) -> Vec<u8> {
+    let mut k = dead_prefix(connector);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
+
+/// `h conn SEP object` → content hash of the last delivered state.
+fn hash_prefix(connector: &str) -> Vec<u8> {
+    let mut k = vec![b'h', SEP];
+    k.extend_from_slice(connector.as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn hash_key(connector: &str, object: &str) -> Vec<u8> {
+    let mut k = hash_prefix(connector);
+    k.extend_from_slice(object.as_bytes());
+    k
+}
+
+/// A request as it was sent, kept so an operator can see what the target refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentRequest {
+    pub method: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// The target's answer, when there was one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// A change a connector could not deliver and set aside instead of retrying forever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub connector: String,
+    pub at: DateTime<Utc>,
+    pub reason: String,
+    pub request: Option<SentRequest>,
+    pub response: Option<TargetResponse>,
+    /// The change being delivered; replay sends it again.
+    pub event: ChangeEvent,
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode_u64(b: &[u8]) -> StoreResult<u64> {
+    Ok(u64::from_be_bytes(b.try_into().map_err(|_| {
+        StoreError::Corrupt("connector counter".into())
+    })?))
+}
+
+impl Store {
+    /// Every change up to this sequence number was acknowledged by the connector.
+    pub fn cursor(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(cursor_key(connector))? {
+            Some(v) => decode_u64(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// Move the cursor, durably, together with the delivered-content hashes of the batch
+    /// it covers (`None` removes a hash: the object is gone downstream).
+    pub async fn advance_cursor(
+        &self,
+        tenant: &str,
+        connector: &str,
+        seq: u64,
+        hashes: Vec<(String, Option<u64>)>,
+    ) -> StoreResult<()> {
+        let connector = connector.to_owned();
+        self.write(tenant, move |txn| {
+            txn.put(cursor_key(&connector), seq.to_be_bytes().to_vec());
+            for (object, hash) in hashes {
+                let k = hash_key(&connector, &object);
+                match hash {
+                    Some(h) => txn.put(k, h.to_be_bytes().to_vec()),
+                    None => txn.del(k),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Record delivered-content hashes without moving the cursor (reconciliation).
+    pub async fn set_delivered(
+        &self,
+        tenant: &str,
+        connector: &str,
+        hashes: Vec<(String, Option<u64>)>,
+    ) -> StoreResult<()> {
+        let connector = connector.to_owned();
+        self.write(tenant, move |txn| {
+            for (object, hash) in hashes {
+                let k = hash_key(&connector, &object);
+                match hash {
+                    Some(h) => txn.put(k, h.to_be_bytes().to_vec()),
+                    None => txn.del(k),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The hash of what the connector last delivered for `object`.
+    pub fn delivered(
+        &self,
+        tenant: &str,
+        connector: &str,
+        object: &str,
+    ) -> StoreResult<Option<u64>> {
+        let t = self.tenant(tenant)?;
+        t.tree
+            .get(hash_key(connector, object))?
+            .map(|v| decode_u64(&v))
+            .transpose()
+    }
+
+    /// Every object the connector has delivered, with its hash, in object order.
+    pub fn delivered_all(&self, tenant: &str, connector: &str) -> StoreResult<Vec<(String, u64)>> {
+        let t = self.tenant(tenant)?;
+        let prefix = hash_prefix(connector);
+        let mut out = Vec::new();
+        for kv in t.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let object = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((object, decode_u64(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Set a change aside; returns the dead letter's id.
+    pub async fn add_dead_letter(&self, tenant: &str, mut letter: DeadLetter) -> StoreResult<u64> {
+        self.write(tenant, move |txn| {
+            let id = match txn.get(DEAD_SEQ_KEY)? {
+                Some(v) => decode_u64(&v)? + 1,
+                None => 1,
+            };
+            txn.put(DEAD_SEQ_KEY.to_vec(), id.to_be_bytes().to_vec());
+            letter.id = id;
+            txn.put(
+                dead_key(&letter.connector, id),
+                serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+            Ok(id)
+        })
+        .await
+    }
+
+    pub fn dead_letters(&self, tenant: &str, connector: &str) -> StoreResult<Vec<DeadLetter>> {
+        let t = self.tenant(tenant)?;
+        let mut out = Vec::new();
+        for kv in t.tree.scan_prefix(dead_prefix(connector)) {
+            out.push(decode_json(&kv?.1)?);
+        }
+        Ok(out)
+    }
+
+    pub fn dead_letter_count(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        Ok(t.tree.scan_prefix(dead_prefix(connector)).keys().count() as u64)
+    }
+
+    pub fn dead_letter(
+        &self,
+        tenant: &str,
+        connector: &str,
+        id: u64,
+    ) -> StoreResult<Option<DeadLetter>> {
+        let t = self.tenant(tenant)?;
+        t.tree
+            .get(dead_key(connector, id))?
+            .map(|v| decode_json(&v))
+            .transpose()
+    }
+
+    /// Remove a dead letter (discarded, or replayed successfully). False if it was not there.
+    pub async fn remove_dead_letter(
+        &self,
+        tenant: &str,
+        connector: &str,
+        id: u64,
+    ) -> StoreResult<bool> {
+        let key = dead_key(connector, id);
+        self.write(tenant, move |txn| {
+            let existed = txn.exists(&key)?;
+            if existed {
+                txn.del(key);
+            }
+            Ok(existed)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChangeOp;
+
+    fn event(seq: u64) -> ChangeEvent {
+        ChangeEvent {
+            seq,
+            at: Utc::now(),
+            resource_type: "User".into(),
+            id: "u1".into(),
+            op: ChangeOp::Created,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn cursors_hashes_and_dead_letters_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.cursor("t", "or").unwrap(), 0);
+            store
+                .advance_cursor("t", "or", 7, vec![("User/u1".into(), Some(42))])
+                .await
+                .unwrap();
+            let letter = DeadLetter {
+                id: 0,
+                connector: "or".into(),
+                at: Utc::now(),
+                reason: "400 from target".into(),
+                request: None,
+                response: Some(TargetResponse {
+                    status: 400,
+                    body: "bad".into(),
+                }),
+                event: event(3),
+            };
+            assert_eq!(store.add_dead_letter("t", letter.clone()).await.unwrap(), 1);
+            assert_eq!(store.add_dead_letter("t", letter).await.unwrap(), 2);
+            store.close().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.cursor("t", "or").unwrap(), 7);
+        assert_eq!(store.cursor("t", "other").unwrap(), 0);
+        assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), Some(42));
+        assert_eq!(store.dead_letter_count("t", "or").unwrap(), 2);
+        assert!(store.remove_dead_letter("t", "or", 1).await.unwrap());
+        assert!(!store.remove_dead_letter("t", "or", 1).await.unwrap());
+        let left = store.dead_letters("t", "or").unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, 2);
+        assert_eq!(left[0].event.seq, 3);
+        store
+            .advance_cursor("t", "or", 9, vec![("User/u1".into(), None)])
+            .await
+            .unwrap();
+        assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), None);
+    }
+}

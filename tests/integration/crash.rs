@@ -1,0 +1,417 @@
+//! The daemon as a child process: `kill -9` while it mirrors a burst of SCIM changes,
+//! start it again, and the target ends with exactly the committed state.
+
+use crate::harness::{BUNDLE, JWT_AUDIENCE, JWT_SECRET, jwt_with, user};
+use crate::mirror::oneroster_file;
+use crate::oneroster::{Fault, Kind, OneRosterOptions, OneRosterServer};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const TENANT: &str = "acme";
+const SCIM_TOKEN: &str = "crash-test-scim-token";
+
+pub struct ChildDaemon {
+    pub child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl ChildDaemon {
+    /// Start `rosterd serve` on `root/config.toml`, and wait until it answers.
+    pub async fn start(root: &Path, env: &[(&str, &str)]) -> ChildDaemon {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rosterd"));
+        cmd.args(["serve", "--config"])
+            .arg(root.join("config.toml"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("ROSTERD_TEST_TOKEN", SCIM_TOKEN)
+            .env("TEST_JWT_SECRET", JWT_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(root.join("daemon.log"))
+                    .unwrap(),
+            ));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn rosterd");
+        let d = ChildDaemon {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = d.client.get(format!("{}/readyz", d.base)).send().await
+                && r.status() == 200
+            {
+                return d;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rosterd did not come up; see {}",
+                root.join("daemon.log").display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    pub async fn status(&self) -> Value {
+        self.client
+            .get(format!("{}/status", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub fn scim(&self, path: &str) -> String {
+        format!("{}/scim/v2/{TENANT}{path}", self.base)
+    }
+
+    /// Wait until every connector has no lag.
+    pub async fn drained(&self) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status().await;
+            let cs = s["connectors"].as_array().unwrap();
+            if cs
+                .iter()
+                .all(|c| c["lag_events"] == 0 && c["state"] == "running")
+            {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never drained: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config root for a child daemon with the given connector files.
+pub fn child_root(dir: &Path, connectors: &[(String, String)]) -> PathBuf {
+    let root = dir.to_owned();
+    std::fs::write(root.join("bundle.toml"), BUNDLE).unwrap();
+    std::fs::create_dir_all(root.join("connectors")).unwrap();
+    for (name, text) in connectors {
+        std::fs::write(root.join("connectors").join(name), text).unwrap();
+    }
+    std::fs::write(
+        root.join("config.toml"),
+        format!(
+            r#"version = 1
+[server]
+data_dir = "data"
+[connectors]
+dir = "connectors"
+[api.jwt]
+audience = ["{JWT_AUDIENCE}"]
+hs256_secret_env = "TEST_JWT_SECRET"
+[[tenants]]
+id = "{TENANT}"
+token_env = "ROSTERD_TEST_TOKEN"
+bundle = "bundle.toml"
+"#
+        ),
+    )
+    .unwrap();
+    root
+}
+
+/// All users through SCIM, by id.
+pub async fn scim_users(d: &ChildDaemon) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    let mut start = 1;
+    loop {
+        let page: Value = d
+            .client
+            .get(d.scim(&format!("/Users?startIndex={start}&count=500")))
+            .bearer_auth(SCIM_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let resources = page["Resources"].as_array().cloned().unwrap_or_default();
+        if resources.is_empty() {
+            return out;
+        }
+        start += resources.len();
+        for r in resources {
+            out.insert(r["id"].as_str().unwrap().to_owned(), r);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_mirror_loses_nothing() {
+    let target = OneRosterServer::start(OneRosterOptions {
+        log_bodies: false,
+        log_capacity: 100_000,
+        ..OneRosterOptions::default()
+    })
+    .await;
+    // Slow answers keep a backlog in flight when the daemon dies.
+    target.inject(
+        Fault::delay(Duration::from_millis(20), 0)
+            .forever()
+            .on_method("PUT"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+    let mut d = ChildDaemon::start(&root, &env).await;
+
+    // A burst of creates and updates from 16 writers; the daemon is killed part-way.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let (client, url, acked) = (d.client.clone(), d.scim("/Users"), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let name = format!("w{w}-{i}@acme.test");
+                let r = match client
+                    .post(&url)
+                    .bearer_auth(SCIM_TOKEN)
+                    .json(&user(&name))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("create failed: {e}");
+                        return;
+                    }
+                };
+                if r.status() != 201 {
+                    eprintln!("create answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+                    return;
+                }
+                let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+                acked.lock().unwrap().push(id.clone());
+                // Every other user is updated right away: two changes for one object.
+                if i % 2 == 0 {
+                    let _ = client
+                        .patch(format!("{url}/{id}"))
+                        .bearer_auth(SCIM_TOKEN)
+                        .json(&json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                            "Operations": [{"op": "replace", "path": "title", "value": format!("Title {i}")}]}))
+                        .send()
+                        .await;
+                }
+            }
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "burst too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.kill9();
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let delivered_before = target.count(Kind::User);
+
+    target.clear_faults();
+    let d = ChildDaemon::start(&root, &env).await;
+    d.drained().await;
+
+    let users = scim_users(&d).await;
+    // The kill really interrupted the mirror: part of the committed state was not yet
+    // downstream.
+    assert!(
+        delivered_before < users.len(),
+        "everything was delivered before the kill; the test proves nothing"
+    );
+    for id in &acked {
+        assert!(users.contains_key(id), "acknowledged user {id} lost");
+    }
+    let downstream = target.users();
+    assert_eq!(
+        downstream.len(),
+        users.len(),
+        "target has {} users, rosterd {} (delivered before the kill: {delivered_before})",
+        downstream.len(),
+        users.len()
+    );
+    for (id, u) in &users {
+        let sid = rosterd::connectors::sourced_id(TENANT, &format!("User/{id}"));
+        let got = downstream
+            .get(&sid)
+            .unwrap_or_else(|| panic!("user {id} not mirrored"));
+        assert_eq!(got["email"], u["userName"]);
+        assert_eq!(
+            got["metadata"]["job_title"],
+            u.get("title").cloned().unwrap_or(Value::Null),
+            "user {id}"
+        );
+    }
+    // Every change in the log reached the target: each object got at least as many
+    // writes as it has changes (more only from replays of the interrupted batch).
+    let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
+    let mut per_object: BTreeMap<String, u64> = BTreeMap::new();
+    let mut since = 0;
+    loop {
+        let page: Value = d
+            .client
+            .get(format!(
+                "{}/api/v1/roster/changes?since={since}&limit=1000",
+                d.base
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let changes = page["changes"].as_array().unwrap();
+        if changes.is_empty() {
+            break;
+        }
+        for c in changes {
+            if c["resource_type"] == "User" && c["op"] != "archetype" {
+                *per_object
+                    .entry(c["id"].as_str().unwrap().to_owned())
+                    .or_default() += 1;
+            }
+        }
+        since = page["next_since"].as_u64().unwrap();
+    }
+    for (id, n) in per_object {
+        let sid = rosterd::connectors::sourced_id(TENANT, &format!("User/{id}"));
+        let writes = target.stored(Kind::User, &sid).unwrap().writes;
+        assert!(
+            writes >= n,
+            "user {id}: {n} changes but {writes} writes downstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_drains_and_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (client, url, acked) = (d.client.clone(), d.scim("/Users"), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let Ok(r) = client
+                    .post(&url)
+                    .bearer_auth(SCIM_TOKEN)
+                    .json(&user(&format!("t{w}-{i}@acme.test")))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status() != 201 {
+                    return;
+                }
+                let v: Value = r.json().await.unwrap();
+                acked
+                    .lock()
+                    .unwrap()
+                    .push(v["id"].as_str().unwrap().to_owned());
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = std::time::Instant::now();
+    d.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = d.child.wait().unwrap();
+        (s, d)
+    })
+    .await
+    .unwrap();
+    let waited = asked.elapsed();
+    assert!(status.0.success(), "exit status {:?}", status.0);
+    assert!(waited < Duration::from_secs(10), "took {waited:?} to stop");
+    for w in writers {
+        let _ = w.await;
+    }
+    drop(status);
+    let acked = acked.lock().unwrap().clone();
+    let d = ChildDaemon::start(&root, &[]).await;
+    let users = scim_users(&d).await;
+    for id in &acked {
+        assert!(users.contains_key(id), "acknowledged user {id} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_connectors_without_dropping_requests() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+    let d = ChildDaemon::start(&root, &env).await;
+    assert_eq!(d.status().await["connectors"], json!([]));
+    // Requests keep flowing while the daemon reloads.
+    let (client, url) = (d.client.clone(), d.scim("/Users"));
+    let load = tokio::spawn(async move {
+        let mut failures = 0;
+        for i in 0..200 {
+            let r = client
+                .post(&url)
+                .bearer_auth(SCIM_TOKEN)
+                .json(&user(&format!("h{i}@acme.test")))
+                .send()
+                .await;
+            if !matches!(r, Ok(ref r) if r.status() == 201) {
+                failures += 1;
+            }
+        }
+        failures
+    });
+    let (name, text) = oneroster_file("sis", &target, "");
+    std::fs::write(root.join("connectors").join(name), text).unwrap();
+    d.signal("HUP");
+    assert_eq!(load.await.unwrap(), 0, "requests failed during the reload");
+    let s = d.drained().await;
+    assert_eq!(s["connectors"][0]["name"], "sis");
+    assert!(s["reloads"].as_u64().unwrap() >= 1);
+    assert_eq!(target.count(Kind::User), 200);
+}

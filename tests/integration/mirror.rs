@@ -1,0 +1,564 @@
+//! Mirroring out: connectors against real loopback targets (a rule-enforcing OneRoster
+//! server and a signature-verifying webhook receiver), with faults injected.
+
+use crate::harness::{Options, TENANT, TestDaemon, patch_op, user};
+use crate::oneroster::{self as or, Fault, Kind, OneRosterOptions, OneRosterServer};
+use crate::webhook::{self as wh, WebhookOptions, WebhookServer};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+pub fn sourced_id(key: &str) -> String {
+    rosterd::connectors::sourced_id(TENANT, key)
+}
+
+pub fn oneroster_file(name: &str, target: &OneRosterServer, extra: &str) -> (String, String) {
+    (
+        format!("{name}.toml"),
+        format!(
+            r#"kind = "oneroster"
+name = "{name}"
+tenant = "{TENANT}"
+concurrency = 8
+timeout_ms = 2000
+{extra}
+[retry]
+initial_delay_ms = 20
+max_delay_ms = 200
+pause_after_failures = 1000
+pause_secs = 1
+[oneroster]
+base_url = "{base}"
+org_sourced_id = "{org}"
+course_sourced_id = "course-rosterd"
+roles = {{ eng_lead = "districtAdministrator" }}
+[oneroster.auth]
+token_env = "OR_TOKEN"
+"#,
+            base = target.base_url,
+            org = or::DEFAULT_ORG,
+        ),
+    )
+}
+
+fn static_token_env() -> Vec<(String, String)> {
+    vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())]
+}
+
+async fn start_with_oneroster(extra: &str) -> (TestDaemon, OneRosterServer) {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, extra)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    (d, target)
+}
+
+pub async fn connector(d: &TestDaemon, name: &str) -> Value {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, &format!("/connectors/{name}"), &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+/// Wait until the connector has delivered everything committed so far.
+pub async fn caught_up(d: &TestDaemon, name: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = connector(d, name).await;
+        if c["lag_events"] == 0 && c["state"] == "running" {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connector never caught up: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn oneroster_mirror_follows_every_scim_change() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    let cy = d.create_user("cy@acme.test").await;
+    let g = d
+        .post(
+            "/Groups",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                   "displayName": "Engineering Leads",
+                   "members": [{"value": ada}, {"value": bob}]}),
+        )
+        .await;
+    assert_eq!(g.status, 201);
+    let gid = g.body["id"].as_str().unwrap().to_owned();
+    d.patch(
+        &format!("/Users/{bob}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Staff Engineer"}])),
+    )
+    .await;
+    d.patch(
+        &format!("/Groups/{gid}"),
+        patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{bob}\"]")}])),
+    )
+    .await;
+    d.patch(
+        &format!("/Users/{cy}"),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+    assert_eq!(d.delete(&format!("/Users/{bob}")).await.status, 204);
+    caught_up(&d, "sis").await;
+
+    // The org was checked and the course put in place before anything else.
+    let first: Vec<String> = target
+        .requests()
+        .iter()
+        .take(2)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        first[0].starts_with("GET") && first[0].contains("/orgs/"),
+        "{first:?}"
+    );
+    assert!(
+        first[1].starts_with("PUT") && first[1].contains("/courses/"),
+        "{first:?}"
+    );
+
+    let users = target.users();
+    let a = &users[&sourced_id(&format!("User/{ada}"))];
+    assert_eq!(a["email"], "ada@acme.test");
+    assert_eq!(a["enabledUser"], "true");
+    assert_eq!(a["givenName"], "Given");
+    // Group rule: members of Engineering Leads are eng_lead, mapped to administrator.
+    assert_eq!(a["metadata"]["archetype_id"], "eng_lead");
+    assert_eq!(a["roles"][0]["role"], "districtAdministrator");
+    assert_eq!(a["roles"][0]["org"]["sourcedId"], or::DEFAULT_ORG);
+    let c = &users[&sourced_id(&format!("User/{cy}"))];
+    assert_eq!(c["enabledUser"], "false");
+    let b = target
+        .stored(Kind::User, &sourced_id(&format!("User/{bob}")))
+        .unwrap();
+    assert_eq!(b.status(), "tobedeleted");
+    assert_eq!(b.value["metadata"]["job_title"], "Staff Engineer");
+
+    let class = &target.classes()[&sourced_id(&format!("Group/{gid}"))];
+    assert_eq!(class["title"], "Engineering Leads");
+    let enrollments = target.enrollments();
+    let active: Vec<&Value> = enrollments
+        .values()
+        .filter(|e| e["status"] == "active")
+        .collect();
+    assert_eq!(active.len(), 1, "{enrollments:?}");
+    assert_eq!(
+        active[0]["user"]["sourcedId"],
+        sourced_id(&format!("User/{ada}"))
+    );
+}
+
+#[tokio::test]
+async fn outages_are_retried_until_the_target_has_everything() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    // Every kind of transient failure, then the target recovers.
+    target.inject(Fault::status(500, 3).on_method("PUT"));
+    target.inject(Fault::rate_limited(2, "1").on_method("PUT"));
+    target.inject(Fault::drop_connection(2).on_method("PUT"));
+    target.inject(Fault::delay(Duration::from_secs(3), 1).on_method("PUT"));
+    target.inject(Fault::status(503, 2).on_method("PUT"));
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(target.pending_faults(), 0);
+    for id in &ids {
+        assert!(
+            target.user(&sourced_id(&format!("User/{id}"))).is_some(),
+            "user {id} missing downstream"
+        );
+    }
+    assert!(c["retries"].as_u64().unwrap() >= 10, "{c}");
+    assert_eq!(c["dead_letters"], 0, "{c}");
+    assert!(target.count_status(429) >= 2);
+}
+
+#[tokio::test]
+async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    caught_up(&d, "sis").await;
+    let ada_sid = sourced_id(&format!("User/{ada}"));
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    assert!(target.set_owner_other(Kind::User, &ada_sid));
+    assert!(target.set_owner_other(Kind::User, &bob_sid));
+    for id in [&ada, &bob] {
+        d.patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    }
+    // A user created after the refused ones still goes through: refusals do not block.
+    let cy = d.create_user("cy@acme.test").await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 2, "{c}");
+    assert!(target.user(&sourced_id(&format!("User/{cy}"))).is_some());
+
+    let admin = d.jwt(TENANT, "roster:admin");
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &reader, None)
+        .await;
+    assert_eq!(r.status, 200);
+    let letters = r.body["dead_letters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 2);
+    let first = &letters[0];
+    assert_eq!(first["response"]["status"], 403);
+    assert_eq!(first["request"]["method"], "PUT");
+    assert!(first["request"]["url"].as_str().unwrap().contains(&ada_sid));
+    assert!(first["reason"].as_str().unwrap().contains("403"));
+    let (id1, id2) = (
+        first["id"].as_u64().unwrap(),
+        letters[1]["id"].as_u64().unwrap(),
+    );
+
+    // Replaying needs admin, and fails while the target still refuses.
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/sis/dead-letters/{id1}/replay"),
+            &reader,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/sis/dead-letters/{id1}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.body["error"], "target_refused");
+    target.clear_owner(Kind::User, &ada_sid);
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/sis/dead-letters/{id1}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        target.user(&ada_sid).unwrap()["metadata"]["job_title"],
+        "Chef"
+    );
+    let r = d
+        .roster(
+            Method::DELETE,
+            &format!("/connectors/sis/dead-letters/{id2}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = d
+        .roster(
+            Method::DELETE,
+            &format!("/connectors/sis/dead-letters/{id2}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(connector(&d, "sis").await["dead_letters"], 0);
+    // Another tenant cannot see this tenant's connector.
+    let other = d.jwt(crate::harness::OTHER_TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &other, None)
+        .await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text.replace(
+        "token_env = \"OR_TOKEN\"",
+        &format!(
+            "token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_env = \"OR_SECRET\"",
+            target.token_url,
+            or::DEFAULT_CLIENT_ID
+        ),
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    for i in 0..5 {
+        d.create_user(&format!("a{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    assert_eq!(target.tokens_issued(), 1);
+    target.revoke_tokens();
+    for i in 0..5 {
+        d.create_user(&format!("b{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    assert_eq!(target.tokens_issued(), 2);
+    assert_eq!(target.count(Kind::User), 10);
+}
+
+#[tokio::test]
+async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    // Rewrite the connector to pause after 3 failures for an hour, and reload.
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("pause_after_failures = 1000", "pause_after_failures = 3")
+            .replace("pause_secs = 1", "pause_secs = 3600"),
+    )
+    .unwrap();
+    target.inject(Fault::status(500, 0).forever().on_method("PUT"));
+    d.reload().await;
+    let id = d.create_user("stuck@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        let c = connector(&d, "sis").await;
+        if c["paused"] == true {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(c["last_error"].as_str().unwrap().contains("500"), "{c}");
+    assert!(c["lag_events"].as_u64().unwrap() >= 1);
+    // Paused means quiet: no new attempts while paused.
+    let before = target.count_status(500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(target.count_status(500), before);
+    target.clear_faults();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["paused"], false);
+    assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
+
+#[tokio::test]
+async fn dry_run_sends_nothing_and_keeps_its_own_cursor() {
+    let (d, target) = start_with_oneroster("dry_run = true").await;
+    d.create_user("ada@acme.test").await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dry_run"], true);
+    assert_eq!(target.request_total(), 0);
+    assert_eq!(target.count(Kind::User), 0);
+    // Turning the dry run off sends everything for real.
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("dry_run = true", "dry_run = false")).unwrap();
+    d.reload().await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 1);
+}
+
+#[tokio::test]
+async fn a_bad_connector_file_is_named_and_the_others_run() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            oneroster_file("sis", &target, ""),
+            (
+                "broken.toml".into(),
+                "kind = \"webhook\"\nname = \"broken\"\ntenant = \"acme\"\nurl = \"x\"\n".into(),
+            ),
+            // A secret that is not set: the file loads, the connector reports why it
+            // did not start.
+            (
+                "nosecret.toml".into(),
+                "kind = \"webhook\"\nname = \"nosecret\"\ntenant = \"acme\"\n[webhook]\nurl = \"http://127.0.0.1:9/\"\nsecret_env = \"UNSET_SECRET\"\n".into(),
+            ),
+        ],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 1);
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.roster(Method::GET, "/connectors", &admin, None).await;
+    let names: Vec<&str> = r.body["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["nosecret", "sis"]);
+    let ns = connector(&d, "nosecret").await;
+    assert!(
+        ns["state"].as_str().unwrap().contains("UNSET_SECRET"),
+        "{ns}"
+    );
+    let status = d.raw(Method::GET, &d.url("/status"), None, &[], None).await;
+    let errors = status.body["connector_errors"].to_string();
+    assert!(
+        errors.contains("broken.toml") && errors.contains("url"),
+        "{errors}"
+    );
+}
+
+#[tokio::test]
+async fn the_change_feed_pages_through_committed_changes() {
+    let d = TestDaemon::start().await;
+    for i in 0..3 {
+        d.create_user(&format!("f{i}@acme.test")).await;
+    }
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/changes?since=0&limit=2", &reader, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let changes = r.body["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[0]["op"], "created");
+    assert_eq!(changes[0]["resource_type"], "User");
+    let next = r.body["next_since"].as_u64().unwrap();
+    assert_eq!(next, changes[1]["seq"].as_u64().unwrap());
+    let last = r.body["last_seq"].as_u64().unwrap();
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/changes?since={next}&limit=1000"),
+            &reader,
+            None,
+        )
+        .await;
+    let rest = r.body["changes"].as_array().unwrap();
+    assert_eq!(rest.last().unwrap()["seq"].as_u64().unwrap(), last);
+    assert!(rest.iter().all(|c| c["seq"].as_u64().unwrap() > next));
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/changes?since={last}"),
+            &reader,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["changes"], json!([]));
+    assert_eq!(r.body["next_since"], last);
+    let r = d
+        .roster(Method::GET, "/changes?since=soon", &reader, None)
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"], "invalid_request");
+}
+
+fn webhook_file(hook: &WebhookServer, events: &str) -> (String, String) {
+    (
+        "hooks.toml".into(),
+        format!(
+            r#"kind = "webhook"
+name = "hooks"
+tenant = "{TENANT}"
+timeout_ms = 2000
+[retry]
+initial_delay_ms = 20
+max_delay_ms = 200
+[webhook]
+url = "{url}"
+secret_env = "HOOK_SECRET"
+events = {events}
+"#,
+            url = hook.url
+        ),
+    )
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(
+            &hook,
+            r#"["roster.user_created", "roster.user_updated", "roster.user_deactivated", "roster.archetype_overridden"]"#,
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::status(503, 1));
+    let id = d.create_user("ada@acme.test").await;
+    d.create_group("Ignored Group").await;
+    d.patch(
+        &format!("/Users/{id}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+    )
+    .await;
+    d.patch(
+        &format!("/Users/{id}"),
+        patch_op(json!([{"op": "Replace", "value": {"active": "False"}}])),
+    )
+    .await;
+    let writer = d.jwt(TENANT, "roster:write");
+    let r = d
+        .roster(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            &writer,
+            Some(json!({"archetype_id": "eng_lead"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    hook.wait_for(4, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<wh::Delivery> = hook.deliveries();
+    assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
+    let types: Vec<&str> = got
+        .iter()
+        .map(|g| g.body["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "roster.user_created",
+            "roster.user_updated",
+            "roster.user_deactivated",
+            "roster.archetype_overridden"
+        ]
+    );
+    // The first attempt got a 503; the retry carried the same id.
+    assert_eq!(hook.attempt_count(&got[0].id), 2);
+    assert_eq!(got[0].body["data"]["object"]["userName"], "ada@acme.test");
+    assert_eq!(got[2].body["data"]["object"]["active"], false);
+    assert_eq!(
+        got[3].body["data"]["assignment"]["archetype_id"],
+        "eng_lead"
+    );
+    assert!(got.iter().all(|g| g.body["data"]["tenant"] == TENANT));
+    let _ = user("x");
+}
