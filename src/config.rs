@@ -47,6 +47,9 @@ pub struct Config {
     /// Downstream connectors: one TOML file per target in a directory.
     #[serde(default)]
     pub connectors: ConnectorsConfig,
+    /// Cron schedules of the background jobs.
+    #[serde(default)]
+    pub schedules: SchedulesConfig,
     /// The directory of the config file: relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -192,6 +195,70 @@ impl Default for ConnectorsConfig {
     }
 }
 
+/// `[schedules]`: cron expressions with a seconds field (`sec min hour dom month dow`,
+/// e.g. `0 */15 * * * *`), evaluated in `timezone`. An absent key never runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulesConfig {
+    /// IANA time zone name, e.g. `Europe/Berlin`.
+    pub timezone: String,
+    /// Reclassify, rebuild the review queue, re-send what drifted downstream.
+    pub reconcile: Option<String>,
+    /// Write every CSV connector's files.
+    pub export: Option<String>,
+    /// Trim the change log below the lowest connector cursor and past the retention.
+    pub compact: Option<String>,
+    /// Change events younger than this are kept by `compact` even when delivered (pull
+    /// consumers of `/api/v1/roster/changes` read them).
+    pub changelog_retention_hours: u64,
+}
+
+impl Default for SchedulesConfig {
+    fn default() -> Self {
+        SchedulesConfig {
+            timezone: "UTC".into(),
+            reconcile: None,
+            export: None,
+            compact: None,
+            changelog_retention_hours: 168,
+        }
+    }
+}
+
+impl SchedulesConfig {
+    /// The configured schedules by job name.
+    pub fn entries(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("reconcile", &self.reconcile),
+            ("export", &self.export),
+            ("compact", &self.compact),
+        ]
+        .into_iter()
+        .filter_map(|(n, c)| c.as_deref().map(|c| (n, c)))
+        .collect()
+    }
+
+    pub fn tz(&self) -> Result<chrono_tz::Tz, String> {
+        self.timezone.parse::<chrono_tz::Tz>().map_err(|_| {
+            format!(
+                "key `schedules.timezone`: {:?} is not an IANA time zone",
+                self.timezone
+            )
+        })
+    }
+}
+
+/// Parse a cron expression with a required seconds field.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    if expr.split_whitespace().count() < 6 && !expr.trim_start().starts_with('@') {
+        return Err(format!(
+            "{expr:?} needs six fields: seconds minutes hours day-of-month month day-of-week"
+        ));
+    }
+    expr.parse::<croner::Cron>()
+        .map_err(|e| format!("{expr:?}: {e}"))
+}
+
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -229,6 +296,10 @@ impl Config {
             return Err(
                 "keys `scim.max_results` and `scim.bulk_max_operations` must be positive".into(),
             );
+        }
+        self.schedules.tz()?;
+        for (name, expr) in self.schedules.entries() {
+            parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -332,6 +403,33 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("tenants[0].token_hashes[0]"), "{err}");
+    }
+
+    #[test]
+    fn schedules_need_a_seconds_field_and_a_real_zone() {
+        let err = Config::parse(
+            "version = 1\n[schedules]\nreconcile = \"*/5 * * * *\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("schedules.reconcile") && err.contains("six fields"),
+            "{err}"
+        );
+        let err = Config::parse(
+            "version = 1\n[schedules]\ntimezone = \"Mars/Olympus\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("schedules.timezone"), "{err}");
+        let ok = Config::parse(
+            "version = 1\n[schedules]\ntimezone = \"Europe/Berlin\"\nreconcile = \"0 */15 * * * *\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(ok.schedules.entries(), [("reconcile", "0 */15 * * * *")]);
     }
 
     #[test]

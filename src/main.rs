@@ -67,6 +67,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run reconciliation on a running daemon now; with --dry-run, print what it would
+    /// send per connector instead.
+    Reconcile {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List, replay or discard a connector's dead letters on a running daemon.
     DeadLetters {
         #[command(flatten)]
@@ -144,6 +154,11 @@ fn main() -> Result<()> {
         } => serve(config, listen, data_dir),
         Command::CheckConfig { config } => check_config(config),
         Command::Status { daemon, json } => print_status(&daemon, json),
+        Command::Reconcile {
+            daemon,
+            tenant,
+            dry_run,
+        } => reconcile(&daemon, &tenant, dry_run),
         Command::DeadLetters {
             daemon,
             tenant,
@@ -303,6 +318,7 @@ fn call_daemon(
     tenant: Option<&str>,
     method: reqwest::Method,
     path: &str,
+    body: Option<serde_json::Value>,
 ) -> Result<(reqwest::StatusCode, serde_json::Value)> {
     let config = Config::load(&daemon.config)?;
     let base = daemon
@@ -330,6 +346,9 @@ fn call_daemon(
             .timeout(std::time::Duration::from_secs(60));
         if let Some(t) = token {
             req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
         }
         let resp = req
             .send()
@@ -369,6 +388,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 Some(tenant),
                 Method::GET,
                 &format!("{base}/{connector}/dead-letters"),
+                None,
             )?;
             fail_unless_ok(status, &body)?;
             let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
@@ -407,6 +427,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 Some(tenant),
                 Method::POST,
                 &format!("{base}/{connector}/dead-letters/{id}/replay"),
+                None,
             )?;
             fail_unless_ok(status, &body)?;
             println!("{connector}: dead letter #{id} delivered and removed");
@@ -417,6 +438,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 Some(tenant),
                 Method::DELETE,
                 &format!("{base}/{connector}/dead-letters/{id}"),
+                None,
             )?;
             fail_unless_ok(status, &body)?;
             println!("{connector}: dead letter #{id} discarded");
@@ -425,8 +447,60 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
     Ok(())
 }
 
+fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool) -> Result<()> {
+    let (status, body) = call_daemon(
+        daemon,
+        Some(tenant),
+        reqwest::Method::POST,
+        "/api/v1/roster/scim:sync",
+        Some(serde_json::json!({ "dry_run": dry_run })),
+    )?;
+    fail_unless_ok(status, &body)?;
+    if !dry_run {
+        println!(
+            "reconcile job {} started; follow it with GET /api/v1/roster/scim/jobs/{}",
+            body["job_id"].as_str().unwrap_or_default(),
+            body["job_id"].as_str().unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let connectors = body["connectors"].as_array().cloned().unwrap_or_default();
+    if connectors.is_empty() {
+        println!("tenant {tenant} has no running connector");
+    }
+    for c in connectors {
+        println!(
+            "connector {} ({}): {} objects checked, {} would be sent{}",
+            c["connector"].as_str().unwrap_or_default(),
+            c["kind"].as_str().unwrap_or_default(),
+            c["checked"],
+            c["drifted"],
+            c["note"]
+                .as_str()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        );
+        for i in c["items"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "    {} {}: {}",
+                i["action"].as_str().unwrap_or_default().to_uppercase(),
+                i["object"].as_str().unwrap_or_default(),
+                i["reason"].as_str().unwrap_or_default()
+            );
+        }
+        let listed = c["items"].as_array().map(Vec::len).unwrap_or(0) as u64;
+        if c["drifted"].as_u64().unwrap_or(0) > listed {
+            println!(
+                "    … and {} more",
+                c["drifted"].as_u64().unwrap_or(0) - listed
+            );
+        }
+    }
+    Ok(())
+}
+
 fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
-    let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status")?;
+    let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status", None)?;
     fail_unless_ok(status, &s)?;
     if raw {
         println!("{}", serde_json::to_string_pretty(&s)?);

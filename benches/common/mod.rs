@@ -33,32 +33,65 @@ impl Drop for Daemon {
 /// Start rosterd with one tenant; `tenant_extra` is appended to its `[[tenants]]` table and
 /// `files` are written next to the config first.
 pub fn start_daemon(tenant_extra: &str, files: &[(&str, &str)]) -> Daemon {
+    start_daemon_with(&DaemonOptions {
+        tenant_extra,
+        files,
+        ..DaemonOptions::default()
+    })
+}
+
+/// What [`start_daemon_with`] takes: [`start_daemon`]'s arguments, plus top-level config
+/// tables and environment variables for the child.
+#[derive(Default)]
+pub struct DaemonOptions<'a> {
+    /// Appended to the `[[tenants]]` table.
+    pub tenant_extra: &'a str,
+    /// `(path, text)` written under the daemon's directory (next to the config) first;
+    /// missing parent directories are created (`connectors/sis.toml`).
+    pub files: &'a [(&'a str, &'a str)],
+    /// Appended after the tenant, so it can open tables of its own (`[connectors]`).
+    pub config_extra: &'a str,
+    /// Environment variables the child sees besides the token and JWT secret (connector
+    /// secrets).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// [`start_daemon`] with more options.
+pub fn start_daemon_with(opts: &DaemonOptions<'_>) -> Daemon {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    for (name, text) in files {
-        std::fs::write(dir.path().join(name), text).expect("file");
+    for (name, text) in opts.files {
+        let path = dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("dir");
+        }
+        std::fs::write(path, text).expect("file");
     }
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
         format!(
-            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{tenant_extra}\n",
-            dir.path().join("data")
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{}\n{}\n",
+            dir.path().join("data"),
+            opts.tenant_extra,
+            opts.config_extra,
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args(["serve", "--config"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rosterd"));
+    cmd.args(["serve", "--config"])
         .arg(&config)
         .env("BENCH_TOKEN", TOKEN)
         .env("BENCH_JWT_SECRET", JWT_SECRET)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn rosterd");
+        .stderr(Stdio::inherit());
+    for (k, v) in opts.env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn rosterd");
     Daemon {
         child,
         base: format!("http://127.0.0.1:{port}"),
@@ -86,6 +119,35 @@ impl Daemon {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+impl Daemon {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send the child SIGHUP (it reloads its connectors directory).
+    pub fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
+    /// `GET /status` (no authentication).
+    pub async fn status(&self, client: &reqwest::Client) -> serde_json::Value {
+        client
+            .get(format!("{}/status", self.base))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("status json")
     }
 }
 

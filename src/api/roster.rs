@@ -1074,13 +1074,37 @@ fn job_json(j: &Job) -> Value {
     })
 }
 
-async fn start_sync(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+/// `POST /scim:sync`: start the reconcile job (202 with the job). With
+/// `{"dry_run": true}` nothing is started: the answer (200) lists, per connector, what
+/// reconciliation would send.
+async fn start_sync(
+    State(st): St,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    tenant_of(&st, &caller)?
-        .policy()
-        .ok_or(ApiError::NoBundle)?;
-    let job = crate::schedule::start_reclassify(st.clone(), &caller.tenant, "scim_sync").await?;
+    tenant_of(&st, &caller)?;
+    let dry_run = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SyncBody {
+            #[serde(default)]
+            dry_run: bool,
+        }
+        serde_json::from_slice::<SyncBody>(&body)
+            .map_err(|e| {
+                ApiError::BadRequest(format!("body: {e}; expected {{\"dry_run\": true|false}}"))
+            })?
+            .dry_run
+    };
+    if dry_run {
+        let reports = st.dispatch.reconcile(&caller.tenant, true).await?;
+        return Ok(Json(json!({"dry_run": true, "connectors": reports})).into_response());
+    }
+    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync").await?;
     Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
 }
 

@@ -56,6 +56,16 @@ pub struct OneRosterSettings {
     /// What a SCIM deactivation (`active: false`) becomes downstream.
     #[serde(default)]
     pub deactivate: Deactivate,
+    /// Reconciliation also reads users back from the target (`filter=dateLastModified>…`
+    /// over the last `read_back_hours`) and repairs those changed or deleted there.
+    #[serde(default)]
+    pub read_back: bool,
+    #[serde(default = "default_read_back_hours")]
+    pub read_back_hours: u64,
+}
+
+fn default_read_back_hours() -> u64 {
+    24
 }
 
 fn default_course_title() -> String {
@@ -142,7 +152,7 @@ impl OneRosterSettings {
         Ok(())
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}/{path}", self.base_url.trim_end_matches('/'))
     }
 
@@ -270,6 +280,7 @@ pub fn user_body(
             "department": u.enterprise("department"),
             "job_title": u.str("/title"),
             "manager": manager,
+            "scim_id": id,
         },
     }))
 }

@@ -29,6 +29,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod reconcile;
+
+pub use reconcile::{DriftItem, DriftReport};
+
 use crate::connectors::http::{self, Outcome, Request};
 use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
 use crate::connectors::webhook::{self, Signer, WebhookSettings};
@@ -401,6 +405,28 @@ impl Ctx {
                 _ = self.cancel.cancelled() => return Sent::Cancelled,
             }
         }
+    }
+
+    /// A read (reconciliation's read-back): a few attempts, the body on success.
+    async fn send_for_body(&self, req: &Request) -> Option<bytes::Bytes> {
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        for _ in 0..3 {
+            let headers = self.headers(req).await.ok()?;
+            match http::send(&self.client, req, headers, timeout).await {
+                Outcome::Delivered { body, .. } => return Some(body),
+                Outcome::Unauthorized { .. } => {
+                    if let Target::OneRoster { credentials, .. } = &self.target {
+                        credentials.invalidate().await;
+                    }
+                }
+                Outcome::Retry { retry_after, .. } => {
+                    tokio::time::sleep(retry_after.unwrap_or(self.config.retry.initial_delay()))
+                        .await;
+                }
+                Outcome::Gone { .. } | Outcome::Refused { .. } => return None,
+            }
+        }
+        None
     }
 
     async fn send_one<'r>(
@@ -938,6 +964,21 @@ impl Dispatcher {
         for r in all {
             stop(r).await;
         }
+    }
+
+    /// The lowest cursor of the tenant's connectors (enabled or not): the change log below
+    /// it has been delivered everywhere. `None` when the tenant has no connector.
+    pub fn lowest_cursor(&self, tenant: &str) -> Option<u64> {
+        let configs: Vec<ConnectorConfig> = self
+            .running()
+            .values()
+            .filter(|r| r.config.tenant == tenant)
+            .map(|r| r.config.clone())
+            .collect();
+        configs
+            .iter()
+            .map(|c| self.store.cursor(tenant, &cursor_name(c)).unwrap_or(0))
+            .min()
     }
 
     pub fn load_errors(&self) -> Vec<String> {

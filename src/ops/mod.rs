@@ -1,4 +1,5 @@
 //! The operator's surface: systemd integration, status and metrics.
 
+pub mod metrics;
 pub mod status;
 pub mod systemd;

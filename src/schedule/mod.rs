@@ -1,6 +1,9 @@
-//! Background jobs. Today: reclassification (after a bundle change, or asked for through
-//! `POST /api/v1/roster/scim:sync`). One job per tenant at a time; while it runs, manual
-//! overrides are refused with 409 so a person's decision and the job cannot interleave.
+//! Background jobs and their cron schedules. Jobs: reclassification (after a bundle
+//! change) and reconciliation (reclassify, then re-send what drifted downstream; asked for
+//! through `POST /api/v1/roster/scim:sync` or on the `reconcile` schedule). One job per
+//! tenant at a time; while it runs, manual overrides are refused with 409 so a person's
+//! decision and the job cannot interleave. The `export` and `compact` schedules run
+//! outside that slot: they change no assignment.
 use chrono::Utc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +42,24 @@ pub async fn start_reclassify(
     tenant: &str,
     kind: &str,
 ) -> Result<Job, JobError> {
+    start_job(state, tenant, kind, false).await
+}
+
+/// Queue a reconciliation of `tenant`: reclassify, then repair every connector's drift.
+pub async fn start_reconcile(
+    state: Arc<AppState>,
+    tenant: &str,
+    kind: &str,
+) -> Result<Job, JobError> {
+    start_job(state, tenant, kind, true).await
+}
+
+async fn start_job(
+    state: Arc<AppState>,
+    tenant: &str,
+    kind: &str,
+    reconcile: bool,
+) -> Result<Job, JobError> {
     let inserted = state
         .roster
         .syncing
@@ -67,14 +88,14 @@ pub async fn start_reclassify(
     let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
     tokio::spawn(tracing::Instrument::instrument(
         async move {
-            run_reclassify(&state, &tenant, job, slot).await;
+            run_job(&state, &tenant, job, slot, reconcile).await;
         },
         span,
     ));
     Ok(queued)
 }
 
-async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job, slot: Slot) {
+async fn run_job(state: &AppState, tenant: &str, mut job: Job, slot: Slot, reconcile: bool) {
     job.status = JobStatus::Running;
     if let Err(e) = state.store.put_job(tenant, job.clone()).await {
         tracing::error!(error = %e, "Cannot record the job as running; it will not run.");
@@ -102,6 +123,35 @@ async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job, slot: Slot
                 changed = c.changed,
                 "Reclassification finished."
             );
+            if let Ok(n) = state.store.review_queue_len(tenant) {
+                job.counts.insert("review_queue".into(), n);
+            }
+            if reconcile {
+                match state.dispatch.reconcile(tenant, false).await {
+                    Ok(reports) => {
+                        for r in &reports {
+                            let mut add = |k: &str, v: u64| {
+                                *job.counts.entry(k.into()).or_default() += v;
+                            };
+                            add("drift_checked", r.checked);
+                            add("drift_found", r.drifted);
+                            add("drift_repaired_from_target", r.repaired_from_target);
+                            add("drift_sent", r.sent);
+                            add("drift_failed", r.failed);
+                        }
+                        if job.counts.get("drift_failed").copied().unwrap_or(0) > 0 {
+                            job.status = JobStatus::Failed;
+                            job.error = Some("some drifted objects could not be re-sent; see the connectors' last errors".into());
+                        }
+                        tracing::info!(counts = ?job.counts, "Reconciliation finished.");
+                    }
+                    Err(e) => {
+                        job.status = JobStatus::Failed;
+                        job.error = Some(e.to_string());
+                        tracing::error!(error = %e, "Reconciliation failed.");
+                    }
+                }
+            }
         }
         Err(e) => {
             job.status = JobStatus::Failed;
@@ -117,7 +167,126 @@ async fn run_reclassify(state: &AppState, tenant: &str, mut job: Job, slot: Slot
     }
 }
 
+/// Last and next run of one schedule.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ScheduleRun {
+    pub cron: String,
+    pub last_run: Option<chrono::DateTime<Utc>>,
+    pub last_result: Option<String>,
+    pub next_run: Option<chrono::DateTime<Utc>>,
+}
+
+/// The schedules' state, shared with `/status`.
+#[derive(Default)]
+pub struct Schedules {
+    runs: std::sync::Mutex<BTreeMap<String, ScheduleRun>>,
+}
+
+impl Schedules {
+    fn update(&self, name: &str, f: impl FnOnce(&mut ScheduleRun)) {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        f(runs.entry(name.to_owned()).or_default());
+    }
+}
+
 /// The schedules' last and next runs, for `/status`.
-pub fn status(_state: &AppState) -> serde_json::Value {
-    serde_json::json!({})
+pub fn status(state: &AppState) -> serde_json::Value {
+    let runs = state
+        .schedules
+        .runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    serde_json::to_value(runs).unwrap_or_default()
+}
+
+/// Start one task per configured schedule; they stop with `shutdown`.
+pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::CancellationToken) {
+    let tz = match state.config.schedules.tz() {
+        Ok(tz) => tz,
+        Err(e) => {
+            tracing::error!(error = %e, "Schedules disabled.");
+            return;
+        }
+    };
+    for (name, expr) in state.config.schedules.entries() {
+        let cron = match crate::config::parse_cron(expr) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(schedule = name, error = %e, "Schedule disabled.");
+                continue;
+            }
+        };
+        state.schedules.update(name, |r| r.cron = expr.to_owned());
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let span = tracing::info_span!("schedule", schedule = name);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                loop {
+                    let now = Utc::now().with_timezone(&tz);
+                    let Ok(next) = cron.find_next_occurrence(&now, false) else {
+                        tracing::warn!("The schedule has no next run.");
+                        return;
+                    };
+                    let next_utc = next.with_timezone(&Utc);
+                    state
+                        .schedules
+                        .update(name, |r| r.next_run = Some(next_utc));
+                    let wait = (next_utc - Utc::now()).to_std().unwrap_or_default();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    let result = run_scheduled(&state, name).await;
+                    state.schedules.update(name, |r| {
+                        r.last_run = Some(Utc::now());
+                        r.last_result = Some(result);
+                    });
+                }
+            },
+            span,
+        ));
+    }
+}
+
+/// Run one scheduled job for every tenant; a summary for `/status`.
+async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
+    let mut parts = Vec::new();
+    for t in &state.config.tenants {
+        let tenant = t.id.as_str();
+        let part = match name {
+            "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
+                Ok(job) => format!("{tenant}: job {}", job.job_id),
+                Err(JobError::AlreadyRunning(_)) => format!("{tenant}: skipped, a job is running"),
+                Err(e) => format!("{tenant}: failed: {e}"),
+            },
+            "export" => match state.dispatch.export(tenant).await {
+                Ok(r) => format!(
+                    "{tenant}: {} CSV connector(s), {} failed",
+                    r.len(),
+                    r.iter().filter(|r| r.failed > 0).count()
+                ),
+                Err(e) => format!("{tenant}: failed: {e}"),
+            },
+            "compact" => {
+                let retention = chrono::Duration::hours(
+                    state.config.schedules.changelog_retention_hours as i64,
+                );
+                let durable = *state.store.watch_durable(tenant).borrow();
+                let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
+                match state
+                    .store
+                    .compact_changes(tenant, upto, Utc::now() - retention)
+                    .await
+                {
+                    Ok(n) => format!("{tenant}: {n} change events removed (up to #{upto})"),
+                    Err(e) => format!("{tenant}: failed: {e}"),
+                }
+            }
+            _ => continue,
+        };
+        tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+        parts.push(part);
+    }
+    parts.join("; ")
 }

@@ -59,6 +59,7 @@ pub struct AppState {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
+    pub schedules: crate::schedule::Schedules,
 }
 
 /// Run the daemon on `listener` until `shutdown` is cancelled, then drain in-flight
@@ -155,7 +156,9 @@ pub async fn run_with_env(
         shutdown: shutdown.clone(),
         started_at: chrono::Utc::now(),
         reloads: Default::default(),
+        schedules: Default::default(),
     });
+    crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
     for t in &state.config.tenants {
         let n = state.store.mark_interrupted_jobs(&t.id).await?;
         if n > 0 {
@@ -265,19 +268,30 @@ pub async fn reload(state: &Arc<AppState>) {
 
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
+    // Before the first request (or store flush) is recorded; idempotent.
+    crate::ops::metrics::install();
     Router::new()
         .merge(scim::routes())
         .merge(crate::api::routes())
         .merge(crate::ops::status::routes())
+        .merge(crate::ops::metrics::routes())
         .fallback(scim::not_found)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(request_span))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_span,
+        ))
         .with_state(state)
 }
 
 /// Give every request an id (the client's `X-Request-Id` if sane, else a fresh one), run
-/// it inside a span carrying that id and the tenant, and echo the id back.
-async fn request_span(req: Request, next: Next) -> Response {
+/// it inside a span carrying that id and the tenant, echo the id back, and count it in the
+/// HTTP and SCIM metrics (labelled by route template, never by raw path).
+async fn request_span(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let request_id = req
         .headers()
         .get("x-request-id")
@@ -301,15 +315,35 @@ async fn request_span(req: Request, next: Next) -> Response {
         method = %req.method(),
         path = %path,
     );
+    // Only a configured tenant may become a metric label: the path is the client's.
+    let metrics_tenant = state
+        .config
+        .tenants
+        .iter()
+        .any(|t| t.id == tenant)
+        .then_some(tenant.as_str());
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let method = req.method().clone();
     let started = std::time::Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
     span.in_scope(|| {
         tracing::debug!(
             status = resp.status().as_u16(),
-            micros = started.elapsed().as_micros() as u64,
+            micros = elapsed.as_micros() as u64,
             "Request finished."
         )
     });
+    crate::ops::metrics::record_request(
+        route.as_ref().map(|r| r.as_str()),
+        &method,
+        resp.status(),
+        elapsed,
+        metrics_tenant,
+    );
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }

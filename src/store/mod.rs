@@ -193,6 +193,7 @@ pub struct Store {
 
 pub(crate) fn record_flush(elapsed: std::time::Duration) {
     tracing::trace!(micros = elapsed.as_micros() as u64, "Store flushed.");
+    metrics::histogram!("rosterd_store_flush_seconds").record(elapsed.as_secs_f64());
 }
 
 fn now() -> DateTime<Utc> {
@@ -1143,6 +1144,47 @@ impl Store {
             out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// Remove change events up to `upto` that are older than `before`, oldest first, in
+    /// batches so writers interleave. Returns how many were removed.
+    pub async fn compact_changes(
+        &self,
+        tenant: &str,
+        upto: u64,
+        before: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let mut removed = 0u64;
+        loop {
+            let t = self.tenant(tenant)?;
+            let mut doomed = Vec::new();
+            for kv in t
+                .tree
+                .range(keys::change(0)..=keys::change(upto))
+                .take(10_000)
+            {
+                let (k, v) = kv?;
+                let e: ChangeEvent =
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                // The log is in time order: the first young event ends the pass.
+                if e.at >= before {
+                    break;
+                }
+                doomed.push(k.to_vec());
+            }
+            if doomed.is_empty() {
+                return Ok(removed);
+            }
+            let n = doomed.len() as u64;
+            self.write(tenant, move |txn| {
+                for k in doomed {
+                    txn.del(k);
+                }
+                Ok(())
+            })
+            .await?;
+            removed += n;
+        }
     }
 
     /// The tenant's last change sequence number.

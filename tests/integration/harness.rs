@@ -68,6 +68,8 @@ pub struct Options {
     pub connectors: Vec<(String, String)>,
     /// Environment variables the daemon sees (connector secrets).
     pub env: Vec<(String, String)>,
+    /// More config TOML (whole tables, e.g. `[schedules]`), appended to config.toml.
+    pub config_extra: String,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
             scim: ScimConfig::default(),
             connectors: vec![],
             env: vec![],
+            config_extra: String::new(),
         }
     }
 }
@@ -107,7 +110,9 @@ id = "{OTHER_TENANT}"
 token_hashes = ["{other_hash}"]
 bundle = "bundle.toml"
 allow_overrides = false
+{extra}
 "#,
+        extra = opts.config_extra,
         data = root.join("data"),
         max_body = opts.max_body_bytes,
         max_results = opts.scim.max_results,

@@ -4,9 +4,11 @@
 mod cli;
 mod crash;
 mod harness;
+mod metrics;
 mod mirror;
 #[path = "../support/oneroster.rs"]
 mod oneroster;
+mod reconcile;
 mod roster_api;
 mod scim_bulk;
 mod scim_errors;

@@ -1,0 +1,547 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Mirror load benchmark: the real daemon (child process) mirroring SCIM users to a real
+//! loopback OneRoster 1.2 server (in this process, on a runtime of its own).
+//!
+//! 1. Throughput: seed `BENCH_CHANGES` (default 100000) users over SCIM with no connector,
+//!    then drop the OneRoster connector file in and SIGHUP the daemon; time from the reload
+//!    until the target holds every user (PUT/s), and until the cursor has caught up.
+//! 2. Latency: with the connector caught up, PATCH `title` of distinct users at a steady
+//!    `BENCH_RATE` per second (default 500) for `BENCH_SECONDS` (default 20); a change's
+//!    delay is when its PUT arrived at the target (recorded by the target, not polled)
+//!    minus when the client got the SCIM 2xx.
+//!
+//! `BENCH_CONCURRENCY` (default 32) is the connector's `concurrency`;
+//! `BENCH_SEED_CONCURRENCY` (default 64) the SCIM creates in flight while seeding.
+//! `BENCH_SLOW_MS` (default 0: off) makes the target hold back its answer to the first PUT
+//! of every `BENCH_SLOW_EVERY`-th user (default 1000) for that long during the throughput
+//! run: a target with a rare slow answer.
+//! `cargo bench --bench mirror_load`. Prints a Markdown table.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{DaemonOptions, JWT_SECRET, TENANT, TOKEN, env_usize, percentile, rss_kib};
+
+#[path = "../tests/support/oneroster.rs"]
+mod oneroster;
+use oneroster::{Fault, Kind, OneRosterOptions, OneRosterServer};
+
+const CONNECTOR: &str = "sis";
+/// Changes the dispatcher reads per batch (`BATCH` in src/dispatch/mod.rs).
+const DISPATCH_BATCH: u64 = 1000;
+
+fn user_body(i: usize) -> Value {
+    json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
+        "userName": format!("user{i:07}@bench.example"),
+        "externalId": format!("ext-{i}"),
+        "name": {"givenName": "Bench", "familyName": format!("User{i}")},
+        "emails": [{"value": format!("user{i:07}@bench.example"), "type": "work", "primary": true}],
+        "title": "Engineer",
+        "active": true,
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User": {"department": "R&D"},
+    })
+}
+
+fn connector_file(target: &OneRosterServer, concurrency: usize) -> String {
+    format!(
+        r#"kind = "oneroster"
+name = "{CONNECTOR}"
+tenant = "{TENANT}"
+concurrency = {concurrency}
+timeout_ms = 10000
+[retry]
+initial_delay_ms = 50
+max_delay_ms = 1000
+pause_after_failures = 1000
+pause_secs = 1
+[oneroster]
+base_url = "{base}"
+org_sourced_id = "{org}"
+course_sourced_id = "course-rosterd"
+[oneroster.auth]
+token_env = "OR_TOKEN"
+"#,
+        base = target.base_url,
+        org = oneroster::DEFAULT_ORG,
+    )
+}
+
+fn jwt() -> String {
+    let claims = json!({"sub": "bench", "tenant": TENANT, "scope": "roster:admin",
+                        "aud": "bench", "exp": Utc::now().timestamp() + 86_400});
+    rosterd::api::jwt::testing::hs256_token(JWT_SECRET.as_bytes(), &claims)
+}
+
+fn sid(scim_id: &str) -> String {
+    rosterd::connectors::sourced_id(TENANT, &format!("User/{scim_id}"))
+}
+
+/// utime + stime of a process (`"self"` or a pid), in seconds.
+fn cpu_secs(pid: &str) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let hz = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let k: f64 = f.get(12)?.parse().ok()?;
+            Some((u + k) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn wall_ms(a: DateTime<Utc>, b: DateTime<Utc>) -> f64 {
+    (b - a).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e3
+}
+
+/// The connector's entry of the Roster API (cheaper than `/status`, which counts users).
+async fn connector(client: &reqwest::Client, base: &str, token: &str) -> Value {
+    client
+        .get(format!("{base}/api/v1/roster/connectors/{CONNECTOR}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("connector")
+        .json()
+        .await
+        .expect("connector json")
+}
+
+fn main() {
+    // The target gets a runtime (and threads) of its own, so the client's work does not
+    // queue in front of its answers.
+    let target_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("oneroster")
+        .enable_all()
+        .build()
+        .expect("target runtime");
+    let target = target_rt.block_on(OneRosterServer::start(OneRosterOptions {
+        log_bodies: false,
+        log_capacity: 1000,
+        ..OneRosterOptions::default()
+    }));
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    client_rt.block_on(run(&target));
+    drop(target);
+    target_rt.shutdown_timeout(Duration::from_secs(2));
+}
+
+async fn run(target: &OneRosterServer) {
+    let users = env_usize("BENCH_CHANGES", 100_000);
+    let concurrency = env_usize("BENCH_CONCURRENCY", 32);
+    let seed_concurrency = env_usize("BENCH_SEED_CONCURRENCY", 64);
+    let rate = env_usize("BENCH_RATE", 500).max(1);
+    let slow_ms = env_usize("BENCH_SLOW_MS", 0);
+    let slow_every = env_usize("BENCH_SLOW_EVERY", 1000).max(1);
+    let seconds = env_usize("BENCH_SECONDS", 20);
+    let load_at_start = loadavg();
+
+    let daemon = common::start_daemon_with(&DaemonOptions {
+        config_extra: "[connectors]\ndir = \"connectors\"",
+        env: &[("OR_TOKEN", oneroster::DEFAULT_TOKEN)],
+        ..DaemonOptions::default()
+    });
+    let pid = daemon.pid();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(seed_concurrency.max(64))
+        .build()
+        .expect("client");
+    let auth = format!("Bearer {TOKEN}");
+    let token = jwt();
+    daemon.wait_ready(&client).await;
+
+    // ---- Seed: users over SCIM, no connector yet. ----
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); users]));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..seed_concurrency {
+        let (client, next, ids, auth, base) = (
+            client.clone(),
+            next.clone(),
+            ids.clone(),
+            auth.clone(),
+            daemon.scim(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= users {
+                    break;
+                }
+                let body = serde_json::to_vec(&user_body(i)).expect("json");
+                let r = client
+                    .post(format!("{base}/Users"))
+                    .header("authorization", &auth)
+                    .header("content-type", "application/scim+json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("create");
+                assert_eq!(r.status(), 201, "create {i}");
+                let v: Value = r.json().await.expect("json");
+                ids.lock().expect("ids")[i] = v["id"].as_str().expect("id").to_owned();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("seed task");
+    }
+    let seed_secs = started.elapsed().as_secs_f64();
+    let ids: Vec<String> = std::mem::take(&mut *ids.lock().expect("ids"));
+    let status = daemon.status(&client).await;
+    let last_seq = status["tenants"][TENANT]["last_seq"].as_u64().unwrap_or(0);
+    assert!(
+        status["connectors"]
+            .as_array()
+            .is_some_and(|c| c.is_empty()),
+        "no connector yet: {status}"
+    );
+    let rss_after_seed = rss_kib(pid, "VmRSS:");
+    let hwm_after_seed = rss_kib(pid, "VmHWM:");
+    let mut slow = 0;
+    if slow_ms > 0 {
+        for id in ids.iter().skip(slow_every / 2).step_by(slow_every) {
+            target.inject(
+                Fault::delay(Duration::from_millis(slow_ms as u64), 1)
+                    .on_method("PUT")
+                    .on_path(format!("/users/{}", sid(id))),
+            );
+            slow += 1;
+        }
+    }
+
+    // ---- Throughput: the connector starts on a backlog of `users` changes. ----
+    let dir = daemon.dir.path().join("connectors");
+    std::fs::create_dir_all(&dir).expect("connectors dir");
+    std::fs::write(
+        dir.join(format!("{CONNECTOR}.toml")),
+        connector_file(target, concurrency),
+    )
+    .expect("connector file");
+    let done = Arc::new(AtomicBool::new(false));
+    let max_rss = Arc::new(AtomicU64::new(rss_after_seed));
+    let sampler = {
+        let (done, max_rss) = (done.clone(), max_rss.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                max_rss.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let users_before = target.count(Kind::User);
+    let puts_before = target.count_requests("PUT", "users");
+    let (daemon_cpu0, self_cpu0) = (cpu_secs(&pid.to_string()), cpu_secs("self"));
+    let t0 = Instant::now();
+    let t0_wall = Utc::now();
+    daemon.sighup();
+    let deadline = Duration::from_secs(env_usize("BENCH_TIMEOUT_SECS", 1800) as u64);
+    while target.count(Kind::User) < users_before + users {
+        assert!(
+            t0.elapsed() < deadline,
+            "target holds {} of {users} users after {:?}",
+            target.count(Kind::User) - users_before,
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let all_there = t0.elapsed();
+    let (daemon_cpu1, self_cpu1) = (cpu_secs(&pid.to_string()), cpu_secs("self"));
+    let caught = loop {
+        let c = connector(&client, &daemon.base, &token).await;
+        if c["lag_events"] == 0 && c["state"] == "running" {
+            break c;
+        }
+        assert!(t0.elapsed() < deadline, "connector never caught up: {c}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let caught_up = t0.elapsed();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let put_total = target.count_requests("PUT", "users") - puts_before;
+    target.clear_faults();
+    let mirror_rss_max = max_rss.load(Ordering::Relaxed);
+
+    // Where the time went: PUT arrivals per dispatcher batch (the log's seq order).
+    let mut seq_of: HashMap<String, u64> = HashMap::with_capacity(users);
+    let mut since = 0u64;
+    loop {
+        let v: Value = client
+            .get(format!(
+                "{}/api/v1/roster/changes?since={since}&limit=1000",
+                daemon.base
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("changes")
+            .json()
+            .await
+            .expect("changes json");
+        let changes = v["changes"].as_array().cloned().unwrap_or_default();
+        if changes.is_empty() {
+            break;
+        }
+        for c in &changes {
+            if c["resource_type"] == "User" {
+                seq_of.insert(
+                    c["id"].as_str().unwrap_or_default().to_owned(),
+                    c["seq"].as_u64().unwrap_or(0),
+                );
+            }
+        }
+        since = v["next_since"].as_u64().expect("next_since");
+    }
+    let mut arrivals: Vec<DateTime<Utc>> = Vec::with_capacity(users);
+    let mut batches: HashMap<u64, Vec<DateTime<Utc>>> = HashMap::new();
+    let mut rewritten = 0usize;
+    for id in &ids {
+        let st = target.stored(Kind::User, &sid(id)).expect("user at target");
+        if st.writes != 1 {
+            rewritten += 1;
+        }
+        arrivals.push(st.received_at);
+        if let Some(seq) = seq_of.get(id) {
+            batches
+                .entry((seq - 1) / DISPATCH_BATCH)
+                .or_default()
+                .push(st.received_at);
+        }
+    }
+    arrivals.sort();
+    let first_put = wall_ms(t0_wall, arrivals[0]);
+    let last_put = wall_ms(t0_wall, arrivals[arrivals.len() - 1]);
+    let mut keys: Vec<u64> = batches.keys().copied().collect();
+    keys.sort();
+    let mut spans = Vec::new(); // first → last arrival within a batch
+    let mut tails = Vec::new(); // 95th percentile arrival → last arrival within a batch
+    let mut gaps = Vec::new(); // last arrival of a batch → first arrival of the next
+    let mut prev_last: Option<DateTime<Utc>> = None;
+    for k in &keys {
+        let b = batches.get_mut(k).expect("batch");
+        b.sort();
+        let (first, last) = (b[0], b[b.len() - 1]);
+        spans.push(wall_ms(first, last));
+        tails.push(wall_ms(b[(b.len() - 1) * 95 / 100], last));
+        if let Some(p) = prev_last {
+            gaps.push(wall_ms(p, first));
+        }
+        prev_last = Some(last);
+    }
+    let stat = |v: &mut Vec<f64>| -> (f64, f64, f64, f64) {
+        if v.is_empty() {
+            return (0.0, 0.0, 0.0, 0.0);
+        }
+        v.sort_by(f64::total_cmp);
+        let sum: f64 = v.iter().sum();
+        (sum / v.len() as f64, v[v.len() / 2], v[v.len() - 1], sum)
+    };
+    let (span_mean, span_p50, span_max, _) = stat(&mut spans);
+    let (tail_mean, _, tail_max, tail_sum) = stat(&mut tails);
+    let (gap_mean, gap_p50, gap_max, gap_sum) = stat(&mut gaps);
+    let put_secs = all_there.as_secs_f64();
+    let puts_per_sec = users as f64 / put_secs;
+
+    // ---- Latency: a steady rate of changes, each to a user of its own. ----
+    let changes = (rate * seconds).min(users);
+    if changes < rate * seconds {
+        eprintln!(
+            "note: only {users} users, so {changes} changes instead of {}",
+            rate * seconds
+        );
+    }
+    let status_before = connector(&client, &daemon.base, &token).await;
+    let retries_before = status_before["retries"].as_u64().unwrap_or(0);
+    let run_tag = Utc::now().timestamp_millis();
+    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut handles = Vec::with_capacity(changes);
+    let sending = Instant::now();
+    for (i, id) in ids.iter().take(changes).enumerate() {
+        interval.tick().await;
+        let (client, auth, url) = (
+            client.clone(),
+            auth.clone(),
+            format!("{}/Users/{id}", daemon.scim()),
+        );
+        let title = format!("Engineer {run_tag}-{i}");
+        handles.push(tokio::spawn(async move {
+            let body = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "replace", "path": "title", "value": title}]});
+            let t = Instant::now();
+            let r = client
+                .patch(&url)
+                .header("authorization", &auth)
+                .json(&body)
+                .send()
+                .await
+                .expect("patch");
+            let acked = Utc::now();
+            let took = t.elapsed();
+            assert!(r.status().is_success(), "patch {i}: {}", r.status());
+            let _ = r.bytes().await;
+            (i, title, acked, took)
+        }));
+    }
+    let mut sent = Vec::with_capacity(changes);
+    for h in handles {
+        sent.push(h.await.expect("patch task"));
+    }
+    let send_secs = sending.elapsed().as_secs_f64();
+    let achieved = changes as f64 / send_secs;
+    let mut pending: Vec<(usize, String, DateTime<Utc>)> = sent
+        .iter()
+        .map(|(i, title, acked, _)| (*i, title.clone(), *acked))
+        .collect();
+    let mut scim_lat: Vec<Duration> = sent.iter().map(|s| s.3).collect();
+    scim_lat.sort();
+    let mut delays_us: Vec<i64> = Vec::with_capacity(changes);
+    let wait_from = Instant::now();
+    let latency_wait = Duration::from_secs(env_usize("BENCH_LATENCY_WAIT_SECS", 300) as u64);
+    while !pending.is_empty() && wait_from.elapsed() < latency_wait {
+        pending.retain(|(i, title, acked)| {
+            let st = target
+                .stored(Kind::User, &sid(&ids[*i]))
+                .expect("user at target");
+            if st
+                .value
+                .pointer("/metadata/job_title")
+                .and_then(Value::as_str)
+                == Some(title)
+            {
+                delays_us.push(
+                    (st.received_at - *acked)
+                        .num_microseconds()
+                        .unwrap_or(i64::MAX),
+                );
+                false
+            } else {
+                true
+            }
+        });
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let missing = pending.len();
+    delays_us.sort_unstable();
+    let negative = delays_us.iter().filter(|d| **d < 0).count();
+    let delays: Vec<Duration> = delays_us
+        .iter()
+        .map(|d| Duration::from_micros((*d).max(0) as u64))
+        .collect();
+    let status_after = connector(&client, &daemon.base, &token).await;
+    let rss_hwm = rss_kib(pid, "VmHWM:");
+
+    let cores = |d: f64| d / put_secs;
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!(
+        "| machine | {} cores, load average at start {load_at_start} (other work shares the machine) |",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| users seeded over SCIM (no connector) | {users} in {seed_secs:.1} s ({:.0}/s, {seed_concurrency} in flight), log last_seq {last_seq} |",
+        users as f64 / seed_secs
+    );
+    if slow > 0 {
+        println!(
+            "| slow target answers injected (throughput run only) | {slow} PUTs held back {slow_ms} ms (1 per {slow_every} users) |"
+        );
+    }
+    println!(
+        "| **mirror throughput**: reload → target holds all {users} users | {put_secs:.2} s = **{puts_per_sec:.0} PUT/s** (connector concurrency {concurrency}) |"
+    );
+    println!(
+        "| first / last user PUT after the reload | {first_put:.0} ms / {last_put:.0} ms (steady {:.0} PUT/s between them) |",
+        (users - 1) as f64 / ((last_put - first_put) / 1e3)
+    );
+    println!(
+        "| reload → cursor caught up (lag_events 0) | {:.2} s; delivered {}, retries {}, dead letters {} |",
+        caught_up.as_secs_f64(),
+        caught["delivered"],
+        caught["retries"],
+        caught["dead_letters"]
+    );
+    println!("| user PUTs received / users written more than once | {put_total} / {rewritten} |");
+    println!(
+        "| dispatch batches ({DISPATCH_BATCH} changes): first→last PUT, mean / p50 / max | {span_mean:.0} / {span_p50:.0} / {span_max:.0} ms over {} batches |",
+        keys.len()
+    );
+    println!(
+        "| idle gap between batches (last PUT of one → first PUT of the next), mean / p50 / max / total | {gap_mean:.1} / {gap_p50:.1} / {gap_max:.1} ms / {:.2} s ({:.1}% of the run) |",
+        gap_sum / 1e3,
+        gap_sum / 10.0 / put_secs
+    );
+    println!(
+        "| batch tail (95th-percentile PUT → last PUT of the batch), mean / max / total | {tail_mean:.1} / {tail_max:.1} ms / {:.2} s |",
+        tail_sum / 1e3
+    );
+    println!(
+        "| CPU during the mirror: daemon / bench process (target + client) | {:.2} / {:.2} cores |",
+        cores(daemon_cpu1 - daemon_cpu0),
+        cores(self_cpu1 - self_cpu0)
+    );
+    println!(
+        "| daemon RSS: after seeding (peak while seeding) / max during the mirror / peak at the end (VmHWM) | {:.0} ({:.0}) / {:.0} / {:.0} MiB |",
+        rss_after_seed as f64 / 1024.0,
+        hwm_after_seed as f64 / 1024.0,
+        mirror_rss_max as f64 / 1024.0,
+        rss_hwm as f64 / 1024.0
+    );
+    println!(
+        "| latency run: SCIM PATCH title, distinct users | {changes} changes at {rate}/s target, **achieved {achieved:.0}/s** over {send_secs:.1} s |"
+    );
+    println!(
+        "| SCIM PATCH response time, p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
+        ms(percentile(&scim_lat, 0.50)),
+        ms(percentile(&scim_lat, 0.99)),
+        ms(scim_lat.last().copied().unwrap_or_default())
+    );
+    println!(
+        "| **SCIM 2xx → PUT at the target**, p50 / p99 / max | {:.1} / **{:.1}** / {:.1} ms ({} measured, {missing} never arrived, {negative} arrived before the client saw the 2xx, counted as 0) |",
+        ms(percentile(&delays, 0.50)),
+        ms(percentile(&delays, 0.99)),
+        ms(delays.last().copied().unwrap_or_default()),
+        delays.len()
+    );
+    println!(
+        "| connector after the latency run | retries +{}, dead letters {}, lag_events {} |",
+        status_after["retries"].as_u64().unwrap_or(0) - retries_before,
+        status_after["dead_letters"],
+        status_after["lag_events"]
+    );
+}

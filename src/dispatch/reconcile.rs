@@ -1,0 +1,475 @@
+//! Reconciliation: compare what each connector last delivered (a content hash per object)
+//! with what the roster holds now, and send again what drifted. A OneRoster connector can
+//! also read the target back (`filter=dateLastModified>…`) and repair objects that were
+//! changed or deleted there behind rosterd's back.
+//!
+//! The change feed is the fast path; this is the safety net for what it cannot see: a
+//! bundle change's side effects, a dead letter discarded by mistake, a target restored
+//! from an old backup, a person editing the target by hand.
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
+use crate::connectors::http::Request;
+use crate::connectors::oneroster::{
+    Deactivate, OneRosterSettings, UserFields, class_body, content_hash, enrollment_body,
+    enrollment_id, user_body,
+};
+use crate::connectors::sourced_id;
+use crate::scim::ResourceKind;
+use crate::store::{Store, StoreError};
+
+/// Items listed in a report; the counts are always complete.
+const LISTED: usize = 200;
+
+/// One object to send again.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftItem {
+    /// `User/<id>`, `Group/<id>` or `Member/<group>/<user>`.
+    pub object: String,
+    /// `put` or `delete`.
+    pub action: &'static str,
+    pub reason: String,
+    #[serde(skip)]
+    request: Option<Request>,
+    #[serde(skip)]
+    hash: Option<u64>,
+}
+
+/// What reconciliation found (and, unless a dry run, did) for one connector.
+#[derive(Debug, Default, Serialize)]
+pub struct DriftReport {
+    pub connector: String,
+    pub kind: &'static str,
+    pub checked: u64,
+    pub drifted: u64,
+    pub repaired_from_target: u64,
+    pub sent: u64,
+    pub failed: u64,
+    /// Objects that cannot be expressed downstream (e.g. a user without an email).
+    pub unmappable: u64,
+    pub note: Option<String>,
+    /// The first drifted objects.
+    pub items: Vec<DriftItem>,
+}
+
+impl DriftReport {
+    fn push(&mut self, item: DriftItem, all: &mut Vec<DriftItem>) {
+        self.drifted += 1;
+        if self.items.len() < LISTED {
+            self.items.push(item.clone());
+        }
+        all.push(item);
+    }
+}
+
+fn user_key(id: &str) -> String {
+    format!("User/{id}")
+}
+
+/// The desired OneRoster state of every object, compared with the delivered hashes.
+/// Runs on the blocking pool: it walks the whole tenant, one object at a time.
+fn diff(
+    store: &Store,
+    tenant: &str,
+    hash_owner: &str,
+    s: &OneRosterSettings,
+    report: &mut DriftReport,
+) -> Result<Vec<DriftItem>, StoreError> {
+    let mut all = Vec::new();
+    let now = Utc::now();
+    let url = |path: String| s.url(&path);
+    let check = |report: &mut DriftReport,
+                 all: &mut Vec<DriftItem>,
+                 object: String,
+                 desired: Option<(u64, Request)>,
+                 have: Option<u64>| {
+        report.checked += 1;
+        match (desired, have) {
+            (Some((h, _)), Some(have)) if h == have => {}
+            (None, None) => {}
+            (Some((h, req)), have) => report.push(
+                DriftItem {
+                    object,
+                    action: "put",
+                    reason: if have.is_some() {
+                        "differs from what was last delivered".into()
+                    } else {
+                        "never delivered".into()
+                    },
+                    request: Some(req),
+                    hash: Some(h),
+                },
+                all,
+            ),
+            (None, Some(_)) => {}
+        }
+    };
+    for r in store.scan(tenant, ResourceKind::User)? {
+        let r = r?;
+        let key = user_key(&r.id);
+        let have = store.delivered(tenant, hash_owner, &key)?;
+        let u = UserFields { doc: &r.doc };
+        if !u.active() && s.deactivate == Deactivate::Delete {
+            if have.is_some() {
+                report.checked += 1;
+                report.push(
+                    DriftItem {
+                        object: key,
+                        action: "delete",
+                        reason: "inactive, but still delivered".into(),
+                        request: Some(Request::delete(url(format!(
+                            "users/{}",
+                            sourced_id(tenant, &user_key(&r.id))
+                        )))),
+                        hash: None,
+                    },
+                    &mut all,
+                );
+            }
+            continue;
+        }
+        let a = store.assignment(tenant, &r.id)?;
+        match user_body(s, tenant, &r.id, &r.doc, a.as_ref(), now) {
+            Ok(body) => {
+                let req = Request::put(
+                    url(format!("users/{}", sourced_id(tenant, &key))),
+                    &serde_json::json!({ "user": body }),
+                );
+                check(
+                    report,
+                    &mut all,
+                    key,
+                    Some((content_hash(&body), req)),
+                    have,
+                );
+            }
+            Err(_) => report.unmappable += 1,
+        }
+    }
+    for g in store.scan(tenant, ResourceKind::Group)? {
+        let g = g?;
+        let key = format!("Group/{}", g.id);
+        let body = class_body(s, tenant, &g.id, &g.doc, now);
+        let req = Request::put(
+            url(format!("classes/{}", sourced_id(tenant, &key))),
+            &serde_json::json!({ "class": body }),
+        );
+        let have = store.delivered(tenant, hash_owner, &key)?;
+        check(
+            report,
+            &mut all,
+            key,
+            Some((content_hash(&body), req)),
+            have,
+        );
+        for m in store.members(tenant, &g.id)? {
+            let m = m?;
+            if m.kind != "User" {
+                continue;
+            }
+            let key = format!("Member/{}/{}", g.id, m.value);
+            let body = enrollment_body(s, tenant, &g.id, &m.value, now);
+            let req = Request::put(
+                url(format!(
+                    "enrollments/{}",
+                    enrollment_id(tenant, &g.id, &m.value)
+                )),
+                &serde_json::json!({ "enrollment": body }),
+            );
+            let have = store.delivered(tenant, hash_owner, &key)?;
+            check(
+                report,
+                &mut all,
+                key,
+                Some((content_hash(&body), req)),
+                have,
+            );
+        }
+    }
+    // Delivered once, gone from the roster since: the delete was missed.
+    for (key, _) in store.delivered_all(tenant, hash_owner)? {
+        let parts: Vec<&str> = key.split('/').collect();
+        let (exists, req) = match parts.as_slice() {
+            ["User", id] => (
+                store.get_raw(tenant, ResourceKind::User, id)?.is_some(),
+                Request::delete(url(format!("users/{}", sourced_id(tenant, &key)))),
+            ),
+            ["Group", id] => (
+                store.get_raw(tenant, ResourceKind::Group, id)?.is_some(),
+                Request::delete(url(format!("classes/{}", sourced_id(tenant, &key)))),
+            ),
+            ["Member", g, u] => (
+                store.is_member(tenant, g, u)?,
+                Request::delete(url(format!("enrollments/{}", enrollment_id(tenant, g, u)))),
+            ),
+            _ => continue,
+        };
+        if !exists {
+            report.checked += 1;
+            report.push(
+                DriftItem {
+                    object: key,
+                    action: "delete",
+                    reason: "gone from the roster, still delivered".into(),
+                    request: Some(req),
+                    hash: None,
+                },
+                &mut all,
+            );
+        }
+    }
+    Ok(all)
+}
+
+/// The fields of `desired` as the target holds them, for comparison.
+fn projected(target: &Value, desired: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(d) = desired.as_object() {
+        for k in d.keys() {
+            out.insert(k.clone(), target.get(k).cloned().unwrap_or(Value::Null));
+        }
+    }
+    Value::Object(out)
+}
+
+impl Dispatcher {
+    /// Reconcile every connector of `tenant`. A dry run only reports.
+    pub async fn reconcile(
+        &self,
+        tenant: &str,
+        dry_run: bool,
+    ) -> Result<Vec<DriftReport>, DispatchError> {
+        self.reconcile_kind(tenant, dry_run, None).await
+    }
+
+    /// Write the files of every CSV connector of `tenant` now.
+    pub async fn export(&self, tenant: &str) -> Result<Vec<DriftReport>, DispatchError> {
+        self.reconcile_kind(tenant, false, Some(crate::connectors::Kind::Csv))
+            .await
+    }
+
+    async fn reconcile_kind(
+        &self,
+        tenant: &str,
+        dry_run: bool,
+        only: Option<crate::connectors::Kind>,
+    ) -> Result<Vec<DriftReport>, DispatchError> {
+        let ctxs: Vec<Arc<Ctx>> = self
+            .running()
+            .values()
+            .filter(|r| r.config.tenant == tenant)
+            .filter(|r| only.is_none_or(|k| k == r.config.kind))
+            .filter_map(|r| r.ctx.clone())
+            .collect();
+        let mut out = Vec::new();
+        for ctx in ctxs {
+            let mut report = DriftReport {
+                connector: ctx.name().to_owned(),
+                kind: ctx.config.kind.as_str(),
+                ..DriftReport::default()
+            };
+            match &ctx.target {
+                Target::OneRoster { settings, .. } => {
+                    reconcile_oneroster(&ctx, settings, dry_run, &mut report).await?;
+                }
+                Target::Csv { settings } => {
+                    if dry_run {
+                        report.note = Some("would rewrite the CSV files".into());
+                    } else {
+                        let (store, t, s) =
+                            (self.store.clone(), tenant.to_owned(), settings.clone());
+                        let r = tokio::task::spawn_blocking(move || {
+                            crate::connectors::csv::write_snapshot(&store, &t, &s)
+                        })
+                        .await
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                        match r {
+                            Ok(rep) => {
+                                report.checked = rep.users;
+                                report.sent = 1;
+                                report.note = Some("CSV files rewritten".into());
+                            }
+                            Err(e) => {
+                                report.failed = 1;
+                                report.note = Some(e.to_string());
+                            }
+                        }
+                    }
+                }
+                Target::Webhook { .. } => {
+                    report.note =
+                        Some("webhooks carry events, not state: nothing to compare".into());
+                }
+            }
+            out.push(report);
+        }
+        Ok(out)
+    }
+}
+
+async fn reconcile_oneroster(
+    ctx: &Ctx,
+    settings: &OneRosterSettings,
+    dry_run: bool,
+    report: &mut DriftReport,
+) -> Result<(), DispatchError> {
+    let tenant = ctx.tenant().to_owned();
+    let owner = ctx.cursor_name();
+    let mut items = {
+        let (store, s, t, o) = (
+            ctx.store.clone(),
+            settings.clone(),
+            tenant.clone(),
+            owner.clone(),
+        );
+        let mut r = DriftReport::default();
+        let items =
+            tokio::task::spawn_blocking(move || diff(&store, &t, &o, &s, &mut r).map(|i| (i, r)))
+                .await
+                .map_err(|e| StoreError::Backend(e.to_string()))??;
+        let (items, r) = items;
+        report.checked = r.checked;
+        report.drifted = r.drifted;
+        report.unmappable = r.unmappable;
+        report.items = r.items;
+        items
+    };
+    if settings.read_back {
+        let repaired = read_back(ctx, settings, &tenant, &items).await?;
+        report.repaired_from_target = repaired.len() as u64;
+        for item in repaired {
+            report.push(item, &mut items);
+        }
+    }
+    if dry_run || items.is_empty() {
+        return Ok(());
+    }
+    // Users and classes before enrollments; deletes of enrollments before classes.
+    let rank = |i: &DriftItem| match (i.action, i.object.split('/').next()) {
+        ("put", Some("User")) => 0,
+        ("put", Some("Group")) => 1,
+        ("put", _) => 2,
+        ("delete", Some("Member")) => 3,
+        ("delete", Some("Group")) => 4,
+        _ => 5,
+    };
+    items.sort_by_key(rank);
+    let mut hashes = Vec::new();
+    for item in &items {
+        let Some(req) = &item.request else { continue };
+        match ctx.send(req, Some(5)).await {
+            Sent::Ok => {
+                report.sent += 1;
+                hashes.push((item.object.clone(), item.hash));
+            }
+            Sent::Refused { reason, .. } => {
+                report.failed += 1;
+                tracing::warn!(connector = ctx.name(), object = %item.object, %reason, "Reconciliation could not repair an object.");
+            }
+            Sent::Cancelled => break,
+        }
+    }
+    ctx.store.set_delivered(&tenant, &owner, hashes).await?;
+    Ok(())
+}
+
+/// Users changed at the target over the read-back window whose state there is not what
+/// rosterd would send: they are put back.
+async fn read_back(
+    ctx: &Ctx,
+    settings: &OneRosterSettings,
+    tenant: &str,
+    already: &[DriftItem],
+) -> Result<Vec<DriftItem>, DispatchError> {
+    let since = Utc::now() - chrono::Duration::hours(settings.read_back_hours as i64);
+    let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        let filter = format!("dateLastModified>'{since}'");
+        let url = format!(
+            "{}?filter={}&limit=1000&offset={offset}",
+            settings.url("users"),
+            urlencode(&filter)
+        );
+        let req = Request::get(url);
+        let body = match ctx.send_for_body(&req).await {
+            Some(b) => b,
+            None => break,
+        };
+        let page: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let users = page["users"].as_array().cloned().unwrap_or_default();
+        if users.is_empty() {
+            break;
+        }
+        offset += users.len();
+        for target in users {
+            let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
+                continue;
+            };
+            let key = user_key(scim_id);
+            if already.iter().any(|i| i.object == key)
+                || out.iter().any(|i: &DriftItem| i.object == key)
+            {
+                continue;
+            }
+            let (doc, a) = {
+                let (store, t, id) = (ctx.store.clone(), tenant.to_owned(), scim_id.to_owned());
+                tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                    Ok((
+                        store.get(&t, ResourceKind::User, &id)?,
+                        store.assignment(&t, &id)?,
+                    ))
+                })
+                .await
+                .map_err(|e| StoreError::Backend(e.to_string()))??
+            };
+            let Some(doc) = doc else { continue };
+            if !(UserFields { doc: &doc.doc }).active() && settings.deactivate == Deactivate::Delete
+            {
+                continue;
+            }
+            let Ok(desired) =
+                user_body(settings, tenant, scim_id, &doc.doc, a.as_ref(), Utc::now())
+            else {
+                continue;
+            };
+            if content_hash(&projected(&target, &desired)) != content_hash(&desired) {
+                out.push(DriftItem {
+                    object: key.clone(),
+                    action: "put",
+                    reason: format!(
+                        "changed at the target (status {:?})",
+                        target.get("status").and_then(Value::as_str).unwrap_or("?")
+                    ),
+                    request: Some(Request::put(
+                        settings.url(&format!("users/{}", sourced_id(tenant, &key))),
+                        &serde_json::json!({ "user": desired }),
+                    )),
+                    hash: Some(content_hash(&desired)),
+                });
+            }
+        }
+        if page["total"].as_u64().is_some_and(|t| offset as u64 >= t) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}

@@ -1,0 +1,423 @@
+//! `/metrics`: Prometheus text exposition of the process's counters, gauges and
+//! histograms, through the `metrics` facade and a process-global Prometheus recorder.
+//!
+//! Like `/status` it needs no authentication and carries nothing that identifies a
+//! person: every label value comes from a bounded set (route templates, never raw paths;
+//! configured tenants and connectors; standard methods and status codes).
+//!
+//! Metrics recorded here (the HTTP middleware calls [`record_request`]):
+//! - `rosterd_http_requests_total{route,method,status}`
+//! - `rosterd_http_request_duration_seconds{route,method}` (histogram)
+//! - `rosterd_scim_operations_total{tenant,resource,op,status_class}`
+//! - gauges set at scrape time: `rosterd_connector_lag_events`, `rosterd_connector_lag_seconds`,
+//!   `rosterd_connector_paused`, `rosterd_connector_dead_letters` (all `{connector,tenant}`)
+//!   and `rosterd_changelog_last_seq{tenant}`.
+//!
+//! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
+//! `rosterd_delivery_retries_total` and `rosterd_dead_letters_total` (dispatch).
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::server::AppState;
+
+pub const HTTP_REQUESTS_TOTAL: &str = "rosterd_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "rosterd_http_request_duration_seconds";
+pub const SCIM_OPERATIONS_TOTAL: &str = "rosterd_scim_operations_total";
+pub const STORE_FLUSH_SECONDS: &str = "rosterd_store_flush_seconds";
+pub const CONNECTOR_LAG_EVENTS: &str = "rosterd_connector_lag_events";
+pub const CONNECTOR_LAG_SECONDS: &str = "rosterd_connector_lag_seconds";
+pub const CONNECTOR_PAUSED: &str = "rosterd_connector_paused";
+pub const CONNECTOR_DEAD_LETTERS: &str = "rosterd_connector_dead_letters";
+pub const CHANGELOG_LAST_SEQ: &str = "rosterd_changelog_last_seq";
+
+/// The `route` label of requests no route matched (the fallback).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+/// The `tenant` label of SCIM requests naming a tenant that is not configured: whatever a
+/// client puts in the path must not become a label value. Not a valid tenant id, so it
+/// cannot collide with one.
+pub const UNKNOWN_TENANT: &str = "(unknown)";
+
+/// The content type of the Prometheus text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// Request latencies: 250 µs to 30 s.
+const HTTP_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+/// Group-commit flushes (an fsync): 100 µs to 5 s.
+const FLUSH_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+/// How often histogram samples are folded into their buckets between scrapes, so that
+/// they do not pile up in memory when nobody scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-global Prometheus recorder, once; later calls return the same
+/// handle. `None` when it could not be installed (another recorder was installed first):
+/// metrics are then not collected and `/metrics` answers 503. Never panics.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE.get_or_init(install_once).as_ref()
+}
+
+fn install_once() -> Option<PrometheusHandle> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.to_owned()),
+            HTTP_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(STORE_FLUSH_SECONDS.to_owned()), FLUSH_BUCKETS)
+        });
+    let handle = match builder.and_then(PrometheusBuilder::install_recorder) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot install the Prometheus recorder; /metrics is unavailable.");
+            return None;
+        }
+    };
+    describe();
+    let upkeep = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        // Scrapes still run upkeep themselves.
+        tracing::warn!(error = %e, "Cannot start the metrics upkeep thread.");
+    }
+    Some(handle)
+}
+
+fn describe() {
+    metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered.");
+    metrics::describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        "Time to answer an HTTP request (until the response head), in seconds."
+    );
+    metrics::describe_counter!(
+        SCIM_OPERATIONS_TOTAL,
+        "SCIM operations by tenant, resource, operation and status class."
+    );
+    metrics::describe_histogram!(
+        STORE_FLUSH_SECONDS,
+        "Duration of a group-commit flush of the store, in seconds."
+    );
+    metrics::describe_counter!(
+        "rosterd_deliveries_total",
+        "Changes delivered (or skipped) by connectors."
+    );
+    metrics::describe_counter!(
+        "rosterd_delivery_retries_total",
+        "Connector delivery attempts that failed and are retried."
+    );
+    metrics::describe_counter!(
+        "rosterd_dead_letters_total",
+        "Changes a connector gave up on (dead-lettered)."
+    );
+    metrics::describe_gauge!(
+        CONNECTOR_LAG_EVENTS,
+        "Changes durable in the changelog but not yet delivered by the connector."
+    );
+    metrics::describe_gauge!(
+        CONNECTOR_LAG_SECONDS,
+        "Age of the oldest change the connector has not delivered, in seconds."
+    );
+    metrics::describe_gauge!(CONNECTOR_PAUSED, "1 when the connector is paused, else 0.");
+    metrics::describe_gauge!(
+        CONNECTOR_DEAD_LETTERS,
+        "Dead letters currently held for the connector."
+    );
+    metrics::describe_gauge!(
+        CHANGELOG_LAST_SEQ,
+        "Sequence number of the tenant's last durable change."
+    );
+}
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/metrics", get(scrape))
+}
+
+async fn scrape(State(st): State<Arc<AppState>>) -> Response {
+    let Some(handle) = install() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "error": "metrics_unavailable",
+                "message": "another metrics recorder was installed in this process; Prometheus metrics are not collected",
+            })),
+        )
+            .into_response();
+    };
+    // Connector status reads cursors and the changelog from the store.
+    let rendered = tokio::task::spawn_blocking(move || {
+        set_gauges(&st);
+        handle.run_upkeep();
+        handle.render()
+    })
+    .await;
+    match rendered {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot render /metrics.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "internal", "message": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Gauges that describe state rather than events, read fresh at every scrape.
+fn set_gauges(st: &AppState) {
+    for c in st.dispatch.status(None) {
+        let labels = [("connector", c.name), ("tenant", c.tenant)];
+        metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);
+        metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(c.lag_seconds);
+        metrics::gauge!(CONNECTOR_PAUSED, &labels).set(if c.paused { 1.0 } else { 0.0 });
+        metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(c.dead_letters as f64);
+    }
+    for t in &st.config.tenants {
+        let seq = *st.store.watch_durable(&t.id).borrow();
+        metrics::gauge!(CHANGELOG_LAST_SEQ, "tenant" => t.id.clone()).set(seq as f64);
+    }
+}
+
+/// A SCIM request's resource and operation, for `rosterd_scim_operations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScimOp {
+    /// `Users`, `Groups`, `Bulk`, `.search` or `other` (discovery endpoints, `/Me`).
+    pub resource: &'static str,
+    /// `create`, `read`, `list`, `replace`, `patch`, `delete`, `search` or `bulk`.
+    pub op: &'static str,
+}
+
+/// Classify a request by method and matched route template (`/scim/v2/{tenant}/Users/{id}`).
+/// `None` when it is not a SCIM route, or the method is not an operation of that route
+/// (those are answered 405 and counted only in `rosterd_http_requests_total`).
+pub fn classify_scim(method: &Method, route: &str) -> Option<ScimOp> {
+    let rest = route
+        .strip_prefix("/scim/v2/{tenant}")
+        .filter(|r| r.is_empty() || r.starts_with('/'))?;
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let op = |resource: &'static str, op: &'static str| Some(ScimOp { resource, op });
+    let read = *method == Method::GET || *method == Method::HEAD;
+    match segments.as_slice() {
+        [res @ ("Users" | "Groups")] => {
+            let resource = if *res == "Users" { "Users" } else { "Groups" };
+            if read {
+                op(resource, "list")
+            } else if *method == Method::POST {
+                op(resource, "create")
+            } else {
+                None
+            }
+        }
+        [res @ ("Users" | "Groups"), ".search"] => {
+            let resource = if *res == "Users" { "Users" } else { "Groups" };
+            (*method == Method::POST).then_some(ScimOp {
+                resource,
+                op: "search",
+            })
+        }
+        [res @ ("Users" | "Groups"), _id] => {
+            let resource = if *res == "Users" { "Users" } else { "Groups" };
+            match *method {
+                Method::PUT => op(resource, "replace"),
+                Method::PATCH => op(resource, "patch"),
+                Method::DELETE => op(resource, "delete"),
+                _ if read => op(resource, "read"),
+                _ => None,
+            }
+        }
+        [".search"] => (*method == Method::POST).then_some(ScimOp {
+            resource: ".search",
+            op: "search",
+        }),
+        ["Bulk"] => (*method == Method::POST).then_some(ScimOp {
+            resource: "Bulk",
+            op: "bulk",
+        }),
+        // Discovery (ServiceProviderConfig, Schemas, ResourceTypes) and /Me.
+        [_, ..] => match *method {
+            Method::POST => op("other", "create"),
+            Method::PUT => op("other", "replace"),
+            Method::PATCH => op("other", "patch"),
+            Method::DELETE => op("other", "delete"),
+            _ if read => op("other", "read"),
+            _ => None,
+        },
+        [] => None,
+    }
+}
+
+/// The `method` label: standard methods as themselves, anything else `other` (a client
+/// can send any token as a method).
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Record one answered request. `route` is the matched route template (`None`: no route
+/// matched); `tenant` the SCIM tenant of the request if it is a configured one.
+pub fn record_request(
+    route: Option<&str>,
+    method: &Method,
+    status: StatusCode,
+    elapsed: Duration,
+    tenant: Option<&str>,
+) {
+    let route_label = route.unwrap_or(UNMATCHED_ROUTE);
+    let method_l = method_label(method);
+    metrics::counter!(
+        HTTP_REQUESTS_TOTAL,
+        "route" => route_label.to_owned(),
+        "method" => method_l,
+        "status" => status.as_u16().to_string(),
+    )
+    .increment(1);
+    metrics::histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        "route" => route_label.to_owned(),
+        "method" => method_l,
+    )
+    .record(elapsed.as_secs_f64());
+    if let Some(ScimOp { resource, op }) = route.and_then(|r| classify_scim(method, r)) {
+        metrics::counter!(
+            SCIM_OPERATIONS_TOTAL,
+            "tenant" => tenant.unwrap_or(UNKNOWN_TENANT).to_owned(),
+            "resource" => resource,
+            "op" => op,
+            "status_class" => status_class(status),
+        )
+        .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(method: Method, route: &str) -> Option<(&'static str, &'static str)> {
+        classify_scim(&method, route).map(|o| (o.resource, o.op))
+    }
+
+    #[test]
+    fn classifies_scim_operations() {
+        let users = "/scim/v2/{tenant}/Users";
+        let user = "/scim/v2/{tenant}/Users/{id}";
+        assert_eq!(c(Method::POST, users), Some(("Users", "create")));
+        assert_eq!(c(Method::GET, users), Some(("Users", "list")));
+        assert_eq!(c(Method::GET, user), Some(("Users", "read")));
+        assert_eq!(c(Method::HEAD, user), Some(("Users", "read")));
+        assert_eq!(c(Method::PUT, user), Some(("Users", "replace")));
+        assert_eq!(c(Method::PATCH, user), Some(("Users", "patch")));
+        assert_eq!(c(Method::DELETE, user), Some(("Users", "delete")));
+        assert_eq!(
+            c(Method::POST, "/scim/v2/{tenant}/Users/.search"),
+            Some(("Users", "search"))
+        );
+        assert_eq!(
+            c(Method::POST, "/scim/v2/{tenant}/Groups"),
+            Some(("Groups", "create"))
+        );
+        assert_eq!(
+            c(Method::PATCH, "/scim/v2/{tenant}/Groups/{id}"),
+            Some(("Groups", "patch"))
+        );
+        assert_eq!(
+            c(Method::POST, "/scim/v2/{tenant}/Groups/.search"),
+            Some(("Groups", "search"))
+        );
+        assert_eq!(
+            c(Method::POST, "/scim/v2/{tenant}/.search"),
+            Some((".search", "search"))
+        );
+        assert_eq!(
+            c(Method::POST, "/scim/v2/{tenant}/Bulk"),
+            Some(("Bulk", "bulk"))
+        );
+        assert_eq!(
+            c(Method::GET, "/scim/v2/{tenant}/ServiceProviderConfig"),
+            Some(("other", "read"))
+        );
+        assert_eq!(
+            c(Method::GET, "/scim/v2/{tenant}/Schemas/{id}"),
+            Some(("other", "read"))
+        );
+        assert_eq!(
+            c(Method::PATCH, "/scim/v2/{tenant}/Me"),
+            Some(("other", "patch"))
+        );
+    }
+
+    #[test]
+    fn methods_a_route_does_not_serve_are_not_operations() {
+        assert_eq!(c(Method::DELETE, "/scim/v2/{tenant}/Users"), None);
+        assert_eq!(c(Method::POST, "/scim/v2/{tenant}/Users/{id}"), None);
+        assert_eq!(c(Method::GET, "/scim/v2/{tenant}/Bulk"), None);
+        assert_eq!(c(Method::GET, "/scim/v2/{tenant}/.search"), None);
+        assert_eq!(c(Method::OPTIONS, "/scim/v2/{tenant}/Users/{id}"), None);
+        assert_eq!(c(Method::TRACE, "/scim/v2/{tenant}/Schemas"), None);
+    }
+
+    #[test]
+    fn other_routes_are_not_scim() {
+        assert_eq!(c(Method::GET, "/status"), None);
+        assert_eq!(c(Method::GET, "/metrics"), None);
+        assert_eq!(c(Method::GET, "/api/v1/roster/users"), None);
+        assert_eq!(c(Method::GET, "/scim/v2/{tenant}"), None);
+        assert_eq!(c(Method::GET, "/scim/v2/{tenant}x/Users"), None);
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let odd = Method::from_bytes(b"X-ANYTHING").expect("token");
+        assert_eq!(method_label(&odd), "other");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        assert_eq!(status_class(StatusCode::CREATED), "2xx");
+        assert_eq!(status_class(StatusCode::NOT_FOUND), "4xx");
+        assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
+    }
+
+    #[test]
+    fn install_is_idempotent() {
+        let a = install().map(|h| h as *const PrometheusHandle);
+        let b = install().map(|h| h as *const PrometheusHandle);
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,358 @@
+//! `/metrics`: Prometheus text, labelled by route template and configured tenants only.
+//!
+//! The recorder is process-global and every test in this binary counts into it, so the
+//! assertions are lower bounds (`>=`) on what this test itself did.
+
+use crate::harness::{Options, TENANT, TestDaemon};
+use crate::webhook::{WebhookOptions, WebhookServer};
+use reqwest::Method;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parse the Prometheus text exposition format (samples only; comments skipped).
+fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let name = line[..name_end].to_owned();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if rest.starts_with('{') {
+            let mut chars = rest[1..].char_indices();
+            loop {
+                // key
+                let mut key = String::new();
+                let mut closed = false;
+                for (_, c) in chars.by_ref() {
+                    match c {
+                        '=' => break,
+                        '}' => {
+                            closed = true;
+                            break;
+                        }
+                        ',' | ' ' => {}
+                        c => key.push(c),
+                    }
+                }
+                if closed {
+                    break;
+                }
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                let mut value = String::new();
+                let mut escaped = false;
+                for (_, c) in chars.by_ref() {
+                    match (escaped, c) {
+                        (true, 'n') => {
+                            value.push('\n');
+                            escaped = false;
+                        }
+                        (true, c) => {
+                            value.push(c);
+                            escaped = false;
+                        }
+                        (false, '\\') => escaped = true,
+                        (false, '"') => break,
+                        (false, c) => value.push(c),
+                    }
+                }
+                labels.insert(key, value);
+            }
+            let consumed = chars.next().map(|(i, _)| i).unwrap_or(rest.len() - 1);
+            rest = &rest[1 + consumed..];
+        }
+        let value_text = rest.split_whitespace().next().expect("value");
+        let value: f64 = value_text
+            .parse()
+            .unwrap_or_else(|e| panic!("value {value_text:?} in {line}: {e}"));
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sum over samples named `name` whose labels include all of `want`; `None` when no
+/// sample matches.
+fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<f64> = samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && want
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}
+
+fn at_least(samples: &[Sample], name: &str, want: &[(&str, &str)], min: f64) {
+    let got = value(samples, name, want);
+    assert!(
+        got.is_some_and(|v| v >= min),
+        "{name}{want:?}: want >= {min}, got {got:?}"
+    );
+}
+
+async fn scrape(d: &TestDaemon) -> (String, Vec<Sample>) {
+    let r = d
+        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ct = r.header("content-type").unwrap_or_default();
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let text = r.body.as_str().expect("text body").to_owned();
+    let samples = parse(&text);
+    (text, samples)
+}
+
+/// Scrape until `ready` holds (the store flusher and the connectors record from their own
+/// threads and tasks, a moment after the response that depended on them).
+async fn scrape_until(d: &TestDaemon, ready: impl Fn(&[Sample]) -> bool) -> (String, Vec<Sample>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (text, samples) = scrape(d).await;
+        if ready(&samples) || tokio::time::Instant::now() >= deadline {
+            return (text, samples);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn the_parser_reads_labels_escapes_and_special_values() {
+    let s = parse(
+        "# TYPE x counter\nx{a=\"1\",b=\"q\\\"u\\\\o\\nte\"} 3\ny 4.5\nz_bucket{le=\"+Inf\"} +Inf\n",
+    );
+    assert_eq!(s.len(), 3);
+    assert_eq!(s[0].labels["b"], "q\"u\\o\nte");
+    assert_eq!(value(&s, "x", &[("a", "1")]), Some(3.0));
+    assert_eq!(value(&s, "y", &[]), Some(4.5));
+    assert_eq!(
+        value(&s, "z_bucket", &[("le", "+Inf")]),
+        Some(f64::INFINITY)
+    );
+    assert_eq!(value(&s, "x", &[("a", "2")]), None);
+}
+
+#[tokio::test]
+async fn metrics_count_scim_requests_by_route_template_and_configured_tenant() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("metrics.probe@acme.test").await;
+    let r = d.get(&format!("/Users/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let missing = uuid::Uuid::new_v4().to_string();
+    let r = d.get(&format!("/Users/{missing}")).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    // A tenant that is not configured, with a valid token of another tenant and with none.
+    for token in [Some(d.token.as_str()), None] {
+        let r = d
+            .raw(Method::GET, &d.url("/scim/v2/nope/Users"), token, &[], None)
+            .await;
+        assert!(r.status.is_client_error(), "{}: {}", r.status, r.body);
+    }
+    // An unmatched path carrying an id must not become a label either.
+    let r = d
+        .raw(
+            Method::GET,
+            &d.url(&format!("/nowhere/{missing}")),
+            None,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+
+    let flushed =
+        |s: &[Sample]| value(s, "rosterd_store_flush_seconds_count", &[]).unwrap_or(0.0) >= 1.0;
+    let (text, samples) = scrape_until(&d, flushed).await;
+
+    let users = "/scim/v2/{tenant}/Users";
+    let user = "/scim/v2/{tenant}/Users/{id}";
+    let http = "rosterd_http_requests_total";
+    at_least(
+        &samples,
+        http,
+        &[("route", users), ("method", "POST"), ("status", "201")],
+        1.0,
+    );
+    at_least(
+        &samples,
+        http,
+        &[("route", user), ("method", "GET"), ("status", "200")],
+        1.0,
+    );
+    at_least(
+        &samples,
+        http,
+        &[("route", user), ("method", "GET"), ("status", "404")],
+        1.0,
+    );
+    at_least(
+        &samples,
+        http,
+        &[("route", "unmatched"), ("method", "GET"), ("status", "404")],
+        1.0,
+    );
+    let duration = "rosterd_http_request_duration_seconds";
+    at_least(
+        &samples,
+        &format!("{duration}_count"),
+        &[("route", user), ("method", "GET")],
+        2.0,
+    );
+    at_least(
+        &samples,
+        &format!("{duration}_bucket"),
+        &[("route", user), ("method", "GET"), ("le", "+Inf")],
+        2.0,
+    );
+    assert!(
+        value(
+            &samples,
+            &format!("{duration}_bucket"),
+            &[("route", user), ("le", "0.005")]
+        )
+        .is_some(),
+        "the configured buckets are used:\n{text}"
+    );
+
+    let scim = "rosterd_scim_operations_total";
+    let op = |op: &'static str, class: &'static str| {
+        [
+            ("tenant", TENANT),
+            ("resource", "Users"),
+            ("op", op),
+            ("status_class", class),
+        ]
+    };
+    at_least(&samples, scim, &op("create", "2xx"), 1.0);
+    at_least(&samples, scim, &op("read", "2xx"), 1.0);
+    at_least(&samples, scim, &op("read", "4xx"), 1.0);
+    at_least(
+        &samples,
+        scim,
+        &[
+            ("tenant", "(unknown)"),
+            ("resource", "Users"),
+            ("op", "list"),
+        ],
+        2.0,
+    );
+
+    at_least(&samples, "rosterd_store_flush_seconds_count", &[], 1.0);
+    at_least(
+        &samples,
+        "rosterd_changelog_last_seq",
+        &[("tenant", TENANT)],
+        0.0,
+    );
+
+    for s in &samples {
+        for (k, v) in &s.labels {
+            assert!(
+                !v.contains(&id) && !v.contains(&missing),
+                "a raw id in {}{{{k}={v:?}}}",
+                s.name
+            );
+            assert!(
+                !v.contains("/scim/v2/acme") && !v.contains("nowhere"),
+                "a raw path in {}{{{k}={v:?}}}",
+                s.name
+            );
+            assert_ne!(v, "nope", "an unconfigured tenant in {}{{{k}}}", s.name);
+        }
+    }
+    assert!(!text.contains(&id), "the user id appears in /metrics");
+    assert!(
+        !text.contains("nope"),
+        "the unknown tenant appears in /metrics"
+    );
+}
+
+#[tokio::test]
+async fn metrics_report_connector_gauges_and_deliveries() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "metricshook.toml".into(),
+            format!(
+                r#"kind = "webhook"
+name = "metricshook"
+tenant = "{TENANT}"
+timeout_ms = 2000
+[retry]
+initial_delay_ms = 20
+max_delay_ms = 200
+[webhook]
+url = "{url}"
+secret_env = "HOOK_SECRET"
+events = ["roster.user_created"]
+"#,
+                url = hook.url
+            ),
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("metrics.hook@acme.test").await;
+    hook.wait_for(1, WAIT).await;
+
+    let conn = [("connector", "metricshook"), ("tenant", TENANT)];
+    let delivered = |s: &[Sample]| {
+        value(
+            s,
+            "rosterd_deliveries_total",
+            &[("connector", "metricshook"), ("outcome", "delivered")],
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+            && value(s, "rosterd_connector_lag_events", &conn) == Some(0.0)
+    };
+    let (text, samples) = scrape_until(&d, delivered).await;
+    assert!(delivered(&samples), "{text}");
+    assert_eq!(
+        value(&samples, "rosterd_connector_paused", &conn),
+        Some(0.0)
+    );
+    assert!(value(&samples, "rosterd_connector_lag_seconds", &conn).is_some());
+    assert_eq!(
+        value(&samples, "rosterd_connector_dead_letters", &conn),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn metrics_need_no_token_and_are_idempotent_across_daemons() {
+    // A second daemon in the same process shares the recorder.
+    let a = TestDaemon::start().await;
+    let b = TestDaemon::start().await;
+    scrape(&a).await;
+    // b sees a's scrape: one recorder for the process.
+    let (_, sb) = scrape(&b).await;
+    at_least(
+        &sb,
+        "rosterd_http_requests_total",
+        &[("route", "/metrics"), ("method", "GET"), ("status", "200")],
+        1.0,
+    );
+}

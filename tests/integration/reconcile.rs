@@ -1,0 +1,209 @@
+//! Reconciliation and schedules: drift repair against the loopback OneRoster server after
+//! its data was changed behind rosterd's back, the job's lifecycle, cron schedules and
+//! change-log compaction.
+
+use crate::harness::{Options, TENANT, TestDaemon, patch_op};
+use crate::mirror::{caught_up, connector, oneroster_file, sourced_id};
+use crate::oneroster::{self as or, Kind, OneRosterOptions, OneRosterServer};
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn wait_job(d: &TestDaemon, job_id: &str) -> Value {
+    let reader = d.jwt(TENANT, "roster:read");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = d
+            .roster(Method::GET, &format!("/scim/jobs/{job_id}"), &reader, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.body["status"] == "succeeded" || r.body["status"] == "failed" {
+            return r.body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job stuck: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn reconcile_repairs_what_changed_behind_our_back() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    // read_back lives in [oneroster]: append it to the file and reload.
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+    )
+    .unwrap();
+    d.reload().await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    let cy = d.create_user("cy@acme.test").await;
+    caught_up(&d, "sis").await;
+    let (ada_sid, bob_sid, cy_sid) = (
+        sourced_id(&format!("User/{ada}")),
+        sourced_id(&format!("User/{bob}")),
+        sourced_id(&format!("User/{cy}")),
+    );
+    // Someone edits the target by hand...
+    assert!(target.tamper_user(&ada_sid, |u| u["givenName"] = json!("Mallory")));
+    assert!(target.tamper_user(&bob_sid, |u| u["status"] = json!("tobedeleted")));
+    // ...and a refused change is discarded instead of replayed, so cy's title never
+    // reached the target.
+    target.set_owner_other(Kind::User, &cy_sid);
+    d.patch(
+        &format!("/Users/{cy}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let letters = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
+    d.roster(
+        Method::DELETE,
+        &format!("/connectors/sis/dead-letters/{id}"),
+        &admin,
+        None,
+    )
+    .await;
+    target.clear_owner(Kind::User, &cy_sid);
+
+    // A dry run reports all three and changes nothing.
+    let writes_before = target.request_total();
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"dry_run": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = &r.body["connectors"][0];
+    assert_eq!(report["connector"], "sis");
+    let objects: Vec<&str> = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["object"].as_str().unwrap())
+        .collect();
+    for id in [&ada, &bob, &cy] {
+        assert!(objects.contains(&format!("User/{id}").as_str()), "{report}");
+    }
+    assert_eq!(report["drifted"], 3, "{report}");
+    assert_eq!(report["repaired_from_target"], 2, "{report}");
+    assert_eq!(target.user(&ada_sid).unwrap()["givenName"], "Mallory");
+    // Reads only: the read-back GETs.
+    assert!(
+        target
+            .requests()
+            .iter()
+            .skip(writes_before as usize)
+            .all(|r| r.method == "GET"),
+        "a dry run wrote to the target"
+    );
+
+    // The real run repairs them; the job reports its counts.
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 3, "{job}");
+    assert_eq!(target.user(&ada_sid).unwrap()["givenName"], "Given");
+    assert_eq!(
+        target.stored(Kind::User, &bob_sid).unwrap().status(),
+        "active"
+    );
+    assert_eq!(
+        target.user(&cy_sid).unwrap()["metadata"]["job_title"],
+        "Chef"
+    );
+    // And now there is nothing left to repair.
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"dry_run": true})),
+        )
+        .await;
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"dry_run": "yes"})),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn cron_schedules_run_reconcile_and_compact_the_change_log() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        config_extra: "[schedules]\ntimezone = \"Europe/Berlin\"\nreconcile = \"* * * * * *\"\ncompact = \"* * * * * *\"\nchangelog_retention_hours = 0\n".into(),
+        ..Options::default()
+    })
+    .await;
+    for i in 0..5 {
+        d.create_user(&format!("s{i}@acme.test")).await;
+    }
+    let c = caught_up(&d, "sis").await;
+    let cursor = c["cursor"].as_u64().unwrap();
+    let reader = d.jwt(TENANT, "roster:read");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = d
+            .raw(Method::GET, &d.url("/status"), None, &[], None)
+            .await
+            .body;
+        let s = &status["schedules"];
+        let feed = d
+            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
+            .await;
+        let oldest = feed.body["changes"][0]["seq"].as_u64();
+        let compacted = oldest.is_none_or(|o| o > cursor);
+        if s["reconcile"]["last_run"].is_string() && compacted {
+            assert_eq!(s["reconcile"]["cron"], "* * * * * *");
+            assert!(s["compact"]["next_run"].is_string(), "{s}");
+            assert!(
+                s["compact"]["last_result"]
+                    .as_str()
+                    .unwrap()
+                    .contains("change events removed"),
+                "{s}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "schedules did not run: {s}; oldest change {oldest:?}, cursor {cursor}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The scheduled reconcile left a job record.
+    let status = connector(&d, "sis").await;
+    assert_eq!(status["dead_letters"], 0);
+    // Delivery still works on the compacted log.
+    let id = d.create_user("late@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
