@@ -562,3 +562,41 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     assert!(got.iter().all(|g| g.body["data"]["tenant"] == TENANT));
     let _ = user("x");
 }
+
+#[tokio::test]
+async fn the_csv_connector_writes_files_after_changes_settle() {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    let id = d.create_user("=cmd@acme.test").await;
+    d.patch(
+        &format!("/Users/{id}"),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+    caught_up(&d, "files").await;
+    let dir = d.root.join("connectors/out");
+    let text = std::fs::read_to_string(dir.join("roster.csv")).unwrap();
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("user_id,email,first_name"));
+    assert!(text.contains("'=cmd@acme.test"), "formula not neutralized: {text}");
+    assert!(text.contains(",false,"), "inactive user missing: {text}");
+    let zip = std::fs::metadata(dir.join("oneroster.zip")).unwrap();
+    assert!(zip.len() > 100);
+    // Nothing half-written is left behind.
+    let stray: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
