@@ -237,10 +237,57 @@ pub fn openapi_document() -> Value {
                 })), "400": error_response("Bad parameter")}), &[("404", "user_id names no user")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
-                "operationId": "startSync", "summary": "Start a sync job: reclassify the tenant (roster:write)",
-                "responses": common_errors(json!({"202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"}))}), &[
-                    ("409", "A job is already running, or no bundle is configured")
-                ])
+                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports.",
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}}, "additionalProperties": false}}}},
+                "responses": common_errors(json!({
+                    "202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"})),
+                    "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "properties": {
+                        "dry_run": {"type": "boolean"}, "connectors": {"type": "array", "items": {"type": "object"}}}})),
+                    "400": error_response("Malformed body")
+                }), &[("409", "A job is already running for this tenant")])
+            }},
+            "/api/v1/roster/changes": {"get": {
+                "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",
+                "parameters": [
+                    query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer"})),
+                    query("limit", "Page size, 1 to 1000", json!({"type": "integer", "minimum": 1, "maximum": 1000}))
+                ],
+                "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "properties": {
+                    "changes": {"type": "array", "items": {"type": "object"}},
+                    "next_since": {"type": "integer"}, "last_seq": {"type": "integer"}}})),
+                    "400": error_response("Bad parameter")}), &[])
+            }},
+            "/api/v1/roster/connectors": {"get": {
+                "operationId": "listConnectors", "summary": "The tenant's connectors and how they are doing",
+                "responses": common_errors(json!({"200": ok_json("Connectors", json!({"type": "object", "properties": {"connectors": {"type": "array", "items": {"$ref": "#/components/schemas/Connector"}}}}))}), &[])
+            }},
+            "/api/v1/roster/connectors/{name}": {"get": {
+                "operationId": "getConnector", "summary": "One connector's status",
+                "parameters": [path_param("name", "The connector's name")],
+                "responses": common_errors(json!({"200": ok_json("Connector", json!({"$ref": "#/components/schemas/Connector"}))}), &[("404", "No such connector for this tenant")])
+            }},
+            "/api/v1/roster/connectors/{name}/resume": {"post": {
+                "operationId": "resumeConnector", "summary": "Lift a connector's pause now (roster:admin)",
+                "parameters": [path_param("name", "The connector's name")],
+                "responses": common_errors(json!({"200": ok_json("Resumed", json!({"type": "object"}))}), &[("404", "No such connector for this tenant")])
+            }},
+            "/api/v1/roster/connectors/{name}/dead-letters": {"get": {
+                "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason",
+                "parameters": [path_param("name", "The connector's name")],
+                "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "properties": {"dead_letters": {"type": "array", "items": {"type": "object"}}}}))}), &[("404", "No such connector for this tenant")])
+            }},
+            "/api/v1/roster/connectors/{name}/dead-letters/{id}": {"delete": {
+                "operationId": "discardDeadLetter", "summary": "Drop a dead letter (roster:admin)",
+                "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
+                "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector or dead letter")])
+            }},
+            "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
+                "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
+                "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
+                "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object"})),
+                    "400": error_response("id is not a number"),
+                    "502": error_response("The target refused the replay (target_refused)")}),
+                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])
             }},
             "/api/v1/roster/scim/jobs/{job_id}": {"get": {
                 "operationId": "getJob", "summary": "A sync job's state and counts",
@@ -273,6 +320,14 @@ pub fn openapi_document() -> Value {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
                     "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},
                     "archetype_assigned_at": {"type": "string", "format": "date-time"}}},
+                "Connector": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "tenant": {"type": "string"}, "kind": {"type": "string", "enum": ["oneroster", "webhook", "csv"]},
+                    "file": {"type": "string"}, "enabled": {"type": "boolean"}, "dry_run": {"type": "boolean"}, "state": {"type": "string"},
+                    "cursor": {"type": "integer"}, "lag_events": {"type": "integer"}, "lag_seconds": {"type": "number"},
+                    "last_success_at": {"type": ["string", "null"], "format": "date-time"},
+                    "last_error": {"type": ["string", "null"]}, "last_error_at": {"type": ["string", "null"], "format": "date-time"},
+                    "paused": {"type": "boolean"}, "paused_until": {"type": ["string", "null"], "format": "date-time"},
+                    "dead_letters": {"type": "integer"}, "delivered": {"type": "integer"}, "retries": {"type": "integer"}}},
                 "Job": {"type": "object", "properties": {
                     "job_id": {"type": "string"}, "kind": {"type": "string"},
                     "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "interrupted"]},

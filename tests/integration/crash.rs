@@ -420,7 +420,12 @@ fn cli(root: &Path, d: &ChildDaemon, args: &[&str]) -> (bool, String) {
     // The daemon flags belong to the first word (`status`, `dead-letters`, …).
     let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
         .arg(args[0])
-        .args(["--config", root.join("config.toml").to_str().unwrap(), "--url", &d.base])
+        .args([
+            "--config",
+            root.join("config.toml").to_str().unwrap(),
+            "--url",
+            &d.base,
+        ])
         .args(&args[1..])
         .env("TEST_JWT_SECRET", JWT_SECRET)
         .output()
@@ -449,7 +454,10 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
         .send()
         .await
         .unwrap();
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     d.drained().await;
     let sid = rosterd::connectors::sourced_id(TENANT, &format!("User/{id}"));
     target.set_owner_other(Kind::User, &sid);
@@ -457,8 +465,10 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     d.client
         .patch(d.scim(&format!("/Users/{id}")))
         .bearer_auth(SCIM_TOKEN)
-        .json(&json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "replace", "path": "title", "value": "Chef"}]}))
+        .json(
+            &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "title", "value": "Chef"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -467,21 +477,40 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     let (ok, out) = cli(&root, &d, &["status"]);
     assert!(ok, "{out}");
     assert!(out.contains("tenant acme: 1 users (1 active)"), "{out}");
-    assert!(out.contains("connector sis (oneroster, tenant acme): running"), "{out}");
+    assert!(
+        out.contains("connector sis (oneroster, tenant acme): running"),
+        "{out}"
+    );
     assert!(out.contains("dead letters 1"), "{out}");
-    let (ok, out) = cli(&root, &d, &["dead-letters", "--tenant", "acme", "list", "sis"]);
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "list", "sis"],
+    );
     assert!(ok, "{out}");
     assert!(out.contains("#1") && out.contains("403"), "{out}");
     let (ok, out) = cli(&root, &d, &["reconcile", "--tenant", "acme", "--dry-run"]);
     assert!(ok, "{out}");
     assert!(out.contains(&format!("PUT User/{id}")), "{out}");
-    let (ok, out) = cli(&root, &d, &["dead-letters", "--tenant", "acme", "replay", "sis", "1"]);
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "1"],
+    );
     assert!(!ok, "replay should fail while the target refuses: {out}");
     assert!(out.contains("502"), "{out}");
     target.clear_owner(Kind::User, &sid);
-    let (ok, out) = cli(&root, &d, &["dead-letters", "--tenant", "acme", "replay", "sis", "1"]);
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "1"],
+    );
     assert!(ok, "{out}");
     assert_eq!(target.user(&sid).unwrap()["metadata"]["job_title"], "Chef");
-    let (ok, out) = cli(&root, &d, &["dead-letters", "--tenant", "acme", "discard", "sis", "1"]);
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "discard", "sis", "1"],
+    );
     assert!(!ok && out.contains("404"), "{out}");
 }

@@ -588,7 +588,10 @@ async fn the_csv_connector_writes_files_after_changes_settle() {
     let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].starts_with("user_id,email,first_name"));
-    assert!(text.contains("'=cmd@acme.test"), "formula not neutralized: {text}");
+    assert!(
+        text.contains("'=cmd@acme.test"),
+        "formula not neutralized: {text}"
+    );
     assert!(text.contains(",false,"), "inactive user missing: {text}");
     let zip = std::fs::metadata(dir.join("oneroster.zip")).unwrap();
     assert!(zip.len() > 100);

@@ -841,7 +841,9 @@ async fn openapi_lists_exactly_the_served_operations() {
             assert!(op["responses"].is_object(), "{method} {path}");
             let url = path
                 .replace("{user_id}", "user:nobody@acme.test")
-                .replace("{job_id}", "none");
+                .replace("{job_id}", "none")
+                .replace("{name}", "nope")
+                .replace("{id}", "1");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let resp = d
                 .client
