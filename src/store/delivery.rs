@@ -89,6 +89,16 @@ fn decode_u64(b: &[u8]) -> StoreResult<u64> {
     })?))
 }
 
+fn put_hashes(txn: &mut super::Txn<'_>, connector: &str, hashes: Vec<(String, Option<u64>)>) {
+    for (object, hash) in hashes {
+        let k = hash_key(connector, &object);
+        match hash {
+            Some(h) => txn.put(k, h.to_be_bytes().to_vec()),
+            None => txn.del(k),
+        }
+    }
+}
+
 impl Store {
     /// Every change up to this sequence number was acknowledged by the connector.
     pub fn cursor(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
@@ -111,13 +121,7 @@ impl Store {
         let connector = connector.to_owned();
         self.write(tenant, move |txn| {
             txn.put(cursor_key(&connector), seq.to_be_bytes().to_vec());
-            for (object, hash) in hashes {
-                let k = hash_key(&connector, &object);
-                match hash {
-                    Some(h) => txn.put(k, h.to_be_bytes().to_vec()),
-                    None => txn.del(k),
-                }
-            }
+            put_hashes(txn, &connector, hashes);
             Ok(())
         })
         .await
@@ -132,13 +136,7 @@ impl Store {
     ) -> StoreResult<()> {
         let connector = connector.to_owned();
         self.write(tenant, move |txn| {
-            for (object, hash) in hashes {
-                let k = hash_key(&connector, &object);
-                match hash {
-                    Some(h) => txn.put(k, h.to_be_bytes().to_vec()),
-                    None => txn.del(k),
-                }
-            }
+            put_hashes(txn, &connector, hashes);
             Ok(())
         })
         .await
