@@ -514,3 +514,83 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     );
     assert!(!ok && out.contains("404"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    // Every write hangs past the connector's timeout: the reconcile job cannot finish.
+    target.inject(
+        Fault::delay(Duration::from_secs(5), 0)
+            .forever()
+            .on_method("PUT"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+    let mut d = ChildDaemon::start(&root, &env).await;
+    for i in 0..3 {
+        let r = d
+            .client
+            .post(d.scim("/Users"))
+            .bearer_auth(SCIM_TOKEN)
+            .json(&user(&format!("j{i}@acme.test")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let token = jwt_with(
+        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
+    );
+    let api = |d: &ChildDaemon, path: &str| format!("{}/api/v1/roster{path}", d.base);
+    let r = d
+        .client
+        .post(api(&d, "/scim:sync"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let job_id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = |d: &ChildDaemon| {
+        let (client, url, token) = (
+            d.client.clone(),
+            api(d, &format!("/scim/jobs/{job_id}")),
+            token.clone(),
+        );
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while job(&d).await["status"] != "running" {
+        assert!(tokio::time::Instant::now() < deadline, "job never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.kill9();
+    target.clear_faults();
+    let d = ChildDaemon::start(&root, &env).await;
+    let j = job(&d).await;
+    assert_eq!(j["status"], "interrupted", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
+    let r = d
+        .client
+        .post(api(&d, "/scim:sync"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "the job can be run again");
+}
