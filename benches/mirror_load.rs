@@ -134,6 +134,64 @@ async fn connector(client: &reqwest::Client, base: &str, token: &str) -> Value {
         .expect("connector json")
 }
 
+/// The store's group-commit flush histogram from `/metrics`: (bucket bounds in seconds
+/// with cumulative counts, count, sum).
+async fn flushes(client: &reqwest::Client, base: &str) -> (Vec<(f64, u64)>, u64, f64) {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let (mut buckets, mut count, mut sum) = (Vec::new(), 0, 0.0);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("rosterd_store_flush_seconds") else {
+            continue;
+        };
+        let value = rest.rsplit(' ').next().unwrap_or("0");
+        if let Some(le) = rest.strip_prefix("_bucket{le=\"") {
+            let le = le.split('"').next().unwrap_or("+Inf");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            buckets.push((le, value.parse().unwrap_or(0)));
+        } else if rest.starts_with("_count") {
+            count = value.parse().unwrap_or(0);
+        } else if rest.starts_with("_sum") {
+            sum = value.parse().unwrap_or(0.0);
+        }
+    }
+    (buckets, count, sum)
+}
+
+/// Flushes between two scrapes: "N flushes, mean / p50 ≤ / p99 ≤ in ms".
+fn flush_summary(a: &(Vec<(f64, u64)>, u64, f64), b: &(Vec<(f64, u64)>, u64, f64)) -> String {
+    let n = b.1.saturating_sub(a.1);
+    if n == 0 {
+        return "no flushes (or /metrics unavailable)".into();
+    }
+    let mean = (b.2 - a.2) / n as f64 * 1e3;
+    let bound = |q: f64| {
+        let want = (q * n as f64).ceil() as u64;
+        b.0.iter()
+            .map(|(le, c)| {
+                let before = a.0.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
+                (*le, c.saturating_sub(before))
+            })
+            .find(|(_, c)| *c >= want)
+            .map_or(f64::INFINITY, |(le, _)| le * 1e3)
+    };
+    format!(
+        "{n} flushes, mean {mean:.1} ms, p50 ≤ {} ms, p99 ≤ {} ms",
+        bound(0.5),
+        bound(0.99)
+    )
+}
+
 fn main() {
     // The target gets a runtime (and threads) of its own, so the client's work does not
     // queue in front of its answers.
@@ -264,6 +322,7 @@ async fn run(target: &OneRosterServer) {
     };
     let users_before = target.count(Kind::User);
     let puts_before = target.count_requests("PUT", "users");
+    let flush0 = flushes(&client, &daemon.base).await;
     let (daemon_cpu0, self_cpu0) = (cpu_secs(&pid.to_string()), cpu_secs("self"));
     let t0 = Instant::now();
     let t0_wall = Utc::now();
@@ -289,6 +348,8 @@ async fn run(target: &OneRosterServer) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let caught_up = t0.elapsed();
+    let hwm_after_mirror = rss_kib(pid, "VmHWM:");
+    let flush1 = flushes(&client, &daemon.base).await;
     done.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
     let put_total = target.count_requests("PUT", "users") - puts_before;
@@ -298,7 +359,9 @@ async fn run(target: &OneRosterServer) {
     // Where the time went: PUT arrivals per dispatcher batch (the log's seq order).
     let mut seq_of: HashMap<String, u64> = HashMap::with_capacity(users);
     let mut since = 0u64;
+    let mut page_lat = Vec::new();
     loop {
+        let t = Instant::now();
         let v: Value = client
             .get(format!(
                 "{}/api/v1/roster/changes?since={since}&limit=1000",
@@ -314,6 +377,9 @@ async fn run(target: &OneRosterServer) {
         let changes = v["changes"].as_array().cloned().unwrap_or_default();
         if changes.is_empty() {
             break;
+        }
+        if changes.len() == 1000 {
+            page_lat.push(t.elapsed());
         }
         for c in &changes {
             if c["resource_type"] == "User" {
@@ -383,7 +449,10 @@ async fn run(target: &OneRosterServer) {
             rate * seconds
         );
     }
+    page_lat.sort();
+    let hwm_after_reads = rss_kib(pid, "VmHWM:");
     let status_before = connector(&client, &daemon.base, &token).await;
+    let flush2 = flushes(&client, &daemon.base).await;
     let retries_before = status_before["retries"].as_u64().unwrap_or(0);
     let run_tag = Utc::now().timestamp_millis();
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
@@ -463,6 +532,7 @@ async fn run(target: &OneRosterServer) {
         .iter()
         .map(|d| Duration::from_micros((*d).max(0) as u64))
         .collect();
+    let flush3 = flushes(&client, &daemon.base).await;
     let status_after = connector(&client, &daemon.base, &token).await;
     let rss_hwm = rss_kib(pid, "VmHWM:");
 
@@ -511,15 +581,27 @@ async fn run(target: &OneRosterServer) {
         tail_sum / 1e3
     );
     println!(
+        "| store group-commit flushes during the mirror | {} |",
+        flush_summary(&flush0, &flush1)
+    );
+    println!(
+        "| GET /api/v1/roster/changes?limit=1000 (≈ the dispatcher's batch read, + JSON), p50 / max | {:.1} / {:.1} ms over {} pages |",
+        ms(percentile(&page_lat, 0.5)),
+        ms(page_lat.last().copied().unwrap_or_default()),
+        page_lat.len()
+    );
+    println!(
         "| CPU during the mirror: daemon / bench process (target + client) | {:.2} / {:.2} cores |",
         cores(daemon_cpu1 - daemon_cpu0),
         cores(self_cpu1 - self_cpu0)
     );
     println!(
-        "| daemon RSS: after seeding (peak while seeding) / max during the mirror / peak at the end (VmHWM) | {:.0} ({:.0}) / {:.0} / {:.0} MiB |",
+        "| daemon RSS: after seeding (peak while seeding) / max during the mirror (peak when caught up) / peak after the bench read the log over /changes / peak at the end | {:.0} ({:.0}) / {:.0} ({:.0}) / {:.0} / {:.0} MiB |",
         rss_after_seed as f64 / 1024.0,
         hwm_after_seed as f64 / 1024.0,
         mirror_rss_max as f64 / 1024.0,
+        hwm_after_mirror as f64 / 1024.0,
+        hwm_after_reads as f64 / 1024.0,
         rss_hwm as f64 / 1024.0
     );
     println!(
@@ -537,6 +619,10 @@ async fn run(target: &OneRosterServer) {
         ms(percentile(&delays, 0.99)),
         ms(delays.last().copied().unwrap_or_default()),
         delays.len()
+    );
+    println!(
+        "| store group-commit flushes during the latency run | {} |",
+        flush_summary(&flush2, &flush3)
     );
     println!(
         "| connector after the latency run | retries +{}, dead letters {}, lag_events {} |",
