@@ -585,52 +585,23 @@ impl Ctx {
         Ok(Delivered::Done(plan.hashes))
     }
 
-    /// Deliver a batch: concurrently, but each change after every earlier change of the
-    /// batch that touches one of its objects. `None` if cancelled part-way.
-    async fn deliver_batch(
+    /// Deliver one change once every earlier change it depends on is done, then say so.
+    async fn deliver_after(
         &self,
-        events: &[ChangeEvent],
-    ) -> Result<Option<Vec<(String, Option<u64>)>>, StoreError> {
-        let (done_tx, done_rx): (Vec<_>, Vec<_>) =
-            events.iter().map(|_| watch::channel(false)).unzip();
-        let mut last: HashMap<String, usize> = HashMap::new();
-        let mut running = FuturesUnordered::new();
-        for (i, ev) in events.iter().enumerate() {
-            let mut deps: Vec<usize> = object_keys(ev)
-                .into_iter()
-                .filter_map(|k| last.insert(k, i))
-                .collect();
-            deps.sort_unstable();
-            deps.dedup();
-            let waits: Vec<watch::Receiver<bool>> =
-                deps.into_iter().map(|d| done_rx[d].clone()).collect();
-            let done = &done_tx[i];
-            running.push(async move {
-                for mut w in waits {
-                    // A dropped sender means the batch is being abandoned.
-                    if w.wait_for(|d| *d).await.is_err() {
-                        return (i, Ok(Delivered::Cancelled));
-                    }
-                }
-                let r = self.deliver(ev, None).await;
-                done.send_replace(true);
-                (i, r)
-            });
-        }
-        let mut results: Vec<Option<Delivered>> = events.iter().map(|_| None).collect();
-        while let Some((i, r)) = running.next().await {
-            match r? {
-                Delivered::Cancelled => return Ok(None),
-                d => results[i] = Some(d),
+        ev: ChangeEvent,
+        waits: Vec<watch::Receiver<bool>>,
+        done: watch::Sender<bool>,
+    ) -> (u64, Vec<String>, Result<Delivered, StoreError>) {
+        let keys = object_keys(&ev);
+        for mut w in waits {
+            // A dropped sender means its change was abandoned (shutdown or store error).
+            if w.wait_for(|d| *d).await.is_err() {
+                return (ev.seq, keys, Ok(Delivered::Cancelled));
             }
         }
-        let mut hashes = Vec::new();
-        for r in results.into_iter().flatten() {
-            if let Delivered::Done(h) = r {
-                hashes.extend(h);
-            }
-        }
-        Ok(Some(hashes))
+        let r = self.deliver(&ev, None).await;
+        done.send_replace(true);
+        (ev.seq, keys, r)
     }
 }
 
@@ -682,36 +653,98 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         }
     }
     ctx.live.set_state("running");
-    let mut durable = ctx.store.watch_durable(&tenant);
+    follow_log(&ctx, &tenant).await
+}
+
+/// Follow the change log with a sliding window of changes in flight.
+///
+/// A change starts as soon as every earlier change touching one of its objects is done, so
+/// a slow or retrying object holds one slot, not the connector. The cursor is the highest
+/// sequence number below which every change was acknowledged or dead-lettered; it is
+/// written at most every `CURSOR_EVERY` while busy (a lost cursor write only means an
+/// idempotent replay), and when the connector goes idle or stops.
+async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
+    const CURSOR_EVERY: Duration = Duration::from_millis(200);
+    let window = (ctx.config.concurrency * 32).clamp(BATCH as usize, 8 * BATCH as usize);
     let cursor_name = ctx.cursor_name();
+    let mut durable = ctx.store.watch_durable(tenant);
+    let mut persisted = ctx.store.cursor(tenant, &cursor_name)?;
+    // The last sequence number read from the log.
+    let mut read = persisted;
+    // Changes in flight, and the delivered-content hashes of finished ones above the cursor.
+    let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
+    let mut finished: BTreeMap<u64, Vec<(String, Option<u64>)>> = BTreeMap::new();
+    // The latest change of each object still in flight: what a new change must wait for.
+    let mut latest: HashMap<String, (u64, watch::Receiver<bool>)> = HashMap::new();
+    let mut running = FuturesUnordered::new();
+    let mut last_write = std::time::Instant::now();
     loop {
-        let cursor = ctx.store.cursor(&tenant, &cursor_name)?;
         let upto = *durable.borrow_and_update();
-        if upto <= cursor {
-            tokio::select! {
-                r = durable.changed() => if r.is_err() { return Ok(()) },
-                _ = ctx.cancel.cancelled() => return Ok(()),
+        if in_flight.len() < window && read < upto {
+            let n = ((upto - read) as usize).min(window - in_flight.len());
+            let events = {
+                let (store, tenant) = (ctx.store.clone(), tenant.to_owned());
+                blocking(move || store.changes(&tenant, read, n)).await?
+            };
+            if events.is_empty() {
+                // Compacted away below the watermark: nothing to send there.
+                read = upto;
+            }
+            for ev in events {
+                read = ev.seq;
+                let (tx, rx) = watch::channel(false);
+                let mut waits = Vec::new();
+                for k in object_keys(&ev) {
+                    if let Some((_, r)) = latest.insert(k, (ev.seq, rx.clone())) {
+                        waits.push(r);
+                    }
+                }
+                in_flight.insert(ev.seq);
+                running.push(ctx.deliver_after(ev, waits, tx));
             }
             continue;
         }
-        let n = (upto - cursor).min(BATCH) as usize;
-        let events = {
-            let (store, tenant) = (ctx.store.clone(), tenant.clone());
-            blocking(move || store.changes(&tenant, cursor, n)).await?
-        };
-        let Some(last) = events.last().map(|e| e.seq) else {
-            // The log below the watermark was compacted away; skip to what exists.
+        let cursor = in_flight.first().map(|s| s - 1).unwrap_or(read);
+        let idle = running.is_empty();
+        if cursor > persisted && (idle || last_write.elapsed() >= CURSOR_EVERY) {
+            let keep = finished.split_off(&(cursor + 1));
+            let hashes: Vec<_> = std::mem::replace(&mut finished, keep)
+                .into_values()
+                .flatten()
+                .collect();
             ctx.store
-                .advance_cursor(&tenant, &cursor_name, upto, vec![])
+                .advance_cursor(tenant, &cursor_name, cursor, hashes)
                 .await?;
-            continue;
-        };
-        let Some(hashes) = ctx.deliver_batch(&events).await? else {
-            return Ok(());
-        };
-        ctx.store
-            .advance_cursor(&tenant, &cursor_name, last, hashes)
-            .await?;
+            persisted = cursor;
+            last_write = std::time::Instant::now();
+        }
+        let room = in_flight.len() < window;
+        tokio::select! {
+            Some((seq, keys, r)) = running.next(), if !idle => {
+                match r? {
+                    Delivered::Cancelled => return Ok(()),
+                    Delivered::Done(h) => { finished.insert(seq, h); }
+                    Delivered::DeadLettered => { finished.insert(seq, vec![]); }
+                }
+                in_flight.remove(&seq);
+                for k in keys {
+                    if latest.get(&k).is_some_and(|(s, _)| *s == seq) {
+                        latest.remove(&k);
+                    }
+                }
+            }
+            r = durable.changed(), if room => if r.is_err() { return Ok(()) },
+            _ = ctx.cancel.cancelled() => {
+                // Keep what is acknowledged so far; the rest is sent again after a start.
+                let cursor = in_flight.first().map(|s| s - 1).unwrap_or(read);
+                if cursor > persisted {
+                    let keep = finished.split_off(&(cursor + 1));
+                    let hashes: Vec<_> = std::mem::replace(&mut finished, keep).into_values().flatten().collect();
+                    ctx.store.advance_cursor(tenant, &cursor_name, cursor, hashes).await?;
+                }
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -603,3 +603,41 @@ async fn the_csv_connector_writes_files_after_changes_settle() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+#[tokio::test]
+async fn an_object_stuck_in_retries_does_not_hold_up_the_others() {
+    let (d, target) = start_with_oneroster("").await;
+    let stuck = d.create_user("stuck@acme.test").await;
+    caught_up(&d, "sis").await;
+    let stuck_sid = sourced_id(&format!("User/{stuck}"));
+    // Every write to this one user fails; everyone else's go through.
+    target.inject(Fault::status(503, 0).forever().on_path(stuck_sid.clone()));
+    d.patch(
+        &format!("/Users/{stuck}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Stuck"}])),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(d.create_user(&format!("free{i}@acme.test")).await);
+    }
+    let arrived = target
+        .wait_until(
+            |t| {
+                ids.iter()
+                    .all(|id| t.user(&sourced_id(&format!("User/{id}"))).is_some())
+            },
+            WAIT,
+        )
+        .await;
+    assert!(arrived, "later users waited behind the stuck one");
+    // The cursor stays before the stuck change, so nothing is skipped.
+    let c = connector(&d, "sis").await;
+    assert!(c["lag_events"].as_u64().unwrap() >= 1, "{c}");
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    assert_eq!(
+        target.user(&stuck_sid).unwrap()["metadata"]["job_title"],
+        "Stuck"
+    );
+}
