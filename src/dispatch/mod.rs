@@ -680,7 +680,9 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let mut last_write = std::time::Instant::now();
     loop {
         let upto = *durable.borrow_and_update();
-        if in_flight.len() < window && read < upto {
+        // Refill in large reads: a read per finished change would cost more than the send.
+        let room = in_flight.len() <= window / 2;
+        if room && read < upto {
             let n = ((upto - read) as usize).min(window - in_flight.len());
             let events = {
                 let (store, tenant) = (ctx.store.clone(), tenant.to_owned());
@@ -718,7 +720,6 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             persisted = cursor;
             last_write = std::time::Instant::now();
         }
-        let room = in_flight.len() < window;
         tokio::select! {
             Some((seq, keys, r)) = running.next(), if !idle => {
                 match r? {
