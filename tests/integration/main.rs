@@ -8,6 +8,7 @@ mod metrics;
 mod mirror;
 #[path = "../support/oneroster.rs"]
 mod oneroster;
+mod ops;
 mod reconcile;
 mod roster_api;
 mod scim_bulk;
