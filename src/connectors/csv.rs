@@ -90,8 +90,7 @@ impl CsvSettings {
             ));
         }
         if let Some(s) = &self.schedule {
-            s.parse::<croner::Cron>()
-                .map_err(|e| format!("key `schedule`: {s:?}: {e}"))?;
+            crate::config::parse_cron(s).map_err(|e| format!("key `schedule`: {e}"))?;
         }
         Ok(())
     }

@@ -760,7 +760,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let schedule = settings
         .schedule
         .as_deref()
-        .and_then(|s| s.parse::<croner::Cron>().ok());
+        .and_then(|s| crate::config::parse_cron(s).ok());
     ctx.live.set_state("running");
     let mut backoff = ctx.backoff();
     loop {
