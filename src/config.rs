@@ -67,6 +67,9 @@ pub struct ServerConfig {
     /// External base URL used in `meta.location` and `Location` headers, e.g.
     /// `https://rosterd.example.com`. Defaults to `http://{listen}`.
     pub public_url: Option<String>,
+    /// The store's page cache in MiB. Whole-tenant walks (CSV export, reconciliation)
+    /// run from memory when the data fits; about 1 GiB per million users.
+    pub cache_mb: u64,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             max_body_bytes: 16 * 1024 * 1024,
             public_url: None,
+            cache_mb: 256,
         }
     }
 }
@@ -288,6 +292,9 @@ impl Config {
                 "key `version`: this rosterd reads config version {CONFIG_VERSION}, not {}",
                 self.version
             ));
+        }
+        if self.server.cache_mb < 16 {
+            return Err("key `server.cache_mb`: must be at least 16".into());
         }
         if self.server.max_body_bytes < 1024 {
             return Err("key `server.max_body_bytes`: must be at least 1024".into());

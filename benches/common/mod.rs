@@ -74,8 +74,10 @@ pub fn start_daemon_with(opts: &DaemonOptions<'_>) -> Daemon {
     std::fs::write(
         &config,
         format!(
-            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{}\n{}\n",
+            "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\ncache_mb = {}\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{}\n{}\n",
             dir.path().join("data"),
+            // The daemon's default unless a benchmark asks for another (`BENCH_CACHE_MB`).
+            env_usize("BENCH_CACHE_MB", 256),
             opts.tenant_extra,
             opts.config_extra,
         ),

@@ -31,6 +31,9 @@ pub use roster::{
     IdScan, Job, JobStatus, ReclassifyCounts, Resolver,
 };
 
+/// sled's page cache unless configured (`server.cache_mb`).
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
 const SCHEMA_VERSION: u64 = 1;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
@@ -721,13 +724,19 @@ fn member_matches(filter: &Filter, member: &Member) -> bool {
 }
 
 impl Store {
-    /// Open (or create) the store in `dir`.
+    /// Open (or create) the store in `dir` with the default page cache.
     pub fn open(dir: &Path) -> StoreResult<Store> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the store in `dir`, caching up to `cache_bytes` of pages. A
+    /// tenant walk (export, reconciliation) that fits in the cache never reads the disk.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
         let db = sled::Config::new()
             .path(dir)
             // Flushes are ours (group commit); sled's timer would only add fsyncs.
             .flush_every_ms(None)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(cache_bytes)
             .open()?;
         match db.get(SCHEMA_VERSION_KEY)? {
             Some(v) => {
