@@ -440,6 +440,14 @@ mod tests {
     }
 
     #[test]
+    fn a_tiny_page_cache_is_refused() {
+        let err = Config::parse("version = 1\n[server]\ncache_mb = 1\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.cache_mb"), "{err}");
+    }
+
+    #[test]
     fn wrong_version_is_refused() {
         let err = Config::parse("version = 2\n", Path::new("x"))
             .unwrap_err()
