@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -241,44 +241,8 @@ async fn run(target: &OneRosterServer) {
     daemon.wait_ready(&client).await;
 
     // ---- Seed: users over SCIM, no connector yet. ----
-    let next = Arc::new(AtomicUsize::new(0));
-    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); users]));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..seed_concurrency {
-        let (client, next, ids, auth, base) = (
-            client.clone(),
-            next.clone(),
-            ids.clone(),
-            auth.clone(),
-            daemon.scim(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= users {
-                    break;
-                }
-                let body = serde_json::to_vec(&user_body(i)).expect("json");
-                let r = client
-                    .post(format!("{base}/Users"))
-                    .header("authorization", &auth)
-                    .header("content-type", "application/scim+json")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("create");
-                assert_eq!(r.status(), 201, "create {i}");
-                let v: Value = r.json().await.expect("json");
-                ids.lock().expect("ids")[i] = v["id"].as_str().expect("id").to_owned();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("seed task");
-    }
-    let seed_secs = started.elapsed().as_secs_f64();
-    let ids: Vec<String> = std::mem::take(&mut *ids.lock().expect("ids"));
+    let (ids, seed_secs) =
+        common::create_users(&client, daemon.scim(), users, seed_concurrency, user_body).await;
     let status = daemon.status(&client).await;
     let last_seq = status["tenants"][TENANT]["last_seq"].as_u64().unwrap_or(0);
     assert!(

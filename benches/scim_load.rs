@@ -5,8 +5,6 @@
 //! and `BENCH_CONCURRENCY` (default 64) tune it. Prints a Markdown table.
 
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 mod common;
@@ -41,43 +39,8 @@ async fn main() {
     daemon.wait_ready(&client).await;
 
     // 1. Durable creates with concurrency.
-    let next = Arc::new(AtomicUsize::new(0));
-    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); users]));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, next, ids, auth, base) = (
-            client.clone(),
-            next.clone(),
-            ids.clone(),
-            auth.clone(),
-            daemon.scim(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= users {
-                    break;
-                }
-                let body = serde_json::to_vec(&user_body(i)).expect("json");
-                let r = client
-                    .post(format!("{base}/Users"))
-                    .header("authorization", &auth)
-                    .header("content-type", "application/scim+json")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("create");
-                assert_eq!(r.status(), 201, "create {i}");
-                let v: Value = r.json().await.expect("json");
-                ids.lock().expect("ids")[i] = v["id"].as_str().expect("id").to_owned();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-    let create_secs = started.elapsed().as_secs_f64();
+    let (ids, create_secs) =
+        common::create_users(&client, daemon.scim(), users, concurrency, user_body).await;
     let creates_per_sec = users as f64 / create_secs;
 
     // 2. userName eq lookups at full size, one at a time so latency is the server's.
@@ -114,7 +77,7 @@ async fn main() {
         .as_str()
         .expect("gid")
         .to_owned();
-    let members: Vec<Value> = ids.lock().expect("ids")[..group_size]
+    let members: Vec<Value> = ids[..group_size]
         .iter()
         .map(|id| json!({"value": id}))
         .collect();

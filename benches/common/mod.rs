@@ -173,3 +173,56 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
 }
+
+/// Create `users` users over SCIM with `concurrency` requests in flight, each body from
+/// `body(i)`; answers their ids (by `i`) and the seconds it took.
+pub async fn create_users(
+    client: &reqwest::Client,
+    base: String,
+    users: usize,
+    concurrency: usize,
+    body: fn(usize) -> serde_json::Value,
+) -> (Vec<String>, f64) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let auth = format!("Bearer {TOKEN}");
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(std::sync::Mutex::new(vec![String::new(); users]));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, ids, auth, base) = (
+            client.clone(),
+            next.clone(),
+            ids.clone(),
+            auth.clone(),
+            base.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= users {
+                    break;
+                }
+                let b = serde_json::to_vec(&body(i)).expect("json");
+                let r = client
+                    .post(format!("{base}/Users"))
+                    .header("authorization", &auth)
+                    .header("content-type", "application/scim+json")
+                    .body(b)
+                    .send()
+                    .await
+                    .expect("create");
+                assert_eq!(r.status(), 201, "create {i}");
+                let v: serde_json::Value = r.json().await.expect("json");
+                ids.lock().expect("ids")[i] = v["id"].as_str().expect("id").to_owned();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("create task");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let ids = std::mem::take(&mut *ids.lock().expect("ids"));
+    (ids, secs)
+}
