@@ -31,6 +31,10 @@ pub struct WebhookSettings {
     pub url: String,
     /// Environment variable holding the signing secret, `whsec_<base64>`.
     pub secret_env: String,
+    /// During a secret rotation: a variable holding the next (or previous) secret.
+    /// Every message is then signed with both, so receivers can switch at their pace.
+    #[serde(default)]
+    pub rotation_secret_env: Option<String>,
     /// Event types to send; empty sends all.
     #[serde(default)]
     pub events: Vec<String>,
@@ -65,9 +69,9 @@ pub enum SecretError {
     Malformed(String),
 }
 
-/// A signing key, decoded from `whsec_…`.
+/// Signing keys, decoded from `whsec_…`: the current one, and during a rotation a second.
 pub struct Signer {
-    key: Vec<u8>,
+    keys: Vec<Vec<u8>>,
 }
 
 impl Signer {
@@ -75,30 +79,43 @@ impl Signer {
         settings: &WebhookSettings,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Signer, SecretError> {
-        let raw = env(&settings.secret_env)
-            .ok_or_else(|| SecretError::Unset(settings.secret_env.clone()))?;
-        Signer::parse(&raw).ok_or_else(|| SecretError::Malformed(settings.secret_env.clone()))
+        let mut keys = Vec::new();
+        for var in std::iter::once(&settings.secret_env).chain(&settings.rotation_secret_env) {
+            let raw = env(var).ok_or_else(|| SecretError::Unset(var.clone()))?;
+            let s = Signer::parse(&raw).ok_or_else(|| SecretError::Malformed(var.clone()))?;
+            keys.extend(s.keys);
+        }
+        Ok(Signer { keys })
     }
 
     pub fn parse(secret: &str) -> Option<Signer> {
         let b64 = secret.trim().strip_prefix("whsec_")?;
         let key = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-        (24..=64).contains(&key.len()).then_some(Signer { key })
+        (24..=64)
+            .contains(&key.len())
+            .then(|| Signer { keys: vec![key] })
     }
 
-    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
+    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` per key, space-separated.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!(
-            "v1,{}",
-            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-        )
+        let sigs: Vec<String> = self
+            .keys
+            .iter()
+            .map(|key| {
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+                    .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+                mac.update(id.as_bytes());
+                mac.update(b".");
+                mac.update(timestamp.to_string().as_bytes());
+                mac.update(b".");
+                mac.update(body);
+                format!(
+                    "v1,{}",
+                    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+                )
+            })
+            .collect();
+        sigs.join(" ")
     }
 
     /// The headers of one attempt.
@@ -196,6 +213,41 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_signs_with_both_secrets() {
+        let settings = WebhookSettings {
+            url: "http://x".into(),
+            secret_env: "NEW".into(),
+            rotation_secret_env: Some("OLD".into()),
+            events: vec![],
+        };
+        let env = |v: &str| match v {
+            "NEW" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            "OLD" => Some(format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+            )),
+            _ => None,
+        };
+        let s = Signer::from_env(&settings, &env).unwrap();
+        let sig = s.sign(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        let parts: Vec<&str> = sig.split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0], "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert!(parts[1].starts_with("v1,") && parts[1] != parts[0]);
+        let unset = WebhookSettings {
+            rotation_secret_env: Some("GONE".into()),
+            ..settings
+        };
+        assert!(
+            matches!(Signer::from_env(&unset, &env), Err(SecretError::Unset(v)) if v == "GONE")
+        );
+    }
+
+    #[test]
     fn short_or_foreign_secrets_are_refused() {
         assert!(Signer::parse("whsec_c2hvcnQ=").is_none());
         assert!(Signer::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_none());
@@ -232,6 +284,7 @@ mod tests {
         let settings = WebhookSettings {
             url: "http://x".into(),
             secret_env: "S".into(),
+            rotation_secret_env: None,
             events: vec!["roster.user_created".into()],
         };
         assert!(plan(&settings, "t", &e, None).is_empty());

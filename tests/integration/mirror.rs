@@ -641,3 +641,37 @@ async fn an_object_stuck_in_retries_does_not_hold_up_the_others() {
         "Stuck"
     );
 }
+
+#[tokio::test]
+async fn a_secret_rotation_signs_with_both_secrets() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let old = hook.secret.clone();
+    let new = wh::new_secret();
+    let (name, text) = webhook_file(&hook, "[\"roster.user_created\"]");
+    let text = text.replace(
+        "secret_env = \"HOOK_SECRET\"",
+        "secret_env = \"HOOK_SECRET\"\nrotation_secret_env = \"HOOK_OLD_SECRET\"",
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![
+            ("HOOK_SECRET".into(), new.clone()),
+            ("HOOK_OLD_SECRET".into(), old),
+        ],
+        ..Options::default()
+    })
+    .await;
+    // The receiver still knows only the old secret...
+    d.create_user("a@acme.test").await;
+    assert_eq!(hook.wait_for(1, WAIT).await.len(), 1);
+    // ...then only the new one.
+    hook.set_secret(&new);
+    d.create_user("b@acme.test").await;
+    assert_eq!(hook.wait_for(2, WAIT).await.len(), 2);
+    assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
+    let sig = hook.deliveries()[1]
+        .header("webhook-signature")
+        .unwrap()
+        .to_owned();
+    assert_eq!(sig.split(' ').count(), 2, "{sig}");
+}
