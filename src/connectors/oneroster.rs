@@ -156,6 +156,12 @@ impl OneRosterSettings {
         format!("{}/{path}", self.base_url.trim_end_matches('/'))
     }
 
+    /// Whether this user should be absent downstream: inactive, and deactivation means
+    /// deletion.
+    pub fn deletes(&self, doc: &Value) -> bool {
+        !UserFields { doc }.active() && self.deactivate == Deactivate::Delete
+    }
+
     /// The role of a user with this archetype.
     pub fn role_for(&self, archetype: Option<&str>) -> &str {
         archetype
@@ -362,6 +368,141 @@ pub fn content_hash(body: &Value) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// The key of a user, class or enrollment in the delivered-content hashes (and, for users
+/// and groups, the name its sourcedId is derived from).
+pub fn user_key(id: &str) -> String {
+    format!("User/{id}")
+}
+
+pub fn group_key(id: &str) -> String {
+    format!("Group/{id}")
+}
+
+pub fn member_key(group: &str, user: &str) -> String {
+    format!("Member/{group}/{user}")
+}
+
+/// One request for one object, with what the delivered-content hash becomes once it is
+/// acknowledged (`None`: the object is gone downstream).
+pub struct Write {
+    pub key: String,
+    pub request: Request,
+    pub hash: Option<u64>,
+    /// The unwrapped body of a PUT, for comparison with what the target holds.
+    pub body: Option<Value>,
+}
+
+impl Write {
+    fn put(key: String, url: String, wrapper: &str, body: Value) -> Write {
+        Write {
+            key,
+            request: Request::put(url, &json!({ wrapper: body })),
+            hash: Some(content_hash(&body)),
+            body: Some(body),
+        }
+    }
+
+    fn delete(key: String, url: String) -> Write {
+        Write {
+            key,
+            request: Request::delete(url),
+            hash: None,
+            body: None,
+        }
+    }
+}
+
+/// A user as it should be downstream: a PUT, or a DELETE when it is inactive and
+/// deactivation means deletion.
+pub fn user_write(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    id: &str,
+    doc: &Value,
+    assignment: Option<&Assignment>,
+    modified: DateTime<Utc>,
+) -> Result<Write, Unmappable> {
+    if settings.deletes(doc) {
+        return Ok(user_delete(settings, tenant, id));
+    }
+    let body = user_body(settings, tenant, id, doc, assignment, modified)?;
+    let key = user_key(id);
+    let url = settings.url(&format!("users/{}", sourced_id(tenant, &key)));
+    Ok(Write::put(key, url, "user", body))
+}
+
+pub fn user_delete(settings: &OneRosterSettings, tenant: &str, id: &str) -> Write {
+    let key = user_key(id);
+    let url = settings.url(&format!("users/{}", sourced_id(tenant, &key)));
+    Write::delete(key, url)
+}
+
+pub fn class_put(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    id: &str,
+    doc: &Value,
+    modified: DateTime<Utc>,
+) -> Write {
+    let key = group_key(id);
+    let url = settings.url(&format!("classes/{}", sourced_id(tenant, &key)));
+    Write::put(
+        key,
+        url,
+        "class",
+        class_body(settings, tenant, id, doc, modified),
+    )
+}
+
+pub fn class_delete(settings: &OneRosterSettings, tenant: &str, id: &str) -> Write {
+    let key = group_key(id);
+    let url = settings.url(&format!("classes/{}", sourced_id(tenant, &key)));
+    Write::delete(key, url)
+}
+
+pub fn enrollment_put(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    group: &str,
+    user: &str,
+    modified: DateTime<Utc>,
+) -> Write {
+    let url = settings.url(&format!(
+        "enrollments/{}",
+        enrollment_id(tenant, group, user)
+    ));
+    let body = enrollment_body(settings, tenant, group, user, modified);
+    Write::put(member_key(group, user), url, "enrollment", body)
+}
+
+pub fn enrollment_delete(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    group: &str,
+    user: &str,
+) -> Write {
+    let url = settings.url(&format!(
+        "enrollments/{}",
+        enrollment_id(tenant, group, user)
+    ));
+    Write::delete(member_key(group, user), url)
+}
+
+impl Plan {
+    /// A stage of requests that run at once; empty stages are left out.
+    fn stage(&mut self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        let mut requests = Vec::with_capacity(writes.len());
+        for w in writes {
+            self.hashes.push((w.key, w.hash));
+            requests.push(w.request);
+        }
+        self.stages.push(requests);
+    }
+}
+
 /// Requests for one change.
 pub fn plan(
     settings: &OneRosterSettings,
@@ -370,78 +511,40 @@ pub fn plan(
     cur: &Current<'_>,
 ) -> Result<Plan, Unmappable> {
     let mut p = Plan::default();
-    let key = format!("{}/{}", event.resource_type, event.id);
+    let id = event.id.as_str();
     match (event.resource_type.as_str(), cur.doc) {
-        ("User", Some(doc)) => {
-            let u = UserFields { doc };
-            let url = settings.url(&format!(
-                "users/{}",
-                sourced_id(tenant, &format!("User/{}", event.id))
-            ));
-            if !u.active() && settings.deactivate == Deactivate::Delete {
-                p.stages.push(vec![Request::delete(url)]);
-                p.hashes.push((key, None));
-            } else {
-                let body = user_body(settings, tenant, &event.id, doc, cur.assignment, event.at)?;
-                p.hashes.push((key, Some(content_hash(&body))));
-                p.stages
-                    .push(vec![Request::put(url, &json!({ "user": body }))]);
-            }
-        }
-        ("User", None) => {
-            p.stages.push(vec![Request::delete(settings.url(&format!(
-                "users/{}",
-                sourced_id(tenant, &format!("User/{}", event.id))
-            )))]);
-            p.hashes.push((key, None));
-        }
+        ("User", Some(doc)) => p.stage(vec![user_write(
+            settings,
+            tenant,
+            id,
+            doc,
+            cur.assignment,
+            event.at,
+        )?]),
+        ("User", None) => p.stage(vec![user_delete(settings, tenant, id)]),
         ("Group", doc) => {
-            let class_url = settings.url(&format!(
-                "classes/{}",
-                sourced_id(tenant, &format!("Group/{}", event.id))
-            ));
-            let enrollment = |user: &str| {
-                settings.url(&format!(
-                    "enrollments/{}",
-                    enrollment_id(tenant, &event.id, user)
-                ))
-            };
-            let removals: Vec<Request> = cur
+            let removals: Vec<Write> = cur
                 .user_members_removed
                 .iter()
-                .map(|u| {
-                    p.hashes.push((format!("Member/{}/{u}", event.id), None));
-                    Request::delete(enrollment(u))
-                })
+                .map(|u| enrollment_delete(settings, tenant, id, u))
                 .collect();
             match doc {
                 Some(doc) => {
-                    let body = class_body(settings, tenant, &event.id, doc, event.at);
-                    p.hashes.push((key, Some(content_hash(&body))));
                     // The class must exist before enrollments reference it.
-                    p.stages
-                        .push(vec![Request::put(class_url, &json!({ "class": body }))]);
-                    let mut adds = removals;
-                    for u in &cur.user_members_added {
-                        let body = enrollment_body(settings, tenant, &event.id, u, event.at);
-                        p.hashes.push((
-                            format!("Member/{}/{u}", event.id),
-                            Some(content_hash(&body)),
-                        ));
-                        adds.push(Request::put(enrollment(u), &json!({ "enrollment": body })));
-                    }
-                    if !adds.is_empty() {
-                        p.stages.push(adds);
-                    }
+                    p.stage(vec![class_put(settings, tenant, id, doc, event.at)]);
+                    let mut members = removals;
+                    members.extend(
+                        cur.user_members_added
+                            .iter()
+                            .map(|u| enrollment_put(settings, tenant, id, u, event.at)),
+                    );
+                    p.stage(members);
                 }
                 None => {
                     // Enrollments go first: a class with active enrollments may not be
                     // deletable downstream.
-                    if !removals.is_empty() {
-                        p.stages.push(removals);
-                    }
-                    p.stages.push(vec![Request::delete(class_url)]);
-                    p.hashes.push((key, None));
+                    p.stage(removals);
+                    p.stage(vec![class_delete(settings, tenant, id)]);
                 }
             }
         }

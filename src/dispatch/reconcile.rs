@@ -15,10 +15,9 @@ use std::sync::Arc;
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
-    Deactivate, OneRosterSettings, UserFields, class_body, content_hash, enrollment_body,
-    enrollment_id, user_body,
+    OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
+    enrollment_put, user_delete, user_key, user_write,
 };
-use crate::connectors::sourced_id;
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
 
@@ -56,6 +55,18 @@ pub struct DriftReport {
     pub items: Vec<DriftItem>,
 }
 
+impl DriftItem {
+    fn from_write(w: Write, reason: String) -> DriftItem {
+        DriftItem {
+            action: if w.hash.is_some() { "put" } else { "delete" },
+            object: w.key,
+            reason,
+            request: Some(w.request),
+            hash: w.hash,
+        }
+    }
+}
+
 impl DriftReport {
     fn push(&mut self, item: DriftItem, all: &mut Vec<DriftItem>) {
         self.drifted += 1;
@@ -64,10 +75,6 @@ impl DriftReport {
         }
         all.push(item);
     }
-}
-
-fn user_key(id: &str) -> String {
-    format!("User/{id}")
 }
 
 /// The desired OneRoster state of every object, compared with the delivered hashes.
@@ -81,143 +88,61 @@ fn diff(
 ) -> Result<Vec<DriftItem>, StoreError> {
     let mut all = Vec::new();
     let now = Utc::now();
-    let url = |path: String| s.url(&path);
-    let check = |report: &mut DriftReport,
-                 all: &mut Vec<DriftItem>,
-                 object: String,
-                 desired: Option<(u64, Request)>,
-                 have: Option<u64>| {
+    // An object drifted when what would be sent now differs from what was acknowledged.
+    let mut check = |report: &mut DriftReport, w: Write| -> Result<(), StoreError> {
         report.checked += 1;
-        match (desired, have) {
-            (Some((h, _)), Some(have)) if h == have => {}
-            (None, None) => {}
-            (Some((h, req)), have) => report.push(
-                DriftItem {
-                    object,
-                    action: "put",
-                    reason: if have.is_some() {
-                        "differs from what was last delivered".into()
-                    } else {
-                        "never delivered".into()
-                    },
-                    request: Some(req),
-                    hash: Some(h),
-                },
-                all,
-            ),
-            (None, Some(_)) => {}
+        let have = store.delivered(tenant, hash_owner, &w.key)?;
+        if w.hash == have {
+            return Ok(());
         }
+        let reason = match (w.hash, have) {
+            (None, _) => "inactive, but still delivered",
+            (Some(_), Some(_)) => "differs from what was last delivered",
+            (Some(_), None) => "never delivered",
+        };
+        report.push(DriftItem::from_write(w, reason.into()), &mut all);
+        Ok(())
     };
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
-        let key = user_key(&r.id);
-        let have = store.delivered(tenant, hash_owner, &key)?;
-        let u = UserFields { doc: &r.doc };
-        if !u.active() && s.deactivate == Deactivate::Delete {
-            if have.is_some() {
-                report.checked += 1;
-                report.push(
-                    DriftItem {
-                        object: key,
-                        action: "delete",
-                        reason: "inactive, but still delivered".into(),
-                        request: Some(Request::delete(url(format!(
-                            "users/{}",
-                            sourced_id(tenant, &user_key(&r.id))
-                        )))),
-                        hash: None,
-                    },
-                    &mut all,
-                );
-            }
-            continue;
-        }
         let a = store.assignment(tenant, &r.id)?;
-        match user_body(s, tenant, &r.id, &r.doc, a.as_ref(), now) {
-            Ok(body) => {
-                let req = Request::put(
-                    url(format!("users/{}", sourced_id(tenant, &key))),
-                    &serde_json::json!({ "user": body }),
-                );
-                check(
-                    report,
-                    &mut all,
-                    key,
-                    Some((content_hash(&body), req)),
-                    have,
-                );
-            }
+        match user_write(s, tenant, &r.id, &r.doc, a.as_ref(), now) {
+            Ok(w) => check(report, w)?,
             Err(_) => report.unmappable += 1,
         }
     }
     for g in store.scan(tenant, ResourceKind::Group)? {
         let g = g?;
-        let key = format!("Group/{}", g.id);
-        let body = class_body(s, tenant, &g.id, &g.doc, now);
-        let req = Request::put(
-            url(format!("classes/{}", sourced_id(tenant, &key))),
-            &serde_json::json!({ "class": body }),
-        );
-        let have = store.delivered(tenant, hash_owner, &key)?;
-        check(
-            report,
-            &mut all,
-            key,
-            Some((content_hash(&body), req)),
-            have,
-        );
+        check(report, class_put(s, tenant, &g.id, &g.doc, now))?;
         for m in store.members(tenant, &g.id)? {
             let m = m?;
-            if m.kind != "User" {
-                continue;
+            if m.kind == "User" {
+                check(report, enrollment_put(s, tenant, &g.id, &m.value, now))?;
             }
-            let key = format!("Member/{}/{}", g.id, m.value);
-            let body = enrollment_body(s, tenant, &g.id, &m.value, now);
-            let req = Request::put(
-                url(format!(
-                    "enrollments/{}",
-                    enrollment_id(tenant, &g.id, &m.value)
-                )),
-                &serde_json::json!({ "enrollment": body }),
-            );
-            let have = store.delivered(tenant, hash_owner, &key)?;
-            check(
-                report,
-                &mut all,
-                key,
-                Some((content_hash(&body), req)),
-                have,
-            );
         }
     }
     // Delivered once, gone from the roster since: the delete was missed.
     for (key, _) in store.delivered_all(tenant, hash_owner)? {
         let parts: Vec<&str> = key.split('/').collect();
-        let (exists, req) = match parts.as_slice() {
+        let (exists, w) = match parts.as_slice() {
             ["User", id] => (
                 store.get_raw(tenant, ResourceKind::User, id)?.is_some(),
-                Request::delete(url(format!("users/{}", sourced_id(tenant, &key)))),
+                user_delete(s, tenant, id),
             ),
             ["Group", id] => (
                 store.get_raw(tenant, ResourceKind::Group, id)?.is_some(),
-                Request::delete(url(format!("classes/{}", sourced_id(tenant, &key)))),
+                class_delete(s, tenant, id),
             ),
             ["Member", g, u] => (
                 store.is_member(tenant, g, u)?,
-                Request::delete(url(format!("enrollments/{}", enrollment_id(tenant, g, u)))),
+                enrollment_delete(s, tenant, g, u),
             ),
             _ => continue,
         };
         if !exists {
             report.checked += 1;
             report.push(
-                DriftItem {
-                    object: key,
-                    action: "delete",
-                    reason: "gone from the roster, still delivered".into(),
-                    request: Some(req),
-                    hash: None,
-                },
+                DriftItem::from_write(w, "gone from the roster, still delivered".into()),
                 &mut all,
             );
         }
@@ -388,6 +313,9 @@ async fn read_back(
     let since = Utc::now() - chrono::Duration::hours(settings.read_back_hours as i64);
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut out = Vec::new();
+    // Objects already being repaired, so each is sent once.
+    let mut seen: std::collections::HashSet<String> =
+        already.iter().map(|i| i.object.clone()).collect();
     let mut offset = 0usize;
     loop {
         let filter = format!("dateLastModified>'{since}'");
@@ -411,10 +339,7 @@ async fn read_back(
             let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
                 continue;
             };
-            let key = user_key(scim_id);
-            if already.iter().any(|i| i.object == key)
-                || out.iter().any(|i: &DriftItem| i.object == key)
-            {
+            if seen.contains(&user_key(scim_id)) {
                 continue;
             }
             let (doc, a) = {
@@ -429,29 +354,19 @@ async fn read_back(
                 .map_err(|e| StoreError::Backend(e.to_string()))??
             };
             let Some(doc) = doc else { continue };
-            if !(UserFields { doc: &doc.doc }).active() && settings.deactivate == Deactivate::Delete
-            {
-                continue;
-            }
-            let Ok(desired) =
-                user_body(settings, tenant, scim_id, &doc.doc, a.as_ref(), Utc::now())
+            let Ok(w) = user_write(settings, tenant, scim_id, &doc.doc, a.as_ref(), Utc::now())
             else {
                 continue;
             };
-            if content_hash(&projected(&target, &desired)) != content_hash(&desired) {
-                out.push(DriftItem {
-                    object: key.clone(),
-                    action: "put",
-                    reason: format!(
-                        "changed at the target (status {:?})",
-                        target.get("status").and_then(Value::as_str).unwrap_or("?")
-                    ),
-                    request: Some(Request::put(
-                        settings.url(&format!("users/{}", sourced_id(tenant, &key))),
-                        &serde_json::json!({ "user": desired }),
-                    )),
-                    hash: Some(content_hash(&desired)),
-                });
+            // An inactive user that is deleted downstream has nothing to compare.
+            let Some(desired) = &w.body else { continue };
+            if content_hash(&projected(&target, desired)) != content_hash(desired) {
+                let reason = format!(
+                    "changed at the target (status {:?})",
+                    target.get("status").and_then(Value::as_str).unwrap_or("?")
+                );
+                seen.insert(w.key.clone());
+                out.push(DriftItem::from_write(w, reason));
             }
         }
         if page["total"].as_u64().is_some_and(|t| offset as u64 >= t) {
