@@ -27,6 +27,14 @@ pub fn sourced_id(tenant: &str, key: &str) -> String {
     uuid::Uuid::new_v5(&SOURCED_ID_NAMESPACE, format!("{tenant}/{key}").as_bytes()).to_string()
 }
 
+/// A planned delivery: stages run one after another, the requests of a stage at once.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub stages: Vec<Vec<http::Request>>,
+    /// Content hash per object key after delivery (`None`: removed downstream).
+    pub hashes: Vec<(String, Option<u64>)>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
     #[error("{file}: {message}")]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::http::Request;
-use super::sourced_id;
+use super::{Plan, sourced_id};
 use crate::store::{Assignment, ChangeEvent};
 
 /// User roles OneRoster 1.2 defines (anything else must be `ext:…`).
@@ -345,14 +345,6 @@ pub struct Current<'a> {
     /// Members of a group that are users (enrollments exist only for users).
     pub user_members_added: Vec<&'a str>,
     pub user_members_removed: Vec<&'a str>,
-}
-
-/// A planned delivery: stages run one after another, the requests of a stage at once.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub stages: Vec<Vec<Request>>,
-    /// Content hash per object key after delivery (`None`: removed downstream).
-    pub hashes: Vec<(String, Option<u64>)>,
 }
 
 /// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.

@@ -36,7 +36,7 @@ pub use reconcile::{DriftItem, DriftReport};
 use crate::connectors::http::{self, Outcome, Request};
 use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
 use crate::connectors::webhook::{self, Signer, WebhookSettings};
-use crate::connectors::{ConnectorConfig, Kind, Loaded, csv::CsvSettings};
+use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, csv::CsvSettings};
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
 
@@ -128,11 +128,12 @@ impl Live {
 
     fn success(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        if self.failures_in_a_row.swap(0, Ordering::Relaxed) > 0 {
-            let mut h = self.health();
+        let was_failing = self.failures_in_a_row.swap(0, Ordering::Relaxed) > 0;
+        let mut h = self.health();
+        if was_failing {
             h.paused_until = None;
         }
-        self.health().last_success_at = Some(Utc::now());
+        h.last_success_at = Some(Utc::now());
     }
 
     /// Record a failed attempt; pause the connector once failures in a row reach the limit.
@@ -283,7 +284,7 @@ enum Sent {
 /// How one change ended.
 enum Delivered {
     /// Acknowledged; these delivered-content hashes now hold.
-    Done(Vec<(String, Option<u64>)>),
+    Done(Hashes),
     /// Set aside as a dead letter.
     DeadLettered,
     Cancelled,
@@ -438,7 +439,7 @@ impl Ctx {
     }
 
     /// The requests for one change.
-    fn plan(&self, ev: &ChangeEvent) -> Result<oneroster::Plan, String> {
+    fn plan(&self, ev: &ChangeEvent) -> Result<Plan, String> {
         let tenant = self.tenant();
         match &self.target {
             Target::OneRoster { settings, .. } => {
@@ -502,12 +503,12 @@ impl Ctx {
                     None => None,
                 };
                 let msgs = webhook::plan(settings, tenant, ev, snapshot);
-                Ok(oneroster::Plan {
+                Ok(Plan {
                     stages: if msgs.is_empty() { vec![] } else { vec![msgs] },
                     hashes: vec![],
                 })
             }
-            Target::Csv { .. } => Ok(oneroster::Plan::default()),
+            Target::Csv { .. } => Ok(Plan::default()),
         }
     }
 
@@ -656,6 +657,47 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     follow_log(&ctx, &tenant).await
 }
 
+/// Delivered-content hashes by object key (`None`: gone downstream).
+type Hashes = Vec<(String, Option<u64>)>;
+
+/// Which changes read from the log are done, and the cursor that follows from it.
+struct Progress {
+    /// The last sequence number read from the log.
+    read: u64,
+    /// The cursor as last written.
+    persisted: u64,
+    in_flight: std::collections::BTreeSet<u64>,
+    /// Delivered-content hashes of finished changes above the written cursor.
+    finished: BTreeMap<u64, Hashes>,
+}
+
+impl Progress {
+    /// Every change up to this one was acknowledged or dead-lettered.
+    fn cursor(&self) -> u64 {
+        self.in_flight.first().map(|s| s - 1).unwrap_or(self.read)
+    }
+
+    fn finish(&mut self, seq: u64, hashes: Hashes) {
+        self.in_flight.remove(&seq);
+        self.finished.insert(seq, hashes);
+    }
+
+    /// The cursor to write and the hashes it covers, when it moved since the last write.
+    fn take(&mut self) -> Option<(u64, Hashes)> {
+        let cursor = self.cursor();
+        if cursor <= self.persisted {
+            return None;
+        }
+        let keep = self.finished.split_off(&(cursor + 1));
+        let hashes = std::mem::replace(&mut self.finished, keep)
+            .into_values()
+            .flatten()
+            .collect();
+        self.persisted = cursor;
+        Some((cursor, hashes))
+    }
+}
+
 /// Follow the change log with a sliding window of changes in flight.
 ///
 /// A change starts as soon as every earlier change touching one of its objects is done, so
@@ -668,12 +710,13 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let window = (ctx.config.concurrency * 32).clamp(BATCH as usize, 8 * BATCH as usize);
     let cursor_name = ctx.cursor_name();
     let mut durable = ctx.store.watch_durable(tenant);
-    let mut persisted = ctx.store.cursor(tenant, &cursor_name)?;
-    // The last sequence number read from the log.
-    let mut read = persisted;
-    // Changes in flight, and the delivered-content hashes of finished ones above the cursor.
-    let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
-    let mut finished: BTreeMap<u64, Vec<(String, Option<u64>)>> = BTreeMap::new();
+    let start = ctx.store.cursor(tenant, &cursor_name)?;
+    let mut progress = Progress {
+        read: start,
+        persisted: start,
+        in_flight: Default::default(),
+        finished: BTreeMap::new(),
+    };
     // The latest change of each object still in flight: what a new change must wait for.
     let mut latest: HashMap<String, (u64, watch::Receiver<bool>)> = HashMap::new();
     let mut running = FuturesUnordered::new();
@@ -681,19 +724,22 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     loop {
         let upto = *durable.borrow_and_update();
         // Refill in large reads: a read per finished change would cost more than the send.
-        let room = in_flight.len() <= window / 2;
-        if room && read < upto {
-            let n = ((upto - read) as usize).min(window - in_flight.len());
+        let room = progress.in_flight.len() <= window / 2;
+        if room && progress.read < upto {
+            let (read, n) = (
+                progress.read,
+                ((upto - progress.read) as usize).min(window - progress.in_flight.len()),
+            );
             let events = {
                 let (store, tenant) = (ctx.store.clone(), tenant.to_owned());
                 blocking(move || store.changes(&tenant, read, n)).await?
             };
             if events.is_empty() {
                 // Compacted away below the watermark: nothing to send there.
-                read = upto;
+                progress.read = upto;
             }
             for ev in events {
-                read = ev.seq;
+                progress.read = ev.seq;
                 let (tx, rx) = watch::channel(false);
                 let mut waits = Vec::new();
                 for k in object_keys(&ev) {
@@ -701,33 +747,27 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                         waits.push(r);
                     }
                 }
-                in_flight.insert(ev.seq);
+                progress.in_flight.insert(ev.seq);
                 running.push(ctx.deliver_after(ev, waits, tx));
             }
             continue;
         }
-        let cursor = in_flight.first().map(|s| s - 1).unwrap_or(read);
         let idle = running.is_empty();
-        if cursor > persisted && (idle || last_write.elapsed() >= CURSOR_EVERY) {
-            let keep = finished.split_off(&(cursor + 1));
-            let hashes: Vec<_> = std::mem::replace(&mut finished, keep)
-                .into_values()
-                .flatten()
-                .collect();
+        if (idle || last_write.elapsed() >= CURSOR_EVERY)
+            && let Some((cursor, hashes)) = progress.take()
+        {
             ctx.store
                 .advance_cursor(tenant, &cursor_name, cursor, hashes)
                 .await?;
-            persisted = cursor;
             last_write = std::time::Instant::now();
         }
         tokio::select! {
             Some((seq, keys, r)) = running.next(), if !idle => {
                 match r? {
                     Delivered::Cancelled => return Ok(()),
-                    Delivered::Done(h) => { finished.insert(seq, h); }
-                    Delivered::DeadLettered => { finished.insert(seq, vec![]); }
+                    Delivered::Done(h) => progress.finish(seq, h),
+                    Delivered::DeadLettered => progress.finish(seq, vec![]),
                 }
-                in_flight.remove(&seq);
                 for k in keys {
                     if latest.get(&k).is_some_and(|(s, _)| *s == seq) {
                         latest.remove(&k);
@@ -737,10 +777,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             r = durable.changed(), if room => if r.is_err() { return Ok(()) },
             _ = ctx.cancel.cancelled() => {
                 // Keep what is acknowledged so far; the rest is sent again after a start.
-                let cursor = in_flight.first().map(|s| s - 1).unwrap_or(read);
-                if cursor > persisted {
-                    let keep = finished.split_off(&(cursor + 1));
-                    let hashes: Vec<_> = std::mem::replace(&mut finished, keep).into_values().flatten().collect();
+                if let Some((cursor, hashes)) = progress.take() {
                     ctx.store.advance_cursor(tenant, &cursor_name, cursor, hashes).await?;
                 }
                 return Ok(());
