@@ -11,6 +11,10 @@ use crate::server::auth::{TokenHash, TokenHashError};
 /// evolve without misreading an older or newer file.
 pub const CONFIG_VERSION: u32 = 1;
 
+/// Reads environment variables (tokens and secrets the config names); injectable so tests
+/// need not touch the process's.
+pub type EnvFn = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]

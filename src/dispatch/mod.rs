@@ -33,6 +33,7 @@ mod reconcile;
 
 pub use reconcile::{DriftItem, DriftReport};
 
+use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};
 use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
 use crate::connectors::webhook::{self, Signer, WebhookSettings};
@@ -42,9 +43,6 @@ use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
 
 /// Changes read from the log per batch.
 const BATCH: u64 = 1000;
-
-/// Reads environment variables (secrets named in connector files).
-pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -803,15 +801,14 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     loop {
         match &schedule {
             Some(cron) => {
-                let Ok(next) = cron.find_next_occurrence(&Utc::now(), false) else {
+                // A connector's own schedule is read in UTC (documented in csv.toml.example).
+                let Some(next) = crate::schedule::next_run(cron, chrono_tz::UTC) else {
                     ctx.live
                         .pause_until_resumed(ctx.name(), "the schedule has no next run");
                     return Ok(());
                 };
-                let wait = (next - Utc::now()).to_std().unwrap_or_default();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = ctx.cancel.cancelled() => return Ok(()),
+                if !crate::schedule::sleep_until(next, &ctx.cancel).await {
+                    return Ok(());
                 }
             }
             None => {

@@ -200,6 +200,25 @@ pub fn status(state: &AppState) -> serde_json::Value {
     serde_json::to_value(runs).unwrap_or_default()
 }
 
+/// The next time `cron`, read in `tz`, fires.
+pub fn next_run(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::DateTime<Utc>> {
+    cron.find_next_occurrence(&Utc::now().with_timezone(&tz), false)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Sleep until `at`; false if `cancel` came first.
+pub async fn sleep_until(
+    at: chrono::DateTime<Utc>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
 /// Start one task per configured schedule; they stop with `shutdown`.
 pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::CancellationToken) {
     let tz = match state.config.schedules.tz() {
@@ -223,19 +242,13 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 loop {
-                    let now = Utc::now().with_timezone(&tz);
-                    let Ok(next) = cron.find_next_occurrence(&now, false) else {
+                    let Some(next) = next_run(&cron, tz) else {
                         tracing::warn!("The schedule has no next run.");
                         return;
                     };
-                    let next_utc = next.with_timezone(&Utc);
-                    state
-                        .schedules
-                        .update(name, |r| r.next_run = Some(next_utc));
-                    let wait = (next_utc - Utc::now()).to_std().unwrap_or_default();
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => return,
+                    state.schedules.update(name, |r| r.next_run = Some(next));
+                    if !sleep_until(next, &shutdown).await {
+                        return;
                     }
                     let result = run_scheduled(&state, name).await;
                     state.schedules.update(name, |r| {

@@ -41,8 +41,7 @@ pub enum ServerError {
     },
 }
 
-/// Reads environment variables; injectable so tests need not touch the process's.
-pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub use crate::config::EnvFn;
 
 /// What every handler can reach.
 pub struct AppState {
