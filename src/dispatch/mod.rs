@@ -437,24 +437,29 @@ impl Ctx {
     }
 
     /// The requests for one change.
+    /// The document a change leaves: its snapshot, or for an assignment-only change (which
+    /// carries none) the user as stored now.
+    fn document<'e>(
+        &self,
+        ev: &'e ChangeEvent,
+    ) -> Result<Option<std::borrow::Cow<'e, serde_json::Value>>, String> {
+        Ok(match &ev.snapshot {
+            Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+            None if ev.op == crate::store::ChangeOp::Archetype => self
+                .store
+                .get(self.tenant(), ResourceKind::User, &ev.id)
+                .map_err(|e| e.to_string())?
+                .map(|r| std::borrow::Cow::Owned(r.doc)),
+            None => None,
+        })
+    }
+
     fn plan(&self, ev: &ChangeEvent) -> Result<Plan, String> {
         let tenant = self.tenant();
         match &self.target {
             Target::OneRoster { settings, .. } => {
-                // Assignment-only changes carry no snapshot: the current document is the
-                // one the assignment belongs to.
-                let loaded;
-                let doc = match (&ev.snapshot, ev.resource_type.as_str()) {
-                    (Some(s), _) => Some(s),
-                    (None, "User") if ev.op != crate::store::ChangeOp::Deleted => {
-                        loaded = self
-                            .store
-                            .get(tenant, ResourceKind::User, &ev.id)
-                            .map_err(|e| e.to_string())?;
-                        loaded.as_ref().map(|r| &r.doc)
-                    }
-                    _ => None,
-                };
+                let doc = self.document(ev)?;
+                let doc = doc.as_deref();
                 let stored;
                 let assignment = match &ev.assignment {
                     Some(a) => Some(a),
@@ -488,19 +493,8 @@ impl Ctx {
                 oneroster::plan(settings, tenant, ev, &cur).map_err(|e| e.0)
             }
             Target::Webhook { settings, .. } => {
-                let loaded;
-                let snapshot = match &ev.snapshot {
-                    Some(s) => Some(s),
-                    None if ev.op == crate::store::ChangeOp::Archetype => {
-                        loaded = self
-                            .store
-                            .get(tenant, ResourceKind::User, &ev.id)
-                            .map_err(|e| e.to_string())?;
-                        loaded.as_ref().map(|r| &r.doc)
-                    }
-                    None => None,
-                };
-                let msgs = webhook::plan(settings, tenant, ev, snapshot);
+                let snapshot = self.document(ev)?;
+                let msgs = webhook::plan(settings, tenant, ev, snapshot.as_deref());
                 Ok(Plan {
                     stages: if msgs.is_empty() { vec![] } else { vec![msgs] },
                     hashes: vec![],
