@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{ChangeEvent, Store, StoreError, StoreResult};
+use super::{ChangeEvent, Store, StoreError, StoreResult, decode_u64};
 
 const SEP: u8 = 0;
 
@@ -83,12 +83,6 @@ fn decode_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> StoreResult<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn decode_u64(b: &[u8]) -> StoreResult<u64> {
-    Ok(u64::from_be_bytes(b.try_into().map_err(|_| {
-        StoreError::Corrupt("connector counter".into())
-    })?))
-}
-
 fn put_hashes(txn: &mut super::Txn<'_>, connector: &str, hashes: Vec<(String, Option<u64>)>) {
     for (object, hash) in hashes {
         let k = hash_key(connector, &object);
@@ -104,7 +98,7 @@ impl Store {
     pub fn cursor(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
         let t = self.tenant(tenant)?;
         match t.tree.get(cursor_key(connector))? {
-            Some(v) => decode_u64(&v),
+            Some(v) => decode_u64(&v, "connector cursor"),
             None => Ok(0),
         }
     }
@@ -152,7 +146,7 @@ impl Store {
         let t = self.tenant(tenant)?;
         t.tree
             .get(hash_key(connector, object))?
-            .map(|v| decode_u64(&v))
+            .map(|v| decode_u64(&v, "delivered-content hash"))
             .transpose()
     }
 
@@ -164,7 +158,7 @@ impl Store {
         for kv in t.tree.scan_prefix(&prefix) {
             let (k, v) = kv?;
             let object = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((object, decode_u64(&v)?));
+            out.push((object, decode_u64(&v, "delivered-content hash")?));
         }
         Ok(out)
     }
@@ -172,11 +166,7 @@ impl Store {
     /// Set a change aside; returns the dead letter's id.
     pub async fn add_dead_letter(&self, tenant: &str, mut letter: DeadLetter) -> StoreResult<u64> {
         self.write(tenant, move |txn| {
-            let id = match txn.get(DEAD_SEQ_KEY)? {
-                Some(v) => decode_u64(&v)? + 1,
-                None => 1,
-            };
-            txn.put(DEAD_SEQ_KEY.to_vec(), id.to_be_bytes().to_vec());
+            let id = txn.next_counter(DEAD_SEQ_KEY, "dead-letter counter")?;
             letter.id = id;
             txn.put(
                 dead_key(&letter.connector, id),
@@ -197,8 +187,7 @@ impl Store {
     }
 
     pub fn dead_letter_count(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        Ok(t.tree.scan_prefix(dead_prefix(connector)).keys().count() as u64)
+        self.count_keys(tenant, &dead_prefix(connector))
     }
 
     pub fn dead_letter(

@@ -214,6 +214,13 @@ fn resource_type(kind: ResourceKind) -> &'static str {
     }
 }
 
+/// A big-endian u64 value (counters, cursors, hashes); `what` names it in the error.
+fn decode_u64(bytes: &[u8], what: &str) -> StoreResult<u64> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!("{what} is not 8 bytes"))
+    })?))
+}
+
 fn decode(bytes: &[u8]) -> StoreResult<Value> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -305,11 +312,7 @@ struct Txn<'a> {
 impl<'a> Txn<'a> {
     fn new(tree: &'a sled::Tree, resolver: Option<Arc<dyn Resolver>>) -> StoreResult<Txn<'a>> {
         let last = match tree.get(keys::SEQ_KEY)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("sequence counter".into()))?,
-            ),
+            Some(v) => decode_u64(&v, "sequence counter")?,
             None => 0,
         };
         Ok(Txn {
@@ -362,6 +365,16 @@ impl<'a> Txn<'a> {
             }
         }
         Ok(set.into_iter().collect())
+    }
+
+    /// Take the next value of the counter stored at `key` (the first is 1).
+    fn next_counter(&mut self, key: &[u8], what: &str) -> StoreResult<u64> {
+        let next = match self.get(key)? {
+            Some(v) => decode_u64(&v, what)? + 1,
+            None => 1,
+        };
+        self.put(key.to_vec(), next.to_be_bytes().to_vec());
+        Ok(next)
     }
 
     fn seq(&mut self) -> u64 {
@@ -1200,31 +1213,30 @@ impl Store {
     pub fn last_seq(&self, tenant: &str) -> StoreResult<u64> {
         let t = self.tenant(tenant)?;
         Ok(match t.tree.get(keys::SEQ_KEY)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("sequence counter".into()))?,
-            ),
+            Some(v) => decode_u64(&v, "sequence counter")?,
             None => 0,
         })
     }
 
     /// Users with `active: false`.
     pub fn count_inactive(&self, tenant: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        Ok(t.tree
-            .scan_prefix(keys::index_prefix(Index::Inactive, ""))
-            .keys()
-            .count() as u64)
+        self.count_keys(tenant, &keys::index_prefix(Index::Inactive, ""))
     }
 
     /// Number of groups (a key scan).
     pub fn count_groups(&self, tenant: &str) -> StoreResult<u64> {
+        self.count_keys(tenant, &keys::resource_prefix(ResourceKind::Group))
+    }
+
+    /// Keys under `prefix`, counted without decoding a value.
+    fn count_keys(&self, tenant: &str, prefix: &[u8]) -> StoreResult<u64> {
         let t = self.tenant(tenant)?;
-        Ok(t.tree
-            .scan_prefix(keys::resource_prefix(ResourceKind::Group))
-            .keys()
-            .count() as u64)
+        let mut n = 0;
+        for k in t.tree.scan_prefix(prefix).keys() {
+            k?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// On-disk size in bytes.

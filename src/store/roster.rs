@@ -250,16 +250,7 @@ impl Txn<'_> {
     }
 
     fn next_gseq(&mut self) -> StoreResult<u64> {
-        let last = match self.get(keys::GSEQ_KEY)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("governance counter".into()))?,
-            ),
-            None => 0,
-        };
-        self.put(keys::GSEQ_KEY.to_vec(), (last + 1).to_be_bytes().to_vec());
-        Ok(last + 1)
+        self.next_counter(keys::GSEQ_KEY, "governance counter")
     }
 
     /// Re-run the tenant's policy for a user whose document or groups changed. A manual
@@ -537,17 +528,7 @@ impl Store {
 
     /// Number of users (a key scan: no documents are decoded).
     pub fn count_users(&self, tenant: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        let mut n = 0;
-        for k in t
-            .tree
-            .scan_prefix(keys::resource_prefix(ResourceKind::User))
-            .keys()
-        {
-            k?;
-            n += 1;
-        }
-        Ok(n)
+        self.count_keys(tenant, &keys::resource_prefix(ResourceKind::User))
     }
 
     /// Resources of a kind with id greater than `after`, in id order, streamed.
