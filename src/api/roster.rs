@@ -1084,7 +1084,6 @@ async fn start_sync(
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    tenant_of(&st, &caller)?;
     let dry_run = if body.iter().all(u8::is_ascii_whitespace) {
         false
     } else {
