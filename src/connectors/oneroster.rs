@@ -418,15 +418,24 @@ pub fn user_write(
         return Ok(user_delete(settings, tenant, id));
     }
     let body = user_body(settings, tenant, id, doc, assignment, modified)?;
-    let key = user_key(id);
-    let url = settings.url(&format!("users/{}", sourced_id(tenant, &key)));
+    let (key, url) = object_url(settings, tenant, "users", user_key(id));
     Ok(Write::put(key, url, "user", body))
 }
 
 pub fn user_delete(settings: &OneRosterSettings, tenant: &str, id: &str) -> Write {
-    let key = user_key(id);
-    let url = settings.url(&format!("users/{}", sourced_id(tenant, &key)));
+    let (key, url) = object_url(settings, tenant, "users", user_key(id));
     Write::delete(key, url)
+}
+
+/// A user's or class's key and URL: the sourcedId is derived from the key.
+fn object_url(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    collection: &str,
+    key: String,
+) -> (String, String) {
+    let url = settings.url(&format!("{collection}/{}", sourced_id(tenant, &key)));
+    (key, url)
 }
 
 pub fn class_put(
@@ -436,8 +445,7 @@ pub fn class_put(
     doc: &Value,
     modified: DateTime<Utc>,
 ) -> Write {
-    let key = group_key(id);
-    let url = settings.url(&format!("classes/{}", sourced_id(tenant, &key)));
+    let (key, url) = object_url(settings, tenant, "classes", group_key(id));
     Write::put(
         key,
         url,
@@ -447,8 +455,7 @@ pub fn class_put(
 }
 
 pub fn class_delete(settings: &OneRosterSettings, tenant: &str, id: &str) -> Write {
-    let key = group_key(id);
-    let url = settings.url(&format!("classes/{}", sourced_id(tenant, &key)));
+    let (key, url) = object_url(settings, tenant, "classes", group_key(id));
     Write::delete(key, url)
 }
 
