@@ -75,7 +75,11 @@ pub fn start_daemon_with(opts: &DaemonOptions<'_>) -> Daemon {
         &config,
         format!(
             "version = 1\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nmax_body_bytes = 67108864\ncache_mb = {}\n[log]\nlevel = \"warn\"\n[api.jwt]\naudience = [\"bench\"]\nhs256_secret_env = \"BENCH_JWT_SECRET\"\n[[tenants]]\nid = \"{TENANT}\"\ntoken_env = \"BENCH_TOKEN\"\n{}\n{}\n",
-            dir.path().join("data"),
+            // `BENCH_DATA_DIR` keeps the store between runs, so a large roster is seeded
+            // once and later runs measure against it (and exercise opening an old store).
+            std::env::var("BENCH_DATA_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| dir.path().join("data")),
             // The daemon's default unless a benchmark asks for another (`BENCH_CACHE_MB`).
             env_usize("BENCH_CACHE_MB", 256),
             opts.tenant_extra,
@@ -116,7 +120,8 @@ impl Daemon {
                 return;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(30),
+                // Opening a kept store of an older layout upgrades it first.
+                started.elapsed() < Duration::from_secs(600),
                 "daemon did not start"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::jwt::Scope;
-use super::roster::{FILTER_PARAMS, Renderer, RosterUser, UserFilter, blocking};
+use super::roster::{FILTER_PARAMS, Renderer, UserFilter, blocking};
 use super::{ApiError, ApiResult, authenticate};
 use crate::server::AppState;
 use crate::store::{Store, StoreError, StoreResult};
@@ -39,28 +39,6 @@ pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
         Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
         _ => cell.into(),
     }
-}
-
-fn row(u: &RosterUser) -> [String; 11] {
-    let s = |v: &Option<String>| v.clone().unwrap_or_default();
-    [
-        u.user_id.clone(),
-        s(&u.email),
-        s(&u.first_name),
-        s(&u.last_name),
-        s(&u.job_title),
-        s(&u.department),
-        u.manager_user_id
-            .as_deref()
-            .map(|m| m.strip_prefix("user:").unwrap_or(m).to_owned())
-            .unwrap_or_default(),
-        s(&u.archetype_id),
-        u.archetype_confidence
-            .map(|c| format!("{c:.3}"))
-            .unwrap_or_default(),
-        u.is_active.to_string(),
-        u.groups.join(","),
-    ]
 }
 
 /// The csv writer's sink: shared so full chunks can be taken out while it keeps writing.
@@ -106,12 +84,42 @@ fn write_rows<W: std::io::Write>(
 ) -> StoreResult<u64> {
     let mut renderer = Renderer::new(store, tenant);
     let mut rows = 0u64;
+    let mut record = csv::ByteRecord::new();
+    let mut confidence = String::new();
+    let mut user_id = b"user:".to_vec();
     w.write_record(COLUMNS).map_err(csv_error)?;
-    filter.for_each(store, tenant, None, |id, view, a, groups| {
-        let u = renderer.user(id, view, a, groups)?;
-        let cells = row(&u);
-        w.write_record(cells.iter().map(|c| neutralize(c).into_owned()))
-            .map_err(csv_error)?;
+    filter.for_each(store, tenant, None, |id, rec, groups| {
+        let manager = match rec.manager {
+            Some(mid) => renderer.manager_name(mid)?,
+            None => None,
+        };
+        let groups = renderer.group_names(id, groups)?.join(",");
+        confidence.clear();
+        if let Some(c) = rec.confidence() {
+            use std::fmt::Write;
+            let _ = write!(confidence, "{c:.3}");
+        }
+        let cells = [
+            rec.email,
+            rec.given_name,
+            rec.family_name,
+            rec.title,
+            rec.department,
+            manager.as_deref(),
+            rec.archetype_id(),
+            Some(confidence.as_str()),
+            Some(if rec.active { "true" } else { "false" }),
+            Some(groups.as_str()),
+        ];
+        // user_id is `user:` + userName: never a formula, whatever the userName.
+        user_id.truncate(b"user:".len());
+        user_id.extend_from_slice(rec.user_name.as_bytes());
+        record.clear();
+        record.push_field(&user_id);
+        for cell in cells {
+            record.push_field(neutralize(cell.unwrap_or("")).as_bytes());
+        }
+        w.write_byte_record(&record).map_err(csv_error)?;
         rows += 1;
         after_row(w)
     })?;

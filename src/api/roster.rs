@@ -11,9 +11,8 @@ use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -22,7 +21,10 @@ use super::{ApiError, ApiResult, Caller, TenantRoster, authenticate};
 use crate::scim::ResourceKind;
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::server::AppState;
-use crate::store::{Assignment, EventQuery, IdScan, IndexQuery, Job, Resource, Store, StoreResult};
+use crate::store::{
+    Assignment, EventQuery, IdScan, IndexQuery, Job, RecordAssignment, Resource, RosterRecord,
+    Store, StoreResult,
+};
 
 type St = State<Arc<AppState>>;
 type Params = Query<HashMap<String, String>>;
@@ -170,106 +172,6 @@ fn text(v: Option<&Value>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The parts of a stored user the Roster API shows, decoded straight from the stored
-/// JSON with borrowed strings: listing and export decode every user they pass, and a full
-/// `serde_json::Value` per user was most of the export's cost.
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct UserView<'a> {
-    #[serde(default, borrow, rename = "userName")]
-    pub user_name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub name: Option<NameView<'a>>,
-    #[serde(default, borrow)]
-    pub emails: Vec<EmailView<'a>>,
-    #[serde(default, borrow)]
-    pub title: Option<Cow<'a, str>>,
-    #[serde(default)]
-    pub active: Option<bool>,
-    #[serde(default, borrow, rename = "externalId")]
-    pub external_id: Option<Cow<'a, str>>,
-    #[serde(
-        default,
-        borrow,
-        rename = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
-    )]
-    pub enterprise: Option<EnterpriseView<'a>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct NameView<'a> {
-    #[serde(default, borrow, rename = "givenName")]
-    pub given: Option<Cow<'a, str>>,
-    #[serde(default, borrow, rename = "familyName")]
-    pub family: Option<Cow<'a, str>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct EmailView<'a> {
-    #[serde(default, borrow)]
-    pub value: Option<Cow<'a, str>>,
-    #[serde(default, borrow, rename = "type")]
-    pub kind: Option<Cow<'a, str>>,
-    #[serde(default)]
-    pub primary: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct EnterpriseView<'a> {
-    #[serde(default, borrow)]
-    pub department: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    pub manager: Option<ManagerView<'a>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct ManagerView<'a> {
-    #[serde(default, borrow)]
-    pub value: Option<Cow<'a, str>>,
-}
-
-fn owned(v: &Option<Cow<'_, str>>) -> Option<String> {
-    v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned)
-}
-
-impl<'a> UserView<'a> {
-    pub fn decode(bytes: &'a [u8]) -> StoreResult<UserView<'a>> {
-        serde_json::from_slice(bytes).map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))
-    }
-
-    pub fn email(&self) -> Option<String> {
-        let pick = self
-            .emails
-            .iter()
-            .find(|e| e.primary == Some(true))
-            .or_else(|| {
-                self.emails
-                    .iter()
-                    .find(|e| e.kind.as_deref() == Some("work"))
-            })
-            .or_else(|| self.emails.first());
-        pick.and_then(|e| owned(&e.value))
-            .or_else(|| owned(&self.user_name).filter(|u| u.contains('@')))
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.active.unwrap_or(true)
-    }
-
-    pub fn department(&self) -> Option<&str> {
-        self.enterprise
-            .as_ref()
-            .and_then(|e| e.department.as_deref())
-            .filter(|d| !d.is_empty())
-    }
-
-    pub fn manager(&self) -> Option<&str> {
-        self.enterprise
-            .as_ref()
-            .and_then(|e| e.manager.as_ref())
-            .and_then(|m| m.value.as_deref())
-    }
-}
-
 /// Renders users, caching group names and manager userNames across one request.
 pub(super) struct Renderer<'a> {
     store: &'a Store,
@@ -290,26 +192,51 @@ impl<'a> Renderer<'a> {
 
     /// Render one user by SCIM id.
     pub fn by_id(&mut self, id: &str) -> ApiResult<RosterUser> {
-        let raw = self
+        let bytes = self
             .store
-            .get_raw(self.tenant, ResourceKind::User, id)?
+            .roster_record(self.tenant, id)?
             .ok_or_else(|| ApiError::NotFound(format!("user {id:?} not found")))?;
-        let view = UserView::decode(&raw)?;
-        let a = self.store.assignment(self.tenant, id)?;
-        Ok(self.user(id, &view, a.as_ref(), None)?)
+        Ok(self.user(id, &bytes.record()?, None)?)
     }
 
     pub fn user(
         &mut self,
         id: &str,
-        view: &UserView<'_>,
-        assignment: Option<&Assignment>,
+        rec: &RosterRecord<'_>,
         group_ids: Option<&[String]>,
     ) -> StoreResult<RosterUser> {
-        let manager_user_id = match view.manager() {
+        let manager_user_id = match rec.manager {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
+        let groups = self.group_names(id, group_ids)?;
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        let a = rec.assignment.as_ref();
+        Ok(RosterUser {
+            user_id: format!("user:{}", rec.user_name),
+            scim_id: id.to_owned(),
+            email: owned(rec.email),
+            first_name: owned(rec.given_name),
+            last_name: owned(rec.family_name),
+            job_title: owned(rec.title),
+            department: owned(rec.department),
+            manager_user_id,
+            archetype_id: owned(rec.archetype_id()),
+            archetype_confidence: rec.confidence(),
+            archetype_assigned_by: a.map(|a| a.assigned_by.to_owned()),
+            archetype_assigned_at: a.map(RecordAssignment::assigned_at),
+            is_active: rec.active,
+            scim_external_id: owned(rec.external_id),
+            groups,
+        })
+    }
+
+    /// Display names of the user's groups, sorted; `group_ids` when the caller has them.
+    pub fn group_names(
+        &mut self,
+        id: &str,
+        group_ids: Option<&[String]>,
+    ) -> StoreResult<Vec<String>> {
         let looked_up;
         let group_ids = match group_ids {
             Some(g) => g,
@@ -323,26 +250,11 @@ impl<'a> Renderer<'a> {
             groups.push(self.group_name(gid)?);
         }
         groups.sort();
-        Ok(RosterUser {
-            user_id: format!("user:{}", view.user_name.as_deref().unwrap_or_default()),
-            scim_id: id.to_owned(),
-            email: view.email(),
-            first_name: view.name.as_ref().and_then(|n| owned(&n.given)),
-            last_name: view.name.as_ref().and_then(|n| owned(&n.family)),
-            job_title: owned(&view.title),
-            department: view.department().map(str::to_owned),
-            manager_user_id,
-            archetype_id: assignment.and_then(|a| a.archetype_id.clone()),
-            archetype_confidence: assignment.map(|a| a.confidence),
-            archetype_assigned_by: assignment.map(|a| a.assigned_by.clone()),
-            archetype_assigned_at: assignment.map(|a| a.assigned_at),
-            is_active: view.is_active(),
-            scim_external_id: owned(&view.external_id),
-            groups,
-        })
+        Ok(groups)
     }
 
-    fn manager_name(&mut self, id: &str) -> StoreResult<Option<String>> {
+    /// The userName of the manager with SCIM id `id`, if that user exists.
+    pub fn manager_name(&mut self, id: &str) -> StoreResult<Option<String>> {
         if let Some(n) = self.manager_names.get(id) {
             return Ok(n.clone());
         }
@@ -467,38 +379,33 @@ impl UserFilter {
         store: &Store,
         tenant: &str,
         id: &str,
-        view: &UserView<'_>,
-        a: Option<&Assignment>,
+        rec: &RosterRecord<'_>,
     ) -> StoreResult<bool> {
-        if self.active.is_some_and(|want| view.is_active() != want) {
+        if self.active.is_some_and(|want| rec.active != want) {
             return Ok(false);
         }
         if let Some(want) = &self.archetype
-            && a.and_then(|a| a.archetype_id.as_ref()) != Some(want)
+            && rec.archetype_id() != Some(want.as_str())
         {
             return Ok(false);
         }
         if let Some(lt) = self.confidence_lt
-            && !a.is_some_and(|a| a.confidence < lt)
+            && !rec.confidence().is_some_and(|c| c < lt)
         {
             return Ok(false);
         }
         if let Some(d) = &self.department
-            && !view.department().is_some_and(|x| x.eq_ignore_ascii_case(d))
+            && !rec.department.is_some_and(|x| x.eq_ignore_ascii_case(d))
         {
             return Ok(false);
         }
         if let Some(e) = &self.email
-            && !view.emails.iter().any(|x| {
-                x.value
-                    .as_deref()
-                    .is_some_and(|v| v.eq_ignore_ascii_case(e))
-            })
+            && !rec.has_email(e)
         {
             return Ok(false);
         }
         if let Some(m) = &self.manager
-            && view.manager() != Some(m.as_str())
+            && rec.manager != Some(m.as_str())
         {
             return Ok(false);
         }
@@ -518,60 +425,36 @@ impl UserFilter {
         store: &Store,
         tenant: &str,
         after: Option<&str>,
-        mut f: impl FnMut(
-            &str,
-            &UserView<'_>,
-            Option<&Assignment>,
-            Option<&[String]>,
-        ) -> StoreResult<bool>,
+        mut f: impl FnMut(&str, &RosterRecord<'_>, Option<&[String]>) -> StoreResult<bool>,
     ) -> StoreResult<()> {
         match self.index() {
             Some(scan) => {
                 for id in store.scan_ids(tenant, &scan, after)? {
                     let id = id?;
-                    let Some(raw) = store.get_raw(tenant, ResourceKind::User, &id)? else {
+                    let Some(bytes) = store.roster_record(tenant, &id)? else {
                         continue;
                     };
-                    let view = UserView::decode(&raw)?;
-                    let a = store.assignment(tenant, &id)?;
-                    if self.matches(store, tenant, &id, &view, a.as_ref())?
-                        && !f(&id, &view, a.as_ref(), None)?
-                    {
+                    let rec = bytes.record()?;
+                    if self.matches(store, tenant, &id, &rec)? && !f(&id, &rec, None)? {
                         break;
                     }
                 }
             }
             None => {
-                // A full walk: users, assignments and memberships are all keyed by user
-                // id, so three ordered scans are merged instead of two lookups per user.
-                let mut assignments = store.scan_assignments_after(tenant, after)?.peekable();
+                // A full walk: records and memberships are both keyed by user id, so two
+                // ordered scans are merged instead of a lookup per user.
                 let mut memberships = store.scan_memberships_after(tenant, after)?.peekable();
                 let mut groups: Vec<String> = Vec::new();
-                for item in store.scan_raw_after(tenant, ResourceKind::User, after)? {
-                    let (id, raw) = item?;
-                    let mut a = None;
-                    while let Some(next) = assignments.peek() {
-                        match next {
-                            Ok((aid, _)) if aid.as_str() < id.as_str() => {
-                                assignments.next();
-                            }
-                            Ok((aid, _)) if *aid == id => {
-                                a = assignments.next().transpose()?.map(|(_, a)| a);
-                                break;
-                            }
-                            Ok(_) => break,
-                            Err(_) => {
-                                assignments.next().transpose()?;
-                            }
-                        }
-                    }
+                for bytes in store.scan_records_after(tenant, after)? {
+                    let bytes = bytes?;
+                    let id = bytes.id();
                     groups.clear();
                     while let Some(next) = memberships.peek() {
                         match next {
-                            Ok((mid, _)) if mid.as_str() < id.as_str() => {
+                            Ok((mid, _)) if mid.as_str() < id => {
                                 memberships.next();
                             }
-                            Ok((mid, _)) if *mid == id => {
+                            Ok((mid, _)) if mid == id => {
                                 if let Some((_, gid)) = memberships.next().transpose()? {
                                     groups.push(gid);
                                 }
@@ -582,10 +465,8 @@ impl UserFilter {
                             }
                         }
                     }
-                    let view = UserView::decode(&raw)?;
-                    if self.matches(store, tenant, &id, &view, a.as_ref())?
-                        && !f(&id, &view, a.as_ref(), Some(&groups))?
-                    {
+                    let rec = bytes.record()?;
+                    if self.matches(store, tenant, id, &rec)? && !f(id, &rec, Some(&groups))? {
                         break;
                     }
                 }
@@ -628,12 +509,12 @@ async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiR
         let mut renderer = Renderer::new(store, &tenant);
         let mut users = Vec::with_capacity(limit);
         let mut more = false;
-        filter.for_each(store, &tenant, after.as_deref(), |id, view, a, groups| {
+        filter.for_each(store, &tenant, after.as_deref(), |id, rec, groups| {
             if users.len() == limit {
                 more = true;
                 return Ok(false);
             }
-            users.push(renderer.user(id, view, a, groups)?);
+            users.push(renderer.user(id, rec, groups)?);
             Ok(true)
         })?;
         let next = more

@@ -139,6 +139,13 @@ pub(crate) fn assignment(id: &str) -> Vec<u8> {
     k
 }
 
+/// `p id` → the user's roster record (see `record.rs`).
+pub(crate) fn record(id: &str) -> Vec<u8> {
+    let mut k = vec![b'p', SEP];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// `x archetype id` → empty: users by archetype.
 pub(crate) fn archetype_entry(archetype: &str, id: &str) -> Vec<u8> {
     let mut k = archetype_prefix(archetype);

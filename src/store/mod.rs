@@ -10,6 +10,7 @@
 mod commit;
 mod delivery;
 mod keys;
+mod record;
 mod roster;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -26,6 +27,7 @@ use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
 pub use delivery::{DeadLetter, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
+pub use record::{RecordAssignment, RecordBytes, RosterRecord};
 pub use roster::{
     Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
     IdScan, Job, JobStatus, ReclassifyCounts, Resolver,
@@ -35,7 +37,7 @@ pub use roster::{
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
-const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION: u64 = 2;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -617,6 +619,7 @@ impl<'a> Txn<'a> {
     /// Every key this transaction writes (`None` deletes), change events and the
     /// sequence counter included.
     fn into_ops(mut self) -> StoreResult<Vec<Op>> {
+        self.refresh_records()?;
         let events = std::mem::take(&mut self.events);
         let mut ops = Vec::with_capacity(self.pending.len() + events.len() + 1);
         for e in &events {
@@ -723,6 +726,30 @@ fn recover_intent(tree: &sled::Tree) -> StoreResult<bool> {
     Ok(true)
 }
 
+/// Layout 1 had no roster records and no index of inactive users: build both for every
+/// tenant, then record the new version. Runs before the store serves anything.
+fn migrate_from_v1(db: &sled::Db) -> StoreResult<()> {
+    for name in db.tree_names() {
+        let Some(tenant) = name.strip_prefix(b"tenant/") else {
+            continue;
+        };
+        let tenant = String::from_utf8_lossy(tenant).into_owned();
+        let tree = db.open_tree(&name)?;
+        recover_intent(&tree)?;
+        let started = std::time::Instant::now();
+        let users = record::build_all(&tree)?;
+        tracing::info!(
+            tenant,
+            users,
+            secs = started.elapsed().as_secs_f64(),
+            "Upgraded the tenant's data to layout version 2 (roster records)."
+        );
+    }
+    db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+    db.flush()?;
+    Ok(())
+}
+
 fn member_matches(filter: &Filter, member: &Member) -> bool {
     let element = serde_json::to_value(member).unwrap_or(Value::Null);
     let wrapped = Filter::ValuePath {
@@ -757,7 +784,9 @@ impl Store {
                     .ok()
                     .and_then(|s| s.parse::<u64>().ok())
                     .unwrap_or(u64::MAX);
-                if found != SCHEMA_VERSION {
+                if found == 1 {
+                    migrate_from_v1(&db)?;
+                } else if found != SCHEMA_VERSION {
                     return Err(StoreError::UnknownSchema { found });
                 }
             }

@@ -143,7 +143,7 @@ pub struct EventQuery {
 
 /// The key range of everything under `prefix` that sorts after `after_key` (itself a key
 /// under `prefix`), or all of it.
-fn range_after(prefix: &[u8], after_key: Option<Vec<u8>>) -> std::ops::Range<Vec<u8>> {
+pub(super) fn range_after(prefix: &[u8], after_key: Option<Vec<u8>>) -> std::ops::Range<Vec<u8>> {
     let start = match after_key {
         Some(mut k) => {
             k.push(0);
