@@ -89,7 +89,7 @@ fn write_rows<W: std::io::Write>(
     let mut user_id = b"user:".to_vec();
     w.write_record(COLUMNS).map_err(csv_error)?;
     filter.for_each(store, tenant, None, |id, rec, groups| {
-        let manager = match rec.manager {
+        let manager = match rec.user.manager {
             Some(mid) => renderer.manager_name(mid)?,
             None => None,
         };
@@ -100,20 +100,20 @@ fn write_rows<W: std::io::Write>(
             let _ = write!(confidence, "{c:.3}");
         }
         let cells = [
-            rec.email,
-            rec.given_name,
-            rec.family_name,
-            rec.title,
-            rec.department,
+            rec.user.email,
+            rec.user.given_name,
+            rec.user.family_name,
+            rec.user.title,
+            rec.user.department,
             manager.as_deref(),
             rec.archetype_id(),
             Some(confidence.as_str()),
-            Some(if rec.active { "true" } else { "false" }),
+            Some(if rec.user.active { "true" } else { "false" }),
             Some(groups.as_str()),
         ];
         // user_id is `user:` + userName: never a formula, whatever the userName.
         user_id.truncate(b"user:".len());
-        user_id.extend_from_slice(rec.user_name.as_bytes());
+        user_id.extend_from_slice(rec.user.user_name.as_bytes());
         record.clear();
         record.push_field(&user_id);
         for cell in cells {

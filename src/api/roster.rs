@@ -205,7 +205,7 @@ impl<'a> Renderer<'a> {
         rec: &RosterRecord<'_>,
         group_ids: Option<&[String]>,
     ) -> StoreResult<RosterUser> {
-        let manager_user_id = match rec.manager {
+        let manager_user_id = match rec.user.manager {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
@@ -213,20 +213,20 @@ impl<'a> Renderer<'a> {
         let owned = |v: Option<&str>| v.map(str::to_owned);
         let a = rec.assignment.as_ref();
         Ok(RosterUser {
-            user_id: format!("user:{}", rec.user_name),
+            user_id: format!("user:{}", rec.user.user_name),
             scim_id: id.to_owned(),
-            email: owned(rec.email),
-            first_name: owned(rec.given_name),
-            last_name: owned(rec.family_name),
-            job_title: owned(rec.title),
-            department: owned(rec.department),
+            email: owned(rec.user.email),
+            first_name: owned(rec.user.given_name),
+            last_name: owned(rec.user.family_name),
+            job_title: owned(rec.user.title),
+            department: owned(rec.user.department),
             manager_user_id,
             archetype_id: owned(rec.archetype_id()),
             archetype_confidence: rec.confidence(),
             archetype_assigned_by: a.map(|a| a.assigned_by.to_owned()),
             archetype_assigned_at: a.map(RecordAssignment::assigned_at),
-            is_active: rec.active,
-            scim_external_id: owned(rec.external_id),
+            is_active: rec.user.active,
+            scim_external_id: owned(rec.user.external_id),
             groups,
         })
     }
@@ -381,7 +381,7 @@ impl UserFilter {
         id: &str,
         rec: &RosterRecord<'_>,
     ) -> StoreResult<bool> {
-        if self.active.is_some_and(|want| rec.active != want) {
+        if self.active.is_some_and(|want| rec.user.active != want) {
             return Ok(false);
         }
         if let Some(want) = &self.archetype
@@ -395,17 +395,20 @@ impl UserFilter {
             return Ok(false);
         }
         if let Some(d) = &self.department
-            && !rec.department.is_some_and(|x| x.eq_ignore_ascii_case(d))
+            && !rec
+                .user
+                .department
+                .is_some_and(|x| x.eq_ignore_ascii_case(d))
         {
             return Ok(false);
         }
         if let Some(e) = &self.email
-            && !rec.has_email(e)
+            && !rec.user.has_email(e)
         {
             return Ok(false);
         }
         if let Some(m) = &self.manager
-            && rec.manager != Some(m.as_str())
+            && rec.user.manager != Some(m.as_str())
         {
             return Ok(false);
         }

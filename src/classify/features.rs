@@ -18,6 +18,9 @@ const G_DEPT: u8 = 3;
 
 const GROUP_SHIFT: u32 = 30;
 const INDEX_MASK: u32 = (1 << GROUP_SHIFT) - 1;
+// The group rides in the bits above GROUP_SHIFT while vectorizing; a fifth group would
+// silently wrap into group 0, so adding one must move the shift.
+const _: () = assert!(GROUPS <= 1 << (32 - GROUP_SHIFT));
 
 const NS_WORD: u8 = b'w';
 const NS_BIGRAM: u8 = b'b';

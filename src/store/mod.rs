@@ -27,7 +27,7 @@ use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
 pub use delivery::{DeadLetter, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
-pub use record::{RecordAssignment, RecordBytes, RosterRecord};
+pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
 pub use roster::{
     Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
     IdScan, Job, JobStatus, ReclassifyCounts, Resolver,
@@ -309,6 +309,8 @@ struct Txn<'a> {
     now: DateTime<Utc>,
     /// The tenant's archetype policy, if it has one.
     resolver: Option<Arc<dyn Resolver>>,
+    /// Roster record halves handed over by the writes (see `record.rs`).
+    records: HashMap<String, record::Parts>,
 }
 
 impl<'a> Txn<'a> {
@@ -325,6 +327,7 @@ impl<'a> Txn<'a> {
             first_seq: last + 1,
             now: now(),
             resolver,
+            records: HashMap::new(),
         })
     }
 
@@ -397,6 +400,9 @@ impl<'a> Txn<'a> {
     }
 
     fn save(&mut self, kind: ResourceKind, id: &str, doc: &Value) -> StoreResult<()> {
+        if kind == ResourceKind::User {
+            self.record_user(id, doc)?;
+        }
         let bytes = encode(doc)?;
         self.put(keys::resource(kind, id), bytes);
         Ok(())

@@ -17,8 +17,22 @@ use super::{ENTERPRISE_USER_SCHEMA, StoreError, StoreResult, Txn, index_entries,
 use crate::scim::ResourceKind;
 
 /// One user as the roster sees it. Strings borrow from the stored bytes.
+///
+/// Stored with postcard, which writes a struct as its fields one after the other: the
+/// bytes are those of `user` followed by those of `assignment`, so a transaction that
+/// changes only one of them reuses the stored bytes of the other (see [`Parts`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RosterRecord<'a> {
+    #[serde(borrow)]
+    pub user: UserFields<'a>,
+    /// Absent when the user has no assignment (the tenant has no archetype policy).
+    #[serde(borrow)]
+    pub assignment: Option<RecordAssignment<'a>>,
+}
+
+/// The part of a user's SCIM document the roster shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserFields<'a> {
     pub user_name: &'a str,
     /// The address shown: the primary one, else the work one, else the first, else a
     /// userName that looks like an address.
@@ -41,9 +55,6 @@ pub struct RosterRecord<'a> {
     #[serde(borrow)]
     pub external_id: Option<&'a str>,
     pub active: bool,
-    /// Absent when the user has no assignment (the tenant has no archetype policy).
-    #[serde(borrow)]
-    pub assignment: Option<RecordAssignment<'a>>,
 }
 
 /// The part of an [`Assignment`] the roster shows.
@@ -58,7 +69,17 @@ pub struct RecordAssignment<'a> {
     pub assigned_nanos: u32,
 }
 
-impl RecordAssignment<'_> {
+impl<'a> RecordAssignment<'a> {
+    fn new(a: &'a Assignment) -> RecordAssignment<'a> {
+        RecordAssignment {
+            archetype_id: a.archetype_id.as_deref(),
+            confidence: a.confidence,
+            assigned_by: &a.assigned_by,
+            assigned_secs: a.assigned_at.timestamp(),
+            assigned_nanos: a.assigned_at.timestamp_subsec_nanos(),
+        }
+    }
+
     pub fn assigned_at(&self) -> DateTime<Utc> {
         DateTime::from_timestamp(self.assigned_secs, self.assigned_nanos).unwrap_or_default()
     }
@@ -69,9 +90,9 @@ fn text(v: Option<&Value>) -> Option<&str> {
     v.and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-impl<'a> RosterRecord<'a> {
-    /// The record of a stored user document and its assignment.
-    pub(super) fn new(doc: &'a Value, assignment: Option<&'a Assignment>) -> RosterRecord<'a> {
+impl<'a> UserFields<'a> {
+    /// The fields of a stored user document.
+    fn new(doc: &'a Value) -> UserFields<'a> {
         let user_name = doc.get("userName").and_then(Value::as_str).unwrap_or("");
         let emails: Vec<&Value> = doc
             .get("emails")
@@ -97,7 +118,7 @@ impl<'a> RosterRecord<'a> {
             .filter_map(|(_, e)| text(e.get("value")))
             .collect();
         let ext = doc.get(ENTERPRISE_USER_SCHEMA);
-        RosterRecord {
+        UserFields {
             user_name,
             email,
             other_emails,
@@ -110,13 +131,6 @@ impl<'a> RosterRecord<'a> {
                 .and_then(Value::as_str),
             external_id: text(doc.get("externalId")),
             active: doc.get("active").and_then(Value::as_bool).unwrap_or(true),
-            assignment: assignment.map(|a| RecordAssignment {
-                archetype_id: a.archetype_id.as_deref(),
-                confidence: a.confidence,
-                assigned_by: &a.assigned_by,
-                assigned_secs: a.assigned_at.timestamp(),
-                assigned_nanos: a.assigned_at.timestamp_subsec_nanos(),
-            }),
         }
     }
 
@@ -127,7 +141,9 @@ impl<'a> RosterRecord<'a> {
             .chain(&self.other_emails)
             .any(|e| e.eq_ignore_ascii_case(address))
     }
+}
 
+impl<'a> RosterRecord<'a> {
     pub fn archetype_id(&self) -> Option<&'a str> {
         self.assignment.as_ref().and_then(|a| a.archetype_id)
     }
@@ -136,14 +152,32 @@ impl<'a> RosterRecord<'a> {
         self.assignment.as_ref().map(|a| a.confidence)
     }
 
-    fn encode(&self) -> StoreResult<Vec<u8>> {
-        postcard::to_allocvec(self).map_err(|e| StoreError::Backend(format!("record: {e}")))
-    }
-
     fn decode(bytes: &'a [u8]) -> StoreResult<RosterRecord<'a>> {
-        postcard::from_bytes(bytes)
-            .map_err(|e| StoreError::Corrupt(format!("unreadable roster record: {e}")))
+        postcard::from_bytes(bytes).map_err(corrupt)
     }
+}
+
+fn corrupt(e: postcard::Error) -> StoreError {
+    StoreError::Corrupt(format!("unreadable roster record: {e}"))
+}
+
+fn encode<T: Serialize>(v: &T) -> StoreResult<Vec<u8>> {
+    postcard::to_allocvec(v).map_err(|e| StoreError::Backend(format!("roster record: {e}")))
+}
+
+/// The encoded halves of a record that a transaction has written so far: set by the
+/// writes themselves, which hold the decoded document or assignment, so making the
+/// record costs no JSON decoding.
+#[derive(Debug, Default)]
+pub(super) struct Parts {
+    user: Option<Vec<u8>>,
+    assignment: Option<Vec<u8>>,
+}
+
+/// The record's halves as stored: the split point is where `user` ends.
+fn split(bytes: &[u8]) -> StoreResult<(&[u8], &[u8])> {
+    let (_, rest) = postcard::take_from_bytes::<UserFields<'_>>(bytes).map_err(corrupt)?;
+    Ok(bytes.split_at(bytes.len() - rest.len()))
 }
 
 /// A stored roster record and its user id, as read from the store; decode with
@@ -165,8 +199,29 @@ impl RecordBytes {
 }
 
 impl Txn<'_> {
+    /// The user document this transaction saves for `id`.
+    pub(super) fn record_user(&mut self, id: &str, doc: &Value) -> StoreResult<()> {
+        let bytes = encode(&UserFields::new(doc))?;
+        self.records.entry(id.to_owned()).or_default().user = Some(bytes);
+        Ok(())
+    }
+
+    /// The assignment this transaction stores (or removes) for `id`.
+    pub(super) fn record_assignment(
+        &mut self,
+        id: &str,
+        a: Option<&Assignment>,
+    ) -> StoreResult<()> {
+        let bytes = encode(&a.map(RecordAssignment::new))?;
+        self.records.entry(id.to_owned()).or_default().assignment = Some(bytes);
+        Ok(())
+    }
+
     /// Rewrite the roster record of every user whose document or assignment this
-    /// transaction writes, from what the transaction leaves behind.
+    /// transaction writes. The halves the writes handed over are used as they are; a
+    /// missing half comes from the stored record, or, failing that, from the stored
+    /// document or assignment. Every pending document and assignment key is covered, so
+    /// a write path that forgot to hand over its half still gets a correct record.
     pub(super) fn refresh_records(&mut self) -> StoreResult<()> {
         let user_prefix = keys::resource_prefix(ResourceKind::User);
         let assignment_prefix = keys::assignment("");
@@ -181,15 +236,41 @@ impl Txn<'_> {
             .collect();
         ids.sort_unstable();
         ids.dedup();
+        let mut handed = std::mem::take(&mut self.records);
         for id in ids {
-            match self.load(ResourceKind::User, &id)? {
-                None => self.del(keys::record(&id)),
-                Some(doc) => {
+            let parts = handed.remove(&id).unwrap_or_default();
+            let doc_key = keys::resource(ResourceKind::User, &id);
+            if !self.exists(&doc_key)? {
+                self.del(keys::record(&id));
+                continue;
+            }
+            let stored = self.get(&keys::record(&id))?;
+            let (stored_user, stored_assignment) = match &stored {
+                Some(b) => {
+                    let (u, a) = split(b)?;
+                    (Some(u), Some(a))
+                }
+                None => (None, None),
+            };
+            let doc_pending = self.pending.contains_key(&doc_key);
+            let assignment_pending = self.pending.contains_key(&keys::assignment(&id));
+            let mut bytes = match (parts.user, stored_user) {
+                (Some(u), _) => u,
+                (None, Some(u)) if !doc_pending => u.to_vec(),
+                _ => match self.load(ResourceKind::User, &id)? {
+                    Some(doc) => encode(&UserFields::new(&doc))?,
+                    None => continue,
+                },
+            };
+            match (parts.assignment, stored_assignment) {
+                (Some(a), _) => bytes.extend_from_slice(&a),
+                (None, Some(a)) if !assignment_pending => bytes.extend_from_slice(a),
+                _ => {
                     let a = self.load_assignment(&id)?;
-                    let bytes = RosterRecord::new(&doc, a.as_ref()).encode()?;
-                    self.put(keys::record(&id), bytes);
+                    bytes.extend_from_slice(&encode(&a.as_ref().map(RecordAssignment::new))?);
                 }
             }
+            self.put(keys::record(&id), bytes);
         }
         Ok(())
     }
@@ -245,10 +326,11 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
             }
             None => None,
         };
-        batch.insert(
-            keys::record(&id),
-            RosterRecord::new(&doc, assignment.as_ref()).encode()?,
-        );
+        let record = RosterRecord {
+            user: UserFields::new(&doc),
+            assignment: assignment.as_ref().map(RecordAssignment::new),
+        };
+        batch.insert(keys::record(&id), encode(&record)?);
         for (index, value) in index_entries(ResourceKind::User, &id, &doc) {
             let key = keys::index_entry(index, &value, &id);
             if index.is_unique() {
@@ -287,9 +369,9 @@ mod tests {
         let bytes = store.roster_record("t", id).unwrap()?;
         let r = bytes.record().unwrap();
         Some((
-            r.user_name.to_owned(),
-            r.title.map(str::to_owned),
-            r.active,
+            r.user.user_name.to_owned(),
+            r.user.title.map(str::to_owned),
+            r.user.active,
             r.confidence(),
         ))
     }
@@ -308,13 +390,13 @@ mod tests {
             let r = bytes.record().unwrap();
             assert_eq!(bytes.id(), id);
             // The work address is shown; the other is still found by the filter.
-            assert_eq!(r.email, Some("Ada@X.test"));
-            assert!(r.has_email("HOME@x.test") && r.has_email("ada@x.test"));
-            assert!(!r.has_email("nobody@x.test"));
-            assert_eq!(r.given_name, Some("Ada"));
-            assert_eq!(r.family_name, None, "empty strings are absent");
+            assert_eq!(r.user.email, Some("Ada@X.test"));
+            assert!(r.user.has_email("HOME@x.test") && r.user.has_email("ada@x.test"));
+            assert!(!r.user.has_email("nobody@x.test"));
+            assert_eq!(r.user.given_name, Some("Ada"));
+            assert_eq!(r.user.family_name, None, "empty strings are absent");
             assert_eq!(
-                (r.department, r.manager, r.external_id),
+                (r.user.department, r.user.manager, r.user.external_id),
                 (Some("R&D"), Some("m-1"), Some("e-1"))
             );
             assert!(r.assignment.is_none());
@@ -338,11 +420,51 @@ mod tests {
         {
             let bytes = store.roster_record("t", &id).unwrap().unwrap();
             let r = bytes.record().unwrap();
-            assert_eq!((r.title, r.active), (Some("Designer"), true));
+            assert_eq!((r.user.title, r.user.active), (Some("Designer"), true));
             let ra = r.assignment.as_ref().unwrap();
             assert_eq!(ra.archetype_id, Some("designer"));
             assert_eq!(ra.assigned_by, "user:admin");
             assert_eq!(ra.assigned_at(), a.assigned_at, "to the nanosecond");
+        }
+        // A document-only write keeps the assignment half as stored.
+        store
+            .update("t", ResourceKind::User, &id, None, |_| {
+                Ok(Update {
+                    doc: doc("Illustrator"),
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            owned(&store, &id),
+            Some((
+                "ada@x.test".into(),
+                Some("Illustrator".into()),
+                false,
+                Some(a.confidence)
+            ))
+        );
+        {
+            let bytes = store.roster_record("t", &id).unwrap().unwrap();
+            assert_eq!(bytes.record().unwrap().archetype_id(), Some("designer"));
+        }
+        // A write path that hands over nothing still leaves a right record.
+        store
+            .write_sync("t", |txn| {
+                let mut d = doc("Painter");
+                d["id"] = json!(id.clone());
+                txn.put(
+                    keys::resource(ResourceKind::User, &id),
+                    super::super::encode(&d)?,
+                );
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(owned(&store, &id).unwrap().1.as_deref(), Some("Painter"));
+        {
+            let bytes = store.roster_record("t", &id).unwrap().unwrap();
+            assert_eq!(bytes.record().unwrap().archetype_id(), Some("designer"));
         }
         let listed: Vec<String> = store
             .scan_records_after("t", None)

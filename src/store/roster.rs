@@ -223,6 +223,7 @@ impl Txn<'_> {
             self.put(keys::review(id), Vec::new());
         }
         self.put(keys::assignment(id), encode(&new)?);
+        self.record_assignment(id, Some(&new))?;
         self.govern(kind, id, actor, before.cloned(), Some(new.clone()))?;
         Ok(new)
     }
@@ -335,6 +336,7 @@ impl Txn<'_> {
             }
             self.del(keys::review(id));
             self.del(keys::assignment(id));
+            self.record_assignment(id, None)?;
             self.govern("rbac.archetype_removed", id, "service:scim", Some(a), None)?;
         }
         Ok(())
