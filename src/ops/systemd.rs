@@ -79,6 +79,33 @@ pub fn notify_stopping() {
     );
 }
 
+/// Keep systemd's start timeout from running out while `work` runs (opening the store,
+/// which upgrades an older data directory first: about 50 s per million users). Every
+/// 10 s until `work` finishes, asks for 30 s more (`EXTEND_TIMEOUT_USEC`) and says why
+/// in the status line.
+pub async fn extending_start_timeout<T>(status: &str, work: impl Future<Output = T>) -> T {
+    if !enabled() {
+        return work.await;
+    }
+    let status = one_line(status);
+    let keep_alive = async {
+        loop {
+            send(
+                "EXTEND_TIMEOUT_USEC",
+                &[
+                    NotifyState::ExtendTimeoutUsec(30_000_000),
+                    NotifyState::Status(&status),
+                ],
+            );
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        never = keep_alive => never,
+    }
+}
+
 /// Set the one-line status shown by `systemctl status rosterd`. Newlines become spaces.
 pub fn notify_status(status: &str) {
     if !enabled() {
@@ -267,6 +294,27 @@ mod tests {
         assert!((2..=5).contains(&pings), "{pings} pings");
         // Nothing after cancellation.
         assert!(m.drain(Duration::from_millis(150)).is_empty());
+    }
+
+    #[test]
+    fn a_long_start_extends_the_timeout_until_it_is_done() {
+        let m = Manager::new(&[]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let out = runtime.block_on(extending_start_timeout("Opening the\nstore", async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            7
+        }));
+        assert_eq!(out, 7);
+        let msg = m.expect("EXTEND_TIMEOUT_USEC=30000000");
+        assert!(
+            msg.lines().any(|l| l == "STATUS=Opening the store"),
+            "{msg:?}"
+        );
+        // Nothing once the work is done.
+        assert!(m.drain(Duration::from_millis(100)).is_empty());
     }
 
     #[test]

@@ -132,9 +132,12 @@ pub async fn run_with_env(
     let data_dir = config.resolve(&config.server.data_dir);
     std::fs::create_dir_all(&data_dir)?;
     let cache = config.server.cache_mb * 1024 * 1024;
-    let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache))
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))??;
+    let store = crate::ops::systemd::extending_start_timeout(
+        "Opening the store",
+        tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache)),
+    )
+    .await
+    .map_err(|e| StoreError::Backend(e.to_string()))??;
     for (tenant, p) in &policies {
         store.set_resolver(tenant, p.clone());
     }
