@@ -71,8 +71,8 @@ pub struct ServerConfig {
     /// External base URL used in `meta.location` and `Location` headers, e.g.
     /// `https://rosterd.example.com`. Defaults to `http://{listen}`.
     pub public_url: Option<String>,
-    /// The store's page cache in MiB. Whole-tenant walks (CSV export, reconciliation)
-    /// run from memory when the data fits; about 1 GiB per million users.
+    /// The store's page cache in MiB. sled counts pages at their on-disk size, so the
+    /// daemon's RSS grows by up to about twice this as the cache fills.
     pub cache_mb: u64,
 }
 
