@@ -244,7 +244,12 @@ impl Txn<'_> {
                 self.del(keys::record(&id));
                 continue;
             }
-            let stored = self.get(&keys::record(&id))?;
+            // Both halves handed over (a create, say): the stored record is not needed.
+            let stored = if parts.user.is_some() && parts.assignment.is_some() {
+                None
+            } else {
+                self.get(&keys::record(&id))?
+            };
             let (stored_user, stored_assignment) = match &stored {
                 Some(b) => {
                     let (u, a) = split(b)?;
