@@ -173,6 +173,9 @@ fn text(v: Option<&Value>) -> Option<String> {
 }
 
 /// Renders users, caching group names and manager userNames across one request.
+/// Names a [`Renderer`] keeps at most, per kind: about 5 MiB.
+const NAME_CACHE_MAX: usize = 50_000;
+
 pub(super) struct Renderer<'a> {
     store: &'a Store,
     tenant: &'a str,
@@ -258,10 +261,17 @@ impl<'a> Renderer<'a> {
         if let Some(n) = self.manager_names.get(id) {
             return Ok(n.clone());
         }
-        let n = self
-            .store
-            .get(self.tenant, ResourceKind::User, id)?
-            .and_then(|m| text(m.doc.get("userName")));
+        let n = match self.store.roster_record(self.tenant, id)? {
+            Some(bytes) => {
+                Some(bytes.record()?.user.user_name.to_owned()).filter(|n| !n.is_empty())
+            }
+            None => None,
+        };
+        // An export walks every user, and a roster can have as many managers as users:
+        // start over rather than let the cache grow with the tenant.
+        if self.manager_names.len() >= NAME_CACHE_MAX {
+            self.manager_names.clear();
+        }
         self.manager_names.insert(id.to_owned(), n.clone());
         Ok(n)
     }
@@ -275,6 +285,9 @@ impl<'a> Renderer<'a> {
             .get(self.tenant, ResourceKind::Group, id)?
             .and_then(|g| text(g.doc.get("displayName")))
             .unwrap_or_else(|| id.to_owned());
+        if self.group_names.len() >= NAME_CACHE_MAX {
+            self.group_names.clear();
+        }
         self.group_names.insert(id.to_owned(), n.clone());
         Ok(n)
     }
