@@ -20,12 +20,12 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{DaemonOptions, JWT_SECRET, TENANT, TOKEN, env_usize, percentile, rss_kib};
+use common::{
+    DaemonOptions, JWT_SECRET, RssSampler, TENANT, TOKEN, env_usize, percentile, rss_kib,
+};
 
 #[path = "../tests/support/oneroster.rs"]
 mod oneroster;
@@ -273,17 +273,7 @@ async fn run(target: &OneRosterServer) {
         connector_file(target, concurrency),
     )
     .expect("connector file");
-    let done = Arc::new(AtomicBool::new(false));
-    let max_rss = Arc::new(AtomicU64::new(rss_after_seed));
-    let sampler = {
-        let (done, max_rss) = (done.clone(), max_rss.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                max_rss.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = RssSampler::start(pid, rss_after_seed);
     let users_before = target.count(Kind::User);
     let puts_before = target.count_requests("PUT", "users");
     let flush0 = flushes(&client, &daemon.base).await;
@@ -314,11 +304,9 @@ async fn run(target: &OneRosterServer) {
     let caught_up = t0.elapsed();
     let hwm_after_mirror = rss_kib(pid, "VmHWM:");
     let flush1 = flushes(&client, &daemon.base).await;
-    done.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
+    let mirror_rss_max = sampler.stop();
     let put_total = target.count_requests("PUT", "users") - puts_before;
     target.clear_faults();
-    let mirror_rss_max = max_rss.load(Ordering::Relaxed);
 
     // Where the time went: PUT arrivals per dispatcher batch (the log's seq order).
     let mut seq_of: HashMap<String, u64> = HashMap::with_capacity(users);

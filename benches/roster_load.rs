@@ -5,11 +5,11 @@
 //! `cargo bench --bench roster_load`. Prints a Markdown table.
 
 mod common;
-use common::{JWT_SECRET, TOKEN, env_usize, percentile, rss_kib, start_daemon};
+use common::{JWT_SECRET, RssSampler, TOKEN, env_usize, percentile, rss_kib, start_daemon};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 const BUNDLE: &str = include_str!("../tests/fixtures/bundle.toml");
 const TITLES: &[&str] = &[
@@ -188,17 +188,7 @@ struct Export {
 /// One full CSV export, sampling the daemon's RSS every 20 ms while it streams.
 async fn export(client: &reqwest::Client, api: &str, token: &str, pid: u32) -> Export {
     let rss_before = rss_kib(pid, "VmRSS:");
-    let done = Arc::new(AtomicBool::new(false));
-    let max_rss = Arc::new(AtomicU64::new(rss_before));
-    let sampler = {
-        let (done, max_rss) = (done.clone(), max_rss.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                max_rss.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = RssSampler::start(pid, rss_before);
     let t = Instant::now();
     let mut resp = client
         .get(format!("{api}/users:export?format=csv&active=any"))
@@ -214,13 +204,12 @@ async fn export(client: &reqwest::Client, api: &str, token: &str, pid: u32) -> E
         lines += chunk.iter().filter(|b| **b == b'\n').count();
     }
     let secs = t.elapsed().as_secs_f64();
-    done.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
+    let max_rss = sampler.stop();
     Export {
         rows: lines - 1,
         bytes,
         secs,
         rss_before_kib: rss_before,
-        rss_growth_kib: max_rss.load(Ordering::Relaxed).saturating_sub(rss_before),
+        rss_growth_kib: max_rss.saturating_sub(rss_before),
     }
 }

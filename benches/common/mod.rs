@@ -171,6 +171,40 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Samples a process's `VmRSS` every 20 ms on a thread of its own, keeping the largest.
+pub struct RssSampler {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    /// Start sampling `pid`; the maximum starts at `floor_kib`.
+    pub fn start(pid: u32, floor_kib: u64) -> RssSampler {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let max = std::sync::Arc::new(AtomicU64::new(floor_kib));
+        let thread = {
+            let (done, max) = (done.clone(), max.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    max.fetch_max(rss_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        RssSampler { done, max, thread }
+    }
+
+    /// Stop sampling; the largest RSS seen, in KiB.
+    pub fn stop(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.join().expect("RSS sampler");
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
