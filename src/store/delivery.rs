@@ -79,10 +79,6 @@ pub struct DeadLetter {
     pub event: ChangeEvent,
 }
 
-fn decode_json<T: for<'de> Deserialize<'de>>(b: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn put_hashes(txn: &mut super::Txn<'_>, connector: &str, hashes: Vec<(String, Option<u64>)>) {
     for (object, hash) in hashes {
         let k = hash_key(connector, &object);
@@ -181,7 +177,7 @@ impl Store {
         let t = self.tenant(tenant)?;
         let mut out = Vec::new();
         for kv in t.tree.scan_prefix(dead_prefix(connector)) {
-            out.push(decode_json(&kv?.1)?);
+            out.push(super::decode(&kv?.1)?);
         }
         Ok(out)
     }
@@ -199,7 +195,7 @@ impl Store {
         let t = self.tenant(tenant)?;
         t.tree
             .get(dead_key(connector, id))?
-            .map(|v| decode_json(&v))
+            .map(|v| super::decode(&v))
             .transpose()
     }
 

@@ -223,7 +223,8 @@ fn decode_u64(bytes: &[u8], what: &str) -> StoreResult<u64> {
     })?))
 }
 
-fn decode(bytes: &[u8]) -> StoreResult<Value> {
+/// A stored JSON value (document, assignment, event, …); unreadable bytes are corruption.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -595,8 +596,7 @@ impl<'a> Txn<'a> {
                         let Some(bytes) = self.get(&keys::member(gid, &id))? else {
                             continue;
                         };
-                        let member: Member = serde_json::from_slice(&bytes)
-                            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        let member: Member = decode(&bytes)?;
                         if member_matches(filter, &member) {
                             self.remove_member(gid, &id, &mut removed)?;
                         }
@@ -1166,7 +1166,7 @@ impl Store {
             .values()
             .map(|v| {
                 let v = v?;
-                serde_json::from_slice::<Member>(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
+                decode::<Member>(&v)
             }))
     }
 
@@ -1198,7 +1198,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in t.tree.range(start..=end).take(limit) {
             let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push(decode(&v)?);
         }
         Ok(out)
     }
@@ -1221,8 +1221,7 @@ impl Store {
                 .take(10_000)
             {
                 let (k, v) = kv?;
-                let e: ChangeEvent =
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let e: ChangeEvent = decode(&v)?;
                 // The log is in time order: the first young event ends the pass.
                 if e.at >= before {
                     break;

@@ -326,9 +326,7 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
         let id = String::from_utf8_lossy(&k[user_prefix.len()..]).into_owned();
         let doc: Value = super::decode(&v)?;
         let assignment: Option<Assignment> = match tree.get(keys::assignment(&id))? {
-            Some(b) => {
-                Some(serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?)
-            }
+            Some(b) => Some(super::decode(&b)?),
             None => None,
         };
         let record = RosterRecord {

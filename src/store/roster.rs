@@ -166,9 +166,7 @@ fn review_needed(source: AssignmentSource, confidence: f64, threshold: f64) -> b
 impl Txn<'_> {
     pub(super) fn load_assignment(&self, id: &str) -> StoreResult<Option<Assignment>> {
         match self.get(&keys::assignment(id))? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            )),
+            Some(b) => Ok(Some(decode(&b)?)),
             None => Ok(None),
         }
     }
@@ -374,9 +372,7 @@ impl Store {
     pub fn assignment(&self, tenant: &str, id: &str) -> StoreResult<Option<Assignment>> {
         let t = self.tenant(tenant)?;
         match t.tree.get(keys::assignment(id))? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            )),
+            Some(b) => Ok(Some(decode(&b)?)),
             None => Ok(None),
         }
     }
@@ -595,8 +591,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in t.tree.range(start..=end) {
             let (_, v) = kv?;
-            let e: GovernanceEvent =
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let e: GovernanceEvent = decode(&v)?;
             if q.user.as_ref().is_some_and(|u| u != &e.user)
                 || q.kind.as_ref().is_some_and(|k| k != &e.kind)
                 || q.since.is_some_and(|s| e.at < s)
@@ -623,9 +618,7 @@ impl Store {
     pub fn job(&self, tenant: &str, id: &str) -> StoreResult<Option<Job>> {
         let t = self.tenant(tenant)?;
         match t.tree.get(keys::job(id))? {
-            Some(b) => Ok(Some(
-                serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            )),
+            Some(b) => Ok(Some(decode(&b)?)),
             None => Ok(None),
         }
     }
@@ -635,7 +628,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in t.tree.scan_prefix(keys::jobs_prefix()) {
             let (_, v) = kv?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            out.push(decode(&v)?);
         }
         Ok(out)
     }
@@ -779,8 +772,7 @@ impl Store {
         let range = range_after(&prefix, after.map(keys::assignment));
         Ok(t.tree.range(range).map(move |kv| {
             let (k, v) = kv?;
-            let a: Assignment =
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let a: Assignment = decode(&v)?;
             Ok((String::from_utf8_lossy(&k[plen..]).into_owned(), a))
         }))
     }
