@@ -172,10 +172,10 @@ fn text(v: Option<&Value>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Renders users, caching group names and manager userNames across one request.
 /// Names a [`Renderer`] keeps at most, per kind: about 5 MiB.
 const NAME_CACHE_MAX: usize = 50_000;
 
+/// Renders users, caching group names and manager userNames across one request.
 pub(super) struct Renderer<'a> {
     store: &'a Store,
     tenant: &'a str,

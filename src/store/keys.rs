@@ -85,6 +85,16 @@ pub(crate) fn index_entry(index: Index, value: &str, id: &str) -> Vec<u8> {
     k
 }
 
+/// What an index entry stores: the id for unique families (the key ends at the value),
+/// nothing for the others (the id ends the key).
+pub(crate) fn index_value(index: Index, id: &str) -> Vec<u8> {
+    if index.is_unique() {
+        id.as_bytes().to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
 /// `m gid mid` → member record (forward membership).
 pub(crate) fn member(group: &str, member: &str) -> Vec<u8> {
     let mut k = members_prefix(group);

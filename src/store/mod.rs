@@ -432,18 +432,15 @@ impl<'a> Txn<'a> {
                 continue;
             }
             let key = keys::index_entry(index, &value, id);
-            if index.is_unique() {
-                if let Some(owner) = self.get(&key)?
-                    && owner != id.as_bytes()
-                {
-                    return Err(StoreError::Uniqueness(format!(
-                        "userName {value:?} is already taken in this tenant"
-                    )));
-                }
-                self.put(key, id.as_bytes().to_vec());
-            } else {
-                self.put(key, Vec::new());
+            if index.is_unique()
+                && let Some(owner) = self.get(&key)?
+                && owner != id.as_bytes()
+            {
+                return Err(StoreError::Uniqueness(format!(
+                    "userName {value:?} is already taken in this tenant"
+                )));
             }
+            self.put(key, keys::index_value(index, id));
         }
         Ok(())
     }

@@ -325,22 +325,20 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
         let (k, v) = kv?;
         let id = String::from_utf8_lossy(&k[user_prefix.len()..]).into_owned();
         let doc: Value = super::decode(&v)?;
-        let assignment: Option<Assignment> = match tree.get(keys::assignment(&id))? {
-            Some(b) => Some(super::decode(&b)?),
-            None => None,
-        };
+        let assignment: Option<Assignment> = tree
+            .get(keys::assignment(&id))?
+            .map(|b| super::decode(&b))
+            .transpose()?;
         let record = RosterRecord {
             user: UserFields::new(&doc),
             assignment: assignment.as_ref().map(RecordAssignment::new),
         };
         batch.insert(keys::record(&id), encode(&record)?);
         for (index, value) in index_entries(ResourceKind::User, &id, &doc) {
-            let key = keys::index_entry(index, &value, &id);
-            if index.is_unique() {
-                batch.insert(key, id.as_bytes());
-            } else {
-                batch.insert(key, Vec::new());
-            }
+            batch.insert(
+                keys::index_entry(index, &value, &id),
+                keys::index_value(index, &id),
+            );
         }
         users += 1;
         in_batch += 1;
