@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Roster API at scale against the real daemon (child process): seed `BENCH_USERS`
-//! (default 1,000,000) classified users through SCIM /Bulk, then time filtered list pages
-//! and the full CSV export, sampling the daemon's RSS while the export streams.
+//! (default 1,000,000) classified users through SCIM /Bulk, then time filtered list pages,
+//! archetype counts, the review queue and the full CSV export, sampling the daemon's RSS
+//! while the export streams; then unfiltered SCIM paging and /status.
 //! `cargo bench --bench roster_load`. Prints a Markdown table.
 
 mod common;
@@ -106,20 +107,24 @@ async fn main() {
 
     let token = jwt();
     let api = format!("{}/api/v1/roster", daemon.base);
-    // Filtered list pages, one at a time so latency is the server's.
+    // Filtered list pages, the archetype counts and the review queue's first page, one
+    // request at a time so latency is the server's: (path, array that must not be empty,
+    // requests).
     let queries = [
-        "archetype=software_engineer&limit=100",
-        "department=Finance&limit=100",
-        "archetype_confidence__lt=0.7&limit=100",
-        "email=u00000042@bench.example",
+        ("users?archetype=software_engineer&limit=100", "users", 50),
+        ("users?department=Finance&limit=100", "users", 50),
+        ("users?archetype_confidence__lt=0.7&limit=100", "users", 50),
+        ("users?email=u00000042@bench.example", "users", 50),
+        ("archetypes", "archetypes", 5),
+        ("review?limit=100", "items", 20),
     ];
     let mut list_rows = Vec::new();
-    for q in queries {
+    for (q, field, n) in queries {
         let mut lat = Vec::new();
-        for _ in 0..50 {
+        for _ in 0..n {
             let t = Instant::now();
             let r = client
-                .get(format!("{api}/users?{q}"))
+                .get(format!("{api}/{q}"))
                 .bearer_auth(&token)
                 .send()
                 .await
@@ -127,7 +132,7 @@ async fn main() {
             assert_eq!(r.status(), 200, "{q}");
             let v: Value = r.json().await.expect("json");
             lat.push(t.elapsed());
-            assert!(!v["users"].as_array().expect("users").is_empty(), "{q}");
+            assert!(!v[field].as_array().expect(field).is_empty(), "{q}");
         }
         lat.sort();
         list_rows.push((q, percentile(&lat, 0.5), percentile(&lat, 0.99)));
@@ -142,6 +147,9 @@ async fn main() {
         exports.push(export(&client, &api, &token, pid).await);
     }
 
+    // After the exports, so that they meet the cache as seeding left it.
+    let paging = common::Paging::measure(&client, &daemon, users.max(present), 20).await;
+
     println!("| metric | value |");
     println!("|---|---|");
     if present >= users {
@@ -154,11 +162,12 @@ async fn main() {
     }
     for (q, p50, p99) in list_rows {
         println!(
-            "| GET /users?{q} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
+            "| GET {q} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3
         );
     }
+    paging.print(users.max(present));
     for (i, e) in exports.iter().enumerate() {
         assert_eq!(e.rows, users.max(present), "every user exported once");
         let which = if i == 0 { "first" } else { "next" };

@@ -65,6 +65,9 @@ async fn main() {
     }
     lat.sort();
 
+    // 2b. Okta-style paging through every user, and /status.
+    let paging = common::Paging::measure(&client, &daemon, users, 40).await;
+
     // 3. One PATCH adding `group_size` members, then one removing them all by value.
     let r = client
         .post(format!("{}/Groups", daemon.scim()))
@@ -124,6 +127,7 @@ async fn main() {
         percentile(&lat, 0.50).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3
     );
+    paging.print(users);
     println!(
         "| PATCH adding {group_size} members in one request | {:.0} ms |",
         patch_add.as_secs_f64() * 1e3

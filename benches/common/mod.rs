@@ -265,3 +265,70 @@ pub async fn create_users(
     let ids = std::mem::take(&mut *ids.lock().expect("ids"));
     (ids, secs)
 }
+
+/// What an identity provider paging through every user (no filter, `startIndex` stepping
+/// by 100, as Okta does) and an operator polling `/status` wait for: both need the number
+/// of users.
+pub struct Paging {
+    page: Vec<Duration>,
+    status: Vec<Duration>,
+}
+
+impl Paging {
+    /// `pages` pages sampled evenly across the roster, then ten `/status` calls.
+    pub async fn measure(
+        client: &reqwest::Client,
+        daemon: &Daemon,
+        users: usize,
+        pages: usize,
+    ) -> Paging {
+        let auth = format!("Bearer {TOKEN}");
+        let mut page = Vec::with_capacity(pages);
+        for k in 0..pages {
+            let start = 1 + (k * users / pages) / 100 * 100;
+            let url = format!("{}/Users?startIndex={start}&count=100", daemon.scim());
+            let t = std::time::Instant::now();
+            let r = client
+                .get(&url)
+                .header("authorization", &auth)
+                .send()
+                .await
+                .expect("page");
+            let v: serde_json::Value = r.json().await.expect("json");
+            page.push(t.elapsed());
+            assert_eq!(v["totalResults"], users, "page at {start}");
+            assert_eq!(v["startIndex"], start, "page at {start}");
+            assert_eq!(v["Resources"].as_array().map(Vec::len), Some(100));
+        }
+        page.sort();
+        let mut status = Vec::new();
+        for _ in 0..10 {
+            let t = std::time::Instant::now();
+            let v: serde_json::Value = client
+                .get(format!("{}/status", daemon.base))
+                .send()
+                .await
+                .expect("status")
+                .json()
+                .await
+                .expect("json");
+            status.push(t.elapsed());
+            assert_eq!(v["tenants"][TENANT]["users"], users);
+        }
+        status.sort();
+        Paging { page, status }
+    }
+
+    pub fn print(&self, users: usize) {
+        for (what, lat) in [
+            ("unfiltered GET /Users page (count=100)", &self.page),
+            ("GET /status", &self.status),
+        ] {
+            println!(
+                "| {what} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
+                percentile(lat, 0.5).as_secs_f64() * 1e3,
+                percentile(lat, 0.99).as_secs_f64() * 1e3
+            );
+        }
+    }
+}

@@ -714,25 +714,17 @@ async fn list_archetypes(State(st): St, headers: HeaderMap) -> ApiResult<Respons
         .ok_or(ApiError::NoBundle)?;
     let tenant = caller.tenant;
     blocking(move || {
+        let archetypes = &policy.bundle().archetypes;
+        let ids: Vec<&str> = archetypes.iter().map(|a| a.id.as_str()).collect();
+        let counts = st.store.archetype_user_counts(&tenant, &ids)?;
         let mut out = Vec::new();
-        for a in &policy.bundle().archetypes {
-            let ids = st.store.users_with_archetype(&tenant, &a.id)?;
-            let mut active = 0u64;
-            for id in &ids {
-                if st
-                    .store
-                    .get(&tenant, ResourceKind::User, id)?
-                    .is_some_and(|r| r.doc.get("active").and_then(Value::as_bool) != Some(false))
-                {
-                    active += 1;
-                }
-            }
+        for (a, (users, active)) in archetypes.iter().zip(counts) {
             out.push(json!({
                 "archetype_id": a.id,
                 "title": a.title,
                 "function_focus": a.function_focus,
                 "default_cowork_id": a.default_cowork_id,
-                "user_count": ids.len(),
+                "user_count": users,
                 "active_user_count": active,
             }));
         }
@@ -795,10 +787,10 @@ async fn list_review(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
     blocking(move || {
         let mut items = Vec::new();
         let mut more = false;
-        for id in st.store.review_queue(&tenant)? {
-            if after.as_deref().is_some_and(|a| id.as_str() <= a) {
-                continue;
-            }
+        for id in st
+            .store
+            .review_queue_after(&tenant, after.as_deref(), limit.saturating_add(1))?
+        {
             if items.len() == limit {
                 more = true;
                 break;

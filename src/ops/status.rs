@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::scim::ResourceKind;
 use crate::server::AppState;
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -51,14 +52,14 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     let mut tenants = serde_json::Map::new();
     for t in &st.config.tenants {
-        let users = st.store.count_users(&t.id)?;
+        let users = st.store.count(&t.id, ResourceKind::User)?;
         let inactive = st.store.count_inactive(&t.id)?;
         tenants.insert(
             t.id.clone(),
             json!({
                 "users": users,
                 "active_users": users.saturating_sub(inactive),
-                "groups": st.store.count_groups(&t.id)?,
+                "groups": st.store.count(&t.id, ResourceKind::Group)?,
                 "review_queue": st.store.review_queue_len(&t.id)?,
                 "last_seq": *st.store.watch_durable(&t.id).borrow(),
             }),

@@ -1083,6 +1083,9 @@ fn list_blocking(
     kinds: &[ResourceKind],
     q: &ListQuery,
 ) -> ScimResult<Reply> {
+    if q.filter.is_none() && q.sort_by.is_none() {
+        return unfiltered_page(state, tenant, kinds, q);
+    }
     let store = &state.store;
     let skip = q.start_index - 1;
     let mut total = 0usize;
@@ -1165,8 +1168,55 @@ fn list_blocking(
         }
     }
 
+    list_reply(state, tenant, q, total, &page)
+}
+
+/// A list with neither filter nor sort, as identity providers page through everything
+/// (`startIndex` stepping by `count`): the total comes from the store's counters and only
+/// the page's documents are read, where a filtered list decodes every candidate.
+fn unfiltered_page(
+    state: &AppState,
+    tenant: &str,
+    kinds: &[ResourceKind],
+    q: &ListQuery,
+) -> ScimResult<Reply> {
+    let store = &state.store;
+    let mut skip = q.start_index - 1;
+    let mut total = 0usize;
+    let mut page: Vec<(ResourceKind, Resource)> = Vec::new();
+    for &kind in kinds {
+        let n = usize::try_from(store.count(tenant, kind).map_err(store_to_scim)?)
+            .unwrap_or(usize::MAX);
+        total = total.saturating_add(n);
+        let want = q.count - page.len();
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        if want > 0 {
+            for id in store
+                .ids_page(tenant, kind, skip, want)
+                .map_err(store_to_scim)?
+            {
+                if let Some(res) = store.get(tenant, kind, &id).map_err(store_to_scim)? {
+                    page.push((kind, res));
+                }
+            }
+        }
+        skip = 0;
+    }
+    list_reply(state, tenant, q, total, &page)
+}
+
+fn list_reply(
+    state: &AppState,
+    tenant: &str,
+    q: &ListQuery,
+    total: usize,
+    page: &[(ResourceKind, Resource)],
+) -> ScimResult<Reply> {
     let mut resources = Vec::with_capacity(page.len());
-    for (kind, res) in &page {
+    for (kind, res) in page {
         resources.push(render(state, tenant, *kind, res, &q.projection)?);
     }
     Ok(ok(json!({

@@ -7,6 +7,8 @@ use crate::scim::ResourceKind;
 pub(crate) const ID_LEN: usize = 36;
 const SEP: u8 = 0;
 
+/// Singletons live under `s`: sequence counters, the redo record, the policy fingerprint
+/// and the family counters of `counts.rs`.
 pub(crate) const SEQ_KEY: &[u8] = b"s\0seq";
 
 fn kind_tag(kind: ResourceKind) -> u8 {

@@ -436,6 +436,35 @@ async fn bulk_assign_reports_per_item() {
         by_id("fpa_analyst")["default_cowork_id"],
         "fpa-analyst.test.v1"
     );
+
+    // A deactivated user still holds the archetype but no longer counts as active.
+    let b = d
+        .get("/Users?filter=userName%20eq%20%22b%40acme.test%22")
+        .await
+        .body["Resources"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = d
+        .patch(
+            &format!("/Users/{b}"),
+            patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d.roster(Method::GET, "/archetypes", &admin, None).await;
+    let planner = r.body["archetypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["archetype_id"] == "production_planner")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&planner["user_count"], &planner["active_user_count"]),
+        (&json!(1), &json!(0)),
+        "{planner}"
+    );
 }
 
 #[tokio::test]
@@ -686,6 +715,39 @@ async fn review_queue_lists_and_resolves() {
     );
     let total = r.body["total"].as_u64().unwrap();
 
+    // Paged one at a time, the queue comes back whole, in order, each item once.
+    for n in 0..2 {
+        create(&d, &format!("unsure{n}@acme.test"), "zzqx blorp", None).await;
+    }
+    let mut paged = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/review?limit=1&cursor={c}"),
+            None => "/review?limit=1".to_owned(),
+        };
+        let r = d.roster(Method::GET, &path, &admin, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["total"].as_u64().unwrap(), total + 2);
+        let items = r.body["items"].as_array().unwrap();
+        assert!(items.len() <= 1, "{}", r.body);
+        paged.extend(
+            items
+                .iter()
+                .map(|i| i["scim_id"].as_str().unwrap().to_owned()),
+        );
+        assert!(
+            paged.len() as u64 <= total + 2,
+            "a cursor repeats: {paged:?}"
+        );
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(paged.len() as u64, total + 2, "{paged:?}");
+    assert!(paged.windows(2).all(|w| w[0] < w[1]), "{paged:?}");
+
     let r = d
         .roster(
             Method::POST,
@@ -697,7 +759,7 @@ async fn review_queue_lists_and_resolves() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["archetype_id"], "sales_rep");
     let r = d.roster(Method::GET, "/review", &admin, None).await;
-    assert_eq!(r.body["total"].as_u64().unwrap(), total - 1);
+    assert_eq!(r.body["total"].as_u64().unwrap(), total + 1);
     assert!(
         r.body["items"]
             .as_array()

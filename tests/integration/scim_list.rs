@@ -153,6 +153,84 @@ async fn paging_sorting_and_projection() {
     assert!(u.get("userName").is_some());
 }
 
+/// Paging with neither filter nor sort takes its total from the store's counters and reads
+/// only the page: it must still cover users then groups exactly once, end cleanly, and
+/// follow deletes.
+#[tokio::test]
+async fn unfiltered_paging_spans_users_and_groups_and_follows_deletes() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    let gids = [d.create_group("Ops").await, d.create_group("Sales").await];
+    let page = |start: usize| {
+        let d = &d;
+        async move {
+            let body = json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+                "startIndex": start,
+                "count": 3,
+            });
+            let r = d.post("/.search", body).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body
+        }
+    };
+    let mut kinds = Vec::new();
+    let mut ids = Vec::new();
+    for start in [1, 4, 7] {
+        let body = page(start).await;
+        assert_eq!(body["totalResults"], 7, "{body}");
+        assert_eq!(body["startIndex"], start);
+        for r in body["Resources"].as_array().unwrap() {
+            kinds.push(if r.get("userName").is_some() {
+                "User"
+            } else {
+                "Group"
+            });
+            ids.push(r["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(
+        kinds,
+        ["User"; 5]
+            .iter()
+            .chain(&["Group"; 2])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(&ids[5..], {
+        let mut g = gids.to_vec();
+        g.sort();
+        g
+    });
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 7);
+    let past = page(8).await;
+    assert_eq!(past["totalResults"], 7);
+    assert_eq!(past["itemsPerPage"], 0);
+
+    let r = d
+        .delete(&format!("/Users/{}", ids_of_users(&d).await[0]))
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(page(1).await["totalResults"], 6);
+    let r = d.get("/Users?startIndex=4&count=10").await;
+    assert_eq!(r.body["totalResults"], 4);
+    assert_eq!(r.body["itemsPerPage"], 1);
+    let r = d.get("/Groups?count=0").await;
+    assert_eq!(r.body["totalResults"], 2);
+}
+
+async fn ids_of_users(d: &TestDaemon) -> Vec<String> {
+    let r = d.get("/Users").await;
+    r.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn search_endpoint_takes_a_body() {
     let d = TestDaemon::start().await;

@@ -1,0 +1,281 @@
+//! How many users, groups, inactive users and review-queue entries a tenant has, kept as
+//! counters in the tenant's tree. `/status`, SCIM `totalResults` of an unfiltered list and
+//! a reclassification's count read one key instead of walking the family: at 1,000,000
+//! users a walk of the documents reads about a gigabyte of pages and takes seconds, and
+//! an identity provider paging through `GET /Users` asks for the total on every page.
+
+use super::keys::{self, Index};
+use super::{Op, StoreResult, Txn, decode_u64};
+use crate::scim::ResourceKind;
+
+/// A family of keys whose size is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counted {
+    Users,
+    Groups,
+    /// Users with `active: false` (entries of the inactive index).
+    Inactive,
+    /// Users in the review queue.
+    Review,
+}
+
+impl Counted {
+    const ALL: [Counted; 4] = [
+        Counted::Users,
+        Counted::Groups,
+        Counted::Inactive,
+        Counted::Review,
+    ];
+
+    pub(crate) fn of(kind: ResourceKind) -> Counted {
+        match kind {
+            ResourceKind::User => Counted::Users,
+            ResourceKind::Group => Counted::Groups,
+        }
+    }
+
+    /// `s count:name` → the family's size, a big-endian u64 (with the other singletons).
+    fn key(self) -> &'static [u8] {
+        match self {
+            Counted::Users => b"s\0count:users",
+            Counted::Groups => b"s\0count:groups",
+            Counted::Inactive => b"s\0count:inactive",
+            Counted::Review => b"s\0count:review",
+        }
+    }
+
+    /// Every key of the family starts with this.
+    fn prefix(self) -> Vec<u8> {
+        match self {
+            Counted::Users => keys::resource_prefix(ResourceKind::User),
+            Counted::Groups => keys::resource_prefix(ResourceKind::Group),
+            Counted::Inactive => keys::index_prefix(Index::Inactive, ""),
+            Counted::Review => keys::review_prefix(),
+        }
+    }
+}
+
+/// The family's size as last committed. A tree without the counter has none of the family
+/// (a new tenant); older layouts get their counters when the store opens.
+pub(super) fn read(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
+    match tree.get(family.key())? {
+        Some(v) => decode_u64(&v, "counter"),
+        None => Ok(0),
+    }
+}
+
+impl Txn<'_> {
+    /// The counter writes that go with this transaction's pending keys: a counted key that
+    /// comes into being or goes away moves its family's counter. Judged from the keys
+    /// themselves, like the roster records, so no write path has to remember to count.
+    /// Writers of a tenant are serialized, so reading the counter here is safe.
+    pub(super) fn counter_ops(&self) -> StoreResult<Vec<Op>> {
+        let mut ops = Vec::new();
+        for family in Counted::ALL {
+            let prefix = family.prefix();
+            let mut delta = 0i64;
+            for (k, v) in self.pending.range(prefix.clone()..) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                delta += i64::from(v.is_some()) - i64::from(self.tree.contains_key(k)?);
+            }
+            if delta != 0 {
+                let now = read(self.tree, family)?.saturating_add_signed(delta);
+                ops.push((family.key().to_vec(), Some(now.to_be_bytes().to_vec())));
+            }
+        }
+        Ok(ops)
+    }
+}
+
+/// Count every family by walking its keys and store the counters: the upgrade of a
+/// tenant from a layout without them. Runs before the store serves anything.
+pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<[u64; 4]> {
+    let mut out = [0; 4];
+    for (i, family) in Counted::ALL.into_iter().enumerate() {
+        out[i] = walk(tree, family)?;
+        tree.insert(family.key(), &out[i].to_be_bytes())?;
+    }
+    Ok(out)
+}
+
+/// The family's size by walking its keys (values are not decoded).
+fn walk(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
+    let mut n = 0;
+    for k in tree.scan_prefix(family.prefix()).keys() {
+        k?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        AssignmentSource, Decision, GroupRef, MemberRef, Resolver, SCHEMA_VERSION_KEY, Store,
+        Update,
+    };
+    use super::*;
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+
+    /// Every user whose title is "unsure" lands in the review queue.
+    struct Doubtful;
+
+    impl Resolver for Doubtful {
+        fn decide(&self, user: &Value, _groups: &[GroupRef]) -> Decision {
+            let unsure = user["title"] == "unsure";
+            Decision {
+                archetype_id: Some("x".into()),
+                confidence: if unsure { 0.2 } else { 0.95 },
+                assigned_by: "service:classifier".into(),
+                source: AssignmentSource::Classifier,
+                bundle_version: "v".into(),
+                candidates: vec![],
+            }
+        }
+        fn review_threshold(&self) -> f64 {
+            0.7
+        }
+        fn uses_groups(&self) -> bool {
+            false
+        }
+        fn bundle_version(&self) -> &str {
+            "v"
+        }
+    }
+
+    fn user(name: &str, title: &str, active: bool) -> Value {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+               "userName": name, "title": title, "active": active})
+    }
+
+    /// The counters agree with a walk of every family.
+    fn assert_in_step(store: &Store) -> [u64; 4] {
+        let t = store.tenant("t").unwrap();
+        let counted = Counted::ALL.map(|f| read(&t.tree, f).unwrap());
+        let walked = Counted::ALL.map(|f| walk(&t.tree, f).unwrap());
+        assert_eq!(counted, walked, "users, groups, inactive, review");
+        counted
+    }
+
+    async fn set_user(store: &Store, id: &str, title: &'static str, active: bool) {
+        store
+            .update("t", ResourceKind::User, id, None, move |old| {
+                let mut doc = old.clone();
+                doc["title"] = json!(title);
+                doc["active"] = json!(active);
+                Ok(Update {
+                    doc,
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn counters_follow_every_kind_of_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.set_resolver("t", Arc::new(Doubtful));
+        assert_eq!(assert_in_step(&store), [0, 0, 0, 0]);
+
+        let mut ids = Vec::new();
+        for (i, (title, active)) in [("sure", true), ("unsure", true), ("unsure", false)]
+            .into_iter()
+            .enumerate()
+        {
+            let doc = user(&format!("u{i}"), title, active);
+            ids.push(
+                store
+                    .create("t", ResourceKind::User, doc, vec![])
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        assert_eq!(assert_in_step(&store), [3, 0, 1, 2]);
+
+        // Updates that leave a key in place, move one in, and move one out.
+        set_user(&store, &ids[0], "unsure", false).await;
+        set_user(&store, &ids[1], "unsure", true).await;
+        set_user(&store, &ids[2], "sure", true).await;
+        assert_eq!(assert_in_step(&store), [3, 0, 1, 2]);
+
+        // A person's override takes a user out of the queue; clearing it puts them back.
+        store
+            .set_override("t", &ids[0], Some("y".into()), "user:admin")
+            .await
+            .unwrap();
+        assert_eq!(assert_in_step(&store)[3], 1);
+        store
+            .set_override("t", &ids[0], None, "user:admin")
+            .await
+            .unwrap();
+        assert_eq!(assert_in_step(&store)[3], 2);
+
+        let members = vec![MemberRef {
+            value: ids[1].clone(),
+            kind: None,
+            display: None,
+        }];
+        let gid = store
+            .create(
+                "t",
+                ResourceKind::Group,
+                json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                       "displayName": "g"}),
+                members,
+            )
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(assert_in_step(&store), [3, 1, 1, 2]);
+
+        store
+            .delete("t", ResourceKind::User, &ids[0], None)
+            .await
+            .unwrap();
+        store
+            .delete("t", ResourceKind::User, &ids[1], None)
+            .await
+            .unwrap();
+        store
+            .delete("t", ResourceKind::Group, &gid, None)
+            .await
+            .unwrap();
+        assert_eq!(assert_in_step(&store), [1, 0, 0, 0]);
+        assert_eq!(store.count("t", ResourceKind::User).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_layout_2_directory_gets_its_counters_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_resolver("t", Arc::new(Doubtful));
+            for (i, active) in [true, false].into_iter().enumerate() {
+                let doc = user(&format!("u{i}"), "unsure", active);
+                store
+                    .create("t", ResourceKind::User, doc, vec![])
+                    .await
+                    .unwrap();
+            }
+            store.close().unwrap();
+        }
+        {
+            // What layout 2 had: everything but the counters.
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("tenant/t").unwrap();
+            for family in Counted::ALL {
+                tree.remove(family.key()).unwrap();
+            }
+            db.insert(SCHEMA_VERSION_KEY, b"2").unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(assert_in_step(&store), [2, 0, 1, 2]);
+    }
+}
