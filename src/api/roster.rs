@@ -746,11 +746,7 @@ async fn list_groups(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
         let mut out = Vec::new();
         for g in st.store.scan(&tenant, ResourceKind::Group)? {
             let g = g?;
-            let mut members = 0u64;
-            for m in st.store.members(&tenant, &g.id)? {
-                m?;
-                members += 1;
-            }
+            let members = st.store.member_count(&tenant, &g.id)?;
             let name = text(g.doc.get("displayName"));
             let external = text(g.doc.get("externalId"));
             let rule = policy.as_ref().and_then(|p| {

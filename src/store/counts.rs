@@ -112,44 +112,11 @@ fn walk(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        AssignmentSource, Decision, GroupRef, MemberRef, Resolver, SCHEMA_VERSION_KEY, Store,
-        Update,
-    };
+    use super::super::testing::{Doubtful, user};
+    use super::super::{MemberRef, SCHEMA_VERSION_KEY, Store, Update};
     use super::*;
-    use serde_json::{Value, json};
+    use serde_json::json;
     use std::sync::Arc;
-
-    /// Every user whose title is "unsure" lands in the review queue.
-    struct Doubtful;
-
-    impl Resolver for Doubtful {
-        fn decide(&self, user: &Value, _groups: &[GroupRef]) -> Decision {
-            let unsure = user["title"] == "unsure";
-            Decision {
-                archetype_id: Some("x".into()),
-                confidence: if unsure { 0.2 } else { 0.95 },
-                assigned_by: "service:classifier".into(),
-                source: AssignmentSource::Classifier,
-                bundle_version: "v".into(),
-                candidates: vec![],
-            }
-        }
-        fn review_threshold(&self) -> f64 {
-            0.7
-        }
-        fn uses_groups(&self) -> bool {
-            false
-        }
-        fn bundle_version(&self) -> &str {
-            "v"
-        }
-    }
-
-    fn user(name: &str, title: &str, active: bool) -> Value {
-        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-               "userName": name, "title": title, "active": active})
-    }
 
     /// The counters agree with a walk of every family.
     fn assert_in_step(store: &Store) -> [u64; 4] {

@@ -192,6 +192,38 @@ pub(crate) fn governance(seq: u64) -> Vec<u8> {
     k
 }
 
+/// `e user seq` → empty: one user's governance events, in order.
+pub(crate) fn governance_of_user(user: &str, seq: u64) -> Vec<u8> {
+    event_index_entry(governance_of_user_prefix(user), seq)
+}
+
+pub(crate) fn governance_of_user_prefix(user: &str) -> Vec<u8> {
+    event_index_prefix(b'e', user)
+}
+
+/// `f kind seq` → empty: the governance events of one kind, in order (for the kinds
+/// `roster::kind_indexed` admits).
+pub(crate) fn governance_of_kind(kind: &str, seq: u64) -> Vec<u8> {
+    event_index_entry(governance_of_kind_prefix(kind), seq)
+}
+
+pub(crate) fn governance_of_kind_prefix(kind: &str) -> Vec<u8> {
+    event_index_prefix(b'f', kind)
+}
+
+fn event_index_prefix(tag: u8, value: &str) -> Vec<u8> {
+    let mut k = vec![tag, SEP];
+    k.extend_from_slice(value.as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// Big-endian, so a value's events iterate in sequence order.
+fn event_index_entry(mut prefix: Vec<u8>, seq: u64) -> Vec<u8> {
+    prefix.extend_from_slice(&seq.to_be_bytes());
+    prefix
+}
+
 /// `j job-id` → job record.
 pub(crate) fn job(id: &str) -> Vec<u8> {
     let mut k = jobs_prefix();

@@ -13,6 +13,8 @@ mod delivery;
 mod keys;
 mod record;
 mod roster;
+#[cfg(test)]
+mod testing;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -38,7 +40,7 @@ pub use roster::{
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
-const SCHEMA_VERSION: u64 = 3;
+const SCHEMA_VERSION: u64 = 4;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -732,9 +734,45 @@ fn recover_intent(tree: &sled::Tree) -> StoreResult<bool> {
     Ok(true)
 }
 
+/// The writes of a layout upgrade, applied in sled batches of 10,000. An upgrade runs
+/// before the store serves and only adds keys derived from stored ones, so a crash
+/// part-way just runs it again: no redo record is needed, and batches keep it fast.
+struct UpgradeWriter<'a> {
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    pending: usize,
+}
+
+impl<'a> UpgradeWriter<'a> {
+    const BATCH: usize = 10_000;
+
+    fn new(tree: &'a sled::Tree) -> UpgradeWriter<'a> {
+        UpgradeWriter {
+            tree,
+            batch: sled::Batch::default(),
+            pending: 0,
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) -> StoreResult<()> {
+        self.batch.insert(key, value);
+        self.pending += 1;
+        if self.pending == Self::BATCH {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> StoreResult<()> {
+        Ok(self.tree.apply_batch(self.batch)?)
+    }
+}
+
 /// Bring every tenant from an older layout to this one, then record the new version.
 /// Layout 1 had no roster records and no index of inactive users; layout 2 had no
-/// counters. Runs before the store serves anything.
+/// counters; layout 3 did not index governance events by user and kind. Runs before the
+/// store serves anything.
 fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {
@@ -753,15 +791,24 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
                 "Upgraded the tenant's data to layout version 2 (roster records)."
             );
         }
-        let [users, groups, inactive, review] = counts::build_all(&tree)?;
+        if from < 3 {
+            let [users, groups, inactive, review] = counts::build_all(&tree)?;
+            tracing::info!(
+                tenant,
+                users,
+                groups,
+                inactive,
+                review,
+                secs = started.elapsed().as_secs_f64(),
+                "Upgraded the tenant's data to layout version 3 (counters)."
+            );
+        }
+        let events = roster::index_governance(&tree)?;
         tracing::info!(
             tenant,
-            users,
-            groups,
-            inactive,
-            review,
+            events,
             secs = started.elapsed().as_secs_f64(),
-            "Upgraded the tenant's data to layout version 3 (counters)."
+            "Upgraded the tenant's data to layout version 4 (governance events by user and kind)."
         );
     }
     db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
@@ -803,7 +850,7 @@ impl Store {
                     .ok()
                     .and_then(|s| s.parse::<u64>().ok())
                     .unwrap_or(u64::MAX);
-                if found == 1 || found == 2 {
+                if (1..SCHEMA_VERSION).contains(&found) {
                     upgrade(&db, found)?;
                 } else if found != SCHEMA_VERSION {
                     return Err(StoreError::UnknownSchema { found });
@@ -1194,6 +1241,11 @@ impl Store {
             out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
         }
         Ok(out)
+    }
+
+    /// How many members a group has (its member keys counted; none decoded).
+    pub fn member_count(&self, tenant: &str, group: &str) -> StoreResult<u64> {
+        self.count_keys(tenant, &keys::members_prefix(group))
     }
 
     /// A group's members, streamed.

@@ -316,11 +316,9 @@ impl super::Store {
 /// the inactive index. Idempotent, so a crash part-way just runs it again. Returns the
 /// number of users.
 pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
-    const BATCH: usize = 10_000;
     let user_prefix = keys::resource_prefix(ResourceKind::User);
     let mut users = 0u64;
-    let mut batch = sled::Batch::default();
-    let mut in_batch = 0;
+    let mut out = super::UpgradeWriter::new(tree);
     for kv in tree.scan_prefix(&user_prefix) {
         let (k, v) = kv?;
         let id = String::from_utf8_lossy(&k[user_prefix.len()..]).into_owned();
@@ -333,21 +331,16 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
             user: UserFields::new(&doc),
             assignment: assignment.as_ref().map(RecordAssignment::new),
         };
-        batch.insert(keys::record(&id), encode(&record)?);
+        out.insert(keys::record(&id), encode(&record)?)?;
         for (index, value) in index_entries(ResourceKind::User, &id, &doc) {
-            batch.insert(
+            out.insert(
                 keys::index_entry(index, &value, &id),
                 keys::index_value(index, &id),
-            );
+            )?;
         }
         users += 1;
-        in_batch += 1;
-        if in_batch == BATCH {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            in_batch = 0;
-        }
     }
-    tree.apply_batch(batch)?;
+    out.finish()?;
     Ok(users)
 }
 
