@@ -5,7 +5,7 @@
 //! an identity provider paging through `GET /Users` asks for the total on every page.
 
 use super::keys::{self, Index};
-use super::{Op, StoreResult, Txn, decode_u64};
+use super::{Op, StoreResult, Txn, count_under, decode_u64};
 use crate::scim::ResourceKind;
 
 /// A family of keys whose size is kept.
@@ -100,14 +100,9 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<[u64; 4]> {
     Ok(out)
 }
 
-/// The family's size by walking its keys (values are not decoded).
+/// The family's size by walking its keys.
 fn walk(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
-    let mut n = 0;
-    for k in tree.scan_prefix(family.prefix()).keys() {
-        k?;
-        n += 1;
-    }
-    Ok(n)
+    count_under(tree, &family.prefix())
 }
 
 #[cfg(test)]

@@ -734,6 +734,44 @@ fn recover_intent(tree: &sled::Tree) -> StoreResult<bool> {
     Ok(true)
 }
 
+/// Keys under `prefix`, counted without decoding a value.
+fn count_under(tree: &sled::Tree, prefix: &[u8]) -> StoreResult<u64> {
+    let mut n = 0;
+    for k in tree.scan_prefix(prefix).keys() {
+        k?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The ids that end the keys under `prefix` (after the key `after`, if given), in key
+/// order, the first `skip` passed over and at most `take` returned. Nothing is decoded.
+fn ids_under(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    after: Option<Vec<u8>>,
+    skip: usize,
+    take: usize,
+) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for kv in tree.range(roster::range_after(prefix, after)) {
+        let (k, _) = kv?;
+        if out.len() == take {
+            break;
+        }
+        let Some(id) = keys::trailing_id(&k, prefix.len()) else {
+            continue;
+        };
+        if skipped < skip {
+            skipped += 1;
+        } else {
+            out.push(id.to_owned());
+        }
+    }
+    Ok(out)
+}
+
 /// The writes of a layout upgrade, applied in sled batches of 10,000. An upgrade runs
 /// before the store serves and only adds keys derived from stored ones, so a crash
 /// part-way just runs it again: no redo record is needed, and batches keep it fast.
@@ -1224,23 +1262,11 @@ impl Store {
         skip: usize,
         take: usize,
     ) -> StoreResult<Vec<String>> {
-        let t = self.tenant(tenant)?;
         let prefix = match kind {
             ResourceKind::User => keys::record(""),
             ResourceKind::Group => keys::resource_prefix(kind),
         };
-        let mut out = Vec::new();
-        for (i, k) in t.tree.scan_prefix(&prefix).keys().enumerate() {
-            let k = k?;
-            if i < skip {
-                continue;
-            }
-            if out.len() == take {
-                break;
-            }
-            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-        }
-        Ok(out)
+        ids_under(&self.tenant(tenant)?.tree, &prefix, None, skip, take)
     }
 
     /// How many members a group has (its member keys counted; none decoded).
@@ -1358,13 +1384,7 @@ impl Store {
 
     /// Keys under `prefix`, counted without decoding a value.
     fn count_keys(&self, tenant: &str, prefix: &[u8]) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        let mut n = 0;
-        for k in t.tree.scan_prefix(prefix).keys() {
-            k?;
-            n += 1;
-        }
-        Ok(n)
+        count_under(&self.tenant(tenant)?.tree, prefix)
     }
 
     /// On-disk size in bytes.

@@ -592,10 +592,15 @@ impl Store {
         archetypes: &[&str],
     ) -> StoreResult<Vec<(u64, u64)>> {
         let t = self.tenant(tenant)?;
-        let inactive: std::collections::HashSet<String> = self
-            .ids_under(tenant, &keys::index_prefix(super::Index::Inactive, ""))?
-            .into_iter()
-            .collect();
+        let inactive: std::collections::HashSet<String> = super::ids_under(
+            &t.tree,
+            &keys::index_prefix(super::Index::Inactive, ""),
+            None,
+            0,
+            usize::MAX,
+        )?
+        .into_iter()
+        .collect();
         let mut out = Vec::with_capacity(archetypes.len());
         for a in archetypes {
             let prefix = keys::archetype_prefix(a);
@@ -620,34 +625,12 @@ impl Store {
         limit: usize,
     ) -> StoreResult<Vec<String>> {
         let t = self.tenant(tenant)?;
-        let prefix = keys::review_prefix();
-        let mut out = Vec::new();
-        for kv in t.tree.range(range_after(&prefix, after.map(keys::review))) {
-            let (k, _) = kv?;
-            if out.len() == limit {
-                break;
-            }
-            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
-                out.push(id.to_owned());
-            }
-        }
-        Ok(out)
+        let after = after.map(keys::review);
+        super::ids_under(&t.tree, &keys::review_prefix(), after, 0, limit)
     }
 
     pub fn review_queue_len(&self, tenant: &str) -> StoreResult<u64> {
         super::counts::read(&self.tenant(tenant)?.tree, super::counts::Counted::Review)
-    }
-
-    fn ids_under(&self, tenant: &str, prefix: &[u8]) -> StoreResult<Vec<String>> {
-        let t = self.tenant(tenant)?;
-        let mut out = Vec::new();
-        for k in t.tree.scan_prefix(prefix).keys() {
-            let k = k?;
-            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
-                out.push(id.to_owned());
-            }
-        }
-        Ok(out)
     }
 
     /// Governance events matching `q`, oldest first.
@@ -668,14 +651,18 @@ impl Store {
         // A user's or a kind's events through their index, so that one user's history
         // among a million users' events reads that user's events only.
         let index = match (&q.user, &q.kind) {
-            (Some(u), _) => Some(keys::governance_of_user_prefix(u)),
-            (None, Some(k)) if kind_indexed(k) => Some(keys::governance_of_kind_prefix(k)),
+            (Some(u), _) => Some((
+                keys::governance_of_user_prefix(u),
+                keys::governance_of_user(u, first),
+            )),
+            (None, Some(k)) if kind_indexed(k) => Some((
+                keys::governance_of_kind_prefix(k),
+                keys::governance_of_kind(k, first),
+            )),
             _ => None,
         };
         match index {
-            Some(prefix) => {
-                let mut start = prefix.clone();
-                start.extend_from_slice(&first.to_be_bytes());
+            Some((prefix, start)) => {
                 for kv in t.tree.range(start..) {
                     let (k, _) = kv?;
                     let Some(seq) = k.strip_prefix(prefix.as_slice()) else {
