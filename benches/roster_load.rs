@@ -110,13 +110,53 @@ async fn main() {
     // Filtered list pages, the archetype counts and the review queue's first page, one
     // request at a time so latency is the server's: (path, array that must not be empty,
     // requests).
+    // Governance events: one user's history, and the last thousand or so events by time
+    // (a `since` near the end of a log of a million).
+    let event = |after: usize| {
+        let (client, api, token) = (client.clone(), api.clone(), token.clone());
+        async move {
+            let v: Value = client
+                .get(format!("{api}/events?after={after}&limit=1"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("events")
+                .json()
+                .await
+                .expect("events json");
+            v["events"][0].clone()
+        }
+    };
+    let first = event(0).await;
+    let late = event(users.max(present).saturating_sub(1000)).await;
+    let (someone, late_at) = (
+        first["scim_id"].as_str().expect("an event").to_owned(),
+        late["at"]
+            .as_str()
+            .expect("a late event")
+            .replace('+', "%2B"),
+    );
     let queries = [
-        ("users?archetype=software_engineer&limit=100", "users", 50),
-        ("users?department=Finance&limit=100", "users", 50),
-        ("users?archetype_confidence__lt=0.7&limit=100", "users", 50),
-        ("users?email=u00000042@bench.example", "users", 50),
-        ("archetypes", "archetypes", 5),
-        ("review?limit=100", "items", 20),
+        (
+            "users?archetype=software_engineer&limit=100".to_owned(),
+            "users",
+            50,
+        ),
+        ("users?department=Finance&limit=100".to_owned(), "users", 50),
+        (
+            "users?archetype_confidence__lt=0.7&limit=100".to_owned(),
+            "users",
+            50,
+        ),
+        (
+            "users?email=u00000042@bench.example".to_owned(),
+            "users",
+            50,
+        ),
+        ("archetypes".to_owned(), "archetypes", 5),
+        ("review?limit=100".to_owned(), "items", 20),
+        (format!("events?user_id={someone}&limit=100"), "events", 20),
+        (format!("events?since={late_at}&limit=100"), "events", 20),
     ];
     let mut list_rows = Vec::new();
     for (q, field, n) in queries {
@@ -161,6 +201,10 @@ async fn main() {
         );
     }
     for (q, p50, p99) in list_rows {
+        // Ids and times differ from run to run; the shape of the query is what matters.
+        let q = q
+            .replace(&someone, "<id>")
+            .replace(&late_at, "<the 1,000th event from the end>");
         println!(
             "| GET {q} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
             p50.as_secs_f64() * 1e3,

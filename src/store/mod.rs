@@ -180,7 +180,35 @@ pub enum IndexQuery {
 
 struct Tenant {
     tree: sled::Tree,
-    write_lock: Mutex<()>,
+    /// Held by the tenant's writer.
+    write_lock: Mutex<WriteClock>,
+}
+
+/// The time a tenant's writes are stamped with: never earlier than the write before, even
+/// if the system clock is stepped back. Governance events are then in time order as well
+/// as in sequence order, which is what lets a time filter search the log instead of
+/// walking it.
+struct WriteClock {
+    last: DateTime<Utc>,
+    /// Whether the clock was behind at the last write (to warn once, not per write).
+    behind: bool,
+}
+
+impl WriteClock {
+    fn stamp(&mut self, tenant: &str, clock: DateTime<Utc>) -> DateTime<Utc> {
+        let behind = clock < self.last;
+        if behind && !self.behind {
+            tracing::warn!(
+                tenant,
+                clock = %timestamp(clock),
+                last_write = %timestamp(self.last),
+                "The system clock is behind this tenant's last write; writes keep that time until the clock catches up."
+            );
+        }
+        self.behind = behind;
+        self.last = self.last.max(clock);
+        self.last
+    }
 }
 
 struct Inner {
@@ -318,7 +346,11 @@ struct Txn<'a> {
 }
 
 impl<'a> Txn<'a> {
-    fn new(tree: &'a sled::Tree, resolver: Option<Arc<dyn Resolver>>) -> StoreResult<Txn<'a>> {
+    fn new(
+        tree: &'a sled::Tree,
+        resolver: Option<Arc<dyn Resolver>>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Txn<'a>> {
         let last = match tree.get(keys::SEQ_KEY)? {
             Some(v) => decode_u64(&v, "sequence counter")?,
             None => 0,
@@ -329,7 +361,7 @@ impl<'a> Txn<'a> {
             events: Vec::new(),
             next_seq: last + 1,
             first_seq: last + 1,
-            now: now(),
+            now,
             resolver,
             records: HashMap::new(),
         })
@@ -934,9 +966,13 @@ impl Store {
         if recover_intent(&tree)? {
             tracing::warn!(tenant, "Completed a write that a crash had interrupted.");
         }
+        let last_write = roster::last_event_time(&tree)?.unwrap_or(DateTime::<Utc>::MIN_UTC);
         let t = Arc::new(Tenant {
             tree,
-            write_lock: Mutex::new(()),
+            write_lock: Mutex::new(WriteClock {
+                last: last_write,
+                behind: false,
+            }),
         });
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
@@ -949,8 +985,9 @@ impl Store {
         f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T>,
     ) -> StoreResult<(T, Option<Applied>)> {
         let t = self.tenant(tenant)?;
-        let _guard = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut txn = Txn::new(&t.tree, self.resolver(tenant))?;
+        let mut last_write = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let stamp = last_write.stamp(tenant, now());
+        let mut txn = Txn::new(&t.tree, self.resolver(tenant), stamp)?;
         let out = f(&mut txn)?;
         if txn.pending.is_empty() && txn.events.is_empty() {
             return Ok((out, None));
@@ -958,7 +995,7 @@ impl Store {
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let ops = txn.into_ops()?;
         apply_ops(&t.tree, ops)?;
-        drop(_guard);
+        drop(last_write);
         Ok((out, Some((self.inner.commit.ticket(), last_seq))))
     }
 
@@ -1405,6 +1442,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_stepped_back_does_not_stamp_writes_earlier() {
+        let t0 = Utc::now();
+        let at = |s: i64| t0 + chrono::Duration::seconds(s);
+        let mut clock = WriteClock {
+            last: DateTime::<Utc>::MIN_UTC,
+            behind: false,
+        };
+        let stamps: Vec<_> = [0, 5, 2, 3, 5, 7]
+            .into_iter()
+            .map(|s| clock.stamp("t", at(s)))
+            .collect();
+        assert_eq!(stamps, [at(0), at(5), at(5), at(5), at(5), at(7)]);
+        assert!(!clock.behind);
+    }
 
     fn user(name: &str) -> Value {
         json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name,

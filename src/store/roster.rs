@@ -159,6 +159,53 @@ impl EventQuery {
     }
 }
 
+/// The time of the tenant's latest governance event, if it has any.
+pub(super) fn last_event_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<Utc>>> {
+    match tree
+        .range(keys::governance(0)..=keys::governance(u64::MAX))
+        .next_back()
+    {
+        Some(kv) => Ok(Some(decode::<GovernanceEvent>(&kv?.1)?.at)),
+        None => Ok(None),
+    }
+}
+
+/// Where a walk of the log from `from` on should start to see every event at or after
+/// `since`: a binary search over sequence numbers, which holds because events are stamped
+/// in sequence order. About 20 reads for a million events instead of a walk of all those
+/// before `since`.
+fn first_event_since(tree: &sled::Tree, since: DateTime<Utc>, from: u64) -> StoreResult<u64> {
+    let end = match tree
+        .range(keys::governance(0)..=keys::governance(u64::MAX))
+        .next_back()
+    {
+        Some(kv) => decode::<GovernanceEvent>(&kv?.1)?.seq.saturating_add(1),
+        None => return Ok(from),
+    };
+    // Starting at `lo` misses nothing; starting at `hi` misses nothing either, and no
+    // start before `lo` is needed.
+    let (mut lo, mut hi) = (from, end.max(from));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match tree
+            .range(keys::governance(mid)..keys::governance(hi))
+            .next()
+        {
+            Some(kv) => {
+                let e: GovernanceEvent = decode(&kv?.1)?;
+                if e.at < since {
+                    lo = e.seq + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            // Nothing stored in [mid, hi): starting at mid is starting at hi.
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
 /// Index every stored governance event by user and by kind: the upgrade of a tenant from
 /// a layout without those indexes. Returns how many events there were.
 pub(super) fn index_governance(tree: &sled::Tree) -> StoreResult<u64> {
@@ -640,9 +687,14 @@ impl Store {
         q: &EventQuery,
     ) -> StoreResult<Vec<GovernanceEvent>> {
         let t = self.tenant(tenant)?;
-        let first = q.after_seq.saturating_add(1);
+        let mut first = q.after_seq.saturating_add(1);
         let mut out = Vec::new();
+        // Events are stamped in sequence order (see `Store::write_sync`), so the first one
+        // after `until` ends every walk below.
         let mut take = |e: GovernanceEvent| {
+            if q.until.is_some_and(|u| e.at > u) {
+                return false;
+            }
             if q.admits(&e) {
                 out.push(e);
             }
@@ -678,6 +730,9 @@ impl Store {
                 }
             }
             None => {
+                if let Some(since) = q.since {
+                    first = first_event_since(&t.tree, since, first)?;
+                }
                 for kv in t
                     .tree
                     .range(keys::governance(first)..=keys::governance(u64::MAX))
@@ -1020,5 +1075,113 @@ mod tests {
             store.governance_events("t", &q).unwrap(),
             expected(&store, &q)
         );
+    }
+
+    #[tokio::test]
+    async fn time_filters_match_a_full_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.set_resolver("t", Arc::new(Doubtful));
+        let ids = history(&store).await;
+        for i in 0..6 {
+            let title = if i % 2 == 0 { "sure" } else { "unsure" };
+            let doc = user(&format!("more{i}"), title, true);
+            store
+                .create("t", ResourceKind::User, doc, vec![])
+                .await
+                .unwrap();
+            store
+                .set_override("t", &ids[0], Some(format!("o{i}")), "user:admin")
+                .await
+                .unwrap();
+        }
+        let all = store
+            .governance_events("t", &query(None, None, 0, usize::MAX))
+            .unwrap();
+        assert!(all.len() >= 16, "{}", all.len());
+        let mut asked = 0;
+        for (i, from) in all.iter().enumerate() {
+            // Each event's own time as `since` (the boundary is inclusive), a time just
+            // past it, and windows closed by a later event's time.
+            let sinces = [from.at, from.at + chrono::Duration::nanoseconds(1)];
+            for since in sinces {
+                for to in all
+                    .iter()
+                    .skip(i)
+                    .step_by(3)
+                    .map(|e| Some(e.at))
+                    .chain([None])
+                {
+                    for (user, after_seq, limit) in [
+                        (None, 0, 100),
+                        (None, 3, 2),
+                        (Some(ids[0].as_str()), 0, 100),
+                    ] {
+                        let mut q = query(user, None, after_seq, limit);
+                        q.since = Some(since);
+                        q.until = to;
+                        let got = store.governance_events("t", &q).unwrap();
+                        assert_eq!(got, expected(&store, &q), "since {since} until {to:?}");
+                        asked += 1;
+                    }
+                }
+            }
+        }
+        assert!(asked > 100);
+        let last = all.last().unwrap();
+        let mut q = query(None, None, 0, 100);
+        q.since = Some(last.at + chrono::Duration::seconds(1));
+        assert!(store.governance_events("t", &q).unwrap().is_empty());
+        q.since = Some(all[0].at - chrono::Duration::seconds(1));
+        assert_eq!(store.governance_events("t", &q).unwrap().len(), all.len());
+    }
+
+    #[tokio::test]
+    async fn writes_are_never_stamped_before_the_last_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Utc::now() + chrono::Duration::hours(1);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.set_resolver("t", Arc::new(Doubtful));
+            history(&store).await;
+            store.close().unwrap();
+        }
+        {
+            // What a clock later stepped back by an hour leaves: the last event an hour
+            // ahead of the clock.
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree("tenant/t").unwrap();
+            let (k, v) = tree
+                .range(keys::governance(0)..=keys::governance(u64::MAX))
+                .next_back()
+                .unwrap()
+                .unwrap();
+            let mut e: GovernanceEvent = decode(&v).unwrap();
+            e.at = ahead;
+            tree.insert(k, encode(&e).unwrap()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        store.set_resolver("t", Arc::new(Doubtful));
+        let id = store
+            .create("t", ResourceKind::User, user("late", "sure", true), vec![])
+            .await
+            .unwrap()
+            .id;
+        let mine = store
+            .governance_events("t", &query(Some(&id), None, 0, 100))
+            .unwrap();
+        assert_eq!(mine.len(), 1);
+        assert!(mine[0].at >= ahead, "{} < {ahead}", mine[0].at);
+        let mut q = query(None, None, 0, 100);
+        q.since = Some(ahead);
+        let found: Vec<u64> = store
+            .governance_events("t", &q)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[1], mine[0].seq);
     }
 }

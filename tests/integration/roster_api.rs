@@ -187,6 +187,7 @@ async fn scim_writes_classify_and_overrides_stick() {
     assert_eq!(overridden["actor"], "user:it.admin@acme.test");
     assert_eq!(overridden["before"]["archetype_id"], "fpa_analyst");
     assert_eq!(overridden["after"]["archetype_id"], "production_planner");
+    let history = r.body.clone();
     let r = d
         .roster(
             Method::GET,
@@ -196,6 +197,38 @@ async fn scim_writes_classify_and_overrides_stick() {
         )
         .await;
     assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
+    // A time window, bounds inclusive: the title change's assignment and the override,
+    // nothing before or after. (The clear and the reassignment share one write's time.)
+    let at = |i: usize| {
+        history["events"][i]["at"]
+            .as_str()
+            .unwrap()
+            .replace('+', "%2B")
+    };
+    let seq = |e: &Value| e["seq"].as_u64().unwrap();
+    let window: Vec<u64> = history["events"].as_array().unwrap()[1..3]
+        .iter()
+        .map(seq)
+        .collect();
+    for who in [format!("&user_id={id}"), String::new()] {
+        let q = format!("/events?since={}&until={}{who}", at(1), at(2));
+        let w = d.roster(Method::GET, &q, &admin, None).await;
+        assert_eq!(w.status, 200, "{}", w.body);
+        let got: Vec<u64> = w.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(seq)
+            .collect();
+        assert_eq!(got, window, "{q}: {}", w.body);
+    }
+    let q = format!("/events?since={}", at(3));
+    let w = d.roster(Method::GET, &q, &admin, None).await;
+    assert_eq!(
+        w.body["events"][0]["seq"], history["events"][3]["seq"],
+        "{}",
+        w.body
+    );
     let r = d
         .roster(
             Method::GET,
