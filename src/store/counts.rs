@@ -3,9 +3,15 @@
 //! a reclassification's count read one key instead of walking the family: at 1,000,000
 //! users a walk of the documents reads about a gigabyte of pages and takes seconds, and
 //! an identity provider paging through `GET /Users` asks for the total on every page.
+//!
+//! Each archetype also has a counter of the users holding it and of those among them who
+//! are active (`GET /api/v1/roster/archetypes`), judged from the roster records a write
+//! replaces.
+
+use std::collections::BTreeMap;
 
 use super::keys::{self, Index};
-use super::{Op, StoreResult, Txn, count_under, decode_u64};
+use super::{Op, StoreError, StoreResult, Txn, count_under, decode_u64, record};
 use crate::scim::ResourceKind;
 
 /// A family of keys whose size is kept.
@@ -85,8 +91,96 @@ impl Txn<'_> {
                 ops.push((family.key().to_vec(), Some(now.to_be_bytes().to_vec())));
             }
         }
+        // Per archetype: the record a write replaces stops counting, the one it leaves
+        // starts. Runs after the records are refreshed, so every changed user has one.
+        let prefix = keys::record("");
+        let mut deltas = Tally::<i64>::new();
+        for (k, v) in self.pending.range(prefix.clone()..) {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some(old) = self.tree.get(k)? {
+                tally(&mut deltas, &old, -1)?;
+            }
+            if let Some(new) = v {
+                tally(&mut deltas, new, 1)?;
+            }
+        }
+        for (archetype, (users, active)) in deltas {
+            if users == 0 && active == 0 {
+                continue;
+            }
+            let (u, a) = read_archetype(self.tree, &archetype)?;
+            let now = (
+                u.saturating_add_signed(users),
+                a.saturating_add_signed(active),
+            );
+            ops.push(archetype_op(&archetype, now));
+        }
         Ok(ops)
     }
+}
+
+/// Per archetype: users holding it, and how many of them are active.
+type Tally<N> = BTreeMap<String, (N, N)>;
+
+fn tally(into: &mut Tally<i64>, record: &[u8], sign: i64) -> StoreResult<()> {
+    if let Some((archetype, active)) = record::holding(record)? {
+        let e = into.entry(archetype).or_default();
+        e.0 += sign;
+        e.1 += sign * i64::from(active);
+    }
+    Ok(())
+}
+
+/// `s count:archetype:<id>` → users holding the archetype and how many of them are
+/// active, two big-endian u64s.
+fn archetype_key(archetype: &str) -> Vec<u8> {
+    let mut k = b"s\0count:archetype:".to_vec();
+    k.extend_from_slice(archetype.as_bytes());
+    k
+}
+
+/// The write that sets an archetype's counter; one nobody holds any longer goes away.
+fn archetype_op(archetype: &str, (users, active): (u64, u64)) -> Op {
+    let value = (users > 0).then(|| [users.to_be_bytes(), active.to_be_bytes()].concat());
+    (archetype_key(archetype), value)
+}
+
+/// How many users hold the archetype, and how many of them are active, as last
+/// committed.
+pub(super) fn read_archetype(tree: &sled::Tree, archetype: &str) -> StoreResult<(u64, u64)> {
+    let Some(v) = tree.get(archetype_key(archetype))? else {
+        return Ok((0, 0));
+    };
+    if v.len() != 16 {
+        return Err(StoreError::Corrupt("unreadable archetype counter".into()));
+    }
+    let (mut users, mut active) = ([0; 8], [0; 8]);
+    users.copy_from_slice(&v[..8]);
+    active.copy_from_slice(&v[8..]);
+    Ok((u64::from_be_bytes(users), u64::from_be_bytes(active)))
+}
+
+/// Count every archetype's users from the roster records and store the counters: the
+/// upgrade of a tenant from a layout without them. Returns how many archetypes are held.
+pub(super) fn build_archetypes(tree: &sled::Tree) -> StoreResult<usize> {
+    let mut counts = Tally::<u64>::new();
+    for kv in tree.scan_prefix(keys::record("")) {
+        let (_, v) = kv?;
+        if let Some((archetype, active)) = record::holding(&v)? {
+            let e = counts.entry(archetype).or_default();
+            e.0 += 1;
+            e.1 += u64::from(active);
+        }
+    }
+    for (archetype, pair) in &counts {
+        let (k, v) = archetype_op(archetype, *pair);
+        if let Some(v) = v {
+            tree.insert(k, v)?;
+        }
+    }
+    Ok(counts.len())
 }
 
 /// Count every family by walking its keys and store the counters: the upgrade of a
@@ -113,13 +207,48 @@ mod tests {
     use serde_json::json;
     use std::sync::Arc;
 
-    /// The counters agree with a walk of every family.
+    /// The counters agree with a walk of every family, and the archetype counters with a
+    /// walk of the archetype index against the inactive index.
     fn assert_in_step(store: &Store) -> [u64; 4] {
         let t = store.tenant("t").unwrap();
         let counted = Counted::ALL.map(|f| read(&t.tree, f).unwrap());
         let walked = Counted::ALL.map(|f| walk(&t.tree, f).unwrap());
         assert_eq!(counted, walked, "users, groups, inactive, review");
+        assert_eq!(archetype_counters(&t.tree), walk_archetypes(&t.tree));
         counted
+    }
+
+    fn archetype_counters(tree: &sled::Tree) -> Tally<u64> {
+        let prefix = archetype_key("");
+        tree.scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                let a = String::from_utf8(k[prefix.len()..].to_vec()).unwrap();
+                let pair = read_archetype(tree, &a).unwrap();
+                (a, pair)
+            })
+            .collect()
+    }
+
+    fn walk_archetypes(tree: &sled::Tree) -> Tally<u64> {
+        let inactive = keys::index_prefix(Index::Inactive, "");
+        let inactive: Vec<Vec<u8>> = tree
+            .scan_prefix(&inactive)
+            .keys()
+            .map(|k| k.unwrap()[inactive.len()..].to_vec())
+            .collect();
+        let mut out = Tally::<u64>::new();
+        for k in tree.scan_prefix(b"x\0").keys() {
+            // `x archetype \0 id`
+            let k = k.unwrap();
+            let (head, id) = k.split_at(k.len() - 36);
+            let a = String::from_utf8(head[2..head.len() - 1].to_vec()).unwrap();
+            let e = out.entry(a).or_default();
+            e.0 += 1;
+            e.1 += u64::from(!inactive.iter().any(|i| i.as_slice() == id));
+        }
+        out
     }
 
     async fn set_user(store: &Store, id: &str, title: &'static str, active: bool) {
@@ -140,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn counters_follow_every_kind_of_write() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         store.set_resolver("t", Arc::new(Doubtful));
         assert_eq!(assert_in_step(&store), [0, 0, 0, 0]);
 
@@ -172,6 +301,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(assert_in_step(&store)[3], 1);
+        assert_eq!(
+            read_archetype(&store.tenant("t").unwrap().tree, "y").unwrap(),
+            (1, 0)
+        );
         store
             .set_override("t", &ids[0], None, "user:admin")
             .await
@@ -210,13 +343,17 @@ mod tests {
             .unwrap();
         assert_eq!(assert_in_step(&store), [1, 0, 0, 0]);
         assert_eq!(store.count("t", ResourceKind::User).unwrap(), 1);
+        let t = store.tenant("t").unwrap();
+        assert_eq!(read_archetype(&t.tree, "x").unwrap(), (1, 1));
+        assert_eq!(read_archetype(&t.tree, "y").unwrap(), (0, 0));
+        assert!(archetype_counters(&t.tree).keys().eq(["x"]));
     }
 
     #[tokio::test]
     async fn a_layout_2_directory_gets_its_counters_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             store.set_resolver("t", Arc::new(Doubtful));
             for (i, active) in [true, false].into_iter().enumerate() {
                 let doc = user(&format!("u{i}"), "unsure", active);
@@ -229,7 +366,7 @@ mod tests {
         }
         {
             // What layout 2 had: everything but the counters.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             let tree = db.open_tree("tenant/t").unwrap();
             for family in Counted::ALL {
                 tree.remove(family.key()).unwrap();
@@ -237,7 +374,45 @@ mod tests {
             db.insert(SCHEMA_VERSION_KEY, b"2").unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         assert_eq!(assert_in_step(&store), [2, 0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_layout_4_directory_gets_its_archetype_counters_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            store.set_resolver("t", Arc::new(Doubtful));
+            for (i, active) in [true, false, true].into_iter().enumerate() {
+                let doc = user(&format!("u{i}"), "sure", active);
+                let id = store
+                    .create("t", ResourceKind::User, doc, vec![])
+                    .await
+                    .unwrap()
+                    .id;
+                if i == 2 {
+                    store
+                        .set_override("t", &id, Some("y".into()), "user:admin")
+                        .await
+                        .unwrap();
+                }
+            }
+            store.close().unwrap();
+        }
+        {
+            // What layout 4 had: everything but the archetype counters.
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
+            let tree = db.open_tree("tenant/t").unwrap();
+            for k in tree.scan_prefix(archetype_key("")).keys() {
+                tree.remove(k.unwrap()).unwrap();
+            }
+            db.insert(SCHEMA_VERSION_KEY, b"4").unwrap();
+            db.flush().unwrap();
+        }
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(assert_in_step(&store), [3, 0, 1, 0]);
+        let counts = store.archetype_user_counts("t", &["x", "y", "z"]).unwrap();
+        assert_eq!(counts, [(2, 1), (1, 1), (0, 0)]);
     }
 }

@@ -242,7 +242,7 @@ mod tests {
     async fn cursors_hashes_and_dead_letters_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             assert_eq!(store.cursor("t", "or").unwrap(), 0);
             store
                 .advance_cursor("t", "or", 7, vec![("User/u1".into(), Some(42))])
@@ -264,7 +264,7 @@ mod tests {
             assert_eq!(store.add_dead_letter("t", letter).await.unwrap(), 2);
             store.close().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         assert_eq!(store.cursor("t", "or").unwrap(), 7);
         assert_eq!(store.cursor("t", "other").unwrap(), 0);
         assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), Some(42));

@@ -40,7 +40,7 @@ pub use roster::{
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
-const SCHEMA_VERSION: u64 = 4;
+const SCHEMA_VERSION: u64 = 5;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -873,12 +873,21 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
                 "Upgraded the tenant's data to layout version 3 (counters)."
             );
         }
-        let events = roster::index_governance(&tree)?;
+        if from < 4 {
+            let events = roster::index_governance(&tree)?;
+            tracing::info!(
+                tenant,
+                events,
+                secs = started.elapsed().as_secs_f64(),
+                "Upgraded the tenant's data to layout version 4 (governance events by user and kind)."
+            );
+        }
+        let archetypes = counts::build_archetypes(&tree)?;
         tracing::info!(
             tenant,
-            events,
+            archetypes,
             secs = started.elapsed().as_secs_f64(),
-            "Upgraded the tenant's data to layout version 4 (governance events by user and kind)."
+            "Upgraded the tenant's data to layout version 5 (users per archetype counted)."
         );
     }
     db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
@@ -1467,7 +1476,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_writers_share_flushes_and_log_every_change() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let mut tasks = Vec::new();
         for i in 0..64 {
             let s = store.clone();
@@ -1491,7 +1500,7 @@ mod tests {
         assert_eq!(store.last_seq("other").unwrap(), 0);
         store.close().unwrap();
         drop(store);
-        let reopened = Store::open(dir.path()).unwrap();
+        let reopened = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         assert_eq!(reopened.scan("t", ResourceKind::User).unwrap().count(), 64);
         assert_eq!(
             reopened
@@ -1505,7 +1514,7 @@ mod tests {
     #[tokio::test]
     async fn membership_ops_see_their_own_pending_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let a = store
             .create("t", ResourceKind::User, user("a"), vec![])
             .await
@@ -1571,7 +1580,7 @@ mod tests {
     fn unknown_layout_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             db.insert(SCHEMA_VERSION_KEY, b"99").unwrap();
             db.flush().unwrap();
         }
@@ -1591,7 +1600,7 @@ mod tests {
         ];
         {
             // What a crash after the redo record and the first key leaves behind.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())
                 .unwrap();
             let tree = db.open_tree("tenant/t").unwrap();
@@ -1600,7 +1609,7 @@ mod tests {
             tree.insert(b"k1", b"v1".to_vec()).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let t = store.tenant("t").unwrap();
         assert_eq!(t.tree.get(b"k2").unwrap().as_deref(), Some(&b"v2"[..]));
         assert_eq!(t.tree.get(b"gone").unwrap(), None);

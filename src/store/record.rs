@@ -157,6 +157,15 @@ impl<'a> RosterRecord<'a> {
     }
 }
 
+/// The archetype a stored record's user holds (if any) and whether they are active: what
+/// the per-archetype counters count.
+pub(super) fn holding(bytes: &[u8]) -> StoreResult<Option<(String, bool)>> {
+    let r = RosterRecord::decode(bytes)?;
+    Ok(r.assignment
+        .and_then(|a| a.archetype_id)
+        .map(|a| (a.to_owned(), r.user.active)))
+}
+
 fn corrupt(e: postcard::Error) -> StoreError {
     StoreError::Corrupt(format!("unreadable roster record: {e}"))
 }
@@ -373,7 +382,7 @@ mod tests {
     #[tokio::test]
     async fn every_write_keeps_the_record_in_step() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let id = store
             .create("t", ResourceKind::User, doc("Engineer"), vec![])
             .await
@@ -479,7 +488,7 @@ mod tests {
     async fn a_layout_1_directory_gets_its_records_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let ids = {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             let mut ids = Vec::new();
             for title in ["A", "B", "C"] {
                 let mut d = doc(title);
@@ -497,7 +506,7 @@ mod tests {
         };
         {
             // What layout 1 had: no records and no inactive index.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             let tree = db.open_tree("tenant/t").unwrap();
             for id in &ids {
                 tree.remove(keys::record(id)).unwrap();
@@ -507,7 +516,7 @@ mod tests {
             db.insert(SCHEMA_VERSION_KEY, b"1").unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let mut titles: Vec<_> = ids
             .iter()
             .map(|id| owned(&store, id).unwrap().1.unwrap())
@@ -517,7 +526,7 @@ mod tests {
         assert_eq!(store.count_inactive("t").unwrap(), 3);
         store.close().unwrap();
         drop(store);
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
         assert_eq!(
             db.get(SCHEMA_VERSION_KEY).unwrap().as_deref(),
             Some(SCHEMA_VERSION.to_string().as_bytes())

@@ -629,39 +629,18 @@ impl Store {
         }))
     }
 
-    /// For each archetype, how many users hold it and how many of those are active. Walks
-    /// the archetype index's keys against the (small) set of inactive users, so no
-    /// document is read: at a million users that is the difference between a fraction of
-    /// a second and decoding a gigabyte of JSON.
+    /// Per archetype, the users holding it and how many of them are active: two counters
+    /// kept by the writes, whatever the size of the tenant.
     pub fn archetype_user_counts(
         &self,
         tenant: &str,
         archetypes: &[&str],
     ) -> StoreResult<Vec<(u64, u64)>> {
         let t = self.tenant(tenant)?;
-        let inactive: std::collections::HashSet<String> = super::ids_under(
-            &t.tree,
-            &keys::index_prefix(super::Index::Inactive, ""),
-            None,
-            0,
-            usize::MAX,
-        )?
-        .into_iter()
-        .collect();
-        let mut out = Vec::with_capacity(archetypes.len());
-        for a in archetypes {
-            let prefix = keys::archetype_prefix(a);
-            let (mut users, mut active) = (0, 0);
-            for k in t.tree.scan_prefix(&prefix).keys() {
-                let k = k?;
-                users += 1;
-                if keys::trailing_id(&k, prefix.len()).is_some_and(|id| !inactive.contains(id)) {
-                    active += 1;
-                }
-            }
-            out.push((users, active));
-        }
-        Ok(out)
+        archetypes
+            .iter()
+            .map(|a| super::counts::read_archetype(&t.tree, a))
+            .collect()
     }
 
     /// Up to `limit` ids of the review queue after `after`, in id order.
@@ -1014,7 +993,7 @@ mod tests {
     #[tokio::test]
     async fn events_by_user_and_kind_match_a_full_walk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         store.set_resolver("t", Arc::new(Doubtful));
         let ids = history(&store).await;
         let overridden = "rbac.archetype_overridden";
@@ -1050,7 +1029,7 @@ mod tests {
     async fn a_layout_3_directory_gets_its_event_indexes_when_opened() {
         let dir = tempfile::tempdir().unwrap();
         let ids = {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             store.set_resolver("t", Arc::new(Doubtful));
             let ids = history(&store).await;
             store.close().unwrap();
@@ -1058,7 +1037,7 @@ mod tests {
         };
         {
             // What layout 3 had: the events without their indexes.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             let tree = db.open_tree("tenant/t").unwrap();
             for prefix in [b"e\0", b"f\0"] {
                 for k in tree.scan_prefix(prefix).keys() {
@@ -1068,7 +1047,7 @@ mod tests {
             db.insert(SCHEMA_VERSION_KEY, b"3").unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let q = query(Some(&ids[0]), None, 0, 100);
         assert_eq!(store.governance_events("t", &q).unwrap().len(), 4);
         assert_eq!(
@@ -1080,7 +1059,7 @@ mod tests {
     #[tokio::test]
     async fn time_filters_match_a_full_walk() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         store.set_resolver("t", Arc::new(Doubtful));
         let ids = history(&store).await;
         for i in 0..6 {
@@ -1141,7 +1120,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ahead = Utc::now() + chrono::Duration::hours(1);
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             store.set_resolver("t", Arc::new(Doubtful));
             history(&store).await;
             store.close().unwrap();
@@ -1149,7 +1128,7 @@ mod tests {
         {
             // What a clock later stepped back by an hour leaves: the last event an hour
             // ahead of the clock.
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             let tree = db.open_tree("tenant/t").unwrap();
             let (k, v) = tree
                 .range(keys::governance(0)..=keys::governance(u64::MAX))
@@ -1161,7 +1140,7 @@ mod tests {
             tree.insert(k, encode(&e).unwrap()).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         store.set_resolver("t", Arc::new(Doubtful));
         let id = store
             .create("t", ResourceKind::User, user("late", "sure", true), vec![])

@@ -34,3 +34,23 @@ pub(super) fn user(name: &str, title: &str, active: bool) -> Value {
     json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
            "userName": name, "title": title, "active": active})
 }
+
+/// Open a directory that a handle dropped a moment ago held. sled releases its file lock
+/// only when its background threads let go of the database, shortly after the drop, so
+/// an immediate re-open in the same process can find it still locked. (A restarted
+/// daemon is a new process, whose lock the kernel released at the old one's exit.)
+pub(crate) fn when_unlocked<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Ok(v) => return v,
+            Err(e)
+                if format!("{e:?}").contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open: {e:?}"),
+        }
+    }
+}
