@@ -159,15 +159,20 @@ impl EventQuery {
     }
 }
 
-/// The time of the tenant's latest governance event, if it has any.
-pub(super) fn last_event_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<Utc>>> {
+/// The tenant's latest governance event, if it has any.
+fn last_event(tree: &sled::Tree) -> StoreResult<Option<GovernanceEvent>> {
     match tree
         .range(keys::governance(0)..=keys::governance(u64::MAX))
         .next_back()
     {
-        Some(kv) => Ok(Some(decode::<GovernanceEvent>(&kv?.1)?.at)),
+        Some(kv) => Ok(Some(decode(&kv?.1)?)),
         None => Ok(None),
     }
+}
+
+/// The time of the tenant's latest governance event, if it has any.
+pub(super) fn last_event_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<Utc>>> {
+    Ok(last_event(tree)?.map(|e| e.at))
 }
 
 /// Where a walk of the log from `from` on should start to see every event at or after
@@ -175,13 +180,10 @@ pub(super) fn last_event_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<
 /// in sequence order. About 20 reads for a million events instead of a walk of all those
 /// before `since`.
 fn first_event_since(tree: &sled::Tree, since: DateTime<Utc>, from: u64) -> StoreResult<u64> {
-    let end = match tree
-        .range(keys::governance(0)..=keys::governance(u64::MAX))
-        .next_back()
-    {
-        Some(kv) => decode::<GovernanceEvent>(&kv?.1)?.seq.saturating_add(1),
-        None => return Ok(from),
+    let Some(last) = last_event(tree)? else {
+        return Ok(from);
     };
+    let end = last.seq.saturating_add(1);
     // Starting at `lo` misses nothing; starting at `hi` misses nothing either, and no
     // start before `lo` is needed.
     let (mut lo, mut hi) = (from, end.max(from));
