@@ -272,33 +272,53 @@ pub async fn create_users(
 pub struct Paging {
     page: Vec<Duration>,
     status: Vec<Duration>,
+    /// Every page in turn, as an identity provider's import pages through everyone.
+    pass: Vec<Duration>,
+    pass_total: Duration,
+}
+
+/// One unfiltered page of 100 users from `start`: how long it took and its ids.
+async fn users_page(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    users: usize,
+    start: usize,
+) -> (Duration, Vec<String>) {
+    let url = format!("{}/Users?startIndex={start}&count=100", daemon.scim());
+    let t = std::time::Instant::now();
+    let r = client
+        .get(&url)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("page");
+    let v: serde_json::Value = r.json().await.expect("json");
+    let took = t.elapsed();
+    assert_eq!(v["totalResults"], users, "page at {start}");
+    assert_eq!(v["startIndex"], start, "page at {start}");
+    let ids: Vec<String> = v["Resources"]
+        .as_array()
+        .expect("Resources")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 100.min(users + 1 - start), "page at {start}");
+    (took, ids)
 }
 
 impl Paging {
-    /// `pages` pages sampled evenly across the roster, then ten `/status` calls.
+    /// `pages` pages sampled evenly across the roster, ten `/status` calls, then a
+    /// pass through every page in order (`BENCH_PAGING_PASS=0` skips it).
     pub async fn measure(
         client: &reqwest::Client,
         daemon: &Daemon,
         users: usize,
         pages: usize,
     ) -> Paging {
-        let auth = format!("Bearer {TOKEN}");
         let mut page = Vec::with_capacity(pages);
         for k in 0..pages {
             let start = 1 + (k * users / pages) / 100 * 100;
-            let url = format!("{}/Users?startIndex={start}&count=100", daemon.scim());
-            let t = std::time::Instant::now();
-            let r = client
-                .get(&url)
-                .header("authorization", &auth)
-                .send()
-                .await
-                .expect("page");
-            let v: serde_json::Value = r.json().await.expect("json");
-            page.push(t.elapsed());
-            assert_eq!(v["totalResults"], users, "page at {start}");
-            assert_eq!(v["startIndex"], start, "page at {start}");
-            assert_eq!(v["Resources"].as_array().map(Vec::len), Some(100));
+            page.push(users_page(client, daemon, users, start).await.0);
         }
         page.sort();
         let mut status = Vec::new();
@@ -316,14 +336,45 @@ impl Paging {
             assert_eq!(v["tenants"][TENANT]["users"], users);
         }
         status.sort();
-        Paging { page, status }
+        let mut pass = Vec::new();
+        let started = std::time::Instant::now();
+        if env_usize("BENCH_PAGING_PASS", 1) == 1 {
+            let mut seen = std::collections::HashSet::with_capacity(users);
+            for start in (1..=users).step_by(100) {
+                let (took, ids) = users_page(client, daemon, users, start).await;
+                pass.push(took);
+                for id in ids {
+                    assert!(seen.insert(id), "a user twice in one pass");
+                }
+            }
+            assert_eq!(seen.len(), users, "every user once in the pass");
+        }
+        let pass_total = started.elapsed();
+        pass.sort();
+        Paging {
+            page,
+            status,
+            pass,
+            pass_total,
+        }
     }
 
     pub fn print(&self, users: usize) {
+        if !self.pass.is_empty() {
+            println!(
+                "| every unfiltered page in turn (count=100), {} pages | {:.1} s |",
+                self.pass.len(),
+                self.pass_total.as_secs_f64()
+            );
+        }
         for (what, lat) in [
             ("unfiltered GET /Users page (count=100)", &self.page),
             ("GET /status", &self.status),
+            ("page of that pass", &self.pass),
         ] {
+            if lat.is_empty() {
+                continue;
+            }
             println!(
                 "| {what} at {users} users, p50 / p99 | {:.2} ms / {:.2} ms |",
                 percentile(lat, 0.5).as_secs_f64() * 1e3,

@@ -75,16 +75,24 @@ impl Txn<'_> {
     /// comes into being or goes away moves its family's counter. Judged from the keys
     /// themselves, like the roster records, so no write path has to remember to count.
     /// Writers of a tenant are serialized, so reading the counter here is safe.
-    pub(super) fn counter_ops(&self) -> StoreResult<Vec<Op>> {
+    /// Also notes whether any user or group came into being or went away
+    /// (`Txn::reshaped`), which moves the positions that SCIM paging counts.
+    pub(super) fn counter_ops(&mut self) -> StoreResult<Vec<Op>> {
         let mut ops = Vec::new();
         for family in Counted::ALL {
             let prefix = family.prefix();
             let mut delta = 0i64;
+            let mut reshaped = false;
             for (k, v) in self.pending.range(prefix.clone()..) {
                 if !k.starts_with(&prefix) {
                     break;
                 }
-                delta += i64::from(v.is_some()) - i64::from(self.tree.contains_key(k)?);
+                let change = i64::from(v.is_some()) - i64::from(self.tree.contains_key(k)?);
+                reshaped |= change != 0;
+                delta += change;
+            }
+            if matches!(family, Counted::Users | Counted::Groups) {
+                self.reshaped |= reshaped;
             }
             if delta != 0 {
                 let now = read(self.tree, family)?.saturating_add_signed(delta);

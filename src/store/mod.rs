@@ -11,6 +11,7 @@ mod commit;
 mod counts;
 mod delivery;
 mod keys;
+mod paging;
 mod record;
 mod roster;
 #[cfg(test)]
@@ -182,6 +183,7 @@ struct Tenant {
     tree: sled::Tree,
     /// Held by the tenant's writer.
     write_lock: Mutex<WriteClock>,
+    pages: paging::Bookmarks,
 }
 
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
@@ -343,6 +345,8 @@ struct Txn<'a> {
     resolver: Option<Arc<dyn Resolver>>,
     /// Roster record halves handed over by the writes (see `record.rs`).
     records: HashMap<String, record::Parts>,
+    /// Whether a user or group came into being or went away (set by `counter_ops`).
+    reshaped: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -364,6 +368,7 @@ impl<'a> Txn<'a> {
             now,
             resolver,
             records: HashMap::new(),
+            reshaped: false,
         })
     }
 
@@ -656,7 +661,8 @@ impl<'a> Txn<'a> {
 
     /// Every key this transaction writes (`None` deletes), change events and the
     /// sequence counter included.
-    fn into_ops(mut self) -> StoreResult<Vec<Op>> {
+    /// The writes to apply, and whether the set of users or groups changed.
+    fn into_ops(mut self) -> StoreResult<(Vec<Op>, bool)> {
         self.refresh_records()?;
         let counters = self.counter_ops()?;
         let events = std::mem::take(&mut self.events);
@@ -672,7 +678,7 @@ impl<'a> Txn<'a> {
             ));
         }
         ops.extend(self.pending);
-        Ok(ops)
+        Ok((ops, self.reshaped))
     }
 }
 
@@ -982,6 +988,7 @@ impl Store {
                 last: last_write,
                 behind: false,
             }),
+            pages: paging::Bookmarks::default(),
         });
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
@@ -1002,8 +1009,16 @@ impl Store {
             return Ok((out, None));
         }
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
-        let ops = txn.into_ops()?;
-        apply_ops(&t.tree, ops)?;
+        let (ops, reshaped) = txn.into_ops()?;
+        if reshaped {
+            t.pages.invalidate();
+        }
+        let applied = apply_ops(&t.tree, ops);
+        if reshaped {
+            // Again after the keys moved: a page walked while they moved keeps no bookmark.
+            t.pages.invalidate();
+        }
+        applied?;
         drop(last_write);
         Ok((out, Some((self.inner.commit.ticket(), last_seq))))
     }
@@ -1308,11 +1323,21 @@ impl Store {
         skip: usize,
         take: usize,
     ) -> StoreResult<Vec<String>> {
-        let prefix = match kind {
-            ResourceKind::User => keys::record(""),
-            ResourceKind::Group => keys::resource_prefix(kind),
+        let t = self.tenant(tenant)?;
+        let key = |id: &str| match kind {
+            ResourceKind::User => keys::record(id),
+            ResourceKind::Group => keys::resource(kind, id),
         };
-        ids_under(&self.tenant(tenant)?.tree, &prefix, None, skip, take)
+        let prefix = key("");
+        let generation = t.pages.generation();
+        let ids = match t.pages.find(kind, skip, generation) {
+            Some(after) => ids_under(&t.tree, &prefix, Some(key(&after)), 0, take)?,
+            None => ids_under(&t.tree, &prefix, None, skip, take)?,
+        };
+        if let Some(last) = ids.last().filter(|_| ids.len() == take) {
+            t.pages.keep(kind, skip + take, last, generation);
+        }
+        Ok(ids)
     }
 
     /// How many members a group has (its member keys counted; none decoded).

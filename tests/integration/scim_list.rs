@@ -221,6 +221,42 @@ async fn unfiltered_paging_spans_users_and_groups_and_follows_deletes() {
     assert_eq!(r.body["totalResults"], 2);
 }
 
+#[tokio::test]
+async fn paging_in_turn_stays_exact_when_users_come_and_go() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    // Each page resumes where the one before ended; a user created or deleted in between
+    // must give exactly what counting from the first user gives.
+    let page = |start: usize| {
+        let d = &d;
+        async move {
+            let r = d.get(&format!("/Users?startIndex={start}&count=2")).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body["Resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let all = ids_of_users(&d).await;
+    assert_eq!(page(1).await, all[0..2]);
+    assert_eq!(page(3).await, all[2..4]);
+    assert_eq!(page(5).await, all[4..5]);
+
+    let r = d.delete(&format!("/Users/{}", all[0])).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(page(3).await, all[3..5]);
+
+    assert_eq!(page(1).await, all[1..3]);
+    d.create_user("zed@corp.test").await;
+    let now = ids_of_users(&d).await;
+    assert_eq!(now.len(), 5);
+    assert_eq!(page(3).await, now[2..4]);
+    assert_eq!(page(5).await, now[4..5]);
+}
+
 async fn ids_of_users(d: &TestDaemon) -> Vec<String> {
     let r = d.get("/Users").await;
     r.body["Resources"]
