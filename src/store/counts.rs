@@ -287,13 +287,7 @@ mod tests {
             .enumerate()
         {
             let doc = user(&format!("u{i}"), title, active);
-            ids.push(
-                store
-                    .create("t", ResourceKind::User, doc, vec![])
-                    .await
-                    .unwrap()
-                    .id,
-            );
+            ids.push(crate::store::testing::create_user(&store, doc).await);
         }
         assert_eq!(assert_in_step(&store), [3, 0, 1, 2]);
 

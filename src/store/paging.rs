@@ -112,13 +112,7 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..40 {
             let doc = user(&format!("u{i:02}"), "t", true);
-            ids.push(
-                store
-                    .create("t", ResourceKind::User, doc, vec![])
-                    .await
-                    .unwrap()
-                    .id,
-            );
+            ids.push(crate::store::testing::create_user(&store, doc).await);
         }
         ids.sort();
 

@@ -493,13 +493,7 @@ mod tests {
             for title in ["A", "B", "C"] {
                 let mut d = doc(title);
                 d["userName"] = json!(title);
-                ids.push(
-                    store
-                        .create("t", ResourceKind::User, d, vec![])
-                        .await
-                        .unwrap()
-                        .id,
-                );
+                ids.push(crate::store::testing::create_user(&store, d).await);
             }
             store.close().unwrap();
             ids

@@ -54,3 +54,12 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, 
         }
     }
 }
+
+/// Create a user of tenant "t" from its SCIM document; its id.
+pub(crate) async fn create_user(store: &super::Store, doc: Value) -> String {
+    store
+        .create("t", crate::scim::ResourceKind::User, doc, vec![])
+        .await
+        .expect("create")
+        .id
+}
