@@ -209,8 +209,8 @@ fn walk(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{Doubtful, user};
-    use super::super::{MemberRef, SCHEMA_VERSION_KEY, Store, Update};
+    use super::super::testing::{Doubtful, create_user, set_user, user};
+    use super::super::{MemberRef, SCHEMA_VERSION_KEY, Store};
     use super::*;
     use serde_json::json;
     use std::sync::Arc;
@@ -259,21 +259,6 @@ mod tests {
         out
     }
 
-    async fn set_user(store: &Store, id: &str, title: &'static str, active: bool) {
-        store
-            .update("t", ResourceKind::User, id, None, move |old| {
-                let mut doc = old.clone();
-                doc["title"] = json!(title);
-                doc["active"] = json!(active);
-                Ok(Update {
-                    doc,
-                    members: vec![],
-                })
-            })
-            .await
-            .unwrap();
-    }
-
     #[tokio::test]
     async fn counters_follow_every_kind_of_write() {
         let dir = tempfile::tempdir().unwrap();
@@ -287,7 +272,7 @@ mod tests {
             .enumerate()
         {
             let doc = user(&format!("u{i}"), title, active);
-            ids.push(crate::store::testing::create_user(&store, doc).await);
+            ids.push(create_user(&store, doc).await);
         }
         assert_eq!(assert_in_step(&store), [3, 0, 1, 2]);
 
@@ -359,10 +344,7 @@ mod tests {
             store.set_resolver("t", Arc::new(Doubtful));
             for (i, active) in [true, false].into_iter().enumerate() {
                 let doc = user(&format!("u{i}"), "unsure", active);
-                store
-                    .create("t", ResourceKind::User, doc, vec![])
-                    .await
-                    .unwrap();
+                create_user(&store, doc).await;
             }
             store.close().unwrap();
         }
@@ -388,11 +370,7 @@ mod tests {
             store.set_resolver("t", Arc::new(Doubtful));
             for (i, active) in [true, false, true].into_iter().enumerate() {
                 let doc = user(&format!("u{i}"), "sure", active);
-                let id = store
-                    .create("t", ResourceKind::User, doc, vec![])
-                    .await
-                    .unwrap()
-                    .id;
+                let id = create_user(&store, doc).await;
                 if i == 2 {
                     store
                         .set_override("t", &id, Some("y".into()), "user:admin")

@@ -192,6 +192,11 @@ pub(crate) fn governance(seq: u64) -> Vec<u8> {
     k
 }
 
+/// Every governance event's key, in order.
+pub(crate) fn governance_all() -> std::ops::RangeInclusive<Vec<u8>> {
+    governance(0)..=governance(u64::MAX)
+}
+
 /// `e user seq` → empty: one user's governance events, in order.
 pub(crate) fn governance_of_user(user: &str, seq: u64) -> Vec<u8> {
     event_index_entry(governance_of_user_prefix(user), seq)

@@ -659,9 +659,8 @@ impl<'a> Txn<'a> {
         Ok((net_added, net_removed))
     }
 
-    /// Every key this transaction writes (`None` deletes), change events and the
-    /// sequence counter included.
-    /// The writes to apply, and whether the set of users or groups changed.
+    /// Every key this transaction writes (`None` deletes), change events, counters and the
+    /// sequence counter included; and whether a user or group came or went.
     fn into_ops(mut self) -> StoreResult<(Vec<Op>, bool)> {
         self.refresh_records()?;
         let counters = self.counter_ops()?;
@@ -847,8 +846,8 @@ impl<'a> UpgradeWriter<'a> {
 
 /// Bring every tenant from an older layout to this one, then record the new version.
 /// Layout 1 had no roster records and no index of inactive users; layout 2 had no
-/// counters; layout 3 did not index governance events by user and kind. Runs before the
-/// store serves anything.
+/// counters; layout 3 did not index governance events by user and kind; layout 4 had no
+/// archetype counters. Runs before the store serves anything.
 fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {

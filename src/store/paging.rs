@@ -88,10 +88,9 @@ impl Bookmarks {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{user, when_unlocked};
-    use super::super::{Store, Update, ids_under, keys};
+    use super::super::testing::{create_user, set_user, user, when_unlocked};
+    use super::super::{Store, ids_under, keys};
     use super::*;
-    use serde_json::json;
 
     /// What an offset walk from the start answers, bookmarks or not.
     fn truth(store: &Store, skip: usize, take: usize) -> Vec<String> {
@@ -112,7 +111,7 @@ mod tests {
         let mut ids = Vec::new();
         for i in 0..40 {
             let doc = user(&format!("u{i:02}"), "t", true);
-            ids.push(crate::store::testing::create_user(&store, doc).await);
+            ids.push(create_user(&store, doc).await);
         }
         ids.sort();
 
@@ -131,26 +130,12 @@ mod tests {
         assert!(!marked(&store, 42), "a short last page leaves none");
 
         // An update moves no position: the bookmarks stay.
-        store
-            .update("t", ResourceKind::User, &ids[3], None, |old| {
-                let mut doc = old.clone();
-                doc["title"] = json!("other");
-                Ok(Update {
-                    doc,
-                    members: vec![],
-                })
-            })
-            .await
-            .unwrap();
+        set_user(&store, &ids[3], "other", true).await;
         assert!(marked(&store, 14));
 
         // A new user sorts somewhere before position 14: the bookmark would now be off by
         // one, so it is gone and the page counts from the start.
-        let doc = user("late", "t", true);
-        store
-            .create("t", ResourceKind::User, doc, vec![])
-            .await
-            .unwrap();
+        create_user(&store, user("late", "t", true)).await;
         assert!(!marked(&store, 14));
         let page = store.ids_page("t", ResourceKind::User, 7, 7).unwrap();
         assert_eq!(page, truth(&store, 7, 7));

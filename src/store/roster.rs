@@ -161,10 +161,7 @@ impl EventQuery {
 
 /// The tenant's latest governance event, if it has any.
 fn last_event(tree: &sled::Tree) -> StoreResult<Option<GovernanceEvent>> {
-    match tree
-        .range(keys::governance(0)..=keys::governance(u64::MAX))
-        .next_back()
-    {
+    match tree.range(keys::governance_all()).next_back() {
         Some(kv) => Ok(Some(decode(&kv?.1)?)),
         None => Ok(None),
     }
@@ -213,7 +210,7 @@ fn first_event_since(tree: &sled::Tree, since: DateTime<Utc>, from: u64) -> Stor
 pub(super) fn index_governance(tree: &sled::Tree) -> StoreResult<u64> {
     let mut out = super::UpgradeWriter::new(tree);
     let mut n = 0u64;
-    for kv in tree.range(keys::governance(0)..=keys::governance(u64::MAX)) {
+    for kv in tree.range(keys::governance_all()) {
         let (_, v) = kv?;
         let e: GovernanceEvent = decode(&v)?;
         out.insert(keys::governance_of_user(&e.user, e.seq), Vec::new())?;
@@ -931,10 +928,9 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{Doubtful, user};
-    use super::super::{SCHEMA_VERSION_KEY, Update};
+    use super::super::SCHEMA_VERSION_KEY;
+    use super::super::testing::{Doubtful, create_user, set_user, user};
     use super::*;
-    use serde_json::json;
     use std::sync::Arc;
 
     fn query(user: Option<&str>, kind: Option<&str>, after_seq: u64, limit: usize) -> EventQuery {
@@ -962,13 +958,7 @@ mod tests {
     async fn history(store: &Store) -> Vec<String> {
         let mut ids = Vec::new();
         for (i, title) in ["sure", "unsure", "sure"].into_iter().enumerate() {
-            let doc = user(&format!("u{i}"), title, true);
-            let id = store
-                .create("t", ResourceKind::User, doc, vec![])
-                .await
-                .unwrap()
-                .id;
-            ids.push(id);
+            ids.push(create_user(store, user(&format!("u{i}"), title, true)).await);
         }
         store
             .set_override("t", &ids[0], Some("y".into()), "user:admin")
@@ -978,17 +968,7 @@ mod tests {
             .set_override("t", &ids[0], None, "user:admin")
             .await
             .unwrap();
-        store
-            .update("t", ResourceKind::User, &ids[1], None, |old| {
-                let mut doc = old.clone();
-                doc["title"] = json!("sure");
-                Ok(Update {
-                    doc,
-                    members: vec![],
-                })
-            })
-            .await
-            .unwrap();
+        set_user(store, &ids[1], "sure", true).await;
         ids
     }
 
@@ -1066,11 +1046,7 @@ mod tests {
         let ids = history(&store).await;
         for i in 0..6 {
             let title = if i % 2 == 0 { "sure" } else { "unsure" };
-            let doc = user(&format!("more{i}"), title, true);
-            store
-                .create("t", ResourceKind::User, doc, vec![])
-                .await
-                .unwrap();
+            create_user(&store, user(&format!("more{i}"), title, true)).await;
             store
                 .set_override("t", &ids[0], Some(format!("o{i}")), "user:admin")
                 .await
@@ -1133,7 +1109,7 @@ mod tests {
             let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
             let tree = db.open_tree("tenant/t").unwrap();
             let (k, v) = tree
-                .range(keys::governance(0)..=keys::governance(u64::MAX))
+                .range(keys::governance_all())
                 .next_back()
                 .unwrap()
                 .unwrap();
@@ -1144,11 +1120,7 @@ mod tests {
         }
         let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         store.set_resolver("t", Arc::new(Doubtful));
-        let id = store
-            .create("t", ResourceKind::User, user("late", "sure", true), vec![])
-            .await
-            .unwrap()
-            .id;
+        let id = create_user(&store, user("late", "sure", true)).await;
         let mine = store
             .governance_events("t", &query(Some(&id), None, 0, 100))
             .unwrap();

@@ -1,4 +1,5 @@
-//! What the store's unit tests share: a policy with a predictable review queue.
+//! What the store's unit tests share: a policy with a predictable review queue, test
+//! users, and re-opening a directory.
 
 use super::{AssignmentSource, Decision, GroupRef, Resolver};
 use serde_json::{Value, json};
@@ -62,4 +63,21 @@ pub(crate) async fn create_user(store: &super::Store, doc: Value) -> String {
         .await
         .expect("create")
         .id
+}
+
+/// Give a user of tenant "t" a new title and `active` flag, the rest of their document
+/// kept.
+pub(crate) async fn set_user(store: &super::Store, id: &str, title: &'static str, active: bool) {
+    store
+        .update("t", crate::scim::ResourceKind::User, id, None, move |old| {
+            let mut doc = old.clone();
+            doc["title"] = json!(title);
+            doc["active"] = json!(active);
+            Ok(super::Update {
+                doc,
+                members: vec![],
+            })
+        })
+        .await
+        .expect("update");
 }
