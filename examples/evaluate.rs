@@ -57,14 +57,20 @@ fn report(scored: &[Scored]) {
     let top1 = scored.iter().filter(|s| s.correct).count() as f64 / n;
     println!("titles: {}  top-1 accuracy: {:.3}", scored.len(), top1);
     println!("threshold  precision  coverage");
-    for t in [0.5, 0.6, 0.7, 0.8, 0.9] {
+    // Every 0.05 step, not only the round ones: "at least c right among confidence >= c"
+    // has to hold at every c an operator might pick as a review threshold.
+    for t in (1..20).map(|k| f64::from(k) * 0.05) {
         let sel: Vec<&Scored> = scored.iter().filter(|s| s.confidence >= t).collect();
         let prec = if sel.is_empty() {
             f64::NAN
         } else {
             sel.iter().filter(|s| s.correct).count() as f64 / sel.len() as f64
         };
-        println!("  >= {t:.1}     {prec:.3}      {:.3}", sel.len() as f64 / n);
+        let flag = if prec < t { "  BELOW" } else { "" };
+        println!(
+            "  >= {t:.2}    {prec:.3}      {:.3}{flag}",
+            sel.len() as f64 / n
+        );
     }
     println!("reliability: confidence bin -> accuracy (count)");
     for b in 0..10 {

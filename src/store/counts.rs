@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::keys::{self, Index};
-use super::{Op, StoreError, StoreResult, Txn, count_under, decode_u64, record};
+use super::{Op, StoreError, StoreResult, Txn, count_under, decode_u64, paging, record};
 use crate::scim::ResourceKind;
 
 /// A family of keys whose size is kept.
@@ -75,24 +75,30 @@ impl Txn<'_> {
     /// comes into being or goes away moves its family's counter. Judged from the keys
     /// themselves, like the roster records, so no write path has to remember to count.
     /// Writers of a tenant are serialized, so reading the counter here is safe.
-    /// Also notes whether any user or group came into being or went away
-    /// (`Txn::reshaped`), which moves the positions that SCIM paging counts.
+    /// Also notes each user or group that came into being or went away (`Txn::moves`),
+    /// which move the positions that SCIM paging counts.
     pub(super) fn counter_ops(&mut self) -> StoreResult<Vec<Op>> {
         let mut ops = Vec::new();
         for family in Counted::ALL {
             let prefix = family.prefix();
+            let kind = match family {
+                Counted::Users => Some(ResourceKind::User),
+                Counted::Groups => Some(ResourceKind::Group),
+                Counted::Inactive | Counted::Review => None,
+            };
             let mut delta = 0i64;
-            let mut reshaped = false;
             for (k, v) in self.pending.range(prefix.clone()..) {
                 if !k.starts_with(&prefix) {
                     break;
                 }
                 let change = i64::from(v.is_some()) - i64::from(self.tree.contains_key(k)?);
-                reshaped |= change != 0;
+                if change != 0
+                    && let Some(kind) = kind
+                    && let Some(p) = keys::trailing_id(k, prefix.len()).and_then(paging::prefix_of)
+                {
+                    self.moves.push((kind, p, change));
+                }
                 delta += change;
-            }
-            if matches!(family, Counted::Users | Counted::Groups) {
-                self.reshaped |= reshaped;
             }
             if delta != 0 {
                 let now = read(self.tree, family)?.saturating_add_signed(delta);

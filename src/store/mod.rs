@@ -183,7 +183,8 @@ struct Tenant {
     tree: sled::Tree,
     /// Held by the tenant's writer.
     write_lock: Mutex<WriteClock>,
-    pages: paging::Bookmarks,
+    /// Where SCIM pages start (see `paging.rs`).
+    pages: paging::Positions,
 }
 
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
@@ -345,8 +346,8 @@ struct Txn<'a> {
     resolver: Option<Arc<dyn Resolver>>,
     /// Roster record halves handed over by the writes (see `record.rs`).
     records: HashMap<String, record::Parts>,
-    /// Whether a user or group came into being or went away (set by `counter_ops`).
-    reshaped: bool,
+    /// Users and groups that came into being or went away (set by `counter_ops`).
+    moves: Vec<paging::Move>,
 }
 
 impl<'a> Txn<'a> {
@@ -368,7 +369,7 @@ impl<'a> Txn<'a> {
             now,
             resolver,
             records: HashMap::new(),
-            reshaped: false,
+            moves: Vec::new(),
         })
     }
 
@@ -660,8 +661,8 @@ impl<'a> Txn<'a> {
     }
 
     /// Every key this transaction writes (`None` deletes), change events, counters and the
-    /// sequence counter included; and whether a user or group came or went.
-    fn into_ops(mut self) -> StoreResult<(Vec<Op>, bool)> {
+    /// sequence counter included; and the users and groups that came or went.
+    fn into_ops(mut self) -> StoreResult<(Vec<Op>, Vec<paging::Move>)> {
         self.refresh_records()?;
         let counters = self.counter_ops()?;
         let events = std::mem::take(&mut self.events);
@@ -677,7 +678,7 @@ impl<'a> Txn<'a> {
             ));
         }
         ops.extend(self.pending);
-        Ok((ops, self.reshaped))
+        Ok((ops, self.moves))
     }
 }
 
@@ -790,9 +791,22 @@ fn ids_under(
     skip: usize,
     take: usize,
 ) -> StoreResult<Vec<String>> {
+    let start = roster::range_after(prefix, after).start;
+    ids_from(tree, prefix, start, skip, take)
+}
+
+/// Ids under `prefix` from the key `start` on, past the first `skip`.
+fn ids_from(
+    tree: &sled::Tree,
+    prefix: &[u8],
+    start: Vec<u8>,
+    skip: usize,
+    take: usize,
+) -> StoreResult<Vec<String>> {
     let mut out = Vec::new();
     let mut skipped = 0;
-    for kv in tree.range(roster::range_after(prefix, after)) {
+    let end = roster::range_after(prefix, None).end;
+    for kv in tree.range(start..end) {
         let (k, _) = kv?;
         if out.len() == take {
             break;
@@ -987,7 +1001,7 @@ impl Store {
                 last: last_write,
                 behind: false,
             }),
-            pages: paging::Bookmarks::default(),
+            pages: paging::Positions::default(),
         });
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
@@ -1008,14 +1022,13 @@ impl Store {
             return Ok((out, None));
         }
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
-        let (ops, reshaped) = txn.into_ops()?;
-        if reshaped {
-            t.pages.invalidate();
-        }
+        let (ops, moves) = txn.into_ops()?;
         let applied = apply_ops(&t.tree, ops);
-        if reshaped {
-            // Again after the keys moved: a page walked while they moved keeps no bookmark.
-            t.pages.invalidate();
+        if !moves.is_empty() {
+            match applied {
+                Ok(()) => t.pages.moved(&moves),
+                Err(_) => t.pages.forget(),
+            }
         }
         applied?;
         drop(last_write);
@@ -1328,15 +1341,31 @@ impl Store {
             ResourceKind::Group => keys::resource(kind, id),
         };
         let prefix = key("");
-        let generation = t.pages.generation();
-        let ids = match t.pages.find(kind, skip, generation) {
-            Some(after) => ids_under(&t.tree, &prefix, Some(key(&after)), 0, take)?,
-            None => ids_under(&t.tree, &prefix, None, skip, take)?,
-        };
-        if let Some(last) = ids.last().filter(|_| ids.len() == take) {
-            t.pages.keep(kind, skip + take, last, generation);
+        if skip == 0 {
+            return ids_from(&t.tree, &prefix, prefix.clone(), 0, take);
         }
-        Ok(ids)
+        if !t.pages.is_made(kind) {
+            // Under the write lock, so no user or group comes or goes while counting; a
+            // walk of keys only, once per tenant and kind (about a second at a million).
+            let _writes = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !t.pages.is_made(kind) {
+                let prefixes = t.tree.scan_prefix(&prefix).keys().filter_map(|k| match k {
+                    Ok(k) => paging::prefix_of(keys::trailing_id(&k, prefix.len())?).map(Ok),
+                    Err(e) => Some(Err(StoreError::from(e))),
+                });
+                t.pages.make(kind, prefixes)?;
+            }
+        }
+        match t.pages.locate(kind, skip) {
+            Some(paging::Start::At { prefix: p, within }) => {
+                let mut start = prefix.clone();
+                start.extend_from_slice(&p);
+                ids_from(&t.tree, &prefix, start, within, take)
+            }
+            Some(paging::Start::End) => Ok(Vec::new()),
+            // Counts forgotten by a failed write since: count the way there instead.
+            None => ids_under(&t.tree, &prefix, None, skip, take),
+        }
     }
 
     /// How many members a group has (its member keys counted; none decoded).

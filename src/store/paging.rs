@@ -1,88 +1,122 @@
-//! Bookmarks for SCIM's offset paging. An identity provider pages through everyone with
+//! Where SCIM's offset paging starts. An identity provider pages through everyone with
 //! `startIndex` stepping by `count` (Okta's import does), and an offset costs a walk of
-//! every key before it: at a million users the last pages cost over half a second each
-//! and a full pass is quadratic. So the store remembers where each page it served ended;
-//! the next page starting there resumes from that key instead of counting from the start.
+//! every key before it: at a million users a page far in costs over half a second and a
+//! full pass is quadratic.
 //!
-//! A bookmark holds only while the set of users and groups is unchanged: every write that
-//! adds or removes one drops them all (before and after its keys move, so no walk that
-//! overlapped the change can keep one). Then the next page counts from the start again,
-//! which is exactly what it would have done without bookmarks.
+//! So each tenant keeps in memory how many users, and how many groups, have ids beginning
+//! with each four-character prefix. A page adds up those counts to find the prefix its
+//! first id has and walks only from there: ids are random UUIDs, spread over 65,536
+//! prefixes, so that is about fifteen keys more than the page at a million users, at any
+//! offset, in any order of pages. (Three characters left about 120 keys to pass over and
+//! made a page at a million users half again as slow as one that resumes where the last
+//! ended.) The counts are made by one walk the first time a tenant is paged past
+//! its first page, and every write that adds or removes a user or group moves them, under
+//! the tenant's write lock, right after its keys land. A page that reads them while a
+//! write is landing may see that write or not, as a walk from the start may.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::scim::ResourceKind;
 
-/// How many bookmarks a tenant keeps: one per identity provider paging at a time is
-/// enough; the oldest goes first.
-const KEPT: usize = 16;
+/// How many leading bytes of an id pick its bucket.
+pub(super) const PREFIX: usize = 4;
+
+/// The leading bytes of an id (ids are [`super::keys::ID_LEN`] long, so never shorter).
+pub(super) type Prefix = [u8; PREFIX];
+
+/// How many ids of one kind begin with each prefix; absent until first needed.
+type Buckets = BTreeMap<Prefix, usize>;
+
+/// A user or group came (+1) or went (−1).
+pub(super) type Move = (ResourceKind, Prefix, i64);
 
 #[derive(Default)]
-pub(super) struct Bookmarks {
-    /// Moves whenever users or groups come or go.
-    generation: AtomicU64,
-    marks: Mutex<VecDeque<Mark>>,
+pub(super) struct Positions {
+    users: Mutex<Option<Buckets>>,
+    groups: Mutex<Option<Buckets>>,
 }
 
-struct Mark {
-    kind: ResourceKind,
-    /// The position (ids passed over) the next page starts at…
-    position: usize,
-    /// …which is just after this id.
-    after: String,
-    generation: u64,
+/// Where a page at some offset starts.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Start {
+    /// At the first id beginning with `prefix`, after passing over `within` of them.
+    At { prefix: Prefix, within: usize },
+    /// Past the last id.
+    End,
 }
 
-impl Bookmarks {
-    pub(super) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+pub(super) fn prefix_of(id: &str) -> Option<Prefix> {
+    id.as_bytes().get(..PREFIX)?.try_into().ok()
+}
+
+impl Positions {
+    fn slot(&self, kind: ResourceKind) -> MutexGuard<'_, Option<Buckets>> {
+        match kind {
+            ResourceKind::User => &self.users,
+            ResourceKind::Group => &self.groups,
+        }
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Users or groups are about to come or go, or just did.
-    pub(super) fn invalidate(&self) {
-        let mut marks = self.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        marks.clear();
+    /// Where the page starting `skip` ids in begins, or `None` if the counts are not made.
+    pub(super) fn locate(&self, kind: ResourceKind, skip: usize) -> Option<Start> {
+        let slot = self.slot(kind);
+        let buckets = slot.as_ref()?;
+        let mut passed = 0;
+        for (prefix, &n) in buckets {
+            if passed + n > skip {
+                return Some(Start::At {
+                    prefix: *prefix,
+                    within: skip - passed,
+                });
+            }
+            passed += n;
+        }
+        Some(Start::End)
     }
 
-    /// The id a page starting at `position` resumes after, if a page served in this
-    /// generation ended there.
-    pub(super) fn find(
+    pub(super) fn is_made(&self, kind: ResourceKind) -> bool {
+        self.slot(kind).is_some()
+    }
+
+    /// The counts from every id of `kind`. The caller holds the tenant's write lock, so no
+    /// write lands while they are counted.
+    pub(super) fn make<E>(
         &self,
         kind: ResourceKind,
-        position: usize,
-        generation: u64,
-    ) -> Option<String> {
-        let marks = self.lock();
-        marks
-            .iter()
-            .find(|m| m.kind == kind && m.position == position && m.generation == generation)
-            .map(|m| m.after.clone())
+        prefixes: impl IntoIterator<Item = Result<Prefix, E>>,
+    ) -> Result<(), E> {
+        let mut buckets = Buckets::new();
+        for p in prefixes {
+            *buckets.entry(p?).or_default() += 1;
+        }
+        *self.slot(kind) = Some(buckets);
+        Ok(())
     }
 
-    /// A page walked in `generation` ended with `after`, just before `position`. Kept only
-    /// if nothing came or went since the walk began.
-    pub(super) fn keep(&self, kind: ResourceKind, position: usize, after: &str, generation: u64) {
-        let mut marks = self.lock();
-        if self.generation() != generation {
-            return;
+    /// A write's users and groups came and went (called under the tenant's write lock,
+    /// once the write's keys are in the tree).
+    pub(super) fn moved(&self, moves: &[Move]) {
+        for &(kind, prefix, change) in moves {
+            let mut slot = self.slot(kind);
+            let Some(buckets) = slot.as_mut() else {
+                continue;
+            };
+            let n = buckets.entry(prefix).or_default();
+            *n = n.saturating_add_signed(change as isize);
+            if *n == 0 {
+                buckets.remove(&prefix);
+            }
         }
-        marks.retain(|m| !(m.kind == kind && m.position == position));
-        if marks.len() == KEPT {
-            marks.pop_front();
-        }
-        marks.push_back(Mark {
-            kind,
-            position,
-            after: after.to_owned(),
-            generation,
-        });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Mark>> {
-        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    /// A write failed part-way, so nobody knows which of its keys landed: count again
+    /// when next needed.
+    pub(super) fn forget(&self) {
+        *self.slot(ResourceKind::User) = None;
+        *self.slot(ResourceKind::Group) = None;
     }
 }
 
@@ -92,86 +126,98 @@ mod tests {
     use super::super::{Store, ids_under, keys};
     use super::*;
 
-    /// What an offset walk from the start answers, bookmarks or not.
+    /// What an offset walk from the start answers.
     fn truth(store: &Store, skip: usize, take: usize) -> Vec<String> {
         let t = store.tenant("t").unwrap();
         ids_under(&t.tree, &keys::record(""), None, skip, take).unwrap()
     }
 
-    fn marked(store: &Store, position: usize) -> bool {
-        let t = store.tenant("t").unwrap();
-        let g = t.pages.generation();
-        t.pages.find(ResourceKind::User, position, g).is_some()
+    fn made(store: &Store) -> bool {
+        store.tenant("t").unwrap().pages.is_made(ResourceKind::User)
+    }
+
+    /// Every page of every size at every offset, against the walk from the start.
+    fn every_page_agrees(store: &Store, n: usize) {
+        for take in [1, 3, 7] {
+            for skip in 0..n + 2 {
+                let page = store.ids_page("t", ResourceKind::User, skip, take).unwrap();
+                assert_eq!(page, truth(store, skip, take), "skip {skip} take {take}");
+            }
+        }
     }
 
     #[tokio::test]
-    async fn pages_resume_from_bookmarks_until_users_come_or_go() {
+    async fn pages_start_where_counting_from_the_first_user_would() {
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(dir.path()));
         let mut ids = Vec::new();
-        for i in 0..40 {
+        for i in 0..60 {
             let doc = user(&format!("u{i:02}"), "t", true);
             ids.push(create_user(&store, doc).await);
         }
         ids.sort();
 
-        // A full pass, seven at a time: every page resumes from the one before.
-        let mut seen = Vec::new();
-        for skip in (0..42).step_by(7) {
-            if skip > 0 {
-                assert!(marked(&store, skip), "no bookmark at {skip}");
-            }
-            let page = store.ids_page("t", ResourceKind::User, skip, 7).unwrap();
-            assert_eq!(page, truth(&store, skip, 7));
-            seen.extend(page);
-        }
-        assert_eq!(seen, ids);
-        assert!(marked(&store, 35), "a full page leaves a bookmark");
-        assert!(!marked(&store, 42), "a short last page leaves none");
+        // The first page needs no counts; the next one makes them.
+        store.ids_page("t", ResourceKind::User, 0, 7).unwrap();
+        assert!(!made(&store));
+        every_page_agrees(&store, ids.len());
+        assert!(made(&store));
+        let all = store.ids_page("t", ResourceKind::User, 0, 100).unwrap();
+        assert_eq!(all, ids);
 
-        // An update moves no position: the bookmarks stay.
+        // An update moves no position; creates and deletes move the counts with them.
         set_user(&store, &ids[3], "other", true).await;
-        assert!(marked(&store, 14));
+        every_page_agrees(&store, ids.len());
+        for i in 0..5 {
+            create_user(&store, user(&format!("late{i}"), "t", true)).await;
+        }
+        every_page_agrees(&store, ids.len() + 5);
+        for id in &ids[..10] {
+            store
+                .delete("t", ResourceKind::User, id, None)
+                .await
+                .unwrap();
+        }
+        assert!(
+            made(&store),
+            "writes move the counts, they do not drop them"
+        );
+        every_page_agrees(&store, ids.len() - 5);
 
-        // A new user sorts somewhere before position 14: the bookmark would now be off by
-        // one, so it is gone and the page counts from the start.
-        create_user(&store, user("late", "t", true)).await;
-        assert!(!marked(&store, 14));
-        let page = store.ids_page("t", ResourceKind::User, 7, 7).unwrap();
-        assert_eq!(page, truth(&store, 7, 7));
-        let page = store.ids_page("t", ResourceKind::User, 14, 7).unwrap();
-        assert_eq!(page, truth(&store, 14, 7));
-
-        // So does a delete.
-        assert!(marked(&store, 21));
-        store
-            .delete("t", ResourceKind::User, &ids[0], None)
-            .await
-            .unwrap();
-        assert!(!marked(&store, 21));
-        let page = store.ids_page("t", ResourceKind::User, 21, 7).unwrap();
-        assert_eq!(page, truth(&store, 21, 7));
+        // After a failed write the counts are made again, from the tree.
+        store.tenant("t").unwrap().pages.forget();
+        every_page_agrees(&store, ids.len() - 5);
+        assert!(made(&store));
     }
 
     #[test]
-    fn a_walk_that_overlapped_a_change_keeps_no_bookmark() {
-        let marks = Bookmarks::default();
-        let g = marks.generation();
-        marks.invalidate();
-        marks.keep(ResourceKind::User, 7, "x", g);
-        assert_eq!(marks.find(ResourceKind::User, 7, g), None);
-        assert_eq!(marks.find(ResourceKind::User, 7, marks.generation()), None);
-        let g = marks.generation();
-        marks.keep(ResourceKind::User, 7, "x", g);
-        assert_eq!(marks.find(ResourceKind::User, 7, g).as_deref(), Some("x"));
-        assert_eq!(marks.find(ResourceKind::Group, 7, g), None);
-        for i in 0..KEPT {
-            marks.keep(ResourceKind::Group, 100 + i, "y", g);
-        }
-        assert_eq!(
-            marks.find(ResourceKind::User, 7, g),
-            None,
-            "the oldest went first"
-        );
+    fn counts_locate_the_prefix_and_the_ids_before_it() {
+        let pages = Positions::default();
+        assert_eq!(pages.locate(ResourceKind::User, 0), None, "not made yet");
+        let ids = ["aaaa1", "aaaa2", "abcd1", "zzzz1", "zzzz2", "zzzz3"];
+        pages
+            .make::<()>(
+                ResourceKind::User,
+                ids.iter().map(|i| Ok(prefix_of(i).unwrap())),
+            )
+            .unwrap();
+        let at = |prefix: &str, within| Start::At {
+            prefix: prefix.as_bytes().try_into().unwrap(),
+            within,
+        };
+        assert_eq!(pages.locate(ResourceKind::User, 0), Some(at("aaaa", 0)));
+        assert_eq!(pages.locate(ResourceKind::User, 1), Some(at("aaaa", 1)));
+        assert_eq!(pages.locate(ResourceKind::User, 2), Some(at("abcd", 0)));
+        assert_eq!(pages.locate(ResourceKind::User, 5), Some(at("zzzz", 2)));
+        assert_eq!(pages.locate(ResourceKind::User, 6), Some(Start::End));
+        assert_eq!(pages.locate(ResourceKind::Group, 0), None, "kinds apart");
+
+        let p = |s: &str| prefix_of(s).unwrap();
+        pages.moved(&[
+            (ResourceKind::User, p("abcd"), -1),
+            (ResourceKind::User, p("bbbb"), 1),
+        ]);
+        assert_eq!(pages.locate(ResourceKind::User, 2), Some(at("bbbb", 0)));
+        assert_eq!(pages.locate(ResourceKind::User, 3), Some(at("zzzz", 0)));
     }
 }
