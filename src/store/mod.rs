@@ -655,8 +655,6 @@ impl<'a> Txn<'a> {
             .filter(|id| !added_set.contains(id))
             .cloned()
             .collect();
-        let touched: Vec<String> = net_added.iter().chain(&net_removed).cloned().collect();
-        self.reassign_members(&touched)?;
         Ok((net_added, net_removed))
     }
 
@@ -1108,6 +1106,7 @@ impl Store {
             let mut added = Vec::new();
             if kind == ResourceKind::Group && !members.is_empty() {
                 (added, _) = txn.apply_member_ops(&id, &[MemberOp::Add(members)])?;
+                txn.reassign_members(&added)?;
             }
             let assignment = match kind {
                 ResourceKind::User => txn.reassign(&id, &doc)?,
@@ -1178,7 +1177,22 @@ impl Store {
             txn.save(kind, &id, &doc)?;
             let assignment = match kind {
                 ResourceKind::User => txn.reassign(&id, &doc)?,
-                ResourceKind::Group => None,
+                ResourceKind::Group => {
+                    // After the save, so group rules see the group's new name. A rule names
+                    // a group by displayName or externalId: when either changes, every
+                    // member may gain or lose the rule's archetype, not only those added.
+                    let renamed = ["displayName", "externalId"]
+                        .iter()
+                        .any(|k| old.get(k) != doc.get(k));
+                    let mut resolve: Vec<String> = removed.clone();
+                    if renamed && txn.resolver.as_ref().is_some_and(|r| r.uses_groups()) {
+                        resolve.extend(txn.member_ids(&id)?);
+                    } else {
+                        resolve.extend(added.iter().cloned());
+                    }
+                    txn.reassign_members(&resolve)?;
+                    None
+                }
             };
             let deactivated = kind == ResourceKind::User
                 && old.get("active") != Some(&Value::Bool(false))

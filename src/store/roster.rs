@@ -357,7 +357,22 @@ impl Txn<'_> {
             Vec::new()
         };
         let d = resolver.decide(doc, &groups);
-        if current.as_ref().is_some_and(|a| a.same_decision(&d)) {
+        if let Some(a) = current.as_ref().filter(|a| a.same_decision(&d)) {
+            let needs = review_needed(a.source, a.confidence, resolver.review_threshold());
+            if needs != a.needs_review {
+                // The review threshold moved (bundle or config): the decision stands, but
+                // its place in the queue follows the threshold in force. Not an assignment
+                // change, so neither a governance event nor a change to mirror.
+                let mut kept = a.clone();
+                kept.needs_review = needs;
+                if needs {
+                    self.put(keys::review(id), Vec::new());
+                } else {
+                    self.del(keys::review(id));
+                }
+                self.put(keys::assignment(id), encode(&kept)?);
+                self.record_assignment(id, Some(&kept))?;
+            }
             return Ok(None);
         }
         let new = Assignment {

@@ -4,7 +4,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{ENTERPRISE, OTHER_TENANT, TENANT, TestDaemon, jwt_with, patch_op};
+use crate::harness::{BUNDLE, ENTERPRISE, OTHER_TENANT, TENANT, TestDaemon, jwt_with, patch_op};
 
 fn person(user_name: &str, title: &str, department: Option<&str>) -> Value {
     let mut u = json!({
@@ -276,6 +276,130 @@ async fn group_rules_outrank_the_classifier() {
     let u = roster_user(&d, &admin, &id).await;
     assert_eq!(u["archetype_id"], "software_engineer");
     assert_eq!(u["archetype_assigned_by"], "service:classifier");
+}
+
+/// Poll the review queue until `want(ids in it)` holds: a reload's reclassification runs
+/// as a background job.
+async fn review_until(d: &TestDaemon, admin: &str, want: impl Fn(&[String]) -> bool) -> Value {
+    for _ in 0..1000 {
+        let r = d
+            .roster(Method::GET, "/review?limit=1000", admin, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let ids: Vec<String> = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["scim_id"].as_str().unwrap().to_owned())
+            .collect();
+        if want(&ids) {
+            return r.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("the review queue never reached the expected state");
+}
+
+#[tokio::test]
+async fn a_new_review_threshold_moves_decided_users_in_and_out_of_the_queue() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let sure = create(&d, "sure@acme.test", "software engineer", None).await;
+    let u = roster_user(&d, &admin, &sure).await;
+    let confidence = u["archetype_confidence"].as_f64().unwrap();
+    assert!((0.7..1.0).contains(&confidence), "{u}");
+    let r = d.roster(Method::GET, "/review", &admin, None).await;
+    assert_eq!(r.body["total"], 0, "{}", r.body);
+
+    // The same bundle with a threshold above the user's confidence: the decision stands,
+    // and the user now waits for review, as one created afterwards would.
+    let raised = BUNDLE.replace("review_threshold = 0.7", "review_threshold = 1.0");
+    assert_ne!(raised, BUNDLE);
+    std::fs::write(d.root.join("bundle.toml"), &raised).unwrap();
+    d.reload().await;
+    let body = review_until(&d, &admin, |ids| ids.contains(&sure)).await;
+    assert_eq!(body["total"], 1, "{body}");
+    assert_eq!(body["review_threshold"], 1.0, "{body}");
+    let u = roster_user(&d, &admin, &sure).await;
+    assert_eq!(u["archetype_confidence"].as_f64().unwrap(), confidence);
+    assert_eq!(u["archetype_assigned_by"], "service:classifier");
+    let r = d
+        .roster(
+            Method::GET,
+            "/users?archetype_confidence__lt=1.0",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["users"].as_array().unwrap().len(), 1, "{}", r.body);
+    // Only the queue moved: no assignment changed, so no governance event was written.
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/events?user_id={sure}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
+
+    // And back out when the threshold comes down again.
+    std::fs::write(d.root.join("bundle.toml"), BUNDLE).unwrap();
+    d.reload().await;
+    let body = review_until(&d, &admin, |ids| ids.is_empty()).await;
+    assert_eq!(body["total"], 0, "{body}");
+}
+
+#[tokio::test]
+async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let old = create(&d, "old@acme.test", "software engineer", None).await;
+    let gid = d.create_group("Platform").await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": old}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        roster_user(&d, &admin, &old).await["archetype_id"],
+        "software_engineer"
+    );
+
+    // Renamed to the rule's group, adding a member in the same request: both get the
+    // rule, the existing member and the new one.
+    let new = create(&d, "new@acme.test", "software engineer", None).await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([
+                {"op": "replace", "path": "displayName", "value": "Engineering Leads"},
+                {"op": "add", "path": "members", "value": [{"value": new}]}
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for id in [&old, &new] {
+        let u = roster_user(&d, &admin, id).await;
+        assert_eq!(u["archetype_id"], "eng_lead", "{u}");
+        assert_eq!(u["archetype_assigned_by"], format!("group:{gid}"), "{u}");
+    }
+
+    // Renamed away: the classifier decides again.
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "replace", "path": "displayName", "value": "Platform"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for id in [&old, &new] {
+        let u = roster_user(&d, &admin, id).await;
+        assert_eq!(u["archetype_id"], "software_engineer", "{u}");
+        assert_eq!(u["archetype_assigned_by"], "service:classifier", "{u}");
+    }
 }
 
 #[tokio::test]
