@@ -26,7 +26,28 @@ pub(super) const PREFIX: usize = 4;
 pub(super) type Prefix = [u8; PREFIX];
 
 /// How many ids of one kind begin with each prefix; absent until first needed.
-type Buckets = BTreeMap<Prefix, usize>;
+#[derive(Default)]
+struct Buckets {
+    counts: BTreeMap<Prefix, usize>,
+    /// Each prefix with the ids before it and its own, so a page finds its prefix by a
+    /// binary search instead of adding up to 65,536 counts; made again after a write.
+    starts: Option<Vec<(Prefix, usize, usize)>>,
+}
+
+impl Buckets {
+    fn starts(&mut self) -> &[(Prefix, usize, usize)] {
+        self.starts.get_or_insert_with(|| {
+            let mut before = 0;
+            self.counts
+                .iter()
+                .map(|(p, &n)| {
+                    before += n;
+                    (*p, before - n, n)
+                })
+                .collect()
+        })
+    }
+}
 
 /// A user or group came (+1) or went (−1).
 pub(super) type Move = (ResourceKind, Prefix, i64);
@@ -62,19 +83,18 @@ impl Positions {
 
     /// Where the page starting `skip` ids in begins, or `None` if the counts are not made.
     pub(super) fn locate(&self, kind: ResourceKind, skip: usize) -> Option<Start> {
-        let slot = self.slot(kind);
-        let buckets = slot.as_ref()?;
-        let mut passed = 0;
-        for (prefix, &n) in buckets {
-            if passed + n > skip {
-                return Some(Start::At {
-                    prefix: *prefix,
-                    within: skip - passed,
-                });
-            }
-            passed += n;
-        }
-        Some(Start::End)
+        let mut slot = self.slot(kind);
+        let starts = slot.as_mut()?.starts();
+        // The last prefix with no more than `skip` ids before it holds the page's first id,
+        // unless `skip` is past its ids too (the end).
+        let i = starts.partition_point(|&(_, before, _)| before <= skip);
+        Some(match i.checked_sub(1).map(|i| starts[i]) {
+            Some((prefix, before, n)) if skip < before + n => Start::At {
+                prefix,
+                within: skip - before,
+            },
+            _ => Start::End,
+        })
     }
 
     pub(super) fn is_made(&self, kind: ResourceKind) -> bool {
@@ -88,9 +108,9 @@ impl Positions {
         kind: ResourceKind,
         prefixes: impl IntoIterator<Item = Result<Prefix, E>>,
     ) -> Result<(), E> {
-        let mut buckets = Buckets::new();
+        let mut buckets = Buckets::default();
         for p in prefixes {
-            *buckets.entry(p?).or_default() += 1;
+            *buckets.counts.entry(p?).or_default() += 1;
         }
         *self.slot(kind) = Some(buckets);
         Ok(())
@@ -104,10 +124,11 @@ impl Positions {
             let Some(buckets) = slot.as_mut() else {
                 continue;
             };
-            let n = buckets.entry(prefix).or_default();
+            buckets.starts = None;
+            let n = buckets.counts.entry(prefix).or_default();
             *n = n.saturating_add_signed(change as isize);
             if *n == 0 {
-                buckets.remove(&prefix);
+                buckets.counts.remove(&prefix);
             }
         }
     }
