@@ -8,6 +8,7 @@ use chrono::Utc;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::classify::TenantPolicy;
 use crate::server::AppState;
 use crate::store::{Job, JobStatus, StoreError};
 
@@ -60,6 +61,37 @@ async fn start_job(
     kind: &str,
     reconcile: bool,
 ) -> Result<Job, JobError> {
+    let (job, slot) = claim(&state, tenant, kind).await?;
+    let queued = job.clone();
+    let tenant = tenant.to_owned();
+    tokio::spawn(async move {
+        let mut next = Some((job, slot, reconcile));
+        while let Some((job, slot, reconcile)) = next.take() {
+            let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
+            let rerun = tracing::Instrument::instrument(
+                run_job(&state, &tenant, job, slot, reconcile),
+                span,
+            )
+            .await;
+            if rerun {
+                // The reload that changed the bundle could not start its own job while
+                // this one held the slot; without another pass, users passed before the
+                // reload would keep the old bundle's archetypes until the next restart.
+                tracing::info!(tenant = %tenant, "The archetype bundle changed while a job ran; reclassifying again.");
+                match claim(&state, &tenant, "bundle_change").await {
+                    Ok((job, slot)) => next = Some((job, slot, false)),
+                    Err(e) => {
+                        tracing::error!(tenant = %tenant, error = %e, "Cannot start the reclassification.")
+                    }
+                }
+            }
+        }
+    });
+    Ok(queued)
+}
+
+/// Take the tenant's job slot and record a queued job in it.
+async fn claim(state: &Arc<AppState>, tenant: &str, kind: &str) -> Result<(Job, Slot), JobError> {
     let inserted = state
         .roster
         .syncing
@@ -83,23 +115,21 @@ async fn start_job(
         error: None,
     };
     state.store.put_job(tenant, job.clone()).await?;
-    let queued = job.clone();
-    let tenant = tenant.to_owned();
-    let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
-    tokio::spawn(tracing::Instrument::instrument(
-        async move {
-            run_job(&state, &tenant, job, slot, reconcile).await;
-        },
-        span,
-    ));
-    Ok(queued)
+    Ok((job, slot))
 }
 
-async fn run_job(state: &AppState, tenant: &str, mut job: Job, slot: Slot, reconcile: bool) {
+/// Run a claimed job to its end; true if the tenant's bundle changed meanwhile.
+async fn run_job(
+    state: &AppState,
+    tenant: &str,
+    mut job: Job,
+    slot: Slot,
+    reconcile: bool,
+) -> bool {
     job.status = JobStatus::Running;
     if let Err(e) = state.store.put_job(tenant, job.clone()).await {
         tracing::error!(error = %e, "Cannot record the job as running; it will not run.");
-        return;
+        return false;
     }
     tracing::info!("Reclassification started.");
     let policy = state.roster.tenants.get(tenant).and_then(|t| t.policy());
@@ -110,7 +140,11 @@ async fn run_job(state: &AppState, tenant: &str, mut job: Job, slot: Slot, recon
             job.counts.insert("users".into(), c.scanned);
             job.counts.insert("changed".into(), c.changed);
             job.counts.insert("overrides_kept".into(), c.overrides_kept);
+            // A bundle reloaded while the job ran applied only to the users after that
+            // point; its fingerprint is left unrecorded and the job runs again (below).
             if let Some(p) = policy
+                .as_ref()
+                .filter(|p| !policy_changed(state, tenant, p))
                 && let Err(e) = state
                     .store
                     .set_policy_fingerprint(tenant, p.fingerprint())
@@ -160,11 +194,24 @@ async fn run_job(state: &AppState, tenant: &str, mut job: Job, slot: Slot, recon
         }
     }
     job.finished_at = Some(Utc::now());
+    let rerun = job.status != JobStatus::Failed
+        && policy.is_some_and(|p| policy_changed(state, tenant, &p));
     // Free the slot before the outcome is visible: whoever sees "succeeded" may override.
     drop(slot);
     if let Err(e) = state.store.put_job(tenant, job).await {
         tracing::error!(error = %e, "Cannot record the job's outcome.");
     }
+    rerun
+}
+
+/// Whether the tenant's policy now differs from `started_with`.
+fn policy_changed(state: &AppState, tenant: &str, started_with: &TenantPolicy) -> bool {
+    state
+        .roster
+        .tenants
+        .get(tenant)
+        .and_then(|t| t.policy())
+        .is_none_or(|now| now.fingerprint() != started_with.fingerprint())
 }
 
 /// Last and next run of one schedule.

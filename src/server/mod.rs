@@ -251,10 +251,14 @@ pub async fn reload(state: &Arc<AppState>) {
         *roster.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
         state.store.set_resolver(&t.id, policy.clone());
         tracing::info!(tenant = %t.id, version = %policy.bundle().version, "Archetype bundle changed; reclassifying the tenant.");
-        if let Err(e) =
-            crate::schedule::start_reclassify(state.clone(), &t.id, "bundle_change").await
-        {
-            tracing::error!(tenant = %t.id, error = %e, "Cannot start the reclassification.");
+        match crate::schedule::start_reclassify(state.clone(), &t.id, "bundle_change").await {
+            Ok(_) => {}
+            Err(crate::schedule::JobError::AlreadyRunning(_)) => {
+                tracing::info!(tenant = %t.id, "A job is running for the tenant; it reclassifies again when it ends.");
+            }
+            Err(e) => {
+                tracing::error!(tenant = %t.id, error = %e, "Cannot start the reclassification.")
+            }
         }
     }
     state

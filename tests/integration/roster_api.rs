@@ -350,6 +350,70 @@ async fn a_new_review_threshold_moves_decided_users_in_and_out_of_the_queue() {
     assert_eq!(body["total"], 0, "{body}");
 }
 
+/// Users with an assignment made with bundle `version`, by the governance events.
+async fn assigned_with(
+    d: &TestDaemon,
+    admin: &str,
+    version: &str,
+) -> std::collections::HashSet<String> {
+    let mut users = std::collections::HashSet::new();
+    let mut after = 0u64;
+    loop {
+        let q = format!("/events?kind=rbac.archetype_assigned&after={after}&limit=1000");
+        let r = d.roster(Method::GET, &q, admin, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        for e in r.body["events"].as_array().unwrap() {
+            if e["after"]["bundle_version"] == version {
+                users.insert(e["scim_id"].as_str().unwrap().to_owned());
+            }
+        }
+        match r.body["next_after"].as_u64() {
+            Some(n) => after = n,
+            None => return users,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_bundle_reloaded_while_a_job_runs_reaches_every_user() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let ops: Vec<Value> = (0..2000)
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"),
+                   "data": person(&format!("bulk{i}@acme.test"), "software developer", None)})
+        })
+        .collect();
+    for chunk in ops.chunks(500) {
+        let r = d
+            .post(
+                "/Bulk",
+                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // A sync job starts on the old bundle and the new one arrives while it runs (or, on a
+    // fast machine, just after; either way every user must end up on the new bundle).
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let renewed = BUNDLE.replace("version = \"test-1\"", "version = \"test-2\"");
+    assert_ne!(renewed, BUNDLE);
+    std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
+    d.reload().await;
+    // Generous for a slow machine; no job is left to run long before this ends.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut on_new = 0;
+    while tokio::time::Instant::now() < deadline {
+        on_new = assigned_with(&d, &admin, "test-2").await.len();
+        if on_new == 2000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(on_new, 2000, "users left on the old bundle");
+}
+
 #[tokio::test]
 async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
     let d = TestDaemon::start().await;
