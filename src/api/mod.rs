@@ -53,6 +53,10 @@ pub enum ApiError {
     /// A downstream target refused what we sent on the caller's behalf.
     #[error("{0}")]
     Upstream(String),
+    #[error("this endpoint does not take {0}")]
+    MethodNotAllowed(String),
+    #[error("the request body is larger than this daemon accepts (server.max_body_bytes)")]
+    PayloadTooLarge,
     #[error("internal error")]
     Internal(#[from] StoreError),
 }
@@ -83,6 +87,8 @@ impl ApiError {
             ApiError::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "roster_api_disabled"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -116,6 +122,61 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Under `/api/v1/` every error is the API's JSON body, including those axum answers
+/// before any handler runs: no such route (the shared fallback speaks SCIM), a method the
+/// route does not take, a body over the limit, a path or query that does not decode.
+/// Responses already in JSON, and everything outside the API, pass untouched.
+pub(crate) async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let api = req.uri().path().starts_with("/api/v1/");
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !api || json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let err = match status {
+        StatusCode::NOT_FOUND => ApiError::NotFound("no such endpoint in the Roster API".into()),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(method.to_string()),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => {
+            // axum's rejection text says what did not decode; keep it for the caller.
+            let body = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).trim().to_owned();
+            let message = if text.is_empty() {
+                format!("request refused ({status})")
+            } else {
+                text
+            };
+            let code = match status {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                s if s.is_server_error() => "internal",
+                _ => "invalid_request",
+            };
+            return (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"error": code, "message": message}).to_string(),
+            )
+                .into_response();
+        }
+    };
+    let mut out = err.into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
 
 /// One tenant as the Roster API sees it.
 pub struct TenantRoster {

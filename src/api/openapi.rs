@@ -88,7 +88,7 @@ fn paging() -> Vec<Value> {
         ),
         query(
             "cursor",
-            "The next_cursor of the previous page",
+            "The next_cursor of the previous page (anything else is 400)",
             json!({"type": "string"}),
         ),
     ]
@@ -207,7 +207,7 @@ pub fn openapi_document() -> Value {
                 })), "400": error_response("Bad paging parameter")}), &[])
             }},
             "/api/v1/roster/review/{user_id}/accept": {"post": {
-                "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (empty body) or choose an archetype (roster:write)",
+                "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (no body, {} or archetype_id null) or choose an archetype (roster:write)",
                 "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {
                     "type": "object", "properties": {"archetype_id": {"type": "string"}}}}}},
@@ -221,7 +221,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/events": {"get": {
                 "operationId": "listEvents", "summary": "Governance events (assignment changes), oldest first",
                 "parameters": [
-                    query("user_id", "Only this user (user:<userName> or SCIM id)", json!({"type": "string"})),
+                    query("user_id", "Only this user (user:<userName> or SCIM id; a deleted user's history by SCIM id)", json!({"type": "string"})),
                     query("kind", "rbac.archetype_assigned, rbac.archetype_overridden, rbac.archetype_cleared or rbac.archetype_removed", json!({"type": "string"})),
                     query("since", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
                     query("until", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
@@ -304,7 +304,7 @@ pub fn openapi_document() -> Value {
                 "description": "HS256, RS256 or ES256; claims: sub, exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
-                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, insufficient_scope, not_found, sync_in_progress, override_forbidden, token_expired"},
+                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, invalid_request, insufficient_scope, not_found, method_not_allowed, payload_too_large, sync_in_progress, override_forbidden, token_expired"},
                     "message": {"type": "string"}}},
                 "User": {"type": "object", "properties": {
                     "user_id": {"type": "string"}, "scim_id": {"type": "string"},

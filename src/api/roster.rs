@@ -85,6 +85,9 @@ pub(super) fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> Api
         .collect();
     unknown.sort_unstable();
     match unknown.first() {
+        Some(k) if allowed.is_empty() => Err(ApiError::BadRequest(format!(
+            "unknown query parameter {k:?}; this endpoint takes none"
+        ))),
         Some(k) => Err(ApiError::BadRequest(format!(
             "unknown query parameter {k:?}; this endpoint takes {}",
             allowed.join(", ")
@@ -109,11 +112,14 @@ fn encode_cursor(id: &str) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
+/// A cursor is the id of the last user a page showed. Anything else (an edited or
+/// truncated cursor, an empty one) is refused rather than read as some other position.
 fn decode_cursor(c: &str) -> ApiResult<String> {
     URL_SAFE_NO_PAD
         .decode(c.as_bytes())
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
+        .filter(|id| uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == *id))
         .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))
 }
 
@@ -408,10 +414,10 @@ impl UserFilter {
             return Ok(false);
         }
         if let Some(d) = &self.department
-            && !rec
+            && rec
                 .user
                 .department
-                .is_some_and(|x| x.eq_ignore_ascii_case(d))
+                .is_none_or(|x| x.to_lowercase() != d.to_lowercase())
         {
             return Ok(false);
         }
@@ -706,9 +712,14 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
 // ---------------------------------------------------------------------------------------
 // Archetypes and groups
 
-async fn list_archetypes(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+async fn list_archetypes(
+    State(st): St,
+    headers: HeaderMap,
+    Query(p): Params,
+) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let policy = tenant_of(&st, &caller)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
@@ -737,9 +748,10 @@ async fn list_archetypes(State(st): St, headers: HeaderMap) -> ApiResult<Respons
     .await
 }
 
-async fn list_groups(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+async fn list_groups(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let policy = tenant_of(&st, &caller)?.policy();
     let tenant = caller.tenant;
     blocking(move || {
@@ -837,10 +849,17 @@ async fn accept_review(
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
+    // No body, `{}` and `{"archetype_id": null}` all accept the suggestion (the OpenAPI
+    // document makes the field optional).
     let chosen = if body.is_empty() {
         None
     } else {
-        archetype_field(&parse_json(&body)?)?
+        let v = parse_json(&body)?;
+        if v.as_object().is_some_and(|o| o.is_empty()) {
+            None
+        } else {
+            archetype_field(&v)?
+        }
     };
     let (user, current) = {
         let (st, tenant, uid) = (st.clone(), caller.tenant.clone(), user_id.clone());
@@ -901,7 +920,27 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
     let tenant = caller.tenant;
     blocking(move || {
         let user = match p.get("user_id") {
-            Some(u) => Some(find_user(&st.store, &tenant, u)?.id),
+            // A deleted user's history stays reachable by the SCIM id the events carry;
+            // a userName no longer resolves once the user is gone.
+            // An id this tenant never had events for is still not found.
+            Some(u) => match find_user(&st.store, &tenant, u) {
+                Ok(r) => Some(r.id),
+                Err(ApiError::NotFound(m)) if uuid::Uuid::try_parse(u).is_ok() => {
+                    let any = EventQuery {
+                        user: Some(u.clone()),
+                        kind: None,
+                        since: None,
+                        until: None,
+                        after_seq: 0,
+                        limit: 1,
+                    };
+                    if st.store.governance_events(&tenant, &any)?.is_empty() {
+                        return Err(ApiError::NotFound(m));
+                    }
+                    Some(u.clone())
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let q = EventQuery {

@@ -284,6 +284,7 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(crate::ops::metrics::routes())
         .fallback(scim::not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(crate::api::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_span,

@@ -134,12 +134,14 @@ impl<'a> UserFields<'a> {
         }
     }
 
-    /// Whether `address` is one of the user's emails, ignoring ASCII case.
+    /// Whether `address` is one of the user's emails, ignoring case as the email index
+    /// does (full Unicode lowercasing, so a list never disagrees with its index).
     pub fn has_email(&self, address: &str) -> bool {
+        let address = address.to_lowercase();
         self.email
             .iter()
             .chain(&self.other_emails)
-            .any(|e| e.eq_ignore_ascii_case(address))
+            .any(|e| e.to_lowercase() == address)
     }
 }
 

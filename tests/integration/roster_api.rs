@@ -1155,3 +1155,154 @@ async fn openapi_lists_exactly_the_served_operations() {
     }
     assert!(checked >= 13, "{checked}");
 }
+
+/// A Roster API error is `{error, message}` JSON with a stable code, whatever refused the
+/// request: a handler, or axum before any handler ran.
+fn api_error(r: &crate::harness::Resp, status: u16, code: &str) {
+    assert_eq!(r.status.as_u16(), status, "{}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["error"], code, "{}", r.body);
+    assert!(
+        r.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test]
+async fn every_roster_api_error_is_the_apis_json() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "ann@acme.test", "software engineer", None).await;
+
+    api_error(
+        &d.roster(Method::GET, "/nope", &admin, None).await,
+        404,
+        "not_found",
+    );
+    let r = d
+        .roster(Method::DELETE, "/users/user:ann@acme.test", &admin, None)
+        .await;
+    api_error(&r, 405, "method_not_allowed");
+    assert!(
+        r.header("allow").is_some_and(|a| a.contains("PATCH")),
+        "{:?}",
+        r.headers
+    );
+    let r = d.roster(Method::PUT, "/archetypes", &admin, None).await;
+    api_error(&r, 405, "method_not_allowed");
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let url = d.url("/api/v1/roster/archetype:bulk-assign");
+    let r = d
+        .raw(Method::POST, &url, Some(&admin), &[], Some(big))
+        .await;
+    api_error(&r, 413, "payload_too_large");
+    let url = d.url("/api/v1/roster/users/%FF");
+    let r = d.raw(Method::GET, &url, Some(&admin), &[], None).await;
+    api_error(&r, 400, "invalid_request");
+    // SCIM keeps its own error schema.
+    let r = d.get("/Nope").await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.body["schemas"].to_string().contains("Error"),
+        "{}",
+        r.body
+    );
+
+    // Cursors: only one a page issued is taken.
+    use base64::Engine;
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("not-an-id");
+    for path in [
+        format!("/users?cursor={forged}"),
+        "/users?cursor=".to_owned(),
+        "/users?cursor=AAAA".to_owned(),
+        "/review?cursor=Zm9v".to_owned(),
+    ] {
+        api_error(
+            &d.roster(Method::GET, &path, &admin, None).await,
+            400,
+            "invalid_request",
+        );
+    }
+    let r = d.roster(Method::GET, "/users?limit=1", &admin, None).await;
+    let cursor = r.body["next_cursor"].as_str().map(str::to_owned);
+    if let Some(c) = cursor {
+        let r = d
+            .roster(Method::GET, &format!("/users?cursor={c}"), &admin, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    // Endpoints without parameters refuse unknown ones, like the rest.
+    for path in ["/archetypes?colour=red", "/groups?colour=red"] {
+        api_error(
+            &d.roster(Method::GET, path, &admin, None).await,
+            400,
+            "invalid_request",
+        );
+    }
+
+    // Case-insensitive filters fold case as their indexes do, beyond ASCII.
+    let etudes = create(
+        &d,
+        "Eve.Étoile@acme.test",
+        "software engineer",
+        Some("Études"),
+    )
+    .await;
+    for q in [
+        "/users?department=%C3%A9tudes",
+        "/users?department=%C3%89TUDES&archetype=software_engineer",
+        "/users?email=eve.%C3%A9toile@acme.test&archetype=software_engineer",
+    ] {
+        let r = d.roster(Method::GET, q, &admin, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let ids: Vec<&str> = r.body["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["scim_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [etudes.as_str()], "{q}");
+    }
+
+    // A review item accepts `{}` as the OpenAPI document allows.
+    let who = create(&d, "who@acme.test", "zzqx blorp", None).await;
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/review/{who}/accept"),
+            &admin,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A deleted user's history stays reachable by SCIM id.
+    assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    let r = d
+        .roster(Method::GET, &format!("/events?user_id={id}"), &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kinds: Vec<&str> = r.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.last(), Some(&"rbac.archetype_removed"), "{}", r.body);
+    let r = d
+        .roster(
+            Method::GET,
+            "/events?user_id=user:ann@acme.test",
+            &admin,
+            None,
+        )
+        .await;
+    api_error(&r, 404, "not_found");
+}
