@@ -236,6 +236,10 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             std::io::stdin().read_to_string(&mut text)?;
         }
     }
+    // Excel's "CSV UTF-8" starts with a byte-order mark, which would hide the header.
+    if let Some(rest) = text.strip_prefix('\u{feff}') {
+        text = rest.to_owned();
+    }
     let mut out = csv::Writer::from_writer(std::io::stdout().lock());
     out.write_record(["title", "archetype_id", "confidence"])?;
     let first = text.lines().next().unwrap_or_default();

@@ -70,7 +70,7 @@ impl Bundle {
         toml::to_string(self).map_err(|e| ClassifyError::Serialize(e.to_string()))
     }
 
-    /// Builds a bundle from a two-column CSV with a header (`archetype_id,title`
+    /// Builds a bundle from a CSV with a header (`archetype_id,title` in either order,
     /// or e.g. `soc_minor_group,title`): each distinct label becomes an
     /// archetype whose examples are its titles. Archetypes are sorted by id
     /// so the result does not depend on row order.
@@ -96,18 +96,30 @@ impl Bundle {
                 ),
             });
         }
+        // Columns by name when the header names them (in any order); otherwise the label
+        // first and the title second, as in `soc_minor_group,title`.
+        let named = |want: &str| {
+            headers
+                .iter()
+                .position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(want))
+        };
+        let (label_col, title_col) = match (named("archetype_id"), named("title")) {
+            (Some(l), Some(t)) => (l, t),
+            (None, Some(t)) if t <= 1 => (1 - t, t),
+            _ => (0, 1),
+        };
         let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in reader.records() {
             let record = record.map_err(csv_err)?;
             let line = record.position().map_or(0, |p| p.line());
-            let (Some(label), Some(title)) = (record.get(0), record.get(1)) else {
+            let (Some(label), Some(title)) = (record.get(label_col), record.get(title_col)) else {
                 continue;
             };
             if label.is_empty() {
                 return Err(ClassifyError::Csv {
                     origin: CSV_ORIGIN.to_string(),
                     line,
-                    message: format!("empty `{}`", &headers[0]),
+                    message: format!("empty `{}`", &headers[label_col]),
                 });
             }
             if title.is_empty() {

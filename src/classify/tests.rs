@@ -358,6 +358,17 @@ fn labeled_csv_builds_one_archetype_per_label() {
     let again = Bundle::from_labeled_csv(shuffled.as_bytes());
     assert!(matches!(&again, Ok(a) if *a == b), "{again:?}");
 
+    // Columns found by name, in any order, and past Excel's byte-order mark.
+    for named in [
+        "title,archetype_id\nchairman,111\ncleaner metal goods mfr,811\n\
+         councillor local government,111\n\"curer, rubber\",811\n",
+        "\u{feff}archetype_id,title\n111,chairman\n811,cleaner metal goods mfr\n\
+         111,councillor local government\n811,\"curer, rubber\"\n",
+    ] {
+        let again = Bundle::from_labeled_csv(named.as_bytes());
+        assert!(matches!(&again, Ok(a) if *a == b), "{named:?}: {again:?}");
+    }
+
     // Round-trips through TOML like any other bundle.
     let text = b.to_toml_string().unwrap_or_default();
     assert!(matches!(Bundle::from_toml_str(&text, "csv"), Ok(x) if x == b));

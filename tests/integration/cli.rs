@@ -81,6 +81,32 @@ fn bundle_from_csv_then_classify_dry_run() {
     );
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
+
+    // The same file as Excel saves it ("CSV UTF-8", with a byte-order mark): the header
+    // is still a header and the title still the title.
+    std::fs::write(
+        &titles,
+        "\u{feff}title,department\n\"Chef, Head\",Kitchen\n",
+    )
+    .unwrap();
+    let (ok, out, err) = rosterd(
+        &[
+            "classify",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            titles.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("\"Chef, Head\",chef,"),
+        "{out}"
+    );
 }
 
 #[test]
