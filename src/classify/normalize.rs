@@ -26,7 +26,10 @@ pub fn normalize_title(title: &str) -> String {
     let mut out = String::with_capacity(title.len() + 16);
     let last = tokens.len().saturating_sub(1);
     for (i, tok) in tokens.iter().enumerate() {
-        let expanded = expand(tok, i == last);
+        // "Dir. of Eng." directs engineering: after "of"/"in"/"and" an abbreviation
+        // names the field even in last place.
+        let field = i > 0 && matches!(tokens[i - 1].as_str(), "of" | "in" | "and" | "for");
+        let expanded = expand(tok, i == last && !field);
         for word in expanded.split(' ') {
             if word.is_empty() {
                 continue;
@@ -226,12 +229,21 @@ fn is_weak_location_token(t: &str) -> bool {
     )
 }
 
+/// Joins regions in a list ("EMEA & APAC"); only counts between two places, so
+/// "R&D" and "Sales and Marketing" keep their "and".
+fn is_region_joiner(t: &str) -> bool {
+    matches!(t, "and" | "&" | "/")
+}
+
 fn is_location_phrase(seg: &[String]) -> bool {
-    !seg.is_empty()
-        && seg.iter().all(|t| is_location_token(t))
-        && seg
+    let places: Vec<&String> = seg.iter().filter(|t| !is_region_joiner(t)).collect();
+    !places.is_empty()
+        && seg.first().is_some_and(|t| !is_region_joiner(t))
+        && seg.last().is_some_and(|t| !is_region_joiner(t))
+        && places.iter().all(|t| is_location_token(t))
+        && places
             .iter()
-            .any(|t| !is_weak_location_token(t) || seg.len() > 1)
+            .any(|t| !is_weak_location_token(t) || places.len() > 1)
 }
 
 /// Trailing (and clearly regional leading) location tokens, e.g.
@@ -241,12 +253,27 @@ fn strip_locations(tokens: &mut Vec<String>) {
     // run contains a strong token; weak ones ("north", "area") alone are
     // real words in many titles.
     let mut cut = tokens.len();
-    while cut > 1 && is_location_token(&tokens[cut - 1]) {
+    while cut > 1
+        && (is_location_token(&tokens[cut - 1])
+            || (is_region_joiner(&tokens[cut - 1])
+                && cut < tokens.len()
+                && cut > 2
+                && is_location_token(&tokens[cut - 2])))
+    {
         cut -= 1;
     }
     if cut < tokens.len() && tokens[cut..].iter().any(|t| !is_weak_location_token(t)) {
         // "office" and "based" are only decoration next to a place.
         tokens.truncate(cut);
+        // "Director of EMEA" directs; the "of" was about the region.
+        while tokens.len() > 1
+            && matches!(
+                tokens[tokens.len() - 1].as_str(),
+                "of" | "for" | "in" | "at"
+            )
+        {
+            tokens.pop();
+        }
     }
     let lead = tokens
         .iter()
@@ -382,6 +409,11 @@ mod tests {
         assert_eq!(n("Eng. Mngr"), "engineering manager");
         assert_eq!(n("Mfg. Engr"), "manufacturing engineer");
         assert_eq!(n("Dir. of Sales"), "director of sales");
+        assert_eq!(n("Dir. of Eng."), "director of engineering");
+        assert_eq!(
+            n("Head of Mfg. & Eng."),
+            "head of manufacturing and engineering"
+        );
         assert_eq!(n("VP Engineering"), "vice president engineering");
         assert_eq!(n("V.P. Sales"), "vice president sales");
         assert_eq!(n("Asst. Store Mgr"), "assistant store manager");
@@ -400,6 +432,19 @@ mod tests {
     #[test]
     fn location_suffixes() {
         assert_eq!(n("Sales Manager EMEA"), "sales manager");
+        assert_eq!(n("Engineering Manager, EMEA & APAC"), "engineering manager");
+        assert_eq!(
+            n("Engineering Manager EMEA and APAC"),
+            "engineering manager"
+        );
+        assert_eq!(
+            n("Sr. Mfg. Director of EMEA"),
+            "senior manufacturing director"
+        );
+        assert_eq!(n("Head of Sales for UK"), "head of sales");
+        // A joiner alone is no region, and "R&D" keeps its "and".
+        assert_eq!(n("R&D Manager, UK"), "r and d manager");
+        assert_eq!(n("Sales and Marketing"), "sales and marketing");
         assert_eq!(n("Sales Manager (EMEA)"), "sales manager");
         assert_eq!(n("Sales Manager - London"), "sales manager");
         assert_eq!(n("Account Executive, UK"), "account executive");
