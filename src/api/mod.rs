@@ -252,11 +252,13 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
         .ok_or(ApiError::Unauthorized(JwtError::Missing))?;
     let principal = verifier.verify(token)?;
     tracing::Span::current().record("tenant", principal.tenant.as_str());
+    // Every copy of the header counts: a proxy that checks only one of them must not be
+    // able to disagree with us about which tenant was asked for.
     for name in ["x-tenant", "x-claresia-tenant"] {
-        if let Some(v) = headers.get(name) {
-            let v = v.to_str().unwrap_or_default();
+        for v in headers.get_all(name) {
+            let v = String::from_utf8_lossy(v.as_bytes());
             if v != principal.tenant {
-                return Err(ApiError::TenantMismatch(v.to_owned()));
+                return Err(ApiError::TenantMismatch(v.into_owned()));
             }
         }
     }

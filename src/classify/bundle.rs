@@ -125,6 +125,15 @@ impl Bundle {
             if title.is_empty() {
                 continue;
             }
+            // Caught here rather than by the bundle's own check, which can only name the
+            // example's place in its archetype, not the line an operator has to fix.
+            if normalize_title(title).is_empty() {
+                return Err(ClassifyError::Csv {
+                    origin: CSV_ORIGIN.to_string(),
+                    line,
+                    message: format!("title {title:?} has no words"),
+                });
+            }
             by_label
                 .entry(label.to_string())
                 .or_default()

@@ -388,6 +388,13 @@ fn labeled_csv_builds_one_archetype_per_label() {
             other => panic!("{bad:?}: expected Csv error, got {other:?}"),
         }
     }
+    // A title with no words names the CSV line to fix.
+    match Bundle::from_labeled_csv("a,b\n1,chairman\n2,---\n".as_bytes()) {
+        Err(e @ ClassifyError::Csv { line: 3, .. }) => {
+            assert!(e.to_string().contains("\"---\" has no words"), "{e}")
+        }
+        other => panic!("expected a Csv error at line 3, got {other:?}"),
+    }
 }
 
 #[test]

@@ -308,12 +308,12 @@ async fn request_span(
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let path = req.uri().path();
-    // The Roster API's tenant is known only after the JWT is verified; its handlers log
-    // it in their own spans.
+    // The Roster API's tenant is known only after the JWT is verified, and
+    // `authenticate` records it then; an unverified X-Tenant must not name the tenant
+    // in the logs an operator searches.
     let tenant = path
         .strip_prefix("/scim/v2/")
         .and_then(|rest| rest.split('/').next())
-        .or_else(|| req.headers().get("x-tenant").and_then(|v| v.to_str().ok()))
         .unwrap_or("")
         .to_owned();
     let span = tracing::info_span!(

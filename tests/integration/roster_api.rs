@@ -1062,6 +1062,20 @@ async fn tokens_are_verified_and_tenants_isolated() {
         .roster_with(Method::GET, "/users", &admin, None, &[("x-tenant", TENANT)])
         .await;
     assert_eq!(r.status, 200);
+    // A second copy of the header is checked as well as the first.
+    let r = d
+        .roster_with(
+            Method::GET,
+            "/users",
+            &admin,
+            None,
+            &[("x-tenant", TENANT), ("x-tenant", OTHER_TENANT)],
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (403, Some("tenant_mismatch"))
+    );
     // A token for an undeclared tenant opens nothing.
     let stranger = d.jwt("initech", "roster:admin");
     assert_eq!(
