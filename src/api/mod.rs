@@ -50,6 +50,8 @@ pub enum ApiError {
     Disabled(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0} is not in the review queue; PATCH /api/v1/roster/users/{{id}} overrides any user")]
+    NotInReview(String),
     /// A downstream target refused what we sent on the caller's behalf.
     #[error("{0}")]
     Upstream(String),
@@ -86,6 +88,7 @@ impl ApiError {
             ApiError::NoBundle => (StatusCode::CONFLICT, "no_bundle"),
             ApiError::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "roster_api_disabled"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::NotInReview(_) => (StatusCode::CONFLICT, "not_in_review"),
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

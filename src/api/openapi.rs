@@ -32,6 +32,10 @@ fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
             "403".into(),
             error_response("Missing scope, or X-Tenant does not match the token's tenant"),
         );
+        map.insert(
+            "503".into(),
+            error_response("The Roster API is not configured on this daemon (roster_api_disabled)"),
+        );
         for (code, d) in extra {
             map.insert((*code).into(), error_response(d));
         }
@@ -79,13 +83,18 @@ fn user_filters() -> Vec<Value> {
     ]
 }
 
+/// A page size: 1 to 1000, 100 when not given (`parse_limit`).
+fn limit() -> Value {
+    query(
+        "limit",
+        "Page size, 1 to 1000",
+        json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+    )
+}
+
 fn paging() -> Vec<Value> {
     vec![
-        query(
-            "limit",
-            "Page size, 1 to 1000",
-            json!({"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
-        ),
+        limit(),
         query(
             "cursor",
             "The next_cursor of the previous page (anything else is 400)",
@@ -106,7 +115,7 @@ pub fn openapi_document() -> Value {
     let user_ref = json!({"$ref": "#/components/schemas/User"});
     let assignment_ref = json!({"$ref": "#/components/schemas/AssignmentResult"});
     let sec = json!([{"bearer": []}]);
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "rosterd Roster API",
@@ -178,7 +187,7 @@ pub fn openapi_document() -> Value {
                             "function_focus": {"type": "array", "items": {"type": "string"}},
                             "default_cowork_id": {"type": "string"}, "user_count": {"type": "integer"},
                             "active_user_count": {"type": "integer"}}}}}
-                }))}), &[("409", "No archetype bundle is configured")])
+                })), "400": error_response("Any query parameter: this endpoint takes none")}), &[("409", "No archetype bundle is configured")])
             }},
             "/api/v1/roster/groups": {"get": {
                 "operationId": "listGroups", "summary": "Groups with member counts",
@@ -188,7 +197,7 @@ pub fn openapi_document() -> Value {
                             "group_id": {"type": "string"}, "display_name": {"type": ["string", "null"]},
                             "external_id": {"type": ["string", "null"]}, "source": {"type": "string"},
                             "member_count": {"type": "integer"}, "archetype_rule": {"type": ["string", "null"]}}}}}
-                }))}), &[])
+                })), "400": error_response("Any query parameter: this endpoint takes none")}), &[])
             }},
             "/api/v1/roster/review": {"get": {
                 "operationId": "listReview", "summary": "Users whose automatic assignment is below the review threshold",
@@ -210,11 +219,11 @@ pub fn openapi_document() -> Value {
                 "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (no body, {} or archetype_id null) or choose an archetype (roster:write)",
                 "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"archetype_id": {"type": "string"}}}}}},
+                    "type": "object", "properties": {"archetype_id": {"type": ["string", "null"], "description": "Omitted or null accepts the suggestion"}}}}}},
                 "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
                     ("400", "archetype_id not in the bundle, or nothing to accept"),
                     ("404", "User not found"),
-                    ("409", "A sync job is running for the tenant"),
+                    ("409", "A sync job is running for the tenant (sync_in_progress), or the user is not in the review queue (not_in_review)"),
                     ("422", "Tenant policy forbids manual overrides"),
                 ])
             }},
@@ -226,7 +235,7 @@ pub fn openapi_document() -> Value {
                     query("since", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
                     query("until", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
                     query("after", "Only events after this seq (next_after of the previous page)", json!({"type": "integer"})),
-                    query("limit", "Page size, 1 to 1000", json!({"type": "integer", "minimum": 1, "maximum": 1000}))
+                    limit()
                 ],
                 "responses": common_errors(json!({"200": ok_json("Events", json!({
                     "type": "object", "properties": {"next_after": {"type": ["integer", "null"]}, "events": {"type": "array", "items": {
@@ -250,7 +259,7 @@ pub fn openapi_document() -> Value {
                 "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",
                 "parameters": [
                     query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer"})),
-                    query("limit", "Page size, 1 to 1000", json!({"type": "integer", "minimum": 1, "maximum": 1000}))
+                    limit()
                 ],
                 "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "properties": {
                     "changes": {"type": "array", "items": {"type": "object"}},
@@ -304,7 +313,7 @@ pub fn openapi_document() -> Value {
                 "description": "HS256, RS256 or ES256; claims: sub, exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
-                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, invalid_request, insufficient_scope, not_found, method_not_allowed, payload_too_large, sync_in_progress, override_forbidden, token_expired"},
+                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, invalid_request, insufficient_scope, tenant_mismatch, not_found, method_not_allowed, payload_too_large, sync_in_progress, not_in_review, override_forbidden, token_expired, roster_api_disabled"},
                     "message": {"type": "string"}}},
                 "User": {"type": "object", "properties": {
                     "user_id": {"type": "string"}, "scim_id": {"type": "string"},
@@ -337,5 +346,42 @@ pub fn openapi_document() -> Value {
                     "error": {"type": ["string", "null"]}}}
             }
         }
-    })
+    });
+    add_tenant_headers(&mut doc);
+    doc
+}
+
+/// Every authenticated operation takes the optional tenant headers `authenticate`
+/// checks; declared once as components and referenced from each operation.
+fn add_tenant_headers(doc: &mut Value) {
+    let header = |name: &str| {
+        json!({"name": name, "in": "header", "required": false,
+            "description": "When sent (every copy), must equal the token's tenant; otherwise 403 tenant_mismatch",
+            "schema": {"type": "string"}})
+    };
+    doc["components"]["parameters"] = json!({
+        "XTenant": header("X-Tenant"),
+        "XClaresiaTenant": header("X-Claresia-Tenant"),
+    });
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if method == "parameters" || op.get("security").is_some_and(|s| s == &json!([])) {
+                continue;
+            }
+            let refs = [
+                json!({"$ref": "#/components/parameters/XTenant"}),
+                json!({"$ref": "#/components/parameters/XClaresiaTenant"}),
+            ];
+            match op.get_mut("parameters").and_then(Value::as_array_mut) {
+                Some(params) => params.extend(refs),
+                None => op["parameters"] = Value::Array(refs.to_vec()),
+            }
+        }
+    }
 }

@@ -498,22 +498,31 @@ impl UserFilter {
     }
 }
 
-/// A group named by SCIM id, displayName (any case) or externalId.
+/// A group named by SCIM id, displayName (any case) or externalId. Display names need
+/// not be unique; a name that several groups share is refused rather than read as one
+/// of them, which would list some of the users it names and silently leave out others.
 fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>> {
     if store.get(tenant, ResourceKind::Group, g)?.is_some() {
         return Ok(Some(g.to_owned()));
     }
-    if let Some(id) = store
-        .lookup(tenant, &IndexQuery::GroupName(g.to_owned()))?
-        .into_iter()
-        .next()
-    {
+    let one = |mut ids: Vec<String>, what: &str| -> ApiResult<Option<String>> {
+        if ids.len() > 1 {
+            ids.sort();
+            return Err(ApiError::BadRequest(format!(
+                "{} groups have the {what} {g:?} (ids {}); filter by one group's id",
+                ids.len(),
+                ids.join(", ")
+            )));
+        }
+        Ok(ids.pop())
+    };
+    if let Some(id) = one(
+        store.lookup(tenant, &IndexQuery::GroupName(g.to_owned()))?,
+        "displayName",
+    )? {
         return Ok(Some(id));
     }
-    Ok(store
-        .lookup_group_external_id(tenant, g)?
-        .into_iter()
-        .next())
+    one(store.lookup_group_external_id(tenant, g)?, "externalId")
 }
 
 async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
@@ -870,6 +879,12 @@ async fn accept_review(
         })
         .await?
     };
+    // Accepting resolves a queue item; a user decided with confidence, or already
+    // resolved (a second click on a stale page), is no item, and an override of them
+    // is a PATCH on purpose rather than a side effect of reviewing.
+    if !current.as_ref().is_some_and(|a| a.needs_review) {
+        return Err(ApiError::NotInReview(user_id));
+    }
     let archetype = match chosen.or_else(|| current.and_then(|a| a.archetype_id)) {
         Some(a) => a,
         None => {

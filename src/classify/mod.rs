@@ -78,6 +78,14 @@ pub struct Classification {
     pub candidates: Vec<Candidate>,
 }
 
+impl Classification {
+    /// Whether the title or department held anything the bundle knows. Without it,
+    /// `archetype_id` is only the bundle's default and there are no candidates.
+    pub fn has_evidence(&self) -> bool {
+        !self.candidates.is_empty()
+    }
+}
+
 /// Logit bonus when the department equals one of an archetype's
 /// department hints: a factor e^2 ≈ 7.4 in odds, enough to settle a vague
 /// title ("Analyst", "Specialist") but not to overturn a clear one.

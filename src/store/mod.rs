@@ -1652,7 +1652,7 @@ mod tests {
             db.flush().unwrap();
         }
         assert!(matches!(
-            Store::open(dir.path()),
+            crate::store::testing::past_the_lock(|| Store::open(dir.path())),
             Err(StoreError::UnknownSchema { found: 99 })
         ));
     }

@@ -58,12 +58,27 @@ pub struct Assignment {
 }
 
 impl Assignment {
-    fn same_decision(&self, d: &Decision) -> bool {
+    /// The same archetype, confidence, source and actor: everything a governance event
+    /// reports. A new bundle version that decides the same (a version bump, a reload of
+    /// the same examples) changes no one's assignment.
+    fn same_assignment(&self, d: &Decision) -> bool {
         self.archetype_id == d.archetype_id
             && (self.confidence - d.confidence).abs() < 1e-9
             && self.source == d.source
             && self.assigned_by == d.assigned_by
-            && self.bundle_version == d.bundle_version
+    }
+
+    fn from_decision(d: Decision, at: DateTime<Utc>) -> Assignment {
+        Assignment {
+            archetype_id: d.archetype_id,
+            confidence: d.confidence,
+            assigned_by: d.assigned_by,
+            assigned_at: at,
+            source: d.source,
+            bundle_version: d.bundle_version,
+            candidates: d.candidates,
+            needs_review: false,
+        }
     }
 }
 
@@ -338,6 +353,16 @@ impl Txn<'_> {
         self.next_counter(keys::GSEQ_KEY, "governance counter")
     }
 
+    /// What the tenant's policy decides for this user now, overrides aside.
+    fn decide(&self, resolver: &dyn Resolver, id: &str, doc: &Value) -> StoreResult<Decision> {
+        let groups = if resolver.uses_groups() {
+            self.group_refs_of(id)?
+        } else {
+            Vec::new()
+        };
+        Ok(resolver.decide(doc, &groups))
+    }
+
     /// Re-run the tenant's policy for a user whose document or groups changed. A manual
     /// override is sticky and is left alone. Returns the assignment if it changed.
     pub(super) fn reassign(&mut self, id: &str, doc: &Value) -> StoreResult<Option<Assignment>> {
@@ -351,46 +376,37 @@ impl Txn<'_> {
         {
             return Ok(None);
         }
-        let groups = if resolver.uses_groups() {
-            self.group_refs_of(id)?
-        } else {
-            Vec::new()
-        };
-        let d = resolver.decide(doc, &groups);
-        if let Some(a) = current.as_ref().filter(|a| a.same_decision(&d)) {
-            let needs = review_needed(a.source, a.confidence, resolver.review_threshold());
-            if needs != a.needs_review {
-                // The review threshold moved (bundle or config): the decision stands, but
-                // its place in the queue follows the threshold in force. Not an assignment
-                // change, so neither a governance event nor a change to mirror.
-                let mut kept = a.clone();
-                kept.needs_review = needs;
-                if needs {
-                    self.put(keys::review(id), Vec::new());
-                } else {
-                    self.del(keys::review(id));
+        let d = self.decide(resolver.as_ref(), id, doc)?;
+        if let Some(a) = current.as_ref().filter(|a| a.same_assignment(&d)) {
+            // The decision stands. It records the bundle version in force, and its place
+            // in the queue follows the threshold in force, but it is not an assignment
+            // change: neither a governance event nor a change to mirror, and
+            // `assigned_at` keeps when it was made.
+            let mut kept = a.clone();
+            kept.candidates = d.candidates;
+            kept.bundle_version = d.bundle_version;
+            kept.needs_review =
+                review_needed(kept.source, kept.confidence, resolver.review_threshold());
+            if kept != *a {
+                if kept.needs_review != a.needs_review {
+                    if kept.needs_review {
+                        self.put(keys::review(id), Vec::new());
+                    } else {
+                        self.del(keys::review(id));
+                    }
                 }
                 self.put(keys::assignment(id), encode(&kept)?);
                 self.record_assignment(id, Some(&kept))?;
             }
             return Ok(None);
         }
-        let new = Assignment {
-            archetype_id: d.archetype_id,
-            confidence: d.confidence,
-            assigned_by: d.assigned_by.clone(),
-            assigned_at: self.now,
-            source: d.source,
-            bundle_version: d.bundle_version,
-            candidates: d.candidates,
-            needs_review: false,
-        };
+        let actor = d.assigned_by.clone();
         let stored = self.put_assignment(
             id,
             current.as_ref(),
-            new,
+            Assignment::from_decision(d, self.now),
             "rbac.archetype_assigned",
-            &d.assigned_by,
+            &actor,
         )?;
         Ok(Some(stored))
     }
@@ -544,22 +560,22 @@ impl Store {
                             }),
                         };
                     }
-                    // Drop the override, then let the policy decide afresh.
-                    if let Some(c) = &current {
-                        if let Some(a) = &c.archetype_id {
-                            txn.del(keys::archetype_entry(a, &id));
-                        }
-                        txn.del(keys::assignment(&id));
-                    }
-                    txn.govern("rbac.archetype_cleared", &id, &actor, current.clone(), None)?;
-                    match txn.reassign(&id, &doc)? {
-                        Some(a) => a,
-                        None => {
-                            return Err(StoreError::Backend(
-                                "no archetype policy for this tenant".into(),
-                            ));
-                        }
-                    }
+                    // The policy decides afresh, and one event carries the whole change:
+                    // from the override to what the policy gives now.
+                    let Some(resolver) = txn.resolver.clone() else {
+                        return Err(StoreError::Backend(
+                            "no archetype policy for this tenant".into(),
+                        ));
+                    };
+                    let d = txn.decide(resolver.as_ref(), &id, &doc)?;
+                    let now = txn.now;
+                    txn.put_assignment(
+                        &id,
+                        current.as_ref(),
+                        Assignment::from_decision(d, now),
+                        "rbac.archetype_cleared",
+                        &actor,
+                    )?
                 }
             };
             txn.log_assignment(&id, stored.clone());
@@ -1015,10 +1031,7 @@ mod tests {
             .into_iter()
             .map(|e| e.kind)
             .collect();
-        assert_eq!(
-            kinds,
-            [assigned, overridden, "rbac.archetype_cleared", assigned]
-        );
+        assert_eq!(kinds, [assigned, overridden, "rbac.archetype_cleared"]);
         assert_eq!(store.governance_events("t", &queries[1]).unwrap().len(), 2);
     }
 
@@ -1046,7 +1059,7 @@ mod tests {
         }
         let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         let q = query(Some(&ids[0]), None, 0, 100);
-        assert_eq!(store.governance_events("t", &q).unwrap().len(), 4);
+        assert_eq!(store.governance_events("t", &q).unwrap().len(), 3);
         assert_eq!(
             store.governance_events("t", &q).unwrap(),
             expected(&store, &q)

@@ -41,17 +41,27 @@ pub(super) fn user(name: &str, title: &str, active: bool) -> Value {
 /// an immediate re-open in the same process can find it still locked. (A restarted
 /// daemon is a new process, whose lock the kernel released at the old one's exit.)
 pub(crate) fn when_unlocked<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, E>) -> T {
+    match past_the_lock(open) {
+        Ok(v) => v,
+        Err(e) => panic!("open: {e:?}"),
+    }
+}
+
+/// What opening answers once the dropped handle's lock is gone: for tests that expect
+/// the open itself to fail.
+pub(crate) fn past_the_lock<T, E: std::fmt::Debug>(
+    open: impl Fn() -> Result<T, E>,
+) -> Result<T, E> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match open() {
-            Ok(v) => return v,
             Err(e)
                 if format!("{e:?}").contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => panic!("open: {e:?}"),
+            other => return other,
         }
     }
 }

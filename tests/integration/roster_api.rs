@@ -178,7 +178,6 @@ async fn scim_writes_classify_and_overrides_stick() {
             "rbac.archetype_assigned",
             "rbac.archetype_overridden",
             "rbac.archetype_cleared",
-            "rbac.archetype_assigned"
         ],
         "{}",
         r.body
@@ -187,6 +186,13 @@ async fn scim_writes_classify_and_overrides_stick() {
     assert_eq!(overridden["actor"], "user:it.admin@acme.test");
     assert_eq!(overridden["before"]["archetype_id"], "fpa_analyst");
     assert_eq!(overridden["after"]["archetype_id"], "production_planner");
+    // One event carries the clear from the override to what the classifier gives now.
+    let cleared = &r.body["events"][3];
+    assert_eq!(cleared["actor"], "user:it.admin@acme.test");
+    assert_eq!(cleared["before"]["archetype_id"], "production_planner");
+    assert_eq!(cleared["before"]["source"], "override");
+    assert_eq!(cleared["after"]["archetype_id"], "software_engineer");
+    assert_eq!(cleared["after"]["assigned_by"], "service:classifier");
     let history = r.body.clone();
     let r = d
         .roster(
@@ -198,7 +204,7 @@ async fn scim_writes_classify_and_overrides_stick() {
         .await;
     assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
     // A time window, bounds inclusive: the title change's assignment and the override,
-    // nothing before or after. (The clear and the reassignment share one write's time.)
+    // nothing before or after.
     let at = |i: usize| {
         history["events"][i]["at"]
             .as_str()
@@ -397,8 +403,16 @@ async fn a_bundle_reloaded_while_a_job_runs_reaches_every_user() {
     // fast machine, just after; either way every user must end up on the new bundle).
     let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
     assert_eq!(r.status, 202, "{}", r.body);
-    let renewed = BUNDLE.replace("version = \"test-1\"", "version = \"test-2\"");
-    assert_ne!(renewed, BUNDLE);
+    // The new bundle moves the users' title to another archetype, so each of them gets
+    // an assignment event (a version that decided the same would write none).
+    let renewed = BUNDLE
+        .replace("version = \"test-1\"", "version = \"test-2\"")
+        .replace("\"software developer\", ", "")
+        .replace(
+            "examples = [\"engineering manager\"",
+            "examples = [\"software developer\", \"engineering manager\"",
+        );
+    assert_eq!(renewed.matches("software developer").count(), 1);
     std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
     d.reload().await;
     // Generous for a slow machine; no job is left to run long before this ends.
@@ -412,6 +426,72 @@ async fn a_bundle_reloaded_while_a_job_runs_reaches_every_user() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert_eq!(on_new, 2000, "users left on the old bundle");
+}
+
+async fn events_of(d: &TestDaemon, admin: &str, id: &str) -> Vec<Value> {
+    let r = d
+        .roster(Method::GET, &format!("/events?user_id={id}"), admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["events"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_default_is_named_as_such_and_an_unchanged_decision_is_no_event() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let sure = create(&d, "sure@acme.test", "software engineer", None).await;
+    // Words the bundle has never seen, and no title at all: the bundle's default decides,
+    // and says so, in the assignment and in its event.
+    let unknown = create(&d, "zz@acme.test", "zzqx blorp", None).await;
+    let blank = create(&d, "blank@acme.test", "", None).await;
+    for id in [&unknown, &blank] {
+        let u = roster_user(&d, &admin, id).await;
+        assert_eq!(u["archetype_id"], "generalist", "{u}");
+        assert_eq!(u["archetype_assigned_by"], "service:default", "{u}");
+        assert_eq!(u["archetype_confidence"], 0.0, "{u}");
+        let events = events_of(&d, &admin, id).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["after"]["source"], "default", "{events:?}");
+        assert_eq!(events[0]["actor"], "service:default", "{events:?}");
+    }
+    let u = roster_user(&d, &admin, &sure).await;
+    assert_eq!(u["archetype_assigned_by"], "service:classifier", "{u}");
+
+    // A new bundle version that decides the same for these users reclassifies them
+    // without an event; one title it does move (the job has run once it has) gets one.
+    let moved = create(&d, "web@acme.test", "web developer", None).await;
+    assert_eq!(
+        roster_user(&d, &admin, &moved).await["archetype_id"],
+        "software_engineer"
+    );
+    let renewed = BUNDLE
+        .replace("version = \"test-1\"", "version = \"test-2\"")
+        .replace("\"web developer\", ", "")
+        .replace(
+            "examples = [\"engineering manager\"",
+            "examples = [\"web developer\", \"engineering manager\"",
+        );
+    assert_eq!(renewed.matches("web developer").count(), 1);
+    std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
+    d.reload().await;
+    for _ in 0..1000 {
+        if roster_user(&d, &admin, &moved).await["archetype_id"] == "eng_lead" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    settled(&d).await;
+    let events = events_of(&d, &admin, &moved).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[1]["after"]["archetype_id"], "eng_lead");
+    assert_eq!(events[1]["after"]["bundle_version"], "test-2");
+    for id in [&sure, &unknown, &blank] {
+        let events = events_of(&d, &admin, id).await;
+        assert_eq!(events.len(), 1, "{id}: {events:?}");
+    }
+    let u = roster_user(&d, &admin, &sure).await;
+    assert_eq!(u["archetype_id"], "software_engineer", "{u}");
 }
 
 #[tokio::test]
@@ -783,6 +863,17 @@ async fn listing_filters_and_pages() {
     assert_eq!(u["manager_user_id"], "user:boss@acme.test");
     assert_eq!(u["groups"], json!(["Pilot"]));
     assert_eq!(u["is_active"], true);
+    // A second group named "Pilot": the name no longer picks one group, so it is refused
+    // (naming both ids), for the list and the export alike; each id still works.
+    let twin = d.create_group("Pilot").await;
+    for path in ["/users?group=pilot", "/users:export?format=csv&group=Pilot"] {
+        let r = d.roster(Method::GET, path, &admin, None).await;
+        api_error(&r, 400, "invalid_request");
+        let msg = r.body["message"].as_str().unwrap();
+        assert!(msg.contains(&gid) && msg.contains(&twin), "{msg}");
+    }
+    assert_eq!(names(&list(&format!("?group={twin}")).await).len(), 0);
+    assert_eq!(names(&list(&format!("?group={gid}")).await).len(), 2);
 
     // Paging with limit and an opaque cursor visits everyone exactly once.
     let mut seen = Vec::new();
@@ -979,6 +1070,22 @@ async fn review_queue_lists_and_resolves() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["archetype_id"], "sales_rep");
+    // Resolved now, and the confident user never was an item: accepting either is 409.
+    for who in ["user:who@acme.test", "user:sure@acme.test"] {
+        let r = d
+            .roster(Method::POST, &format!("/review/{who}/accept"), &admin, None)
+            .await;
+        api_error(&r, 409, "not_in_review");
+        assert!(
+            r.body["message"].as_str().unwrap().contains(who),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(
+        roster_user(&d, &admin, "user:sure@acme.test").await["archetype_assigned_by"],
+        "service:classifier"
+    );
     let r = d.roster(Method::GET, "/review", &admin, None).await;
     assert_eq!(r.body["total"].as_u64().unwrap(), total + 1);
     assert!(
@@ -1164,6 +1271,33 @@ async fn openapi_lists_exactly_the_served_operations() {
                 documented,
                 "{method} {path} answered {status}, which the document does not list"
             );
+            // A query parameter the operation does not declare: whatever it answers
+            // (a 400 where parameters are checked) is documented too.
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let status = d
+                .client
+                .request(m, d.url(&format!("{url}?zz_undeclared=1")))
+                .bearer_auth(&admin)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16();
+            assert!(
+                op["responses"].get(status.to_string()).is_some(),
+                "{method} {path}?zz_undeclared=1 answered {status}, which the document does not list"
+            );
+            // Every authenticated operation declares the tenant headers it checks.
+            if op.get("security") != Some(&json!([])) {
+                let params = op["parameters"].as_array().unwrap();
+                assert!(
+                    params
+                        .iter()
+                        .any(|p| p["$ref"] == "#/components/parameters/XTenant"),
+                    "{method} {path}"
+                );
+            }
             checked += 1;
         }
     }
