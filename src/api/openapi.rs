@@ -324,7 +324,8 @@ pub fn openapi_document() -> Value {
                     "archetype_assigned_by": {"type": ["string", "null"]},
                     "archetype_assigned_at": {"type": ["string", "null"], "format": "date-time"},
                     "is_active": {"type": "boolean"}, "scim_external_id": {"type": ["string", "null"]},
-                    "groups": {"type": "array", "items": {"type": "string"}}}},
+                    "groups": {"type": "array", "items": {"type": "string"}, "description": "Display names"},
+                    "group_ids": {"type": "array", "items": {"type": "string"}, "description": "The same groups by group_id"}}},
                 "AssignmentResult": {"type": "object", "properties": {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
                     "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},

@@ -169,7 +169,11 @@ pub(super) struct RosterUser {
     pub archetype_assigned_at: Option<DateTime<Utc>>,
     pub is_active: bool,
     pub scim_external_id: Option<String>,
+    /// Display names, as people read them (and as the CSV export has them).
     pub groups: Vec<String>,
+    /// The same groups by `group_id`, sorted: what `GET /groups` and the `group` filter
+    /// take, and unambiguous where display names repeat.
+    pub group_ids: Vec<String>,
 }
 
 fn text(v: Option<&Value>) -> Option<String> {
@@ -218,7 +222,12 @@ impl<'a> Renderer<'a> {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
-        let groups = self.group_names(id, group_ids)?;
+        let mut group_ids = match group_ids {
+            Some(g) => g.to_vec(),
+            None => self.store.groups_of(self.tenant, id)?,
+        };
+        let groups = self.group_names(id, Some(&group_ids))?;
+        group_ids.sort();
         let owned = |v: Option<&str>| v.map(str::to_owned);
         let a = rec.assignment.as_ref();
         Ok(RosterUser {
@@ -237,6 +246,7 @@ impl<'a> Renderer<'a> {
             is_active: rec.user.active,
             scim_external_id: owned(rec.user.external_id),
             groups,
+            group_ids,
         })
     }
 

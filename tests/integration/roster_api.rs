@@ -264,6 +264,7 @@ async fn group_rules_outrank_the_classifier() {
     assert_eq!(u["archetype_assigned_by"], format!("group:{gid}"));
     assert_eq!(u["archetype_confidence"], 1.0);
     assert_eq!(u["groups"], json!(["Engineering Leads"]));
+    assert_eq!(u["group_ids"], json!([gid]));
 
     let r = d.roster(Method::GET, "/groups", &admin, None).await;
     assert_eq!(r.status, 200);
@@ -873,6 +874,9 @@ async fn listing_filters_and_pages() {
         assert!(msg.contains(&gid) && msg.contains(&twin), "{msg}");
     }
     assert_eq!(names(&list(&format!("?group={twin}")).await).len(), 0);
+    let u = &list("?email=dev0@acme.test").await["users"][0];
+    assert_eq!(u["groups"], json!(["Pilot"]));
+    assert_eq!(u["group_ids"], json!([gid]));
     assert_eq!(names(&list(&format!("?group={gid}")).await).len(), 2);
 
     // Paging with limit and an opaque cursor visits everyone exactly once.
