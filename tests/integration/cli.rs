@@ -69,16 +69,19 @@ fn bundle_from_csv_then_classify_dry_run() {
 
     // CSV with a title column (and other columns around it).
     let titles = dir.path().join("titles.csv");
+    let classify_titles = || {
+        rosterd(
+            &[
+                "classify",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                titles.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
     std::fs::write(&titles, "id,title,department\n1,\"Chef, Head\",Kitchen\n").unwrap();
-    let (ok, out, err) = rosterd(
-        &[
-            "classify",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            titles.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, out, err) = classify_titles();
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
 
@@ -89,15 +92,7 @@ fn bundle_from_csv_then_classify_dry_run() {
         "\u{feff}title,department\n\"Chef, Head\",Kitchen\n",
     )
     .unwrap();
-    let (ok, out, err) = rosterd(
-        &[
-            "classify",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            titles.to_str().unwrap(),
-        ],
-        None,
-    );
+    let (ok, out, err) = classify_titles();
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(

@@ -357,6 +357,39 @@ async fn a_new_review_threshold_moves_decided_users_in_and_out_of_the_queue() {
     assert_eq!(body["total"], 0, "{body}");
 }
 
+/// Create `n` users with this title through SCIM /Bulk, 500 to a request.
+async fn bulk_people(d: &TestDaemon, n: usize, title: &str) {
+    let ops: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"),
+                   "data": person(&format!("bulk{i}@acme.test"), title, None)})
+        })
+        .collect();
+    for chunk in ops.chunks(500) {
+        let r = d
+            .post(
+                "/Bulk",
+                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+/// The test bundle as version test-2, with this example title moved from
+/// software_engineer to eng_lead.
+fn bundle_moving(title: &str) -> String {
+    let renewed = BUNDLE
+        .replace("version = \"test-1\"", "version = \"test-2\"")
+        .replace(&format!("\"{title}\", "), "")
+        .replace(
+            "examples = [\"engineering manager\"",
+            &format!("examples = [\"{title}\", \"engineering manager\""),
+        );
+    assert_eq!(renewed.matches(title).count(), 1, "{title} is no example");
+    renewed
+}
+
 /// Users with an assignment made with bundle `version`, by the governance events.
 async fn assigned_with(
     d: &TestDaemon,
@@ -385,35 +418,14 @@ async fn assigned_with(
 async fn a_bundle_reloaded_while_a_job_runs_reaches_every_user() {
     let d = TestDaemon::start().await;
     let admin = settled(&d).await;
-    let ops: Vec<Value> = (0..2000)
-        .map(|i| {
-            json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"),
-                   "data": person(&format!("bulk{i}@acme.test"), "software developer", None)})
-        })
-        .collect();
-    for chunk in ops.chunks(500) {
-        let r = d
-            .post(
-                "/Bulk",
-                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    bulk_people(&d, 2000, "software developer").await;
     // A sync job starts on the old bundle and the new one arrives while it runs (or, on a
     // fast machine, just after; either way every user must end up on the new bundle).
     let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     // The new bundle moves the users' title to another archetype, so each of them gets
     // an assignment event (a version that decided the same would write none).
-    let renewed = BUNDLE
-        .replace("version = \"test-1\"", "version = \"test-2\"")
-        .replace("\"software developer\", ", "")
-        .replace(
-            "examples = [\"engineering manager\"",
-            "examples = [\"software developer\", \"engineering manager\"",
-        );
-    assert_eq!(renewed.matches("software developer").count(), 1);
+    let renewed = bundle_moving("software developer");
     std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
     d.reload().await;
     // Generous for a slow machine; no job is left to run long before this ends.
@@ -466,14 +478,7 @@ async fn the_default_is_named_as_such_and_an_unchanged_decision_is_no_event() {
         roster_user(&d, &admin, &moved).await["archetype_id"],
         "software_engineer"
     );
-    let renewed = BUNDLE
-        .replace("version = \"test-1\"", "version = \"test-2\"")
-        .replace("\"web developer\", ", "")
-        .replace(
-            "examples = [\"engineering manager\"",
-            "examples = [\"web developer\", \"engineering manager\"",
-        );
-    assert_eq!(renewed.matches("web developer").count(), 1);
+    let renewed = bundle_moving("web developer");
     std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
     d.reload().await;
     for _ in 0..1000 {
@@ -632,21 +637,7 @@ async fn override_errors_are_documented_codes() {
     );
 
     // While a sync job runs, overrides answer 409. A few thousand users keep it busy.
-    let ops: Vec<Value> = (0..1000)
-        .map(|i| {
-            json!({"method": "POST", "path": "/Users", "bulkId": format!("b{i}"),
-                   "data": person(&format!("bulk{i}@acme.test"), "software developer", None)})
-        })
-        .collect();
-    for chunk in ops.chunks(500) {
-        let r = d
-            .post(
-                "/Bulk",
-                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    bulk_people(&d, 1000, "software developer").await;
     let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
     assert_eq!(r.status, 202);
     let job_id = r.body["job_id"].as_str().unwrap().to_owned();
