@@ -366,6 +366,18 @@ impl TestDaemon {
         r.body["id"].as_str().expect("id").to_owned()
     }
 
+    /// Add these users to a group with a SCIM PATCH, which must succeed.
+    pub async fn add_members(&self, gid: &str, ids: &[&str]) {
+        let value: Vec<Value> = ids.iter().map(|id| json!({"value": id})).collect();
+        let r = self
+            .patch(
+                &format!("/Groups/{gid}"),
+                patch_op(json!([{"op": "add", "path": "members", "value": value}])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "add members to {gid}: {}", r.body);
+    }
+
     pub async fn create_group(&self, name: &str) -> String {
         let r = self
             .post(

@@ -252,13 +252,7 @@ async fn group_rules_outrank_the_classifier() {
     let admin = settled(&d).await;
     let id = create(&d, "lin@acme.test", "software engineer", None).await;
     let gid = d.create_group("Engineering Leads").await;
-    let r = d
-        .patch(
-            &format!("/Groups/{gid}"),
-            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id}]}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    d.add_members(&gid, &[&id]).await;
     let u = roster_user(&d, &admin, &id).await;
     assert_eq!(u["archetype_id"], "eng_lead", "{u}");
     assert_eq!(u["archetype_assigned_by"], format!("group:{gid}"));
@@ -506,13 +500,7 @@ async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
     let admin = settled(&d).await;
     let old = create(&d, "old@acme.test", "software engineer", None).await;
     let gid = d.create_group("Platform").await;
-    let r = d
-        .patch(
-            &format!("/Groups/{gid}"),
-            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": old}]}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    d.add_members(&gid, &[&old]).await;
     assert_eq!(
         roster_user(&d, &admin, &old).await["archetype_id"],
         "software_engineer"
@@ -785,11 +773,7 @@ async fn listing_filters_and_pages() {
     }
     create(&d, "fin@acme.test", "financial analyst", Some("Finance")).await;
     let gid = d.create_group("Pilot").await;
-    d.patch(
-        &format!("/Groups/{gid}"),
-        patch_op(json!([{"op": "add", "path": "members", "value": [{"value": ids[0]}, {"value": ids[1]}]}])),
-    )
-    .await;
+    d.add_members(&gid, &[&ids[0], &ids[1]]).await;
     // Deactivated users are hidden unless asked for.
     d.patch(
         &format!("/Users/{}", ids[6]),
@@ -922,11 +906,7 @@ async fn csv_export_has_the_documented_columns_and_is_safe() {
     create(&d, "max@acme.test", "financial analyst", Some("Finance")).await;
     for name in ["Alpha, Team", "Beta"] {
         let gid = d.create_group(name).await;
-        d.patch(
-            &format!("/Groups/{gid}"),
-            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id}]}])),
-        )
-        .await;
+        d.add_members(&gid, &[&id]).await;
     }
     let resp = d
         .client
