@@ -160,6 +160,10 @@ pub struct TenantConfig {
     /// Members of a group get an archetype, ahead of the classifier. First match wins.
     #[serde(default)]
     pub group_rules: Vec<GroupRule>,
+    /// The identity provider that provisions this tenant (`azure-ad`, `okta`, …): the
+    /// Roster API gives its groups the source `scim:<idp>` (else `scim`).
+    #[serde(default)]
+    pub idp: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -325,6 +329,17 @@ impl Config {
                     t.id
                 ));
             }
+            if let Some(idp) = &t.idp
+                && (idp.is_empty()
+                    || idp.len() > 64
+                    || !idp
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            {
+                return Err(format!(
+                    "key `tenants[{i}].idp`: {idp:?} must be 1-64 letters, digits, '-', '_' or '.'"
+                ));
+            }
             if !seen.insert(t.id.as_str()) {
                 return Err(format!(
                     "key `tenants[{i}].id`: tenant {:?} is declared twice",
@@ -414,6 +429,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("tenants[0].token_hashes[0]"), "{err}");
+    }
+
+    #[test]
+    fn an_idp_is_a_label_or_refused() {
+        let with = |idp: &str| {
+            Config::parse(
+                &format!(
+                    "version = 1\n[[tenants]]\nid = \"a\"\ntoken_env = \"T\"\nidp = {idp:?}\n"
+                ),
+                Path::new("x"),
+            )
+        };
+        assert!(with("azure-ad").is_ok());
+        for bad in ["", "azure ad", "scim:okta"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("tenants[0].idp"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -186,6 +186,8 @@ pub struct TenantRoster {
     /// Replaced whole on a bundle reload, so a request sees one consistent bundle.
     pub policy: RwLock<Option<Arc<TenantPolicy>>>,
     pub allow_overrides: bool,
+    /// What `GET /groups` names as a group's source: `scim:<idp>`, or `scim`.
+    pub group_source: String,
 }
 
 impl TenantRoster {

@@ -771,7 +771,8 @@ async fn list_groups(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &[])?;
-    let policy = tenant_of(&st, &caller)?.policy();
+    let t = tenant_of(&st, &caller)?;
+    let (policy, source) = (t.policy(), t.group_source.clone());
     let tenant = caller.tenant;
     blocking(move || {
         let mut out = Vec::new();
@@ -788,7 +789,7 @@ async fn list_groups(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                 "group_id": g.id,
                 "display_name": name,
                 "external_id": external,
-                "source": "scim",
+                "source": source,
                 "member_count": members,
                 "archetype_rule": rule,
             }));

@@ -170,6 +170,7 @@ mod tests {
             review_threshold: None,
             allow_overrides: true,
             group_rules: vec![],
+            idp: None,
         }
     }
 

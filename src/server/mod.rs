@@ -118,6 +118,10 @@ pub async fn run_with_env(
             TenantRoster {
                 policy: std::sync::RwLock::new(policy),
                 allow_overrides: t.allow_overrides,
+                group_source: t
+                    .idp
+                    .as_ref()
+                    .map_or_else(|| "scim".to_owned(), |i| format!("scim:{i}")),
             },
         );
     }

@@ -104,6 +104,7 @@ hs256_secret_env = "TEST_JWT_SECRET"
 id = "{TENANT}"
 token_hashes = ["{hash}"]
 bundle = "bundle.toml"
+idp = "azure-ad"
 group_rules = [{{ group = "Engineering Leads", archetype = "eng_lead" }}]
 [[tenants]]
 id = "{OTHER_TENANT}"

@@ -265,6 +265,7 @@ async fn group_rules_outrank_the_classifier() {
     let g = &r.body["groups"][0];
     assert_eq!(g["member_count"], 1);
     assert_eq!(g["archetype_rule"], "eng_lead");
+    assert_eq!(g["source"], "scim:azure-ad", "the tenant's idp");
 
     // Leaving the group returns the user to the classifier.
     let r = d
