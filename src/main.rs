@@ -199,8 +199,46 @@ fn main() -> Result<()> {
     }
 }
 
+/// Everything `serve` reads before it can start, read the same way: the config, each
+/// tenant's bundle (trained, with its group rules checked against it) and the connector
+/// files. A restart must not be the first to find a bad file.
 fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
+    let mut bad_bundles = 0usize;
+    for t in &config.tenants {
+        let started = std::time::Instant::now();
+        match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
+            Ok(Some(p)) => println!(
+                "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
+                t.id,
+                p.bundle().version,
+                p.bundle().archetypes.len(),
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(None) => println!("tenant {}: no bundle (users get no archetype)", t.id),
+            Err(e) => {
+                bad_bundles += 1;
+                eprintln!("error: tenant {:?}: {e}", t.id);
+            }
+        }
+    }
+    let connectors = config.load_connectors();
+    for e in &connectors.errors {
+        eprintln!("error: connector {e}");
+    }
+    if bad_bundles > 0 {
+        anyhow::bail!(
+            "{}: `serve` would refuse to start: {bad_bundles} bundle(s) above do not load",
+            path.display()
+        );
+    }
+    if !connectors.errors.is_empty() {
+        anyhow::bail!(
+            "{}: `serve` would start without the {} connector file(s) above",
+            path.display(),
+            connectors.errors.len()
+        );
+    }
     for t in &config.tenants {
         if let Some(var) = &t.token_env
             && std::env::var(var)
@@ -530,6 +568,23 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 "tenant {id}: {} users ({} active), {} groups, review queue {}, last change #{}",
                 t["users"], t["active_users"], t["groups"], t["review_queue"], t["last_seq"]
             );
+            let b = &t["bundle"];
+            if b.is_object() {
+                println!(
+                    "    bundle {} version {} ({} archetypes), loaded {}",
+                    str_of(&b["path"]),
+                    str_of(&b["version"]),
+                    b["archetypes"],
+                    str_of(&b["loaded_at"])
+                );
+            }
+            if !b["reload_error"].is_null() {
+                println!(
+                    "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail: {}",
+                    str_of(&b["reload_error_at"]),
+                    str_of(&b["reload_error"])
+                );
+            }
         }
     }
     for c in s["connectors"].as_array().cloned().unwrap_or_default() {

@@ -188,9 +188,56 @@ pub struct TenantRoster {
     pub allow_overrides: bool,
     /// What `GET /groups` names as a group's source: `scim:<idp>`, or `scim`.
     pub group_source: String,
+    /// The bundle in force and how the last reload of it went, for `/status`.
+    pub bundle: Mutex<BundleState>,
+}
+
+/// Which bundle a tenant runs on, and whether the last attempt to replace it failed: a
+/// failed reload keeps the old bundle serving, but the next restart would refuse the
+/// file, so operators must see it without reading the log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BundleState {
+    pub path: Option<String>,
+    pub version: Option<String>,
+    pub archetypes: usize,
+    pub loaded_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// How long reading and training took.
+    pub load_seconds: Option<f64>,
+    pub reload_error: Option<String>,
+    pub reload_error_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl BundleState {
+    pub fn loaded(&mut self, path: &std::path::Path, policy: &TenantPolicy, took: f64) {
+        *self = BundleState {
+            path: Some(path.display().to_string()),
+            version: Some(policy.bundle().version.clone()),
+            archetypes: policy.bundle().archetypes.len(),
+            loaded_at: Some(chrono::Utc::now()),
+            load_seconds: Some((took * 100.0).round() / 100.0),
+            reload_error: None,
+            reload_error_at: None,
+        };
+    }
+
+    pub fn failed(&mut self, error: &impl std::fmt::Display) {
+        self.reload_error = Some(error.to_string());
+        self.reload_error_at = Some(chrono::Utc::now());
+    }
 }
 
 impl TenantRoster {
+    pub fn bundle_state(&self) -> BundleState {
+        self.bundle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_bundle_state(&self, f: impl FnOnce(&mut BundleState)) {
+        f(&mut self.bundle.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
     pub fn policy(&self) -> Option<Arc<TenantPolicy>> {
         self.policy
             .read()

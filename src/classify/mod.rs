@@ -57,6 +57,9 @@ pub enum ClassifyError {
         line: u64,
         message: String,
     },
+    /// Training did not finish (it panicked, or the runtime shut down under it).
+    #[error("training the classifier stopped: {0}")]
+    Interrupted(String),
     #[error("cannot serialize bundle: {0}")]
     Serialize(String),
 }

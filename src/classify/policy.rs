@@ -2,7 +2,7 @@
 //! default. Manual overrides sit above all of it and are kept by the store, which never
 //! asks the policy about a user with an override.
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{Bundle, Classifier, ClassifyError};
 use crate::config::{GroupRule, TenantConfig};
@@ -59,18 +59,37 @@ impl TenantPolicy {
         })
     }
 
+    /// The bundle file a tenant's config names, resolved against the config's directory.
+    pub fn bundle_path(t: &TenantConfig, base_dir: &Path) -> Option<PathBuf> {
+        t.bundle.as_ref().map(|path| {
+            if path.is_absolute() {
+                path.clone()
+            } else {
+                base_dir.join(path)
+            }
+        })
+    }
+
     /// Load the bundle a tenant's config names (relative to the config's directory).
     pub fn load(t: &TenantConfig, base_dir: &Path) -> Result<Option<TenantPolicy>, ClassifyError> {
-        let Some(path) = &t.bundle else {
+        let Some(path) = Self::bundle_path(t, base_dir) else {
             return Ok(None);
-        };
-        let path = if path.is_absolute() {
-            path.clone()
-        } else {
-            base_dir.join(path)
         };
         let bundle = Bundle::load(&path)?;
         TenantPolicy::new(bundle, t.group_rules.clone(), t.review_threshold).map(Some)
+    }
+
+    /// [`TenantPolicy::load`] on a blocking thread: training takes seconds for a large
+    /// bundle (it grows with examples times archetypes), and on an async worker it would
+    /// stall requests and the watchdog's pings for as long.
+    pub async fn load_blocking(
+        t: &TenantConfig,
+        base_dir: &Path,
+    ) -> Result<Option<TenantPolicy>, ClassifyError> {
+        let (t, base_dir) = (t.clone(), base_dir.to_owned());
+        tokio::task::spawn_blocking(move || Self::load(&t, &base_dir))
+            .await
+            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
     }
 
     pub fn bundle(&self) -> &Bundle {

@@ -54,6 +54,11 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     for t in &st.config.tenants {
         let users = st.store.count(&t.id, ResourceKind::User)?;
         let inactive = st.store.count_inactive(&t.id)?;
+        let bundle = st
+            .roster
+            .tenants
+            .get(&t.id)
+            .and_then(|r| r.policy().map(|_| r.bundle_state()));
         tenants.insert(
             t.id.clone(),
             json!({
@@ -62,6 +67,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
                 "groups": st.store.count(&t.id, ResourceKind::Group)?,
                 "review_queue": st.store.review_queue_len(&t.id)?,
                 "last_seq": *st.store.watch_durable(&t.id).borrow(),
+                "bundle": bundle,
             }),
         );
     }

@@ -104,13 +104,21 @@ pub async fn run_with_env(
     let mut tenants = std::collections::HashMap::new();
     let mut policies = Vec::new();
     for t in &config.tenants {
-        let policy = TenantPolicy::load(t, &config.base_dir)
-            .map_err(|source| ServerError::Bundle {
-                tenant: t.id.clone(),
-                source,
-            })?
-            .map(Arc::new);
-        if let Some(p) = &policy {
+        let started = std::time::Instant::now();
+        let policy = crate::ops::systemd::extending_start_timeout(
+            &format!("Training tenant {}'s archetype bundle", t.id),
+            TenantPolicy::load_blocking(t, &config.base_dir),
+        )
+        .await
+        .map_err(|source| ServerError::Bundle {
+            tenant: t.id.clone(),
+            source,
+        })?
+        .map(Arc::new);
+        let mut bundle = crate::api::BundleState::default();
+        if let (Some(p), Some(path)) = (&policy, TenantPolicy::bundle_path(t, &config.base_dir)) {
+            bundle.loaded(&path, p, started.elapsed().as_secs_f64());
+            tracing::info!(tenant = %t.id, version = %p.bundle().version, archetypes = bundle.archetypes, seconds = bundle.load_seconds, "Archetype bundle loaded.");
             policies.push((t.id.clone(), p.clone()));
         }
         tenants.insert(
@@ -122,6 +130,7 @@ pub async fn run_with_env(
                     .idp
                     .as_ref()
                     .map_or_else(|| "scim".to_owned(), |i| format!("scim:{i}")),
+                bundle: std::sync::Mutex::new(bundle),
             },
         );
     }
@@ -237,12 +246,14 @@ pub async fn reload(state: &Arc<AppState>) {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;
         };
-        let policy = match TenantPolicy::load(t, &state.config.base_dir) {
+        let started = std::time::Instant::now();
+        let policy = match TenantPolicy::load_blocking(t, &state.config.base_dir).await {
             Ok(Some(p)) => Arc::new(p),
             Ok(None) => continue,
             Err(e) => {
                 failed += 1;
-                tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect.");
+                tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect, but a restart would refuse this file. (Group rules are checked as config.toml had them at start.)");
+                roster.set_bundle_state(|b| b.failed(&e));
                 continue;
             }
         };
@@ -250,7 +261,16 @@ pub async fn reload(state: &Arc<AppState>) {
             .policy()
             .is_some_and(|old| old.fingerprint() == policy.fingerprint());
         if unchanged {
+            // The file is fine again (or never changed): no error stands.
+            roster.set_bundle_state(|b| {
+                b.reload_error = None;
+                b.reload_error_at = None;
+            });
             continue;
+        }
+        if let Some(path) = TenantPolicy::bundle_path(t, &state.config.base_dir) {
+            let took = started.elapsed().as_secs_f64();
+            roster.set_bundle_state(|b| b.loaded(&path, &policy, took));
         }
         *roster.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
         state.store.set_resolver(&t.id, policy.clone());

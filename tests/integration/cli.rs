@@ -142,4 +142,40 @@ fn bad_bundles_and_configs_name_the_problem() {
     );
     assert!(ok, "the example config is valid");
     assert!(out.contains("ok"));
+
+    // check-config reads what serve reads before it starts: a tenant's bundle (the
+    // broken one above), group rules against a good bundle, connector files.
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bundle.toml");
+    let tenant = |bundle: &str, rules: &str| {
+        format!(
+            "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\nbundle = {bundle:?}\n{rules}"
+        )
+    };
+    let check = |text: String| {
+        std::fs::write(&config, text).unwrap();
+        rosterd(
+            &["check-config", "--config", config.to_str().unwrap()],
+            None,
+        )
+    };
+    let (ok, _, err) = check(tenant(bundle.to_str().unwrap(), ""));
+    assert!(!ok);
+    assert!(
+        err.contains("tenant \"t\"") && err.contains("titel") && err.contains("refuse to start"),
+        "{err}"
+    );
+    let (ok, _, err) = check(tenant(
+        fixture,
+        "group_rules = [{ group = \"G\", archetype = \"ghost\" }]\n",
+    ));
+    assert!(!ok);
+    assert!(err.contains("ghost"), "{err}");
+    let (ok, out, err) = check(tenant(fixture, ""));
+    assert!(ok, "{err}");
+    assert!(out.contains("bundle version test-1"), "{out}");
+    std::fs::create_dir(dir.path().join("connectors")).unwrap();
+    std::fs::write(dir.path().join("connectors/bad.toml"), "kind = \"ftp\"\n").unwrap();
+    let (ok, _, err) = check(tenant(fixture, "[connectors]\ndir = \"connectors\"\n"));
+    assert!(!ok);
+    assert!(err.contains("bad.toml"), "{err}");
 }

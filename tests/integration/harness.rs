@@ -251,14 +251,18 @@ impl TestDaemon {
 
     /// Send the process SIGHUP (as an operator's `systemctl reload` does) and wait until
     /// this daemon has finished a reload that began after the call.
+    /// The daemon's `/status` document.
+    pub async fn status(&self) -> Value {
+        let r = self
+            .raw(Method::GET, &self.url("/status"), None, &[], None)
+            .await;
+        assert_eq!(r.status, 200, "/status: {}", r.body);
+        r.body
+    }
+
     pub async fn reload(&self) {
         let reloads = |v: &Value| v["reloads"].as_u64().expect("reloads in /status");
-        let before = reloads(
-            &self
-                .raw(Method::GET, &self.url("/status"), None, &[], None)
-                .await
-                .body,
-        );
+        let before = reloads(&self.status().await);
         let ok = std::process::Command::new("kill")
             .args(["-HUP", &std::process::id().to_string()])
             .status()
@@ -267,12 +271,7 @@ impl TestDaemon {
         assert!(ok, "kill -HUP failed");
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            let now = reloads(
-                &self
-                    .raw(Method::GET, &self.url("/status"), None, &[], None)
-                    .await
-                    .body,
-            );
+            let now = reloads(&self.status().await);
             if now > before {
                 return;
             }

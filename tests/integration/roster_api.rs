@@ -496,6 +496,41 @@ async fn the_default_is_named_as_such_and_an_unchanged_decision_is_no_event() {
 }
 
 #[tokio::test]
+async fn a_bundle_that_fails_to_reload_is_reported_while_the_old_one_serves() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let bundle = |s: &Value| s["tenants"][TENANT]["bundle"].clone();
+    let b = bundle(&d.status().await);
+    assert_eq!(b["version"], "test-1", "{b}");
+    assert_eq!(b["archetypes"], 6, "{b}");
+    assert!(b["path"].as_str().unwrap().ends_with("bundle.toml"), "{b}");
+    assert!(b["reload_error"].is_null(), "{b}");
+
+    // Two archetypes with one id: the reload fails, the old bundle keeps classifying,
+    // and /status says why until a reload succeeds.
+    let broken = BUNDLE.replace("id = \"eng_lead\"", "id = \"software_engineer\"");
+    assert_ne!(broken, BUNDLE);
+    std::fs::write(d.root.join("bundle.toml"), &broken).unwrap();
+    d.reload().await;
+    let b = bundle(&d.status().await);
+    assert_eq!(b["version"], "test-1", "{b}");
+    let error = b["reload_error"].as_str().unwrap_or_default();
+    assert!(error.contains("duplicate archetype id"), "{b}");
+    assert!(b["reload_error_at"].is_string(), "{b}");
+    let id = create(&d, "eng@acme.test", "engineering manager", None).await;
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["archetype_id"],
+        "eng_lead"
+    );
+
+    std::fs::write(d.root.join("bundle.toml"), bundle_moving("web developer")).unwrap();
+    d.reload().await;
+    let b = bundle(&d.status().await);
+    assert_eq!(b["version"], "test-2", "{b}");
+    assert!(b["reload_error"].is_null(), "{b}");
+}
+
+#[tokio::test]
 async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
     let d = TestDaemon::start().await;
     let admin = settled(&d).await;
