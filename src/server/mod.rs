@@ -340,13 +340,18 @@ async fn request_span(
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("")
         .to_owned();
+    // Left empty until known: the text log appends a recorded field rather than
+    // replacing it, so a placeholder would print the tenant twice.
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,
-        tenant = %tenant,
+        tenant = tracing::field::Empty,
         method = %req.method(),
         path = %path,
     );
+    if !tenant.is_empty() {
+        span.record("tenant", tenant.as_str());
+    }
     // Only a configured tenant may become a metric label: the path is the client's.
     let metrics_tenant = state
         .config
