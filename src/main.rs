@@ -51,7 +51,8 @@ enum Command {
         /// The bundle (TOML) to classify with.
         #[arg(long)]
         bundle: PathBuf,
-        /// Titles file; standard input when absent.
+        /// Titles file (one per line, or CSV with a `title` or `job title` column); standard
+        /// input when absent or `-`.
         input: Option<PathBuf>,
     },
     /// Archetype bundle utilities.
@@ -141,7 +142,10 @@ enum TokenCommand {
 enum BundleCommand {
     /// Build a bundle from a CSV of labeled titles (`archetype_id,title`); each distinct
     /// id becomes an archetype. Writes TOML to standard output.
-    FromCsv { examples: PathBuf },
+    FromCsv {
+        /// The labeled CSV; `-` for standard input.
+        examples: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -168,9 +172,8 @@ fn main() -> Result<()> {
         Command::Bundle {
             command: BundleCommand::FromCsv { examples },
         } => {
-            let file = std::fs::File::open(&examples)
-                .with_context(|| format!("cannot open {}", examples.display()))?;
-            let bundle = rosterd::classify::Bundle::from_labeled_csv(file)
+            let text = read_text(Some(&examples))?;
+            let bundle = rosterd::classify::Bundle::from_labeled_csv(text.as_bytes())
                 .with_context(|| format!("while reading {}", examples.display()))?;
             print!("{}", bundle.to_toml_string()?);
             Ok(())
@@ -260,44 +263,82 @@ fn check_config(path: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// Read a whole input (a file, or standard input for `None` or `-`) as UTF-8 text, past
+/// Excel's byte-order mark; text that is not UTF-8 is refused with the line it breaks on.
+fn read_text(input: Option<&std::path::Path>) -> Result<String> {
+    use std::io::Read;
+    let (bytes, name) = match input.filter(|p| p.as_os_str() != "-") {
+        Some(p) => (
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => {
+            let mut b = Vec::new();
+            std::io::stdin().read_to_end(&mut b)?;
+            (b, "standard input".to_owned())
+        }
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!(
+            "{name}: line {line} is not UTF-8 (byte {at}); save the file as UTF-8 (in Excel: CSV UTF-8)"
+        )
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    })
+}
+
+/// Column names taken as the job title and the department in a titles CSV.
+const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
+const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
+
 fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result<()> {
-    use std::io::{BufRead, Read};
+    use std::io::BufRead;
     let bundle = rosterd::classify::Bundle::load(bundle)?;
     let classifier = rosterd::classify::Classifier::new(&bundle);
-    let mut text = String::new();
-    match input {
-        Some(p) => {
-            text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
-        }
-        None => {
-            std::io::stdin().read_to_string(&mut text)?;
-        }
-    }
-    // Excel's "CSV UTF-8" starts with a byte-order mark, which would hide the header.
-    if let Some(rest) = text.strip_prefix('\u{feff}') {
-        text = rest.to_owned();
+    let text = read_text(input)?;
+    // The first line read as CSV, so a quoted comma in a column name does not split it.
+    let header: Vec<String> = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.lines().next().unwrap_or_default().as_bytes())
+        .records()
+        .next()
+        .and_then(Result::ok)
+        .map(|r| r.iter().map(|h| h.trim().to_lowercase()).collect())
+        .unwrap_or_default();
+    let column = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+    let title_col = column(TITLE_COLUMNS);
+    if title_col.is_none() && header.len() > 2 {
+        // Titles hold a comma now and then ("Director, Sales"), hardly two.
+        anyhow::bail!(
+            "the first line looks like a CSV header but names no title column ({}); \
+             name it `title`, or give one title per line",
+            header.join(", ")
+        );
     }
     let mut out = csv::Writer::from_writer(std::io::stdout().lock());
     out.write_record(["title", "archetype_id", "confidence"])?;
-    let first = text.lines().next().unwrap_or_default();
-    let header: Vec<String> = first
-        .split(',')
-        .map(|h| h.trim().trim_matches('"').to_ascii_lowercase())
-        .collect();
+    let mut rows = 0usize;
     let mut emit = |title: &str, department: Option<&str>| -> Result<()> {
         let c = classifier.classify(title, department);
+        // The title goes back out as it came in, but a spreadsheet must not run it.
         out.write_record([
-            title,
+            &*rosterd::api::neutralize(title),
             c.archetype_id.as_deref().unwrap_or(""),
             &format!("{:.3}", c.confidence),
         ])?;
+        rows += 1;
         Ok(())
     };
-    if let Some(col) = header.iter().position(|h| h == "title") {
-        // CSV with a header naming its columns.
-        let dept = header.iter().position(|h| h == "department");
-        let mut rdr = csv::Reader::from_reader(text.as_bytes());
+    if let Some(col) = title_col {
+        let dept = column(DEPARTMENT_COLUMNS);
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
             emit(rec.get(col).unwrap_or(""), dept.and_then(|d| rec.get(d)))?;
@@ -311,6 +352,9 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         }
     }
     out.flush()?;
+    if rows == 0 {
+        eprintln!("note: no titles read");
+    }
     Ok(())
 }
 

@@ -96,8 +96,10 @@ impl Bundle {
                 ),
             });
         }
-        // Columns by name when the header names them (in any order); otherwise the label
-        // first and the title second, as in `soc_minor_group,title`.
+        // Columns by name (in any order), or two columns of which one is `title` and the
+        // other the label, as in `soc_minor_group,title`. Anything else is refused: read
+        // by position, a file without a header would lose its first row and one with other
+        // columns would make titles of labels.
         let named = |want: &str| {
             headers
                 .iter()
@@ -105,8 +107,18 @@ impl Bundle {
         };
         let (label_col, title_col) = match (named("archetype_id"), named("title")) {
             (Some(l), Some(t)) => (l, t),
-            (None, Some(t)) if t <= 1 => (1 - t, t),
-            _ => (0, 1),
+            (None, Some(t)) if headers.len() == 2 => (1 - t, t),
+            _ => {
+                return Err(ClassifyError::Csv {
+                    origin: CSV_ORIGIN.to_string(),
+                    line: 1,
+                    message: format!(
+                        "the header must name an `archetype_id` and a `title` column (or be two \
+                         columns, one of them `title`); found: {}",
+                        headers.iter().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
         };
         let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in reader.records() {

@@ -382,6 +382,10 @@ fn labeled_csv_builds_one_archetype_per_label() {
         "a,b\n",
         "a,b\n,chairman\n",
         "a,b\n1,x,extra\n",
+        // No header: the first row would be lost as one.
+        "swe,software engineer\nacct,accountant\n",
+        // A title column among others, but no archetype_id.
+        "email,role,title\na@x,swe,software engineer\n",
     ] {
         match Bundle::from_labeled_csv(bad.as_bytes()) {
             Err(e @ ClassifyError::Csv { .. }) => assert!(e.to_string().contains("labeled CSV")),
@@ -389,7 +393,7 @@ fn labeled_csv_builds_one_archetype_per_label() {
         }
     }
     // A title with no words names the CSV line to fix.
-    match Bundle::from_labeled_csv("a,b\n1,chairman\n2,---\n".as_bytes()) {
+    match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\n2,---\n".as_bytes()) {
         Err(e @ ClassifyError::Csv { line: 3, .. }) => {
             assert!(e.to_string().contains("\"---\" has no words"), "{e}")
         }

@@ -102,6 +102,56 @@ fn bundle_from_csv_then_classify_dry_run() {
             .starts_with("\"Chef, Head\",chef,"),
         "{out}"
     );
+
+    // An HR export's "Job Title" column, a header with a quoted comma, and a title that
+    // a spreadsheet would run as a formula (it comes back neutralized).
+    for (file, want) in [
+        (
+            "Name,Job Title,Department\nJane,Head Chef,Kitchen\n",
+            "Head Chef,chef,",
+        ),
+        (
+            "\"Name, full\",title\n\"Doe, Jane\",bus driver\n",
+            "bus driver,driver,",
+        ),
+        ("=1+2 staff nurse\n", "'=1+2 staff nurse,nurse,"),
+    ] {
+        std::fs::write(&titles, file).unwrap();
+        let (ok, out, err) = classify_titles();
+        assert!(ok, "{file:?}: {err}");
+        assert!(
+            out.lines().nth(1).unwrap().starts_with(want),
+            "{file:?}: {out}"
+        );
+    }
+    // Refused with what to do: a header without a title column, and text not in UTF-8
+    // (Latin-1 "été" on line 2).
+    std::fs::write(&titles, "Name,Email,Role\nJane,j@x.test,Chef\n").unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("no title column (name, email, role)"), "{err}");
+    std::fs::write(&titles, b"head chef\n\xe9t\xe9 nurse\n").unwrap();
+    let (ok, _, err) = classify_titles();
+    assert!(!ok);
+    assert!(err.contains("line 2 is not UTF-8"), "{err}");
+
+    // from-csv reads standard input for `-`, and refuses a file whose header names no
+    // columns it can use (here there is no header at all: the first row would be lost).
+    let (ok, toml, err) = rosterd(
+        &["bundle", "from-csv", "-"],
+        Some("archetype_id,title\nchef,head chef\nchef,sous chef\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(toml.contains("sous chef"), "{toml}");
+    let (ok, _, err) = rosterd(
+        &["bundle", "from-csv", "-"],
+        Some("chef,head chef\nnurse,staff nurse\n"),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("must name an `archetype_id` and a `title`"),
+        "{err}"
+    );
 }
 
 #[test]
