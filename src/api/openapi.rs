@@ -183,10 +183,11 @@ pub fn openapi_document() -> Value {
                 "responses": common_errors(json!({"200": ok_json("Archetypes", json!({
                     "type": "object", "properties": {"bundle_version": {"type": "string"}, "archetypes": {"type": "array", "items": {
                         "type": "object", "properties": {
-                            "archetype_id": {"type": "string"}, "title": {"type": "string"},
+                            "archetype_id": {"type": "string"}, "title": {"type": ["string", "null"]},
                             "function_focus": {"type": "array", "items": {"type": "string"}},
-                            "default_cowork_id": {"type": "string"}, "user_count": {"type": "integer"},
-                            "active_user_count": {"type": "integer"}}}}}
+                            "default_cowork_id": {"type": ["string", "null"]}, "user_count": {"type": "integer"},
+                            "active_user_count": {"type": "integer"},
+                            "in_bundle": {"type": "boolean", "description": "false: not in the bundle any more, held by manual overrides made before it was dropped"}}}}}
                 })), "400": error_response("Any query parameter: this endpoint takes none")}), &[("409", "No archetype bundle is configured")])
             }},
             "/api/v1/roster/groups": {"get": {

@@ -756,6 +756,20 @@ async fn list_archetypes(
                 "default_cowork_id": a.default_cowork_id,
                 "user_count": users,
                 "active_user_count": active,
+                "in_bundle": true,
+            }));
+        }
+        // Overrides outlive a bundle that drops their archetype; their users must still
+        // add up, and an operator must be able to find them.
+        for (id, users, active) in st.store.archetypes_held_outside(&tenant, &ids)? {
+            out.push(json!({
+                "archetype_id": id,
+                "title": null,
+                "function_focus": [],
+                "default_cowork_id": null,
+                "user_count": users,
+                "active_user_count": active,
+                "in_bundle": false,
             }));
         }
         Ok(Json(json!({

@@ -152,6 +152,30 @@ async fn run_job(
             {
                 tracing::warn!(error = %e, "Cannot record the bundle fingerprint; the next start reclassifies again.");
             }
+            if let Some(p) = &policy {
+                let known: Vec<&str> = p
+                    .bundle()
+                    .archetypes
+                    .iter()
+                    .map(|a| a.id.as_str())
+                    .collect();
+                match state.store.archetypes_held_outside(tenant, &known) {
+                    Ok(orphans) if !orphans.is_empty() => {
+                        let list: Vec<String> = orphans
+                            .iter()
+                            .map(|(id, users, _)| format!("{id} ({users})"))
+                            .collect();
+                        tracing::warn!(
+                            archetypes = %list.join(", "),
+                            "Users hold archetypes the bundle no longer has (manual overrides stand until cleared or replaced); GET /api/v1/roster/archetypes lists them with in_bundle false."
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot check for archetypes outside the bundle.")
+                    }
+                }
+            }
             tracing::info!(
                 users = c.scanned,
                 changed = c.changed,

@@ -161,6 +161,19 @@ fn archetype_op(archetype: &str, (users, active): (u64, u64)) -> Op {
     (archetype_key(archetype), value)
 }
 
+/// Every archetype someone holds, with its user and active-user counts, in id order.
+pub(super) fn read_all_archetypes(tree: &sled::Tree) -> StoreResult<Vec<(String, u64, u64)>> {
+    let prefix = archetype_key("");
+    let mut out = Vec::new();
+    for k in tree.scan_prefix(&prefix).keys() {
+        let k = k?;
+        let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let (users, active) = read_archetype(tree, &id)?;
+        out.push((id, users, active));
+    }
+    Ok(out)
+}
+
 /// How many users hold the archetype, and how many of them are active, as last
 /// committed.
 pub(super) fn read_archetype(tree: &sled::Tree, archetype: &str) -> StoreResult<(u64, u64)> {

@@ -673,6 +673,20 @@ impl Store {
             .collect()
     }
 
+    /// Archetypes held by someone that `known` does not name (a bundle dropped them while
+    /// overrides still point at them), with their user and active-user counts.
+    pub fn archetypes_held_outside(
+        &self,
+        tenant: &str,
+        known: &[&str],
+    ) -> StoreResult<Vec<(String, u64, u64)>> {
+        let t = self.tenant(tenant)?;
+        Ok(super::counts::read_all_archetypes(&t.tree)?
+            .into_iter()
+            .filter(|(id, _, _)| !known.contains(&id.as_str()))
+            .collect())
+    }
+
     /// Up to `limit` ids of the review queue after `after`, in id order.
     pub fn review_queue_after(
         &self,

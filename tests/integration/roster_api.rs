@@ -531,6 +531,58 @@ async fn a_bundle_that_fails_to_reload_is_reported_while_the_old_one_serves() {
 }
 
 #[tokio::test]
+async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "pp@acme.test", "software engineer", None).await;
+    let r = d
+        .roster(
+            Method::PATCH,
+            &format!("/users/{id}"),
+            &admin,
+            Some(json!({"archetype_id": "production_planner"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let without: String = BUNDLE
+        .split_inclusive("[[archetypes]]")
+        .filter(|block| !block.contains("id = \"production_planner\""))
+        .collect::<String>()
+        .replacen("version = \"test-1\"", "version = \"test-2\"", 1);
+    assert!(!without.contains("production_planner"), "{without}");
+    // Each piece ends with the header of the block after it, so dropping one piece
+    // leaves every other block under a header of its own.
+    std::fs::write(d.root.join("bundle.toml"), &without).unwrap();
+    d.reload().await;
+    let b = d.status().await["tenants"][TENANT]["bundle"].clone();
+    assert_eq!(b["version"], "test-2", "{b}");
+    settled(&d).await;
+
+    let u = roster_user(&d, &admin, &id).await;
+    assert_eq!(
+        u["archetype_id"], "production_planner",
+        "the override stands: {u}"
+    );
+    let r = d.roster(Method::GET, "/archetypes", &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list = r.body["archetypes"].as_array().unwrap();
+    let dropped: Vec<&Value> = list
+        .iter()
+        .filter(|a| a["archetype_id"] == "production_planner")
+        .collect();
+    assert_eq!(dropped.len(), 1, "{}", r.body);
+    assert_eq!(dropped[0]["in_bundle"], false);
+    assert_eq!(dropped[0]["user_count"], 1);
+    assert!(
+        list.iter().filter(|a| a["in_bundle"] == true).count() == 5,
+        "{}",
+        r.body
+    );
+    let total: u64 = list.iter().map(|a| a["user_count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 1, "every user counted once: {}", r.body);
+}
+
+#[tokio::test]
 async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
     let d = TestDaemon::start().await;
     let admin = settled(&d).await;
