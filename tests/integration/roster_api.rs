@@ -35,25 +35,36 @@ async fn roster_user(d: &TestDaemon, token: &str, user_id: &str) -> Value {
     r.body
 }
 
+/// Ask `check` every 20 ms until it answers `Some`, for as long as a slow machine
+/// could need (20 s); what the daemon does in the background is awaited this way.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    for _ in 0..1000 {
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{what} never happened");
+}
+
 async fn wait_job(d: &TestDaemon, token: &str, job_id: &str) -> Value {
-    for _ in 0..600 {
+    eventually(&format!("job {job_id} finishing"), || async {
         let r = d
             .roster(Method::GET, &format!("/scim/jobs/{job_id}"), token, None)
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
-        let status = r.body["status"].as_str().unwrap().to_owned();
-        if status == "succeeded" || status == "failed" {
-            return r.body;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("job {job_id} did not finish");
+        matches!(r.body["status"].as_str(), Some("succeeded" | "failed")).then_some(r.body)
+    })
+    .await
 }
 
 /// Wait for the start-up reclassification (a fresh store has no policy fingerprint).
 async fn settled(d: &TestDaemon) -> String {
     let admin = d.jwt(TENANT, "roster:admin");
-    for _ in 0..500 {
+    eventually("the start-up job finishing", || async {
         let r = d
             .roster(
                 Method::PATCH,
@@ -62,12 +73,10 @@ async fn settled(d: &TestDaemon) -> String {
                 Some(json!({"archetype_id": "sales_rep"})),
             )
             .await;
-        if r.status != 409 {
-            return admin;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("start-up job never finished");
+        (r.status != 409).then_some(())
+    })
+    .await;
+    admin
 }
 
 #[tokio::test]
@@ -283,7 +292,7 @@ async fn group_rules_outrank_the_classifier() {
 /// Poll the review queue until `want(ids in it)` holds: a reload's reclassification runs
 /// as a background job.
 async fn review_until(d: &TestDaemon, admin: &str, want: impl Fn(&[String]) -> bool) -> Value {
-    for _ in 0..1000 {
+    eventually("the review queue reaching the expected state", || async {
         let r = d
             .roster(Method::GET, "/review?limit=1000", admin, None)
             .await;
@@ -294,12 +303,9 @@ async fn review_until(d: &TestDaemon, admin: &str, want: impl Fn(&[String]) -> b
             .iter()
             .map(|i| i["scim_id"].as_str().unwrap().to_owned())
             .collect();
-        if want(&ids) {
-            return r.body;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("the review queue never reached the expected state");
+        want(&ids).then_some(r.body)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -476,12 +482,10 @@ async fn the_default_is_named_as_such_and_an_unchanged_decision_is_no_event() {
     let renewed = bundle_moving("web developer");
     std::fs::write(d.root.join("bundle.toml"), &renewed).unwrap();
     d.reload().await;
-    for _ in 0..1000 {
-        if roster_user(&d, &admin, &moved).await["archetype_id"] == "eng_lead" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the moved title reaching eng_lead", || async {
+        (roster_user(&d, &admin, &moved).await["archetype_id"] == "eng_lead").then_some(())
+    })
+    .await;
     settled(&d).await;
     let events = events_of(&d, &admin, &moved).await;
     assert_eq!(events.len(), 2, "{events:?}");
