@@ -638,9 +638,18 @@ impl Credentials {
         Ok(format!("Bearer {token}"))
     }
 
-    /// Forget the cached token (the target answered 401).
-    pub async fn invalidate(&self) {
-        *self.cached.lock().await = None;
+    /// Forget the cached token after the target refused `used` (the `Authorization`
+    /// value that was sent) with a 401, if it is still the cached one: requests run
+    /// side by side, and one refused with the old token must not throw away the token
+    /// another has just fetched.
+    pub async fn invalidate(&self, used: Option<&str>) {
+        let mut cached = self.cached.lock().await;
+        let refused = cached
+            .as_ref()
+            .is_some_and(|(t, _)| used.is_none_or(|u| u == format!("Bearer {t}")));
+        if refused {
+            *cached = None;
+        }
     }
 
     async fn fetch(&self, client: &reqwest::Client) -> Result<(String, Duration), AuthError> {
@@ -713,6 +722,30 @@ fn form_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_401_for_an_old_token_keeps_the_new_one() {
+        let settings = AuthSettings {
+            token_env: None,
+            token_url: Some("http://127.0.0.1:9/token".into()),
+            client_id: Some("c".into()),
+            client_secret_env: Some("S".into()),
+            scope: None,
+        };
+        let creds = Credentials::new(&settings, &|_| Some("s".into())).unwrap();
+        let later = Instant::now() + Duration::from_secs(600);
+        *creds.cached.lock().await = Some(("new".into(), later));
+        creds.invalidate(Some("Bearer old")).await;
+        assert!(
+            creds.cached.lock().await.is_some(),
+            "a stale 401 kept the new token"
+        );
+        creds.invalidate(Some("Bearer new")).await;
+        assert!(
+            creds.cached.lock().await.is_none(),
+            "the refused token is forgotten"
+        );
+    }
 
     fn settings() -> OneRosterSettings {
         toml::from_str(

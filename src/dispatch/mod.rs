@@ -324,8 +324,10 @@ impl Ctx {
                 return Sent::Cancelled;
             }
             attempts += 1;
+            let mut used_auth = None;
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
+                    used_auth = authorization(&headers);
                     let Ok(_slot) = self.slots.acquire().await else {
                         return Sent::Cancelled;
                     };
@@ -357,7 +359,7 @@ impl Ctx {
                         && !refreshed
                     {
                         // An expired or revoked token: fetch a new one and try at once.
-                        credentials.invalidate().await;
+                        credentials.invalidate(used_auth.as_deref()).await;
                         refreshed = true;
                         continue;
                     }
@@ -411,11 +413,12 @@ impl Ctx {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         for _ in 0..3 {
             let headers = self.headers(req).await.ok()?;
+            let used_auth = authorization(&headers);
             match http::send(&self.client, req, headers, timeout).await {
                 Outcome::Delivered { body, .. } => return Some(body),
                 Outcome::Unauthorized { .. } => {
                     if let Target::OneRoster { credentials, .. } = &self.target {
-                        credentials.invalidate().await;
+                        credentials.invalidate(used_auth.as_deref()).await;
                     }
                 }
                 Outcome::Retry { retry_after, .. } => {
@@ -1196,6 +1199,14 @@ async fn stop(r: Running) {
     if let Some(h) = r.handle {
         let _ = h.await;
     }
+}
+
+/// The `Authorization` value among a request's headers, to know which token a 401 refused.
+fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| *k == "authorization")
+        .map(|(_, v)| v.clone())
 }
 
 #[cfg(test)]
