@@ -211,13 +211,25 @@ fn check_config(path: PathBuf) -> Result<()> {
     for t in &config.tenants {
         let started = std::time::Instant::now();
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
-            Ok(Some(p)) => println!(
-                "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
-                t.id,
-                p.bundle().version,
-                p.bundle().archetypes.len(),
-                started.elapsed().as_secs_f64()
-            ),
+            Ok(Some(p)) => {
+                println!(
+                    "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
+                    t.id,
+                    p.bundle().version,
+                    p.bundle().archetypes.len(),
+                    started.elapsed().as_secs_f64()
+                );
+                // Legitimate for an archetype given only by group rule or by hand, but
+                // a forgotten list looks the same.
+                for a in &p.bundle().archetypes {
+                    if a.examples.is_empty() && a.keywords.is_empty() {
+                        println!(
+                            "    note: archetype {} has no examples or keywords; the classifier never picks it, only group rules and overrides can",
+                            a.id
+                        );
+                    }
+                }
+            }
             Ok(None) => println!("tenant {}: no bundle (users get no archetype)", t.id),
             Err(e) => {
                 bad_bundles += 1;

@@ -223,6 +223,21 @@ fn bad_bundles_and_configs_name_the_problem() {
     let (ok, out, err) = check(tenant(fixture, ""));
     assert!(ok, "{err}");
     assert!(out.contains("bundle version test-1"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
+    // An archetype only group rules or overrides can give: fine, but said.
+    let with_manual = dir.path().join("manual.toml");
+    std::fs::write(
+        &with_manual,
+        std::fs::read_to_string(fixture).unwrap()
+            + "\n[[archetypes]]\nid = \"contractor\"\ntitle = \"Contractor\"\nfunction_focus = []\ndefault_cowork_id = \"contractor.v1\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = check(tenant(with_manual.to_str().unwrap(), ""));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("archetype contractor has no examples or keywords"),
+        "{out}"
+    );
     std::fs::create_dir(dir.path().join("connectors")).unwrap();
     std::fs::write(dir.path().join("connectors/bad.toml"), "kind = \"ftp\"\n").unwrap();
     let (ok, _, err) = check(tenant(fixture, "[connectors]\ndir = \"connectors\"\n"));
