@@ -175,6 +175,7 @@ fn main() -> Result<()> {
             let text = read_text(Some(&examples))?;
             let bundle = rosterd::classify::Bundle::from_labeled_csv(text.as_bytes())
                 .with_context(|| format!("while reading {}", examples.display()))?;
+            note_repeated_examples(&bundle);
             print!("{}", bundle.to_toml_string()?);
             Ok(())
         }
@@ -301,6 +302,49 @@ fn read_text(input: Option<&std::path::Path>) -> Result<String> {
         Some(rest) => rest.to_owned(),
         None => text,
     })
+}
+
+/// Tell (on stderr, the bundle goes to stdout) about labeled titles that repeat: the
+/// same title under two archetypes lowers an exact match's confidence, and copies under
+/// one archetype weigh it more in training. Both may be meant; neither should be a
+/// surprise.
+fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
+    let mut seen: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for a in &bundle.archetypes {
+        for e in &a.examples {
+            seen.entry(rosterd::classify::normalize_title(e))
+                .or_default()
+                .push(&a.id);
+        }
+    }
+    let mut conflicting = Vec::new();
+    let mut copies = 0usize;
+    for (title, ids) in &seen {
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        copies += ids.len() - distinct.len();
+        if distinct.len() > 1 {
+            conflicting.push(format!("{title:?} ({})", distinct.join(", ")));
+        }
+    }
+    if !conflicting.is_empty() {
+        eprintln!(
+            "note: {} title(s) are labeled with more than one archetype, e.g. {}; an exact match on them gets a lower confidence",
+            conflicting.len(),
+            conflicting
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    if copies > 0 {
+        eprintln!(
+            "note: {copies} repeated row(s) (the same title under the same archetype) are kept and weigh more in training"
+        );
+    }
 }
 
 /// Column names taken as the job title and the department in a titles CSV.

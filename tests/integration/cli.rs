@@ -143,6 +143,15 @@ fn bundle_from_csv_then_classify_dry_run() {
     );
     assert!(ok, "{err}");
     assert!(toml.contains("sous chef"), "{toml}");
+    assert!(err.is_empty(), "{err}");
+    // Repeats are kept, and said: one title under two labels, one row twice.
+    let (ok, _, err) = rosterd(
+        &["bundle", "from-csv", "-"],
+        Some("archetype_id,title\nchef,head chef\nchef,head chef\nnurse,Head Chef\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("\"head chef\" (chef, nurse)"), "{err}");
+    assert!(err.contains("1 repeated row(s)"), "{err}");
     let (ok, _, err) = rosterd(
         &["bundle", "from-csv", "-"],
         Some("chef,head chef\nnurse,staff nurse\n"),
