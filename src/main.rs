@@ -679,10 +679,12 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 );
             }
             if !b["reload_error"].is_null() {
+                // TOML errors span lines (the line and a caret under it): keep them
+                // indented under their tenant.
                 println!(
-                    "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail: {}",
+                    "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail:\n        {}",
                     str_of(&b["reload_error_at"]),
-                    str_of(&b["reload_error"])
+                    str_of(&b["reload_error"]).replace('\n', "\n        ")
                 );
             }
         }
