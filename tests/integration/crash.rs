@@ -478,6 +478,11 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     assert!(ok, "{out}");
     assert!(out.contains("tenant acme: 1 users (1 active)"), "{out}");
     assert!(
+        out.contains("bundle.toml version test-1 (6 archetypes), loaded "),
+        "{out}"
+    );
+    assert!(!out.contains("NOT reloaded"), "{out}");
+    assert!(
         out.contains("connector sis (oneroster, tenant acme): running"),
         "{out}"
     );
