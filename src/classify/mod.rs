@@ -90,8 +90,9 @@ impl Classification {
 }
 
 /// Logit bonus when the department equals one of an archetype's
-/// department hints: a factor e^2 ≈ 7.4 in odds, enough to settle a vague
-/// title ("Analyst", "Specialist") but not to overturn a clear one.
+/// department hints: a factor e^2 ≈ 7.4 in odds, enough to settle a title the
+/// examples leave open ("Engineer", "Specialist") but not to overturn one they tie
+/// to an archetype (in the demo bundle, "Analyst").
 const HINT_EXACT_BONUS: f32 = 2.0;
 /// Bonus when the hint's words are all in the department or vice versa.
 const HINT_PARTIAL_BONUS: f32 = 1.0;

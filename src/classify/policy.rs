@@ -175,18 +175,17 @@ impl Resolver for TenantPolicy {
             })
             .collect();
         match c.archetype_id {
-            // A title with no word the bundle knows falls back to the default inside the
-            // classifier; that is the default's decision, not the classifier's.
-            Some(a) if c.has_evidence() && (!title.is_empty() || department.is_some()) => {
-                Decision {
-                    archetype_id: Some(a),
-                    confidence: c.confidence,
-                    assigned_by: CLASSIFIER_ACTOR.into(),
-                    source: AssignmentSource::Classifier,
-                    bundle_version: version,
-                    candidates,
-                }
-            }
+            // No title, or none with a word the bundle knows (a department alone is no
+            // evidence), falls back to the default inside the classifier; that is the
+            // default's decision, not the classifier's.
+            Some(a) if c.has_evidence() => Decision {
+                archetype_id: Some(a),
+                confidence: c.confidence,
+                assigned_by: CLASSIFIER_ACTOR.into(),
+                source: AssignmentSource::Classifier,
+                bundle_version: version,
+                candidates,
+            },
             _ => Decision {
                 archetype_id: self.bundle.default_archetype.clone(),
                 confidence: 0.0,

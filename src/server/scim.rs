@@ -1270,12 +1270,46 @@ fn resolve_bulk_ids(v: &mut Value, ids: &HashMap<String, String>) -> ScimResult<
             }
         }
         Value::Object(o) => {
-            for x in o.values_mut() {
-                resolve_bulk_ids(x, ids)?;
+            for (k, x) in o.iter_mut() {
+                match x {
+                    // A PATCH path names members by value inside a filter
+                    // (`members[value eq "bulkId:x"]`); left as it is, the filter would
+                    // match no one and the remove would succeed doing nothing.
+                    Value::String(path) if k.eq_ignore_ascii_case("path") => {
+                        resolve_bulk_ids_in_filter(path, ids)?;
+                    }
+                    _ => resolve_bulk_ids(x, ids)?,
+                }
             }
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// Replace each quoted `"bulkId:x"` inside a PATCH path's filter with the id created
+/// for `x`.
+fn resolve_bulk_ids_in_filter(path: &mut String, ids: &HashMap<String, String>) -> ScimResult<()> {
+    const MARK: &str = "\"bulkId:";
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path.as_str();
+    while let Some(pos) = rest.find(MARK) {
+        let after = &rest[pos + MARK.len()..];
+        let Some(end) = after.find('"') else { break };
+        let key = &after[..end];
+        let id = ids.get(key).ok_or_else(|| {
+            ScimError::invalid_value(format!(
+                "bulkId {key:?} does not name an earlier successful operation"
+            ))
+        })?;
+        out.push_str(&rest[..pos]);
+        out.push('"');
+        out.push_str(id);
+        out.push('"');
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    *path = out;
     Ok(())
 }
 

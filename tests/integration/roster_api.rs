@@ -455,10 +455,11 @@ async fn the_default_is_named_as_such_and_an_unchanged_decision_is_no_event() {
     let d = TestDaemon::start().await;
     let admin = settled(&d).await;
     let sure = create(&d, "sure@acme.test", "software engineer", None).await;
-    // Words the bundle has never seen, and no title at all: the bundle's default decides,
-    // and says so, in the assignment and in its event.
+    // Words the bundle has never seen, and no title at all (a department alone is no
+    // evidence, even one the bundle hints at): the bundle's default decides, and says
+    // so, in the assignment and in its event.
     let unknown = create(&d, "zz@acme.test", "zzqx blorp", None).await;
-    let blank = create(&d, "blank@acme.test", "", None).await;
+    let blank = create(&d, "blank@acme.test", "", Some("Engineering")).await;
     for id in [&unknown, &blank] {
         let u = roster_user(&d, &admin, id).await;
         assert_eq!(u["archetype_id"], "generalist", "{u}");

@@ -45,6 +45,33 @@ async fn bulk_ids_link_operations() {
     assert_eq!(g.body["members"][0]["value"], uid);
     let u = d.get(&format!("/Users/{uid}")).await;
     assert_eq!(u.body["displayName"], "Bulky");
+
+    // A reference inside a PATCH path's filter is resolved too: the remove takes the
+    // member out instead of matching no one; an unknown one fails that operation.
+    let r = d
+        .post(
+            "/Bulk",
+            json!({
+                "schemas": [BULK],
+                "Operations": [
+                    {"method": "POST", "path": "/Users", "bulkId": "u2", "data": user("bulk2@example.com")},
+                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                        {"op": "add", "path": "members", "value": [{"value": "bulkId:u2"}]}]))},
+                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                        {"op": "remove", "path": "members[value eq \"bulkId:u2\"]"}]))},
+                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                        {"op": "remove", "path": "members[value eq \"bulkId:nope\"]"}]))},
+                ],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["201", "200", "200", "400"], "{}", r.body);
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert_eq!(g.body["members"].as_array().unwrap().len(), 1, "{}", g.body);
+    assert_eq!(g.body["members"][0]["value"], uid);
 }
 
 #[tokio::test]
