@@ -366,6 +366,15 @@ impl TestDaemon {
         r.body["id"].as_str().expect("id").to_owned()
     }
 
+    /// POST these operations to /Bulk as one BulkRequest.
+    pub async fn bulk(&self, operations: Value) -> Resp {
+        self.post(
+            "/Bulk",
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": operations}),
+        )
+        .await
+    }
+
     /// Add these users to a group with a SCIM PATCH, which must succeed.
     pub async fn add_members(&self, gid: &str, ids: &[&str]) {
         let value: Vec<Value> = ids.iter().map(|id| json!({"value": id})).collect();

@@ -367,12 +367,7 @@ async fn bulk_people(d: &TestDaemon, n: usize, title: &str) {
         })
         .collect();
     for chunk in ops.chunks(500) {
-        let r = d
-            .post(
-                "/Bulk",
-                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": chunk}),
-            )
-            .await;
+        let r = d.bulk(json!(chunk)).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
 }

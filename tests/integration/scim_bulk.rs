@@ -49,21 +49,15 @@ async fn bulk_ids_link_operations() {
     // A reference inside a PATCH path's filter is resolved too: the remove takes the
     // member out instead of matching no one; an unknown one fails that operation.
     let r = d
-        .post(
-            "/Bulk",
-            json!({
-                "schemas": [BULK],
-                "Operations": [
-                    {"method": "POST", "path": "/Users", "bulkId": "u2", "data": user("bulk2@example.com")},
-                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
-                        {"op": "add", "path": "members", "value": [{"value": "bulkId:u2"}]}]))},
-                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
-                        {"op": "remove", "path": "members[value eq \"bulkId:u2\"]"}]))},
-                    {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
-                        {"op": "remove", "path": "members[value eq \"bulkId:nope\"]"}]))},
-                ],
-            }),
-        )
+        .bulk(json!([
+            {"method": "POST", "path": "/Users", "bulkId": "u2", "data": user("bulk2@example.com")},
+            {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                {"op": "add", "path": "members", "value": [{"value": "bulkId:u2"}]}]))},
+            {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                {"op": "remove", "path": "members[value eq \"bulkId:u2\"]"}]))},
+            {"method": "PATCH", "path": format!("/Groups/{gid}"), "data": patch_op(json!([
+                {"op": "remove", "path": "members[value eq \"bulkId:nope\"]"}]))},
+        ]))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
