@@ -15,7 +15,7 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::classify::TenantPolicy;
@@ -60,7 +60,24 @@ pub enum ApiError {
     #[error("the request body is larger than this daemon accepts (server.max_body_bytes)")]
     PayloadTooLarge,
     #[error("internal error")]
-    Internal(#[from] StoreError),
+    Internal(StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        use crate::store::OverrideRefusal as R;
+        match e {
+            StoreError::OverrideRefused(r) => match r {
+                R::NotInReview(id) => ApiError::NotInReview(id),
+                R::NothingSuggested => ApiError::BadRequest(
+                    "this user has no suggested archetype; send {\"archetype_id\": …}".into(),
+                ),
+                R::UnknownArchetype(a) => ApiError::InvalidArchetype(a),
+                R::JobRunning => ApiError::SyncInProgress,
+            },
+            other => ApiError::Internal(other),
+        }
+    }
 }
 
 impl From<crate::schedule::JobError> for ApiError {
@@ -252,17 +269,6 @@ pub struct RosterState {
     /// Why there is no verifier, told to callers.
     pub disabled: Option<String>,
     pub tenants: HashMap<String, TenantRoster>,
-    /// Tenants with a sync job running: overrides answer 409 meanwhile.
-    pub syncing: Mutex<HashSet<String>>,
-}
-
-impl RosterState {
-    pub fn is_syncing(&self, tenant: &str) -> bool {
-        self.syncing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(tenant)
-    }
 }
 
 /// A verified caller, bound to one tenant.

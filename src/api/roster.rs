@@ -22,8 +22,8 @@ use crate::scim::ResourceKind;
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::server::AppState;
 use crate::store::{
-    Assignment, EventQuery, IdScan, IndexQuery, Job, RecordAssignment, Resource, RosterRecord,
-    Store, StoreResult,
+    Assignment, EventQuery, IdScan, IndexQuery, Job, OverrideChange, OverrideRefusal,
+    OverrideRules, RecordAssignment, Resource, RosterRecord, Store, StoreError, StoreResult,
 };
 
 type St = State<Arc<AppState>>;
@@ -597,6 +597,15 @@ fn assignment_reply(user_name: &str, a: &Assignment) -> Value {
 
 /// Checks shared by every override: the caller may write, the tenant allows overrides,
 /// no sync job is rewriting assignments, and the archetype is in the bundle.
+/// Every override through the API: none while a job holds the tenant (409), checked
+/// again as the write lands. The bundle's archetypes are always checked there.
+const OVERRIDE_RULES: OverrideRules = OverrideRules {
+    only_review_items: false,
+    refuse_during_job: true,
+};
+
+/// Early answers for an override request; the store checks the racy ones (job running,
+/// archetype still in the bundle, user still in review) again as it writes.
 fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> ApiResult<()> {
     caller.require(Scope::Write)?;
     let t = tenant_of(st, caller)?;
@@ -609,7 +618,7 @@ fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> Ap
             return Err(ApiError::InvalidArchetype(a.to_owned()));
         }
     }
-    if st.roster.is_syncing(&caller.tenant) {
+    if st.store.job_running(&caller.tenant) {
         return Err(ApiError::SyncInProgress);
     }
     Ok(())
@@ -648,12 +657,17 @@ async fn patch_user(
     if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
         return Err(ApiError::NoBundle);
     }
+    let change = match archetype {
+        Some(a) => OverrideChange::Set(a),
+        None => OverrideChange::Clear,
+    };
     let a = st
         .store
-        .set_override(
+        .change_override(
             &caller.tenant,
             &user.id,
-            archetype,
+            change,
+            OVERRIDE_RULES,
             &caller.principal.actor(),
         )
         .await?;
@@ -696,10 +710,11 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
             }
             let user = find_user_async(&st, &caller.tenant, user_id).await?;
             st.store
-                .set_override(
+                .change_override(
                     &caller.tenant,
                     &user.id,
-                    Some(archetype.to_owned()),
+                    OverrideChange::Set(archetype.to_owned()),
+                    OVERRIDE_RULES,
                     &caller.principal.actor(),
                 )
                 .await?;
@@ -895,39 +910,36 @@ async fn accept_review(
             archetype_field(&v)?
         }
     };
-    let (user, current) = {
-        let (st, tenant, uid) = (st.clone(), caller.tenant.clone(), user_id.clone());
-        blocking(move || {
-            let u = find_user(&st.store, &tenant, &uid)?;
-            let a = st.store.assignment(&tenant, &u.id)?;
-            Ok((u, a))
-        })
-        .await?
-    };
+    let user = find_user_async(&st, &caller.tenant, &user_id).await?;
+    check_override(&st, &caller, chosen.as_deref())?;
     // Accepting resolves a queue item; a user decided with confidence, or already
-    // resolved (a second click on a stale page), is no item, and an override of them
-    // is a PATCH on purpose rather than a side effect of reviewing.
-    if !current.as_ref().is_some_and(|a| a.needs_review) {
-        return Err(ApiError::NotInReview(user_id));
-    }
-    let archetype = match chosen.or_else(|| current.and_then(|a| a.archetype_id)) {
-        Some(a) => a,
-        None => {
-            return Err(ApiError::BadRequest(
-                "this user has no suggested archetype; send {\"archetype_id\": …}".into(),
-            ));
-        }
+    // resolved (a second click on a stale page, another reviewer first), is no item,
+    // and an override of them is a PATCH on purpose rather than a side effect of
+    // reviewing. The store checks that, and takes the suggestion, as it writes.
+    let change = match chosen {
+        Some(a) => OverrideChange::Set(a),
+        None => OverrideChange::AcceptSuggestion,
     };
-    check_override(&st, &caller, Some(&archetype))?;
+    let rules = OverrideRules {
+        only_review_items: true,
+        ..OVERRIDE_RULES
+    };
     let a = st
         .store
-        .set_override(
+        .change_override(
             &caller.tenant,
             &user.id,
-            Some(archetype),
+            change,
+            rules,
             &caller.principal.actor(),
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            StoreError::OverrideRefused(OverrideRefusal::NotInReview(_)) => {
+                ApiError::NotInReview(user_id.clone())
+            }
+            other => other.into(),
+        })?;
     let name = text(user.doc.get("userName")).unwrap_or_default();
     Ok(Json(assignment_reply(&name, &a)).into_response())
 }

@@ -212,4 +212,8 @@ impl Resolver for TenantPolicy {
     fn bundle_version(&self) -> &str {
         &self.bundle.version
     }
+
+    fn has_archetype(&self, id: &str) -> bool {
+        self.bundle.get(id).is_some()
+    }
 }

@@ -28,12 +28,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.state
-            .roster
-            .syncing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.tenant);
+        self.state.store.end_job(&self.tenant);
     }
 }
 
@@ -80,6 +75,10 @@ async fn start_job(
                 tracing::info!(tenant = %tenant, "The archetype bundle changed while a job ran; reclassifying again.");
                 match claim(&state, &tenant, "bundle_change").await {
                     Ok((job, slot)) => next = Some((job, slot, false)),
+                    // A job someone started meanwhile reclassifies with the new bundle.
+                    Err(JobError::AlreadyRunning(_)) => {
+                        tracing::info!(tenant = %tenant, "Another job took the slot first; it reclassifies with the new bundle.")
+                    }
                     Err(e) => {
                         tracing::error!(tenant = %tenant, error = %e, "Cannot start the reclassification.")
                     }
@@ -92,13 +91,9 @@ async fn start_job(
 
 /// Take the tenant's job slot and record a queued job in it.
 async fn claim(state: &Arc<AppState>, tenant: &str, kind: &str) -> Result<(Job, Slot), JobError> {
-    let inserted = state
-        .roster
-        .syncing
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(tenant.to_owned());
-    if !inserted {
+    // The store holds the flag, under the tenant's write lock, so an override write is
+    // either before the job or refused with 409 (never inside it).
+    if !state.store.claim_job(tenant).await? {
         return Err(JobError::AlreadyRunning(tenant.to_owned()));
     }
     let slot = Slot {

@@ -138,7 +138,6 @@ pub async fn run_with_env(
         verifier,
         disabled: api_disabled,
         tenants,
-        syncing: Default::default(),
     };
 
     // Relative to the config file, like every other path in it.

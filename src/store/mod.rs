@@ -34,7 +34,8 @@ pub(crate) use keys::Index;
 pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
 pub use roster::{
     Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
-    IdScan, Job, JobStatus, ReclassifyCounts, Resolver,
+    IdScan, Job, JobStatus, OverrideChange, OverrideRefusal, OverrideRules, ReclassifyCounts,
+    Resolver,
 };
 
 /// sled's page cache unless configured (`server.cache_mb`).
@@ -65,6 +66,9 @@ pub enum StoreError {
     UnknownSchema { found: u64 },
     #[error("not durable: {0}")]
     NotDurable(String),
+    /// An override the tenant's state refused at the moment it would have been written.
+    #[error(transparent)]
+    OverrideRefused(#[from] roster::OverrideRefusal),
 }
 
 impl From<sled::Error> for StoreError {
@@ -185,6 +189,9 @@ struct Tenant {
     write_lock: Mutex<WriteClock>,
     /// Where SCIM pages start (see `paging.rs`).
     pages: paging::Positions,
+    /// A job (sync, reclassification) holds the tenant. Set under `write_lock`, so a
+    /// write that reads it under the lock is ordered before or after the job's start.
+    job_running: std::sync::atomic::AtomicBool,
 }
 
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
@@ -348,6 +355,8 @@ struct Txn<'a> {
     records: HashMap<String, record::Parts>,
     /// Users and groups that came into being or went away (set by `counter_ops`).
     moves: Vec<paging::Move>,
+    /// A job held the tenant when this write took the lock.
+    job_running: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -370,6 +379,7 @@ impl<'a> Txn<'a> {
             resolver,
             records: HashMap::new(),
             moves: Vec::new(),
+            job_running: false,
         })
     }
 
@@ -1000,12 +1010,40 @@ impl Store {
                 behind: false,
             }),
             pages: paging::Positions::default(),
+            job_running: Default::default(),
         });
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
     }
 
     /// Run a write under the tenant lock, apply it atomically and take a durability ticket.
+    /// Mark the tenant as held by a job; false if one already holds it. Taken under the
+    /// tenant's write lock, so every override write that checks it is ordered before the
+    /// job or refused.
+    pub async fn claim_job(&self, tenant: &str) -> StoreResult<bool> {
+        let t = self.tenant(tenant)?;
+        tokio::task::spawn_blocking(move || {
+            let _lock = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            !t.job_running
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("claim task failed: {e}")))
+    }
+
+    /// The job that held the tenant has ended (its writes are all done).
+    pub fn end_job(&self, tenant: &str) {
+        if let Ok(t) = self.tenant(tenant) {
+            t.job_running
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    pub fn job_running(&self, tenant: &str) -> bool {
+        self.tenant(tenant)
+            .is_ok_and(|t| t.job_running.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     fn write_sync<T>(
         &self,
         tenant: &str,
@@ -1015,6 +1053,7 @@ impl Store {
         let mut last_write = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let stamp = last_write.stamp(tenant, now());
         let mut txn = Txn::new(&t.tree, self.resolver(tenant), stamp)?;
+        txn.job_running = t.job_running.load(std::sync::atomic::Ordering::Acquire);
         let out = f(&mut txn)?;
         if txn.pending.is_empty() && txn.events.is_empty() {
             return Ok((out, None));

@@ -39,6 +39,37 @@ pub struct Decision {
     pub candidates: Vec<Candidate>,
 }
 
+/// What an override write does.
+#[derive(Debug, Clone)]
+pub enum OverrideChange {
+    Set(String),
+    Clear,
+    /// Make the review item's current suggestion an override.
+    AcceptSuggestion,
+}
+
+/// Conditions [`Store::change_override`] checks at the moment of writing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OverrideRules {
+    /// Only a user waiting in the review queue (a review accept).
+    pub only_review_items: bool,
+    /// Not while a job holds the tenant (see [`Store::claim_job`]).
+    pub refuse_during_job: bool,
+}
+
+/// Why an override was refused when it was about to be written.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OverrideRefusal {
+    #[error("{0} is not in the review queue")]
+    NotInReview(String),
+    #[error("this user has no suggested archetype")]
+    NothingSuggested,
+    #[error("archetype {0:?} is not in this tenant's bundle")]
+    UnknownArchetype(String),
+    #[error("a job is running for this tenant")]
+    JobRunning,
+}
+
 /// A user's archetype as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
@@ -101,6 +132,8 @@ pub trait Resolver: Send + Sync {
     fn uses_groups(&self) -> bool;
     /// The bundle version decisions are made with.
     fn bundle_version(&self) -> &str;
+    /// Whether a person may give this archetype (it is in the bundle).
+    fn has_archetype(&self, id: &str) -> bool;
 }
 
 /// One governance event: an audit record of an assignment change.
@@ -503,6 +536,26 @@ impl Store {
         archetype: Option<String>,
         actor: &str,
     ) -> StoreResult<Assignment> {
+        let change = match archetype {
+            Some(a) => OverrideChange::Set(a),
+            None => OverrideChange::Clear,
+        };
+        self.change_override(tenant, id, change, OverrideRules::default(), actor)
+            .await
+    }
+
+    /// Set or clear an override, or accept a review item, under `rules` that are checked
+    /// inside the write, under the tenant's lock: a check made before it (is the user
+    /// still in the queue, is the archetype still in the bundle, is a job running) could
+    /// be stale by the time the write lands.
+    pub async fn change_override(
+        &self,
+        tenant: &str,
+        id: &str,
+        change: OverrideChange,
+        rules: OverrideRules,
+        actor: &str,
+    ) -> StoreResult<Assignment> {
         let id = id.to_owned();
         let actor = actor.to_owned();
         self.write(tenant, move |txn| {
@@ -512,7 +565,28 @@ impl Store {
                     kind: ResourceKind::User,
                     id: id.clone(),
                 })?;
+            if rules.refuse_during_job && txn.job_running {
+                return Err(OverrideRefusal::JobRunning.into());
+            }
             let current = txn.load_assignment(&id)?;
+            if rules.only_review_items && !current.as_ref().is_some_and(|c| c.needs_review) {
+                return Err(OverrideRefusal::NotInReview(id.clone()).into());
+            }
+            let archetype = match change {
+                OverrideChange::Set(a) => Some(a),
+                OverrideChange::Clear => None,
+                OverrideChange::AcceptSuggestion => {
+                    match current.as_ref().and_then(|c| c.archetype_id.clone()) {
+                        Some(a) => Some(a),
+                        None => return Err(OverrideRefusal::NothingSuggested.into()),
+                    }
+                }
+            };
+            if let Some(a) = &archetype
+                && txn.resolver.as_ref().is_some_and(|r| !r.has_archetype(a))
+            {
+                return Err(OverrideRefusal::UnknownArchetype(a.clone()).into());
+            }
             let stored = match archetype {
                 Some(a) => {
                     let version = txn
@@ -1078,6 +1152,90 @@ mod tests {
             store.governance_events("t", &q).unwrap(),
             expected(&store, &q)
         );
+    }
+
+    #[tokio::test]
+    async fn override_rules_are_checked_as_the_write_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        store.set_resolver("t", Arc::new(Doubtful));
+        let sure = create_user(&store, user("sure", "sure", true)).await;
+        let unsure = create_user(&store, user("unsure", "unsure", true)).await;
+        let review = OverrideRules {
+            only_review_items: true,
+            refuse_during_job: true,
+        };
+        let refused = |r: StoreResult<Assignment>| match r {
+            Err(StoreError::OverrideRefused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let accept = |id: String| {
+            let store = &store;
+            async move {
+                store
+                    .change_override(
+                        "t",
+                        &id,
+                        OverrideChange::AcceptSuggestion,
+                        review,
+                        "user:rev",
+                    )
+                    .await
+            }
+        };
+
+        // Only a review item can be accepted, and accepting takes its suggestion.
+        assert!(matches!(
+            refused(accept(sure.clone()).await),
+            OverrideRefusal::NotInReview(_)
+        ));
+        let a = accept(unsure.clone()).await.unwrap();
+        assert_eq!(
+            (a.archetype_id.as_deref(), a.source),
+            (Some("x"), AssignmentSource::Override)
+        );
+        // A second reviewer finds it resolved.
+        assert!(matches!(
+            refused(accept(unsure.clone()).await),
+            OverrideRefusal::NotInReview(_)
+        ));
+
+        // An archetype the bundle no longer has.
+        let set = |a: &str| {
+            store.change_override(
+                "t",
+                &sure,
+                OverrideChange::Set(a.to_owned()),
+                OverrideRules::default(),
+                "user:admin",
+            )
+        };
+        assert!(matches!(
+            refused(set("retired").await),
+            OverrideRefusal::UnknownArchetype(a) if a == "retired"
+        ));
+
+        // While a job holds the tenant, and again once it has ended.
+        assert!(store.claim_job("t").await.unwrap());
+        assert!(!store.claim_job("t").await.unwrap(), "one job at a time");
+        let during = store
+            .change_override(
+                "t",
+                &sure,
+                OverrideChange::Set("y".into()),
+                review,
+                "user:admin",
+            )
+            .await;
+        assert!(matches!(refused(during), OverrideRefusal::JobRunning));
+        // Unless the caller does not mind (the rules are the caller's).
+        assert!(set("y").await.is_ok());
+        store.end_job("t");
+        assert!(!store.job_running("t"));
+        let events = store
+            .governance_events("t", &query(Some(&sure), None, 0, 100))
+            .unwrap();
+        assert_eq!(events.len(), 2, "the refusals wrote nothing: {events:?}");
     }
 
     #[tokio::test]

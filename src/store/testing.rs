@@ -29,6 +29,10 @@ impl Resolver for Doubtful {
     fn bundle_version(&self) -> &str {
         "v"
     }
+    /// Every archetype but "retired", which a bundle has dropped.
+    fn has_archetype(&self, id: &str) -> bool {
+        id != "retired"
+    }
 }
 
 pub(super) fn user(name: &str, title: &str, active: bool) -> Value {
