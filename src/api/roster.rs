@@ -459,15 +459,33 @@ impl UserFilter {
         after: Option<&str>,
         mut f: impl FnMut(&str, &RosterRecord<'_>, Option<&[String]>) -> StoreResult<bool>,
     ) -> StoreResult<()> {
+        let mut visit = |id: &str| -> StoreResult<bool> {
+            let Some(bytes) = store.roster_record(tenant, id)? else {
+                return Ok(true);
+            };
+            let rec = bytes.record()?;
+            Ok(!self.matches(store, tenant, id, &rec)? || f(id, &rec, None)?)
+        };
         match self.index() {
+            Some(IdScan::Email(e)) => {
+                // A user without emails shows a userName that is an address as their
+                // email, which the emails index does not hold: look both up.
+                let mut ids = store.lookup(tenant, &IndexQuery::Email(e.clone()))?;
+                ids.extend(store.lookup(tenant, &IndexQuery::UserName(e))?);
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids
+                    .iter()
+                    .filter(|id| after.is_none_or(|a| id.as_str() > a))
+                {
+                    if !visit(id)? {
+                        break;
+                    }
+                }
+            }
             Some(scan) => {
                 for id in store.scan_ids(tenant, &scan, after)? {
-                    let id = id?;
-                    let Some(bytes) = store.roster_record(tenant, &id)? else {
-                        continue;
-                    };
-                    let rec = bytes.record()?;
-                    if self.matches(store, tenant, &id, &rec)? && !f(&id, &rec, None)? {
+                    if !visit(&id?)? {
                         break;
                     }
                 }

@@ -99,15 +99,23 @@ impl<'a> UserFields<'a> {
             .and_then(Value::as_array)
             .map(|a| a.iter().collect())
             .unwrap_or_default();
-        let shown = emails
+        // The primary address, else a work one (`type` is not case-exact: Entra sends
+        // "Work"), else the first; an entry with an empty value is no address.
+        let usable: Vec<usize> = (0..emails.len())
+            .filter(|&i| text(emails[i].get("value")).is_some())
+            .collect();
+        let is_work = |i: &usize| {
+            emails[*i]
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.eq_ignore_ascii_case("work"))
+        };
+        let shown = usable
             .iter()
-            .position(|e| e.get("primary") == Some(&Value::Bool(true)))
-            .or_else(|| {
-                emails
-                    .iter()
-                    .position(|e| e.get("type").and_then(Value::as_str) == Some("work"))
-            })
-            .or(if emails.is_empty() { None } else { Some(0) });
+            .copied()
+            .find(|&i| emails[i].get("primary") == Some(&Value::Bool(true)))
+            .or_else(|| usable.iter().copied().find(is_work))
+            .or_else(|| usable.first().copied());
         let email = shown
             .and_then(|i| text(emails[i].get("value")))
             .or_else(|| Some(user_name).filter(|u| u.contains('@')));
@@ -360,6 +368,33 @@ mod tests {
     use super::super::{SCHEMA_VERSION, SCHEMA_VERSION_KEY, Store, Update};
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_shown_email_is_primary_then_work_then_first_then_the_user_name() {
+        let shown = |emails: Value| {
+            let d = json!({"userName": "u@x.test", "emails": emails});
+            UserFields::new(&d).email.map(str::to_owned)
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            shown(
+                json!([{"value": "h@x.test", "type": "home"}, {"value": "w@x.test", "type": "Work"}])
+            ),
+            some("w@x.test")
+        );
+        assert_eq!(
+            shown(
+                json!([{"value": "", "type": "work", "primary": true}, {"value": "h@x.test", "type": "home"}])
+            ),
+            some("h@x.test")
+        );
+        assert_eq!(
+            shown(json!([{"value": "h@x.test"}, {"value": "p@x.test", "primary": true}])),
+            some("p@x.test")
+        );
+        assert_eq!(shown(json!([{"value": ""}])), some("u@x.test"));
+        assert_eq!(shown(json!(null)), some("u@x.test"));
+    }
 
     fn doc(title: &str) -> Value {
         json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],

@@ -902,6 +902,18 @@ async fn listing_filters_and_pages() {
         names(&list("?email=FIN@acme.test").await),
         ["user:fin@acme.test"]
     );
+    // Without emails, the userName is the address the roster shows, and finds.
+    let r = d
+        .post(
+            "/Users",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                   "userName": "NoMail@acme.test", "active": false}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let found = list("?email=nomail@acme.test&active=any").await;
+    assert_eq!(names(&found), ["user:NoMail@acme.test"]);
+    assert_eq!(found["users"][0]["email"], "NoMail@acme.test");
     assert_eq!(
         names(&list("?manager_user_id=user:boss@acme.test").await).len(),
         6
