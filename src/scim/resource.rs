@@ -242,7 +242,20 @@ fn normalize_complex(
         // Entra sends `manager` as a bare id and `roles` entries as JSON-encoded strings.
         Value::String(s) => match serde_json::from_str::<Value>(&s) {
             Ok(Value::Object(o)) if s.trim_start().starts_with('{') => o,
-            _ => Map::from_iter([("value".to_owned(), Value::String(s))]),
+            // Only an attribute with a `value` can take a bare string as its value;
+            // `name` has none, and "Ada Lovelace" would otherwise vanish with a 201.
+            _ if def
+                .sub_attributes
+                .iter()
+                .any(|sub| sub.name.eq_ignore_ascii_case("value")) =>
+            {
+                Map::from_iter([("value".to_owned(), Value::String(s))])
+            }
+            _ => {
+                return Err(ScimError::invalid_value(format!(
+                    "{path}: expected an object, got the string {s:?}"
+                )));
+            }
         },
         other => {
             return Err(ScimError::invalid_value(format!(

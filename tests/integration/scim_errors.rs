@@ -29,6 +29,19 @@ async fn malformed_input_gets_scim_errors() {
     let wrong_type = d.post("/Users", json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "t@x", "active": "maybe"})).await;
     assert_eq!(wrong_type.status, 400, "{}", wrong_type.body);
     assert_eq!(wrong_type.body["scimType"], "invalidValue");
+    // A complex attribute without a `value` cannot take a bare string (Entra's bare
+    // manager id still works: manager has a `value`).
+    let name_string = d.post("/Users", json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "n@x", "name": "Ada Lovelace"})).await;
+    assert_eq!(name_string.status, 400, "{}", name_string.body);
+    assert_eq!(name_string.body["scimType"], "invalidValue");
+    assert!(
+        name_string.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("name: expected an object"),
+        "{}",
+        name_string.body
+    );
 
     let id = d.create_user("errs@example.com").await;
     let p = format!("/Users/{id}");
