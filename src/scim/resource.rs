@@ -18,6 +18,65 @@ pub struct Normalized {
     pub ignored: Vec<String>,
 }
 
+/// The multi-valued attributes of a stored document whose values are objects (emails,
+/// phoneNumbers, addresses, …): where `primary` lives.
+fn valued_lists(doc: &Value) -> impl Iterator<Item = (&String, &Vec<Value>)> {
+    doc.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k, v.as_array()?)))
+        .filter(|(_, a)| a.iter().all(Value::is_object))
+}
+
+fn is_primary(v: &Value) -> bool {
+    v.get("primary") == Some(&Value::Bool(true))
+}
+
+/// "The primary attribute value 'true' MUST appear no more than once" (RFC 7643 §2.4):
+/// a created or replaced resource with two primaries is refused, since which one the
+/// client meant cannot be known.
+pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
+    for (k, values) in valued_lists(doc) {
+        if values.iter().filter(|v| is_primary(v)).count() > 1 {
+            return Err(ScimError::invalid_value(format!(
+                "{k}: \"primary\": true on more than one value; at most one may be primary"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// After a PATCH made a value primary, the others stop being primary, as RFC 7644
+/// §3.5.2 asks of the server: the values that are primary and new or changed by the
+/// PATCH win over those that already were.
+pub fn settle_primaries(before: &Value, after: &mut Value) {
+    let keys: Vec<String> = valued_lists(after)
+        .filter(|(_, values)| values.iter().filter(|v| is_primary(v)).count() > 1)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in keys {
+        let old: Vec<Value> = before
+            .get(&k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let Some(values) = after.get_mut(&k).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        let Some(keep) = values
+            .iter()
+            .rposition(|v| is_primary(v) && !old.contains(v))
+        else {
+            continue;
+        };
+        for (i, v) in values.iter_mut().enumerate() {
+            if i != keep && is_primary(v) {
+                v["primary"] = Value::Bool(false);
+            }
+        }
+    }
+}
+
 /// Turn a client's document into the stored form. Read-only attributes (`id`, `meta`,
 /// `groups`, …) are dropped: the server owns them. Attributes no schema defines are
 /// dropped and reported in `ignored`, so the caller can log them. Values of the wrong type
@@ -514,6 +573,36 @@ fn keep_subs(value: &Value, subs: &[&str], keep: bool) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_value_stays_primary() {
+        use serde_json::json;
+        let two = json!({"emails": [{"value": "a@x", "primary": true}, {"value": "b@x", "primary": true}]});
+        assert!(super::one_primary_each(&two).is_err());
+        assert!(
+            super::one_primary_each(&json!({"emails": [{"value": "a@x", "primary": true}]}))
+                .is_ok()
+        );
+
+        let before = json!({"emails": [{"value": "old@x", "primary": true, "type": "work"}]});
+        // A new primary added, as Okta and Entra do: the old one steps down.
+        let mut after = json!({"emails": [{"value": "old@x", "primary": true, "type": "work"},
+                                          {"value": "new@x", "primary": true, "type": "home"}]});
+        super::settle_primaries(&before, &mut after);
+        assert_eq!(after["emails"][0]["primary"], false);
+        assert_eq!(after["emails"][1]["primary"], true);
+        // An existing value made primary by a filtered replace.
+        let before = json!({"emails": [{"value": "a@x", "primary": true}, {"value": "b@x"}]});
+        let mut after = json!({"emails": [{"value": "a@x", "primary": true}, {"value": "b@x", "primary": true}]});
+        super::settle_primaries(&before, &mut after);
+        assert_eq!(
+            (
+                &after["emails"][0]["primary"],
+                &after["emails"][1]["primary"]
+            ),
+            (&json!(false), &json!(true))
+        );
+    }
+
     use super::*;
     use crate::scim::error::ScimType;
     use crate::scim::filter::parse_attr_list;

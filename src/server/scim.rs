@@ -19,7 +19,9 @@ use super::auth::AuthOutcome;
 use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
 use crate::scim::patch::{MemberOp, MemberRef, apply, parse_patch_request, split_member_ops};
-use crate::scim::resource::{check_immutable, normalize_input, project};
+use crate::scim::resource::{
+    check_immutable, normalize_input, one_primary_each, project, settle_primaries,
+};
 use crate::scim::schema::{
     self, ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA, ResourceKind, USER_SCHEMA, lookup,
 };
@@ -424,6 +426,7 @@ async fn op_create(
     body: Value,
 ) -> ScimResult<Reply> {
     let mut doc = normalize(kind, body)?;
+    one_primary_each(&doc)?;
     let members = take_members(kind, &mut doc)?.unwrap_or_default();
     let res = state
         .store
@@ -457,6 +460,7 @@ async fn op_replace(
         )));
     }
     let mut doc = normalize(kind, body)?;
+    one_primary_each(&doc)?;
     // PUT replaces the whole resource, members included (a diff is applied in the store).
     let members = take_members(kind, &mut doc)?.unwrap_or_default();
     let res = state
@@ -505,6 +509,7 @@ async fn op_patch(
             let mut doc = old.clone();
             apply(kind, &mut doc, &doc_ops)?;
             let mut doc = normalize(kind, doc)?;
+            settle_primaries(old, &mut doc);
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
                 obj.remove("groups");

@@ -211,3 +211,62 @@ async fn password_is_accepted_but_never_returned() {
     let g = d.get(&format!("/Users/{id}?attributes=password")).await;
     assert!(g.body.get("password").is_none());
 }
+
+#[tokio::test]
+async fn at_most_one_email_is_primary() {
+    let d = TestDaemon::start().await;
+    let mut body = user("prim@example.com");
+    body["emails"] = json!([
+        {"value": "a@example.com", "primary": true},
+        {"value": "b@example.com", "primary": "True"}
+    ]);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidValue");
+
+    let mut body = user("prim@example.com");
+    body["emails"] = json!([{"value": "old@example.com", "type": "work", "primary": true}]);
+    let id = d.post("/Users", body).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A new primary address: the old one steps down, and the roster shows the new one.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "add", "path": "emails",
+                "value": [{"value": "new@example.com", "type": "home", "primary": true}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let primaries: Vec<&str> = r.body["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["primary"] == true)
+        .map(|e| e["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(primaries, ["new@example.com"], "{}", r.body);
+    let admin = d.jwt(TENANT, "roster:read");
+    let u = d
+        .roster(Method::GET, &format!("/users/{id}"), &admin, None)
+        .await;
+    assert_eq!(u.body["email"], "new@example.com", "{}", u.body);
+    // And back by a filtered replace.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace",
+                "path": "emails[value eq \"old@example.com\"].primary", "value": true}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let primaries: Vec<&str> = r.body["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["primary"] == true)
+        .map(|e| e["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(primaries, ["old@example.com"], "{}", r.body);
+}
