@@ -212,6 +212,17 @@ async fn password_is_accepted_but_never_returned() {
     assert!(g.body.get("password").is_none());
 }
 
+/// The addresses of a user document marked primary.
+fn primaries(user: &serde_json::Value) -> Vec<String> {
+    user["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["primary"] == true)
+        .map(|e| e["value"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn at_most_one_email_is_primary() {
     let d = TestDaemon::start().await;
@@ -239,14 +250,7 @@ async fn at_most_one_email_is_primary() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let primaries: Vec<&str> = r.body["emails"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["primary"] == true)
-        .map(|e| e["value"].as_str().unwrap())
-        .collect();
-    assert_eq!(primaries, ["new@example.com"], "{}", r.body);
+    assert_eq!(primaries(&r.body), ["new@example.com"], "{}", r.body);
     let admin = d.jwt(TENANT, "roster:read");
     let u = d
         .roster(Method::GET, &format!("/users/{id}"), &admin, None)
@@ -261,12 +265,5 @@ async fn at_most_one_email_is_primary() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let primaries: Vec<&str> = r.body["emails"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["primary"] == true)
-        .map(|e| e["value"].as_str().unwrap())
-        .collect();
-    assert_eq!(primaries, ["old@example.com"], "{}", r.body);
+    assert_eq!(primaries(&r.body), ["old@example.com"], "{}", r.body);
 }
