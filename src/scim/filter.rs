@@ -415,14 +415,30 @@ impl Parser {
                     }
                     self.pos += 1;
                     let inner = self.or_expr(true)?;
-                    return match self.next() {
-                        Some(Tok::RBracket) => Ok(Filter::ValuePath {
-                            path,
-                            filter: Box::new(inner),
-                        }),
-                        Some(t) => self.fail(format!("expected \"]\", found {t}")),
-                        None => self.fail("missing \"]\""),
+                    match self.next() {
+                        Some(Tok::RBracket) => {}
+                        Some(t) => return self.fail(format!("expected \"]\", found {t}")),
+                        None => return self.fail("missing \"]\""),
+                    }
+                    // `emails[type eq "work"].value eq "x"`: outside RFC 7644's grammar,
+                    // but Entra matches users with it. It means an element that passes
+                    // the value filter and whose sub-attribute passes the comparison.
+                    let sub = match self.peek() {
+                        Some(Tok::DotWord(sub)) => Some(sub.clone()),
+                        _ => None,
                     };
+                    let inner = match sub {
+                        Some(sub) => {
+                            self.pos += 1;
+                            let sub_path = parse_attr_path(&sub, self.err)?;
+                            Filter::And(Box::new(inner), Box::new(self.comparison(sub_path)?))
+                        }
+                        None => inner,
+                    };
+                    return Ok(Filter::ValuePath {
+                        path,
+                        filter: Box::new(inner),
+                    });
                 }
                 self.comparison(path)
             }
@@ -887,6 +903,14 @@ mod tests {
         assert!(m(r#"emails[type eq "home"] and userName sw "bj""#));
         assert!(m(r#"emails.type eq "home""#));
         assert!(m(r#"emails[not (type eq "work")]"#));
+        // Entra's matching filter: a sub-attribute compared after the value filter.
+        assert!(m(
+            r#"emails[type eq "work"].value eq "bjensen@example.com""#
+        ));
+        assert!(!m(
+            r#"emails[type eq "home"].value eq "bjensen@example.com""#
+        ));
+        assert!(m(r#"emails[type eq "work"].value pr and userName sw "bj""#));
     }
 
     #[test]

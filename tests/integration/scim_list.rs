@@ -72,6 +72,14 @@ async fn filters_cover_the_grammar() {
             vec!["cat@corp.test", "dan@corp.test"],
         ),
         (
+            "emails[type eq \"home\"].value eq \"home-dan@corp.test\"",
+            vec!["dan@corp.test"],
+        ),
+        (
+            "emails[type eq \"work\"].value eq \"home-dan@corp.test\"",
+            vec![],
+        ),
+        (
             "userName sw \"a\" or userName ew \"corp.test\"",
             vec!["ann@example.com", "cat@corp.test", "dan@corp.test"],
         ),
