@@ -23,7 +23,8 @@ use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::server::AppState;
 use crate::store::{
     Assignment, EventQuery, IdScan, IndexQuery, Job, OverrideChange, OverrideRefusal,
-    OverrideRules, RecordAssignment, Resource, RosterRecord, Store, StoreError, StoreResult,
+    OverrideRules, RecordAssignment, Resolver, Resource, RosterRecord, Store, StoreError,
+    StoreResult,
 };
 
 type St = State<Arc<AppState>>;

@@ -100,10 +100,6 @@ impl TenantPolicy {
         &self.classifier
     }
 
-    pub fn has_archetype(&self, id: &str) -> bool {
-        self.bundle.get(id).is_some()
-    }
-
     pub fn review_threshold_value(&self) -> f64 {
         self.threshold
     }

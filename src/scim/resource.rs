@@ -32,12 +32,16 @@ fn is_primary(v: &Value) -> bool {
     v.get("primary") == Some(&Value::Bool(true))
 }
 
+fn several_primaries(values: &[Value]) -> bool {
+    values.iter().filter(|v| is_primary(v)).count() > 1
+}
+
 /// "The primary attribute value 'true' MUST appear no more than once" (RFC 7643 §2.4):
 /// a created or replaced resource with two primaries is refused, since which one the
 /// client meant cannot be known.
 pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
     for (k, values) in valued_lists(doc) {
-        if values.iter().filter(|v| is_primary(v)).count() > 1 {
+        if several_primaries(values) {
             return Err(ScimError::invalid_value(format!(
                 "{k}: \"primary\": true on more than one value; at most one may be primary"
             )));
@@ -51,7 +55,7 @@ pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
 /// PATCH win over those that already were.
 pub fn settle_primaries(before: &Value, after: &mut Value) {
     let keys: Vec<String> = valued_lists(after)
-        .filter(|(_, values)| values.iter().filter(|v| is_primary(v)).count() > 1)
+        .filter(|(_, values)| several_primaries(values))
         .map(|(k, _)| k.clone())
         .collect();
     for k in keys {

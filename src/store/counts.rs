@@ -165,10 +165,10 @@ fn archetype_op(archetype: &str, (users, active): (u64, u64)) -> Op {
 pub(super) fn read_all_archetypes(tree: &sled::Tree) -> StoreResult<Vec<(String, u64, u64)>> {
     let prefix = archetype_key("");
     let mut out = Vec::new();
-    for k in tree.scan_prefix(&prefix).keys() {
-        let k = k?;
+    for kv in tree.scan_prefix(&prefix) {
+        let (k, v) = kv?;
         let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-        let (users, active) = read_archetype(tree, &id)?;
+        let (users, active) = decode_archetype(&v)?;
         out.push((id, users, active));
     }
     Ok(out)
@@ -177,9 +177,13 @@ pub(super) fn read_all_archetypes(tree: &sled::Tree) -> StoreResult<Vec<(String,
 /// How many users hold the archetype, and how many of them are active, as last
 /// committed.
 pub(super) fn read_archetype(tree: &sled::Tree, archetype: &str) -> StoreResult<(u64, u64)> {
-    let Some(v) = tree.get(archetype_key(archetype))? else {
-        return Ok((0, 0));
-    };
+    match tree.get(archetype_key(archetype))? {
+        Some(v) => decode_archetype(&v),
+        None => Ok((0, 0)),
+    }
+}
+
+fn decode_archetype(v: &[u8]) -> StoreResult<(u64, u64)> {
     if v.len() != 16 {
         return Err(StoreError::Corrupt("unreadable archetype counter".into()));
     }
@@ -246,15 +250,10 @@ mod tests {
     }
 
     fn archetype_counters(tree: &sled::Tree) -> Tally<u64> {
-        let prefix = archetype_key("");
-        tree.scan_prefix(&prefix)
-            .keys()
-            .map(|k| {
-                let k = k.unwrap();
-                let a = String::from_utf8(k[prefix.len()..].to_vec()).unwrap();
-                let pair = read_archetype(tree, &a).unwrap();
-                (a, pair)
-            })
+        read_all_archetypes(tree)
+            .unwrap()
+            .into_iter()
+            .map(|(a, users, active)| (a, (users, active)))
             .collect()
     }
 

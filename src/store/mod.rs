@@ -1016,7 +1016,6 @@ impl Store {
         Ok(t)
     }
 
-    /// Run a write under the tenant lock, apply it atomically and take a durability ticket.
     /// Mark the tenant as held by a job; false if one already holds it. Taken under the
     /// tenant's write lock, so every override write that checks it is ordered before the
     /// job or refused.
@@ -1044,6 +1043,7 @@ impl Store {
             .is_ok_and(|t| t.job_running.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// Run a write under the tenant lock, apply it atomically and take a durability ticket.
     fn write_sync<T>(
         &self,
         tenant: &str,
