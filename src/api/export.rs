@@ -34,11 +34,26 @@ const CHUNK: usize = 64 * 1024;
 
 /// A cell that a spreadsheet would run as a formula gets a leading `'` (OWASP CSV
 /// injection advice): identity data is attacker-influenced, exports are opened in Excel.
+/// Leading spaces are looked through, and the fullwidth signs too, because importers
+/// that trim cells or fold fullwidth forms (LibreOffice, some BI loaders) would still
+/// see a formula there.
 pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
-    match cell.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+    if cell.starts_with(['\t', '\r']) {
+        return format!("'{cell}").into();
+    }
+    match cell.trim_start().chars().next() {
+        Some('=' | '+' | '-' | '@' | '\u{FF1D}' | '\u{FF0B}' | '\u{FF0D}' | '\u{FF20}') => {
+            format!("'{cell}").into()
+        }
         _ => cell.into(),
     }
+}
+
+/// A confidence cut (not rounded) to three places, as the CSV shows it: rounding would
+/// print 0.6996, which is under the review threshold, as 0.700. The nudge keeps values
+/// such as 0.29, whose binary form is a hair under, from dropping a thousandth.
+fn three_places_down(c: f64) -> f64 {
+    (c * 1000.0 + 1e-9).floor() / 1000.0
 }
 
 /// The csv writer's sink: shared so full chunks can be taken out while it keeps writing.
@@ -93,11 +108,18 @@ fn write_rows<W: std::io::Write>(
             Some(mid) => renderer.manager_name(mid)?,
             None => None,
         };
-        let groups = renderer.group_names(id, groups)?.join(",");
+        // Group ids, as roster-api.txt's example has them: a display name may repeat or
+        // hold a comma, an id does neither, so the cell splits back into the groups.
+        let mut groups = match groups {
+            Some(g) => g.to_vec(),
+            None => store.groups_of(tenant, id)?,
+        };
+        groups.sort();
+        let groups = groups.join(",");
         confidence.clear();
         if let Some(c) = rec.confidence() {
             use std::fmt::Write;
-            let _ = write!(confidence, "{c:.3}");
+            let _ = write!(confidence, "{:.3}", three_places_down(c));
         }
         let cells = [
             rec.user.email,
@@ -222,12 +244,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn confidence_is_cut_not_rounded() {
+        let shown = |c: f64| format!("{:.3}", three_places_down(c));
+        assert_eq!(shown(0.6996), "0.699");
+        assert_eq!(shown(0.7), "0.700");
+        assert_eq!(shown(0.29), "0.290");
+        assert_eq!(shown(0.992), "0.992");
+        assert_eq!(shown(1.0), "1.000");
+        assert_eq!(shown(0.0), "0.000");
+    }
+
+    #[test]
     fn formula_cells_are_neutralized() {
         assert_eq!(neutralize("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
         assert_eq!(neutralize("+1"), "'+1");
         assert_eq!(neutralize("-2"), "'-2");
         assert_eq!(neutralize("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(neutralize("  =1+1"), "'  =1+1");
+        assert_eq!(neutralize("\u{a0}@x"), "'\u{a0}@x");
+        assert_eq!(neutralize("\u{FF1D}1+1"), "'\u{FF1D}1+1");
+        assert_eq!(neutralize("\u{FF0D}2"), "'\u{FF0D}2");
+        assert_eq!(neutralize("\tx"), "'\tx");
         assert_eq!(neutralize("Engineer"), "Engineer");
+        assert_eq!(neutralize("  Engineer"), "  Engineer");
+        assert_eq!(neutralize("R&D - Labs"), "R&D - Labs");
         assert_eq!(neutralize(""), "");
     }
 }

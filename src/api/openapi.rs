@@ -209,9 +209,12 @@ pub fn openapi_document() -> Value {
                         "next_cursor": {"type": ["string", "null"]},
                         "items": {"type": "array", "items": {"type": "object", "properties": {
                             "user_id": {"type": "string"}, "scim_id": {"type": "string"},
+                            "email": {"type": ["string", "null"]},
                             "job_title": {"type": ["string", "null"]}, "department": {"type": ["string", "null"]},
+                            "is_active": {"type": "boolean"},
                             "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": "number"},
-                            "assigned_by": {"type": "string"},
+                            "archetype_assigned_by": {"type": "string"},
+                            "archetype_assigned_at": {"type": "string", "format": "date-time"},
                             "candidates": {"type": "array", "items": {"type": "object", "properties": {
                                 "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}}}}
                 })), "400": error_response("Bad paging parameter")}), &[])
@@ -243,7 +246,9 @@ pub fn openapi_document() -> Value {
                         "type": "object", "properties": {
                             "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
                             "kind": {"type": "string"}, "user_id": {"type": "string"}, "scim_id": {"type": "string"},
-                            "actor": {"type": "string"}, "before": {}, "after": {}}}}}
+                            "actor": {"type": "string"},
+                            "before": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]},
+                            "after": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]}}}}}
                 })), "400": error_response("Bad parameter")}), &[("404", "user_id names no user")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
@@ -325,8 +330,14 @@ pub fn openapi_document() -> Value {
                     "archetype_assigned_by": {"type": ["string", "null"]},
                     "archetype_assigned_at": {"type": ["string", "null"], "format": "date-time"},
                     "is_active": {"type": "boolean"}, "scim_external_id": {"type": ["string", "null"]},
-                    "groups": {"type": "array", "items": {"type": "string"}, "description": "Display names"},
-                    "group_ids": {"type": "array", "items": {"type": "string"}, "description": "The same groups by group_id"}}},
+                    "groups": {"type": "array", "items": {"type": "string"}, "description": "The user's groups by group_id (as GET /groups lists them), sorted"},
+                    "group_names": {"type": "array", "items": {"type": "string"}, "description": "The display names of groups, in the same order"}}},
+                "AssignmentState": {"type": "object", "properties": {
+                    "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": "number"},
+                    "archetype_assigned_by": {"type": "string"},
+                    "archetype_assigned_at": {"type": "string", "format": "date-time"},
+                    "source": {"type": "string", "enum": ["override", "group", "classifier", "default", "unassigned"]},
+                    "bundle_version": {"type": "string"}, "needs_review": {"type": "boolean"}}},
                 "AssignmentResult": {"type": "object", "properties": {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
                     "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},

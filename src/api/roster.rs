@@ -19,10 +19,9 @@ use std::sync::Arc;
 use super::jwt::Scope;
 use super::{ApiError, ApiResult, Caller, TenantRoster, authenticate};
 use crate::scim::ResourceKind;
-use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::server::AppState;
 use crate::store::{
-    Assignment, EventQuery, IdScan, IndexQuery, Job, OverrideChange, OverrideRefusal,
+    Assignment, EVENT_KINDS, EventQuery, IdScan, IndexQuery, Job, OverrideChange, OverrideRefusal,
     OverrideRules, RecordAssignment, Resolver, Resource, RosterRecord, Store, StoreError,
     StoreResult,
 };
@@ -145,6 +144,10 @@ pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult
             Some(id) => store.get(tenant, ResourceKind::User, id)?,
             None => None,
         },
+        // Ids are issued lower-case; a UUID is the same id in either case.
+        None if uuid::Uuid::try_parse(user_id).is_ok() => {
+            store.get(tenant, ResourceKind::User, &user_id.to_ascii_lowercase())?
+        }
         None => store.get(tenant, ResourceKind::User, user_id)?,
     };
     found.ok_or_else(|| ApiError::NotFound(format!("user {user_id:?} not found")))
@@ -170,11 +173,12 @@ pub(super) struct RosterUser {
     pub archetype_assigned_at: Option<DateTime<Utc>>,
     pub is_active: bool,
     pub scim_external_id: Option<String>,
-    /// Display names, as people read them (and as the CSV export has them).
+    /// The user's groups by `group_id`, sorted, as roster-api.txt has them: what
+    /// `GET /groups` lists and the `group` filter takes, and unambiguous where display
+    /// names repeat or hold commas (the CSV joins them with commas).
     pub groups: Vec<String>,
-    /// The same groups by `group_id`, sorted: what `GET /groups` and the `group` filter
-    /// take, and unambiguous where display names repeat.
-    pub group_ids: Vec<String>,
+    /// The display names of `groups`, in the same order, for people.
+    pub group_names: Vec<String>,
 }
 
 fn text(v: Option<&Value>) -> Option<String> {
@@ -223,12 +227,15 @@ impl<'a> Renderer<'a> {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
-        let mut group_ids = match group_ids {
+        let mut groups = match group_ids {
             Some(g) => g.to_vec(),
             None => self.store.groups_of(self.tenant, id)?,
         };
-        let groups = self.group_names(id, Some(&group_ids))?;
-        group_ids.sort();
+        groups.sort();
+        let group_names = groups
+            .iter()
+            .map(|gid| self.group_name(gid))
+            .collect::<StoreResult<_>>()?;
         let owned = |v: Option<&str>| v.map(str::to_owned);
         let a = rec.assignment.as_ref();
         Ok(RosterUser {
@@ -247,30 +254,8 @@ impl<'a> Renderer<'a> {
             is_active: rec.user.active,
             scim_external_id: owned(rec.user.external_id),
             groups,
-            group_ids,
+            group_names,
         })
-    }
-
-    /// Display names of the user's groups, sorted; `group_ids` when the caller has them.
-    pub fn group_names(
-        &mut self,
-        id: &str,
-        group_ids: Option<&[String]>,
-    ) -> StoreResult<Vec<String>> {
-        let looked_up;
-        let group_ids = match group_ids {
-            Some(g) => g,
-            None => {
-                looked_up = self.store.groups_of(self.tenant, id)?;
-                &looked_up
-            }
-        };
-        let mut groups = Vec::with_capacity(group_ids.len());
-        for gid in group_ids {
-            groups.push(self.group_name(gid)?);
-        }
-        groups.sort();
-        Ok(groups)
     }
 
     /// The userName of the manager with SCIM id `id`, if that user exists.
@@ -604,6 +589,20 @@ async fn get_user(
 // ---------------------------------------------------------------------------------------
 // Overrides
 
+/// An assignment as a governance event's `before` and `after` show it: the user object's
+/// names for what roster-api.txt names, and how it was decided.
+fn assignment_state(a: &Assignment) -> Value {
+    json!({
+        "archetype_id": a.archetype_id,
+        "archetype_confidence": a.confidence,
+        "archetype_assigned_by": a.assigned_by,
+        "archetype_assigned_at": a.assigned_at,
+        "source": a.source,
+        "bundle_version": a.bundle_version,
+        "needs_review": a.needs_review,
+    })
+}
+
 fn assignment_reply(user_name: &str, a: &Assignment) -> Value {
     json!({
         "user_id": format!("user:{user_name}"),
@@ -871,20 +870,27 @@ async fn list_review(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                 more = true;
                 break;
             }
-            let (Some(res), Some(a)) = (
-                st.store.get(&tenant, ResourceKind::User, &id)?,
+            let (Some(rec), Some(a)) = (
+                st.store.roster_record(&tenant, &id)?,
                 st.store.assignment(&tenant, &id)?,
             ) else {
                 continue;
             };
+            let rec = rec.record()?;
+            // The user object's names (roster-api.txt), so a reviewer's tool reads an
+            // item as it reads a user; inactive users keep their place in the queue (a
+            // reactivation brings the doubt back), so each item says whether it is active.
             items.push(json!({
-                "user_id": format!("user:{}", text(res.doc.get("userName")).unwrap_or_default()),
+                "user_id": format!("user:{}", rec.user.user_name),
                 "scim_id": id,
-                "job_title": text(res.doc.get("title")),
-                "department": text(res.doc.get(ENTERPRISE_USER_SCHEMA).and_then(|e| e.get("department"))),
+                "email": rec.user.email,
+                "job_title": rec.user.title,
+                "department": rec.user.department,
+                "is_active": rec.user.active,
                 "archetype_id": a.archetype_id,
                 "archetype_confidence": a.confidence,
-                "assigned_by": a.assigned_by,
+                "archetype_assigned_by": a.assigned_by,
+                "archetype_assigned_at": a.assigned_at,
                 "candidates": a.candidates,
             }));
         }
@@ -988,15 +994,38 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
         None => 0,
     };
     let (since, until) = (parse_time(&p, "since")?, parse_time(&p, "until")?);
+    if let (Some(s), Some(u)) = (since, until)
+        && s > u
+    {
+        return Err(ApiError::BadRequest(format!(
+            "since ({}) is after until ({}): no event could match",
+            p["since"], p["until"]
+        )));
+    }
+    // A misspelt kind would otherwise read as "no such events" to an auditor.
+    if let Some(k) = p.get("kind")
+        && !EVENT_KINDS.contains(&k.as_str())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "kind {k:?} is not an event kind; one of {}",
+            EVENT_KINDS.join(", ")
+        )));
+    }
     let tenant = caller.tenant;
     blocking(move || {
         let user = match p.get("user_id") {
-            // A deleted user's history stays reachable by the SCIM id the events carry;
-            // a userName no longer resolves once the user is gone.
-            // An id this tenant never had events for is still not found.
+            // A deleted user's history stays reachable: by the userName they had, and by
+            // the SCIM id the events carry. An id this tenant never had events for is
+            // still not found.
             Some(u) => match find_user(&st.store, &tenant, u) {
                 Ok(r) => Some(r.id),
+                Err(ApiError::NotFound(m)) if u.starts_with("user:") => Some(
+                    st.store
+                        .departed_user(&tenant, &u["user:".len()..])?
+                        .ok_or(ApiError::NotFound(m))?,
+                ),
                 Err(ApiError::NotFound(m)) if uuid::Uuid::try_parse(u).is_ok() => {
+                    let u = &u.to_ascii_lowercase();
                     let any = EventQuery {
                         user: Some(u.clone()),
                         kind: None,
@@ -1027,10 +1056,11 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
         let mut out = Vec::with_capacity(events.len());
         for e in &events {
             if !names.contains_key(&e.user) {
-                let n = st
-                    .store
-                    .get(&tenant, ResourceKind::User, &e.user)?
-                    .and_then(|r| text(r.doc.get("userName")))
+                let name = match st.store.get(&tenant, ResourceKind::User, &e.user)? {
+                    Some(r) => text(r.doc.get("userName")),
+                    None => st.store.departed_name(&tenant, &e.user)?,
+                };
+                let n = name
                     .map(|n| format!("user:{n}"))
                     .unwrap_or_else(|| e.user.clone());
                 names.insert(e.user.clone(), n);
@@ -1042,8 +1072,8 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                 "user_id": names.get(&e.user),
                 "scim_id": e.user,
                 "actor": e.actor,
-                "before": e.before,
-                "after": e.after,
+                "before": e.before.as_ref().map(assignment_state),
+                "after": e.after.as_ref().map(assignment_state),
             }));
         }
         let next = (events.len() == limit)

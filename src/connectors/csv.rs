@@ -955,7 +955,10 @@ mod tests {
         assert_eq!(ada[4], "'=cmd|' /C calc'!A0");
         assert_eq!(ada[7], "eng_lead");
         assert_eq!(ada[9], "true");
-        assert_eq!(ada[10], "Ops, \"core\"");
+        assert_eq!(
+            ada[10], fx.ops,
+            "groups by id: a name may hold a comma, an id cannot"
+        );
         let bob = by_first(&rows, "user:bob");
         assert_eq!(bob[2], "'+Bob");
         assert_eq!(bob[5], "Sites");
@@ -963,7 +966,7 @@ mod tests {
         assert_eq!(bob[9], "false", "the inactive user is in the file");
         let cy = by_first(&rows, "user:cy@x.test");
         assert_eq!(cy[1], "cy@x.test");
-        assert_eq!(cy[10], "'=evil");
+        assert_eq!(cy[10], fx.evil, "a group named =evil is named by its id");
 
         // The very rows of the Roster API export.
         let mut direct = Vec::new();

@@ -158,6 +158,21 @@ pub(crate) fn record(id: &str) -> Vec<u8> {
     k
 }
 
+/// `n userName` → SCIM id (userName lower-cased) and `N id` → userName: users deleted
+/// once they had an assignment, so their governance history stays reachable, and named,
+/// after the user is gone.
+pub(crate) fn departed_by_name(user_name: &str) -> Vec<u8> {
+    let mut k = vec![b'n', SEP];
+    k.extend_from_slice(user_name.to_lowercase().as_bytes());
+    k
+}
+
+pub(crate) fn departed_by_id(id: &str) -> Vec<u8> {
+    let mut k = vec![b'N', SEP];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// `x archetype id` → empty: users by archetype.
 pub(crate) fn archetype_entry(archetype: &str, id: &str) -> Vec<u8> {
     let mut k = archetype_prefix(archetype);

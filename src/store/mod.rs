@@ -33,9 +33,9 @@ pub use delivery::{DeadLetter, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
 pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
 pub use roster::{
-    Assignment, AssignmentSource, Candidate, Decision, EventQuery, GovernanceEvent, GroupRef,
-    IdScan, Job, JobStatus, OverrideChange, OverrideRefusal, OverrideRules, ReclassifyCounts,
-    Resolver,
+    Assignment, AssignmentSource, Candidate, Decision, EVENT_KINDS, EventQuery, GovernanceEvent,
+    GroupRef, IdScan, Job, JobStatus, OverrideChange, OverrideRefusal, OverrideRules,
+    ReclassifyCounts, Resolver,
 };
 
 /// sled's page cache unless configured (`server.cache_mb`).
@@ -1279,7 +1279,7 @@ impl Store {
             txn.reindex(kind, &id, Some(&old), None)?;
             txn.del(keys::resource(kind, &id));
             if kind == ResourceKind::User {
-                txn.drop_assignment(&id)?;
+                txn.drop_assignment(&id, old.get("userName").and_then(Value::as_str))?;
             }
             let mut removed = Vec::new();
             if kind == ResourceKind::Group {

@@ -194,6 +194,14 @@ pub struct EventQuery {
 /// only cost every classified write another key (measured: about 5 % of /Bulk ingest). The
 /// kinds a person causes (overrides, clears, removals) are rare, and it is those an
 /// auditor asks for.
+/// Every kind of governance event the store writes.
+pub const EVENT_KINDS: [&str; 4] = [
+    "rbac.archetype_assigned",
+    "rbac.archetype_overridden",
+    "rbac.archetype_cleared",
+    "rbac.archetype_removed",
+];
+
 fn kind_indexed(kind: &str) -> bool {
     kind != "rbac.archetype_assigned"
 }
@@ -477,8 +485,14 @@ impl Txn<'_> {
         });
     }
 
-    pub(super) fn drop_assignment(&mut self, id: &str) -> StoreResult<()> {
+    /// The user `id` (userName `user_name`) is being deleted: their assignment goes, and
+    /// their name is kept for their governance history.
+    pub(super) fn drop_assignment(&mut self, id: &str, user_name: Option<&str>) -> StoreResult<()> {
         if let Some(a) = self.load_assignment(id)? {
+            if let Some(name) = user_name {
+                self.put(keys::departed_by_name(name), id.as_bytes().to_vec());
+                self.put(keys::departed_by_id(id), name.as_bytes().to_vec());
+            }
             if let Some(arch) = &a.archetype_id {
                 self.del(keys::archetype_entry(arch, id));
             }
@@ -778,6 +792,31 @@ impl Store {
     }
 
     /// Governance events matching `q`, oldest first.
+    /// The SCIM id of a deleted user by their userName (any case): the latest one deleted
+    /// under that name, if they ever had an assignment.
+    pub fn departed_user(&self, tenant: &str, user_name: &str) -> StoreResult<Option<String>> {
+        let t = self.tenant(tenant)?;
+        t.tree
+            .get(keys::departed_by_name(user_name))?
+            .map(|v| {
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| StoreError::Corrupt("departed user id is not UTF-8".into()))
+            })
+            .transpose()
+    }
+
+    /// The userName a deleted user had, by SCIM id.
+    pub fn departed_name(&self, tenant: &str, id: &str) -> StoreResult<Option<String>> {
+        let t = self.tenant(tenant)?;
+        t.tree
+            .get(keys::departed_by_id(id))?
+            .map(|v| {
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| StoreError::Corrupt("departed userName is not UTF-8".into()))
+            })
+            .transpose()
+    }
+
     pub fn governance_events(
         &self,
         tenant: &str,

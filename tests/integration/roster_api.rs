@@ -201,7 +201,14 @@ async fn scim_writes_classify_and_overrides_stick() {
     assert_eq!(cleared["before"]["archetype_id"], "production_planner");
     assert_eq!(cleared["before"]["source"], "override");
     assert_eq!(cleared["after"]["archetype_id"], "software_engineer");
-    assert_eq!(cleared["after"]["assigned_by"], "service:classifier");
+    assert_eq!(
+        cleared["after"]["archetype_assigned_by"],
+        "service:classifier"
+    );
+    assert!(
+        cleared["after"]["archetype_confidence"].is_number(),
+        "{cleared}"
+    );
     let history = r.body.clone();
     let r = d
         .roster(
@@ -266,8 +273,8 @@ async fn group_rules_outrank_the_classifier() {
     assert_eq!(u["archetype_id"], "eng_lead", "{u}");
     assert_eq!(u["archetype_assigned_by"], format!("group:{gid}"));
     assert_eq!(u["archetype_confidence"], 1.0);
-    assert_eq!(u["groups"], json!(["Engineering Leads"]));
-    assert_eq!(u["group_ids"], json!([gid]));
+    assert_eq!(u["groups"], json!([gid]), "group ids, as roster-api.txt");
+    assert_eq!(u["group_names"], json!(["Engineering Leads"]));
 
     let r = d.roster(Method::GET, "/groups", &admin, None).await;
     assert_eq!(r.status, 200);
@@ -937,7 +944,8 @@ async fn listing_filters_and_pages() {
     );
     let u = &list("?email=dev0@acme.test").await["users"][0];
     assert_eq!(u["manager_user_id"], "user:boss@acme.test");
-    assert_eq!(u["groups"], json!(["Pilot"]));
+    assert_eq!(u["groups"], json!([gid]));
+    assert_eq!(u["group_names"], json!(["Pilot"]));
     assert_eq!(u["is_active"], true);
     // A second group named "Pilot": the name no longer picks one group, so it is refused
     // (naming both ids), for the list and the export alike; each id still works.
@@ -950,8 +958,8 @@ async fn listing_filters_and_pages() {
     }
     assert_eq!(names(&list(&format!("?group={twin}")).await).len(), 0);
     let u = &list("?email=dev0@acme.test").await["users"][0];
-    assert_eq!(u["groups"], json!(["Pilot"]));
-    assert_eq!(u["group_ids"], json!([gid]));
+    assert_eq!(u["groups"], json!([gid]));
+    assert_eq!(u["group_names"], json!(["Pilot"]));
     assert_eq!(names(&list(&format!("?group={gid}")).await).len(), 2);
 
     // Paging with limit and an opaque cursor visits everyone exactly once.
@@ -1004,10 +1012,15 @@ async fn csv_export_has_the_documented_columns_and_is_safe() {
     )
     .await;
     create(&d, "max@acme.test", "financial analyst", Some("Finance")).await;
-    for name in ["Alpha, Team", "Beta"] {
+    let mut gids = Vec::new();
+    // A name with a comma, and two groups of one name: the cell holds ids, so it still
+    // splits back into the three groups.
+    for name in ["Alpha, Team", "Beta", "Beta"] {
         let gid = d.create_group(name).await;
         d.add_members(&gid, &[&id]).await;
+        gids.push(gid);
     }
+    gids.sort();
     let resp = d
         .client
         .get(d.url("/api/v1/roster/users:export?format=csv"))
@@ -1049,7 +1062,7 @@ async fn csv_export_has_the_documented_columns_and_is_safe() {
         "formula neutralized"
     );
     assert_eq!(&eve[5], "R&D, Labs", "commas quoted, not split");
-    assert_eq!(&eve[10], "Alpha, Team,Beta");
+    assert_eq!(eve[10].split(',').collect::<Vec<_>>(), gids);
     assert_eq!(&eve[9], "true");
     assert!(text.contains("\r\n"), "RFC 4180 line endings");
 
@@ -1085,11 +1098,16 @@ async fn review_queue_lists_and_resolves() {
     let r = d.roster(Method::GET, "/review", &admin, None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let items = r.body["items"].as_array().unwrap();
-    assert!(
-        items.iter().any(|i| i["scim_id"] == doubtful.as_str()),
-        "{}",
-        r.body
-    );
+    let item = items
+        .iter()
+        .find(|i| i["scim_id"] == doubtful.as_str())
+        .unwrap_or_else(|| panic!("{}", r.body));
+    // An item reads like a user object (roster-api.txt's names).
+    assert_eq!(item["user_id"], "user:who@acme.test");
+    assert_eq!(item["email"], "who@acme.test", "{item}");
+    assert_eq!(item["is_active"], true);
+    assert_eq!(item["archetype_assigned_by"], "service:default", "{item}");
+    assert!(item["archetype_assigned_at"].is_string(), "{item}");
     assert!(
         items.iter().all(|i| i["user_id"] != "user:sure@acme.test"),
         "{}",
@@ -1506,7 +1524,8 @@ async fn every_roster_api_error_is_the_apis_json() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
-    // A deleted user's history stays reachable by SCIM id.
+    // A deleted user's history stays reachable, and named: by SCIM id (in either case)
+    // and by the userName they had.
     assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
     let events = events_of(&d, &admin, &id).await;
     assert_eq!(
@@ -1514,13 +1533,41 @@ async fn every_roster_api_error_is_the_apis_json() {
         Some(&json!("rbac.archetype_removed")),
         "{events:?}"
     );
+    assert!(
+        events.iter().all(|e| e["user_id"] == "user:ann@acme.test"),
+        "{events:?}"
+    );
+    assert_eq!(events_of(&d, &admin, &id.to_uppercase()).await, events);
+    assert_eq!(events_of(&d, &admin, "user:ANN@acme.test").await, events);
     let r = d
         .roster(
             Method::GET,
-            "/events?user_id=user:ann@acme.test",
+            "/events?user_id=user:nobody@acme.test",
             &admin,
             None,
         )
         .await;
     api_error(&r, 404, "not_found");
+    // An uppercase SCIM id names the same user.
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/users/{}", who.to_uppercase()),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A filter no event could pass is a mistake to report, not an empty page.
+    for q in [
+        "/events?kind=rbac.archetype_overriden",
+        "/events?kind=",
+        "/events?since=2026-12-02T08:00:00Z&until=2026-12-02T07:00:00Z",
+    ] {
+        api_error(
+            &d.roster(Method::GET, q, &admin, None).await,
+            400,
+            "invalid_request",
+        );
+    }
 }
