@@ -157,8 +157,13 @@ impl Classifier {
     }
 
     fn with_config(bundle: &Bundle, feature_cfg: FeatureConfig, train_cfg: TrainConfig) -> Self {
-        let ids: Vec<String> = bundle.archetypes.iter().map(|a| a.id.clone()).collect();
-        let docs = collect_docs(bundle, &feature_cfg);
+        // Archetypes by id and examples sorted (`collect_docs`): training, its folds and
+        // tie-breaks then see one order, so reordering a bundle's file changes nothing
+        // it decides.
+        let mut archetypes: Vec<&Archetype> = bundle.archetypes.iter().collect();
+        archetypes.sort_by(|a, b| a.id.cmp(&b.id));
+        let ids: Vec<String> = archetypes.iter().map(|a| a.id.clone()).collect();
+        let docs = collect_docs(&archetypes, &feature_cfg);
 
         let mut exact: HashMap<String, Vec<(usize, u32)>> = HashMap::new();
         for d in &docs {
@@ -174,7 +179,7 @@ impl Classifier {
 
         let mut hint_exact: HashMap<String, Vec<usize>> = HashMap::new();
         let mut hint_tokens = Vec::new();
-        for (i, a) in bundle.archetypes.iter().enumerate() {
+        for (i, a) in archetypes.iter().enumerate() {
             for h in &a.departments {
                 let n = normalize_title(h);
                 if n.is_empty() {
@@ -236,9 +241,19 @@ impl Classifier {
 
         let mut probs = vec![0f32; self.model.n_classes()];
         self.model.logits(&x, &mut probs);
-        if let Some(d) = &dept_norm {
+        // The department's hints are the bundle author's rule, not something the
+        // examples measured, so they may choose among the archetypes the title allows
+        // but not make the choice surer than the title alone makes that archetype:
+        // calibration only knows titles.
+        let title_only = dept_norm.as_ref().map(|d| {
             self.add_hint_bonus(d, &mut probs);
-        }
+            features::extract(&norm, None, &self.feature_cfg, &mut raw);
+            self.space.vectorize(&raw, &mut x);
+            let mut title_only = vec![0f32; self.model.n_classes()];
+            self.model.logits(&x, &mut title_only);
+            model::softmax_in_place(&mut title_only);
+            title_only
+        });
         model::softmax_in_place(&mut probs);
         let ranked = top_k(&probs, self.ids.len());
 
@@ -253,7 +268,11 @@ impl Classifier {
                     };
                 };
                 let p = probs[best];
-                (best, self.calibrator.apply(f64::from(p)), p)
+                let mut conf = self.calibrator.apply(f64::from(p));
+                if let Some(t) = &title_only {
+                    conf = conf.min(self.calibrator.apply(f64::from(t[best])));
+                }
+                (best, conf, p)
             }
         };
 
@@ -335,7 +354,7 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     best
 }
 
-fn collect_docs(bundle: &Bundle, cfg: &FeatureConfig) -> Vec<Doc> {
+fn collect_docs(archetypes: &[&Archetype], cfg: &FeatureConfig) -> Vec<Doc> {
     let mut docs = Vec::new();
     let mut push = |text: &str, label: usize, held_out_ok: bool| {
         let norm = normalize_title(text);
@@ -351,7 +370,7 @@ fn collect_docs(bundle: &Bundle, cfg: &FeatureConfig) -> Vec<Doc> {
             raw,
         });
     };
-    for (i, a) in bundle.archetypes.iter().enumerate() {
+    for (i, a) in archetypes.iter().enumerate() {
         for e in &a.examples {
             push(e, i, true);
         }
@@ -363,6 +382,9 @@ fn collect_docs(bundle: &Bundle, cfg: &FeatureConfig) -> Vec<Doc> {
             push(&a.title, i, false);
         }
     }
+    // Labels are already in id order; within one, the examples' order in the file is
+    // no evidence.
+    docs.sort_by(|a, b| (a.label, &a.norm, a.held_out_ok).cmp(&(b.label, &b.norm, b.held_out_ok)));
     docs
 }
 

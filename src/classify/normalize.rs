@@ -7,13 +7,20 @@
 ///
 /// `"Sr. Software Eng. (EMEA)"` becomes `"senior software engineer"`.
 pub fn normalize_title(title: &str) -> String {
+    let folded;
+    let title = if title.is_ascii() {
+        title
+    } else {
+        folded = fold_unicode(title);
+        &folded
+    };
     let segments = split_segments(title);
     let mut tokens = Vec::with_capacity(8);
     let total = segments.len();
     for (i, seg) in segments.iter().enumerate() {
-        // A decoration segment ("- London", "(EMEA)", ", UK") is dropped,
-        // but the first segment is always the title itself.
-        if i > 0 && total > 1 && is_location_phrase(seg) {
+        // A decoration segment ("- London", "(EMEA)", ", UK", "(Contract)") is
+        // dropped, but the first segment is always the title itself.
+        if i > 0 && total > 1 && (is_location_phrase(seg) || is_employment_phrase(seg)) {
             continue;
         }
         tokens.extend(seg.iter().cloned());
@@ -23,12 +30,32 @@ pub fn normalize_title(title: &str) -> String {
         tokens = segments.into_iter().flatten().collect();
     }
     strip_locations(&mut tokens);
+    // Before expansion, which reads an abbreviation in last place as the noun: in
+    // "Software Eng II" the "Eng" is last once the level is gone.
+    strip_level_tokens(&mut tokens);
+    join_phrases(&mut tokens);
     let mut out = String::with_capacity(title.len() + 16);
     let last = tokens.len().saturating_sub(1);
     for (i, tok) in tokens.iter().enumerate() {
-        // "Dir. of Eng." directs engineering: after "of"/"in"/"and" an abbreviation
-        // names the field even in last place.
-        let field = i > 0 && matches!(tokens[i - 1].as_str(), "of" | "in" | "and" | "for");
+        // "Dir. of Eng." and "Sr. Dir. Eng." direct engineering: after "of"/"in"/"and",
+        // or after a leader's title, an abbreviation names the field even in last place.
+        let field = i > 0
+            && matches!(
+                tokens[i - 1].as_str(),
+                "of" | "in"
+                    | "and"
+                    | "for"
+                    | "dir"
+                    | "director"
+                    | "head"
+                    | "vp"
+                    | "svp"
+                    | "evp"
+                    | "avp"
+                    | "chief"
+                    | "mgr"
+                    | "manager"
+            );
         let expanded = expand(tok, i == last && !field);
         for word in expanded.split(' ') {
             if word.is_empty() {
@@ -42,6 +69,83 @@ pub fn normalize_title(title: &str) -> String {
     }
     strip_levels(&mut out);
     out
+}
+
+/// Compatibility forms (fullwidth letters, ligatures) become their plain letters, accents
+/// come off Latin letters ("Café" is "Cafe"), and the Unicode hyphens read as hyphens,
+/// so that a title typed on another keyboard or pasted from a document matches.
+fn fold_unicode(title: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    title
+        .nfkd()
+        // The combining diacritical marks block only: marks that are letters' vowels in
+        // other scripts are kept.
+        .filter(|c| !('\u{300}'..='\u{36f}').contains(c))
+        .map(|c| match c {
+            '\u{2010}' | '\u{2011}' => '-',
+            '\u{2012}' | '\u{2015}' | '\u{2212}' => '\u{2013}',
+            other => other,
+        })
+        .collect()
+}
+
+/// A decoration segment that says how someone is employed, not what they do:
+/// "(Contract)", "- Part Time", ", Fixed Term".
+fn is_employment_phrase(seg: &[String]) -> bool {
+    !seg.is_empty()
+        && seg.iter().all(|t| {
+            matches!(
+                t.as_str(),
+                "contract"
+                    | "contractor"
+                    | "temporary"
+                    | "temp"
+                    | "fixed"
+                    | "term"
+                    | "ftc"
+                    | "part"
+                    | "full"
+                    | "time"
+                    | "parttime"
+                    | "fulltime"
+                    | "permanent"
+                    | "perm"
+                    | "seasonal"
+                    | "interim"
+                    | "maternity"
+                    | "cover"
+            )
+        })
+}
+
+fn is_level_token(t: &str) -> bool {
+    matches!(t, "i" | "ii" | "iii" | "iv" | "v")
+        || (!t.is_empty() && t.len() <= 2 && t.bytes().all(|b| b.is_ascii_digit()))
+        // "L2", "l3": support tiers.
+        || (t.len() == 2 && t.starts_with('l') && t.as_bytes()[1].is_ascii_digit())
+}
+
+/// Trailing level markers ("II", "3", "Level 2", "L2"), kept when they are all there is.
+fn strip_level_tokens(tokens: &mut Vec<String>) {
+    while tokens.len() > 1 && tokens.last().is_some_and(|t| is_level_token(t)) {
+        tokens.pop();
+        if tokens.len() > 1 && tokens.last().is_some_and(|t| t == "level") {
+            tokens.pop();
+        }
+    }
+}
+
+/// Spelled-out forms of what the abbreviation table leaves short: "Information
+/// Technology Manager" is an "IT Manager".
+fn join_phrases(tokens: &mut Vec<String>) {
+    let mut i = 0;
+    while i + 1 < tokens.len() {
+        if tokens[i] == "information" && tokens[i + 1] == "technology" {
+            tokens[i] = "it".to_owned();
+            tokens.remove(i + 1);
+        }
+        i += 1;
+    }
 }
 
 /// Splits into segments at separators that usually introduce a decoration
@@ -121,6 +225,8 @@ fn is_location_token(t: &str) -> bool {
             | "eu"
             | "europe"
             | "asia"
+            | "pacific"
+            | "oceania"
             | "africa"
             | "india"
             | "canada"
@@ -338,7 +444,7 @@ fn expand(tok: &str, last: bool) -> &str {
         "accts" => "accounts",
         "acctg" | "accting" => "accounting",
         "mktg" => "marketing",
-        "mkt" => "market",
+        "mkt" => "marketing",
         "hr" => "human resources",
         "qa" => "quality assurance",
         "qc" => "quality control",
@@ -467,5 +573,50 @@ mod tests {
         assert_eq!(n("Software Engineer II"), "software engineer");
         assert_eq!(n("Engineer 3"), "engineer");
         assert_eq!(n("Analyst"), "analyst");
+        assert_eq!(n("Software Engineer Level 2"), "software engineer");
+        assert_eq!(n("Support Engineer L2"), "support engineer");
+        assert_eq!(n("Entry Level"), "entry level");
+        // The abbreviation is last once the level is gone, so it is the noun.
+        assert_eq!(n("Software Eng II"), "software engineer");
+        assert_eq!(n("Staff Acct II"), "staff accountant");
+        assert_eq!(n("Lab Tech II"), "lab technician");
+        assert_eq!(n("Software Dev III"), "software developer");
+        assert_eq!(n("Desktop Support Tech I"), "desktop support technician");
+    }
+
+    #[test]
+    fn employment_decorations() {
+        assert_eq!(n("Software Engineer (Contract)"), "software engineer");
+        assert_eq!(n("Software Engineer - Contractor"), "software engineer");
+        assert_eq!(n("Nurse, Part Time"), "nurse");
+        assert_eq!(n("Contract Manager"), "contract manager");
+    }
+
+    #[test]
+    fn leaders_direct_a_field() {
+        assert_eq!(n("Sr. Dir. Eng."), "senior director engineering");
+        assert_eq!(n("Dir., Eng."), "director engineering");
+        assert_eq!(n("Lead Eng."), "lead engineer");
+        assert_eq!(
+            n("Information Technology Manager"),
+            n("IT Manager"),
+            "spelled out or not"
+        );
+        assert_eq!(n("Mkt Research Analyst"), "marketing research analyst");
+    }
+
+    #[test]
+    fn unicode_forms_fold() {
+        assert_eq!(
+            n("\u{ff33}\u{ff4f}\u{ff46}\u{ff54}\u{ff57}\u{ff41}\u{ff52}\u{ff45} Engineer"),
+            "software engineer"
+        );
+        assert_eq!(n("Caf\u{e9} Manager"), "cafe manager");
+        assert_eq!(n("Cafe\u{301} Manager"), "cafe manager");
+        assert_eq!(n("Co\u{f6}rdinator"), "coordinator");
+        assert_eq!(n("Co\u{2010}ordinator"), "coordinator");
+        assert_eq!(n("Sales Manager \u{2012} EMEA"), "sales manager");
+        assert_eq!(n("Sales Manager, Asia Pacific"), "sales manager");
+        assert_eq!(n("Sales Manager - Asia-Pacific"), "sales manager");
     }
 }

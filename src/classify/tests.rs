@@ -175,6 +175,29 @@ fn department_breaks_a_tie() {
     }
     let without = clf.classify("Specialist", None);
     assert!(without.confidence < 0.5, "{without:?}");
+    // The department chooses, but never makes a title surer than it is alone: the
+    // calibration measured titles, not the bundle's department hints.
+    for t in [
+        "Specialist",
+        "Analyst",
+        "Manager",
+        "Coordinator",
+        "Partner",
+        "Engineer",
+    ] {
+        let alone = clf.classify(t, None).confidence;
+        for d in [
+            "Finance",
+            "IT",
+            "Sales",
+            "People",
+            "Software Engineering",
+            "Facilities",
+        ] {
+            let c = clf.classify(t, Some(d));
+            assert!(c.confidence <= alone + 1e-9, "{t} in {d}: {c:?} > {alone}");
+        }
+    }
     let c = clf.classify("Analyst", Some("IT"));
     assert_eq!(c.archetype_id.as_deref(), Some("it_admin"), "{c:?}");
     // A department with no hint still leaves a clear title alone.
@@ -203,6 +226,32 @@ fn deterministic_across_builds() {
     }
     assert_eq!(a.bundle_version(), "2026-11-01");
     assert_eq!(a.review_threshold(), 0.7);
+}
+
+#[test]
+fn the_order_of_a_bundle_file_decides_nothing() {
+    let original = tiny();
+    let mut shuffled = tiny();
+    shuffled.archetypes.reverse();
+    for a in &mut shuffled.archetypes {
+        a.examples.reverse();
+        a.examples.rotate_left(3);
+        a.keywords.reverse();
+    }
+    let (a, b) = (Classifier::new(&original), Classifier::new(&shuffled));
+    for t in [
+        "Analyst",
+        "Sr. Platform Eng.",
+        "Payroll Specialist",
+        "Regional Manager",
+        "Specialist",
+        "Developer",
+        "Coordinator",
+    ] {
+        for dept in [None, Some("Sales"), Some("IT")] {
+            assert_eq!(a.classify(t, dept), b.classify(t, dept), "{t} / {dept:?}");
+        }
+    }
 }
 
 #[test]
