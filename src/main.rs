@@ -238,9 +238,33 @@ fn check_config(path: PathBuf) -> Result<()> {
             }
         }
     }
+    // The keys `serve` would load, loaded the same way: a leeway out of range, a private
+    // key where a public one belongs or a JWKS with no usable key stop `serve`.
+    let mut bad_jwt = false;
+    match &config.api.jwt {
+        Some(j) => match rosterd::api::jwt::JwtVerifier::from_config(j, &config.base_dir, &|v| {
+            std::env::var(v).ok()
+        }) {
+            Ok(_) => println!("Roster API: JWT keys load"),
+            Err(e @ rosterd::api::jwt::JwtError::SecretUnset { .. }) => eprintln!(
+                "warning: [api.jwt]: {e}; `serve` would start with the Roster API off unless it is set there"
+            ),
+            Err(e) => {
+                bad_jwt = true;
+                eprintln!("error: [api.jwt]: {e}");
+            }
+        },
+        None => println!("Roster API: off (no [api.jwt] section)"),
+    }
     let connectors = config.load_connectors();
     for e in &connectors.errors {
         eprintln!("error: connector {e}");
+    }
+    if bad_jwt {
+        anyhow::bail!(
+            "{}: `serve` would refuse to start: [api.jwt] above does not load",
+            path.display()
+        );
     }
     if bad_bundles > 0 {
         anyhow::bail!(
@@ -436,15 +460,17 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
         anyhow::bail!("tenant {tenant:?} is not declared in the config");
     }
     let now = chrono::Utc::now().timestamp();
-    let claims = serde_json::json!({
+    let mut claims = serde_json::json!({
         "sub": sub,
         jwt.tenant_claim.as_str(): tenant,
         "scope": scope,
         "aud": jwt.audience.first().context("[api.jwt] audience is empty")?,
-        "iss": jwt.issuer,
         "iat": now,
         "exp": now + ttl,
     });
+    if let Some(iss) = &jwt.issuer {
+        claims["iss"] = iss.clone().into();
+    }
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,

@@ -311,14 +311,22 @@ impl JwtVerifier {
         }
 
         let mut keys = Vec::new();
-        if let Some(var) = &cfg.hs256_secret_env {
-            keys.push(load_hs256_secret(var, env)?);
-        }
         for path in &cfg.public_keys {
             keys.push(load_pem_key(&base_dir.join(path))?);
         }
         if let Some(path) = &cfg.jwks_file {
             keys.extend(load_jwks(&base_dir.join(path))?);
+        }
+        if let Some(var) = &cfg.hs256_secret_env {
+            match load_hs256_secret(var, env) {
+                Ok(k) => keys.push(k),
+                // The public keys still verify their tokens: an unset secret turns off
+                // HS256 only, not the whole API.
+                Err(e @ JwtError::SecretUnset { .. }) if !keys.is_empty() => {
+                    tracing::warn!(error = %e, "HS256 tokens are refused until it is set; RS256/ES256 keys are in use.");
+                }
+                Err(e) => return Err(e),
+            }
         }
         if keys.is_empty() {
             return Err(JwtError::NoKeys);
@@ -389,7 +397,21 @@ impl JwtVerifier {
                 // Anything else was raised by the key that verified the
                 // signature (claims) or concerns the token itself; another
                 // key cannot change the outcome.
-                Err(e) => return Err(map_library_error(e.kind(), header.alg)),
+                Err(e) => {
+                    return Err(match map_library_error(e.kind(), header.alg) {
+                        // jsonwebtoken calls an `exp` it cannot read as a number missing
+                        // or the token malformed; the caller should hear which claim is
+                        // there but wrong.
+                        JwtError::MissingClaim(c) if payload_has(token, &c) => {
+                            JwtError::InvalidClaim(c)
+                        }
+                        JwtError::Malformed => match mistyped_time_claim(token) {
+                            Some(c) => JwtError::InvalidClaim(c.to_owned()),
+                            None => JwtError::Malformed,
+                        },
+                        other => other,
+                    });
+                }
             }
         }
         let claims = claims.ok_or(JwtError::BadSignature)?;
@@ -424,6 +446,14 @@ impl JwtVerifier {
     }
 
     fn principal(&self, claims: &Value) -> Result<Principal, JwtError> {
+        // RFC 7519 §4.1.1: one StringOrURI. jsonwebtoken also takes an array and passes
+        // it when any entry matches.
+        if claims
+            .get("iss")
+            .is_some_and(|i| !i.is_string() && !i.is_null())
+        {
+            return Err(JwtError::InvalidClaim("iss".to_owned()));
+        }
         let subject = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(JwtError::MissingClaim("sub".to_owned())),
@@ -438,11 +468,13 @@ impl JwtVerifier {
         };
 
         // OAuth 2.0 uses a space-separated `scope` string; Azure AD and
-        // others send `scp`, as an array or a string. Honour both.
+        // others send `scp`, as an array or a string. Honour both. The separator
+        // is the space (RFC 6749 §3.3), not any Unicode blank: "roster:admin\u{a0}x"
+        // is one unknown scope.
         let mut names: Vec<&str> = Vec::new();
         for claim in ["scope", "scp"] {
             match claims.get(claim) {
-                Some(Value::String(s)) => names.extend(s.split_whitespace()),
+                Some(Value::String(s)) => names.extend(s.split(' ').filter(|n| !n.is_empty())),
                 Some(Value::Array(items)) => names.extend(items.iter().filter_map(Value::as_str)),
                 // A scope claim of any other type grants nothing.
                 _ => {}
@@ -494,6 +526,29 @@ fn map_library_error(kind: &ErrorKind, alg: Alg) -> JwtError {
         // jsonwebtoken adds: reject without detail.
         _ => JwtError::Malformed,
     }
+}
+
+fn payload(token: &str) -> Option<Value> {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+}
+
+/// Whether the token's payload has the claim `name` with a value (of whatever type).
+fn payload_has(token: &str, name: &str) -> bool {
+    payload(token).is_some_and(|v| v.get(name).is_some_and(|c| !c.is_null()))
+}
+
+/// A NumericDate claim (RFC 7519 §2) that holds something else than a number.
+fn mistyped_time_claim(token: &str) -> Option<&'static str> {
+    let claims = payload(token)?;
+    ["exp", "nbf", "iat"].into_iter().find(|c| {
+        claims
+            .get(*c)
+            .is_some_and(|v| !v.is_null() && !v.is_number())
+    })
 }
 
 struct TokenHeader {
@@ -785,6 +840,15 @@ fn jwk_algorithm(jwk: &Value) -> Result<Option<Alg>, String> {
     let field = |name: &str| jwk.get(name).and_then(Value::as_str);
     if field("use").is_some_and(|u| u != "sig") {
         return Ok(None);
+    }
+    // RFC 7517 §4.3: a key whose operations do not include verifying is not for us.
+    if let Some(ops) = jwk.get("key_ops") {
+        let verifies = ops
+            .as_array()
+            .is_some_and(|ops| ops.iter().any(|o| o == "verify"));
+        if !verifies {
+            return Ok(None);
+        }
     }
     let kty = field("kty").ok_or("has no kty")?;
     if kty == "oct" {
@@ -1139,6 +1203,53 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         build(&cfg, &dir).unwrap()
     }
 
+    #[test]
+    fn jwks_keys_whose_operations_exclude_verify_are_not_used() {
+        let dir = TempDir::new();
+        let jwks = json!({ "keys": [
+            { "kty": "RSA", "kid": "r1", "key_ops": ["encrypt"], "n": RSA1_N, "e": "AQAB" },
+            { "kty": "RSA", "kid": "r2", "key_ops": ["verify"], "n": RSA2_N, "e": "AQAB" },
+        ]});
+        let cfg = JwtConfig {
+            jwks_file: Some(dir.write("jwks.json", &jwks.to_string())),
+            ..base_cfg()
+        };
+        let v = build(&cfg, &dir).unwrap();
+        assert!(
+            v.verify(&rs256(RSA2_PRIVATE, Some("r2"), &claims()))
+                .is_ok()
+        );
+        assert_eq!(
+            code_of(v.verify(&rs256(RSA1_PRIVATE, Some("r1"), &claims()))),
+            "token_unknown_key"
+        );
+    }
+
+    #[test]
+    fn an_unset_secret_only_turns_off_hs256_when_public_keys_are_configured() {
+        let dir = TempDir::new();
+        let cfg = JwtConfig {
+            hs256_secret_env: Some("UNSET".into()),
+            public_keys: vec![dir.write("rsa1.pem", RSA1_PUBLIC)],
+            ..base_cfg()
+        };
+        let v = JwtVerifier::from_config(&cfg, &dir.0, &no_env).unwrap();
+        assert!(v.verify(&rs256(RSA1_PRIVATE, None, &claims())).is_ok());
+        assert_eq!(
+            code_of(v.verify(&hs256(&claims()))),
+            "token_unsupported_algorithm"
+        );
+        // With nothing else to verify with, the unset secret is the answer.
+        let alone = JwtConfig {
+            hs256_secret_env: Some("UNSET".into()),
+            ..base_cfg()
+        };
+        assert!(matches!(
+            JwtVerifier::from_config(&alone, &dir.0, &no_env),
+            Err(JwtError::SecretUnset { .. })
+        ));
+    }
+
     // ---- valid tokens ----
 
     #[test]
@@ -1288,6 +1399,11 @@ wUxy2SJnKlwFKtLGhwIDAQAB
                 "exp {exp}: {code}"
             );
         }
+        // Present but not a number: invalid, not missing.
+        for exp in [json!("tomorrow"), json!({ "t": 1 })] {
+            let garbled = hs256(&with(claims(), json!({ "exp": exp })));
+            assert_eq!(code_of(v.verify(&garbled)), "token_invalid_claim", "{exp}");
+        }
     }
 
     #[test]
@@ -1353,10 +1469,13 @@ wUxy2SJnKlwFKtLGhwIDAQAB
     #[test]
     fn missing_subject_is_refused() {
         let v = hs_verifier();
-        for sub in [json!(null), json!(7), json!("")] {
+        for sub in [json!(null), json!("")] {
             let t = hs256(&with(claims(), json!({ "sub": sub })));
             assert_eq!(code_of(v.verify(&t)), "token_missing_claim", "sub {sub}");
         }
+        // There, but not a string: named as such.
+        let t = hs256(&with(claims(), json!({ "sub": 7 })));
+        assert_eq!(code_of(v.verify(&t)), "token_invalid_claim");
     }
 
     // ---- signatures and algorithms ----

@@ -46,7 +46,9 @@ pub enum ApiError {
     OverridesForbidden,
     #[error("this tenant has no archetype bundle configured")]
     NoBundle,
-    #[error("the Roster API is not configured on this daemon: {0}")]
+    /// The reason is the operator's (it names environment variables and files) and is
+    /// logged at start; callers, who need no token to see this, get the fact only.
+    #[error("the Roster API is not configured on this daemon; its log says why")]
     Disabled(String),
     #[error("{0}")]
     Conflict(String),
@@ -124,6 +126,10 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %e, "Store failure while serving a Roster API request.");
                 "internal error; nothing was changed".to_owned()
             }
+            ApiError::Disabled(reason) => {
+                tracing::debug!(%reason, "Roster API request while the API is off.");
+                self.to_string()
+            }
             other => other.to_string(),
         };
         let mut resp = (
@@ -132,9 +138,22 @@ impl IntoResponse for ApiError {
             json!({"error": code, "message": message}).to_string(),
         )
             .into_response();
-        if status == StatusCode::UNAUTHORIZED
-            && let Ok(v) = "Bearer realm=\"rosterd\", error=\"invalid_token\"".parse()
-        {
+        // RFC 6750 §3: a request without credentials is told only how to
+        // authenticate; a refused token is `invalid_token`; a token short of a scope
+        // is `insufficient_scope`, naming the scope.
+        let challenge = match &self {
+            ApiError::Unauthorized(JwtError::Missing) => {
+                Some("Bearer realm=\"rosterd\"".to_owned())
+            }
+            ApiError::Unauthorized(_) => {
+                Some("Bearer realm=\"rosterd\", error=\"invalid_token\"".to_owned())
+            }
+            ApiError::MissingScope(scope) => Some(format!(
+                "Bearer realm=\"rosterd\", error=\"insufficient_scope\", scope=\"{scope}\""
+            )),
+            _ => None,
+        };
+        if let Some(v) = challenge.and_then(|c| c.parse().ok()) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
         resp
@@ -300,6 +319,14 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
             state.roster.disabled.clone().unwrap_or_default(),
         ));
     };
+    // One Authorization header (RFC 9110 §5.3): with two, a proxy that reads the other
+    // one would authorize someone else than we do.
+    let copies = headers.get_all(header::AUTHORIZATION).iter().count();
+    if copies > 1 {
+        return Err(ApiError::BadRequest(format!(
+            "{copies} Authorization headers; send one"
+        )));
+    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

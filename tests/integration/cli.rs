@@ -247,6 +247,30 @@ fn bad_bundles_and_configs_name_the_problem() {
         out.contains("archetype contractor has no examples or keywords"),
         "{out}"
     );
+    // The Roster API's keys load as `serve` loads them.
+    let jwt = |section: &str| {
+        tenant(
+            fixture,
+            &format!("[api.jwt]\naudience = [\"r\"]\n{section}"),
+        )
+    };
+    let (ok, _, err) = check(jwt(
+        "public_keys = [\"keys/none.pem\"]\nleeway_secs = 601\n",
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains("[api.jwt]") && err.contains("leeway_secs") && err.contains("refuse to start"),
+        "{err}"
+    );
+    let (ok, _, err) = check(jwt("public_keys = [\"keys/none.pem\"]\n"));
+    assert!(!ok);
+    assert!(err.contains("none.pem"), "{err}");
+    let (ok, out, err) = check(jwt("hs256_secret_env = \"ROSTERD_CLI_TEST_UNSET\"\n"));
+    assert!(
+        ok,
+        "an unset secret leaves the API off, serve still starts: {err}"
+    );
+    assert!(err.contains("ROSTERD_CLI_TEST_UNSET"), "{out} {err}");
     std::fs::create_dir(dir.path().join("connectors")).unwrap();
     std::fs::write(dir.path().join("connectors/bad.toml"), "kind = \"ftp\"\n").unwrap();
     let (ok, _, err) = check(tenant(fixture, "[connectors]\ndir = \"connectors\"\n"));

@@ -1198,12 +1198,16 @@ async fn tokens_are_verified_and_tenants_isolated() {
 
     let r = d.roster(Method::GET, "/users", "not-a-jwt", None).await;
     assert_eq!(r.status, 401);
-    assert!(r.header("www-authenticate").is_some());
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"rosterd\", error=\"invalid_token\"")
+    );
     assert!(
         r.body["error"].is_string() && r.body["message"].is_string(),
         "{}",
         r.body
     );
+    // No credentials at all: the challenge carries no error code (RFC 6750 §3.1).
     let r = d
         .client
         .get(d.url("/api/v1/roster/users"))
@@ -1211,6 +1215,18 @@ async fn tokens_are_verified_and_tenants_isolated() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"rosterd\"");
+    // Two Authorization headers are refused, whichever comes first.
+    let r = d
+        .roster_with(
+            Method::GET,
+            "/users",
+            &admin,
+            None,
+            &[("authorization", "Bearer not-a-jwt")],
+        )
+        .await;
+    api_error(&r, 400, "invalid_request");
 
     let now = chrono::Utc::now().timestamp();
     let expired = jwt_with(
@@ -1243,6 +1259,27 @@ async fn tokens_are_verified_and_tenants_isolated() {
         (r.status.as_u16(), r.body["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"rosterd\", error=\"insufficient_scope\", scope=\"roster:read\"")
+    );
+    // Scopes are split at spaces only (RFC 6749 §3.3).
+    let nbsp = d.jwt(TENANT, "roster:admin\u{a0}openid");
+    api_error(
+        &d.roster(Method::GET, "/users", &nbsp, None).await,
+        403,
+        "insufficient_scope",
+    );
+    // A claim that is there but of the wrong type is named as invalid, not missing.
+    for claims in [
+        json!({"sub": "x", "tenant": TENANT, "scope": "roster:read", "aud": "rosterd-tests", "exp": (now + 60).to_string()}),
+        json!({"sub": "x", "tenant": TENANT, "scope": "roster:read", "aud": "rosterd-tests", "exp": now + 60, "iss": ["a", "b"]}),
+    ] {
+        let r = d
+            .roster(Method::GET, "/users", &jwt_with(claims), None)
+            .await;
+        api_error(&r, 401, "token_invalid_claim");
+    }
 
     // X-Tenant must agree with the token.
     let r = d
