@@ -336,6 +336,13 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
     let mut seen: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for a in &bundle.archetypes {
         for e in &a.examples {
+            if e.contains(['\n', '\r']) {
+                eprintln!(
+                    "note: an example of {} spans several lines ({:?}…); is a quote left open?",
+                    a.id,
+                    e.chars().take(40).collect::<String>()
+                );
+            }
             seen.entry(rosterd::classify::normalize_title(e))
                 .or_default()
                 .push(&a.id);
@@ -409,7 +416,7 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         out.write_record([
             &*rosterd::api::neutralize(title),
             c.archetype_id.as_deref().unwrap_or(""),
-            &format!("{:.3}", c.confidence),
+            &rosterd::api::confidence_cell(c.confidence),
         ])?;
         rows += 1;
         Ok(())
@@ -421,7 +428,16 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
-            emit(rec.get(col).unwrap_or(""), dept.and_then(|d| rec.get(d)))?;
+            let title = rec.get(col).unwrap_or("");
+            // Legal CSV, but a job title never spans lines: more likely a quote left open,
+            // which swallows the lines after it.
+            if title.contains(['\n', '\r']) {
+                eprintln!(
+                    "note: line {}: the title spans several lines; is a quote left open?",
+                    rec.position().map_or(0, |p| p.line())
+                );
+            }
+            emit(title, dept.and_then(|d| rec.get(d)))?;
         }
     } else {
         for line in text.as_bytes().lines() {

@@ -49,11 +49,11 @@ pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// A confidence cut (not rounded) to three places, as the CSV shows it: rounding would
+/// A confidence cut (not rounded) to three places, as CSV output shows it: rounding would
 /// print 0.6996, which is under the review threshold, as 0.700. The nudge keeps values
 /// such as 0.29, whose binary form is a hair under, from dropping a thousandth.
-fn three_places_down(c: f64) -> f64 {
-    (c * 1000.0 + 1e-9).floor() / 1000.0
+pub fn confidence_cell(c: f64) -> String {
+    format!("{:.3}", (c * 1000.0 + 1e-9).floor() / 1000.0)
 }
 
 /// The csv writer's sink: shared so full chunks can be taken out while it keeps writing.
@@ -119,7 +119,7 @@ fn write_rows<W: std::io::Write>(
         confidence.clear();
         if let Some(c) = rec.confidence() {
             use std::fmt::Write;
-            let _ = write!(confidence, "{:.3}", three_places_down(c));
+            let _ = write!(confidence, "{}", confidence_cell(c));
         }
         let cells = [
             rec.user.email,
@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn confidence_is_cut_not_rounded() {
-        let shown = |c: f64| format!("{:.3}", three_places_down(c));
+        let shown = confidence_cell;
         assert_eq!(shown(0.6996), "0.699");
         assert_eq!(shown(0.7), "0.700");
         assert_eq!(shown(0.29), "0.290");

@@ -643,7 +643,9 @@ fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> Ap
 }
 
 /// The `archetype_id` of a body: a string sets an override, `null` clears it.
-fn archetype_field(body: &Value) -> ApiResult<Option<String>> {
+/// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
+/// for the error message.
+fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
     };
@@ -655,9 +657,9 @@ fn archetype_field(body: &Value) -> ApiResult<Option<String>> {
     match obj.get("archetype_id") {
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(Value::Null) => Ok(None),
-        _ => Err(ApiError::BadRequest(
-            "archetype_id must be an archetype id, or null to clear the override".into(),
-        )),
+        _ => Err(ApiError::BadRequest(format!(
+            "archetype_id must be an archetype id, or null to {null_means}"
+        ))),
     }
 }
 
@@ -669,7 +671,7 @@ async fn patch_user(
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    let archetype = archetype_field(&parse_json(&body)?)?;
+    let archetype = archetype_field(&parse_json(&body)?, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(&st, &caller, archetype.as_deref())?;
     if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
@@ -925,14 +927,15 @@ async fn accept_review(
     caller.require(Scope::Write)?;
     // No body, `{}` and `{"archetype_id": null}` all accept the suggestion (the OpenAPI
     // document makes the field optional).
-    let chosen = if body.is_empty() {
+    // Whitespace is no body, as for `scim:sync`.
+    let chosen = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         let v = parse_json(&body)?;
         if v.as_object().is_some_and(|o| o.is_empty()) {
             None
         } else {
-            archetype_field(&v)?
+            archetype_field(&v, "accept the suggestion")?
         }
     };
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;

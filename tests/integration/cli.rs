@@ -84,6 +84,15 @@ fn bundle_from_csv_then_classify_dry_run() {
     let (ok, out, err) = classify_titles();
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
+    assert!(!err.contains("note:"), "{err}");
+    // A quote left open swallows the lines after it: said, not silent.
+    std::fs::write(&titles, "title\n\"Head Chef\nStaff Nurse\nLorry Driver\n").unwrap();
+    let (ok, _, err) = classify_titles();
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("line 2: the title spans several lines"),
+        "{err}"
+    );
 
     // The same file as Excel saves it ("CSV UTF-8", with a byte-order mark): the header
     // is still a header and the title still the title.

@@ -1549,14 +1549,44 @@ async fn every_roster_api_error_is_the_apis_json() {
         assert_eq!(ids, [etudes.as_str()], "{q}");
     }
 
-    // A review item accepts `{}` as the OpenAPI document allows.
+    // A review item accepts `{}` as the OpenAPI document allows, and a body of blanks
+    // as no body; an empty id is refused in this endpoint's own words.
     let who = create(&d, "who@acme.test", "zzqx blorp", None).await;
     let r = d
         .roster(
             Method::POST,
             &format!("/review/{who}/accept"),
             &admin,
+            Some(json!({"archetype_id": ""})),
+        )
+        .await;
+    api_error(&r, 400, "invalid_request");
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("null to accept the suggestion"),
+        "{}",
+        r.body
+    );
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/review/{who}/accept"),
+            &admin,
             Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let blank = create(&d, "blank-body@acme.test", "zzqx blorp", None).await;
+    let url = d.url(&format!("/api/v1/roster/review/{blank}/accept"));
+    let r = d
+        .raw(
+            Method::POST,
+            &url,
+            Some(&admin),
+            &[("content-type", "application/json")],
+            Some(b"  \n".to_vec()),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
