@@ -795,24 +795,21 @@ impl Store {
     /// The SCIM id of a deleted user by their userName (any case): the latest one deleted
     /// under that name, if they ever had an assignment.
     pub fn departed_user(&self, tenant: &str, user_name: &str) -> StoreResult<Option<String>> {
-        let t = self.tenant(tenant)?;
-        t.tree
-            .get(keys::departed_by_name(user_name))?
-            .map(|v| {
-                String::from_utf8(v.to_vec())
-                    .map_err(|_| StoreError::Corrupt("departed user id is not UTF-8".into()))
-            })
-            .transpose()
+        self.text_at(tenant, &keys::departed_by_name(user_name), "departed user id")
     }
 
     /// The userName a deleted user had, by SCIM id.
     pub fn departed_name(&self, tenant: &str, id: &str) -> StoreResult<Option<String>> {
+        self.text_at(tenant, &keys::departed_by_id(id), "departed userName")
+    }
+
+    fn text_at(&self, tenant: &str, key: &[u8], what: &str) -> StoreResult<Option<String>> {
         let t = self.tenant(tenant)?;
         t.tree
-            .get(keys::departed_by_id(id))?
+            .get(key)?
             .map(|v| {
                 String::from_utf8(v.to_vec())
-                    .map_err(|_| StoreError::Corrupt("departed userName is not UTF-8".into()))
+                    .map_err(|_| StoreError::Corrupt(format!("{what} is not UTF-8")))
             })
             .transpose()
     }
