@@ -57,6 +57,10 @@ pub struct Config {
     /// The directory of the config file: relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file this was read from and its text then, so a reload can tell the operator
+    /// that edits to it wait for a restart.
+    #[serde(skip)]
+    pub source: Option<(PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -287,11 +291,20 @@ impl Config {
             message: e.to_string(),
         })?;
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.source = Some((path.to_owned(), text.to_owned()));
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
         })?;
         Ok(config)
+    }
+
+    /// Whether the file this config came from now reads differently (SIGHUP does not
+    /// apply it: tenants, group rules, the server and the schedules take a restart).
+    pub fn changed_on_disk(&self) -> bool {
+        self.source
+            .as_ref()
+            .is_some_and(|(path, text)| std::fs::read_to_string(path).is_ok_and(|now| now != *text))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -400,6 +413,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_of_the_file_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "version = 1\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        assert!(!config.changed_on_disk());
+        std::fs::write(&path, "version = 1\n# a comment\n").unwrap();
+        assert!(config.changed_on_disk());
+        assert!(!Config::load(&path).unwrap().changed_on_disk());
+    }
 
     #[test]
     fn unknown_key_is_named() {

@@ -150,6 +150,15 @@ enum BundleCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // `rosterd status | head`: a command-line tool whose reader went away should end
+        // quietly, as `cat` does, not panic in println!. The daemon keeps Rust's ignored
+        // SIGPIPE, since a client closing its socket must not kill it.
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Serve {
             config,
@@ -268,7 +277,7 @@ fn check_config(path: PathBuf) -> Result<()> {
     }
     if bad_bundles > 0 {
         anyhow::bail!(
-            "{}: `serve` would refuse to start: {bad_bundles} bundle(s) above do not load",
+            "{}: `serve` would refuse to start: {bad_bundles} tenant(s) above cannot load their bundle and group rules",
             path.display()
         );
     }
@@ -381,6 +390,26 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
 /// Column names taken as the job title and the department in a titles CSV.
 const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
 const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
+const OTHER_COLUMNS: &[&str] = &[
+    "name",
+    "email",
+    "e-mail",
+    "id",
+    "user",
+    "username",
+    "user_name",
+    "first",
+    "last",
+    "first name",
+    "last name",
+    "first_name",
+    "last_name",
+    "manager",
+    "employee",
+    "employee id",
+    "employee_id",
+    "location",
+];
 
 fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result<()> {
     use std::io::BufRead;
@@ -399,7 +428,10 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         .unwrap_or_default();
     let column = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     let title_col = column(TITLE_COLUMNS);
-    if title_col.is_none() && header.len() > 2 {
+    // Column names of the HR exports people feed this: a first line that holds one is a
+    // header, however few columns it has.
+    let named = column(DEPARTMENT_COLUMNS).is_some() || column(OTHER_COLUMNS).is_some();
+    if title_col.is_none() && (header.len() > 2 || (header.len() == 2 && named)) {
         // Titles hold a comma now and then ("Director, Sales"), hardly two.
         anyhow::bail!(
             "the first line looks like a CSV header but names no title column ({}); \
@@ -472,6 +504,14 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
         .context("[api.jwt] has no hs256_secret_env; mint RS256/ES256 tokens with your IdP")?;
     let secret =
         std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?;
+    // A token the daemon would refuse to verify helps no one.
+    if secret.len() < rosterd::api::jwt::MIN_HS256_SECRET_BYTES {
+        anyhow::bail!(
+            "{var} holds {} bytes; `serve` refuses an HS256 secret under {} bytes, so it would refuse this token too",
+            secret.len(),
+            rosterd::api::jwt::MIN_HS256_SECRET_BYTES
+        );
+    }
     if !config.tenants.iter().any(|t| t.id == tenant) {
         anyhow::bail!("tenant {tenant:?} is not declared in the config");
     }

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 /// Shorter HMAC secrets are brute-forceable offline from a single token
 /// (RFC 7518 §3.2 asks for at least the hash size, 256 bits).
-const MIN_HS256_SECRET_BYTES: usize = 32;
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// Caps per-request work: every candidate key costs a signature check, and
 /// real access tokens are far smaller.

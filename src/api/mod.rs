@@ -32,6 +32,9 @@ pub enum ApiError {
     Unauthorized(#[from] JwtError),
     #[error("this token does not open tenant {0:?}")]
     TenantMismatch(String),
+    /// The token verified, but names a tenant this daemon does not serve.
+    #[error("tenant {0:?}, which the token names, is not configured on this daemon")]
+    UnknownTenant(String),
     #[error("this request needs the {0} scope")]
     MissingScope(&'static str),
     #[error("{0}")]
@@ -96,6 +99,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::TenantMismatch(_) => (StatusCode::FORBIDDEN, "tenant_mismatch"),
+            ApiError::UnknownTenant(_) => (StatusCode::FORBIDDEN, "unknown_tenant"),
             ApiError::MissingScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::InvalidArchetype(_) => (StatusCode::BAD_REQUEST, "invalid_archetype"),
@@ -348,7 +352,7 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
         }
     }
     if !state.roster.tenants.contains_key(&principal.tenant) {
-        return Err(ApiError::TenantMismatch(principal.tenant.clone()));
+        return Err(ApiError::UnknownTenant(principal.tenant.clone()));
     }
     Ok(Caller {
         tenant: principal.tenant.clone(),

@@ -30,7 +30,7 @@ fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
         );
         map.insert(
             "403".into(),
-            error_response("Missing scope, or X-Tenant does not match the token's tenant"),
+            error_response("Missing scope (insufficient_scope), X-Tenant does not match the token's tenant (tenant_mismatch), or the token's tenant is not served here (unknown_tenant)"),
         );
         map.insert(
             "503".into(),
@@ -160,12 +160,12 @@ pub fn openapi_document() -> Value {
                     "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format")}), &[])
             }},
             "/api/v1/roster/archetype:bulk-assign": {"post": {
-                "operationId": "bulkAssign", "summary": "Override many users' archetypes (roster:write)",
+                "operationId": "bulkAssign", "summary": "Override (or, with null, clear the override of) many users' archetypes (roster:write)",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["assignments"],
                     "properties": {"assignments": {"type": "array", "maxItems": 10000, "items": {
                         "type": "object", "required": ["user_id", "archetype_id"],
-                        "properties": {"user_id": {"type": "string"}, "archetype_id": {"type": "string"}}}}}
+                        "properties": {"user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"], "description": "null clears the override"}}}}}
                 }}}},
                 "responses": common_errors(json!({"200": ok_json("Per-item outcome", json!({
                     "type": "object",

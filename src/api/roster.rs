@@ -65,7 +65,7 @@ pub(super) fn tenant_of<'a>(state: &'a AppState, caller: &Caller) -> ApiResult<&
         .roster
         .tenants
         .get(&caller.tenant)
-        .ok_or_else(|| ApiError::TenantMismatch(caller.tenant.clone()))
+        .ok_or_else(|| ApiError::UnknownTenant(caller.tenant.clone()))
 }
 
 /// Run store reads off the async threads.
@@ -150,7 +150,14 @@ pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult
         }
         None => store.get(tenant, ResourceKind::User, user_id)?,
     };
-    found.ok_or_else(|| ApiError::NotFound(format!("user {user_id:?} not found")))
+    found.ok_or_else(|| {
+        ApiError::NotFound(if user_id.starts_with("user:") {
+            format!("user {user_id:?} not found")
+        } else {
+            // A bare userName is the usual slip: the path takes `user:` before it.
+            format!("user {user_id:?} not found; name a user by user:<userName> or by SCIM id")
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -721,19 +728,29 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
             .get("user_id")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let archetype = item.get("archetype_id").and_then(Value::as_str);
         let outcome: ApiResult<()> = async {
-            let archetype =
-                archetype.ok_or_else(|| ApiError::BadRequest("archetype_id is required".into()))?;
-            if !policy.has_archetype(archetype) {
-                return Err(ApiError::InvalidArchetype(archetype.to_owned()));
-            }
+            // As PATCH takes it: an id overrides, null clears the override.
+            let change = match item.get("archetype_id") {
+                Some(Value::String(a)) if !a.is_empty() => {
+                    if !policy.has_archetype(a) {
+                        return Err(ApiError::InvalidArchetype(a.clone()));
+                    }
+                    OverrideChange::Set(a.clone())
+                }
+                Some(Value::Null) => OverrideChange::Clear,
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "archetype_id is required: an archetype id, or null to clear the override"
+                            .into(),
+                    ));
+                }
+            };
             let user = find_user_async(&st, &caller.tenant, user_id).await?;
             st.store
                 .change_override(
                     &caller.tenant,
                     &user.id,
-                    OverrideChange::Set(archetype.to_owned()),
+                    change,
                     OVERRIDE_RULES,
                     &caller.principal.actor(),
                 )

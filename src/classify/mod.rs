@@ -57,6 +57,17 @@ pub enum ClassifyError {
         line: u64,
         message: String,
     },
+    /// A tenant's group rule (in the daemon's config) names an archetype its bundle
+    /// lacks: the config or the bundle is to fix, and the message names both.
+    #[error(
+        "group_rules[{index}] (group {group:?}) names archetype {archetype:?}, which is not in the tenant's bundle (version {bundle_version}); fix the rule in the config file or add the archetype to the bundle"
+    )]
+    UnknownRuleArchetype {
+        index: usize,
+        group: String,
+        archetype: String,
+        bundle_version: String,
+    },
     /// Training did not finish (it panicked, or the runtime shut down under it).
     #[error("training the classifier stopped: {0}")]
     Interrupted(String),
@@ -270,20 +281,13 @@ impl Classifier {
                 let p = probs[best];
                 let mut conf = self.calibrator.apply(f64::from(p));
                 if let Some(t) = &title_only {
-                    conf = conf.min(self.calibrator.apply(f64::from(t[best])));
+                    conf = conf.min(self.title_alone_rates(t, best));
                 }
                 (best, conf, p)
             }
         };
 
-        // Runners-up share the confidence left over, in proportion to the
-        // model's probabilities, so the candidates never sum past 1.
-        let rest = 1.0 - f64::from(best_p);
-        let scale = if rest > 1e-9 {
-            (1.0 - best_conf) / rest
-        } else {
-            0.0
-        };
+        let scale = runner_up_scale(best_p, best_conf);
         let mut candidates = Vec::with_capacity(TOP_K);
         candidates.push(Candidate {
             archetype_id: self.ids[best].clone(),
@@ -300,6 +304,19 @@ impl Classifier {
             confidence: round6(best_conf),
             candidates,
         }
+    }
+
+    /// The confidence the title alone gives archetype `i`, as its candidates list shows
+    /// it: the calibrated confidence of its first choice, or a runner-up's share.
+    fn title_alone_rates(&self, title_probs: &[f32], i: usize) -> f64 {
+        let Some(&top) = top_k(title_probs, 1).first() else {
+            return 0.0;
+        };
+        let top_conf = self.calibrator.apply(f64::from(title_probs[top]));
+        if i == top {
+            return top_conf;
+        }
+        (f64::from(title_probs[i]) * runner_up_scale(title_probs[top], top_conf)).min(top_conf)
     }
 
     fn add_hint_bonus(&self, dept: &str, logits: &mut [f32]) {
@@ -320,6 +337,17 @@ impl Classifier {
         for (l, b) in logits.iter_mut().zip(&bonus) {
             *l += b;
         }
+    }
+}
+
+/// Runners-up share the confidence the first choice leaves over, in proportion to the
+/// model's probabilities, so the candidates never sum past 1.
+fn runner_up_scale(best_p: f32, best_conf: f64) -> f64 {
+    let rest = 1.0 - f64::from(best_p);
+    if rest > 1e-9 {
+        (1.0 - best_conf) / rest
+    } else {
+        0.0
     }
 }
 

@@ -29,11 +29,11 @@ impl TenantPolicy {
     ) -> Result<TenantPolicy, ClassifyError> {
         for (i, r) in rules.iter().enumerate() {
             if bundle.get(&r.archetype).is_none() {
-                return Err(ClassifyError::Invalid {
-                    origin: "config.toml".into(),
-                    key: format!("group_rules[{i}].archetype"),
-                    archetype: Some(r.archetype.clone()),
-                    reason: "not an archetype of the tenant's bundle".into(),
+                return Err(ClassifyError::UnknownRuleArchetype {
+                    index: i,
+                    group: r.group.clone(),
+                    archetype: r.archetype.clone(),
+                    bundle_version: bundle.version.clone(),
                 });
             }
         }

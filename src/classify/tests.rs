@@ -185,7 +185,7 @@ fn department_breaks_a_tie() {
         "Partner",
         "Engineer",
     ] {
-        let alone = clf.classify(t, None).confidence;
+        let alone = clf.classify(t, None);
         for d in [
             "Finance",
             "IT",
@@ -195,7 +195,21 @@ fn department_breaks_a_tie() {
             "Facilities",
         ] {
             let c = clf.classify(t, Some(d));
-            assert!(c.confidence <= alone + 1e-9, "{t} in {d}: {c:?} > {alone}");
+            assert!(
+                c.confidence <= alone.confidence + 1e-9,
+                "{t} in {d}: {c:?} > {alone:?}"
+            );
+            // Nor above what the title's own candidates say of the archetype chosen.
+            if let Some(own) = alone
+                .candidates
+                .iter()
+                .find(|k| Some(&k.archetype_id) == c.archetype_id.as_ref())
+            {
+                assert!(
+                    c.confidence <= own.confidence + 1e-6,
+                    "{t} in {d}: {c:?} > {own:?}"
+                );
+            }
         }
     }
     let c = clf.classify("Analyst", Some("IT"));
@@ -203,6 +217,45 @@ fn department_breaks_a_tie() {
     // A department with no hint still leaves a clear title alone.
     let c = clf.classify("Senior Software Engineer", Some("Finance"));
     assert_eq!(c.archetype_id.as_deref(), Some("software_engineer"));
+}
+
+#[test]
+fn with_the_demo_bundle_a_department_never_rates_an_archetype_above_the_title() {
+    let demo = Bundle::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/archetypes/demo.toml"
+    )))
+    .unwrap();
+    let depts: Vec<String> = demo
+        .archetypes
+        .iter()
+        .flat_map(|a| a.departments.clone())
+        .collect();
+    let clf = Classifier::new(&demo);
+    for t in [
+        "Engineer",
+        "Data Analyst",
+        "Technical Writer",
+        "Manager",
+        "Specialist",
+        "Exec. Assistant to the CEO",
+        "Coordinator",
+        "Lead",
+    ] {
+        let alone = clf.classify(t, None);
+        for d in &depts {
+            let c = clf.classify(t, Some(d));
+            let own = alone
+                .candidates
+                .iter()
+                .find(|k| Some(&k.archetype_id) == c.archetype_id.as_ref())
+                .map_or(alone.confidence, |k| k.confidence);
+            assert!(
+                c.confidence <= own + 1e-6,
+                "{t} in {d}: {c:?}, alone {alone:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -239,6 +239,11 @@ async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
 /// previous one (for bundles) or none (for connector files) stays in effect.
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
+    if state.config.changed_on_disk() {
+        tracing::warn!(
+            "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
+        );
+    }
     let errors = state.dispatch.apply(state.config.load_connectors()).await;
     let mut failed = errors.len();
     for t in &state.config.tenants {

@@ -795,7 +795,11 @@ impl Store {
     /// The SCIM id of a deleted user by their userName (any case): the latest one deleted
     /// under that name, if they ever had an assignment.
     pub fn departed_user(&self, tenant: &str, user_name: &str) -> StoreResult<Option<String>> {
-        self.text_at(tenant, &keys::departed_by_name(user_name), "departed user id")
+        self.text_at(
+            tenant,
+            &keys::departed_by_name(user_name),
+            "departed user id",
+        )
     }
 
     /// The userName a deleted user had, by SCIM id.

@@ -139,6 +139,28 @@ fn bundle_from_csv_then_classify_dry_run() {
     let (ok, out, err) = classify_titles();
     assert!(!ok && out.is_empty(), "{out}");
     assert!(err.contains("no title column (name, email, role)"), "{err}");
+    // Two columns are a header too when one is a column name HR exports use; a title
+    // with one comma is still a title.
+    std::fs::write(
+        &titles,
+        "name,department
+Jane,Kitchen
+",
+    )
+    .unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("no title column (name, department)"), "{err}");
+    std::fs::write(
+        &titles,
+        "Director, Sales
+Head Chef
+",
+    )
+    .unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
     std::fs::write(&titles, b"head chef\n\xe9t\xe9 nurse\n").unwrap();
     let (ok, _, err) = classify_titles();
     assert!(!ok);
@@ -285,4 +307,35 @@ fn bad_bundles_and_configs_name_the_problem() {
     let (ok, _, err) = check(tenant(fixture, "[connectors]\ndir = \"connectors\"\n"));
     assert!(!ok);
     assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn output_to_a_reader_that_goes_away_ends_quietly() {
+    // `rosterd classify … | head -1`: the reader closes early; the command should stop
+    // as `cat` would, without an error or a panic on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let titles = dir.path().join("titles.txt");
+    std::fs::write(&titles, "Head Chef\n".repeat(200_000)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args([
+            "classify",
+            "--bundle",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/archetypes/demo.toml"),
+            titles.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+    assert_eq!(&first[..6], b"title,");
 }

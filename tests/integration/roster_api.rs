@@ -793,6 +793,45 @@ async fn bulk_assign_reports_per_item() {
         roster_user(&d, &admin, "user:b@acme.test").await["archetype_id"],
         "production_planner"
     );
+    // null clears, as PATCH; a missing id is a per-item error that says so.
+    let r = d
+        .roster(
+            Method::POST,
+            "/archetype:bulk-assign",
+            &admin,
+            Some(json!({"assignments": [
+                {"user_id": "user:a@acme.test", "archetype_id": null},
+                {"user_id": "user:a@acme.test"}
+            ]})),
+        )
+        .await;
+    assert_eq!(
+        (r.body["updated"].as_u64(), r.body["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("null to clear"),
+        "{}",
+        r.body
+    );
+    let a = roster_user(&d, &admin, "user:a@acme.test").await;
+    assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
+    let r = d
+        .roster(
+            Method::POST,
+            "/archetype:bulk-assign",
+            &admin,
+            Some(json!({"assignments": [
+                {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst"}
+            ]})),
+        )
+        .await;
+    assert_eq!(r.body["updated"], 1, "{}", r.body);
 
     let r = d.roster(Method::GET, "/archetypes", &admin, None).await;
     assert_eq!(r.status, 200);
@@ -1315,11 +1354,23 @@ async fn tokens_are_verified_and_tenants_isolated() {
     );
     // A token for an undeclared tenant opens nothing.
     let stranger = d.jwt("initech", "roster:admin");
-    assert_eq!(
-        d.roster(Method::GET, "/users", &stranger, None)
-            .await
-            .status,
-        403
+    api_error(
+        &d.roster(Method::GET, "/users", &stranger, None).await,
+        403,
+        "unknown_tenant",
+    );
+    // A bare userName in the path is the usual slip; the 404 says what to write.
+    let r = d
+        .roster(Method::GET, "/users/iso@acme.test", &admin, None)
+        .await;
+    api_error(&r, 404, "not_found");
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("user:<userName>"),
+        "{}",
+        r.body
     );
 
     // globex cannot see or change acme's users, by name or by id.
