@@ -1207,12 +1207,7 @@ async fn review_queue_lists_and_resolves() {
         let r = d
             .roster(Method::POST, &format!("/review/{who}/accept"), &admin, None)
             .await;
-        api_error(&r, 409, "not_in_review");
-        assert!(
-            r.body["message"].as_str().unwrap().contains(who),
-            "{}",
-            r.body
-        );
+        api_error_saying(&r, 409, "not_in_review", who);
     }
     assert_eq!(
         roster_user(&d, &admin, "user:sure@acme.test").await["archetype_assigned_by"],
@@ -1363,15 +1358,7 @@ async fn tokens_are_verified_and_tenants_isolated() {
     let r = d
         .roster(Method::GET, "/users/iso@acme.test", &admin, None)
         .await;
-    api_error(&r, 404, "not_found");
-    assert!(
-        r.body["message"]
-            .as_str()
-            .unwrap()
-            .contains("user:<userName>"),
-        "{}",
-        r.body
-    );
+    api_error_saying(&r, 404, "not_found", "user:<userName>");
 
     // globex cannot see or change acme's users, by name or by id.
     let globex = d.jwt(OTHER_TENANT, "roster:admin");
@@ -1487,6 +1474,13 @@ async fn openapi_lists_exactly_the_served_operations() {
 
 /// A Roster API error is `{error, message}` JSON with a stable code, whatever refused the
 /// request: a handler, or axum before any handler ran.
+/// An API error whose message says `text`.
+fn api_error_saying(r: &crate::harness::Resp, status: u16, code: &str, text: &str) {
+    api_error(r, status, code);
+    let msg = r.body["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(text), "{msg:?} should say {text:?}");
+}
+
 fn api_error(r: &crate::harness::Resp, status: u16, code: &str) {
     assert_eq!(r.status.as_u16(), status, "{}", r.body);
     assert_eq!(
@@ -1611,15 +1605,7 @@ async fn every_roster_api_error_is_the_apis_json() {
             Some(json!({"archetype_id": ""})),
         )
         .await;
-    api_error(&r, 400, "invalid_request");
-    assert!(
-        r.body["message"]
-            .as_str()
-            .unwrap()
-            .contains("null to accept the suggestion"),
-        "{}",
-        r.body
-    );
+    api_error_saying(&r, 400, "invalid_request", "null to accept the suggestion");
     let r = d
         .roster(
             Method::POST,
