@@ -254,7 +254,16 @@ fn check_config(path: PathBuf) -> Result<()> {
         Some(j) => match rosterd::api::jwt::JwtVerifier::from_config(j, &config.base_dir, &|v| {
             std::env::var(v).ok()
         }) {
-            Ok(_) => println!("Roster API: JWT keys load"),
+            Ok(_) => {
+                println!("Roster API: JWT keys load");
+                if let Some(var) = &j.hs256_secret_env
+                    && std::env::var(var).is_err()
+                {
+                    eprintln!(
+                        "warning: [api.jwt]: {var} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token"
+                    );
+                }
+            }
             Err(e @ rosterd::api::jwt::JwtError::SecretUnset { .. }) => eprintln!(
                 "warning: [api.jwt]: {e}; `serve` would start with the Roster API off unless it is set there"
             ),
@@ -390,25 +399,23 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
 /// Column names taken as the job title and the department in a titles CSV.
 const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
 const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
+/// Column names that are not also the head of a job title: "Manager, Human Resources" or
+/// "Employee, Relations" is a title, "name,department" a header.
 const OTHER_COLUMNS: &[&str] = &[
     "name",
     "email",
     "e-mail",
     "id",
-    "user",
     "username",
     "user_name",
-    "first",
-    "last",
+    "user id",
+    "user_id",
     "first name",
     "last name",
     "first_name",
     "last_name",
-    "manager",
-    "employee",
     "employee id",
     "employee_id",
-    "location",
 ];
 
 fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result<()> {

@@ -454,6 +454,14 @@ impl JwtVerifier {
         {
             return Err(JwtError::InvalidClaim("iss".to_owned()));
         }
+        // jsonwebtoken reads only exp and nbf; an `iat` that is no NumericDate is as
+        // malformed a token (RFC 7519 §4.1.6).
+        if claims
+            .get("iat")
+            .is_some_and(|i| !i.is_number() && !i.is_null())
+        {
+            return Err(JwtError::InvalidClaim("iat".to_owned()));
+        }
         let subject = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(JwtError::MissingClaim("sub".to_owned())),
@@ -1404,6 +1412,12 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             let garbled = hs256(&with(claims(), json!({ "exp": exp })));
             assert_eq!(code_of(v.verify(&garbled)), "token_invalid_claim", "{exp}");
         }
+        for iat in [json!("1796199230"), json!({ "x": 1 })] {
+            let garbled = hs256(&with(claims(), json!({ "iat": iat })));
+            assert_eq!(code_of(v.verify(&garbled)), "token_invalid_claim", "{iat}");
+        }
+        let fine = hs256(&with(claims(), json!({ "iat": now() })));
+        assert!(v.verify(&fine).is_ok());
     }
 
     #[test]

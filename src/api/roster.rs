@@ -523,8 +523,14 @@ impl UserFilter {
 /// not be unique; a name that several groups share is refused rather than read as one
 /// of them, which would list some of the users it names and silently leave out others.
 fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>> {
-    if store.get(tenant, ResourceKind::Group, g)?.is_some() {
-        return Ok(Some(g.to_owned()));
+    // Ids are issued lower-case; a UUID is the same id in either case.
+    let as_id = if uuid::Uuid::try_parse(g).is_ok() {
+        g.to_ascii_lowercase()
+    } else {
+        g.to_owned()
+    };
+    if store.get(tenant, ResourceKind::Group, &as_id)?.is_some() {
+        return Ok(Some(as_id));
     }
     let one = |mut ids: Vec<String>, what: &str| -> ApiResult<Option<String>> {
         if ids.len() > 1 {

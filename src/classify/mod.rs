@@ -29,6 +29,13 @@ use calibrate::Calibrator;
 use features::{FeatureConfig, FeatureSpace, RawFeature, SparseVec};
 use model::{Rng, Softmax, TrainConfig};
 
+/// The classifier's own revision, part of every tenant's policy fingerprint. Bump it with
+/// any change to normalization, features, training or calibration that can change a
+/// decision: a daemon started on a store classified by an older rosterd then reclassifies
+/// the tenant (writing events only where the decision changed), instead of keeping old
+/// answers beside new ones until the next reconcile.
+pub const REVISION: &str = "2026-12-02";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
     #[error("{path}: cannot read bundle: {source}")]
@@ -294,9 +301,17 @@ impl Classifier {
             confidence: round6(best_conf),
         });
         for &i in ranked.iter().filter(|&&i| i != best).take(TOP_K - 1) {
+            let share = f64::from(probs[i]) * scale;
+            let confidence = match &title_only {
+                // The department chose: a runner-up the title alone rates higher shows
+                // that rating (capped at its share), so a reviewer sees that the
+                // department overruled the title, rather than a row of equal numbers.
+                Some(t) if exact.is_none() => share.min(self.title_alone_rates(t, i)),
+                _ => share.min(best_conf),
+            };
             candidates.push(Candidate {
                 archetype_id: self.ids[i].clone(),
-                confidence: round6((f64::from(probs[i]) * scale).min(best_conf)),
+                confidence: round6(confidence),
             });
         }
         Classification {

@@ -37,26 +37,34 @@ pub fn normalize_title(title: &str) -> String {
     let mut out = String::with_capacity(title.len() + 16);
     let last = tokens.len().saturating_sub(1);
     for (i, tok) in tokens.iter().enumerate() {
-        // "Dir. of Eng." and "Sr. Dir. Eng." direct engineering: after "of"/"in"/"and",
-        // or after a leader's title, an abbreviation names the field even in last place.
-        let field = i > 0
-            && matches!(
-                tokens[i - 1].as_str(),
-                "of" | "in"
-                    | "and"
-                    | "for"
-                    | "dir"
-                    | "director"
-                    | "head"
-                    | "vp"
-                    | "svp"
-                    | "evp"
-                    | "avp"
-                    | "chief"
-                    | "mgr"
-                    | "manager"
-            );
-        let expanded = expand(tok, i == last && !field);
+        // The last word is the role ("Software Eng." is an engineer), other words modify
+        // it ("Eng. Manager"); after "of"/"in"/"and"/"for" the last word names a field
+        // ("Dir. of Eng."), and so it does after a leader's title ("Sr. Dir. Eng."),
+        // though only for the abbreviations whose field is clear there ("Mgr Dev" might
+        // be a developers' manager or business development).
+        let prev = if i > 0 { tokens[i - 1].as_str() } else { "" };
+        let after_joiner = matches!(prev, "of" | "in" | "and" | "for");
+        let after_leader = matches!(
+            prev,
+            "dir"
+                | "director"
+                | "head"
+                | "vp"
+                | "svp"
+                | "evp"
+                | "avp"
+                | "chief"
+                | "mgr"
+                | "manager"
+        ) && matches!(tok.as_str(), "eng" | "acct" | "accnt");
+        let place = if i != last {
+            Place::Modifier
+        } else if after_joiner || after_leader {
+            Place::Field
+        } else {
+            Place::Role
+        };
+        let expanded = expand(tok, place);
         for word in expanded.split(' ') {
             if word.is_empty() {
                 continue;
@@ -409,11 +417,23 @@ fn strip_levels(out: &mut String) {
     }
 }
 
-/// Abbreviation expansion. `last` marks the final token, where the noun
-/// form is meant ("Software Eng." is an engineer, "Eng. Manager" manages
-/// engineering).
-fn expand(tok: &str, last: bool) -> &str {
+/// Where a word stands in a title, which decides what an abbreviation means there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The last word: the role itself ("Software Eng." is an engineer).
+    Role,
+    /// Before the role: "Eng. Manager" manages engineering.
+    Modifier,
+    /// The last word naming a field: "Dir. of Acct." directs accounting.
+    Field,
+}
+
+/// Abbreviation expansion.
+fn expand(tok: &str, place: Place) -> &str {
+    let last = place == Place::Role;
     match tok {
+        "acct" | "accnt" if place == Place::Field => "accounting",
+        "tech" | "techn" if place == Place::Field => "technology",
         "sr" | "snr" | "senr" => "senior",
         "jr" | "jnr" => "junior",
         "mgr" | "mngr" | "mgnr" | "manger" => "manager",
@@ -597,6 +617,13 @@ mod tests {
         assert_eq!(n("Sr. Dir. Eng."), "senior director engineering");
         assert_eq!(n("Dir., Eng."), "director engineering");
         assert_eq!(n("Lead Eng."), "lead engineer");
+        // A leader's field only where the abbreviation's field is clear.
+        assert_eq!(n("Mgr Acct"), "manager accounting");
+        assert_eq!(n("Dir. of Acct."), "director of accounting");
+        assert_eq!(n("Head Tech"), "head technician");
+        assert_eq!(n("Dir. of Tech."), "director of technology");
+        assert_eq!(n("Mgr Dev"), "manager developer");
+        assert_eq!(n("Acct Mgr"), "account manager");
         assert_eq!(
             n("Information Technology Manager"),
             n("IT Manager"),

@@ -41,7 +41,8 @@ impl TenantPolicy {
         // Rules and threshold are part of what decides, so they are part of the identity
         // a reload compares.
         let fingerprint = format!(
-            "{}:{}:{}",
+            "{}:{}:{}:{}",
+            super::REVISION,
             bundle.fingerprint(),
             rules
                 .iter()

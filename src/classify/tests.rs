@@ -254,8 +254,24 @@ fn with_the_demo_bundle_a_department_never_rates_an_archetype_above_the_title() 
                 c.confidence <= own + 1e-6,
                 "{t} in {d}: {c:?}, alone {alone:?}"
             );
+            let sum: f64 = c.candidates.iter().map(|k| k.confidence).sum();
+            assert!(sum <= 1.0 + 1e-6, "{t} in {d}: {c:?}");
         }
     }
+    // Where the department overrules the title, the candidates show it: the title's own
+    // first choice keeps its higher rating instead of tying with the department's pick.
+    let c = clf.classify("Engineer", Some("Hardware"));
+    assert_eq!(
+        c.archetype_id.as_deref(),
+        Some("firmware_engineer"),
+        "{c:?}"
+    );
+    let software = c
+        .candidates
+        .iter()
+        .find(|k| k.archetype_id == "software_engineer")
+        .unwrap();
+    assert!(software.confidence > c.confidence, "{c:?}");
 }
 
 #[test]
@@ -510,4 +526,13 @@ fn classify_serializes_to_json() {
     let json = serde_json::to_string(&c).unwrap_or_default();
     assert!(json.contains("\"archetype_id\":\"hr_partner\""), "{json}");
     assert!(json.contains("\"candidates\""), "{json}");
+}
+
+#[test]
+fn the_policy_fingerprint_covers_the_classifier_revision() {
+    // A store classified by another revision of the classifier must not look up to date.
+    let p = TenantPolicy::new(tiny(), Vec::new(), None).unwrap();
+    let (revision, rest) = p.fingerprint().split_once(':').unwrap();
+    assert_eq!(revision, REVISION);
+    assert!(rest.starts_with(&tiny().fingerprint()), "{rest}");
 }

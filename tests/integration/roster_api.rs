@@ -1000,6 +1000,11 @@ async fn listing_filters_and_pages() {
     assert_eq!(u["groups"], json!([gid]));
     assert_eq!(u["group_names"], json!(["Pilot"]));
     assert_eq!(names(&list(&format!("?group={gid}")).await).len(), 2);
+    assert_eq!(
+        names(&list(&format!("?group={}", gid.to_uppercase())).await).len(),
+        2,
+        "a group id in either case"
+    );
 
     // Paging with limit and an opaque cursor visits everyone exactly once.
     let mut seen = Vec::new();
