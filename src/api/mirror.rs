@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -53,6 +53,16 @@ impl From<DispatchError> for ApiError {
     }
 }
 
+/// A change as the feed shows it: as stored, but its assignment in the one shape every
+/// output gives an assignment.
+fn change_json(c: &crate::store::ChangeEvent) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or(Value::Null);
+    if let (Some(a), Some(obj)) = (&c.assignment, v.as_object_mut()) {
+        obj.insert("assignment".into(), super::assignment_state(a));
+    }
+    v
+}
+
 /// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
 /// first. `next_since` is what to ask for next.
 async fn list_changes(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
@@ -76,6 +86,7 @@ async fn list_changes(State(st): St, headers: HeaderMap, Query(p): Params) -> Ap
             st.store.changes(&tenant, since, n)?
         };
         let next_since = changes.last().map(|c| c.seq).unwrap_or(since);
+        let changes: Vec<Value> = changes.iter().map(change_json).collect();
         Ok(Json(json!({
             "changes": changes,
             "next_since": next_since,

@@ -25,6 +25,7 @@ use jwt::{JwtError, JwtVerifier, Principal, Scope};
 
 pub use export::{COLUMNS, confidence_cell, neutralize, write_roster_csv};
 pub use openapi::openapi_document;
+pub(crate) use roster::assignment_state;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -602,9 +602,10 @@ async fn get_user(
 // ---------------------------------------------------------------------------------------
 // Overrides
 
-/// An assignment as a governance event's `before` and `after` show it: the user object's
-/// names for what roster-api.txt names, and how it was decided.
-fn assignment_state(a: &Assignment) -> Value {
+/// An assignment as everything rosterd sends out shows it (governance events' `before`
+/// and `after`, the change feed, webhooks): the user object's names for what
+/// roster-api.txt names, and how it was decided.
+pub(crate) fn assignment_state(a: &Assignment) -> Value {
     json!({
         "archetype_id": a.archetype_id,
         "archetype_confidence": a.confidence,

@@ -180,7 +180,7 @@ pub fn plan(
                     "resource_type": e.resource_type,
                     "id": e.id,
                     "object": snapshot,
-                    "assignment": e.assignment,
+                    "assignment": e.assignment.as_ref().map(crate::api::assignment_state),
                     "members_added": e.members_added,
                     "members_removed": e.members_removed,
                 },

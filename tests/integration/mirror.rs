@@ -460,6 +460,15 @@ async fn the_change_feed_pages_through_committed_changes() {
         .await;
     let rest = r.body["changes"].as_array().unwrap();
     assert_eq!(rest.last().unwrap()["seq"].as_u64().unwrap(), last);
+    // Assignments in the feed have the shape they have everywhere else.
+    for c in changes.iter().chain(rest) {
+        if let Some(a) = c.get("assignment").filter(|a| !a.is_null()) {
+            assert!(
+                a.get("archetype_assigned_by").is_some() && a.get("assigned_by").is_none(),
+                "{c}"
+            );
+        }
+    }
     assert!(rest.iter().all(|c| c["seq"].as_u64().unwrap() > next));
     let r = d
         .roster(
@@ -555,10 +564,20 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     assert_eq!(hook.attempt_count(&got[0].id), 2);
     assert_eq!(got[0].body["data"]["object"]["userName"], "ada@acme.test");
     assert_eq!(got[2].body["data"]["object"]["active"], false);
-    assert_eq!(
-        got[3].body["data"]["assignment"]["archetype_id"],
-        "eng_lead"
+    // An assignment has one shape in every output: the Roster API user's names.
+    let assignment = &got[3].body["data"]["assignment"];
+    assert_eq!(assignment["archetype_id"], "eng_lead");
+    assert!(
+        assignment["archetype_assigned_by"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("user:")),
+        "{assignment}"
     );
+    assert!(
+        assignment["archetype_confidence"].is_number(),
+        "{assignment}"
+    );
+    assert!(assignment.get("confidence").is_none(), "{assignment}");
     assert!(got.iter().all(|g| g.body["data"]["tenant"] == TENANT));
     let _ = user("x");
 }
