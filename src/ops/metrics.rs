@@ -11,10 +11,13 @@
 //! - `rosterd_scim_operations_total{tenant,resource,op,status_class}`
 //! - gauges set at scrape time: `rosterd_connector_lag_events`, `rosterd_connector_lag_seconds`,
 //!   `rosterd_connector_paused`, `rosterd_connector_dead_letters` (all `{connector,tenant}`)
-//!   and `rosterd_changelog_last_seq{tenant}`.
+//!   and `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
+//!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
+//!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands).
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
-//! `rosterd_delivery_retries_total` and `rosterd_dead_letters_total` (dispatch).
+//! `rosterd_delivery_retries_total` and `rosterd_dead_letters_total` (dispatch),
+//! `rosterd_jobs_total{tenant,kind,status}` (schedule: each finished job).
 
 use axum::Json;
 use axum::Router;
@@ -38,6 +41,10 @@ pub const CONNECTOR_LAG_SECONDS: &str = "rosterd_connector_lag_seconds";
 pub const CONNECTOR_PAUSED: &str = "rosterd_connector_paused";
 pub const CONNECTOR_DEAD_LETTERS: &str = "rosterd_connector_dead_letters";
 pub const CHANGELOG_LAST_SEQ: &str = "rosterd_changelog_last_seq";
+pub const REVIEW_QUEUE_USERS: &str = "rosterd_review_queue_users";
+pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
+pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
+pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 
 /// The `route` label of requests no route matched (the fallback).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -147,6 +154,22 @@ fn describe() {
         CHANGELOG_LAST_SEQ,
         "Sequence number of the tenant's last durable change."
     );
+    metrics::describe_gauge!(
+        REVIEW_QUEUE_USERS,
+        "Users whose automatic archetype is under the review threshold."
+    );
+    metrics::describe_gauge!(
+        BUNDLE_ARCHETYPES,
+        "Archetypes in the tenant's bundle in force."
+    );
+    metrics::describe_gauge!(
+        BUNDLE_RELOAD_FAILED,
+        "1 while the last reload of the tenant's bundle failed (the previous one serves; a restart would refuse the file), else 0."
+    );
+    metrics::describe_counter!(
+        JOBS_TOTAL,
+        "Reclassify and reconcile jobs finished, by outcome."
+    );
 }
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -196,6 +219,28 @@ fn set_gauges(st: &AppState) {
     for t in &st.config.tenants {
         let seq = *st.store.watch_durable(&t.id).borrow();
         metrics::gauge!(CHANGELOG_LAST_SEQ, "tenant" => t.id.clone()).set(seq as f64);
+        let Some(roster) = st.roster.tenants.get(&t.id) else {
+            continue;
+        };
+        if roster.policy().is_none() {
+            continue;
+        }
+        // A counter the store keeps, not a walk: cheap at every scrape.
+        match st.store.review_queue_len(&t.id) {
+            Ok(n) => metrics::gauge!(REVIEW_QUEUE_USERS, "tenant" => t.id.clone()).set(n as f64),
+            Err(e) => {
+                tracing::warn!(tenant = %t.id, error = %e, "Cannot read the review queue's size for /metrics.")
+            }
+        }
+        let bundle = roster.bundle_state();
+        metrics::gauge!(BUNDLE_ARCHETYPES, "tenant" => t.id.clone()).set(bundle.archetypes as f64);
+        metrics::gauge!(BUNDLE_RELOAD_FAILED, "tenant" => t.id.clone()).set(
+            if bundle.reload_error.is_some() {
+                1.0
+            } else {
+                0.0
+            },
+        );
     }
 }
 

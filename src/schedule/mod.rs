@@ -213,6 +213,13 @@ async fn run_job(
         }
     }
     job.finished_at = Some(Utc::now());
+    metrics::counter!(
+        crate::ops::metrics::JOBS_TOTAL,
+        "tenant" => tenant.to_owned(),
+        "kind" => job.kind.clone(),
+        "status" => job.status.as_str(),
+    )
+    .increment(1);
     let rerun = job.status != JobStatus::Failed
         && policy.is_some_and(|p| policy_changed(state, tenant, &p));
     // Free the slot before the outcome is visible: whoever sees "succeeded" may override.

@@ -162,6 +162,19 @@ pub enum JobStatus {
     Interrupted,
 }
 
+impl JobStatus {
+    /// The name the API and metrics give it (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
 /// A background job (reclassify / reconcile) and what it did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -1091,6 +1104,19 @@ mod tests {
     use super::super::testing::{Doubtful, create_user, set_user, user};
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn job_status_names_are_the_serialized_ones() {
+        for s in [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::Interrupted,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 
     fn query(user: Option<&str>, kind: Option<&str>, after_seq: u64, limit: usize) -> EventQuery {
         EventQuery {

@@ -356,3 +356,44 @@ async fn metrics_need_no_token_and_are_idempotent_across_daemons() {
         1.0,
     );
 }
+
+#[tokio::test]
+async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
+    let d = TestDaemon::start().await;
+    let r = d
+        .post(
+            "/Users",
+            serde_json::json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": "doubtful@acme.test",
+                "title": "zzqx blorp",
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let tenant = [("tenant", TENANT)];
+    // The start-up reclassification is a job; its end is counted.
+    let (text, samples) = scrape_until(&d, |s| {
+        value(s, "rosterd_review_queue_users", &tenant).is_some_and(|v| v >= 1.0)
+            && value(
+                s,
+                "rosterd_jobs_total",
+                &[("tenant", TENANT), ("status", "succeeded")],
+            )
+            .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    at_least(&samples, "rosterd_review_queue_users", &tenant, 1.0);
+    at_least(
+        &samples,
+        "rosterd_jobs_total",
+        &[("tenant", TENANT), ("status", "succeeded")],
+        1.0,
+    );
+    at_least(&samples, "rosterd_bundle_archetypes", &tenant, 2.0);
+    assert_eq!(
+        value(&samples, "rosterd_bundle_reload_failed", &tenant),
+        Some(0.0),
+        "{text}"
+    );
+}
