@@ -399,6 +399,9 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
 /// Column names taken as the job title and the department in a titles CSV.
 const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
 const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
+/// Column names that also head job titles.
+const COLUMN_WORDS: &[&str] = &["user", "first", "last", "manager", "employee", "location"];
+
 /// Column names that are not also the head of a job title: "Manager, Human Resources" or
 /// "Employee, Relations" is a title, "name,department" a header.
 const OTHER_COLUMNS: &[&str] = &[
@@ -437,7 +440,15 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     let title_col = column(TITLE_COLUMNS);
     // Column names of the HR exports people feed this: a first line that holds one is a
     // header, however few columns it has.
-    let named = column(DEPARTMENT_COLUMNS).is_some() || column(OTHER_COLUMNS).is_some();
+    // Words that head titles too ("Manager, Human Resources") make a header only when
+    // every cell is one ("first,last", "user,manager").
+    let named = column(DEPARTMENT_COLUMNS).is_some()
+        || column(OTHER_COLUMNS).is_some()
+        || header.iter().all(|h| {
+            COLUMN_WORDS.contains(&h.as_str())
+                || DEPARTMENT_COLUMNS.contains(&h.as_str())
+                || OTHER_COLUMNS.contains(&h.as_str())
+        });
     if title_col.is_none() && (header.len() > 2 || (header.len() == 2 && named)) {
         // Titles hold a comma now and then ("Director, Sales"), hardly two.
         anyhow::bail!(

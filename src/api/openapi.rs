@@ -337,7 +337,9 @@ pub fn openapi_document() -> Value {
                     "archetype_assigned_by": {"type": "string"},
                     "archetype_assigned_at": {"type": "string", "format": "date-time"},
                     "source": {"type": "string", "enum": ["override", "group", "classifier", "default", "unassigned"]},
-                    "bundle_version": {"type": "string"}, "needs_review": {"type": "boolean"}}},
+                    "bundle_version": {"type": "string"}, "needs_review": {"type": "boolean"},
+                    "candidates": {"type": "array", "items": {"type": "object", "properties": {
+                        "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}},
                 "AssignmentResult": {"type": "object", "properties": {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
                     "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},

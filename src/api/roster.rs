@@ -614,6 +614,7 @@ pub(crate) fn assignment_state(a: &Assignment) -> Value {
         "source": a.source,
         "bundle_version": a.bundle_version,
         "needs_review": a.needs_review,
+        "candidates": a.candidates,
     })
 }
 

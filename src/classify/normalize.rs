@@ -41,7 +41,8 @@ pub fn normalize_title(title: &str) -> String {
         // it ("Eng. Manager"); after "of"/"in"/"and"/"for" the last word names a field
         // ("Dir. of Eng."), and so it does after a leader's title ("Sr. Dir. Eng."),
         // though only for the abbreviations whose field is clear there ("Mgr Dev" might
-        // be a developers' manager or business development).
+        // be a developers' manager or business development; "Dir Tech" directs
+        // technology, it is not a technician).
         let prev = if i > 0 { tokens[i - 1].as_str() } else { "" };
         let after_joiner = matches!(prev, "of" | "in" | "and" | "for");
         let after_leader = matches!(
@@ -56,7 +57,7 @@ pub fn normalize_title(title: &str) -> String {
                 | "chief"
                 | "mgr"
                 | "manager"
-        ) && matches!(tok.as_str(), "eng" | "acct" | "accnt");
+        ) && matches!(tok.as_str(), "eng" | "acct" | "accnt" | "tech" | "techn");
         let place = if i != last {
             Place::Modifier
         } else if after_joiner || after_leader {
@@ -620,7 +621,9 @@ mod tests {
         // A leader's field only where the abbreviation's field is clear.
         assert_eq!(n("Mgr Acct"), "manager accounting");
         assert_eq!(n("Dir. of Acct."), "director of accounting");
-        assert_eq!(n("Head Tech"), "head technician");
+        assert_eq!(n("Head Tech"), "head technology");
+        assert_eq!(n("Dir Tech"), "director technology");
+        assert_eq!(n("Lab Tech"), "lab technician");
         assert_eq!(n("Dir. of Tech."), "director of technology");
         assert_eq!(n("Mgr Dev"), "manager developer");
         assert_eq!(n("Acct Mgr"), "account manager");

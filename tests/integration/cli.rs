@@ -145,6 +145,10 @@ fn bundle_from_csv_then_classify_dry_run() {
     let (ok, out, err) = classify_titles();
     assert!(!ok && out.is_empty(), "{out}");
     assert!(err.contains("no title column (name, department)"), "{err}");
+    std::fs::write(&titles, "user,manager\nJane,Bob\n").unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("no title column (user, manager)"), "{err}");
     for first in [
         "Director, Sales",
         "Manager, Human Resources",

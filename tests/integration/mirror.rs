@@ -578,6 +578,7 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
         "{assignment}"
     );
     assert!(assignment.get("confidence").is_none(), "{assignment}");
+    assert!(assignment["candidates"].is_array(), "{assignment}");
     assert!(got.iter().all(|g| g.body["data"]["tenant"] == TENANT));
     let _ = user("x");
 }
