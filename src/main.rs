@@ -219,7 +219,6 @@ fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
     let mut bad_bundles = 0usize;
     for t in &config.tenants {
-        let started = std::time::Instant::now();
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
             Ok(Some(p)) => {
                 println!(
@@ -227,7 +226,7 @@ fn check_config(path: PathBuf) -> Result<()> {
                     t.id,
                     p.bundle().version,
                     p.bundle().archetypes.len(),
-                    started.elapsed().as_secs_f64()
+                    p.loaded_from().map_or(0.0, |(_, took)| took)
                 );
                 // Legitimate for an archetype given only by group rule or by hand, but
                 // a forgotten list looks the same.
@@ -254,10 +253,10 @@ fn check_config(path: PathBuf) -> Result<()> {
         Some(j) => match rosterd::api::jwt::JwtVerifier::from_config(j, &config.base_dir, &|v| {
             std::env::var(v).ok()
         }) {
-            Ok(_) => {
+            Ok(verifier) => {
                 println!("Roster API: JWT keys load");
                 if let Some(var) = &j.hs256_secret_env
-                    && std::env::var(var).is_err()
+                    && !verifier.accepts_hs256()
                 {
                     eprintln!(
                         "warning: [api.jwt]: {var} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token"
@@ -399,9 +398,6 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
 /// Column names taken as the job title and the department in a titles CSV.
 const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
 const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
-/// Column names that also head job titles.
-const COLUMN_WORDS: &[&str] = &["user", "first", "last", "manager", "employee", "location"];
-
 /// Column names that are not also the head of a job title: "Manager, Human Resources" or
 /// "Employee, Relations" is a title, "name,department" a header.
 const OTHER_COLUMNS: &[&str] = &[
@@ -420,6 +416,8 @@ const OTHER_COLUMNS: &[&str] = &[
     "employee id",
     "employee_id",
 ];
+/// Column names that also head job titles.
+const COLUMN_WORDS: &[&str] = &["user", "first", "last", "manager", "employee", "location"];
 
 fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result<()> {
     use std::io::BufRead;
@@ -439,16 +437,15 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     let column = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     let title_col = column(TITLE_COLUMNS);
     // Column names of the HR exports people feed this: a first line that holds one is a
-    // header, however few columns it has.
-    // Words that head titles too ("Manager, Human Resources") make a header only when
-    // every cell is one ("first,last", "user,manager").
-    let named = column(DEPARTMENT_COLUMNS).is_some()
-        || column(OTHER_COLUMNS).is_some()
-        || header.iter().all(|h| {
-            COLUMN_WORDS.contains(&h.as_str())
-                || DEPARTMENT_COLUMNS.contains(&h.as_str())
-                || OTHER_COLUMNS.contains(&h.as_str())
-        });
+    // header, however few columns it has. Words that head titles too ("Manager, Human
+    // Resources") make a header only when every cell is a column name ("user,manager").
+    let column_name = |h: &String| {
+        DEPARTMENT_COLUMNS.contains(&h.as_str()) || OTHER_COLUMNS.contains(&h.as_str())
+    };
+    let named = header.iter().any(column_name)
+        || header
+            .iter()
+            .all(|h| column_name(h) || COLUMN_WORDS.contains(&h.as_str()));
     if title_col.is_none() && (header.len() > 2 || (header.len() == 2 && named)) {
         // Titles hold a comma now and then ("Director, Sales"), hardly two.
         anyhow::bail!(

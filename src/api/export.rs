@@ -110,12 +110,7 @@ fn write_rows<W: std::io::Write>(
         };
         // Group ids, as roster-api.txt's example has them: a display name may repeat or
         // hold a comma, an id does neither, so the cell splits back into the groups.
-        let mut groups = match groups {
-            Some(g) => g.to_vec(),
-            None => store.groups_of(tenant, id)?,
-        };
-        groups.sort();
-        let groups = groups.join(",");
+        let groups = renderer.group_ids(id, groups)?.join(",");
         confidence.clear();
         if let Some(c) = rec.confidence() {
             use std::fmt::Write;

@@ -360,6 +360,11 @@ impl JwtVerifier {
         })
     }
 
+    /// Whether HS256 tokens verify: the secret was configured and set.
+    pub fn accepts_hs256(&self) -> bool {
+        self.keys.iter().any(|k| k.alg == Alg::Hs256)
+    }
+
     /// Verify a compact JWT (without the "Bearer " prefix).
     pub fn verify(&self, token: &str) -> Result<Principal, JwtError> {
         if token.is_empty() {
@@ -446,21 +451,18 @@ impl JwtVerifier {
     }
 
     fn principal(&self, claims: &Value) -> Result<Principal, JwtError> {
-        // RFC 7519 §4.1.1: one StringOrURI. jsonwebtoken also takes an array and passes
-        // it when any entry matches.
-        if claims
-            .get("iss")
-            .is_some_and(|i| !i.is_string() && !i.is_null())
-        {
-            return Err(JwtError::InvalidClaim("iss".to_owned()));
-        }
-        // jsonwebtoken reads only exp and nbf; an `iat` that is no NumericDate is as
-        // malformed a token (RFC 7519 §4.1.6).
-        if claims
-            .get("iat")
-            .is_some_and(|i| !i.is_number() && !i.is_null())
-        {
-            return Err(JwtError::InvalidClaim("iat".to_owned()));
+        // Claims jsonwebtoken lets through with the wrong type: `iss` must be one
+        // StringOrURI (it also takes an array and passes it when any entry matches,
+        // RFC 7519 §4.1.1), `iat` a NumericDate (it reads only exp and nbf, §4.1.6).
+        type TypeCheck = fn(&Value) -> bool;
+        let typed: [(&str, TypeCheck); 2] = [("iss", Value::is_string), ("iat", Value::is_number)];
+        for (claim, right_type) in typed {
+            if claims
+                .get(claim)
+                .is_some_and(|v| !v.is_null() && !right_type(v))
+            {
+                return Err(JwtError::InvalidClaim(claim.to_owned()));
+            }
         }
         let subject = match claims.get("sub") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),

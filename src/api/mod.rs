@@ -249,13 +249,14 @@ pub struct BundleState {
 }
 
 impl BundleState {
-    pub fn loaded(&mut self, path: &std::path::Path, policy: &TenantPolicy, took: f64) {
+    pub fn loaded(&mut self, policy: &TenantPolicy) {
+        let from = policy.loaded_from();
         *self = BundleState {
-            path: Some(path.display().to_string()),
+            path: from.map(|(path, _)| path.display().to_string()),
             version: Some(policy.bundle().version.clone()),
             archetypes: policy.bundle().archetypes.len(),
             loaded_at: Some(chrono::Utc::now()),
-            load_seconds: Some((took * 100.0).round() / 100.0),
+            load_seconds: from.map(|(_, took)| (took * 100.0).round() / 100.0),
             reload_error: None,
             reload_error_at: None,
         };
@@ -264,6 +265,12 @@ impl BundleState {
     pub fn failed(&mut self, error: &impl std::fmt::Display) {
         self.reload_error = Some(error.to_string());
         self.reload_error_at = Some(chrono::Utc::now());
+    }
+
+    /// The file loads again (or never changed): no reload error stands.
+    pub fn recovered(&mut self) {
+        self.reload_error = None;
+        self.reload_error_at = None;
     }
 }
 

@@ -134,6 +134,16 @@ async fn find_user_async(st: &Arc<AppState>, tenant: &str, user_id: &str) -> Api
     blocking(move || find_user(&st.store, &tenant, &user_id)).await
 }
 
+/// A SCIM id as the store holds it: ids are issued lower-case, and a UUID is the same id
+/// in either case. Anything else is left as it is.
+fn canonical_id(id: &str) -> std::borrow::Cow<'_, str> {
+    if uuid::Uuid::try_parse(id).is_ok() {
+        id.to_ascii_lowercase().into()
+    } else {
+        id.into()
+    }
+}
+
 /// `user:<userName>` or a SCIM id.
 pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult<Resource> {
     let found = match user_id.strip_prefix("user:") {
@@ -144,11 +154,7 @@ pub(super) fn find_user(store: &Store, tenant: &str, user_id: &str) -> ApiResult
             Some(id) => store.get(tenant, ResourceKind::User, id)?,
             None => None,
         },
-        // Ids are issued lower-case; a UUID is the same id in either case.
-        None if uuid::Uuid::try_parse(user_id).is_ok() => {
-            store.get(tenant, ResourceKind::User, &user_id.to_ascii_lowercase())?
-        }
-        None => store.get(tenant, ResourceKind::User, user_id)?,
+        None => store.get(tenant, ResourceKind::User, &canonical_id(user_id))?,
     };
     found.ok_or_else(|| {
         ApiError::NotFound(if user_id.starts_with("user:") {
@@ -234,11 +240,7 @@ impl<'a> Renderer<'a> {
             Some(mid) => self.manager_name(mid)?.map(|n| format!("user:{n}")),
             None => None,
         };
-        let mut groups = match group_ids {
-            Some(g) => g.to_vec(),
-            None => self.store.groups_of(self.tenant, id)?,
-        };
-        groups.sort();
+        let groups = self.group_ids(id, group_ids)?;
         let group_names = groups
             .iter()
             .map(|gid| self.group_name(gid))
@@ -263,6 +265,17 @@ impl<'a> Renderer<'a> {
             groups,
             group_names,
         })
+    }
+
+    /// The user's group ids, sorted (`given` when the caller has them): the user's
+    /// `groups`, and the CSV's `groups` cell.
+    pub fn group_ids(&self, id: &str, given: Option<&[String]>) -> StoreResult<Vec<String>> {
+        let mut groups = match given {
+            Some(g) => g.to_vec(),
+            None => self.store.groups_of(self.tenant, id)?,
+        };
+        groups.sort();
+        Ok(groups)
     }
 
     /// The userName of the manager with SCIM id `id`, if that user exists.
@@ -523,14 +536,9 @@ impl UserFilter {
 /// not be unique; a name that several groups share is refused rather than read as one
 /// of them, which would list some of the users it names and silently leave out others.
 fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>> {
-    // Ids are issued lower-case; a UUID is the same id in either case.
-    let as_id = if uuid::Uuid::try_parse(g).is_ok() {
-        g.to_ascii_lowercase()
-    } else {
-        g.to_owned()
-    };
+    let as_id = canonical_id(g);
     if store.get(tenant, ResourceKind::Group, &as_id)?.is_some() {
-        return Ok(Some(as_id));
+        return Ok(Some(as_id.into_owned()));
     }
     let one = |mut ids: Vec<String>, what: &str| -> ApiResult<Option<String>> {
         if ids.len() > 1 {
@@ -628,8 +636,6 @@ fn assignment_reply(user_name: &str, a: &Assignment) -> Value {
     })
 }
 
-/// Checks shared by every override: the caller may write, the tenant allows overrides,
-/// no sync job is rewriting assignments, and the archetype is in the bundle.
 /// Every override through the API: none while a job holds the tenant (409), checked
 /// again as the write lands. The bundle's archetypes are always checked there.
 const OVERRIDE_RULES: OverrideRules = OverrideRules {
@@ -637,8 +643,10 @@ const OVERRIDE_RULES: OverrideRules = OverrideRules {
     refuse_during_job: true,
 };
 
-/// Early answers for an override request; the store checks the racy ones (job running,
-/// archetype still in the bundle, user still in review) again as it writes.
+/// Checks shared by every override, answered early: the caller may write, the tenant
+/// allows overrides, no sync job is rewriting assignments, and the archetype is in the
+/// bundle. The store checks the racy ones (job running, archetype still in the bundle,
+/// user still in review) again as it writes.
 fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> ApiResult<()> {
     caller.require(Scope::Write)?;
     let t = tenant_of(st, caller)?;
@@ -1053,7 +1061,7 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                         .ok_or(ApiError::NotFound(m))?,
                 ),
                 Err(ApiError::NotFound(m)) if uuid::Uuid::try_parse(u).is_ok() => {
-                    let u = &u.to_ascii_lowercase();
+                    let u = &canonical_id(u).into_owned();
                     let any = EventQuery {
                         user: Some(u.clone()),
                         kind: None,

@@ -267,10 +267,10 @@ impl Classifier {
             self.add_hint_bonus(d, &mut probs);
             features::extract(&norm, None, &self.feature_cfg, &mut raw);
             self.space.vectorize(&raw, &mut x);
-            let mut title_only = vec![0f32; self.model.n_classes()];
-            self.model.logits(&x, &mut title_only);
-            model::softmax_in_place(&mut title_only);
-            title_only
+            let mut probs = vec![0f32; self.model.n_classes()];
+            self.model.logits(&x, &mut probs);
+            model::softmax_in_place(&mut probs);
+            TitleAlone::new(probs, &self.calibrator)
         });
         model::softmax_in_place(&mut probs);
         let ranked = top_k(&probs, self.ids.len());
@@ -288,7 +288,7 @@ impl Classifier {
                 let p = probs[best];
                 let mut conf = self.calibrator.apply(f64::from(p));
                 if let Some(t) = &title_only {
-                    conf = conf.min(self.title_alone_rates(t, best));
+                    conf = conf.min(t.rates(best));
                 }
                 (best, conf, p)
             }
@@ -306,7 +306,7 @@ impl Classifier {
                 // The department chose: a runner-up the title alone rates higher shows
                 // that rating (capped at its share), so a reviewer sees that the
                 // department overruled the title, rather than a row of equal numbers.
-                Some(t) if exact.is_none() => share.min(self.title_alone_rates(t, i)),
+                Some(t) if exact.is_none() => share.min(t.rates(i)),
                 _ => share.min(best_conf),
             };
             candidates.push(Candidate {
@@ -319,19 +319,6 @@ impl Classifier {
             confidence: round6(best_conf),
             candidates,
         }
-    }
-
-    /// The confidence the title alone gives archetype `i`, as its candidates list shows
-    /// it: the calibrated confidence of its first choice, or a runner-up's share.
-    fn title_alone_rates(&self, title_probs: &[f32], i: usize) -> f64 {
-        let Some(&top) = top_k(title_probs, 1).first() else {
-            return 0.0;
-        };
-        let top_conf = self.calibrator.apply(f64::from(title_probs[top]));
-        if i == top {
-            return top_conf;
-        }
-        (f64::from(title_probs[i]) * runner_up_scale(title_probs[top], top_conf)).min(top_conf)
     }
 
     fn add_hint_bonus(&self, dept: &str, logits: &mut [f32]) {
@@ -352,6 +339,38 @@ impl Classifier {
         for (l, b) in logits.iter_mut().zip(&bonus) {
             *l += b;
         }
+    }
+}
+
+/// What the title alone, without the department, says of each archetype, worked out
+/// once per classification: its first choice and that choice's calibrated confidence.
+struct TitleAlone {
+    probs: Vec<f32>,
+    top: usize,
+    top_conf: f64,
+}
+
+impl TitleAlone {
+    fn new(probs: Vec<f32>, calibrator: &Calibrator) -> TitleAlone {
+        let top = top_k(&probs, 1).first().copied().unwrap_or(0);
+        let top_conf = probs
+            .get(top)
+            .map_or(0.0, |&p| calibrator.apply(f64::from(p)));
+        TitleAlone {
+            probs,
+            top,
+            top_conf,
+        }
+    }
+
+    /// The confidence the title alone gives archetype `i`, as its candidates list shows
+    /// it: the calibrated confidence of its first choice, or a runner-up's share.
+    fn rates(&self, i: usize) -> f64 {
+        if i == self.top {
+            return self.top_conf;
+        }
+        (f64::from(self.probs[i]) * runner_up_scale(self.probs[self.top], self.top_conf))
+            .min(self.top_conf)
     }
 }
 

@@ -18,6 +18,9 @@ pub struct TenantPolicy {
     rules: Vec<GroupRule>,
     threshold: f64,
     fingerprint: String,
+    /// The file it was loaded from and how long reading and training took, when loaded
+    /// from a tenant's config.
+    loaded_from: Option<(PathBuf, f64)>,
 }
 
 impl TenantPolicy {
@@ -57,11 +60,12 @@ impl TenantPolicy {
             classifier,
             rules,
             fingerprint,
+            loaded_from: None,
         })
     }
 
     /// The bundle file a tenant's config names, resolved against the config's directory.
-    pub fn bundle_path(t: &TenantConfig, base_dir: &Path) -> Option<PathBuf> {
+    fn bundle_path(t: &TenantConfig, base_dir: &Path) -> Option<PathBuf> {
         t.bundle.as_ref().map(|path| {
             if path.is_absolute() {
                 path.clone()
@@ -76,8 +80,17 @@ impl TenantPolicy {
         let Some(path) = Self::bundle_path(t, base_dir) else {
             return Ok(None);
         };
+        let started = std::time::Instant::now();
         let bundle = Bundle::load(&path)?;
-        TenantPolicy::new(bundle, t.group_rules.clone(), t.review_threshold).map(Some)
+        let mut policy = TenantPolicy::new(bundle, t.group_rules.clone(), t.review_threshold)?;
+        policy.loaded_from = Some((path, started.elapsed().as_secs_f64()));
+        Ok(Some(policy))
+    }
+
+    /// The bundle file this policy was loaded from, and the seconds reading and training
+    /// took.
+    pub fn loaded_from(&self) -> Option<(&Path, f64)> {
+        self.loaded_from.as_ref().map(|(p, s)| (p.as_path(), *s))
     }
 
     /// [`TenantPolicy::load`] on a blocking thread: training takes seconds for a large

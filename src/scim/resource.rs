@@ -28,7 +28,8 @@ fn valued_lists(doc: &Value) -> impl Iterator<Item = (&String, &Vec<Value>)> {
         .filter(|(_, a)| a.iter().all(Value::is_object))
 }
 
-fn is_primary(v: &Value) -> bool {
+/// A multi-valued attribute's value marked `"primary": true`.
+pub(crate) fn is_primary(v: &Value) -> bool {
     v.get("primary") == Some(&Value::Bool(true))
 }
 

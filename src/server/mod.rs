@@ -104,7 +104,6 @@ pub async fn run_with_env(
     let mut tenants = std::collections::HashMap::new();
     let mut policies = Vec::new();
     for t in &config.tenants {
-        let started = std::time::Instant::now();
         let policy = crate::ops::systemd::extending_start_timeout(
             &format!("Training tenant {}'s archetype bundle", t.id),
             TenantPolicy::load_blocking(t, &config.base_dir),
@@ -116,8 +115,8 @@ pub async fn run_with_env(
         })?
         .map(Arc::new);
         let mut bundle = crate::api::BundleState::default();
-        if let (Some(p), Some(path)) = (&policy, TenantPolicy::bundle_path(t, &config.base_dir)) {
-            bundle.loaded(&path, p, started.elapsed().as_secs_f64());
+        if let Some(p) = &policy {
+            bundle.loaded(p);
             tracing::info!(tenant = %t.id, version = %p.bundle().version, archetypes = bundle.archetypes, seconds = bundle.load_seconds, "Archetype bundle loaded.");
             policies.push((t.id.clone(), p.clone()));
         }
@@ -250,7 +249,6 @@ pub async fn reload(state: &Arc<AppState>) {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;
         };
-        let started = std::time::Instant::now();
         let policy = match TenantPolicy::load_blocking(t, &state.config.base_dir).await {
             Ok(Some(p)) => Arc::new(p),
             Ok(None) => continue,
@@ -265,17 +263,10 @@ pub async fn reload(state: &Arc<AppState>) {
             .policy()
             .is_some_and(|old| old.fingerprint() == policy.fingerprint());
         if unchanged {
-            // The file is fine again (or never changed): no error stands.
-            roster.set_bundle_state(|b| {
-                b.reload_error = None;
-                b.reload_error_at = None;
-            });
+            roster.set_bundle_state(crate::api::BundleState::recovered);
             continue;
         }
-        if let Some(path) = TenantPolicy::bundle_path(t, &state.config.base_dir) {
-            let took = started.elapsed().as_secs_f64();
-            roster.set_bundle_state(|b| b.loaded(&path, &policy, took));
-        }
+        roster.set_bundle_state(|b| b.loaded(&policy));
         *roster.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
         state.store.set_resolver(&t.id, policy.clone());
         tracing::info!(tenant = %t.id, version = %policy.bundle().version, "Archetype bundle changed; reclassifying the tenant.");

@@ -113,7 +113,7 @@ impl<'a> UserFields<'a> {
         let shown = usable
             .iter()
             .copied()
-            .find(|&i| emails[i].get("primary") == Some(&Value::Bool(true)))
+            .find(|&i| crate::scim::resource::is_primary(emails[i]))
             .or_else(|| usable.iter().copied().find(is_work))
             .or_else(|| usable.first().copied());
         let email = shown
