@@ -184,6 +184,8 @@ pub enum JwtError {
     UnknownKey,
     #[error("token algorithm `{0}` is not accepted")]
     UnsupportedAlgorithm(String),
+    #[error("token type (typ) `{0}` is not an access token; expected JWT or at+jwt")]
+    WrongType(String),
 }
 
 impl JwtError {
@@ -210,6 +212,7 @@ impl JwtError {
             JwtError::InvalidClaim(_) => "token_invalid_claim",
             JwtError::UnknownKey => "token_unknown_key",
             JwtError::UnsupportedAlgorithm(_) => "token_unsupported_algorithm",
+            JwtError::WrongType(_) => "token_wrong_type",
         }
     }
 
@@ -599,7 +602,24 @@ fn parse_header(token: &str) -> Result<TokenHeader, JwtError> {
         Some(Value::String(kid)) => Some(kid.clone()),
         Some(_) => return Err(JwtError::Malformed),
     };
+    // RFC 8725 §3.11: a JWT made for something else (an ID token's sibling such as a
+    // logout or DPoP proof, signed by the same key) says so in `typ`, and must not pass
+    // for an access token. No `typ` at all is common and stays accepted.
+    match header.get("typ") {
+        None => {}
+        Some(Value::String(typ)) if is_access_token_type(typ) => {}
+        Some(Value::String(typ)) => return Err(JwtError::WrongType(typ.clone())),
+        Some(_) => return Err(JwtError::Malformed),
+    }
     Ok(TokenHeader { alg, kid })
+}
+
+/// `JWT` (RFC 7519) or `at+jwt` (RFC 9068), with or without the `application/` that
+/// RFC 7515 §4.1.9 lets a sender leave out, in any case.
+fn is_access_token_type(typ: &str) -> bool {
+    let t = typ.to_ascii_lowercase();
+    let t = t.strip_prefix("application/").unwrap_or(&t);
+    t == "jwt" || t == "at+jwt"
 }
 
 fn load_hs256_secret(
@@ -1590,6 +1610,7 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             raw_token(&json!(["HS256"]), &claims(), "c2ln"),
             raw_token(&json!({ "alg": 256 }), &claims(), "c2ln"),
             raw_token(&json!({ "alg": "HS256", "kid": 1 }), &claims(), "c2ln"),
+            raw_token(&json!({ "alg": "HS256", "typ": 1 }), &claims(), "c2ln"),
             raw_token(
                 &json!({ "alg": "HS256", "crit": ["exp"] }),
                 &claims(),
@@ -1599,6 +1620,35 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         ];
         for t in cases {
             assert_eq!(code_of(v.verify(&t)), "token_malformed", "{t:.60}");
+        }
+    }
+
+    #[test]
+    fn typ_must_name_an_access_token_when_present() {
+        let v = hs_verifier();
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let with_typ = |typ: Option<&str>| {
+            let header = Header {
+                typ: typ.map(str::to_owned),
+                ..Header::new(Algorithm::HS256)
+            };
+            jsonwebtoken::encode(&header, &claims(), &key).unwrap()
+        };
+        for typ in [
+            None,
+            Some("JWT"),
+            Some("jwt"),
+            Some("at+jwt"),
+            Some("application/at+JWT"),
+        ] {
+            assert!(v.verify(&with_typ(typ)).is_ok(), "{typ:?}");
+        }
+        for typ in ["dpop+jwt", "logout+jwt", "secevent+jwt", "JWS", ""] {
+            assert_eq!(
+                code_of(v.verify(&with_typ(Some(typ)))),
+                "token_wrong_type",
+                "{typ}"
+            );
         }
     }
 
@@ -1866,6 +1916,7 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             JwtError::InvalidClaim("exp".into()),
             JwtError::UnknownKey,
             JwtError::UnsupportedAlgorithm("none".into()),
+            JwtError::WrongType("dpop+jwt".into()),
         ];
         let codes: std::collections::HashSet<&str> = all.iter().map(JwtError::code).collect();
         assert_eq!(codes.len(), all.len());

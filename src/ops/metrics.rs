@@ -17,7 +17,7 @@
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
 //! `rosterd_delivery_retries_total` and `rosterd_dead_letters_total` (dispatch),
-//! `rosterd_jobs_total{tenant,kind,status}` (schedule: each finished job).
+//! `rosterd_jobs_total{tenant,kind,status}` (schedule: each job that ended; server: those a stop interrupted).
 
 use axum::Json;
 use axum::Router;

@@ -213,13 +213,7 @@ async fn run_job(
         }
     }
     job.finished_at = Some(Utc::now());
-    metrics::counter!(
-        crate::ops::metrics::JOBS_TOTAL,
-        "tenant" => tenant.to_owned(),
-        "kind" => job.kind.clone(),
-        "status" => job.status.as_str(),
-    )
-    .increment(1);
+    count_finished_job(tenant, &job);
     let rerun = job.status != JobStatus::Failed
         && policy.is_some_and(|p| policy_changed(state, tenant, &p));
     // Free the slot before the outcome is visible: whoever sees "succeeded" may override.
@@ -375,4 +369,15 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
         parts.push(part);
     }
     parts.join("; ")
+}
+
+/// Count a job that reached its end (succeeded, failed, or interrupted by a stop).
+pub(crate) fn count_finished_job(tenant: &str, job: &crate::store::Job) {
+    metrics::counter!(
+        crate::ops::metrics::JOBS_TOTAL,
+        "tenant" => tenant.to_owned(),
+        "kind" => job.kind.clone(),
+        "status" => job.status.as_str(),
+    )
+    .increment(1);
 }

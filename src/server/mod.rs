@@ -173,10 +173,16 @@ pub async fn run_with_env(
         schedules: Default::default(),
     });
     crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
+    // Before the interrupted jobs are counted; idempotent.
+    crate::ops::metrics::install();
     for t in &state.config.tenants {
-        let n = state.store.mark_interrupted_jobs(&t.id).await?;
-        if n > 0 {
-            tracing::warn!(tenant = %t.id, jobs = n, "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
+        let marked = state.store.mark_interrupted_jobs(&t.id).await?;
+        if !marked.is_empty() {
+            tracing::warn!(tenant = %t.id, jobs = marked.len(), "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
+        }
+        // They finished here, as far as anyone alerting on job outcomes can tell.
+        for j in &marked {
+            crate::schedule::count_finished_job(&t.id, j);
         }
     }
     // A bundle (or group rule) that changed since the assignments were computed means

@@ -924,21 +924,22 @@ impl Store {
     }
 
     /// Jobs left `queued` or `running` by a daemon that stopped are marked interrupted,
-    /// so nobody waits on them and they can be started again.
-    pub async fn mark_interrupted_jobs(&self, tenant: &str) -> StoreResult<u64> {
+    /// so nobody waits on them and they can be started again. Returns them as marked.
+    pub async fn mark_interrupted_jobs(&self, tenant: &str) -> StoreResult<Vec<Job>> {
         let stale: Vec<Job> = self
             .jobs(tenant)?
             .into_iter()
             .filter(|j| matches!(j.status, JobStatus::Queued | JobStatus::Running))
             .collect();
-        let n = stale.len() as u64;
+        let mut marked = Vec::with_capacity(stale.len());
         for mut j in stale {
             j.status = JobStatus::Interrupted;
             j.finished_at = Some(Utc::now());
             j.error = Some("the daemon stopped before the job finished".into());
-            self.put_job(tenant, j).await?;
+            self.put_job(tenant, j.clone()).await?;
+            marked.push(j);
         }
-        Ok(n)
+        Ok(marked)
     }
 }
 

@@ -590,6 +590,28 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     let j = job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
     assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
+    // Alerts on job outcomes see it too: it ended, as interrupted.
+    let metrics = d
+        .client
+        .get(format!("{}/metrics", d.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let kind = j["kind"].as_str().unwrap();
+    let counted: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("rosterd_jobs_total{")
+                && l.contains("status=\"interrupted\"")
+                && l.contains(&format!("kind=\"{kind}\""))
+                && l.contains(&format!("tenant=\"{TENANT}\""))
+        })
+        .collect();
+    assert_eq!(counted.len(), 1, "{metrics}");
+    assert!(counted[0].ends_with(" 1"), "{}", counted[0]);
     let r = d
         .client
         .post(api(&d, "/scim:sync"))
