@@ -2,16 +2,15 @@
 //! produced on the blocking pool into a small bounded channel, so memory stays constant
 //! whatever the tenant's size and a slow client slows the producer instead of buffering.
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::jwt::Scope;
-use super::roster::{FILTER_PARAMS, Renderer, UserFilter, blocking};
-use super::{ApiError, ApiResult, authenticate};
+use super::roster::{FILTER_PARAMS, Renderer, UserFilter, blocking, check_params};
+use super::{ApiError, ApiResult, Params, authenticate};
 use crate::server::AppState;
 use crate::store::{Store, StoreError, StoreResult};
 
@@ -166,17 +165,13 @@ pub fn write_roster_csv<W: std::io::Write>(
 pub(super) async fn export_users(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(p): Query<HashMap<String, String>>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     let mut allowed = FILTER_PARAMS.to_vec();
     allowed.push("format");
-    if let Some(k) = p.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::BadRequest(format!(
-            "unknown query parameter {k:?}"
-        )));
-    }
+    check_params(&p, &allowed)?;
     match p.get("format").map(String::as_str) {
         None | Some("csv") => {}
         Some(f) => {
@@ -185,11 +180,12 @@ pub(super) async fn export_users(
             )));
         }
     }
+    let policy = super::roster::tenant_of(&st, &caller)?.policy();
     let tenant = caller.tenant;
     // Validate the filters before the 200 goes out: errors after that cannot be reported.
     let filter = {
         let (st, tenant, p) = (st.clone(), tenant.clone(), p.clone());
-        blocking(move || UserFilter::from_params(&st.store, &tenant, &p)).await?
+        blocking(move || UserFilter::from_params(&st.store, &tenant, policy.as_deref(), &p)).await?
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {

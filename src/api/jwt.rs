@@ -188,6 +188,24 @@ pub enum JwtError {
     WrongType(String),
 }
 
+/// The codes of the per-request errors (a refused or missing token), as 401 bodies
+/// carry them.
+pub const TOKEN_CODES: &[&str] = &[
+    "token_missing",
+    "token_malformed",
+    "token_bad_signature",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_wrong_audience",
+    "token_wrong_issuer",
+    "token_no_tenant",
+    "token_missing_claim",
+    "token_invalid_claim",
+    "token_unknown_key",
+    "token_unsupported_algorithm",
+    "token_wrong_type",
+];
+
 impl JwtError {
     /// Stable snake_case code for API error bodies and logs.
     pub fn code(&self) -> &'static str {
@@ -1927,7 +1945,12 @@ wUxy2SJnKlwFKtLGhwIDAQAB
                 "{code}"
             );
             assert_eq!(e.is_config(), code.starts_with("jwt_config_"));
+            assert_eq!(!e.is_config(), TOKEN_CODES.contains(&code), "{code}");
         }
+        assert_eq!(
+            all.iter().filter(|e| !e.is_config()).count(),
+            TOKEN_CODES.len()
+        );
         assert!(JwtError::NoKeys.is_config() && !JwtError::Expired.is_config());
     }
 

@@ -3,22 +3,20 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::jwt::Scope;
 use super::roster::{blocking, check_params, parse_limit};
-use super::{ApiError, ApiResult, authenticate};
+use super::{ApiError, ApiResult, Params, authenticate};
 use crate::dispatch::DispatchError;
 use crate::server::AppState;
 
 type St = State<Arc<AppState>>;
-type Params = Query<HashMap<String, String>>;
 
 pub(super) fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -65,7 +63,7 @@ fn change_json(c: &crate::store::ChangeEvent) -> Value {
 
 /// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
 /// first. `next_since` is what to ask for next.
-async fn list_changes(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &["since", "limit"])?;
@@ -97,9 +95,14 @@ async fn list_changes(State(st): St, headers: HeaderMap, Query(p): Params) -> Ap
     .await
 }
 
-async fn list_connectors(State(st): St, headers: HeaderMap) -> ApiResult<Response> {
+async fn list_connectors(
+    State(st): St,
+    headers: HeaderMap,
+    Params(p): Params,
+) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         Ok(Json(json!({ "connectors": st.dispatch.status(Some(&tenant)) })).into_response())
@@ -111,9 +114,11 @@ async fn get_connector(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let tenant = caller.tenant;
     blocking(move || Ok(Json(st.dispatch.connector_status(&tenant, &name)?).into_response())).await
 }
@@ -122,12 +127,25 @@ async fn list_dead_letters(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
-        let letters = st.dispatch.dead_letters(&tenant, &name)?;
+        let letters: Vec<Value> = st
+            .dispatch
+            .dead_letters(&tenant, &name)?
+            .iter()
+            .map(|l| {
+                let mut v = serde_json::to_value(l).unwrap_or(Value::Null);
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("event".into(), change_json(&l.event));
+                }
+                v
+            })
+            .collect();
         Ok(Json(json!({ "dead_letters": letters })).into_response())
     })
     .await
@@ -142,9 +160,11 @@ async fn discard(
     State(st): St,
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Admin)?;
+    check_params(&p, &[])?;
     st.dispatch
         .discard(&caller.tenant, &name, letter_id(&id)?)
         .await?;
@@ -155,9 +175,11 @@ async fn replay(
     State(st): St,
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Admin)?;
+    check_params(&p, &[])?;
     let id = letter_id(&id)?;
     st.dispatch.replay(&caller.tenant, &name, id).await?;
     Ok(Json(json!({ "replayed": id })).into_response())
@@ -167,9 +189,11 @@ async fn resume(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Admin)?;
+    check_params(&p, &[])?;
     st.dispatch.resume(&caller.tenant, &name)?;
     Ok(Json(json!({ "resumed": name })).into_response())
 }

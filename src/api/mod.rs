@@ -65,6 +65,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("the request body is larger than this daemon accepts (server.max_body_bytes)")]
     PayloadTooLarge,
+    #[error("the request body is {0}; send JSON with Content-Type: application/json")]
+    UnsupportedMediaType(String),
     #[error("internal error")]
     Internal(StoreError),
 }
@@ -116,6 +118,9 @@ impl ApiError {
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -166,6 +171,81 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Every code an [`ApiError`] can carry besides the token codes of [`JwtError::code`]:
+/// the OpenAPI document lists them (a test holds the two to each other).
+pub(crate) const ERROR_CODES: &[&str] = &[
+    "tenant_mismatch",
+    "unknown_tenant",
+    "insufficient_scope",
+    "not_found",
+    "invalid_archetype",
+    "invalid_request",
+    "sync_in_progress",
+    "override_forbidden",
+    "no_bundle",
+    "roster_api_disabled",
+    "conflict",
+    "not_in_review",
+    "target_refused",
+    "method_not_allowed",
+    "payload_too_large",
+    "unsupported_media_type",
+    "internal",
+];
+
+/// The query string, name → value. A name given twice is refused: which copy counts is
+/// nothing a caller should have to guess (`limit=1&limit=2`).
+pub(crate) struct Params(pub HashMap<String, String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let axum::extract::Query(pairs) =
+            axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+                .map_err(|e| ApiError::BadRequest(format!("query string: {e}")))?;
+        let mut map = HashMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if map.contains_key(&k) {
+                return Err(ApiError::BadRequest(format!(
+                    "query parameter {k:?} is given more than once; give it once"
+                )));
+            }
+            map.insert(k, v);
+        }
+        Ok(Params(map))
+    }
+}
+
+/// A request body as JSON, or None when there is none (empty or only whitespace). A body
+/// labelled as something else than JSON is refused rather than read anyway: a form post
+/// by mistake should say so, not fail on its first byte. No Content-Type is taken as JSON.
+pub(crate) fn json_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<Option<serde_json::Value>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let ct = String::from_utf8_lossy(ct.as_bytes());
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "labelled {essence:?}"
+            )));
+        }
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+}
 
 /// Under `/api/v1/` every error is the API's JSON body, including those axum answers
 /// before any handler runs: no such route (the shared fallback speaks SCIM), a method the
@@ -373,4 +453,108 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         "/api/v1/openapi.json",
         axum::routing::get(|| async { axum::Json(openapi_document()) }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each variant. The match below has no wildcard, so a new variant does not
+    /// compile until it is added here, and so to the codes the document lists.
+    fn every_error() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::Unauthorized(JwtError::Expired),
+            ApiError::TenantMismatch("t".into()),
+            ApiError::UnknownTenant("t".into()),
+            ApiError::MissingScope("roster:read"),
+            ApiError::NotFound("x".into()),
+            ApiError::InvalidArchetype("x".into()),
+            ApiError::BadRequest("x".into()),
+            ApiError::SyncInProgress,
+            ApiError::OverridesForbidden,
+            ApiError::NoBundle,
+            ApiError::Disabled("x".into()),
+            ApiError::Conflict("x".into()),
+            ApiError::NotInReview("x".into()),
+            ApiError::Upstream("x".into()),
+            ApiError::MethodNotAllowed("PUT".into()),
+            ApiError::PayloadTooLarge,
+            ApiError::UnsupportedMediaType("x".into()),
+            ApiError::Internal(StoreError::Backend("x".into())),
+        ];
+        for e in &all {
+            match e {
+                ApiError::Unauthorized(_)
+                | ApiError::TenantMismatch(_)
+                | ApiError::UnknownTenant(_)
+                | ApiError::MissingScope(_)
+                | ApiError::NotFound(_)
+                | ApiError::InvalidArchetype(_)
+                | ApiError::BadRequest(_)
+                | ApiError::SyncInProgress
+                | ApiError::OverridesForbidden
+                | ApiError::NoBundle
+                | ApiError::Disabled(_)
+                | ApiError::Conflict(_)
+                | ApiError::NotInReview(_)
+                | ApiError::Upstream(_)
+                | ApiError::MethodNotAllowed(_)
+                | ApiError::PayloadTooLarge
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::Internal(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn the_document_lists_every_error_code() {
+        let doc = openapi_document();
+        let listed = doc["components"]["schemas"]["Error"]["properties"]["error"]["description"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut seen = std::collections::HashSet::new();
+        for e in every_error() {
+            let (_, code) = e.status_and_code();
+            assert!(listed.contains(code), "{code} is not in: {listed}");
+            if !matches!(e, ApiError::Unauthorized(_)) {
+                assert!(ERROR_CODES.contains(&code), "{code} is not in ERROR_CODES");
+                seen.insert(code);
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            ERROR_CODES.len(),
+            "ERROR_CODES lists a code no error has"
+        );
+        for code in jwt::TOKEN_CODES {
+            assert!(listed.contains(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_body_labelled_as_something_else_than_json_is_415() {
+        let mut h = HeaderMap::new();
+        assert_eq!(json_body(&h, b" \n").unwrap(), None);
+        assert_eq!(json_body(&h, b"{}").unwrap(), Some(json!({})));
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/merge-patch+json",
+            "Application/JSON",
+        ] {
+            h.insert(header::CONTENT_TYPE, ok.parse().unwrap());
+            assert!(json_body(&h, b"{}").is_ok(), "{ok}");
+        }
+        for bad in [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+        ] {
+            h.insert(header::CONTENT_TYPE, bad.parse().unwrap());
+            let e = json_body(&h, b"{}").unwrap_err();
+            assert_eq!(e.status_and_code().1, "unsupported_media_type", "{bad}");
+        }
+    }
 }

@@ -22,16 +22,39 @@ fn path_param(name: &str, description: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
 }
 
+/// RFC 6750's challenge, which `ApiError::into_response` sets.
+fn with_challenge(mut response: Value, when: &str) -> Value {
+    response["headers"] = json!({"WWW-Authenticate": {
+        "description": when,
+        "schema": {"type": "string"}
+    }});
+    response
+}
+
+/// A request with two Authorization headers is refused by every operation.
+const TWO_AUTHORIZATIONS: &str = "two Authorization headers (invalid_request)";
+
 fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
     if let Some(map) = responses.as_object_mut() {
         map.insert(
             "401".into(),
-            error_response("Missing, malformed, expired or wrongly signed JWT"),
+            with_challenge(
+                error_response("Missing, malformed, expired or wrongly signed JWT (the token_* codes)"),
+                "Bearer realm=\"rosterd\", with error=\"invalid_token\" when a token was sent and refused",
+            ),
         );
         map.insert(
             "403".into(),
-            error_response("Missing scope (insufficient_scope), X-Tenant does not match the token's tenant (tenant_mismatch), or the token's tenant is not served here (unknown_tenant)"),
+            with_challenge(
+                error_response("Missing scope (insufficient_scope), X-Tenant does not match the token's tenant (tenant_mismatch), or the token's tenant is not served here (unknown_tenant)"),
+                "On insufficient_scope only: Bearer realm=\"rosterd\", error=\"insufficient_scope\", scope=\"<the scope needed>\"",
+            ),
         );
+        let bad = match map.get("400").and_then(|r| r["description"].as_str()) {
+            Some(d) => format!("{d}; or {TWO_AUTHORIZATIONS}"),
+            None => format!("Unknown or repeated query parameter, or {TWO_AUTHORIZATIONS}"),
+        };
+        map.insert("400".into(), error_response(&bad));
         map.insert(
             "503".into(),
             error_response("The Roster API is not configured on this daemon (roster_api_disabled)"),
@@ -47,13 +70,13 @@ fn user_filters() -> Vec<Value> {
     vec![
         query(
             "archetype",
-            "Only users with this archetype",
+            "Only users with this archetype: one of the bundle's, or one that overrides still hold (else 400 invalid_archetype)",
             json!({"type": "string"}),
         ),
         query(
             "active",
-            "true (default), false, or any",
-            json!({"type": "string", "enum": ["true", "false", "any"], "default": "true"}),
+            "true (default), false, or any (all is the same as any); any letter case",
+            json!({"type": "string", "enum": ["true", "false", "any", "all"], "default": "true"}),
         ),
         query(
             "email",
@@ -62,7 +85,7 @@ fn user_filters() -> Vec<Value> {
         ),
         query(
             "manager_user_id",
-            "Direct reports of this manager (user:<userName> or SCIM id)",
+            "Direct reports of this manager (user:<userName> or SCIM id; a value that names no user is 400)",
             json!({"type": "string"}),
         ),
         query(
@@ -72,7 +95,7 @@ fn user_filters() -> Vec<Value> {
         ),
         query(
             "group",
-            "Members of this group (SCIM id, displayName or externalId)",
+            "Members of this group (SCIM id, displayName or externalId; a value that names no group, or a displayName several groups share, is 400)",
             json!({"type": "string"}),
         ),
         query(
@@ -143,12 +166,12 @@ pub fn openapi_document() -> Value {
                     "operationId": "overrideArchetype", "summary": "Set or clear a manual archetype override (roster:write)",
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {
                         "type": "object", "required": ["archetype_id"], "additionalProperties": false,
-                        "properties": {"archetype_id": {"type": ["string", "null"], "description": "null clears the override"}}
+                        "properties": {"archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "null clears the override"}}
                     }}}},
                     "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
                         ("400", "archetype_id not in the tenant's bundle, or a malformed body"),
                         ("404", "User not found"),
-                        ("409", "A sync job is running for the tenant"),
+                        ("409", "A sync job is running for the tenant (sync_in_progress), or the tenant has no archetype bundle (no_bundle)"),
                         ("422", "Tenant policy forbids manual overrides"),
                     ])
                 }
@@ -164,17 +187,18 @@ pub fn openapi_document() -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["assignments"],
                     "properties": {"assignments": {"type": "array", "maxItems": 10000, "items": {
-                        "type": "object", "required": ["user_id", "archetype_id"],
-                        "properties": {"user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"], "description": "null clears the override"}}}}}
+                        "type": "object", "required": ["user_id", "archetype_id"], "additionalProperties": false,
+                        "description": "An item that breaks this schema fails alone, with a per-item 400",
+                        "properties": {"user_id": {"type": "string", "minLength": 1}, "archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "null clears the override"}}}}}
                 }}}},
                 "responses": common_errors(json!({"200": ok_json("Per-item outcome", json!({
-                    "type": "object",
+                    "type": "object", "required": ["updated", "failed", "errors"],
                     "properties": {"updated": {"type": "integer"}, "failed": {"type": "integer"},
-                        "errors": {"type": "array", "items": {"type": "object", "properties": {
+                        "errors": {"type": "array", "items": {"type": "object", "required": ["index", "user_id", "status", "error", "message"], "properties": {
                             "index": {"type": "integer"}, "user_id": {"type": "string"}, "status": {"type": "integer"},
                             "error": {"type": "string"}, "message": {"type": "string"}}}}}
-                })), "400": error_response("Malformed body")}), &[
-                    ("409", "A sync job is running for the tenant"),
+                })), "400": error_response("Malformed body, or more than 10,000 items")}), &[
+                    ("409", "A sync job is running for the tenant (sync_in_progress), or the tenant has no archetype bundle (no_bundle)"),
                     ("422", "Tenant policy forbids manual overrides"),
                 ])
             }},
@@ -223,11 +247,11 @@ pub fn openapi_document() -> Value {
                 "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (no body, {} or archetype_id null) or choose an archetype (roster:write)",
                 "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"archetype_id": {"type": ["string", "null"], "description": "Omitted or null accepts the suggestion"}}}}}},
+                    "type": "object", "additionalProperties": false, "properties": {"archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "Omitted or null accepts the suggestion"}}}}}},
                 "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
                     ("400", "archetype_id not in the bundle, or nothing to accept"),
                     ("404", "User not found"),
-                    ("409", "A sync job is running for the tenant (sync_in_progress), or the user is not in the review queue (not_in_review)"),
+                    ("409", "A sync job is running for the tenant (sync_in_progress), the user is not in the review queue (not_in_review), or the tenant has no archetype bundle (no_bundle)"),
                     ("422", "Tenant policy forbids manual overrides"),
                 ])
             }},
@@ -249,17 +273,17 @@ pub fn openapi_document() -> Value {
                             "actor": {"type": "string"},
                             "before": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]},
                             "after": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]}}}}}
-                })), "400": error_response("Bad parameter")}), &[("404", "user_id names no user")])
+                })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
-                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports.",
+                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs.",
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}}, "additionalProperties": false}}}},
                 "responses": common_errors(json!({
                     "202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"})),
-                    "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "properties": {
-                        "dry_run": {"type": "boolean"}, "connectors": {"type": "array", "items": {"type": "object"}}}})),
+                    "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "required": ["dry_run", "connectors"], "properties": {
+                        "dry_run": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
                     "400": error_response("Malformed body")
-                }), &[("409", "A job is already running for this tenant")])
+                }), &[("409", "A job is already running for this tenant (sync_in_progress)")])
             }},
             "/api/v1/roster/changes": {"get": {
                 "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",
@@ -267,8 +291,8 @@ pub fn openapi_document() -> Value {
                     query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer"})),
                     limit()
                 ],
-                "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "properties": {
-                    "changes": {"type": "array", "items": {"type": "object"}},
+                "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "required": ["changes", "next_since", "last_seq"], "properties": {
+                    "changes": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}},
                     "next_since": {"type": "integer"}, "last_seq": {"type": "integer"}}})),
                     "400": error_response("Bad parameter")}), &[])
             }},
@@ -284,12 +308,12 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/connectors/{name}/resume": {"post": {
                 "operationId": "resumeConnector", "summary": "Lift a connector's pause now (roster:admin)",
                 "parameters": [path_param("name", "The connector's name")],
-                "responses": common_errors(json!({"200": ok_json("Resumed", json!({"type": "object"}))}), &[("404", "No such connector for this tenant")])
+                "responses": common_errors(json!({"200": ok_json("Resumed", json!({"type": "object", "required": ["resumed"], "properties": {"resumed": {"type": "string", "description": "The connector's name"}}}))}), &[("404", "No such connector for this tenant"), ("409", "The connector is disabled or failed to start: nothing runs to resume (conflict)")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters": {"get": {
                 "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason",
                 "parameters": [path_param("name", "The connector's name")],
-                "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "properties": {"dead_letters": {"type": "array", "items": {"type": "object"}}}}))}), &[("404", "No such connector for this tenant")])
+                "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "required": ["dead_letters"], "properties": {"dead_letters": {"type": "array", "items": {"$ref": "#/components/schemas/DeadLetter"}}}}))}), &[("404", "No such connector for this tenant")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}": {"delete": {
                 "operationId": "discardDeadLetter", "summary": "Drop a dead letter (roster:admin)",
@@ -299,7 +323,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
                 "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
-                "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object"})),
+                "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object", "required": ["replayed"], "properties": {"replayed": {"type": "integer", "description": "The dead letter's id"}}})),
                     "400": error_response("id is not a number"),
                     "502": error_response("The target refused the replay (target_refused)")}),
                     &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])
@@ -319,9 +343,9 @@ pub fn openapi_document() -> Value {
                 "description": "HS256, RS256 or ES256; claims: sub, exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
-                    "error": {"type": "string", "description": "Stable code, e.g. invalid_archetype, invalid_request, insufficient_scope, tenant_mismatch, not_found, method_not_allowed, payload_too_large, sync_in_progress, not_in_review, override_forbidden, token_expired, roster_api_disabled"},
+                    "error": {"type": "string", "description": error_codes_description()},
                     "message": {"type": "string"}}},
-                "User": {"type": "object", "properties": {
+                "User": {"type": "object", "required": USER_FIELDS, "properties": {
                     "user_id": {"type": "string"}, "scim_id": {"type": "string"},
                     "email": {"type": ["string", "null"]}, "first_name": {"type": ["string", "null"]},
                     "last_name": {"type": ["string", "null"]}, "job_title": {"type": ["string", "null"]},
@@ -340,7 +364,7 @@ pub fn openapi_document() -> Value {
                     "bundle_version": {"type": "string"}, "needs_review": {"type": "boolean"},
                     "candidates": {"type": "array", "items": {"type": "object", "properties": {
                         "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}},
-                "AssignmentResult": {"type": "object", "properties": {
+                "AssignmentResult": {"type": "object", "required": ["user_id", "archetype_id", "archetype_confidence", "archetype_assigned_by", "archetype_assigned_at"], "properties": {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},
                     "archetype_confidence": {"type": "number"}, "archetype_assigned_by": {"type": "string"},
                     "archetype_assigned_at": {"type": "string", "format": "date-time"}}},
@@ -352,18 +376,97 @@ pub fn openapi_document() -> Value {
                     "last_error": {"type": ["string", "null"]}, "last_error_at": {"type": ["string", "null"], "format": "date-time"},
                     "paused": {"type": "boolean"}, "paused_until": {"type": ["string", "null"], "format": "date-time"},
                     "dead_letters": {"type": "integer"}, "delivered": {"type": "integer"}, "retries": {"type": "integer"}}},
-                "Job": {"type": "object", "properties": {
+                "Job": {"type": "object", "required": ["job_id", "kind", "status", "started_at", "finished_at", "counts", "error"], "properties": {
                     "job_id": {"type": "string"}, "kind": {"type": "string"},
                     "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "interrupted"]},
                     "started_at": {"type": "string", "format": "date-time"},
                     "finished_at": {"type": ["string", "null"], "format": "date-time"},
                     "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    "error": {"type": ["string", "null"]}}}
+                    "error": {"type": ["string", "null"]}}},
+                "Change": {"type": "object", "required": ["seq", "at", "resource_type", "id", "op"], "properties": {
+                    "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+                    "resource_type": {"type": "string", "enum": ["User", "Group"]}, "id": {"type": "string", "description": "SCIM id"},
+                    "op": {"type": "string", "enum": ["created", "updated", "deleted", "archetype"]},
+                    "snapshot": {"type": "object", "description": "The SCIM document after the change; absent for deletes"},
+                    "members_added": {"type": "array", "items": {"type": "string"}},
+                    "members_removed": {"type": "array", "items": {"type": "string"}},
+                    "assignment": {"$ref": "#/components/schemas/AssignmentState"},
+                    "deactivated": {"type": "boolean", "description": "Present (true) when this change turned an active user inactive"}}},
+                "DeadLetter": {"type": "object", "required": ["id", "connector", "at", "reason", "event"], "properties": {
+                    "id": {"type": "integer", "description": "What DELETE …/dead-letters/{id} and …/replay take"},
+                    "connector": {"type": "string"}, "at": {"type": "string", "format": "date-time"},
+                    "reason": {"type": "string"},
+                    "request": {"type": ["object", "null"], "properties": {"method": {"type": "string"}, "url": {"type": "string"}, "body": {"type": "string"}}},
+                    "response": {"type": ["object", "null"], "properties": {"status": {"type": "integer"}, "body": {"type": "string"}}},
+                    "event": {"$ref": "#/components/schemas/Change"}}},
+                "DriftReport": {"type": "object", "properties": {
+                    "connector": {"type": "string"}, "kind": {"type": "string"},
+                    "checked": {"type": "integer"}, "drifted": {"type": "integer"},
+                    "repaired_from_target": {"type": "integer"}, "sent": {"type": "integer"},
+                    "failed": {"type": "integer"}, "unmappable": {"type": "integer"},
+                    "note": {"type": ["string", "null"]},
+                    "items": {"type": "array", "items": {"type": "object", "properties": {
+                        "object": {"type": "string"}, "action": {"type": "string", "enum": ["put", "delete"]},
+                        "reason": {"type": "string"}}}}}}
             }
         }
     });
+    add_body_errors(&mut doc);
     add_tenant_headers(&mut doc);
     doc
+}
+
+/// The fields every user object carries (null when unknown), in the order shown.
+const USER_FIELDS: [&str; 16] = [
+    "user_id",
+    "scim_id",
+    "email",
+    "first_name",
+    "last_name",
+    "job_title",
+    "department",
+    "manager_user_id",
+    "archetype_id",
+    "archetype_confidence",
+    "archetype_assigned_by",
+    "archetype_assigned_at",
+    "is_active",
+    "scim_external_id",
+    "groups",
+    "group_names",
+];
+
+/// The `error` codes, from the lists the errors are made from.
+fn error_codes_description() -> String {
+    let tokens: Vec<&str> = super::jwt::TOKEN_CODES.to_vec();
+    format!(
+        "Stable code, one of: {}; on 401, one of: {}",
+        super::ERROR_CODES.join(", "),
+        tokens.join(", ")
+    )
+}
+
+/// Every operation that takes a body can be refused it: too large (413), or labelled as
+/// something else than JSON (415).
+fn add_body_errors(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for op in item.values_mut() {
+            if op.get("requestBody").is_none() {
+                continue;
+            }
+            op["responses"]["413"] =
+                error_response("The body is over server.max_body_bytes (payload_too_large)");
+            op["responses"]["415"] = error_response(
+                "The body is labelled with another Content-Type than JSON (unsupported_media_type)",
+            );
+        }
+    }
 }
 
 /// Every authenticated operation takes the optional tenant headers `authenticate`

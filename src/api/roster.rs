@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::jwt::Scope;
-use super::{ApiError, ApiResult, Caller, TenantRoster, authenticate};
+use super::{ApiError, ApiResult, Caller, Params, TenantRoster, authenticate, json_body};
+use crate::classify::TenantPolicy;
 use crate::scim::ResourceKind;
 use crate::server::AppState;
 use crate::store::{
@@ -27,7 +28,6 @@ use crate::store::{
 };
 
 type St = State<Arc<AppState>>;
-type Params = Query<HashMap<String, String>>;
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -123,9 +123,10 @@ fn decode_cursor(c: &str) -> ApiResult<String> {
         .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))
 }
 
-fn parse_json(body: &Bytes) -> ApiResult<Value> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+/// A body that must be there (PATCH, bulk assign).
+fn required_body(headers: &HeaderMap, body: &Bytes, shape: &str) -> ApiResult<Value> {
+    json_body(headers, body)?
+        .ok_or_else(|| ApiError::BadRequest(format!("a body is required: {shape}")))
 }
 
 /// [`find_user`] on the blocking pool.
@@ -347,6 +348,7 @@ impl UserFilter {
     pub fn from_params(
         store: &Store,
         tenant: &str,
+        policy: Option<&TenantPolicy>,
         p: &HashMap<String, String>,
     ) -> ApiResult<Self> {
         let active = match p.get("active").map(|s| s.to_ascii_lowercase()).as_deref() {
@@ -359,21 +361,32 @@ impl UserFilter {
                 )));
             }
         };
+        // A filter value that names nothing is a slip (a bare userName, a misspelt
+        // archetype): an empty page would read as "nobody", so it is refused instead.
         let manager = match p.get("manager_user_id") {
-            // An unknown manager has no reports; the id stays so nothing matches.
-            Some(m) => Some(match find_user(store, tenant, m) {
-                Ok(r) => r.id,
-                Err(ApiError::NotFound(_)) => format!("\0unknown:{m}"),
-                Err(e) => return Err(e),
-            }),
+            Some(m) => Some(
+                find_user(store, tenant, m)
+                    .map_err(|e| match e {
+                        ApiError::NotFound(why) => {
+                            ApiError::BadRequest(format!("manager_user_id: {why}"))
+                        }
+                        other => other,
+                    })?
+                    .id,
+            ),
             None => None,
         };
         let group = match p.get("group") {
-            Some(g) => {
-                Some(find_group(store, tenant, g)?.unwrap_or_else(|| format!("\0unknown:{g}")))
-            }
+            Some(g) => Some(find_group(store, tenant, g)?.ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "group {g:?} names no group (by SCIM id, displayName or externalId)"
+                ))
+            })?),
             None => None,
         };
+        if let Some(a) = p.get("archetype") {
+            check_archetype_filter(store, tenant, policy, a)?;
+        }
         let confidence_lt =
             match p.get("archetype_confidence__lt") {
                 Some(v) => Some(v.parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(
@@ -532,6 +545,23 @@ impl UserFilter {
     }
 }
 
+/// An `archetype` filter names an archetype of the bundle, or one that overrides made
+/// before the bundle dropped it still hold (`GET /archetypes` lists both).
+fn check_archetype_filter(
+    store: &Store,
+    tenant: &str,
+    policy: Option<&TenantPolicy>,
+    a: &str,
+) -> ApiResult<()> {
+    if policy.is_some_and(|p| p.has_archetype(a)) {
+        return Ok(());
+    }
+    match store.archetype_user_counts(tenant, &[a])?.first() {
+        Some((users, _)) if *users > 0 => Ok(()),
+        _ => Err(ApiError::InvalidArchetype(a.to_owned())),
+    }
+}
+
 /// A group named by SCIM id, displayName (any case) or externalId. Display names need
 /// not be unique; a name that several groups share is refused rather than read as one
 /// of them, which would list some of the users it names and silently leave out others.
@@ -560,7 +590,7 @@ fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>>
     one(store.lookup_group_external_id(tenant, g)?, "externalId")
 }
 
-async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     let mut allowed = FILTER_PARAMS.to_vec();
@@ -568,10 +598,11 @@ async fn list_users(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiR
     check_params(&p, &allowed)?;
     let limit = parse_limit(&p)?;
     let after = p.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let policy = tenant_of(&st, &caller)?.policy();
     let tenant = caller.tenant;
     blocking(move || {
         let store = &st.store;
-        let filter = UserFilter::from_params(store, &tenant, &p)?;
+        let filter = UserFilter::from_params(store, &tenant, policy.as_deref(), &p)?;
         let mut renderer = Renderer::new(store, &tenant);
         let mut users = Vec::with_capacity(limit);
         let mut more = false;
@@ -595,9 +626,11 @@ async fn get_user(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let res = find_user(&st.store, &tenant, &user_id)?;
@@ -690,11 +723,14 @@ async fn patch_user(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
+    Params(p): Params,
     body: Bytes,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    let archetype = archetype_field(&parse_json(&body)?, "clear the override")?;
+    check_params(&p, &[])?;
+    let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
+    let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(&st, &caller, archetype.as_deref())?;
     if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
@@ -719,10 +755,20 @@ async fn patch_user(
     Ok(Json(assignment_reply(&name, &a)).into_response())
 }
 
-async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn bulk_assign(
+    State(st): St,
+    headers: HeaderMap,
+    Params(p): Params,
+    body: Bytes,
+) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    let body = parse_json(&body)?;
+    check_params(&p, &[])?;
+    let body = required_body(
+        &headers,
+        &body,
+        "{\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}",
+    )?;
     let Some(items) = body.get("assignments").and_then(Value::as_array) else {
         return Err(ApiError::BadRequest(
             "body must be {\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}".into(),
@@ -745,6 +791,26 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
             .and_then(Value::as_str)
             .unwrap_or_default();
         let outcome: ApiResult<()> = async {
+            // Each item is read as PATCH reads its body, plus the user it is for.
+            let Some(fields) = item.as_object() else {
+                return Err(ApiError::BadRequest(
+                    "an item is {\"user_id\": \"user:…\", \"archetype_id\": \"<id>\" | null}"
+                        .into(),
+                ));
+            };
+            if let Some(k) = fields
+                .keys()
+                .find(|k| !["user_id", "archetype_id"].contains(&k.as_str()))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown field {k:?}; an item has user_id and archetype_id"
+                )));
+            }
+            if user_id.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "user_id is required: user:<userName> or a SCIM id".into(),
+                ));
+            }
             // As PATCH takes it: an id overrides, null clears the override.
             let change = match item.get("archetype_id") {
                 Some(Value::String(a)) if !a.is_empty() => {
@@ -802,7 +868,7 @@ async fn bulk_assign(State(st): St, headers: HeaderMap, body: Bytes) -> ApiResul
 async fn list_archetypes(
     State(st): St,
     headers: HeaderMap,
-    Query(p): Params,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
@@ -849,7 +915,7 @@ async fn list_archetypes(
     .await
 }
 
-async fn list_groups(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &[])?;
@@ -884,7 +950,7 @@ async fn list_groups(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
 // ---------------------------------------------------------------------------------------
 // Review queue
 
-async fn list_review(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &["limit", "cursor"])?;
@@ -954,22 +1020,18 @@ async fn accept_review(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
+    Params(p): Params,
     body: Bytes,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    // No body, `{}` and `{"archetype_id": null}` all accept the suggestion (the OpenAPI
-    // document makes the field optional).
-    // Whitespace is no body, as for `scim:sync`.
-    let chosen = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let v = parse_json(&body)?;
-        if v.as_object().is_some_and(|o| o.is_empty()) {
-            None
-        } else {
-            archetype_field(&v, "accept the suggestion")?
-        }
+    check_params(&p, &[])?;
+    // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
+    // suggestion (the OpenAPI document makes the field optional).
+    let chosen = match json_body(&headers, &body)? {
+        None => None,
+        Some(v) if v.as_object().is_some_and(|o| o.is_empty()) => None,
+        Some(v) => archetype_field(&v, "accept the suggestion")?,
     };
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(&st, &caller, chosen.as_deref())?;
@@ -1018,7 +1080,7 @@ fn parse_time(p: &HashMap<String, String>, key: &str) -> ApiResult<Option<DateTi
         .transpose()
 }
 
-async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> ApiResult<Response> {
+async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &["user_id", "kind", "since", "until", "limit", "after"])?;
@@ -1085,9 +1147,12 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
             since,
             until,
             after_seq,
-            limit,
+            // One more than the page, to know whether another page follows.
+            limit: limit + 1,
         };
-        let events = st.store.governance_events(&tenant, &q)?;
+        let mut events = st.store.governance_events(&tenant, &q)?;
+        let more = events.len() > limit;
+        events.truncate(limit);
         let mut names: BTreeMap<String, String> = BTreeMap::new();
         let mut out = Vec::with_capacity(events.len());
         for e in &events {
@@ -1112,9 +1177,7 @@ async fn list_events(State(st): St, headers: HeaderMap, Query(p): Params) -> Api
                 "after": e.after.as_ref().map(assignment_state),
             }));
         }
-        let next = (events.len() == limit)
-            .then(|| events.last().map(|e| e.seq))
-            .flatten();
+        let next = more.then(|| events.last().map(|e| e.seq)).flatten();
         Ok(Json(json!({"events": out, "next_after": next})).into_response())
     })
     .await
@@ -1141,24 +1204,33 @@ fn job_json(j: &Job) -> Value {
 async fn start_sync(
     State(st): St,
     headers: HeaderMap,
+    Params(p): Params,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
-    let dry_run = if body.iter().all(u8::is_ascii_whitespace) {
-        false
-    } else {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct SyncBody {
-            #[serde(default)]
-            dry_run: bool,
+    check_params(&p, &[])?;
+    let dry_run = match json_body(&headers, &body)? {
+        None => false,
+        // serde would also read a struct from an array (`[true]`), which no caller means.
+        Some(v @ Value::Object(_)) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct SyncBody {
+                #[serde(default)]
+                dry_run: bool,
+            }
+            serde_json::from_value::<SyncBody>(v)
+                .map_err(|e| {
+                    ApiError::BadRequest(format!("body: {e}; expected {{\"dry_run\": true|false}}"))
+                })?
+                .dry_run
         }
-        serde_json::from_slice::<SyncBody>(&body)
-            .map_err(|e| {
-                ApiError::BadRequest(format!("body: {e}; expected {{\"dry_run\": true|false}}"))
-            })?
-            .dry_run
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "body must be a JSON object: {\"dry_run\": true|false}".into(),
+            ));
+        }
     };
     if dry_run {
         let reports = st.dispatch.reconcile(&caller.tenant, true).await?;
@@ -1172,9 +1244,11 @@ async fn get_job(
     State(st): St,
     headers: HeaderMap,
     Path(job_id): Path<String>,
+    Params(p): Params,
 ) -> ApiResult<Response> {
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
+    check_params(&p, &[])?;
     let job = st
         .store
         .job(&caller.tenant, &job_id)?

@@ -1189,7 +1189,16 @@ impl Dispatcher {
 
     /// Lift a pause now (after the operator fixed the target).
     pub fn resume(&self, tenant: &str, name: &str) -> Result<(), DispatchError> {
-        self.find(tenant, name)?.live.resume();
+        let found = self.find(tenant, name)?;
+        // Nothing runs to resume: saying "resumed" would promise deliveries that wait
+        // for an `enabled = true` (or a fixed file) and a reload.
+        if found.ctx.is_none() {
+            return Err(DispatchError::NotRunning(
+                name.to_owned(),
+                "it is disabled or failed to start".into(),
+            ));
+        }
+        found.live.resume();
         Ok(())
     }
 }

@@ -228,6 +228,17 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
     assert_eq!(first["request"]["method"], "PUT");
     assert!(first["request"]["url"].as_str().unwrap().contains(&ada_sid));
     assert!(first["reason"].as_str().unwrap().contains("403"));
+    // The change a letter holds shows its assignment as the feed and webhooks do.
+    let assignments: Vec<&Value> = letters
+        .iter()
+        .filter_map(|l| l["event"].get("assignment"))
+        .collect();
+    assert!(!assignments.is_empty(), "{letters:?}");
+    for a in assignments {
+        assert!(a.get("archetype_confidence").is_some(), "{a}");
+        assert!(a.get("archetype_assigned_by").is_some(), "{a}");
+        assert!(a.get("confidence").is_none(), "the store's names: {a}");
+    }
     let (id1, id2) = (
         first["id"].as_u64().unwrap(),
         letters[1]["id"].as_u64().unwrap(),
@@ -367,6 +378,24 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["paused"], false);
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+    // A disabled connector has nothing running to resume: 409, not a "resumed".
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connector(&d, "sis").await["state"] != "disabled" {
+        assert!(tokio::time::Instant::now() < deadline, "never disabled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = d
+        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (409, Some("conflict")),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]

@@ -587,6 +587,17 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
     );
     let total: u64 = list.iter().map(|a| a["user_count"].as_u64().unwrap()).sum();
     assert_eq!(total, 1, "every user counted once: {}", r.body);
+    // The dropped archetype is still a filter that finds its holders.
+    let r = d
+        .roster(
+            Method::GET,
+            "/users?archetype=production_planner",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["users"].as_array().unwrap().len(), 1, "{}", r.body);
 }
 
 #[tokio::test]
@@ -821,6 +832,46 @@ async fn bulk_assign_reports_per_item() {
     );
     let a = roster_user(&d, &admin, "user:a@acme.test").await;
     assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
+    // An item read as PATCH reads a body: it names a user, and nothing else than the two
+    // fields. Each bad one fails alone, as a 400 that says why.
+    let r = d
+        .roster(
+            Method::POST,
+            "/archetype:bulk-assign",
+            &admin,
+            Some(json!({"assignments": [
+                {"archetype_id": "fpa_analyst"},
+                {"user_id": 5, "archetype_id": "fpa_analyst"},
+                {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst", "note": "x"},
+                "user:a@acme.test"
+            ]})),
+        )
+        .await;
+    assert_eq!(r.body["failed"], 4, "{}", r.body);
+    for (i, e) in r.body["errors"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            (e["index"].as_u64(), e["status"].as_u64()),
+            (Some(i as u64), Some(400)),
+            "{e}"
+        );
+        assert_eq!(e["error"], "invalid_request", "{e}");
+    }
+    assert!(
+        r.body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user_id is required")
+    );
+    assert!(
+        r.body["errors"][2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"note\"")
+    );
+    assert_eq!(
+        roster_user(&d, &admin, "user:a@acme.test").await["archetype_assigned_by"],
+        "service:classifier"
+    );
     let r = d
         .roster(
             Method::POST,
@@ -1025,6 +1076,22 @@ async fn listing_filters_and_pages() {
     seen.dedup();
     assert_eq!(seen.len(), 8, "{seen:?}");
 
+    // A filter that names nothing is a slip, not an empty roster; so for the export.
+    for (bad, code) in [
+        ("?archetype=sofware_engineer", "invalid_archetype"),
+        ("?archetype=SOFTWARE_ENGINEER", "invalid_archetype"),
+        ("?manager_user_id=boss@acme.test", "invalid_request"),
+        ("?manager_user_id=user:nobody@acme.test", "invalid_request"),
+        ("?group=Pilots", "invalid_request"),
+    ] {
+        for path in [
+            format!("/users{bad}"),
+            format!("/users:export?format=csv&{}", &bad[1..]),
+        ] {
+            let r = d.roster(Method::GET, &path, &admin, None).await;
+            api_error(&r, 400, code);
+        }
+    }
     for bad in [
         "?limit=0",
         "?limit=5000",
@@ -1032,6 +1099,7 @@ async fn listing_filters_and_pages() {
         "?cursor=!!",
         "?archetype_confidence__lt=x",
         "?colour=red",
+        "?limit=1&limit=2",
     ] {
         let r = d
             .roster(Method::GET, &format!("/users{bad}"), &admin, None)
@@ -1679,4 +1747,113 @@ async fn every_roster_api_error_is_the_apis_json() {
             "invalid_request",
         );
     }
+}
+
+#[tokio::test]
+async fn requests_are_read_strictly_whatever_the_endpoint() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "s@acme.test", "software engineer", None).await;
+    // A query parameter the endpoint does not take is refused on every endpoint, not
+    // just on the lists.
+    for (method, path) in [
+        (Method::GET, format!("/users/{id}?fields=email")),
+        (Method::PATCH, format!("/users/{id}?dry_run=true")),
+        (
+            Method::POST,
+            "/archetype:bulk-assign?dry_run=true".to_owned(),
+        ),
+        (Method::POST, "/scim:sync?dry_run=true".to_owned()),
+        (Method::GET, "/connectors?x=1".to_owned()),
+        (Method::GET, "/scim/jobs/nope?x=1".to_owned()),
+    ] {
+        let r = d
+            .roster(
+                method.clone(),
+                &path,
+                &admin,
+                Some(json!({"archetype_id": null})),
+            )
+            .await;
+        api_error(&r, 400, "invalid_request");
+        assert!(
+            r.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown query parameter"),
+            "{path}: {}",
+            r.body
+        );
+    }
+    // A form post by mistake is told to send JSON; no Content-Type is read as JSON.
+    let url = d.url(&format!("/api/v1/roster/users/{id}"));
+    let send = |ct: Option<&'static str>| {
+        let mut req = d
+            .client
+            .patch(&url)
+            .bearer_auth(&admin)
+            .body(r#"{"archetype_id": "fpa_analyst"}"#);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        async move { crate::harness::Resp::read(req.send().await.unwrap()).await }
+    };
+    let r = send(Some("application/x-www-form-urlencoded")).await;
+    api_error(&r, 415, "unsupported_media_type");
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["archetype_assigned_by"],
+        "service:classifier",
+        "nothing changed"
+    );
+    let r = send(None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A JSON array is no options object, even where serde would read one from it.
+    let r = d
+        .roster(Method::POST, "/scim:sync", &admin, Some(json!([true])))
+        .await;
+    api_error(&r, 400, "invalid_request");
+    let r = d
+        .roster(Method::POST, "/scim:sync", &admin, Some(json!([])))
+        .await;
+    api_error(&r, 400, "invalid_request");
+
+    // Events: the last page says so, even when it is exactly full.
+    let all = d
+        .roster(Method::GET, &format!("/events?user_id={id}"), &admin, None)
+        .await;
+    let n = all.body["events"].as_array().unwrap().len();
+    assert!(n >= 2, "{}", all.body);
+    assert!(all.body["next_after"].is_null(), "{}", all.body);
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/events?user_id={id}&limit={n}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), n);
+    assert!(
+        r.body["next_after"].is_null(),
+        "a full last page: {}",
+        r.body
+    );
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/events?user_id={id}&limit={}", n - 1),
+            &admin,
+            None,
+        )
+        .await;
+    let next = r.body["next_after"].as_u64().expect("another page follows");
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/events?user_id={id}&after={next}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
 }
