@@ -652,20 +652,7 @@ impl<'a> Txn<'a> {
                 }
             }
         }
-        // An id both added and removed within one request nets out to its final state.
-        let added_set: HashSet<&String> = added.iter().collect();
-        let removed_set: HashSet<&String> = removed.iter().collect();
-        let net_added: Vec<String> = added
-            .iter()
-            .filter(|id| !removed_set.contains(id))
-            .cloned()
-            .collect();
-        let net_removed: Vec<String> = removed
-            .iter()
-            .filter(|id| !added_set.contains(id))
-            .cloned()
-            .collect();
-        Ok((net_added, net_removed))
+        Ok(net_membership(added, removed))
     }
 
     /// Every key this transaction writes (`None` deletes), change events, counters and the
@@ -920,6 +907,30 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
     db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
     db.flush()?;
     Ok(())
+}
+
+/// What a request did to each member, from the transitions it made in order.
+/// `add_member` and `remove_member` record only real transitions, so an id's adds and
+/// removes alternate and its net change is their difference: add, remove, add is one add
+/// (cancelling pairs by set membership would lose it), and add, remove is nothing.
+fn net_membership(added: Vec<String>, removed: Vec<String>) -> (Vec<String>, Vec<String>) {
+    let mut net: HashMap<&str, i32> = HashMap::new();
+    for id in &added {
+        *net.entry(id.as_str()).or_default() += 1;
+    }
+    for id in &removed {
+        *net.entry(id.as_str()).or_default() -= 1;
+    }
+    let mut seen = HashSet::new();
+    let keep = |ids: &[String], want: i32, seen: &mut HashSet<String>| -> Vec<String> {
+        ids.iter()
+            .filter(|id| net.get(id.as_str()) == Some(&want) && seen.insert((*id).clone()))
+            .cloned()
+            .collect()
+    };
+    let net_added = keep(&added, 1, &mut seen);
+    let net_removed = keep(&removed, -1, &mut seen);
+    (net_added, net_removed)
 }
 
 fn member_matches(filter: &Filter, member: &Member) -> bool {

@@ -296,6 +296,75 @@ async fn group_rules_outrank_the_classifier() {
     assert_eq!(u["archetype_assigned_by"], "service:classifier");
 }
 
+#[tokio::test]
+async fn a_member_toggled_within_one_patch_ends_as_the_last_operation_left_it() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let x = create(&d, "x@acme.test", "software engineer", None).await;
+    let y = create(&d, "y@acme.test", "software engineer", None).await;
+    let gid = d.create_group("Engineering Leads").await;
+    d.add_members(&gid, &[&y]).await;
+    let since = d
+        .roster(Method::GET, "/changes?limit=1", &admin, None)
+        .await
+        .body["last_seq"]
+        .as_u64()
+        .unwrap();
+    // x: add, remove, add (joins); y: remove, add, remove (leaves). Pairs cancelled as
+    // sets would leave both as they were and write nothing.
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([
+                {"op": "add", "path": "members", "value": [{"value": x}]},
+                {"op": "remove", "path": format!("members[value eq \"{x}\"]")},
+                {"op": "remove", "path": format!("members[value eq \"{y}\"]")},
+                {"op": "add", "path": "members", "value": [{"value": x}, {"value": y}]},
+                {"op": "remove", "path": format!("members[value eq \"{y}\"]")}
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    let members: Vec<&str> = g.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, [x.as_str()], "{}", g.body);
+    // The group rule follows, and downstream hears of both.
+    assert_eq!(
+        roster_user(&d, &admin, &x).await["archetype_id"],
+        "eng_lead"
+    );
+    assert_eq!(
+        roster_user(&d, &admin, &y).await["archetype_id"],
+        "software_engineer"
+    );
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/changes?since={since}"),
+            &admin,
+            None,
+        )
+        .await;
+    let group_change = r.body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["resource_type"] == "Group")
+        .cloned()
+        .unwrap_or_else(|| panic!("no group change: {}", r.body));
+    assert_eq!(group_change["members_added"], json!([x]), "{group_change}");
+    assert_eq!(
+        group_change["members_removed"],
+        json!([y]),
+        "{group_change}"
+    );
+}
+
 /// Poll the review queue until `want(ids in it)` holds: a reload's reclassification runs
 /// as a background job.
 async fn review_until(d: &TestDaemon, admin: &str, want: impl Fn(&[String]) -> bool) -> Value {
