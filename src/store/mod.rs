@@ -1067,7 +1067,12 @@ impl Store {
         txn.job_running = t.job_running.load(std::sync::atomic::Ordering::Acquire);
         let out = f(&mut txn)?;
         if txn.pending.is_empty() && txn.events.is_empty() {
-            return Ok((out, None));
+            // Nothing to write, but the answer reports state an earlier writer may have
+            // applied and not yet flushed (an IdP retrying a PATCH, a repeated override):
+            // it is acknowledged only once that state is durable, or a crash could undo
+            // what the 2xx promised. Tickets are taken under this lock, so the newest one
+            // covers every write this transaction could have read.
+            return Ok((out, self.inner.commit.unflushed().map(|t| (t, None))));
         }
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let (ops, moves) = txn.into_ops()?;
@@ -1079,8 +1084,11 @@ impl Store {
             }
         }
         applied?;
+        // Taken before the lock is released, so a later writer that reads this state
+        // finds its ticket already issued (see the no-op case above).
+        let ticket = self.inner.commit.ticket();
         drop(last_write);
-        Ok((out, Some((self.inner.commit.ticket(), last_seq))))
+        Ok((out, Some((ticket, last_seq))))
     }
 
     /// Run a write on the blocking pool and return once it is durable.
@@ -1626,6 +1634,26 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_write_that_changes_nothing_waits_for_the_state_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        // With the flusher stopped, nothing written from here on becomes durable.
+        store.inner.commit.stop();
+        let (_, written) = store
+            .write_sync("t", |txn| {
+                txn.put(b"k".to_vec(), b"v".to_vec());
+                Ok(())
+            })
+            .unwrap();
+        let (written, _) = written.expect("a write takes a ticket");
+        // A retry that finds the state already there must not be acknowledged before
+        // that state is durable: it waits on a ticket at least as new.
+        let (_, noop) = store.write_sync("t", |_| Ok(())).unwrap();
+        let (waits_for, _) = noop.expect("a no-op after an unflushed write waits");
+        assert!(waits_for >= written, "{waits_for} < {written}");
     }
 
     #[tokio::test]
