@@ -120,7 +120,7 @@ fn paging() -> Vec<Value> {
         limit(),
         query(
             "cursor",
-            "The next_cursor of the previous page (anything else is 400)",
+            "The next_cursor of the previous page of the same query (same filters and tenant; limit may change). Anything else is 400",
             json!({"type": "string"}),
         ),
     ]

@@ -99,8 +99,13 @@ pub(super) fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> Api
 pub(super) fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
     match p.get("limit") {
         None => Ok(DEFAULT_LIMIT),
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        // Digits only: `parse` would also take "+5".
+        Some(v) => match v
+            .parse::<usize>()
+            .ok()
+            .filter(|_| v.bytes().all(|b| b.is_ascii_digit()))
+        {
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
             _ => Err(ApiError::BadRequest(format!(
                 "limit must be an integer from 1 to {MAX_LIMIT}"
             ))),
@@ -108,19 +113,63 @@ pub(super) fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
     }
 }
 
-fn encode_cursor(id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(id.as_bytes())
-}
+/// What a cursor was issued for: the endpoint, the tenant and the query's filters (not
+/// `limit`, which a client may change between pages). A cursor carried to another query
+/// would page through a different list from a position in this one.
+#[derive(Clone, Copy)]
+struct CursorScope([u8; 8]);
 
-/// A cursor is the id of the last user a page showed. Anything else (an edited or
-/// truncated cursor, an empty one) is refused rather than read as some other position.
-fn decode_cursor(c: &str) -> ApiResult<String> {
-    URL_SAFE_NO_PAD
-        .decode(c.as_bytes())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|id| uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == *id))
-        .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))
+impl CursorScope {
+    fn new(endpoint: &str, tenant: &str, p: &HashMap<String, String>) -> CursorScope {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for part in [endpoint, tenant] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        let filters: BTreeMap<&String, &String> = p
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "cursor" | "limit"))
+            .collect();
+        for (k, v) in filters {
+            h.update(k.as_bytes());
+            h.update([1]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&h.finalize()[..8]);
+        CursorScope(out)
+    }
+
+    /// The cursor after the user with SCIM id `id`.
+    fn encode(self, id: &str) -> String {
+        let mut raw = self.0.to_vec();
+        raw.extend_from_slice(id.as_bytes());
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The id of the last user a page showed. Anything else (an edited or truncated
+    /// cursor, an empty one, one from another query) is refused rather than read as some
+    /// other position.
+    fn decode(self, c: &str) -> ApiResult<String> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(c.as_bytes())
+            .ok()
+            .filter(|b| b.len() > 8)
+            .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))?;
+        if raw[..8] != self.0 {
+            return Err(ApiError::BadRequest(
+                "cursor belongs to another query (endpoint, tenant or filters); page with the \
+                 filters the cursor came with, or start again without a cursor"
+                    .into(),
+            ));
+        }
+        String::from_utf8(raw[8..].to_vec())
+            .ok()
+            .filter(|id| uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == *id))
+            .ok_or_else(|| ApiError::BadRequest("cursor is not one this API issued".into()))
+    }
 }
 
 /// A body that must be there (PATCH, bulk assign).
@@ -597,7 +646,8 @@ async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> Api
     allowed.extend(["limit", "cursor"]);
     check_params(&p, &allowed)?;
     let limit = parse_limit(&p)?;
-    let after = p.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let scope = CursorScope::new("users", &caller.tenant, &p);
+    let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
     let policy = tenant_of(&st, &caller)?.policy();
     let tenant = caller.tenant;
     blocking(move || {
@@ -615,7 +665,7 @@ async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> Api
             Ok(true)
         })?;
         let next = more
-            .then(|| users.last().map(|u| encode_cursor(&u.scim_id)))
+            .then(|| users.last().map(|u| scope.encode(&u.scim_id)))
             .flatten();
         Ok(Json(json!({"users": users, "next_cursor": next})).into_response())
     })
@@ -955,7 +1005,8 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
     caller.require(Scope::Read)?;
     check_params(&p, &["limit", "cursor"])?;
     let limit = parse_limit(&p)?;
-    let after = p.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let scope = CursorScope::new("review", &caller.tenant, &p);
+    let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
     let threshold = tenant_of(&st, &caller)?
         .policy()
         .map(|p| p.review_threshold_value());
@@ -999,7 +1050,7 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
             items
                 .last()
                 .and_then(|i| i["scim_id"].as_str())
-                .map(encode_cursor)
+                .map(|id| scope.encode(id))
         } else {
             None
         };

@@ -1144,6 +1144,30 @@ async fn listing_filters_and_pages() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 8, "{seen:?}");
+    // A cursor pages the query it came from: with other filters, on another endpoint or
+    // for another tenant it is refused, not read as a position in another list.
+    let c = list("?limit=3").await["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(names(&list(&format!("?limit=5&cursor={c}")).await).len(), 5);
+    let other = d.jwt(crate::harness::OTHER_TENANT, "roster:admin");
+    for (path, token) in [
+        (format!("/users?department=finance&cursor={c}"), &admin),
+        (format!("/review?cursor={c}"), &admin),
+        (format!("/users?cursor={c}"), &other),
+    ] {
+        let r = d.roster(Method::GET, &path, token, None).await;
+        api_error(&r, 400, "invalid_request");
+        assert!(
+            r.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("another query"),
+            "{path}: {}",
+            r.body
+        );
+    }
 
     // A filter that names nothing is a slip, not an empty roster; so for the export.
     for (bad, code) in [
@@ -1169,6 +1193,7 @@ async fn listing_filters_and_pages() {
         "?archetype_confidence__lt=x",
         "?colour=red",
         "?limit=1&limit=2",
+        "?limit=+5",
     ] {
         let r = d
             .roster(Method::GET, &format!("/users{bad}"), &admin, None)
