@@ -212,6 +212,14 @@ async fn run_job(
             tracing::error!(error = %e, "Reclassification failed.");
         }
     }
+    if state.shutdown.is_cancelled() {
+        // The stop cut it off (a cancelled send reads as neither sent nor failed, so
+        // even "succeeded" cannot be trusted now): no fault of the job, and no success.
+        // It stays recorded as running, and the next start marks it interrupted (and
+        // counts it so), as after a crash.
+        tracing::info!(error = ?job.error, "The shutdown cut the job off; the next start marks it interrupted.");
+        return false;
+    }
     job.finished_at = Some(Utc::now());
     count_finished_job(tenant, &job);
     let rerun = job.status != JobStatus::Failed

@@ -621,3 +621,91 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
         .unwrap();
     assert_eq!(r.status(), 202, "the job can be run again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(
+        Fault::delay(Duration::from_secs(5), 0)
+            .forever()
+            .on_method("PUT"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+    let mut d = ChildDaemon::start(&root, &env).await;
+    let r = d
+        .client
+        .post(d.scim("/Users"))
+        .bearer_auth(SCIM_TOKEN)
+        .json(&user("stop@acme.test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = jwt_with(
+        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
+    );
+    let api = |d: &ChildDaemon, path: &str| format!("{}/api/v1/roster{path}", d.base);
+    let job: Value = d
+        .client
+        .post(api(&d, "/scim:sync"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_url = api(
+        &d,
+        &format!("/scim/jobs/{}", job["job_id"].as_str().unwrap()),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let j: Value = d
+            .client
+            .get(&job_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["status"] == "running" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job never ran: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.signal("TERM");
+    tokio::task::block_in_place(|| d.child.wait()).unwrap();
+    // The stop is no failure of the job: no error about it, and it reads interrupted
+    // after the start, counted once, as such.
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    for noise in [
+        "Reconciliation failed",
+        "Reclassification failed",
+        "Cannot record the job",
+    ] {
+        assert!(!log.contains(noise), "{noise}: {log}");
+    }
+    target.clear_faults();
+    let d = ChildDaemon::start(&root, &env).await;
+    let j: Value = d
+        .client
+        .get(api(
+            &d,
+            &format!("/scim/jobs/{}", job["job_id"].as_str().unwrap()),
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["status"], "interrupted", "{j}");
+}
