@@ -168,6 +168,30 @@ pub struct TenantConfig {
     /// Roster API gives its groups the source `scim:<idp>` (else `scim`).
     #[serde(default)]
     pub idp: Option<String>,
+    /// The role a group grants in the product its members use (roster-api.txt's
+    /// `claresia_role`); a group no entry names grants `member`. First match wins.
+    #[serde(default)]
+    pub group_roles: Vec<GroupRole>,
+}
+
+/// `[[tenants.group_roles]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRole {
+    /// The group's displayName (case-insensitive), externalId or SCIM id.
+    pub group: String,
+    pub role: String,
+}
+
+/// The role of a group no `group_roles` entry names.
+pub const DEFAULT_GROUP_ROLE: &str = "member";
+
+/// Whether `pattern` (a config file's `group = "…"`) names this group: its SCIM id, its
+/// displayName in any case, or its externalId.
+pub fn names_group(pattern: &str, id: &str, name: Option<&str>, external: Option<&str>) -> bool {
+    pattern == id
+        || name.is_some_and(|n| n.eq_ignore_ascii_case(pattern))
+        || external.is_some_and(|x| x == pattern)
 }
 
 fn default_true() -> bool {
@@ -372,6 +396,16 @@ impl Config {
                     "key `tenants[{i}].review_threshold`: {th} is not in (0, 1]"
                 ));
             }
+            if let Some((j, _)) = t
+                .group_roles
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.role.trim().is_empty() || r.group.trim().is_empty())
+            {
+                return Err(format!(
+                    "key `tenants[{i}].group_roles[{j}]`: group and role must not be empty"
+                ));
+            }
             if !t.group_rules.is_empty() && t.bundle.is_none() {
                 return Err(format!(
                     "key `tenants[{i}].group_rules`: group rules need a `bundle` to name archetypes"
@@ -454,6 +488,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("tenants[0].token_hashes[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_group_role_names_a_group_and_a_role() {
+        let with = |entry: &str| {
+            Config::parse(
+                &format!(
+                    "version = 1\n[[tenants]]\nid = \"a\"\ntoken_env = \"T\"\ngroup_roles = [{entry}]\n"
+                ),
+                Path::new("x"),
+            )
+        };
+        assert!(with(r#"{ group = "Admins", role = "admin" }"#).is_ok());
+        for bad in [
+            r#"{ group = "Admins", role = " " }"#,
+            r#"{ group = "", role = "admin" }"#,
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("tenants[0].group_roles[0]"), "{bad}: {err}");
+        }
+        let err = with(r#"{ group = "Admins", rol = "admin" }"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rol"), "{err}");
     }
 
     #[test]

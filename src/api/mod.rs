@@ -309,6 +309,8 @@ pub struct TenantRoster {
     pub allow_overrides: bool,
     /// What `GET /groups` names as a group's source: `scim:<idp>`, or `scim`.
     pub group_source: String,
+    /// What `GET /groups` names as the role each group grants (`claresia_role`).
+    pub group_roles: Vec<crate::config::GroupRole>,
     /// The bundle in force and how the last reload of it went, for `/status`.
     pub bundle: Mutex<BundleState>,
 }
@@ -355,6 +357,14 @@ impl BundleState {
 }
 
 impl TenantRoster {
+    /// The role a group grants: the first `group_roles` entry that names it, else member.
+    pub fn group_role(&self, id: &str, name: Option<&str>, external: Option<&str>) -> &str {
+        self.group_roles
+            .iter()
+            .find(|r| crate::config::names_group(&r.group, id, name, external))
+            .map_or(crate::config::DEFAULT_GROUP_ROLE, |r| r.role.as_str())
+    }
+
     pub fn bundle_state(&self) -> BundleState {
         self.bundle
             .lock()

@@ -221,7 +221,9 @@ pub fn openapi_document() -> Value {
                         "type": "object", "properties": {
                             "group_id": {"type": "string"}, "display_name": {"type": ["string", "null"]},
                             "external_id": {"type": ["string", "null"]}, "source": {"type": "string"},
-                            "member_count": {"type": "integer"}, "archetype_rule": {"type": ["string", "null"]}}}}}
+                            "member_count": {"type": "integer"},
+                            "claresia_role": {"type": "string", "description": "The role the group grants: the tenant's group_roles, else member"},
+                            "archetype_rule": {"type": ["string", "null"]}}}}}
                 })), "400": error_response("Any query parameter: this endpoint takes none")}), &[])
             }},
             "/api/v1/roster/review": {"get": {

@@ -969,10 +969,14 @@ async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &[])?;
-    let t = tenant_of(&st, &caller)?;
-    let (policy, source) = (t.policy(), t.group_source.clone());
     let tenant = caller.tenant;
     blocking(move || {
+        let t = st
+            .roster
+            .tenants
+            .get(&tenant)
+            .ok_or_else(|| ApiError::UnknownTenant(tenant.clone()))?;
+        let policy = t.policy();
         let mut out = Vec::new();
         for g in st.store.scan(&tenant, ResourceKind::Group)? {
             let g = g?;
@@ -987,8 +991,9 @@ async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
                 "group_id": g.id,
                 "display_name": name,
                 "external_id": external,
-                "source": source,
+                "source": t.group_source,
                 "member_count": members,
+                "claresia_role": t.group_role(&g.id, name.as_deref(), external.as_deref()),
                 "archetype_rule": rule,
             }));
         }

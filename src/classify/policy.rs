@@ -138,9 +138,7 @@ impl TenantPolicy {
 }
 
 fn rule_matches(r: &GroupRule, id: &str, name: Option<&str>, external: Option<&str>) -> bool {
-    r.group == id
-        || name.is_some_and(|n| n.eq_ignore_ascii_case(&r.group))
-        || external.is_some_and(|x| x == r.group)
+    crate::config::names_group(&r.group, id, name, external)
 }
 
 fn text(v: Option<&Value>) -> Option<&str> {

@@ -171,6 +171,7 @@ mod tests {
             allow_overrides: true,
             group_rules: vec![],
             idp: None,
+            group_roles: vec![],
         }
     }
 

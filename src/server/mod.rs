@@ -129,6 +129,7 @@ pub async fn run_with_env(
                     .idp
                     .as_ref()
                     .map_or_else(|| "scim".to_owned(), |i| format!("scim:{i}")),
+                group_roles: t.group_roles.clone(),
                 bundle: std::sync::Mutex::new(bundle),
             },
         );

@@ -106,6 +106,7 @@ token_hashes = ["{hash}"]
 bundle = "bundle.toml"
 idp = "azure-ad"
 group_rules = [{{ group = "Engineering Leads", archetype = "eng_lead" }}]
+group_roles = [{{ group = "engineering leads", role = "admin" }}]
 [[tenants]]
 id = "{OTHER_TENANT}"
 token_hashes = ["{other_hash}"]

@@ -282,6 +282,21 @@ async fn group_rules_outrank_the_classifier() {
     assert_eq!(g["member_count"], 1);
     assert_eq!(g["archetype_rule"], "eng_lead");
     assert_eq!(g["source"], "scim:azure-ad", "the tenant's idp");
+    assert_eq!(
+        g["claresia_role"], "admin",
+        "group_roles, by displayName in any case"
+    );
+    let other = d.create_group("Pilot").await;
+    let r = d.roster(Method::GET, "/groups", &admin, None).await;
+    let pilot = r.body["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group_id"] == other.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(pilot["claresia_role"], "member", "{pilot}");
+    assert!(pilot["archetype_rule"].is_null(), "{pilot}");
 
     // Leaving the group returns the user to the classifier.
     let r = d
