@@ -420,3 +420,39 @@ fn ordinary_errors_print_their_causes_without_a_backtrace() {
     assert!(err.contains("listne"), "{err}");
     assert!(!err.to_lowercase().contains("backtrace"), "{err}");
 }
+
+#[test]
+fn a_data_directory_that_cannot_be_made_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    // A file where the data directory's parent should be.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let data = file.join("data");
+    let (ok, _, err) = rosterd_env(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("cannot create the data directory") && err.contains(data.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(!err.contains("listener"), "{err}");
+}

@@ -621,3 +621,38 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
         .unwrap();
     assert_eq!(r.status(), 202, "the job can be run again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    // Headers promising 1000 bytes, then 10 of them, then nothing.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stalled,
+        "POST /scim/v2/{TENANT}/Users HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\nContent-Type: application/scim+json\r\nContent-Length: 1000\r\n\r\n{{\"schemas\""
+    )
+    .unwrap();
+    stalled.flush().unwrap();
+    // Let the request reach its handler before the stop begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rosterd still runs while the client stalls; see {}",
+            root.join("daemon.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    // The client was still connected: the daemon did not wait for it to give up.
+    drop(stalled);
+}
