@@ -299,6 +299,45 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
         .map_err(|e| format!("{expr:?}: {e}"))
 }
 
+const LEVELS: &str = "trace, debug, info, warn, error or off";
+
+/// A tracing filter (`info`, `rosterd=debug,info`) whose every directive names a level.
+/// The filter syntax reads any other word as a target, so `verbose` would silently
+/// select nothing and turn every log line off, errors included.
+fn check_log_level(spec: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    use tracing_subscriber::filter::LevelFilter;
+    if spec.trim().is_empty() {
+        return Err(format!("is empty; give a level: {LEVELS}"));
+    }
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // `=` inside a span's field filter (`target[span{f=v}]`) is not a level.
+        let level = d
+            .rsplit_once('=')
+            .map(|(_, l)| l.trim())
+            .filter(|l| !l.contains(['}', ']']));
+        match level {
+            Some(l) => {
+                LevelFilter::from_str(l)
+                    .map_err(|_| format!("{d:?}: {l:?} is not a level; use {LEVELS}"))?;
+            }
+            // An explicit module path or span filter enables every level of it.
+            None if d.contains("::") || d.contains('[') => {}
+            None => {
+                LevelFilter::from_str(d).map_err(|_| {
+                    format!(
+                        "{d:?} is not a level ({LEVELS}) nor a directive such as \"rosterd=debug\""
+                    )
+                })?;
+            }
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(spec)
+        .map(drop)
+        .map_err(|e| format!("{spec:?}: {e}"))
+}
+
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -349,9 +388,16 @@ impl Config {
                 "keys `scim.max_results` and `scim.bulk_max_operations` must be positive".into(),
             );
         }
-        self.schedules.tz()?;
+        check_log_level(&self.log.level).map_err(|e| format!("key `log.level`: {e}"))?;
+        let tz = self.schedules.tz()?;
         for (name, expr) in self.schedules.entries() {
-            parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
+            let cron = parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
+            // Valid syntax can still name no date (30 February): the job would never run.
+            if crate::schedule::next_run(&cron, tz).is_none() {
+                return Err(format!(
+                    "key `schedules.{name}`: {expr:?} never fires (no such date)"
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -458,6 +504,43 @@ mod tests {
         std::fs::write(&path, "version = 1\n# a comment\n").unwrap();
         assert!(config.changed_on_disk());
         assert!(!Config::load(&path).unwrap().changed_on_disk());
+    }
+
+    #[test]
+    fn a_log_level_that_is_not_one_is_refused() {
+        let parse = |level: &str| {
+            Config::parse(
+                &format!("version = 1\n[log]\nlevel = {level:?}\n"),
+                Path::new("x.toml"),
+            )
+        };
+        for good in [
+            "info",
+            "DEBUG",
+            "rosterd=debug,info",
+            "warn,rosterd::server=trace",
+            "off",
+        ] {
+            assert!(parse(good).is_ok(), "{good}: {:?}", parse(good).err());
+        }
+        for bad in ["verbose", "rosterd=verbose", "info,chatty", ""] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("log.level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_schedule_that_never_fires_is_refused() {
+        let err = Config::parse(
+            "version = 1\n[schedules]\nreconcile = \"0 0 0 30 2 *\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("schedules.reconcile") && err.contains("never fires"),
+            "{err}"
+        );
     }
 
     #[test]

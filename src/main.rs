@@ -148,7 +148,20 @@ enum BundleCommand {
     },
 }
 
-fn main() -> Result<()> {
+/// Errors are printed as their chain of causes only: with `RUST_BACKTRACE=1` (common in
+/// unit drop-ins) returning them from `main` would add a backtrace to a config typo,
+/// which reads as a crash in the journal.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve { .. }) {
         // `rosterd status | head`: a command-line tool whose reader went away should end
@@ -277,6 +290,17 @@ fn check_config(path: PathBuf) -> Result<()> {
     for e in &connectors.errors {
         eprintln!("error: connector {e}");
     }
+    let env: rosterd::server::EnvFn = std::sync::Arc::new(|v: &str| std::env::var(v).ok());
+    let mut not_started = 0usize;
+    for c in &connectors.connectors {
+        if let Err(e) = rosterd::dispatch::check_start(c, &env) {
+            not_started += 1;
+            eprintln!(
+                "error: connector {:?}: `serve` would not start it here: {e}",
+                c.name
+            );
+        }
+    }
     if bad_jwt {
         anyhow::bail!(
             "{}: `serve` would refuse to start: [api.jwt] above does not load",
@@ -289,11 +313,11 @@ fn check_config(path: PathBuf) -> Result<()> {
             path.display()
         );
     }
-    if !connectors.errors.is_empty() {
+    if !connectors.errors.is_empty() || not_started > 0 {
         anyhow::bail!(
-            "{}: `serve` would start without the {} connector file(s) above",
+            "{}: `serve` would start without the {} connector(s) above",
             path.display(),
-            connectors.errors.len()
+            connectors.errors.len() + not_started
         );
     }
     for t in &config.tenants {
@@ -759,6 +783,15 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             ""
         }
     );
+    let store_error = &s["store"]["error"];
+    if store_error.is_object() {
+        println!(
+            "STORE FAILED at {}: {}\n    {}",
+            str_of(&store_error["at"]),
+            str_of(&store_error["error"]),
+            str_of(&store_error["hint"])
+        );
+    }
     if let Some(tenants) = s["tenants"].as_object() {
         for (id, t) in tenants {
             println!(
@@ -864,7 +897,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     }
     init_logging(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("while binding {}", config.server.listen))?;
@@ -873,8 +906,15 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
         rosterd::run(config, listener, shutdown)
             .await
             .context("rosterd stopped with an error")
-    })
+    });
+    // The store is closed by now; what may still run is blocking work such as a bundle
+    // being trained, whose result nobody will use. Dropping the runtime would wait for it.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    served
 }
+
+/// How long blocking work left at exit may delay it.
+const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};

@@ -122,6 +122,9 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Internal(StoreError::Failed(_) | StoreError::NotDurable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -132,9 +135,18 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             ApiError::Internal(StoreError::NotFound { .. }) => "not found".to_owned(),
+            // As the SCIM side says it (server::error): only what is known.
+            ApiError::Internal(StoreError::Failed(f)) => {
+                tracing::error!(error = %f.error, "Roster API request refused: the store has failed.");
+                "the store has failed and takes no changes until rosterd is restarted; nothing was applied; retry after the operator has fixed the store".to_owned()
+            }
+            ApiError::Internal(StoreError::NotDurable(e)) => {
+                tracing::error!(error = %e, "The store failed while saving a Roster API change.");
+                "the store failed while saving; the change may or may not have been saved; retry after the operator has fixed the store".to_owned()
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "Store failure while serving a Roster API request.");
-                "internal error; nothing was changed".to_owned()
+                "internal error (see the rosterd log); a change in this request may or may not have been applied".to_owned()
             }
             ApiError::Disabled(reason) => {
                 tracing::debug!(%reason, "Roster API request while the API is off.");
@@ -166,6 +178,13 @@ impl IntoResponse for ApiError {
         if let Some(v) = challenge.and_then(|c| c.parse().ok()) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
+        if code == "store_failed" {
+            // The same pause as the SCIM side asks IdPs for.
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("120"),
+            );
+        }
         resp
     }
 }
@@ -191,6 +210,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "method_not_allowed",
     "payload_too_large",
     "unsupported_media_type",
+    "store_failed",
     "internal",
 ];
 
@@ -491,6 +511,7 @@ mod tests {
             ApiError::PayloadTooLarge,
             ApiError::UnsupportedMediaType("x".into()),
             ApiError::Internal(StoreError::Backend("x".into())),
+            ApiError::Internal(StoreError::NotDurable("x".into())),
         ];
         for e in &all {
             match e {

@@ -199,6 +199,15 @@ enum Target {
     },
 }
 
+/// What would keep `serve` from starting this connector (an unset or malformed secret),
+/// checked exactly as a start does; for `check-config`.
+pub fn check_start(config: &ConnectorConfig, env: &EnvFn) -> Result<(), String> {
+    if !config.enabled {
+        return Ok(());
+    }
+    Target::build(config, env).map(drop)
+}
+
 impl Target {
     fn build(config: &ConnectorConfig, env: &EnvFn) -> Result<Target, String> {
         let env = |v: &str| env(v);

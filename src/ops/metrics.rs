@@ -45,6 +45,7 @@ pub const REVIEW_QUEUE_USERS: &str = "rosterd_review_queue_users";
 pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
 pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
+pub const STORE_FAILED: &str = "rosterd_store_failed";
 
 /// The `route` label of requests no route matched (the fallback).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -166,6 +167,10 @@ fn describe() {
         BUNDLE_RELOAD_FAILED,
         "1 while the last reload of the tenant's bundle failed (the previous one serves; a restart would refuse the file), else 0."
     );
+    metrics::describe_gauge!(
+        STORE_FAILED,
+        "1 once the store hit an unrecoverable storage error (e.g. a full disk) and refuses writes until rosterd restarts, else 0."
+    );
     metrics::describe_counter!(
         JOBS_TOTAL,
         "Reclassify and reconcile jobs finished, by outcome."
@@ -209,6 +214,11 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
 
 /// Gauges that describe state rather than events, read fresh at every scrape.
 fn set_gauges(st: &AppState) {
+    metrics::gauge!(STORE_FAILED).set(if st.store.failure().is_some() {
+        1.0
+    } else {
+        0.0
+    });
     for c in st.dispatch.status(None) {
         let labels = [("connector", c.name), ("tenant", c.tenant)];
         metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);

@@ -23,15 +23,47 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    if let Some(e) = store_error(&st) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store failed at {}: {}; {}", e.at, e.error, e.hint),
+        )
+            .into_response();
+    }
     if st.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
     "ready".into_response()
 }
 
+#[derive(serde::Serialize)]
+struct StoreErrorDoc {
+    error: String,
+    at: String,
+    hint: &'static str,
+}
+
+fn store_error(st: &AppState) -> Option<StoreErrorDoc> {
+    st.store.failure().map(|f| StoreErrorDoc {
+        error: f.error.to_string(),
+        at: f.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        hint: "writes are refused; restart rosterd once the cause (e.g. disk space) is fixed (it exits by itself once the data directory takes writes again)",
+    })
+}
+
 async fn status(State(st): State<Arc<AppState>>) -> Response {
+    let failed = st.clone();
     match tokio::task::spawn_blocking(move || document(&st)).await {
         Ok(Ok(v)) => Json(v).into_response(),
+        // The counts come from the store that failed; what failed matters more.
+        Ok(Err(_)) if failed.store.failure().is_some() => Json(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "started_at": failed.started_at,
+            "uptime_seconds": (chrono::Utc::now() - failed.started_at).num_seconds(),
+            "draining": failed.shutdown.is_cancelled(),
+            "store": { "error": store_error(&failed) },
+        }))
+        .into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "Cannot read the store for /status.");
             (
@@ -76,7 +108,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "started_at": st.started_at,
         "uptime_seconds": (chrono::Utc::now() - st.started_at).num_seconds(),
         "draining": st.shutdown.is_cancelled(),
-        "store": { "size_bytes": st.store.size_on_disk()? },
+        "store": { "size_bytes": st.store.size_on_disk()?, "error": store_error(st) },
         "tenants": tenants,
         "connectors": st.dispatch.status(None),
         "connector_errors": st.dispatch.load_errors(),

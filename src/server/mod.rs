@@ -26,12 +26,29 @@ pub use error::ScimFailure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot open the store: {0}")]
+    /// Opening, reading at startup, or the final flush; the store's errors name the data
+    /// directory themselves.
+    #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The store failed while serving (see [`crate::store::StoreFailure`]); the process
+    /// exits with an error so that its service manager restarts it.
+    #[error(
+        "the store in {} failed at {} ({}); rosterd stopped so that it can be restarted with a fresh store handle",
+        dir.display(), failure.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), failure.error
+    )]
+    StoreFailed {
+        dir: std::path::PathBuf,
+        failure: crate::store::StoreFailure,
+    },
     #[error(transparent)]
     Auth(#[from] AuthSetupError),
     #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("Roster API JWT settings: {0}")]
     Jwt(#[from] JwtError),
     #[error("tenant {tenant:?}: archetype bundle: {source}")]
@@ -142,7 +159,10 @@ pub async fn run_with_env(
 
     // Relative to the config file, like every other path in it.
     let data_dir = config.resolve(&config.server.data_dir);
-    std::fs::create_dir_all(&data_dir)?;
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
     let cache = config.server.cache_mb * 1024 * 1024;
     let store = crate::ops::systemd::extending_start_timeout(
         "Opening the store",
@@ -153,7 +173,7 @@ pub async fn run_with_env(
     for (tenant, p) in &policies {
         store.set_resolver(tenant, p.clone());
     }
-    let local: SocketAddr = listener.local_addr()?;
+    let local: SocketAddr = listener.local_addr().map_err(ServerError::Io)?;
     let base_url = config.public_url(local);
     // Connectors stop on their own token, after the HTTP server drained: the last
     // acknowledged writes still get their chance to go out before the cursors are left.
@@ -199,28 +219,106 @@ pub async fn run_with_env(
         }
     }
     let reloads = tokio::spawn(reload_on_sighup(state.clone(), shutdown.clone()));
+    let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
     crate::ops::systemd::notify_ready();
     tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
-    let served = axum::serve(listener, app)
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+        .into_future();
+    // A client that stalls mid-request would otherwise hold the drain, and the stop,
+    // until systemd's SIGKILL; the connections left are closed when the runtime ends.
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_DEADLINE).await;
+    };
+    let served = tokio::select! {
+        served = server => served,
+        () = drain_deadline => {
+            tracing::warn!(seconds = DRAIN_DEADLINE.as_secs(), "Requests still in flight after the drain deadline are cut off; their clients get no answer and must retry.");
+            Ok(())
+        }
+    };
     crate::ops::systemd::notify_stopping();
     reloads.abort();
+    failed.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
     tracing::info!("Draining finished; stopping connectors and flushing the store.");
     dispatch_stop.cancel();
     dispatch.stop_all().await;
-    let closed = tokio::task::spawn_blocking(move || store.close())
+    let closing = store.clone();
+    let closed = tokio::task::spawn_blocking(move || closing.close())
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?;
-    served?;
+    if let Some(failure) = store.failure() {
+        return Err(ServerError::StoreFailed {
+            dir: store.dir().to_owned(),
+            failure,
+        });
+    }
+    served.map_err(ServerError::Io)?;
     closed?;
     tracing::info!("rosterd stopped cleanly.");
     Ok(())
+}
+
+/// How long requests in flight may take to finish once a stop began. With the connectors'
+/// stop and the final flush this keeps a stop within the 10 s the README promises.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often a failed store's data directory is tried for writing.
+const STORE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What a restart needs to be able to write (sled's segments are 512 KiB; a start writes
+/// a few of them).
+const STORE_PROBE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Once the store has failed, wait until its directory takes writes again (space freed),
+/// then stop the daemon, which then exits with an error: sled keeps its I/O error for good,
+/// so only a new process serves again, and its service manager starts one (systemd:
+/// `Restart=on-failure`). Exiting at once instead would, on a disk that stays full, loop
+/// through failed starts until systemd's start limit gives up for good.
+async fn exit_once_store_recovers(store: Store, shutdown: CancellationToken) {
+    let mut failure = store.watch_failure();
+    let Ok(f) = failure.wait_for(Option::is_some).await.map(|f| f.clone()) else {
+        return;
+    };
+    let Some(f) = f else { return };
+    crate::ops::systemd::notify_status(&format!(
+        "STORE FAILED: {}; restart rosterd once the cause (e.g. disk space) is fixed",
+        f.error
+    ));
+    let dir = store.dir().to_owned();
+    loop {
+        tokio::time::sleep(STORE_PROBE_INTERVAL).await;
+        let probe = dir.clone();
+        match tokio::task::spawn_blocking(move || probe_writable(&probe)).await {
+            Ok(Ok(())) => {
+                tracing::warn!(dir = %dir.display(), "The data directory takes writes again; stopping, so that the service manager restarts rosterd.");
+                shutdown.cancel();
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "The data directory still takes no writes.")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Write, sync and remove a file in `dir`.
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".rosterd-write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; STORE_PROBE_BYTES])?;
+        f.sync_all()
+    });
+    let removed = std::fs::remove_file(&path);
+    written.and(removed)
 }
 
 async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {

@@ -6,9 +6,13 @@
 //! its batch, takes a ticket, and waits until the flusher reports a flush that began after
 //! the ticket was issued.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::watch;
+
+use super::StoreFailure;
 
 /// What the flusher has made durable so far.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +33,9 @@ struct Requests {
 struct Shared {
     requests: Mutex<Requests>,
     wake: Condvar,
+    /// Set once, by the first unrecoverable storage error: sled keeps an I/O error for
+    /// good, so every later write would fail too until the process restarts.
+    failed: watch::Sender<Option<StoreFailure>>,
 }
 
 pub(crate) struct GroupCommit {
@@ -42,16 +49,17 @@ pub(crate) struct GroupCommit {
 pub(crate) struct FlushFailed(pub Arc<str>);
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db) -> std::io::Result<GroupCommit> {
+    pub(crate) fn start(db: sled::Db, dir: PathBuf) -> std::io::Result<GroupCommit> {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
             wake: Condvar::new(),
+            failed: watch::Sender::new(None),
         });
         let (tx, rx) = watch::channel(Progress::default());
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("rosterd-flusher".into())
-            .spawn(move || flusher(db, thread_shared, tx))?;
+            .spawn(move || flusher(db, dir, thread_shared, tx))?;
         Ok(GroupCommit {
             shared,
             progress: rx,
@@ -111,6 +119,19 @@ impl GroupCommit {
         }
     }
 
+    /// Record that the storage engine failed for good; the first failure is kept.
+    pub(crate) fn fail(&self, error: &str) {
+        mark_failed(&self.shared, error);
+    }
+
+    pub(crate) fn failure(&self) -> Option<StoreFailure> {
+        self.shared.failed.borrow().clone()
+    }
+
+    pub(crate) fn watch_failure(&self) -> watch::Receiver<Option<StoreFailure>> {
+        self.shared.failed.subscribe()
+    }
+
     /// Stop the flusher after it has served every ticket issued so far.
     pub(crate) fn stop(&self) {
         lock(&self.shared.requests).stop = true;
@@ -133,7 +154,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn flusher(db: sled::Db, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
+fn mark_failed(shared: &Shared, error: &str) {
+    let first = shared.failed.send_if_modified(|f| {
+        if f.is_some() {
+            return false;
+        }
+        *f = Some(StoreFailure {
+            error: error.into(),
+            at: chrono::Utc::now(),
+        });
+        true
+    });
+    if first {
+        tracing::error!(
+            error,
+            "The store failed: writes are refused from now on, because the storage engine keeps this error until rosterd restarts. Restart rosterd once the cause (e.g. disk space) is fixed; rosterd exits by itself once the data directory is writable again, so that its service manager restarts it."
+        );
+    }
+}
+
+/// Test hook (integration tests boot a whole daemon and cannot fill a disk on demand):
+/// the next flush of the store in this directory fails as a full disk would. Only the
+/// flush's result is replaced; what follows is the production path.
+pub fn fail_next_flush_in(dir: &Path) {
+    lock(&INJECTED).push(dir.to_owned());
+    ANY_INJECTED.store(true, Ordering::SeqCst);
+}
+
+static INJECTED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static ANY_INJECTED: AtomicBool = AtomicBool::new(false);
+
+fn take_injected(dir: &Path) -> bool {
+    if !ANY_INJECTED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let mut dirs = lock(&INJECTED);
+    let before = dirs.len();
+    dirs.retain(|d| d != dir);
+    dirs.len() != before
+}
+
+fn flusher(db: sled::Db, dir: PathBuf, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
     let mut durable = 0u64;
     loop {
         let target = {
@@ -147,16 +208,25 @@ fn flusher(db: sled::Db, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
             r.issued
         };
         let started = std::time::Instant::now();
-        match db.flush() {
+        let flushed = if take_injected(&dir) {
+            Err(sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device (injected by a test)",
+            )))
+        } else {
+            db.flush()
+        };
+        match flushed {
             Ok(_) => {
                 durable = target;
                 tx.send_modify(|p| p.durable = target);
                 crate::store::record_flush(started.elapsed());
             }
             Err(e) => {
-                tracing::error!(error = %e, "Store flush failed; the writes it covered were answered with errors.");
                 let msg: Arc<str> = e.to_string().into();
-                // Give up on these tickets and carry on: a later flush may succeed.
+                mark_failed(&shared, &msg);
+                // Answer these tickets and keep serving later ones, so no writer waits
+                // forever; the store refuses new writes once it is marked failed.
                 durable = target;
                 tx.send_modify(|p| {
                     p.failed_upto = target;

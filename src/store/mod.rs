@@ -21,7 +21,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::scim::filter::{AttrPath, Filter};
@@ -29,6 +29,7 @@ use crate::scim::patch::{MemberOp, MemberRef};
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
+pub use commit::fail_next_flush_in;
 pub use delivery::{DeadLetter, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
 pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
@@ -58,6 +59,20 @@ pub enum StoreError {
     Rejected(#[from] ScimError),
     #[error("storage engine: {0}")]
     Backend(String),
+    /// The storage engine could not read or write its files (a full disk, a read-only
+    /// or failing file system). sled keeps such an error for good.
+    #[error("storage engine: I/O error: {0}")]
+    Io(String),
+    /// An earlier I/O error left the store unusable until rosterd restarts.
+    #[error(
+        "the store failed at {} ({}); restart rosterd once the cause (e.g. disk space) is fixed",
+        .0.at.to_rfc3339_opts(SecondsFormat::Secs, true), .0.error
+    )]
+    Failed(StoreFailure),
+    #[error("cannot open the store in {}: {message}", dir.display())]
+    Open { dir: PathBuf, message: String },
+    #[error("cannot flush the store in {} at shutdown: {message}", dir.display())]
+    FinalFlush { dir: PathBuf, message: String },
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
     #[error(
@@ -73,8 +88,18 @@ pub enum StoreError {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError::Backend(e.to_string())
+        match e {
+            sled::Error::Io(e) => StoreError::Io(e.to_string()),
+            e => StoreError::Backend(e.to_string()),
+        }
     }
+}
+
+/// The unrecoverable storage error the store hit, and when.
+#[derive(Debug, Clone)]
+pub struct StoreFailure {
+    pub error: Arc<str>,
+    pub at: DateTime<Utc>,
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -223,6 +248,7 @@ impl WriteClock {
 
 struct Inner {
     db: sled::Db,
+    dir: PathBuf,
     resolvers: RwLock<HashMap<String, Arc<dyn Resolver>>>,
     tenants: RwLock<HashMap<String, Arc<Tenant>>>,
     commit: GroupCommit,
@@ -933,6 +959,48 @@ fn net_membership(added: Vec<String>, removed: Vec<String>) -> (Vec<String>, Vec
     (net_added, net_removed)
 }
 
+/// Why `dir` could not be opened, with what an operator can do about it. sled's own
+/// messages name neither the directory nor the file.
+fn open_error(dir: &Path, engine: &str) -> StoreError {
+    let mut message = engine.to_owned();
+    if engine.contains("could not acquire lock") {
+        message = format!(
+            "another rosterd (or process) is using {}; stop it first, or give this one another data_dir ({engine})",
+            dir.display()
+        );
+    }
+    let empty = empty_snapshots(dir);
+    if !empty.is_empty() {
+        let names: Vec<String> = empty.iter().map(|p| p.display().to_string()).collect();
+        message.push_str(&format!(
+            "; the directory holds empty snapshot file(s), typically left by a full disk: {}. Move them out of the directory (do not delete the rest of it) and start rosterd again; sled rebuilds the snapshot from its log",
+            names.join(", ")
+        ));
+    } else if engine.contains("ermission denied") {
+        message.push_str("; the directory and its files must belong to the user rosterd runs as");
+    }
+    StoreError::Open {
+        dir: dir.to_owned(),
+        message,
+    }
+}
+
+/// Zero-byte `snap.*` files in `dir`: an interrupted snapshot write, which sled refuses
+/// as corruption although the log beside it is intact.
+fn empty_snapshots(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("snap."))
+        .filter(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
 fn member_matches(filter: &Filter, member: &Member) -> bool {
     let element = serde_json::to_value(member).unwrap_or(Value::Null);
     let wrapped = Filter::ValuePath {
@@ -955,12 +1023,21 @@ impl Store {
     /// Open (or create) the store in `dir`, caching up to `cache_bytes` of pages. A
     /// tenant walk (export, reconciliation) that fits in the cache never reads the disk.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+        Self::open_inner(dir, cache_bytes).map_err(|e| match e {
+            // Already actionable on their own, or naming the directory.
+            e @ (StoreError::UnknownSchema { .. } | StoreError::Open { .. }) => e,
+            e => open_error(dir, &e.to_string()),
+        })
+    }
+
+    fn open_inner(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
         let db = sled::Config::new()
             .path(dir)
             // Flushes are ours (group commit); sled's timer would only add fsyncs.
             .flush_every_ms(None)
             .cache_capacity(cache_bytes)
-            .open()?;
+            .open()
+            .map_err(|e| open_error(dir, &e.to_string()))?;
         match db.get(SCHEMA_VERSION_KEY)? {
             Some(v) => {
                 let found = std::str::from_utf8(&v)
@@ -978,11 +1055,12 @@ impl Store {
                 db.flush()?;
             }
         }
-        let commit =
-            GroupCommit::start(db.clone()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let commit = GroupCommit::start(db.clone(), dir.to_owned())
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
+                dir: dir.to_owned(),
                 tenants: RwLock::new(HashMap::new()),
                 resolvers: RwLock::new(HashMap::new()),
                 commit,
@@ -1060,6 +1138,11 @@ impl Store {
         tenant: &str,
         f: impl FnOnce(&mut Txn<'_>) -> StoreResult<T>,
     ) -> StoreResult<(T, Option<Applied>)> {
+        // Refused before anything is applied: a write the engine took but could not make
+        // durable would be visible now and gone after the restart.
+        if let Some(f) = self.failure() {
+            return Err(StoreError::Failed(f));
+        }
         let t = self.tenant(tenant)?;
         let mut last_write = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let stamp = last_write.stamp(tenant, now());
@@ -1077,6 +1160,9 @@ impl Store {
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let (ops, moves) = txn.into_ops()?;
         let applied = apply_ops(&t.tree, ops);
+        if let Err(StoreError::Io(e)) = &applied {
+            self.inner.commit.fail(e);
+        }
         if !moves.is_empty() {
             match applied {
                 Ok(()) => t.pages.moved(&moves),
@@ -1568,8 +1654,34 @@ impl Store {
         let ticket = self.inner.commit.ticket();
         let _ = self.inner.commit.wait_blocking(ticket);
         self.inner.commit.stop();
-        self.inner.db.flush()?;
-        Ok(())
+        let flushed =
+            self.inner.db.flush().map(drop).map_err(|e| {
+                format!("{e}; changes made since the last successful flush may be lost")
+            });
+        flushed
+            .and_then(|()| match self.failure() {
+                Some(f) => Err(format!("the store had failed: {}", f.error)),
+                None => Ok(()),
+            })
+            .map_err(|message| StoreError::FinalFlush {
+                dir: self.inner.dir.clone(),
+                message,
+            })
+    }
+
+    /// The unrecoverable storage error this store hit, if any.
+    pub fn failure(&self) -> Option<StoreFailure> {
+        self.inner.commit.failure()
+    }
+
+    /// Changes to [`Store::failure`].
+    pub fn watch_failure(&self) -> tokio::sync::watch::Receiver<Option<StoreFailure>> {
+        self.inner.commit.watch_failure()
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 }
 
@@ -1596,6 +1708,81 @@ mod tests {
     fn user(name: &str) -> Value {
         json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name,
                "emails": [{"value": format!("{name}@x.test")}]})
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_marks_the_store_failed_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        store
+            .create("t", ResourceKind::User, user("before"), vec![])
+            .await
+            .unwrap();
+        assert!(store.failure().is_none());
+
+        fail_next_flush_in(dir.path());
+        let err = store
+            .create("t", ResourceKind::User, user("during"), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotDurable(_)), "{err}");
+        let failure = store.failure().expect("marked failed");
+        assert!(failure.error.contains("No space left"), "{}", failure.error);
+
+        // The flusher would succeed now, but sled would not: writes stay refused.
+        let err = store
+            .create("t", ResourceKind::User, user("after"), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Failed(_)), "{err}");
+        assert!(err.to_string().contains("restart rosterd"), "{err}");
+
+        let err = store.close().unwrap_err().to_string();
+        assert!(
+            err.contains("at shutdown") && err.contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_snapshot_file_is_named_in_the_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            store.close().unwrap();
+        }
+        let snap = dir.path().join("snap.00000000FFFFFFFF.generating");
+        std::fs::write(&snap, b"").unwrap();
+        let err = match crate::store::testing::past_the_lock(|| Store::open(dir.path())) {
+            Ok(_) => panic!("sled opened a directory with an empty snapshot"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&dir.path().display().to_string())
+                && err.contains(&snap.display().to_string())
+                && err.contains("Move them out"),
+            "{err}"
+        );
+        // Moving the file away is the fix the message gives.
+        std::fs::remove_file(&snap).unwrap();
+        crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+    }
+
+    #[test]
+    fn a_store_in_use_names_the_directory_and_the_likely_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        let err = match Store::open(dir.path()) {
+            Ok(_) => panic!("opened a store another handle holds"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!(
+                "another rosterd (or process) is using {}",
+                dir.path().display()
+            )),
+            "{err}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

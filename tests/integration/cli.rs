@@ -337,3 +337,122 @@ fn output_to_a_reader_that_goes_away_ends_quietly() {
     );
     assert_eq!(&first[..6], b"title,");
 }
+
+fn rosterd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_refuses_what_serve_would_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::create_dir(dir.path().join("connectors")).unwrap();
+    std::fs::write(
+        dir.path().join("connectors/hook.toml"),
+        "kind = \"webhook\"\nname = \"hr-events\"\ntenant = \"t\"\n[webhook]\nurl = \"https://hooks.example.com/x\"\nsecret_env = \"ROSTERD_CLI_TEST_HOOK_SECRET\"\n",
+    )
+    .unwrap();
+    let check = |extra: &str, env: &[(&str, &str)]| {
+        std::fs::write(
+            &config,
+            format!(
+                "version = 1\n{extra}\n[connectors]\ndir = \"connectors\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n"
+            ),
+        )
+        .unwrap();
+        rosterd_env(&["check-config", "--config", config.to_str().unwrap()], env)
+    };
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (ok, out, err) = check("", &[("ROSTERD_CLI_TEST_HOOK_SECRET", good)]);
+    assert!(ok, "{out} {err}");
+
+    let (ok, _, err) = check("", &[]);
+    assert!(!ok, "an unset webhook secret stops the connector: {err}");
+    assert!(
+        err.contains("hr-events") && err.contains("ROSTERD_CLI_TEST_HOOK_SECRET is not set"),
+        "{err}"
+    );
+    let (ok, _, err) = check("", &[("ROSTERD_CLI_TEST_HOOK_SECRET", "plainsecret")]);
+    assert!(!ok);
+    assert!(err.contains("whsec_"), "{err}");
+
+    let (ok, _, err) = check(
+        "[schedules]\nreconcile = \"0 0 0 30 2 *\"",
+        &[("ROSTERD_CLI_TEST_HOOK_SECRET", good)],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("schedules.reconcile") && err.contains("never fires"),
+        "{err}"
+    );
+
+    let (ok, _, err) = check(
+        "[log]\nlevel = \"verbose\"",
+        &[("ROSTERD_CLI_TEST_HOOK_SECRET", good)],
+    );
+    assert!(!ok, "a level that is no level would turn logging off");
+    assert!(
+        err.contains("log.level") && err.contains("verbose"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ordinary_errors_print_their_causes_without_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "version = 1\n[server]\nlistne = 3\n").unwrap();
+    let (ok, _, err) = rosterd_env(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[("RUST_BACKTRACE", "1"), ("RUST_LIB_BACKTRACE", "1")],
+    );
+    assert!(!ok);
+    assert!(err.contains("listne"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+}
+
+#[test]
+fn a_data_directory_that_cannot_be_made_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    // A file where the data directory's parent should be.
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let data = file.join("data");
+    let (ok, _, err) = rosterd_env(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("cannot create the data directory") && err.contains(data.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(!err.contains("listener"), "{err}");
+}

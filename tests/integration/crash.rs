@@ -32,15 +32,16 @@ impl ChildDaemon {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("ROSTERD_TEST_TOKEN", SCIM_TOKEN)
             .env("TEST_JWT_SECRET", JWT_SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(root.join("daemon.log"))
-                    .unwrap(),
-            ));
+            .env("RUST_LOG", "warn");
+        // Logs go to stdout, panics and fatal errors to stderr: both, so a test can read
+        // what an operator would.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join("daemon.log"))
+            .unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -708,4 +709,39 @@ async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
         .await
         .unwrap();
     assert_eq!(j["status"], "interrupted", "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    // Headers promising 1000 bytes, then 10 of them, then nothing.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stalled,
+        "POST /scim/v2/{TENANT}/Users HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SCIM_TOKEN}\r\nContent-Type: application/scim+json\r\nContent-Length: 1000\r\n\r\n{{\"schemas\""
+    )
+    .unwrap();
+    stalled.flush().unwrap();
+    // Let the request reach its handler before the stop begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rosterd still runs while the client stalls; see {}",
+            root.join("daemon.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    // The client was still connected: the daemon did not wait for it to give up.
+    drop(stalled);
 }

@@ -281,6 +281,18 @@ impl TestDaemon {
         }
     }
 
+    /// Wait for the daemon to stop by itself (no shutdown from here), up to `ceiling`.
+    pub async fn exited(
+        &mut self,
+        ceiling: std::time::Duration,
+    ) -> Result<(), rosterd::server::ServerError> {
+        let h = self.handle.take().expect("daemon running");
+        tokio::time::timeout(ceiling, h)
+            .await
+            .expect("the daemon did not stop by itself")
+            .expect("join")
+    }
+
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(h) = self.handle.take() {

@@ -60,3 +60,94 @@ async fn sighup_reloads_a_changed_bundle_and_reclassifies() {
     let r = d.roster(Method::GET, "/archetypes", &reader, None).await;
     assert_eq!(r.body["bundle_version"], "test-2", "{}", r.body);
 }
+
+/// A full disk cannot be made on demand, so the store's next flush is made to fail as
+/// one would (`fail_next_flush_in`); everything after that is the production path.
+#[tokio::test]
+async fn a_failed_store_is_reported_everywhere_and_the_daemon_exits_to_be_restarted() {
+    let mut d = TestDaemon::start().await;
+    d.create_user("before@acme.test").await;
+    rosterd::store::fail_next_flush_in(&d.root.join("data"));
+
+    let r = d
+        .post("/Users", crate::harness::user("during@acme.test"))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        r.body["schemas"][0],
+        "urn:ietf:params:scim:api:messages:2.0:Error"
+    );
+    let detail = r.body["detail"].as_str().unwrap();
+    // A background write (the start's reclassification) may have taken the failed flush,
+    // in which case this one was refused before it was applied.
+    assert!(
+        detail.contains("may or may not have been saved") || detail.contains("nothing was applied"),
+        "{detail}"
+    );
+    // Refused from now on, though the next flush would succeed: sled would not.
+    let r = d
+        .post("/Users", crate::harness::user("after@acme.test"))
+        .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    let ready = d.raw(Method::GET, &d.url("/readyz"), None, &[], None).await;
+    assert_eq!(ready.status, 503);
+    let text = ready.body.as_str().unwrap().to_owned();
+    assert!(
+        text.contains("store failed")
+            && text.contains("No space left")
+            && text.contains("restart rosterd"),
+        "{text}"
+    );
+    let s = d.status().await;
+    let e = &s["store"]["error"];
+    assert!(
+        e["error"].as_str().unwrap().contains("No space left"),
+        "{s}"
+    );
+    assert!(e["at"].is_string(), "{s}");
+    assert!(
+        e["hint"]
+            .as_str()
+            .unwrap()
+            .contains("restart rosterd once the cause (e.g. disk space) is fixed"),
+        "{s}"
+    );
+    let metrics = d
+        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
+        .await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.lines().any(|l| l == "rosterd_store_failed 1"),
+        "{text}"
+    );
+
+    // The data directory takes writes (only the flush was made to fail), so the daemon
+    // stops by itself, with an error, for its service manager to restart it.
+    let err = d
+        .exited(std::time::Duration::from_secs(120))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("store") && err.contains("No space left"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_healthy_store_reports_no_error() {
+    let d = TestDaemon::start().await;
+    d.create_user("a@acme.test").await;
+    let s = d.status().await;
+    assert!(s["store"]["error"].is_null(), "{s}");
+    let metrics = d
+        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
+        .await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.lines().any(|l| l == "rosterd_store_failed 0"),
+        "{text}"
+    );
+}
