@@ -477,8 +477,17 @@ impl Config {
 
     /// Load the connectors directory: the good files, and what was wrong with the rest.
     pub fn load_connectors(&self) -> crate::connectors::Loaded {
+        self.load_connectors_keeping(&Default::default())
+    }
+
+    /// Load the connectors directory on a reload: on a name clash, the running
+    /// connector's file (`running`: name → file) keeps the name.
+    pub fn load_connectors_keeping(
+        &self,
+        running: &std::collections::BTreeMap<String, std::path::PathBuf>,
+    ) -> crate::connectors::Loaded {
         let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
-        crate::connectors::load_dir(&self.resolve(&self.connectors.dir), &tenants)
+        crate::connectors::load_dir_keeping(&self.resolve(&self.connectors.dir), &tenants, running)
     }
 
     /// The base URL clients see, without a trailing slash.

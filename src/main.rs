@@ -88,6 +88,16 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Lift a connector's pause on a running daemon, once its target is fixed (a reload
+    /// does too).
+    Resume {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// The tenant the connector belongs to.
+        #[arg(long)]
+        tenant: String,
+        connector: String,
+    },
 }
 
 /// How the CLI reaches a running daemon.
@@ -190,6 +200,11 @@ fn run() -> Result<()> {
             tenant,
             command,
         } => dead_letters(&daemon, &tenant, command),
+        Command::Resume {
+            daemon,
+            tenant,
+            connector,
+        } => resume(&daemon, &tenant, &connector),
         Command::Classify { bundle, input } => classify(&bundle, input.as_deref()),
         Command::Bundle {
             command: BundleCommand::FromCsv { examples },
@@ -693,7 +708,14 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 None,
             )?;
             fail_unless_ok(status, &body)?;
-            println!("{connector}: dead letter #{id} delivered and removed");
+            let what = match body["sent"].as_str() {
+                Some("current_state") => "the object's current state",
+                _ => "the original event",
+            };
+            println!("{connector}: dead letter #{id} replayed ({what} sent) and removed");
+            if let Some(note) = body["note"].as_str() {
+                println!("warning: {note}");
+            }
         }
         DeadLetterCommand::Discard { connector, id } => {
             let (status, body) = call_daemon(
@@ -707,6 +729,19 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             println!("{connector}: dead letter #{id} discarded");
         }
     }
+    Ok(())
+}
+
+fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
+    let (status, body) = call_daemon(
+        daemon,
+        Some(tenant),
+        reqwest::Method::POST,
+        &format!("/api/v1/roster/connectors/{connector}/resume"),
+        None,
+    )?;
+    fail_unless_ok(status, &body)?;
+    println!("{connector}: resumed");
     Ok(())
 }
 

@@ -181,8 +181,8 @@ async fn replay(
     caller.require(Scope::Admin)?;
     check_params(&p, &[])?;
     let id = letter_id(&id)?;
-    st.dispatch.replay(&caller.tenant, &name, id).await?;
-    Ok(Json(json!({ "replayed": id })).into_response())
+    let replayed = st.dispatch.replay(&caller.tenant, &name, id).await?;
+    Ok(Json(replayed).into_response())
 }
 
 async fn resume(

@@ -324,8 +324,13 @@ pub fn openapi_document() -> Value {
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
+                "description": "A OneRoster connector is sent the object's state as stored now (or its delete), not the letter's snapshot, so a replay never undoes a later change. A webhook is sent the original event (same webhook-id and data.seq); superseded_by lists later changes of the object already delivered.",
                 "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
-                "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object", "required": ["replayed"], "properties": {"replayed": {"type": "integer", "description": "The dead letter's id"}}})),
+                "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object", "required": ["replayed", "sent", "superseded_by"], "properties": {
+                        "replayed": {"type": "integer", "description": "The dead letter's id"},
+                        "sent": {"type": "string", "enum": ["current_state", "original_event"], "description": "What was sent"},
+                        "superseded_by": {"type": "array", "items": {"type": "integer"}, "description": "Sequence numbers of later changes of the same object the connector already delivered (at most 20)"},
+                        "note": {"type": ["string", "null"], "description": "Set when the letter is older than changes already delivered"}}})),
                     "400": error_response("id is not a number"),
                     "502": error_response("The target refused the replay (target_refused)")}),
                     &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])

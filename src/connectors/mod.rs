@@ -13,6 +13,7 @@ pub mod oneroster;
 pub mod webhook;
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -105,7 +106,9 @@ pub struct RetryConfig {
     /// First backoff delay; each retry doubles it, with jitter, up to `max_delay_ms`.
     pub initial_delay_ms: u64,
     pub max_delay_ms: u64,
-    /// After this many failed attempts in a row (over all objects) the connector pauses.
+    /// After this many failures in a row the connector pauses. Requests failing while
+    /// in flight together count once (one round), so a blip under high `concurrency`
+    /// does not pause it.
     pub pause_after_failures: u64,
     /// How long a paused connector waits before it probes the target again.
     pub pause_secs: u64,
@@ -234,16 +237,61 @@ impl ConnectorConfig {
 pub struct Loaded {
     pub connectors: Vec<ConnectorConfig>,
     pub errors: Vec<ConnectorError>,
+    /// The files behind `errors`, with what could still be read of them.
+    pub unloaded: Vec<Unloaded>,
+}
+
+/// A connector file that exists but did not load. Its connector is still known: its
+/// cursor holds back change-log compaction until the file is fixed or removed, so
+/// fixing it does not skip the changes made meanwhile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unloaded {
+    pub file: PathBuf,
+    /// `tenant` and `name` as the file gives them, if it is TOML with those keys as
+    /// strings; `None` means it could be any connector (of any tenant).
+    pub tenant: Option<String>,
+    pub name: Option<String>,
+}
+
+impl Unloaded {
+    fn of(file: &Path, text: Option<&str>) -> Unloaded {
+        let table = text.and_then(|t| toml::from_str::<toml::Table>(t).ok());
+        let key = |k: &str| {
+            table
+                .as_ref()
+                .and_then(|t| t.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        Unloaded {
+            file: file.to_owned(),
+            tenant: key("tenant"),
+            name: key("name"),
+        }
+    }
 }
 
 /// Load every `*.toml` file of `dir`, in file-name order. A missing directory means no
 /// connectors. Files naming an unknown tenant, or a name already taken, are errors.
 pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
+    load_dir_keeping(dir, tenants, &BTreeMap::new())
+}
+
+/// [`load_dir`] for a reload: when files share a `name`, the file of the connector
+/// already running under it (`running`: name → file) keeps it, whatever the sort order
+/// says. Otherwise a copy made to edit a variant (`dup.toml` sorting before
+/// `webhook.toml`) would take over the running connector's cursor and dead letters.
+pub fn load_dir_keeping(
+    dir: &Path,
+    tenants: &[&str],
+    running: &BTreeMap<String, PathBuf>,
+) -> Loaded {
     let mut out = Loaded::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
         Err(source) => {
+            out.unloaded.push(Unloaded::of(dir, None));
             out.errors.push(ConnectorError::Read {
                 file: dir.to_owned(),
                 source,
@@ -256,36 +304,63 @@ pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
         .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
         .collect();
     files.sort();
+    let mut parsed = Vec::with_capacity(files.len());
     for file in files {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(source) => {
+                out.unloaded.push(Unloaded::of(&file, None));
                 out.errors.push(ConnectorError::Read { file, source });
                 continue;
             }
         };
-        let parsed = ConnectorConfig::parse(&text, &file, dir).and_then(|c| {
+        let c = ConnectorConfig::parse(&text, &file, dir).and_then(|c| {
             if !tenants.contains(&c.tenant.as_str()) {
                 return Err(ConnectorError::Invalid {
                     file: file.clone(),
                     message: format!("key `tenant`: no tenant {:?} in config.toml", c.tenant),
                 });
             }
-            if let Some(other) = out.connectors.iter().find(|o| o.name == c.name) {
-                return Err(ConnectorError::Invalid {
-                    file: file.clone(),
-                    message: format!(
-                        "key `name`: {:?} is already used by {}",
-                        c.name,
-                        other.file.display()
-                    ),
-                });
-            }
             Ok(c)
         });
-        match parsed {
+        parsed.push((file, text, c));
+    }
+    // Who keeps each name: the running connector's file if it still claims it, else the
+    // first file in sort order.
+    let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (file, _, c) in &parsed {
+        if let Ok(c) = c {
+            let keeps = running.get(&c.name).is_some_and(|f| f == file);
+            if keeps || !owner.contains_key(&c.name) {
+                owner.insert(c.name.clone(), file.clone());
+            }
+        }
+    }
+    for (file, text, c) in parsed {
+        let c = c.and_then(|c| match owner.get(&c.name) {
+            Some(kept_by) if *kept_by != file => {
+                let runs = if running.get(&c.name) == Some(kept_by) {
+                    ", which runs it; this file is not loaded"
+                } else {
+                    ""
+                };
+                Err(ConnectorError::Invalid {
+                    message: format!(
+                        "key `name`: {:?} is already used by {}{runs}",
+                        c.name,
+                        kept_by.display()
+                    ),
+                    file: file.clone(),
+                })
+            }
+            _ => Ok(c),
+        });
+        match c {
             Ok(c) => out.connectors.push(c),
-            Err(e) => out.errors.push(e),
+            Err(e) => {
+                out.unloaded.push(Unloaded::of(&file, Some(&text)));
+                out.errors.push(e);
+            }
         }
     }
     out
@@ -338,6 +413,29 @@ secret_env = "HOOK_SECRET"
         assert!(errors[0].contains("b-typo.toml") && errors[0].contains("concurency"));
         assert!(errors[1].contains("c-tenant.toml") && errors[1].contains("tenant"));
         assert!(errors[2].contains("d-dup.toml") && errors[2].contains("already used"));
+    }
+
+    #[test]
+    fn on_a_name_clash_the_running_file_keeps_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = dir.path().join("webhook.toml");
+        std::fs::write(&running, WEBHOOK).unwrap();
+        std::fs::write(
+            dir.path().join("dup.toml"),
+            WEBHOOK.replace("9/hook", "9/test"),
+        )
+        .unwrap();
+        let keep = BTreeMap::from([("hooks".to_owned(), running.clone())]);
+        let loaded = load_dir_keeping(dir.path(), &["demo"], &keep);
+        assert_eq!(loaded.connectors.len(), 1);
+        assert_eq!(loaded.connectors[0].file, running);
+        let e = loaded.errors[0].to_string();
+        assert!(
+            e.contains("dup.toml") && e.contains("webhook.toml") && e.contains("runs it"),
+            "{e}"
+        );
+        // The rejected file is known by name: it names the connector it clashed with.
+        assert_eq!(loaded.unloaded[0].name.as_deref(), Some("hooks"));
     }
 
     #[test]

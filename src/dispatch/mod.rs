@@ -37,7 +37,7 @@ use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};
 use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
 use crate::connectors::webhook::{self, Signer, WebhookSettings};
-use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, csv::CsvSettings};
+use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded, csv::CsvSettings};
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
 
@@ -82,6 +82,18 @@ pub struct ConnectorStatus {
     pub retries: u64,
 }
 
+/// A known connector whose file did not load: not delivering, falling behind.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnloadedStatus {
+    pub name: String,
+    pub tenant: String,
+    pub file: String,
+    pub cursor: u64,
+    pub lag_events: u64,
+    pub lag_seconds: f64,
+    pub dead_letters: u64,
+}
+
 #[derive(Default)]
 struct Health {
     state: String,
@@ -96,6 +108,11 @@ struct Health {
 struct Live {
     health: Mutex<Health>,
     failures_in_a_row: AtomicU64,
+    /// Bumped by every failure that counts in `failures_in_a_row`. An attempt that
+    /// started before the last counted failure belongs to the same round (the requests
+    /// in flight together when the target blipped) and does not count again, so "N
+    /// failures in a row" means N rounds, whatever `concurrency` is.
+    failure_round: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
     /// Wakes request loops waiting out a pause when it is lifted early.
@@ -110,6 +127,7 @@ impl Live {
                 ..Health::default()
             }),
             failures_in_a_row: AtomicU64::new(0),
+            failure_round: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             resumed: tokio::sync::Notify::new(),
@@ -134,14 +152,28 @@ impl Live {
         h.last_success_at = Some(Utc::now());
     }
 
-    /// Record a failed attempt; pause the connector once failures in a row reach the limit.
-    fn failure(&self, name: &str, reason: &str, pause_after: u64, pause: Duration) {
+    /// Taken when an attempt starts; handed to [`Live::failure`] if it fails.
+    fn round(&self) -> u64 {
+        self.failure_round.load(Ordering::Acquire)
+    }
+
+    /// Record a failed attempt that started in `round`; pause the connector once
+    /// failures in a row reach the limit. Only the first failure of a round counts.
+    fn failure(&self, name: &str, reason: &str, round: u64, pause_after: u64, pause: Duration) {
         self.retries.fetch_add(1, Ordering::Relaxed);
-        let n = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let counts = self
+            .failure_round
+            .compare_exchange(round, round + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        let n = if counts {
+            self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.failures_in_a_row.load(Ordering::Relaxed)
+        };
         let mut h = self.health();
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
-        if n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+        if counts && n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
             let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
             h.paused_until = Some(until);
             tracing::warn!(connector = name, failures = n, until = %until, reason, "Target keeps failing; connector paused.");
@@ -156,7 +188,7 @@ impl Live {
         tracing::error!(
             connector = name,
             reason,
-            "Connector paused until resumed or reloaded."
+            "Connector paused until resumed (`rosterd resume`) or reloaded."
         );
     }
 
@@ -333,6 +365,7 @@ impl Ctx {
                 return Sent::Cancelled;
             }
             attempts += 1;
+            let round = self.live.round();
             let mut used_auth = None;
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
@@ -399,6 +432,7 @@ impl Ctx {
             self.live.failure(
                 name,
                 &reason,
+                round,
                 self.config.retry.pause_after_failures,
                 self.config.retry.pause(),
             );
@@ -657,8 +691,101 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             }
         }
     }
+    catch_up_compacted(&ctx, &tenant).await?;
     ctx.live.set_state("running");
     follow_log(&ctx, &tenant).await
+}
+
+/// A cursor below the change log's floor missed changes compaction removed (the
+/// connector's file was away, or broken before compaction held such files back). A
+/// OneRoster target is brought up to date by reconciling every object; webhook events
+/// cannot be rebuilt, so the lost range is said loudly. Either way the cursor then moves
+/// to the floor, where the log resumes.
+async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
+    let cursor_name = ctx.cursor_name();
+    let (cursor, floor, known) = {
+        let (store, t, n) = (ctx.store.clone(), tenant.to_owned(), cursor_name.clone());
+        blocking(move || {
+            Ok((
+                store.cursor(&t, &n)?,
+                store.changelog_floor(&t)?,
+                store.has_cursor(&t, &n)?,
+            ))
+        })
+        .await?
+    };
+    if cursor >= floor {
+        return Ok(());
+    }
+    let (first, last) = (cursor + 1, floor);
+    match &ctx.target {
+        Target::OneRoster { settings, .. } => {
+            if known {
+                tracing::warn!(
+                    connector = ctx.name(),
+                    first,
+                    last,
+                    "Changes #{first}..#{last} were compacted away before this connector delivered them; reconciling every object to bring the target up to date."
+                );
+            } else {
+                tracing::info!(
+                    connector = ctx.name(),
+                    first,
+                    last,
+                    "New connector on a compacted change log; reconciling every object first."
+                );
+            }
+            ctx.live.set_state("resync");
+            let mut report = reconcile::DriftReport::default();
+            match reconcile::reconcile_oneroster(ctx, settings, false, &mut report).await {
+                Ok(()) => {}
+                Err(DispatchError::Store(e)) => return Err(e),
+                Err(e) => return Err(StoreError::Backend(e.to_string())),
+            }
+            if ctx.cancel.is_cancelled() {
+                // Not finished: the next start reconciles again.
+                return Ok(());
+            }
+            if report.failed > 0 || report.unmappable > 0 {
+                let reason = format!(
+                    "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped; run `rosterd reconcile` once the target accepts them",
+                    report.failed, report.drifted, report.unmappable
+                );
+                tracing::warn!(connector = ctx.name(), %reason, "Resync incomplete.");
+                let mut h = ctx.live.health();
+                h.last_error = Some(reason);
+                h.last_error_at = Some(Utc::now());
+            } else {
+                tracing::info!(
+                    connector = ctx.name(),
+                    checked = report.checked,
+                    sent = report.sent,
+                    "Resync finished."
+                );
+            }
+        }
+        _ if known => {
+            let reason = format!(
+                "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
+            );
+            tracing::error!(connector = ctx.name(), first, last, "{reason}");
+            metrics::counter!(crate::ops::metrics::CONNECTOR_CHANGES_LOST, "connector" => ctx.name().to_owned())
+                .increment(last - cursor);
+            let mut h = ctx.live.health();
+            h.last_error = Some(reason);
+            h.last_error_at = Some(Utc::now());
+        }
+        _ => {
+            tracing::info!(
+                connector = ctx.name(),
+                first = last + 1,
+                "New connector on a compacted change log; it starts at the oldest change kept."
+            );
+        }
+    }
+    ctx.store
+        .advance_cursor(tenant, &cursor_name, floor, vec![])
+        .await
 }
 
 /// Delivered-content hashes by object key (`None`: gone downstream).
@@ -837,6 +964,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         if ctx.config.dry_run {
             tracing::info!(connector = ctx.name(), dir = %settings.dir.display(), "Dry run: would write the CSV files.");
         } else {
+            let round = ctx.live.round();
             let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
             let written = tokio::task::spawn_blocking(move || {
                 crate::connectors::csv::write_snapshot(&store, &t, &s)
@@ -859,6 +987,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     ctx.live.failure(
                         ctx.name(),
                         &reason,
+                        round,
                         ctx.config.retry.pause_after_failures,
                         ctx.config.retry.pause(),
                     );
@@ -905,6 +1034,8 @@ pub struct Dispatcher {
     shutdown: CancellationToken,
     running: Mutex<BTreeMap<String, Running>>,
     load_errors: Mutex<Vec<String>>,
+    /// The files behind `load_errors`: their connectors still hold back compaction.
+    unloaded: Mutex<Vec<Unloaded>>,
 }
 
 impl Dispatcher {
@@ -921,6 +1052,7 @@ impl Dispatcher {
             shutdown,
             running: Mutex::new(BTreeMap::new()),
             load_errors: Mutex::new(Vec::new()),
+            unloaded: Mutex::new(Vec::new()),
         })
     }
 
@@ -928,14 +1060,27 @@ impl Dispatcher {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The file of each connector now running (or set up but disabled), by name: on a
+    /// reload these keep their names against newcomers.
+    pub fn running_files(&self) -> BTreeMap<String, std::path::PathBuf> {
+        self.running()
+            .iter()
+            .map(|(n, r)| (n.clone(), r.config.file.clone()))
+            .collect()
+    }
+
     /// Apply a freshly loaded connectors directory: stop connectors that went away or
-    /// changed, start new and changed ones. Returns the load errors, also kept for /status.
+    /// changed, start new and changed ones, and lift an "until resumed" pause of the ones
+    /// left running (a reload is how an operator says "I fixed it"; the pause messages
+    /// promise it).
+    /// Returns the load errors, also kept for /status.
     pub async fn apply(&self, loaded: Loaded) -> Vec<String> {
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         for e in &errors {
             tracing::error!(error = %e, "Connector file not loaded; the others are.");
         }
         *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
+        *self.unloaded.lock().unwrap_or_else(|e| e.into_inner()) = loaded.unloaded;
         let wanted: BTreeMap<String, ConnectorConfig> = loaded
             .connectors
             .into_iter()
@@ -956,6 +1101,14 @@ impl Dispatcher {
         for r in stopping {
             tracing::info!(connector = %r.config.name, "Stopping connector (its file changed or went away).");
             stop(r).await;
+        }
+        // Only pauses that wait for the operator (preflight refused, 410 Gone): a pause
+        // for repeated failures ends by itself and then probes the target anyway.
+        for r in self.running().values() {
+            if r.ctx.is_some() && r.live.paused_until() == Some(DateTime::<Utc>::MAX_UTC) {
+                tracing::info!(connector = %r.config.name, "Reload: lifting the connector's pause.");
+                r.live.resume();
+            }
         }
         for (name, config) in wanted {
             if self.running().contains_key(&name) {
@@ -1040,19 +1193,59 @@ impl Dispatcher {
         }
     }
 
-    /// The lowest cursor of the tenant's connectors (enabled or not): the change log below
-    /// it has been delivered everywhere. `None` when the tenant has no connector.
+    /// The lowest cursor of the tenant's known connectors: running ones (enabled or not)
+    /// and the stored cursors of connectors whose file exists but did not load. The
+    /// change log below it has been delivered everywhere it still has to go. A file whose
+    /// name cannot be read could be any connector, so it holds every stored cursor of
+    /// its tenant (of every tenant, if the tenant cannot be read either). A connector
+    /// whose file was removed holds nothing: that is how one is retired. `None` when
+    /// nothing holds the log.
     pub fn lowest_cursor(&self, tenant: &str) -> Option<u64> {
-        let configs: Vec<ConnectorConfig> = self
+        let names: Vec<String> = self
             .running()
             .values()
             .filter(|r| r.config.tenant == tenant)
-            .map(|r| r.config.clone())
+            .map(|r| cursor_name(&r.config))
             .collect();
-        configs
+        let unloaded = self
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let running = names
             .iter()
-            .map(|c| self.store.cursor(tenant, &cursor_name(c)).unwrap_or(0))
-            .min()
+            .map(|n| self.store.cursor(tenant, n).unwrap_or(0));
+        let held: Vec<u64> = if unloaded.is_empty() {
+            vec![]
+        } else {
+            // A store error here must hold compaction back, not let it run free.
+            let Ok(stored) = self.store.cursors(tenant) else {
+                return Some(0);
+            };
+            stored
+                .into_iter()
+                .filter(|(cursor, _)| {
+                    unloaded.iter().any(|u| {
+                        u.tenant.as_deref().is_none_or(|t| t == tenant)
+                            && u.name
+                                .as_deref()
+                                .is_none_or(|n| cursor == n || *cursor == format!("{n}.dry-run"))
+                    })
+                })
+                .map(|(_, c)| c)
+                .collect()
+        };
+        running.chain(held).min()
+    }
+
+    /// The connector files that did not load at the last start or reload.
+    pub fn unloaded_files(&self) -> Vec<String> {
+        self.unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|u| u.file.display().to_string())
+            .collect()
     }
 
     pub fn load_errors(&self) -> Vec<String> {
@@ -1076,13 +1269,14 @@ impl Dispatcher {
             .collect()
     }
 
-    fn status_of(&self, c: &ConnectorConfig, live: &Live) -> ConnectorStatus {
-        let cursor = self.store.cursor(&c.tenant, &cursor_name(c)).unwrap_or(0);
-        let durable = *self.store.watch_durable(&c.tenant).borrow();
+    /// Cursor, lag in changes and age of the oldest undelivered change of a cursor.
+    fn lag(&self, tenant: &str, cursor_name: &str) -> (u64, u64, f64) {
+        let cursor = self.store.cursor(tenant, cursor_name).unwrap_or(0);
+        let durable = *self.store.watch_durable(tenant).borrow();
         let lag_events = durable.saturating_sub(cursor);
         let lag_seconds = if lag_events > 0 {
             self.store
-                .changes(&c.tenant, cursor, 1)
+                .changes(tenant, cursor, 1)
                 .ok()
                 .and_then(|e| e.first().map(|e| e.at))
                 .map(|at| (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
@@ -1090,6 +1284,44 @@ impl Dispatcher {
         } else {
             0.0
         };
+        (cursor, lag_events, lag_seconds)
+    }
+
+    /// Connectors whose file exists but did not load, with the lag of their stored
+    /// cursor: they are not delivering, and their lag is what alerts should see.
+    pub fn unloaded_status(&self) -> Vec<UnloadedStatus> {
+        let unloaded = self
+            .unloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let running = self.running_files();
+        unloaded
+            .into_iter()
+            .filter_map(|u| {
+                let (tenant, name) = (u.tenant?, u.name?);
+                // A rejected duplicate of a running connector: that one reports itself.
+                if running.contains_key(&name)
+                    || !self.store.has_cursor(&tenant, &name).unwrap_or(false)
+                {
+                    return None;
+                }
+                let (cursor, lag_events, lag_seconds) = self.lag(&tenant, &name);
+                Some(UnloadedStatus {
+                    dead_letters: self.store.dead_letter_count(&tenant, &name).unwrap_or(0),
+                    file: u.file.display().to_string(),
+                    name,
+                    tenant,
+                    cursor,
+                    lag_events,
+                    lag_seconds,
+                })
+            })
+            .collect()
+    }
+
+    fn status_of(&self, c: &ConnectorConfig, live: &Live) -> ConnectorStatus {
+        let (cursor, lag_events, lag_seconds) = self.lag(&c.tenant, &cursor_name(c));
         let paused_until = live.paused_until();
         let h = live.health();
         ConnectorStatus {
@@ -1155,8 +1387,22 @@ impl Dispatcher {
 
     /// Send a dead letter's change again, once. On success the letter is removed; on
     /// failure it stays and the target's reason is returned.
-    pub async fn replay(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
-        let Found { config, ctx, .. } = self.find(tenant, name)?;
+    ///
+    /// A state target (OneRoster) is sent the object's state as stored *now* (or its
+    /// delete, if it is gone), never the letter's snapshot: the letter may be older than
+    /// changes delivered since, and replaying it would undo them downstream (re-enable a
+    /// user who left). The hashes recorded are those of what was sent. A webhook gets
+    /// the original event with its original `webhook-id` and `data.seq`, as at-least-once
+    /// event delivery promises; the answer lists the later changes of the same object
+    /// already delivered, so the operator (and a receiver ordering by `data.seq`) knows
+    /// the event is old news.
+    pub async fn replay(
+        &self,
+        tenant: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<Replayed, DispatchError> {
+        let Found { ctx, .. } = self.find(tenant, name)?;
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
@@ -1164,9 +1410,26 @@ impl Dispatcher {
             .store
             .dead_letter(tenant, name, id)?
             .ok_or(DispatchError::NoSuchLetter(id))?;
-        let plan = ctx
-            .plan(&letter.event)
-            .map_err(DispatchError::ReplayFailed)?;
+        let superseded_by = {
+            let (store, t, cursor_name, ev) = (
+                self.store.clone(),
+                tenant.to_owned(),
+                ctx.cursor_name(),
+                letter.event.clone(),
+            );
+            blocking(move || later_delivered_changes(&store, &t, &cursor_name, &ev)).await?
+        };
+        let (event, sent) = match &ctx.target {
+            Target::OneRoster { .. } => {
+                let (store, t, ev) = (self.store.clone(), tenant.to_owned(), letter.event.clone());
+                let current = blocking(move || current_state(&store, &t, &ev)).await?;
+                (current, ReplaySent::CurrentState)
+            }
+            Target::Webhook { .. } | Target::Csv { .. } => {
+                (letter.event.clone(), ReplaySent::OriginalEvent)
+            }
+        };
+        let plan = ctx.plan(&event).map_err(DispatchError::ReplayFailed)?;
         for stage in &plan.stages {
             for req in stage {
                 match ctx.send(req, Some(1)).await {
@@ -1187,13 +1450,42 @@ impl Dispatcher {
             }
         }
         if !plan.hashes.is_empty() {
+            // Reconciliation reads the hashes under the cursor's name (a dry run keeps
+            // its own), so they are written there too.
             self.store
-                .set_delivered(tenant, &config.name, plan.hashes)
+                .set_delivered(tenant, &ctx.cursor_name(), plan.hashes)
                 .await?;
         }
         self.store.remove_dead_letter(tenant, name, id).await?;
-        tracing::info!(connector = name, id, "Dead letter replayed.");
-        Ok(())
+        let note = match (sent, superseded_by.is_empty()) {
+            (ReplaySent::CurrentState, true) => None,
+            (ReplaySent::CurrentState, false) => Some(format!(
+                "the letter's change #{} is older than later changes of {}/{} already delivered; the object's current state was sent, not the letter's snapshot",
+                letter.event.seq, letter.event.resource_type, letter.event.id
+            )),
+            (ReplaySent::OriginalEvent, true) => None,
+            (ReplaySent::OriginalEvent, false) => Some(format!(
+                "the replayed event (change #{}) is older than later changes of {}/{} already delivered (#{}); receivers that apply events by data.seq will ignore it, others may now hold its older snapshot",
+                letter.event.seq,
+                letter.event.resource_type,
+                letter.event.id,
+                superseded_by
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", #")
+            )),
+        };
+        match &note {
+            Some(note) => tracing::warn!(connector = name, id, note, "Dead letter replayed."),
+            None => tracing::info!(connector = name, id, "Dead letter replayed."),
+        }
+        Ok(Replayed {
+            replayed: id,
+            sent,
+            superseded_by,
+            note,
+        })
     }
 
     /// Lift a pause now (after the operator fixed the target).
@@ -1210,6 +1502,94 @@ impl Dispatcher {
         found.live.resume();
         Ok(())
     }
+}
+
+/// What a replay sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplaySent {
+    /// The object's state as stored now (state targets).
+    CurrentState,
+    /// The event as the letter holds it (webhooks).
+    OriginalEvent,
+}
+
+/// How a replay went, for the API and the CLI.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub replayed: u64,
+    pub sent: ReplaySent,
+    /// Later changes of the letter's object that the connector already delivered.
+    pub superseded_by: Vec<u64>,
+    pub note: Option<String>,
+}
+
+/// At most this many later changes are listed in a replay's answer.
+const SUPERSEDED_LISTED: usize = 20;
+
+/// Changes after the letter's that touch one of its objects and that the connector has
+/// already passed (delivered or dead-lettered themselves).
+fn later_delivered_changes(
+    store: &Store,
+    tenant: &str,
+    cursor_name: &str,
+    letter: &ChangeEvent,
+) -> Result<Vec<u64>, StoreError> {
+    let cursor = store.cursor(tenant, cursor_name)?;
+    let keys = object_keys(letter);
+    let mut out = Vec::new();
+    let mut since = letter.seq;
+    while since < cursor && out.len() < SUPERSEDED_LISTED {
+        let page = store.changes(tenant, since, BATCH as usize)?;
+        let Some(last) = page.last() else { break };
+        since = last.seq;
+        out.extend(
+            page.iter()
+                .filter(|e| e.seq <= cursor)
+                .filter(|e| object_keys(e).iter().any(|k| keys.contains(k)))
+                .map(|e| e.seq),
+        );
+    }
+    out.truncate(SUPERSEDED_LISTED);
+    Ok(out)
+}
+
+/// The letter's change rewritten to the objects' state as stored now: the current
+/// document (none if deleted since), and for a group each listed member as added or
+/// removed by whether it is a member now. Planned like any change, it sends what the
+/// target should hold today.
+fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<ChangeEvent, StoreError> {
+    let kind = if ev.resource_type == "Group" {
+        ResourceKind::Group
+    } else {
+        ResourceKind::User
+    };
+    let doc = store.get(tenant, kind, &ev.id)?.map(|r| r.doc);
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    for m in ev.members_added.iter().chain(&ev.members_removed) {
+        if doc.is_some() && store.is_member(tenant, &ev.id, m)? {
+            added.push(m.clone());
+        } else {
+            removed.push(m.clone());
+        }
+    }
+    Ok(ChangeEvent {
+        seq: ev.seq,
+        at: Utc::now(),
+        resource_type: ev.resource_type.clone(),
+        id: ev.id.clone(),
+        op: if doc.is_some() {
+            crate::store::ChangeOp::Updated
+        } else {
+            crate::store::ChangeOp::Deleted
+        },
+        snapshot: doc,
+        members_added: added,
+        members_removed: removed,
+        // The stored assignment is read when planning.
+        assignment: None,
+        deactivated: false,
+    })
 }
 
 async fn stop(r: Running) {
@@ -1231,6 +1611,32 @@ fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::store::ChangeOp;
+
+    #[test]
+    fn requests_failing_together_are_one_failure_in_a_row() {
+        let live = Live::new("running");
+        let pause = Duration::from_secs(3600);
+        // Eight requests in flight when the target blips: one round.
+        let round = live.round();
+        for _ in 0..8 {
+            live.failure("c", "500", round, 3, pause);
+        }
+        assert!(live.paused_until().is_none());
+        assert_eq!(live.retries.load(Ordering::Relaxed), 8);
+        // Retries after it failed again twice more: three rounds in a row.
+        for _ in 0..2 {
+            let round = live.round();
+            live.failure("c", "500", round, 3, pause);
+            live.failure("c", "500", round, 3, pause);
+        }
+        assert!(live.paused_until().is_some());
+        // A success ends the run of failures.
+        live.resume();
+        live.success();
+        let round = live.round();
+        live.failure("c", "500", round, 3, pause);
+        assert!(live.paused_until().is_none());
+    }
 
     #[test]
     fn group_changes_depend_on_their_members() {

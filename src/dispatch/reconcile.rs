@@ -236,7 +236,7 @@ impl Dispatcher {
     }
 }
 
-async fn reconcile_oneroster(
+pub(super) async fn reconcile_oneroster(
     ctx: &Ctx,
     settings: &OneRosterSettings,
     dry_run: bool,

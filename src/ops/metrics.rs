@@ -10,13 +10,16 @@
 //! - `rosterd_http_request_duration_seconds{route,method}` (histogram)
 //! - `rosterd_scim_operations_total{tenant,resource,op,status_class}`
 //! - gauges set at scrape time: `rosterd_connector_lag_events`, `rosterd_connector_lag_seconds`,
-//!   `rosterd_connector_paused`, `rosterd_connector_dead_letters` (all `{connector,tenant}`)
+//!   `rosterd_connector_paused`, `rosterd_connector_dead_letters`,
+//!   `rosterd_connector_loaded` (all `{connector,tenant}`, also for connectors whose file
+//!   did not load), `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
 //!   and `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands).
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
-//! `rosterd_delivery_retries_total` and `rosterd_dead_letters_total` (dispatch),
+//! `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
+//! `rosterd_connector_changes_lost_total` (dispatch),
 //! `rosterd_jobs_total{tenant,kind,status}` (schedule: each job that ended; server: those a stop interrupted).
 
 use axum::Json;
@@ -27,7 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::server::AppState;
@@ -40,6 +44,10 @@ pub const CONNECTOR_LAG_EVENTS: &str = "rosterd_connector_lag_events";
 pub const CONNECTOR_LAG_SECONDS: &str = "rosterd_connector_lag_seconds";
 pub const CONNECTOR_PAUSED: &str = "rosterd_connector_paused";
 pub const CONNECTOR_DEAD_LETTERS: &str = "rosterd_connector_dead_letters";
+pub const CONNECTOR_LOADED: &str = "rosterd_connector_loaded";
+pub const CONNECTOR_ERRORS: &str = "rosterd_connector_errors";
+pub const CONNECTOR_LOAD_FAILED: &str = "rosterd_connector_load_failed";
+pub const CONNECTOR_CHANGES_LOST: &str = "rosterd_connector_changes_lost_total";
 pub const CHANGELOG_LAST_SEQ: &str = "rosterd_changelog_last_seq";
 pub const REVIEW_QUEUE_USERS: &str = "rosterd_review_queue_users";
 pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
@@ -66,6 +74,10 @@ const HTTP_BUCKETS: &[f64] = &[
 const FLUSH_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+/// Gauges not set for this long leave the exposition. Every gauge is set at each scrape
+/// (just before rendering), so only those of a connector whose file was removed go
+/// stale, and they must not report a frozen lag forever.
+const GAUGE_IDLE: Duration = Duration::from_secs(60);
 /// How often histogram samples are folded into their buckets between scrapes, so that
 /// they do not pile up in memory when nobody scrapes.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -81,6 +93,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 fn install_once() -> Option<PrometheusHandle> {
     let builder = PrometheusBuilder::new()
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(
             Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.to_owned()),
             HTTP_BUCKETS,
@@ -152,6 +165,22 @@ fn describe() {
         "Dead letters currently held for the connector."
     );
     metrics::describe_gauge!(
+        CONNECTOR_LOADED,
+        "1 when the connector's file is loaded, 0 when its file exists but did not load (it is not delivering; its lag still counts)."
+    );
+    metrics::describe_gauge!(
+        CONNECTOR_ERRORS,
+        "Connector files that did not load at the last start or reload (as /status connector_errors)."
+    );
+    metrics::describe_gauge!(
+        CONNECTOR_LOAD_FAILED,
+        "1 while this connector file does not load; 0 once, after it was fixed or removed."
+    );
+    metrics::describe_counter!(
+        CONNECTOR_CHANGES_LOST,
+        "Changes compacted away before a webhook connector delivered them (their events cannot be rebuilt)."
+    );
+    metrics::describe_gauge!(
         CHANGELOG_LAST_SEQ,
         "Sequence number of the tenant's last durable change."
     );
@@ -221,10 +250,37 @@ fn set_gauges(st: &AppState) {
     });
     for c in st.dispatch.status(None) {
         let labels = [("connector", c.name), ("tenant", c.tenant)];
+        metrics::gauge!(CONNECTOR_LOADED, &labels).set(1.0);
         metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);
         metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(c.lag_seconds);
         metrics::gauge!(CONNECTOR_PAUSED, &labels).set(if c.paused { 1.0 } else { 0.0 });
         metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(c.dead_letters as f64);
+    }
+    // A connector whose file broke keeps its lag growing in the gauges, so a lag alert
+    // fires for the one that actually stopped.
+    for c in st.dispatch.unloaded_status() {
+        let labels = [("connector", c.name), ("tenant", c.tenant)];
+        metrics::gauge!(CONNECTOR_LOADED, &labels).set(0.0);
+        metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);
+        metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(c.lag_seconds);
+        metrics::gauge!(CONNECTOR_PAUSED, &labels).set(0.0);
+        metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(c.dead_letters as f64);
+    }
+    let errors = st.dispatch.unloaded_files();
+    metrics::gauge!(CONNECTOR_ERRORS).set(errors.len() as f64);
+    {
+        // Files reported failing at an earlier scrape: a fixed one reads 0 once, then
+        // goes idle and leaves the exposition.
+        static FAILING: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+        let mut failing = FAILING.lock().unwrap_or_else(|e| e.into_inner());
+        let now: BTreeSet<String> = errors.into_iter().collect();
+        for fixed in failing.difference(&now) {
+            metrics::gauge!(CONNECTOR_LOAD_FAILED, "file" => fixed.clone()).set(0.0);
+        }
+        for f in &now {
+            metrics::gauge!(CONNECTOR_LOAD_FAILED, "file" => f.clone()).set(1.0);
+        }
+        *failing = now;
     }
     for t in &st.config.tenants {
         let seq = *st.store.watch_durable(&t.id).borrow();

@@ -112,6 +112,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "tenants": tenants,
         "connectors": st.dispatch.status(None),
         "connector_errors": st.dispatch.load_errors(),
+        "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
         "schedules": crate::schedule::status(st),
     }))

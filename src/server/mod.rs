@@ -348,7 +348,11 @@ pub async fn reload(state: &Arc<AppState>) {
             "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
         );
     }
-    let errors = state.dispatch.apply(state.config.load_connectors()).await;
+    let running = state.dispatch.running_files();
+    let errors = state
+        .dispatch
+        .apply(state.config.load_connectors_keeping(&running))
+        .await;
     let mut failed = errors.len();
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {

@@ -99,6 +99,28 @@ impl Store {
         }
     }
 
+    /// Whether the connector has a cursor at all (it ran, or was running, at some time).
+    pub fn has_cursor(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
+        Ok(self
+            .tenant(tenant)?
+            .tree
+            .contains_key(cursor_key(connector))?)
+    }
+
+    /// Every stored cursor of the tenant, by cursor name (running connectors, and
+    /// connectors whose file is broken or gone).
+    pub fn cursors(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
+        let t = self.tenant(tenant)?;
+        let prefix = cursor_key("");
+        let mut out = Vec::new();
+        for kv in t.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, decode_u64(&v, "connector cursor")?));
+        }
+        Ok(out)
+    }
+
     /// Move the cursor, durably, together with the delivered-content hashes of the batch
     /// it covers (`None` removes a hash: the object is gone downstream).
     pub async fn advance_cursor(

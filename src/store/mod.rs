@@ -1620,6 +1620,25 @@ impl Store {
         }
     }
 
+    /// The highest sequence number compaction removed from the log: every change up to
+    /// it is gone, so a cursor below it has missed changes it can never read. Sequence
+    /// numbers have no holes, so it is one below the oldest change kept (or the last
+    /// sequence number when nothing is kept).
+    pub fn changelog_floor(&self, tenant: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        match t
+            .tree
+            .range(keys::change(0)..=keys::change(u64::MAX))
+            .next()
+        {
+            Some(kv) => {
+                let e: ChangeEvent = decode(&kv?.1)?;
+                Ok(e.seq.saturating_sub(1))
+            }
+            None => self.last_seq(tenant),
+        }
+    }
+
     /// The tenant's last change sequence number.
     pub fn last_seq(&self, tenant: &str) -> StoreResult<u64> {
         let t = self.tenant(tenant)?;

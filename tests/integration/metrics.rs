@@ -397,3 +397,68 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_connector_whose_file_broke_shows_as_not_loaded_with_its_lag_growing() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let text = format!(
+        r#"kind = "webhook"
+name = "brokenhook"
+tenant = "{TENANT}"
+[retry]
+initial_delay_ms = 20
+max_delay_ms = 200
+[webhook]
+url = "{url}"
+secret_env = "HOOK_SECRET"
+"#,
+        url = hook.url
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![("brokenhook.toml".into(), text.clone())],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("first.broken@acme.test").await;
+    let conn = [("connector", "brokenhook"), ("tenant", TENANT)];
+    let (text_m, samples) = scrape_until(&d, |s| {
+        value(s, "rosterd_connector_lag_events", &conn) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        value(&samples, "rosterd_connector_loaded", &conn),
+        Some(1.0),
+        "{text_m}"
+    );
+    let file = d.root.join("connectors/brokenhook.toml");
+    std::fs::write(&file, text.replace("url =", "urll =")).unwrap();
+    d.reload().await;
+    for i in 0..3 {
+        d.create_user(&format!("broken{i}@acme.test")).await;
+    }
+    let path = file.display().to_string();
+    let failed = [("file", path.as_str())];
+    let ready = |s: &[Sample]| {
+        value(s, "rosterd_connector_lag_events", &conn).is_some_and(|v| v >= 3.0)
+            && value(s, "rosterd_connector_load_failed", &failed) == Some(1.0)
+    };
+    let (text_m, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text_m}");
+    assert_eq!(
+        value(&samples, "rosterd_connector_loaded", &conn),
+        Some(0.0),
+        "{text_m}"
+    );
+    at_least(&samples, "rosterd_connector_errors", &[], 1.0);
+    // Fixed: loaded again, caught up, and the file no longer reported.
+    std::fs::write(&file, text).unwrap();
+    d.reload().await;
+    let ready = |s: &[Sample]| {
+        value(s, "rosterd_connector_loaded", &conn) == Some(1.0)
+            && value(s, "rosterd_connector_lag_events", &conn) == Some(0.0)
+            && value(s, "rosterd_connector_load_failed", &failed) == Some(0.0)
+    };
+    let (text_m, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text_m}");
+}

@@ -516,7 +516,7 @@ async fn the_change_feed_pages_through_committed_changes() {
     assert_eq!(r.body["error"], "invalid_request");
 }
 
-fn webhook_file(hook: &WebhookServer, events: &str) -> (String, String) {
+pub fn webhook_file(hook: &WebhookServer, events: &str) -> (String, String) {
     (
         "hooks.toml".into(),
         format!(
@@ -723,4 +723,224 @@ async fn a_secret_rotation_signs_with_both_secrets() {
         .unwrap()
         .to_owned();
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
+}
+
+async fn dead_letter_ids(d: &TestDaemon, name: &str) -> Vec<u64> {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::GET,
+            &format!("/connectors/{name}/dead-letters"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn replaying_a_dead_letter_sends_the_current_state_not_its_old_snapshot() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("leaver@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{ada}"));
+    // The title change is refused and set aside while the user is still active.
+    assert!(target.set_owner_other(Kind::User, &sid));
+    d.patch(
+        &format!("/Users/{ada}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+    )
+    .await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    target.clear_owner(Kind::User, &sid);
+    // Then the user leaves, and that is delivered.
+    d.patch(
+        &format!("/Users/{ada}"),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.user(&sid).unwrap()["enabledUser"], "false");
+
+    let id = dead_letter_ids(&d, "sis").await[0];
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/sis/dead-letters/{id}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["sent"], "current_state", "{}", r.body);
+    assert_eq!(r.body["superseded_by"].as_array().unwrap().len(), 1);
+    assert!(
+        r.body["note"].as_str().unwrap().contains("older"),
+        "{}",
+        r.body
+    );
+    // The leaver stays disabled downstream, and the title still arrives.
+    let u = target.user(&sid).unwrap();
+    assert_eq!(u["enabledUser"], "false", "{u}");
+    assert_eq!(u["metadata"]["job_title"], "Chef", "{u}");
+    // What was recorded as delivered is what was sent: nothing to reconcile.
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"dry_run": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_replayed_webhook_event_says_it_is_older_than_what_was_delivered_since() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(
+            &hook,
+            r#"["roster.user_created", "roster.user_updated"]"#,
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::status(400, 1));
+    let id = d.create_user("ada@acme.test").await;
+    let c = caught_up(&d, "hooks").await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    d.patch(
+        &format!("/Users/{id}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+    )
+    .await;
+    caught_up(&d, "hooks").await;
+    let letter = dead_letter_ids(&d, "hooks").await[0];
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/hooks/dead-letters/{letter}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["sent"], "original_event", "{}", r.body);
+    let later = r.body["superseded_by"].as_array().unwrap();
+    assert!(!later.is_empty(), "{}", r.body);
+    assert!(
+        r.body["note"].as_str().unwrap().contains("older"),
+        "{}",
+        r.body
+    );
+    // The event itself is the original one, with its sequence number for ordering.
+    let created: Vec<_> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted() && x.body["type"] == "roster.user_created")
+        .collect();
+    assert_eq!(created.len(), 1);
+    assert!(created[0].body["data"]["seq"].as_u64().unwrap() < later[0].as_u64().unwrap());
+}
+
+#[tokio::test]
+async fn a_new_file_reusing_a_running_connectors_name_is_rejected_on_reload() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let other = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, "[]")],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "hooks").await;
+    // A copy made to try a variant; it sorts before the running file.
+    let dir = d.root.join("connectors");
+    let text = std::fs::read_to_string(dir.join("hooks.toml")).unwrap();
+    std::fs::write(dir.join("a-copy.toml"), text.replace(&hook.url, &other.url)).unwrap();
+    d.reload().await;
+    let c = connector(&d, "hooks").await;
+    assert!(
+        c["file"].as_str().unwrap().ends_with("hooks.toml"),
+        "the running connector lost its name: {c}"
+    );
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(
+        errors.contains("a-copy.toml") && errors.contains("hooks.toml"),
+        "{errors}"
+    );
+    let before = hook.delivery_count();
+    d.create_user("bob@acme.test").await;
+    caught_up(&d, "hooks").await;
+    assert!(hook.delivery_count() > before);
+    assert_eq!(other.request_total(), 0);
+}
+
+#[tokio::test]
+async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(Fault::status(404, 0).forever().on_path("/orgs/"));
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = connector(&d, "sis").await;
+        if c["paused"] == true {
+            assert_eq!(c["state"], "preflight", "{c}");
+            assert!(c["last_error"].as_str().unwrap().contains("404"), "{c}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator fixes the target and reloads, as the log tells them to.
+    target.clear_faults();
+    d.reload().await;
+    let id = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
+
+#[tokio::test]
+async fn requests_failing_together_in_a_blip_do_not_pause_the_connector() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    // Disabled while the users are created, so that the connector finds all of them at
+    // once when enabled again and sends them together.
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("pause_after_failures = 1000", "pause_after_failures = 3")
+        .replace("pause_secs = 1", "pause_secs = 3600");
+    std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
+    d.reload().await;
+    for i in 0..8 {
+        d.create_user(&format!("blip{i}@acme.test")).await;
+    }
+    // One blip: the 8 user PUTs in flight together all fail once.
+    target.inject(Fault::status(500, 8).on_path("/users/"));
+    std::fs::write(&file, text).unwrap();
+    d.reload().await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["paused"], false, "{c}");
+    assert_eq!(target.pending_faults(), 0);
+    assert_eq!(target.count(Kind::User), 9);
 }

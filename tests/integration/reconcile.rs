@@ -3,8 +3,9 @@
 //! change-log compaction.
 
 use crate::harness::{Options, TENANT, TestDaemon, patch_op};
-use crate::mirror::{caught_up, connector, oneroster_file, sourced_id};
+use crate::mirror::{caught_up, connector, oneroster_file, sourced_id, webhook_file};
 use crate::oneroster::{self as or, Kind, OneRosterOptions, OneRosterServer};
+use crate::webhook::{WebhookOptions, WebhookServer};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -206,4 +207,114 @@ async fn cron_schedules_run_reconcile_and_compact_the_change_log() {
     let id = d.create_user("late@acme.test").await;
     caught_up(&d, "sis").await;
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
+
+const COMPACT_EVERY_SECOND: &str =
+    "[schedules]\ncompact = \"* * * * * *\"\nchangelog_retention_hours = 0\n";
+
+/// Wait for two compaction runs that both started after this call.
+async fn two_compactions(d: &TestDaemon) {
+    let last = |s: &Value| {
+        s["schedules"]["compact"]["last_run"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let mut seen = last(&d.status().await);
+    let mut runs = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while runs < 2 {
+        let now = last(&d.status().await);
+        if now != seen {
+            runs += 1;
+            seen = now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "compaction did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        config_extra: COMPACT_EVERY_SECOND.into(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("url =", "urll =")).unwrap();
+    d.reload().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
+    }
+    two_compactions(&d).await;
+    let status = d.status().await;
+    let held = &status["unloaded_connectors"][0];
+    assert_eq!(held["name"], "hooks", "{status}");
+    assert!(held["lag_events"].as_u64().unwrap() >= 3, "{status}");
+    std::fs::write(&file, good).unwrap();
+    d.reload().await;
+    caught_up(&d, "hooks").await;
+    let created: Vec<String> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted())
+        .filter_map(|x| x.body["data"]["id"].as_str().map(str::to_owned))
+        .collect();
+    for id in &ids {
+        assert!(created.contains(id), "user {id} never delivered");
+    }
+}
+
+#[tokio::test]
+async fn a_connector_back_after_its_changes_were_compacted_resyncs_the_target() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        config_extra: COMPACT_EVERY_SECOND.into(),
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    // Moved away for a while: nothing holds the log for it.
+    let dir = d.root.join("connectors");
+    std::fs::rename(dir.join("sis.toml"), dir.join("sis.toml.away")).unwrap();
+    d.reload().await;
+    let bob = d.create_user("bob@acme.test").await;
+    d.patch(
+        &format!("/Users/{ada}"),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+    let reader = d.jwt(TENANT, "roster:read");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let feed = d
+            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
+            .await;
+        if feed.body["changes"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::rename(dir.join("sis.toml.away"), dir.join("sis.toml")).unwrap();
+    d.reload().await;
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{bob}"))).is_some());
+    assert_eq!(
+        target.user(&sourced_id(&format!("User/{ada}"))).unwrap()["enabledUser"],
+        "false"
+    );
 }
