@@ -370,6 +370,13 @@ impl Config {
             .is_some_and(|(path, text)| std::fs::read_to_string(path).is_ok_and(|now| now != *text))
     }
 
+    /// Why the file this config came from would not load now, if it would not: advice to
+    /// restart for an edit must not lead into a start that fails.
+    pub fn on_disk_error(&self) -> Option<ConfigError> {
+        let (path, _) = self.source.as_ref()?;
+        Config::load(path).err()
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.version != CONFIG_VERSION {
             return Err(format!(
@@ -379,6 +386,16 @@ impl Config {
         }
         if self.server.cache_mb < 16 {
             return Err("key `server.cache_mb`: must be at least 16".into());
+        }
+        if let Some(u) = &self.server.public_url {
+            // It prefixes every meta.location: without a scheme and host those are no URIs.
+            let ok = reqwest::Url::parse(u)
+                .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+            if !ok {
+                return Err(format!(
+                    "key `server.public_url`: {u:?} is not an http(s) URL such as \"https://rosterd.example.com\""
+                ));
+            }
         }
         if self.server.max_body_bytes < 1024 {
             return Err("key `server.max_body_bytes`: must be at least 1024".into());
@@ -512,7 +529,32 @@ mod tests {
         assert!(!config.changed_on_disk());
         std::fs::write(&path, "version = 1\n# a comment\n").unwrap();
         assert!(config.changed_on_disk());
+        assert!(config.on_disk_error().is_none());
         assert!(!Config::load(&path).unwrap().changed_on_disk());
+        // An edit that would not load is told apart: a restart would fail on it.
+        std::fs::write(&path, "version = 1\n[server]\nlistne = 1\n").unwrap();
+        assert!(config.changed_on_disk());
+        let err = config
+            .on_disk_error()
+            .expect("the edit does not load")
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn a_public_url_is_an_http_url() {
+        let with = |u: &str| {
+            Config::parse(
+                &format!("version = 1\n[server]\npublic_url = {u:?}\n"),
+                Path::new("x"),
+            )
+        };
+        assert!(with("https://rosterd.example.com").is_ok());
+        assert!(with("http://10.0.0.1:8080/base").is_ok());
+        for bad in ["rosterd.example.com", "ftp://x.example", "https://", ""] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("server.public_url"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

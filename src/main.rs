@@ -605,13 +605,18 @@ fn call_daemon(
         .unwrap_or_else(|| format!("http://{}", config.server.listen));
     let token = match (&daemon.token, tenant) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(t)) => Some(mint_jwt(
-            &config,
-            t,
-            "roster:read roster:write roster:admin",
-            "cli",
-            60,
-        )?),
+        (None, Some(t)) => Some(
+            mint_jwt(
+                &config,
+                t,
+                "roster:read roster:write roster:admin",
+                "cli",
+                60,
+            )
+            .context(
+                "no token given (--token or ROSTERD_API_TOKEN), and none can be minted from the config",
+            )?,
+        ),
         (None, None) => None,
     };
     let url = format!("{}{path}", base.trim_end_matches('/'));

@@ -344,9 +344,15 @@ async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
     if state.config.changed_on_disk() {
-        tracing::warn!(
-            "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
-        );
+        match state.config.on_disk_error() {
+            None => tracing::warn!(
+                "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
+            ),
+            Some(e) => tracing::error!(
+                error = %e,
+                "The config file changed since start and, as it is now, does not load: a restart would fail. Fix it (rosterd check-config) before restarting; this daemon keeps running on the config it started with. Connectors and bundles are reloaded now."
+            ),
+        }
     }
     let running = state.dispatch.running_files();
     let errors = state
