@@ -985,6 +985,47 @@ fn open_error(dir: &Path, engine: &str) -> StoreError {
     }
 }
 
+/// A directory with files in it but no store is someone else's (a data_dir set to the
+/// wrong path): sled would write its files among theirs and overwrite one named `db`.
+/// A store always has sled's `conf`; an empty directory is a new store.
+fn refuse_foreign(dir: &Path) -> StoreResult<()> {
+    if dir.join("conf").is_file() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // Missing or unreadable: sled's open says which, with the directory named.
+        return Ok(());
+    };
+    let mut foreign: Vec<String> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // sled's own names, empty (a creation cut off before `conf`), and our probe.
+            let sled_own = name == "db" || name == "blobs" || name.starts_with("snap.");
+            let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+            !(name.starts_with(".rosterd") || (sled_own && empty) || name == "blobs")
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let shown = foreign
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(StoreError::Open {
+        dir: dir.to_owned(),
+        message: format!(
+            "it holds files that are not a rosterd store ({shown}{}); point server.data_dir (or --data-dir) at an empty directory or at an existing rosterd store",
+            if foreign.len() > 5 { ", …" } else { "" }
+        ),
+    })
+}
+
 /// Zero-byte `snap.*` files in `dir`: an interrupted snapshot write, which sled refuses
 /// as corruption although the log beside it is intact.
 fn empty_snapshots(dir: &Path) -> Vec<PathBuf> {
@@ -1031,6 +1072,7 @@ impl Store {
     }
 
     fn open_inner(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+        refuse_foreign(dir)?;
         let db = sled::Config::new()
             .path(dir)
             // Flushes are ours (group commit); sled's timer would only add fsyncs.
@@ -1840,6 +1882,27 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_directory_of_other_files_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        std::fs::write(dir.path().join("db"), vec![7u8; 10_000]).unwrap();
+        let err = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("notes.txt") && err.contains("db"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("db")).unwrap(),
+            vec![7u8; 10_000]
+        );
+        // An empty directory is a new store, and a store opens again.
+        let fresh = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(fresh.path()));
+        store.close().unwrap();
+        drop(store);
+        let again = crate::store::testing::when_unlocked(|| Store::open(fresh.path()));
+        again.close().unwrap();
     }
 
     #[test]
