@@ -41,19 +41,7 @@ impl TenantPolicy {
             }
         }
         let classifier = Classifier::new(&bundle);
-        // Rules and threshold are part of what decides, so they are part of the identity
-        // a reload compares.
-        let fingerprint = format!(
-            "{}:{}:{}:{}",
-            super::REVISION,
-            bundle.fingerprint(),
-            rules
-                .iter()
-                .map(|r| format!("{}={}", r.group, r.archetype))
-                .collect::<Vec<_>>()
-                .join(","),
-            threshold.unwrap_or(bundle.review_threshold)
-        );
+        let fingerprint = fingerprint(&bundle, &rules, threshold);
         Ok(TenantPolicy {
             threshold: threshold.unwrap_or(bundle.review_threshold),
             bundle,
@@ -62,6 +50,25 @@ impl TenantPolicy {
             fingerprint,
             loaded_from: None,
         })
+    }
+
+    /// The fingerprint the tenant's bundle file would have as a policy, without training
+    /// it: a reload compares it first, so a SIGHUP for a connector file does not retrain
+    /// an unchanged bundle (seconds to minutes for a large one). None without a bundle.
+    pub async fn fingerprint_on_disk(
+        t: &TenantConfig,
+        base_dir: &Path,
+    ) -> Result<Option<String>, ClassifyError> {
+        let Some(path) = Self::bundle_path(t, base_dir) else {
+            return Ok(None);
+        };
+        let (rules, threshold) = (t.group_rules.clone(), t.review_threshold);
+        tokio::task::spawn_blocking(move || {
+            let bundle = Bundle::load(&path)?;
+            Ok(Some(fingerprint(&bundle, &rules, threshold)))
+        })
+        .await
+        .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
     }
 
     /// The bundle file a tenant's config names, resolved against the config's directory.
@@ -135,6 +142,22 @@ impl TenantPolicy {
             .find(|r| rule_matches(r, id, display_name, external_id))
             .map(|r| r.archetype.as_str())
     }
+}
+
+/// Everything that decides assignments: a change of it means reclassify. Rules and
+/// threshold decide too, so they are part of the identity a reload compares.
+fn fingerprint(bundle: &Bundle, rules: &[GroupRule], threshold: Option<f64>) -> String {
+    format!(
+        "{}:{}:{}:{}",
+        super::REVISION,
+        bundle.fingerprint(),
+        rules
+            .iter()
+            .map(|r| format!("{}={}", r.group, r.archetype))
+            .collect::<Vec<_>>()
+            .join(","),
+        threshold.unwrap_or(bundle.review_threshold)
+    )
 }
 
 fn rule_matches(r: &GroupRule, id: &str, name: Option<&str>, external: Option<&str>) -> bool {

@@ -364,6 +364,14 @@ pub async fn reload(state: &Arc<AppState>) {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;
         };
+        if let (Some(old), Ok(Some(now))) = (
+            roster.policy(),
+            TenantPolicy::fingerprint_on_disk(t, &state.config.base_dir).await,
+        ) && old.fingerprint() == now
+        {
+            roster.set_bundle_state(crate::api::BundleState::recovered);
+            continue;
+        }
         let policy = match TenantPolicy::load_blocking(t, &state.config.base_dir).await {
             Ok(Some(p)) => Arc::new(p),
             Ok(None) => continue,
