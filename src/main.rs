@@ -119,8 +119,9 @@ struct DaemonArgs {
 enum DeadLetterCommand {
     /// List a connector's dead letters.
     List { connector: String },
-    /// Send a dead letter again; on success it is removed.
-    Replay { connector: String, id: u64 },
+    /// Send a dead letter again (without ID: every one, oldest first); each that goes
+    /// through is removed.
+    Replay { connector: String, id: Option<u64> },
     /// Drop a dead letter without sending it.
     Discard { connector: String, id: u64 },
 }
@@ -705,21 +706,57 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             }
         }
         DeadLetterCommand::Replay { connector, id } => {
-            let (status, body) = call_daemon(
-                daemon,
-                Some(tenant),
-                Method::POST,
-                &format!("{base}/{connector}/dead-letters/{id}/replay"),
-                None,
-            )?;
-            fail_unless_ok(status, &body)?;
-            let what = match body["sent"].as_str() {
-                Some("current_state") => "the object's current state",
-                _ => "the original event",
+            let ids = match id {
+                Some(id) => vec![id],
+                // After an outage there can be hundreds: one command, not a loop by hand.
+                None => {
+                    let (status, body) = call_daemon(
+                        daemon,
+                        Some(tenant),
+                        Method::GET,
+                        &format!("{base}/{connector}/dead-letters"),
+                        None,
+                    )?;
+                    fail_unless_ok(status, &body)?;
+                    let ids: Vec<u64> = body["dead_letters"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|l| l["id"].as_u64()).collect())
+                        .unwrap_or_default();
+                    if ids.is_empty() {
+                        println!("{connector}: no dead letters");
+                    }
+                    ids
+                }
             };
-            println!("{connector}: dead letter #{id} replayed ({what} sent) and removed");
-            if let Some(note) = body["note"].as_str() {
-                println!("warning: {note}");
+            let mut failed = 0usize;
+            for id in &ids {
+                let (status, body) = call_daemon(
+                    daemon,
+                    Some(tenant),
+                    Method::POST,
+                    &format!("{base}/{connector}/dead-letters/{id}/replay"),
+                    None,
+                )?;
+                if let Err(e) = fail_unless_ok(status, &body) {
+                    // One refusal does not stop the rest: each letter is its own object.
+                    failed += 1;
+                    eprintln!("{connector}: dead letter #{id} not replayed, it stays: {e:#}");
+                    continue;
+                }
+                let what = match body["sent"].as_str() {
+                    Some("current_state") => "the object's current state",
+                    _ => "the original event",
+                };
+                println!("{connector}: dead letter #{id} replayed ({what} sent) and removed");
+                if let Some(note) = body["note"].as_str() {
+                    println!("warning: {note}");
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} dead letters were not replayed; they stay (see above)",
+                    ids.len()
+                );
             }
         }
         DeadLetterCommand::Discard { connector, id } => {
@@ -886,6 +923,25 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 str_of(&c["last_error"])
             );
         }
+    }
+    for u in s["unloaded_connectors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        println!(
+            "connector {} (tenant {}): NOT LOADED ({}), nothing is delivered",
+            str_of(&u["name"]),
+            str_of(&u["tenant"]),
+            str_of(&u["file"])
+        );
+        println!(
+            "    cursor #{}  lag {} events / {:.1} s  dead letters {}",
+            u["cursor"],
+            u["lag_events"],
+            u["lag_seconds"].as_f64().unwrap_or(0.0),
+            u["dead_letters"]
+        );
     }
     let errors = s["connector_errors"]
         .as_array()

@@ -505,13 +505,26 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     );
     assert!(!ok, "replay should fail while the target refuses: {out}");
     assert!(out.contains("502"), "{out}");
+    // Without an id, every letter is tried; one the target still refuses stays, and
+    // the command says so and fails.
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis"],
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("#1 not replayed") && out.contains("1 of 1"),
+        "{out}"
+    );
     target.clear_owner(Kind::User, &sid);
     let (ok, out) = cli(
         &root,
         &d,
-        &["dead-letters", "--tenant", "acme", "replay", "sis", "1"],
+        &["dead-letters", "--tenant", "acme", "replay", "sis"],
     );
     assert!(ok, "{out}");
+    assert!(out.contains("#1 replayed"), "{out}");
     assert_eq!(target.user(&sid).unwrap()["metadata"]["job_title"], "Chef");
     let (ok, out) = cli(
         &root,
