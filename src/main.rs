@@ -665,21 +665,25 @@ fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Resu
 fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -> Result<()> {
     use reqwest::Method;
     let base = "/api/v1/roster/connectors";
+    // The letters of a connector, oldest first; says so when there are none.
+    let list = |connector: &str| -> Result<Vec<serde_json::Value>> {
+        let (status, body) = call_daemon(
+            daemon,
+            Some(tenant),
+            Method::GET,
+            &format!("{base}/{connector}/dead-letters"),
+            None,
+        )?;
+        fail_unless_ok(status, &body)?;
+        let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
+        if letters.is_empty() {
+            println!("{connector}: no dead letters");
+        }
+        Ok(letters)
+    };
     match command {
         DeadLetterCommand::List { connector } => {
-            let (status, body) = call_daemon(
-                daemon,
-                Some(tenant),
-                Method::GET,
-                &format!("{base}/{connector}/dead-letters"),
-                None,
-            )?;
-            fail_unless_ok(status, &body)?;
-            let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
-            if letters.is_empty() {
-                println!("{connector}: no dead letters");
-            }
-            for l in letters {
+            for l in list(&connector)? {
                 println!(
                     "#{} {} seq {} {}/{}: {}",
                     l["id"],
@@ -709,24 +713,10 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             let ids = match id {
                 Some(id) => vec![id],
                 // After an outage there can be hundreds: one command, not a loop by hand.
-                None => {
-                    let (status, body) = call_daemon(
-                        daemon,
-                        Some(tenant),
-                        Method::GET,
-                        &format!("{base}/{connector}/dead-letters"),
-                        None,
-                    )?;
-                    fail_unless_ok(status, &body)?;
-                    let ids: Vec<u64> = body["dead_letters"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|l| l["id"].as_u64()).collect())
-                        .unwrap_or_default();
-                    if ids.is_empty() {
-                        println!("{connector}: no dead letters");
-                    }
-                    ids
-                }
+                None => list(&connector)?
+                    .iter()
+                    .filter_map(|l| l["id"].as_u64())
+                    .collect(),
             };
             let mut failed = 0usize;
             for id in &ids {

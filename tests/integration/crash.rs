@@ -534,74 +534,102 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     assert!(!ok && out.contains("404"), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    // Every write hangs past the connector's timeout: the reconcile job cannot finish.
-    target.inject(
-        Fault::delay(Duration::from_secs(5), 0)
-            .forever()
-            .on_method("PUT"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
-    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
-    let mut d = ChildDaemon::start(&root, &env).await;
-    for i in 0..3 {
+/// A child daemon whose reconcile job is running and cannot finish: every write to its
+/// OneRoster target hangs past the connector's timeout.
+struct StuckJob {
+    target: OneRosterServer,
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    d: ChildDaemon,
+    token: String,
+    job_id: String,
+}
+
+const STUCK_ENV: [(&str, &str); 1] = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+
+impl StuckJob {
+    async fn start(users: usize) -> StuckJob {
+        let target = OneRosterServer::start(OneRosterOptions::default()).await;
+        target.inject(
+            Fault::delay(Duration::from_secs(5), 0)
+                .forever()
+                .on_method("PUT"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+        let d = ChildDaemon::start(&root, &STUCK_ENV).await;
+        for i in 0..users {
+            let r = d
+                .client
+                .post(d.scim("/Users"))
+                .bearer_auth(SCIM_TOKEN)
+                .json(&user(&format!("j{i}@acme.test")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        let token = jwt_with(
+            json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
+            "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
+        );
         let r = d
             .client
-            .post(d.scim("/Users"))
-            .bearer_auth(SCIM_TOKEN)
-            .json(&user(&format!("j{i}@acme.test")))
+            .post(format!("{}/api/v1/roster/scim:sync", d.base))
+            .bearer_auth(&token)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201);
-    }
-    let token = jwt_with(
-        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
-        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
-    );
-    let api = |d: &ChildDaemon, path: &str| format!("{}/api/v1/roster{path}", d.base);
-    let r = d
-        .client
-        .post(api(&d, "/scim:sync"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let job_id = r.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let job = |d: &ChildDaemon| {
-        let (client, url, token) = (
-            d.client.clone(),
-            api(d, &format!("/scim/jobs/{job_id}")),
-            token.clone(),
-        );
-        async move {
-            client
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
+        assert_eq!(r.status(), 202);
+        let job_id = r.json::<Value>().await.unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let job = StuckJob {
+            target,
+            _dir: dir,
+            root,
+            d,
+            token,
+            job_id,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while job.job(&job.d).await["status"] != "running" {
+            assert!(tokio::time::Instant::now() < deadline, "job never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while job(&d).await["status"] != "running" {
-        assert!(tokio::time::Instant::now() < deadline, "job never ran");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        job
     }
-    d.kill9();
-    target.clear_faults();
-    let d = ChildDaemon::start(&root, &env).await;
-    let j = job(&d).await;
+
+    /// The job as `d` (this daemon, or the one started after it) reports it.
+    async fn job(&self, d: &ChildDaemon) -> Value {
+        d.client
+            .get(format!(
+                "{}/api/v1/roster/scim/jobs/{}",
+                d.base, self.job_id
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Stop faulting the target and start a daemon on the same store.
+    async fn restart(&self) -> ChildDaemon {
+        self.target.clear_faults();
+        ChildDaemon::start(&self.root, &STUCK_ENV).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
+    let mut s = StuckJob::start(3).await;
+    s.d.kill9();
+    let d = s.restart().await;
+    let j = s.job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
     assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
     // Alerts on job outcomes see it too: it ended, as interrupted.
@@ -628,8 +656,8 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert!(counted[0].ends_with(" 1"), "{}", counted[0]);
     let r = d
         .client
-        .post(api(&d, "/scim:sync"))
-        .bearer_auth(&token)
+        .post(format!("{}/api/v1/roster/scim:sync", d.base))
+        .bearer_auth(&s.token)
         .send()
         .await
         .unwrap();
@@ -638,67 +666,12 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    target.inject(
-        Fault::delay(Duration::from_secs(5), 0)
-            .forever()
-            .on_method("PUT"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
-    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
-    let mut d = ChildDaemon::start(&root, &env).await;
-    let r = d
-        .client
-        .post(d.scim("/Users"))
-        .bearer_auth(SCIM_TOKEN)
-        .json(&user("stop@acme.test"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let token = jwt_with(
-        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
-        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
-    );
-    let api = |d: &ChildDaemon, path: &str| format!("{}/api/v1/roster{path}", d.base);
-    let job: Value = d
-        .client
-        .post(api(&d, "/scim:sync"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_url = api(
-        &d,
-        &format!("/scim/jobs/{}", job["job_id"].as_str().unwrap()),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let j: Value = d
-            .client
-            .get(&job_url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if j["status"] == "running" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "job never ran: {j}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    d.signal("TERM");
-    tokio::task::block_in_place(|| d.child.wait()).unwrap();
-    // The stop is no failure of the job: no error about it, and it reads interrupted
-    // after the start, counted once, as such.
-    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    let mut s = StuckJob::start(1).await;
+    s.d.signal("TERM");
+    tokio::task::block_in_place(|| s.d.child.wait()).unwrap();
+    // The stop is no failure of the job (and no success: its sends were cut off): no
+    // error about it, and it reads interrupted after the start.
+    let log = std::fs::read_to_string(s.root.join("daemon.log")).unwrap();
     for noise in [
         "Reconciliation failed",
         "Reclassification failed",
@@ -706,21 +679,8 @@ async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
     ] {
         assert!(!log.contains(noise), "{noise}: {log}");
     }
-    target.clear_faults();
-    let d = ChildDaemon::start(&root, &env).await;
-    let j: Value = d
-        .client
-        .get(api(
-            &d,
-            &format!("/scim/jobs/{}", job["job_id"].as_str().unwrap()),
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d = s.restart().await;
+    let j = s.job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
 }
 
