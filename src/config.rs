@@ -295,8 +295,15 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
             "{expr:?} needs six fields: seconds minutes hours day-of-month month day-of-week"
         ));
     }
-    expr.parse::<croner::Cron>()
-        .map_err(|e| format!("{expr:?}: {e}"))
+    let cron = expr
+        .parse::<croner::Cron>()
+        .map_err(|e| format!("{expr:?}: {e}"))?;
+    // Valid syntax can still name no date (30 February): whatever used it would never
+    // run. No such date exists in any time zone, so UTC answers for all.
+    if crate::schedule::next_run(&cron, chrono_tz::UTC).is_none() {
+        return Err(format!("{expr:?} never fires (no such date)"));
+    }
+    Ok(cron)
 }
 
 const LEVELS: &str = "trace, debug, info, warn, error or off";
@@ -304,6 +311,16 @@ const LEVELS: &str = "trace, debug, info, warn, error or off";
 /// A tracing filter (`info`, `rosterd=debug,info`) whose every directive names a level.
 /// The filter syntax reads any other word as a target, so `verbose` would silently
 /// select nothing and turn every log line off, errors included.
+/// `RUST_LOG`, which overrides `[log] level`, checked as the key is: a word that is no
+/// level would start a daemon that logs nothing.
+pub fn check_rust_log() -> Result<(), String> {
+    match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => check_log_level(&v)
+            .map_err(|e| format!("environment variable RUST_LOG (it overrides [log] level) {e}")),
+        _ => Ok(()),
+    }
+}
+
 fn check_log_level(spec: &str) -> Result<(), String> {
     use std::str::FromStr;
     use tracing_subscriber::filter::LevelFilter;
@@ -389,8 +406,16 @@ impl Config {
         }
         if let Some(u) = &self.server.public_url {
             // It prefixes every meta.location: without a scheme and host those are no URIs.
-            let ok = reqwest::Url::parse(u)
-                .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+            // Locations are this plus a path: a query, fragment or credentials would end
+            // up in the middle of every one.
+            let ok = reqwest::Url::parse(u).is_ok_and(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && url.host().is_some()
+                    && url.query().is_none()
+                    && url.fragment().is_none()
+                    && url.username().is_empty()
+                    && url.password().is_none()
+            });
             if !ok {
                 return Err(format!(
                     "key `server.public_url`: {u:?} is not an http(s) URL such as \"https://rosterd.example.com\""
@@ -406,15 +431,9 @@ impl Config {
             );
         }
         check_log_level(&self.log.level).map_err(|e| format!("key `log.level`: {e}"))?;
-        let tz = self.schedules.tz()?;
+        self.schedules.tz()?;
         for (name, expr) in self.schedules.entries() {
-            let cron = parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
-            // Valid syntax can still name no date (30 February): the job would never run.
-            if crate::schedule::next_run(&cron, tz).is_none() {
-                return Err(format!(
-                    "key `schedules.{name}`: {expr:?} never fires (no such date)"
-                ));
-            }
+            parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -551,7 +570,15 @@ mod tests {
         };
         assert!(with("https://rosterd.example.com").is_ok());
         assert!(with("http://10.0.0.1:8080/base").is_ok());
-        for bad in ["rosterd.example.com", "ftp://x.example", "https://", ""] {
+        for bad in [
+            "rosterd.example.com",
+            "ftp://x.example",
+            "https://",
+            "",
+            "https://h.example?x=1",
+            "https://h.example#f",
+            "https://u:p@h.example",
+        ] {
             let err = with(bad).unwrap_err().to_string();
             assert!(err.contains("server.public_url"), "{bad:?}: {err}");
         }

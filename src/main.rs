@@ -246,6 +246,7 @@ fn run() -> Result<()> {
 /// files. A restart must not be the first to find a bad file.
 fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
+    rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     let mut bad_bundles = 0usize;
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
@@ -981,6 +982,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
         config.server.data_dir =
             std::path::absolute(&d).with_context(|| format!("data dir {}", d.display()))?;
     }
+    rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
     let served = runtime.block_on(async move {

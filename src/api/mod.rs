@@ -122,9 +122,9 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Internal(StoreError::Failed(_) | StoreError::NotDurable(_)) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
-            }
+            ApiError::Internal(
+                StoreError::Failed(_) | StoreError::NotDurable(_) | StoreError::Io(_),
+            ) => (StatusCode::SERVICE_UNAVAILABLE, "store_failed"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -143,6 +143,12 @@ impl IntoResponse for ApiError {
             ApiError::Internal(StoreError::NotDurable(e)) => {
                 tracing::error!(error = %e, "The store failed while saving a Roster API change.");
                 "the store failed while saving; the change may or may not have been saved; retry after the operator has fixed the store".to_owned()
+            }
+            // Reads meet it too (the engine keeps an I/O error for good): no word of
+            // changes unless the request made one.
+            ApiError::Internal(StoreError::Io(e)) => {
+                tracing::error!(error = %e, "The store could not read or write its files while serving a Roster API request.");
+                "the store cannot read or write its files (see /readyz and the rosterd log); retry after the operator has fixed it. A change this request made may or may not have been saved".to_owned()
             }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "Store failure while serving a Roster API request.");
@@ -512,6 +518,7 @@ mod tests {
             ApiError::UnsupportedMediaType("x".into()),
             ApiError::Internal(StoreError::Backend("x".into())),
             ApiError::Internal(StoreError::NotDurable("x".into())),
+            ApiError::Internal(StoreError::Io("x".into())),
         ];
         for e in &all {
             match e {
@@ -562,6 +569,23 @@ mod tests {
         for code in jwt::TOKEN_CODES {
             assert!(listed.contains(code), "{code}");
         }
+    }
+
+    #[test]
+    fn a_store_that_cannot_read_or_write_is_503_for_reads_too() {
+        for e in [
+            StoreError::Io("No space left on device".into()),
+            StoreError::NotDurable("flush failed".into()),
+        ] {
+            let resp = ApiError::Internal(e).into_response();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(resp.headers()[header::RETRY_AFTER], "120");
+        }
+        let (status, code) = ApiError::Internal(StoreError::Backend("x".into())).status_and_code();
+        assert_eq!(
+            (status, code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
     }
 
     #[test]

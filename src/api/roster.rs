@@ -819,6 +819,16 @@ async fn bulk_assign(
         &body,
         "{\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}",
     )?;
+    // As every other body: an unknown field (`"dry_run": true`) is refused, not ignored
+    // while the assignments are written.
+    if let Some(k) = body
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "assignments"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field {k:?}; the body is {{\"assignments\": [...]}}"
+        )));
+    }
     let Some(items) = body.get("assignments").and_then(Value::as_array) else {
         return Err(ApiError::BadRequest(
             "body must be {\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}".into(),

@@ -1000,10 +1000,15 @@ fn refuse_foreign(dir: &Path) -> StoreResult<()> {
         .flatten()
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            // sled's own names, empty (a creation cut off before `conf`), and our probe.
+            // sled's own names, empty (a creation cut off before `conf`); what file systems
+            // and desktops put in any directory (`lost+found` of a dedicated volume,
+            // `.DS_Store`), and our own dotfiles.
             let sled_own = name == "db" || name == "blobs" || name.starts_with("snap.");
             let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
-            !(name.starts_with(".rosterd") || (sled_own && empty) || name == "blobs")
+            !(name.starts_with('.')
+                || name == "lost+found"
+                || (sled_own && empty)
+                || name == "blobs")
         })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
@@ -1888,6 +1893,13 @@ mod tests {
     fn a_directory_of_other_files_is_not_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        // What a dedicated volume or a desktop leaves is not a reason to refuse.
+        let volume = tempfile::tempdir().unwrap();
+        std::fs::create_dir(volume.path().join("lost+found")).unwrap();
+        std::fs::write(volume.path().join(".DS_Store"), "x").unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(volume.path()));
+        store.close().unwrap();
+        drop(store);
         std::fs::write(dir.path().join("db"), vec![7u8; 10_000]).unwrap();
         let err = Store::open(dir.path()).err().expect("refused").to_string();
         assert!(err.contains("notes.txt") && err.contains("db"), "{err}");

@@ -405,6 +405,29 @@ fn check_config_refuses_what_serve_would_not_run() {
         err.contains("log.level") && err.contains("verbose"),
         "{err}"
     );
+    // RUST_LOG overrides the key, and is checked as the key is.
+    let (ok, _, err) = check(
+        "",
+        &[
+            ("ROSTERD_CLI_TEST_HOOK_SECRET", good),
+            ("RUST_LOG", "verbose"),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("RUST_LOG") && err.contains("verbose"), "{err}");
+    // A CSV connector's own schedule too.
+    std::fs::write(
+        dir.path().join("connectors/roster.toml"),
+        "kind = \"csv\"\nname = \"nightly\"\ntenant = \"t\"\n[csv]\ndir = \"out\"\nschedule = \"0 0 0 30 2 *\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = check("", &[("ROSTERD_CLI_TEST_HOOK_SECRET", good)]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("nightly") || err.contains("roster.toml"),
+        "{err}"
+    );
+    assert!(err.contains("never fires"), "{err}");
 }
 
 #[test]
