@@ -216,6 +216,16 @@ impl Live {
     }
 }
 
+/// Who sends a request. The mirror's own deliveries wait out a pause and count towards
+/// the failures that pause it; an operator's replay tries once, now, and leaves the
+/// connector's health alone: a target still refusing it is the answer the operator
+/// asked for, not a reason to stall the mirror (or the next replay) for `pause_secs`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    Mirror,
+    Operator,
+}
+
 /// What a connector sends to.
 enum Target {
     OneRoster {
@@ -347,8 +357,13 @@ impl Ctx {
     }
 
     /// Send one request until the target acknowledges or refuses it. `max_attempts`
-    /// bounds retries (replays try once); `None` retries until cancelled.
+    /// bounds retries; `None` retries until cancelled.
     async fn send(&self, req: &Request, max_attempts: Option<u32>) -> Sent {
+        self.send_as(req, max_attempts, Sender::Mirror).await
+    }
+
+    async fn send_as(&self, req: &Request, max_attempts: Option<u32>, by: Sender) -> Sent {
+        let mirror = by == Sender::Mirror;
         let name = self.name();
         if self.config.dry_run {
             tracing::info!(connector = name, method = %req.method, url = %req.url,
@@ -361,7 +376,7 @@ impl Ctx {
         let mut attempts = 0u32;
         let timeout = Duration::from_millis(self.config.timeout_ms);
         loop {
-            if !self.live.wait_unpaused(&self.cancel).await {
+            if mirror && !self.live.wait_unpaused(&self.cancel).await {
                 return Sent::Cancelled;
             }
             attempts += 1;
@@ -386,7 +401,9 @@ impl Ctx {
             };
             let (reason, retry_after, response) = match outcome {
                 Outcome::Delivered { .. } => {
-                    self.live.success();
+                    if mirror {
+                        self.live.success();
+                    }
                     metrics::counter!("rosterd_deliveries_total", "connector" => name.to_owned(), "outcome" => "delivered").increment(1);
                     return Sent::Ok;
                 }
@@ -411,6 +428,11 @@ impl Ctx {
                         Some(response),
                     )
                 }
+                Outcome::Gone { response } if !mirror => (
+                    "target answered 410 Gone: the endpoint is disabled".to_owned(),
+                    None,
+                    Some(response),
+                ),
                 Outcome::Gone { response } => {
                     self.live.pause_until_resumed(
                         name,
@@ -427,15 +449,17 @@ impl Ctx {
                     response,
                 } => (reason, retry_after, response),
             };
-            metrics::counter!("rosterd_delivery_retries_total", "connector" => name.to_owned())
-                .increment(1);
-            self.live.failure(
-                name,
-                &reason,
-                round,
-                self.config.retry.pause_after_failures,
-                self.config.retry.pause(),
-            );
+            if mirror {
+                metrics::counter!("rosterd_delivery_retries_total", "connector" => name.to_owned())
+                    .increment(1);
+                self.live.failure(
+                    name,
+                    &reason,
+                    round,
+                    self.config.retry.pause_after_failures,
+                    self.config.retry.pause(),
+                );
+            }
             if max_attempts.is_some_and(|m| attempts >= m) {
                 return Sent::Refused { reason, response };
             }
@@ -1432,7 +1456,7 @@ impl Dispatcher {
         let plan = ctx.plan(&event).map_err(DispatchError::ReplayFailed)?;
         for stage in &plan.stages {
             for req in stage {
-                match ctx.send(req, Some(1)).await {
+                match ctx.send_as(req, Some(1), Sender::Operator).await {
                     Sent::Ok => {}
                     Sent::Cancelled => {
                         return Err(DispatchError::NotRunning(

@@ -306,6 +306,72 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
 }
 
 #[tokio::test]
+async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{ada}"));
+    assert!(target.set_owner_other(Kind::User, &sid));
+    d.patch(
+        &format!("/Users/{ada}"),
+        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+    )
+    .await;
+    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
+    let id = {
+        let admin = d.jwt(TENANT, "roster:admin");
+        let r = d
+            .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+            .await;
+        r.body["dead_letters"][0]["id"].as_u64().unwrap()
+    };
+    // Pause after two failures in a row, for an hour.
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("pause_after_failures = 1000", "pause_after_failures = 2")
+            .replace("pause_secs = 1", "pause_secs = 3600"),
+    )
+    .unwrap();
+    d.reload().await;
+    caught_up(&d, "sis").await;
+    target.clear_owner(Kind::User, &sid);
+    target.inject(Fault::status(503, 0).forever().on_method("PUT"));
+    let admin = d.jwt(TENANT, "roster:admin");
+    for _ in 0..4 {
+        // A replay that waited out the pause would take the hour.
+        let r = tokio::time::timeout(
+            WAIT,
+            d.roster(
+                Method::POST,
+                &format!("/connectors/sis/dead-letters/{id}/replay"),
+                &admin,
+                None,
+            ),
+        )
+        .await
+        .expect("a replay answers at once, not after the connector's pause");
+        assert_eq!(r.status, 502, "{}", r.body);
+    }
+    // The operator got the target's answer four times; the mirror is not paused by it.
+    let c = connector(&d, "sis").await;
+    assert_eq!(c["paused"], false, "{c}");
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    target.clear_faults();
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/sis/dead-letters/{id}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(target.user(&sid).unwrap()["metadata"]["job_title"], "Chef");
+}
+
+#[tokio::test]
 async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
