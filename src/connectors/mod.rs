@@ -326,34 +326,45 @@ pub fn load_dir_keeping(
         parsed.push((file, text, c));
     }
     // Who keeps each name: the running connector's file if it still claims it, else the
-    // first file in sort order.
-    let mut owner: BTreeMap<String, PathBuf> = BTreeMap::new();
+    // one file that claims it. Several new claimants are ambiguous, and none loads: were
+    // the first in sort order to win, a copy made to edit a variant would take over the
+    // connector's cursor at the next start (with its own URL and secret).
+    let mut claims: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for (file, _, c) in &parsed {
         if let Ok(c) = c {
-            let keeps = running.get(&c.name).is_some_and(|f| f == file);
-            if keeps || !owner.contains_key(&c.name) {
-                owner.insert(c.name.clone(), file.clone());
-            }
+            claims.entry(c.name.clone()).or_default().push(file.clone());
         }
     }
     for (file, text, c) in parsed {
-        let c = c.and_then(|c| match owner.get(&c.name) {
-            Some(kept_by) if *kept_by != file => {
-                let runs = if running.get(&c.name) == Some(kept_by) {
-                    ", which runs it; this file is not loaded"
-                } else {
-                    ""
-                };
-                Err(ConnectorError::Invalid {
-                    message: format!(
-                        "key `name`: {:?} is already used by {}{runs}",
-                        c.name,
-                        kept_by.display()
-                    ),
-                    file: file.clone(),
-                })
-            }
-            _ => Ok(c),
+        let c = c.and_then(|c| {
+            let claimants = &claims[&c.name];
+            let runs_here = running.get(&c.name).filter(|f| claimants.contains(f));
+            let others = || -> String {
+                claimants
+                    .iter()
+                    .filter(|f| **f != file)
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let message = match runs_here {
+                Some(kept_by) if *kept_by == file => return Ok(c),
+                Some(kept_by) => format!(
+                    "key `name`: {:?} is already used by {}, which runs it; this file is not loaded",
+                    c.name,
+                    kept_by.display()
+                ),
+                None if claimants.len() == 1 => return Ok(c),
+                None => format!(
+                    "key `name`: {:?} is also claimed by {}; no connector runs under this name until only one file claims it",
+                    c.name,
+                    others()
+                ),
+            };
+            Err(ConnectorError::Invalid {
+                message,
+                file: file.clone(),
+            })
         });
         match c {
             Ok(c) => out.connectors.push(c),
@@ -403,16 +414,14 @@ secret_env = "HOOK_SECRET"
                 .replace("\"demo\"", "\"nope\""),
         )
         .unwrap();
-        std::fs::write(dir.path().join("d-dup.toml"), WEBHOOK).unwrap();
         std::fs::write(dir.path().join("README.md"), "not a connector").unwrap();
         let loaded = load_dir(dir.path(), &["demo"]);
         assert_eq!(loaded.connectors.len(), 1);
         assert_eq!(loaded.connectors[0].name, "hooks");
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("b-typo.toml") && errors[0].contains("concurency"));
         assert!(errors[1].contains("c-tenant.toml") && errors[1].contains("tenant"));
-        assert!(errors[2].contains("d-dup.toml") && errors[2].contains("already used"));
     }
 
     #[test]
@@ -436,6 +445,19 @@ secret_env = "HOOK_SECRET"
         );
         // The rejected file is known by name: it names the connector it clashed with.
         assert_eq!(loaded.unloaded[0].name.as_deref(), Some("hooks"));
+        // At the next start nothing runs yet: the sort order does not pick the copy.
+        // Neither file loads, each names the other, until one is removed.
+        let loaded = load_dir(dir.path(), &["demo"]);
+        assert!(loaded.connectors.is_empty());
+        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("dup.toml") && errors[0].contains("also claimed by"));
+        assert!(errors[0].contains("webhook.toml"), "{errors:?}");
+        assert!(errors[1].contains("dup.toml"), "{errors:?}");
+        assert_eq!(loaded.unloaded.len(), 2);
+        std::fs::remove_file(dir.path().join("dup.toml")).unwrap();
+        let loaded = load_dir(dir.path(), &["demo"]);
+        assert_eq!(loaded.connectors[0].file, running);
     }
 
     #[test]
