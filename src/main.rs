@@ -851,6 +851,12 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             ""
         }
     );
+    if let Some(e) = s["config_file_error"].as_str() {
+        println!(
+            "CONFIG FILE as edited would NOT load (a restart would fail; rosterd check-config):\n    {}",
+            e.replace('\n', "\n    ")
+        );
+    }
     let store_error = &s["store"]["error"];
     if store_error.is_object() {
         println!(

@@ -114,6 +114,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "connector_errors": st.dispatch.load_errors(),
         "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
+        "config_file_error": *st.config_file_error.lock().unwrap_or_else(|e| e.into_inner()),
         "schedules": crate::schedule::status(st),
     }))
 }

@@ -75,6 +75,9 @@ pub struct AppState {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
+    /// Why config.toml, as the last reload found it edited, would not load: the next
+    /// restart would fail, which `/status` must say before anyone restarts.
+    pub config_file_error: std::sync::Mutex<Option<String>>,
     pub schedules: crate::schedule::Schedules,
 }
 
@@ -191,6 +194,7 @@ pub async fn run_with_env(
         shutdown: shutdown.clone(),
         started_at: chrono::Utc::now(),
         reloads: Default::default(),
+        config_file_error: Default::default(),
         schedules: Default::default(),
     });
     crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
@@ -343,23 +347,31 @@ async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
 /// previous one (for bundles) or none (for connector files) stays in effect.
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
+    let mut config_failed = None;
     if state.config.changed_on_disk() {
         match state.config.on_disk_error() {
             None => tracing::warn!(
                 "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
             ),
-            Some(e) => tracing::error!(
-                error = %e,
-                "The config file changed since start and, as it is now, does not load: a restart would fail. Fix it (rosterd check-config) before restarting; this daemon keeps running on the config it started with. Connectors and bundles are reloaded now."
-            ),
+            Some(e) => {
+                tracing::error!(
+                    error = %e,
+                    "The config file changed since start and, as it is now, does not load: a restart would fail. Fix it (rosterd check-config) before restarting; this daemon keeps running on the config it started with. Connectors and bundles are reloaded now."
+                );
+                config_failed = Some(e.to_string());
+            }
         }
     }
+    *state
+        .config_file_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = config_failed.clone();
     let running = state.dispatch.running_files();
     let errors = state
         .dispatch
         .apply(state.config.load_connectors_keeping(&running))
         .await;
-    let mut failed = errors.len();
+    let mut failed = errors.len() + usize::from(config_failed.is_some());
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;

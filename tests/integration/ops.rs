@@ -151,3 +151,20 @@ async fn a_healthy_store_reports_no_error() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_says_when_the_edited_config_file_would_not_start() {
+    let d = TestDaemon::start().await;
+    let path = d.root.join("config.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{good}\n[server]\nlistne = 1\n")).unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    let e = s["config_file_error"].as_str().unwrap_or_default();
+    assert!(e.contains("config.toml"), "{s}");
+    // Still serving on the config it started with.
+    assert_eq!(d.create_user("still@acme.test").await.len(), 36);
+    std::fs::write(&path, &good).unwrap();
+    d.reload().await;
+    assert!(d.status().await["config_file_error"].is_null());
+}
