@@ -56,8 +56,12 @@ fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
         };
         map.insert("400".into(), error_response(&bad));
         map.insert(
+            "500".into(),
+            error_response("An unexpected failure, logged by the daemon (internal)"),
+        );
+        map.insert(
             "503".into(),
-            error_response("The Roster API is not configured on this daemon (roster_api_disabled)"),
+            error_response("The Roster API is not configured on this daemon (roster_api_disabled), or the store failed (store_failed, with Retry-After)"),
         );
         for (code, d) in extra {
             map.insert((*code).into(), error_response(d));
