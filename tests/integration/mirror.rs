@@ -305,26 +305,32 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
     assert_eq!(r.status, 404);
 }
 
-#[tokio::test]
-async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
-    let (d, target) = start_with_oneroster("").await;
-    let ada = d.create_user("ada@acme.test").await;
-    caught_up(&d, "sis").await;
-    let sid = sourced_id(&format!("User/{ada}"));
+/// A user whose title change the target refuses (another owner), so it becomes the
+/// connector's one dead letter; the user's SCIM id and sourcedId.
+async fn a_refused_title_change(
+    d: &TestDaemon,
+    target: &OneRosterServer,
+    user_name: &str,
+) -> (String, String) {
+    let id = d.create_user(user_name).await;
+    caught_up(d, "sis").await;
+    let sid = sourced_id(&format!("User/{id}"));
     assert!(target.set_owner_other(Kind::User, &sid));
     d.patch(
-        &format!("/Users/{ada}"),
+        &format!("/Users/{id}"),
         patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
     )
     .await;
-    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
-    let id = {
-        let admin = d.jwt(TENANT, "roster:admin");
-        let r = d
-            .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
-            .await;
-        r.body["dead_letters"][0]["id"].as_u64().unwrap()
-    };
+    let c = caught_up(d, "sis").await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    (id, sid)
+}
+
+#[tokio::test]
+async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
+    let (d, target) = start_with_oneroster("").await;
+    let (_, sid) = a_refused_title_change(&d, &target, "ada@acme.test").await;
+    let id = dead_letter_ids(&d, "sis").await[0];
     // Pause after two failures in a row, for an hour.
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -813,18 +819,8 @@ async fn dead_letter_ids(d: &TestDaemon, name: &str) -> Vec<u64> {
 #[tokio::test]
 async fn replaying_a_dead_letter_sends_the_current_state_not_its_old_snapshot() {
     let (d, target) = start_with_oneroster("").await;
-    let ada = d.create_user("leaver@acme.test").await;
-    caught_up(&d, "sis").await;
-    let sid = sourced_id(&format!("User/{ada}"));
     // The title change is refused and set aside while the user is still active.
-    assert!(target.set_owner_other(Kind::User, &sid));
-    d.patch(
-        &format!("/Users/{ada}"),
-        patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-    )
-    .await;
-    let c = caught_up(&d, "sis").await;
-    assert_eq!(c["dead_letters"], 1, "{c}");
+    let (ada, sid) = a_refused_title_change(&d, &target, "leaver@acme.test").await;
     target.clear_owner(Kind::User, &sid);
     // Then the user leaves, and that is delivered.
     d.patch(
