@@ -254,25 +254,11 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
         )
         .await;
     assert_eq!(r.status, 403);
-    let r = d
-        .roster(
-            Method::POST,
-            &format!("/connectors/sis/dead-letters/{id1}/replay"),
-            &admin,
-            None,
-        )
-        .await;
+    let r = replay(&d, "sis", id1).await;
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.body["error"], "target_refused");
     target.clear_owner(Kind::User, &ada_sid);
-    let r = d
-        .roster(
-            Method::POST,
-            &format!("/connectors/sis/dead-letters/{id1}/replay"),
-            &admin,
-            None,
-        )
-        .await;
+    let r = replay(&d, "sis", id1).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         target.user(&ada_sid).unwrap()["metadata"]["job_title"],
@@ -303,6 +289,18 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
         .roster(Method::GET, "/connectors/sis/dead-letters", &other, None)
         .await;
     assert_eq!(r.status, 404);
+}
+
+/// An operator's replay of one dead letter, with an admin token.
+async fn replay(d: &TestDaemon, connector: &str, id: u64) -> crate::harness::Resp {
+    let admin = d.jwt(TENANT, "roster:admin");
+    d.roster(
+        Method::POST,
+        &format!("/connectors/{connector}/dead-letters/{id}/replay"),
+        &admin,
+        None,
+    )
+    .await
 }
 
 /// A user whose title change the target refuses (another owner), so it becomes the
@@ -344,20 +342,11 @@ async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
     caught_up(&d, "sis").await;
     target.clear_owner(Kind::User, &sid);
     target.inject(Fault::status(503, 0).forever().on_method("PUT"));
-    let admin = d.jwt(TENANT, "roster:admin");
     for _ in 0..4 {
         // A replay that waited out the pause would take the hour.
-        let r = tokio::time::timeout(
-            WAIT,
-            d.roster(
-                Method::POST,
-                &format!("/connectors/sis/dead-letters/{id}/replay"),
-                &admin,
-                None,
-            ),
-        )
-        .await
-        .expect("a replay answers at once, not after the connector's pause");
+        let r = tokio::time::timeout(WAIT, replay(&d, "sis", id))
+            .await
+            .expect("a replay answers at once, not after the connector's pause");
         assert_eq!(r.status, 502, "{}", r.body);
     }
     // The operator got the target's answer four times; the mirror is not paused by it.
@@ -365,14 +354,7 @@ async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
     assert_eq!(c["paused"], false, "{c}");
     assert_eq!(c["dead_letters"], 1, "{c}");
     target.clear_faults();
-    let r = d
-        .roster(
-            Method::POST,
-            &format!("/connectors/sis/dead-letters/{id}/replay"),
-            &admin,
-            None,
-        )
-        .await;
+    let r = replay(&d, "sis", id).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(target.user(&sid).unwrap()["metadata"]["job_title"], "Chef");
 }
@@ -833,14 +815,7 @@ async fn replaying_a_dead_letter_sends_the_current_state_not_its_old_snapshot() 
 
     let id = dead_letter_ids(&d, "sis").await[0];
     let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(
-            Method::POST,
-            &format!("/connectors/sis/dead-letters/{id}/replay"),
-            &admin,
-            None,
-        )
-        .await;
+    let r = replay(&d, "sis", id).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["sent"], "current_state", "{}", r.body);
     assert_eq!(r.body["superseded_by"].as_array().unwrap().len(), 1);
@@ -889,15 +864,7 @@ async fn a_replayed_webhook_event_says_it_is_older_than_what_was_delivered_since
     .await;
     caught_up(&d, "hooks").await;
     let letter = dead_letter_ids(&d, "hooks").await[0];
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(
-            Method::POST,
-            &format!("/connectors/hooks/dead-letters/{letter}/replay"),
-            &admin,
-            None,
-        )
-        .await;
+    let r = replay(&d, "hooks", letter).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["sent"], "original_event", "{}", r.body);
     let later = r.body["superseded_by"].as_array().unwrap();
