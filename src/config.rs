@@ -308,9 +308,6 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
 
 const LEVELS: &str = "trace, debug, info, warn, error or off";
 
-/// A tracing filter (`info`, `rosterd=debug,info`) whose every directive names a level.
-/// The filter syntax reads any other word as a target, so `verbose` would silently
-/// select nothing and turn every log line off, errors included.
 /// `RUST_LOG`, which overrides `[log] level`, checked as the key is: a word that is no
 /// level would start a daemon that logs nothing.
 pub fn check_rust_log() -> Result<(), String> {
@@ -321,6 +318,9 @@ pub fn check_rust_log() -> Result<(), String> {
     }
 }
 
+/// A tracing filter (`info`, `rosterd=debug,info`) whose every directive names a level.
+/// The filter syntax reads any other word as a target, so `verbose` would silently
+/// select nothing and turn every log line off, errors included.
 fn check_log_level(spec: &str) -> Result<(), String> {
     use std::str::FromStr;
     use tracing_subscriber::filter::LevelFilter;
@@ -405,9 +405,8 @@ impl Config {
             return Err("key `server.cache_mb`: must be at least 16".into());
         }
         if let Some(u) = &self.server.public_url {
-            // It prefixes every meta.location: without a scheme and host those are no URIs.
-            // Locations are this plus a path: a query, fragment or credentials would end
-            // up in the middle of every one.
+            // It prefixes every meta.location: without a scheme and host those are no
+            // URIs, and a query, fragment or credentials would end up in their middle.
             let ok = reqwest::Url::parse(u).is_ok_and(|url| {
                 matches!(url.scheme(), "http" | "https")
                     && url.host().is_some()

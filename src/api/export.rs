@@ -180,7 +180,7 @@ pub(super) async fn export_users(
             )));
         }
     }
-    let policy = super::roster::tenant_of(&st, &caller)?.policy();
+    let policy = super::roster::tenant_of(&st, &caller.tenant)?.policy();
     let tenant = caller.tenant;
     // Validate the filters before the 200 goes out: errors after that cannot be reported.
     let filter = {

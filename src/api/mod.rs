@@ -122,9 +122,9 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Internal(
-                StoreError::Failed(_) | StoreError::NotDurable(_) | StoreError::Io(_),
-            ) => (StatusCode::SERVICE_UNAVAILABLE, "store_failed"),
+            ApiError::Internal(e) if e.outage_message().is_some() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -136,23 +136,11 @@ impl IntoResponse for ApiError {
         let message = match &self {
             ApiError::Internal(StoreError::NotFound { .. }) => "not found".to_owned(),
             // As the SCIM side says it (server::error): only what is known.
-            ApiError::Internal(StoreError::Failed(f)) => {
-                tracing::error!(error = %f.error, "Roster API request refused: the store has failed.");
-                "the store has failed and takes no changes until rosterd is restarted; nothing was applied; retry after the operator has fixed the store".to_owned()
-            }
-            ApiError::Internal(StoreError::NotDurable(e)) => {
-                tracing::error!(error = %e, "The store failed while saving a Roster API change.");
-                "the store failed while saving; the change may or may not have been saved; retry after the operator has fixed the store".to_owned()
-            }
-            // Reads meet it too (the engine keeps an I/O error for good): no word of
-            // changes unless the request made one.
-            ApiError::Internal(StoreError::Io(e)) => {
-                tracing::error!(error = %e, "The store could not read or write its files while serving a Roster API request.");
-                "the store cannot read or write its files (see /readyz and the rosterd log); retry after the operator has fixed it. A change this request made may or may not have been saved".to_owned()
-            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "Store failure while serving a Roster API request.");
-                "internal error (see the rosterd log); a change in this request may or may not have been applied".to_owned()
+                e.outage_message()
+                    .unwrap_or(crate::store::INTERNAL_ERROR_MESSAGE)
+                    .to_owned()
             }
             ApiError::Disabled(reason) => {
                 tracing::debug!(%reason, "Roster API request while the API is off.");
@@ -185,10 +173,9 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
         if code == "store_failed" {
-            // The same pause as the SCIM side asks IdPs for.
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("120"),
+                axum::http::HeaderValue::from_static(crate::store::OUTAGE_RETRY_AFTER_SECS),
             );
         }
         resp

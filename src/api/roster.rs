@@ -60,12 +60,12 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 // ---------------------------------------------------------------------------------------
 // Plumbing
 
-pub(super) fn tenant_of<'a>(state: &'a AppState, caller: &Caller) -> ApiResult<&'a TenantRoster> {
+pub(super) fn tenant_of<'a>(state: &'a AppState, tenant: &str) -> ApiResult<&'a TenantRoster> {
     state
         .roster
         .tenants
-        .get(&caller.tenant)
-        .ok_or_else(|| ApiError::UnknownTenant(caller.tenant.clone()))
+        .get(tenant)
+        .ok_or_else(|| ApiError::UnknownTenant(tenant.to_owned()))
 }
 
 /// Run store reads off the async threads.
@@ -648,7 +648,7 @@ async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> Api
     let limit = parse_limit(&p)?;
     let scope = CursorScope::new("users", &caller.tenant, &p);
     let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
-    let policy = tenant_of(&st, &caller)?.policy();
+    let policy = tenant_of(&st, &caller.tenant)?.policy();
     let tenant = caller.tenant;
     blocking(move || {
         let store = &st.store;
@@ -732,7 +732,7 @@ const OVERRIDE_RULES: OverrideRules = OverrideRules {
 /// user still in review) again as it writes.
 fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> ApiResult<()> {
     caller.require(Scope::Write)?;
-    let t = tenant_of(st, caller)?;
+    let t = tenant_of(st, &caller.tenant)?;
     if !t.allow_overrides {
         return Err(ApiError::OverridesForbidden);
     }
@@ -748,6 +748,22 @@ fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> Ap
     Ok(())
 }
 
+/// A body (or bulk item) names no field beyond `allowed`: an unknown one is a typo or a
+/// wish (`"dry_run": true`) that would otherwise be ignored while the rest is written.
+/// `shape` says what is expected.
+fn only_fields(
+    obj: &serde_json::Map<String, Value>,
+    allowed: &[&str],
+    shape: &str,
+) -> ApiResult<()> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "unknown field {k:?}; {shape}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The `archetype_id` of a body: a string sets an override, `null` clears it.
 /// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
 /// for the error message.
@@ -755,11 +771,11 @@ fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> 
     let Some(obj) = body.as_object() else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
     };
-    if let Some(k) = obj.keys().find(|k| *k != "archetype_id") {
-        return Err(ApiError::BadRequest(format!(
-            "unknown field {k:?}; the body is {{\"archetype_id\": \"<id>\" | null}}"
-        )));
-    }
+    only_fields(
+        obj,
+        &["archetype_id"],
+        "the body is {\"archetype_id\": \"<id>\" | null}",
+    )?;
     match obj.get("archetype_id") {
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(Value::Null) => Ok(None),
@@ -783,7 +799,7 @@ async fn patch_user(
     let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(&st, &caller, archetype.as_deref())?;
-    if archetype.is_none() && tenant_of(&st, &caller)?.policy().is_none() {
+    if archetype.is_none() && tenant_of(&st, &caller.tenant)?.policy().is_none() {
         return Err(ApiError::NoBundle);
     }
     let change = match archetype {
@@ -819,15 +835,12 @@ async fn bulk_assign(
         &body,
         "{\"assignments\": [{\"user_id\", \"archetype_id\"}, …]}",
     )?;
-    // As every other body: an unknown field (`"dry_run": true`) is refused, not ignored
-    // while the assignments are written.
-    if let Some(k) = body
-        .as_object()
-        .and_then(|o| o.keys().find(|k| *k != "assignments"))
-    {
-        return Err(ApiError::BadRequest(format!(
-            "unknown field {k:?}; the body is {{\"assignments\": [...]}}"
-        )));
+    if let Some(obj) = body.as_object() {
+        only_fields(
+            obj,
+            &["assignments"],
+            "the body is {\"assignments\": [...]}",
+        )?;
     }
     let Some(items) = body.get("assignments").and_then(Value::as_array) else {
         return Err(ApiError::BadRequest(
@@ -840,7 +853,7 @@ async fn bulk_assign(
         )));
     }
     check_override(&st, &caller, None)?;
-    let policy = tenant_of(&st, &caller)?
+    let policy = tenant_of(&st, &caller.tenant)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
     let mut updated = 0u64;
@@ -858,14 +871,11 @@ async fn bulk_assign(
                         .into(),
                 ));
             };
-            if let Some(k) = fields
-                .keys()
-                .find(|k| !["user_id", "archetype_id"].contains(&k.as_str()))
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown field {k:?}; an item has user_id and archetype_id"
-                )));
-            }
+            only_fields(
+                fields,
+                &["user_id", "archetype_id"],
+                "an item has user_id and archetype_id",
+            )?;
             if user_id.is_empty() {
                 return Err(ApiError::BadRequest(
                     "user_id is required: user:<userName> or a SCIM id".into(),
@@ -933,7 +943,7 @@ async fn list_archetypes(
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Read)?;
     check_params(&p, &[])?;
-    let policy = tenant_of(&st, &caller)?
+    let policy = tenant_of(&st, &caller.tenant)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
     let tenant = caller.tenant;
@@ -981,11 +991,7 @@ async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
     check_params(&p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
-        let t = st
-            .roster
-            .tenants
-            .get(&tenant)
-            .ok_or_else(|| ApiError::UnknownTenant(tenant.clone()))?;
+        let t = tenant_of(&st, &tenant)?;
         let policy = t.policy();
         let mut out = Vec::new();
         for g in st.store.scan(&tenant, ResourceKind::Group)? {
@@ -1022,7 +1028,7 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
     let limit = parse_limit(&p)?;
     let scope = CursorScope::new("review", &caller.tenant, &p);
     let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
-    let threshold = tenant_of(&st, &caller)?
+    let threshold = tenant_of(&st, &caller.tenant)?
         .policy()
         .map(|p| p.review_threshold_value());
     let tenant = caller.tenant;

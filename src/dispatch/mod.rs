@@ -1084,6 +1084,16 @@ impl Dispatcher {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn unloaded_lock(&self) -> std::sync::MutexGuard<'_, Vec<Unloaded>> {
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connector files that did not load at the last start or reload (a copy: the
+    /// callers go on to read the store).
+    fn unloaded(&self) -> Vec<Unloaded> {
+        self.unloaded_lock().clone()
+    }
+
     /// The file of each connector now running (or set up but disabled), by name: on a
     /// reload these keep their names against newcomers.
     pub fn running_files(&self) -> BTreeMap<String, std::path::PathBuf> {
@@ -1104,7 +1114,7 @@ impl Dispatcher {
             tracing::error!(error = %e, "Connector file not loaded; the others are.");
         }
         *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
-        *self.unloaded.lock().unwrap_or_else(|e| e.into_inner()) = loaded.unloaded;
+        *self.unloaded_lock() = loaded.unloaded;
         let wanted: BTreeMap<String, ConnectorConfig> = loaded
             .connectors
             .into_iter()
@@ -1231,11 +1241,7 @@ impl Dispatcher {
             .filter(|r| r.config.tenant == tenant)
             .map(|r| cursor_name(&r.config))
             .collect();
-        let unloaded = self
-            .unloaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let unloaded = self.unloaded();
         let running = names
             .iter()
             .map(|n| self.store.cursor(tenant, n).unwrap_or(0));
@@ -1264,9 +1270,7 @@ impl Dispatcher {
 
     /// The connector files that did not load at the last start or reload.
     pub fn unloaded_files(&self) -> Vec<String> {
-        self.unloaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.unloaded_lock()
             .iter()
             .map(|u| u.file.display().to_string())
             .collect()
@@ -1314,13 +1318,8 @@ impl Dispatcher {
     /// Connectors whose file exists but did not load, with the lag of their stored
     /// cursor: they are not delivering, and their lag is what alerts should see.
     pub fn unloaded_status(&self) -> Vec<UnloadedStatus> {
-        let unloaded = self
-            .unloaded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
         let running = self.running_files();
-        unloaded
+        self.unloaded()
             .into_iter()
             .filter_map(|u| {
                 let (tenant, name) = (u.tenant?, u.name?);

@@ -241,6 +241,27 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The per-connector gauges, for loaded connectors and for those whose file did not load.
+struct ConnectorGauges {
+    loaded: bool,
+    lag_events: u64,
+    lag_seconds: f64,
+    paused: bool,
+    dead_letters: u64,
+}
+
+impl ConnectorGauges {
+    fn set(&self, connector: String, tenant: String) {
+        let labels = [("connector", connector), ("tenant", tenant)];
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!(CONNECTOR_LOADED, &labels).set(flag(self.loaded));
+        metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(self.lag_events as f64);
+        metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(self.lag_seconds);
+        metrics::gauge!(CONNECTOR_PAUSED, &labels).set(flag(self.paused));
+        metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(self.dead_letters as f64);
+    }
+}
+
 /// Gauges that describe state rather than events, read fresh at every scrape.
 fn set_gauges(st: &AppState) {
     metrics::gauge!(STORE_FAILED).set(if st.store.failure().is_some() {
@@ -249,22 +270,26 @@ fn set_gauges(st: &AppState) {
         0.0
     });
     for c in st.dispatch.status(None) {
-        let labels = [("connector", c.name), ("tenant", c.tenant)];
-        metrics::gauge!(CONNECTOR_LOADED, &labels).set(1.0);
-        metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);
-        metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(c.lag_seconds);
-        metrics::gauge!(CONNECTOR_PAUSED, &labels).set(if c.paused { 1.0 } else { 0.0 });
-        metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(c.dead_letters as f64);
+        let gauges = ConnectorGauges {
+            loaded: true,
+            lag_events: c.lag_events,
+            lag_seconds: c.lag_seconds,
+            paused: c.paused,
+            dead_letters: c.dead_letters,
+        };
+        gauges.set(c.name, c.tenant);
     }
     // A connector whose file broke keeps its lag growing in the gauges, so a lag alert
     // fires for the one that actually stopped.
     for c in st.dispatch.unloaded_status() {
-        let labels = [("connector", c.name), ("tenant", c.tenant)];
-        metrics::gauge!(CONNECTOR_LOADED, &labels).set(0.0);
-        metrics::gauge!(CONNECTOR_LAG_EVENTS, &labels).set(c.lag_events as f64);
-        metrics::gauge!(CONNECTOR_LAG_SECONDS, &labels).set(c.lag_seconds);
-        metrics::gauge!(CONNECTOR_PAUSED, &labels).set(0.0);
-        metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(c.dead_letters as f64);
+        let gauges = ConnectorGauges {
+            loaded: false,
+            lag_events: c.lag_events,
+            lag_seconds: c.lag_seconds,
+            paused: false,
+            dead_letters: c.dead_letters,
+        };
+        gauges.set(c.name, c.tenant);
     }
     let errors = st.dispatch.unloaded_files();
     metrics::gauge!(CONNECTOR_ERRORS).set(errors.len() as f64);

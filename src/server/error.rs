@@ -4,7 +4,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::scim::ScimError;
-use crate::store::StoreError;
+use crate::store::{INTERNAL_ERROR_MESSAGE, OUTAGE_RETRY_AFTER_SECS, StoreError};
 
 pub const SCIM_CONTENT_TYPE: &str = "application/scim+json";
 
@@ -36,47 +36,18 @@ pub fn store_to_scim(e: StoreError) -> ScimError {
             "If-Match does not match the current version {current}"
         )),
         StoreError::Rejected(e) => e,
-        // Refused before anything was applied.
-        StoreError::Failed(f) => {
-            tracing::error!(error = %f.error, "SCIM request refused: the store has failed.");
-            ScimError::new(
-                503,
-                None,
-                "the store has failed and takes no changes until rosterd is restarted; nothing was applied; retry after the operator has fixed the store",
-            )
-        }
-        // The write reached the engine, whose flush then failed: it may be visible now,
-        // and may or may not survive the restart.
-        StoreError::NotDurable(e) => {
-            tracing::error!(error = %e, "The store failed while saving a SCIM change.");
-            ScimError::new(
-                503,
-                None,
-                "the store failed while saving; the change may or may not have been saved; retry after the operator has fixed the store",
-            )
-        }
-        StoreError::Io(e) => {
-            tracing::error!(error = %e, "The store could not read or write its files.");
-            ScimError::new(
-                503,
-                None,
-                "the store could not read or write its files; a change in this request may or may not have been saved; retry after the operator has fixed the store",
-            )
-        }
-        other => {
-            tracing::error!(error = %other, "Store failure while serving a SCIM request.");
-            ScimError::new(
-                500,
-                None,
-                "internal error (see the rosterd log); a change in this request may or may not have been applied",
-            )
-        }
+        other => match other.outage_message() {
+            Some(message) => {
+                tracing::error!(error = %other, "Store outage while serving a SCIM request.");
+                ScimError::new(503, None, message)
+            }
+            None => {
+                tracing::error!(error = %other, "Store failure while serving a SCIM request.");
+                ScimError::new(500, None, INTERNAL_ERROR_MESSAGE)
+            }
+        },
     }
 }
-
-/// How long a client should wait before retrying after a store failure: long enough for
-/// an operator to be paged, short enough that a fixed store is used again soon.
-const STORE_RETRY_AFTER_SECS: &str = "120";
 
 impl IntoResponse for ScimFailure {
     fn into_response(self) -> Response {
@@ -92,7 +63,7 @@ impl IntoResponse for ScimFailure {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(
                 header::RETRY_AFTER,
-                HeaderValue::from_static(STORE_RETRY_AFTER_SECS),
+                HeaderValue::from_static(OUTAGE_RETRY_AFTER_SECS),
             );
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -150,7 +121,7 @@ mod tests {
     fn a_failed_store_asks_for_a_retry_later() {
         let r = ScimFailure(store_to_scim(StoreError::NotDurable("x".into()))).into_response();
         assert_eq!(r.status(), 503);
-        assert_eq!(r.headers()[header::RETRY_AFTER], STORE_RETRY_AFTER_SECS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], OUTAGE_RETRY_AFTER_SECS);
         assert_eq!(r.headers()[header::CONTENT_TYPE], SCIM_CONTENT_TYPE);
     }
 

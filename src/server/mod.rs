@@ -104,6 +104,8 @@ pub async fn run_with_env(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    // Before the first store flush, interrupted job or request is recorded; idempotent.
+    crate::ops::metrics::install();
     let tokens = TokenRegistry::from_config(&config.tenants, |v| env(v))?;
     // Without its secret the Roster API is off, but SCIM provisioning still runs: an IdP
     // should not stop syncing because an operator has not set up API access yet.
@@ -198,8 +200,6 @@ pub async fn run_with_env(
         schedules: Default::default(),
     });
     crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
-    // Before the interrupted jobs are counted; idempotent.
-    crate::ops::metrics::install();
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
         if !marked.is_empty() {
@@ -376,6 +376,8 @@ pub async fn reload(state: &Arc<AppState>) {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;
         };
+        // Compared before training, so a SIGHUP for a connector file does not retrain an
+        // unchanged bundle; a file that does not read here fails in the load below.
         if let (Some(old), Ok(Some(now))) = (
             roster.policy(),
             TenantPolicy::fingerprint_on_disk(t, &state.config.base_dir).await,
@@ -394,13 +396,6 @@ pub async fn reload(state: &Arc<AppState>) {
                 continue;
             }
         };
-        let unchanged = roster
-            .policy()
-            .is_some_and(|old| old.fingerprint() == policy.fingerprint());
-        if unchanged {
-            roster.set_bundle_state(crate::api::BundleState::recovered);
-            continue;
-        }
         roster.set_bundle_state(|b| b.loaded(&policy));
         *roster.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(policy.clone());
         state.store.set_resolver(&t.id, policy.clone());
@@ -429,8 +424,6 @@ pub async fn reload(state: &Arc<AppState>) {
 
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
-    // Before the first request (or store flush) is recorded; idempotent.
-    crate::ops::metrics::install();
     Router::new()
         .merge(scim::routes())
         .merge(crate::api::routes())

@@ -76,7 +76,6 @@ impl GroupCommit {
         r.issued
     }
 
-    /// Wait until the ticket's writes are on disk.
     /// The newest ticket, when some ticket is not yet durable: a reader that saw state
     /// written under one of them must wait for it before telling anyone it holds.
     pub(crate) fn unflushed(&self) -> Option<u64> {
@@ -84,6 +83,7 @@ impl GroupCommit {
         (self.progress.borrow().durable < issued).then_some(issued)
     }
 
+    /// Wait until the ticket's writes are on disk.
     pub(crate) async fn wait(&self, ticket: u64) -> Result<(), FlushFailed> {
         let mut rx = self.progress.clone();
         let p = rx

@@ -95,6 +95,39 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// What a client is told when the store itself failed (a full disk, a failed flush,
+    /// a store already marked failed): only what is known of its request, and to come
+    /// back later. `None` for every other error. The SCIM and Roster API faces both
+    /// answer these with 503 and [`OUTAGE_RETRY_AFTER_SECS`].
+    pub fn outage_message(&self) -> Option<&'static str> {
+        match self {
+            // Refused before anything was applied.
+            StoreError::Failed(_) => Some(
+                "the store has failed and takes no changes until rosterd is restarted; nothing was applied; retry after the operator has fixed the store",
+            ),
+            // The write reached the engine, whose flush then failed: it may be visible
+            // now, and may or may not survive the restart.
+            StoreError::NotDurable(_) => Some(
+                "the store failed while saving; the change may or may not have been saved; retry after the operator has fixed the store",
+            ),
+            // Reads meet it too (the engine keeps an I/O error for good).
+            StoreError::Io(_) => Some(
+                "the store cannot read or write its files (see /readyz and the rosterd log); retry after the operator has fixed it; a change this request made may or may not have been saved",
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// How long a client should wait before retrying after a store outage: long enough for
+/// an operator to be paged, short enough that a fixed store is used again soon.
+pub const OUTAGE_RETRY_AFTER_SECS: &str = "120";
+
+/// What a client is told of any other failure of the store: the cause is in the log, and
+/// the request's outcome is not known.
+pub const INTERNAL_ERROR_MESSAGE: &str = "internal error (see the rosterd log); a change in this request may or may not have been applied";
+
 /// The unrecoverable storage error the store hit, and when.
 #[derive(Debug, Clone)]
 pub struct StoreFailure {
@@ -998,19 +1031,19 @@ fn refuse_foreign(dir: &Path) -> StoreResult<()> {
     };
     let mut foreign: Vec<String> = entries
         .flatten()
-        .filter(|e| {
+        .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            // sled's own names, empty (a creation cut off before `conf`); what file systems
-            // and desktops put in any directory (`lost+found` of a dedicated volume,
-            // `.DS_Store`), and our own dotfiles.
-            let sled_own = name == "db" || name == "blobs" || name.starts_with("snap.");
+            // sled's own: its blobs directory, and its files when empty (a creation cut
+            // off before `conf`); what file systems and desktops put in any directory
+            // (`lost+found` of a dedicated volume, `.DS_Store`), and our own dotfiles.
+            let sled_file = name == "db" || name.starts_with("snap.");
             let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
-            !(name.starts_with('.')
+            let ours = name.starts_with('.')
                 || name == "lost+found"
-                || (sled_own && empty)
-                || name == "blobs")
+                || name == "blobs"
+                || (sled_file && empty);
+            (!ours).then_some(name)
         })
-        .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     if foreign.is_empty() {
         return Ok(());
