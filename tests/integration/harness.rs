@@ -229,6 +229,18 @@ impl TestDaemon {
         self.roster_with(method, path, token, body, &[]).await
     }
 
+    /// A reconcile dry run (`POST /scim:sync {"dry_run": true}`): what each connector
+    /// would send.
+    pub async fn dry_run_sync(&self, token: &str) -> Resp {
+        self.roster(
+            Method::POST,
+            "/scim:sync",
+            token,
+            Some(json!({"dry_run": true})),
+        )
+        .await
+    }
+
     pub async fn roster_with(
         &self,
         method: Method,

@@ -4,6 +4,7 @@
 //! assertions are lower bounds (`>=`) on what this test itself did.
 
 use crate::harness::{Options, TENANT, TestDaemon};
+use crate::mirror::named_webhook_file;
 use crate::webhook::{WebhookOptions, WebhookServer};
 use reqwest::Method;
 use std::collections::BTreeMap;
@@ -292,23 +293,10 @@ async fn metrics_count_scim_requests_by_route_template_and_configured_tenant() {
 async fn metrics_report_connector_gauges_and_deliveries() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "metricshook.toml".into(),
-            format!(
-                r#"kind = "webhook"
-name = "metricshook"
-tenant = "{TENANT}"
-timeout_ms = 2000
-[retry]
-initial_delay_ms = 20
-max_delay_ms = 200
-[webhook]
-url = "{url}"
-secret_env = "HOOK_SECRET"
-events = ["roster.user_created"]
-"#,
-                url = hook.url
-            ),
+        connectors: vec![named_webhook_file(
+            "metricshook",
+            &hook,
+            r#"["roster.user_created"]"#,
         )],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         ..Options::default()
@@ -401,21 +389,9 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
 #[tokio::test]
 async fn a_connector_whose_file_broke_shows_as_not_loaded_with_its_lag_growing() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let text = format!(
-        r#"kind = "webhook"
-name = "brokenhook"
-tenant = "{TENANT}"
-[retry]
-initial_delay_ms = 20
-max_delay_ms = 200
-[webhook]
-url = "{url}"
-secret_env = "HOOK_SECRET"
-"#,
-        url = hook.url
-    );
+    let (file_name, text) = named_webhook_file("brokenhook", &hook, r#"["roster.user_created"]"#);
     let d = TestDaemon::start_with(Options {
-        connectors: vec![("brokenhook.toml".into(), text.clone())],
+        connectors: vec![(file_name, text.clone())],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         ..Options::default()
     })

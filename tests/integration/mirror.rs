@@ -571,11 +571,16 @@ async fn the_change_feed_pages_through_committed_changes() {
 }
 
 pub fn webhook_file(hook: &WebhookServer, events: &str) -> (String, String) {
+    named_webhook_file("hooks", hook, events)
+}
+
+/// A webhook connector file `<name>.toml` to `hook`, for `events` (a TOML array).
+pub fn named_webhook_file(name: &str, hook: &WebhookServer, events: &str) -> (String, String) {
     (
-        "hooks.toml".into(),
+        format!("{name}.toml"),
         format!(
             r#"kind = "webhook"
-name = "hooks"
+name = "{name}"
 tenant = "{TENANT}"
 timeout_ms = 2000
 [retry]
@@ -829,14 +834,7 @@ async fn replaying_a_dead_letter_sends_the_current_state_not_its_old_snapshot() 
     assert_eq!(u["enabledUser"], "false", "{u}");
     assert_eq!(u["metadata"]["job_title"], "Chef", "{u}");
     // What was recorded as delivered is what was sent: nothing to reconcile.
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"dry_run": true})),
-        )
-        .await;
+    let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
 }

@@ -85,14 +85,7 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
 
     // A dry run reports all three and changes nothing.
     let writes_before = target.request_total();
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"dry_run": true})),
-        )
-        .await;
+    let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let report = &r.body["connectors"][0];
     assert_eq!(report["connector"], "sis");
@@ -134,14 +127,7 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
         "Chef"
     );
     // And now there is nothing left to repair.
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"dry_run": true})),
-        )
-        .await;
+    let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
     let r = d
         .roster(
