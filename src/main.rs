@@ -166,10 +166,29 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", causes(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, joined by ": ", leaving out a cause whose text the message
+/// already carries. Many errors (ours included, e.g. `"JWT settings: {0}"` over its
+/// source) both show their source and return it from `source()`; `{:#}` would print it
+/// twice.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run() -> Result<()> {
@@ -731,7 +750,10 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 if let Err(e) = fail_unless_ok(status, &body) {
                     // One refusal does not stop the rest: each letter is its own object.
                     failed += 1;
-                    eprintln!("{connector}: dead letter #{id} not replayed, it stays: {e:#}");
+                    eprintln!(
+                        "{connector}: dead letter #{id} not replayed, it stays: {}",
+                        causes(&e)
+                    );
                     continue;
                 }
                 let what = match body["sent"].as_str() {
@@ -872,6 +894,15 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 "tenant {id}: {} users ({} active), {} groups, review queue {}, last change #{}",
                 t["users"], t["active_users"], t["groups"], t["review_queue"], t["last_seq"]
             );
+            let j = &t["running_job"];
+            if j.is_object() {
+                println!(
+                    "    job {} ({}) running since {}: overrides answer 409 until it ends",
+                    str_of(&j["job_id"]),
+                    str_of(&j["kind"]),
+                    str_of(&j["started_at"])
+                );
+            }
             let b = &t["bundle"];
             if b.is_object() {
                 println!(

@@ -80,6 +80,29 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The job holding the tenant's job slot, if any. The jobs are listed only when the slot
+/// is held, so an idle tenant's history is not read on every status call.
+fn running_job(st: &AppState, tenant: &str) -> Result<Value, crate::store::StoreError> {
+    if !st.store.job_running(tenant) {
+        return Ok(Value::Null);
+    }
+    let running = st
+        .store
+        .jobs(tenant)?
+        .into_iter()
+        .filter(|j| {
+            matches!(
+                j.status,
+                crate::store::JobStatus::Queued | crate::store::JobStatus::Running
+            )
+        })
+        .max_by_key(|j| j.started_at);
+    Ok(running.map_or(
+        Value::Null,
+        |j| json!({"job_id": j.job_id, "kind": j.kind, "started_at": j.started_at}),
+    ))
+}
+
 /// The `/status` document.
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     let mut tenants = serde_json::Map::new();
@@ -100,6 +123,8 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
                 "review_queue": st.store.review_queue_len(&t.id)?,
                 "last_seq": *st.store.watch_durable(&t.id).borrow(),
                 "bundle": bundle,
+                // Why an override answers 409 sync_in_progress, and which job to watch.
+                "running_job": running_job(st, &t.id)?,
             }),
         );
     }

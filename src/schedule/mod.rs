@@ -123,7 +123,11 @@ async fn run_job(
 ) -> bool {
     job.status = JobStatus::Running;
     if let Err(e) = state.store.put_job(tenant, job.clone()).await {
-        tracing::error!(error = %e, "Cannot record the job as running; it will not run.");
+        if state.shutdown.is_cancelled() {
+            tracing::info!(error = %e, "The shutdown came before the job ran; the next start marks it interrupted.");
+        } else {
+            tracing::error!(error = %e, "Cannot record the job as running; it will not run.");
+        }
         return false;
     }
     tracing::info!("Reclassification started.");
@@ -201,7 +205,7 @@ async fn run_job(
                     Err(e) => {
                         job.status = JobStatus::Failed;
                         job.error = Some(e.to_string());
-                        tracing::error!(error = %e, "Reconciliation failed.");
+                        job_error(state, &e, "Reconciliation failed.");
                     }
                 }
             }
@@ -209,7 +213,7 @@ async fn run_job(
         Err(e) => {
             job.status = JobStatus::Failed;
             job.error = Some(e.to_string());
-            tracing::error!(error = %e, "Reclassification failed.");
+            job_error(state, &e, "Reclassification failed.");
         }
     }
     if state.shutdown.is_cancelled() {
@@ -230,6 +234,15 @@ async fn run_job(
         tracing::error!(error = %e, "Cannot record the job's outcome.");
     }
     rerun
+}
+
+/// A job's failure is an error, unless the daemon is stopping: then the stop is the
+/// likely cause (blocking writes are cancelled with the runtime), and the job is left
+/// for the next start to mark interrupted, which `run_job` logs with this error.
+fn job_error(state: &AppState, e: &dyn std::fmt::Display, what: &str) {
+    if !state.shutdown.is_cancelled() {
+        tracing::error!(error = %e, "{what}");
+    }
 }
 
 /// Whether the tenant's policy now differs from `started_with`.

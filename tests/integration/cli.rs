@@ -479,3 +479,30 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
     );
     assert!(!err.contains("listener"), "{err}");
 }
+
+#[test]
+fn a_cause_the_message_already_shows_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[api.jwt]\naudience = [\"rosterd\"]\nhs256_secret_env = \"ROSTERD_CLI_TEST_SHORT\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = rosterd_env(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("ROSTERD_CLI_TEST_SHORT", "short"), ("T", "tenant-token")],
+    );
+    assert!(!ok);
+    assert_eq!(
+        err.matches("an HS256 secret needs at least 32").count(),
+        1,
+        "{err}"
+    );
+}

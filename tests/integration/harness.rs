@@ -273,6 +273,28 @@ impl TestDaemon {
         r.body
     }
 
+    /// Wait until no tenant has a job running (a fresh store is reclassified at start-up,
+    /// holding the job slot: overrides and syncs answer 409 meanwhile).
+    pub async fn idle(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let s = self.status().await;
+            let tenants = s["tenants"].as_object().expect("tenants in /status");
+            if tenants.values().all(|t| {
+                t.get("running_job")
+                    .expect("running_job in /status")
+                    .is_null()
+            }) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a job still runs: {s}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn reload(&self) {
         let reloads = |v: &Value| v["reloads"].as_u64().expect("reloads in /status");
         let before = reloads(&self.status().await);

@@ -63,20 +63,8 @@ async fn wait_job(d: &TestDaemon, token: &str, job_id: &str) -> Value {
 
 /// Wait for the start-up reclassification (a fresh store has no policy fingerprint).
 async fn settled(d: &TestDaemon) -> String {
-    let admin = d.jwt(TENANT, "roster:admin");
-    eventually("the start-up job finishing", || async {
-        let r = d
-            .roster(
-                Method::PATCH,
-                "/users/user:nobody@x.test",
-                &admin,
-                Some(json!({"archetype_id": "sales_rep"})),
-            )
-            .await;
-        (r.status != 409).then_some(())
-    })
-    .await;
-    admin
+    d.idle().await;
+    d.jwt(TENANT, "roster:admin")
 }
 
 #[tokio::test]
