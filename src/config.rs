@@ -78,6 +78,11 @@ pub struct ServerConfig {
     /// The store's page cache in MiB. sled counts pages at their on-disk size, so the
     /// daemon's RSS grows by up to about twice this as the cache fills.
     pub cache_mb: u64,
+    /// How long a client may go silent while sending a request, in its headers or
+    /// between pieces of its body, before rosterd drops it (a body gets 408). Idle
+    /// keep-alive connections are closed after this long too. Without it a stalled or
+    /// hostile client holds a connection, and its memory, for good.
+    pub client_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +93,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             public_url: None,
             cache_mb: 256,
+            client_timeout_secs: 30,
         }
     }
 }
@@ -424,6 +430,11 @@ impl Config {
         if self.server.max_body_bytes < 1024 {
             return Err("key `server.max_body_bytes`: must be at least 1024".into());
         }
+        // Under a second, an ordinary client on a slow link would be cut off; over an hour
+        // is no protection at all.
+        if !(1..=3600).contains(&self.server.client_timeout_secs) {
+            return Err("key `server.client_timeout_secs`: must be between 1 and 3600".into());
+        }
         if self.scim.max_results == 0 || self.scim.bulk_max_operations == 0 {
             return Err(
                 "keys `scim.max_results` and `scim.bulk_max_operations` must be positive".into(),
@@ -724,6 +735,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("server.cache_mb"), "{err}");
+    }
+
+    #[test]
+    fn a_client_timeout_out_of_range_is_refused() {
+        for secs in [0, 3601] {
+            let err = Config::parse(
+                &format!("version = 1\n[server]\nclient_timeout_secs = {secs}\n"),
+                Path::new("x"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("server.client_timeout_secs"), "{err}");
+        }
     }
 
     #[test]

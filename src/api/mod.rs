@@ -67,6 +67,8 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("the request body is {0}; send JSON with Content-Type: application/json")]
     UnsupportedMediaType(String),
+    #[error("the request body stalled for {0} s (server.client_timeout_secs); send it again")]
+    RequestTimeout(u64),
     #[error("internal error")]
     Internal(StoreError),
 }
@@ -121,6 +123,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(e) if e.outage_message().is_some() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
@@ -203,6 +206,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "method_not_allowed",
     "payload_too_large",
     "unsupported_media_type",
+    "request_timeout",
     "store_failed",
     "internal",
 ];
@@ -503,6 +507,7 @@ mod tests {
             ApiError::MethodNotAllowed("PUT".into()),
             ApiError::PayloadTooLarge,
             ApiError::UnsupportedMediaType("x".into()),
+            ApiError::RequestTimeout(30),
             ApiError::Internal(StoreError::Backend("x".into())),
             ApiError::Internal(StoreError::NotDurable("x".into())),
             ApiError::Internal(StoreError::Io("x".into())),
@@ -526,6 +531,7 @@ mod tests {
                 | ApiError::MethodNotAllowed(_)
                 | ApiError::PayloadTooLarge
                 | ApiError::UnsupportedMediaType(_)
+                | ApiError::RequestTimeout(_)
                 | ApiError::Internal(_) => {}
             }
         }

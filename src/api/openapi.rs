@@ -457,8 +457,8 @@ fn error_codes_description() -> String {
     )
 }
 
-/// Every operation that takes a body can be refused it: too large (413), or labelled as
-/// something else than JSON (415).
+/// Every operation that takes a body can be refused it: stalled (408), too large (413), or
+/// labelled as something else than JSON (415).
 fn add_body_errors(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
@@ -471,6 +471,8 @@ fn add_body_errors(doc: &mut Value) {
             if op.get("requestBody").is_none() {
                 continue;
             }
+            op["responses"]["408"] =
+                error_response("The body stalled for server.client_timeout_secs (request_timeout)");
             op["responses"]["413"] =
                 error_response("The body is over server.max_body_bytes (payload_too_large)");
             op["responses"]["415"] = error_response(

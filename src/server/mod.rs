@@ -228,22 +228,20 @@ pub async fn run_with_env(
     let app = router(state.clone());
     crate::ops::systemd::notify_ready();
     tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let client_timeout = std::time::Duration::from_secs(state.config.server.client_timeout_secs);
+    let server = serve(listener, app, client_timeout, shutdown.clone());
     // A client that stalls mid-request would otherwise hold the drain, and the stop,
     // until systemd's SIGKILL; the connections left are closed when the runtime ends.
     let drain_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(DRAIN_DEADLINE).await;
     };
-    let served = tokio::select! {
-        served = server => served,
+    tokio::select! {
+        () = server => {}
         () = drain_deadline => {
             tracing::warn!(seconds = DRAIN_DEADLINE.as_secs(), "Requests still in flight after the drain deadline are cut off; their clients get no answer and must retry.");
-            Ok(())
         }
-    };
+    }
     crate::ops::systemd::notify_stopping();
     reloads.abort();
     failed.abort();
@@ -263,7 +261,6 @@ pub async fn run_with_env(
             failure,
         });
     }
-    served.map_err(ServerError::Io)?;
     closed?;
     tracing::info!("rosterd stopped cleanly.");
     Ok(())
@@ -422,6 +419,115 @@ pub async fn reload(state: &Arc<AppState>) {
     tracing::info!(errors = failed, "Reload finished.");
 }
 
+/// Serve `app` until `shutdown`, then wait for the requests in flight (the caller bounds
+/// that wait). This is `axum::serve` giving hyper a timer, which it does not: without
+/// one, hyper's header read timeout never fires, and a client that stops in the middle
+/// of its headers, or leaves a keep-alive connection idle, holds it for good.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    client_timeout: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // Responses are written whole; Nagle would only delay their last segment.
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(
+            tower::ServiceExt::map_request(app.clone(), |req: Request<hyper::body::Incoming>| {
+                req.map(axum::body::Body::new)
+            }),
+        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(client_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "A connection ended with an error.");
+            }
+        });
+    }
+    // New connections are refused from here on; those open finish their request.
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// As `axum::serve` does: a peer that gave up before it was accepted is no news; anything
+/// else (out of file descriptors) is logged, and accepting resumes after a pause rather
+/// than spinning on the error.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "Cannot accept a connection; trying again in 1 s.");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+/// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
+/// protocol's own format (SCIM error, or JSON problem), and the connection closes.
+async fn body_deadline(
+    axum::extract::State(secs): axum::extract::State<u64>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower_http::timeout::{TimeoutBody, TimeoutError};
+    let stalled = Arc::new(AtomicBool::new(false));
+    let seen = stalled.clone();
+    let scim = req.uri().path().starts_with("/scim/");
+    let req = req.map(|body| {
+        axum::body::Body::new(
+            TimeoutBody::new(std::time::Duration::from_secs(secs), body).map_err(move |e| {
+                if e.is::<TimeoutError>() {
+                    seen.store(true, Ordering::Relaxed);
+                }
+                e
+            }),
+        )
+    });
+    let resp = next.run(req).await;
+    if !stalled.load(Ordering::Relaxed) {
+        return resp;
+    }
+    tracing::warn!(
+        seconds = secs,
+        "A client stalled while sending its request body; answered 408."
+    );
+    let mut resp = if scim {
+        axum::response::IntoResponse::into_response(ScimFailure(crate::scim::ScimError::new(
+            408,
+            None,
+            format!(
+                "the request body stalled for {secs} s (server.client_timeout_secs); send it again"
+            ),
+        )))
+    } else {
+        axum::response::IntoResponse::into_response(crate::api::ApiError::RequestTimeout(secs))
+    };
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    resp
+}
+
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
     Router::new()
@@ -431,6 +537,10 @@ fn router(state: Arc<AppState>) -> Router {
         .merge(crate::ops::metrics::routes())
         .fallback(scim::not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.server.client_timeout_secs,
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn(crate::api::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -70,6 +70,7 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// More config TOML (whole tables, e.g. `[schedules]`), appended to config.toml.
     pub config_extra: String,
+    pub client_timeout_secs: u64,
 }
 
 impl Default for Options {
@@ -80,6 +81,7 @@ impl Default for Options {
             connectors: vec![],
             env: vec![],
             config_extra: String::new(),
+            client_timeout_secs: 30,
         }
     }
 }
@@ -91,6 +93,7 @@ fn config_text(root: &Path, opts: &Options, hash: &TokenHash, other_hash: &Token
 listen = "127.0.0.1:0"
 data_dir = {data:?}
 max_body_bytes = {max_body}
+client_timeout_secs = {client_timeout}
 [scim]
 max_results = {max_results}
 bulk_max_operations = {bulk}
@@ -117,6 +120,7 @@ allow_overrides = false
         extra = opts.config_extra,
         data = root.join("data"),
         max_body = opts.max_body_bytes,
+        client_timeout = opts.client_timeout_secs,
         max_results = opts.scim.max_results,
         bulk = opts.scim.bulk_max_operations,
         sort = opts.scim.max_sort_results,

@@ -131,3 +131,102 @@ async fn too_many_to_sort_is_reported() {
     let r = d.get("/Users").await;
     assert_eq!(r.body["totalResults"], 3);
 }
+
+/// Send `head` then `body_start` on a raw connection and stop, as a stalled client would;
+/// returns what the daemon answers before it closes the connection (empty if it closes
+/// without a word).
+async fn stall(d: &TestDaemon, head: String, body_start: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body_start.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    // Well past the daemon's 1 s: it must end the exchange itself.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the daemon kept a stalled client's connection open")
+    .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
+    let d = TestDaemon::start_with(Options {
+        client_timeout_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let addr = d.addr;
+    let post = |path: &str, auth: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+
+    // Mid-body, on SCIM: a SCIM error with 408, and the connection closes.
+    let answer = stall(
+        &d,
+        post(&format!("/scim/v2/{TENANT}/Users"), &d.token, 200),
+        "{\"schemas\"",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("application/scim+json"), "{answer}");
+    assert!(
+        answer.contains("urn:ietf:params:scim:api:messages:2.0:Error")
+            && answer.contains("\"status\":\"408\""),
+        "{answer}"
+    );
+
+    // Mid-body, on the Roster API: its JSON problem.
+    let admin = d.jwt(TENANT, "roster:admin");
+    let answer = stall(
+        &d,
+        post("/api/v1/roster/archetype:bulk-assign", &admin, 200),
+        "{\"assignments\"",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
+
+    // Mid-headers: closed without an answer (there is no request to answer yet).
+    let answer = stall(&d, format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n"), "").await;
+    assert_eq!(answer, "");
+
+    // An idle keep-alive connection is closed too, after its request was answered.
+    let answer = stall(
+        &d,
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+        "",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+        "{answer}"
+    );
+
+    // Slow is not stalled: a body trickling in over two seconds, a piece every 200 ms,
+    // is read whole.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::to_string(&user("slow@example.com")).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(post(&format!("/scim/v2/{TENANT}/Users"), &d.token, body.len()).as_bytes())
+        .await
+        .unwrap();
+    let pieces: Vec<&[u8]> = body.as_bytes().chunks(body.len().div_ceil(10)).collect();
+    for piece in pieces {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        conn.write_all(piece).await.unwrap();
+    }
+    let mut answer = vec![0u8; 4096];
+    let n = conn.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
