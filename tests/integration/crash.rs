@@ -92,6 +92,17 @@ impl ChildDaemon {
             .unwrap()
     }
 
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn scim(&self, path: &str) -> String {
         format!("{}/scim/v2/{TENANT}{path}", self.base)
     }
@@ -647,30 +658,14 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     let d = s.restart().await;
     let j = s.job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
-    let status: Value = d
-        .client
-        .get(format!("{}/status", d.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = d.status().await;
     assert!(
         status["tenants"][TENANT]["running_job"].is_null(),
         "{status}"
     );
     assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
     // Alerts on job outcomes see it too: it ended, as interrupted.
-    let metrics = d
-        .client
-        .get(format!("{}/metrics", d.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     let kind = j["kind"].as_str().unwrap();
     let counted: Vec<&str> = metrics
         .lines()
