@@ -78,10 +78,13 @@ pub struct ServerConfig {
     /// The store's page cache in MiB. sled counts pages at their on-disk size, so the
     /// daemon's RSS grows by up to about twice this as the cache fills.
     pub cache_mb: u64,
-    /// How long a client may go silent while sending a request, in its headers or
-    /// between pieces of its body, before rosterd drops it (a body gets 408). Idle
-    /// keep-alive connections are closed after this long too. Without it a stalled or
-    /// hostile client holds a connection, and its memory, for good.
+    /// A request's headers must have arrived this many seconds after the connection
+    /// opened or the previous answer on it went out (so an idle keep-alive connection
+    /// closes after this long), and its body may pause no longer than this between two
+    /// pieces (it gets 408). Without it a stalled or hostile client holds a connection,
+    /// and its memory, for good. Above a proxy's idle timeout for upstream connections
+    /// (60 s for nginx and AWS load balancers), or the proxy may reuse a connection just
+    /// as rosterd closes it.
     pub client_timeout_secs: u64,
 }
 
@@ -93,7 +96,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             public_url: None,
             cache_mb: 256,
-            client_timeout_secs: 30,
+            client_timeout_secs: 75,
         }
     }
 }

@@ -81,7 +81,7 @@ impl Default for Options {
             connectors: vec![],
             env: vec![],
             config_extra: String::new(),
-            client_timeout_secs: 30,
+            client_timeout_secs: 75,
         }
     }
 }
