@@ -451,6 +451,9 @@ async fn serve(
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(client_timeout)
+            // A client that shuts its sending side once the request is out (`nc -N`,
+            // some scripts) still waits for the answer; hyper would drop the request.
+            .half_close(true)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -212,6 +212,33 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
         "{answer}"
     );
 
+    // A client that shuts its sending side after the request still gets the answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = serde_json::to_string(&user("halfclosed@example.com")).unwrap();
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(
+            format!(
+                "{}{body}",
+                post(&format!("/scim/v2/{TENANT}/Users"), &d.token, body.len())
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        conn.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            conn.read_to_end(&mut answer),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    }
+
     // Slow is not stalled: a body trickling in over two seconds, a piece every 200 ms,
     // is read whole.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
