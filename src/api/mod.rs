@@ -44,7 +44,9 @@ pub enum ApiError {
     InvalidArchetype(String),
     #[error("{0}")]
     BadRequest(String),
-    #[error("a sync job is running for this tenant; try again when it has finished")]
+    #[error(
+        "a sync job is running for this tenant; try again when it has finished (/status shows it under running_job)"
+    )]
     SyncInProgress,
     #[error("this tenant's policy does not allow manual archetype overrides")]
     OverridesForbidden,
