@@ -132,14 +132,17 @@ async fn too_many_to_sort_is_reported() {
     assert_eq!(r.body["totalResults"], 3);
 }
 
-/// Send `head` then `body_start` on a raw connection and stop, as a stalled client would;
-/// returns what the daemon answers before it closes the connection (empty if it closes
-/// without a word).
-async fn stall(d: &TestDaemon, head: String, body_start: &str) -> String {
+/// Send `head` then `body_start` on a raw connection and stop, as a stalled client would
+/// (or, with `shut`, also shut the sending side, as `nc -N` does); returns what the daemon
+/// answers before it closes the connection (empty if it closes without a word).
+async fn stall(d: &TestDaemon, head: String, body_start: &str, shut: bool) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(body_start.as_bytes()).await.unwrap();
+    if shut {
+        conn.shutdown().await.unwrap();
+    }
     let mut answer = Vec::new();
     // Well past the daemon's 1 s: it must end the exchange itself.
     tokio::time::timeout(
@@ -171,6 +174,7 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
         &d,
         post(&format!("/scim/v2/{TENANT}/Users"), &d.token, 200),
         "{\"schemas\"",
+        false,
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -191,13 +195,20 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
         &d,
         post("/api/v1/roster/archetype:bulk-assign", &admin, 200),
         "{\"assignments\"",
+        false,
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"error\":\"request_timeout\""), "{answer}");
 
     // Mid-headers: closed without an answer (there is no request to answer yet).
-    let answer = stall(&d, format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n"), "").await;
+    let answer = stall(
+        &d,
+        format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n"),
+        "",
+        false,
+    )
+    .await;
     assert_eq!(answer, "");
 
     // An idle keep-alive connection is closed too, after its request was answered.
@@ -205,6 +216,7 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
         &d,
         format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
         "",
+        false,
     )
     .await;
     assert!(
@@ -213,31 +225,15 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
     );
 
     // A client that shuts its sending side after the request still gets the answer.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let body = serde_json::to_string(&user("halfclosed@example.com")).unwrap();
-        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-        conn.write_all(
-            format!(
-                "{}{body}",
-                post(&format!("/scim/v2/{TENANT}/Users"), &d.token, body.len())
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        conn.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            conn.read_to_end(&mut answer),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
-    }
+    let body = serde_json::to_string(&user("halfclosed@example.com")).unwrap();
+    let answer = stall(
+        &d,
+        post(&format!("/scim/v2/{TENANT}/Users"), &d.token, body.len()),
+        &body,
+        true,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 
     // Slow is not stalled: a body trickling in over two seconds, a piece every 200 ms,
     // is read whole.
