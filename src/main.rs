@@ -599,8 +599,13 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
         .hs256_secret_env
         .as_ref()
         .context("[api.jwt] has no hs256_secret_env; mint RS256/ES256 tokens with your IdP")?;
-    let secret =
-        std::env::var(var).with_context(|| format!("environment variable {var} is not set"))?;
+    let secret = match std::env::var(var) {
+        Ok(s) => s,
+        Err(std::env::VarError::NotPresent) => {
+            anyhow::bail!("environment variable {var} is not set")
+        }
+        Err(e) => return Err(e).with_context(|| format!("environment variable {var}")),
+    };
     // A token the daemon would refuse to verify helps no one.
     if secret.len() < rosterd::api::jwt::MIN_HS256_SECRET_BYTES {
         anyhow::bail!(
