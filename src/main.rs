@@ -330,22 +330,21 @@ fn check_config(path: PathBuf) -> Result<()> {
     // A variable unset here may well be set where `serve` runs (the unit's
     // EnvironmentFile, readable by root only): as for tenant tokens, a warning. A value
     // that is set is checked as `serve` checks it.
-    let unset = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = unset.clone();
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let asked_unset = std::sync::Arc::new(AtomicBool::new(false));
+    let seen = asked_unset.clone();
     let env: rosterd::server::EnvFn = std::sync::Arc::new(move |v: &str| {
         let value = std::env::var(v).ok();
         if value.is_none() {
-            seen.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(v.to_owned());
+            seen.store(true, Ordering::Relaxed);
         }
         value
     });
     let mut not_started = 0usize;
     for c in &connectors.connectors {
-        unset.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        asked_unset.store(false, Ordering::Relaxed);
         if let Err(e) = rosterd::dispatch::check_start(c, &env) {
-            if unset.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            if !asked_unset.load(Ordering::Relaxed) {
                 not_started += 1;
                 eprintln!(
                     "error: connector {:?}: `serve` would not start it: {e}",

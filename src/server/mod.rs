@@ -513,16 +513,12 @@ async fn body_deadline(
         seconds = secs,
         "A client stalled while sending its request body; answered 408."
     );
+    use axum::response::IntoResponse;
+    let timeout = crate::api::ApiError::RequestTimeout(secs);
     let mut resp = if scim {
-        axum::response::IntoResponse::into_response(ScimFailure(crate::scim::ScimError::new(
-            408,
-            None,
-            format!(
-                "the request body stalled for {secs} s (server.client_timeout_secs); send it again"
-            ),
-        )))
+        ScimFailure(crate::scim::ScimError::new(408, None, timeout.to_string())).into_response()
     } else {
-        axum::response::IntoResponse::into_response(crate::api::ApiError::RequestTimeout(secs))
+        timeout.into_response()
     };
     resp.headers_mut().insert(
         axum::http::header::CONNECTION,

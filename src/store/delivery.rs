@@ -110,15 +110,7 @@ impl Store {
     /// Every stored cursor of the tenant, by cursor name (running connectors, and
     /// connectors whose file is broken or gone).
     pub fn cursors(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
-        let t = self.tenant(tenant)?;
-        let prefix = cursor_key("");
-        let mut out = Vec::new();
-        for kv in t.tree.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((name, decode_u64(&v, "connector cursor")?));
-        }
-        Ok(out)
+        self.u64s_under(tenant, &cursor_key(""), "connector cursor")
     }
 
     /// Move the cursor, durably, together with the delivered-content hashes of the batch
@@ -170,13 +162,23 @@ impl Store {
 
     /// Every object the connector has delivered, with its hash, in object order.
     pub fn delivered_all(&self, tenant: &str, connector: &str) -> StoreResult<Vec<(String, u64)>> {
+        self.u64s_under(tenant, &hash_prefix(connector), "delivered-content hash")
+    }
+
+    /// Every key under `prefix`, without the prefix, with its u64 value (`what` names it
+    /// in a decoding error).
+    fn u64s_under(
+        &self,
+        tenant: &str,
+        prefix: &[u8],
+        what: &str,
+    ) -> StoreResult<Vec<(String, u64)>> {
         let t = self.tenant(tenant)?;
-        let prefix = hash_prefix(connector);
         let mut out = Vec::new();
-        for kv in t.tree.scan_prefix(&prefix) {
+        for kv in t.tree.scan_prefix(prefix) {
             let (k, v) = kv?;
-            let object = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((object, decode_u64(&v, "delivered-content hash")?));
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, decode_u64(&v, what)?));
         }
         Ok(out)
     }

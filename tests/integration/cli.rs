@@ -3,8 +3,18 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn rosterd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    run(args, stdin, &[])
+}
+
+/// `rosterd` with more environment variables, and nothing on standard input.
+fn rosterd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    run(args, None, env)
+}
+
+fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -336,20 +346,6 @@ fn output_to_a_reader_that_goes_away_ends_quietly() {
         "{err}"
     );
     assert_eq!(&first[..6], b"title,");
-}
-
-fn rosterd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -81,26 +81,20 @@ impl ChildDaemon {
         assert!(ok);
     }
 
-    pub async fn status(&self) -> Value {
+    async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/status", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
-            .await
-            .unwrap()
-            .json()
             .await
             .unwrap()
     }
 
+    pub async fn status(&self) -> Value {
+        self.get("/status").await.json().await.unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     pub fn scim(&self, path: &str) -> String {

@@ -13,7 +13,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
-struct Sample {
+pub(crate) struct Sample {
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
@@ -113,7 +113,7 @@ fn at_least(samples: &[Sample], name: &str, want: &[(&str, &str)], min: f64) {
     );
 }
 
-async fn scrape(d: &TestDaemon) -> (String, Vec<Sample>) {
+pub(crate) async fn scrape(d: &TestDaemon) -> (String, Vec<Sample>) {
     let r = d
         .raw(Method::GET, &d.url("/metrics"), None, &[], None)
         .await;

@@ -115,10 +115,7 @@ async fn a_failed_store_is_reported_everywhere_and_the_daemon_exits_to_be_restar
             .contains("restart rosterd once the cause (e.g. disk space) is fixed"),
         "{s}"
     );
-    let metrics = d
-        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
-        .await;
-    let text = metrics.body.as_str().unwrap();
+    let (text, _) = crate::metrics::scrape(&d).await;
     assert!(
         text.lines().any(|l| l == "rosterd_store_failed 1"),
         "{text}"
@@ -143,10 +140,7 @@ async fn a_healthy_store_reports_no_error() {
     d.create_user("a@acme.test").await;
     let s = d.status().await;
     assert!(s["store"]["error"].is_null(), "{s}");
-    let metrics = d
-        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
-        .await;
-    let text = metrics.body.as_str().unwrap();
+    let (text, _) = crate::metrics::scrape(&d).await;
     assert!(
         text.lines().any(|l| l == "rosterd_store_failed 0"),
         "{text}"
