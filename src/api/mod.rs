@@ -291,16 +291,7 @@ pub(crate) async fn json_errors(
         StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(method.to_string()),
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => {
-            // axum's rejection text says what did not decode; keep it for the caller.
-            let body = axum::body::to_bytes(resp.into_body(), 4096)
-                .await
-                .unwrap_or_default();
-            let text = String::from_utf8_lossy(&body).trim().to_owned();
-            let message = if text.is_empty() {
-                format!("request refused ({status})")
-            } else {
-                text
-            };
+            let message = crate::server::rejection_text(resp).await;
             let code = match status {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
                 s if s.is_server_error() => "internal",

@@ -19,6 +19,12 @@ use crate::scim::schema::{
 /// parameter, and unbounded recursion on hostile input would overflow the stack.
 pub const MAX_DEPTH: usize = 64;
 
+/// Most comparisons one filter may hold. A chain of `or`s parses in a loop, but it is
+/// evaluated, planned and dropped as a tree as deep as the chain is long: 7,000 terms
+/// overflowed a worker's stack and took the daemon down. Lookups by a list of ids or
+/// names stay far below this.
+pub const MAX_TERMS: usize = 1_000;
+
 /// `[urn ":"] attr ["." sub]`. Names keep the case the client sent; all matching is
 /// case-insensitive.
 #[derive(Debug, Clone, PartialEq)]
@@ -326,6 +332,7 @@ struct Parser {
     toks: Vec<Tok>,
     pos: usize,
     depth: usize,
+    terms: usize,
     err: fn(String) -> ScimError,
 }
 
@@ -448,6 +455,12 @@ impl Parser {
     }
 
     fn comparison(&mut self, path: AttrPath) -> ScimResult<Filter> {
+        self.terms += 1;
+        if self.terms > MAX_TERMS {
+            return self.fail(format!(
+                "filter has more than {MAX_TERMS} comparisons; split it into several requests"
+            ));
+        }
         let op_word = match self.next() {
             Some(Tok::Word(w)) => w,
             Some(t) => return self.fail(format!("expected an operator after {path}, found {t}")),
@@ -487,6 +500,7 @@ pub fn parse_filter(input: &str) -> ScimResult<Filter> {
         toks,
         pos: 0,
         depth: 0,
+        terms: 0,
         err,
     };
     let f = p.or_expr(false)?;
@@ -535,6 +549,7 @@ pub fn parse_path(input: &str) -> ScimResult<PatchPath> {
         toks: rest[1..body_end - 1].to_vec(),
         pos: 0,
         depth: 0,
+        terms: 0,
         err,
     };
     let filter = p.or_expr(true)?;

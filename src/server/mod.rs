@@ -527,6 +527,21 @@ async fn body_deadline(
     resp
 }
 
+/// What an error answered before any handler (axum's rejection of a path or body that
+/// does not decode) says, for the protocol's own error body; its status if it says nothing.
+pub(crate) async fn rejection_text(resp: Response) -> String {
+    let status = resp.status();
+    let body = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_owned();
+    if text.is_empty() {
+        format!("request refused ({status})")
+    } else {
+        text
+    }
+}
+
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.server.max_body_bytes;
     Router::new()
@@ -541,6 +556,7 @@ fn router(state: Arc<AppState>) -> Router {
             body_deadline,
         ))
         .layer(axum::middleware::from_fn(crate::api::json_errors))
+        .layer(axum::middleware::from_fn(scim::scim_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_span,

@@ -82,6 +82,40 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/scim/v2/{tenant}/Me", axum::routing::any(me))
 }
 
+/// Under `/scim/`, the errors axum answers before any handler runs (a method the endpoint
+/// does not take, a path that does not decode) carry the SCIM error schema too: a client
+/// reads `detail` from every error, and an empty body tells it nothing.
+pub(super) async fn scim_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let scim = req.uri().path().starts_with("/scim/");
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let typed = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(SCIM_CONTENT_TYPE.as_bytes()) || v.starts_with(b"application/json")
+    });
+    if !scim || typed || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let detail = match status {
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "this endpoint does not take {method}{}",
+            allow
+                .as_ref()
+                .and_then(|a| a.to_str().ok())
+                .map(|a| format!("; it takes {a}"))
+                .unwrap_or_default()
+        ),
+        _ => super::rejection_text(resp).await,
+    };
+    let mut out = ScimFailure(ScimError::new(status.as_u16(), None, detail)).into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
+
 /// Anything unrouted. Under `/scim/` the answer is a SCIM error, and a protocol version
 /// other than v2 is named as such.
 pub(super) async fn not_found(method: Method, uri: Uri) -> ScimFailure {
