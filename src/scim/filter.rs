@@ -748,6 +748,20 @@ fn ordered(op: CompareOp, o: Ordering) -> bool {
 }
 
 impl Filter {
+    /// The first attribute path the filter compares or tests for presence, outside any
+    /// value filter, for which `known` says no.
+    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<&AttrPath> {
+        match self {
+            Filter::Compare { path, .. }
+            | Filter::Present(path)
+            | Filter::ValuePath { path, .. } => (!known(path)).then_some(path),
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.unknown_attr(known).or_else(|| b.unknown_attr(known))
+            }
+            Filter::Not(f) => f.unknown_attr(known),
+        }
+    }
+
     /// Does `resource` (a stored SCIM resource of `kind`) match?
     pub fn matches(&self, kind: ResourceKind, resource: &Value) -> bool {
         self.eval(Ctx { kind, parent: None }, resource)

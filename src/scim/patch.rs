@@ -414,6 +414,24 @@ fn apply_path(
                 path_text = attr
             )));
         }
+        // `emails[typo eq "work"].value` matches nothing, so an add or replace would make
+        // a new element from the filter and drop `typo` from it: an untyped address the
+        // client never asked for.
+        let is_sub = |p: &AttrPath| {
+            p.urn.is_none()
+                && p.sub.is_none()
+                && (d
+                    .sub_attributes
+                    .iter()
+                    .any(|s| s.name.eq_ignore_ascii_case(&p.attr))
+                    || (d.sub_attributes.is_empty() && p.attr.eq_ignore_ascii_case("value")))
+        };
+        if let Some(unknown) = path.filter.as_ref().and_then(|f| f.unknown_attr(&is_sub)) {
+            return Err(ScimError::invalid_path(format!(
+                "{attr}[…]: {unknown} is not a sub-attribute of {}",
+                d.name
+            )));
+        }
     }
     let name = def.map_or(attr.attr.as_str(), |d| d.name);
     let Some(obj) = container(kind, doc, attr, op != PatchOpKind::Remove)? else {
@@ -484,6 +502,12 @@ fn push_unique(list: &mut Vec<Value>, v: Value) {
 }
 
 /// `attr` or `attr.sub` without a value filter.
+fn has_value_sub(def: &AttrDef) -> bool {
+    def.sub_attributes
+        .iter()
+        .any(|s| s.name.eq_ignore_ascii_case("value"))
+}
+
 fn apply_plain(
     obj: &mut Map<String, Value>,
     key: &str,
@@ -582,8 +606,11 @@ fn apply_plain(
         _ if complex && !multi => {
             let new = match value {
                 Some(Value::Object(o)) => o,
-                // Entra sends `manager` as a bare id.
-                Some(v @ Value::String(_)) => Map::from_iter([("value".to_owned(), v)]),
+                // Entra sends `manager` as a bare id. Only an attribute with a `value`
+                // can take one: "Jane Doe" for `name` would vanish with a 200.
+                Some(v @ Value::String(_)) if def.is_some_and(has_value_sub) => {
+                    Map::from_iter([("value".to_owned(), v)])
+                }
                 Some(_) | None => {
                     return Err(ScimError::invalid_value(format!(
                         "{key} is complex; its value is an object"

@@ -568,10 +568,12 @@ static MANAGER_SUBS: [AttrDef; 3] = [
             "The URI of the SCIM resource representing the User's manager.",
         )
     },
-    read_only(string(
+    // RFC 7643 has the server resolve it; rosterd keeps what the IdP sends (Okta sends
+    // it), so the schema says the client owns it rather than dropping the value.
+    string(
         "displayName",
-        "The displayName of the User's manager; resolved by the server.",
-    )),
+        "The displayName of the User's manager, as the client sent it.",
+    ),
 ];
 
 pub static ENTERPRISE_USER: SchemaDef = SchemaDef {
@@ -742,7 +744,7 @@ mod tests {
             Some("displayname"),
         )
         .expect("manager.displayName");
-        assert_eq!(a.mutability, Mutability::ReadOnly);
+        assert_eq!(a.mutability, Mutability::ReadWrite);
         assert!(
             lookup(
                 ResourceKind::User,

@@ -85,7 +85,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 /// Under `/scim/`, the errors axum answers before any handler runs (a method the endpoint
 /// does not take, a path that does not decode) carry the SCIM error schema too: a client
 /// reads `detail` from every error, and an empty body tells it nothing.
-pub(super) async fn scim_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub(super) async fn scim_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let scim = req.uri().path().starts_with("/scim/");
     let method = req.method().clone();
     let resp = next.run(req).await;
@@ -1297,7 +1300,7 @@ fn resolve_bulk_ids(v: &mut Value, ids: &HashMap<String, String>) -> ScimResult<
                     Some(id) => *s = id.clone(),
                     None => {
                         return Err(ScimError::invalid_value(format!(
-                            "bulkId {key:?} does not name an earlier successful operation"
+                            "bulkId {key:?} does not name a successful POST of this request"
                         )));
                     }
                 }
@@ -1338,7 +1341,7 @@ fn resolve_bulk_ids_in_filter(path: &mut String, ids: &HashMap<String, String>) 
         let key = &after[..end];
         let id = ids.get(key).ok_or_else(|| {
             ScimError::invalid_value(format!(
-                "bulkId {key:?} does not name an earlier successful operation"
+                "bulkId {key:?} does not name a successful POST of this request"
             ))
         })?;
         out.push_str(&rest[..pos]);
@@ -1419,55 +1422,144 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         }
     }
 
+    // RFC 7644 §3.7.1: an operation may name a resource a later POST creates. It waits
+    // until that POST has run; what is still waiting when nothing else can run waits in a
+    // circle, which the RFC lets us refuse with 409.
+    let posts: HashSet<&str> = ops
+        .iter()
+        .filter(|op| {
+            op.get("method")
+                .and_then(Value::as_str)
+                .is_some_and(|m| m.eq_ignore_ascii_case("POST"))
+        })
+        .filter_map(|op| op.get("bulkId").and_then(Value::as_str))
+        .collect();
+    let mut ran: HashSet<String> = HashSet::new();
     let mut created: HashMap<String, String> = HashMap::new();
-    let mut results = Vec::with_capacity(ops.len());
+    let mut results: Vec<Option<Value>> = vec![None; ops.len()];
     let mut errors = 0usize;
-    for op in ops {
-        let method_name = op
-            .get("method")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_ascii_uppercase();
-        let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_owned);
-        let outcome = run_bulk_op(state, tenant, op, &method_name, &created).await;
-        let mut entry = Map::new();
-        entry.insert("method".into(), Value::String(method_name.clone()));
-        if let Some(b) = &bulk_id {
-            entry.insert("bulkId".into(), Value::String(b.clone()));
+    let mut waiting: Vec<usize> = (0..ops.len()).collect();
+    'passes: while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for &i in &waiting {
+            let op = &ops[i];
+            let own = op.get("bulkId").and_then(Value::as_str);
+            let mut refs = Vec::new();
+            bulk_refs(op, &mut refs);
+            if refs
+                .iter()
+                .any(|r| posts.contains(r.as_str()) && !ran.contains(r) && Some(r.as_str()) != own)
+            {
+                still.push(i);
+                continue;
+            }
+            let entry = run_bulk_entry(state, tenant, op, &mut created, &mut ran).await;
+            errors += usize::from(entry.get("response").is_some());
+            results[i] = Some(Value::Object(entry));
+            if fail_on_errors.is_some_and(|limit| errors >= limit) {
+                break 'passes;
+            }
         }
-        match outcome {
-            Ok((reply, id)) => {
-                if let (Some(b), Some(id)) = (&bulk_id, &id)
-                    && method_name == "POST"
-                {
-                    created.insert(b.clone(), id.clone());
-                }
-                if let Some(loc) = reply.location {
-                    entry.insert("location".into(), Value::String(loc));
-                }
-                if let Some(v) = reply.etag {
-                    entry.insert("version".into(), Value::String(v));
-                }
-                entry.insert(
-                    "status".into(),
-                    Value::String(reply.status.as_u16().to_string()),
+        if still.len() == waiting.len() {
+            for &i in &still {
+                let mut entry = bulk_entry_head(&ops[i]);
+                let e = ScimError::new(
+                    409,
+                    None,
+                    "this operation and others in the request wait for each other's bulkIds; \
+                     create one of them without the reference and add it with a PATCH",
                 );
-            }
-            Err(e) => {
-                errors += 1;
-                entry.insert("status".into(), Value::String(e.status.to_string()));
+                entry.insert("status".into(), Value::String("409".into()));
                 entry.insert("response".into(), e.to_json());
+                results[i] = Some(Value::Object(entry));
             }
-        }
-        results.push(Value::Object(entry));
-        if fail_on_errors.is_some_and(|limit| errors >= limit) {
             break;
         }
+        waiting = still;
     }
     Ok(ok(json!({
         "schemas": [BULK_RESPONSE_SCHEMA],
-        "Operations": results,
+        "Operations": results.into_iter().flatten().collect::<Vec<_>>(),
     })))
+}
+
+/// The bulkIds an operation refers to: `bulkId:x` in its path, its data, or a quoted one
+/// inside a PATCH path's filter.
+fn bulk_refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(pos) = rest.find("bulkId:") {
+                let after = &rest[pos + "bulkId:".len()..];
+                let end = after.find('"').unwrap_or(after.len());
+                out.push(after[..end].to_owned());
+                rest = &after[end..];
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| bulk_refs(x, out)),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("bulkId"))
+            .for_each(|(_, x)| bulk_refs(x, out)),
+        _ => {}
+    }
+}
+
+/// A result entry's `method` and `bulkId`.
+fn bulk_entry_head(op: &Value) -> Map<String, Value> {
+    let mut entry = Map::new();
+    let method = op.get("method").and_then(Value::as_str).unwrap_or("");
+    entry.insert("method".into(), Value::String(method.to_ascii_uppercase()));
+    if let Some(b) = op.get("bulkId").and_then(Value::as_str) {
+        entry.insert("bulkId".into(), Value::String(b.to_owned()));
+    }
+    entry
+}
+
+/// Run one bulk operation and describe its outcome; a POST's bulkId is recorded as run,
+/// and with the id it created if it succeeded.
+async fn run_bulk_entry(
+    state: &AppState,
+    tenant: &str,
+    op: &Value,
+    created: &mut HashMap<String, String>,
+    ran: &mut HashSet<String>,
+) -> Map<String, Value> {
+    let method_name = op
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_owned);
+    let outcome = run_bulk_op(state, tenant, op, &method_name, created).await;
+    let mut entry = bulk_entry_head(op);
+    if let (Some(b), "POST") = (&bulk_id, method_name.as_str()) {
+        ran.insert(b.clone());
+    }
+    match outcome {
+        Ok((reply, id)) => {
+            if let (Some(b), Some(id)) = (&bulk_id, &id)
+                && method_name == "POST"
+            {
+                created.insert(b.clone(), id.clone());
+            }
+            if let Some(loc) = reply.location {
+                entry.insert("location".into(), Value::String(loc));
+            }
+            if let Some(v) = reply.etag {
+                entry.insert("version".into(), Value::String(v));
+            }
+            entry.insert(
+                "status".into(),
+                Value::String(reply.status.as_u16().to_string()),
+            );
+        }
+        Err(e) => {
+            entry.insert("status".into(), Value::String(e.status.to_string()));
+            entry.insert("response".into(), e.to_json());
+        }
+    }
+    entry
 }
 
 async fn run_bulk_op(

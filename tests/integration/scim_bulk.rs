@@ -68,6 +68,73 @@ async fn bulk_ids_link_operations() {
     assert_eq!(g.body["members"][0]["value"], uid);
 }
 
+/// RFC 7644 §3.7.1: a reference to a resource a later POST creates waits for it; a circle
+/// of references is refused with 409 while the rest of the request runs.
+#[tokio::test]
+async fn bulk_resolves_forward_references_and_refuses_circles() {
+    let d = TestDaemon::start().await;
+    let group = |name: &str, member: &str| {
+        json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "displayName": name,
+        "members": [{"value": format!("bulkId:{member}")}]})
+    };
+    let r = d
+        .bulk(json!([
+            {"method": "POST", "path": "/Groups", "bulkId": "g", "data": group("Forward", "u")},
+            {"method": "POST", "path": "/Users", "bulkId": "u", "data": user("fwd1@example.com")},
+            {"method": "PATCH", "path": "/Users/bulkId:u2", "data": patch_op(json!([
+                {"op": "replace", "path": "displayName", "value": "Later"}]))},
+            {"method": "POST", "path": "/Users", "bulkId": "u2", "data": user("fwd2@example.com")},
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["201", "201", "200", "201"], "{}", r.body);
+    let ids: Vec<&str> = ops
+        .iter()
+        .map(|o| o["bulkId"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids, ["g", "u", "", "u2"], "results stay in request order");
+    let id_of = |i: usize| {
+        ops[i]["location"]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let g = d.get(&format!("/Groups/{}", id_of(0))).await;
+    assert_eq!(g.body["members"][0]["value"], id_of(1), "{}", g.body);
+    let u2 = d.get(&format!("/Users/{}", id_of(3))).await;
+    assert_eq!(u2.body["displayName"], "Later", "{}", u2.body);
+
+    let r = d
+        .bulk(json!([
+            {"method": "POST", "path": "/Groups", "bulkId": "c1", "data": group("C1", "c2")},
+            {"method": "POST", "path": "/Groups", "bulkId": "c2", "data": group("C2", "c1")},
+            {"method": "POST", "path": "/Users", "bulkId": "x", "data": user("fwd3@example.com")},
+        ]))
+        .await;
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["409", "409", "201"], "{}", r.body);
+    assert!(
+        ops[0]["response"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("wait for each other")
+    );
+    let groups = d.get("/Groups").await;
+    assert_eq!(
+        groups.body["totalResults"], 1,
+        "only Forward: {}",
+        groups.body
+    );
+}
+
 #[tokio::test]
 async fn bulk_fail_on_errors_stops_early() {
     let d = TestDaemon::start().await;

@@ -71,10 +71,60 @@ async fn malformed_input_gets_scim_errors() {
         )
         .await;
     assert_eq!(bad_op.status, 400, "{}", bad_op.body);
+    // A bare string is a `value`: `name` has none, so "Jane Doe" would have vanished.
+    let name_string = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "replace", "path": "name", "value": "Jane Doe"}])),
+        )
+        .await;
+    assert_eq!(name_string.status, 400, "{}", name_string.body);
+    assert_eq!(name_string.body["scimType"], "invalidValue");
+    // A filter on a sub-attribute the attribute lacks matches nothing, and the add would
+    // have made an untyped address from it.
+    let typo = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "replace", "path": "emails[typo eq \"work\"].value", "value": "n@x"}])),
+        )
+        .await;
+    assert_eq!(typo.status, 400, "{}", typo.body);
+    assert_eq!(typo.body["scimType"], "invalidPath");
+    assert!(
+        typo.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("typo is not a sub-attribute of emails"),
+        "{}",
+        typo.body
+    );
     // None of the failed requests changed the user.
     let g = d.get(&p).await;
     assert_eq!(g.body["meta"]["version"], g.header("etag").unwrap());
     assert_eq!(g.body["userName"], "errs@example.com");
+    assert_eq!(g.body["emails"].as_array().unwrap().len(), 1, "{}", g.body);
+
+    // The manager's displayName is the client's to set, as /Schemas says: a POST keeps
+    // it, and a PATCH may change it.
+    let manager = format!("{ENTERPRISE}:manager.displayName");
+    let r = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "add", "path": manager, "value": "Boss"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body[ENTERPRISE]["manager"]["displayName"], "Boss",
+        "{}",
+        r.body
+    );
+    let schema = d.get(&format!("/Schemas/{ENTERPRISE}")).await;
+    let attrs = schema.body["attributes"].as_array().unwrap();
+    let m = attrs.iter().find(|a| a["name"] == "manager").unwrap();
+    let shown = m["subAttributes"].as_array().unwrap();
+    let dn = shown.iter().find(|a| a["name"] == "displayName").unwrap();
+    assert_eq!(dn["mutability"], "readWrite", "{dn}");
 }
 
 #[tokio::test]
@@ -114,19 +164,36 @@ async fn limits_and_unsupported_things() {
     // What axum answers before a handler runs is a SCIM error too, not an empty body.
     for method in [Method::DELETE, Method::OPTIONS] {
         let r = d
-            .raw(method.clone(), &d.scim_url("/Users"), Some(&d.token), &[], None)
+            .raw(
+                method.clone(),
+                &d.scim_url("/Users"),
+                Some(&d.token),
+                &[],
+                None,
+            )
             .await;
         assert_eq!(r.status, 405, "{method}");
         assert_eq!(r.header("content-type"), Some("application/scim+json"));
         assert_eq!(r.body["status"], "405", "{}", r.body);
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(&format!("does not take {method}")), "{detail}");
-        assert!(r.header("allow").unwrap().contains("POST"), "{:?}", r.headers);
+        assert!(
+            detail.contains(&format!("does not take {method}")),
+            "{detail}"
+        );
+        assert!(
+            r.header("allow").unwrap().contains("POST"),
+            "{:?}",
+            r.headers
+        );
     }
     let r = d.get("/Users/%FF").await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["status"], "400", "{}", r.body);
-    assert!(r.body["detail"].as_str().unwrap().contains("UTF-8"), "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("UTF-8"),
+        "{}",
+        r.body
+    );
 }
 
 /// A long `or`/`and` chain is one tree as deep as it is long: 7,000 terms used to overflow
@@ -144,19 +211,27 @@ async fn long_filters_are_refused_and_the_daemon_stays_up() {
         1 => r#"userName eq "b@x""#.to_owned(),
         i => format!(r#"userName eq "n{i}""#),
     };
-    let search = |filter: String| json!({
-        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
-        "filter": filter,
-    });
+    let search = |filter: String| {
+        json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+            "filter": filter,
+        })
+    };
     let max = rosterd::scim::filter::MAX_TERMS;
     // The longest allowed chains are evaluated: both users found, or both kept by `pr`.
-    let r = d.post("/Users/.search", search(chain(max, &names, " or "))).await;
+    let r = d
+        .post("/Users/.search", search(chain(max, &names, " or ")))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
     let all = |_| "userName pr".to_owned();
-    let r = d.post("/Users/.search", search(chain(max, &all, " and "))).await;
+    let r = d
+        .post("/Users/.search", search(chain(max, &all, " and ")))
+        .await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
-    let in_url = chain(max, &names, " or ").replace(' ', "%20").replace('"', "%22");
+    let in_url = chain(max, &names, " or ")
+        .replace(' ', "%20")
+        .replace('"', "%22");
     let r = d.get(&format!("/Users?filter={in_url}")).await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
 
@@ -169,7 +244,10 @@ async fn long_filters_are_refused_and_the_daemon_stays_up() {
         assert_eq!(r.status, 400, "{path} {n}: {}", r.body);
         assert_eq!(r.body["scimType"], "invalidFilter");
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(&format!("more than {max} comparisons")), "{detail}");
+        assert!(
+            detail.contains(&format!("more than {max} comparisons")),
+            "{detail}"
+        );
     }
     let r = d.get("/Users").await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
