@@ -85,7 +85,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 /// Under `/scim/`, the errors axum answers before any handler runs (a method the endpoint
 /// does not take, a path that does not decode) carry the SCIM error schema too: a client
 /// reads `detail` from every error, and an empty body tells it nothing.
-pub(super) async fn scim_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub(super) async fn scim_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let scim = req.uri().path().starts_with("/scim/");
     let method = req.method().clone();
     let resp = next.run(req).await;

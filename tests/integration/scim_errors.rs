@@ -114,19 +114,36 @@ async fn limits_and_unsupported_things() {
     // What axum answers before a handler runs is a SCIM error too, not an empty body.
     for method in [Method::DELETE, Method::OPTIONS] {
         let r = d
-            .raw(method.clone(), &d.scim_url("/Users"), Some(&d.token), &[], None)
+            .raw(
+                method.clone(),
+                &d.scim_url("/Users"),
+                Some(&d.token),
+                &[],
+                None,
+            )
             .await;
         assert_eq!(r.status, 405, "{method}");
         assert_eq!(r.header("content-type"), Some("application/scim+json"));
         assert_eq!(r.body["status"], "405", "{}", r.body);
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(&format!("does not take {method}")), "{detail}");
-        assert!(r.header("allow").unwrap().contains("POST"), "{:?}", r.headers);
+        assert!(
+            detail.contains(&format!("does not take {method}")),
+            "{detail}"
+        );
+        assert!(
+            r.header("allow").unwrap().contains("POST"),
+            "{:?}",
+            r.headers
+        );
     }
     let r = d.get("/Users/%FF").await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["status"], "400", "{}", r.body);
-    assert!(r.body["detail"].as_str().unwrap().contains("UTF-8"), "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("UTF-8"),
+        "{}",
+        r.body
+    );
 }
 
 /// A long `or`/`and` chain is one tree as deep as it is long: 7,000 terms used to overflow
@@ -144,19 +161,27 @@ async fn long_filters_are_refused_and_the_daemon_stays_up() {
         1 => r#"userName eq "b@x""#.to_owned(),
         i => format!(r#"userName eq "n{i}""#),
     };
-    let search = |filter: String| json!({
-        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
-        "filter": filter,
-    });
+    let search = |filter: String| {
+        json!({
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+            "filter": filter,
+        })
+    };
     let max = rosterd::scim::filter::MAX_TERMS;
     // The longest allowed chains are evaluated: both users found, or both kept by `pr`.
-    let r = d.post("/Users/.search", search(chain(max, &names, " or "))).await;
+    let r = d
+        .post("/Users/.search", search(chain(max, &names, " or ")))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
     let all = |_| "userName pr".to_owned();
-    let r = d.post("/Users/.search", search(chain(max, &all, " and "))).await;
+    let r = d
+        .post("/Users/.search", search(chain(max, &all, " and ")))
+        .await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
-    let in_url = chain(max, &names, " or ").replace(' ', "%20").replace('"', "%22");
+    let in_url = chain(max, &names, " or ")
+        .replace(' ', "%20")
+        .replace('"', "%22");
     let r = d.get(&format!("/Users?filter={in_url}")).await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
 
@@ -169,7 +194,10 @@ async fn long_filters_are_refused_and_the_daemon_stays_up() {
         assert_eq!(r.status, 400, "{path} {n}: {}", r.body);
         assert_eq!(r.body["scimType"], "invalidFilter");
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(&format!("more than {max} comparisons")), "{detail}");
+        assert!(
+            detail.contains(&format!("more than {max} comparisons")),
+            "{detail}"
+        );
     }
     let r = d.get("/Users").await;
     assert_eq!(r.body["totalResults"], 2, "{}", r.body);
