@@ -124,7 +124,7 @@ fn paging() -> Vec<Value> {
         limit(),
         query(
             "cursor",
-            "The next_cursor of the previous page of the same query (same filters and tenant; limit may change). Anything else is 400",
+            "The next_cursor of the previous page of the same query: the same filters as the listing reads them (active=TRUE or no active for the default, all for any, department in any case, a user or group by any of its names) and tenant; limit may change. Anything else is 400",
             json!({"type": "string"}),
         ),
     ]

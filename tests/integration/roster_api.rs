@@ -1181,6 +1181,67 @@ async fn listing_filters_and_pages() {
             r.body
         );
     }
+    // It is bound to the filters as the listing reads them, not to their spelling: the
+    // default spelt out, another letter case, `all` for `any`, a user or group by
+    // another of its names. The next page continues where the first one stopped.
+    let first = |q: String| {
+        let list = &list;
+        async move {
+            let b = list(&q).await;
+            let c = b["next_cursor"].as_str().expect("a next page").to_owned();
+            (names(&b), c)
+        }
+    };
+    let boss_id = list("?email=boss@acme.test").await["users"][0]["scim_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (group, group_upper) = (
+        format!("&group={gid}"),
+        format!("&group={}", gid.to_uppercase()),
+    );
+    let manager_id = format!("&manager_user_id={boss_id}");
+    for (limit, q, same) in [
+        (2, "", "&active=true"),
+        (2, "&active=true", "&active=TRUE"),
+        (2, "&active=any", "&active=all"),
+        (1, "&active=false", "&active=False"),
+        (
+            2,
+            "&department=Engineering",
+            "&department=ENGINEERING&active=true",
+        ),
+        (1, &group, &group_upper),
+        (2, "&manager_user_id=user:boss@acme.test", &manager_id),
+        (
+            2,
+            "&archetype_confidence__lt=1.01",
+            "&archetype_confidence__lt=1.010",
+        ),
+    ] {
+        let (page1, c) = first(format!("?limit={limit}{q}")).await;
+        // `limit` may change between pages.
+        let page2 = names(&list(&format!("?limit=3{same}&cursor={c}")).await);
+        assert!(!page2.is_empty(), "{q} then {same}");
+        assert!(page2.iter().all(|n| !page1.contains(n)), "{q} then {same}");
+    }
+    // Another filter is another list still.
+    let (_, c) = first("?limit=2&department=engineering".to_owned()).await;
+    for other in [
+        "department=engineering&active=any",
+        "department=finance",
+        "department=engineering&archetype=software_engineer",
+    ] {
+        let r = d
+            .roster(
+                Method::GET,
+                &format!("/users?{other}&cursor={c}"),
+                &admin,
+                None,
+            )
+            .await;
+        api_error_saying(&r, 400, "invalid_request", "another query");
+    }
 
     // A filter that names nothing is a slip, not an empty roster; so for the export.
     for (bad, code) in [
