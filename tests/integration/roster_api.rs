@@ -1555,6 +1555,33 @@ async fn tokens_are_verified_and_tenants_isolated() {
             .await;
         api_error(&r, 401, "token_invalid_claim");
     }
+    // A `sub` is who acts, and overrides and events record it: one that names no one,
+    // or not on one line, is as good as missing, and the message says what is wrong.
+    for (sub, says) in [
+        ("", "required claim `sub`"),
+        (" ", "blank"),
+        ("\u{3000}", "blank"),
+        ("\t", "control character"),
+        ("a\nb", "control character"),
+    ] {
+        let t = jwt_with(
+            json!({"sub": sub, "tenant": TENANT, "scope": "roster:admin", "aud": "rosterd-tests", "exp": now + 60}),
+        );
+        let r = d
+            .roster(
+                Method::PATCH,
+                &format!("/users/{id}"),
+                &t,
+                Some(json!({"archetype_id": "sales_rep"})),
+            )
+            .await;
+        api_error_saying(&r, 401, "token_missing_claim", says);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"rosterd\", error=\"invalid_token\""),
+            "{sub:?}"
+        );
+    }
 
     // X-Tenant must agree with the token.
     let r = d
