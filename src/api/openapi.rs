@@ -423,8 +423,34 @@ pub fn openapi_document() -> Value {
         }
     });
     add_body_errors(&mut doc);
+    add_uri_too_long(&mut doc);
     add_tenant_headers(&mut doc);
     doc
+}
+
+/// The longest request target hyper reads; it answers a longer one itself, with 414 and
+/// no body, before any of our code runs (the limit is a constant in hyper, not a setting).
+const MAX_URI_BYTES: usize = 65_534;
+
+/// Every operation, whatever its parameters, can be sent a URI too long to read: told
+/// here as it is answered, without the `Error` body.
+fn add_uri_too_long(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if method == "parameters" {
+                continue;
+            }
+            op["responses"]["414"] = json!({"description": format!(
+                "The request URI (path and query) is over {MAX_URI_BYTES} bytes. Answered by the HTTP layer before the request is read: no body, not the Error schema"
+            )});
+        }
+    }
 }
 
 /// The fields every user object carries (null when unknown), in the order shown.
