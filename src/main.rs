@@ -103,7 +103,8 @@ enum Command {
 /// How the CLI reaches a running daemon.
 #[derive(clap::Args)]
 struct DaemonArgs {
-    /// The daemon's config (for its listen address and, without --token, the JWT secret).
+    /// The daemon's config, read only for what the other flags leave open: its listen
+    /// address without --url, the JWT secret to mint a token with without --token.
     #[arg(long, short, default_value = "config.toml")]
     config: PathBuf,
     /// Base URL of the daemon; defaults to http://<server.listen>.
@@ -645,25 +646,30 @@ fn call_daemon(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(reqwest::StatusCode, serde_json::Value)> {
-    let config = Config::load(&daemon.config)?;
-    let base = daemon
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", config.server.listen));
+    // The config is read only for what the flags leave open: the address without --url,
+    // the secret to mint a token with without --token. `status --url` must work while
+    // config.toml is broken or unreadable to this user, which is when an operator most
+    // needs the daemon's view of it (`/status` reports config_file_error).
+    const NO_TOKEN: &str =
+        "no token given (--token or ROSTERD_API_TOKEN), and none can be minted from the config";
+    let load = || Config::load(&daemon.config);
+    let (base, config) = match &daemon.url {
+        Some(url) => (url.clone(), None),
+        None => {
+            let c = load()?;
+            (format!("http://{}", c.server.listen), Some(c))
+        }
+    };
     let token = match (&daemon.token, tenant) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(t)) => Some(
-            mint_jwt(
-                &config,
-                t,
-                "roster:read roster:write roster:admin",
-                "cli",
-                60,
-            )
-            .context(
-                "no token given (--token or ROSTERD_API_TOKEN), and none can be minted from the config",
-            )?,
-        ),
+        (None, Some(t)) => {
+            let config = match config {
+                Some(c) => c,
+                None => load().context(NO_TOKEN)?,
+            };
+            let scopes = "roster:read roster:write roster:admin";
+            Some(mint_jwt(&config, t, scopes, "cli", 60).context(NO_TOKEN)?)
+        }
         (None, None) => None,
     };
     let url = format!("{}{path}", base.trim_end_matches('/'));

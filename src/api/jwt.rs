@@ -176,8 +176,13 @@ pub enum JwtError {
     WrongIssuer,
     #[error("token lacks the tenant claim `{claim}` (must be a non-empty string)")]
     NoTenant { claim: String },
-    #[error("token lacks the required claim `{0}`")]
-    MissingClaim(String),
+    /// `why` is set for a claim that is there but names nothing usable (a blank `sub`):
+    /// to the caller, as good as missing, and told why.
+    #[error("token lacks the required claim `{claim}`{}", .why.map(|w| format!(": {w}")).unwrap_or_default())]
+    MissingClaim {
+        claim: String,
+        why: Option<&'static str>,
+    },
     #[error("token claim `{0}` has an invalid value")]
     InvalidClaim(String),
     #[error("no configured key matches the token's kid")]
@@ -226,7 +231,7 @@ impl JwtError {
             JwtError::WrongAudience => "token_wrong_audience",
             JwtError::WrongIssuer => "token_wrong_issuer",
             JwtError::NoTenant { .. } => "token_no_tenant",
-            JwtError::MissingClaim(_) => "token_missing_claim",
+            JwtError::MissingClaim { .. } => "token_missing_claim",
             JwtError::InvalidClaim(_) => "token_invalid_claim",
             JwtError::UnknownKey => "token_unknown_key",
             JwtError::UnsupportedAlgorithm(_) => "token_unsupported_algorithm",
@@ -428,8 +433,8 @@ impl JwtVerifier {
                         // jsonwebtoken calls an `exp` it cannot read as a number missing
                         // or the token malformed; the caller should hear which claim is
                         // there but wrong.
-                        JwtError::MissingClaim(c) if payload_has(token, &c) => {
-                            JwtError::InvalidClaim(c)
+                        JwtError::MissingClaim { claim, .. } if payload_has(token, &claim) => {
+                            JwtError::InvalidClaim(claim)
                         }
                         JwtError::Malformed => match mistyped_time_claim(token) {
                             Some(c) => JwtError::InvalidClaim(c.to_owned()),
@@ -485,9 +490,25 @@ impl JwtVerifier {
                 return Err(JwtError::InvalidClaim(claim.to_owned()));
             }
         }
+        // The subject is who acts: overrides and governance events record it as
+        // `user:<sub>`, which a blank one would leave naming no one, and a line break or
+        // other control character would split or disguise in the logs and exports that
+        // show it.
+        let refuse = |why| JwtError::MissingClaim {
+            claim: "sub".to_owned(),
+            why,
+        };
         let subject = match claims.get("sub") {
+            Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                return Err(refuse(Some(
+                    "it holds a control character (such as a line break); it must name the caller on one line",
+                )));
+            }
+            Some(Value::String(s)) if !s.is_empty() && s.trim().is_empty() => {
+                return Err(refuse(Some("it is blank; it must name the caller")));
+            }
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(JwtError::MissingClaim("sub".to_owned())),
+            _ => return Err(refuse(None)),
         };
         let tenant = match claims.get(&self.tenant_claim) {
             Some(Value::String(t)) if !t.is_empty() => t.clone(),
@@ -546,7 +567,10 @@ fn map_library_error(kind: &ErrorKind, alg: Alg) -> JwtError {
         ErrorKind::InvalidIssuer => JwtError::WrongIssuer,
         ErrorKind::MissingRequiredClaim(c) if c == "aud" => JwtError::WrongAudience,
         ErrorKind::MissingRequiredClaim(c) if c == "iss" => JwtError::WrongIssuer,
-        ErrorKind::MissingRequiredClaim(c) => JwtError::MissingClaim(c.clone()),
+        ErrorKind::MissingRequiredClaim(c) => JwtError::MissingClaim {
+            claim: c.clone(),
+            why: None,
+        },
         ErrorKind::InvalidClaimFormat(c) => JwtError::InvalidClaim(c.clone()),
         // Only reachable if jsonwebtoken read the header differently from
         // `parse_header`; refuse either way.
@@ -1425,7 +1449,9 @@ wUxy2SJnKlwFKtLGhwIDAQAB
     fn missing_or_malformed_exp_is_refused() {
         let v = hs_verifier();
         let missing = hs256(&with(claims(), json!({ "exp": null })));
-        assert!(matches!(v.verify(&missing), Err(JwtError::MissingClaim(c)) if c == "exp"));
+        assert!(
+            matches!(v.verify(&missing), Err(JwtError::MissingClaim { claim, .. }) if claim == "exp")
+        );
         // Older jsonwebtoken releases skipped validation of a malformed exp.
         // 10.x reports it as missing (its required-claims check runs first)
         // or malformed; any refusal is fine, acceptance is not.
@@ -1523,10 +1549,20 @@ wUxy2SJnKlwFKtLGhwIDAQAB
     #[test]
     fn missing_subject_is_refused() {
         let v = hs_verifier();
-        for sub in [json!(null), json!("")] {
+        for sub in [json!(null), json!(""), json!(" "), json!("\u{3000}\t")] {
             let t = hs256(&with(claims(), json!({ "sub": sub })));
             assert_eq!(code_of(v.verify(&t)), "token_missing_claim", "sub {sub}");
         }
+        // Named, but not on one line: refused the same way, saying why.
+        for sub in ["a\nb", "alice\u{7f}", "\u{1b}[31malice"] {
+            let t = hs256(&with(claims(), json!({ "sub": sub })));
+            let e = v.verify(&t).unwrap_err();
+            assert_eq!(e.code(), "token_missing_claim", "sub {sub:?}");
+            assert!(e.to_string().contains("control character"), "{e}");
+        }
+        // Blanks around a name are no reason to refuse it.
+        let t = hs256(&with(claims(), json!({ "sub": " alice " })));
+        assert!(v.verify(&t).is_ok());
         // There, but not a string: named as such.
         let t = hs256(&with(claims(), json!({ "sub": 7 })));
         assert_eq!(code_of(v.verify(&t)), "token_invalid_claim");
@@ -1930,7 +1966,10 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             JwtError::WrongAudience,
             JwtError::WrongIssuer,
             JwtError::NoTenant { claim: "t".into() },
-            JwtError::MissingClaim("sub".into()),
+            JwtError::MissingClaim {
+                claim: "sub".into(),
+                why: None,
+            },
             JwtError::InvalidClaim("exp".into()),
             JwtError::UnknownKey,
             JwtError::UnsupportedAlgorithm("none".into()),

@@ -124,7 +124,7 @@ fn paging() -> Vec<Value> {
         limit(),
         query(
             "cursor",
-            "The next_cursor of the previous page of the same query (same filters and tenant; limit may change). Anything else is 400",
+            "The next_cursor of the previous page of the same query: the same filters as the listing reads them (active=TRUE or no active for the default, all for any, department in any case, a user or group by any of its names) and tenant; limit may change. Anything else is 400",
             json!({"type": "string"}),
         ),
     ]
@@ -351,7 +351,7 @@ pub fn openapi_document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                "description": "HS256, RS256 or ES256; claims: sub, exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
+                "description": "HS256, RS256 or ES256; claims: sub (not blank, no control characters; else 401 token_missing_claim), exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
                     "error": {"type": "string", "description": error_codes_description()},
@@ -423,8 +423,34 @@ pub fn openapi_document() -> Value {
         }
     });
     add_body_errors(&mut doc);
+    add_uri_too_long(&mut doc);
     add_tenant_headers(&mut doc);
     doc
+}
+
+/// The longest request target hyper reads; it answers a longer one itself, with 414 and
+/// no body, before any of our code runs (the limit is a constant in hyper, not a setting).
+const MAX_URI_BYTES: usize = 65_534;
+
+/// Every operation, whatever its parameters, can be sent a URI too long to read: told
+/// here as it is answered, without the `Error` body.
+fn add_uri_too_long(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for item in paths.values_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if method == "parameters" {
+                continue;
+            }
+            op["responses"]["414"] = json!({"description": format!(
+                "The request URI (path and query) is over {MAX_URI_BYTES} bytes. Answered by the HTTP layer before the request is read: no body, not the Error schema"
+            )});
+        }
+    }
 }
 
 /// The fields every user object carries (null when unknown), in the order shown.

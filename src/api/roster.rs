@@ -113,24 +113,28 @@ pub(super) fn parse_limit(p: &HashMap<String, String>) -> ApiResult<usize> {
     }
 }
 
-/// What a cursor was issued for: the endpoint, the tenant and the query's filters (not
-/// `limit`, which a client may change between pages). A cursor carried to another query
-/// would page through a different list from a position in this one.
+/// What a cursor was issued for: the endpoint, the tenant and the filters as the listing
+/// reads them (not `limit`, which a client may change between pages). A cursor carried
+/// to another query would page through a different list from a position in this one;
+/// one carried to the same filters spelt otherwise (`active=TRUE` for the default,
+/// `department=software` for `Software`) pages the same list and is taken.
 #[derive(Clone, Copy)]
 struct CursorScope([u8; 8]);
 
 impl CursorScope {
-    fn new(endpoint: &str, tenant: &str, p: &HashMap<String, String>) -> CursorScope {
+    /// `filters` are the normalized filters, in an order fixed by the endpoint; a filter
+    /// not given is left out.
+    fn new<'a>(
+        endpoint: &str,
+        tenant: &str,
+        filters: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> CursorScope {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         for part in [endpoint, tenant] {
             h.update(part.as_bytes());
             h.update([0]);
         }
-        let filters: BTreeMap<&String, &String> = p
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "cursor" | "limit"))
-            .collect();
         for (k, v) in filters {
             h.update(k.as_bytes());
             h.update([1]);
@@ -454,6 +458,31 @@ impl UserFilter {
         })
     }
 
+    /// The filters as `matches` reads them, for [`CursorScope`]: case folded where the
+    /// comparison folds it, users and groups by SCIM id, `active` always (it has a
+    /// default), a number by its value.
+    fn cursor_key(&self) -> Vec<(&'static str, String)> {
+        let active = match self.active {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "any",
+        };
+        let mut key = vec![("active", active.to_owned())];
+        let given = [
+            ("archetype", self.archetype.clone()),
+            ("email", self.email.as_deref().map(str::to_lowercase)),
+            ("manager", self.manager.clone()),
+            (
+                "department",
+                self.department.as_deref().map(str::to_lowercase),
+            ),
+            ("group", self.group.clone()),
+            ("confidence_lt", self.confidence_lt.map(|c| c.to_string())),
+        ];
+        key.extend(given.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        key
+    }
+
     /// The most selective index to walk, or None to walk every user.
     fn index(&self) -> Option<IdScan> {
         if let Some(e) = &self.email {
@@ -646,13 +675,13 @@ async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> Api
     allowed.extend(["limit", "cursor"]);
     check_params(&p, &allowed)?;
     let limit = parse_limit(&p)?;
-    let scope = CursorScope::new("users", &caller.tenant, &p);
-    let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
     let policy = tenant_of(&st, &caller.tenant)?.policy();
     let tenant = caller.tenant;
     blocking(move || {
         let store = &st.store;
         let filter = UserFilter::from_params(store, &tenant, policy.as_deref(), &p)?;
+        let scope = CursorScope::new("users", &tenant, filter.cursor_key());
+        let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
         let mut renderer = Renderer::new(store, &tenant);
         let mut users = Vec::with_capacity(limit);
         let mut more = false;
@@ -1026,7 +1055,8 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
     caller.require(Scope::Read)?;
     check_params(&p, &["limit", "cursor"])?;
     let limit = parse_limit(&p)?;
-    let scope = CursorScope::new("review", &caller.tenant, &p);
+    // The queue takes no filters: a cursor is bound to the endpoint and tenant only.
+    let scope = CursorScope::new("review", &caller.tenant, []);
     let after = p.get("cursor").map(|c| scope.decode(c)).transpose()?;
     let threshold = tenant_of(&st, &caller.tenant)?
         .policy()

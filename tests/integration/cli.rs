@@ -508,3 +508,81 @@ fn a_cause_the_message_already_shows_is_printed_once() {
         "{err}"
     );
 }
+
+/// The commands that talk to a running daemon read the config only for what their flags
+/// leave open. `status --url` needs none (`/status` takes no token): an operator who has
+/// just broken config.toml, or may not read the installed one, still sees the daemon's
+/// view of it; with `--token` too, neither do the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_commands_with_url_read_no_config() {
+    use crate::harness::{TENANT, TestDaemon};
+    let d = TestDaemon::start().await;
+    d.idle().await;
+    let url = format!("http://{}", d.addr);
+    let token = d.jwt(TENANT, "roster:admin");
+    let broken = d.root.join("config.toml");
+    std::fs::write(&broken, "version = 1\n[server\n").unwrap();
+    d.reload().await;
+    let missing = d.root.join("nowhere").join("config.toml");
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, None, &[])
+        })
+    };
+    let args = |cmd: &[&str], config: &std::path::Path, more: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend(["--config", config.to_str().unwrap(), "--url", &url].map(String::from));
+        v.extend(more.iter().map(|s| s.to_string()));
+        v
+    };
+
+    let (ok, out, err) = cli(args(&["status"], &broken, &[])).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("CONFIG FILE as edited would NOT load"),
+        "{out}"
+    );
+    assert!(out.contains("tenant acme:"), "{out}");
+    let (ok, out, err) = cli(args(&["status"], &missing, &["--json"])).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("\"config_file_error\""), "{out}");
+
+    let with_token = ["--token", token.as_str()];
+    let (ok, out, err) = cli(args(
+        &["reconcile", "--tenant", TENANT, "--dry-run"],
+        &missing,
+        &with_token,
+    ))
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("tenant acme has no running connector"),
+        "{out}"
+    );
+    // Answered by the daemon (no such connector), not refused for want of a config.
+    for cmd in [
+        &["dead-letters", "--tenant", TENANT][..],
+        &["resume", "--tenant", TENANT][..],
+    ] {
+        let mut more = with_token.to_vec();
+        if cmd[0] == "dead-letters" {
+            more.extend(["list", "nope"]);
+        } else {
+            more.push("nope");
+        }
+        let (ok, _, err) = cli(args(cmd, &broken, &more)).await.unwrap();
+        assert!(!ok);
+        assert!(err.contains("rosterd answered 404"), "{cmd:?}: {err}");
+    }
+    // Without --token the config is needed for the secret, and the error says so.
+    let (ok, _, err) = cli(args(&["reconcile", "--tenant", TENANT], &missing, &[]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("no token given") && err.contains("config.toml"),
+        "{err}"
+    );
+}

@@ -1181,6 +1181,67 @@ async fn listing_filters_and_pages() {
             r.body
         );
     }
+    // It is bound to the filters as the listing reads them, not to their spelling: the
+    // default spelt out, another letter case, `all` for `any`, a user or group by
+    // another of its names. The next page continues where the first one stopped.
+    let first = |q: String| {
+        let list = &list;
+        async move {
+            let b = list(&q).await;
+            let c = b["next_cursor"].as_str().expect("a next page").to_owned();
+            (names(&b), c)
+        }
+    };
+    let boss_id = list("?email=boss@acme.test").await["users"][0]["scim_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (group, group_upper) = (
+        format!("&group={gid}"),
+        format!("&group={}", gid.to_uppercase()),
+    );
+    let manager_id = format!("&manager_user_id={boss_id}");
+    for (limit, q, same) in [
+        (2, "", "&active=true"),
+        (2, "&active=true", "&active=TRUE"),
+        (2, "&active=any", "&active=all"),
+        (1, "&active=false", "&active=False"),
+        (
+            2,
+            "&department=Engineering",
+            "&department=ENGINEERING&active=true",
+        ),
+        (1, &group, &group_upper),
+        (2, "&manager_user_id=user:boss@acme.test", &manager_id),
+        (
+            2,
+            "&archetype_confidence__lt=1.01",
+            "&archetype_confidence__lt=1.010",
+        ),
+    ] {
+        let (page1, c) = first(format!("?limit={limit}{q}")).await;
+        // `limit` may change between pages.
+        let page2 = names(&list(&format!("?limit=3{same}&cursor={c}")).await);
+        assert!(!page2.is_empty(), "{q} then {same}");
+        assert!(page2.iter().all(|n| !page1.contains(n)), "{q} then {same}");
+    }
+    // Another filter is another list still.
+    let (_, c) = first("?limit=2&department=engineering".to_owned()).await;
+    for other in [
+        "department=engineering&active=any",
+        "department=finance",
+        "department=engineering&archetype=software_engineer",
+    ] {
+        let r = d
+            .roster(
+                Method::GET,
+                &format!("/users?{other}&cursor={c}"),
+                &admin,
+                None,
+            )
+            .await;
+        api_error_saying(&r, 400, "invalid_request", "another query");
+    }
 
     // A filter that names nothing is a slip, not an empty roster; so for the export.
     for (bad, code) in [
@@ -1494,6 +1555,33 @@ async fn tokens_are_verified_and_tenants_isolated() {
             .await;
         api_error(&r, 401, "token_invalid_claim");
     }
+    // A `sub` is who acts, and overrides and events record it: one that names no one,
+    // or not on one line, is as good as missing, and the message says what is wrong.
+    for (sub, says) in [
+        ("", "required claim `sub`"),
+        (" ", "blank"),
+        ("\u{3000}", "blank"),
+        ("\t", "control character"),
+        ("a\nb", "control character"),
+    ] {
+        let t = jwt_with(
+            json!({"sub": sub, "tenant": TENANT, "scope": "roster:admin", "aud": "rosterd-tests", "exp": now + 60}),
+        );
+        let r = d
+            .roster(
+                Method::PATCH,
+                &format!("/users/{id}"),
+                &t,
+                Some(json!({"archetype_id": "sales_rep"})),
+            )
+            .await;
+        api_error_saying(&r, 401, "token_missing_claim", says);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"rosterd\", error=\"invalid_token\""),
+            "{sub:?}"
+        );
+    }
 
     // X-Tenant must agree with the token.
     let r = d
@@ -1650,6 +1738,73 @@ async fn openapi_lists_exactly_the_served_operations() {
         }
     }
     assert!(checked >= 13, "{checked}");
+}
+
+/// A request target over 65,534 bytes is refused by hyper itself, 414 without a body,
+/// before rosterd sees it (hyper has no setting for it): the OpenAPI document says so for
+/// every operation, and one byte less is read and answered in the protocol's own format.
+#[tokio::test]
+async fn a_uri_too_long_to_read_is_414_as_documented() {
+    let d = TestDaemon::start().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let doc = d
+        .raw(Method::GET, &d.url("/api/v1/openapi.json"), None, &[], None)
+        .await
+        .body;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            let r = &op["responses"]["414"];
+            assert!(
+                r["description"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("no body"))
+                    && r.get("content").is_none(),
+                "{method} {path}: {r}"
+            );
+        }
+    }
+    // The request target: path and query, as hyper counts it. Sent by hand: reqwest's
+    // URI type holds the whole URL to the same limit, so it would send neither.
+    let target = |prefix: &str, len: usize| format!("{prefix}{}", "a".repeat(len - prefix.len()));
+    for (prefix, token, error) in [
+        (
+            "/api/v1/roster/users?zz=",
+            &admin,
+            "\"error\":\"invalid_request\"",
+        ),
+        (
+            "/scim/v2/acme/Users?filter=",
+            &d.token,
+            "\"status\":\"400\"",
+        ),
+    ] {
+        let answer = raw_http(d.addr, &target(prefix, 65_535), token).await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 414 "), "{prefix}: {head}");
+        assert_eq!(body, "", "{prefix}");
+        // One byte less is read, and refused in the protocol's own words.
+        let answer = raw_http(d.addr, &target(prefix, 65_534), token).await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 "), "{prefix}: {head}");
+        assert!(body.contains(error), "{prefix}: {body}");
+    }
+}
+
+/// GET `target` with a bearer token over a fresh connection, written by hand; the whole
+/// answer as text.
+async fn raw_http(addr: std::net::SocketAddr, target: &str, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {target} HTTP/1.1\r\nHost: rosterd\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A Roster API error is `{error, message}` JSON with a stable code, whatever refused the
