@@ -228,21 +228,19 @@ pub struct ApiConfig {
 }
 
 /// `[connectors]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectorsConfig {
     /// Directory of connector drop-in files (`*.toml`), relative to this file. Read at
-    /// start and again on SIGHUP.
-    pub dir: PathBuf,
+    /// start and again on SIGHUP. Named here, it must exist (it may be empty): a typo
+    /// or a missing directory would otherwise run no connector while their cursors,
+    /// unheld, let compaction drop what they still have to deliver. Left out, it is
+    /// `connectors`, and a missing one means no connectors.
+    pub dir: Option<PathBuf>,
 }
 
-impl Default for ConnectorsConfig {
-    fn default() -> Self {
-        ConnectorsConfig {
-            dir: PathBuf::from("connectors"),
-        }
-    }
-}
+/// The connectors directory when `[connectors] dir` is left out.
+pub const DEFAULT_CONNECTORS_DIR: &str = "connectors";
 
 /// `[schedules]`: cron expressions with a seconds field (`sec min hour dom month dow`,
 /// e.g. `0 */15 * * * *`), evaluated in `timezone`. An absent key never runs.
@@ -524,19 +522,63 @@ impl Config {
         }
     }
 
+    /// The connectors directory, resolved.
+    pub fn connectors_dir(&self) -> PathBuf {
+        let dir = self.connectors.dir.as_deref();
+        self.resolve(dir.unwrap_or(Path::new(DEFAULT_CONNECTORS_DIR)))
+    }
+
+    /// The config file, for messages (empty for a config parsed from text).
+    fn file(&self) -> PathBuf {
+        self.source
+            .as_ref()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
+    }
+
+    /// A connectors directory named in the config must be readable: `serve` refuses to
+    /// start without it, as it would for any other key that does not work. Without the
+    /// key, a missing default directory is fine (`Ok(false)`: no connectors); one that
+    /// exists but cannot be read is not.
+    pub fn check_connectors_dir(&self) -> Result<bool, ConfigError> {
+        let dir = self.connectors_dir();
+        match std::fs::read_dir(&dir) {
+            Ok(_) => Ok(true),
+            Err(e) if self.connectors.dir.is_none() && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(false)
+            }
+            Err(e) => Err(ConfigError::Invalid {
+                path: self.file(),
+                message: format!(
+                    "key `connectors.dir`: cannot read the connectors directory {}: {e}; create it (it may stay empty){}",
+                    dir.display(),
+                    if self.connectors.dir.is_some() {
+                        ", or remove the key if no connector is wanted"
+                    } else {
+                        ""
+                    }
+                ),
+            }),
+        }
+    }
+
     /// Load the connectors directory: the good files, and what was wrong with the rest.
     pub fn load_connectors(&self) -> crate::connectors::Loaded {
         self.load_connectors_keeping(&Default::default())
     }
 
     /// Load the connectors directory on a reload: on a name clash, the running
-    /// connector's file (`running`: name → file) keeps the name.
+    /// connector's file (`running`: name → file) keeps the name. A default directory
+    /// that does not exist (the key left out) loads as none.
     pub fn load_connectors_keeping(
         &self,
         running: &std::collections::BTreeMap<String, std::path::PathBuf>,
     ) -> crate::connectors::Loaded {
+        if let Ok(false) = self.check_connectors_dir() {
+            return crate::connectors::Loaded::default();
+        }
         let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
-        crate::connectors::load_dir_keeping(&self.resolve(&self.connectors.dir), &tenants, running)
+        crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, running)
     }
 
     /// The base URL clients see, without a trailing slash.

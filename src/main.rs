@@ -324,7 +324,25 @@ fn check_config(path: PathBuf) -> Result<()> {
         },
         None => println!("Roster API: off (no [api.jwt] section)"),
     }
-    let connectors = config.load_connectors();
+    let dir_error = match config.check_connectors_dir() {
+        Ok(true) => None,
+        Ok(false) => {
+            println!(
+                "connectors: none ([connectors] dir is not set and {} does not exist)",
+                config.connectors_dir().display()
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Some(e)
+        }
+    };
+    let connectors = if dir_error.is_some() {
+        Default::default()
+    } else {
+        config.load_connectors()
+    };
     for e in &connectors.errors {
         eprintln!("error: connector {e}");
     }
@@ -362,6 +380,12 @@ fn check_config(path: PathBuf) -> Result<()> {
     if bad_jwt {
         anyhow::bail!(
             "{}: `serve` would refuse to start: [api.jwt] above does not load",
+            path.display()
+        );
+    }
+    if dir_error.is_some() {
+        anyhow::bail!(
+            "{}: `serve` would refuse to start: the connectors directory above cannot be read",
             path.display()
         );
     }
@@ -989,11 +1013,13 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         .cloned()
         .unwrap_or_default()
     {
+        let file = u["file"]
+            .as_str()
+            .map_or_else(|| "no file names it".to_owned(), str::to_owned);
         println!(
-            "connector {} (tenant {}): NOT LOADED ({}), nothing is delivered",
+            "connector {} (tenant {}): NOT LOADED ({file}), nothing is delivered; its cursor holds back compaction",
             str_of(&u["name"]),
             str_of(&u["tenant"]),
-            str_of(&u["file"])
         );
         println!(
             "    cursor #{}  lag {} events / {:.1} s  dead letters {}",

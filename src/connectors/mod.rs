@@ -45,6 +45,11 @@ pub enum ConnectorError {
         file: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the connectors directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -239,6 +244,9 @@ pub struct Loaded {
     pub errors: Vec<ConnectorError>,
     /// The files behind `errors`, with what could still be read of them.
     pub unloaded: Vec<Unloaded>,
+    /// The directory itself could not be listed (`errors` says why): nothing can be
+    /// told about any file, so a reload must not take it for "every file was removed".
+    pub dir_unreadable: bool,
 }
 
 /// A connector file that exists but did not load. Its connector is still known: its
@@ -271,8 +279,10 @@ impl Unloaded {
     }
 }
 
-/// Load every `*.toml` file of `dir`, in file-name order. A missing directory means no
-/// connectors. Files naming an unknown tenant, or a name already taken, are errors.
+/// Load every `*.toml` file of `dir`, in file-name order. A directory that cannot be
+/// listed (missing included) is an error with `dir_unreadable` set; whether a missing
+/// one is acceptable is the config's call. Files naming an unknown tenant, or a name
+/// already taken, are errors.
 pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
     load_dir_keeping(dir, tenants, &BTreeMap::new())
 }
@@ -289,11 +299,10 @@ pub fn load_dir_keeping(
     let mut out = Loaded::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
         Err(source) => {
-            out.unloaded.push(Unloaded::of(dir, None));
-            out.errors.push(ConnectorError::Read {
-                file: dir.to_owned(),
+            out.dir_unreadable = true;
+            out.errors.push(ConnectorError::Dir {
+                dir: dir.to_owned(),
                 source,
             });
             return out;

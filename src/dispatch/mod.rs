@@ -41,6 +41,14 @@ use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded, csv::CsvS
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
 
+/// A stored cursor of a connector that is not loaded.
+struct Held {
+    cursor_name: String,
+    name: String,
+    file: Option<std::path::PathBuf>,
+    cursor: u64,
+}
+
 /// Changes read from the log per batch.
 const BATCH: u64 = 1000;
 
@@ -65,6 +73,9 @@ pub struct ConnectorStatus {
     pub tenant: String,
     pub kind: &'static str,
     pub file: String,
+    /// Why its file does not load now: it keeps running on the config it was started
+    /// with until the file is fixed (or removed).
+    pub file_error: Option<String>,
     pub enabled: bool,
     pub dry_run: bool,
     /// Running, or why not.
@@ -82,12 +93,14 @@ pub struct ConnectorStatus {
     pub retries: u64,
 }
 
-/// A known connector whose file did not load: not delivering, falling behind.
+/// A known connector that is not loaded (its file is broken, or missing since the last
+/// stop): not delivering, falling behind, holding back compaction.
 #[derive(Debug, Clone, Serialize)]
 pub struct UnloadedStatus {
     pub name: String,
     pub tenant: String,
-    pub file: String,
+    /// The file that names it but does not load; `None` when no file does.
+    pub file: Option<String>,
     pub cursor: u64,
     pub lag_events: u64,
     pub lag_seconds: f64,
@@ -102,17 +115,33 @@ struct Health {
     last_error_at: Option<DateTime<Utc>>,
     /// Paused until then; `Some(None)`-like "until resumed" is `DateTime::MAX_UTC`.
     paused_until: Option<DateTime<Utc>>,
+    /// A pause was logged and its end not yet: the end is logged once, by whichever
+    /// request loop notices it first.
+    pause_logged: bool,
+}
+
+/// One request's run of failed attempts, counted from the last time the connector's
+/// run of failures ended (a success, a resume).
+#[derive(Default)]
+struct Streak {
+    epoch: u64,
+    failures: u64,
 }
 
 /// Shared, live state of one connector.
 struct Live {
+    tenant: String,
+    name: String,
     health: Mutex<Health>,
+    /// Failures in a row, in rounds: the longest run of failed attempts of any one
+    /// request since the run began. Requests in flight together fail and retry side by
+    /// side, so their n-th failures are one round, however many there are and however
+    /// their jittered retries interleave; counting each failure would pause a connector
+    /// with `concurrency` 16 after about one round.
     failures_in_a_row: AtomicU64,
-    /// Bumped by every failure that counts in `failures_in_a_row`. An attempt that
-    /// started before the last counted failure belongs to the same round (the requests
-    /// in flight together when the target blipped) and does not count again, so "N
-    /// failures in a row" means N rounds, whatever `concurrency` is.
-    failure_round: AtomicU64,
+    /// Bumped when the run of failures ends, so that requests still retrying start
+    /// their own runs over.
+    epoch: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
     /// Wakes request loops waiting out a pause when it is lifted early.
@@ -120,14 +149,16 @@ struct Live {
 }
 
 impl Live {
-    fn new(state: &str) -> Arc<Live> {
+    fn new(tenant: &str, name: &str, state: &str) -> Arc<Live> {
         Arc::new(Live {
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
             health: Mutex::new(Health {
                 state: state.to_owned(),
                 ..Health::default()
             }),
             failures_in_a_row: AtomicU64::new(0),
-            failure_round: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             resumed: tokio::sync::Notify::new(),
@@ -144,57 +175,83 @@ impl Live {
 
     fn success(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        let was_failing = self.failures_in_a_row.swap(0, Ordering::Relaxed) > 0;
+        let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         let mut h = self.health();
-        if was_failing {
-            h.paused_until = None;
-        }
         h.last_success_at = Some(Utc::now());
+        if rounds > 0 {
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            h.paused_until = None;
+            h.pause_logged = false;
+            drop(h);
+            tracing::info!(
+                tenant = %self.tenant,
+                connector = %self.name,
+                failures = rounds,
+                "The target acknowledges again; the connector recovered."
+            );
+        }
     }
 
-    /// Taken when an attempt starts; handed to [`Live::failure`] if it fails.
-    fn round(&self) -> u64 {
-        self.failure_round.load(Ordering::Acquire)
-    }
-
-    /// Record a failed attempt that started in `round`; pause the connector once
-    /// failures in a row reach the limit. Only the first failure of a round counts.
-    fn failure(&self, name: &str, reason: &str, round: u64, pause_after: u64, pause: Duration) {
+    /// Record a failed attempt of the request whose run is `streak`; pause the
+    /// connector once failures in a row reach the limit. The first failure of each
+    /// round is logged, so an outage shows before the pause without a line per request.
+    fn failure(&self, streak: &mut Streak, reason: &str, pause_after: u64, pause: Duration) {
         self.retries.fetch_add(1, Ordering::Relaxed);
-        let counts = self
-            .failure_round
-            .compare_exchange(round, round + 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        let n = if counts {
-            self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            self.failures_in_a_row.load(Ordering::Relaxed)
-        };
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if streak.epoch != epoch {
+            *streak = Streak { epoch, failures: 0 };
+        }
+        streak.failures += 1;
+        let before = self
+            .failures_in_a_row
+            .fetch_max(streak.failures, Ordering::AcqRel);
+        let n = before.max(streak.failures);
         let mut h = self.health();
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
-        if counts && n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+        if n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
             let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
             h.paused_until = Some(until);
-            tracing::warn!(connector = name, failures = n, until = %until, reason, "Target keeps failing; connector paused.");
+            h.pause_logged = true;
+            drop(h);
+            tracing::warn!(tenant = %self.tenant, connector = %self.name, failures = n, until = %until, reason, "Target keeps failing; connector paused.");
+        } else if streak.failures > before {
+            drop(h);
+            tracing::warn!(tenant = %self.tenant, connector = %self.name, failures = n, pause_after, reason, "Target failed; retrying.");
         }
     }
 
-    fn pause_until_resumed(&self, name: &str, reason: &str) {
+    fn pause_until_resumed(&self, reason: &str) {
         let mut h = self.health();
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
+        // Every request in flight meets the same answer (a 410): one line says it.
+        let already = h.paused_until == Some(DateTime::<Utc>::MAX_UTC);
         h.paused_until = Some(DateTime::<Utc>::MAX_UTC);
-        tracing::error!(
-            connector = name,
-            reason,
-            "Connector paused until resumed (`rosterd resume`) or reloaded."
-        );
+        h.pause_logged = true;
+        drop(h);
+        if !already {
+            tracing::error!(
+                tenant = %self.tenant,
+                connector = %self.name,
+                reason,
+                "Connector paused until resumed (`rosterd resume`) or reloaded."
+            );
+        }
     }
 
-    fn resume(&self) {
+    /// Lift a pause and start counting failures afresh; `by` says who, for the log.
+    fn resume(&self, by: &str) {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
-        self.health().paused_until = None;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut h = self.health();
+        let was_paused = h.paused_until.is_some_and(|u| u > Utc::now());
+        h.paused_until = None;
+        h.pause_logged = false;
+        drop(h);
+        if was_paused {
+            tracing::info!(tenant = %self.tenant, connector = %self.name, "Connector resumed by {by}.");
+        }
         self.resumed.notify_waiters();
     }
 
@@ -212,7 +269,16 @@ impl Live {
                 _ = self.resumed.notified() => {}
             }
         }
-        !cancel.is_cancelled()
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let mut h = self.health();
+        if h.pause_logged && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+            h.pause_logged = false;
+            drop(h);
+            tracing::info!(tenant = %self.tenant, connector = %self.name, "Pause over; trying the target again.");
+        }
+        true
     }
 }
 
@@ -303,13 +369,24 @@ impl Ctx {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
-        ExponentialBuilder::new()
-            .with_min_delay(self.config.retry.initial_delay())
-            .with_max_delay(self.config.retry.max_delay())
-            .with_jitter()
-            .without_max_times()
-            .build()
+        backoff(&self.config.retry)
     }
+}
+
+/// Delays between retries: doubling from `initial_delay_ms` up to `max_delay_ms`, each
+/// with jitter, never above `max_delay_ms`. backon's jitter adds up to the delay itself
+/// on top of it (after its cap), so the builder is given half of each bound: a delay
+/// then lies between half the nominal one and the nominal one.
+fn backoff(retry: &crate::connectors::RetryConfig) -> impl Iterator<Item = Duration> + use<> {
+    let max = retry.max_delay();
+    ExponentialBuilder::new()
+        .with_min_delay(retry.initial_delay() / 2)
+        .with_max_delay(max / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        // backon scales by an f32; rounding must not lift a delay over the cap.
+        .map(move |d| d.min(max))
 }
 
 fn cursor_name(config: &ConnectorConfig) -> String {
@@ -374,13 +451,13 @@ impl Ctx {
         let mut backoff = self.backoff();
         let mut refreshed = false;
         let mut attempts = 0u32;
+        let mut streak = Streak::default();
         let timeout = Duration::from_millis(self.config.timeout_ms);
         loop {
             if mirror && !self.live.wait_unpaused(&self.cancel).await {
                 return Sent::Cancelled;
             }
             attempts += 1;
-            let round = self.live.round();
             let mut used_auth = None;
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
@@ -435,7 +512,6 @@ impl Ctx {
                 ),
                 Outcome::Gone { response } => {
                     self.live.pause_until_resumed(
-                        name,
                         &format!(
                             "target answered 410 Gone: the endpoint is disabled; fix it, then reload or resume ({})",
                             response.body
@@ -453,9 +529,8 @@ impl Ctx {
                 metrics::counter!("rosterd_delivery_retries_total", "connector" => name.to_owned())
                     .increment(1);
                 self.live.failure(
-                    name,
+                    &mut streak,
                     &reason,
-                    round,
                     self.config.retry.pause_after_failures,
                     self.config.retry.pause(),
                 );
@@ -692,7 +767,6 @@ async fn blocking<T: Send + 'static>(
 
 /// The task of an HTTP connector (OneRoster, webhook).
 async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
-    let name = ctx.name().to_owned();
     let tenant = ctx.tenant().to_owned();
     if let Target::OneRoster { settings, .. } = &ctx.target {
         // The org must exist and the course must be in place before any class.
@@ -703,10 +777,10 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     Sent::Ok => break,
                     Sent::Cancelled => return Ok(()),
                     Sent::Refused { reason, .. } => {
-                        ctx.live.pause_until_resumed(
-                            &name,
-                            &format!("preflight {} {} failed: {reason}", req.method, req.url),
-                        );
+                        ctx.live.pause_until_resumed(&format!(
+                            "preflight {} {} failed: {reason}",
+                            req.method, req.url
+                        ));
                         if !ctx.live.wait_unpaused(&ctx.cancel).await {
                             return Ok(());
                         }
@@ -955,13 +1029,13 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         .and_then(|s| crate::config::parse_cron(s).ok());
     ctx.live.set_state("running");
     let mut backoff = ctx.backoff();
+    let mut streak = Streak::default();
     loop {
         match &schedule {
             Some(cron) => {
                 // A connector's own schedule is read in UTC (documented in csv.toml.example).
                 let Some(next) = crate::schedule::next_run(cron, chrono_tz::UTC) else {
-                    ctx.live
-                        .pause_until_resumed(ctx.name(), "the schedule has no next run");
+                    ctx.live.pause_until_resumed("the schedule has no next run");
                     return Ok(());
                 };
                 if !crate::schedule::sleep_until(next, &ctx.cancel).await {
@@ -988,7 +1062,6 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         if ctx.config.dry_run {
             tracing::info!(connector = ctx.name(), dir = %settings.dir.display(), "Dry run: would write the CSV files.");
         } else {
-            let round = ctx.live.round();
             let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
             let written = tokio::task::spawn_blocking(move || {
                 crate::connectors::csv::write_snapshot(&store, &t, &s)
@@ -1009,9 +1082,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 }
                 Err(reason) => {
                     ctx.live.failure(
-                        ctx.name(),
+                        &mut streak,
                         &reason,
-                        round,
                         ctx.config.retry.pause_after_failures,
                         ctx.config.retry.pause(),
                     );
@@ -1060,10 +1132,21 @@ pub struct Dispatcher {
     load_errors: Mutex<Vec<String>>,
     /// The files behind `load_errors`: their connectors still hold back compaction.
     unloaded: Mutex<Vec<Unloaded>>,
+    /// Running connectors whose file no longer loads (name → why): they keep running on
+    /// the config they were started with until the file is fixed or removed.
+    broken: Mutex<BTreeMap<String, String>>,
+    /// The configured tenants, whose stored cursors are looked through for connectors
+    /// that are not loaded.
+    tenants: Vec<String>,
 }
 
 impl Dispatcher {
-    pub fn new(store: Store, env: EnvFn, shutdown: CancellationToken) -> Arc<Dispatcher> {
+    pub fn new(
+        store: Store,
+        env: EnvFn,
+        tenants: Vec<String>,
+        shutdown: CancellationToken,
+    ) -> Arc<Dispatcher> {
         let client = reqwest::Client::builder()
             .user_agent(concat!("rosterd/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(256)
@@ -1077,7 +1160,13 @@ impl Dispatcher {
             running: Mutex::new(BTreeMap::new()),
             load_errors: Mutex::new(Vec::new()),
             unloaded: Mutex::new(Vec::new()),
+            broken: Mutex::new(BTreeMap::new()),
+            tenants,
         })
+    }
+
+    fn broken(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.broken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -1103,17 +1192,47 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Apply a freshly loaded connectors directory: stop connectors that went away or
-    /// changed, start new and changed ones, and lift an "until resumed" pause of the ones
-    /// left running (a reload is how an operator says "I fixed it"; the pause messages
-    /// promise it).
+    /// Apply a freshly loaded connectors directory: stop connectors whose file changed
+    /// or was removed, start new and changed ones, and lift an "until resumed" pause of
+    /// the ones left running (a reload is how an operator says "I fixed it"; the pause
+    /// messages promise it).
+    ///
+    /// What does not load does not stop what runs: a running connector whose file is now
+    /// broken keeps its old config (as a broken bundle does), and a directory that cannot
+    /// be read changes nothing. Only a removed file stops its connector, and retires it:
+    /// its cursor then no longer holds back compaction.
     /// Returns the load errors, also kept for /status.
     pub async fn apply(&self, loaded: Loaded) -> Vec<String> {
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-        for e in &errors {
-            tracing::error!(error = %e, "Connector file not loaded; the others are.");
-        }
         *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
+        if loaded.dir_unreadable {
+            for e in &errors {
+                tracing::error!(error = %e, "Connectors not reloaded: their directory cannot be read. Every connector keeps running as loaded before.");
+            }
+            return errors;
+        }
+        // Which running connector each unloadable file is, if any: by file, or by the
+        // name the file still gives.
+        let mut broken = BTreeMap::new();
+        {
+            let running = self.running();
+            for (e, u) in loaded.errors.iter().zip(&loaded.unloaded) {
+                let of = running.values().find(|r| {
+                    r.config.file == u.file
+                        || (u.name.as_deref() == Some(r.config.name.as_str())
+                            && u.tenant.as_deref().is_none_or(|t| t == r.config.tenant))
+                });
+                match of {
+                    // A rejected duplicate names a connector that still loads from its
+                    // own file: that one is not broken.
+                    Some(r) if !loaded.connectors.iter().any(|c| c.name == r.config.name) => {
+                        tracing::warn!(tenant = %r.config.tenant, connector = %r.config.name, error = %e, "Connector file does not load; the connector keeps running on its previously loaded config until the file is fixed or removed.");
+                        broken.insert(r.config.name.clone(), e.to_string());
+                    }
+                    _ => tracing::error!(error = %e, "Connector file not loaded; the others are."),
+                }
+            }
+        }
         *self.unloaded_lock() = loaded.unloaded;
         let wanted: BTreeMap<String, ConnectorConfig> = loaded
             .connectors
@@ -1124,7 +1243,7 @@ impl Dispatcher {
             let mut running = self.running();
             let names: Vec<String> = running
                 .iter()
-                .filter(|(n, r)| wanted.get(*n) != Some(&r.config))
+                .filter(|(n, r)| !broken.contains_key(*n) && wanted.get(*n) != Some(&r.config))
                 .map(|(n, _)| n.clone())
                 .collect();
             names
@@ -1132,21 +1251,38 @@ impl Dispatcher {
                 .filter_map(|n| running.remove(&n))
                 .collect()
         };
+        *self.broken() = broken;
         for r in stopping {
-            tracing::info!(connector = %r.config.name, "Stopping connector (its file changed or went away).");
+            let (tenant, name) = (r.config.tenant.clone(), r.config.name.clone());
+            if wanted.contains_key(&name) {
+                tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
+                stop(r).await;
+                continue;
+            }
+            tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).");
             stop(r).await;
+            if let Err(e) = self.store.set_retired(&tenant, &name, true).await {
+                tracing::error!(%tenant, connector = %name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
+            }
         }
         // Only pauses that wait for the operator (preflight refused, 410 Gone): a pause
         // for repeated failures ends by itself and then probes the target anyway.
         for r in self.running().values() {
             if r.ctx.is_some() && r.live.paused_until() == Some(DateTime::<Utc>::MAX_UTC) {
-                tracing::info!(connector = %r.config.name, "Reload: lifting the connector's pause.");
-                r.live.resume();
+                r.live.resume("a reload");
             }
         }
         for (name, config) in wanted {
             if self.running().contains_key(&name) {
                 continue;
+            }
+            if self
+                .store
+                .retired(&config.tenant)
+                .is_ok_and(|r| r.contains(&name))
+                && let Err(e) = self.store.set_retired(&config.tenant, &name, false).await
+            {
+                tracing::error!(tenant = %config.tenant, connector = %name, error = %e, "Cannot clear the connector's retirement.");
             }
             let r = self.start(config);
             self.running().insert(name, r);
@@ -1158,7 +1294,7 @@ impl Dispatcher {
         let cancel = self.shutdown.child_token();
         if !config.enabled {
             return Running {
-                live: Live::new("disabled"),
+                live: Live::new(&config.tenant, &config.name, "disabled"),
                 config,
                 ctx: None,
                 cancel,
@@ -1169,8 +1305,8 @@ impl Dispatcher {
             Ok(t) => t,
             Err(e) => {
                 let reason = format!("not started: {e}");
-                tracing::error!(connector = %config.name, %reason, "Connector not started.");
-                let live = Live::new(&reason);
+                tracing::error!(tenant = %config.tenant, connector = %config.name, %reason, "Connector not started.");
+                let live = Live::new(&config.tenant, &config.name, &reason);
                 live.health().last_error = Some(e);
                 return Running {
                     live,
@@ -1181,7 +1317,7 @@ impl Dispatcher {
                 };
             }
         };
-        let live = Live::new("starting");
+        let live = Live::new(&config.tenant, &config.name, "starting");
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             client: self.client.clone(),
@@ -1228,44 +1364,69 @@ impl Dispatcher {
     }
 
     /// The lowest cursor of the tenant's known connectors: running ones (enabled or not)
-    /// and the stored cursors of connectors whose file exists but did not load. The
-    /// change log below it has been delivered everywhere it still has to go. A file whose
-    /// name cannot be read could be any connector, so it holds every stored cursor of
-    /// its tenant (of every tenant, if the tenant cannot be read either). A connector
-    /// whose file was removed holds nothing: that is how one is retired. `None` when
-    /// nothing holds the log.
+    /// and every stored cursor of a connector that is not loaded, for whatever reason
+    /// (its file is broken, or missing since the last stop), unless it was retired by
+    /// removing its file and reloading. The change log below it has been delivered
+    /// everywhere it still has to go. `None` when nothing holds the log.
     pub fn lowest_cursor(&self, tenant: &str) -> Option<u64> {
-        let names: Vec<String> = self
+        let running: Vec<u64> = self
             .running()
             .values()
             .filter(|r| r.config.tenant == tenant)
-            .map(|r| cursor_name(&r.config))
+            .map(|r| {
+                self.store
+                    .cursor(tenant, &cursor_name(&r.config))
+                    .unwrap_or(0)
+            })
+            .collect();
+        // A store error here must hold compaction back, not let it run free.
+        let Ok(held) = self.held_cursors(tenant) else {
+            return Some(0);
+        };
+        running
+            .into_iter()
+            .chain(held.into_iter().map(|h| h.cursor))
+            .min()
+    }
+
+    /// The stored cursors of the tenant's connectors that are not loaded and not
+    /// retired, with the file that names them if there is one. A file whose name cannot
+    /// be read could be any connector, so it holds retired ones too.
+    fn held_cursors(&self, tenant: &str) -> Result<Vec<Held>, StoreError> {
+        let running: Vec<String> = self
+            .running()
+            .values()
+            .filter(|r| r.config.tenant == tenant)
+            .map(|r| r.config.name.clone())
             .collect();
         let unloaded = self.unloaded();
-        let running = names
-            .iter()
-            .map(|n| self.store.cursor(tenant, n).unwrap_or(0));
-        let held: Vec<u64> = if unloaded.is_empty() {
-            vec![]
-        } else {
-            // A store error here must hold compaction back, not let it run free.
-            let Ok(stored) = self.store.cursors(tenant) else {
-                return Some(0);
-            };
-            stored
-                .into_iter()
-                .filter(|(cursor, _)| {
-                    unloaded.iter().any(|u| {
-                        u.tenant.as_deref().is_none_or(|t| t == tenant)
-                            && u.name
-                                .as_deref()
-                                .is_none_or(|n| cursor == n || *cursor == format!("{n}.dry-run"))
-                    })
-                })
-                .map(|(_, c)| c)
-                .collect()
-        };
-        running.chain(held).min()
+        let retired = self.store.retired(tenant)?;
+        let mut out = Vec::new();
+        for (cursor_name, cursor) in self.store.cursors(tenant)? {
+            let name = cursor_name
+                .strip_suffix(".dry-run")
+                .unwrap_or(&cursor_name)
+                .to_owned();
+            // A loaded connector governs both of its cursors.
+            if running.contains(&name) {
+                continue;
+            }
+            let file = unloaded
+                .iter()
+                .filter(|u| u.tenant.as_deref().is_none_or(|t| t == tenant))
+                .find(|u| u.name.as_deref().is_none_or(|n| n == name))
+                .map(|u| u.file.clone());
+            if file.is_none() && retired.contains(&name) {
+                continue;
+            }
+            out.push(Held {
+                cursor_name,
+                name,
+                file,
+                cursor,
+            });
+        }
+        Ok(out)
     }
 
     /// The connector files that did not load at the last start or reload.
@@ -1315,32 +1476,29 @@ impl Dispatcher {
         (cursor, lag_events, lag_seconds)
     }
 
-    /// Connectors whose file exists but did not load, with the lag of their stored
-    /// cursor: they are not delivering, and their lag is what alerts should see.
+    /// Connectors that are not loaded but whose stored cursor holds back compaction
+    /// (their file is broken, or was missing at the start), with its lag: they are not
+    /// delivering, and their lag is what alerts should see.
     pub fn unloaded_status(&self) -> Vec<UnloadedStatus> {
-        let running = self.running_files();
-        self.unloaded()
-            .into_iter()
-            .filter_map(|u| {
-                let (tenant, name) = (u.tenant?, u.name?);
-                // A rejected duplicate of a running connector: that one reports itself.
-                if running.contains_key(&name)
-                    || !self.store.has_cursor(&tenant, &name).unwrap_or(false)
-                {
-                    return None;
-                }
-                let (cursor, lag_events, lag_seconds) = self.lag(&tenant, &name);
-                Some(UnloadedStatus {
-                    dead_letters: self.store.dead_letter_count(&tenant, &name).unwrap_or(0),
-                    file: u.file.display().to_string(),
-                    name,
-                    tenant,
+        let mut out = Vec::new();
+        for tenant in &self.tenants {
+            let Ok(held) = self.held_cursors(tenant) else {
+                continue;
+            };
+            for h in held {
+                let (cursor, lag_events, lag_seconds) = self.lag(tenant, &h.cursor_name);
+                out.push(UnloadedStatus {
+                    dead_letters: self.store.dead_letter_count(tenant, &h.name).unwrap_or(0),
+                    file: h.file.map(|f| f.display().to_string()),
+                    name: h.name,
+                    tenant: tenant.clone(),
                     cursor,
                     lag_events,
                     lag_seconds,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        out
     }
 
     fn status_of(&self, c: &ConnectorConfig, live: &Live) -> ConnectorStatus {
@@ -1352,6 +1510,7 @@ impl Dispatcher {
             tenant: c.tenant.clone(),
             kind: c.kind.as_str(),
             file: c.file.display().to_string(),
+            file_error: self.broken().get(&c.name).cloned(),
             enabled: c.enabled,
             dry_run: c.dry_run,
             state: h.state.clone(),
@@ -1401,11 +1560,17 @@ impl Dispatcher {
 
     pub async fn discard(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
         self.find(tenant, name)?;
-        if self.store.remove_dead_letter(tenant, name, id).await? {
-            Ok(())
-        } else {
-            Err(DispatchError::NoSuchLetter(id))
+        let letter = self
+            .store
+            .dead_letter(tenant, name, id)?
+            .ok_or(DispatchError::NoSuchLetter(id))?;
+        if !self.store.remove_dead_letter(tenant, name, id).await? {
+            return Err(DispatchError::NoSuchLetter(id));
         }
+        // The change is now never delivered to this target: the log is its only trace.
+        let ev = &letter.event;
+        tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+        Ok(())
     }
 
     /// Send a dead letter's change again, once. On success the letter is removed; on
@@ -1500,8 +1665,12 @@ impl Dispatcher {
             )),
         };
         match &note {
-            Some(note) => tracing::warn!(connector = name, id, note, "Dead letter replayed."),
-            None => tracing::info!(connector = name, id, "Dead letter replayed."),
+            Some(note) => {
+                tracing::warn!(tenant = %tenant, connector = %name, id, note, "Dead letter replayed.")
+            }
+            None => {
+                tracing::info!(tenant = %tenant, connector = %name, id, "Dead letter replayed.")
+            }
         }
         Ok(Replayed {
             replayed: id,
@@ -1522,7 +1691,7 @@ impl Dispatcher {
                 "it is disabled or failed to start".into(),
             ));
         }
-        found.live.resume();
+        found.live.resume("the operator");
         Ok(())
     }
 }
@@ -1637,28 +1806,53 @@ mod tests {
 
     #[test]
     fn requests_failing_together_are_one_failure_in_a_row() {
-        let live = Live::new("running");
+        let live = Live::new("t", "c", "running");
         let pause = Duration::from_secs(3600);
-        // Eight requests in flight when the target blips: one round.
-        let round = live.round();
-        for _ in 0..8 {
-            live.failure("c", "500", round, 3, pause);
-        }
-        assert!(live.paused_until().is_none());
-        assert_eq!(live.retries.load(Ordering::Relaxed), 8);
-        // Retries after it failed again twice more: three rounds in a row.
+        // Eight requests fail twice each, their retries interleaved: two rounds.
+        let mut streaks: Vec<Streak> = (0..8).map(|_| Streak::default()).collect();
         for _ in 0..2 {
-            let round = live.round();
-            live.failure("c", "500", round, 3, pause);
-            live.failure("c", "500", round, 3, pause);
+            for s in &mut streaks {
+                live.failure(s, "500", 3, pause);
+            }
         }
-        assert!(live.paused_until().is_some());
-        // A success ends the run of failures.
-        live.resume();
-        live.success();
-        let round = live.round();
-        live.failure("c", "500", round, 3, pause);
         assert!(live.paused_until().is_none());
+        assert_eq!(live.retries.load(Ordering::Relaxed), 16);
+        // One of them fails a third time: three rounds in a row.
+        live.failure(&mut streaks[0], "500", 3, pause);
+        assert!(live.paused_until().is_some());
+        // A resume starts the count over, for requests still retrying too.
+        live.resume("a test");
+        live.failure(&mut streaks[1], "500", 3, pause);
+        live.failure(&mut streaks[1], "500", 3, pause);
+        assert!(live.paused_until().is_none());
+        // So does a success.
+        live.success();
+        live.failure(&mut streaks[1], "500", 3, pause);
+        live.failure(&mut streaks[1], "500", 3, pause);
+        assert!(live.paused_until().is_none());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_never_exceeds_its_cap() {
+        let retry = crate::connectors::RetryConfig {
+            initial_delay_ms: 200,
+            max_delay_ms: 5000,
+            ..Default::default()
+        };
+        let (initial, max) = (retry.initial_delay(), retry.max_delay());
+        for _ in 0..50 {
+            let delays: Vec<Duration> = backoff(&retry).take(12).collect();
+            assert!(
+                delays[0] >= initial / 2 && delays[0] <= initial,
+                "{delays:?}"
+            );
+            assert!(delays.iter().all(|d| *d <= max), "{delays:?}");
+            // Past the cap the delays still spread (jitter), within its upper half.
+            assert!(delays[8..].iter().all(|d| *d >= max / 2), "{delays:?}");
+        }
+        let late: std::collections::BTreeSet<Duration> =
+            (0..20).filter_map(|_| backoff(&retry).nth(10)).collect();
+        assert!(late.len() > 1, "no jitter at the cap: {late:?}");
     }
 
     #[test]

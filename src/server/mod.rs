@@ -51,6 +51,10 @@ pub enum ServerError {
     Io(std::io::Error),
     #[error("Roster API JWT settings: {0}")]
     Jwt(#[from] JwtError),
+    /// A key of config.toml that does not work where the daemon runs (the connectors
+    /// directory); `check-config` reports the same.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("tenant {tenant:?}: archetype bundle: {source}")]
     Bundle {
         tenant: String,
@@ -106,6 +110,11 @@ pub async fn run_with_env(
 ) -> Result<(), ServerError> {
     // Before the first store flush, interrupted job or request is recorded; idempotent.
     crate::ops::metrics::install();
+    // Before anything slow: starting without the connectors it names would let
+    // compaction drop changes they still have to deliver, and nobody would notice.
+    if !config.check_connectors_dir()? {
+        tracing::info!(dir = %config.connectors_dir().display(), "No connectors directory (config.toml names none, and the default does not exist); no connectors run.");
+    }
     let tokens = TokenRegistry::from_config(&config.tenants, |v| env(v))?;
     // Without its secret the Roster API is off, but SCIM provisioning still runs: an IdP
     // should not stop syncing because an operator has not set up API access yet.
@@ -183,8 +192,12 @@ pub async fn run_with_env(
     // Connectors stop on their own token, after the HTTP server drained: the last
     // acknowledged writes still get their chance to go out before the cursors are left.
     let dispatch_stop = CancellationToken::new();
-    let dispatch =
-        crate::dispatch::Dispatcher::new(store.clone(), env.clone(), dispatch_stop.clone());
+    let dispatch = crate::dispatch::Dispatcher::new(
+        store.clone(),
+        env.clone(),
+        config.tenants.iter().map(|t| t.id.clone()).collect(),
+        dispatch_stop.clone(),
+    );
     dispatch.apply(config.load_connectors()).await;
     let state = Arc::new(AppState {
         store: store.clone(),

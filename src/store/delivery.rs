@@ -19,6 +19,14 @@ fn cursor_key(connector: &str) -> Vec<u8> {
     k
 }
 
+/// `R conn` → 1: the connector was retired (its file removed and the daemon reloaded),
+/// so its stored cursor no longer holds back change-log compaction.
+fn retired_key(connector: &str) -> Vec<u8> {
+    let mut k = vec![b'R', SEP];
+    k.extend_from_slice(connector.as_bytes());
+    k
+}
+
 /// `d conn SEP id` → dead letter.
 fn dead_prefix(connector: &str) -> Vec<u8> {
     let mut k = vec![b'd', SEP];
@@ -111,6 +119,35 @@ impl Store {
     /// connectors whose file is broken or gone).
     pub fn cursors(&self, tenant: &str) -> StoreResult<Vec<(String, u64)>> {
         self.u64s_under(tenant, &cursor_key(""), "connector cursor")
+    }
+
+    /// The connectors retired on purpose (by name, not cursor name): their cursors stay,
+    /// so a file with the same name later resumes, but hold nothing back.
+    pub fn retired(&self, tenant: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .u64s_under(tenant, &retired_key(""), "retired connector")?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Mark a connector retired, or (when a file brings it back) not any more.
+    pub async fn set_retired(
+        &self,
+        tenant: &str,
+        connector: &str,
+        retired: bool,
+    ) -> StoreResult<()> {
+        let key = retired_key(connector);
+        self.write(tenant, move |txn| {
+            if retired {
+                txn.put(key, 1u64.to_be_bytes().to_vec());
+            } else {
+                txn.del(key);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Move the cursor, durably, together with the delivered-content hashes of the batch

@@ -585,4 +585,32 @@ async fn daemon_commands_with_url_read_no_config() {
         err.contains("no token given") && err.contains("config.toml"),
         "{err}"
     );
+
+#[test]
+fn check_config_refuses_a_connectors_directory_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let tenant = "[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n";
+    std::fs::write(
+        &config,
+        format!("version = 1\n[connectors]\ndir = \"connecters\"\n{tenant}"),
+    )
+    .unwrap();
+    let (ok, out, err) = rosterd(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("config.toml") && err.contains("connectors.dir") && err.contains("connecters"),
+        "{err}"
+    );
+    // Left out, the key means `connectors`, and a missing one means none.
+    std::fs::write(&config, format!("version = 1\n{tenant}")).unwrap();
+    let (ok, out, err) = rosterd(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("connectors: none"), "{out}");
 }

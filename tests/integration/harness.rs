@@ -25,6 +25,8 @@ pub struct TestDaemon {
     pub client: reqwest::Client,
     pub root: PathBuf,
     env: Vec<(String, String)>,
+    /// The config's extra tables, kept across a restart.
+    config_extra: String,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<Result<(), rosterd::server::ServerError>>>,
     _dir: Option<tempfile::TempDir>,
@@ -157,6 +159,7 @@ impl TestDaemon {
             std::fs::write(connectors.join(name), text).expect("connector file");
         }
         let env_vars = opts.env.clone();
+        let config_extra = opts.config_extra.clone();
         let config_path = root.join("config.toml");
         std::fs::write(&config_path, config_text(root, &opts, &hash, &other_hash)).expect("config");
         let config = Config::load(&config_path).expect("config parses");
@@ -190,6 +193,7 @@ impl TestDaemon {
             client,
             root: root.to_owned(),
             env: env_vars,
+            config_extra,
             shutdown,
             handle: Some(handle),
             _dir: None,
@@ -203,6 +207,7 @@ impl TestDaemon {
         let root = self.root.clone();
         let opts = Options {
             env: self.env.clone(),
+            config_extra: self.config_extra.clone(),
             ..Options::default()
         };
         self.stop().await;

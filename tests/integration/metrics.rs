@@ -409,7 +409,9 @@ async fn a_connector_whose_file_broke_shows_as_not_loaded_with_its_lag_growing()
     );
     let file = d.root.join("connectors/brokenhook.toml");
     std::fs::write(&file, text.replace("url =", "urll =")).unwrap();
-    d.reload().await;
+    // Broken on a reload, it would keep running on its old config: a start with the
+    // broken file is what leaves it not loaded.
+    let d = d.restart().await;
     for i in 0..3 {
         d.create_user(&format!("broken{i}@acme.test")).await;
     }

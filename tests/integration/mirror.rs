@@ -971,3 +971,202 @@ async fn requests_failing_together_in_a_blip_do_not_pause_the_connector() {
     assert_eq!(target.pending_faults(), 0);
     assert_eq!(target.count(Kind::User), 9);
 }
+
+#[tokio::test]
+async fn failures_count_in_rounds_not_per_request_retry() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("pause_after_failures = 1000", "pause_after_failures = 3")
+        .replace("pause_secs = 1", "pause_secs = 3600");
+    // Disabled while the users are created, so that they go out together.
+    std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
+    d.reload().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(d.create_user(&format!("round{i}@acme.test")).await);
+    }
+    // Each user PUT fails twice before it is taken: twenty failures, two rounds.
+    for id in &ids {
+        let sid = sourced_id(&format!("User/{id}"));
+        target.inject(Fault::status(500, 2).on_path(format!("/users/{sid}")));
+    }
+    std::fs::write(&file, &text).unwrap();
+    d.reload().await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["paused"], false, "{c}");
+    assert_eq!(target.pending_faults(), 0);
+    assert!(c["retries"].as_u64().unwrap() >= 20, "{c}");
+    assert_eq!(target.count(Kind::User), 11);
+    // A target that keeps failing still pauses the connector.
+    target.inject(Fault::status(500, 0).forever().on_method("PUT"));
+    for i in 0..10 {
+        d.create_user(&format!("down{i}@acme.test")).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = connector(&d, "sis").await;
+        if c["paused"] == true {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_removed() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("concurency = 3\n{good}")).unwrap();
+    d.reload().await;
+    let c = connector(&d, "hooks").await;
+    assert!(
+        c["file_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("hooks.toml") && e.contains("concurency")),
+        "{c}"
+    );
+    let s = d.status().await;
+    assert!(
+        s["connector_errors"].to_string().contains("concurency"),
+        "{s}"
+    );
+    assert_eq!(s["unloaded_connectors"], json!([]), "{s}");
+    let id = d.create_user("during@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let delivered = |id: &str| {
+        hook.deliveries()
+            .iter()
+            .any(|x| x.accepted() && x.body["data"]["id"] == id)
+    };
+    assert!(delivered(&id), "not delivered while the file was broken");
+    // Fixed: the error goes away; the connector never stopped.
+    std::fs::write(&file, &good).unwrap();
+    d.reload().await;
+    assert!(connector(&d, "hooks").await["file_error"].is_null());
+    // Removed: the connector stops.
+    std::fs::remove_file(&file).unwrap();
+    d.reload().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/connectors/hooks", &admin, None)
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+/// Collects what the daemon logs on this test's thread (a `#[tokio::test]` runs the
+/// daemon's tasks there).
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn lines(&self, containing: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(containing))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and_connector() {
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::status(400, 1));
+    d.create_user("refused@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let id = loop {
+        if let Some(id) = dead_letter_ids(&d, "hooks").await.first() {
+            break *id;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::DELETE,
+            &format!("/connectors/hooks/dead-letters/{id}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let discarded = logs.lines("Dead letter discarded");
+    assert_eq!(discarded.len(), 1, "{discarded:?}");
+    assert!(
+        discarded[0].contains("tenant=acme") && discarded[0].contains("connector=hooks"),
+        "{discarded:?}"
+    );
+    // Several events in flight meet the 410 together: one line says so. Disabled while
+    // the users are created, so that they go out together once enabled.
+    let file = d.root.join("connectors/hooks.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
+    d.reload().await;
+    for i in 0..6 {
+        d.create_user(&format!("gone{i}@acme.test")).await;
+    }
+    hook.inject(wh::Fault::gone(0).forever());
+    std::fs::write(&file, &text).unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connector(&d, "hooks").await["paused"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The refused one above, and at least two of the events in flight together.
+    let refused = || hook.attempts().iter().filter(|a| !a.accepted()).count();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while refused() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "one event in flight only"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let paused = logs.lines("paused until resumed");
+    assert_eq!(paused.len(), 1, "{paused:?}");
+    assert!(
+        paused[0].contains("tenant=acme") && paused[0].contains("connector=hooks"),
+        "{paused:?}"
+    );
+}

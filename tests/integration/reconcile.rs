@@ -237,7 +237,8 @@ async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() 
     let file = d.root.join("connectors/hooks.toml");
     let good = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, good.replace("url =", "urll =")).unwrap();
-    d.reload().await;
+    // A reload would keep it running on its old config; a start leaves it not loaded.
+    let d = d.restart().await;
     let mut ids = Vec::new();
     for i in 0..3 {
         ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
@@ -302,5 +303,77 @@ async fn a_connector_back_after_its_changes_were_compacted_resyncs_the_target() 
     assert_eq!(
         target.user(&sourced_id(&format!("User/{ada}"))).unwrap()["enabledUser"],
         "false"
+    );
+}
+
+#[tokio::test]
+async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        config_extra: COMPACT_EVERY_SECOND.into(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    // Gone while the daemon was down (a lost directory, a restore): no reload saw it
+    // removed, so nothing retired it.
+    let file = d.root.join("connectors/hooks.toml");
+    let away = d.root.join("hooks.toml.away");
+    std::fs::rename(&file, &away).unwrap();
+    let d = d.restart().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
+    }
+    two_compactions(&d).await;
+    let status = d.status().await;
+    let held = &status["unloaded_connectors"][0];
+    assert_eq!(held["name"], "hooks", "{status}");
+    assert!(held["file"].is_null(), "{status}");
+    assert!(held["lag_events"].as_u64().unwrap() >= 3, "{status}");
+    std::fs::rename(&away, &file).unwrap();
+    d.reload().await;
+    let c = caught_up(&d, "hooks").await;
+    assert!(c["last_error"].is_null(), "changes were lost: {c}");
+    let created: Vec<String> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted())
+        .filter_map(|x| x.body["data"]["id"].as_str().map(str::to_owned))
+        .collect();
+    for id in &ids {
+        assert!(created.contains(id), "user {id} never delivered");
+    }
+}
+
+#[tokio::test]
+async fn serve_refuses_a_connectors_directory_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "version = 1\n[server]\ndata_dir = \"data\"\n[connectors]\ndir = \"connectors\"\n",
+    )
+    .unwrap();
+    let config = rosterd::config::Config::load(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let env: rosterd::server::EnvFn = std::sync::Arc::new(|_: &str| None);
+    let run = rosterd::run_with_env(
+        config,
+        env,
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("serve started without its connectors directory")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.toml") && err.contains("connectors.dir") && err.contains("connectors"),
+        "{err}"
     );
 }
