@@ -585,6 +585,7 @@ async fn daemon_commands_with_url_read_no_config() {
         err.contains("no token given") && err.contains("config.toml"),
         "{err}"
     );
+}
 
 #[test]
 fn check_config_refuses_a_connectors_directory_that_does_not_exist() {
