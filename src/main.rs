@@ -98,6 +98,17 @@ enum Command {
         tenant: String,
         connector: String,
     },
+    /// Retire a connector that is not loaded (its file was removed while the daemon was
+    /// stopped): its stored cursor stops holding back change-log compaction, and what it
+    /// never delivered may be dropped.
+    Retire {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// The tenant the connector belongs to.
+        #[arg(long)]
+        tenant: String,
+        connector: String,
+    },
 }
 
 /// How the CLI reaches a running daemon.
@@ -111,7 +122,7 @@ struct DaemonArgs {
     #[arg(long)]
     url: Option<String>,
     /// A Roster API JWT (roster:read for status and listing dead letters, roster:write
-    /// for reconcile, roster:admin for resume, replay and discard); by default one with
+    /// for reconcile, roster:admin for resume, retire, replay and discard); by default one with
     /// roster:admin is minted from the config's HS256 secret for a minute.
     #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -227,6 +238,11 @@ fn run() -> Result<()> {
             tenant,
             connector,
         } => resume(&daemon, &tenant, &connector),
+        Command::Retire {
+            daemon,
+            tenant,
+            connector,
+        } => retire(&daemon, &tenant, &connector),
         Command::Classify { bundle, input } => classify(&bundle, input.as_deref()),
         Command::Bundle {
             command: BundleCommand::FromCsv { examples },
@@ -853,6 +869,22 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     )?;
     fail_unless_ok(status, &body)?;
     println!("{connector}: resumed");
+    Ok(())
+}
+
+fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
+    let (status, body) = call_daemon(
+        daemon,
+        Some(tenant),
+        reqwest::Method::POST,
+        &format!("/api/v1/roster/connectors/{connector}/retire"),
+        None,
+    )?;
+    fail_unless_ok(status, &body)?;
+    let undelivered = body["undelivered"].as_u64().unwrap_or(0);
+    println!(
+        "{connector}: retired; the {undelivered} change(s) it never delivered may be compacted away"
+    );
     Ok(())
 }
 

@@ -24,6 +24,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/api/v1/roster/connectors", get(list_connectors))
         .route("/api/v1/roster/connectors/{name}", get(get_connector))
         .route("/api/v1/roster/connectors/{name}/resume", post(resume))
+        .route("/api/v1/roster/connectors/{name}/retire", post(retire))
         .route(
             "/api/v1/roster/connectors/{name}/dead-letters",
             get(list_dead_letters),
@@ -45,7 +46,9 @@ impl From<DispatchError> for ApiError {
             DispatchError::UnknownConnector(_) | DispatchError::NoSuchLetter(_) => {
                 ApiError::NotFound(e.to_string())
             }
-            DispatchError::NotRunning(..) => ApiError::Conflict(e.to_string()),
+            DispatchError::NotRunning(..) | DispatchError::NotRetirable(..) => {
+                ApiError::Conflict(e.to_string())
+            }
             DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
         }
     }
@@ -196,4 +199,17 @@ async fn resume(
     check_params(&p, &[])?;
     st.dispatch.resume(&caller.tenant, &name)?;
     Ok(Json(json!({ "resumed": name })).into_response())
+}
+
+async fn retire(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Params(p): Params,
+) -> ApiResult<Response> {
+    let caller = authenticate(&st, &headers)?;
+    caller.require(Scope::Admin)?;
+    check_params(&p, &[])?;
+    let undelivered = st.dispatch.retire(&caller.tenant, &name).await?;
+    Ok(Json(json!({ "retired": name, "undelivered": undelivered })).into_response())
 }

@@ -316,6 +316,11 @@ pub fn openapi_document() -> Value {
                 "parameters": [path_param("name", "The connector's name")],
                 "responses": common_errors(json!({"200": ok_json("Resumed", json!({"type": "object", "required": ["resumed"], "properties": {"resumed": {"type": "string", "description": "The connector's name"}}}))}), &[("404", "No such connector for this tenant"), ("409", "The connector is disabled or failed to start: nothing runs to resume (conflict)")])
             }},
+            "/api/v1/roster/connectors/{name}/retire": {"post": {
+                "operationId": "retireConnector", "summary": "Stop a connector that is not loaded from holding back change-log compaction: it is gone for good (roster:admin)",
+                "parameters": [path_param("name", "The connector's name")],
+                "responses": common_errors(json!({"200": ok_json("Retired", json!({"type": "object", "required": ["retired", "undelivered"], "properties": {"retired": {"type": "string", "description": "The connector's name"}, "undelivered": {"type": "integer", "description": "Changes it had not delivered, which compaction may now drop"}}}))}), &[("404", "No stored cursor of that name holds compaction for this tenant (never run, or already retired)"), ("409", "The connector is loaded (remove its file and reload), or a connector file that does not load may name it (conflict)")])
+            }},
             "/api/v1/roster/connectors/{name}/dead-letters": {"get": {
                 "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason",
                 "parameters": [path_param("name", "The connector's name")],

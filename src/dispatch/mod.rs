@@ -60,6 +60,8 @@ pub enum DispatchError {
     NotRunning(String, String),
     #[error("dead letter {0} not found")]
     NoSuchLetter(u64),
+    #[error("connector {0:?} {1}")]
+    NotRetirable(String, String),
     #[error("the target refused the replay: {0}")]
     ReplayFailed(String),
     #[error(transparent)]
@@ -1287,6 +1289,18 @@ impl Dispatcher {
             let r = self.start(config);
             self.running().insert(name, r);
         }
+        // Said at every start and reload: otherwise the change log just grows, and only
+        // /status shows why.
+        for u in self.unloaded_status().iter().filter(|u| u.file.is_none()) {
+            tracing::warn!(
+                tenant = %u.tenant,
+                connector = %u.name,
+                lag_events = u.lag_events,
+                "No connector file names this stored cursor, so it holds back change-log compaction. Put its file back, or if it is gone for good: rosterd retire --tenant {} {}",
+                u.tenant,
+                u.name
+            );
+        }
         errors
     }
 
@@ -1681,6 +1695,49 @@ impl Dispatcher {
     }
 
     /// Lift a pause now (after the operator fixed the target).
+    /// Let compaction drop what a connector that is not loaded still has to deliver: the
+    /// operator's word that it is gone for good (its file was removed while the daemon was
+    /// stopped, so no reload recorded it). Returns how many changes it had not delivered.
+    /// Its cursor and dead letters stay, so a file with its name later resumes from there.
+    pub async fn retire(&self, tenant: &str, name: &str) -> Result<u64, DispatchError> {
+        if let Some(r) = self
+            .running()
+            .get(name)
+            .filter(|r| r.config.tenant == tenant)
+        {
+            return Err(DispatchError::NotRetirable(
+                name.to_owned(),
+                format!(
+                    "is loaded from {}; remove that file and reload to retire it",
+                    r.config.file.display()
+                ),
+            ));
+        }
+        let held = self.held_cursors(tenant)?;
+        let mine: Vec<&Held> = held.iter().filter(|h| h.name == name).collect();
+        if mine.is_empty() {
+            return Err(DispatchError::UnknownConnector(name.to_owned()));
+        }
+        if let Some(file) = mine.iter().find_map(|h| h.file.as_ref()) {
+            return Err(DispatchError::NotRetirable(
+                name.to_owned(),
+                format!(
+                    "may be named by {}, which does not load; fix or remove that file and reload",
+                    file.display()
+                ),
+            ));
+        }
+        let last = *self.store.watch_durable(tenant).borrow();
+        let undelivered = mine
+            .iter()
+            .map(|h| last.saturating_sub(h.cursor))
+            .max()
+            .unwrap_or(0);
+        self.store.set_retired(tenant, name, true).await?;
+        tracing::warn!(%tenant, connector = %name, undelivered, "Connector retired by the operator: compaction may now drop the changes it never delivered (a file with its name resumes it from its cursor).");
+        Ok(undelivered)
+    }
+
     pub fn resume(&self, tenant: &str, name: &str) -> Result<(), DispatchError> {
         let found = self.find(tenant, name)?;
         // Nothing runs to resume: saying "resumed" would promise deliveries that wait

@@ -565,6 +565,7 @@ async fn daemon_commands_with_url_read_no_config() {
     for cmd in [
         &["dead-letters", "--tenant", TENANT][..],
         &["resume", "--tenant", TENANT][..],
+        &["retire", "--tenant", TENANT][..],
     ] {
         let mut more = with_token.to_vec();
         if cmd[0] == "dead-letters" {

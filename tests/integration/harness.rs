@@ -487,3 +487,40 @@ pub const ENTERPRISE: &str = "urn:ietf:params:scim:schemas:extension:enterprise:
 pub fn jwt_with(claims: Value) -> String {
     rosterd::api::jwt::testing::hs256_token(JWT_SECRET.as_bytes(), &claims)
 }
+
+/// Collects what the daemon logs on this test's thread (a `#[tokio::test]` runs the
+/// daemon's tasks there).
+#[derive(Clone, Default)]
+pub struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    /// Capture INFO and above until the guard drops.
+    pub fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || writer.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn lines(&self, containing: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(containing))
+            .map(str::to_owned)
+            .collect()
+    }
+}

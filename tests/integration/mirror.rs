@@ -1067,41 +1067,9 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-/// Collects what the daemon logs on this test's thread (a `#[tokio::test]` runs the
-/// daemon's tasks there).
-#[derive(Clone, Default)]
-struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn lines(&self, containing: &str) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(containing))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 #[tokio::test]
 async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and_connector() {
-    let logs = LogBuf::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let d = TestDaemon::start_with(Options {
         connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],

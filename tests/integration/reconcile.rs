@@ -349,6 +349,87 @@ async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
     }
 }
 
+/// A connector whose file went away while the daemon was stopped holds compaction until
+/// the operator retires it; then the log compacts past it, and a file brought back later
+/// finds the gap (a webhook says what it lost) instead of the changes.
+#[tokio::test]
+async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        config_extra: COMPACT_EVERY_SECOND.into(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    // Loaded: retiring is removing its file and reloading.
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("remove that file"),
+        "{}",
+        r.body
+    );
+    let file = d.root.join("connectors/hooks.toml");
+    let away = d.root.join("hooks.toml.away");
+    std::fs::rename(&file, &away).unwrap();
+    let d = d.restart().await;
+    for i in 0..3 {
+        d.create_user(&format!("meanwhile{i}@acme.test")).await;
+    }
+    let r = d
+        .roster(Method::POST, "/connectors/nope/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let writer = d.jwt(TENANT, "roster:write");
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &writer, None)
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(d.status().await["unloaded_connectors"][0]["name"], "hooks");
+    let told = logs.lines("rosterd retire --tenant acme hooks");
+    assert_eq!(told.len(), 1, "said once, at the start: {told:?}");
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["retired"], "hooks");
+    assert!(r.body["undelivered"].as_u64().unwrap() >= 3, "{}", r.body);
+    let status = d.status().await;
+    assert_eq!(status["unloaded_connectors"], json!([]), "{status}");
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 404, "already retired: {}", r.body);
+    two_compactions(&d).await;
+    std::fs::rename(&away, &file).unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = connector(&d, "hooks").await;
+        if c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("compacted away"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no gap reported: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn serve_refuses_a_connectors_directory_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();
