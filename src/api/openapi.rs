@@ -386,7 +386,8 @@ pub fn openapi_document() -> Value {
                     "archetype_assigned_at": {"type": "string", "format": "date-time"}}},
                 "Connector": {"type": "object", "properties": {
                     "name": {"type": "string"}, "tenant": {"type": "string"}, "kind": {"type": "string", "enum": ["oneroster", "webhook", "csv"]},
-                    "file": {"type": "string"}, "enabled": {"type": "boolean"}, "dry_run": {"type": "boolean"}, "state": {"type": "string"},
+                    "file": {"type": "string"}, "file_error": {"type": ["string", "null"], "description": "Why its file does not load now; it runs on the config it was last loaded with"},
+                    "enabled": {"type": "boolean"}, "dry_run": {"type": "boolean"}, "state": {"type": "string"},
                     "cursor": {"type": "integer"}, "lag_events": {"type": "integer"}, "lag_seconds": {"type": "number"},
                     "last_success_at": {"type": ["string", "null"], "format": "date-time"},
                     "last_error": {"type": ["string", "null"]}, "last_error_at": {"type": ["string", "null"], "format": "date-time"},
