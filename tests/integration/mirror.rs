@@ -945,13 +945,23 @@ async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
 }
 
-#[tokio::test]
-async fn requests_failing_together_in_a_blip_do_not_pause_the_connector() {
-    let (d, target) = start_with_oneroster("").await;
-    d.create_user("warm@acme.test").await;
-    caught_up(&d, "sis").await;
-    // Disabled while the users are created, so that the connector finds all of them at
-    // once when enabled again and sends them together.
+/// A daemon with one webhook connector, `hooks`, for user creations.
+pub async fn with_user_created_hook(config_extra: &str) -> (WebhookServer, TestDaemon) {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        config_extra: config_extra.into(),
+        ..Options::default()
+    })
+    .await;
+    (hook, d)
+}
+
+/// Disable `sis` while the test creates users, so that the connector finds all of them at
+/// once when the returned text (pausing after 3 failures, for an hour) is written back to
+/// the returned file, and sends them together.
+async fn disable_pausing_after_three(d: &TestDaemon) -> (std::path::PathBuf, String) {
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file)
         .unwrap()
@@ -959,6 +969,15 @@ async fn requests_failing_together_in_a_blip_do_not_pause_the_connector() {
         .replace("pause_secs = 1", "pause_secs = 3600");
     std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
     d.reload().await;
+    (file, text)
+}
+
+#[tokio::test]
+async fn requests_failing_together_in_a_blip_do_not_pause_the_connector() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    let (file, text) = disable_pausing_after_three(&d).await;
     for i in 0..8 {
         d.create_user(&format!("blip{i}@acme.test")).await;
     }
@@ -977,14 +996,7 @@ async fn failures_count_in_rounds_not_per_request_retry() {
     let (d, target) = start_with_oneroster("").await;
     d.create_user("warm@acme.test").await;
     caught_up(&d, "sis").await;
-    let file = d.root.join("connectors/sis.toml");
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("pause_after_failures = 1000", "pause_after_failures = 3")
-        .replace("pause_secs = 1", "pause_secs = 3600");
-    // Disabled while the users are created, so that they go out together.
-    std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
-    d.reload().await;
+    let (file, text) = disable_pausing_after_three(&d).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         ids.push(d.create_user(&format!("round{i}@acme.test")).await);
@@ -1019,13 +1031,7 @@ async fn failures_count_in_rounds_not_per_request_retry() {
 
 #[tokio::test]
 async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_removed() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (hook, d) = with_user_created_hook("").await;
     d.create_user("before@acme.test").await;
     caught_up(&d, "hooks").await;
     let file = d.root.join("connectors/hooks.toml");
@@ -1070,13 +1076,7 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
 #[tokio::test]
 async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and_connector() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (hook, d) = with_user_created_hook("").await;
     hook.inject(wh::Fault::status(400, 1));
     d.create_user("refused@acme.test").await;
     let deadline = tokio::time::Instant::now() + WAIT;

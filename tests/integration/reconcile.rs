@@ -3,9 +3,9 @@
 //! change-log compaction.
 
 use crate::harness::{Options, TENANT, TestDaemon, patch_op};
-use crate::mirror::{caught_up, connector, oneroster_file, sourced_id, webhook_file};
+use crate::mirror::{caught_up, connector, oneroster_file, sourced_id, with_user_created_hook};
 use crate::oneroster::{self as or, Kind, OneRosterOptions, OneRosterServer};
-use crate::webhook::{WebhookOptions, WebhookServer};
+use crate::webhook::WebhookServer;
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -222,16 +222,22 @@ async fn two_compactions(d: &TestDaemon) {
     }
 }
 
+/// Every user of `ids` reached the webhook target.
+fn delivered_all(hook: &WebhookServer, ids: &[String]) {
+    let created: Vec<String> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted())
+        .filter_map(|x| x.body["data"]["id"].as_str().map(str::to_owned))
+        .collect();
+    for id in ids {
+        assert!(created.contains(id), "user {id} never delivered");
+    }
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        config_extra: COMPACT_EVERY_SECOND.into(),
-        ..Options::default()
-    })
-    .await;
+    let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
     d.create_user("before@acme.test").await;
     caught_up(&d, "hooks").await;
     let file = d.root.join("connectors/hooks.toml");
@@ -251,15 +257,7 @@ async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() 
     std::fs::write(&file, good).unwrap();
     d.reload().await;
     caught_up(&d, "hooks").await;
-    let created: Vec<String> = hook
-        .deliveries()
-        .into_iter()
-        .filter(|x| x.accepted())
-        .filter_map(|x| x.body["data"]["id"].as_str().map(str::to_owned))
-        .collect();
-    for id in &ids {
-        assert!(created.contains(id), "user {id} never delivered");
-    }
+    delivered_all(&hook, &ids);
 }
 
 #[tokio::test]
@@ -308,14 +306,7 @@ async fn a_connector_back_after_its_changes_were_compacted_resyncs_the_target() 
 
 #[tokio::test]
 async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        config_extra: COMPACT_EVERY_SECOND.into(),
-        ..Options::default()
-    })
-    .await;
+    let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
     d.create_user("before@acme.test").await;
     caught_up(&d, "hooks").await;
     // Gone while the daemon was down (a lost directory, a restore): no reload saw it
@@ -338,15 +329,7 @@ async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
     d.reload().await;
     let c = caught_up(&d, "hooks").await;
     assert!(c["last_error"].is_null(), "changes were lost: {c}");
-    let created: Vec<String> = hook
-        .deliveries()
-        .into_iter()
-        .filter(|x| x.accepted())
-        .filter_map(|x| x.body["data"]["id"].as_str().map(str::to_owned))
-        .collect();
-    for id in &ids {
-        assert!(created.contains(id), "user {id} never delivered");
-    }
+    delivered_all(&hook, &ids);
 }
 
 /// A connector whose file went away while the daemon was stopped holds compaction until
@@ -355,14 +338,7 @@ async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
 #[tokio::test]
 async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        config_extra: COMPACT_EVERY_SECOND.into(),
-        ..Options::default()
-    })
-    .await;
+    let (_hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
     d.create_user("before@acme.test").await;
     caught_up(&d, "hooks").await;
     let admin = d.jwt(TENANT, "roster:admin");
