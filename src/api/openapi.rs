@@ -441,20 +441,21 @@ const MAX_URI_BYTES: usize = 65_534;
 /// Every operation, whatever its parameters, can be sent a URI too long to read: told
 /// here as it is answered, without the `Error` body.
 fn add_uri_too_long(doc: &mut Value) {
+    for_each_operation(doc, |op| {
+        op["responses"]["414"] = json!({"description": format!(
+            "The request URI (path and query) is over {MAX_URI_BYTES} bytes. Answered by the HTTP layer before the request is read: no body, not the Error schema"
+        )});
+    });
+}
+
+/// Call `f` on every operation of the document (not on a path's shared `parameters`).
+fn for_each_operation(doc: &mut Value, mut f: impl FnMut(&mut Value)) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
     };
-    for item in paths.values_mut() {
-        let Some(item) = item.as_object_mut() else {
-            continue;
-        };
-        for (method, op) in item.iter_mut() {
-            if method == "parameters" {
-                continue;
-            }
-            op["responses"]["414"] = json!({"description": format!(
-                "The request URI (path and query) is over {MAX_URI_BYTES} bytes. Answered by the HTTP layer before the request is read: no body, not the Error schema"
-            )});
+    for item in paths.values_mut().filter_map(Value::as_object_mut) {
+        for (_, op) in item.iter_mut().filter(|(m, _)| m.as_str() != "parameters") {
+            f(op);
         }
     }
 }
@@ -526,25 +527,17 @@ fn add_tenant_headers(doc: &mut Value) {
         "XTenant": header("X-Tenant"),
         "XClaresiaTenant": header("X-Claresia-Tenant"),
     });
-    let Some(paths) = doc["paths"].as_object_mut() else {
-        return;
-    };
-    for item in paths.values_mut() {
-        let Some(item) = item.as_object_mut() else {
-            continue;
-        };
-        for (method, op) in item.iter_mut() {
-            if method == "parameters" || op.get("security").is_some_and(|s| s == &json!([])) {
-                continue;
-            }
-            let refs = [
-                json!({"$ref": "#/components/parameters/XTenant"}),
-                json!({"$ref": "#/components/parameters/XClaresiaTenant"}),
-            ];
-            match op.get_mut("parameters").and_then(Value::as_array_mut) {
-                Some(params) => params.extend(refs),
-                None => op["parameters"] = Value::Array(refs.to_vec()),
-            }
+    for_each_operation(doc, |op| {
+        if op.get("security").is_some_and(|s| s == &json!([])) {
+            return;
         }
-    }
+        let refs = [
+            json!({"$ref": "#/components/parameters/XTenant"}),
+            json!({"$ref": "#/components/parameters/XClaresiaTenant"}),
+        ];
+        match op.get_mut("parameters").and_then(Value::as_array_mut) {
+            Some(params) => params.extend(refs),
+            None => op["parameters"] = Value::Array(refs.to_vec()),
+        }
+    });
 }
