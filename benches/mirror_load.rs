@@ -226,8 +226,9 @@ async fn run(target: &OneRosterServer) {
     let seconds = env_usize("BENCH_SECONDS", 20);
     let load_at_start = loadavg();
 
+    // No `[connectors] dir`: the default `connectors` beside the config, created with
+    // the connector file after seeding (a named directory must exist at start).
     let daemon = common::start_daemon_with(&DaemonOptions {
-        config_extra: "[connectors]\ndir = \"connectors\"",
         env: &[("OR_TOKEN", oneroster::DEFAULT_TOKEN)],
         ..DaemonOptions::default()
     });

@@ -116,15 +116,15 @@ enum Command {
 struct DaemonArgs {
     /// The daemon's config, read only for what the other flags leave open: its listen
     /// address without --url, the JWT secret to mint a token with without --token.
-    #[arg(long, short, default_value = "config.toml")]
+    #[arg(long, short, default_value = "config.toml", global = true)]
     config: PathBuf,
     /// Base URL of the daemon; defaults to http://<server.listen>.
-    #[arg(long)]
+    #[arg(long, global = true)]
     url: Option<String>,
     /// A Roster API JWT (roster:read for status and listing dead letters, roster:write
     /// for reconcile, roster:admin for resume, retire, replay and discard); by default one with
     /// roster:admin is minted from the config's HS256 secret for a minute.
-    #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }
 
@@ -630,6 +630,14 @@ fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64)
 }
 
 fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<String> {
+    // The daemon would refuse it with 401: say so now, not at the first call.
+    let problem = match sub {
+        "" => Some("it is empty"),
+        sub => rosterd::api::jwt::subject_problem(sub),
+    };
+    if let Some(why) = problem {
+        anyhow::bail!("--sub {sub:?}: {why}");
+    }
     let jwt = config
         .api
         .jwt
@@ -1039,15 +1047,21 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 str_of(&c["last_error"])
             );
         }
+        if let Some(e) = c["file_error"].as_str() {
+            println!(
+                "    its file no longer loads, so it runs on the config it was last loaded with: {e}"
+            );
+        }
     }
     for u in s["unloaded_connectors"]
         .as_array()
         .cloned()
         .unwrap_or_default()
     {
-        let file = u["file"]
-            .as_str()
-            .map_or_else(|| "no file names it".to_owned(), str::to_owned);
+        let file = u["file"].as_str().map_or_else(
+            || "no file names it; `rosterd retire` if it is gone for good".to_owned(),
+            str::to_owned,
+        );
         println!(
             "connector {} (tenant {}): NOT LOADED ({file}), nothing is delivered; its cursor holds back compaction",
             str_of(&u["name"]),

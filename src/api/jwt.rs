@@ -499,15 +499,10 @@ impl JwtVerifier {
             why,
         };
         let subject = match claims.get("sub") {
-            Some(Value::String(s)) if s.chars().any(char::is_control) => {
-                return Err(refuse(Some(
-                    "it holds a control character (such as a line break); it must name the caller on one line",
-                )));
-            }
-            Some(Value::String(s)) if !s.is_empty() && s.trim().is_empty() => {
-                return Err(refuse(Some("it is blank; it must name the caller")));
-            }
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(s)) if !s.is_empty() => match subject_problem(s) {
+                Some(why) => return Err(refuse(Some(why))),
+                None => s.clone(),
+            },
             _ => return Err(refuse(None)),
         };
         let tenant = match claims.get(&self.tenant_claim) {
@@ -556,6 +551,31 @@ fn invalid_setting(field: &'static str, reason: &str) -> JwtError {
         field,
         reason: reason.to_owned(),
     }
+}
+
+/// Why a non-empty `sub` names no one readably, if it does not: blank, or holding a
+/// character that breaks or hides text where the actor is shown (a control character, a
+/// line or paragraph separator, a zero-width or bidirectional format character: `x\u{2028}INFO …`
+/// forges a log line, `\u{202E}` reverses what follows).
+pub fn subject_problem(sub: &str) -> Option<&'static str> {
+    let hidden = |c: char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+    if sub
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Some(
+            "it holds a control character or a line break; it must name the caller on one line",
+        );
+    }
+    if sub.chars().any(hidden) {
+        return Some(
+            "it holds an invisible or text-direction character; it must name the caller as it reads",
+        );
+    }
+    if sub.trim().is_empty() {
+        return Some("it is blank; it must name the caller");
+    }
+    None
 }
 
 fn map_library_error(kind: &ErrorKind, alg: Alg) -> JwtError {
@@ -1554,11 +1574,22 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             assert_eq!(code_of(v.verify(&t)), "token_missing_claim", "sub {sub}");
         }
         // Named, but not on one line: refused the same way, saying why.
-        for sub in ["a\nb", "alice\u{7f}", "\u{1b}[31malice"] {
+        for sub in [
+            "a\nb",
+            "alice\u{7f}",
+            "\u{1b}[31malice",
+            "x\u{2028}INFO fake",
+        ] {
             let t = hs256(&with(claims(), json!({ "sub": sub })));
             let e = v.verify(&t).unwrap_err();
             assert_eq!(e.code(), "token_missing_claim", "sub {sub:?}");
             assert!(e.to_string().contains("control character"), "{e}");
+        }
+        for sub in ["\u{200B}", "admin\u{202E}nimda", "\u{FEFF}alice"] {
+            let t = hs256(&with(claims(), json!({ "sub": sub })));
+            let e = v.verify(&t).unwrap_err();
+            assert_eq!(e.code(), "token_missing_claim", "sub {sub:?}");
+            assert!(e.to_string().contains("invisible"), "{e}");
         }
         // Blanks around a name are no reason to refuse it.
         let t = hs256(&with(claims(), json!({ "sub": " alice " })));

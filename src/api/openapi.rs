@@ -356,7 +356,7 @@ pub fn openapi_document() -> Value {
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                "description": "HS256, RS256 or ES256; claims: sub (not blank, no control characters; else 401 token_missing_claim), exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
+                "description": "HS256, RS256 or ES256; claims: sub (not blank, no control, line-break, invisible or text-direction characters; else 401 token_missing_claim), exp, aud, tenant (configurable), scope (roster:read roster:write roster:admin)"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
                     "error": {"type": "string", "description": error_codes_description()},

@@ -394,7 +394,8 @@ impl Parser {
     fn unary_inner(&mut self, in_value: bool) -> ScimResult<Filter> {
         if self.peek_keyword("not") && matches!(self.toks.get(self.pos + 1), Some(Tok::LParen)) {
             self.pos += 1;
-            let inner = self.unary(in_value)?;
+            // The parenthesis that must follow is the level: `not (` counts once.
+            let inner = self.unary_inner(in_value)?;
             return Ok(Filter::Not(Box::new(inner)));
         }
         match self.next() {
@@ -1023,6 +1024,11 @@ mod tests {
         assert!(parse_filter(&nots).is_err());
         let ok = format!("{}title pr{}", "(".repeat(20), ")".repeat(20));
         assert!(m(&ok));
+        // `not (` is one level, as `(` is: 63 of them (and the comparison) fit in 64.
+        let nots = |n: usize| format!("{}title pr{}", "not (".repeat(n), ")".repeat(n));
+        assert!(parse_filter(&nots(63)).is_ok());
+        assert!(parse_filter(&format!("{}title pr{}", "(".repeat(63), ")".repeat(63))).is_ok());
+        assert!(parse_filter(&nots(64)).is_err());
     }
 
     #[test]

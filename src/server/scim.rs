@@ -1434,34 +1434,50 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         })
         .filter_map(|op| op.get("bulkId").and_then(Value::as_str))
         .collect();
+    // What each operation waits for, read once: a chain written backwards takes as many
+    // passes as it is long, and reading the bodies on every pass made it quadratic.
+    let waits_on: Vec<Vec<String>> = ops
+        .iter()
+        .map(|op| {
+            let own = op.get("bulkId").and_then(Value::as_str);
+            let mut refs = Vec::new();
+            bulk_refs(op, &mut refs);
+            refs.retain(|r| posts.contains(r.as_str()) && Some(r.as_str()) != own);
+            refs.sort_unstable();
+            refs.dedup();
+            refs
+        })
+        .collect();
+    // An operation can run once every POST it waits for can: found before anything runs,
+    // so that one caught in a circle fails at its place in the request and counts towards
+    // failOnErrors in order, as any other failure does.
+    let mut can_run = vec![false; ops.len()];
+    let mut will_post: HashSet<&str> = HashSet::new();
+    loop {
+        let before = will_post.len();
+        for (i, op) in ops.iter().enumerate() {
+            if !can_run[i] && waits_on[i].iter().all(|r| will_post.contains(r.as_str())) {
+                can_run[i] = true;
+                if let Some(b) = op.get("bulkId").and_then(Value::as_str)
+                    && posts.contains(b)
+                {
+                    will_post.insert(b);
+                }
+            }
+        }
+        if will_post.len() == before {
+            break;
+        }
+    }
     let mut ran: HashSet<String> = HashSet::new();
     let mut created: HashMap<String, String> = HashMap::new();
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
     let mut errors = 0usize;
     let mut waiting: Vec<usize> = (0..ops.len()).collect();
-    'passes: while !waiting.is_empty() {
+    while !waiting.is_empty() {
         let mut still = Vec::new();
         for &i in &waiting {
-            let op = &ops[i];
-            let own = op.get("bulkId").and_then(Value::as_str);
-            let mut refs = Vec::new();
-            bulk_refs(op, &mut refs);
-            if refs
-                .iter()
-                .any(|r| posts.contains(r.as_str()) && !ran.contains(r) && Some(r.as_str()) != own)
-            {
-                still.push(i);
-                continue;
-            }
-            let entry = run_bulk_entry(state, tenant, op, &mut created, &mut ran).await;
-            errors += usize::from(entry.get("response").is_some());
-            results[i] = Some(Value::Object(entry));
-            if fail_on_errors.is_some_and(|limit| errors >= limit) {
-                break 'passes;
-            }
-        }
-        if still.len() == waiting.len() {
-            for &i in &still {
+            let entry = if !can_run[i] {
                 let mut entry = bulk_entry_head(&ops[i]);
                 let e = ScimError::new(
                     409,
@@ -1471,9 +1487,19 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
                 );
                 entry.insert("status".into(), Value::String("409".into()));
                 entry.insert("response".into(), e.to_json());
-                results[i] = Some(Value::Object(entry));
+                entry
+            } else if waits_on[i].iter().any(|r| !ran.contains(r)) {
+                still.push(i);
+                continue;
+            } else {
+                run_bulk_entry(state, tenant, &ops[i], &mut created, &mut ran).await
+            };
+            errors += usize::from(entry.get("response").is_some());
+            results[i] = Some(Value::Object(entry));
+            if fail_on_errors.is_some_and(|limit| errors >= limit) {
+                still.clear();
+                break;
             }
-            break;
         }
         waiting = still;
     }

@@ -509,6 +509,49 @@ fn a_cause_the_message_already_shows_is_printed_once() {
     );
 }
 
+/// `token jwt` mints only what the daemon would take: a `sub` it would refuse with 401 is
+/// refused here, saying why.
+#[test]
+fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[api.jwt]\naudience = [\"rosterd\"]\nhs256_secret_env = \"ROSTERD_CLI_TEST_SECRET\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let mint = |sub: &str| {
+        rosterd_env(
+            &[
+                "token",
+                "jwt",
+                "--config",
+                config.to_str().unwrap(),
+                "--tenant",
+                "t",
+                "--scope",
+                "roster:read",
+                "--sub",
+                sub,
+            ],
+            &[("ROSTERD_CLI_TEST_SECRET", &"s".repeat(32))],
+        )
+    };
+    for (sub, why) in [
+        ("", "empty"),
+        (" ", "blank"),
+        ("a\nb", "line break"),
+        ("\u{200B}", "invisible"),
+    ] {
+        let (ok, out, err) = mint(sub);
+        assert!(!ok, "{sub:?} minted {out}");
+        assert!(err.contains("--sub") && err.contains(why), "{sub:?}: {err}");
+    }
+    let (ok, out, err) = mint("ops@example.com");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim().matches('.').count(), 2, "{out}");
+}
+
 /// The commands that talk to a running daemon read the config only for what their flags
 /// leave open. `status --url` needs none (`/status` takes no token): an operator who has
 /// just broken config.toml, or may not read the installed one, still sees the daemon's
@@ -561,16 +604,15 @@ async fn daemon_commands_with_url_read_no_config() {
         out.contains("tenant acme has no running connector"),
         "{out}"
     );
-    // Answered by the daemon (no such connector), not refused for want of a config.
+    // Answered by the daemon (no such connector), not refused for want of a config. The
+    // daemon flags may follow the dead-letters subcommand too.
     for cmd in [
-        &["dead-letters", "--tenant", TENANT][..],
+        &["dead-letters", "--tenant", TENANT, "list", "nope"][..],
         &["resume", "--tenant", TENANT][..],
         &["retire", "--tenant", TENANT][..],
     ] {
         let mut more = with_token.to_vec();
-        if cmd[0] == "dead-letters" {
-            more.extend(["list", "nope"]);
-        } else {
+        if cmd[0] != "dead-letters" {
             more.push("nope");
         }
         let (ok, _, err) = cli(args(cmd, &broken, &more)).await.unwrap();

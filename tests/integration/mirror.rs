@@ -1045,6 +1045,21 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
             .is_some_and(|e| e.contains("hooks.toml") && e.contains("concurency")),
         "{c}"
     );
+    // `rosterd status` says it runs on its old config, not only that a file failed.
+    let url = d.url("");
+    let shown = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["status", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        out.contains("runs on the config it was last loaded with") && out.contains("concurency"),
+        "{out}"
+    );
     let s = d.status().await;
     assert!(
         s["connector_errors"].to_string().contains("concurency"),

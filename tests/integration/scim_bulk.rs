@@ -133,6 +133,26 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
         "only Forward: {}",
         groups.body
     );
+
+    // A circle fails at its place in the request, so failOnErrors stops there as it
+    // does for any other failure: the POST after it never runs.
+    let r = d
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK], "failOnErrors": 1, "Operations": [
+                {"method": "POST", "path": "/Groups", "bulkId": "d1", "data": group("D1", "d2")},
+                {"method": "POST", "path": "/Groups", "bulkId": "d2", "data": group("D2", "d1")},
+                {"method": "POST", "path": "/Users", "bulkId": "y", "data": user("fwd4@example.com")},
+            ]}),
+        )
+        .await;
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["409"], "{}", r.body);
+    let y = d
+        .get("/Users?filter=userName%20eq%20%22fwd4@example.com%22")
+        .await;
+    assert_eq!(y.body["totalResults"], 0, "{}", y.body);
 }
 
 #[tokio::test]
