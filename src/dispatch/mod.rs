@@ -1473,10 +1473,17 @@ impl Dispatcher {
     }
 
     /// Cursor, lag in changes and age of the oldest undelivered change of a cursor.
+    /// Durable changes after `cursor`.
+    fn lag_events(&self, tenant: &str, cursor: u64) -> u64 {
+        self.store
+            .watch_durable(tenant)
+            .borrow()
+            .saturating_sub(cursor)
+    }
+
     fn lag(&self, tenant: &str, cursor_name: &str) -> (u64, u64, f64) {
         let cursor = self.store.cursor(tenant, cursor_name).unwrap_or(0);
-        let durable = *self.store.watch_durable(tenant).borrow();
-        let lag_events = durable.saturating_sub(cursor);
+        let lag_events = self.lag_events(tenant, cursor);
         let lag_seconds = if lag_events > 0 {
             self.store
                 .changes(tenant, cursor, 1)
@@ -1727,10 +1734,9 @@ impl Dispatcher {
                 ),
             ));
         }
-        let last = *self.store.watch_durable(tenant).borrow();
         let undelivered = mine
             .iter()
-            .map(|h| last.saturating_sub(h.cursor))
+            .map(|h| self.lag_events(tenant, h.cursor))
             .max()
             .unwrap_or(0);
         self.store.set_retired(tenant, name, true).await?;

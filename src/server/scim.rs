@@ -1478,16 +1478,16 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         let mut still = Vec::new();
         for &i in &waiting {
             let entry = if !can_run[i] {
-                let mut entry = bulk_entry_head(&ops[i]);
-                let e = ScimError::new(
-                    409,
-                    None,
-                    "this operation and others in the request wait for each other's bulkIds; \
-                     create one of them without the reference and add it with a PATCH",
-                );
-                entry.insert("status".into(), Value::String("409".into()));
-                entry.insert("response".into(), e.to_json());
-                entry
+                failed_entry(
+                    bulk_entry_head(&ops[i]),
+                    ScimError::new(
+                        409,
+                        None,
+                        "this operation and others in the request wait for each other's \
+                         bulkIds; create one of them without the reference and add it with a \
+                         PATCH",
+                    ),
+                )
             } else if waits_on[i].iter().any(|r| !ran.contains(r)) {
                 still.push(i);
                 continue;
@@ -1580,11 +1580,15 @@ async fn run_bulk_entry(
                 Value::String(reply.status.as_u16().to_string()),
             );
         }
-        Err(e) => {
-            entry.insert("status".into(), Value::String(e.status.to_string()));
-            entry.insert("response".into(), e.to_json());
-        }
+        Err(e) => return failed_entry(entry, e),
     }
+    entry
+}
+
+/// A result entry for an operation that failed with `e`.
+fn failed_entry(mut entry: Map<String, Value>, e: ScimError) -> Map<String, Value> {
+    entry.insert("status".into(), Value::String(e.status.to_string()));
+    entry.insert("response".into(), e.to_json());
     entry
 }
 

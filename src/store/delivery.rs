@@ -12,25 +12,27 @@ use super::{ChangeEvent, Store, StoreError, StoreResult, decode_u64};
 
 const SEP: u8 = 0;
 
-/// `k conn` → cursor (u64 big-endian): every change up to it was acknowledged.
-fn cursor_key(connector: &str) -> Vec<u8> {
-    let mut k = vec![b'k', SEP];
+/// `tag SEP conn`: the start of every key of one connector's delivery state.
+fn tagged(tag: u8, connector: &str) -> Vec<u8> {
+    let mut k = vec![tag, SEP];
     k.extend_from_slice(connector.as_bytes());
     k
+}
+
+/// `k conn` → cursor (u64 big-endian): every change up to it was acknowledged.
+fn cursor_key(connector: &str) -> Vec<u8> {
+    tagged(b'k', connector)
 }
 
 /// `R conn` → 1: the connector was retired (its file removed and the daemon reloaded),
 /// so its stored cursor no longer holds back change-log compaction.
 fn retired_key(connector: &str) -> Vec<u8> {
-    let mut k = vec![b'R', SEP];
-    k.extend_from_slice(connector.as_bytes());
-    k
+    tagged(b'R', connector)
 }
 
 /// `d conn SEP id` → dead letter.
 fn dead_prefix(connector: &str) -> Vec<u8> {
-    let mut k = vec![b'd', SEP];
-    k.extend_from_slice(connector.as_bytes());
+    let mut k = tagged(b'd', connector);
     k.push(SEP);
     k
 }
@@ -45,8 +47,7 @@ const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
 
 /// `h conn SEP object` → content hash of the last delivered state.
 fn hash_prefix(connector: &str) -> Vec<u8> {
-    let mut k = vec![b'h', SEP];
-    k.extend_from_slice(connector.as_bytes());
+    let mut k = tagged(b'h', connector);
     k.push(SEP);
     k
 }

@@ -482,15 +482,21 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
     assert!(!err.contains("listener"), "{err}");
 }
 
+/// A config in `dir` with tenant `t` and the Roster API's HS256 secret in `secret_env`.
+fn hs256_config(dir: &std::path::Path, secret_env: &str) -> std::path::PathBuf {
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!("version = 1\n[api.jwt]\naudience = [\"rosterd\"]\nhs256_secret_env = \"{secret_env}\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n"),
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn a_cause_the_message_already_shows_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "version = 1\n[api.jwt]\naudience = [\"rosterd\"]\nhs256_secret_env = \"ROSTERD_CLI_TEST_SHORT\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
-    )
-    .unwrap();
+    let config = hs256_config(dir.path(), "ROSTERD_CLI_TEST_SHORT");
     let (ok, _, err) = rosterd_env(
         &[
             "serve",
@@ -514,12 +520,7 @@ fn a_cause_the_message_already_shows_is_printed_once() {
 #[test]
 fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "version = 1\n[api.jwt]\naudience = [\"rosterd\"]\nhs256_secret_env = \"ROSTERD_CLI_TEST_SECRET\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
-    )
-    .unwrap();
+    let config = hs256_config(dir.path(), "ROSTERD_CLI_TEST_SECRET");
     let mint = |sub: &str| {
         rosterd_env(
             &[

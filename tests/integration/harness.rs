@@ -524,3 +524,9 @@ impl LogBuf {
             .collect()
     }
 }
+
+/// The id at the end of a /Bulk result's `location`.
+pub fn location_id(result: &Value) -> String {
+    let location = result["location"].as_str().expect("a location");
+    location.rsplit('/').next().unwrap_or_default().to_owned()
+}

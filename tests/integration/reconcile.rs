@@ -235,6 +235,22 @@ fn delivered_all(hook: &WebhookServer, ids: &[String]) {
     }
 }
 
+/// With `hooks` not loaded, create three users and let compaction run twice: `hooks` is
+/// listed under `unloaded_connectors` with all three still to deliver. Returns the users'
+/// ids and that entry.
+async fn held_while_unloaded(d: &TestDaemon) -> (Vec<String>, Value) {
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
+    }
+    two_compactions(d).await;
+    let status = d.status().await;
+    let held = status["unloaded_connectors"][0].clone();
+    assert_eq!(held["name"], "hooks", "{status}");
+    assert!(held["lag_events"].as_u64().unwrap() >= 3, "{status}");
+    (ids, held)
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
     let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
@@ -245,15 +261,7 @@ async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() 
     std::fs::write(&file, good.replace("url =", "urll =")).unwrap();
     // A reload would keep it running on its old config; a start leaves it not loaded.
     let d = d.restart().await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
-    }
-    two_compactions(&d).await;
-    let status = d.status().await;
-    let held = &status["unloaded_connectors"][0];
-    assert_eq!(held["name"], "hooks", "{status}");
-    assert!(held["lag_events"].as_u64().unwrap() >= 3, "{status}");
+    let (ids, _) = held_while_unloaded(&d).await;
     std::fs::write(&file, good).unwrap();
     d.reload().await;
     caught_up(&d, "hooks").await;
@@ -315,16 +323,8 @@ async fn a_connector_whose_file_is_missing_at_start_holds_back_compaction() {
     let away = d.root.join("hooks.toml.away");
     std::fs::rename(&file, &away).unwrap();
     let d = d.restart().await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("meanwhile{i}@acme.test")).await);
-    }
-    two_compactions(&d).await;
-    let status = d.status().await;
-    let held = &status["unloaded_connectors"][0];
-    assert_eq!(held["name"], "hooks", "{status}");
-    assert!(held["file"].is_null(), "{status}");
-    assert!(held["lag_events"].as_u64().unwrap() >= 3, "{status}");
+    let (ids, held) = held_while_unloaded(&d).await;
+    assert!(held["file"].is_null(), "{held}");
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
     let c = caught_up(&d, "hooks").await;

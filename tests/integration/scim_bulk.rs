@@ -33,14 +33,8 @@ async fn bulk_ids_link_operations() {
     assert_eq!(ops[0]["status"], "201");
     assert_eq!(ops[1]["status"], "201", "{}", ops[1]);
     assert_eq!(ops[2]["status"], "200", "{}", ops[2]);
-    let uid = ops[0]["location"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap();
-    let gloc = ops[1]["location"].as_str().unwrap();
-    let gid = gloc.rsplit('/').next().unwrap();
+    let uid = location_id(&ops[0]);
+    let gid = location_id(&ops[1]);
     let g = d.get(&format!("/Groups/{gid}")).await;
     assert_eq!(g.body["members"][0]["value"], uid);
     let u = d.get(&format!("/Users/{uid}")).await;
@@ -97,15 +91,7 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
         .map(|o| o["bulkId"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(ids, ["g", "u", "", "u2"], "results stay in request order");
-    let id_of = |i: usize| {
-        ops[i]["location"]
-            .as_str()
-            .unwrap()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let id_of = |i: usize| location_id(&ops[i]);
     let g = d.get(&format!("/Groups/{}", id_of(0))).await;
     assert_eq!(g.body["members"][0]["value"], id_of(1), "{}", g.body);
     let u2 = d.get(&format!("/Users/{}", id_of(3))).await;

@@ -175,13 +175,7 @@ async fn large_member_patch_is_applied_whole() {
         .iter()
         .map(|o| {
             assert_eq!(o["status"], "201", "{o}");
-            o["location"]
-                .as_str()
-                .unwrap()
-                .rsplit('/')
-                .next()
-                .unwrap()
-                .to_owned()
+            location_id(o)
         })
         .collect();
     let members: Vec<Value> = ids.iter().map(|i| json!({"value": i})).collect();
