@@ -436,10 +436,12 @@ impl JwtVerifier {
                         JwtError::MissingClaim { claim, .. } if payload_has(token, &claim) => {
                             JwtError::InvalidClaim(claim)
                         }
-                        JwtError::Malformed => match mistyped_time_claim(token) {
-                            Some(c) => JwtError::InvalidClaim(c.to_owned()),
-                            None => JwtError::Malformed,
-                        },
+                        JwtError::Malformed => {
+                            match payload(token).as_ref().and_then(mistyped_claim) {
+                                Some(c) => JwtError::InvalidClaim(c.to_owned()),
+                                None => JwtError::Malformed,
+                            }
+                        }
                         other => other,
                     });
                 }
@@ -480,15 +482,8 @@ impl JwtVerifier {
         // Claims jsonwebtoken lets through with the wrong type: `iss` must be one
         // StringOrURI (it also takes an array and passes it when any entry matches,
         // RFC 7519 §4.1.1), `iat` a NumericDate (it reads only exp and nbf, §4.1.6).
-        type TypeCheck = fn(&Value) -> bool;
-        let typed: [(&str, TypeCheck); 2] = [("iss", Value::is_string), ("iat", Value::is_number)];
-        for (claim, right_type) in typed {
-            if claims
-                .get(claim)
-                .is_some_and(|v| !v.is_null() && !right_type(v))
-            {
-                return Err(JwtError::InvalidClaim(claim.to_owned()));
-            }
+        if let Some(claim) = mistyped_claim(claims) {
+            return Err(JwtError::InvalidClaim(claim.to_owned()));
         }
         // The subject is who acts: overrides and governance events record it as
         // `user:<sub>`, which a blank one would leave naming no one, and a line break or
@@ -616,13 +611,23 @@ fn payload_has(token: &str, name: &str) -> bool {
     payload(token).is_some_and(|v| v.get(name).is_some_and(|c| !c.is_null()))
 }
 
-/// A NumericDate claim (RFC 7519 §2) that holds something else than a number.
-fn mistyped_time_claim(token: &str) -> Option<&'static str> {
-    let claims = payload(token)?;
-    ["exp", "nbf", "iat"].into_iter().find(|c| {
+/// A registered claim of the wrong JSON type: a NumericDate (RFC 7519 §2) that is not a
+/// number, a `sub` or `iss` that is not one string. jsonwebtoken calls some of these a
+/// malformed token; the caller should hear which claim is wrong.
+fn mistyped_claim(claims: &Value) -> Option<&'static str> {
+    type TypeCheck = fn(&Value) -> bool;
+    let typed: [(&'static str, TypeCheck); 5] = [
+        ("exp", Value::is_number),
+        ("nbf", Value::is_number),
+        ("iat", Value::is_number),
+        ("sub", Value::is_string),
+        ("iss", Value::is_string),
+    ];
+    typed.into_iter().find_map(|(c, right_type)| {
         claims
-            .get(*c)
-            .is_some_and(|v| !v.is_null() && !v.is_number())
+            .get(c)
+            .is_some_and(|v| !v.is_null() && !right_type(v))
+            .then_some(c)
     })
 }
 
@@ -1595,8 +1600,12 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         let t = hs256(&with(claims(), json!({ "sub": " alice " })));
         assert!(v.verify(&t).is_ok());
         // There, but not a string: named as such.
-        let t = hs256(&with(claims(), json!({ "sub": 7 })));
-        assert_eq!(code_of(v.verify(&t)), "token_invalid_claim");
+        for sub in [json!(7), json!(["alice"]), json!({ "name": "alice" })] {
+            let t = hs256(&with(claims(), json!({ "sub": sub })));
+            let e = v.verify(&t).unwrap_err();
+            assert_eq!(e.code(), "token_invalid_claim", "sub {sub}");
+            assert!(e.to_string().contains("sub"), "{e}");
+        }
     }
 
     // ---- signatures and algorithms ----

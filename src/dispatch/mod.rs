@@ -186,8 +186,6 @@ impl Live {
             h.pause_logged = false;
             drop(h);
             tracing::info!(
-                tenant = %self.tenant,
-                connector = %self.name,
                 failures = rounds,
                 "The target acknowledges again; the connector recovered."
             );
@@ -216,10 +214,15 @@ impl Live {
             h.paused_until = Some(until);
             h.pause_logged = true;
             drop(h);
-            tracing::warn!(tenant = %self.tenant, connector = %self.name, failures = n, until = %until, reason, "Target keeps failing; connector paused.");
+            tracing::warn!(failures = n, until = %until, reason, "Target keeps failing; connector paused.");
         } else if streak.failures > before {
             drop(h);
-            tracing::warn!(tenant = %self.tenant, connector = %self.name, failures = n, pause_after, reason, "Target failed; retrying.");
+            tracing::warn!(
+                failures = n,
+                pause_after,
+                reason,
+                "Target failed; retrying."
+            );
         }
     }
 
@@ -234,8 +237,6 @@ impl Live {
         drop(h);
         if !already {
             tracing::error!(
-                tenant = %self.tenant,
-                connector = %self.name,
                 reason,
                 "Connector paused until resumed (`rosterd resume`) or reloaded."
             );
@@ -278,7 +279,7 @@ impl Live {
         if h.pause_logged && h.paused_until.is_none_or(|u| u <= Utc::now()) {
             h.pause_logged = false;
             drop(h);
-            tracing::info!(tenant = %self.tenant, connector = %self.name, "Pause over; trying the target again.");
+            tracing::info!("Pause over; trying the target again.");
         }
         true
     }
@@ -364,6 +365,13 @@ impl Ctx {
         &self.config.name
     }
 
+    /// What every line about this connector's work sits under: its own task, an
+    /// operator's replay and a reconciliation. Lines inside name neither tenant nor
+    /// connector again.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("connector", connector = %self.config.name, tenant = %self.config.tenant, kind = self.config.kind.as_str())
+    }
+
     /// The cursor's key: a dry run keeps its own, so switching it off later sends
     /// everything for real.
     fn cursor_name(&self) -> String {
@@ -445,7 +453,7 @@ impl Ctx {
         let mirror = by == Sender::Mirror;
         let name = self.name();
         if self.config.dry_run {
-            tracing::info!(connector = name, method = %req.method, url = %req.url,
+            tracing::info!(method = %req.method, url = %req.url,
                 body = %req.body.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
                 "Dry run: would send.");
             return Sent::Ok;
@@ -544,7 +552,7 @@ impl Ctx {
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
                 .max(retry_after.unwrap_or_default());
-            tracing::debug!(connector = name, url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.cancel.cancelled() => return Sent::Cancelled,
@@ -658,7 +666,7 @@ impl Ctx {
         request: Option<&Request>,
         response: Option<TargetResponse>,
     ) -> Result<(), StoreError> {
-        tracing::warn!(connector = self.name(), seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), %reason, "Change set aside as a dead letter.");
+        tracing::warn!(seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), %reason, "Change set aside as a dead letter.");
         metrics::counter!("rosterd_dead_letters_total", "connector" => self.name().to_owned())
             .increment(1);
         self.store
@@ -822,14 +830,12 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
         Target::OneRoster { settings, .. } => {
             if known {
                 tracing::warn!(
-                    connector = ctx.name(),
                     first,
                     last,
                     "Changes #{first}..#{last} were compacted away before this connector delivered them; reconciling every object to bring the target up to date."
                 );
             } else {
                 tracing::info!(
-                    connector = ctx.name(),
                     first,
                     last,
                     "New connector on a compacted change log; reconciling every object first."
@@ -851,13 +857,12 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                     "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped; run `rosterd reconcile` once the target accepts them",
                     report.failed, report.drifted, report.unmappable
                 );
-                tracing::warn!(connector = ctx.name(), %reason, "Resync incomplete.");
+                tracing::warn!(%reason, "Resync incomplete.");
                 let mut h = ctx.live.health();
                 h.last_error = Some(reason);
                 h.last_error_at = Some(Utc::now());
             } else {
                 tracing::info!(
-                    connector = ctx.name(),
                     checked = report.checked,
                     sent = report.sent,
                     "Resync finished."
@@ -868,7 +873,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
             let reason = format!(
                 "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
             );
-            tracing::error!(connector = ctx.name(), first, last, "{reason}");
+            tracing::error!(first, last, "{reason}");
             metrics::counter!(crate::ops::metrics::CONNECTOR_CHANGES_LOST, "connector" => ctx.name().to_owned())
                 .increment(last - cursor);
             let mut h = ctx.live.health();
@@ -877,7 +882,6 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
         }
         _ => {
             tracing::info!(
-                connector = ctx.name(),
                 first = last + 1,
                 "New connector on a compacted change log; it starts at the oldest change kept."
             );
@@ -1062,7 +1066,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         }
         let upto = *durable.borrow_and_update();
         if ctx.config.dry_run {
-            tracing::info!(connector = ctx.name(), dir = %settings.dir.display(), "Dry run: would write the CSV files.");
+            tracing::info!(dir = %settings.dir.display(), "Dry run: would write the CSV files.");
         } else {
             let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
             let written = tokio::task::spawn_blocking(move || {
@@ -1076,11 +1080,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     let report: crate::connectors::csv::SnapshotReport = report;
                     ctx.live.success();
                     backoff = ctx.backoff();
-                    tracing::info!(
-                        connector = ctx.name(),
-                        users = report.users,
-                        "CSV files written."
-                    );
+                    tracing::info!(users = report.users, "CSV files written.");
                 }
                 Err(reason) => {
                     ctx.live.failure(
@@ -1089,7 +1089,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                         ctx.config.retry.pause_after_failures,
                         ctx.config.retry.pause(),
                     );
-                    tracing::error!(connector = ctx.name(), %reason, "Cannot write the CSV files.");
+                    tracing::error!(%reason, "Cannot write the CSV files.");
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -1341,7 +1341,7 @@ impl Dispatcher {
             live: live.clone(),
             cancel: cancel.clone(),
         });
-        let span = tracing::info_span!("connector", connector = %config.name, tenant = %config.tenant, kind = config.kind.as_str());
+        let span = ctx.span();
         let task_ctx = ctx.clone();
         let handle = tokio::spawn(
             async move {
@@ -1641,7 +1641,11 @@ impl Dispatcher {
         let plan = ctx.plan(&event).map_err(DispatchError::ReplayFailed)?;
         for stage in &plan.stages {
             for req in stage {
-                match ctx.send_as(req, Some(1), Sender::Operator).await {
+                match ctx
+                    .send_as(req, Some(1), Sender::Operator)
+                    .instrument(ctx.span())
+                    .await
+                {
                     Sent::Ok => {}
                     Sent::Cancelled => {
                         return Err(DispatchError::NotRunning(

@@ -11,6 +11,7 @@ use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
@@ -199,7 +200,9 @@ impl Dispatcher {
             };
             match &ctx.target {
                 Target::OneRoster { settings, .. } => {
-                    reconcile_oneroster(&ctx, settings, dry_run, &mut report).await?;
+                    reconcile_oneroster(&ctx, settings, dry_run, &mut report)
+                        .instrument(ctx.span())
+                        .await?;
                 }
                 Target::Csv { settings } => {
                     if dry_run {
@@ -293,7 +296,7 @@ pub(super) async fn reconcile_oneroster(
             }
             Sent::Refused { reason, .. } => {
                 report.failed += 1;
-                tracing::warn!(connector = ctx.name(), object = %item.object, %reason, "Reconciliation could not repair an object.");
+                tracing::warn!(object = %item.object, %reason, "Reconciliation could not repair an object.");
             }
             Sent::Cancelled => break,
         }

@@ -213,6 +213,7 @@ fn put_attr(
             match value {
                 Value::Null => {}
                 Value::String(s) => {
+                    no_nul(&s, "externalId")?;
                     out.insert("externalId".into(), Value::String(s));
                 }
                 _ => return Err(ScimError::invalid_value("externalId must be a string")),
@@ -346,6 +347,18 @@ fn normalize_complex(
     Ok((!out.is_empty()).then_some(Value::Object(out)))
 }
 
+/// A NUL character is valid JSON but no name, title or address holds one, and it would
+/// travel on into the CSV exports and downstream targets, where C-string tools cut the
+/// cell at it. Refused rather than stripped, so the client learns of it.
+fn no_nul(s: &str, path: &str) -> ScimResult<()> {
+    if s.contains('\0') {
+        return Err(ScimError::invalid_value(format!(
+            "{path}: the value contains a NUL character (U+0000)"
+        )));
+    }
+    Ok(())
+}
+
 fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Option<Value>> {
     let bad = |v: &Value| {
         ScimError::invalid_value(format!("{path}: expected a {}, got {v}", def.kind.as_str()))
@@ -360,6 +373,7 @@ fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Optio
             _ => return Err(bad(&Value::String(s))),
         },
         (AttrKind::String | AttrKind::Reference | AttrKind::Binary, Value::String(s)) => {
+            no_nul(&s, path)?;
             Value::String(s)
         }
         // Some clients send employee numbers and the like as JSON numbers.

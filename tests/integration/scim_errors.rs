@@ -98,6 +98,32 @@ async fn malformed_input_gets_scim_errors() {
         "{}",
         typo.body
     );
+    // A NUL character would travel on into CSV cells and downstream targets.
+    let nul = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Eng\u{0}ineer"}])),
+        )
+        .await;
+    assert_eq!(nul.status, 400, "{}", nul.body);
+    assert_eq!(nul.body["scimType"], "invalidValue");
+    assert!(
+        nul.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("title: the value contains a NUL"),
+        "{}",
+        nul.body
+    );
+    for body in [
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "n\u{0}l@x"}),
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "nul@x", "externalId": "\u{0}"}),
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "nul@x", "emails": [{"value": "a\u{0}@x"}]}),
+    ] {
+        let r = d.post("/Users", body.clone()).await;
+        assert_eq!(r.status, 400, "{body} {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidValue", "{}", r.body);
+    }
     // None of the failed requests changed the user.
     let g = d.get(&p).await;
     assert_eq!(g.body["meta"]["version"], g.header("etag").unwrap());
