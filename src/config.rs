@@ -302,9 +302,9 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
             "{expr:?} needs six fields: seconds minutes hours day-of-month month day-of-week"
         ));
     }
-    let cron = expr
-        .parse::<croner::Cron>()
-        .map_err(|e| format!("{expr:?}: {e}"))?;
+    let cron = expr.parse::<croner::Cron>().map_err(|e| {
+        format!("{expr:?}: {e} (the fields are: seconds 0-59, minutes 0-59, hours 0-23, day-of-month 1-31, month 1-12, day-of-week 0-7)")
+    })?;
     // Valid syntax can still name no date (30 February): whatever used it would never
     // run. No such date exists in any time zone, so UTC answers for all.
     if crate::schedule::next_run(&cron, chrono_tz::UTC).is_none() {
@@ -373,9 +373,17 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string();
+            // The standard library's message names no remedy, and `localhost:8080` is
+            // the first thing people write.
+            if message.contains("invalid socket address syntax") {
+                message.push_str("an IP address and a port are needed, such as 127.0.0.1:8080 or [::1]:8080; a host name such as localhost is not accepted\n");
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })?;
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.source = Some((path.to_owned(), text.to_owned()));
@@ -474,6 +482,13 @@ impl Config {
                 return Err(format!(
                     "key `tenants[{i}].id`: tenant {:?} is declared twice",
                     t.id
+                ));
+            }
+            if let Some(env) = &t.token_env
+                && (env.trim().is_empty() || env.contains('='))
+            {
+                return Err(format!(
+                    "key `tenants[{i}].token_env`: {env:?} is not an environment variable's name (it names the variable holding the token, e.g. \"ROSTERD_DEMO_TOKEN\", not the token)"
                 ));
             }
             if t.token_env.is_none() && t.token_hashes.is_empty() {
@@ -685,6 +700,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn common_slips_name_their_remedy() {
+        let err = |text: &str| {
+            Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("version = 1\n[server]\nlisten = \"localhost:8080\"\n");
+        assert!(e.contains("such as 127.0.0.1:8080"), "{e}");
+        for env in ["", " ", "T=secret"] {
+            let e = err(&format!(
+                "version = 1\n[[tenants]]\nid = \"a\"\ntoken_env = {env:?}\n"
+            ));
+            assert!(
+                e.contains("tenants[0].token_env") && e.contains("not an environment variable"),
+                "{e}"
+            );
+        }
+        let e = err("version = 1\n[schedules]\ncompact = \"0 61 * * * *\"\n");
+        assert!(
+            e.contains("schedules.compact") && e.contains("minutes 0-59"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -73,8 +73,10 @@ enum Command {
     Reconcile {
         #[command(flatten)]
         daemon: DaemonArgs,
+        /// The tenant whose connectors to reconcile.
         #[arg(long)]
         tenant: String,
+        /// Only report, per connector, what drifted and would be sent; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -430,6 +432,11 @@ fn check_config(path: PathBuf) -> Result<()> {
             );
         }
     }
+    if config.tenants.is_empty() {
+        eprintln!(
+            "warning: no [[tenants]]: `serve` would start, but every SCIM and Roster API request would be refused"
+        );
+    }
     println!(
         "{}: ok ({} tenant{})",
         path.display(),
@@ -638,6 +645,22 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
     if let Some(why) = problem {
         anyhow::bail!("--sub {sub:?}: {why}");
     }
+    // A token granting nothing, or already expired, would only meet 403 or 401.
+    let names: Vec<&str> = scope.split(' ').filter(|n| !n.is_empty()).collect();
+    if let Some(bad) = names
+        .iter()
+        .find(|n| rosterd::api::jwt::Scope::from_name(n).is_none())
+    {
+        anyhow::bail!(
+            "--scope: {bad:?} is no scope of the Roster API (roster:read, roster:write, roster:admin; several are separated by spaces)"
+        );
+    }
+    if names.is_empty() {
+        anyhow::bail!("--scope is empty: give roster:read, roster:write or roster:admin");
+    }
+    if ttl <= 0 {
+        anyhow::bail!("--ttl {ttl}: the token would be expired when made; give seconds > 0");
+    }
     let jwt = config
         .api
         .jwt
@@ -702,6 +725,8 @@ fn call_daemon(
         "no token given (--token or ROSTERD_API_TOKEN), and none can be minted from the config";
     let load = || Config::load(&daemon.config);
     let (base, config) = match &daemon.url {
+        // `--url 127.0.0.1:8080`, as `listen` is written, means plain HTTP.
+        Some(url) if !url.contains("://") => (format!("http://{url}"), None),
         Some(url) => (url.clone(), None),
         None => {
             let c = load()?;

@@ -89,7 +89,7 @@ impl Scope {
         }
     }
 
-    fn from_name(name: &str) -> Option<Scope> {
+    pub fn from_name(name: &str) -> Option<Scope> {
         match name {
             "roster:read" => Some(Scope::Read),
             "roster:write" => Some(Scope::Write),

@@ -141,12 +141,16 @@ impl IntoResponse for ApiError {
         let message = match &self {
             ApiError::Internal(StoreError::NotFound { .. }) => "not found".to_owned(),
             // As the SCIM side says it (server::error): only what is known.
-            ApiError::Internal(e) => {
-                tracing::error!(error = %e, "Store failure while serving a Roster API request.");
-                e.outage_message()
-                    .unwrap_or(crate::store::INTERNAL_ERROR_MESSAGE)
-                    .to_owned()
-            }
+            ApiError::Internal(e) => match e.outage_message() {
+                Some(m) => {
+                    crate::server::log_outage(e, "Roster API");
+                    m.to_owned()
+                }
+                None => {
+                    tracing::error!(error = %e, "Store failure while serving a Roster API request.");
+                    crate::store::INTERNAL_ERROR_MESSAGE.to_owned()
+                }
+            },
             ApiError::Disabled(reason) => {
                 tracing::debug!(%reason, "Roster API request while the API is off.");
                 self.to_string()
@@ -159,6 +163,10 @@ impl IntoResponse for ApiError {
             json!({"error": code, "message": message}).to_string(),
         )
             .into_response();
+        resp.extensions_mut().insert(crate::server::Refusal {
+            code,
+            detail: message,
+        });
         // RFC 6750 §3: a request without credentials is told only how to
         // authenticate; a refused token is `invalid_token`; a token short of a scope
         // is `insufficient_scope`, naming the scope.
@@ -448,7 +456,7 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
         })
         .ok_or(ApiError::Unauthorized(JwtError::Missing))?;
     let principal = verifier.verify(token)?;
-    tracing::Span::current().record("tenant", principal.tenant.as_str());
+    tracing::Span::current().record("tenant", tracing::field::display(&principal.tenant));
     // Every copy of the header counts: a proxy that checks only one of them must not be
     // able to disagree with us about which tenant was asked for.
     for name in ["x-tenant", "x-claresia-tenant"] {

@@ -204,8 +204,21 @@ impl Dispatcher {
                         .instrument(ctx.span())
                         .await?;
                 }
+                // A reconciliation that rewrote a scheduled connector's files would hand
+                // its consumer a file it expects only at the scheduled time (and a
+                // second one that night). The `[schedules] export` run still writes them.
+                Target::Csv { settings } if only.is_none() && settings.schedule.is_some() => {
+                    report.note = Some(
+                        "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation"
+                            .into(),
+                    );
+                }
                 Target::Csv { settings } => {
                     if dry_run {
+                        report.checked =
+                            self.store.count(tenant, crate::scim::ResourceKind::User)?;
+                        // The files are one object, rewritten whole.
+                        report.drifted = 1;
                         report.note = Some("would rewrite the CSV files".into());
                     } else {
                         let (store, t, s) =
@@ -218,6 +231,7 @@ impl Dispatcher {
                         match r {
                             Ok(rep) => {
                                 report.checked = rep.users;
+                                report.drifted = 1;
                                 report.sent = 1;
                                 report.note = Some("CSV files rewritten".into());
                             }

@@ -20,7 +20,7 @@
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
 //! `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
 //! `rosterd_connector_changes_lost_total` (dispatch),
-//! `rosterd_jobs_total{tenant,kind,status}` (schedule: each job that ended; server: those a stop interrupted).
+//! `rosterd_jobs_total{tenant,kind,trigger,status}` (schedule: each job that ended; server: those a stop interrupted).
 
 use axum::Json;
 use axum::Router;

@@ -200,7 +200,16 @@ async fn run_job(
                             job.status = JobStatus::Failed;
                             job.error = Some("some drifted objects could not be re-sent; see the connectors' last errors".into());
                         }
-                        tracing::info!(counts = ?job.counts, "Reconciliation finished.");
+                        // One field each, so a JSON log holds numbers, not a map in a string.
+                        let n = |k: &str| job.counts.get(k).copied().unwrap_or(0);
+                        tracing::info!(
+                            drift_checked = n("drift_checked"),
+                            drift_found = n("drift_found"),
+                            drift_repaired_from_target = n("drift_repaired_from_target"),
+                            drift_sent = n("drift_sent"),
+                            drift_failed = n("drift_failed"),
+                            "Reconciliation finished."
+                        );
                     }
                     Err(e) => {
                         job.status = JobStatus::Failed;
@@ -355,19 +364,25 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
     let mut parts = Vec::new();
     for t in &state.config.tenants {
         let tenant = t.id.as_str();
-        let part = match name {
+        // Whether this tenant's part failed: such a run is a WARN, which the
+        // `journalctl -p warning` the README suggests shows.
+        let (part, failed) = match name {
             "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
-                Ok(job) => format!("{tenant}: job {}", job.job_id),
-                Err(JobError::AlreadyRunning(_)) => format!("{tenant}: skipped, a job is running"),
-                Err(e) => format!("{tenant}: failed: {e}"),
+                Ok(job) => (format!("{tenant}: job {}", job.job_id), false),
+                Err(JobError::AlreadyRunning(_)) => {
+                    (format!("{tenant}: skipped, a job is running"), false)
+                }
+                Err(e) => (format!("{tenant}: failed: {e}"), true),
             },
             "export" => match state.dispatch.export(tenant).await {
-                Ok(r) => format!(
-                    "{tenant}: {} CSV connector(s), {} failed",
-                    r.len(),
-                    r.iter().filter(|r| r.failed > 0).count()
-                ),
-                Err(e) => format!("{tenant}: failed: {e}"),
+                Ok(r) => {
+                    let failed = r.iter().filter(|r| r.failed > 0).count();
+                    (
+                        format!("{tenant}: {} CSV connector(s), {failed} failed", r.len()),
+                        failed > 0,
+                    )
+                }
+                Err(e) => (format!("{tenant}: failed: {e}"), true),
             },
             "compact" => {
                 let retention = chrono::Duration::hours(
@@ -380,24 +395,41 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
                     .compact_changes(tenant, upto, Utc::now() - retention)
                     .await
                 {
-                    Ok(n) => format!("{tenant}: {n} change events removed (up to #{upto})"),
-                    Err(e) => format!("{tenant}: failed: {e}"),
+                    Ok(n) => (
+                        format!("{tenant}: {n} change events removed (up to #{upto})"),
+                        false,
+                    ),
+                    Err(e) => (format!("{tenant}: failed: {e}"), true),
                 }
             }
             _ => continue,
         };
-        tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+        if failed {
+            tracing::warn!(schedule = name, result = %part, "Scheduled run failed.");
+        } else {
+            tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+        }
         parts.push(part);
     }
     parts.join("; ")
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).
+///
+/// A job records what started it (`bundle_change`, `scim_sync`, `schedule`); the metric's
+/// `kind` is the work, which is what an alert is written against, and `trigger` is the
+/// record's kind.
 pub(crate) fn count_finished_job(tenant: &str, job: &crate::store::Job) {
+    let kind = if job.kind == "bundle_change" {
+        "reclassify"
+    } else {
+        "reconcile"
+    };
     metrics::counter!(
         crate::ops::metrics::JOBS_TOTAL,
         "tenant" => tenant.to_owned(),
-        "kind" => job.kind.clone(),
+        "kind" => kind,
+        "trigger" => job.kind.clone(),
         "status" => job.status.as_str(),
     )
     .increment(1);

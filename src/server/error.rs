@@ -38,7 +38,7 @@ pub fn store_to_scim(e: StoreError) -> ScimError {
         StoreError::Rejected(e) => e,
         other => match other.outage_message() {
             Some(message) => {
-                tracing::error!(error = %other, "Store outage while serving a SCIM request.");
+                crate::server::log_outage(&other, "SCIM");
                 ScimError::new(503, None, message)
             }
             None => {
@@ -55,6 +55,10 @@ impl IntoResponse for ScimFailure {
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = self.0.to_json().to_string();
         let mut resp = (status, body).into_response();
+        resp.extensions_mut().insert(crate::server::Refusal {
+            code: self.0.scim_type.map_or("", |t| t.as_str()),
+            detail: self.0.detail,
+        });
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

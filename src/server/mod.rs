@@ -577,6 +577,42 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What a refused request was told, left on the response by the one place each protocol
+/// renders its errors, so the request's log line can say it.
+#[derive(Clone, Debug)]
+pub(crate) struct Refusal {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+/// A refused request is logged with what its client was told, so an operator holding the
+/// request id an identity provider reports (or the 401s after a token rotation) finds it.
+/// Wrong or missing credentials are WARN: nothing works until someone fixes them. Other
+/// refusals are routine (an IdP probing for a user that does not exist gets 404) and INFO.
+fn log_finished(resp: &Response, elapsed: std::time::Duration) {
+    let status = resp.status().as_u16();
+    let micros = elapsed.as_micros() as u64;
+    match resp.extensions().get::<Refusal>() {
+        Some(r) if matches!(status, 401 | 403) => {
+            tracing::warn!(status, code = r.code, detail = %r.detail, "Request refused: credentials.")
+        }
+        Some(r) if status < 500 => {
+            tracing::info!(status, code = r.code, detail = %r.detail, "Request refused.")
+        }
+        _ => tracing::debug!(status, micros, "Request finished."),
+    }
+}
+
+/// A store outage is logged where the store failed, once; each request it refuses after
+/// that would only repeat it.
+pub(crate) fn log_outage(e: &crate::store::StoreError, face: &str) {
+    if matches!(e, crate::store::StoreError::Failed(_)) {
+        tracing::debug!(error = %e, "{face} request refused: the store has failed.");
+    } else {
+        tracing::error!(error = %e, "Store outage while serving a {face} request.");
+    }
+}
+
 /// Give every request an id (the client's `X-Request-Id` if sane, else a fresh one), run
 /// it inside a span carrying that id and the tenant, echo the id back, and count it in the
 /// HTTP and SCIM metrics (labelled by route template, never by raw path).
@@ -611,7 +647,7 @@ async fn request_span(
         path = %path,
     );
     if !tenant.is_empty() {
-        span.record("tenant", tenant.as_str());
+        span.record("tenant", tracing::field::display(&tenant));
     }
     // Only a configured tenant may become a metric label: the path is the client's.
     let metrics_tenant = state
@@ -628,13 +664,7 @@ async fn request_span(
     let started = std::time::Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
-    span.in_scope(|| {
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            micros = elapsed.as_micros() as u64,
-            "Request finished."
-        )
-    });
+    span.in_scope(|| log_finished(&resp, elapsed));
     crate::ops::metrics::record_request(
         route.as_ref().map(|r| r.as_str()),
         &method,

@@ -551,6 +551,36 @@ fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
     let (ok, out, err) = mint("ops@example.com");
     assert!(ok, "{err}");
     assert_eq!(out.trim().matches('.').count(), 2, "{out}");
+    // Nor a token that grants nothing or is expired when made.
+    let mint_with = |flag: &str, value: &str| {
+        rosterd_env(
+            &[
+                "token",
+                "jwt",
+                "--config",
+                config.to_str().unwrap(),
+                "--tenant",
+                "t",
+                flag,
+                value,
+            ],
+            &[("ROSTERD_CLI_TEST_SECRET", &"s".repeat(32))],
+        )
+    };
+    for (flag, value, why) in [
+        ("--scope", "roster:bogus", "no scope of the Roster API"),
+        ("--scope", " ", "empty"),
+        ("--ttl", "0", "expired"),
+    ] {
+        let (ok, out, err) = mint_with(flag, value);
+        assert!(!ok, "{flag} {value:?} minted {out}");
+        assert!(
+            err.contains(flag) && err.contains(why),
+            "{flag} {value:?}: {err}"
+        );
+    }
+    let (ok, _, err) = mint_with("--scope", "roster:read roster:admin");
+    assert!(ok, "{err}");
 }
 
 /// The commands that talk to a running daemon read the config only for what their flags
@@ -591,6 +621,17 @@ async fn daemon_commands_with_url_read_no_config() {
     let (ok, out, err) = cli(args(&["status"], &missing, &["--json"])).await.unwrap();
     assert!(ok, "{err}");
     assert!(out.contains("\"config_file_error\""), "{out}");
+    // Written as `listen` is, without a scheme.
+    let bare = vec![
+        "status".to_string(),
+        "--config".into(),
+        missing.to_str().unwrap().into(),
+        "--url".into(),
+        d.addr.to_string(),
+    ];
+    let (ok, out, err) = cli(bare).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("tenant acme:"), "{out}");
 
     let with_token = ["--token", token.as_str()];
     let (ok, out, err) = cli(args(

@@ -660,13 +660,14 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
     // Alerts on job outcomes see it too: it ended, as interrupted.
     let metrics = d.metrics().await;
-    let kind = j["kind"].as_str().unwrap();
+    let trigger = j["kind"].as_str().unwrap();
     let counted: Vec<&str> = metrics
         .lines()
         .filter(|l| {
             l.starts_with("rosterd_jobs_total{")
                 && l.contains("status=\"interrupted\"")
-                && l.contains(&format!("kind=\"{kind}\""))
+                && l.contains("kind=\"reconcile\"")
+                && l.contains(&format!("trigger=\"{trigger}\""))
                 && l.contains(&format!("tenant=\"{TENANT}\""))
         })
         .collect();

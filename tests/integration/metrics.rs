@@ -366,7 +366,12 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
             && value(
                 s,
                 "rosterd_jobs_total",
-                &[("tenant", TENANT), ("status", "succeeded")],
+                &[
+                    ("tenant", TENANT),
+                    ("kind", "reclassify"),
+                    ("trigger", "bundle_change"),
+                    ("status", "succeeded"),
+                ],
             )
             .is_some_and(|v| v >= 1.0)
     })
@@ -375,7 +380,12 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
     at_least(
         &samples,
         "rosterd_jobs_total",
-        &[("tenant", TENANT), ("status", "succeeded")],
+        &[
+            ("tenant", TENANT),
+            ("kind", "reclassify"),
+            ("trigger", "bundle_change"),
+            ("status", "succeeded"),
+        ],
         1.0,
     );
     at_least(&samples, "rosterd_bundle_archetypes", &tenant, 2.0);

@@ -65,6 +65,7 @@ async fn sighup_reloads_a_changed_bundle_and_reclassifies() {
 /// one would (`fail_next_flush_in`); everything after that is the production path.
 #[tokio::test]
 async fn a_failed_store_is_reported_everywhere_and_the_daemon_exits_to_be_restarted() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let mut d = TestDaemon::start().await;
     d.create_user("before@acme.test").await;
     // The start's reclassification must not take the failed flush: a write applied just
@@ -87,10 +88,19 @@ async fn a_failed_store_is_reported_everywhere_and_the_daemon_exits_to_be_restar
         "{detail}"
     );
     // Refused from now on, though the next flush would succeed: sled would not.
-    let r = d
-        .post("/Users", crate::harness::user("after@acme.test"))
-        .await;
-    assert_eq!(r.status, 503, "{}", r.body);
+    for n in 0..3 {
+        let r = d
+            .post(
+                "/Users",
+                crate::harness::user(&format!("after{n}@acme.test")),
+            )
+            .await;
+        assert_eq!(r.status, 503, "{}", r.body);
+    }
+    // The request that met the failure logs it (the store's own line comes from its
+    // commit thread); the requests refused after it do not repeat it.
+    let errors = logs.lines(" ERROR ");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
 
     let ready = d.raw(Method::GET, &d.url("/readyz"), None, &[], None).await;
     assert_eq!(ready.status, 503);
@@ -162,4 +172,75 @@ async fn a_reload_says_when_the_edited_config_file_would_not_start() {
     std::fs::write(&path, &good).unwrap();
     d.reload().await;
     assert!(d.status().await["config_file_error"].is_null());
+}
+
+#[tokio::test]
+async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was_told() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    let bad = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users?filter=userName%20zz%20%22x%22"),
+            Some(&d.token),
+            &[("x-request-id", "idp-req-123")],
+            None,
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let line = logs.lines("idp-req-123");
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(
+        line[0].contains(" INFO ")
+            && line[0].contains("Request refused.")
+            && line[0].contains("status=400")
+            && line[0].contains("code=\"invalidFilter\"")
+            && line[0].contains(&format!("tenant={TENANT}")),
+        "{line:?}"
+    );
+    // A wrong token is WARN: nothing the IdP sends works until someone fixes it.
+    let denied = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some("not-the-token"),
+            &[("x-request-id", "idp-req-401")],
+            None,
+        )
+        .await;
+    assert_eq!(denied.status, 401);
+    let line = logs.lines("idp-req-401");
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(
+        line[0].contains(" WARN ") && line[0].contains("status=401"),
+        "{line:?}"
+    );
+    // The Roster API's refusals too, with their error code.
+    let api = d
+        .raw(
+            Method::GET,
+            &d.url("/api/v1/roster/users"),
+            None,
+            &[("x-request-id", "api-req-1")],
+            None,
+        )
+        .await;
+    assert_eq!(api.status, 401);
+    let line = logs.lines("api-req-1");
+    assert!(
+        line.len() == 1 && line[0].contains("code=\"token_missing\""),
+        "{line:?}"
+    );
+    // A request that succeeds is not logged at INFO.
+    let ok = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[("x-request-id", "idp-req-ok")],
+            None,
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    assert!(logs.lines("idp-req-ok").is_empty());
 }

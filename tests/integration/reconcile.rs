@@ -434,3 +434,64 @@ async fn serve_refuses_a_connectors_directory_that_does_not_exist() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
+    let csv = |name: &str, extra: &str| {
+        (
+            format!("{name}.toml"),
+            format!(
+                "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}-out\"\n{extra}"
+            ),
+        )
+    };
+    let d = TestDaemon::start_with(Options {
+        // New Year's midnight: not during the test.
+        connectors: vec![
+            csv("nightly", "schedule = \"0 0 0 1 1 *\"\n"),
+            csv("live", "debounce_ms = 100\n"),
+        ],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    d.create_user("bob@acme.test").await;
+    caught_up(&d, "live").await;
+    let nightly = d.root.join("connectors/nightly-out/roster.csv");
+    let live = d.root.join("connectors/live-out/roster.csv");
+    assert!(!nightly.exists());
+    let admin = d.jwt(TENANT, "roster:admin");
+    // The dry run says what the real run does.
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = |body: &Value, name: &str| {
+        body["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["connector"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {body}"))
+    };
+    let l = report(&r.body, "live");
+    assert_eq!(
+        (l["checked"].as_u64(), l["drifted"].as_u64()),
+        (Some(2), Some(1)),
+        "{l}"
+    );
+    let n = report(&r.body, "nightly");
+    assert_eq!(n["drifted"], 0, "{n}");
+    assert!(n["note"].as_str().unwrap().contains("own schedule"), "{n}");
+
+    std::fs::remove_file(&live).unwrap();
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(live.exists(), "the on-change connector was not rewritten");
+    assert!(
+        !nightly.exists(),
+        "a reconciliation wrote the scheduled connector's files"
+    );
+    assert_eq!(job["counts"]["drift_sent"], 1, "{job}");
+}
