@@ -56,6 +56,19 @@ impl AttrPath {
     pub fn is_core(&self) -> bool {
         self.urn.as_deref().is_none_or(is_core_urn)
     }
+
+    /// Give an extension attribute named without its URN (`department`) the URN of the
+    /// one extension that has it (see [`schema::extension_owning`]). Only User has
+    /// extensions, and none of their attribute names is a Group attribute, so a path
+    /// qualified here means the same on either resource.
+    fn qualify(&mut self) {
+        if self.urn.is_none()
+            && !self.attr.is_empty()
+            && let Some(ext) = schema::extension_owning(ResourceKind::User, &self.attr)
+        {
+            self.urn = Some(ext.id.to_owned());
+        }
+    }
 }
 
 fn is_core_urn(u: &str) -> bool {
@@ -504,10 +517,11 @@ pub fn parse_filter(input: &str) -> ScimResult<Filter> {
         terms: 0,
         err,
     };
-    let f = p.or_expr(false)?;
+    let mut f = p.or_expr(false)?;
     if let Some(t) = p.peek() {
         return Err(err(format!("unexpected {t} after a complete filter")));
     }
+    f.qualify();
     Ok(f)
 }
 
@@ -516,11 +530,12 @@ pub fn parse_path(input: &str) -> ScimResult<PatchPath> {
     let err: fn(String) -> ScimError = ScimError::invalid_path;
     let toks = tokenize(input, err)?;
     let mut it = toks.into_iter();
-    let attr = match it.next() {
+    let mut attr = match it.next() {
         Some(Tok::Word(w)) => parse_attr_path(&w, err)?,
         Some(t) => return Err(err(format!("path must start with an attribute, found {t}"))),
         None => return Err(err("empty path".into())),
     };
+    attr.qualify();
     let rest: Vec<Tok> = it.collect();
     if rest.is_empty() {
         return Ok(PatchPath {
@@ -570,7 +585,11 @@ pub fn parse_attr_list(s: &str) -> ScimResult<Vec<AttrPath>> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| parse_attr_path(p, ScimError::invalid_value))
+        .map(|p| {
+            let mut path = parse_attr_path(p, ScimError::invalid_value)?;
+            path.qualify();
+            Ok(path)
+        })
         .collect()
 }
 
@@ -749,6 +768,21 @@ fn ordered(op: CompareOp, o: Ordering) -> bool {
 }
 
 impl Filter {
+    /// Qualify the attribute paths outside value filters (inside one, names are the
+    /// parent's sub-attributes).
+    fn qualify(&mut self) {
+        match self {
+            Filter::Compare { path, .. }
+            | Filter::Present(path)
+            | Filter::ValuePath { path, .. } => path.qualify(),
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.qualify();
+                b.qualify();
+            }
+            Filter::Not(f) => f.qualify(),
+        }
+    }
+
     /// The first attribute path the filter compares or tests for presence, outside any
     /// value filter, for which `known` says no.
     pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<&AttrPath> {
@@ -953,9 +987,19 @@ mod tests {
             ENTERPRISE_USER_SCHEMA.to_lowercase()
         )));
         assert!(m(&format!(r#"{USER_SCHEMA}:name.givenName eq "barbara""#)));
-        assert!(
-            !m(r#"employeeNumber eq "701984""#),
-            "extension needs its URN"
+        // Unqualified, an attribute only the extension has is the extension's (RFC 7644
+        // §3.10: SHOULD qualify).
+        assert!(m(r#"employeeNumber eq "701984""#));
+        assert!(!m(r#"employeeNumber eq "701985""#));
+        let f = parse_filter(r#"department eq "x" and emails[type eq "work"]"#).unwrap();
+        let paths: Vec<String> = f.attr_paths().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            paths,
+            [
+                format!("{ENTERPRISE_USER_SCHEMA}:department"),
+                "emails".into()
+            ],
+            "the value filter's names stay the parent's sub-attributes"
         );
     }
 

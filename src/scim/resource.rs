@@ -139,6 +139,20 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
             ignored.push(key);
             continue;
         }
+        let top = key.split_once('.').map_or(key.as_str(), |(a, _)| a);
+        if let Some(ext) = schema::extension_owning(kind, top) {
+            let mut m = Map::new();
+            put_attr(
+                ext,
+                &mut m,
+                &key,
+                value,
+                &mut ignored,
+                &format!("{}:", ext.id),
+            )?;
+            merge_ext(&mut exts, ext, m);
+            continue;
+        }
         put_attr(core, &mut out, &key, value, &mut ignored, "")?;
     }
 

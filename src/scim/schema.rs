@@ -193,6 +193,25 @@ pub fn lookup(
     }
 }
 
+/// The extension an unqualified attribute name belongs to, when the core schema and the
+/// common attributes do not have it and exactly one extension of `kind` does
+/// (`department`, `manager`). RFC 7644 §3.10 says clients SHOULD qualify extension
+/// attributes, not MUST; a provider that does not would otherwise see the attribute
+/// ignored or refused although its meaning is plain.
+pub fn extension_owning(kind: ResourceKind, attr: &str) -> Option<&'static SchemaDef> {
+    if find(core_schema(kind).attributes, attr).is_some() || lookup_common(attr, None).is_some() {
+        return None;
+    }
+    let mut owners = schemas_of(kind)
+        .iter()
+        .skip(1)
+        .filter(|s| find(s.attributes, attr).is_some());
+    match (owners.next(), owners.next()) {
+        (Some(one), None) => Some(*one),
+        _ => None,
+    }
+}
+
 /// Resolve a common attribute (RFC 7643 §3.1), case-insensitively.
 pub fn lookup_common(attr: &str, sub: Option<&str>) -> Option<&'static AttrDef> {
     resolve_sub(find(COMMON_ATTRIBUTES, attr)?, sub)

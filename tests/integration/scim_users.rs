@@ -267,3 +267,63 @@ async fn at_most_one_email_is_primary() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(primaries(&r.body), ["old@example.com"], "{}", r.body);
 }
+
+/// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
+/// `department` or `manager`, which only the enterprise extension has, lands there
+/// instead of being ignored (a POST) or refused (a PATCH path).
+#[tokio::test]
+async fn unqualified_enterprise_attributes_land_in_the_extension() {
+    let d = TestDaemon::start().await;
+    let boss = d.create_user("boss@acme.test").await;
+    let r = d
+        .post(
+            "/Users",
+            json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": "plain@acme.test",
+                "department": "Finance",
+                "employeeNumber": "E-7",
+                "manager": {"value": boss},
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let ext = &r.body[ENTERPRISE];
+    assert_eq!(ext["department"], "Finance", "{}", r.body);
+    assert_eq!(ext["employeeNumber"], "E-7", "{}", r.body);
+    assert_eq!(ext["manager"]["value"], boss.as_str(), "{}", r.body);
+    assert!(r.body.get("department").is_none(), "{}", r.body);
+    let p = format!("/Users/{}", r.body["id"].as_str().unwrap());
+
+    let r = d
+        .patch(
+            &p,
+            patch_op(json!([
+                {"op": "replace", "path": "department", "value": "Sales"},
+                {"op": "replace", "value": {"costCenter": "CC-1"}},
+                {"op": "remove", "path": "manager"},
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ext = &r.body[ENTERPRISE];
+    assert_eq!(ext["department"], "Sales", "{}", r.body);
+    assert_eq!(ext["costCenter"], "CC-1", "{}", r.body);
+    assert!(ext.get("manager").is_none(), "{}", r.body);
+
+    // The Roster API reads the extension, so it sees them.
+    let reader = d.jwt(TENANT, "roster:read");
+    let u = d
+        .roster(
+            reqwest::Method::GET,
+            "/users/user:plain@acme.test",
+            &reader,
+            None,
+        )
+        .await;
+    assert_eq!(u.body["department"], "Sales", "{}", u.body);
+    // A filter on the unqualified name finds the user too.
+    let f = d.get("/Users?filter=department%20eq%20%22Sales%22").await;
+    assert_eq!(f.status, 200, "{}", f.body);
+    assert_eq!(f.body["totalResults"], 1, "{}", f.body);
+}
