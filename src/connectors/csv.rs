@@ -160,6 +160,7 @@ pub fn write_snapshot(
 ) -> Result<SnapshotReport, CsvError> {
     let dir = settings.dir.as_path();
     std::fs::create_dir_all(dir).map_err(io_err("create the directory", dir))?;
+    remove_stale_staged(dir, &[&settings.file_name, BUNDLE_FILE, ROLES_SPOOL]);
     let seq = store.last_seq(tenant)?;
 
     let roster = Staged::create(dir, &settings.file_name)?;
@@ -215,6 +216,46 @@ struct Staged {
 
 /// Tells apart temporary files of one process (two connectors may share a directory).
 static STAGED: AtomicU64 = AtomicU64::new(0);
+
+/// The spool roles.csv is written to while users.csv goes into the zip.
+const ROLES_SPOOL: &str = "oneroster.roles.csv";
+
+/// Remove the temporary files of `names` that a process no longer running left behind:
+/// a `kill -9` or power loss mid-write skips [`Staged`]'s drop, and each such file is a
+/// partial copy of the export, so a restart loop would fill the volume. A file of a
+/// process still running (another daemon writing the same names) is left alone.
+fn remove_stale_staged(dir: &Path, names: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let ours = std::process::id();
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let file = file.to_string_lossy();
+        let Some(pid) = names.iter().find_map(|n| {
+            file.strip_prefix(&format!(".{n}.tmp-"))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, n)| {
+                    (n.bytes().all(|b| b.is_ascii_digit()))
+                        .then(|| pid.parse::<u32>().ok())
+                        .flatten()
+                })
+        }) else {
+            continue;
+        };
+        if pid == ours || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_file(e.path()) {
+            Ok(()) => {
+                tracing::info!(file = %e.path().display(), "Removed a temporary file an interrupted write left behind.")
+            }
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), error = %err, "Cannot remove a temporary file an interrupted write left behind.")
+            }
+        }
+    }
+}
 
 impl Staged {
     fn create(dir: &Path, name: &str) -> Result<Staged, CsvError> {
@@ -603,7 +644,7 @@ fn write_bundle(
     // temporary file meanwhile, since a zip entry is written in one piece.
     let spool = Staged::create(
         staged.target.parent().unwrap_or(Path::new(".")),
-        "oneroster.roles.csv",
+        ROLES_SPOOL,
     )?;
     let mut roles = Rows {
         w: csv_writer(BufWriter::new(&spool.file)),
@@ -973,6 +1014,36 @@ mod tests {
         crate::api::write_roster_csv(&fx.store, T, &mut direct).unwrap();
         assert_eq!(direct, bytes);
         assert_eq!(listing(&dir), vec!["roster.csv"]);
+    }
+
+    #[tokio::test]
+    async fn temporary_files_of_a_process_gone_are_removed_at_the_next_write() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        // No process has this pid, so these were left by a crash.
+        let gone = u32::MAX - 1;
+        let alive = std::process::id();
+        let left = [
+            format!(".roster.csv.tmp-{gone}-0"),
+            format!(".oneroster.zip.tmp-{gone}-1"),
+            format!(".oneroster.roles.csv.tmp-{gone}-2"),
+        ];
+        // Someone else's, or of a process still running: kept.
+        let kept = [
+            format!(".roster.csv.tmp-{alive}-999"),
+            format!(".other.csv.tmp-{gone}-0"),
+            "notes.txt".to_owned(),
+        ];
+        for name in left.iter().chain(&kept) {
+            std::fs::write(out.path().join(name), "partial").unwrap();
+        }
+        write_snapshot(&fx.store, T, &settings(out.path())).unwrap();
+        let mut after = listing(out.path());
+        after.sort();
+        let mut want: Vec<String> = kept.to_vec();
+        want.extend(["oneroster.zip".to_owned(), "roster.csv".to_owned()]);
+        want.sort();
+        assert_eq!(after, want);
     }
 
     #[tokio::test]

@@ -64,7 +64,9 @@ pub fn new_token() -> (String, TokenHash) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
-    #[error("tenant {tenant:?}: environment variable {var} (token_env) is not set or empty")]
+    #[error(
+        "tenant {tenant:?}: environment variable {var} (token_env) is not set or empty; set it where the daemon runs (under systemd: /etc/rosterd/env, the unit's EnvironmentFile) and start it again"
+    )]
     MissingEnv { tenant: String, var: String },
     #[error("tenant {tenant:?}: {source}")]
     BadHash {

@@ -45,6 +45,29 @@ fn dead_key(connector: &str, id: u64) -> Vec<u8> {
 
 const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
 
+/// `D conn SEP seq what` → the id of the dead letter holding that change's request.
+/// After a crash the batch is delivered again, and a target that refused a request
+/// refuses it again: the letter it already has is kept instead of a second one.
+/// `what` tells a change's requests apart (a webhook sends one event per type, a
+/// OneRoster user its enrollments): method, URL and a hash of the body, or the reason
+/// for a change that never became a request.
+fn dead_ref_key(letter: &DeadLetter) -> Vec<u8> {
+    let mut k = tagged(b'D', &letter.connector);
+    k.push(SEP);
+    k.extend_from_slice(&letter.event.seq.to_be_bytes());
+    let what = match &letter.request {
+        Some(r) => format!(
+            "{} {} {:032x}",
+            r.method,
+            r.url,
+            crate::classify::fnv1a_128(r.body.as_deref().unwrap_or("").as_bytes())
+        ),
+        None => format!("- {}", letter.reason),
+    };
+    k.extend_from_slice(what.as_bytes());
+    k
+}
+
 /// `h conn SEP object` → content hash of the last delivered state.
 fn hash_prefix(connector: &str) -> Vec<u8> {
     let mut k = tagged(b'h', connector);
@@ -221,11 +244,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Set a change aside; returns the dead letter's id.
+    /// Set a change aside; returns the dead letter's id. The same request of the same
+    /// change set aside again (its batch was delivered again after a crash) keeps the
+    /// letter it has, with its id.
     pub async fn add_dead_letter(&self, tenant: &str, mut letter: DeadLetter) -> StoreResult<u64> {
         self.write(tenant, move |txn| {
+            let reference = dead_ref_key(&letter);
+            if let Some(v) = txn.get(&reference)? {
+                let id = decode_u64(&v, "dead-letter reference")?;
+                if txn.exists(&dead_key(&letter.connector, id))? {
+                    return Ok(id);
+                }
+            }
             let id = txn.next_counter(DEAD_SEQ_KEY, "dead-letter counter")?;
             letter.id = id;
+            txn.put(reference, id.to_be_bytes().to_vec());
             txn.put(
                 dead_key(&letter.connector, id),
                 serde_json::to_vec(&letter).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -270,11 +303,15 @@ impl Store {
     ) -> StoreResult<bool> {
         let key = dead_key(connector, id);
         self.write(tenant, move |txn| {
-            let existed = txn.exists(&key)?;
-            if existed {
-                txn.del(key);
+            let Some(v) = txn.get(&key)? else {
+                return Ok(false);
+            };
+            // A letter that no longer decodes still goes; only its reference stays.
+            if let Ok(letter) = super::decode::<DeadLetter>(&v) {
+                txn.del(dead_ref_key(&letter));
             }
-            Ok(existed)
+            txn.del(key);
+            Ok(true)
         })
         .await
     }
@@ -323,7 +360,36 @@ mod tests {
                 event: event(3),
             };
             assert_eq!(store.add_dead_letter("t", letter.clone()).await.unwrap(), 1);
-            assert_eq!(store.add_dead_letter("t", letter).await.unwrap(), 2);
+            // The same change refused again (its batch was delivered again after a
+            // crash) keeps its letter.
+            assert_eq!(store.add_dead_letter("t", letter.clone()).await.unwrap(), 1);
+            // Another request of the same change is a letter of its own.
+            let enrollment = DeadLetter {
+                request: Some(SentRequest {
+                    method: "PUT".into(),
+                    url: "http://sis/enrollments/e1".into(),
+                    body: Some("{}".into()),
+                }),
+                ..letter.clone()
+            };
+            assert_eq!(
+                store
+                    .add_dead_letter("t", enrollment.clone())
+                    .await
+                    .unwrap(),
+                2
+            );
+            assert_eq!(store.add_dead_letter("t", enrollment).await.unwrap(), 2);
+            let other_body = DeadLetter {
+                request: Some(SentRequest {
+                    method: "PUT".into(),
+                    url: "http://sis/enrollments/e1".into(),
+                    body: Some("{\"x\":1}".into()),
+                }),
+                ..letter.clone()
+            };
+            assert_eq!(store.add_dead_letter("t", other_body).await.unwrap(), 3);
+            assert!(store.remove_dead_letter("t", "or", 3).await.unwrap());
             store.close().unwrap();
         }
         let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
@@ -337,6 +403,17 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, 2);
         assert_eq!(left[0].event.seq, 3);
+        // A letter removed (replayed or discarded) and refused again is set aside again.
+        let again = DeadLetter {
+            id: 0,
+            connector: "or".into(),
+            at: Utc::now(),
+            reason: "400 from target".into(),
+            request: None,
+            response: None,
+            event: event(3),
+        };
+        assert_eq!(store.add_dead_letter("t", again).await.unwrap(), 4);
         store
             .advance_cursor("t", "or", 9, vec![("User/u1".into(), None)])
             .await
