@@ -901,7 +901,14 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
         None,
     )?;
     fail_unless_ok(status, &body)?;
-    println!("{connector}: resumed");
+    // A daemon from before `was_paused` answered only when it resumed something.
+    if body["was_paused"].as_bool().unwrap_or(true) {
+        println!("{connector}: resumed");
+    } else {
+        println!(
+            "{connector}: was not paused; nothing to resume (its count of failures in a row starts afresh)"
+        );
+    }
     Ok(())
 }
 
@@ -1046,14 +1053,21 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         }
     }
     for c in s["connectors"].as_array().cloned().unwrap_or_default() {
+        let paused = match (&c["paused"], c["paused_until"].as_str()) {
+            (serde_json::Value::Bool(true), Some(until)) => {
+                format!(", PAUSED until {}", rfc3339(until))
+            }
+            // A pause without an end waits for `rosterd resume` or a reload.
+            (serde_json::Value::Bool(true), None) => ", PAUSED until resumed".to_owned(),
+            _ => String::new(),
+        };
         println!(
-            "connector {} ({}, tenant {}){}: {}{}",
+            "connector {} ({}, tenant {}){}: {}{paused}",
             str_of(&c["name"]),
             str_of(&c["kind"]),
             str_of(&c["tenant"]),
             if c["dry_run"] == true { " DRY RUN" } else { "" },
             str_of(&c["state"]),
-            if c["paused"] == true { ", PAUSED" } else { "" },
         );
         println!(
             "    cursor #{}  lag {} events / {:.1} s  delivered {}  retries {}  dead letters {}  last success {}",
@@ -1068,7 +1082,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         if !c["last_error"].is_null() {
             println!(
                 "    last error ({}): {}",
-                str_of(&c["last_error_at"]),
+                c["last_error_at"].as_str().map_or("-".to_owned(), rfc3339),
                 str_of(&c["last_error"])
             );
         }
@@ -1105,7 +1119,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         .cloned()
         .unwrap_or_default();
     if !errors.is_empty() {
-        println!("connector files NOT loaded:");
+        println!("connector errors (files NOT loaded, connectors NOT started):");
         for e in errors {
             println!("    {}", str_of(&e));
         }
@@ -1122,6 +1136,14 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A time from /status as the daemon's log shows it: RFC 3339 to the second (the
+/// document carries nanoseconds). Anything else is shown as it came.
+fn rfc3339(t: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .map(|t| rosterd::dispatch::rfc3339(t.with_timezone(&chrono::Utc)))
+        .unwrap_or_else(|_| t.to_owned())
 }
 
 fn init_logging(log: &LogConfig) {

@@ -197,8 +197,9 @@ async fn resume(
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Admin)?;
     check_params(&p, &[])?;
-    st.dispatch.resume(&caller.tenant, &name)?;
-    Ok(Json(json!({ "resumed": name })).into_response())
+    let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
+    // `resumed` stays for older clients; `was_paused` says whether there was a pause.
+    Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response())
 }
 
 async fn retire(

@@ -314,7 +314,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/connectors/{name}/resume": {"post": {
                 "operationId": "resumeConnector", "summary": "Lift a connector's pause now (roster:admin)",
                 "parameters": [path_param("name", "The connector's name")],
-                "responses": common_errors(json!({"200": ok_json("Resumed", json!({"type": "object", "required": ["resumed"], "properties": {"resumed": {"type": "string", "description": "The connector's name"}}}))}), &[("404", "No such connector for this tenant"), ("409", "The connector is disabled or failed to start: nothing runs to resume (conflict)")])
+                "responses": common_errors(json!({"200": ok_json("Resumed, or it was not paused (`was_paused`)", json!({"type": "object", "required": ["resumed", "was_paused"], "properties": {"resumed": {"type": "string", "description": "The connector's name"}, "was_paused": {"type": "boolean", "description": "Whether the connector was paused; false when there was no pause to lift (its count of failures in a row starts afresh all the same)"}}}))}), &[("404", "No such connector for this tenant"), ("409", "The connector is disabled or failed to start: nothing runs to resume (conflict)")])
             }},
             "/api/v1/roster/connectors/{name}/retire": {"post": {
                 "operationId": "retireConnector", "summary": "Stop a connector that is not loaded from holding back change-log compaction: it is gone for good (roster:admin)",

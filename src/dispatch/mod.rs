@@ -35,9 +35,10 @@ pub use reconcile::{DriftItem, DriftReport};
 
 use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};
-use crate::connectors::oneroster::{self, Credentials, OneRosterSettings};
-use crate::connectors::webhook::{self, Signer, WebhookSettings};
+use crate::connectors::oneroster::{self, AuthError, Credentials, OneRosterSettings};
+use crate::connectors::webhook::{self, SecretError, Signer, WebhookSettings};
 use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded, csv::CsvSettings};
+use crate::ops::metrics as counters;
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
 
@@ -66,6 +67,45 @@ pub enum DispatchError {
     ReplayFailed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What keeps a connector from starting, found before its task runs.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A secret the file names is unset or malformed in the daemon's environment.
+    #[error("{0}")]
+    Environment(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StartError {
+    /// The error with what to do about it, for the log and `/status`.
+    pub fn explained(&self) -> String {
+        match self {
+            // The process's environment is fixed when it starts (systemd reads
+            // EnvironmentFile then), so a reload can never see a variable set since.
+            StartError::Environment(e) => format!(
+                "{e}; rosterd reads its environment only when it starts, so a variable set or changed since needs a restart (systemctl restart rosterd), not a reload"
+            ),
+            StartError::Config(e) => e.clone(),
+        }
+    }
+}
+
+impl From<SecretError> for StartError {
+    fn from(e: SecretError) -> Self {
+        StartError::Environment(e.to_string())
+    }
+}
+
+impl From<AuthError> for StartError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unset(_) => StartError::Environment(e.to_string()),
+            AuthError::Token(_) => StartError::Config(e.to_string()),
+        }
+    }
 }
 
 /// How a connector is doing, as `/status` and the Roster API show it.
@@ -120,6 +160,19 @@ struct Health {
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
     pause_logged: bool,
+}
+
+impl Health {
+    /// Record an error with its time: `rosterd status` shows when it happened.
+    fn error(&mut self, reason: String) {
+        self.last_error = Some(reason);
+        self.last_error_at = Some(Utc::now());
+    }
+}
+
+/// A time as the log and `rosterd status` show it: RFC 3339, to the second.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// One request's run of failed attempts, counted from the last time the connector's
@@ -214,7 +267,7 @@ impl Live {
             h.paused_until = Some(until);
             h.pause_logged = true;
             drop(h);
-            tracing::warn!(failures = n, until = %until, reason, "Target keeps failing; connector paused.");
+            tracing::warn!(failures = n, until = %rfc3339(until), reason, "Target keeps failing; connector paused.");
         } else if streak.failures > before {
             drop(h);
             tracing::warn!(
@@ -244,7 +297,8 @@ impl Live {
     }
 
     /// Lift a pause and start counting failures afresh; `by` says who, for the log.
-    fn resume(&self, by: &str) {
+    /// Whether it was paused.
+    fn resume(&self, by: &str) -> bool {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let mut h = self.health();
@@ -256,6 +310,7 @@ impl Live {
             tracing::info!(tenant = %self.tenant, connector = %self.name, "Connector resumed by {by}.");
         }
         self.resumed.notify_waiters();
+        was_paused
     }
 
     fn paused_until(&self) -> Option<DateTime<Utc>> {
@@ -316,29 +371,34 @@ pub fn check_start(config: &ConnectorConfig, env: &EnvFn) -> Result<(), String> 
     if !config.enabled {
         return Ok(());
     }
-    Target::build(config, env).map(drop)
+    Target::build(config, env)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl Target {
-    fn build(config: &ConnectorConfig, env: &EnvFn) -> Result<Target, String> {
+    fn build(config: &ConnectorConfig, env: &EnvFn) -> Result<Target, StartError> {
         let env = |v: &str| env(v);
+        let missing = |section: &str| StartError::Config(format!("no [{section}] section"));
         match config.kind {
             Kind::Oneroster => {
-                let settings = config.oneroster.clone().ok_or("no [oneroster] section")?;
-                let credentials =
-                    Credentials::new(&settings.auth, &env).map_err(|e| e.to_string())?;
+                let settings = config
+                    .oneroster
+                    .clone()
+                    .ok_or_else(|| missing("oneroster"))?;
+                let credentials = Credentials::new(&settings.auth, &env)?;
                 Ok(Target::OneRoster {
                     settings: Box::new(settings),
                     credentials,
                 })
             }
             Kind::Webhook => {
-                let settings = config.webhook.clone().ok_or("no [webhook] section")?;
-                let signer = Signer::from_env(&settings, &env).map_err(|e| e.to_string())?;
+                let settings = config.webhook.clone().ok_or_else(|| missing("webhook"))?;
+                let signer = Signer::from_env(&settings, &env)?;
                 Ok(Target::Webhook { settings, signer })
             }
             Kind::Csv => Ok(Target::Csv {
-                settings: config.csv.clone().ok_or("no [csv] section")?,
+                settings: config.csv.clone().ok_or_else(|| missing("csv"))?,
             }),
         }
     }
@@ -491,7 +551,7 @@ impl Ctx {
                     if mirror {
                         self.live.success();
                     }
-                    metrics::counter!("rosterd_deliveries_total", "connector" => name.to_owned(), "outcome" => "delivered").increment(1);
+                    counters::delivered(self.tenant(), name);
                     return Sent::Ok;
                 }
                 Outcome::Refused { reason, response } => {
@@ -536,8 +596,7 @@ impl Ctx {
                 } => (reason, retry_after, response),
             };
             if mirror {
-                metrics::counter!("rosterd_delivery_retries_total", "connector" => name.to_owned())
-                    .increment(1);
+                counters::retried(self.tenant(), name);
                 self.live.failure(
                     &mut streak,
                     &reason,
@@ -666,9 +725,16 @@ impl Ctx {
         request: Option<&Request>,
         response: Option<TargetResponse>,
     ) -> Result<(), StoreError> {
-        tracing::warn!(seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), %reason, "Change set aside as a dead letter.");
-        metrics::counter!("rosterd_dead_letters_total", "connector" => self.name().to_owned())
-            .increment(1);
+        let object = format!("{}/{}", ev.resource_type, ev.id);
+        tracing::warn!(seq = ev.seq, %object, %reason,
+            "Change set aside as a dead letter; `rosterd dead-letters --tenant {} list {}` shows it.",
+            self.tenant(), self.name());
+        counters::dead_lettered(self.tenant(), self.name());
+        // What shows as the connector's last error is this refusal, not an older blip.
+        self.live.health().error(format!(
+            "change #{} ({object}) set aside as a dead letter: {reason}",
+            ev.seq
+        ));
         self.store
             .add_dead_letter(
                 self.tenant(),
@@ -874,8 +940,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                 "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
             );
             tracing::error!(first, last, "{reason}");
-            metrics::counter!(crate::ops::metrics::CONNECTOR_CHANGES_LOST, "connector" => ctx.name().to_owned())
-                .increment(last - cursor);
+            counters::changes_lost(tenant, ctx.name(), last - cursor);
             let mut h = ctx.live.health();
             h.last_error = Some(reason);
             h.last_error_at = Some(Utc::now());
@@ -1079,10 +1144,13 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 Ok(report) => {
                     let report: crate::connectors::csv::SnapshotReport = report;
                     ctx.live.success();
+                    // `rosterd status` counts a write as delivered; so does the metric.
+                    counters::delivered(&tenant, ctx.name());
                     backoff = ctx.backoff();
                     tracing::info!(users = report.users, "CSV files written.");
                 }
                 Err(reason) => {
+                    counters::retried(&tenant, ctx.name());
                     ctx.live.failure(
                         &mut streak,
                         &reason,
@@ -1112,6 +1180,9 @@ struct Running {
     config: ConnectorConfig,
     live: Arc<Live>,
     ctx: Option<Arc<Ctx>>,
+    /// Why an enabled connector is not running (its file names a secret the
+    /// environment lacks), as /status `connector_errors` lists it.
+    not_started: Option<String>,
     cancel: CancellationToken,
     handle: Option<JoinHandle<()>>,
 }
@@ -1137,6 +1208,9 @@ pub struct Dispatcher {
     /// Running connectors whose file no longer loads (name → why): they keep running on
     /// the config they were started with until the file is fixed or removed.
     broken: Mutex<BTreeMap<String, String>>,
+    /// Of those, the files that load but whose connector cannot start as they now read
+    /// (file, error): the loader does not list them, yet they are errors to report.
+    unstartable: Mutex<Vec<(std::path::PathBuf, String)>>,
     /// The configured tenants, whose stored cursors are looked through for connectors
     /// that are not loaded.
     tenants: Vec<String>,
@@ -1163,12 +1237,17 @@ impl Dispatcher {
             load_errors: Mutex::new(Vec::new()),
             unloaded: Mutex::new(Vec::new()),
             broken: Mutex::new(BTreeMap::new()),
+            unstartable: Mutex::new(Vec::new()),
             tenants,
         })
     }
 
     fn broken(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         self.broken.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unstartable_lock(&self) -> std::sync::MutexGuard<'_, Vec<(std::path::PathBuf, String)>> {
+        self.unstartable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -1200,18 +1279,20 @@ impl Dispatcher {
     /// messages promise it).
     ///
     /// What does not load does not stop what runs: a running connector whose file is now
-    /// broken keeps its old config (as a broken bundle does), and a directory that cannot
-    /// be read changes nothing. Only a removed file stops its connector, and retires it:
-    /// its cursor then no longer holds back compaction.
-    /// Returns the load errors, also kept for /status.
+    /// broken keeps its old config (as a broken bundle does), and so does one whose
+    /// changed file cannot start (a secret the daemon's environment lacks: the new
+    /// connector is built before the old one stops). A directory that cannot be read
+    /// changes nothing. Only a removed file stops its connector, and retires it: its
+    /// cursor then no longer holds back compaction.
+    /// Returns the errors, also kept for /status: files that do not load, changed files
+    /// whose connector cannot start, and connectors not started.
     pub async fn apply(&self, loaded: Loaded) -> Vec<String> {
-        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-        *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
+        let file_errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         if loaded.dir_unreadable {
-            for e in &errors {
+            for e in &file_errors {
                 tracing::error!(error = %e, "Connectors not reloaded: their directory cannot be read. Every connector keeps running as loaded before.");
             }
-            return errors;
+            return self.set_errors(file_errors);
         }
         // Which running connector each unloadable file is, if any: by file, or by the
         // name the file still gives.
@@ -1241,6 +1322,35 @@ impl Dispatcher {
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        // Every new or changed connector is built before anything stops: one that cannot
+        // start must not take down the connector running on the file's previous version.
+        let mut prepared = BTreeMap::new();
+        let mut unstartable = Vec::new();
+        {
+            let running = self.running();
+            for (name, config) in &wanted {
+                let old = running.get(name);
+                if old.is_some_and(|r| r.config == *config) {
+                    continue;
+                }
+                let built = self.prepare(config);
+                match (&built, old) {
+                    (Err(e), Some(old)) if old.ctx.is_some() => {
+                        let error = format!(
+                            "{}: its connector cannot start as the file now reads, so it keeps running on its previous config: {}",
+                            config.file.display(),
+                            e.explained()
+                        );
+                        tracing::warn!(tenant = %config.tenant, connector = %name, %error, "Connector file changed, but the connector cannot start as it now reads; it keeps running on its previously loaded config until the file is fixed or removed.");
+                        broken.insert(name.clone(), error.clone());
+                        unstartable.push((config.file.clone(), error));
+                    }
+                    _ => {
+                        prepared.insert(name.clone(), built);
+                    }
+                }
+            }
+        }
         let stopping: Vec<Running> = {
             let mut running = self.running();
             let names: Vec<String> = running
@@ -1254,6 +1364,7 @@ impl Dispatcher {
                 .collect()
         };
         *self.broken() = broken;
+        *self.unstartable_lock() = unstartable;
         for r in stopping {
             let (tenant, name) = (r.config.tenant.clone(), r.config.name.clone());
             if wanted.contains_key(&name) {
@@ -1286,7 +1397,10 @@ impl Dispatcher {
             {
                 tracing::error!(tenant = %config.tenant, connector = %name, error = %e, "Cannot clear the connector's retirement.");
             }
-            let r = self.start(config);
+            let built = prepared
+                .remove(&name)
+                .unwrap_or_else(|| self.prepare(&config));
+            let r = self.start(config, built);
             self.running().insert(name, r);
         }
         // Said at every start and reload: otherwise the change log just grows, and only
@@ -1301,28 +1415,59 @@ impl Dispatcher {
                 u.name
             );
         }
+        self.set_errors(file_errors)
+    }
+
+    /// Keep `file_errors` with the errors of connectors that cannot start for /status,
+    /// and return them all. A connector not started stays so until its file changes or
+    /// the daemon restarts, so every reload reports it again (and counts as failed), as
+    /// it does a file that still does not load.
+    fn set_errors(&self, mut errors: Vec<String>) -> Vec<String> {
+        errors.extend(self.unstartable_lock().iter().map(|(_, e)| e.clone()));
+        errors.extend(
+            self.running()
+                .values()
+                .filter_map(|r| r.not_started.clone()),
+        );
+        *self.load_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors.clone();
         errors
     }
 
-    fn start(&self, config: ConnectorConfig) -> Running {
-        let cancel = self.shutdown.child_token();
+    /// What `start` needs that can fail (the secrets, from the environment), checked
+    /// before anything stops; `Ok(None)` for a disabled connector, which runs nothing.
+    fn prepare(&self, config: &ConnectorConfig) -> Result<Option<Target>, StartError> {
         if !config.enabled {
-            return Running {
-                live: Live::new(&config.tenant, &config.name, "disabled"),
-                config,
-                ctx: None,
-                cancel,
-                handle: None,
-            };
+            return Ok(None);
         }
-        let target = match Target::build(&config, &self.env) {
-            Ok(t) => t,
+        Target::build(config, &self.env).map(Some)
+    }
+
+    fn start(&self, config: ConnectorConfig, built: Result<Option<Target>, StartError>) -> Running {
+        let cancel = self.shutdown.child_token();
+        let target = match built {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Running {
+                    live: Live::new(&config.tenant, &config.name, "disabled"),
+                    config,
+                    ctx: None,
+                    not_started: None,
+                    cancel,
+                    handle: None,
+                };
+            }
             Err(e) => {
-                let reason = format!("not started: {e}");
+                let reason = format!("not started: {}", e.explained());
                 tracing::error!(tenant = %config.tenant, connector = %config.name, %reason, "Connector not started.");
                 let live = Live::new(&config.tenant, &config.name, &reason);
-                live.health().last_error = Some(e);
+                // The state says what to do; `last error` is the error alone.
+                live.health().error(e.to_string());
                 return Running {
+                    not_started: Some(format!(
+                        "{}: connector {:?} {reason}",
+                        config.file.display(),
+                        config.name
+                    )),
                     live,
                     config,
                     ctx: None,
@@ -1331,6 +1476,11 @@ impl Dispatcher {
                 };
             }
         };
+        counters::register_connector_counters(
+            &config.tenant,
+            &config.name,
+            config.kind == Kind::Webhook,
+        );
         let live = Live::new(&config.tenant, &config.name, "starting");
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
@@ -1364,6 +1514,7 @@ impl Dispatcher {
             config,
             live,
             ctx: Some(ctx),
+            not_started: None,
             cancel,
             handle: Some(handle),
         }
@@ -1443,12 +1594,26 @@ impl Dispatcher {
         Ok(out)
     }
 
-    /// The connector files that did not load at the last start or reload.
-    pub fn unloaded_files(&self) -> Vec<String> {
-        self.unloaded_lock()
+    /// The connector files that did not load at the last start or reload, and those
+    /// whose connector cannot start (not started, or kept on its previous config).
+    pub fn failing_files(&self) -> Vec<String> {
+        let mut files: Vec<String> = self
+            .unloaded_lock()
             .iter()
             .map(|u| u.file.display().to_string())
-            .collect()
+            .collect();
+        files.extend(
+            self.unstartable_lock()
+                .iter()
+                .map(|(f, _)| f.display().to_string()),
+        );
+        files.extend(
+            self.running()
+                .values()
+                .filter(|r| r.not_started.is_some())
+                .map(|r| r.config.file.display().to_string()),
+        );
+        files
     }
 
     pub fn load_errors(&self) -> Vec<String> {
@@ -1705,7 +1870,6 @@ impl Dispatcher {
         })
     }
 
-    /// Lift a pause now (after the operator fixed the target).
     /// Let compaction drop what a connector that is not loaded still has to deliver: the
     /// operator's word that it is gone for good (its file was removed while the daemon was
     /// stopped, so no reload recorded it). Returns how many changes it had not delivered.
@@ -1748,7 +1912,9 @@ impl Dispatcher {
         Ok(undelivered)
     }
 
-    pub fn resume(&self, tenant: &str, name: &str) -> Result<(), DispatchError> {
+    /// Lift a pause now (after the operator fixed the target). Returns whether it was
+    /// paused: a resume of one that was not only starts its count of failures afresh.
+    pub fn resume(&self, tenant: &str, name: &str) -> Result<bool, DispatchError> {
         let found = self.find(tenant, name)?;
         // Nothing runs to resume: saying "resumed" would promise deliveries that wait
         // for an `enabled = true` (or a fixed file) and a reload.
@@ -1758,8 +1924,7 @@ impl Dispatcher {
                 "it is disabled or failed to start".into(),
             ));
         }
-        found.live.resume("the operator");
-        Ok(())
+        Ok(found.live.resume("the operator"))
     }
 }
 

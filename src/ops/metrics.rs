@@ -13,13 +13,15 @@
 //!   `rosterd_connector_paused`, `rosterd_connector_dead_letters`,
 //!   `rosterd_connector_loaded` (all `{connector,tenant}`, also for connectors whose file
 //!   did not load), `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
-//!   and `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
+//!   (both for files that do not load and for connectors that cannot start) and
+//!   `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands).
 //!
-//! Elsewhere: `rosterd_store_flush_seconds` (store flusher), `rosterd_deliveries_total`,
-//! `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
-//! `rosterd_connector_changes_lost_total` (dispatch),
+//! Elsewhere: `rosterd_store_flush_seconds` (store flusher); `rosterd_deliveries_total`
+//! (with `outcome`), `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
+//! `rosterd_connector_changes_lost_total` (dispatch, through the functions below, all
+//! `{connector,tenant}` and registered at 0 when a connector starts);
 //! `rosterd_jobs_total{tenant,kind,trigger,status}` (schedule: each job that ended; server: those a stop interrupted).
 
 use axum::Json;
@@ -48,6 +50,9 @@ pub const CONNECTOR_LOADED: &str = "rosterd_connector_loaded";
 pub const CONNECTOR_ERRORS: &str = "rosterd_connector_errors";
 pub const CONNECTOR_LOAD_FAILED: &str = "rosterd_connector_load_failed";
 pub const CONNECTOR_CHANGES_LOST: &str = "rosterd_connector_changes_lost_total";
+pub const DELIVERIES_TOTAL: &str = "rosterd_deliveries_total";
+pub const DELIVERY_RETRIES_TOTAL: &str = "rosterd_delivery_retries_total";
+pub const DEAD_LETTERS_TOTAL: &str = "rosterd_dead_letters_total";
 pub const CHANGELOG_LAST_SEQ: &str = "rosterd_changelog_last_seq";
 pub const REVIEW_QUEUE_USERS: &str = "rosterd_review_queue_users";
 pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
@@ -140,15 +145,15 @@ fn describe() {
         "Duration of a group-commit flush of the store, in seconds."
     );
     metrics::describe_counter!(
-        "rosterd_deliveries_total",
-        "Changes delivered (or skipped) by connectors."
+        DELIVERIES_TOTAL,
+        "Requests a connector's target acknowledged, and CSV connectors' writes."
     );
     metrics::describe_counter!(
-        "rosterd_delivery_retries_total",
-        "Connector delivery attempts that failed and are retried."
+        DELIVERY_RETRIES_TOTAL,
+        "Connector delivery attempts (and CSV writes) that failed and are retried."
     );
     metrics::describe_counter!(
-        "rosterd_dead_letters_total",
+        DEAD_LETTERS_TOTAL,
         "Changes a connector gave up on (dead-lettered)."
     );
     metrics::describe_gauge!(
@@ -170,11 +175,11 @@ fn describe() {
     );
     metrics::describe_gauge!(
         CONNECTOR_ERRORS,
-        "Connector files that did not load at the last start or reload (as /status connector_errors)."
+        "Connector files that did not load, and connectors that could not start (a secret not set), at the last start or reload (as /status connector_errors)."
     );
     metrics::describe_gauge!(
         CONNECTOR_LOAD_FAILED,
-        "1 while this connector file does not load; 0 once, after it was fixed or removed."
+        "1 while this connector file does not load or its connector cannot start; 0 once, after it was fixed or removed."
     );
     metrics::describe_counter!(
         CONNECTOR_CHANGES_LOST,
@@ -241,6 +246,56 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// A connector's counters, at 0 until something happens: a series that appears only at
+/// its first increment makes `rate()` and `increase()` blind to that first one, and
+/// alerts on them silent until then. Called when a connector starts; a restart of the
+/// connector (a reload) keeps the counts.
+pub fn register_connector_counters(tenant: &str, connector: &str, webhook: bool) {
+    let labels = connector_labels(tenant, connector);
+    metrics::counter!(DELIVERIES_TOTAL, &delivered_labels(tenant, connector)).increment(0);
+    metrics::counter!(DELIVERY_RETRIES_TOTAL, &labels).increment(0);
+    metrics::counter!(DEAD_LETTERS_TOTAL, &labels).increment(0);
+    if webhook {
+        metrics::counter!(CONNECTOR_CHANGES_LOST, &labels).increment(0);
+    }
+}
+
+/// Labelled as the connector gauges are: names are unique, but the tenant is what an
+/// alert routes on and what joins the counters to the gauges.
+fn connector_labels(tenant: &str, connector: &str) -> [(&'static str, String); 2] {
+    [
+        ("connector", connector.to_owned()),
+        ("tenant", tenant.to_owned()),
+    ]
+}
+
+fn delivered_labels(tenant: &str, connector: &str) -> [(&'static str, String); 3] {
+    [
+        ("connector", connector.to_owned()),
+        ("tenant", tenant.to_owned()),
+        ("outcome", "delivered".to_owned()),
+    ]
+}
+
+/// A request the target acknowledged, or a CSV connector's write.
+pub fn delivered(tenant: &str, connector: &str) {
+    metrics::counter!(DELIVERIES_TOTAL, &delivered_labels(tenant, connector)).increment(1);
+}
+
+/// A failed attempt that will be retried.
+pub fn retried(tenant: &str, connector: &str) {
+    metrics::counter!(DELIVERY_RETRIES_TOTAL, &connector_labels(tenant, connector)).increment(1);
+}
+
+pub fn dead_lettered(tenant: &str, connector: &str) {
+    metrics::counter!(DEAD_LETTERS_TOTAL, &connector_labels(tenant, connector)).increment(1);
+}
+
+/// Changes a webhook connector can never send: compaction removed them first.
+pub fn changes_lost(tenant: &str, connector: &str, n: u64) {
+    metrics::counter!(CONNECTOR_CHANGES_LOST, &connector_labels(tenant, connector)).increment(n);
+}
+
 /// The per-connector gauges, for loaded connectors and for those whose file did not load.
 struct ConnectorGauges {
     loaded: bool,
@@ -291,8 +346,10 @@ fn set_gauges(st: &AppState) {
         };
         gauges.set(c.name, c.tenant);
     }
-    let errors = st.dispatch.unloaded_files();
-    metrics::gauge!(CONNECTOR_ERRORS).set(errors.len() as f64);
+    // As many as /status lists: a connector that cannot start is as much an error for
+    // the README's `rosterd_connector_errors > 0` alert as a file that does not load.
+    metrics::gauge!(CONNECTOR_ERRORS).set(st.dispatch.load_errors().len() as f64);
+    let errors = st.dispatch.failing_files();
     {
         // Files reported failing at an earlier scrape: a fixed one reads 0 once, then
         // goes idle and leaves the exposition.

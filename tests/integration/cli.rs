@@ -700,3 +700,40 @@ fn check_config_refuses_a_connectors_directory_that_does_not_exist() {
     assert!(ok, "{out} {err}");
     assert!(out.contains("connectors: none"), "{out}");
 }
+
+/// `rosterd resume` on a connector that runs unpaused says there was nothing to lift,
+/// from the answer's `was_paused`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_says_when_the_connector_was_not_paused() {
+    use crate::harness::TENANT;
+    let (_hook, d) = crate::mirror::with_user_created_hook("").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            reqwest::Method::POST,
+            "/connectors/hooks/resume",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body,
+        serde_json::json!({"resumed": "hooks", "was_paused": false})
+    );
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "resume", "--tenant", TENANT, "--url", &url, "--token", &admin, "hooks",
+            ],
+            None,
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("hooks: was not paused"), "{out}");
+    assert!(!out.contains("resumed"), "{out}");
+}

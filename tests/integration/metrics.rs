@@ -310,7 +310,11 @@ async fn metrics_report_connector_gauges_and_deliveries() {
         value(
             s,
             "rosterd_deliveries_total",
-            &[("connector", "metricshook"), ("outcome", "delivered")],
+            &[
+                ("connector", "metricshook"),
+                ("tenant", TENANT),
+                ("outcome", "delivered"),
+            ],
         )
         .unwrap_or(0.0)
             >= 1.0
@@ -449,4 +453,134 @@ async fn a_connector_whose_file_broke_shows_as_not_loaded_with_its_lag_growing()
     };
     let (text_m, samples) = scrape_until(&d, ready).await;
     assert!(ready(&samples), "{text_m}");
+}
+
+/// The README's alert, `rosterd_connector_errors > 0`, fires for a connector that is not
+/// started as it does for a file that does not load, and /status says why.
+#[tokio::test]
+async fn a_connector_that_cannot_start_counts_as_a_connector_error() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    // HOOK_SECRET is not in the daemon's environment.
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![named_webhook_file(
+            "nostarthook",
+            &hook,
+            r#"["roster.user_created"]"#,
+        )],
+        ..Options::default()
+    })
+    .await;
+    let file = d.root.join("connectors/nostarthook.toml");
+    let c = crate::mirror::connector(&d, "nostarthook").await;
+    assert!(
+        c["state"].as_str().unwrap().starts_with("not started"),
+        "{c}"
+    );
+    // `rosterd status` shows when, as for any other error.
+    assert!(c["last_error_at"].is_string(), "{c}");
+    let s = d.status().await;
+    let errors = s["connector_errors"].to_string();
+    assert!(
+        errors.contains("nostarthook.toml") && errors.contains("HOOK_SECRET"),
+        "{s}"
+    );
+    let path = file.display().to_string();
+    let failed = [("file", path.as_str())];
+    let ready = |s: &[Sample]| value(s, "rosterd_connector_load_failed", &failed) == Some(1.0);
+    let (text, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text}");
+    at_least(&samples, "rosterd_connector_errors", &[], 1.0);
+
+    // A reload adding a file whose secret is not set: the same.
+    let (late_name, late_text) = named_webhook_file("latehook", &hook, "[]");
+    let late = d.root.join("connectors").join(late_name);
+    std::fs::write(&late, late_text.replace("HOOK_SECRET", "LATE_SECRET")).unwrap();
+    d.reload().await;
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(
+        errors.contains("latehook.toml") && errors.contains("LATE_SECRET"),
+        "{errors}"
+    );
+    let late_path = late.display().to_string();
+    let late_failed = [("file", late_path.as_str())];
+    let ready = |s: &[Sample]| value(s, "rosterd_connector_load_failed", &late_failed) == Some(1.0);
+    let (text, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text}");
+    // Removed: no longer an error.
+    std::fs::remove_file(&late).unwrap();
+    d.reload().await;
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(!errors.contains("latehook"), "{errors}");
+    let ready = |s: &[Sample]| value(s, "rosterd_connector_load_failed", &late_failed) == Some(0.0);
+    let (text, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text}");
+}
+
+/// Labelled like the gauges, and there from the connector's start: `rate()` and
+/// `increase()` over a series that appears at its first increment miss that increment.
+#[tokio::test]
+async fn connector_counters_carry_the_tenant_and_start_at_zero() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            named_webhook_file("zerohook", &hook, r#"["roster.user_created"]"#),
+            (
+                "zerocsv.toml".into(),
+                format!(
+                    "kind = \"csv\"\nname = \"zerocsv\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"zero-out\"\ndebounce_ms = 50\n"
+                ),
+            ),
+        ],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    let (text, samples) = scrape(&d).await;
+    for connector in ["zerohook", "zerocsv"] {
+        let labels = [("connector", connector), ("tenant", TENANT)];
+        let delivered = [
+            ("connector", connector),
+            ("tenant", TENANT),
+            ("outcome", "delivered"),
+        ];
+        for (name, want) in [
+            ("rosterd_deliveries_total", &delivered[..]),
+            ("rosterd_delivery_retries_total", &labels[..]),
+            ("rosterd_dead_letters_total", &labels[..]),
+        ] {
+            assert_eq!(
+                value(&samples, name, want),
+                Some(0.0),
+                "{name}{want:?}\n{text}"
+            );
+        }
+    }
+    assert_eq!(
+        value(
+            &samples,
+            "rosterd_connector_changes_lost_total",
+            &[("connector", "zerohook"), ("tenant", TENANT)]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    // A CSV write is a delivery in the metric as in `rosterd status`.
+    d.create_user("counted@acme.test").await;
+    let delivered = |s: &[Sample], connector: &str| {
+        value(
+            s,
+            "rosterd_deliveries_total",
+            &[
+                ("connector", connector),
+                ("tenant", TENANT),
+                ("outcome", "delivered"),
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    let ready = |s: &[Sample]| delivered(s, "zerohook") >= 1.0 && delivered(s, "zerocsv") >= 1.0;
+    let (text, samples) = scrape_until(&d, ready).await;
+    assert!(ready(&samples), "{text}");
+    let csv = crate::mirror::connector(&d, "zerocsv").await;
+    assert!(csv["delivered"].as_u64().unwrap() >= 1, "{csv}");
 }

@@ -429,6 +429,7 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
         .roster(Method::POST, "/connectors/sis/resume", &admin, None)
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["was_paused"], true, "{}", r.body);
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["paused"], false);
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
@@ -1153,5 +1154,182 @@ async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and
         paused[0].matches("tenant=acme").count() == 1
             && paused[0].matches("connector=hooks").count() == 1,
         "{paused:?}"
+    );
+}
+
+/// `rosterd status` against the daemon, as text.
+async fn status_text(d: &TestDaemon) -> String {
+    let url = d.url("");
+    let shown = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["status", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    String::from_utf8_lossy(&shown.stdout).into_owned()
+}
+
+/// A time from /status as the log and `rosterd status` show it: to the second.
+fn to_the_second(t: &Value) -> String {
+    let t = t.as_str().unwrap_or_else(|| panic!("not a time: {t}"));
+    format!("{}Z", &t[..19])
+}
+
+/// The README's rotation step done with a reload: the variable it names is not in the
+/// daemon's environment, which is read only at start.
+#[tokio::test]
+async fn a_changed_file_whose_secret_is_not_set_keeps_its_connector_running_on_the_old_config() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (hook, d) = with_user_created_hook("").await;
+    d.create_user("before.rotation@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        good.replace(
+            "secret_env = \"HOOK_SECRET\"",
+            "secret_env = \"HOOK_SECRET\"\nrotation_secret_env = \"HOOK_SECRET_NOT_SET\"",
+        ),
+    )
+    .unwrap();
+    d.reload().await;
+    let c = connector(&d, "hooks").await;
+    assert_eq!(c["state"], "running", "{c}");
+    let e = c["file_error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("hooks.toml")
+            && e.contains("HOOK_SECRET_NOT_SET")
+            && e.contains("systemctl restart rosterd"),
+        "{c}"
+    );
+    let s = d.status().await;
+    assert!(
+        s["connector_errors"]
+            .to_string()
+            .contains("HOOK_SECRET_NOT_SET"),
+        "{s}"
+    );
+    let finished = logs.lines("Reload finished");
+    assert!(
+        finished.last().is_some_and(|l| l.contains("errors=1")),
+        "the reload did not count as failed: {finished:?}"
+    );
+    let kept = logs.lines("keeps running on its previously loaded config");
+    assert!(
+        kept.iter()
+            .any(|l| l.contains(" WARN ") && l.contains("HOOK_SECRET_NOT_SET")),
+        "{kept:?}"
+    );
+    // Still delivering, signed as before.
+    let id = d.create_user("during.rotation@acme.test").await;
+    caught_up(&d, "hooks").await;
+    assert!(
+        hook.deliveries()
+            .iter()
+            .any(|x| x.accepted() && x.body["data"]["id"] == id),
+        "not delivered while the changed file could not start"
+    );
+    // The file as it was: no error, and the connector never stopped.
+    std::fs::write(&file, &good).unwrap();
+    d.reload().await;
+    assert!(connector(&d, "hooks").await["file_error"].is_null());
+    assert_eq!(d.status().await["connector_errors"], json!([]));
+    let restarted = logs.lines("Stopping connector");
+    assert!(restarted.is_empty(), "{restarted:?}");
+    assert!(logs.lines("Connector not started").is_empty());
+}
+
+#[tokio::test]
+async fn a_dead_letter_becomes_the_last_error_and_its_log_line_names_the_command() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (hook, d) = with_user_created_hook("").await;
+    hook.inject(wh::Fault::status(503, 1));
+    d.create_user("blip@acme.test").await;
+    let c = caught_up(&d, "hooks").await;
+    assert!(c["last_error"].as_str().unwrap().contains("503"), "{c}");
+    hook.inject(wh::Fault::status(400, 1));
+    d.create_user("refused.later@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dead_letter_ids(&d, "hooks").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Not the old 503: what an operator looks at is the refusal.
+    let c = connector(&d, "hooks").await;
+    let last = c["last_error"].as_str().unwrap();
+    assert!(last.contains("400") && last.contains("dead letter"), "{c}");
+    let out = status_text(&d).await;
+    let shown = format!(
+        "last error ({}): {last}",
+        to_the_second(&c["last_error_at"])
+    );
+    assert!(out.contains(&shown), "{shown:?} not in:\n{out}");
+    let set_aside = logs.lines("set aside as a dead letter");
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    assert!(
+        set_aside[0].contains("rosterd dead-letters --tenant acme list hooks"),
+        "{set_aside:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = named_webhook_file("pausing", &hook, r#"["roster.user_created"]"#);
+    let text = text.replace(
+        "max_delay_ms = 200",
+        "max_delay_ms = 200\npause_after_failures = 2\npause_secs = 3600",
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::status(503, 0).forever());
+    d.create_user("paused@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        let c = connector(&d, "pausing").await;
+        if c["paused"] == true {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let until = to_the_second(&c["paused_until"]);
+    let paused = logs.lines("connector paused");
+    assert_eq!(paused.len(), 1, "{paused:?}");
+    let logged = paused[0]
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("until="))
+        .unwrap_or_else(|| panic!("no until: {paused:?}"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(logged).is_ok(),
+        "{paused:?}"
+    );
+    assert_eq!(logged, until, "{paused:?}");
+    let out = status_text(&d).await;
+    assert!(
+        out.contains(&format!(
+            "connector pausing (webhook, tenant acme): running, PAUSED until {until}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "last error ({})",
+            to_the_second(&c["last_error_at"])
+        )),
+        "{out}"
     );
 }
