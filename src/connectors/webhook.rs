@@ -12,10 +12,11 @@ use serde_json::{Value, json};
 use super::http::Request;
 use crate::store::{AssignmentSource, ChangeEvent, ChangeOp};
 
-pub const EVENT_TYPES: [&str; 8] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "roster.user_created",
     "roster.user_updated",
     "roster.user_deactivated",
+    "roster.user_reactivated",
     "roster.user_deleted",
     "roster.archetype_assigned",
     "roster.archetype_overridden",
@@ -135,6 +136,7 @@ pub fn event_types(e: &ChangeEvent) -> Vec<&'static str> {
     match (e.resource_type.as_str(), e.op) {
         ("User", ChangeOp::Created) => out.push("roster.user_created"),
         ("User", ChangeOp::Updated) if e.deactivated => out.push("roster.user_deactivated"),
+        ("User", ChangeOp::Updated) if e.reactivated => out.push("roster.user_reactivated"),
         ("User", ChangeOp::Updated) => out.push("roster.user_updated"),
         ("User", ChangeOp::Deleted) => out.push("roster.user_deleted"),
         ("Group", ChangeOp::Created) => out.push("roster.group_created"),
@@ -266,6 +268,7 @@ mod tests {
             members_removed: vec![],
             assignment: None,
             deactivated: true,
+            reactivated: false,
         };
         assert_eq!(event_types(&e), ["roster.user_deactivated"]);
         e.op = ChangeOp::Archetype;
@@ -288,5 +291,31 @@ mod tests {
             events: vec!["roster.user_created".into()],
         };
         assert!(plan(&settings, "t", &e, None).is_empty());
+    }
+
+    #[test]
+    fn reactivation_has_its_own_type_and_passes_the_filter() {
+        let e = ChangeEvent {
+            seq: 5,
+            at: chrono::Utc::now(),
+            resource_type: "User".into(),
+            id: "u".into(),
+            op: ChangeOp::Updated,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated: false,
+            reactivated: true,
+        };
+        assert_eq!(event_types(&e), ["roster.user_reactivated"]);
+        let settings = WebhookSettings {
+            url: "http://x".into(),
+            secret_env: "S".into(),
+            rotation_secret_env: None,
+            events: vec!["roster.user_reactivated".into()],
+        };
+        assert_eq!(settings.validate(), Ok(()));
+        assert_eq!(plan(&settings, "t", &e, None).len(), 1);
     }
 }

@@ -1848,6 +1848,7 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         // The stored assignment is read when planning.
         assignment: None,
         deactivated: false,
+        reactivated: false,
     })
 }
 
@@ -1935,6 +1936,7 @@ mod tests {
             members_removed: vec!["u2".into()],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         };
         assert_eq!(object_keys(&ev), ["Group/g", "User/u1", "User/u2"]);
     }

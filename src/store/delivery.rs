@@ -297,6 +297,7 @@ mod tests {
             members_removed: vec![],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         }
     }
 

@@ -671,6 +671,71 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     let _ = user("x");
 }
 
+/// The `events` filter of the shipped `connectors/webhook.toml.example`, as a TOML array.
+fn example_events() -> String {
+    let example: toml::Table =
+        toml::from_str(include_str!("../../connectors/webhook.toml.example")).unwrap();
+    example["webhook"]["events"].to_string()
+}
+
+#[tokio::test]
+async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, &example_events())],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    let id = d.create_user("ada@acme.test").await;
+    // As Okta sends them: a replace without a path.
+    for active in [false, true] {
+        let r = d
+            .patch(
+                &format!("/Users/{id}"),
+                patch_op(json!([{"op": "replace", "value": {"active": active}}])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    caught_up(&d, "hooks").await;
+    let got = hook.deliveries();
+    assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
+    let types: Vec<&str> = got
+        .iter()
+        .map(|g| g.body["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "roster.user_created",
+            "roster.user_deactivated",
+            "roster.user_reactivated"
+        ]
+    );
+    assert!(got.iter().all(|g| g.body["data"]["id"] == id.as_str()));
+    assert_eq!(got[2].body["data"]["object"]["active"], true);
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|g| g.body["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // The change log keeps what the change was, so the feed says it as the webhook did.
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/changes?since=0", &reader, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let change = r.body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["seq"].as_u64() == Some(seqs[2]))
+        .unwrap_or_else(|| panic!("change #{} not in the feed: {}", seqs[2], r.body));
+    assert_eq!(change["reactivated"], true, "{change}");
+    assert!(change.get("deactivated").is_none(), "{change}");
+}
+
 #[tokio::test]
 async fn the_csv_connector_writes_files_after_changes_settle() {
     let d = TestDaemon::start_with(Options {
