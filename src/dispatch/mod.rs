@@ -649,11 +649,7 @@ impl Ctx {
             }
             Target::Webhook { settings, .. } => {
                 let snapshot = self.document(ev)?;
-                let msgs = webhook::plan(settings, tenant, ev, snapshot.as_deref());
-                Ok(Plan {
-                    stages: if msgs.is_empty() { vec![] } else { vec![msgs] },
-                    hashes: vec![],
-                })
+                Ok(webhook::plan(settings, tenant, ev, snapshot.as_deref()))
             }
             Target::Csv { .. } => Ok(Plan::default()),
         }
@@ -724,7 +720,8 @@ impl Ctx {
                 }
             }
             // The rest of the change depends on this stage (a class before its
-            // enrollments), so it stops here.
+            // enrollments, a webhook's user event before its assignment event), so it
+            // stops here; a replay sends the whole change again, in order.
             if let Some((req, reason, response)) = refused {
                 self.dead_letter(ev, reason, Some(req), response).await?;
                 return Ok(Delivered::DeadLettered);
