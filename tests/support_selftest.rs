@@ -753,3 +753,44 @@ async fn webhook_faults_and_attempt_counts() {
     assert_eq!(hook.delivery_count(), 1);
     assert_eq!(hook.rejected(), 0);
 }
+
+#[tokio::test]
+async fn webhook_hold_answers_on_release_and_ticks_order_arrivals_and_answers() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let http = client();
+    let now = chrono::Utc::now().timestamp();
+    let held = br#"{"type":"a","n":1}"#;
+    let free = br#"{"type":"b","n":1}"#;
+    // Only the body with both needles is held.
+    hook.inject(
+        webhook::Fault::hold(1)
+            .on_body(r#""type":"a""#)
+            .on_body(r#""n":1"#),
+    );
+    let first = {
+        let (http, url) = (http.clone(), hook.url.clone());
+        let headers = webhook::signed_headers(&hook.secret, "msg_held", now, held);
+        tokio::spawn(async move { post_hook(&http, &url, &headers, held).await.status() })
+    };
+    assert!(hook.wait_until(|h| h.attempts().len() == 1, T).await);
+    let headers = webhook::signed_headers(&hook.secret, "msg_free", now, free);
+    assert_eq!(
+        post_hook(&http, &hook.url, &headers, free).await.status(),
+        StatusCode::OK
+    );
+    let got = hook.attempts();
+    assert_eq!(got[0].answered, None, "held until released");
+    assert!(got[1].tick > got[0].tick);
+    assert!(got[1].answered.unwrap() > got[1].tick);
+    hook.release();
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    let got = hook.attempts();
+    assert!(got[0].answered.unwrap() > got[1].answered.unwrap());
+    // The fault was used up: the same body now goes through at once.
+    let headers = webhook::signed_headers(&hook.secret, "msg_again", now, held);
+    assert_eq!(
+        post_hook(&http, &hook.url, &headers, held).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(hook.delivery_count(), 3);
+}

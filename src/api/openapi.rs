@@ -408,7 +408,8 @@ pub fn openapi_document() -> Value {
                     "members_added": {"type": "array", "items": {"type": "string"}},
                     "members_removed": {"type": "array", "items": {"type": "string"}},
                     "assignment": {"$ref": "#/components/schemas/AssignmentState"},
-                    "deactivated": {"type": "boolean", "description": "Present (true) when this change turned an active user inactive"}}},
+                    "deactivated": {"type": "boolean", "description": "Present (true) when this change turned an active user inactive"},
+                    "reactivated": {"type": "boolean", "description": "Present (true) when this change turned an inactive user active again"}}},
                 "DeadLetter": {"type": "object", "required": ["id", "connector", "at", "reason", "event"], "properties": {
                     "id": {"type": "integer", "description": "What DELETE …/dead-letters/{id} and …/replay take"},
                     "connector": {"type": "string"}, "at": {"type": "string", "format": "date-time"},

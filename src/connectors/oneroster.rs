@@ -775,6 +775,7 @@ token_env = "T"
             members_removed: vec![],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         }
     }
 

@@ -3,19 +3,25 @@
 //! Webhooks specification. The message id is derived from tenant, sequence number and
 //! event type, so a retried or replayed delivery carries the same `webhook-id` and
 //! receivers can drop the repeat.
+//!
+//! The events of one change share its `data.seq`, which is what receivers order by, so
+//! they go out one at a time in a fixed order: the object's own event, then the
+//! assignment's, each once the one before it was acknowledged.
 
 use base64::Engine;
 use hmac::{KeyInit, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Plan;
 use super::http::Request;
 use crate::store::{AssignmentSource, ChangeEvent, ChangeOp};
 
-pub const EVENT_TYPES: [&str; 8] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "roster.user_created",
     "roster.user_updated",
     "roster.user_deactivated",
+    "roster.user_reactivated",
     "roster.user_deleted",
     "roster.archetype_assigned",
     "roster.archetype_overridden",
@@ -129,12 +135,13 @@ impl Signer {
     }
 }
 
-/// The event types one change produces.
+/// The event types one change produces, in the order they are delivered.
 pub fn event_types(e: &ChangeEvent) -> Vec<&'static str> {
     let mut out = Vec::new();
     match (e.resource_type.as_str(), e.op) {
         ("User", ChangeOp::Created) => out.push("roster.user_created"),
         ("User", ChangeOp::Updated) if e.deactivated => out.push("roster.user_deactivated"),
+        ("User", ChangeOp::Updated) if e.reactivated => out.push("roster.user_reactivated"),
         ("User", ChangeOp::Updated) => out.push("roster.user_updated"),
         ("User", ChangeOp::Deleted) => out.push("roster.user_deleted"),
         ("Group", ChangeOp::Created) => out.push("roster.group_created"),
@@ -152,14 +159,15 @@ pub fn event_types(e: &ChangeEvent) -> Vec<&'static str> {
     out
 }
 
-/// The messages for one change, filtered by the connector's event types.
+/// The messages for one change, filtered by the connector's event types: a stage each,
+/// so that a receiver never sees the assignment of a change before the change itself.
 pub fn plan(
     settings: &WebhookSettings,
     tenant: &str,
     e: &ChangeEvent,
     snapshot: Option<&Value>,
-) -> Vec<Request> {
-    event_types(e)
+) -> Plan {
+    let stages = event_types(e)
         .into_iter()
         .filter(|t| settings.wants(t))
         .map(|t| {
@@ -185,15 +193,19 @@ pub fn plan(
                     "members_removed": e.members_removed,
                 },
             });
-            Request {
+            vec![Request {
                 method: reqwest::Method::POST,
                 url: settings.url.clone(),
                 body: Some(body.to_string().into_bytes()),
                 absent_ok: false,
                 message_id: Some(id),
-            }
+            }]
         })
-        .collect()
+        .collect();
+    Plan {
+        stages,
+        hashes: vec![],
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +278,7 @@ mod tests {
             members_removed: vec![],
             assignment: None,
             deactivated: true,
+            reactivated: false,
         };
         assert_eq!(event_types(&e), ["roster.user_deactivated"]);
         e.op = ChangeOp::Archetype;
@@ -287,6 +300,82 @@ mod tests {
             rotation_secret_env: None,
             events: vec!["roster.user_created".into()],
         };
-        assert!(plan(&settings, "t", &e, None).is_empty());
+        assert!(plan(&settings, "t", &e, None).stages.is_empty());
+    }
+
+    #[test]
+    fn reactivation_has_its_own_type_and_passes_the_filter() {
+        let e = ChangeEvent {
+            seq: 5,
+            at: chrono::Utc::now(),
+            resource_type: "User".into(),
+            id: "u".into(),
+            op: ChangeOp::Updated,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated: false,
+            reactivated: true,
+        };
+        assert_eq!(event_types(&e), ["roster.user_reactivated"]);
+        let settings = WebhookSettings {
+            url: "http://x".into(),
+            secret_env: "S".into(),
+            rotation_secret_env: None,
+            events: vec!["roster.user_reactivated".into()],
+        };
+        assert_eq!(settings.validate(), Ok(()));
+        assert_eq!(plan(&settings, "t", &e, None).stages.len(), 1);
+    }
+
+    #[test]
+    fn the_events_of_one_change_are_stages_user_event_first() {
+        let e = ChangeEvent {
+            seq: 6,
+            at: chrono::Utc::now(),
+            resource_type: "User".into(),
+            id: "u".into(),
+            op: ChangeOp::Created,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: Some(crate::store::Assignment {
+                archetype_id: Some("a".into()),
+                confidence: 0.9,
+                assigned_by: "service:classifier".into(),
+                assigned_at: chrono::Utc::now(),
+                source: AssignmentSource::Classifier,
+                bundle_version: String::new(),
+                candidates: vec![],
+                needs_review: false,
+            }),
+            deactivated: false,
+            reactivated: false,
+        };
+        let settings = WebhookSettings {
+            url: "http://x".into(),
+            secret_env: "S".into(),
+            rotation_secret_env: None,
+            events: vec![],
+        };
+        let types: Vec<Vec<String>> = plan(&settings, "t", &e, None)
+            .stages
+            .iter()
+            .map(|stage| {
+                stage
+                    .iter()
+                    .map(|r| {
+                        let body: Value =
+                            serde_json::from_slice(r.body.as_deref().unwrap()).unwrap();
+                        body["type"].as_str().unwrap().to_owned()
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [["roster.user_created"], ["roster.archetype_assigned"]]
+        );
     }
 }

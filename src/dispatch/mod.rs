@@ -708,11 +708,7 @@ impl Ctx {
             }
             Target::Webhook { settings, .. } => {
                 let snapshot = self.document(ev)?;
-                let msgs = webhook::plan(settings, tenant, ev, snapshot.as_deref());
-                Ok(Plan {
-                    stages: if msgs.is_empty() { vec![] } else { vec![msgs] },
-                    hashes: vec![],
-                })
+                Ok(webhook::plan(settings, tenant, ev, snapshot.as_deref()))
             }
             Target::Csv { .. } => Ok(Plan::default()),
         }
@@ -790,7 +786,8 @@ impl Ctx {
                 }
             }
             // The rest of the change depends on this stage (a class before its
-            // enrollments), so it stops here.
+            // enrollments, a webhook's user event before its assignment event), so it
+            // stops here; a replay sends the whole change again, in order.
             if let Some((req, reason, response)) = refused {
                 self.dead_letter(ev, reason, Some(req), response).await?;
                 return Ok(Delivered::DeadLettered);
@@ -2013,6 +2010,7 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         // The stored assignment is read when planning.
         assignment: None,
         deactivated: false,
+        reactivated: false,
     })
 }
 
@@ -2100,6 +2098,7 @@ mod tests {
             members_removed: vec!["u2".into()],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         };
         assert_eq!(object_keys(&ev), ["Group/g", "User/u1", "User/u2"]);
     }

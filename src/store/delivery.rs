@@ -334,6 +334,7 @@ mod tests {
             members_removed: vec![],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         }
     }
 

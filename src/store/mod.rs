@@ -222,6 +222,11 @@ pub struct ChangeEvent {
     /// targets treat as its own event.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deactivated: bool,
+    /// This change turned an inactive user active again, the counterpart of
+    /// `deactivated`: a receiver that acts on deactivations needs to hear of it. Changes
+    /// logged before the field existed read as `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reactivated: bool,
 }
 
 /// What an update function returns: the new document and membership changes.
@@ -589,6 +594,7 @@ impl<'a> Txn<'a> {
             members_removed: vec![removed],
             assignment: None,
             deactivated: false,
+            reactivated: false,
         };
         self.log(event);
         Ok(())
@@ -1412,6 +1418,7 @@ impl Store {
                 members_removed: vec![],
                 assignment,
                 deactivated: false,
+                reactivated: false,
             });
             Ok(to_resource(id, doc))
         })
@@ -1483,9 +1490,12 @@ impl Store {
                     None
                 }
             };
-            let deactivated = kind == ResourceKind::User
-                && old.get("active") != Some(&Value::Bool(false))
-                && doc.get("active") == Some(&Value::Bool(false));
+            // A user without `active` is active (as the roster record reads it), so a PUT
+            // that leaves it out after a deactivation reactivates.
+            let was_active = old.get("active") != Some(&Value::Bool(false));
+            let is_active = doc.get("active") != Some(&Value::Bool(false));
+            let deactivated = kind == ResourceKind::User && was_active && !is_active;
+            let reactivated = kind == ResourceKind::User && !was_active && is_active;
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -1497,6 +1507,7 @@ impl Store {
                 members_removed: removed,
                 assignment,
                 deactivated,
+                reactivated,
             });
             Ok(to_resource(id, doc))
         })
@@ -1549,6 +1560,7 @@ impl Store {
                 members_removed: removed,
                 assignment: None,
                 deactivated: false,
+                reactivated: false,
             });
             let prefix = keys::backrefs_prefix(&id);
             for key in txn.keys_with_prefix(&prefix)? {
@@ -2232,5 +2244,38 @@ mod tests {
         assert_eq!(t.tree.get(keys::INTENT_KEY).unwrap(), None);
         assert_eq!(decode_ops(&encode_ops(&ops)).unwrap(), ops);
         assert!(decode_ops(b"\0\0\0\x09short").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_change_of_active_is_logged_as_a_deactivation_or_a_reactivation() {
+        use crate::store::testing::{create_user, set_user, user as doc};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        let id = create_user(&store, doc("ada", "Chef", true)).await;
+        set_user(&store, &id, "Chef", false).await;
+        set_user(&store, &id, "Cook", false).await;
+        set_user(&store, &id, "Cook", true).await;
+        set_user(&store, &id, "Chef", true).await;
+        let flags = |log: Vec<ChangeEvent>| -> Vec<(bool, bool)> {
+            log.iter().map(|e| (e.deactivated, e.reactivated)).collect()
+        };
+        let expected = [
+            (false, false),
+            (true, false),
+            (false, false),
+            (false, true),
+            (false, false),
+        ];
+        assert_eq!(flags(store.changes("t", 0, 10).unwrap()), expected);
+        store.close().unwrap();
+        drop(store);
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(flags(store.changes("t", 0, 10).unwrap()), expected);
+        // A change logged before the field existed.
+        let old: ChangeEvent = decode(
+            br#"{"seq":3,"at":"2024-05-01T00:00:00Z","resource_type":"User","id":"u","op":"updated"}"#,
+        )
+        .unwrap();
+        assert!(!old.reactivated && !old.deactivated);
     }
 }

@@ -495,6 +495,7 @@ impl Txn<'_> {
             members_removed: vec![],
             assignment: Some(a),
             deactivated: false,
+            reactivated: false,
         });
     }
 

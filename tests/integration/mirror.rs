@@ -672,6 +672,142 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     let _ = user("x");
 }
 
+/// The `events` filter of the shipped `connectors/webhook.toml.example`, as a TOML array.
+fn example_events() -> String {
+    let example: toml::Table =
+        toml::from_str(include_str!("../../connectors/webhook.toml.example")).unwrap();
+    example["webhook"]["events"].to_string()
+}
+
+#[tokio::test]
+async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(&hook, &example_events())],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    let id = d.create_user("ada@acme.test").await;
+    // As Okta sends them: a replace without a path.
+    for active in [false, true] {
+        let r = d
+            .patch(
+                &format!("/Users/{id}"),
+                patch_op(json!([{"op": "replace", "value": {"active": active}}])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    caught_up(&d, "hooks").await;
+    let got = hook.deliveries();
+    assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
+    let types: Vec<&str> = got
+        .iter()
+        .map(|g| g.body["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "roster.user_created",
+            "roster.user_deactivated",
+            "roster.user_reactivated"
+        ]
+    );
+    assert!(got.iter().all(|g| g.body["data"]["id"] == id.as_str()));
+    assert_eq!(got[2].body["data"]["object"]["active"], true);
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|g| g.body["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // The change log keeps what the change was, so the feed says it as the webhook did.
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/changes?since=0", &reader, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let change = r.body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["seq"].as_u64() == Some(seqs[2]))
+        .unwrap_or_else(|| panic!("change #{} not in the feed: {}", seqs[2], r.body));
+    assert_eq!(change["reactivated"], true, "{change}");
+    assert!(change.get("deactivated").is_none(), "{change}");
+}
+
+#[tokio::test]
+async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_acknowledged() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(
+        &hook,
+        r#"["roster.user_created", "roster.archetype_assigned"]"#,
+    );
+    // The held answer must not time out and be retried.
+    let text = text.replace("timeout_ms = 2000", "timeout_ms = 60000");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    // Ada's user event is held at the receiver until the test lets it go.
+    hook.inject(
+        wh::Fault::hold(1)
+            .on_body(r#""type":"roster.user_created""#)
+            .on_body("ada@acme.test"),
+    );
+    let ada = d.create_user("ada@acme.test").await;
+    let events_of = |h: &WebhookServer, id: &str| -> Vec<wh::Delivery> {
+        h.deliveries()
+            .into_iter()
+            .filter(|x| x.body["data"]["id"] == id)
+            .collect()
+    };
+    assert!(
+        hook.wait_until(|h| !events_of(h, &ada).is_empty(), WAIT)
+            .await,
+        "ada's first event never arrived"
+    );
+    // Another object's events go through while hers waits.
+    let bob = d.create_user("bob@acme.test").await;
+    assert!(
+        hook.wait_until(|h| events_of(h, &bob).len() == 2, WAIT)
+            .await,
+        "bob's events waited behind ada's: {:?}",
+        events_of(&hook, &bob)
+    );
+    hook.release();
+    caught_up(&d, "hooks").await;
+    assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
+    for id in [&ada, &bob] {
+        let got = events_of(&hook, id);
+        let types: Vec<&str> = got
+            .iter()
+            .map(|g| g.body["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            ["roster.user_created", "roster.archetype_assigned"],
+            "{id}"
+        );
+        assert_eq!(got[0].body["data"]["seq"], got[1].body["data"]["seq"]);
+        let acked = got[0].answered.expect("the user event was answered");
+        assert!(
+            got[1].tick > acked,
+            "{id}: the assignment event arrived before the user event was acknowledged"
+        );
+    }
+    // Bob's pair went through while ada's first event was held.
+    let held = events_of(&hook, &ada)[0].answered.unwrap();
+    assert!(
+        events_of(&hook, &bob)
+            .iter()
+            .all(|x| x.answered.unwrap() < held)
+    );
+}
+
 #[tokio::test]
 async fn the_csv_connector_writes_files_after_changes_settle() {
     let d = TestDaemon::start_with(Options {

@@ -15,6 +15,10 @@
 //! recorded with its attempt number for its `webhook-id` and the status answered. Attempts
 //! answered 2xx are *deliveries*. Without a fault the answer is 200 with an empty body.
 //! Other methods answer 405.
+//!
+//! Each attempt also carries two ticks of one logical clock: when it arrived and when its
+//! answer went out ([`Delivery::tick`], [`Delivery::answered`]), so a test can tell whether
+//! the sender waited for one answer before sending the next without reading the time.
 #![allow(dead_code)]
 
 use axum::Router;
@@ -34,7 +38,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -125,6 +129,9 @@ pub enum FaultKind {
     },
     /// Record the attempt as delivered (200), but hold the answer back this long.
     Delay(Duration),
+    /// Record the attempt as delivered (200), but hold the answer back until
+    /// [`WebhookServer::release`] (or until the server stops).
+    Hold,
     /// Close the connection without answering.
     Drop,
 }
@@ -137,6 +144,8 @@ pub struct Fault {
     pub times: usize,
     /// Only requests whose path contains this.
     pub path_contains: Option<String>,
+    /// Only requests whose raw body contains every one of these.
+    pub body_contains: Vec<String>,
 }
 
 impl Fault {
@@ -145,6 +154,7 @@ impl Fault {
             kind,
             times,
             path_contains: None,
+            body_contains: Vec::new(),
         }
     }
 
@@ -174,6 +184,11 @@ impl Fault {
         Fault::new(FaultKind::Delay(delay), times)
     }
 
+    /// Hold back the answers to the next `times` attempts until [`WebhookServer::release`].
+    pub fn hold(times: usize) -> Fault {
+        Fault::new(FaultKind::Hold, times)
+    }
+
     /// Close the connection of the next `times` attempts without answering.
     pub fn drop_connection(times: usize) -> Fault {
         Fault::new(FaultKind::Drop, times)
@@ -190,6 +205,13 @@ impl Fault {
     /// Only apply to requests whose path contains `needle`.
     pub fn on_path(mut self, needle: impl Into<String>) -> Fault {
         self.path_contains = Some(needle.into());
+        self
+    }
+
+    /// Only apply to requests whose raw body contains `needle` (and every other needle
+    /// given), e.g. `"type":"roster.user_created"` and a user name to pick one event.
+    pub fn on_body(mut self, needle: impl Into<String>) -> Fault {
+        self.body_contains.push(needle.into());
         self
     }
 
@@ -216,6 +238,12 @@ pub struct Delivery {
     pub attempt: u32,
     /// The status answered; `None` when the connection was dropped.
     pub status: Option<u16>,
+    /// The receiver's logical clock when the attempt arrived (after verification).
+    pub tick: u64,
+    /// The receiver's logical clock when the answer went out; `None` while a fault holds
+    /// it back, or when the connection was dropped. An attempt whose `tick` is above this
+    /// was sent after the sender could have read this answer.
+    pub answered: Option<u64>,
     pub received_at: DateTime<Utc>,
     /// Every request header (lower-case names).
     pub headers: Vec<(String, String)>,
@@ -261,6 +289,12 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     log: Mutex<Log>,
     notify: Notify,
+    /// The logical clock of [`Delivery::tick`]; not reset by [`WebhookServer::clear`], so
+    /// an answer recorded after a clear never matches a later attempt.
+    clock: AtomicU64,
+    /// Bumped by [`WebhookServer::release`]: a held answer goes out once it moves past
+    /// the value it saw when its attempt arrived.
+    release: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -301,6 +335,8 @@ impl WebhookServer {
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(Log::default()),
             notify: Notify::new(),
+            clock: AtomicU64::new(0),
+            release: watch::Sender::new(0),
         });
         let app = Router::new()
             .fallback(handle)
@@ -330,6 +366,7 @@ impl WebhookServer {
     /// Stop accepting connections and close the open ones; later attempts are refused.
     pub async fn shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
+        self.release();
         let task = lock(&self.task).take();
         if let Some(mut task) = task
             && tokio::time::timeout(Duration::from_secs(2), &mut task)
@@ -411,6 +448,11 @@ impl WebhookServer {
         lock(&self.shared.faults).clear();
     }
 
+    /// Let every answer held by a [`Fault::hold`] go out.
+    pub fn release(&self) {
+        self.shared.release.send_modify(|g| *g += 1);
+    }
+
     /// Wait until there are at least `n` deliveries, at most `timeout`; returns the
     /// deliveries at that point (fewer than `n` on timeout).
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Delivery> {
@@ -451,6 +493,8 @@ impl WebhookServer {
 impl Drop for WebhookServer {
     fn drop(&mut self) {
         let _ = self.shutdown_tx.send(true);
+        // A held answer would otherwise keep its connection, and the server task, alive.
+        self.release();
     }
 }
 
@@ -518,11 +562,14 @@ fn verify(
     }
 }
 
-fn take_fault(s: &Shared, path: &str) -> Option<FaultKind> {
+fn take_fault(s: &Shared, path: &str, body: &[u8]) -> Option<FaultKind> {
+    let body = String::from_utf8_lossy(body);
     let mut faults = lock(&s.faults);
-    let i = faults
-        .iter()
-        .position(|f| f.times > 0 && f.path_contains.as_deref().is_none_or(|n| path.contains(n)))?;
+    let i = faults.iter().position(|f| {
+        f.times > 0
+            && f.path_contains.as_deref().is_none_or(|n| path.contains(n))
+            && f.body_contains.iter().all(|n| body.contains(n.as_str()))
+    })?;
     let fault = &mut faults[i];
     if fault.times != usize::MAX {
         fault.times -= 1;
@@ -574,7 +621,8 @@ async fn handle(
         }
     };
     let path = parts.uri.path().to_string();
-    let fault = take_fault(&s, &path);
+    let fault = take_fault(&s, &path, &body);
+    let held_from = *s.release.borrow();
     let (status, response, delay) = match fault {
         None => (Some(200), StatusCode::OK.into_response(), None),
         Some(FaultKind::Drop) => {
@@ -585,7 +633,16 @@ async fn handle(
                 None,
             )
         }
-        Some(FaultKind::Delay(d)) => (Some(200), StatusCode::OK.into_response(), Some(d)),
+        Some(FaultKind::Delay(d)) => (
+            Some(200),
+            StatusCode::OK.into_response(),
+            Some(Wait::For(d)),
+        ),
+        Some(FaultKind::Hold) => (
+            Some(200),
+            StatusCode::OK.into_response(),
+            Some(Wait::Release),
+        ),
         Some(FaultKind::Status {
             status,
             retry_after,
@@ -608,8 +665,9 @@ async fn handle(
             )
         })
         .collect();
-    {
+    let tick = {
         let mut log = lock(&s.log);
+        let tick = s.clock.fetch_add(1, Ordering::SeqCst);
         let n = log.per_id.entry(id.clone()).or_insert(0);
         *n += 1;
         let attempt = *n;
@@ -621,15 +679,40 @@ async fn handle(
             raw: body,
             attempt,
             status,
+            tick,
+            answered: None,
             received_at: Utc::now(),
             headers,
         });
-    }
+        tick
+    };
     s.notify.notify_waiters();
-    if let Some(d) = delay {
-        tokio::time::sleep(d).await;
+    match delay {
+        Some(Wait::For(d)) => tokio::time::sleep(d).await,
+        Some(Wait::Release) => {
+            let mut released = s.release.subscribe();
+            let _ = released.wait_for(|g| *g > held_from).await;
+        }
+        None => {}
+    }
+    if status.is_some() {
+        // Taken before the answer is written, so whatever the sender sends after reading
+        // it arrives with a higher tick.
+        let answered = s.clock.fetch_add(1, Ordering::SeqCst);
+        let mut log = lock(&s.log);
+        if let Some(d) = log.attempts.iter_mut().rev().find(|d| d.tick == tick) {
+            d.answered = Some(answered);
+        }
+        drop(log);
+        s.notify.notify_waiters();
     }
     response
+}
+
+/// How long an answer is held back.
+enum Wait {
+    For(Duration),
+    Release,
 }
 
 // ---------------------------------------------------------------------------------------
