@@ -423,6 +423,7 @@ pub fn openapi_document() -> Value {
                     "repaired_from_target": {"type": "integer"}, "sent": {"type": "integer"},
                     "failed": {"type": "integer"}, "unmappable": {"type": "integer"},
                     "note": {"type": ["string", "null"]},
+                    "read_back_stopped": {"type": ["string", "null"], "description": "Why reading users back from the target ended before the end of its window; the job then fails"},
                     "items": {"type": "array", "items": {"type": "object", "properties": {
                         "object": {"type": "string"}, "action": {"type": "string", "enum": ["put", "delete"]},
                         "reason": {"type": "string"}}}}}}

@@ -119,6 +119,9 @@ pub struct SnapshotReport {
     /// each other and with the store as of `seq`. When false a change landed part-way
     /// (it may or may not be in the files); the next snapshot picks it up.
     pub consistent: bool,
+    /// Users the OneRoster bundle leaves out because they cannot be OneRoster users (no
+    /// given or family name); they are in the roster CSV.
+    pub unmappable: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,9 +170,10 @@ pub fn write_snapshot(
     let users = write_roster(store, tenant, &roster)?;
     roster.sync()?;
     let mut staged = vec![roster];
+    let mut unmappable = 0;
     if let Some(or) = &settings.oneroster {
         let bundle = Staged::create(dir, BUNDLE_FILE)?;
-        write_bundle(store, tenant, or, &bundle)?;
+        unmappable = write_bundle(store, tenant, or, &bundle)?;
         bundle.sync()?;
         staged.push(bundle);
     }
@@ -202,6 +206,7 @@ pub fn write_snapshot(
         files,
         seq,
         consistent,
+        unmappable,
     })
 }
 
@@ -479,6 +484,19 @@ fn text(s: &str) -> String {
     neutralize(s).into_owned()
 }
 
+/// A phone number as is when it holds nothing but what numbers are written with: the `+`
+/// that starts an international number would otherwise get the `'` of a formula, which
+/// an importer takes as part of the number. Such a cell cannot call anything.
+fn phone(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_digit() || " +-().x/".contains(c))
+    {
+        s.to_owned()
+    } else {
+        text(s)
+    }
+}
+
 /// The bundle being written: one entry at a time.
 struct Bundle<'a> {
     zip: ZipOut<'a>,
@@ -604,12 +622,13 @@ fn zip_now() -> zip::DateTime {
     .unwrap_or_default()
 }
 
+/// Returns how many users were left out as not expressible.
 fn write_bundle(
     store: &Store,
     tenant: &str,
     or: &OneRosterCsv,
     staged: &Staged,
-) -> Result<(), CsvError> {
+) -> Result<u64, CsvError> {
     let org = or.org_sourced_id.as_str();
     let course = or.course_sourced_id.as_str();
     let mut b = Bundle {
@@ -652,18 +671,21 @@ fn write_bundle(
         entry: String::new(),
     };
     roles.row(ROLES)?;
+    // Users that cannot be OneRoster users, by id: their enrollments are left out too.
+    // Only these are held, so memory grows with them, not with the tenant.
+    let mut left_out = std::collections::HashSet::new();
     b.entry("users.csv", &USERS, |w| {
         for_each_user(store, tenant, |id, doc, assignment| {
             let u = UserFields { doc };
             let user_sid = sourced_id(tenant, &format!("User/{id}"));
             let email = u.email();
-            // OneRoster requires both names; stand-ins as the REST connector uses them.
-            let local = email
-                .or(u.user_name())
-                .map(|e| e.split('@').next().unwrap_or(e));
-            // (The stand-in "-" is ours, so it is not neutralized into "'-".)
-            let given = u.given_name().or(local).map_or_else(|| "-".into(), text);
-            let family = u.family_name().map_or_else(|| "-".into(), text);
+            // OneRoster requires both names, and the REST connector sends such a user
+            // nowhere (a dead letter): a row with invented names would put them on a
+            // person's record, an empty one makes the file invalid.
+            let Ok((given, family)) = u.names(id) else {
+                left_out.insert(id.to_owned());
+                return Ok(());
+            };
             let identifier = doc
                 .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
                 .and_then(|e| e.get("employeeNumber"))
@@ -677,13 +699,13 @@ fn write_bundle(
                 enabled,
                 &text(u.user_name().or(email).unwrap_or_default()),
                 "",
-                &given,
-                &family,
-                "",
+                &text(&given),
+                &text(family),
+                &text(u.middle_name().unwrap_or_default()),
                 &text(identifier),
                 &text(email.unwrap_or_default()),
-                "",
-                "",
+                &phone(u.sms().unwrap_or_default()),
+                &phone(u.phone().unwrap_or_default()),
                 "",
                 "",
                 "",
@@ -749,8 +771,8 @@ fn write_bundle(
             let class_sid = sourced_id(tenant, &format!("Group/{gid}"));
             for m in store.members(tenant, &gid)? {
                 let m = m?;
-                // Enrollments are for users; nested groups have none.
-                if m.kind != "User" {
+                // Enrollments are for users in users.csv; nested groups have none.
+                if m.kind != "User" || left_out.contains(&m.value) {
                     continue;
                 }
                 w.row([
@@ -770,7 +792,8 @@ fn write_bundle(
         Ok(())
     })?;
 
-    b.finish()
+    b.finish()?;
+    Ok(left_out.len() as u64)
 }
 
 /// Every user in id order with its assignment, joined by merging two ordered scans.
@@ -882,7 +905,7 @@ mod tests {
             },
         }))
         .await;
-        let cy = create(json!({"userName": "cy@x.test"})).await;
+        let cy = create(json!({"userName": "cy@x.test", "displayName": "Cy  Young"})).await;
         store
             .set_override(T, &ada, Some("eng_lead".into()), "user:admin")
             .await
@@ -1140,7 +1163,9 @@ mod tests {
         assert_eq!(bob[9], "E2");
         assert_eq!(bob[10], "bob@x.test");
         let cy = by_first(users, &user_sid(&fx.cy));
-        assert_eq!((cy[6].as_str(), cy[7].as_str()), ("cy", "-"));
+        // Names from the display name: never the email's local part or a "-".
+        assert_eq!((cy[6].as_str(), cy[7].as_str()), ("Cy", "Young"));
+        assert_eq!(report.unmappable, 0);
 
         let roles = &files["roles.csv"];
         assert_eq!(roles[0], ROLES);
@@ -1220,7 +1245,7 @@ mod tests {
             .create(
                 T,
                 ResourceKind::User,
-                json!({"userName": "dee@x.test"}),
+                json!({"userName": "dee@x.test", "displayName": "Dee Dee Ramone"}),
                 vec![],
             )
             .await

@@ -73,8 +73,13 @@ impl Request {
 /// What one attempt came to.
 #[derive(Debug)]
 pub enum Outcome {
-    /// 2xx (or 404 for a DELETE of something already gone). The body is kept for GETs.
-    Delivered { status: u16, body: bytes::Bytes },
+    /// 2xx (or 404 for a DELETE of something already gone). Body and headers are kept
+    /// for GETs (a list's total comes in `X-Total-Count`).
+    Delivered {
+        status: u16,
+        headers: reqwest::header::HeaderMap,
+        body: bytes::Bytes,
+    },
     /// Worth trying again later.
     Retry {
         reason: String,
@@ -110,7 +115,7 @@ pub async fn send(
     for (k, v) in extra {
         b = b.header(k, v);
     }
-    let resp = match b.send().await {
+    let mut resp = match b.send().await {
         Ok(r) => r,
         Err(e) => {
             let what = if e.is_timeout() {
@@ -133,6 +138,7 @@ pub async fn send(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
+    let headers = std::mem::take(resp.headers_mut());
     let body = match resp.bytes().await {
         Ok(b) => b,
         Err(e) => {
@@ -143,13 +149,14 @@ pub async fn send(
             };
         }
     };
-    classify(req, status, retry_after, body)
+    classify(req, status, retry_after, headers, body)
 }
 
 fn classify(
     req: &Request,
     status: StatusCode,
     retry_after: Option<Duration>,
+    headers: reqwest::header::HeaderMap,
     body: bytes::Bytes,
 ) -> Outcome {
     let response = || TargetResponse {
@@ -158,7 +165,11 @@ fn classify(
     };
     let code = status.as_u16();
     if status.is_success() || (req.absent_ok && code == 404) {
-        return Outcome::Delivered { status: code, body };
+        return Outcome::Delivered {
+            status: code,
+            headers,
+            body,
+        };
     }
     match code {
         401 => Outcome::Unauthorized {
@@ -238,6 +249,7 @@ mod tests {
             &req,
             StatusCode::from_u16(code).unwrap(),
             None,
+            reqwest::header::HeaderMap::new(),
             bytes::Bytes::new(),
         )
     }

@@ -4,14 +4,16 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use super::http::Request;
 use super::{Plan, sourced_id};
-use crate::store::{Assignment, ChangeEvent};
+use crate::scim::ResourceKind;
+use crate::store::{Assignment, ChangeEvent, Store, StoreError};
 
 /// User roles OneRoster 1.2 defines (anything else must be `ext:…`).
 const ROLES: [&str; 12] = [
@@ -217,12 +219,75 @@ impl UserFields<'_> {
             .or_else(|| self.user_name().filter(|u| u.contains('@')))
     }
 
-    pub fn given_name(&self) -> Option<&str> {
+    /// `name.givenName`, else all but the last word of a full name (see [`Self::split_name`]).
+    pub fn given_name(&self) -> Option<Cow<'_, str>> {
         self.str("/name/givenName")
+            .map(Cow::Borrowed)
+            .or_else(|| self.split_name().map(|(given, _)| Cow::Owned(given)))
     }
 
+    /// `name.familyName`, else the last word of a full name (see [`Self::split_name`]).
     pub fn family_name(&self) -> Option<&str> {
         self.str("/name/familyName")
+            .or_else(|| self.split_name().map(|(_, family)| family))
+    }
+
+    /// `name.formatted`, else `displayName`, as given name(s) and a family name: the last
+    /// word is the family name. A single word could be either, so it is neither: OneRoster
+    /// requires both, and a guess would put a made-up name on a person's record.
+    fn split_name(&self) -> Option<(String, &str)> {
+        ["/name/formatted", "/displayName"].iter().find_map(|ptr| {
+            let words: Vec<&str> = self.str(ptr)?.split_whitespace().collect();
+            let (family, given) = words.split_last()?;
+            (!given.is_empty()).then(|| (given.join(" "), *family))
+        })
+    }
+
+    /// Given and family name, or why the user cannot be a OneRoster user.
+    pub fn names(&self, id: &str) -> Result<(Cow<'_, str>, &str), Unmappable> {
+        let (missing, attrs) = match (self.given_name(), self.family_name()) {
+            (Some(g), Some(f)) => return Ok((g, f)),
+            (None, None) => (
+                "given name and no family name",
+                "name.givenName or name.familyName",
+            ),
+            (None, Some(_)) => ("given name", "name.givenName"),
+            (Some(_), None) => ("family name", "name.familyName"),
+        };
+        Err(Unmappable(format!(
+            "user {id} has no {missing}: no {attrs}, and neither name.formatted nor displayName holds two words or more; OneRoster requires both names"
+        )))
+    }
+
+    pub fn middle_name(&self) -> Option<&str> {
+        self.str("/name/middleName")
+    }
+
+    /// The number to call: the primary one, else the first `work` one. A fax or pager
+    /// number is never it, even when marked primary.
+    pub fn phone(&self) -> Option<&str> {
+        let callable =
+            |p: &Value| !matches!(p.get("type").and_then(Value::as_str), Some("fax" | "pager"));
+        self.phone_where(|p| callable(p) && p.get("primary") == Some(&Value::Bool(true)))
+            .or_else(|| self.phone_where(|p| p.get("type").and_then(Value::as_str) == Some("work")))
+    }
+
+    /// The number for text messages: the first `mobile` one.
+    pub fn sms(&self) -> Option<&str> {
+        self.phone_where(|p| p.get("type").and_then(Value::as_str) == Some("mobile"))
+    }
+
+    fn phone_where(&self, pred: impl Fn(&Value) -> bool) -> Option<&str> {
+        self.doc
+            .get("phoneNumbers")
+            .and_then(Value::as_array)?
+            .iter()
+            .filter(|p| pred(p))
+            .find_map(|p| {
+                p.get("value")
+                    .and_then(Value::as_str)
+                    .filter(|v| !v.trim().is_empty())
+            })
     }
 
     pub fn active(&self) -> bool {
@@ -237,58 +302,108 @@ impl UserFields<'_> {
     }
 }
 
+impl<'a> UserFields<'a> {
+    /// The SCIM id the enterprise `manager.value` names, whether or not it exists.
+    pub fn manager(&self) -> Option<&'a str> {
+        self.doc
+            .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
+            .and_then(|e| e.pointer("/manager/value"))
+            .and_then(Value::as_str)
+            .filter(|m| !m.trim().is_empty())
+    }
+}
+
+/// A SCIM user as the connector maps it.
+pub struct UserState<'a> {
+    pub id: &'a str,
+    pub doc: &'a Value,
+    pub assignment: Option<&'a Assignment>,
+    /// The SCIM id of the user's manager, only if that user is in the roster (see
+    /// [`existing_manager`]).
+    pub manager: Option<&'a str>,
+}
+
+/// The manager `doc` names, if that user is in the roster now. A body naming a deleted
+/// manager would point at no one downstream; resolving it whenever a body is built lets
+/// reconciliation see such a body as drift.
+pub fn existing_manager<'d>(
+    store: &Store,
+    tenant: &str,
+    doc: &'d Value,
+) -> Result<Option<&'d str>, StoreError> {
+    match (UserFields { doc }).manager() {
+        Some(m) if store.get_raw(tenant, ResourceKind::User, m)?.is_some() => Ok(Some(m)),
+        _ => Ok(None),
+    }
+}
+
+/// An object of the pairs whose value is present: OneRoster's optional fields are left
+/// out when rosterd has no value, never sent as null.
+fn present<const N: usize>(fields: [(&str, Option<Value>); N]) -> Map<String, Value> {
+    fields
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+        .collect()
+}
+
 /// The OneRoster user body (inside `{"user": …}`) for a SCIM user.
 pub fn user_body(
     settings: &OneRosterSettings,
     tenant: &str,
-    id: &str,
-    doc: &Value,
-    assignment: Option<&Assignment>,
+    user: &UserState<'_>,
     modified: DateTime<Utc>,
 ) -> Result<Value, Unmappable> {
+    let (id, doc) = (user.id, user.doc);
     let u = UserFields { doc };
     let email = u.email().ok_or_else(|| {
         Unmappable(format!(
             "user {id} has no email and no email-like userName; OneRoster requires one"
         ))
     })?;
-    // OneRoster requires both names; a SCIM user need not have them. The email's local
-    // part stands in rather than refusing the user.
-    let local = email.split('@').next().unwrap_or(email);
-    let given = u.given_name().unwrap_or(local);
-    let family = u.family_name().unwrap_or("-");
-    let archetype = assignment.and_then(|a| a.archetype_id.as_deref());
-    let manager = doc
-        .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
-        .and_then(|e| e.pointer("/manager/value"))
-        .and_then(Value::as_str)
-        .map(|m| sourced_id(tenant, &format!("User/{m}")));
+    let (given, family) = u.names(id)?;
+    let archetype = user.assignment.and_then(|a| a.archetype_id.as_deref());
     let org = json!({ "sourcedId": settings.org_sourced_id, "type": "org" });
-    Ok(json!({
-        "sourcedId": sourced_id(tenant, &format!("User/{id}")),
-        "status": "active",
-        "dateLastModified": ts(modified),
-        "enabledUser": if u.active() { "true" } else { "false" },
-        "username": u.user_name().unwrap_or(email),
-        "givenName": given,
-        "familyName": family,
-        "email": email,
-        "identifier": u.enterprise("employeeNumber"),
-        "roles": [{
-            "roleType": "primary",
-            "role": settings.role_for(archetype),
-            "org": org,
-        }],
-        "primaryOrg": org,
-        "metadata": {
-            "archetype_id": archetype,
-            "confidence": assignment.map(|a| a.confidence),
-            "department": u.enterprise("department"),
-            "job_title": u.str("/title"),
-            "manager": manager,
-            "scim_id": id,
-        },
-    }))
+    let s = |v: Option<&str>| v.map(Value::from);
+    let metadata = present([
+        ("archetype_id", s(archetype)),
+        ("confidence", user.assignment.map(|a| json!(a.confidence))),
+        ("department", s(u.enterprise("department"))),
+        ("job_title", s(u.str("/title"))),
+        (
+            "manager",
+            user.manager
+                .map(|m| Value::from(sourced_id(tenant, &user_key(m)))),
+        ),
+        ("scim_id", Some(json!(id))),
+    ]);
+    let body = present([
+        ("sourcedId", Some(json!(sourced_id(tenant, &user_key(id))))),
+        ("status", Some(json!("active"))),
+        ("dateLastModified", Some(json!(ts(modified)))),
+        (
+            "enabledUser",
+            Some(json!(if u.active() { "true" } else { "false" })),
+        ),
+        ("username", Some(json!(u.user_name().unwrap_or(email)))),
+        ("givenName", Some(json!(given))),
+        ("familyName", Some(json!(family))),
+        ("middleName", s(u.middle_name())),
+        ("email", Some(json!(email))),
+        ("sms", s(u.sms())),
+        ("phone", s(u.phone())),
+        ("identifier", s(u.enterprise("employeeNumber"))),
+        (
+            "roles",
+            Some(json!([{
+                "roleType": "primary",
+                "role": settings.role_for(archetype),
+                "org": org,
+            }])),
+        ),
+        ("primaryOrg", Some(org)),
+        ("metadata", Some(Value::Object(metadata))),
+    ]);
+    Ok(Value::Object(body))
 }
 
 /// The class body for a SCIM group.
@@ -300,19 +415,22 @@ pub fn class_body(
     modified: DateTime<Utc>,
 ) -> Value {
     let title = doc.get("displayName").and_then(Value::as_str).unwrap_or(id);
-    json!({
+    let mut body = json!({
         "sourcedId": sourced_id(tenant, &format!("Group/{id}")),
         "status": "active",
         "dateLastModified": ts(modified),
         "title": title,
-        "classCode": doc.get("externalId").and_then(Value::as_str),
         "classType": "homeroom",
         "course": { "sourcedId": settings.course_sourced_id, "type": "course" },
         "org": { "sourcedId": settings.org_sourced_id, "type": "org" },
         "school": { "sourcedId": settings.org_sourced_id, "type": "org" },
         "terms": [],
         "metadata": { "scim_id": id },
-    })
+    });
+    if let Some(code) = doc.get("externalId").and_then(Value::as_str) {
+        body["classCode"] = json!(code);
+    }
+    body
 }
 
 pub fn enrollment_id(tenant: &str, group: &str, user: &str) -> String {
@@ -342,9 +460,14 @@ pub fn enrollment_body(
 pub struct Current<'a> {
     pub doc: Option<&'a Value>,
     pub assignment: Option<&'a Assignment>,
+    /// The user's manager, if it is in the roster (see [`existing_manager`]).
+    pub manager: Option<&'a str>,
     /// Members of a group that are users (enrollments exist only for users).
     pub user_members_added: Vec<&'a str>,
     pub user_members_removed: Vec<&'a str>,
+    /// For a deleted user, its reports as they should be now: their bodies named it as
+    /// their manager and no longer do.
+    pub reports: Vec<Write>,
 }
 
 /// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.
@@ -409,16 +532,14 @@ impl Write {
 pub fn user_write(
     settings: &OneRosterSettings,
     tenant: &str,
-    id: &str,
-    doc: &Value,
-    assignment: Option<&Assignment>,
+    user: &UserState<'_>,
     modified: DateTime<Utc>,
 ) -> Result<Write, Unmappable> {
-    if settings.deletes(doc) {
-        return Ok(user_delete(settings, tenant, id));
+    if settings.deletes(user.doc) {
+        return Ok(user_delete(settings, tenant, user.id));
     }
-    let body = user_body(settings, tenant, id, doc, assignment, modified)?;
-    let (key, url) = object_url(settings, tenant, "users", user_key(id));
+    let body = user_body(settings, tenant, user, modified)?;
+    let (key, url) = object_url(settings, tenant, "users", user_key(user.id));
     Ok(Write::put(key, url, "user", body))
 }
 
@@ -507,20 +628,26 @@ pub fn plan(
     settings: &OneRosterSettings,
     tenant: &str,
     event: &ChangeEvent,
-    cur: &Current<'_>,
+    cur: Current<'_>,
 ) -> Result<Plan, Unmappable> {
     let mut p = Plan::default();
     let id = event.id.as_str();
     match (event.resource_type.as_str(), cur.doc) {
-        ("User", Some(doc)) => p.stage(vec![user_write(
-            settings,
-            tenant,
-            id,
-            doc,
-            cur.assignment,
-            event.at,
-        )?]),
-        ("User", None) => p.stage(vec![user_delete(settings, tenant, id)]),
+        ("User", Some(doc)) => {
+            let user = UserState {
+                id,
+                doc,
+                assignment: cur.assignment,
+                manager: cur.manager,
+            };
+            p.stage(vec![user_write(settings, tenant, &user, event.at)?]);
+        }
+        ("User", None) => {
+            p.stage(vec![user_delete(settings, tenant, id)]);
+            // After the delete: a report the target refuses must not keep the user
+            // itself from going.
+            p.stage(cur.reports);
+        }
         ("Group", doc) => {
             let removals: Vec<Write> = cur
                 .user_members_removed
@@ -798,10 +925,12 @@ token_env = "T"
         let cur = Current {
             doc: Some(&doc),
             assignment: Some(&a),
+            manager: Some("m1"),
             user_members_added: vec![],
             user_members_removed: vec![],
+            reports: vec![],
         };
-        let p = plan(&s, "demo", &event("User", ChangeOp::Created), &cur).unwrap();
+        let p = plan(&s, "demo", &event("User", ChangeOp::Created), cur).unwrap();
         assert_eq!(p.stages.len(), 1);
         let r = &p.stages[0][0];
         let sid = sourced_id("demo", "User/u1");
@@ -822,10 +951,12 @@ token_env = "T"
         let cur = Current {
             doc: Some(&doc),
             assignment: None,
+            manager: None,
             user_members_added: vec![],
             user_members_removed: vec![],
+            reports: vec![],
         };
-        let err = plan(&settings(), "demo", &event("User", ChangeOp::Created), &cur).unwrap_err();
+        let err = plan(&settings(), "demo", &event("User", ChangeOp::Created), cur).unwrap_err();
         assert!(err.0.contains("email"), "{err}");
     }
 
@@ -837,10 +968,12 @@ token_env = "T"
         let cur = Current {
             doc: Some(&doc),
             assignment: None,
+            manager: None,
             user_members_added: vec!["u1", "u2"],
             user_members_removed: vec!["u3"],
+            reports: vec![],
         };
-        let p = plan(&settings(), "demo", &ev, &cur).unwrap();
+        let p = plan(&settings(), "demo", &ev, cur).unwrap();
         assert_eq!(p.stages.len(), 2);
         assert!(p.stages[0][0].url.contains("/classes/"));
         assert_eq!(p.stages[1].len(), 3);
@@ -850,16 +983,113 @@ token_env = "T"
             &settings(),
             "demo",
             &ev,
-            &Current {
+            Current {
                 doc: None,
                 assignment: None,
+                manager: None,
                 user_members_added: vec![],
                 user_members_removed: vec!["u1"],
+                reports: vec![],
             },
         )
         .unwrap();
         assert!(p.stages[0][0].url.contains("/enrollments/"));
         assert!(p.stages[1][0].url.contains("/classes/"));
+    }
+
+    #[test]
+    fn names_are_taken_or_split_from_a_full_name_never_made_up() {
+        let names = |doc: Value| {
+            let u = UserFields { doc: &doc };
+            u.names("u1")
+                .map(|(g, f)| (g.into_owned(), f.to_owned()))
+                .map_err(|e| e.0)
+        };
+        let ok = |g: &str, f: &str| Ok((g.to_owned(), f.to_owned()));
+        assert_eq!(
+            names(json!({"displayName": "Jane  Q Doe"})),
+            ok("Jane Q", "Doe")
+        );
+        // name.formatted comes first; one word does not count as a full name.
+        assert_eq!(
+            names(json!({"name": {"formatted": "Cher"}, "displayName": "Cher Sarkisian"})),
+            ok("Cher", "Sarkisian")
+        );
+        // Each part from the SCIM name when it has it.
+        assert_eq!(
+            names(json!({"name": {"givenName": "Ada", "formatted": "Augusta Ada King"}})),
+            ok("Ada", "King")
+        );
+        assert_eq!(
+            names(json!({"name": {"familyName": "Doe"}, "displayName": "Jane Doe-Smith"})),
+            ok("Jane", "Doe")
+        );
+        let err = names(json!({"displayName": "Cher", "userName": "cher@x.test"})).unwrap_err();
+        assert!(err.contains("family name") && err.contains("u1"), "{err}");
+        let err = names(json!({"name": {"familyName": "Doe"}})).unwrap_err();
+        assert!(err.contains("given name"), "{err}");
+    }
+
+    #[test]
+    fn phone_is_the_primary_or_work_number_sms_the_mobile_one() {
+        let doc = json!({"phoneNumbers": [
+            {"value": "1", "type": "home"},
+            {"value": "2", "type": "pager", "primary": true},
+            {"value": "3", "type": "work"},
+            {"value": "", "type": "mobile"},
+            {"value": "4", "type": "mobile"}]});
+        let u = UserFields { doc: &doc };
+        assert_eq!((u.phone(), u.sms()), (Some("3"), Some("4")));
+        let doc = json!({"phoneNumbers": [{"value": "5", "type": "home", "primary": true}]});
+        let u = UserFields { doc: &doc };
+        assert_eq!((u.phone(), u.sms()), (Some("5"), None));
+        let doc = json!({"phoneNumbers": [{"value": "6", "type": "home"}]});
+        assert_eq!(UserFields { doc: &doc }.phone(), None);
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_of_the_bodies() {
+        let s = settings();
+        let doc =
+            json!({"userName": "ada@x.test", "name": {"givenName": "Ada", "familyName": "L"}});
+        let user = UserState {
+            id: "u1",
+            doc: &doc,
+            assignment: None,
+            manager: None,
+        };
+        let body = user_body(&s, "demo", &user, Utc::now()).unwrap();
+        for k in ["identifier", "middleName", "phone", "sms"] {
+            assert!(body.get(k).is_none(), "{k} in {body}");
+        }
+        assert_eq!(body["metadata"], json!({"scim_id": "u1"}));
+        let class = class_body(&s, "demo", "g1", &json!({"displayName": "Ops"}), Utc::now());
+        assert!(class.get("classCode").is_none(), "{class}");
+    }
+
+    #[test]
+    fn a_deleted_user_is_deleted_before_its_reports_are_put() {
+        let s = settings();
+        let doc = json!({"userName": "r@x.test", "name": {"givenName": "R", "familyName": "E"}});
+        let report = UserState {
+            id: "r1",
+            doc: &doc,
+            assignment: None,
+            manager: None,
+        };
+        let cur = Current {
+            doc: None,
+            assignment: None,
+            manager: None,
+            user_members_added: vec![],
+            user_members_removed: vec![],
+            reports: vec![user_write(&s, "demo", &report, Utc::now()).unwrap()],
+        };
+        let p = plan(&s, "demo", &event("User", ChangeOp::Deleted), cur).unwrap();
+        assert_eq!(p.stages.len(), 2);
+        assert_eq!(p.stages[0][0].method, reqwest::Method::DELETE);
+        assert_eq!(p.stages[1][0].method, reqwest::Method::PUT);
+        assert_eq!(p.hashes[1].0, "User/r1");
     }
 
     #[test]

@@ -619,27 +619,41 @@ impl Ctx {
         }
     }
 
-    /// A read (reconciliation's read-back): a few attempts, the body on success.
-    async fn send_for_body(&self, req: &Request) -> Option<bytes::Bytes> {
+    /// A read (reconciliation's read-back): a few attempts; the answer's headers and body,
+    /// or why there is none.
+    async fn send_for_body(
+        &self,
+        req: &Request,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), String> {
         let timeout = Duration::from_millis(self.config.timeout_ms);
+        let mut last = String::new();
         for _ in 0..3 {
-            let headers = self.headers(req).await.ok()?;
+            let headers = self.headers(req).await?;
             let used_auth = authorization(&headers);
             match http::send(&self.client, req, headers, timeout).await {
-                Outcome::Delivered { body, .. } => return Some(body),
+                Outcome::Delivered { headers, body, .. } => return Ok((headers, body)),
                 Outcome::Unauthorized { .. } => {
+                    last = "target refuses our credentials (401)".into();
                     if let Target::OneRoster { credentials, .. } = &self.target {
                         credentials.invalidate(used_auth.as_deref()).await;
                     }
                 }
-                Outcome::Retry { retry_after, .. } => {
+                Outcome::Retry {
+                    reason,
+                    retry_after,
+                    ..
+                } => {
+                    last = reason;
                     tokio::time::sleep(retry_after.unwrap_or(self.config.retry.initial_delay()))
                         .await;
                 }
-                Outcome::Gone { .. } | Outcome::Refused { .. } => return None,
+                Outcome::Gone { response } | Outcome::Refused { response, .. } => {
+                    let body: String = response.body.chars().take(200).collect();
+                    return Err(format!("target answered {}: {body}", response.status));
+                }
             }
         }
-        None
+        Err(last)
     }
 
     async fn send_one<'r>(
@@ -668,12 +682,21 @@ impl Ctx {
         })
     }
 
-    fn plan(&self, ev: &ChangeEvent) -> Result<Plan, String> {
+    /// `reports`: the users [`reports_of`] found for the change, which a OneRoster target
+    /// is sent again.
+    fn plan(&self, ev: &ChangeEvent, reports: &[String]) -> Result<Plan, String> {
         let tenant = self.tenant();
         match &self.target {
             Target::OneRoster { settings, .. } => {
                 let doc = self.document(ev)?;
                 let doc = doc.as_deref();
+                let manager = match doc {
+                    Some(d) if ev.resource_type == "User" => {
+                        oneroster::existing_manager(&self.store, tenant, d)
+                            .map_err(|e| e.to_string())?
+                    }
+                    _ => None,
+                };
                 let stored;
                 let assignment = match &ev.assignment {
                     Some(a) => Some(a),
@@ -701,10 +724,14 @@ impl Ctx {
                 let cur = oneroster::Current {
                     doc,
                     assignment,
+                    manager,
                     user_members_added: added,
                     user_members_removed: ev.members_removed.iter().map(String::as_str).collect(),
+                    reports: self
+                        .report_writes(settings, reports)
+                        .map_err(|e| e.to_string())?,
                 };
-                oneroster::plan(settings, tenant, ev, &cur).map_err(|e| e.0)
+                oneroster::plan(settings, tenant, ev, cur).map_err(|e| e.0)
             }
             Target::Webhook { settings, .. } => {
                 let snapshot = self.document(ev)?;
@@ -712,6 +739,36 @@ impl Ctx {
             }
             Target::Csv { .. } => Ok(Plan::default()),
         }
+    }
+
+    /// The PUTs that bring these users' bodies up to date. One that is gone, inactive and
+    /// deleted downstream, or cannot be expressed has its own changes for that; sending
+    /// it here would only fail the change that merely touched it.
+    fn report_writes(
+        &self,
+        settings: &OneRosterSettings,
+        reports: &[String],
+    ) -> Result<Vec<oneroster::Write>, StoreError> {
+        let tenant = self.tenant();
+        let mut out = Vec::with_capacity(reports.len());
+        for id in reports {
+            let Some(r) = self.store.get(tenant, ResourceKind::User, id)? else {
+                continue;
+            };
+            let assignment = self.store.assignment(tenant, id)?;
+            let user = oneroster::UserState {
+                id,
+                doc: &r.doc,
+                assignment: assignment.as_ref(),
+                manager: oneroster::existing_manager(&self.store, tenant, &r.doc)?,
+            };
+            if let Ok(w) = oneroster::user_write(settings, tenant, &user, Utc::now())
+                && w.body.is_some()
+            {
+                out.push(w);
+            }
+        }
+        Ok(out)
     }
 
     async fn dead_letter(
@@ -752,9 +809,10 @@ impl Ctx {
     async fn deliver(
         &self,
         ev: &ChangeEvent,
+        reports: &[String],
         max_attempts: Option<u32>,
     ) -> Result<Delivered, StoreError> {
-        let plan = match self.plan(ev) {
+        let plan = match self.plan(ev, reports) {
             Ok(p) => p,
             Err(reason) => {
                 self.dead_letter(ev, reason, None, None).await?;
@@ -800,24 +858,26 @@ impl Ctx {
     async fn deliver_after(
         &self,
         ev: ChangeEvent,
+        reports: Vec<String>,
         waits: Vec<watch::Receiver<bool>>,
         done: watch::Sender<bool>,
     ) -> (u64, Vec<String>, Result<Delivered, StoreError>) {
-        let keys = object_keys(&ev);
+        let keys = object_keys(&ev, &reports);
         for mut w in waits {
             // A dropped sender means its change was abandoned (shutdown or store error).
             if w.wait_for(|d| *d).await.is_err() {
                 return (ev.seq, keys, Ok(Delivered::Cancelled));
             }
         }
-        let r = self.deliver(&ev, None).await;
+        let r = self.deliver(&ev, &reports, None).await;
         done.send_replace(true);
         (ev.seq, keys, r)
     }
 }
 
-/// The objects a change touches; changes sharing one are delivered in log order.
-fn object_keys(ev: &ChangeEvent) -> Vec<String> {
+/// The objects a change touches (with the `reports` it sends again); changes sharing one
+/// are delivered in log order.
+fn object_keys(ev: &ChangeEvent, reports: &[String]) -> Vec<String> {
     let mut keys = vec![format!("{}/{}", ev.resource_type, ev.id)];
     if ev.resource_type == "Group" {
         keys.extend(
@@ -827,7 +887,19 @@ fn object_keys(ev: &ChangeEvent) -> Vec<String> {
                 .map(|m| format!("User/{m}")),
         );
     }
+    keys.extend(reports.iter().map(|r| format!("User/{r}")));
     keys
+}
+
+/// The users whose OneRoster bodies a change alters besides its own objects: a deleted
+/// user's reports, whose bodies named it as their manager (a body names only a manager
+/// who exists). Found when the change is read from the log, so that it is delivered in
+/// order with their own changes, as one of its objects.
+fn reports_of(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Vec<String>, StoreError> {
+    if ev.resource_type != "User" || ev.op != crate::store::ChangeOp::Deleted {
+        return Ok(vec![]);
+    }
+    store.lookup(tenant, &crate::store::IndexQuery::Manager(ev.id.clone()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -915,9 +987,14 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                 // Not finished: the next start reconciles again.
                 return Ok(());
             }
-            if report.failed > 0 || report.unmappable > 0 {
+            if report.failed > 0 || report.unmappable > 0 || report.read_back_stopped.is_some() {
+                let stopped = report
+                    .read_back_stopped
+                    .as_deref()
+                    .map(|r| format!("; the read-back stopped early: {r}"))
+                    .unwrap_or_default();
                 let reason = format!(
-                    "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped; run `rosterd reconcile` once the target accepts them",
+                    "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped{stopped}; run `rosterd reconcile` once the target accepts them",
                     report.failed, report.drifted, report.unmappable
                 );
                 tracing::warn!(%reason, "Resync incomplete.");
@@ -1006,6 +1083,8 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     const CURSOR_EVERY: Duration = Duration::from_millis(200);
     let window = (ctx.config.concurrency * 32).clamp(BATCH as usize, 8 * BATCH as usize);
     let cursor_name = ctx.cursor_name();
+    // Only a OneRoster body names a user's manager.
+    let fans_out = matches!(ctx.target, Target::OneRoster { .. });
     let mut durable = ctx.store.watch_durable(tenant);
     let start = ctx.store.cursor(tenant, &cursor_name)?;
     let mut progress = Progress {
@@ -1029,23 +1108,37 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             );
             let events = {
                 let (store, tenant) = (ctx.store.clone(), tenant.to_owned());
-                blocking(move || store.changes(&tenant, read, n)).await?
+                blocking(move || {
+                    store
+                        .changes(&tenant, read, n)?
+                        .into_iter()
+                        .map(|ev| {
+                            let reports = if fans_out {
+                                reports_of(&store, &tenant, &ev)?
+                            } else {
+                                vec![]
+                            };
+                            Ok((ev, reports))
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                })
+                .await?
             };
             if events.is_empty() {
                 // Compacted away below the watermark: nothing to send there.
                 progress.read = upto;
             }
-            for ev in events {
+            for (ev, reports) in events {
                 progress.read = ev.seq;
                 let (tx, rx) = watch::channel(false);
                 let mut waits = Vec::new();
-                for k in object_keys(&ev) {
+                for k in object_keys(&ev, &reports) {
                     if let Some((_, r)) = latest.insert(k, (ev.seq, rx.clone())) {
                         waits.push(r);
                     }
                 }
                 progress.in_flight.insert(ev.seq);
-                running.push(ctx.deliver_after(ev, waits, tx));
+                running.push(ctx.deliver_after(ev, reports, waits, tx));
             }
             continue;
         }
@@ -1790,17 +1883,24 @@ impl Dispatcher {
             );
             blocking(move || later_delivered_changes(&store, &t, &cursor_name, &ev)).await?
         };
-        let (event, sent) = match &ctx.target {
+        let (event, reports, sent) = match &ctx.target {
             Target::OneRoster { .. } => {
                 let (store, t, ev) = (self.store.clone(), tenant.to_owned(), letter.event.clone());
-                let current = blocking(move || current_state(&store, &t, &ev)).await?;
-                (current, ReplaySent::CurrentState)
+                let (current, reports) = blocking(move || {
+                    let current = current_state(&store, &t, &ev)?;
+                    let reports = reports_of(&store, &t, &current)?;
+                    Ok((current, reports))
+                })
+                .await?;
+                (current, reports, ReplaySent::CurrentState)
             }
             Target::Webhook { .. } | Target::Csv { .. } => {
-                (letter.event.clone(), ReplaySent::OriginalEvent)
+                (letter.event.clone(), vec![], ReplaySent::OriginalEvent)
             }
         };
-        let plan = ctx.plan(&event).map_err(DispatchError::ReplayFailed)?;
+        let plan = ctx
+            .plan(&event, &reports)
+            .map_err(DispatchError::ReplayFailed)?;
         for stage in &plan.stages {
             for req in stage {
                 match ctx
@@ -1957,7 +2057,7 @@ fn later_delivered_changes(
     letter: &ChangeEvent,
 ) -> Result<Vec<u64>, StoreError> {
     let cursor = store.cursor(tenant, cursor_name)?;
-    let keys = object_keys(letter);
+    let keys = object_keys(letter, &[]);
     let mut out = Vec::new();
     let mut since = letter.seq;
     while since < cursor && out.len() < SUPERSEDED_LISTED {
@@ -1967,7 +2067,7 @@ fn later_delivered_changes(
         out.extend(
             page.iter()
                 .filter(|e| e.seq <= cursor)
-                .filter(|e| object_keys(e).iter().any(|k| keys.contains(k)))
+                .filter(|e| object_keys(e, &[]).iter().any(|k| keys.contains(k)))
                 .map(|e| e.seq),
         );
     }
@@ -2100,6 +2200,11 @@ mod tests {
             deactivated: false,
             reactivated: false,
         };
-        assert_eq!(object_keys(&ev), ["Group/g", "User/u1", "User/u2"]);
+        assert_eq!(object_keys(&ev, &[]), ["Group/g", "User/u1", "User/u2"]);
+        let reports = ["r1".to_owned()];
+        assert_eq!(
+            object_keys(&ev, &reports),
+            ["Group/g", "User/u1", "User/u2", "User/r1"]
+        );
     }
 }

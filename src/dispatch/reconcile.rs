@@ -16,14 +16,19 @@ use tracing::Instrument;
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
-    OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
-    enrollment_put, user_delete, user_key, user_write,
+    OneRosterSettings, UserState, Write, class_delete, class_put, content_hash, enrollment_delete,
+    enrollment_put, existing_manager, user_delete, user_key, user_write,
 };
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
 
 /// Items listed in a report; the counts are always complete.
 const LISTED: usize = 200;
+
+/// Pages one read-back asks for at most. Generous (ten million users at `limit=1000`, a
+/// million from a target that caps pages at 100), but finite: a target that keeps
+/// answering new pages past it is not paging, and the job must end.
+const READ_BACK_MAX_PAGES: usize = 10_000;
 
 /// One object to send again.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +57,9 @@ pub struct DriftReport {
     /// Objects that cannot be expressed downstream (e.g. a user without an email).
     pub unmappable: u64,
     pub note: Option<String>,
+    /// Why reading users back from the target ended before the end of its window (a
+    /// failed request, a target that ignores `offset`); what was read is still repaired.
+    pub read_back_stopped: Option<String>,
     /// The first drifted objects.
     pub items: Vec<DriftItem>,
 }
@@ -107,7 +115,13 @@ fn diff(
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
         let a = store.assignment(tenant, &r.id)?;
-        match user_write(s, tenant, &r.id, &r.doc, a.as_ref(), now) {
+        let user = UserState {
+            id: &r.id,
+            doc: &r.doc,
+            assignment: a.as_ref(),
+            manager: existing_manager(store, tenant, &r.doc)?,
+        };
+        match user_write(s, tenant, &user, now) {
             Ok(w) => check(report, w)?,
             Err(_) => report.unmappable += 1,
         }
@@ -232,6 +246,7 @@ impl Dispatcher {
                             Ok(rep) => {
                                 report.checked = rep.users;
                                 report.drifted = 1;
+                                report.unmappable = rep.unmappable;
                                 report.sent = 1;
                                 report.note = Some("CSV files rewritten".into());
                             }
@@ -281,8 +296,9 @@ pub(super) async fn reconcile_oneroster(
         items
     };
     if settings.read_back {
-        let repaired = read_back(ctx, settings, &tenant, &items).await?;
+        let (repaired, stopped) = read_back(ctx, settings, &tenant, &items).await?;
         report.repaired_from_target = repaired.len() as u64;
+        report.read_back_stopped = stopped;
         for item in repaired {
             report.push(item, &mut items);
         }
@@ -320,21 +336,41 @@ pub(super) async fn reconcile_oneroster(
 }
 
 /// Users changed at the target over the read-back window whose state there is not what
-/// rosterd would send: they are put back.
+/// rosterd would send: they are put back. Also why the read ended early, if it did.
+///
+/// Pages end at an empty page or at the total (`X-Total-Count`, as OneRoster 1.2 gives
+/// it, or a `total` in the body). A target that ignores `offset` answers the first page
+/// again and again, with neither: a page with no user an earlier page did not already
+/// hold ends the read, and so does [`READ_BACK_MAX_PAGES`].
 async fn read_back(
     ctx: &Ctx,
     settings: &OneRosterSettings,
     tenant: &str,
     already: &[DriftItem],
-) -> Result<Vec<DriftItem>, DispatchError> {
+) -> Result<(Vec<DriftItem>, Option<String>), DispatchError> {
     let since = Utc::now() - chrono::Duration::hours(settings.read_back_hours as i64);
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut out = Vec::new();
     // Objects already being repaired, so each is sent once.
     let mut seen: std::collections::HashSet<String> =
         already.iter().map(|i| i.object.clone()).collect();
+    // Fingerprints of the sourcedIds read so far: 8 bytes a user, not the ids.
+    let mut read: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let fingerprint = |sid: &str| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        sid.hash(&mut h);
+        h.finish()
+    };
     let mut offset = 0usize;
-    loop {
+    let mut pages = 0usize;
+    let stopped = loop {
+        if pages == READ_BACK_MAX_PAGES {
+            break Some(format!(
+                "{pages} pages read ({offset} users) and the target still answers more; that is the most one read-back asks for"
+            ));
+        }
+        pages += 1;
         let filter = format!("dateLastModified>'{since}'");
         let url = format!(
             "{}?filter={}&limit=1000&offset={offset}",
@@ -342,14 +378,32 @@ async fn read_back(
             urlencode(&filter)
         );
         let req = Request::get(url);
-        let body = match ctx.send_for_body(&req).await {
-            Some(b) => b,
-            None => break,
+        let (headers, body) = match ctx.send_for_body(&req).await {
+            Ok(answer) => answer,
+            Err(reason) => break Some(format!("GET {} failed: {reason}", req.url)),
         };
         let page: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let users = page["users"].as_array().cloned().unwrap_or_default();
         if users.is_empty() {
-            break;
+            break None;
+        }
+        let total = headers
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .or_else(|| page["total"].as_u64());
+        let mut new = 0usize;
+        for u in &users {
+            if let Some(sid) = u.get("sourcedId").and_then(Value::as_str)
+                && read.insert(fingerprint(sid))
+            {
+                new += 1;
+            }
+        }
+        if new == 0 {
+            break Some(format!(
+                "page {pages} (offset {offset}) held only users earlier pages already had: the target seems to ignore `offset`"
+            ));
         }
         offset += users.len();
         for target in users {
@@ -359,20 +413,27 @@ async fn read_back(
             if seen.contains(&user_key(scim_id)) {
                 continue;
             }
-            let (doc, a) = {
+            let (doc, a, manager) = {
                 let (store, t, id) = (ctx.store.clone(), tenant.to_owned(), scim_id.to_owned());
                 tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                    Ok((
-                        store.get(&t, ResourceKind::User, &id)?,
-                        store.assignment(&t, &id)?,
-                    ))
+                    let doc = store.get(&t, ResourceKind::User, &id)?;
+                    let manager = match &doc {
+                        Some(d) => existing_manager(&store, &t, &d.doc)?.map(str::to_owned),
+                        None => None,
+                    };
+                    Ok((doc, store.assignment(&t, &id)?, manager))
                 })
                 .await
                 .map_err(|e| StoreError::Backend(e.to_string()))??
             };
             let Some(doc) = doc else { continue };
-            let Ok(w) = user_write(settings, tenant, scim_id, &doc.doc, a.as_ref(), Utc::now())
-            else {
+            let user = UserState {
+                id: scim_id,
+                doc: &doc.doc,
+                assignment: a.as_ref(),
+                manager: manager.as_deref(),
+            };
+            let Ok(w) = user_write(settings, tenant, &user, Utc::now()) else {
                 continue;
             };
             // An inactive user that is deleted downstream has nothing to compare.
@@ -386,11 +447,14 @@ async fn read_back(
                 out.push(DriftItem::from_write(w, reason));
             }
         }
-        if page["total"].as_u64().is_some_and(|t| offset as u64 >= t) {
-            break;
+        if total.is_some_and(|t| offset as u64 >= t) {
+            break None;
         }
+    };
+    if let Some(reason) = &stopped {
+        tracing::warn!(pages, users = offset, %reason, "Read-back stopped before the end of its window; what was read is repaired, changes at the target past it are not.");
     }
-    Ok(out)
+    Ok((out, stopped))
 }
 
 fn urlencode(s: &str) -> String {

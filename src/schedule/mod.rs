@@ -196,9 +196,22 @@ async fn run_job(
                             add("drift_sent", r.sent);
                             add("drift_failed", r.failed);
                         }
+                        let mut errors = Vec::new();
                         if job.counts.get("drift_failed").copied().unwrap_or(0) > 0 {
+                            errors.push("some drifted objects could not be re-sent; see the connectors' last errors".to_owned());
+                        }
+                        // A read-back cut short left part of the target unchecked: the
+                        // job did not do all it was asked to.
+                        errors.extend(reports.iter().filter_map(|r| {
+                            let why = r.read_back_stopped.as_ref()?;
+                            Some(format!(
+                                "connector {}: the read-back stopped early: {why}",
+                                r.connector
+                            ))
+                        }));
+                        if !errors.is_empty() {
                             job.status = JobStatus::Failed;
-                            job.error = Some("some drifted objects could not be re-sent; see the connectors' last errors".into());
+                            job.error = Some(errors.join("; "));
                         }
                         // One field each, so a JSON log holds numbers, not a map in a string.
                         let n = |k: &str| job.counts.get(k).copied().unwrap_or(0);

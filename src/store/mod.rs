@@ -1536,6 +1536,18 @@ impl Store {
                     });
                 }
             }
+            // It leaves the groups it is a member of first, and the log says so in that
+            // order: a target then removes the memberships (OneRoster enrollments) before
+            // the object they name, as a group's deletion removes them before the group.
+            let prefix = keys::backrefs_prefix(&id);
+            for key in txn.keys_with_prefix(&prefix)? {
+                let Some(gid) = keys::trailing_id(&key, prefix.len()).map(str::to_owned) else {
+                    continue;
+                };
+                txn.del(key.clone());
+                txn.del(keys::member(&gid, &id));
+                txn.touch_group(&gid, id.clone())?;
+            }
             let seq = txn.seq();
             txn.reindex(kind, &id, Some(&old), None)?;
             txn.del(keys::resource(kind, &id));
@@ -1562,15 +1574,6 @@ impl Store {
                 deactivated: false,
                 reactivated: false,
             });
-            let prefix = keys::backrefs_prefix(&id);
-            for key in txn.keys_with_prefix(&prefix)? {
-                let Some(gid) = keys::trailing_id(&key, prefix.len()).map(str::to_owned) else {
-                    continue;
-                };
-                txn.del(key.clone());
-                txn.del(keys::member(&gid, &id));
-                txn.touch_group(&gid, id.clone())?;
-            }
             Ok(())
         })
         .await

@@ -506,6 +506,14 @@ impl std::io::Write for LogBuf {
 impl LogBuf {
     /// Capture INFO and above until the guard drops.
     pub fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        // tracing caches per callsite, for the whole process, whether it is enabled. While
+        // at most one dispatcher is registered it asks only the subscriber of the thread
+        // that first reaches the callsite: another test's thread, which has none, would
+        // switch off here a span or event this capture waits for (tokio-rs/tracing#2874).
+        // A second dispatcher, never used, makes it ask every registered one instead.
+        static BYSTANDER: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        BYSTANDER
+            .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let logs = LogBuf::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()

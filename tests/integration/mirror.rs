@@ -1467,5 +1467,381 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
             to_the_second(&c["last_error_at"])
         )),
         "{out}"
+
+/// Create a SCIM user from `fields` (merged over the core schema) and return its id.
+async fn create_user_with(d: &TestDaemon, fields: Value) -> String {
+    let mut body = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"]});
+    for (k, v) in fields.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+/// The JSON bodies of the PUTs the target received for this path, oldest first.
+fn puts_to(target: &OneRosterServer, path_end: &str) -> Vec<Value> {
+    target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.ends_with(path_end))
+        .filter_map(|r| r.json())
+        .collect()
+}
+
+#[tokio::test]
+async fn names_come_from_the_scim_user_and_are_never_invented() {
+    let (d, target) = start_with_oneroster("").await;
+    // No name parts: the display name holds both.
+    let jane = create_user_with(
+        &d,
+        json!({"userName": "jane@acme.test", "displayName": "Jane Q Doe",
+               "emails": [{"value": "jane@acme.test", "primary": true}]}),
+    )
+    .await;
+    // A given name of its own, the family name from `name.formatted`.
+    let ada = create_user_with(
+        &d,
+        json!({"userName": "ada@acme.test",
+               "name": {"givenName": "Ada", "formatted": "Augusta Ada Lovelace"},
+               "emails": [{"value": "ada@acme.test", "type": "work"}]}),
+    )
+    .await;
+    // One word is not a given and a family name: nothing to send, rather than "-".
+    let cher = create_user_with(
+        &d,
+        json!({"userName": "cher@acme.test", "displayName": "Cher",
+               "emails": [{"value": "cher@acme.test"}]}),
+    )
+    .await;
+    let c = caught_up(&d, "sis").await;
+    let users = target.users();
+    let j = &users[&sourced_id(&format!("User/{jane}"))];
+    assert_eq!(
+        (&j["givenName"], &j["familyName"]),
+        (&json!("Jane Q"), &json!("Doe")),
+        "{j}"
+    );
+    let a = &users[&sourced_id(&format!("User/{ada}"))];
+    assert_eq!(
+        (&a["givenName"], &a["familyName"]),
+        (&json!("Ada"), &json!("Lovelace")),
+        "{a}"
+    );
+    assert!(
+        !users.contains_key(&sourced_id(&format!("User/{cher}"))),
+        "a user without a family name was sent: {users:?}"
+    );
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let letter = &r.body["dead_letters"][0];
+    assert_eq!(letter["event"]["id"], cher.as_str(), "{letter}");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("family name"),
+        "{letter}"
+    );
+    // Reconciliation maps the user the same way: unmappable, not drift to send.
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(report["unmappable"], 1, "{report}");
+    assert_eq!(report["drifted"], 0, "{report}");
+}
+
+#[tokio::test]
+async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Ops").await;
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    let (user_sid, enrollment) = (
+        sourced_id(&format!("User/{ada}")),
+        sourced_id(&format!("Member/{gid}/{ada}")),
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+    target.clear_requests();
+    assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
+    caught_up(&d, "sis").await;
+    let deletes: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.clone())
+        .collect();
+    let at = |sid: &str| {
+        deletes
+            .iter()
+            .position(|p| p.ends_with(sid))
+            .unwrap_or_else(|| panic!("no DELETE of {sid}: {deletes:?}"))
+    };
+    assert!(
+        at(&enrollment) < at(&user_sid),
+        "the user went before its enrollment: {deletes:?}"
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
+    assert_eq!(
+        target.stored(Kind::User, &user_sid).unwrap().status(),
+        "tobedeleted"
+    );
+}
+
+/// Keys whose value is JSON null, at the top level and in `metadata`.
+fn null_keys(body: &Value) -> Vec<String> {
+    let nulls = |o: &Value, prefix: &str| -> Vec<String> {
+        o.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| v.is_null())
+            .map(|(k, _)| format!("{prefix}{k}"))
+            .collect()
+    };
+    let mut out = nulls(body, "");
+    out.extend(nulls(&body["metadata"], "metadata."));
+    out
+}
+
+#[tokio::test]
+async fn absent_optional_fields_are_left_out_not_sent_as_null() {
+    let (d, target) = start_with_oneroster("").await;
+    let plain = d.create_user("plain@acme.test").await;
+    let numbered = create_user_with(
+        &d,
+        json!({"userName": "num@acme.test", "name": {"givenName": "N", "familyName": "Umber"},
+               "emails": [{"value": "num@acme.test"}],
+               crate::harness::ENTERPRISE: {"employeeNumber": "E-7"}}),
+    )
+    .await;
+    let bare = d.create_group("Bare").await;
+    let coded = d
+        .post(
+            "/Groups",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                   "displayName": "Coded", "externalId": "OPS-1"}),
+        )
+        .await;
+    assert_eq!(coded.status, 201, "{}", coded.body);
+    let coded = coded.body["id"].as_str().unwrap().to_owned();
+    caught_up(&d, "sis").await;
+
+    let user = |id: &str| puts_to(&target, &sourced_id(&format!("User/{id}")))[0]["user"].clone();
+    let class =
+        |id: &str| puts_to(&target, &sourced_id(&format!("Group/{id}")))[0]["class"].clone();
+    let (p, n, b, c) = (user(&plain), user(&numbered), class(&bare), class(&coded));
+    for body in [&p, &n, &b, &c] {
+        assert!(
+            null_keys(body).is_empty(),
+            "nulls sent: {:?} in {body}",
+            null_keys(body)
+        );
+    }
+    assert!(p.get("identifier").is_none(), "{p}");
+    assert_eq!(n["identifier"], "E-7", "{n}");
+    assert!(b.get("classCode").is_none(), "{b}");
+    assert_eq!(c["classCode"], "OPS-1", "{c}");
+}
+
+#[tokio::test]
+async fn middle_names_and_phone_numbers_reach_the_oneroster_user() {
+    let (d, target) = start_with_oneroster("").await;
+    let quinn = create_user_with(
+        &d,
+        json!({"userName": "quinn@acme.test",
+               "name": {"givenName": "Ann", "middleName": "Quinn", "familyName": "Lee"},
+               "emails": [{"value": "quinn@acme.test"}],
+               "phoneNumbers": [
+                   {"value": "+1 555 0101", "type": "home"},
+                   {"value": "+1 555 0199", "type": "mobile"},
+                   {"value": "+1 555 0100", "type": "work"}]}),
+    )
+    .await;
+    // The primary number is the phone, whatever its type but fax or pager.
+    let phones = |name: &str, numbers: Value| {
+        json!({"userName": name, "name": {"givenName": "P", "familyName": "Ng"},
+               "emails": [{"value": name}], "phoneNumbers": numbers})
+    };
+    let pat = create_user_with(
+        &d,
+        phones(
+            "pat@acme.test",
+            json!([{"value": "+1 555 0300", "type": "work"},
+                   {"value": "+1 555 0301", "type": "mobile", "primary": true}]),
+        ),
+    )
+    .await;
+    let fax = create_user_with(
+        &d,
+        phones(
+            "fax@acme.test",
+            json!([{"value": "+1 555 0400", "type": "fax", "primary": true},
+                   {"value": "+1 555 0401", "type": "work"}]),
+        ),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    let users = target.users();
+    let q = &users[&sourced_id(&format!("User/{quinn}"))];
+    assert_eq!(q["middleName"], "Quinn", "{q}");
+    assert_eq!(q["phone"], "+1 555 0100", "{q}");
+    assert_eq!(q["sms"], "+1 555 0199", "{q}");
+    let p = &users[&sourced_id(&format!("User/{pat}"))];
+    assert_eq!(
+        (&p["phone"], &p["sms"]),
+        (&json!("+1 555 0301"), &json!("+1 555 0301")),
+        "{p}"
+    );
+    assert!(p.get("middleName").is_none(), "{p}");
+    let f = &users[&sourced_id(&format!("User/{fax}"))];
+    assert_eq!(f["phone"], "+1 555 0401", "{f}");
+    assert!(f.get("sms").is_none(), "{f}");
+}
+
+#[tokio::test]
+async fn a_managers_deletion_reaches_its_reports() {
+    let (d, target) = start_with_oneroster("").await;
+    let report_of = |manager: &str, name: &str| {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", crate::harness::ENTERPRISE],
+               "userName": name, "name": {"givenName": "R", "familyName": "Eport"},
+               "emails": [{"value": name}],
+               crate::harness::ENTERPRISE: {"manager": {"value": manager}}})
+    };
+    let boss = d.create_user("boss@acme.test").await;
+    let r = d.post("/Users", report_of(&boss, "rep@acme.test")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let rep = r.body["id"].as_str().unwrap().to_owned();
+    caught_up(&d, "sis").await;
+    let rep_sid = sourced_id(&format!("User/{rep}"));
+    assert_eq!(
+        target.user(&rep_sid).unwrap()["metadata"]["manager"],
+        sourced_id(&format!("User/{boss}"))
+    );
+    assert_eq!(d.delete(&format!("/Users/{boss}")).await.status, 204);
+    caught_up(&d, "sis").await;
+    let metadata = &target.user(&rep_sid).unwrap()["metadata"];
+    assert!(
+        metadata.get("manager").is_none(),
+        "the report still names its deleted manager: {metadata}"
+    );
+
+    // A report whose re-send was refused and then discarded: reconciliation sees it.
+    let chief = d.create_user("chief@acme.test").await;
+    let r = d.post("/Users", report_of(&chief, "rep2@acme.test")).await;
+    let rep2 = r.body["id"].as_str().unwrap().to_owned();
+    caught_up(&d, "sis").await;
+    let rep2_sid = sourced_id(&format!("User/{rep2}"));
+    target.set_owner_other(Kind::User, &rep2_sid);
+    assert_eq!(d.delete(&format!("/Users/{chief}")).await.status, 204);
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    let admin = d.jwt(TENANT, "roster:admin");
+    for id in dead_letter_ids(&d, "sis").await {
+        let r = d
+            .roster(
+                Method::DELETE,
+                &format!("/connectors/sis/dead-letters/{id}"),
+                &admin,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    target.clear_owner(Kind::User, &rep2_sid);
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    let drifted: Vec<&str> = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["object"].as_str().unwrap())
+        .collect();
+    assert!(
+        drifted.contains(&format!("User/{rep2}").as_str()),
+        "{report}"
+    );
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    crate::reconcile::wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert!(
+        target.user(&rep2_sid).unwrap()["metadata"]
+            .get("manager")
+            .is_none()
+    );
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let jane = create_user_with(
+        &d,
+        json!({"userName": "jane@acme.test", "displayName": "Jane Q Doe",
+               "name": {"middleName": "Quinn"},
+               "emails": [{"value": "jane@acme.test"}],
+               "phoneNumbers": [{"value": "+1 555 0100", "type": "work"},
+                                {"value": "+1 555 0199", "type": "mobile"}]}),
+    )
+    .await;
+    let cher = create_user_with(
+        &d,
+        json!({"userName": "cher@acme.test", "displayName": "Cher",
+               "emails": [{"value": "cher@acme.test"}]}),
+    )
+    .await;
+    let gid = d.create_group("Ops").await;
+    d.add_members(&gid, &[&jane, &cher]).await;
+    caught_up(&d, "files").await;
+    let zip = std::fs::File::open(d.root.join("connectors/out/oneroster.zip")).unwrap();
+    let mut zip = zip::ZipArchive::new(zip).unwrap();
+    let mut rows = |entry: &str| -> Vec<Vec<String>> {
+        let f = zip.by_name(entry).unwrap();
+        csv::Reader::from_reader(f)
+            .records()
+            .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+            .collect()
+    };
+    let (users, roles, enrollments) = (
+        rows("users.csv"),
+        rows("roles.csv"),
+        rows("enrollments.csv"),
+    );
+    let (jane_sid, cher_sid) = (
+        sourced_id(&format!("User/{jane}")),
+        sourced_id(&format!("User/{cher}")),
+    );
+    let j = users.iter().find(|r| r[0] == jane_sid).expect("jane's row");
+    // givenName, familyName, middleName; sms, phone.
+    assert_eq!(
+        (&j[6][..], &j[7][..], &j[8][..]),
+        ("Jane Q", "Doe", "Quinn"),
+        "{j:?}"
+    );
+    assert_eq!(
+        (&j[11][..], &j[12][..]),
+        ("+1 555 0199", "+1 555 0100"),
+        "{j:?}"
+    );
+    // Without a family name the user is not expressible: not in the bundle at all, as
+    // the REST connector sends it nowhere, so no row refers to a user that is missing.
+    assert!(!users.iter().any(|r| r[0] == cher_sid), "{users:?}");
+    assert!(!roles.iter().any(|r| r[3] == cher_sid), "{roles:?}");
+    assert!(
+        !enrollments.iter().any(|r| r[5] == cher_sid),
+        "{enrollments:?}"
+    );
+    assert!(
+        enrollments.iter().any(|r| r[5] == jane_sid),
+        "{enrollments:?}"
     );
 }

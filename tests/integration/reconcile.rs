@@ -4,13 +4,13 @@
 
 use crate::harness::{Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{caught_up, connector, oneroster_file, sourced_id, with_user_created_hook};
-use crate::oneroster::{self as or, Kind, OneRosterOptions, OneRosterServer};
+use crate::oneroster::{self as or, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::time::Duration;
 
-async fn wait_job(d: &TestDaemon, job_id: &str) -> Value {
+pub async fn wait_job(d: &TestDaemon, job_id: &str) -> Value {
     let reader = d.jwt(TENANT, "roster:read");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -138,6 +138,118 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
         )
         .await;
     assert_eq!(r.status, 400);
+}
+
+/// A daemon whose `sis` connector reads users back, with three users delivered to
+/// `target`; ada's given name was then changed at the target.
+async fn reading_back(target: &OneRosterServer) -> TestDaemon {
+    let (name, text) = oneroster_file("sis", target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            name,
+            text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+        )],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    d.create_user("bob@acme.test").await;
+    d.create_user("cy@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{ada}"));
+    assert!(target.tamper_user(&sid, |u| u["givenName"] = json!("Mallory")));
+    d
+}
+
+/// The read-back list requests the target received.
+fn read_back_gets(target: &OneRosterServer) -> Vec<String> {
+    target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with("/users"))
+        .map(|r| r.query.clone().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn read_back_takes_the_total_from_x_total_count() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    // The total is in the header only, and the target answers every page from the start.
+    target.set_list_quirks(ListQuirks {
+        ignore_offset: true,
+        no_body_total: true,
+        no_total_header: false,
+    });
+    target.clear_requests();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_repaired_from_target"], 1, "{job}");
+    let gets = read_back_gets(&target);
+    assert_eq!(gets.len(), 1, "{gets:?}");
+}
+
+#[tokio::test]
+async fn read_back_stops_when_a_page_brings_nothing_new() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    // No total anywhere, and `offset` ignored: every page is the first one.
+    target.set_list_quirks(ListQuirks {
+        ignore_offset: true,
+        no_body_total: true,
+        no_total_header: true,
+    });
+    target.clear_requests();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = tokio::time::timeout(Duration::from_secs(30), d.dry_run_sync(&admin))
+        .await
+        .expect("the read-back never ended");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = &r.body["connectors"][0];
+    assert!(
+        report["read_back_stopped"]
+            .as_str()
+            .is_some_and(|n| n.contains("offset")),
+        "{report}"
+    );
+    assert_eq!(report["repaired_from_target"], 1, "{report}");
+    assert_eq!(read_back_gets(&target).len(), 2);
+    // The job ends, says why it is incomplete, and still repairs what it read.
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("sis") && error.contains("offset"), "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 1, "{job}");
+    let users = target.users();
+    assert!(
+        users.values().all(|u| u["givenName"] == "Given"),
+        "{users:?}"
+    );
+    assert_eq!(read_back_gets(&target).len(), 4);
+    let warned = logs.lines("Read-back stopped");
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("connector=sis"),
+        "{warned:?}"
+    );
+    // The slot is free again: overrides are taken.
+    let any_user = d.get("/Users").await.body["Resources"][0]["id"].clone();
+    let r = d
+        .roster(
+            Method::PATCH,
+            &format!("/users/{}", any_user.as_str().unwrap()),
+            &admin,
+            Some(json!({"archetype_id": "eng_lead"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[tokio::test]

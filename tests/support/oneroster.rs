@@ -28,6 +28,8 @@
 //!   Lists answer `{"users": […], "offset", "limit", "total"}` + `X-Total-Count`, ordered by
 //!   `sourcedId` unless `sort`/`orderBy` say otherwise; `limit` defaults to 100 and is clamped
 //!   to `max_limit` (1000 by default; the answer's `limit` is the one applied).
+//!   [`OneRosterServer::set_list_quirks`] makes lists misbehave as some servers do (ignore
+//!   `offset`, leave out either total).
 //!
 //! Faults ([`Fault`]) are checked first, before authentication and routing, against every
 //! request — the token endpoint included — unless narrowed with [`Fault::on_path`] /
@@ -304,6 +306,17 @@ impl Fault {
     }
 }
 
+/// Ways a list answer departs from the 1.2 conventions, as some servers' do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListQuirks {
+    /// Answer every page from the start, whatever `offset` asks for.
+    pub ignore_offset: bool,
+    /// Leave `total` out of the body (the `X-Total-Count` header still carries it).
+    pub no_body_total: bool,
+    /// Leave out the `X-Total-Count` header.
+    pub no_total_header: bool,
+}
+
 /// One request the server received.
 #[derive(Clone, Debug)]
 pub struct RequestRecord {
@@ -376,6 +389,7 @@ struct Shared {
     tokens_issued: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     faults_applied: AtomicU64,
+    list_quirks: Mutex<ListQuirks>,
     log: Mutex<Log>,
     notify: Notify,
 }
@@ -455,6 +469,7 @@ impl OneRosterServer {
             tokens_issued: AtomicU64::new(0),
             faults: Mutex::new(Vec::new()),
             faults_applied: AtomicU64::new(0),
+            list_quirks: Mutex::new(ListQuirks::default()),
             log: Mutex::new(Log::default()),
             notify: Notify::new(),
         });
@@ -663,6 +678,13 @@ impl OneRosterServer {
     /// How many tokens the token endpoint has issued.
     pub fn tokens_issued(&self) -> u64 {
         self.shared.tokens_issued.load(Ordering::Relaxed)
+    }
+
+    // ---- list quirks ----
+
+    /// Make lists misbehave the way some real servers do (see [`ListQuirks`]).
+    pub fn set_list_quirks(&self, quirks: ListQuirks) {
+        *lock(&self.shared.list_quirks) = quirks;
     }
 
     // ---- faults ----
@@ -1928,8 +1950,10 @@ fn list(s: &Shared, kind: Kind, scope: Option<(&str, &str)>, query: Option<&str>
             );
         }
     };
+    let quirks = *lock(&s.list_quirks);
     let offset = match param("offset").map(str::parse::<usize>) {
         None => 0,
+        Some(Ok(_)) if quirks.ignore_offset => 0,
         Some(Ok(n)) => n,
         Some(Err(_)) => {
             return imsx(
@@ -2014,10 +2038,14 @@ fn list(s: &Shared, kind: Kind, scope: Option<(&str, &str)>, query: Option<&str>
     body.insert(kind.collection().to_string(), Value::Array(page));
     body.insert("offset".into(), json!(offset));
     body.insert("limit".into(), json!(limit));
-    body.insert("total".into(), json!(total));
+    if !quirks.no_body_total {
+        body.insert("total".into(), json!(total));
+    }
     let mut r = json_resp(StatusCode::OK, &Value::Object(body));
-    r.headers_mut()
-        .insert("x-total-count", HeaderValue::from(total));
+    if !quirks.no_total_header {
+        r.headers_mut()
+            .insert("x-total-count", HeaderValue::from(total));
+    }
     r
 }
 
