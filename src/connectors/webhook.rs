@@ -265,66 +265,68 @@ mod tests {
         assert!(Signer::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_none());
     }
 
-    #[test]
-    fn deactivation_and_overrides_have_their_own_types() {
-        let mut e = ChangeEvent {
-            seq: 4,
+    /// A change of user `u` with nothing else set.
+    fn user_change(seq: u64, op: ChangeOp) -> ChangeEvent {
+        ChangeEvent {
+            seq,
             at: chrono::Utc::now(),
             resource_type: "User".into(),
             id: "u".into(),
-            op: ChangeOp::Updated,
+            op,
             snapshot: None,
             members_added: vec![],
             members_removed: vec![],
             assignment: None,
-            deactivated: true,
+            deactivated: false,
             reactivated: false,
+        }
+    }
+
+    fn assignment(source: AssignmentSource) -> crate::store::Assignment {
+        crate::store::Assignment {
+            archetype_id: Some("a".into()),
+            confidence: 0.9,
+            assigned_by: "user:x".into(),
+            assigned_at: chrono::Utc::now(),
+            source,
+            bundle_version: String::new(),
+            candidates: vec![],
+            needs_review: false,
+        }
+    }
+
+    fn settings(events: &[&str]) -> WebhookSettings {
+        WebhookSettings {
+            url: "http://x".into(),
+            secret_env: "S".into(),
+            rotation_secret_env: None,
+            events: events.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn deactivation_and_overrides_have_their_own_types() {
+        let mut e = ChangeEvent {
+            deactivated: true,
+            ..user_change(4, ChangeOp::Updated)
         };
         assert_eq!(event_types(&e), ["roster.user_deactivated"]);
         e.op = ChangeOp::Archetype;
         e.deactivated = false;
-        e.assignment = Some(crate::store::Assignment {
-            archetype_id: Some("a".into()),
-            confidence: 1.0,
-            assigned_by: "user:x".into(),
-            assigned_at: chrono::Utc::now(),
-            source: AssignmentSource::Override,
-            bundle_version: String::new(),
-            candidates: vec![],
-            needs_review: false,
-        });
+        e.assignment = Some(assignment(AssignmentSource::Override));
         assert_eq!(event_types(&e), ["roster.archetype_overridden"]);
-        let settings = WebhookSettings {
-            url: "http://x".into(),
-            secret_env: "S".into(),
-            rotation_secret_env: None,
-            events: vec!["roster.user_created".into()],
-        };
+        let settings = settings(&["roster.user_created"]);
         assert!(plan(&settings, "t", &e, None).stages.is_empty());
     }
 
     #[test]
     fn reactivation_has_its_own_type_and_passes_the_filter() {
         let e = ChangeEvent {
-            seq: 5,
-            at: chrono::Utc::now(),
-            resource_type: "User".into(),
-            id: "u".into(),
-            op: ChangeOp::Updated,
-            snapshot: None,
-            members_added: vec![],
-            members_removed: vec![],
-            assignment: None,
-            deactivated: false,
             reactivated: true,
+            ..user_change(5, ChangeOp::Updated)
         };
         assert_eq!(event_types(&e), ["roster.user_reactivated"]);
-        let settings = WebhookSettings {
-            url: "http://x".into(),
-            secret_env: "S".into(),
-            rotation_secret_env: None,
-            events: vec!["roster.user_reactivated".into()],
-        };
+        let settings = settings(&["roster.user_reactivated"]);
         assert_eq!(settings.validate(), Ok(()));
         assert_eq!(plan(&settings, "t", &e, None).stages.len(), 1);
     }
@@ -332,33 +334,10 @@ mod tests {
     #[test]
     fn the_events_of_one_change_are_stages_user_event_first() {
         let e = ChangeEvent {
-            seq: 6,
-            at: chrono::Utc::now(),
-            resource_type: "User".into(),
-            id: "u".into(),
-            op: ChangeOp::Created,
-            snapshot: None,
-            members_added: vec![],
-            members_removed: vec![],
-            assignment: Some(crate::store::Assignment {
-                archetype_id: Some("a".into()),
-                confidence: 0.9,
-                assigned_by: "service:classifier".into(),
-                assigned_at: chrono::Utc::now(),
-                source: AssignmentSource::Classifier,
-                bundle_version: String::new(),
-                candidates: vec![],
-                needs_review: false,
-            }),
-            deactivated: false,
-            reactivated: false,
+            assignment: Some(assignment(AssignmentSource::Classifier)),
+            ..user_change(6, ChangeOp::Created)
         };
-        let settings = WebhookSettings {
-            url: "http://x".into(),
-            secret_env: "S".into(),
-            rotation_secret_env: None,
-            events: vec![],
-        };
+        let settings = settings(&[]);
         let types: Vec<Vec<String>> = plan(&settings, "t", &e, None)
             .stages
             .iter()

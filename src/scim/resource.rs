@@ -123,16 +123,7 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
                     continue;
                 }
                 if let Some(ext) = extension(kind, urn) {
-                    let mut m = Map::new();
-                    put_attr(
-                        ext,
-                        &mut m,
-                        attr,
-                        value,
-                        &mut ignored,
-                        &format!("{}:", ext.id),
-                    )?;
-                    merge_ext(&mut exts, ext, m);
+                    put_ext_attr(&mut exts, ext, attr, value, &mut ignored)?;
                     continue;
                 }
             }
@@ -141,16 +132,7 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
         }
         let top = key.split_once('.').map_or(key.as_str(), |(a, _)| a);
         if let Some(ext) = schema::extension_owning(kind, top) {
-            let mut m = Map::new();
-            put_attr(
-                ext,
-                &mut m,
-                &key,
-                value,
-                &mut ignored,
-                &format!("{}:", ext.id),
-            )?;
-            merge_ext(&mut exts, ext, m);
+            put_ext_attr(&mut exts, ext, &key, value, &mut ignored)?;
             continue;
         }
         put_attr(core, &mut out, &key, value, &mut ignored, "")?;
@@ -191,6 +173,21 @@ fn extension(kind: ResourceKind, urn: &str) -> Option<&'static SchemaDef> {
         .skip(1)
         .find(|s| s.id.eq_ignore_ascii_case(urn))
         .copied()
+}
+
+/// Place one attribute of extension `ext` given outside the extension's object (a
+/// URN-qualified or an unqualified name).
+fn put_ext_attr(
+    exts: &mut Vec<(&'static SchemaDef, Map<String, Value>)>,
+    ext: &'static SchemaDef,
+    key: &str,
+    value: Value,
+    ignored: &mut Vec<String>,
+) -> ScimResult<()> {
+    let mut m = Map::new();
+    put_attr(ext, &mut m, key, value, ignored, &format!("{}:", ext.id))?;
+    merge_ext(exts, ext, m);
+    Ok(())
 }
 
 fn merge_ext(

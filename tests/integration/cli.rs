@@ -521,37 +521,6 @@ fn a_cause_the_message_already_shows_is_printed_once() {
 fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
     let config = hs256_config(dir.path(), "ROSTERD_CLI_TEST_SECRET");
-    let mint = |sub: &str| {
-        rosterd_env(
-            &[
-                "token",
-                "jwt",
-                "--config",
-                config.to_str().unwrap(),
-                "--tenant",
-                "t",
-                "--scope",
-                "roster:read",
-                "--sub",
-                sub,
-            ],
-            &[("ROSTERD_CLI_TEST_SECRET", &"s".repeat(32))],
-        )
-    };
-    for (sub, why) in [
-        ("", "empty"),
-        (" ", "blank"),
-        ("a\nb", "line break"),
-        ("\u{200B}", "invisible"),
-    ] {
-        let (ok, out, err) = mint(sub);
-        assert!(!ok, "{sub:?} minted {out}");
-        assert!(err.contains("--sub") && err.contains(why), "{sub:?}: {err}");
-    }
-    let (ok, out, err) = mint("ops@example.com");
-    assert!(ok, "{err}");
-    assert_eq!(out.trim().matches('.').count(), 2, "{out}");
-    // Nor a token that grants nothing or is expired when made.
     let mint_with = |flag: &str, value: &str| {
         rosterd_env(
             &[
@@ -567,6 +536,21 @@ fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
             &[("ROSTERD_CLI_TEST_SECRET", &"s".repeat(32))],
         )
     };
+    let mint = |sub: &str| mint_with("--sub", sub);
+    for (sub, why) in [
+        ("", "empty"),
+        (" ", "blank"),
+        ("a\nb", "line break"),
+        ("\u{200B}", "invisible"),
+    ] {
+        let (ok, out, err) = mint(sub);
+        assert!(!ok, "{sub:?} minted {out}");
+        assert!(err.contains("--sub") && err.contains(why), "{sub:?}: {err}");
+    }
+    let (ok, out, err) = mint("ops@example.com");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim().matches('.').count(), 2, "{out}");
+    // Nor a token that grants nothing or is expired when made.
     for (flag, value, why) in [
         ("--scope", "roster:bogus", "no scope of the Roster API"),
         ("--scope", " ", "empty"),

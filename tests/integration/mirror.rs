@@ -67,6 +67,19 @@ pub async fn connector(d: &TestDaemon, name: &str) -> Value {
     r.body
 }
 
+/// Wait until the connector is paused; its status then.
+pub async fn paused(d: &TestDaemon, name: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let c = connector(d, name).await;
+        if c["paused"] == true {
+            return c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Wait until the connector has delivered everything committed so far.
 pub async fn caught_up(d: &TestDaemon, name: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -408,15 +421,7 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     target.inject(Fault::status(500, 0).forever().on_method("PUT"));
     d.reload().await;
     let id = d.create_user("stuck@acme.test").await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let c = loop {
-        let c = connector(&d, "sis").await;
-        if c["paused"] == true {
-            break c;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let c = paused(&d, "sis").await;
     assert!(c["last_error"].as_str().unwrap().contains("500"), "{c}");
     assert!(c["lag_events"].as_u64().unwrap() >= 1);
     // Paused means quiet: no new attempts while paused.
@@ -636,10 +641,7 @@ async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got: Vec<wh::Delivery> = hook.deliveries();
     assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
-    let types: Vec<&str> = got
-        .iter()
-        .map(|g| g.body["type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&got);
     assert_eq!(
         types,
         [
@@ -702,10 +704,7 @@ async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
     caught_up(&d, "hooks").await;
     let got = hook.deliveries();
     assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
-    let types: Vec<&str> = got
-        .iter()
-        .map(|g| g.body["type"].as_str().unwrap())
-        .collect();
+    let types = event_types(&got);
     assert_eq!(
         types,
         [
@@ -783,10 +782,7 @@ async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_ack
     assert_eq!(hook.rejected(), 0, "{:?}", hook.rejections());
     for id in [&ada, &bob] {
         let got = events_of(&hook, id);
-        let types: Vec<&str> = got
-            .iter()
-            .map(|g| g.body["type"].as_str().unwrap())
-            .collect();
+        let types = event_types(&got);
         assert_eq!(
             types,
             ["roster.user_created", "roster.archetype_assigned"],
@@ -810,16 +806,7 @@ async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_ack
 
 #[tokio::test]
 async fn the_csv_connector_writes_files_after_changes_settle() {
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "files.toml".into(),
-            format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
-            ),
-        )],
-        ..Options::default()
-    })
-    .await;
+    let d = with_csv_files().await;
     d.create_user("ada@acme.test").await;
     let id = d.create_user("=cmd@acme.test").await;
     d.patch(
@@ -1063,17 +1050,9 @@ async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
         ..Options::default()
     })
     .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let c = connector(&d, "sis").await;
-        if c["paused"] == true {
-            assert_eq!(c["state"], "preflight", "{c}");
-            assert!(c["last_error"].as_str().unwrap().contains("404"), "{c}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let c = paused(&d, "sis").await;
+    assert_eq!(c["state"], "preflight", "{c}");
+    assert!(c["last_error"].as_str().unwrap().contains("404"), "{c}");
     // The operator fixes the target and reloads, as the log tells them to.
     target.clear_faults();
     d.reload().await;
@@ -1155,15 +1134,7 @@ async fn failures_count_in_rounds_not_per_request_retry() {
     for i in 0..10 {
         d.create_user(&format!("down{i}@acme.test")).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let c = connector(&d, "sis").await;
-        if c["paused"] == true {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    paused(&d, "sis").await;
 }
 
 #[tokio::test]
@@ -1183,16 +1154,7 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
         "{c}"
     );
     // `rosterd status` says it runs on its old config, not only that a file failed.
-    let url = d.url("");
-    let shown = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
-            .args(["status", "--url", &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let out = String::from_utf8_lossy(&shown.stdout);
+    let out = status_text(&d).await;
     assert!(
         out.contains("runs on the config it was last loaded with") && out.contains("concurency"),
         "{out}"
@@ -1433,15 +1395,7 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
     .await;
     hook.inject(wh::Fault::status(503, 0).forever());
     d.create_user("paused@acme.test").await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let c = loop {
-        let c = connector(&d, "pausing").await;
-        if c["paused"] == true {
-            break c;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let c = paused(&d, "pausing").await;
     let until = to_the_second(&c["paused_until"]);
     let paused = logs.lines("connector paused");
     assert_eq!(paused.len(), 1, "{paused:?}");
@@ -1467,6 +1421,30 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
             to_the_second(&c["last_error_at"])
         )),
         "{out}"
+    );
+}
+
+/// A daemon with one CSV connector, `files`, writing the roster and the OneRoster bundle
+/// to `connectors/out` 100 ms after changes settle.
+async fn with_csv_files() -> TestDaemon {
+    TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await
+}
+
+/// The `type` of each webhook delivery, in arrival order.
+fn event_types(got: &[wh::Delivery]) -> Vec<&str> {
+    got.iter()
+        .map(|g| g.body["type"].as_str().unwrap())
+        .collect()
+}
 
 /// Create a SCIM user from `fields` (merged over the core schema) and return its id.
 async fn create_user_with(d: &TestDaemon, fields: Value) -> String {
@@ -1774,16 +1752,7 @@ async fn a_managers_deletion_reaches_its_reports() {
 
 #[tokio::test]
 async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "files.toml".into(),
-            format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
-            ),
-        )],
-        ..Options::default()
-    })
-    .await;
+    let d = with_csv_files().await;
     let jane = create_user_with(
         &d,
         json!({"userName": "jane@acme.test", "displayName": "Jane Q Doe",
