@@ -198,6 +198,23 @@ async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was
             && line[0].contains(&format!("tenant={TENANT}")),
         "{line:?}"
     );
+    // What the client sent and the detail echoes cannot start a line of its own.
+    let forged = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users?filter=userName%20eq%20%22x%0A2026-01-01T00:00:00Z%20ERROR%20forged%22%20zz"),
+            Some(&d.token),
+            &[("x-request-id", "idp-req-nl")],
+            None,
+        )
+        .await;
+    assert_eq!(forged.status, 400, "{}", forged.body);
+    let all = logs.lines("");
+    assert!(
+        !all.iter().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "{all:#?}"
+    );
+    assert_eq!(logs.lines("idp-req-nl").len(), 1, "{all:#?}");
     // A wrong token is WARN: nothing the IdP sends works until someone fixes it.
     let denied = d
         .raw(
