@@ -286,6 +286,11 @@ fn run() -> Result<()> {
 fn check_config(path: PathBuf) -> Result<()> {
     let config = Config::load(&path)?;
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
+    // What `serve` would refuse before opening the store. A damaged log or snapshot
+    // shows only when sled reads it, which the running daemon's lock prevents here.
+    let data_dir = config.resolve(&config.server.data_dir);
+    rosterd::store::Store::check_dir(&data_dir)
+        .with_context(|| format!("{}: server.data_dir", path.display()))?;
     let mut bad_bundles = 0usize;
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {

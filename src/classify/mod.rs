@@ -21,7 +21,6 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-pub(crate) use bundle::fnv1a_128;
 pub use bundle::{Archetype, Bundle};
 pub use normalize::normalize_title;
 pub use policy::TenantPolicy;

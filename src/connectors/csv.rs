@@ -222,6 +222,13 @@ struct Staged {
 /// Tells apart temporary files of one process (two connectors may share a directory).
 static STAGED: AtomicU64 = AtomicU64::new(0);
 
+/// Tells this process's temporary files from those of an earlier process that had the
+/// same pid.
+fn process_nonce() -> &'static str {
+    static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NONCE.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_owned())
+}
+
 /// The spool roles.csv is written to while users.csv goes into the zip.
 const ROLES_SPOOL: &str = "oneroster.roles.csv";
 
@@ -237,18 +244,21 @@ fn remove_stale_staged(dir: &Path, names: &[&str]) {
     for e in entries.flatten() {
         let file = e.file_name();
         let file = file.to_string_lossy();
-        let Some(pid) = names.iter().find_map(|n| {
-            file.strip_prefix(&format!(".{n}.tmp-"))
-                .and_then(|rest| rest.split_once('-'))
-                .and_then(|(pid, n)| {
-                    (n.bytes().all(|b| b.is_ascii_digit()))
-                        .then(|| pid.parse::<u32>().ok())
-                        .flatten()
-                })
+        let Some((pid, nonce)) = names.iter().find_map(|n| {
+            let (writer, n) = file.strip_prefix(&format!(".{n}.tmp-"))?.split_once('-')?;
+            if !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let (pid, nonce) = writer.split_once('.').unwrap_or((writer, ""));
+            Some((pid.parse::<u32>().ok()?, nonce))
         }) else {
             continue;
         };
-        if pid == ours || Path::new(&format!("/proc/{pid}")).exists() {
+        // A container starts rosterd as the same pid every time: the nonce tells this
+        // process's files from those of the one before it.
+        let this_process = pid == ours && nonce == process_nonce();
+        let another_alive = pid != ours && Path::new(&format!("/proc/{pid}")).exists();
+        if this_process || another_alive {
             continue;
         }
         match std::fs::remove_file(e.path()) {
@@ -265,7 +275,11 @@ fn remove_stale_staged(dir: &Path, names: &[&str]) {
 impl Staged {
     fn create(dir: &Path, name: &str) -> Result<Staged, CsvError> {
         let n = STAGED.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let tmp = dir.join(format!(
+            ".{name}.tmp-{}.{}-{n}",
+            std::process::id(),
+            process_nonce()
+        ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -700,7 +714,7 @@ fn write_bundle(
                 &text(u.user_name().or(email).unwrap_or_default()),
                 "",
                 &text(&given),
-                &text(family),
+                &text(&family),
                 &text(u.middle_name().unwrap_or_default()),
                 &text(identifier),
                 &text(email.unwrap_or_default()),
@@ -1051,9 +1065,18 @@ mod tests {
             format!(".oneroster.zip.tmp-{gone}-1"),
             format!(".oneroster.roles.csv.tmp-{gone}-2"),
         ];
-        // Someone else's, or of a process still running: kept.
+        // Someone else's, or of a process still running: kept. A file with this
+        // process's pid but another nonce was left by an earlier process with the same
+        // pid (a container's pid 1): removed.
+        let left = [
+            left[0].clone(),
+            left[1].clone(),
+            left[2].clone(),
+            format!(".roster.csv.tmp-{alive}-0"),
+            format!(".roster.csv.tmp-{alive}.0badcafe-1"),
+        ];
         let kept = [
-            format!(".roster.csv.tmp-{alive}-999"),
+            format!(".roster.csv.tmp-{alive}.{}-999", process_nonce()),
             format!(".other.csv.tmp-{gone}-0"),
             "notes.txt".to_owned(),
         ];

@@ -191,11 +191,13 @@ pub struct UserFields<'a> {
 }
 
 impl UserFields<'_> {
+    /// A string attribute as the target should get it: trimmed, and absent when blank.
     fn str(&self, ptr: &str) -> Option<&str> {
         self.doc
             .pointer(ptr)
             .and_then(Value::as_str)
-            .filter(|s| !s.trim().is_empty())
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
     }
 
     pub fn user_name(&self) -> Option<&str> {
@@ -211,25 +213,56 @@ impl UserFields<'_> {
                     .find(|e| pred(e))
                     .and_then(|e| e.get("value"))
                     .and_then(Value::as_str)
+                    .map(str::trim)
             })
         };
-        pick(&|e| e.get("primary") == Some(&Value::Bool(true)))
-            .or_else(|| pick(&|e| e.get("type").and_then(Value::as_str) == Some("work")))
-            .or_else(|| pick(&|_| true))
+        let filled = |e: &Value| {
+            e.get("value")
+                .and_then(Value::as_str)
+                .is_some_and(|v| !v.trim().is_empty())
+        };
+        pick(&|e| filled(e) && e.get("primary") == Some(&Value::Bool(true)))
+            .or_else(|| pick(&|e| filled(e) && type_is(e, "work")))
+            .or_else(|| pick(&filled))
             .or_else(|| self.user_name().filter(|u| u.contains('@')))
     }
 
     /// `name.givenName`, else all but the last word of a full name (see [`Self::split_name`]).
     pub fn given_name(&self) -> Option<Cow<'_, str>> {
-        self.str("/name/givenName")
-            .map(Cow::Borrowed)
-            .or_else(|| self.split_name().map(|(given, _)| Cow::Owned(given)))
+        if let Some(g) = self.str("/name/givenName") {
+            return Some(Cow::Borrowed(g));
+        }
+        // A known family name ends the full name: what comes before it is the given
+        // name ("Jan" of "Jan van der Berg"), not all but the last word.
+        if let Some(f) = self.str("/name/familyName")
+            && let Some(rest) = self.full_name_around(|full| strip_suffix_words(full, f))
+        {
+            return Some(Cow::Owned(rest));
+        }
+        self.split_name().map(|(given, _)| Cow::Owned(given))
     }
 
     /// `name.familyName`, else the last word of a full name (see [`Self::split_name`]).
-    pub fn family_name(&self) -> Option<&str> {
-        self.str("/name/familyName")
-            .or_else(|| self.split_name().map(|(_, family)| family))
+    pub fn family_name(&self) -> Option<Cow<'_, str>> {
+        if let Some(f) = self.str("/name/familyName") {
+            return Some(Cow::Borrowed(f));
+        }
+        // A known given name starts the full name: the rest is the family name
+        // ("de la Cruz" of "Mary Ann de la Cruz").
+        if let Some(g) = self.str("/name/givenName")
+            && let Some(rest) = self.full_name_around(|full| strip_prefix_words(full, g))
+        {
+            return Some(Cow::Owned(rest));
+        }
+        self.split_name().map(|(_, family)| Cow::Borrowed(family))
+    }
+
+    /// What `cut` leaves of `name.formatted`, else of `displayName`, when it leaves
+    /// words.
+    fn full_name_around(&self, cut: impl Fn(&str) -> Option<String>) -> Option<String> {
+        ["/name/formatted", "/displayName"]
+            .iter()
+            .find_map(|ptr| cut(self.str(ptr)?))
     }
 
     /// `name.formatted`, else `displayName`, as given name(s) and a family name: the last
@@ -244,7 +277,7 @@ impl UserFields<'_> {
     }
 
     /// Given and family name, or why the user cannot be a OneRoster user.
-    pub fn names(&self, id: &str) -> Result<(Cow<'_, str>, &str), Unmappable> {
+    pub fn names(&self, id: &str) -> Result<(Cow<'_, str>, Cow<'_, str>), Unmappable> {
         let (missing, attrs) = match (self.given_name(), self.family_name()) {
             (Some(g), Some(f)) => return Ok((g, f)),
             (None, None) => (
@@ -266,15 +299,14 @@ impl UserFields<'_> {
     /// The number to call: the primary one, else the first `work` one. A fax or pager
     /// number is never it, even when marked primary.
     pub fn phone(&self) -> Option<&str> {
-        let callable =
-            |p: &Value| !matches!(p.get("type").and_then(Value::as_str), Some("fax" | "pager"));
+        let callable = |p: &Value| !type_is(p, "fax") && !type_is(p, "pager");
         self.phone_where(|p| callable(p) && p.get("primary") == Some(&Value::Bool(true)))
-            .or_else(|| self.phone_where(|p| p.get("type").and_then(Value::as_str) == Some("work")))
+            .or_else(|| self.phone_where(|p| type_is(p, "work")))
     }
 
     /// The number for text messages: the first `mobile` one.
     pub fn sms(&self) -> Option<&str> {
-        self.phone_where(|p| p.get("type").and_then(Value::as_str) == Some("mobile"))
+        self.phone_where(|p| type_is(p, "mobile"))
     }
 
     fn phone_where(&self, pred: impl Fn(&Value) -> bool) -> Option<&str> {
@@ -286,7 +318,8 @@ impl UserFields<'_> {
             .find_map(|p| {
                 p.get("value")
                     .and_then(Value::as_str)
-                    .filter(|v| !v.trim().is_empty())
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
             })
     }
 
@@ -299,6 +332,8 @@ impl UserFields<'_> {
             .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
             .and_then(|e| e.get(attr))
             .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
     }
 }
 
@@ -344,6 +379,40 @@ fn present<const N: usize>(fields: [(&str, Option<Value>); N]) -> Map<String, Va
         .into_iter()
         .filter_map(|(k, v)| Some((k.to_owned(), v?)))
         .collect()
+}
+
+/// `full` without its last words `words` (compared word by word, ignoring case), when
+/// words are left before them.
+fn strip_suffix_words(full: &str, words: &str) -> Option<String> {
+    let full: Vec<&str> = full.split_whitespace().collect();
+    let tail: Vec<&str> = words.split_whitespace().collect();
+    let keep = full.len().checked_sub(tail.len()).filter(|k| *k > 0)?;
+    full[keep..]
+        .iter()
+        .zip(&tail)
+        .all(|(a, b)| a.to_lowercase() == b.to_lowercase())
+        .then(|| full[..keep].join(" "))
+}
+
+/// `full` without its first words `words`, when words are left after them.
+fn strip_prefix_words(full: &str, words: &str) -> Option<String> {
+    let full: Vec<&str> = full.split_whitespace().collect();
+    let head: Vec<&str> = words.split_whitespace().collect();
+    (head.len() < full.len()
+        && full
+            .iter()
+            .zip(&head)
+            .all(|(a, b)| a.to_lowercase() == b.to_lowercase()))
+    .then(|| full[head.len()..].join(" "))
+}
+
+/// Whether a multi-valued element's `type` is `t`. SCIM types are not case-exact (RFC
+/// 7643 §2.4): "Work" and "MOBILE" are work and mobile.
+fn type_is(element: &Value, t: &str) -> bool {
+    element
+        .get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(t))
 }
 
 /// The OneRoster user body (inside `{"user": …}`) for a SCIM user.
@@ -427,7 +496,12 @@ pub fn class_body(
         "terms": [],
         "metadata": { "scim_id": id },
     });
-    if let Some(code) = doc.get("externalId").and_then(Value::as_str) {
+    if let Some(code) = doc
+        .get("externalId")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
         body["classCode"] = json!(code);
     }
     body
@@ -1002,7 +1076,7 @@ token_env = "T"
         let names = |doc: Value| {
             let u = UserFields { doc: &doc };
             u.names("u1")
-                .map(|(g, f)| (g.into_owned(), f.to_owned()))
+                .map(|(g, f)| (g.into_owned(), f.into_owned()))
                 .map_err(|e| e.0)
         };
         let ok = |g: &str, f: &str| Ok((g.to_owned(), f.to_owned()));
@@ -1022,6 +1096,20 @@ token_env = "T"
         );
         assert_eq!(
             names(json!({"name": {"familyName": "Doe"}, "displayName": "Jane Doe-Smith"})),
+            ok("Jane", "Doe")
+        );
+        // A known part ends or starts the full name: the other is the rest of it.
+        assert_eq!(
+            names(json!({"name": {"familyName": "van der Berg", "formatted": "Jan van der Berg"}})),
+            ok("Jan", "van der Berg")
+        );
+        assert_eq!(
+            names(json!({"name": {"givenName": "Mary Ann", "formatted": "Mary Ann de la Cruz"}})),
+            ok("Mary Ann", "de la Cruz")
+        );
+        // Trimmed, as every value sent is.
+        assert_eq!(
+            names(json!({"name": {"givenName": " Jane ", "familyName": "Doe "}})),
             ok("Jane", "Doe")
         );
         let err = names(json!({"displayName": "Cher", "userName": "cher@x.test"})).unwrap_err();
@@ -1045,6 +1133,18 @@ token_env = "T"
         assert_eq!((u.phone(), u.sms()), (Some("5"), None));
         let doc = json!({"phoneNumbers": [{"value": "6", "type": "home"}]});
         assert_eq!(UserFields { doc: &doc }.phone(), None);
+        // Types are not case-exact: a primary "Fax" is still a fax.
+        let doc = json!({"phoneNumbers": [
+            {"value": "7", "type": "Fax", "primary": true},
+            {"value": " 8 ", "type": "Work"},
+            {"value": "9", "type": "MOBILE"}]});
+        let u = UserFields { doc: &doc };
+        assert_eq!((u.phone(), u.sms()), (Some("8"), Some("9")));
+        // A blank address is no address.
+        let doc = json!({"emails": [
+            {"value": "  ", "primary": true},
+            {"value": "real@x.org", "type": "Work"}]});
+        assert_eq!(UserFields { doc: &doc }.email(), Some("real@x.org"));
     }
 
     #[test]

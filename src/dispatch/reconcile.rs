@@ -382,7 +382,18 @@ async fn read_back(
             Ok(answer) => answer,
             Err(reason) => break Some(format!("GET {} failed: {reason}", req.url)),
         };
-        let page: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        // A login page from a proxy, or another shape of JSON, is not the end of the
+        // list: taken as one, it would turn the repair off without a word.
+        let page: Value = match serde_json::from_slice(&body) {
+            Ok(v @ Value::Object(_)) if v.get("users").is_some_and(Value::is_array) => v,
+            _ => {
+                let start = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
+                break Some(format!(
+                    "GET {} answered something that is not a OneRoster users page (a JSON object with a `users` array): {start:?}",
+                    req.url
+                ));
+            }
+        };
         let users = page["users"].as_array().cloned().unwrap_or_default();
         if users.is_empty() {
             break None;

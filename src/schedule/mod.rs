@@ -212,6 +212,9 @@ async fn run_job(
                         if !errors.is_empty() {
                             job.status = JobStatus::Failed;
                             job.error = Some(errors.join("; "));
+                            // The job's own end, whoever started it (a schedule only
+                            // learns that the job began).
+                            tracing::warn!(error = ?job.error, "Reconciliation job failed.");
                         }
                         // One field each, so a JSON log holds numbers, not a map in a string.
                         let n = |k: &str| job.counts.get(k).copied().unwrap_or(0);

@@ -58,16 +58,22 @@ impl AttrPath {
     }
 
     /// Give an extension attribute named without its URN (`department`) the URN of the
-    /// one extension that has it (see [`schema::extension_owning`]). Only User has
-    /// extensions, and none of their attribute names is a Group attribute, so a path
-    /// qualified here means the same on either resource.
-    fn qualify(&mut self) {
+    /// one extension of `kind` that has it (see [`schema::extension_owning`]).
+    pub fn qualify_for(&mut self, kind: ResourceKind) {
         if self.urn.is_none()
             && !self.attr.is_empty()
-            && let Some(ext) = schema::extension_owning(ResourceKind::User, &self.attr)
+            && let Some(ext) = schema::extension_owning(kind, &self.attr)
         {
             self.urn = Some(ext.id.to_owned());
         }
+    }
+
+    /// [`Self::qualify_for`] where the resource is not known yet (a filter or an
+    /// attribute list of `/.search` spans both). Only User has extensions, and none of
+    /// their attribute names is a Group attribute, so such a path qualified for User
+    /// matches nothing on a Group, as it did unqualified.
+    fn qualify(&mut self) {
+        self.qualify_for(ResourceKind::User)
     }
 }
 
@@ -530,12 +536,11 @@ pub fn parse_path(input: &str) -> ScimResult<PatchPath> {
     let err: fn(String) -> ScimError = ScimError::invalid_path;
     let toks = tokenize(input, err)?;
     let mut it = toks.into_iter();
-    let mut attr = match it.next() {
+    let attr = match it.next() {
         Some(Tok::Word(w)) => parse_attr_path(&w, err)?,
         Some(t) => return Err(err(format!("path must start with an attribute, found {t}"))),
         None => return Err(err("empty path".into())),
     };
-    attr.qualify();
     let rest: Vec<Tok> = it.collect();
     if rest.is_empty() {
         return Ok(PatchPath {

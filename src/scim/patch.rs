@@ -166,11 +166,20 @@ fn member_refs(value: Value) -> ScimResult<Vec<MemberRef>> {
                     .ok_or_else(|| {
                         ScimError::invalid_value("every member needs a string \"value\"")
                     })?;
-                let text = |k: &str| get_ci(&o, k).and_then(Value::as_str).map(str::to_owned);
+                let text = |k: &str| -> ScimResult<Option<String>> {
+                    match get_ci(&o, k).and_then(Value::as_str) {
+                        Some(t) => {
+                            crate::scim::resource::no_nul(t, &format!("members.{k}"))?;
+                            Ok(Some(t.to_owned()))
+                        }
+                        None => Ok(None),
+                    }
+                };
+                crate::scim::resource::no_nul(value, "members.value")?;
                 Ok(MemberRef {
                     value: value.to_owned(),
-                    kind: text("type"),
-                    display: text("display"),
+                    kind: text("type")?,
+                    display: text("display")?,
                 })
             }
             _ => Err(ScimError::invalid_value(
@@ -380,6 +389,11 @@ fn apply_path(
     let attr = &path.attr;
     if attr.is_whole_schema() {
         return apply_whole_extension(kind, doc, op, attr, value);
+    }
+    if attr.urn.is_none() && schema::extension_owning(kind, &attr.attr).is_some() {
+        let mut qualified = path.clone();
+        qualified.attr.qualify_for(kind);
+        return apply_path(kind, doc, op, &qualified, value, explicit);
     }
     let def = schema::lookup(kind, attr.urn.as_deref(), &attr.attr, None);
     if explicit && def.is_none() {

@@ -361,7 +361,7 @@ fn normalize_complex(
 /// A NUL character is valid JSON but no name, title or address holds one, and it would
 /// travel on into the CSV exports and downstream targets, where C-string tools cut the
 /// cell at it. Refused rather than stripped, so the client learns of it.
-fn no_nul(s: &str, path: &str) -> ScimResult<()> {
+pub(crate) fn no_nul(s: &str, path: &str) -> ScimResult<()> {
     if s.contains('\0') {
         return Err(ScimError::invalid_value(format!(
             "{path}: the value contains a NUL character (U+0000)"
@@ -372,7 +372,17 @@ fn no_nul(s: &str, path: &str) -> ScimResult<()> {
 
 fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Option<Value>> {
     let bad = |v: &Value| {
-        ScimError::invalid_value(format!("{path}: expected a {}, got {v}", def.kind.as_str()))
+        // A value never returned (a password) is not echoed either: the error goes back
+        // to the client and into the log.
+        let got = if def.returned == schema::Returned::Never {
+            "something else".to_owned()
+        } else {
+            v.to_string()
+        };
+        ScimError::invalid_value(format!(
+            "{path}: expected a {}, got {got}",
+            def.kind.as_str()
+        ))
     };
     Ok(Some(match (def.kind, value) {
         (_, Value::Null) => return Ok(None),

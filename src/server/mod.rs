@@ -627,7 +627,14 @@ async fn request_span(
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.is_ascii())
+        // Printable and without blanks, quotes or `=`: the id is logged as a field, and
+        // `abc status=200` would print as two.
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=')
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let path = req.uri().path();

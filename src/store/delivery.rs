@@ -48,20 +48,17 @@ const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
 /// `D conn SEP seq what` → the id of the dead letter holding that change's request.
 /// After a crash the batch is delivered again, and a target that refused a request
 /// refuses it again: the letter it already has is kept instead of a second one.
-/// `what` tells a change's requests apart (a webhook sends one event per type, a
-/// OneRoster user its enrollments): method, URL and a hash of the body, or the reason
-/// for a change that never became a request.
+/// `what` tells a change's requests apart (a OneRoster user, its enrollments and its
+/// reports are each their own URL): method and URL, or the reason for a change that never
+/// became a request. Not the body: a re-sent report carries the time it was built. A
+/// webhook's events of one change share a URL, but go out one after another and the
+/// change stops at the first refused, so the letter stands for the change.
 fn dead_ref_key(letter: &DeadLetter) -> Vec<u8> {
     let mut k = tagged(b'D', &letter.connector);
     k.push(SEP);
     k.extend_from_slice(&letter.event.seq.to_be_bytes());
     let what = match &letter.request {
-        Some(r) => format!(
-            "{} {} {:032x}",
-            r.method,
-            r.url,
-            crate::classify::fnv1a_128(r.body.as_deref().unwrap_or("").as_bytes())
-        ),
+        Some(r) => format!("{} {}", r.method, r.url),
         None => format!("- {}", letter.reason),
     };
     k.extend_from_slice(what.as_bytes());
@@ -381,15 +378,25 @@ mod tests {
                 2
             );
             assert_eq!(store.add_dead_letter("t", enrollment).await.unwrap(), 2);
-            let other_body = DeadLetter {
+            // The same request built again (a report carries the time it was built).
+            let rebuilt = DeadLetter {
                 request: Some(SentRequest {
                     method: "PUT".into(),
                     url: "http://sis/enrollments/e1".into(),
-                    body: Some("{\"x\":1}".into()),
+                    body: Some("{\"dateLastModified\":\"later\"}".into()),
                 }),
                 ..letter.clone()
             };
-            assert_eq!(store.add_dead_letter("t", other_body).await.unwrap(), 3);
+            assert_eq!(store.add_dead_letter("t", rebuilt).await.unwrap(), 2);
+            let other = DeadLetter {
+                request: Some(SentRequest {
+                    method: "PUT".into(),
+                    url: "http://sis/enrollments/e2".into(),
+                    body: None,
+                }),
+                ..letter.clone()
+            };
+            assert_eq!(store.add_dead_letter("t", other).await.unwrap(), 3);
             assert!(store.remove_dead_letter("t", "or", 3).await.unwrap());
             store.close().unwrap();
         }

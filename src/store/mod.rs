@@ -1030,7 +1030,7 @@ fn open_error(dir: &Path, engine: &str) -> StoreError {
             message.push_str("; the store's files are damaged. Keep a copy of the directory, then restore it from a backup");
         } else {
             message.push_str(&format!(
-                "; the store's files are damaged. First move the snapshot file(s) out of the directory (do not delete the rest of it) and start rosterd again: {}. sled rebuilds the snapshot from its log, and a snapshot cut short by a crash or a full disk is the usual cause. If it still fails, the log itself is damaged: keep a copy of the directory, then restore it from a backup",
+                "; the store's files are damaged. First keep a copy of the directory, then move the snapshot file(s) out of it (do not delete the rest) and start rosterd again: {}. sled rebuilds the snapshot from its log, and a snapshot cut short by a crash or a full disk is the usual cause. If it still fails, or says the store's data is gone, the log itself is damaged: restore the directory from a backup",
                 names.join(", ")
             ));
         }
@@ -1162,18 +1162,28 @@ impl Store {
         })
     }
 
-    fn open_inner(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+    /// What can be told of `dir` without opening it (and so without taking the lock a
+    /// running daemon holds): someone else's files, or a store whose log is gone. For
+    /// `check-config`; opening checks the same first.
+    pub fn check_dir(dir: &Path) -> StoreResult<()> {
         refuse_foreign(dir)?;
-        let marker = dir.join(STORE_MARKER);
-        let was_a_store = marker.is_file();
-        if was_a_store && std::fs::metadata(dir.join("db")).map_or(true, |m| m.len() == 0) {
+        if dir.join(STORE_MARKER).is_file()
+            && std::fs::metadata(dir.join("db")).map_or(true, |m| m.len() == 0)
+        {
             return Err(StoreError::Open {
                 dir: dir.to_owned(),
                 message: format!(
-                    "its log file `db` is missing or empty, yet the directory held a rosterd store ({STORE_MARKER} is there): the data was lost or moved. Restore the directory from a backup; to start an empty store on purpose, empty the directory"
+                    "its log file `db` is missing or empty, yet the directory held a rosterd store ({STORE_MARKER} is there): the data was lost or moved. Restore the directory from a backup; to start an empty store on purpose, remove everything in the directory, {STORE_MARKER} included"
                 ),
             });
         }
+        Ok(())
+    }
+
+    fn open_inner(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+        Self::check_dir(dir)?;
+        let marker = dir.join(STORE_MARKER);
+        let was_a_store = marker.is_file();
         let db = sled::Config::new()
             .path(dir)
             // Flushes are ours (group commit); sled's timer would only add fsyncs.
@@ -1192,6 +1202,17 @@ impl Store {
                 } else if found != SCHEMA_VERSION {
                     return Err(StoreError::UnknownSchema { found });
                 }
+            }
+            // A directory that held a store opens with none of it: sled read a damaged
+            // log as far as it could, which may be nothing. Serving would mirror an
+            // empty roster downstream.
+            None if was_a_store => {
+                return Err(StoreError::Open {
+                    dir: dir.to_owned(),
+                    message: format!(
+                        "the storage engine opened it but found none of the store's data, though the directory held a rosterd store ({STORE_MARKER} is there): its log `db` is damaged. Keep a copy of the directory, then restore it from a backup; to start an empty store on purpose, remove everything in the directory, {STORE_MARKER} included"
+                    ),
+                });
             }
             None => {
                 db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
@@ -1973,6 +1994,24 @@ mod tests {
     }
 
     #[test]
+    fn a_log_that_holds_none_of_the_store_is_refused() {
+        let dir = closed_store_with_users(3);
+        std::fs::write(dir.path().join("db"), vec![0xa5; 5000]).unwrap();
+        for (snap, _) in snapshot_files(dir.path()) {
+            std::fs::remove_file(snap).unwrap();
+        }
+        let err = match crate::store::testing::past_the_lock(|| Store::open(dir.path())) {
+            Ok(_) => panic!("opened a garbled log as an empty store"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("found none of the store's data")
+                && err.contains("restore it from a backup"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_lost_log_file_is_refused_not_opened_as_an_empty_store() {
         let dir = closed_store_with_users(3);
         assert!(dir.path().join(STORE_MARKER).is_file());
@@ -2028,7 +2067,7 @@ mod tests {
             Err(e) => e.to_string(),
         };
         assert!(
-            err.contains("First move the snapshot file(s) out of the directory")
+            err.contains("move the snapshot file(s) out of it")
                 && err.contains(&snaps[0].0.display().to_string()),
             "{err}"
         );

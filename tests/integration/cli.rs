@@ -721,3 +721,39 @@ async fn resume_says_when_the_connector_was_not_paused() {
     assert!(out.contains("hooks: was not paused"), "{out}");
     assert!(!out.contains("resumed"), "{out}");
 }
+
+/// `check-config` refuses the data directories `serve` would refuse before opening the
+/// store: someone else's files, or a store whose log is gone.
+#[test]
+fn check_config_refuses_a_data_directory_serve_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[server]\ndata_dir = \"data\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let check = || {
+        rosterd_env(
+            &["check-config", "--config", config.to_str().unwrap()],
+            &[("T", "x")],
+        )
+    };
+    let (ok, out, err) = check();
+    assert!(ok, "a data directory not made yet is fine: {out} {err}");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("notes.txt"), "mine").unwrap();
+    let (ok, _, err) = check();
+    assert!(!ok);
+    assert!(
+        err.contains("server.data_dir") && err.contains("notes.txt"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("notes.txt")).unwrap();
+    std::fs::write(data.join(".rosterd-store"), "").unwrap();
+    std::fs::write(data.join("conf"), "").unwrap();
+    let (ok, _, err) = check();
+    assert!(!ok);
+    assert!(err.contains("`db` is missing or empty"), "{err}");
+}

@@ -248,6 +248,22 @@ async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was
         line.len() == 1 && line[0].contains("code=\"token_missing\""),
         "{line:?}"
     );
+    // An id that would print as more than one field is replaced by one of ours.
+    let spoof = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users/nobody"),
+            Some(&d.token),
+            &[("x-request-id", "abc status=200 FAKE17")],
+            None,
+        )
+        .await;
+    assert_eq!(spoof.status, 404);
+    assert_ne!(
+        spoof.header("x-request-id").unwrap(),
+        "abc status=200 FAKE17"
+    );
+    assert!(logs.lines("FAKE17").is_empty());
     // A request that succeeds is not logged at INFO.
     let ok = d
         .raw(

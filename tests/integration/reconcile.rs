@@ -239,6 +239,12 @@ async fn read_back_stops_when_a_page_brings_nothing_new() {
         warned[0].contains("WARN") && warned[0].contains("connector=sis"),
         "{warned:?}"
     );
+    // The job's failure is a WARN of its own, whoever started it.
+    let failed = logs.lines("Reconciliation job failed.");
+    assert!(
+        failed.len() == 1 && failed[0].contains(" WARN ") && failed[0].contains("offset"),
+        "{failed:?}"
+    );
     // The slot is free again: overrides are taken.
     let any_user = d.get("/Users").await.body["Resources"][0]["id"].clone();
     let r = d
@@ -606,4 +612,29 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         "a reconciliation wrote the scheduled connector's files"
     );
     assert_eq!(job["counts"]["drift_sent"], 1, "{job}");
+}
+
+/// A 200 that is no users page (a proxy's login page, another shape of JSON) is not the
+/// end of the list: taken as one, the repair would be off without a word.
+#[tokio::test]
+async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    target.inject(
+        or::Fault::status(200, 0)
+            .forever()
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a OneRoster users page")),
+        "{job}"
+    );
 }

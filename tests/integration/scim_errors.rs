@@ -124,6 +124,25 @@ async fn malformed_input_gets_scim_errors() {
         assert_eq!(r.status, 400, "{body} {}", r.body);
         assert_eq!(r.body["scimType"], "invalidValue", "{}", r.body);
     }
+    // Nor in a member's display, added by PATCH.
+    let gid = d.create_group("Nul").await;
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "add", "path": "members", "value": [{"value": id, "display": "a\u{0}b"}]}])),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidValue", "{}", r.body);
+    // A password of the wrong type is refused without echoing it.
+    let pw = d
+        .post(
+            "/Users",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": "pw@x", "password": ["HUNTER4-SECRET"]}),
+        )
+        .await;
+    assert_eq!(pw.status, 400, "{}", pw.body);
+    assert!(!pw.body.to_string().contains("HUNTER4"), "{}", pw.body);
     // None of the failed requests changed the user.
     let g = d.get(&p).await;
     assert_eq!(g.body["meta"]["version"], g.header("etag").unwrap());

@@ -326,4 +326,30 @@ async fn unqualified_enterprise_attributes_land_in_the_extension() {
     let f = d.get("/Users?filter=department%20eq%20%22Sales%22").await;
     assert_eq!(f.status, 200, "{}", f.body);
     assert_eq!(f.body["totalResults"], 1, "{}", f.body);
+
+    // A Group has no such attribute: a path-less PATCH ignores it, as any unknown one.
+    let gid = d.create_group("Finance").await;
+    let g = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "replace", "value": {"department": "x", "displayName": "Finance Team"}}])),
+        )
+        .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    assert_eq!(g.body["displayName"], "Finance Team", "{}", g.body);
+    let g = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "replace", "path": "department", "value": "x"}])),
+        )
+        .await;
+    assert_eq!(g.status, 400, "{}", g.body);
+    assert!(
+        g.body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("department is not an attribute of Group"),
+        "{}",
+        g.body
+    );
 }
