@@ -185,19 +185,28 @@ fn ts(t: DateTime<Utc>) -> String {
 #[error("{0}")]
 pub struct Unmappable(pub String);
 
+/// Where a SCIM user's full name is, in the order it is looked for.
+const FULL_NAMES: [&str; 2] = ["/name/formatted", "/displayName"];
+
 /// The fields of a SCIM user a OneRoster user needs.
 pub struct UserFields<'a> {
     pub doc: &'a Value,
 }
 
 impl UserFields<'_> {
-    /// A string attribute as the target should get it: trimmed, and absent when blank.
     fn str(&self, ptr: &str) -> Option<&str> {
+        text(self.doc.pointer(ptr))
+    }
+
+    /// The value of the first element of the multi-valued `attr` that `pred` accepts
+    /// and that has a value.
+    fn value_where(&self, attr: &str, pred: impl Fn(&Value) -> bool) -> Option<&str> {
         self.doc
-            .pointer(ptr)
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+            .get(attr)
+            .and_then(Value::as_array)?
+            .iter()
+            .filter(|e| pred(e))
+            .find_map(|e| text(e.get("value")))
     }
 
     pub fn user_name(&self) -> Option<&str> {
@@ -206,24 +215,9 @@ impl UserFields<'_> {
 
     /// The primary email, else the work one, else the first; else a userName that is one.
     pub fn email(&self) -> Option<&str> {
-        let emails = self.doc.get("emails").and_then(Value::as_array);
-        let pick = |pred: &dyn Fn(&Value) -> bool| {
-            emails.and_then(|es| {
-                es.iter()
-                    .find(|e| pred(e))
-                    .and_then(|e| e.get("value"))
-                    .and_then(Value::as_str)
-                    .map(str::trim)
-            })
-        };
-        let filled = |e: &Value| {
-            e.get("value")
-                .and_then(Value::as_str)
-                .is_some_and(|v| !v.trim().is_empty())
-        };
-        pick(&|e| filled(e) && e.get("primary") == Some(&Value::Bool(true)))
-            .or_else(|| pick(&|e| filled(e) && type_is(e, "work")))
-            .or_else(|| pick(&filled))
+        self.value_where("emails", |e| e.get("primary") == Some(&Value::Bool(true)))
+            .or_else(|| self.value_where("emails", |e| type_is(e, "work")))
+            .or_else(|| self.value_where("emails", |_| true))
             .or_else(|| self.user_name().filter(|u| u.contains('@')))
     }
 
@@ -260,16 +254,14 @@ impl UserFields<'_> {
     /// What `cut` leaves of `name.formatted`, else of `displayName`, when it leaves
     /// words.
     fn full_name_around(&self, cut: impl Fn(&str) -> Option<String>) -> Option<String> {
-        ["/name/formatted", "/displayName"]
-            .iter()
-            .find_map(|ptr| cut(self.str(ptr)?))
+        FULL_NAMES.iter().find_map(|ptr| cut(self.str(ptr)?))
     }
 
     /// `name.formatted`, else `displayName`, as given name(s) and a family name: the last
     /// word is the family name. A single word could be either, so it is neither: OneRoster
     /// requires both, and a guess would put a made-up name on a person's record.
     fn split_name(&self) -> Option<(String, &str)> {
-        ["/name/formatted", "/displayName"].iter().find_map(|ptr| {
+        FULL_NAMES.iter().find_map(|ptr| {
             let words: Vec<&str> = self.str(ptr)?.split_whitespace().collect();
             let (family, given) = words.split_last()?;
             (!given.is_empty()).then(|| (given.join(" "), *family))
@@ -300,27 +292,15 @@ impl UserFields<'_> {
     /// number is never it, even when marked primary.
     pub fn phone(&self) -> Option<&str> {
         let callable = |p: &Value| !type_is(p, "fax") && !type_is(p, "pager");
-        self.phone_where(|p| callable(p) && p.get("primary") == Some(&Value::Bool(true)))
-            .or_else(|| self.phone_where(|p| type_is(p, "work")))
+        self.value_where("phoneNumbers", |p| {
+            callable(p) && p.get("primary") == Some(&Value::Bool(true))
+        })
+        .or_else(|| self.value_where("phoneNumbers", |p| type_is(p, "work")))
     }
 
     /// The number for text messages: the first `mobile` one.
     pub fn sms(&self) -> Option<&str> {
-        self.phone_where(|p| type_is(p, "mobile"))
-    }
-
-    fn phone_where(&self, pred: impl Fn(&Value) -> bool) -> Option<&str> {
-        self.doc
-            .get("phoneNumbers")
-            .and_then(Value::as_array)?
-            .iter()
-            .filter(|p| pred(p))
-            .find_map(|p| {
-                p.get("value")
-                    .and_then(Value::as_str)
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty())
-            })
+        self.value_where("phoneNumbers", |p| type_is(p, "mobile"))
     }
 
     pub fn active(&self) -> bool {
@@ -328,12 +308,11 @@ impl UserFields<'_> {
     }
 
     fn enterprise(&self, attr: &str) -> Option<&str> {
-        self.doc
-            .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
-            .and_then(|e| e.get(attr))
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+        text(
+            self.doc
+                .get(crate::scim::schema::ENTERPRISE_USER_SCHEMA)
+                .and_then(|e| e.get(attr)),
+        )
     }
 }
 
@@ -372,6 +351,27 @@ pub fn existing_manager<'d>(
     }
 }
 
+/// The write for a user as stored: its assignment and its manager (if in the roster)
+/// read from the store, as every body of it is built. The outer error is the store's,
+/// the inner one says why the user cannot be a OneRoster user.
+pub fn stored_user_write(
+    store: &Store,
+    settings: &OneRosterSettings,
+    tenant: &str,
+    id: &str,
+    doc: &Value,
+    modified: DateTime<Utc>,
+) -> Result<Result<Write, Unmappable>, StoreError> {
+    let assignment = store.assignment(tenant, id)?;
+    let user = UserState {
+        id,
+        doc,
+        assignment: assignment.as_ref(),
+        manager: existing_manager(store, tenant, doc)?,
+    };
+    Ok(user_write(settings, tenant, &user, modified))
+}
+
 /// An object of the pairs whose value is present: OneRoster's optional fields are left
 /// out when rosterd has no value, never sent as null.
 fn present<const N: usize>(fields: [(&str, Option<Value>); N]) -> Map<String, Value> {
@@ -404,6 +404,13 @@ fn strip_prefix_words(full: &str, words: &str) -> Option<String> {
             .zip(&head)
             .all(|(a, b)| a.to_lowercase() == b.to_lowercase()))
     .then(|| full[head.len()..].join(" "))
+}
+
+/// A string value as a target should get it: trimmed, and absent when blank.
+fn text(v: Option<&Value>) -> Option<&str> {
+    v.and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 /// Whether a multi-valued element's `type` is `t`. SCIM types are not case-exact (RFC
@@ -496,12 +503,7 @@ pub fn class_body(
         "terms": [],
         "metadata": { "scim_id": id },
     });
-    if let Some(code) = doc
-        .get("externalId")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-    {
+    if let Some(code) = text(doc.get("externalId")) {
         body["classCode"] = json!(code);
     }
     body

@@ -755,14 +755,8 @@ impl Ctx {
             let Some(r) = self.store.get(tenant, ResourceKind::User, id)? else {
                 continue;
             };
-            let assignment = self.store.assignment(tenant, id)?;
-            let user = oneroster::UserState {
-                id,
-                doc: &r.doc,
-                assignment: assignment.as_ref(),
-                manager: oneroster::existing_manager(&self.store, tenant, &r.doc)?,
-            };
-            if let Ok(w) = oneroster::user_write(settings, tenant, &user, Utc::now())
+            if let Ok(w) =
+                oneroster::stored_user_write(&self.store, settings, tenant, id, &r.doc, Utc::now())?
                 && w.body.is_some()
             {
                 out.push(w);

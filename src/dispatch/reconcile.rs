@@ -16,8 +16,8 @@ use tracing::Instrument;
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
-    OneRosterSettings, UserState, Write, class_delete, class_put, content_hash, enrollment_delete,
-    enrollment_put, existing_manager, user_delete, user_key, user_write,
+    OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
+    enrollment_put, stored_user_write, user_delete, user_key,
 };
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
@@ -114,14 +114,7 @@ fn diff(
     };
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
-        let a = store.assignment(tenant, &r.id)?;
-        let user = UserState {
-            id: &r.id,
-            doc: &r.doc,
-            assignment: a.as_ref(),
-            manager: existing_manager(store, tenant, &r.doc)?,
-        };
-        match user_write(s, tenant, &user, now) {
+        match stored_user_write(store, s, tenant, &r.id, &r.doc, now)? {
             Ok(w) => check(report, w)?,
             Err(_) => report.unmappable += 1,
         }
@@ -424,29 +417,24 @@ async fn read_back(
             if seen.contains(&user_key(scim_id)) {
                 continue;
             }
-            let (doc, a, manager) = {
-                let (store, t, id) = (ctx.store.clone(), tenant.to_owned(), scim_id.to_owned());
+            let write = {
+                let (store, t, id, s) = (
+                    ctx.store.clone(),
+                    tenant.to_owned(),
+                    scim_id.to_owned(),
+                    settings.clone(),
+                );
                 tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                    let doc = store.get(&t, ResourceKind::User, &id)?;
-                    let manager = match &doc {
-                        Some(d) => existing_manager(&store, &t, &d.doc)?.map(str::to_owned),
-                        None => None,
-                    };
-                    Ok((doc, store.assignment(&t, &id)?, manager))
+                    store
+                        .get(&t, ResourceKind::User, &id)?
+                        .map(|d| stored_user_write(&store, &s, &t, &id, &d.doc, Utc::now()))
+                        .transpose()
                 })
                 .await
                 .map_err(|e| StoreError::Backend(e.to_string()))??
             };
-            let Some(doc) = doc else { continue };
-            let user = UserState {
-                id: scim_id,
-                doc: &doc.doc,
-                assignment: a.as_ref(),
-                manager: manager.as_deref(),
-            };
-            let Ok(w) = user_write(settings, tenant, &user, Utc::now()) else {
-                continue;
-            };
+            // Gone from the roster, or not expressible: nothing to compare.
+            let Some(Ok(w)) = write else { continue };
             // An inactive user that is deleted downstream has nothing to compare.
             let Some(desired) = &w.body else { continue };
             if content_hash(&projected(&target, desired)) != content_hash(desired) {
