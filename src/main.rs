@@ -1011,6 +1011,10 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             "CONFIG FILE as edited would NOT load (a restart would fail; rosterd check-config):\n    {}",
             e.replace('\n', "\n    ")
         );
+    } else if s["config_changed_since_start"] == true {
+        println!(
+            "config file changed since start: its tenants, group rules, server and schedules apply at the next restart (rosterd check-config first)"
+        );
     }
     let store_error = &s["store"]["error"];
     if store_error.is_object() {

@@ -140,6 +140,10 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
         "config_file_error": *st.config_file_error.lock().unwrap_or_else(|e| e.into_inner()),
+        // An edit that a reload does not apply (tenants, group rules, server, schedules)
+        // waits for a restart; read at each call, so an edit not yet followed by a reload
+        // shows too.
+        "config_changed_since_start": st.config.changed_on_disk(),
         "schedules": crate::schedule::status(st),
     }))
 }

@@ -579,8 +579,7 @@ async fn daemon_commands_with_url_read_no_config() {
     let url = format!("http://{}", d.addr);
     let token = d.jwt(TENANT, "roster:admin");
     let broken = d.root.join("config.toml");
-    std::fs::write(&broken, "version = 1\n[server\n").unwrap();
-    d.reload().await;
+    let good = std::fs::read_to_string(&broken).unwrap();
     let missing = d.root.join("nowhere").join("config.toml");
     let cli = |args: Vec<String>| {
         tokio::task::spawn_blocking(move || {
@@ -595,10 +594,21 @@ async fn daemon_commands_with_url_read_no_config() {
         v
     };
 
+    // An edit that loads but waits for a restart.
+    std::fs::write(&broken, format!("{good}\n# edited\n")).unwrap();
+    let (ok, out, err) = cli(args(&["status"], &missing, &[])).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("config file changed since start") && !out.contains("would NOT load"),
+        "{out}"
+    );
+    std::fs::write(&broken, "version = 1\n[server\n").unwrap();
+    d.reload().await;
     let (ok, out, err) = cli(args(&["status"], &broken, &[])).await.unwrap();
     assert!(ok, "{err}");
     assert!(
-        out.contains("CONFIG FILE as edited would NOT load"),
+        out.contains("CONFIG FILE as edited would NOT load")
+            && !out.contains("config file changed since start"),
         "{out}"
     );
     assert!(out.contains("tenant acme:"), "{out}");

@@ -171,7 +171,24 @@ async fn a_reload_says_when_the_edited_config_file_would_not_start() {
     assert_eq!(d.create_user("still@acme.test").await.len(), 36);
     std::fs::write(&path, &good).unwrap();
     d.reload().await;
-    assert!(d.status().await["config_file_error"].is_null());
+    let s = d.status().await;
+    assert!(s["config_file_error"].is_null(), "{s}");
+    assert_eq!(s["config_changed_since_start"], false, "{s}");
+}
+
+#[tokio::test]
+async fn status_says_when_the_config_file_changed_since_start() {
+    let d = TestDaemon::start().await;
+    assert_eq!(d.status().await["config_changed_since_start"], false);
+    let path = d.root.join("config.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    // A valid edit that a reload does not apply: no reload needed for status to see it.
+    std::fs::write(&path, format!("{good}\n# a new tenant goes here\n")).unwrap();
+    let s = d.status().await;
+    assert_eq!(s["config_changed_since_start"], true, "{s}");
+    assert!(s["config_file_error"].is_null(), "{s}");
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(d.status().await["config_changed_since_start"], false);
 }
 
 #[tokio::test]
