@@ -99,7 +99,7 @@ fn user_filters() -> Vec<Value> {
         ),
         query(
             "group",
-            "Members of this group (SCIM id, displayName or externalId; a value that names no group, or a displayName several groups share, is 400)",
+            "Members of this group (SCIM id, displayName or externalId; a value that names no group, or that several groups answer to by displayName or externalId, is 400)",
             json!({"type": "string"}),
         ),
         query(
@@ -119,20 +119,16 @@ fn limit() -> Value {
     )
 }
 
-fn paging() -> Vec<Value> {
-    vec![
-        limit(),
-        query(
-            "cursor",
-            "The next_cursor of the previous page of the same query: the same filters as the listing reads them (active=TRUE or no active for the default, all for any, department in any case, a user or group by any of its names) and tenant; limit may change. Anything else is 400",
-            json!({"type": "string"}),
-        ),
-    ]
+/// `limit` and `cursor`; `cursor` says what a cursor is bound to on this endpoint.
+fn paging(cursor: &str) -> Vec<Value> {
+    vec![limit(), query("cursor", cursor, json!({"type": "string"}))]
 }
 
 pub fn openapi_document() -> Value {
     let mut list_params = user_filters();
-    list_params.extend(paging());
+    list_params.extend(paging(
+        "The next_cursor of the previous page of the same query: the same filters as the listing reads them (active=TRUE or no active for the default, all for any, department in any case, a user or group by any of its names) and tenant; limit may change. Anything else is 400",
+    ));
     let mut export_params = user_filters();
     export_params.push(query(
         "format",
@@ -147,7 +143,7 @@ pub fn openapi_document() -> Value {
         "info": {
             "title": "rosterd Roster API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The per-tenant roster: users with their archetype assignments, overrides, review queue, governance events and sync jobs. Tenant and scopes come from the JWT; an X-Tenant header, when sent, must match."
+            "description": "The per-tenant roster: users with their archetype assignments, overrides, review queue, governance events and sync jobs. Tenant and scopes come from the JWT; an X-Tenant header, when sent, must match. A method a path does not list answers 405 method_not_allowed, with an Allow header."
         },
         "servers": [{"url": "/"}],
         "security": sec,
@@ -232,7 +228,7 @@ pub fn openapi_document() -> Value {
             }},
             "/api/v1/roster/review": {"get": {
                 "operationId": "listReview", "summary": "Users whose automatic assignment is below the review threshold",
-                "parameters": paging(),
+                "parameters": paging("The next_cursor of the previous page of this tenant's queue; limit may change. Anything else is 400"),
                 "responses": common_errors(json!({"200": ok_json("Review items", json!({
                     "type": "object", "properties": {
                         "review_threshold": {"type": ["number", "null"]}, "total": {"type": "integer"},

@@ -641,31 +641,33 @@ fn check_archetype_filter(
 }
 
 /// A group named by SCIM id, displayName (any case) or externalId. Display names need
-/// not be unique; a name that several groups share is refused rather than read as one
-/// of them, which would list some of the users it names and silently leave out others.
+/// not be unique, nor unlike another group's externalId; a name that several groups
+/// answer to is refused rather than read as one of them, which would list some of the
+/// users it names and silently leave out others. A SCIM id is unique and wins.
 fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>> {
     let as_id = canonical_id(g);
     if store.get(tenant, ResourceKind::Group, &as_id)?.is_some() {
         return Ok(Some(as_id.into_owned()));
     }
-    let one = |mut ids: Vec<String>, what: &str| -> ApiResult<Option<String>> {
-        if ids.len() > 1 {
-            ids.sort();
-            return Err(ApiError::BadRequest(format!(
-                "{} groups have the {what} {g:?} (ids {}); filter by one group's id",
-                ids.len(),
-                ids.join(", ")
-            )));
-        }
-        Ok(ids.pop())
+    let by_name = store.lookup(tenant, &IndexQuery::GroupName(g.to_owned()))?;
+    let by_external = store.lookup_group_external_id(tenant, g)?;
+    let what = match (by_name.is_empty(), by_external.is_empty()) {
+        (false, false) => "displayName or externalId",
+        (false, true) => "displayName",
+        _ => "externalId",
     };
-    if let Some(id) = one(
-        store.lookup(tenant, &IndexQuery::GroupName(g.to_owned()))?,
-        "displayName",
-    )? {
-        return Ok(Some(id));
+    let mut ids = by_name;
+    ids.extend(by_external);
+    ids.sort();
+    ids.dedup();
+    if ids.len() > 1 {
+        return Err(ApiError::BadRequest(format!(
+            "{} groups have the {what} {g:?} (ids {}); filter by one group's id",
+            ids.len(),
+            ids.join(", ")
+        )));
     }
-    one(store.lookup_group_external_id(tenant, g)?, "externalId")
+    Ok(ids.pop())
 }
 
 async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {

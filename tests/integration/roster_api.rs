@@ -1138,6 +1138,25 @@ async fn listing_filters_and_pages() {
         2,
         "a group id in either case"
     );
+    // One group's displayName that is another's externalId names two groups as well;
+    // a group whose externalId is its own displayName is still one.
+    let group = |name: &str, ext: &str| {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+               "displayName": name, "externalId": ext})
+    };
+    let crew = d.post("/Groups", group("Crew", "Crew")).await;
+    assert_eq!(crew.status, 201, "{}", crew.body);
+    assert!(list("?group=Crew").await["users"].is_array());
+    let deck = d.post("/Groups", group("Deck", "crew")).await;
+    assert_eq!(deck.status, 201, "{}", deck.body);
+    let r = d
+        .roster(Method::GET, "/users?group=crew", &admin, None)
+        .await;
+    api_error(&r, 400, "invalid_request");
+    let msg = r.body["message"].as_str().unwrap();
+    for g in [&crew, &deck] {
+        assert!(msg.contains(g.body["id"].as_str().unwrap()), "{msg}");
+    }
 
     // Paging with limit and an opaque cursor visits everyone exactly once.
     let mut seen = Vec::new();
