@@ -172,7 +172,7 @@ pub fn openapi_document() -> Value {
                         ("400", "archetype_id not in the tenant's bundle, or a malformed body"),
                         ("404", "User not found"),
                         ("409", "A sync job is running for the tenant (sync_in_progress), or the tenant has no archetype bundle (no_bundle)"),
-                        ("422", "Tenant policy forbids manual overrides"),
+                        ("422", "Tenant policy forbids manual overrides (setting one; clearing one is allowed)"),
                     ])
                 }
             },
@@ -199,7 +199,6 @@ pub fn openapi_document() -> Value {
                             "error": {"type": "string"}, "message": {"type": "string"}}}}}
                 })), "400": error_response("Malformed body, or more than 10,000 items")}), &[
                     ("409", "A sync job is running for the tenant (sync_in_progress), or the tenant has no archetype bundle (no_bundle)"),
-                    ("422", "Tenant policy forbids manual overrides"),
                 ])
             }},
             "/api/v1/roster/archetypes": {"get": {

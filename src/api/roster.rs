@@ -757,16 +757,28 @@ const OVERRIDE_RULES: OverrideRules = OverrideRules {
     refuse_during_job: true,
 };
 
+/// What a request does to a user's override, for [`check_override`].
+#[derive(Clone, Copy)]
+enum OverrideIntent<'a> {
+    /// Set one: this archetype, or (None) the suggestion a review item carries.
+    Set(Option<&'a str>),
+    /// Remove one, which a policy against overrides does not forbid: the clear is the
+    /// way out of overrides made before the tenant turned them off.
+    Clear,
+}
+
 /// Checks shared by every override, answered early: the caller may write, the tenant
-/// allows overrides, no sync job is rewriting assignments, and the archetype is in the
-/// bundle. The store checks the racy ones (job running, archetype still in the bundle,
-/// user still in review) again as it writes.
-fn check_override(st: &AppState, caller: &Caller, archetype: Option<&str>) -> ApiResult<()> {
+/// allows overrides (unless the override is being cleared), no sync job is rewriting
+/// assignments, and the archetype is in the bundle. The store checks the racy ones (job
+/// running, archetype still in the bundle, user still in review) again as it writes.
+fn check_override(st: &AppState, caller: &Caller, intent: OverrideIntent<'_>) -> ApiResult<()> {
     caller.require(Scope::Write)?;
     let t = tenant_of(st, &caller.tenant)?;
-    if !t.allow_overrides {
-        return Err(ApiError::OverridesForbidden);
-    }
+    let archetype = match intent {
+        OverrideIntent::Set(_) if !t.allow_overrides => return Err(ApiError::OverridesForbidden),
+        OverrideIntent::Set(a) => a,
+        OverrideIntent::Clear => None,
+    };
     if let Some(a) = archetype {
         let policy = t.policy().ok_or(ApiError::NoBundle)?;
         if !policy.has_archetype(a) {
@@ -829,7 +841,11 @@ async fn patch_user(
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
     let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
-    check_override(&st, &caller, archetype.as_deref())?;
+    let intent = match &archetype {
+        Some(a) => OverrideIntent::Set(Some(a)),
+        None => OverrideIntent::Clear,
+    };
+    check_override(&st, &caller, intent)?;
     if archetype.is_none() && tenant_of(&st, &caller.tenant)?.policy().is_none() {
         return Err(ApiError::NoBundle);
     }
@@ -883,10 +899,12 @@ async fn bulk_assign(
             "at most {MAX_BULK} assignments per request"
         )));
     }
-    check_override(&st, &caller, None)?;
-    let policy = tenant_of(&st, &caller.tenant)?
-        .policy()
-        .ok_or(ApiError::NoBundle)?;
+    // Whether each item may set an override is the item's answer: clears go through
+    // whatever the policy.
+    check_override(&st, &caller, OverrideIntent::Clear)?;
+    let tenant = tenant_of(&st, &caller.tenant)?;
+    let allow_overrides = tenant.allow_overrides;
+    let policy = tenant.policy().ok_or(ApiError::NoBundle)?;
     let mut updated = 0u64;
     let mut errors = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -915,6 +933,9 @@ async fn bulk_assign(
             // As PATCH takes it: an id overrides, null clears the override.
             let change = match item.get("archetype_id") {
                 Some(Value::String(a)) if !a.is_empty() => {
+                    if !allow_overrides {
+                        return Err(ApiError::OverridesForbidden);
+                    }
                     if !policy.has_archetype(a) {
                         return Err(ApiError::InvalidArchetype(a.clone()));
                     }
@@ -1138,7 +1159,7 @@ async fn accept_review(
         Some(v) => archetype_field(&v, "accept the suggestion")?,
     };
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
-    check_override(&st, &caller, chosen.as_deref())?;
+    check_override(&st, &caller, OverrideIntent::Set(chosen.as_deref()))?;
     // Accepting resolves a queue item; a user decided with confidence, or already
     // resolved (a second click on a stale page, another reviewer first), is no item,
     // and an override of them is a PATCH on purpose rather than a side effect of

@@ -73,6 +73,8 @@ pub struct Options {
     /// More config TOML (whole tables, e.g. `[schedules]`), appended to config.toml.
     pub config_extra: String,
     pub client_timeout_secs: u64,
+    /// The first tenant's `allow_overrides` (the other tenant's is always false).
+    pub allow_overrides: bool,
 }
 
 impl Default for Options {
@@ -84,6 +86,7 @@ impl Default for Options {
             env: vec![],
             config_extra: String::new(),
             client_timeout_secs: 75,
+            allow_overrides: true,
         }
     }
 }
@@ -109,6 +112,7 @@ hs256_secret_env = "TEST_JWT_SECRET"
 id = "{TENANT}"
 token_hashes = ["{hash}"]
 bundle = "bundle.toml"
+allow_overrides = {allow_overrides}
 idp = "azure-ad"
 group_rules = [{{ group = "Engineering Leads", archetype = "eng_lead" }}]
 group_roles = [{{ group = "engineering leads", role = "admin" }}]
@@ -126,6 +130,7 @@ allow_overrides = false
         max_results = opts.scim.max_results,
         bulk = opts.scim.bulk_max_operations,
         sort = opts.scim.max_sort_results,
+        allow_overrides = opts.allow_overrides,
     )
 }
 
@@ -201,15 +206,21 @@ impl TestDaemon {
     }
 
     /// Stop gracefully and start again on the same config and store.
-    pub async fn restart(mut self) -> TestDaemon {
+    pub async fn restart(self) -> TestDaemon {
+        self.restart_with(|_| {}).await
+    }
+
+    /// As [`restart`](Self::restart), with `change` made to the options first.
+    pub async fn restart_with(mut self, change: impl FnOnce(&mut Options)) -> TestDaemon {
         let dir = self._dir.take();
         let tokens = (self.token.clone(), self.other_token.clone());
         let root = self.root.clone();
-        let opts = Options {
+        let mut opts = Options {
             env: self.env.clone(),
             config_extra: self.config_extra.clone(),
             ..Options::default()
         };
+        change(&mut opts);
         self.stop().await;
         let mut d = Self::boot(&root, opts, Some(tokens)).await;
         d._dir = dir;

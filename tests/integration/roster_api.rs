@@ -847,6 +847,69 @@ async fn override_errors_are_documented_codes() {
     );
 }
 
+/// Overrides made before a tenant turned them off still win, so the clear, which is
+/// their only way out, stays open; setting one (PATCH, bulk item, review accept) is 422.
+#[tokio::test]
+async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    create(&d, "a@acme.test", "software engineer", None).await;
+    create(&d, "b@acme.test", "software engineer", None).await;
+    for u in ["a", "b"] {
+        let r = d
+            .roster(
+                Method::PATCH,
+                &format!("/users/user:{u}@acme.test"),
+                &admin,
+                Some(json!({"archetype_id": "fpa_analyst"})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let d = d.restart_with(|o| o.allow_overrides = false).await;
+    let admin = settled(&d).await;
+    let set = d
+        .roster(
+            Method::PATCH,
+            "/users/user:a@acme.test",
+            &admin,
+            Some(json!({"archetype_id": "sales_rep"})),
+        )
+        .await;
+    api_error(&set, 422, "override_forbidden");
+    let clear = d
+        .roster(
+            Method::PATCH,
+            "/users/user:a@acme.test",
+            &admin,
+            Some(json!({"archetype_id": null})),
+        )
+        .await;
+    assert_eq!(clear.status, 200, "{}", clear.body);
+    let a = roster_user(&d, &admin, "user:a@acme.test").await;
+    assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
+    let r = d
+        .roster(
+            Method::POST,
+            "/archetype:bulk-assign",
+            &admin,
+            Some(json!({"assignments": [
+                {"user_id": "user:b@acme.test", "archetype_id": null},
+                {"user_id": "user:a@acme.test", "archetype_id": "sales_rep"}
+            ]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["updated"], 1, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["index"], 1, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["status"], 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["error"], "override_forbidden");
+    for u in ["a", "b"] {
+        let got = roster_user(&d, &admin, &format!("user:{u}@acme.test")).await;
+        assert_eq!(got["archetype_assigned_by"], "service:classifier", "{got}");
+    }
+}
+
 #[tokio::test]
 async fn bulk_assign_reports_per_item() {
     let d = TestDaemon::start().await;
