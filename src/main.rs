@@ -252,7 +252,9 @@ fn run() -> Result<()> {
             let text = read_text(Some(&examples))?;
             let bundle = rosterd::classify::Bundle::from_labeled_csv(text.as_bytes())
                 .with_context(|| format!("while reading {}", examples.display()))?;
-            note_repeated_examples(&bundle);
+            for note in repeated_examples(&bundle) {
+                eprintln!("note: {note}");
+            }
             print!("{}", bundle.to_toml_string()?);
             Ok(())
         }
@@ -302,15 +304,18 @@ fn check_config(path: PathBuf) -> Result<()> {
                     p.bundle().archetypes.len(),
                     p.loaded_from().map_or(0.0, |(_, took)| took)
                 );
-                // Legitimate for an archetype given only by group rule or by hand, but
-                // a forgotten list looks the same.
+                // Meant for an archetype given mostly by group rule or by hand, but a
+                // forgotten list looks the same; the classifier still learns its title.
                 for a in &p.bundle().archetypes {
                     if a.examples.is_empty() && a.keywords.is_empty() {
                         println!(
-                            "    note: archetype {} has no examples or keywords; the classifier never picks it, only group rules and overrides can",
-                            a.id
+                            "    note: archetype {} has no examples or keywords; the classifier learns it from its title {:?} alone, so it picks it only for titles like that",
+                            a.id, a.title
                         );
                     }
+                }
+                for note in repeated_examples(p.bundle()) {
+                    println!("    note: {note}");
                 }
             }
             Ok(None) => println!("tenant {}: no bundle (users get no archetype)", t.id),
@@ -479,20 +484,21 @@ fn read_text(input: Option<&std::path::Path>) -> Result<String> {
     })
 }
 
-/// Tell (on stderr, the bundle goes to stdout) about labeled titles that repeat: the
-/// same title under two archetypes lowers an exact match's confidence, and copies under
-/// one archetype weigh it more in training. Both may be meant; neither should be a
-/// surprise.
-fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
+/// Notes on labeled titles that repeat: the same title under two archetypes lowers an
+/// exact match's confidence, and copies under one archetype weigh it more in training.
+/// Both may be meant; neither should be a surprise, in a bundle made from a CSV or one
+/// written by hand (`check-config`).
+fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
+    let mut notes = Vec::new();
     let mut seen: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for a in &bundle.archetypes {
         for e in &a.examples {
             if e.contains(['\n', '\r']) {
-                eprintln!(
-                    "note: an example of {} spans several lines ({:?}…); is a quote left open?",
+                notes.push(format!(
+                    "an example of {} spans several lines ({:?}…); is a quote left open?",
                     a.id,
                     e.chars().take(40).collect::<String>()
-                );
+                ));
             }
             seen.entry(rosterd::classify::normalize_title(e))
                 .or_default()
@@ -511,8 +517,8 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
         }
     }
     if !conflicting.is_empty() {
-        eprintln!(
-            "note: {} title(s) are labeled with more than one archetype, e.g. {}; an exact match on them gets a lower confidence",
+        notes.push(format!(
+            "{} title(s) are labeled with more than one archetype, e.g. {}; an exact match on them gets a lower confidence",
             conflicting.len(),
             conflicting
                 .iter()
@@ -520,13 +526,14 @@ fn note_repeated_examples(bundle: &rosterd::classify::Bundle) {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join("; ")
-        );
+        ));
     }
     if copies > 0 {
-        eprintln!(
-            "note: {copies} repeated row(s) (the same title under the same archetype) are kept and weigh more in training"
-        );
+        notes.push(format!(
+            "{copies} repeated row(s) (the same title under the same archetype) are kept and weigh more in training"
+        ));
     }
+    notes
 }
 
 /// Column names taken as the job title and the department in a titles CSV.
@@ -609,13 +616,20 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
-            let title = rec.get(col).unwrap_or("");
+            let line = rec.position().map_or(0, |p| p.line());
+            // Classified as a blank title, the row would come out as a real answer.
+            let Some(title) = rec.get(col) else {
+                anyhow::bail!(
+                    "line {line}: the row has {} cell(s) and no title (column {} of the header)",
+                    rec.len(),
+                    col + 1
+                );
+            };
             // Legal CSV, but a job title never spans lines: more likely a quote left open,
             // which swallows the lines after it.
             if title.contains(['\n', '\r']) {
                 eprintln!(
-                    "note: line {}: the title spans several lines; is a quote left open?",
-                    rec.position().map_or(0, |p| p.line())
+                    "note: line {line}: the title spans several lines; is a quote left open?"
                 );
             }
             emit(title, dept.and_then(|d| rec.get(d)))?;

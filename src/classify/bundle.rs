@@ -134,8 +134,13 @@ impl Bundle {
                     message: format!("empty `{}`", &headers[label_col]),
                 });
             }
+            // Skipped, it could leave its archetype out of the bundle without a word.
             if title.is_empty() {
-                continue;
+                return Err(ClassifyError::Csv {
+                    origin: CSV_ORIGIN.to_string(),
+                    line,
+                    message: format!("empty `{}`", &headers[title_col]),
+                });
             }
             // Caught here rather than by the bundle's own check, which can only name the
             // example's place in its archetype, not the line an operator has to fix.
@@ -230,6 +235,9 @@ impl Bundle {
                     format!("archetype #{} (title {:?}) has an empty id", i + 1, a.title),
                 ));
             }
+            if let Some(why) = id_problem(&a.id) {
+                return Err(invalid("id", Some(&a.id), why.into()));
+            }
             if !seen.insert(a.id.as_str()) {
                 return Err(invalid("id", Some(&a.id), "duplicate archetype id".into()));
             }
@@ -257,6 +265,22 @@ impl Bundle {
             ));
         }
         Ok(())
+    }
+}
+
+/// What is wrong with an archetype id, if anything. Ids travel as they are into
+/// webhooks, OneRoster, log lines, CSV cells and `rosterd classify` output: a line break
+/// or control character would split them, surrounding blanks make two ids that look
+/// alike, and a spreadsheet runs a cell that starts with a formula character.
+fn id_problem(id: &str) -> Option<&'static str> {
+    if id.chars().any(char::is_control) {
+        Some("contains a control character or line break")
+    } else if id.trim() != id {
+        Some("begins or ends with blanks")
+    } else if id.starts_with(['=', '+', '-', '@']) {
+        Some("begins with = + - or @, which a spreadsheet reads as a formula")
+    } else {
+        None
     }
 }
 

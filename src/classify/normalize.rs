@@ -184,9 +184,10 @@ fn split_segments(title: &str) -> Vec<Vec<String>> {
                 // A one-letter piece before the dot: part of an acronym.
             }
             // Short prefixes ("co-ordinator", "e-commerce") join; longer
-            // hyphenated pairs ("front-end") split so both halves match.
+            // hyphenated pairs ("front-end") split so both halves match, and so does a
+            // short abbreviation or acronym ("Sr-Recruiter", "VP-Engineering", "IT-Manager").
             '-' if prev.is_alphanumeric() && next.is_alphanumeric() => {
-                if word.chars().count() > 2 {
+                if word.chars().count() > 2 || is_short_word(&word) {
                     flush(&mut word, &mut current);
                 }
             }
@@ -208,6 +209,14 @@ fn split_segments(title: &str) -> Vec<Vec<String>> {
         segments.push(current);
     }
     segments
+}
+
+/// A word of one or two letters that stands alone before a hyphen: an abbreviation
+/// [`expand`] reads, or a common acronym. Other short pieces are prefixes.
+fn is_short_word(w: &str) -> bool {
+    expand(w, Place::Modifier) != w
+        || expand(w, Place::Role) != w
+        || matches!(w, "it" | "ux" | "ui" | "ai" | "ml" | "bi" | "pr" | "pa")
 }
 
 /// Region codes and places that decorate a title without changing the role.
@@ -523,6 +532,18 @@ mod tests {
         assert_eq!(n("R&D Engineer"), "r and d engineer");
         assert_eq!(n("Co-ordinator"), "coordinator");
         assert_eq!(n("front-end developer"), "front end developer");
+        // An abbreviation or acronym before a hyphen is a word of its own; a prefix is not.
+        for (hyphen, blank) in [
+            ("Sr-Recruiter", "Sr Recruiter"),
+            ("Jr-Accountant", "Jr Accountant"),
+            ("VP-Engineering", "VP Engineering"),
+            ("IT-Manager", "IT Manager"),
+            ("HR-Partner", "HR Partner"),
+        ] {
+            assert_eq!(n(hyphen), n(blank), "{hyphen}");
+        }
+        assert_eq!(n("Co-ordinator"), "coordinator");
+        assert_eq!(n("E-commerce Manager"), "ecommerce manager");
         assert_eq!(n("Designer/Developer"), "designer developer");
         assert_eq!(n(""), "");
         assert_eq!(n(" -- "), "");

@@ -428,6 +428,19 @@ fn validation_errors_name_file_key_and_archetype() {
     let missing_title = TINY.replace("title = \"General Staff\"\n", "");
     let msg = err_text(&missing_title);
     assert!(msg.contains("title"), "{msg}");
+
+    // Ids reach CSV cells, log lines and other systems as they are.
+    for (id, why) in [
+        ("gen\\neral", "line break"),
+        ("gen\\teral", "control character"),
+        (" general", "blanks"),
+        ("=HYPERLINK(1)", "formula"),
+        ("@general", "formula"),
+    ] {
+        let bad = TINY.replace("id = \"general\"", &format!("id = \"{id}\""));
+        let msg = err_text(&bad);
+        assert!(msg.contains("`id`") && msg.contains(why), "{id}: {msg}");
+    }
 }
 
 #[test]
@@ -509,6 +522,13 @@ fn labeled_csv_builds_one_archetype_per_label() {
             Err(e @ ClassifyError::Csv { .. }) => assert!(e.to_string().contains("labeled CSV")),
             other => panic!("{bad:?}: expected Csv error, got {other:?}"),
         }
+    }
+    // A blank title names its line too: skipped, it could leave its archetype out.
+    match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\nhr,  \n".as_bytes()) {
+        Err(e @ ClassifyError::Csv { line: 3, .. }) => {
+            assert!(e.to_string().contains("empty `title`"), "{e}")
+        }
+        other => panic!("expected a Csv error at line 3, got {other:?}"),
     }
     // A title with no words names the CSV line to fix.
     match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\n2,---\n".as_bytes()) {

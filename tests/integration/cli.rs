@@ -95,6 +95,12 @@ fn bundle_from_csv_then_classify_dry_run() {
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
     assert!(!err.contains("note:"), "{err}");
+    // A row without the title's cell is refused, naming its line, not answered as a
+    // blank title.
+    std::fs::write(&titles, "id,title,department\n1,Head Chef,Kitchen\n2\n").unwrap();
+    let (ok, _, err) = classify_titles();
+    assert!(!ok);
+    assert!(err.contains("line 3") && err.contains("no title"), "{err}");
     // A quote left open swallows the lines after it: said, not silent.
     std::fs::write(&titles, "title\n\"Head Chef\nStaff Nurse\nLorry Driver\n").unwrap();
     let (ok, _, err) = classify_titles();
@@ -283,7 +289,33 @@ fn bad_bundles_and_configs_name_the_problem() {
     let (ok, out, err) = check(tenant(with_manual.to_str().unwrap(), ""));
     assert!(ok, "{err}");
     assert!(
-        out.contains("archetype contractor has no examples or keywords"),
+        out.contains("archetype contractor has no examples or keywords")
+            && out.contains("from its title \"Contractor\" alone"),
+        "{out}"
+    );
+    // What the note says is what the classifier does.
+    let (ok, out, err) = rosterd(
+        &["classify", "--bundle", with_manual.to_str().unwrap()],
+        Some("Contractor\n"),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("Contractor,contractor,"), "{out}");
+    // The same example under two archetypes, in a bundle written by hand.
+    let twice = dir.path().join("twice.toml");
+    std::fs::write(
+        &twice,
+        std::fs::read_to_string(fixture).unwrap().replacen(
+            "\"budget analyst\"",
+            "\"budget analyst\", \"software developer\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = check(tenant(twice.to_str().unwrap(), ""));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("note: 1 title(s) are labeled with more than one archetype")
+            && out.contains("fpa_analyst, software_engineer"),
         "{out}"
     );
     // The Roster API's keys load as `serve` loads them.
