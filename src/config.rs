@@ -302,6 +302,7 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
             "{expr:?} needs six fields: seconds minutes hours day-of-month month day-of-week"
         ));
     }
+    check_cron_steps(expr)?;
     let cron = expr.parse::<croner::Cron>().map_err(|e| {
         format!("{expr:?}: {e} (the fields are: seconds 0-59, minutes 0-59, hours 0-23, day-of-month 1-31, month 1-12, day-of-week 0-7)")
     })?;
@@ -311,6 +312,35 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
         return Err(format!("{expr:?} never fires (no such date)"));
     }
     Ok(cron)
+}
+
+/// A step as large as its field's whole range (`*/70` in minutes) is valid cron, but it
+/// fires only at the start of the range (minute 0), which is never what it means: "every
+/// 70 minutes" cannot be written in cron at all, and an operator should hear so at start.
+fn check_cron_steps(expr: &str) -> Result<(), String> {
+    const FIELDS: [(&str, u32); 6] = [
+        ("seconds", 60),
+        ("minutes", 60),
+        ("hours", 24),
+        ("day-of-month", 31),
+        ("month", 12),
+        ("day-of-week", 7),
+    ];
+    for (field, (name, size)) in expr.split_whitespace().zip(FIELDS) {
+        for part in field.split(',') {
+            let Some((_, step)) = part.split_once('/') else {
+                continue;
+            };
+            if let Ok(step) = step.parse::<u32>()
+                && step >= size
+            {
+                return Err(format!(
+                    "{expr:?}: the step /{step} in {name} is not below the field's {size} values, so it fires only at the first of them; cron cannot repeat across a larger unit (write a single value, or use the next field)"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 const LEVELS: &str = "trace, debug, info, warn, error or off";
@@ -689,6 +719,36 @@ mod tests {
             err.contains("schedules.reconcile") && err.contains("never fires"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_step_as_large_as_its_field_is_refused() {
+        let parse = |expr: &str| {
+            Config::parse(
+                &format!("version = 1\n[schedules]\nreconcile = {expr:?}\n"),
+                Path::new("x.toml"),
+            )
+        };
+        for (bad, field) in [
+            ("0 */70 * * * *", "minutes"),
+            ("*/60 * * * * *", "seconds"),
+            ("0 0 */24 * * *", "hours"),
+            ("0 0 0 1 1,*/12 *", "month"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("schedules.reconcile") && err.contains(field) && err.contains("step"),
+                "{bad}: {err}"
+            );
+        }
+        for good in [
+            "0 */59 * * * *",
+            "0 0 */23 * * *",
+            "0 0 0 */30 * *",
+            "0 0 1-5/2 * * *",
+        ] {
+            assert!(parse(good).is_ok(), "{good}: {:?}", parse(good).err());
+        }
     }
 
     #[test]
