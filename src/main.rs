@@ -507,11 +507,15 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
     }
     let mut conflicting = Vec::new();
     let mut copies = 0usize;
+    let mut copied = Vec::new();
     for (title, ids) in &seen {
         let mut distinct = ids.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        copies += ids.len() - distinct.len();
+        if ids.len() > distinct.len() {
+            copies += ids.len() - distinct.len();
+            copied.push(format!("{title:?}"));
+        }
         if distinct.len() > 1 {
             conflicting.push(format!("{title:?} ({})", distinct.join(", ")));
         }
@@ -530,7 +534,8 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
     }
     if copies > 0 {
         notes.push(format!(
-            "{copies} repeated row(s) (the same title under the same archetype) are kept and weigh more in training"
+            "{copies} repeated row(s) (the same title under the same archetype, as normalized) are kept and weigh more in training, e.g. {}",
+            copied.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ));
     }
     notes

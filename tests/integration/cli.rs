@@ -246,6 +246,8 @@ fn bad_bundles_and_configs_name_the_problem() {
     );
     assert!(ok, "the example config is valid");
     assert!(out.contains("ok"));
+    // The example is what people copy: nothing in it to be warned about.
+    assert!(!out.contains("note:"), "{out}");
 
     // check-config reads what serve reads before it starts: a tenant's bundle (the
     // broken one above), group rules against a good bundle, connector files.
