@@ -249,6 +249,19 @@ impl TestDaemon {
         self.roster_with(method, path, token, body, &[]).await
     }
 
+    /// `PATCH path {"archetype_id": archetype}`: an override (a string) or its clear (null).
+    pub async fn override_archetype(&self, path: &str, token: &str, archetype: Value) -> Resp {
+        let body = json!({ "archetype_id": archetype });
+        self.roster(Method::PATCH, path, token, Some(body)).await
+    }
+
+    /// `POST /archetype:bulk-assign {"assignments": items}`.
+    pub async fn bulk_assign(&self, token: &str, items: Value) -> Resp {
+        let body = json!({ "assignments": items });
+        self.roster(Method::POST, "/archetype:bulk-assign", token, Some(body))
+            .await
+    }
+
     /// A reconcile dry run (`POST /scim:sync {"dry_run": true}`): what each connector
     /// would send.
     pub async fn dry_run_sync(&self, token: &str) -> Resp {

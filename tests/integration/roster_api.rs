@@ -108,11 +108,10 @@ async fn scim_writes_classify_and_overrides_stick() {
 
     // A manual override wins and survives later SCIM updates.
     let r = d
-        .roster(
-            Method::PATCH,
+        .override_archetype(
             "/users/user:ada@acme.test",
             &admin,
-            Some(json!({"archetype_id": "production_planner"})),
+            json!("production_planner"),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -146,12 +145,7 @@ async fn scim_writes_classify_and_overrides_stick() {
 
     // Clearing hands the user back to the classifier at once.
     let r = d
-        .roster(
-            Method::PATCH,
-            &format!("/users/{id}"),
-            &admin,
-            Some(json!({"archetype_id": null})),
-        )
+        .override_archetype(&format!("/users/{id}"), &admin, json!(null))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["archetype_id"], "software_engineer");
@@ -615,12 +609,7 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
     let admin = settled(&d).await;
     let id = create(&d, "pp@acme.test", "software engineer", None).await;
     let r = d
-        .roster(
-            Method::PATCH,
-            &format!("/users/{id}"),
-            &admin,
-            Some(json!({"archetype_id": "production_planner"})),
-        )
+        .override_archetype(&format!("/users/{id}"), &admin, json!("production_planner"))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let without: String = BUNDLE
@@ -725,14 +714,7 @@ async fn override_errors_are_documented_codes() {
     create(&d, "bo@acme.test", "account executive", Some("Sales")).await;
     let path = "/users/user:bo@acme.test";
 
-    let r = d
-        .roster(
-            Method::PATCH,
-            path,
-            &admin,
-            Some(json!({"archetype_id": "astronaut"})),
-        )
-        .await;
+    let r = d.override_archetype(path, &admin, json!("astronaut")).await;
     assert_eq!(
         (r.status.as_u16(), r.body["error"].as_str()),
         (400, Some("invalid_archetype"))
@@ -751,24 +733,14 @@ async fn override_errors_are_documented_codes() {
     );
     let reader = d.jwt(TENANT, "roster:read");
     let r = d
-        .roster(
-            Method::PATCH,
-            path,
-            &reader,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
+        .override_archetype(path, &reader, json!("sales_rep"))
         .await;
     assert_eq!(
         (r.status.as_u16(), r.body["error"].as_str()),
         (403, Some("insufficient_scope"))
     );
     let r = d
-        .roster(
-            Method::PATCH,
-            "/users/user:ghost@acme.test",
-            &admin,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
+        .override_archetype("/users/user:ghost@acme.test", &admin, json!("sales_rep"))
         .await;
     assert_eq!(
         (r.status.as_u16(), r.body["error"].as_str()),
@@ -788,12 +760,7 @@ async fn override_errors_are_documented_codes() {
     assert_eq!(r.status, 201);
     let globex = d.jwt(OTHER_TENANT, "roster:admin");
     let r = d
-        .roster(
-            Method::PATCH,
-            "/users/user:cy@globex.test",
-            &globex,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
+        .override_archetype("/users/user:cy@globex.test", &globex, json!("sales_rep"))
         .await;
     assert_eq!(
         (r.status.as_u16(), r.body["error"].as_str()),
@@ -807,14 +774,7 @@ async fn override_errors_are_documented_codes() {
     let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
     assert_eq!(r.status, 202);
     let job_id = r.body["job_id"].as_str().unwrap().to_owned();
-    let during = d
-        .roster(
-            Method::PATCH,
-            path,
-            &admin,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
-        .await;
+    let during = d.override_archetype(path, &admin, json!("sales_rep")).await;
     let second = d.roster(Method::POST, "/scim:sync", &admin, None).await;
     let job = wait_job(&d, &admin, &job_id).await;
     assert_eq!(job["status"], "succeeded");
@@ -824,14 +784,7 @@ async fn override_errors_are_documented_codes() {
         (409, Some("sync_in_progress"))
     );
     assert_eq!(second.status, 409, "one job per tenant at a time");
-    let r = d
-        .roster(
-            Method::PATCH,
-            path,
-            &admin,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
-        .await;
+    let r = d.override_archetype(path, &admin, json!("sales_rep")).await;
     assert_eq!(
         r.status, 200,
         "after the job, overrides work again: {}",
@@ -848,7 +801,7 @@ async fn override_errors_are_documented_codes() {
 }
 
 /// Overrides made before a tenant turned them off still win, so the clear, which is
-/// their only way out, stays open; setting one (PATCH, bulk item, review accept) is 422.
+/// their only way out, stays open; setting one (by PATCH or a bulk item) is 422.
 #[tokio::test]
 async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
     let d = TestDaemon::start().await;
@@ -857,11 +810,10 @@ async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
     create(&d, "b@acme.test", "software engineer", None).await;
     for u in ["a", "b"] {
         let r = d
-            .roster(
-                Method::PATCH,
+            .override_archetype(
                 &format!("/users/user:{u}@acme.test"),
                 &admin,
-                Some(json!({"archetype_id": "fpa_analyst"})),
+                json!("fpa_analyst"),
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
@@ -869,34 +821,22 @@ async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
     let d = d.restart_with(|o| o.allow_overrides = false).await;
     let admin = settled(&d).await;
     let set = d
-        .roster(
-            Method::PATCH,
-            "/users/user:a@acme.test",
-            &admin,
-            Some(json!({"archetype_id": "sales_rep"})),
-        )
+        .override_archetype("/users/user:a@acme.test", &admin, json!("sales_rep"))
         .await;
     api_error(&set, 422, "override_forbidden");
     let clear = d
-        .roster(
-            Method::PATCH,
-            "/users/user:a@acme.test",
-            &admin,
-            Some(json!({"archetype_id": null})),
-        )
+        .override_archetype("/users/user:a@acme.test", &admin, json!(null))
         .await;
     assert_eq!(clear.status, 200, "{}", clear.body);
     let a = roster_user(&d, &admin, "user:a@acme.test").await;
     assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
     let r = d
-        .roster(
-            Method::POST,
-            "/archetype:bulk-assign",
+        .bulk_assign(
             &admin,
-            Some(json!({"assignments": [
+            json!([
                 {"user_id": "user:b@acme.test", "archetype_id": null},
                 {"user_id": "user:a@acme.test", "archetype_id": "sales_rep"}
-            ]})),
+            ]),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -917,16 +857,14 @@ async fn bulk_assign_reports_per_item() {
     create(&d, "a@acme.test", "software engineer", None).await;
     create(&d, "b@acme.test", "account executive", None).await;
     let r = d
-        .roster(
-            Method::POST,
-            "/archetype:bulk-assign",
+        .bulk_assign(
             &admin,
-            Some(json!({"assignments": [
+            json!([
                 {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst"},
                 {"user_id": "user:b@acme.test", "archetype_id": "production_planner"},
                 {"user_id": "user:nobody@acme.test", "archetype_id": "fpa_analyst"},
                 {"user_id": "user:a@acme.test", "archetype_id": "astronaut"}
-            ]})),
+            ]),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -941,14 +879,12 @@ async fn bulk_assign_reports_per_item() {
     );
     // null clears, as PATCH; a missing id is a per-item error that says so.
     let r = d
-        .roster(
-            Method::POST,
-            "/archetype:bulk-assign",
+        .bulk_assign(
             &admin,
-            Some(json!({"assignments": [
+            json!([
                 {"user_id": "user:a@acme.test", "archetype_id": null},
                 {"user_id": "user:a@acme.test"}
-            ]})),
+            ]),
         )
         .await;
     assert_eq!(
@@ -970,16 +906,14 @@ async fn bulk_assign_reports_per_item() {
     // An item read as PATCH reads a body: it names a user, and nothing else than the two
     // fields. Each bad one fails alone, as a 400 that says why.
     let r = d
-        .roster(
-            Method::POST,
-            "/archetype:bulk-assign",
+        .bulk_assign(
             &admin,
-            Some(json!({"assignments": [
+            json!([
                 {"archetype_id": "fpa_analyst"},
                 {"user_id": 5, "archetype_id": "fpa_analyst"},
                 {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst", "note": "x"},
                 "user:a@acme.test"
-            ]})),
+            ]),
         )
         .await;
     assert_eq!(r.body["failed"], 4, "{}", r.body);
@@ -1018,13 +952,11 @@ async fn bulk_assign_reports_per_item() {
         "service:classifier"
     );
     let r = d
-        .roster(
-            Method::POST,
-            "/archetype:bulk-assign",
+        .bulk_assign(
             &admin,
-            Some(json!({"assignments": [
+            json!([
                 {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst"}
-            ]})),
+            ]),
         )
         .await;
     assert_eq!(r.body["updated"], 1, "{}", r.body);
@@ -1650,12 +1582,7 @@ async fn tokens_are_verified_and_tenants_isolated() {
             json!({"sub": sub, "tenant": TENANT, "scope": "roster:admin", "aud": "rosterd-tests", "exp": now + 60}),
         );
         let r = d
-            .roster(
-                Method::PATCH,
-                &format!("/users/{id}"),
-                &t,
-                Some(json!({"archetype_id": "sales_rep"})),
-            )
+            .override_archetype(&format!("/users/{id}"), &t, json!("sales_rep"))
             .await;
         api_error_saying(&r, 401, "token_missing_claim", says);
         assert_eq!(
@@ -1725,12 +1652,7 @@ async fn tokens_are_verified_and_tenants_isolated() {
             404
         );
         let r = d
-            .roster(
-                Method::PATCH,
-                &path,
-                &globex,
-                Some(json!({"archetype_id": "sales_rep"})),
-            )
+            .override_archetype(&path, &globex, json!("sales_rep"))
             .await;
         assert!(matches!(r.status.as_u16(), 404 | 422), "{}", r.status);
     }
