@@ -392,6 +392,13 @@ fn check_log_level(spec: &str) -> Result<(), String> {
         .map_err(|e| format!("{spec:?}: {e}"))
 }
 
+/// See [`Config::on_disk`].
+#[derive(Debug, Default)]
+pub struct OnDisk {
+    pub changed: bool,
+    pub error: Option<ConfigError>,
+}
+
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -424,19 +431,29 @@ impl Config {
         Ok(config)
     }
 
-    /// Whether the file this config came from now reads differently (SIGHUP does not
-    /// apply it: tenants, group rules, the server and the schedules take a restart).
-    pub fn changed_on_disk(&self) -> bool {
-        self.source
-            .as_ref()
-            .is_some_and(|(path, text)| std::fs::read_to_string(path).is_ok_and(|now| now != *text))
-    }
-
-    /// Why the file this config came from would not load now, if it would not: advice to
-    /// restart for an edit must not lead into a start that fails.
-    pub fn on_disk_error(&self) -> Option<ConfigError> {
-        let (path, _) = self.source.as_ref()?;
-        Config::load(path).err()
+    /// The file this config came from, as it is now: whether it reads differently (SIGHUP
+    /// does not apply it: tenants, group rules, the server and the schedules take a
+    /// restart), and why it would not load, if it would not: advice to restart for an edit
+    /// must not lead into a start that fails. A file gone or unreadable counts as changed,
+    /// and its read error is the reason.
+    pub fn on_disk(&self) -> OnDisk {
+        let Some((path, text)) = &self.source else {
+            return OnDisk::default();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(now) if now == *text => OnDisk::default(),
+            Ok(now) => OnDisk {
+                changed: true,
+                error: Config::parse(&now, path).err(),
+            },
+            Err(source) => OnDisk {
+                changed: true,
+                error: Some(ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            },
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -645,19 +662,23 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "version = 1\n").unwrap();
         let config = Config::load(&path).unwrap();
-        assert!(!config.changed_on_disk());
+        assert!(!config.on_disk().changed);
         std::fs::write(&path, "version = 1\n# a comment\n").unwrap();
-        assert!(config.changed_on_disk());
-        assert!(config.on_disk_error().is_none());
-        assert!(!Config::load(&path).unwrap().changed_on_disk());
+        let now = config.on_disk();
+        assert!(now.changed && now.error.is_none(), "{now:?}");
+        assert!(!Config::load(&path).unwrap().on_disk().changed);
         // An edit that would not load is told apart: a restart would fail on it.
         std::fs::write(&path, "version = 1\n[server]\nlistne = 1\n").unwrap();
-        assert!(config.changed_on_disk());
-        let err = config
-            .on_disk_error()
-            .expect("the edit does not load")
-            .to_string();
+        let now = config.on_disk();
+        assert!(now.changed);
+        let err = now.error.expect("the edit does not load").to_string();
         assert!(err.contains("listne"), "{err}");
+        // So would a file that is gone.
+        std::fs::remove_file(&path).unwrap();
+        let now = config.on_disk();
+        assert!(now.changed);
+        let err = now.error.expect("no file to load").to_string();
+        assert!(err.contains("config.toml"), "{err}");
     }
 
     #[test]

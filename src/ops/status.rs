@@ -105,6 +105,7 @@ fn running_job(st: &AppState, tenant: &str) -> Result<Value, crate::store::Store
 
 /// The `/status` document.
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
+    let on_disk = st.config.on_disk();
     let mut tenants = serde_json::Map::new();
     for t in &st.config.tenants {
         let users = st.store.count(&t.id, ResourceKind::User)?;
@@ -139,11 +140,11 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "connector_errors": st.dispatch.load_errors(),
         "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
-        "config_file_error": *st.config_file_error.lock().unwrap_or_else(|e| e.into_inner()),
-        // An edit that a reload does not apply (tenants, group rules, server, schedules)
-        // waits for a restart; read at each call, so an edit not yet followed by a reload
-        // shows too.
-        "config_changed_since_start": st.config.changed_on_disk(),
+        // Read at each call, so an edit not yet followed by a reload shows too: one that
+        // would not load (a restart would fail), or one that waits for a restart (a
+        // reload does not apply tenants, group rules, server or schedules).
+        "config_file_error": on_disk.error.map(|e| e.to_string()),
+        "config_changed_since_start": on_disk.changed,
         "schedules": crate::schedule::status(st),
     }))
 }

@@ -79,9 +79,6 @@ pub struct AppState {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
-    /// Why config.toml, as the last reload found it edited, would not load: the next
-    /// restart would fail, which `/status` must say before anyone restarts.
-    pub config_file_error: std::sync::Mutex<Option<String>>,
     pub schedules: crate::schedule::Schedules,
 }
 
@@ -209,7 +206,6 @@ pub async fn run_with_env(
         shutdown: shutdown.clone(),
         started_at: chrono::Utc::now(),
         reloads: Default::default(),
-        config_file_error: Default::default(),
         schedules: Default::default(),
     });
     crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
@@ -358,8 +354,9 @@ async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
     let mut config_failed = None;
-    if state.config.changed_on_disk() {
-        match state.config.on_disk_error() {
+    let on_disk = state.config.on_disk();
+    if on_disk.changed {
+        match on_disk.error {
             None => tracing::warn!(
                 "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
             ),
@@ -372,10 +369,6 @@ pub async fn reload(state: &Arc<AppState>) {
             }
         }
     }
-    *state
-        .config_file_error
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = config_failed.clone();
     let running = state.dispatch.running_files();
     let errors = state
         .dispatch

@@ -187,8 +187,25 @@ async fn status_says_when_the_config_file_changed_since_start() {
     let s = d.status().await;
     assert_eq!(s["config_changed_since_start"], true, "{s}");
     assert!(s["config_file_error"].is_null(), "{s}");
+    // One that would not load shows without a reload too, and goes when undone.
+    std::fs::write(&path, format!("listne = 1\n{good}")).unwrap();
+    let s = d.status().await;
+    assert_eq!(s["config_changed_since_start"], true, "{s}");
+    assert!(
+        s["config_file_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("listne")),
+        "{s}"
+    );
+    // A file gone: a restart would fail as well.
+    std::fs::remove_file(&path).unwrap();
+    let s = d.status().await;
+    assert_eq!(s["config_changed_since_start"], true, "{s}");
+    assert!(s["config_file_error"].is_string(), "{s}");
     std::fs::write(&path, &good).unwrap();
-    assert_eq!(d.status().await["config_changed_since_start"], false);
+    let s = d.status().await;
+    assert_eq!(s["config_changed_since_start"], false, "{s}");
+    assert!(s["config_file_error"].is_null(), "{s}");
 }
 
 #[tokio::test]
