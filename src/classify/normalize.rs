@@ -183,11 +183,11 @@ fn split_segments(title: &str) -> Vec<Vec<String>> {
             {
                 // A one-letter piece before the dot: part of an acronym.
             }
-            // Short prefixes ("co-ordinator", "e-commerce") join; longer
-            // hyphenated pairs ("front-end") split so both halves match, and so does a
-            // short abbreviation or acronym ("Sr-Recruiter", "VP-Engineering", "IT-Manager").
+            // A prefix ("co-ordinator", "e-commerce") joins its word; any other
+            // hyphenated pair splits so both halves match: "front-end", and the short
+            // abbreviations, acronyms and levels ("Sr-Recruiter", "PM-Lead", "L2-Support").
             '-' if prev.is_alphanumeric() && next.is_alphanumeric() => {
-                if word.chars().count() > 2 || is_short_word(&word) {
+                if !is_prefix(&word) {
                     flush(&mut word, &mut current);
                 }
             }
@@ -211,12 +211,9 @@ fn split_segments(title: &str) -> Vec<Vec<String>> {
     segments
 }
 
-/// A word of one or two letters that stands alone before a hyphen: an abbreviation
-/// [`expand`] reads, or a common acronym. Other short pieces are prefixes.
-fn is_short_word(w: &str) -> bool {
-    expand(w, Place::Modifier) != w
-        || expand(w, Place::Role) != w
-        || matches!(w, "it" | "ux" | "ui" | "ai" | "ml" | "bi" | "pr" | "pa")
+/// The pieces before a hyphen that belong to the word after it.
+fn is_prefix(w: &str) -> bool {
+    matches!(w, "co" | "e" | "x" | "re" | "de" | "un")
 }
 
 /// Region codes and places that decorate a title without changing the role.
@@ -539,6 +536,10 @@ mod tests {
             ("VP-Engineering", "VP Engineering"),
             ("IT-Manager", "IT Manager"),
             ("HR-Partner", "HR Partner"),
+            ("L2-Support", "L2 Support"),
+            ("PM-Lead", "PM Lead"),
+            ("DB-Admin", "DB Admin"),
+            ("GM-Sales", "GM Sales"),
         ] {
             assert_eq!(n(hyphen), n(blank), "{hyphen}");
         }
