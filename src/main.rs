@@ -600,20 +600,9 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             header.join(", ")
         );
     }
-    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
-    out.write_record(["title", "archetype_id", "confidence"])?;
-    let mut rows = 0usize;
-    let mut emit = |title: &str, department: Option<&str>| -> Result<()> {
-        let c = classifier.classify(title, department);
-        // The title goes back out as it came in, but a spreadsheet must not run it.
-        out.write_record([
-            &*rosterd::api::neutralize(title),
-            c.archetype_id.as_deref().unwrap_or(""),
-            &rosterd::api::confidence_cell(c.confidence),
-        ])?;
-        rows += 1;
-        Ok(())
-    };
+    // Every row is read before any is written: a file refused halfway would otherwise
+    // leave a partial answer where the output was redirected.
+    let mut inputs: Vec<(String, Option<String>)> = Vec::new();
     if let Some(col) = title_col {
         let dept = column(DEPARTMENT_COLUMNS);
         let mut rdr = csv::ReaderBuilder::new()
@@ -621,15 +610,18 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
-            let line = rec.position().map_or(0, |p| p.line());
-            // Classified as a blank title, the row would come out as a real answer.
-            let Some(title) = rec.get(col) else {
+            let line = rosterd::classify::csv_line(text.as_bytes(), rec.position());
+            // A row of another length is misread: with a cell short, as a blank title
+            // that would come out as a real answer; with one over (an unquoted comma in
+            // "VP, Engineering"), as the wrong cells.
+            if rec.len() != header.len() {
                 anyhow::bail!(
-                    "line {line}: the row has {} cell(s) and no title (column {} of the header)",
+                    "line {line}: the row has {} cell(s), the header {}; is a comma in a title not quoted?",
                     rec.len(),
-                    col + 1
+                    header.len()
                 );
-            };
+            }
+            let title = rec.get(col).unwrap_or_default();
             // Legal CSV, but a job title never spans lines: more likely a quote left open,
             // which swallows the lines after it.
             if title.contains(['\n', '\r']) {
@@ -637,15 +629,30 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
                     "note: line {line}: the title spans several lines; is a quote left open?"
                 );
             }
-            emit(title, dept.and_then(|d| rec.get(d)))?;
+            inputs.push((
+                title.to_owned(),
+                dept.and_then(|d| rec.get(d)).map(str::to_owned),
+            ));
         }
     } else {
         for line in text.as_bytes().lines() {
             let line = line?;
             if !line.trim().is_empty() {
-                emit(line.trim(), None)?;
+                inputs.push((line.trim().to_owned(), None));
             }
         }
+    }
+    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+    out.write_record(["title", "archetype_id", "confidence"])?;
+    let rows = inputs.len();
+    for (title, department) in &inputs {
+        let c = classifier.classify(title, department.as_deref());
+        // The title goes back out as it came in, but a spreadsheet must not run it.
+        out.write_record([
+            &*rosterd::api::neutralize(title),
+            c.archetype_id.as_deref().unwrap_or(""),
+            &rosterd::api::confidence_cell(c.confidence),
+        ])?;
     }
     out.flush()?;
     if rows == 0 {

@@ -74,15 +74,15 @@ impl Bundle {
     /// or e.g. `soc_minor_group,title`): each distinct label becomes an
     /// archetype whose examples are its titles. Archetypes are sorted by id
     /// so the result does not depend on row order.
-    pub fn from_labeled_csv(r: impl std::io::Read) -> Result<Bundle, ClassifyError> {
+    pub fn from_labeled_csv(text: &[u8]) -> Result<Bundle, ClassifyError> {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(false)
             .trim(csv::Trim::All)
-            .from_reader(r);
+            .from_reader(text);
         let csv_err = |e: csv::Error| ClassifyError::Csv {
             origin: CSV_ORIGIN.to_string(),
-            line: e.position().map_or(0, |p| p.line()),
+            line: csv_line(text, e.position()),
             message: e.to_string(),
         };
         let headers = reader.headers().map_err(csv_err)?.clone();
@@ -123,7 +123,7 @@ impl Bundle {
         let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in reader.records() {
             let record = record.map_err(csv_err)?;
-            let line = record.position().map_or(0, |p| p.line());
+            let line = csv_line(text, record.position());
             let (Some(label), Some(title)) = (record.get(label_col), record.get(title_col)) else {
                 continue;
             };
@@ -266,6 +266,23 @@ impl Bundle {
         }
         Ok(())
     }
+}
+
+/// The line of `text` a CSV record or error starts on, as an editor numbers it. The csv
+/// crate's own count skips blank lines and counts a CRLF file's lines short, and CRLF is
+/// how Excel and HR systems write CSV.
+pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
+    let Some(p) = pos else { return 0 };
+    let mut start = usize::try_from(p.byte())
+        .unwrap_or(usize::MAX)
+        .min(text.len());
+    // The reader's position is where the previous record ended (in a CRLF file, before
+    // its \n), so the line ends and blank lines the reader skipped come first; a record
+    // itself never begins with a line end.
+    while matches!(text.get(start), Some(b'\r' | b'\n')) {
+        start += 1;
+    }
+    text[..start].iter().filter(|&&b| b == b'\n').count() as u64 + 1
 }
 
 /// What is wrong with an archetype id, if anything. Ids travel as they are into

@@ -530,6 +530,21 @@ fn labeled_csv_builds_one_archetype_per_label() {
         }
         other => panic!("expected a Csv error at line 3, got {other:?}"),
     }
+    // As an editor numbers lines: in a CRLF file (as Excel writes one), after a blank
+    // line, for a row the csv reader refuses as well.
+    for (text, line) in [
+        ("archetype_id,title\r\nhr,Recruiter\r\n\r\nexec,\"\"\r\n", 4),
+        ("archetype_id,title\nhr,Recruiter\n\n\nexec, \n", 5),
+        (
+            "archetype_id,title\r\nhr,Recruiter\r\n\r\nexec,CEO,extra\r\n",
+            4,
+        ),
+    ] {
+        match Bundle::from_labeled_csv(text.as_bytes()) {
+            Err(ClassifyError::Csv { line: got, .. }) => assert_eq!(got, line, "{text:?}"),
+            other => panic!("{text:?}: expected a Csv error, got {other:?}"),
+        }
+    }
     // A title with no words names the CSV line to fix.
     match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\n2,---\n".as_bytes()) {
         Err(e @ ClassifyError::Csv { line: 3, .. }) => {

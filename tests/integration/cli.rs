@@ -95,12 +95,25 @@ fn bundle_from_csv_then_classify_dry_run() {
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
     assert!(!err.contains("note:"), "{err}");
-    // A row without the title's cell is refused, naming its line, not answered as a
-    // blank title.
-    std::fs::write(&titles, "id,title,department\n1,Head Chef,Kitchen\n2\n").unwrap();
-    let (ok, _, err) = classify_titles();
-    assert!(!ok);
-    assert!(err.contains("line 3") && err.contains("no title"), "{err}");
+    // A row of another length is refused, naming its line as an editor numbers it (here
+    // in a CRLF file, after a blank line), before anything is written: with a cell short
+    // it would be answered as a blank title, with one over as the wrong cells.
+    for (rows, line) in [
+        ("1,Head Chef,Kitchen\r\n\r\n2\r\n", 4),
+        (
+            "1,Head Chef,Kitchen\r\n2,VP, Engineering,Engineering\r\n",
+            3,
+        ),
+    ] {
+        std::fs::write(&titles, format!("id,title,department\r\n{rows}")).unwrap();
+        let (ok, out, err) = classify_titles();
+        assert!(!ok);
+        assert!(
+            err.contains(&format!("line {line}: the row has")) && err.contains("header 3"),
+            "{rows:?}: {err}"
+        );
+        assert!(out.is_empty(), "{out}");
+    }
     // A quote left open swallows the lines after it: said, not silent.
     std::fs::write(&titles, "title\n\"Head Chef\nStaff Nurse\nLorry Driver\n").unwrap();
     let (ok, _, err) = classify_titles();
