@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         concat!(env!("CARGO_MANIFEST_DIR"), "/archetypes/demo.toml").to_string()
     });
     let bundle = if source.ends_with(".csv") {
-        Bundle::from_labeled_csv(File::open(&source)?)?
+        Bundle::from_labeled_csv(&std::fs::read(&source)?)?
     } else {
         Bundle::load(Path::new(&source))?
     };
