@@ -133,7 +133,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         eprintln!("usage: evaluate EXAMPLES.csv DEV.csv | evaluate --cv K EXAMPLES.csv");
         std::process::exit(2);
     }
-    let bundle = Bundle::from_labeled_csv(File::open(&args[0])?)?;
+    let bundle = Bundle::from_labeled_csv(&std::fs::read(&args[0])?)?;
     let t = Instant::now();
     let clf = Classifier::new(&bundle);
     let train_secs = t.elapsed().as_secs_f64();
