@@ -309,7 +309,7 @@ fn check_config(path: PathBuf) -> Result<()> {
                 for a in &p.bundle().archetypes {
                     if a.examples.is_empty() && a.keywords.is_empty() {
                         println!(
-                            "    note: archetype {} has no examples or keywords; the classifier learns it from its title {:?} alone, so it picks it only for titles like that",
+                            "    note: archetype {} has no examples or keywords; the classifier knows it only by its title {:?}",
                             a.id, a.title
                         );
                     }
@@ -489,8 +489,17 @@ fn read_text(input: Option<&std::path::Path>) -> Result<String> {
 /// Both may be meant; neither should be a surprise, in a bundle made from a CSV or one
 /// written by hand (`check-config`).
 fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
+    use rosterd::classify::normalize_title;
     let mut notes = Vec::new();
-    let mut seen: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    // Per normalized title: the archetypes that list it as an example, and those whose
+    // own title it is (learned as an example too; an archetype may list its own title,
+    // but one archetype's title as another's example conflicts).
+    #[derive(Default)]
+    struct Seen<'a> {
+        examples: Vec<&'a str>,
+        titles: Vec<&'a str>,
+    }
+    let mut seen: std::collections::BTreeMap<String, Seen> = Default::default();
     for a in &bundle.archetypes {
         for e in &a.examples {
             if e.contains(['\n', '\r']) {
@@ -500,22 +509,32 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
                     e.chars().take(40).collect::<String>()
                 ));
             }
-            seen.entry(rosterd::classify::normalize_title(e))
+            seen.entry(normalize_title(e))
                 .or_default()
+                .examples
+                .push(&a.id);
+        }
+        if a.title != a.id {
+            seen.entry(normalize_title(&a.title))
+                .or_default()
+                .titles
                 .push(&a.id);
         }
     }
     let mut conflicting = Vec::new();
     let mut copies = 0usize;
     let mut copied = Vec::new();
-    for (title, ids) in &seen {
-        let mut distinct = ids.clone();
+    for (title, s) in &seen {
+        let mut distinct = s.examples.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        if ids.len() > distinct.len() {
-            copies += ids.len() - distinct.len();
+        if s.examples.len() > distinct.len() {
+            copies += s.examples.len() - distinct.len();
             copied.push(format!("{title:?}"));
         }
+        distinct.extend(&s.titles);
+        distinct.sort_unstable();
+        distinct.dedup();
         if distinct.len() > 1 {
             conflicting.push(format!("{title:?} ({})", distinct.join(", ")));
         }
@@ -534,7 +553,7 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
     }
     if copies > 0 {
         notes.push(format!(
-            "{copies} repeated row(s) (the same title under the same archetype, as normalized) are kept and weigh more in training, e.g. {}",
+            "{copies} repeated example(s) (the same title under the same archetype, as normalized) are kept and weigh more in training, e.g. {}",
             copied.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ));
     }

@@ -134,6 +134,13 @@ impl Bundle {
                     message: format!("empty `{}`", &headers[label_col]),
                 });
             }
+            if let Some(why) = id_problem(label) {
+                return Err(ClassifyError::Csv {
+                    origin: CSV_ORIGIN.to_string(),
+                    line,
+                    message: format!("`{}` {label:?} {why}", &headers[label_col]),
+                });
+            }
             // Skipped, it could leave its archetype out of the bundle without a word.
             if title.is_empty() {
                 return Err(ClassifyError::Csv {
@@ -236,7 +243,14 @@ impl Bundle {
                 ));
             }
             if let Some(why) = id_problem(&a.id) {
-                return Err(invalid("id", Some(&a.id), why.into()));
+                // A bundle that loaded before ids were checked may meet this at upgrade.
+                return Err(invalid(
+                    "id",
+                    Some(&a.id),
+                    format!(
+                        "{why}; rename it (overrides that hold the old id stand, and GET /archetypes lists it with in_bundle false)"
+                    ),
+                ));
             }
             if !seen.insert(a.id.as_str()) {
                 return Err(invalid("id", Some(&a.id), "duplicate archetype id".into()));
@@ -287,18 +301,42 @@ pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
 
 /// What is wrong with an archetype id, if anything. Ids travel as they are into
 /// webhooks, OneRoster, log lines, CSV cells and `rosterd classify` output: a line break
-/// or control character would split them, surrounding blanks make two ids that look
-/// alike, and a spreadsheet runs a cell that starts with a formula character.
+/// or control character would split them, an invisible or direction-changing character
+/// or surrounding blanks make two ids that look alike, and a spreadsheet runs a cell that
+/// starts with a formula character (the fullwidth ones too, as the export treats them).
 fn id_problem(id: &str) -> Option<&'static str> {
-    if id.chars().any(char::is_control) {
+    if id
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
         Some("contains a control character or line break")
+    } else if id.chars().any(is_invisible) {
+        Some("contains an invisible or text-direction character")
     } else if id.trim() != id {
         Some("begins or ends with blanks")
-    } else if id.starts_with(['=', '+', '-', '@']) {
+    } else if id.starts_with([
+        '=', '+', '-', '@', '\u{FF1D}', '\u{FF0B}', '\u{FF0D}', '\u{FF20}',
+    ]) {
         Some("begins with = + - or @, which a spreadsheet reads as a formula")
     } else {
         None
     }
+}
+
+/// Unicode format characters that show as nothing (zero-width spaces and joiners, the
+/// soft hyphen, the byte-order mark) or reorder the text around them (bidi controls).
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 pub(crate) fn fnv1a_128(bytes: &[u8]) -> u128 {

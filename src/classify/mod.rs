@@ -48,7 +48,9 @@ pub enum ClassifyError {
     Parse { origin: String, message: String },
     #[error(
         "{origin}: invalid `{key}`{}: {reason}",
-        archetype.as_ref().map(|a| format!(" in archetype `{a}`")).unwrap_or_default()
+        // Escaped: an id refused for a line break or a direction override would
+        // otherwise split or reorder the very message that refuses it.
+        archetype.as_ref().map(|a| format!(" in archetype `{}`", a.escape_debug())).unwrap_or_default()
     )]
     Invalid {
         origin: String,

@@ -436,10 +436,29 @@ fn validation_errors_name_file_key_and_archetype() {
         (" general", "blanks"),
         ("=HYPERLINK(1)", "formula"),
         ("@general", "formula"),
+        ("\u{FF1D}SUM(1)", "formula"),
+        ("gen\u{2028}eral", "line break"),
+        ("general\u{200B}", "invisible"),
+        ("\u{202E}general", "text-direction"),
     ] {
         let bad = TINY.replace("id = \"general\"", &format!("id = \"{id}\""));
         let msg = err_text(&bad);
-        assert!(msg.contains("`id`") && msg.contains(why), "{id}: {msg}");
+        assert!(
+            msg.contains("`id`") && msg.contains(why) && msg.contains("rename it"),
+            "{id}: {msg}"
+        );
+        // The message shows the id escaped: it is one line, in reading order.
+        assert!(
+            !msg.contains(['\n', '\u{2028}', '\u{200B}', '\u{202E}']),
+            "{msg:?}"
+        );
+    }
+    // bundle from-csv names the line.
+    match Bundle::from_labeled_csv("archetype_id,title\nhr,Recruiter\n=cmd,CEO\n".as_bytes()) {
+        Err(e @ ClassifyError::Csv { line: 3, .. }) => {
+            assert!(e.to_string().contains("formula"), "{e}")
+        }
+        other => panic!("expected a Csv error at line 3, got {other:?}"),
     }
 }
 

@@ -209,7 +209,7 @@ fn bundle_from_csv_then_classify_dry_run() {
     );
     assert!(ok, "{err}");
     assert!(err.contains("\"head chef\" (chef, nurse)"), "{err}");
-    assert!(err.contains("1 repeated row(s)"), "{err}");
+    assert!(err.contains("1 repeated example(s)"), "{err}");
     let (ok, _, err) = rosterd(
         &["bundle", "from-csv", "-"],
         Some("chef,head chef\nnurse,staff nurse\n"),
@@ -305,7 +305,7 @@ fn bad_bundles_and_configs_name_the_problem() {
     assert!(ok, "{err}");
     assert!(
         out.contains("archetype contractor has no examples or keywords")
-            && out.contains("from its title \"Contractor\" alone"),
+            && out.contains("only by its title \"Contractor\""),
         "{out}"
     );
     // What the note says is what the classifier does.
@@ -331,6 +331,20 @@ fn bad_bundles_and_configs_name_the_problem() {
     assert!(
         out.contains("note: 1 title(s) are labeled with more than one archetype")
             && out.contains("fpa_analyst, software_engineer"),
+        "{out}"
+    );
+    // An archetype's title is learned as an example as well.
+    std::fs::write(
+        &twice,
+        std::fs::read_to_string(&with_manual)
+            .unwrap()
+            .replace("title = \"Contractor\"", "title = \"Accountant\""),
+    )
+    .unwrap();
+    let (ok, out, err) = check(tenant(twice.to_str().unwrap(), ""));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("\"accountant\" (contractor, fpa_analyst)"),
         "{out}"
     );
     // The Roster API's keys load as `serve` loads them.
