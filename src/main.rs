@@ -593,7 +593,13 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     let header: Vec<String> = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(text.lines().next().unwrap_or_default().as_bytes())
+        // The csv reader skips blank lines before the header too.
+        .from_reader(
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .as_bytes(),
+        )
         .records()
         .next()
         .and_then(Result::ok)
@@ -634,8 +640,13 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             // that would come out as a real answer; with one over (an unquoted comma in
             // "VP, Engineering"), as the wrong cells.
             if rec.len() != header.len() {
+                let hint = if rec.len() > header.len() {
+                    "is a comma in a title not quoted?"
+                } else {
+                    "is a cell missing?"
+                };
                 anyhow::bail!(
-                    "line {line}: the row has {} cell(s), the header {}; is a comma in a title not quoted?",
+                    "line {line}: the row has {} cell(s), the header {}; {hint}",
                     rec.len(),
                     header.len()
                 );

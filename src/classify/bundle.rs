@@ -80,10 +80,16 @@ impl Bundle {
             .flexible(false)
             .trim(csv::Trim::All)
             .from_reader(text);
+        // The csv crate's message carries its own line count, which is not the editor's.
         let csv_err = |e: csv::Error| ClassifyError::Csv {
             origin: CSV_ORIGIN.to_string(),
             line: csv_line(text, e.position()),
-            message: e.to_string(),
+            message: match e.kind() {
+                csv::ErrorKind::UnequalLengths {
+                    expected_len, len, ..
+                } => format!("the row has {len} cell(s), the header {expected_len}"),
+                _ => e.to_string(),
+            },
         };
         let headers = reader.headers().map_err(csv_err)?.clone();
         if headers.len() < 2 {
@@ -275,7 +281,7 @@ impl Bundle {
             return Err(invalid(
                 "default_archetype",
                 None,
-                format!("`{d}` is not the id of any archetype"),
+                format!("{d:?} is not the id of any archetype"),
             ));
         }
         Ok(())
@@ -296,7 +302,14 @@ pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
     while matches!(text.get(start), Some(b'\r' | b'\n')) {
         start += 1;
     }
-    text[..start].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+    // A line ends at \n, or at a \r not followed by one (old Mac "CSV (Macintosh)").
+    let before = &text[..start];
+    let lone_cr = before
+        .windows(2)
+        .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+        .count()
+        + usize::from(before.last() == Some(&b'\r'));
+    (before.iter().filter(|&&b| b == b'\n').count() + lone_cr) as u64 + 1
 }
 
 /// What is wrong with an archetype id, if anything. Ids travel as they are into
@@ -310,7 +323,7 @@ fn id_problem(id: &str) -> Option<&'static str> {
         .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
     {
         Some("contains a control character or line break")
-    } else if id.chars().any(is_invisible) {
+    } else if id.chars().any(super::normalize::is_invisible) {
         Some("contains an invisible or text-direction character")
     } else if id.trim() != id {
         Some("begins or ends with blanks")
@@ -321,22 +334,6 @@ fn id_problem(id: &str) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// Unicode format characters that show as nothing (zero-width spaces and joiners, the
-/// soft hyphen, the byte-order mark) or reorder the text around them (bidi controls).
-fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}'
-    )
 }
 
 pub(crate) fn fnv1a_128(bytes: &[u8]) -> u128 {

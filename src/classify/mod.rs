@@ -34,7 +34,7 @@ use model::{Rng, Softmax, TrainConfig};
 /// decision: a daemon started on a store classified by an older rosterd then reclassifies
 /// the tenant (writing events only where the decision changed), instead of keeping old
 /// answers beside new ones until the next reconcile.
-pub const REVISION: &str = "2026-12-02.3";
+pub const REVISION: &str = "2026-12-02.4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {

@@ -440,6 +440,8 @@ fn validation_errors_name_file_key_and_archetype() {
         ("gen\u{2028}eral", "line break"),
         ("general\u{200B}", "invisible"),
         ("\u{202E}general", "text-direction"),
+        ("gen\u{3164}eral", "invisible"),
+        ("general\u{E0041}", "invisible"),
     ] {
         let bad = TINY.replace("id = \"general\"", &format!("id = \"{id}\""));
         let msg = err_text(&bad);
@@ -558,9 +560,17 @@ fn labeled_csv_builds_one_archetype_per_label() {
             "archetype_id,title\r\nhr,Recruiter\r\n\r\nexec,CEO,extra\r\n",
             4,
         ),
+        ("archetype_id,title\rhr,Recruiter\rhr,Talent\rexec,\r", 4),
     ] {
         match Bundle::from_labeled_csv(text.as_bytes()) {
-            Err(ClassifyError::Csv { line: got, .. }) => assert_eq!(got, line, "{text:?}"),
+            Err(e @ ClassifyError::Csv { .. }) => {
+                let ClassifyError::Csv { line: got, .. } = e else {
+                    unreachable!()
+                };
+                assert_eq!(got, line, "{text:?}");
+                // No second, other line number from the csv reader.
+                assert_eq!(e.to_string().matches("line").count(), 1, "{e}");
+            }
             other => panic!("{text:?}: expected a Csv error, got {other:?}"),
         }
     }

@@ -98,22 +98,34 @@ fn bundle_from_csv_then_classify_dry_run() {
     // A row of another length is refused, naming its line as an editor numbers it (here
     // in a CRLF file, after a blank line), before anything is written: with a cell short
     // it would be answered as a blank title, with one over as the wrong cells.
-    for (rows, line) in [
-        ("1,Head Chef,Kitchen\r\n\r\n2\r\n", 4),
+    for (rows, line, hint) in [
+        ("1,Head Chef,Kitchen\r\n\r\n2\r\n", 4, "a cell missing"),
         (
             "1,Head Chef,Kitchen\r\n2,VP, Engineering,Engineering\r\n",
             3,
+            "comma in a title",
         ),
     ] {
         std::fs::write(&titles, format!("id,title,department\r\n{rows}")).unwrap();
         let (ok, out, err) = classify_titles();
         assert!(!ok);
         assert!(
-            err.contains(&format!("line {line}: the row has")) && err.contains("header 3"),
+            err.contains(&format!("line {line}: the row has"))
+                && err.contains("header 3")
+                && err.contains(hint),
             "{rows:?}: {err}"
         );
         assert!(out.is_empty(), "{out}");
     }
+    // Blank lines before the header: still the header.
+    std::fs::write(&titles, "\r\n\r\ntitle,department\r\nHead Chef,Kitchen\r\n").unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines().nth(1).unwrap().starts_with("Head Chef,chef,"),
+        "{out}"
+    );
     // A quote left open swallows the lines after it: said, not silent.
     std::fs::write(&titles, "title\n\"Head Chef\nStaff Nurse\nLorry Driver\n").unwrap();
     let (ok, _, err) = classify_titles();
