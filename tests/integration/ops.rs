@@ -67,10 +67,12 @@ async fn sighup_reloads_a_changed_bundle_and_reclassifies() {
 async fn a_failed_store_is_reported_everywhere_and_the_daemon_exits_to_be_restarted() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
     let mut d = TestDaemon::start().await;
-    d.create_user("before@acme.test").await;
     // The start's reclassification must not take the failed flush: a write applied just
     // after would then be flushed for real (sled, unlike the hook, would fail it again).
+    // Its job slot frees before its last record is flushed, so a write acknowledged
+    // after it (a 201 waits for its flush, and flushes go in order) shows that it is.
     d.idle().await;
+    d.create_user("before@acme.test").await;
     rosterd::store::fail_next_flush_in(&d.root.join("data"));
 
     let r = d
