@@ -98,14 +98,8 @@ fn key(ns: u8, parts: &[&str]) -> u64 {
     h
 }
 
-/// Appends the raw features of a normalized title (and optionally a
-/// normalized department) to `out`, merged and sorted by key.
-pub(crate) fn extract(
-    norm: &str,
-    dept: Option<&str>,
-    cfg: &FeatureConfig,
-    out: &mut Vec<RawFeature>,
-) {
+/// Puts the raw features of a normalized title in `out`, merged and sorted by key.
+pub(crate) fn extract(norm: &str, cfg: &FeatureConfig, out: &mut Vec<RawFeature>) {
     out.clear();
     let words: Vec<&str> = norm.split(' ').filter(|w| !w.is_empty()).collect();
     for (i, w) in words.iter().enumerate() {
@@ -122,13 +116,25 @@ pub(crate) fn extract(
         out.push((key(NS_FIRST, &[first]), G_POS, 1));
         out.push((key(NS_LAST, &[last]), G_POS, 1));
     }
-    if let Some(d) = dept {
-        // Department words share the title-word namespace so that they reuse
-        // what the examples taught about e.g. "finance" or "engineering".
-        for w in d.split(' ').filter(|w| !w.is_empty()) {
-            out.push((key(NS_WORD, &[w]), G_DEPT, 1));
-        }
+    merge(out);
+}
+
+/// Puts the raw features of a normalized department in `out`, merged and sorted by key.
+/// They are a group of their own, scaled apart from the title's, so a title's vector
+/// with its department is the title's alone plus these: the classifier adds their share
+/// to the title's logits instead of reading the title twice.
+pub(crate) fn extract_dept(dept: &str, out: &mut Vec<RawFeature>) {
+    out.clear();
+    // Department words share the title-word namespace so that they reuse what the
+    // examples taught about e.g. "finance" or "engineering".
+    for w in dept.split(' ').filter(|w| !w.is_empty()) {
+        out.push((key(NS_WORD, &[w]), G_DEPT, 1));
     }
+    merge(out);
+}
+
+/// Sorts raw features by key and group and adds up the counts of equal ones.
+fn merge(out: &mut Vec<RawFeature>) {
     out.sort_unstable_by_key(|&(k, g, _)| (k, g));
     out.dedup_by(|next, kept| {
         if next.0 == kept.0 && next.1 == kept.1 {

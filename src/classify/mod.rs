@@ -246,7 +246,7 @@ impl Classifier {
         let dept_norm = department.map(normalize_title).filter(|d| !d.is_empty());
 
         let mut raw = Vec::with_capacity(64);
-        features::extract(&norm, dept_norm.as_deref(), &self.feature_cfg, &mut raw);
+        features::extract(&norm, &self.feature_cfg, &mut raw);
         let mut x = SparseVec::with_capacity(raw.len());
         let known = self.space.vectorize(&raw, &mut x);
 
@@ -266,13 +266,13 @@ impl Classifier {
         // but not make the choice surer than the title alone makes that archetype:
         // calibration only knows titles.
         let title_only = dept_norm.as_ref().map(|d| {
-            self.add_hint_bonus(d, &mut probs);
-            features::extract(&norm, None, &self.feature_cfg, &mut raw);
+            let mut alone = probs.clone();
+            features::extract_dept(d, &mut raw);
             self.space.vectorize(&raw, &mut x);
-            let mut probs = vec![0f32; self.model.n_classes()];
-            self.model.logits(&x, &mut probs);
-            model::softmax_in_place(&mut probs);
-            TitleAlone::new(probs, &self.calibrator)
+            self.model.add_logits(&x, &mut probs);
+            self.add_hint_bonus(d, &mut probs);
+            model::softmax_in_place(&mut alone);
+            TitleAlone::new(alone, &self.calibrator)
         });
         model::softmax_in_place(&mut probs);
         let ranked = top_k(&probs, self.ids.len());
@@ -426,7 +426,7 @@ fn collect_docs(archetypes: &[&Archetype], cfg: &FeatureConfig) -> Vec<Doc> {
             return;
         }
         let mut raw = Vec::new();
-        features::extract(&norm, None, cfg, &mut raw);
+        features::extract(&norm, cfg, &mut raw);
         docs.push(Doc {
             norm,
             label,

@@ -179,6 +179,12 @@ impl Softmax {
     /// Writes the logits of `x` into `out` (length `n_classes`).
     pub(crate) fn logits(&self, x: &SparseVec, out: &mut [f32]) {
         out.copy_from_slice(&self.bias);
+        self.add_logits(x, out);
+    }
+
+    /// Adds what the features of `x` contribute to the logits in `out`, without the
+    /// bias: the model is linear, so the logits of two disjoint feature sets add up.
+    pub(crate) fn add_logits(&self, x: &SparseVec, out: &mut [f32]) {
         for &(f, v) in x {
             let s = v * self.row_scale[f as usize];
             let row = &self.weights[f as usize * self.n_classes..][..self.n_classes];
