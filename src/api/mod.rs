@@ -44,10 +44,15 @@ pub enum ApiError {
     InvalidArchetype(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The running job's id, when it was looked up.
     #[error(
-        "a sync job is running for this tenant; try again when it has finished (/status shows it under running_job)"
+        "a sync job is running for this tenant; try again when it has finished ({})",
+        match .0 {
+            Some(id) => format!("GET /api/v1/roster/scim/jobs/{id} follows it"),
+            None => "/status shows it under running_job".to_owned(),
+        }
     )]
-    SyncInProgress,
+    SyncInProgress(Option<String>),
     #[error("this tenant's policy does not allow manual archetype overrides")]
     OverridesForbidden,
     #[error("this tenant has no archetype bundle configured")]
@@ -85,7 +90,7 @@ impl From<StoreError> for ApiError {
                     "this user has no suggested archetype; send {\"archetype_id\": …}".into(),
                 ),
                 R::UnknownArchetype(a) => ApiError::InvalidArchetype(a),
-                R::JobRunning => ApiError::SyncInProgress,
+                R::JobRunning => ApiError::SyncInProgress(None),
             },
             other => ApiError::Internal(other),
         }
@@ -95,7 +100,7 @@ impl From<StoreError> for ApiError {
 impl From<crate::schedule::JobError> for ApiError {
     fn from(e: crate::schedule::JobError) -> Self {
         match e {
-            crate::schedule::JobError::AlreadyRunning(_) => ApiError::SyncInProgress,
+            crate::schedule::JobError::AlreadyRunning(_) => ApiError::SyncInProgress(None),
             crate::schedule::JobError::Store(s) => ApiError::Internal(s),
         }
     }
@@ -111,7 +116,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::InvalidArchetype(_) => (StatusCode::BAD_REQUEST, "invalid_archetype"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            ApiError::SyncInProgress => (StatusCode::CONFLICT, "sync_in_progress"),
+            ApiError::SyncInProgress(_) => (StatusCode::CONFLICT, "sync_in_progress"),
             ApiError::OverridesForbidden => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "override_forbidden")
             }
@@ -498,7 +503,7 @@ mod tests {
             ApiError::NotFound("x".into()),
             ApiError::InvalidArchetype("x".into()),
             ApiError::BadRequest("x".into()),
-            ApiError::SyncInProgress,
+            ApiError::SyncInProgress(None),
             ApiError::OverridesForbidden,
             ApiError::NoBundle,
             ApiError::Disabled("x".into()),
@@ -522,7 +527,7 @@ mod tests {
                 | ApiError::NotFound(_)
                 | ApiError::InvalidArchetype(_)
                 | ApiError::BadRequest(_)
-                | ApiError::SyncInProgress
+                | ApiError::SyncInProgress(_)
                 | ApiError::OverridesForbidden
                 | ApiError::NoBundle
                 | ApiError::Disabled(_)

@@ -786,9 +786,20 @@ fn check_override(st: &AppState, caller: &Caller, intent: OverrideIntent<'_>) ->
         }
     }
     if st.store.job_running(&caller.tenant) {
-        return Err(ApiError::SyncInProgress);
+        return Err(sync_in_progress(st, &caller.tenant));
     }
     Ok(())
+}
+
+/// 409 naming the job to wait for, so the caller can follow it rather than poll blind.
+fn sync_in_progress(st: &AppState, tenant: &str) -> ApiError {
+    ApiError::SyncInProgress(
+        st.store
+            .running_job(tenant)
+            .ok()
+            .flatten()
+            .map(|j| j.job_id),
+    )
 }
 
 /// A body (or bulk item) names no field beyond `allowed`: an unknown one is a typo or a
@@ -1361,7 +1372,12 @@ async fn start_sync(
         let reports = st.dispatch.reconcile(&caller.tenant, true).await?;
         return Ok(Json(json!({"dry_run": true, "connectors": reports})).into_response());
     }
-    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync").await?;
+    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync")
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::SyncInProgress(None) => sync_in_progress(&st, &caller.tenant),
+            other => other,
+        })?;
     Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
 }
 

@@ -83,21 +83,7 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
 /// The job holding the tenant's job slot, if any. The jobs are listed only when the slot
 /// is held, so an idle tenant's history is not read on every status call.
 fn running_job(st: &AppState, tenant: &str) -> Result<Value, crate::store::StoreError> {
-    if !st.store.job_running(tenant) {
-        return Ok(Value::Null);
-    }
-    let running = st
-        .store
-        .jobs(tenant)?
-        .into_iter()
-        .filter(|j| {
-            matches!(
-                j.status,
-                crate::store::JobStatus::Queued | crate::store::JobStatus::Running
-            )
-        })
-        .max_by_key(|j| j.started_at);
-    Ok(running.map_or(
+    Ok(st.store.running_job(tenant)?.map_or(
         Value::Null,
         |j| json!({"job_id": j.job_id, "kind": j.kind, "started_at": j.started_at}),
     ))

@@ -924,6 +924,18 @@ impl Store {
         Ok(out)
     }
 
+    /// The job that holds the tenant's slot, if one does: the newest queued or running.
+    pub fn running_job(&self, tenant: &str) -> StoreResult<Option<Job>> {
+        if !self.job_running(tenant) {
+            return Ok(None);
+        }
+        Ok(self
+            .jobs(tenant)?
+            .into_iter()
+            .filter(|j| matches!(j.status, JobStatus::Queued | JobStatus::Running))
+            .max_by_key(|j| j.started_at))
+    }
+
     /// Jobs left `queued` or `running` by a daemon that stopped are marked interrupted,
     /// so nobody waits on them and they can be started again. Returns them as marked.
     pub async fn mark_interrupted_jobs(&self, tenant: &str) -> StoreResult<Vec<Job>> {

@@ -784,6 +784,14 @@ async fn override_errors_are_documented_codes() {
         (409, Some("sync_in_progress"))
     );
     assert_eq!(second.status, 409, "one job per tenant at a time");
+    // Both name the job to follow.
+    for r in [&during, &second] {
+        let msg = r.body["message"].as_str().unwrap();
+        assert!(
+            msg.contains(&format!("/api/v1/roster/scim/jobs/{job_id}")),
+            "{msg}"
+        );
+    }
     let r = d.override_archetype(path, &admin, json!("sales_rep")).await;
     assert_eq!(
         r.status, 200,
