@@ -806,7 +806,11 @@ fn call_daemon(
         }
         (None, None) => None,
     };
-    let url = format!("{}{path}", base.trim_end_matches('/'));
+    // `--url http://host:8080/status`, copied from a browser or the README's curl line,
+    // means the daemon at that address: the path is the command's to add.
+    let base = base.trim_end_matches('/');
+    let base = base.strip_suffix("/status").unwrap_or(base);
+    let url = format!("{base}{path}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -699,6 +699,17 @@ async fn daemon_commands_with_url_read_no_config() {
     let (ok, out, err) = cli(bare).await.unwrap();
     assert!(ok, "{err}");
     assert!(out.contains("tenant acme:"), "{out}");
+    // The status page's own URL names the daemon too.
+    let page = vec![
+        "status".to_string(),
+        "--config".into(),
+        missing.to_str().unwrap().into(),
+        "--url".into(),
+        format!("{url}/status/"),
+    ];
+    let (ok, out, err) = cli(page).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("tenant acme:"), "{out}");
 
     let with_token = ["--token", token.as_str()];
     let (ok, out, err) = cli(args(
