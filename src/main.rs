@@ -158,7 +158,7 @@ enum TokenCommand {
         /// The `sub` claim; overrides and events record it as `user:<sub>`.
         #[arg(long, default_value = "operator")]
         sub: String,
-        /// Lifetime in seconds.
+        /// Lifetime in seconds (at most a year).
         #[arg(long, default_value_t = 3600)]
         ttl: i64,
     },
@@ -721,6 +721,14 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
     }
     if ttl <= 0 {
         anyhow::bail!("--ttl {ttl}: the token would be expired when made; give seconds > 0");
+    }
+    // An HS256 token cannot be revoked short of rotating the secret for everyone; a year
+    // also keeps `now + ttl` far from overflowing.
+    const MAX_TTL: i64 = 366 * 24 * 3600;
+    if ttl > MAX_TTL {
+        anyhow::bail!(
+            "--ttl {ttl}: longer than a year ({MAX_TTL} s); a token can only be revoked by rotating the secret, so mint a new one when it expires"
+        );
     }
     let jwt = config
         .api

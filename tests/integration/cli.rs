@@ -628,6 +628,7 @@ fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
         ("--scope", "roster:bogus", "no scope of the Roster API"),
         ("--scope", " ", "empty"),
         ("--ttl", "0", "expired"),
+        ("--ttl", "9223372036854775807", "longer than a year"),
     ] {
         let (ok, out, err) = mint_with(flag, value);
         assert!(!ok, "{flag} {value:?} minted {out}");
