@@ -37,16 +37,17 @@ const CHUNK: usize = 64 * 1024;
 /// that trim cells or fold fullwidth forms (LibreOffice, some BI loaders) would still
 /// see a formula there.
 pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
-    if cell.starts_with(['\t', '\r']) {
+    if cell.starts_with(['\t', '\r']) || cell.trim_start().starts_with(FORMULA_STARTS) {
         return format!("'{cell}").into();
     }
-    match cell.trim_start().chars().next() {
-        Some('=' | '+' | '-' | '@' | '\u{FF1D}' | '\u{FF0B}' | '\u{FF0D}' | '\u{FF20}') => {
-            format!("'{cell}").into()
-        }
-        _ => cell.into(),
-    }
+    cell.into()
 }
+
+/// The characters a spreadsheet reads as the start of a formula: `= + - @` and their
+/// fullwidth forms.
+pub const FORMULA_STARTS: [char; 8] = [
+    '=', '+', '-', '@', '\u{FF1D}', '\u{FF0B}', '\u{FF0D}', '\u{FF20}',
+];
 
 /// A confidence cut (not rounded) to three places, as CSV output shows it: rounding would
 /// print 0.6996, which is under the review threshold, as 0.700. The nudge keeps values

@@ -23,7 +23,7 @@ use crate::server::AppState;
 use crate::store::StoreError;
 use jwt::{JwtError, JwtVerifier, Principal, Scope};
 
-pub use export::{COLUMNS, confidence_cell, neutralize, write_roster_csv};
+pub use export::{COLUMNS, FORMULA_STARTS, confidence_cell, neutralize, write_roster_csv};
 pub use openapi::openapi_document;
 pub(crate) use roster::assignment_state;
 

@@ -327,9 +327,7 @@ fn id_problem(id: &str) -> Option<&'static str> {
         Some("contains an invisible or text-direction character")
     } else if id.trim() != id {
         Some("begins or ends with blanks")
-    } else if id.starts_with([
-        '=', '+', '-', '@', '\u{FF1D}', '\u{FF0B}', '\u{FF0D}', '\u{FF20}',
-    ]) {
+    } else if id.starts_with(crate::api::FORMULA_STARTS) {
         Some("begins with = + - or @, which a spreadsheet reads as a formula")
     } else {
         None
