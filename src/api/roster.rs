@@ -913,9 +913,9 @@ async fn bulk_assign(
     // Whether each item may set an override is the item's answer: clears go through
     // whatever the policy.
     check_override(&st, &caller, OverrideIntent::Clear)?;
-    let tenant = tenant_of(&st, &caller.tenant)?;
-    let allow_overrides = tenant.allow_overrides;
-    let policy = tenant.policy().ok_or(ApiError::NoBundle)?;
+    tenant_of(&st, &caller.tenant)?
+        .policy()
+        .ok_or(ApiError::NoBundle)?;
     let mut updated = 0u64;
     let mut errors = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -944,12 +944,7 @@ async fn bulk_assign(
             // As PATCH takes it: an id overrides, null clears the override.
             let change = match item.get("archetype_id") {
                 Some(Value::String(a)) if !a.is_empty() => {
-                    if !allow_overrides {
-                        return Err(ApiError::OverridesForbidden);
-                    }
-                    if !policy.has_archetype(a) {
-                        return Err(ApiError::InvalidArchetype(a.clone()));
-                    }
+                    check_override(&st, &caller, OverrideIntent::Set(Some(a)))?;
                     OverrideChange::Set(a.clone())
                 }
                 Some(Value::Null) => OverrideChange::Clear,
