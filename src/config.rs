@@ -304,7 +304,11 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     }
     check_cron_steps(expr)?;
     let cron = expr.parse::<croner::Cron>().map_err(|e| {
-        format!("{expr:?}: {e} (the fields are: seconds 0-59, minutes 0-59, hours 0-23, day-of-month 1-31, month 1-12, day-of-week 0-7)")
+        let fields: Vec<String> = CRON_FIELDS
+            .iter()
+            .map(|(name, range, _)| format!("{name} {range}"))
+            .collect();
+        format!("{expr:?}: {e} (the fields are: {})", fields.join(", "))
     })?;
     // Valid syntax can still name no date (30 February): whatever used it would never
     // run. No such date exists in any time zone, so UTC answers for all.
@@ -314,19 +318,22 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     Ok(cron)
 }
 
+/// The six fields of a cron expression: name, values and how many distinct values
+/// (day-of-week 0 and 7 are both Sunday).
+const CRON_FIELDS: [(&str, &str, u32); 6] = [
+    ("seconds", "0-59", 60),
+    ("minutes", "0-59", 60),
+    ("hours", "0-23", 24),
+    ("day-of-month", "1-31", 31),
+    ("month", "1-12", 12),
+    ("day-of-week", "0-7", 7),
+];
+
 /// A step as large as its field's whole range (`*/70` in minutes) is valid cron, but it
 /// fires only at the start of the range (minute 0), which is never what it means: "every
 /// 70 minutes" cannot be written in cron at all, and an operator should hear so at start.
 fn check_cron_steps(expr: &str) -> Result<(), String> {
-    const FIELDS: [(&str, u32); 6] = [
-        ("seconds", 60),
-        ("minutes", 60),
-        ("hours", 24),
-        ("day-of-month", 31),
-        ("month", 12),
-        ("day-of-week", 7),
-    ];
-    for (field, (name, size)) in expr.split_whitespace().zip(FIELDS) {
+    for (field, (name, _, size)) in expr.split_whitespace().zip(CRON_FIELDS) {
         for part in field.split(',') {
             let Some((_, step)) = part.split_once('/') else {
                 continue;

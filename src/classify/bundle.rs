@@ -47,6 +47,15 @@ pub struct Archetype {
 
 const CSV_ORIGIN: &str = "labeled CSV";
 
+/// An error at `line` of a labeled CSV.
+fn csv_error(line: u64, message: impl Into<String>) -> ClassifyError {
+    ClassifyError::Csv {
+        origin: CSV_ORIGIN.to_string(),
+        line,
+        message: message.into(),
+    }
+}
+
 impl Bundle {
     pub fn load(path: &Path) -> Result<Bundle, ClassifyError> {
         let text = std::fs::read_to_string(path).map_err(|source| ClassifyError::Io {
@@ -81,26 +90,26 @@ impl Bundle {
             .trim(csv::Trim::All)
             .from_reader(text);
         // The csv crate's message carries its own line count, which is not the editor's.
-        let csv_err = |e: csv::Error| ClassifyError::Csv {
-            origin: CSV_ORIGIN.to_string(),
-            line: csv_line(text, e.position()),
-            message: match e.kind() {
-                csv::ErrorKind::UnequalLengths {
-                    expected_len, len, ..
-                } => format!("the row has {len} cell(s), the header {expected_len}"),
-                _ => e.to_string(),
-            },
+        let csv_err = |e: csv::Error| {
+            csv_error(
+                csv_line(text, e.position()),
+                match e.kind() {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => format!("the row has {len} cell(s), the header {expected_len}"),
+                    _ => e.to_string(),
+                },
+            )
         };
         let headers = reader.headers().map_err(csv_err)?.clone();
         if headers.len() < 2 {
-            return Err(ClassifyError::Csv {
-                origin: CSV_ORIGIN.to_string(),
-                line: 1,
-                message: format!(
+            return Err(csv_error(
+                1,
+                format!(
                     "expected a header with two columns (label,title), got {}",
                     headers.len()
                 ),
-            });
+            ));
         }
         // Columns by name (in any order), or two columns of which one is `title` and the
         // other the label, as in `soc_minor_group,title`. Anything else is refused: read
@@ -115,15 +124,14 @@ impl Bundle {
             (Some(l), Some(t)) => (l, t),
             (None, Some(t)) if headers.len() == 2 => (1 - t, t),
             _ => {
-                return Err(ClassifyError::Csv {
-                    origin: CSV_ORIGIN.to_string(),
-                    line: 1,
-                    message: format!(
+                return Err(csv_error(
+                    1,
+                    format!(
                         "the header must name an `archetype_id` and a `title` column (or be two \
                          columns, one of them `title`); found: {}",
                         headers.iter().collect::<Vec<_>>().join(", ")
                     ),
-                });
+                ));
             }
         };
         let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -134,35 +142,22 @@ impl Bundle {
                 continue;
             };
             if label.is_empty() {
-                return Err(ClassifyError::Csv {
-                    origin: CSV_ORIGIN.to_string(),
-                    line,
-                    message: format!("empty `{}`", &headers[label_col]),
-                });
+                return Err(csv_error(line, format!("empty `{}`", &headers[label_col])));
             }
             if let Some(why) = id_problem(label) {
-                return Err(ClassifyError::Csv {
-                    origin: CSV_ORIGIN.to_string(),
+                return Err(csv_error(
                     line,
-                    message: format!("`{}` {label:?} {why}", &headers[label_col]),
-                });
+                    format!("`{}` {label:?} {why}", &headers[label_col]),
+                ));
             }
             // Skipped, it could leave its archetype out of the bundle without a word.
             if title.is_empty() {
-                return Err(ClassifyError::Csv {
-                    origin: CSV_ORIGIN.to_string(),
-                    line,
-                    message: format!("empty `{}`", &headers[title_col]),
-                });
+                return Err(csv_error(line, format!("empty `{}`", &headers[title_col])));
             }
             // Caught here rather than by the bundle's own check, which can only name the
             // example's place in its archetype, not the line an operator has to fix.
             if normalize_title(title).is_empty() {
-                return Err(ClassifyError::Csv {
-                    origin: CSV_ORIGIN.to_string(),
-                    line,
-                    message: format!("title {title:?} has no words"),
-                });
+                return Err(csv_error(line, format!("title {title:?} has no words")));
             }
             by_label
                 .entry(label.to_string())
@@ -170,11 +165,7 @@ impl Bundle {
                 .push(title.to_string());
         }
         if by_label.is_empty() {
-            return Err(ClassifyError::Csv {
-                origin: CSV_ORIGIN.to_string(),
-                line: 1,
-                message: "no labeled rows".to_string(),
-            });
+            return Err(csv_error(1, "no labeled rows"));
         }
         let archetypes: Vec<Archetype> = by_label
             .into_iter()
