@@ -181,11 +181,26 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {}", causes(&e));
+            if e.downcast_ref::<Logged>().is_none() {
+                eprintln!("Error: {}", causes(&e));
+            }
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+/// A fatal error the daemon already wrote as a JSON log event: a log shipper reading
+/// JSON lines gets it with the rest, and `main` adds no plain-text line of its own.
+#[derive(Debug)]
+struct Logged;
+
+impl std::fmt::Display for Logged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("logged")
+    }
+}
+
+impl std::error::Error for Logged {}
 
 /// The error and its causes, joined by ": ", leaving out a cause whose text the message
 /// already carries. Many errors (ours included, e.g. `"JWT settings: {0}"` over its
@@ -1249,6 +1264,17 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     }
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);
+    let json_logs = matches!(config.log.format, LogFormat::Json);
+    match serve_logged(config) {
+        Err(e) if json_logs => {
+            tracing::error!(error = %causes(&e), "Fatal error; rosterd exits.");
+            Err(Logged.into())
+        }
+        served => served,
+    }
+}
+
+fn serve_logged(config: Config) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)

@@ -169,7 +169,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         resp.extensions_mut().insert(crate::server::Refusal {
-            code,
+            code: Some(code),
             detail: message,
         });
         // RFC 6750 §3: a request without credentials is told only how to

@@ -133,6 +133,10 @@ pub struct ConnectorStatus {
     pub dead_letters: u64,
     pub delivered: u64,
     pub retries: u64,
+    /// Its file loaded but the connector could not start (its `state` says why): for
+    /// the metrics, which count it as not loaded, since it delivers nothing.
+    #[serde(skip)]
+    pub not_started: bool,
 }
 
 /// A known connector that is not loaded (its file is broken, or missing since the last
@@ -1276,6 +1280,7 @@ struct Found {
     config: ConnectorConfig,
     live: Arc<Live>,
     ctx: Option<Arc<Ctx>>,
+    not_started: bool,
 }
 
 /// All connectors of the daemon. Reloading replaces the ones whose file changed and
@@ -1709,15 +1714,15 @@ impl Dispatcher {
 
     /// Status of every connector (of one tenant, if given).
     pub fn status(&self, tenant: Option<&str>) -> Vec<ConnectorStatus> {
-        let snapshot: Vec<(ConnectorConfig, Arc<Live>)> = self
+        let snapshot: Vec<(ConnectorConfig, Arc<Live>, bool)> = self
             .running()
             .values()
             .filter(|r| tenant.is_none_or(|t| t == r.config.tenant))
-            .map(|r| (r.config.clone(), r.live.clone()))
+            .map(|r| (r.config.clone(), r.live.clone(), r.not_started.is_some()))
             .collect();
         snapshot
             .into_iter()
-            .map(|(c, live)| self.status_of(&c, &live))
+            .map(|(c, live, not_started)| self.status_of(&c, &live, not_started))
             .collect()
     }
 
@@ -1771,7 +1776,7 @@ impl Dispatcher {
         out
     }
 
-    fn status_of(&self, c: &ConnectorConfig, live: &Live) -> ConnectorStatus {
+    fn status_of(&self, c: &ConnectorConfig, live: &Live, not_started: bool) -> ConnectorStatus {
         let (cursor, lag_events, lag_seconds) = self.lag(&c.tenant, &cursor_name(c));
         let paused_until = live.paused_until();
         let h = live.health();
@@ -1798,6 +1803,7 @@ impl Dispatcher {
                 .unwrap_or(0),
             delivered: live.delivered.load(Ordering::Relaxed),
             retries: live.retries.load(Ordering::Relaxed),
+            not_started,
         }
     }
 
@@ -1811,6 +1817,7 @@ impl Dispatcher {
             config: r.config.clone(),
             live: r.live.clone(),
             ctx: r.ctx.clone(),
+            not_started: r.not_started.is_some(),
         })
     }
 
@@ -1820,7 +1827,7 @@ impl Dispatcher {
         name: &str,
     ) -> Result<ConnectorStatus, DispatchError> {
         let f = self.find(tenant, name)?;
-        Ok(self.status_of(&f.config, &f.live))
+        Ok(self.status_of(&f.config, &f.live, f.not_started))
     }
 
     pub fn dead_letters(&self, tenant: &str, name: &str) -> Result<Vec<DeadLetter>, DispatchError> {

@@ -12,7 +12,7 @@
 //! - gauges set at scrape time: `rosterd_connector_lag_events`, `rosterd_connector_lag_seconds`,
 //!   `rosterd_connector_paused`, `rosterd_connector_dead_letters`,
 //!   `rosterd_connector_loaded` (all `{connector,tenant}`, also for connectors whose file
-//!   did not load), `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
+//!   did not load; 0 for those and for connectors that could not start), `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
 //!   (both for files that do not load and for connectors that cannot start) and
 //!   `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
@@ -326,7 +326,7 @@ fn set_gauges(st: &AppState) {
     });
     for c in st.dispatch.status(None) {
         let gauges = ConnectorGauges {
-            loaded: true,
+            loaded: !c.not_started,
             lag_events: c.lag_events,
             lag_seconds: c.lag_seconds,
             paused: c.paused,

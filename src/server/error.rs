@@ -56,7 +56,7 @@ impl IntoResponse for ScimFailure {
         let body = self.0.to_json().to_string();
         let mut resp = (status, body).into_response();
         resp.extensions_mut().insert(crate::server::Refusal {
-            code: self.0.scim_type.map_or("", |t| t.as_str()),
+            code: self.0.scim_type.map(|t| t.as_str()),
             detail: self.0.detail,
         });
         let h = resp.headers_mut();

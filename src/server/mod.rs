@@ -574,7 +574,10 @@ fn router(state: Arc<AppState>) -> Router {
 /// renders its errors, so the request's log line can say it.
 #[derive(Clone, Debug)]
 pub(crate) struct Refusal {
-    pub code: &'static str,
+    /// The protocol's own code: the Roster API's `error`, SCIM's `scimType`. SCIM has
+    /// none for 401, 403, 404 or 412, and those lines then carry no `code` field rather
+    /// than an empty one an operator would take for a missing value.
+    pub code: Option<&'static str>,
     pub detail: String,
 }
 

@@ -852,3 +852,49 @@ fn check_config_refuses_a_data_directory_serve_would_refuse() {
     assert!(!ok);
     assert!(err.contains("`db` is missing or empty"), "{err}");
 }
+
+/// With JSON logs, what stops the daemon is one more JSON event on the log stream, which
+/// a shipper parsing JSON lines keeps; in text mode it stays the plain `Error:` line.
+#[test]
+fn a_fatal_error_is_a_json_event_when_logs_are_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let serve = |format: &str| {
+        let config = dir.path().join(format!("{format}.toml"));
+        std::fs::write(
+            &config,
+            format!("version = 1\n[log]\nformat = \"{format}\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n"),
+        )
+        .unwrap();
+        let data = dir.path().join(format!("data-{format}"));
+        rosterd_env(
+            &[
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                &addr,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            &[(
+                "ROSTERD_CLI_TEST_TOKEN",
+                "a-token-of-some-length-1234567890",
+            )],
+        )
+    };
+    let (ok, out, err) = serve("json");
+    assert!(!ok);
+    assert!(err.trim().is_empty(), "{err}");
+    let fatal: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v: &serde_json::Value| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(fatal.len(), 1, "{out}");
+    assert!(fatal[0]["error"].as_str().unwrap().contains(&addr), "{out}");
+    let (ok, _, err) = serve("text");
+    assert!(!ok);
+    assert!(err.starts_with("Error: ") && err.contains(&addr), "{err}");
+}

@@ -490,6 +490,13 @@ async fn a_connector_that_cannot_start_counts_as_a_connector_error() {
     let (text, samples) = scrape_until(&d, ready).await;
     assert!(ready(&samples), "{text}");
     at_least(&samples, "rosterd_connector_errors", &[], 1.0);
+    // It delivers nothing, so it does not count as loaded.
+    let conn = [("connector", "nostarthook"), ("tenant", TENANT)];
+    assert_eq!(
+        value(&samples, "rosterd_connector_loaded", &conn),
+        Some(0.0),
+        "{text}"
+    );
 
     // A reload adding a file whose secret is not set: the same.
     let (late_name, late_text) = named_webhook_file("latehook", &hook, "[]");
