@@ -79,6 +79,23 @@ enum Command {
         /// Only report, per connector, what drifted and would be sent; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Follow the job until it ends, as `rosterd job --wait` does.
+        #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
+    },
+    /// Show one of a tenant's jobs (a reconciliation or a reclassification after a
+    /// bundle change; /status names the running one); with --wait, follow it until it
+    /// ends and exit non-zero unless it succeeded.
+    Job {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// The tenant the job belongs to.
+        #[arg(long)]
+        tenant: String,
+        job_id: String,
+        /// Print each change of its state until it ends.
+        #[arg(long)]
+        wait: bool,
     },
     /// List, replay or discard a connector's dead letters on a running daemon.
     DeadLetters {
@@ -123,7 +140,7 @@ struct DaemonArgs {
     /// Base URL of the daemon; defaults to http://<server.listen>.
     #[arg(long, global = true)]
     url: Option<String>,
-    /// A Roster API JWT (roster:read for status and listing dead letters, roster:write
+    /// A Roster API JWT (roster:read for status, job and listing dead letters, roster:write
     /// for reconcile, roster:admin for resume, retire, replay and discard); by default one with
     /// roster:admin is minted from the config's HS256 secret for a minute.
     #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true, global = true)]
@@ -244,7 +261,14 @@ fn run() -> Result<()> {
             daemon,
             tenant,
             dry_run,
-        } => reconcile(&daemon, &tenant, dry_run),
+            wait,
+        } => reconcile(&daemon, &tenant, dry_run, wait),
+        Command::Job {
+            daemon,
+            tenant,
+            job_id,
+            wait,
+        } => show_job(&daemon, &tenant, &job_id, wait),
         Command::DeadLetters {
             daemon,
             tenant,
@@ -1016,7 +1040,7 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     Ok(())
 }
 
-fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool) -> Result<()> {
+fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Result<()> {
     let (status, body) = call_daemon(
         daemon,
         Some(tenant),
@@ -1026,10 +1050,12 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool) -> Result<()> {
     )?;
     fail_unless_ok(status, &body)?;
     if !dry_run {
+        let id = body["job_id"].as_str().unwrap_or_default();
+        if wait {
+            return show_job(daemon, tenant, id, true);
+        }
         println!(
-            "reconcile job {} started; follow it with GET /api/v1/roster/scim/jobs/{}",
-            body["job_id"].as_str().unwrap_or_default(),
-            body["job_id"].as_str().unwrap_or_default()
+            "reconcile job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`"
         );
         return Ok(());
     }
@@ -1066,6 +1092,69 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often `--wait` asks after a job: a reconciliation of a large tenant takes minutes,
+/// and each question is one small read.
+const JOB_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn show_job(daemon: &DaemonArgs, tenant: &str, id: &str, wait: bool) -> Result<()> {
+    // Job ids are ours (`scim-sync-` and hex digits); anything else would be read as
+    // another path or a query rather than looked up.
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!("{id:?} is not a job id: job ids are letters, digits, '-' and '_'");
+    }
+    let path = format!("/api/v1/roster/scim/jobs/{id}");
+    let mut shown = String::new();
+    loop {
+        let (status, job) = call_daemon(daemon, Some(tenant), reqwest::Method::GET, &path, None)?;
+        fail_unless_ok(status, &job)?;
+        let line = job_line(&job);
+        if line != shown {
+            println!("{line}");
+            shown = line;
+        }
+        let state = job["status"].as_str().unwrap_or_default();
+        match state {
+            "succeeded" => return Ok(()),
+            _ if !wait => return Ok(()),
+            "failed" | "interrupted" => anyhow::bail!(
+                "job {id} {state}{}",
+                job["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ),
+            _ => std::thread::sleep(JOB_POLL),
+        }
+    }
+}
+
+/// One line per state of a job: its status, times, counts and error.
+fn job_line(job: &serde_json::Value) -> String {
+    let s = |k: &str| job[k].as_str().unwrap_or("-").to_owned();
+    let mut line = format!(
+        "job {} ({}): {}, started {}",
+        s("job_id"),
+        s("kind"),
+        s("status"),
+        s("started_at")
+    );
+    if let Some(at) = job["finished_at"].as_str() {
+        line.push_str(&format!(", finished {at}"));
+    }
+    if let Some(counts) = job["counts"].as_object().filter(|c| !c.is_empty()) {
+        let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        line.push_str(&format!("; {}", counts.join(", ")));
+    }
+    if let Some(e) = job["error"].as_str() {
+        line.push_str(&format!("; error: {e}"));
+    }
+    line
 }
 
 fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {

@@ -725,12 +725,57 @@ async fn daemon_commands_with_url_read_no_config() {
         out.contains("tenant acme has no running connector"),
         "{out}"
     );
+    // A reconciliation followed to its end, then shown again by its id.
+    let (ok, out, err) = cli(args(
+        &["reconcile", "--tenant", TENANT, "--wait"],
+        &missing,
+        &with_token,
+    ))
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let last = out.lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("job scim-sync-") && last.contains(": succeeded, started "),
+        "{out}"
+    );
+    let id = last["job ".len()..].split(' ').next().unwrap().to_owned();
+    let (ok, shown, err) = cli(args(
+        &["job", "--tenant", TENANT, &id],
+        &missing,
+        &with_token,
+    ))
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(shown.trim(), last, "{shown}");
+    // Another tenant's view has no such job.
+    let other = d.jwt(crate::harness::OTHER_TENANT, "roster:read");
+    let (ok, _, err) = cli(args(
+        &["job", "--tenant", crate::harness::OTHER_TENANT, &id],
+        &missing,
+        &["--token", other.as_str()],
+    ))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("rosterd answered 404"), "{err}");
+    let (ok, _, err) = cli(args(
+        &["job", "--tenant", TENANT, "../status"],
+        &missing,
+        &with_token,
+    ))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("is not a job id"), "{err}");
     // Answered by the daemon (no such connector), not refused for want of a config. The
     // daemon flags may follow the dead-letters subcommand too.
     for cmd in [
         &["dead-letters", "--tenant", TENANT, "list", "nope"][..],
         &["resume", "--tenant", TENANT][..],
         &["retire", "--tenant", TENANT][..],
+        &["job", "--tenant", TENANT][..],
     ] {
         let mut more = with_token.to_vec();
         if cmd[0] != "dead-letters" {
