@@ -123,13 +123,20 @@ fn parse_op(item: &Value) -> ScimResult<PatchOp> {
         Some(_) => return Err(ScimError::invalid_path("\"path\" must be a string")),
     };
     let value = get_ci(o, "value").filter(|v| !v.is_null()).cloned();
+    // RFC 7643 §2.5: null and unassigned are the same state, so replacing an attribute
+    // with null clears it, as a remove of the same path does (some IdPs clear a title
+    // this way). An add of null adds nothing and stays refused below.
+    let op = match (op, &path, get_ci(o, "value")) {
+        (PatchOpKind::Replace, Some(_), Some(Value::Null)) => PatchOpKind::Remove,
+        (op, ..) => op,
+    };
     match (op, &path, &value) {
         (PatchOpKind::Remove, None, _) => Err(ScimError::no_target(
             "remove needs a \"path\" (RFC 7644 §3.5.2.2)",
         )),
-        (PatchOpKind::Add | PatchOpKind::Replace, _, None) => {
-            Err(ScimError::invalid_value("add and replace need a \"value\""))
-        }
+        (PatchOpKind::Add | PatchOpKind::Replace, _, None) => Err(ScimError::invalid_value(
+            "add and replace need a \"value\" (to clear an attribute, remove it or replace it with null)",
+        )),
         (PatchOpKind::Add | PatchOpKind::Replace, None, Some(v)) if !v.is_object() => {
             Err(ScimError::invalid_value(
                 "without a \"path\", \"value\" must be an object of attributes",

@@ -1105,9 +1105,32 @@ async fn run_list(
     kinds: Vec<ResourceKind>,
     query: ListQuery,
 ) -> ScimResult<Reply> {
+    if let Some(unknown) = query
+        .filter
+        .as_ref()
+        .and_then(|f| f.unknown_attr(&|p| defined_in(&kinds, p)))
+    {
+        // It would match nothing, which an IdP matching users reads as "no such user"
+        // before creating one; a PATCH path naming it is refused as well.
+        return Err(ScimError::invalid_filter(format!(
+            "{unknown} is not an attribute of {}",
+            kinds
+                .iter()
+                .map(|k| k.endpoint())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
     tokio::task::spawn_blocking(move || list_blocking(&state, &tenant, &kinds, &query))
         .await
         .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
+}
+
+/// Whether a schema of one of `kinds` defines the path (core, common or extension).
+fn defined_in(kinds: &[ResourceKind], p: &AttrPath) -> bool {
+    kinds
+        .iter()
+        .any(|k| lookup(*k, p.urn.as_deref(), &p.attr, p.sub.as_deref()).is_some())
 }
 
 fn filter_touches(filter: &Filter, attr: &str) -> bool {

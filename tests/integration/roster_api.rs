@@ -2131,3 +2131,49 @@ async fn requests_are_read_strictly_whatever_the_endpoint() {
         .await;
     assert_eq!(r.body["events"].as_array().unwrap().len(), 1, "{}", r.body);
 }
+
+/// RFC 7643 §2.5: null is unassigned, so a replace with null clears the attribute as a
+/// remove does, and the cleared title reclassifies the user in the same write.
+#[tokio::test]
+async fn replacing_a_title_with_null_clears_it_and_reclassifies() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let id = create(&d, "nul@acme.test", "financial analyst", None).await;
+    assert_eq!(
+        roster_user(&d, &admin, &id).await["archetype_id"],
+        "fpa_analyst"
+    );
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([
+                {"op": "Replace", "path": "title", "value": null},
+                // Nothing matches: clearing it leaves the user as it is.
+                {"op": "replace", "path": "emails[type eq \"home\"].value", "value": null},
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.get("title").is_none(), "{}", r.body);
+    assert_eq!(r.body["emails"][0]["value"], "nul@acme.test", "{}", r.body);
+    let u = roster_user(&d, &admin, &id).await;
+    assert!(u["job_title"].is_null(), "{u}");
+    assert_ne!(u["archetype_id"], "fpa_analyst", "{u}");
+    // Adding null adds nothing: refused, saying how to clear.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "add", "path": "title", "value": null}])),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidValue", "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("replace it with null"),
+        "{}",
+        r.body
+    );
+}

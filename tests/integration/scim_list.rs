@@ -121,6 +121,57 @@ async fn bad_filters_are_scim_errors() {
         assert_eq!(r.status, 400, "{f}: {}", r.body);
         assert_eq!(r.body["scimType"], "invalidFilter", "{f}");
     }
+    // An attribute no schema of the endpoint defines would match nothing, and an IdP
+    // would take the empty list for "no such user".
+    for (endpoint, f) in [
+        ("/Users", "foo eq \"x\""),
+        ("/Users", "userName eq \"a\" or emails.nope eq \"x\""),
+        ("/Users", "urn:example:custom:2.0:User:badge eq \"7\""),
+        ("/Groups", "userName eq \"a\""),
+        ("/Groups", "department eq \"Sales\""),
+    ] {
+        let r = d.get(&format!("{endpoint}?filter={}", enc(f))).await;
+        assert_eq!(r.status, 400, "{endpoint} {f}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidFilter", "{f}");
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("is not an attribute of"),
+            "{}",
+            r.body
+        );
+    }
+    // What the schemas define is taken, qualified or not, on both endpoints and across
+    // both at the root's /.search.
+    for (endpoint, f) in [
+        ("/Users", "department eq \"Sales\""),
+        ("/Users", "manager.value eq \"x\""),
+        ("/Users", "groups.value eq \"x\""),
+        (
+            "/Users",
+            "id eq \"x\" or meta.lastModified gt \"2000-01-01T00:00:00Z\"",
+        ),
+        ("/Groups", "members.value eq \"x\" or displayName eq \"x\""),
+        (
+            "/Groups",
+            "urn:ietf:params:scim:schemas:core:2.0:Group:displayName eq \"x\"",
+        ),
+    ] {
+        let r = d.get(&format!("{endpoint}?filter={}", enc(f))).await;
+        assert_eq!(r.status, 200, "{endpoint} {f}: {}", r.body);
+    }
+    let r = d
+        .scim(
+            reqwest::Method::POST,
+            "/.search",
+            Some(json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+                "filter": "userName eq \"a\" or members.value eq \"b\"",
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[tokio::test]
