@@ -622,7 +622,21 @@ struct Semantics {
     kind: Option<AttrKind>,
 }
 
+/// A user created without `active` is active to the roster, the status counts and the
+/// exports; `active eq true` finds it too, so an IdP or a reconciler counting active users
+/// over SCIM gets the figure the Roster API gives.
+static ACTIVE_WHEN_UNASSIGNED: Value = Value::Bool(true);
+
 impl Ctx<'_> {
+    /// The top-level core `active` of a User.
+    fn is_user_active(&self, path: &AttrPath) -> bool {
+        self.parent.is_none()
+            && self.kind == ResourceKind::User
+            && path.sub.is_none()
+            && path.attr.eq_ignore_ascii_case("active")
+            && path.urn.as_deref().is_none_or(is_core_urn)
+    }
+
     fn semantics(&self, path: &AttrPath) -> Semantics {
         let def = match self.parent {
             Some(p) => schema::lookup(self.kind, p.urn.as_deref(), &p.attr, Some(&path.attr)),
@@ -835,6 +849,10 @@ impl Filter {
                         _ => false,
                     };
                 }
+                let mut values = values;
+                if values.is_empty() && ctx.is_user_active(path) {
+                    values.push(&ACTIVE_WHEN_UNASSIGNED);
+                }
                 let sem = ctx.semantics(path);
                 if *op == CompareOp::Ne {
                     // "not equal" holds when no value equals, including when absent.
@@ -938,6 +956,32 @@ mod tests {
         assert!(m(r#"title ge "tour guide""#));
         assert!(m(r#"title le "tour guide""#));
         assert!(!m(r#"title gt "tour guide""#));
+    }
+
+    #[test]
+    fn a_user_without_active_compares_as_active() {
+        let mut u = user();
+        u.as_object_mut().unwrap().remove("active");
+        let on = |kind, doc: &Value, f: &str| parse_filter(f).unwrap().matches(kind, doc);
+        assert!(on(ResourceKind::User, &u, "active eq true"));
+        assert!(on(ResourceKind::User, &u, "active ne false"));
+        assert!(!on(ResourceKind::User, &u, "active eq false"));
+        assert!(on(
+            ResourceKind::User,
+            &u,
+            "urn:ietf:params:scim:schemas:core:2.0:User:active eq true"
+        ));
+        // Presence is about what was sent.
+        assert!(!on(ResourceKind::User, &u, "active pr"));
+        // Only a User has `active`.
+        assert!(!on(
+            ResourceKind::Group,
+            &json!({"displayName": "g"}),
+            "active eq true"
+        ));
+        let mut off = user();
+        off["active"] = json!(false);
+        assert!(!on(ResourceKind::User, &off, "active eq true"));
     }
 
     #[test]
