@@ -419,6 +419,7 @@ pub fn openapi_document() -> Value {
                     "failed": {"type": "integer"}, "unmappable": {"type": "integer"},
                     "note": {"type": ["string", "null"]},
                     "read_back_stopped": {"type": ["string", "null"], "description": "Why reading users back from the target ended before the end of its window; the job then fails"},
+                    "paused": {"type": ["string", "null"], "description": "Why re-sending stopped: the connector is paused (until when, and its last error); what was not sent counts in failed and the job fails at once instead of waiting the pause out"},
                     "items": {"type": "array", "items": {"type": "object", "properties": {
                         "object": {"type": "string"}, "action": {"type": "string", "enum": ["put", "delete"]},
                         "reason": {"type": "string"}}}}}}

@@ -321,6 +321,21 @@ impl Live {
         self.health().paused_until.filter(|u| *u > Utc::now())
     }
 
+    /// While paused: until when, and the last error that paused it.
+    fn pause_reason(&self) -> Option<String> {
+        let until = self.paused_until()?;
+        let when = if until == DateTime::<Utc>::MAX_UTC {
+            "until resumed".to_owned()
+        } else {
+            format!(
+                "until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        };
+        let last = self.health().last_error.clone().unwrap_or_default();
+        Some(format!("the connector is paused {when} ({last})"))
+    }
+
     /// Wait while paused. False if cancelled meanwhile.
     async fn wait_unpaused(&self, cancel: &CancellationToken) -> bool {
         while let Some(until) = self.paused_until() {
@@ -348,9 +363,13 @@ impl Live {
 /// the failures that pause it; an operator's replay tries once, now, and leaves the
 /// connector's health alone: a target still refusing it is the answer the operator
 /// asked for, not a reason to stall the mirror (or the next replay) for `pause_secs`.
+/// A reconciliation counts towards the pause as the mirror does, but does not wait one
+/// out: its job would hold the tenant's job slot, and refuse overrides with 409, for as
+/// long as the target stays down.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sender {
     Mirror,
+    Reconcile,
     Operator,
 }
 
@@ -513,8 +532,16 @@ impl Ctx {
         self.send_as(req, max_attempts, Sender::Mirror).await
     }
 
+    /// A reconciliation's repair: as the mirror sends, but refused at once while the
+    /// connector is paused (see [`Sender::Reconcile`]).
+    async fn send_repair(&self, req: &Request, max_attempts: u32) -> Sent {
+        self.send_as(req, Some(max_attempts), Sender::Reconcile)
+            .await
+    }
+
     async fn send_as(&self, req: &Request, max_attempts: Option<u32>, by: Sender) -> Sent {
         let mirror = by == Sender::Mirror;
+        let counts = by != Sender::Operator;
         let name = self.name();
         if self.config.dry_run {
             tracing::info!(method = %req.method, url = %req.url,
@@ -530,6 +557,14 @@ impl Ctx {
         loop {
             if mirror && !self.live.wait_unpaused(&self.cancel).await {
                 return Sent::Cancelled;
+            }
+            if by == Sender::Reconcile
+                && let Some(reason) = self.live.pause_reason()
+            {
+                return Sent::Refused {
+                    reason,
+                    response: None,
+                };
             }
             attempts += 1;
             let mut used_auth = None;
@@ -552,7 +587,7 @@ impl Ctx {
             };
             let (reason, retry_after, response) = match outcome {
                 Outcome::Delivered { .. } => {
-                    if mirror {
+                    if counts {
                         self.live.success();
                     }
                     counters::delivered(self.tenant(), name);
@@ -599,7 +634,7 @@ impl Ctx {
                     response,
                 } => (reason, retry_after, response),
             };
-            if mirror {
+            if counts {
                 counters::retried(self.tenant(), name);
                 self.live.failure(
                     &mut streak,

@@ -60,6 +60,9 @@ pub struct DriftReport {
     /// Why reading users back from the target ended before the end of its window (a
     /// failed request, a target that ignores `offset`); what was read is still repaired.
     pub read_back_stopped: Option<String>,
+    /// Why re-sending stopped before the end: the connector is paused (its target kept
+    /// failing, or answered 410). What was not sent counts in `failed`.
+    pub paused: Option<String>,
     /// The first drifted objects.
     pub items: Vec<DriftItem>,
 }
@@ -310,14 +313,23 @@ pub(super) async fn reconcile_oneroster(
     };
     items.sort_by_key(rank);
     let mut hashes = Vec::new();
+    let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
     for item in &items {
         let Some(req) = &item.request else { continue };
-        match ctx.send(req, Some(5)).await {
+        match ctx.send_repair(req, 5).await {
             Sent::Ok => {
                 report.sent += 1;
                 hashes.push((item.object.clone(), item.hash));
             }
             Sent::Refused { reason, .. } => {
+                if let Some(paused) = ctx.live.pause_reason() {
+                    // Every later object would meet the same pause: count them all and
+                    // end the job's work here rather than log each.
+                    report.failed = sendable - report.sent;
+                    tracing::warn!(not_sent = report.failed, %paused, "Reconciliation stopped re-sending: the connector is paused.");
+                    report.paused = Some(paused);
+                    break;
+                }
                 report.failed += 1;
                 tracing::warn!(object = %item.object, %reason, "Reconciliation could not repair an object.");
             }

@@ -638,3 +638,52 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
         "{job}"
     );
 }
+
+/// A reconciliation does not wait out a paused connector: the job would hold the tenant's
+/// job slot, and overrides would answer 409, for as long as the target stayed down. It
+/// ends at once, failed, saying the connector is paused; what it could not send counts.
+#[tokio::test]
+async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text
+        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
+        .replace("pause_secs = 1", "pause_secs = 3600");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    // The target goes down; the change after it pauses the connector for an hour.
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    crate::mirror::paused(&d, "sis").await;
+
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    // `wait_job` gives up after 30 s: a job waiting out the pause would take the hour.
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["counts"]["drift_failed"].as_u64().unwrap() >= 1,
+        "{job}"
+    );
+    // The job is over, so an override is taken.
+    let r = d
+        .override_archetype("/users/user:ada@acme.test", &admin, json!("eng_lead"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The pause stands: the job neither waited on it nor lifted it.
+    let c = connector(&d, "sis").await;
+    assert_eq!(c["paused"], true, "{c}");
+}
