@@ -39,6 +39,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
+        /// Check this store directory instead of `server.data_dir`, as `serve
+        /// --data-dir` would use it (the systemd unit passes its StateDirectory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// SCIM token and Roster API JWT utilities.
     Token {
@@ -255,7 +259,7 @@ fn run() -> Result<()> {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config, data_dir } => check_config(config, data_dir),
         Command::Status { daemon, json } => print_status(&daemon, json),
         Command::Reconcile {
             daemon,
@@ -324,14 +328,27 @@ fn run() -> Result<()> {
 /// Everything `serve` reads before it can start, read the same way: the config, each
 /// tenant's bundle (trained, with its group rules checked against it) and the connector
 /// files. A restart must not be the first to find a bad file.
-fn check_config(path: PathBuf) -> Result<()> {
+fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     // What `serve` would refuse before opening the store. A damaged log or snapshot
     // shows only when sled reads it, which the running daemon's lock prevents here.
-    let data_dir = config.resolve(&config.server.data_dir);
-    rosterd::store::Store::check_dir(&data_dir)
-        .with_context(|| format!("{}: server.data_dir", path.display()))?;
+    let (dir, key) = match data_dir {
+        Some(d) => (
+            std::path::absolute(&d).with_context(|| format!("data dir {}", d.display()))?,
+            "--data-dir".to_owned(),
+        ),
+        None => (
+            config.resolve(&config.server.data_dir),
+            format!("{}: server.data_dir", path.display()),
+        ),
+    };
+    rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
+    if let Some(why) = rosterd::store::Store::creatable(&dir) {
+        println!(
+            "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"
+        );
+    }
     let mut bad_bundles = 0usize;
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {

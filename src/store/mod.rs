@@ -1071,6 +1071,72 @@ const STORE_MARKER: &str = ".rosterd-store";
 /// A directory with files in it but no store is someone else's (a data_dir set to the
 /// wrong path): sled would write its files among theirs and overwrite one named `db`.
 /// A store always has sled's `conf`; an empty directory is a new store.
+/// A data directory this process could not use: a path through a file, or a directory
+/// on a read-only mount or owned by another user. `check-config` run as the service's
+/// user then says so, rather than the first start. A directory not made yet is left to
+/// [`Store::creatable`]: systemd's `StateDirectory=` makes it only at the start.
+fn refuse_unwritable(dir: &Path) -> StoreResult<()> {
+    let refuse = |message: String| {
+        Err(StoreError::Open {
+            dir: dir.to_owned(),
+            message,
+        })
+    };
+    let existing = nearest_existing(dir);
+    if !existing.is_dir() {
+        return refuse(format!("{} is a file, not a directory", existing.display()));
+    }
+    if existing == dir
+        && let Err(e) = writable(dir)
+    {
+        return refuse(format!(
+            "the directory is not writable by this user (uid {}): {e}; rosterd writes its store there",
+            euid()
+        ));
+    }
+    Ok(())
+}
+
+/// `dir` itself or its nearest ancestor that exists (the one a start would create it
+/// in); `dir` when none does.
+fn nearest_existing(dir: &Path) -> &Path {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => return dir,
+        }
+    }
+    existing
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether this process may create files in `dir`, by its effective ids (as the daemon
+/// will open it), including a read-only mount.
+fn writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn refuse_foreign(dir: &Path) -> StoreResult<()> {
     if dir.join("conf").is_file() {
         return Ok(());
@@ -1162,10 +1228,29 @@ impl Store {
         })
     }
 
+    /// Why this process could not create the data directory `dir`, if it does not exist
+    /// and its nearest existing ancestor is not writable here. A warning, not an error:
+    /// under systemd, `StateDirectory=` creates it before the start.
+    pub fn creatable(dir: &Path) -> Option<String> {
+        let existing = nearest_existing(dir);
+        if existing == dir || !existing.is_dir() {
+            return None;
+        }
+        writable(existing).err().map(|e| {
+            format!(
+                "{} does not exist, and this user (uid {}) cannot create it in {}: {e}",
+                dir.display(),
+                euid(),
+                existing.display()
+            )
+        })
+    }
+
     /// What can be told of `dir` without opening it (and so without taking the lock a
     /// running daemon holds): someone else's files, or a store whose log is gone. For
     /// `check-config`; opening checks the same first.
     pub fn check_dir(dir: &Path) -> StoreResult<()> {
+        refuse_unwritable(dir)?;
         refuse_foreign(dir)?;
         if dir.join(STORE_MARKER).is_file()
             && std::fs::metadata(dir.join("db")).map_or(true, |m| m.len() == 0)

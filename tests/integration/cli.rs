@@ -896,6 +896,54 @@ fn check_config_refuses_a_data_directory_serve_would_refuse() {
     let (ok, _, err) = check();
     assert!(!ok);
     assert!(err.contains("`db` is missing or empty"), "{err}");
+
+    // `--data-dir`, as the systemd unit passes it, is checked instead of the key.
+    let check_dir = |d: &std::path::Path| {
+        rosterd_env(
+            &[
+                "check-config",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                d.to_str().unwrap(),
+            ],
+            &[("T", "x")],
+        )
+    };
+    let fresh = dir.path().join("state").join("rosterd");
+    let (ok, out, err) = check_dir(&fresh);
+    assert!(ok, "{out} {err}");
+    // A path through a file can be neither created nor used.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for d in [file.clone(), file.join("data")] {
+        let (ok, _, err) = check_dir(&d);
+        assert!(!ok, "{}", d.display());
+        assert!(
+            err.contains("--data-dir") && err.contains("is a file, not a directory"),
+            "{err}"
+        );
+    }
+    // A directory this user may not write (root may write anywhere but a read-only
+    // mount, so this part needs another user).
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let (ok, _, err) = check_dir(&locked);
+        assert!(!ok);
+        assert!(err.contains("is not writable by this user"), "{err}");
+        // Not made yet, and not makeable here: a warning, since systemd may make it.
+        let (ok, out, err) = check_dir(&locked.join("data"));
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("warning: --data-dir") && out.contains("cannot create it"),
+            "{out}"
+        );
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 }
 
 /// With JSON logs, what stops the daemon is one more JSON event on the log stream, which
