@@ -854,7 +854,14 @@ fn call_daemon(
         Some(url) if !url.contains("://") => (format!("http://{url}"), None),
         Some(url) => (url.clone(), None),
         None => {
-            let c = load()?;
+            // A broken config.toml is when `status` is needed most: say how to do
+            // without it.
+            let c = load().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}\n(the daemon's address comes from this config; without it, give the address with --url, e.g. --url 127.0.0.1:8080)",
+                    causes(&anyhow::Error::new(e))
+                )
+            })?;
             (format!("http://{}", c.server.listen), Some(c))
         }
     };
@@ -1081,8 +1088,13 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
         println!("tenant {tenant} has no running connector");
     }
     for c in connectors {
+        // Users the target cannot take (no email, say) are neither sent nor drift.
+        let unmappable = match c["unmappable"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(", {n} left out (the target's format cannot express them)"),
+        };
         println!(
-            "connector {} ({}): {} objects checked, {} would be sent{}",
+            "connector {} ({}): {} objects checked, {} would be sent{unmappable}{}",
             c["connector"].as_str().unwrap_or_default(),
             c["kind"].as_str().unwrap_or_default(),
             c["checked"],
@@ -1092,6 +1104,9 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
                 .map(|n| format!(" ({n})"))
                 .unwrap_or_default()
         );
+        if let Some(p) = c["paused"].as_str() {
+            println!("    {p}");
+        }
         for i in c["items"].as_array().cloned().unwrap_or_default() {
             println!(
                 "    {} {}: {}",
@@ -1100,8 +1115,9 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
                 i["reason"].as_str().unwrap_or_default()
             );
         }
+        // A CSV connector's one object (its files) is described by its note, not listed.
         let listed = c["items"].as_array().map(Vec::len).unwrap_or(0) as u64;
-        if c["drifted"].as_u64().unwrap_or(0) > listed {
+        if listed > 0 && c["drifted"].as_u64().unwrap_or(0) > listed {
             println!(
                 "    … and {} more",
                 c["drifted"].as_u64().unwrap_or(0) - listed
@@ -1360,6 +1376,11 @@ fn init_logging(log: &LogConfig) {
 
 fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<()> {
     let mut config = Config::load(&path)?;
+    // Which setting to change when the address cannot be bound.
+    let listen_key = match listen {
+        Some(_) => "--listen".to_owned(),
+        None => format!("{}: server.listen", path.display()),
+    };
     if let Some(l) = listen {
         config.server.listen = l;
     }
@@ -1371,7 +1392,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);
     let json_logs = matches!(config.log.format, LogFormat::Json);
-    match serve_logged(config) {
+    match serve_logged(config, &listen_key) {
         Err(e) if json_logs => {
             tracing::error!(error = %causes(&e), "Fatal error; rosterd exits.");
             Err(Logged.into())
@@ -1380,12 +1401,12 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     }
 }
 
-fn serve_logged(config: Config) -> Result<()> {
+fn serve_logged(config: Config, listen_key: &str) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
-            .with_context(|| format!("while binding {}", config.server.listen))?;
+            .with_context(|| format!("{listen_key}: cannot listen on {}", config.server.listen))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(watch_signals(shutdown.clone()));
         rosterd::run(config, listener, shutdown)

@@ -986,8 +986,92 @@ fn a_fatal_error_is_a_json_event_when_logs_are_json() {
         .filter(|v: &serde_json::Value| v["level"] == "ERROR")
         .collect();
     assert_eq!(fatal.len(), 1, "{out}");
-    assert!(fatal[0]["error"].as_str().unwrap().contains(&addr), "{out}");
+    // It names the setting to change.
+    let wanted = format!("--listen: cannot listen on {addr}");
+    assert!(
+        fatal[0]["error"].as_str().unwrap().contains(&wanted),
+        "{out}"
+    );
     let (ok, _, err) = serve("text");
     assert!(!ok);
     assert!(err.starts_with("Error: ") && err.contains(&addr), "{err}");
+}
+
+/// `rosterd status` without `--url` reads the daemon's address from config.toml; when
+/// that file is broken, which is when status is needed most, the error says how to go on.
+#[test]
+fn status_with_a_broken_config_points_to_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "version = 1\n[server]\ncahce_mb = 1\n").unwrap();
+    let (ok, _, err) = rosterd(&["status", "--config", config.to_str().unwrap()], None);
+    assert!(!ok);
+    assert!(err.contains("cahce_mb") && err.contains("--url"), "{err}");
+}
+
+/// The dry run's text says what the JSON says: users the target cannot take, and no
+/// "… and N more" for a CSV connector whose one object (its files) is not listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_dry_run_text_counts_what_is_left_out() {
+    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::oneroster::{self as or, OneRosterOptions, OneRosterServer};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            crate::mirror::oneroster_file("sis", &target, ""),
+            (
+                "files.toml".into(),
+                format!("kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 50\n"),
+            ),
+        ],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    // No email: OneRoster cannot take this user.
+    let r = d
+        .post(
+            "/Users",
+            serde_json::json!({
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": "noemail",
+                "name": {"givenName": "No", "familyName": "Email"},
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    crate::mirror::caught_up(&d, "sis").await;
+    let token = d.jwt(TENANT, "roster:write");
+    let url = format!("http://{}", d.addr);
+    let args: Vec<String> = [
+        "reconcile",
+        "--tenant",
+        TENANT,
+        "--dry-run",
+        "--url",
+        &url,
+        "--token",
+        &token,
+    ]
+    .map(String::from)
+    .to_vec();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args, None, &[])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let sis = out
+        .lines()
+        .find(|l| l.starts_with("connector sis"))
+        .unwrap();
+    assert!(sis.contains(", 1 left out"), "{out}");
+    let files = out
+        .lines()
+        .find(|l| l.starts_with("connector files"))
+        .unwrap();
+    assert!(files.contains("would rewrite the CSV files"), "{out}");
+    assert!(!out.contains("more"), "{out}");
 }
