@@ -1498,6 +1498,7 @@ impl Dispatcher {
             }
             tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).");
             stop(r).await;
+            counters::connector_removed(&tenant, &name);
             if let Err(e) = self.store.set_retired(&tenant, &name, true).await {
                 tracing::error!(%tenant, connector = %name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
             }

@@ -277,6 +277,20 @@ fn delivered_labels(tenant: &str, connector: &str) -> [(&'static str, String); 3
     ]
 }
 
+/// A connector whose file was removed: its gauges read "not loaded" and 0 until they go
+/// idle and leave the exposition a minute later, rather than their last values (loaded,
+/// not lagging) for that minute.
+pub fn connector_removed(tenant: &str, connector: &str) {
+    let gauges = ConnectorGauges {
+        loaded: false,
+        lag_events: 0,
+        lag_seconds: 0.0,
+        paused: false,
+        dead_letters: 0,
+    };
+    gauges.set(connector.to_owned(), tenant.to_owned());
+}
+
 /// A request the target acknowledged, or a CSV connector's write.
 pub fn delivered(tenant: &str, connector: &str) {
     metrics::counter!(DELIVERIES_TOTAL, &delivered_labels(tenant, connector)).increment(1);

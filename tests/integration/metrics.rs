@@ -400,6 +400,28 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
     );
 }
 
+/// Removed, a connector is not loaded at once, not a minute later when its gauges go idle.
+#[tokio::test]
+async fn a_removed_connector_reads_not_loaded() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (file_name, text) = named_webhook_file("removedhook", &hook, "[]");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(file_name.clone(), text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    let conn = [("connector", "removedhook"), ("tenant", TENANT)];
+    let loaded =
+        |v: f64| move |s: &[Sample]| value(s, "rosterd_connector_loaded", &conn) == Some(v);
+    let (text_m, samples) = scrape_until(&d, loaded(1.0)).await;
+    assert!(loaded(1.0)(&samples), "{text_m}");
+    std::fs::remove_file(d.root.join("connectors").join(file_name)).unwrap();
+    d.reload().await;
+    let (text_m, samples) = scrape_until(&d, loaded(0.0)).await;
+    assert!(loaded(0.0)(&samples), "{text_m}");
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_shows_as_not_loaded_with_its_lag_growing() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
