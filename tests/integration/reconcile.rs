@@ -30,6 +30,13 @@ pub async fn wait_job(d: &TestDaemon, job_id: &str) -> Value {
     }
 }
 
+/// Start a reconciliation (`POST /scim:sync`) and wait for its end, as [`wait_job`].
+async fn sync_job(d: &TestDaemon, admin: &str) -> Value {
+    let r = d.roster(Method::POST, "/scim:sync", admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    wait_job(d, r.body["job_id"].as_str().unwrap()).await
+}
+
 #[tokio::test]
 async fn reconcile_repairs_what_changed_behind_our_back() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
@@ -112,9 +119,7 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
     );
 
     // The real run repairs them; the job reports its counts.
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["counts"]["drift_sent"], 3, "{job}");
     assert_eq!(target.user(&ada_sid).unwrap()["givenName"], "Given");
@@ -184,9 +189,7 @@ async fn read_back_takes_the_total_from_x_total_count() {
     });
     target.clear_requests();
     let admin = d.jwt(TENANT, "roster:admin");
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["counts"]["drift_repaired_from_target"], 1, "{job}");
     let gets = read_back_gets(&target);
@@ -220,9 +223,7 @@ async fn read_back_stops_when_a_page_brings_nothing_new() {
     assert_eq!(report["repaired_from_target"], 1, "{report}");
     assert_eq!(read_back_gets(&target).len(), 2);
     // The job ends, says why it is incomplete, and still repairs what it read.
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap_or_default();
     assert!(error.contains("sis") && error.contains("offset"), "{job}");
@@ -602,9 +603,7 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     assert!(n["note"].as_str().unwrap().contains("own schedule"), "{n}");
 
     std::fs::remove_file(&live).unwrap();
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert!(live.exists(), "the on-change connector was not rewritten");
     assert!(
@@ -627,9 +626,7 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
             .on_path("users"),
     );
     let admin = d.jwt(TENANT, "roster:admin");
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(
         job["error"]
@@ -669,10 +666,8 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     crate::mirror::paused(&d, "sis").await;
 
     let admin = d.jwt(TENANT, "roster:admin");
-    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    // `wait_job` gives up after 30 s: a job waiting out the pause would take the hour.
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    // `sync_job` gives up after 30 s: a job waiting out the pause would take the hour.
+    let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert!(
         job["counts"]["drift_failed"].as_u64().unwrap() >= 1,
