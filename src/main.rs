@@ -1347,6 +1347,14 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 str_of(&sch["last_result"]),
                 str_of(&sch["next_run"])
             );
+            // A run that found a job still running: the result above is the last job's.
+            if let Some(at) = sch["last_skipped_at"].as_str() {
+                println!(
+                    "    last skipped {} ({})",
+                    rfc3339(at),
+                    str_of(&sch["last_skipped"])
+                );
+            }
         }
     }
     Ok(())

@@ -209,23 +209,45 @@ async fn run_job(
                                 r.connector
                             ))
                         }));
+                        // A pause ends re-sending to that connector: which, and why.
+                        errors.extend(reports.iter().filter_map(|r| {
+                            let why = r.paused.as_ref()?;
+                            Some(format!(
+                                "connector {}: {} drifted objects not re-sent: {why}; run the job again after the pause or `rosterd resume`",
+                                r.connector, r.failed
+                            ))
+                        }));
                         if !errors.is_empty() {
                             job.status = JobStatus::Failed;
                             job.error = Some(errors.join("; "));
-                            // The job's own end, whoever started it (a schedule only
-                            // learns that the job began).
-                            tracing::warn!(error = ?job.error, "Reconciliation job failed.");
                         }
-                        // One field each, so a JSON log holds numbers, not a map in a string.
-                        let n = |k: &str| job.counts.get(k).copied().unwrap_or(0);
-                        tracing::info!(
-                            drift_checked = n("drift_checked"),
-                            drift_found = n("drift_found"),
-                            drift_repaired_from_target = n("drift_repaired_from_target"),
-                            drift_sent = n("drift_sent"),
-                            drift_failed = n("drift_failed"),
-                            "Reconciliation finished."
-                        );
+                        // The job's own end, whoever started it (a schedule only logs
+                        // that the job began), logged once; a job the shutdown cut off
+                        // did not finish, and says so below instead.
+                        if !state.shutdown.is_cancelled() {
+                            // One field each, so a JSON log holds numbers, not a map in a
+                            // string.
+                            let n = |k: &str| job.counts.get(k).copied().unwrap_or(0);
+                            macro_rules! end {
+                                ($level:ident, $msg:literal) => {
+                                    tracing::$level!(
+                                        drift_checked = n("drift_checked"),
+                                        drift_found = n("drift_found"),
+                                        drift_repaired_from_target =
+                                            n("drift_repaired_from_target"),
+                                        drift_sent = n("drift_sent"),
+                                        drift_failed = n("drift_failed"),
+                                        error = job.error.as_deref(),
+                                        $msg
+                                    )
+                                };
+                            }
+                            if job.status == JobStatus::Failed {
+                                end!(warn, "Reconciliation job failed.");
+                            } else {
+                                end!(info, "Reconciliation finished.");
+                            }
+                        }
                     }
                     Err(e) => {
                         job.status = JobStatus::Failed;
@@ -246,7 +268,10 @@ async fn run_job(
         // even "succeeded" cannot be trusted now): no fault of the job, and no success.
         // It stays recorded as running, and the next start marks it interrupted (and
         // counts it so), as after a crash.
-        tracing::info!(error = ?job.error, "The shutdown cut the job off; the next start marks it interrupted.");
+        tracing::info!(
+            error = job.error.as_deref(),
+            "The shutdown cut the job off; the next start marks it interrupted."
+        );
         return false;
     }
     job.finished_at = Some(Utc::now());
@@ -280,13 +305,35 @@ fn policy_changed(state: &AppState, tenant: &str, started_with: &TenantPolicy) -
         .is_none_or(|now| now.fingerprint() != started_with.fingerprint())
 }
 
+/// What one tenant's part of a schedule's last run (that was not skipped) did.
+#[derive(Debug, Clone)]
+enum Part {
+    /// The run's own result (`export`, `compact`, or a job that could not start).
+    Text(String),
+    /// The id of the job the run started (`reconcile`); its state is read at each call.
+    Job(String),
+}
+
 /// Last and next run of one schedule.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ScheduleRun {
-    pub cron: String,
-    pub last_run: Option<chrono::DateTime<Utc>>,
-    pub last_result: Option<String>,
-    pub next_run: Option<chrono::DateTime<Utc>>,
+#[derive(Debug, Clone, Default)]
+struct ScheduleRun {
+    cron: String,
+    /// When a run last did something for at least one tenant (a run that only skipped
+    /// does not count).
+    last_run: Option<chrono::DateTime<Utc>>,
+    /// Per tenant, in config order, what its last run that was not skipped did.
+    parts: Vec<(String, Part)>,
+    /// When a run last found a tenant's job slot taken, and which tenants.
+    last_skipped_at: Option<chrono::DateTime<Utc>>,
+    last_skipped: Option<String>,
+    next_run: Option<chrono::DateTime<Utc>>,
+}
+
+/// One tenant's result of a scheduled run.
+enum Outcome {
+    Done(Part),
+    /// The tenant's job slot was taken: its last result stands.
+    Skipped(String),
 }
 
 /// The schedules' state, shared with `/status`.
@@ -300,9 +347,54 @@ impl Schedules {
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         f(runs.entry(name.to_owned()).or_default());
     }
+
+    /// Record a run's per-tenant outcomes at `at`.
+    fn record(&self, name: &str, at: chrono::DateTime<Utc>, outcomes: Vec<(String, Outcome)>) {
+        self.update(name, |r| {
+            let mut skipped = Vec::new();
+            let mut done = false;
+            for (tenant, outcome) in outcomes {
+                match outcome {
+                    Outcome::Done(part) => {
+                        done = true;
+                        match r.parts.iter_mut().find(|(t, _)| *t == tenant) {
+                            Some(slot) => slot.1 = part,
+                            None => r.parts.push((tenant, part)),
+                        }
+                    }
+                    Outcome::Skipped(text) => skipped.push(text),
+                }
+            }
+            if done {
+                r.last_run = Some(at);
+            }
+            if !skipped.is_empty() {
+                r.last_skipped_at = Some(at);
+                r.last_skipped = Some(skipped.join("; "));
+            }
+        });
+    }
 }
 
-/// The schedules' last and next runs, for `/status`.
+/// A scheduled job's state, as `last_result` words it.
+fn job_state(job: &Job) -> String {
+    match job.status {
+        JobStatus::Queued | JobStatus::Running => "running".to_owned(),
+        JobStatus::Succeeded => "succeeded".to_owned(),
+        JobStatus::Failed => match &job.error {
+            Some(e) => format!("failed: {e}"),
+            None => "failed".to_owned(),
+        },
+        JobStatus::Interrupted => "interrupted (the daemon stopped while it ran)".to_owned(),
+    }
+}
+
+/// The schedules' last and next runs, for `/status`. A `reconcile` run's
+/// `last_result` names, per tenant, the job it started and that job's state now
+/// (running, succeeded, failed with its error, interrupted); `jobs` holds those job
+/// records as `GET /api/v1/roster/scim/jobs/{id}` gives them. A run that found a
+/// tenant's job slot taken leaves that tenant's last result as it was and sets
+/// `last_skipped_at` and `last_skipped` instead.
 pub fn status(state: &AppState) -> serde_json::Value {
     let runs = state
         .schedules
@@ -310,7 +402,42 @@ pub fn status(state: &AppState) -> serde_json::Value {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    serde_json::to_value(runs).unwrap_or_default()
+    let mut doc = serde_json::Map::new();
+    for (name, run) in runs {
+        let mut text = Vec::new();
+        let mut jobs = serde_json::Map::new();
+        for (tenant, part) in &run.parts {
+            match part {
+                Part::Text(t) => text.push(t.clone()),
+                Part::Job(id) => match state.store.job(tenant, id) {
+                    Ok(Some(job)) => {
+                        text.push(format!("{tenant}: job {id} {}", job_state(&job)));
+                        jobs.insert(
+                            tenant.clone(),
+                            serde_json::to_value(&job).unwrap_or_default(),
+                        );
+                    }
+                    Ok(None) => text.push(format!("{tenant}: job {id} (no record)")),
+                    Err(e) => text.push(format!(
+                        "{tenant}: job {id} (its state cannot be read: {e})"
+                    )),
+                },
+            }
+        }
+        let mut entry = serde_json::json!({
+            "cron": run.cron,
+            "last_run": run.last_run,
+            "last_result": (!text.is_empty()).then(|| text.join("; ")),
+            "last_skipped_at": run.last_skipped_at,
+            "last_skipped": run.last_skipped,
+            "next_run": run.next_run,
+        });
+        if !jobs.is_empty() {
+            entry["jobs"] = serde_json::Value::Object(jobs);
+        }
+        doc.insert(name, entry);
+    }
+    serde_json::Value::Object(doc)
 }
 
 /// The next time `cron`, read in `tz`, fires.
@@ -363,11 +490,8 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                     if !sleep_until(next, &shutdown).await {
                         return;
                     }
-                    let result = run_scheduled(&state, name).await;
-                    state.schedules.update(name, |r| {
-                        r.last_run = Some(Utc::now());
-                        r.last_result = Some(result);
-                    });
+                    let outcomes = run_scheduled(&state, name).await;
+                    state.schedules.record(name, Utc::now(), outcomes);
                 }
             },
             span,
@@ -375,18 +499,26 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
     }
 }
 
-/// Run one scheduled job for every tenant; a summary for `/status`.
-async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
-    let mut parts = Vec::new();
+/// Run one scheduled job for every tenant; what it did for each, for `/status`.
+async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcome)> {
+    let mut outcomes = Vec::new();
     for t in &state.config.tenants {
         let tenant = t.id.as_str();
         // Whether this tenant's part failed: such a run is a WARN, which the
         // `journalctl -p warning` the README suggests shows.
         let (part, failed) = match name {
             "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
-                Ok(job) => (format!("{tenant}: job {}", job.job_id), false),
+                // The job logs its own end, with its outcome.
+                Ok(job) => {
+                    tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
+                    outcomes.push((tenant.to_owned(), Outcome::Done(Part::Job(job.job_id))));
+                    continue;
+                }
                 Err(JobError::AlreadyRunning(_)) => {
-                    (format!("{tenant}: skipped, a job is running"), false)
+                    let text = format!("{tenant}: skipped, a job is running");
+                    tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
+                    outcomes.push((tenant.to_owned(), Outcome::Skipped(text)));
+                    continue;
                 }
                 Err(e) => (format!("{tenant}: failed: {e}"), true),
             },
@@ -425,9 +557,9 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> String {
         } else {
             tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
         }
-        parts.push(part);
+        outcomes.push((tenant.to_owned(), Outcome::Done(Part::Text(part))));
     }
-    parts.join("; ")
+    outcomes
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).

@@ -673,6 +673,11 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
         job["counts"]["drift_failed"].as_u64().unwrap() >= 1,
         "{job}"
     );
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("connector sis:") && error.contains("the connector is paused until"),
+        "{job}"
+    );
     // The job is over, so an override is taken.
     let r = d
         .override_archetype("/users/user:ada@acme.test", &admin, json!("eng_lead"))
@@ -681,4 +686,123 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     // The pause stands: the job neither waited on it nor lifted it.
     let c = connector(&d, "sis").await;
     assert_eq!(c["paused"], true, "{c}");
+}
+
+/// Poll `/status` until `done` holds for `schedules.reconcile`; the last one seen.
+async fn reconcile_schedule_until(
+    d: &TestDaemon,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = d.status().await["schedules"]["reconcile"].clone();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: schedules.reconcile is {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A scheduled reconcile's outcome shows in `/status` once the job ends, not only that it
+/// began; a run skipped while a job runs does not hide the job; the log says when it
+/// started and how it ended, without Rust's `Some(…)`/`None`.
+#[tokio::test]
+async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            name,
+            text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+        )],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        config_extra: "[schedules]\nreconcile = \"* * * * * *\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    let job_of = |s: &Value| s["jobs"][TENANT].clone();
+    // A run's job succeeds: its outcome, not only its id, is the last result.
+    let s = reconcile_schedule_until(&d, "no scheduled job succeeded", |s| {
+        job_of(s)["status"] == "succeeded"
+    })
+    .await;
+    let id = job_of(&s)["job_id"].as_str().unwrap().to_owned();
+    // Per tenant (the other tenant's part follows).
+    let result = |s: &Value| s["last_result"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        result(&s).starts_with(&format!("{TENANT}: job {id} succeeded; ")),
+        "{s}"
+    );
+    assert_eq!(job_of(&s)["kind"], "schedule", "{s}");
+    // A job slower than the schedule: it shows as running, and the runs that find it
+    // running are reported as skipped without replacing it.
+    target.inject(
+        or::Fault::delay(Duration::from_millis(1500), 1)
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let s = reconcile_schedule_until(&d, "no run was skipped while a job ran", |s| {
+        let started = job_of(s)["started_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let skipped = s["last_skipped_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        job_of(s)["status"] == "running" && skipped > started
+    })
+    .await;
+    let slow = job_of(&s)["job_id"].as_str().unwrap().to_owned();
+    assert!(
+        result(&s).starts_with(&format!("{TENANT}: job {slow} running; ")),
+        "{s}"
+    );
+    assert!(
+        s["last_skipped"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("{TENANT}: skipped, a job is running"))),
+        "{s}"
+    );
+    // A failing job: its failure and error are the last result.
+    target.inject(
+        or::Fault::status(200, 0)
+            .forever()
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let s = reconcile_schedule_until(&d, "no scheduled job failed", |s| {
+        job_of(s)["status"] == "failed"
+    })
+    .await;
+    let failed = job_of(&s);
+    let error = failed["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("not a OneRoster users page"), "{s}");
+    assert!(
+        result(&s).starts_with(&format!(
+            "{TENANT}: job {} failed: {error}; ",
+            failed["job_id"].as_str().unwrap()
+        )),
+        "{s}"
+    );
+    target.clear_faults();
+    // The log: a run starts a job, the job logs its end, and no Debug text.
+    let started = logs.lines("Scheduled run started.");
+    assert!(started.iter().any(|l| l.contains(&id)), "{started:?}");
+    assert!(logs.lines("Scheduled run finished.").is_empty());
+    let ended = logs.lines("Reconciliation job failed.");
+    assert!(
+        ended
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains("not a OneRoster users page")),
+        "{ended:?}"
+    );
+    let debug: Vec<String> = [logs.lines("=Some("), logs.lines("=None")].concat();
+    assert!(debug.is_empty(), "{debug:?}");
 }
