@@ -7,6 +7,7 @@
 ///
 /// `"Sr. Software Eng. (EMEA)"` becomes `"senior software engineer"`.
 pub fn normalize_title(title: &str) -> String {
+    let title = bounded_prefix(title);
     let folded;
     let title = if title.is_ascii() {
         title
@@ -78,6 +79,32 @@ pub fn normalize_title(title: &str) -> String {
     }
     strip_levels(&mut out);
     out
+}
+
+/// The most characters of a title (or department) the classifier reads. Every word costs
+/// it a few dozen features, so without a bound one 12 MB `title` sent through SCIM took
+/// over a gigabyte to classify. Real job titles are under ~200 characters and the longest
+/// text in the SOC data (a unit group's description, used as an example) is under 600, so
+/// the bound cuts nothing real. It is applied here because training, classification,
+/// department hints and the exact-match table all read text through this function: a
+/// bundle's examples are cut exactly as a user's title is.
+pub(crate) const MAX_TITLE_CHARS: usize = 1024;
+
+/// At most `MAX_TITLE_CHARS` characters of `title`, ending at a word boundary when the cut
+/// would split a word, so that no fragment of a word becomes a feature of its own.
+fn bounded_prefix(title: &str) -> &str {
+    let Some((cut, _)) = title.char_indices().nth(MAX_TITLE_CHARS) else {
+        return title;
+    };
+    let head = &title[..cut];
+    if title[cut..].starts_with(char::is_whitespace) {
+        return head;
+    }
+    match head.rfind(char::is_whitespace) {
+        Some(space) => &head[..space],
+        // One word longer than the bound: a cut inside it is still bounded.
+        None => head,
+    }
 }
 
 /// Compatibility forms (fullwidth letters, ligatures) become their plain letters, accents
@@ -548,6 +575,24 @@ fn expand(tok: &str, place: Place) -> &str {
 #[cfg(test)]
 mod tests {
     use super::normalize_title as n;
+
+    #[test]
+    fn only_a_bounded_prefix_is_read() {
+        use super::{MAX_TITLE_CHARS, bounded_prefix};
+        assert_eq!(bounded_prefix("Software Engineer"), "Software Engineer");
+        // A cut inside a word backs up to the space before it.
+        let words = "engineer ".repeat(MAX_TITLE_CHARS);
+        let head = bounded_prefix(&words);
+        assert!(
+            head.len() <= MAX_TITLE_CHARS && head.ends_with("engineer"),
+            "{head}"
+        );
+        assert!(words[head.len()..].starts_with(' '));
+        // One endless word is cut at a character boundary, never inside a character.
+        let accented = "é".repeat(MAX_TITLE_CHARS + 5);
+        assert_eq!(bounded_prefix(&accented).chars().count(), MAX_TITLE_CHARS);
+        assert_eq!(n(&words), n(head));
+    }
 
     #[test]
     fn case_and_punctuation() {

@@ -107,6 +107,41 @@ fn obvious_titles_are_right_and_confident() {
     }
 }
 
+/// One megabytes-long attribute costs the classifier no more than its first
+/// `MAX_TITLE_CHARS` characters: a real title followed by a huge tail classifies as the
+/// whole words of it that fit, and so does a department.
+#[test]
+fn a_huge_title_classifies_as_its_bounded_prefix() {
+    use super::normalize::MAX_TITLE_CHARS;
+    let clf = Classifier::new(&tiny());
+    let real = "Senior Software Engineer";
+    // About 2 MB of made-up words, the same every run.
+    let mut rng = Rng::new(7);
+    let mut tail = String::new();
+    while tail.len() < 2_000_000 {
+        tail.push(' ');
+        for _ in 0..3 + rng.next_u64() % 8 {
+            tail.push(char::from(b'a' + (rng.next_u64() % 26) as u8));
+        }
+    }
+    let title = format!("{real}{tail}");
+    // ASCII, so bytes are characters: the cut backs up to the last space at or before
+    // the bound, leaving no fragment of the word it falls in.
+    let fits = &title[..title[..=MAX_TITLE_CHARS].rfind(' ').unwrap()];
+    assert!(fits.starts_with(real) && fits.len() <= MAX_TITLE_CHARS);
+
+    let whole = clf.classify(&title, None);
+    assert!(whole.has_evidence(), "{whole:?}");
+    assert_eq!(whole, clf.classify(fits, None));
+
+    let dept = format!("Software Engineering{tail}");
+    let dept_fits = &dept[..dept[..=MAX_TITLE_CHARS].rfind(' ').unwrap()];
+    assert_eq!(
+        clf.classify(real, Some(&dept)),
+        clf.classify(real, Some(dept_fits))
+    );
+}
+
 #[test]
 fn exact_example_match_is_near_certain() {
     let clf = Classifier::new(&tiny());

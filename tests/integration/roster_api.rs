@@ -4,7 +4,9 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{BUNDLE, ENTERPRISE, OTHER_TENANT, TENANT, TestDaemon, jwt_with, patch_op};
+use crate::harness::{
+    BUNDLE, ENTERPRISE, OTHER_TENANT, Options, TENANT, TestDaemon, jwt_with, patch_op,
+};
 
 fn person(user_name: &str, title: &str, department: Option<&str>) -> Value {
     let mut u = json!({
@@ -242,6 +244,32 @@ async fn scim_writes_classify_and_overrides_stick() {
         )
         .await;
     assert_eq!(r.body["events"], json!([]));
+}
+
+/// A title of megabytes (a broken IdP mapping, or a hostile client) is stored as sent,
+/// and the write classifies it by its head: the classifier reads a bounded prefix, so
+/// its memory does not grow with the attribute.
+#[tokio::test]
+async fn a_megabytes_long_title_is_stored_and_classified() {
+    let d = TestDaemon::start_with(Options {
+        max_body_bytes: 4 * 1024 * 1024,
+        ..Options::default()
+    })
+    .await;
+    let admin = settled(&d).await;
+    let mut title = String::from("software engineer");
+    while title.len() < 2_000_000 {
+        title.push_str(" senior software engineer");
+    }
+    let id = create(&d, "long@acme.test", &title, None).await;
+    let u = roster_user(&d, &admin, &id).await;
+    assert_eq!(
+        u["archetype_id"], "software_engineer",
+        "{}",
+        u["archetype_id"]
+    );
+    assert_eq!(u["archetype_assigned_by"], "service:classifier");
+    assert_eq!(u["job_title"].as_str().map(str::len), Some(title.len()));
 }
 
 #[tokio::test]
