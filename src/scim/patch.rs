@@ -176,13 +176,13 @@ fn member_refs(value: Value) -> ScimResult<Vec<MemberRef>> {
                 let text = |k: &str| -> ScimResult<Option<String>> {
                     match get_ci(&o, k).and_then(Value::as_str) {
                         Some(t) => {
-                            crate::scim::resource::no_nul(t, &format!("members.{k}"))?;
+                            crate::scim::resource::check_text(t, &format!("members.{k}"))?;
                             Ok(Some(t.to_owned()))
                         }
                         None => Ok(None),
                     }
                 };
-                crate::scim::resource::no_nul(value, "members.value")?;
+                crate::scim::resource::check_text(value, "members.value")?;
                 Ok(MemberRef {
                     value: value.to_owned(),
                     kind: text("type")?,

@@ -224,7 +224,7 @@ fn put_attr(
             match value {
                 Value::Null => {}
                 Value::String(s) => {
-                    no_nul(&s, "externalId")?;
+                    check_text(&s, "externalId")?;
                     out.insert("externalId".into(), Value::String(s));
                 }
                 _ => return Err(ScimError::invalid_value("externalId must be a string")),
@@ -358,13 +358,27 @@ fn normalize_complex(
     Ok((!out.is_empty()).then_some(Value::Object(out)))
 }
 
-/// A NUL character is valid JSON but no name, title or address holds one, and it would
-/// travel on into the CSV exports and downstream targets, where C-string tools cut the
-/// cell at it. Refused rather than stripped, so the client learns of it.
-pub(crate) fn no_nul(s: &str, path: &str) -> ScimResult<()> {
+/// The longest string value taken, in bytes. No name, title, address or certificate
+/// comes near it, while one value of megabytes is copied into the stored document, the
+/// roster record, the change event and every downstream request: a 12 MB title took the
+/// daemon's peak memory past 250 MB.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// A string value rosterd keeps and sends on. A NUL character is valid JSON but no name,
+/// title or address holds one, and it would travel on into the CSV exports and
+/// downstream targets, where C-string tools cut the cell at it; a value over
+/// [`MAX_VALUE_BYTES`] is no roster data. Both are refused rather than cut, so the client
+/// learns of it.
+pub(crate) fn check_text(s: &str, path: &str) -> ScimResult<()> {
     if s.contains('\0') {
         return Err(ScimError::invalid_value(format!(
             "{path}: the value contains a NUL character (U+0000)"
+        )));
+    }
+    if s.len() > MAX_VALUE_BYTES {
+        return Err(ScimError::invalid_value(format!(
+            "{path}: the value is {} bytes long; rosterd takes at most {MAX_VALUE_BYTES}",
+            s.len()
         )));
     }
     Ok(())
@@ -394,7 +408,7 @@ fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Optio
             _ => return Err(bad(&Value::String(s))),
         },
         (AttrKind::String | AttrKind::Reference | AttrKind::Binary, Value::String(s)) => {
-            no_nul(&s, path)?;
+            check_text(&s, path)?;
             Value::String(s)
         }
         // Some clients send employee numbers and the like as JSON numbers.
