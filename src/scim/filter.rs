@@ -802,13 +802,27 @@ impl Filter {
         }
     }
 
-    /// The first attribute path the filter compares or tests for presence, outside any
-    /// value filter, for which `known` says no.
-    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<&AttrPath> {
+    /// The first attribute path the filter compares or tests for presence for which
+    /// `known` says no. Inside a value filter (`emails[type eq "work"]`) each name is
+    /// asked as a sub-attribute of the outer one (`emails.type`), and returned so.
+    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
         match self {
-            Filter::Compare { path, .. }
-            | Filter::Present(path)
-            | Filter::ValuePath { path, .. } => (!known(path)).then_some(path),
+            Filter::Compare { path, .. } | Filter::Present(path) => {
+                (!known(path)).then(|| path.clone())
+            }
+            Filter::ValuePath { path, filter } => {
+                if !known(path) {
+                    return Some(path.clone());
+                }
+                let as_sub = |p: &AttrPath| AttrPath {
+                    urn: path.urn.clone(),
+                    attr: path.attr.clone(),
+                    sub: Some(p.attr.clone()),
+                };
+                filter
+                    .unknown_attr(&|p| p.urn.is_none() && p.sub.is_none() && known(&as_sub(p)))
+                    .map(|p| as_sub(&p))
+            }
             Filter::And(a, b) | Filter::Or(a, b) => {
                 a.unknown_attr(known).or_else(|| b.unknown_attr(known))
             }

@@ -129,6 +129,11 @@ async fn bad_filters_are_scim_errors() {
         ("/Users", "urn:example:custom:2.0:User:badge eq \"7\""),
         ("/Groups", "userName eq \"a\""),
         ("/Groups", "department eq \"Sales\""),
+        // Inside a value filter, names are the outer attribute's sub-attributes.
+        ("/Users", "emails[foo eq \"work\"]"),
+        ("/Users", "emails[type eq \"work\"].foo eq \"x\""),
+        ("/Users", "emails[type eq \"work\" and foo pr]"),
+        ("/Groups", "members[value eq \"x\" or bar pr]"),
     ] {
         let r = d.get(&format!("{endpoint}?filter={}", enc(f))).await;
         assert_eq!(r.status, 400, "{endpoint} {f}: {}", r.body);
@@ -153,6 +158,11 @@ async fn bad_filters_are_scim_errors() {
             "id eq \"x\" or meta.lastModified gt \"2000-01-01T00:00:00Z\"",
         ),
         ("/Groups", "members.value eq \"x\" or displayName eq \"x\""),
+        ("/Groups", "members[value eq \"x\" and type eq \"User\"]"),
+        (
+            "/Users",
+            "emails[type eq \"work\" and primary eq true].value pr",
+        ),
         (
             "/Groups",
             "urn:ietf:params:scim:schemas:core:2.0:Group:displayName eq \"x\"",
