@@ -1082,16 +1082,50 @@ fn refuse_unwritable(dir: &Path) -> StoreResult<()> {
             message,
         })
     };
+    // A link to nothing: `exists` follows it and says no, and creating the directory
+    // there fails with "File exists".
+    if !dir.exists() && dir.symlink_metadata().is_ok() {
+        let to = std::fs::read_link(dir).unwrap_or_default();
+        return refuse(format!(
+            "it is a symbolic link to {}, which does not exist",
+            to.display()
+        ));
+    }
     let existing = nearest_existing(dir);
     if !existing.is_dir() {
         return refuse(format!("{} is a file, not a directory", existing.display()));
     }
-    if existing == dir
-        && let Err(e) = writable(dir)
-    {
+    if existing != dir {
+        return Ok(());
+    }
+    if let Err(e) = writable(dir) {
         return refuse(format!(
             "the directory is not writable by this user (uid {}): {e}; rosterd writes its store there",
             euid()
+        ));
+    }
+    // A store first started by another user (`sudo rosterd serve`, then the unit as
+    // `rosterd`) keeps that user's files in a directory now this one's.
+    let theirs: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            // sled's and ours; other entries (`lost+found` on a dedicated volume) are
+            // not the daemon's to write.
+            let store_file = ["db", "conf", "blobs", STORE_MARKER].contains(&name.as_ref())
+                || name.starts_with("snap.");
+            store_file && writable(&e.path()).is_err()
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !theirs.is_empty() {
+        return refuse(format!(
+            "this user (uid {}) cannot write the store's files {}; the directory and its files must belong to the user rosterd runs as (chown -R)",
+            euid(),
+            theirs.join(", ")
         ));
     }
     Ok(())
@@ -1115,21 +1149,21 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Whether this process may create files in `dir`, by its effective ids (as the daemon
-/// will open it), including a read-only mount.
+/// Whether this process may write `path` (for a directory: create files in it), by its
+/// effective ids (as the daemon will open it), including on a read-only mount.
 fn writable(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `path` is a NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::W_OK | libc::X_OK,
-            libc::AT_EACCESS,
-        )
+    // A directory is written by creating in it, which needs search too; a file by
+    // opening it for reading and writing.
+    let mode = if dir.is_dir() {
+        libc::W_OK | libc::X_OK
+    } else {
+        libc::R_OK | libc::W_OK
     };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), mode, libc::AT_EACCESS) };
     if rc == 0 {
         Ok(())
     } else {

@@ -924,6 +924,15 @@ fn check_config_refuses_a_data_directory_serve_would_refuse() {
             "{err}"
         );
     }
+    // A link to nothing: serve could neither create nor open it.
+    let dangling = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let (ok, _, err) = check_dir(&dangling);
+    assert!(!ok);
+    assert!(
+        err.contains("symbolic link") && err.contains("nowhere"),
+        "{err}"
+    );
     // A directory this user may not write (root may write anywhere but a read-only
     // mount, so this part needs another user).
     // SAFETY: geteuid cannot fail.
