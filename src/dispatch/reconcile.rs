@@ -299,7 +299,12 @@ pub(super) async fn reconcile_oneroster(
             report.push(item, &mut items);
         }
     }
-    if dry_run || items.is_empty() {
+    if dry_run {
+        // What the real run would meet: it re-sends nothing to a paused connector.
+        report.paused = ctx.live.pause_reason();
+        return Ok(());
+    }
+    if items.is_empty() {
         return Ok(());
     }
     // Users and classes before enrollments; deletes of enrollments before classes.

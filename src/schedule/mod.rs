@@ -197,9 +197,14 @@ async fn run_job(
                             add("drift_failed", r.failed);
                         }
                         let mut errors = Vec::new();
-                        if job.counts.get("drift_failed").copied().unwrap_or(0) > 0 {
-                            errors.push("some drifted objects could not be re-sent; see the connectors' last errors".to_owned());
-                        }
+                        // Which connectors, and how many each; a paused one says more
+                        // below.
+                        errors.extend(reports.iter().filter(|r| r.failed > 0 && r.paused.is_none()).map(|r| {
+                            format!(
+                                "connector {}: {} drifted objects could not be re-sent; see its last error and dead letters",
+                                r.connector, r.failed
+                            )
+                        }));
                         // A read-back cut short left part of the target unchecked: the
                         // job did not do all it was asked to.
                         errors.extend(reports.iter().filter_map(|r| {

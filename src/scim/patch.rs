@@ -134,8 +134,11 @@ fn parse_op(item: &Value) -> ScimResult<PatchOp> {
         (PatchOpKind::Remove, None, _) => Err(ScimError::no_target(
             "remove needs a \"path\" (RFC 7644 §3.5.2.2)",
         )),
-        (PatchOpKind::Add | PatchOpKind::Replace, _, None) => Err(ScimError::invalid_value(
-            "add and replace need a \"value\" (to clear an attribute, remove it or replace it with null)",
+        (PatchOpKind::Add, _, None) => Err(ScimError::invalid_value(
+            "add needs a \"value\" (to clear an attribute, remove it, or replace it with null)",
+        )),
+        (PatchOpKind::Replace, _, None) => Err(ScimError::invalid_value(
+            "replace needs a \"value\" (null clears the attribute its \"path\" names)",
         )),
         (PatchOpKind::Add | PatchOpKind::Replace, None, Some(v)) if !v.is_object() => {
             Err(ScimError::invalid_value(

@@ -581,8 +581,9 @@ pub(crate) struct Refusal {
     pub detail: String,
 }
 
-/// The detail is logged quoted and escaped (`?`): it can echo what the client sent (a
-/// filter, a userName), and a line break in it must not start a forged log line.
+/// The detail is a string field: the text format writes it quoted and escaped (it can echo
+/// what the client sent, a filter or a userName, and a line break in it must not start a
+/// forged log line), the JSON format as a plain JSON string.
 /// A refused request is logged with what its client was told, so an operator holding the
 /// request id an identity provider reports (or the 401s after a token rotation) finds it.
 /// Wrong or missing credentials are WARN: nothing works until someone fixes them. Other
@@ -592,10 +593,20 @@ fn log_finished(resp: &Response, elapsed: std::time::Duration) {
     let micros = elapsed.as_micros() as u64;
     match resp.extensions().get::<Refusal>() {
         Some(r) if matches!(status, 401 | 403) => {
-            tracing::warn!(status, code = r.code, detail = ?r.detail, "Request refused: credentials.")
+            tracing::warn!(
+                status,
+                code = r.code,
+                detail = r.detail.as_str(),
+                "Request refused: credentials."
+            )
         }
         Some(r) if status < 500 => {
-            tracing::info!(status, code = r.code, detail = ?r.detail, "Request refused.")
+            tracing::info!(
+                status,
+                code = r.code,
+                detail = r.detail.as_str(),
+                "Request refused."
+            )
         }
         _ => tracing::debug!(status, micros, "Request finished."),
     }

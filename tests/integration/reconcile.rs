@@ -666,6 +666,16 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     crate::mirror::paused(&d, "sis").await;
 
     let admin = d.jwt(TENANT, "roster:admin");
+    // A dry run says what the real run will meet.
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body["connectors"][0]["paused"]
+            .as_str()
+            .is_some_and(|p| p.contains("paused until")),
+        "{}",
+        r.body
+    );
     // `sync_job` gives up after 30 s: a job waiting out the pause would take the hour.
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "failed", "{job}");
@@ -805,4 +815,35 @@ async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
     );
     let debug: Vec<String> = [logs.lines("=Some("), logs.lines("=None")].concat();
     assert!(debug.is_empty(), "{debug:?}");
+}
+
+/// A job whose repairs a target refuses names the connector and how many it could not
+/// re-send.
+#[tokio::test]
+async fn a_reconciliation_the_target_refuses_names_the_connector() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    target.inject(or::Fault::status(400, 0).forever().on_method("PUT"));
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    let job = sync_job(&d, &d.jwt(TENANT, "roster:admin")).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("connector sis: 1 drifted objects could not be re-sent"),
+        "{job}"
+    );
 }
