@@ -77,6 +77,15 @@ impl AttrPath {
     }
 }
 
+/// `inner`, named inside `outer`'s value filter, as the sub-attribute it is.
+fn sub_of(outer: &AttrPath, inner: &AttrPath) -> AttrPath {
+    AttrPath {
+        urn: outer.urn.clone(),
+        attr: outer.attr.clone(),
+        sub: Some(inner.attr.clone()),
+    }
+}
+
 fn is_core_urn(u: &str) -> bool {
     u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA)
 }
@@ -814,19 +823,37 @@ impl Filter {
                 if !known(path) {
                     return Some(path.clone());
                 }
-                let as_sub = |p: &AttrPath| AttrPath {
-                    urn: path.urn.clone(),
-                    attr: path.attr.clone(),
-                    sub: Some(p.attr.clone()),
-                };
                 filter
-                    .unknown_attr(&|p| p.urn.is_none() && p.sub.is_none() && known(&as_sub(p)))
-                    .map(|p| as_sub(&p))
+                    .unknown_attr(&|p| {
+                        p.urn.is_none() && p.sub.is_none() && known(&sub_of(path, p))
+                    })
+                    .map(|p| sub_of(path, &p))
             }
             Filter::And(a, b) | Filter::Or(a, b) => {
                 a.unknown_attr(known).or_else(|| b.unknown_attr(known))
             }
             Filter::Not(f) => f.unknown_attr(known),
+        }
+    }
+
+    /// The first attribute compared with an ordering operator (`gt`, `ge`, `lt`, `le`)
+    /// for which `unordered` says yes (RFC 7644 §3.4.2.2: on a boolean or binary
+    /// attribute such a filter fails). Inside a value filter, asked as a sub-attribute.
+    pub fn ordered_compare(&self, unordered: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
+        match self {
+            Filter::Compare { path, op, .. } => (matches!(
+                op,
+                CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le
+            ) && unordered(path))
+            .then(|| path.clone()),
+            Filter::Present(_) => None,
+            Filter::ValuePath { path, filter } => filter
+                .ordered_compare(&|p| unordered(&sub_of(path, p)))
+                .map(|p| sub_of(path, &p)),
+            Filter::And(a, b) | Filter::Or(a, b) => a
+                .ordered_compare(unordered)
+                .or_else(|| b.ordered_compare(unordered)),
+            Filter::Not(f) => f.ordered_compare(unordered),
         }
     }
 

@@ -1121,6 +1121,19 @@ async fn run_list(
                 .join(" or ")
         )));
     }
+    if let Some(unordered) = query.filter.as_ref().and_then(|f| {
+        f.ordered_compare(&|p| {
+            kinds.iter().any(|k| {
+                lookup(*k, p.urn.as_deref(), &p.attr, p.sub.as_deref()).is_some_and(|d| {
+                    matches!(d.kind, schema::AttrKind::Boolean | schema::AttrKind::Binary)
+                })
+            })
+        })
+    }) {
+        return Err(ScimError::invalid_filter(format!(
+            "{unordered} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
+        )));
+    }
     tokio::task::spawn_blocking(move || list_blocking(&state, &tenant, &kinds, &query))
         .await
         .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?

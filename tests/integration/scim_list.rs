@@ -147,6 +147,17 @@ async fn bad_filters_are_scim_errors() {
             r.body
         );
     }
+    // A boolean has no order (RFC 7644 §3.4.2.2).
+    for f in ["active gt false", "emails[primary ge true]"] {
+        let r = d.get(&format!("/Users?filter={}", enc(f))).await;
+        assert_eq!(r.status, 400, "{f}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidFilter", "{f}");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("has no order"),
+            "{}",
+            r.body
+        );
+    }
     // What the schemas define is taken, qualified or not, on both endpoints and across
     // both at the root's /.search.
     for (endpoint, f) in [
