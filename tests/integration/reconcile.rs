@@ -636,6 +636,32 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     );
 }
 
+/// A daemon with the OneRoster connector `sis` (`file`), which delivered ada; then the
+/// target answers every PUT with `status`, and ada's title changes.
+async fn change_after_puts_fail(
+    target: &OneRosterServer,
+    file: (String, String),
+    status: u16,
+) -> TestDaemon {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![file],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    target.inject(or::Fault::status(status, 0).forever().on_method("PUT"));
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    d
+}
+
 /// A reconciliation does not wait out a paused connector: the job would hold the tenant's
 /// job slot, and overrides would answer 409, for as long as the target stayed down. It
 /// ends at once, failed, saying the connector is paused; what it could not send counts.
@@ -646,23 +672,8 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     let text = text
         .replace("pause_after_failures = 1000", "pause_after_failures = 2")
         .replace("pause_secs = 1", "pause_secs = 3600");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
-    let ada = d.create_user("ada@acme.test").await;
-    caught_up(&d, "sis").await;
     // The target goes down; the change after it pauses the connector for an hour.
-    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let d = change_after_puts_fail(&target, (name, text), 503).await;
     crate::mirror::paused(&d, "sis").await;
 
     let admin = d.jwt(TENANT, "roster:admin");
@@ -822,22 +833,7 @@ async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
 #[tokio::test]
 async fn a_reconciliation_the_target_refuses_names_the_connector() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, "")],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
-    let ada = d.create_user("ada@acme.test").await;
-    caught_up(&d, "sis").await;
-    target.inject(or::Fault::status(400, 0).forever().on_method("PUT"));
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let d = change_after_puts_fail(&target, oneroster_file("sis", &target, ""), 400).await;
     caught_up(&d, "sis").await;
     let job = sync_job(&d, &d.jwt(TENANT, "roster:admin")).await;
     assert_eq!(job["status"], "failed", "{job}");
