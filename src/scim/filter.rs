@@ -77,12 +77,14 @@ impl AttrPath {
     }
 }
 
-/// `inner`, named inside `outer`'s value filter, as the sub-attribute it is.
+/// `inner`, named inside `outer`'s value filter, as the sub-attribute it is. An inner
+/// name that is no plain name (`type.value`, one with a URN) is kept whole, so that no
+/// schema finds it and an error shows it as written.
 fn sub_of(outer: &AttrPath, inner: &AttrPath) -> AttrPath {
     AttrPath {
         urn: outer.urn.clone(),
         attr: outer.attr.clone(),
-        sub: Some(inner.attr.clone()),
+        sub: Some(inner.to_string()),
     }
 }
 
@@ -811,50 +813,43 @@ impl Filter {
         }
     }
 
-    /// The first attribute path the filter compares or tests for presence for which
-    /// `known` says no. Inside a value filter (`emails[type eq "work"]`) each name is
-    /// asked as a sub-attribute of the outer one (`emails.type`), and returned so.
-    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
+    /// The first attribute path the filter compares (with its operator) or tests for
+    /// presence (`None`, as for a value filter's outer attribute) for which `hit` says
+    /// yes. Inside a value filter (`emails[type eq "work"]`) each name is asked as a
+    /// sub-attribute of the outer one (`emails.type`), and returned so.
+    fn find_path(&self, hit: &dyn Fn(&AttrPath, Option<CompareOp>) -> bool) -> Option<AttrPath> {
         match self {
-            Filter::Compare { path, .. } | Filter::Present(path) => {
-                (!known(path)).then(|| path.clone())
-            }
+            Filter::Compare { path, op, .. } => hit(path, Some(*op)).then(|| path.clone()),
+            Filter::Present(path) => hit(path, None).then(|| path.clone()),
             Filter::ValuePath { path, filter } => {
-                if !known(path) {
+                if hit(path, None) {
                     return Some(path.clone());
                 }
                 filter
-                    .unknown_attr(&|p| {
-                        p.urn.is_none() && p.sub.is_none() && known(&sub_of(path, p))
-                    })
+                    .find_path(&|p, op| hit(&sub_of(path, p), op))
                     .map(|p| sub_of(path, &p))
             }
-            Filter::And(a, b) | Filter::Or(a, b) => {
-                a.unknown_attr(known).or_else(|| b.unknown_attr(known))
-            }
-            Filter::Not(f) => f.unknown_attr(known),
+            Filter::And(a, b) | Filter::Or(a, b) => a.find_path(hit).or_else(|| b.find_path(hit)),
+            Filter::Not(f) => f.find_path(hit),
         }
+    }
+
+    /// The first attribute path the filter compares or tests for presence for which
+    /// `known` says no (inside a value filter, as a sub-attribute: see `find_path`).
+    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
+        self.find_path(&|p, _| !known(p))
     }
 
     /// The first attribute compared with an ordering operator (`gt`, `ge`, `lt`, `le`)
     /// for which `unordered` says yes (RFC 7644 §3.4.2.2: on a boolean or binary
-    /// attribute such a filter fails). Inside a value filter, asked as a sub-attribute.
+    /// attribute such a filter fails).
     pub fn ordered_compare(&self, unordered: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
-        match self {
-            Filter::Compare { path, op, .. } => (matches!(
+        self.find_path(&|p, op| {
+            matches!(
                 op,
-                CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le
-            ) && unordered(path))
-            .then(|| path.clone()),
-            Filter::Present(_) => None,
-            Filter::ValuePath { path, filter } => filter
-                .ordered_compare(&|p| unordered(&sub_of(path, p)))
-                .map(|p| sub_of(path, &p)),
-            Filter::And(a, b) | Filter::Or(a, b) => a
-                .ordered_compare(unordered)
-                .or_else(|| b.ordered_compare(unordered)),
-            Filter::Not(f) => f.ordered_compare(unordered),
-        }
+                Some(CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le)
+            ) && unordered(p)
+        })
     }
 
     /// Does `resource` (a stored SCIM resource of `kind`) match?

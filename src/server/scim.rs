@@ -1108,7 +1108,7 @@ async fn run_list(
     if let Some(unknown) = query
         .filter
         .as_ref()
-        .and_then(|f| f.unknown_attr(&|p| defined_in(&kinds, p)))
+        .and_then(|f| f.unknown_attr(&|p| defs_in(&kinds, p).next().is_some()))
     {
         // It would match nothing, which an IdP matching users reads as "no such user"
         // before creating one; a PATCH path naming it is refused as well.
@@ -1123,11 +1123,8 @@ async fn run_list(
     }
     if let Some(unordered) = query.filter.as_ref().and_then(|f| {
         f.ordered_compare(&|p| {
-            kinds.iter().any(|k| {
-                lookup(*k, p.urn.as_deref(), &p.attr, p.sub.as_deref()).is_some_and(|d| {
-                    matches!(d.kind, schema::AttrKind::Boolean | schema::AttrKind::Binary)
-                })
-            })
+            defs_in(&kinds, p)
+                .any(|d| matches!(d.kind, schema::AttrKind::Boolean | schema::AttrKind::Binary))
         })
     }) {
         return Err(ScimError::invalid_filter(format!(
@@ -1139,11 +1136,15 @@ async fn run_list(
         .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
 }
 
-/// Whether a schema of one of `kinds` defines the path (core, common or extension).
-fn defined_in(kinds: &[ResourceKind], p: &AttrPath) -> bool {
+/// What the schemas of `kinds` define at the path (core, common or extension), one per
+/// kind that has it.
+fn defs_in<'a>(
+    kinds: &'a [ResourceKind],
+    p: &'a AttrPath,
+) -> impl Iterator<Item = &'static schema::AttrDef> + 'a {
     kinds
         .iter()
-        .any(|k| lookup(*k, p.urn.as_deref(), &p.attr, p.sub.as_deref()).is_some())
+        .filter_map(|k| lookup(*k, p.urn.as_deref(), &p.attr, p.sub.as_deref()))
 }
 
 fn filter_touches(filter: &Filter, attr: &str) -> bool {

@@ -134,6 +134,7 @@ async fn bad_filters_are_scim_errors() {
         ("/Users", "emails[type eq \"work\"].foo eq \"x\""),
         ("/Users", "emails[type eq \"work\" and foo pr]"),
         ("/Groups", "members[value eq \"x\" or bar pr]"),
+        ("/Users", "emails[type.value eq \"x\"]"),
     ] {
         let r = d.get(&format!("{endpoint}?filter={}", enc(f))).await;
         assert_eq!(r.status, 400, "{endpoint} {f}: {}", r.body);
