@@ -334,10 +334,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     // What `serve` would refuse before opening the store. A damaged log or snapshot
     // shows only when sled reads it, which the running daemon's lock prevents here.
     let (dir, key) = match data_dir {
-        Some(d) => (
-            std::path::absolute(&d).with_context(|| format!("data dir {}", d.display()))?,
-            "--data-dir".to_owned(),
-        ),
+        Some(d) => (data_dir_arg(&d)?, "--data-dir".to_owned()),
         None => (
             config.resolve(&config.server.data_dir),
             format!("{}: server.data_dir", path.display()),
@@ -1382,6 +1379,12 @@ fn init_logging(log: &LogConfig) {
     }
 }
 
+/// `--data-dir` as `serve` and `check-config` take it: relative to where the command
+/// runs, not to the config file.
+fn data_dir_arg(d: &std::path::Path) -> Result<PathBuf> {
+    std::path::absolute(d).with_context(|| format!("data dir {}", d.display()))
+}
+
 fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<()> {
     let mut config = Config::load(&path)?;
     // Which setting to change when the address cannot be bound.
@@ -1393,9 +1396,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
         config.server.listen = l;
     }
     if let Some(d) = data_dir {
-        // A path on the command line is relative to where the command runs.
-        config.server.data_dir =
-            std::path::absolute(&d).with_context(|| format!("data dir {}", d.display()))?;
+        config.server.data_dir = data_dir_arg(&d)?;
     }
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);

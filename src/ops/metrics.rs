@@ -12,7 +12,8 @@
 //! - gauges set at scrape time: `rosterd_connector_lag_events`, `rosterd_connector_lag_seconds`,
 //!   `rosterd_connector_paused`, `rosterd_connector_dead_letters`,
 //!   `rosterd_connector_loaded` (all `{connector,tenant}`, also for connectors whose file
-//!   did not load; 0 for those and for connectors that could not start), `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
+//!   did not load; 0 for those and for connectors that could not start),
+//!   `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
 //!   (both for files that do not load and for connectors that cannot start) and
 //!   `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and

@@ -1068,9 +1068,6 @@ fn engine_panic_as_error(
 /// that emptiness downstream.
 const STORE_MARKER: &str = ".rosterd-store";
 
-/// A directory with files in it but no store is someone else's (a data_dir set to the
-/// wrong path): sled would write its files among theirs and overwrite one named `db`.
-/// A store always has sled's `conf`; an empty directory is a new store.
 /// A data directory this process could not use: a path through a file, or a directory
 /// on a read-only mount or owned by another user. `check-config` run as the service's
 /// user then says so, rather than the first start. A directory not made yet is left to
@@ -1171,6 +1168,9 @@ fn writable(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A directory with files in it but no store is someone else's (a data_dir set to the
+/// wrong path): sled would write its files among theirs and overwrite one named `db`.
+/// A store always has sled's `conf`; an empty directory is a new store.
 fn refuse_foreign(dir: &Path) -> StoreResult<()> {
     if dir.join("conf").is_file() {
         return Ok(());
