@@ -24,7 +24,18 @@ pub struct Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stopped as systemd stops it, so a kept store (`BENCH_DATA_DIR`) is closed cleanly
+    /// and the next run opens it as a restarted daemon would; killed if it hangs.
     fn drop(&mut self) {
+        // SAFETY: signals our own child, whose pid it still is (not yet waited for).
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -87,7 +87,7 @@ fn csv_writer<W: std::io::Write>(out: W) -> csv::Writer<W> {
         .from_writer(out)
 }
 
-/// Write the header and one row per user `filter` matches, in id order, calling
+/// Write the header and one row per user `filter` matches, in no particular order, calling
 /// `after_row` after each row (false stops the walk). Returns the rows written. The one
 /// place roster CSV rows are made: the HTTP export and the CSV connector both come here.
 fn write_rows<W: std::io::Write>(
@@ -103,7 +103,7 @@ fn write_rows<W: std::io::Write>(
     let mut confidence = String::new();
     let mut user_id = b"user:".to_vec();
     w.write_record(COLUMNS).map_err(csv_error)?;
-    filter.for_each(store, tenant, None, |id, rec, groups| {
+    filter.for_each_unordered(store, tenant, |id, rec, groups| {
         let manager = match rec.user.manager {
             Some(mid) => renderer.manager_name(mid)?,
             None => None,

@@ -546,6 +546,24 @@ impl UserFilter {
         Ok(true)
     }
 
+    /// Walk every matching user in no particular order, calling `f` until it returns
+    /// false: [`UserFilter::for_each`] for a walk that needs no cursor (the export). A
+    /// walk over every user reads the store's copy of the records kept out of its page
+    /// cache; `f` then gets no group ids.
+    pub fn for_each_unordered(
+        &self,
+        store: &Store,
+        tenant: &str,
+        mut f: impl FnMut(&str, &RosterRecord<'_>, Option<&[String]>) -> StoreResult<bool>,
+    ) -> StoreResult<()> {
+        if self.index().is_some() {
+            return self.for_each(store, tenant, None, f);
+        }
+        store.for_each_record(tenant, |id, rec| {
+            Ok(!self.matches(store, tenant, id, rec)? || f(id, rec, None)?)
+        })
+    }
+
     /// Walk matching users in id order after `after`, calling `f` until it returns false.
     /// `f` gets the user's group ids when the walk already has them. Memory is one user
     /// at a time; a page costs its own size plus what the filters skip.

@@ -175,9 +175,14 @@ pub async fn run_with_env(
         source,
     })?;
     let cache = config.server.cache_mb * 1024 * 1024;
+    let tenant_ids: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
     let store = crate::ops::systemd::extending_start_timeout(
         "Opening the store",
-        tokio::task::spawn_blocking(move || Store::open_with_cache(&data_dir, cache)),
+        tokio::task::spawn_blocking(move || {
+            let store = Store::open_with_cache(&data_dir, cache)?;
+            store.open_tenants(&tenant_ids)?;
+            Ok::<_, StoreError>(store)
+        }),
     )
     .await
     .map_err(|e| StoreError::Backend(e.to_string()))??;

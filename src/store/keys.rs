@@ -258,6 +258,9 @@ pub(crate) fn jobs_prefix() -> Vec<u8> {
 /// The redo record of the transaction being applied (see `apply_ops`).
 pub(crate) const INTENT_KEY: &[u8] = b"s\0intent";
 
+/// The token of the export row file's last clean close (see `rows.rs`).
+pub(crate) const ROWS_TOKEN_KEY: &[u8] = b"s\0rows-token";
+
 /// Prefix of every backref key (all members' group lists, in member order).
 pub(crate) fn backrefs_all_prefix() -> Vec<u8> {
     vec![b'b', SEP]

@@ -14,6 +14,7 @@ mod keys;
 mod paging;
 mod record;
 mod roster;
+mod rows;
 #[cfg(test)]
 mod testing;
 
@@ -255,6 +256,9 @@ struct Tenant {
     /// A job (sync, reclassification) holds the tenant. Set under `write_lock`, so a
     /// write that reads it under the lock is ordered before or after the job's start.
     job_running: std::sync::atomic::AtomicBool,
+    /// The export's copy of the roster records (see `rows.rs`); `None` if it could not be
+    /// opened, and the export then walks the tree.
+    rows: Option<rows::RowFile>,
 }
 
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
@@ -1067,6 +1071,8 @@ fn engine_panic_as_error(
 /// or empty would otherwise open as a new, empty store, and the connectors would mirror
 /// that emptiness downstream.
 const STORE_MARKER: &str = ".rosterd-store";
+/// The directory of the export's row files (see `rows.rs`).
+const ROWS_DIR: &str = "rows";
 
 /// A data directory this process could not use: a path through a file, or a directory
 /// on a read-only mount or owned by another user. `check-config` run as the service's
@@ -1112,7 +1118,8 @@ fn refuse_unwritable(dir: &Path) -> StoreResult<()> {
             let name = name.to_string_lossy();
             // sled's and ours; other entries (`lost+found` on a dedicated volume) are
             // not the daemon's to write.
-            let store_file = ["db", "conf", "blobs", STORE_MARKER].contains(&name.as_ref())
+            let store_file = ["db", "conf", "blobs", ROWS_DIR, STORE_MARKER]
+                .contains(&name.as_ref())
                 || name.starts_with("snap.");
             store_file && writable(&e.path()).is_err()
         })
@@ -1191,6 +1198,7 @@ fn refuse_foreign(dir: &Path) -> StoreResult<()> {
             let ours = name.starts_with('.')
                 || name == "lost+found"
                 || name == "blobs"
+                || name == ROWS_DIR
                 || (sled_file && empty);
             (!ours).then_some(name)
         })
@@ -1360,6 +1368,16 @@ impl Store {
         })
     }
 
+    /// Open these tenants' data now rather than at their first request: after a crash
+    /// that means finishing an interrupted write and building the export's row file
+    /// (seconds at a million users), which belongs in the start, not in a request.
+    pub fn open_tenants(&self, tenants: &[String]) -> StoreResult<()> {
+        for t in tenants {
+            self.tenant(t)?;
+        }
+        Ok(())
+    }
+
     fn tenant(&self, tenant: &str) -> StoreResult<Arc<Tenant>> {
         if let Some(t) = self
             .inner
@@ -1383,6 +1401,18 @@ impl Store {
             tracing::warn!(tenant, "Completed a write that a crash had interrupted.");
         }
         let last_write = roster::last_event_time(&tree)?.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let rows_path = self.inner.dir.join(ROWS_DIR).join(format!(
+            "{}.rows",
+            tenant
+                .bytes()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
+        let rows = rows::RowFile::open(&rows_path, &tree)
+            .inspect_err(|e| {
+                tracing::warn!(tenant, error = %e, "Cannot open the export's copy of the roster records; exports read the store instead.");
+            })
+            .ok();
         let t = Arc::new(Tenant {
             tree,
             write_lock: Mutex::new(WriteClock {
@@ -1391,6 +1421,7 @@ impl Store {
             }),
             pages: paging::Positions::default(),
             job_running: Default::default(),
+            rows,
         });
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
@@ -1450,6 +1481,15 @@ impl Store {
         }
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let (ops, moves) = txn.into_ops()?;
+        let record_prefix = keys::record("");
+        let records: Vec<Op> = match &t.rows {
+            Some(_) => ops
+                .iter()
+                .filter(|(k, _)| k.starts_with(&record_prefix))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let applied = apply_ops(&t.tree, ops);
         if let Err(StoreError::Io(e)) = &applied {
             self.inner.commit.fail(e);
@@ -1460,7 +1500,21 @@ impl Store {
                 Err(_) => t.pages.forget(),
             }
         }
+        if applied.is_err()
+            && let Some(rows) = &t.rows
+        {
+            // Part of the batch may be in the tree: the file cannot say which.
+            rows.distrust();
+        }
         applied?;
+        if let Some(rows) = &t.rows {
+            rows.apply(records.iter().map(|(k, v)| {
+                (
+                    std::str::from_utf8(&k[record_prefix.len()..]).unwrap_or(""),
+                    v.as_deref(),
+                )
+            }));
+        }
         // Taken before the lock is released, so a later writer that reads this state
         // finds its ticket already issued (see the no-op case above).
         let ticket = self.inner.commit.ticket();
@@ -1973,10 +2027,33 @@ impl Store {
         let ticket = self.inner.commit.ticket();
         let _ = self.inner.commit.wait_blocking(ticket);
         self.inner.commit.stop();
+        let tenants: Vec<Arc<Tenant>> = self
+            .inner
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        // Not sealed, a row file is built again at the next open: slower, never wrong.
+        let sealing: Vec<&rows::RowFile> = tenants
+            .iter()
+            .filter_map(|t| {
+                let rows = t.rows.as_ref()?;
+                rows.prepare_seal(&t.tree).ok().map(|()| rows)
+            })
+            .collect();
         let flushed =
             self.inner.db.flush().map(drop).map_err(|e| {
                 format!("{e}; changes made since the last successful flush may be lost")
             });
+        if flushed.is_ok() && self.failure().is_none() {
+            for rows in sealing {
+                if let Err(e) = rows.seal() {
+                    tracing::warn!(error = %e, "Cannot seal the export's copy of the roster records; the next start builds it again.");
+                }
+            }
+        }
         flushed
             .and_then(|()| match self.failure() {
                 Some(f) => Err(format!("the store had failed: {}", f.error)),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::roster::{Assignment, range_after};
+use super::rows::Row;
 use super::{ENTERPRISE_USER_SCHEMA, StoreError, StoreResult, Txn, index_entries, keys};
 use crate::scim::ResourceKind;
 
@@ -308,6 +309,37 @@ impl super::Store {
             id: sled::IVec::from(id.as_bytes()),
             bytes,
         }))
+    }
+
+    /// Every user's roster record, in no particular order, until `f` returns false: the
+    /// CSV export's walk. Read from the tenant's row file (see `rows.rs`), which stays
+    /// out of sled's page cache, or from the tree if the file is not usable.
+    pub fn for_each_record(
+        &self,
+        tenant: &str,
+        mut f: impl FnMut(&str, &RosterRecord<'_>) -> StoreResult<bool>,
+    ) -> StoreResult<()> {
+        let t = self.tenant(tenant)?;
+        if let Some(rows) = &t.rows {
+            let walked = rows.for_each(|row| match row {
+                Row::Record { id, bytes } => f(id, &RosterRecord::decode(bytes)?),
+                Row::Stored { id } => match t.tree.get(keys::record(id))? {
+                    Some(bytes) => f(id, &RosterRecord::decode(&bytes)?),
+                    // Deleted since the walk began.
+                    None => Ok(true),
+                },
+            });
+            if let Some(walked) = walked {
+                return walked;
+            }
+        }
+        for bytes in self.scan_records_after(tenant, None)? {
+            let bytes = bytes?;
+            if !f(bytes.id(), &bytes.record()?)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Roster records in user id order, after `after`, streamed.

@@ -737,3 +737,133 @@ async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
     // The client was still connected: the daemon did not wait for it to give up.
     drop(stalled);
 }
+
+/// `user_id` → `job_title` of every row of the CSV export (every user, `active=any`).
+async fn exported(d: &ChildDaemon) -> BTreeMap<String, String> {
+    let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
+    let r = d
+        .client
+        .get(format!(
+            "{}/api/v1/roster/users:export?format=csv&active=any",
+            d.base
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let mut out = BTreeMap::new();
+    for row in csv::Reader::from_reader(text.as_bytes()).records() {
+        let row = row.unwrap();
+        let dup = out.insert(row[0].to_owned(), row[4].to_owned());
+        assert!(dup.is_none(), "{} exported twice", &row[0]);
+    }
+    out
+}
+
+/// What the export must show: `user:<userName>` → title, as SCIM reads the roster.
+async fn expected_rows(d: &ChildDaemon) -> BTreeMap<String, String> {
+    scim_users(d)
+        .await
+        .values()
+        .map(|u| {
+            (
+                format!("user:{}", u["userName"].as_str().unwrap()),
+                u["title"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Creates, title changes (one too long for the export file's slot), deletes.
+async fn churn(d: &ChildDaemon, tag: &str) {
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let r = d
+            .client
+            .post(d.scim("/Users"))
+            .bearer_auth(SCIM_TOKEN)
+            .json(&{
+                let mut u = user(&format!("{tag}{i}@acme.test"));
+                u["title"] = json!("Software Engineer");
+                u
+            })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let long = "Principal Engineer for Long Titles ".repeat(12);
+    for (id, title) in [(&ids[0], "Accountant"), (&ids[1], long.trim())] {
+        let r = d
+            .client
+            .patch(d.scim(&format!("/Users/{id}")))
+            .bearer_auth(SCIM_TOKEN)
+            .json(
+                &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                "Operations": [{"op": "replace", "path": "title", "value": title}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for id in &ids[2..5] {
+        let r = d
+            .client
+            .delete(d.scim(&format!("/Users/{id}")))
+            .bearer_auth(SCIM_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+}
+
+/// The export reads a copy of the roster records kept beside the store, out of its page
+/// cache: reused after a clean stop, built again after a kill. Either way it shows
+/// exactly the roster SCIM reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_shows_the_roster_after_a_stop_and_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let d = ChildDaemon::start(&root, &[]).await;
+    churn(&d, "a").await;
+    let want = expected_rows(&d).await;
+    assert_eq!(want.len(), 9);
+    assert_eq!(exported(&d).await, want);
+
+    // "acme", hex-encoded.
+    let file = root.join("data/rows/61636d65.rows");
+    let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&file).unwrap());
+    let first = inode();
+    d.signal("TERM");
+    let mut d = d;
+    tokio::task::block_in_place(|| d.child.wait()).unwrap();
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    assert_eq!(inode(), first, "a clean stop's file is used as it is");
+    assert_eq!(exported(&d).await, want, "after a clean stop");
+    churn(&d, "b").await;
+    let want = expected_rows(&d).await;
+    assert_eq!(want.len(), 18);
+    assert_eq!(exported(&d).await, want);
+
+    d.kill9();
+    let d = ChildDaemon::start(&root, &[]).await;
+    assert_ne!(inode(), first, "after a kill the file is built again");
+    assert_eq!(exported(&d).await, want, "after a kill");
+    churn(&d, "c").await;
+    let want = expected_rows(&d).await;
+    assert_eq!(exported(&d).await, want);
+    assert_eq!(want.len(), 27);
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    assert!(!log.contains("export's copy"), "{log}");
+}

@@ -1,0 +1,755 @@
+//! A copy of each tenant's roster records in a plain file of fixed-size slots, which the
+//! CSV export reads instead of sled.
+//!
+//! sled has no read that bypasses its page cache: a walk over a million records pulls
+//! them all in, and the daemon's RSS grows by 200–370 MiB on the first export after a
+//! start (see BENCHMARKS.md). This file is read with `pread` into one reused buffer, so
+//! the kernel's page cache holds it, not the process.
+//!
+//! The file is derived data, like the records themselves, but outside sled's atomic
+//! writes: it is written after each transaction is applied (under the tenant's write
+//! lock, so in the same order) and made durable only at a clean close. Its header says
+//! whether it was closed cleanly, with a token that the same close stores in the tenant's
+//! tree; an open that finds anything else (a crash, a store restored from a backup, a
+//! store from before this file existed) builds it again from the records.
+//!
+//! Layout: a header slot, then one slot per user: a state byte, the id's length, the
+//! record's length (two bytes, little-endian), the id and the record. A record that does
+//! not fit is marked as kept in the store only, and the export reads it from there.
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use super::{StoreError, StoreResult, keys};
+
+const SLOT: usize = 256;
+const SLOT_HEAD: usize = 4;
+const MAGIC: &[u8; 16] = b"rosterd rows\n\0\0\0";
+const VERSION: u32 = 1;
+/// Slots read per `pread`: 1 MiB, the export's whole buffer.
+const CHUNK_SLOTS: usize = 4096;
+
+const FREE: u8 = 0;
+const INLINE: u8 = 1;
+/// The record did not fit in a slot: read it from the store.
+const STORED: u8 = 2;
+
+/// One row as the export reads it.
+pub(super) enum Row<'a> {
+    Record {
+        id: &'a str,
+        bytes: &'a [u8],
+    },
+    /// Too large for a slot; the caller reads the record from the store.
+    Stored {
+        id: &'a str,
+    },
+}
+
+/// A user id as the index keys it: ids are the store's UUIDs.
+fn id_key(id: &str) -> Option<u128> {
+    uuid::Uuid::try_parse(id).ok().map(|u| u.as_u128())
+}
+
+/// The slot of each user, in 20 bytes per user: ids sorted, beside their slots, and a
+/// small map of the ids added since the last merge. (A hash map of a million ids takes
+/// 50 MB, as its table doubles and keeps a quarter or more empty.)
+#[derive(Default)]
+struct SlotIndex {
+    ids: Vec<u128>,
+    /// `slots[i]` is the slot of `ids[i]`, or [`GONE`] if the user was removed since the
+    /// last merge.
+    slots: Vec<u32>,
+    recent: HashMap<u128, u32>,
+    gone: usize,
+}
+
+const GONE: u32 = u32::MAX;
+
+impl SlotIndex {
+    /// An index of these (id, slot) pairs, in any order, each id once.
+    fn from_pairs(mut pairs: Vec<(u128, u32)>) -> SlotIndex {
+        pairs.sort_unstable_by_key(|p| p.0);
+        let (ids, slots) = pairs.into_iter().unzip();
+        SlotIndex {
+            ids,
+            slots,
+            ..SlotIndex::default()
+        }
+    }
+
+    fn get(&self, id: u128) -> Option<u32> {
+        if let Some(&slot) = self.recent.get(&id) {
+            return Some(slot);
+        }
+        let i = self.ids.binary_search(&id).ok()?;
+        Some(self.slots[i]).filter(|&s| s != GONE)
+    }
+
+    fn insert(&mut self, id: u128, slot: u32) {
+        if let Ok(i) = self.ids.binary_search(&id) {
+            if self.slots[i] == GONE {
+                self.gone -= 1;
+            }
+            self.slots[i] = slot;
+            return;
+        }
+        self.recent.insert(id, slot);
+        self.merge_if_due();
+    }
+
+    fn remove(&mut self, id: u128) -> Option<u32> {
+        if let Some(slot) = self.recent.remove(&id) {
+            return Some(slot);
+        }
+        let i = self.ids.binary_search(&id).ok()?;
+        let slot = std::mem::replace(&mut self.slots[i], GONE);
+        if slot == GONE {
+            return None;
+        }
+        self.gone += 1;
+        self.merge_if_due();
+        Some(slot)
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len() - self.gone + self.recent.len()
+    }
+
+    /// Merging costs a pass over the sorted ids; doing it when the map or the removed
+    /// entries reach an eighth of them keeps that to a few steps per write.
+    fn merge_if_due(&mut self) {
+        let due = (self.ids.len() / 8).max(4096);
+        if self.recent.len() > due || self.gone > due {
+            self.merge();
+        }
+    }
+
+    /// In place, so it needs no second copy of the index: drop the removed entries, then
+    /// merge the sorted map in from the back.
+    fn merge(&mut self) {
+        let mut kept = 0;
+        for i in 0..self.ids.len() {
+            if self.slots[i] != GONE {
+                self.ids[kept] = self.ids[i];
+                self.slots[kept] = self.slots[i];
+                kept += 1;
+            }
+        }
+        self.gone = 0;
+        let mut recent: Vec<(u128, u32)> = self.recent.drain().collect();
+        self.recent.shrink_to_fit();
+        recent.sort_unstable_by_key(|p| p.0);
+        let total = kept + recent.len();
+        self.ids.truncate(kept);
+        self.slots.truncate(kept);
+        self.ids.resize(total, 0);
+        self.slots.resize(total, GONE);
+        let (mut i, mut j) = (kept, recent.len());
+        for k in (0..total).rev() {
+            if j > 0 && (i == 0 || recent[j - 1].0 > self.ids[i - 1]) {
+                j -= 1;
+                (self.ids[k], self.slots[k]) = recent[j];
+            } else {
+                i -= 1;
+                (self.ids[k], self.slots[k]) = (self.ids[i], self.slots[i]);
+            }
+        }
+    }
+
+    /// Whether an id is in the sorted part twice.
+    fn has_duplicates(&self) -> bool {
+        self.ids.windows(2).any(|w| w[0] == w[1])
+    }
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Slot index (0 is the first after the header) of each user.
+    of: SlotIndex,
+    free: Vec<u32>,
+    /// Slots in the file after the header, free ones included.
+    len: u32,
+    /// A write to the file failed: it no longer matches the store, and the export walks
+    /// the store instead until the next open builds it again.
+    broken: bool,
+    /// The header says the file matches the store (after [`RowFile::seal`]); a write
+    /// after that must take it back first.
+    sealed: bool,
+}
+
+pub(super) struct RowFile {
+    path: PathBuf,
+    file: File,
+    slots: RwLock<Slots>,
+    /// The token and marks [`RowFile::prepare_seal`] took, for [`RowFile::seal`].
+    token: Mutex<Option<([u8; 16], [u8; 16])>>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{}: {e}", path.display()))
+}
+
+/// The header: what the file is, whether a clean close left it matching the store, the
+/// token that close stored in the tree, and the tree's [`marks`] then.
+fn header(clean: bool, token: [u8; 16], marks: [u8; 16]) -> [u8; SLOT] {
+    let mut h = [0u8; SLOT];
+    h[..16].copy_from_slice(MAGIC);
+    h[16..20].copy_from_slice(&VERSION.to_le_bytes());
+    h[20] = u8::from(clean);
+    h[24..40].copy_from_slice(&token);
+    h[40..44].copy_from_slice(&(SLOT as u32).to_le_bytes());
+    h[44..60].copy_from_slice(&marks);
+    h
+}
+
+/// The tenant's change and governance sequence numbers, which every write that changes
+/// a record moves. Besides the token, they catch a store written by a rosterd that does
+/// not know this file (an older version run on the directory between two clean stops):
+/// that keeps the token, but moves them.
+fn marks(tree: &sled::Tree) -> StoreResult<[u8; 16]> {
+    let mut m = [0u8; 16];
+    for (key, at) in [(keys::SEQ_KEY, 0), (keys::GSEQ_KEY, 8)] {
+        if let Some(v) = tree.get(key)?
+            && v.len() == 8
+        {
+            m[at..at + 8].copy_from_slice(&v);
+        }
+    }
+    Ok(m)
+}
+
+fn offset(slot: u32) -> u64 {
+    (u64::from(slot) + 1) * SLOT as u64
+}
+
+/// The slot bytes of a user's row.
+fn encode(id: &str, record: &[u8]) -> [u8; SLOT] {
+    let mut s = [0u8; SLOT];
+    let id = id.as_bytes();
+    s[1] = id.len() as u8;
+    s[SLOT_HEAD..SLOT_HEAD + id.len()].copy_from_slice(id);
+    let at = SLOT_HEAD + id.len();
+    if at + record.len() <= SLOT {
+        s[0] = INLINE;
+        s[2..4].copy_from_slice(&(record.len() as u16).to_le_bytes());
+        s[at..at + record.len()].copy_from_slice(record);
+    } else {
+        s[0] = STORED;
+    }
+    s
+}
+
+/// The row in slot bytes `s`, if the slot holds one.
+fn decode(s: &[u8]) -> Option<Row<'_>> {
+    let id_len = usize::from(s[1]);
+    let id = std::str::from_utf8(s.get(SLOT_HEAD..SLOT_HEAD + id_len)?).ok()?;
+    match s[0] {
+        INLINE => {
+            let len = usize::from(u16::from_le_bytes([s[2], s[3]]));
+            let at = SLOT_HEAD + id_len;
+            Some(Row::Record {
+                id,
+                bytes: s.get(at..at + len)?,
+            })
+        }
+        STORED => Some(Row::Stored { id }),
+        _ => None,
+    }
+}
+
+impl RowFile {
+    /// Open the tenant's row file at `path`, building it from `tree`'s records unless a
+    /// clean close left it matching them.
+    pub(super) fn open(path: &Path, tree: &sled::Tree) -> StoreResult<RowFile> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        let token = tree.get(keys::ROWS_TOKEN_KEY)?;
+        let reused = match (File::options().read(true).write(true).open(path), token) {
+            (Ok(file), Some(token)) => Self::load(path, file, &token, marks(tree)?)?,
+            _ => None,
+        };
+        let rows = match reused {
+            Some(rows) => rows,
+            None => Self::build(path, tree)?,
+        };
+        Ok(rows)
+    }
+
+    /// The file at `path` as a clean close left it, if it did, with the tree's `token`
+    /// and `marks` as they are now.
+    fn load(
+        path: &Path,
+        file: File,
+        token: &[u8],
+        marks: [u8; 16],
+    ) -> StoreResult<Option<RowFile>> {
+        let mut h = [0u8; SLOT];
+        if file.read_exact_at(&mut h, 0).is_err() || h != header(true, token_of(token), marks) {
+            return Ok(None);
+        }
+        let size = file.metadata().map_err(|e| io(path, e))?.len();
+        if size % SLOT as u64 != 0 {
+            return Ok(None);
+        }
+        let len = u32::try_from(size / SLOT as u64 - 1).unwrap_or(u32::MAX);
+        let mut slots = Slots {
+            len,
+            ..Slots::default()
+        };
+        let mut pairs = Vec::new();
+        let mut buf = vec![0u8; CHUNK_SLOTS * SLOT];
+        let mut first = 0u32;
+        while first < len {
+            let n = (len - first).min(CHUNK_SLOTS as u32) as usize;
+            let chunk = &mut buf[..n * SLOT];
+            file.read_exact_at(chunk, offset(first))
+                .map_err(|e| io(path, e))?;
+            for (i, s) in chunk.chunks_exact(SLOT).enumerate() {
+                let slot = first + i as u32;
+                let id = match decode(s) {
+                    Some(Row::Record { id, .. } | Row::Stored { id }) => id,
+                    None if s[0] == FREE => {
+                        slots.free.push(slot);
+                        continue;
+                    }
+                    None => return Ok(None),
+                };
+                let Some(key) = id_key(id) else {
+                    return Ok(None);
+                };
+                pairs.push((key, slot));
+            }
+            first += n as u32;
+        }
+        // Taken from the end first, so the file's front fills up again.
+        slots.free.reverse();
+        slots.of = SlotIndex::from_pairs(pairs);
+        if slots.of.has_duplicates() {
+            // An id in two slots: not a file this module wrote.
+            return Ok(None);
+        }
+        // No longer vouched for, and on disk before the store takes any write: a crash
+        // part-way through a write is finished from the store's redo record at the next
+        // open, which this file would not see.
+        unseal(&file).map_err(|e| io(path, e))?;
+        Ok(Some(RowFile {
+            path: path.to_owned(),
+            file,
+            slots: RwLock::new(slots),
+            token: Mutex::new(None),
+        }))
+    }
+
+    /// Write the file anew from the records in `tree`, beside the old one, then put it
+    /// in the old one's place.
+    fn build(path: &Path, tree: &sled::Tree) -> StoreResult<RowFile> {
+        let started = std::time::Instant::now();
+        let tmp = path.with_extension("rows.new");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io(&tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(CHUNK_SLOTS * SLOT, &file);
+        out.write_all(&header(false, [0; 16], [0; 16]))
+            .map_err(|e| io(&tmp, e))?;
+        let prefix = keys::record("");
+        let mut slots = Slots::default();
+        let mut pairs = Vec::new();
+        for kv in tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let id = std::str::from_utf8(&k[prefix.len()..]).unwrap_or("");
+            let Some(key) = id_key(id) else {
+                continue;
+            };
+            out.write_all(&encode(id, &v)).map_err(|e| io(&tmp, e))?;
+            pairs.push((key, slots.len));
+            slots.len += 1;
+        }
+        out.flush().map_err(|e| io(&tmp, e))?;
+        drop(out);
+        slots.of = SlotIndex::from_pairs(pairs);
+        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+        if slots.len > 10_000 {
+            tracing::info!(
+                file = %path.display(),
+                users = slots.of.len(),
+                seconds = started.elapsed().as_secs_f64(),
+                "Built the export's copy of the roster records."
+            );
+        }
+        Ok(RowFile {
+            path: path.to_owned(),
+            file,
+            slots: RwLock::new(slots),
+            token: Mutex::new(None),
+        })
+    }
+
+    /// Bring the file in line with a transaction's record writes (`None` deletes), just
+    /// applied to the store. A failure leaves the file unused until the next open.
+    pub(super) fn apply<'a>(&self, changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if slots.broken {
+            return;
+        }
+        if let Err(e) = self.apply_locked(&mut slots, changes) {
+            slots.broken = true;
+            tracing::error!(
+                file = %self.path.display(),
+                error = %e,
+                "Cannot write the export's copy of the roster records; exports read the store until the next start."
+            );
+        }
+    }
+
+    /// Stop using the file until the next open builds it again.
+    pub(super) fn distrust(&self) {
+        self.slots.write().unwrap_or_else(|e| e.into_inner()).broken = true;
+    }
+
+    fn apply_locked<'a>(
+        &self,
+        slots: &mut Slots,
+        changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> std::io::Result<()> {
+        if slots.sealed {
+            unseal(&self.file)?;
+            slots.sealed = false;
+        }
+        for (id, record) in changes {
+            let Some(key) = id_key(id) else {
+                continue;
+            };
+            match record {
+                Some(record) => {
+                    let slot = match slots.of.get(key) {
+                        Some(slot) => slot,
+                        None => {
+                            let slot = slots.free.pop().unwrap_or_else(|| {
+                                slots.len += 1;
+                                slots.len - 1
+                            });
+                            slots.of.insert(key, slot);
+                            slot
+                        }
+                    };
+                    self.file.write_all_at(&encode(id, record), offset(slot))?;
+                }
+                None => {
+                    if let Some(slot) = slots.of.remove(key) {
+                        self.file.write_all_at(&[FREE], offset(slot))?;
+                        slots.free.push(slot);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Call `f` with every row, in slot order, until it returns false. `None` when the
+    /// file cannot be trusted (a write failed): walk the store instead.
+    pub(super) fn for_each(
+        &self,
+        mut f: impl FnMut(Row<'_>) -> StoreResult<bool>,
+    ) -> Option<StoreResult<()>> {
+        let mut buf = vec![0u8; CHUNK_SLOTS * SLOT];
+        let mut first = 0u32;
+        loop {
+            // Read under the lock, so no slot is read half-written; rows are handed out
+            // after it is released.
+            let n = {
+                let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+                if slots.broken {
+                    return if first == 0 {
+                        None
+                    } else {
+                        Some(Err(StoreError::Io(format!(
+                            "{}: a write failed during the walk",
+                            self.path.display()
+                        ))))
+                    };
+                }
+                if first >= slots.len {
+                    return Some(Ok(()));
+                }
+                let n = (slots.len - first).min(CHUNK_SLOTS as u32) as usize;
+                if let Err(e) = self.file.read_exact_at(&mut buf[..n * SLOT], offset(first)) {
+                    return Some(Err(io(&self.path, e)));
+                }
+                n
+            };
+            for s in buf[..n * SLOT].chunks_exact(SLOT) {
+                if let Some(row) = decode(s) {
+                    match f(row) {
+                        Ok(true) => {}
+                        Ok(false) => return Some(Ok(())),
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+            }
+            first += n as u32;
+        }
+    }
+
+    /// First half of a clean close, before the store's last flush: the token that will
+    /// say the file matches, stored in `tree`.
+    pub(super) fn prepare_seal(&self, tree: &sled::Tree) -> StoreResult<()> {
+        let token: [u8; 16] = rand::random();
+        tree.insert(keys::ROWS_TOKEN_KEY, &token)?;
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, marks(tree)?));
+        Ok(())
+    }
+
+    /// Second half, after the store's flush made the token durable: the file, and then
+    /// the header that vouches for it.
+    pub(super) fn seal(&self) -> StoreResult<()> {
+        let Some((token, marks)) = self.token.lock().unwrap_or_else(|e| e.into_inner()).take()
+        else {
+            return Ok(());
+        };
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if slots.broken {
+            return Ok(());
+        }
+        let sealed = self
+            .file
+            .sync_data()
+            .and_then(|()| self.file.write_all_at(&header(true, token, marks), 0))
+            .and_then(|()| self.file.sync_data());
+        sealed.map_err(|e| io(&self.path, e))?;
+        slots.sealed = true;
+        Ok(())
+    }
+}
+
+fn unseal(file: &File) -> std::io::Result<()> {
+    file.write_all_at(&header(false, [0; 16], [0; 16]), 0)?;
+    file.sync_data()
+}
+
+fn token_of(bytes: &[u8]) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    if bytes.len() == 16 {
+        t.copy_from_slice(bytes);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{create_user, set_user, user, when_unlocked};
+    use super::super::{ROWS_DIR, Store};
+    use super::*;
+    use crate::scim::ResourceKind;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
+
+    /// What the export walk yields, and what the tree holds: (id → userName, title).
+    type Rows = BTreeMap<String, (String, Option<String>)>;
+
+    fn walked(store: &Store) -> Rows {
+        let mut out = Rows::new();
+        store
+            .for_each_record("t", |id, r| {
+                let row = (r.user.user_name.to_owned(), r.user.title.map(str::to_owned));
+                assert!(out.insert(id.to_owned(), row).is_none(), "{id} twice");
+                Ok(true)
+            })
+            .unwrap();
+        out
+    }
+
+    fn stored(store: &Store) -> Rows {
+        store
+            .scan_records_after("t", None)
+            .unwrap()
+            .map(|b| {
+                let b = b.unwrap();
+                let r = b.record().unwrap();
+                (
+                    b.id().to_owned(),
+                    (r.user.user_name.to_owned(), r.user.title.map(str::to_owned)),
+                )
+            })
+            .collect()
+    }
+
+    fn file(dir: &Path) -> PathBuf {
+        // Tenant "t" is 0x74.
+        dir.join(ROWS_DIR).join("74.rows")
+    }
+
+    /// Creates, updates (one to a record too large for a slot), deletes and a create
+    /// that takes a freed slot.
+    async fn churn(store: &Store, tag: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(create_user(store, user(&format!("{tag}{i}@x.test"), "Engineer", true)).await);
+        }
+        set_user(store, &ids[3], "Accountant", false).await;
+        let long: &'static str = "Principal Engineer of Very Long Titles ".repeat(10).leak();
+        set_user(store, &ids[4], long, true).await;
+        for id in ids.drain(5..8) {
+            store
+                .delete("t", ResourceKind::User, &id, None)
+                .await
+                .unwrap();
+        }
+        ids.push(create_user(store, user(&format!("{tag}-late@x.test"), "Chef", true)).await);
+        ids
+    }
+
+    #[test]
+    fn the_slot_index_answers_as_a_map_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut index =
+            SlotIndex::from_pairs((0..5000u32).map(|s| (u128::from(s) * 7919, s)).collect());
+        let mut map: HashMap<u128, u32> = (0..5000u32).map(|s| (u128::from(s) * 7919, s)).collect();
+        // Ids from a range small enough that inserts, updates and removals of the same
+        // id meet, and enough operations for several merges.
+        for step in 0..200_000u32 {
+            let id = u128::from(rng.random_range(0..40_000u32)) * 7919;
+            match rng.random_range(0..3) {
+                0 => assert_eq!(index.remove(id), map.remove(&id), "step {step}"),
+                _ => {
+                    index.insert(id, step);
+                    map.insert(id, step);
+                }
+            }
+            if step % 997 == 0 {
+                assert_eq!(index.len(), map.len(), "step {step}");
+            }
+        }
+        assert!(!index.has_duplicates());
+        for id in (0..40_000u128).map(|i| i * 7919) {
+            assert_eq!(index.get(id), map.get(&id).copied(), "id {id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_walk_sees_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(dir.path()));
+        churn(&store, "a").await;
+        let rows = walked(&store);
+        assert_eq!(rows.len(), 18);
+        assert_eq!(rows, stored(&store));
+        assert!(
+            rows.values()
+                .any(|(_, t)| t.as_ref().is_some_and(|t| t.len() > SLOT)),
+            "the long title is walked from the store"
+        );
+        // The freed slot was taken again: 20 created, 3 deleted, 1 more created.
+        let len = std::fs::metadata(file(dir.path())).unwrap().len();
+        assert_eq!(len, 21 * SLOT as u64);
+        // Stopping early stops.
+        let mut n = 0;
+        store
+            .for_each_record("t", |_, _| {
+                n += 1;
+                Ok(n < 5)
+            })
+            .unwrap();
+        assert_eq!(n, 5);
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_keeps_the_file_and_anything_else_builds_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(dir.path());
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            churn(&store, "a").await;
+            store.close().unwrap();
+        }
+        let sealed = std::fs::read(&path).unwrap();
+        assert_eq!(sealed[20], 1, "the header vouches for the file");
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            // Opened from the file as it is, which says at once that it no longer
+            // vouches for itself: a crash from here on must not find it trusted.
+            churn(&store, "b").await;
+            assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+            assert_eq!(std::fs::read(&path).unwrap()[20], 0);
+            assert_eq!(walked(&store).len(), 36);
+            assert_eq!(walked(&store), stored(&store));
+            store.close().unwrap();
+        }
+        // A sealed file from an earlier close (a restored backup, say) does not match
+        // the store's token: built again, and the rows from the second run are there.
+        std::fs::write(&path, &sealed).unwrap();
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            let rows = walked(&store);
+            assert_eq!(rows.len(), 36);
+            assert_eq!(rows, stored(&store));
+            assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode);
+            // No close: the next open cannot trust what this run wrote.
+            churn(&store, "c").await;
+        }
+        let store = when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(walked(&store).len(), 54);
+        assert_eq!(walked(&store), stored(&store));
+    }
+
+    #[tokio::test]
+    async fn a_store_written_by_a_version_without_the_file_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            churn(&store, "a").await;
+            store.close().unwrap();
+        }
+        // An older rosterd run between two clean stops knows nothing of the file: it
+        // keeps the token, and its write (here a user's record removed) moves the
+        // tenant's sequence.
+        {
+            let db = when_unlocked(|| sled::open(dir.path()));
+            let tree = db.open_tree("tenant/t").unwrap();
+            let (k, _) = tree.scan_prefix(keys::record("")).next().unwrap().unwrap();
+            tree.remove(k).unwrap();
+            let seq = tree.get(keys::SEQ_KEY).unwrap().unwrap();
+            let next = u64::from_be_bytes(seq.as_ref().try_into().unwrap()) + 1;
+            tree.insert(keys::SEQ_KEY, &next.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(walked(&store).len(), 17);
+        assert_eq!(walked(&store), stored(&store));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_file_is_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(dir.path());
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            churn(&store, "a").await;
+            store.close().unwrap();
+        }
+        // A slot with a state no version writes, and a file cut mid-slot.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[SLOT * 2] = 9;
+        std::fs::write(&path, &bytes).unwrap();
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            assert_eq!(walked(&store), stored(&store));
+            assert_eq!(walked(&store).len(), 18);
+            store.close().unwrap();
+        }
+        let f = File::options().write(true).open(&path).unwrap();
+        f.set_len((SLOT * 5 + 7) as u64).unwrap();
+        let store = when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(walked(&store).len(), 18);
+    }
+}
