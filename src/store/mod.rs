@@ -934,6 +934,9 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
         let tenant = String::from_utf8_lossy(tenant).into_owned();
         let tree = db.open_tree(&name)?;
         recover_intent(&tree)?;
+        // An upgrade may rewrite records without moving the sequence numbers the export's
+        // row file checks: build it again rather than trust it.
+        tree.remove(keys::ROWS_TOKEN_KEY)?;
         let started = std::time::Instant::now();
         if from < 2 {
             let users = record::build_all(&tree)?;

@@ -729,6 +729,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_upgraded_store_gets_the_file_built_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file(dir.path());
+        {
+            let store = when_unlocked(|| Store::open(dir.path()));
+            churn(&store, "a").await;
+            store.close().unwrap();
+        }
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        {
+            let db = when_unlocked(|| sled::open(dir.path()));
+            db.insert(super::super::SCHEMA_VERSION_KEY, b"4").unwrap();
+            db.flush().unwrap();
+        }
+        let store = when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(walked(&store).len(), 18);
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), inode);
+    }
+
+    #[tokio::test]
     async fn a_damaged_file_is_built_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = file(dir.path());
