@@ -337,7 +337,7 @@ impl<'a> Renderer<'a> {
         if let Some(n) = self.manager_names.get(id) {
             return Ok(n.clone());
         }
-        let n = match self.store.roster_record(self.tenant, id)? {
+        let n = match self.store.roster_record_unpaged(self.tenant, id)? {
             Some(bytes) => {
                 Some(bytes.record()?.user.user_name.to_owned()).filter(|n| !n.is_empty())
             }

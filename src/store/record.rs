@@ -342,6 +342,24 @@ impl super::Store {
         Ok(())
     }
 
+    /// One user's roster record, read from the export's row file when it has it (outside
+    /// sled's page cache: the export looks up every user's manager), else from the tree.
+    pub fn roster_record_unpaged(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> StoreResult<Option<RecordBytes>> {
+        let t = self.tenant(tenant)?;
+        match t.rows.as_ref().and_then(|rows| rows.get(id)) {
+            Some(Ok(found)) => Ok(found.map(|bytes| RecordBytes {
+                id: sled::IVec::from(id.as_bytes()),
+                bytes: sled::IVec::from(bytes),
+            })),
+            Some(Err(e)) => Err(StoreError::Io(e.to_string())),
+            None => self.roster_record(tenant, id),
+        }
+    }
+
     /// Roster records in user id order, after `after`, streamed.
     pub fn scan_records_after(
         &self,
