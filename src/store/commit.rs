@@ -115,6 +115,10 @@ impl GroupCommit {
                     ));
                 }
             }
+            // Stopped (an earlier close): nothing will serve the ticket.
+            if rx.has_changed().is_err() {
+                return Err(FlushFailed("the flusher has stopped".into()));
+            }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }

@@ -261,6 +261,21 @@ struct Tenant {
     rows: Option<rows::RowFile>,
 }
 
+impl Tenant {
+    /// The tenant's write lock. A writer that panicked holding it may have applied part
+    /// of its batch to the tree and none of it to the export's row file, so the file is
+    /// not used again (the tree is consistent: the redo record finishes the batch at the
+    /// next open).
+    fn writes(&self) -> std::sync::MutexGuard<'_, WriteClock> {
+        self.write_lock.lock().unwrap_or_else(|e| {
+            if let Some(rows) = &self.rows {
+                rows.distrust();
+            }
+            e.into_inner()
+        })
+    }
+}
+
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
 /// if the system clock is stepped back. Governance events are then in time order as well
 /// as in sequence order, which is what lets a time filter search the log instead of
@@ -1445,7 +1460,7 @@ impl Store {
     pub async fn claim_job(&self, tenant: &str) -> StoreResult<bool> {
         let t = self.tenant(tenant)?;
         tokio::task::spawn_blocking(move || {
-            let _lock = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _lock = t.writes();
             !t.job_running
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
         })
@@ -1478,7 +1493,7 @@ impl Store {
             return Err(StoreError::Failed(f));
         }
         let t = self.tenant(tenant)?;
-        let mut last_write = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last_write = t.writes();
         let stamp = last_write.stamp(tenant, now());
         let mut txn = Txn::new(&t.tree, self.resolver(tenant), stamp)?;
         txn.job_running = t.job_running.load(std::sync::atomic::Ordering::Acquire);
@@ -1871,7 +1886,7 @@ impl Store {
         if !t.pages.is_made(kind) {
             // Under the write lock, so no user or group comes or goes while counting; a
             // walk of keys only, once per tenant and kind (about a second at a million).
-            let _writes = t.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _writes = t.writes();
             if !t.pages.is_made(kind) {
                 let prefixes = t.tree.scan_prefix(&prefix).keys().filter_map(|k| match k {
                     Ok(k) => paging::prefix_of(keys::trailing_id(&k, prefix.len())?).map(Ok),
@@ -2057,10 +2072,7 @@ impl Store {
         // reclassification's batch, a request past the drain deadline) that landed between
         // the token and the seal would be in a file vouched for, and perhaps never reach
         // the disk in the store; after the seal, its slot write unseals the file first.
-        let writes: Vec<_> = tenants
-            .iter()
-            .map(|t| t.write_lock.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let writes: Vec<_> = tenants.iter().map(|t| t.writes()).collect();
         // Not sealed, a row file is built again at the next open: slower, never wrong.
         let sealing: Vec<&rows::RowFile> = tenants
             .iter()

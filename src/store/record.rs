@@ -351,11 +351,10 @@ impl super::Store {
     ) -> StoreResult<Option<RecordBytes>> {
         let t = self.tenant(tenant)?;
         match t.rows.as_ref().and_then(|rows| rows.get(id)) {
-            Some(Ok(found)) => Ok(found.map(|bytes| RecordBytes {
+            Some(found) => Ok(found.map(|bytes| RecordBytes {
                 id: sled::IVec::from(id.as_bytes()),
                 bytes: sled::IVec::from(bytes),
             })),
-            Some(Err(e)) => Err(StoreError::Io(e.to_string())),
             None => self.roster_record(tenant, id),
         }
     }

@@ -403,7 +403,7 @@ impl RowFile {
     /// Bring the file in line with a transaction's record writes (`None` deletes), just
     /// applied to the store. A failure leaves the file unused until the next open.
     pub(super) fn apply<'a>(&self, changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) {
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots_mut();
         if slots.broken {
             return;
         }
@@ -419,7 +419,17 @@ impl RowFile {
 
     /// Stop using the file until the next open builds it again.
     pub(super) fn distrust(&self) {
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).broken = true;
+        self.slots_mut().broken = true;
+    }
+
+    /// The slots, to change. A writer that panicked holding them may have left the
+    /// index and the file apart: the file is not used again.
+    fn slots_mut(&self) -> std::sync::RwLockWriteGuard<'_, Slots> {
+        self.slots.write().unwrap_or_else(|e| {
+            let mut slots = e.into_inner();
+            slots.broken = true;
+            slots
+        })
     }
 
     fn apply_locked<'a>(
@@ -474,17 +484,17 @@ impl RowFile {
             // Read under the lock, so no slot is read half-written; rows are handed out
             // after it is released.
             let n = {
-                let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-                if slots.broken {
-                    return if first == 0 {
-                        None
-                    } else {
-                        Some(Err(StoreError::Io(format!(
+                // Poisoned: a writer panicked part-way (see `slots_mut`).
+                let slots = match self.slots.read() {
+                    Ok(slots) if !slots.broken => slots,
+                    _ if first == 0 => return None,
+                    _ => {
+                        return Some(Err(StoreError::Io(format!(
                             "{}: a write failed during the walk",
                             self.path.display()
-                        ))))
-                    };
-                }
+                        ))));
+                    }
+                };
                 if first >= slots.len {
                     return Some(Ok(()));
                 }
@@ -515,24 +525,22 @@ impl RowFile {
     }
 
     /// One user's row: `Some(None)` if the file has no such user, `Some(Some(bytes))`
-    /// with its record, or `None` if the file cannot answer (not in use, or the record
-    /// is kept in the store only): ask the store.
-    pub(super) fn get(&self, id: &str) -> Option<std::io::Result<Option<Vec<u8>>>> {
+    /// with its record, or `None` if the file cannot answer (not in use, a read error,
+    /// or the record is kept in the store only): ask the store.
+    pub(super) fn get(&self, id: &str) -> Option<Option<Vec<u8>>> {
         let key = id_key(id)?;
-        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        // Poisoned: a writer panicked part-way (see `slots_mut`).
+        let slots = self.slots.read().ok()?;
         if slots.broken {
             return None;
         }
-        let slot = match slots.of.get(key) {
-            Some(slot) => slot,
-            None => return Some(Ok(None)),
+        let Some(slot) = slots.of.get(key) else {
+            return Some(None);
         };
         let mut s = [0u8; SLOT];
-        if let Err(e) = self.file.read_exact_at(&mut s, offset(slot)) {
-            return Some(Err(e));
-        }
+        self.file.read_exact_at(&mut s, offset(slot)).ok()?;
         match decode(&s) {
-            Some((INLINE, k, bytes)) if k == key => Some(Ok(Some(bytes.to_vec()))),
+            Some((INLINE, k, bytes)) if k == key => Some(Some(bytes.to_vec())),
             _ => None,
         }
     }
@@ -553,7 +561,7 @@ impl RowFile {
         else {
             return Ok(());
         };
-        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots_mut();
         if slots.broken {
             return Ok(());
         }
@@ -918,6 +926,47 @@ mod tests {
         }
         let store = when_unlocked(|| Store::open(dir.path()));
         walks_as_stored(&store, 19);
+    }
+
+    #[test]
+    fn a_second_close_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(dir.path()));
+        store.close().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let again = store.clone();
+        std::thread::spawn(move || tx.send(again.close().is_ok()));
+        let closed = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(closed, Ok(true), "a second close hung or failed");
+    }
+
+    /// A writer that panicked holding the tenant's lock may have applied part of its
+    /// batch to the tree only: the file is not used again.
+    #[tokio::test]
+    async fn a_writer_that_panicked_stops_the_file_being_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(dir.path()));
+        churn(&store, "a").await;
+        let t = store.tenant("t").unwrap();
+        let poisoned = std::thread::spawn(move || {
+            let _held = t.write_lock.lock().unwrap();
+            panic!("a writer panics");
+        })
+        .join();
+        assert!(poisoned.is_err());
+        create_user(&store, user("after@x.test", "Chef", true)).await;
+        // What the file says no longer counts: a title changed there alone is not seen.
+        let mut bytes = std::fs::read(file(dir.path())).unwrap();
+        let at = bytes.windows(10).position(|w| w == b"Accountant").unwrap();
+        bytes[at + 9] = b'x';
+        std::fs::write(file(dir.path()), &bytes).unwrap();
+        walks_as_stored(&store, 19);
+        store.close().unwrap();
+        assert_eq!(
+            std::fs::read(file(dir.path())).unwrap()[20],
+            0,
+            "not sealed"
+        );
     }
 
     #[tokio::test]
