@@ -688,11 +688,18 @@ mod tests {
         }
     }
 
-    /// Move the tenant's change sequence, as every write does.
-    fn bump_seq(tree: &sled::Tree) {
+    /// Write tenant "t"'s tree in the closed store in `dir` directly, as a program that
+    /// knows nothing of the row file would: `write` gets the tree and its first record's
+    /// key and value; the change sequence then moves, as every write moves it.
+    fn behind_its_back(dir: &Path, write: impl FnOnce(&sled::Tree, sled::IVec, sled::IVec)) {
+        let db = when_unlocked(|| sled::open(dir));
+        let tree = db.open_tree("tenant/t").unwrap();
+        let (k, v) = tree.scan_prefix(keys::record("")).next().unwrap().unwrap();
+        write(&tree, k, v);
         let seq = tree.get(keys::SEQ_KEY).unwrap().unwrap();
         let next = u64::from_be_bytes(seq.as_ref().try_into().unwrap()) + 1;
         tree.insert(keys::SEQ_KEY, &next.to_be_bytes()).unwrap();
+        db.flush().unwrap();
     }
 
     /// A store in `dir` with [`churn`]'s users, closed cleanly.
@@ -802,14 +809,9 @@ mod tests {
         // An older rosterd run between two clean stops knows nothing of the file: it
         // keeps the token, and its write (here a user's record removed) moves the
         // tenant's sequence.
-        {
-            let db = when_unlocked(|| sled::open(dir.path()));
-            let tree = db.open_tree("tenant/t").unwrap();
-            let (k, _) = tree.scan_prefix(keys::record("")).next().unwrap().unwrap();
+        behind_its_back(dir.path(), |tree, k, _| {
             tree.remove(k).unwrap();
-            bump_seq(&tree);
-            db.flush().unwrap();
-        }
+        });
         let store = when_unlocked(|| Store::open(dir.path()));
         walks_as_stored(&store, 17);
     }
@@ -916,14 +918,9 @@ mod tests {
     async fn a_user_the_file_cannot_hold_is_still_walked() {
         let dir = tempfile::tempdir().unwrap();
         churned_and_closed(dir.path()).await;
-        {
-            let db = when_unlocked(|| sled::open(dir.path()));
-            let tree = db.open_tree("tenant/t").unwrap();
-            let (_, v) = tree.scan_prefix(keys::record("")).next().unwrap().unwrap();
+        behind_its_back(dir.path(), |tree, _, v| {
             tree.insert(keys::record("NOT-A-UUID"), v).unwrap();
-            bump_seq(&tree);
-            db.flush().unwrap();
-        }
+        });
         let store = when_unlocked(|| Store::open(dir.path()));
         walks_as_stored(&store, 19);
     }
