@@ -8,14 +8,15 @@
 //!
 //! The file is derived data, like the records themselves, but outside sled's atomic
 //! writes: it is written after each transaction is applied (under the tenant's write
-//! lock, so in the same order) and made durable only at a clean close. Its header says
+//! lock, so in the same order) and vouched for only by a clean close. Its header says
 //! whether it was closed cleanly, with a token that the same close stores in the tenant's
-//! tree; an open that finds anything else (a crash, a store restored from a backup, a
-//! store from before this file existed) builds it again from the records.
+//! tree and the tenant's sequence numbers then; an open that finds anything else (a
+//! crash, a store restored from a backup, one written by a rosterd that knows nothing of
+//! this file, a layout upgrade) builds it again from the records.
 //!
-//! Layout: a header slot, then one slot per user: a state byte, the id's length, the
-//! record's length (two bytes, little-endian), the id and the record. A record that does
-//! not fit is marked as kept in the store only, and the export reads it from there.
+//! Layout: a header slot, then one slot per user: a state byte, a spare byte, the
+//! record's length (two bytes, little-endian), the id (16 bytes) and the record. A record
+//! that does not fit is marked as kept in the store only, and the export reads it there.
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
