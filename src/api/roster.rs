@@ -549,7 +549,7 @@ impl UserFilter {
     /// Walk every matching user in no particular order, calling `f` until it returns
     /// false: [`UserFilter::for_each`] for a walk that needs no cursor (the export). A
     /// walk over every user reads the store's copy of the records kept out of its page
-    /// cache; `f` then gets no group ids.
+    /// cache, with each user's group ids when the copy has them.
     pub fn for_each_unordered(
         &self,
         store: &Store,
@@ -559,8 +559,8 @@ impl UserFilter {
         if self.index().is_some() {
             return self.for_each(store, tenant, None, f);
         }
-        store.for_each_record(tenant, |id, rec| {
-            Ok(!self.matches(store, tenant, id, rec)? || f(id, rec, None)?)
+        store.for_each_record(tenant, |id, rec, groups| {
+            Ok(!self.matches(store, tenant, id, rec)? || f(id, rec, groups)?)
         })
     }
 

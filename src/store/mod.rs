@@ -1509,13 +1509,20 @@ impl Store {
         let last_seq = (txn.next_seq != txn.first_seq).then(|| txn.next_seq - 1);
         let (ops, moves) = txn.into_ops()?;
         let record_prefix = keys::record("");
-        let records: Vec<Op> = match &t.rows {
-            Some(_) => ops
-                .iter()
-                .filter(|(k, _)| k.starts_with(&record_prefix))
-                .cloned()
-                .collect(),
-            None => Vec::new(),
+        let backref_prefix = keys::backrefs_all_prefix();
+        let (records, members): (Vec<Op>, Vec<String>) = match &t.rows {
+            Some(_) => (
+                ops.iter()
+                    .filter(|(k, _)| k.starts_with(&record_prefix))
+                    .cloned()
+                    .collect(),
+                ops.iter()
+                    .filter_map(|(k, _)| k.strip_prefix(backref_prefix.as_slice()))
+                    .filter_map(|rest| rest.get(..keys::ID_LEN))
+                    .map(|id| String::from_utf8_lossy(id).into_owned())
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
         };
         let applied = apply_ops(&t.tree, ops);
         if let Err(StoreError::Io(e)) = &applied {
@@ -1535,12 +1542,15 @@ impl Store {
         }
         applied?;
         if let Some(rows) = &t.rows {
-            rows.apply(records.iter().map(|(k, v)| {
-                (
-                    std::str::from_utf8(&k[record_prefix.len()..]).unwrap_or(""),
-                    v.as_deref(),
-                )
-            }));
+            rows.apply(
+                records.iter().map(|(k, v)| {
+                    (
+                        std::str::from_utf8(&k[record_prefix.len()..]).unwrap_or(""),
+                        v.as_deref(),
+                    )
+                }),
+                members.iter().map(String::as_str),
+            );
         }
         // Taken before the lock is released, so a later writer that reads this state
         // finds its ticket already issued (see the no-op case above).

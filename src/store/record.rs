@@ -313,18 +313,31 @@ impl super::Store {
 
     /// Every user's roster record, in no particular order, until `f` returns false: the
     /// CSV export's walk. Read from the tenant's row file (see `rows.rs`), which stays
-    /// out of sled's page cache, or from the tree if the file is not usable.
+    /// out of sled's page cache, or from the tree if the file is not usable. `f` also
+    /// gets the ids of the groups the user is a direct member of, when the file has them
+    /// (`None`: ask [`Store::groups_of`]).
     pub fn for_each_record(
         &self,
         tenant: &str,
-        mut f: impl FnMut(&str, &RosterRecord<'_>) -> StoreResult<bool>,
+        mut f: impl FnMut(&str, &RosterRecord<'_>, Option<&[String]>) -> StoreResult<bool>,
     ) -> StoreResult<()> {
         let t = self.tenant(tenant)?;
         if let Some(rows) = &t.rows {
+            let mut names: Vec<String> = Vec::new();
             let walked = rows.for_each(|row| match row {
-                Row::Record { id, bytes } => f(id, &RosterRecord::decode(bytes)?),
+                Row::Record { id, bytes, groups } => {
+                    let groups = groups.map(|packed| {
+                        names.clear();
+                        names.extend(packed.chunks_exact(16).filter_map(|c| {
+                            let key = u128::from_be_bytes(c.try_into().ok()?);
+                            Some(uuid::Uuid::from_u128(key).hyphenated().to_string())
+                        }));
+                        names.as_slice()
+                    });
+                    f(id, &RosterRecord::decode(bytes)?, groups)
+                }
                 Row::Stored { id } => match t.tree.get(keys::record(id))? {
-                    Some(bytes) => f(id, &RosterRecord::decode(&bytes)?),
+                    Some(bytes) => f(id, &RosterRecord::decode(&bytes)?, None),
                     // Deleted since the walk began.
                     None => Ok(true),
                 },
@@ -335,7 +348,7 @@ impl super::Store {
         }
         for bytes in self.scan_records_after(tenant, None)? {
             let bytes = bytes?;
-            if !f(bytes.id(), &bytes.record()?)? {
+            if !f(bytes.id(), &bytes.record()?, None)? {
                 break;
             }
         }

@@ -33,7 +33,7 @@ const SLOT_HEAD: usize = 20;
 /// externalId, two addresses, title, department, assignment) takes about 250 bytes.
 const ROOM: usize = SLOT - SLOT_HEAD;
 const MAGIC: &[u8; 16] = b"rosterd rows\n\0\0\0";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Slots read per `pread`: 1.5 MiB, the export's whole buffer.
 const CHUNK_SLOTS: usize = 4096;
 
@@ -41,17 +41,19 @@ const FREE: u8 = 0;
 const INLINE: u8 = 1;
 /// The record did not fit in a slot: read it from the store.
 const STORED: u8 = 2;
+/// Flag (second byte): the user's groups did not fit after the record; ask the store.
+const GROUPS_ELSEWHERE: u8 = 1;
 
 /// One row as the export reads it.
 pub(super) enum Row<'a> {
     Record {
         id: &'a str,
         bytes: &'a [u8],
+        /// The user's group ids, 16 bytes each; `None`: ask the store.
+        groups: Option<&'a [u8]>,
     },
     /// Too large for a slot; the caller reads the record from the store.
-    Stored {
-        id: &'a str,
-    },
+    Stored { id: &'a str },
 }
 
 /// A user id as the file and the index keep it: 16 bytes. Only an id in the form the
@@ -199,6 +201,10 @@ struct Slots {
     /// The header says the file matches the store (after [`RowFile::seal`]); a write
     /// after that must take it back first.
     sealed: bool,
+    /// Slots whose group ids a membership change made out of date. Marked here rather
+    /// than rewritten (a 50,000-member PATCH would write 50,000 slots); the walk asks
+    /// the store for their groups, and the close rewrites them before the seal.
+    stale: std::collections::HashSet<u32>,
 }
 
 pub(super) struct RowFile {
@@ -246,32 +252,92 @@ fn offset(slot: u32) -> u64 {
     (u64::from(slot) + 1) * SLOT as u64
 }
 
-/// The slot bytes of a user's row.
-fn encode(key: u128, record: &[u8]) -> [u8; SLOT] {
+/// The slot bytes of a user's row: the record, then (if they fit) a count and the ids
+/// of the groups the user is a direct member of.
+fn encode(key: u128, record: &[u8], groups: Option<&[u128]>) -> [u8; SLOT] {
     let mut s = [0u8; SLOT];
     s[4..SLOT_HEAD].copy_from_slice(&key.to_be_bytes());
-    if record.len() <= ROOM {
-        s[0] = INLINE;
-        s[2..4].copy_from_slice(&(record.len() as u16).to_le_bytes());
-        s[SLOT_HEAD..SLOT_HEAD + record.len()].copy_from_slice(record);
-    } else {
+    if record.len() > ROOM {
         s[0] = STORED;
+        return s;
+    }
+    s[0] = INLINE;
+    s[2..4].copy_from_slice(&(record.len() as u16).to_le_bytes());
+    let at = SLOT_HEAD + record.len();
+    s[SLOT_HEAD..at].copy_from_slice(record);
+    match groups {
+        Some(g) if g.len() <= usize::from(u8::MAX) && at + 1 + 16 * g.len() <= SLOT => {
+            s[at] = g.len() as u8;
+            for (i, gid) in g.iter().enumerate() {
+                s[at + 1 + 16 * i..at + 17 + 16 * i].copy_from_slice(&gid.to_be_bytes());
+            }
+        }
+        _ => s[1] = GROUPS_ELSEWHERE,
     }
     s
 }
 
-/// A slot that holds a user: its state, id and (if `INLINE`) record. `None` for a free
-/// slot or one no version of this file writes.
-fn decode(s: &[u8]) -> Option<(u8, u128, &[u8])> {
+/// A slot that holds a user, as [`decode`] reads it.
+struct Slot<'a> {
+    state: u8,
+    key: u128,
+    /// Empty unless `INLINE`.
+    record: &'a [u8],
+    /// Group ids, 16 bytes each; `None` if kept in the store only.
+    groups: Option<&'a [u8]>,
+}
+
+/// The user in slot bytes `s`. `None` for a free slot or one no version of this file
+/// writes.
+fn decode(s: &[u8]) -> Option<Slot<'_>> {
     let key = u128::from_be_bytes(s[4..SLOT_HEAD].try_into().ok()?);
     match s[0] {
         INLINE => {
-            let len = usize::from(u16::from_le_bytes([s[2], s[3]]));
-            Some((INLINE, key, s.get(SLOT_HEAD..SLOT_HEAD + len)?))
+            let at = SLOT_HEAD + usize::from(u16::from_le_bytes([s[2], s[3]]));
+            let groups = if s[1] & GROUPS_ELSEWHERE != 0 {
+                None
+            } else {
+                let n = usize::from(*s.get(at)?);
+                Some(s.get(at + 1..at + 1 + 16 * n)?)
+            };
+            Some(Slot {
+                state: INLINE,
+                key,
+                record: s.get(SLOT_HEAD..at)?,
+                groups,
+            })
         }
-        STORED => Some((STORED, key, &[])),
+        STORED => Some(Slot {
+            state: STORED,
+            key,
+            record: &[],
+            groups: None,
+        }),
         _ => None,
     }
+}
+
+fn group_keys(packed: &[u8]) -> Vec<u128> {
+    packed
+        .chunks_exact(16)
+        .filter_map(|c| c.try_into().ok().map(u128::from_be_bytes))
+        .collect()
+}
+
+/// The groups `tree` says the user `id` is a direct member of, as the file keeps them;
+/// `None` if one is not in the store's id form (the slot then says "ask the store").
+fn groups_in_tree(tree: &sled::Tree, id: &str) -> StoreResult<Option<Vec<u128>>> {
+    let prefix = keys::backrefs_prefix(id);
+    let mut out = Vec::new();
+    for k in tree.scan_prefix(&prefix).keys() {
+        let k = k?;
+        let gid = std::str::from_utf8(&k[prefix.len()..]).unwrap_or("");
+        match id_key(gid) {
+            Some(g) => out.push(g),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(out))
 }
 
 impl RowFile {
@@ -325,7 +391,7 @@ impl RowFile {
             for (i, s) in chunk.chunks_exact(SLOT).enumerate() {
                 let slot = first + i as u32;
                 match decode(s) {
-                    Some((_, key, _)) => pairs.push((key, slot)),
+                    Some(user) => pairs.push((user.key, slot)),
                     None if s[0] == FREE => slots.free.push(slot),
                     None => return Ok(None),
                 }
@@ -369,13 +435,45 @@ impl RowFile {
         let prefix = keys::record("");
         let mut slots = Slots::default();
         let mut pairs = Vec::new();
+        // Records and memberships (`b member group`) are both in member id order: two
+        // scans merged, not a lookup per user.
+        let back = keys::backrefs_all_prefix();
+        let mut memberships = tree.scan_prefix(&back).keys().peekable();
+        let mut groups: Vec<u128> = Vec::new();
         for kv in tree.scan_prefix(&prefix) {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k[prefix.len()..]);
             let Some(key) = id_key(&id) else {
                 return Err(io(&tmp, foreign_id(&id)));
             };
-            out.write_all(&encode(key, &v)).map_err(|e| io(&tmp, e))?;
+            groups.clear();
+            let mut all_ours = true;
+            while let Some(next) = memberships.peek() {
+                let m = match next {
+                    Ok(m) => m,
+                    Err(_) => {
+                        memberships.next().transpose()?;
+                        continue;
+                    }
+                };
+                let member = m.get(back.len()..back.len() + keys::ID_LEN).unwrap_or(&[]);
+                match member.cmp(id.as_bytes()) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => {
+                        let gid =
+                            std::str::from_utf8(&m[back.len() + keys::ID_LEN + 1..]).unwrap_or("");
+                        match id_key(gid) {
+                            Some(g) => groups.push(g),
+                            None => all_ours = false,
+                        }
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+                memberships.next();
+            }
+            let groups = all_ours.then_some(groups.as_slice());
+            out.write_all(&encode(key, &v, groups))
+                .map_err(|e| io(&tmp, e))?;
             pairs.push((key, slots.len));
             slots.len += 1;
         }
@@ -403,12 +501,26 @@ impl RowFile {
 
     /// Bring the file in line with a transaction's record writes (`None` deletes), just
     /// applied to the store. A failure leaves the file unused until the next open.
-    pub(super) fn apply<'a>(&self, changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>) {
+    ///
+    /// `members` are the ids whose group memberships the transaction changed.
+    pub(super) fn apply<'a>(
+        &self,
+        changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+        members: impl Iterator<Item = &'a str>,
+    ) {
         let mut slots = self.slots_mut();
         if slots.broken {
             return;
         }
-        if let Err(e) = self.apply_locked(&mut slots, changes) {
+        let applied = self.apply_locked(&mut slots, changes).map(|()| {
+            for id in members {
+                // Groups can be members too; they have no slot.
+                if let Some(slot) = id_key(id).and_then(|k| slots.of.get(k)) {
+                    slots.stale.insert(slot);
+                }
+            }
+        });
+        if let Err(e) = applied {
             slots.broken = true;
             tracing::error!(
                 file = %self.path.display(),
@@ -448,18 +560,26 @@ impl RowFile {
             };
             match record {
                 Some(record) => {
-                    let slot = match slots.of.get(key) {
-                        Some(slot) => slot,
+                    let (slot, groups) = match slots.of.get(key) {
+                        // Its groups as the slot has them (stale or not, the mark stays).
+                        Some(slot) => {
+                            let mut old = [0u8; SLOT];
+                            self.file.read_exact_at(&mut old, offset(slot))?;
+                            (slot, decode(&old).and_then(|u| u.groups).map(group_keys))
+                        }
+                        // New: in no group yet (a membership in the same write marks it).
                         None => {
                             let slot = slots.free.pop().unwrap_or_else(|| {
                                 slots.len += 1;
                                 slots.len - 1
                             });
                             slots.of.insert(key, slot);
-                            slot
+                            slots.stale.remove(&slot);
+                            (slot, Some(Vec::new()))
                         }
                     };
-                    self.file.write_all_at(&encode(key, record), offset(slot))?;
+                    let row = encode(key, record, groups.as_deref());
+                    self.file.write_all_at(&row, offset(slot))?;
                 }
                 None => {
                     if let Some(slot) = slots.of.remove(key) {
@@ -480,6 +600,7 @@ impl RowFile {
     ) -> Option<StoreResult<()>> {
         let mut buf = vec![0u8; CHUNK_SLOTS * SLOT];
         let mut text = uuid::Uuid::encode_buffer();
+        let mut stale: Vec<bool> = Vec::with_capacity(CHUNK_SLOTS);
         let mut first = 0u32;
         loop {
             // Read under the lock, so no slot is read half-written; rows are handed out
@@ -503,15 +624,21 @@ impl RowFile {
                 if let Err(e) = self.file.read_exact_at(&mut buf[..n * SLOT], offset(first)) {
                     return Some(Err(io(&self.path, e)));
                 }
+                stale.clear();
+                stale.extend((first..first + n as u32).map(|slot| slots.stale.contains(&slot)));
                 n
             };
-            for s in buf[..n * SLOT].chunks_exact(SLOT) {
-                let Some((state, key, bytes)) = decode(s) else {
+            for (s, stale) in buf[..n * SLOT].chunks_exact(SLOT).zip(&stale) {
+                let Some(user) = decode(s) else {
                     continue;
                 };
-                let id = id_text(key, &mut text);
-                let row = if state == INLINE {
-                    Row::Record { id, bytes }
+                let id = id_text(user.key, &mut text);
+                let row = if user.state == INLINE {
+                    Row::Record {
+                        id,
+                        bytes: user.record,
+                        groups: user.groups.filter(|_| !stale),
+                    }
                 } else {
                     Row::Stored { id }
                 };
@@ -541,7 +668,9 @@ impl RowFile {
         let mut s = [0u8; SLOT];
         self.file.read_exact_at(&mut s, offset(slot)).ok()?;
         match decode(&s) {
-            Some((INLINE, k, bytes)) if k == key => Some(Some(bytes.to_vec())),
+            Some(user) if user.state == INLINE && user.key == key => {
+                Some(Some(user.record.to_vec()))
+            }
             _ => None,
         }
     }
@@ -549,10 +678,39 @@ impl RowFile {
     /// First half of a clean close, before the store's last flush: the token that will
     /// say the file matches, stored in `tree`.
     pub(super) fn prepare_seal(&self, tree: &sled::Tree) -> StoreResult<()> {
+        self.refresh_stale(tree)?;
         let token: [u8; 16] = rand::random();
         tree.insert(keys::ROWS_TOKEN_KEY, &token)?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, marks(tree)?));
         Ok(())
+    }
+
+    /// Rewrite the slots whose group ids are out of date with the tree's.
+    fn refresh_stale(&self, tree: &sled::Tree) -> StoreResult<()> {
+        let mut slots = self.slots_mut();
+        if slots.broken {
+            return Ok(());
+        }
+        let stale: Vec<u32> = slots.stale.drain().collect();
+        let mut text = uuid::Uuid::encode_buffer();
+        let refreshed = stale.iter().try_for_each(|&slot| {
+            let mut s = [0u8; SLOT];
+            self.file
+                .read_exact_at(&mut s, offset(slot))
+                .map_err(|e| io(&self.path, e))?;
+            let Some(user) = decode(&s).filter(|u| u.state == INLINE) else {
+                return Ok(());
+            };
+            let groups = groups_in_tree(tree, id_text(user.key, &mut text))?;
+            let row = encode(user.key, user.record, groups.as_deref());
+            self.file
+                .write_all_at(&row, offset(slot))
+                .map_err(|e| io(&self.path, e))
+        });
+        if refreshed.is_err() {
+            slots.broken = true;
+        }
+        refreshed
     }
 
     /// Second half, after the store's flush made the token durable: the file, and then
@@ -600,18 +758,40 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     /// What the export walk yields, and what the tree holds: (id → userName, title).
-    type Rows = BTreeMap<String, (String, Option<String>)>;
+    /// id → (userName, title, group ids sorted).
+    type Rows = BTreeMap<String, (String, Option<String>, Vec<String>)>;
 
-    fn walked(store: &Store) -> Rows {
+    fn sorted(mut groups: Vec<String>) -> Vec<String> {
+        groups.sort();
+        groups
+    }
+
+    /// The walk, each user's groups as the file gives them or else from the store; and
+    /// how many users the file gave groups for.
+    fn walked_counting(store: &Store) -> (Rows, usize) {
         let mut out = Rows::new();
+        let mut from_file = 0;
         store
-            .for_each_record("t", |id, r| {
-                let row = (r.user.user_name.to_owned(), r.user.title.map(str::to_owned));
+            .for_each_record("t", |id, r, groups| {
+                from_file += usize::from(groups.is_some());
+                let groups = match groups {
+                    Some(g) => sorted(g.to_vec()),
+                    None => sorted(store.groups_of("t", id).unwrap()),
+                };
+                let row = (
+                    r.user.user_name.to_owned(),
+                    r.user.title.map(str::to_owned),
+                    groups,
+                );
                 assert!(out.insert(id.to_owned(), row).is_none(), "{id} twice");
                 Ok(true)
             })
             .unwrap();
-        out
+        (out, from_file)
+    }
+
+    fn walked(store: &Store) -> Rows {
+        walked_counting(store).0
     }
 
     fn stored(store: &Store) -> Rows {
@@ -623,7 +803,11 @@ mod tests {
                 let r = b.record().unwrap();
                 (
                     b.id().to_owned(),
-                    (r.user.user_name.to_owned(), r.user.title.map(str::to_owned)),
+                    (
+                        r.user.user_name.to_owned(),
+                        r.user.title.map(str::to_owned),
+                        sorted(store.groups_of("t", b.id()).unwrap()),
+                    ),
                 )
             })
             .collect()
@@ -658,6 +842,53 @@ mod tests {
                 .unwrap();
         }
         ids.push(create_user(store, user(&format!("{tag}-late@x.test"), "Chef", true)).await);
+        // Memberships: a group with users (one of them the user too long for a slot)
+        // and a group, changed; a member deleted with its user; a user in many groups.
+        let m = |id: &str| crate::scim::patch::MemberRef {
+            value: id.to_owned(),
+            kind: None,
+            display: None,
+        };
+        let group = |name: String, members: Vec<crate::scim::patch::MemberRef>| async move {
+            store
+                .create(
+                    "t",
+                    ResourceKind::Group,
+                    serde_json::json!({"displayName": name}),
+                    members,
+                )
+                .await
+                .unwrap()
+                .id
+        };
+        let inner = group(format!("{tag} inner"), vec![m(&ids[1]), m(&ids[2])]).await;
+        let outer = group(
+            format!("{tag} outer"),
+            vec![m(&ids[0]), m(&ids[1]), m(&ids[4]), m(&inner)],
+        )
+        .await;
+        let (gone, added) = (ids[0].clone(), ids[9].clone());
+        store
+            .update("t", ResourceKind::Group, &outer, None, move |doc| {
+                Ok(super::super::Update {
+                    doc: doc.clone(),
+                    members: vec![
+                        crate::scim::patch::MemberOp::Remove(vec![gone]),
+                        crate::scim::patch::MemberOp::Add(vec![m(&added)]),
+                    ],
+                })
+            })
+            .await
+            .unwrap();
+        for i in 0..30 {
+            group(format!("{tag} many {i}"), vec![m(&ids[10])]).await;
+        }
+        let doomed = create_user(store, user(&format!("{tag}-doomed@x.test"), "Chef", true)).await;
+        group(format!("{tag} doomed"), vec![m(&doomed), m(&ids[11])]).await;
+        store
+            .delete("t", ResourceKind::User, &doomed, None)
+            .await
+            .unwrap();
         ids
     }
 
@@ -719,7 +950,7 @@ mod tests {
         assert_eq!(rows.len(), 18);
         assert_eq!(rows, stored(&store));
         // One user at a time (the export's manager lookups), the long one from the tree.
-        for (id, (name, title)) in &rows {
+        for (id, (name, title, _)) in &rows {
             let b = store.roster_record_unpaged("t", id).unwrap().unwrap();
             let r = b.record().unwrap();
             assert_eq!(
@@ -730,7 +961,7 @@ mod tests {
         // And from the file, not the tree: a title changed there alone shows.
         let accountant = rows
             .iter()
-            .find(|(_, (_, t))| t.as_deref() == Some("Accountant"))
+            .find(|(_, (_, t, _))| t.as_deref() == Some("Accountant"))
             .unwrap()
             .0;
         let mut bytes = std::fs::read(file(dir.path())).unwrap();
@@ -752,7 +983,7 @@ mod tests {
         );
         assert!(
             rows.values()
-                .any(|(_, t)| t.as_ref().is_some_and(|t| t.len() > ROOM)),
+                .any(|(_, t, _)| t.as_ref().is_some_and(|t| t.len() > ROOM)),
             "the long title is walked from the store"
         );
         // The freed slot was taken again: 20 created, 3 deleted, 1 more created.
@@ -761,7 +992,7 @@ mod tests {
         // Stopping early stops.
         let mut n = 0;
         store
-            .for_each_record("t", |_, _| {
+            .for_each_record("t", |_, _, _| {
                 n += 1;
                 Ok(n < 5)
             })
@@ -965,6 +1196,34 @@ mod tests {
             0,
             "not sealed"
         );
+    }
+
+    /// The groups column: from the file for every user whose groups fit, once a close
+    /// has rewritten what membership changes left out of date, or a build has merged
+    /// them in; from the store before that, and for a user in too many groups.
+    #[tokio::test]
+    async fn groups_come_from_the_file_once_sealed_or_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(dir.path()));
+        churn(&store, "a").await;
+        let (rows, from_file) = walked_counting(&store);
+        assert_eq!(rows, stored(&store));
+        assert!(rows.values().any(|(_, _, g)| g.len() == 2), "{rows:?}");
+        // Members since the open are out of date in the file: answered by the store.
+        assert!(from_file < rows.len() - 2, "{from_file} of {}", rows.len());
+        store.close().unwrap();
+        drop(store);
+        // Not the one too long for a slot, nor the one in 30 groups.
+        let store = when_unlocked(|| Store::open(dir.path()));
+        let (rows, from_file) = walked_counting(&store);
+        assert_eq!(rows, stored(&store));
+        assert_eq!(from_file, rows.len() - 2);
+        drop(store);
+        // No close: built again, the memberships merged in.
+        let store = when_unlocked(|| Store::open(dir.path()));
+        let (rows, from_file) = walked_counting(&store);
+        assert_eq!(rows, stored(&store));
+        assert_eq!(from_file, rows.len() - 2);
     }
 
     #[tokio::test]

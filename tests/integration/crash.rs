@@ -738,8 +738,9 @@ async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
     drop(stalled);
 }
 
-/// `user_id` → `job_title` of every row of the CSV export (every user, `active=any`).
-async fn exported(d: &ChildDaemon) -> BTreeMap<String, String> {
+/// `user_id` → (`job_title`, `groups`) of every row of the CSV export (every user,
+/// `active=any`).
+async fn exported(d: &ChildDaemon) -> BTreeMap<String, (String, String)> {
     let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
         "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
     let r = d
@@ -757,27 +758,37 @@ async fn exported(d: &ChildDaemon) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for row in csv::Reader::from_reader(text.as_bytes()).records() {
         let row = row.unwrap();
-        let dup = out.insert(row[0].to_owned(), row[4].to_owned());
+        let dup = out.insert(row[0].to_owned(), (row[4].to_owned(), row[10].to_owned()));
         assert!(dup.is_none(), "{} exported twice", &row[0]);
     }
     out
 }
 
-/// What the export must show: `user:<userName>` → title, as SCIM reads the roster.
-async fn expected_rows(d: &ChildDaemon) -> BTreeMap<String, String> {
+/// What the export must show: `user:<userName>` → (title, group ids sorted and joined),
+/// as SCIM reads the roster.
+async fn expected_rows(d: &ChildDaemon) -> BTreeMap<String, (String, String)> {
     scim_users(d)
         .await
         .values()
         .map(|u| {
+            let mut groups: Vec<&str> = u["groups"]
+                .as_array()
+                .map(|g| g.iter().filter_map(|g| g["value"].as_str()).collect())
+                .unwrap_or_default();
+            groups.sort_unstable();
             (
                 format!("user:{}", u["userName"].as_str().unwrap()),
-                u["title"].as_str().unwrap_or("").to_owned(),
+                (
+                    u["title"].as_str().unwrap_or("").to_owned(),
+                    groups.join(","),
+                ),
             )
         })
         .collect()
 }
 
-/// Creates, title changes (one too long for the export file's slot), deletes.
+/// Creates, title changes (one too long for the export file's slot), deletes, and a
+/// group whose members change.
 async fn churn(d: &ChildDaemon, tag: &str) {
     let mut ids = Vec::new();
     for i in 0..12 {
@@ -816,6 +827,37 @@ async fn churn(d: &ChildDaemon, tag: &str) {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    let member = |id: &String| json!({"value": id});
+    let r = d
+        .client
+        .post(d.scim("/Groups"))
+        .bearer_auth(SCIM_TOKEN)
+        .json(
+            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": format!("{tag} team"),
+            "members": [member(&ids[1]), member(&ids[2]), member(&ids[6]), member(&ids[7])]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let gid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = d
+        .client
+        .patch(d.scim(&format!("/Groups/{gid}")))
+        .bearer_auth(SCIM_TOKEN)
+        .json(
+            &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "remove", "path": format!("members[value eq \"{}\"]", ids[6])},
+                           {"op": "add", "path": "members", "value": [member(&ids[8])]}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     for id in &ids[2..5] {
         let r = d
             .client
@@ -839,6 +881,11 @@ async fn the_export_shows_the_roster_after_a_stop_and_after_a_kill() {
     churn(&d, "a").await;
     let want = expected_rows(&d).await;
     assert_eq!(want.len(), 9);
+    assert_eq!(
+        want.values().filter(|(_, g)| !g.is_empty()).count(),
+        3,
+        "{want:?}"
+    );
     assert_eq!(exported(&d).await, want);
 
     // "acme", hex-encoded.
