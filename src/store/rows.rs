@@ -14,9 +14,11 @@
 //! crash, a store restored from a backup, one written by a rosterd that knows nothing of
 //! this file, a layout upgrade) builds it again from the records.
 //!
-//! Layout: a header slot, then one slot per user: a state byte, a spare byte, the
-//! record's length (two bytes, little-endian), the id (16 bytes) and the record. A record
-//! that does not fit is marked as kept in the store only, and the export reads it there.
+//! Layout: a header slot, then one slot per user: a state byte, a flags byte, the
+//! record's length (two bytes, little-endian), the id (16 bytes), the record, then the
+//! number and ids (16 bytes each) of the groups the user is a direct member of. A record
+//! that does not fit is marked as kept in the store only, and the export reads it there;
+//! groups that do not fit after the record are flagged, and read from the store.
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
