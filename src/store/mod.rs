@@ -1510,18 +1510,13 @@ impl Store {
         let (ops, moves) = txn.into_ops()?;
         let record_prefix = keys::record("");
         let backref_prefix = keys::backrefs_all_prefix();
-        let (records, members): (Vec<Op>, Vec<String>) = match &t.rows {
-            Some(_) => (
-                ops.iter()
-                    .filter(|(k, _)| k.starts_with(&record_prefix))
-                    .cloned()
-                    .collect(),
-                ops.iter()
-                    .filter_map(|(k, _)| k.strip_prefix(backref_prefix.as_slice()))
-                    .filter_map(|rest| rest.get(..keys::ID_LEN))
-                    .map(|id| String::from_utf8_lossy(id).into_owned())
-                    .collect(),
-            ),
+        // The backrefs (`b member group`) say who joined or left which group.
+        let (records, memberships): (Vec<Op>, Vec<Op>) = match &t.rows {
+            Some(_) => ops
+                .iter()
+                .filter(|(k, _)| k.starts_with(&record_prefix) || k.starts_with(&backref_prefix))
+                .cloned()
+                .partition(|(k, _)| k.starts_with(&record_prefix)),
             None => (Vec::new(), Vec::new()),
         };
         let applied = apply_ops(&t.tree, ops);
@@ -1542,14 +1537,20 @@ impl Store {
         }
         applied?;
         if let Some(rows) = &t.rows {
+            fn text(b: &[u8]) -> &str {
+                std::str::from_utf8(b).unwrap_or("")
+            }
             rows.apply(
-                records.iter().map(|(k, v)| {
-                    (
-                        std::str::from_utf8(&k[record_prefix.len()..]).unwrap_or(""),
-                        v.as_deref(),
-                    )
+                &t.tree,
+                records
+                    .iter()
+                    .map(|(k, v)| (text(&k[record_prefix.len()..]), v.as_deref())),
+                memberships.iter().filter_map(|(k, v)| {
+                    let rest = &k[backref_prefix.len()..];
+                    let (member, group) =
+                        (rest.get(..keys::ID_LEN)?, rest.get(keys::ID_LEN + 1..)?);
+                    Some((text(member), text(group), v.is_some()))
                 }),
-                members.iter().map(String::as_str),
             );
         }
         // Taken before the lock is released, so a later writer that reads this state

@@ -203,10 +203,6 @@ struct Slots {
     /// The header says the file matches the store (after [`RowFile::seal`]); a write
     /// after that must take it back first.
     sealed: bool,
-    /// Slots whose group ids a membership change made out of date. Marked here rather
-    /// than rewritten (a 50,000-member PATCH would write 50,000 slots); the walk asks
-    /// the store for their groups, and the close rewrites them before the seal.
-    stale: std::collections::HashSet<u32>,
 }
 
 pub(super) struct RowFile {
@@ -501,27 +497,22 @@ impl RowFile {
         })
     }
 
-    /// Bring the file in line with a transaction's record writes (`None` deletes), just
-    /// applied to the store. A failure leaves the file unused until the next open.
-    ///
-    /// `members` are the ids whose group memberships the transaction changed.
+    /// Bring the file in line with a transaction's record writes (`None` deletes) and
+    /// membership changes (member, group, added), just applied to `tree`. A failure
+    /// leaves the file unused until the next open.
     pub(super) fn apply<'a>(
         &self,
+        tree: &sled::Tree,
         changes: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
-        members: impl Iterator<Item = &'a str>,
+        memberships: impl Iterator<Item = (&'a str, &'a str, bool)>,
     ) {
         let mut slots = self.slots_mut();
         if slots.broken {
             return;
         }
-        let applied = self.apply_locked(&mut slots, changes).map(|()| {
-            for id in members {
-                // Groups can be members too; they have no slot.
-                if let Some(slot) = id_key(id).and_then(|k| slots.of.get(k)) {
-                    slots.stale.insert(slot);
-                }
-            }
-        });
+        let applied = self
+            .apply_locked(&mut slots, changes)
+            .and_then(|()| self.apply_memberships(&slots, tree, memberships));
         if let Err(e) = applied {
             slots.broken = true;
             tracing::error!(
@@ -563,7 +554,7 @@ impl RowFile {
             match record {
                 Some(record) => {
                     let (slot, groups) = match slots.of.get(key) {
-                        // Its groups as the slot has them (stale or not, the mark stays).
+                        // Its groups as the slot has them.
                         Some(slot) => {
                             let mut old = [0u8; SLOT];
                             self.file.read_exact_at(&mut old, offset(slot))?;
@@ -576,7 +567,6 @@ impl RowFile {
                                 slots.len - 1
                             });
                             slots.of.insert(key, slot);
-                            slots.stale.remove(&slot);
                             (slot, Some(Vec::new()))
                         }
                     };
@@ -594,6 +584,62 @@ impl RowFile {
         Ok(())
     }
 
+    /// Rewrite the group ids of each member a transaction added to or removed from a
+    /// group, from the slot's own list and the changes: a 50,000-member PATCH reads and
+    /// writes 50,000 slots of the file (in the kernel's cache) but reads nothing from
+    /// sled, whose cache a walk of the memberships would grow. Only a slot whose groups
+    /// are kept in the store (too many to fit, or an id not in the store's form) asks
+    /// the tree, which already holds the transaction.
+    fn apply_memberships<'a>(
+        &self,
+        slots: &Slots,
+        tree: &sled::Tree,
+        memberships: impl Iterator<Item = (&'a str, &'a str, bool)>,
+    ) -> std::io::Result<()> {
+        // In slot order, so a large change writes the file front to back.
+        let mut by_slot: std::collections::BTreeMap<u32, Vec<(Option<u128>, bool)>> =
+            std::collections::BTreeMap::new();
+        for (member, group, added) in memberships {
+            // Groups can be members too, and a deleted user has no slot left.
+            if let Some(slot) = id_key(member).and_then(|k| slots.of.get(k)) {
+                by_slot
+                    .entry(slot)
+                    .or_default()
+                    .push((id_key(group), added));
+            }
+        }
+        let mut text = uuid::Uuid::encode_buffer();
+        for (slot, changes) in by_slot {
+            let mut s = [0u8; SLOT];
+            self.file.read_exact_at(&mut s, offset(slot))?;
+            let Some(user) = decode(&s).filter(|u| u.state == INLINE) else {
+                // Kept in the store only: the export reads its groups there too.
+                continue;
+            };
+            let known = user
+                .groups
+                .map(group_keys)
+                .filter(|_| changes.iter().all(|(g, _)| g.is_some()));
+            let groups = match known {
+                Some(mut groups) => {
+                    for (group, added) in changes {
+                        let group = group.unwrap_or_default();
+                        groups.retain(|g| *g != group);
+                        if added {
+                            groups.push(group);
+                        }
+                    }
+                    Some(groups)
+                }
+                None => groups_in_tree(tree, id_text(user.key, &mut text))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            };
+            let row = encode(user.key, user.record, groups.as_deref());
+            self.file.write_all_at(&row, offset(slot))?;
+        }
+        Ok(())
+    }
+
     /// Call `f` with every row, in slot order, until it returns false. `None` when the
     /// file cannot be trusted (a write failed): walk the store instead.
     pub(super) fn for_each(
@@ -602,7 +648,6 @@ impl RowFile {
     ) -> Option<StoreResult<()>> {
         let mut buf = vec![0u8; CHUNK_SLOTS * SLOT];
         let mut text = uuid::Uuid::encode_buffer();
-        let mut stale: Vec<bool> = Vec::with_capacity(CHUNK_SLOTS);
         let mut first = 0u32;
         loop {
             // Read under the lock, so no slot is read half-written; rows are handed out
@@ -626,11 +671,9 @@ impl RowFile {
                 if let Err(e) = self.file.read_exact_at(&mut buf[..n * SLOT], offset(first)) {
                     return Some(Err(io(&self.path, e)));
                 }
-                stale.clear();
-                stale.extend((first..first + n as u32).map(|slot| slots.stale.contains(&slot)));
                 n
             };
-            for (s, stale) in buf[..n * SLOT].chunks_exact(SLOT).zip(&stale) {
+            for s in buf[..n * SLOT].chunks_exact(SLOT) {
                 let Some(user) = decode(s) else {
                     continue;
                 };
@@ -639,7 +682,7 @@ impl RowFile {
                     Row::Record {
                         id,
                         bytes: user.record,
-                        groups: user.groups.filter(|_| !stale),
+                        groups: user.groups,
                     }
                 } else {
                     Row::Stored { id }
@@ -680,39 +723,10 @@ impl RowFile {
     /// First half of a clean close, before the store's last flush: the token that will
     /// say the file matches, stored in `tree`.
     pub(super) fn prepare_seal(&self, tree: &sled::Tree) -> StoreResult<()> {
-        self.refresh_stale(tree)?;
         let token: [u8; 16] = rand::random();
         tree.insert(keys::ROWS_TOKEN_KEY, &token)?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some((token, marks(tree)?));
         Ok(())
-    }
-
-    /// Rewrite the slots whose group ids are out of date with the tree's.
-    fn refresh_stale(&self, tree: &sled::Tree) -> StoreResult<()> {
-        let mut slots = self.slots_mut();
-        if slots.broken {
-            return Ok(());
-        }
-        let stale: Vec<u32> = slots.stale.drain().collect();
-        let mut text = uuid::Uuid::encode_buffer();
-        let refreshed = stale.iter().try_for_each(|&slot| {
-            let mut s = [0u8; SLOT];
-            self.file
-                .read_exact_at(&mut s, offset(slot))
-                .map_err(|e| io(&self.path, e))?;
-            let Some(user) = decode(&s).filter(|u| u.state == INLINE) else {
-                return Ok(());
-            };
-            let groups = groups_in_tree(tree, id_text(user.key, &mut text))?;
-            let row = encode(user.key, user.record, groups.as_deref());
-            self.file
-                .write_all_at(&row, offset(slot))
-                .map_err(|e| io(&self.path, e))
-        });
-        if refreshed.is_err() {
-            slots.broken = true;
-        }
-        refreshed
     }
 
     /// Second half, after the store's flush made the token durable: the file, and then
@@ -1200,32 +1214,42 @@ mod tests {
         );
     }
 
-    /// The groups column: from the file for every user whose groups fit, once a close
-    /// has rewritten what membership changes left out of date, or a build has merged
-    /// them in; from the store before that, and for a user in too many groups.
+    /// The groups column: from the file for every user whose groups fit, as membership
+    /// changes land, after a clean close and after a build; from the store for the user
+    /// too long for a slot and the one in too many groups.
     #[tokio::test]
-    async fn groups_come_from_the_file_once_sealed_or_built() {
+    async fn groups_come_from_the_file_as_memberships_change() {
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(dir.path()));
         churn(&store, "a").await;
         let (rows, from_file) = walked_counting(&store);
         assert_eq!(rows, stored(&store));
         assert!(rows.values().any(|(_, _, g)| g.len() == 2), "{rows:?}");
-        // Members since the open are out of date in the file: answered by the store.
-        assert!(from_file < rows.len() - 2, "{from_file} of {}", rows.len());
+        assert_eq!(from_file, rows.len() - 2);
+        // Out of too many groups: back in the file.
+        let crowded = rows.iter().find(|(_, (_, _, g))| g.len() == 30).unwrap().0;
+        for gid in store.groups_of("t", crowded).unwrap().into_iter().skip(2) {
+            store
+                .delete("t", ResourceKind::Group, &gid, None)
+                .await
+                .unwrap();
+        }
+        let (rows, from_file) = walked_counting(&store);
+        assert_eq!(rows, stored(&store));
+        assert_eq!(rows[crowded].2.len(), 2);
+        assert_eq!(from_file, rows.len() - 1);
         store.close().unwrap();
         drop(store);
-        // Not the one too long for a slot, nor the one in 30 groups.
         let store = when_unlocked(|| Store::open(dir.path()));
         let (rows, from_file) = walked_counting(&store);
         assert_eq!(rows, stored(&store));
-        assert_eq!(from_file, rows.len() - 2);
+        assert_eq!(from_file, rows.len() - 1);
         drop(store);
         // No close: built again, the memberships merged in.
         let store = when_unlocked(|| Store::open(dir.path()));
         let (rows, from_file) = walked_counting(&store);
         assert_eq!(rows, stored(&store));
-        assert_eq!(from_file, rows.len() - 2);
+        assert_eq!(from_file, rows.len() - 1);
     }
 
     #[tokio::test]
