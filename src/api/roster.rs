@@ -254,15 +254,21 @@ fn text(v: Option<&Value>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Names a [`Renderer`] keeps at most, per kind: about 5 MiB.
+/// Group names a [`Renderer`] keeps at most: about 5 MiB.
 const NAME_CACHE_MAX: usize = 50_000;
+/// Manager userNames a [`Renderer`] keeps at most: about 15 MiB. An export meets
+/// managers in no useful order, so the cache is a hit only if it holds them all: with
+/// one manager for every ten users, this covers two million users.
+const MANAGER_CACHE_MAX: usize = 200_000;
 
 /// Renders users, caching group names and manager userNames across one request.
 pub(super) struct Renderer<'a> {
     store: &'a Store,
     tenant: &'a str,
     group_names: HashMap<String, String>,
-    manager_names: HashMap<String, Option<String>>,
+    /// By the manager's SCIM id as 16 bytes (the store's ids are UUIDs; any other
+    /// value names no user and is looked up each time).
+    manager_names: HashMap<u128, Option<Box<str>>>,
 }
 
 impl<'a> Renderer<'a> {
@@ -334,8 +340,14 @@ impl<'a> Renderer<'a> {
 
     /// The userName of the manager with SCIM id `id`, if that user exists.
     pub fn manager_name(&mut self, id: &str) -> StoreResult<Option<String>> {
-        if let Some(n) = self.manager_names.get(id) {
-            return Ok(n.clone());
+        // Only the store's own form (hyphenated, lower case), so that two spellings of
+        // one UUID, which the store answers differently, never share an entry.
+        let key = (id.len() == 36 && !id.bytes().any(|b| b.is_ascii_uppercase()))
+            .then(|| uuid::Uuid::try_parse(id).ok())
+            .flatten()
+            .map(|u| u.as_u128());
+        if let Some(n) = key.and_then(|k| self.manager_names.get(&k)) {
+            return Ok(n.as_deref().map(str::to_owned));
         }
         let n = match self.store.roster_record_unpaged(self.tenant, id)? {
             Some(bytes) => {
@@ -343,12 +355,14 @@ impl<'a> Renderer<'a> {
             }
             None => None,
         };
-        // An export walks every user, and a roster can have as many managers as users:
-        // start over rather than let the cache grow with the tenant.
-        if self.manager_names.len() >= NAME_CACHE_MAX {
-            self.manager_names.clear();
+        if let Some(key) = key {
+            // A roster can have as many managers as users: start over rather than let
+            // the cache grow with the tenant.
+            if self.manager_names.len() >= MANAGER_CACHE_MAX {
+                self.manager_names.clear();
+            }
+            self.manager_names.insert(key, n.as_deref().map(Box::from));
         }
-        self.manager_names.insert(id.to_owned(), n.clone());
         Ok(n)
     }
 
