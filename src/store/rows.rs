@@ -38,6 +38,9 @@ const MAGIC: &[u8; 16] = b"rosterd rows\n\0\0\0";
 const VERSION: u32 = 3;
 /// Slots read per `pread`: 1.5 MiB, the export's whole buffer.
 const CHUNK_SLOTS: usize = 4096;
+/// A membership change reads and writes back the slots between two members' up to this
+/// far apart (3 KiB) rather than make two calls for each.
+const RUN_GAP: u32 = 8;
 
 const FREE: u8 = 0;
 const INLINE: u8 = 1;
@@ -585,57 +588,82 @@ impl RowFile {
     }
 
     /// Rewrite the group ids of each member a transaction added to or removed from a
-    /// group, from the slot's own list and the changes: a 50,000-member PATCH reads and
-    /// writes 50,000 slots of the file (in the kernel's cache) but reads nothing from
-    /// sled, whose cache a walk of the memberships would grow. Only a slot whose groups
-    /// are kept in the store (too many to fit, or an id not in the store's form) asks
-    /// the tree, which already holds the transaction.
+    /// group, from the slot's own list and the changes: a 50,000-member PATCH rewrites
+    /// 50,000 slots of the file (in the kernel's cache) but reads nothing from sled,
+    /// whose cache a walk of the memberships would grow. Only a slot whose groups are
+    /// kept in the store (too many to fit, or an id not in the store's form) asks the
+    /// tree, which already holds the transaction.
     fn apply_memberships<'a>(
         &self,
         slots: &Slots,
         tree: &sled::Tree,
         memberships: impl Iterator<Item = (&'a str, &'a str, bool)>,
     ) -> std::io::Result<()> {
-        // In slot order, so a large change writes the file front to back.
-        let mut by_slot: std::collections::BTreeMap<u32, Vec<(Option<u128>, bool)>> =
-            std::collections::BTreeMap::new();
-        for (member, group, added) in memberships {
+        // A PATCH's changes are all to one group: its id is read once.
+        let mut last_group: (&str, Option<u128>) = ("", None);
+        let mut changes: Vec<(u32, Option<u128>, bool)> = memberships
             // Groups can be members too, and a deleted user has no slot left.
-            if let Some(slot) = id_key(member).and_then(|k| slots.of.get(k)) {
-                by_slot
-                    .entry(slot)
-                    .or_default()
-                    .push((id_key(group), added));
-            }
-        }
-        let mut text = uuid::Uuid::encode_buffer();
-        for (slot, changes) in by_slot {
-            let mut s = [0u8; SLOT];
-            self.file.read_exact_at(&mut s, offset(slot))?;
-            let Some(user) = decode(&s).filter(|u| u.state == INLINE) else {
-                // Kept in the store only: the export reads its groups there too.
-                continue;
-            };
-            let known = user
-                .groups
-                .map(group_keys)
-                .filter(|_| changes.iter().all(|(g, _)| g.is_some()));
-            let groups = match known {
-                Some(mut groups) => {
-                    for (group, added) in changes {
-                        let group = group.unwrap_or_default();
-                        groups.retain(|g| *g != group);
-                        if added {
-                            groups.push(group);
-                        }
-                    }
-                    Some(groups)
+            .filter_map(|(member, group, added)| {
+                let slot = slots.of.get(id_key(member)?)?;
+                if last_group.0 != group {
+                    last_group = (group, id_key(group));
                 }
-                None => groups_in_tree(tree, id_text(user.key, &mut text))
-                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-            };
-            let row = encode(user.key, user.record, groups.as_deref());
-            self.file.write_all_at(&row, offset(slot))?;
+                Some((slot, last_group.1, added))
+            })
+            .collect();
+        // Stable: one member's changes stay in the transaction's order.
+        changes.sort_by_key(|c| c.0);
+        let mut buf = Vec::new();
+        let mut text = uuid::Uuid::encode_buffer();
+        let mut rest = changes.as_slice();
+        while let Some(&(first, ..)) = rest.first() {
+            // Slots close together are read and written back in one go: at 100,000
+            // users a 50,000-member change is a few hundred calls instead of 100,000.
+            let mut last = first;
+            let mut n = 0;
+            while let Some(&(slot, ..)) = rest.get(n) {
+                if slot > last + RUN_GAP || slot - first >= CHUNK_SLOTS as u32 {
+                    break;
+                }
+                last = slot;
+                n += 1;
+            }
+            let (run, later) = rest.split_at(n);
+            rest = later;
+            let len = (last - first + 1) as usize * SLOT;
+            buf.resize(len, 0);
+            self.file.read_exact_at(&mut buf, offset(first))?;
+            for member in run.chunk_by(|a, b| a.0 == b.0) {
+                let at = (member[0].0 - first) as usize * SLOT;
+                let s = &mut buf[at..at + SLOT];
+                let Some(user) = decode(s).filter(|u| u.state == INLINE) else {
+                    // Kept in the store only: the export reads its groups there too.
+                    continue;
+                };
+                let known = user
+                    .groups
+                    .map(group_keys)
+                    .filter(|_| member.iter().all(|(_, g, _)| g.is_some()));
+                let groups = match known {
+                    Some(mut groups) => {
+                        for &(_, group, added) in member {
+                            let group = group.unwrap_or_default();
+                            groups.retain(|g| *g != group);
+                            if added {
+                                groups.push(group);
+                            }
+                        }
+                        Some(groups)
+                    }
+                    None => groups_in_tree(tree, id_text(user.key, &mut text))
+                        .map_err(|e| std::io::Error::other(e.to_string()))?,
+                };
+                let row = encode(user.key, user.record, groups.as_deref());
+                s.copy_from_slice(&row);
+            }
+            // The slots between are written back as read: every write to the file
+            // holds the lock held here.
+            self.file.write_all_at(&buf, offset(first))?;
         }
         Ok(())
     }
