@@ -340,12 +340,9 @@ impl<'a> Renderer<'a> {
 
     /// The userName of the manager with SCIM id `id`, if that user exists.
     pub fn manager_name(&mut self, id: &str) -> StoreResult<Option<String>> {
-        // Only the store's own form (hyphenated, lower case), so that two spellings of
-        // one UUID, which the store answers differently, never share an entry.
-        let key = (id.len() == 36 && !id.bytes().any(|b| b.is_ascii_uppercase()))
-            .then(|| uuid::Uuid::try_parse(id).ok())
-            .flatten()
-            .map(|u| u.as_u128());
+        // Only the store's own form, so that two spellings of one UUID, which the store
+        // answers differently, never share an entry.
+        let key = crate::store::id_key(id);
         if let Some(n) = key.and_then(|k| self.manager_names.get(&k)) {
             return Ok(n.as_deref().map(str::to_owned));
         }

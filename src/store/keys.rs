@@ -125,6 +125,12 @@ pub(crate) fn backrefs_prefix(member: &str) -> Vec<u8> {
     k
 }
 
+/// The member and group ids of a [`backref`] key; `None` if `key` is not one.
+pub(crate) fn backref_parts(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let rest = key.strip_prefix(&[b'b', SEP][..])?;
+    Some((rest.get(..ID_LEN)?, rest.get(ID_LEN + 1..)?))
+}
+
 /// `c seq` → change event, big-endian so the log iterates in order.
 pub(crate) fn change(seq: u64) -> Vec<u8> {
     let mut k = changes_prefix();

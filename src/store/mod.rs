@@ -15,6 +15,7 @@ mod paging;
 mod record;
 mod roster;
 mod rows;
+pub(crate) use rows::id_key;
 #[cfg(test)]
 mod testing;
 
@@ -1092,6 +1093,19 @@ const STORE_MARKER: &str = ".rosterd-store";
 /// The directory of the export's row files (see `rows.rs`).
 const ROWS_DIR: &str = "rows";
 
+/// The ids of the groups `member` is a direct member of, in `tree`.
+fn groups_in(tree: &sled::Tree, member: &str) -> StoreResult<Vec<String>> {
+    let prefix = keys::backrefs_prefix(member);
+    let mut out = Vec::new();
+    for k in tree.scan_prefix(&prefix).keys() {
+        let k = k?;
+        if let Some(id) = keys::trailing_id(&k, prefix.len()) {
+            out.push(id.to_owned());
+        }
+    }
+    Ok(out)
+}
+
 /// A data directory this process could not use: a path through a file, or a directory
 /// on a read-only mount or owned by another user. `check-config` run as the service's
 /// user then says so, rather than the first start. A directory not made yet is left to
@@ -1428,13 +1442,11 @@ impl Store {
             tracing::warn!(tenant, "Completed a write that a crash had interrupted.");
         }
         let last_write = roster::last_event_time(&tree)?.unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let rows_path = self.inner.dir.join(ROWS_DIR).join(format!(
-            "{}.rows",
-            tenant
-                .bytes()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ));
+        let rows_path = self
+            .inner
+            .dir
+            .join(ROWS_DIR)
+            .join(format!("{}.rows", hex::encode(tenant)));
         let rows = rows::RowFile::open(&rows_path, &tree)
             .inspect_err(|e| {
                 tracing::warn!(tenant, error = %e, "Cannot open the export's copy of the roster records; exports read the store instead.");
@@ -1546,9 +1558,7 @@ impl Store {
                     .iter()
                     .map(|(k, v)| (text(&k[record_prefix.len()..]), v.as_deref())),
                 memberships.iter().filter_map(|(k, v)| {
-                    let rest = &k[backref_prefix.len()..];
-                    let (member, group) =
-                        (rest.get(..keys::ID_LEN)?, rest.get(keys::ID_LEN + 1..)?);
+                    let (member, group) = keys::backref_parts(k)?;
                     Some((text(member), text(group), v.is_some()))
                 }),
             );
@@ -1947,16 +1957,7 @@ impl Store {
 
     /// Ids of the groups `member` directly belongs to.
     pub fn groups_of(&self, tenant: &str, member: &str) -> StoreResult<Vec<String>> {
-        let t = self.tenant(tenant)?;
-        let prefix = keys::backrefs_prefix(member);
-        let mut out = Vec::new();
-        for k in t.tree.scan_prefix(&prefix).keys() {
-            let k = k?;
-            if let Some(id) = keys::trailing_id(&k, prefix.len()) {
-                out.push(id.to_owned());
-            }
-        }
-        Ok(out)
+        groups_in(&self.tenant(tenant)?.tree, member)
     }
 
     /// Change events with `seq > since`, oldest first, at most `limit`.

@@ -328,10 +328,7 @@ impl super::Store {
                 Row::Record { id, bytes, groups } => {
                     let groups = groups.map(|packed| {
                         names.clear();
-                        names.extend(packed.chunks_exact(16).filter_map(|c| {
-                            let key = u128::from_be_bytes(c.try_into().ok()?);
-                            Some(uuid::Uuid::from_u128(key).hyphenated().to_string())
-                        }));
+                        names.extend(super::rows::group_ids(packed));
                         names.as_slice()
                     });
                     f(id, &RosterRecord::decode(bytes)?, groups)

@@ -1089,7 +1089,6 @@ impl Store {
     ) -> StoreResult<impl Iterator<Item = StoreResult<(String, String)>> + use<>> {
         let t = self.tenant(tenant)?;
         let prefix = keys::backrefs_all_prefix();
-        let plen = prefix.len();
         // Past every key of `after` itself: its keys are `b SEP after SEP group`.
         let after_key = after.map(|a| {
             let mut k = keys::backrefs_prefix(a);
@@ -1102,8 +1101,7 @@ impl Store {
                 Ok(k) => k,
                 Err(e) => return Some(Err(e.into())),
             };
-            let rest = k.get(plen..)?;
-            let (member, group) = (rest.get(..keys::ID_LEN)?, rest.get(keys::ID_LEN + 1..)?);
+            let (member, group) = keys::backref_parts(&k)?;
             Some(Ok((
                 String::from_utf8_lossy(member).into_owned(),
                 String::from_utf8_lossy(group).into_owned(),

@@ -64,7 +64,7 @@ pub(super) enum Row<'a> {
 /// A user id as the file and the index keep it: 16 bytes. Only an id in the form the
 /// store writes (a hyphenated lower-case UUID) is taken, so that [`id_text`] gives the
 /// same text back.
-fn id_key(id: &str) -> Option<u128> {
+pub(crate) fn id_key(id: &str) -> Option<u128> {
     let u = uuid::Uuid::try_parse(id).ok()?;
     let mut text = uuid::Uuid::encode_buffer();
     (u.hyphenated().encode_lower(&mut text) == id).then(|| u.as_u128())
@@ -318,27 +318,25 @@ fn decode(s: &[u8]) -> Option<Slot<'_>> {
     }
 }
 
-fn group_keys(packed: &[u8]) -> Vec<u128> {
+fn group_keys(packed: &[u8]) -> impl Iterator<Item = u128> + '_ {
     packed
         .chunks_exact(16)
         .filter_map(|c| c.try_into().ok().map(u128::from_be_bytes))
-        .collect()
+}
+
+/// The group ids a slot packs ([`Row::Record`]'s `groups`), as the store writes them.
+pub(super) fn group_ids(packed: &[u8]) -> impl Iterator<Item = String> + '_ {
+    let mut text = uuid::Uuid::encode_buffer();
+    group_keys(packed).map(move |k| id_text(k, &mut text).to_owned())
 }
 
 /// The groups `tree` says the user `id` is a direct member of, as the file keeps them;
 /// `None` if one is not in the store's id form (the slot then says "ask the store").
 fn groups_in_tree(tree: &sled::Tree, id: &str) -> StoreResult<Option<Vec<u128>>> {
-    let prefix = keys::backrefs_prefix(id);
-    let mut out = Vec::new();
-    for k in tree.scan_prefix(&prefix).keys() {
-        let k = k?;
-        let gid = std::str::from_utf8(&k[prefix.len()..]).unwrap_or("");
-        match id_key(gid) {
-            Some(g) => out.push(g),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(out))
+    Ok(super::groups_in(tree, id)?
+        .iter()
+        .map(|g| id_key(g))
+        .collect())
 }
 
 impl RowFile {
@@ -457,13 +455,11 @@ impl RowFile {
                         continue;
                     }
                 };
-                let member = m.get(back.len()..back.len() + keys::ID_LEN).unwrap_or(&[]);
+                let (member, gid) = keys::backref_parts(m).unwrap_or((&[], &[]));
                 match member.cmp(id.as_bytes()) {
                     std::cmp::Ordering::Less => {}
                     std::cmp::Ordering::Equal => {
-                        let gid =
-                            std::str::from_utf8(&m[back.len() + keys::ID_LEN + 1..]).unwrap_or("");
-                        match id_key(gid) {
+                        match id_key(std::str::from_utf8(gid).unwrap_or("")) {
                             Some(g) => groups.push(g),
                             None => all_ours = false,
                         }
@@ -561,7 +557,12 @@ impl RowFile {
                         Some(slot) => {
                             let mut old = [0u8; SLOT];
                             self.file.read_exact_at(&mut old, offset(slot))?;
-                            (slot, decode(&old).and_then(|u| u.groups).map(group_keys))
+                            (
+                                slot,
+                                decode(&old)
+                                    .and_then(|u| u.groups)
+                                    .map(|g| group_keys(g).collect::<Vec<_>>()),
+                            )
                         }
                         // New: in no group yet (a membership in the same write marks it).
                         None => {
@@ -642,7 +643,7 @@ impl RowFile {
                 };
                 let known = user
                     .groups
-                    .map(group_keys)
+                    .map(|g| group_keys(g).collect::<Vec<_>>())
                     .filter(|_| member.iter().all(|(_, g, _)| g.is_some()));
                 let groups = match known {
                     Some(mut groups) => {
