@@ -1,9 +1,10 @@
 //! The daemon as a child process: `kill -9` while it mirrors a burst of SCIM changes,
 //! start it again, and the target ends with exactly the committed state.
 
-use crate::harness::{BUNDLE, JWT_AUDIENCE, JWT_SECRET, jwt_with, user};
+use crate::harness::{BUNDLE, JWT_AUDIENCE, JWT_SECRET, jwt_with, patch_op, user};
 use crate::mirror::oneroster_file;
 use crate::oneroster::{Fault, Kind, OneRosterOptions, OneRosterServer};
+use reqwest::Method;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -95,6 +96,23 @@ impl ChildDaemon {
 
     pub async fn metrics(&self) -> String {
         self.get("/metrics").await.text().await.unwrap()
+    }
+
+    /// A SCIM request to `path` with the test token, and `body` as JSON if given.
+    pub async fn scim_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method, self.scim(path))
+            .bearer_auth(SCIM_TOKEN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.unwrap()
     }
 
     pub fn scim(&self, path: &str) -> String {
@@ -453,13 +471,8 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
     let d = ChildDaemon::start(&root, &[("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)]).await;
     let r = d
-        .client
-        .post(d.scim("/Users"))
-        .bearer_auth(SCIM_TOKEN)
-        .json(&user("ada@acme.test"))
-        .send()
-        .await
-        .unwrap();
+        .scim_send(Method::POST, "/Users", Some(user("ada@acme.test")))
+        .await;
     let id = r.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
@@ -468,16 +481,9 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     let sid = rosterd::connectors::sourced_id(TENANT, &format!("User/{id}"));
     target.set_owner_other(Kind::User, &sid);
     target.tamper_user(&sid, |u| u["familyName"] = json!("Changed"));
-    d.client
-        .patch(d.scim(&format!("/Users/{id}")))
-        .bearer_auth(SCIM_TOKEN)
-        .json(
-            &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "replace", "path": "title", "value": "Chef"}]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let op = patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}]));
+    d.scim_send(Method::PATCH, &format!("/Users/{id}"), Some(op))
+        .await;
     d.drained().await;
 
     let (ok, out) = cli(&root, &d, &["status"]);
@@ -565,13 +571,12 @@ impl StuckJob {
         let d = ChildDaemon::start(&root, &STUCK_ENV).await;
         for i in 0..users {
             let r = d
-                .client
-                .post(d.scim("/Users"))
-                .bearer_auth(SCIM_TOKEN)
-                .json(&user(&format!("j{i}@acme.test")))
-                .send()
-                .await
-                .unwrap();
+                .scim_send(
+                    Method::POST,
+                    "/Users",
+                    Some(user(&format!("j{i}@acme.test"))),
+                )
+                .await;
             assert_eq!(r.status(), 201);
         }
         let token = jwt_with(
@@ -792,18 +797,9 @@ async fn expected_rows(d: &ChildDaemon) -> BTreeMap<String, (String, String)> {
 async fn churn(d: &ChildDaemon, tag: &str) {
     let mut ids = Vec::new();
     for i in 0..12 {
-        let r = d
-            .client
-            .post(d.scim("/Users"))
-            .bearer_auth(SCIM_TOKEN)
-            .json(&{
-                let mut u = user(&format!("{tag}{i}@acme.test"));
-                u["title"] = json!("Software Engineer");
-                u
-            })
-            .send()
-            .await
-            .unwrap();
+        let mut u = user(&format!("{tag}{i}@acme.test"));
+        u["title"] = json!("Software Engineer");
+        let r = d.scim_send(Method::POST, "/Users", Some(u)).await;
         assert_eq!(r.status(), 201);
         ids.push(
             r.json::<Value>().await.unwrap()["id"]
@@ -814,58 +810,33 @@ async fn churn(d: &ChildDaemon, tag: &str) {
     }
     let long = "Principal Engineer for Long Titles ".repeat(12);
     for (id, title) in [(&ids[0], "Accountant"), (&ids[1], long.trim())] {
+        let op = patch_op(json!([{"op": "replace", "path": "title", "value": title}]));
         let r = d
-            .client
-            .patch(d.scim(&format!("/Users/{id}")))
-            .bearer_auth(SCIM_TOKEN)
-            .json(
-                &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                "Operations": [{"op": "replace", "path": "title", "value": title}]}),
-            )
-            .send()
-            .await
-            .unwrap();
+            .scim_send(Method::PATCH, &format!("/Users/{id}"), Some(op))
+            .await;
         assert_eq!(r.status(), 200);
     }
     let member = |id: &String| json!({"value": id});
-    let r = d
-        .client
-        .post(d.scim("/Groups"))
-        .bearer_auth(SCIM_TOKEN)
-        .json(
-            &json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
-            "displayName": format!("{tag} team"),
-            "members": [member(&ids[1]), member(&ids[2]), member(&ids[6]), member(&ids[7])]}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let group = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "displayName": format!("{tag} team"),
+        "members": [member(&ids[1]), member(&ids[2]), member(&ids[6]), member(&ids[7])]});
+    let r = d.scim_send(Method::POST, "/Groups", Some(group)).await;
     assert_eq!(r.status(), 201);
     let gid = r.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
+    let op = patch_op(json!([
+        {"op": "remove", "path": format!("members[value eq \"{}\"]", ids[6])},
+        {"op": "add", "path": "members", "value": [member(&ids[8])]}]));
     let r = d
-        .client
-        .patch(d.scim(&format!("/Groups/{gid}")))
-        .bearer_auth(SCIM_TOKEN)
-        .json(
-            &json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-            "Operations": [{"op": "remove", "path": format!("members[value eq \"{}\"]", ids[6])},
-                           {"op": "add", "path": "members", "value": [member(&ids[8])]}]}),
-        )
-        .send()
-        .await
-        .unwrap();
+        .scim_send(Method::PATCH, &format!("/Groups/{gid}"), Some(op))
+        .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     for id in &ids[2..5] {
         let r = d
-            .client
-            .delete(d.scim(&format!("/Users/{id}")))
-            .bearer_auth(SCIM_TOKEN)
-            .send()
-            .await
-            .unwrap();
+            .scim_send(Method::DELETE, &format!("/Users/{id}"), None)
+            .await;
         assert_eq!(r.status(), 204);
     }
 }
