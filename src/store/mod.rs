@@ -2069,7 +2069,7 @@ impl Store {
                 .map(|m| m.len())
                 .sum(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(StoreError::Io(format!("{}: {e}", dir.display()))),
+            Err(e) => return Err(rows::io(&dir, e)),
         };
         Ok(self.inner.db.size_on_disk()? + rows)
     }

@@ -216,7 +216,8 @@ pub(super) struct RowFile {
     token: Mutex<Option<([u8; 16], [u8; 16])>>,
 }
 
-fn io(path: &Path, e: std::io::Error) -> StoreError {
+/// An I/O error on `path`, as the store reports it.
+pub(super) fn io(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Io(format!("{}: {e}", path.display()))
 }
 
