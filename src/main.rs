@@ -1400,6 +1400,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     }
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);
+    rosterd::ops::panics::install_hook();
     let json_logs = matches!(config.log.format, LogFormat::Json);
     match serve_logged(config, &listen_key) {
         Err(e) if json_logs => {

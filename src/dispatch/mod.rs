@@ -943,6 +943,60 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Backend(format!("task failed: {e}")))?
 }
 
+/// The first wait before a connector's task runs again after a panic; it doubles with
+/// each panic in a row, up to [`RESTART_DELAY_MAX`].
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(300);
+
+/// Run a connector's task until it ends. A panic (a bug, perhaps on one change's
+/// content) must not leave the connector dead while /status still says "running": the
+/// task runs again from the last acknowledged cursor, as after a restart, after a wait
+/// that grows while it keeps panicking, so a change that always panics costs a line a
+/// few minutes rather than a busy loop. A store error ends it for good: the store's
+/// failure handling stops the daemon for its service manager to restart.
+async fn supervised<F, Fut>(live: &Live, cancel: &CancellationToken, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let mut panics: u32 = 0;
+    loop {
+        match crate::ops::panics::catch(run()).await {
+            Ok(Ok(())) => return live.set_state("stopped"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Connector stopped on a store error.");
+                return live.set_state(&format!("failed: {e}"));
+            }
+            Err(panic) => {
+                panics = panics.saturating_add(1);
+                let wait = RESTART_DELAY
+                    .saturating_mul(2u32.saturating_pow(panics - 1))
+                    .min(RESTART_DELAY_MAX);
+                let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                tracing::error!(
+                    %panic,
+                    panics,
+                    restart_at = %rfc3339(at),
+                    "Connector task panicked (a bug); it starts again from its last acknowledged change."
+                );
+                {
+                    let mut h = live.health();
+                    h.state = format!(
+                        "panicked ({panics} in a row): {panic}; starting again at {}",
+                        rfc3339(at)
+                    );
+                    h.last_error = Some(format!("panicked: {panic}"));
+                    h.last_error_at = Some(Utc::now());
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return live.set_state("stopped"),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
 /// The task of an HTTP connector (OneRoster, webhook).
 async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let tenant = ctx.tenant().to_owned();
@@ -1621,17 +1675,17 @@ impl Dispatcher {
         let handle = tokio::spawn(
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
-                let r = match task_ctx.target {
-                    Target::Csv { .. } => run_csv(task_ctx.clone()).await,
-                    _ => run_http(task_ctx.clone()).await,
-                };
-                match r {
-                    Ok(()) => task_ctx.live.set_state("stopped"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "Connector stopped on a store error.");
-                        task_ctx.live.set_state(&format!("failed: {e}"));
+                let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
+                supervised(&live, &cancel, || {
+                    let ctx = task_ctx.clone();
+                    async move {
+                        match ctx.target {
+                            Target::Csv { .. } => run_csv(ctx.clone()).await,
+                            _ => run_http(ctx.clone()).await,
+                        }
                     }
-                }
+                })
+                .await;
             }
             .instrument(span),
         );
@@ -2170,6 +2224,55 @@ fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::store::ChangeOp;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_connector_task_runs_again() {
+        let live = Live::new("t", "c", "running");
+        let cancel = CancellationToken::new();
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let seen = Mutex::new(Vec::new());
+        supervised(&live, &cancel, || {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            seen.lock().unwrap().push(live.health().state.clone());
+            async move {
+                if n < 2 {
+                    panic!("bad change #{n}");
+                }
+                Ok(())
+            }
+        })
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen[0], "running");
+        assert!(
+            seen[1].starts_with("panicked (1 in a row): bad change #0; starting again at "),
+            "{}",
+            seen[1]
+        );
+        assert!(seen[2].starts_with("panicked (2 in a row): bad change #1"));
+        assert_eq!(live.health().state, "stopped");
+        assert_eq!(
+            live.health().last_error.as_deref(),
+            Some("panicked: bad change #1")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_ends_the_wait_after_a_panic() {
+        let live = Live::new("t", "c", "running");
+        let cancel = CancellationToken::new();
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let stop = cancel.clone();
+        supervised(&live, &cancel, || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            stop.cancel();
+            async { panic!("always") }
+        })
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(live.health().state, "stopped");
+    }
 
     #[test]
     fn requests_failing_together_are_one_failure_in_a_row() {

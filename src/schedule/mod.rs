@@ -63,11 +63,22 @@ async fn start_job(
         let mut next = Some((job, slot, reconcile));
         while let Some((job, slot, reconcile)) = next.take() {
             let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
-            let rerun = tracing::Instrument::instrument(
-                run_job(&state, &tenant, job, slot, reconcile),
-                span,
-            )
-            .await;
+            let record = job.clone();
+            let run = tracing::Instrument::instrument(
+                crate::ops::panics::catch(run_job(&state, &tenant, job, slot, reconcile)),
+                span.clone(),
+            );
+            let rerun = match run.await {
+                Ok(rerun) => rerun,
+                Err(panic) => {
+                    tracing::Instrument::instrument(
+                        record_panicked(&state, &tenant, record, &panic),
+                        span,
+                    )
+                    .await;
+                    false
+                }
+            };
             if rerun {
                 // The reload that changed the bundle could not start its own job while
                 // this one held the slot; without another pass, users passed before the
@@ -87,6 +98,22 @@ async fn start_job(
         }
     });
     Ok(queued)
+}
+
+/// A job that panicked (a bug) ends `failed` with the panic's message, rather than
+/// showing `running` until the next restart marks it interrupted. Its slot was freed as
+/// the panic unwound, so the job can be started again at once.
+async fn record_panicked(state: &AppState, tenant: &str, mut job: Job, panic: &str) {
+    tracing::error!(%panic, "The job panicked (a bug); it is recorded as failed.");
+    job.status = JobStatus::Failed;
+    job.error = Some(format!(
+        "the job stopped on a bug in rosterd (it panicked: {panic}); the log has the details; starting the job again is safe"
+    ));
+    job.finished_at = Some(Utc::now());
+    count_finished_job(tenant, &job);
+    if let Err(e) = state.store.put_job(tenant, job).await {
+        tracing::error!(error = %e, "Cannot record the job's outcome.");
+    }
 }
 
 /// Take the tenant's job slot and record a queued job in it.
@@ -495,7 +522,24 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                     if !sleep_until(next, &shutdown).await {
                         return;
                     }
-                    let outcomes = run_scheduled(&state, name).await;
+                    // A bug in one run must not end the schedule for good.
+                    let outcomes = match crate::ops::panics::catch(run_scheduled(&state, name))
+                        .await
+                    {
+                        Ok(outcomes) => outcomes,
+                        Err(panic) => {
+                            tracing::error!(%panic, "Scheduled run panicked (a bug); the schedule runs again at its next time.");
+                            state
+                                .config
+                                .tenants
+                                .iter()
+                                .map(|t| {
+                                    let text = format!("{}: failed: the run stopped on a bug (it panicked: {panic})", t.id);
+                                    (t.id.clone(), Outcome::Done(Part::Text(text)))
+                                })
+                                .collect()
+                        }
+                    };
                     state.schedules.record(name, Utc::now(), outcomes);
                 }
             },

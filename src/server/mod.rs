@@ -554,25 +554,59 @@ pub(crate) async fn rejection_text(resp: Response) -> String {
 }
 
 fn router(state: Arc<AppState>) -> Router {
-    let limit = state.config.server.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .merge(scim::routes())
         .merge(crate::api::routes())
         .merge(crate::ops::status::routes())
         .merge(crate::ops::metrics::routes())
-        .fallback(scim::not_found)
-        .layer(DefaultBodyLimit::max(limit))
+        .fallback(scim::not_found);
+    answered(
+        routes,
+        state.config.server.max_body_bytes,
+        state.config.server.client_timeout_secs,
+    )
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        request_span,
+    ))
+    .with_state(state)
+}
+
+/// What stands between the routes and the request's span: the body limits, and every
+/// failure (a panic included) answered in the protocol's own error format.
+fn answered<S: Clone + Send + Sync + 'static>(
+    routes: Router<S>,
+    max_body_bytes: usize,
+    client_timeout_secs: u64,
+) -> Router<S> {
+    routes
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            handler_panicked,
+        ))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            state.config.server.client_timeout_secs,
+            client_timeout_secs,
             body_deadline,
         ))
         .layer(axum::middleware::from_fn(crate::api::json_errors))
         .layer(axum::middleware::from_fn(scim::scim_errors))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_span,
-        ))
-        .with_state(state)
+}
+
+/// A handler that panics (a bug) answers 500 instead of dropping the connection, which an
+/// identity provider would take for a network fault and retry blindly. The answer is
+/// plain text here; `scim_errors` and `json_errors`, outside this layer, give it the
+/// protocol's error body. The line is logged inside the request's span.
+fn handler_panicked(payload: Box<dyn std::any::Any + Send>) -> Response {
+    use axum::response::IntoResponse;
+    tracing::error!(
+        panic = %crate::ops::panics::message(payload.as_ref()),
+        "A request handler panicked (a bug); answered 500."
+    );
+    (
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        crate::store::INTERNAL_ERROR_MESSAGE,
+    )
+        .into_response()
 }
 
 /// What a refused request was told, left on the response by the one place each protocol
@@ -697,4 +731,64 @@ async fn request_span(
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    fn buggy(what: &str) -> &'static str {
+        panic!("{what}")
+    }
+
+    /// No route of the daemon is known to panic, so routes that do stand in for a bug.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_the_protocols_format() {
+        let routes: Router = Router::new()
+            .route(
+                "/scim/v2/acme/Users",
+                get(|| async { buggy("a bug in a SCIM handler") }),
+            )
+            .route(
+                "/api/v1/roster/users",
+                get(|| async { buggy("a bug in a Roster API handler") }),
+            )
+            .route("/healthy", get(|| async { "still serving" }));
+        let app = answered(routes, 1024, 5);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+
+        let scim = client
+            .get(format!("{base}/scim/v2/acme/Users"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(scim.status(), 500);
+        assert_eq!(scim.headers()["content-type"], error::SCIM_CONTENT_TYPE);
+        let body: serde_json::Value = scim.json().await.unwrap();
+        assert_eq!(
+            body["schemas"],
+            serde_json::json!(["urn:ietf:params:scim:api:messages:2.0:Error"])
+        );
+        assert_eq!(body["status"], "500");
+        assert_eq!(body["detail"], crate::store::INTERNAL_ERROR_MESSAGE);
+
+        let api = client
+            .get(format!("{base}/api/v1/roster/users"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(api.status(), 500);
+        assert_eq!(api.headers()["content-type"], "application/json");
+        let body: serde_json::Value = api.json().await.unwrap();
+        assert_eq!(body["error"], "internal");
+        assert_eq!(body["message"], crate::store::INTERNAL_ERROR_MESSAGE);
+
+        let after = client.get(format!("{base}/healthy")).send().await.unwrap();
+        assert_eq!(after.text().await.unwrap(), "still serving");
+        server.abort();
+    }
 }

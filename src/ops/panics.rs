@@ -1,0 +1,176 @@
+//! What happens when a bug panics. A panic must not leave a task silently dead (a
+//! connector that no longer delivers, a job that shows "running" forever, a schedule that
+//! never fires again) nor reach the log only as Rust's unformatted stderr line, outside
+//! the JSON log and without the request id an operator searches by.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+
+/// What a panic said: its message when it carried text (`panic!`, `unwrap`, `expect`),
+/// else a placeholder rather than nothing.
+pub fn message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// Run `f` to its end, or to its panic, whose message comes back as the error. For
+/// supervisors only: what `f` touched may be left half-done, so the caller must hold
+/// nothing that the panic could leave inconsistent (the store's writes are transactions,
+/// and a task's state lives there).
+pub async fn catch<F: Future>(f: F) -> Result<F::Output, String> {
+    AssertUnwindSafe(f)
+        .catch_unwind()
+        .await
+        .map_err(|p| message(p.as_ref()))
+}
+
+/// Route every panic through `tracing`, with where it happened and a backtrace, instead of
+/// Rust's default stderr line. The event is emitted on the panicking thread, inside the
+/// span that was current there: a handler's panic carries its request id and tenant.
+pub fn install_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        // Forced: RUST_BACKTRACE is rarely set on a service, and a panic is rare enough
+        // that its cost does not matter.
+        let backtrace = std::backtrace::Backtrace::force_capture().to_string();
+        tracing::error!(
+            panic = %message(info.payload()),
+            location = %location,
+            frames = %own_frames(&backtrace),
+            "A bug: rosterd panicked. What it was doing was stopped or restarted; report this line."
+        );
+    }));
+}
+
+/// rosterd's own functions in a backtrace, innermost first, on one line: a full trace
+/// is some fifty lines of std and tokio, and each would be a journal entry of its own.
+fn own_frames(backtrace: &str) -> String {
+    let frames: Vec<&str> = backtrace
+        .lines()
+        .filter_map(|l| {
+            let (n, symbol) = l.trim_start().split_once(": ")?;
+            n.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then_some(symbol.trim())
+        })
+        .filter(|s| {
+            let s = s.trim_start_matches('<');
+            s.starts_with("rosterd::") && !s.starts_with("rosterd::ops::panics::install_hook")
+        })
+        // The symbol's hash says nothing to a reader.
+        .map(|s| match s.rsplit_once("::h") {
+            Some((f, h)) if h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()) => f,
+            _ => s,
+        })
+        .collect();
+    if frames.is_empty() {
+        "none of rosterd's own (symbols stripped?)".to_owned()
+    } else {
+        frames.join(" <- ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_hook_logs_a_panic_inside_its_span() {
+        // tracing caches per callsite whether it is enabled; with one dispatcher it asks
+        // only the first thread to reach it, which may be another test's (see the
+        // integration harness's LogBuf). A second, unused dispatcher avoids that.
+        let _bystander = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let previous = std::panic::take_hook();
+        install_hook();
+        let caught = tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", request_id = "req-42", tenant = "acme");
+            let _in = span.enter();
+            std::panic::catch_unwind(|| panic!("index out of bounds in a test"))
+        });
+        std::panic::set_hook(previous);
+        assert!(caught.is_err());
+        let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.contains("rosterd panicked"))
+            .unwrap_or_else(|| panic!("no panic line in {text:?}"));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains("request_id=\"req-42\""), "{line}");
+        assert!(line.contains("tenant=\"acme\""), "{line}");
+        assert!(
+            line.contains("panic=index out of bounds in a test"),
+            "{line}"
+        );
+        assert!(line.contains("location=src/ops/panics.rs:"), "{line}");
+        assert!(
+            line.contains(
+                "frames=rosterd::ops::panics::tests::the_hook_logs_a_panic_inside_its_span"
+            ),
+            "{line}"
+        );
+        assert_eq!(text.lines().count(), 1, "one line: {text}");
+    }
+
+    #[test]
+    fn a_backtrace_is_cut_to_rosterds_frames() {
+        let trace = "   0: std::backtrace::Backtrace::force_capture
+             at /rustc/x/library/std/src/backtrace.rs:312:9
+   1: rosterd::ops::panics::install_hook::{{closure}}
+   2: std::panicking::rust_panic_with_hook
+  10: rosterd::dispatch::run_http::{{closure}}::h0123456789abcdef
+  11: <rosterd::store::Store as core::clone::Clone>::clone
+  12: tokio::runtime::task::core::Core<T,S>::poll";
+        assert_eq!(
+            own_frames(trace),
+            "rosterd::dispatch::run_http::{{closure}} <- <rosterd::store::Store as core::clone::Clone>::clone"
+        );
+        assert_eq!(
+            own_frames("   0: std::rt::lang_start"),
+            "none of rosterd's own (symbols stripped?)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_comes_back_with_its_message() {
+        let n = 7;
+        let static_text = catch(async { panic!("static text") }).await;
+        let formatted = catch(async move { panic!("formatted {n}") }).await;
+        let other = catch(async { std::panic::panic_any(42u8) }).await;
+        let fine = catch(async { 5 }).await;
+        assert_eq!(static_text, Err::<(), _>("static text".to_owned()));
+        assert_eq!(formatted, Err::<(), _>("formatted 7".to_owned()));
+        assert_eq!(other, Err::<(), _>("a panic without a message".to_owned()));
+        assert_eq!(fine, Ok(5));
+    }
+}
