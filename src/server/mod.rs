@@ -760,15 +760,18 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let client = reqwest::Client::new();
+        let get = |path: &str| {
+            let req = client.get(format!("{base}{path}"));
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                let kind = r.headers()["content-type"].to_str().unwrap().to_owned();
+                (status, kind, r.json::<serde_json::Value>().await.unwrap())
+            }
+        };
 
-        let scim = client
-            .get(format!("{base}/scim/v2/acme/Users"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(scim.status(), 500);
-        assert_eq!(scim.headers()["content-type"], error::SCIM_CONTENT_TYPE);
-        let body: serde_json::Value = scim.json().await.unwrap();
+        let (status, kind, body) = get("/scim/v2/acme/Users").await;
+        assert_eq!((status, kind.as_str()), (500, error::SCIM_CONTENT_TYPE));
         assert_eq!(
             body["schemas"],
             serde_json::json!(["urn:ietf:params:scim:api:messages:2.0:Error"])
@@ -776,14 +779,8 @@ mod tests {
         assert_eq!(body["status"], "500");
         assert_eq!(body["detail"], crate::store::INTERNAL_ERROR_MESSAGE);
 
-        let api = client
-            .get(format!("{base}/api/v1/roster/users"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(api.status(), 500);
-        assert_eq!(api.headers()["content-type"], "application/json");
-        let body: serde_json::Value = api.json().await.unwrap();
+        let (status, kind, body) = get("/api/v1/roster/users").await;
+        assert_eq!((status, kind.as_str()), (500, "application/json"));
         assert_eq!(body["error"], "internal");
         assert_eq!(body["message"], crate::store::INTERNAL_ERROR_MESSAGE);
 

@@ -314,3 +314,38 @@ async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was
     assert_eq!(ok.status, 200);
     assert!(logs.lines("idp-req-ok").is_empty());
 }
+
+/// The panic hook `rosterd serve` installs: a panic is one ERROR line, in the span it
+/// happened in, with its message, location and rosterd's own frames.
+#[test]
+fn the_panic_hook_logs_one_line_inside_its_span() {
+    let (logs, guard) = crate::harness::LogBuf::capture();
+    let previous = std::panic::take_hook();
+    rosterd::ops::panics::install_hook();
+    let caught = {
+        let span = tracing::info_span!("request", request_id = "req-42", tenant = "acme");
+        let _in = span.enter();
+        std::panic::catch_unwind(|| panic!("index out of bounds in a test"))
+    };
+    std::panic::set_hook(previous);
+    drop(guard);
+    assert!(caught.is_err());
+    let lines = logs.lines("rosterd panicked");
+    let [line] = lines.as_slice() else {
+        panic!("one panic line, got {lines:?}")
+    };
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("request_id=\"req-42\""), "{line}");
+    assert!(line.contains("tenant=\"acme\""), "{line}");
+    assert!(
+        line.contains("panic=index out of bounds in a test"),
+        "{line}"
+    );
+    assert!(
+        line.contains("location=tests/integration/ops.rs:"),
+        "{line}"
+    );
+    // The panic is in this test's crate, not rosterd's: no frame of rosterd's own to
+    // show (which frames are kept is tested with the library).
+    assert!(line.contains("frames=none of rosterd's own"), "{line}");
+}
