@@ -72,7 +72,8 @@ pub(super) fn tenant_of<'a>(state: &'a AppState, tenant: &str) -> ApiResult<&'a 
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::Internal(crate::store::StoreError::Backend(e.to_string())))?
 }

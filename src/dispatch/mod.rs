@@ -938,7 +938,8 @@ fn reports_of(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Vec<Strin
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| StoreError::Backend(format!("task failed: {e}")))?
 }

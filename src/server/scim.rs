@@ -1131,9 +1131,12 @@ async fn run_list(
             "{unordered} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
         )));
     }
-    tokio::task::spawn_blocking(move || list_blocking(&state, &tenant, &kinds, &query))
-        .await
-        .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        span.in_scope(|| list_blocking(&state, &tenant, &kinds, &query))
+    })
+    .await
+    .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
 }
 
 /// What the schemas of `kinds` define at the path (core, common or extension), one per

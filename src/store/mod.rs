@@ -1578,9 +1578,12 @@ impl Store {
     ) -> StoreResult<T> {
         let store = self.clone();
         let owned = tenant.to_owned();
-        let (out, ticket) = tokio::task::spawn_blocking(move || store.write_sync(&owned, f))
-            .await
-            .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
+        // What the write logs (and a panic in it) belongs to the request or job that made it.
+        let span = tracing::Span::current();
+        let (out, ticket) =
+            tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
+                .await
+                .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit
