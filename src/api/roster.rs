@@ -801,7 +801,15 @@ enum OverrideIntent<'a> {
 /// allows overrides (unless the override is being cleared), no sync job is rewriting
 /// assignments, and the archetype is in the bundle. The store checks the racy ones (job
 /// running, archetype still in the bundle, user still in review) again as it writes.
-fn check_override(st: &AppState, caller: &Caller, intent: OverrideIntent<'_>) -> ApiResult<()> {
+/// `user` is the SCIM id of the user the override is for, once found: repeating the
+/// override a user already holds is accepted (and changes nothing) even when a bundle
+/// reload has since dropped its archetype.
+fn check_override(
+    st: &AppState,
+    caller: &Caller,
+    intent: OverrideIntent<'_>,
+    user: Option<&str>,
+) -> ApiResult<()> {
     caller.require(Scope::Write)?;
     let t = tenant_of(st, &caller.tenant)?;
     let archetype = match intent {
@@ -811,7 +819,15 @@ fn check_override(st: &AppState, caller: &Caller, intent: OverrideIntent<'_>) ->
     };
     if let Some(a) = archetype {
         let policy = t.policy().ok_or(ApiError::NoBundle)?;
-        if !policy.has_archetype(a) {
+        // One read, only for an archetype outside the bundle: rare enough to do here.
+        let held = || -> ApiResult<bool> {
+            let Some(id) = user else { return Ok(false) };
+            Ok(st.store.assignment(&caller.tenant, id)?.is_some_and(|c| {
+                c.source == crate::store::AssignmentSource::Override
+                    && c.archetype_id.as_deref() == Some(a)
+            }))
+        };
+        if !policy.has_archetype(a) && !held()? {
             return Err(ApiError::InvalidArchetype(a.to_owned()));
         }
     }
@@ -886,7 +902,7 @@ async fn patch_user(
         Some(a) => OverrideIntent::Set(Some(a)),
         None => OverrideIntent::Clear,
     };
-    check_override(&st, &caller, intent)?;
+    check_override(&st, &caller, intent, Some(&user.id))?;
     if archetype.is_none() && tenant_of(&st, &caller.tenant)?.policy().is_none() {
         return Err(ApiError::NoBundle);
     }
@@ -942,7 +958,7 @@ async fn bulk_assign(
     }
     // Whether each item may set an override is the item's answer: clears go through
     // whatever the policy.
-    check_override(&st, &caller, OverrideIntent::Clear)?;
+    check_override(&st, &caller, OverrideIntent::Clear, None)?;
     tenant_of(&st, &caller.tenant)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
@@ -971,13 +987,11 @@ async fn bulk_assign(
                     "user_id is required: user:<userName> or a SCIM id".into(),
                 ));
             }
-            // As PATCH takes it: an id overrides, null clears the override.
-            let change = match item.get("archetype_id") {
-                Some(Value::String(a)) if !a.is_empty() => {
-                    check_override(&st, &caller, OverrideIntent::Set(Some(a)))?;
-                    OverrideChange::Set(a.clone())
-                }
-                Some(Value::Null) => OverrideChange::Clear,
+            // As PATCH takes it, and in its order (the user, then whether the override
+            // may be set): an id overrides, null clears the override.
+            let set = match item.get("archetype_id") {
+                Some(Value::String(a)) if !a.is_empty() => Some(a),
+                Some(Value::Null) => None,
                 _ => {
                     return Err(ApiError::BadRequest(
                         "archetype_id is required: an archetype id, or null to clear the override"
@@ -986,6 +1000,13 @@ async fn bulk_assign(
                 }
             };
             let user = find_user_async(&st, &caller.tenant, user_id).await?;
+            let change = match set {
+                Some(a) => {
+                    check_override(&st, &caller, OverrideIntent::Set(Some(a)), Some(&user.id))?;
+                    OverrideChange::Set(a.clone())
+                }
+                None => OverrideChange::Clear,
+            };
             st.store
                 .change_override(
                     &caller.tenant,
@@ -1195,7 +1216,12 @@ async fn accept_review(
         Some(v) => archetype_field(&v, "accept the suggestion")?,
     };
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
-    check_override(&st, &caller, OverrideIntent::Set(chosen.as_deref()))?;
+    check_override(
+        &st,
+        &caller,
+        OverrideIntent::Set(chosen.as_deref()),
+        Some(&user.id),
+    )?;
     // Accepting resolves a queue item; a user decided with confidence, or already
     // resolved (a second click on a stale page, another reviewer first), is no item,
     // and an override of them is a PATCH on purpose rather than a side effect of

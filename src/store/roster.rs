@@ -610,7 +610,15 @@ impl Store {
                     }
                 }
             };
+            // Repeating an override is not a change, so it stands even when a reload has
+            // dropped its archetype since: only a new override must name one the bundle has.
+            let repeated = |a: &String| {
+                current.as_ref().is_some_and(|c| {
+                    c.source == AssignmentSource::Override && c.archetype_id.as_ref() == Some(a)
+                })
+            };
             if let Some(a) = &archetype
+                && !repeated(a)
                 && txn.resolver.as_ref().is_some_and(|r| !r.has_archetype(a))
             {
                 return Err(OverrideRefusal::UnknownArchetype(a.clone()).into());
@@ -635,10 +643,7 @@ impl Store {
                             .unwrap_or_default(),
                         needs_review: false,
                     };
-                    if current.as_ref().is_some_and(|c| {
-                        c.source == AssignmentSource::Override && c.archetype_id == new.archetype_id
-                    }) {
-                        // Repeating an override is not a change.
+                    if new.archetype_id.as_ref().is_some_and(repeated) {
                         return Ok(current.unwrap_or(new));
                     }
                     txn.put_assignment(

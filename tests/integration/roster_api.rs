@@ -700,6 +700,49 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["users"].as_array().unwrap().len(), 1, "{}", r.body);
+
+    // Repeating the override the user holds is no change, so it is accepted (by PATCH
+    // and as a bulk item, which counts it as in force) and writes no event; a new
+    // override to the dropped archetype is refused.
+    let events_url = format!("/events?user_id={id}");
+    let events = async || {
+        let r = d.roster(Method::GET, &events_url, &admin, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["events"].as_array().unwrap().len()
+    };
+    let before = events().await;
+    let r = d
+        .override_archetype(&format!("/users/{id}"), &admin, json!("production_planner"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["archetype_id"], "production_planner", "{}", r.body);
+    let other = create(&d, "other@acme.test", "software engineer", None).await;
+    let r = d
+        .bulk_assign(
+            &admin,
+            json!([
+                {"user_id": id, "archetype_id": "production_planner"},
+                {"user_id": other, "archetype_id": "production_planner"}
+            ]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["updated"], 1, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["index"], 1, "{}", r.body);
+    assert_eq!(
+        r.body["errors"][0]["error"], "invalid_archetype",
+        "{}",
+        r.body
+    );
+    assert_eq!(events().await, before, "a repeat writes no event");
+    let r = d
+        .override_archetype(
+            &format!("/users/{other}"),
+            &admin,
+            json!("production_planner"),
+        )
+        .await;
+    api_error(&r, 400, "invalid_archetype");
 }
 
 #[tokio::test]
@@ -893,6 +936,20 @@ async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
     assert_eq!(r.body["errors"][0]["index"], 1, "{}", r.body);
     assert_eq!(r.body["errors"][0]["status"], 422, "{}", r.body);
     assert_eq!(r.body["errors"][0]["error"], "override_forbidden");
+    // A user who does not exist is 404, as PATCH says, before the policy is asked.
+    let patch = d
+        .override_archetype("/users/user:nobody@acme.test", &admin, json!("sales_rep"))
+        .await;
+    api_error(&patch, 404, "not_found");
+    let r = d
+        .bulk_assign(
+            &admin,
+            json!([{"user_id": "user:nobody@acme.test", "archetype_id": "sales_rep"}]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["status"], 404, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["error"], "not_found", "{}", r.body);
     for u in ["a", "b"] {
         let got = roster_user(&d, &admin, &format!("user:{u}@acme.test")).await;
         assert_eq!(got["archetype_assigned_by"], "service:classifier", "{got}");
