@@ -1182,8 +1182,11 @@ fn nearest_existing(dir: &Path) -> &Path {
     let mut existing = dir;
     while !existing.exists() {
         match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => existing = p,
-            _ => return dir,
+            // A relative path (`data`, from `--config config.toml`) ends in the
+            // working directory, which exists; its parent is written as "".
+            Some(p) if p.as_os_str().is_empty() => return Path::new("."),
+            Some(p) => existing = p,
+            None => return dir,
         }
     }
     existing

@@ -862,6 +862,39 @@ async fn resume_says_when_the_connector_was_not_paused() {
     assert!(!out.contains("resumed"), "{out}");
 }
 
+/// The example config as README runs it: `--config config.toml`, from its directory,
+/// before the first start made `data`. A relative data directory not made yet was
+/// refused as "data is a file, not a directory".
+#[test]
+fn check_config_takes_a_relative_data_directory_not_made_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "version = 1\n[server]\ndata_dir = \"data/store\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["check-config", "--config", "config.toml"])
+        .env("T", "x")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config.toml: ok"));
+    // A file where the directory would go is still refused, naming it.
+    std::fs::write(dir.path().join("data"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["check-config", "--config", "config.toml"])
+        .env("T", "x")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("data is a file, not a directory"), "{err}");
+}
+
 /// `check-config` refuses the data directories `serve` would refuse before opening the
 /// store: someone else's files, or a store whose log is gone.
 #[test]
