@@ -74,6 +74,10 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("the request body is {0}; send JSON with Content-Type: application/json")]
     UnsupportedMediaType(String),
+    #[error(
+        "the request body is sent with Content-Encoding {0}, which rosterd does not decode; send it uncompressed"
+    )]
+    UnsupportedEncoding(String),
     #[error("the request body stalled for {0} s (server.client_timeout_secs); send it again")]
     RequestTimeout(u64),
     #[error("internal error")]
@@ -127,7 +131,7 @@ impl ApiError {
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType(_) => {
+            ApiError::UnsupportedMediaType(_) | ApiError::UnsupportedEncoding(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
@@ -274,9 +278,9 @@ pub(crate) fn json_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<Option<se
             )));
         }
     }
-    serde_json::from_slice(body)
+    crate::server::json::request_body(body)
         .map(Some)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))
+        .map_err(ApiError::BadRequest)
 }
 
 /// Under `/api/v1/` every error is the API's JSON body, including those axum answers
@@ -513,6 +517,7 @@ mod tests {
             ApiError::MethodNotAllowed("PUT".into()),
             ApiError::PayloadTooLarge,
             ApiError::UnsupportedMediaType("x".into()),
+            ApiError::UnsupportedEncoding("gzip".into()),
             ApiError::RequestTimeout(30),
             ApiError::Internal(StoreError::Backend("x".into())),
             ApiError::Internal(StoreError::NotDurable("x".into())),
@@ -537,6 +542,7 @@ mod tests {
                 | ApiError::MethodNotAllowed(_)
                 | ApiError::PayloadTooLarge
                 | ApiError::UnsupportedMediaType(_)
+                | ApiError::UnsupportedEncoding(_)
                 | ApiError::RequestTimeout(_)
                 | ApiError::Internal(_) => {}
             }

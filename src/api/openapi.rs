@@ -489,7 +489,7 @@ fn error_codes_description() -> String {
 }
 
 /// Every operation that takes a body can be refused it: stalled (408), too large (413), or
-/// labelled as something else than JSON (415).
+/// labelled as something else than JSON or sent compressed (415).
 fn add_body_errors(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
@@ -507,7 +507,7 @@ fn add_body_errors(doc: &mut Value) {
             op["responses"]["413"] =
                 error_response("The body is over server.max_body_bytes (payload_too_large)");
             op["responses"]["415"] = error_response(
-                "The body is labelled with another Content-Type than JSON (unsupported_media_type)",
+                "The body is labelled with another Content-Type than JSON, or sent compressed (a Content-Encoding other than identity) (unsupported_media_type)",
             );
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod error;
+pub(crate) mod json;
 mod scim;
 
 use axum::Router;
@@ -493,6 +494,45 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }
 
+/// A body sent compressed (`Content-Encoding: gzip`, …) is refused with 415 (RFC 9110
+/// §15.5.16) rather than read as if it were plain: the JSON parser would call it "not
+/// valid JSON", or, when the header lies, read it anyway. No identity provider compresses
+/// its requests; a script that does is told to stop, in the protocol's error format.
+async fn refuse_encoded_bodies(req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let encodings: Vec<String> = req
+        .headers()
+        .get_all(axum::http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|e| e.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|e| !e.is_empty() && e != "identity")
+        .collect();
+    // Only a body can be compressed; a header on a bodiless GET changes nothing.
+    let h = req.headers();
+    let has_body = h.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || h.get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if encodings.is_empty() || !has_body {
+        return next.run(req).await;
+    }
+    let error = crate::api::ApiError::UnsupportedEncoding(encodings.join(", "));
+    let mut resp = if req.uri().path().starts_with("/scim/") {
+        ScimFailure(crate::scim::ScimError::new(415, None, error.to_string())).into_response()
+    } else {
+        error.into_response()
+    };
+    resp.headers_mut().insert(
+        axum::http::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    resp
+}
+
 /// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
 /// protocol's own format (SCIM error, or JSON problem), and the connection closes.
 async fn body_deadline(
@@ -584,6 +624,7 @@ fn answered<S: Clone + Send + Sync + 'static>(
             handler_panicked,
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(refuse_encoded_bodies))
         .layer(axum::middleware::from_fn_with_state(
             client_timeout_secs,
             body_deadline,

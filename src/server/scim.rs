@@ -175,8 +175,7 @@ fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> ScimResult<V
     if bytes.is_empty() {
         return Err(ScimError::invalid_syntax("request body is empty"));
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ScimError::invalid_syntax(format!("request body is not valid JSON: {e}")))
+    super::json::request_body(&bytes).map_err(ScimError::invalid_syntax)
 }
 
 fn if_match(headers: &HeaderMap) -> ScimResult<Option<IfMatch>> {

@@ -2159,24 +2159,60 @@ async fn requests_are_read_strictly_whatever_the_endpoint() {
     }
     // A form post by mistake is told to send JSON; no Content-Type is read as JSON.
     let url = d.url(&format!("/api/v1/roster/users/{id}"));
-    let send = |ct: Option<&'static str>| {
-        let mut req = d
-            .client
-            .patch(&url)
-            .bearer_auth(&admin)
-            .body(r#"{"archetype_id": "fpa_analyst"}"#);
+    let send_body = |ct: Option<&'static str>, body: &'static str| {
+        let mut req = d.client.patch(&url).bearer_auth(&admin).body(body);
         if let Some(ct) = ct {
             req = req.header("content-type", ct);
         }
         async move { crate::harness::Resp::read(req.send().await.unwrap()).await }
     };
+    let send = |ct| send_body(ct, r#"{"archetype_id": "fpa_analyst"}"#);
     let r = send(Some("application/x-www-form-urlencoded")).await;
     api_error(&r, 415, "unsupported_media_type");
+    // A key given twice is ambiguous: JSON parsers keep one or the other.
+    let r = send_body(
+        None,
+        r#"{"archetype_id": "sales_rep", "archetype_id": "fpa_analyst"}"#,
+    )
+    .await;
+    api_error(&r, 400, "invalid_request");
+    let msg = r.body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("the key \"archetype_id\" is given twice"),
+        "{msg}"
+    );
+    // A compressed body is refused, not read as plain text (nor called "not JSON").
+    for encoding in ["gzip", "identity, br"] {
+        let r = d
+            .client
+            .patch(&url)
+            .bearer_auth(&admin)
+            .header("content-encoding", encoding)
+            .body(r#"{"archetype_id": "fpa_analyst"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["accept-encoding"], "identity");
+        let r = crate::harness::Resp::read(r).await;
+        api_error(&r, 415, "unsupported_media_type");
+        let msg = r.body["message"].as_str().unwrap();
+        assert!(msg.contains("Content-Encoding"), "{msg}");
+    }
     assert_eq!(
         roster_user(&d, &admin, &id).await["archetype_assigned_by"],
         "service:classifier",
         "nothing changed"
     );
+    let r = d
+        .client
+        .patch(&url)
+        .bearer_auth(&admin)
+        .header("content-encoding", "identity")
+        .body(r#"{"archetype_id": "fpa_analyst"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "identity is no encoding");
     let r = send(None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // A JSON array is no options object, even where serde would read one from it.

@@ -16,6 +16,45 @@ async fn malformed_input_gets_scim_errors() {
         .await;
     assert_eq!(bad_json.status, 400);
     assert_eq!(bad_json.body["scimType"], "invalidSyntax");
+    // Which of two userNames was meant is not the server's to guess.
+    let twice = d
+        .raw(
+            Method::POST,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[],
+            Some(br#"{"userName": "first@x", "active": true, "userName": "second@x"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(twice.status, 400, "{}", twice.body);
+    assert_eq!(twice.body["scimType"], "invalidSyntax");
+    let detail = twice.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("the key \"userName\" is given twice"),
+        "{detail}"
+    );
+    let gzipped = d
+        .raw(
+            Method::POST,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[("content-encoding", "gzip")],
+            Some(br#"{"userName": "zipped@x"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(gzipped.status, 415, "{}", gzipped.body);
+    assert_eq!(
+        gzipped.body["schemas"],
+        json!(["urn:ietf:params:scim:api:messages:2.0:Error"])
+    );
+    let detail = gzipped.body["detail"].as_str().unwrap();
+    assert!(detail.contains("Content-Encoding gzip"), "{detail}");
+    let listed = d.get("/Users").await;
+    assert_eq!(
+        listed.body["totalResults"], 0,
+        "nothing provisioned: {}",
+        listed.body
+    );
 
     let missing = d
         .post(
