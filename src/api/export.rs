@@ -189,7 +189,9 @@ pub(super) async fn export_users(
         blocking(move || UserFilter::from_params(&st.store, &tenant, policy.as_deref(), &p)).await?
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _in = span.enter();
         let store = &st.store;
         let buf = SharedBuf::default();
         let mut w = csv_writer(buf.clone());
@@ -197,7 +199,9 @@ pub(super) async fn export_users(
             let chunk = std::mem::take(buf);
             tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
         };
-        let result = (|| -> ApiResult<()> {
+        // A panic part-way must end the body with an error, as a store error does: a
+        // stream that simply stops reads as a complete file.
+        let result = crate::ops::panics::catch_sync(|| -> ApiResult<()> {
             write_rows(store, &tenant, &filter, &mut w, |w| {
                 if buf.len() >= CHUNK {
                     w.flush().map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -209,7 +213,12 @@ pub(super) async fn export_users(
             w.flush().map_err(|e| StoreError::Backend(e.to_string()))?;
             send(&mut buf.0.borrow_mut());
             Ok(())
-        })();
+        })
+        .unwrap_or_else(|panic| {
+            Err(ApiError::Internal(StoreError::Backend(format!(
+                "a bug: it panicked: {panic}"
+            ))))
+        });
         if let Err(e) = result {
             tracing::error!(error = %e, "CSV export failed part-way; the client sees a truncated body.");
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));

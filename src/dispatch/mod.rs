@@ -845,9 +845,20 @@ impl Ctx {
         reports: &[String],
         max_attempts: Option<u32>,
     ) -> Result<Delivered, StoreError> {
-        let plan = match self.plan(ev, reports) {
-            Ok(p) => p,
-            Err(reason) => {
+        // A bug on one change's content must not stall the connector on it: its task
+        // would restart at that change again and again. It is set aside like a change
+        // the target cannot take, to be replayed once rosterd is fixed.
+        let planned = crate::ops::panics::catch_sync(|| self.plan(ev, reports));
+        let plan = match planned {
+            Ok(Ok(p)) => p,
+            Ok(Err(reason)) => {
+                self.dead_letter(ev, reason, None, None).await?;
+                return Ok(Delivered::DeadLettered);
+            }
+            Err(panic) => {
+                let reason = format!(
+                    "rosterd could not turn this change into requests: a bug (it panicked: {panic}); replay it once rosterd is fixed"
+                );
                 self.dead_letter(ev, reason, None, None).await?;
                 return Ok(Delivered::DeadLettered);
             }
@@ -939,8 +950,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
+    crate::ops::panics::joined(tokio::task::spawn_blocking(move || span.in_scope(f)).await)
         .map_err(|e| StoreError::Backend(format!("task failed: {e}")))?
 }
 
@@ -953,8 +963,10 @@ const RESTART_DELAY_MAX: Duration = Duration::from_secs(300);
 /// content) must not leave the connector dead while /status still says "running": the
 /// task runs again from the last acknowledged cursor, as after a restart, after a wait
 /// that grows while it keeps panicking, so a change that always panics costs a line a
-/// few minutes rather than a busy loop. A store error ends it for good: the store's
-/// failure handling stops the daemon for its service manager to restart.
+/// few minutes rather than a busy loop. (A change whose content makes the task panic is
+/// dead-lettered in `deliver` before it gets here.) A store error ends it, as before:
+/// an I/O failure has marked the store failed, which stops the daemon for its service
+/// manager to restart; any other shows as `failed: <error>` until a restart.
 async fn supervised<F, Fut>(live: &Live, cancel: &CancellationToken, mut run: F)
 where
     F: FnMut() -> Fut,
@@ -962,6 +974,7 @@ where
 {
     let mut panics: u32 = 0;
     loop {
+        let started = tokio::time::Instant::now();
         match crate::ops::panics::catch(run()).await {
             Ok(Ok(())) => return live.set_state("stopped"),
             Ok(Err(e)) => {
@@ -969,6 +982,11 @@ where
                 return live.set_state(&format!("failed: {e}"));
             }
             Err(panic) => {
+                // A run that held up for longer than the longest wait was delivering:
+                // its panic starts a new count, with a short wait again.
+                if started.elapsed() >= RESTART_DELAY_MAX {
+                    panics = 0;
+                }
                 panics = panics.saturating_add(1);
                 let wait = RESTART_DELAY
                     .saturating_mul(2u32.saturating_pow(panics - 1))
@@ -1315,9 +1333,10 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             let written = tokio::task::spawn_blocking(move || {
                 crate::connectors::csv::write_snapshot(&store, &t, &s)
             })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+            .await;
+            let written = crate::ops::panics::joined(written)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match written {
                 Ok(report) => {
                     let report: crate::connectors::csv::SnapshotReport = report;
@@ -2232,31 +2251,49 @@ mod tests {
         let cancel = CancellationToken::new();
         let runs = std::sync::atomic::AtomicU32::new(0);
         let seen = Mutex::new(Vec::new());
+        let start = tokio::time::Instant::now();
         supervised(&live, &cancel, || {
             let n = runs.fetch_add(1, Ordering::SeqCst);
-            seen.lock().unwrap().push(live.health().state.clone());
+            seen.lock()
+                .unwrap()
+                .push((start.elapsed().as_secs(), live.health().state.clone()));
             async move {
-                if n < 2 {
-                    panic!("bad change #{n}");
+                match n {
+                    0 | 1 => panic!("bad change #{n}"),
+                    // Delivers for longer than the longest wait, then panics.
+                    2 => {
+                        tokio::time::sleep(RESTART_DELAY_MAX).await;
+                        panic!("later")
+                    }
+                    _ => Ok(()),
                 }
-                Ok(())
             }
         })
         .await;
-        assert_eq!(runs.load(Ordering::SeqCst), 3);
         let seen = seen.into_inner().unwrap();
-        assert_eq!(seen[0], "running");
+        let at: Vec<u64> = seen.iter().map(|(t, _)| *t).collect();
+        // Waits of 1 s and 2 s in a row; after the long run, 1 s again.
+        assert_eq!(at, [0, 1, 3, 3 + 300 + 1]);
+        assert_eq!(seen[0].1, "running");
         assert!(
-            seen[1].starts_with("panicked (1 in a row): bad change #0; starting again at "),
-            "{}",
             seen[1]
+                .1
+                .starts_with("panicked (1 in a row): bad change #0; starting again at "),
+            "{}",
+            seen[1].1
         );
-        assert!(seen[2].starts_with("panicked (2 in a row): bad change #1"));
+        assert!(
+            seen[2]
+                .1
+                .starts_with("panicked (2 in a row): bad change #1")
+        );
+        assert!(
+            seen[3].1.starts_with("panicked (1 in a row): later"),
+            "{}",
+            seen[3].1
+        );
         assert_eq!(live.health().state, "stopped");
-        assert_eq!(
-            live.health().last_error.as_deref(),
-            Some("panicked: bad change #1")
-        );
+        assert_eq!(live.health().last_error.as_deref(), Some("panicked: later"));
     }
 
     #[tokio::test(start_paused = true)]

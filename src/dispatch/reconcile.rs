@@ -236,8 +236,9 @@ impl Dispatcher {
                         let r = tokio::task::spawn_blocking(move || {
                             crate::connectors::csv::write_snapshot(&store, &t, &s)
                         })
-                        .await
-                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                        .await;
+                        let r = crate::ops::panics::joined(r)
+                            .map_err(|e| StoreError::Backend(e.to_string()))?;
                         match r {
                             Ok(rep) => {
                                 report.checked = rep.users;
@@ -280,10 +281,11 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
-        let items =
+        let items = crate::ops::panics::joined(
             tokio::task::spawn_blocking(move || diff(&store, &t, &o, &s, &mut r).map(|i| (i, r)))
-                .await
-                .map_err(|e| StoreError::Backend(e.to_string()))??;
+                .await,
+        )
+        .map_err(|e| StoreError::Backend(e.to_string()))??;
         let (items, r) = items;
         report.checked = r.checked;
         report.drifted = r.drifted;
@@ -441,13 +443,15 @@ async fn read_back(
                     scim_id.to_owned(),
                     settings.clone(),
                 );
-                tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                    store
-                        .get(&t, ResourceKind::User, &id)?
-                        .map(|d| stored_user_write(&store, &s, &t, &id, &d.doc, Utc::now()))
-                        .transpose()
-                })
-                .await
+                crate::ops::panics::joined(
+                    tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                        store
+                            .get(&t, ResourceKind::User, &id)?
+                            .map(|d| stored_user_write(&store, &s, &t, &id, &d.doc, Utc::now()))
+                            .transpose()
+                    })
+                    .await,
+                )
                 .map_err(|e| StoreError::Backend(e.to_string()))??
             };
             // Gone from the roster, or not expressible: nothing to compare.

@@ -21,10 +21,17 @@ pub fn message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+thread_local! {
+    /// Set while a panic on this thread is one its caller expects and turns into an error
+    /// of its own (sled's on damaged files): no bug to report.
+    static EXPECTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Run `f` to its end, or to its panic, whose message comes back as the error. For
 /// supervisors only: what `f` touched may be left half-done, so the caller must hold
-/// nothing that the panic could leave inconsistent (the store's writes are transactions,
-/// and a task's state lives there).
+/// nothing that the panic could leave inconsistent. The store holds up: a writer that
+/// panics mid-batch leaves the tree to be finished by its redo record at the next open,
+/// and the export's row file is no longer used (see `Tenant::writes`).
 pub async fn catch<F: Future>(f: F) -> Result<F::Output, String> {
     AssertUnwindSafe(f)
         .catch_unwind()
@@ -32,11 +39,39 @@ pub async fn catch<F: Future>(f: F) -> Result<F::Output, String> {
         .map_err(|p| message(p.as_ref()))
 }
 
+/// [`catch`] for synchronous work.
+pub fn catch_sync<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| message(p.as_ref()))
+}
+
+/// As [`catch_sync`], for a panic the caller expects and reports itself: the hook logs it
+/// at DEBUG only, not as a bug.
+pub fn catch_expected<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let was = EXPECTED.replace(true);
+    let r = catch_sync(f);
+    EXPECTED.set(was);
+    r
+}
+
+/// The outcome of a blocking task. Its panic goes on in the caller, whose supervisor
+/// answers it (500 for a request, a restart for a connector, `failed` for a job), instead
+/// of becoming an error that reads as a failure of the store.
+pub fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Result<T, tokio::task::JoinError> {
+    match r {
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        other => other,
+    }
+}
+
 /// Route every panic through `tracing`, with where it happened and a backtrace, instead of
 /// Rust's default stderr line. The event is emitted on the panicking thread, inside the
 /// span that was current there: a handler's panic carries its request id and tenant.
 pub fn install_hook() {
     std::panic::set_hook(Box::new(|info| {
+        if EXPECTED.get() {
+            tracing::debug!(panic = %message(info.payload()), "An expected panic, answered as an error.");
+            return;
+        }
         let location = info
             .location()
             .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
@@ -101,6 +136,21 @@ mod tests {
         assert_eq!(
             own_frames("   0: std::rt::lang_start"),
             "none of rosterd's own (symbols stripped?)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blocking_tasks_panic_goes_on_in_its_caller() {
+        let r = catch(async {
+            joined(tokio::task::spawn_blocking(|| -> u8 { panic!("in blocking work") }).await)
+        })
+        .await;
+        assert_eq!(r.unwrap_err(), "in blocking work");
+        let fine = joined(tokio::task::spawn_blocking(|| 3).await);
+        assert_eq!(fine.unwrap(), 3);
+        assert_eq!(
+            catch_expected(|| -> u8 { panic!("sled, on a damaged file") }),
+            Err("sled, on a damaged file".to_owned())
         );
     }
 

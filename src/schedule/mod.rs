@@ -104,6 +104,12 @@ async fn start_job(
 /// showing `running` until the next restart marks it interrupted. Its slot was freed as
 /// the panic unwound, so the job can be started again at once.
 async fn record_panicked(state: &AppState, tenant: &str, mut job: Job, panic: &str) {
+    if state.shutdown.is_cancelled() {
+        // As in `run_job`: a job the stop cut off is marked interrupted at the next
+        // start, whatever its last moments did.
+        tracing::error!(%panic, "The job panicked (a bug) as the daemon stopped; the next start marks it interrupted.");
+        return;
+    }
     tracing::error!(%panic, "The job panicked (a bug); it is recorded as failed.");
     job.status = JobStatus::Failed;
     job.error = Some(format!(
@@ -522,24 +528,7 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                     if !sleep_until(next, &shutdown).await {
                         return;
                     }
-                    // A bug in one run must not end the schedule for good.
-                    let outcomes = match crate::ops::panics::catch(run_scheduled(&state, name))
-                        .await
-                    {
-                        Ok(outcomes) => outcomes,
-                        Err(panic) => {
-                            tracing::error!(%panic, "Scheduled run panicked (a bug); the schedule runs again at its next time.");
-                            state
-                                .config
-                                .tenants
-                                .iter()
-                                .map(|t| {
-                                    let text = format!("{}: failed: the run stopped on a bug (it panicked: {panic})", t.id);
-                                    (t.id.clone(), Outcome::Done(Part::Text(text)))
-                                })
-                                .collect()
-                        }
-                    };
+                    let outcomes = run_scheduled(&state, name).await;
                     state.schedules.record(name, Utc::now(), outcomes);
                 }
             },
@@ -553,62 +542,75 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
     let mut outcomes = Vec::new();
     for t in &state.config.tenants {
         let tenant = t.id.as_str();
-        // Whether this tenant's part failed: such a run is a WARN, which the
-        // `journalctl -p warning` the README suggests shows.
-        let (part, failed) = match name {
-            "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
-                // The job logs its own end, with its outcome.
-                Ok(job) => {
-                    tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
-                    outcomes.push((tenant.to_owned(), Outcome::Done(Part::Job(job.job_id))));
-                    continue;
-                }
-                Err(JobError::AlreadyRunning(_)) => {
-                    let text = format!("{tenant}: skipped, a job is running");
-                    tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
-                    outcomes.push((tenant.to_owned(), Outcome::Skipped(text)));
-                    continue;
-                }
-                Err(e) => (format!("{tenant}: failed: {e}"), true),
-            },
-            "export" => match state.dispatch.export(tenant).await {
-                Ok(r) => {
-                    let failed = r.iter().filter(|r| r.failed > 0).count();
-                    (
-                        format!("{tenant}: {} CSV connector(s), {failed} failed", r.len()),
-                        failed > 0,
-                    )
-                }
-                Err(e) => (format!("{tenant}: failed: {e}"), true),
-            },
-            "compact" => {
-                let retention = chrono::Duration::hours(
-                    state.config.schedules.changelog_retention_hours as i64,
-                );
-                let durable = *state.store.watch_durable(tenant).borrow();
-                let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
-                match state
-                    .store
-                    .compact_changes(tenant, upto, Utc::now() - retention)
-                    .await
-                {
-                    Ok(n) => (
-                        format!("{tenant}: {n} change events removed (up to #{upto})"),
-                        false,
-                    ),
-                    Err(e) => (format!("{tenant}: failed: {e}"), true),
-                }
+        // A bug in one tenant's part must not take the others' results (a started job
+        // among them) with it.
+        match crate::ops::panics::catch(run_for_tenant(state, name, tenant)).await {
+            Ok(Some(outcome)) => outcomes.push((tenant.to_owned(), outcome)),
+            Ok(None) => {}
+            Err(panic) => {
+                let part =
+                    format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
+                tracing::error!(schedule = name, result = %part, "Scheduled run failed.");
+                outcomes.push((tenant.to_owned(), Outcome::Done(Part::Text(part))));
             }
-            _ => continue,
-        };
-        if failed {
-            tracing::warn!(schedule = name, result = %part, "Scheduled run failed.");
-        } else {
-            tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
         }
-        outcomes.push((tenant.to_owned(), Outcome::Done(Part::Text(part))));
     }
     outcomes
+}
+
+/// One tenant's part of a scheduled run; None for a schedule name that does nothing.
+async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Option<Outcome> {
+    // Whether this tenant's part failed: such a run is a WARN, which the
+    // `journalctl -p warning` the README suggests shows.
+    let (part, failed) = match name {
+        "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
+            // The job logs its own end, with its outcome.
+            Ok(job) => {
+                tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
+                return Some(Outcome::Done(Part::Job(job.job_id)));
+            }
+            Err(JobError::AlreadyRunning(_)) => {
+                let text = format!("{tenant}: skipped, a job is running");
+                tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
+                return Some(Outcome::Skipped(text));
+            }
+            Err(e) => (format!("{tenant}: failed: {e}"), true),
+        },
+        "export" => match state.dispatch.export(tenant).await {
+            Ok(r) => {
+                let failed = r.iter().filter(|r| r.failed > 0).count();
+                (
+                    format!("{tenant}: {} CSV connector(s), {failed} failed", r.len()),
+                    failed > 0,
+                )
+            }
+            Err(e) => (format!("{tenant}: failed: {e}"), true),
+        },
+        "compact" => {
+            let retention =
+                chrono::Duration::hours(state.config.schedules.changelog_retention_hours as i64);
+            let durable = *state.store.watch_durable(tenant).borrow();
+            let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
+            match state
+                .store
+                .compact_changes(tenant, upto, Utc::now() - retention)
+                .await
+            {
+                Ok(n) => (
+                    format!("{tenant}: {n} change events removed (up to #{upto})"),
+                    false,
+                ),
+                Err(e) => (format!("{tenant}: failed: {e}"), true),
+            }
+        }
+        _ => return None,
+    };
+    if failed {
+        tracing::warn!(schedule = name, result = %part, "Scheduled run failed.");
+    } else {
+        tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+    }
+    Some(Outcome::Done(Part::Text(part)))
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).

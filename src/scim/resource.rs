@@ -112,7 +112,7 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
             for (k, v) in inner {
                 put_attr(ext, &mut m, &k, v, &mut ignored, &format!("{}:", ext.id))?;
             }
-            merge_ext(&mut exts, ext, m);
+            merge_ext(&mut exts, ext, m)?;
             continue;
         }
         // A URN-qualified attribute name at the top level (`urn:…:User:department`).
@@ -186,19 +186,36 @@ fn put_ext_attr(
 ) -> ScimResult<()> {
     let mut m = Map::new();
     put_attr(ext, &mut m, key, value, ignored, &format!("{}:", ext.id))?;
-    merge_ext(exts, ext, m);
-    Ok(())
+    merge_ext(exts, ext, m)
 }
 
 fn merge_ext(
     exts: &mut Vec<(&'static SchemaDef, Map<String, Value>)>,
     ext: &'static SchemaDef,
     m: Map<String, Value>,
-) {
+) -> ScimResult<()> {
     match exts.iter_mut().find(|(e, _)| e.id == ext.id) {
-        Some((_, existing)) => existing.extend(m),
+        Some((_, existing)) => {
+            for (k, v) in m {
+                once(existing, &k, &format!("{}:{k}", ext.id))?;
+                existing.insert(k, v);
+            }
+        }
         None => exts.push((ext, m)),
     }
+    Ok(())
+}
+
+/// Refuse a second value for an attribute: SCIM names are case-insensitive and may come
+/// qualified or not, so `userName` and `USERNAME`, or `title` and `urn:…:User:title`,
+/// name one attribute, and keeping either value would silently drop the other.
+fn once(out: &Map<String, Value>, name: &str, path: &str) -> ScimResult<()> {
+    if out.contains_key(name) {
+        return Err(ScimError::invalid_syntax(format!(
+            "{path} is given twice (attribute names are case-insensitive, and may be qualified by their schema's URN); give it once"
+        )));
+    }
+    Ok(())
 }
 
 /// Place one attribute (possibly dotted: `name.givenName`) into `out` in stored form.
@@ -241,9 +258,22 @@ fn put_attr(
     }
     match sub {
         None => {
-            if let Some(v) = normalize_value(def, value, ignored, &format!("{prefix}{}", def.name))?
-            {
-                out.insert(def.name.to_owned(), v);
+            let path = format!("{prefix}{}", def.name);
+            let v = normalize_value(def, value, ignored, &path)?;
+            match (out.get_mut(def.name), v) {
+                // Its sub-attributes came first as dotted keys (`Name.givenName` sorts
+                // before `name`): merged, unless one is given both ways.
+                (Some(Value::Object(existing)), Some(Value::Object(whole))) => {
+                    for (k, v) in whole {
+                        once(existing, &k, &format!("{path}.{k}"))?;
+                        existing.insert(k, v);
+                    }
+                }
+                (Some(_), _) => once(out, def.name, &path)?,
+                (None, Some(v)) => {
+                    out.insert(def.name.to_owned(), v);
+                }
+                (None, None) => {}
             }
         }
         Some(s) => {
@@ -267,6 +297,7 @@ fn put_attr(
                 .entry(def.name.to_owned())
                 .or_insert_with(|| Value::Object(Map::new()));
             if let (Value::Object(o), Some(v)) = (slot, v) {
+                once(o, sub_def.name, &path)?;
                 o.insert(sub_def.name.to_owned(), v);
             }
         }
@@ -351,7 +382,9 @@ fn normalize_complex(
         };
         // Read-only sub-attributes the server computes (manager.displayName is kept:
         // clients send it and expect to read it back).
-        if let Some(v) = normalize_scalar(sub, v, &format!("{path}.{}", sub.name))? {
+        let sub_path = format!("{path}.{}", sub.name);
+        once(&out, sub.name, &sub_path)?;
+        if let Some(v) = normalize_scalar(sub, v, &sub_path)? {
             out.insert(sub.name.to_owned(), v);
         }
     }
@@ -711,6 +744,53 @@ mod tests {
             n.resource["roles"],
             json!([{"value": "admin", "primary": true}])
         );
+    }
+
+    #[test]
+    fn one_attribute_given_twice_is_refused_whatever_its_spelling() {
+        let dept = format!("{ENTERPRISE_USER_SCHEMA}:department");
+        for (body, path) in [
+            (json!({"userName": "a", "USERNAME": "b"}), "userName"),
+            (
+                json!({"userName": "a", format!("{USER_SCHEMA}:userName"): "b"}),
+                "userName",
+            ),
+            (
+                json!({"userName": "a", "name": {"givenName": "B"}, "Name.GivenName": "C"}),
+                "name.givenName",
+            ),
+            (
+                json!({"userName": "a", "name": {"givenName": "B", "GIVENNAME": "C"}}),
+                "name.givenName",
+            ),
+            (
+                json!({"userName": "a", ENTERPRISE_USER_SCHEMA: {"department": "R&D"}, dept.clone(): "Sales"}),
+                "department",
+            ),
+            (
+                json!({"userName": "a", "department": "R&D", dept.clone(): "Sales"}),
+                "department",
+            ),
+        ] {
+            let e = normalize_input(ResourceKind::User, body.clone()).unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::InvalidSyntax), "{body}");
+            assert!(
+                e.detail.contains(path) && e.detail.contains("is given twice"),
+                "{body}: {}",
+                e.detail
+            );
+        }
+        // Pieces of one complex attribute that do not overlap are merged, in either
+        // order of their keys.
+        for body in [
+            json!({"userName": "a", "name": {"familyName": "J"}, "name.givenName": "B"}),
+            json!({"userName": "a", "name": {"familyName": "J"}, "Name.givenName": "B"}),
+        ] {
+            assert_eq!(
+                norm(body).resource["name"],
+                json!({"familyName": "J", "givenName": "B"})
+            );
+        }
     }
 
     #[test]

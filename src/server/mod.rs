@@ -795,6 +795,15 @@ mod tests {
                 "/api/v1/roster/users",
                 get(|| async { buggy("a bug in a Roster API handler") }),
             )
+            .route(
+                "/api/v1/roster/groups",
+                get(|| async {
+                    crate::ops::panics::joined(
+                        tokio::task::spawn_blocking(|| buggy("a bug in blocking work")).await,
+                    )
+                    .unwrap_or("a join error")
+                }),
+            )
             .route("/healthy", get(|| async { "still serving" }));
         let app = answered(routes, 1024, 5);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -820,10 +829,12 @@ mod tests {
         assert_eq!(body["status"], "500");
         assert_eq!(body["detail"], crate::store::INTERNAL_ERROR_MESSAGE);
 
-        let (status, kind, body) = get("/api/v1/roster/users").await;
-        assert_eq!((status, kind.as_str()), (500, "application/json"));
-        assert_eq!(body["error"], "internal");
-        assert_eq!(body["message"], crate::store::INTERNAL_ERROR_MESSAGE);
+        for path in ["/api/v1/roster/users", "/api/v1/roster/groups"] {
+            let (status, kind, body) = get(path).await;
+            assert_eq!((status, kind.as_str()), (500, "application/json"), "{path}");
+            assert_eq!(body["error"], "internal");
+            assert_eq!(body["message"], crate::store::INTERNAL_ERROR_MESSAGE);
+        }
 
         let after = client.get(format!("{base}/healthy")).send().await.unwrap();
         assert_eq!(after.text().await.unwrap(), "still serving");

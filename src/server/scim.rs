@@ -1131,11 +1131,14 @@ async fn run_list(
         )));
     }
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
+    let listed = tokio::task::spawn_blocking(move || {
         span.in_scope(|| list_blocking(&state, &tenant, &kinds, &query))
     })
-    .await
-    .map_err(|e| ScimError::new(500, None, format!("list task failed: {e}")))?
+    .await;
+    crate::ops::panics::joined(listed).map_err(|e| {
+        tracing::error!(error = %e, "A SCIM list task ended without an answer.");
+        ScimError::new(500, None, crate::store::INTERNAL_ERROR_MESSAGE)
+    })?
 }
 
 /// What the schemas of `kinds` define at the path (core, common or extension), one per

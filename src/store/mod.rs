@@ -1073,12 +1073,7 @@ fn engine_panic_as_error(
     dir: &Path,
     open: impl FnOnce() -> StoreResult<Store>,
 ) -> StoreResult<Store> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
+    crate::ops::panics::catch_expected(open).unwrap_or_else(|what| {
         Err(open_error(
             dir,
             &format!("the storage engine failed reading its files (corrupted: {what})"),
@@ -1474,13 +1469,14 @@ impl Store {
     /// job or refused.
     pub async fn claim_job(&self, tenant: &str) -> StoreResult<bool> {
         let t = self.tenant(tenant)?;
-        tokio::task::spawn_blocking(move || {
+        let claimed = tokio::task::spawn_blocking(move || {
             let _lock = t.writes();
             !t.job_running
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
         })
-        .await
-        .map_err(|e| StoreError::Backend(format!("claim task failed: {e}")))
+        .await;
+        crate::ops::panics::joined(claimed)
+            .map_err(|e| StoreError::Backend(format!("claim task failed: {e}")))
     }
 
     /// The job that held the tenant has ended (its writes are all done).
@@ -1583,10 +1579,11 @@ impl Store {
         let owned = tenant.to_owned();
         // What the write logs (and a panic in it) belongs to the request or job that made it.
         let span = tracing::Span::current();
-        let (out, ticket) =
+        let written =
             tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
-                .await
-                .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
+                .await;
+        let (out, ticket) = crate::ops::panics::joined(written)
+            .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit

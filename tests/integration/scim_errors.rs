@@ -33,6 +33,15 @@ async fn malformed_input_gets_scim_errors() {
         detail.contains("the key \"userName\" is given twice"),
         "{detail}"
     );
+    // Nor of two spellings of one attribute (names are case-insensitive).
+    let spelled_twice = d
+        .post(
+            "/Users",
+            json!({"userName": "first@x", "USERNAME": "second@x"}),
+        )
+        .await;
+    assert_eq!(spelled_twice.status, 400, "{}", spelled_twice.body);
+    assert_eq!(spelled_twice.body["scimType"], "invalidSyntax");
     let gzipped = d
         .raw(
             Method::POST,
