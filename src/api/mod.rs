@@ -111,7 +111,7 @@ impl From<crate::schedule::JobError> for ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub(crate) fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::TenantMismatch(_) => (StatusCode::FORBIDDEN, "tenant_mismatch"),

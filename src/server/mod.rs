@@ -499,7 +499,6 @@ async fn accept_failed(e: std::io::Error) {
 /// valid JSON", or, when the header lies, read it anyway. No identity provider compresses
 /// its requests; a script that does is told to stop, in the protocol's error format.
 async fn refuse_encoded_bodies(req: Request, next: Next) -> Response {
-    use axum::response::IntoResponse;
     let encodings: Vec<String> = req
         .headers()
         .get_all(axum::http::header::CONTENT_ENCODING)
@@ -520,16 +519,30 @@ async fn refuse_encoded_bodies(req: Request, next: Next) -> Response {
     if encodings.is_empty() || !has_body {
         return next.run(req).await;
     }
-    let error = crate::api::ApiError::UnsupportedEncoding(encodings.join(", "));
-    let mut resp = if req.uri().path().starts_with("/scim/") {
-        ScimFailure(crate::scim::ScimError::new(415, None, error.to_string())).into_response()
+    refused(
+        req.uri().path().starts_with("/scim/"),
+        crate::api::ApiError::UnsupportedEncoding(encodings.join(", ")),
+        (axum::http::header::ACCEPT_ENCODING, "identity"),
+    )
+}
+
+/// A refusal made before any handler runs, in the protocol's format: the SCIM error with
+/// the API error's status and message under `/scim/`, else the API error itself; with one
+/// header the refusal calls for.
+fn refused(
+    scim: bool,
+    error: crate::api::ApiError,
+    (name, value): (axum::http::HeaderName, &'static str),
+) -> Response {
+    use axum::response::IntoResponse;
+    let mut resp = if scim {
+        let status = error.status_and_code().0.as_u16();
+        ScimFailure(crate::scim::ScimError::new(status, None, error.to_string())).into_response()
     } else {
         error.into_response()
     };
-    resp.headers_mut().insert(
-        axum::http::header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
+    resp.headers_mut()
+        .insert(name, HeaderValue::from_static(value));
     resp
 }
 
@@ -564,18 +577,11 @@ async fn body_deadline(
         seconds = secs,
         "A client stalled while sending its request body; answered 408."
     );
-    use axum::response::IntoResponse;
-    let timeout = crate::api::ApiError::RequestTimeout(secs);
-    let mut resp = if scim {
-        ScimFailure(crate::scim::ScimError::new(408, None, timeout.to_string())).into_response()
-    } else {
-        timeout.into_response()
-    };
-    resp.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        HeaderValue::from_static("close"),
-    );
-    resp
+    refused(
+        scim,
+        crate::api::ApiError::RequestTimeout(secs),
+        (axum::http::header::CONNECTION, "close"),
+    )
 }
 
 /// What an error answered before any handler (axum's rejection of a path or body that

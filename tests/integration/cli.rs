@@ -873,25 +873,23 @@ fn check_config_takes_a_relative_data_directory_not_made_yet() {
         "version = 1\n[server]\ndata_dir = \"data/store\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args(["check-config", "--config", "config.toml"])
-        .env("T", "x")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("config.toml: ok"));
+    let check = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["check-config", "--config", "config.toml"])
+            .env("T", "x")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = check();
+    assert!(ok, "{err}");
+    assert!(out.contains("config.toml: ok"), "{out}");
     // A file where the directory would go is still refused, naming it.
     std::fs::write(dir.path().join("data"), "").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args(["check-config", "--config", "config.toml"])
-        .env("T", "x")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, _, err) = check();
+    assert!(!ok);
     assert!(err.contains("data is a file, not a directory"), "{err}");
 }
 
