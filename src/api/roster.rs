@@ -73,8 +73,9 @@ pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let span = tracing::Span::current();
-    crate::ops::panics::joined(tokio::task::spawn_blocking(move || span.in_scope(f)).await)
-        .map_err(|e| ApiError::Internal(crate::store::StoreError::Backend(e.to_string())))?
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| ApiError::Internal(crate::store::StoreError::from_join(e)))?
 }
 
 pub(super) fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {

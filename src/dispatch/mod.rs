@@ -950,8 +950,9 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let span = tracing::Span::current();
-    crate::ops::panics::joined(tokio::task::spawn_blocking(move || span.in_scope(f)).await)
-        .map_err(|e| StoreError::Backend(format!("task failed: {e}")))?
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(StoreError::from_join)?
 }
 
 /// The first wait before a connector's task runs again after a panic; it doubles with
@@ -975,7 +976,13 @@ where
     let mut panics: u32 = 0;
     loop {
         let started = tokio::time::Instant::now();
-        match crate::ops::panics::catch(run()).await {
+        // A panic in the task, or in blocking work it waited for (which comes back as
+        // an error of its own), is the same bug.
+        let ran = match crate::ops::panics::catch(run()).await {
+            Ok(Err(StoreError::Panicked(panic))) => Err(panic),
+            other => other,
+        };
+        match ran {
             Ok(Ok(())) => return live.set_state("stopped"),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "Connector stopped on a store error.");
@@ -1334,8 +1341,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 crate::connectors::csv::write_snapshot(&store, &t, &s)
             })
             .await;
-            let written = crate::ops::panics::joined(written)
-                .map_err(|e| e.to_string())
+            let written = written
+                .map_err(|e| StoreError::from_join(e).to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             match written {
                 Ok(report) => {
@@ -2259,7 +2266,9 @@ mod tests {
                 .push((start.elapsed().as_secs(), live.health().state.clone()));
             async move {
                 match n {
-                    0 | 1 => panic!("bad change #{n}"),
+                    0 => panic!("bad change #{n}"),
+                    // In blocking work, which comes back as an error.
+                    1 => Err(StoreError::Panicked(format!("bad change #{n}"))),
                     // Delivers for longer than the longest wait, then panics.
                     2 => {
                         tokio::time::sleep(RESTART_DELAY_MAX).await;

@@ -115,16 +115,37 @@ fn diff(
         report.push(DriftItem::from_write(w, reason.into()), &mut all);
         Ok(())
     };
+    // A bug on one object's content must not fail every reconciliation (nor, through
+    // the resync at a connector's start, keep the connector from ever delivering): the
+    // object is counted as one that cannot be mapped.
+    let bug = |object: &str, panic: String| {
+        tracing::error!(%object, %panic, "Cannot map this object for OneRoster (a bug); counted as unmappable.");
+    };
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
-        match stored_user_write(store, s, tenant, &r.id, &r.doc, now)? {
-            Ok(w) => check(report, w)?,
-            Err(_) => report.unmappable += 1,
+        match crate::ops::panics::catch_sync(|| {
+            stored_user_write(store, s, tenant, &r.id, &r.doc, now)
+        }) {
+            Ok(mapped) => match mapped? {
+                Ok(w) => check(report, w)?,
+                Err(_) => report.unmappable += 1,
+            },
+            Err(panic) => {
+                bug(&format!("User/{}", r.id), panic);
+                report.unmappable += 1;
+            }
         }
     }
     for g in store.scan(tenant, ResourceKind::Group)? {
         let g = g?;
-        check(report, class_put(s, tenant, &g.id, &g.doc, now))?;
+        match crate::ops::panics::catch_sync(|| class_put(s, tenant, &g.id, &g.doc, now)) {
+            Ok(w) => check(report, w)?,
+            Err(panic) => {
+                bug(&format!("Group/{}", g.id), panic);
+                report.unmappable += 1;
+                continue;
+            }
+        }
         for m in store.members(tenant, &g.id)? {
             let m = m?;
             if m.kind == "User" {
@@ -237,8 +258,7 @@ impl Dispatcher {
                             crate::connectors::csv::write_snapshot(&store, &t, &s)
                         })
                         .await;
-                        let r = crate::ops::panics::joined(r)
-                            .map_err(|e| StoreError::Backend(e.to_string()))?;
+                        let r = r.map_err(StoreError::from_join)?;
                         match r {
                             Ok(rep) => {
                                 report.checked = rep.users;
@@ -281,11 +301,10 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
-        let items = crate::ops::panics::joined(
+        let items =
             tokio::task::spawn_blocking(move || diff(&store, &t, &o, &s, &mut r).map(|i| (i, r)))
-                .await,
-        )
-        .map_err(|e| StoreError::Backend(e.to_string()))??;
+                .await
+                .map_err(StoreError::from_join)??;
         let (items, r) = items;
         report.checked = r.checked;
         report.drifted = r.drifted;
@@ -443,16 +462,14 @@ async fn read_back(
                     scim_id.to_owned(),
                     settings.clone(),
                 );
-                crate::ops::panics::joined(
-                    tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                        store
-                            .get(&t, ResourceKind::User, &id)?
-                            .map(|d| stored_user_write(&store, &s, &t, &id, &d.doc, Utc::now()))
-                            .transpose()
-                    })
-                    .await,
-                )
-                .map_err(|e| StoreError::Backend(e.to_string()))??
+                tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                    store
+                        .get(&t, ResourceKind::User, &id)?
+                        .map(|d| stored_user_write(&store, &s, &t, &id, &d.doc, Utc::now()))
+                        .transpose()
+                })
+                .await
+                .map_err(StoreError::from_join)??
             };
             // Gone from the roster, or not expressible: nothing to compare.
             let Some(Ok(w)) = write else { continue };

@@ -195,13 +195,34 @@ fn merge_ext(
     m: Map<String, Value>,
 ) -> ScimResult<()> {
     match exts.iter_mut().find(|(e, _)| e.id == ext.id) {
-        Some((_, existing)) => {
-            for (k, v) in m {
-                once(existing, &k, &format!("{}:{k}", ext.id))?;
+        Some((_, existing)) => merge_into(existing, m, &format!("{}:", ext.id))?,
+        None => exts.push((ext, m)),
+    }
+    Ok(())
+}
+
+/// Put `new`'s attributes into `existing`; a complex attribute present in both takes the
+/// sub-attributes of each (`manager.value` and `manager.displayName` given apart), unless
+/// one is given twice.
+fn merge_into(
+    existing: &mut Map<String, Value>,
+    new: Map<String, Value>,
+    prefix: &str,
+) -> ScimResult<()> {
+    for (k, v) in new {
+        let path = format!("{prefix}{k}");
+        match (existing.get_mut(&k), v) {
+            (Some(Value::Object(have)), Value::Object(more)) => {
+                for (sub, v) in more {
+                    once(have, &sub, &format!("{path}.{sub}"))?;
+                    have.insert(sub, v);
+                }
+            }
+            (_, v) => {
+                once(existing, &k, &path)?;
                 existing.insert(k, v);
             }
         }
-        None => exts.push((ext, m)),
     }
     Ok(())
 }
@@ -242,6 +263,7 @@ fn put_attr(
                 Value::Null => {}
                 Value::String(s) => {
                     check_text(&s, "externalId")?;
+                    once(out, "externalId", "externalId")?;
                     out.insert("externalId".into(), Value::String(s));
                 }
                 _ => return Err(ScimError::invalid_value("externalId must be a string")),
@@ -260,20 +282,11 @@ fn put_attr(
         None => {
             let path = format!("{prefix}{}", def.name);
             let v = normalize_value(def, value, ignored, &path)?;
-            match (out.get_mut(def.name), v) {
-                // Its sub-attributes came first as dotted keys (`Name.givenName` sorts
-                // before `name`): merged, unless one is given both ways.
-                (Some(Value::Object(existing)), Some(Value::Object(whole))) => {
-                    for (k, v) in whole {
-                        once(existing, &k, &format!("{path}.{k}"))?;
-                        existing.insert(k, v);
-                    }
-                }
-                (Some(_), _) => once(out, def.name, &path)?,
-                (None, Some(v)) => {
-                    out.insert(def.name.to_owned(), v);
-                }
-                (None, None) => {}
+            // A null next to a value unassigns nothing, whichever key sorts first.
+            // Sub-attributes that came first as dotted keys (`Name.givenName` sorts before
+            // `name`) are merged, unless one is given both ways.
+            if let Some(v) = v {
+                merge_into(out, Map::from_iter([(def.name.to_owned(), v)]), prefix)?;
             }
         }
         Some(s) => {
@@ -383,8 +396,8 @@ fn normalize_complex(
         // Read-only sub-attributes the server computes (manager.displayName is kept:
         // clients send it and expect to read it back).
         let sub_path = format!("{path}.{}", sub.name);
-        once(&out, sub.name, &sub_path)?;
         if let Some(v) = normalize_scalar(sub, v, &sub_path)? {
+            once(&out, sub.name, &sub_path)?;
             out.insert(sub.name.to_owned(), v);
         }
     }
@@ -771,6 +784,14 @@ mod tests {
                 json!({"userName": "a", "department": "R&D", dept.clone(): "Sales"}),
                 "department",
             ),
+            (
+                json!({"userName": "a", "externalId": "1", "EXTERNALID": "2"}),
+                "externalId",
+            ),
+            (
+                json!({"userName": "a", "manager.value": "m1", "manager": "m2"}),
+                "manager.value",
+            ),
         ] {
             let e = normalize_input(ResourceKind::User, body.clone()).unwrap_err();
             assert_eq!(e.scim_type, Some(ScimType::InvalidSyntax), "{body}");
@@ -781,7 +802,7 @@ mod tests {
             );
         }
         // Pieces of one complex attribute that do not overlap are merged, in either
-        // order of their keys.
+        // order of their keys, in the core schema and in an extension alike.
         for body in [
             json!({"userName": "a", "name": {"familyName": "J"}, "name.givenName": "B"}),
             json!({"userName": "a", "name": {"familyName": "J"}, "Name.givenName": "B"}),
@@ -790,6 +811,26 @@ mod tests {
                 norm(body).resource["name"],
                 json!({"familyName": "J", "givenName": "B"})
             );
+        }
+        for body in [
+            json!({"userName": "a", "manager.value": "m1", "manager.displayName": "Boss"}),
+            json!({"userName": "a", "manager": "m1", "manager.displayName": "Boss"}),
+            json!({"userName": "a", ENTERPRISE_USER_SCHEMA: {"manager": {"value": "m1"}},
+                   format!("{ENTERPRISE_USER_SCHEMA}:manager.displayName"): "Boss"}),
+        ] {
+            assert_eq!(
+                norm(body.clone()).resource[ENTERPRISE_USER_SCHEMA]["manager"],
+                json!({"value": "m1", "displayName": "Boss"}),
+                "{body}"
+            );
+        }
+        // A null beside a value unassigns nothing, whichever key sorts first.
+        for body in [
+            json!({"userName": "a", "Title": "Eng", "title": null}),
+            json!({"userName": "a", "Title": null, "title": "Eng"}),
+            json!({"userName": "a", "title": "Eng", format!("{USER_SCHEMA}:title"): null}),
+        ] {
+            assert_eq!(norm(body.clone()).resource["title"], "Eng", "{body}");
         }
     }
 

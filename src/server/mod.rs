@@ -803,11 +803,13 @@ mod tests {
             )
             .route(
                 "/api/v1/roster/groups",
+                // As the Roster API's reads run: the panic comes back as an error.
                 get(|| async {
-                    crate::ops::panics::joined(
-                        tokio::task::spawn_blocking(|| buggy("a bug in blocking work")).await,
-                    )
-                    .unwrap_or("a join error")
+                    tokio::task::spawn_blocking(|| buggy("a bug in blocking work"))
+                        .await
+                        .map_err(|e| {
+                            crate::api::ApiError::Internal(crate::store::StoreError::from_join(e))
+                        })
                 }),
             )
             .route("/healthy", get(|| async { "still serving" }));

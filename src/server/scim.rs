@@ -1135,10 +1135,7 @@ async fn run_list(
         span.in_scope(|| list_blocking(&state, &tenant, &kinds, &query))
     })
     .await;
-    crate::ops::panics::joined(listed).map_err(|e| {
-        tracing::error!(error = %e, "A SCIM list task ended without an answer.");
-        ScimError::new(500, None, crate::store::INTERNAL_ERROR_MESSAGE)
-    })?
+    listed.map_err(|e| store_to_scim(crate::store::StoreError::from_join(e)))?
 }
 
 /// What the schemas of `kinds` define at the path (core, common or extension), one per

@@ -61,6 +61,11 @@ pub enum StoreError {
     Rejected(#[from] ScimError),
     #[error("storage engine: {0}")]
     Backend(String),
+    /// Work done for the store on a blocking thread panicked: a bug in rosterd, logged
+    /// where it happened. Its own variant, so a connector restarts on it (see
+    /// `dispatch::supervised`) where a storage failure would stop it.
+    #[error("a bug: the work panicked: {0}")]
+    Panicked(String),
     /// The storage engine could not read or write its files (a full disk, a read-only
     /// or failing file system). sled keeps such an error for good.
     #[error("storage engine: I/O error: {0}")]
@@ -86,6 +91,17 @@ pub enum StoreError {
     /// An override the tenant's state refused at the moment it would have been written.
     #[error(transparent)]
     OverrideRefused(#[from] roster::OverrideRefusal),
+}
+
+impl StoreError {
+    /// A blocking task that did not finish: it panicked, or the runtime is shutting down.
+    pub fn from_join(e: tokio::task::JoinError) -> StoreError {
+        if e.is_panic() {
+            StoreError::Panicked(crate::ops::panics::message(e.into_panic().as_ref()))
+        } else {
+            StoreError::Backend(format!("a blocking task was cancelled: {e}"))
+        }
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -1475,8 +1491,7 @@ impl Store {
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
         })
         .await;
-        crate::ops::panics::joined(claimed)
-            .map_err(|e| StoreError::Backend(format!("claim task failed: {e}")))
+        claimed.map_err(StoreError::from_join)
     }
 
     /// The job that held the tenant has ended (its writes are all done).
@@ -1582,8 +1597,7 @@ impl Store {
         let written =
             tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
                 .await;
-        let (out, ticket) = crate::ops::panics::joined(written)
-            .map_err(|e| StoreError::Backend(format!("write task failed: {e}")))??;
+        let (out, ticket) = written.map_err(StoreError::from_join)??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit
