@@ -831,11 +831,19 @@ fn create_matching(
             "{attr}[{filter}] matches nothing, and the filter does not describe an element to create"
         )));
     };
+    // What the value says replaces what the filter described under another spelling
+    // (`emails[Type eq "work"]` with `{"type": "work", …}`): one attribute, one key.
+    let put = |element: &mut Map<String, Value>, k: &str, v: &Value| {
+        element.retain(|have, _| !have.eq_ignore_ascii_case(k));
+        element.insert(k.to_owned(), v.clone());
+    };
     match (sub, value) {
-        (Some(s), Some(v)) => {
-            element.insert(s.to_owned(), v.clone());
+        (Some(s), Some(v)) => put(&mut element, s, v),
+        (None, Some(Value::Object(o))) => {
+            for (k, v) in o {
+                put(&mut element, k, v);
+            }
         }
-        (None, Some(Value::Object(o))) => element.extend(o.clone()),
         _ => {
             return Err(ScimError::invalid_value(format!(
                 "{attr}[…]: the value for a selected element is an object"
@@ -991,6 +999,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.scim_type, Some(ScimType::NoTarget));
+
+        // The filter's attribute under another spelling than the value's is one key, so
+        // the document still normalizes (two keys would be one attribute given twice).
+        let mut d = json!({"userName": "x"});
+        patch(
+            &mut d,
+            json!([{"op": "add", "path": "emails[Type eq \"work\"]",
+                    "value": {"type": "work", "value": "x@w"}}]),
+        )
+        .unwrap();
+        assert_eq!(d["emails"], json!([{"type": "work", "value": "x@w"}]));
+        let n = crate::scim::resource::normalize_input(ResourceKind::User, d).unwrap();
+        assert_eq!(
+            n.resource["emails"],
+            json!([{"type": "work", "value": "x@w"}])
+        );
     }
 
     #[test]
