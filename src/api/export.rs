@@ -214,11 +214,7 @@ pub(super) async fn export_users(
             send(&mut buf.0.borrow_mut());
             Ok(())
         })
-        .unwrap_or_else(|panic| {
-            Err(ApiError::Internal(StoreError::Backend(format!(
-                "a bug: it panicked: {panic}"
-            ))))
-        });
+        .unwrap_or_else(|panic| Err(ApiError::Internal(StoreError::Panicked(panic))));
         if let Err(e) = result {
             tracing::error!(error = %e, "CSV export failed part-way; the client sees a truncated body.");
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));

@@ -848,17 +848,14 @@ impl Ctx {
         // A bug on one change's content must not stall the connector on it: its task
         // would restart at that change again and again. It is set aside like a change
         // the target cannot take, to be replayed once rosterd is fixed.
-        let planned = crate::ops::panics::catch_sync(|| self.plan(ev, reports));
+        let planned = crate::ops::panics::catch_sync(|| self.plan(ev, reports)).unwrap_or_else(|panic| {
+            Err(format!(
+                "rosterd could not turn this change into requests: a bug (it panicked: {panic}); replay it once rosterd is fixed"
+            ))
+        });
         let plan = match planned {
-            Ok(Ok(p)) => p,
-            Ok(Err(reason)) => {
-                self.dead_letter(ev, reason, None, None).await?;
-                return Ok(Delivered::DeadLettered);
-            }
-            Err(panic) => {
-                let reason = format!(
-                    "rosterd could not turn this change into requests: a bug (it panicked: {panic}); replay it once rosterd is fixed"
-                );
+            Ok(p) => p,
+            Err(reason) => {
                 self.dead_letter(ev, reason, None, None).await?;
                 return Ok(Delivered::DeadLettered);
             }

@@ -115,6 +115,12 @@ async fn record_panicked(state: &AppState, tenant: &str, mut job: Job, panic: &s
     job.error = Some(format!(
         "the job stopped on a bug in rosterd (it panicked: {panic}); the log has the details; starting the job again is safe"
     ));
+    record_end(state, tenant, job).await;
+}
+
+/// A job's end, however it came: when, the jobs metric, and the record that
+/// `scim/jobs/{id}` and `/status` read.
+async fn record_end(state: &AppState, tenant: &str, mut job: Job) {
     job.finished_at = Some(Utc::now());
     count_finished_job(tenant, &job);
     if let Err(e) = state.store.put_job(tenant, job).await {
@@ -312,15 +318,11 @@ async fn run_job(
         );
         return false;
     }
-    job.finished_at = Some(Utc::now());
-    count_finished_job(tenant, &job);
     let rerun = job.status != JobStatus::Failed
         && policy.is_some_and(|p| policy_changed(state, tenant, &p));
     // Free the slot before the outcome is visible: whoever sees "succeeded" may override.
     drop(slot);
-    if let Err(e) = state.store.put_job(tenant, job).await {
-        tracing::error!(error = %e, "Cannot record the job's outcome.");
-    }
+    record_end(state, tenant, job).await;
     rerun
 }
 
