@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
 use rosterd::config::{Config, LogConfig, LogFormat};
+use rosterd::ops::journal;
+use std::io::Write as _;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 // glibc malloc showed up as the top symbol under write load (sled copies nodes on every
 // write); mimalloc's thread-local heaps cut that cost.
@@ -203,7 +206,13 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             if e.downcast_ref::<Logged>().is_none() {
-                eprintln!("Error: {}", causes(&e));
+                let line = format!("Error: {}", causes(&e));
+                if journal::is_journal(&std::io::stderr()) {
+                    let _ =
+                        std::io::stderr().write_all(&journal::entry(journal::ERR, line.as_bytes()));
+                } else {
+                    eprintln!("{line}");
+                }
             }
             std::process::ExitCode::FAILURE
         }
@@ -1370,8 +1379,14 @@ fn init_logging(log: &LogConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // Colour only for a person at a terminal: under systemd stdout is the journal, and
     // escape codes there make `journalctl` show lines as blobs.
+    let writer = if journal::is_journal(&std::io::stdout()) {
+        BoxMakeWriter::new(journal::JournalStdout)
+    } else {
+        BoxMakeWriter::new(std::io::stdout)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -440,6 +440,78 @@ async fn sighup_reloads_connectors_without_dropping_requests() {
     assert_eq!(target.count(Kind::User), 200);
 }
 
+/// Under systemd the journal files an unmarked line at info: without `<N>` prefixes
+/// `journalctl -p warning` shows none of rosterd's warnings, and each line of a message
+/// that spans lines becomes an entry of its own, apart from its priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_journal_each_event_is_one_line_at_its_priority() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let log = root.join("daemon.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    // systemd names the journal's stream by device and inode; here it is the log file.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let env = [("JOURNAL_STREAM", stream.as_str()), ("RUST_LOG", "info")];
+    let mut d = ChildDaemon::start(&root, &env).await;
+    // A bundle that no longer parses: toml's error is a diagram over several lines,
+    // with the reason on the last.
+    std::fs::write(root.join("bundle.toml"), "bogus_key = 1\n").unwrap();
+    d.signal("HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while d.status().await["tenants"][TENANT]["bundle"]["reload_error"].is_null() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A second daemon fails to start (on that bundle, or on the data the first one
+    // holds); its fatal error goes to stderr.
+    let second = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["serve", "--config"])
+        .arg(root.join("config.toml"))
+        .args(["--listen", "127.0.0.1:0"])
+        .envs(env)
+        .env("ROSTERD_TEST_TOKEN", SCIM_TOKEN)
+        .env("TEST_JWT_SECRET", JWT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ))
+        .status()
+        .unwrap();
+    assert!(!second.success());
+    d.signal("TERM");
+    assert!(d.child.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let unmarked: Vec<&str> = text
+        .lines()
+        .filter(|l| !(l.starts_with('<') && l[1..].starts_with(|c: char| c.is_ascii_digit())))
+        .collect();
+    assert!(
+        unmarked.is_empty(),
+        "lines without a priority: {unmarked:?}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("<6>")), "{text}");
+    let refused = text
+        .lines()
+        .find(|l| l.contains("Bundle not reloaded"))
+        .unwrap_or_else(|| panic!("no reload error in {text}"));
+    assert!(refused.starts_with("<3>"), "{refused}");
+    assert!(
+        refused.contains("bogus_key"),
+        "the reason is not on the line: {refused}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<3>Error: ") && l.contains("bogus_key")),
+        "{text}"
+    );
+}
+
 fn cli(root: &Path, d: &ChildDaemon, args: &[&str]) -> (bool, String) {
     // The daemon flags belong to the first word (`status`, `dead-letters`, …).
     let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))

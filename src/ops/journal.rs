@@ -1,0 +1,156 @@
+//! Log lines that the systemd journal files at their level.
+//!
+//! Under systemd, stdout and stderr are streams into journald, which files an unmarked
+//! line at the unit's `SyslogLevel=` (info), so `journalctl -p warning` would show none
+//! of rosterd's warnings or errors. A line that starts with a `<N>` syslog priority is
+//! filed at that priority instead (`sd-daemon(3)`). journald also makes every line an
+//! entry of its own: the lines after the first of a message that spans several (a TOML
+//! error's diagram, whose last line holds the reason) would be filed at info, apart from
+//! their first line. So, on the journal only, an event is one line and its newlines are
+//! written as `\n`, as the JSON format writes them anyway.
+//!
+//! systemd says a stream is the journal's by setting `JOURNAL_STREAM` to its
+//! `device:inode`; a stream redirected elsewhere (a pipe to `tee`, a file) keeps plain
+//! lines even when the variable is inherited.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Syslog priorities (`syslog(3)`) as `sd-daemon(3)` prefixes them.
+pub const ERR: u8 = 3;
+const WARNING: u8 = 4;
+const INFO: u8 = 6;
+const DEBUG: u8 = 7;
+
+/// Whether `stream` is connected to the journal, by systemd's `JOURNAL_STREAM`.
+pub fn is_journal(stream: &impl AsFd) -> bool {
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = var.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let Ok(fd) = stream.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => ERR,
+        Level::WARN => WARNING,
+        Level::INFO => INFO,
+        _ => DEBUG,
+    }
+}
+
+/// `text` as one journal entry of `priority`: the prefix, the text with its line breaks
+/// escaped, one newline.
+pub fn entry(priority: u8, text: &[u8]) -> Vec<u8> {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut out = Vec::with_capacity(text.len() + 8);
+    out.extend_from_slice(format!("<{priority}>").as_bytes());
+    for &b in text {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
+/// A `tracing_subscriber` writer to stdout that prefixes each event with its level's
+/// priority and keeps it on one line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JournalStdout;
+
+impl<'a> MakeWriter<'a> for JournalStdout {
+    type Writer = Entry;
+
+    fn make_writer(&'a self) -> Entry {
+        Entry::new(INFO)
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Entry {
+        Entry::new(priority(meta.level()))
+    }
+}
+
+/// One event, gathered whole and written as one entry when dropped: the formatter may
+/// write an event in several pieces, and a prefix and escaping need all of it.
+#[derive(Debug)]
+pub struct Entry {
+    priority: u8,
+    text: Vec<u8>,
+}
+
+impl Entry {
+    fn new(priority: u8) -> Self {
+        Entry {
+            priority,
+            text: Vec::new(),
+        }
+    }
+}
+
+impl Write for Entry {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if self.text.is_empty() {
+            return;
+        }
+        // A log line that cannot be written has nowhere else to go.
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(&entry(self.priority, &self.text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_one_prefixed_line() {
+        assert_eq!(
+            entry(4, b"Bundle not reloaded.\n"),
+            b"<4>Bundle not reloaded.\n"
+        );
+        assert_eq!(
+            entry(3, b"TOML parse error at line 3\n  |\nunknown field `x`\n"),
+            b"<3>TOML parse error at line 3\\n  |\\nunknown field `x`\n"
+        );
+        assert_eq!(entry(6, b"no newline"), b"<6>no newline\n");
+    }
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!(priority(&Level::ERROR), 3);
+        assert_eq!(priority(&Level::WARN), 4);
+        assert_eq!(priority(&Level::INFO), 6);
+        assert_eq!(priority(&Level::DEBUG), 7);
+        assert_eq!(priority(&Level::TRACE), 7);
+    }
+}
