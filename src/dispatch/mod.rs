@@ -203,8 +203,9 @@ struct Live {
     epoch: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
-    /// Wakes request loops waiting out a pause when it is lifted early.
-    resumed: tokio::sync::Notify,
+    /// Wakes request loops waiting out a pause or a backoff when a pause begins or
+    /// ends, or the target acknowledges again after failures.
+    pause_changed: tokio::sync::Notify,
 }
 
 impl Live {
@@ -220,7 +221,7 @@ impl Live {
             epoch: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            resumed: tokio::sync::Notify::new(),
+            pause_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -242,6 +243,7 @@ impl Live {
             h.paused_until = None;
             h.pause_logged = false;
             drop(h);
+            self.pause_changed.notify_waiters();
             tracing::info!(
                 failures = rounds,
                 "The target acknowledges again; the connector recovered."
@@ -271,6 +273,7 @@ impl Live {
             h.paused_until = Some(until);
             h.pause_logged = true;
             drop(h);
+            self.pause_changed.notify_waiters();
             tracing::warn!(failures = n, until = %rfc3339(until), reason, "Target keeps failing; connector paused.");
         } else if streak.failures > before {
             drop(h);
@@ -292,6 +295,7 @@ impl Live {
         h.paused_until = Some(DateTime::<Utc>::MAX_UTC);
         h.pause_logged = true;
         drop(h);
+        self.pause_changed.notify_waiters();
         if !already {
             tracing::error!(
                 reason,
@@ -313,7 +317,7 @@ impl Live {
         if was_paused {
             tracing::info!(tenant = %self.tenant, connector = %self.name, "Connector resumed by {by}.");
         }
-        self.resumed.notify_waiters();
+        self.pause_changed.notify_waiters();
         was_paused
     }
 
@@ -338,12 +342,19 @@ impl Live {
 
     /// Wait while paused. False if cancelled meanwhile.
     async fn wait_unpaused(&self, cancel: &CancellationToken) -> bool {
-        while let Some(until) = self.paused_until() {
+        loop {
+            // Listening before looking, so a resume in between is not missed.
+            let changed = self.pause_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let Some(until) = self.paused_until() else {
+                break;
+            };
             let wait = (until - Utc::now()).to_std().unwrap_or_default();
             tokio::select! {
                 _ = cancel.cancelled() => return false,
                 _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
-                _ = self.resumed.notified() => {}
+                _ = changed => {}
             }
         }
         if cancel.is_cancelled() {
@@ -554,7 +565,17 @@ impl Ctx {
         let mut attempts = 0u32;
         let mut streak = Streak::default();
         let timeout = Duration::from_millis(self.config.timeout_ms);
+        // A request keeps its slot while it waits to retry, so `concurrency` bounds the
+        // requests retrying against a failing target, not only those on the wire: a
+        // batch of thousands would otherwise retry side by side, each on its own
+        // backoff, and the target would see no backoff at all. An operator's replay
+        // takes no slot: it is one request, now, and the slots may all be waiting.
+        let mut slot = None;
         loop {
+            if by != Sender::Operator && self.live.paused_until().is_some() {
+                // Nothing is sent while paused; the slot goes to no one meanwhile.
+                slot = None;
+            }
             if mirror && !self.live.wait_unpaused(&self.cancel).await {
                 return Sent::Cancelled;
             }
@@ -566,14 +587,25 @@ impl Ctx {
                     response: None,
                 };
             }
+            if by != Sender::Operator && slot.is_none() {
+                tokio::select! {
+                    s = self.slots.acquire() => match s {
+                        Ok(s) => slot = Some(s),
+                        Err(_) => return Sent::Cancelled,
+                    },
+                    _ = self.cancel.cancelled() => return Sent::Cancelled,
+                }
+                // A pause may have begun while this request queued for its slot: every
+                // request queued then would otherwise reach the target the pause spares.
+                if self.live.paused_until().is_some() {
+                    continue;
+                }
+            }
             attempts += 1;
             let mut used_auth = None;
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
-                    let Ok(_slot) = self.slots.acquire().await else {
-                        return Sent::Cancelled;
-                    };
                     tokio::select! {
                         o = http::send(&self.client, req, headers, timeout) => o,
                         _ = self.cancel.cancelled() => return Sent::Cancelled,
@@ -634,6 +666,11 @@ impl Ctx {
                     response,
                 } => (reason, retry_after, response),
             };
+            // Listening before the failure is recorded, so a pause or resume from here
+            // on cuts the wait short.
+            let changed = self.live.pause_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if counts {
                 counters::retried(self.tenant(), name);
                 self.live.failure(
@@ -646,6 +683,10 @@ impl Ctx {
             if max_attempts.is_some_and(|m| attempts >= m) {
                 return Sent::Refused { reason, response };
             }
+            if by != Sender::Operator && self.live.paused_until().is_some() {
+                // The pause is the wait: its end, or a resume, is the next attempt.
+                continue;
+            }
             let delay = backoff
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
@@ -653,6 +694,14 @@ impl Ctx {
             tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = &mut changed => {
+                    // Resumed, or another request got through: the target is worth
+                    // trying now, and from the start of the backoff. (A pause that
+                    // began is waited out at the top.)
+                    if self.live.paused_until().is_none() {
+                        backoff = self.backoff();
+                    }
+                }
                 _ = self.cancel.cancelled() => return Sent::Cancelled,
             }
         }

@@ -458,6 +458,76 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     );
 }
 
+/// The connector's file rewritten by `edit` and reloaded.
+async fn rewrite_connector(d: &TestDaemon, edit: impl Fn(String) -> String) {
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, edit(text)).unwrap();
+    d.reload().await;
+}
+
+#[tokio::test]
+async fn a_failing_target_meets_only_concurrency_retrying_requests_and_none_once_paused() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    let slow = |t: String| {
+        t.replace("concurrency = 8", "concurrency = 2")
+            .replace("pause_after_failures = 1000", "pause_after_failures = 3")
+            .replace("pause_secs = 1", "pause_secs = 3600")
+    };
+    // A backlog of 30 changes builds up while the connector is off.
+    rewrite_connector(&d, |t| format!("enabled = false\n{}", slow(t))).await;
+    for i in 0..30 {
+        d.create_user(&format!("backlog{i}@acme.test")).await;
+    }
+    target.inject(Fault::status(500, 0).forever().on_path("/users/"));
+    rewrite_connector(&d, |t| t.replace("enabled = false\n", "")).await;
+    paused(&d, "sis").await;
+    // Two requests retry, three times each, then the pause: not 30 requests retrying
+    // side by side, nor those queued for a slot when the pause began.
+    let sent = target.count_status(500);
+    assert!(
+        sent <= 2 * 3 + 2,
+        "{sent} requests reached the failing target"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(target.count_status(500), sent, "requests sent while paused");
+    target.clear_faults();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
+        .await;
+    assert_eq!(r.body["was_paused"], true, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 31);
+}
+
+#[tokio::test]
+async fn a_resume_wakes_a_request_waiting_out_its_backoff() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("warm@acme.test").await;
+    caught_up(&d, "sis").await;
+    // A first retry a minute or two away: longer than this test waits.
+    rewrite_connector(&d, |t| {
+        t.replace("initial_delay_ms = 20\n", "initial_delay_ms = 120000\n")
+            .replace("max_delay_ms = 200\n", "max_delay_ms = 240000\n")
+    })
+    .await;
+    target.inject(Fault::status(500, 1).on_path("/users/"));
+    let id = d.create_user("later@acme.test").await;
+    let failed = target.wait_until(|t| t.count_status(500) == 1, WAIT).await;
+    assert!(failed, "the first attempt never failed");
+    // The operator fixed the target and says so; the request goes now.
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
+
 #[tokio::test]
 async fn dry_run_sends_nothing_and_keeps_its_own_cursor() {
     let (d, target) = start_with_oneroster("dry_run = true").await;
