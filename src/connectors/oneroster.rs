@@ -544,6 +544,10 @@ pub struct Current<'a> {
     /// For a deleted user, its reports as they should be now: their bodies named it as
     /// their manager and no longer do.
     pub reports: Vec<Write>,
+    /// For a user that leaves the target or comes back to it (see
+    /// [`OneRosterSettings::deletes`]), the groups it belongs to: their enrollments
+    /// leave before it and come back after it.
+    pub groups: Vec<&'a str>,
 }
 
 /// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.
@@ -671,6 +675,23 @@ pub fn enrollment_put(
     Write::put(member_key(group, user), url, "enrollment", body)
 }
 
+/// An enrollment as it should be downstream: absent while its user is (see
+/// [`OneRosterSettings::deletes`]), else a PUT.
+pub fn enrollment_write(
+    settings: &OneRosterSettings,
+    tenant: &str,
+    group: &str,
+    user: &str,
+    user_doc: &Value,
+    modified: DateTime<Utc>,
+) -> Write {
+    if settings.deletes(user_doc) {
+        enrollment_delete(settings, tenant, group, user)
+    } else {
+        enrollment_put(settings, tenant, group, user, modified)
+    }
+}
+
 pub fn enrollment_delete(
     settings: &OneRosterSettings,
     tenant: &str,
@@ -716,7 +737,26 @@ pub fn plan(
                 assignment: cur.assignment,
                 manager: cur.manager,
             };
-            p.stage(vec![user_write(settings, tenant, &user, event.at)?]);
+            let write = user_write(settings, tenant, &user, event.at)?;
+            let enrollments = |put: bool| -> Vec<Write> {
+                cur.groups
+                    .iter()
+                    .map(|g| match put {
+                        true => enrollment_put(settings, tenant, g, id, event.at),
+                        false => enrollment_delete(settings, tenant, g, id),
+                    })
+                    .collect()
+            };
+            if settings.deletes(doc) {
+                // As for a deleted user: enrollments may not outlive their user.
+                p.stage(enrollments(false));
+                p.stage(vec![write]);
+            } else {
+                // Back from a deactivation that deleted it: the user, then its
+                // enrollments, which left with it.
+                p.stage(vec![write]);
+                p.stage(enrollments(true));
+            }
         }
         ("User", None) => {
             p.stage(vec![user_delete(settings, tenant, id)]);
@@ -1005,6 +1045,7 @@ token_env = "T"
             user_members_added: vec![],
             user_members_removed: vec![],
             reports: vec![],
+            groups: vec![],
         };
         let p = plan(&s, "demo", &event("User", ChangeOp::Created), cur).unwrap();
         assert_eq!(p.stages.len(), 1);
@@ -1031,6 +1072,7 @@ token_env = "T"
             user_members_added: vec![],
             user_members_removed: vec![],
             reports: vec![],
+            groups: vec![],
         };
         let err = plan(&settings(), "demo", &event("User", ChangeOp::Created), cur).unwrap_err();
         assert!(err.0.contains("email"), "{err}");
@@ -1048,6 +1090,7 @@ token_env = "T"
             user_members_added: vec!["u1", "u2"],
             user_members_removed: vec!["u3"],
             reports: vec![],
+            groups: vec![],
         };
         let p = plan(&settings(), "demo", &ev, cur).unwrap();
         assert_eq!(p.stages.len(), 2);
@@ -1066,6 +1109,7 @@ token_env = "T"
                 user_members_added: vec![],
                 user_members_removed: vec!["u1"],
                 reports: vec![],
+                groups: vec![],
             },
         )
         .unwrap();
@@ -1186,6 +1230,7 @@ token_env = "T"
             user_members_added: vec![],
             user_members_removed: vec![],
             reports: vec![user_write(&s, "demo", &report, Utc::now()).unwrap()],
+            groups: vec![],
         };
         let p = plan(&s, "demo", &event("User", ChangeOp::Deleted), cur).unwrap();
         assert_eq!(p.stages.len(), 2);

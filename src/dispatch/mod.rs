@@ -799,16 +799,31 @@ impl Ctx {
                 };
                 let mut added = Vec::with_capacity(ev.members_added.len());
                 for m in &ev.members_added {
-                    // Enrollments are for users; nested groups have none.
-                    if self
+                    // Enrollments are for users; nested groups have none, and a user
+                    // absent downstream while inactive can have none either.
+                    let user = self
                         .store
-                        .get_raw(tenant, ResourceKind::User, m)
-                        .map_err(|e| e.to_string())?
-                        .is_some()
-                    {
+                        .get(tenant, ResourceKind::User, m)
+                        .map_err(|e| e.to_string())?;
+                    if user.is_some_and(|u| !settings.deletes(&u.doc)) {
                         added.push(m.as_str());
                     }
                 }
+                // A user that leaves the target on deactivation takes its enrollments
+                // with it, and brings them back on reactivation.
+                let groups = match doc {
+                    Some(d)
+                        if ev.resource_type == "User"
+                            && (settings.deletes(d)
+                                || (ev.reactivated
+                                    && settings.deactivate == oneroster::Deactivate::Delete)) =>
+                    {
+                        self.store
+                            .groups_of(tenant, &ev.id)
+                            .map_err(|e| e.to_string())?
+                    }
+                    _ => vec![],
+                };
                 let cur = oneroster::Current {
                     doc,
                     assignment,
@@ -818,6 +833,7 @@ impl Ctx {
                     reports: self
                         .report_writes(settings, reports)
                         .map_err(|e| e.to_string())?,
+                    groups: groups.iter().map(String::as_str).collect(),
                 };
                 oneroster::plan(settings, tenant, ev, cur).map_err(|e| e.0)
             }

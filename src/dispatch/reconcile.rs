@@ -16,8 +16,8 @@ use tracing::Instrument;
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
-    OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
-    enrollment_put, stored_user_write, user_delete, user_key,
+    Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
+    enrollment_put, enrollment_write, stored_user_write, user_delete, user_key,
 };
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
@@ -148,9 +148,18 @@ fn diff(
         }
         for m in store.members(tenant, &g.id)? {
             let m = m?;
-            if m.kind == "User" {
-                check(report, enrollment_put(s, tenant, &g.id, &m.value, now))?;
+            if m.kind != "User" {
+                continue;
             }
+            let w = match s.deactivate {
+                // Absent downstream while its user is (see `OneRosterSettings::deletes`).
+                Deactivate::Delete => match store.get(tenant, ResourceKind::User, &m.value)? {
+                    Some(u) => enrollment_write(s, tenant, &g.id, &m.value, &u.doc, now),
+                    None => continue,
+                },
+                Deactivate::Disable => enrollment_put(s, tenant, &g.id, &m.value, now),
+            };
+            check(report, w)?;
         }
     }
     // Delivered once, gone from the roster since: the delete was missed.

@@ -1636,6 +1636,90 @@ async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
     );
 }
 
+#[tokio::test]
+async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_brings_them_back() {
+    let (d, target) = start_with_oneroster("").await;
+    rewrite_connector(&d, |t| {
+        t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Ops").await;
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    let (user_sid, enrollment) = (
+        sourced_id(&format!("User/{ada}")),
+        sourced_id(&format!("Member/{gid}/{ada}")),
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+    let active = |on: bool| patch_op(json!([{"op": "replace", "path": "active", "value": on}]));
+
+    target.clear_requests();
+    assert_eq!(
+        d.patch(&format!("/Users/{ada}"), active(false))
+            .await
+            .status,
+        200
+    );
+    caught_up(&d, "sis").await;
+    let deletes: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.clone())
+        .collect();
+    let at = |sid: &str| deletes.iter().position(|p| p.ends_with(sid));
+    assert!(
+        at(&enrollment).is_some() && at(&enrollment) < at(&user_sid),
+        "the enrollment must leave before its user: {deletes:?}"
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
+
+    // Back: the user, then the enrollment that left with it.
+    target.clear_requests();
+    assert_eq!(
+        d.patch(&format!("/Users/{ada}"), active(true)).await.status,
+        200
+    );
+    caught_up(&d, "sis").await;
+    let puts: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.path.clone())
+        .collect();
+    let at = |sid: &str| puts.iter().position(|p| p.ends_with(sid));
+    assert!(
+        at(&user_sid).is_some() && at(&user_sid) < at(&enrollment),
+        "the user must come back before its enrollment: {puts:?}"
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+    assert_eq!(
+        target.stored(Kind::User, &user_sid).unwrap().status(),
+        "active"
+    );
+
+    // A user that is inactive, so absent downstream, gets no enrollment when it joins.
+    let mut body = user("bob@acme.test");
+    body["active"] = json!(false);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let bob = r.body["id"].as_str().unwrap().to_owned();
+    d.add_members(&gid, &[&bob]).await;
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 0, "{c}");
+    let bobs = sourced_id(&format!("Member/{gid}/{bob}"));
+    assert!(
+        target.requests().iter().all(|r| !r.path.ends_with(&bobs)),
+        "an enrollment was sent for a user absent downstream"
+    );
+    // And a reconciliation finds everything as it should be.
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+}
+
 /// Keys whose value is JSON null, at the top level and in `metadata`.
 fn null_keys(body: &Value) -> Vec<String> {
     let nulls = |o: &Value, prefix: &str| -> Vec<String> {
