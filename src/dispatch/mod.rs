@@ -1351,6 +1351,33 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Wait until no change has come for `debounce_ms`, so a burst becomes one write; but
+/// no longer than ten times that after the first, so a sync that runs for an hour still
+/// gets its files written along the way. False if cancelled or the store went away.
+async fn settled(
+    durable: &mut tokio::sync::watch::Receiver<u64>,
+    debounce_ms: u64,
+    cancel: &CancellationToken,
+) -> bool {
+    let quiet = Duration::from_millis(debounce_ms);
+    let latest = tokio::time::Instant::now() + quiet * 10;
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(latest);
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return true,
+            r = durable.changed() => {
+                if r.is_err() {
+                    return false;
+                }
+                if tokio::time::Instant::now() >= latest {
+                    return true;
+                }
+            }
+            _ = cancel.cancelled() => return false,
+        }
+    }
+}
+
 /// The task of a CSV connector: write the files after changes settle, or on a schedule.
 async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let Target::Csv { settings } = &ctx.target else {
@@ -1387,10 +1414,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     }
                     continue;
                 }
-                // Let a burst of changes settle into one write.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(settings.debounce_ms)) => {}
-                    _ = ctx.cancel.cancelled() => return Ok(()),
+                if !settled(&mut durable, settings.debounce_ms, &ctx.cancel).await {
+                    return Ok(());
                 }
             }
         }
@@ -2409,6 +2434,37 @@ mod tests {
         live.failure(&mut streaks[1], "500", 3, pause);
         live.failure(&mut streaks[1], "500", 3, pause);
         assert!(live.paused_until().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_settles_into_one_write_but_a_long_one_does_not_wait_forever() {
+        let cancel = CancellationToken::new();
+        let feed = |every: u64, n: u64| {
+            let (tx, rx) = tokio::sync::watch::channel(0u64);
+            tokio::spawn(async move {
+                for i in 1..=n {
+                    tokio::time::sleep(Duration::from_millis(every)).await;
+                    tx.send(i).unwrap();
+                }
+                // Keep the channel open until the test ends.
+                std::future::pending::<()>().await;
+            });
+            rx
+        };
+        // Five changes 300 ms apart, the last at 1.5 s: quiet for 1 s after it.
+        let mut rx = feed(300, 5);
+        let start = tokio::time::Instant::now();
+        assert!(settled(&mut rx, 1000, &cancel).await);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(2500), "{took:?}");
+        assert!(took < Duration::from_millis(2600), "{took:?}");
+        // Changes that never stop: ten times the debounce, then the write.
+        let mut rx = feed(300, 1000);
+        let start = tokio::time::Instant::now();
+        assert!(settled(&mut rx, 1000, &cancel).await);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(10), "{took:?}");
+        assert!(took < Duration::from_millis(10_400), "{took:?}");
     }
 
     #[test]

@@ -907,6 +907,27 @@ async fn the_csv_connector_writes_files_after_changes_settle() {
 }
 
 #[tokio::test]
+async fn a_burst_longer_than_the_debounce_is_written_once_it_settles() {
+    let d = with_csv_files_debounced(1500).await;
+    // Changes 300 ms apart for about three seconds: never 1.5 s of quiet until the end.
+    let id = d.create_user("ada@acme.test").await;
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let title = json!([{"op": "replace", "path": "title", "value": format!("T{i}")}]);
+        assert_eq!(
+            d.patch(&format!("/Users/{id}"), patch_op(title))
+                .await
+                .status,
+            200
+        );
+    }
+    let c = caught_up(&d, "files").await;
+    assert_eq!(c["delivered"], 1, "files written mid-burst: {c}");
+    let text = std::fs::read_to_string(d.root.join("connectors/out/roster.csv")).unwrap();
+    assert!(text.contains("T9"), "{text}");
+}
+
+#[tokio::test]
 async fn an_object_stuck_in_retries_does_not_hold_up_the_others() {
     let (d, target) = start_with_oneroster("").await;
     let stuck = d.create_user("stuck@acme.test").await;
@@ -1497,11 +1518,15 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
 /// A daemon with one CSV connector, `files`, writing the roster and the OneRoster bundle
 /// to `connectors/out` 100 ms after changes settle.
 async fn with_csv_files() -> TestDaemon {
+    with_csv_files_debounced(100).await
+}
+
+async fn with_csv_files_debounced(debounce_ms: u64) -> TestDaemon {
     TestDaemon::start_with(Options {
         connectors: vec![(
             "files.toml".into(),
             format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = {debounce_ms}\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
             ),
         )],
         ..Options::default()
