@@ -288,6 +288,12 @@ impl Dispatcher {
                         Some("webhooks carry events, not state: nothing to compare".into());
                 }
             }
+            // A paused connector delivers nothing, drift or not: a job that reported
+            // success would tell the operator the tenant is in sync while its changes
+            // wait.
+            if report.paused.is_none() {
+                report.paused = ctx.live.pause_reason();
+            }
             out.push(report);
         }
         Ok(out)

@@ -256,10 +256,16 @@ async fn run_job(
                         // A pause ends re-sending to that connector: which, and why.
                         errors.extend(reports.iter().filter_map(|r| {
                             let why = r.paused.as_ref()?;
-                            Some(format!(
-                                "connector {}: {} drifted objects not re-sent: {why}; run the job again after the pause or `rosterd resume`",
-                                r.connector, r.failed
-                            ))
+                            Some(match r.failed {
+                                0 => format!(
+                                    "connector {}: {why}; its changes wait for the pause to end or `rosterd resume`",
+                                    r.connector
+                                ),
+                                n => format!(
+                                    "connector {}: {n} drifted objects not re-sent: {why}; run the job again after the pause or `rosterd resume`",
+                                    r.connector
+                                ),
+                            })
                         }));
                         if !errors.is_empty() {
                             job.status = JobStatus::Failed;

@@ -709,6 +709,35 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     assert_eq!(c["paused"], true, "{c}");
 }
 
+/// A paused connector delivers nothing, drift or not: a reconciliation that found
+/// nothing to re-send must still not report the tenant healthy.
+#[tokio::test]
+async fn a_reconciliation_fails_while_a_connector_with_nothing_to_compare_is_paused() {
+    let hook = crate::webhook::WebhookServer::start(Default::default()).await;
+    let (name, text) = crate::mirror::named_webhook_file("hr", &hook, r#"["roster.user_created"]"#);
+    let text = text.replace(
+        "max_delay_ms = 200\n",
+        "max_delay_ms = 200\npause_after_failures = 2\npause_secs = 3600\n",
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(crate::webhook::Fault::status(500, 0).forever());
+    d.create_user("ada@acme.test").await;
+    crate::mirror::paused(&d, "hr").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("connector hr:") && error.contains("the connector is paused until"),
+        "{job}"
+    );
+}
+
 /// Poll `/status` until `done` holds for `schedules.reconcile`; the last one seen.
 async fn reconcile_schedule_until(
     d: &TestDaemon,
