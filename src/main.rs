@@ -160,9 +160,25 @@ enum DeadLetterCommand {
     List { connector: String },
     /// Send a dead letter again (without ID: every one, oldest first); each that goes
     /// through is removed.
-    Replay { connector: String, id: Option<u64> },
+    Replay {
+        connector: String,
+        #[arg(value_parser = letter_id)]
+        id: Option<u64>,
+    },
     /// Drop a dead letter without sending it.
-    Discard { connector: String, id: u64 },
+    Discard {
+        connector: String,
+        #[arg(value_parser = letter_id)]
+        id: u64,
+    },
+}
+
+/// A dead letter's id, as `list` prints it (`#12`) or bare (`12`).
+fn letter_id(s: &str) -> Result<u64, String> {
+    s.strip_prefix('#')
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("{s:?} is not a dead letter's id (a number, such as 12 or #12)"))
 }
 
 #[derive(Subcommand)]
@@ -351,7 +367,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     };
     rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
-        println!(
+        eprintln!(
             "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"
         );
     }
@@ -922,10 +938,18 @@ fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Resu
     if status.is_success() {
         return Ok(());
     }
-    let message = body["message"].as_str().unwrap_or_default();
+    if let (Some(error), Some(message)) = (body["error"].as_str(), body["message"].as_str()) {
+        anyhow::bail!("rosterd answered {status}: {error} {message}");
+    }
+    // Not one of rosterd's error bodies: whatever answered (a proxy, another service
+    // at a wrong --url) says what it says.
+    let shown: String = match body {
+        serde_json::Value::Null => "no body".to_owned(),
+        serde_json::Value::String(text) => text.trim().chars().take(200).collect(),
+        other => other.to_string().chars().take(200).collect(),
+    };
     anyhow::bail!(
-        "rosterd answered {status}: {} {message}",
-        body["error"].as_str().unwrap_or_default()
+        "{status} from what answered, which is not rosterd's error format (is the address that of rosterd?): {shown}"
     )
 }
 
@@ -1199,11 +1223,21 @@ fn job_line(job: &serde_json::Value) -> String {
 fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status", None)?;
     fail_unless_ok(status, &s)?;
+    // Another service on the port (a proxy, a wrong --url) must not read as a healthy,
+    // empty rosterd, to a person or to a script checking the exit code.
+    if !(s["version"].is_string() && s["tenants"].is_object() && s["connectors"].is_array()) {
+        let shown: String = s.to_string().chars().take(200).collect();
+        anyhow::bail!(
+            "the answer at /status is not rosterd's status document (is the address that of rosterd?): {shown}"
+        );
+    }
     if raw {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    // Every time to the second, as the log writes them.
+    let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
     let up = s["uptime_seconds"].as_i64().unwrap_or(0);
     println!(
         "rosterd {}  up {}h{:02}m  store {:.1} MiB{}",
@@ -1248,7 +1282,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                     "    job {} ({}) running since {}: overrides answer 409 until it ends",
                     str_of(&j["job_id"]),
                     str_of(&j["kind"]),
-                    str_of(&j["started_at"])
+                    time_of(&j["started_at"])
                 );
             }
             let b = &t["bundle"];
@@ -1258,7 +1292,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                     str_of(&b["path"]),
                     str_of(&b["version"]),
                     b["archetypes"],
-                    str_of(&b["loaded_at"])
+                    time_of(&b["loaded_at"])
                 );
             }
             if !b["reload_error"].is_null() {
@@ -1266,7 +1300,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 // indented under their tenant.
                 println!(
                     "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail:\n        {}",
-                    str_of(&b["reload_error_at"]),
+                    time_of(&b["reload_error_at"]),
                     str_of(&b["reload_error"]).replace('\n', "\n        ")
                 );
             }
@@ -1297,12 +1331,12 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             c["delivered"],
             c["retries"],
             c["dead_letters"],
-            str_of(&c["last_success_at"])
+            time_of(&c["last_success_at"])
         );
         if !c["last_error"].is_null() {
             println!(
                 "    last error ({}): {}",
-                c["last_error_at"].as_str().map_or("-".to_owned(), rfc3339),
+                time_of(&c["last_error_at"]),
                 str_of(&c["last_error"])
             );
         }
@@ -1349,9 +1383,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             println!(
                 "schedule {name} ({}): last run {} ({}), next run {}",
                 str_of(&sch["cron"]),
-                str_of(&sch["last_run"]),
+                time_of(&sch["last_run"]),
                 str_of(&sch["last_result"]),
-                str_of(&sch["next_run"])
+                time_of(&sch["next_run"])
             );
             // A run that found a job still running: the result above is the last job's.
             if let Some(at) = sch["last_skipped_at"].as_str() {
@@ -1410,6 +1444,10 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     if let Some(l) = listen {
         config.server.listen = l;
     }
+    let data_key = match data_dir {
+        Some(_) => "--data-dir".to_owned(),
+        None => format!("{}: server.data_dir", path.display()),
+    };
     if let Some(d) = data_dir {
         config.server.data_dir = data_dir_arg(&d)?;
     }
@@ -1417,7 +1455,11 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     init_logging(&config.log);
     rosterd::ops::panics::install_hook();
     let json_logs = matches!(config.log.format, LogFormat::Json);
-    match serve_logged(config, &listen_key) {
+    // Refused as `check-config` refuses it, naming the setting to change (a file where
+    // the directory should be was "cannot create …: File exists").
+    let checked = rosterd::store::Store::check_dir(&config.resolve(&config.server.data_dir))
+        .with_context(|| data_key);
+    match checked.and_then(|()| serve_logged(config, &listen_key)) {
         Err(e) if json_logs => {
             tracing::error!(error = %causes(&e), "Fatal error; rosterd exits.");
             Err(Logged.into())

@@ -148,8 +148,10 @@ pub enum JwtError {
          an HS256 secret needs at least {MIN_HS256_SECRET_BYTES}"
     )]
     SecretTooShort { var: String, len: usize },
-    #[error("cannot read {}: {source}", .path.display())]
+    #[error("[api.jwt] {key}: cannot read {}: {source}", .path.display())]
     KeyFileUnreadable {
+        /// The setting that names the file.
+        key: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -712,8 +714,9 @@ fn load_hs256_secret(
     })
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, JwtError> {
+fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, JwtError> {
     std::fs::read(path).map_err(|source| JwtError::KeyFileUnreadable {
+        key,
         path: path.to_owned(),
         source,
     })
@@ -734,7 +737,7 @@ fn load_pem_key(path: &Path) -> Result<VerifyKey, JwtError> {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    let bytes = read_file(path)?;
+    let bytes = read_file("public_keys", path)?;
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("not a PEM text file"))?;
     let (label, der) = single_pem_block(text).map_err(|reason| bad(&reason))?;
 
@@ -892,7 +895,7 @@ fn load_jwks(path: &Path) -> Result<Vec<VerifyKey>, JwtError> {
         path: path.to_owned(),
         reason,
     };
-    let bytes = read_file(path)?;
+    let bytes = read_file("jwks_file", path)?;
     let doc: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
     let entries = doc
         .get("keys")
@@ -1987,6 +1990,7 @@ wUxy2SJnKlwFKtLGhwIDAQAB
                 len: 1,
             },
             JwtError::KeyFileUnreadable {
+                key: "public_keys",
                 path: "p".into(),
                 source: io(),
             },

@@ -796,6 +796,84 @@ async fn daemon_commands_with_url_read_no_config() {
     );
 }
 
+/// A wrong `--url` (a proxy, another service on the port) must not read as a healthy,
+/// empty rosterd, nor fail with an empty message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_commands_against_something_else_say_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let answer = if buf[..n].starts_with(b"GET /status ") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nno route\n"
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, None, &[])
+        })
+    };
+    let args = |cmd: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        v.extend(["--url", &url, "--token", "t"].map(String::from));
+        v
+    };
+    for json in [false, true] {
+        let mut cmd = vec!["status"];
+        if json {
+            cmd.push("--json");
+        }
+        let mut a = vec!["--url".to_owned(), url.clone()];
+        a.splice(0..0, cmd.iter().map(|s| s.to_string()));
+        let (ok, out, err) = cli(a).await.unwrap();
+        assert!(!ok, "{out}");
+        assert!(err.contains("not rosterd's status document"), "{err}");
+    }
+    let (ok, _, err) = cli(args(&["dead-letters", "--tenant", "t", "list", "sis"]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("404") && err.contains("no route"), "{err}");
+    // An id as `list` prints it is taken, so the request is made (and answered 404).
+    let (ok, _, err) = cli(args(&[
+        "dead-letters",
+        "--tenant",
+        "t",
+        "discard",
+        "sis",
+        "#1",
+    ]))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("no route"), "{err}");
+    let (ok, _, err) = cli(args(&[
+        "dead-letters",
+        "--tenant",
+        "t",
+        "replay",
+        "sis",
+        "one",
+    ]))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("is not a dead letter's id"), "{err}");
+}
+
 #[test]
 fn check_config_refuses_a_connectors_directory_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();
@@ -891,6 +969,46 @@ fn check_config_takes_a_relative_data_directory_not_made_yet() {
     let (ok, _, err) = check();
     assert!(!ok);
     assert!(err.contains("data is a file, not a directory"), "{err}");
+    // And `serve` says the same, naming the setting, rather than "File exists".
+    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args([
+            "serve",
+            "--config",
+            "config.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("T", "x")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("config.toml: server.data_dir") && err.contains("is a file, not a directory"),
+        "{err}"
+    );
+}
+
+/// A key file that cannot be read is named by its setting, as every other error is.
+#[test]
+fn check_config_names_the_setting_of_an_unreadable_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n[api.jwt]\naudience = [\"a\"]\npublic_keys = [\"keys/nope.pem\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = rosterd_env(
+        &["check-config", "--config", config.to_str().unwrap()],
+        &[("T", "x")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("public_keys") && err.contains("nope.pem"),
+        "{err}"
+    );
 }
 
 /// `check-config` refuses the data directories `serve` would refuse before opening the

@@ -1461,6 +1461,9 @@ async fn a_dead_letter_becomes_the_last_error_and_its_log_line_names_the_command
         to_the_second(&c["last_error_at"])
     );
     assert!(out.contains(&shown), "{shown:?} not in:\n{out}");
+    // Every time the text shows is to the second, as the log writes them.
+    let shown = format!("last success {}", to_the_second(&c["last_success_at"]));
+    assert!(out.contains(&shown), "{shown:?} not in:\n{out}");
     let set_aside = logs.lines("set aside as a dead letter");
     assert_eq!(set_aside.len(), 1, "{set_aside:?}");
     assert!(
