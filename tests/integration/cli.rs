@@ -549,7 +549,9 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
     );
     assert!(!ok);
     assert!(
-        err.contains("cannot create the data directory") && err.contains(data.to_str().unwrap()),
+        err.contains("--data-dir: ")
+            && err.contains(data.to_str().unwrap())
+            && err.contains("not-a-dir is a file, not a directory"),
         "{err}"
     );
     assert!(!err.contains("listener"), "{err}");
