@@ -50,6 +50,7 @@ impl From<DispatchError> for ApiError {
                 ApiError::Conflict(e.to_string())
             }
             DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
+            DispatchError::Unmappable(_) => ApiError::Unmappable(e.to_string()),
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum ApiError {
     /// A downstream target refused what we sent on the caller's behalf.
     #[error("{0}")]
     Upstream(String),
+    /// What the caller asked to send cannot be expressed for the target; nothing went.
+    #[error("{0}")]
+    Unmappable(String),
     #[error("this endpoint does not take {0}")]
     MethodNotAllowed(String),
     #[error("the request body is larger than this daemon accepts (server.max_body_bytes)")]
@@ -129,6 +132,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::NotInReview(_) => (StatusCode::CONFLICT, "not_in_review"),
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
+            ApiError::Unmappable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unmappable"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) | ApiError::UnsupportedEncoding(_) => {
@@ -222,6 +226,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "conflict",
     "not_in_review",
     "target_refused",
+    "unmappable",
     "method_not_allowed",
     "payload_too_large",
     "unsupported_media_type",
@@ -514,6 +519,7 @@ mod tests {
             ApiError::Conflict("x".into()),
             ApiError::NotInReview("x".into()),
             ApiError::Upstream("x".into()),
+            ApiError::Unmappable("x".into()),
             ApiError::MethodNotAllowed("PUT".into()),
             ApiError::PayloadTooLarge,
             ApiError::UnsupportedMediaType("x".into()),
@@ -539,6 +545,7 @@ mod tests {
                 | ApiError::Conflict(_)
                 | ApiError::NotInReview(_)
                 | ApiError::Upstream(_)
+                | ApiError::Unmappable(_)
                 | ApiError::MethodNotAllowed(_)
                 | ApiError::PayloadTooLarge
                 | ApiError::UnsupportedMediaType(_)

@@ -336,6 +336,7 @@ pub fn openapi_document() -> Value {
                         "superseded_by": {"type": "array", "items": {"type": "integer"}, "description": "Sequence numbers of later changes of the same object the connector already delivered (at most 20)"},
                         "note": {"type": ["string", "null"], "description": "Set when the letter is older than changes already delivered"}}})),
                     "400": error_response("id is not a number"),
+                    "422": error_response("Nothing was sent: the object cannot be expressed for this target, such as a user without an email for OneRoster (unmappable)"),
                     "502": error_response("The target refused the replay (target_refused)")}),
                     &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])
             }},

@@ -65,6 +65,11 @@ pub enum DispatchError {
     NotRetirable(String, String),
     #[error("the target refused the replay: {0}")]
     ReplayFailed(String),
+    /// Nothing was sent: the object cannot be expressed for this target as it stands.
+    #[error(
+        "nothing was sent: rosterd cannot express this object for the target: {0}; correct it at the identity provider (its next change is sent) or discard the letter"
+    )]
+    Unmappable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -2105,7 +2110,7 @@ impl Dispatcher {
         };
         let plan = ctx
             .plan(&event, &reports)
-            .map_err(DispatchError::ReplayFailed)?;
+            .map_err(DispatchError::Unmappable)?;
         for stage in &plan.stages {
             for req in stage {
                 match ctx

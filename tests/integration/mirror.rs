@@ -1624,6 +1624,24 @@ async fn names_come_from_the_scim_user_and_are_never_invented() {
     let report = &r.body["connectors"][0];
     assert_eq!(report["unmappable"], 1, "{report}");
     assert_eq!(report["drifted"], 0, "{report}");
+    // Replaying it sends nothing, and says so: the target refused nothing.
+    let sent_before = target.request_total();
+    let id = letter["id"].as_u64().unwrap();
+    let r = replay(&d, "sis", id).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (422, Some("unmappable")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nothing was sent") && m.contains("family name")),
+        "{}",
+        r.body
+    );
+    assert_eq!(target.request_total(), sent_before);
 }
 
 #[tokio::test]
