@@ -1333,6 +1333,12 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             c["dead_letters"],
             time_of(&c["last_success_at"])
         );
+        if let Some(at) = c["next_retry_at"].as_str() {
+            println!(
+                "    retrying: next attempt at {} (its backoff, or the target's Retry-After)",
+                rfc3339(at)
+            );
+        }
         if !c["last_error"].is_null() {
             println!(
                 "    last error ({}): {}",

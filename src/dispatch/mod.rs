@@ -135,6 +135,9 @@ pub struct ConnectorStatus {
     pub last_error_at: Option<DateTime<Utc>>,
     pub paused: bool,
     pub paused_until: Option<DateTime<Utc>>,
+    /// When the latest failed request is tried again, while that is ahead: a long
+    /// `Retry-After` otherwise looks like a connector doing nothing.
+    pub next_retry_at: Option<DateTime<Utc>>,
     pub dead_letters: u64,
     pub delivered: u64,
     pub retries: u64,
@@ -169,6 +172,8 @@ struct Health {
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
     pause_logged: bool,
+    /// When the latest failed request is tried again.
+    next_retry_at: Option<DateTime<Utc>>,
 }
 
 impl Health {
@@ -243,6 +248,7 @@ impl Live {
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         let mut h = self.health();
         h.last_success_at = Some(Utc::now());
+        h.next_retry_at = None;
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             h.paused_until = None;
@@ -697,6 +703,10 @@ impl Ctx {
                 .unwrap_or(self.config.retry.max_delay())
                 .max(retry_after.unwrap_or_default());
             tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            if counts {
+                self.live.health().next_retry_at =
+                    Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+            }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = &mut changed => {
@@ -2006,6 +2016,7 @@ impl Dispatcher {
             last_error_at: h.last_error_at,
             paused: paused_until.is_some(),
             paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
+            next_retry_at: h.next_retry_at.filter(|t| *t > Utc::now()),
             dead_letters: self
                 .store
                 .dead_letter_count(&c.tenant, &c.name)

@@ -965,6 +965,39 @@ async fn an_object_stuck_in_retries_does_not_hold_up_the_others() {
     );
 }
 
+/// A target that asks for a long wait is obeyed, and the wait shows: otherwise the
+/// connector reads as running with lag and nothing happening.
+#[tokio::test]
+async fn a_long_retry_after_shows_as_the_next_attempt() {
+    let (hook, d) = with_user_created_hook("").await;
+    hook.inject(wh::Fault::rate_limited(1, "120"));
+    let asked = chrono::Utc::now() + chrono::Duration::seconds(110);
+    d.create_user("later@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        let c = connector(&d, "hooks").await;
+        if !c["next_retry_at"].is_null() {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no next attempt shown: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let at: chrono::DateTime<chrono::Utc> = c["next_retry_at"].as_str().unwrap().parse().unwrap();
+    assert!(at > asked, "{c}");
+    assert_eq!(c["lag_events"], 1, "{c}");
+    let out = status_text(&d).await;
+    assert!(
+        out.contains(&format!(
+            "retrying: next attempt at {}",
+            to_the_second(&c["next_retry_at"])
+        )),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn a_secret_rotation_signs_with_both_secrets() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
