@@ -15,7 +15,8 @@
 //!   did not load; 0 for those and for connectors that could not start),
 //!   `rosterd_connector_errors`, `rosterd_connector_load_failed{file}`
 //!   (both for files that do not load and for connectors that cannot start) and
-//!   `rosterd_changelog_last_seq{tenant}`; per tenant with a bundle,
+//!   `rosterd_changelog_last_seq{tenant}`, `rosterd_users{tenant,active}`,
+//!   `rosterd_groups{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands).
 //!
@@ -37,6 +38,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::scim::ResourceKind;
 use crate::server::AppState;
 
 pub const HTTP_REQUESTS_TOTAL: &str = "rosterd_http_requests_total";
@@ -56,6 +58,8 @@ pub const DELIVERY_RETRIES_TOTAL: &str = "rosterd_delivery_retries_total";
 pub const DEAD_LETTERS_TOTAL: &str = "rosterd_dead_letters_total";
 pub const CHANGELOG_LAST_SEQ: &str = "rosterd_changelog_last_seq";
 pub const REVIEW_QUEUE_USERS: &str = "rosterd_review_queue_users";
+pub const USERS: &str = "rosterd_users";
+pub const GROUPS: &str = "rosterd_groups";
 pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
 pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
@@ -190,6 +194,11 @@ fn describe() {
         CHANGELOG_LAST_SEQ,
         "Sequence number of the tenant's last durable change."
     );
+    metrics::describe_gauge!(
+        USERS,
+        "Users in the tenant's roster, active or not (`active`)."
+    );
+    metrics::describe_gauge!(GROUPS, "Groups in the tenant's roster.");
     metrics::describe_gauge!(
         REVIEW_QUEUE_USERS,
         "Users whose automatic archetype is under the review threshold."
@@ -382,6 +391,28 @@ fn set_gauges(st: &AppState) {
     for t in &st.config.tenants {
         let seq = *st.store.watch_durable(&t.id).borrow();
         metrics::gauge!(CHANGELOG_LAST_SEQ, "tenant" => t.id.clone()).set(seq as f64);
+        // Counters the store keeps, as `/status` reads them: an alert on a roster that
+        // suddenly shrinks (an IdP deprovisioning everyone) needs no scrape of `/status`.
+        let counts = || -> Result<_, crate::store::StoreError> {
+            Ok((
+                st.store.count(&t.id, ResourceKind::User)?,
+                st.store.count_inactive(&t.id)?,
+                st.store.count(&t.id, ResourceKind::Group)?,
+            ))
+        };
+        match counts() {
+            Ok((users, inactive, groups)) => {
+                let active = users.saturating_sub(inactive);
+                metrics::gauge!(USERS, "tenant" => t.id.clone(), "active" => "true")
+                    .set(active as f64);
+                metrics::gauge!(USERS, "tenant" => t.id.clone(), "active" => "false")
+                    .set(inactive as f64);
+                metrics::gauge!(GROUPS, "tenant" => t.id.clone()).set(groups as f64);
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %t.id, error = %e, "Cannot read the roster's counts for /metrics.")
+            }
+        }
         let Some(roster) = st.roster.tenants.get(&t.id) else {
             continue;
         };

@@ -381,6 +381,24 @@ async fn metrics_show_the_review_queue_the_bundle_and_finished_jobs() {
     })
     .await;
     at_least(&samples, "rosterd_review_queue_users", &tenant, 1.0);
+    // The roster's size, as /status counts it.
+    let status = d.status().await;
+    let counts = &status["tenants"][TENANT];
+    let users = |active: &str| {
+        value(
+            &samples,
+            "rosterd_users",
+            &[("tenant", TENANT), ("active", active)],
+        )
+    };
+    assert_eq!(users("true"), counts["active_users"].as_f64(), "{text}");
+    assert_eq!(users("true"), Some(1.0), "{text}");
+    assert_eq!(users("false"), Some(0.0), "{text}");
+    assert_eq!(
+        value(&samples, "rosterd_groups", &tenant),
+        Some(0.0),
+        "{text}"
+    );
     at_least(
         &samples,
         "rosterd_jobs_total",
