@@ -158,12 +158,16 @@ struct DaemonArgs {
 enum DeadLetterCommand {
     /// List a connector's dead letters.
     List { connector: String },
-    /// Send a dead letter again (without ID: every one, oldest first); each that goes
-    /// through is removed.
+    /// Send a dead letter again (or, with --all, every one, oldest first); each that
+    /// goes through is removed.
     Replay {
         connector: String,
-        #[arg(value_parser = letter_id)]
+        #[arg(value_parser = letter_id, conflicts_with = "all")]
         id: Option<u64>,
+        /// Replay every dead letter of the connector, oldest first. Asked for by name:
+        /// an unquoted `#12` is a comment to the shell, which would leave no id.
+        #[arg(long)]
+        all: bool,
     },
     /// Drop a dead letter without sending it.
     Discard {
@@ -1000,9 +1004,12 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 }
             }
         }
-        DeadLetterCommand::Replay { connector, id } => {
+        DeadLetterCommand::Replay { connector, id, all } => {
             let ids = match id {
                 Some(id) => vec![id],
+                None if !all => anyhow::bail!(
+                    "give the dead letter's id (12, or '#12' in quotes: unquoted, the shell drops #12 as a comment), or --all to replay every one"
+                ),
                 // After an outage there can be hundreds: one command, not a loop by hand.
                 None => list(&connector)?
                     .iter()
@@ -1225,7 +1232,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     fail_unless_ok(status, &s)?;
     // Another service on the port (a proxy, a wrong --url) must not read as a healthy,
     // empty rosterd, to a person or to a script checking the exit code.
-    if !(s["version"].is_string() && s["tenants"].is_object() && s["connectors"].is_array()) {
+    // A failed store leaves only what failed (`store.error`), which is what to show then.
+    let whole = s["tenants"].is_object() && s["connectors"].is_array();
+    if !(s["version"].is_string() && (whole || s["store"]["error"].is_object())) {
         let shown: String = s.to_string().chars().take(200).collect();
         anyhow::bail!(
             "the answer at /status is not rosterd's status document (is the address that of rosterd?): {shown}"

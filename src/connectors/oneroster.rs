@@ -545,9 +545,9 @@ pub struct Current<'a> {
     /// their manager and no longer do.
     pub reports: Vec<Write>,
     /// For a user that leaves the target or comes back to it (see
-    /// [`OneRosterSettings::deletes`]), the groups it belongs to: their enrollments
-    /// leave before it and come back after it.
-    pub groups: Vec<&'a str>,
+    /// [`OneRosterSettings::deletes`]), the groups it belongs to, with their documents:
+    /// their enrollments leave before it, and come back after it and their classes.
+    pub groups: Vec<(&'a str, &'a Value)>,
 }
 
 /// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.
@@ -738,24 +738,31 @@ pub fn plan(
                 manager: cur.manager,
             };
             let write = user_write(settings, tenant, &user, event.at)?;
-            let enrollments = |put: bool| -> Vec<Write> {
-                cur.groups
-                    .iter()
-                    .map(|g| match put {
-                        true => enrollment_put(settings, tenant, g, id, event.at),
-                        false => enrollment_delete(settings, tenant, g, id),
-                    })
-                    .collect()
-            };
             if settings.deletes(doc) {
                 // As for a deleted user: enrollments may not outlive their user.
-                p.stage(enrollments(false));
+                p.stage(
+                    cur.groups
+                        .iter()
+                        .map(|(g, _)| enrollment_delete(settings, tenant, g, id))
+                        .collect(),
+                );
                 p.stage(vec![write]);
             } else {
-                // Back from a deactivation that deleted it: the user, then its
-                // enrollments, which left with it.
+                // Back from a deactivation that deleted it: the user, its classes as
+                // they stand, then its enrollments, which left with it.
                 p.stage(vec![write]);
-                p.stage(enrollments(true));
+                p.stage(
+                    cur.groups
+                        .iter()
+                        .map(|(g, d)| class_put(settings, tenant, g, d, event.at))
+                        .collect(),
+                );
+                p.stage(
+                    cur.groups
+                        .iter()
+                        .map(|(g, _)| enrollment_put(settings, tenant, g, id, event.at))
+                        .collect(),
+                );
             }
         }
         ("User", None) => {

@@ -74,6 +74,17 @@ pub enum DispatchError {
     Store(#[from] StoreError),
 }
 
+/// Why a change could not be turned into requests.
+#[derive(Debug, thiserror::Error)]
+enum PlanError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The change cannot be expressed for the target (or mapping it panicked): it goes
+    /// to the dead letters.
+    #[error("{0}")]
+    Unplannable(String),
+}
+
 /// What keeps a connector from starting, found before its task runs.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -213,8 +224,8 @@ struct Live {
     epoch: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
-    /// Wakes request loops waiting out a pause or a backoff when a pause begins or
-    /// ends, or the target acknowledges again after failures.
+    /// Wakes request loops waiting out a pause or a backoff when a pause begins or is
+    /// lifted (a resume, a reload).
     pause_changed: tokio::sync::Notify,
 }
 
@@ -254,7 +265,8 @@ impl Live {
             h.paused_until = None;
             h.pause_logged = false;
             drop(h);
-            self.pause_changed.notify_waiters();
+            // Requests still waiting out their backoff are not woken: one object's
+            // success says nothing of another's failure, and a Retry-After stands.
             tracing::info!(
                 failures = rounds,
                 "The target acknowledges again; the connector recovered."
@@ -323,6 +335,8 @@ impl Live {
         let mut h = self.health();
         let was_paused = h.paused_until.is_some_and(|u| u > Utc::now());
         h.paused_until = None;
+        // Woken, the waiting requests try now.
+        h.next_retry_at = None;
         h.pause_logged = false;
         drop(h);
         if was_paused {
@@ -579,11 +593,14 @@ impl Ctx {
         // A request keeps its slot while it waits to retry, so `concurrency` bounds the
         // requests retrying against a failing target, not only those on the wire: a
         // batch of thousands would otherwise retry side by side, each on its own
-        // backoff, and the target would see no backoff at all. An operator's replay
-        // takes no slot: it is one request, now, and the slots may all be waiting.
+        // backoff, and the target would see no backoff at all. Only the mirror takes
+        // slots: an operator's replay and a reconciliation's repairs send one request
+        // at a time, and must not queue behind mirror requests waiting out a backoff
+        // (a reconciliation holds the tenant's job slot meanwhile).
+        let takes_slot = mirror;
         let mut slot = None;
         loop {
-            if by != Sender::Operator && self.live.paused_until().is_some() {
+            if takes_slot && self.live.paused_until().is_some() {
                 // Nothing is sent while paused; the slot goes to no one meanwhile.
                 slot = None;
             }
@@ -598,7 +615,7 @@ impl Ctx {
                     response: None,
                 };
             }
-            if by != Sender::Operator && slot.is_none() {
+            if takes_slot && slot.is_none() {
                 tokio::select! {
                     s = self.slots.acquire() => match s {
                         Ok(s) => slot = Some(s),
@@ -613,6 +630,11 @@ impl Ctx {
                 }
             }
             attempts += 1;
+            // Listening from before the request goes out, so a pause or a resume while
+            // it is in flight cuts the wait after it short.
+            let changed = self.live.pause_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let mut used_auth = None;
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
@@ -677,11 +699,6 @@ impl Ctx {
                     response,
                 } => (reason, retry_after, response),
             };
-            // Listening before the failure is recorded, so a pause or resume from here
-            // on cuts the wait short.
-            let changed = self.live.pause_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
             if counts {
                 counters::retried(self.tenant(), name);
                 self.live.failure(
@@ -698,6 +715,15 @@ impl Ctx {
                 // The pause is the wait: its end, or a resume, is the next attempt.
                 continue;
             }
+            // Its slot goes back after a first failure, so another request can try:
+            // if that one gets through, this failure was its object's own (the run of
+            // failures starts over for everyone), and an object that keeps failing
+            // never holds a slot the others need, even at `concurrency = 1`. A second
+            // failure with nothing acknowledged in between is the target's: the slot
+            // is kept from then on.
+            if streak.failures < 2 {
+                slot = None;
+            }
             let delay = backoff
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
@@ -710,9 +736,9 @@ impl Ctx {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = &mut changed => {
-                    // Resumed, or another request got through: the target is worth
-                    // trying now, and from the start of the backoff. (A pause that
-                    // began is waited out at the top.)
+                    // Resumed: the operator says the target is worth trying now, from
+                    // the start of the backoff. (A pause that began is waited out at
+                    // the top.)
                     if self.live.paused_until().is_none() {
                         backoff = self.backoff();
                     }
@@ -773,13 +799,12 @@ impl Ctx {
     fn document<'e>(
         &self,
         ev: &'e ChangeEvent,
-    ) -> Result<Option<std::borrow::Cow<'e, serde_json::Value>>, String> {
+    ) -> Result<Option<std::borrow::Cow<'e, serde_json::Value>>, StoreError> {
         Ok(match &ev.snapshot {
             Some(s) => Some(std::borrow::Cow::Borrowed(s)),
             None if ev.op == crate::store::ChangeOp::Archetype => self
                 .store
-                .get(self.tenant(), ResourceKind::User, &ev.id)
-                .map_err(|e| e.to_string())?
+                .get(self.tenant(), ResourceKind::User, &ev.id)?
                 .map(|r| std::borrow::Cow::Owned(r.doc)),
             None => None,
         })
@@ -787,7 +812,7 @@ impl Ctx {
 
     /// `reports`: the users [`reports_of`] found for the change, which a OneRoster target
     /// is sent again.
-    fn plan(&self, ev: &ChangeEvent, reports: &[String]) -> Result<Plan, String> {
+    fn plan(&self, ev: &ChangeEvent, reports: &[String]) -> Result<Plan, PlanError> {
         let tenant = self.tenant();
         match &self.target {
             Target::OneRoster { settings, .. } => {
@@ -795,8 +820,7 @@ impl Ctx {
                 let doc = doc.as_deref();
                 let manager = match doc {
                     Some(d) if ev.resource_type == "User" => {
-                        oneroster::existing_manager(&self.store, tenant, d)
-                            .map_err(|e| e.to_string())?
+                        oneroster::existing_manager(&self.store, tenant, d)?
                     }
                     _ => None,
                 };
@@ -804,10 +828,7 @@ impl Ctx {
                 let assignment = match &ev.assignment {
                     Some(a) => Some(a),
                     None if ev.resource_type == "User" && doc.is_some() => {
-                        stored = self
-                            .store
-                            .assignment(tenant, &ev.id)
-                            .map_err(|e| e.to_string())?;
+                        stored = self.store.assignment(tenant, &ev.id)?;
                         stored.as_ref()
                     }
                     None => None,
@@ -816,41 +837,37 @@ impl Ctx {
                 for m in &ev.members_added {
                     // Enrollments are for users; nested groups have none, and a user
                     // absent downstream while inactive can have none either.
-                    let user = self
-                        .store
-                        .get(tenant, ResourceKind::User, m)
-                        .map_err(|e| e.to_string())?;
+                    let user = self.store.get(tenant, ResourceKind::User, m)?;
                     if user.is_some_and(|u| !settings.deletes(&u.doc)) {
                         added.push(m.as_str());
                     }
                 }
                 // A user that leaves the target on deactivation takes its enrollments
-                // with it, and brings them back on reactivation.
-                let groups = match doc {
-                    Some(d)
-                        if ev.resource_type == "User"
-                            && (settings.deletes(d)
-                                || (ev.reactivated
-                                    && settings.deactivate == oneroster::Deactivate::Delete)) =>
-                    {
-                        self.store
-                            .groups_of(tenant, &ev.id)
-                            .map_err(|e| e.to_string())?
+                // with it, and brings them back on reactivation, each class put first
+                // as it stands now: the group may be newer than anything the target
+                // has been sent yet. Only at the change of state: every later change
+                // of an inactive user would otherwise send a DELETE per group.
+                let mut groups = Vec::new();
+                if ev.resource_type == "User"
+                    && settings.deactivate == oneroster::Deactivate::Delete
+                    && (ev.deactivated || ev.reactivated)
+                {
+                    for g in self.store.groups_of(tenant, &ev.id)? {
+                        if let Some(r) = self.store.get(tenant, ResourceKind::Group, &g)? {
+                            groups.push((g, r.doc));
+                        }
                     }
-                    _ => vec![],
-                };
+                }
                 let cur = oneroster::Current {
                     doc,
                     assignment,
                     manager,
                     user_members_added: added,
                     user_members_removed: ev.members_removed.iter().map(String::as_str).collect(),
-                    reports: self
-                        .report_writes(settings, reports)
-                        .map_err(|e| e.to_string())?,
-                    groups: groups.iter().map(String::as_str).collect(),
+                    reports: self.report_writes(settings, reports)?,
+                    groups: groups.iter().map(|(g, doc)| (g.as_str(), doc)).collect(),
                 };
-                oneroster::plan(settings, tenant, ev, cur).map_err(|e| e.0)
+                oneroster::plan(settings, tenant, ev, cur).map_err(|e| PlanError::Unplannable(e.0))
             }
             Target::Webhook { settings, .. } => {
                 let snapshot = self.document(ev)?;
@@ -929,13 +946,16 @@ impl Ctx {
         // would restart at that change again and again. It is set aside like a change
         // the target cannot take, to be replayed once rosterd is fixed.
         let planned = crate::ops::panics::catch_sync(|| self.plan(ev, reports)).unwrap_or_else(|panic| {
-            Err(format!(
+            Err(PlanError::Unplannable(format!(
                 "rosterd could not turn this change into requests: a bug (it panicked: {panic}); replay it once rosterd is fixed"
-            ))
+            )))
         });
         let plan = match planned {
             Ok(p) => p,
-            Err(reason) => {
+            // A store that cannot be read is no fault of this change: the task ends
+            // on it and starts again, rather than set the change aside.
+            Err(PlanError::Store(e)) => return Err(e),
+            Err(PlanError::Unplannable(reason)) => {
                 self.dead_letter(ev, reason, None, None).await?;
                 return Ok(Delivered::DeadLettered);
             }
@@ -2016,7 +2036,10 @@ impl Dispatcher {
             last_error_at: h.last_error_at,
             paused: paused_until.is_some(),
             paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
-            next_retry_at: h.next_retry_at.filter(|t| *t > Utc::now()),
+            // While paused the pause's end is the next attempt; `paused_until` says it.
+            next_retry_at: h
+                .next_retry_at
+                .filter(|t| paused_until.is_none() && *t > Utc::now()),
             dead_letters: self
                 .store
                 .dead_letter_count(&c.tenant, &c.name)
@@ -2119,9 +2142,10 @@ impl Dispatcher {
                 (letter.event.clone(), vec![], ReplaySent::OriginalEvent)
             }
         };
-        let plan = ctx
-            .plan(&event, &reports)
-            .map_err(DispatchError::Unmappable)?;
+        let plan = ctx.plan(&event, &reports).map_err(|e| match e {
+            PlanError::Store(e) => DispatchError::Store(e),
+            PlanError::Unplannable(reason) => DispatchError::Unmappable(reason),
+        })?;
         for stage in &plan.stages {
             for req in stage {
                 match ctx
@@ -2307,6 +2331,9 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         ResourceKind::User
     };
     let doc = store.get(tenant, kind, &ev.id)?.map(|r| r.doc);
+    let active = doc
+        .as_ref()
+        .map(|d| crate::connectors::oneroster::UserFields { doc: d }.active());
     let (mut added, mut removed) = (Vec::new(), Vec::new());
     for m in ev.members_added.iter().chain(&ev.members_removed) {
         if doc.is_some() && store.is_member(tenant, &ev.id, m)? {
@@ -2330,8 +2357,10 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         members_removed: removed,
         // The stored assignment is read when planning.
         assignment: None,
-        deactivated: false,
-        reactivated: false,
+        // A deactivation or reactivation replayed is one still, while the user stays as
+        // it left it: its enrollments leave or come back with it.
+        deactivated: ev.deactivated && active == Some(false),
+        reactivated: ev.reactivated && active == Some(true),
     })
 }
 

@@ -813,10 +813,17 @@ async fn daemon_commands_against_something_else_say_so() {
             tokio::spawn(async move {
                 let mut buf = [0u8; 8192];
                 let n = s.read(&mut buf).await.unwrap_or(0);
+                // What rosterd's /status is reduced to once its store failed.
+                let failed = r#"{"version":"0.1.0","started_at":"2026-12-03T16:00:00Z","uptime_seconds":60,"draining":false,"store":{"error":{"error":"No space left on device","at":"2026-12-03T16:00:30Z","hint":"restart rosterd"}}}"#;
                 let answer = if buf[..n].starts_with(b"GET /status ") {
-                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi".to_owned()
+                } else if buf[..n].starts_with(b"GET /failed/status ") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{failed}",
+                        failed.len()
+                    )
                 } else {
-                    "HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nno route\n"
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nno route\n".to_owned()
                 };
                 let _ = s.write_all(answer.as_bytes()).await;
             });
@@ -844,6 +851,19 @@ async fn daemon_commands_against_something_else_say_so() {
         assert!(!ok, "{out}");
         assert!(err.contains("not rosterd's status document"), "{err}");
     }
+    // rosterd with a failed store answers with little more than what failed: shown.
+    let (ok, out, err) = cli(vec![
+        "status".into(),
+        "--url".into(),
+        format!("{url}/failed"),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("STORE FAILED") && out.contains("No space left"),
+        "{out}"
+    );
     let (ok, _, err) = cli(args(&["dead-letters", "--tenant", "t", "list", "sis"]))
         .await
         .unwrap();

@@ -588,12 +588,21 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     );
     assert!(!ok, "replay should fail while the target refuses: {out}");
     assert!(out.contains("502"), "{out}");
-    // Without an id, every letter is tried; one the target still refuses stays, and
-    // the command says so and fails.
+    // Without an id (or with `#1` unquoted, which the shell drops as a comment)
+    // nothing is replayed: every letter is asked for by --all.
     let (ok, out) = cli(
         &root,
         &d,
         &["dead-letters", "--tenant", "acme", "replay", "sis"],
+    );
+    assert!(!ok && out.contains("--all"), "{out}");
+    assert!(!out.contains("replayed"), "{out}");
+    // With --all every letter is tried; one the target still refuses stays, and the
+    // command says so and fails.
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "--all"],
     );
     assert!(!ok, "{out}");
     assert!(
@@ -604,7 +613,7 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     let (ok, out) = cli(
         &root,
         &d,
-        &["dead-letters", "--tenant", "acme", "replay", "sis"],
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "--all"],
     );
     assert!(ok, "{out}");
     assert!(out.contains("#1 replayed"), "{out}");

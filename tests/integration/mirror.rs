@@ -484,11 +484,12 @@ async fn a_failing_target_meets_only_concurrency_retrying_requests_and_none_once
     target.inject(Fault::status(500, 0).forever().on_path("/users/"));
     rewrite_connector(&d, |t| t.replace("enabled = false\n", "")).await;
     paused(&d, "sis").await;
-    // Two requests retry, three times each, then the pause: not 30 requests retrying
-    // side by side, nor those queued for a slot when the pause began.
+    // Each of the 30 is tried once; then two requests retry, holding their slots,
+    // until the pause: not 30 requests retrying side by side (66 requests before the
+    // pause), nor those queued for a slot when the pause began.
     let sent = target.count_status(500);
     assert!(
-        sent <= 2 * 3 + 2,
+        sent <= 30 + 2 * 3,
         "{sent} requests reached the failing target"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -908,10 +909,10 @@ async fn the_csv_connector_writes_files_after_changes_settle() {
 
 #[tokio::test]
 async fn a_burst_longer_than_the_debounce_is_written_once_it_settles() {
-    let d = with_csv_files_debounced(1500).await;
-    // Changes 300 ms apart for about three seconds: never 1.5 s of quiet until the end.
+    let d = with_csv_files_debounced(2500).await;
+    // Changes 300 ms apart for about 4.5 seconds: never 2.5 s of quiet until the end.
     let id = d.create_user("ada@acme.test").await;
-    for i in 0..10 {
+    for i in 0..15 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let title = json!([{"op": "replace", "path": "title", "value": format!("T{i}")}]);
         assert_eq!(
@@ -924,12 +925,14 @@ async fn a_burst_longer_than_the_debounce_is_written_once_it_settles() {
     let c = caught_up(&d, "files").await;
     assert_eq!(c["delivered"], 1, "files written mid-burst: {c}");
     let text = std::fs::read_to_string(d.root.join("connectors/out/roster.csv")).unwrap();
-    assert!(text.contains("T9"), "{text}");
+    assert!(text.contains("T14"), "{text}");
 }
 
 #[tokio::test]
 async fn an_object_stuck_in_retries_does_not_hold_up_the_others() {
     let (d, target) = start_with_oneroster("").await;
+    // One slot: the stuck object must give it back while it waits to retry.
+    rewrite_connector(&d, |t| t.replace("concurrency = 8", "concurrency = 1")).await;
     let stuck = d.create_user("stuck@acme.test").await;
     caught_up(&d, "sis").await;
     let stuck_sid = sourced_id(&format!("User/{stuck}"));
@@ -995,6 +998,16 @@ async fn a_long_retry_after_shows_as_the_next_attempt() {
             to_the_second(&c["next_retry_at"])
         )),
         "{out}"
+    );
+    // Another change getting through does not cut the wait the target asked for.
+    d.create_user("meanwhile@acme.test").await;
+    let got = hook.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hook.attempts().len(),
+        2,
+        "the rate-limited event went again early"
     );
 }
 
@@ -1753,6 +1766,18 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
         "the enrollment must leave before its user: {deletes:?}"
     );
     assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
+    // A later change of the inactive user sends no DELETE per group again.
+    target.clear_requests();
+    let title = json!([{"op": "replace", "path": "title", "value": "Away"}]);
+    assert_eq!(
+        d.patch(&format!("/Users/{ada}"), patch_op(title))
+            .await
+            .status,
+        200
+    );
+    caught_up(&d, "sis").await;
+    let again: Vec<String> = target.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(again.iter().all(|p| !p.ends_with(&enrollment)), "{again:?}");
 
     // Back: the user, then the enrollment that left with it.
     target.clear_requests();
