@@ -1242,7 +1242,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     }
     if raw {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        return healthy_store(&s);
     }
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     // Every time to the second, as the log writes them.
@@ -1411,6 +1411,17 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 );
             }
         }
+    }
+    healthy_store(&s)
+}
+
+/// A failed store fails the command too, after the status is shown: a script that
+/// checks `rosterd status`'s exit code must not read a daemon refusing writes as well.
+fn healthy_store(s: &serde_json::Value) -> Result<()> {
+    if s["store"]["error"].is_object() {
+        anyhow::bail!(
+            "the store has failed (see above): writes are refused until rosterd is restarted"
+        );
     }
     Ok(())
 }

@@ -224,6 +224,9 @@ struct Live {
     epoch: AtomicU64,
     delivered: AtomicU64,
     retries: AtomicU64,
+    /// Requests that failed since the run of failures began (the epoch): two or more,
+    /// with nothing acknowledged in between, say the target is failing, not one object.
+    failing_requests: AtomicU64,
     /// Wakes request loops waiting out a pause or a backoff when a pause begins or is
     /// lifted (a resume, a reload).
     pause_changed: tokio::sync::Notify,
@@ -242,6 +245,7 @@ impl Live {
             epoch: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            failing_requests: AtomicU64::new(0),
             pause_changed: tokio::sync::Notify::new(),
         })
     }
@@ -259,9 +263,9 @@ impl Live {
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         let mut h = self.health();
         h.last_success_at = Some(Utc::now());
-        h.next_retry_at = None;
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.failing_requests.store(0, Ordering::Release);
             h.paused_until = None;
             h.pause_logged = false;
             drop(h);
@@ -284,6 +288,9 @@ impl Live {
             *streak = Streak { epoch, failures: 0 };
         }
         streak.failures += 1;
+        if streak.failures == 1 {
+            self.failing_requests.fetch_add(1, Ordering::AcqRel);
+        }
         let before = self
             .failures_in_a_row
             .fetch_max(streak.failures, Ordering::AcqRel);
@@ -332,6 +339,7 @@ impl Live {
     fn resume(&self, by: &str) -> bool {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.failing_requests.store(0, Ordering::Release);
         let mut h = self.health();
         let was_paused = h.paused_until.is_some_and(|u| u > Utc::now());
         h.paused_until = None;
@@ -715,13 +723,13 @@ impl Ctx {
                 // The pause is the wait: its end, or a resume, is the next attempt.
                 continue;
             }
-            // Its slot goes back after a first failure, so another request can try:
-            // if that one gets through, this failure was its object's own (the run of
-            // failures starts over for everyone), and an object that keeps failing
-            // never holds a slot the others need, even at `concurrency = 1`. A second
-            // failure with nothing acknowledged in between is the target's: the slot
-            // is kept from then on.
-            if streak.failures < 2 {
+            // While only this request has failed, its slot goes back as it waits, so
+            // another can try: if that one gets through, the failure was this object's
+            // own, and an object that keeps failing never holds a slot the others
+            // need, even at `concurrency = 1`. Once a second request fails with
+            // nothing acknowledged in between, the target is failing: each failed
+            // request keeps its slot from then on.
+            if self.live.failing_requests.load(Ordering::Acquire) < 2 {
                 slot = None;
             }
             let delay = backoff
@@ -730,8 +738,13 @@ impl Ctx {
                 .max(retry_after.unwrap_or_default());
             tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             if counts {
-                self.live.health().next_retry_at =
-                    Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+                // The soonest attempt still ahead: what an operator waits for.
+                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                let mut h = self.live.health();
+                h.next_retry_at = Some(match h.next_retry_at {
+                    Some(t) if t > Utc::now() => t.min(at),
+                    _ => at,
+                });
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -952,9 +965,16 @@ impl Ctx {
         });
         let plan = match planned {
             Ok(p) => p,
-            // A store that cannot be read is no fault of this change: the task ends
-            // on it and starts again, rather than set the change aside.
-            Err(PlanError::Store(e)) => return Err(e),
+            // A store that has failed is no fault of this change: the task ends on it
+            // (the daemon restarts to recover the store) rather than set every change
+            // aside. A record that cannot be read is this change's alone: it is set
+            // aside as before, and the connector goes on.
+            Err(PlanError::Store(e)) if e.outage_message().is_some() => return Err(e),
+            Err(PlanError::Store(e)) => {
+                let reason = format!("cannot read what this change needs from the store: {e}");
+                self.dead_letter(ev, reason, None, None).await?;
+                return Ok(Delivered::DeadLettered);
+            }
             Err(PlanError::Unplannable(reason)) => {
                 self.dead_letter(ev, reason, None, None).await?;
                 return Ok(Delivered::DeadLettered);

@@ -859,11 +859,12 @@ async fn daemon_commands_against_something_else_say_so() {
     ])
     .await
     .unwrap();
-    assert!(ok, "{err}");
+    assert!(!ok, "a failed store must fail the command: {out}");
     assert!(
         out.contains("STORE FAILED") && out.contains("No space left"),
         "{out}"
     );
+    assert!(err.contains("the store has failed"), "{err}");
     let (ok, _, err) = cli(args(&["dead-letters", "--tenant", "t", "list", "sis"]))
         .await
         .unwrap();
