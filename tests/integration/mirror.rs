@@ -1731,6 +1731,27 @@ async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
     );
 }
 
+/// PATCH `ops` onto user `id`, wait until `sis` delivered it, and return the paths of
+/// the `method` requests that sent, in order.
+async fn patched_paths(
+    d: &TestDaemon,
+    target: &OneRosterServer,
+    id: &str,
+    ops: Value,
+    method: &str,
+) -> Vec<String> {
+    target.clear_requests();
+    let r = d.patch(&format!("/Users/{id}"), patch_op(ops)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(d, "sis").await;
+    target
+        .requests()
+        .iter()
+        .filter(|r| r.method == method)
+        .map(|r| r.path.clone())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_brings_them_back() {
     let (d, target) = start_with_oneroster("").await;
@@ -1747,22 +1768,9 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
         sourced_id(&format!("Member/{gid}/{ada}")),
     );
     assert_eq!(target.enrollments()[&enrollment]["status"], "active");
-    let active = |on: bool| patch_op(json!([{"op": "replace", "path": "active", "value": on}]));
+    let active = |on: bool| json!([{"op": "replace", "path": "active", "value": on}]);
 
-    target.clear_requests();
-    assert_eq!(
-        d.patch(&format!("/Users/{ada}"), active(false))
-            .await
-            .status,
-        200
-    );
-    caught_up(&d, "sis").await;
-    let deletes: Vec<String> = target
-        .requests()
-        .iter()
-        .filter(|r| r.method == "DELETE")
-        .map(|r| r.path.clone())
-        .collect();
+    let deletes = patched_paths(&d, &target, &ada, active(false), "DELETE").await;
     let at = |sid: &str| deletes.iter().position(|p| p.ends_with(sid));
     assert!(
         at(&enrollment).is_some() && at(&enrollment) < at(&user_sid),
@@ -1770,31 +1778,12 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
     );
     assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
     // A later change of the inactive user sends no DELETE per group again.
-    target.clear_requests();
     let title = json!([{"op": "replace", "path": "title", "value": "Away"}]);
-    assert_eq!(
-        d.patch(&format!("/Users/{ada}"), patch_op(title))
-            .await
-            .status,
-        200
-    );
-    caught_up(&d, "sis").await;
-    let again: Vec<String> = target.requests().iter().map(|r| r.path.clone()).collect();
+    let again = patched_paths(&d, &target, &ada, title, "DELETE").await;
     assert!(again.iter().all(|p| !p.ends_with(&enrollment)), "{again:?}");
 
     // Back: the user, then the enrollment that left with it.
-    target.clear_requests();
-    assert_eq!(
-        d.patch(&format!("/Users/{ada}"), active(true)).await.status,
-        200
-    );
-    caught_up(&d, "sis").await;
-    let puts: Vec<String> = target
-        .requests()
-        .iter()
-        .filter(|r| r.method == "PUT")
-        .map(|r| r.path.clone())
-        .collect();
+    let puts = patched_paths(&d, &target, &ada, active(true), "PUT").await;
     let at = |sid: &str| puts.iter().position(|p| p.ends_with(sid));
     assert!(
         at(&user_sid).is_some() && at(&user_sid) < at(&enrollment),
