@@ -1693,18 +1693,28 @@ async fn names_come_from_the_scim_user_and_are_never_invented() {
     assert_eq!(target.request_total(), sent_before);
 }
 
-#[tokio::test]
-async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
-    let (d, target) = start_with_oneroster("").await;
+/// User ada in group Ops, delivered: her id, the group's, and the sourcedIds of her
+/// user and her enrollment.
+async fn enrolled_ada(
+    d: &TestDaemon,
+    target: &OneRosterServer,
+) -> (String, String, String, String) {
     let ada = d.create_user("ada@acme.test").await;
     let gid = d.create_group("Ops").await;
     d.add_members(&gid, &[&ada]).await;
-    caught_up(&d, "sis").await;
+    caught_up(d, "sis").await;
     let (user_sid, enrollment) = (
         sourced_id(&format!("User/{ada}")),
         sourced_id(&format!("Member/{gid}/{ada}")),
     );
     assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+    (ada, gid, user_sid, enrollment)
+}
+
+#[tokio::test]
+async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
+    let (d, target) = start_with_oneroster("").await;
+    let (ada, _, user_sid, enrollment) = enrolled_ada(&d, &target).await;
     target.clear_requests();
     assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
     caught_up(&d, "sis").await;
@@ -1759,15 +1769,7 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
         t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
     })
     .await;
-    let ada = d.create_user("ada@acme.test").await;
-    let gid = d.create_group("Ops").await;
-    d.add_members(&gid, &[&ada]).await;
-    caught_up(&d, "sis").await;
-    let (user_sid, enrollment) = (
-        sourced_id(&format!("User/{ada}")),
-        sourced_id(&format!("Member/{gid}/{ada}")),
-    );
-    assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+    let (ada, gid, user_sid, enrollment) = enrolled_ada(&d, &target).await;
     let active = |on: bool| json!([{"op": "replace", "path": "active", "value": on}]);
 
     let deletes = patched_paths(&d, &target, &ada, active(false), "DELETE").await;
