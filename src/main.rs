@@ -1079,7 +1079,7 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
         println!("{connector}: resumed");
     } else {
         println!(
-            "{connector}: was not paused; nothing to resume (its count of failures in a row starts afresh)"
+            "{connector}: was not paused (its count of failures in a row starts afresh, and any request waiting to retry tries now)"
         );
     }
     Ok(())
