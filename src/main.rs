@@ -362,13 +362,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     // What `serve` would refuse before opening the store. A damaged log or snapshot
     // shows only when sled reads it, which the running daemon's lock prevents here.
-    let (dir, key) = match data_dir {
-        Some(d) => (data_dir_arg(&d)?, "--data-dir".to_owned()),
-        None => (
-            config.resolve(&config.server.data_dir),
-            format!("{}: server.data_dir", path.display()),
-        ),
-    };
+    let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
     rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
         eprintln!(
@@ -947,14 +941,19 @@ fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Resu
     }
     // Not one of rosterd's error bodies: whatever answered (a proxy, another service
     // at a wrong --url) says what it says.
-    let shown: String = match body {
+    anyhow::bail!(
+        "{status} from what answered, which is not rosterd's error format (is the address that of rosterd?): {}",
+        excerpt(body)
+    )
+}
+
+/// The start of an answer that is not rosterd's, to show what did answer.
+fn excerpt(body: &serde_json::Value) -> String {
+    match body {
         serde_json::Value::Null => "no body".to_owned(),
         serde_json::Value::String(text) => text.trim().chars().take(200).collect(),
         other => other.to_string().chars().take(200).collect(),
-    };
-    anyhow::bail!(
-        "{status} from what answered, which is not rosterd's error format (is the address that of rosterd?): {shown}"
-    )
+    }
 }
 
 fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -> Result<()> {
@@ -1235,9 +1234,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     // A failed store leaves only what failed (`store.error`), which is what to show then.
     let whole = s["tenants"].is_object() && s["connectors"].is_array();
     if !(s["version"].is_string() && (whole || s["store"]["error"].is_object())) {
-        let shown: String = s.to_string().chars().take(200).collect();
         anyhow::bail!(
-            "the answer at /status is not rosterd's status document (is the address that of rosterd?): {shown}"
+            "the answer at /status is not rosterd's status document (is the address that of rosterd?): {}",
+            excerpt(&s)
         );
     }
     if raw {
@@ -1460,6 +1459,23 @@ fn data_dir_arg(d: &std::path::Path) -> Result<PathBuf> {
     std::path::absolute(d).with_context(|| format!("data dir {}", d.display()))
 }
 
+/// The data directory `serve` uses and the setting that names it, for errors:
+/// `--data-dir` as [`data_dir_arg`] takes it, else `server.data_dir` relative to the
+/// config file.
+fn data_dir_setting(
+    path: &std::path::Path,
+    config: &Config,
+    flag: Option<&std::path::Path>,
+) -> Result<(PathBuf, String)> {
+    Ok(match flag {
+        Some(d) => (data_dir_arg(d)?, "--data-dir".to_owned()),
+        None => (
+            config.resolve(&config.server.data_dir),
+            format!("{}: server.data_dir", path.display()),
+        ),
+    })
+}
+
 fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<()> {
     let mut config = Config::load(&path)?;
     // Which setting to change when the address cannot be bound.
@@ -1470,21 +1486,16 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     if let Some(l) = listen {
         config.server.listen = l;
     }
-    let data_key = match data_dir {
-        Some(_) => "--data-dir".to_owned(),
-        None => format!("{}: server.data_dir", path.display()),
-    };
-    if let Some(d) = data_dir {
-        config.server.data_dir = data_dir_arg(&d)?;
-    }
+    let (dir, data_key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    config.server.data_dir = dir;
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
     init_logging(&config.log);
     rosterd::ops::panics::install_hook();
     let json_logs = matches!(config.log.format, LogFormat::Json);
     // Refused as `check-config` refuses it, naming the setting to change (a file where
     // the directory should be was "cannot create …: File exists").
-    let checked = rosterd::store::Store::check_dir(&config.resolve(&config.server.data_dir))
-        .with_context(|| data_key);
+    let checked =
+        rosterd::store::Store::check_dir(&config.server.data_dir).with_context(|| data_key);
     match checked.and_then(|()| serve_logged(config, &listen_key)) {
         Err(e) if json_logs => {
             tracing::error!(error = %causes(&e), "Fatal error; rosterd exits.");

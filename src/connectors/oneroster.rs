@@ -675,21 +675,22 @@ pub fn enrollment_put(
     Write::put(member_key(group, user), url, "enrollment", body)
 }
 
-/// An enrollment as it should be downstream: absent while its user is (see
-/// [`OneRosterSettings::deletes`]), else a PUT.
-pub fn enrollment_write(
+/// Whether the roster's user `id` is one the target should hold, so that it can be
+/// enrolled: `None` when it is not a user in the roster (a nested group), `Some(false)`
+/// while it is inactive and deactivation means deletion ([`OneRosterSettings::deletes`]).
+/// Its document is read only in that mode.
+pub fn held_downstream(
+    store: &Store,
     settings: &OneRosterSettings,
     tenant: &str,
-    group: &str,
-    user: &str,
-    user_doc: &Value,
-    modified: DateTime<Utc>,
-) -> Write {
-    if settings.deletes(user_doc) {
-        enrollment_delete(settings, tenant, group, user)
-    } else {
-        enrollment_put(settings, tenant, group, user, modified)
-    }
+    id: &str,
+) -> Result<Option<bool>, StoreError> {
+    Ok(match settings.deactivate {
+        Deactivate::Delete => store
+            .get(tenant, ResourceKind::User, id)?
+            .map(|u| !settings.deletes(&u.doc)),
+        Deactivate::Disable => store.get_raw(tenant, ResourceKind::User, id)?.map(|_| true),
+    })
 }
 
 pub fn enrollment_delete(

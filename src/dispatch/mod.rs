@@ -146,8 +146,8 @@ pub struct ConnectorStatus {
     pub last_error_at: Option<DateTime<Utc>>,
     pub paused: bool,
     pub paused_until: Option<DateTime<Utc>>,
-    /// When the latest failed request is tried again, while that is ahead: a long
-    /// `Retry-After` otherwise looks like a connector doing nothing.
+    /// The soonest attempt ahead of a request waiting to retry (its backoff, or the
+    /// target's `Retry-After`): a long one otherwise looks like a connector doing nothing.
     pub next_retry_at: Option<DateTime<Utc>>,
     pub dead_letters: u64,
     pub delivered: u64,
@@ -183,7 +183,7 @@ struct Health {
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
     pause_logged: bool,
-    /// When the latest failed request is tried again.
+    /// The soonest attempt ahead of a request waiting to retry.
     next_retry_at: Option<DateTime<Utc>>,
 }
 
@@ -605,10 +605,9 @@ impl Ctx {
         // slots: an operator's replay and a reconciliation's repairs send one request
         // at a time, and must not queue behind mirror requests waiting out a backoff
         // (a reconciliation holds the tenant's job slot meanwhile).
-        let takes_slot = mirror;
         let mut slot = None;
         loop {
-            if takes_slot && self.live.paused_until().is_some() {
+            if mirror && self.live.paused_until().is_some() {
                 // Nothing is sent while paused; the slot goes to no one meanwhile.
                 slot = None;
             }
@@ -623,7 +622,7 @@ impl Ctx {
                     response: None,
                 };
             }
-            if takes_slot && slot.is_none() {
+            if mirror && slot.is_none() {
                 tokio::select! {
                     s = self.slots.acquire() => match s {
                         Ok(s) => slot = Some(s),
@@ -850,8 +849,7 @@ impl Ctx {
                 for m in &ev.members_added {
                     // Enrollments are for users; nested groups have none, and a user
                     // absent downstream while inactive can have none either.
-                    let user = self.store.get(tenant, ResourceKind::User, m)?;
-                    if user.is_some_and(|u| !settings.deletes(&u.doc)) {
+                    if oneroster::held_downstream(&self.store, settings, tenant, m)? == Some(true) {
                         added.push(m.as_str());
                     }
                 }
@@ -965,17 +963,18 @@ impl Ctx {
         });
         let plan = match planned {
             Ok(p) => p,
-            // A store that has failed is no fault of this change: the task ends on it
-            // (the daemon restarts to recover the store) rather than set every change
-            // aside. A record that cannot be read is this change's alone: it is set
-            // aside as before, and the connector goes on.
-            Err(PlanError::Store(e)) if e.outage_message().is_some() => return Err(e),
-            Err(PlanError::Store(e)) => {
-                let reason = format!("cannot read what this change needs from the store: {e}");
-                self.dead_letter(ev, reason, None, None).await?;
-                return Ok(Delivered::DeadLettered);
-            }
-            Err(PlanError::Unplannable(reason)) => {
+            Err(e) => {
+                let reason = match e {
+                    // A store that has failed is no fault of this change: the task ends
+                    // on it (the daemon restarts to recover the store) rather than set
+                    // every change aside. A record that cannot be read is this change's
+                    // alone: it is set aside as before, and the connector goes on.
+                    PlanError::Store(e) if e.outage_message().is_some() => return Err(e),
+                    PlanError::Store(e) => {
+                        format!("cannot read what this change needs from the store: {e}")
+                    }
+                    PlanError::Unplannable(reason) => reason,
+                };
                 self.dead_letter(ev, reason, None, None).await?;
                 return Ok(Delivered::DeadLettered);
             }

@@ -17,7 +17,7 @@ use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
     Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
-    enrollment_put, enrollment_write, stored_user_write, user_delete, user_key,
+    enrollment_put, held_downstream, stored_user_write, user_delete, user_key,
 };
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
@@ -151,13 +151,16 @@ fn diff(
             if m.kind != "User" {
                 continue;
             }
-            let w = match s.deactivate {
-                // Absent downstream while its user is (see `OneRosterSettings::deletes`).
-                Deactivate::Delete => match store.get(tenant, ResourceKind::User, &m.value)? {
-                    Some(u) => enrollment_write(s, tenant, &g.id, &m.value, &u.doc, now),
-                    None => continue,
-                },
-                Deactivate::Disable => enrollment_put(s, tenant, &g.id, &m.value, now),
+            // Absent downstream while its user is; a member that is a user is always
+            // held when deactivation only disables (no read needed then).
+            let held = match s.deactivate {
+                Deactivate::Delete => held_downstream(store, s, tenant, &m.value)?,
+                Deactivate::Disable => Some(true),
+            };
+            let w = match held {
+                Some(true) => enrollment_put(s, tenant, &g.id, &m.value, now),
+                Some(false) => enrollment_delete(s, tenant, &g.id, &m.value),
+                None => continue,
             };
             check(report, w)?;
         }

@@ -38,7 +38,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::scim::ResourceKind;
 use crate::server::AppState;
 
 pub const HTTP_REQUESTS_TOTAL: &str = "rosterd_http_requests_total";
@@ -393,21 +392,13 @@ fn set_gauges(st: &AppState) {
         metrics::gauge!(CHANGELOG_LAST_SEQ, "tenant" => t.id.clone()).set(seq as f64);
         // Counters the store keeps, as `/status` reads them: an alert on a roster that
         // suddenly shrinks (an IdP deprovisioning everyone) needs no scrape of `/status`.
-        let counts = || -> Result<_, crate::store::StoreError> {
-            Ok((
-                st.store.count(&t.id, ResourceKind::User)?,
-                st.store.count_inactive(&t.id)?,
-                st.store.count(&t.id, ResourceKind::Group)?,
-            ))
-        };
-        match counts() {
-            Ok((users, inactive, groups)) => {
-                let active = users.saturating_sub(inactive);
+        match super::status::RosterCounts::of(st, &t.id) {
+            Ok(c) => {
                 metrics::gauge!(USERS, "tenant" => t.id.clone(), "active" => "true")
-                    .set(active as f64);
+                    .set(c.active as f64);
                 metrics::gauge!(USERS, "tenant" => t.id.clone(), "active" => "false")
-                    .set(inactive as f64);
-                metrics::gauge!(GROUPS, "tenant" => t.id.clone()).set(groups as f64);
+                    .set((c.users - c.active) as f64);
+                metrics::gauge!(GROUPS, "tenant" => t.id.clone()).set(c.groups as f64);
             }
             Err(e) => {
                 tracing::warn!(tenant = %t.id, error = %e, "Cannot read the roster's counts for /metrics.")

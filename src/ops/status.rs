@@ -89,13 +89,31 @@ fn running_job(st: &AppState, tenant: &str) -> Result<Value, crate::store::Store
     ))
 }
 
+/// A tenant's roster size, from the counters the store keeps (no scan): for `/status`
+/// and the metrics.
+pub(crate) struct RosterCounts {
+    pub users: u64,
+    pub active: u64,
+    pub groups: u64,
+}
+
+impl RosterCounts {
+    pub(crate) fn of(st: &AppState, tenant: &str) -> Result<Self, crate::store::StoreError> {
+        let users = st.store.count(tenant, ResourceKind::User)?;
+        Ok(RosterCounts {
+            users,
+            active: users.saturating_sub(st.store.count_inactive(tenant)?),
+            groups: st.store.count(tenant, ResourceKind::Group)?,
+        })
+    }
+}
+
 /// The `/status` document.
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     let on_disk = st.config.on_disk();
     let mut tenants = serde_json::Map::new();
     for t in &st.config.tenants {
-        let users = st.store.count(&t.id, ResourceKind::User)?;
-        let inactive = st.store.count_inactive(&t.id)?;
+        let counts = RosterCounts::of(st, &t.id)?;
         let bundle = st
             .roster
             .tenants
@@ -104,9 +122,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         tenants.insert(
             t.id.clone(),
             json!({
-                "users": users,
-                "active_users": users.saturating_sub(inactive),
-                "groups": st.store.count(&t.id, ResourceKind::Group)?,
+                "users": counts.users,
+                "active_users": counts.active,
+                "groups": counts.groups,
                 "review_queue": st.store.review_queue_len(&t.id)?,
                 "last_seq": *st.store.watch_durable(&t.id).borrow(),
                 "bundle": bundle,
