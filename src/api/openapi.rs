@@ -84,7 +84,7 @@ fn user_filters() -> Vec<Value> {
         ),
         query(
             "email",
-            "Exact e-mail match (case-insensitive)",
+            "Exact match (case-insensitive) on any of the user's e-mail addresses; the email field shows the primary one",
             json!({"type": "string"}),
         ),
         query(
@@ -204,8 +204,8 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/archetypes": {"get": {
                 "operationId": "listArchetypes", "summary": "The tenant's archetypes with user counts",
                 "responses": common_errors(json!({"200": ok_json("Archetypes", json!({
-                    "type": "object", "properties": {"bundle_version": {"type": "string"}, "archetypes": {"type": "array", "items": {
-                        "type": "object", "properties": {
+                    "type": "object", "required": ["bundle_version", "archetypes"], "properties": {"bundle_version": {"type": "string"}, "archetypes": {"type": "array", "items": {
+                        "type": "object", "required": ["archetype_id", "title", "function_focus", "default_cowork_id", "user_count", "active_user_count", "in_bundle"], "properties": {
                             "archetype_id": {"type": "string"}, "title": {"type": ["string", "null"]},
                             "function_focus": {"type": "array", "items": {"type": "string"}},
                             "default_cowork_id": {"type": ["string", "null"]}, "user_count": {"type": "integer"},
@@ -216,11 +216,11 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/groups": {"get": {
                 "operationId": "listGroups", "summary": "Groups with member counts",
                 "responses": common_errors(json!({"200": ok_json("Groups", json!({
-                    "type": "object", "properties": {"groups": {"type": "array", "items": {
-                        "type": "object", "properties": {
+                    "type": "object", "required": ["groups"], "properties": {"groups": {"type": "array", "items": {
+                        "type": "object", "required": ["group_id", "display_name", "external_id", "source", "member_count", "claresia_role", "archetype_rule"], "properties": {
                             "group_id": {"type": "string"}, "display_name": {"type": ["string", "null"]},
                             "external_id": {"type": ["string", "null"]}, "source": {"type": "string"},
-                            "member_count": {"type": "integer"},
+                            "member_count": {"type": "integer", "description": "Direct members, users and nested groups alike; the users filter group= lists the users among them"},
                             "claresia_role": {"type": "string", "description": "The role the group grants: the tenant's group_roles, else member"},
                             "archetype_rule": {"type": ["string", "null"]}}}}}
                 })), "400": error_response("Any query parameter: this endpoint takes none")}), &[])
@@ -229,10 +229,10 @@ pub fn openapi_document() -> Value {
                 "operationId": "listReview", "summary": "Users whose automatic assignment is below the review threshold",
                 "parameters": paging("The next_cursor of the previous page of this tenant's queue; limit may change. Anything else is 400"),
                 "responses": common_errors(json!({"200": ok_json("Review items", json!({
-                    "type": "object", "properties": {
+                    "type": "object", "required": ["review_threshold", "total", "items", "next_cursor"], "properties": {
                         "review_threshold": {"type": ["number", "null"]}, "total": {"type": "integer"},
                         "next_cursor": {"type": ["string", "null"]},
-                        "items": {"type": "array", "items": {"type": "object", "properties": {
+                        "items": {"type": "array", "items": {"type": "object", "required": ["user_id", "scim_id", "email", "job_title", "department", "is_active", "archetype_id", "archetype_confidence", "archetype_assigned_by", "archetype_assigned_at", "candidates"], "properties": {
                             "user_id": {"type": "string"}, "scim_id": {"type": "string"},
                             "email": {"type": ["string", "null"]},
                             "job_title": {"type": ["string", "null"]}, "department": {"type": ["string", "null"]},
@@ -240,7 +240,7 @@ pub fn openapi_document() -> Value {
                             "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": "number"},
                             "archetype_assigned_by": {"type": "string"},
                             "archetype_assigned_at": {"type": "string", "format": "date-time"},
-                            "candidates": {"type": "array", "items": {"type": "object", "properties": {
+                            "candidates": {"type": "array", "description": "The classifier's pick first, then the runners-up by the confidence shown", "items": {"type": "object", "required": ["archetype_id", "confidence"], "properties": {
                                 "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}}}}
                 })), "400": error_response("Bad paging parameter")}), &[])
             }},
@@ -267,8 +267,8 @@ pub fn openapi_document() -> Value {
                     limit()
                 ],
                 "responses": common_errors(json!({"200": ok_json("Events", json!({
-                    "type": "object", "properties": {"next_after": {"type": ["integer", "null"]}, "events": {"type": "array", "items": {
-                        "type": "object", "properties": {
+                    "type": "object", "required": ["events", "next_after"], "properties": {"next_after": {"type": ["integer", "null"]}, "events": {"type": "array", "items": {
+                        "type": "object", "required": ["seq", "at", "kind", "user_id", "scim_id", "actor", "before", "after"], "properties": {
                             "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
                             "kind": {"type": "string"}, "user_id": {"type": "string"}, "scim_id": {"type": "string"},
                             "actor": {"type": "string"},

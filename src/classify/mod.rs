@@ -316,6 +316,9 @@ impl Classifier {
                 confidence: round6(confidence),
             });
         }
+        // The caps above can put a runner-up under the next one; a reviewer reads the
+        // list top-down by the figure shown.
+        candidates[1..].sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
         Classification {
             archetype_id: Some(self.ids[best].clone()),
             confidence: round6(best_conf),

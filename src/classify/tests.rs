@@ -285,6 +285,14 @@ fn with_the_demo_bundle_a_department_never_rates_an_archetype_above_the_title() 
                 .iter()
                 .find(|k| Some(&k.archetype_id) == c.archetype_id.as_ref())
                 .map_or(alone.confidence, |k| k.confidence);
+            // The runners-up read top-down by the figure shown (the first is the pick,
+            // which a department may have chosen over a title rated higher alone).
+            assert!(
+                c.candidates[1..]
+                    .windows(2)
+                    .all(|w| w[0].confidence >= w[1].confidence),
+                "{t} in {d}: runners-up by what they show: {c:?}"
+            );
             assert!(
                 c.confidence <= own + 1e-6,
                 "{t} in {d}: {c:?}, alone {alone:?}"

@@ -428,6 +428,14 @@ impl Parser {
             let inner = self.unary_inner(in_value)?;
             return Ok(Filter::Not(Box::new(inner)));
         }
+        // `not userName eq "x"` would otherwise read `userName` as an operator.
+        if self.peek_keyword("not")
+            && let Some(Tok::Word(w)) = self.toks.get(self.pos + 1)
+            && CompareOp::from_word(w).is_none()
+            && !w.eq_ignore_ascii_case("pr")
+        {
+            return self.fail("\"not\" takes a filter in parentheses: not (userName eq \"x\")");
+        }
         match self.next() {
             Some(Tok::LParen) => {
                 let inner = self.or_expr(in_value)?;
@@ -675,7 +683,8 @@ impl Ctx<'_> {
 }
 
 /// Every value `path` reaches in `doc`, flattening multi-valued attributes. A complex
-/// value reached without a sub-attribute stands for its `value` sub-attribute.
+/// value reached without a sub-attribute stands for its `value` sub-attribute, if it has
+/// one.
 fn resolve<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> Vec<&'a Value> {
     let Some(obj) = doc.as_object() else {
         return Vec::new();
@@ -701,11 +710,10 @@ fn resolve<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> Vec<&'a Value> 
             }
         }
         (Some(_), _) => {}
-        (None, Value::Object(o)) => {
-            if let Some(x) = get_ci(o, "value") {
-                out.push(x);
-            }
-        }
+        // One without a `value` (`name`, an address) stands for itself: `name pr` is
+        // true when any part of the name is there (RFC 7644 §3.4.2.2), and no
+        // comparison matches an object.
+        (None, Value::Object(o)) => out.push(get_ci(o, "value").unwrap_or(v)),
         (None, v) => out.push(v),
     };
     match top {
@@ -850,6 +858,26 @@ impl Filter {
                 Some(CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le)
             ) && unordered(p)
         })
+    }
+
+    /// Every comparison in the filter: the attribute (a value filter's names as
+    /// sub-attributes of its attribute, as in `find_path`) and the value.
+    pub fn comparisons(&self) -> Vec<(AttrPath, &Value)> {
+        match self {
+            Filter::Compare { path, value, .. } => vec![(path.clone(), value)],
+            Filter::Present(_) => vec![],
+            Filter::ValuePath { path, filter } => filter
+                .comparisons()
+                .into_iter()
+                .map(|(p, v)| (sub_of(path, &p), v))
+                .collect(),
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                let mut out = a.comparisons();
+                out.extend(b.comparisons());
+                out
+            }
+            Filter::Not(f) => f.comparisons(),
+        }
     }
 
     /// Does `resource` (a stored SCIM resource of `kind`) match?
@@ -1031,6 +1059,13 @@ mod tests {
     fn presence_boolean_number_datetime() {
         assert!(m("title pr"));
         assert!(!m("nickName pr"));
+        // A complex attribute without `value` is present when any part of it is.
+        assert!(m("name pr"));
+        assert!(!m("addresses pr"));
+        assert!(
+            !m(r#"name eq "Barbara Jensen""#),
+            "no comparison matches an object"
+        );
         assert!(m("active eq true"));
         assert!(m(r#"active eq "True""#), "booleans sent as strings");
         assert!(!m("active eq false"));
@@ -1140,6 +1175,9 @@ mod tests {
             assert_eq!(e.scim_type, Some(ScimType::InvalidFilter), "{bad}");
             assert_eq!(e.status, 400);
         }
+        let e = parse_filter(r#"not userName eq "x""#).unwrap_err();
+        assert!(e.detail.contains("in parentheses"), "{}", e.detail);
+        assert!(parse_filter(r#"not (userName eq "x")"#).is_ok());
     }
 
     #[test]

@@ -646,6 +646,14 @@ fn apply_plain(
                 }
             };
             match obj.get_mut(key) {
+                // Another `value` is another thing (another manager): what was said of
+                // the old one (its displayName) does not carry over to it.
+                Some(Value::Object(existing))
+                    if get_ci(&new, "value")
+                        .is_some_and(|v| get_ci(existing, "value").is_some_and(|o| o != v)) =>
+                {
+                    *existing = new;
+                }
                 Some(Value::Object(existing)) => {
                     for (k, v) in new {
                         set_ci(existing, &k, v);
@@ -826,6 +834,20 @@ fn create_matching(
         // Removing what is not there leaves the resource as the client wants it.
         return Ok(());
     }
+    // RFC 7644 §3.5.2.3 has a replace that selects nothing fail with noTarget. Entra
+    // replaces `emails[type eq "work"].value` expecting the element to be made, so a
+    // filter on what kind of element it is may create one; a filter on the element's
+    // `value` names one the client believes exists, and making it would invent data.
+    if op == PatchOpKind::Replace
+        && filter
+            .attr_paths()
+            .iter()
+            .any(|p| p.attr.eq_ignore_ascii_case("value"))
+    {
+        return Err(ScimError::no_target(format!(
+            "{attr}[{filter}] matches nothing to replace"
+        )));
+    }
     let Some(mut element) = synthesize(filter) else {
         return Err(ScimError::no_target(format!(
             "{attr}[{filter}] matches nothing, and the filter does not describe an element to create"
@@ -999,6 +1021,14 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.scim_type, Some(ScimType::NoTarget));
+        // A replace selecting by the value names an element the client thinks exists.
+        let e = patch(
+            &mut d,
+            json!([{"op": "replace", "path": "emails[value eq \"nomatch\"].type", "value": "home"}]),
+        )
+        .unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::NoTarget));
+        assert_eq!(d["emails"].as_array().unwrap().len(), 1);
 
         // The filter's attribute under another spelling than the value's is one key, so
         // the document still normalizes (two keys would be one attribute given twice).
@@ -1035,6 +1065,21 @@ mod tests {
     fn manager_bare_string_and_filtered_remove() {
         let mut d = user();
         let mgr = format!("{ENTERPRISE_USER_SCHEMA}:manager");
+        patch(
+            &mut d,
+            json!([{"op": "Add", "path": mgr, "value": {"value": "m0", "displayName": "Zed"}}]),
+        )
+        .unwrap();
+        patch(
+            &mut d,
+            json!([{"op": "replace", "path": mgr, "value": {"value": "m0"}}]),
+        )
+        .unwrap();
+        assert_eq!(
+            d[ENTERPRISE_USER_SCHEMA]["manager"]["displayName"], "Zed",
+            "the same manager: sub-attributes merge (RFC 7644 §3.5.2.3)"
+        );
+        // Another manager: Zed's name is not the new manager's.
         patch(&mut d, json!([{"op": "Add", "path": mgr, "value": "m1"}])).unwrap();
         assert_eq!(d[ENTERPRISE_USER_SCHEMA]["manager"], json!({"value": "m1"}));
         patch(

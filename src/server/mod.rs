@@ -667,6 +667,22 @@ pub(crate) struct Refusal {
     pub detail: String,
 }
 
+/// A refusal's detail can echo what the client sent (an archetype id, a filter) up to
+/// the body limit; the log keeps enough of it to recognise.
+const MAX_LOGGED_DETAIL: usize = 512;
+
+/// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
+pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &s[..end], s.len()).into()
+}
+
 /// The detail is a string field: the text format writes it quoted and escaped (it can echo
 /// what the client sent, a filter or a userName, and a line break in it must not start a
 /// forged log line), the JSON format as a plain JSON string.
@@ -682,7 +698,7 @@ fn log_finished(resp: &Response, elapsed: std::time::Duration) {
             tracing::warn!(
                 status,
                 code = r.code,
-                detail = r.detail.as_str(),
+                detail = clip(&r.detail, MAX_LOGGED_DETAIL).as_ref(),
                 "Request refused: credentials."
             )
         }
@@ -690,7 +706,7 @@ fn log_finished(resp: &Response, elapsed: std::time::Duration) {
             tracing::info!(
                 status,
                 code = r.code,
-                detail = r.detail.as_str(),
+                detail = clip(&r.detail, MAX_LOGGED_DETAIL).as_ref(),
                 "Request refused."
             )
         }
@@ -787,6 +803,13 @@ mod tests {
 
     fn buggy(what: &str) -> &'static str {
         panic!("{what}")
+    }
+
+    #[test]
+    fn a_long_detail_is_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short", 512), "short");
+        // "é" is two bytes: a cut at byte 3 would split the second one.
+        assert_eq!(clip("éééé", 3), "é… (8 bytes in all)");
     }
 
     /// No route of the daemon is known to panic, so routes that do stand in for a bug.

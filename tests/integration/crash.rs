@@ -913,7 +913,7 @@ async fn churn(d: &ChildDaemon, tag: &str) {
     let r = d
         .scim_send(Method::PATCH, &format!("/Groups/{gid}"), Some(op))
         .await;
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
     for id in &ids[2..5] {
         let r = d
             .scim_send(Method::DELETE, &format!("/Users/{id}"), None)

@@ -464,7 +464,7 @@ impl TestDaemon {
                 patch_op(json!([{"op": "add", "path": "members", "value": value}])),
             )
             .await;
-        assert_eq!(r.status, 200, "add members to {gid}: {}", r.body);
+        assert_eq!(r.status, 204, "add members to {gid}: {}", r.body);
     }
 
     pub async fn create_group(&self, name: &str) -> String {

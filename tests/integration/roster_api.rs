@@ -328,7 +328,7 @@ async fn group_rules_outrank_the_classifier() {
             patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{id}\"]")}])),
         )
         .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 204);
     let u = roster_user(&d, &admin, &id).await;
     assert_eq!(u["archetype_id"], "software_engineer");
     assert_eq!(u["archetype_assigned_by"], "service:classifier");
@@ -362,7 +362,7 @@ async fn a_member_toggled_within_one_patch_ends_as_the_last_operation_left_it() 
             ])),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
     let g = d.get(&format!("/Groups/{gid}")).await;
     let members: Vec<&str> = g.body["members"]
         .as_array()
@@ -743,6 +743,20 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
         )
         .await;
     api_error(&r, 400, "invalid_archetype");
+    // An id of 60,000 characters is not echoed whole, into the answer or the log.
+    let r = d
+        .override_archetype(
+            &format!("/users/{other}"),
+            &admin,
+            json!("a".repeat(60_000)),
+        )
+        .await;
+    api_error(&r, 400, "invalid_archetype");
+    let message = r.body["message"].as_str().unwrap();
+    assert!(
+        message.len() < 400 && message.contains("60000 bytes in all"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -769,7 +783,7 @@ async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
             ])),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
     for id in [&old, &new] {
         let u = roster_user(&d, &admin, id).await;
         assert_eq!(u["archetype_id"], "eng_lead", "{u}");
@@ -783,7 +797,7 @@ async fn renaming_a_group_applies_or_lifts_its_rule_for_every_member() {
             patch_op(json!([{"op": "replace", "path": "displayName", "value": "Platform"}])),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
     for id in [&old, &new] {
         let u = roster_user(&d, &admin, id).await;
         assert_eq!(u["archetype_id"], "software_engineer", "{u}");
@@ -1848,6 +1862,114 @@ async fn openapi_lists_exactly_the_served_operations() {
         }
     }
     assert!(checked >= 13, "{checked}");
+}
+
+/// Whether `value` has what `schema` (of the served OpenAPI document `doc`) says it
+/// has: required fields, the declared types of the fields it carries, array items,
+/// `$ref` and `oneOf`. Enough of JSON Schema to hold the document to the handlers.
+fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        return conforms(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if let Some(any) = schema["oneOf"].as_array() {
+        return any
+            .iter()
+            .find(|s| conforms(doc, s, value, at).is_ok())
+            .map(|_| ())
+            .ok_or_else(|| format!("{at}: {value} matches no oneOf branch"));
+    }
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    let fits = |t: &&str| *t == kind || (*t == "number" && kind == "integer");
+    if !types.is_empty() && !types.iter().any(fits) {
+        return Err(format!("{at}: {value} is {kind}, documented as {types:?}"));
+    }
+    if let Value::Object(o) = value {
+        for r in schema["required"].as_array().into_iter().flatten() {
+            let r = r.as_str().unwrap();
+            if !o.contains_key(r) {
+                return Err(format!("{at}: required {r:?} missing from {value}"));
+            }
+        }
+        for (k, v) in o {
+            if let Some(s) = schema["properties"].get(k) {
+                conforms(doc, s, v, &format!("{at}.{k}"))?;
+            }
+        }
+    }
+    if let (Value::Array(items), Some(s)) = (value, schema.get("items")) {
+        for (i, v) in items.iter().enumerate() {
+            conforms(doc, s, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// What each read answers is what the document says it answers, required fields
+/// included, so code generated from it neither misses a field nor makes one optional.
+#[tokio::test]
+async fn answers_are_shaped_as_the_openapi_document_says() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let doc = d
+        .raw(Method::GET, &d.url("/api/v1/openapi.json"), None, &[], None)
+        .await
+        .body;
+    let ada = create(
+        &d,
+        "ada@acme.test",
+        "software engineer",
+        Some("Engineering"),
+    )
+    .await;
+    create(&d, "vague@acme.test", "specialist", None).await;
+    let gid = d.create_group("Leads").await;
+    d.add_members(&gid, &[&ada]).await;
+    let r = d
+        .override_archetype("/users/user:ada@acme.test", &admin, json!("eng_lead"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.idle().await;
+    for (path, url) in [
+        ("/api/v1/roster/users", "/users?active=any"),
+        (
+            "/api/v1/roster/users/{user_id}",
+            "/users/user:ada@acme.test",
+        ),
+        ("/api/v1/roster/archetypes", "/archetypes"),
+        ("/api/v1/roster/groups", "/groups"),
+        ("/api/v1/roster/review", "/review"),
+        ("/api/v1/roster/events", "/events"),
+    ] {
+        let r = d.roster(Method::GET, url, &admin, None).await;
+        assert_eq!(r.status, 200, "{url}: {}", r.body);
+        let schema =
+            &doc["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"];
+        assert!(schema.is_object(), "{path} documents its 200");
+        if let Err(e) = conforms(&doc, schema, &r.body, url) {
+            panic!("{e}");
+        }
+    }
+    // The queue and the events hold something, so their items were checked.
+    let review = d.roster(Method::GET, "/review", &admin, None).await;
+    assert!(
+        !review.body["items"].as_array().unwrap().is_empty(),
+        "{}",
+        review.body
+    );
 }
 
 /// A request target over 65,534 bytes is refused by hyper itself, 414 without a body,

@@ -56,7 +56,7 @@ async fn bulk_ids_link_operations() {
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
     let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, ["201", "200", "200", "400"], "{}", r.body);
+    assert_eq!(statuses, ["201", "204", "204", "400"], "{}", r.body);
     let g = d.get(&format!("/Groups/{gid}")).await;
     assert_eq!(g.body["members"].as_array().unwrap().len(), 1, "{}", g.body);
     assert_eq!(g.body["members"][0]["value"], uid);

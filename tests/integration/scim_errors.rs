@@ -253,6 +253,11 @@ async fn limits_and_unsupported_things() {
     assert_eq!(r.status, 400);
     let r = d.get("/Users?count=abc").await;
     assert_eq!(r.status, 400);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("count"),
+        "{}",
+        r.body
+    );
 
     // What axum answers before a handler runs is a SCIM error too, not an empty body.
     for method in [Method::DELETE, Method::OPTIONS] {
@@ -286,6 +291,74 @@ async fn limits_and_unsupported_things() {
         r.body["detail"].as_str().unwrap().contains("UTF-8"),
         "{}",
         r.body
+    );
+}
+
+/// A document for another resource type, or a list no person has, is refused: 300,000
+/// emails in a 15 MB body took the daemon past 1 GB.
+#[tokio::test]
+async fn a_resource_must_be_of_its_endpoint_and_of_a_sane_size() {
+    let d = TestDaemon::start().await;
+    let group_doc = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "userName": "g@example.com", "displayName": "G"});
+    let r = d.post("/Users", group_doc).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidSyntax");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("core:2.0:User"),
+        "{}",
+        r.body
+    );
+    let r = d
+        .post(
+            "/Users",
+            json!({"schemas": "urn:ietf:params:scim:schemas:core:2.0:User", "userName": "s@x"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "schemas is a list: {}", r.body);
+    // Entra adds one of Microsoft's URNs beside the core one; no schemas at all is taken.
+    let r = d
+        .post("/Groups", json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group",
+            "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/Group"], "displayName": "G"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = d
+        .post("/Users", json!({"userName": "bare@example.com"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+
+    let many: Vec<_> = (0..1001)
+        .map(|i| json!({"value": format!("e{i}@example.com")}))
+        .collect();
+    let mut body = user("many@example.com");
+    body["emails"] = json!(many[..1000]);
+    assert_eq!(
+        d.post("/Users", body.clone()).await.status,
+        201,
+        "1,000 is taken"
+    );
+    body["userName"] = json!("more@example.com");
+    body["emails"] = json!(many);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "invalidValue");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("emails"),
+        "{}",
+        r.body
+    );
+    // Or piled up by a PATCH.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "add", "path": "emails", "value": many}])),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        d.get(&format!("/Users/{id}")).await.body.get("emails"),
+        None
     );
 }
 

@@ -143,6 +143,8 @@ async fn entra_style_session() {
             patch_op(json!([{"op": "Replace", "path": "displayName", "value": "Group_1_renamed"}])),
         )
         .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&format!("/Groups/{gid}")).await;
     assert_eq!(r.body["displayName"], "Group_1_renamed");
     assert_eq!(
         r.body["members"][0]["value"],
@@ -155,6 +157,8 @@ async fn entra_style_session() {
             patch_op(json!([{"op": "Remove", "path": "members", "value": [{"value": id}]}])),
         )
         .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&format!("/Groups/{gid}")).await;
     assert!(r.body.get("members").is_none(), "{}", r.body);
 
     // Hard delete, much later.
@@ -236,7 +240,8 @@ async fn okta_style_session() {
             ),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&gp).await;
     assert_eq!(r.body["displayName"], "Okta Group 2");
     assert_eq!(r.body["id"], gid.as_str());
     let r = d
@@ -247,6 +252,8 @@ async fn okta_style_session() {
             ])),
         )
         .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&gp).await;
     assert_eq!(r.body["members"].as_array().unwrap().len(), 1);
     let r = d
         .patch(
@@ -257,7 +264,8 @@ async fn okta_style_session() {
             ])),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&gp).await;
     assert_eq!(r.body["members"][0]["value"], other.as_str());
     assert_eq!(r.body["members"].as_array().unwrap().len(), 1);
     let r = d
@@ -266,6 +274,8 @@ async fn okta_style_session() {
             patch_op(json!([{"op": "replace", "path": "members", "value": [{"value": id}, {"value": other}]}])),
         )
         .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.get(&gp).await;
     assert_eq!(r.body["members"].as_array().unwrap().len(), 2);
     // Paging the way Okta does.
     let r = d.get("/Users?startIndex=1&count=100").await;

@@ -94,6 +94,12 @@ async fn filters_cover_the_grammar() {
             vec!["ben@example.com", "eve@example.com"],
         ),
         ("title pr", vec![]),
+        // A complex attribute without `value` is present when any part of it is.
+        (
+            "name pr and name.givenName eq \"eve\"",
+            vec!["eve@example.com"],
+        ),
+        ("active eq \"False\"", vec!["ben@example.com"]),
         (
             "externalId pr and userName gt \"d\"",
             vec!["dan@corp.test", "eve@example.com"],
@@ -156,6 +162,23 @@ async fn bad_filters_are_scim_errors() {
         assert!(
             r.body["detail"].as_str().unwrap().contains("has no order"),
             "{}",
+            r.body
+        );
+    }
+    // A value the attribute can never hold would match nothing as well.
+    for (f, says) in [
+        ("meta.created gt \"not a date\"", "dateTime"),
+        ("meta.lastModified ge \"2026-12-03\"", "dateTime"),
+        ("active eq \"maybe\"", "boolean"),
+        ("emails[primary eq 1]", "boolean"),
+        ("userName eq true", "string"),
+    ] {
+        let r = d.get(&format!("/Users?filter={}", enc(f))).await;
+        assert_eq!(r.status, 400, "{f}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidFilter", "{f}");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(says),
+            "{f}: {}",
             r.body
         );
     }
@@ -394,6 +417,8 @@ async fn discovery_endpoints_describe_what_is_supported() {
         assert_eq!(spc.body[feature]["supported"], true, "{feature}");
     }
     assert_eq!(spc.body["changePassword"]["supported"], false);
+    assert_eq!(spc.body["pagination"]["cursor"], false, "{}", spc.body);
+    assert_eq!(spc.body["pagination"]["index"], true);
     let rt = d.get("/ResourceTypes").await;
     let ids: Vec<&str> = rt.body["Resources"]
         .as_array()
@@ -420,4 +445,26 @@ async fn discovery_endpoints_describe_what_is_supported() {
     assert_eq!(user_name["caseExact"], false);
     let pw = attrs.iter().find(|a| a["name"] == "password").unwrap();
     assert_eq!(pw["returned"], "never");
+}
+
+/// A parameter given twice, or a cursor rosterd does not offer, is refused rather than
+/// half-read: an RFC 9865 client whose `cursor` was ignored got page one forever.
+#[tokio::test]
+async fn query_parameters_are_read_once_and_whole() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    for q in [
+        "filter=userName%20pr&filter=active%20eq%20false",
+        "count=1&COUNT=2",
+        "cursor=",
+        "cursor=abc&count=2",
+    ] {
+        let r = d.get(&format!("/Users?{q}")).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidValue", "{q}");
+    }
+    let r = d.get("/Users?startIndex=2&count=2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["itemsPerPage"], 2);
+    assert_eq!(r.body["startIndex"], 2);
 }
