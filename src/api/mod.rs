@@ -40,7 +40,7 @@ pub enum ApiError {
     MissingScope(&'static str),
     #[error("{0}")]
     NotFound(String),
-    #[error("archetype {:?} is not in this tenant's bundle", crate::server::clip(.0, 200))]
+    #[error("archetype {} is not in this tenant's bundle", crate::server::quote_clipped(.0, 200))]
     InvalidArchetype(String),
     #[error("{0}")]
     BadRequest(String),

@@ -84,7 +84,7 @@ fn user_filters() -> Vec<Value> {
         ),
         query(
             "email",
-            "Exact match (case-insensitive) on any of the user's e-mail addresses; the email field shows the primary one",
+            "Exact match (case-insensitive) on any of the user's e-mail addresses, or a userName that is one; the email field shows one of them (the primary, else the work one, else the first)",
             json!({"type": "string"}),
         ),
         query(
@@ -368,13 +368,13 @@ pub fn openapi_document() -> Value {
                     "is_active": {"type": "boolean"}, "scim_external_id": {"type": ["string", "null"]},
                     "groups": {"type": "array", "items": {"type": "string"}, "description": "The user's groups by group_id (as GET /groups lists them), sorted"},
                     "group_names": {"type": "array", "items": {"type": "string"}, "description": "The display names of groups, in the same order"}}},
-                "AssignmentState": {"type": "object", "properties": {
+                "AssignmentState": {"type": "object", "required": ["archetype_id", "archetype_confidence", "archetype_assigned_by", "archetype_assigned_at", "source", "bundle_version", "needs_review", "candidates"], "properties": {
                     "archetype_id": {"type": ["string", "null"]}, "archetype_confidence": {"type": "number"},
                     "archetype_assigned_by": {"type": "string"},
                     "archetype_assigned_at": {"type": "string", "format": "date-time"},
                     "source": {"type": "string", "enum": ["override", "group", "classifier", "default", "unassigned"]},
                     "bundle_version": {"type": "string"}, "needs_review": {"type": "boolean"},
-                    "candidates": {"type": "array", "items": {"type": "object", "properties": {
+                    "candidates": {"type": "array", "items": {"type": "object", "required": ["archetype_id", "confidence"], "properties": {
                         "archetype_id": {"type": "string"}, "confidence": {"type": "number"}}}}}},
                 "AssignmentResult": {"type": "object", "required": ["user_id", "archetype_id", "archetype_confidence", "archetype_assigned_by", "archetype_assigned_at"], "properties": {
                     "user_id": {"type": "string"}, "archetype_id": {"type": ["string", "null"]},

@@ -766,8 +766,18 @@ pub(crate) fn assignment_state(a: &Assignment) -> Value {
         "source": a.source,
         "bundle_version": a.bundle_version,
         "needs_review": a.needs_review,
-        "candidates": a.candidates,
+        "candidates": shown_candidates(&a.candidates),
     })
+}
+
+/// The pick first, then the runners-up by the confidence shown. Assignments stored
+/// before the classifier ordered them so are put in order here.
+fn shown_candidates(c: &[crate::store::Candidate]) -> Vec<&crate::store::Candidate> {
+    let mut out: Vec<&crate::store::Candidate> = c.iter().collect();
+    if out.len() > 2 {
+        out[1..].sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+    }
+    out
 }
 
 fn assignment_reply(user_name: &str, a: &Assignment) -> Value {
@@ -1174,7 +1184,7 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
                 "archetype_confidence": a.confidence,
                 "archetype_assigned_by": a.assigned_by,
                 "archetype_assigned_at": a.assigned_at,
-                "candidates": a.candidates,
+                "candidates": shown_candidates(&a.candidates),
             }));
         }
         let next = if more {

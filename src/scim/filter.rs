@@ -733,8 +733,17 @@ fn present(v: &Value) -> bool {
     }
 }
 
-fn parse_datetime(s: &str) -> Option<DateTime<FixedOffset>> {
-    DateTime::parse_from_rfc3339(s).ok()
+/// A SCIM dateTime (RFC 7643 §2.3.5 is xsd:dateTime, whose zone is optional): RFC 3339,
+/// or without a zone (read as UTC), or with a zone written `+0000`.
+pub(crate) fn parse_datetime(s: &str) -> Option<DateTime<FixedOffset>> {
+    DateTime::parse_from_rfc3339(s)
+        .or_else(|_| DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .ok()
+        .or_else(|| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .ok()
+                .map(|n| n.and_utc().fixed_offset())
+        })
 }
 
 fn compare_one(sem: &Semantics, op: CompareOp, actual: &Value, expected: &Value) -> bool {
@@ -1062,6 +1071,13 @@ mod tests {
         // A complex attribute without `value` is present when any part of it is.
         assert!(m("name pr"));
         assert!(!m("addresses pr"));
+        let mut with_address = user();
+        with_address["addresses"] = json!([{"locality": "Oslo", "type": "work"}]);
+        assert!(
+            parse_filter("addresses pr")
+                .unwrap()
+                .matches(ResourceKind::User, &with_address)
+        );
         assert!(
             !m(r#"name eq "Barbara Jensen""#),
             "no comparison matches an object"
@@ -1076,6 +1092,9 @@ mod tests {
         // Same instant in another offset: compared as time, not text.
         assert!(m(r#"meta.lastModified eq "2011-05-13T06:42:34+02:00""#));
         assert!(!m(r#"meta.lastModified lt "2011-05-13T04:42:34Z""#));
+        // xsd:dateTime's zone is optional (none is UTC here), and some write +0000.
+        assert!(m(r#"meta.lastModified eq "2011-05-13T04:42:34""#));
+        assert!(m(r#"meta.lastModified eq "2011-05-13T05:42:34.000+0100""#));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! types (`"False"` becomes `false`), and keep values, array order and unknown-to-us but
 //! well-formed sub-attribute values exactly as sent: a client reading back must see what
 //! it wrote.
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
@@ -51,28 +53,27 @@ pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
     Ok(())
 }
 
-/// The values of one multi-valued attribute that name the same thing: the same `value`
-/// (compared as the schema says, so `A@X.org` is `a@x.org` for an email) and the same
-/// `type`; values without a `value` (addresses) are the same when equal apart from
-/// `primary`.
-fn same_value(def: Option<&AttrDef>, a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
-    let text_eq = |x: Option<&Value>, y: Option<&Value>, exact: bool| match (x, y) {
-        (Some(Value::String(x)), Some(Value::String(y))) if !exact => {
-            x.to_lowercase() == y.to_lowercase()
-        }
-        (x, y) => x == y,
+/// What identifies a value of a multi-valued attribute: its `value`, folded to lower
+/// case where the schema compares it so (an email, a role; not a photo's URL or a
+/// certificate), and its `type` in lower case, if it has one.
+fn value_key(def: Option<&AttrDef>, m: &Map<String, Value>) -> Option<(String, Option<String>)> {
+    let v = m.get("value")?;
+    let sub = def.and_then(|d| d.sub_attributes.iter().find(|s| s.name == "value"));
+    let exact = sub
+        .is_some_and(|s| s.case_exact || matches!(s.kind, AttrKind::Reference | AttrKind::Binary));
+    let v = match v {
+        Value::String(s) if !exact => s.to_lowercase(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     };
-    let sub_exact = |name: &str| {
-        def.and_then(|d| d.sub_attributes.iter().find(|s| s.name == name))
-            .is_some_and(|s| s.case_exact)
-    };
-    if a.contains_key("value") || b.contains_key("value") {
-        return text_eq(a.get("value"), b.get("value"), sub_exact("value"))
-            && text_eq(a.get("type"), b.get("type"), false);
-    }
-    let without_primary =
-        |m: &Map<String, Value>| m.iter().filter(|(k, _)| *k != "primary").count();
-    without_primary(a) == without_primary(b)
+    let t = m.get("type").and_then(Value::as_str).map(str::to_lowercase);
+    Some((v, t))
+}
+
+/// Two values without a `value` (addresses) are the same when equal apart from `primary`.
+fn same_unvalued(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+    let rest = |m: &Map<String, Value>| m.iter().filter(|(k, _)| *k != "primary").count();
+    rest(a) == rest(b)
         && a.iter()
             .filter(|(k, _)| *k != "primary")
             .all(|(k, v)| b.get(k) == Some(v))
@@ -83,7 +84,9 @@ fn same_value(def: Option<&AttrDef>, a: &Map<String, Value>, b: &Map<String, Val
 /// not two: RFC 7644 §3.5.2.1 has an add of a value already there change nothing but
 /// what it says of it, and two equal values, both primary, made the user one that its own
 /// GET-then-PUT (Okta's update) was refused for. Runs on the normalized document, where
-/// the spellings agree; a later value's sub-attributes win over the earlier one's.
+/// the spellings agree. Values are the same when their `value`s are (see [`value_key`])
+/// and their types agree or one has none; a later value's sub-attributes win over the
+/// earlier one's.
 pub fn merge_repeats(kind: ResourceKind, doc: &mut Value) {
     let Some(obj) = doc.as_object_mut() else {
         return;
@@ -102,9 +105,35 @@ pub fn merge_repeats(kind: ResourceKind, doc: &mut Value) {
             _ => None,
         });
         let mut kept: Vec<Map<String, Value>> = Vec::new();
+        // By folded `value`: where each kept value is, and its type.
+        let mut by_value: HashMap<String, Vec<(usize, Option<String>)>> = HashMap::new();
         for new in values {
-            match kept.iter_mut().find(|k| same_value(def, k, &new)) {
-                Some(earlier) => earlier.extend(new),
+            let earlier = match value_key(def, &new) {
+                Some((v, t)) => {
+                    let seen = by_value.entry(v).or_default();
+                    match seen
+                        .iter_mut()
+                        .find(|(_, kt)| kt.is_none() || t.is_none() || *kt == t)
+                    {
+                        Some((i, kt)) => {
+                            // An untyped value that met a typed one has that type now.
+                            if kt.is_none() {
+                                *kt = t;
+                            }
+                            Some(*i)
+                        }
+                        None => {
+                            seen.push((kept.len(), t));
+                            None
+                        }
+                    }
+                }
+                None => kept
+                    .iter()
+                    .position(|k| !k.contains_key("value") && same_unvalued(k, &new)),
+            };
+            match earlier {
+                Some(i) => kept[i].extend(new),
                 None => kept.push(new),
             }
         }
@@ -232,7 +261,7 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
 /// A resource's `schemas` must name the endpoint's own core schema (RFC 7643 §3): a
 /// Group document POSTed to /Users is a client's mistake, not a user. Other URNs may
 /// come beside it (Entra adds one of Microsoft's to a group create), and a document
-/// without `schemas` is taken, as some clients leave it out.
+/// without `schemas` (or with an empty list) is taken, as some clients leave it out.
 fn check_schemas(core: &SchemaDef, value: &Value) -> ScimResult<()> {
     let names = match value {
         Value::Null => return Ok(()),
@@ -244,7 +273,8 @@ fn check_schemas(core: &SchemaDef, value: &Value) -> ScimResult<()> {
             "schemas is a list of schema URNs, not {value}"
         )));
     };
-    if names.iter().any(|n| n.eq_ignore_ascii_case(core.id)) {
+    // An empty list says no more than none.
+    if names.is_empty() || names.iter().any(|n| n.eq_ignore_ascii_case(core.id)) {
         return Ok(());
     }
     Err(ScimError::invalid_syntax(format!(
@@ -505,6 +535,41 @@ fn normalize_complex(
 /// roster record, the change event and every downstream request: a 12 MB title took the
 /// daemon's peak memory past 250 MB.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// The largest stored document taken, serialized, in bytes. A person's record is a few
+/// kilobytes; one of hundreds of megabytes (1,000 addresses of 64 KiB lines, grown
+/// PATCH by PATCH) would be copied into the roster record and every change event.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// The document's size as JSON, counted without building the text.
+fn json_len(doc: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a Value into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut c, doc);
+    c.0
+}
+
+/// Refuse a document over [`MAX_DOCUMENT_BYTES`], unless it was that large before this
+/// write (`before`, for a PATCH): a user stored large is still deactivated by a PATCH.
+pub fn check_document_size(doc: &Value, before: Option<&Value>) -> ScimResult<()> {
+    let size = json_len(doc);
+    if size <= MAX_DOCUMENT_BYTES || before.is_some_and(|b| json_len(b) >= size) {
+        return Ok(());
+    }
+    Err(ScimError::invalid_value(format!(
+        "the resource would be {size} bytes as JSON; rosterd takes at most {MAX_DOCUMENT_BYTES}"
+    )))
+}
 
 /// The most values one multi-valued attribute (other than a group's members) takes. No
 /// person has a thousand emails, phone numbers or roles.
@@ -773,6 +838,51 @@ fn keep_subs(value: &Value, subs: &[&str], keep: bool) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn repeats_merge_by_value_and_type_as_the_schema_compares_them() {
+        let mut d = json!({
+            "emails": [{"value": "p@x.org", "type": "work", "primary": true},
+                       {"value": "P@X.org"},
+                       {"value": "p@x.org", "type": "home"}],
+            "photos": [{"value": "https://cdn/A.jpg", "type": "photo"},
+                       {"value": "https://cdn/a.jpg", "type": "photo"}],
+            "addresses": [{"locality": "Oslo", "primary": true}, {"locality": "Oslo"},
+                          {"locality": "Bergen"}],
+        });
+        super::merge_repeats(ResourceKind::User, &mut d);
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "P@X.org", "type": "work", "primary": true},
+                   {"value": "p@x.org", "type": "home"}]),
+            "an untyped repeat is the typed one; another type is another email"
+        );
+        assert_eq!(
+            d["photos"].as_array().unwrap().len(),
+            2,
+            "a URL's case matters"
+        );
+        assert_eq!(d["addresses"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_patch_making_a_repeat_primary_keeps_it_primary() {
+        // Stored: b (home) and a (work, primary). The PATCH adds b as primary and a
+        // again in other letters: b is the primary the client asked for.
+        let before = json!({"emails": [{"value": "b@x.org", "type": "home"},
+                                       {"value": "a@x.org", "type": "work", "primary": true}]});
+        let mut after = json!({"emails": [{"value": "b@x.org", "type": "home"},
+                                          {"value": "a@x.org", "type": "work", "primary": true},
+                                          {"value": "b@x.org", "type": "home", "primary": true},
+                                          {"value": "A@x.org", "type": "work"}]});
+        super::settle_primaries(&before, &mut after);
+        super::merge_repeats(ResourceKind::User, &mut after);
+        let emails = after["emails"].as_array().unwrap();
+        assert_eq!(emails.len(), 2, "{after}");
+        let primary: Vec<&Value> = emails.iter().filter(|e| super::is_primary(e)).collect();
+        assert_eq!(primary.len(), 1, "{after}");
+        assert_eq!(primary[0]["value"], "b@x.org", "{after}");
+    }
+
     #[test]
     fn one_value_stays_primary() {
         use serde_json::json;

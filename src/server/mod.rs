@@ -671,16 +671,30 @@ pub(crate) struct Refusal {
 /// the body limit; the log keeps enough of it to recognise.
 const MAX_LOGGED_DETAIL: usize = 512;
 
+/// The first at most `max` bytes of `s`, cut on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
 pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    format!("{}… ({} bytes in all)", head(s, max), s.len()).into()
+}
+
+/// A value a client sent, quoted as in `{:?}`, and cut as [`clip`] cuts, with the note
+/// of its length outside the quotes, where it cannot be read as part of the value.
+pub(crate) fn quote_clipped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return format!("{s:?}");
     }
-    format!("{}… ({} bytes in all)", &s[..end], s.len()).into()
+    format!("{:?}… ({} bytes in all)", head(s, max), s.len())
 }
 
 /// The detail is a string field: the text format writes it quoted and escaped (it can echo
@@ -810,6 +824,8 @@ mod tests {
         assert_eq!(clip("short", 512), "short");
         // "é" is two bytes: a cut at byte 3 would split the second one.
         assert_eq!(clip("éééé", 3), "é… (8 bytes in all)");
+        assert_eq!(quote_clipped("éééé", 3), "\"é\"… (8 bytes in all)");
+        assert_eq!(quote_clipped("a\"b", 10), "\"a\\\"b\"");
     }
 
     /// No route of the daemon is known to panic, so routes that do stand in for a bug.

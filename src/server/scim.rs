@@ -20,7 +20,8 @@ use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
 use crate::scim::patch::{MemberOp, MemberRef, apply, parse_patch_request, split_member_ops};
 use crate::scim::resource::{
-    check_immutable, merge_repeats, normalize_input, one_primary_each, project, settle_primaries,
+    check_document_size, check_immutable, merge_repeats, normalize_input, one_primary_each,
+    project, settle_primaries,
 };
 use crate::scim::schema::{
     self, ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA, ResourceKind, USER_SCHEMA, lookup,
@@ -469,6 +470,7 @@ async fn op_create(
     let mut doc = normalize(kind, body)?;
     one_primary_each(&doc)?;
     let members = take_members(kind, &mut doc)?.unwrap_or_default();
+    check_document_size(&doc, None)?;
     let res = state
         .store
         .create(tenant, kind, doc, members)
@@ -504,6 +506,7 @@ async fn op_replace(
     one_primary_each(&doc)?;
     // PUT replaces the whole resource, members included (a diff is applied in the store).
     let members = take_members(kind, &mut doc)?.unwrap_or_default();
+    check_document_size(&doc, None)?;
     let res = state
         .store
         .update(tenant, kind, id, cond, move |old| {
@@ -550,13 +553,16 @@ async fn op_patch(
             let mut doc = old.clone();
             apply(kind, &mut doc, &doc_ops)?;
             let mut doc = normalize(kind, doc)?;
-            merge_repeats(kind, &mut doc);
+            // Primaries first, while a re-sent value is still apart from the stored one
+            // it repeats: merged, it would carry the stored `primary` and pass for new.
             settle_primaries(old, &mut doc);
+            merge_repeats(kind, &mut doc);
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
                 obj.remove("groups");
             }
             check_immutable(kind, old, &doc)?;
+            check_document_size(&doc, Some(old))?;
             Ok(Update {
                 doc,
                 members: member_ops,
@@ -606,17 +612,29 @@ async fn op_delete(
 type Params = HashMap<String, String>;
 
 /// Query parameter names are matched case-insensitively.
-/// Query parameters by lower-case name. One given twice (`count=1&count=2`) is 400:
-/// which of the two the client meant is not rosterd's to guess, as with a key given
-/// twice in a body.
+/// Query parameters by lower-case name. A list parameter given more than once
+/// (`attributes=userName&attributes=emails`, as HTTP libraries send a list) is one list;
+/// any other given twice (`count=1&count=2`) is 400: which of the two the client meant
+/// is not rosterd's to guess, as with a key given twice in a body.
 fn lower_keys(q: Vec<(String, String)>) -> ScimResult<Params> {
     let mut out = Params::with_capacity(q.len());
     for (k, v) in q {
         let name = k.to_ascii_lowercase();
-        if out.insert(name, v).is_some() {
-            return Err(ScimError::invalid_value(format!(
-                "the query parameter {k:?} is given more than once"
-            )));
+        match out.entry(name) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(v);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e)
+                if matches!(e.key().as_str(), "attributes" | "excludedattributes") =>
+            {
+                let joined = format!("{},{v}", e.get());
+                e.insert(joined);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return Err(ScimError::invalid_value(format!(
+                    "the query parameter {k:?} is given more than once"
+                )));
+            }
         }
     }
     Ok(out)
@@ -812,6 +830,11 @@ struct ListQuery {
     projection: Projection,
 }
 
+/// An RFC 9865 client that had its `cursor` ignored would get the first page again and
+/// again; ServiceProviderConfig says rosterd pages by index only.
+const NO_CURSOR: &str =
+    "cursor paging (RFC 9865) is not offered here: page with startIndex and count";
+
 impl ListQuery {
     fn build(
         state: &AppState,
@@ -862,12 +885,8 @@ impl ListQuery {
     }
 
     fn from_params(state: &AppState, p: &Params) -> ScimResult<ListQuery> {
-        // An RFC 9865 client that had its `cursor` ignored would get the first page
-        // again and again; ServiceProviderConfig says rosterd pages by index only.
         if p.contains_key("cursor") {
-            return Err(ScimError::invalid_value(
-                "cursor paging (RFC 9865) is not offered here: page with startIndex and count",
-            ));
+            return Err(ScimError::invalid_value(NO_CURSOR));
         }
         // Looked up by lower-case name, named in errors as RFC 7644 spells it.
         let int = |name: &str| -> ScimResult<Option<i64>> {
@@ -899,6 +918,9 @@ impl ListQuery {
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v)
         };
+        if field("cursor").is_some() {
+            return Err(ScimError::invalid_value(NO_CURSOR));
+        }
         let schemas_ok = field("schemas").and_then(Value::as_array).is_some_and(|a| {
             a.iter().any(|s| {
                 s.as_str()
@@ -1190,7 +1212,7 @@ fn check_compared_values(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<
         let fits = match (kind, value) {
             (_, Value::Null) => true,
             (AttrKind::DateTime, Value::String(s)) => {
-                chrono::DateTime::parse_from_rfc3339(s).is_ok()
+                crate::scim::filter::parse_datetime(s).is_some()
             }
             (AttrKind::DateTime, _) => false,
             (AttrKind::Boolean, Value::Bool(_)) => true,
@@ -1203,7 +1225,7 @@ fn check_compared_values(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<
         };
         if !fits {
             let what = match kind {
-                AttrKind::DateTime => "a dateTime (RFC 3339, such as \"2026-01-31T09:00:00Z\")",
+                AttrKind::DateTime => "a dateTime (such as \"2026-01-31T09:00:00Z\")",
                 AttrKind::Boolean => "a boolean (true or false)",
                 _ => "a string",
             };

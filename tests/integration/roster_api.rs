@@ -1936,6 +1936,13 @@ async fn answers_are_shaped_as_the_openapi_document_says() {
     )
     .await;
     create(&d, "vague@acme.test", "specialist", None).await;
+    // No address anywhere: its email is null. A deleted user's events stay listed.
+    let r = d
+        .post("/Users", json!({"userName": "jdoe", "title": "accountant"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let gone = create(&d, "gone@acme.test", "accountant", None).await;
+    assert_eq!(d.delete(&format!("/Users/{gone}")).await.status, 204);
     let gid = d.create_group("Leads").await;
     d.add_members(&gid, &[&ada]).await;
     let r = d
@@ -1969,6 +1976,26 @@ async fn answers_are_shaped_as_the_openapi_document_says() {
         !review.body["items"].as_array().unwrap().is_empty(),
         "{}",
         review.body
+    );
+    let events = d.roster(Method::GET, "/events", &admin, None).await;
+    let events = events.body["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "rbac.archetype_overridden")
+    );
+    assert!(events.iter().any(|e| e["kind"] == "rbac.archetype_removed"));
+    let users = d
+        .roster(Method::GET, "/users?active=any", &admin, None)
+        .await;
+    assert!(
+        users.body["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["email"].is_null()),
+        "{}",
+        users.body
     );
 }
 

@@ -360,6 +360,31 @@ async fn a_resource_must_be_of_its_endpoint_and_of_a_sane_size() {
         d.get(&format!("/Users/{id}")).await.body.get("emails"),
         None
     );
+    // Nor grown past 1 MiB PATCH by PATCH, each well inside the limits on values.
+    let line = "x".repeat(60_000);
+    let ten = |from: usize| {
+        let v: Vec<_> = (from..from + 10)
+            .map(|i| json!({"type": format!("t{i}"), "formatted": line}))
+            .collect();
+        patch_op(json!([{"op": "add", "path": "addresses", "value": v}]))
+    };
+    let r = d.patch(&format!("/Users/{id}"), ten(0)).await;
+    assert_eq!(r.status, 200, "600 kB is taken");
+    let r = d.patch(&format!("/Users/{id}"), ten(10)).await;
+    assert_eq!(r.status, 400, "1.2 MB is not");
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("bytes as JSON"),
+        "{}",
+        r.body
+    );
+    // An empty schemas list says no more than none.
+    let r = d
+        .post(
+            "/Users",
+            json!({"schemas": [], "userName": "empty-schemas@example.com"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 /// A long `or`/`and` chain is one tree as deep as it is long: 7,000 terms used to overflow

@@ -467,4 +467,23 @@ async fn query_parameters_are_read_once_and_whole() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["itemsPerPage"], 2);
     assert_eq!(r.body["startIndex"], 2);
+    // A list parameter repeated, as HTTP libraries send a list, is one list.
+    let r = d
+        .get("/Users?count=1&attributes=userName&ATTRIBUTES=externalId")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let first = &r.body["Resources"][0];
+    assert!(
+        first.get("userName").is_some() && first.get("externalId").is_some(),
+        "{first}"
+    );
+    assert!(first.get("emails").is_none(), "{first}");
+    // A cursor in a /.search body is refused as in a query.
+    let r = d
+        .post(
+            "/Users/.search",
+            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"], "cursor": ""}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
 }

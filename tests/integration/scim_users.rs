@@ -311,6 +311,32 @@ async fn a_patch_adding_an_email_the_user_has_leaves_one() {
     assert_eq!(r.body["emails"].as_array().unwrap().len(), 2, "{}", r.body);
     let put = d.put(&format!("/Users/{id}"), r.body.clone()).await;
     assert_eq!(put.status, 200, "GET then PUT back: {}", put.body);
+    // The home address made primary while the work one is re-sent in other letters:
+    // the primary is the one the client asked for, not the stored one re-sent.
+    let mut body = user("order@example.com");
+    body["emails"] = json!([{"value": "b@example.com", "type": "home"},
+                            {"value": "a@example.com", "type": "work", "primary": true}]);
+    let id = d.post("/Users", body).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "add", "path": "emails", "value": [
+                {"value": "b@example.com", "type": "home", "primary": true},
+                {"value": "A@EXAMPLE.COM", "type": "work"}]}])),
+        )
+        .await;
+    assert_eq!(r.body["emails"].as_array().unwrap().len(), 2, "{}", r.body);
+    let primary: Vec<&serde_json::Value> = r.body["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["primary"] == true)
+        .collect();
+    assert_eq!(primary.len(), 1, "{}", r.body);
+    assert_eq!(primary[0]["type"], "home", "{}", r.body);
 }
 
 /// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
