@@ -830,55 +830,39 @@ impl Filter {
         }
     }
 
-    /// The first attribute path the filter compares (with its operator) or tests for
-    /// presence (`None`, as for a value filter's outer attribute) for which `hit` says
-    /// yes. Inside a value filter (`emails[type eq "work"]`) each name is asked as a
-    /// sub-attribute of the outer one (`emails.type`), and returned so.
-    fn find_path(&self, hit: &dyn Fn(&AttrPath, Option<CompareOp>) -> bool) -> Option<AttrPath> {
+    /// The first attribute path the filter compares or tests for presence for which
+    /// `known` says no. Inside a value filter (`emails[type eq "work"]`) each name is
+    /// asked as a sub-attribute of the outer one (`emails.type`), and returned so.
+    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
         match self {
-            Filter::Compare { path, op, .. } => hit(path, Some(*op)).then(|| path.clone()),
-            Filter::Present(path) => hit(path, None).then(|| path.clone()),
+            Filter::Compare { path, .. } | Filter::Present(path) => {
+                (!known(path)).then(|| path.clone())
+            }
             Filter::ValuePath { path, filter } => {
-                if hit(path, None) {
+                if !known(path) {
                     return Some(path.clone());
                 }
                 filter
-                    .find_path(&|p, op| hit(&sub_of(path, p), op))
+                    .unknown_attr(&|p| known(&sub_of(path, p)))
                     .map(|p| sub_of(path, &p))
             }
-            Filter::And(a, b) | Filter::Or(a, b) => a.find_path(hit).or_else(|| b.find_path(hit)),
-            Filter::Not(f) => f.find_path(hit),
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.unknown_attr(known).or_else(|| b.unknown_attr(known))
+            }
+            Filter::Not(f) => f.unknown_attr(known),
         }
     }
 
-    /// The first attribute path the filter compares or tests for presence for which
-    /// `known` says no (inside a value filter, as a sub-attribute: see `find_path`).
-    pub fn unknown_attr(&self, known: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
-        self.find_path(&|p, _| !known(p))
-    }
-
-    /// The first attribute compared with an ordering operator (`gt`, `ge`, `lt`, `le`)
-    /// for which `unordered` says yes (RFC 7644 §3.4.2.2: on a boolean or binary
-    /// attribute such a filter fails).
-    pub fn ordered_compare(&self, unordered: &dyn Fn(&AttrPath) -> bool) -> Option<AttrPath> {
-        self.find_path(&|p, op| {
-            matches!(
-                op,
-                Some(CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le)
-            ) && unordered(p)
-        })
-    }
-
     /// Every comparison in the filter: the attribute (a value filter's names as
-    /// sub-attributes of its attribute, as in `find_path`) and the value.
-    pub fn comparisons(&self) -> Vec<(AttrPath, &Value)> {
+    /// sub-attributes of its attribute, as in `unknown_attr`), the operator and the value.
+    pub fn comparisons(&self) -> Vec<(AttrPath, CompareOp, &Value)> {
         match self {
-            Filter::Compare { path, value, .. } => vec![(path.clone(), value)],
+            Filter::Compare { path, op, value } => vec![(path.clone(), *op, value)],
             Filter::Present(_) => vec![],
             Filter::ValuePath { path, filter } => filter
                 .comparisons()
                 .into_iter()
-                .map(|(p, v)| (sub_of(path, &p), v))
+                .map(|(p, op, v)| (sub_of(path, &p), op, v))
                 .collect(),
             Filter::And(a, b) | Filter::Or(a, b) => {
                 let mut out = a.comparisons();

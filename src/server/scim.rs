@@ -1178,18 +1178,8 @@ async fn run_list(
                 .join(" or ")
         )));
     }
-    if let Some(unordered) = query.filter.as_ref().and_then(|f| {
-        f.ordered_compare(&|p| {
-            defs_in(&kinds, p)
-                .any(|d| matches!(d.kind, schema::AttrKind::Boolean | schema::AttrKind::Binary))
-        })
-    }) {
-        return Err(ScimError::invalid_filter(format!(
-            "{unordered} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
-        )));
-    }
     if let Some(f) = &query.filter {
-        check_compared_values(&kinds, f)?;
+        check_comparisons(&kinds, f)?;
     }
     let span = tracing::Span::current();
     let listed = tokio::task::spawn_blocking(move || {
@@ -1199,13 +1189,28 @@ async fn run_list(
     listed.map_err(|e| store_to_scim(crate::store::StoreError::from_join(e)))?
 }
 
-/// A comparison whose value the attribute can never hold (`meta.created gt "soon"`,
-/// `active eq "maybe"`, `userName eq true`) is 400 `invalidFilter`, for the reason an
-/// unknown attribute is: it would match nothing, and an IdP reads "nothing" as "no such
-/// user". Numbers against strings stay, as `employeeNumber eq 701` means the digits.
-fn check_compared_values(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> {
+/// A comparison that can never be true is 400 `invalidFilter`, for the reason an unknown
+/// attribute is: it would match nothing, and an IdP reads "nothing" as "no such user".
+/// That is `gt`, `ge`, `lt` or `le` on a boolean or binary attribute (RFC 7644
+/// §3.4.2.2), and a value the attribute can never hold (`meta.created gt "soon"`,
+/// `active eq "maybe"`, `userName eq true`). Numbers against strings stay, as
+/// `employeeNumber eq 701` means the digits.
+fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> {
+    use crate::scim::filter::CompareOp;
     use schema::AttrKind;
-    for (path, value) in filter.comparisons() {
+    let comparisons = filter.comparisons();
+    let unordered = comparisons.iter().find(|(path, op, _)| {
+        matches!(
+            op,
+            CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le
+        ) && defs_in(kinds, path).any(|d| matches!(d.kind, AttrKind::Boolean | AttrKind::Binary))
+    });
+    if let Some((path, ..)) = unordered {
+        return Err(ScimError::invalid_filter(format!(
+            "{path} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
+        )));
+    }
+    for (path, _, value) in comparisons {
         let Some(kind) = defs_in(kinds, &path).map(|d| d.kind).next() else {
             continue;
         };
