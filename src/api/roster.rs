@@ -770,13 +770,11 @@ pub(crate) fn assignment_state(a: &Assignment) -> Value {
     })
 }
 
-/// The pick first, then the runners-up by the confidence shown. Assignments stored
-/// before the classifier ordered them so are put in order here.
+/// The candidates in the classifier's order, which assignments stored before it ordered
+/// the runners-up do not have.
 fn shown_candidates(c: &[crate::store::Candidate]) -> Vec<&crate::store::Candidate> {
     let mut out: Vec<&crate::store::Candidate> = c.iter().collect();
-    if out.len() > 2 {
-        out[1..].sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
-    }
+    crate::classify::order_runners_up(&mut out, |c| c.confidence);
     out
 }
 

@@ -84,6 +84,14 @@ pub enum ClassifyError {
     Serialize(String),
 }
 
+/// The pick stays first; the runners-up are ordered by the confidence shown, as a
+/// reviewer reads them top-down.
+pub fn order_runners_up<T>(candidates: &mut [T], confidence: impl Fn(&T) -> f64) {
+    if let Some(rest) = candidates.get_mut(1..) {
+        rest.sort_by(|a, b| confidence(b).total_cmp(&confidence(a)));
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Candidate {
     pub archetype_id: String,
@@ -316,9 +324,8 @@ impl Classifier {
                 confidence: round6(confidence),
             });
         }
-        // The caps above can put a runner-up under the next one; a reviewer reads the
-        // list top-down by the figure shown.
-        candidates[1..].sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+        // The caps above can put a runner-up under the next one.
+        order_runners_up(&mut candidates, |c| c.confidence);
         Classification {
             archetype_id: Some(self.ids[best].clone()),
             confidence: round6(best_conf),
