@@ -461,16 +461,23 @@ fn normalize(kind: ResourceKind, body: Value) -> ScimResult<Value> {
     Ok(doc)
 }
 
+/// A whole resource as a POST or PUT sends it: the stored document, checked, and the
+/// group's members apart from it.
+fn whole_resource(kind: ResourceKind, body: Value) -> ScimResult<(Value, Vec<MemberRef>)> {
+    let mut doc = normalize(kind, body)?;
+    one_primary_each(&doc)?;
+    let members = take_members(kind, &mut doc)?.unwrap_or_default();
+    check_document_size(&doc, None)?;
+    Ok((doc, members))
+}
+
 async fn op_create(
     state: &AppState,
     tenant: &str,
     kind: ResourceKind,
     body: Value,
 ) -> ScimResult<Reply> {
-    let mut doc = normalize(kind, body)?;
-    one_primary_each(&doc)?;
-    let members = take_members(kind, &mut doc)?.unwrap_or_default();
-    check_document_size(&doc, None)?;
+    let (doc, members) = whole_resource(kind, body)?;
     let res = state
         .store
         .create(tenant, kind, doc, members)
@@ -502,11 +509,8 @@ async fn op_replace(
             "id {body_id:?} in the body does not match {id:?} in the path"
         )));
     }
-    let mut doc = normalize(kind, body)?;
-    one_primary_each(&doc)?;
     // PUT replaces the whole resource, members included (a diff is applied in the store).
-    let members = take_members(kind, &mut doc)?.unwrap_or_default();
-    check_document_size(&doc, None)?;
+    let (doc, members) = whole_resource(kind, body)?;
     let res = state
         .store
         .update(tenant, kind, id, cond, move |old| {
