@@ -212,6 +212,24 @@ async fn password_is_accepted_but_never_returned() {
     assert!(g.body.get("password").is_none());
 }
 
+/// Create a user with these emails; its id.
+async fn user_with_emails(d: &TestDaemon, user_name: &str, emails: serde_json::Value) -> String {
+    let mut body = user(user_name);
+    body["emails"] = emails;
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+/// A PATCH adding these values to the user's emails.
+async fn add_emails(d: &TestDaemon, id: &str, values: serde_json::Value) -> Resp {
+    d.patch(
+        &format!("/Users/{id}"),
+        patch_op(json!([{"op": "add", "path": "emails", "value": values}])),
+    )
+    .await
+}
+
 /// The addresses of a user document marked primary.
 fn primaries(user: &serde_json::Value) -> Vec<String> {
     user["emails"]
@@ -235,20 +253,19 @@ async fn at_most_one_email_is_primary() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.body["scimType"], "invalidValue");
 
-    let mut body = user("prim@example.com");
-    body["emails"] = json!([{"value": "old@example.com", "type": "work", "primary": true}]);
-    let id = d.post("/Users", body).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = user_with_emails(
+        &d,
+        "prim@example.com",
+        json!([{"value": "old@example.com", "type": "work", "primary": true}]),
+    )
+    .await;
     // A new primary address: the old one steps down, and the roster shows the new one.
-    let r = d
-        .patch(
-            &format!("/Users/{id}"),
-            patch_op(json!([{"op": "add", "path": "emails",
-                "value": [{"value": "new@example.com", "type": "home", "primary": true}]}])),
-        )
-        .await;
+    let r = add_emails(
+        &d,
+        &id,
+        json!([{"value": "new@example.com", "type": "home", "primary": true}]),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(primaries(&r.body), ["new@example.com"], "{}", r.body);
     let admin = d.jwt(TENANT, "roster:read");
@@ -274,23 +291,18 @@ async fn at_most_one_email_is_primary() {
 #[tokio::test]
 async fn a_patch_adding_an_email_the_user_has_leaves_one() {
     let d = TestDaemon::start().await;
-    let mut body = user("again@example.com");
-    body["emails"] = json!([{"value": "p@example.com", "type": "work", "primary": true}]);
-    let id = d.post("/Users", body).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = user_with_emails(
+        &d,
+        "again@example.com",
+        json!([{"value": "p@example.com", "type": "work", "primary": true}]),
+    )
+    .await;
     for again in [
         json!({"value": "p@example.com", "type": "work", "primary": "True"}),
         json!({"Value": "P@Example.com", "Type": "Work"}),
         json!({"value": "p@example.com", "type": "work", "display": "Work"}),
     ] {
-        let r = d
-            .patch(
-                &format!("/Users/{id}"),
-                patch_op(json!([{"op": "add", "path": "emails", "value": [again]}])),
-            )
-            .await;
+        let r = add_emails(&d, &id, json!([again])).await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.body["emails"].as_array().unwrap().len(), 1, "{}", r.body);
         assert_eq!(primaries(&r.body).len(), 1, "{}", r.body);
@@ -301,42 +313,29 @@ async fn a_patch_adding_an_email_the_user_has_leaves_one() {
         "the add's own sub-attributes kept"
     );
     // Another type is another email.
-    let r = d
-        .patch(
-            &format!("/Users/{id}"),
-            patch_op(json!([{"op": "add", "path": "emails",
-                "value": [{"value": "p@example.com", "type": "home"}]}])),
-        )
-        .await;
+    let r = add_emails(&d, &id, json!([{"value": "p@example.com", "type": "home"}])).await;
     assert_eq!(r.body["emails"].as_array().unwrap().len(), 2, "{}", r.body);
     let put = d.put(&format!("/Users/{id}"), r.body.clone()).await;
     assert_eq!(put.status, 200, "GET then PUT back: {}", put.body);
     // The home address made primary while the work one is re-sent in other letters:
     // the primary is the one the client asked for, not the stored one re-sent.
-    let mut body = user("order@example.com");
-    body["emails"] = json!([{"value": "b@example.com", "type": "home"},
-                            {"value": "a@example.com", "type": "work", "primary": true}]);
-    let id = d.post("/Users", body).await.body["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let r = d
-        .patch(
-            &format!("/Users/{id}"),
-            patch_op(json!([{"op": "add", "path": "emails", "value": [
-                {"value": "b@example.com", "type": "home", "primary": true},
-                {"value": "A@EXAMPLE.COM", "type": "work"}]}])),
-        )
-        .await;
+    let id = user_with_emails(
+        &d,
+        "order@example.com",
+        json!([{"value": "b@example.com", "type": "home"},
+               {"value": "a@example.com", "type": "work", "primary": true}]),
+    )
+    .await;
+    let r = add_emails(
+        &d,
+        &id,
+        json!([{"value": "b@example.com", "type": "home", "primary": true},
+               {"value": "A@EXAMPLE.COM", "type": "work"}]),
+    )
+    .await;
     assert_eq!(r.body["emails"].as_array().unwrap().len(), 2, "{}", r.body);
-    let primary: Vec<&serde_json::Value> = r.body["emails"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["primary"] == true)
-        .collect();
-    assert_eq!(primary.len(), 1, "{}", r.body);
-    assert_eq!(primary[0]["type"], "home", "{}", r.body);
+    // b@example.com is the home address: one primary, and it.
+    assert_eq!(primaries(&r.body), ["b@example.com"], "{}", r.body);
 }
 
 /// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
