@@ -453,12 +453,7 @@ fn normalize_value(
         // thousand; every other list is copied whole into the document, the roster
         // record and each change event: 300,000 emails in a 15 MB body took the daemon
         // past 1 GB and held the tenant's writes for seconds.
-        if items.len() > MAX_VALUES && def.name != "members" {
-            return Err(ScimError::invalid_value(format!(
-                "{path}: {} values; rosterd takes at most {MAX_VALUES}",
-                items.len()
-            )));
-        }
+        check_value_count(def, path, items.len())?;
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let item = if def.kind == AttrKind::Complex {
@@ -574,6 +569,17 @@ pub fn check_document_size(doc: &Value, before: Option<&Value>) -> ScimResult<()
 /// The most values one multi-valued attribute (other than a group's members) takes. No
 /// person has a thousand emails, phone numbers or roles.
 pub const MAX_VALUES: usize = 1000;
+
+/// Refuse a list of `n` values for `def` beyond [`MAX_VALUES`]. A group's members are
+/// exempt: they are stored one key each, never copied whole.
+pub(crate) fn check_value_count(def: &AttrDef, path: &str, n: usize) -> ScimResult<()> {
+    if n > MAX_VALUES && def.name != "members" {
+        return Err(ScimError::invalid_value(format!(
+            "{path}: {n} values; rosterd takes at most {MAX_VALUES}"
+        )));
+    }
+    Ok(())
+}
 
 /// A string value rosterd keeps and sends on. A NUL character is valid JSON but no name,
 /// title or address holds one, and it would travel on into the CSV exports and

@@ -545,7 +545,7 @@ async fn op_patch(
     body: Value,
     projection: &Projection,
 ) -> ScimResult<Reply> {
-    let ops = parse_patch_request(&body)?;
+    let ops = parse_patch_request(body)?;
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         split_member_ops(ops)?
     } else {
