@@ -24,6 +24,8 @@ use serde::Serialize;
 pub use bundle::{Archetype, Bundle, csv_line};
 pub use normalize::normalize_title;
 pub use policy::TenantPolicy;
+// The store keeps what the classifier proposes as it proposes it.
+pub use crate::store::Candidate;
 
 use calibrate::Calibrator;
 use features::{FeatureConfig, FeatureSpace, RawFeature, SparseVec};
@@ -90,12 +92,6 @@ pub fn order_runners_up<T>(candidates: &mut [T], confidence: impl Fn(&T) -> f64)
     if let Some(rest) = candidates.get_mut(1..) {
         rest.sort_by(|a, b| confidence(b).total_cmp(&confidence(a)));
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Candidate {
-    pub archetype_id: String,
-    pub confidence: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

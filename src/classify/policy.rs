@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::{Bundle, Classifier, ClassifyError};
 use crate::config::{GroupRule, TenantConfig};
 use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
-use crate::store::{AssignmentSource, Candidate, Decision, GroupRef, Resolver};
+use crate::store::{AssignmentSource, Decision, GroupRef, Resolver};
 
 pub const CLASSIFIER_ACTOR: &str = "service:classifier";
 pub const DEFAULT_ACTOR: &str = "service:default";
@@ -197,21 +197,15 @@ impl Resolver for TenantPolicy {
                 .and_then(|e| e.get("department")),
         );
         let c = self.classifier.classify(title, department);
-        let candidates: Vec<Candidate> = c
-            .candidates
-            .iter()
-            .map(|k| Candidate {
-                archetype_id: k.archetype_id.clone(),
-                confidence: k.confidence,
-            })
-            .collect();
+        let evidence = c.has_evidence();
+        let (confidence, candidates) = (c.confidence, c.candidates);
         match c.archetype_id {
             // No title, or none with a word the bundle knows (a department alone is no
             // evidence), falls back to the default inside the classifier; that is the
             // default's decision, not the classifier's.
-            Some(a) if c.has_evidence() => Decision {
+            Some(a) if evidence => Decision {
                 archetype_id: Some(a),
-                confidence: c.confidence,
+                confidence,
                 assigned_by: CLASSIFIER_ACTOR.into(),
                 source: AssignmentSource::Classifier,
                 bundle_version: version,
