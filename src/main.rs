@@ -17,6 +17,33 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` for a command's answer. A full disk or a closed descriptor under stdout is
+/// an error (`Error: standard output: No space left on device`, exit 1) where `println!`
+/// panics with a backtrace, after `resume` or `replay` may already have done their work.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context("standard output")
+    };
+}
+
+/// [`outln!`] without the newline.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*)
+            .and_then(|()| std::io::stdout().flush())
+            .context("standard output")
+    };
+}
+
+/// `eprintln!` for notes and warnings. Where stderr is gone there is no one to tell, and
+/// `eprintln!` would panic over it: under `serve`, into a panic hook that logs to the same
+/// dead stream, which aborts the daemon.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "rosterd", version, about = "SCIM 2.0 roster daemon")]
 struct Cli {
@@ -231,7 +258,7 @@ fn main() -> std::process::ExitCode {
                     let _ =
                         std::io::stderr().write_all(&journal::entry(journal::ERR, line.as_bytes()));
                 } else {
-                    eprintln!("{line}");
+                    note!("{line}");
                 }
             }
             std::process::ExitCode::FAILURE
@@ -325,9 +352,9 @@ fn run() -> Result<()> {
             let bundle = rosterd::classify::Bundle::from_labeled_csv(text.as_bytes())
                 .with_context(|| format!("while reading {}", examples.display()))?;
             for note in repeated_examples(&bundle) {
-                eprintln!("note: {note}");
+                note!("note: {note}");
             }
-            print!("{}", bundle.to_toml_string()?);
+            out!("{}", bundle.to_toml_string()?)?;
             Ok(())
         }
         Command::Token {
@@ -344,11 +371,11 @@ fn run() -> Result<()> {
             command: TokenCommand::New,
         } => {
             let (token, hash) = rosterd::server::auth::new_token();
-            println!("token: {token}");
-            println!("hash:  {hash}");
-            println!();
-            println!("Give the token to the identity provider; put the hash in config.toml:");
-            println!("  token_hashes = [\"{hash}\"]");
+            outln!("token: {token}")?;
+            outln!("hash:  {hash}")?;
+            outln!()?;
+            outln!("Give the token to the identity provider; put the hash in config.toml:")?;
+            outln!("  token_hashes = [\"{hash}\"]")?;
             Ok(())
         }
     }
@@ -365,7 +392,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
     rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
-        eprintln!(
+        note!(
             "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"
         );
     }
@@ -373,31 +400,32 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
             Ok(Some(p)) => {
-                println!(
+                outln!(
                     "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
                     t.id,
                     p.bundle().version,
                     p.bundle().archetypes.len(),
                     p.loaded_from().map_or(0.0, |(_, took)| took)
-                );
+                )?;
                 // Meant for an archetype given mostly by group rule or by hand, but a
                 // forgotten list looks the same; the classifier still learns its title.
                 for a in &p.bundle().archetypes {
                     if a.examples.is_empty() && a.keywords.is_empty() {
-                        println!(
+                        outln!(
                             "    note: archetype {} has no examples or keywords; the classifier knows it only by its title {:?}",
-                            a.id, a.title
-                        );
+                            a.id,
+                            a.title
+                        )?;
                     }
                 }
                 for note in repeated_examples(p.bundle()) {
-                    println!("    note: {note}");
+                    outln!("    note: {note}")?;
                 }
             }
-            Ok(None) => println!("tenant {}: no bundle (users get no archetype)", t.id),
+            Ok(None) => outln!("tenant {}: no bundle (users get no archetype)", t.id)?,
             Err(e) => {
                 bad_bundles += 1;
-                eprintln!("error: tenant {:?}: {e}", t.id);
+                note!("error: tenant {:?}: {e}", t.id);
             }
         }
     }
@@ -409,36 +437,36 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
             std::env::var(v).ok()
         }) {
             Ok(verifier) => {
-                println!("Roster API: JWT keys load");
+                outln!("Roster API: JWT keys load")?;
                 if let Some(var) = &j.hs256_secret_env
                     && !verifier.accepts_hs256()
                 {
-                    eprintln!(
+                    note!(
                         "warning: [api.jwt]: {var} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token"
                     );
                 }
             }
-            Err(e @ rosterd::api::jwt::JwtError::SecretUnset { .. }) => eprintln!(
+            Err(e @ rosterd::api::jwt::JwtError::SecretUnset { .. }) => note!(
                 "warning: [api.jwt]: {e}; `serve` would start with the Roster API off unless it is set there"
             ),
             Err(e) => {
                 bad_jwt = true;
-                eprintln!("error: [api.jwt]: {e}");
+                note!("error: [api.jwt]: {e}");
             }
         },
-        None => println!("Roster API: off (no [api.jwt] section)"),
+        None => outln!("Roster API: off (no [api.jwt] section)")?,
     }
     let dir_error = match config.check_connectors_dir() {
         Ok(true) => None,
         Ok(false) => {
-            println!(
+            outln!(
                 "connectors: none ([connectors] dir is not set and {} does not exist)",
                 config.connectors_dir().display()
-            );
+            )?;
             None
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             Some(e)
         }
     };
@@ -448,7 +476,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         config.load_connectors()
     };
     for e in &connectors.errors {
-        eprintln!("error: connector {e}");
+        note!("error: connector {e}");
     }
     // A variable unset here may well be set where `serve` runs (the unit's
     // EnvironmentFile, readable by root only): as for tenant tokens, a warning. A value
@@ -469,12 +497,12 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         if let Err(e) = rosterd::dispatch::check_start(c, &env) {
             if !asked_unset.load(Ordering::Relaxed) {
                 not_started += 1;
-                eprintln!(
+                note!(
                     "error: connector {:?}: `serve` would not start it: {e}",
                     c.name
                 );
             } else {
-                eprintln!(
+                note!(
                     "warning: connector {:?}: {e} here; `serve` starts it only where that is set",
                     c.name
                 );
@@ -512,23 +540,23 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                 .map(|v| v.trim().is_empty())
                 .unwrap_or(true)
         {
-            eprintln!(
+            note!(
                 "warning: tenant {:?}: environment variable {var} is not set here; `serve` needs it",
                 t.id
             );
         }
     }
     if config.tenants.is_empty() {
-        eprintln!(
+        note!(
             "warning: no [[tenants]]: `serve` would start, but every SCIM and Roster API request would be refused"
         );
     }
-    println!(
+    outln!(
         "{}: ok ({} tenant{})",
         path.display(),
         config.tenants.len(),
         if config.tenants.len() == 1 { "" } else { "s" }
-    );
+    )?;
     Ok(())
 }
 
@@ -731,9 +759,7 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             // Legal CSV, but a job title never spans lines: more likely a quote left open,
             // which swallows the lines after it.
             if title.contains(['\n', '\r']) {
-                eprintln!(
-                    "note: line {line}: the title spans several lines; is a quote left open?"
-                );
+                note!("note: line {line}: the title spans several lines; is a quote left open?");
             }
             inputs.push((
                 title.to_owned(),
@@ -762,14 +788,14 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     }
     out.flush()?;
     if rows == 0 {
-        eprintln!("note: no titles read");
+        note!("note: no titles read");
     }
     Ok(())
 }
 
 fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<()> {
     let config = Config::load(config)?;
-    println!("{}", mint_jwt(&config, tenant, scope, sub, ttl)?);
+    outln!("{}", mint_jwt(&config, tenant, scope, sub, ttl)?)?;
     Ok(())
 }
 
@@ -971,14 +997,14 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
         fail_unless_ok(status, &body)?;
         let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
         if letters.is_empty() {
-            println!("{connector}: no dead letters");
+            outln!("{connector}: no dead letters")?;
         }
         Ok(letters)
     };
     match command {
         DeadLetterCommand::List { connector } => {
             for l in list(&connector)? {
-                println!(
+                outln!(
                     "#{} {} seq {} {}/{}: {}",
                     l["id"],
                     l["at"].as_str().unwrap_or_default(),
@@ -986,20 +1012,20 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     l["event"]["resource_type"].as_str().unwrap_or_default(),
                     l["event"]["id"].as_str().unwrap_or_default(),
                     l["reason"].as_str().unwrap_or_default()
-                );
+                )?;
                 if let Some(r) = l["request"].as_object() {
-                    println!(
+                    outln!(
                         "    sent: {} {}",
                         r["method"].as_str().unwrap_or_default(),
                         r["url"].as_str().unwrap_or_default()
-                    );
+                    )?;
                 }
                 if let Some(r) = l["response"].as_object() {
-                    println!(
+                    outln!(
                         "    answer: {} {}",
                         r["status"],
                         r["body"].as_str().unwrap_or_default()
-                    );
+                    )?;
                 }
             }
         }
@@ -1027,7 +1053,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 if let Err(e) = fail_unless_ok(status, &body) {
                     // One refusal does not stop the rest: each letter is its own object.
                     failed += 1;
-                    eprintln!(
+                    note!(
                         "{connector}: dead letter #{id} not replayed, it stays: {}",
                         causes(&e)
                     );
@@ -1037,9 +1063,9 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     Some("current_state") => "the object's current state",
                     _ => "the original event",
                 };
-                println!("{connector}: dead letter #{id} replayed ({what} sent) and removed");
+                outln!("{connector}: dead letter #{id} replayed ({what} sent) and removed")?;
                 if let Some(note) = body["note"].as_str() {
-                    println!("warning: {note}");
+                    outln!("warning: {note}")?;
                 }
             }
             if failed > 0 {
@@ -1058,7 +1084,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 None,
             )?;
             fail_unless_ok(status, &body)?;
-            println!("{connector}: dead letter #{id} discarded");
+            outln!("{connector}: dead letter #{id} discarded")?;
         }
     }
     Ok(())
@@ -1075,11 +1101,11 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     fail_unless_ok(status, &body)?;
     // A daemon from before `was_paused` answered only when it resumed something.
     if body["was_paused"].as_bool().unwrap_or(true) {
-        println!("{connector}: resumed");
+        outln!("{connector}: resumed")?;
     } else {
-        println!(
+        outln!(
             "{connector}: was not paused (its count of failures in a row starts afresh, and any request waiting to retry tries now)"
-        );
+        )?;
     }
     Ok(())
 }
@@ -1094,9 +1120,9 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     )?;
     fail_unless_ok(status, &body)?;
     let undelivered = body["undelivered"].as_u64().unwrap_or(0);
-    println!(
+    outln!(
         "{connector}: retired; the {undelivered} change(s) it never delivered may be compacted away"
-    );
+    )?;
     Ok(())
 }
 
@@ -1114,14 +1140,14 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
         if wait {
             return show_job(daemon, tenant, id, true);
         }
-        println!(
+        outln!(
             "reconcile job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`"
-        );
+        )?;
         return Ok(());
     }
     let connectors = body["connectors"].as_array().cloned().unwrap_or_default();
     if connectors.is_empty() {
-        println!("tenant {tenant} has no running connector");
+        outln!("tenant {tenant} has no running connector")?;
     }
     for c in connectors {
         // Users the target cannot take (no email, say) are neither sent nor drift.
@@ -1129,7 +1155,7 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
             0 => String::new(),
             n => format!(", {n} left out (the target's format cannot express them)"),
         };
-        println!(
+        outln!(
             "connector {} ({}): {} objects checked, {} would be sent{unmappable}{}",
             c["connector"].as_str().unwrap_or_default(),
             c["kind"].as_str().unwrap_or_default(),
@@ -1139,25 +1165,25 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
                 .as_str()
                 .map(|n| format!(" ({n})"))
                 .unwrap_or_default()
-        );
+        )?;
         if let Some(p) = c["paused"].as_str() {
-            println!("    {p}");
+            outln!("    {p}")?;
         }
         for i in c["items"].as_array().cloned().unwrap_or_default() {
-            println!(
+            outln!(
                 "    {} {}: {}",
                 i["action"].as_str().unwrap_or_default().to_uppercase(),
                 i["object"].as_str().unwrap_or_default(),
                 i["reason"].as_str().unwrap_or_default()
-            );
+            )?;
         }
         // A CSV connector's one object (its files) is described by its note, not listed.
         let listed = c["items"].as_array().map(Vec::len).unwrap_or(0) as u64;
         if listed > 0 && c["drifted"].as_u64().unwrap_or(0) > listed {
-            println!(
+            outln!(
                 "    … and {} more",
                 c["drifted"].as_u64().unwrap_or(0) - listed
-            );
+            )?;
         }
     }
     Ok(())
@@ -1184,7 +1210,7 @@ fn show_job(daemon: &DaemonArgs, tenant: &str, id: &str, wait: bool) -> Result<(
         fail_unless_ok(status, &job)?;
         let line = job_line(&job);
         if line != shown {
-            println!("{line}");
+            outln!("{line}")?;
             shown = line;
         }
         let state = job["status"].as_str().unwrap_or_default();
@@ -1240,14 +1266,14 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         );
     }
     if raw {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?)?;
         return healthy_store(&s);
     }
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     // Every time to the second, as the log writes them.
     let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
     let up = s["uptime_seconds"].as_i64().unwrap_or(0);
-    println!(
+    outln!(
         "rosterd {}  up {}h{:02}m  store {:.1} MiB{}",
         str_of(&s["version"]),
         up / 3600,
@@ -1258,59 +1284,63 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         } else {
             ""
         }
-    );
+    )?;
     if let Some(e) = s["config_file_error"].as_str() {
-        println!(
+        outln!(
             "CONFIG FILE as edited would NOT load (a restart would fail; rosterd check-config):\n    {}",
             e.replace('\n', "\n    ")
-        );
+        )?;
     } else if s["config_changed_since_start"] == true {
-        println!(
+        outln!(
             "config file changed since start: its tenants, group rules, server and schedules apply at the next restart (rosterd check-config first)"
-        );
+        )?;
     }
     let store_error = &s["store"]["error"];
     if store_error.is_object() {
-        println!(
+        outln!(
             "STORE FAILED at {}: {}\n    {}",
             str_of(&store_error["at"]),
             str_of(&store_error["error"]),
             str_of(&store_error["hint"])
-        );
+        )?;
     }
     if let Some(tenants) = s["tenants"].as_object() {
         for (id, t) in tenants {
-            println!(
+            outln!(
                 "tenant {id}: {} users ({} active), {} groups, review queue {}, last change #{}",
-                t["users"], t["active_users"], t["groups"], t["review_queue"], t["last_seq"]
-            );
+                t["users"],
+                t["active_users"],
+                t["groups"],
+                t["review_queue"],
+                t["last_seq"]
+            )?;
             let j = &t["running_job"];
             if j.is_object() {
-                println!(
+                outln!(
                     "    job {} ({}) running since {}: overrides answer 409 until it ends",
                     str_of(&j["job_id"]),
                     str_of(&j["kind"]),
                     time_of(&j["started_at"])
-                );
+                )?;
             }
             let b = &t["bundle"];
             if b.is_object() {
-                println!(
+                outln!(
                     "    bundle {} version {} ({} archetypes), loaded {}",
                     str_of(&b["path"]),
                     str_of(&b["version"]),
                     b["archetypes"],
                     time_of(&b["loaded_at"])
-                );
+                )?;
             }
             if !b["reload_error"].is_null() {
                 // TOML errors span lines (the line and a caret under it): keep them
                 // indented under their tenant.
-                println!(
+                outln!(
                     "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail:\n        {}",
                     time_of(&b["reload_error_at"]),
                     str_of(&b["reload_error"]).replace('\n', "\n        ")
-                );
+                )?;
             }
         }
     }
@@ -1323,15 +1353,15 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             (serde_json::Value::Bool(true), None) => ", PAUSED until resumed".to_owned(),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "connector {} ({}, tenant {}){}: {}{paused}",
             str_of(&c["name"]),
             str_of(&c["kind"]),
             str_of(&c["tenant"]),
             if c["dry_run"] == true { " DRY RUN" } else { "" },
             str_of(&c["state"]),
-        );
-        println!(
+        )?;
+        outln!(
             "    cursor #{}  lag {} events / {:.1} s  delivered {}  retries {}  dead letters {}  last success {}",
             c["cursor"],
             c["lag_events"],
@@ -1340,24 +1370,24 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             c["retries"],
             c["dead_letters"],
             time_of(&c["last_success_at"])
-        );
+        )?;
         if let Some(at) = c["next_retry_at"].as_str() {
-            println!(
+            outln!(
                 "    retrying: next attempt at {} (its backoff, or the target's Retry-After)",
                 rfc3339(at)
-            );
+            )?;
         }
         if !c["last_error"].is_null() {
-            println!(
+            outln!(
                 "    last error ({}): {}",
                 time_of(&c["last_error_at"]),
                 str_of(&c["last_error"])
-            );
+            )?;
         }
         if let Some(e) = c["file_error"].as_str() {
-            println!(
+            outln!(
                 "    its file no longer loads, so it runs on the config it was last loaded with: {e}"
-            );
+            )?;
         }
     }
     for u in s["unloaded_connectors"]
@@ -1369,45 +1399,45 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             || "no file names it; `rosterd retire` if it is gone for good".to_owned(),
             str::to_owned,
         );
-        println!(
+        outln!(
             "connector {} (tenant {}): NOT LOADED ({file}), nothing is delivered; its cursor holds back compaction",
             str_of(&u["name"]),
             str_of(&u["tenant"]),
-        );
-        println!(
+        )?;
+        outln!(
             "    cursor #{}  lag {} events / {:.1} s  dead letters {}",
             u["cursor"],
             u["lag_events"],
             u["lag_seconds"].as_f64().unwrap_or(0.0),
             u["dead_letters"]
-        );
+        )?;
     }
     let errors = s["connector_errors"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     if !errors.is_empty() {
-        println!("connector errors (files NOT loaded, connectors NOT started):");
+        outln!("connector errors (files NOT loaded, connectors NOT started):")?;
         for e in errors {
-            println!("    {}", str_of(&e));
+            outln!("    {}", str_of(&e))?;
         }
     }
     if let Some(schedules) = s["schedules"].as_object() {
         for (name, sch) in schedules {
-            println!(
+            outln!(
                 "schedule {name} ({}): last run {} ({}), next run {}",
                 str_of(&sch["cron"]),
                 time_of(&sch["last_run"]),
                 str_of(&sch["last_result"]),
                 time_of(&sch["next_run"])
-            );
+            )?;
             // A run that found a job still running: the result above is the last job's.
             if let Some(at) = sch["last_skipped_at"].as_str() {
-                println!(
+                outln!(
                     "    last skipped {} ({})",
                     rfc3339(at),
                     str_of(&sch["last_skipped"])
-                );
+                )?;
             }
         }
     }
@@ -1446,6 +1476,11 @@ fn init_logging(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        // On a failed write tracing-subscriber reports to stderr with `eprintln!`, which
+        // panics when stderr is the same dead pipe (a journal or `| tee` gone), and the
+        // panic hook's own log line then aborts the daemon mid-request. A log line that
+        // cannot be written is lost either way.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

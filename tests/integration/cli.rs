@@ -1256,3 +1256,116 @@ async fn reconcile_dry_run_text_counts_what_is_left_out() {
     assert!(files.contains("would rewrite the CSV files"), "{out}");
     assert!(!out.contains("more"), "{out}");
 }
+
+/// A command whose answer cannot be written (a full disk under `> out.txt`) says so and
+/// fails, instead of panicking with a backtrace; `token new` and `bundle from-csv` stand
+/// for every command, which all write through the same macro.
+#[test]
+fn an_answer_that_cannot_be_written_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = dir.path().join("examples.csv");
+    std::fs::write(
+        &examples,
+        "archetype_id,title\nchef,Head Chef\nclerk,Clerk\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["token", "new"],
+        vec!["bundle", "from-csv", examples.to_str().unwrap()],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.starts_with("Error: standard output: No space left on device")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Under systemd stdout and stderr are one journal stream. When it goes (journald
+/// restarted, a `| tee` killed) the daemon loses its log lines, but it must go on
+/// answering: it used to abort on the next line, with a request in flight.
+#[tokio::test]
+async fn the_daemon_outlives_the_stream_it_logs_to() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (reader, writer) = std::io::pipe().unwrap();
+    // The Command, and with it the parent's copies of the pipe's write end, goes at the
+    // end of this statement: the daemon then holds the only ones.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(reader).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening"));
+    assert!(ready, "the daemon did not start");
+    drop(lines);
+    let client = reqwest::Client::new();
+    for i in 0..5 {
+        let r = client
+            .post(format!("http://{addr}/scim/v2/t/Users"))
+            .bearer_auth("a-token-of-some-length-1234567890")
+            .header("content-type", "application/scim+json")
+            .body(format!(r#"{{"userName": "u{i}@example.com"}}"#))
+            .send()
+            .await;
+        let status = r.map(|r| r.status().as_u16());
+        assert!(
+            matches!(status, Ok(201)),
+            "request {i}: {status:?}; daemon: {:?}",
+            child.try_wait()
+        );
+    }
+    // A refusal is logged too, at another level.
+    let r = client
+        .get(format!("http://{addr}/scim/v2/t/Users"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(child.try_wait().unwrap().is_none(), "the daemon is gone");
+    // SAFETY: the child's pid, which has not been waited for yet.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
