@@ -13,6 +13,30 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// How much of a target's error body is kept in a dead letter.
 const KEPT_BODY: usize = 4096;
 
+/// Check a target URL from a connector file: an http(s) URL with a host. `"http://"` or
+/// `"not a url"` would otherwise pass the check and fail every delivery until the
+/// connector paused. A base URL that paths are appended to takes no query either.
+pub(super) fn check_url(key: &str, url: &str, base: bool) -> Result<(), String> {
+    let ok = reqwest::Url::parse(url).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.host_str().is_some_and(|h| !h.is_empty())
+            && u.fragment().is_none()
+            && !(base && u.query().is_some())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "key `{key}`: {url:?} is not an http(s) URL with a host{}",
+            if base {
+                " (and no query or fragment)"
+            } else {
+                " (and no fragment)"
+            }
+        ))
+    }
+}
+
 /// A request a connector wants sent. Built once, sent as often as retries need.
 #[derive(Debug, Clone)]
 pub struct Request {

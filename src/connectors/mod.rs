@@ -338,16 +338,23 @@ pub fn load_dir_keeping(
     // one file that claims it. Several new claimants are ambiguous, and none loads: were
     // the first in sort order to win, a copy made to edit a variant would take over the
     // connector's cursor at the next start (with its own URL and secret).
+    // A running connector's file that is there but does not load (a typo mid-edit) still
+    // holds the name: what it claims now is unknown, and handing its cursor to another
+    // claimant would send the tenant's changes to that file's URL.
     let mut claims: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut broken: Vec<PathBuf> = Vec::new();
     for (file, _, c) in &parsed {
-        if let Ok(c) = c {
-            claims.entry(c.name.clone()).or_default().push(file.clone());
+        match c {
+            Ok(c) => claims.entry(c.name.clone()).or_default().push(file.clone()),
+            Err(_) => broken.push(file.clone()),
         }
     }
     for (file, text, c) in parsed {
         let c = c.and_then(|c| {
             let claimants = &claims[&c.name];
-            let runs_here = running.get(&c.name).filter(|f| claimants.contains(f));
+            let runs_here = running
+                .get(&c.name)
+                .filter(|f| claimants.contains(f) || broken.contains(f));
             let others = || -> String {
                 claimants
                     .iter()
@@ -359,9 +366,14 @@ pub fn load_dir_keeping(
             let message = match runs_here {
                 Some(kept_by) if *kept_by == file => return Ok(c),
                 Some(kept_by) => format!(
-                    "key `name`: {:?} is already used by {}, which runs it; this file is not loaded",
+                    "key `name`: {:?} is already used by {}, which runs it{}; this file is not loaded",
                     c.name,
-                    kept_by.display()
+                    kept_by.display(),
+                    if broken.contains(kept_by) {
+                        " as last loaded (that file does not load now)"
+                    } else {
+                        ""
+                    }
                 ),
                 None if claimants.len() == 1 => return Ok(c),
                 None => format!(
@@ -464,6 +476,20 @@ secret_env = "HOOK_SECRET"
         assert!(errors[0].contains("webhook.toml"), "{errors:?}");
         assert!(errors[1].contains("dup.toml"), "{errors:?}");
         assert_eq!(loaded.unloaded.len(), 2);
+        // A typo in the running file mid-edit does not hand the name to the copy.
+        std::fs::write(&running, WEBHOOK.replace("[webhook]", "[webhok]")).unwrap();
+        let loaded = load_dir_keeping(dir.path(), &["demo"], &keep);
+        assert!(loaded.connectors.is_empty(), "{:?}", loaded.connectors);
+        let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            errors.iter().any(|e| e.contains("dup.toml")
+                && e.contains("webhook.toml, which runs it as last loaded")),
+            "{errors:?}"
+        );
+        std::fs::write(&running, WEBHOOK).unwrap();
+        let loaded = load_dir_keeping(dir.path(), &["demo"], &keep);
+        assert_eq!(loaded.connectors.len(), 1);
+        assert_eq!(loaded.connectors[0].file, running);
         std::fs::remove_file(dir.path().join("dup.toml")).unwrap();
         let loaded = load_dir(dir.path(), &["demo"]);
         assert_eq!(loaded.connectors[0].file, running);
@@ -504,5 +530,55 @@ secret_env = "HOOK_SECRET"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[csv] section"), "{err}");
+    }
+
+    #[test]
+    fn a_target_url_needs_a_scheme_and_a_host() {
+        const ONEROSTER: &str = r#"
+kind = "oneroster"
+name = "sis"
+tenant = "demo"
+[oneroster]
+base_url = "https://sis.example/ims/oneroster/rostering/v1p2"
+org_sourced_id = "district-0001"
+course_sourced_id = "rosterd-staff-groups"
+course_title = "Staff groups"
+default_role = "teacher"
+enrollment_role = "teacher"
+[oneroster.auth]
+token_url = "https://sis.example/oauth/token"
+client_id = "rosterd"
+client_secret_env = "SIS_SECRET"
+"#;
+        let parse = |text: &str| {
+            ConnectorConfig::parse(text, Path::new("x.toml"), Path::new("."))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        parse(WEBHOOK).unwrap();
+        parse(ONEROSTER).unwrap();
+        parse(&WEBHOOK.replace("/hook\"", "/hook?tenant=demo\"")).unwrap();
+        let bad = [
+            ("", false),
+            ("not a url", false),
+            ("ftp://h.example/x", false),
+            ("http://", false),
+            ("http://h.example/x#f", false),
+            ("https://h.example/or?x=1", true),
+        ];
+        for (url, base_only) in bad {
+            let err =
+                parse(&ONEROSTER.replace("https://sis.example/ims/oneroster/rostering/v1p2", url))
+                    .unwrap_err();
+            assert!(err.contains("key `base_url`"), "{url:?}: {err}");
+            if base_only {
+                continue;
+            }
+            let err =
+                parse(&ONEROSTER.replace("https://sis.example/oauth/token", url)).unwrap_err();
+            assert!(err.contains("key `auth.token_url`"), "{url:?}: {err}");
+            let err = parse(&WEBHOOK.replace("http://127.0.0.1:9/hook", url)).unwrap_err();
+            assert!(err.contains("key `url`"), "{url:?}: {err}");
+        }
     }
 }

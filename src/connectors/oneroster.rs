@@ -109,16 +109,12 @@ pub struct AuthSettings {
 
 impl OneRosterSettings {
     pub(super) fn validate(&self) -> Result<(), String> {
-        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
-            return Err(format!(
-                "key `base_url`: {:?} is not an http(s) URL",
-                self.base_url
-            ));
-        }
+        super::http::check_url("base_url", &self.base_url, true)?;
         let a = &self.auth;
         match (&a.token_env, &a.token_url) {
             (Some(_), None) => {}
-            (None, Some(_)) => {
+            (None, Some(url)) => {
+                super::http::check_url("auth.token_url", url, false)?;
                 if a.client_id.is_none() || a.client_secret_env.is_none() {
                     return Err(
                         "key `auth.token_url` needs `auth.client_id` and `auth.client_secret_env`"

@@ -48,9 +48,7 @@ pub struct WebhookSettings {
 
 impl WebhookSettings {
     pub(super) fn validate(&self) -> Result<(), String> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return Err(format!("key `url`: {:?} is not an http(s) URL", self.url));
-        }
+        super::http::check_url("url", &self.url, false)?;
         for e in &self.events {
             if !EVENT_TYPES.contains(&e.as_str()) && e != GROUP_DELETED {
                 return Err(format!(
