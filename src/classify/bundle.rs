@@ -154,6 +154,17 @@ impl Bundle {
             if title.is_empty() {
                 return Err(csv_error(line, format!("empty `{}`", &headers[title_col])));
             }
+            // Legal CSV, but no job title spans lines: a quote left open swallows the rows
+            // after it, and with them, without a word, archetypes the bundle should have.
+            if title.contains(['\n', '\r']) {
+                return Err(csv_error(
+                    line,
+                    format!(
+                        "the title spans several lines ({:?}…); is a quote left open?",
+                        title.chars().take(40).collect::<String>()
+                    ),
+                ));
+            }
             // Caught here rather than by the bundle's own check, which can only name the
             // example's place in its archetype, not the line an operator has to fix.
             if normalize_title(title).is_empty() {

@@ -617,6 +617,15 @@ fn labeled_csv_builds_one_archetype_per_label() {
             other => panic!("{text:?}: expected a Csv error, got {other:?}"),
         }
     }
+    // A quote left open would swallow the rows after it, and `sales` with them.
+    match Bundle::from_labeled_csv(
+        "archetype_id,title\nhr,\"Recruiter\nsales,Account Manager\nhr,Talent Partner\n".as_bytes(),
+    ) {
+        Err(e @ ClassifyError::Csv { line: 2, .. }) => {
+            assert!(e.to_string().contains("quote left open"), "{e}")
+        }
+        other => panic!("expected a Csv error at line 2, got {other:?}"),
+    }
     // A title with no words names the CSV line to fix.
     match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\n2,---\n".as_bytes()) {
         Err(e @ ClassifyError::Csv { line: 3, .. }) => {
