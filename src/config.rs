@@ -619,8 +619,13 @@ impl Config {
             Err(e) => Err(ConfigError::Invalid {
                 path: self.file(),
                 message: format!(
-                    "key `connectors.dir`: cannot read the connectors directory {}: {e}; create it (it may stay empty){}",
+                    "key `connectors.dir`: cannot read the connectors directory {}: {e}; {}{}",
                     dir.display(),
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        "create it (it may stay empty)"
+                    } else {
+                        "let the user rosterd runs as read it"
+                    },
                     if self.connectors.dir.is_some() {
                         ", or remove the key if no connector is wanted"
                     } else {

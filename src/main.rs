@@ -135,9 +135,10 @@ enum Command {
     DeadLetters {
         #[command(flatten)]
         daemon: DaemonArgs,
-        /// The tenant the connector belongs to.
-        #[arg(long)]
-        tenant: String,
+        /// The tenant the connector belongs to. Required; taken before or after the
+        /// subcommand, as the other flags are (clap's global flags cannot be required).
+        #[arg(long, global = true)]
+        tenant: Option<String>,
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
@@ -333,7 +334,17 @@ fn run() -> Result<()> {
             daemon,
             tenant,
             command,
-        } => dead_letters(&daemon, &tenant, command),
+        } => {
+            let Some(tenant) = tenant else {
+                <Cli as clap::CommandFactory>::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "dead-letters needs --tenant <TENANT>",
+                    )
+                    .exit()
+            };
+            dead_letters(&daemon, &tenant, command)
+        }
         Command::Resume {
             daemon,
             tenant,
@@ -451,7 +462,13 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
             ),
             Err(e) => {
                 bad_jwt = true;
-                note!("error: [api.jwt]: {e}");
+                // Most of its errors name the section already.
+                let e = e.to_string();
+                if e.starts_with("[api.jwt]") {
+                    note!("error: {e}");
+                } else {
+                    note!("error: [api.jwt]: {e}");
+                }
             }
         },
         None => outln!("Roster API: off (no [api.jwt] section)")?,
@@ -774,7 +791,10 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             }
         }
     }
-    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+    // CRLF, as RFC 4180 and the daemon's own CSV exports end rows.
+    let mut out = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(std::io::stdout().lock());
     out.write_record(["title", "archetype_id", "confidence"])?;
     let rows = inputs.len();
     for (title, department) in &inputs {
@@ -918,6 +938,13 @@ fn call_daemon(
                 Some(c) => c,
                 None => load().context(NO_TOKEN)?,
             };
+            // Said first: a tenant mistyped is no token problem.
+            if !config.tenants.iter().any(|c| c.id == t) {
+                anyhow::bail!(
+                    "tenant {t:?} is not declared in {}",
+                    daemon.config.display()
+                );
+            }
             let scopes = "roster:read roster:write roster:admin";
             Some(mint_jwt(&config, t, scopes, "cli", 60).context(NO_TOKEN)?)
         }
@@ -1529,8 +1556,19 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     let json_logs = matches!(config.log.format, LogFormat::Json);
     // Refused as `check-config` refuses it, naming the setting to change (a file where
     // the directory should be was "cannot create …: File exists").
-    let checked =
-        rosterd::store::Store::check_dir(&config.server.data_dir).with_context(|| data_key);
+    let checked = rosterd::store::Store::check_dir(&config.server.data_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            // Made here rather than by the store, so that the error names the setting.
+            // `check-config` only warns about it, since systemd may make it first.
+            std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {}",
+                    config.server.data_dir.display()
+                )
+            })
+        })
+        .with_context(|| data_key);
     match checked.and_then(|()| serve_logged(config, &listen_key)) {
         Err(e) if json_logs => {
             tracing::error!(error = %causes(&e), "Fatal error; rosterd exits.");

@@ -103,11 +103,18 @@ impl Bundle {
         };
         let headers = reader.headers().map_err(csv_err)?.clone();
         if headers.len() < 2 {
+            // Excel writes `;` where the decimal separator is a comma.
+            let other = [';', '\t']
+                .into_iter()
+                .find(|c| headers.get(0).is_some_and(|h| h.contains(*c)));
             return Err(csv_error(
                 1,
                 format!(
-                    "expected a header with two columns (label,title), got {}",
-                    headers.len()
+                    "expected a header with two columns (archetype_id,title), got {}{}",
+                    headers.len(),
+                    other.map_or(String::new(), |c| format!(
+                        "; the columns must be separated by commas, not {c:?}"
+                    ))
                 ),
             ));
         }

@@ -587,6 +587,16 @@ fn labeled_csv_builds_one_archetype_per_label() {
             other => panic!("{bad:?}: expected Csv error, got {other:?}"),
         }
     }
+    // A file separated by semicolons, as Excel saves one in many locales, is told so.
+    match Bundle::from_labeled_csv("archetype_id;title\neng;Developer\n".as_bytes()) {
+        Err(e @ ClassifyError::Csv { line: 1, .. }) => assert!(
+            e.to_string().contains(
+                "(archetype_id,title), got 1; the columns must be separated by commas, not ';'"
+            ),
+            "{e}"
+        ),
+        other => panic!("expected a Csv error at line 1, got {other:?}"),
+    }
     // A blank title names its line too: skipped, it could leave its archetype out.
     match Bundle::from_labeled_csv("archetype_id,title\n1,chairman\nhr,  \n".as_bytes()) {
         Err(e @ ClassifyError::Csv { line: 3, .. }) => {

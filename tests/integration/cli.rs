@@ -64,6 +64,9 @@ fn bundle_from_csv_then_classify_dry_run() {
         Some("Senior Staff Nurse\nHGV Lorry Driver (EMEA)\n"),
     );
     assert!(ok, "{err}");
+    // Rows end as RFC 4180 and the daemon's exports end them.
+    assert_eq!(out.matches("\r\n").count(), 3, "{out:?}");
+    assert_eq!(out.matches('\n').count(), 3, "{out:?}");
     let mut rdr = csv::Reader::from_reader(out.as_bytes());
     assert_eq!(
         rdr.headers().unwrap().iter().collect::<Vec<_>>(),
@@ -555,6 +558,29 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
         "{err}"
     );
     assert!(!err.contains("listener"), "{err}");
+    // A parent that takes no new directory (procfs takes none, even from root).
+    let (ok, _, err) = rosterd_env(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "/proc/self/rosterd-data",
+        ],
+        &[(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )],
+    );
+    assert!(!ok);
+    assert!(
+        err.starts_with(
+            "Error: --data-dir: cannot create the data directory /proc/self/rosterd-data: "
+        ),
+        "{err}"
+    );
 }
 
 /// A config in `dir` with tenant `t` and the Roster API's HS256 secret in `secret_env`.
@@ -1032,6 +1058,8 @@ fn check_config_names_the_setting_of_an_unreadable_key_file() {
         err.contains("public_keys") && err.contains("nope.pem"),
         "{err}"
     );
+    // The section is named once on the line.
+    assert!(err.starts_with("error: [api.jwt] public_keys: "), "{err}");
 }
 
 /// `check-config` refuses the data directories `serve` would refuse before opening the
@@ -1368,4 +1396,51 @@ async fn the_daemon_outlives_the_stream_it_logs_to() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// `--tenant` goes before or after the dead-letters subcommand, as `--config`, `--url`
+/// and `--token` do; a tenant the config does not declare is said to be that, not a
+/// token problem.
+#[test]
+fn dead_letters_take_the_tenant_anywhere_and_name_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hs256_config(dir.path(), "ROSTERD_CLI_DL_SECRET");
+    let config = config.to_str().unwrap();
+    let env = [(
+        "ROSTERD_CLI_DL_SECRET",
+        "a-secret-of-thirty-two-bytes-or-more!!",
+    )];
+    for args in [
+        vec![
+            "dead-letters",
+            "--tenant",
+            "nope",
+            "list",
+            "hooks",
+            "--config",
+            config,
+        ],
+        vec![
+            "dead-letters",
+            "list",
+            "hooks",
+            "--tenant",
+            "nope",
+            "--config",
+            config,
+        ],
+    ] {
+        let (ok, _, err) = rosterd_env(&args, &env);
+        assert!(!ok);
+        assert!(
+            err.starts_with("Error: tenant \"nope\" is not declared in ") && !err.contains("token"),
+            "{args:?}: {err}"
+        );
+    }
+    let (ok, _, err) = rosterd_env(&["dead-letters", "list", "hooks", "--config", config], &env);
+    assert!(!ok);
+    assert!(
+        err.contains("dead-letters needs --tenant <TENANT>"),
+        "{err}"
+    );
 }
