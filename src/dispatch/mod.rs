@@ -278,6 +278,14 @@ impl Live {
         }
     }
 
+    /// An operator's replay got through: a delivery, counted and dated as one (the metric
+    /// counts it too), but not a sign that the target recovered. Its failures leave the
+    /// streak and any pause alone, and so does its success.
+    fn operator_success(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.health().last_success_at = Some(Utc::now());
+    }
+
     /// Record a failed attempt of the request whose run is `streak`; pause the
     /// connector once failures in a row reach the limit. The first failure of each
     /// round is logged, so an outage shows before the pause without a line per request.
@@ -661,6 +669,8 @@ impl Ctx {
                 Outcome::Delivered { .. } => {
                     if counts {
                         self.live.success();
+                    } else {
+                        self.live.operator_success();
                     }
                     counters::delivered(self.tenant(), name);
                     return Sent::Ok;

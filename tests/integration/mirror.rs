@@ -271,8 +271,20 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.body["error"], "target_refused");
     target.clear_owner(Kind::User, &ada_sid);
+    let before = connector(&d, "sis").await;
     let r = replay(&d, "sis", id1).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // A delivery to `rosterd status`, as to the metric.
+    let after = connector(&d, "sis").await;
+    assert_eq!(
+        after["delivered"].as_u64(),
+        before["delivered"].as_u64().map(|n| n + 1),
+        "{before} {after}"
+    );
+    assert!(
+        after["last_success_at"].as_str() > before["last_success_at"].as_str(),
+        "{before} {after}"
+    );
     assert_eq!(
         target.user(&ada_sid).unwrap()["metadata"]["job_title"],
         "Chef"
