@@ -429,7 +429,14 @@ impl Config {
                 message,
             }
         })?;
-        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Absolute, so that a path resolved once (the data directory handed to the store)
+        // comes out the same if resolved again: against `sub`, `--config sub/config.toml`
+        // put the store in sub/sub/data, and the same config named by its absolute path
+        // then opened another, empty one.
+        config.base_dir = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
         config.source = Some((path.to_owned(), text.to_owned()));
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),

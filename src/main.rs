@@ -402,6 +402,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     // shows only when sled reads it, which the running daemon's lock prevents here.
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
     rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
+    outln!("data directory: {}", dir.display())?;
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
         note!(
             "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"

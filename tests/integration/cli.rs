@@ -1318,36 +1318,23 @@ fn an_answer_that_cannot_be_written_is_an_error_not_a_panic() {
     }
 }
 
-/// Under systemd stdout and stderr are one journal stream. When it goes (journald
-/// restarted, a `| tee` killed) the daemon loses its log lines, but it must go on
-/// answering: it used to abort on the next line, with a request in flight.
-#[tokio::test]
-async fn the_daemon_outlives_the_stream_it_logs_to() {
+/// `rosterd serve ARGS` run in `cwd`, with the test token, once it listens; its stdout
+/// and stderr are one pipe, as under systemd, whose read end comes back with it.
+fn serve_child(
+    cwd: &std::path::Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::io::PipeReader>>,
+) {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
-    )
-    .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
     let (reader, writer) = std::io::pipe().unwrap();
     // The Command, and with it the parent's copies of the pipe's write end, goes at the
     // end of this statement: the daemon then holds the only ones.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
-        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .current_dir(cwd)
+        .arg("serve")
+        .args(args)
         .env(
             "ROSTERD_CLI_TEST_TOKEN",
             "a-token-of-some-length-1234567890",
@@ -1363,7 +1350,47 @@ async fn the_daemon_outlives_the_stream_it_logs_to() {
         .map_while(Result::ok)
         .any(|l| l.contains("listening"));
     assert!(ready, "the daemon did not start");
-    drop(lines);
+    (child, lines)
+}
+
+/// SIGTERM to a `serve_child`, and its exit status.
+fn stop(mut child: std::process::Child) -> std::process::ExitStatus {
+    // SAFETY: the child's pid, which has not been waited for yet.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap()
+}
+
+/// Under systemd stdout and stderr are one journal stream. When it goes (journald
+/// restarted, a `| tee` killed) the daemon loses its log lines, but it must go on
+/// answering: it used to abort on the next line, with a request in flight.
+#[tokio::test]
+async fn the_daemon_outlives_the_stream_it_logs_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (mut child, log) = serve_child(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            &addr,
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+    );
+    drop(log);
     let client = reqwest::Client::new();
     for i in 0..5 {
         let r = client
@@ -1388,14 +1415,45 @@ async fn the_daemon_outlives_the_stream_it_logs_to() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     assert!(child.try_wait().unwrap().is_none(), "the daemon is gone");
-    // SAFETY: the child's pid, which has not been waited for yet.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || stop(child))
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// `--config sub/config.toml` with `data_dir = "data"` is the store in sub/data, as the
+/// same file named by its absolute path is: it used to be sub/sub/data, and the other
+/// name then opened a second, empty store.
+#[test]
+fn a_relative_config_path_puts_the_store_beside_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(
+        sub.join("config.toml"),
+        "version = 1\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    let (child, _log) = serve_child(dir.path(), &["--config", "sub/config.toml"]);
+    assert!(stop(child).success());
+    assert!(sub.join("data").join("conf").is_file());
+    assert!(!sub.join("sub").exists());
+    let (ok, out, err) = rosterd_env(
+        &[
+            "check-config",
+            "--config",
+            sub.join("config.toml").to_str().unwrap(),
+        ],
+        &[(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("data directory: {}", sub.join("data").display())),
+        "{out}"
+    );
 }
 
 /// `--tenant` goes before or after the dead-letters subcommand, as `--config`, `--url`
