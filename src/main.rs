@@ -1530,13 +1530,31 @@ fn data_dir_setting(
     config: &Config,
     flag: Option<&std::path::Path>,
 ) -> Result<(PathBuf, String)> {
-    Ok(match flag {
-        Some(d) => (data_dir_arg(d)?, "--data-dir".to_owned()),
-        None => (
-            config.resolve(&config.server.data_dir),
-            format!("{}: server.data_dir", path.display()),
-        ),
-    })
+    let Some(d) = flag else {
+        let dir = config.resolve(&config.server.data_dir);
+        let key = format!("{}: server.data_dir", path.display());
+        // Earlier builds resolved a relative data_dir twice against a relative config
+        // directory: `--config sub/config.toml` kept its store in sub/sub/data. Opening
+        // sub/data empty would serve an empty roster, and the IdP would provision everyone
+        // again under new ids.
+        if let Some(parent) = path
+            .parent()
+            .filter(|p| p.is_relative() && !p.as_os_str().is_empty())
+            && config.server.data_dir.is_relative()
+        {
+            let old = parent.join(parent).join(&config.server.data_dir);
+            if rosterd::store::Store::holds_store(&old) && !rosterd::store::Store::holds_store(&dir)
+            {
+                anyhow::bail!(
+                    "{key}: the store is at {} (where earlier versions put it, resolving the path twice), not at {}, where this version looks: move it there (or set server.data_dir to it) before starting",
+                    std::path::absolute(&old).unwrap_or(old).display(),
+                    dir.display()
+                );
+            }
+        }
+        return Ok((dir, key));
+    };
+    Ok((data_dir_arg(d)?, "--data-dir".to_owned()))
 }
 
 fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<()> {

@@ -1434,6 +1434,27 @@ fn a_relative_config_path_puts_the_store_beside_the_config() {
         "version = 1\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
     )
     .unwrap();
+    // A store where earlier versions put it is not left behind for an empty one.
+    std::fs::create_dir_all(sub.join("sub").join("data")).unwrap();
+    std::fs::write(sub.join("sub").join("data").join("conf"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "sub/config.toml"])
+        .env(
+            "ROSTERD_CLI_TEST_TOKEN",
+            "a-token-of-some-length-1234567890",
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("sub/config.toml: server.data_dir: the store is at ")
+            && err.contains("sub/sub/data (where earlier versions put it")
+            && !sub.join("data").exists(),
+        "{err}"
+    );
+    std::fs::remove_dir_all(sub.join("sub")).unwrap();
     let (child, _log) = serve_child(dir.path(), &["--config", "sub/config.toml"]);
     assert!(stop(child).success());
     assert!(sub.join("data").join("conf").is_file());
