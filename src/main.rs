@@ -116,6 +116,11 @@ enum Command {
         /// Follow the job until it ends, as `rosterd job --wait` does.
         #[arg(long, conflicts_with = "dry_run")]
         wait: bool,
+        /// Send every object to each OneRoster connector again (the course too), whatever
+        /// was delivered before: for a target that lost data, which a comparison with
+        /// what was delivered cannot see.
+        #[arg(long)]
+        full: bool,
     },
     /// Show one of a tenant's jobs (a reconciliation or a reclassification after a
     /// bundle change; /status names the running one); with --wait, follow it until it
@@ -323,7 +328,8 @@ fn run() -> Result<()> {
             tenant,
             dry_run,
             wait,
-        } => reconcile(&daemon, &tenant, dry_run, wait),
+            full,
+        } => reconcile(&daemon, &tenant, dry_run, wait, full),
         Command::Job {
             daemon,
             tenant,
@@ -1154,13 +1160,19 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     Ok(())
 }
 
-fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Result<()> {
+fn reconcile(
+    daemon: &DaemonArgs,
+    tenant: &str,
+    dry_run: bool,
+    wait: bool,
+    full: bool,
+) -> Result<()> {
     let (status, body) = call_daemon(
         daemon,
         Some(tenant),
         reqwest::Method::POST,
         "/api/v1/roster/scim:sync",
-        Some(serde_json::json!({ "dry_run": dry_run })),
+        Some(serde_json::json!({ "dry_run": dry_run, "full": full })),
     )?;
     fail_unless_ok(status, &body)?;
     if !dry_run {
@@ -1169,7 +1181,8 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, dry_run: bool, wait: bool) -> Re
             return show_job(daemon, tenant, id, true);
         }
         outln!(
-            "reconcile job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`"
+            "{} job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`",
+            if full { "full reconcile" } else { "reconcile" }
         )?;
         return Ok(());
     }

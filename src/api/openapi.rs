@@ -277,12 +277,12 @@ pub fn openapi_document() -> Value {
                 })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
-                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs.",
-                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}}, "additionalProperties": false}}}},
+                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data.",
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}, "full": {"type": "boolean"}}, "additionalProperties": false}}}},
                 "responses": common_errors(json!({
                     "202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"})),
-                    "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "required": ["dry_run", "connectors"], "properties": {
-                        "dry_run": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
+                    "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "required": ["dry_run", "full", "connectors"], "properties": {
+                        "dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
                     "400": error_response("Malformed body")
                 }), &[("409", "A job is already running for this tenant (sync_in_progress)")])
             }},
@@ -396,7 +396,8 @@ pub fn openapi_document() -> Value {
                     "started_at": {"type": "string", "format": "date-time"},
                     "finished_at": {"type": ["string", "null"], "format": "date-time"},
                     "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    "error": {"type": ["string", "null"]}}},
+                    "error": {"type": ["string", "null"]},
+                    "full": {"type": "boolean", "description": "Present, true, on a reconciliation that sent every object again"}}},
                 "Change": {"type": "object", "required": ["seq", "at", "resource_type", "id", "op"], "properties": {
                     "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
                     "resource_type": {"type": "string", "enum": ["User", "Group"]}, "id": {"type": "string", "description": "SCIM id"},

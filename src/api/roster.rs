@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::jwt::Scope;
 use super::{ApiError, ApiResult, Caller, Params, TenantRoster, authenticate, json_body};
 use crate::classify::TenantPolicy;
+use crate::dispatch::ReconcileMode;
 use crate::scim::ResourceKind;
 use crate::server::AppState;
 use crate::store::{
@@ -1382,7 +1383,7 @@ async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
 // Sync jobs
 
 fn job_json(j: &Job) -> Value {
-    json!({
+    let mut v = json!({
         "job_id": j.job_id,
         "kind": j.kind,
         "status": j.status,
@@ -1390,12 +1391,16 @@ fn job_json(j: &Job) -> Value {
         "finished_at": j.finished_at,
         "counts": j.counts,
         "error": j.error,
-    })
+    });
+    if j.full {
+        v["full"] = json!(true);
+    }
+    v
 }
 
 /// `POST /scim:sync`: start the reconcile job (202 with the job). With
 /// `{"dry_run": true}` nothing is started: the answer (200) lists, per connector, what
-/// reconciliation would send.
+/// reconciliation would send. `{"full": true}` sends every object again.
 async fn start_sync(
     State(st): St,
     headers: HeaderMap,
@@ -1405,33 +1410,34 @@ async fn start_sync(
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Write)?;
     check_params(&p, &[])?;
-    let dry_run = match json_body(&headers, &body)? {
-        None => false,
+    const EXPECTED: &str = "expected {\"dry_run\": true|false, \"full\": true|false}";
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct SyncBody {
+        #[serde(default)]
+        dry_run: bool,
+        #[serde(default)]
+        full: bool,
+    }
+    let SyncBody { dry_run, full } = match json_body(&headers, &body)? {
+        None => SyncBody::default(),
         // serde would also read a struct from an array (`[true]`), which no caller means.
-        Some(v @ Value::Object(_)) => {
-            #[derive(serde::Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct SyncBody {
-                #[serde(default)]
-                dry_run: bool,
-            }
-            serde_json::from_value::<SyncBody>(v)
-                .map_err(|e| {
-                    ApiError::BadRequest(format!("body: {e}; expected {{\"dry_run\": true|false}}"))
-                })?
-                .dry_run
-        }
+        Some(v @ Value::Object(_)) => serde_json::from_value::<SyncBody>(v)
+            .map_err(|e| ApiError::BadRequest(format!("body: {e}; {EXPECTED}")))?,
         Some(_) => {
-            return Err(ApiError::BadRequest(
-                "body must be a JSON object: {\"dry_run\": true|false}".into(),
-            ));
+            return Err(ApiError::BadRequest(format!(
+                "body must be a JSON object: {EXPECTED}"
+            )));
         }
     };
     if dry_run {
-        let reports = st.dispatch.reconcile(&caller.tenant, true).await?;
-        return Ok(Json(json!({"dry_run": true, "connectors": reports})).into_response());
+        let mode = ReconcileMode { dry_run, full };
+        let reports = st.dispatch.reconcile(&caller.tenant, mode).await?;
+        return Ok(
+            Json(json!({"dry_run": true, "full": full, "connectors": reports})).into_response(),
+        );
     }
-    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync")
+    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", full)
         .await
         .map_err(|e| match ApiError::from(e) {
             ApiError::SyncInProgress(None) => sync_in_progress(&st, &caller.tenant),

@@ -808,18 +808,23 @@ pub fn plan(
 pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<Request> {
     vec![
         Request::get(settings.url(&format!("orgs/{}", settings.org_sourced_id))),
-        Request::put(
-            settings.url(&format!("courses/{}", settings.course_sourced_id)),
-            &json!({ "course": {
-                "sourcedId": settings.course_sourced_id,
-                "status": "active",
-                "dateLastModified": ts(now),
-                "title": settings.course_title,
-                "courseCode": settings.course_sourced_id,
-                "org": { "sourcedId": settings.org_sourced_id, "type": "org" },
-            }}),
-        ),
+        course_put(settings, now),
     ]
+}
+
+/// The course every class belongs to.
+pub fn course_put(settings: &OneRosterSettings, now: DateTime<Utc>) -> Request {
+    Request::put(
+        settings.url(&format!("courses/{}", settings.course_sourced_id)),
+        &json!({ "course": {
+            "sourcedId": settings.course_sourced_id,
+            "status": "active",
+            "dateLastModified": ts(now),
+            "title": settings.course_title,
+            "courseCode": settings.course_sourced_id,
+            "org": { "sourcedId": settings.org_sourced_id, "type": "org" },
+        }}),
+    )
 }
 
 /// Bearer credentials for the target: a static token, or an OAuth access token cached

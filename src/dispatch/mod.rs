@@ -31,7 +31,7 @@ use tracing::Instrument;
 
 mod reconcile;
 
-pub use reconcile::{DriftItem, DriftReport};
+pub use reconcile::{DriftItem, DriftReport, ReconcileMode};
 
 use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};
@@ -1217,7 +1217,14 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
             }
             ctx.live.set_state("resync");
             let mut report = reconcile::DriftReport::default();
-            match reconcile::reconcile_oneroster(ctx, settings, false, &mut report).await {
+            match reconcile::reconcile_oneroster(
+                ctx,
+                settings,
+                reconcile::ReconcileMode::default(),
+                &mut report,
+            )
+            .await
+            {
                 Ok(()) => {}
                 Err(DispatchError::Store(e)) => return Err(e),
                 Err(e) => return Err(StoreError::Backend(e.to_string())),

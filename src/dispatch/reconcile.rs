@@ -16,11 +16,14 @@ use tracing::Instrument;
 use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
-    Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, enrollment_delete,
-    enrollment_put, held_downstream, stored_user_write, user_delete, user_key,
+    Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, course_put,
+    enrollment_delete, enrollment_put, held_downstream, stored_user_write, user_delete, user_key,
 };
 use crate::scim::ResourceKind;
 use crate::store::{Store, StoreError};
+
+/// Why every object drifts in a full reconciliation.
+const FULL: &str = "sent again in full";
 
 /// Items listed in a report; the counts are always complete.
 const LISTED: usize = 200;
@@ -29,6 +32,18 @@ const LISTED: usize = 200;
 /// million from a target that caps pages at 100), but finite: a target that keeps
 /// answering new pages past it is not paging, and the job must end.
 const READ_BACK_MAX_PAGES: usize = 10_000;
+
+/// What a reconciliation does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconcileMode {
+    /// Only report what would be sent.
+    pub dry_run: bool,
+    /// Send every object again, whatever was delivered before, the course included: for a
+    /// target that lost data (rebuilt empty, restored from an old backup). Comparing with
+    /// what was delivered finds nothing missing there, and a read-back reads only the
+    /// records that are left.
+    pub full: bool,
+}
 
 /// One object to send again.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +55,7 @@ pub struct DriftItem {
     pub reason: String,
     #[serde(skip)]
     request: Option<Request>,
+    /// Recorded as delivered once sent; `None` removes the record (a delete, the course).
     #[serde(skip)]
     hash: Option<u64>,
 }
@@ -96,19 +112,34 @@ fn diff(
     tenant: &str,
     hash_owner: &str,
     s: &OneRosterSettings,
+    full: bool,
     report: &mut DriftReport,
 ) -> Result<Vec<DriftItem>, StoreError> {
     let mut all = Vec::new();
     let now = Utc::now();
+    if full {
+        report.checked += 1;
+        report.push(
+            DriftItem {
+                object: format!("Course/{}", s.course_sourced_id),
+                action: "put",
+                reason: FULL.into(),
+                request: Some(course_put(s, now)),
+                hash: None,
+            },
+            &mut all,
+        );
+    }
     // An object drifted when what would be sent now differs from what was acknowledged.
     let mut check = |report: &mut DriftReport, w: Write| -> Result<(), StoreError> {
         report.checked += 1;
         let have = store.delivered(tenant, hash_owner, &w.key)?;
-        if w.hash == have {
+        if w.hash == have && !(full && w.hash.is_some()) {
             return Ok(());
         }
         let reason = match (w.hash, have) {
             (None, _) => "inactive, but still delivered",
+            (Some(_), _) if full => FULL,
             (Some(_), Some(_)) => "differs from what was last delivered",
             (Some(_), None) => "never delivered",
         };
@@ -206,27 +237,32 @@ fn projected(target: &Value, desired: &Value) -> Value {
 }
 
 impl Dispatcher {
-    /// Reconcile every connector of `tenant`. A dry run only reports.
+    /// Reconcile every connector of `tenant`.
     pub async fn reconcile(
         &self,
         tenant: &str,
-        dry_run: bool,
+        mode: ReconcileMode,
     ) -> Result<Vec<DriftReport>, DispatchError> {
-        self.reconcile_kind(tenant, dry_run, None).await
+        self.reconcile_kind(tenant, mode, None).await
     }
 
     /// Write the files of every CSV connector of `tenant` now.
     pub async fn export(&self, tenant: &str) -> Result<Vec<DriftReport>, DispatchError> {
-        self.reconcile_kind(tenant, false, Some(crate::connectors::Kind::Csv))
-            .await
+        self.reconcile_kind(
+            tenant,
+            ReconcileMode::default(),
+            Some(crate::connectors::Kind::Csv),
+        )
+        .await
     }
 
     async fn reconcile_kind(
         &self,
         tenant: &str,
-        dry_run: bool,
+        mode: ReconcileMode,
         only: Option<crate::connectors::Kind>,
     ) -> Result<Vec<DriftReport>, DispatchError> {
+        let dry_run = mode.dry_run;
         let ctxs: Vec<Arc<Ctx>> = self
             .running()
             .values()
@@ -243,7 +279,7 @@ impl Dispatcher {
             };
             match &ctx.target {
                 Target::OneRoster { settings, .. } => {
-                    reconcile_oneroster(&ctx, settings, dry_run, &mut report)
+                    reconcile_oneroster(&ctx, settings, mode, &mut report)
                         .instrument(ctx.span())
                         .await?;
                 }
@@ -306,9 +342,10 @@ impl Dispatcher {
 pub(super) async fn reconcile_oneroster(
     ctx: &Ctx,
     settings: &OneRosterSettings,
-    dry_run: bool,
+    mode: ReconcileMode,
     report: &mut DriftReport,
 ) -> Result<(), DispatchError> {
+    let ReconcileMode { dry_run, full } = mode;
     let tenant = ctx.tenant().to_owned();
     let owner = ctx.cursor_name();
     let mut items = {
@@ -319,10 +356,11 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
-        let items =
-            tokio::task::spawn_blocking(move || diff(&store, &t, &o, &s, &mut r).map(|i| (i, r)))
-                .await
-                .map_err(StoreError::from_join)??;
+        let items = tokio::task::spawn_blocking(move || {
+            diff(&store, &t, &o, &s, full, &mut r).map(|i| (i, r))
+        })
+        .await
+        .map_err(StoreError::from_join)??;
         let (items, r) = items;
         report.checked = r.checked;
         report.drifted = r.drifted;
@@ -346,9 +384,10 @@ pub(super) async fn reconcile_oneroster(
     if items.is_empty() {
         return Ok(());
     }
-    // Users and classes before enrollments; deletes of enrollments before classes.
+    // Users and classes before enrollments, the course before its classes; deletes of
+    // enrollments before classes.
     let rank = |i: &DriftItem| match (i.action, i.object.split('/').next()) {
-        ("put", Some("User")) => 0,
+        ("put", Some("User" | "Course")) => 0,
         ("put", Some("Group")) => 1,
         ("put", _) => 2,
         ("delete", Some("Member")) => 3,

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::classify::TenantPolicy;
+use crate::dispatch::ReconcileMode;
 use crate::server::AppState;
 use crate::store::{Job, JobStatus, StoreError};
 
@@ -38,25 +39,32 @@ pub async fn start_reclassify(
     tenant: &str,
     kind: &str,
 ) -> Result<Job, JobError> {
-    start_job(state, tenant, kind, false).await
+    start_job(state, tenant, kind, None).await
 }
 
-/// Queue a reconciliation of `tenant`: reclassify, then repair every connector's drift.
+/// Queue a reconciliation of `tenant`: reclassify, then repair every connector's drift;
+/// with `full`, send every object again (see [`ReconcileMode::full`]).
 pub async fn start_reconcile(
     state: Arc<AppState>,
     tenant: &str,
     kind: &str,
+    full: bool,
 ) -> Result<Job, JobError> {
-    start_job(state, tenant, kind, true).await
+    let mode = ReconcileMode {
+        dry_run: false,
+        full,
+    };
+    start_job(state, tenant, kind, Some(mode)).await
 }
 
+/// A job: a reclassification, followed by a reconciliation when `reconcile` is given.
 async fn start_job(
     state: Arc<AppState>,
     tenant: &str,
     kind: &str,
-    reconcile: bool,
+    reconcile: Option<ReconcileMode>,
 ) -> Result<Job, JobError> {
-    let (job, slot) = claim(&state, tenant, kind).await?;
+    let (job, slot) = claim(&state, tenant, kind, reconcile.is_some_and(|m| m.full)).await?;
     let queued = job.clone();
     let tenant = tenant.to_owned();
     tokio::spawn(async move {
@@ -84,8 +92,8 @@ async fn start_job(
                 // this one held the slot; without another pass, users passed before the
                 // reload would keep the old bundle's archetypes until the next restart.
                 tracing::info!(tenant = %tenant, "The archetype bundle changed while a job ran; reclassifying again.");
-                match claim(&state, &tenant, "bundle_change").await {
-                    Ok((job, slot)) => next = Some((job, slot, false)),
+                match claim(&state, &tenant, "bundle_change", false).await {
+                    Ok((job, slot)) => next = Some((job, slot, None)),
                     // A job someone started meanwhile reclassifies with the new bundle.
                     Err(JobError::AlreadyRunning(_)) => {
                         tracing::info!(tenant = %tenant, "Another job took the slot first; it reclassifies with the new bundle.")
@@ -129,7 +137,12 @@ async fn record_end(state: &AppState, tenant: &str, mut job: Job) {
 }
 
 /// Take the tenant's job slot and record a queued job in it.
-async fn claim(state: &Arc<AppState>, tenant: &str, kind: &str) -> Result<(Job, Slot), JobError> {
+async fn claim(
+    state: &Arc<AppState>,
+    tenant: &str,
+    kind: &str,
+    full: bool,
+) -> Result<(Job, Slot), JobError> {
     // The store holds the flag, under the tenant's write lock, so an override write is
     // either before the job or refused with 409 (never inside it).
     if !state.store.claim_job(tenant).await? {
@@ -147,6 +160,7 @@ async fn claim(state: &Arc<AppState>, tenant: &str, kind: &str) -> Result<(Job, 
         finished_at: None,
         counts: BTreeMap::new(),
         error: None,
+        full,
     };
     state.store.put_job(tenant, job.clone()).await?;
     Ok((job, slot))
@@ -158,7 +172,7 @@ async fn run_job(
     tenant: &str,
     mut job: Job,
     slot: Slot,
-    reconcile: bool,
+    reconcile: Option<ReconcileMode>,
 ) -> bool {
     job.status = JobStatus::Running;
     if let Err(e) = state.store.put_job(tenant, job.clone()).await {
@@ -222,8 +236,8 @@ async fn run_job(
             if let Ok(n) = state.store.review_queue_len(tenant) {
                 job.counts.insert("review_queue".into(), n);
             }
-            if reconcile {
-                match state.dispatch.reconcile(tenant, false).await {
+            if let Some(mode) = reconcile {
+                match state.dispatch.reconcile(tenant, mode).await {
                     Ok(reports) => {
                         for r in &reports {
                             let mut add = |k: &str, v: u64| {
@@ -571,7 +585,7 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     // Whether this tenant's part failed: such a run is a WARN, which the
     // `journalctl -p warning` the README suggests shows.
     let (part, failed) = match name {
-        "reconcile" => match start_reconcile(state.clone(), tenant, "schedule").await {
+        "reconcile" => match start_reconcile(state.clone(), tenant, "schedule", false).await {
             // The job logs its own end, with its outcome.
             Ok(job) => {
                 tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");

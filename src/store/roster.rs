@@ -188,6 +188,9 @@ pub struct Job {
     pub counts: std::collections::BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A reconciliation that sent every object again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
 }
 
 /// Governance event filters.

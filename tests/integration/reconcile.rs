@@ -145,6 +145,77 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
     assert_eq!(r.status, 400);
 }
 
+/// A target that lost its data (rebuilt empty) shows no drift against what was
+/// delivered, and a read-back reads only what is left; `{"full": true}` sends
+/// everything again, the course first, and the job says it was full.
+#[tokio::test]
+async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada, &bob]).await;
+    caught_up(&d, "sis").await;
+    let kinds = [Kind::User, Kind::Class, Kind::Enrollment, Kind::Course];
+    let before: Vec<_> = kinds.iter().map(|k| target.objects(*k)).collect();
+    assert_eq!(before[0].len(), 2);
+    assert_eq!(before[2].len(), 2);
+    for k in kinds {
+        for id in target.objects(k).keys() {
+            assert!(target.remove(k, id));
+        }
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"dry_run": true, "full": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The course, two users, the class and two enrollments.
+    assert_eq!(r.body["connectors"][0]["drifted"], 6, "{}", r.body);
+    assert_eq!(r.body["full"], true);
+    assert!(target.users().is_empty(), "a dry run sent something");
+
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["full"], true, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["full"], true, "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 6, "{job}");
+    let after: Vec<_> = kinds.iter().map(|k| target.objects(*k)).collect();
+    for (k, (b, a)) in kinds.iter().zip(before.iter().zip(&after)) {
+        assert_eq!(
+            b.keys().collect::<Vec<_>>(),
+            a.keys().collect::<Vec<_>>(),
+            "{k:?}"
+        );
+    }
+    // An ordinary run after it finds nothing to do, and says nothing of `full`.
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    assert!(job.get("full").is_none(), "{job}");
+}
+
 /// A daemon whose `sis` connector reads users back, with three users delivered to
 /// `target`; ada's given name was then changed at the target.
 async fn reading_back(target: &OneRosterServer) -> TestDaemon {
