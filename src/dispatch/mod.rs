@@ -1287,9 +1287,16 @@ struct Progress {
     /// The cursor as last written.
     persisted: u64,
     in_flight: std::collections::BTreeSet<u64>,
-    /// Delivered-content hashes of finished changes above the written cursor.
+    /// Finished changes above the written cursor, with the delivered-content hashes not
+    /// written yet.
     finished: BTreeMap<u64, Hashes>,
+    /// Whether a change finished since the last write.
+    unsaved: bool,
 }
+
+/// What [`Progress::take`] gives to write: the cursor, the changes above it that are
+/// finished too, and the hashes not written yet.
+type ToWrite = (u64, Vec<u64>, Hashes);
 
 impl Progress {
     /// Every change up to this one was acknowledged or dead-lettered.
@@ -1300,21 +1307,32 @@ impl Progress {
     fn finish(&mut self, seq: u64, hashes: Hashes) {
         self.in_flight.remove(&seq);
         self.finished.insert(seq, hashes);
+        self.unsaved = true;
     }
 
-    /// The cursor to write and the hashes it covers, when it moved since the last write.
-    fn take(&mut self) -> Option<(u64, Hashes)> {
+    /// A change a stop or reload found acknowledged above the cursor: done, not sent.
+    fn already_acked(&mut self, seq: u64) {
+        self.finished.insert(seq, Vec::new());
+    }
+
+    /// What to write, when the cursor moved or a change finished since the last write.
+    /// Hashes are written as their changes finish, even above the cursor: a change
+    /// starts only once every earlier change of its objects is done, so its hash is the
+    /// latest acknowledged state of those objects.
+    fn take(&mut self) -> Option<ToWrite> {
         let cursor = self.cursor();
-        if cursor <= self.persisted {
+        if cursor <= self.persisted && !self.unsaved {
             return None;
         }
-        let keep = self.finished.split_off(&(cursor + 1));
-        let hashes = std::mem::replace(&mut self.finished, keep)
-            .into_values()
-            .flatten()
+        let hashes = self
+            .finished
+            .values_mut()
+            .flat_map(std::mem::take)
             .collect();
+        self.finished = self.finished.split_off(&(cursor + 1));
         self.persisted = cursor;
-        Some((cursor, hashes))
+        self.unsaved = false;
+        Some((cursor, self.finished.keys().copied().collect(), hashes))
     }
 }
 
@@ -1333,11 +1351,32 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let fans_out = matches!(ctx.target, Target::OneRoster { .. });
     let mut durable = ctx.store.watch_durable(tenant);
     let start = ctx.store.cursor(tenant, &cursor_name)?;
+    let mut acked: std::collections::BTreeSet<u64> = ctx
+        .store
+        .acked_above(tenant, &cursor_name)?
+        .into_iter()
+        .filter(|&s| s > start)
+        .collect();
     let mut progress = Progress {
         read: start,
         persisted: start,
         in_flight: Default::default(),
         finished: BTreeMap::new(),
+        unsaved: false,
+    };
+    let save = |progress: &mut Progress| {
+        let taken = progress.take();
+        let (store, cursor_name) = (&ctx.store, &cursor_name);
+        async move {
+            match taken {
+                Some((cursor, acked, hashes)) => {
+                    store
+                        .record_progress(tenant, cursor_name, cursor, acked, hashes)
+                        .await
+                }
+                None => Ok(()),
+            }
+        }
     };
     // The latest change of each object still in flight: what a new change must wait for.
     let mut latest: HashMap<String, (u64, watch::Receiver<bool>)> = HashMap::new();
@@ -1376,6 +1415,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             }
             for (ev, reports) in events {
                 progress.read = ev.seq;
+                if acked.remove(&ev.seq) {
+                    progress.already_acked(ev.seq);
+                    continue;
+                }
                 let (tx, rx) = watch::channel(false);
                 let mut waits = Vec::new();
                 for k in object_keys(&ev, &reports) {
@@ -1389,18 +1432,15 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             continue;
         }
         let idle = running.is_empty();
-        if (idle || last_write.elapsed() >= CURSOR_EVERY)
-            && let Some((cursor, hashes)) = progress.take()
-        {
-            ctx.store
-                .advance_cursor(tenant, &cursor_name, cursor, hashes)
-                .await?;
+        if idle || last_write.elapsed() >= CURSOR_EVERY {
+            save(&mut progress).await?;
             last_write = std::time::Instant::now();
         }
         tokio::select! {
             Some((seq, keys, r)) = running.next(), if !idle => {
                 match r? {
-                    Delivered::Cancelled => return Ok(()),
+                    // Stopping: keep what is acknowledged so far, as below.
+                    Delivered::Cancelled => return save(&mut progress).await,
                     Delivered::Done(h) => progress.finish(seq, h),
                     Delivered::DeadLettered => progress.finish(seq, vec![]),
                 }
@@ -1411,13 +1451,9 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 }
             }
             r = durable.changed(), if room => if r.is_err() { return Ok(()) },
-            _ = ctx.cancel.cancelled() => {
-                // Keep what is acknowledged so far; the rest is sent again after a start.
-                if let Some((cursor, hashes)) = progress.take() {
-                    ctx.store.advance_cursor(tenant, &cursor_name, cursor, hashes).await?;
-                }
-                return Ok(());
-            }
+            // Keep what is acknowledged so far; what was in flight is sent again after a
+            // start.
+            _ = ctx.cancel.cancelled() => return save(&mut progress).await,
         }
     }
 }

@@ -24,6 +24,14 @@ fn cursor_key(connector: &str) -> Vec<u8> {
     tagged(b'k', connector)
 }
 
+/// `a conn` → sequence numbers above the cursor (u64 big-endian each) acknowledged while
+/// a change below them was still in flight. A restart or reload skips them instead of
+/// sending them again: a slow request held the cursor, and a clean stop re-sent every
+/// change acknowledged after it.
+fn acked_above_key(connector: &str) -> Vec<u8> {
+    tagged(b'a', connector)
+}
+
 /// `R conn` → 1: the connector was retired (its file removed and the daemon reloaded),
 /// so its stored cursor no longer holds back change-log compaction.
 fn retired_key(connector: &str) -> Vec<u8> {
@@ -180,13 +188,48 @@ impl Store {
         seq: u64,
         hashes: Vec<(String, Option<u64>)>,
     ) -> StoreResult<()> {
+        self.record_progress(tenant, connector, seq, Vec::new(), hashes)
+            .await
+    }
+
+    /// [`Store::advance_cursor`], with the changes above the cursor that were
+    /// acknowledged too (their hashes among `hashes`); [`Store::acked_above`] reads them.
+    pub async fn record_progress(
+        &self,
+        tenant: &str,
+        connector: &str,
+        seq: u64,
+        acked_above: Vec<u64>,
+        hashes: Vec<(String, Option<u64>)>,
+    ) -> StoreResult<()> {
         let connector = connector.to_owned();
         self.write(tenant, move |txn| {
             txn.put(cursor_key(&connector), seq.to_be_bytes().to_vec());
+            let key = acked_above_key(&connector);
+            if acked_above.is_empty() {
+                txn.del(key);
+            } else {
+                txn.put(
+                    key,
+                    acked_above.iter().flat_map(|s| s.to_be_bytes()).collect(),
+                );
+            }
             put_hashes(txn, &connector, hashes);
             Ok(())
         })
         .await
+    }
+
+    /// The changes above the connector's cursor it acknowledged (see
+    /// [`Store::record_progress`]).
+    pub fn acked_above(&self, tenant: &str, connector: &str) -> StoreResult<Vec<u64>> {
+        let t = self.tenant(tenant)?;
+        let Some(v) = t.tree.get(acked_above_key(connector))? else {
+            return Ok(Vec::new());
+        };
+        v.chunks(8)
+            .map(|c| decode_u64(c, "acknowledged change above the cursor"))
+            .collect()
     }
 
     /// Record delivered-content hashes without moving the cursor (reconciliation).
@@ -342,7 +385,13 @@ mod tests {
             let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             assert_eq!(store.cursor("t", "or").unwrap(), 0);
             store
-                .advance_cursor("t", "or", 7, vec![("User/u1".into(), Some(42))])
+                .record_progress(
+                    "t",
+                    "or",
+                    7,
+                    vec![9, 12],
+                    vec![("User/u1".into(), Some(42))],
+                )
                 .await
                 .unwrap();
             let letter = DeadLetter {
@@ -402,7 +451,11 @@ mod tests {
         }
         let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
         assert_eq!(store.cursor("t", "or").unwrap(), 7);
+        assert_eq!(store.acked_above("t", "or").unwrap(), [9, 12]);
+        assert!(store.acked_above("t", "other").unwrap().is_empty());
         assert_eq!(store.cursor("t", "other").unwrap(), 0);
+        // Only `or`'s cursors are cursors: the record above it is no connector's.
+        assert_eq!(store.cursors("t").unwrap(), [("or".to_owned(), 7)]);
         assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), Some(42));
         assert_eq!(store.dead_letter_count("t", "or").unwrap(), 2);
         assert!(store.remove_dead_letter("t", "or", 1).await.unwrap());
@@ -423,9 +476,10 @@ mod tests {
         };
         assert_eq!(store.add_dead_letter("t", again).await.unwrap(), 4);
         store
-            .advance_cursor("t", "or", 9, vec![("User/u1".into(), None)])
+            .advance_cursor("t", "or", 12, vec![("User/u1".into(), None)])
             .await
             .unwrap();
         assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), None);
+        assert!(store.acked_above("t", "or").unwrap().is_empty());
     }
 }

@@ -819,6 +819,63 @@ async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
     assert!(change.get("deactivated").is_none(), "{change}");
 }
 
+/// A slow request holds the cursor; what the target acknowledged after it is not sent
+/// again across a clean restart (or a reload): it used to be, every event of it.
+#[tokio::test]
+async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let text = text.replace("timeout_ms = 2000", "timeout_ms = 60000");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::hold(1).on_body("ada@acme.test"));
+    let ada = d.create_user("ada@acme.test").await;
+    let others = [
+        d.create_user("bob@acme.test").await,
+        d.create_user("cy@acme.test").await,
+        d.create_user("dan@acme.test").await,
+    ];
+    let acked = |h: &WebhookServer, id: &str| {
+        h.deliveries()
+            .iter()
+            .filter(|x| x.body["data"]["id"] == id && x.accepted() && x.answered.is_some())
+            .count()
+    };
+    assert!(
+        hook.wait_until(|h| others.iter().all(|id| acked(h, id) == 1), WAIT)
+            .await,
+        "the others waited behind ada"
+    );
+    assert_eq!(acked(&hook, &ada), 0);
+    let d = d.restart().await;
+    hook.release();
+    caught_up(&d, "hooks").await;
+    assert!(
+        hook.wait_until(|h| acked(h, &ada) >= 1, WAIT).await,
+        "ada's event never went through"
+    );
+    for id in &others {
+        let sent = hook
+            .deliveries()
+            .iter()
+            .filter(|x| x.body["data"]["id"] == id.as_str())
+            .count();
+        assert_eq!(sent, 1, "{id} was sent again after the restart");
+    }
+    // Nothing above the cursor is left recorded once it has passed.
+    let seqs: Vec<u64> = hook
+        .deliveries()
+        .iter()
+        .filter_map(|x| x.body["data"]["seq"].as_u64())
+        .collect();
+    let c = connector(&d, "hooks").await;
+    assert_eq!(c["cursor"].as_u64(), seqs.iter().max().copied(), "{c}");
+}
+
 #[tokio::test]
 async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_acknowledged() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
