@@ -418,7 +418,7 @@ pub fn openapi_document() -> Value {
                 "DriftReport": {"type": "object", "properties": {
                     "connector": {"type": "string"}, "kind": {"type": "string"},
                     "checked": {"type": "integer"}, "drifted": {"type": "integer"},
-                    "repaired_from_target": {"type": "integer"}, "sent": {"type": "integer"},
+                    "found_at_target": {"type": "integer", "description": "Of the drifted, those the read-back found changed or soft-deleted at the target; each is sent again or counted in failed"}, "sent": {"type": "integer"},
                     "failed": {"type": "integer"}, "unmappable": {"type": "integer"},
                     "note": {"type": ["string", "null"]},
                     "read_back_stopped": {"type": ["string", "null"], "description": "Why reading users back from the target ended before the end of its window; the job then fails"},

@@ -67,7 +67,8 @@ pub struct DriftReport {
     pub kind: &'static str,
     pub checked: u64,
     pub drifted: u64,
-    pub repaired_from_target: u64,
+    /// Of `drifted`, those the read-back found changed or soft-deleted at the target.
+    pub found_at_target: u64,
     pub sent: u64,
     pub failed: u64,
     /// Objects that cannot be expressed downstream (e.g. a user without an email).
@@ -370,7 +371,7 @@ pub(super) async fn reconcile_oneroster(
     };
     if settings.read_back {
         let (repaired, stopped) = read_back(ctx, settings, &tenant, &items).await?;
-        report.repaired_from_target = repaired.len() as u64;
+        report.found_at_target = repaired.len() as u64;
         report.read_back_stopped = stopped;
         for item in repaired {
             report.push(item, &mut items);

@@ -245,7 +245,7 @@ async fn run_job(
                             };
                             add("drift_checked", r.checked);
                             add("drift_found", r.drifted);
-                            add("drift_repaired_from_target", r.repaired_from_target);
+                            add("drift_found_at_target", r.found_at_target);
                             add("drift_sent", r.sent);
                             add("drift_failed", r.failed);
                         }
@@ -254,7 +254,7 @@ async fn run_job(
                         // below.
                         errors.extend(reports.iter().filter(|r| r.failed > 0 && r.paused.is_none()).map(|r| {
                             format!(
-                                "connector {}: {} drifted objects could not be re-sent; see its last error and dead letters",
+                                "connector {}: {} drifted objects could not be re-sent (the target refused them or kept failing; its last_error in /status says how); they stay drifted, and the next reconciliation sends them again",
                                 r.connector, r.failed
                             )
                         }));
@@ -297,8 +297,8 @@ async fn run_job(
                                     tracing::$level!(
                                         drift_checked = n("drift_checked"),
                                         drift_found = n("drift_found"),
-                                        drift_repaired_from_target =
-                                            n("drift_repaired_from_target"),
+                                        drift_found_at_target =
+                                            n("drift_found_at_target"),
                                         drift_sent = n("drift_sent"),
                                         drift_failed = n("drift_failed"),
                                         error = job.error.as_deref(),

@@ -106,7 +106,7 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
         assert!(objects.contains(&format!("User/{id}").as_str()), "{report}");
     }
     assert_eq!(report["drifted"], 3, "{report}");
-    assert_eq!(report["repaired_from_target"], 2, "{report}");
+    assert_eq!(report["found_at_target"], 2, "{report}");
     assert_eq!(target.user(&ada_sid).unwrap()["givenName"], "Mallory");
     // Reads only: the read-back GETs.
     assert!(
@@ -262,7 +262,7 @@ async fn read_back_takes_the_total_from_x_total_count() {
     let admin = d.jwt(TENANT, "roster:admin");
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["counts"]["drift_repaired_from_target"], 1, "{job}");
+    assert_eq!(job["counts"]["drift_found_at_target"], 1, "{job}");
     let gets = read_back_gets(&target);
     assert_eq!(gets.len(), 1, "{gets:?}");
 }
@@ -291,7 +291,7 @@ async fn read_back_stops_when_a_page_brings_nothing_new() {
             .is_some_and(|n| n.contains("offset")),
         "{report}"
     );
-    assert_eq!(report["repaired_from_target"], 1, "{report}");
+    assert_eq!(report["found_at_target"], 1, "{report}");
     assert_eq!(read_back_gets(&target).len(), 2);
     // The job ends, says why it is incomplete, and still repairs what it read.
     let job = sync_job(&d, &admin).await;
