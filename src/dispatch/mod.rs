@@ -1500,8 +1500,12 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     ctx.live.set_state("running");
     let mut backoff = ctx.backoff();
     let mut streak = Streak::default();
+    // A failed write is tried again after its backoff, not at the next scheduled time:
+    // a nightly file would otherwise miss its night.
+    let mut retrying = false;
     loop {
         match &schedule {
+            Some(_) if retrying => {}
             Some(cron) => {
                 // A connector's own schedule is read in UTC (documented in csv.toml.example).
                 let Some(next) = crate::schedule::next_run(cron, chrono_tz::UTC) else {
@@ -1541,6 +1545,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             match written {
                 Ok(report) => {
                     let report: crate::connectors::csv::SnapshotReport = report;
+                    retrying = false;
                     ctx.live.success();
                     // `rosterd status` counts a write as delivered; so does the metric.
                     counters::delivered(&tenant, ctx.name());
@@ -1555,8 +1560,11 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                         ctx.config.retry.pause_after_failures,
                         ctx.config.retry.pause(),
                     );
-                    tracing::error!(%reason, "Cannot write the CSV files.");
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
+                    tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
+                    retrying = true;
+                    ctx.live.health().next_retry_at =
+                        Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = ctx.cancel.cancelled() => return Ok(()),

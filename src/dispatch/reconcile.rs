@@ -284,12 +284,13 @@ impl Dispatcher {
                         .instrument(ctx.span())
                         .await?;
                 }
-                // A reconciliation that rewrote a scheduled connector's files would hand
-                // its consumer a file it expects only at the scheduled time (and a
-                // second one that night). The `[schedules] export` run still writes them.
-                Target::Csv { settings } if only.is_none() && settings.schedule.is_some() => {
+                // A reconciliation or the `[schedules] export` run that rewrote a
+                // scheduled connector's files would hand its consumer a file it expects
+                // only at the scheduled time (and a second one that night): the
+                // connector's own schedule is the more particular one.
+                Target::Csv { settings } if settings.schedule.is_some() => {
                     report.note = Some(
-                        "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation"
+                        "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation or the `export` schedule"
                             .into(),
                     );
                 }

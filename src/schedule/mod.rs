@@ -297,8 +297,7 @@ async fn run_job(
                                     tracing::$level!(
                                         drift_checked = n("drift_checked"),
                                         drift_found = n("drift_found"),
-                                        drift_found_at_target =
-                                            n("drift_found_at_target"),
+                                        drift_found_at_target = n("drift_found_at_target"),
                                         drift_sent = n("drift_sent"),
                                         drift_failed = n("drift_failed"),
                                         error = job.error.as_deref(),

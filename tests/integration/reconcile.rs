@@ -641,6 +641,8 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
             csv("nightly", "schedule = \"0 0 0 1 1 *\"\n"),
             csv("live", "debounce_ms = 100\n"),
         ],
+        // An export every second, which must leave `nightly` alone too.
+        config_extra: "[schedules]\nexport = \"* * * * * *\"\n".into(),
         ..Options::default()
     })
     .await;
@@ -682,6 +684,66 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         "a reconciliation wrote the scheduled connector's files"
     );
     assert_eq!(job["counts"]["drift_sent"], 1, "{job}");
+    // Nor does the `export` schedule write it, which writes the other.
+    std::fs::remove_file(&live).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !live.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the export did not write the on-change connector"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !nightly.exists(),
+        "the export wrote the scheduled connector's files"
+    );
+}
+
+/// A scheduled CSV write that fails is tried again after its backoff, not at the next
+/// scheduled time (a nightly file would miss its night).
+#[tokio::test]
+async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
+    use chrono::Timelike;
+    // Once a minute, five seconds from now: its next run is a minute after that.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(5)).second();
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "nightly.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{second} * * * * *\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    // A file where the directory should be: the scheduled write fails.
+    let out = d.root.join("connectors/nightly-out");
+    std::fs::write(&out, "in the way").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = connector(&d, "nightly").await;
+        if c["last_error"].is_string() {
+            assert!(c["next_retry_at"].is_string(), "{c}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never failed: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::remove_file(&out).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !out.join("roster.csv").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed write waited for the next scheduled run: {}",
+            connector(&d, "nightly").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A 200 that is no users page (a proxy's login page, another shape of JSON) is not the
