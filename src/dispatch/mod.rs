@@ -1779,7 +1779,17 @@ impl Dispatcher {
                 stop(r).await;
                 continue;
             }
-            tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).");
+            // Renamed in place: the same file now names another connector, which starts
+            // on a cursor of its own (from the oldest change the log holds, for a new
+            // name); the operator should hear that, not that the file went away.
+            match wanted.values().find(|c| c.file == r.config.file) {
+                Some(renamed) => {
+                    tracing::warn!(%tenant, connector = %name, file = %r.config.file.display(), new_name = %renamed.name, "Stopping connector: its file now names another connector, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds). This one is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
+                }
+                None => {
+                    tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
+                }
+            }
             stop(r).await;
             counters::connector_removed(&tenant, &name);
             if let Err(e) = self.store.set_retired(&tenant, &name, true).await {

@@ -819,6 +819,28 @@ async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
     assert!(change.get("deactivated").is_none(), "{change}");
 }
 
+/// A connector renamed in its file is said to be that, not a file removed: the new name
+/// is another connector, with a cursor of its own.
+#[tokio::test]
+async fn renaming_a_connector_in_its_file_is_said_as_such() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (_hook, d) = with_user_created_hook("").await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("name = \"hooks\"", "name = \"hooks2\"")).unwrap();
+    d.reload().await;
+    let said = logs.lines("its file now names another connector");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("hooks2") && said[0].contains("WARN"),
+        "{said:?}"
+    );
+    assert!(logs.lines("its file was removed").is_empty());
+    connector(&d, "hooks2").await;
+}
+
 /// A slow request holds the cursor; what the target acknowledged after it is not sent
 /// again across a clean restart (or a reload): it used to be, every event of it.
 #[tokio::test]
