@@ -535,21 +535,24 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, "x").unwrap();
     let data = file.join("data");
-    let (ok, _, err) = rosterd_env(
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[(
-            "ROSTERD_CLI_TEST_TOKEN",
-            "a-token-of-some-length-1234567890",
-        )],
-    );
+    let serve_on = |data: &str| {
+        rosterd_env(
+            &[
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+            ],
+            &[(
+                "ROSTERD_CLI_TEST_TOKEN",
+                "a-token-of-some-length-1234567890",
+            )],
+        )
+    };
+    let (ok, _, err) = serve_on(data.to_str().unwrap());
     assert!(!ok);
     assert!(
         err.contains("--data-dir: ")
@@ -559,21 +562,7 @@ fn a_data_directory_that_cannot_be_made_is_named_as_such() {
     );
     assert!(!err.contains("listener"), "{err}");
     // A parent that takes no new directory (procfs takes none, even from root).
-    let (ok, _, err) = rosterd_env(
-        &[
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "/proc/self/rosterd-data",
-        ],
-        &[(
-            "ROSTERD_CLI_TEST_TOKEN",
-            "a-token-of-some-length-1234567890",
-        )],
-    );
+    let (ok, _, err) = serve_on("/proc/self/rosterd-data");
     assert!(!ok);
     assert!(
         err.starts_with(

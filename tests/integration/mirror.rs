@@ -47,7 +47,9 @@ fn static_token_env() -> Vec<(String, String)> {
     vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())]
 }
 
-async fn start_with_oneroster(extra: &str) -> (TestDaemon, OneRosterServer) {
+/// A daemon with one OneRoster connector, `sis` (`extra` in its `[oneroster]`), and its
+/// target.
+pub async fn start_with_oneroster(extra: &str) -> (TestDaemon, OneRosterServer) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let d = TestDaemon::start_with(Options {
         connectors: vec![oneroster_file("sis", &target, extra)],

@@ -3,7 +3,9 @@
 //! change-log compaction.
 
 use crate::harness::{Options, TENANT, TestDaemon, patch_op};
-use crate::mirror::{caught_up, connector, oneroster_file, sourced_id, with_user_created_hook};
+use crate::mirror::{
+    caught_up, connector, oneroster_file, sourced_id, start_with_oneroster, with_user_created_hook,
+};
 use crate::oneroster::{self as or, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
 use reqwest::Method;
@@ -39,13 +41,7 @@ async fn sync_job(d: &TestDaemon, admin: &str) -> Value {
 
 #[tokio::test]
 async fn reconcile_repairs_what_changed_behind_our_back() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, "")],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
+    let (d, target) = start_with_oneroster("").await;
     // read_back lives in [oneroster]: append it to the file and reload.
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -150,13 +146,7 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
 /// everything again, the course first, and the job says it was full.
 #[tokio::test]
 async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, "")],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
+    let (d, target) = start_with_oneroster("").await;
     let ada = d.create_user("ada@acme.test").await;
     let bob = d.create_user("bob@acme.test").await;
     let gid = d.create_group("Staff").await;
