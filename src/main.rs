@@ -1172,7 +1172,12 @@ fn reconcile(
         Some(tenant),
         reqwest::Method::POST,
         "/api/v1/roster/scim:sync",
-        Some(serde_json::json!({ "dry_run": dry_run, "full": full })),
+        // `full` only when asked: a daemon older than it refuses the key.
+        Some(if full {
+            serde_json::json!({ "dry_run": dry_run, "full": true })
+        } else {
+            serde_json::json!({ "dry_run": dry_run })
+        }),
     )?;
     fail_unless_ok(status, &body)?;
     if !dry_run {

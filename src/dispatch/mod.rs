@@ -1292,7 +1292,14 @@ struct Progress {
     finished: BTreeMap<u64, Hashes>,
     /// Whether a change finished since the last write.
     unsaved: bool,
+    /// Changes a stop or reload recorded as acknowledged, not read again yet.
+    ahead: std::collections::BTreeSet<u64>,
 }
+
+/// The most changes recorded as acknowledged above the cursor: one object failing for
+/// a day while a million others go through must not make each write of the cursor
+/// megabytes long. Those past it are sent again after a stop, as all were before.
+const MAX_ACKED_RECORDED: usize = 1000;
 
 /// What [`Progress::take`] gives to write: the cursor, the changes above it that are
 /// finished too, and the hashes not written yet.
@@ -1310,9 +1317,14 @@ impl Progress {
         self.unsaved = true;
     }
 
-    /// A change a stop or reload found acknowledged above the cursor: done, not sent.
-    fn already_acked(&mut self, seq: u64) {
-        self.finished.insert(seq, Vec::new());
+    /// Whether a stop or reload recorded this change as acknowledged; it is then done,
+    /// and not sent again.
+    fn already_acked(&mut self, seq: u64) -> bool {
+        if self.ahead.remove(&seq) {
+            self.finished.insert(seq, Vec::new());
+            return true;
+        }
+        false
     }
 
     /// What to write, when the cursor moved or a change finished since the last write.
@@ -1332,7 +1344,10 @@ impl Progress {
         self.finished = self.finished.split_off(&(cursor + 1));
         self.persisted = cursor;
         self.unsaved = false;
-        Some((cursor, self.finished.keys().copied().collect(), hashes))
+        let mut acked: Vec<u64> = self.finished.keys().chain(&self.ahead).copied().collect();
+        acked.sort_unstable();
+        acked.truncate(MAX_ACKED_RECORDED);
+        Some((cursor, acked, hashes))
     }
 }
 
@@ -1351,18 +1366,18 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let fans_out = matches!(ctx.target, Target::OneRoster { .. });
     let mut durable = ctx.store.watch_durable(tenant);
     let start = ctx.store.cursor(tenant, &cursor_name)?;
-    let mut acked: std::collections::BTreeSet<u64> = ctx
-        .store
-        .acked_above(tenant, &cursor_name)?
-        .into_iter()
-        .filter(|&s| s > start)
-        .collect();
     let mut progress = Progress {
         read: start,
         persisted: start,
         in_flight: Default::default(),
         finished: BTreeMap::new(),
         unsaved: false,
+        ahead: ctx
+            .store
+            .acked_above(tenant, &cursor_name)?
+            .into_iter()
+            .filter(|&s| s > start)
+            .collect(),
     };
     let save = |progress: &mut Progress| {
         let taken = progress.take();
@@ -1415,8 +1430,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             }
             for (ev, reports) in events {
                 progress.read = ev.seq;
-                if acked.remove(&ev.seq) {
-                    progress.already_acked(ev.seq);
+                if progress.already_acked(ev.seq) {
                     continue;
                 }
                 let (tx, rx) = watch::channel(false);
@@ -2472,6 +2486,50 @@ fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_records_what_was_acknowledged_above_the_cursor() {
+        let mut p = Progress {
+            read: 14,
+            persisted: 10,
+            in_flight: [11, 12, 13, 14].into(),
+            finished: BTreeMap::new(),
+            unsaved: false,
+            // Recorded by the last stop, not read again yet.
+            ahead: [20, 21].into(),
+        };
+        // 11 is slow; 12 and 13 are acknowledged behind it.
+        p.finish(12, vec![("User/a".into(), Some(1))]);
+        p.finish(13, vec![]);
+        let (cursor, acked, hashes) = p.take().unwrap();
+        assert_eq!(cursor, 10);
+        assert_eq!(acked, [12, 13, 20, 21]);
+        assert_eq!(hashes, [("User/a".to_owned(), Some(1))]);
+        assert!(p.take().is_none(), "nothing new to write");
+        p.finish(11, vec![]);
+        p.finish(14, vec![]);
+        assert!(p.already_acked(20));
+        assert!(!p.already_acked(22));
+        p.read = 20;
+        let (cursor, acked, hashes) = p.take().unwrap();
+        assert_eq!((cursor, acked), (20, vec![21]));
+        assert!(hashes.is_empty());
+        // One object stuck while thousands go through: the record stays short, and
+        // keeps the changes nearest the cursor.
+        assert!(p.already_acked(21));
+        p.read = 21;
+        assert_eq!(p.take().unwrap().1, Vec::<u64>::new());
+        p.in_flight.insert(22);
+        for seq in 23..3000 {
+            p.in_flight.insert(seq);
+            p.finish(seq, vec![]);
+        }
+        p.read = 2999;
+        let (cursor, acked, _) = p.take().unwrap();
+        assert_eq!(cursor, 21);
+        assert_eq!(acked.len(), MAX_ACKED_RECORDED);
+        assert_eq!(acked.first(), Some(&23));
+    }
     use crate::store::ChangeOp;
 
     #[tokio::test(start_paused = true)]

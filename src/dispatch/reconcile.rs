@@ -370,7 +370,8 @@ pub(super) async fn reconcile_oneroster(
         report.items = r.items;
         items
     };
-    if settings.read_back {
+    // In full, every user is sent anyway: nothing a read-back finds would add to it.
+    if settings.read_back && !full {
         let (repaired, stopped) = read_back(ctx, settings, &tenant, &items).await?;
         report.found_at_target = repaired.len() as u64;
         report.read_back_stopped = stopped;
@@ -399,11 +400,13 @@ pub(super) async fn reconcile_oneroster(
     items.sort_by_key(rank);
     let mut hashes = Vec::new();
     let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
-    for item in &items {
+    let mut sent = vec![false; items.len()];
+    for (n, item) in items.iter().enumerate() {
         let Some(req) = &item.request else { continue };
         match ctx.send_repair(req, 5).await {
             Sent::Ok => {
                 report.sent += 1;
+                sent[n] = true;
                 hashes.push((item.object.clone(), item.hash));
             }
             Sent::Refused { reason, .. } => {
@@ -420,6 +423,18 @@ pub(super) async fn reconcile_oneroster(
             }
             Sent::Cancelled => break,
         }
+    }
+    if full {
+        // A full run's object that did not go through still has its hash equal to what
+        // would be sent, so an ordinary run would not see it missing: forgotten, it is
+        // "never delivered" to the next one.
+        hashes.extend(
+            items
+                .iter()
+                .zip(&sent)
+                .filter(|(i, sent)| !**sent && i.hash.is_some())
+                .map(|(i, _)| (i.object.clone(), None)),
+        );
     }
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;
     Ok(())

@@ -24,12 +24,12 @@ fn cursor_key(connector: &str) -> Vec<u8> {
     tagged(b'k', connector)
 }
 
-/// `a conn` → sequence numbers above the cursor (u64 big-endian each) acknowledged while
+/// `K conn` → sequence numbers above the cursor (u64 big-endian each) acknowledged while
 /// a change below them was still in flight. A restart or reload skips them instead of
 /// sending them again: a slow request held the cursor, and a clean stop re-sent every
-/// change acknowledged after it.
+/// change acknowledged after it. (`a` is the assignments' family, see `keys.rs`.)
 fn acked_above_key(connector: &str) -> Vec<u8> {
-    tagged(b'a', connector)
+    tagged(b'K', connector)
 }
 
 /// `R conn` → 1: the connector was retired (its file removed and the daemon reloaded),
@@ -454,8 +454,11 @@ mod tests {
         assert_eq!(store.acked_above("t", "or").unwrap(), [9, 12]);
         assert!(store.acked_above("t", "other").unwrap().is_empty());
         assert_eq!(store.cursor("t", "other").unwrap(), 0);
-        // Only `or`'s cursors are cursors: the record above it is no connector's.
+        // Only `or`'s cursors are cursors: the record above it is no connector's, nor
+        // anyone's assignment.
         assert_eq!(store.cursors("t").unwrap(), [("or".to_owned(), 7)]);
+        let assignments: Vec<_> = store.scan_assignments_after("t", None).unwrap().collect();
+        assert!(assignments.is_empty(), "{assignments:?}");
         assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), Some(42));
         assert_eq!(store.dead_letter_count("t", "or").unwrap(), 2);
         assert!(store.remove_dead_letter("t", "or", 1).await.unwrap());

@@ -1325,14 +1325,14 @@ impl Store {
         })
     }
 
-    /// Why this process could not create the data directory `dir`, if it does not exist
-    /// and its nearest existing ancestor is not writable here. A warning, not an error:
-    /// under systemd, `StateDirectory=` creates it before the start.
     /// Whether `dir` holds a store (sled's files, or rosterd's marker).
     pub fn holds_store(dir: &Path) -> bool {
         dir.join("conf").is_file() || dir.join(STORE_MARKER).is_file()
     }
 
+    /// Why this process could not create the data directory `dir`, if it does not exist
+    /// and its nearest existing ancestor is not writable here. A warning, not an error:
+    /// under systemd, `StateDirectory=` creates it before the start.
     pub fn creatable(dir: &Path) -> Option<String> {
         let existing = nearest_existing(dir);
         if existing == dir || !existing.is_dir() {

@@ -204,6 +204,31 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
     assert!(job.get("full").is_none(), "{job}");
+    // What a full run could not send, an ordinary run sends: its hash was forgotten.
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    assert!(target.remove(Kind::User, &bob_sid));
+    target.inject(
+        or::Fault::status(403, 1)
+            .on_path(bob_sid.clone())
+            .on_method("PUT"),
+    );
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"full": true})),
+        )
+        .await;
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    // Bob, and his enrollment, which the target refuses without him.
+    assert_eq!(job["counts"]["drift_failed"], 2, "{job}");
+    assert!(target.user(&bob_sid).is_none());
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_sent"], 2, "{job}");
+    assert!(target.user(&bob_sid).is_some());
+    assert_eq!(target.objects(Kind::Enrollment).len(), 2);
 }
 
 /// A daemon whose `sis` connector reads users back, with three users delivered to
@@ -695,22 +720,24 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
 #[tokio::test]
 async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
     use chrono::Timelike;
-    // Once a minute, five seconds from now: its next run is a minute after that.
-    let second = (chrono::Utc::now() + chrono::Duration::seconds(5)).second();
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "nightly.toml".into(),
-            format!(
-                "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{second} * * * * *\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
-            ),
-        )],
-        ..Options::default()
-    })
-    .await;
+    let d = TestDaemon::start().await;
     d.create_user("ada@acme.test").await;
+    // Once a minute, three seconds from now: its next run is a minute after that. The
+    // file comes with a reload, so that however slow the start, the time is the file's.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let dir = d.root.join("connectors");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("nightly.toml"),
+        format!(
+            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{second} * * * * *\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
+        ),
+    )
+    .unwrap();
     // A file where the directory should be: the scheduled write fails.
-    let out = d.root.join("connectors/nightly-out");
+    let out = dir.join("nightly-out");
     std::fs::write(&out, "in the way").unwrap();
+    d.reload().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let c = connector(&d, "nightly").await;
