@@ -178,14 +178,15 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     assert_eq!(r.body["full"], true);
     assert!(target.users().is_empty(), "a dry run sent something");
 
-    let r = d
-        .roster(
+    let full = || {
+        d.roster(
             Method::POST,
             "/scim:sync",
             &admin,
             Some(json!({"full": true})),
         )
-        .await;
+    };
+    let r = full().await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.body["full"], true, "{}", r.body);
     let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
@@ -212,14 +213,7 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
             .on_path(bob_sid.clone())
             .on_method("PUT"),
     );
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"full": true})),
-        )
-        .await;
+    let r = full().await;
     let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "failed", "{job}");
     // Bob, and his enrollment, which the target refuses without him.
