@@ -259,13 +259,12 @@ impl Live {
     }
 
     fn success(&self) {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.count_delivery();
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
-        let mut h = self.health();
-        h.last_success_at = Some(Utc::now());
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.failing_requests.store(0, Ordering::Release);
+            let mut h = self.health();
             h.paused_until = None;
             h.pause_logged = false;
             drop(h);
@@ -278,10 +277,10 @@ impl Live {
         }
     }
 
-    /// An operator's replay got through: a delivery, counted and dated as one (the metric
-    /// counts it too), but not a sign that the target recovered. Its failures leave the
-    /// streak and any pause alone, and so does its success.
-    fn operator_success(&self) {
+    /// A delivery, counted and dated. All an operator's replay that got through is (the
+    /// metric counts it too): not a sign that the target recovered, since its failures
+    /// leave the streak and any pause alone, and so does its success.
+    fn count_delivery(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.health().last_success_at = Some(Utc::now());
     }
@@ -670,7 +669,7 @@ impl Ctx {
                     if counts {
                         self.live.success();
                     } else {
-                        self.live.operator_success();
+                        self.live.count_delivery();
                     }
                     counters::delivered(self.tenant(), name);
                     return Sent::Ok;

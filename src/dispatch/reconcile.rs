@@ -134,15 +134,17 @@ fn diff(
     // An object drifted when what would be sent now differs from what was acknowledged.
     let mut check = |report: &mut DriftReport, w: Write| -> Result<(), StoreError> {
         report.checked += 1;
-        let have = store.delivered(tenant, hash_owner, &w.key)?;
-        if w.hash == have && !(full && w.hash.is_some()) {
-            return Ok(());
-        }
-        let reason = match (w.hash, have) {
-            (None, _) => "inactive, but still delivered",
-            (Some(_), _) if full => FULL,
-            (Some(_), Some(_)) => "differs from what was last delivered",
-            (Some(_), None) => "never delivered",
+        // In full, what was delivered does not matter for an object that exists
+        // downstream: it is sent whatever the hash says, so the hash is not read.
+        let reason = if full && w.hash.is_some() {
+            FULL
+        } else {
+            match (w.hash, store.delivered(tenant, hash_owner, &w.key)?) {
+                (want, have) if want == have => return Ok(()),
+                (None, _) => "inactive, but still delivered",
+                (Some(_), Some(_)) => "differs from what was last delivered",
+                (Some(_), None) => "never delivered",
+            }
         };
         report.push(DriftItem::from_write(w, reason.into()), &mut all);
         Ok(())
