@@ -165,7 +165,11 @@ fn is_members(kind: ResourceKind, p: &AttrPath) -> bool {
     kind == ResourceKind::Group && p.is_core() && p.attr.eq_ignore_ascii_case("members")
 }
 
-fn member_refs(value: Value) -> ScimResult<Vec<MemberRef>> {
+/// The sub-attributes a member has (RFC 7643 §4.2); any other key is dropped and named in
+/// `ignored`, as an unknown attribute of a POST or PUT body is.
+const MEMBER_KEYS: [&str; 4] = ["value", "type", "display", "$ref"];
+
+fn member_refs(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<MemberRef>> {
     let items = match value {
         Value::Array(items) => items,
         other => vec![other],
@@ -179,6 +183,14 @@ fn member_refs(value: Value) -> ScimResult<Vec<MemberRef>> {
                 display: None,
             }),
             Value::Object(o) => {
+                for key in o.keys() {
+                    let name = format!("members.{key}");
+                    if !MEMBER_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+                        && !ignored.contains(&name)
+                    {
+                        ignored.push(name);
+                    }
+                }
                 let value = get_ci(&o, "value")
                     .and_then(Value::as_str)
                     .filter(|v| !v.is_empty())
@@ -230,11 +242,21 @@ fn member_ids_of(filter: &Filter) -> Option<Vec<String>> {
     }
 }
 
+/// A group PATCH apart: its membership changes, the changes to the document proper, and
+/// the member sub-attributes it sent that no member has.
+#[derive(Debug)]
+pub struct GroupPatch {
+    pub members: Vec<MemberOp>,
+    pub doc_ops: Vec<PatchOp>,
+    pub ignored: Vec<String>,
+}
+
 /// Separate a group PATCH into membership changes and changes to the document proper.
-pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<PatchOp>)> {
+pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
     let kind = ResourceKind::Group;
     let mut members = Vec::new();
     let mut doc_ops = Vec::new();
+    let mut ignored = Vec::new();
     for op in ops {
         match op.path {
             Some(path) if is_members(kind, &path.attr) => {
@@ -245,14 +267,17 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<Pat
                 }
                 match (op.op, path.filter, op.value) {
                     (PatchOpKind::Add, None, Some(v)) => {
-                        members.push(MemberOp::Add(member_refs(v)?))
+                        members.push(MemberOp::Add(member_refs(v, &mut ignored)?))
                     }
                     (PatchOpKind::Replace, None, Some(v)) => {
-                        members.push(MemberOp::ReplaceAll(member_refs(v)?));
+                        members.push(MemberOp::ReplaceAll(member_refs(v, &mut ignored)?));
                     }
                     // Entra's older dialect names the members to remove in `value`.
                     (PatchOpKind::Remove, None, Some(v)) => members.push(MemberOp::Remove(
-                        member_refs(v)?.into_iter().map(|m| m.value).collect(),
+                        member_refs(v, &mut ignored)?
+                            .into_iter()
+                            .map(|m| m.value)
+                            .collect(),
                     )),
                     (PatchOpKind::Remove, None, None) => members.push(MemberOp::RemoveAll),
                     (PatchOpKind::Remove, Some(f), _) => members.push(match member_ids_of(&f) {
@@ -262,7 +287,7 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<Pat
                     (PatchOpKind::Add | PatchOpKind::Replace, Some(f), Some(v)) => {
                         // Replacing selected members: drop them, then add the given ones.
                         members.push(MemberOp::RemoveMatching(f));
-                        members.push(MemberOp::Add(member_refs(v)?));
+                        members.push(MemberOp::Add(member_refs(v, &mut ignored)?));
                     }
                     (_, _, None) => {
                         return Err(ScimError::invalid_value("add and replace need a \"value\""));
@@ -276,8 +301,10 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<Pat
                     && let Some(list) = obj.remove(&key)
                 {
                     members.push(match op.op {
-                        PatchOpKind::Replace => MemberOp::ReplaceAll(member_refs(list)?),
-                        _ => MemberOp::Add(member_refs(list)?),
+                        PatchOpKind::Replace => {
+                            MemberOp::ReplaceAll(member_refs(list, &mut ignored)?)
+                        }
+                        _ => MemberOp::Add(member_refs(list, &mut ignored)?),
                     });
                 }
                 if value
@@ -299,7 +326,11 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<(Vec<MemberOp>, Vec<Pat
             }),
         }
     }
-    Ok((members, doc_ops))
+    Ok(GroupPatch {
+        members,
+        doc_ops,
+        ignored,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1235,7 +1266,12 @@ mod tests {
             {"op": "replace", "value": {"id": "g", "displayName": "Team", "members": [{"value": "e"}]}},
             {"op": "remove", "path": "members"}
         ]});
-        let (members, doc_ops) = split_member_ops(parse_patch_request(body).unwrap()).unwrap();
+        let GroupPatch {
+            members,
+            doc_ops,
+            ignored,
+        } = split_member_ops(parse_patch_request(body).unwrap()).unwrap();
+        assert!(ignored.is_empty(), "{ignored:?}");
         assert!(
             matches!(&members[0], MemberOp::Add(v) if v.len() == 2 && v[1].kind.as_deref() == Some("User"))
         );
@@ -1249,12 +1285,25 @@ mod tests {
     }
 
     #[test]
+    fn unknown_member_sub_attributes_are_named() {
+        let body = json!({"Operations": [
+            {"op": "add", "path": "members", "value": [{"value": "a", "displayName": "A", "$ref": "x"}]},
+            {"op": "replace", "value": {"members": [{"value": "b", "displayName": "B", "Extra": 1}]}}
+        ]});
+        let split = split_member_ops(parse_patch_request(body).unwrap()).unwrap();
+        assert_eq!(split.ignored, ["members.displayName", "members.Extra"]);
+        assert!(matches!(&split.members[0], MemberOp::Add(v) if v[0].value == "a"));
+    }
+
+    #[test]
     fn large_member_add_is_one_op() {
         let refs: Vec<Value> = (0..50_000)
             .map(|i| json!({"value": format!("u{i}")}))
             .collect();
         let body = json!({"Operations": [{"op": "add", "path": "members", "value": refs}]});
-        let (members, _) = split_member_ops(parse_patch_request(body).unwrap()).unwrap();
+        let members = split_member_ops(parse_patch_request(body).unwrap())
+            .unwrap()
+            .members;
         assert!(matches!(&members[0], MemberOp::Add(v) if v.len() == 50_000));
     }
 }

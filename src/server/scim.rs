@@ -547,7 +547,11 @@ async fn op_patch(
 ) -> ScimResult<Reply> {
     let ops = parse_patch_request(body)?;
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
-        split_member_ops(ops)?
+        let split = split_member_ops(ops)?;
+        if !split.ignored.is_empty() {
+            tracing::warn!(ignored = ?split.ignored, "Ignored attributes that are not in the schema.");
+        }
+        (split.members, split.doc_ops)
     } else {
         (vec![], ops)
     };

@@ -3,6 +3,7 @@
 //! speaks HTTP to it.
 mod cli;
 mod crash;
+mod entra_collection;
 mod harness;
 mod metrics;
 mod mirror;
