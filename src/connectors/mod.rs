@@ -279,6 +279,19 @@ impl Unloaded {
     }
 }
 
+/// A connector's file: `*.toml` in any letter case (`HOOK.TOML` is what its writer meant),
+/// but not a hidden file. Editors leave those beside the file being edited (emacs's
+/// `.#hook.toml` lock, a `.hook.toml` copy), and one would claim the connector's name.
+fn is_connector_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| !n.starts_with('.'))
+        && path
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| x.eq_ignore_ascii_case("toml"))
+}
+
 /// Load every `*.toml` file of `dir`, in file-name order. A directory that cannot be
 /// listed (missing included) is an error with `dir_unreadable` set; whether a missing
 /// one is acceptable is the config's call. Files naming an unknown tenant, or a name
@@ -310,7 +323,7 @@ pub fn load_dir_keeping(
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .filter(|p| is_connector_file(p) && p.is_file())
         .collect();
     files.sort();
     let mut parsed = Vec::with_capacity(files.len());
@@ -436,9 +449,18 @@ secret_env = "HOOK_SECRET"
         )
         .unwrap();
         std::fs::write(dir.path().join("README.md"), "not a connector").unwrap();
+        std::fs::write(dir.path().join("a-good.toml.bak"), WEBHOOK).unwrap();
+        // An editor's leftovers beside the file, which would claim its name.
+        std::fs::write(dir.path().join(".a-good.toml"), WEBHOOK).unwrap();
+        std::fs::write(dir.path().join(".#a-good.toml"), WEBHOOK).unwrap();
+        std::fs::write(
+            dir.path().join("D-UPPER.TOML"),
+            WEBHOOK.replace("hooks", "upper"),
+        )
+        .unwrap();
         let loaded = load_dir(dir.path(), &["demo"]);
-        assert_eq!(loaded.connectors.len(), 1);
-        assert_eq!(loaded.connectors[0].name, "hooks");
+        let names: Vec<&str> = loaded.connectors.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["upper", "hooks"]);
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("b-typo.toml") && errors[0].contains("concurency"));
