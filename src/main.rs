@@ -1385,7 +1385,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 outln!(
                     "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail:\n        {}",
                     time_of(&b["reload_error_at"]),
-                    str_of(&b["reload_error"]).replace('\n', "\n        ")
+                    indented(&str_of(&b["reload_error"]))
                 )?;
             }
         }
@@ -1427,12 +1427,13 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
             outln!(
                 "    last error ({}): {}",
                 time_of(&c["last_error_at"]),
-                str_of(&c["last_error"])
+                indented(&str_of(&c["last_error"]))
             )?;
         }
         if let Some(e) = c["file_error"].as_str() {
             outln!(
-                "    its file no longer loads, so it runs on the config it was last loaded with: {e}"
+                "    its file no longer loads, so it runs on the config it was last loaded with: {}",
+                indented(e)
             )?;
         }
     }
@@ -1465,7 +1466,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     if !errors.is_empty() {
         outln!("connector errors (files NOT loaded, connectors NOT started):")?;
         for e in errors {
-            outln!("    {}", str_of(&e))?;
+            outln!("    {}", indented(&str_of(&e)))?;
         }
     }
     if let Some(schedules) = s["schedules"].as_object() {
@@ -1488,6 +1489,12 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         }
     }
     healthy_store(&s)
+}
+
+/// A TOML error spans lines (the line and a caret under it): its continuation lines go
+/// under the entry they belong to, not at the margin where the next entry starts.
+fn indented(text: &str) -> String {
+    text.trim_end().replace('\n', "\n        ")
 }
 
 /// A failed store fails the command too, after the status is shown: a script that

@@ -1660,6 +1660,33 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
     );
 }
 
+/// A TOML error spans lines (the line, a caret under it); in `rosterd status` they stay
+/// indented under the entry they belong to.
+#[tokio::test]
+async fn a_broken_connector_file_stays_indented_in_rosterd_status() {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "broken.toml".into(),
+            "kind = \"webhook\"\nname = [\n".into(),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let out = status_text(&d).await;
+    let section: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("connector errors"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("schedule "))
+        .collect();
+    assert!(section.len() > 2, "an error with its diagram:\n{out}");
+    assert!(section[0].contains("broken.toml"), "{out}");
+    assert!(
+        section.iter().all(|l| l.starts_with("    ")),
+        "a line at the margin:\n{out}"
+    );
+}
+
 /// A daemon with one CSV connector, `files`, writing the roster and the OneRoster bundle
 /// to `connectors/out` 100 ms after changes settle.
 async fn with_csv_files() -> TestDaemon {
