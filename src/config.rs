@@ -399,6 +399,26 @@ fn check_log_level(spec: &str) -> Result<(), String> {
         .map_err(|e| format!("{spec:?}: {e}"))
 }
 
+/// A TOML file's text (the config, a connector's file, a bundle). TOML is UTF-8, and a file
+/// saved in Latin-1 or UTF-16 would otherwise be refused with only "stream did not
+/// contain valid UTF-8": this says where the first byte that is not is.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+        let byte = e.as_bytes()[good.len()];
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text: line {line}, column {column} has the byte 0x{byte:02x} (save the file as UTF-8)"
+            ),
+        )
+    })
+}
+
 /// See [`Config::on_disk`].
 #[derive(Debug, Default)]
 pub struct OnDisk {
@@ -409,7 +429,7 @@ pub struct OnDisk {
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_text(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -454,7 +474,7 @@ impl Config {
         let Some((path, text)) = &self.source else {
             return OnDisk::default();
         };
-        match std::fs::read_to_string(path) {
+        match read_text(path) {
             Ok(now) if now == *text => OnDisk::default(),
             Ok(now) => OnDisk {
                 changed: true,
@@ -674,6 +694,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_that_is_not_utf8_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        // "Zürich" saved as Latin-1, after a line with a multi-byte character.
+        let mut text = b"version = 1\n# \xc3\xa9t\xc3\xa9\n[server]\n# Z".to_vec();
+        text.extend_from_slice(b"\xfcrich\n");
+        std::fs::write(&path, text).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.toml") && err.contains("line 4, column 4 has the byte 0xfc"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn an_edit_of_the_file_is_noticed() {

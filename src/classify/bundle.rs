@@ -58,7 +58,7 @@ fn csv_error(line: u64, message: impl Into<String>) -> ClassifyError {
 
 impl Bundle {
     pub fn load(path: &Path) -> Result<Bundle, ClassifyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ClassifyError::Io {
+        let text = crate::config::read_text(path).map_err(|source| ClassifyError::Io {
             path: path.display().to_string(),
             source,
         })?;

@@ -328,7 +328,7 @@ pub fn load_dir_keeping(
     files.sort();
     let mut parsed = Vec::with_capacity(files.len());
     for file in files {
-        let text = match std::fs::read_to_string(&file) {
+        let text = match crate::config::read_text(&file) {
             Ok(t) => t,
             Err(source) => {
                 out.unloaded.push(Unloaded::of(&file, None));
