@@ -653,9 +653,17 @@ impl Ctx {
             let outcome = match self.headers(req).await {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
-                    tokio::select! {
-                        o = http::send(&self.client, req, headers, timeout) => o,
-                        _ = self.cancel.cancelled() => return Sent::Cancelled,
+                    let sending = http::send(&self.client, req, headers, timeout);
+                    if mirror {
+                        // Once on the wire, the request is let finish on a stop: the log
+                        // follower drains it for up to STOP_DRAIN, so that a stop or a
+                        // reload does not send it again after its target took it.
+                        sending.await
+                    } else {
+                        tokio::select! {
+                            o = sending => o,
+                            _ = self.cancel.cancelled() => return Sent::Cancelled,
+                        }
                     }
                 }
                 Err(reason) => Outcome::Retry {
@@ -1037,6 +1045,10 @@ impl Ctx {
             if w.wait_for(|d| *d).await.is_err() {
                 return (ev.seq, keys, Ok(Delivered::Cancelled));
             }
+        }
+        // Stopping: what waited for an earlier change drained meanwhile does not start.
+        if self.cancel.is_cancelled() {
+            return (ev.seq, keys, Ok(Delivered::Cancelled));
         }
         let r = self.deliver(&ev, &reports, None).await;
         done.send_replace(true);
@@ -1452,8 +1464,8 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
         tokio::select! {
             Some((seq, keys, r)) = running.next(), if !idle => {
                 match r? {
-                    // Stopping: keep what is acknowledged so far, as below.
-                    Delivered::Cancelled => return save(&mut progress).await,
+                    // Stopping: drain, as below.
+                    Delivered::Cancelled => break,
                     Delivered::Done(h) => progress.finish(seq, h),
                     Delivered::DeadLettered => progress.finish(seq, vec![]),
                 }
@@ -1464,12 +1476,36 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 }
             }
             r = durable.changed(), if room => if r.is_err() { return Ok(()) },
-            // Keep what is acknowledged so far; what was in flight is sent again after a
-            // start.
-            _ = ctx.cancel.cancelled() => return save(&mut progress).await,
+            _ = ctx.cancel.cancelled() => break,
         }
     }
+    // Stopping. Nothing new starts (a request not yet sent, or waiting to retry, gives
+    // up), but the requests on the wire get up to STOP_DRAIN for their answers, so that
+    // what a target took is not sent again after the start; what does not finish in
+    // time is. Then keep what is acknowledged.
+    let deadline = tokio::time::sleep(STOP_DRAIN);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = running.next() => match next {
+                Some((seq, _, r)) => match r? {
+                    Delivered::Done(h) => progress.finish(seq, h),
+                    Delivered::DeadLettered => progress.finish(seq, vec![]),
+                    Delivered::Cancelled => {}
+                },
+                None => break,
+            },
+            () = &mut deadline => break,
+        }
+    }
+    drop(running);
+    save(&mut progress).await
 }
+
+/// How long a stopping connector waits for the answers to requests already sent. The
+/// connectors stop side by side after the HTTP server's drain (5 s), so a stop stays
+/// within the 10 s README promises.
+const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 /// Wait until no change has come for `debounce_ms`, so a burst becomes one write; but
 /// no longer than ten times that after the first, so a sync that runs for an hour still
@@ -1785,6 +1821,10 @@ impl Dispatcher {
         };
         *self.broken() = broken;
         *self.unstartable_lock() = unstartable;
+        // All at once: each may wait STOP_DRAIN for the answers to requests it sent.
+        for r in &stopping {
+            r.cancel.cancel();
+        }
         for r in stopping {
             let (tenant, name) = (r.config.tenant.clone(), r.config.name.clone());
             if wanted.contains_key(&name) {
@@ -1954,9 +1994,8 @@ impl Dispatcher {
     /// Stop every connector; cursors stay where the last acknowledged batch left them.
     pub async fn stop_all(&self) {
         let all: Vec<Running> = std::mem::take(&mut *self.running()).into_values().collect();
-        for r in all {
-            stop(r).await;
-        }
+        // Side by side: each may wait STOP_DRAIN for its requests on the wire.
+        futures_util::future::join_all(all.into_iter().map(stop)).await;
     }
 
     /// The lowest cursor of the tenant's known connectors: running ones (enabled or not)

@@ -900,6 +900,36 @@ async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request()
     assert_eq!(c["cursor"].as_u64(), seqs.iter().max().copied(), "{c}");
 }
 
+/// A stop lets a request already on the wire have its answer (for up to 3 s), so the
+/// target does not get it again after the start: it used to, every time.
+#[tokio::test]
+async fn a_stop_waits_for_the_answer_to_a_request_on_the_wire() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::delay(Duration::from_millis(800), 1).on_body("ada@acme.test"));
+    let ada = d.create_user("ada@acme.test").await;
+    let sent = |h: &WebhookServer| {
+        h.attempts()
+            .iter()
+            .filter(|x| x.body["data"]["id"] == ada.as_str())
+            .count()
+    };
+    assert!(
+        hook.wait_until(|h| sent(h) == 1, WAIT).await,
+        "never on the wire"
+    );
+    let d = d.restart().await;
+    caught_up(&d, "hooks").await;
+    assert_eq!(sent(&hook), 1, "sent again after the restart");
+    assert!(hook.deliveries().iter().all(|x| x.answered.is_some()));
+}
+
 #[tokio::test]
 async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_acknowledged() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
