@@ -1858,10 +1858,25 @@ fn spc_json(state: &AppState, tenant: &str) -> Value {
 async fn service_provider_config(
     State(st): St,
     Path(tenant): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
+    refuse_filter(&q)?;
     Ok(ok(spc_json(&st, &tenant)).into_response())
+}
+
+/// RFC 7644 §4: the discovery endpoints ignore sorting and paging, but a `filter` is 403,
+/// so that a client cannot take the whole list for the matches.
+fn refuse_filter(query: &[(String, String)]) -> ScimResult<()> {
+    if query.iter().any(|(k, _)| k.eq_ignore_ascii_case("filter")) {
+        return Err(ScimError::new(
+            403,
+            None,
+            "the discovery endpoints (ServiceProviderConfig, Schemas, ResourceTypes) take no filter (RFC 7644 §4): read the whole list",
+        ));
+    }
+    Ok(())
 }
 
 fn all_schemas(state: &AppState, tenant: &str) -> Vec<Value> {
@@ -1882,17 +1897,25 @@ fn list_response(items: Vec<Value>) -> Value {
     })
 }
 
-async fn schemas(State(st): St, Path(tenant): Path<String>, headers: HeaderMap) -> HandlerResult {
+async fn schemas(
+    State(st): St,
+    Path(tenant): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
+    refuse_filter(&q)?;
     Ok(ok(list_response(all_schemas(&st, &tenant))).into_response())
 }
 
 async fn schema_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
+    refuse_filter(&q)?;
     all_schemas(&st, &tenant)
         .into_iter()
         .find(|s| {
@@ -1932,18 +1955,22 @@ fn all_resource_types(state: &AppState, tenant: &str) -> Vec<Value> {
 async fn resource_types(
     State(st): St,
     Path(tenant): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
+    refuse_filter(&q)?;
     Ok(ok(list_response(all_resource_types(&st, &tenant))).into_response())
 }
 
 async fn resource_type_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
+    Query(q): Query<Vec<(String, String)>>,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
+    refuse_filter(&q)?;
     all_resource_types(&st, &tenant)
         .into_iter()
         .find(|s| {

@@ -445,6 +445,24 @@ async fn discovery_endpoints_describe_what_is_supported() {
     assert_eq!(user_name["caseExact"], false);
     let pw = attrs.iter().find(|a| a["name"] == "password").unwrap();
     assert_eq!(pw["returned"], "never");
+    // RFC 7644 §4: paging and sorting are ignored there, a filter is 403, so that the
+    // whole list is not taken for the matches.
+    for path in [
+        "/ServiceProviderConfig",
+        "/Schemas",
+        "/ResourceTypes",
+        "/ResourceTypes/User",
+    ] {
+        let r = d.get(&format!("{path}?filter=id%20eq%20%22User%22")).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        assert_eq!(r.body["status"], "403", "{path}");
+        let r = d
+            .get(&format!("{path}?startIndex=2&count=1&sortBy=id"))
+            .await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    let r = d.get("/ResourceTypes?startIndex=2&count=1").await;
+    assert_eq!(r.body["totalResults"], 2, "{}", r.body);
 }
 
 /// A parameter given twice, or a cursor rosterd does not offer, is refused rather than
