@@ -375,14 +375,18 @@ fn put_attr(
     else {
         // Common attributes: externalId is the client's, id and meta are the server's.
         if sub.is_none() && name.eq_ignore_ascii_case("externalId") && prefix.is_empty() {
-            match value {
-                Value::Null => {}
-                Value::String(s) => {
-                    check_text(&s, "externalId")?;
-                    once(out, "externalId", "externalId")?;
-                    out.insert("externalId".into(), Value::String(s));
-                }
+            // A number is taken as its text, as for every other string attribute: an HR
+            // system's numeric id is still an id.
+            let text = match value {
+                Value::Null => None,
+                Value::String(s) => Some(s),
+                Value::Number(n) => Some(n.to_string()),
                 _ => return Err(ScimError::invalid_value("externalId must be a string")),
+            };
+            if let Some(s) = text {
+                check_text(&s, "externalId")?;
+                once(out, "externalId", "externalId")?;
+                out.insert("externalId".into(), Value::String(s));
             }
         } else if !(name.eq_ignore_ascii_case("id") || name.eq_ignore_ascii_case("meta"))
             || !prefix.is_empty()
@@ -934,6 +938,7 @@ mod tests {
         let n = norm(json!({
             "schemas": [USER_SCHEMA, "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User"],
             "USERNAME": "bjensen",
+            "externalId": 48151623,
             "id": "client-chosen",
             "meta": {"resourceType": "User"},
             "groups": [],
@@ -947,6 +952,10 @@ mod tests {
         }));
         let r = &n.resource;
         assert_eq!(r["userName"], "bjensen");
+        assert_eq!(
+            r["externalId"], "48151623",
+            "a number, as any string attribute"
+        );
         assert!(r.get("id").is_none() && r.get("meta").is_none() && r.get("groups").is_none());
         assert!(r.get("roles").is_none(), "empty values are unassigned");
         assert_eq!(r["active"], false);
