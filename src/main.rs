@@ -1153,6 +1153,10 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
         None,
     )?;
     fail_unless_ok(status, &body)?;
+    if body["was_retired"] == true {
+        outln!("{connector}: was already retired")?;
+        return Ok(());
+    }
     let undelivered = body["undelivered"].as_u64().unwrap_or(0);
     outln!(
         "{connector}: retired; the {undelivered} change(s) it never delivered may be compacted away"

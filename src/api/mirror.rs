@@ -212,6 +212,11 @@ async fn retire(
     let caller = authenticate(&st, &headers)?;
     caller.require(Scope::Admin)?;
     check_params(&p, &[])?;
-    let undelivered = st.dispatch.retire(&caller.tenant, &name).await?;
-    Ok(Json(json!({ "retired": name, "undelivered": undelivered })).into_response())
+    let r = st.dispatch.retire(&caller.tenant, &name).await?;
+    Ok(Json(json!({
+        "retired": name,
+        "undelivered": r.undelivered,
+        "was_retired": r.was_retired,
+    }))
+    .into_response())
 }

@@ -2358,7 +2358,7 @@ impl Dispatcher {
     /// operator's word that it is gone for good (its file was removed while the daemon was
     /// stopped, so no reload recorded it). Returns how many changes it had not delivered.
     /// Its cursor and dead letters stay, so a file with its name later resumes from there.
-    pub async fn retire(&self, tenant: &str, name: &str) -> Result<u64, DispatchError> {
+    pub async fn retire(&self, tenant: &str, name: &str) -> Result<Retirement, DispatchError> {
         if let Some(r) = self
             .running()
             .get(name)
@@ -2375,6 +2375,13 @@ impl Dispatcher {
         let held = self.held_cursors(tenant)?;
         let mine: Vec<&Held> = held.iter().filter(|h| h.name == name).collect();
         if mine.is_empty() {
+            // Retiring twice is the operator's retry, not a typo: say what is true.
+            if self.store.retired(tenant)?.iter().any(|r| r == name) {
+                return Ok(Retirement {
+                    undelivered: 0,
+                    was_retired: true,
+                });
+            }
             return Err(DispatchError::UnknownConnector(name.to_owned()));
         }
         if let Some(file) = mine.iter().find_map(|h| h.file.as_ref()) {
@@ -2393,7 +2400,10 @@ impl Dispatcher {
             .unwrap_or(0);
         self.store.set_retired(tenant, name, true).await?;
         tracing::warn!(%tenant, connector = %name, undelivered, "Connector retired by the operator: compaction may now drop the changes it never delivered (a file with its name resumes it from its cursor).");
-        Ok(undelivered)
+        Ok(Retirement {
+            undelivered,
+            was_retired: false,
+        })
     }
 
     /// Lift a pause now (after the operator fixed the target). Returns whether it was
@@ -2511,6 +2521,15 @@ async fn stop(r: Running) {
     if let Some(h) = r.handle {
         let _ = h.await;
     }
+}
+
+/// What [`Dispatcher::retire`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retirement {
+    /// The changes it never delivered, which compaction may now drop.
+    pub undelivered: u64,
+    /// It was retired already; nothing changed.
+    pub was_retired: bool,
 }
 
 /// The `Authorization` value among a request's headers, to know which token a 401 refused.

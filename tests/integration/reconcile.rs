@@ -578,13 +578,30 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["retired"], "hooks");
+    assert_eq!(r.body["was_retired"], false);
     assert!(r.body["undelivered"].as_u64().unwrap() >= 3, "{}", r.body);
     let status = d.status().await;
     assert_eq!(status["unloaded_connectors"], json!([]), "{status}");
+    // Again, as an operator's retry: said as such, not "no connector".
     let r = d
         .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
         .await;
-    assert_eq!(r.status, 404, "already retired: {}", r.body);
+    assert_eq!(r.status, 200, "already retired: {}", r.body);
+    assert_eq!(r.body["was_retired"], true, "{}", r.body);
+    assert_eq!(r.body["undelivered"], 0, "{}", r.body);
+    let url = d.url("");
+    let shown = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["retire", "--tenant", "acme", "hooks", "--url", &url])
+            .args(["--token", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{out}");
+    assert_eq!(out.trim(), "hooks: was already retired");
     two_compactions(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
