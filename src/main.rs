@@ -717,17 +717,24 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     let bundle = rosterd::classify::Bundle::load(bundle)?;
     let classifier = rosterd::classify::Classifier::new(&bundle);
     let text = read_text(input)?;
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    // A spreadsheet's "save as text" writes tabs: a first line with a tab and no comma is
+    // tab-separated.
+    let delimiter = if first.contains('\t') && !first.contains(',') {
+        b'\t'
+    } else {
+        b','
+    };
     // The first line read as CSV, so a quoted comma in a column name does not split it.
     let header: Vec<String> = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
+        .delimiter(delimiter)
         // The csv reader skips blank lines before the header too.
-        .from_reader(
-            text.lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or_default()
-                .as_bytes(),
-        )
+        .from_reader(first.as_bytes())
         .records()
         .next()
         .and_then(Result::ok)
@@ -760,6 +767,7 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         let dept = column(DEPARTMENT_COLUMNS);
         let mut rdr = csv::ReaderBuilder::new()
             .flexible(true)
+            .delimiter(delimiter)
             .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
@@ -793,9 +801,19 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     } else {
         for line in text.as_bytes().lines() {
             let line = line?;
-            if !line.trim().is_empty() {
-                inputs.push((line.trim().to_owned(), None));
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
             }
+            // A title quoted as a one-column CSV writes it ("Director, Sales"): the quotes
+            // are not the title's.
+            let title = match line.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+                Some(inner) if !inner.replace("\"\"", "").contains('"') => {
+                    inner.replace("\"\"", "\"")
+                }
+                _ => line.to_owned(),
+            };
+            inputs.push((title, None));
         }
     }
     // CRLF, as RFC 4180 and the daemon's own CSV exports end rows.

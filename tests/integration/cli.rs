@@ -168,12 +168,27 @@ fn bundle_from_csv_then_classify_dry_run() {
             "bus driver,driver,",
         ),
         ("=1+2 staff nurse\n", "'=1+2 staff nurse,nurse,"),
+        // Tab-separated, as a spreadsheet saves text.
+        (
+            "id\tTitle\tDepartment\n1\tHead Chef\tKitchen\n",
+            "Head Chef,chef,",
+        ),
+        // One title a line, quoted as a one-column CSV writes it: the quotes are not
+        // the title's.
+        (
+            "\"Chef, Head\"\n\"Bus \"\"night\"\" driver\"\n",
+            "\"Chef, Head\",chef,",
+        ),
     ] {
         std::fs::write(&titles, file).unwrap();
         let (ok, out, err) = classify_titles();
         assert!(ok, "{file:?}: {err}");
         assert!(
             out.lines().nth(1).unwrap().starts_with(want),
+            "{file:?}: {out}"
+        );
+        assert!(
+            !out.contains("\"\"\"") && !out.contains('\t'),
             "{file:?}: {out}"
         );
     }
