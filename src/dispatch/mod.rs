@@ -420,6 +420,9 @@ impl Live {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sender {
     Mirror,
+    /// A OneRoster connector's checks before it follows the log: sent as the mirror
+    /// sends, but a stop cuts it at once (it belongs to no change a stop lets finish).
+    Preflight,
     Reconcile,
     Operator,
 }
@@ -590,8 +593,17 @@ impl Ctx {
             .await
     }
 
+    /// A preflight check (see [`Sender::Preflight`]).
+    async fn send_preflight(&self, req: &Request) -> Sent {
+        self.send_as(req, None, Sender::Preflight).await
+    }
+
     async fn send_as(&self, req: &Request, max_attempts: Option<u32>, by: Sender) -> Sent {
-        let mirror = by == Sender::Mirror;
+        let mirror = matches!(by, Sender::Mirror | Sender::Preflight);
+        // A change already started when a stop comes is let finish (the log follower
+        // bounds that by STOP_DRAIN), so that what its target took is not sent again:
+        // only waiting out a pause or a backoff gives up then.
+        let drains = by == Sender::Mirror;
         let counts = by != Sender::Operator;
         let name = self.name();
         if self.config.dry_run {
@@ -618,8 +630,15 @@ impl Ctx {
                 // Nothing is sent while paused; the slot goes to no one meanwhile.
                 slot = None;
             }
-            if mirror && !self.live.wait_unpaused(&self.cancel).await {
-                return Sent::Cancelled;
+            if mirror {
+                let go_on = if drains && self.cancel.is_cancelled() {
+                    self.live.paused_until().is_none()
+                } else {
+                    self.live.wait_unpaused(&self.cancel).await
+                };
+                if !go_on {
+                    return Sent::Cancelled;
+                }
             }
             if by == Sender::Reconcile
                 && let Some(reason) = self.live.pause_reason()
@@ -630,12 +649,21 @@ impl Ctx {
                 };
             }
             if mirror && slot.is_none() {
+                // Draining, the others' answers free the slots.
+                let stop = async {
+                    if drains {
+                        std::future::pending::<()>().await
+                    } else {
+                        self.cancel.cancelled().await
+                    }
+                };
                 tokio::select! {
+                    biased;
+                    () = stop => return Sent::Cancelled,
                     s = self.slots.acquire() => match s {
                         Ok(s) => slot = Some(s),
                         Err(_) => return Sent::Cancelled,
                     },
-                    _ = self.cancel.cancelled() => return Sent::Cancelled,
                 }
                 // A pause may have begun while this request queued for its slot: every
                 // request queued then would otherwise reach the target the pause spares.
@@ -654,12 +682,13 @@ impl Ctx {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
                     let sending = http::send(&self.client, req, headers, timeout);
-                    if mirror {
-                        // Once on the wire, the request is let finish on a stop: the log
-                        // follower drains it for up to STOP_DRAIN, so that a stop or a
-                        // reload does not send it again after its target took it.
+                    if drains {
                         sending.await
                     } else {
+                        // A token fetched while the stop came is not used.
+                        if self.cancel.is_cancelled() {
+                            return Sent::Cancelled;
+                        }
                         tokio::select! {
                             o = sending => o,
                             _ = self.cancel.cancelled() => return Sent::Cancelled,
@@ -1046,7 +1075,8 @@ impl Ctx {
                 return (ev.seq, keys, Ok(Delivered::Cancelled));
             }
         }
-        // Stopping: what waited for an earlier change drained meanwhile does not start.
+        // Stopping: a change not started yet (this one waited for an earlier one, drained
+        // meanwhile) does not start.
         if self.cancel.is_cancelled() {
             return (ev.seq, keys, Ok(Delivered::Cancelled));
         }
@@ -1168,7 +1198,7 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         ctx.live.set_state("preflight");
         for req in oneroster::preflight(settings, Utc::now()) {
             loop {
-                match ctx.send(&req, None).await {
+                match ctx.send_preflight(&req).await {
                     Sent::Ok => break,
                     Sent::Cancelled => return Ok(()),
                     Sent::Refused { reason, .. } => {
@@ -1479,10 +1509,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             _ = ctx.cancel.cancelled() => break,
         }
     }
-    // Stopping. Nothing new starts (a request not yet sent, or waiting to retry, gives
-    // up), but the requests on the wire get up to STOP_DRAIN for their answers, so that
-    // what a target took is not sent again after the start; what does not finish in
-    // time is. Then keep what is acknowledged.
+    // Stopping. No change starts, but those already started get up to STOP_DRAIN to
+    // finish (a request waiting out a pause or a backoff gives up), so that what a
+    // target took is not sent again after the start; a change that does not finish in
+    // time is, whole. Then keep what is acknowledged.
     let deadline = tokio::time::sleep(STOP_DRAIN);
     tokio::pin!(deadline);
     loop {
@@ -1502,9 +1532,9 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     save(&mut progress).await
 }
 
-/// How long a stopping connector waits for the answers to requests already sent. The
-/// connectors stop side by side after the HTTP server's drain (5 s), so a stop stays
-/// within the 10 s README promises.
+/// How long a stopping connector lets the changes it started finish. The connectors stop
+/// side by side after the HTTP server's drain (5 s), so a stop stays within the 10 s
+/// README promises.
 const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 /// Wait until no change has come for `debounce_ms`, so a burst becomes one write; but
@@ -1670,6 +1700,9 @@ pub struct Dispatcher {
     /// The configured tenants, whose stored cursors are looked through for connectors
     /// that are not loaded.
     tenants: Vec<String>,
+    /// Every connector task, so that a stop waits for all of them: a reload cut short by
+    /// the stop drops its own wait for the connectors it was stopping.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Dispatcher {
@@ -1695,6 +1728,7 @@ impl Dispatcher {
             broken: Mutex::new(BTreeMap::new()),
             unstartable: Mutex::new(Vec::new()),
             tenants,
+            tasks: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -1807,46 +1841,53 @@ impl Dispatcher {
                 }
             }
         }
-        let stopping: Vec<Running> = {
+        // They stay listed while they stop (up to STOP_DRAIN, side by side): meanwhile
+        // /status shows them, and `retire` refuses them, as still loaded.
+        let (stopping, handles): (Vec<ConnectorConfig>, Vec<JoinHandle<()>>) = {
             let mut running = self.running();
-            let names: Vec<String> = running
-                .iter()
-                .filter(|(n, r)| !broken.contains_key(*n) && wanted.get(*n) != Some(&r.config))
-                .map(|(n, _)| n.clone())
-                .collect();
-            names
-                .into_iter()
-                .filter_map(|n| running.remove(&n))
-                .collect()
+            let mut handles = Vec::new();
+            let mut configs = Vec::new();
+            for (n, r) in running.iter_mut() {
+                if broken.contains_key(n) || wanted.get(n) == Some(&r.config) {
+                    continue;
+                }
+                r.cancel.cancel();
+                handles.extend(r.handle.take());
+                configs.push(r.config.clone());
+            }
+            (configs, handles)
         };
         *self.broken() = broken;
         *self.unstartable_lock() = unstartable;
-        // All at once: each may wait STOP_DRAIN for the answers to requests it sent.
-        for r in &stopping {
-            r.cancel.cancel();
-        }
-        for r in stopping {
-            let (tenant, name) = (r.config.tenant.clone(), r.config.name.clone());
-            if wanted.contains_key(&name) {
+        for c in &stopping {
+            let (tenant, name) = (&c.tenant, &c.name);
+            if wanted.contains_key(name) {
                 tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
-                stop(r).await;
                 continue;
             }
             // Renamed in place: the same file now names another connector, which starts
             // on a cursor of its own (from the oldest change the log holds, for a new
             // name); the operator should hear that, not that the file went away.
-            match wanted.values().find(|c| c.file == r.config.file) {
+            match wanted.values().find(|w| w.file == c.file) {
                 Some(renamed) => {
-                    tracing::warn!(%tenant, connector = %name, file = %r.config.file.display(), new_name = %renamed.name, "Stopping connector: its file now names another connector, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds). This one is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
+                    tracing::warn!(%tenant, connector = %name, file = %c.file.display(), new_name = %renamed.name, "Stopping connector: its file now names another connector, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds). This one is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
                 }
                 None => {
                     tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
                 }
             }
-            stop(r).await;
-            counters::connector_removed(&tenant, &name);
-            if let Err(e) = self.store.set_retired(&tenant, &name, true).await {
-                tracing::error!(%tenant, connector = %name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
+        }
+        futures_util::future::join_all(handles).await;
+        {
+            let mut running = self.running();
+            for c in &stopping {
+                running.remove(&c.name);
+            }
+        }
+        for c in stopping.iter().filter(|c| !wanted.contains_key(&c.name)) {
+            counters::connector_removed(&c.tenant, &c.name);
+            if let Err(e) = self.store.set_retired(&c.tenant, &c.name, true).await {
+                tracing::error!(tenant = %c.tenant, connector = %c.name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
             }
         }
         // Only pauses that wait for the operator (preflight refused, 410 Gone): a pause
@@ -1964,7 +2005,7 @@ impl Dispatcher {
         });
         let span = ctx.span();
         let task_ctx = ctx.clone();
-        let handle = tokio::spawn(
+        let handle = self.tasks.spawn(
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
                 let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
@@ -1994,8 +2035,10 @@ impl Dispatcher {
     /// Stop every connector; cursors stay where the last acknowledged batch left them.
     pub async fn stop_all(&self) {
         let all: Vec<Running> = std::mem::take(&mut *self.running()).into_values().collect();
-        // Side by side: each may wait STOP_DRAIN for its requests on the wire.
+        // Side by side: each may take STOP_DRAIN to finish what it started.
         futures_util::future::join_all(all.into_iter().map(stop)).await;
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// The lowest cursor of the tenant's known connectors: running ones (enabled or not)

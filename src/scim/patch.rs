@@ -165,10 +165,6 @@ fn is_members(kind: ResourceKind, p: &AttrPath) -> bool {
     kind == ResourceKind::Group && p.is_core() && p.attr.eq_ignore_ascii_case("members")
 }
 
-/// The sub-attributes a member has (RFC 7643 §4.2); any other key is dropped and named in
-/// `ignored`, as an unknown attribute of a POST or PUT body is.
-const MEMBER_KEYS: [&str; 4] = ["value", "type", "display", "$ref"];
-
 fn member_refs(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<MemberRef>> {
     let items = match value {
         Value::Array(items) => items,
@@ -183,11 +179,13 @@ fn member_refs(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<Member
                 display: None,
             }),
             Value::Object(o) => {
+                // A key no member has is dropped and named, as in a POST or PUT body.
                 for key in o.keys() {
                     let name = format!("members.{key}");
-                    if !MEMBER_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
-                        && !ignored.contains(&name)
-                    {
+                    let known = crate::scim::schema::MEMBER_SUBS
+                        .iter()
+                        .any(|d| d.name.eq_ignore_ascii_case(key));
+                    if !known && !ignored.contains(&name) {
                         ignored.push(name);
                     }
                 }

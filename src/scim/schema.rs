@@ -621,7 +621,7 @@ pub static ENTERPRISE_USER: SchemaDef = SchemaDef {
 /// membership, so clients must remove and re-add instead (hence immutable). `display` is
 /// accepted from clients for convenience but always recomputed, so it is published as
 /// read-only.
-static MEMBER_SUBS: [AttrDef; 4] = [
+pub(crate) static MEMBER_SUBS: [AttrDef; 4] = [
     immutable(string("value", "Identifier of the member of this Group.")),
     immutable(AttrDef {
         reference_types: &["User", "Group"],

@@ -28,7 +28,7 @@ const DEVIATIONS: &[(&str, &str)] = &[
     ),
     (
         "Get group by id · Body contians user",
-        "a member's `displayName` is not a member sub-attribute (RFC 7643 §4.2 has \
+        "a member's `displayName` is not a member sub-attribute (RFC 7643 §2.4 has \
          `display`): it is ignored with a warning, as on a POST",
     ),
     (

@@ -900,19 +900,64 @@ async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request()
     assert_eq!(c["cursor"].as_u64(), seqs.iter().max().copied(), "{c}");
 }
 
-/// A stop lets a request already on the wire have its answer (for up to 3 s), so the
-/// target does not get it again after the start: it used to, every time.
+/// A stop lets a change already started finish (for up to 3 s): the request on the wire
+/// has its answer, and the change's next event goes out, so the target gets neither
+/// again after the start. Both used to be sent again, every time.
 #[tokio::test]
-async fn a_stop_waits_for_the_answer_to_a_request_on_the_wire() {
+async fn a_stop_lets_a_started_change_finish() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let (name, text) = webhook_file(
+        &hook,
+        r#"["roster.user_created", "roster.archetype_assigned"]"#,
+    );
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         ..Options::default()
     })
     .await;
-    hook.inject(wh::Fault::delay(Duration::from_millis(800), 1).on_body("ada@acme.test"));
+    hook.inject(
+        wh::Fault::delay(Duration::from_millis(800), 1)
+            .on_body(r#""type":"roster.user_created""#)
+            .on_body("ada@acme.test"),
+    );
+    let ada = d.create_user("ada@acme.test").await;
+    let sent = |h: &WebhookServer| -> Vec<String> {
+        h.attempts()
+            .iter()
+            .filter(|x| x.body["data"]["id"] == ada.as_str())
+            .map(|x| x.body["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(
+        hook.wait_until(|h| !sent(h).is_empty(), WAIT).await,
+        "never on the wire"
+    );
+    let d = d.restart().await;
+    caught_up(&d, "hooks").await;
+    assert_eq!(
+        sent(&hook),
+        ["roster.user_created", "roster.archetype_assigned"],
+        "each once, in order"
+    );
+    assert!(hook.deliveries().iter().all(|x| x.answered.is_some()));
+}
+
+/// A stop while a reload was letting the connector it stops finish its change: the
+/// daemon's stop waits for that connector too. It used to let it run on detached, past
+/// "stopped cleanly", holding the store (a start in the same process could not open it)
+/// and losing what it then acknowledged.
+#[tokio::test]
+async fn a_stop_during_a_reload_waits_for_the_connector_the_reload_stops() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name.clone(), text.clone())],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    hook.inject(wh::Fault::delay(Duration::from_millis(1500), 1).on_body("ada@acme.test"));
     let ada = d.create_user("ada@acme.test").await;
     let sent = |h: &WebhookServer| {
         h.attempts()
@@ -924,10 +969,48 @@ async fn a_stop_waits_for_the_answer_to_a_request_on_the_wire() {
         hook.wait_until(|h| sent(h) == 1, WAIT).await,
         "never on the wire"
     );
+    // The file changes; the reload stops the connector to start it again, and waits.
+    std::fs::write(
+        d.root.join("connectors").join(&name),
+        text.replace("timeout_ms = 2000", "timeout_ms = 2001"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let d = d.restart().await;
     caught_up(&d, "hooks").await;
     assert_eq!(sent(&hook), 1, "sent again after the restart");
-    assert!(hook.deliveries().iter().all(|x| x.answered.is_some()));
+}
+
+/// A stop while a OneRoster connector's preflight request waits on its target: it ends
+/// then, not after the request's timeout (here ten minutes); the preflight belongs to no
+/// change a stop lets finish.
+#[tokio::test]
+async fn a_stop_cuts_a_preflight_short() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(Fault::delay(Duration::from_secs(600), 1).on_path("orgs/"));
+    let (name, text) = oneroster_file("sis", &target, "");
+    let mut d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            name,
+            text.replace("timeout_ms = 2000", "timeout_ms = 600000"),
+        )],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while target.requests().iter().all(|r| !r.path.contains("orgs/")) {
+        assert!(tokio::time::Instant::now() < deadline, "no preflight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(WAIT, d.stop())
+        .await
+        .expect("the stop waited for the preflight's answer");
 }
 
 #[tokio::test]
