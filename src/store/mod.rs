@@ -1373,8 +1373,13 @@ impl Store {
         let was_a_store = marker.is_file();
         let db = sled::Config::new()
             .path(dir)
-            // Flushes are ours (group commit); sled's timer would only add fsyncs.
-            .flush_every_ms(None)
+            // sled cleans its log's segments (moves the live pages out of one mostly
+            // garbage, so it can be reused) only in the thread this timer starts. Without
+            // it the file grew ~13 MB a minute under steady churn with 5 MB of live data
+            // (the change log written and compacted away, users created and deleted) and
+            // never shrank; with it the file stays at two to three times its data.
+            // Durability stays ours (group commit); the timer adds one fsync a second.
+            .flush_every_ms(Some(1000))
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| open_error(dir, &e.to_string()))?;
