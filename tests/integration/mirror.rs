@@ -847,13 +847,8 @@ async fn renaming_a_connector_in_its_file_is_said_as_such() {
 /// again across a clean restart (or a reload): it used to be, every event of it.
 #[tokio::test]
 async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
-    let text = text.replace("timeout_ms = 2000", "timeout_ms = 60000");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
+    let (hook, d, _) = with_hook(r#"["roster.user_created"]"#, |t| {
+        t.replace("timeout_ms = 2000", "timeout_ms = 60000")
     })
     .await;
     hook.inject(wh::Fault::hold(1).on_body("ada@acme.test"));
@@ -905,16 +900,10 @@ async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request()
 /// again after the start. Both used to be sent again, every time.
 #[tokio::test]
 async fn a_stop_lets_a_started_change_finish() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let (name, text) = webhook_file(
-        &hook,
+    let (hook, d, _) = with_hook(
         r#"["roster.user_created", "roster.archetype_assigned"]"#,
-    );
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
+        |t| t,
+    )
     .await;
     hook.inject(
         wh::Fault::delay(Duration::from_millis(800), 1)
@@ -949,14 +938,7 @@ async fn a_stop_lets_a_started_change_finish() {
 /// and losing what it then acknowledged.
 #[tokio::test]
 async fn a_stop_during_a_reload_waits_for_the_connector_the_reload_stops() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name.clone(), text.clone())],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (hook, d, (name, text)) = with_hook(r#"["roster.user_created"]"#, |t| t).await;
     hook.inject(wh::Fault::delay(Duration::from_millis(1500), 1).on_body("ada@acme.test"));
     let ada = d.create_user("ada@acme.test").await;
     let sent = |h: &WebhookServer| {
@@ -1015,18 +997,11 @@ async fn a_stop_cuts_a_preflight_short() {
 
 #[tokio::test]
 async fn the_events_of_one_change_arrive_in_order_each_after_the_previous_is_acknowledged() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let (name, text) = webhook_file(
-        &hook,
-        r#"["roster.user_created", "roster.archetype_assigned"]"#,
-    );
     // The held answer must not time out and be retried.
-    let text = text.replace("timeout_ms = 2000", "timeout_ms = 60000");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
+    let (hook, d, _) = with_hook(
+        r#"["roster.user_created", "roster.archetype_assigned"]"#,
+        |t| t.replace("timeout_ms = 2000", "timeout_ms = 60000"),
+    )
     .await;
     // Ada's user event is held at the receiver until the test lets it go.
     hook.inject(
@@ -1418,6 +1393,24 @@ pub async fn with_user_created_hook(config_extra: &str) -> (WebhookServer, TestD
     })
     .await;
     (hook, d)
+}
+
+/// A daemon with one webhook connector, `hooks`, for `events` (a TOML array), its file
+/// text passed through `edit` first; the file's name and text as written.
+async fn with_hook(
+    events: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (WebhookServer, TestDaemon, (String, String)) {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(&hook, events);
+    let text = edit(text);
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name.clone(), text.clone())],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    (hook, d, (name, text))
 }
 
 /// Disable `sis` while the test creates users, so that the connector finds all of them at
