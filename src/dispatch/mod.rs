@@ -812,6 +812,18 @@ impl Ctx {
         &self,
         req: &Request,
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), String> {
+        // A stop ends the read at once: its wait for a `Retry-After` could last an hour,
+        // and a resync's reads run in the connector's task, which the stop waits for.
+        tokio::select! {
+            r = self.read_body(req) => r,
+            () = self.cancel.cancelled() => Err("rosterd is stopping".to_owned()),
+        }
+    }
+
+    async fn read_body(
+        &self,
+        req: &Request,
+    ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), String> {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let mut last = String::new();
         for _ in 0..3 {

@@ -6,7 +6,7 @@ use crate::harness::{Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
     caught_up, connector, oneroster_file, sourced_id, start_with_oneroster, with_user_created_hook,
 };
-use crate::oneroster::{self as or, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
+use crate::oneroster::{self as or, Fault, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -509,6 +509,62 @@ async fn a_connector_back_after_its_changes_were_compacted_resyncs_the_target() 
         target.user(&sourced_id(&format!("User/{ada}"))).unwrap()["enabledUser"],
         "false"
     );
+}
+
+/// A stop while a new connector's resync waits out a read-back's `Retry-After` (an
+/// hour): it ends then. It used to wait for the hour, as the stop waits for the
+/// connector's task (systemd kills it after 15 s).
+#[tokio::test]
+async fn a_stop_ends_a_resync_waiting_to_read_back() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let mut d = TestDaemon::start_with(Options {
+        config_extra: COMPACT_EVERY_SECOND.into(),
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    let reader = d.jwt(TENANT, "roster:read");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let feed = d
+            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
+            .await;
+        if feed.body["changes"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    target.inject(
+        Fault::rate_limited(1, "3600")
+            .on_method("GET")
+            .on_path("/users")
+            .forever(),
+    );
+    let (name, text) = oneroster_file("sis", &target, "");
+    std::fs::write(
+        d.root.join("connectors").join(name),
+        text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+    )
+    .unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while target.count_status(429) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no read-back: {:?}",
+            target
+                .requests()
+                .iter()
+                .map(|r| format!("{} {} {:?}", r.method, r.path, r.status))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), d.stop())
+        .await
+        .expect("the stop waited out the Retry-After");
 }
 
 #[tokio::test]
