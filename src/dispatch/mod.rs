@@ -678,17 +678,23 @@ impl Ctx {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let mut used_auth = None;
-            let outcome = match self.headers(req).await {
+            // Outside a started change, a stop also cuts the wait for an access token (a
+            // token endpoint may take its whole timeout to answer).
+            let headers = if drains {
+                self.headers(req).await
+            } else {
+                tokio::select! {
+                    h = self.headers(req) => h,
+                    _ = self.cancel.cancelled() => return Sent::Cancelled,
+                }
+            };
+            let outcome = match headers {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
                     let sending = http::send(&self.client, req, headers, timeout);
                     if drains {
                         sending.await
                     } else {
-                        // A token fetched while the stop came is not used.
-                        if self.cancel.is_cancelled() {
-                            return Sent::Cancelled;
-                        }
                         tokio::select! {
                             o = sending => o,
                             _ = self.cancel.cancelled() => return Sent::Cancelled,

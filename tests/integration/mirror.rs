@@ -43,6 +43,19 @@ token_env = "OR_TOKEN"
     )
 }
 
+/// A connector file of [`oneroster_file`] that gets its tokens from `target`'s token
+/// endpoint (OAuth 2.0 client credentials, the secret in `OR_SECRET`).
+fn with_client_credentials(text: &str, target: &OneRosterServer) -> String {
+    text.replace(
+        "token_env = \"OR_TOKEN\"",
+        &format!(
+            "token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_env = \"OR_SECRET\"",
+            target.token_url,
+            or::DEFAULT_CLIENT_ID
+        ),
+    )
+}
+
 fn static_token_env() -> Vec<(String, String)> {
     vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())]
 }
@@ -390,14 +403,7 @@ async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
 async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let text = text.replace(
-        "token_env = \"OR_TOKEN\"",
-        &format!(
-            "token_url = \"{}\"\nclient_id = \"{}\"\nclient_secret_env = \"OR_SECRET\"",
-            target.token_url,
-            or::DEFAULT_CLIENT_ID
-        ),
-    );
+    let text = with_client_credentials(&text, &target);
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
@@ -993,6 +999,31 @@ async fn a_stop_cuts_a_preflight_short() {
     tokio::time::timeout(WAIT, d.stop())
         .await
         .expect("the stop waited for the preflight's answer");
+}
+
+/// The same while the preflight waits for an access token from a token endpoint that
+/// takes its time: the stop cuts that wait too (it lasted the fetch's 30 s timeout).
+#[tokio::test]
+async fn a_stop_cuts_a_token_fetch_short() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(Fault::delay(Duration::from_secs(600), 1).on_path("/oauth/token"));
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = with_client_credentials(&text, &target);
+    let mut d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while connector(&d, "sis").await["state"] != "preflight" {
+        assert!(tokio::time::Instant::now() < deadline, "no preflight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(20), d.stop())
+        .await
+        .expect("the stop waited for the token endpoint");
 }
 
 #[tokio::test]
