@@ -421,6 +421,22 @@ async fn two_compactions(d: &TestDaemon) {
     }
 }
 
+/// Wait until compaction has emptied the change log (nothing holds it).
+async fn compacted_away(d: &TestDaemon) {
+    let reader = d.jwt(TENANT, "roster:read");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let feed = d
+            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
+            .await;
+        if feed.body["changes"].as_array().is_some_and(Vec::is_empty) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every user of `ids` reached the webhook target.
 fn delivered_all(hook: &WebhookServer, ids: &[String]) {
     let created: Vec<String> = hook
@@ -489,18 +505,7 @@ async fn a_connector_back_after_its_changes_were_compacted_resyncs_the_target() 
         patch_op(json!([{"op": "replace", "value": {"active": false}}])),
     )
     .await;
-    let reader = d.jwt(TENANT, "roster:read");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let feed = d
-            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
-            .await;
-        if feed.body["changes"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never compacted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    compacted_away(&d).await;
     std::fs::rename(dir.join("sis.toml.away"), dir.join("sis.toml")).unwrap();
     d.reload().await;
     caught_up(&d, "sis").await;
@@ -524,18 +529,7 @@ async fn a_stop_ends_a_resync_waiting_to_read_back() {
     })
     .await;
     d.create_user("ada@acme.test").await;
-    let reader = d.jwt(TENANT, "roster:read");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let feed = d
-            .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
-            .await;
-        if feed.body["changes"].as_array().is_some_and(Vec::is_empty) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never compacted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    compacted_away(&d).await;
     target.inject(
         Fault::rate_limited(1, "3600")
             .on_method("GET")
