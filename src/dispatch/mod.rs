@@ -593,6 +593,23 @@ impl Ctx {
             .await
     }
 
+    /// `f`'s output, or None once a stop comes; with `drains` (a request of a change
+    /// already started, which a stop lets finish) always the output.
+    async fn unless_stopped<T>(
+        &self,
+        drains: bool,
+        f: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        if drains {
+            return Some(f.await);
+        }
+        tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => None,
+            v = f => Some(v),
+        }
+    }
+
     /// A preflight check (see [`Sender::Preflight`]).
     async fn send_preflight(&self, req: &Request) -> Sent {
         self.send_as(req, None, Sender::Preflight).await
@@ -650,20 +667,9 @@ impl Ctx {
             }
             if mirror && slot.is_none() {
                 // Draining, the others' answers free the slots.
-                let stop = async {
-                    if drains {
-                        std::future::pending::<()>().await
-                    } else {
-                        self.cancel.cancelled().await
-                    }
-                };
-                tokio::select! {
-                    biased;
-                    () = stop => return Sent::Cancelled,
-                    s = self.slots.acquire() => match s {
-                        Ok(s) => slot = Some(s),
-                        Err(_) => return Sent::Cancelled,
-                    },
+                match self.unless_stopped(drains, self.slots.acquire()).await {
+                    Some(Ok(s)) => slot = Some(s),
+                    _ => return Sent::Cancelled,
                 }
                 // A pause may have begun while this request queued for its slot: every
                 // request queued then would otherwise reach the target the pause spares.
@@ -680,25 +686,16 @@ impl Ctx {
             let mut used_auth = None;
             // Outside a started change, a stop also cuts the wait for an access token (a
             // token endpoint may take its whole timeout to answer).
-            let headers = if drains {
-                self.headers(req).await
-            } else {
-                tokio::select! {
-                    h = self.headers(req) => h,
-                    _ = self.cancel.cancelled() => return Sent::Cancelled,
-                }
+            let Some(headers) = self.unless_stopped(drains, self.headers(req)).await else {
+                return Sent::Cancelled;
             };
             let outcome = match headers {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
                     let sending = http::send(&self.client, req, headers, timeout);
-                    if drains {
-                        sending.await
-                    } else {
-                        tokio::select! {
-                            o = sending => o,
-                            _ = self.cancel.cancelled() => return Sent::Cancelled,
-                        }
+                    match self.unless_stopped(drains, sending).await {
+                        Some(o) => o,
+                        None => return Sent::Cancelled,
                     }
                 }
                 Err(reason) => Outcome::Retry {
@@ -820,10 +817,9 @@ impl Ctx {
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), String> {
         // A stop ends the read at once: its wait for a `Retry-After` could last an hour,
         // and a resync's reads run in the connector's task, which the stop waits for.
-        tokio::select! {
-            r = self.read_body(req) => r,
-            () = self.cancel.cancelled() => Err("rosterd is stopping".to_owned()),
-        }
+        self.unless_stopped(false, self.read_body(req))
+            .await
+            .unwrap_or_else(|| Err("rosterd is stopping".to_owned()))
     }
 
     async fn read_body(
@@ -2052,9 +2048,11 @@ impl Dispatcher {
 
     /// Stop every connector; cursors stay where the last acknowledged batch left them.
     pub async fn stop_all(&self) {
-        let all: Vec<Running> = std::mem::take(&mut *self.running()).into_values().collect();
-        // Side by side: each may take STOP_DRAIN to finish what it started.
-        futures_util::future::join_all(all.into_iter().map(stop)).await;
+        for r in std::mem::take(&mut *self.running()).into_values() {
+            r.cancel.cancel();
+        }
+        // Side by side (each may take STOP_DRAIN to finish what it started), and with
+        // those a reload cut short by the stop was stopping.
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -2575,13 +2573,6 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         deactivated: ev.deactivated && active == Some(false),
         reactivated: ev.reactivated && active == Some(true),
     })
-}
-
-async fn stop(r: Running) {
-    r.cancel.cancel();
-    if let Some(h) = r.handle {
-        let _ = h.await;
-    }
 }
 
 /// What [`Dispatcher::retire`] did.
