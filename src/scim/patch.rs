@@ -181,12 +181,14 @@ fn member_refs(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<Member
             Value::Object(o) => {
                 // A key no member has is dropped and named, as in a POST or PUT body.
                 for key in o.keys() {
-                    let name = format!("members.{key}");
                     let known = crate::scim::schema::MEMBER_SUBS
                         .iter()
                         .any(|d| d.name.eq_ignore_ascii_case(key));
-                    if !known && !ignored.contains(&name) {
-                        ignored.push(name);
+                    if !known {
+                        let name = format!("members.{key}");
+                        if !ignored.contains(&name) {
+                            ignored.push(name);
+                        }
                     }
                 }
                 let value = get_ci(&o, "value")

@@ -447,13 +447,18 @@ fn take_members(kind: ResourceKind, doc: &mut Value) -> ScimResult<Option<Vec<Me
     Ok(Some(out))
 }
 
+/// What a body sent that no schema has is dropped, and said.
+fn warn_ignored(ignored: &[String]) {
+    if !ignored.is_empty() {
+        tracing::warn!(?ignored, "Ignored attributes that are not in the schema.");
+    }
+}
+
 /// Normalize a client document; passwords are never stored: rosterd is not an
 /// authenticator, and keeping them would only create a liability.
 fn normalize(kind: ResourceKind, body: Value) -> ScimResult<Value> {
     let n = normalize_input(kind, body)?;
-    if !n.ignored.is_empty() {
-        tracing::warn!(ignored = ?n.ignored, "Ignored attributes that are not in the schema.");
-    }
+    warn_ignored(&n.ignored);
     let mut doc = n.resource;
     if let Some(obj) = doc.as_object_mut() {
         obj.remove("password");
@@ -548,9 +553,7 @@ async fn op_patch(
     let ops = parse_patch_request(body)?;
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         let split = split_member_ops(ops)?;
-        if !split.ignored.is_empty() {
-            tracing::warn!(ignored = ?split.ignored, "Ignored attributes that are not in the schema.");
-        }
+        warn_ignored(&split.ignored);
         (split.members, split.doc_ops)
     } else {
         (vec![], ops)
