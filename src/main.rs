@@ -1223,8 +1223,14 @@ fn reconcile(
             0 => String::new(),
             n => format!(", {n} left out (the target's format cannot express them)"),
         };
+        // Changes still on their way to the target send these; a dry run that counted
+        // them as drift would alarm an operator during every catch-up.
+        let pending = match c["pending"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(", {n} left to changes waiting for this connector"),
+        };
         outln!(
-            "connector {} ({}): {} objects checked, {} would be sent{unmappable}{}",
+            "connector {} ({}): {} objects checked, {} would be sent{pending}{unmappable}{}",
             c["connector"].as_str().unwrap_or_default(),
             c["kind"].as_str().unwrap_or_default(),
             c["checked"],

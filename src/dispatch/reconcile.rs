@@ -10,6 +10,7 @@
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::Value;
+use std::collections::HashSet;
 use std::sync::Arc;
 use tracing::Instrument;
 
@@ -17,10 +18,11 @@ use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
     Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, course_put,
-    enrollment_delete, enrollment_put, held_downstream, stored_user_write, user_delete, user_key,
+    enrollment_delete, enrollment_put, group_key, held_downstream, member_key, stored_user_write,
+    user_delete, user_key,
 };
 use crate::scim::ResourceKind;
-use crate::store::{Store, StoreError};
+use crate::store::{ChangeOp, Store, StoreError};
 
 /// Why every object drifts in a full reconciliation.
 const FULL: &str = "sent again in full";
@@ -67,6 +69,10 @@ pub struct DriftReport {
     pub kind: &'static str,
     pub checked: u64,
     pub drifted: u64,
+    /// Of `checked`, those left to the change feed: a change to them waits in the log
+    /// for this connector and sends them as they stand, so sending them here too would
+    /// make the target take them twice.
+    pub pending: u64,
     /// Of `drifted`, those the read-back found changed or soft-deleted at the target.
     pub found_at_target: u64,
     pub sent: u64,
@@ -106,6 +112,62 @@ impl DriftReport {
     }
 }
 
+/// The objects that changes in the log above a connector's cursor will send, as they
+/// stand when sent (the mirror maps a change from the current state, not the logged
+/// snapshot).
+#[derive(Debug, Default)]
+struct Pending {
+    /// `User/…`, `Group/…` and `Member/…/…` keys.
+    objects: HashSet<String>,
+    /// Users whose waiting change puts or deletes their enrollment in every group they
+    /// are in (any change to a user that is not its deletion).
+    enrollments_of: HashSet<String>,
+}
+
+impl Pending {
+    /// What the changes the connector `owner` has yet to acknowledge will send.
+    fn read(store: &Store, tenant: &str, owner: &str) -> Result<Pending, StoreError> {
+        let acked: HashSet<u64> = store.acked_above(tenant, owner)?.into_iter().collect();
+        let mut pending = Pending::default();
+        let mut since = store.cursor(tenant, owner)?;
+        loop {
+            let page = store.changes(tenant, since, 1000)?;
+            let Some(last) = page.last() else { break };
+            since = last.seq;
+            for e in page.iter().filter(|e| !acked.contains(&e.seq)) {
+                match e.resource_type.as_str() {
+                    "User" => {
+                        pending.objects.insert(user_key(&e.id));
+                        if e.op != ChangeOp::Deleted {
+                            pending.enrollments_of.insert(e.id.clone());
+                        }
+                    }
+                    "Group" => {
+                        pending.objects.insert(group_key(&e.id));
+                        for u in e.members_added.iter().chain(&e.members_removed) {
+                            pending.objects.insert(member_key(&e.id, u));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    fn user(&self, id: &str) -> bool {
+        self.objects.contains(&user_key(id))
+    }
+
+    fn group(&self, id: &str) -> bool {
+        self.objects.contains(&group_key(id))
+    }
+
+    fn member(&self, group: &str, user: &str) -> bool {
+        self.enrollments_of.contains(user) || self.objects.contains(&member_key(group, user))
+    }
+}
+
 /// The desired OneRoster state of every object, compared with the delivered hashes.
 /// Runs on the blocking pool: it walks the whole tenant, one object at a time.
 fn diff(
@@ -114,6 +176,7 @@ fn diff(
     hash_owner: &str,
     s: &OneRosterSettings,
     full: bool,
+    pending: &Pending,
     report: &mut DriftReport,
 ) -> Result<Vec<DriftItem>, StoreError> {
     let mut all = Vec::new();
@@ -155,12 +218,17 @@ fn diff(
     let bug = |object: &str, panic: String| {
         tracing::error!(%object, %panic, "Cannot map this object for OneRoster (a bug); counted as unmappable.");
     };
+    let left = |report: &mut DriftReport| {
+        report.checked += 1;
+        report.pending += 1;
+    };
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
         match crate::ops::panics::catch_sync(|| {
             stored_user_write(store, s, tenant, &r.id, &r.doc, now)
         }) {
             Ok(mapped) => match mapped? {
+                Ok(_) if pending.user(&r.id) => left(report),
                 Ok(w) => check(report, w)?,
                 Err(_) => report.unmappable += 1,
             },
@@ -173,6 +241,7 @@ fn diff(
     for g in store.scan(tenant, ResourceKind::Group)? {
         let g = g?;
         match crate::ops::panics::catch_sync(|| class_put(s, tenant, &g.id, &g.doc, now)) {
+            Ok(_) if pending.group(&g.id) => left(report),
             Ok(w) => check(report, w)?,
             Err(panic) => {
                 bug(&format!("Group/{}", g.id), panic);
@@ -183,6 +252,10 @@ fn diff(
         for m in store.members(tenant, &g.id)? {
             let m = m?;
             if m.kind != "User" {
+                continue;
+            }
+            if pending.member(&g.id, &m.value) {
+                left(report);
                 continue;
             }
             // Absent downstream while its user is; a member that is a user is always
@@ -202,22 +275,27 @@ fn diff(
     // Delivered once, gone from the roster since: the delete was missed.
     for (key, _) in store.delivered_all(tenant, hash_owner)? {
         let parts: Vec<&str> = key.split('/').collect();
-        let (exists, w) = match parts.as_slice() {
+        let (exists, waits, w) = match parts.as_slice() {
             ["User", id] => (
                 store.get_raw(tenant, ResourceKind::User, id)?.is_some(),
+                pending.user(id),
                 user_delete(s, tenant, id),
             ),
             ["Group", id] => (
                 store.get_raw(tenant, ResourceKind::Group, id)?.is_some(),
+                pending.group(id),
                 class_delete(s, tenant, id),
             ),
             ["Member", g, u] => (
                 store.is_member(tenant, g, u)?,
+                pending.member(g, u),
                 enrollment_delete(s, tenant, g, u),
             ),
             _ => continue,
         };
-        if !exists {
+        if !exists && waits {
+            left(report);
+        } else if !exists {
             report.checked += 1;
             report.push(
                 DriftItem::from_write(w, "gone from the roster, still delivered".into()),
@@ -352,7 +430,7 @@ pub(super) async fn reconcile_oneroster(
     let ReconcileMode { dry_run, full } = mode;
     let tenant = ctx.tenant().to_owned();
     let owner = ctx.cursor_name();
-    let mut items = {
+    let items = {
         let (store, s, t, o) = (
             ctx.store.clone(),
             settings.clone(),
@@ -360,21 +438,31 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
-        let items = tokio::task::spawn_blocking(move || {
-            diff(&store, &t, &o, &s, full, &mut r).map(|i| (i, r))
+        let found = tokio::task::spawn_blocking(move || {
+            let pending = Pending::read(&store, &t, &o)?;
+            diff(&store, &t, &o, &s, full, &pending, &mut r).map(|i| (i, r, pending))
         })
         .await
         .map_err(StoreError::from_join)??;
-        let (items, r) = items;
+        let (items, r, pending) = found;
         report.checked = r.checked;
         report.drifted = r.drifted;
+        report.pending = r.pending;
         report.unmappable = r.unmappable;
         report.items = r.items;
-        items
+        (items, pending)
     };
+    let (mut items, pending) = items;
     // In full, every user is sent anyway: nothing a read-back finds would add to it.
     if settings.read_back && !full {
-        let (repaired, stopped) = read_back(ctx, settings, &tenant, &items).await?;
+        // Each object is sent once: those already repaired, and those a waiting change
+        // will send.
+        let seen = items
+            .iter()
+            .map(|i| i.object.clone())
+            .chain(pending.objects)
+            .collect();
+        let (repaired, stopped) = read_back(ctx, settings, &tenant, seen).await?;
         report.found_at_target = repaired.len() as u64;
         report.read_back_stopped = stopped;
         for item in repaired {
@@ -453,16 +541,13 @@ async fn read_back(
     ctx: &Ctx,
     settings: &OneRosterSettings,
     tenant: &str,
-    already: &[DriftItem],
+    mut seen: HashSet<String>,
 ) -> Result<(Vec<DriftItem>, Option<String>), DispatchError> {
     let since = Utc::now() - chrono::Duration::hours(settings.read_back_hours as i64);
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let mut out = Vec::new();
-    // Objects already being repaired, so each is sent once.
-    let mut seen: std::collections::HashSet<String> =
-        already.iter().map(|i| i.object.clone()).collect();
     // Fingerprints of the sourcedIds read so far: 8 bytes a user, not the ids.
-    let mut read: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut read: HashSet<u64> = HashSet::new();
     let fingerprint = |sid: &str| {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -245,6 +245,7 @@ async fn run_job(
                             };
                             add("drift_checked", r.checked);
                             add("drift_found", r.drifted);
+                            add("drift_pending", r.pending);
                             add("drift_found_at_target", r.found_at_target);
                             add("drift_sent", r.sent);
                             add("drift_failed", r.failed);
@@ -297,6 +298,7 @@ async fn run_job(
                                     tracing::$level!(
                                         drift_checked = n("drift_checked"),
                                         drift_found = n("drift_found"),
+                                        drift_pending = n("drift_pending"),
                                         drift_found_at_target = n("drift_found_at_target"),
                                         drift_sent = n("drift_sent"),
                                         drift_failed = n("drift_failed"),

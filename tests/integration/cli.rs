@@ -1222,7 +1222,8 @@ fn status_with_a_broken_config_points_to_url() {
     assert!(err.contains("cahce_mb") && err.contains("--url"), "{err}");
 }
 
-/// The dry run's text says what the JSON says: users the target cannot take, and no
+/// The dry run's text says what the JSON says: users the target cannot take, users a
+/// waiting change will send, and no
 /// "… and N more" for a CSV connector whose one object (its files) is not listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_dry_run_text_counts_what_is_left_out() {
@@ -1241,7 +1242,7 @@ async fn reconcile_dry_run_text_counts_what_is_left_out() {
         ..Options::default()
     })
     .await;
-    d.create_user("ada@acme.test").await;
+    let ada = d.create_user("ada@acme.test").await;
     // No email: OneRoster cannot take this user.
     let r = d
         .post(
@@ -1255,6 +1256,17 @@ async fn reconcile_dry_run_text_counts_what_is_left_out() {
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
     crate::mirror::caught_up(&d, "sis").await;
+    // The target fails from now on, so ada's new title waits for the connector.
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            crate::harness::patch_op(
+                serde_json::json!([{"op": "replace", "path": "title", "value": "Chef"}]),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     let token = d.jwt(TENANT, "roster:write");
     let url = format!("http://{}", d.addr);
     let args: Vec<String> = [
@@ -1280,7 +1292,10 @@ async fn reconcile_dry_run_text_counts_what_is_left_out() {
         .lines()
         .find(|l| l.starts_with("connector sis"))
         .unwrap();
-    assert!(sis.contains(", 1 left out"), "{out}");
+    assert!(
+        sis.contains("0 would be sent, 1 left to changes waiting for this connector, 1 left out"),
+        "{out}"
+    );
     let files = out
         .lines()
         .find(|l| l.starts_with("connector files"))

@@ -665,13 +665,15 @@ impl StuckJob {
             "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
         );
         // A fresh store is reclassified at start-up (it holds no policy fingerprint); the
-        // sync is 409 until that job ends.
+        // sync is 409 until that job ends. It is full, so that it has something of its
+        // own to send, the course: the users wait for the connector, which sends them.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let r = loop {
             let r = d
                 .client
                 .post(format!("{}/api/v1/roster/scim:sync", d.base))
                 .bearer_auth(&token)
+                .json(&json!({"full": true}))
                 .send()
                 .await
                 .unwrap();

@@ -883,14 +883,25 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     let text = text
         .replace("pause_after_failures = 1000", "pause_after_failures = 2")
         .replace("pause_secs = 1", "pause_secs = 3600");
-    // The target goes down; the change after it pauses the connector for an hour.
-    let d = change_after_puts_fail(&target, (name, text), 503).await;
+    // ada's change is refused, so she drifted; then the target goes down, and the change
+    // after it (bob's creation, which waits for the connector) pauses it for an hour.
+    let d = change_after_puts_fail(&target, (name, text), 400).await;
+    caught_up(&d, "sis").await;
+    target.clear_faults();
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    d.create_user("bob@acme.test").await;
     crate::mirror::paused(&d, "sis").await;
 
     let admin = d.jwt(TENANT, "roster:admin");
     // A dry run says what the real run will meet.
     let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
     assert!(
         r.body["connectors"][0]["paused"]
             .as_str()
@@ -1082,4 +1093,103 @@ async fn a_reconciliation_the_target_refuses_names_the_connector() {
         error.contains("connector sis: 1 drifted objects could not be re-sent"),
         "{job}"
     );
+}
+
+/// A reconciliation while the connector is still sending a backlog leaves the objects
+/// with changes waiting for it to those changes, which send them as they stand: the
+/// job sent them too, so the target took each twice (247 of 522 in an audit).
+#[tokio::test]
+async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    // Long enough to hold the target's answers below without a retry.
+    let text = text.replace("timeout_ms = 2000", "timeout_ms = 30000");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    caught_up(&d, "sis").await;
+    // The target answers user PUTs slowly: the changes below wait for the connector.
+    target.inject(
+        or::Fault::delay(Duration::from_secs(4), 0)
+            .forever()
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    let ids = [
+        d.create_user("ada@acme.test").await,
+        d.create_user("bob@acme.test").await,
+        d.create_user("cy@acme.test").await,
+    ];
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = &r.body["connectors"][0];
+    assert_eq!(report["drifted"], 0, "{report}");
+    assert_eq!(report["pending"], 3, "{report}");
+    assert_eq!(report["checked"], 3, "{report}");
+
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    assert_eq!(job["counts"]["drift_pending"], 3, "{job}");
+    caught_up(&d, "sis").await;
+    target.clear_faults();
+    for id in &ids {
+        let path = format!("/users/{}", sourced_id(&format!("User/{id}")));
+        let puts = target
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.ends_with(&path))
+            .count();
+        assert_eq!(puts, 1, "User/{id} was sent {puts} times");
+    }
+    // Delivered, they are compared again.
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        (Some(0), Some(0)),
+        "{report}"
+    );
+
+    // A member's removal waits in the same way: the group's change deletes the
+    // enrollment, which is gone from the roster but still delivered.
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ids[0], &ids[1]]).await;
+    caught_up(&d, "sis").await;
+    target.inject(
+        or::Fault::delay(Duration::from_secs(4), 0)
+            .forever()
+            .on_path("/enrollments/"),
+    );
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(
+                json!([{"op": "remove", "path": format!("members[value eq \"{}\"]", ids[0])}]),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    // The class and the removed enrollment wait; bob's enrollment is compared.
+    assert_eq!(
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        (Some(0), Some(2)),
+        "{report}"
+    );
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    caught_up(&d, "sis").await;
+    let gone = sourced_id(&format!("Member/{gid}/{}", ids[0]));
+    let deletes = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE" && r.path.ends_with(&format!("/enrollments/{gone}")))
+        .count();
+    assert_eq!(deletes, 1, "the enrollment was deleted {deletes} times");
 }
