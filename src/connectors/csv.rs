@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::CancellationToken;
 
 use super::oneroster::{UserFields, enrollment_id};
 use super::sourced_id;
@@ -136,6 +137,8 @@ pub enum CsvError {
     Store(#[from] StoreError),
     #[error("cannot write {}: {message}", path.display())]
     Zip { path: PathBuf, message: String },
+    #[error("stopped before the files were complete; the files there are as they were")]
+    Stopped,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CsvError + 'a {
@@ -156,23 +159,39 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 ///
 /// Blocking: call it from `spawn_blocking`. Streams the store; memory does not grow with
 /// the tenant (beyond the roster renderer's cache of group and manager names).
+///
+/// `stop` cuts the write short ([`CsvError::Stopped`]): at a million users it takes
+/// seconds warm and tens of seconds cold, longer than a stop may take.
 pub fn write_snapshot(
     store: &Store,
     tenant: &str,
     settings: &CsvSettings,
+    stop: &CancellationToken,
+) -> Result<SnapshotReport, CsvError> {
+    match write_files(store, tenant, settings, stop) {
+        Err(_) if stop.is_cancelled() => Err(CsvError::Stopped),
+        written => written,
+    }
+}
+
+fn write_files(
+    store: &Store,
+    tenant: &str,
+    settings: &CsvSettings,
+    stop: &CancellationToken,
 ) -> Result<SnapshotReport, CsvError> {
     let dir = settings.dir.as_path();
     std::fs::create_dir_all(dir).map_err(io_err("create the directory", dir))?;
     remove_stale_staged(dir, &[&settings.file_name, BUNDLE_FILE, ROLES_SPOOL]);
     let seq = store.last_seq(tenant)?;
 
-    let roster = Staged::create(dir, &settings.file_name)?;
+    let roster = Staged::create(dir, &settings.file_name, stop)?;
     let users = write_roster(store, tenant, &roster)?;
     roster.sync()?;
     let mut staged = vec![roster];
     let mut unmappable = 0;
     if let Some(or) = &settings.oneroster {
-        let bundle = Staged::create(dir, BUNDLE_FILE)?;
+        let bundle = Staged::create(dir, BUNDLE_FILE, stop)?;
         unmappable = write_bundle(store, tenant, or, &bundle)?;
         bundle.sync()?;
         staged.push(bundle);
@@ -217,6 +236,34 @@ struct Staged {
     target: PathBuf,
     file: File,
     armed: bool,
+    stop: CancellationToken,
+}
+
+/// A staged file's writes, refused once a stop comes.
+struct Guarded<'a> {
+    file: &'a File,
+    stop: &'a CancellationToken,
+}
+
+impl Write for Guarded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stop.is_cancelled() {
+            // Not `Interrupted`, which `write_all` would retry.
+            return Err(std::io::Error::other("stopped"));
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+// The zip writer seeks back to fill in each entry's sizes.
+impl std::io::Seek for Guarded<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
+    }
 }
 
 /// Tells apart temporary files of one process (two connectors may share a directory).
@@ -273,7 +320,7 @@ fn remove_stale_staged(dir: &Path, names: &[&str]) {
 }
 
 impl Staged {
-    fn create(dir: &Path, name: &str) -> Result<Staged, CsvError> {
+    fn create(dir: &Path, name: &str, stop: &CancellationToken) -> Result<Staged, CsvError> {
         let n = STAGED.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(
             ".{name}.tmp-{}.{}-{n}",
@@ -291,6 +338,14 @@ impl Staged {
             tmp,
             file,
             armed: true,
+            stop: stop.clone(),
+        })
+    }
+
+    fn writer(&self) -> BufWriter<Guarded<'_>> {
+        BufWriter::new(Guarded {
+            file: &self.file,
+            stop: &self.stop,
         })
     }
 
@@ -347,7 +402,7 @@ impl<W: Write> Write for Tap<W> {
 /// The roster CSV, rendered by the Roster API export's own code.
 fn write_roster(store: &Store, tenant: &str, staged: &Staged) -> Result<u64, CsvError> {
     let mut out = Tap {
-        inner: BufWriter::new(&staged.file),
+        inner: staged.writer(),
         error: None,
     };
     let users = crate::api::write_roster_csv(store, tenant, &mut out).map_err(|e| {
@@ -484,7 +539,7 @@ const ENROLLMENTS: [&str; 10] = [
     "endDate",
 ];
 
-type ZipOut<'a> = zip::ZipWriter<BufWriter<&'a File>>;
+type ZipOut<'a> = zip::ZipWriter<BufWriter<Guarded<'a>>>;
 
 /// The same CSV dialect as the roster CSV: RFC 4180 quoting, CRLF line ends.
 fn csv_writer<W: Write>(out: W) -> ::csv::Writer<W> {
@@ -646,7 +701,7 @@ fn write_bundle(
     let org = or.org_sourced_id.as_str();
     let course = or.course_sourced_id.as_str();
     let mut b = Bundle {
-        zip: zip::ZipWriter::new(BufWriter::new(&staged.file)),
+        zip: zip::ZipWriter::new(staged.writer()),
         path: &staged.target,
         options: zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
@@ -678,9 +733,10 @@ fn write_bundle(
     let spool = Staged::create(
         staged.target.parent().unwrap_or(Path::new(".")),
         ROLES_SPOOL,
+        &staged.stop,
     )?;
     let mut roles = Rows {
-        w: csv_writer(BufWriter::new(&spool.file)),
+        w: csv_writer(spool.writer()),
         path: &spool.tmp,
         entry: String::new(),
     };
@@ -1005,10 +1061,12 @@ mod tests {
         let mut s = settings(&dir);
         s.oneroster = None;
         let (store, s2) = (fx.store.clone(), s.clone());
-        let report = tokio::task::spawn_blocking(move || write_snapshot(&store, T, &s2))
-            .await
-            .unwrap()
-            .unwrap();
+        let report = tokio::task::spawn_blocking(move || {
+            write_snapshot(&store, T, &s2, &CancellationToken::new())
+        })
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(report.users, 3);
         assert_eq!(report.files, vec![dir.join("roster.csv")]);
         assert!(report.consistent);
@@ -1083,7 +1141,13 @@ mod tests {
         for name in left.iter().chain(&kept) {
             std::fs::write(out.path().join(name), "partial").unwrap();
         }
-        write_snapshot(&fx.store, T, &settings(out.path())).unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &settings(out.path()),
+            &CancellationToken::new(),
+        )
+        .unwrap();
         let mut after = listing(out.path());
         after.sort();
         let mut want: Vec<String> = kept.to_vec();
@@ -1096,7 +1160,13 @@ mod tests {
     async fn the_oneroster_bundle_has_every_file_and_row() {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
-        let report = write_snapshot(&fx.store, T, &settings(out.path())).unwrap();
+        let report = write_snapshot(
+            &fx.store,
+            T,
+            &settings(out.path()),
+            &CancellationToken::new(),
+        )
+        .unwrap();
         assert_eq!(
             report.files,
             vec![out.path().join("roster.csv"), out.path().join(BUNDLE_FILE)]
@@ -1250,13 +1320,39 @@ mod tests {
         );
     }
 
+    /// A stop cuts a write short: at a million users it outlasts the stop's time.
+    #[tokio::test]
+    async fn a_stopped_write_leaves_the_files_as_they_were() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        let before: Vec<(String, Vec<u8>)> = listing(out.path())
+            .into_iter()
+            .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
+            .collect();
+        fx.store
+            .delete(T, ResourceKind::User, &fx.cy, None)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let err = write_snapshot(&fx.store, T, &s, &stop).unwrap_err();
+        assert!(matches!(err, CsvError::Stopped), "{err}");
+        let after: Vec<(String, Vec<u8>)> = listing(out.path())
+            .into_iter()
+            .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
+            .collect();
+        assert_eq!(before, after, "files changed, or a temporary file was left");
+    }
+
     #[tokio::test]
     async fn a_second_snapshot_replaces_the_first_atomically() {
         use std::os::unix::fs::MetadataExt;
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s).unwrap();
+        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
         let path = out.path().join("roster.csv");
         let before = std::fs::read(&path).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
@@ -1278,7 +1374,7 @@ mod tests {
             .delete(T, ResourceKind::User, &fx.cy, None)
             .await
             .unwrap();
-        let report = write_snapshot(&fx.store, T, &s).unwrap();
+        let report = write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
         assert_eq!(report.users, 3);
 
         let after = std::fs::read(&path).unwrap();
@@ -1314,13 +1410,13 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s).unwrap();
+        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
         let roster_before = std::fs::read(out.path().join("roster.csv")).unwrap();
         // The bundle's target cannot be replaced: a non-empty directory stands there.
         std::fs::remove_file(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::create_dir(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::write(out.path().join(BUNDLE_FILE).join("x"), "x").unwrap();
-        let err = write_snapshot(&fx.store, T, &s).unwrap_err();
+        let err = write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap_err();
         assert!(
             matches!(&err, CsvError::Io { path, .. } if path.ends_with(BUNDLE_FILE)),
             "{err}"
@@ -1335,7 +1431,13 @@ mod tests {
 
         // A directory that cannot be created is named in the error.
         let file = out.path().join("roster.csv");
-        let err = write_snapshot(&fx.store, T, &settings(&file.join("sub"))).unwrap_err();
+        let err = write_snapshot(
+            &fx.store,
+            T,
+            &settings(&file.join("sub")),
+            &CancellationToken::new(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("roster.csv/sub"), "{err}");
     }
 

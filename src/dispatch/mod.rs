@@ -1627,11 +1627,21 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         if ctx.config.dry_run {
             tracing::info!(dir = %settings.dir.display(), "Dry run: would write the CSV files.");
         } else {
-            let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
+            let (store, t, s, stop) = (
+                ctx.store.clone(),
+                tenant.clone(),
+                settings.clone(),
+                ctx.cancel.clone(),
+            );
             let written = tokio::task::spawn_blocking(move || {
-                crate::connectors::csv::write_snapshot(&store, &t, &s)
+                crate::connectors::csv::write_snapshot(&store, &t, &s, &stop)
             })
             .await;
+            if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {
+                // No failure: the cursor stays, so the next start writes them.
+                tracing::info!("CSV write cut short by the stop; the files stand as they were.");
+                return Ok(());
+            }
             let written = written
                 .map_err(|e| StoreError::from_join(e).to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));

@@ -382,10 +382,14 @@ impl Dispatcher {
                         report.drifted = 1;
                         report.note = Some("would rewrite the CSV files".into());
                     } else {
-                        let (store, t, s) =
-                            (self.store.clone(), tenant.to_owned(), settings.clone());
+                        let (store, t, s, stop) = (
+                            self.store.clone(),
+                            tenant.to_owned(),
+                            settings.clone(),
+                            ctx.cancel.clone(),
+                        );
                         let r = tokio::task::spawn_blocking(move || {
-                            crate::connectors::csv::write_snapshot(&store, &t, &s)
+                            crate::connectors::csv::write_snapshot(&store, &t, &s, &stop)
                         })
                         .await;
                         let r = r.map_err(StoreError::from_join)?;
