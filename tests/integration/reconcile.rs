@@ -257,6 +257,44 @@ fn read_back_gets(target: &OneRosterServer) -> Vec<String> {
         .collect()
 }
 
+/// A user changed at the target whose change in rosterd still waits for the connector
+/// is left to that change, as the comparison with what was delivered leaves it.
+#[tokio::test]
+async fn a_read_back_leaves_a_user_with_a_waiting_change_to_the_mirror() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.body["connectors"][0]["found_at_target"], 1, "{}", r.body);
+    // The target now fails, so ada's new title waits for the connector.
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    let ada = d
+        .get("/Users?filter=userName%20eq%20%22ada%40acme.test%22")
+        .await
+        .body["Resources"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (
+            report["drifted"].as_u64(),
+            report["found_at_target"].as_u64(),
+            report["pending"].as_u64()
+        ),
+        (Some(0), Some(0), Some(1)),
+        "{report}"
+    );
+}
+
 #[tokio::test]
 async fn read_back_takes_the_total_from_x_total_count() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
