@@ -22,7 +22,7 @@ use crate::connectors::oneroster::{
     user_delete, user_key,
 };
 use crate::scim::ResourceKind;
-use crate::store::{ChangeOp, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Why every object drifts in a full reconciliation.
 const FULL: &str = "sent again in full";
@@ -123,13 +123,18 @@ struct Pending {
     /// `User/…`, `Group/…` and `Member/…/…` keys.
     objects: HashSet<u64>,
     /// Users (by id) whose waiting change puts or deletes their enrollment in every group
-    /// they are in (any change to a user that is not its deletion).
+    /// they are in: a deactivation or reactivation where deactivating deletes.
     enrollments_of: HashSet<u64>,
 }
 
 impl Pending {
     /// What the changes the connector `owner` has yet to acknowledge will send.
-    fn read(store: &Store, tenant: &str, owner: &str) -> Result<Pending, StoreError> {
+    fn read(
+        store: &Store,
+        tenant: &str,
+        owner: &str,
+        s: &OneRosterSettings,
+    ) -> Result<Pending, StoreError> {
         let acked: HashSet<u64> = store.acked_above(tenant, owner)?.into_iter().collect();
         let mut pending = Pending::default();
         let mut since = store.cursor(tenant, owner)?;
@@ -141,7 +146,7 @@ impl Pending {
                 match e.resource_type.as_str() {
                     "User" => {
                         pending.objects.insert(fingerprint(&user_key(&e.id)));
-                        if e.op != ChangeOp::Deleted {
+                        if s.deactivate == Deactivate::Delete && (e.deactivated || e.reactivated) {
                             pending.enrollments_of.insert(fingerprint(&e.id));
                         }
                     }
@@ -458,7 +463,7 @@ pub(super) async fn reconcile_oneroster(
         );
         let mut r = DriftReport::default();
         let found = tokio::task::spawn_blocking(move || {
-            let pending = Pending::read(&store, &t, &o)?;
+            let pending = Pending::read(&store, &t, &o, &s)?;
             diff(&store, &t, &o, &s, full, &pending, &mut r).map(|i| (i, r, pending))
         })
         .await

@@ -257,6 +257,96 @@ fn read_back_gets(target: &OneRosterServer) -> Vec<String> {
         .collect()
 }
 
+/// A user's ordinary change sends the user, not their enrollments: an enrollment that
+/// drifted is still compared, and repaired, while the user's change waits.
+#[tokio::test]
+async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    caught_up(&d, "sis").await;
+    // The target refuses ada's enrollment; its dead letter is discarded.
+    target.inject(or::Fault::status(400, 1).on_path("/enrollments/"));
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let letters = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
+    let r = d
+        .roster(
+            Method::DELETE,
+            &format!("/connectors/sis/dead-letters/{id}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    // Then the target fails, and ada's new title waits for the connector.
+    target.inject(
+        or::Fault::status(503, 0)
+            .forever()
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        (Some(1), Some(1)),
+        "{report}"
+    );
+    assert_eq!(
+        report["items"][0]["object"],
+        format!("Member/{gid}/{ada}"),
+        "{report}"
+    );
+}
+
+/// A deactivation that deletes takes the user's enrollments with it: while it waits,
+/// they are left to it too.
+#[tokio::test]
+async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirror() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
+    let r = d
+        .patch(
+            &format!("/Users/{ada}"),
+            patch_op(json!([{"op": "replace", "path": "active", "value": false}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    // ada and her enrollment wait; the class is compared.
+    assert_eq!(
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        (Some(0), Some(2)),
+        "{report}"
+    );
+}
+
 /// A user changed at the target whose change in rosterd still waits for the connector
 /// is left to that change, as the comparison with what was delivered leaves it.
 #[tokio::test]
