@@ -70,7 +70,7 @@ pub struct DriftReport {
     pub checked: u64,
     pub drifted: u64,
     /// Of `checked`, those left to the change feed: a change to them waits in the log
-    /// for this connector and sends them as they stand, so sending them here too would
+    /// for this connector and sends them as they now stand, so sending them here too would
     /// make the target take them twice.
     pub pending: u64,
     /// Of `drifted`, those the read-back found changed or soft-deleted at the target.
@@ -112,13 +112,13 @@ impl DriftReport {
     }
 }
 
-/// The objects that changes in the log above a connector's cursor will send, as they
-/// stand when sent (the mirror maps a change from the current state, not the logged
-/// snapshot).
-#[derive(Debug, Default)]
+/// The objects that changes in the log above a connector's cursor will send. The last
+/// of those changes for an object logged it as it stands (or its deletion), so the
+/// mirror brings the target to where a reconciliation would.
 ///
 /// Held as fingerprints of the keys, 8 bytes an object: a connector catching up on a
 /// million changes would otherwise hold some 150 MB of key strings.
+#[derive(Debug, Default)]
 struct Pending {
     /// `User/…`, `Group/…` and `Member/…/…` keys.
     objects: HashSet<u64>,
@@ -627,7 +627,7 @@ async fn read_back(
             let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
                 continue;
             };
-            // A change waiting for the connector sends it as it stands.
+            // A change waiting for the connector sends it as it now stands.
             if seen.contains(&user_key(scim_id)) || pending.user(scim_id) {
                 continue;
             }
