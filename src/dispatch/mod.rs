@@ -1594,8 +1594,9 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let mut backoff = ctx.backoff();
     let mut streak = Streak::default();
     // A failed write is tried again after its backoff, not at the next scheduled time:
-    // a nightly file would otherwise miss its night.
-    let mut retrying = false;
+    // a nightly file would otherwise miss its night. The store keeps a scheduled write
+    // owed across a restart or a reload, whose stop cuts a write short.
+    let mut retrying = schedule.is_some() && ctx.store.write_due(&tenant, &cursor_name)?;
     loop {
         match &schedule {
             Some(_) if retrying => {}
@@ -1638,8 +1639,14 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             })
             .await;
             if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {
-                // No failure: the cursor stays, so the next start writes them.
-                tracing::info!("CSV write cut short by the stop; the files stand as they were.");
+                // No failure. The cursor stays, so the next start writes them; a
+                // scheduled connector would wait for its next scheduled time instead.
+                if schedule.is_some() {
+                    ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
+                }
+                tracing::info!(
+                    "CSV write cut short by the stop; the files stand as they were, and the next start writes them."
+                );
                 return Ok(());
             }
             let written = written
@@ -1648,6 +1655,11 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             match written {
                 Ok(report) => {
                     let report: crate::connectors::csv::SnapshotReport = report;
+                    if retrying && schedule.is_some() {
+                        ctx.store
+                            .set_write_due(&tenant, &cursor_name, false)
+                            .await?;
+                    }
                     retrying = false;
                     ctx.live.success();
                     // `rosterd status` counts a write as delivered; so does the metric.
@@ -1665,6 +1677,9 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     );
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
                     tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
+                    if !retrying && schedule.is_some() {
+                        ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
+                    }
                     retrying = true;
                     ctx.live.health().next_retry_at =
                         Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());

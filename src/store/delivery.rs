@@ -38,6 +38,13 @@ fn retired_key(connector: &str) -> Vec<u8> {
     tagged(b'R', connector)
 }
 
+/// `w conn` → 1: a scheduled write of the connector's files failed or was cut short by a
+/// stop, so its next start writes them at once rather than at its next scheduled time
+/// (a nightly file would miss its night).
+fn write_due_key(connector: &str) -> Vec<u8> {
+    tagged(b'w', connector)
+}
+
 /// `d conn SEP id` → dead letter.
 fn dead_prefix(connector: &str) -> Vec<u8> {
     let mut k = tagged(b'd', connector);
@@ -167,9 +174,26 @@ impl Store {
         connector: &str,
         retired: bool,
     ) -> StoreResult<()> {
-        let key = retired_key(connector);
+        self.set_flag(tenant, retired_key(connector), retired).await
+    }
+
+    /// Whether the connector's scheduled write is owed (see [`Store::set_write_due`]).
+    pub fn write_due(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
+        Ok(self
+            .tenant(tenant)?
+            .tree
+            .contains_key(write_due_key(connector))?)
+    }
+
+    /// Record that a scheduled write of the connector's files did not happen (it failed,
+    /// or a stop cut it short), or that it since did.
+    pub async fn set_write_due(&self, tenant: &str, connector: &str, due: bool) -> StoreResult<()> {
+        self.set_flag(tenant, write_due_key(connector), due).await
+    }
+
+    async fn set_flag(&self, tenant: &str, key: Vec<u8>, on: bool) -> StoreResult<()> {
         self.write(tenant, move |txn| {
-            if retired {
+            if on {
                 txn.put(key, 1u64.to_be_bytes().to_vec());
             } else {
                 txn.del(key);

@@ -952,6 +952,62 @@ async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
     }
 }
 
+/// A scheduled CSV write still owed at a stop (it failed, or the stop cut it short) is
+/// written at the next start, not at the connector's next scheduled time.
+#[tokio::test]
+async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
+    let file = |schedule: &str| {
+        (
+            "nightly.toml".to_owned(),
+            format!(
+                "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{schedule}\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
+            ),
+        )
+    };
+    let mut d = TestDaemon::start().await;
+    d.create_user("ada@acme.test").await;
+    let dir = d.root.join("connectors");
+    // A file where the directory should be: the scheduled write fails.
+    let out = dir.join("nightly-out");
+    std::fs::write(&out, "in the way").unwrap();
+    let (name, text) = file("* * * * * *");
+    std::fs::write(dir.join(name), text).unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !connector(&d, "nightly").await["last_error"].is_string() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    d.stop().await;
+    std::fs::remove_file(&out).unwrap();
+    // Its next scheduled time is New Year's midnight now.
+    let d = d
+        .restart_with(|o| o.connectors = vec![file("0 0 0 1 1 *")])
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !out.join("roster.csv").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the owed write waited for the next scheduled time: {}",
+            connector(&d, "nightly").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Written, it is owed no more: another start waits for the schedule.
+    std::fs::remove_file(out.join("roster.csv")).unwrap();
+    let d = d.restart().await;
+    d.create_user("bob@acme.test").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !out.join("roster.csv").exists(),
+        "a start wrote the scheduled files again: {}",
+        connector(&d, "nightly").await
+    );
+}
+
 /// A 200 that is no users page (a proxy's login page, another shape of JSON) is not the
 /// end of the list: taken as one, the repair would be off without a word.
 #[tokio::test]
