@@ -418,7 +418,7 @@ pub fn openapi_document() -> Value {
                 "DriftReport": {"type": "object", "properties": {
                     "connector": {"type": "string"}, "kind": {"type": "string"},
                     "checked": {"type": "integer"}, "drifted": {"type": "integer"},
-                    "pending": {"type": "integer", "description": "Of the checked, those left to the change feed: a change to them waits for this connector and sends them as they stand, so they are neither compared nor sent here"},
+                    "pending": {"type": "integer", "description": "Of the checked, those left to the change feed: a change to them waits for this connector (or was logged while the reconciliation ran) and sends them as they stand; none in a full run, so they are neither compared nor sent here"},
                     "found_at_target": {"type": "integer", "description": "Of the drifted, those the read-back found changed or soft-deleted at the target; each is sent again or counted in failed"}, "sent": {"type": "integer"},
                     "failed": {"type": "integer"}, "unmappable": {"type": "integer"},
                     "note": {"type": ["string", "null"]},

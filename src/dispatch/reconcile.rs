@@ -22,7 +22,7 @@ use crate::connectors::oneroster::{
     user_delete, user_key,
 };
 use crate::scim::ResourceKind;
-use crate::store::{Store, StoreError};
+use crate::store::{ChangeEvent, ChangeOp, IndexQuery, Store, StoreError};
 
 /// Why every object drifts in a full reconciliation.
 const FULL: &str = "sent again in full";
@@ -43,7 +43,8 @@ pub struct ReconcileMode {
     /// Send every object again, whatever was delivered before, the course included: for a
     /// target that lost data (rebuilt empty, restored from an old backup). Comparing with
     /// what was delivered finds nothing missing there, and a read-back reads only the
-    /// records that are left.
+    /// records that are left. Objects with changes waiting for the connector are sent
+    /// too: the target may no longer hold what those changes' requests refer to.
     pub full: bool,
 }
 
@@ -60,6 +61,9 @@ pub struct DriftItem {
     /// Recorded as delivered once sent; `None` removes the record (a delete, the course).
     #[serde(skip)]
     hash: Option<u64>,
+    /// Found by the read-back.
+    #[serde(skip)]
+    at_target: bool,
 }
 
 /// What reconciliation found (and, unless a dry run, did) for one connector.
@@ -70,8 +74,8 @@ pub struct DriftReport {
     pub checked: u64,
     pub drifted: u64,
     /// Of `checked`, those left to the change feed: a change to them waits in the log
-    /// for this connector and sends them as they now stand, so sending them here too would
-    /// make the target take them twice.
+    /// for this connector (or was logged while the reconciliation ran) and sends them as
+    /// they now stand, so sending them here too would make the target take them twice.
     pub pending: u64,
     /// Of `drifted`, those the read-back found changed or soft-deleted at the target.
     pub found_at_target: u64,
@@ -98,6 +102,7 @@ impl DriftItem {
             reason,
             request: Some(w.request),
             hash: w.hash,
+            at_target: false,
         }
     }
 }
@@ -125,42 +130,91 @@ struct Pending {
     /// Users (by id) whose waiting change puts or deletes their enrollment in every group
     /// they are in: a deactivation or reactivation where deactivating deletes.
     enrollments_of: HashSet<u64>,
+    /// The last change read.
+    seen: u64,
+    /// A change could not be read: those after it are not known (and not read again).
+    unreadable: bool,
 }
 
 impl Pending {
     /// What the changes the connector `owner` has yet to acknowledge will send.
-    fn read(
+    ///
+    /// A change that cannot be read leaves what was read so far: its objects are then
+    /// compared and sent as before this set existed (perhaps twice), rather than one
+    /// undecodable change failing every reconciliation, the resync at a connector's
+    /// start included.
+    fn read(store: &Store, tenant: &str, owner: &str, s: &OneRosterSettings) -> Pending {
+        let mut pending = Pending::default();
+        let read = (|| {
+            let acked: HashSet<u64> = store.acked_above(tenant, owner)?.into_iter().collect();
+            pending.seen = store.cursor(tenant, owner)?;
+            pending.read_on(store, tenant, s, &acked)
+        })();
+        if let Err(e) = read {
+            pending.unreadable = true;
+            tracing::warn!(error = %e, after_seq = pending.seen, "Cannot read the changes waiting for this connector; the objects of those not read are compared and may be sent twice.");
+        }
+        pending
+    }
+
+    /// Add the changes logged since the last one read, skipping `acked`.
+    fn read_on(
+        &mut self,
         store: &Store,
         tenant: &str,
-        owner: &str,
         s: &OneRosterSettings,
-    ) -> Result<Pending, StoreError> {
-        let acked: HashSet<u64> = store.acked_above(tenant, owner)?.into_iter().collect();
-        let mut pending = Pending::default();
-        let mut since = store.cursor(tenant, owner)?;
+        acked: &HashSet<u64>,
+    ) -> Result<(), StoreError> {
         loop {
-            let page = store.changes(tenant, since, 1000)?;
-            let Some(last) = page.last() else { break };
-            since = last.seq;
+            let page = store.changes(tenant, self.seen, 1000)?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            let last = last.seq;
             for e in page.iter().filter(|e| !acked.contains(&e.seq)) {
-                match e.resource_type.as_str() {
-                    "User" => {
-                        pending.objects.insert(fingerprint(&user_key(&e.id)));
-                        if s.deactivate == Deactivate::Delete && (e.deactivated || e.reactivated) {
-                            pending.enrollments_of.insert(fingerprint(&e.id));
+                self.add(store, tenant, s, e)?;
+            }
+            self.seen = last;
+        }
+    }
+
+    /// The objects the mirror's plan for `e` sends (`oneroster::plan`).
+    fn add(
+        &mut self,
+        store: &Store,
+        tenant: &str,
+        s: &OneRosterSettings,
+        e: &ChangeEvent,
+    ) -> Result<(), StoreError> {
+        let mut put = |key: String| self.objects.insert(fingerprint(&key));
+        match e.resource_type.as_str() {
+            "User" => {
+                put(user_key(&e.id));
+                if e.op == ChangeOp::Deleted {
+                    // The reports lose their manager with it.
+                    for r in store.lookup(tenant, &IndexQuery::Manager(e.id.clone()))? {
+                        put(user_key(&r));
+                    }
+                }
+                if s.deactivate == Deactivate::Delete && (e.deactivated || e.reactivated) {
+                    if e.reactivated {
+                        // Back, the user's classes are put again as they stand.
+                        for g in store.groups_of(tenant, &e.id)? {
+                            put(group_key(&g));
                         }
                     }
-                    "Group" => {
-                        pending.objects.insert(fingerprint(&group_key(&e.id)));
-                        for u in e.members_added.iter().chain(&e.members_removed) {
-                            pending.objects.insert(fingerprint(&member_key(&e.id, u)));
-                        }
-                    }
-                    _ => {}
+                    self.enrollments_of.insert(fingerprint(&e.id));
                 }
             }
+            "Group" => {
+                put(group_key(&e.id));
+                for u in e.members_added.iter().chain(&e.members_removed) {
+                    put(member_key(&e.id, u));
+                }
+            }
+            _ => {}
         }
-        Ok(pending)
+        Ok(())
     }
 
     fn user(&self, id: &str) -> bool {
@@ -171,11 +225,47 @@ impl Pending {
         self.objects.contains(&fingerprint(&group_key(id)))
     }
 
+    /// An enrollment, as the user's group is now: a waiting deactivation or reactivation
+    /// of the user puts or deletes it too.
     fn member(&self, group: &str, user: &str) -> bool {
-        self.enrollments_of.contains(&fingerprint(user))
-            || self
-                .objects
-                .contains(&fingerprint(&member_key(group, user)))
+        self.enrollments_of.contains(&fingerprint(user)) || self.enrollment_changed(group, user)
+    }
+
+    /// An enrollment a change of its group adds or removes. One that is no longer in the
+    /// group is not among the enrollments a user's deactivation takes along.
+    fn enrollment_changed(&self, group: &str, user: &str) -> bool {
+        self.objects
+            .contains(&fingerprint(&member_key(group, user)))
+    }
+
+    /// Whether a waiting change sends `object` (`User/…`, `Group/…`, `Member/…/…`),
+    /// reading the changes logged since the last read first: one logged while the
+    /// reconciliation ran sends the object as it stands, and a repair built earlier could
+    /// land after it and put the target back.
+    fn sends(
+        &mut self,
+        store: &Store,
+        tenant: &str,
+        s: &OneRosterSettings,
+        object: &str,
+    ) -> Result<bool, StoreError> {
+        // Acknowledged or not: the repair was built before it.
+        if !self.unreadable
+            && let Err(e) = self.read_on(store, tenant, s, &HashSet::new())
+        {
+            self.unreadable = true;
+            return Err(e);
+        }
+        Ok(match object.split('/').collect::<Vec<_>>().as_slice() {
+            ["User", id] => self.user(id),
+            ["Group", id] => self.group(id),
+            ["Member", g, u] => {
+                self.enrollment_changed(g, u)
+                    || (self.enrollments_of.contains(&fingerprint(u))
+                        && store.is_member(tenant, g, u)?)
+            }
+            _ => false,
+        })
     }
 }
 
@@ -210,6 +300,7 @@ fn diff(
                 reason: FULL.into(),
                 request: Some(course_put(s, now)),
                 hash: None,
+                at_target: false,
             },
             &mut all,
         );
@@ -308,7 +399,7 @@ fn diff(
             ),
             ["Member", g, u] => (
                 store.is_member(tenant, g, u)?,
-                pending.member(g, u),
+                pending.enrollment_changed(g, u),
                 enrollment_delete(s, tenant, g, u),
             ),
             _ => continue,
@@ -463,7 +554,13 @@ pub(super) async fn reconcile_oneroster(
         );
         let mut r = DriftReport::default();
         let found = tokio::task::spawn_blocking(move || {
-            let pending = Pending::read(&store, &t, &o, &s)?;
+            // A full run is for a target that lost data: it sends every object, as the
+            // target may no longer hold what an object's enrollments refer to.
+            let pending = if full {
+                Pending::default()
+            } else {
+                Pending::read(&store, &t, &o, &s)
+            };
             diff(&store, &t, &o, &s, full, &pending, &mut r).map(|i| (i, r, pending))
         })
         .await
@@ -476,7 +573,7 @@ pub(super) async fn reconcile_oneroster(
         report.items = r.items;
         (items, pending)
     };
-    let (mut items, pending) = items;
+    let (mut items, mut pending) = items;
     // In full, every user is sent anyway: nothing a read-back finds would add to it.
     if settings.read_back && !full {
         let (repaired, stopped) = read_back(ctx, settings, &tenant, &items, &pending).await?;
@@ -485,6 +582,16 @@ pub(super) async fn reconcile_oneroster(
         for item in repaired {
             report.push(item, &mut items);
         }
+    }
+    // What changed while the tenant was compared, or the target read back.
+    if !full {
+        let mut kept = Vec::with_capacity(items.len());
+        for item in items {
+            if !leave_to_mirror(ctx, settings, &mut pending, &item, report).await? {
+                kept.push(item);
+            }
+        }
+        items = kept;
     }
     if dry_run {
         // What the real run would meet: it re-sends nothing to a paused connector.
@@ -508,8 +615,14 @@ pub(super) async fn reconcile_oneroster(
     let mut hashes = Vec::new();
     let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
     let mut sent = vec![false; items.len()];
+    let mut left = 0;
     for (n, item) in items.iter().enumerate() {
         let Some(req) = &item.request else { continue };
+        // And while it sends.
+        if !full && leave_to_mirror(ctx, settings, &mut pending, item, report).await? {
+            left += 1;
+            continue;
+        }
         match ctx.send_repair(req, 5).await {
             Sent::Ok => {
                 report.sent += 1;
@@ -520,7 +633,7 @@ pub(super) async fn reconcile_oneroster(
                 if let Some(paused) = ctx.live.pause_reason() {
                     // Every later object would meet the same pause: count them all and
                     // end the job's work here rather than log each.
-                    report.failed = sendable - report.sent;
+                    report.failed = sendable - report.sent - left;
                     tracing::warn!(not_sent = report.failed, %paused, "Reconciliation stopped re-sending: the connector is paused.");
                     report.paused = Some(paused);
                     break;
@@ -545,6 +658,46 @@ pub(super) async fn reconcile_oneroster(
     }
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;
     Ok(())
+}
+
+/// Whether a change logged since `pending` was read sends `item`'s object; if so, the
+/// report counts the item as pending rather than drifted. A change that cannot be read
+/// leaves the item to be sent.
+async fn leave_to_mirror(
+    ctx: &Ctx,
+    settings: &OneRosterSettings,
+    pending: &mut Pending,
+    item: &DriftItem,
+    report: &mut DriftReport,
+) -> Result<bool, DispatchError> {
+    let (store, t, s, object) = (
+        ctx.store.clone(),
+        ctx.tenant().to_owned(),
+        settings.clone(),
+        item.object.clone(),
+    );
+    let mut p = std::mem::take(pending);
+    let (p, sends) = tokio::task::spawn_blocking(move || {
+        let sends = p.sends(&store, &t, &s, &object);
+        (p, sends)
+    })
+    .await
+    .map_err(StoreError::from_join)?;
+    *pending = p;
+    let sends = sends.unwrap_or_else(|e| {
+        tracing::warn!(object = %item.object, error = %e, "Cannot read the changes logged since the reconciliation began; the object is sent.");
+        false
+    });
+    if sends {
+        report.drifted -= 1;
+        report.pending += 1;
+        if item.at_target {
+            report.found_at_target -= 1;
+        }
+        report.items.retain(|i| i.object != item.object);
+        tracing::debug!(object = %item.object, "Left to a change logged while reconciling.");
+    }
+    Ok(sends)
 }
 
 /// Users changed at the target over the read-back window whose state there is not what
@@ -657,7 +810,10 @@ async fn read_back(
                     target.get("status").and_then(Value::as_str).unwrap_or("?")
                 );
                 seen.insert(w.key.clone());
-                out.push(DriftItem::from_write(w, reason));
+                out.push(DriftItem {
+                    at_target: true,
+                    ..DriftItem::from_write(w, reason)
+                });
             }
         }
         if total.is_some_and(|t| offset as u64 >= t) {
@@ -681,4 +837,58 @@ fn urlencode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(deactivate: &str) -> OneRosterSettings {
+        toml::from_str(&format!(
+            "base_url = \"http://t/or/\"\norg_sourced_id = \"org\"\ncourse_sourced_id = \"c\"\ndeactivate = \"{deactivate}\"\n[auth]\ntoken_env = \"T\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn user(name: &str) -> Value {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name, "active": true})
+    }
+
+    /// A change logged after the waiting changes were read (while the tenant was
+    /// compared, or the repairs sent) is found before a repair of its object goes out.
+    #[tokio::test]
+    async fn a_change_logged_while_reconciling_leaves_its_object_to_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let s = settings("disable");
+        let ada = store
+            .create("t", ResourceKind::User, user("ada"), vec![])
+            .await
+            .unwrap()
+            .id;
+        let bob = store
+            .create("t", ResourceKind::User, user("bob"), vec![])
+            .await
+            .unwrap()
+            .id;
+        let head = store.changes("t", 0, 10).unwrap().last().unwrap().seq;
+        // The connector delivered both.
+        store.advance_cursor("t", "or", head, vec![]).await.unwrap();
+        let mut pending = Pending::read(&store, "t", "or", &s);
+        assert!(!pending.user(&ada) && !pending.user(&bob));
+        store
+            .update("t", ResourceKind::User, &ada, None, |doc| {
+                let mut doc = doc.clone();
+                doc["title"] = json!("Engineer");
+                Ok(crate::store::Update {
+                    doc,
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap();
+        assert!(pending.sends(&store, "t", &s, &user_key(&ada)).unwrap());
+        assert!(!pending.sends(&store, "t", &s, &user_key(&bob)).unwrap());
+    }
 }

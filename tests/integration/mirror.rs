@@ -1260,6 +1260,22 @@ async fn a_secret_rotation_signs_with_both_secrets() {
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
 }
 
+/// Discard every dead letter of connector `name`, as an operator who gave up on them.
+pub async fn discard_dead_letters(d: &TestDaemon, name: &str) {
+    let admin = d.jwt(TENANT, "roster:admin");
+    for id in dead_letter_ids(d, name).await {
+        let r = d
+            .roster(
+                Method::DELETE,
+                &format!("/connectors/{name}/dead-letters/{id}"),
+                &admin,
+                None,
+            )
+            .await;
+        assert!(r.status.is_success(), "{}", r.body);
+    }
+}
+
 async fn dead_letter_ids(d: &TestDaemon, name: &str) -> Vec<u64> {
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d

@@ -4,7 +4,8 @@
 
 use crate::harness::{Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
-    caught_up, connector, oneroster_file, sourced_id, start_with_oneroster, with_user_created_hook,
+    caught_up, connector, discard_dead_letters, oneroster_file, sourced_id, start_with_oneroster,
+    with_user_created_hook,
 };
 use crate::oneroster::{self as or, Fault, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
@@ -268,21 +269,9 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
     // The target refuses ada's enrollment; its dead letter is discarded.
     target.inject(or::Fault::status(400, 1).on_path("/enrollments/"));
     d.add_members(&gid, &[&ada]).await;
-    caught_up(&d, "sis").await;
+    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
+    discard_dead_letters(&d, "sis").await;
     let admin = d.jwt(TENANT, "roster:admin");
-    let letters = d
-        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
-        .await;
-    let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
-    let r = d
-        .roster(
-            Method::DELETE,
-            &format!("/connectors/sis/dead-letters/{id}"),
-            &admin,
-            None,
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.body);
     // Then the target fails, and ada's new title waits for the connector.
     target.inject(
         or::Fault::status(503, 0)
@@ -311,19 +300,49 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
     );
 }
 
+/// A daemon whose OneRoster connector `sis` deletes a deactivated user downstream.
+async fn deleting_on_deactivation(target: &OneRosterServer) -> TestDaemon {
+    let (name, text) = oneroster_file("sis", target, "");
+    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await
+}
+
+/// `active` of user `id` set to `active`.
+async fn set_active(d: &TestDaemon, id: &str, active: bool) {
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "path": "active", "value": active}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// The dry run's (drifted, pending) for the one connector, and its report.
+async fn drifted_and_pending(d: &TestDaemon, body: Value) -> ((Option<u64>, Option<u64>), Value) {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/scim:sync", &admin, Some(body))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let report = r.body["connectors"][0].clone();
+    (
+        (report["drifted"].as_u64(), report["pending"].as_u64()),
+        report,
+    )
+}
+
 /// A deactivation that deletes takes the user's enrollments with it: while it waits,
 /// they are left to it too.
 #[tokio::test]
 async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirror() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (name, text) = oneroster_file("sis", &target, "");
-    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
+    let d = deleting_on_deactivation(&target).await;
     let ada = d.create_user("ada@acme.test").await;
     let gid = d.create_group("Staff").await;
     d.add_members(&gid, &[&ada]).await;
@@ -345,6 +364,105 @@ async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirro
         (Some(0), Some(2)),
         "{report}"
     );
+}
+
+/// An enrollment gone from the roster whose removal never reached the target is not
+/// among those a waiting deactivation deletes (it takes the groups the user is in): it
+/// is repaired.
+#[tokio::test]
+async fn a_waiting_deactivation_leaves_an_enrollment_it_does_not_take_to_the_repair() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = deleting_on_deactivation(&target).await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    // The target refuses the enrollment's removal; its dead letter is discarded.
+    target.inject(or::Fault::status(400, 1).on_method("DELETE"));
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{ada}\"]")}])),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
+    discard_dead_letters(&d, "sis").await;
+    target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
+    set_active(&d, &ada, false).await;
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(1), Some(1)), "{report}");
+    assert_eq!(
+        (&report["items"][0]["object"], &report["items"][0]["action"]),
+        (&json!(format!("Member/{gid}/{ada}")), &json!("delete")),
+        "{report}"
+    );
+}
+
+/// A reactivation where deactivating deletes puts the user's classes again as they
+/// stand, so a class that drifted is left to it while it waits.
+#[tokio::test]
+async fn a_waiting_reactivation_that_brings_classes_back_leaves_them_to_the_mirror() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = deleting_on_deactivation(&target).await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada]).await;
+    set_active(&d, &ada, false).await;
+    caught_up(&d, "sis").await;
+    // The class's rename is refused; its dead letter is discarded.
+    target.inject(or::Fault::status(400, 1).on_path("/classes/"));
+    let r = d
+        .patch(
+            &format!("/Groups/{gid}"),
+            patch_op(json!([{"op": "replace", "path": "displayName", "value": "Crew"}])),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
+    discard_dead_letters(&d, "sis").await;
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(1), Some(0)), "{report}");
+    target.inject(
+        or::Fault::status(503, 0)
+            .forever()
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    set_active(&d, &ada, true).await;
+    // ada, her class and her enrollment.
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(0), Some(3)), "{report}");
+}
+
+/// A manager's deletion puts each of their reports again, without the manager: while
+/// it waits, the reports are left to it. A full run sends everything regardless.
+#[tokio::test]
+async fn a_waiting_managers_deletion_leaves_the_reports_to_the_mirror() {
+    let (d, target) = start_with_oneroster("").await;
+    let boss = d.create_user("boss@acme.test").await;
+    for name in ["ada@acme.test", "bob@acme.test"] {
+        let r = d
+            .post(
+                "/Users",
+                json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", crate::harness::ENTERPRISE],
+                       "userName": name, "name": {"givenName": "R", "familyName": "Eport"},
+                       "emails": [{"value": name}],
+                       crate::harness::ENTERPRISE: {"manager": {"value": boss}}}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    caught_up(&d, "sis").await;
+    target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
+    assert_eq!(d.delete(&format!("/Users/{boss}")).await.status, 204);
+    // boss and both reports.
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(0), Some(3)), "{report}");
+    // The course, boss's delete and both reports: a target that lost its data may no
+    // longer hold what a waiting change's requests refer to.
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true, "full": true})).await;
+    assert_eq!(counts, (Some(4), Some(0)), "{report}");
 }
 
 /// A user changed at the target whose change in rosterd still waits for the connector
