@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
 use super::oneroster::{UserFields, enrollment_id};
@@ -168,9 +169,57 @@ pub fn write_snapshot(
     settings: &CsvSettings,
     stop: &CancellationToken,
 ) -> Result<SnapshotReport, CsvError> {
-    match write_files(store, tenant, settings, stop) {
-        Err(_) if stop.is_cancelled() => Err(CsvError::Stopped),
+    write_halted(store, tenant, settings, &Arc::new(Halt::new(stop.clone())))
+}
+
+fn write_halted(
+    store: &Store,
+    tenant: &str,
+    settings: &CsvSettings,
+    halt: &Arc<Halt>,
+) -> Result<SnapshotReport, CsvError> {
+    match write_files(store, tenant, settings, halt) {
+        // Only an error the stop caused: one of its own (a full disk, a failed rename)
+        // at the same moment is reported as it is, and the files may not be as they were.
+        Err(_) if halt.refused.load(Ordering::Relaxed) => Err(CsvError::Stopped),
         written => written,
+    }
+}
+
+/// A stop as one write's staged files see it.
+struct Halt {
+    stop: CancellationToken,
+    /// A write was refused because of the stop.
+    refused: AtomicBool,
+    /// Cancels `stop` at the write after this many, to stop a write part-way.
+    #[cfg(test)]
+    stop_after: std::sync::Mutex<Option<usize>>,
+}
+
+impl Halt {
+    fn new(stop: CancellationToken) -> Halt {
+        Halt {
+            stop,
+            refused: AtomicBool::new(false),
+            #[cfg(test)]
+            stop_after: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a write may go through; counts the refusal when not.
+    fn admits(&self) -> bool {
+        #[cfg(test)]
+        if let Some(n) = self.stop_after.lock().unwrap().as_mut() {
+            if *n == 0 {
+                self.stop.cancel();
+            }
+            *n = n.saturating_sub(1);
+        }
+        if self.stop.is_cancelled() {
+            self.refused.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 }
 
@@ -178,20 +227,20 @@ fn write_files(
     store: &Store,
     tenant: &str,
     settings: &CsvSettings,
-    stop: &CancellationToken,
+    halt: &Arc<Halt>,
 ) -> Result<SnapshotReport, CsvError> {
     let dir = settings.dir.as_path();
     std::fs::create_dir_all(dir).map_err(io_err("create the directory", dir))?;
     remove_stale_staged(dir, &[&settings.file_name, BUNDLE_FILE, ROLES_SPOOL]);
     let seq = store.last_seq(tenant)?;
 
-    let roster = Staged::create(dir, &settings.file_name, stop)?;
+    let roster = Staged::create(dir, &settings.file_name, halt)?;
     let users = write_roster(store, tenant, &roster)?;
     roster.sync()?;
     let mut staged = vec![roster];
     let mut unmappable = 0;
     if let Some(or) = &settings.oneroster {
-        let bundle = Staged::create(dir, BUNDLE_FILE, stop)?;
+        let bundle = Staged::create(dir, BUNDLE_FILE, halt)?;
         unmappable = write_bundle(store, tenant, or, &bundle)?;
         bundle.sync()?;
         staged.push(bundle);
@@ -236,18 +285,23 @@ struct Staged {
     target: PathBuf,
     file: File,
     armed: bool,
-    stop: CancellationToken,
+    halt: Arc<Halt>,
 }
 
 /// A staged file's writes, refused once a stop comes.
+///
+/// A bundle cut short this way has the zip writer, dropped, try to finish its archive and
+/// print its refusal to stderr (one line, in the temporary file's stead). Letting those
+/// writes through instead would finish an archive whose stream lost the refused bytes,
+/// which the zip writer's own checks fail on.
 struct Guarded<'a> {
     file: &'a File,
-    stop: &'a CancellationToken,
+    halt: &'a Halt,
 }
 
 impl Write for Guarded<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.stop.is_cancelled() {
+        if !self.halt.admits() {
             // Not `Interrupted`, which `write_all` would retry.
             return Err(std::io::Error::other("stopped"));
         }
@@ -320,7 +374,7 @@ fn remove_stale_staged(dir: &Path, names: &[&str]) {
 }
 
 impl Staged {
-    fn create(dir: &Path, name: &str, stop: &CancellationToken) -> Result<Staged, CsvError> {
+    fn create(dir: &Path, name: &str, halt: &Arc<Halt>) -> Result<Staged, CsvError> {
         let n = STAGED.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(
             ".{name}.tmp-{}.{}-{n}",
@@ -338,14 +392,14 @@ impl Staged {
             tmp,
             file,
             armed: true,
-            stop: stop.clone(),
+            halt: halt.clone(),
         })
     }
 
     fn writer(&self) -> BufWriter<Guarded<'_>> {
         BufWriter::new(Guarded {
             file: &self.file,
-            stop: &self.stop,
+            halt: &self.halt,
         })
     }
 
@@ -733,7 +787,7 @@ fn write_bundle(
     let spool = Staged::create(
         staged.target.parent().unwrap_or(Path::new(".")),
         ROLES_SPOOL,
-        &staged.stop,
+        &staged.halt,
     )?;
     let mut roles = Rows {
         w: csv_writer(spool.writer()),
@@ -1344,6 +1398,65 @@ mod tests {
             .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
             .collect();
         assert_eq!(before, after, "files changed, or a temporary file was left");
+    }
+
+    /// A stop at any write of the files (the roster, the roles spool, each bundle entry,
+    /// the bundle's end) leaves them as they were, and no temporary file.
+    #[tokio::test]
+    async fn a_write_stopped_at_any_point_leaves_the_files_as_they_were() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        assert!(s.oneroster.is_some());
+        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        let contents = || -> Vec<(String, Vec<u8>)> {
+            listing(out.path())
+                .into_iter()
+                .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
+                .collect()
+        };
+        let before = contents();
+        fx.store
+            .delete(T, ResourceKind::User, &fx.cy, None)
+            .await
+            .unwrap();
+        let halt = |after: usize| {
+            let h = Arc::new(Halt::new(CancellationToken::new()));
+            *h.stop_after.lock().unwrap() = Some(after);
+            h
+        };
+        // How many writes a whole write makes, elsewhere.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let counted = halt(1_000_000);
+        write_halted(&fx.store, T, &settings(elsewhere.path()), &counted).unwrap();
+        let writes = 1_000_000 - counted.stop_after.lock().unwrap().unwrap();
+        assert!(writes > 3, "{writes}");
+        for n in 0..writes {
+            let err = write_halted(&fx.store, T, &s, &halt(n)).unwrap_err();
+            assert!(
+                matches!(err, CsvError::Stopped),
+                "stopped at write {n}: {err}"
+            );
+            assert!(
+                contents() == before,
+                "stopped at write {n}: files changed, or a temporary file was left"
+            );
+        }
+    }
+
+    /// An error of its own at the moment of a stop is not put down to the stop (whose
+    /// message says the files are as they were).
+    #[tokio::test]
+    async fn a_failed_write_during_a_stop_says_what_failed() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        // A file where the directory should be.
+        let dir = out.path().join("out");
+        std::fs::write(&dir, "in the way").unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let err = write_snapshot(&fx.store, T, &settings(&dir), &stop).unwrap_err();
+        assert!(matches!(err, CsvError::Io { .. }), "{err}");
     }
 
     #[tokio::test]
