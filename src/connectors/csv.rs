@@ -288,12 +288,13 @@ struct Staged {
     halt: Arc<Halt>,
 }
 
-/// A staged file's writes, refused once a stop comes.
+/// A staged file's reads and writes, refused once a stop comes.
 ///
-/// A bundle cut short this way has the zip writer, dropped, try to finish its archive and
-/// print its refusal to stderr (one line, in the temporary file's stead). Letting those
-/// writes through instead would finish an archive whose stream lost the refused bytes,
-/// which the zip writer's own checks fail on.
+/// Not the bundle's writes: a zip writer dropped with refused writes behind it tries to
+/// finish its archive and prints the failure to stderr, a line without an end that the
+/// next log line is glued to (which a log shipper reading JSON then loses). The bundle
+/// stops between rows ([`Rows::row`]) and between the chunks it copies from a spool, and
+/// its unfinished archive, dropped, ends in the temporary file that goes with it.
 struct Guarded<'a> {
     file: &'a File,
     halt: &'a Halt,
@@ -313,10 +314,12 @@ impl Write for Guarded<'_> {
     }
 }
 
-// The zip writer seeks back to fill in each entry's sizes.
-impl std::io::Seek for Guarded<'_> {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.file.seek(pos)
+impl std::io::Read for Guarded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.halt.admits() {
+            return Err(std::io::Error::other("stopped"));
+        }
+        self.file.read(buf)
     }
 }
 
@@ -397,10 +400,14 @@ impl Staged {
     }
 
     fn writer(&self) -> BufWriter<Guarded<'_>> {
-        BufWriter::new(Guarded {
+        BufWriter::new(self.guarded())
+    }
+
+    fn guarded(&self) -> Guarded<'_> {
+        Guarded {
             file: &self.file,
             halt: &self.halt,
-        })
+        }
     }
 
     fn sync(&self) -> Result<(), CsvError> {
@@ -593,7 +600,7 @@ const ENROLLMENTS: [&str; 10] = [
     "endDate",
 ];
 
-type ZipOut<'a> = zip::ZipWriter<BufWriter<Guarded<'a>>>;
+type ZipOut<'a> = zip::ZipWriter<BufWriter<&'a File>>;
 
 /// The same CSV dialect as the roster CSV: RFC 4180 quoting, CRLF line ends.
 fn csv_writer<W: Write>(out: W) -> ::csv::Writer<W> {
@@ -625,6 +632,7 @@ struct Bundle<'a> {
     zip: ZipOut<'a>,
     path: &'a Path,
     options: zip::write::SimpleFileOptions,
+    halt: &'a Halt,
 }
 
 impl<'a> Bundle<'a> {
@@ -640,7 +648,7 @@ impl<'a> Bundle<'a> {
         header: &[&str],
         f: impl FnOnce(&mut Rows<'_, &mut ZipOut<'a>>) -> Result<(), CsvError>,
     ) -> Result<(), CsvError> {
-        let (path, options) = (self.path, self.options);
+        let (path, options, halt) = (self.path, self.options, self.halt);
         self.zip
             .start_file(name, options)
             .map_err(|e| self.zip_error(e))?;
@@ -648,6 +656,8 @@ impl<'a> Bundle<'a> {
             w: csv_writer(&mut self.zip),
             path,
             entry: name.to_owned(),
+            halt,
+            written: 0,
         };
         rows.row(header)?;
         f(&mut rows)?;
@@ -660,10 +670,10 @@ impl<'a> Bundle<'a> {
         self.zip
             .start_file(name, options)
             .map_err(|e| self.zip_error(e))?;
-        let mut src = &spool.file;
-        src.seek(std::io::SeekFrom::Start(0))
+        (&spool.file)
+            .seek(std::io::SeekFrom::Start(0))
             .map_err(io_err("read", &spool.tmp))?;
-        std::io::copy(&mut src, &mut self.zip).map_err(io_err("write", self.path))?;
+        std::io::copy(&mut spool.guarded(), &mut self.zip).map_err(io_err("write", self.path))?;
         Ok(())
     }
 
@@ -693,6 +703,8 @@ struct Rows<'p, W: Write> {
     w: ::csv::Writer<W>,
     path: &'p Path,
     entry: String,
+    halt: &'p Halt,
+    written: u64,
 }
 
 impl<W: Write> Rows<'_, W> {
@@ -722,6 +734,12 @@ impl<W: Write> Rows<'_, W> {
         I: IntoIterator,
         I::Item: AsRef<[u8]>,
     {
+        // Often enough for a stop to cut a million rows short at once, seldom enough
+        // that asking costs nothing.
+        if self.written.is_multiple_of(256) && !self.halt.admits() {
+            return Err(CsvError::Stopped);
+        }
+        self.written += 1;
         self.w.write_record(cells).map_err(|e| self.error(e))
     }
 
@@ -755,8 +773,9 @@ fn write_bundle(
     let org = or.org_sourced_id.as_str();
     let course = or.course_sourced_id.as_str();
     let mut b = Bundle {
-        zip: zip::ZipWriter::new(staged.writer()),
+        zip: zip::ZipWriter::new(BufWriter::new(&staged.file)),
         path: &staged.target,
+        halt: &staged.halt,
         options: zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
             .last_modified_time(zip_now())
@@ -791,6 +810,8 @@ fn write_bundle(
     )?;
     let mut roles = Rows {
         w: csv_writer(spool.writer()),
+        halt: &spool.halt,
+        written: 0,
         path: &spool.tmp,
         entry: String::new(),
     };

@@ -446,6 +446,20 @@ impl TestDaemon {
         r.body["id"].as_str().expect("id").to_owned()
     }
 
+    /// The id of the user with this userName (plain ASCII without quotes or spaces).
+    pub async fn user_id(&self, user_name: &str) -> String {
+        let r = self
+            .get(&format!(
+                "/Users?filter=userName%20eq%20%22{}%22",
+                user_name.replace('@', "%40")
+            ))
+            .await;
+        r.body["Resources"][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no user {user_name}: {}", r.body))
+            .to_owned()
+    }
+
     /// POST these operations to /Bulk as one BulkRequest.
     pub async fn bulk(&self, operations: Value) -> Resp {
         self.post(

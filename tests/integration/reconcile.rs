@@ -266,11 +266,15 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
     let ada = d.create_user("ada@acme.test").await;
     let gid = d.create_group("Staff").await;
     caught_up(&d, "sis").await;
-    // The target refuses ada's enrollment; its dead letter is discarded.
-    target.inject(or::Fault::status(400, 1).on_path("/enrollments/"));
-    d.add_members(&gid, &[&ada]).await;
-    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
-    discard_dead_letters(&d, "sis").await;
+    // ada's enrollment is refused.
+    refused_and_discarded(
+        &d,
+        &target,
+        "/enrollments/",
+        &format!("/Groups/{gid}"),
+        json!([{"op": "add", "path": "members", "value": [{"value": ada}]}]),
+    )
+    .await;
     let admin = d.jwt(TENANT, "roster:admin");
     // Then the target fails, and ada's new title waits for the connector.
     target.inject(
@@ -312,6 +316,34 @@ async fn deleting_on_deactivation(target: &OneRosterServer) -> TestDaemon {
     .await
 }
 
+/// A daemon deleting on deactivation, with ada in Staff delivered: (target, daemon, ada,
+/// Staff).
+async fn ada_in_staff_deleting_on_deactivation() -> (OneRosterServer, TestDaemon, String, String) {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = deleting_on_deactivation(&target).await;
+    let ada = d.create_user("ada@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada]).await;
+    caught_up(&d, "sis").await;
+    (target, d, ada, gid)
+}
+
+/// PATCH `ops` to `path` while the target refuses its request once with a 400 on
+/// `target_path`, and discard the dead letter: what was delivered stays behind the roster.
+async fn refused_and_discarded(
+    d: &TestDaemon,
+    target: &OneRosterServer,
+    target_path: &str,
+    path: &str,
+    ops: Value,
+) {
+    target.inject(or::Fault::status(400, 1).on_path(target_path));
+    let r = d.patch(path, patch_op(ops)).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    assert_eq!(caught_up(d, "sis").await["dead_letters"], 1);
+    discard_dead_letters(d, "sis").await;
+}
+
 /// `active` of user `id` set to `active`.
 async fn set_active(d: &TestDaemon, id: &str, active: bool) {
     let r = d
@@ -341,12 +373,7 @@ async fn drifted_and_pending(d: &TestDaemon, body: Value) -> ((Option<u64>, Opti
 /// they are left to it too.
 #[tokio::test]
 async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirror() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = deleting_on_deactivation(&target).await;
-    let ada = d.create_user("ada@acme.test").await;
-    let gid = d.create_group("Staff").await;
-    d.add_members(&gid, &[&ada]).await;
-    caught_up(&d, "sis").await;
+    let (target, d, ada, _) = ada_in_staff_deleting_on_deactivation().await;
     target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
     let r = d
         .patch(
@@ -371,23 +398,16 @@ async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirro
 /// is repaired.
 #[tokio::test]
 async fn a_waiting_deactivation_leaves_an_enrollment_it_does_not_take_to_the_repair() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = deleting_on_deactivation(&target).await;
-    let ada = d.create_user("ada@acme.test").await;
-    let gid = d.create_group("Staff").await;
-    d.add_members(&gid, &[&ada]).await;
-    caught_up(&d, "sis").await;
-    // The target refuses the enrollment's removal; its dead letter is discarded.
-    target.inject(or::Fault::status(400, 1).on_method("DELETE"));
-    let r = d
-        .patch(
-            &format!("/Groups/{gid}"),
-            patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{ada}\"]")}])),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
-    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
-    discard_dead_letters(&d, "sis").await;
+    let (target, d, ada, gid) = ada_in_staff_deleting_on_deactivation().await;
+    // The enrollment's removal is refused.
+    refused_and_discarded(
+        &d,
+        &target,
+        "/enrollments/",
+        &format!("/Groups/{gid}"),
+        json!([{"op": "remove", "path": format!("members[value eq \"{ada}\"]")}]),
+    )
+    .await;
     target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
     set_active(&d, &ada, false).await;
     let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
@@ -403,24 +423,18 @@ async fn a_waiting_deactivation_leaves_an_enrollment_it_does_not_take_to_the_rep
 /// stand, so a class that drifted is left to it while it waits.
 #[tokio::test]
 async fn a_waiting_reactivation_that_brings_classes_back_leaves_them_to_the_mirror() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = deleting_on_deactivation(&target).await;
-    let ada = d.create_user("ada@acme.test").await;
-    let gid = d.create_group("Staff").await;
-    d.add_members(&gid, &[&ada]).await;
+    let (target, d, ada, gid) = ada_in_staff_deleting_on_deactivation().await;
     set_active(&d, &ada, false).await;
     caught_up(&d, "sis").await;
-    // The class's rename is refused; its dead letter is discarded.
-    target.inject(or::Fault::status(400, 1).on_path("/classes/"));
-    let r = d
-        .patch(
-            &format!("/Groups/{gid}"),
-            patch_op(json!([{"op": "replace", "path": "displayName", "value": "Crew"}])),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
-    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 1);
-    discard_dead_letters(&d, "sis").await;
+    // The class's rename is refused.
+    refused_and_discarded(
+        &d,
+        &target,
+        "/classes/",
+        &format!("/Groups/{gid}"),
+        json!([{"op": "replace", "path": "displayName", "value": "Crew"}]),
+    )
+    .await;
     let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
     assert_eq!(counts, (Some(1), Some(0)), "{report}");
     target.inject(
@@ -476,13 +490,7 @@ async fn a_read_back_leaves_a_user_with_a_waiting_change_to_the_mirror() {
     assert_eq!(r.body["connectors"][0]["found_at_target"], 1, "{}", r.body);
     // The target now fails, so ada's new title waits for the connector.
     target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
-    let ada = d
-        .get("/Users?filter=userName%20eq%20%22ada%40acme.test%22")
-        .await
-        .body["Resources"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let ada = d.user_id("ada@acme.test").await;
     let r = d
         .patch(
             &format!("/Users/{ada}"),

@@ -1101,13 +1101,7 @@ async fn bulk_assign_reports_per_item() {
     );
 
     // A deactivated user still holds the archetype but no longer counts as active.
-    let b = d
-        .get("/Users?filter=userName%20eq%20%22b%40acme.test%22")
-        .await
-        .body["Resources"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let b = d.user_id("b@acme.test").await;
     let r = d
         .patch(
             &format!("/Users/{b}"),
