@@ -485,6 +485,31 @@ async fn delay_fault_exceeds_client_timeout_but_applies_the_write() {
 }
 
 #[tokio::test]
+async fn a_held_answer_waits_for_its_release() {
+    let api = Api::start().await;
+    api.srv.inject(Fault::held(1).on_path("/users/"));
+    let put = {
+        let (http, url) = (api.http.clone(), api.srv.url("users/u1"));
+        tokio::spawn(async move {
+            http.put(url)
+                .bearer_auth(DEFAULT_TOKEN)
+                .json(&json!({"user": user("u1")}))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    // Processed, but not answered.
+    while api.srv.user("u1").is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!put.is_finished(), "the answer was not held");
+    api.srv.release_held();
+    assert_eq!(put.await.unwrap().unwrap(), StatusCode::CREATED);
+}
+
+#[tokio::test]
 async fn drop_fault_closes_the_connection_without_answer() {
     let api = Api::start().await;
     api.srv.inject(Fault::drop_connection(2).on_path("/users"));

@@ -1412,8 +1412,8 @@ async fn a_reconciliation_the_target_refuses_names_the_connector() {
 async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    // Long enough to hold the target's answers below without a retry.
-    let text = text.replace("timeout_ms = 2000", "timeout_ms = 30000");
+    // Long enough to wait for the target's held answers below without a retry.
+    let text = text.replace("timeout_ms = 2000", "timeout_ms = 60000");
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
@@ -1421,9 +1421,10 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
     })
     .await;
     caught_up(&d, "sis").await;
-    // The target answers user PUTs slowly: the changes below wait for the connector.
+    // The target holds its answers to user PUTs: the changes below wait for the
+    // connector.
     target.inject(
-        or::Fault::delay(Duration::from_secs(4), 0)
+        or::Fault::held(0)
             .forever()
             .on_method("PUT")
             .on_path("/users/"),
@@ -1445,8 +1446,9 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
     assert_eq!(job["counts"]["drift_pending"], 3, "{job}");
-    caught_up(&d, "sis").await;
     target.clear_faults();
+    target.release_held();
+    caught_up(&d, "sis").await;
     for id in &ids {
         let path = format!("/users/{}", sourced_id(&format!("User/{id}")));
         let puts = target
@@ -1470,11 +1472,7 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
     let gid = d.create_group("Staff").await;
     d.add_members(&gid, &[&ids[0], &ids[1]]).await;
     caught_up(&d, "sis").await;
-    target.inject(
-        or::Fault::delay(Duration::from_secs(4), 0)
-            .forever()
-            .on_path("/enrollments/"),
-    );
+    target.inject(or::Fault::held(0).forever().on_path("/enrollments/"));
     let r = d
         .patch(
             &format!("/Groups/{gid}"),
@@ -1494,6 +1492,8 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
     );
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    target.clear_faults();
+    target.release_held();
     caught_up(&d, "sis").await;
     let gone = sourced_id(&format!("Member/{gid}/{}", ids[0]));
     let deletes = target

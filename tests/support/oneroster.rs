@@ -218,6 +218,9 @@ pub enum FaultKind {
     /// Process the request normally, then hold the answer back for this long (the write is
     /// applied even if the client gives up waiting).
     Delay(Duration),
+    /// Process the request normally, then hold the answer back until
+    /// [`OneRosterServer::release_held`] (or a later injection of another such fault).
+    Hold,
     /// Close the connection without answering; the request is not processed.
     Drop,
 }
@@ -263,6 +266,13 @@ impl Fault {
     /// Hold back the answers to the next `times` requests for `delay`.
     pub fn delay(delay: Duration, times: usize) -> Fault {
         Fault::new(FaultKind::Delay(delay), times)
+    }
+
+    /// Hold back the answers to the next `times` requests until
+    /// [`OneRosterServer::release_held`]: a client kept waiting for exactly as long as a
+    /// test needs, however slow the machine.
+    pub fn held(times: usize) -> Fault {
+        Fault::new(FaultKind::Hold, times)
     }
 
     /// Close the connection of the next `times` requests without answering.
@@ -329,7 +339,7 @@ pub struct RequestRecord {
     pub query: Option<String>,
     /// The status answered; `None` when the connection was dropped.
     pub status: Option<u16>,
-    /// `"status"`, `"delay"` or `"drop"` when a fault applied.
+    /// `"status"`, `"delay"`, `"hold"` or `"drop"` when a fault applied.
     pub fault: Option<&'static str>,
     /// The request body (when `log_bodies` is on and the body is not empty).
     pub body: Option<Bytes>,
@@ -389,6 +399,8 @@ struct Shared {
     tokens_issued: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     faults_applied: AtomicU64,
+    /// Whether answers held by [`FaultKind::Hold`] may go.
+    released: tokio::sync::watch::Sender<bool>,
     list_quirks: Mutex<ListQuirks>,
     log: Mutex<Log>,
     notify: Notify,
@@ -469,6 +481,7 @@ impl OneRosterServer {
             tokens_issued: AtomicU64::new(0),
             faults: Mutex::new(Vec::new()),
             faults_applied: AtomicU64::new(0),
+            released: tokio::sync::watch::Sender::new(false),
             list_quirks: Mutex::new(ListQuirks::default()),
             log: Mutex::new(Log::default()),
             notify: Notify::new(),
@@ -692,7 +705,15 @@ impl OneRosterServer {
     /// Add a fault; it applies from the next request on. Faults are tried in the order added
     /// and the first matching one applies (and uses up one of its `times`).
     pub fn inject(&self, fault: Fault) {
+        if fault.kind == FaultKind::Hold {
+            self.shared.released.send_replace(false);
+        }
         lock(&self.shared.faults).push(fault);
+    }
+
+    /// Let the answers held by [`Fault::held`] go, and every later one it holds.
+    pub fn release_held(&self) {
+        self.shared.released.send_replace(true);
     }
 
     /// Remove every pending fault.
@@ -956,6 +977,7 @@ impl Shared {
         let label = match kind {
             FaultKind::Status { .. } => "status",
             FaultKind::Delay(_) => "delay",
+            FaultKind::Hold => "hold",
             FaultKind::Drop => "drop",
         };
         Some((kind, label))
@@ -1076,6 +1098,21 @@ async fn handle(
                 label,
             );
             tokio::time::sleep(d).await;
+            r
+        }
+        Some(FaultKind::Hold) => {
+            let r = process(&s, &parts.method, &path, query, &parts.headers, &body);
+            s.record(
+                &parts.method,
+                &path,
+                query,
+                Some(r.status().as_u16()),
+                &body,
+                resource,
+                label,
+            );
+            let mut released = s.released.subscribe();
+            let _ = released.wait_for(|r| *r).await;
             r
         }
         None => {
