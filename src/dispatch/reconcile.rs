@@ -108,6 +108,17 @@ impl DriftItem {
 }
 
 impl DriftReport {
+    /// `item`, found drifted, is left to a change logged since.
+    fn left_to_mirror(&mut self, item: &DriftItem) {
+        self.drifted -= 1;
+        self.pending += 1;
+        if item.at_target {
+            self.found_at_target -= 1;
+        }
+        self.items.retain(|i| i.object != item.object);
+        tracing::debug!(object = %item.object, "Left to a change logged while reconciling.");
+    }
+
     fn push(&mut self, item: DriftItem, all: &mut Vec<DriftItem>) {
         self.drifted += 1;
         if self.items.len() < LISTED {
@@ -265,6 +276,20 @@ impl Pending {
                         && store.is_member(tenant, g, u)?)
             }
             _ => false,
+        })
+    }
+
+    /// [`Pending::sends`]; a change that cannot be read leaves the object to be sent.
+    fn sends_or_warn(
+        &mut self,
+        store: &Store,
+        tenant: &str,
+        s: &OneRosterSettings,
+        object: &str,
+    ) -> bool {
+        self.sends(store, tenant, s, object).unwrap_or_else(|e| {
+            tracing::warn!(%object, error = %e, "Cannot read the changes logged since the reconciliation began; the object is sent.");
+            false
         })
     }
 }
@@ -553,7 +578,9 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
-        let found = tokio::task::spawn_blocking(move || {
+        // In the connector's span: the diff and the waiting changes log what they cannot
+        // read.
+        let found = super::blocking(move || {
             // A full run is for a target that lost data: it sends every object, as the
             // target may no longer hold what an object's enrollments refer to.
             let pending = if full {
@@ -563,8 +590,7 @@ pub(super) async fn reconcile_oneroster(
             };
             diff(&store, &t, &o, &s, full, &pending, &mut r).map(|i| (i, r, pending))
         })
-        .await
-        .map_err(StoreError::from_join)??;
+        .await?;
         let (items, r, pending) = found;
         report.checked = r.checked;
         report.drifted = r.drifted;
@@ -585,13 +611,20 @@ pub(super) async fn reconcile_oneroster(
     }
     // What changed while the tenant was compared, or the target read back.
     if !full {
-        let mut kept = Vec::with_capacity(items.len());
-        for item in items {
-            if !leave_to_mirror(ctx, settings, &mut pending, &item, report).await? {
-                kept.push(item);
-            }
-        }
+        let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
+        let mut p = std::mem::take(&mut pending);
+        let (kept, left, p) = super::blocking(move || {
+            let (kept, left): (Vec<_>, Vec<_>) = items
+                .into_iter()
+                .partition(|i| !p.sends_or_warn(&store, &t, &s, &i.object));
+            Ok((kept, left, p))
+        })
+        .await?;
+        pending = p;
         items = kept;
+        for item in &left {
+            report.left_to_mirror(item);
+        }
     }
     if dry_run {
         // What the real run would meet: it re-sends nothing to a paused connector.
@@ -661,8 +694,7 @@ pub(super) async fn reconcile_oneroster(
 }
 
 /// Whether a change logged since `pending` was read sends `item`'s object; if so, the
-/// report counts the item as pending rather than drifted. A change that cannot be read
-/// leaves the item to be sent.
+/// report counts the item as pending rather than drifted.
 async fn leave_to_mirror(
     ctx: &Ctx,
     settings: &OneRosterSettings,
@@ -677,25 +709,14 @@ async fn leave_to_mirror(
         item.object.clone(),
     );
     let mut p = std::mem::take(pending);
-    let (p, sends) = tokio::task::spawn_blocking(move || {
-        let sends = p.sends(&store, &t, &s, &object);
-        (p, sends)
+    let (p, sends) = super::blocking(move || {
+        let sends = p.sends_or_warn(&store, &t, &s, &object);
+        Ok((p, sends))
     })
-    .await
-    .map_err(StoreError::from_join)?;
+    .await?;
     *pending = p;
-    let sends = sends.unwrap_or_else(|e| {
-        tracing::warn!(object = %item.object, error = %e, "Cannot read the changes logged since the reconciliation began; the object is sent.");
-        false
-    });
     if sends {
-        report.drifted -= 1;
-        report.pending += 1;
-        if item.at_target {
-            report.found_at_target -= 1;
-        }
-        report.items.retain(|i| i.object != item.object);
-        tracing::debug!(object = %item.object, "Left to a change logged while reconciling.");
+        report.left_to_mirror(item);
     }
     Ok(sends)
 }
