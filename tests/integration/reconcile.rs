@@ -283,13 +283,7 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
             .on_method("PUT")
             .on_path("/users/"),
     );
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    replace_attr(&d, &ada, "title", json!("Chef")).await;
     let r = d.dry_run_sync(&admin).await;
     let report = &r.body["connectors"][0];
     assert_eq!(
@@ -344,12 +338,12 @@ async fn refused_and_discarded(
     discard_dead_letters(d, "sis").await;
 }
 
-/// `active` of user `id` set to `active`.
-async fn set_active(d: &TestDaemon, id: &str, active: bool) {
+/// User `id`'s `attr` replaced with `value` by a SCIM PATCH, which must succeed.
+async fn replace_attr(d: &TestDaemon, id: &str, attr: &str, value: Value) {
     let r = d
         .patch(
             &format!("/Users/{id}"),
-            patch_op(json!([{"op": "replace", "path": "active", "value": active}])),
+            patch_op(json!([{"op": "replace", "path": attr, "value": value}])),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -375,13 +369,7 @@ async fn drifted_and_pending(d: &TestDaemon, body: Value) -> ((Option<u64>, Opti
 async fn a_waiting_deactivation_that_deletes_leaves_the_enrollments_to_the_mirror() {
     let (target, d, ada, _) = ada_in_staff_deleting_on_deactivation().await;
     target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "active", "value": false}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    replace_attr(&d, &ada, "active", json!(false)).await;
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d.dry_run_sync(&admin).await;
     let report = &r.body["connectors"][0];
@@ -409,7 +397,7 @@ async fn a_waiting_deactivation_leaves_an_enrollment_it_does_not_take_to_the_rep
     )
     .await;
     target.inject(or::Fault::status(503, 0).forever().on_method("DELETE"));
-    set_active(&d, &ada, false).await;
+    replace_attr(&d, &ada, "active", json!(false)).await;
     let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
     assert_eq!(counts, (Some(1), Some(1)), "{report}");
     assert_eq!(
@@ -424,7 +412,7 @@ async fn a_waiting_deactivation_leaves_an_enrollment_it_does_not_take_to_the_rep
 #[tokio::test]
 async fn a_waiting_reactivation_that_brings_classes_back_leaves_them_to_the_mirror() {
     let (target, d, ada, gid) = ada_in_staff_deleting_on_deactivation().await;
-    set_active(&d, &ada, false).await;
+    replace_attr(&d, &ada, "active", json!(false)).await;
     caught_up(&d, "sis").await;
     // The class's rename is refused.
     refused_and_discarded(
@@ -443,7 +431,7 @@ async fn a_waiting_reactivation_that_brings_classes_back_leaves_them_to_the_mirr
             .on_method("PUT")
             .on_path("/users/"),
     );
-    set_active(&d, &ada, true).await;
+    replace_attr(&d, &ada, "active", json!(true)).await;
     // ada, her class and her enrollment.
     let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
     assert_eq!(counts, (Some(0), Some(3)), "{report}");
@@ -491,13 +479,7 @@ async fn a_read_back_leaves_a_user_with_a_waiting_change_to_the_mirror() {
     // The target now fails, so ada's new title waits for the connector.
     target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
     let ada = d.user_id("ada@acme.test").await;
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    replace_attr(&d, &ada, "title", json!("Chef")).await;
     let r = d.dry_run_sync(&admin).await;
     let report = &r.body["connectors"][0];
     assert_eq!(
@@ -1030,28 +1012,27 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     );
 }
 
-/// A scheduled CSV write that fails is tried again after its backoff, not at the next
-/// scheduled time (a nightly file would miss its night).
-#[tokio::test]
-async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
-    use chrono::Timelike;
-    let d = TestDaemon::start().await;
-    d.create_user("ada@acme.test").await;
-    // Once a minute, three seconds from now: its next run is a minute after that. The
-    // file comes with a reload, so that however slow the start, the time is the file's.
-    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
-    let dir = d.root.join("connectors");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("nightly.toml"),
+/// The drop-in of CSV connector `nightly`, on `schedule`, retrying within a second.
+fn nightly_csv(schedule: &str) -> (String, String) {
+    (
+        "nightly.toml".to_owned(),
         format!(
-            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{second} * * * * *\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
+            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{schedule}\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
         ),
     )
-    .unwrap();
-    // A file where the directory should be: the scheduled write fails.
+}
+
+/// A daemon whose connector `nightly` on `schedule` (its file brought by a reload, so
+/// that however slow the start, the time is the file's) failed its write: a file stands
+/// where its directory should be. Returns that path.
+async fn nightly_failing(schedule: &str) -> (TestDaemon, std::path::PathBuf) {
+    let d = TestDaemon::start().await;
+    d.create_user("ada@acme.test").await;
+    let dir = d.root.join("connectors");
     let out = dir.join("nightly-out");
     std::fs::write(&out, "in the way").unwrap();
+    let (name, text) = nightly_csv(schedule);
+    std::fs::write(dir.join(name), text).unwrap();
     d.reload().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -1066,62 +1047,56 @@ async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    std::fs::remove_file(&out).unwrap();
+    (d, out)
+}
+
+/// Wait for `nightly` to write `file`; `late` says what a wait of 20 s means.
+async fn nightly_writes(d: &TestDaemon, file: &std::path::Path, late: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !out.join("roster.csv").exists() {
+    while !file.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the failed write waited for the next scheduled run: {}",
-            connector(&d, "nightly").await
+            "{late}: {}",
+            connector(d, "nightly").await
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A scheduled CSV write that fails is tried again after its backoff, not at the next
+/// scheduled time (a nightly file would miss its night).
+#[tokio::test]
+async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
+    use chrono::Timelike;
+    // Once a minute, three seconds from now: its next run is a minute after that.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let (d, out) = nightly_failing(&format!("{second} * * * * *")).await;
+    std::fs::remove_file(&out).unwrap();
+    nightly_writes(
+        &d,
+        &out.join("roster.csv"),
+        "the failed write waited for the next scheduled run",
+    )
+    .await;
 }
 
 /// A scheduled CSV write still owed at a stop (it failed, or the stop cut it short) is
 /// written at the next start, not at the connector's next scheduled time.
 #[tokio::test]
 async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
-    let file = |schedule: &str| {
-        (
-            "nightly.toml".to_owned(),
-            format!(
-                "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{schedule}\"\n[retry]\ninitial_delay_ms = 200\nmax_delay_ms = 1000\npause_after_failures = 1000\npause_secs = 1\n"
-            ),
-        )
-    };
-    let mut d = TestDaemon::start().await;
-    d.create_user("ada@acme.test").await;
-    let dir = d.root.join("connectors");
-    // A file where the directory should be: the scheduled write fails.
-    let out = dir.join("nightly-out");
-    std::fs::write(&out, "in the way").unwrap();
-    let (name, text) = file("* * * * * *");
-    std::fs::write(dir.join(name), text).unwrap();
-    d.reload().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !connector(&d, "nightly").await["last_error"].is_string() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the write never failed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut d, out) = nightly_failing("* * * * * *").await;
     d.stop().await;
     std::fs::remove_file(&out).unwrap();
     // Its next scheduled time is New Year's midnight now.
     let d = d
-        .restart_with(|o| o.connectors = vec![file("0 0 0 1 1 *")])
+        .restart_with(|o| o.connectors = vec![nightly_csv("0 0 0 1 1 *")])
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !out.join("roster.csv").exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the owed write waited for the next scheduled time: {}",
-            connector(&d, "nightly").await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    nightly_writes(
+        &d,
+        &out.join("roster.csv"),
+        "the owed write waited for the next scheduled time",
+    )
+    .await;
     // Written, it is owed no more: another start waits for the schedule.
     std::fs::remove_file(out.join("roster.csv")).unwrap();
     let d = d.restart().await;
@@ -1173,13 +1148,7 @@ async fn change_after_puts_fail(
     let ada = d.create_user("ada@acme.test").await;
     caught_up(&d, "sis").await;
     target.inject(or::Fault::status(status, 0).forever().on_method("PUT"));
-    let r = d
-        .patch(
-            &format!("/Users/{ada}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    replace_attr(&d, &ada, "title", json!("Chef")).await;
     d
 }
 

@@ -1086,7 +1086,8 @@ async fn handle(
             );
             r
         }
-        Some(FaultKind::Delay(d)) => {
+        // Processed as usual; a delay or a hold only keeps the answer back.
+        kind @ (Some(FaultKind::Delay(_) | FaultKind::Hold) | None) => {
             let r = process(&s, &parts.method, &path, query, &parts.headers, &body);
             s.record(
                 &parts.method,
@@ -1097,35 +1098,13 @@ async fn handle(
                 resource,
                 label,
             );
-            tokio::time::sleep(d).await;
-            r
-        }
-        Some(FaultKind::Hold) => {
-            let r = process(&s, &parts.method, &path, query, &parts.headers, &body);
-            s.record(
-                &parts.method,
-                &path,
-                query,
-                Some(r.status().as_u16()),
-                &body,
-                resource,
-                label,
-            );
-            let mut released = s.released.subscribe();
-            let _ = released.wait_for(|r| *r).await;
-            r
-        }
-        None => {
-            let r = process(&s, &parts.method, &path, query, &parts.headers, &body);
-            s.record(
-                &parts.method,
-                &path,
-                query,
-                Some(r.status().as_u16()),
-                &body,
-                resource,
-                None,
-            );
+            match kind {
+                Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
+                Some(FaultKind::Hold) => {
+                    let _ = s.released.subscribe().wait_for(|r| *r).await;
+                }
+                _ => {}
+            }
             r
         }
     }
