@@ -275,7 +275,6 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
         json!([{"op": "add", "path": "members", "value": [{"value": ada}]}]),
     )
     .await;
-    let admin = d.jwt(TENANT, "roster:admin");
     // Then the target fails, and ada's new title waits for the connector.
     target.inject(
         or::Fault::status(503, 0)
@@ -284,13 +283,8 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
             .on_path("/users/"),
     );
     replace_attr(&d, &ada, "title", json!("Chef")).await;
-    let r = d.dry_run_sync(&admin).await;
-    let report = &r.body["connectors"][0];
-    assert_eq!(
-        (report["drifted"].as_u64(), report["pending"].as_u64()),
-        (Some(1), Some(1)),
-        "{report}"
-    );
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(1), Some(1)), "{report}");
     assert_eq!(
         report["items"][0]["object"],
         format!("Member/{gid}/{ada}"),
@@ -1173,20 +1167,13 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
 
     let admin = d.jwt(TENANT, "roster:admin");
     // A dry run says what the real run will meet.
-    let r = d.dry_run_sync(&admin).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let report = &r.body["connectors"][0];
-    assert_eq!(
-        (report["drifted"].as_u64(), report["pending"].as_u64()),
-        (Some(1), Some(1)),
-        "{report}"
-    );
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(1), Some(1)), "{report}");
     assert!(
-        r.body["connectors"][0]["paused"]
+        report["paused"]
             .as_str()
             .is_some_and(|p| p.contains("paused until")),
-        "{}",
-        r.body
+        "{report}"
     );
     // `sync_job` gives up after 30 s: a job waiting out the pause would take the hour.
     let job = sync_job(&d, &admin).await;
@@ -1428,13 +1415,8 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
         assert_eq!(puts, 1, "User/{id} was sent {puts} times");
     }
     // Delivered, they are compared again.
-    let r = d.dry_run_sync(&admin).await;
-    let report = &r.body["connectors"][0];
-    assert_eq!(
-        (report["drifted"].as_u64(), report["pending"].as_u64()),
-        (Some(0), Some(0)),
-        "{report}"
-    );
+    let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+    assert_eq!(counts, (Some(0), Some(0)), "{report}");
 
     // A member's removal waits in the same way: the group's change deletes the
     // enrollment, which is gone from the roster but still delivered.
