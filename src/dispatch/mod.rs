@@ -491,6 +491,19 @@ struct Ctx {
     cancel: CancellationToken,
     /// Bounds requests in flight.
     slots: Semaphore,
+    /// What the connector following the log last took as acknowledged (see [`Acked`]).
+    acked: Mutex<Option<Acked>>,
+}
+
+/// The cursor a connector following the log last saved, and every change above it that
+/// was acknowledged by then, in order. The store holds only the first
+/// [`MAX_ACKED_RECORDED`] of them; a reconciliation that took the rest for still
+/// waiting would leave their objects unrepaired for as long as one slow object held the
+/// cursor.
+#[derive(Debug, Clone)]
+pub(super) struct Acked {
+    pub cursor: u64,
+    pub above: Arc<Vec<u64>>,
 }
 
 impl Ctx {
@@ -517,6 +530,15 @@ impl Ctx {
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
         backoff(&self.config.retry)
+    }
+
+    fn publish_acked(&self, acked: Acked) {
+        *self.acked.lock().unwrap_or_else(|e| e.into_inner()) = Some(acked);
+    }
+
+    /// What the connector following the log last saved, when it is following it.
+    fn acked(&self) -> Option<Acked> {
+        self.acked.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -1356,8 +1378,15 @@ struct Progress {
 /// megabytes long. Those past it are sent again after a stop, as all were before.
 const MAX_ACKED_RECORDED: usize = 1000;
 
+/// Of the changes acknowledged above the cursor (in order), those the store keeps: the
+/// nearest the cursor.
+fn recorded(acked: &[u64]) -> Vec<u64> {
+    acked[..acked.len().min(MAX_ACKED_RECORDED)].to_vec()
+}
+
 /// What [`Progress::take`] gives to write: the cursor, the changes above it that are
-/// finished too, and the hashes not written yet.
+/// finished too (in order; the first [`MAX_ACKED_RECORDED`] are written), and the hashes
+/// not written yet.
 type ToWrite = (u64, Vec<u64>, Hashes);
 
 impl Progress {
@@ -1401,7 +1430,6 @@ impl Progress {
         self.unsaved = false;
         let mut acked: Vec<u64> = self.finished.keys().chain(&self.ahead).copied().collect();
         acked.sort_unstable();
-        acked.truncate(MAX_ACKED_RECORDED);
         Some((cursor, acked, hashes))
     }
 }
@@ -1420,6 +1448,8 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     // Only a OneRoster body names a user's manager.
     let fans_out = matches!(ctx.target, Target::OneRoster { .. });
     let mut durable = ctx.store.watch_durable(tenant);
+    // A reconciliation reads the store until this run saves.
+    *ctx.acked.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let start = ctx.store.cursor(tenant, &cursor_name)?;
     let mut progress = Progress {
         read: start,
@@ -1441,8 +1471,13 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             match taken {
                 Some((cursor, acked, hashes)) => {
                     store
-                        .record_progress(tenant, cursor_name, cursor, acked, hashes)
-                        .await
+                        .record_progress(tenant, cursor_name, cursor, recorded(&acked), hashes)
+                        .await?;
+                    ctx.publish_acked(Acked {
+                        cursor,
+                        above: Arc::new(acked),
+                    });
+                    Ok(())
                 }
                 None => Ok(()),
             }
@@ -1520,6 +1555,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 }
             }
             r = durable.changed(), if room => if r.is_err() { return Ok(()) },
+            // Behind one slow change nothing else may come for a long time: what finished
+            // is saved anyway (a crash would send it again, and a reconciliation would
+            // take it for still waiting).
+            () = tokio::time::sleep_until((last_write + CURSOR_EVERY).into()), if progress.unsaved => {}
             _ = ctx.cancel.cancelled() => break,
         }
     }
@@ -2041,6 +2080,7 @@ impl Dispatcher {
             target,
             live: live.clone(),
             cancel: cancel.clone(),
+            acked: Mutex::new(None),
         });
         let span = ctx.span();
         let task_ctx = ctx.clone();
@@ -2648,8 +2688,8 @@ mod tests {
         let (cursor, acked, hashes) = p.take().unwrap();
         assert_eq!((cursor, acked), (20, vec![21]));
         assert!(hashes.is_empty());
-        // One object stuck while thousands go through: the record stays short, and
-        // keeps the changes nearest the cursor.
+        // One object stuck while thousands go through: all of them, in order (the
+        // record keeps those nearest the cursor, a reconciliation reads them all).
         assert!(p.already_acked(21));
         p.read = 21;
         assert_eq!(p.take().unwrap().1, Vec::<u64>::new());
@@ -2661,8 +2701,11 @@ mod tests {
         p.read = 2999;
         let (cursor, acked, _) = p.take().unwrap();
         assert_eq!(cursor, 21);
-        assert_eq!(acked.len(), MAX_ACKED_RECORDED);
-        assert_eq!(acked.first(), Some(&23));
+        assert_eq!(acked, (23..3000).collect::<Vec<_>>());
+        assert_eq!(
+            recorded(&acked),
+            (23..23 + MAX_ACKED_RECORDED as u64).collect::<Vec<_>>()
+        );
     }
     use crate::store::ChangeOp;
 

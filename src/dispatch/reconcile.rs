@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use tracing::Instrument;
 
-use super::{Ctx, DispatchError, Dispatcher, Sent, Target};
+use super::{Acked, Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
     Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, course_put,
@@ -148,17 +148,32 @@ struct Pending {
 }
 
 impl Pending {
-    /// What the changes the connector `owner` has yet to acknowledge will send.
+    /// What the changes the connector `owner` has yet to acknowledge will send: above
+    /// `live`'s cursor when the connector following the log saved one, else the store's.
     ///
     /// A change that cannot be read leaves what was read so far: its objects are then
     /// compared and sent as before this set existed (perhaps twice), rather than one
     /// undecodable change failing every reconciliation, the resync at a connector's
     /// start included.
-    fn read(store: &Store, tenant: &str, owner: &str, s: &OneRosterSettings) -> Pending {
+    fn read(
+        store: &Store,
+        tenant: &str,
+        owner: &str,
+        s: &OneRosterSettings,
+        live: Option<Acked>,
+    ) -> Pending {
         let mut pending = Pending::default();
         let read = (|| {
-            let acked: HashSet<u64> = store.acked_above(tenant, owner)?.into_iter().collect();
-            pending.seen = store.cursor(tenant, owner)?;
+            let acked: HashSet<u64> = match &live {
+                Some(live) => {
+                    pending.seen = live.cursor;
+                    live.above.iter().copied().collect()
+                }
+                None => {
+                    pending.seen = store.cursor(tenant, owner)?;
+                    store.acked_above(tenant, owner)?.into_iter().collect()
+                }
+            };
             pending.read_on(store, tenant, s, &acked)
         })();
         if let Err(e) = read {
@@ -578,6 +593,7 @@ pub(super) async fn reconcile_oneroster(
             owner.clone(),
         );
         let mut r = DriftReport::default();
+        let live = ctx.acked();
         // In the connector's span: the diff and the waiting changes log what they cannot
         // read.
         let found = super::blocking(move || {
@@ -586,7 +602,7 @@ pub(super) async fn reconcile_oneroster(
             let pending = if full {
                 Pending::default()
             } else {
-                Pending::read(&store, &t, &o, &s)
+                Pending::read(&store, &t, &o, &s, live)
             };
             diff(&store, &t, &o, &s, full, &pending, &mut r).map(|i| (i, r, pending))
         })
@@ -896,7 +912,7 @@ mod tests {
         let head = store.changes("t", 0, 10).unwrap().last().unwrap().seq;
         // The connector delivered both.
         store.advance_cursor("t", "or", head, vec![]).await.unwrap();
-        let mut pending = Pending::read(&store, "t", "or", &s);
+        let mut pending = Pending::read(&store, "t", "or", &s, None);
         assert!(!pending.user(&ada) && !pending.user(&bob));
         store
             .update("t", ResourceKind::User, &ada, None, |doc| {

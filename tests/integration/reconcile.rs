@@ -455,6 +455,57 @@ async fn a_waiting_managers_deletion_leaves_the_reports_to_the_mirror() {
     assert_eq!(counts, (Some(4), Some(0)), "{report}");
 }
 
+/// While one object holds the connector's cursor, far more changes can be acknowledged
+/// above it than the store records (1,000): the reconciliation takes them from the
+/// connector itself, so their objects are compared, not taken for still waiting.
+#[tokio::test]
+async fn a_reconciliation_knows_every_change_acknowledged_above_a_held_cursor() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    // ada's next PUT is held: her change holds the cursor.
+    target.inject(
+        Fault::held(0)
+            .forever()
+            .on_path(sourced_id(&format!("User/{ada}"))),
+    );
+    replace_attr(&d, &ada, "title", json!("Chef")).await;
+    let before = target.count(Kind::User);
+    for chunk in 0..2 {
+        let ops: Vec<Value> = (0..550)
+            .map(|i| {
+                json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
+                       "data": crate::harness::user(&format!("u{chunk}-{i}@acme.test"))})
+            })
+            .collect();
+        let r = d.bulk(json!(ops)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while target.count(Kind::User) < before + 1100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the target has {} users",
+            target.count(Kind::User)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the connector acknowledged is saved within 200 ms.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (counts, report) = drifted_and_pending(&d, json!({"dry_run": true})).await;
+        if counts == (Some(0), Some(1)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only ada's change waits: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    target.release_held();
+}
+
 /// A user changed at the target whose change in rosterd still waits for the connector
 /// is left to that change, as the comparison with what was delivered leaves it.
 #[tokio::test]
