@@ -206,6 +206,16 @@ impl Halt {
         }
     }
 
+    /// [`Halt::admits`], as an I/O error when not.
+    fn admit_io(&self) -> std::io::Result<()> {
+        if self.admits() {
+            Ok(())
+        } else {
+            // Not `Interrupted`, which `write_all` would retry.
+            Err(std::io::Error::other("stopped"))
+        }
+    }
+
     /// Whether a write may go through; counts the refusal when not.
     fn admits(&self) -> bool {
         #[cfg(test)]
@@ -302,10 +312,7 @@ struct Guarded<'a> {
 
 impl Write for Guarded<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.halt.admits() {
-            // Not `Interrupted`, which `write_all` would retry.
-            return Err(std::io::Error::other("stopped"));
-        }
+        self.halt.admit_io()?;
         self.file.write(buf)
     }
 
@@ -316,9 +323,7 @@ impl Write for Guarded<'_> {
 
 impl std::io::Read for Guarded<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if !self.halt.admits() {
-            return Err(std::io::Error::other("stopped"));
-        }
+        self.halt.admit_io()?;
         self.file.read(buf)
     }
 }

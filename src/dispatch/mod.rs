@@ -532,8 +532,8 @@ impl Ctx {
         backoff(&self.config.retry)
     }
 
-    fn publish_acked(&self, acked: Acked) {
-        *self.acked.lock().unwrap_or_else(|e| e.into_inner()) = Some(acked);
+    fn publish_acked(&self, acked: Option<Acked>) {
+        *self.acked.lock().unwrap_or_else(|e| e.into_inner()) = acked;
     }
 
     /// What the connector following the log last saved, when it is following it.
@@ -1449,7 +1449,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let fans_out = matches!(ctx.target, Target::OneRoster { .. });
     let mut durable = ctx.store.watch_durable(tenant);
     // A reconciliation reads the store until this run saves.
-    *ctx.acked.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    ctx.publish_acked(None);
     let start = ctx.store.cursor(tenant, &cursor_name)?;
     let mut progress = Progress {
         read: start,
@@ -1473,10 +1473,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                     store
                         .record_progress(tenant, cursor_name, cursor, recorded(&acked), hashes)
                         .await?;
-                    ctx.publish_acked(Acked {
+                    ctx.publish_acked(Some(Acked {
                         cursor,
                         above: Arc::new(acked),
-                    });
+                    }));
                     Ok(())
                 }
                 None => Ok(()),
@@ -1680,7 +1680,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {
                 // No failure. The cursor stays, so the next start writes them; a
                 // scheduled connector would wait for its next scheduled time instead.
-                if schedule.is_some() {
+                if !retrying && schedule.is_some() {
                     ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
                 }
                 tracing::info!(
@@ -1715,13 +1715,14 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                         ctx.config.retry.pause(),
                     );
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
+                    // Before any await: /status never shows the failure without its retry.
+                    ctx.live.health().next_retry_at =
+                        Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
                     tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
                     if !retrying && schedule.is_some() {
                         ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
                     }
                     retrying = true;
-                    ctx.live.health().next_retry_at =
-                        Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = ctx.cancel.cancelled() => return Ok(()),

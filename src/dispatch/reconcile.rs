@@ -164,14 +164,16 @@ impl Pending {
     ) -> Pending {
         let mut pending = Pending::default();
         let read = (|| {
-            let acked: HashSet<u64> = match &live {
+            let acked = match live {
                 Some(live) => {
                     pending.seen = live.cursor;
-                    live.above.iter().copied().collect()
+                    live.above
                 }
                 None => {
                     pending.seen = store.cursor(tenant, owner)?;
-                    store.acked_above(tenant, owner)?.into_iter().collect()
+                    let mut acked = store.acked_above(tenant, owner)?;
+                    acked.sort_unstable();
+                    Arc::new(acked)
                 }
             };
             pending.read_on(store, tenant, s, &acked)
@@ -183,13 +185,13 @@ impl Pending {
         pending
     }
 
-    /// Add the changes logged since the last one read, skipping `acked`.
+    /// Add the changes logged since the last one read, skipping `acked` (in order).
     fn read_on(
         &mut self,
         store: &Store,
         tenant: &str,
         s: &OneRosterSettings,
-        acked: &HashSet<u64>,
+        acked: &[u64],
     ) -> Result<(), StoreError> {
         loop {
             let page = store.changes(tenant, self.seen, 1000)?;
@@ -197,7 +199,7 @@ impl Pending {
                 return Ok(());
             };
             let last = last.seq;
-            for e in page.iter().filter(|e| !acked.contains(&e.seq)) {
+            for e in page.iter().filter(|e| acked.binary_search(&e.seq).is_err()) {
                 self.add(store, tenant, s, e)?;
             }
             self.seen = last;
@@ -277,7 +279,7 @@ impl Pending {
     ) -> Result<bool, StoreError> {
         // Acknowledged or not: the repair was built before it.
         if !self.unreadable
-            && let Err(e) = self.read_on(store, tenant, s, &HashSet::new())
+            && let Err(e) = self.read_on(store, tenant, s, &[])
         {
             self.unreadable = true;
             return Err(e);
@@ -625,8 +627,9 @@ pub(super) async fn reconcile_oneroster(
             report.push(item, &mut items);
         }
     }
-    // What changed while the tenant was compared, or the target read back.
-    if !full {
+    // What changed while the tenant was compared, or the target read back, as the real
+    // run finds it before each repair.
+    if dry_run && !full {
         let (store, t, s) = (ctx.store.clone(), tenant.clone(), settings.clone());
         let mut p = std::mem::take(&mut pending);
         let (kept, left, p) = super::blocking(move || {

@@ -145,10 +145,7 @@ impl Store {
 
     /// Whether the connector has a cursor at all (it ran, or was running, at some time).
     pub fn has_cursor(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
-        Ok(self
-            .tenant(tenant)?
-            .tree
-            .contains_key(cursor_key(connector))?)
+        self.has_key(tenant, cursor_key(connector))
     }
 
     /// Every stored cursor of the tenant, by cursor name (running connectors, and
@@ -179,10 +176,11 @@ impl Store {
 
     /// Whether the connector's scheduled write is owed (see [`Store::set_write_due`]).
     pub fn write_due(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
-        Ok(self
-            .tenant(tenant)?
-            .tree
-            .contains_key(write_due_key(connector))?)
+        self.has_key(tenant, write_due_key(connector))
+    }
+
+    fn has_key(&self, tenant: &str, key: Vec<u8>) -> StoreResult<bool> {
+        Ok(self.tenant(tenant)?.tree.contains_key(key)?)
     }
 
     /// Record that a scheduled write of the connector's files did not happen (it failed,

@@ -1061,16 +1061,17 @@ fn nightly_csv(schedule: &str) -> (String, String) {
     )
 }
 
-/// A daemon whose connector `nightly` on `schedule` (its file brought by a reload, so
-/// that however slow the start, the time is the file's) failed its write: a file stands
-/// where its directory should be. Returns that path.
-async fn nightly_failing(schedule: &str) -> (TestDaemon, std::path::PathBuf) {
+/// A daemon whose connector `nightly` on the schedule `schedule()` gives (asked for, and
+/// the file brought by a reload, once the daemon is up: however slow the start, the
+/// time is the file's) failed its write: a file stands where its directory should be.
+/// Returns that path.
+async fn nightly_failing(schedule: impl FnOnce() -> String) -> (TestDaemon, std::path::PathBuf) {
     let d = TestDaemon::start().await;
     d.create_user("ada@acme.test").await;
     let dir = d.root.join("connectors");
     let out = dir.join("nightly-out");
     std::fs::write(&out, "in the way").unwrap();
-    let (name, text) = nightly_csv(schedule);
+    let (name, text) = nightly_csv(&schedule());
     std::fs::write(dir.join(name), text).unwrap();
     d.reload().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -1107,9 +1108,12 @@ async fn nightly_writes(d: &TestDaemon, file: &std::path::Path, late: &str) {
 #[tokio::test]
 async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
     use chrono::Timelike;
-    // Once a minute, three seconds from now: its next run is a minute after that.
-    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
-    let (d, out) = nightly_failing(&format!("{second} * * * * *")).await;
+    // Once a minute, three seconds from the reload: its next run is a minute after that.
+    let (d, out) = nightly_failing(|| {
+        let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+        format!("{second} * * * * *")
+    })
+    .await;
     std::fs::remove_file(&out).unwrap();
     nightly_writes(
         &d,
@@ -1123,7 +1127,7 @@ async fn a_scheduled_csv_write_that_fails_is_tried_again_before_the_next_run() {
 /// written at the next start, not at the connector's next scheduled time.
 #[tokio::test]
 async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
-    let (mut d, out) = nightly_failing("* * * * * *").await;
+    let (mut d, out) = nightly_failing(|| "* * * * * *".to_owned()).await;
     d.stop().await;
     std::fs::remove_file(&out).unwrap();
     // Its next scheduled time is New Year's midnight now.
