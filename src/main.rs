@@ -1657,7 +1657,9 @@ fn serve_logged(config: Config, listen_key: &str) -> Result<()> {
             .await
             .with_context(|| format!("{listen_key}: cannot listen on {}", config.server.listen))?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+        // Installed here, not in the task: a SIGTERM before the task first ran would end
+        // the process unlogged, with no drain.
+        tokio::spawn(watch_signals(stop_signals(), shutdown.clone()));
         rosterd::run(config, listener, shutdown)
             .await
             .context("rosterd stopped with an error")
@@ -1671,12 +1673,21 @@ fn serve_logged(config: Config, listen_key: &str) -> Result<()> {
 /// How long blocking work left at exit may delay it.
 const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn watch_signals(shutdown: CancellationToken) {
+type StopSignals = (
+    std::io::Result<tokio::signal::unix::Signal>,
+    std::io::Result<tokio::signal::unix::Signal>,
+);
+
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
+    )
+}
+
+async fn watch_signals(signals: StopSignals, shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = signals else {
         tracing::error!("Cannot install signal handlers; stop rosterd with SIGKILL only.");
         return;
     };

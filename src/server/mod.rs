@@ -108,6 +108,9 @@ pub async fn run_with_env(
 ) -> Result<(), ServerError> {
     // Before the first store flush, interrupted job or request is recorded; idempotent.
     crate::ops::metrics::install();
+    // Before the daemon can answer, let alone say it is ready: a SIGHUP that came before
+    // the handler would end it (the signal's default action), not reload it.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // Before anything slow: starting without the connectors it names would let
     // compaction drop changes they still have to deliver, and nobody would notice.
     if !config.check_connectors_dir()? {
@@ -237,7 +240,7 @@ pub async fn run_with_env(
             }
         }
     }
-    let reloads = tokio::spawn(reload_on_sighup(state.clone(), shutdown.clone()));
+    let reloads = tokio::spawn(reload_on_sighup(hup, state.clone(), shutdown.clone()));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
@@ -337,9 +340,12 @@ fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
     written.and(removed)
 }
 
-async fn reload_on_sighup(state: Arc<AppState>, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hup) = hup else {
         tracing::error!("Cannot install the SIGHUP handler; reload by restarting.");
         return;
     };
