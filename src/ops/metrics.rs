@@ -237,6 +237,10 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
     };
     // Connector status reads cursors and the changelog from the store.
     let rendered = tokio::task::spawn_blocking(move || {
+        // The recorder is the process's: a daemon's gauges set and rendered without
+        // another's (tests run several daemons in one process) set in between.
+        static SCRAPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = SCRAPING.lock().unwrap_or_else(|e| e.into_inner());
         set_gauges(&st);
         handle.run_upkeep();
         handle.render()
