@@ -83,6 +83,15 @@ pub struct AppState {
     pub schedules: crate::schedule::Schedules,
 }
 
+/// What makes a running daemon reload its connectors and archetype bundles.
+pub enum Reloads {
+    /// SIGHUP, as systemd's `ExecReload` sends it.
+    Sighup,
+    /// Each `notify_one` on it. For several daemons in one process (tests), where a
+    /// signal would reload every one of them.
+    Notified(Arc<tokio::sync::Notify>),
+}
+
 /// Run the daemon on `listener` until `shutdown` is cancelled, then drain in-flight
 /// requests and flush the store.
 pub async fn run(
@@ -95,22 +104,25 @@ pub async fn run(
         Arc::new(|v: &str| std::env::var(v).ok()),
         listener,
         shutdown,
+        Reloads::Sighup,
     )
     .await
 }
 
-/// As [`run`], reading SCIM tokens and secrets through `env` (tests pass their own).
+/// As [`run`], reading SCIM tokens and secrets through `env` (tests pass their own),
+/// reloading on `reloads`.
 pub async fn run_with_env(
     config: Config,
     env: EnvFn,
     listener: TcpListener,
     shutdown: CancellationToken,
+    reloads: Reloads,
 ) -> Result<(), ServerError> {
     // Before the first store flush, interrupted job or request is recorded; idempotent.
     crate::ops::metrics::install();
     // Before the daemon can answer, let alone say it is ready: a SIGHUP that came before
     // the handler would end it (the signal's default action), not reload it.
-    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let reloads = ReloadSource::install(reloads);
     // Before anything slow: starting without the connectors it names would let
     // compaction drop changes they still have to deliver, and nobody would notice.
     if !config.check_connectors_dir()? {
@@ -240,7 +252,7 @@ pub async fn run_with_env(
             }
         }
     }
-    let reloads = tokio::spawn(reload_on_sighup(hup, state.clone(), shutdown.clone()));
+    let reloads = tokio::spawn(reload_on(reloads, state.clone(), shutdown.clone()));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
@@ -340,19 +352,52 @@ fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
     written.and(removed)
 }
 
-async fn reload_on_sighup(
-    hup: std::io::Result<tokio::signal::unix::Signal>,
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-) {
-    let Ok(mut hup) = hup else {
-        tracing::error!("Cannot install the SIGHUP handler; reload by restarting.");
-        return;
-    };
+/// A [`Reloads`] ready to be waited on.
+enum ReloadSource {
+    Sighup(tokio::signal::unix::Signal),
+    Notified(Arc<tokio::sync::Notify>),
+    /// SIGHUP's handler could not be installed.
+    Never,
+}
+
+impl ReloadSource {
+    fn install(reloads: Reloads) -> ReloadSource {
+        use tokio::signal::unix::{SignalKind, signal};
+        match reloads {
+            Reloads::Sighup => match signal(SignalKind::hangup()) {
+                Ok(hup) => ReloadSource::Sighup(hup),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot install the SIGHUP handler; reload by restarting.");
+                    ReloadSource::Never
+                }
+            },
+            Reloads::Notified(n) => ReloadSource::Notified(n),
+        }
+    }
+
+    /// The next reload asked for; what asked, for the log.
+    async fn next(&mut self) -> &'static str {
+        match self {
+            ReloadSource::Sighup(hup) => {
+                if hup.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+                "SIGHUP received"
+            }
+            ReloadSource::Notified(n) => {
+                n.notified().await;
+                "Reload asked"
+            }
+            ReloadSource::Never => std::future::pending().await,
+        }
+    }
+}
+
+async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received; reloading connectors and archetype bundles.");
+            by = reloads.next() => {
+                tracing::info!("{by}; reloading connectors and archetype bundles.");
                 reload(&state).await;
             }
             _ = shutdown.cancelled() => return,

@@ -434,6 +434,12 @@ async fn sighup_reloads_connectors_without_dropping_requests() {
     std::fs::write(root.join("connectors").join(name), text).unwrap();
     d.signal("HUP");
     assert_eq!(load.await.unwrap(), 0, "requests failed during the reload");
+    // The requests may all be answered before the reload is done.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while d.status().await["reloads"] == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no reload happened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let s = d.drained().await;
     assert_eq!(s["connectors"][0]["name"], "sis");
     assert!(s["reloads"].as_u64().unwrap() >= 1);

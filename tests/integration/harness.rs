@@ -28,6 +28,9 @@ pub struct TestDaemon {
     /// The config's extra tables, kept across a restart.
     config_extra: String,
     shutdown: CancellationToken,
+    /// This daemon's own SIGHUP: a signal would reload every daemon of the test binary,
+    /// other tests' too.
+    reloads: Arc<tokio::sync::Notify>,
     handle: Option<JoinHandle<Result<(), rosterd::server::ServerError>>>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -182,11 +185,13 @@ impl TestDaemon {
                 .find(|(k, _)| k == v)
                 .map(|(_, val)| val.clone())
         });
+        let reloads = Arc::new(tokio::sync::Notify::new());
         let handle = tokio::spawn(rosterd::run_with_env(
             config,
             env,
             listener,
             shutdown.clone(),
+            rosterd::server::Reloads::Notified(reloads.clone()),
         ));
         let client = reqwest::Client::new();
         // The listener is bound before run() starts, so the first request simply waits for
@@ -200,6 +205,7 @@ impl TestDaemon {
             env: env_vars,
             config_extra,
             shutdown,
+            reloads,
             handle: Some(handle),
             _dir: None,
         }
@@ -295,8 +301,6 @@ impl TestDaemon {
         Resp::read(req.send().await.expect("request")).await
     }
 
-    /// Send the process SIGHUP (as an operator's `systemctl reload` does) and wait until
-    /// this daemon has finished a reload that began after the call.
     /// The daemon's `/status` document.
     pub async fn status(&self) -> Value {
         let r = self
@@ -328,15 +332,12 @@ impl TestDaemon {
         }
     }
 
+    /// Ask for a reload, as an operator's `systemctl reload` (SIGHUP) does, and wait until
+    /// it has finished. (A real SIGHUP is `crash.rs`'s, to a child daemon.)
     pub async fn reload(&self) {
         let reloads = |v: &Value| v["reloads"].as_u64().expect("reloads in /status");
         let before = reloads(&self.status().await);
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &std::process::id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -HUP failed");
+        self.ask_reload();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             let now = reloads(&self.status().await);
@@ -346,6 +347,11 @@ impl TestDaemon {
             assert!(tokio::time::Instant::now() < deadline, "no reload happened");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Ask for a reload and go on at once.
+    pub fn ask_reload(&self) {
+        self.reloads.notify_one();
     }
 
     /// Wait for the daemon to stop by itself (no shutdown from here), up to `ceiling`.

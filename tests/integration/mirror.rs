@@ -963,11 +963,7 @@ async fn a_stop_during_a_reload_waits_for_the_connector_the_reload_stops() {
         text.replace("timeout_ms = 2000", "timeout_ms = 2001"),
     )
     .unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &std::process::id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    d.ask_reload();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let d = d.restart().await;
     caught_up(&d, "hooks").await;
@@ -1627,6 +1623,16 @@ async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and
         assert!(
             tokio::time::Instant::now() < deadline,
             "one event in flight only"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // /status shows the pause before its line is written; then, more lines would come
+    // within moments.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while logs.lines("paused until resumed").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pause was not logged"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1,5 +1,5 @@
-//! The operator's surface in-process: /status and /readyz contents, bundle reload on
-//! SIGHUP.
+//! The operator's surface in-process: /status and /readyz contents, bundle reload (as
+//! SIGHUP asks for it).
 
 use crate::harness::{OTHER_TENANT, TENANT, TestDaemon, patch_op};
 use reqwest::Method;
