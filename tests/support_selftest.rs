@@ -391,7 +391,8 @@ async fn oauth_client_credentials_and_revocation() {
 async fn issued_tokens_expire() {
     let srv = OneRosterServer::start(OneRosterOptions {
         static_token: None,
-        token_ttl: Duration::from_millis(300),
+        // Long enough for the first request on a loaded machine.
+        token_ttl: Duration::from_millis(1000),
         ..Default::default()
     })
     .await;
@@ -405,7 +406,7 @@ async fn issued_tokens_expire() {
     let users = srv.url("users");
     let ok = http.get(&users).bearer_auth(token).send().await.unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let r = http.get(&users).bearer_auth(token).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
@@ -465,9 +466,11 @@ async fn status_faults_with_retry_after_and_path_filter() {
 async fn delay_fault_exceeds_client_timeout_but_applies_the_write() {
     let api = Api::start().await;
     api.srv
-        .inject(Fault::delay(Duration::from_millis(800), 1).on_path("/users/"));
+        .inject(Fault::delay(Duration::from_secs(3), 1).on_path("/users/"));
+    // Time for the server to apply the write, on a loaded machine, before the client
+    // gives up.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(200))
+        .timeout(Duration::from_secs(1))
         .build()
         .unwrap();
     let err = http
