@@ -380,6 +380,7 @@ impl ReloadSource {
         match self {
             ReloadSource::Sighup(hup) => {
                 if hup.recv().await.is_none() {
+                    // The runtime's signal driver is gone: no SIGHUP comes any more.
                     std::future::pending::<()>().await;
                 }
                 "SIGHUP received"
