@@ -411,6 +411,8 @@ impl Schedules {
 
     /// Record a run's per-tenant outcomes at `at`.
     fn record(&self, name: &str, at: chrono::DateTime<Utc>, outcomes: Vec<(String, Outcome)>) {
+        // Every run lists every tenant, in config order.
+        let order: Vec<String> = outcomes.iter().map(|(t, _)| t.clone()).collect();
         self.update(name, |r| {
             let mut skipped = Vec::new();
             let mut done = false;
@@ -426,6 +428,10 @@ impl Schedules {
                     Outcome::Skipped(text) => skipped.push(text),
                 }
             }
+            // A tenant first done in a later run (its slot was taken at first) takes its
+            // place, not the end: `last_result` reads in the same order every time.
+            r.parts
+                .sort_by_key(|(t, _)| order.iter().position(|o| o == t).unwrap_or(usize::MAX));
             if done {
                 r.last_run = Some(at);
             }
@@ -655,4 +661,41 @@ pub(crate) fn count_finished_job(tenant: &str, job: &crate::store::Job) {
         "status" => job.status.as_str(),
     )
     .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(r: &ScheduleRun) -> Vec<String> {
+        r.parts
+            .iter()
+            .map(|(t, p)| match p {
+                Part::Text(x) => format!("{t}={x}"),
+                Part::Job(id) => format!("{t}=job {id}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tenant_skipped_at_first_takes_its_config_place_in_the_last_result() {
+        let s = Schedules::default();
+        let at = Utc::now();
+        let done = |x: &str| Outcome::Done(Part::Text(x.to_owned()));
+        s.record(
+            "reconcile",
+            at,
+            vec![
+                ("acme".into(), Outcome::Skipped("acme: skipped".into())),
+                ("globex".into(), done("g1")),
+            ],
+        );
+        s.record(
+            "reconcile",
+            at,
+            vec![("acme".into(), done("a2")), ("globex".into(), done("g2"))],
+        );
+        let runs = s.runs.lock().unwrap();
+        assert_eq!(text(&runs["reconcile"]), ["acme=a2", "globex=g2"]);
+    }
 }

@@ -1339,11 +1339,8 @@ async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
     assert_eq!(job_of(&s)["kind"], "schedule", "{s}");
     // A job slower than the schedule: it shows as running, and the runs that find it
     // running are reported as skipped without replacing it.
-    target.inject(
-        or::Fault::delay(Duration::from_millis(1500), 1)
-            .on_method("GET")
-            .on_path("users"),
-    );
+    // Held until a run has found it running, however slow the machine.
+    target.inject(or::Fault::held(1).on_method("GET").on_path("users"));
     let s = reconcile_schedule_until(&d, "no run was skipped while a job ran", |s| {
         let started = job_of(s)["started_at"]
             .as_str()
@@ -1365,6 +1362,7 @@ async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
             .is_some_and(|t| t.contains(&format!("{TENANT}: skipped, a job is running"))),
         "{s}"
     );
+    target.release_held();
     // A failing job: its failure and error are the last result.
     target.inject(
         or::Fault::status(200, 0)
