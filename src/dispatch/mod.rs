@@ -1632,13 +1632,14 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     ctx.live.set_state("running");
     let mut backoff = ctx.backoff();
     let mut streak = Streak::default();
-    // A failed write is tried again after its backoff, not at the next scheduled time:
-    // a nightly file would otherwise miss its night. The store keeps a scheduled write
-    // owed across a restart or a reload, whose stop cuts a write short.
-    let mut retrying = schedule.is_some() && ctx.store.write_due(&tenant, &cursor_name)?;
+    // A scheduled write is owed from the moment it is due until it succeeds, and the
+    // store keeps that across a stop, a reload or a crash: a write cut short or failed is
+    // tried again after its backoff or at the next start, not at the next scheduled time
+    // (a nightly file would miss its night).
+    let mut owed = schedule.is_some() && ctx.store.write_due(&tenant, &cursor_name)?;
     loop {
         match &schedule {
-            Some(_) if retrying => {}
+            Some(_) if owed => {}
             Some(cron) => {
                 // A connector's own schedule is read in UTC (documented in csv.toml.example).
                 let Some(next) = crate::schedule::next_run(cron, chrono_tz::UTC) else {
@@ -1647,6 +1648,10 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 };
                 if !crate::schedule::sleep_until(next, &ctx.cancel).await {
                     return Ok(());
+                }
+                if !ctx.config.dry_run {
+                    ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
+                    owed = true;
                 }
             }
             None => {
@@ -1678,11 +1683,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             })
             .await;
             if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {
-                // No failure. The cursor stays, so the next start writes them; a
-                // scheduled connector would wait for its next scheduled time instead.
-                if !retrying && schedule.is_some() {
-                    ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
-                }
+                // No failure. The cursor stays, and a scheduled write stays owed, so the
+                // next start writes them.
                 tracing::info!(
                     "CSV write cut short by the stop; the files stand as they were, and the next start writes them."
                 );
@@ -1694,12 +1696,12 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             match written {
                 Ok(report) => {
                     let report: crate::connectors::csv::SnapshotReport = report;
-                    if retrying && schedule.is_some() {
+                    if owed {
                         ctx.store
                             .set_write_due(&tenant, &cursor_name, false)
                             .await?;
+                        owed = false;
                     }
-                    retrying = false;
                     ctx.live.success();
                     // `rosterd status` counts a write as delivered; so does the metric.
                     counters::delivered(&tenant, ctx.name());
@@ -1719,10 +1721,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     ctx.live.health().next_retry_at =
                         Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
                     tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
-                    if !retrying && schedule.is_some() {
-                        ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
-                    }
-                    retrying = true;
+                    // Still owed if scheduled, the cursor still behind if not: the next
+                    // turn of the loop writes them.
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = ctx.cancel.cancelled() => return Ok(()),

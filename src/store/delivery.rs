@@ -38,8 +38,8 @@ fn retired_key(connector: &str) -> Vec<u8> {
     tagged(b'R', connector)
 }
 
-/// `w conn` → 1: a scheduled write of the connector's files failed or was cut short by a
-/// stop, so its next start writes them at once rather than at its next scheduled time
+/// `w conn` → 1: a scheduled write of the connector's files came due and has not
+/// succeeded yet, so a start writes them at once rather than at its next scheduled time
 /// (a nightly file would miss its night).
 fn write_due_key(connector: &str) -> Vec<u8> {
     tagged(b'w', connector)
@@ -183,8 +183,9 @@ impl Store {
         Ok(self.tenant(tenant)?.tree.contains_key(key)?)
     }
 
-    /// Record that a scheduled write of the connector's files did not happen (it failed,
-    /// or a stop cut it short), or that it since did.
+    /// Record that a scheduled write of the connector's files is owed (its time came and
+    /// it has not succeeded yet: it runs, failed, or a stop or a crash cut it short), or
+    /// that it no longer is.
     pub async fn set_write_due(&self, tenant: &str, connector: &str, due: bool) -> StoreResult<()> {
         self.set_flag(tenant, write_due_key(connector), due).await
     }

@@ -974,3 +974,104 @@ async fn the_export_shows_the_roster_after_a_stop_and_after_a_kill() {
     let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
     assert!(!log.contains("export's copy"), "{log}");
 }
+
+/// The drop-in of CSV connector `nightly`, writing `nightly-out` on `schedule`.
+fn nightly_drop_in(root: &Path, schedule: &str) {
+    std::fs::write(
+        root.join("connectors").join("nightly.toml"),
+        format!(
+            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{schedule}\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// Create `n` users through SCIM Bulk, a thousand a request.
+async fn bulk_users(d: &ChildDaemon, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|i| {
+                json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
+                    "data": user(&format!("user{i}@acme.test"))})
+            })
+            .collect();
+        let r = d
+            .scim_send(
+                Method::POST,
+                "/Bulk",
+                Some(
+                    json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+                    "Operations": ops}),
+                ),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+}
+
+/// A scheduled CSV write that a crash (`kill -9`, a power cut) cut off is written as the
+/// daemon starts again, not at the connector's next scheduled time: the night's file
+/// would be missing until the next night.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_csv_write_cut_off_by_a_crash_is_written_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    nightly_drop_in(&root, NEW_YEAR);
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    let t = std::time::Instant::now();
+    bulk_users(&d, 3_000).await;
+    eprintln!("seeded in {:?}", t.elapsed());
+    let out = root.join("connectors").join("nightly-out");
+    let staged = || -> Vec<String> {
+        std::fs::read_dir(&out)
+            .map(|es| {
+                es.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(".tmp-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Every second, until a kill lands inside a write: its staged file is left behind.
+    for attempt in 1.. {
+        nightly_drop_in(&root, "* * * * * *");
+        d.signal("HUP");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while staged().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the scheduled write never began: {}",
+                d.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        d.kill9();
+        if !staged().is_empty() {
+            eprintln!("caught at attempt {attempt}");
+            break;
+        }
+        assert!(attempt < 5, "5 kills all came after the write was done");
+        nightly_drop_in(&root, NEW_YEAR);
+        d = ChildDaemon::start(&root, &[]).await;
+    }
+    let roster = out.join("roster.csv");
+    let _ = std::fs::remove_file(&roster);
+    // Its next scheduled time is New Year's midnight now.
+    nightly_drop_in(&root, NEW_YEAR);
+    let d = ChildDaemon::start(&root, &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !roster.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write cut off by the crash waited for the next scheduled time: {}",
+            d.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(staged().is_empty(), "{:?}", staged());
+    let rows = std::fs::read_to_string(&roster).unwrap().lines().count();
+    assert_eq!(rows, 3_001, "a header and every user");
+}
+
+/// A schedule whose next run is far off.
+const NEW_YEAR: &str = "0 0 0 1 1 *";
