@@ -7,6 +7,7 @@
 //! that cannot reach systemd must keep serving, and systemd already acts on a missing
 //! READY=1 (start timeout) or WATCHDOG=1 (restart) by itself.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -14,7 +15,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
-const STATUS_SERVING: &str = "Serving";
 
 /// Whether a service manager is listening for notifications.
 fn enabled() -> bool {
@@ -37,12 +37,18 @@ fn one_line(status: &str) -> String {
 }
 
 /// Tell systemd that startup is complete (`READY=1`): the store is open and the listener
-/// bound. Until then `systemctl start` waits and units ordered after rosterd do not start.
-pub fn notify_ready() {
+/// bound to `addr`. Until then `systemctl start` waits and units ordered after rosterd do
+/// not start. The status names the address, so `systemctl status` shows where it serves
+/// (the port the kernel chose, for a listen address of port 0).
+pub fn notify_ready(addr: SocketAddr) {
     send(
         "READY",
-        &[NotifyState::Ready, NotifyState::Status(STATUS_SERVING)],
+        &[NotifyState::Ready, NotifyState::Status(&serving(addr))],
     );
+}
+
+fn serving(addr: SocketAddr) -> String {
+    format!("Serving on {addr}")
 }
 
 /// Tell systemd that a reload (SIGHUP: connectors and bundles) has begun. Send
@@ -63,10 +69,10 @@ pub fn notify_reloading() {
 
 /// Tell systemd that the reload begun by [`notify_reloading`] is over (`READY=1`). After a
 /// failed reload call [`notify_status`] next to say so; the daemon keeps its old config.
-pub fn notify_reloaded() {
+pub fn notify_reloaded(addr: SocketAddr) {
     send(
         "READY",
-        &[NotifyState::Ready, NotifyState::Status(STATUS_SERVING)],
+        &[NotifyState::Ready, NotifyState::Status(&serving(addr))],
     );
 }
 
@@ -246,9 +252,13 @@ mod tests {
     fn notifications_reach_the_socket() {
         let m = Manager::new(&[]);
 
-        notify_ready();
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        notify_ready(addr);
         let msg = m.expect("READY=1");
-        assert!(msg.lines().any(|l| l == "STATUS=Serving"), "{msg:?}");
+        assert!(
+            msg.lines().any(|l| l == "STATUS=Serving on 127.0.0.1:8080"),
+            "{msg:?}"
+        );
 
         notify_reloading();
         let msg = m.expect("RELOADING=1");
@@ -257,8 +267,12 @@ mod tests {
             .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
             .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {msg:?}"));
         assert!(usec.parse::<u64>().unwrap() > 0, "{msg:?}");
-        notify_reloaded();
-        m.expect("READY=1");
+        notify_reloaded(addr);
+        let msg = m.expect("READY=1");
+        assert!(
+            msg.lines().any(|l| l == "STATUS=Serving on 127.0.0.1:8080"),
+            "{msg:?}"
+        );
 
         notify_status("reload failed:\nREADY=1");
         let msg = m.expect("STATUS=reload failed: READY=1");
@@ -336,9 +350,10 @@ mod tests {
     fn everything_is_a_no_op_without_systemd() {
         let _lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         assert!(std::env::var_os(NOTIFY_SOCKET).is_none());
-        notify_ready();
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        notify_ready(addr);
         notify_reloading();
-        notify_reloaded();
+        notify_reloaded(addr);
         notify_status("x");
         notify_stopping();
         // No runtime here either: still no panic.

@@ -70,6 +70,8 @@ pub struct AppState {
     pub store: Store,
     pub tokens: TokenRegistry,
     pub config: Config,
+    /// The address the listener is bound to.
+    pub local_addr: SocketAddr,
     /// External base URL without a trailing slash.
     pub base_url: String,
     pub roster: RosterState,
@@ -221,6 +223,7 @@ pub async fn run_with_env(
         store: store.clone(),
         tokens,
         config,
+        local_addr: local,
         base_url,
         roster,
         dispatch: dispatch.clone(),
@@ -256,7 +259,7 @@ pub async fn run_with_env(
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
-    crate::ops::systemd::notify_ready();
+    crate::ops::systemd::notify_ready(local);
     tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
     let client_timeout = std::time::Duration::from_secs(state.config.server.client_timeout_secs);
     let server = serve(listener, app, client_timeout, shutdown.clone());
@@ -474,10 +477,11 @@ pub async fn reload(state: &Arc<AppState>) {
     state
         .reloads
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    crate::ops::systemd::notify_reloaded();
+    crate::ops::systemd::notify_reloaded(state.local_addr);
     if failed > 0 {
         crate::ops::systemd::notify_status(&format!(
-            "Serving; last reload had {failed} error(s), see the log"
+            "Serving on {}; last reload had {failed} error(s), see the log",
+            state.local_addr
         ));
     }
     tracing::info!(errors = failed, "Reload finished.");

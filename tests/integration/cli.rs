@@ -1338,13 +1338,15 @@ fn an_answer_that_cannot_be_written_is_an_error_not_a_panic() {
 }
 
 /// `rosterd serve ARGS` run in `cwd`, with the test token, once it listens; its stdout
-/// and stderr are one pipe, as under systemd, whose read end comes back with it.
+/// and stderr are one pipe, as under systemd, whose read end comes back with it, and the
+/// address it listens on, as its log says.
 fn serve_child(
     cwd: &std::path::Path,
     args: &[&str],
 ) -> (
     std::process::Child,
     std::io::Lines<std::io::BufReader<std::io::PipeReader>>,
+    String,
 ) {
     use std::io::BufRead;
     let (reader, writer) = std::io::pipe().unwrap();
@@ -1364,12 +1366,17 @@ fn serve_child(
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(reader).lines();
-    let ready = lines
+    let addr = lines
         .by_ref()
         .map_while(Result::ok)
-        .any(|l| l.contains("listening"));
-    assert!(ready, "the daemon did not start");
-    (child, lines)
+        .find(|l| l.contains("rosterd is listening."))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_owned)
+        });
+    let addr = addr.expect("the daemon did not start");
+    (child, lines, addr)
 }
 
 /// SIGTERM to a `serve_child`, and its exit status.
@@ -1393,18 +1400,13 @@ async fn the_daemon_outlives_the_stream_it_logs_to() {
         "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
     )
     .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let (mut child, log) = serve_child(
+    let (mut child, log, addr) = serve_child(
         dir.path(),
         &[
             "--config",
             config.to_str().unwrap(),
             "--listen",
-            &addr,
+            "127.0.0.1:0",
             "--data-dir",
             dir.path().join("data").to_str().unwrap(),
         ],
@@ -1474,7 +1476,7 @@ fn a_relative_config_path_puts_the_store_beside_the_config() {
         "{err}"
     );
     std::fs::remove_dir_all(sub.join("sub")).unwrap();
-    let (child, _log) = serve_child(dir.path(), &["--config", "sub/config.toml"]);
+    let (child, _log, _) = serve_child(dir.path(), &["--config", "sub/config.toml"]);
     assert!(stop(child).success());
     assert!(sub.join("data").join("conf").is_file());
     assert!(!sub.join("sub").exists());

@@ -18,19 +18,25 @@ pub struct ChildDaemon {
     pub child: Child,
     pub base: String,
     pub client: reqwest::Client,
+    /// Reads the child's systemd notifications, so that they never fill the socket.
+    notifications: tokio::task::JoinHandle<()>,
 }
 
 impl ChildDaemon {
     /// Start `rosterd serve` on `root/config.toml`, and wait until it answers.
+    ///
+    /// It listens on a port the kernel picks, and says which as systemd would hear it
+    /// (`READY=1` and `STATUS=Serving on ADDR` on `NOTIFY_SOCKET`): a port picked here
+    /// and freed for the child could be taken by another test's connection in between.
     pub async fn start(root: &Path, env: &[(&str, &str)]) -> ChildDaemon {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let socket = root.join("notify.sock");
+        let _ = std::fs::remove_file(&socket);
+        let notify = tokio::net::UnixDatagram::bind(&socket).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rosterd"));
         cmd.args(["serve", "--config"])
             .arg(root.join("config.toml"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", "127.0.0.1:0"])
+            .env("NOTIFY_SOCKET", &socket)
             .env("ROSTERD_TEST_TOKEN", SCIM_TOKEN)
             .env("TEST_JWT_SECRET", JWT_SECRET)
             .env("RUST_LOG", "warn");
@@ -46,26 +52,50 @@ impl ChildDaemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn rosterd");
-        let d = ChildDaemon {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::new(),
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = d.client.get(format!("{}/readyz", d.base)).send().await
-                && r.status() == 200
-            {
-                return d;
+        let mut child = cmd.spawn().expect("spawn rosterd");
+        let (ready_tx, mut ready) = tokio::sync::oneshot::channel();
+        let notifications = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = notify.recv(&mut buf).await {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let ready = msg.lines().any(|l| l == "READY=1");
+                let addr = msg
+                    .lines()
+                    .find_map(|l| l.strip_prefix("STATUS=Serving on "));
+                if let (true, Some(addr)) = (ready, addr)
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
             }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            tokio::select! {
+                addr = &mut ready => break addr.unwrap(),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let exited = child.try_wait().unwrap();
             assert!(
-                tokio::time::Instant::now() < deadline,
-                "rosterd did not come up; see {}",
+                exited.is_none() && tokio::time::Instant::now() < deadline,
+                "rosterd did not come up ({exited:?}); see {}",
                 root.join("daemon.log").display()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
+        let d = ChildDaemon {
+            child,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+            notifications,
+        };
+        let r = d.get("/readyz").await;
+        assert!(
+            r.status().is_success(),
+            "ready, but /readyz says {}",
+            r.status()
+        );
+        d
     }
 
     pub fn kill9(&mut self) {
@@ -139,6 +169,7 @@ impl ChildDaemon {
 
 impl Drop for ChildDaemon {
     fn drop(&mut self) {
+        self.notifications.abort();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
