@@ -1451,6 +1451,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 rfc3339(at)
             )?;
         }
+        if let Some(at) = c["next_write_at"].as_str() {
+            outln!("    next scheduled write at {}", rfc3339(at))?;
+        }
         if !c["last_error"].is_null() {
             outln!(
                 "    last error ({}): {}",

@@ -149,6 +149,9 @@ pub struct ConnectorStatus {
     /// The soonest attempt ahead of a request waiting to retry (its backoff, or the
     /// target's `Retry-After`): a long one otherwise looks like a connector doing nothing.
     pub next_retry_at: Option<DateTime<Utc>>,
+    /// When a CSV connector's schedule writes its files next, while it waits for it: an
+    /// operator asks this of a nightly file, whose lag otherwise only grows all day.
+    pub next_write_at: Option<DateTime<Utc>>,
     pub dead_letters: u64,
     pub delivered: u64,
     pub retries: u64,
@@ -185,6 +188,8 @@ struct Health {
     pause_logged: bool,
     /// The soonest attempt ahead of a request waiting to retry.
     next_retry_at: Option<DateTime<Utc>>,
+    /// The scheduled write a CSV connector waits for.
+    next_write_at: Option<DateTime<Utc>>,
 }
 
 impl Health {
@@ -1646,7 +1651,10 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     ctx.live.pause_until_resumed("the schedule has no next run");
                     return Ok(());
                 };
-                if !crate::schedule::sleep_until(next, &ctx.cancel).await {
+                ctx.live.health().next_write_at = Some(next);
+                let slept = crate::schedule::sleep_until(next, &ctx.cancel).await;
+                ctx.live.health().next_write_at = None;
+                if !slept {
                     return Ok(());
                 }
                 if !ctx.config.dry_run {
@@ -2307,6 +2315,7 @@ impl Dispatcher {
             next_retry_at: h
                 .next_retry_at
                 .filter(|t| paused_until.is_none() && *t > Utc::now()),
+            next_write_at: h.next_write_at,
             dead_letters: self
                 .store
                 .dead_letter_count(&c.tenant, &c.name)

@@ -1648,7 +1648,7 @@ async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and
 }
 
 /// `rosterd status` against the daemon, as text.
-async fn status_text(d: &TestDaemon) -> String {
+pub async fn status_text(d: &TestDaemon) -> String {
     let url = d.url("");
     let shown = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))

@@ -1087,6 +1087,8 @@ async fn nightly_failing(schedule: impl FnOnce() -> String) -> (TestDaemon, std:
         let c = connector(&d, "nightly").await;
         // Once due, the retry is no longer shown ahead: wait for one that is.
         if c["last_error"].is_string() && c["next_retry_at"].is_string() {
+            // What comes next is the retry, not the schedule.
+            assert!(c["next_write_at"].is_null(), "{c}");
             break;
         }
         assert!(
@@ -1153,10 +1155,19 @@ async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
     let d = d.restart().await;
     d.create_user("bob@acme.test").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = connector(&d, "nightly").await;
     assert!(
         !out.join("roster.csv").exists(),
-        "a start wrote the scheduled files again: {}",
-        connector(&d, "nightly").await
+        "a start wrote the scheduled files again: {c}"
+    );
+    // The operator sees when it writes next.
+    use chrono::Datelike;
+    let new_year = format!("{}-01-01T00:00:00Z", chrono::Utc::now().year() + 1);
+    assert_eq!(c["next_write_at"], new_year.as_str(), "{c}");
+    let shown = crate::mirror::status_text(&d).await;
+    assert!(
+        shown.contains(&format!("next scheduled write at {new_year}")),
+        "{shown}"
     );
 }
 
