@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::classify::TenantPolicy;
 use crate::dispatch::ReconcileMode;
 use crate::server::AppState;
-use crate::store::{Job, JobStatus, StoreError};
+use crate::store::{Job, JobStatus, ScheduledPart, ScheduledResult, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -366,15 +366,6 @@ fn policy_changed(state: &AppState, tenant: &str, started_with: &TenantPolicy) -
         .is_none_or(|now| now.fingerprint() != started_with.fingerprint())
 }
 
-/// What one tenant's part of a schedule's last run (that was not skipped) did.
-#[derive(Debug, Clone)]
-enum Part {
-    /// The run's own result (`export`, `compact`, or a job that could not start).
-    Text(String),
-    /// The id of the job the run started (`reconcile`); its state is read at each call.
-    Job(String),
-}
-
 /// Last and next run of one schedule.
 #[derive(Debug, Clone, Default)]
 struct ScheduleRun {
@@ -383,7 +374,7 @@ struct ScheduleRun {
     /// does not count).
     last_run: Option<chrono::DateTime<Utc>>,
     /// Per tenant, in config order, what its last run that was not skipped did.
-    parts: Vec<(String, Part)>,
+    parts: Vec<(String, ScheduledPart)>,
     /// When a run last found a tenant's job slot taken, and which tenants.
     last_skipped_at: Option<chrono::DateTime<Utc>>,
     last_skipped: Option<String>,
@@ -392,7 +383,7 @@ struct ScheduleRun {
 
 /// One tenant's result of a scheduled run.
 enum Outcome {
-    Done(Part),
+    Done(ScheduledPart),
     /// The tenant's job slot was taken: its last result stands.
     Skipped(String),
 }
@@ -475,8 +466,8 @@ pub fn status(state: &AppState) -> serde_json::Value {
         let mut jobs = serde_json::Map::new();
         for (tenant, part) in &run.parts {
             match part {
-                Part::Text(t) => text.push(t.clone()),
-                Part::Job(id) => match state.store.job(tenant, id) {
+                ScheduledPart::Text(t) => text.push(t.clone()),
+                ScheduledPart::Job(id) => match state.store.job(tenant, id) {
                     Ok(Some(job)) => {
                         text.push(format!("{tenant}: job {id} {}", job_state(&job)));
                         jobs.insert(
@@ -543,7 +534,24 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                 continue;
             }
         };
-        state.schedules.update(name, |r| r.cron = expr.to_owned());
+        // What the last runs did before this start, so that `/status` does not forget them.
+        let kept: Vec<(String, ScheduledResult)> = state
+            .config
+            .tenants
+            .iter()
+            .filter_map(|t| match state.store.scheduled_result(&t.id, name) {
+                Ok(kept) => kept.map(|k| (t.id.clone(), k)),
+                Err(e) => {
+                    tracing::warn!(schedule = name, tenant = %t.id, error = %e, "Cannot read the schedule's last result.");
+                    None
+                }
+            })
+            .collect();
+        state.schedules.update(name, |r| {
+            r.cron = expr.to_owned();
+            r.last_run = kept.iter().map(|(_, k)| k.at).max();
+            r.parts = kept.into_iter().map(|(t, k)| (t, k.part)).collect();
+        });
         let (state, shutdown) = (state.clone(), shutdown.clone());
         let span = tracing::info_span!("schedule", schedule = name);
         tokio::spawn(tracing::Instrument::instrument(
@@ -558,7 +566,22 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                         return;
                     }
                     let outcomes = run_scheduled(&state, name).await;
-                    state.schedules.record(name, Utc::now(), outcomes);
+                    let at = Utc::now();
+                    let done: Vec<(String, ScheduledPart)> = outcomes
+                        .iter()
+                        .filter_map(|(t, o)| match o {
+                            Outcome::Done(part) => Some((t.clone(), part.clone())),
+                            Outcome::Skipped(_) => None,
+                        })
+                        .collect();
+                    state.schedules.record(name, at, outcomes);
+                    for (tenant, part) in done {
+                        let kept = ScheduledResult { at, part };
+                        if let Err(e) = state.store.set_scheduled_result(&tenant, name, &kept).await
+                        {
+                            tracing::warn!(%tenant, error = %e, "Cannot keep the run's result; /status forgets it at the next start.");
+                        }
+                    }
                 }
             },
             span,
@@ -580,7 +603,7 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
                 let part =
                     format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
                 tracing::error!(schedule = name, result = %part, "Scheduled run failed.");
-                outcomes.push((tenant.to_owned(), Outcome::Done(Part::Text(part))));
+                outcomes.push((tenant.to_owned(), Outcome::Done(ScheduledPart::Text(part))));
             }
         }
     }
@@ -596,7 +619,7 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
             // The job logs its own end, with its outcome.
             Ok(job) => {
                 tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
-                return Some(Outcome::Done(Part::Job(job.job_id)));
+                return Some(Outcome::Done(ScheduledPart::Job(job.job_id)));
             }
             Err(JobError::AlreadyRunning(_)) => {
                 let text = format!("{tenant}: skipped, a job is running");
@@ -639,7 +662,7 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     } else {
         tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
     }
-    Some(Outcome::Done(Part::Text(part)))
+    Some(Outcome::Done(ScheduledPart::Text(part)))
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).
@@ -671,8 +694,8 @@ mod tests {
         r.parts
             .iter()
             .map(|(t, p)| match p {
-                Part::Text(x) => format!("{t}={x}"),
-                Part::Job(id) => format!("{t}=job {id}"),
+                ScheduledPart::Text(x) => format!("{t}={x}"),
+                ScheduledPart::Job(id) => format!("{t}=job {id}"),
             })
             .collect()
     }
@@ -681,7 +704,7 @@ mod tests {
     fn a_tenant_skipped_at_first_takes_its_config_place_in_the_last_result() {
         let s = Schedules::default();
         let at = Utc::now();
-        let done = |x: &str| Outcome::Done(Part::Text(x.to_owned()));
+        let done = |x: &str| Outcome::Done(ScheduledPart::Text(x.to_owned()));
         s.record(
             "reconcile",
             at,

@@ -38,7 +38,7 @@ pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
 pub use roster::{
     Assignment, AssignmentSource, Candidate, Decision, EVENT_KINDS, EventQuery, GovernanceEvent,
     GroupRef, IdScan, Job, JobStatus, OverrideChange, OverrideRefusal, OverrideRules,
-    ReclassifyCounts, Resolver,
+    ReclassifyCounts, Resolver, ScheduledPart, ScheduledResult,
 };
 
 /// sled's page cache unless configured (`server.cache_mb`).

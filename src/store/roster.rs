@@ -966,6 +966,58 @@ impl Store {
 
 const POLICY_FINGERPRINT_KEY: &[u8] = b"s\0policy";
 
+/// `s sched: name` → the schedule's last result for the tenant.
+fn scheduled_key(schedule: &str) -> Vec<u8> {
+    let mut k = b"s\0sched:".to_vec();
+    k.extend_from_slice(schedule.as_bytes());
+    k
+}
+
+/// What a scheduled run last did for a tenant. Kept in the store so that `/status` still
+/// says what last night's run did after a morning's restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduledResult {
+    pub at: DateTime<Utc>,
+    pub part: ScheduledPart,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduledPart {
+    /// The run's own result (`export`, `compact`, or a job that could not start).
+    Text(String),
+    /// The id of the job the run started (`reconcile`); its state is read when shown.
+    Job(String),
+}
+
+impl Store {
+    pub fn scheduled_result(
+        &self,
+        tenant: &str,
+        schedule: &str,
+    ) -> StoreResult<Option<ScheduledResult>> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(scheduled_key(schedule))? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn set_scheduled_result(
+        &self,
+        tenant: &str,
+        schedule: &str,
+        result: &ScheduledResult,
+    ) -> StoreResult<()> {
+        let (key, value) = (scheduled_key(schedule), encode(result)?);
+        self.write(tenant, move |txn| {
+            txn.put(key, value);
+            Ok(())
+        })
+        .await
+    }
+}
+
 impl Store {
     /// The fingerprint of the policy the tenant's assignments were last computed with.
     pub fn policy_fingerprint(&self, tenant: &str) -> StoreResult<Option<String>> {

@@ -1515,3 +1515,50 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
         .count();
     assert_eq!(deletes, 1, "the enrollment was deleted {deletes} times");
 }
+
+/// What the schedules last did is still in `/status` after a restart: an operator who
+/// restarts the daemon in the morning can still read what last night's runs did.
+#[tokio::test]
+async fn the_schedules_last_results_outlive_a_restart() {
+    use chrono::Timelike;
+    // Once a minute, a few seconds from now: one run each, and the restart before the next.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let d = TestDaemon::start_with(Options {
+        config_extra: format!(
+            "[schedules]\nreconcile = \"{second} * * * * *\"\ncompact = \"{second} * * * * *\"\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let schedules = |s: Value| s["schedules"].clone();
+    // A start slower than the lead waits a minute more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let before = loop {
+        let s = schedules(d.status().await);
+        let job = &s["reconcile"]["jobs"][TENANT];
+        if job["status"] == "succeeded" && s["compact"]["last_result"].is_string() {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no runs: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let far = "0 0 0 1 1 *";
+    let d = d
+        .restart_with(|o| {
+            o.config_extra = format!("[schedules]\nreconcile = \"{far}\"\ncompact = \"{far}\"\n")
+        })
+        .await;
+    let after = schedules(d.status().await);
+    for name in ["reconcile", "compact"] {
+        let (b, a) = (&before[name], &after[name]);
+        assert!(b["last_result"].is_string(), "{name}: {b}");
+        assert_eq!(a["last_result"], b["last_result"], "{name}");
+        assert_eq!(a["last_run"], b["last_run"], "{name}");
+        assert_eq!(a["cron"], far, "{name}");
+    }
+    // The job it names is read as it is now, as before the restart.
+    assert_eq!(
+        after["reconcile"]["jobs"], before["reconcile"]["jobs"],
+        "{after}"
+    );
+}
