@@ -1443,6 +1443,19 @@ impl Store {
         Ok(())
     }
 
+    /// The value stored at `key` in the tenant's tree, decoded; `None` when there is none.
+    fn get_decoded<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: &str,
+        key: Vec<u8>,
+    ) -> StoreResult<Option<T>> {
+        self.tenant(tenant)?
+            .tree
+            .get(key)?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+
     fn tenant(&self, tenant: &str) -> StoreResult<Arc<Tenant>> {
         if let Some(t) = self
             .inner

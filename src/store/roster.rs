@@ -551,11 +551,7 @@ impl Store {
     }
 
     pub fn assignment(&self, tenant: &str, id: &str) -> StoreResult<Option<Assignment>> {
-        let t = self.tenant(tenant)?;
-        match t.tree.get(keys::assignment(id))? {
-            Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(None),
-        }
+        self.get_decoded(tenant, keys::assignment(id))
     }
 
     /// Set (`Some`) or clear (`None`) a manual override. Clearing hands the user back to
@@ -915,11 +911,7 @@ impl Store {
     }
 
     pub fn job(&self, tenant: &str, id: &str) -> StoreResult<Option<Job>> {
-        let t = self.tenant(tenant)?;
-        match t.tree.get(keys::job(id))? {
-            Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(None),
-        }
+        self.get_decoded(tenant, keys::job(id))
     }
 
     pub fn jobs(&self, tenant: &str) -> StoreResult<Vec<Job>> {
@@ -996,11 +988,7 @@ impl Store {
         tenant: &str,
         schedule: &str,
     ) -> StoreResult<Option<ScheduledResult>> {
-        let t = self.tenant(tenant)?;
-        match t.tree.get(scheduled_key(schedule))? {
-            Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(None),
-        }
+        self.get_decoded(tenant, scheduled_key(schedule))
     }
 
     pub async fn set_scheduled_result(
