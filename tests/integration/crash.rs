@@ -1006,15 +1006,10 @@ async fn the_export_shows_the_roster_after_a_stop_and_after_a_kill() {
     assert!(!log.contains("export's copy"), "{log}");
 }
 
-/// The drop-in of CSV connector `nightly`, writing `nightly-out` on `schedule`.
+/// Write the drop-in of CSV connector `nightly` on `schedule`.
 fn nightly_drop_in(root: &Path, schedule: &str) {
-    std::fs::write(
-        root.join("connectors").join("nightly.toml"),
-        format!(
-            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightly-out\"\nschedule = \"{schedule}\"\n"
-        ),
-    )
-    .unwrap();
+    let (name, text) = crate::reconcile::nightly_csv(schedule);
+    std::fs::write(root.join("connectors").join(name), text).unwrap();
 }
 
 /// Create `n` users through SCIM Bulk, a thousand a request.
@@ -1046,13 +1041,12 @@ async fn bulk_users(d: &ChildDaemon, n: usize) {
 /// would be missing until the next night.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_csv_write_cut_off_by_a_crash_is_written_at_the_next_start() {
+    use crate::reconcile::NEW_YEAR;
     let dir = tempfile::tempdir().unwrap();
     let root = child_root(dir.path(), &[]);
     nightly_drop_in(&root, NEW_YEAR);
     let mut d = ChildDaemon::start(&root, &[]).await;
-    let t = std::time::Instant::now();
     bulk_users(&d, 3_000).await;
-    eprintln!("seeded in {:?}", t.elapsed());
     let out = root.join("connectors").join("nightly-out");
     let staged = || -> Vec<String> {
         std::fs::read_dir(&out)
@@ -1103,6 +1097,3 @@ async fn a_scheduled_csv_write_cut_off_by_a_crash_is_written_at_the_next_start()
     let rows = std::fs::read_to_string(&roster).unwrap().lines().count();
     assert_eq!(rows, 3_001, "a header and every user");
 }
-
-/// A schedule whose next run is far off.
-const NEW_YEAR: &str = "0 0 0 1 1 *";

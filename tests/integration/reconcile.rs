@@ -997,7 +997,7 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     let d = TestDaemon::start_with(Options {
         // New Year's midnight: not during the test.
         connectors: vec![
-            csv("nightly", "schedule = \"0 0 0 1 1 *\"\n"),
+            csv("nightly", &format!("schedule = \"{NEW_YEAR}\"\n")),
             csv("live", "debounce_ms = 100\n"),
         ],
         // An export every second, which must leave `nightly` alone too.
@@ -1059,8 +1059,11 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     );
 }
 
+/// A schedule whose next run is far off.
+pub const NEW_YEAR: &str = "0 0 0 1 1 *";
+
 /// The drop-in of CSV connector `nightly`, on `schedule`, retrying within a second.
-fn nightly_csv(schedule: &str) -> (String, String) {
+pub fn nightly_csv(schedule: &str) -> (String, String) {
     (
         "nightly.toml".to_owned(),
         format!(
@@ -1142,7 +1145,7 @@ async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
     std::fs::remove_file(&out).unwrap();
     // Its next scheduled time is New Year's midnight now.
     let d = d
-        .restart_with(|o| o.connectors = vec![nightly_csv("0 0 0 1 1 *")])
+        .restart_with(|o| o.connectors = vec![nightly_csv(NEW_YEAR)])
         .await;
     nightly_writes(
         &d,
@@ -1542,10 +1545,10 @@ async fn the_schedules_last_results_outlive_a_restart() {
         assert!(tokio::time::Instant::now() < deadline, "no runs: {s}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let far = "0 0 0 1 1 *";
     let d = d
         .restart_with(|o| {
-            o.config_extra = format!("[schedules]\nreconcile = \"{far}\"\ncompact = \"{far}\"\n")
+            o.config_extra =
+                format!("[schedules]\nreconcile = \"{NEW_YEAR}\"\ncompact = \"{NEW_YEAR}\"\n")
         })
         .await;
     let after = schedules(d.status().await);
@@ -1554,7 +1557,7 @@ async fn the_schedules_last_results_outlive_a_restart() {
         assert!(b["last_result"].is_string(), "{name}: {b}");
         assert_eq!(a["last_result"], b["last_result"], "{name}");
         assert_eq!(a["last_run"], b["last_run"], "{name}");
-        assert_eq!(a["cron"], far, "{name}");
+        assert_eq!(a["cron"], NEW_YEAR, "{name}");
     }
     // The job it names is read as it is now, as before the restart.
     assert_eq!(
