@@ -258,6 +258,10 @@ pub struct SchedulesConfig {
     /// Change events younger than this are kept by `compact` even when delivered (pull
     /// consumers of `/api/v1/roster/changes` read them).
     pub changelog_retention_hours: u64,
+    /// Run a schedule once at start when a run came due while the daemon was down (as a
+    /// systemd timer's `Persistent=true`): a nightly reconcile or export missed during
+    /// maintenance then runs when the daemon is back, not the next night.
+    pub catch_up: bool,
 }
 
 impl Default for SchedulesConfig {
@@ -268,6 +272,7 @@ impl Default for SchedulesConfig {
             export: None,
             compact: None,
             changelog_retention_hours: 168,
+            catch_up: false,
         }
     }
 }

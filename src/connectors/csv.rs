@@ -37,6 +37,10 @@ pub struct CsvSettings {
     /// schedule instead of after changes.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// Write at start (or when a reload restarts the connector) when a scheduled write
+    /// came due while the daemon was down, as a systemd timer's `Persistent=true`.
+    #[serde(default)]
+    pub catch_up: bool,
     /// Also write `oneroster.zip`: a OneRoster 1.2 CSV bundle.
     #[serde(default)]
     pub oneroster: Option<OneRosterCsv>,
@@ -93,6 +97,10 @@ impl CsvSettings {
         }
         if let Some(s) = &self.schedule {
             crate::config::parse_cron(s).map_err(|e| format!("key `schedule`: {e}"))?;
+        } else if self.catch_up {
+            return Err(
+                "key `catch_up`: needs a `schedule` (it catches up a scheduled write missed while the daemon was down)".into(),
+            );
         }
         Ok(())
     }
@@ -993,6 +1001,7 @@ mod tests {
             file_name: default_file_name(),
             debounce_ms: 0,
             schedule: None,
+            catch_up: false,
             oneroster: Some(OneRosterCsv {
                 org_sourced_id: "org-1".into(),
                 org_name: "=Springfield, \"District\"".into(),

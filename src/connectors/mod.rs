@@ -603,4 +603,20 @@ client_secret_env = "SIS_SECRET"
             assert!(err.contains("key `url`"), "{url:?}: {err}");
         }
     }
+
+    #[test]
+    fn catch_up_needs_a_schedule() {
+        let csv = |extra: &str| {
+            let text = format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"demo\"\n[csv]\ndir = \"out\"\n{extra}"
+            );
+            ConnectorConfig::parse(&text, Path::new("x.toml"), Path::new("."))
+                .map(|c| c.kind.as_str().to_owned())
+                .map_err(|e| e.to_string())
+        };
+        csv("schedule = \"0 0 2 * * *\"\ncatch_up = true\n").unwrap();
+        csv("catch_up = false\n").unwrap();
+        let err = csv("catch_up = true\n").unwrap_err();
+        assert!(err.contains("key `catch_up`: needs a `schedule`"), "{err}");
+    }
 }

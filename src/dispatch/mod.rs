@@ -1642,6 +1642,22 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     // tried again after its backoff or at the next start, not at the next scheduled time
     // (a nightly file would miss its night).
     let mut owed = schedule.is_some() && ctx.store.write_due(&tenant, &cursor_name)?;
+    if let Some(cron) = &schedule
+        && settings.catch_up
+        && !owed
+        && !ctx.config.dry_run
+    {
+        let last = ctx.store.last_scheduled_write(&tenant, &cursor_name)?;
+        if let Some(due) = crate::schedule::missed_run(cron, chrono_tz::UTC, last) {
+            tracing::info!(
+                missed = %rfc3339(due),
+                last_write = %last.map(rfc3339).unwrap_or_default(),
+                "A scheduled write came due while the daemon was down; writing now (catch_up)."
+            );
+            ctx.store.mark_write_due(&tenant, &cursor_name).await?;
+            owed = true;
+        }
+    }
     loop {
         match &schedule {
             Some(_) if owed => {}
@@ -1658,7 +1674,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     return Ok(());
                 }
                 if !ctx.config.dry_run {
-                    ctx.store.set_write_due(&tenant, &cursor_name, true).await?;
+                    ctx.store.mark_write_due(&tenant, &cursor_name).await?;
                     owed = true;
                 }
             }
@@ -1706,7 +1722,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     let report: crate::connectors::csv::SnapshotReport = report;
                     if owed {
                         ctx.store
-                            .set_write_due(&tenant, &cursor_name, false)
+                            .scheduled_write_done(&tenant, &cursor_name, Utc::now())
                             .await?;
                         owed = false;
                     }

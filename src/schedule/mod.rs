@@ -505,6 +505,21 @@ pub fn next_run(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::DateTi
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The time `cron`, read in `tz`, last came due, if that is after `last` (the last run):
+/// a run missed while the daemon was down. None when nothing ran before (a new schedule,
+/// or a new store: nothing was missed that anyone could expect).
+pub fn missed_run(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    last: Option<chrono::DateTime<Utc>>,
+) -> Option<chrono::DateTime<Utc>> {
+    let due = cron
+        .find_previous_occurrence(&Utc::now().with_timezone(&tz), false)
+        .ok()?
+        .with_timezone(&Utc);
+    (due > last?).then_some(due)
+}
+
 /// Sleep until `at`; false if `cancel` came first.
 pub async fn sleep_until(
     at: chrono::DateTime<Utc>,
@@ -547,15 +562,33 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                 }
             })
             .collect();
+        let last_run = kept.iter().map(|(_, k)| k.at).max();
+        let missed = if state.config.schedules.catch_up {
+            missed_run(&cron, tz, last_run)
+        } else {
+            None
+        };
         state.schedules.update(name, |r| {
             r.cron = expr.to_owned();
-            r.last_run = kept.iter().map(|(_, k)| k.at).max();
+            r.last_run = last_run;
             r.parts = kept.into_iter().map(|(t, k)| (t, k.part)).collect();
         });
         let (state, shutdown) = (state.clone(), shutdown.clone());
         let span = tracing::info_span!("schedule", schedule = name);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
+                if let Some(due) = missed {
+                    use crate::dispatch::rfc3339;
+                    tracing::info!(
+                        missed = %rfc3339(due),
+                        last_run = %last_run.map(rfc3339).unwrap_or_default(),
+                        "The schedule came due while the daemon was down; running it now (catch_up)."
+                    );
+                    if !jobs_ended(&state, &shutdown).await {
+                        return;
+                    }
+                    run_and_keep(&state, name).await;
+                }
                 loop {
                     let Some(next) = next_run(&cron, tz) else {
                         tracing::warn!("The schedule has no next run.");
@@ -565,27 +598,51 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                     if !sleep_until(next, &shutdown).await {
                         return;
                     }
-                    let outcomes = run_scheduled(&state, name).await;
-                    let at = Utc::now();
-                    let done: Vec<(String, ScheduledPart)> = outcomes
-                        .iter()
-                        .filter_map(|(t, o)| match o {
-                            Outcome::Done(part) => Some((t.clone(), part.clone())),
-                            Outcome::Skipped(_) => None,
-                        })
-                        .collect();
-                    state.schedules.record(name, at, outcomes);
-                    for (tenant, part) in done {
-                        let kept = ScheduledResult { at, part };
-                        if let Err(e) = state.store.set_scheduled_result(&tenant, name, &kept).await
-                        {
-                            tracing::warn!(%tenant, error = %e, "Cannot keep the run's result; /status forgets it at the next start.");
-                        }
-                    }
+                    run_and_keep(&state, name).await;
                 }
             },
             span,
         ));
+    }
+}
+
+/// Wait until no tenant runs a job; false if `cancel` came first. A catch-up waits for
+/// the start-up reclassification (after a bundle change): a scheduled run that found the
+/// slot taken would be skipped, and a missed night's run would then wait for the next
+/// start. (A run at its time is skipped instead: the next one comes soon.)
+async fn jobs_ended(state: &AppState, cancel: &tokio_util::sync::CancellationToken) -> bool {
+    while state
+        .config
+        .tenants
+        .iter()
+        .any(|t| state.store.job_running(&t.id))
+    {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = cancel.cancelled() => return false,
+        }
+    }
+    true
+}
+
+/// Run schedule `name` once, record its result for `/status`, and keep each tenant's
+/// part in the store, so that a restart (and a catch-up) knows it.
+async fn run_and_keep(state: &Arc<AppState>, name: &str) {
+    let outcomes = run_scheduled(state, name).await;
+    let at = Utc::now();
+    let done: Vec<(String, ScheduledPart)> = outcomes
+        .iter()
+        .filter_map(|(t, o)| match o {
+            Outcome::Done(part) => Some((t.clone(), part.clone())),
+            Outcome::Skipped(_) => None,
+        })
+        .collect();
+    state.schedules.record(name, at, outcomes);
+    for (tenant, part) in done {
+        let kept = ScheduledResult { at, part };
+        if let Err(e) = state.store.set_scheduled_result(&tenant, name, &kept).await {
+            tracing::warn!(%tenant, error = %e, "Cannot keep the run's result; /status forgets it at the next start.");
+        }
     }
 }
 
@@ -698,6 +755,25 @@ mod tests {
                 ScheduledPart::Job(id) => format!("{t}=job {id}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_run_is_missed_only_when_its_time_came_after_the_last_run() {
+        use chrono::TimeZone;
+        let new_year = crate::config::parse_cron("0 0 0 1 1 *").unwrap();
+        use chrono::Datelike;
+        let this_new_year = Utc
+            .with_ymd_and_hms(Utc::now().year(), 1, 1, 0, 0, 0)
+            .unwrap();
+        let before = this_new_year - chrono::Duration::days(30);
+        assert_eq!(
+            missed_run(&new_year, chrono_tz::UTC, Some(before)),
+            Some(this_new_year)
+        );
+        let after = this_new_year + chrono::Duration::seconds(1);
+        assert_eq!(missed_run(&new_year, chrono_tz::UTC, Some(after)), None);
+        // Nothing ran before: nothing was missed.
+        assert_eq!(missed_run(&new_year, chrono_tz::UTC, None), None);
     }
 
     #[test]

@@ -232,7 +232,6 @@ pub async fn run_with_env(
         reloads: Default::default(),
         schedules: Default::default(),
     });
-    crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
         if !marked.is_empty() {
@@ -255,6 +254,10 @@ pub async fn run_with_env(
             }
         }
     }
+    // Only now: a schedule caught up at start must find the last stop's jobs already
+    // marked interrupted (else its own new job would be), and the start-up
+    // reclassification holding its tenant's slot.
+    crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
     let reloads = tokio::spawn(reload_on(reloads, state.clone(), shutdown.clone()));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());

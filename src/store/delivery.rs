@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{ChangeEvent, Store, StoreError, StoreResult, decode_u64};
+use super::{ChangeEvent, Store, StoreError, StoreResult, decode_u64, encode};
 
 const SEP: u8 = 0;
 
@@ -43,6 +43,12 @@ fn retired_key(connector: &str) -> Vec<u8> {
 /// (a nightly file would miss its night).
 fn write_due_key(connector: &str) -> Vec<u8> {
     tagged(b'w', connector)
+}
+
+/// `W conn` → when the connector's last scheduled write succeeded, so that a start can
+/// tell a scheduled time missed while the daemon was down.
+fn scheduled_write_key(connector: &str) -> Vec<u8> {
+    tagged(b'W', connector)
 }
 
 /// `d conn SEP id` → dead letter.
@@ -174,7 +180,7 @@ impl Store {
         self.set_flag(tenant, retired_key(connector), retired).await
     }
 
-    /// Whether the connector's scheduled write is owed (see [`Store::set_write_due`]).
+    /// Whether the connector's scheduled write is owed (see [`Store::mark_write_due`]).
     pub fn write_due(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
         self.has_key(tenant, write_due_key(connector))
     }
@@ -184,10 +190,41 @@ impl Store {
     }
 
     /// Record that a scheduled write of the connector's files is owed (its time came and
-    /// it has not succeeded yet: it runs, failed, or a stop or a crash cut it short), or
-    /// that it no longer is.
-    pub async fn set_write_due(&self, tenant: &str, connector: &str, due: bool) -> StoreResult<()> {
-        self.set_flag(tenant, write_due_key(connector), due).await
+    /// it has not succeeded yet: it runs, failed, or a stop or a crash cut it short), until
+    /// [`Store::scheduled_write_done`].
+    pub async fn mark_write_due(&self, tenant: &str, connector: &str) -> StoreResult<()> {
+        self.set_flag(tenant, write_due_key(connector), true).await
+    }
+
+    /// A scheduled write succeeded at `at`: it is no longer owed, and `at` is the last
+    /// one (see [`Store::last_scheduled_write`]), in one write.
+    pub async fn scheduled_write_done(
+        &self,
+        tenant: &str,
+        connector: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let (due, last, at) = (
+            write_due_key(connector),
+            scheduled_write_key(connector),
+            encode(&at)?,
+        );
+        self.write(tenant, move |txn| {
+            txn.del(due);
+            txn.put(last, at);
+            Ok(())
+        })
+        .await
+    }
+
+    /// When the connector's last scheduled write succeeded; None before the first (or in
+    /// a store written by a build that did not record it).
+    pub fn last_scheduled_write(
+        &self,
+        tenant: &str,
+        connector: &str,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        self.get_decoded(tenant, scheduled_write_key(connector))
     }
 
     async fn set_flag(&self, tenant: &str, key: Vec<u8>, on: bool) -> StoreResult<()> {

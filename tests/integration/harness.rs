@@ -78,6 +78,8 @@ pub struct Options {
     pub client_timeout_secs: u64,
     /// The first tenant's `allow_overrides` (the other tenant's is always false).
     pub allow_overrides: bool,
+    /// The archetype bundle both tenants use, written at every start.
+    pub bundle: String,
 }
 
 impl Default for Options {
@@ -90,6 +92,7 @@ impl Default for Options {
             config_extra: String::new(),
             client_timeout_secs: 75,
             allow_overrides: true,
+            bundle: BUNDLE.to_owned(),
         }
     }
 }
@@ -160,7 +163,7 @@ impl TestDaemon {
             Some((_, o)) => (o.clone(), TokenHash::of(o)),
             None => new_token(),
         };
-        std::fs::write(root.join("bundle.toml"), BUNDLE).expect("bundle");
+        std::fs::write(root.join("bundle.toml"), &opts.bundle).expect("bundle");
         let connectors = root.join("connectors");
         std::fs::create_dir_all(&connectors).expect("connectors dir");
         for (name, text) in &opts.connectors {

@@ -2,7 +2,7 @@
 //! its data was changed behind rosterd's back, the job's lifecycle, cron schedules and
 //! change-log compaction.
 
-use crate::harness::{OTHER_TENANT, Options, TENANT, TestDaemon, patch_op};
+use crate::harness::{BUNDLE, OTHER_TENANT, Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
     caught_up, connector, discard_dead_letters, oneroster_file, sourced_id, start_with_oneroster,
     with_user_created_hook,
@@ -1533,30 +1533,16 @@ async fn the_schedules_last_results_outlive_a_restart() {
         ..Options::default()
     })
     .await;
-    let schedules = |s: Value| s["schedules"].clone();
-    // A start slower than the lead waits a minute more.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let before = loop {
-        let s = schedules(d.status().await);
-        // Every tenant's job, not just the first: a restart interrupts one still running,
-        // and the result then reads differently, rightly.
-        let jobs = &s["reconcile"]["jobs"];
-        let finished = [TENANT, OTHER_TENANT]
-            .iter()
-            .all(|t| jobs[t]["status"] == "succeeded");
-        if finished && s["compact"]["last_result"].is_string() {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no runs: {s}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let before = schedules_ran(&d, None).await;
+    // Catching up runs nothing here: no scheduled time passed since those runs.
     let d = d
         .restart_with(|o| {
-            o.config_extra =
-                format!("[schedules]\nreconcile = \"{NEW_YEAR}\"\ncompact = \"{NEW_YEAR}\"\n")
+            o.config_extra = format!(
+                "[schedules]\ncatch_up = true\nreconcile = \"{NEW_YEAR}\"\ncompact = \"{NEW_YEAR}\"\n"
+            )
         })
         .await;
-    let after = schedules(d.status().await);
+    let after = d.status().await["schedules"].clone();
     for name in ["reconcile", "compact"] {
         let (b, a) = (&before[name], &after[name]);
         assert!(b["last_result"].is_string(), "{name}: {b}");
@@ -1569,4 +1555,163 @@ async fn the_schedules_last_results_outlive_a_restart() {
         after["reconcile"]["jobs"], before["reconcile"]["jobs"],
         "{after}"
     );
+}
+
+/// `/status` `schedules` once `reconcile` and `compact` have each run (after `since`,
+/// if given) and every tenant's reconcile job has finished.
+async fn schedules_ran(d: &TestDaemon, since: Option<&str>) -> Value {
+    // A start slower than a once-a-minute schedule's lead waits a minute more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = d.status().await["schedules"].clone();
+        let ran = |name: &str| {
+            s[name]["last_run"]
+                .as_str()
+                .is_some_and(|at| since.is_none_or(|since| at > since))
+        };
+        // Every tenant's job, not just the first: a restart interrupts one still running,
+        // and the result then reads differently, rightly.
+        let jobs = &s["reconcile"]["jobs"];
+        let finished = [TENANT, OTHER_TENANT]
+            .iter()
+            .all(|t| jobs[t]["status"] == "succeeded");
+        if ran("reconcile") && ran("compact") && finished {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no runs: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A scheduled time that has just gone by, and a cron expression that fires at that
+/// time of day (UTC) only: the time a daemon that was down missed.
+async fn a_time_just_missed() -> (chrono::DateTime<chrono::Utc>, String) {
+    use chrono::{DurationRound, Timelike};
+    let now = chrono::Utc::now();
+    let t =
+        now.duration_trunc(chrono::Duration::seconds(1)).unwrap() + chrono::Duration::seconds(1);
+    tokio::time::sleep((t - now).to_std().unwrap() + Duration::from_millis(50)).await;
+    (
+        t,
+        format!("{} {} {} * * *", t.second(), t.minute(), t.hour()),
+    )
+}
+
+/// With `catch_up`, a schedule that came due while the daemon was down runs at the next
+/// start: a nightly reconcile missed during maintenance runs when the daemon is back, not
+/// the next night. Without it, the schedule waits for its next time, as cron does.
+#[tokio::test]
+async fn a_schedule_missed_while_the_daemon_was_down_runs_at_the_next_start() {
+    use chrono::Timelike;
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let d = TestDaemon::start_with(Options {
+        config_extra: format!(
+            "[schedules]\ncatch_up = true\nreconcile = \"{second} * * * * *\"\ncompact = \"{second} * * * * *\"\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let before = schedules_ran(&d, None).await;
+    let (missed, daily) = a_time_just_missed().await;
+    let config = |catch_up: bool| {
+        format!(
+            "[schedules]\ncatch_up = {catch_up}\nreconcile = \"{daily}\"\ncompact = \"{daily}\"\n"
+        )
+    };
+    // Without catch_up: nothing runs until tomorrow.
+    let d = d.restart_with(|o| o.config_extra = config(false)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waited = d.status().await["schedules"].clone();
+    for name in ["reconcile", "compact"] {
+        assert_eq!(
+            waited[name]["last_run"], before[name]["last_run"],
+            "{waited}"
+        );
+    }
+    // A new bundle too: the start reclassifies every tenant, and the catch-up waits for
+    // that instead of being skipped for the job slot.
+    let d = d
+        .restart_with(|o| {
+            o.config_extra = config(true);
+            o.bundle = BUNDLE.replace("\"test-1\"", "\"test-2\"");
+        })
+        .await;
+    let since = before["reconcile"]["last_run"].as_str().unwrap().to_owned();
+    let caught = schedules_ran(&d, Some(&since)).await;
+    for tenant in [TENANT, OTHER_TENANT] {
+        let job = &caught["reconcile"]["jobs"][tenant];
+        assert_eq!(job["kind"], "schedule", "{caught}");
+        assert_ne!(job["job_id"], before["reconcile"]["jobs"][tenant]["job_id"]);
+    }
+    assert!(caught["reconcile"]["last_skipped"].is_null(), "{caught}");
+    let tomorrow =
+        (missed + chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(
+        caught["reconcile"]["next_run"],
+        tomorrow.as_str(),
+        "{caught}"
+    );
+    // Caught up once: the next start finds nothing missed.
+    let d = d.restart().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = d.status().await["schedules"].clone();
+    for name in ["reconcile", "compact"] {
+        assert_eq!(again[name]["last_run"], caught[name]["last_run"], "{again}");
+    }
+}
+
+/// A scheduled CSV connector with `catch_up` writes at start when its scheduled time
+/// came while the daemon was down; without it, the file waits for the next time.
+#[tokio::test]
+async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_the_next_start() {
+    let catching_up = |schedule: &str, on: bool| {
+        let (name, text) = nightly_csv(schedule);
+        let text = text.replace(
+            &format!("schedule = \"{schedule}\"\n"),
+            &format!("schedule = \"{schedule}\"\ncatch_up = {on}\n"),
+        );
+        (name, text)
+    };
+    use chrono::Timelike;
+    let mut d = TestDaemon::start().await;
+    d.create_user("ada@acme.test").await;
+    // Once a minute, from a few seconds after the reload that brings it: one write, and
+    // the stop long before the next (a stop inside a write would leave it owed).
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let (name, text) = catching_up(&format!("{second} * * * * *"), true);
+    std::fs::write(d.root.join("connectors").join(name), text).unwrap();
+    d.reload().await;
+    // A write is known once it is counted (its time is kept before that).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while connector(&d, "nightly").await["delivered"].as_u64() < Some(1) {
+        assert!(tokio::time::Instant::now() < deadline, "never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.stop().await;
+    let file = d.root.join("connectors/nightly-out/roster.csv");
+    std::fs::remove_file(&file).unwrap();
+    let (missed, daily) = a_time_just_missed().await;
+    let mut d = d
+        .restart_with(|o| o.connectors = vec![catching_up(&daily, false)])
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!file.exists(), "written without catch_up");
+    d.stop().await;
+    let d = d
+        .restart_with(|o| o.connectors = vec![catching_up(&daily, true)])
+        .await;
+    nightly_writes(&d, &file, "the missed write waited for its next time").await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("ada@acme.test"), "{text}");
+    let tomorrow =
+        (missed + chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = connector(&d, "nightly").await;
+        if c["next_write_at"] == tomorrow.as_str() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
