@@ -1523,17 +1523,7 @@ async fn a_reconciliation_leaves_objects_with_waiting_changes_to_the_mirror() {
 /// restarts the daemon in the morning can still read what last night's runs did.
 #[tokio::test]
 async fn the_schedules_last_results_outlive_a_restart() {
-    use chrono::Timelike;
-    // Once a minute, a few seconds from now: one run each, and the restart before the next.
-    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
-    let d = TestDaemon::start_with(Options {
-        config_extra: format!(
-            "[schedules]\nreconcile = \"{second} * * * * *\"\ncompact = \"{second} * * * * *\"\n"
-        ),
-        ..Options::default()
-    })
-    .await;
-    let before = schedules_ran(&d, None).await;
+    let (d, before) = reconciled_and_compacted_once(false).await;
     // Catching up runs nothing here: no scheduled time passed since those runs.
     let d = d
         .restart_with(|o| {
@@ -1555,6 +1545,23 @@ async fn the_schedules_last_results_outlive_a_restart() {
         after["reconcile"]["jobs"], before["reconcile"]["jobs"],
         "{after}"
     );
+}
+
+/// A daemon whose `reconcile` and `compact` schedules ran once (once a minute, from a few
+/// seconds after the start: the test's restart comes long before the next), and its
+/// `/status` `schedules` then.
+async fn reconciled_and_compacted_once(catch_up: bool) -> (TestDaemon, Value) {
+    use chrono::Timelike;
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
+    let d = TestDaemon::start_with(Options {
+        config_extra: format!(
+            "[schedules]\ncatch_up = {catch_up}\nreconcile = \"{second} * * * * *\"\ncompact = \"{second} * * * * *\"\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let ran = schedules_ran(&d, None).await;
+    (d, ran)
 }
 
 /// `/status` `schedules` once `reconcile` and `compact` have each run (after `since`,
@@ -1602,16 +1609,7 @@ async fn a_time_just_missed() -> (chrono::DateTime<chrono::Utc>, String) {
 /// the next night. Without it, the schedule waits for its next time, as cron does.
 #[tokio::test]
 async fn a_schedule_missed_while_the_daemon_was_down_runs_at_the_next_start() {
-    use chrono::Timelike;
-    let second = (chrono::Utc::now() + chrono::Duration::seconds(3)).second();
-    let d = TestDaemon::start_with(Options {
-        config_extra: format!(
-            "[schedules]\ncatch_up = true\nreconcile = \"{second} * * * * *\"\ncompact = \"{second} * * * * *\"\n"
-        ),
-        ..Options::default()
-    })
-    .await;
-    let before = schedules_ran(&d, None).await;
+    let (d, before) = reconciled_and_compacted_once(true).await;
     let (missed, daily) = a_time_just_missed().await;
     let config = |catch_up: bool| {
         format!(
