@@ -63,6 +63,7 @@ pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
 pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 pub const STORE_FAILED: &str = "rosterd_store_failed";
+pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
 
 /// The `route` label of requests no route matched (the fallback).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -213,6 +214,10 @@ fn describe() {
     metrics::describe_gauge!(
         STORE_FAILED,
         "1 once the store hit an unrecoverable storage error (e.g. a full disk) and refuses writes until rosterd restarts, else 0."
+    );
+    metrics::describe_gauge!(
+        SCHEDULE_LAST_RUN,
+        "When the schedule last ran (Unix time; kept across restarts); absent until its first run."
     );
     metrics::describe_counter!(
         JOBS_TOTAL,
@@ -390,6 +395,12 @@ fn set_gauges(st: &AppState) {
             metrics::gauge!(CONNECTOR_LOAD_FAILED, "file" => f.clone()).set(1.0);
         }
         *failing = now;
+    }
+    // `time() - rosterd_schedule_last_run_timestamp_seconds > …` catches a nightly
+    // export or compaction that stopped running, which no job counter covers.
+    for (schedule, at) in crate::schedule::last_runs(st) {
+        let seconds = at.timestamp_millis() as f64 / 1000.0;
+        metrics::gauge!(SCHEDULE_LAST_RUN, "schedule" => schedule).set(seconds);
     }
     for t in &st.config.tenants {
         let seq = *st.store.watch_durable(&t.id).borrow();

@@ -498,6 +498,18 @@ pub fn status(state: &AppState) -> serde_json::Value {
     serde_json::Value::Object(doc)
 }
 
+/// Each schedule's last run, for `/metrics`: the schedules that ran at least once.
+pub fn last_runs(state: &AppState) -> Vec<(String, chrono::DateTime<Utc>)> {
+    let runs = state
+        .schedules
+        .runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    runs.iter()
+        .filter_map(|(name, r)| r.last_run.map(|at| (name.clone(), at)))
+        .collect()
+}
+
 /// The next time `cron`, read in `tz`, fires.
 pub fn next_run(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::DateTime<Utc>> {
     cron.find_next_occurrence(&Utc::now().with_timezone(&tz), false)

@@ -91,7 +91,7 @@ fn parse(text: &str) -> Vec<Sample> {
 
 /// The sum over samples named `name` whose labels include all of `want`; `None` when no
 /// sample matches.
-fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
     let matching: Vec<f64> = samples
         .iter()
         .filter(|s| {

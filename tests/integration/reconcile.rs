@@ -1545,6 +1545,21 @@ async fn the_schedules_last_results_outlive_a_restart() {
         after["reconcile"]["jobs"], before["reconcile"]["jobs"],
         "{after}"
     );
+    // So is the gauge an alert on a schedule that stopped running reads.
+    let (_, samples) = crate::metrics::scrape(&d).await;
+    for name in ["reconcile", "compact"] {
+        let last_run =
+            chrono::DateTime::parse_from_rfc3339(before[name]["last_run"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis() as f64
+                / 1000.0;
+        let gauge = crate::metrics::value(
+            &samples,
+            "rosterd_schedule_last_run_timestamp_seconds",
+            &[("schedule", name)],
+        );
+        assert_eq!(gauge, Some(last_run), "{name}");
+    }
 }
 
 /// A daemon whose `reconcile` and `compact` schedules ran once (once a minute, from a few
