@@ -47,7 +47,8 @@ pub fn notify_ready(addr: SocketAddr) {
     );
 }
 
-fn serving(addr: SocketAddr) -> String {
+/// The status line while rosterd serves on `addr`.
+pub fn serving(addr: SocketAddr) -> String {
     format!("Serving on {addr}")
 }
 
@@ -70,10 +71,8 @@ pub fn notify_reloading() {
 /// Tell systemd that the reload begun by [`notify_reloading`] is over (`READY=1`). After a
 /// failed reload call [`notify_status`] next to say so; the daemon keeps its old config.
 pub fn notify_reloaded(addr: SocketAddr) {
-    send(
-        "READY",
-        &[NotifyState::Ready, NotifyState::Status(&serving(addr))],
-    );
+    // The same message as at start: ready again, serving where it did.
+    notify_ready(addr);
 }
 
 /// Tell systemd that shutdown has begun (`STOPPING=1`), so it stops expecting watchdog

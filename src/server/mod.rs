@@ -483,8 +483,8 @@ pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloaded(state.local_addr);
     if failed > 0 {
         crate::ops::systemd::notify_status(&format!(
-            "Serving on {}; last reload had {failed} error(s), see the log",
-            state.local_addr
+            "{}; last reload had {failed} error(s), see the log",
+            crate::ops::systemd::serving(state.local_addr)
         ));
     }
     tracing::info!(errors = failed, "Reload finished.");
