@@ -771,9 +771,8 @@ mod tests {
 
     #[test]
     fn a_run_is_missed_only_when_its_time_came_after_the_last_run() {
-        use chrono::TimeZone;
+        use chrono::{Datelike, TimeZone};
         let new_year = crate::config::parse_cron("0 0 0 1 1 *").unwrap();
-        use chrono::Datelike;
         let this_new_year = Utc
             .with_ymd_and_hms(Utc::now().year(), 1, 1, 0, 0, 0)
             .unwrap();
