@@ -1605,17 +1605,20 @@ async fn schedules_ran(d: &TestDaemon, since: Option<&str>) -> Value {
     }
 }
 
-/// A scheduled time that has just gone by, and a cron expression that fires at that
-/// time of day (UTC) only: the time a daemon that was down missed.
-async fn a_time_just_missed() -> (chrono::DateTime<chrono::Utc>, String) {
+/// A cron expression that fires once a day (UTC), at a time that has just gone by: the
+/// time a daemon that was down missed. With it, its next time (tomorrow) as `/status`
+/// writes it.
+async fn a_time_just_missed() -> (String, String) {
     use chrono::{DurationRound, Timelike};
     let now = chrono::Utc::now();
     let t =
         now.duration_trunc(chrono::Duration::seconds(1)).unwrap() + chrono::Duration::seconds(1);
     tokio::time::sleep((t - now).to_std().unwrap() + Duration::from_millis(50)).await;
+    let tomorrow =
+        (t + chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     (
-        t,
         format!("{} {} {} * * *", t.second(), t.minute(), t.hour()),
+        tomorrow,
     )
 }
 
@@ -1625,7 +1628,7 @@ async fn a_time_just_missed() -> (chrono::DateTime<chrono::Utc>, String) {
 #[tokio::test]
 async fn a_schedule_missed_while_the_daemon_was_down_runs_at_the_next_start() {
     let (d, before) = reconciled_and_compacted_once(true).await;
-    let (missed, daily) = a_time_just_missed().await;
+    let (daily, tomorrow) = a_time_just_missed().await;
     let config = |catch_up: bool| {
         format!(
             "[schedules]\ncatch_up = {catch_up}\nreconcile = \"{daily}\"\ncompact = \"{daily}\"\n"
@@ -1657,8 +1660,6 @@ async fn a_schedule_missed_while_the_daemon_was_down_runs_at_the_next_start() {
         assert_ne!(job["job_id"], before["reconcile"]["jobs"][tenant]["job_id"]);
     }
     assert!(caught["reconcile"]["last_skipped"].is_null(), "{caught}");
-    let tomorrow =
-        (missed + chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     assert_eq!(
         caught["reconcile"]["next_run"],
         tomorrow.as_str(),
@@ -1677,6 +1678,7 @@ async fn a_schedule_missed_while_the_daemon_was_down_runs_at_the_next_start() {
 /// came while the daemon was down; without it, the file waits for the next time.
 #[tokio::test]
 async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_the_next_start() {
+    use chrono::Timelike;
     let catching_up = |schedule: &str, on: bool| {
         let (name, text) = nightly_csv(schedule);
         let text = text.replace(
@@ -1685,7 +1687,6 @@ async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_th
         );
         (name, text)
     };
-    use chrono::Timelike;
     let mut d = TestDaemon::start().await;
     d.create_user("ada@acme.test").await;
     // Once a minute, from a few seconds after the reload that brings it: one write, and
@@ -1703,7 +1704,7 @@ async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_th
     d.stop().await;
     let file = d.root.join("connectors/nightly-out/roster.csv");
     std::fs::remove_file(&file).unwrap();
-    let (missed, daily) = a_time_just_missed().await;
+    let (daily, tomorrow) = a_time_just_missed().await;
     let mut d = d
         .restart_with(|o| o.connectors = vec![catching_up(&daily, false)])
         .await;
@@ -1716,8 +1717,6 @@ async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_th
     nightly_writes(&d, &file, "the missed write waited for its next time").await;
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.contains("ada@acme.test"), "{text}");
-    let tomorrow =
-        (missed + chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let c = connector(&d, "nightly").await;
