@@ -1,7 +1,9 @@
 //! The daemon as a child process: `kill -9` while it mirrors a burst of SCIM changes,
 //! start it again, and the target ends with exactly the committed state.
 
-use crate::harness::{BUNDLE, JWT_AUDIENCE, JWT_SECRET, jwt_with, patch_op, user};
+use crate::harness::{
+    BUNDLE, JWT_AUDIENCE, JWT_SECRET, bulk_request, jwt_with, patch_op, user, user_posts,
+};
 use crate::mirror::oneroster_file;
 use crate::oneroster::{Fault, Kind, OneRosterOptions, OneRosterServer};
 use reqwest::Method;
@@ -1014,23 +1016,12 @@ fn nightly_drop_in(root: &Path, schedule: &str) {
 
 /// Create `n` users through SCIM Bulk, a thousand a request.
 async fn bulk_users(d: &ChildDaemon, n: usize) {
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let ops: Vec<Value> = chunk
-            .iter()
-            .map(|i| {
-                json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
-                    "data": user(&format!("user{i}@acme.test"))})
-            })
-            .collect();
+    for start in (0..n).step_by(1000) {
+        let ops = user_posts(start..(start + 1000).min(n), |i| {
+            format!("user{i}@acme.test")
+        });
         let r = d
-            .scim_send(
-                Method::POST,
-                "/Bulk",
-                Some(
-                    json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
-                    "Operations": ops}),
-                ),
-            )
+            .scim_send(Method::POST, "/Bulk", Some(bulk_request(ops)))
             .await;
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }

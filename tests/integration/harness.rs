@@ -471,11 +471,7 @@ impl TestDaemon {
 
     /// POST these operations to /Bulk as one BulkRequest.
     pub async fn bulk(&self, operations: Value) -> Resp {
-        self.post(
-            "/Bulk",
-            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": operations}),
-        )
-        .await
+        self.post("/Bulk", bulk_request(operations)).await
     }
 
     /// Add these users to a group with a SCIM PATCH, which must succeed.
@@ -509,6 +505,26 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A SCIM BulkRequest of `operations`.
+pub fn bulk_request(operations: Value) -> Value {
+    json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": operations})
+}
+
+/// `/Bulk` operations creating one user per index `i`, named `user_name(i)`, with bulkId
+/// `u{i}`.
+pub fn user_posts(
+    indices: impl IntoIterator<Item = usize>,
+    user_name: impl Fn(usize) -> String,
+) -> Value {
+    indices
+        .into_iter()
+        .map(|i| {
+            json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
+                   "data": user(&user_name(i))})
+        })
+        .collect()
 }
 
 pub fn user(user_name: &str) -> Value {

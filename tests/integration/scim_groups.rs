@@ -166,17 +166,8 @@ async fn large_member_patch_is_applied_whole() {
     let d = TestDaemon::start().await;
     let gid = d.create_group("Big").await;
     // Users created through /Bulk to keep the test quick.
-    let ops: Vec<Value> = (0..1000)
-        .map(|i| {
-            json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"),
-                   "data": user(&format!("big{i}@example.com"))})
-        })
-        .collect();
     let r = d
-        .post(
-            "/Bulk",
-            json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"], "Operations": ops}),
-        )
+        .bulk(user_posts(0..1000, |i| format!("big{i}@example.com")))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ids: Vec<String> = r.body["Operations"]
