@@ -36,27 +36,28 @@
 //! [`Fault::on_method`].
 #![allow(dead_code)]
 
+// webhook.rs includes it as well, and a test binary may take either target or both.
+#[allow(clippy::duplicate_mod)]
+#[path = "kill.rs"]
+mod kill;
+
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
 use base64::Engine as _;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use kill::{Conn, KillListener};
 use serde_json::{Map, Value, json};
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -818,120 +819,6 @@ impl Drop for OneRosterServer {
 }
 
 // ---------------------------------------------------------------------------------------
-// Connections that a fault can drop.
-
-#[derive(Clone, Debug)]
-struct Conn {
-    kill: Arc<AtomicBool>,
-}
-
-struct KillListener(TcpListener);
-
-impl Listener for KillListener {
-    type Io = KillIo;
-    type Addr = Conn;
-
-    async fn accept(&mut self) -> (KillIo, Conn) {
-        loop {
-            match self.0.accept().await {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let kill = Arc::new(AtomicBool::new(false));
-                    let conn = Conn { kill: kill.clone() };
-                    return (
-                        KillIo {
-                            inner: stream,
-                            kill,
-                        },
-                        conn,
-                    );
-                }
-                // Out of descriptors and the like: back off and retry, as axum does.
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Conn> {
-        self.0.local_addr().map(|_| Conn {
-            kill: Arc::default(),
-        })
-    }
-}
-
-impl Connected<IncomingStream<'_, KillListener>> for Conn {
-    fn connect_info(stream: IncomingStream<'_, KillListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP stream that fails every read and write once its connection is marked dropped, so
-/// the server never answers and closes the socket.
-struct KillIo {
-    inner: TcpStream,
-    kill: Arc<AtomicBool>,
-}
-
-fn killed() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "connection dropped by fault injection",
-    )
-}
-
-impl AsyncRead for KillIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for KillIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Request handling.
 
 fn method_name(m: &Method) -> &'static str {
@@ -1058,7 +945,7 @@ async fn handle(
     let label = fault.as_ref().map(|(_, l)| *l);
     match fault.map(|(k, _)| k) {
         Some(FaultKind::Drop) => {
-            conn.kill.store(true, Ordering::Relaxed);
+            conn.drop_connection();
             s.record(&parts.method, &path, query, None, &body, resource, label);
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }

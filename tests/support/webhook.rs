@@ -21,29 +21,30 @@
 //! the sender waited for one answer before sending the next without reading the time.
 #![allow(dead_code)]
 
+// oneroster.rs includes it as well, and a test binary may take either target or both.
+#[allow(clippy::duplicate_mod)]
+#[path = "kill.rs"]
+mod kill;
+
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
+use kill::{Conn, KillListener};
 use serde_json::Value;
 use sha2::Sha256;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -626,7 +627,7 @@ async fn handle(
     let (status, response, delay) = match fault {
         None => (Some(200), StatusCode::OK.into_response(), None),
         Some(FaultKind::Drop) => {
-            conn.kill.store(true, Ordering::Relaxed);
+            conn.drop_connection();
             (
                 None,
                 StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -713,116 +714,4 @@ async fn handle(
 enum Wait {
     For(Duration),
     Release,
-}
-
-// ---------------------------------------------------------------------------------------
-// Connections that a fault can drop.
-
-#[derive(Clone, Debug)]
-struct Conn {
-    kill: Arc<AtomicBool>,
-}
-
-struct KillListener(TcpListener);
-
-impl Listener for KillListener {
-    type Io = KillIo;
-    type Addr = Conn;
-
-    async fn accept(&mut self) -> (KillIo, Conn) {
-        loop {
-            match self.0.accept().await {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let kill = Arc::new(AtomicBool::new(false));
-                    let conn = Conn { kill: kill.clone() };
-                    return (
-                        KillIo {
-                            inner: stream,
-                            kill,
-                        },
-                        conn,
-                    );
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Conn> {
-        self.0.local_addr().map(|_| Conn {
-            kill: Arc::default(),
-        })
-    }
-}
-
-impl Connected<IncomingStream<'_, KillListener>> for Conn {
-    fn connect_info(stream: IncomingStream<'_, KillListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP stream that fails every read and write once its connection is marked dropped.
-struct KillIo {
-    inner: TcpStream,
-    kill: Arc<AtomicBool>,
-}
-
-fn killed() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "connection dropped by fault injection",
-    )
-}
-
-impl AsyncRead for KillIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for KillIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.kill.load(Ordering::Relaxed) {
-            return Poll::Ready(Err(killed()));
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
