@@ -1919,15 +1919,16 @@ async fn schema_by_id(
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
     refuse_filter(&q)?;
-    all_schemas(&st, &tenant)
+    one_by_id(all_schemas(&st, &tenant), &id, "schema")
+}
+
+/// The discovery document whose `id` is `id` (any case), or 404 naming `what` it is.
+fn one_by_id(documents: Vec<Value>, id: &str, what: &str) -> HandlerResult {
+    documents
         .into_iter()
-        .find(|s| {
-            s["id"]
-                .as_str()
-                .is_some_and(|s| s.eq_ignore_ascii_case(&id))
-        })
-        .map(|s| ok(s).into_response())
-        .ok_or_else(|| ScimError::not_found(format!("schema {id:?} not found")).into())
+        .find(|d| d["id"].as_str().is_some_and(|d| d.eq_ignore_ascii_case(id)))
+        .map(|d| ok(d).into_response())
+        .ok_or_else(|| ScimError::not_found(format!("{what} {id:?} not found")).into())
 }
 
 fn all_resource_types(state: &AppState, tenant: &str) -> Vec<Value> {
@@ -1974,13 +1975,5 @@ async fn resource_type_by_id(
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
     refuse_filter(&q)?;
-    all_resource_types(&st, &tenant)
-        .into_iter()
-        .find(|s| {
-            s["id"]
-                .as_str()
-                .is_some_and(|s| s.eq_ignore_ascii_case(&id))
-        })
-        .map(|s| ok(s).into_response())
-        .ok_or_else(|| ScimError::not_found(format!("resource type {id:?} not found")).into())
+    one_by_id(all_resource_types(&st, &tenant), &id, "resource type")
 }
