@@ -9,8 +9,8 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 use super::jwt::Scope;
-use super::roster::{FILTER_PARAMS, Renderer, UserFilter, blocking, check_params};
-use super::{ApiError, ApiResult, Params, authenticate};
+use super::roster::{FILTER_PARAMS, Renderer, UserFilter, admit, blocking};
+use super::{ApiError, ApiResult, Params};
 use crate::server::AppState;
 use crate::store::{Store, StoreError, StoreResult};
 
@@ -168,11 +168,9 @@ pub(super) async fn export_users(
     headers: HeaderMap,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
     let mut allowed = FILTER_PARAMS.to_vec();
     allowed.push("format");
-    check_params(&p, &allowed)?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &allowed)?;
     match p.get("format").map(String::as_str) {
         None | Some("csv") => {}
         Some(f) => {

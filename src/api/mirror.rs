@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use super::jwt::Scope;
-use super::roster::{blocking, check_params, parse_limit};
-use super::{ApiError, ApiResult, Params, authenticate};
+use super::roster::{admit, blocking, parse_limit};
+use super::{ApiError, ApiResult, Params};
 use crate::dispatch::DispatchError;
 use crate::server::AppState;
 
@@ -68,9 +68,7 @@ fn change_json(c: &crate::store::ChangeEvent) -> Value {
 /// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
 /// first. `next_since` is what to ask for next.
 async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &["since", "limit"])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &["since", "limit"])?;
     let limit = parse_limit(&p)?;
     let since = match p.get("since") {
         Some(v) => v
@@ -104,9 +102,7 @@ async fn list_connectors(
     headers: HeaderMap,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         Ok(Json(json!({ "connectors": st.dispatch.status(Some(&tenant)) })).into_response())
@@ -120,9 +116,7 @@ async fn get_connector(
     Path(name): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let tenant = caller.tenant;
     blocking(move || Ok(Json(st.dispatch.connector_status(&tenant, &name)?).into_response())).await
 }
@@ -133,9 +127,7 @@ async fn list_dead_letters(
     Path(name): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let letters: Vec<Value> = st
@@ -166,9 +158,7 @@ async fn discard(
     Path((name, id)): Path<(String, String)>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Admin)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
     st.dispatch
         .discard(&caller.tenant, &name, letter_id(&id)?)
         .await?;
@@ -181,9 +171,7 @@ async fn replay(
     Path((name, id)): Path<(String, String)>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Admin)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
     let id = letter_id(&id)?;
     let replayed = st.dispatch.replay(&caller.tenant, &name, id).await?;
     Ok(Json(replayed).into_response())
@@ -195,9 +183,7 @@ async fn resume(
     Path(name): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Admin)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
     let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
     // `resumed` stays for older clients; `was_paused` says whether there was a pause.
     Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response())
@@ -209,9 +195,7 @@ async fn retire(
     Path(name): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Admin)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
     let r = st.dispatch.retire(&caller.tenant, &name).await?;
     Ok(Json(json!({
         "retired": name,

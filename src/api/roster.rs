@@ -79,7 +79,22 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(crate::store::StoreError::from_join(e)))?
 }
 
-pub(super) fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+/// The checks every handler makes first, in this order: the caller's token, its scope, and
+/// the query parameters the endpoint takes (`allowed`).
+pub(super) fn admit(
+    st: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+    p: &HashMap<String, String>,
+    allowed: &[&str],
+) -> ApiResult<Caller> {
+    let caller = authenticate(st, headers)?;
+    caller.require(scope)?;
+    check_params(p, allowed)?;
+    Ok(caller)
+}
+
+fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
     let mut unknown: Vec<&str> = p
         .keys()
         .map(String::as_str)
@@ -702,11 +717,9 @@ fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>>
 }
 
 async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
     let mut allowed = FILTER_PARAMS.to_vec();
     allowed.extend(["limit", "cursor"]);
-    check_params(&p, &allowed)?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &allowed)?;
     let limit = parse_limit(&p)?;
     let policy = tenant_of(&st, &caller.tenant)?.policy();
     let tenant = caller.tenant;
@@ -740,9 +753,7 @@ async fn get_user(
     Path(user_id): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let res = find_user(&st.store, &tenant, &user_id)?;
@@ -901,9 +912,7 @@ async fn patch_user(
     Params(p): Params,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Write)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
     let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
@@ -940,9 +949,7 @@ async fn bulk_assign(
     Params(p): Params,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Write)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     let body = required_body(
         &headers,
         &body,
@@ -1058,9 +1065,7 @@ async fn list_archetypes(
     headers: HeaderMap,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let policy = tenant_of(&st, &caller.tenant)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
@@ -1104,9 +1109,7 @@ async fn list_archetypes(
 }
 
 async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let t = tenant_of(&st, &tenant)?;
@@ -1140,9 +1143,7 @@ async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
 // Review queue
 
 async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &["limit", "cursor"])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &["limit", "cursor"])?;
     let limit = parse_limit(&p)?;
     // The queue takes no filters: a cursor is bound to the endpoint and tenant only.
     let scope = CursorScope::new("review", &caller.tenant, []);
@@ -1214,9 +1215,7 @@ async fn accept_review(
     Params(p): Params,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Write)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
     // suggestion (the OpenAPI document makes the field optional).
     let chosen = match json_body(&headers, &body)? {
@@ -1277,9 +1276,13 @@ fn parse_time(p: &HashMap<String, String>, key: &str) -> ApiResult<Option<DateTi
 }
 
 async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &["user_id", "kind", "since", "until", "limit", "after"])?;
+    let caller = admit(
+        &st,
+        &headers,
+        Scope::Read,
+        &p,
+        &["user_id", "kind", "since", "until", "limit", "after"],
+    )?;
     let limit = parse_limit(&p)?;
     let after_seq = match p.get("after") {
         Some(v) => v
@@ -1407,9 +1410,7 @@ async fn start_sync(
     Params(p): Params,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Write)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     const EXPECTED: &str = "expected {\"dry_run\": true|false, \"full\": true|false}";
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
@@ -1452,9 +1453,7 @@ async fn get_job(
     Path(job_id): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&st, &headers)?;
-    caller.require(Scope::Read)?;
-    check_params(&p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
     let job = st
         .store
         .job(&caller.tenant, &job_id)?
