@@ -892,9 +892,12 @@ impl Ctx {
         (req, self.send(req, max_attempts).await)
     }
 
-    /// The requests for one change.
     /// The document a change leaves: its snapshot, or for an assignment-only change (which
-    /// carries none) the user as stored now.
+    /// carries none) the user as stored, while it is still the document the change saw
+    /// (its version, the seq of its last write, is not above the change's). A user
+    /// written or deleted since has left that document behind: `None` then. The stored
+    /// one would be a later state, sent ahead of the earlier changes still to come
+    /// after this one (or, deleted, a DELETE ahead of them, which they then undid).
     fn document<'e>(
         &self,
         ev: &'e ChangeEvent,
@@ -904,6 +907,7 @@ impl Ctx {
             None if ev.op == crate::store::ChangeOp::Archetype => self
                 .store
                 .get(self.tenant(), ResourceKind::User, &ev.id)?
+                .filter(|r| r.version <= ev.seq)
                 .map(|r| std::borrow::Cow::Owned(r.doc)),
             None => None,
         })
@@ -916,6 +920,12 @@ impl Ctx {
         match &self.target {
             Target::OneRoster { settings, .. } => {
                 let doc = self.document(ev)?;
+                if doc.is_none() && ev.op == crate::store::ChangeOp::Archetype {
+                    // The user was written or deleted after this assignment: that later
+                    // change, delivered after this one, sends the user with the
+                    // assignment as stored then, or its DELETE (enrollments first).
+                    return Ok(Plan::default());
+                }
                 let doc = doc.as_deref();
                 let manager = match doc {
                     Some(d) if ev.resource_type == "User" => {
@@ -923,14 +933,15 @@ impl Ctx {
                     }
                     _ => None,
                 };
-                let stored;
-                let assignment = match &ev.assignment {
-                    Some(a) => Some(a),
-                    None if ev.resource_type == "User" && doc.is_some() => {
-                        stored = self.store.assignment(tenant, &ev.id)?;
-                        stored.as_ref()
+                // The assignment as stored, not the change's own: a target is sent states,
+                // and one of a later assignment may already have gone out with an earlier
+                // change of the user, which the change's own would then undo until the
+                // later one's change came.
+                let assignment = match doc {
+                    Some(_) if ev.resource_type == "User" => {
+                        self.store.assignment(tenant, &ev.id)?
                     }
-                    None => None,
+                    _ => None,
                 };
                 let mut added = Vec::with_capacity(ev.members_added.len());
                 for m in &ev.members_added {
@@ -958,11 +969,11 @@ impl Ctx {
                 }
                 let cur = oneroster::Current {
                     doc,
-                    assignment,
+                    assignment: assignment.as_ref(),
                     manager,
                     user_members_added: added,
                     user_members_removed: ev.members_removed.iter().map(String::as_str).collect(),
-                    reports: self.report_writes(settings, reports)?,
+                    reports: self.report_writes(settings, ev.seq, reports)?,
                     groups: groups.iter().map(|(g, doc)| (g.as_str(), doc)).collect(),
                 };
                 oneroster::plan(settings, tenant, ev, cur).map_err(|e| PlanError::Unplannable(e.0))
@@ -975,18 +986,25 @@ impl Ctx {
         }
     }
 
-    /// The PUTs that bring these users' bodies up to date. One that is gone, inactive and
-    /// deleted downstream, or cannot be expressed has its own changes for that; sending
-    /// it here would only fail the change that merely touched it.
+    /// The PUTs that bring these users' bodies up to date after change `seq`. One that is
+    /// gone, written since `seq`, inactive and deleted downstream, or cannot be expressed
+    /// has its own changes for that, delivered after this one (a body from a later write
+    /// would be undone by the older snapshots of the changes between); sending it here
+    /// would only fail the change that merely touched it.
     fn report_writes(
         &self,
         settings: &OneRosterSettings,
+        seq: u64,
         reports: &[String],
     ) -> Result<Vec<oneroster::Write>, StoreError> {
         let tenant = self.tenant();
         let mut out = Vec::with_capacity(reports.len());
         for id in reports {
-            let Some(r) = self.store.get(tenant, ResourceKind::User, id)? else {
+            let Some(r) = self
+                .store
+                .get(tenant, ResourceKind::User, id)?
+                .filter(|r| r.version <= seq)
+            else {
                 continue;
             };
             if let Ok(w) =

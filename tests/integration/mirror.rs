@@ -2281,6 +2281,137 @@ async fn a_managers_deletion_reaches_its_reports() {
     assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
 }
 
+/// PATCH user `id`'s title to `title`.
+async fn retitle(d: &TestDaemon, id: &str, title: &str) {
+    let ops = json!([{"op": "replace", "path": "title", "value": title}]);
+    let r = d.patch(&format!("/Users/{id}"), patch_op(ops)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Override user `id`'s archetype through the Roster API.
+async fn override_to(d: &TestDaemon, id: &str, archetype: &str) {
+    let writer = d.jwt(TENANT, "roster:write");
+    let r = d
+        .override_archetype(&format!("/users/{id}"), &writer, json!(archetype))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn an_assignment_change_sends_no_later_state_ahead_of_the_changes_before_it() {
+    let (d, target) = start_with_oneroster("").await;
+    target.set_log_bodies(true);
+    let (ada, _, ada_sid, _) = enrolled_ada(&d, &target).await;
+    let bob = d.create_user("bob@acme.test").await;
+    caught_up(&d, "sis").await;
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    target.clear_requests();
+    // Each one's changes queue behind a title change the target fails until all are in, so
+    // the override's change (which carries no snapshot) is sent after its user was
+    // written again (bob) or deleted (ada).
+    for sid in [&ada_sid, &bob_sid] {
+        target.inject(Fault::status(503, 1).on_path(sid.as_str()).forever());
+    }
+    for id in [&ada, &bob] {
+        retitle(&d, id, "First").await;
+        override_to(&d, id, "fpa_analyst").await;
+        retitle(&d, id, "Mid").await;
+    }
+    retitle(&d, &bob, "Later").await;
+    assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    // What the target took for a user, in order: each PUT's job title, or DELETE.
+    let taken = |sid: &str| -> Vec<String> {
+        target
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with(sid) && r.status.is_some_and(|s| s < 300))
+            .map(|r| match r.method.as_str() {
+                "PUT" => r.json().unwrap()["user"]["metadata"]["job_title"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned(),
+                m => m.to_owned(),
+            })
+            .collect()
+    };
+    // Before, the override's change sent ada's DELETE ahead of her title changes, which
+    // then put her back until her own deletion came; and bob's latest title ahead of the
+    // older one.
+    assert_eq!(taken(&ada_sid), ["First", "Mid", "DELETE"]);
+    assert_eq!(taken(&bob_sid), ["First", "Mid", "Later"]);
+    assert_eq!(
+        target.user(&bob_sid).unwrap()["metadata"]["archetype_id"],
+        "fpa_analyst"
+    );
+    let r = d.dry_run_sync(&d.jwt(TENANT, "roster:admin")).await;
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+}
+
+#[tokio::test]
+async fn an_assignment_event_carries_the_user_only_as_its_change_left_it() {
+    let (hook, d, _) = with_hook(
+        r#"["roster.user_updated", "roster.archetype_overridden"]"#,
+        |t| {
+            t.replace(
+                "max_delay_ms = 200",
+                "max_delay_ms = 200\npause_after_failures = 1000",
+            )
+        },
+    )
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    caught_up(&d, "hooks").await;
+    // Ada's events queue behind a title change the receiver fails until the rest are in.
+    hook.inject(wh::Fault::status(503, 1).on_body(ada.as_str()).forever());
+    retitle(&d, &ada, "First").await;
+    override_to(&d, &ada, "fpa_analyst").await;
+    override_to(&d, &bob, "fpa_analyst").await;
+    retitle(&d, &ada, "Later").await;
+    hook.clear_faults();
+    caught_up(&d, "hooks").await;
+    let deliveries = hook.deliveries();
+    let overridden = |id: &str| -> &Value {
+        let got: Vec<&Value> = deliveries
+            .iter()
+            .map(|x| &x.body)
+            .filter(|b| b["type"] == "roster.archetype_overridden" && b["data"]["id"] == id)
+            .collect();
+        assert_eq!(got.len(), 1, "{id}: {got:?}");
+        got[0]
+    };
+    // Ada was written after her override: the user it left is gone, and her next event
+    // carries her. Before, the override's event carried her later title.
+    let a = overridden(&ada);
+    assert_eq!(a["data"]["object"], Value::Null, "{a}");
+    assert_eq!(
+        a["data"]["assignment"]["archetype_id"], "fpa_analyst",
+        "{a}"
+    );
+    let b = overridden(&bob);
+    assert_eq!(b["data"]["object"]["userName"], "bob@acme.test", "{b}");
+    // No event carries a state later than its own change.
+    for x in &deliveries {
+        let (seq, object) = (&x.body["data"]["seq"], &x.body["data"]["object"]);
+        if let Some(tag) = object["meta"]["version"].as_str() {
+            let version: u64 = tag
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .parse()
+                .unwrap();
+            assert!(version <= seq.as_u64().unwrap(), "{}", x.body);
+        }
+    }
+    let titles: Vec<&str> = deliveries
+        .iter()
+        .filter(|x| x.body["data"]["id"] == ada.as_str())
+        .filter_map(|x| x.body["data"]["object"]["title"].as_str())
+        .collect();
+    assert_eq!(titles, ["First", "Later"]);
+}
+
 #[tokio::test]
 async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
     let d = with_csv_files().await;
