@@ -188,7 +188,7 @@ pub fn openapi_document() -> Value {
                     "type": "object", "required": ["assignments"],
                     "properties": {"assignments": {"type": "array", "maxItems": 10000, "items": {
                         "type": "object", "required": ["user_id", "archetype_id"], "additionalProperties": false,
-                        "description": "An item that breaks this schema fails alone, with a per-item 400",
+                        "description": "An item that breaks this schema, or names a user an earlier item named (by userName or SCIM id: one item per user), fails alone, with a per-item 400",
                         "properties": {"user_id": {"type": "string", "minLength": 1}, "archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "null clears the override"}}}}}
                 }}}},
                 "responses": common_errors(json!({"200": ok_json("Per-item outcome", json!({

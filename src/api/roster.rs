@@ -980,6 +980,8 @@ async fn bulk_assign(
         .ok_or(ApiError::NoBundle)?;
     let mut updated = 0u64;
     let mut errors = Vec::new();
+    // The SCIM id of each user an item named, with that item's index.
+    let mut named: HashMap<String, usize> = HashMap::new();
     for (index, item) in items.iter().enumerate() {
         let user_id = item
             .get("user_id")
@@ -1016,6 +1018,15 @@ async fn bulk_assign(
                 }
             };
             let user = find_user_async(&st, &caller.tenant, user_id).await?;
+            // Applied in turn, all of them would count as `updated` while only the last
+            // stays in force, and each would write its event: which one the sender meant
+            // is not for the order of the list to decide.
+            if let Some(first) = named.get(&user.id) {
+                return Err(ApiError::BadRequest(format!(
+                    "item {first} names this user already; send one item per user"
+                )));
+            }
+            named.insert(user.id.clone(), index);
             let change = match set {
                 Some(a) => {
                     check_override(&st, &caller, OverrideIntent::Set(Some(a)), Some(&user.id))?;

@@ -976,6 +976,7 @@ async fn bulk_assign_reports_per_item() {
     let admin = settled(&d).await;
     create(&d, "a@acme.test", "software engineer", None).await;
     create(&d, "b@acme.test", "account executive", None).await;
+    create(&d, "c@acme.test", "account executive", None).await;
     let r = d
         .bulk_assign(
             &admin,
@@ -983,7 +984,7 @@ async fn bulk_assign_reports_per_item() {
                 {"user_id": "user:a@acme.test", "archetype_id": "fpa_analyst"},
                 {"user_id": "user:b@acme.test", "archetype_id": "production_planner"},
                 {"user_id": "user:nobody@acme.test", "archetype_id": "fpa_analyst"},
-                {"user_id": "user:a@acme.test", "archetype_id": "astronaut"}
+                {"user_id": "user:c@acme.test", "archetype_id": "astronaut"}
             ]),
         )
         .await;
@@ -1023,6 +1024,69 @@ async fn bulk_assign_reports_per_item() {
     );
     let a = roster_user(&d, &admin, "user:a@acme.test").await;
     assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
+    // One item per user: a later one naming the same user (by userName or SCIM id) fails
+    // alone, and only the first is written.
+    let events_before = d
+        .roster(
+            Method::GET,
+            "/events?user_id=user:c@acme.test",
+            &admin,
+            None,
+        )
+        .await
+        .body["events"]
+        .as_array()
+        .unwrap()
+        .len();
+    let c_id = d.user_id("c@acme.test").await;
+    let r = d
+        .bulk_assign(
+            &admin,
+            json!([
+                {"user_id": "user:c@acme.test", "archetype_id": "fpa_analyst"},
+                {"user_id": "user:c@acme.test", "archetype_id": null},
+                {"user_id": c_id, "archetype_id": "production_planner"}
+            ]),
+        )
+        .await;
+    assert_eq!(
+        (r.body["updated"].as_u64(), r.body["failed"].as_u64()),
+        (Some(1), Some(2)),
+        "{}",
+        r.body
+    );
+    for (e, index) in r.body["errors"].as_array().unwrap().iter().zip([1, 2]) {
+        assert_eq!(e["index"], index, "{e}");
+        assert_eq!(e["error"], "invalid_request", "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("item 0 names this user already"),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        roster_user(&d, &admin, "user:c@acme.test").await["archetype_id"],
+        "fpa_analyst"
+    );
+    let events_after = d
+        .roster(
+            Method::GET,
+            "/events?user_id=user:c@acme.test",
+            &admin,
+            None,
+        )
+        .await
+        .body["events"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(events_after, events_before + 1);
+    let r = d
+        .override_archetype("/users/user:c@acme.test", &admin, Value::Null)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     // An item read as PATCH reads a body: it names a user, and nothing else than the two
     // fields. Each bad one fails alone, as a 400 that says why.
     let r = d
