@@ -36,7 +36,7 @@ use model::{Rng, Softmax, TrainConfig};
 /// decision: a daemon started on a store classified by an older rosterd then reclassifies
 /// the tenant (writing events only where the decision changed), instead of keeping old
 /// answers beside new ones until the next reconcile.
-pub const REVISION: &str = "2026-12-02.4";
+pub const REVISION: &str = "2026-12-04.1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
@@ -181,11 +181,13 @@ impl Classifier {
     }
 
     fn with_config(bundle: &Bundle, feature_cfg: FeatureConfig, train_cfg: TrainConfig) -> Self {
-        // Archetypes by id and examples sorted (`collect_docs`): training, its folds and
-        // tie-breaks then see one order, so reordering a bundle's file changes nothing
-        // it decides.
+        // Archetypes by title, then id, and examples sorted (`collect_docs`): training, its
+        // folds and tie-breaks then see one order, so reordering a bundle's file changes
+        // nothing it decides. Not by id first: the order moves the fixed-seed shuffles,
+        // and renaming one id (a key held elsewhere, not a thing the classifier learns)
+        // moved other archetypes' confidences by up to 0.1, across the review threshold.
         let mut archetypes: Vec<&Archetype> = bundle.archetypes.iter().collect();
-        archetypes.sort_by(|a, b| a.id.cmp(&b.id));
+        archetypes.sort_by(|a, b| (&a.title, &a.id).cmp(&(&b.title, &b.id)));
         let ids: Vec<String> = archetypes.iter().map(|a| a.id.clone()).collect();
         let docs = collect_docs(&archetypes, &feature_cfg);
 
@@ -452,7 +454,7 @@ fn collect_docs(archetypes: &[&Archetype], cfg: &FeatureConfig) -> Vec<Doc> {
             push(&a.title, i, false);
         }
     }
-    // Labels are already in id order; within one, the examples' order in the file is
+    // Labels are already in title order; within one, the examples' order in the file is
     // no evidence.
     docs.sort_by(|a, b| (a.label, &a.norm, a.held_out_ok).cmp(&(b.label, &b.norm, b.held_out_ok)));
     docs

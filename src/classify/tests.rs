@@ -367,6 +367,46 @@ fn the_order_of_a_bundle_file_decides_nothing() {
 }
 
 #[test]
+fn renaming_an_archetype_id_decides_nothing_else() {
+    let demo = Bundle::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/archetypes/demo.toml"
+    )))
+    .unwrap();
+    // Ids that sort first, in the middle and last: each moved "Engineer" across 0.7 when
+    // archetypes were ordered by id.
+    for new_id in ["aaa", "finance_analyst", "zz_fpa"] {
+        let mut renamed = demo.clone();
+        for a in &mut renamed.archetypes {
+            if a.id == "fpa_analyst" {
+                a.id = new_id.into();
+            }
+        }
+        let back =
+            |id: Option<String>| id.map(|i| if i == new_id { "fpa_analyst".into() } else { i });
+        let (a, b) = (Classifier::new(&demo), Classifier::new(&renamed));
+        for t in [
+            "Engineer",
+            "Analytics Engineer",
+            "Sr. Mfg. Director of EMEA",
+            "Financial Analyst",
+            "Controller",
+            "Manager",
+            "Specialist",
+        ] {
+            for dept in [None, Some("Finance"), Some("Engineering")] {
+                let (x, mut y) = (a.classify(t, dept), b.classify(t, dept));
+                y.archetype_id = back(y.archetype_id);
+                for c in &mut y.candidates {
+                    c.archetype_id = back(Some(c.archetype_id.clone())).unwrap();
+                }
+                assert_eq!(x, y, "{t} / {dept:?}, renamed to {new_id}");
+            }
+        }
+    }
+}
+
+#[test]
 fn toml_round_trip_and_fingerprint() {
     let b = tiny();
     let text = match b.to_toml_string() {
