@@ -1028,6 +1028,7 @@ token_env = "T"
             assignment: None,
             deactivated: false,
             reactivated: false,
+            groups: None,
         }
     }
 

@@ -277,6 +277,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            groups: None,
         }
     }
 

@@ -956,14 +956,24 @@ impl Ctx {
                 // as it stands now: the group may be newer than anything the target
                 // has been sent yet. Only at the change of state: every later change
                 // of an inactive user would otherwise send a DELETE per group.
+                // The groups as the change left them (see `ChangeEvent::groups`), those
+                // read now for changes logged without them.
                 let mut groups = Vec::new();
                 if ev.resource_type == "User"
                     && settings.deactivate == oneroster::Deactivate::Delete
                     && (ev.deactivated || ev.reactivated)
                 {
-                    for g in self.store.groups_of(tenant, &ev.id)? {
-                        if let Some(r) = self.store.get(tenant, ResourceKind::Group, &g)? {
-                            groups.push((g, r.doc));
+                    let ids = match &ev.groups {
+                        Some(ids) => ids.clone(),
+                        None => self.store.groups_of(tenant, &ev.id)?,
+                    };
+                    for g in ids {
+                        match self.store.get(tenant, ResourceKind::Group, &g)? {
+                            Some(r) => groups.push((g, r.doc)),
+                            // A deactivation needs only the id to DELETE the enrollment of a
+                            // group deleted since; a reactivation leaves it to that deletion.
+                            None if ev.deactivated => groups.push((g, serde_json::Value::Null)),
+                            None => {}
                         }
                     }
                 }
@@ -2681,6 +2691,8 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         // it left it: its enrollments leave or come back with it.
         deactivated: ev.deactivated && active == Some(false),
         reactivated: ev.reactivated && active == Some(true),
+        // Its groups as they are now, as everything else here.
+        groups: None,
     })
 }
 
@@ -2918,6 +2930,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            groups: None,
         };
         assert_eq!(object_keys(&ev, &[]), ["Group/g", "User/u1", "User/u2"]);
         let reports = ["r1".to_owned()];

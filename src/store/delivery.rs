@@ -435,6 +435,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            groups: None,
         }
     }
 

@@ -245,6 +245,13 @@ pub struct ChangeEvent {
     /// logged before the field existed read as `false`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reactivated: bool,
+    /// For a change that deactivated or reactivated a user: its direct groups then. A
+    /// target that deletes inactive users takes these enrollments away (before the user)
+    /// or brings them back with it; the groups read when the change is sent could already
+    /// miss one that a later change left, whose enrollment would then outlive its user
+    /// until that change came. `None` for other changes and those logged before the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
 }
 
 /// What an update function returns: the new document and membership changes.
@@ -631,6 +638,7 @@ impl<'a> Txn<'a> {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            groups: None,
         };
         self.log(event);
         Ok(())
@@ -693,9 +701,17 @@ impl<'a> Txn<'a> {
     }
 
     fn member_ids(&self, gid: &str) -> StoreResult<Vec<String>> {
-        let prefix = keys::members_prefix(gid);
+        self.ids_under(&keys::members_prefix(gid))
+    }
+
+    /// The groups `member` belongs to directly, with this transaction's writes.
+    fn group_ids(&self, member: &str) -> StoreResult<Vec<String>> {
+        self.ids_under(&keys::backrefs_prefix(member))
+    }
+
+    fn ids_under(&self, prefix: &[u8]) -> StoreResult<Vec<String>> {
         let mut out = Vec::new();
-        for k in self.keys_with_prefix(&prefix)? {
+        for k in self.keys_with_prefix(prefix)? {
             if let Some(id) = keys::trailing_id(&k, prefix.len()) {
                 out.push(id.to_owned());
             }
@@ -1701,6 +1717,7 @@ impl Store {
                 assignment,
                 deactivated: false,
                 reactivated: false,
+                groups: None,
             });
             Ok(to_resource(id, doc))
         })
@@ -1778,6 +1795,11 @@ impl Store {
             let is_active = doc.get("active") != Some(&Value::Bool(false));
             let deactivated = kind == ResourceKind::User && was_active && !is_active;
             let reactivated = kind == ResourceKind::User && !was_active && is_active;
+            let groups = if deactivated || reactivated {
+                Some(txn.group_ids(&id)?)
+            } else {
+                None
+            };
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -1790,6 +1812,7 @@ impl Store {
                 assignment,
                 deactivated,
                 reactivated,
+                groups,
             });
             Ok(to_resource(id, doc))
         })
@@ -1855,6 +1878,7 @@ impl Store {
                 assignment: None,
                 deactivated: false,
                 reactivated: false,
+                groups: None,
             });
             Ok(())
         })

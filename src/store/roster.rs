@@ -499,6 +499,7 @@ impl Txn<'_> {
             assignment: Some(a),
             deactivated: false,
             reactivated: false,
+            groups: None,
         });
     }
 

@@ -2097,6 +2097,48 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
     assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
 }
 
+#[tokio::test]
+async fn a_deactivation_takes_the_enrollments_the_user_had_then_even_if_it_left_the_group_since() {
+    let (d, target) = start_with_oneroster("").await;
+    rewrite_connector(&d, |t| {
+        t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
+    })
+    .await;
+    let (ada, gid, user_sid, enrollment) = enrolled_ada(&d, &target).await;
+    target.clear_requests();
+    // Her changes queue behind a title change the target fails until the rest are in, so
+    // the deactivation is sent after she left the group (as an IdP's offboarding does:
+    // deactivate, then remove from groups).
+    target.inject(Fault::status(503, 1).on_path(user_sid.as_str()).forever());
+    retitle(&d, &ada, "Leaving").await;
+    let off = json!([{"op": "replace", "path": "active", "value": false}]);
+    assert_eq!(
+        d.patch(&format!("/Users/{ada}"), patch_op(off))
+            .await
+            .status,
+        200
+    );
+    let leave = json!([{"op": "remove", "path": format!("members[value eq \"{ada}\"]")}]);
+    let r = d.patch(&format!("/Groups/{gid}"), patch_op(leave)).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    let deletes: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE" && r.status.is_some_and(|s| s < 300))
+        .map(|r| r.path.clone())
+        .collect();
+    let first = |sid: &str| deletes.iter().position(|p| p.ends_with(sid));
+    // Before, the deactivation read her groups when it was sent, found none, and DELETEd
+    // her while the enrollment stood, until the group change came.
+    assert!(
+        first(&enrollment).is_some() && first(&enrollment) < first(&user_sid),
+        "the enrollment must leave before its user: {deletes:?}"
+    );
+    assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
+}
+
 /// Keys whose value is JSON null, at the top level and in `metadata`.
 fn null_keys(body: &Value) -> Vec<String> {
     let nulls = |o: &Value, prefix: &str| -> Vec<String> {
