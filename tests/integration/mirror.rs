@@ -2041,14 +2041,24 @@ async fn patched_paths(
         .collect()
 }
 
-#[tokio::test]
-async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_brings_them_back() {
+/// `sis` with `deactivate = "delete"`, and ada enrolled through it ([`enrolled_ada`]).
+async fn ada_on_a_deleting_target() -> (
+    TestDaemon,
+    OneRosterServer,
+    (String, String, String, String),
+) {
     let (d, target) = start_with_oneroster("").await;
     rewrite_connector(&d, |t| {
         t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
     })
     .await;
-    let (ada, gid, user_sid, enrollment) = enrolled_ada(&d, &target).await;
+    let ada = enrolled_ada(&d, &target).await;
+    (d, target, ada)
+}
+
+#[tokio::test]
+async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_brings_them_back() {
+    let (d, target, (ada, gid, user_sid, enrollment)) = ada_on_a_deleting_target().await;
     let active = |on: bool| json!([{"op": "replace", "path": "active", "value": on}]);
 
     let deletes = patched_paths(&d, &target, &ada, active(false), "DELETE").await;
@@ -2099,12 +2109,7 @@ async fn a_deactivation_that_deletes_takes_the_enrollments_and_a_reactivation_br
 
 #[tokio::test]
 async fn a_deactivation_takes_the_enrollments_the_user_had_then_even_if_it_left_the_group_since() {
-    let (d, target) = start_with_oneroster("").await;
-    rewrite_connector(&d, |t| {
-        t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
-    })
-    .await;
-    let (ada, gid, user_sid, enrollment) = enrolled_ada(&d, &target).await;
+    let (d, target, (ada, gid, user_sid, enrollment)) = ada_on_a_deleting_target().await;
     target.clear_requests();
     // Her changes queue behind a title change the target fails until the rest are in, so
     // the deactivation is sent after she left the group (as an IdP's offboarding does:

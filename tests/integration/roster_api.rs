@@ -970,6 +970,15 @@ async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
     }
 }
 
+/// How many governance events the first page of `/events` has for `user`.
+async fn event_count(d: &TestDaemon, token: &str, user: &str) -> usize {
+    let r = d
+        .roster(Method::GET, &format!("/events?user_id={user}"), token, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["events"].as_array().unwrap().len()
+}
+
 #[tokio::test]
 async fn bulk_assign_reports_per_item() {
     let d = TestDaemon::start().await;
@@ -1026,18 +1035,7 @@ async fn bulk_assign_reports_per_item() {
     assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
     // One item per user: a later one naming the same user (by userName or SCIM id) fails
     // alone, and only the first is written.
-    let events_before = d
-        .roster(
-            Method::GET,
-            "/events?user_id=user:c@acme.test",
-            &admin,
-            None,
-        )
-        .await
-        .body["events"]
-        .as_array()
-        .unwrap()
-        .len();
+    let events_before = event_count(&d, &admin, "user:c@acme.test").await;
     let c_id = d.user_id("c@acme.test").await;
     let r = d
         .bulk_assign(
@@ -1070,18 +1068,7 @@ async fn bulk_assign_reports_per_item() {
         roster_user(&d, &admin, "user:c@acme.test").await["archetype_id"],
         "fpa_analyst"
     );
-    let events_after = d
-        .roster(
-            Method::GET,
-            "/events?user_id=user:c@acme.test",
-            &admin,
-            None,
-        )
-        .await
-        .body["events"]
-        .as_array()
-        .unwrap()
-        .len();
+    let events_after = event_count(&d, &admin, "user:c@acme.test").await;
     assert_eq!(events_after, events_before + 1);
     let r = d
         .override_archetype("/users/user:c@acme.test", &admin, Value::Null)
