@@ -671,20 +671,25 @@ pub fn enrollment_put(
     Write::put(member_key(group, user), url, "enrollment", body)
 }
 
-/// Whether the roster's user `id` is one the target should hold, so that it can be
-/// enrolled: `None` when it is not a user in the roster (a nested group), `Some(false)`
-/// while it is inactive and deactivation means deletion ([`OneRosterSettings::deletes`]).
-/// Its document is read only in that mode.
+/// Whether the roster's user `id` is one the target holds as of change `seq`, so that
+/// it can be enrolled then: `None` when it is not a user in the roster (a nested group),
+/// `Some(false)` while it is inactive and deactivation means deletion
+/// ([`OneRosterSettings::deletes`]), and also when it was reactivated after `seq`: it was
+/// inactive, so absent downstream, at that change, and its reactivation, sent after it,
+/// brings the enrollment back with the user. Its document is read only in that mode.
 pub fn held_downstream(
     store: &Store,
     settings: &OneRosterSettings,
     tenant: &str,
     id: &str,
+    seq: u64,
 ) -> Result<Option<bool>, StoreError> {
     Ok(match settings.deactivate {
-        Deactivate::Delete => store
-            .get(tenant, ResourceKind::User, id)?
-            .map(|u| !settings.deletes(&u.doc)),
+        Deactivate::Delete => match store.get(tenant, ResourceKind::User, id)? {
+            None => None,
+            Some(u) if settings.deletes(&u.doc) => Some(false),
+            Some(_) => Some(!store.reactivated_after(tenant, id, seq)?),
+        },
         Deactivate::Disable => store.get_raw(tenant, ResourceKind::User, id)?.map(|_| true),
     })
 }

@@ -947,7 +947,9 @@ impl Ctx {
                 for m in &ev.members_added {
                     // Enrollments are for users; nested groups have none, and a user
                     // absent downstream while inactive can have none either.
-                    if oneroster::held_downstream(&self.store, settings, tenant, m)? == Some(true) {
+                    if oneroster::held_downstream(&self.store, settings, tenant, m, ev.seq)?
+                        == Some(true)
+                    {
                         added.push(m.as_str());
                     }
                 }

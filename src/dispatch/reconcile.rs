@@ -414,7 +414,7 @@ fn diff(
             // Absent downstream while its user is; a member that is a user is always
             // held when deactivation only disables (no read needed then).
             let held = match s.deactivate {
-                Deactivate::Delete => held_downstream(store, s, tenant, &m.value)?,
+                Deactivate::Delete => held_downstream(store, s, tenant, &m.value, u64::MAX)?,
                 Deactivate::Disable => Some(true),
             };
             let w = match held {

@@ -67,6 +67,13 @@ impl Index {
     }
 }
 
+/// `v id` → the seq (8 bytes, big-endian) of the change that last reactivated user `id`.
+pub(crate) fn reactivated(id: &str) -> Vec<u8> {
+    let mut k = vec![b'v', SEP];
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// For unique indexes the whole key; for the others the prefix to scan for `value`.
 pub(crate) fn index_prefix(index: Index, value: &str) -> Vec<u8> {
     let mut k = vec![b'i', SEP];

@@ -1800,6 +1800,9 @@ impl Store {
             } else {
                 None
             };
+            if reactivated {
+                txn.put(keys::reactivated(&id), seq.to_be_bytes().to_vec());
+            }
             txn.log(ChangeEvent {
                 seq,
                 at: txn.now,
@@ -1858,6 +1861,7 @@ impl Store {
             txn.del(keys::resource(kind, &id));
             if kind == ResourceKind::User {
                 txn.drop_assignment(&id, old.get("userName").and_then(Value::as_str))?;
+                txn.del(keys::reactivated(&id));
             }
             let mut removed = Vec::new();
             if kind == ResourceKind::Group {
@@ -2020,6 +2024,17 @@ impl Store {
     }
 
     /// Ids of the groups `member` directly belongs to.
+    /// Whether user `id` was reactivated by a change after `seq`: inactive then, unless
+    /// deactivated and reactivated since. (Reactivations before this was kept count as
+    /// none.)
+    pub fn reactivated_after(&self, tenant: &str, id: &str, seq: u64) -> StoreResult<bool> {
+        let t = self.tenant(tenant)?;
+        Ok(match t.tree.get(keys::reactivated(id))? {
+            Some(v) => decode_u64(&v, "reactivation seq")? > seq,
+            None => false,
+        })
+    }
+
     pub fn groups_of(&self, tenant: &str, member: &str) -> StoreResult<Vec<String>> {
         groups_in(&self.tenant(tenant)?.tree, member)
     }

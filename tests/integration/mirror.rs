@@ -2144,6 +2144,51 @@ async fn a_deactivation_takes_the_enrollments_the_user_had_then_even_if_it_left_
     assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
 }
 
+#[tokio::test]
+async fn a_user_that_joins_a_group_while_deleted_downstream_is_put_before_its_enrollment() {
+    let (d, target, (ada, _, user_sid, _)) = ada_on_a_deleting_target().await;
+    let pilots = d.create_group("Pilots").await;
+    let off = json!([{"op": "replace", "path": "active", "value": false}]);
+    patched_paths(&d, &target, &ada, off, "DELETE").await;
+    assert_eq!(
+        target.stored(Kind::User, &user_sid).unwrap().status(),
+        "tobedeleted"
+    );
+    target.clear_requests();
+    // The group's changes queue behind a rename the target fails until the rest are in,
+    // so her joining is sent after her reactivation: she is active by then, but was not
+    // (nor held downstream) when she joined.
+    let class_sid = sourced_id(&format!("Group/{pilots}"));
+    target.inject(Fault::status(503, 1).on_path(class_sid.as_str()).forever());
+    let rename = json!([{"op": "replace", "path": "displayName", "value": "Pilots 2"}]);
+    let r = d
+        .patch(&format!("/Groups/{pilots}"), patch_op(rename))
+        .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    d.add_members(&pilots, &[&ada]).await;
+    let on = json!([{"op": "replace", "path": "active", "value": true}]);
+    let r = d.patch(&format!("/Users/{ada}"), patch_op(on)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    target.clear_faults();
+    let c = caught_up(&d, "sis").await;
+    let enrollment = sourced_id(&format!("Member/{pilots}/{ada}"));
+    let puts: Vec<String> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.path.clone())
+        .collect();
+    let first = |sid: &str| puts.iter().position(|p| p.ends_with(sid));
+    // Before, the group change read her as active and put the enrollment of a user the
+    // target did not hold, which it refused: the change became a dead letter.
+    assert!(
+        first(&user_sid).is_some() && first(&user_sid) < first(&enrollment),
+        "the user must be back before its enrollment: {puts:?}"
+    );
+    assert_eq!(c["dead_letters"], 0, "{c}");
+    assert_eq!(target.enrollments()[&enrollment]["status"], "active");
+}
+
 /// Keys whose value is JSON null, at the top level and in `metadata`.
 fn null_keys(body: &Value) -> Vec<String> {
     let nulls = |o: &Value, prefix: &str| -> Vec<String> {
