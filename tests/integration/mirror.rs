@@ -1997,12 +1997,7 @@ async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
     target.clear_requests();
     assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
     caught_up(&d, "sis").await;
-    let deletes: Vec<String> = target
-        .requests()
-        .iter()
-        .filter(|r| r.method == "DELETE")
-        .map(|r| r.path.clone())
-        .collect();
+    let deletes = paths_of(&target, "DELETE");
     let at = |sid: &str| {
         deletes
             .iter()
@@ -2020,6 +2015,16 @@ async fn a_deleted_users_enrollments_are_deleted_before_the_user() {
     );
 }
 
+/// The paths of the `method` requests the target got, in order.
+fn paths_of(target: &OneRosterServer, method: &str) -> Vec<String> {
+    target
+        .requests()
+        .iter()
+        .filter(|r| r.method == method)
+        .map(|r| r.path.clone())
+        .collect()
+}
+
 /// PATCH `ops` onto user `id`, wait until `sis` delivered it, and return the paths of
 /// the `method` requests that sent, in order.
 async fn patched_paths(
@@ -2033,12 +2038,7 @@ async fn patched_paths(
     let r = d.patch(&format!("/Users/{id}"), patch_op(ops)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     caught_up(d, "sis").await;
-    target
-        .requests()
-        .iter()
-        .filter(|r| r.method == method)
-        .map(|r| r.path.clone())
-        .collect()
+    paths_of(target, method)
 }
 
 /// `sis` with `deactivate = "delete"`, and ada enrolled through it ([`enrolled_ada`]).
@@ -2128,12 +2128,7 @@ async fn a_deactivation_takes_the_enrollments_the_user_had_then_even_if_it_left_
     assert!(r.status.is_success(), "{}", r.body);
     target.clear_faults();
     caught_up(&d, "sis").await;
-    let deletes: Vec<String> = target
-        .requests()
-        .iter()
-        .filter(|r| r.method == "DELETE" && r.status.is_some_and(|s| s < 300))
-        .map(|r| r.path.clone())
-        .collect();
+    let deletes = paths_of(&target, "DELETE");
     let first = |sid: &str| deletes.iter().position(|p| p.ends_with(sid));
     // Before, the deactivation read her groups when it was sent, found none, and DELETEd
     // her while the enrollment stood, until the group change came.
@@ -2172,12 +2167,7 @@ async fn a_user_that_joins_a_group_while_deleted_downstream_is_put_before_its_en
     target.clear_faults();
     let c = caught_up(&d, "sis").await;
     let enrollment = sourced_id(&format!("Member/{pilots}/{ada}"));
-    let puts: Vec<String> = target
-        .requests()
-        .iter()
-        .filter(|r| r.method == "PUT")
-        .map(|r| r.path.clone())
-        .collect();
+    let puts = paths_of(&target, "PUT");
     let first = |sid: &str| puts.iter().position(|p| p.ends_with(sid));
     // Before, the group change read her as active and put the enrollment of a user the
     // target did not hold, which it refused: the change became a dead letter.
