@@ -337,9 +337,11 @@ fn attach_relations(
                 }
                 members.push(Value::Object(e));
             }
-            if !members.is_empty() {
-                obj.insert("members".into(), Value::Array(members));
-            }
+            // An empty group says so with `[]` rather than leaving `members` out (the
+            // same state, RFC 7643 §2.5): authentik's full sync adds missing members
+            // only to a group whose answer has the attribute, so it never refilled one
+            // that had been emptied here.
+            obj.insert("members".into(), Value::Array(members));
         }
         ResourceKind::User => {
             let mut groups = Vec::new();
