@@ -1105,10 +1105,14 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 if let Err(e) = fail_unless_ok(status, &body) {
                     // One refusal does not stop the rest: each letter is its own object.
                     failed += 1;
-                    note!(
-                        "{connector}: dead letter #{id} not replayed, it stays: {}",
-                        causes(&e)
-                    );
+                    if status == reqwest::StatusCode::NOT_FOUND && body["error"] == "not_found" {
+                        note!("{connector}: no dead letter #{id}: {}", causes(&e));
+                    } else {
+                        note!(
+                            "{connector}: dead letter #{id} not replayed, it stays: {}",
+                            causes(&e)
+                        );
+                    }
                     continue;
                 }
                 let what = match body["sent"].as_str() {
@@ -1122,7 +1126,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             }
             if failed > 0 {
                 anyhow::bail!(
-                    "{failed} of {} dead letters were not replayed; they stay (see above)",
+                    "{failed} of {} dead letters were not replayed (see above)",
                     ids.len()
                 );
             }

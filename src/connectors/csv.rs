@@ -248,7 +248,16 @@ fn write_files(
     halt: &Arc<Halt>,
 ) -> Result<SnapshotReport, CsvError> {
     let dir = settings.dir.as_path();
-    std::fs::create_dir_all(dir).map_err(io_err("create the directory", dir))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| {
+            // create_dir_all's own word for it, "File exists", reads as if all were well.
+            if dir.exists() && !dir.is_dir() {
+                std::io::Error::other("a file has that name, not a directory")
+            } else {
+                e
+            }
+        })
+        .map_err(io_err("create the directory", dir))?;
     remove_stale_staged(dir, &[&settings.file_name, BUNDLE_FILE, ROLES_SPOOL]);
     let seq = store.last_seq(tenant)?;
 

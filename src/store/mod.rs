@@ -1492,7 +1492,10 @@ impl Store {
         }
         let tree = self.inner.db.open_tree(format!("tenant/{tenant}"))?;
         if recover_intent(&tree)? {
-            tracing::warn!(tenant, "Completed a write that a crash had interrupted.");
+            tracing::warn!(
+                tenant,
+                "Completed a write that the last stop had interrupted (a crash, a kill, or the stop after a store failure)."
+            );
         }
         let last_write = roster::last_event_time(&tree)?.unwrap_or(DateTime::<Utc>::MIN_UTC);
         let rows_path = self

@@ -663,6 +663,14 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
         &["dead-letters", "--tenant", "acme", "discard", "sis", "1"],
     );
     assert!(!ok && out.contains("404"), "{out}");
+    // A letter that is not there is said to be missing, not to stay.
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "1"],
+    );
+    assert!(!ok && out.contains("no dead letter #1"), "{out}");
+    assert!(!out.contains("stays"), "{out}");
 }
 
 /// A child daemon whose reconcile job is running and cannot finish: every write to its
