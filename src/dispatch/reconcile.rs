@@ -90,6 +90,9 @@ pub struct DriftReport {
     /// Why re-sending stopped before the end: the connector is paused (its target kept
     /// failing, or answered 410). What was not sent counts in `failed`.
     pub paused: Option<String>,
+    /// Why nothing was checked or re-sent: the connector is not loaded (its file does not
+    /// load, or no file names it since the last stop), so its changes wait for it.
+    pub not_loaded: Option<String>,
     /// The first drifted objects.
     pub items: Vec<DriftItem>,
 }
@@ -505,6 +508,31 @@ impl Dispatcher {
             .filter_map(|r| r.ctx.clone())
             .collect();
         let mut out = Vec::new();
+        // A connector that is not loaded is reconciled neither: said, not left out, so
+        // a job (or its dry run) does not read as covering every target while one is
+        // behind. The export schedule concerns CSV files only, and no file says which
+        // kind one of these is.
+        if only.is_none() {
+            for h in self.held_cursors(tenant)? {
+                if h.cursor_name.ends_with(".dry-run") {
+                    continue;
+                }
+                let why = match &h.file {
+                    Some(f) => format!(
+                        "not loaded: its file {} does not load (file_error in /status says why); its changes wait for it: fix the file and reload",
+                        f.display()
+                    ),
+                    None => "not loaded: no connector file names it since the last stop; its changes wait for it: restore its file and reload, or `rosterd retire` it".to_owned(),
+                };
+                out.push(DriftReport {
+                    connector: h.name,
+                    kind: "unknown",
+                    note: Some(why.clone()),
+                    not_loaded: Some(why),
+                    ..DriftReport::default()
+                });
+            }
+        }
         for ctx in ctxs {
             let mut report = DriftReport {
                 connector: ctx.name().to_owned(),

@@ -282,6 +282,10 @@ async fn run_job(
                                 ),
                             })
                         }));
+                        errors.extend(reports.iter().filter_map(|r| {
+                            let why = r.not_loaded.as_ref()?;
+                            Some(format!("connector {}: {why}", r.connector))
+                        }));
                         if !errors.is_empty() {
                             job.status = JobStatus::Failed;
                             job.error = Some(errors.join("; "));

@@ -1727,3 +1727,39 @@ async fn a_scheduled_csv_write_missed_while_the_daemon_was_down_is_written_at_th
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_connector_whose_file_does_not_load_fails_the_job_and_shows_in_its_dry_run() {
+    let (d, target) = start_with_oneroster("").await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    // A typo in the file, found at the next start: the connector does not load, and its
+    // changes wait.
+    let (name, text) = oneroster_file("sis", &target, "");
+    let typo = text.replace("concurrency = 8", "concurency = 8");
+    assert_ne!(typo, text);
+    let d = d.restart_with(|o| o.connectors = vec![(name, typo)]).await;
+    d.create_user("bob@acme.test").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sis = r.body["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["connector"] == "sis")
+        .cloned()
+        .unwrap_or_else(|| panic!("the dry run leaves sis out: {}", r.body));
+    let why = sis["not_loaded"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("does not load") && why.contains("sis.toml"),
+        "{sis}"
+    );
+    // Before, the job left it out and succeeded.
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("connector sis: not loaded"), "{job}");
+}
