@@ -495,6 +495,17 @@ impl Config {
         }
     }
 
+    /// The config file as it is now, when it was edited since this config was read and
+    /// loads; `None` when it is unchanged, gone or would not load.
+    pub fn edited(&self) -> Option<Config> {
+        let (path, text) = self.source.as_ref()?;
+        let now = read_text(path).ok()?;
+        if now == *text {
+            return None;
+        }
+        Config::parse(&now, path).ok()
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.version != CONFIG_VERSION {
             return Err(format!(

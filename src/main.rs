@@ -1415,7 +1415,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
                 // TOML errors span lines (the line and a caret under it): keep them
                 // indented under their tenant.
                 outln!(
-                    "    bundle NOT reloaded ({}), the one above stays in effect; a restart would fail:\n        {}",
+                    "    bundle NOT reloaded ({}), the one above stays in effect:\n        {}",
                     time_of(&b["reload_error_at"]),
                     indented(&str_of(&b["reload_error"]))
                 )?;

@@ -209,7 +209,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         BUNDLE_RELOAD_FAILED,
-        "1 while the last reload of the tenant's bundle failed (the previous one serves; a restart would refuse the file), else 0."
+        "1 while the last reload of the tenant's bundle failed (the previous one serves; /status says whether a restart would load the file), else 0."
     );
     metrics::describe_gauge!(
         STORE_FAILED,

@@ -458,8 +458,28 @@ pub async fn reload(state: &Arc<AppState>) {
             Ok(None) => continue,
             Err(e) => {
                 failed += 1;
-                tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect, but a restart would refuse this file. (Group rules are checked as config.toml had them at start.)");
-                roster.set_bundle_state(|b| b.failed(&e));
+                // Group rules are config.toml's, read only at start: an operator who
+                // fixed a rule there as the error advises gets the same refusal at each
+                // reload, and must be told that a restart now loads both, not that it
+                // would fail.
+                let edited = state.config.edited();
+                let restart_loads = match edited
+                    .as_ref()
+                    .and_then(|c| c.tenants.iter().find(|n| n.id == t.id).map(|n| (c, n)))
+                {
+                    Some((c, n)) => TenantPolicy::load_blocking(n, &c.base_dir).await.is_ok(),
+                    None => false,
+                };
+                let error = if restart_loads {
+                    tracing::warn!(tenant = %t.id, error = %e, "Bundle not reloaded: the group rules this daemon started with refuse it, and config.toml as edited since accepts it. Restart rosterd to apply both; the previous bundle stays in effect until then.");
+                    format!(
+                        "{e} — config.toml as edited since the start accepts this bundle (group rules are read only at start): a restart applies both"
+                    )
+                } else {
+                    tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect, but a restart would refuse this file. (Group rules are checked as config.toml had them at start.)");
+                    format!("{e} — a restart would refuse this file too")
+                };
+                roster.set_bundle_state(|b| b.failed(&error));
                 continue;
             }
         };

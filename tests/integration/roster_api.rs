@@ -630,6 +630,10 @@ async fn a_bundle_that_fails_to_reload_is_reported_while_the_old_one_serves() {
     assert_eq!(b["version"], "test-1", "{b}");
     let error = b["reload_error"].as_str().unwrap_or_default();
     assert!(error.contains("duplicate archetype id"), "{b}");
+    assert!(
+        error.ends_with("a restart would refuse this file too"),
+        "{b}"
+    );
     assert!(b["reload_error_at"].is_string(), "{b}");
     let id = create(&d, "eng@acme.test", "engineering manager", None).await;
     assert_eq!(
@@ -642,6 +646,51 @@ async fn a_bundle_that_fails_to_reload_is_reported_while_the_old_one_serves() {
     let b = bundle(&d.status().await);
     assert_eq!(b["version"], "test-2", "{b}");
     assert!(b["reload_error"].is_null(), "{b}");
+}
+
+#[tokio::test]
+async fn a_bundle_refused_by_the_starting_group_rules_says_when_a_restart_would_load_it() {
+    let d = TestDaemon::start().await;
+    settled(&d).await;
+    let reload_error = |s: &Value| {
+        s["tenants"][TENANT]["bundle"]["reload_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // The bundle renames the archetype the config's group rule names: refused.
+    let renamed = BUNDLE
+        .replace("id = \"eng_lead\"", "id = \"engineering_lead\"")
+        .replace("version = \"test-1\"", "version = \"test-2\"");
+    assert_ne!(renamed, BUNDLE);
+    std::fs::write(d.root.join("bundle.toml"), &renamed).unwrap();
+    d.reload().await;
+    let error = reload_error(&d.status().await);
+    assert!(error.contains("\"eng_lead\""), "{error}");
+    assert!(
+        error.ends_with("a restart would refuse this file too"),
+        "{error}"
+    );
+    // The rule fixed as the error says. Rules are read only at start, so the reload is
+    // refused again, but a restart would now load both, and the error says so (before, it
+    // still said a restart would fail).
+    let config = d.root.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let fixed = text.replace(
+        "archetype = \"eng_lead\"",
+        "archetype = \"engineering_lead\"",
+    );
+    assert_ne!(fixed, text);
+    std::fs::write(&config, fixed).unwrap();
+    d.reload().await;
+    let error = reload_error(&d.status().await);
+    assert!(error.ends_with("a restart applies both"), "{error}");
+    // check-config loads what a start would: it agrees.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        .args(["check-config", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
 
 #[tokio::test]
