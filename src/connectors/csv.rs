@@ -1598,6 +1598,22 @@ mod tests {
         assert!(err.to_string().contains("roster.csv/sub"), "{err}");
     }
 
+    #[tokio::test]
+    async fn a_file_where_the_directory_should_be_is_named_as_such() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let file = out.path().join("exports");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let err = write_snapshot(&fx.store, T, &settings(&file), &CancellationToken::new())
+            .unwrap_err()
+            .to_string();
+        // create_dir_all alone says "File exists", which reads as if all were well.
+        assert!(
+            err.contains("cannot create the directory") && err.contains("a file has that name"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_roster_file_may_not_take_the_bundles_name() {
         let mut s = settings(Path::new("/tmp/x"));
