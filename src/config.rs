@@ -429,6 +429,8 @@ pub fn read_text(path: &Path) -> std::io::Result<String> {
 pub struct OnDisk {
     pub changed: bool,
     pub error: Option<ConfigError>,
+    /// The file as it is now, when it changed and loads: what a restart would run on.
+    pub edited: Option<Config>,
 }
 
 impl Config {
@@ -481,29 +483,26 @@ impl Config {
         };
         match read_text(path) {
             Ok(now) if now == *text => OnDisk::default(),
-            Ok(now) => OnDisk {
-                changed: true,
-                error: Config::parse(&now, path).err(),
-            },
+            Ok(now) => {
+                let (edited, error) = match Config::parse(&now, path) {
+                    Ok(c) => (Some(c), None),
+                    Err(e) => (None, Some(e)),
+                };
+                OnDisk {
+                    changed: true,
+                    error,
+                    edited,
+                }
+            }
             Err(source) => OnDisk {
                 changed: true,
                 error: Some(ConfigError::Read {
                     path: path.clone(),
                     source,
                 }),
+                edited: None,
             },
         }
-    }
-
-    /// The config file as it is now, when it was edited since this config was read and
-    /// loads; `None` when it is unchanged, gone or would not load.
-    pub fn edited(&self) -> Option<Config> {
-        let (path, text) = self.source.as_ref()?;
-        let now = read_text(path).ok()?;
-        if now == *text {
-            return None;
-        }
-        Config::parse(&now, path).ok()
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -418,9 +418,10 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
     let mut config_failed = None;
+    // Read once: the bundles below are checked against it too.
     let on_disk = state.config.on_disk();
     if on_disk.changed {
-        match on_disk.error {
+        match &on_disk.error {
             None => tracing::warn!(
                 "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
             ),
@@ -462,8 +463,8 @@ pub async fn reload(state: &Arc<AppState>) {
                 // fixed a rule there as the error advises gets the same refusal at each
                 // reload, and must be told that a restart now loads both, not that it
                 // would fail.
-                let edited = state.config.edited();
-                let restart_loads = match edited
+                let restart_loads = match on_disk
+                    .edited
                     .as_ref()
                     .and_then(|c| c.tenants.iter().find(|n| n.id == t.id).map(|n| (c, n)))
                 {
