@@ -905,12 +905,20 @@ impl Ctx {
         Ok(match &ev.snapshot {
             Some(s) => Some(std::borrow::Cow::Borrowed(s)),
             None if ev.op == crate::store::ChangeOp::Archetype => self
-                .store
-                .get(self.tenant(), ResourceKind::User, &ev.id)?
-                .filter(|r| r.version <= ev.seq)
+                .user_as_of(&ev.id, ev.seq)?
                 .map(|r| std::borrow::Cow::Owned(r.doc)),
             None => None,
         })
+    }
+
+    /// User `id` as stored, if no write after change `seq` has changed it (its version,
+    /// the seq of its last write, is not above `seq`): then it is the user as that change
+    /// saw it. A user written or deleted since is `None`; its later change carries it.
+    fn user_as_of(&self, id: &str, seq: u64) -> Result<Option<crate::store::Resource>, StoreError> {
+        Ok(self
+            .store
+            .get(self.tenant(), ResourceKind::User, id)?
+            .filter(|r| r.version <= seq))
     }
 
     /// `reports`: the users [`reports_of`] found for the change, which a OneRoster target
@@ -1012,11 +1020,7 @@ impl Ctx {
         let tenant = self.tenant();
         let mut out = Vec::with_capacity(reports.len());
         for id in reports {
-            let Some(r) = self
-                .store
-                .get(tenant, ResourceKind::User, id)?
-                .filter(|r| r.version <= seq)
-            else {
+            let Some(r) = self.user_as_of(id, seq)? else {
                 continue;
             };
             if let Ok(w) =
