@@ -614,7 +614,19 @@ pub fn user_write(
     if settings.deletes(user.doc) {
         return Ok(user_delete(settings, tenant, user.id));
     }
-    let body = user_body(settings, tenant, user, modified)?;
+    let body = user_body(settings, tenant, user, modified).map_err(|Unmappable(why)| {
+        if (UserFields { doc: user.doc }).active() {
+            return Unmappable(why);
+        }
+        // The one case where a dead letter leaves someone with access: the operator
+        // reading it must learn that the target did not hear of the deactivation.
+        Unmappable(format!(
+            "{why}. The user is inactive, and the target still holds it as last sent \
+             (enabledUser true if it was sent active): give the user both names at the \
+             identity provider (its next change sends the deactivation) or disable it at \
+             the target"
+        ))
+    })?;
     let (key, url) = object_url(settings, tenant, "users", user_key(user.id));
     Ok(Write::put(key, url, "user", body))
 }

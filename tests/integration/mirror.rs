@@ -1970,6 +1970,43 @@ async fn names_come_from_the_scim_user_and_are_never_invented() {
         r.body
     );
     assert_eq!(target.request_total(), sent_before);
+
+    // Deactivated with no name left to send (a build before this one made up names for
+    // such users, so the target may hold them): the target keeps the user enabled, so
+    // the dead letter says so and what to do, unlike an active user's.
+    let jane_path = format!("/Users/{jane}");
+    let jane_as = |display: &str, active: bool| {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+               "userName": "jane@acme.test", "displayName": display, "active": active,
+               "emails": [{"value": "jane@acme.test", "primary": true}]})
+    };
+    let r = d.put(&jane_path, jane_as("Jane", false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 2, "{c}");
+    let jane_sid = sourced_id(&format!("User/{jane}"));
+    assert_eq!(target.users()[&jane_sid]["enabledUser"], "true");
+    let r = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let reasons: Vec<&str> = r.body["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    let (cher_reason, jane_reason) = (reasons[0], reasons[1]);
+    assert!(
+        jane_reason.contains("inactive, and the target still holds it")
+            && jane_reason.contains("give the user both names at the identity provider"),
+        "{jane_reason}"
+    );
+    assert!(!cher_reason.contains("inactive"), "{cher_reason}");
+    // Named again, its next change sends the deactivation.
+    let r = d.put(&jane_path, jane_as("Jane Doe", false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert_eq!(target.users()[&jane_sid]["enabledUser"], "false");
 }
 
 /// User ada in group Ops, delivered: her id, the group's, and the sourcedIds of her
