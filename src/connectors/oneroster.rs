@@ -604,7 +604,7 @@ impl Write {
 }
 
 /// A user as it should be downstream: a PUT, or a DELETE when it is inactive and
-/// deactivation means deletion.
+/// deactivation means deletion, or inactive and not expressible as a OneRoster user.
 pub fn user_write(
     settings: &OneRosterSettings,
     tenant: &str,
@@ -614,19 +614,16 @@ pub fn user_write(
     if settings.deletes(user.doc) {
         return Ok(user_delete(settings, tenant, user.id));
     }
-    let body = user_body(settings, tenant, user, modified).map_err(|Unmappable(why)| {
-        if (UserFields { doc: user.doc }).active() {
-            return Unmappable(why);
+    let body = match user_body(settings, tenant, user, modified) {
+        Ok(body) => body,
+        // No body can say "disabled" for this user (no names or no email to send): a
+        // DELETE is the one request left that takes its access away at a target that
+        // may hold it (an older rosterd made names up). A PUT with names brings it back.
+        Err(_) if !(UserFields { doc: user.doc }).active() => {
+            return Ok(user_delete(settings, tenant, user.id));
         }
-        // The one case where a dead letter leaves someone with access: the operator
-        // reading it must learn that the target did not hear of the deactivation.
-        Unmappable(format!(
-            "{why}. The user is inactive, and the target still holds it as last sent \
-             (enabledUser true if it was sent active): give the user both names at the \
-             identity provider (its next change sends the deactivation) or disable it at \
-             the target"
-        ))
-    })?;
+        Err(e) => return Err(e),
+    };
     let (key, url) = object_url(settings, tenant, "users", user_key(user.id));
     Ok(Write::put(key, url, "user", body))
 }

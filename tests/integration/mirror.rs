@@ -1972,41 +1972,53 @@ async fn names_come_from_the_scim_user_and_are_never_invented() {
     assert_eq!(target.request_total(), sent_before);
 
     // Deactivated with no name left to send (a build before this one made up names for
-    // such users, so the target may hold them): the target keeps the user enabled, so
-    // the dead letter says so and what to do, unlike an active user's.
+    // such users, so a target may hold them): no body can disable the user, so it is
+    // deleted there instead, rather than left enabled behind a dead letter.
     let jane_path = format!("/Users/{jane}");
     let jane_as = |display: &str, active: bool| {
         json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
                "userName": "jane@acme.test", "displayName": display, "active": active,
                "emails": [{"value": "jane@acme.test", "primary": true}]})
     };
+    let jane_sid = sourced_id(&format!("User/{jane}"));
+    let status_of_jane = || target.users()[&jane_sid]["status"].clone();
+    // The first DELETE is refused, so the target keeps Jane enabled (as after an
+    // upgrade), and the dead letter is what a reconciliation must repair.
+    target.inject(Fault::status(400, 1).on_method("DELETE"));
     let r = d.put(&jane_path, jane_as("Jane", false)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["dead_letters"], 2, "{c}");
-    let jane_sid = sourced_id(&format!("User/{jane}"));
-    assert_eq!(target.users()[&jane_sid]["enabledUser"], "true");
-    let r = d
-        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
-        .await;
-    let reasons: Vec<&str> = r.body["dead_letters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["reason"].as_str().unwrap())
-        .collect();
-    let (cher_reason, jane_reason) = (reasons[0], reasons[1]);
-    assert!(
-        jane_reason.contains("inactive, and the target still holds it")
-            && jane_reason.contains("give the user both names at the identity provider"),
-        "{jane_reason}"
+    assert_eq!(status_of_jane(), "active");
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (&report["drifted"], &report["unmappable"]),
+        (&json!(1), &json!(1)),
+        "only Jane drifted, Cher stays unmappable: {report}"
     );
-    assert!(!cher_reason.contains("inactive"), "{cher_reason}");
-    // Named again, its next change sends the deactivation.
+    assert_eq!(
+        report["items"][0]["reason"], "inactive, but still delivered",
+        "{report}"
+    );
+    let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    crate::reconcile::wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(status_of_jane(), "tobedeleted");
+    // Her next change while still nameless sends the DELETE again, not a dead letter.
+    let r = d.put(&jane_path, jane_as("Jane", false)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(caught_up(&d, "sis").await["dead_letters"], 2);
+    // Named again while inactive: back at the target, disabled.
     let r = d.put(&jane_path, jane_as("Jane Doe", false)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     caught_up(&d, "sis").await;
-    assert_eq!(target.users()[&jane_sid]["enabledUser"], "false");
+    let j = &target.users()[&jane_sid];
+    assert_eq!(
+        (&j["status"], &j["enabledUser"], &j["familyName"]),
+        (&json!("active"), &json!("false"), &json!("Doe")),
+        "{j}"
+    );
 }
 
 /// User ada in group Ops, delivered: her id, the group's, and the sourcedIds of her
