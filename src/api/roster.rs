@@ -3,7 +3,7 @@
 //! transaction (with its governance event and change event) as a SCIM write.
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -77,6 +77,20 @@ pub(super) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::Internal(crate::store::StoreError::from_join(e)))?
+}
+
+/// The request body, read only once [`admit`] let the request in: a client without a
+/// valid token must not get the daemon to buffer `max_body_bytes` for it.
+async fn read_body(st: &AppState, body: Body) -> ApiResult<Bytes> {
+    axum::body::to_bytes(body, st.config.server.max_body_bytes)
+        .await
+        .map_err(|e| {
+            if crate::server::over_limit(&e) {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("cannot read the request body: {e}"))
+            }
+        })
 }
 
 /// The checks every handler makes first, in this order: the caller's token, its scope, and
@@ -910,9 +924,10 @@ async fn patch_user(
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Params(p): Params,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let body = read_body(&st, body).await?;
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
     let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
@@ -947,9 +962,10 @@ async fn bulk_assign(
     State(st): St,
     headers: HeaderMap,
     Params(p): Params,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let body = read_body(&st, body).await?;
     let body = required_body(
         &headers,
         &body,
@@ -1224,9 +1240,10 @@ async fn accept_review(
     headers: HeaderMap,
     Path(user_id): Path<String>,
     Params(p): Params,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let body = read_body(&st, body).await?;
     // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
     // suggestion (the OpenAPI document makes the field optional).
     let chosen = match json_body(&headers, &body)? {
@@ -1419,9 +1436,10 @@ async fn start_sync(
     State(st): St,
     headers: HeaderMap,
     Params(p): Params,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let body = read_body(&st, body).await?;
     const EXPECTED: &str = "expected {\"dry_run\": true|false, \"full\": true|false}";
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]

@@ -626,6 +626,18 @@ fn refused(
     resp
 }
 
+/// Whether reading a body with `axum::body::to_bytes` failed for going over its limit.
+pub(crate) fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
 /// protocol's own format (SCIM error, or JSON problem), and the connection closes.
 async fn body_deadline(

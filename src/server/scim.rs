@@ -4,8 +4,7 @@
 //! runs exactly the code the single-resource endpoints run.
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -161,17 +160,23 @@ fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<
     }
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> ScimResult<Value> {
-    let bytes = match body {
+/// The request's JSON body, read only once [`authorize`] let the request in: a client
+/// without a token must not get the daemon to buffer `max_body_bytes` for it.
+async fn read_body(body: Body, limit: usize) -> ScimResult<Value> {
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
-        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Err(e) if super::over_limit(&e) => {
             return Err(ScimError::new(
                 413,
                 None,
                 format!("request body is larger than the {limit}-byte limit"),
             ));
         }
-        Err(rej) => return Err(ScimError::invalid_syntax(rej.body_text())),
+        Err(e) => {
+            return Err(ScimError::invalid_syntax(format!(
+                "cannot read the request body: {e}"
+            )));
+        }
     };
     if bytes.is_empty() {
         return Err(ScimError::invalid_syntax("request body is empty"));
@@ -703,10 +708,10 @@ macro_rules! resource_handlers {
             State(st): St,
             Path(tenant): Path<String>,
             headers: HeaderMap,
-            body: Result<Bytes, BytesRejection>,
+            body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let body = read_body(body, st.config.server.max_body_bytes).await?;
             Ok(op_create(&st, &tenant, $kind, body).await?.into_response())
         }
 
@@ -714,10 +719,10 @@ macro_rules! resource_handlers {
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
             headers: HeaderMap,
-            body: Result<Bytes, BytesRejection>,
+            body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let body = read_body(body, st.config.server.max_body_bytes).await?;
             let cond = if_match(&headers)?;
             Ok(op_replace(&st, &tenant, $kind, &id, cond, body)
                 .await?
@@ -729,10 +734,10 @@ macro_rules! resource_handlers {
             Path((tenant, id)): Path<(String, String)>,
             Query(q): Query<Vec<(String, String)>>,
             headers: HeaderMap,
-            body: Result<Bytes, BytesRejection>,
+            body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let body = read_body(body, st.config.server.max_body_bytes).await?;
             let cond = if_match(&headers)?;
             let projection = Projection::from_params(&lower_keys(q)?)?;
             Ok(op_patch(&st, &tenant, $kind, &id, cond, body, &projection)
@@ -769,10 +774,10 @@ macro_rules! resource_handlers {
             State(st): St,
             Path(tenant): Path<String>,
             headers: HeaderMap,
-            body: Result<Bytes, BytesRejection>,
+            body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = parse_body(body, st.config.server.max_body_bytes)?;
+            let body = read_body(body, st.config.server.max_body_bytes).await?;
             let query = ListQuery::from_search_body(&st, &body)?;
             Ok(run_list(st, tenant, vec![$kind], query)
                 .await?
@@ -806,10 +811,10 @@ async fn search_root(
     State(st): St,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = parse_body(body, st.config.server.max_body_bytes)?;
+    let body = read_body(body, st.config.server.max_body_bytes).await?;
     let query = ListQuery::from_search_body(&st, &body)?;
     Ok(run_list(
         st,
@@ -1433,10 +1438,10 @@ async fn bulk(
     State(st): St,
     Path(tenant): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = parse_body(body, st.config.server.max_body_bytes)?;
+    let body = read_body(body, st.config.server.max_body_bytes).await?;
     Ok(run_bulk(&st, &tenant, body).await?.into_response())
 }
 

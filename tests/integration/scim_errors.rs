@@ -487,6 +487,61 @@ async fn stall(d: &TestDaemon, head: String, body_start: &str, shut: bool) -> St
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// A request without a valid token is refused on its headers: its body is never read,
+/// so a client without credentials cannot get the daemon to buffer `max_body_bytes`
+/// (16 MiB in the example) for each connection it opens.
+#[tokio::test]
+async fn a_request_without_a_valid_token_is_refused_before_its_body_is_read() {
+    let d = TestDaemon::start_with(Options {
+        client_timeout_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let addr = d.addr;
+    // A body announced but only begun: reading it would stall until the 408.
+    let post = |path: &str, auth: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {auth}\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        )
+    };
+    let scim = [
+        format!("/scim/v2/{TENANT}/Users"),
+        format!("/scim/v2/{TENANT}/Groups/.search"),
+        format!("/scim/v2/{TENANT}/Bulk"),
+        format!("/scim/v2/{TENANT}/.search"),
+    ];
+    for path in &scim {
+        let answer = stall(&d, post(path, "not-the-token"), "{\"schemas\"", false).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert!(
+            answer.contains("urn:ietf:params:scim:api:messages:2.0:Error"),
+            "{path}: {answer}"
+        );
+    }
+    let bad_jwt = "eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl";
+    for path in [
+        "/api/v1/roster/archetype:bulk-assign",
+        "/api/v1/roster/scim:sync",
+    ] {
+        let answer = stall(&d, post(path, bad_jwt), "{\"a\"", false).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert!(answer.contains("\"error\":\"token_"), "{path}: {answer}");
+    }
+    // A read-only token is refused a write before its body is read, too.
+    let reader = d.jwt(TENANT, "roster:read");
+    let answer = stall(
+        &d,
+        post("/api/v1/roster/archetype:bulk-assign", &reader),
+        "{\"a\"",
+        false,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // With the token, the same stalled body is still waited for, and ends in 408.
+    let answer = stall(&d, post(&scim[0], &d.token), "{\"schemas\"", false).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
 #[tokio::test]
 async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
     let d = TestDaemon::start_with(Options {
