@@ -763,6 +763,10 @@ pub(crate) struct Refusal {
 /// the body limit; the log keeps enough of it to recognise.
 const MAX_LOGGED_DETAIL: usize = 512;
 
+/// How much of a request's path, and of the tenant named in it, its log lines carry.
+const LOGGED_PATH_BYTES: usize = 512;
+const LOGGED_TENANT_BYTES: usize = 128;
+
 /// The first at most `max` bytes of `s`, cut on a character boundary.
 fn head(s: &str, max: usize) -> &str {
     let mut end = max.min(s.len());
@@ -868,10 +872,15 @@ async fn request_span(
         request_id = %request_id,
         tenant = tracing::field::Empty,
         method = %req.method(),
-        path = %path,
+        // Cut as a detail is: a client without credentials sent them, and each byte of
+        // a 60 KB path was one byte (a tenant segment two) of every line logged for it.
+        path = %clip(path, LOGGED_PATH_BYTES),
     );
     if !tenant.is_empty() {
-        span.record("tenant", tracing::field::display(&tenant));
+        span.record(
+            "tenant",
+            tracing::field::display(clip(&tenant, LOGGED_TENANT_BYTES)),
+        );
     }
     // Only a configured tenant may become a metric label: the path is the client's.
     let metrics_tenant = state

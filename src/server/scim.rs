@@ -454,12 +454,26 @@ fn take_members(kind: ResourceKind, doc: &mut Value) -> ScimResult<Option<Vec<Me
     Ok(Some(out))
 }
 
-/// What a body sent that no schema has is dropped, and said.
+/// What a body sent that no schema has is dropped, and said: the first few names (a
+/// client once sent 50,000, one 10 MB log line), each cut, and how many there were.
 fn warn_ignored(ignored: &[String]) {
-    if !ignored.is_empty() {
-        tracing::warn!(?ignored, "Ignored attributes that are not in the schema.");
+    if ignored.is_empty() {
+        return;
     }
+    let shown: Vec<_> = ignored
+        .iter()
+        .take(IGNORED_NAMES_LOGGED)
+        .map(|a| super::clip(a, 64))
+        .collect();
+    tracing::warn!(
+        count = ignored.len(),
+        ignored = ?shown,
+        "Ignored attributes that are not in the schema."
+    );
 }
+
+/// How many of a body's unknown attribute names its warning lists.
+const IGNORED_NAMES_LOGGED: usize = 20;
 
 /// Normalize a client document; passwords are never stored: rosterd is not an
 /// authenticator, and keeping them would only create a liability.

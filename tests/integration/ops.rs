@@ -210,6 +210,58 @@ async fn status_says_when_the_config_file_changed_since_start() {
     assert!(s["config_file_error"].is_null(), "{s}");
 }
 
+/// What a client sends reaches the log cut: a long path or tenant segment (no token
+/// needed) and the names of unknown attributes (one line listed 50,000 of them).
+#[tokio::test]
+async fn what_a_client_sends_is_logged_cut_to_size() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    let long = "x".repeat(60_000);
+    let r = d
+        .raw(
+            Method::GET,
+            &d.url(&format!("/scim/v2/{long}/Users")),
+            Some("no-token"),
+            &[("x-request-id", "long-tenant")],
+            None,
+        )
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.status);
+    let lines = logs.lines("long-tenant");
+    assert!(!lines.is_empty(), "the refusal was not logged");
+    for l in &lines {
+        assert!(l.len() < 2_000, "{} bytes: {}", l.len(), &l[..300]);
+        assert!(l.contains("60000 bytes in all"), "{l}");
+    }
+    let mut user = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                          "userName": "many@example.com"});
+    for i in 0..500 {
+        user[format!("unknown{i:03}")] = json!(i);
+    }
+    let r = d
+        .raw(
+            Method::POST,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[("x-request-id", "many-attrs")],
+            Some(user.to_string().into_bytes()),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let warned: Vec<String> = logs
+        .lines("many-attrs")
+        .into_iter()
+        .filter(|l| l.contains("Ignored attributes"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let w = &warned[0];
+    assert!(w.contains("count=500") && w.contains("unknown000"), "{w}");
+    assert!(
+        w.contains("unknown019") && !w.contains("unknown020"),
+        "lists the first 20 names only: {w}"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was_told() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
