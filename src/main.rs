@@ -1658,6 +1658,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
 }
 
 fn serve_logged(config: Config, listen_key: &str) -> Result<()> {
+    raise_open_files_limit();
     let runtime = tokio::runtime::Runtime::new().context("while starting the async runtime")?;
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -1675,6 +1676,34 @@ fn serve_logged(config: Config, listen_key: &str) -> Result<()> {
     // being trained, whose result nobody will use. Dropping the runtime would wait for it.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     served
+}
+
+/// Raise the soft limit on open files to the hard one, as Go's runtime does. Every
+/// connection, target socket and CSV file takes one, and the usual soft limit of 1,024
+/// let 1,000 idle clients stop the daemon accepting connections and writing CSV files
+/// (EMFILE); the hard limit (the unit's `LimitNOFILE`) is the operator's bound.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the struct they are given.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max && {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            let ok = libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0;
+            lim.rlim_cur = soft;
+            ok
+        }
+    };
+    if raised {
+        tracing::debug!(
+            from = lim.rlim_cur,
+            to = lim.rlim_max,
+            "Raised the limit on open files."
+        );
+    }
 }
 
 /// How long blocking work left at exit may delay it.

@@ -31,6 +31,15 @@ impl ChildDaemon {
     /// (`READY=1` and `STATUS=Serving on ADDR` on `NOTIFY_SOCKET`): a port picked here
     /// and freed for the child could be taken by another test's connection in between.
     pub async fn start(root: &Path, env: &[(&str, &str)]) -> ChildDaemon {
+        Self::start_with(root, env, |_| {}).await
+    }
+
+    /// [`Self::start`], with `adjust` applied to the command first.
+    pub async fn start_with(
+        root: &Path,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> ChildDaemon {
         let socket = root.join("notify.sock");
         let _ = std::fs::remove_file(&socket);
         let notify = tokio::net::UnixDatagram::bind(&socket).unwrap();
@@ -54,6 +63,7 @@ impl ChildDaemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn rosterd");
         let (ready_tx, mut ready) = tokio::sync::oneshot::channel();
         let notifications = tokio::spawn(async move {
@@ -836,6 +846,49 @@ async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
     let d = s.restart().await;
     let j = s.job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
+}
+
+/// Started with a soft limit of 256 open files (systemd's default is 1,024, which 1,000
+/// idle clients used up), the daemon raises it to the hard limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_raises_its_open_files_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let limits = |pid: u32| -> (String, String) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let mut fields = line["Max open files".len()..].split_whitespace();
+        let soft = fields.next().unwrap().to_owned();
+        (soft, fields.next().unwrap().to_owned())
+    };
+    let (_, hard) = limits(std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let mut d = ChildDaemon::start_with(&root, &[], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe, and only its own struct is touched.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                lim.rlim_cur = lim.rlim_cur.min(256);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+    .await;
+    assert_eq!(limits(d.child.id()), (hard.clone(), hard));
+    d.kill9();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
