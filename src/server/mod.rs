@@ -638,6 +638,37 @@ pub(crate) fn over_limit(e: &axum::Error) -> bool {
     false
 }
 
+/// A request body that records when it was read to its end.
+struct EndSeen {
+    inner: axum::body::Body,
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for EndSeen {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        // A reader may stop at the last frame once the body says it is at its end.
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
 /// protocol's own format (SCIM error, or JSON problem), and the connection closes.
 async fn body_deadline(
@@ -651,18 +682,32 @@ async fn body_deadline(
     let stalled = Arc::new(AtomicBool::new(false));
     let seen = stalled.clone();
     let scim = req.uri().path().starts_with("/scim/");
+    let has_body = !http_body::Body::is_end_stream(req.body());
+    let ended = Arc::new(AtomicBool::new(false));
     let req = req.map(|body| {
-        axum::body::Body::new(
-            TimeoutBody::new(std::time::Duration::from_secs(secs), body).map_err(move |e| {
-                if e.is::<TimeoutError>() {
-                    seen.store(true, Ordering::Relaxed);
-                }
-                e
-            }),
-        )
+        axum::body::Body::new(EndSeen {
+            inner: axum::body::Body::new(
+                TimeoutBody::new(std::time::Duration::from_secs(secs), body).map_err(move |e| {
+                    if e.is::<TimeoutError>() {
+                        seen.store(true, Ordering::Relaxed);
+                    }
+                    e
+                }),
+            ),
+            ended: ended.clone(),
+        })
     });
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
     if !stalled.load(Ordering::Relaxed) {
+        // Answered before its body was read to the end (refused on its headers): hyper
+        // then closes the connection unless the rest is small, so a client that reused
+        // it met a broken pipe on its next request. Say so.
+        if has_body && !ended.load(Ordering::Relaxed) {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
         return resp;
     }
     tracing::warn!(

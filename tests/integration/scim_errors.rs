@@ -513,6 +513,11 @@ async fn a_request_without_a_valid_token_is_refused_before_its_body_is_read() {
     for path in &scim {
         let answer = stall(&d, post(path, "not-the-token"), "{\"schemas\"", false).await;
         assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        // The body left unread, the connection cannot be reused: the client is told.
+        assert!(
+            answer.to_lowercase().contains("connection: close"),
+            "{path}: {answer}"
+        );
         assert!(
             answer.contains("urn:ietf:params:scim:api:messages:2.0:Error"),
             "{path}: {answer}"
@@ -540,6 +545,10 @@ async fn a_request_without_a_valid_token_is_refused_before_its_body_is_read() {
     // With the token, the same stalled body is still waited for, and ends in 408.
     let answer = stall(&d, post(&scim[0], &d.token), "{\"schemas\"", false).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A body read to its end leaves the connection open for the next request.
+    let r = d.post("/Users", user("kept@example.com")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.header("connection"), None);
 }
 
 #[tokio::test]
