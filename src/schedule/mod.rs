@@ -653,13 +653,16 @@ async fn run_and_keep(state: &Arc<AppState>, name: &str) {
             Outcome::Skipped(_) => None,
         })
         .collect();
-    state.schedules.record(name, at, outcomes);
+    // Kept first, shown after: a stop right after the run then either finds it kept, or
+    // it was never shown. Shown first, a stop in between made the next start run the
+    // schedule again as missed (catch_up), although `/status` had shown it run.
     for (tenant, part) in done {
         let kept = ScheduledResult { at, part };
         if let Err(e) = state.store.set_scheduled_result(&tenant, name, &kept).await {
             tracing::warn!(%tenant, error = %e, "Cannot keep the run's result; /status forgets it at the next start.");
         }
     }
+    state.schedules.record(name, at, outcomes);
 }
 
 /// Run one scheduled job for every tenant; what it did for each, for `/status`.
