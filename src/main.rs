@@ -1687,19 +1687,18 @@ fn raise_open_files_limit() {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: both calls only read or write the struct they are given.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max && {
-            let soft = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            let ok = libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0;
-            lim.rlim_cur = soft;
-            ok
-        }
-    };
-    if raised {
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let soft = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
         tracing::debug!(
-            from = lim.rlim_cur,
+            from = soft,
             to = lim.rlim_max,
             "Raised the limit on open files."
         );

@@ -2026,7 +2026,6 @@ impl Store {
         Ok(t.tree.contains_key(keys::member(group, member))?)
     }
 
-    /// Ids of the groups `member` directly belongs to.
     /// Whether user `id` was reactivated by a change after `seq`: inactive then, unless
     /// deactivated and reactivated since. (Reactivations before this was kept count as
     /// none.)
@@ -2038,6 +2037,7 @@ impl Store {
         })
     }
 
+    /// Ids of the groups `member` directly belongs to.
     pub fn groups_of(&self, tenant: &str, member: &str) -> StoreResult<Vec<String>> {
         groups_in(&self.tenant(tenant)?.tree, member)
     }

@@ -976,20 +976,21 @@ pub const JOBS_KEPT: usize = 1000;
 /// jobs, not at every one), delete the records of the oldest ended jobs down to it.
 fn prune_jobs(txn: &mut super::Txn<'_>) -> StoreResult<()> {
     let all = txn.keys_with_prefix(&keys::jobs_prefix())?;
-    if all.len() <= JOBS_KEPT + JOBS_KEPT / 10 {
+    let total = all.len();
+    if total <= JOBS_KEPT + JOBS_KEPT / 10 {
         return Ok(());
     }
-    let mut ended = Vec::with_capacity(all.len());
-    for k in all.iter() {
-        if let Some(v) = txn.get(k)? {
+    let mut ended = Vec::with_capacity(total);
+    for k in all {
+        if let Some(v) = txn.get(&k)? {
             let j: Job = decode(&v)?;
             if !j.status.holds_the_tenant() {
-                ended.push((j.started_at, k.clone()));
+                ended.push((j.started_at, k));
             }
         }
     }
     ended.sort();
-    let excess = all.len().saturating_sub(JOBS_KEPT).min(ended.len());
+    let excess = total.saturating_sub(JOBS_KEPT).min(ended.len());
     for (_, k) in ended.into_iter().take(excess) {
         txn.del(k);
     }
