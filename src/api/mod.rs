@@ -198,6 +198,13 @@ impl IntoResponse for ApiError {
         if let Some(v) = challenge.and_then(|c| c.parse().ok()) {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
+        if let ApiError::UnsupportedEncoding(_) = self {
+            // RFC 9110 §15.5.16: what the body may be sent in instead.
+            resp.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                axum::http::HeaderValue::from_static("identity"),
+            );
+        }
         if code == "store_failed" {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -461,15 +468,9 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
             "{copies} Authorization headers; send one"
         )));
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .ok_or(ApiError::Unauthorized(JwtError::Missing))?;
-    let principal = verifier.verify(token)?;
+    let token =
+        crate::server::bearer_token(headers).ok_or(ApiError::Unauthorized(JwtError::Missing))?;
+    let principal = verifier.verify(&token)?;
     tracing::Span::current().record("tenant", tracing::field::display(&principal.tenant));
     // Every copy of the header counts: a proxy that checks only one of them must not be
     // able to disagree with us about which tenant was asked for.

@@ -81,7 +81,10 @@ pub(super) async fn blocking<T: Send + 'static>(
 
 /// The request body, read only once [`admit`] let the request in: a client without a
 /// valid token must not get the daemon to buffer `max_body_bytes` for it.
-async fn read_body(st: &AppState, body: Body) -> ApiResult<Bytes> {
+async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    if let Some(codings) = crate::server::body_encodings(headers) {
+        return Err(ApiError::UnsupportedEncoding(codings));
+    }
     axum::body::to_bytes(body, st.config.server.max_body_bytes)
         .await
         .map_err(|e| {
@@ -927,7 +930,7 @@ async fn patch_user(
     body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
-    let body = read_body(&st, body).await?;
+    let body = read_body(&st, &headers, body).await?;
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
     let archetype = archetype_field(&body, "clear the override")?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
@@ -965,7 +968,7 @@ async fn bulk_assign(
     body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
-    let body = read_body(&st, body).await?;
+    let body = read_body(&st, &headers, body).await?;
     let body = required_body(
         &headers,
         &body,
@@ -1243,7 +1246,7 @@ async fn accept_review(
     body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
-    let body = read_body(&st, body).await?;
+    let body = read_body(&st, &headers, body).await?;
     // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
     // suggestion (the OpenAPI document makes the field optional).
     let chosen = match json_body(&headers, &body)? {
@@ -1439,7 +1442,7 @@ async fn start_sync(
     body: Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
-    let body = read_body(&st, body).await?;
+    let body = read_body(&st, &headers, body).await?;
     const EXPECTED: &str = "expected {\"dry_run\": true|false, \"full\": true|false}";
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]

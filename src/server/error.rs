@@ -70,6 +70,14 @@ impl IntoResponse for ScimFailure {
                 HeaderValue::from_static(OUTAGE_RETRY_AFTER_SECS),
             );
         }
+        if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            // SCIM answers 415 only to a body sent compressed (`body_encodings`):
+            // RFC 9110 §15.5.16 names what it may be sent in instead.
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             h.insert(
                 header::WWW_AUTHENTICATE,

@@ -8,7 +8,7 @@ mod scim;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::HeaderValue;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use std::net::SocketAddr;
@@ -574,13 +574,14 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }
 
-/// A body sent compressed (`Content-Encoding: gzip`, …) is refused with 415 (RFC 9110
-/// §15.5.16) rather than read as if it were plain: the JSON parser would call it "not
-/// valid JSON", or, when the header lies, read it anyway. No identity provider compresses
-/// its requests; a script that does is told to stop, in the protocol's error format.
-async fn refuse_encoded_bodies(req: Request, next: Next) -> Response {
-    let encodings: Vec<String> = req
-        .headers()
+/// The codings a request's body is sent in (`Content-Encoding: gzip`, …), joined for the
+/// refusal, or None when the body is plain or there is none. A handler that reads a body
+/// refuses a coded one with 415 (RFC 9110 §15.5.16), after the caller's token, rather
+/// than read it as if it were plain: the JSON parser would call it "not valid JSON", or,
+/// when the header lies, read it anyway. No identity provider compresses its requests. A
+/// handler that takes no body ignores it, coded or not, as it ignores a plain one.
+pub(crate) fn body_encodings(h: &HeaderMap) -> Option<String> {
+    let encodings: Vec<String> = h
         .get_all(axum::http::header::CONTENT_ENCODING)
         .iter()
         .flat_map(|v| {
@@ -591,19 +592,22 @@ async fn refuse_encoded_bodies(req: Request, next: Next) -> Response {
         })
         .filter(|e| !e.is_empty() && e != "identity")
         .collect();
-    // Only a body can be compressed; a header on a bodiless GET changes nothing.
-    let h = req.headers();
     let has_body = h.contains_key(axum::http::header::TRANSFER_ENCODING)
         || h.get(axum::http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
-    if encodings.is_empty() || !has_body {
-        return next.run(req).await;
-    }
-    refused(
-        req.uri().path().starts_with("/scim/"),
-        crate::api::ApiError::UnsupportedEncoding(encodings.join(", ")),
-        (axum::http::header::ACCEPT_ENCODING, "identity"),
-    )
+    (has_body && !encodings.is_empty()).then(|| encodings.join(", "))
+}
+
+/// The token of an `Authorization: Bearer …` header, or None when there is no such
+/// header. A value that is not ASCII is still a token sent (and refused as malformed),
+/// not the absence of one: the caller is told its token is wrong, not that it sent none.
+pub(crate) fn bearer_token(h: &HeaderMap) -> Option<String> {
+    let v = h.get(axum::http::header::AUTHORIZATION)?.as_bytes();
+    let blank = v.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = v.split_at(blank);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| String::from_utf8_lossy(rest).trim().to_owned())
 }
 
 /// A refusal made before any handler runs, in the protocol's format: the SCIM error with
@@ -767,7 +771,6 @@ fn answered<S: Clone + Send + Sync + 'static>(
             handler_panicked,
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(refuse_encoded_bodies))
         .layer(axum::middleware::from_fn_with_state(
             client_timeout_secs,
             body_deadline,

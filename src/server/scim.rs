@@ -139,17 +139,10 @@ pub(super) async fn not_found(method: Method, uri: Uri) -> ScimFailure {
 // Authentication and request plumbing
 
 fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<()> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-    let Some(token) = token else {
+    let Some(token) = super::bearer_token(headers) else {
         return Err(ScimError::new(401, None, "a Bearer token is required"));
     };
-    match state.tokens.check(tenant, token) {
+    match state.tokens.check(tenant, &token) {
         AuthOutcome::Allowed if state.tokens.has_tenant(tenant) => Ok(()),
         AuthOutcome::Allowed | AuthOutcome::OtherTenant => Err(ScimError::new(
             403,
@@ -162,7 +155,14 @@ fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<
 
 /// The request's JSON body, read only once [`authorize`] let the request in: a client
 /// without a token must not get the daemon to buffer `max_body_bytes` for it.
-async fn read_body(body: Body, limit: usize) -> ScimResult<Value> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ScimResult<Value> {
+    if let Some(codings) = super::body_encodings(headers) {
+        return Err(ScimError::new(
+            415,
+            None,
+            crate::api::ApiError::UnsupportedEncoding(codings).to_string(),
+        ));
+    }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) if super::over_limit(&e) => {
@@ -725,7 +725,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(body, st.config.server.max_body_bytes).await?;
+            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
             Ok(op_create(&st, &tenant, $kind, body).await?.into_response())
         }
 
@@ -736,7 +736,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(body, st.config.server.max_body_bytes).await?;
+            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
             let cond = if_match(&headers)?;
             Ok(op_replace(&st, &tenant, $kind, &id, cond, body)
                 .await?
@@ -751,7 +751,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(body, st.config.server.max_body_bytes).await?;
+            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
             let cond = if_match(&headers)?;
             let projection = Projection::from_params(&lower_keys(q)?)?;
             Ok(op_patch(&st, &tenant, $kind, &id, cond, body, &projection)
@@ -791,7 +791,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(body, st.config.server.max_body_bytes).await?;
+            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
             let query = ListQuery::from_search_body(&st, &body)?;
             Ok(run_list(st, tenant, vec![$kind], query)
                 .await?
@@ -828,7 +828,7 @@ async fn search_root(
     body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = read_body(body, st.config.server.max_body_bytes).await?;
+    let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
     let query = ListQuery::from_search_body(&st, &body)?;
     Ok(run_list(
         st,
@@ -1455,7 +1455,7 @@ async fn bulk(
     body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = read_body(body, st.config.server.max_body_bytes).await?;
+    let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
     Ok(run_bulk(&st, &tenant, body).await?.into_response())
 }
 

@@ -1719,6 +1719,22 @@ async fn tokens_are_verified_and_tenants_isolated() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"rosterd\"");
+    // A token that is not ASCII was still sent: it is malformed, not missing.
+    let r = d
+        .client
+        .get(d.url("/api/v1/roster/users"))
+        .header(
+            "authorization",
+            reqwest::header::HeaderValue::from_bytes(b"Bearer \xc3\xa9.\xc3\xa9.\xc3\xa9").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"rosterd\", error=\"invalid_token\""
+    );
+    api_error(&crate::harness::Resp::read(r).await, 401, "token_malformed");
     // Two Authorization headers are refused, whichever comes first.
     let r = d
         .roster_with(
@@ -2441,6 +2457,39 @@ async fn requests_are_read_strictly_whatever_the_endpoint() {
         let msg = r.body["message"].as_str().unwrap();
         assert!(msg.contains("Content-Encoding"), "{msg}");
     }
+    // The body is judged only once the token lets the request in, and only where a body
+    // is read: a GET ignores one, compressed or not, as it ignores a plain one.
+    let zipped = |method: Method, path: &str, token: Option<&str>| {
+        let mut req = d
+            .client
+            .request(method, d.url(&format!("/api/v1/roster{path}")))
+            .header("content-encoding", "gzip")
+            .body("hello");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { crate::harness::Resp::read(req.send().await.unwrap()).await }
+    };
+    let r = zipped(Method::PATCH, &format!("/users/{id}"), None).await;
+    api_error(&r, 401, "token_missing");
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = zipped(Method::PATCH, &format!("/users/{id}"), Some(&reader)).await;
+    api_error(&r, 403, "insufficient_scope");
+    let r = zipped(Method::GET, "/archetypes", None).await;
+    api_error(&r, 401, "token_missing");
+    let r = zipped(Method::GET, "/archetypes", Some(&admin)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        d.client
+            .get(d.url("/api/v1/openapi.json"))
+            .header("content-encoding", "gzip")
+            .body("hello")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert_eq!(
         roster_user(&d, &admin, &id).await["archetype_assigned_by"],
         "service:classifier",

@@ -58,6 +58,28 @@ async fn malformed_input_gets_scim_errors() {
     );
     let detail = gzipped.body["detail"].as_str().unwrap();
     assert!(detail.contains("Content-Encoding gzip"), "{detail}");
+    assert_eq!(gzipped.header("accept-encoding"), Some("identity"));
+    // Judged only after the token, and only where a body is read.
+    let gzipped = d
+        .raw(
+            Method::POST,
+            &d.scim_url("/Users"),
+            None,
+            &[("content-encoding", "gzip")],
+            Some(br#"{"userName": "zipped@x"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(gzipped.status, 401, "{}", gzipped.body);
+    let ignored = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[("content-encoding", "gzip")],
+            Some(b"hello".to_vec()),
+        )
+        .await;
+    assert_eq!(ignored.status, 200, "{}", ignored.body);
     let listed = d.get("/Users").await;
     assert_eq!(
         listed.body["totalResults"], 0,
