@@ -1037,25 +1037,34 @@ fn excerpt(body: &serde_json::Value) -> String {
 fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -> Result<()> {
     use reqwest::Method;
     let base = "/api/v1/roster/connectors";
-    // The letters of a connector, oldest first; says so when there are none.
-    let list = |connector: &str| -> Result<Vec<serde_json::Value>> {
-        let (status, body) = call_daemon(
-            daemon,
-            Some(tenant),
-            Method::GET,
-            &format!("{base}/{connector}/dead-letters"),
-            None,
-        )?;
-        fail_unless_ok(status, &body)?;
-        let letters = body["dead_letters"].as_array().cloned().unwrap_or_default();
-        if letters.is_empty() {
+    // Each letter of a connector, oldest first, a page at a time; says so when there are
+    // none. The first request names no page, so a daemon from before paging (which
+    // refuses parameters it does not take) answers it with every letter.
+    let each = |connector: &str, f: &mut dyn FnMut(&serde_json::Value) -> Result<()>| {
+        let mut path = format!("{base}/{connector}/dead-letters");
+        let mut none = true;
+        loop {
+            let (status, body) = call_daemon(daemon, Some(tenant), Method::GET, &path, None)?;
+            fail_unless_ok(status, &body)?;
+            for l in body["dead_letters"].as_array().into_iter().flatten() {
+                none = false;
+                f(l)?;
+            }
+            match body["next_after"].as_u64() {
+                Some(after) => {
+                    path = format!("{base}/{connector}/dead-letters?limit=1000&after={after}")
+                }
+                None => break,
+            }
+        }
+        if none {
             outln!("{connector}: no dead letters")?;
         }
-        Ok(letters)
+        Ok::<_, anyhow::Error>(())
     };
     match command {
         DeadLetterCommand::List { connector } => {
-            for l in list(&connector)? {
+            each(&connector, &mut |l| {
                 outln!(
                     "#{} {} seq {} {}/{}: {}",
                     l["id"],
@@ -1079,7 +1088,8 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                         r["body"].as_str().unwrap_or_default()
                     )?;
                 }
-            }
+                Ok(())
+            })?;
         }
         DeadLetterCommand::Replay { connector, id, all } => {
             let ids = match id {
@@ -1088,10 +1098,14 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     "give the dead letter's id (12, or '#12' in quotes: unquoted, the shell drops #12 as a comment), or --all to replay every one"
                 ),
                 // After an outage there can be hundreds: one command, not a loop by hand.
-                None => list(&connector)?
-                    .iter()
-                    .filter_map(|l| l["id"].as_u64())
-                    .collect(),
+                None => {
+                    let mut ids = Vec::new();
+                    each(&connector, &mut |l| {
+                        ids.extend(l["id"].as_u64());
+                        Ok(())
+                    })?;
+                    ids
+                }
             };
             let mut failed = 0usize;
             for id in &ids {

@@ -121,18 +121,32 @@ async fn get_connector(
     blocking(move || Ok(Json(st.dispatch.connector_status(&tenant, &name)?).into_response())).await
 }
 
+/// `GET …/dead-letters?limit=N&after=ID`: a page of the letters, oldest first, and
+/// `next_after` for the next page (null on the last).
 async fn list_dead_letters(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
     Params(p): Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+    let caller = admit(&st, &headers, Scope::Read, &p, &["limit", "after"])?;
+    let limit = parse_limit(&p)?;
+    let after = p
+        .get("after")
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest("after must be a dead letter id (next_after)".into())
+            })
+        })
+        .transpose()?;
     let tenant = caller.tenant;
     blocking(move || {
-        let letters: Vec<Value> = st
-            .dispatch
-            .dead_letters(&tenant, &name)?
+        // One more than asked tells whether this page is the last.
+        let (mut letters, total) = st.dispatch.dead_letters(&tenant, &name, after, limit + 1)?;
+        let more = letters.len() > limit;
+        letters.truncate(limit);
+        let next = more.then(|| letters.last().map(|l| l.id)).flatten();
+        let letters: Vec<Value> = letters
             .iter()
             .map(|l| {
                 let mut v = serde_json::to_value(l).unwrap_or(Value::Null);
@@ -142,7 +156,10 @@ async fn list_dead_letters(
                 v
             })
             .collect();
-        Ok(Json(json!({ "dead_letters": letters })).into_response())
+        Ok(
+            Json(json!({ "dead_letters": letters, "next_after": next, "total": total }))
+                .into_response(),
+        )
     })
     .await
 }

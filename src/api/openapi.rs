@@ -3,6 +3,8 @@
 //! document cannot name a route the router does not serve.
 use serde_json::{Value, json};
 
+use crate::store::EVENT_KINDS;
+
 fn error_response(description: &str) -> Value {
     json!({
         "description": description,
@@ -20,6 +22,11 @@ fn query(name: &str, description: &str, schema: Value) -> Value {
 
 fn path_param(name: &str, description: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
+}
+
+/// A dead letter's id, as `listDeadLetters` gives it (`letter_id` reads it).
+fn letter_id_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "description": "The dead letter's id", "schema": {"type": "integer", "minimum": 0, "maximum": u64::MAX}})
 }
 
 /// RFC 6750's challenge, which `ApiError::into_response` sets.
@@ -75,7 +82,7 @@ fn user_filters() -> Vec<Value> {
         query(
             "archetype",
             "Only users with this archetype: one of the bundle's, or one that overrides still hold (else 400 invalid_archetype)",
-            json!({"type": "string"}),
+            json!({"type": "string", "minLength": 1}),
         ),
         query(
             "active",
@@ -90,7 +97,7 @@ fn user_filters() -> Vec<Value> {
         query(
             "manager_user_id",
             "Direct reports of this manager (user:<userName> or SCIM id; a value that names no user is 400)",
-            json!({"type": "string"}),
+            json!({"type": "string", "minLength": 1}),
         ),
         query(
             "department",
@@ -100,7 +107,7 @@ fn user_filters() -> Vec<Value> {
         query(
             "group",
             "Members of this group (SCIM id, displayName or externalId; a value that names no group, or that several groups answer to by displayName or externalId, is 400)",
-            json!({"type": "string"}),
+            json!({"type": "string", "minLength": 1}),
         ),
         query(
             "archetype_confidence__lt",
@@ -121,7 +128,10 @@ fn limit() -> Value {
 
 /// `limit` and `cursor`; `cursor` says what a cursor is bound to on this endpoint.
 fn paging(cursor: &str) -> Vec<Value> {
-    vec![limit(), query("cursor", cursor, json!({"type": "string"}))]
+    vec![
+        limit(),
+        query("cursor", cursor, json!({"type": "string", "minLength": 1})),
+    ]
 }
 
 pub fn openapi_document() -> Value {
@@ -185,7 +195,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/archetype:bulk-assign": {"post": {
                 "operationId": "bulkAssign", "summary": "Override (or, with null, clear the override of) many users' archetypes (roster:write)",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["assignments"],
+                    "type": "object", "required": ["assignments"], "additionalProperties": false,
                     "properties": {"assignments": {"type": "array", "maxItems": 10000, "items": {
                         "type": "object", "required": ["user_id", "archetype_id"], "additionalProperties": false,
                         "description": "An item that breaks this schema, or names a user an earlier item named (by userName or SCIM id: one item per user), fails alone, with a per-item 400",
@@ -259,11 +269,11 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/events": {"get": {
                 "operationId": "listEvents", "summary": "Governance events (assignment changes), oldest first",
                 "parameters": [
-                    query("user_id", "Only this user (user:<userName> or SCIM id; a deleted user's history by SCIM id)", json!({"type": "string"})),
-                    query("kind", "rbac.archetype_assigned, rbac.archetype_overridden, rbac.archetype_cleared or rbac.archetype_removed", json!({"type": "string"})),
+                    query("user_id", "Only this user (user:<userName> or SCIM id; a deleted user's history by SCIM id)", json!({"type": "string", "minLength": 1})),
+                    query("kind", "One kind of event", json!({"type": "string", "enum": EVENT_KINDS})),
                     query("since", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
                     query("until", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
-                    query("after", "Only events after this seq (next_after of the previous page)", json!({"type": "integer"})),
+                    query("after", "Only events after this seq (next_after of the previous page)", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX})),
                     limit()
                 ],
                 "responses": common_errors(json!({"200": ok_json("Events", json!({
@@ -289,7 +299,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/changes": {"get": {
                 "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",
                 "parameters": [
-                    query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer"})),
+                    query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX})),
                     limit()
                 ],
                 "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "required": ["changes", "next_since", "last_seq"], "properties": {
@@ -317,19 +327,24 @@ pub fn openapi_document() -> Value {
                 "responses": common_errors(json!({"200": ok_json("Retired", json!({"type": "object", "required": ["retired", "undelivered", "was_retired"], "properties": {"retired": {"type": "string", "description": "The connector's name"}, "undelivered": {"type": "integer", "description": "Changes it had not delivered, which compaction may now drop (0 when it was already retired)"}, "was_retired": {"type": "boolean", "description": "It was retired already, and nothing changed"}}}))}), &[("404", "No stored cursor of that name holds compaction for this tenant, and none was retired under it"), ("409", "The connector is loaded (remove its file and reload), or a connector file that does not load may name it (conflict)")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters": {"get": {
-                "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason",
-                "parameters": [path_param("name", "The connector's name")],
-                "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "required": ["dead_letters"], "properties": {"dead_letters": {"type": "array", "items": {"$ref": "#/components/schemas/DeadLetter"}}}}))}), &[("404", "No such connector for this tenant")])
+                "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason, oldest first",
+                "parameters": [path_param("name", "The connector's name"), limit(),
+                    query("after", "Only letters with a larger id (next_after of the previous page)", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}))],
+                "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "required": ["dead_letters", "next_after", "total"], "properties": {
+                    "dead_letters": {"type": "array", "items": {"$ref": "#/components/schemas/DeadLetter"}},
+                    "next_after": {"type": ["integer", "null"], "description": "What to pass as after for the next page; null on the last page"},
+                    "total": {"type": "integer", "description": "How many dead letters the connector holds"}}})),
+                    "400": error_response("Bad limit or after")}), &[("404", "No such connector for this tenant")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}": {"delete": {
                 "operationId": "discardDeadLetter", "summary": "Drop a dead letter (roster:admin)",
-                "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
+                "parameters": [path_param("name", "The connector's name"), letter_id_param()],
                 "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector or dead letter")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
                 "description": "A OneRoster connector is sent the object's state as stored now (or its delete), not the letter's snapshot, so a replay never undoes a later change. A webhook is sent the original event (same webhook-id and data.seq); superseded_by lists later changes of the object already delivered.",
-                "parameters": [path_param("name", "The connector's name"), path_param("id", "The dead letter's id")],
+                "parameters": [path_param("name", "The connector's name"), letter_id_param()],
                 "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object", "required": ["replayed", "sent", "superseded_by"], "properties": {
                         "replayed": {"type": "integer", "description": "The dead letter's id"},
                         "sent": {"type": "string", "enum": ["current_state", "original_event"], "description": "What was sent"},

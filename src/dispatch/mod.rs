@@ -2399,9 +2399,20 @@ impl Dispatcher {
         Ok(self.status_of(&f.config, &f.live, f.not_started))
     }
 
-    pub fn dead_letters(&self, tenant: &str, name: &str) -> Result<Vec<DeadLetter>, DispatchError> {
+    /// A page of a connector's dead letters (ids above `after`, oldest first) and how
+    /// many it holds in all.
+    pub fn dead_letters(
+        &self,
+        tenant: &str,
+        name: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, u64), DispatchError> {
         self.find(tenant, name)?;
-        Ok(self.store.dead_letters(tenant, name)?)
+        Ok((
+            self.store.dead_letters(tenant, name, after, limit)?,
+            self.store.dead_letter_count(tenant, name)?,
+        ))
     }
 
     pub async fn discard(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {

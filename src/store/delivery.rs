@@ -368,11 +368,32 @@ impl Store {
         .await
     }
 
-    pub fn dead_letters(&self, tenant: &str, connector: &str) -> StoreResult<Vec<DeadLetter>> {
+    /// A connector's dead letters with ids above `after`, oldest first, at most `limit`:
+    /// a target that refused everything for a day can leave a hundred thousand, which
+    /// no caller should have to take in one answer.
+    pub fn dead_letters(
+        &self,
+        tenant: &str,
+        connector: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> StoreResult<Vec<DeadLetter>> {
         let t = self.tenant(tenant)?;
+        let prefix = dead_prefix(connector);
+        let start = match after {
+            None => prefix.clone(),
+            Some(id) => match id.checked_add(1) {
+                Some(next) => dead_key(connector, next),
+                None => return Ok(Vec::new()),
+            },
+        };
         let mut out = Vec::new();
-        for kv in t.tree.scan_prefix(dead_prefix(connector)) {
-            out.push(super::decode(&kv?.1)?);
+        for kv in t.tree.range(start..).take(limit) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(super::decode(&v)?);
         }
         Ok(out)
     }
@@ -524,7 +545,7 @@ mod tests {
         assert_eq!(store.dead_letter_count("t", "or").unwrap(), 2);
         assert!(store.remove_dead_letter("t", "or", 1).await.unwrap());
         assert!(!store.remove_dead_letter("t", "or", 1).await.unwrap());
-        let left = store.dead_letters("t", "or").unwrap();
+        let left = store.dead_letters("t", "or", None, usize::MAX).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, 2);
         assert_eq!(left[0].event.seq, 3);

@@ -683,6 +683,52 @@ async fn the_cli_shows_status_drift_and_dead_letters_of_a_running_daemon() {
     assert!(!out.contains("stays"), "{out}");
 }
 
+/// After an outage a connector can hold more dead letters than one page of the API
+/// (100 by default): the CLI lists and replays every one, a page at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
+    const USERS: usize = 130;
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    let d = ChildDaemon::start(&root, &[("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)]).await;
+    target.inject(Fault::status(422, USERS).on_method("PUT"));
+    for i in 0..USERS {
+        let r = d
+            .scim_send(
+                Method::POST,
+                "/Users",
+                Some(user(&format!("u{i}@acme.test"))),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let s = d.drained().await;
+    assert_eq!(s["connectors"][0]["dead_letters"], USERS, "{s}");
+
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "list", "sis"],
+    );
+    assert!(ok, "{out}");
+    let listed: std::collections::BTreeSet<&str> = out
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert_eq!(listed.len(), USERS, "{out}");
+    let (ok, out) = cli(
+        &root,
+        &d,
+        &["dead-letters", "--tenant", "acme", "replay", "sis", "--all"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.matches(" replayed ").count(), USERS, "{out}");
+    assert_eq!(d.drained().await["connectors"][0]["dead_letters"], 0);
+    assert_eq!(target.users().len(), USERS);
+}
+
 /// A child daemon whose reconcile job is running and cannot finish: every write to its
 /// OneRoster target hangs past the connector's timeout.
 struct StuckJob {

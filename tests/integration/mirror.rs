@@ -271,6 +271,53 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
         first["id"].as_u64().unwrap(),
         letters[1]["id"].as_u64().unwrap(),
     );
+    assert_eq!(
+        (r.body["next_after"].clone(), r.body["total"].clone()),
+        (Value::Null, json!(2))
+    );
+    // A page at a time, oldest first; the last page says it is the last.
+    let page = |q: String| {
+        let reader = reader.clone();
+        let d = &d;
+        async move {
+            d.roster(
+                Method::GET,
+                &format!("/connectors/sis/dead-letters{q}"),
+                &reader,
+                None,
+            )
+            .await
+        }
+    };
+    let ids = |r: &crate::harness::Resp| -> Vec<u64> {
+        r.body["dead_letters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["id"].as_u64().unwrap())
+            .collect()
+    };
+    let r = page("?limit=1".into()).await;
+    assert_eq!(
+        (
+            ids(&r),
+            r.body["next_after"].as_u64(),
+            r.body["total"].as_u64()
+        ),
+        (vec![id1], Some(id1), Some(2))
+    );
+    let r = page(format!("?limit=1&after={id1}")).await;
+    assert_eq!((ids(&r), r.body["next_after"].as_u64()), (vec![id2], None));
+    let r = page(format!("?after={id2}")).await;
+    assert_eq!((ids(&r), r.body["total"].as_u64()), (vec![], Some(2)));
+    for bad in ["?limit=0", "?after=x", "?after=-1", "?cursor=1"] {
+        let r = page(bad.into()).await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+    }
 
     // Replaying needs admin, and fails while the target still refuses.
     let r = d
