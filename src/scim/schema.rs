@@ -310,6 +310,17 @@ const fn string(name: &'static str, description: &'static str) -> AttrDef {
     base(name, AttrKind::String, description)
 }
 
+/// The `value` that holds a resource's `id` (a member, a group, a manager): compared as
+/// `id` is, case and all (RFC 7643 §3.1), though RFC 7643's schema listings say
+/// otherwise. Members are added and removed by exact id, and the stored manager is
+/// looked up by it, so a filter that folded case would find what those cannot.
+const fn id_value(description: &'static str) -> AttrDef {
+    AttrDef {
+        case_exact: true,
+        ..string("value", description)
+    }
+}
+
 const fn complex(
     name: &'static str,
     description: &'static str,
@@ -445,7 +456,7 @@ static ADDRESS_SUBS: [AttrDef; 8] = [
 /// Group membership is computed from the Group side (RFC 7643 §4.1.2), hence read-only
 /// throughout.
 static USER_GROUP_SUBS: [AttrDef; 4] = [
-    read_only(string("value", "The identifier of the User's group.")),
+    read_only(id_value("The identifier of the User's group.")),
     read_only(AttrDef {
         reference_types: &["User", "Group"],
         ..base(
@@ -575,10 +586,7 @@ pub static USER: SchemaDef = SchemaDef {
 };
 
 static MANAGER_SUBS: [AttrDef; 3] = [
-    string(
-        "value",
-        "The id of the SCIM resource representing the User's manager.",
-    ),
+    id_value("The id of the SCIM resource representing the User's manager."),
     AttrDef {
         reference_types: &["User"],
         ..base(
@@ -622,7 +630,7 @@ pub static ENTERPRISE_USER: SchemaDef = SchemaDef {
 /// accepted from clients for convenience but always recomputed, so it is published as
 /// read-only.
 pub(crate) static MEMBER_SUBS: [AttrDef; 4] = [
-    immutable(string("value", "Identifier of the member of this Group.")),
+    immutable(id_value("Identifier of the member of this Group.")),
     immutable(AttrDef {
         reference_types: &["User", "Group"],
         ..base(

@@ -114,6 +114,73 @@ async fn filters_cover_the_grammar() {
     }
 }
 
+/// A `value` that holds an id (a manager, a member, a user's group) compares as `id`
+/// does, case and all, whether the filter is answered from an index (`manager.value eq`)
+/// or term by term (the same filter `or` a term that matches nothing), and as a PATCH
+/// removes a member by it.
+#[tokio::test]
+async fn id_values_compare_case_and_all_however_the_filter_is_answered() {
+    let d = TestDaemon::start().await;
+    seed(&d).await;
+    let boss = d
+        .get("/Users?filter=userName%20eq%20%22ann%40example.com%22")
+        .await;
+    let boss = boss.body["Resources"][0]["id"].as_str().unwrap().to_owned();
+    let r = d
+        .post(
+            "/Users",
+            json!({"userName": "rep@example.com", ENTERPRISE: {"manager": {"value": boss}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let rep = r.body["id"].as_str().unwrap().to_owned();
+    let upper = boss.to_uppercase();
+    assert_ne!(upper, boss, "a UUID with letters");
+    for (f, want) in [
+        (
+            format!("manager.value eq \"{boss}\""),
+            vec!["rep@example.com"],
+        ),
+        (format!("manager.value eq \"{upper}\""), vec![]),
+        (
+            format!("manager.value eq \"{upper}\" or title eq \"nobody\""),
+            vec![],
+        ),
+        (format!("not (manager.value ne \"{upper}\")"), vec![]),
+    ] {
+        assert_eq!(filter(&d, &f).await, want, "filter {f}");
+    }
+    let g = d
+        .post(
+            "/Groups",
+            json!({"displayName": "Reps", "members": [{"value": rep}]}),
+        )
+        .await;
+    assert_eq!(g.status, 201, "{}", g.body);
+    let gid = g.body["id"].as_str().unwrap().to_owned();
+    let groups = |f: String| {
+        let d = &d;
+        async move {
+            let r = d.get(&format!("/Groups?filter={}", enc(&f))).await;
+            assert_eq!(r.status, 200, "{f}: {}", r.body);
+            r.body["totalResults"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(groups(format!("members.value eq \"{rep}\"")).await, 1);
+    assert_eq!(
+        groups(format!("members.value eq \"{}\"", rep.to_uppercase())).await,
+        0
+    );
+    assert_eq!(
+        filter(&d, &format!("groups.value eq \"{}\"", gid.to_uppercase())).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        filter(&d, &format!("groups.value eq \"{gid}\"")).await,
+        ["rep@example.com"]
+    );
+}
+
 #[tokio::test]
 async fn bad_filters_are_scim_errors() {
     let d = TestDaemon::start().await;
