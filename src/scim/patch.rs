@@ -343,10 +343,12 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         return Err(ScimError::invalid_value("resource is not an object"));
     }
     for op in ops {
+        let before = super::resource::valued_lists_of(doc);
         match &op.path {
             None => apply_pathless(kind, doc, op.op, op.value.as_ref())?,
             Some(p) => apply_path(kind, doc, op.op, p, op.value.as_ref(), true)?,
         }
+        super::resource::settle_primaries(&before, doc);
     }
     Ok(())
 }
@@ -1084,6 +1086,71 @@ mod tests {
             d["emails"],
             json!([{"value": "new@work.example", "type": "work", "primary": true}])
         );
+    }
+
+    /// RFC 7644 §3.5.2: operations apply in order, and a value made primary makes the
+    /// others not primary at that point, so a later operation's choice stands.
+    #[test]
+    fn primary_is_settled_operation_by_operation() {
+        let primaries = |d: &Value| -> Vec<String> {
+            d["emails"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| super::super::resource::marked_primary(e))
+                .map(|e| e["value"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let two = || {
+            json!({"userName": "x", "emails": [
+                {"value": "h@x", "type": "home"},
+                {"value": "o@x", "type": "other", "primary": true}]})
+        };
+        // The other address changes (still primary), then home is made primary.
+        let mut d = two();
+        patch(
+            &mut d,
+            json!([
+                {"op": "replace", "path": "emails[type eq \"other\"].value", "value": "o2@x"},
+                {"op": "replace", "path": "emails[value eq \"h@x\"].primary", "value": true}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(primaries(&d), ["h@x"], "{d}");
+        // Home made primary, then the already-primary one again: the last word stands,
+        // spelled as Entra spells it.
+        let mut d = two();
+        patch(
+            &mut d,
+            json!([
+                {"op": "replace", "path": "emails[value eq \"h@x\"].primary", "value": true},
+                {"op": "Replace", "path": "emails[value eq \"o@x\"].Primary", "value": "True"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(primaries(&d), ["o@x"], "{d}");
+        // A new primary added, then its flag removed: no primary is left, not the old one.
+        let mut d = two();
+        patch(
+            &mut d,
+            json!([
+                {"op": "add", "path": "emails", "value": [{"value": "n@x", "type": "work", "primary": true}]},
+                {"op": "remove", "path": "emails[type eq \"work\"].primary"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(primaries(&d), Vec::<String>::new(), "{d}");
+        // Home made primary, then removed: the old primary does not come back.
+        let mut d = two();
+        patch(
+            &mut d,
+            json!([
+                {"op": "replace", "path": "emails[value eq \"h@x\"].primary", "value": true},
+                {"op": "remove", "path": "emails[value eq \"h@x\"]"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(primaries(&d), Vec::<String>::new(), "{d}");
     }
 
     #[test]

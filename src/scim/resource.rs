@@ -86,12 +86,16 @@ fn same_unvalued(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
 /// GET-then-PUT (Okta's update) was refused for. Runs on the normalized document, where
 /// the spellings agree. Values are the same when their `value`s are (see [`value_key`])
 /// and their types agree or one has none; a later value's sub-attributes win over the
-/// earlier one's.
-pub fn merge_repeats(kind: ResourceKind, doc: &mut Value) {
+/// earlier one's. Only the attributes the PATCH changed from `before` are merged: a
+/// POST or PUT stores values as sent, and a PATCH of the title must not rewrite them.
+pub fn merge_repeats(kind: ResourceKind, doc: &mut Value, before: &Value) {
     let Some(obj) = doc.as_object_mut() else {
         return;
     };
     for (key, list) in obj.iter_mut() {
+        if before.get(key) == Some(list) {
+            continue;
+        }
         let Value::Array(items) = list else {
             continue;
         };
@@ -141,32 +145,67 @@ pub fn merge_repeats(kind: ResourceKind, doc: &mut Value) {
     }
 }
 
-/// After a PATCH made a value primary, the others stop being primary, as RFC 7644
-/// §3.5.2 asks of the server: the values that are primary and new or changed by the
-/// PATCH win over those that already were.
+/// The `primary` flag of a multi-valued attribute's value, as a client may spell it
+/// before normalization (`"Primary": "True"`): its key, and whether it says true.
+fn primary_flag(v: &Value) -> Option<(&String, bool)> {
+    let (k, flag) = v
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("primary"))?;
+    let on = match flag {
+        Value::Bool(b) => *b,
+        Value::String(s) => s.eq_ignore_ascii_case("true"),
+        _ => false,
+    };
+    Some((k, on))
+}
+
+pub(crate) fn marked_primary(v: &Value) -> bool {
+    primary_flag(v).is_some_and(|(_, on)| on)
+}
+
+/// The multi-valued attributes whose values are objects, copied: what
+/// [`settle_primaries`] compares a PATCH operation's result with.
+pub fn valued_lists_of(doc: &Value) -> Value {
+    Value::Object(
+        valued_lists(doc)
+            .map(|(k, v)| (k.clone(), Value::Array(v.clone())))
+            .collect(),
+    )
+}
+
+/// After a PATCH operation made a value primary, the others stop being primary, as
+/// RFC 7644 §3.5.2 asks of the server: the values that are primary and new or changed
+/// by the operation win over those that already were. Run after each operation, in
+/// order, so that a later operation's choice stands (and one that removes the flag or
+/// the value leaves no primary behind). Reads the flag as a client may spell it before
+/// normalization.
 pub fn settle_primaries(before: &Value, after: &mut Value) {
     let keys: Vec<String> = valued_lists(after)
-        .filter(|(_, values)| several_primaries(values))
+        .filter(|(_, values)| values.iter().filter(|v| marked_primary(v)).count() > 1)
         .map(|(k, _)| k.clone())
         .collect();
     for k in keys {
-        let old: Vec<Value> = before
-            .get(&k)
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let old: &[Value] = before
+            .as_object()
+            .and_then(|o| o.iter().find(|(ok, _)| ok.eq_ignore_ascii_case(&k)))
+            .and_then(|(_, v)| v.as_array())
+            .map_or(&[], Vec::as_slice);
         let Some(values) = after.get_mut(&k).and_then(Value::as_array_mut) else {
             continue;
         };
         let Some(keep) = values
             .iter()
-            .rposition(|v| is_primary(v) && !old.contains(v))
+            .rposition(|v| marked_primary(v) && !old.contains(v))
         else {
             continue;
         };
         for (i, v) in values.iter_mut().enumerate() {
-            if i != keep && is_primary(v) {
-                v["primary"] = Value::Bool(false);
+            let Some((flag, true)) = primary_flag(v).map(|(f, on)| (f.clone(), on)) else {
+                continue;
+            };
+            if i != keep {
+                v[flag.as_str()] = Value::Bool(false);
             }
         }
     }
@@ -380,7 +419,7 @@ fn put_attr(
             let text = match value {
                 Value::Null => None,
                 Value::String(s) => Some(s),
-                Value::Number(n) => Some(n.to_string()),
+                Value::Number(n) => Some(number_as_text(&n, "externalId")?),
                 _ => return Err(ScimError::invalid_value("externalId must be a string")),
             };
             if let Some(s) = text {
@@ -605,6 +644,20 @@ pub(crate) fn check_text(s: &str, path: &str) -> ScimResult<()> {
     Ok(())
 }
 
+/// A JSON number sent for a string attribute (an employee number), as its text. Only a
+/// whole number that fits 64 bits is: any other reaches rosterd as a float, whose text
+/// is not what was sent (`1e2` would be stored as "100.0", a 30-digit id as
+/// "1.2345678901234568e+29"), so it is refused rather than silently changed.
+fn number_as_text(n: &serde_json::Number, path: &str) -> ScimResult<String> {
+    if n.is_i64() || n.is_u64() {
+        return Ok(n.to_string());
+    }
+    Err(ScimError::invalid_value(format!(
+        "{path}: the number {n} cannot be kept as sent (a number is read as text only when \
+         it is a whole number within 64 bits); send it as a JSON string"
+    )))
+}
+
 fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Option<Value>> {
     let bad = |v: &Value| {
         // A value never returned (a password) is not echoed either: the error goes back
@@ -633,7 +686,7 @@ fn normalize_scalar(def: &AttrDef, value: Value, path: &str) -> ScimResult<Optio
             Value::String(s)
         }
         // Some clients send employee numbers and the like as JSON numbers.
-        (AttrKind::String, Value::Number(n)) => Value::String(n.to_string()),
+        (AttrKind::String, Value::Number(n)) => Value::String(number_as_text(&n, path)?),
         (AttrKind::Integer, Value::Number(n)) if n.is_i64() || n.is_u64() => Value::Number(n),
         (AttrKind::Decimal, Value::Number(n)) => Value::Number(n),
         (AttrKind::Integer | AttrKind::Decimal, Value::String(s)) => {
@@ -859,7 +912,7 @@ mod tests {
             "addresses": [{"locality": "Oslo", "primary": true}, {"locality": "Oslo"},
                           {"locality": "Bergen"}],
         });
-        super::merge_repeats(ResourceKind::User, &mut d);
+        super::merge_repeats(ResourceKind::User, &mut d, &Value::Null);
         assert_eq!(
             d["emails"],
             json!([{"value": "P@X.org", "type": "work", "primary": true},
@@ -885,7 +938,7 @@ mod tests {
                                           {"value": "b@x.org", "type": "home", "primary": true},
                                           {"value": "A@x.org", "type": "work"}]});
         super::settle_primaries(&before, &mut after);
-        super::merge_repeats(ResourceKind::User, &mut after);
+        super::merge_repeats(ResourceKind::User, &mut after, &before);
         let emails = after["emails"].as_array().unwrap();
         assert_eq!(emails.len(), 2, "{after}");
         let primary: Vec<&Value> = emails.iter().filter(|e| super::is_primary(e)).collect();
@@ -968,6 +1021,37 @@ mod tests {
         );
         assert!(n.ignored.contains(&"favouriteColour".to_owned()));
         assert!(n.ignored.iter().any(|i| i.contains("nickname?")));
+    }
+
+    /// A number whose text would not survive (a float, or too large for 64 bits, which
+    /// the JSON reader takes as a float) is refused, not stored changed.
+    #[test]
+    fn a_number_for_a_string_is_kept_as_sent_or_refused() {
+        let body = |v: &str| {
+            serde_json::from_str::<Value>(&format!(
+                r#"{{"userName": "x", "externalId": {v}, "title": {v}}}"#
+            ))
+            .unwrap()
+        };
+        for whole in ["-9223372036854775808", "18446744073709551615", "0"] {
+            let n = normalize_input(ResourceKind::User, body(whole)).unwrap();
+            assert_eq!(n.resource["externalId"], whole);
+            assert_eq!(n.resource["title"], whole);
+        }
+        for lossy in [
+            "18446744073709551616",
+            "1e2",
+            "100.0",
+            "0.0000000000000000000000001",
+        ] {
+            let e = normalize_input(ResourceKind::User, body(lossy)).expect_err(lossy);
+            assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{lossy}");
+            assert!(
+                e.detail.contains("send it as a JSON string"),
+                "{}",
+                e.detail
+            );
+        }
     }
 
     #[test]

@@ -588,7 +588,7 @@ async fn op_patch(
             // Primaries first, while a re-sent value is still apart from the stored one
             // it repeats: merged, it would carry the stored `primary` and pass for new.
             settle_primaries(old, &mut doc);
-            merge_repeats(kind, &mut doc);
+            merge_repeats(kind, &mut doc, old);
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
                 obj.remove("groups");

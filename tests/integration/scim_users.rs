@@ -283,6 +283,19 @@ async fn at_most_one_email_is_primary() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(primaries(&r.body), ["old@example.com"], "{}", r.body);
+    // Operations apply in order (RFC 7644 §3.5.2): the primary address is rewritten, then
+    // the home one made primary. The home one is the primary, as the last operation says.
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([
+                {"op": "replace", "path": "emails[type eq \"work\"].value", "value": "old2@example.com"},
+                {"op": "replace", "path": "emails[value eq \"new@example.com\"].primary", "value": true}
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(primaries(&r.body), ["new@example.com"], "{}", r.body);
 }
 
 /// An IdP re-adding an email the user has, in its own spelling (`"primary": "True"`,
@@ -336,6 +349,18 @@ async fn a_patch_adding_an_email_the_user_has_leaves_one() {
     assert_eq!(r.body["emails"].as_array().unwrap().len(), 2, "{}", r.body);
     // b@example.com is the home address: one primary, and it.
     assert_eq!(primaries(&r.body), ["b@example.com"], "{}", r.body);
+    // Values a POST stored as sent are left as they are by a PATCH of something else.
+    let sent = json!([{"value": "c@example.com", "type": "work"},
+                      {"value": "C@EXAMPLE.COM", "primary": true}]);
+    let id = user_with_emails(&d, "as-sent@example.com", sent.clone()).await;
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Engineer"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["emails"], sent, "{}", r.body);
 }
 
 /// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
