@@ -59,8 +59,7 @@ pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
 fn value_key(def: Option<&AttrDef>, m: &Map<String, Value>) -> Option<(String, Option<String>)> {
     let v = m.get("value")?;
     let sub = def.and_then(|d| d.sub_attributes.iter().find(|s| s.name == "value"));
-    let exact = sub
-        .is_some_and(|s| s.case_exact || matches!(s.kind, AttrKind::Reference | AttrKind::Binary));
+    let exact = sub.is_some_and(|s| s.case_exact);
     let v = match v {
         Value::String(s) if !exact => s.to_lowercase(),
         Value::String(s) => s.clone(),

@@ -288,7 +288,9 @@ fn attr_json(a: &AttrDef) -> Value {
 // ---------------------------------------------------------------------------------------
 
 /// RFC 7643 §2.2 defaults: single-valued, optional, caseExact false, readWrite,
-/// returned default, uniqueness none.
+/// returned default, uniqueness none. A reference (a URL) and binary data are case exact
+/// whatever the RFC's schema listings say (RFC 7643 §2.3.6, §2.3.7): a photo's URL in
+/// other letters is another photo, and de-duplication already compares them so.
 const fn base(name: &'static str, kind: AttrKind, description: &'static str) -> AttrDef {
     AttrDef {
         name,
@@ -296,7 +298,7 @@ const fn base(name: &'static str, kind: AttrKind, description: &'static str) -> 
         multi_valued: false,
         description,
         required: false,
-        case_exact: false,
+        case_exact: matches!(kind, AttrKind::Reference | AttrKind::Binary),
         mutability: Mutability::ReadWrite,
         returned: Returned::Default,
         uniqueness: Uniqueness::None,
@@ -852,6 +854,20 @@ mod tests {
                 .case_exact
         );
         assert!(lookup_common("externalId", None).expect("e").case_exact);
+        for (attr, sub) in [
+            ("photos", "value"),
+            ("x509Certificates", "value"),
+            ("groups", "$ref"),
+            ("manager", "value"),
+        ] {
+            let urn = (attr == "manager").then_some(ENTERPRISE_USER_SCHEMA);
+            assert!(
+                lookup(ResourceKind::User, urn, attr, Some(sub))
+                    .expect(attr)
+                    .case_exact,
+                "{attr}.{sub}"
+            );
+        }
     }
 
     #[test]

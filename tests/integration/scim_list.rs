@@ -115,11 +115,11 @@ async fn filters_cover_the_grammar() {
 }
 
 /// A `value` that holds an id (a manager, a member, a user's group) compares as `id`
-/// does, case and all, whether the filter is answered from an index (`manager.value eq`)
+/// does, case and all (and so do a URL and a certificate), whether the filter is answered from an index (`manager.value eq`)
 /// or term by term (the same filter `or` a term that matches nothing), and as a PATCH
 /// removes a member by it.
 #[tokio::test]
-async fn id_values_compare_case_and_all_however_the_filter_is_answered() {
+async fn ids_urls_and_binary_compare_case_and_all_however_the_filter_is_answered() {
     let d = TestDaemon::start().await;
     seed(&d).await;
     let boss = d
@@ -179,6 +179,30 @@ async fn id_values_compare_case_and_all_however_the_filter_is_answered() {
         filter(&d, &format!("groups.value eq \"{gid}\"")).await,
         ["rep@example.com"]
     );
+    // So do a URL and binary data (RFC 7643 §2.3.6-7), as de-duplication compares them.
+    let r = d
+        .post(
+            "/Users",
+            json!({"userName": "pic@example.com",
+                   "photos": [{"value": "https://cdn.example/A.jpg", "type": "photo"}],
+                   "x509Certificates": [{"value": "TUlJQ2Vn"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    for (f, want) in [
+        (
+            "photos.value eq \"https://cdn.example/A.jpg\"",
+            vec!["pic@example.com"],
+        ),
+        ("photos.value eq \"https://cdn.example/a.jpg\"", vec![]),
+        (
+            "x509Certificates.value eq \"TUlJQ2Vn\"",
+            vec!["pic@example.com"],
+        ),
+        ("x509Certificates.value eq \"tulJQ2Vn\"", vec![]),
+    ] {
+        assert_eq!(filter(&d, f).await, want, "filter {f}");
+    }
 }
 
 #[tokio::test]
