@@ -289,14 +289,7 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
             .await
         }
     };
-    let ids = |r: &crate::harness::Resp| -> Vec<u64> {
-        r.body["dead_letters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["id"].as_u64().unwrap())
-            .collect()
-    };
+    let ids = letter_ids;
     let r = page("?limit=1".into()).await;
     assert_eq!(
         (
@@ -1330,6 +1323,11 @@ async fn dead_letter_ids(d: &TestDaemon, name: &str) -> Vec<u64> {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    letter_ids(&r)
+}
+
+/// The ids of a page of dead letters, in the order listed.
+fn letter_ids(r: &crate::harness::Resp) -> Vec<u64> {
     r.body["dead_letters"]
         .as_array()
         .unwrap()
