@@ -200,10 +200,11 @@ pub fn settle_primaries(before: &Value, after: &mut Value) {
             continue;
         };
         for (i, v) in values.iter_mut().enumerate() {
-            let Some((flag, true)) = primary_flag(v).map(|(f, on)| (f.clone(), on)) else {
+            if i == keep {
                 continue;
-            };
-            if i != keep {
+            }
+            // The key as the client spelled it, so that one flag is left, not two.
+            if let Some((flag, true)) = primary_flag(v).map(|(f, on)| (f.clone(), on)) {
                 v[flag.as_str()] = Value::Bool(false);
             }
         }
