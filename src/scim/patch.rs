@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path};
-use crate::scim::resource::check_value_count;
+use crate::scim::resource::{check_value_count, value_key};
 use crate::scim::schema::{self, AttrDef, Mutability, ResourceKind};
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -348,7 +348,7 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
             None => apply_pathless(kind, doc, op.op, op.value.as_ref())?,
             Some(p) => apply_path(kind, doc, op.op, p, op.value.as_ref(), true)?,
         }
-        super::resource::settle_primaries(&before, doc);
+        super::resource::settle_primaries(kind, &before, doc);
     }
     Ok(())
 }
@@ -564,12 +564,46 @@ fn apply_whole_extension(
 /// Append the values of `new` that `list` does not hold yet. An IdP may add thousands of
 /// values at once: a scan of the list per value made 50,000 emails take 50 s, with the
 /// tenant's writes waiting. serde_json's maps are sorted, so equal values print the same.
-fn extend_unique(list: &mut Vec<Value>, new: Vec<Value>) {
+/// An `add` to a multi-valued attribute. A value the attribute already holds, in any
+/// spelling (its `value` as the schema compares it, with the same `type` or none: see
+/// [`value_key`]), takes what the add says of it, each sub-attribute under the name it
+/// is stored as; an identical value is dropped; any other is appended. Done at the
+/// operation rather than after the PATCH, so that a later operation sees one value: an
+/// add of `A@X.COM` to a work address `a@x.com`, then a remove of
+/// `emails[type eq "work"]`, leaves no address, as it would one at a time.
+fn add_values(def: Option<&AttrDef>, list: &mut Vec<Value>, new: Vec<Value>) {
     let mut seen: std::collections::HashSet<String> = list.iter().map(Value::to_string).collect();
-    for v in new {
-        if seen.insert(v.to_string()) {
-            list.push(v);
+    // By folded `value`: where each value is, and its type.
+    let mut by_value: std::collections::HashMap<String, Vec<(usize, Option<String>)>> =
+        std::collections::HashMap::new();
+    for (i, item) in list.iter().enumerate() {
+        if let Some((v, t)) = item.as_object().and_then(|m| value_key(def, m)) {
+            by_value.entry(v).or_default().push((i, t));
         }
+    }
+    for v in new {
+        if !seen.insert(v.to_string()) {
+            continue;
+        }
+        if let Some((key, t)) = v.as_object().and_then(|m| value_key(def, m)) {
+            let held = by_value.entry(key).or_default();
+            let same = held
+                .iter_mut()
+                .find(|(_, ht)| ht.is_none() || t.is_none() || *ht == t);
+            if let (Some((i, ht)), Value::Object(m)) = (same, &v)
+                && let Some(Value::Object(existing)) = list.get_mut(*i)
+            {
+                for (k, sub) in m {
+                    set_ci(existing, k, sub.clone());
+                }
+                if ht.is_none() {
+                    *ht = t;
+                }
+                continue;
+            }
+            held.push((list.len(), t));
+        }
+        list.push(v);
     }
 }
 
@@ -684,7 +718,7 @@ fn apply_plain(
                 *slot = Value::Array(vec![slot.take()]);
             }
             if let Value::Array(items) = slot {
-                extend_unique(items, new);
+                add_values(def, items, new);
             }
             Ok(())
         }
@@ -1151,6 +1185,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(primaries(&d), Vec::<String>::new(), "{d}");
+    }
+
+    /// An added repeat of a held value is that value from the operation on, so a later
+    /// operation's filter finds one value, carrying what the add said of it.
+    #[test]
+    fn an_added_repeat_is_one_value_for_the_next_operation() {
+        let mut d = json!({"userName": "x", "emails": [{"type": "WORK", "value": "golf0@x.com"}]});
+        patch(
+            &mut d,
+            json!([
+                {"op": "add", "path": "emails", "value": [{"value": "GOLF0@X.COM"}]},
+                {"op": "rEMoVe", "path": "emails[type eq \"WORK\"]"}
+            ]),
+        )
+        .unwrap();
+        assert!(d.get("emails").is_none(), "{d}");
+        let mut d = json!({"userName": "x", "emails": [{"type": "work", "value": "a@x.com"}]});
+        patch(
+            &mut d,
+            json!([
+                {"op": "add", "path": "emails", "value": [{"Value": "A@X.com", "Display": "A", "Primary": "True"}]},
+                {"op": "add", "value": {"emails": [{"value": "a@x.com", "type": "home"}]}}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            d["emails"],
+            json!([{"type": "work", "value": "A@X.com", "Display": "A", "Primary": "True"},
+                   {"value": "a@x.com", "type": "home"}]),
+            "the stored names kept, another type another value"
+        );
     }
 
     #[test]

@@ -55,9 +55,20 @@ pub fn one_primary_each(doc: &Value) -> ScimResult<()> {
 
 /// What identifies a value of a multi-valued attribute: its `value`, folded to lower
 /// case where the schema compares it so (an email, a role; not a photo's URL or a
-/// certificate), and its `type` in lower case, if it has one.
-fn value_key(def: Option<&AttrDef>, m: &Map<String, Value>) -> Option<(String, Option<String>)> {
-    let v = m.get("value")?;
+/// certificate), and its `type` in lower case, if it has one. The sub-attributes' names
+/// are read in any letter case, as a PATCH's values come before normalization.
+pub(crate) fn value_key(
+    def: Option<&AttrDef>,
+    m: &Map<String, Value>,
+) -> Option<(String, Option<String>)> {
+    let get = |name: &str| {
+        m.get(name).or_else(|| {
+            m.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+    };
+    let v = get("value")?;
     let sub = def.and_then(|d| d.sub_attributes.iter().find(|s| s.name == "value"));
     let exact = sub.is_some_and(|s| s.case_exact);
     let v = match v {
@@ -65,16 +76,17 @@ fn value_key(def: Option<&AttrDef>, m: &Map<String, Value>) -> Option<(String, O
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let t = m.get("type").and_then(Value::as_str).map(str::to_lowercase);
+    let t = get("type").and_then(Value::as_str).map(str::to_lowercase);
     Some((v, t))
 }
 
 /// Two values without a `value` (addresses) are the same when equal apart from `primary`.
 fn same_unvalued(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
-    let rest = |m: &Map<String, Value>| m.iter().filter(|(k, _)| *k != "primary").count();
+    let not_primary = |(k, _): &(&String, &Value)| !k.eq_ignore_ascii_case("primary");
+    let rest = |m: &Map<String, Value>| m.iter().filter(not_primary).count();
     rest(a) == rest(b)
         && a.iter()
-            .filter(|(k, _)| *k != "primary")
+            .filter(not_primary)
             .all(|(k, v)| b.get(k) == Some(v))
 }
 
@@ -173,29 +185,53 @@ pub fn valued_lists_of(doc: &Value) -> Value {
     )
 }
 
+/// Whether `v` is a value that was primary before: one of `before` (the values that
+/// were primary) with the same identity, its `value` as the schema compares it and the
+/// same `type` or none (see [`value_key`]); for values without a `value` (addresses),
+/// the same sub-attributes apart from `primary`.
+fn was_primary(def: Option<&AttrDef>, before: &[&Value], v: &Value) -> bool {
+    let Some(m) = v.as_object() else {
+        return before.contains(&v);
+    };
+    let key = value_key(def, m);
+    before
+        .iter()
+        .filter_map(|b| b.as_object())
+        .any(|b| match (&key, value_key(def, b)) {
+            (Some((v, t)), Some((bv, bt))) => *v == bv && (t.is_none() || bt.is_none() || *t == bt),
+            (None, None) => same_unvalued(b, m),
+            _ => false,
+        })
+}
+
 /// After a PATCH operation made a value primary, the others stop being primary, as
-/// RFC 7644 §3.5.2 asks of the server: the values that are primary and new or changed
-/// by the operation win over those that already were. Run after each operation, in
-/// order, so that a later operation's choice stands (and one that removes the flag or
-/// the value leaves no primary behind). Reads the flag as a client may spell it before
-/// normalization.
-pub fn settle_primaries(before: &Value, after: &mut Value) {
+/// RFC 7644 §3.5.2 asks of the server: a value that is primary and was not (new, or
+/// newly flagged) wins over those that already were, the last such one if several.
+/// Run after each operation, in order, so that a later operation's choice stands (and
+/// one that removes the flag or the value leaves no primary behind). A value that was
+/// primary and is only re-sent or rewritten (its address changed) stays what it was,
+/// not a new choice. Reads the flag as a client may spell it before normalization.
+pub fn settle_primaries(kind: ResourceKind, before: &Value, after: &mut Value) {
     let keys: Vec<String> = valued_lists(after)
         .filter(|(_, values)| values.iter().filter(|v| marked_primary(v)).count() > 1)
         .map(|(k, _)| k.clone())
         .collect();
     for k in keys {
-        let old: &[Value] = before
+        let def = schema::lookup(kind, None, &k, None);
+        let old: Vec<&Value> = before
             .as_object()
             .and_then(|o| o.iter().find(|(ok, _)| ok.eq_ignore_ascii_case(&k)))
             .and_then(|(_, v)| v.as_array())
-            .map_or(&[], Vec::as_slice);
+            .into_iter()
+            .flatten()
+            .filter(|v| marked_primary(v))
+            .collect();
         let Some(values) = after.get_mut(&k).and_then(Value::as_array_mut) else {
             continue;
         };
         let Some(keep) = values
             .iter()
-            .rposition(|v| marked_primary(v) && !old.contains(v))
+            .rposition(|v| marked_primary(v) && !was_primary(def, &old, v))
         else {
             continue;
         };
@@ -937,7 +973,7 @@ mod tests {
                                           {"value": "a@x.org", "type": "work", "primary": true},
                                           {"value": "b@x.org", "type": "home", "primary": true},
                                           {"value": "A@x.org", "type": "work"}]});
-        super::settle_primaries(&before, &mut after);
+        super::settle_primaries(ResourceKind::User, &before, &mut after);
         super::merge_repeats(ResourceKind::User, &mut after, &before);
         let emails = after["emails"].as_array().unwrap();
         assert_eq!(emails.len(), 2, "{after}");
@@ -960,13 +996,13 @@ mod tests {
         // A new primary added, as Okta and Entra do: the old one steps down.
         let mut after = json!({"emails": [{"value": "old@x", "primary": true, "type": "work"},
                                           {"value": "new@x", "primary": true, "type": "home"}]});
-        super::settle_primaries(&before, &mut after);
+        super::settle_primaries(ResourceKind::User, &before, &mut after);
         assert_eq!(after["emails"][0]["primary"], false);
         assert_eq!(after["emails"][1]["primary"], true);
         // An existing value made primary by a filtered replace.
         let before = json!({"emails": [{"value": "a@x", "primary": true}, {"value": "b@x"}]});
         let mut after = json!({"emails": [{"value": "a@x", "primary": true}, {"value": "b@x", "primary": true}]});
-        super::settle_primaries(&before, &mut after);
+        super::settle_primaries(ResourceKind::User, &before, &mut after);
         assert_eq!(
             (
                 &after["emails"][0]["primary"],

@@ -587,7 +587,7 @@ async fn op_patch(
             let mut doc = normalize(kind, doc)?;
             // Primaries first, while a re-sent value is still apart from the stored one
             // it repeats: merged, it would carry the stored `primary` and pass for new.
-            settle_primaries(old, &mut doc);
+            settle_primaries(kind, old, &mut doc);
             merge_repeats(kind, &mut doc, old);
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
