@@ -404,11 +404,63 @@ fn check_log_level(spec: &str) -> Result<(), String> {
         .map_err(|e| format!("{spec:?}: {e}"))
 }
 
-/// A TOML file's text (the config, a connector's file, a bundle). TOML is UTF-8, and a file
-/// saved in Latin-1 or UTF-16 would otherwise be refused with only "stream did not
-/// contain valid UTF-8": this says where the first byte that is not is.
+/// The most rosterd reads of one configuration file: far above any real one (a bundle of
+/// 6,000 examples is 200 KB), and a bound on what a wrong path costs.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 64 << 20;
+
+/// A configuration file's bytes (the config, a connector's file, a bundle, a key file).
+/// Only a regular file is read, or a symbolic link to one: a pipe would block the
+/// reader (a reload, for good), a device such as /dev/zero would never end, and a
+/// directory or a link whose target is gone is a mistake to report, not a file to skip
+/// or take for a removed one.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::metadata(path).map_err(|e| match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Error::new(
+            e.kind(),
+            format!("a symbolic link whose target cannot be read: {e}"),
+        ),
+        _ => e,
+    })?;
+    if meta.is_dir() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "a directory, not a file",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a device, a pipe or a socket); name a file",
+        ));
+    }
+    let too_big = |len: u64| {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{len} bytes; rosterd reads at most {MAX_CONFIG_FILE_BYTES} from a configuration file"
+            ),
+        )
+    };
+    if meta.len() > MAX_CONFIG_FILE_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// A TOML file's text (the config, a connector's file, a bundle), read by [`read_file`].
+/// TOML is UTF-8, and a file saved in Latin-1 or UTF-16 would otherwise be refused with
+/// only "stream did not contain valid UTF-8": this says where the first byte that is not
+/// is.
 pub fn read_text(path: &Path) -> std::io::Result<String> {
-    let bytes = std::fs::read(path)?;
+    let bytes = read_file(path)?;
     String::from_utf8(bytes).map_err(|e| {
         let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -543,6 +595,14 @@ impl Config {
         if self.scim.max_results == 0 || self.scim.bulk_max_operations == 0 {
             return Err(
                 "keys `scim.max_results` and `scim.bulk_max_operations` must be positive".into(),
+            );
+        }
+        // Ten years; far more overflowed the clock at every compaction run (a panic each
+        // time, and a change log never trimmed).
+        if self.schedules.changelog_retention_hours > 87_600 {
+            return Err(
+                "key `schedules.changelog_retention_hours`: must be at most 87600 (ten years)"
+                    .into(),
             );
         }
         check_log_level(&self.log.level).map_err(|e| format!("key `log.level`: {e}"))?;
@@ -709,6 +769,40 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pipe, a device or a directory named as a configuration file is refused at
+    /// once: reading a pipe blocked for good, and /dev/zero ran out of memory.
+    #[test]
+    fn only_a_regular_file_is_read_as_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.toml");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let gone = dir.path().join("gone.toml");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &gone).unwrap();
+        for (path, says) in [
+            (fifo.as_path(), "not a regular file"),
+            (Path::new("/dev/zero"), "not a regular file"),
+            (dir.path(), "a directory"),
+            (
+                gone.as_path(),
+                "a symbolic link whose target cannot be read",
+            ),
+        ] {
+            let e = read_file(path).unwrap_err().to_string();
+            assert!(e.contains(says), "{}: {e}", path.display());
+        }
+        let err = Config::load(&fifo).unwrap_err().to_string();
+        assert!(err.contains("config.toml"), "{err}");
+        let file = dir.path().join("ok.toml");
+        std::fs::write(&file, "x = 1\n").unwrap();
+        assert_eq!(read_file(&file).unwrap(), b"x = 1\n");
+    }
 
     #[test]
     fn a_file_that_is_not_utf8_says_where() {
@@ -982,6 +1076,21 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(err.contains("server.client_timeout_secs"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_retention_past_what_a_clock_can_subtract_is_refused() {
+        let parse = |hours: &str| {
+            Config::parse(
+                &format!("version = 1\n[schedules]\nchangelog_retention_hours = {hours}\n"),
+                Path::new("x"),
+            )
+        };
+        assert!(parse("87600").is_ok());
+        for hours in ["87601", "2000000000000", "18446744073709551615"] {
+            let err = parse(hours).unwrap_err().to_string();
+            assert!(err.contains("changelog_retention_hours"), "{err}");
         }
     }
 

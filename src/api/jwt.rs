@@ -715,7 +715,7 @@ fn load_hs256_secret(
 }
 
 fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, JwtError> {
-    std::fs::read(path).map_err(|source| JwtError::KeyFileUnreadable {
+    crate::config::read_file(path).map_err(|source| JwtError::KeyFileUnreadable {
         key,
         path: path.to_owned(),
         source,

@@ -84,7 +84,9 @@ fn default_system_name() -> String {
 
 impl CsvSettings {
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.file_name.contains('/') || matches!(self.file_name.as_str(), "" | "." | "..") {
+        if self.file_name.contains(['/', '\0'])
+            || matches!(self.file_name.as_str(), "" | "." | "..")
+        {
             return Err(format!(
                 "key `file_name`: {:?} must be a plain file name",
                 self.file_name
@@ -102,9 +104,37 @@ impl CsvSettings {
                 "key `catch_up`: needs a `schedule` (it catches up a scheduled write missed while the daemon was down)".into(),
             );
         }
+        if let Some(or) = &self.oneroster {
+            // What the REST connector checks: the bundle's files are read by the same
+            // kind of system, which refuses a role or org type OneRoster does not have.
+            super::oneroster::check_roles(&or.roles, &or.default_role, &or.enrollment_role)
+                .map_err(|e| e.replacen("key `", "key `oneroster.", 1))?;
+            let known = ORG_TYPES.contains(&or.org_type.as_str())
+                || or
+                    .org_type
+                    .strip_prefix("ext:")
+                    .is_some_and(|s| !s.is_empty());
+            if !known {
+                return Err(format!(
+                    "key `oneroster.org_type`: {:?} is not a OneRoster org type (one of {} or ext:…)",
+                    or.org_type,
+                    ORG_TYPES.join(", ")
+                ));
+            }
+        }
         Ok(())
     }
 }
+
+/// OneRoster 1.2's org types (`OrgType`).
+const ORG_TYPES: [&str; 6] = [
+    "department",
+    "school",
+    "district",
+    "local",
+    "state",
+    "national",
+];
 
 // ---------------------------------------------------------------------------------------
 // Writing a snapshot

@@ -188,8 +188,14 @@ impl ConnectorConfig {
         if self.concurrency == 0 || self.concurrency > 1024 {
             return Err("key `concurrency`: must be between 1 and 1024".into());
         }
-        if self.timeout_ms == 0 {
-            return Err("key `timeout_ms`: must be positive".into());
+        // Upper bounds too: a delay past what a clock can add (u64::MAX ms) made every
+        // retry panic, and nobody means a request timeout of more than an hour, a retry
+        // delay of more than a day or a pause of more than a week.
+        const HOUR_MS: u64 = 3_600_000;
+        if self.timeout_ms == 0 || self.timeout_ms > HOUR_MS {
+            return Err(format!(
+                "key `timeout_ms`: must be between 1 and {HOUR_MS} (an hour)"
+            ));
         }
         if self.retry.initial_delay_ms == 0 || self.retry.max_delay_ms < self.retry.initial_delay_ms
         {
@@ -197,6 +203,18 @@ impl ConnectorConfig {
                 "keys `retry.initial_delay_ms`/`retry.max_delay_ms`: need 0 < initial <= max"
                     .into(),
             );
+        }
+        if self.retry.max_delay_ms > 24 * HOUR_MS {
+            return Err(format!(
+                "key `retry.max_delay_ms`: must be at most {} (a day)",
+                24 * HOUR_MS
+            ));
+        }
+        if self.retry.pause_secs > 7 * 24 * 3600 {
+            return Err(format!(
+                "key `retry.pause_secs`: must be at most {} (a week)",
+                7 * 24 * 3600
+            ));
         }
         if self.retry.pause_after_failures == 0 {
             return Err("key `retry.pause_after_failures`: must be positive".into());
@@ -321,9 +339,13 @@ pub fn load_dir_keeping(
             return out;
         }
     };
+    // Whatever stands under a connector's file name counts, a directory, pipe or broken
+    // link too: skipping it would read as the file's removal, which retires a running
+    // connector and lets compaction drop the changes it still owes. It fails to read
+    // instead, and the connector keeps running.
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_connector_file(p) && p.is_file())
+        .filter(|p| is_connector_file(p))
         .collect();
     files.sort();
     let mut parsed = Vec::with_capacity(files.len());
@@ -552,6 +574,79 @@ secret_env = "HOOK_SECRET"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[csv] section"), "{err}");
+    }
+
+    /// Times past what a clock can add made every retry panic; the bounds are named.
+    #[test]
+    fn times_are_bounded() {
+        let parse = |extra: &str| {
+            ConnectorConfig::parse(
+                &WEBHOOK.replace("[webhook]", &format!("{extra}\n[webhook]")),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+        };
+        assert!(parse("timeout_ms = 3600000\n[retry]\ninitial_delay_ms = 1\nmax_delay_ms = 86400000\npause_secs = 604800").is_ok());
+        for (extra, key) in [
+            ("timeout_ms = 3600001", "timeout_ms"),
+            (
+                "[retry]\ninitial_delay_ms = 9223372036854775807\nmax_delay_ms = 9223372036854775807",
+                "retry.max_delay_ms",
+            ),
+            ("[retry]\nmax_delay_ms = 86400001", "retry.max_delay_ms"),
+            (
+                "[retry]\npause_secs = 18446744073709551615",
+                "retry.pause_secs",
+            ),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    /// The CSV bundle's roles and org type are OneRoster's, as the REST connector's are.
+    #[test]
+    fn the_csv_bundle_takes_only_oneroster_roles_and_org_types() {
+        let example = include_str!("../../connectors/csv.toml.example");
+        let parse = |from: &str, to: &str| {
+            assert!(example.contains(from), "{from}");
+            ConnectorConfig::parse(
+                &example.replace(from, to),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+        };
+        assert!(parse("org_type = \"district\"", "org_type = \"ext:trust\"").is_ok());
+        for (from, to, key) in [
+            (
+                "org_type = \"district\"",
+                "org_type = \"galaxy\"",
+                "oneroster.org_type",
+            ),
+            (
+                "default_role = \"teacher\"",
+                "default_role = \"wizard\"",
+                "oneroster.default_role",
+            ),
+            (
+                "\"districtAdministrator\"",
+                "\"dean\"",
+                "oneroster.roles.eng_lead",
+            ),
+            (
+                "enrollment_role = \"teacher\"",
+                "enrollment_role = \"aide\"",
+                "oneroster.enrollment_role",
+            ),
+            (
+                "file_name = \"roster.csv\"",
+                "file_name = \"x\\u0000.csv\"",
+                "file_name",
+            ),
+        ] {
+            let err = parse(from, to).unwrap_err().to_string();
+            assert!(err.contains(key), "{to}: {err}");
+        }
     }
 
     #[test]

@@ -126,28 +126,7 @@ impl OneRosterSettings {
                 return Err("[oneroster.auth] needs exactly one of `token_env` (static bearer token) or `token_url` (OAuth client credentials)".into());
             }
         }
-        for (arch, role) in &self.roles {
-            if !valid_role(role) {
-                return Err(format!(
-                    "key `roles.{arch}`: {role:?} is not a OneRoster role (one of {} or ext:…)",
-                    ROLES.join(", ")
-                ));
-            }
-        }
-        if !valid_role(&self.default_role) {
-            return Err(format!(
-                "key `default_role`: {:?} is not a OneRoster role",
-                self.default_role
-            ));
-        }
-        if !ENROLLMENT_ROLES.contains(&self.enrollment_role.as_str()) {
-            return Err(format!(
-                "key `enrollment_role`: {:?} is not one of {}",
-                self.enrollment_role,
-                ENROLLMENT_ROLES.join(", ")
-            ));
-        }
-        Ok(())
+        check_roles(&self.roles, &self.default_role, &self.enrollment_role)
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -166,6 +145,35 @@ impl OneRosterSettings {
             .and_then(|a| self.roles.get(a))
             .unwrap_or(&self.default_role)
     }
+}
+
+/// The roles a OneRoster connector sends, REST or CSV: each a OneRoster 1.2 role (or an
+/// `ext:` one), the enrollment role one of the four a class takes.
+pub(super) fn check_roles(
+    roles: &BTreeMap<String, String>,
+    default_role: &str,
+    enrollment_role: &str,
+) -> Result<(), String> {
+    for (arch, role) in roles {
+        if !valid_role(role) {
+            return Err(format!(
+                "key `roles.{arch}`: {role:?} is not a OneRoster role (one of {} or ext:…)",
+                ROLES.join(", ")
+            ));
+        }
+    }
+    if !valid_role(default_role) {
+        return Err(format!(
+            "key `default_role`: {default_role:?} is not a OneRoster role"
+        ));
+    }
+    if !ENROLLMENT_ROLES.contains(&enrollment_role) {
+        return Err(format!(
+            "key `enrollment_role`: {enrollment_role:?} is not one of {}",
+            ENROLLMENT_ROLES.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn valid_role(r: &str) -> bool {

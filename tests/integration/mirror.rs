@@ -1604,6 +1604,47 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
     std::fs::write(&file, &good).unwrap();
     d.reload().await;
     assert!(connector(&d, "hooks").await["file_error"].is_null());
+    // Something else under the file's name (a link to an unmounted disk, a directory, a
+    // pipe) is a file that does not read, not a removed one: the connector keeps running
+    // and owning its changes, and the reload does not hang on the pipe.
+    let moved = d.root.join("hooks.toml.saved");
+    std::fs::rename(&file, &moved).unwrap();
+    let fifo = d.root.join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    for what in ["symbolic link", "directory", "regular file"] {
+        match what {
+            "symbolic link" => {
+                std::os::unix::fs::symlink("/nonexistent/hooks.toml", &file).unwrap()
+            }
+            "directory" => std::fs::create_dir(&file).unwrap(),
+            _ => std::os::unix::fs::symlink(&fifo, &file).unwrap(),
+        }
+        d.reload().await;
+        let c = connector(&d, "hooks").await;
+        assert!(
+            c["file_error"].as_str().is_some_and(|e| e.contains(what)),
+            "{what}: {c}"
+        );
+        let id = d
+            .create_user(&format!("{}@acme.test", what.replace(' ', "-")))
+            .await;
+        caught_up(&d, "hooks").await;
+        assert!(delivered(&id), "{what}: not delivered");
+        if file.is_dir() {
+            std::fs::remove_dir(&file).unwrap();
+        } else {
+            std::fs::remove_file(&file).unwrap();
+        }
+    }
+    std::fs::rename(&moved, &file).unwrap();
+    d.reload().await;
+    assert!(connector(&d, "hooks").await["file_error"].is_null());
     // Removed: the connector stops.
     std::fs::remove_file(&file).unwrap();
     d.reload().await;
