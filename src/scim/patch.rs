@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path};
-use crate::scim::resource::{check_value_count, value_key};
+use crate::scim::resource::{HeldValues, check_value_count, value_key};
 use crate::scim::schema::{self, AttrDef, Mutability, ResourceKind};
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -573,35 +573,26 @@ fn apply_whole_extension(
 /// `emails[type eq "work"]`, leaves no address, as it would one at a time.
 fn add_values(def: Option<&AttrDef>, list: &mut Vec<Value>, new: Vec<Value>) {
     let mut seen: std::collections::HashSet<String> = list.iter().map(Value::to_string).collect();
-    // By folded `value`: where each value is, and its type.
-    let mut by_value: std::collections::HashMap<String, Vec<(usize, Option<String>)>> =
-        std::collections::HashMap::new();
+    let mut held = HeldValues::default();
     for (i, item) in list.iter().enumerate() {
-        if let Some((v, t)) = item.as_object().and_then(|m| value_key(def, m)) {
-            by_value.entry(v).or_default().push((i, t));
+        if let Some(key) = item.as_object().and_then(|m| value_key(def, m)) {
+            held.note(key, i);
         }
     }
     for v in new {
         if !seen.insert(v.to_string()) {
             continue;
         }
-        if let Some((key, t)) = v.as_object().and_then(|m| value_key(def, m)) {
-            let held = by_value.entry(key).or_default();
-            let same = held
-                .iter_mut()
-                .find(|(_, ht)| ht.is_none() || t.is_none() || *ht == t);
-            if let (Some((i, ht)), Value::Object(m)) = (same, &v)
-                && let Some(Value::Object(existing)) = list.get_mut(*i)
+        if let Some(key) = v.as_object().and_then(|m| value_key(def, m)) {
+            if let (Some(i), Value::Object(m)) = (held.repeat(&key), &v)
+                && let Some(Value::Object(existing)) = list.get_mut(i)
             {
                 for (k, sub) in m {
                     set_ci(existing, k, sub.clone());
                 }
-                if ht.is_none() {
-                    *ht = t;
-                }
                 continue;
             }
-            held.push((list.len(), t));
+            held.note(key, list.len());
         }
         list.push(v);
     }

@@ -80,6 +80,39 @@ pub(crate) fn value_key(
     Some((v, t))
 }
 
+/// Whether two values' types (from [`value_key`]) let one be a repeat of the other: the
+/// same, or one of them untyped.
+fn types_agree(a: &Option<String>, b: &Option<String>) -> bool {
+    a.is_none() || b.is_none() || a == b
+}
+
+/// Where the values of a multi-valued attribute are, by [`value_key`]: what tells a
+/// repeat of a held value from another value.
+#[derive(Default)]
+pub(crate) struct HeldValues(HashMap<String, Vec<(usize, Option<String>)>>);
+
+impl HeldValues {
+    /// Note the value with this key as held at `at`.
+    pub(crate) fn note(&mut self, (value, kind): (String, Option<String>), at: usize) {
+        self.0.entry(value).or_default().push((at, kind));
+    }
+
+    /// Where the value a value with this key repeats is held, if one is: the same
+    /// `value`, and types that agree. An untyped held value that meets a typed repeat
+    /// has that type from then on.
+    pub(crate) fn repeat(&mut self, (value, kind): &(String, Option<String>)) -> Option<usize> {
+        let (at, held) = self
+            .0
+            .get_mut(value)?
+            .iter_mut()
+            .find(|(_, held)| types_agree(held, kind))?;
+        if held.is_none() {
+            held.clone_from(kind);
+        }
+        Some(*at)
+    }
+}
+
 /// Two values without a `value` (addresses) are the same when equal apart from `primary`.
 fn same_unvalued(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
     let not_primary = |(k, _): &(&String, &Value)| !k.eq_ignore_ascii_case("primary");
@@ -120,29 +153,13 @@ pub fn merge_repeats(kind: ResourceKind, doc: &mut Value, before: &Value) {
             _ => None,
         });
         let mut kept: Vec<Map<String, Value>> = Vec::new();
-        // By folded `value`: where each kept value is, and its type.
-        let mut by_value: HashMap<String, Vec<(usize, Option<String>)>> = HashMap::new();
+        let mut held = HeldValues::default();
         for new in values {
             let earlier = match value_key(def, &new) {
-                Some((v, t)) => {
-                    let seen = by_value.entry(v).or_default();
-                    match seen
-                        .iter_mut()
-                        .find(|(_, kt)| kt.is_none() || t.is_none() || *kt == t)
-                    {
-                        Some((i, kt)) => {
-                            // An untyped value that met a typed one has that type now.
-                            if kt.is_none() {
-                                *kt = t;
-                            }
-                            Some(*i)
-                        }
-                        None => {
-                            seen.push((kept.len(), t));
-                            None
-                        }
-                    }
-                }
+                Some(key) => held.repeat(&key).or_else(|| {
+                    held.note(key, kept.len());
+                    None
+                }),
                 None => kept
                     .iter()
                     .position(|k| !k.contains_key("value") && same_unvalued(k, &new)),
@@ -198,7 +215,7 @@ fn was_primary(def: Option<&AttrDef>, before: &[&Value], v: &Value) -> bool {
         .iter()
         .filter_map(|b| b.as_object())
         .any(|b| match (&key, value_key(def, b)) {
-            (Some((v, t)), Some((bv, bt))) => *v == bv && (t.is_none() || bt.is_none() || *t == bt),
+            (Some((v, t)), Some((bv, bt))) => *v == bv && types_agree(t, &bt),
             (None, None) => same_unvalued(b, m),
             _ => false,
         })
