@@ -82,15 +82,13 @@ pub(super) async fn blocking<T: Send + 'static>(
 /// The request body, read only once [`admit`] let the request in: a client without a
 /// valid token must not get the daemon to buffer `max_body_bytes` for it.
 async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
-    if let Some(codings) = crate::server::body_encodings(headers) {
-        return Err(ApiError::UnsupportedEncoding(codings));
-    }
-    axum::body::to_bytes(body, st.config.server.max_body_bytes)
+    use crate::server::BodyRefusal;
+    crate::server::read_request_body(headers, body, st.config.server.max_body_bytes)
         .await
-        .map_err(|e| {
-            if crate::server::over_limit(&e) {
-                ApiError::PayloadTooLarge
-            } else {
+        .map_err(|r| match r {
+            BodyRefusal::Encoded(codings) => ApiError::UnsupportedEncoding(codings),
+            BodyRefusal::TooLarge => ApiError::PayloadTooLarge,
+            BodyRefusal::Unreadable(e) => {
                 ApiError::BadRequest(format!("cannot read the request body: {e}"))
             }
         })

@@ -580,7 +580,7 @@ async fn accept_failed(e: std::io::Error) {
 /// than read it as if it were plain: the JSON parser would call it "not valid JSON", or,
 /// when the header lies, read it anyway. No identity provider compresses its requests. A
 /// handler that takes no body ignores it, coded or not, as it ignores a plain one.
-pub(crate) fn body_encodings(h: &HeaderMap) -> Option<String> {
+fn body_encodings(h: &HeaderMap) -> Option<String> {
     let encodings: Vec<String> = h
         .get_all(axum::http::header::CONTENT_ENCODING)
         .iter()
@@ -630,8 +630,40 @@ fn refused(
     resp
 }
 
+/// Why a request's body was not read.
+#[derive(Debug)]
+pub(crate) enum BodyRefusal {
+    /// Sent compressed, in these codings (`body_encodings`); left unread.
+    Encoded(String),
+    /// Over the limit.
+    TooLarge,
+    /// It broke off, or a frame could not be read.
+    Unreadable(axum::Error),
+}
+
+/// A request's body, for a handler that takes one, to call once the caller is let in:
+/// a client without credentials must not make the daemon buffer `max_body_bytes`. A
+/// compressed body is refused unread. Each protocol answers a refusal in its own
+/// format (`ApiError`, `ScimError`).
+pub(crate) async fn read_request_body(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, BodyRefusal> {
+    if let Some(codings) = body_encodings(headers) {
+        return Err(BodyRefusal::Encoded(codings));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if over_limit(&e) {
+            BodyRefusal::TooLarge
+        } else {
+            BodyRefusal::Unreadable(e)
+        }
+    })
+}
+
 /// Whether reading a body with `axum::body::to_bytes` failed for going over its limit.
-pub(crate) fn over_limit(e: &axum::Error) -> bool {
+fn over_limit(e: &axum::Error) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if c.is::<http_body_util::LengthLimitError>() {

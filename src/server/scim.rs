@@ -156,28 +156,24 @@ fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<
 /// The request's JSON body, read only once [`authorize`] let the request in: a client
 /// without a token must not get the daemon to buffer `max_body_bytes` for it.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ScimResult<Value> {
-    if let Some(codings) = super::body_encodings(headers) {
-        return Err(ScimError::new(
-            415,
-            None,
-            crate::api::ApiError::UnsupportedEncoding(codings).to_string(),
-        ));
-    }
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) if super::over_limit(&e) => {
-            return Err(ScimError::new(
+    use super::BodyRefusal;
+    let bytes = super::read_request_body(headers, body, limit)
+        .await
+        .map_err(|r| match r {
+            BodyRefusal::Encoded(codings) => ScimError::new(
+                415,
+                None,
+                crate::api::ApiError::UnsupportedEncoding(codings).to_string(),
+            ),
+            BodyRefusal::TooLarge => ScimError::new(
                 413,
                 None,
                 format!("request body is larger than the {limit}-byte limit"),
-            ));
-        }
-        Err(e) => {
-            return Err(ScimError::invalid_syntax(format!(
-                "cannot read the request body: {e}"
-            )));
-        }
-    };
+            ),
+            BodyRefusal::Unreadable(e) => {
+                ScimError::invalid_syntax(format!("cannot read the request body: {e}"))
+            }
+        })?;
     if bytes.is_empty() {
         return Err(ScimError::invalid_syntax("request body is empty"));
     }
