@@ -107,34 +107,23 @@ impl CsvSettings {
         if let Some(or) = &self.oneroster {
             // What the REST connector checks: the bundle's files are read by the same
             // kind of system, which refuses a role or org type OneRoster does not have.
-            super::oneroster::check_roles(&or.roles, &or.default_role, &or.enrollment_role)
-                .map_err(|e| e.replacen("key `", "key `oneroster.", 1))?;
-            let known = ORG_TYPES.contains(&or.org_type.as_str())
-                || or
-                    .org_type
-                    .strip_prefix("ext:")
-                    .is_some_and(|s| !s.is_empty());
-            if !known {
+            super::oneroster::check_roles(
+                "oneroster.",
+                &or.roles,
+                &or.default_role,
+                &or.enrollment_role,
+            )?;
+            if !super::oneroster::valid_org_type(&or.org_type) {
                 return Err(format!(
                     "key `oneroster.org_type`: {:?} is not a OneRoster org type (one of {} or ext:…)",
                     or.org_type,
-                    ORG_TYPES.join(", ")
+                    super::oneroster::ORG_TYPES.join(", ")
                 ));
             }
         }
         Ok(())
     }
 }
-
-/// OneRoster 1.2's org types (`OrgType`).
-const ORG_TYPES: [&str; 6] = [
-    "department",
-    "school",
-    "district",
-    "local",
-    "state",
-    "national",
-];
 
 // ---------------------------------------------------------------------------------------
 // Writing a snapshot

@@ -192,6 +192,8 @@ impl ConnectorConfig {
         // retry panic, and nobody means a request timeout of more than an hour, a retry
         // delay of more than a day or a pause of more than a week.
         const HOUR_MS: u64 = 3_600_000;
+        const MAX_DELAY_MS: u64 = 24 * HOUR_MS;
+        const MAX_PAUSE_SECS: u64 = 7 * 24 * 3600;
         if self.timeout_ms == 0 || self.timeout_ms > HOUR_MS {
             return Err(format!(
                 "key `timeout_ms`: must be between 1 and {HOUR_MS} (an hour)"
@@ -204,16 +206,14 @@ impl ConnectorConfig {
                     .into(),
             );
         }
-        if self.retry.max_delay_ms > 24 * HOUR_MS {
+        if self.retry.max_delay_ms > MAX_DELAY_MS {
             return Err(format!(
-                "key `retry.max_delay_ms`: must be at most {} (a day)",
-                24 * HOUR_MS
+                "key `retry.max_delay_ms`: must be at most {MAX_DELAY_MS} (a day)"
             ));
         }
-        if self.retry.pause_secs > 7 * 24 * 3600 {
+        if self.retry.pause_secs > MAX_PAUSE_SECS {
             return Err(format!(
-                "key `retry.pause_secs`: must be at most {} (a week)",
-                7 * 24 * 3600
+                "key `retry.pause_secs`: must be at most {MAX_PAUSE_SECS} (a week)"
             ));
         }
         if self.retry.pause_after_failures == 0 {

@@ -126,7 +126,7 @@ impl OneRosterSettings {
                 return Err("[oneroster.auth] needs exactly one of `token_env` (static bearer token) or `token_url` (OAuth client credentials)".into());
             }
         }
-        check_roles(&self.roles, &self.default_role, &self.enrollment_role)
+        check_roles("", &self.roles, &self.default_role, &self.enrollment_role)
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -148,8 +148,11 @@ impl OneRosterSettings {
 }
 
 /// The roles a OneRoster connector sends, REST or CSV: each a OneRoster 1.2 role (or an
-/// `ext:` one), the enrollment role one of the four a class takes.
+/// `ext:` one), the enrollment role one of the four a class takes. `keys` is where the
+/// keys sit in the connector's file (`""` for `[oneroster]`, `"oneroster."` under
+/// `[csv]`), for the error to name them.
 pub(super) fn check_roles(
+    keys: &str,
     roles: &BTreeMap<String, String>,
     default_role: &str,
     enrollment_role: &str,
@@ -157,27 +160,46 @@ pub(super) fn check_roles(
     for (arch, role) in roles {
         if !valid_role(role) {
             return Err(format!(
-                "key `roles.{arch}`: {role:?} is not a OneRoster role (one of {} or ext:…)",
+                "key `{keys}roles.{arch}`: {role:?} is not a OneRoster role (one of {} or ext:…)",
                 ROLES.join(", ")
             ));
         }
     }
     if !valid_role(default_role) {
         return Err(format!(
-            "key `default_role`: {default_role:?} is not a OneRoster role"
+            "key `{keys}default_role`: {default_role:?} is not a OneRoster role"
         ));
     }
     if !ENROLLMENT_ROLES.contains(&enrollment_role) {
         return Err(format!(
-            "key `enrollment_role`: {enrollment_role:?} is not one of {}",
+            "key `{keys}enrollment_role`: {enrollment_role:?} is not one of {}",
             ENROLLMENT_ROLES.join(", ")
         ));
     }
     Ok(())
 }
 
+/// OneRoster 1.2's org types (`OrgType`).
+pub(super) const ORG_TYPES: [&str; 6] = [
+    "department",
+    "school",
+    "district",
+    "local",
+    "state",
+    "national",
+];
+
+/// One of a OneRoster enumeration's values, or an extension of it (`ext:…`).
+fn in_enumeration(known: &[&str], v: &str) -> bool {
+    known.contains(&v) || v.strip_prefix("ext:").is_some_and(|s| !s.is_empty())
+}
+
 pub(super) fn valid_role(r: &str) -> bool {
-    ROLES.contains(&r) || r.strip_prefix("ext:").is_some_and(|s| !s.is_empty())
+    in_enumeration(&ROLES, r)
+}
+
+pub(super) fn valid_org_type(t: &str) -> bool {
+    in_enumeration(&ORG_TYPES, t)
 }
 
 fn ts(t: DateTime<Utc>) -> String {
