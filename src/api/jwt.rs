@@ -449,7 +449,18 @@ impl JwtVerifier {
                 }
             }
         }
-        let claims = claims.ok_or(JwtError::BadSignature)?;
+        // A kid we hold no key for, and no key without a kid signed it either: most
+        // likely the issuer rotated to a key the JWKS file does not have yet, which
+        // "no key matches the kid" tells the operator; "bad signature" says tampering.
+        let unknown_kid = header
+            .kid
+            .as_deref()
+            .is_some_and(|kid| !self.keys.iter().any(|k| k.kid.as_deref() == Some(kid)));
+        let claims = claims.ok_or(if unknown_kid {
+            JwtError::UnknownKey
+        } else {
+            JwtError::BadSignature
+        })?;
         self.principal(&claims)
     }
 
@@ -1458,9 +1469,15 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             v.verify(&rs256(RSA2_PRIVATE, Some("rotated"), &claims()))
                 .is_ok()
         );
-        // ...but never to JWKS keys that have a kid of their own.
+        // ...but never to JWKS keys that have a kid of their own; when no fallback
+        // verifies, the kid is what is wrong (a JWKS file behind the issuer's rotation).
         assert_eq!(
             code_of(v.verify(&rs256(RSA1_PRIVATE, Some("rotated"), &claims()))),
+            "token_unknown_key"
+        );
+        // A kid we hold, with a signature by another key, stays a bad signature.
+        assert_eq!(
+            code_of(v.verify(&rs256(RSA1_PRIVATE, Some("r2"), &claims()))),
             "token_bad_signature"
         );
     }
