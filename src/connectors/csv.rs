@@ -55,6 +55,9 @@ pub struct OneRosterCsv {
     #[serde(default = "default_org_type")]
     pub org_type: String,
     pub course_sourced_id: String,
+    /// The course's title, as the REST connector's `course_title`.
+    #[serde(default = "super::oneroster::default_course_title")]
+    pub course_title: String,
     #[serde(default)]
     pub roles: BTreeMap<String, String>,
     #[serde(default = "default_role")]
@@ -130,9 +133,6 @@ impl CsvSettings {
 
 /// The OneRoster bundle's file name, next to the roster CSV.
 pub const BUNDLE_FILE: &str = "oneroster.zip";
-
-/// Title of the one course the classes live under (the REST connector's default title).
-const COURSE_TITLE: &str = "rosterd groups";
 
 /// What [`write_snapshot`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -839,7 +839,8 @@ fn write_bundle(
     })?;
 
     b.entry("courses.csv", &COURSES, |w| {
-        w.row([course, "", "", "", COURSE_TITLE, course, "", org, "", ""])
+        let title = text(&or.course_title);
+        w.row([course, "", "", "", &title, course, "", org, "", ""])
     })?;
 
     // users.csv and roles.csv come from one walk of the users; the roles are spooled to a
@@ -1035,6 +1036,7 @@ mod tests {
                 org_name: "=Springfield, \"District\"".into(),
                 org_type: default_org_type(),
                 course_sourced_id: "course-1".into(),
+                course_title: "@Staff groups".into(),
                 roles,
                 default_role: default_role(),
                 enrollment_role: "student".into(),
@@ -1355,6 +1357,8 @@ mod tests {
         assert_eq!(courses[0], COURSES);
         assert_eq!(courses.len(), 2);
         assert_eq!(courses[1][0], "course-1");
+        // The configured title, neutralized as every text cell is.
+        assert_eq!(courses[1][4], "'@Staff groups");
         assert_eq!(courses[1][7], "org-1");
 
         let users = &files["users.csv"];

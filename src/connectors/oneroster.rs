@@ -70,7 +70,7 @@ fn default_read_back_hours() -> u64 {
     24
 }
 
-fn default_course_title() -> String {
+pub(super) fn default_course_title() -> String {
     "rosterd groups".into()
 }
 

@@ -73,6 +73,15 @@ pub enum SecretError {
     Malformed(String),
 }
 
+/// How `whsec_…` is decoded: the Standard Webhooks libraries (standardwebhooks, svix)
+/// take the base64 with or without its `=` padding, so a receiver's secret generated
+/// unpadded must work here too.
+const SECRET_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
 /// Signing keys, decoded from `whsec_…`: the current one, and during a rotation a second.
 pub struct Signer {
     keys: Vec<Vec<u8>>,
@@ -94,7 +103,7 @@ impl Signer {
 
     pub fn parse(secret: &str) -> Option<Signer> {
         let b64 = secret.trim().strip_prefix("whsec_")?;
-        let key = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        let key = SECRET_BASE64.decode(b64).ok()?;
         (24..=64)
             .contains(&key.len())
             .then(|| Signer { keys: vec![key] })
@@ -255,6 +264,23 @@ mod tests {
         assert!(
             matches!(Signer::from_env(&unset, &env), Err(SecretError::Unset(v)) if v == "GONE")
         );
+    }
+
+    #[test]
+    fn a_secret_reads_the_same_with_or_without_its_padding() {
+        // 32 bytes: base64 ends in one `=`.
+        let padded = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode([0xfbu8; 32])
+        );
+        assert!(padded.ends_with('='));
+        let unpadded = padded.trim_end_matches('=');
+        let sign = |s: &str| Signer::parse(s).map(|s| s.sign("msg_1", 1614265330, b"{}"));
+        assert!(sign(&padded).is_some());
+        assert_eq!(sign(unpadded), sign(&padded));
+        // Padding in the middle, or too much of it, is still not base64.
+        assert!(sign(&format!("{unpadded}==")).is_none());
+        assert!(sign(&format!("whsec_={}", &unpadded[6..])).is_none());
     }
 
     #[test]
