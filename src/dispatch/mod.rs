@@ -175,14 +175,36 @@ pub struct UnloadedStatus {
     pub dead_letters: u64,
 }
 
+/// A connector's pause. Its end is kept on the monotonic clock: kept as a wall-clock time,
+/// a clock stepped back a day (NTP, a VM resumed) held the connector paused for that day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    Until(tokio::time::Instant),
+    UntilResumed,
+}
+
+impl Pause {
+    /// Its end on the wall clock as it reads now (`DateTime::MAX_UTC` until resumed);
+    /// None once it is over.
+    fn until(self) -> Option<DateTime<Utc>> {
+        match self {
+            Pause::UntilResumed => Some(DateTime::<Utc>::MAX_UTC),
+            Pause::Until(end) => {
+                let left = end.checked_duration_since(tokio::time::Instant::now())?;
+                (!left.is_zero())
+                    .then(|| Utc::now() + chrono::Duration::from_std(left).unwrap_or_default())
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Health {
     state: String,
     last_success_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
-    /// Paused until then; `Some(None)`-like "until resumed" is `DateTime::MAX_UTC`.
-    paused_until: Option<DateTime<Utc>>,
+    pause: Option<Pause>,
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
     pause_logged: bool,
@@ -270,7 +292,7 @@ impl Live {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.failing_requests.store(0, Ordering::Release);
             let mut h = self.health();
-            h.paused_until = None;
+            h.pause = None;
             h.pause_logged = false;
             drop(h);
             // Requests still waiting out their backoff are not woken: one object's
@@ -310,9 +332,9 @@ impl Live {
         let mut h = self.health();
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
-        if n >= pause_after && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+        if n >= pause_after && h.pause.and_then(Pause::until).is_none() {
+            h.pause = Some(Pause::Until(tokio::time::Instant::now() + pause));
             let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
-            h.paused_until = Some(until);
             h.pause_logged = true;
             drop(h);
             self.pause_changed.notify_waiters();
@@ -333,8 +355,8 @@ impl Live {
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
         // Every request in flight meets the same answer (a 410): one line says it.
-        let already = h.paused_until == Some(DateTime::<Utc>::MAX_UTC);
-        h.paused_until = Some(DateTime::<Utc>::MAX_UTC);
+        let already = h.pause == Some(Pause::UntilResumed);
+        h.pause = Some(Pause::UntilResumed);
         h.pause_logged = true;
         drop(h);
         self.pause_changed.notify_waiters();
@@ -353,8 +375,8 @@ impl Live {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.failing_requests.store(0, Ordering::Release);
         let mut h = self.health();
-        let was_paused = h.paused_until.is_some_and(|u| u > Utc::now());
-        h.paused_until = None;
+        let was_paused = h.pause.and_then(Pause::until).is_some();
+        h.pause = None;
         // Woken, the waiting requests try now.
         h.next_retry_at = None;
         h.pause_logged = false;
@@ -367,7 +389,7 @@ impl Live {
     }
 
     fn paused_until(&self) -> Option<DateTime<Utc>> {
-        self.health().paused_until.filter(|u| *u > Utc::now())
+        self.health().pause.and_then(Pause::until)
     }
 
     /// While paused: until when, and the last error that paused it.
@@ -406,7 +428,7 @@ impl Live {
             return false;
         }
         let mut h = self.health();
-        if h.pause_logged && h.paused_until.is_none_or(|u| u <= Utc::now()) {
+        if h.pause_logged && h.pause.and_then(Pause::until).is_none() {
             h.pause_logged = false;
             drop(h);
             tracing::info!("Pause over; trying the target again.");
@@ -1692,20 +1714,26 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             owed = true;
         }
     }
+    // The time of the last scheduled write, so that a clock stepped back does not write again.
+    let mut fired = None;
     loop {
         match &schedule {
             Some(_) if owed => {}
             Some(cron) => {
+                use crate::schedule::Wait;
                 // A connector's own schedule is read in UTC (documented in csv.toml.example).
-                let Some(next) = crate::schedule::next_run(cron, chrono_tz::UTC) else {
-                    ctx.live.pause_until_resumed("the schedule has no next run");
-                    return Ok(());
-                };
-                ctx.live.health().next_write_at = Some(next);
-                let slept = crate::schedule::sleep_until(next, &ctx.cancel).await;
+                let shown = |next| ctx.live.health().next_write_at = Some(next);
+                let waited =
+                    crate::schedule::wait_next(cron, chrono_tz::UTC, fired, &ctx.cancel, shown)
+                        .await;
                 ctx.live.health().next_write_at = None;
-                if !slept {
-                    return Ok(());
+                match waited {
+                    Wait::Due(at) => fired = Some(at),
+                    Wait::Never => {
+                        ctx.live.pause_until_resumed("the schedule has no next run");
+                        return Ok(());
+                    }
+                    Wait::Cancelled => return Ok(()),
                 }
                 if !ctx.config.dry_run {
                     ctx.store.mark_write_due(&tenant, &cursor_name).await?;
@@ -2877,6 +2905,28 @@ mod tests {
         live.failure(&mut streaks[1], "500", 3, pause);
         live.failure(&mut streaks[1], "500", 3, pause);
         assert!(live.paused_until().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_by_the_monotonic_clock_whatever_the_wall_clock_reads() {
+        let live = Live::new("t", "c", "running");
+        live.failure(&mut Streak::default(), "503", 1, Duration::from_secs(60));
+        let until = live.paused_until().expect("paused");
+        let ahead = until - Utc::now();
+        assert!(
+            ahead > chrono::Duration::seconds(55) && ahead <= chrono::Duration::seconds(60),
+            "{ahead}"
+        );
+        // tokio's clock moves on a minute while the wall clock stays where it was, as
+        // after a step back of a minute: the pause is over all the same.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(live.paused_until(), None);
+        let cancel = CancellationToken::new();
+        assert!(live.wait_unpaused(&cancel).await);
+        // A pause until resumed stays one, whatever either clock does.
+        live.pause_until_resumed("410");
+        tokio::time::advance(Duration::from_secs(86_400 * 30)).await;
+        assert_eq!(live.paused_until(), Some(DateTime::<Utc>::MAX_UTC));
     }
 
     #[tokio::test(start_paused = true)]

@@ -59,7 +59,7 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
         Ok(Err(_)) if failed.store.failure().is_some() => Json(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "started_at": failed.started_at,
-            "uptime_seconds": (chrono::Utc::now() - failed.started_at).num_seconds(),
+            "uptime_seconds": failed.started.elapsed().as_secs(),
             "draining": failed.shutdown.is_cancelled(),
             "store": { "error": store_error(&failed) },
         }))
@@ -136,7 +136,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": st.started_at,
-        "uptime_seconds": (chrono::Utc::now() - st.started_at).num_seconds(),
+        "uptime_seconds": st.started.elapsed().as_secs(),
         "draining": st.shutdown.is_cancelled(),
         "store": { "size_bytes": st.store.size_on_disk()?, "error": store_error(st) },
         "tenants": tenants,

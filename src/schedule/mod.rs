@@ -516,36 +516,108 @@ pub fn last_runs(state: &AppState) -> Vec<(String, chrono::DateTime<Utc>)> {
 
 /// The next time `cron`, read in `tz`, fires.
 pub fn next_run(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::DateTime<Utc>> {
-    cron.find_next_occurrence(&Utc::now().with_timezone(&tz), false)
+    next_run_after(cron, tz, Utc::now(), None)
+}
+
+/// How far back the wall clock may be stepped after a run without that run's time coming
+/// round again. As cron has it: a smaller step (an NTP correction, a clock set by hand)
+/// must not run the schedule twice; a larger one corrects a wrong clock, and the schedule
+/// follows the new time.
+const REPEAT_GUARD: chrono::TimeDelta = chrono::TimeDelta::hours(3);
+
+/// How long a wait for a wall-clock time sleeps before reading the wall clock again.
+/// tokio sleeps on the monotonic clock, which an NTP step does not move and a paused VM
+/// does not advance: one sleep for the whole wait fired late (or early) by the step.
+const WALL_CLOCK_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The next time `cron`, read in `tz`, fires after `now`, or after `fired` (the time of
+/// the run just made) when the clock went back behind it by less than [`REPEAT_GUARD`].
+pub fn next_run_after(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    now: chrono::DateTime<Utc>,
+    fired: Option<chrono::DateTime<Utc>>,
+) -> Option<chrono::DateTime<Utc>> {
+    let from = match fired {
+        Some(f) if f > now && f - now <= REPEAT_GUARD => f,
+        _ => now,
+    };
+    cron.find_next_occurrence(&from.with_timezone(&tz), false)
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The time `cron`, read in `tz`, last came due, if that is after `last` (the last run):
-/// a run missed while the daemon was down. None when nothing ran before (a new schedule,
+/// How a wait for a schedule's next time ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The wall clock reached this time of the schedule: run it.
+    Due(chrono::DateTime<Utc>),
+    /// The schedule names no time from now on.
+    Never,
+    Cancelled,
+}
+
+/// Wait until the wall clock reaches the next time `cron`, read in `tz`, fires (after
+/// `fired`, the time of the last run, see [`next_run_after`]). `shown` hears each next
+/// time as it is settled, for `/status`. The wall clock is read again every
+/// [`WALL_CLOCK_RECHECK`]: after a step forward the run comes at once (once, for every
+/// time stepped over), after a step back at its time on the new clock.
+pub async fn wait_next(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    fired: Option<chrono::DateTime<Utc>>,
+    cancel: &tokio_util::sync::CancellationToken,
+    shown: impl FnMut(chrono::DateTime<Utc>),
+) -> Wait {
+    wait_next_by(cron, tz, fired, cancel, shown, Utc::now).await
+}
+
+async fn wait_next_by(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    fired: Option<chrono::DateTime<Utc>>,
+    cancel: &tokio_util::sync::CancellationToken,
+    mut shown: impl FnMut(chrono::DateTime<Utc>),
+    clock: impl Fn() -> chrono::DateTime<Utc>,
+) -> Wait {
+    let mut last_shown = None;
+    loop {
+        let now = clock();
+        let Some(next) = next_run_after(cron, tz, now, fired) else {
+            return Wait::Never;
+        };
+        if last_shown != Some(next) {
+            shown(next);
+            last_shown = Some(next);
+        }
+        let wait = (next - now).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(wait.min(WALL_CLOCK_RECHECK)) => {}
+            _ = cancel.cancelled() => return Wait::Cancelled,
+        }
+        if clock() >= next {
+            return Wait::Due(next);
+        }
+    }
+}
+
+/// The time `cron`, read in `tz`, last came due, if that is after `last` (the last run,
+/// or `last` reads as later than now): a run missed while the daemon was down. None when nothing ran before (a new schedule,
 /// or a new store: nothing was missed that anyone could expect).
 pub fn missed_run(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
     last: Option<chrono::DateTime<Utc>>,
 ) -> Option<chrono::DateTime<Utc>> {
+    let now = Utc::now();
     let due = cron
-        .find_previous_occurrence(&Utc::now().with_timezone(&tz), false)
+        .find_previous_occurrence(&now.with_timezone(&tz), false)
         .ok()?
         .with_timezone(&Utc);
-    (due > last?).then_some(due)
-}
-
-/// Sleep until `at`; false if `cancel` came first.
-pub async fn sleep_until(
-    at: chrono::DateTime<Utc>,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> bool {
-    let wait = (at - Utc::now()).to_std().unwrap_or_default();
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => true,
-        _ = cancel.cancelled() => false,
-    }
+    let last = last?;
+    // A last run stamped ahead of the clock was made while the clock was wrong: when it
+    // really ran is not known, so the time due is run rather than taken as done.
+    (due > last || last > now).then_some(due)
 }
 
 /// Start one task per configured schedule; they stop with `shutdown`.
@@ -605,14 +677,16 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                     }
                     run_and_keep(&state, name).await;
                 }
+                let mut fired = None;
                 loop {
-                    let Some(next) = next_run(&cron, tz) else {
-                        tracing::warn!("The schedule has no next run.");
-                        return;
-                    };
-                    state.schedules.update(name, |r| r.next_run = Some(next));
-                    if !sleep_until(next, &shutdown).await {
-                        return;
+                    let shown = |next| state.schedules.update(name, |r| r.next_run = Some(next));
+                    match wait_next(&cron, tz, fired, &shutdown, shown).await {
+                        Wait::Due(at) => fired = Some(at),
+                        Wait::Never => {
+                            tracing::warn!("The schedule has no next run.");
+                            return;
+                        }
+                        Wait::Cancelled => return,
                     }
                     run_and_keep(&state, name).await;
                 }
@@ -721,7 +795,7 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
             let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
             match state
                 .store
-                .compact_changes(tenant, upto, Utc::now() - retention)
+                .compact_changes(tenant, upto, retention, Utc::now())
                 .await
             {
                 Ok(n) => (
@@ -776,6 +850,122 @@ mod tests {
             .collect()
     }
 
+    /// A wall clock that runs with tokio's (paused) clock from `start`, plus steps.
+    #[derive(Clone)]
+    struct SteppedClock {
+        start: chrono::DateTime<Utc>,
+        began: tokio::time::Instant,
+        step_secs: Arc<std::sync::atomic::AtomicI64>,
+    }
+
+    impl SteppedClock {
+        fn at(start: chrono::DateTime<Utc>) -> Self {
+            SteppedClock {
+                start,
+                began: tokio::time::Instant::now(),
+                step_secs: Arc::default(),
+            }
+        }
+        fn now(&self) -> chrono::DateTime<Utc> {
+            let step = self.step_secs.load(std::sync::atomic::Ordering::SeqCst);
+            self.start
+                + chrono::Duration::from_std(self.began.elapsed()).unwrap()
+                + chrono::Duration::seconds(step)
+        }
+        fn step(&self, secs: i64) {
+            self.step_secs
+                .fetch_add(secs, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn utc(d: u32, h: u32, m: u32, s: u32) -> chrono::DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(2027, 5, d, h, m, s).unwrap()
+    }
+
+    /// Wait for `0 0 3 * * *` from 02:58:00 on the 10th, stepping the wall clock by
+    /// `step` seconds 30 s in; what the wait ended with, and the wall time then.
+    async fn wait_across_a_step(step: i64) -> (Wait, chrono::DateTime<Utc>) {
+        let cron = crate::config::parse_cron("0 0 3 * * *").unwrap();
+        let clock = SteppedClock::at(utc(10, 2, 58, 0));
+        let stepper = clock.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            stepper.step(step);
+        });
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c = clock.clone();
+        let waited = wait_next_by(
+            &cron,
+            chrono_tz::UTC,
+            None,
+            &cancel,
+            |_| {},
+            move || c.now(),
+        )
+        .await;
+        (waited, clock.now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_schedule_runs_at_its_wall_time_when_the_clock_is_stepped() {
+        // Within a minute of the time it was due on the clock as it now reads.
+        let recheck = chrono::Duration::seconds(60);
+        // Forward an hour (NTP, or a VM resumed): 03:00 is run at once, not at 04:00.
+        let (waited, now) = wait_across_a_step(3600).await;
+        assert_eq!(waited, Wait::Due(utc(10, 3, 0, 0)));
+        assert!(now <= utc(10, 3, 58, 30) + recheck, "{now}");
+        // Back an hour: not at 02:00 on the new clock, at 03:00.
+        let (waited, now) = wait_across_a_step(-3600).await;
+        assert_eq!(waited, Wait::Due(utc(10, 3, 0, 0)));
+        assert!(now >= utc(10, 3, 0, 0), "{now}");
+        assert!(now <= utc(10, 3, 0, 0) + recheck, "{now}");
+        // Back a day: a correction; the schedule follows the new clock's 03:00.
+        let (waited, now) = wait_across_a_step(-86_400).await;
+        assert_eq!(waited, Wait::Due(utc(9, 3, 0, 0)));
+        assert!(
+            now >= utc(9, 3, 0, 0) && now <= utc(9, 3, 0, 0) + recheck,
+            "{now}"
+        );
+    }
+
+    #[test]
+    fn a_clock_stepped_back_after_a_run_does_not_run_it_again() {
+        let cron = crate::config::parse_cron("0 0 3 * * *").unwrap();
+        let ran = Some(utc(10, 3, 0, 0));
+        // Back an hour, just after the 03:00 run: the next is tomorrow's.
+        assert_eq!(
+            next_run_after(&cron, chrono_tz::UTC, utc(10, 2, 0, 5), ran),
+            Some(utc(11, 3, 0, 0))
+        );
+        // Back a day: a correction, so the new clock's day has its run.
+        assert_eq!(
+            next_run_after(
+                &cron,
+                chrono_tz::UTC,
+                utc(9, 3, 0, 5) - chrono::Duration::hours(1),
+                ran
+            ),
+            Some(utc(9, 3, 0, 0))
+        );
+        // Every two minutes, a minute back after the 10:02 run: 10:04 next, not 10:03...
+        let every2 = crate::config::parse_cron("0 */2 * * * *").unwrap();
+        assert_eq!(
+            next_run_after(
+                &every2,
+                chrono_tz::UTC,
+                utc(10, 10, 1, 1),
+                Some(utc(10, 10, 2, 0))
+            ),
+            Some(utc(10, 10, 4, 0))
+        );
+        // ...and without a run to guard, from the clock.
+        assert_eq!(
+            next_run_after(&every2, chrono_tz::UTC, utc(10, 10, 1, 1), None),
+            Some(utc(10, 10, 2, 0))
+        );
+    }
+
     #[test]
     fn a_run_is_missed_only_when_its_time_came_after_the_last_run() {
         use chrono::{Datelike, TimeZone};
@@ -790,6 +980,12 @@ mod tests {
         );
         let after = this_new_year + chrono::Duration::seconds(1);
         assert_eq!(missed_run(&new_year, chrono_tz::UTC, Some(after)), None);
+        // A last run from a clock that was ahead (it reads as later than now).
+        let ahead = Utc::now() + chrono::Duration::days(1);
+        assert_eq!(
+            missed_run(&new_year, chrono_tz::UTC, Some(ahead)),
+            Some(this_new_year)
+        );
         // Nothing ran before: nothing was missed.
         assert_eq!(missed_run(&new_year, chrono_tz::UTC, None), None);
     }

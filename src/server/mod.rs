@@ -80,6 +80,9 @@ pub struct AppState {
     /// Cancelled when the daemon starts draining.
     pub shutdown: CancellationToken,
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The same moment on the monotonic clock: uptime measured on the wall clock went
+    /// negative when the clock was stepped back.
+    pub started: std::time::Instant,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
     pub schedules: crate::schedule::Schedules,
@@ -229,6 +232,7 @@ pub async fn run_with_env(
         dispatch: dispatch.clone(),
         shutdown: shutdown.clone(),
         started_at: chrono::Utc::now(),
+        started: std::time::Instant::now(),
         reloads: Default::default(),
         schedules: Default::default(),
     });
