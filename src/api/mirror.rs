@@ -66,7 +66,8 @@ fn change_json(c: &crate::store::ChangeEvent) -> Value {
 }
 
 /// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
-/// first. `next_since` is what to ask for next.
+/// first. `next_since` is what to ask for next; `compacted_upto` the last change
+/// compaction removed, so a reader whose `since` is below it knows it missed some.
 async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Read, &p, &["since", "limit"])?;
     let limit = parse_limit(&p)?;
@@ -79,18 +80,22 @@ async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> A
     let tenant = caller.tenant;
     let durable = *st.store.watch_durable(&tenant).borrow();
     blocking(move || {
+        let floor = st.store.changelog_floor(&tenant)?.min(durable);
         let n = (durable.saturating_sub(since) as usize).min(limit);
         let changes = if n == 0 {
             vec![]
         } else {
             st.store.changes(&tenant, since, n)?
         };
-        let next_since = changes.last().map(|c| c.seq).unwrap_or(since);
+        // Past what compaction removed: asked again, the same `since` would find nothing
+        // for ever while `last_seq` moved on.
+        let next_since = changes.last().map(|c| c.seq).unwrap_or(since.max(floor));
         let changes: Vec<Value> = changes.iter().map(change_json).collect();
         Ok(Json(json!({
             "changes": changes,
             "next_since": next_since,
             "last_seq": durable,
+            "compacted_upto": floor,
         }))
         .into_response())
     })

@@ -302,9 +302,10 @@ pub fn openapi_document() -> Value {
                     query("since", "Only changes with a larger seq (next_since of the previous page); default 0", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX})),
                     limit()
                 ],
-                "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "required": ["changes", "next_since", "last_seq"], "properties": {
+                "responses": common_errors(json!({"200": ok_json("Changes", json!({"type": "object", "required": ["changes", "next_since", "last_seq", "compacted_upto"], "properties": {
                     "changes": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}},
-                    "next_since": {"type": "integer"}, "last_seq": {"type": "integer"}}})),
+                    "next_since": {"type": "integer"}, "last_seq": {"type": "integer"},
+                    "compacted_upto": {"type": "integer", "description": "The last change compaction removed (0 when none was): a reader whose since is below it missed the changes from since + 1 up to it, and should read the roster afresh"}}})),
                     "400": error_response("Bad parameter")}), &[])
             }},
             "/api/v1/roster/connectors": {"get": {

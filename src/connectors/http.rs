@@ -157,11 +157,9 @@ pub async fn send(
         }
     };
     let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
+    let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+    let retry_after = header(reqwest::header::RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v, header(reqwest::header::DATE)));
     let headers = std::mem::take(resp.headers_mut());
     let body = match resp.bytes().await {
         Ok(b) => b,
@@ -228,14 +226,19 @@ fn classify(
     }
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
-pub fn parse_retry_after(v: &str) -> Option<Duration> {
+/// `Retry-After` as delay-seconds or an HTTP date. A date is measured from the answer's
+/// own `Date` when it has one (RFC 9110 §10.2.3): the target meant its clock, and ours may
+/// be a day off, which made a wait of ten seconds one of an hour (the cap) or none.
+pub fn parse_retry_after(v: &str, date: Option<&str>) -> Option<Duration> {
     let v = v.trim();
     let d = if let Ok(secs) = v.parse::<u64>() {
         Duration::from_secs(secs)
     } else {
         let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-        (at.with_timezone(&Utc) - Utc::now())
+        let sent = date
+            .and_then(|d| chrono::DateTime::parse_from_rfc2822(d.trim()).ok())
+            .map_or_else(Utc::now, |d| d.with_timezone(&Utc));
+        (at.with_timezone(&Utc) - sent)
             .to_std()
             .unwrap_or(Duration::ZERO)
     };
@@ -308,15 +311,29 @@ mod tests {
 
     #[test]
     fn retry_after_takes_seconds_and_dates() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("7", None), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("999999", None), Some(MAX_RETRY_AFTER));
         assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", None),
             Some(Duration::ZERO)
         );
         let later = (Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
-        let d = parse_retry_after(&later).unwrap();
+        let d = parse_retry_after(&later, None).unwrap();
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
-        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("soon", None), None);
+        // A date is read against the answer's Date, whatever our clock says: ten seconds
+        // from a target whose clock reads 2015.
+        assert_eq!(
+            parse_retry_after(
+                "Wed, 21 Oct 2015 07:28:10 GMT",
+                Some("Wed, 21 Oct 2015 07:28:00 GMT")
+            ),
+            Some(Duration::from_secs(10))
+        );
+        // An unreadable Date falls back to our clock.
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", Some("yesterday")),
+            Some(Duration::ZERO)
+        );
     }
 }

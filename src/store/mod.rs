@@ -353,6 +353,17 @@ fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
+/// The time of the newest change in a tenant's log, if it holds any.
+fn newest_change_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<Utc>>> {
+    match tree
+        .range(keys::change(0)..=keys::change(u64::MAX))
+        .next_back()
+    {
+        Some(kv) => Ok(Some(decode::<ChangeEvent>(&kv?.1)?.at)),
+        None => Ok(None),
+    }
+}
+
 fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -1497,7 +1508,12 @@ impl Store {
                 "Completed a write that the last stop had interrupted (a crash, a kill, or the stop after a store failure)."
             );
         }
-        let last_write = roster::last_event_time(&tree)?.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // Changes are stamped too, and a tenant may have no governance event (or had
+        // them all pruned): a clock stepped back before this start would otherwise stamp
+        // writes earlier than the last change.
+        let last_write = roster::last_event_time(&tree)?
+            .max(newest_change_time(&tree)?)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let rows_path = self
             .inner
             .dir
@@ -2055,14 +2071,23 @@ impl Store {
         Ok(out)
     }
 
-    /// Remove change events up to `upto` that are older than `before`, oldest first, in
-    /// batches so writers interleave. Returns how many were removed.
+    /// Remove change events up to `upto` that are more than `retention` older than `now`,
+    /// or than the newest change if that is earlier, oldest first, in batches so writers
+    /// interleave. Returns how many were removed.
     pub async fn compact_changes(
         &self,
         tenant: &str,
         upto: u64,
-        before: DateTime<Utc>,
+        retention: chrono::Duration,
+        now: DateTime<Utc>,
     ) -> StoreResult<u64> {
+        // The age is measured from the newest change when the clock reads later: a clock
+        // stepped a year ahead (a wrong RTC, a bad NTP answer) otherwise made every change
+        // look a year old, and the feed's readers lost them all.
+        let Some(newest) = newest_change_time(&self.tenant(tenant)?.tree)? else {
+            return Ok(0);
+        };
+        let before = now.min(newest) - retention;
         let mut removed = 0u64;
         loop {
             let t = self.tenant(tenant)?;
@@ -2074,8 +2099,9 @@ impl Store {
             {
                 let (k, v) = kv?;
                 let e: ChangeEvent = decode(&v)?;
-                // The log is in time order: the first young event ends the pass.
-                if e.at >= before {
+                // The log is in time order: the first young event ends the pass. (With
+                // no retention, `before` is the newest change's time, which goes too.)
+                if e.at > before {
                     break;
                 }
                 doomed.push(k.to_vec());
@@ -2629,6 +2655,60 @@ mod tests {
         assert_eq!(t.tree.get(keys::INTENT_KEY).unwrap(), None);
         assert_eq!(decode_ops(&encode_ops(&ops)).unwrap(), ops);
         assert!(decode_ops(b"\0\0\0\x09short").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_restart_stamps_writes_no_earlier_than_the_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = {
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            store
+                .create("t", ResourceKind::User, user("a"), vec![])
+                .await
+                .unwrap();
+            // No governance event: the store alone assigns no archetype.
+            assert!(
+                roster::last_event_time(&store.tenant("t").unwrap().tree)
+                    .unwrap()
+                    .is_none()
+            );
+            store.changes("t", 0, 1).unwrap()[0].at
+        };
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        // A clock stepped back an hour before this start stamps the next write no earlier.
+        let stamped = store
+            .tenant("t")
+            .unwrap()
+            .writes()
+            .stamp("t", at - chrono::Duration::hours(1));
+        assert_eq!(stamped, at);
+    }
+
+    #[tokio::test]
+    async fn compaction_measures_age_from_the_newest_change_when_the_clock_is_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        for name in ["a", "b", "c"] {
+            store
+                .create("t", ResourceKind::User, user(name), vec![])
+                .await
+                .unwrap();
+        }
+        let week = chrono::Duration::hours(168);
+        // The clock a year ahead: the changes are seconds old, not a year.
+        let ahead = Utc::now() + chrono::Duration::days(365);
+        assert_eq!(store.compact_changes("t", 3, week, ahead).await.unwrap(), 0);
+        assert_eq!(store.changes("t", 0, 10).unwrap().len(), 3);
+        // Without retention everything up to the cursor goes, the newest change too.
+        let zero = chrono::Duration::zero();
+        assert_eq!(
+            store
+                .compact_changes("t", 3, zero, Utc::now())
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(store.changelog_floor("t").unwrap(), 3);
     }
 
     #[tokio::test]

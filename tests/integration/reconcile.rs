@@ -667,6 +667,17 @@ async fn cron_schedules_run_reconcile_and_compact_the_change_log() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The feed says what compaction removed, and a reader from 0 is moved past it.
+    let feed = d
+        .roster(Method::GET, "/changes?since=0&limit=1000", &reader, None)
+        .await
+        .body;
+    let floor = feed["compacted_upto"].as_u64().unwrap();
+    assert!(floor >= cursor, "{feed}");
+    match feed["changes"][0]["seq"].as_u64() {
+        Some(oldest) => assert_eq!(oldest, floor + 1, "{feed}"),
+        None => assert_eq!(feed["next_since"].as_u64(), Some(floor), "{feed}"),
+    }
     // The scheduled reconcile left a job record.
     let status = connector(&d, "sis").await;
     assert_eq!(status["dead_letters"], 0);
