@@ -602,8 +602,9 @@ async fn wait_next_by(
 }
 
 /// The time `cron`, read in `tz`, last came due, if that is after `last` (the last run,
-/// or `last` reads as later than now): a run missed while the daemon was down. None when nothing ran before (a new schedule,
-/// or a new store: nothing was missed that anyone could expect).
+/// or `last` reads as later than now): a run missed while the daemon was down. None when
+/// nothing ran before (a new schedule, or a new store: nothing was missed that anyone
+/// could expect).
 pub fn missed_run(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
