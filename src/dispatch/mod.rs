@@ -175,25 +175,37 @@ pub struct UnloadedStatus {
     pub dead_letters: u64,
 }
 
-/// A connector's pause. Its end is kept on the monotonic clock: kept as a wall-clock time,
-/// a clock stepped back a day (NTP, a VM resumed) held the connector paused for that day.
+/// A time ahead (a pause's end, a retry), kept on the monotonic clock and shown on the
+/// wall clock as it reads when asked. Kept as a wall-clock time, a clock stepped back a
+/// day (NTP, a VM resumed) held a paused connector for that day, and showed a retry a day
+/// ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Deadline(tokio::time::Instant);
+
+impl Deadline {
+    fn after(wait: Duration) -> Self {
+        Deadline(tokio::time::Instant::now() + wait)
+    }
+
+    /// On the wall clock as it reads now; None once it has passed.
+    fn wall(self) -> Option<DateTime<Utc>> {
+        let left = self.0.checked_duration_since(tokio::time::Instant::now())?;
+        (!left.is_zero()).then(|| Utc::now() + chrono::Duration::from_std(left).unwrap_or_default())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pause {
-    Until(tokio::time::Instant),
+    Until(Deadline),
     UntilResumed,
 }
 
 impl Pause {
-    /// Its end on the wall clock as it reads now (`DateTime::MAX_UTC` until resumed);
-    /// None once it is over.
+    /// Its end on the wall clock (`DateTime::MAX_UTC` until resumed); None once it is over.
     fn until(self) -> Option<DateTime<Utc>> {
         match self {
             Pause::UntilResumed => Some(DateTime::<Utc>::MAX_UTC),
-            Pause::Until(end) => {
-                let left = end.checked_duration_since(tokio::time::Instant::now())?;
-                (!left.is_zero())
-                    .then(|| Utc::now() + chrono::Duration::from_std(left).unwrap_or_default())
-            }
+            Pause::Until(end) => end.wall(),
         }
     }
 }
@@ -209,7 +221,7 @@ struct Health {
     /// request loop notices it first.
     pause_logged: bool,
     /// The soonest attempt ahead of a request waiting to retry.
-    next_retry_at: Option<DateTime<Utc>>,
+    next_retry: Option<Deadline>,
     /// The scheduled write a CSV connector waits for.
     next_write_at: Option<DateTime<Utc>>,
 }
@@ -333,7 +345,7 @@ impl Live {
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
         if n >= pause_after && h.pause.and_then(Pause::until).is_none() {
-            h.pause = Some(Pause::Until(tokio::time::Instant::now() + pause));
+            h.pause = Some(Pause::Until(Deadline::after(pause)));
             let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
             h.pause_logged = true;
             drop(h);
@@ -378,7 +390,7 @@ impl Live {
         let was_paused = h.pause.and_then(Pause::until).is_some();
         h.pause = None;
         // Woken, the waiting requests try now.
-        h.next_retry_at = None;
+        h.next_retry = None;
         h.pause_logged = false;
         drop(h);
         if was_paused {
@@ -836,10 +848,10 @@ impl Ctx {
             tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             if counts {
                 // The soonest attempt still ahead: what an operator waits for.
-                let at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                let at = Deadline::after(delay);
                 let mut h = self.live.health();
-                h.next_retry_at = Some(match h.next_retry_at {
-                    Some(t) if t > Utc::now() => t.min(at),
+                h.next_retry = Some(match h.next_retry {
+                    Some(t) if t.wall().is_some() => t.min(at),
                     _ => at,
                 });
             }
@@ -1804,8 +1816,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     );
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
                     // Before any await: /status never shows the failure without its retry.
-                    ctx.live.health().next_retry_at =
-                        Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+                    ctx.live.health().next_retry = Some(Deadline::after(delay));
                     tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
                     // Still owed if scheduled, the cursor still behind if not: the next
                     // turn of the loop writes them.
@@ -2391,8 +2402,9 @@ impl Dispatcher {
             paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
             // While paused the pause's end is the next attempt; `paused_until` says it.
             next_retry_at: h
-                .next_retry_at
-                .filter(|t| paused_until.is_none() && *t > Utc::now()),
+                .next_retry
+                .and_then(Deadline::wall)
+                .filter(|_| paused_until.is_none()),
             next_write_at: h.next_write_at,
             dead_letters: self
                 .store

@@ -547,6 +547,22 @@ pub fn next_run_after(
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The wall clock, but no later than the start's time plus the monotonic time since: a
+/// step forward while the daemon runs (a wrong NTP answer, a year ahead) is not believed
+/// where believing it loses data. Compaction took every change written meanwhile as a
+/// year old otherwise, since the newest change was then stamped a year ahead too. Time a
+/// VM spent paused is not counted either, which only keeps changes a little longer.
+fn vouched_now(
+    now: chrono::DateTime<Utc>,
+    started_at: chrono::DateTime<Utc>,
+    since_start: std::time::Duration,
+) -> chrono::DateTime<Utc> {
+    chrono::Duration::from_std(since_start)
+        .ok()
+        .and_then(|d| started_at.checked_add_signed(d))
+        .map_or(now, |vouched| now.min(vouched))
+}
+
 /// How a wait for a schedule's next time ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -794,9 +810,10 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 chrono::Duration::hours(state.config.schedules.changelog_retention_hours as i64);
             let durable = *state.store.watch_durable(tenant).borrow();
             let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
+            let now = vouched_now(Utc::now(), state.started_at, state.started.elapsed());
             match state
                 .store
-                .compact_changes(tenant, upto, retention, Utc::now())
+                .compact_changes(tenant, upto, retention, now)
                 .await
             {
                 Ok(n) => (
@@ -927,6 +944,24 @@ mod tests {
         assert!(
             now >= utc(9, 3, 0, 0) && now <= utc(9, 3, 0, 0) + recheck,
             "{now}"
+        );
+    }
+
+    #[test]
+    fn a_clock_stepped_forward_while_running_is_not_believed_for_compaction() {
+        let start = utc(10, 12, 0, 0);
+        let hour = std::time::Duration::from_secs(3600);
+        // A year ahead after an hour's run: an hour after the start is all it vouches for.
+        let year_on = start + chrono::Duration::days(365) + chrono::Duration::hours(1);
+        assert_eq!(vouched_now(year_on, start, hour), utc(10, 13, 0, 0));
+        // A clock that kept time, or was stepped back, is believed.
+        assert_eq!(
+            vouched_now(utc(10, 13, 0, 0), start, hour),
+            utc(10, 13, 0, 0)
+        );
+        assert_eq!(
+            vouched_now(utc(10, 11, 0, 0), start, hour),
+            utc(10, 11, 0, 0)
         );
     }
 
