@@ -31,6 +31,61 @@ pub const COLUMNS: [&str; 11] = [
 
 const CHUNK: usize = 64 * 1024;
 
+/// Exports running at once, per tenant and in all. Each holds a thread of the blocking
+/// pool (512, which every store write and read shares) while its client reads: a
+/// tenant's clients that opened exports and stopped reading took every thread, and with
+/// them every other tenant's writes, `/status` and deliveries.
+pub const EXPORTS_PER_TENANT: usize = 4;
+pub const EXPORTS_IN_ALL: usize = 32;
+
+/// Seconds a client is told to wait before asking again when every slot is taken.
+pub(super) const EXPORT_RETRY_AFTER_SECS: &str = "10";
+
+/// The export slots of [`EXPORTS_PER_TENANT`] and [`EXPORTS_IN_ALL`].
+pub struct ExportSlots {
+    all: Arc<tokio::sync::Semaphore>,
+    tenants: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Default for ExportSlots {
+    fn default() -> Self {
+        ExportSlots {
+            all: Arc::new(tokio::sync::Semaphore::new(EXPORTS_IN_ALL)),
+            tenants: Default::default(),
+        }
+    }
+}
+
+/// An export's slots, given back when the export ends however it ends.
+pub struct ExportSlot {
+    _tenant: tokio::sync::OwnedSemaphorePermit,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ExportSlots {
+    /// A slot for one export of `tenant`, or why there is none now.
+    pub fn take(&self, tenant: &str) -> ApiResult<ExportSlot> {
+        let mine = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(EXPORTS_PER_TENANT)))
+            .clone();
+        let _tenant = mine.try_acquire_owned().map_err(|_| {
+            ApiError::TooManyExports(format!(
+                "this tenant has {EXPORTS_PER_TENANT} exports running"
+            ))
+        })?;
+        let _all = self.all.clone().try_acquire_owned().map_err(|_| {
+            ApiError::TooManyExports(format!(
+                "{EXPORTS_IN_ALL} exports are running on this daemon"
+            ))
+        })?;
+        Ok(ExportSlot { _tenant, _all })
+    }
+}
+
 /// A cell that a spreadsheet would run as a formula gets a leading `'` (OWASP CSV
 /// injection advice): identity data is attacker-influenced, exports are opened in Excel.
 /// Leading spaces are looked through, and the fullwidth signs too, because importers
@@ -180,6 +235,7 @@ pub(super) async fn export_users(
         }
     }
     let policy = super::roster::tenant_of(&st, &caller.tenant)?.policy();
+    let slot = st.roster.exports.take(&caller.tenant)?;
     let tenant = caller.tenant;
     // Validate the filters before the 200 goes out: errors after that cannot be reported.
     let filter = {
@@ -188,14 +244,32 @@ pub(super) async fn export_users(
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let span = tracing::Span::current();
+    // A client that takes nothing for this long is let go, and its slot with it; the body
+    // then ends in an error, not as if the file were whole.
+    let stall = std::time::Duration::from_secs(st.config.server.client_timeout_secs);
+    let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+    let given_up = abandoned.clone();
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let _in = span.enter();
         let store = &st.store;
         let buf = SharedBuf::default();
         let mut w = csv_writer(buf.clone());
         let send = |buf: &mut Vec<u8>| -> bool {
-            let chunk = std::mem::take(buf);
-            tx.blocking_send(Ok(Bytes::from(chunk))).is_ok()
+            let chunk = Ok(Bytes::from(std::mem::take(buf)));
+            match runtime.block_on(tx.send_timeout(chunk, stall)) {
+                Ok(()) => true,
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => false,
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    tracing::warn!(
+                        stalled_secs = stall.as_secs(),
+                        "The client read nothing of the export for server.client_timeout_secs; the export is ended."
+                    );
+                    given_up.store(true, std::sync::atomic::Ordering::Release);
+                    false
+                }
+            }
         };
         // A panic part-way must end the body with an error, as a store error does: a
         // stream that simply stops reads as a complete file.
@@ -218,8 +292,20 @@ pub(super) async fn export_users(
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    let stream = futures_util::stream::unfold(Some(rx), move |rx| {
+        let abandoned = abandoned.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some(rx))),
+                None => abandoned
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    .then(|| {
+                        let e = std::io::Error::other("the client stalled; the export was ended");
+                        (Err(e), None)
+                    }),
+            }
+        }
     });
     Ok((
         [
@@ -237,6 +323,29 @@ pub(super) async fn export_users(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exports_take_a_slot_of_their_tenant_and_of_the_daemon() {
+        let slots = ExportSlots::default();
+        let mine: Vec<ExportSlot> = (0..EXPORTS_PER_TENANT)
+            .map(|_| slots.take("a").unwrap())
+            .collect();
+        assert!(matches!(slots.take("a"), Err(ApiError::TooManyExports(_))));
+        // Another tenant's exports are not this one's to wait for.
+        let other = slots.take("b").unwrap();
+        drop(mine);
+        let again = slots.take("a").unwrap();
+        drop((other, again));
+        // In all, across tenants.
+        let all: Vec<ExportSlot> = (0..EXPORTS_IN_ALL)
+            .map(|i| slots.take(&format!("t{}", i / EXPORTS_PER_TENANT)).unwrap())
+            .collect();
+        let refused = slots.take("z").err().unwrap();
+        assert!(refused.to_string().contains("on this daemon"), "{refused}");
+        assert_eq!(refused.status_and_code().0.as_u16(), 429);
+        drop(all);
+        assert!(slots.take("z").is_ok());
+    }
 
     #[test]
     fn confidence_is_cut_not_rounded() {

@@ -5,7 +5,7 @@
 //! Every failure is an [`ApiError`], rendered in one place as
 //! `{"error": "<stable code>", "message": "<for people>"}`.
 
-mod export;
+pub mod export;
 pub mod jwt;
 mod mirror;
 mod openapi;
@@ -83,6 +83,10 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("the request body stalled for {0} s (server.client_timeout_secs); send it again")]
     RequestTimeout(u64),
+    #[error(
+        "{0}; try again when one has finished (one whose client reads nothing for server.client_timeout_secs is ended)"
+    )]
+    TooManyExports(String),
     #[error("internal error")]
     Internal(StoreError),
 }
@@ -139,6 +143,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::TooManyExports(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_exports"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(e) if e.outage_message().is_some() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
@@ -205,6 +210,12 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("identity"),
             );
         }
+        if let ApiError::TooManyExports(_) = self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(export::EXPORT_RETRY_AFTER_SECS),
+            );
+        }
         if code == "store_failed" {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -238,6 +249,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "payload_too_large",
     "unsupported_media_type",
     "request_timeout",
+    "too_many_exports",
     "store_failed",
     "internal",
 ];
@@ -429,6 +441,7 @@ pub struct RosterState {
     /// Why there is no verifier, told to callers.
     pub disabled: Option<String>,
     pub tenants: HashMap<String, TenantRoster>,
+    pub exports: export::ExportSlots,
 }
 
 /// A verified caller, bound to one tenant.
@@ -526,6 +539,7 @@ mod tests {
             ApiError::UnsupportedMediaType("x".into()),
             ApiError::UnsupportedEncoding("gzip".into()),
             ApiError::RequestTimeout(30),
+            ApiError::TooManyExports("x".into()),
             ApiError::Internal(StoreError::Backend("x".into())),
             ApiError::Internal(StoreError::NotDurable("x".into())),
             ApiError::Internal(StoreError::Io("x".into())),
@@ -552,6 +566,7 @@ mod tests {
                 | ApiError::UnsupportedMediaType(_)
                 | ApiError::UnsupportedEncoding(_)
                 | ApiError::RequestTimeout(_)
+                | ApiError::TooManyExports(_)
                 | ApiError::Internal(_) => {}
             }
         }

@@ -190,7 +190,8 @@ pub fn openapi_document() -> Value {
                 "operationId": "exportUsers", "summary": "The roster as CSV, streamed",
                 "parameters": export_params,
                 "responses": common_errors(json!({"200": {"description": "RFC 4180 CSV with columns user_id,email,first_name,last_name,job_title,department,manager,archetype_id,archetype_confidence,is_active,groups; cells beginning with = + - @ are prefixed with '",
-                    "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format")}), &[])
+                    "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format"),
+                    "429": error_response("Every export slot is taken (4 a tenant, 32 in all): too_many_exports, with Retry-After")}), &[])
             }},
             "/api/v1/roster/archetype:bulk-assign": {"post": {
                 "operationId": "bulkAssign", "summary": "Override (or, with null, clear the override of) many users' archetypes (roster:write)",

@@ -187,6 +187,7 @@ pub async fn run_with_env(
         verifier,
         disabled: api_disabled,
         tenants,
+        exports: Default::default(),
     };
 
     // Relative to the config file, like every other path in it.

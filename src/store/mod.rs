@@ -275,6 +275,11 @@ struct Tenant {
     tree: sled::Tree,
     /// Held by the tenant's writer.
     write_lock: Mutex<WriteClock>,
+    /// Turns at the write lock. Its writers run one at a time, each on a thread of the
+    /// blocking pool (512, which every tenant shares): hundreds of one tenant's writers
+    /// waiting there for the lock left no thread for the others' writes, reads and
+    /// deliveries. The rest wait here, off the pool.
+    writers: tokio::sync::Semaphore,
     /// Where SCIM pages start (see `paging.rs`).
     pages: paging::Positions,
     /// A job (sync, reclassification) holds the tenant. Set under `write_lock`, so a
@@ -299,6 +304,10 @@ impl Tenant {
         })
     }
 }
+
+/// How many of a tenant's writers may hold a blocking thread at once: one at the lock,
+/// the others ready to take it at once.
+const WRITERS_AT_THE_LOCK: usize = 4;
 
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
 /// if the system clock is stepped back. Governance events are then in time order as well
@@ -1530,6 +1539,7 @@ impl Store {
                 last: last_write,
                 behind: false,
             }),
+            writers: tokio::sync::Semaphore::new(WRITERS_AT_THE_LOCK),
             pages: paging::Positions::default(),
             job_running: Default::default(),
             rows,
@@ -1652,9 +1662,17 @@ impl Store {
         let owned = tenant.to_owned();
         // What the write logs (and a panic in it) belongs to the request or job that made it.
         let span = tracing::Span::current();
+        let t = self.tenant(tenant)?;
+        let turn = t
+            .writers
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Backend("the tenant's writers were closed".into()))?;
         let written =
             tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
                 .await;
+        // Given back before the flush is awaited: the next writer's changes join it.
+        drop(turn);
         let (out, ticket) = written.map_err(StoreError::from_join)??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
@@ -2655,6 +2673,53 @@ mod tests {
         assert_eq!(t.tree.get(keys::INTENT_KEY).unwrap(), None);
         assert_eq!(decode_ops(&encode_ops(&ops)).unwrap(), ops);
         assert!(decode_ops(b"\0\0\0\x09short").is_err());
+    }
+
+    #[test]
+    fn one_tenants_crowd_of_writers_does_not_queue_another_tenants_write_behind_it() {
+        // Two blocking threads, as if the rest of the pool were taken: a's 200 writers
+        // queued there for their lock put b's write behind all of them.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let order = rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            store
+                .create("b", ResourceKind::User, user("warm"), vec![])
+                .await
+                .unwrap();
+            let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for i in 0..200 {
+                let (s, done) = (store.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    s.create("a", ResourceKind::User, user(&format!("a{i}")), vec![])
+                        .await
+                        .unwrap();
+                    done.lock().unwrap().push("a");
+                }));
+            }
+            tokio::task::yield_now().await;
+            let (s, d) = (store.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                s.create("b", ResourceKind::User, user("b"), vec![])
+                    .await
+                    .unwrap();
+                d.lock().unwrap().push("b");
+            }));
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let order = done.lock().unwrap().clone();
+            order
+        });
+        assert_eq!(order.len(), 201);
+        let b = order.iter().position(|w| *w == "b").unwrap();
+        assert!(b < 50, "b's write finished {b}th of 201");
     }
 
     #[tokio::test]

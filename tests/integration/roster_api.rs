@@ -2603,3 +2603,110 @@ async fn replacing_a_title_with_null_clears_it_and_reclassifies() {
         r.body
     );
 }
+
+/// A GET of the export sent over a socket that then reads nothing, with a small receive
+/// window so that the daemon's writes back up at once.
+async fn stalled_export(d: &TestDaemon, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(d.addr).await.unwrap();
+    let request = format!(
+        "GET /api/v1/roster/users:export?format=csv HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+        d.addr
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_an_export_holds_its_slot_only_until_the_client_timeout() {
+    use rosterd::api::export::EXPORTS_PER_TENANT;
+    use tokio::io::AsyncReadExt;
+    let d = TestDaemon::start_with(crate::harness::Options {
+        client_timeout_secs: 1,
+        ..crate::harness::Options::default()
+    })
+    .await;
+    let admin = settled(&d).await;
+    // About 7 MB of export: far more than the socket buffers and the export's channel
+    // hold for a client that reads nothing.
+    let long = "x".repeat(60_000);
+    for i in 0..120 {
+        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
+        u["title"] = json!(long);
+        assert_eq!(d.post("/Users", u).await.status, 201);
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..EXPORTS_PER_TENANT {
+        stalled.push(stalled_export(&d, &admin).await);
+    }
+    let export = || async {
+        d.client
+            .get(d.url("/api/v1/roster/users:export?format=csv"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+    };
+    // Every slot of the tenant is held: one more is told to come back.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let busy = loop {
+        let resp = export().await;
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no export was refused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(busy.headers()["retry-after"], "10");
+    let body: Value = busy.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_exports", "{body}");
+    // The tenant's writes go on meanwhile.
+    assert_eq!(
+        d.post("/Users", crate::harness::user("during@acme.test"))
+            .await
+            .status,
+        201
+    );
+    // A second after they stopped reading, the stalled exports are ended and their
+    // slots free: a whole export is served again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let resp = export().await;
+        if resp.status() == 200 {
+            break resp.text().await.unwrap();
+        }
+        assert_eq!(resp.status(), 429);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slots were never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let rows = csv::Reader::from_reader(text.as_bytes()).records().count();
+    assert_eq!(rows, 121, "every user, the one written meanwhile too");
+    // A stalled client that reads at last finds its body cut off, not a complete CSV
+    // (a chunked body that ends without its last chunk).
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stalled[0].read_to_end(&mut got),
+    )
+    .await
+    .expect("the daemon closed the stalled connection");
+    assert!(
+        read.is_err() || !got.ends_with(b"0\r\n\r\n"),
+        "a stalled export read as complete"
+    );
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..got.len().min(200)])
+    );
+}
