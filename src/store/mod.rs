@@ -2714,8 +2714,7 @@ mod tests {
             for t in tasks {
                 t.await.unwrap();
             }
-            let order = done.lock().unwrap().clone();
-            order
+            done.lock().unwrap().clone()
         });
         assert_eq!(order.len(), 201);
         let b = order.iter().position(|w| *w == "b").unwrap();
