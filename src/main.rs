@@ -415,6 +415,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         );
     }
     let mut bad_bundles = 0usize;
+    // Kept until the end, so that tenants naming one bundle share its training, as in
+    // `serve`.
+    let mut checked = Vec::new();
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
             Ok(Some(p)) => {
@@ -439,6 +442,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                 for note in repeated_examples(p.bundle()) {
                     outln!("    note: {note}")?;
                 }
+                checked.push(p);
             }
             Ok(None) => outln!("tenant {}: no bundle (users get no archetype)", t.id)?,
             Err(e) => {

@@ -702,3 +702,20 @@ fn the_policy_fingerprint_covers_the_classifier_revision() {
     assert_eq!(revision, REVISION);
     assert!(rest.starts_with(&tiny().fingerprint()), "{rest}");
 }
+
+#[test]
+fn tenants_naming_the_same_bundle_share_one_trained_classifier() {
+    let a = TenantPolicy::new(tiny(), Vec::new(), None).unwrap();
+    let b = TenantPolicy::new(tiny(), Vec::new(), Some(0.5)).unwrap();
+    assert!(std::ptr::eq(a.classifier(), b.classifier()));
+    // Other content, another model.
+    let mut other = tiny();
+    other.version = format!("{}-other", other.version);
+    let c = TenantPolicy::new(other, Vec::new(), None).unwrap();
+    assert!(!std::ptr::eq(a.classifier(), c.classifier()));
+    let title = "Recruiter";
+    assert_eq!(
+        serde_json::to_string(&a.classifier().classify(title, None)).unwrap(),
+        serde_json::to_string(&Classifier::new(&tiny()).classify(title, None)).unwrap()
+    );
+}
