@@ -191,7 +191,11 @@ pub fn openapi_document() -> Value {
                 "parameters": export_params,
                 "responses": common_errors(json!({"200": {"description": "RFC 4180 CSV with columns user_id,email,first_name,last_name,job_title,department,manager,archetype_id,archetype_confidence,is_active,groups; cells beginning with = + - @ are prefixed with '",
                     "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format"),
-                    "429": error_response("Every export slot is taken (4 a tenant, 32 in all): too_many_exports, with Retry-After")}), &[])
+                    "429": error_response(&format!(
+                        "Every export slot is taken ({} a tenant, {} in all): too_many_exports, with Retry-After",
+                        super::export::EXPORTS_PER_TENANT,
+                        super::export::EXPORTS_IN_ALL
+                    ))}), &[])
             }},
             "/api/v1/roster/archetype:bulk-assign": {"post": {
                 "operationId": "bulkAssign", "summary": "Override (or, with null, clear the override of) many users' archetypes (roster:write)",

@@ -21,9 +21,9 @@ static TRAINED: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Classifier>>>,
 > = std::sync::LazyLock::new(Default::default);
 
-/// The classifier of `bundle`: one already trained from the same content, or a new one.
-fn trained(bundle: &Bundle) -> std::sync::Arc<Classifier> {
-    let key = bundle.fingerprint();
+/// The classifier of `bundle`, whose [`Bundle::fingerprint`] is `key`: one already
+/// trained from the same content, or a new one.
+fn trained(bundle: &Bundle, key: String) -> std::sync::Arc<Classifier> {
     let held = || TRAINED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(c) = held().get(&key).and_then(std::sync::Weak::upgrade) {
         return c;
@@ -69,8 +69,9 @@ impl TenantPolicy {
                 });
             }
         }
-        let classifier = trained(&bundle);
-        let fingerprint = fingerprint(&bundle, &rules, threshold);
+        let content = bundle.fingerprint();
+        let fingerprint = fingerprint(&content, &bundle, &rules, threshold);
+        let classifier = trained(&bundle, content);
         Ok(TenantPolicy {
             threshold: threshold.unwrap_or(bundle.review_threshold),
             bundle,
@@ -94,7 +95,12 @@ impl TenantPolicy {
         let (rules, threshold) = (t.group_rules.clone(), t.review_threshold);
         tokio::task::spawn_blocking(move || {
             let bundle = Bundle::load(&path)?;
-            Ok(Some(fingerprint(&bundle, &rules, threshold)))
+            Ok(Some(fingerprint(
+                &bundle.fingerprint(),
+                &bundle,
+                &rules,
+                threshold,
+            )))
         })
         .await
         .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
@@ -175,11 +181,18 @@ impl TenantPolicy {
 
 /// Everything that decides assignments: a change of it means reclassify. Rules and
 /// threshold decide too, so they are part of the identity a reload compares.
-fn fingerprint(bundle: &Bundle, rules: &[GroupRule], threshold: Option<f64>) -> String {
+/// The policy's fingerprint, from its bundle's (`content`, read once by the caller, who
+/// also keys the trained model by it).
+fn fingerprint(
+    content: &str,
+    bundle: &Bundle,
+    rules: &[GroupRule],
+    threshold: Option<f64>,
+) -> String {
     format!(
         "{}:{}:{}:{}",
         super::REVISION,
-        bundle.fingerprint(),
+        content,
         rules
             .iter()
             .map(|r| format!("{}={}", r.group, r.archetype))

@@ -362,12 +362,14 @@ fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
+/// A tenant's change log, oldest first.
+fn change_log(tree: &sled::Tree) -> sled::Iter {
+    tree.range(keys::change(0)..=keys::change(u64::MAX))
+}
+
 /// The time of the newest change in a tenant's log, if it holds any.
 fn newest_change_time(tree: &sled::Tree) -> StoreResult<Option<DateTime<Utc>>> {
-    match tree
-        .range(keys::change(0)..=keys::change(u64::MAX))
-        .next_back()
-    {
+    match change_log(tree).next_back() {
         Some(kv) => Ok(Some(decode::<ChangeEvent>(&kv?.1)?.at)),
         None => Ok(None),
     }
@@ -2144,12 +2146,7 @@ impl Store {
     /// numbers have no holes, so it is one below the oldest change kept (or the last
     /// sequence number when nothing is kept).
     pub fn changelog_floor(&self, tenant: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        match t
-            .tree
-            .range(keys::change(0)..=keys::change(u64::MAX))
-            .next()
-        {
+        match change_log(&self.tenant(tenant)?.tree).next() {
             Some(kv) => {
                 let e: ChangeEvent = decode(&kv?.1)?;
                 Ok(e.seq.saturating_sub(1))
