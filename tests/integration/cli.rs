@@ -20,17 +20,20 @@ fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (bool, Strin
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    } else {
-        drop(child.stdin.take());
-    }
+    // Written from a thread so that a child writing much before it reads cannot fill its
+    // pipe and wait on us; a child that refuses its arguments exits without reading, and
+    // the broken pipe that leaves is its answer, not the test's failure.
+    let writer = child.stdin.take().map(|mut pipe| {
+        let input = stdin.unwrap_or_default().to_owned();
+        std::thread::spawn(move || match pipe.write_all(input.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e),
+            _ => Ok(()),
+        })
+    });
     let out = child.wait_with_output().unwrap();
+    if let Some(writer) = writer {
+        writer.join().unwrap().unwrap();
+    }
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -260,9 +263,11 @@ fn bad_bundles_and_configs_name_the_problem() {
         "version = \"1\"\n[[archetypes]]\nid = \"a\"\ntitel = \"typo\"\n",
     )
     .unwrap();
+    // More titles than a pipe holds: the bundle is refused before any is read.
+    let titles = "x\n".repeat(100_000);
     let (ok, _, err) = rosterd(
         &["classify", "--bundle", bundle.to_str().unwrap()],
-        Some("x\n"),
+        Some(&titles),
     );
     assert!(!ok);
     assert!(err.contains("titel"), "{err}");
