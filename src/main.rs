@@ -101,6 +101,11 @@ enum Command {
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
+        /// Show only this tenant: its counts, bundle, connectors and scheduled results
+        /// (repeat for more). Daemon-wide lines (store, config, connector files that did
+        /// not load) are always shown.
+        #[arg(long = "tenant", value_name = "ID", conflicts_with = "json")]
+        tenants: Vec<String>,
     },
     /// Run reconciliation on a running daemon now; with --dry-run, print what it would
     /// send per connector instead.
@@ -322,7 +327,11 @@ fn run() -> Result<()> {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::CheckConfig { config, data_dir } => check_config(config, data_dir),
-        Command::Status { daemon, json } => print_status(&daemon, json),
+        Command::Status {
+            daemon,
+            json,
+            tenants,
+        } => print_status(&daemon, json, &tenants),
         Command::Reconcile {
             daemon,
             tenant,
@@ -1348,7 +1357,7 @@ fn job_line(job: &serde_json::Value) -> String {
     line
 }
 
-fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
+fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status", None)?;
     fail_unless_ok(status, &s)?;
     // Another service on the port (a proxy, a wrong --url) must not read as a healthy,
@@ -1365,6 +1374,26 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         outln!("{}", serde_json::to_string_pretty(&s)?)?;
         return healthy_store(&s);
     }
+    // A mistyped tenant must not read as a tenant with nothing wrong.
+    if let Some(tenants) = s["tenants"].as_object()
+        && let Some(unknown) = only.iter().find(|t| !tenants.contains_key(*t))
+    {
+        let mut known: Vec<&str> = tenants.keys().map(String::as_str).collect();
+        let more = known.len().saturating_sub(10);
+        known.truncate(10);
+        anyhow::bail!(
+            "the daemon has no tenant {unknown:?}; its tenants: {}{}",
+            known.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let shown = |tenant: Option<&str>| {
+        only.is_empty() || tenant.is_some_and(|t| only.iter().any(|o| o == t))
+    };
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     // Every time to the second, as the log writes them.
     let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
@@ -1402,6 +1431,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     }
     if let Some(tenants) = s["tenants"].as_object() {
         for (id, t) in tenants {
+            if !shown(Some(id)) {
+                continue;
+            }
             outln!(
                 "tenant {id}: {} users ({} active), {} groups, review queue {}, last change #{}",
                 t["users"],
@@ -1441,6 +1473,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         }
     }
     for c in s["connectors"].as_array().cloned().unwrap_or_default() {
+        if !shown(c["tenant"].as_str()) {
+            continue;
+        }
         let paused = match (&c["paused"], c["paused_until"].as_str()) {
             (serde_json::Value::Bool(true), Some(until)) => {
                 format!(", PAUSED until {}", rfc3339(until))
@@ -1495,6 +1530,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
         .cloned()
         .unwrap_or_default()
     {
+        if !shown(u["tenant"].as_str()) {
+            continue;
+        }
         let file = u["file"].as_str().map_or_else(
             || "no file names it; `rosterd retire` if it is gone for good".to_owned(),
             str::to_owned,
@@ -1524,13 +1562,28 @@ fn print_status(daemon: &DaemonArgs, raw: bool) -> Result<()> {
     }
     if let Some(schedules) = s["schedules"].as_object() {
         for (name, sch) in schedules {
-            outln!(
-                "schedule {name} ({}): last run {} ({}), next run {}",
-                str_of(&sch["cron"]),
-                time_of(&sch["last_run"]),
-                str_of(&sch["last_result"]),
-                time_of(&sch["next_run"])
-            )?;
+            if only.is_empty() {
+                outln!(
+                    "schedule {name} ({}): last run {} ({}), next run {}",
+                    str_of(&sch["cron"]),
+                    time_of(&sch["last_run"]),
+                    str_of(&sch["last_result"]),
+                    time_of(&sch["next_run"])
+                )?;
+            } else {
+                outln!(
+                    "schedule {name} ({}): last run {}, next run {}",
+                    str_of(&sch["cron"]),
+                    time_of(&sch["last_run"]),
+                    time_of(&sch["next_run"])
+                )?;
+                for t in only {
+                    match sch["results"][t].as_str() {
+                        Some(result) => outln!("    {result}")?,
+                        None => outln!("    {t}: no result yet")?,
+                    }
+                }
+            }
             // A run that found a job still running: the result above is the last job's.
             if let Some(at) = sch["last_skipped_at"].as_str() {
                 outln!(

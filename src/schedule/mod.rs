@@ -468,28 +468,32 @@ pub fn status(state: &AppState) -> serde_json::Value {
     for (name, run) in runs {
         let mut text = Vec::new();
         let mut jobs = serde_json::Map::new();
+        // Each tenant's part on its own as well: with hundreds of tenants `last_result`
+        // is one long line, and `rosterd status --tenant` shows one tenant's part.
+        let mut results = serde_json::Map::new();
         for (tenant, part) in &run.parts {
-            match part {
-                ScheduledPart::Text(t) => text.push(t.clone()),
+            let said = match part {
+                ScheduledPart::Text(t) => t.clone(),
                 ScheduledPart::Job(id) => match state.store.job(tenant, id) {
                     Ok(Some(job)) => {
-                        text.push(format!("{tenant}: job {id} {}", job_state(&job)));
                         jobs.insert(
                             tenant.clone(),
                             serde_json::to_value(&job).unwrap_or_default(),
                         );
+                        format!("{tenant}: job {id} {}", job_state(&job))
                     }
-                    Ok(None) => text.push(format!("{tenant}: job {id} (no record)")),
-                    Err(e) => text.push(format!(
-                        "{tenant}: job {id} (its state cannot be read: {e})"
-                    )),
+                    Ok(None) => format!("{tenant}: job {id} (no record)"),
+                    Err(e) => format!("{tenant}: job {id} (its state cannot be read: {e})"),
                 },
-            }
+            };
+            results.insert(tenant.clone(), said.clone().into());
+            text.push(said);
         }
         let mut entry = serde_json::json!({
             "cron": run.cron,
             "last_run": run.last_run,
             "last_result": (!text.is_empty()).then(|| text.join("; ")),
+            "results": results,
             "last_skipped_at": run.last_skipped_at,
             "last_skipped": run.last_skipped,
             "next_run": run.next_run,

@@ -1549,3 +1549,96 @@ fn dead_letters_take_the_tenant_anywhere_and_name_an_unknown_one() {
         "{err}"
     );
 }
+
+/// With many tenants, `status --tenant` shows one tenant's lines: its counts, its
+/// connectors and its part of each schedule's last result (which `/status` also gives
+/// per tenant, under `results`); a tenant the daemon does not have is an error, not an
+/// empty and healthy-looking answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_for_one_tenant_shows_only_its_lines() {
+    use crate::harness::{OTHER_TENANT, Options, TENANT, TestDaemon};
+    use crate::mirror::{oneroster_file, static_token_env};
+    use crate::oneroster::{OneRosterOptions, OneRosterServer};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (theirs, text) = oneroster_file("other", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            oneroster_file("sis", &target, ""),
+            (
+                theirs,
+                text.replace(
+                    &format!("tenant = \"{TENANT}\""),
+                    &format!("tenant = \"{OTHER_TENANT}\""),
+                ),
+            ),
+        ],
+        env: static_token_env(),
+        config_extra: "[schedules]\ncompact = \"* * * * * *\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let compact = loop {
+        let s = d.status().await["schedules"]["compact"].clone();
+        if s["results"][TENANT].is_string() && s["results"][OTHER_TENANT].is_string() {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // The same parts as `last_result`, in its order.
+    let parts = [TENANT, OTHER_TENANT].map(|t| compact["results"][t].as_str().unwrap().to_owned());
+    assert_eq!(compact["last_result"], parts.join("; "), "{compact}");
+    assert!(
+        parts[1].starts_with(&format!("{OTHER_TENANT}: ")) && parts[1].contains("removed"),
+        "{compact}"
+    );
+
+    let url = format!("http://{}", d.addr);
+    let status = |more: &[&str]| {
+        let mut args = vec!["status".to_owned(), "--url".to_owned(), url.clone()];
+        args.extend(more.iter().map(|s| s.to_string()));
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, None, &[])
+        })
+    };
+    let (ok, all, err) = status(&[]).await.unwrap();
+    assert!(ok, "{err}");
+    for line in [
+        format!("tenant {TENANT}:"),
+        format!("tenant {OTHER_TENANT}:"),
+        "connector sis (".to_owned(),
+        "connector other (".to_owned(),
+        format!("{TENANT}: "),
+    ] {
+        assert!(all.contains(&line), "{line:?} missing from {all}");
+    }
+    let (ok, one, err) = status(&["--tenant", OTHER_TENANT]).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(one.contains(&format!("tenant {OTHER_TENANT}:")), "{one}");
+    assert!(
+        one.contains(&format!(
+            "connector other (oneroster, tenant {OTHER_TENANT})"
+        )),
+        "{one}"
+    );
+    assert!(one.contains(&format!("\n    {OTHER_TENANT}: ")), "{one}");
+    assert!(!one.contains(TENANT), "{one}");
+    assert!(!one.contains("connector sis"), "{one}");
+    assert!(
+        one.starts_with("rosterd "),
+        "the daemon's own line stays: {one}"
+    );
+
+    let (ok, out, err) = status(&["--tenant", "acmee"]).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("no tenant \"acmee\"") && err.contains(&format!("{TENANT}, {OTHER_TENANT}")),
+        "{err}"
+    );
+    // The JSON is whole; jq picks from it.
+    let (ok, _, err) = status(&["--tenant", TENANT, "--json"]).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("--json"), "{err}");
+}

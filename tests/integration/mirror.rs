@@ -56,7 +56,7 @@ fn with_client_credentials(text: &str, target: &OneRosterServer) -> String {
     )
 }
 
-fn static_token_env() -> Vec<(String, String)> {
+pub fn static_token_env() -> Vec<(String, String)> {
     vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())]
 }
 
