@@ -136,6 +136,16 @@ pub async fn send(
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
     }
+    // What a target that echoes requests back would put in its answer: kept out of dead
+    // letters, `last_error` and the log (see [`redact`]).
+    let secrets: Vec<String> = extra
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .flat_map(|(_, v)| {
+            let credentials = v.split_once(' ').map(|(_, c)| c.to_owned());
+            [Some(v.clone()), credentials].into_iter().flatten()
+        })
+        .collect();
     for (k, v) in extra {
         b = b.header(k, v);
     }
@@ -150,7 +160,11 @@ pub async fn send(
                 "transport error"
             };
             return Outcome::Retry {
-                reason: format!("{what}: {}", error_chain(&e)),
+                reason: format!(
+                    "{what}: {} ({})",
+                    error_chain(&e.without_url()),
+                    shown_url(&req.url)
+                ),
                 retry_after: None,
                 response: None,
             };
@@ -171,7 +185,8 @@ pub async fn send(
             };
         }
     };
-    classify(req, status, retry_after, headers, body)
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    classify(req, status, retry_after, headers, body, &secrets)
 }
 
 fn classify(
@@ -180,10 +195,14 @@ fn classify(
     retry_after: Option<Duration>,
     headers: reqwest::header::HeaderMap,
     body: bytes::Bytes,
+    secrets: &[&str],
 ) -> Outcome {
     let response = || TargetResponse {
         status: status.as_u16(),
-        body: String::from_utf8_lossy(&body[..body.len().min(KEPT_BODY)]).into_owned(),
+        body: redact(
+            &String::from_utf8_lossy(&body[..body.len().min(KEPT_BODY)]),
+            secrets,
+        ),
     };
     let code = status.as_u16();
     if status.is_success() || (req.absent_ok && code == 404) {
@@ -191,6 +210,24 @@ fn classify(
             status: code,
             headers,
             body,
+        };
+    }
+    if status.is_redirection() {
+        // Not followed (the client is built so): reqwest would send a PUT redirected by
+        // 301 or 302 on as a GET without its body, and count the GET's 200 as delivered;
+        // and a 307 or 308 takes the body, roster data, to whatever host it names. Every
+        // request to that URL would be redirected alike, so it is retried until the
+        // connector pauses, saying where the target points.
+        let to = headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| "nowhere".to_owned(), shown_url);
+        return Outcome::Retry {
+            reason: format!(
+                "target answered {status}, redirecting to {to}: rosterd does not follow redirects; set the connector's URL to the address the target means"
+            ),
+            retry_after,
+            response: Some(response()),
         };
     }
     match code {
@@ -245,8 +282,65 @@ pub fn parse_retry_after(v: &str, date: Option<&str>) -> Option<Duration> {
     Some(d.min(MAX_RETRY_AFTER))
 }
 
+/// `text` (a target's answer, an error) with every secret in it replaced by `[redacted]`:
+/// as sent, and form-encoded as a token request sends it. A target that echoes what it
+/// was sent (many answer a 400 or a 401 with the request's headers or form) would
+/// otherwise put the bearer token or the client secret in dead letters, which
+/// `roster:read` lists, and in the log and `/status`, which need no token. Values too
+/// short to be secrets are left alone, as replacing them would garble the text.
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+        for form in [(*secret).to_owned(), form_encoded(secret)] {
+            if out.contains(&form) {
+                out = out.replace(&form, "[redacted]");
+            }
+        }
+    }
+    out
+}
+
+/// application/x-www-form-urlencoded value encoding, as a token request sends a value.
+pub fn form_encoded(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A URL for the log and `/status`: the values of its query and any password left out,
+/// since a target that takes its credentials in the query (`?token=…`) is common.
+pub fn shown_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return "an address that is not a URL".to_owned();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("redacted"));
+    }
+    if let Some(q) = u.query() {
+        let names: Vec<&str> = q
+            .split('&')
+            .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
+            .collect();
+        let shown = names
+            .iter()
+            .map(|k| format!("{k}=redacted"))
+            .collect::<Vec<_>>()
+            .join("&");
+        u.set_query(Some(&shown));
+    }
+    u.to_string()
+}
+
 /// reqwest's errors hide the useful part ("connection refused") in their sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -278,6 +372,7 @@ mod tests {
             None,
             reqwest::header::HeaderMap::new(),
             bytes::Bytes::new(),
+            &[],
         )
     }
 
@@ -335,5 +430,59 @@ mod tests {
             parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", Some("yesterday")),
             Some(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn secrets_are_redacted_as_sent_and_as_form_encoded() {
+        let secret = "s3cret value/+=";
+        let echoed = format!(
+            "{{\"authorization\": \"Bearer {secret}\", \"form\": \"client_secret={}&x=1\"}}",
+            form_encoded(secret)
+        );
+        let shown = redact(&echoed, &[secret, "short"]);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(shown.matches("[redacted]").count(), 2, "{shown}");
+        // Too short to be a secret, and replacing it would garble the text.
+        assert_eq!(redact("a short answer", &["short"]), "a short answer");
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_query_values_or_password() {
+        assert_eq!(
+            shown_url("https://u:pw@hooks.example.com/in?token=abc&x=1"),
+            "https://u:redacted@hooks.example.com/in?token=redacted&x=redacted"
+        );
+        assert_eq!(
+            shown_url("http://127.0.0.1:9/path"),
+            "http://127.0.0.1:9/path"
+        );
+        assert_eq!(shown_url("::"), "an address that is not a URL");
+    }
+
+    #[test]
+    fn a_redirect_is_retried_naming_where_it_points_not_delivered() {
+        let req = Request::put("http://x/users/1".into(), &serde_json::json!({}));
+        for code in [301, 302, 303, 307, 308] {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                reqwest::header::LOCATION,
+                "https://other.example/users/1?sig=abc".parse().unwrap(),
+            );
+            match classify(
+                &req,
+                StatusCode::from_u16(code).unwrap(),
+                None,
+                headers,
+                bytes::Bytes::new(),
+                &[],
+            ) {
+                Outcome::Retry { reason, .. } => assert!(
+                    reason.contains("https://other.example/users/1?sig=redacted")
+                        && reason.contains("does not follow redirects"),
+                    "{code}: {reason}"
+                ),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
     }
 }

@@ -966,7 +966,7 @@ impl Credentials {
         }
         let body = form
             .iter()
-            .map(|(k, v)| format!("{k}={}", form_encode(v)))
+            .map(|(k, v)| format!("{k}={}", super::http::form_encoded(v)))
             .collect::<Vec<_>>()
             .join("&");
         let resp = client
@@ -979,16 +979,43 @@ impl Credentials {
             .body(body)
             .send()
             .await
-            .map_err(|e| AuthError::Token(e.to_string()))?;
+            .map_err(|e| {
+                AuthError::Token(format!(
+                    "{} ({})",
+                    super::http::error_chain(&e.without_url()),
+                    super::http::shown_url(url)
+                ))
+            })?;
         let status = resp.status();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp
             .bytes()
             .await
             .map_err(|e| AuthError::Token(e.to_string()))?;
+        if status.is_redirection() {
+            // Not followed: a 307 or 308 would take the client secret to whatever host
+            // it names.
+            return Err(AuthError::Token(format!(
+                "{status}, redirecting to {}: rosterd does not follow redirects; set `token_url` to the address the endpoint means",
+                location
+                    .as_deref()
+                    .map_or_else(|| "nowhere".to_owned(), super::http::shown_url)
+            )));
+        }
         if !status.is_success() {
+            // An endpoint that echoes the form it was sent must not put the secret in
+            // the log and `/status`.
+            let secret = self.client_secret.as_deref().unwrap_or_default();
             return Err(AuthError::Token(format!(
                 "{status}: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
+                super::http::redact(
+                    &String::from_utf8_lossy(&bytes[..bytes.len().min(512)]),
+                    &[secret]
+                )
             )));
         }
         let t: TokenResponse = serde_json::from_slice(&bytes)
@@ -998,21 +1025,6 @@ impl Credentials {
             Duration::from_secs(t.expires_in.unwrap_or(3600).max(1)),
         ))
     }
-}
-
-/// application/x-www-form-urlencoded value encoding.
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1891,6 +1891,8 @@ impl Dispatcher {
         let client = reqwest::Client::builder()
             .user_agent(concat!("rosterd/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(256)
+            // A redirect is the target's answer, not followed (see `http::classify`).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         Arc::new(Dispatcher {

@@ -2686,3 +2686,199 @@ async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
         "{enrollments:?}"
     );
 }
+
+/// Serve `router` on a loopback port; its address.
+async fn serve_on_loopback(router: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+/// A target's redirect is its answer, not followed: a 307 or 308 would take the client
+/// secret, the token or the roster data to whatever host it names, and a 301 turns a PUT
+/// into a GET whose 200 read as delivered. And a target that echoes what it was sent has
+/// the credentials redacted from the answer a dead letter and `/status` keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_echoed_credentials_are_redacted() {
+    use axum::extract::Request;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use std::sync::{Arc, Mutex};
+    const TOKEN: &str = "static-token-canary-0451";
+    const SECRET: &str = "client-secret-canary-7f3a/+=";
+    // Where the redirects point: records whatever reaches it.
+    let reached = Arc::new(Mutex::new(Vec::<String>::new()));
+    let foreign = serve_on_loopback(axum::Router::new().fallback({
+        let reached = reached.clone();
+        move |req: Request| {
+            let reached = reached.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                reached.lock().unwrap().push(format!(
+                    "{} {} {:?} {}",
+                    parts.method,
+                    parts.uri,
+                    parts.headers.get(header::AUTHORIZATION),
+                    String::from_utf8_lossy(&body)
+                ));
+                (StatusCode::OK, "{}")
+            }
+        }
+    }))
+    .await;
+    // `/moved/…` and the token endpoint redirect there, as 307 and 308, keeping the
+    // method and body; `/echo/…` is a target that answers a PUT with what it was sent.
+    let target = serve_on_loopback(axum::Router::new().fallback(
+        move |method: Method, headers: HeaderMap, uri: axum::http::Uri, body: String| async move {
+            let path = uri.path().to_owned();
+            let to = format!("http://{foreign}{path}?leaked=1");
+            if path.starts_with("/moved/") || path.ends_with("/token") {
+                let status = if path.ends_with("/token") {
+                    StatusCode::PERMANENT_REDIRECT
+                } else {
+                    StatusCode::TEMPORARY_REDIRECT
+                };
+                return (status, [(header::LOCATION, to)], String::new());
+            }
+            if method == Method::PUT && path.contains("/users/") {
+                let echo = json!({
+                    "error": "bad request",
+                    "authorization": headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+                    "body": body,
+                });
+                return (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, "application/json".to_owned())],
+                    echo.to_string(),
+                );
+            }
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json".to_owned())],
+                json!({"org": {"sourcedId": or::DEFAULT_ORG, "status": "active"}}).to_string(),
+            )
+        },
+    ))
+    .await;
+    let file = |name: &str, base: &str, auth: &str| {
+        (
+            format!("{name}.toml"),
+            format!(
+                r#"kind = "oneroster"
+name = "{name}"
+tenant = "{TENANT}"
+timeout_ms = 2000
+[retry]
+initial_delay_ms = 20
+max_delay_ms = 100
+pause_after_failures = 1000
+[oneroster]
+base_url = "http://{target}{base}"
+org_sourced_id = "{org}"
+course_sourced_id = "course-rosterd"
+[oneroster.auth]
+{auth}
+"#,
+                org = or::DEFAULT_ORG,
+            ),
+        )
+    };
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            file(
+                "oauth",
+                "/echo/v1p2",
+                &format!(
+                    "token_url = \"http://{target}/oauth/token\"\nclient_id = \"rosterd\"\nclient_secret_env = \"OR_SECRET\""
+                ),
+            ),
+            file("moved", "/moved/v1p2", "token_env = \"OR_TOKEN\""),
+            file("echo", "/echo/v1p2", "token_env = \"OR_TOKEN\""),
+        ],
+        env: vec![
+            ("OR_TOKEN".into(), TOKEN.into()),
+            ("OR_SECRET".into(), SECRET.into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let connector = |name: &'static str| {
+        let d = &d;
+        let admin = admin.clone();
+        async move {
+            let r = d
+                .roster(Method::GET, &format!("/connectors/{name}"), &admin, None)
+                .await;
+            assert_eq!(
+                r.status,
+                200,
+                "{} {}",
+                r.body,
+                d.status().await["connector_errors"]
+            );
+            r.body
+        }
+    };
+    // Each connector's failure names the redirect, or the refusal, once it is met.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (oauth, moved, echo) = loop {
+        let (oauth, moved, echo) = (
+            connector("oauth").await,
+            connector("moved").await,
+            connector("echo").await,
+        );
+        if oauth["last_error"].is_string()
+            && moved["last_error"].is_string()
+            && echo["dead_letters"].as_u64() >= Some(1)
+        {
+            break (oauth, moved, echo);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{oauth}\n{moved}\n{echo}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for c in [&oauth, &moved] {
+        let e = c["last_error"].as_str().unwrap();
+        assert!(
+            e.contains("does not follow redirects")
+                && e.contains(&format!("http://{foreign}/"))
+                && e.contains("leaked=redacted"),
+            "{c}"
+        );
+    }
+    assert!(
+        oauth["last_error"].as_str().unwrap().contains("308"),
+        "{oauth}"
+    );
+    assert!(
+        moved["last_error"].as_str().unwrap().contains("307"),
+        "{moved}"
+    );
+    assert!(
+        reached.lock().unwrap().is_empty(),
+        "a redirect was followed: {:?}",
+        reached.lock().unwrap()
+    );
+    assert!(!echo.to_string().contains(TOKEN), "{echo}");
+    // The echoed token is kept out of the dead letter, which `roster:read` lists.
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/connectors/echo/dead-letters", &reader, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let letters = r.body.to_string();
+    assert!(letters.contains("[redacted]"), "{letters}");
+    assert!(!letters.contains(TOKEN), "{letters}");
+    // Nor does any secret reach `/status`, which needs no token.
+    let status = d.status().await.to_string();
+    for secret in [TOKEN, SECRET, "client-secret-canary-7f3a%2F%2B%3D"] {
+        assert!(!status.contains(secret), "{secret} in {status}");
+    }
+}
