@@ -497,7 +497,7 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
-            let mut message = e.to_string();
+            let mut message = masked_toml_error(&e.to_string());
             // The standard library's message names no remedy, and `localhost:8080` is
             // the first thing people write.
             if message.contains("invalid socket address syntax") {
@@ -644,7 +644,8 @@ impl Config {
                 && (env.trim().is_empty() || env.contains('='))
             {
                 return Err(format!(
-                    "key `tenants[{i}].token_env`: {env:?} is not an environment variable's name (it names the variable holding the token, e.g. \"ROSTERD_DEMO_TOKEN\", not the token)"
+                    "key `tenants[{i}].token_env`: {} is not an environment variable's name (it names the variable holding the token, e.g. \"ROSTERD_DEMO_TOKEN\", not the token)",
+                    shown_env_name(env)
                 ));
             }
             if t.token_env.is_none() && t.token_hashes.is_empty() {
@@ -764,6 +765,132 @@ impl Config {
             None => format!("http://{bound}"),
         }
     }
+}
+
+/// An environment variable's name as errors show it. A secret pasted where its name
+/// belongs (`token_env = "eyJ…"`, or `SCIM_TOKEN=abc…` copied from an env file) would be
+/// printed back into the log, `/status` (which needs no token) and the terminal; a value
+/// that is no variable's name shows only its first four characters and its length, and
+/// a `NAME=value` only its name.
+pub fn shown_env_name(var: &str) -> String {
+    // A Standard Webhooks secret can be all letters, digits and `_`, a name's alphabet.
+    let is_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && !s.starts_with("whsec_")
+            && !s.starts_with(|c: char| c.is_ascii_digit())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    if is_name(var) {
+        return var.to_owned();
+    }
+    if let Some((name, _)) = var.split_once('=')
+        && is_name(name.trim())
+    {
+        return format!("\"{}=…\"", name.trim());
+    }
+    let head: String = var.chars().take(4).collect();
+    format!("\"{head}…\" ({} characters)", var.chars().count())
+}
+
+/// A TOML error as shown: the parser quotes the line it stopped at, and when that line
+/// sets a secret (`client_secret = "…"` where only `client_secret_env` is a key, or a
+/// token pasted into `token_env`), the secret went to the terminal, the log and
+/// `/status`. Such a value's characters are shown as `*`, which keeps the caret under the
+/// column it points at; every other line is as the parser wrote it.
+pub fn masked_toml_error(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for (n, line) in message.split_inclusive('\n').enumerate() {
+        if n > 0 || !line.starts_with("TOML parse error") {
+            // A quoted source line: `12 | key = "value"`.
+            if let Some(bar) = line.find(" | ")
+                && line[..bar].trim().chars().all(|c| c.is_ascii_digit())
+                && !line[..bar].trim().is_empty()
+            {
+                out.push_str(&line[..bar + 3]);
+                out.push_str(&masked_assignments(&line[bar + 3..]));
+                continue;
+            }
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// `text` (one line of TOML) with the values of secret-looking keys starred out.
+fn masked_assignments(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = chars.clone();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != '=' {
+            i += 1;
+            continue;
+        }
+        // The key before `=`: the last dotted part of a bare or quoted key.
+        let mut k = i;
+        while k > 0 && chars[k - 1] == ' ' {
+            k -= 1;
+        }
+        let key_end = k;
+        while k > 0
+            && (chars[k - 1].is_alphanumeric() || matches!(chars[k - 1], '_' | '-' | '"' | '\''))
+        {
+            k -= 1;
+        }
+        let key: String = chars[k..key_end]
+            .iter()
+            .filter(|c| !matches!(c, '"' | '\''))
+            .collect::<String>()
+            .to_ascii_lowercase();
+        // The value after it: a quoted string, or a bare run.
+        let mut v = i + 1;
+        while v < chars.len() && chars[v] == ' ' {
+            v += 1;
+        }
+        let (start, end) = match chars.get(v) {
+            Some(&q @ ('"' | '\'')) => {
+                let mut e = v + 1;
+                while e < chars.len() && chars[e] != q {
+                    e += if chars[e] == '\\' && q == '"' { 2 } else { 1 };
+                }
+                (v + 1, e.min(chars.len()))
+            }
+            _ => {
+                let mut e = v;
+                while e < chars.len()
+                    && !matches!(chars[e], ',' | '}' | ']' | ' ' | '#' | '\n' | '\r')
+                {
+                    e += 1;
+                }
+                (v, e)
+            }
+        };
+        let value: String = chars[start..end].iter().collect();
+        let secret_key = [
+            "secret",
+            "token",
+            "password",
+            "passwd",
+            "credential",
+            "private",
+            "apikey",
+            "api_key",
+        ]
+        .iter()
+        .any(|w| key.contains(w))
+            && key != "token_hashes";
+        // A variable's name is no secret, and helps find the mistake; anything else in
+        // a `*_env` key is likely the secret itself.
+        let masked = secret_key && !(key.ends_with("_env") && shown_env_name(&value) == value);
+        if masked {
+            for c in &mut out[start..end] {
+                *c = '*';
+            }
+        }
+        i = end.max(i + 1);
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -944,6 +1071,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_written_where_it_does_not_belong_is_not_printed_back() {
+        let err = |text: &str| {
+            Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        let secret = "CANARY-s3cr3t-value-42";
+        for line in [
+            format!("hs256_secret = \"{secret}\""),
+            format!("[api.jwt]\nhs256_secret_env = {secret}"),
+            format!("[api.jwt]\nhs256_secret_env = \"{secret}\"\nnope = 1"),
+            format!("[[tenants]]\nid = \"a\"\ntoken = \"{secret}\""),
+            format!("[[tenants]]\nid = \"a\"\ntoken_env = \"T={secret}\""),
+            format!("[[tenants]]\nid = \"a\"\ntoken_env = {secret}"),
+            format!("[server]\nlisten = \"127.0.0.1:1\", password = \"{secret}\""),
+        ] {
+            let e = err(&format!("version = 1\n{line}\n"));
+            assert!(!e.contains("s3cr3t"), "{line}: {e}");
+        }
+        // The caret stays under the column it names, and a variable's name stays shown.
+        let e = err("version = 1\nclient_secret = \"abcdefgh\"\n");
+        assert!(e.contains("client_secret = \"********\""), "{e}");
+        let e = err("version = 1\n[api.jwt]\nhs256_secret_env = \"JWT_SECRET\"\nnope = 1\n");
+        assert!(e.contains("nope"), "{e}");
+        let e = err("version = 1\n[api.jwt]\nhs256_secret_env = \"JWT_SECRET\" nope\n");
+        assert!(e.contains("hs256_secret_env = \"JWT_SECRET\""), "{e}");
+        // Other keys' values are shown as written: they are what the reader must fix.
+        let e = err("version = 1\n[server]\nlisten = \"localhost:8080\"\n");
+        assert!(e.contains("localhost:8080"), "{e}");
+
+        assert_eq!(shown_env_name("ROSTERD_DEMO_TOKEN"), "ROSTERD_DEMO_TOKEN");
+        assert_eq!(shown_env_name("T=abc"), "\"T=…\"");
+        assert_eq!(
+            shown_env_name("whsec_c2VjcmV0c2VjcmV0"),
+            "\"whse…\" (22 characters)"
+        );
+        assert_eq!(
+            shown_env_name("eyJhbGciOi.x.y"),
+            "\"eyJh…\" (14 characters)"
+        );
     }
 
     #[test]

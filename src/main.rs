@@ -473,7 +473,8 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                     && !verifier.accepts_hs256()
                 {
                     note!(
-                        "warning: [api.jwt]: {var} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token"
+                        "warning: [api.jwt]: {} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token",
+                        rosterd::config::shown_env_name(var)
                     );
                 }
             }
@@ -578,8 +579,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                 .unwrap_or(true)
         {
             note!(
-                "warning: tenant {:?}: environment variable {var} is not set here; `serve` needs it",
-                t.id
+                "warning: tenant {:?}: environment variable {} is not set here; `serve` needs it",
+                t.id,
+                rosterd::config::shown_env_name(var)
             );
         }
     }
@@ -902,7 +904,10 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
     let secret = match std::env::var(var) {
         Ok(s) => s,
         Err(std::env::VarError::NotPresent) => {
-            anyhow::bail!("environment variable {var} is not set")
+            anyhow::bail!(
+                "environment variable {} is not set",
+                rosterd::config::shown_env_name(var)
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("environment variable {var}")),
     };

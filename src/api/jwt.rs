@@ -141,7 +141,10 @@ pub enum JwtError {
     NoKeys,
     #[error("[api.jwt] {field}: {reason}")]
     InvalidSetting { field: &'static str, reason: String },
-    #[error("environment variable {var} (hs256_secret_env) is not set")]
+    #[error(
+        "environment variable {} (hs256_secret_env) is not set",
+        crate::config::shown_env_name(.var)
+    )]
     SecretUnset { var: String },
     #[error(
         "environment variable {var} (hs256_secret_env) holds {len} bytes; \

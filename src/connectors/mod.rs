@@ -161,7 +161,8 @@ impl ConnectorConfig {
             file: file.to_owned(),
             message,
         };
-        let mut c: ConnectorConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut c: ConnectorConfig = toml::from_str(text)
+            .map_err(|e| invalid(crate::config::masked_toml_error(&e.to_string())))?;
         c.file = file.to_owned();
         c.validate().map_err(invalid)?;
         if let Some(csv) = &mut c.csv
@@ -574,6 +575,25 @@ secret_env = "HOOK_SECRET"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[csv] section"), "{err}");
+    }
+
+    /// A secret written into the file (where only its variable's name belongs) is not
+    /// quoted back by the parser's error, which reaches the log and `/status`.
+    #[test]
+    fn a_secret_in_a_connector_file_is_not_quoted_back() {
+        for wrong in [
+            "secret = \"whsec_CANARYc2VjcmV0\"",
+            "secret_env = whsec_CANARYc2VjcmV0",
+        ] {
+            let err = ConnectorConfig::parse(
+                &WEBHOOK.replace("secret_env = \"HOOK_SECRET\"", wrong),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("x.toml") && !err.contains("CANARY"), "{err}");
+        }
     }
 
     /// Times past what a clock can add made every retry panic; the bounds are named.

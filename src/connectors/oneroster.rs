@@ -882,7 +882,7 @@ pub struct Credentials {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {} is not set", crate::config::shown_env_name(.0))]
     Unset(String),
     #[error("token endpoint: {0}")]
     Token(String),

@@ -67,9 +67,12 @@ impl WebhookSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {} is not set", crate::config::shown_env_name(.0))]
     Unset(String),
-    #[error("the secret in {0} is not whsec_<base64> of 24 to 64 bytes")]
+    #[error(
+        "the secret in {} is not whsec_<base64> of 24 to 64 bytes",
+        crate::config::shown_env_name(.0)
+    )]
     Malformed(String),
 }
 

@@ -65,7 +65,8 @@ pub fn new_token() -> (String, TokenHash) {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     #[error(
-        "tenant {tenant:?}: environment variable {var} (token_env) is not set or empty; set it where the daemon runs (under systemd: /etc/rosterd/env, the unit's EnvironmentFile) and start it again"
+        "tenant {tenant:?}: environment variable {} (token_env) is not set or empty; set it where the daemon runs (under systemd: /etc/rosterd/env, the unit's EnvironmentFile) and start it again",
+        crate::config::shown_env_name(.var)
     )]
     MissingEnv { tenant: String, var: String },
     #[error("tenant {tenant:?}: {source}")]
