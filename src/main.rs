@@ -187,7 +187,8 @@ struct DaemonArgs {
     url: Option<String>,
     /// A Roster API JWT (roster:read for status, job and listing dead letters, roster:write
     /// for reconcile, roster:admin for resume, retire, replay and discard); by default one with
-    /// roster:admin is minted from the config's HS256 secret for a minute.
+    /// roster:admin is minted from the config's HS256 secret for a minute. Prefer the
+    /// environment variable: a command line is readable by every local user (ps).
     #[arg(long, env = "ROSTERD_API_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }
@@ -1716,7 +1717,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
         .and_then(|()| {
             // Made here rather than by the store, so that the error names the setting.
             // `check-config` only warns about it, since systemd may make it first.
-            std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
+            rosterd::store::Store::create_private_dir(&config.server.data_dir).with_context(|| {
                 format!(
                     "cannot create the data directory {}",
                     config.server.data_dir.display()

@@ -192,7 +192,7 @@ pub async fn run_with_env(
 
     // Relative to the config file, like every other path in it.
     let data_dir = config.resolve(&config.server.data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+    Store::create_private_dir(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
         source,
     })?;

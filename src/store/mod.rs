@@ -1392,6 +1392,19 @@ impl Store {
         })
     }
 
+    /// Make `dir` and its missing parents readable by this user alone. The store holds
+    /// every user's personal data and what targets answered; under
+    /// the unit, `UMask=0077` and `StateDirectoryMode=0700` do this, but run by hand under
+    /// the usual umask 022 the directory was 0755 and its files 0644, readable by every
+    /// local user. A directory that exists already keeps its mode: it is the operator's.
+    pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    }
+
     /// What can be told of `dir` without opening it (and so without taking the lock a
     /// running daemon holds): someone else's files, or a store whose log is gone. For
     /// `check-config`; opening checks the same first.
@@ -2381,6 +2394,23 @@ mod tests {
         });
         store.close().unwrap();
         dir
+    }
+
+    #[test]
+    fn a_data_directory_made_by_rosterd_is_its_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("new").join("data");
+        Store::create_private_dir(&dir).unwrap();
+        for d in [&dir, &root.path().join("new")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        // One that exists keeps the mode its operator gave it.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        Store::create_private_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750);
     }
 
     #[test]

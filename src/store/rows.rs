@@ -345,7 +345,7 @@ impl RowFile {
     /// clean close left it matching them.
     pub(super) fn open(path: &Path, tree: &sled::Tree) -> StoreResult<RowFile> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+            super::Store::create_private_dir(parent).map_err(|e| io(parent, e))?;
         }
         let token = tree.get(keys::ROWS_TOKEN_KEY)?;
         let reused = match (File::options().read(true).write(true).open(path), token) {
