@@ -497,7 +497,7 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
-            let mut message = masked_toml_error(&e.to_string());
+            let mut message = masked_toml_error(&e.to_string(), text);
             // The standard library's message names no remedy, and `localhost:8080` is
             // the first thing people write.
             if message.contains("invalid socket address syntax") {
@@ -793,34 +793,62 @@ pub fn shown_env_name(var: &str) -> String {
     format!("\"{head}…\" ({} characters)", var.chars().count())
 }
 
-/// A TOML error as shown: the parser quotes the line it stopped at, and when that line
-/// sets a secret (`client_secret = "…"` where only `client_secret_env` is a key, or a
-/// token pasted into `token_env`), the secret went to the terminal, the log and
-/// `/status`. Such a value's characters are shown as `*`, which keeps the caret under the
-/// column it points at; every other line is as the parser wrote it.
-pub fn masked_toml_error(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for (n, line) in message.split_inclusive('\n').enumerate() {
-        if n > 0 || !line.starts_with("TOML parse error") {
-            // A quoted source line: `12 | key = "value"`.
-            if let Some(bar) = line.find(" | ")
-                && line[..bar].trim().chars().all(|c| c.is_ascii_digit())
-                && !line[..bar].trim().is_empty()
-            {
-                out.push_str(&line[..bar + 3]);
-                out.push_str(&masked_assignments(&line[bar + 3..]));
-                continue;
+/// A TOML error as shown. The parser quotes the line it stopped at, and serde quotes a
+/// value it could not take, so a secret written into the file (`client_secret = "…"`
+/// where only `client_secret_env` is a key, a token pasted into `token_env`) went to the
+/// terminal, the log and `/status`. Every value `source` gives a secret-looking key (see
+/// [`secret_spans`]), and every line of a multi-line string it starts, is shown as `*`
+/// wherever it appears in the message, which keeps a caret under the column it points
+/// at; the rest is as the parser wrote it.
+pub fn masked_toml_error(message: &str, source: &str) -> String {
+    let mut secrets: Vec<String> = Vec::new();
+    let mut open: Option<&str> = None;
+    for line in source.lines() {
+        if let Some(delim) = open {
+            secrets.push(line.trim().to_owned());
+            if line.contains(delim) {
+                open = None;
+            }
+            continue;
+        }
+        let chars: Vec<char> = line.chars().collect();
+        for (start, end) in secret_spans(line) {
+            let value: String = chars[start..end].iter().collect();
+            let trimmed = value.trim();
+            for delim in ["\"\"\"", "\'\'\'"] {
+                if trimmed.starts_with(delim) && trimmed[3..].find(delim).is_none() {
+                    open = Some(delim);
+                }
+            }
+            // A plain string's quotes stay shown (serde quotes it without them).
+            let quoted = trimmed.len() >= 2
+                && (trimmed.starts_with('"') && trimmed.ends_with('"')
+                    || trimmed.starts_with('\'') && trimmed.ends_with('\''));
+            if quoted {
+                secrets.push(trimmed[1..trimmed.len() - 1].to_owned());
+            } else {
+                secrets.push(trimmed.to_owned());
             }
         }
-        out.push_str(line);
+    }
+    secrets.retain(|s| s.chars().count() >= 4);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = message.to_owned();
+    for secret in &secrets {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), &"*".repeat(secret.chars().count()));
+        }
     }
     out
 }
 
-/// `text` (one line of TOML) with the values of secret-looking keys starred out.
-fn masked_assignments(text: &str) -> String {
+/// The character ranges of one TOML line that hold secrets: the value of a key that
+/// names a secret (`client_secret`, `token`, `password`, `api-key`, `hmac`, …) to the end
+/// of the line, whatever its shape (string, array, a triple-quoted string); and in a
+/// `*_env` key, the value unless it is a variable's name, and anything after that name.
+fn secret_spans(text: &str) -> Vec<(usize, usize)> {
     let chars: Vec<char> = text.chars().collect();
-    let mut out = chars.clone();
+    let mut spans = Vec::new();
     let mut i = 0;
     while i < chars.len() {
         if chars[i] != '=' {
@@ -829,7 +857,7 @@ fn masked_assignments(text: &str) -> String {
         }
         // The key before `=`: the last dotted part of a bare or quoted key.
         let mut k = i;
-        while k > 0 && chars[k - 1] == ' ' {
+        while k > 0 && chars[k - 1].is_whitespace() {
             k -= 1;
         }
         let key_end = k;
@@ -843,54 +871,63 @@ fn masked_assignments(text: &str) -> String {
             .filter(|c| !matches!(c, '"' | '\''))
             .collect::<String>()
             .to_ascii_lowercase();
-        // The value after it: a quoted string, or a bare run.
         let mut v = i + 1;
-        while v < chars.len() && chars[v] == ' ' {
+        while v < chars.len() && chars[v].is_whitespace() {
             v += 1;
         }
-        let (start, end) = match chars.get(v) {
-            Some(&q @ ('"' | '\'')) => {
-                let mut e = v + 1;
-                while e < chars.len() && chars[e] != q {
-                    e += if chars[e] == '\\' && q == '"' { 2 } else { 1 };
-                }
-                (v + 1, e.min(chars.len()))
-            }
-            _ => {
-                let mut e = v;
-                while e < chars.len()
-                    && !matches!(chars[e], ',' | '}' | ']' | ' ' | '#' | '\n' | '\r')
-                {
-                    e += 1;
-                }
-                (v, e)
-            }
-        };
-        let value: String = chars[start..end].iter().collect();
-        let secret_key = [
+        let secretish = [
             "secret",
             "token",
             "password",
             "passwd",
+            "pass",
             "credential",
             "private",
             "apikey",
             "api_key",
+            "api-key",
+            "bearer",
+            "hmac",
+            "signing",
         ]
         .iter()
         .any(|w| key.contains(w))
-            && key != "token_hashes";
-        // A variable's name is no secret, and helps find the mistake; anything else in
-        // a `*_env` key is likely the secret itself.
-        let masked = secret_key && !(key.ends_with("_env") && shown_env_name(&value) == value);
-        if masked {
-            for c in &mut out[start..end] {
-                *c = '*';
-            }
+            || key.ends_with("key")
+            || key == "authorization";
+        // A URL's value is what its error is about, and names no secret of its own.
+        if !secretish || key.ends_with("_url") || v >= chars.len() {
+            i += 1;
+            continue;
         }
-        i = end.max(i + 1);
+        if key.ends_with("_env") {
+            // A quoted variable's name stays shown: it helps find the mistake.
+            let quoted_name = matches!(chars[v], '"' | '\'')
+                .then(|| {
+                    let q = chars[v];
+                    let close = chars[v + 1..].iter().position(|&c| c == q)? + v + 1;
+                    let name: String = chars[v + 1..close].iter().collect();
+                    (shown_env_name(&name) == name).then_some(close + 1)
+                })
+                .flatten();
+            match quoted_name {
+                // The end of the line, a comment, or the next key of an inline table.
+                Some(after) => {
+                    let next = chars[after..].iter().find(|c| !c.is_whitespace());
+                    if matches!(next, None | Some(',' | '}' | '#')) {
+                        i = after;
+                        continue;
+                    }
+                    spans.push((after, chars.len()));
+                }
+                None => spans.push((v, chars.len())),
+            }
+        } else {
+            spans.push((v, chars.len()));
+        }
+        // The rest of the line is the value's, whatever `=` it holds.
+        break;
     }
-    out.into_iter().collect()
+    spans
 }
 
 #[cfg(test)]
@@ -1089,6 +1126,16 @@ mod tests {
             format!("[[tenants]]\nid = \"a\"\ntoken_env = \"T={secret}\""),
             format!("[[tenants]]\nid = \"a\"\ntoken_env = {secret}"),
             format!("[server]\nlisten = \"127.0.0.1:1\", password = \"{secret}\""),
+            format!("client_secret\t=\t\"{secret}\""),
+            format!("client_secret = \"\"\"{secret}\"\"\""),
+            format!("client_secret = [ \"{secret}\" ]"),
+            format!("client_secret = \"\"\"\nfirst\n{secret}\n"),
+            format!("[api.jwt]\nhs256_secret_env = \"JWT_SECRET\" \"{secret}\""),
+            format!("[[tenants]]\nid = \"a\"\ntoken_hashes = \"{secret}\""),
+            format!("[server]\napi-key = \"{secret}\""),
+            format!(
+                "[[tenants]]\nid = \"a\"\nauth = {{ token_env = \"T\", client_secret = \"{secret}\" }}"
+            ),
         ] {
             let e = err(&format!("version = 1\n{line}\n"));
             assert!(!e.contains("s3cr3t"), "{line}: {e}");

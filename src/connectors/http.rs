@@ -85,7 +85,7 @@ impl Request {
     pub fn record(&self) -> SentRequest {
         SentRequest {
             method: self.method.to_string(),
-            url: self.url.clone(),
+            url: recorded_url(&self.url),
             body: self
                 .body
                 .as_ref()
@@ -199,10 +199,7 @@ fn classify(
 ) -> Outcome {
     let response = || TargetResponse {
         status: status.as_u16(),
-        body: redact(
-            &String::from_utf8_lossy(&body[..body.len().min(KEPT_BODY)]),
-            secrets,
-        ),
+        body: kept_answer(&body, KEPT_BODY, secrets),
     };
     let code = status.as_u16();
     if status.is_success() || (req.absent_ok && code == 404) {
@@ -282,22 +279,116 @@ pub fn parse_retry_after(v: &str, date: Option<&str>) -> Option<Duration> {
     Some(d.min(MAX_RETRY_AFTER))
 }
 
-/// `text` (a target's answer, an error) with every secret in it replaced by `[redacted]`:
-/// as sent, and form-encoded as a token request sends it. A target that echoes what it
-/// was sent (many answer a 400 or a 401 with the request's headers or form) would
-/// otherwise put the bearer token or the client secret in dead letters, which
-/// `roster:read` lists, and in the log and `/status`, which need no token. Values too
-/// short to be secrets are left alone, as replacing them would garble the text.
+/// How much of an answer is searched for secrets before it is cut to what is kept: a
+/// secret straddling the cut would otherwise keep its first part.
+const SEARCHED_BODY: usize = 64 * 1024;
+
+/// Up to `limit` bytes of a target's answer, as kept in a dead letter, `last_error` and
+/// the log: the credentials the request carried (`secrets`) replaced by `[redacted]`
+/// first, then cut, and a cut that leaves the start of a secret at the end drops it too.
+pub fn kept_answer(body: &[u8], limit: usize, secrets: &[&str]) -> String {
+    let text = redact(
+        &String::from_utf8_lossy(&body[..body.len().min(SEARCHED_BODY)]),
+        secrets,
+    );
+    if text.len() <= limit {
+        return text;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut kept = text[..end].to_owned();
+    for form in secrets
+        .iter()
+        .filter(|s| s.len() >= MIN_SECRET)
+        .flat_map(|s| secret_forms(s))
+    {
+        let longest = (MIN_PARTIAL..form.len())
+            .rev()
+            .filter(|&k| form.is_char_boundary(k))
+            .find(|&k| kept.ends_with(&form[..k]));
+        if let Some(k) = longest {
+            kept.truncate(kept.len() - k);
+            kept.push_str("[redacted]");
+        }
+    }
+    kept
+}
+
+/// Shorter values are not taken for secrets: replacing them would garble the text.
+const MIN_SECRET: usize = 8;
+/// The shortest start of a secret left at a cut that is taken for one.
+const MIN_PARTIAL: usize = 4;
+
+/// `text` (a target's answer, an error) with every secret in it replaced by `[redacted]`,
+/// in each form a target echoing it back is seen to write it (see [`secret_forms`]). A
+/// target that echoes what it was sent (many answer a 400 or a 401 with the request's
+/// headers or form) would otherwise put the bearer token or the client secret in dead
+/// letters, which `roster:read` lists, and in the log and `/status`, which need no token.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= 8) {
-        for form in [(*secret).to_owned(), form_encoded(secret)] {
+    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET) {
+        for form in secret_forms(secret) {
             if out.contains(&form) {
                 out = out.replace(&form, "[redacted]");
             }
         }
     }
     out
+}
+
+/// A secret as a target may echo it: as sent; in either case; form- or percent-encoded
+/// with upper- or lower-case hex; JSON-escaped as PHP (`\/`) and .NET (`\u002B`) write
+/// it; and in base64.
+fn secret_forms(secret: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let percent = |plus_for_space: bool, upper: bool| {
+        let mut out = String::with_capacity(secret.len() * 3);
+        for b in secret.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                    out.push(b as char)
+                }
+                b' ' if plus_for_space => out.push('+'),
+                _ if upper => out.push_str(&format!("%{b:02X}")),
+                _ => out.push_str(&format!("%{b:02x}")),
+            }
+        }
+        out
+    };
+    let json = |all: bool, upper: bool| {
+        let mut out = String::with_capacity(secret.len() * 6);
+        for c in secret.chars() {
+            match c {
+                '/' if !all => out.push_str("\\/"),
+                c if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') => out.push(c),
+                c if all && upper => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c if all => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out
+    };
+    let mut forms = vec![
+        secret.to_owned(),
+        secret.to_lowercase(),
+        secret.to_uppercase(),
+        percent(true, true),
+        percent(true, false),
+        percent(false, true),
+        percent(false, false),
+        json(false, false),
+        json(true, true),
+        json(true, false),
+        base64::engine::general_purpose::STANDARD.encode(secret),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+    ];
+    forms.sort();
+    forms.dedup();
+    // Longest first, so that no shorter form takes part of a longer one.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms
 }
 
 /// application/x-www-form-urlencoded value encoding, as a token request sends a value.
@@ -315,27 +406,49 @@ pub fn form_encoded(s: &str) -> String {
     out
 }
 
-/// A URL for the log and `/status`: the values of its query and any password left out,
-/// since a target that takes its credentials in the query (`?token=…`) is common.
+/// A URL for the log and `/status`: its scheme, host and port, the rest elided. A
+/// target's credentials are often in the URL itself: a user name or password, a query
+/// (`?token=…`), or the path (a Slack-style `/services/…/SECRET` webhook). The
+/// connector's name says which URL it is.
 pub fn shown_url(url: &str) -> String {
-    let Ok(mut u) = reqwest::Url::parse(url) else {
+    let Ok(u) = reqwest::Url::parse(url) else {
         return "an address that is not a URL".to_owned();
     };
+    let mut out = format!("{}://", u.scheme());
+    if !u.username().is_empty() || u.password().is_some() {
+        out.push_str("redacted@");
+    }
+    out.push_str(u.host_str().unwrap_or_default());
+    if let Some(port) = u.port() {
+        out.push_str(&format!(":{port}"));
+    }
+    if u.path() != "/" || u.query().is_some() || u.fragment().is_some() {
+        out.push_str("/…");
+    }
+    out
+}
+
+/// A request's URL as a dead letter keeps it: the path (which names the object) stays,
+/// and user name, password and the query's values are replaced by `redacted`.
+pub fn recorded_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if !u.username().is_empty() {
+        let _ = u.set_username("redacted");
+    }
     if u.password().is_some() {
         let _ = u.set_password(Some("redacted"));
     }
     if let Some(q) = u.query() {
-        let names: Vec<&str> = q
+        let shown = q
             .split('&')
-            .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
-            .collect();
-        let shown = names
-            .iter()
-            .map(|k| format!("{k}=redacted"))
+            .map(|pair| format!("{}=redacted", pair.split_once('=').map_or(pair, |(k, _)| k)))
             .collect::<Vec<_>>()
             .join("&");
         u.set_query(Some(&shown));
     }
+    u.set_fragment(None);
     u.to_string()
 }
 
@@ -433,30 +546,68 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_redacted_as_sent_and_as_form_encoded() {
-        let secret = "s3cret value/+=";
-        let echoed = format!(
-            "{{\"authorization\": \"Bearer {secret}\", \"form\": \"client_secret={}&x=1\"}}",
-            form_encoded(secret)
-        );
-        let shown = redact(&echoed, &[secret, "short"]);
-        assert!(!shown.contains("s3cret"), "{shown}");
-        assert_eq!(shown.matches("[redacted]").count(), 2, "{shown}");
+    fn secrets_are_redacted_in_every_form_a_target_echoes_them() {
+        use base64::Engine as _;
+        let secret = "S3cret value/+=";
+        let echoes = [
+            format!("Bearer {secret}"),
+            format!("client_secret={}&x=1", form_encoded(secret)),
+            "S3cret%20value%2f%2b%3d".to_owned(),
+            "S3cret value\\/+=".to_owned(),
+            "S3cret\\u0020value\\u002F\\u002B\\u003D".to_owned(),
+            "s3cret value/+=".to_owned(),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+        ];
+        for echoed in &echoes {
+            let shown = redact(echoed, &[secret, "short"]);
+            assert!(
+                !shown.to_lowercase().contains("s3cret"),
+                "{echoed}: {shown}"
+            );
+            assert!(shown.contains("[redacted]"), "{echoed}: {shown}");
+        }
         // Too short to be a secret, and replacing it would garble the text.
         assert_eq!(redact("a short answer", &["short"]), "a short answer");
     }
 
     #[test]
-    fn a_url_is_shown_without_its_query_values_or_password() {
+    fn an_answer_is_redacted_before_it_is_cut_and_a_cut_secret_goes_too() {
+        let secret = "CANARY-access-token-0451";
+        let body = format!("{}{secret}{}", "x".repeat(90), "y".repeat(50));
+        // Cut inside the secret: neither its start nor the rest is kept.
+        let kept = kept_answer(body.as_bytes(), 100, &[secret]);
+        assert!(!kept.contains("CANARY"), "{kept}");
+        assert!(
+            kept.starts_with(&"x".repeat(90)) && kept.ends_with("[redacted]"),
+            "{kept}"
+        );
+        // Whole within the limit, redacted in place.
+        let kept = kept_answer(body.as_bytes(), 1000, &[secret]);
+        assert_eq!(
+            kept,
+            format!("{}[redacted]{}", "x".repeat(90), "y".repeat(50))
+        );
+        // Cut at a character boundary.
+        assert_eq!(kept_answer("ééé".as_bytes(), 3, &[]), "é");
+    }
+
+    #[test]
+    fn a_url_is_shown_by_its_host_alone() {
         assert_eq!(
             shown_url("https://u:pw@hooks.example.com/in?token=abc&x=1"),
-            "https://u:redacted@hooks.example.com/in?token=redacted&x=redacted"
+            "https://redacted@hooks.example.com/…"
         );
         assert_eq!(
-            shown_url("http://127.0.0.1:9/path"),
-            "http://127.0.0.1:9/path"
+            shown_url("https://token@hooks.slack.com/services/T0/B0/SECRET"),
+            "https://redacted@hooks.slack.com/…"
         );
+        assert_eq!(shown_url("http://127.0.0.1:9/"), "http://127.0.0.1:9");
         assert_eq!(shown_url("::"), "an address that is not a URL");
+        // A dead letter keeps the path, which names the object.
+        assert_eq!(
+            recorded_url("https://u:pw@or.example/v1p2/users/abc?token=t1#f"),
+            "https://redacted:redacted@or.example/v1p2/users/abc?token=redacted"
+        );
     }
 
     #[test]
@@ -477,7 +628,8 @@ mod tests {
                 &[],
             ) {
                 Outcome::Retry { reason, .. } => assert!(
-                    reason.contains("https://other.example/users/1?sig=redacted")
+                    reason.contains("https://other.example/…")
+                        && !reason.contains("sig=")
                         && reason.contains("does not follow redirects"),
                     "{code}: {reason}"
                 ),

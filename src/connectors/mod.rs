@@ -162,7 +162,7 @@ impl ConnectorConfig {
             message,
         };
         let mut c: ConnectorConfig = toml::from_str(text)
-            .map_err(|e| invalid(crate::config::masked_toml_error(&e.to_string())))?;
+            .map_err(|e| invalid(crate::config::masked_toml_error(&e.to_string(), text)))?;
         c.file = file.to_owned();
         c.validate().map_err(invalid)?;
         if let Some(csv) = &mut c.csv

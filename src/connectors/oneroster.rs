@@ -1012,14 +1012,18 @@ impl Credentials {
             let secret = self.client_secret.as_deref().unwrap_or_default();
             return Err(AuthError::Token(format!(
                 "{status}: {}",
-                super::http::redact(
-                    &String::from_utf8_lossy(&bytes[..bytes.len().min(512)]),
-                    &[secret]
-                )
+                super::http::kept_answer(&bytes, 512, &[secret])
             )));
         }
-        let t: TokenResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| AuthError::Token(format!("unreadable answer: {e}")))?;
+        // serde's message quotes the value it could not take, which may be the token.
+        let t: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
+            AuthError::Token(format!(
+                "unreadable answer: not a token answer's JSON (an object with a string `access_token` and a numeric `expires_in`; {:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         Ok((
             t.access_token,
             Duration::from_secs(t.expires_in.unwrap_or(3600).max(1)),
