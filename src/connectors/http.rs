@@ -343,20 +343,7 @@ pub fn redact(text: &str, secrets: &[&str]) -> String {
 /// it; and in base64.
 fn secret_forms(secret: &str) -> Vec<String> {
     use base64::Engine as _;
-    let percent = |plus_for_space: bool, upper: bool| {
-        let mut out = String::with_capacity(secret.len() * 3);
-        for b in secret.bytes() {
-            match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                    out.push(b as char)
-                }
-                b' ' if plus_for_space => out.push('+'),
-                _ if upper => out.push_str(&format!("%{b:02X}")),
-                _ => out.push_str(&format!("%{b:02x}")),
-            }
-        }
-        out
-    };
+    let percent = |plus_for_space, upper| percent_encoded(secret, plus_for_space, upper);
     let json = |all: bool, upper: bool| {
         let mut out = String::with_capacity(secret.len() * 6);
         for c in secret.chars() {
@@ -393,14 +380,20 @@ fn secret_forms(secret: &str) -> Vec<String> {
 
 /// application/x-www-form-urlencoded value encoding, as a token request sends a value.
 pub fn form_encoded(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+    percent_encoded(s, true, true)
+}
+
+/// Percent-encoding of all but unreserved bytes; a space as `+` in a form.
+fn percent_encoded(s: &str, plus_for_space: bool, upper: bool) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
                 out.push(b as char)
             }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
+            b' ' if plus_for_space => out.push('+'),
+            _ if upper => out.push_str(&format!("%{b:02X}")),
+            _ => out.push_str(&format!("%{b:02x}")),
         }
     }
     out
