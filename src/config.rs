@@ -820,16 +820,24 @@ pub fn masked_toml_error(message: &str, source: &str) -> String {
                     open = Some(delim);
                 }
             }
+            // An array that goes on to later lines: each is a secret too.
+            if trimmed.starts_with('[') && !trimmed.contains(']') {
+                open = Some("]");
+            }
             // A plain string's quotes stay shown (serde quotes it without them).
             let quoted = trimmed.len() >= 2
                 && (trimmed.starts_with('"') && trimmed.ends_with('"')
                     || trimmed.starts_with('\'') && trimmed.ends_with('\''));
-            if quoted {
-                secrets.push(trimmed[1..trimmed.len() - 1].to_owned());
+            let shown = if quoted {
+                &trimmed[1..trimmed.len() - 1]
             } else {
-                secrets.push(trimmed.to_owned());
-            }
+                trimmed
+            };
+            secrets.push(shown.to_owned());
+            // serde quotes the value as parsed, its escapes resolved.
+            secrets.push(unescaped(shown));
         }
+        secrets.extend(url_credentials(line));
     }
     secrets.retain(|s| s.chars().count() >= 4);
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -840,6 +848,61 @@ pub fn masked_toml_error(message: &str, source: &str) -> String {
         }
     }
     out
+}
+
+/// A TOML basic string's escapes resolved (`\"`, `\\`, `\uXXXX`, `\UXXXXXXXX`, `\t`, …),
+/// as the parsed value serde quotes reads; anything else as written.
+fn unescaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(n @ ('u' | 'U')) => {
+                let hex: String = chars.by_ref().take(if n == 'u' { 4 } else { 8 }).collect();
+                match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    Some(c) => out.push(c),
+                    None => out.push_str(&hex),
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The credentials a URL on this line carries (user name, password, query values): a
+/// `*_url` key's value is shown, as the mistake is often in it, but not those.
+fn url_credentials(line: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (at, _) in line.match_indices("://") {
+        let start = line[..at]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        let end = line[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
+            .map_or(line.len(), |e| at + e);
+        let Ok(url) = reqwest::Url::parse(&line[start..end]) else {
+            continue;
+        };
+        found.push(url.username().to_owned());
+        found.extend(url.password().map(str::to_owned));
+        found.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
+        // As written, before percent-decoding.
+        found.extend(url.query().into_iter().flat_map(|q| {
+            q.split('&')
+                .filter_map(|p| p.split_once('=').map(|(_, v)| v.to_owned()))
+                .collect::<Vec<_>>()
+        }));
+    }
+    found
 }
 
 /// The character ranges of one TOML line that hold secrets: the value of a key that
@@ -893,7 +956,10 @@ fn secret_spans(text: &str) -> Vec<(usize, usize)> {
         .iter()
         .any(|w| key.contains(w))
             || key.ends_with("key")
-            || key == "authorization";
+            || key == "authorization"
+            || key == "jwt"
+            // `auth = { … }` is a table, whose keys are looked at one by one.
+            || (key == "auth" && chars.get(v) != Some(&'{'));
         // A URL's value is what its error is about, and names no secret of its own.
         if !secretish || key.ends_with("_url") || v >= chars.len() {
             i += 1;
@@ -1136,6 +1202,12 @@ mod tests {
             format!(
                 "[[tenants]]\nid = \"a\"\nauth = {{ token_env = \"T\", client_secret = \"{secret}\" }}"
             ),
+            // serde quotes the parsed value, its escapes resolved.
+            "[[tenants]]\nid = \"a\"\ntoken_hashes = \"CANARY\\u002Ds3cr3t-escaped\"".to_owned(),
+            format!("[[tenants]]\nid = \"a\"\ntoken_hashes = [\n  \"{secret}\"\n  \"x\",\n]"),
+            format!("[server]\npublic_url = \"https://u:{secret}@h.example/?k={secret}\" oops"),
+            format!("[server]\njwt = \"{secret}\""),
+            format!("[server]\nauth = \"{secret}\""),
         ] {
             let e = err(&format!("version = 1\n{line}\n"));
             assert!(!e.contains("s3cr3t"), "{line}: {e}");

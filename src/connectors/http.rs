@@ -26,8 +26,13 @@ pub(super) fn check_url(key: &str, url: &str, base: bool) -> Result<(), String> 
     if ok {
         Ok(())
     } else {
+        // Shown by scheme and host alone: the URL may carry credentials.
+        let shown = match reqwest::Url::parse(url) {
+            Ok(_) => shown_url(url),
+            Err(_) => format!("a value of {} characters", url.chars().count()),
+        };
         Err(format!(
-            "key `{key}`: {url:?} is not an http(s) URL with a host{}",
+            "key `{key}`: {shown} is not an http(s) URL with a host{}",
             if base {
                 " (and no query or fragment)"
             } else {
@@ -299,17 +304,17 @@ pub fn kept_answer(body: &[u8], limit: usize, secrets: &[&str]) -> String {
         end -= 1;
     }
     let mut kept = text[..end].to_owned();
-    for form in secrets
-        .iter()
-        .filter(|s| s.len() >= MIN_SECRET)
-        .flat_map(|s| secret_forms(s))
-    {
-        let longest = (MIN_PARTIAL..form.len())
-            .rev()
-            .filter(|&k| form.is_char_boundary(k))
-            .find(|&k| kept.ends_with(&form[..k]));
-        if let Some(k) = longest {
-            kept.truncate(kept.len() - k);
+    // A secret the cut splits: its echoed start, from a point where the rest of the
+    // kept text reads as the secret's first characters.
+    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET) {
+        let wanted: Vec<char> = secret.chars().collect();
+        // No escape is longer than 12 bytes a character.
+        let from = kept.len().saturating_sub(12 * wanted.len());
+        let split = (from..kept.len())
+            .filter(|&at| kept.is_char_boundary(at))
+            .find(|&at| echoed_start_to_end(&kept, at, &wanted));
+        if let Some(at) = split {
+            kept.truncate(at);
             kept.push_str("[redacted]");
         }
     }
@@ -322,78 +327,150 @@ const MIN_SECRET: usize = 8;
 const MIN_PARTIAL: usize = 4;
 
 /// `text` (a target's answer, an error) with every secret in it replaced by `[redacted]`,
-/// in each form a target echoing it back is seen to write it (see [`secret_forms`]). A
-/// target that echoes what it was sent (many answer a 400 or a 401 with the request's
-/// headers or form) would otherwise put the bearer token or the client secret in dead
-/// letters, which `roster:read` lists, and in the log and `/status`, which need no token.
+/// however the target wrote it back. A target that echoes what it was sent (many answer
+/// a 400 or a 401 with the request's headers or form) would otherwise put the bearer
+/// token or the client secret in dead letters, which `roster:read` lists, and in the log
+/// and `/status`, which need no token. Each character of the secret may be echoed as it
+/// is, in the other case, or escaped as any encoder writes it (see [`echoed_char`]), so
+/// PHP's `\/`, .NET's `\u002B`, Python's `quote` and HTML all match; and the secret may
+/// be echoed in base64.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_owned();
     for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET) {
-        for form in secret_forms(secret) {
-            if out.contains(&form) {
-                out = out.replace(&form, "[redacted]");
-            }
+        out = redact_one(&out, secret);
+    }
+    out
+}
+
+fn redact_one(text: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    let wanted: Vec<char> = secret.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < text.len() {
+        if let Some(end) = echo_end(text, at, &wanted) {
+            out.push_str("[redacted]");
+            at = end;
+            continue;
+        }
+        let c = text[at..].chars().next().unwrap_or_default();
+        out.push(c);
+        at += c.len_utf8().max(1);
+    }
+    for encoded in [
+        base64::engine::general_purpose::STANDARD.encode(secret),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
+    ] {
+        if out.contains(&encoded) {
+            out = out.replace(&encoded, "[redacted]");
         }
     }
     out
 }
 
-/// A secret as a target may echo it: as sent; in either case; form- or percent-encoded
-/// with upper- or lower-case hex; JSON-escaped as PHP (`\/`) and .NET (`\u002B`) write
-/// it; and in base64.
-fn secret_forms(secret: &str) -> Vec<String> {
-    use base64::Engine as _;
-    let percent = |plus_for_space, upper| percent_encoded(secret, plus_for_space, upper);
-    let json = |all: bool, upper: bool| {
-        let mut out = String::with_capacity(secret.len() * 6);
-        for c in secret.chars() {
-            match c {
-                '/' if !all => out.push_str("\\/"),
-                c if c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') => out.push(c),
-                c if all && upper => out.push_str(&format!("\\u{:04X}", c as u32)),
-                c if all => out.push_str(&format!("\\u{:04x}", c as u32)),
-                c => out.push(c),
-            }
+/// Where an echo of `wanted` that starts at `at` ends, if one does. At most one reading
+/// of a position can match the wanted character (an escape starts with a character the
+/// escaped one is not), so taking the first that matches is exact.
+fn echo_end(text: &str, mut at: usize, wanted: &[char]) -> Option<usize> {
+    for &w in wanted {
+        let same = |c: char| c == w || c.to_lowercase().eq(w.to_lowercase());
+        let literal = text[at..].chars().next()?;
+        at += match echoed_char(&text[at..]) {
+            Some((c, taken)) if same(c) => taken,
+            _ if same(literal) => literal.len_utf8(),
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Whether `text` from `at` to its end is an echo of the start of `wanted` (at least
+/// [`MIN_PARTIAL`] characters of it, not all).
+fn echoed_start_to_end(text: &str, mut at: usize, wanted: &[char]) -> bool {
+    for (n, &w) in wanted.iter().enumerate() {
+        if at == text.len() {
+            return n >= MIN_PARTIAL;
         }
-        out
+        let same = |c: char| c == w || c.to_lowercase().eq(w.to_lowercase());
+        let Some(literal) = text[at..].chars().next() else {
+            return false;
+        };
+        at += match echoed_char(&text[at..]) {
+            Some((c, taken)) if same(c) => taken,
+            _ if same(literal) => literal.len_utf8(),
+            _ => return false,
+        };
+    }
+    false
+}
+
+/// The character an escape at the start of `s` stands for, and its length: `\/`, `\"`,
+/// `\\`, `\uXXXX`, `%XX` (a UTF-8 sequence of them), `+` (a space, in a form),
+/// `&#NN;`, `&#xNN;`, `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`.
+fn echoed_char(s: &str) -> Option<(char, usize)> {
+    let b = s.as_bytes();
+    let hex = |from: usize, n: usize| {
+        s.get(from..from + n)
+            .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
     };
-    let mut forms = vec![
-        secret.to_owned(),
-        secret.to_lowercase(),
-        secret.to_uppercase(),
-        percent(true, true),
-        percent(true, false),
-        percent(false, true),
-        percent(false, false),
-        json(false, false),
-        json(true, true),
-        json(true, false),
-        base64::engine::general_purpose::STANDARD.encode(secret),
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret),
-    ];
-    forms.sort();
-    forms.dedup();
-    // Longest first, so that no shorter form takes part of a longer one.
-    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-    forms
+    match *b.first()? {
+        b'\\' => match *b.get(1)? {
+            c @ (b'/' | b'"' | b'\\' | b'\'') => Some((c as char, 2)),
+            b'u' => Some((char::from_u32(hex(2, 4)?)?, 6)),
+            b'x' => Some((char::from_u32(hex(2, 2)?)?, 4)),
+            _ => None,
+        },
+        b'%' => {
+            let mut bytes = Vec::new();
+            while bytes.len() < 4 {
+                let Some(v) = hex(1 + 3 * bytes.len(), 2) else {
+                    break;
+                };
+                if b.get(3 * bytes.len()) != Some(&b'%') {
+                    break;
+                }
+                bytes.push(v as u8);
+                if let Ok(t) = std::str::from_utf8(&bytes) {
+                    return Some((t.chars().next()?, 3 * bytes.len()));
+                }
+            }
+            None
+        }
+        b'+' => Some((' ', 1)),
+        b'&' => {
+            let end = s.char_indices().take(12).find(|&(_, c)| c == ';')?.0;
+            let name = &s[1..end];
+            let c = match name {
+                "amp" => '&',
+                "lt" => '<',
+                "gt" => '>',
+                "quot" => '"',
+                "apos" => '\'',
+                _ => {
+                    let code = match name.strip_prefix("#x").or_else(|| name.strip_prefix("#X")) {
+                        Some(h) => u32::from_str_radix(h, 16).ok()?,
+                        None => name.strip_prefix('#')?.parse().ok()?,
+                    };
+                    char::from_u32(code)?
+                }
+            };
+            Some((c, end + 1))
+        }
+        _ => None,
+    }
 }
 
 /// application/x-www-form-urlencoded value encoding, as a token request sends a value.
 pub fn form_encoded(s: &str) -> String {
-    percent_encoded(s, true, true)
-}
-
-/// Percent-encoding of all but unreserved bytes; a space as `+` in a form.
-fn percent_encoded(s: &str, plus_for_space: bool, upper: bool) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
                 out.push(b as char)
             }
-            b' ' if plus_for_space => out.push('+'),
-            _ if upper => out.push_str(&format!("%{b:02X}")),
-            _ => out.push_str(&format!("%{b:02x}")),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
         }
     }
     out
@@ -545,22 +622,39 @@ mod tests {
         let echoes = [
             format!("Bearer {secret}"),
             format!("client_secret={}&x=1", form_encoded(secret)),
+            // Python's quote (keeps `/`), lower-case hex, and `-`-style over-encoding.
+            "S3cret%20value/%2B%3D".to_owned(),
             "S3cret%20value%2f%2b%3d".to_owned(),
+            "%53%33cret value/+=".to_owned(),
+            // PHP, .NET (only `+`), everything escaped, and HTML.
             "S3cret value\\/+=".to_owned(),
-            "S3cret\\u0020value\\u002F\\u002B\\u003D".to_owned(),
-            "s3cret value/+=".to_owned(),
+            "S3cret value/\\u002B=".to_owned(),
+            "\\u0053\\u0033cret\\u0020value\\u002f\\u002b\\u003d".to_owned(),
+            "S3cret value&#x2F;&#43;&#61;".to_owned(),
+            "s3CRET VALUE/+=".to_owned(),
             base64::engine::general_purpose::STANDARD.encode(secret),
         ];
         for echoed in &echoes {
-            let shown = redact(echoed, &[secret, "short"]);
+            let shown = redact(&format!("{{\"seen\": \"{echoed}\"}}"), &[secret, "short"]);
             assert!(
-                !shown.to_lowercase().contains("s3cret"),
+                !shown.to_lowercase().contains("s3cret") && shown.contains("[redacted]"),
                 "{echoed}: {shown}"
             );
-            assert!(shown.contains("[redacted]"), "{echoed}: {shown}");
+        }
+        // Characters JSON and HTML escape, and letters beyond ASCII.
+        let odd = "CANARY\"Q\\uo<t&e>9-ïé";
+        for echoed in [
+            serde_json::to_string(odd).unwrap(),
+            "CANARY&quot;Q\\uo&lt;t&amp;e&gt;9-ïé".to_owned(),
+            "CANARY%22Q%5Cuo%3Ct%26e%3E9-%C3%AF%C3%A9".to_owned(),
+        ] {
+            let shown = redact(&echoed, &[odd]);
+            assert!(!shown.contains("CANARY"), "{echoed}: {shown}");
         }
         // Too short to be a secret, and replacing it would garble the text.
         assert_eq!(redact("a short answer", &["short"]), "a short answer");
+        // Text that only starts like the secret stays.
+        assert_eq!(redact("S3cret valu", &[secret]), "S3cret valu");
     }
 
     #[test]
