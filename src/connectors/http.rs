@@ -143,7 +143,7 @@ pub async fn send(
     }
     // What a target that echoes requests back would put in its answer: kept out of dead
     // letters, `last_error` and the log (see [`redact`]).
-    let secrets: Vec<String> = extra
+    let mut secrets: Vec<String> = extra
         .iter()
         .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
         .flat_map(|(_, v)| {
@@ -151,6 +151,11 @@ pub async fn send(
             [Some(v.clone()), credentials].into_iter().flatten()
         })
         .collect();
+    // A target that takes its credentials in the URL (`?token=…`) and echoes the path.
+    if let Ok(u) = reqwest::Url::parse(&req.url) {
+        secrets.extend(u.query_pairs().map(|(_, v)| v.into_owned()));
+        secrets.extend(u.password().map(str::to_owned));
+    }
     for (k, v) in extra {
         b = b.header(k, v);
     }
@@ -368,40 +373,79 @@ fn redact_one(text: &str, secret: &str) -> String {
     out
 }
 
-/// Where an echo of `wanted` that starts at `at` ends, if one does. At most one reading
-/// of a position can match the wanted character (an escape starts with a character the
-/// escaped one is not), so taking the first that matches is exact.
-fn echo_end(text: &str, mut at: usize, wanted: &[char]) -> Option<usize> {
-    for &w in wanted {
-        let same = |c: char| c == w || c.to_lowercase().eq(w.to_lowercase());
-        let literal = text[at..].chars().next()?;
-        at += match echoed_char(&text[at..]) {
-            Some((c, taken)) if same(c) => taken,
-            _ if same(literal) => literal.len_utf8(),
-            _ => return None,
-        };
+/// Where an echo of `wanted` that starts at `at` ends, if one does.
+fn echo_end(text: &str, at: usize, wanted: &[char]) -> Option<usize> {
+    match walk_echo(text, at, wanted) {
+        Walk::Whole(end) => Some(end),
+        _ => None,
     }
-    Some(at)
 }
 
 /// Whether `text` from `at` to its end is an echo of the start of `wanted` (at least
-/// [`MIN_PARTIAL`] characters of it, not all).
-fn echoed_start_to_end(text: &str, mut at: usize, wanted: &[char]) -> bool {
-    for (n, &w) in wanted.iter().enumerate() {
-        if at == text.len() {
-            return n >= MIN_PARTIAL;
-        }
-        let same = |c: char| c == w || c.to_lowercase().eq(w.to_lowercase());
-        let Some(literal) = text[at..].chars().next() else {
-            return false;
-        };
-        at += match echoed_char(&text[at..]) {
-            Some((c, taken)) if same(c) => taken,
-            _ if same(literal) => literal.len_utf8(),
-            _ => return false,
-        };
+/// [`MIN_PARTIAL`] characters of it, not all): what a cut leaves of a secret.
+fn echoed_start_to_end(text: &str, at: usize, wanted: &[char]) -> bool {
+    matches!(walk_echo(text, at, wanted), Walk::CutAfter(n) if n >= MIN_PARTIAL)
+}
+
+enum Walk {
+    /// The whole secret, ending here.
+    Whole(usize),
+    /// The text ended after this many of its characters.
+    CutAfter(usize),
+    No,
+}
+
+/// Read `text` from `at` as an echo of `wanted`. A position may read two ways, as
+/// written and as an escape (`%25` is `%`, and `%` followed by `25`; `&amp;`, `\\`), and
+/// a secret may hold either, so both are tried, within a bound on the steps.
+fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
+    // Most positions start nothing like the secret: answered before anything is allocated.
+    let first = |c: char| {
+        wanted.first().is_some_and(|&w| {
+            c == w || c.to_lowercase().eq(w.to_lowercase()) || (w == '+' && c == ' ')
+        })
+    };
+    let starts = text[at..].chars().next().is_some_and(first)
+        || echoed_char(&text[at..]).is_some_and(|(c, _)| first(c));
+    if !starts {
+        return Walk::No;
     }
-    false
+    let mut todo = vec![(at, 0usize)];
+    let mut longest_cut = None;
+    let mut steps = 0;
+    while let Some((pos, n)) = todo.pop() {
+        if n == wanted.len() {
+            return Walk::Whole(pos);
+        }
+        if pos == text.len() {
+            longest_cut = longest_cut.max(Some(n));
+            continue;
+        }
+        steps += 1;
+        if steps > 8 * wanted.len() + 64 {
+            break;
+        }
+        let w = wanted[n];
+        // A form's `+` decoded to a space by a target that echoes the decoded value.
+        let same =
+            |c: char| c == w || c.to_lowercase().eq(w.to_lowercase()) || (w == '+' && c == ' ');
+        let Some(literal) = text[pos..].chars().next() else {
+            continue;
+        };
+        // Pushed last, tried first: the escape.
+        if same(literal) {
+            todo.push((pos + literal.len_utf8(), n + 1));
+        }
+        if let Some((c, taken)) = echoed_char(&text[pos..])
+            && same(c)
+        {
+            todo.push((pos + taken, n + 1));
+        }
+    }
+    match longest_cut {
+        Some(n) => Walk::CutAfter(n),
+        None => Walk::No,
+    }
 }
 
 /// The character an escape at the start of `s` stands for, and its length: `\/`, `\"`,
@@ -415,12 +459,26 @@ fn echoed_char(s: &str) -> Option<(char, usize)> {
             .and_then(|h| u32::from_str_radix(h, 16).ok())
     };
     match *b.first()? {
-        b'\\' => match *b.get(1)? {
-            c @ (b'/' | b'"' | b'\\' | b'\'') => Some((c as char, 2)),
-            b'u' => Some((char::from_u32(hex(2, 4)?)?, 6)),
-            b'x' => Some((char::from_u32(hex(2, 2)?)?, 4)),
-            _ => None,
-        },
+        b'\\' => {
+            // JSON inside a JSON string escapes the escape: `\\\/`, `\\u002B`. Failing
+            // that, the one escape at the start (`\\` is a backslash).
+            let decode = |k: usize| match *b.get(k)? {
+                c @ (b'/' | b'"' | b'\\' | b'\'') => Some((c as char, k + 1)),
+                b'u' => Some((char::from_u32(hex(k + 1, 4)?)?, k + 5)),
+                b'x' => Some((char::from_u32(hex(k + 1, 2)?)?, k + 3)),
+                _ => None,
+            };
+            let run = b.iter().take_while(|&&c| c == b'\\').count();
+            (run > 1)
+                .then(|| decode(run))
+                .flatten()
+                .filter(|&(c, _)| c != '\\')
+                .or_else(|| decode(1))
+        }
+        // Encoded twice: `%252F` is `%2F`.
+        b'%' if s.starts_with("%25") && hex(3, 2).is_some() => {
+            Some((char::from_u32(hex(3, 2)?)?, 5))
+        }
         b'%' => {
             let mut bytes = Vec::new();
             while bytes.len() < 4 {
@@ -650,6 +708,26 @@ mod tests {
         ] {
             let shown = redact(&echoed, &[odd]);
             assert!(!shown.contains("CANARY"), "{echoed}: {shown}");
+        }
+        // A secret that itself reads like an escape, echoed as it is.
+        for odd in [
+            "CANARY%25Pct-4f1e9a",
+            "CANARY&amp;Amp-81cd",
+            "CANARY\\BackSl-77ab",
+        ] {
+            for echoed in [odd.to_owned(), serde_json::to_string(odd).unwrap()] {
+                let shown = redact(&echoed, &[odd]);
+                assert!(!shown.contains("CANARY"), "{echoed}: {shown}");
+            }
+        }
+        // Encoded twice, JSON inside JSON, and a form's `+` echoed decoded.
+        for echoed in [
+            "S3cret%2520value%252F%252B%253D",
+            "S3cret value\\\\\\/\\\\u002B=",
+            "S3cret value/ =",
+        ] {
+            let shown = redact(echoed, &[secret]);
+            assert!(!shown.contains("S3cret"), "{echoed}: {shown}");
         }
         // Too short to be a secret, and replacing it would garble the text.
         assert_eq!(redact("a short answer", &["short"]), "a short answer");
