@@ -336,7 +336,7 @@ const MIN_PARTIAL: usize = 4;
 /// a 400 or a 401 with the request's headers or form) would otherwise put the bearer
 /// token or the client secret in dead letters, which `roster:read` lists, and in the log
 /// and `/status`, which need no token. Each character of the secret may be echoed as it
-/// is, in the other case, or escaped as any encoder writes it (see [`echoed_char`]), so
+/// is, in the other case, or escaped as any encoder writes it (see [`echoed_chars`]), so
 /// PHP's `\/`, .NET's `\u002B`, Python's `quote` and HTML all match; and the secret may
 /// be echoed in base64.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
@@ -406,7 +406,7 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
         })
     };
     let starts = text[at..].chars().next().is_some_and(first)
-        || echoed_char(&text[at..]).is_some_and(|(c, _)| first(c));
+        || echoed_chars(&text[at..]).into_iter().any(|(c, _)| first(c));
     if !starts {
         return Walk::No;
     }
@@ -436,10 +436,10 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
         if same(literal) {
             todo.push((pos + literal.len_utf8(), n + 1));
         }
-        if let Some((c, taken)) = echoed_char(&text[pos..])
-            && same(c)
-        {
-            todo.push((pos + taken, n + 1));
+        for (c, taken) in echoed_chars(&text[pos..]) {
+            if same(c) {
+                todo.push((pos + taken, n + 1));
+            }
         }
     }
     match longest_cut {
@@ -448,75 +448,89 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
     }
 }
 
-/// The character an escape at the start of `s` stands for, and its length: `\/`, `\"`,
-/// `\\`, `\uXXXX`, `%XX` (a UTF-8 sequence of them), `+` (a space, in a form),
-/// `&#NN;`, `&#xNN;`, `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`.
-fn echoed_char(s: &str) -> Option<(char, usize)> {
+/// The characters an escape at the start of `s` may stand for, each with its length:
+/// `\/`, `\"`, `\\`, `\uXXXX`, `\xXX`, the same escaped again (JSON inside a JSON
+/// string), `%XX` (a UTF-8 sequence of them, or of `%25XX` when encoded twice), `+` (a
+/// space, in a form), `&#NN;`, `&#xNN;`, `&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`. A
+/// position can read more than one way (`%2525` is `%25` encoded once, or `%` twice), so
+/// every reading is given.
+fn echoed_chars(s: &str) -> Vec<(char, usize)> {
     let b = s.as_bytes();
     let hex = |from: usize, n: usize| {
         s.get(from..from + n)
             .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
             .and_then(|h| u32::from_str_radix(h, 16).ok())
     };
-    match *b.first()? {
-        b'\\' => {
-            // JSON inside a JSON string escapes the escape: `\\\/`, `\\u002B`. Failing
-            // that, the one escape at the start (`\\` is a backslash).
-            let decode = |k: usize| match *b.get(k)? {
+    let mut found = Vec::new();
+    match b.first() {
+        Some(b'\\') => {
+            let escape = |k: usize| match *b.get(k)? {
                 c @ (b'/' | b'"' | b'\\' | b'\'') => Some((c as char, k + 1)),
                 b'u' => Some((char::from_u32(hex(k + 1, 4)?)?, k + 5)),
                 b'x' => Some((char::from_u32(hex(k + 1, 2)?)?, k + 3)),
                 _ => None,
             };
             let run = b.iter().take_while(|&&c| c == b'\\').count();
-            (run > 1)
-                .then(|| decode(run))
-                .flatten()
-                .filter(|&(c, _)| c != '\\')
-                .or_else(|| decode(1))
+            // Once (`\\` a backslash, `\/`), twice (`\\\\` a backslash, `\\\/`, `\\u002B`).
+            found.extend(escape(1));
+            if run >= 3 {
+                found.extend(escape(3));
+            }
+            if run >= 2 && run != 3 {
+                found.extend(escape(2).filter(|&(c, _)| c != '\\'));
+            }
+            if run >= 4 {
+                found.push(('\\', 4));
+            }
         }
-        // Encoded twice: `%252F` is `%2F`.
-        b'%' if s.starts_with("%25") && hex(3, 2).is_some() => {
-            Some((char::from_u32(hex(3, 2)?)?, 5))
-        }
-        b'%' => {
-            let mut bytes = Vec::new();
-            while bytes.len() < 4 {
-                let Some(v) = hex(1 + 3 * bytes.len(), 2) else {
-                    break;
-                };
-                if b.get(3 * bytes.len()) != Some(&b'%') {
-                    break;
-                }
-                bytes.push(v as u8);
-                if let Ok(t) = std::str::from_utf8(&bytes) {
-                    return Some((t.chars().next()?, 3 * bytes.len()));
+        Some(b'%') => {
+            for step in [3, 5] {
+                let mut bytes = Vec::new();
+                while bytes.len() < 4 {
+                    let at = step * bytes.len();
+                    let marker = if step == 3 { "%" } else { "%25" };
+                    let Some(v) = s
+                        .get(at..)
+                        .filter(|t| t.starts_with(marker))
+                        .and_then(|_| hex(at + step - 2, 2))
+                    else {
+                        break;
+                    };
+                    bytes.push(v as u8);
+                    if let Ok(t) = std::str::from_utf8(&bytes) {
+                        found.extend(t.chars().next().map(|c| (c, step * bytes.len())));
+                        break;
+                    }
                 }
             }
-            None
         }
-        b'+' => Some((' ', 1)),
-        b'&' => {
-            let end = s.char_indices().take(12).find(|&(_, c)| c == ';')?.0;
-            let name = &s[1..end];
-            let c = match name {
-                "amp" => '&',
-                "lt" => '<',
-                "gt" => '>',
-                "quot" => '"',
-                "apos" => '\'',
-                _ => {
-                    let code = match name.strip_prefix("#x").or_else(|| name.strip_prefix("#X")) {
-                        Some(h) => u32::from_str_radix(h, 16).ok()?,
-                        None => name.strip_prefix('#')?.parse().ok()?,
-                    };
-                    char::from_u32(code)?
-                }
+        Some(b'+') => found.push((' ', 1)),
+        Some(b'&') => {
+            let entity = || {
+                let end = s.char_indices().take(12).find(|&(_, c)| c == ';')?.0;
+                let name = &s[1..end];
+                let c = match name {
+                    "amp" => '&',
+                    "lt" => '<',
+                    "gt" => '>',
+                    "quot" => '"',
+                    "apos" => '\'',
+                    _ => {
+                        let code = match name.strip_prefix("#x").or_else(|| name.strip_prefix("#X"))
+                        {
+                            Some(h) => u32::from_str_radix(h, 16).ok()?,
+                            None => name.strip_prefix('#')?.parse().ok()?,
+                        };
+                        char::from_u32(code)?
+                    }
+                };
+                Some((c, end + 1))
             };
-            Some((c, end + 1))
+            found.extend(entity());
         }
-        _ => None,
+        _ => {}
     }
+    found
 }
 
 /// application/x-www-form-urlencoded value encoding, as a token request sends a value.
@@ -719,6 +733,27 @@ mod tests {
                 let shown = redact(&echoed, &[odd]);
                 assert!(!shown.contains("CANARY"), "{echoed}: {shown}");
             }
+        }
+        // The same secrets and others encoded again: percent-encoded (`%` as `%25`),
+        // JSON inside a JSON string, and non-ASCII encoded twice.
+        for (odd, echoed) in [
+            ("CANARY%25Pct-4f1e9a", "CANARY%2525Pct-4f1e9a".to_owned()),
+            (
+                "CANARY%+&\\x-Mix-93",
+                serde_json::to_string(&serde_json::to_string("CANARY%+&\\x-Mix-93").unwrap())
+                    .unwrap(),
+            ),
+            (
+                "CANARY%+&\\x-Mix-93",
+                serde_json::to_string("CANARY%\\u002B&\\\\x-Mix-93").unwrap(),
+            ),
+            (
+                "CANARY-Clïent-Sécret-x",
+                "CANARY-Cl%25C3%25AFent-S%25C3%25A9cret-x".to_owned(),
+            ),
+        ] {
+            let shown = redact(&echoed, &[odd]);
+            assert!(!shown.contains("CANARY"), "{echoed}: {shown}");
         }
         // Encoded twice, JSON inside JSON, and a form's `+` echoed decoded.
         for echoed in [
