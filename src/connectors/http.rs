@@ -353,7 +353,14 @@ fn redact_one(text: &str, secret: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
     while at < text.len() {
-        if let Some(end) = echo_end(text, at, &wanted) {
+        // A target that echoes a credential cut short ("invalid token 'abcd…'"): a start
+        // of it long enough to narrow a guess goes too.
+        let end = match walk_echo(text, at, &wanted) {
+            Walk::Whole(end) => Some(end),
+            Walk::Start(n, end) if n >= MIN_ECHOED_START.max(wanted.len() / 2) => Some(end),
+            _ => None,
+        };
+        if let Some(end) = end {
             out.push_str("[redacted]");
             at = end;
             continue;
@@ -373,14 +380,6 @@ fn redact_one(text: &str, secret: &str) -> String {
     out
 }
 
-/// Where an echo of `wanted` that starts at `at` ends, if one does.
-fn echo_end(text: &str, at: usize, wanted: &[char]) -> Option<usize> {
-    match walk_echo(text, at, wanted) {
-        Walk::Whole(end) => Some(end),
-        _ => None,
-    }
-}
-
 /// Whether `text` from `at` to its end is an echo of the start of `wanted` (at least
 /// [`MIN_PARTIAL`] characters of it, not all): what a cut leaves of a secret.
 fn echoed_start_to_end(text: &str, at: usize, wanted: &[char]) -> bool {
@@ -392,8 +391,13 @@ enum Walk {
     Whole(usize),
     /// The text ended after this many of its characters.
     CutAfter(usize),
+    /// Only this many of its first characters, ending here.
+    Start(usize, usize),
     No,
 }
+
+/// The shortest start of a credential, echoed inside an answer, that is taken for one.
+const MIN_ECHOED_START: usize = 12;
 
 /// Read `text` from `at` as an echo of `wanted`. A position may read two ways, as
 /// written and as an escape (`%25` is `%`, and `%` followed by `25`; `&amp;`, `\\`), and
@@ -412,10 +416,14 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
     }
     let mut todo = vec![(at, 0usize)];
     let mut longest_cut = None;
+    let mut longest_start = (0, at);
     let mut steps = 0;
     while let Some((pos, n)) = todo.pop() {
         if n == wanted.len() {
             return Walk::Whole(pos);
+        }
+        if n > longest_start.0 {
+            longest_start = (n, pos);
         }
         if pos == text.len() {
             longest_cut = longest_cut.max(Some(n));
@@ -442,9 +450,10 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
             }
         }
     }
-    match longest_cut {
-        Some(n) => Walk::CutAfter(n),
-        None => Walk::No,
+    match (longest_cut, longest_start) {
+        (Some(n), _) => Walk::CutAfter(n),
+        (None, (0, _)) => Walk::No,
+        (None, (n, end)) => Walk::Start(n, end),
     }
 }
 
@@ -764,6 +773,14 @@ mod tests {
             let shown = redact(echoed, &[secret]);
             assert!(!shown.contains("S3cret"), "{echoed}: {shown}");
         }
+        // Echoed cut short inside the answer: a start of half or more goes; a few
+        // characters alike do not.
+        let token = "CANARY-static-token-0451-abcdef";
+        assert_eq!(
+            redact("invalid token 'CANARY-static-token-04…'", &[token]),
+            "invalid token '[redacted]…'"
+        );
+        assert_eq!(redact("CANARY-st and more", &[token]), "CANARY-st and more");
         // Too short to be a secret, and replacing it would garble the text.
         assert_eq!(redact("a short answer", &["short"]), "a short answer");
         // Text that only starts like the secret stays.
