@@ -141,23 +141,8 @@ pub async fn send(
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
     }
-    // What a target that echoes requests back would put in its answer: kept out of dead
-    // letters, `last_error` and the log (see [`redact`]).
-    let mut secrets: Vec<String> = extra
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-        .flat_map(|(_, v)| {
-            let credentials = v.split_once(' ').map(|(_, c)| c.to_owned());
-            [Some(v.clone()), credentials].into_iter().flatten()
-        })
-        .collect();
-    // A target that takes its credentials in the URL (`?token=…`) and echoes the path.
-    if let Ok(u) = reqwest::Url::parse(&req.url) {
-        secrets.extend(u.query_pairs().map(|(_, v)| v.into_owned()));
-        secrets.extend(u.password().map(str::to_owned));
-    }
-    for (k, v) in extra {
-        b = b.header(k, v);
+    for (k, v) in &extra {
+        b = b.header(*k, v.as_str());
     }
     let mut resp = match b.send().await {
         Ok(r) => r,
@@ -195,8 +180,28 @@ pub async fn send(
             };
         }
     };
-    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
-    classify(req, status, retry_after, headers, body, &secrets)
+    classify(req, status, retry_after, headers, body, &extra)
+}
+
+/// What a target that echoes requests back would put in its answer, to be kept out of
+/// dead letters, `last_error` and the log (see [`redact`]): the `Authorization` value and
+/// its credentials alone, and, for a target that takes its credentials in the URL
+/// (`?token=…`) and echoes the path, the URL's query values and password. Gathered only
+/// for an answer that is kept, not for every delivery.
+fn sent_credentials(req: &Request, extra: &[(&'static str, String)]) -> Vec<String> {
+    let mut secrets: Vec<String> = extra
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .flat_map(|(_, v)| {
+            let credentials = v.split_once(' ').map(|(_, c)| c.to_owned());
+            [Some(v.clone()), credentials].into_iter().flatten()
+        })
+        .collect();
+    if let Ok(u) = reqwest::Url::parse(&req.url) {
+        secrets.extend(u.query_pairs().map(|(_, v)| v.into_owned()));
+        secrets.extend(u.password().map(str::to_owned));
+    }
+    secrets
 }
 
 fn classify(
@@ -205,11 +210,15 @@ fn classify(
     retry_after: Option<Duration>,
     headers: reqwest::header::HeaderMap,
     body: bytes::Bytes,
-    secrets: &[&str],
+    extra: &[(&'static str, String)],
 ) -> Outcome {
-    let response = || TargetResponse {
-        status: status.as_u16(),
-        body: kept_answer(&body, KEPT_BODY, secrets),
+    let response = || {
+        let secrets = sent_credentials(req, extra);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        TargetResponse {
+            status: status.as_u16(),
+            body: kept_answer(&body, KEPT_BODY, &secrets),
+        }
     };
     let code = status.as_u16();
     if status.is_success() || (req.absent_ok && code == 404) {
