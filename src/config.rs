@@ -773,24 +773,26 @@ impl Config {
 /// that is no variable's name shows only its first four characters and its length, and
 /// a `NAME=value` only its name.
 pub fn shown_env_name(var: &str) -> String {
-    // A Standard Webhooks secret can be all letters, digits and `_`, a name's alphabet.
-    let is_name = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && !s.starts_with("whsec_")
-            && !s.starts_with(|c: char| c.is_ascii_digit())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    if is_name(var) {
+    if is_env_name(var) {
         return var.to_owned();
     }
     if let Some((name, _)) = var.split_once('=')
-        && is_name(name.trim())
+        && is_env_name(name.trim())
     {
         return format!("\"{}=…\"", name.trim());
     }
     let head: String = var.chars().take(4).collect();
     format!("\"{head}…\" ({} characters)", var.chars().count())
+}
+
+/// Whether `s` reads as an environment variable's name, shown in errors as it is.
+fn is_env_name(s: &str) -> bool {
+    // A Standard Webhooks secret can be all letters, digits and `_`, a name's alphabet.
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with("whsec_")
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// A TOML error as shown. The parser quotes the line it stopped at, and serde quotes a
@@ -972,7 +974,7 @@ fn secret_spans(text: &str) -> Vec<(usize, usize)> {
                     let q = chars[v];
                     let close = chars[v + 1..].iter().position(|&c| c == q)? + v + 1;
                     let name: String = chars[v + 1..close].iter().collect();
-                    (shown_env_name(&name) == name).then_some(close + 1)
+                    is_env_name(&name).then_some(close + 1)
                 })
                 .flatten();
             match quoted_name {

@@ -155,11 +155,7 @@ pub async fn send(
                 "transport error"
             };
             return Outcome::Retry {
-                reason: format!(
-                    "{what}: {} ({})",
-                    error_chain(&e.without_url()),
-                    shown_url(&req.url)
-                ),
+                reason: format!("{what}: {}", transport_error(e, &req.url)),
                 retry_after: None,
                 response: None,
             };
@@ -234,13 +230,10 @@ fn classify(
         // and a 307 or 308 takes the body, roster data, to whatever host it names. Every
         // request to that URL would be redirected alike, so it is retried until the
         // connector pauses, saying where the target points.
-        let to = headers
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map_or_else(|| "nowhere".to_owned(), shown_url);
         return Outcome::Retry {
             reason: format!(
-                "target answered {status}, redirecting to {to}: rosterd does not follow redirects; set the connector's URL to the address the target means"
+                "target answered {status}, redirecting to {}: rosterd does not follow redirects; set the connector's URL to the address the target means",
+                redirect_target(&headers)
             ),
             retry_after,
             response: Some(response()),
@@ -413,11 +406,7 @@ const MIN_ECHOED_START: usize = 12;
 /// a secret may hold either, so both are tried, within a bound on the steps.
 fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
     // Most positions start nothing like the secret: answered before anything is allocated.
-    let first = |c: char| {
-        wanted.first().is_some_and(|&w| {
-            c == w || c.to_lowercase().eq(w.to_lowercase()) || (w == '+' && c == ' ')
-        })
-    };
+    let first = |c: char| wanted.first().is_some_and(|&w| reads_as(c, w));
     let starts = text[at..].chars().next().is_some_and(first)
         || echoed_chars(&text[at..]).into_iter().any(|(c, _)| first(c));
     if !starts {
@@ -442,10 +431,7 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
         if steps > 8 * wanted.len() + 64 {
             break;
         }
-        let w = wanted[n];
-        // A form's `+` decoded to a space by a target that echoes the decoded value.
-        let same =
-            |c: char| c == w || c.to_lowercase().eq(w.to_lowercase()) || (w == '+' && c == ' ');
+        let same = |c: char| reads_as(c, wanted[n]);
         let Some(literal) = text[pos..].chars().next() else {
             continue;
         };
@@ -464,6 +450,12 @@ fn walk_echo(text: &str, at: usize, wanted: &[char]) -> Walk {
         (None, (0, _)) => Walk::No,
         (None, (n, end)) => Walk::Start(n, end),
     }
+}
+
+/// Whether an echoed character `c` stands for the secret's `w`: the same, in the other
+/// case, or a form's `+` decoded to a space by a target that echoes the decoded value.
+fn reads_as(c: char, w: char) -> bool {
+    c == w || c.to_lowercase().eq(w.to_lowercase()) || (w == '+' && c == ' ')
 }
 
 /// The characters an escape at the start of `s` may stand for, each with its length:
@@ -588,6 +580,20 @@ pub fn shown_url(url: &str) -> String {
     out
 }
 
+/// A reqwest error for the log and `/status`: its causes, and the URL it was about as
+/// [`shown_url`] shows it (reqwest's own text carries the whole URL, credentials and all).
+pub(super) fn transport_error(e: reqwest::Error, url: &str) -> String {
+    format!("{} ({})", error_chain(&e.without_url()), shown_url(url))
+}
+
+/// Where a 3xx answer points, as [`shown_url`] shows it.
+pub(super) fn redirect_target(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| "nowhere".to_owned(), shown_url)
+}
+
 /// A request's URL as a dead letter keeps it: the path (which names the object) stays,
 /// and user name, password and the query's values are replaced by `redacted`.
 pub fn recorded_url(url: &str) -> String {
@@ -613,7 +619,7 @@ pub fn recorded_url(url: &str) -> String {
 }
 
 /// reqwest's errors hide the useful part ("connection refused") in their sources.
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

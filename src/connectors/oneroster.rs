@@ -979,19 +979,9 @@ impl Credentials {
             .body(body)
             .send()
             .await
-            .map_err(|e| {
-                AuthError::Token(format!(
-                    "{} ({})",
-                    super::http::error_chain(&e.without_url()),
-                    super::http::shown_url(url)
-                ))
-            })?;
+            .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?;
         let status = resp.status();
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let location = super::http::redirect_target(resp.headers());
         let bytes = resp
             .bytes()
             .await
@@ -1000,10 +990,7 @@ impl Credentials {
             // Not followed: a 307 or 308 would take the client secret to whatever host
             // it names.
             return Err(AuthError::Token(format!(
-                "{status}, redirecting to {}: rosterd does not follow redirects; set `token_url` to the address the endpoint means",
-                location
-                    .as_deref()
-                    .map_or_else(|| "nowhere".to_owned(), super::http::shown_url)
+                "{status}, redirecting to {location}: rosterd does not follow redirects; set `token_url` to the address the endpoint means"
             )));
         }
         if !status.is_success() {
