@@ -170,7 +170,7 @@ pub async fn send(
         Ok(b) => b,
         Err(e) => {
             return Outcome::Retry {
-                reason: format!("answer {status} cut off: {}", error_chain(&e)),
+                reason: format!("answer {status} cut off: {}", transport_error(e, &req.url)),
                 retry_after,
                 response: None,
             };
@@ -867,6 +867,36 @@ mod tests {
                 ),
                 other => panic!("{code}: {other:?}"),
             }
+        }
+    }
+
+    /// An answer cut short is reported without the URL's credentials, as a failure to
+    /// connect is (reqwest's own text names the whole URL).
+    #[tokio::test]
+    async fn an_answer_cut_off_names_the_url_without_its_credentials() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket
+                .write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 100\r\n\r\nshort",
+                )
+                .await;
+        });
+        let req = Request::get(format!("http://{addr}/hook?token=CANARY-query-token-1"));
+        let client = reqwest::Client::new();
+        match send(&client, &req, Vec::new(), Duration::from_secs(5)).await {
+            Outcome::Retry { reason, .. } => assert!(
+                reason.contains("cut off")
+                    && reason.contains(&format!("http://{addr}/…"))
+                    && !reason.contains("CANARY"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -985,7 +985,7 @@ impl Credentials {
         let bytes = resp
             .bytes()
             .await
-            .map_err(|e| AuthError::Token(e.to_string()))?;
+            .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?;
         if status.is_redirection() {
             // Not followed: a 307 or 308 would take the client secret to whatever host
             // it names.
