@@ -166,8 +166,26 @@ pub async fn send(
     let retry_after = header(reqwest::header::RETRY_AFTER)
         .and_then(|v| parse_retry_after(v, header(reqwest::header::DATE)));
     let headers = std::mem::take(resp.headers_mut());
-    let body = match resp.bytes().await {
-        Ok(b) => b,
+    // Only a read-back's 2xx is used whole; of any other answer no more is looked at
+    // than is searched for secrets.
+    let limit = if status.is_success() && req.method == Method::GET {
+        MAX_READ_ANSWER
+    } else {
+        SEARCHED_BODY
+    };
+    let body = match read_capped(&mut resp, limit).await {
+        Ok(Answer::Whole(b)) => b,
+        Ok(Answer::Cut(b)) if limit == SEARCHED_BODY => b,
+        Ok(Answer::Cut(_)) => {
+            return Outcome::Retry {
+                reason: format!(
+                    "answer {status} is larger than {} MiB, more than a page of `limit=1000` objects needs; rosterd stopped reading it",
+                    MAX_READ_ANSWER >> 20
+                ),
+                retry_after,
+                response: None,
+            };
+        }
         Err(e) => {
             return Outcome::Retry {
                 reason: format!("answer {status} cut off: {}", transport_error(e, &req.url)),
@@ -177,6 +195,36 @@ pub async fn send(
         }
     };
     classify(req, status, retry_after, headers, body, &extra)
+}
+
+/// The largest answer read whole: a read-back's page of 1,000 users is about 1 MB.
+const MAX_READ_ANSWER: usize = 32 << 20;
+
+/// An answer as far as it was read.
+pub(super) enum Answer {
+    Whole(bytes::Bytes),
+    /// The first `limit` bytes of a longer answer. The rest is left unread and the
+    /// connection closed, rather than drained.
+    Cut(bytes::Bytes),
+}
+
+/// Reads at most `limit` bytes of an answer. A target that answered with a body of a
+/// gigabyte, or one without end, was read whole into memory (a 16 MiB error answer took
+/// the daemon from 73 to 152 MB), or read until the timeout.
+pub(super) async fn read_capped(
+    resp: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Answer, reqwest::Error> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = limit - buf.len();
+        if chunk.len() > room {
+            buf.extend_from_slice(&chunk[..room]);
+            return Ok(Answer::Cut(buf.freeze()));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Answer::Whole(buf.freeze()))
 }
 
 /// What a target that echoes requests back would put in its answer, to be kept out of
@@ -293,7 +341,7 @@ pub fn parse_retry_after(v: &str, date: Option<&str>) -> Option<Duration> {
 
 /// How much of an answer is searched for secrets before it is cut to what is kept: a
 /// secret straddling the cut would otherwise keep its first part.
-const SEARCHED_BODY: usize = 64 * 1024;
+pub(super) const SEARCHED_BODY: usize = 64 * 1024;
 
 /// Up to `limit` bytes of a target's answer, as kept in a dead letter, `last_error` and
 /// the log: the credentials the request carried (`secrets`) replaced by `[redacted]`
@@ -634,7 +682,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn outcome(method: Method, code: u16) -> Outcome {
@@ -898,5 +946,90 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A loopback server whose every answer is `head` and then a chunked body without
+    /// end. Returns its address and the bytes of body it managed to write, summed over
+    /// connections, once the client has hung up on it.
+    pub(crate) async fn endless_answer(
+        head: &'static str,
+    ) -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let total = total.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 8192];
+                    let _ = socket.read(&mut buf).await;
+                    let head = format!("{head}\r\ntransfer-encoding: chunked\r\n\r\n");
+                    if socket.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let data = vec![b'x'; 64 * 1024];
+                    let chunk =
+                        [format!("{:x}\r\n", data.len()).as_bytes(), &data, b"\r\n"].concat();
+                    while socket.write_all(&chunk).await.is_ok() {
+                        total.fetch_add(data.len(), Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (addr, written)
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_end_is_read_no_further_than_it_is_used() {
+        let client = reqwest::Client::new();
+        // Long enough that reading on to the timeout (the old way) could not pass.
+        let timeout = Duration::from_secs(20);
+        let put = |addr| Request::put(format!("http://{addr}/users/u1"), &serde_json::json!({}));
+
+        // An error answer: the first 4 KiB are kept, as for any error.
+        let (addr, written) = endless_answer("HTTP/1.1 500 Internal Server Error").await;
+        match send(&client, &put(addr), Vec::new(), timeout).await {
+            Outcome::Retry {
+                reason,
+                response: Some(r),
+                ..
+            } => {
+                assert_eq!(reason, "target answered 500 Internal Server Error");
+                assert_eq!(r.body.len(), KEPT_BODY);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Loopback buffers hold a few MiB the server wrote and nobody read.
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(sent < 16 << 20, "{sent} bytes were taken from the target");
+
+        // A PUT's 2xx: delivered, whatever follows.
+        let (addr, _) = endless_answer("HTTP/1.1 200 OK").await;
+        let out = send(&client, &put(addr), Vec::new(), timeout).await;
+        assert!(
+            matches!(out, Outcome::Delivered { status: 200, .. }),
+            "{out:?}"
+        );
+
+        // A read-back's 2xx is read whole, up to a bound.
+        let (addr, written) = endless_answer("HTTP/1.1 200 OK").await;
+        let get = Request::get(format!("http://{addr}/users?limit=1000"));
+        match send(&client, &get, Vec::new(), timeout).await {
+            Outcome::Retry { reason, .. } => {
+                assert!(reason.contains("larger than 32 MiB"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            (MAX_READ_ANSWER..MAX_READ_ANSWER + (16 << 20)).contains(&sent),
+            "{sent} bytes were taken from the target"
+        );
     }
 }

@@ -969,7 +969,7 @@ impl Credentials {
             .map(|(k, v)| format!("{k}={}", super::http::form_encoded(v)))
             .collect::<Vec<_>>()
             .join("&");
-        let resp = client
+        let mut resp = client
             .post(url)
             .header(
                 reqwest::header::CONTENT_TYPE,
@@ -982,10 +982,21 @@ impl Credentials {
             .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?;
         let status = resp.status();
         let location = super::http::redirect_target(resp.headers());
-        let bytes = resp
-            .bytes()
+        // A token answer is a few KiB; an endpoint sending more (or without end) is not
+        // read into memory whole.
+        let bytes = match super::http::read_capped(&mut resp, super::http::SEARCHED_BODY)
             .await
-            .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?;
+            .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?
+        {
+            super::http::Answer::Whole(b) => b,
+            super::http::Answer::Cut(b) if !status.is_success() => b,
+            super::http::Answer::Cut(_) => {
+                return Err(AuthError::Token(format!(
+                    "{status}, with an answer over {} KiB: not a token answer; rosterd stopped reading it",
+                    super::http::SEARCHED_BODY >> 10
+                )));
+            }
+        };
         if status.is_redirection() {
             // Not followed: a 307 or 308 would take the client secret to whatever host
             // it names.
@@ -1044,6 +1055,37 @@ mod tests {
             creds.cached.lock().await.is_none(),
             "the refused token is forgotten"
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_without_end_is_not_read_whole() {
+        let client = reqwest::Client::new();
+        for (head, wanted) in [
+            (
+                "HTTP/1.1 200 OK",
+                "200 OK, with an answer over 64 KiB: not a token answer",
+            ),
+            // An error answer is quoted as always, its first 512 bytes.
+            ("HTTP/1.1 400 Bad Request", "400 Bad Request: xxxxxxxx"),
+        ] {
+            let (addr, written) = crate::connectors::http::tests::endless_answer(head).await;
+            let settings = AuthSettings {
+                token_env: None,
+                token_url: Some(format!("http://{addr}/token")),
+                client_id: Some("c".into()),
+                client_secret_env: Some("S".into()),
+                scope: None,
+            };
+            let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
+            match creds.bearer(&client).await {
+                Err(AuthError::Token(e)) => {
+                    assert!(e.starts_with(wanted) && e.len() < 600, "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+            let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(sent < 16 << 20, "{sent} bytes were taken from the endpoint");
+        }
     }
 
     fn settings() -> OneRosterSettings {
