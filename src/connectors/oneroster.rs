@@ -891,8 +891,43 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
+    /// Seconds (RFC 6749 §5.1), read by [`token_lifetime`].
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Value>,
+}
+
+/// The longest a fetched token is used before another is fetched. An `expires_in` near
+/// `u64::MAX` overflowed the clock's arithmetic (a panic in the connector's task); and a
+/// token the endpoint revoked is refreshed on its first 401 anyway.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// How long a token is used: its `expires_in`, an hour without one, within 1 s and
+/// [`MAX_TOKEN_LIFETIME`]. RFC 6749 has a number, but some endpoints send a string
+/// (`"3599"`: Azure AD's v1 endpoint, several OneRoster vendors') or a float (`3600.0`);
+/// refusing those would stop every delivery over a formality.
+fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Result<Duration, String> {
+    use serde_json::Value;
+    let secs = match expires_in {
+        None | Some(Value::Null) => 3600.0,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(Value::String(s)) => s.trim().parse::<f64>().unwrap_or(f64::NAN),
+        Some(_) => f64::NAN,
+    };
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(format!(
+            "`expires_in` is not a number of seconds ({})",
+            match expires_in {
+                Some(Value::String(_)) => "a string that is not a number",
+                Some(Value::Number(_)) => "a negative number",
+                Some(Value::Bool(_)) => "a boolean",
+                Some(Value::Array(_)) => "an array",
+                _ => "an object",
+            }
+        ));
+    }
+    Ok(Duration::from_secs_f64(
+        secs.clamp(1.0, MAX_TOKEN_LIFETIME.as_secs_f64()),
+    ))
 }
 
 impl Credentials {
@@ -1016,16 +1051,15 @@ impl Credentials {
         // serde's message quotes the value it could not take, which may be the token.
         let t: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
             AuthError::Token(format!(
-                "unreadable answer: not a token answer's JSON (an object with a string `access_token` and a numeric `expires_in`; {:?} error at line {}, column {})",
+                "unreadable answer: not a token answer's JSON (an object with a string `access_token` and, optionally, `expires_in`; {:?} error at line {}, column {})",
                 e.classify(),
                 e.line(),
                 e.column()
             ))
         })?;
-        Ok((
-            t.access_token,
-            Duration::from_secs(t.expires_in.unwrap_or(3600).max(1)),
-        ))
+        let ttl = token_lifetime(t.expires_in.as_ref())
+            .map_err(|e| AuthError::Token(format!("unreadable answer: {e}")))?;
+        Ok((t.access_token, ttl))
     }
 }
 
@@ -1085,6 +1119,61 @@ mod tests {
             }
             let sent = written.load(std::sync::atomic::Ordering::Relaxed);
             assert!(sent < 16 << 20, "{sent} bytes were taken from the endpoint");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_lifetime_is_read_as_endpoints_write_it_and_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let client = reqwest::Client::new();
+        for (expires_in, wanted) in [
+            ("18446744073709551615", Ok(MAX_TOKEN_LIFETIME)),
+            ("1e300", Ok(MAX_TOKEN_LIFETIME)),
+            ("\"3599\"", Ok(Duration::from_secs(3599))),
+            ("3600.0", Ok(Duration::from_secs(3600))),
+            ("0", Ok(Duration::from_secs(1))),
+            ("null", Ok(Duration::from_secs(3600))),
+            (
+                "-5",
+                Err("`expires_in` is not a number of seconds (a negative number)"),
+            ),
+            ("\"soon\"", Err("a string that is not a number")),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let body = format!(r#"{{"access_token":"tok","expires_in":{expires_in}}}"#);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+            let settings = AuthSettings {
+                token_env: None,
+                token_url: Some(format!("http://{addr}/token")),
+                client_id: Some("c".into()),
+                client_secret_env: Some("S".into()),
+                scope: None,
+            };
+            let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
+            match (creds.bearer(&client).await, wanted) {
+                (Ok(bearer), Ok(w)) => {
+                    assert_eq!(bearer, "Bearer tok");
+                    // Cached for its lifetime less a margin of at most 30 s.
+                    let (_, until) = creds.cached.lock().await.clone().unwrap();
+                    let left = until - Instant::now();
+                    assert!(
+                        left <= w && left + Duration::from_secs(31) >= w,
+                        "{expires_in}: {left:?}"
+                    );
+                }
+                (Err(AuthError::Token(e)), Err(w)) => assert!(e.contains(w), "{expires_in}: {e}"),
+                (got, _) => panic!("{expires_in}: {got:?}"),
+            }
         }
     }
 
