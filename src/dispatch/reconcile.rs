@@ -466,8 +466,15 @@ fn diff(
 fn projected(target: &Value, desired: &Value) -> Value {
     let mut out = serde_json::Map::new();
     if let Some(d) = desired.as_object() {
-        for k in d.keys() {
-            out.insert(k.clone(), target.get(k).cloned().unwrap_or(Value::Null));
+        for (k, want) in d {
+            let got = match (target.get(k), want) {
+                // OneRoster has `enabledUser` as the string "true" or "false"; a target
+                // that stores and answers it as a boolean means the same, and counting
+                // it as drift re-sent its every user on every reconciliation.
+                (Some(Value::Bool(b)), Value::String(w)) if *w == b.to_string() => want.clone(),
+                (got, _) => got.cloned().unwrap_or(Value::Null),
+            };
+            out.insert(k.clone(), got);
         }
     }
     Value::Object(out)
@@ -811,40 +818,51 @@ async fn read_back(
         };
         // A login page from a proxy, or another shape of JSON, is not the end of the
         // list: taken as one, it would turn the repair off without a word.
-        let page: Value = match serde_json::from_slice(&body) {
-            Ok(v @ Value::Object(_)) if v.get("users").is_some_and(Value::is_array) => v,
-            _ => {
+        let page: UsersPage = match serde_json::from_slice(&body) {
+            Ok(page) => page,
+            Err(e) => {
                 let start = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
                 break Some(format!(
-                    "GET {} answered something that is not a OneRoster users page (a JSON object with a `users` array): {start:?}",
+                    "GET {} answered something that is not a OneRoster users page (a JSON object with a `users` array of at most {READ_BACK_MAX_PAGE_USERS}): {e}; it begins {start:?}",
                     req.url
                 ));
             }
         };
-        let users = page["users"].as_array().cloned().unwrap_or_default();
-        if users.is_empty() {
+        if page.users.is_empty() {
             break None;
         }
         let total = headers
             .get("x-total-count")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .or_else(|| page["total"].as_u64());
-        let mut new = 0usize;
-        for u in &users {
-            if let Some(sid) = u.get("sourcedId").and_then(Value::as_str)
-                && read.insert(fingerprint(sid))
-            {
-                new += 1;
+            .or_else(|| page.total.as_ref().and_then(Value::as_u64));
+        let (mut new, mut named) = (0usize, 0usize);
+        for u in &page.users {
+            if let Some(sid) = page_user_id(u) {
+                named += 1;
+                if read.insert(fingerprint(&sid)) {
+                    new += 1;
+                }
             }
+        }
+        if named == 0 {
+            break Some(format!(
+                "page {pages} (offset {offset}) held {} entries and no user with a `sourcedId`",
+                page.users.len()
+            ));
         }
         if new == 0 {
             break Some(format!(
                 "page {pages} (offset {offset}) held only users earlier pages already had: the target seems to ignore `offset`"
             ));
         }
-        offset += users.len();
-        for target in users {
+        offset += page.users.len();
+        // One user is parsed at a time: the page as one `Value` took about 40 times its
+        // size ("[0,0,…]" of 30 MiB took the daemon to 1.2 GB).
+        for raw in page.users {
+            let Ok(target) = serde_json::from_str::<Value>(raw.get()) else {
+                continue;
+            };
             let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
                 continue;
             };
@@ -892,6 +910,60 @@ async fn read_back(
         tracing::warn!(pages, users = offset, %reason, "Read-back stopped before the end of its window; what was read is repaired, changes at the target past it are not.");
     }
     Ok((out, stopped))
+}
+
+/// Users one read-back page may hold. It asks for `limit=1000`; a target that ignores
+/// `limit` and answers everyone at once is read up to this many (and 32 MiB), past which
+/// the page is refused rather than held in memory.
+const READ_BACK_MAX_PAGE_USERS: usize = 100_000;
+
+/// A read-back page as read: each user left as its JSON text (within the answer, which
+/// is at most 32 MiB), to be parsed one at a time.
+#[derive(serde::Deserialize)]
+struct UsersPage<'a> {
+    #[serde(borrow, deserialize_with = "bounded_users")]
+    users: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    total: Option<Value>,
+}
+
+fn bounded_users<'de, D>(d: D) -> Result<Vec<&'de serde_json::value::RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<&'de serde_json::value::RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {READ_BACK_MAX_PAGE_USERS} users")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut users = Vec::new();
+            while let Some(u) = seq.next_element()? {
+                if users.len() == READ_BACK_MAX_PAGE_USERS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {READ_BACK_MAX_PAGE_USERS} users in one page"
+                    )));
+                }
+                users.push(u);
+            }
+            Ok(users)
+        }
+    }
+    d.deserialize_seq(Bounded)
+}
+
+/// A page entry's `sourcedId`, read without parsing the rest of it.
+fn page_user_id(raw: &serde_json::value::RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        #[serde(rename = "sourcedId")]
+        sourced_id: Option<String>,
+    }
+    serde_json::from_str::<Id>(raw.get()).ok()?.sourced_id
 }
 
 fn urlencode(s: &str) -> String {

@@ -1208,6 +1208,57 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     );
 }
 
+/// A page is read one user at a time, and a page too long to be one is refused: a page
+/// of 30 MiB of `0`s, read whole as JSON, took the daemon to 1.2 GB.
+#[tokio::test]
+async fn a_read_back_page_of_no_users_or_too_many_fails_the_job_saying_so() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    for (entries, wanted) in [
+        (3, "held 3 entries and no user with a `sourcedId`"),
+        (100_001, "more than 100000 users in one page"),
+    ] {
+        let zeros = vec!["0"; entries].join(",");
+        target.inject(
+            or::Fault::answer(200, format!(r#"{{"users":[{zeros}]}}"#), 1)
+                .on_method("GET")
+                .on_path("users"),
+        );
+        let job = sync_job(&d, &admin).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        let error = job["error"].as_str().unwrap_or_default();
+        assert!(error.contains(wanted), "{job}");
+    }
+}
+
+/// OneRoster has `enabledUser` as the string "true" or "false". A target that answers it
+/// as a JSON boolean means the same: counted as drift, its every user in the read-back
+/// window was sent again by every reconciliation.
+#[tokio::test]
+async fn a_read_back_takes_enabled_user_as_a_boolean_for_the_same_string() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let tampered: Vec<String> = target
+        .users()
+        .into_iter()
+        .filter(|(_, u)| u["givenName"] != "Mallory")
+        .map(|(sid, _)| sid)
+        .collect();
+    assert_eq!(tampered.len(), 2, "bob and cy");
+    for sid in &tampered {
+        assert!(target.tamper_user(sid, |u| {
+            let enabled = u["enabledUser"] == "true";
+            u["enabledUser"] = json!(enabled);
+        }));
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // ada, whose name was changed at the target, and no one else.
+    assert_eq!(r.body["connectors"][0]["found_at_target"], 1, "{}", r.body);
+}
+
 /// A daemon with the OneRoster connector `sis` (`file`), which delivered ada; then the
 /// target answers every PUT with `status`, and ada's title changes.
 async fn change_after_puts_fail(

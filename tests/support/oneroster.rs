@@ -224,6 +224,8 @@ pub enum FaultKind {
     Hold,
     /// Close the connection without answering; the request is not processed.
     Drop,
+    /// Answer this status and body, as given, without processing the request.
+    Answer { status: u16, body: String },
 }
 
 /// A fault applied to the next `times` requests that match its filters.
@@ -262,6 +264,17 @@ impl Fault {
     /// Answer 429 with `Retry-After: retry_after` to the next `times` requests.
     pub fn rate_limited(times: usize, retry_after: impl Into<String>) -> Fault {
         Fault::status(429, times).with_retry_after(retry_after)
+    }
+
+    /// Answer the next `times` requests with `status` and `body` (JSON), whatever they ask.
+    pub fn answer(status: u16, body: impl Into<String>, times: usize) -> Fault {
+        Fault::new(
+            FaultKind::Answer {
+                status,
+                body: body.into(),
+            },
+            times,
+        )
     }
 
     /// Hold back the answers to the next `times` requests for `delay`.
@@ -866,6 +879,7 @@ impl Shared {
             FaultKind::Delay(_) => "delay",
             FaultKind::Hold => "hold",
             FaultKind::Drop => "drop",
+            FaultKind::Answer { .. } => "answer",
         };
         Some((kind, label))
     }
@@ -972,6 +986,26 @@ async fn handle(
                 label,
             );
             r
+        }
+        Some(FaultKind::Answer {
+            status,
+            body: answer,
+        }) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            s.record(
+                &parts.method,
+                &path,
+                query,
+                Some(code.as_u16()),
+                &body,
+                resource,
+                label,
+            );
+            Response::builder()
+                .status(code)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(answer))
+                .unwrap()
         }
         // Processed as usual; a delay or a hold only keeps the answer back.
         kind @ (Some(FaultKind::Delay(_) | FaultKind::Hold) | None) => {
