@@ -272,6 +272,17 @@ fn classify(
             body,
         };
     }
+    if status.is_redirection() && !matches!(code, 301 | 302 | 303 | 307 | 308) {
+        // 300, 304 (which answers only a conditional GET), 305, 306: no redirect to name.
+        return Outcome::Retry {
+            reason: format!(
+                "target answered {status}, which is no answer to a {}",
+                req.method
+            ),
+            retry_after,
+            response: Some(response()),
+        };
+    }
     if status.is_redirection() {
         // Not followed (the client is built so): reqwest would send a PUT redirected by
         // 301 or 302 on as a GET without its body, and count the GET's 200 as delivered;
@@ -327,6 +338,9 @@ pub fn parse_retry_after(v: &str, date: Option<&str>) -> Option<Duration> {
     let v = v.trim();
     let d = if let Ok(secs) = v.parse::<u64>() {
         Duration::from_secs(secs)
+    } else if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // More seconds than a u64 holds is still a wait longer than the cap, not none.
+        MAX_RETRY_AFTER
     } else {
         let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
         let sent = date
@@ -743,6 +757,12 @@ pub(super) mod tests {
         let d = parse_retry_after(&later, None).unwrap();
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
         assert_eq!(parse_retry_after("soon", None), None);
+        // Too many seconds for a u64 is a long wait, not none; a negative one is none.
+        assert_eq!(
+            parse_retry_after("99999999999999999999", None),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("-5", None), None);
         // A date is read against the answer's Date, whatever our clock says: ten seconds
         // from a target whose clock reads 2015.
         assert_eq!(
@@ -915,6 +935,21 @@ pub(super) mod tests {
                 ),
                 other => panic!("{code}: {other:?}"),
             }
+        }
+        // A 304 is no redirect, and names none.
+        match classify(
+            &req,
+            StatusCode::NOT_MODIFIED,
+            None,
+            reqwest::header::HeaderMap::new(),
+            bytes::Bytes::new(),
+            &[],
+        ) {
+            Outcome::Retry { reason, .. } => assert_eq!(
+                reason,
+                "target answered 304 Not Modified, which is no answer to a PUT"
+            ),
+            other => panic!("{other:?}"),
         }
     }
 

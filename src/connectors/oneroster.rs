@@ -878,7 +878,15 @@ pub struct Credentials {
     static_token: Option<String>,
     client_secret: Option<String>,
     cached: Mutex<Option<(String, Instant)>>,
+    /// The last token request's failure, and when the endpoint may be asked again. Every
+    /// request in flight asked it again, one after another: 77 token requests in 15 s
+    /// from a connector of concurrency 4, past the endpoint's `Retry-After: 30`.
+    failed: std::sync::Mutex<Option<(String, Instant)>>,
 }
+
+/// The least wait after a failed token request: requests in flight then share the one
+/// failure instead of each asking again.
+const TOKEN_RETRY_FLOOR: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -948,11 +956,17 @@ impl Credentials {
             client_secret: read(&settings.client_secret_env)?,
             settings: settings.clone(),
             cached: Mutex::new(None),
+            failed: Default::default(),
         })
     }
 
     /// The `Authorization` header value for the next request.
-    pub async fn bearer(&self, client: &reqwest::Client) -> Result<String, AuthError> {
+    /// `timeout`: the connector's `timeout_ms`, as for its other requests.
+    pub async fn bearer(
+        &self,
+        client: &reqwest::Client,
+        timeout: Duration,
+    ) -> Result<String, AuthError> {
         if let Some(t) = &self.static_token {
             return Ok(format!("Bearer {t}"));
         }
@@ -962,11 +976,42 @@ impl Credentials {
         {
             return Ok(format!("Bearer {t}"));
         }
-        let (token, ttl) = self.fetch(client).await?;
+        if let Some((error, until)) = &*self.failed()
+            && Instant::now() < *until
+        {
+            return Err(AuthError::Token(error.clone()));
+        }
+        let (token, ttl) = match self.fetch(client, timeout).await {
+            Ok(fetched) => {
+                *self.failed() = None;
+                fetched
+            }
+            Err((e, retry_after)) => {
+                if let AuthError::Token(error) = &e {
+                    let wait = retry_after.unwrap_or_default().max(TOKEN_RETRY_FLOOR);
+                    *self.failed() = Some((error.clone(), Instant::now() + wait));
+                }
+                return Err(e);
+            }
+        };
         // Refresh a little early so a token never expires in flight.
         let until = Instant::now() + ttl.saturating_sub(Duration::from_secs(30).min(ttl / 2));
         *cached = Some((token.clone(), until));
         Ok(format!("Bearer {token}"))
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long until the token endpoint, which failed, may be asked again: its
+    /// `Retry-After`, or a second.
+    pub fn token_wait(&self) -> Option<Duration> {
+        let failed = self.failed();
+        let (_, until) = failed.as_ref()?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
     }
 
     /// Forget the cached token after the target refused `used` (the `Authorization`
@@ -983,7 +1028,24 @@ impl Credentials {
         }
     }
 
-    async fn fetch(&self, client: &reqwest::Client) -> Result<(String, Duration), AuthError> {
+    /// A new token and its lifetime; or why not, with the endpoint's `Retry-After`.
+    async fn fetch(
+        &self,
+        client: &reqwest::Client,
+        timeout: Duration,
+    ) -> Result<(String, Duration), (AuthError, Option<Duration>)> {
+        let mut retry_after = None;
+        self.request_token(client, timeout, &mut retry_after)
+            .await
+            .map_err(|e| (e, retry_after))
+    }
+
+    async fn request_token(
+        &self,
+        client: &reqwest::Client,
+        timeout: Duration,
+        retry_after: &mut Option<Duration>,
+    ) -> Result<(String, Duration), AuthError> {
         let url = self.settings.token_url.as_deref().unwrap_or_default();
         let mut form = vec![
             ("grant_type", "client_credentials".to_owned()),
@@ -1010,13 +1072,26 @@ impl Credentials {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .body(body)
             .send()
             .await
             .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?;
         let status = resp.status();
         let location = super::http::redirect_target(resp.headers());
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        *retry_after = header(reqwest::header::RETRY_AFTER)
+            .and_then(|v| super::http::parse_retry_after(v, header(reqwest::header::DATE)));
+        // What the answer is, to name when it is no token answer (its text may hold the
+        // token, and is not quoted).
+        let described = [
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::CONTENT_ENCODING,
+        ]
+        .into_iter()
+        .filter_map(|h| Some(format!("{h}: {}", header(h.clone())?)))
+        .collect::<Vec<_>>()
+        .join(", ");
         // A token answer is a few KiB; an endpoint sending more (or without end) is not
         // read into memory whole.
         let bytes = match super::http::read_capped(&mut resp, super::http::SEARCHED_BODY)
@@ -1048,15 +1123,38 @@ impl Credentials {
                 super::http::kept_answer(&bytes, 512, &[secret])
             )));
         }
+        // Some endpoints start their JSON with a byte order mark, which serde refuses.
+        let json = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         // serde's message quotes the value it could not take, which may be the token.
-        let t: TokenResponse = serde_json::from_slice(&bytes).map_err(|e| {
+        let t: TokenResponse = serde_json::from_slice(json).map_err(|e| {
             AuthError::Token(format!(
-                "unreadable answer: not a token answer's JSON (an object with a string `access_token` and, optionally, `expires_in`; {:?} error at line {}, column {})",
+                "unreadable answer: not a token answer's JSON (an object with a string `access_token` and, optionally, `expires_in`; {:?} error at line {}, column {}){}",
                 e.classify(),
                 e.line(),
-                e.column()
+                e.column(),
+                if described.is_empty() {
+                    String::new()
+                } else {
+                    format!("; the answer has {described}")
+                }
             ))
         })?;
+        // It goes into a header: a token with a blank, a control character (CR LF would
+        // start another header) or a non-ASCII byte failed every request afterwards, for
+        // as long as it was cached, as a "builder error" naming the target.
+        if t.access_token.is_empty() || !t.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(AuthError::Token(format!(
+                "unusable answer: its `access_token` {}",
+                if t.access_token.is_empty() {
+                    "is empty".to_owned()
+                } else {
+                    format!(
+                        "of {} characters holds a blank, a control character or a non-ASCII one, which a bearer token cannot (RFC 6750)",
+                        t.access_token.chars().count()
+                    )
+                }
+            )));
+        }
         let ttl = token_lifetime(t.expires_in.as_ref())
             .map_err(|e| AuthError::Token(format!("unreadable answer: {e}")))?;
         Ok((t.access_token, ttl))
@@ -1111,7 +1209,7 @@ mod tests {
                 scope: None,
             };
             let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
-            match creds.bearer(&client).await {
+            match creds.bearer(&client, Duration::from_secs(20)).await {
                 Err(AuthError::Token(e)) => {
                     assert!(e.starts_with(wanted) && e.len() < 600, "{e}")
                 }
@@ -1119,6 +1217,175 @@ mod tests {
             }
             let sent = written.load(std::sync::atomic::Ordering::Relaxed);
             assert!(sent < 16 << 20, "{sent} bytes were taken from the endpoint");
+        }
+    }
+
+    /// A loopback token endpoint giving `answers` (raw HTTP) in turn, the last one for
+    /// every later request; and the count of requests it took.
+    async fn token_endpoint(
+        answers: Vec<String>,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = taken.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answers[n.min(answers.len() - 1)].clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    if !answer.is_empty() {
+                        let _ = socket.write_all(answer.as_bytes()).await;
+                    } else {
+                        // Never answers.
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                });
+            }
+        });
+        (url, taken)
+    }
+
+    fn answer(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nconnection: close\r\n{headers}content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn client_credentials(token_url: String) -> Credentials {
+        let settings = AuthSettings {
+            token_env: None,
+            token_url: Some(token_url),
+            client_id: Some("c".into()),
+            client_secret_env: Some("S".into()),
+            scope: None,
+        };
+        Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_token_a_header_cannot_carry_is_refused_not_cached() {
+        let client = reqwest::Client::new();
+        let good = answer(
+            "200 OK",
+            "",
+            r#"{"access_token":"good-token","expires_in":3600}"#,
+        );
+        for (token, wanted) in [
+            ("", "its `access_token` is empty"),
+            (
+                r"tok\r\nX-Injected: yes",
+                "holds a blank, a control character",
+            ),
+            ("tok abc", "holds a blank"),
+            (r"t\u00f6k", "non-ASCII"),
+            (r"tok\u0000", "a control character"),
+        ] {
+            let bad = answer(
+                "200 OK",
+                "",
+                &format!(r#"{{"access_token":"{token}","expires_in":3600}}"#),
+            );
+            let (url, taken) = token_endpoint(vec![bad, good.clone()]).await;
+            let creds = client_credentials(url);
+            match creds.bearer(&client, Duration::from_secs(20)).await {
+                Err(AuthError::Token(e)) => {
+                    assert!(
+                        e.contains(wanted) && !e.contains("Injected"),
+                        "{token}: {e}"
+                    )
+                }
+                other => panic!("{token}: {other:?}"),
+            }
+            // The next request after the wait asks again, and gets the good one: the bad
+            // one was never cached (it was, for its whole hour).
+            tokio::time::sleep(creds.token_wait().unwrap_or_default()).await;
+            assert_eq!(
+                creds
+                    .bearer(&client, Duration::from_secs(20))
+                    .await
+                    .unwrap(),
+                "Bearer good-token"
+            );
+            assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_token_request_is_shared_and_its_retry_after_kept() {
+        let client = reqwest::Client::new();
+        let busy = answer(
+            "429 Too Many Requests",
+            "retry-after: 30\r\n",
+            r#"{"error":"slow_down"}"#,
+        );
+        let (url, taken) = token_endpoint(vec![busy]).await;
+        let creds = std::sync::Arc::new(client_credentials(url));
+        let asking: Vec<_> = (0..8)
+            .map(|_| {
+                let (creds, client) = (creds.clone(), client.clone());
+                tokio::spawn(async move { creds.bearer(&client, Duration::from_secs(20)).await })
+            })
+            .collect();
+        for a in asking {
+            match a.await.unwrap() {
+                Err(AuthError::Token(e)) => assert!(e.starts_with("429"), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            taken.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "eight requests in flight asked the endpoint once"
+        );
+        let wait = creds.token_wait().expect("a wait");
+        assert!(
+            wait > Duration::from_secs(20) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_request_has_the_connectors_timeout_and_names_what_it_got() {
+        let client = reqwest::Client::new();
+        // An endpoint that never answers: the connector's timeout, not 30 s.
+        let (url, _) = token_endpoint(vec![String::new()]).await;
+        let creds = client_credentials(url);
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(10),
+            creds.bearer(&client, Duration::from_millis(200)),
+        )
+        .await
+        .expect("the token request outlived its timeout");
+        assert!(
+            matches!(fetched, Err(AuthError::Token(ref e)) if e.contains("timed out")),
+            "{fetched:?}"
+        );
+
+        // A byte order mark is read past; an HTML page is named by its Content-Type.
+        let bom = answer("200 OK", "", "\u{feff}{\"access_token\":\"tok-1\"}");
+        let html = answer(
+            "200 OK",
+            "content-type: text/html\r\n",
+            "<html>Sign in</html>",
+        );
+        let (url, _) = token_endpoint(vec![bom, html]).await;
+        let creds = client_credentials(url);
+        assert_eq!(
+            creds
+                .bearer(&client, Duration::from_secs(20))
+                .await
+                .unwrap(),
+            "Bearer tok-1"
+        );
+        *creds.cached.lock().await = None;
+        match creds.bearer(&client, Duration::from_secs(20)).await {
+            Err(AuthError::Token(e)) => assert!(e.contains("content-type: text/html"), "{e}"),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -1160,7 +1427,7 @@ mod tests {
                 scope: None,
             };
             let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
-            match (creds.bearer(&client).await, wanted) {
+            match (creds.bearer(&client, Duration::from_secs(20)).await, wanted) {
                 (Ok(bearer), Ok(w)) => {
                     assert_eq!(bearer, "Bearer tok");
                     // Cached for its lifetime less a margin of at most 30 s.

@@ -629,7 +629,7 @@ impl Ctx {
     async fn headers(&self, req: &Request) -> Result<Vec<(&'static str, String)>, String> {
         match &self.target {
             Target::OneRoster { credentials, .. } => credentials
-                .bearer(&self.client)
+                .bearer(&self.client, Duration::from_millis(self.config.timeout_ms))
                 .await
                 .map(|b| vec![("authorization", b)])
                 .map_err(|e| format!("cannot get an access token: {e}")),
@@ -761,7 +761,11 @@ impl Ctx {
                 }
                 Err(reason) => Outcome::Retry {
                     reason,
-                    retry_after: None,
+                    // A token endpoint's `Retry-After` is kept, as a target's is.
+                    retry_after: match &self.target {
+                        Target::OneRoster { credentials, .. } => credentials.token_wait(),
+                        _ => None,
+                    },
                     response: None,
                 },
             };
