@@ -20,19 +20,47 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `println!` for a command's answer. A full disk or a closed descriptor under stdout is
 /// an error (`Error: standard output: No space left on device`, exit 1) where `println!`
 /// panics with a backtrace, after `resume` or `replay` may already have done their work.
+/// Every line is [`terminal_safe`]: much of what the commands print comes from targets'
+/// answers (`last error`, a dead letter's answer).
 macro_rules! outln {
+    () => {
+        writeln!(std::io::stdout()).context("standard output")
+    };
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), "{}", terminal_safe(&format!($($arg)*)))
+            .context("standard output")
+    };
+}
+
+/// [`outln!`] for output that is a document (JSON, TOML) and already escapes what it
+/// must: [`terminal_safe`]'s `\u{…}` would make it another document.
+macro_rules! outln_document {
     ($($arg:tt)*) => {
         writeln!(std::io::stdout(), $($arg)*).context("standard output")
     };
 }
 
-/// [`outln!`] without the newline.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        write!(std::io::stdout(), $($arg)*)
-            .and_then(|()| std::io::stdout().flush())
-            .context("standard output")
+/// `text` as a terminal shows it harmlessly: control characters (ESC, BEL, CR, DEL, C1)
+/// and bidirectional overrides written as `\u{1b}`, as the log writes them; line breaks
+/// and tabs kept. A target answering `ESC[2J`, a window title or a CR with a forged log
+/// line put them on the operator's terminal through `rosterd status`.
+fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// `eprintln!` for notes and warnings. Where stderr is gone there is no one to tell, and
@@ -40,7 +68,7 @@ macro_rules! out {
 /// dead stream, which aborts the daemon.
 macro_rules! note {
     ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stderr(), $($arg)*);
+        let _ = writeln!(std::io::stderr(), "{}", terminal_safe(&format!($($arg)*)));
     }};
 }
 
@@ -381,7 +409,9 @@ fn run() -> Result<()> {
             for note in repeated_examples(&bundle) {
                 note!("note: {note}");
             }
-            out!("{}", bundle.to_toml_string()?)?;
+            write!(std::io::stdout(), "{}", bundle.to_toml_string()?)
+                .and_then(|()| std::io::stdout().flush())
+                .context("standard output")?;
             Ok(())
         }
         Command::Token {
@@ -1091,7 +1121,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     l["event"]["seq"],
                     l["event"]["resource_type"].as_str().unwrap_or_default(),
                     l["event"]["id"].as_str().unwrap_or_default(),
-                    l["reason"].as_str().unwrap_or_default()
+                    indented(l["reason"].as_str().unwrap_or_default())
                 )?;
                 if let Some(r) = l["request"].as_object() {
                     outln!(
@@ -1104,7 +1134,8 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     outln!(
                         "    answer: {} {}",
                         r["status"],
-                        r["body"].as_str().unwrap_or_default()
+                        // A line of the answer must not read as a line of the listing.
+                        indented(r["body"].as_str().unwrap_or_default())
                     )?;
                 }
                 Ok(())
@@ -1377,7 +1408,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         );
     }
     if raw {
-        outln!("{}", serde_json::to_string_pretty(&s)?)?;
+        outln_document!("{}", serde_json::to_string_pretty(&s)?)?;
         return healthy_store(&s);
     }
     // A mistyped tenant must not read as a tenant with nothing wrong.

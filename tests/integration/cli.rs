@@ -1642,3 +1642,87 @@ async fn status_for_one_tenant_shows_only_its_lines() {
     assert!(!ok);
     assert!(err.contains("--json"), "{err}");
 }
+
+/// What a target answered reaches the operator's terminal escaped, as the log writes it:
+/// an answer that clears the screen, sets the window title, rings the bell and forges a
+/// log line after a CR was printed raw by `rosterd status` (a token endpoint's 400, in
+/// `last error`) and `rosterd dead-letters list` (a target's 422).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targets_answer_reaches_the_terminal_escaped() {
+    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::oneroster::{self as or, Fault, OneRosterOptions, OneRosterServer};
+    let forged = "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{1b}[31mbad\u{1b}[0m\r\n2026-12-05T00:00:00Z  INFO rosterd: all good\r\u{202e}last";
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(Fault::answer(400, forged, 1).on_path("/oauth/token"));
+    target.inject(
+        Fault::answer(422, forged, 1)
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    let (name, text) = crate::mirror::oneroster_file("sis", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, crate::mirror::with_client_credentials(&text, &target))],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    let url = format!("http://{}", d.addr);
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, None, &[])
+        })
+    };
+    // The token endpoint's 400 is the connector's last error until something succeeds:
+    // the status is read before the user is created.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let (ok, out, err) = cli(vec!["status".into(), "--url".into(), url.clone()])
+            .await
+            .unwrap();
+        assert!(ok, "{err}");
+        if out.contains("pwned") {
+            break out;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{out}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    d.create_user("ada@acme.test").await;
+    crate::mirror::caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let (ok, letters, err) = cli([
+        "dead-letters",
+        "--tenant",
+        TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "list",
+        "sis",
+    ]
+    .map(str::to_owned)
+    .to_vec())
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    for out in [status, letters] {
+        // The answer is there, every control character escaped...
+        assert!(
+            out.contains(r"\u{1b}[2J\u{1b}]0;pwned\u{7}\u{1b}[31mbad\u{1b}[0m\u{d}"),
+            "{out}"
+        );
+        assert!(out.contains(r"\u{202e}last"), "{out}");
+        assert!(
+            !out.contains(['\u{1b}', '\u{7}', '\r', '\u{202e}']),
+            "{out:?}"
+        );
+        // ...and its line break starts no line of its own.
+        assert!(
+            out.lines()
+                .filter(|l| l.contains("INFO rosterd: all good"))
+                .all(|l| l.starts_with("        ")),
+            "{out}"
+        );
+    }
+}

@@ -45,7 +45,7 @@ token_env = "OR_TOKEN"
 
 /// A connector file of [`oneroster_file`] that gets its tokens from `target`'s token
 /// endpoint (OAuth 2.0 client credentials, the secret in `OR_SECRET`).
-fn with_client_credentials(text: &str, target: &OneRosterServer) -> String {
+pub fn with_client_credentials(text: &str, target: &OneRosterServer) -> String {
     text.replace(
         "token_env = \"OR_TOKEN\"",
         &format!(
