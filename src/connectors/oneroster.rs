@@ -1004,6 +1004,11 @@ impl Credentials {
         self.failed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Let the next request ask the token endpoint at once (`rosterd resume`).
+    pub fn forget_failure(&self) {
+        *self.failed() = None;
+    }
+
     /// How long until the token endpoint, which failed, may be asked again: its
     /// `Retry-After`, or a second.
     pub fn token_wait(&self) -> Option<Duration> {

@@ -2653,11 +2653,16 @@ impl Dispatcher {
         let found = self.find(tenant, name)?;
         // Nothing runs to resume: saying "resumed" would promise deliveries that wait
         // for an `enabled = true` (or a fixed file) and a reload.
-        if found.ctx.is_none() {
+        let Some(ctx) = &found.ctx else {
             return Err(DispatchError::NotRunning(
                 name.to_owned(),
                 "it is disabled or failed to start".into(),
             ));
+        };
+        // The operator says the target is worth trying now: its token endpoint too,
+        // whatever wait its last failure left.
+        if let Target::OneRoster { credentials, .. } = &ctx.target {
+            credentials.forget_failure();
         }
         Ok(found.live.resume("the operator"))
     }

@@ -464,6 +464,50 @@ async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
     assert_eq!(target.count(Kind::User), 10);
 }
 
+/// A token endpoint's `Retry-After` is waited out, by every request alike; `rosterd
+/// resume` says the endpoint is worth asking now, as it does for a target's.
+#[tokio::test]
+async fn a_token_endpoints_retry_after_is_kept_until_a_resume() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    target.inject(Fault::rate_limited(1, "3600").on_path("/oauth/token"));
+    let (name, text) = oneroster_file("sis", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, with_client_credentials(&text, &target))],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        let c = connector(&d, "sis").await;
+        if c["next_retry_at"].is_string() {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        c["last_error"].as_str().is_some_and(|e| e.contains("429")),
+        "{c}"
+    );
+    // The retry waits for the endpoint's hour (less the moments since).
+    let next = chrono::DateTime::parse_from_rfc3339(c["next_retry_at"].as_str().unwrap()).unwrap();
+    assert!(
+        next > chrono::Utc::now() + chrono::Duration::minutes(59),
+        "{c}"
+    );
+    assert_eq!(target.tokens_issued(), 0);
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert_eq!(target.tokens_issued(), 1);
+    assert_eq!(target.count(Kind::User), 1);
+}
+
 #[tokio::test]
 async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     let (d, target) = start_with_oneroster("").await;
