@@ -1206,14 +1206,7 @@ mod tests {
             ("HTTP/1.1 400 Bad Request", "400 Bad Request: xxxxxxxx"),
         ] {
             let (addr, written) = crate::connectors::http::tests::endless_answer(head).await;
-            let settings = AuthSettings {
-                token_env: None,
-                token_url: Some(format!("http://{addr}/token")),
-                client_id: Some("c".into()),
-                client_secret_env: Some("S".into()),
-                scope: None,
-            };
-            let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
+            let creds = client_credentials(format!("http://{addr}/token"));
             match creds.bearer(&client, Duration::from_secs(20)).await {
                 Err(AuthError::Token(e)) => {
                     assert!(e.starts_with(wanted) && e.len() < 600, "{e}")
@@ -1396,7 +1389,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_lifetime_is_read_as_endpoints_write_it_and_bounded() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let client = reqwest::Client::new();
         for (expires_in, wanted) in [
             ("18446744073709551615", Ok(MAX_TOKEN_LIFETIME)),
@@ -1411,27 +1403,9 @@ mod tests {
             ),
             ("\"soon\"", Err("a string that is not a number")),
         ] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 4096];
-                let _ = socket.read(&mut buf).await;
-                let body = format!(r#"{{"access_token":"tok","expires_in":{expires_in}}}"#);
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(answer.as_bytes()).await;
-            });
-            let settings = AuthSettings {
-                token_env: None,
-                token_url: Some(format!("http://{addr}/token")),
-                client_id: Some("c".into()),
-                client_secret_env: Some("S".into()),
-                scope: None,
-            };
-            let creds = Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap();
+            let body = format!(r#"{{"access_token":"tok","expires_in":{expires_in}}}"#);
+            let (url, _) = token_endpoint(vec![answer("200 OK", "", &body)]).await;
+            let creds = client_credentials(url);
             match (creds.bearer(&client, Duration::from_secs(20)).await, wanted) {
                 (Ok(bearer), Ok(w)) => {
                     assert_eq!(bearer, "Bearer tok");

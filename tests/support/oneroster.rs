@@ -963,49 +963,46 @@ async fn handle(
             s.record(&parts.method, &path, query, None, &body, resource, label);
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
-        Some(FaultKind::Status {
-            status,
-            retry_after,
-        }) => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let minor = match status {
-                429 | 503 => "server_busy",
-                _ => "internal_server_error",
+        Some(kind @ (FaultKind::Status { .. } | FaultKind::Answer { .. })) => {
+            let r = match kind {
+                FaultKind::Status {
+                    status,
+                    retry_after,
+                } => {
+                    let code =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    let minor = match status {
+                        429 | 503 => "server_busy",
+                        _ => "internal_server_error",
+                    };
+                    let mut r = imsx(code, minor, format!("injected fault: {status}"));
+                    if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                        r.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    r
+                }
+                FaultKind::Answer {
+                    status,
+                    body: answer,
+                } => Response::builder()
+                    .status(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    )
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(answer))
+                    .unwrap(),
+                _ => unreachable!("matched above"),
             };
-            let mut r = imsx(code, minor, format!("injected fault: {status}"));
-            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
             s.record(
                 &parts.method,
                 &path,
                 query,
-                Some(code.as_u16()),
+                Some(r.status().as_u16()),
                 &body,
                 resource,
                 label,
             );
             r
-        }
-        Some(FaultKind::Answer {
-            status,
-            body: answer,
-        }) => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            s.record(
-                &parts.method,
-                &path,
-                query,
-                Some(code.as_u16()),
-                &body,
-                resource,
-                label,
-            );
-            Response::builder()
-                .status(code)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(answer))
-                .unwrap()
         }
         // Processed as usual; a delay or a hold only keeps the answer back.
         kind @ (Some(FaultKind::Delay(_) | FaultKind::Hold) | None) => {
