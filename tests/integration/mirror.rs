@@ -82,6 +82,21 @@ pub async fn connector(d: &TestDaemon, name: &str) -> Value {
     r.body
 }
 
+/// `rosterd resume` of connector `name`, as an admin; its answer.
+pub async fn resumed(d: &TestDaemon, name: &str) -> Value {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/{name}/resume"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
 /// Wait until the connector is paused; its status then.
 pub async fn paused(d: &TestDaemon, name: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -498,11 +513,7 @@ async fn a_token_endpoints_retry_after_is_kept_until_a_resume() {
         "{c}"
     );
     assert_eq!(target.tokens_issued(), 0);
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    resumed(&d, "sis").await;
     caught_up(&d, "sis").await;
     assert_eq!(target.tokens_issued(), 1);
     assert_eq!(target.count(Kind::User), 1);
@@ -533,12 +544,8 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(target.count_status(500), before);
     target.clear_faults();
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.body["was_paused"], true, "{}", r.body);
+    let r = resumed(&d, "sis").await;
+    assert_eq!(r["was_paused"], true, "{r}");
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["paused"], false);
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
@@ -551,6 +558,7 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
         assert!(tokio::time::Instant::now() < deadline, "never disabled");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let admin = d.jwt(TENANT, "roster:admin");
     let r = d
         .roster(Method::POST, "/connectors/sis/resume", &admin, None)
         .await;
@@ -599,11 +607,8 @@ async fn a_failing_target_meets_only_concurrency_retrying_requests_and_none_once
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(target.count_status(500), sent, "requests sent while paused");
     target.clear_faults();
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
-        .await;
-    assert_eq!(r.body["was_paused"], true, "{}", r.body);
+    let r = resumed(&d, "sis").await;
+    assert_eq!(r["was_paused"], true, "{r}");
     caught_up(&d, "sis").await;
     assert_eq!(target.count(Kind::User), 31);
 }
@@ -624,11 +629,7 @@ async fn a_resume_wakes_a_request_waiting_out_its_backoff() {
     let failed = target.wait_until(|t| t.count_status(500) == 1, WAIT).await;
     assert!(failed, "the first attempt never failed");
     // The operator fixed the target and says so; the request goes now.
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(Method::POST, "/connectors/sis/resume", &admin, None)
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    resumed(&d, "sis").await;
     caught_up(&d, "sis").await;
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
 }
