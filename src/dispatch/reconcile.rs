@@ -799,7 +799,7 @@ async fn read_back(
     let mut offset = 0usize;
     let mut pages = 0usize;
     let stopped = loop {
-        if pages == READ_BACK_MAX_PAGES {
+        if pages == READ_BACK_MAX_PAGES || read.len() >= READ_BACK_MAX_USERS {
             break Some(format!(
                 "{pages} pages read ({offset} users) and the target still answers more; that is the most one read-back asks for"
             ));
@@ -911,6 +911,12 @@ async fn read_back(
     }
     Ok((out, stopped))
 }
+
+/// Users one read-back reads at most: ten million, as [`READ_BACK_MAX_PAGES`] pages of
+/// `limit=1000`. The pages are counted too, but a target ignoring `limit` fills each
+/// with up to [`READ_BACK_MAX_PAGE_USERS`], and the fingerprints of the users read (8
+/// bytes each, about 16 in the set) grew by a gigabyte in 40 s.
+const READ_BACK_MAX_USERS: usize = 10_000_000;
 
 /// Users one read-back page may hold. It asks for `limit=1000`; a target that ignores
 /// `limit` and answers everyone at once is read up to this many (and 32 MiB), past which
