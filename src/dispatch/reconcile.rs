@@ -798,7 +798,7 @@ async fn read_back(
     let mut read: HashSet<u64> = HashSet::new();
     let mut offset = 0usize;
     let mut pages = 0usize;
-    let stopped = loop {
+    let stopped = 'pages: loop {
         if pages == READ_BACK_MAX_PAGES || read.len() >= READ_BACK_MAX_USERS {
             break Some(format!(
                 "{pages} pages read ({offset} users) and the target still answers more; that is the most one read-back asks for"
@@ -835,7 +835,7 @@ async fn read_back(
             .get("x-total-count")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .or_else(|| page.total.as_ref().and_then(Value::as_u64));
+            .or(page.total);
         let (mut new, mut named) = (0usize, 0usize);
         for u in &page.users {
             if let Some(sid) = page_user_id(u) {
@@ -857,11 +857,22 @@ async fn read_back(
             ));
         }
         offset += page.users.len();
-        // One user is parsed at a time: the page as one `Value` took about 40 times its
-        // size ("[0,0,…]" of 30 MiB took the daemon to 1.2 GB).
-        for raw in page.users {
-            let Ok(target) = serde_json::from_str::<Value>(raw.get()) else {
-                continue;
+        // One user is parsed at a time, each at most READ_BACK_MAX_USER_BYTES: the page as
+        // one `Value` took about 40 times its size (a 30 MiB page of 0s took the daemon to
+        // 1.2 GB), and so did one user of 30 MiB.
+        for (i, raw) in page.users.into_iter().enumerate() {
+            // Skipped, the user would go uncompared without a word.
+            let at = format!("page {pages}, user {}", i + 1);
+            if raw.get().len() > READ_BACK_MAX_USER_BYTES {
+                break 'pages Some(format!(
+                    "{at} is {} KiB, where a OneRoster user is a few; more than {} KiB is not read",
+                    raw.get().len() >> 10,
+                    READ_BACK_MAX_USER_BYTES >> 10
+                ));
+            }
+            let target = match serde_json::from_str::<Value>(raw.get()) {
+                Ok(target) => target,
+                Err(e) => break 'pages Some(format!("{at} cannot be read: {e}")),
             };
             let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
                 continue;
@@ -912,11 +923,16 @@ async fn read_back(
     Ok((out, stopped))
 }
 
-/// Users one read-back reads at most: ten million, as [`READ_BACK_MAX_PAGES`] pages of
-/// `limit=1000`. The pages are counted too, but a target ignoring `limit` fills each
-/// with up to [`READ_BACK_MAX_PAGE_USERS`], and the fingerprints of the users read (8
-/// bytes each, about 16 in the set) grew by a gigabyte in 40 s.
-const READ_BACK_MAX_USERS: usize = 10_000_000;
+/// Users one read-back reads at most: twice the million users of a tenant that one
+/// daemon is built for. The pages are counted too, but a target ignoring `limit` filled
+/// each with up to [`READ_BACK_MAX_PAGE_USERS`] new ones, and the set of their
+/// fingerprints grew by a gigabyte in 40 s, to 8 GB in 7 minutes. At this many the set
+/// is about 40 MB.
+const READ_BACK_MAX_USERS: usize = 2_000_000;
+
+/// The largest user entry read. Parsed, JSON takes about 40 times its text, and one user
+/// of 30 MiB (within the page's cap) took the daemon to 950 MB.
+const READ_BACK_MAX_USER_BYTES: usize = 256 << 10;
 
 /// Users one read-back page may hold. It asks for `limit=1000`; a target that ignores
 /// `limit` and answers everyone at once is read up to this many (and 32 MiB), past which
@@ -929,8 +945,63 @@ const READ_BACK_MAX_PAGE_USERS: usize = 100_000;
 struct UsersPage<'a> {
     #[serde(borrow, deserialize_with = "bounded_users")]
     users: Vec<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    total: Option<Value>,
+    /// Read only when it is a number: as a `Value`, a `total` of 30 MiB of `[0,0,…]`
+    /// took the daemon to 1.2 GB.
+    #[serde(default, deserialize_with = "number_or_nothing")]
+    total: Option<u64>,
+}
+
+/// A non-negative integer, or None for anything else (skipped without being kept).
+fn number_or_nothing<'de, D>(d: D) -> Result<Option<u64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct NumberOrNothing;
+    impl<'de> serde::de::Visitor<'de> for NumberOrNothing {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(NumberOrNothing)
 }
 
 fn bounded_users<'de, D>(d: D) -> Result<Vec<&'de serde_json::value::RawValue>, D::Error>

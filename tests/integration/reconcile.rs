@@ -230,7 +230,7 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
 
 /// A daemon whose `sis` connector reads users back, with three users delivered to
 /// `target`; ada's given name was then changed at the target.
-async fn reading_back(target: &OneRosterServer) -> TestDaemon {
+pub async fn reading_back(target: &OneRosterServer) -> TestDaemon {
     let (name, text) = oneroster_file("sis", target, "");
     let d = TestDaemon::start_with(Options {
         connectors: vec![(
@@ -1208,20 +1208,34 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     );
 }
 
-/// A page is read one user at a time, and a page too long to be one is refused: a page
-/// of 30 MiB of `0`s, read whole as JSON, took the daemon to 1.2 GB.
+/// A page is read one user at a time, and a page or a user too long to be one is
+/// refused: a page of 30 MiB of `0`s, or one user of 30 MiB, read whole as JSON, took the
+/// daemon to 1.2 GB.
 #[tokio::test]
 async fn a_read_back_page_of_no_users_or_too_many_fails_the_job_saying_so() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let d = reading_back(&target).await;
     let admin = d.jwt(TENANT, "roster:admin");
-    for (entries, wanted) in [
-        (3, "held 3 entries and no user with a `sourcedId`"),
-        (100_001, "more than 100000 users in one page"),
+    let zeros = |n: usize| vec!["0"; n].join(",");
+    let nested = format!("{}0{}", "[".repeat(200), "]".repeat(200));
+    for (users, wanted) in [
+        (zeros(3), "held 3 entries and no user with a `sourcedId`"),
+        (zeros(100_001), "more than 100000 users in one page"),
+        // One user may not be a page's worth either, nor go uncompared unread.
+        (
+            format!(
+                r#"{{"sourcedId":"u-1"}},{{"sourcedId":"u-2","pad":[{}]}}"#,
+                zeros(150_000)
+            ),
+            "page 1, user 2 is 292 KiB",
+        ),
+        (
+            format!(r#"{{"sourcedId":"u-1","pad":{nested}}}"#),
+            "page 1, user 1 cannot be read: recursion limit exceeded",
+        ),
     ] {
-        let zeros = vec!["0"; entries].join(",");
         target.inject(
-            or::Fault::answer(200, format!(r#"{{"users":[{zeros}]}}"#), 1)
+            or::Fault::answer(200, format!(r#"{{"users":[{users}]}}"#), 1)
                 .on_method("GET")
                 .on_path("users"),
         );
