@@ -40,14 +40,19 @@ macro_rules! outln_document {
     };
 }
 
-/// `text` as a terminal shows it harmlessly: control characters (ESC, BEL, CR, DEL, C1)
-/// and bidirectional overrides written as `\u{1b}`, as the log writes them; line breaks
-/// and tabs kept. A target answering `ESC[2J`, a window title or a CR with a forged log
-/// line put them on the operator's terminal through `rosterd status`.
+/// `text` as a terminal shows it harmlessly: control characters (ESC, BEL, CR, DEL, C1),
+/// bidirectional marks and overrides and Unicode's line and paragraph separators written
+/// as `\u{1b}`, as the log writes them; line breaks and tabs kept. A target answering
+/// `ESC[2J`, a window title or a CR with a forged log line put them on the operator's
+/// terminal through `rosterd status`.
 fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| {
         (c.is_control() && c != '\n' && c != '\t')
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}'
+                    | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
     };
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
@@ -1363,7 +1368,7 @@ fn show_job(daemon: &DaemonArgs, tenant: &str, id: &str, wait: bool) -> Result<(
                 "job {id} {state}{}",
                 job["error"]
                     .as_str()
-                    .map(|e| format!(": {e}"))
+                    .map(|e| format!(": {}", indented(e)))
                     .unwrap_or_default()
             ),
             _ => std::thread::sleep(JOB_POLL),
@@ -1389,7 +1394,8 @@ fn job_line(job: &serde_json::Value) -> String {
         line.push_str(&format!("; {}", counts.join(", ")));
     }
     if let Some(e) = job["error"].as_str() {
-        line.push_str(&format!("; error: {e}"));
+        // A target's answer in it must not start a line of its own.
+        line.push_str(&format!("; error: {}", indented(e)));
     }
     line
 }
@@ -1604,7 +1610,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                     "schedule {name} ({}): last run {} ({}), next run {}",
                     str_of(&sch["cron"]),
                     time_of(&sch["last_run"]),
-                    str_of(&sch["last_result"]),
+                    indented(&str_of(&sch["last_result"])),
                     time_of(&sch["next_run"])
                 )?;
             } else {
@@ -1616,7 +1622,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                 )?;
                 for t in only {
                     match sch["results"][t].as_str() {
-                        Some(result) => outln!("    {result}")?,
+                        Some(result) => outln!("    {}", indented(result))?,
                         None => outln!("    {t}: no result yet")?,
                     }
                 }
@@ -1626,7 +1632,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                 outln!(
                     "    last skipped {} ({})",
                     rfc3339(at),
-                    str_of(&sch["last_skipped"])
+                    indented(&str_of(&sch["last_skipped"]))
                 )?;
             }
         }

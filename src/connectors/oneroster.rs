@@ -1085,8 +1085,12 @@ impl Credentials {
         let status = resp.status();
         let location = super::http::redirect_target(resp.headers());
         let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
-        *retry_after = header(reqwest::header::RETRY_AFTER)
-            .and_then(|v| super::http::parse_retry_after(v, header(reqwest::header::DATE)));
+        // Only where it means "come back later": a 200 with an empty token and
+        // `Retry-After: 3600` held the connector for the hour.
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            *retry_after = header(reqwest::header::RETRY_AFTER)
+                .and_then(|v| super::http::parse_retry_after(v, header(reqwest::header::DATE)));
+        }
         // What the answer is, to name when it is no token answer (its text may hold the
         // token, and is not quoted).
         let described = [
@@ -1345,6 +1349,19 @@ mod tests {
             wait > Duration::from_secs(20) && wait <= Duration::from_secs(30),
             "{wait:?}"
         );
+        // A Retry-After on an answer that is no "come back later" is not kept: a 200
+        // with an empty token held the connector for its hour.
+        let empty = answer("200 OK", "retry-after: 3600\r\n", r#"{"access_token":""}"#);
+        let (url, _) = token_endpoint(vec![empty]).await;
+        let creds = client_credentials(url);
+        assert!(
+            creds
+                .bearer(&client, Duration::from_secs(20))
+                .await
+                .is_err()
+        );
+        let wait = creds.token_wait().expect("a wait");
+        assert!(wait <= TOKEN_RETRY_FLOOR, "{wait:?}");
     }
 
     #[tokio::test]

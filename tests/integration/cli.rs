@@ -1726,3 +1726,52 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
         );
     }
 }
+
+/// A job's error carries a target's answer too: `reconcile --wait` and the schedule's
+/// line in `rosterd status` kept its line breaks, so a forged log line stood alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_error_keeps_a_targets_answer_on_its_own_lines() {
+    use crate::harness::TENANT;
+    use crate::oneroster::{Fault, OneRosterOptions, OneRosterServer};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = crate::reconcile::reading_back(&target).await;
+    let forged = "\u{1b}[2Joops\n2026-12-05T00:00:00Z  INFO rosterd: reconcile ok\r\nmore\u{7}";
+    target.inject(
+        Fault::answer(422, forged, 1)
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "reconcile",
+                "--tenant",
+                TENANT,
+                "--url",
+                &url,
+                "--token",
+                &admin,
+                "--wait",
+            ],
+            None,
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "the job fails: {out}");
+    for text in [&out, &err] {
+        assert!(text.contains(r"\u{1b}[2Joops"), "{text}");
+        assert!(!text.contains(['\u{1b}', '\u{7}', '\r']), "{text:?}");
+        let forged: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("INFO rosterd: reconcile ok"))
+            .collect();
+        assert!(
+            !forged.is_empty() && forged.iter().all(|l| l.starts_with("        ")),
+            "{text}"
+        );
+    }
+}
