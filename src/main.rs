@@ -1377,6 +1377,86 @@ fn show_job(daemon: &DaemonArgs, tenant: &str, id: &str, wait: bool) -> Result<(
 }
 
 /// One line per state of a job: its status, times, counts and error.
+/// One line on every connector shown, ahead of the lines of each: with hundreds of
+/// tenants `rosterd status` runs to a thousand lines, and the one paused connector must
+/// not have to be found among them. None without connectors.
+fn connectors_summary(
+    s: &serde_json::Value,
+    shown: &dyn Fn(Option<&str>) -> bool,
+) -> Option<String> {
+    let named = |c: &serde_json::Value| {
+        format!(
+            "{}/{}",
+            c["tenant"].as_str().unwrap_or("-"),
+            c["name"].as_str().unwrap_or("-")
+        )
+    };
+    let listed = |names: &[String]| {
+        let more = names.len().saturating_sub(5);
+        let mut text = names[..names.len().min(5)].join(", ");
+        if more > 0 {
+            text.push_str(&format!(" and {more} more"));
+        }
+        text
+    };
+    let all: Vec<&serde_json::Value> = s["connectors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| shown(c["tenant"].as_str()))
+        .collect();
+    let not_loaded: Vec<&serde_json::Value> = s["unloaded_connectors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| shown(c["tenant"].as_str()))
+        .collect();
+    let unloaded: Vec<String> = not_loaded.iter().map(|c| named(c)).collect();
+    if all.is_empty() && unloaded.is_empty() {
+        return None;
+    }
+    let (mut running, mut paused, mut other) = (0usize, Vec::new(), Vec::new());
+    for c in &all {
+        if c["paused"] == true {
+            paused.push(named(c));
+        } else if c["state"] == "running" {
+            running += 1;
+        } else {
+            // The state's first words: "not started", "panicked (2 in a row)", "disabled".
+            let state = c["state"].as_str().unwrap_or("-");
+            let state = state.split(':').next().unwrap_or(state);
+            other.push(format!("{} {state}", named(c)));
+        }
+    }
+    let mut parts = vec![format!("{running} running")];
+    if !paused.is_empty() {
+        parts.push(format!("{} PAUSED ({})", paused.len(), listed(&paused)));
+    }
+    if !other.is_empty() {
+        parts.push(format!("{} not running ({})", other.len(), listed(&other)));
+    }
+    if !unloaded.is_empty() {
+        parts.push(format!(
+            "{} NOT LOADED ({})",
+            unloaded.len(),
+            listed(&unloaded)
+        ));
+    }
+    let lettered: Vec<(String, u64)> = all
+        .iter()
+        .chain(&not_loaded)
+        .map(|c| (named(c), c["dead_letters"].as_u64().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let mut line = format!("connectors: {}", parts.join(", "));
+    if !lettered.is_empty() {
+        let total: u64 = lettered.iter().map(|(_, n)| n).sum();
+        let names: Vec<String> = lettered.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        line.push_str(&format!("; dead letters {total} ({})", listed(&names)));
+    }
+    Some(line)
+}
+
 fn job_line(job: &serde_json::Value) -> String {
     let s = |k: &str| job[k].as_str().unwrap_or("-").to_owned();
     let mut line = format!(
@@ -1471,6 +1551,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
             str_of(&store_error["error"]),
             str_of(&store_error["hint"])
         )?;
+    }
+    if let Some(summary) = connectors_summary(&s, &shown) {
+        outln!("{summary}")?;
     }
     if let Some(tenants) = s["tenants"].as_object() {
         for (id, t) in tenants {

@@ -1614,8 +1614,10 @@ async fn status_for_one_tenant_shows_only_its_lines() {
     ] {
         assert!(all.contains(&line), "{line:?} missing from {all}");
     }
+    assert!(all.contains("\nconnectors: 2 running\n"), "{all}");
     let (ok, one, err) = status(&["--tenant", OTHER_TENANT]).await.unwrap();
     assert!(ok, "{err}");
+    assert!(one.contains("\nconnectors: 1 running\n"), "{one}");
     assert!(one.contains(&format!("tenant {OTHER_TENANT}:")), "{one}");
     assert!(
         one.contains(&format!(
@@ -1774,4 +1776,49 @@ async fn a_jobs_error_keeps_a_targets_answer_on_its_own_lines() {
             "{text}"
         );
     }
+}
+
+/// A connector that needs the operator is named on one line near the top, ahead of every
+/// tenant's and connector's own lines: with hundreds of tenants it was one line in a
+/// thousand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_connectors_that_need_the_operator_first() {
+    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::mirror::{caught_up, oneroster_file, paused, static_token_env};
+    use crate::oneroster::{Fault, OneRosterOptions, OneRosterServer};
+    let (target, down) = (
+        OneRosterServer::start(OneRosterOptions::default()).await,
+        OneRosterServer::start(OneRosterOptions::default()).await,
+    );
+    down.inject(Fault::status(500, 0).forever());
+    let (name, text) = oneroster_file("down", &down, "");
+    let text = text
+        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
+        .replace("pause_secs = 1", "pause_secs = 3600");
+    target.inject(
+        Fault::answer(422, "no", 1)
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, ""), (name, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    paused(&d, "down").await;
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || run(&["status", "--url", &url], None, &[]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let summary =
+        format!("connectors: 1 running, 1 PAUSED ({TENANT}/down); dead letters 1 ({TENANT}/sis 1)");
+    let at = out
+        .find(&summary)
+        .unwrap_or_else(|| panic!("{summary:?} missing from {out}"));
+    assert!(at < out.find("tenant ").unwrap(), "{out}");
 }
