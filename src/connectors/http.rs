@@ -215,7 +215,12 @@ pub(super) async fn read_capped(
     resp: &mut reqwest::Response,
     limit: usize,
 ) -> Result<Answer, reqwest::Error> {
-    let mut buf = bytes::BytesMut::new();
+    // Sized up front when the length is given, so that a large page is not copied from
+    // buffer to doubled buffer as it arrives.
+    let announced = resp
+        .content_length()
+        .map_or(0, |n| n.min(limit as u64) as usize);
+    let mut buf = bytes::BytesMut::with_capacity(announced);
     while let Some(chunk) = resp.chunk().await? {
         let room = limit - buf.len();
         if chunk.len() > room {
