@@ -1399,18 +1399,15 @@ fn connectors_summary(
         }
         text
     };
-    let all: Vec<&serde_json::Value> = s["connectors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| shown(c["tenant"].as_str()))
-        .collect();
-    let not_loaded: Vec<&serde_json::Value> = s["unloaded_connectors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| shown(c["tenant"].as_str()))
-        .collect();
+    let of_shown = |key: &str| -> Vec<&serde_json::Value> {
+        s[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| shown(c["tenant"].as_str()))
+            .collect()
+    };
+    let (all, not_loaded) = (of_shown("connectors"), of_shown("unloaded_connectors"));
     let unloaded: Vec<String> = not_loaded.iter().map(|c| named(c)).collect();
     if all.is_empty() && unloaded.is_empty() {
         return None;

@@ -6,6 +6,17 @@ fn rosterd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     run(args, stdin, &[])
 }
 
+/// [`rosterd`] from a blocking thread, for tests whose daemon runs on the test's runtime.
+async fn rosterd_async(args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args, None, &[])
+    })
+    .await
+    .unwrap()
+}
+
 /// `rosterd` with more environment variables, and nothing on standard input.
 fn rosterd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     run(args, None, env)
@@ -1596,14 +1607,17 @@ async fn status_for_one_tenant_shows_only_its_lines() {
 
     let url = format!("http://{}", d.addr);
     let status = |more: &[&str]| {
-        let mut args = vec!["status".to_owned(), "--url".to_owned(), url.clone()];
-        args.extend(more.iter().map(|s| s.to_string()));
-        tokio::task::spawn_blocking(move || {
+        let args: Vec<String> = ["status", "--url", &url]
+            .iter()
+            .chain(more)
+            .map(|a| a.to_string())
+            .collect();
+        async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(&args, None, &[])
-        })
+            rosterd_async(&args).await
+        }
     };
-    let (ok, all, err) = status(&[]).await.unwrap();
+    let (ok, all, err) = status(&[]).await;
     assert!(ok, "{err}");
     for line in [
         format!("tenant {TENANT}:"),
@@ -1615,7 +1629,7 @@ async fn status_for_one_tenant_shows_only_its_lines() {
         assert!(all.contains(&line), "{line:?} missing from {all}");
     }
     assert!(all.contains("\nconnectors: 2 running\n"), "{all}");
-    let (ok, one, err) = status(&["--tenant", OTHER_TENANT]).await.unwrap();
+    let (ok, one, err) = status(&["--tenant", OTHER_TENANT]).await;
     assert!(ok, "{err}");
     assert!(one.contains("\nconnectors: 1 running\n"), "{one}");
     assert!(one.contains(&format!("tenant {OTHER_TENANT}:")), "{one}");
@@ -1633,14 +1647,14 @@ async fn status_for_one_tenant_shows_only_its_lines() {
         "the daemon's own line stays: {one}"
     );
 
-    let (ok, out, err) = status(&["--tenant", "acmee"]).await.unwrap();
+    let (ok, out, err) = status(&["--tenant", "acmee"]).await;
     assert!(!ok, "{out}");
     assert!(
         err.contains("no tenant \"acmee\"") && err.contains(&format!("{TENANT}, {OTHER_TENANT}")),
         "{err}"
     );
     // The JSON is whole; jq picks from it.
-    let (ok, _, err) = status(&["--tenant", TENANT, "--json"]).await.unwrap();
+    let (ok, _, err) = status(&["--tenant", TENANT, "--json"]).await;
     assert!(!ok);
     assert!(err.contains("--json"), "{err}");
 }
@@ -1669,19 +1683,11 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
     })
     .await;
     let url = format!("http://{}", d.addr);
-    let cli = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(&args, None, &[])
-        })
-    };
     // The token endpoint's 400 is the connector's last error until something succeeds:
     // the status is read before the user is created.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
-        let (ok, out, err) = cli(vec!["status".into(), "--url".into(), url.clone()])
-            .await
-            .unwrap();
+        let (ok, out, err) = rosterd_async(&["status", "--url", &url]).await;
         assert!(ok, "{err}");
         if out.contains("pwned") {
             break out;
@@ -1692,7 +1698,7 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
     d.create_user("ada@acme.test").await;
     crate::mirror::caught_up(&d, "sis").await;
     let admin = d.jwt(TENANT, "roster:admin");
-    let (ok, letters, err) = cli([
+    let (ok, letters, err) = rosterd_async(&[
         "dead-letters",
         "--tenant",
         TENANT,
@@ -1702,11 +1708,8 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
         &admin,
         "list",
         "sis",
-    ]
-    .map(str::to_owned)
-    .to_vec())
-    .await
-    .unwrap();
+    ])
+    .await;
     assert!(ok, "{err}");
     for out in [status, letters] {
         // The answer is there, every control character escaped...
@@ -1745,24 +1748,17 @@ async fn a_jobs_error_keeps_a_targets_answer_on_its_own_lines() {
     );
     let admin = d.jwt(TENANT, "roster:admin");
     let url = format!("http://{}", d.addr);
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        run(
-            &[
-                "reconcile",
-                "--tenant",
-                TENANT,
-                "--url",
-                &url,
-                "--token",
-                &admin,
-                "--wait",
-            ],
-            None,
-            &[],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out, err) = rosterd_async(&[
+        "reconcile",
+        "--tenant",
+        TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "--wait",
+    ])
+    .await;
     assert!(!ok, "the job fails: {out}");
     for text in [&out, &err] {
         assert!(text.contains(r"\u{1b}[2Joops"), "{text}");
@@ -1810,10 +1806,7 @@ async fn status_names_the_connectors_that_need_the_operator_first() {
     caught_up(&d, "sis").await;
     paused(&d, "down").await;
     let url = format!("http://{}", d.addr);
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || run(&["status", "--url", &url], None, &[]))
-            .await
-            .unwrap();
+    let (ok, out, err) = rosterd_async(&["status", "--url", &url]).await;
     assert!(ok, "{err}");
     let summary =
         format!("connectors: 1 running, 1 PAUSED ({TENANT}/down); dead letters 1 ({TENANT}/sis 1)");
