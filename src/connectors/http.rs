@@ -650,7 +650,35 @@ pub fn shown_url(url: &str) -> String {
 /// A reqwest error for the log and `/status`: its causes, and the URL it was about as
 /// [`shown_url`] shows it (reqwest's own text carries the whole URL, credentials and all).
 pub(super) fn transport_error(e: reqwest::Error, url: &str) -> String {
-    format!("{} ({})", error_chain(&e.without_url()), shown_url(url))
+    let chain = error_chain(&e.without_url());
+    format!("{chain} ({}){}", shown_url(url), scheme_hint(&chain, url))
+}
+
+/// A URL whose scheme the target does not speak fails with an error that does not say
+/// so ("invalid HTTP version parsed", "connection reset", a TLS message): which one it
+/// likely is, for the operator to check.
+fn scheme_hint(chain: &str, url: &str) -> &'static str {
+    let lower = chain.to_ascii_lowercase();
+    if url.starts_with("http://")
+        && ["invalid http version", "connection reset"]
+            .iter()
+            .any(|s| lower.contains(s))
+    {
+        "; does the target speak https://? The URL says http://, and a TLS server answers plain HTTP so"
+    } else if url.starts_with("https://")
+        && [
+            "invalidcontenttype",
+            "corrupt message",
+            "invalid message",
+            "wrong version",
+        ]
+        .iter()
+        .any(|s| lower.contains(s))
+    {
+        "; does the target speak http://? The URL says https://, and a server without TLS answers it so"
+    } else {
+        ""
+    }
 }
 
 /// Where a 3xx answer points, as [`shown_url`] shows it.
@@ -1071,5 +1099,44 @@ pub(super) mod tests {
             (MAX_READ_ANSWER..MAX_READ_ANSWER + (16 << 20)).contains(&sent),
             "{sent} bytes were taken from the target"
         );
+    }
+
+    /// A loopback server that answers whatever it is sent with `answer`, then closes.
+    async fn answering(answer: &'static [u8]) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    /// `http://` to a server speaking TLS, and `https://` to one speaking plain HTTP, read
+    /// as "connection reset" or "invalid HTTP version": the error says which it likely is.
+    #[tokio::test]
+    async fn a_scheme_the_target_does_not_speak_is_named() {
+        let client = reqwest::Client::new();
+        // A TLS alert (handshake failure), as a TLS server answers bytes that are no
+        // ClientHello.
+        let tls = answering(b"\x15\x03\x01\x00\x02\x02\x28").await;
+        let plain = answering(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+        for (url, wanted) in [
+            (format!("http://{tls}/users/1"), "https://"),
+            (format!("https://{plain}/users/1"), "http://"),
+        ] {
+            let req = Request::put(url.clone(), &serde_json::json!({}));
+            match send(&client, &req, Vec::new(), Duration::from_secs(5)).await {
+                Outcome::Retry { reason, .. } => assert!(
+                    reason.contains(&format!("does the target speak {wanted}")),
+                    "{reason}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }
