@@ -835,7 +835,7 @@ async fn read_back(
             .get("x-total-count")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .or(page.total);
+            .or_else(|| serde_json::from_str::<u64>(page.total?.get()).ok());
         let (mut new, mut named) = (0usize, 0usize);
         for u in &page.users {
             if let Some(sid) = page_user_id(u) {
@@ -945,63 +945,10 @@ const READ_BACK_MAX_PAGE_USERS: usize = 100_000;
 struct UsersPage<'a> {
     #[serde(borrow, deserialize_with = "bounded_users")]
     users: Vec<&'a serde_json::value::RawValue>,
-    /// Read only when it is a number: as a `Value`, a `total` of 30 MiB of `[0,0,…]`
-    /// took the daemon to 1.2 GB.
-    #[serde(default, deserialize_with = "number_or_nothing")]
-    total: Option<u64>,
-}
-
-/// A non-negative integer, or None for anything else (skipped without being kept).
-fn number_or_nothing<'de, D>(d: D) -> Result<Option<u64>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    struct NumberOrNothing;
-    impl<'de> serde::de::Visitor<'de> for NumberOrNothing {
-        type Value = Option<u64>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-            Ok(Some(v))
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            while map
-                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                .is_some()
-            {}
-            Ok(None)
-        }
-    }
-    d.deserialize_any(NumberOrNothing)
+    /// Left as its text and read only as a number: as a `Value`, a `total` of 30 MiB of
+    /// `[0,0,…]` took the daemon to 1.2 GB.
+    #[serde(borrow, default)]
+    total: Option<&'a serde_json::value::RawValue>,
 }
 
 fn bounded_users<'de, D>(d: D) -> Result<Vec<&'de serde_json::value::RawValue>, D::Error>
