@@ -625,6 +625,14 @@ enum Delivered {
 }
 
 impl Ctx {
+    /// The OAuth or static credentials of a OneRoster target; None for other kinds.
+    fn credentials(&self) -> Option<&Credentials> {
+        match &self.target {
+            Target::OneRoster { credentials, .. } => Some(credentials),
+            _ => None,
+        }
+    }
+
     /// Authorization headers of one attempt.
     async fn headers(&self, req: &Request) -> Result<Vec<(&'static str, String)>, String> {
         match &self.target {
@@ -762,10 +770,7 @@ impl Ctx {
                 Err(reason) => Outcome::Retry {
                     reason,
                     // A token endpoint's `Retry-After` is kept, as a target's is.
-                    retry_after: match &self.target {
-                        Target::OneRoster { credentials, .. } => credentials.token_wait(),
-                        _ => None,
-                    },
+                    retry_after: self.credentials().and_then(Credentials::token_wait),
                     response: None,
                 },
             };
@@ -786,7 +791,7 @@ impl Ctx {
                     };
                 }
                 Outcome::Unauthorized { response } => {
-                    if let Target::OneRoster { credentials, .. } = &self.target
+                    if let Some(credentials) = self.credentials()
                         && !refreshed
                     {
                         // An expired or revoked token: fetch a new one and try at once.
@@ -900,7 +905,7 @@ impl Ctx {
                 Outcome::Delivered { headers, body, .. } => return Ok((headers, body)),
                 Outcome::Unauthorized { .. } => {
                     last = "target refuses our credentials (401)".into();
-                    if let Target::OneRoster { credentials, .. } = &self.target {
+                    if let Some(credentials) = self.credentials() {
                         credentials.invalidate(used_auth.as_deref()).await;
                     }
                 }
@@ -2661,7 +2666,7 @@ impl Dispatcher {
         };
         // The operator says the target is worth trying now: its token endpoint too,
         // whatever wait its last failure left.
-        if let Target::OneRoster { credentials, .. } = &ctx.target {
+        if let Some(credentials) = ctx.credentials() {
             credentials.forget_failure();
         }
         Ok(found.live.resume("the operator"))
