@@ -799,7 +799,7 @@ fn is_env_name(s: &str) -> bool {
 /// value it could not take, so a secret written into the file (`client_secret = "…"`
 /// where only `client_secret_env` is a key, a token pasted into `token_env`) went to the
 /// terminal, the log and `/status`. Every value `source` gives a secret-looking key (see
-/// [`secret_spans`]), and every line of a multi-line string it starts, is shown as `*`
+/// [`secret_span`]), and every line of a multi-line string it starts, is shown as `*`
 /// wherever it appears in the message, which keeps a caret under the column it points
 /// at; the rest is as the parser wrote it.
 pub fn masked_toml_error(message: &str, source: &str) -> String {
@@ -814,7 +814,7 @@ pub fn masked_toml_error(message: &str, source: &str) -> String {
             continue;
         }
         let chars: Vec<char> = line.chars().collect();
-        for (start, end) in secret_spans(line) {
+        if let Some((start, end)) = secret_span(line) {
             let value: String = chars[start..end].iter().collect();
             let trimmed = value.trim();
             for delim in ["\"\"\"", "\'\'\'"] {
@@ -907,13 +907,12 @@ fn url_credentials(line: &str) -> Vec<String> {
     found
 }
 
-/// The character ranges of one TOML line that hold secrets: the value of a key that
+/// The character range of one TOML line that holds a secret: the value of a key that
 /// names a secret (`client_secret`, `token`, `password`, `api-key`, `hmac`, …) to the end
 /// of the line, whatever its shape (string, array, a triple-quoted string); and in a
 /// `*_env` key, the value unless it is a variable's name, and anything after that name.
-fn secret_spans(text: &str) -> Vec<(usize, usize)> {
+fn secret_span(text: &str) -> Option<(usize, usize)> {
     let chars: Vec<char> = text.chars().collect();
-    let mut spans = Vec::new();
     let mut i = 0;
     while i < chars.len() {
         if chars[i] != '=' {
@@ -985,17 +984,15 @@ fn secret_spans(text: &str) -> Vec<(usize, usize)> {
                         i = after;
                         continue;
                     }
-                    spans.push((after, chars.len()));
+                    return Some((after, chars.len()));
                 }
-                None => spans.push((v, chars.len())),
+                None => return Some((v, chars.len())),
             }
-        } else {
-            spans.push((v, chars.len()));
         }
         // The rest of the line is the value's, whatever `=` it holds.
-        break;
+        return Some((v, chars.len()));
     }
-    spans
+    None
 }
 
 #[cfg(test)]
@@ -1178,13 +1175,16 @@ mod tests {
         assert!(err.contains("listne"), "{err}");
     }
 
+    /// The error `Config::parse` gives for `text`.
+    fn parse_error(text: &str) -> String {
+        Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn a_secret_written_where_it_does_not_belong_is_not_printed_back() {
-        let err = |text: &str| {
-            Config::parse(text, Path::new("x.toml"))
-                .unwrap_err()
-                .to_string()
-        };
+        let err = parse_error;
         let secret = "CANARY-s3cr3t-value-42";
         for line in [
             format!("hs256_secret = \"{secret}\""),
@@ -1239,11 +1239,7 @@ mod tests {
 
     #[test]
     fn common_slips_name_their_remedy() {
-        let err = |text: &str| {
-            Config::parse(text, Path::new("x.toml"))
-                .unwrap_err()
-                .to_string()
-        };
+        let err = parse_error;
         let e = err("version = 1\n[server]\nlisten = \"localhost:8080\"\n");
         assert!(e.contains("such as 127.0.0.1:8080"), "{e}");
         for env in ["", " ", "T=secret"] {
