@@ -32,12 +32,13 @@ macro_rules! outln {
     };
 }
 
-/// [`outln!`] for output that is a document (JSON, TOML) and already escapes what it
-/// must: [`terminal_safe`]'s `\u{…}` would make it another document.
-macro_rules! outln_document {
-    ($($arg:tt)*) => {
-        writeln!(std::io::stdout(), $($arg)*).context("standard output")
-    };
+/// A document (JSON, TOML) on standard output, as it is: it escapes what it must, and
+/// [`terminal_safe`]'s `\u{…}` would make it another document.
+fn out_document(text: &str) -> Result<()> {
+    let mut out = std::io::stdout();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("standard output")
 }
 
 /// `text` as a terminal shows it harmlessly: control characters (ESC, BEL, CR, DEL, C1),
@@ -414,10 +415,7 @@ fn run() -> Result<()> {
             for note in repeated_examples(&bundle) {
                 note!("note: {note}");
             }
-            write!(std::io::stdout(), "{}", bundle.to_toml_string()?)
-                .and_then(|()| std::io::stdout().flush())
-                .context("standard output")?;
-            Ok(())
+            out_document(&bundle.to_toml_string()?)
         }
         Command::Token {
             command:
@@ -1491,7 +1489,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         );
     }
     if raw {
-        outln_document!("{}", serde_json::to_string_pretty(&s)?)?;
+        out_document(&(serde_json::to_string_pretty(&s)? + "\n"))?;
         return healthy_store(&s);
     }
     // A mistyped tenant must not read as a tenant with nothing wrong.
