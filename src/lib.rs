@@ -16,6 +16,7 @@
 //! - [`schedule`]: background jobs (reclassification), one per tenant at a time.
 //! - [`server`]: the HTTP surface: routing, SCIM authentication and endpoints, request
 //!   ids and graceful shutdown. [`server::run`] is the whole daemon.
+//! - [`text`]: which characters break or hide text shown to a person, in one list.
 //! - `main.rs`: the thin binary: argument parsing, logging, signals.
 
 pub mod api;
@@ -28,5 +29,6 @@ pub mod schedule;
 pub mod scim;
 pub mod server;
 pub mod store;
+pub mod text;
 
 pub use server::{run, run_with_env};

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use rosterd::config::{Config, LogConfig, LogFormat};
 use rosterd::ops::journal;
+use rosterd::text::terminal_safe;
 use std::io::Write as _;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
@@ -39,34 +40,6 @@ fn out_document(text: &str) -> Result<()> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
         .context("standard output")
-}
-
-/// `text` as a terminal shows it harmlessly: control characters (ESC, BEL, CR, DEL, C1),
-/// bidirectional marks and overrides and Unicode's line and paragraph separators written
-/// as `\u{1b}`, as the log writes them; line breaks and tabs kept. A target answering
-/// `ESC[2J`, a window title or a CR with a forged log line put them on the operator's
-/// terminal through `rosterd status`.
-fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        (c.is_control() && c != '\n' && c != '\t')
-            || matches!(
-                c,
-                '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}'
-                    | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-            )
-    };
-    if !text.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if unsafe_char(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
 }
 
 /// `eprintln!` for notes and warnings. Where stderr is gone there is no one to tell, and

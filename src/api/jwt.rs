@@ -569,16 +569,12 @@ fn invalid_setting(field: &'static str, reason: &str) -> JwtError {
 /// line or paragraph separator, a zero-width or bidirectional format character: `x\u{2028}INFO …`
 /// forges a log line, `\u{202E}` reverses what follows).
 pub fn subject_problem(sub: &str) -> Option<&'static str> {
-    let hidden = |c: char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
-    if sub
-        .chars()
-        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
-    {
+    if sub.chars().any(crate::text::breaks_line) {
         return Some(
             "it holds a control character or a line break; it must name the caller on one line",
         );
     }
-    if sub.chars().any(hidden) {
+    if sub.chars().any(crate::text::is_invisible) {
         return Some(
             "it holds an invisible or text-direction character; it must name the caller as it reads",
         );
@@ -1613,7 +1609,16 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             assert_eq!(e.code(), "token_missing_claim", "sub {sub:?}");
             assert!(e.to_string().contains("control character"), "{e}");
         }
-        for sub in ["\u{200B}", "admin\u{202E}nimda", "\u{FEFF}alice"] {
+        // Every character that shows as nothing, as the bundle refuses them in ids: the
+        // soft hyphen and the tag characters make an `ad\u{AD}min` that reads as `admin`.
+        for sub in [
+            "\u{200B}",
+            "admin\u{202E}nimda",
+            "\u{FEFF}alice",
+            "ad\u{AD}min",
+            "admin\u{E0041}",
+            "ali\u{180E}ce",
+        ] {
             let t = hs256(&with(claims(), json!({ "sub": sub })));
             let e = v.verify(&t).unwrap_err();
             assert_eq!(e.code(), "token_missing_claim", "sub {sub:?}");

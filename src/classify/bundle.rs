@@ -327,12 +327,9 @@ pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
 /// or surrounding blanks make two ids that look alike, and a spreadsheet runs a cell that
 /// starts with a formula character (the fullwidth ones too, as the export treats them).
 fn id_problem(id: &str) -> Option<&'static str> {
-    if id
-        .chars()
-        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
-    {
+    if id.chars().any(crate::text::breaks_line) {
         Some("contains a control character or line break")
-    } else if id.chars().any(super::normalize::is_invisible) {
+    } else if id.chars().any(crate::text::is_invisible) {
         Some("contains an invisible or text-direction character")
     } else if id.trim() != id {
         Some("begins or ends with blanks")

@@ -117,39 +117,13 @@ fn fold_unicode(title: &str) -> String {
         // The combining diacritical marks block only: marks that are letters' vowels in
         // other scripts are kept. What shows as nothing reads as nothing: "co\u{AD}founder"
         // (a soft hyphen) is "cofounder" on screen.
-        .filter(|&c| !('\u{300}'..='\u{36f}').contains(&c) && !is_invisible(c))
+        .filter(|&c| !('\u{300}'..='\u{36f}').contains(&c) && !crate::text::is_invisible(c))
         .map(|c| match c {
             '\u{2010}' | '\u{2011}' => '-',
             '\u{2012}' | '\u{2015}' | '\u{2212}' => '\u{2013}',
             other => other,
         })
         .collect()
-}
-
-/// Characters that show as nothing: Unicode's default-ignorable code points (zero-width
-/// spaces and joiners, the soft hyphen, fillers, variation selectors, bidi controls, the
-/// byte-order mark, tags) and the interlinear annotation controls.
-pub(crate) fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{061C}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFFB}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
 }
 
 /// A decoration segment that says how someone is employed, not what they do:

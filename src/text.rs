@@ -1,0 +1,105 @@
+//! Which characters break or hide text where rosterd shows it to a person: in an
+//! archetype id, a JWT's `sub`, a title being classified, and every line the CLI prints.
+//! One list, so that what the bundle refuses, what the Roster API refuses and what the
+//! CLI escapes cannot drift apart.
+
+use std::borrow::Cow;
+
+/// A control character (C0, DEL, C1) or a line or paragraph separator: text holding one
+/// does not stay on its line (`x\u{2028}INFO …` forges a log line; ESC drives a terminal).
+pub fn breaks_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// The bidirectional marks, embeddings, overrides and isolates: `\u{202E}` shows what
+/// follows it reversed.
+pub fn changes_direction(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Characters that show as nothing: Unicode's default-ignorable code points (zero-width
+/// spaces and joiners, the soft hyphen, fillers, variation selectors, the direction
+/// controls, the byte-order mark, tags) and the interlinear annotation controls. Two
+/// strings that differ only by these look the same.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// `text` as it can go to a terminal: what would drive the terminal or break the line
+/// (ESC, BEL, CR, DEL, C1, U+2028/2029) and what would reorder it (direction controls)
+/// written as `\u{1b}`, the way the log writes them. Line feeds and tabs stay: the CLI
+/// lays out text with them. Other invisible characters stay too, since a variation
+/// selector is part of an emoji and a filler part of Hangul; they hide, but move nothing.
+/// A target answering `ESC[2J`, a window title or a CR and a forged log line put them on
+/// the operator's terminal through `rosterd status` before every CLI line went through
+/// this.
+pub fn terminal_safe(text: &str) -> Cow<'_, str> {
+    let escaped = |c: char| (breaks_line(c) && c != '\n' && c != '\t') || changes_direction(c);
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_changes_direction_is_invisible_too() {
+        // The bundle and the JWT check refuse invisible characters and the CLI escapes
+        // direction controls: a direction control let through by one must not be one the
+        // other misses.
+        for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+            if changes_direction(c) {
+                assert!(is_invisible(c), "U+{:04X}", c as u32);
+            }
+        }
+    }
+
+    #[test]
+    fn a_terminal_gets_escapes_for_what_moves_or_drives_it_and_the_rest_as_is() {
+        assert_eq!(
+            terminal_safe("a\u{1b}[2Jb\rc\u{7}d\u{9b}e\u{202E}f\u{2028}g\u{7f}"),
+            "a\\u{1b}[2Jb\\u{d}c\\u{7}d\\u{9b}e\\u{202e}f\\u{2028}g\\u{7f}"
+        );
+        for kept in [
+            "line\n\tnext",
+            "❤\u{FE0F} caf\u{e9}",
+            "\u{3164}한국",
+            "plain",
+        ] {
+            assert!(matches!(terminal_safe(kept), Cow::Borrowed(_)), "{kept:?}");
+        }
+    }
+}
