@@ -610,21 +610,6 @@ fn echoed_chars(s: &str) -> Vec<(char, usize)> {
     found
 }
 
-/// application/x-www-form-urlencoded value encoding, as a token request sends a value.
-pub fn form_encoded(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// A URL for the log and `/status`: its scheme, host and port, the rest elided. A
 /// target's credentials are often in the URL itself: a user name or password, a query
 /// (`?token=…`), or the path (a Slack-style `/services/…/SECRET` webhook). The
@@ -818,7 +803,10 @@ pub(super) mod tests {
         let secret = "S3cret value/+=";
         let echoes = [
             format!("Bearer {secret}"),
-            format!("client_secret={}&x=1", form_encoded(secret)),
+            format!(
+                "client_secret={}&x=1",
+                form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>()
+            ),
             // Python's quote (keeps `/`), lower-case hex, and `-`-style over-encoding.
             "S3cret%20value/%2B%3D".to_owned(),
             "S3cret%20value%2f%2b%3d".to_owned(),

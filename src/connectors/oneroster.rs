@@ -1066,11 +1066,9 @@ impl Credentials {
         if let Some(s) = &self.settings.scope {
             form.push(("scope", s.clone()));
         }
-        let body = form
-            .iter()
-            .map(|(k, v)| format!("{k}={}", super::http::form_encoded(v)))
-            .collect::<Vec<_>>()
-            .join("&");
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
         let mut resp = client
             .post(url)
             .header(

@@ -806,12 +806,12 @@ async fn read_back(
         }
         pages += 1;
         let filter = format!("dateLastModified>'{since}'");
-        let url = format!(
-            "{}?filter={}&limit=1000&offset={offset}",
-            settings.url("users"),
-            urlencode(&filter)
-        );
-        let req = Request::get(url);
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("filter", &filter)
+            .append_pair("limit", "1000")
+            .append_pair("offset", &offset.to_string())
+            .finish();
+        let req = Request::get(format!("{}?{query}", settings.url("users")));
         let (headers, body) = match ctx.send_for_body(&req).await {
             Ok(answer) => answer,
             Err(reason) => break Some(format!("GET {} failed: {reason}", req.url)),
@@ -988,19 +988,6 @@ fn page_user_id(raw: &serde_json::value::RawValue) -> Option<String> {
         sourced_id: Option<String>,
     }
     serde_json::from_str::<Id>(raw.get()).ok()?.sourced_id
-}
-
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
