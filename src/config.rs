@@ -891,19 +891,24 @@ fn url_credentials(line: &str) -> Vec<String> {
         let end = line[at..]
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
             .map_or(line.len(), |e| at + e);
-        let Ok(url) = reqwest::Url::parse(&line[start..end]) else {
-            continue;
-        };
-        found.push(url.username().to_owned());
-        found.extend(url.password().map(str::to_owned));
-        found.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
-        // As written, before percent-decoding.
-        found.extend(url.query().into_iter().flat_map(|q| {
-            q.split('&')
-                .filter_map(|p| p.split_once('=').map(|(_, v)| v.to_owned()))
-                .collect::<Vec<_>>()
-        }));
+        if let Ok(url) = reqwest::Url::parse(&line[start..end]) {
+            found.extend(url_secrets(&url));
+        }
     }
+    found
+}
+
+/// What in a URL may be a credential: the user name, the password and the query's
+/// values, decoded and as written. The log and a kept answer leave them out.
+pub(crate) fn url_secrets(url: &reqwest::Url) -> Vec<String> {
+    let mut found = vec![url.username().to_owned()];
+    found.extend(url.password().map(str::to_owned));
+    found.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
+    found.extend(url.query().into_iter().flat_map(|q| {
+        q.split('&')
+            .filter_map(|p| p.split_once('=').map(|(_, v)| v.to_owned()))
+            .collect::<Vec<_>>()
+    }));
     found
 }
 

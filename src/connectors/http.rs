@@ -235,7 +235,7 @@ pub(super) async fn read_capped(
 /// What a target that echoes requests back would put in its answer, to be kept out of
 /// dead letters, `last_error` and the log (see [`redact`]): the `Authorization` value and
 /// its credentials alone, and, for a target that takes its credentials in the URL
-/// (`?token=…`) and echoes the path, the URL's query values and password. Gathered only
+/// (`?token=…`) and echoes the path, what [`crate::config::url_secrets`] finds there. Gathered only
 /// for an answer that is kept, not for every delivery.
 fn sent_credentials(req: &Request, extra: &[(&'static str, String)]) -> Vec<String> {
     let mut secrets: Vec<String> = extra
@@ -247,8 +247,7 @@ fn sent_credentials(req: &Request, extra: &[(&'static str, String)]) -> Vec<Stri
         })
         .collect();
     if let Ok(u) = reqwest::Url::parse(&req.url) {
-        secrets.extend(u.query_pairs().map(|(_, v)| v.into_owned()));
-        secrets.extend(u.password().map(str::to_owned));
+        secrets.extend(crate::config::url_secrets(&u));
     }
     secrets
 }
@@ -1000,6 +999,46 @@ pub(super) mod tests {
                     && !reason.contains("CANARY"),
                 "{reason}"
             ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A target that echoes the request line keeps out of the kept answer every
+    /// credential the URL carried: user name, password, and a query value as written
+    /// (`%2B`) and decoded (`+`).
+    #[tokio::test]
+    async fn an_echoed_url_keeps_its_credentials_out_of_the_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = socket.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let line = head.lines().next().unwrap_or_default();
+            let authorization = head
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                .unwrap_or_default();
+            let body = format!(
+                "bad request: {line}; decoded token CANARY+query-3; user CANARY-user-1; {authorization}"
+            );
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        });
+        let url = format!("http://CANARY-user-1:CANARY-pass-2@{addr}/hook?token=CANARY%2Bquery-3");
+        let req = Request::get(url);
+        let client = reqwest::Client::new();
+        match send(&client, &req, Vec::new(), Duration::from_secs(5)).await {
+            Outcome::Refused { response, .. } => {
+                let kept = format!("{response:?}");
+                assert!(kept.contains("bad request: GET /hook"), "{kept}");
+                assert!(!kept.contains("CANARY"), "{kept}");
+            }
             other => panic!("{other:?}"),
         }
     }
