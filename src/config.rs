@@ -404,24 +404,66 @@ fn check_log_level(spec: &str) -> Result<(), String> {
         .map_err(|e| format!("{spec:?}: {e}"))
 }
 
-/// The most rosterd reads of one configuration file: far above any real one (a bundle of
-/// 6,000 examples is 200 KB), and a bound on what a wrong path costs.
-pub const MAX_CONFIG_FILE_BYTES: u64 = 64 << 20;
+/// The most rosterd reads of one file of each kind: far above any real one, and a bound
+/// on what a wrong path costs. Parsing TOML takes up to about 80 times a file's size (a
+/// 25 MB connector file of nested arrays took a reload to 2 GB), so each kind gets what
+/// its content needs: a bundle holds examples (6,000 of them are 200 KB), a connector
+/// file a few keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// config.toml: a few hundred tenants' keys.
+    Config,
+    /// One connector's file.
+    Connector,
+    /// An archetype bundle.
+    Bundle,
+    /// A key file, PEM or JWKS.
+    Key,
+}
+
+impl FileKind {
+    pub const fn max_bytes(self) -> u64 {
+        match self {
+            FileKind::Config => 4 << 20,
+            FileKind::Connector | FileKind::Key => 1 << 20,
+            FileKind::Bundle => 64 << 20,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FileKind::Config => "config.toml",
+            FileKind::Connector => "a connector's file",
+            FileKind::Bundle => "a bundle",
+            FileKind::Key => "a key file",
+        }
+    }
+}
 
 /// A configuration file's bytes (the config, a connector's file, a bundle, a key file).
 /// Only a regular file is read, or a symbolic link to one: a pipe would block the
 /// reader (a reload, for good), a device such as /dev/zero would never end, and a
 /// directory or a link whose target is gone is a mistake to report, not a file to skip
 /// or take for a removed one.
-pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+pub fn read_file(path: &Path, kind: FileKind) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind, Read};
-    let meta = std::fs::metadata(path).map_err(|e| match std::fs::symlink_metadata(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let explained = |e: Error| match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => Error::new(
             e.kind(),
             format!("a symbolic link whose target cannot be read: {e}"),
         ),
         _ => e,
-    })?;
+    };
+    // Opened without waiting, and checked on what was opened: a pipe put in place
+    // between a check by path and the open blocked a reload, and the whole daemon with
+    // it, until something wrote to the pipe.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(explained)?;
+    let meta = file.metadata()?;
     if meta.is_dir() {
         return Err(Error::new(
             ErrorKind::InvalidInput,
@@ -434,22 +476,22 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
             "not a regular file (a device, a pipe or a socket); name a file",
         ));
     }
+    let max = kind.max_bytes();
     let too_big = |len: u64| {
         Error::new(
             ErrorKind::InvalidData,
             format!(
-                "{len} bytes; rosterd reads at most {MAX_CONFIG_FILE_BYTES} from a configuration file"
+                "{len} bytes; rosterd reads at most {max} from {}",
+                kind.name()
             ),
         )
     };
-    if meta.len() > MAX_CONFIG_FILE_BYTES {
+    if meta.len() > max {
         return Err(too_big(meta.len()));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    std::fs::File::open(path)?
-        .take(MAX_CONFIG_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
         return Err(too_big(bytes.len() as u64));
     }
     Ok(bytes)
@@ -459,8 +501,8 @@ pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
 /// TOML is UTF-8, and a file saved in Latin-1 or UTF-16 would otherwise be refused with
 /// only "stream did not contain valid UTF-8": this says where the first byte that is not
 /// is.
-pub fn read_text(path: &Path) -> std::io::Result<String> {
-    let bytes = read_file(path)?;
+pub fn read_text(path: &Path, kind: FileKind) -> std::io::Result<String> {
+    let bytes = read_file(path, kind)?;
     String::from_utf8(bytes).map_err(|e| {
         let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -488,7 +530,7 @@ pub struct OnDisk {
 impl Config {
     /// Read and validate a config file. Token environment variables are not resolved here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = read_text(path).map_err(|source| ConfigError::Read {
+        let text = read_text(path, FileKind::Config).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -533,7 +575,7 @@ impl Config {
         let Some((path, text)) = &self.source else {
             return OnDisk::default();
         };
-        match read_text(path) {
+        match read_text(path, FileKind::Config) {
             Ok(now) if now == *text => OnDisk::default(),
             Ok(now) => {
                 let (edited, error) = match Config::parse(&now, path) {
@@ -724,10 +766,12 @@ impl Config {
                 message: format!(
                     "key `connectors.dir`: cannot read the connectors directory {}: {e}; {}{}",
                     dir.display(),
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        "create it (it may stay empty)"
-                    } else {
-                        "let the user rosterd runs as read it"
+                    match e.kind() {
+                        std::io::ErrorKind::NotFound => "create it (it may stay empty)",
+                        std::io::ErrorKind::NotADirectory => {
+                            "name a directory, which holds one file per connector"
+                        }
+                        _ => "let the user rosterd runs as read it",
                     },
                     if self.connectors.dir.is_some() {
                         ", or remove the key if no connector is wanted"
@@ -1028,14 +1072,100 @@ mod tests {
                 "a symbolic link whose target cannot be read",
             ),
         ] {
-            let e = read_file(path).unwrap_err().to_string();
+            let e = read_file(path, FileKind::Connector)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "{}: {e}", path.display());
         }
         let err = Config::load(&fifo).unwrap_err().to_string();
         assert!(err.contains("config.toml"), "{err}");
         let file = dir.path().join("ok.toml");
         std::fs::write(&file, "x = 1\n").unwrap();
-        assert_eq!(read_file(&file).unwrap(), b"x = 1\n");
+        assert_eq!(read_file(&file, FileKind::Connector).unwrap(), b"x = 1\n");
+        // Each kind of file has its own bound: a connector file of nested arrays took a
+        // reload to 2 GB inside the one 64 MiB bound all kinds had.
+        let big = dir.path().join("big.toml");
+        let text = format!("x = [{}]\n", "[],".repeat(400_000));
+        std::fs::write(&big, &text).unwrap();
+        for kind in [FileKind::Connector, FileKind::Key] {
+            let e = read_file(&big, kind).unwrap_err().to_string();
+            assert!(e.contains("at most 1048576"), "{e}");
+        }
+        assert_eq!(read_file(&big, FileKind::Bundle).unwrap().len(), text.len());
+        assert_eq!(read_file(&big, FileKind::Config).unwrap().len(), text.len());
+    }
+
+    /// A pipe that takes a file's place between a look at the path and the open does not
+    /// block the reader: it blocked a reload, and the daemon with it, until something
+    /// wrote to the pipe. A file and a pipe swap under one name while it is read; every
+    /// pipe is then opened for writing, which wakes a reader stuck on one, and such a
+    /// reader gets the pipe's empty text, which the test refuses.
+    #[test]
+    fn a_pipe_swapped_in_for_a_file_never_blocks_the_read() {
+        use std::os::unix::ffi::OsStrExt as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "x = 1\n").unwrap();
+        let mkfifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        const SWAPS: usize = 3000;
+        let swapping = std::sync::Arc::new(AtomicBool::new(true));
+        let reader = {
+            let (path, swapping) = (path.clone(), swapping.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0usize;
+                while swapping.load(Ordering::Relaxed) || reads < 100 {
+                    reads += 1;
+                    if let Ok(bytes) = read_file(&path, FileKind::Connector) {
+                        assert_eq!(bytes, b"x = 1\n", "read {reads} got a pipe's text");
+                    }
+                }
+            })
+        };
+        for i in 0..SWAPS {
+            // Each pipe keeps a name of its own, to be opened for writing below.
+            let fifo = dir.path().join(format!("fifo-{i}"));
+            mkfifo(&fifo);
+            let tmp = dir.path().join("tmp");
+            std::fs::hard_link(&fifo, &tmp).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+            std::fs::write(&tmp, "x = 1\n").unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+        swapping.store(false, Ordering::Relaxed);
+        while !reader.is_finished() {
+            for i in 0..SWAPS {
+                // Fails (ENXIO) unless a reader is waiting on this pipe.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(dir.path().join(format!("fifo-{i}")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        reader.join().unwrap();
+    }
+
+    /// What `[connectors] dir` needs is said for what is wrong with it: a file there
+    /// was answered with advice about permissions.
+    #[test]
+    fn a_connectors_dir_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "version = 1\n[connectors]\ndir = \"hooks\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        let advice = |config: &Config| config.check_connectors_dir().unwrap_err().to_string();
+        assert!(advice(&config).contains("create it"), "{}", advice(&config));
+        std::fs::write(dir.path().join("hooks"), "").unwrap();
+        let e = advice(&config);
+        assert!(
+            e.contains("name a directory") && !e.contains("read it"),
+            "{e}"
+        );
     }
 
     #[test]

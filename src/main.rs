@@ -1011,19 +1011,26 @@ fn call_daemon(
     runtime.block_on(async move {
         let mut req = reqwest::Client::new()
             .request(method, &url)
-            .timeout(std::time::Duration::from_secs(60));
+            .timeout(CLI_TIMEOUT);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach rosterd at {url}; is it running?"))?;
+        let unanswered = |e: reqwest::Error| {
+            if e.is_timeout() {
+                anyhow::anyhow!(
+                    "rosterd at {url} did not answer within {} s: it accepted the connection but is stalled; its log says what it last did",
+                    CLI_TIMEOUT.as_secs()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("cannot reach rosterd at {url}; is it running?"))
+            }
+        };
+        let resp = req.send().await.map_err(unanswered)?;
         let status = resp.status();
-        let bytes = resp.bytes().await?;
+        let bytes = resp.bytes().await.map_err(unanswered)?;
         let body = if bytes.is_empty() {
             serde_json::Value::Null
         } else {
@@ -1034,6 +1041,9 @@ fn call_daemon(
         Ok((status, body))
     })
 }
+
+/// How long a command waits for the daemon's whole answer.
+const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Result<()> {
     if status.is_success() {

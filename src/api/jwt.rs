@@ -725,10 +725,12 @@ fn load_hs256_secret(
 }
 
 fn read_file(key: &'static str, path: &Path) -> Result<Vec<u8>, JwtError> {
-    crate::config::read_file(path).map_err(|source| JwtError::KeyFileUnreadable {
-        key,
-        path: path.to_owned(),
-        source,
+    crate::config::read_file(path, crate::config::FileKind::Key).map_err(|source| {
+        JwtError::KeyFileUnreadable {
+            key,
+            path: path.to_owned(),
+            source,
+        }
     })
 }
 

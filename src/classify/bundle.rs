@@ -58,10 +58,13 @@ fn csv_error(line: u64, message: impl Into<String>) -> ClassifyError {
 
 impl Bundle {
     pub fn load(path: &Path) -> Result<Bundle, ClassifyError> {
-        let text = crate::config::read_text(path).map_err(|source| ClassifyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text =
+            crate::config::read_text(path, crate::config::FileKind::Bundle).map_err(|source| {
+                ClassifyError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         Bundle::from_toml_str(&text, &path.display().to_string())
     }
 

@@ -266,6 +266,12 @@ pub struct Loaded {
     /// The directory itself could not be listed (`errors` says why): nothing can be
     /// told about any file, so a reload must not take it for "every file was removed".
     pub dir_unreadable: bool,
+    /// The directory, listed and holding no connector file at all.
+    pub empty_dir: Option<PathBuf>,
+    /// Which directory was listed (device and inode, through links): one that is
+    /// empty and another than last time is a volume not mounted or a link pointed
+    /// elsewhere, which a reload does not take for the removal of every file.
+    pub dir_identity: Option<(u64, u64)>,
 }
 
 /// A connector file that exists but did not load. Its connector is still known: its
@@ -301,14 +307,17 @@ impl Unloaded {
 /// A connector's file: `*.toml` in any letter case (`HOOK.TOML` is what its writer meant),
 /// but not a hidden file. Editors leave those beside the file being edited (emacs's
 /// `.#hook.toml` lock, a `.hook.toml` copy), and one would claim the connector's name.
+/// A name that is not UTF-8 (`caf\xe9.toml`, written under a Latin-1 locale) counts too:
+/// skipped, it loaded without a word, and renaming a running connector's file so retired
+/// it as if removed.
 fn is_connector_file(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| !n.starts_with('.'))
-        && path
-            .extension()
-            .and_then(|x| x.to_str())
-            .is_some_and(|x| x.eq_ignore_ascii_case("toml"))
+    use std::os::unix::ffi::OsStrExt as _;
+    path.file_name().map(|n| n.as_bytes()).is_some_and(|n| {
+        !n.starts_with(b".") && n.len() > 5 && {
+            let (_, ext) = n.split_at(n.len() - 5);
+            ext.eq_ignore_ascii_case(b".toml")
+        }
+    })
 }
 
 /// Load every `*.toml` file of `dir`, in file-name order. A directory that cannot be
@@ -328,7 +337,11 @@ pub fn load_dir_keeping(
     tenants: &[&str],
     running: &BTreeMap<String, PathBuf>,
 ) -> Loaded {
-    let mut out = Loaded::default();
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = Loaded {
+        dir_identity: std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino())),
+        ..Loaded::default()
+    };
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(source) => {
@@ -349,9 +362,12 @@ pub fn load_dir_keeping(
         .filter(|p| is_connector_file(p))
         .collect();
     files.sort();
+    if files.is_empty() {
+        out.empty_dir = Some(dir.to_owned());
+    }
     let mut parsed = Vec::with_capacity(files.len());
     for file in files {
-        let text = match crate::config::read_text(&file) {
+        let text = match crate::config::read_text(&file, crate::config::FileKind::Connector) {
             Ok(t) => t,
             Err(source) => {
                 out.unloaded.push(Unloaded::of(&file, None));
@@ -453,6 +469,28 @@ secret_env = "HOOK_SECRET"
         assert_eq!(a, sourced_id("demo", "User/1"));
         assert_ne!(a, sourced_id("other", "User/1"));
         assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 5);
+    }
+
+    /// A file name that is not UTF-8 loads like any other: it was skipped without a word.
+    #[test]
+    fn a_file_name_that_is_not_utf8_still_loads() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"caf\xe9.TOML");
+        std::fs::write(dir.path().join(name), WEBHOOK).unwrap();
+        for skipped in [".hidden.toml", "x.toml~", ".toml", "toml"] {
+            std::fs::write(dir.path().join(skipped), "not = [toml").unwrap();
+        }
+        let loaded = load_dir(dir.path(), &["demo"]);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.connectors.len(), 1);
+        assert_eq!(loaded.connectors[0].file.file_name(), Some(name));
+        assert_eq!(loaded.empty_dir, None);
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_dir(empty.path(), &["demo"]).empty_dir.as_deref(),
+            Some(empty.path())
+        );
     }
 
     #[test]

@@ -1882,6 +1882,8 @@ pub struct Dispatcher {
     /// Of those, the files that load but whose connector cannot start as they now read
     /// (file, error): the loader does not list them, yet they are errors to report.
     unstartable: Mutex<Vec<(std::path::PathBuf, String)>>,
+    /// The connectors directory last applied (see [`Loaded::dir_identity`]).
+    dir_identity: Mutex<Option<(u64, u64)>>,
     /// The configured tenants, whose stored cursors are looked through for connectors
     /// that are not loaded.
     tenants: Vec<String>,
@@ -1914,6 +1916,7 @@ impl Dispatcher {
             unloaded: Mutex::new(Vec::new()),
             broken: Mutex::new(BTreeMap::new()),
             unstartable: Mutex::new(Vec::new()),
+            dir_identity: Mutex::new(None),
             tenants,
             tasks: tokio_util::task::TaskTracker::new(),
         })
@@ -1959,8 +1962,9 @@ impl Dispatcher {
     /// broken keeps its old config (as a broken bundle does), and so does one whose
     /// changed file cannot start (a secret the daemon's environment lacks: the new
     /// connector is built before the old one stops). A directory that cannot be read
-    /// changes nothing. Only a removed file stops its connector, and retires it: its
-    /// cursor then no longer holds back compaction.
+    /// changes nothing, nor does another directory with no connector file at all while
+    /// connectors run. Only a removed file stops its connector, and retires it: its cursor
+    /// then no longer holds back compaction.
     /// Returns the errors, also kept for /status: files that do not load, changed files
     /// whose connector cannot start, and connectors not started.
     pub async fn apply(&self, loaded: Loaded) -> Vec<String> {
@@ -1970,6 +1974,24 @@ impl Dispatcher {
                 tracing::error!(error = %e, "Connectors not reloaded: their directory cannot be read. Every connector keeps running as loaded before.");
             }
             return self.set_errors(file_errors);
+        }
+        {
+            let mut last = self.dir_identity.lock().unwrap_or_else(|e| e.into_inner());
+            let running_count = self.running().len();
+            let swapped = last.is_some() && *last != loaded.dir_identity;
+            if let Some(dir) = loaded
+                .empty_dir
+                .as_ref()
+                .filter(|_| swapped && running_count > 0)
+            {
+                let error = format!(
+                    "the connectors directory {} is now another directory, with no connector file (*.toml), while {running_count} connector(s) run: taken for a volume not mounted or a link pointed elsewhere, not for the removal of every file. Every connector keeps running as loaded before. To remove them all, remove their files from the directory they were loaded from, or restart rosterd (their stored cursors are then listed as not loaded until `rosterd retire`)",
+                    dir.display()
+                );
+                tracing::error!(%error, "Connectors not reloaded: their directory is empty.");
+                return self.set_errors(vec![error]);
+            }
+            *last = loaded.dir_identity;
         }
         // Which running connector each unloadable file is, if any: by file, or by the
         // name the file still gives.

@@ -423,8 +423,26 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
 pub async fn reload(state: &Arc<AppState>) {
     crate::ops::systemd::notify_reloading();
     let mut config_failed = None;
-    // Read once: the bundles below are checked against it too.
-    let on_disk = state.config.on_disk();
+    let running = state.dispatch.running_files();
+    // Files are read off the runtime: a read that blocks (a network mount that hangs)
+    // must hold up this reload, not every request the daemon serves.
+    let (on_disk, loaded) = {
+        let reading = state.clone();
+        match tokio::task::spawn_blocking(move || {
+            // Read once: the bundles below are checked against it too.
+            let on_disk = reading.config.on_disk();
+            (on_disk, reading.config.load_connectors_keeping(&running))
+        })
+        .await
+        {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!(error = %e, "Reload abandoned: reading the config and connector files failed. Everything keeps running as loaded before.");
+                crate::ops::systemd::notify_reloaded(state.local_addr);
+                return;
+            }
+        }
+    };
     if on_disk.changed {
         match &on_disk.error {
             None => tracing::warn!(
@@ -439,11 +457,7 @@ pub async fn reload(state: &Arc<AppState>) {
             }
         }
     }
-    let running = state.dispatch.running_files();
-    let errors = state
-        .dispatch
-        .apply(state.config.load_connectors_keeping(&running))
-        .await;
+    let errors = state.dispatch.apply(loaded).await;
     let mut failed = errors.len() + usize::from(config_failed.is_some());
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {

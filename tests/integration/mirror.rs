@@ -1683,6 +1683,27 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
     std::fs::rename(&moved, &file).unwrap();
     d.reload().await;
     assert!(connector(&d, "hooks").await["file_error"].is_null());
+    // Another directory with no connector file (a volume not mounted, a link pointed at
+    // an empty directory) is not every file removed: nothing stops.
+    let dir = d.root.join("connectors");
+    let away = d.root.join("connectors.away");
+    std::fs::rename(&dir, &away).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    assert!(
+        s["connector_errors"]
+            .to_string()
+            .contains("is now another directory, with no connector file"),
+        "{s}"
+    );
+    let id = d.create_user("empty-dir@acme.test").await;
+    caught_up(&d, "hooks").await;
+    assert!(delivered(&id), "not delivered with the directory empty");
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::rename(&away, &dir).unwrap();
+    d.reload().await;
+    assert_eq!(d.status().await["connector_errors"], json!([]));
     // Removed: the connector stops.
     std::fs::remove_file(&file).unwrap();
     d.reload().await;
