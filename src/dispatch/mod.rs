@@ -2280,8 +2280,9 @@ impl Dispatcher {
     }
 
     /// The stored cursors of the tenant's connectors that are not loaded and not
-    /// retired, with the file that names them if there is one. A file whose name cannot
-    /// be read could be any connector, so it holds retired ones too.
+    /// retired (or retired, and named again by a file that does not load), with the
+    /// file that names them if there is one. A file whose name cannot be read could be
+    /// any connector not retired.
     fn held_cursors(&self, tenant: &str) -> Result<Vec<Held>, StoreError> {
         let running: Vec<String> = self
             .running()
@@ -2301,12 +2302,21 @@ impl Dispatcher {
             if running.contains(&name) {
                 continue;
             }
+            // A retired connector is held only by a file that names it: its file was
+            // removed on purpose, and any file that cannot be read (a dangling link, a
+            // directory) brought every retired connector back as "not loaded", blamed
+            // on that file, with alerts on lag no one owes. Should its file come back,
+            // the gap compaction left is reported then.
+            let is_retired = retired.contains(&name);
             let file = unloaded
                 .iter()
                 .filter(|u| u.tenant.as_deref().is_none_or(|t| t == tenant))
-                .find(|u| u.name.as_deref().is_none_or(|n| n == name))
+                .find(|u| match u.name.as_deref() {
+                    Some(n) => n == name,
+                    None => !is_retired,
+                })
                 .map(|u| u.file.clone());
-            if file.is_none() && retired.contains(&name) {
+            if file.is_none() && is_retired {
                 continue;
             }
             out.push(Held {

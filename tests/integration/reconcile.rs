@@ -945,6 +945,20 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     let out = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success(), "{out}");
     assert_eq!(out.trim(), "hooks: was already retired");
+    // A file that cannot be read could be any connector, but not one retired: it is not
+    // brought back as not loaded, blamed on that file.
+    let broken = d.root.join("connectors/broken.toml");
+    std::os::unix::fs::symlink("/nonexistent/broken.toml", &broken).unwrap();
+    d.reload().await;
+    let status = d.status().await;
+    assert_eq!(status["unloaded_connectors"], json!([]), "{status}");
+    assert!(
+        status["connector_errors"]
+            .to_string()
+            .contains("broken.toml"),
+        "{status}"
+    );
+    std::fs::remove_file(&broken).unwrap();
     two_compactions(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
