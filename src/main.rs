@@ -793,7 +793,9 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             .from_reader(text.as_bytes());
         for rec in rdr.records() {
             let rec = rec?;
-            let line = rosterd::classify::csv_line(text.as_bytes(), rec.position());
+            // Only for a message: counted from the file's start, for every row, it is
+            // quadratic in the file's length.
+            let line = || rosterd::classify::csv_line(text.as_bytes(), rec.position());
             // A row of another length is misread: with a cell short, as a blank title
             // that would come out as a real answer; with one over (an unquoted comma in
             // "VP, Engineering"), as the wrong cells.
@@ -804,7 +806,8 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
                     "is a cell missing?"
                 };
                 anyhow::bail!(
-                    "line {line}: the row has {} cell(s), the header {}; {hint}",
+                    "line {}: the row has {} cell(s), the header {}; {hint}",
+                    line(),
                     rec.len(),
                     header.len()
                 );
@@ -813,7 +816,10 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
             // Legal CSV, but a job title never spans lines: more likely a quote left open,
             // which swallows the lines after it.
             if title.contains(['\n', '\r']) {
-                note!("note: line {line}: the title spans several lines; is a quote left open?");
+                note!(
+                    "note: line {}: the title spans several lines; is a quote left open?",
+                    line()
+                );
             }
             inputs.push((
                 title.to_owned(),

@@ -47,6 +47,20 @@ pub struct Archetype {
 
 const CSV_ORIGIN: &str = "labeled CSV";
 
+/// The most archetypes a bundle has. Scoring a title reads a weight per archetype for
+/// each of its features, so classification slows in proportion (43,000 titles/s at
+/// 1,000 archetypes, against 190,000 at ten), and the model gets fewer features each.
+pub const MAX_ARCHETYPES: usize = 2_000;
+
+/// The most examples and keywords a bundle has, in all: training holds each one's
+/// features, about 1 KB, in every fold.
+pub const MAX_EXAMPLES: usize = 50_000;
+
+/// The longest archetype id, in characters: a user's record, indexes, events and change
+/// log each hold it, dozens of copies a user (a 100,000-character id took 6,000 users'
+/// store from 69 MB to 7.4 GB).
+const MAX_ID_CHARS: usize = 128;
+
 /// An error at `line` of a labeled CSV.
 fn csv_error(line: u64, message: impl Into<String>) -> ClassifyError {
     ClassifyError::Csv {
@@ -147,28 +161,36 @@ impl Bundle {
         let mut by_label: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in reader.records() {
             let record = record.map_err(csv_err)?;
-            let line = csv_line(text, record.position());
+            // Counted only for an error: counted for every row, from the file's start, it
+            // made a 100,000-row export take 3 minutes and a 5,000,000-row one days.
+            let line = || csv_line(text, record.position());
             let (Some(label), Some(title)) = (record.get(label_col), record.get(title_col)) else {
                 continue;
             };
             if label.is_empty() {
-                return Err(csv_error(line, format!("empty `{}`", &headers[label_col])));
+                return Err(csv_error(
+                    line(),
+                    format!("empty `{}`", &headers[label_col]),
+                ));
             }
             if let Some(why) = id_problem(label) {
                 return Err(csv_error(
-                    line,
+                    line(),
                     format!("`{}` {label:?} {why}", &headers[label_col]),
                 ));
             }
             // Skipped, it could leave its archetype out of the bundle without a word.
             if title.is_empty() {
-                return Err(csv_error(line, format!("empty `{}`", &headers[title_col])));
+                return Err(csv_error(
+                    line(),
+                    format!("empty `{}`", &headers[title_col]),
+                ));
             }
             // Legal CSV, but no job title spans lines: a quote left open swallows the rows
             // after it, and with them, without a word, archetypes the bundle should have.
             if title.contains(['\n', '\r']) {
                 return Err(csv_error(
-                    line,
+                    line(),
                     format!(
                         "the title spans several lines ({:?}…); is a quote left open?",
                         title.chars().take(40).collect::<String>()
@@ -178,7 +200,7 @@ impl Bundle {
             // Caught here rather than by the bundle's own check, which can only name the
             // example's place in its archetype, not the line an operator has to fix.
             if normalize_title(title).is_empty() {
-                return Err(csv_error(line, format!("title {title:?} has no words")));
+                return Err(csv_error(line(), format!("title {title:?} has no words")));
             }
             by_label
                 .entry(label.to_string())
@@ -249,6 +271,33 @@ impl Bundle {
                 "archetypes",
                 None,
                 "at least one is required".into(),
+            ));
+        }
+        // Bounds on what training costs, said before it starts: 20,000 archetypes (a
+        // CSV's employee-id column taken for the label) or a million examples ran the
+        // daemon out of memory at a reload, and again at every restart.
+        if self.archetypes.len() > MAX_ARCHETYPES {
+            return Err(invalid(
+                "archetypes",
+                None,
+                format!(
+                    "{} archetypes; a bundle holds at most {MAX_ARCHETYPES}. Archetypes are job-role categories: a bundle built from a column of employee or position ids has one per person",
+                    self.archetypes.len()
+                ),
+            ));
+        }
+        let texts: usize = self
+            .archetypes
+            .iter()
+            .map(|a| a.examples.len() + a.keywords.len())
+            .sum();
+        if texts > MAX_EXAMPLES {
+            return Err(invalid(
+                "examples",
+                None,
+                format!(
+                    "{texts} examples and keywords in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype teaches nothing new: keep each once"
+                ),
             ));
         }
         let mut seen = HashSet::new();
@@ -330,7 +379,9 @@ pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
 /// or surrounding blanks make two ids that look alike, and a spreadsheet runs a cell that
 /// starts with a formula character (the fullwidth ones too, as the export treats them).
 fn id_problem(id: &str) -> Option<&'static str> {
-    if id.chars().any(crate::text::breaks_line) {
+    if id.chars().count() > MAX_ID_CHARS {
+        Some("is longer than 128 characters (each user assigned it stores it many times over)")
+    } else if id.chars().any(crate::text::breaks_line) {
         Some("contains a control character or line break")
     } else if id.chars().any(crate::text::is_invisible) {
         Some("contains an invisible or text-direction character")

@@ -192,9 +192,12 @@ pub(crate) struct FeatureSpace {
 }
 
 impl FeatureSpace {
+    /// `max_features` bounds the vocabulary: past it, the features in the fewest documents
+    /// are left out (they are the rare character n-grams, which say least).
     pub(crate) fn build<'a>(
         docs: impl Iterator<Item = &'a [RawFeature]>,
         cfg: &FeatureConfig,
+        max_features: usize,
     ) -> FeatureSpace {
         let mut df: FastMap<u32> = FastMap::default();
         let mut n_docs = 0u32;
@@ -209,6 +212,11 @@ impl FeatureSpace {
             }
         }
         let mut keys: Vec<(u64, u32)> = df.into_iter().collect();
+        if keys.len() > max_features {
+            // Most documents first, ties by key: the same bundle keeps the same features.
+            keys.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            keys.truncate(max_features);
+        }
         keys.sort_unstable();
         let n = f64::from(n_docs);
         let idf_of = |d: u32| ((1.0 + n) / (1.0 + f64::from(d))).ln() as f32 + 1.0;

@@ -719,3 +719,66 @@ fn tenants_naming_the_same_bundle_share_one_trained_classifier() {
         serde_json::to_string(&Classifier::new(&tiny()).classify(title, None)).unwrap()
     );
 }
+
+/// What training costs is bounded before it starts: too many archetypes (a CSV's
+/// employee-id column taken for the label), too many examples, or ids long enough to
+/// multiply a store, are refused saying so; each took the daemon out of memory or disk.
+#[test]
+fn a_bundle_past_what_training_can_hold_is_refused_saying_so() {
+    let ids: String = (0..=bundle::MAX_ARCHETYPES)
+        .map(|i| format!("E{i:06},Clerk {i}\n"))
+        .collect();
+    let e = Bundle::from_labeled_csv(format!("employee_id,title\n{ids}").as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2001 archetypes") && e.contains("at most 2000") && e.contains("employee"),
+        "{e}"
+    );
+    let examples: String = (0..=bundle::MAX_EXAMPLES)
+        .map(|i| format!("{},Clerk {i}\n", i % 10))
+        .collect();
+    let e = Bundle::from_labeled_csv(format!("archetype_id,title\n{examples}").as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("50001 examples") && e.contains("at most 50000"),
+        "{e}"
+    );
+    let long = "x".repeat(129);
+    let e = err_text(&TINY.replace("id = \"it_admin\"", &format!("id = \"{long}\"")));
+    assert!(e.contains("longer than 128 characters"), "{e}");
+    let fits = "x".repeat(128);
+    assert!(
+        Bundle::from_toml_str(
+            &TINY.replace("id = \"it_admin\"", &format!("id = \"{fits}\"")),
+            "t"
+        )
+        .is_ok()
+    );
+}
+
+/// Past its bound, a model's vocabulary keeps the features found in the most examples:
+/// memory grew with features × archetypes without one.
+#[test]
+fn a_bounded_vocabulary_keeps_the_commonest_features() {
+    let cfg = FeatureConfig::default();
+    let raw = |title: &str| {
+        let mut out = Vec::new();
+        features::extract(&normalize_title(title), &cfg, &mut out);
+        out
+    };
+    let docs: Vec<_> = (0..40)
+        .map(|i| raw(&format!("clerk q{i}x{}z", i * 7919)))
+        .collect();
+    let all = FeatureSpace::build(docs.iter().map(Vec::as_slice), &cfg, usize::MAX);
+    let half = all.len() / 2;
+    let bounded = FeatureSpace::build(docs.iter().map(Vec::as_slice), &cfg, half);
+    assert_eq!(bounded.len(), half);
+    let mut x = SparseVec::new();
+    // In every example: kept.
+    assert!(bounded.vectorize(&raw("clerk"), &mut x) > 0);
+    // In one: left out, where the whole vocabulary has it.
+    let rare = raw("q3x23757z");
+    assert!(all.vectorize(&rare, &mut x) > bounded.vectorize(&rare, &mut x));
+}
