@@ -52,8 +52,8 @@ const CSV_ORIGIN: &str = "labeled CSV";
 /// 1,000 archetypes, against 190,000 at ten), and the model gets fewer features each.
 pub const MAX_ARCHETYPES: usize = 2_000;
 
-/// The most examples and keywords a bundle has, in all: training holds each one's
-/// features, about 1 KB, in every fold.
+/// The most examples, keywords and department hints a bundle has, in all: training
+/// holds each example's features, about 1 KB, in every fold.
 pub const MAX_EXAMPLES: usize = 50_000;
 
 /// The longest archetype id, in characters: a user's record, indexes, events and change
@@ -286,17 +286,19 @@ impl Bundle {
                 ),
             ));
         }
+        // Department hints count too: each is compared with the department of every
+        // title that has one it shares a word with.
         let texts: usize = self
             .archetypes
             .iter()
-            .map(|a| a.examples.len() + a.keywords.len())
+            .map(|a| a.examples.len() + a.keywords.len() + a.departments.len())
             .sum();
         if texts > MAX_EXAMPLES {
             return Err(invalid(
                 "examples",
                 None,
                 format!(
-                    "{texts} examples and keywords in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype teaches nothing new: keep each once"
+                    "{texts} examples, keywords and departments in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype teaches nothing new: keep each once"
                 ),
             ));
         }

@@ -144,6 +144,10 @@ pub struct Classifier {
     hint_exact: HashMap<String, Vec<usize>>,
     /// (archetype index, hint tokens) for partial matches.
     hint_tokens: Vec<(usize, Vec<String>)>,
+    /// token -> the `hint_tokens` holding it. A partial match shares a token with the
+    /// department, so only these are compared: comparing every hint made a bundle of
+    /// 100,000 hints classify 1,143 titles/s with a department.
+    hint_by_token: HashMap<String, Vec<u32>>,
 }
 
 /// Summary only: the weight matrix is megabytes and useless in a log line.
@@ -205,13 +209,21 @@ impl Classifier {
 
         let mut hint_exact: HashMap<String, Vec<usize>> = HashMap::new();
         let mut hint_tokens = Vec::new();
+        let mut hint_by_token: HashMap<String, Vec<u32>> = HashMap::new();
         for (i, a) in archetypes.iter().enumerate() {
             for h in &a.departments {
                 let n = normalize_title(h);
                 if n.is_empty() {
                     continue;
                 }
-                hint_tokens.push((i, n.split(' ').map(str::to_string).collect()));
+                let tokens: Vec<String> = n.split(' ').map(str::to_string).collect();
+                for t in &tokens {
+                    let of = hint_by_token.entry(t.clone()).or_default();
+                    if of.last() != Some(&(hint_tokens.len() as u32)) {
+                        of.push(hint_tokens.len() as u32);
+                    }
+                }
+                hint_tokens.push((i, tokens));
                 let e = hint_exact.entry(n).or_default();
                 if !e.contains(&i) {
                     e.push(i);
@@ -234,6 +246,7 @@ impl Classifier {
             exact,
             hint_exact,
             hint_tokens,
+            hint_by_token,
         }
     }
 
@@ -339,7 +352,18 @@ impl Classifier {
             }
         }
         let dept_tokens: Vec<&str> = dept.split(' ').collect();
-        for (i, hint) in &self.hint_tokens {
+        // A hint within the department holds its first token, which is one of the
+        // department's; a department within a hint, the department's tokens: either way
+        // the hint is listed under one of the department's tokens.
+        let mut candidates: Vec<u32> = dept_tokens
+            .iter()
+            .filter_map(|t| self.hint_by_token.get(*t))
+            .flatten()
+            .copied()
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        for (i, hint) in candidates.iter().map(|&c| &self.hint_tokens[c as usize]) {
             let hint_in_dept = hint.iter().all(|h| dept_tokens.contains(&h.as_str()));
             let dept_in_hint = dept_tokens.iter().all(|d| hint.iter().any(|h| h == d));
             if hint_in_dept || dept_in_hint {

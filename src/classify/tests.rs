@@ -193,6 +193,31 @@ fn candidates_are_top3_best_first() {
     assert!(total <= 1.0 + 1e-6, "{c:?}");
 }
 
+/// A hint counts when the department holds it or it holds the department, found by
+/// the department's words, not by reading every hint.
+#[test]
+fn a_department_hint_matches_either_way_round() {
+    let clf = Classifier::new(&tiny());
+    let eng = clf
+        .ids
+        .iter()
+        .position(|i| i == "software_engineer")
+        .unwrap();
+    for (dept, want) in [
+        ("Software Engineering - Platform", HINT_PARTIAL_BONUS),
+        ("Engineering", HINT_PARTIAL_BONUS),
+        ("Software", HINT_PARTIAL_BONUS),
+        ("Software Engineering", HINT_EXACT_BONUS),
+        ("Platform Engineering Software", HINT_PARTIAL_BONUS),
+        ("Platform Engineering", 0.0),
+        ("Finance", 0.0),
+    ] {
+        let mut logits = vec![0f32; clf.ids.len()];
+        clf.add_hint_bonus(&normalize_title(dept), &mut logits);
+        assert_eq!(logits[eng], want, "{dept:?}: {logits:?}");
+    }
+}
+
 #[test]
 fn department_breaks_a_tie() {
     let clf = Classifier::new(&tiny());
