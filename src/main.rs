@@ -1571,6 +1571,11 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                     time_of(&b["loaded_at"])
                 )?;
             }
+            if let Some(since) = b["training_since"].as_str() {
+                outln!(
+                    "    a changed bundle is being trained since {since}; the one above stays in effect until it is ready"
+                )?;
+            }
             if !b["reload_error"].is_null() {
                 // TOML errors span lines (the line and a caret under it): keep them
                 // indented under their tenant.

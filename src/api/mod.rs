@@ -379,6 +379,10 @@ pub struct BundleState {
     pub load_seconds: Option<f64>,
     pub reload_error: Option<String>,
     pub reload_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A changed bundle being read and trained since then, the one above still in
+    /// force: training a large bundle takes minutes, during which nothing else told a
+    /// reload under way from one ignored.
+    pub training_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl BundleState {
@@ -392,10 +396,16 @@ impl BundleState {
             load_seconds: from.map(|(_, took)| (took * 100.0).round() / 100.0),
             reload_error: None,
             reload_error_at: None,
+            training_since: None,
         };
     }
 
+    pub fn training(&mut self) {
+        self.training_since = Some(chrono::Utc::now());
+    }
+
     pub fn failed(&mut self, error: &impl std::fmt::Display) {
+        self.training_since = None;
         self.reload_error = Some(error.to_string());
         self.reload_error_at = Some(chrono::Utc::now());
     }

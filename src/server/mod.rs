@@ -473,9 +473,13 @@ pub async fn reload(state: &Arc<AppState>) {
             roster.set_bundle_state(crate::api::BundleState::recovered);
             continue;
         }
+        roster.set_bundle_state(crate::api::BundleState::training);
         let policy = match TenantPolicy::load_blocking(t, &state.config.base_dir).await {
             Ok(Some(p)) => Arc::new(p),
-            Ok(None) => continue,
+            Ok(None) => {
+                roster.set_bundle_state(|b| b.training_since = None);
+                continue;
+            }
             Err(e) => {
                 failed += 1;
                 // Group rules are config.toml's, read only at start: an operator who

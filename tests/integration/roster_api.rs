@@ -5,6 +5,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::harness::{BUNDLE, ENTERPRISE, OTHER_TENANT, TENANT, TestDaemon, jwt_with, patch_op};
+use crate::mirror::status_text;
 
 fn person(user_name: &str, title: &str, department: Option<&str>) -> Value {
     let mut u = json!({
@@ -646,6 +647,49 @@ async fn a_bundle_that_fails_to_reload_is_reported_while_the_old_one_serves() {
     let b = bundle(&d.status().await);
     assert_eq!(b["version"], "test-2", "{b}");
     assert!(b["reload_error"].is_null(), "{b}");
+}
+
+/// While a changed bundle trains (minutes for a large one), /status and `rosterd status`
+/// say so: before, they showed the old bundle and nothing else, like a reload ignored.
+#[tokio::test]
+async fn a_bundle_being_trained_is_shown_while_the_old_one_serves() {
+    let d = TestDaemon::start().await;
+    settled(&d).await;
+    let words = [
+        "alder", "birch", "cedar", "maple", "rowan", "hazel", "larch", "aspen",
+    ];
+    let mut big = BUNDLE.replace("version = \"test-1\"", "version = \"test-big\"");
+    for i in 0..150 {
+        let w = |k: usize| words[(i * 7 + k * 3) % words.len()];
+        big.push_str(&format!(
+            "\n[[archetypes]]\nid = \"a{i}\"\ntitle = \"{} Role {i}\"\ndefault_cowork_id = \"c\"\nexamples = [\"{} {} Officer q{i}\", \"Senior {} {} q{i}x\", \"{} Lead z{i}\", \"{} Clerk {} y{i}\"]\n",
+            w(0), w(1), w(2), w(3), w(4), w(5), w(6), w(7)
+        ));
+    }
+    std::fs::write(d.root.join("bundle.toml"), &big).unwrap();
+    d.ask_reload();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen_training = None;
+    loop {
+        let s = d.status().await;
+        let b = &s["tenants"][TENANT]["bundle"];
+        if b["version"] == "test-big" {
+            assert!(b["training_since"].is_null(), "{b}");
+            break;
+        }
+        assert!(b["reload_error"].is_null(), "{b}");
+        if b["training_since"].is_string() && seen_training.is_none() {
+            assert_eq!(b["version"], "test-1", "{b}");
+            seen_training = Some(status_text(&d).await);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never loaded: {b}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let shown = seen_training.expect("training never shown in /status");
+    assert!(
+        shown.contains("a changed bundle is being trained since"),
+        "{shown}"
+    );
 }
 
 #[tokio::test]
