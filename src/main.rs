@@ -621,6 +621,13 @@ fn read_text(input: Option<&std::path::Path>) -> Result<String> {
             (b, "standard input".to_owned())
         }
     };
+    // Excel's "Unicode Text" is UTF-16 with a byte-order mark: "not UTF-8 (byte 0)"
+    // would leave the operator guessing why.
+    if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
+        anyhow::bail!(
+            "{name} is UTF-16 text (Excel's \"Unicode Text\"); save it as UTF-8 (in Excel: CSV UTF-8)"
+        );
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -711,7 +718,7 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
 }
 
 /// Column names taken as the job title and the department in a titles CSV.
-const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
+use rosterd::classify::TITLE_COLUMNS;
 const DEPARTMENT_COLUMNS: &[&str] = &["department", "dept"];
 /// Column names that are not also the head of a job title: "Manager, Human Resources" or
 /// "Employee, Relations" is a title, "name,department" a header.

@@ -47,6 +47,10 @@ pub struct Archetype {
 
 const CSV_ORIGIN: &str = "labeled CSV";
 
+/// The names a CSV's title column goes by, in any letter case: `bundle from-csv` and
+/// `rosterd classify` read the same ones.
+pub const TITLE_COLUMNS: &[&str] = &["title", "job title", "job_title", "jobtitle"];
+
 /// The most archetypes a bundle has. Scoring a title reads a weight per archetype for
 /// each of its features, so classification slows in proportion (43,000 titles/s at
 /// 1,000 archetypes, against 190,000 at ten), and the model gets fewer features each.
@@ -139,12 +143,36 @@ impl Bundle {
         // other the label, as in `soc_minor_group,title`. Anything else is refused: read
         // by position, a file without a header would lose its first row and one with other
         // columns would make titles of labels.
-        let named = |want: &str| {
-            headers
+        let named = |names: &[&str]| -> Result<Option<usize>, ClassifyError> {
+            let found: Vec<usize> = headers
                 .iter()
-                .position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(want))
+                .enumerate()
+                .filter(|(_, h)| {
+                    let h = h.trim_start_matches('\u{feff}');
+                    names.iter().any(|n| h.eq_ignore_ascii_case(n))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            // Two title columns (a job title and a payroll title, say): taking the first
+            // without a word could build the bundle from the wrong one.
+            if found.len() > 1 {
+                return Err(csv_error(
+                    1,
+                    format!(
+                        "the header has {} columns that could be the `{}` ({}); keep one",
+                        found.len(),
+                        names[0],
+                        found
+                            .iter()
+                            .map(|&i| &headers[i])
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            Ok(found.first().copied())
         };
-        let (label_col, title_col) = match (named("archetype_id"), named("title")) {
+        let (label_col, title_col) = match (named(&["archetype_id"])?, named(TITLE_COLUMNS)?) {
             (Some(l), Some(t)) => (l, t),
             (None, Some(t)) if headers.len() == 2 => (1 - t, t),
             _ => {

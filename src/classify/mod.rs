@@ -21,7 +21,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-pub use bundle::{Archetype, Bundle, csv_line};
+pub use bundle::{Archetype, Bundle, TITLE_COLUMNS, csv_line};
 pub use normalize::normalize_title;
 pub use policy::TenantPolicy;
 // The store keeps what the classifier proposes as it proposes it.

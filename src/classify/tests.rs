@@ -807,3 +807,34 @@ fn a_bounded_vocabulary_keeps_the_commonest_features() {
     let rare = raw("q3x23757z");
     assert!(all.vectorize(&rare, &mut x) > bounded.vectorize(&rare, &mut x));
 }
+
+/// `bundle from-csv` reads the title columns `rosterd classify` reads, and refuses a
+/// header with two of them rather than taking the first without a word.
+#[test]
+fn a_labeled_csv_names_its_title_column_as_classify_does() {
+    for header in [
+        "archetype_id,Job Title",
+        "JOB_TITLE,archetype_id",
+        "code,jobtitle",
+    ] {
+        let (a, b) = header.split_once(',').unwrap();
+        let row = if a.to_ascii_lowercase().contains("title") {
+            "Accountant,fin"
+        } else {
+            "fin,Accountant"
+        };
+        let bundle = Bundle::from_labeled_csv(format!("{a},{b}\n{row}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("{header}: {e}"));
+        assert_eq!(bundle.archetypes[0].id, "fin", "{header}");
+        assert_eq!(bundle.archetypes[0].examples, ["Accountant"], "{header}");
+    }
+    for header in ["archetype_id,title,title", "archetype_id,title,job title"] {
+        let e = Bundle::from_labeled_csv(format!("{header}\nfin,Accountant,Clerk\n").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("keep one") && e.contains("line 1"),
+            "{header}: {e}"
+        );
+    }
+}

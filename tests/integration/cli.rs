@@ -236,6 +236,18 @@ fn bundle_from_csv_then_classify_dry_run() {
     let (ok, _, err) = classify_titles();
     assert!(!ok);
     assert!(err.contains("line 2 is not UTF-8"), "{err}");
+    // Excel's "Unicode Text" is named as what it is, not as "byte 0".
+    let utf16: Vec<u8> = [0xff, 0xfe]
+        .into_iter()
+        .chain(
+            "title\nHead Chef\n"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        )
+        .collect();
+    std::fs::write(&titles, utf16).unwrap();
+    let (ok, _, err) = classify_titles();
+    assert!(!ok && err.contains("is UTF-16 text"), "{err}");
 
     // from-csv reads standard input for `-`, and refuses a file whose header names no
     // columns it can use (here there is no header at all: the first row would be lost).
