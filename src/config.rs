@@ -407,8 +407,8 @@ fn check_log_level(spec: &str) -> Result<(), String> {
 /// The most rosterd reads of one file of each kind: far above any real one, and a bound
 /// on what a wrong path costs. Parsing TOML takes up to about 80 times a file's size (a
 /// 25 MB connector file of nested arrays took a reload to 2 GB), so each kind gets what
-/// its content needs: a bundle holds examples (6,000 of them are 200 KB), a connector
-/// file a few keys.
+/// its content needs: a bundle holds examples (6,000 of them are 200 KB; the 50,000 a
+/// bundle may have, at 300 characters each), a connector file a few keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
     /// config.toml: a few hundred tenants' keys.
@@ -426,7 +426,7 @@ impl FileKind {
         match self {
             FileKind::Config => 4 << 20,
             FileKind::Connector | FileKind::Key => 1 << 20,
-            FileKind::Bundle => 64 << 20,
+            FileKind::Bundle => 16 << 20,
         }
     }
 
