@@ -60,6 +60,13 @@ pub const MAX_ARCHETYPES: usize = 2_000;
 /// holds each example's features, about 1 KB, in every fold.
 pub const MAX_EXAMPLES: usize = 50_000;
 
+/// The most characters of examples, keywords and archetype titles a bundle has, in all
+/// (each counted up to the 1,024 the classifier reads): training holds about 75 bytes
+/// a character (its n-grams, and their weights in every fold). 50,000 examples of 1,024
+/// characters went past 4 GB under the count bounds alone; 50,000 real titles of 40
+/// characters fit, and the SOC bundle has 200,000.
+pub const MAX_TEXT_CHARS: usize = 2_000_000;
+
 /// The longest archetype id, in characters: a user's record, indexes, events and change
 /// log each hold it, dozens of copies a user (a 100,000-character id took 6,000 users'
 /// store from 69 MB to 7.4 GB).
@@ -327,6 +334,21 @@ impl Bundle {
                 None,
                 format!(
                     "{texts} examples, keywords and departments in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype teaches nothing new: keep each once"
+                ),
+            ));
+        }
+        let chars: usize = self
+            .archetypes
+            .iter()
+            .flat_map(|a| a.examples.iter().chain(&a.keywords).chain([&a.title]))
+            .map(|t| t.chars().take(super::normalize::MAX_TITLE_CHARS).count())
+            .sum();
+        if chars > MAX_TEXT_CHARS {
+            return Err(invalid(
+                "examples",
+                None,
+                format!(
+                    "{chars} characters of examples, keywords and titles in all; a bundle holds at most {MAX_TEXT_CHARS} (a job title is some 30 characters; long descriptions teach the classifier little and cost training about 75 bytes a character)"
                 ),
             ));
         }

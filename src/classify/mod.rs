@@ -145,9 +145,11 @@ pub struct Classifier {
     /// (archetype index, hint tokens) for partial matches.
     hint_tokens: Vec<(usize, Vec<String>)>,
     /// token -> the `hint_tokens` holding it. A partial match shares a token with the
-    /// department, so only these are compared: comparing every hint made a bundle of
+    /// department, so only those are compared: comparing every hint made a bundle of
     /// 100,000 hints classify 1,143 titles/s with a department.
     hint_by_token: HashMap<String, Vec<u32>>,
+    /// token -> the `hint_tokens` whose rarest token (fewest hints share it) it is.
+    hint_by_rarest: HashMap<String, Vec<u32>>,
 }
 
 /// Summary only: the weight matrix is megabytes and useless in a log line.
@@ -208,26 +210,42 @@ impl Classifier {
         }
 
         let mut hint_exact: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut hint_tokens = Vec::new();
-        let mut hint_by_token: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut hint_tokens: Vec<(usize, Vec<String>)> = Vec::new();
         for (i, a) in archetypes.iter().enumerate() {
             for h in &a.departments {
                 let n = normalize_title(h);
                 if n.is_empty() {
                     continue;
                 }
-                let tokens: Vec<String> = n.split(' ').map(str::to_string).collect();
-                for t in &tokens {
-                    let of = hint_by_token.entry(t.clone()).or_default();
-                    if of.last() != Some(&(hint_tokens.len() as u32)) {
-                        of.push(hint_tokens.len() as u32);
-                    }
+                let e = hint_exact.entry(n.clone()).or_default();
+                // The same hint twice for one archetype (as normalized: "Dept 7" and
+                // "Dept 8" are both "dept") adds nothing but comparisons.
+                if e.contains(&i) {
+                    continue;
                 }
-                hint_tokens.push((i, tokens));
-                let e = hint_exact.entry(n).or_default();
-                if !e.contains(&i) {
-                    e.push(i);
+                e.push(i);
+                hint_tokens.push((i, n.split(' ').map(str::to_string).collect()));
+            }
+        }
+        let mut hint_by_token: HashMap<String, Vec<u32>> = HashMap::new();
+        for (h, (_, tokens)) in hint_tokens.iter().enumerate() {
+            for t in tokens {
+                let of = hint_by_token.entry(t.clone()).or_default();
+                if of.last() != Some(&(h as u32)) {
+                    of.push(h as u32);
                 }
+            }
+        }
+        // Each hint also under the one word of its that the fewest hints share: a hint
+        // within the department holds that word too, and a word every hint has ("dept")
+        // then does not make every department read every hint.
+        let mut hint_by_rarest: HashMap<String, Vec<u32>> = HashMap::new();
+        for (h, (_, tokens)) in hint_tokens.iter().enumerate() {
+            if let Some(rarest) = tokens.iter().min_by_key(|t| (hint_by_token[*t].len(), *t)) {
+                hint_by_rarest
+                    .entry(rarest.clone())
+                    .or_default()
+                    .push(h as u32);
             }
         }
 
@@ -247,6 +265,7 @@ impl Classifier {
             hint_exact,
             hint_tokens,
             hint_by_token,
+            hint_by_rarest,
         }
     }
 
@@ -352,13 +371,19 @@ impl Classifier {
             }
         }
         let dept_tokens: Vec<&str> = dept.split(' ').collect();
-        // A hint within the department holds its first token, which is one of the
-        // department's; a department within a hint, the department's tokens: either way
-        // the hint is listed under one of the department's tokens.
+        // A hint within the department holds its rarest token, which is then one of the
+        // department's; a department within a hint is in the list of every one of the
+        // department's tokens, so in the shortest of them. Either way it is a candidate.
+        let within_hint = dept_tokens
+            .iter()
+            .map(|t| self.hint_by_token.get(*t).map_or(&[][..], Vec::as_slice))
+            .min_by_key(|list| list.len())
+            .unwrap_or_default();
         let mut candidates: Vec<u32> = dept_tokens
             .iter()
-            .filter_map(|t| self.hint_by_token.get(*t))
+            .filter_map(|t| self.hint_by_rarest.get(*t))
             .flatten()
+            .chain(within_hint)
             .copied()
             .collect();
         candidates.sort_unstable();

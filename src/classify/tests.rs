@@ -770,6 +770,17 @@ fn a_bundle_past_what_training_can_hold_is_refused_saying_so() {
         e.contains("50001 examples") && e.contains("at most 50000"),
         "{e}"
     );
+    // Few examples, but long: what training holds grows with their characters.
+    let long_examples: String = (0..2_000)
+        .map(|i| format!("{},{}\n", i % 10, "clerk ".repeat(170)))
+        .collect();
+    let e = Bundle::from_labeled_csv(format!("archetype_id,title\n{long_examples}").as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("characters of examples") && e.contains("at most 2000000"),
+        "{e}"
+    );
     let long = "x".repeat(129);
     let e = err_text(&TINY.replace("id = \"it_admin\"", &format!("id = \"{long}\"")));
     assert!(e.contains("longer than 128 characters"), "{e}");

@@ -266,13 +266,18 @@ pub struct Loaded {
     /// The directory itself could not be listed (`errors` says why): nothing can be
     /// told about any file, so a reload must not take it for "every file was removed".
     pub dir_unreadable: bool,
-    /// The directory, listed and holding no connector file at all.
-    pub empty_dir: Option<PathBuf>,
-    /// Which directory was listed (device and inode, through links): one that is
-    /// empty and another than last time is a volume not mounted or a link pointed
-    /// elsewhere, which a reload does not take for the removal of every file.
-    pub dir_identity: Option<(u64, u64)>,
+    /// The directory, listed, when no connector in it loads (no file, or none that
+    /// reads).
+    pub none_loaded_from: Option<PathBuf>,
+    /// Which directory was listed (through links). One that loads nothing and is
+    /// another than last time is a volume not mounted or a link pointed elsewhere, which
+    /// a reload does not take for the removal of every file.
+    pub dir_identity: Option<DirIdentity>,
 }
+
+/// A directory's device, inode and birth time: `rm -rf dir; mkdir dir` gets the same
+/// inode number back on ext4, and only the birth time tells the new one apart.
+pub type DirIdentity = (u64, u64, Option<std::time::SystemTime>);
 
 /// A connector file that exists but did not load. Its connector is still known: its
 /// cursor holds back change-log compaction until the file is fixed or removed, so
@@ -339,7 +344,9 @@ pub fn load_dir_keeping(
 ) -> Loaded {
     use std::os::unix::fs::MetadataExt as _;
     let mut out = Loaded {
-        dir_identity: std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino())),
+        dir_identity: std::fs::metadata(dir)
+            .ok()
+            .map(|m| (m.dev(), m.ino(), m.created().ok())),
         ..Loaded::default()
     };
     let entries = match std::fs::read_dir(dir) {
@@ -362,9 +369,6 @@ pub fn load_dir_keeping(
         .filter(|p| is_connector_file(p))
         .collect();
     files.sort();
-    if files.is_empty() {
-        out.empty_dir = Some(dir.to_owned());
-    }
     let mut parsed = Vec::with_capacity(files.len());
     for file in files {
         let text = match crate::config::read_text(&file, crate::config::FileKind::Connector) {
@@ -447,6 +451,9 @@ pub fn load_dir_keeping(
             }
         }
     }
+    if out.connectors.is_empty() {
+        out.none_loaded_from = Some(dir.to_owned());
+    }
     out
 }
 
@@ -485,10 +492,12 @@ secret_env = "HOOK_SECRET"
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         assert_eq!(loaded.connectors.len(), 1);
         assert_eq!(loaded.connectors[0].file.file_name(), Some(name));
-        assert_eq!(loaded.empty_dir, None);
+        assert_eq!(loaded.none_loaded_from, None);
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(
-            load_dir(empty.path(), &["demo"]).empty_dir.as_deref(),
+            load_dir(empty.path(), &["demo"])
+                .none_loaded_from
+                .as_deref(),
             Some(empty.path())
         );
     }

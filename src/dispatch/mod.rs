@@ -1883,7 +1883,7 @@ pub struct Dispatcher {
     /// (file, error): the loader does not list them, yet they are errors to report.
     unstartable: Mutex<Vec<(std::path::PathBuf, String)>>,
     /// The connectors directory last applied (see [`Loaded::dir_identity`]).
-    dir_identity: Mutex<Option<(u64, u64)>>,
+    dir_identity: Mutex<Option<crate::connectors::DirIdentity>>,
     /// The configured tenants, whose stored cursors are looked through for connectors
     /// that are not loaded.
     tenants: Vec<String>,
@@ -1980,16 +1980,17 @@ impl Dispatcher {
             let running_count = self.running().len();
             let swapped = last.is_some() && *last != loaded.dir_identity;
             if let Some(dir) = loaded
-                .empty_dir
+                .none_loaded_from
                 .as_ref()
                 .filter(|_| swapped && running_count > 0)
             {
-                let error = format!(
-                    "the connectors directory {} is now another directory, with no connector file (*.toml), while {running_count} connector(s) run: taken for a volume not mounted or a link pointed elsewhere, not for the removal of every file. Every connector keeps running as loaded before. To remove them all, remove their files from the directory they were loaded from, or restart rosterd (their stored cursors are then listed as not loaded until `rosterd retire`)",
+                let mut errors = vec![format!(
+                    "the connectors directory {} is now another directory, with no connector file that loads, while {running_count} connector(s) run: taken for a volume not mounted or a link pointed elsewhere, not for the removal of every file. Every connector keeps running as loaded before. To remove them all, remove their files from the directory they were loaded from, or restart rosterd (their stored cursors are then listed as not loaded until `rosterd retire`)",
                     dir.display()
-                );
-                tracing::error!(%error, "Connectors not reloaded: their directory is empty.");
-                return self.set_errors(vec![error]);
+                )];
+                tracing::error!(error = %errors[0], "Connectors not reloaded: their directory is another, and nothing in it loads.");
+                errors.extend(file_errors);
+                return self.set_errors(errors);
             }
             *last = loaded.dir_identity;
         }

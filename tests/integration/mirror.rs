@@ -1683,27 +1683,45 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
     std::fs::rename(&moved, &file).unwrap();
     d.reload().await;
     assert!(connector(&d, "hooks").await["file_error"].is_null());
-    // Another directory with no connector file (a volume not mounted, a link pointed at
-    // an empty directory) is not every file removed: nothing stops.
+    // Another directory in which nothing loads (a volume not mounted, a link pointed at
+    // an empty directory, the directory removed and made again, one holding only a
+    // link to nowhere) is not every file removed: nothing stops.
     let dir = d.root.join("connectors");
     let away = d.root.join("connectors.away");
-    std::fs::rename(&dir, &away).unwrap();
-    std::fs::create_dir(&dir).unwrap();
-    d.reload().await;
-    let s = d.status().await;
-    assert!(
-        s["connector_errors"]
-            .to_string()
-            .contains("is now another directory, with no connector file"),
-        "{s}"
-    );
-    let id = d.create_user("empty-dir@acme.test").await;
-    caught_up(&d, "hooks").await;
-    assert!(delivered(&id), "not delivered with the directory empty");
-    std::fs::remove_dir(&dir).unwrap();
-    std::fs::rename(&away, &dir).unwrap();
-    d.reload().await;
-    assert_eq!(d.status().await["connector_errors"], json!([]));
+    for shape in ["moved away", "made again", "a link to nowhere"] {
+        if shape == "made again" {
+            // `rm -rf; mkdir` gets the same inode number back on ext4.
+            std::fs::create_dir(&away).unwrap();
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), away.join(entry.file_name())).unwrap();
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        } else {
+            std::fs::rename(&dir, &away).unwrap();
+        }
+        std::fs::create_dir(&dir).unwrap();
+        if shape == "a link to nowhere" {
+            std::os::unix::fs::symlink("/nonexistent/x.toml", dir.join("x.toml")).unwrap();
+        }
+        d.reload().await;
+        let s = d.status().await;
+        assert!(
+            s["connector_errors"]
+                .to_string()
+                .contains("is now another directory, with no connector file that loads"),
+            "{shape}: {s}"
+        );
+        let id = d
+            .create_user(&format!("{}@acme.test", shape.replace(' ', "-")))
+            .await;
+        caught_up(&d, "hooks").await;
+        assert!(delivered(&id), "{shape}: not delivered");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::rename(&away, &dir).unwrap();
+        d.reload().await;
+        assert_eq!(d.status().await["connector_errors"], json!([]), "{shape}");
+    }
     // Removed: the connector stops.
     std::fs::remove_file(&file).unwrap();
     d.reload().await;
