@@ -893,7 +893,7 @@ pub fn masked_toml_error(message: &str, source: &str) -> String {
             out = out.replace(secret.as_str(), &"*".repeat(secret.chars().count()));
         }
     }
-    out
+    crate::text::clip_lines(&out).into_owned()
 }
 
 /// A TOML basic string's escapes resolved (`\"`, `\\`, `\uXXXX`, `\UXXXXXXXX`, `\t`, …),

@@ -71,9 +71,48 @@ pub fn terminal_safe(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The most characters of one line a message quotes from a file.
+const MAX_QUOTED_LINE: usize = 240;
+
+/// `message` with each line cut to [`MAX_QUOTED_LINE`] characters, saying how much was
+/// left out. A TOML error quotes the line it stops on whole: a connector file of one
+/// 1 MiB line put a megabyte into the log and `/status` at every reload.
+pub fn clip_lines(message: &str) -> Cow<'_, str> {
+    if message.lines().all(|l| l.len() <= MAX_QUOTED_LINE) {
+        return Cow::Borrowed(message);
+    }
+    let clipped: Vec<String> = message
+        .split('\n')
+        .map(|line| {
+            let total = line.chars().count();
+            if total <= MAX_QUOTED_LINE {
+                line.to_owned()
+            } else {
+                let kept: String = line.chars().take(MAX_QUOTED_LINE).collect();
+                format!("{kept}… ({} characters more)", total - MAX_QUOTED_LINE)
+            }
+        })
+        .collect();
+    Cow::Owned(clipped.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_line_is_clipped_saying_how_much_is_left_out() {
+        let message = format!(
+            "TOML parse error at line 1\n1 | x = [{}\n  |     ^",
+            "[".repeat(1000)
+        );
+        let clipped = clip_lines(&message);
+        assert!(clipped.len() < 400, "{clipped}");
+        assert!(clipped.contains("… (769 characters more)"), "{clipped}");
+        assert!(clipped.starts_with("TOML parse error at line 1\n1 | x = [[["));
+        assert!(clipped.ends_with("\n  |     ^"), "{clipped}");
+        assert!(matches!(clip_lines("short\nlines"), Cow::Borrowed(_)));
+    }
 
     #[test]
     fn what_changes_direction_is_invisible_too() {

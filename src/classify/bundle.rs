@@ -97,7 +97,7 @@ impl Bundle {
     pub fn from_toml_str(s: &str, origin: &str) -> Result<Bundle, ClassifyError> {
         let bundle: Bundle = toml::from_str(s).map_err(|e| ClassifyError::Parse {
             origin: origin.to_string(),
-            message: e.to_string(),
+            message: crate::text::clip_lines(&e.to_string()).into_owned(),
         })?;
         bundle.validate(origin)?;
         Ok(bundle)

@@ -478,6 +478,23 @@ secret_env = "HOOK_SECRET"
         assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 5);
     }
 
+    /// A file of one long line is quoted in its error a line's worth, not whole: the
+    /// error goes to the log and /status at every reload.
+    #[test]
+    fn a_long_line_that_does_not_parse_is_quoted_clipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = format!("tenant = \"demo\"\nname = [{}\n", "[".repeat(200_000));
+        std::fs::write(dir.path().join("long.toml"), line).unwrap();
+        let loaded = load_dir(dir.path(), &["demo"]);
+        let e = loaded.errors[0].to_string();
+        assert!(
+            e.len() < 2_000 && e.contains("characters more"),
+            "{}",
+            e.len()
+        );
+        assert!(e.contains("long.toml"), "{e}");
+    }
+
     /// A file name that is not UTF-8 loads like any other: it was skipped without a word.
     #[test]
     fn a_file_name_that_is_not_utf8_still_loads() {
