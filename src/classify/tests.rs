@@ -750,33 +750,31 @@ fn tenants_naming_the_same_bundle_share_one_trained_classifier() {
 /// multiply a store, are refused saying so; each took the daemon out of memory or disk.
 #[test]
 fn a_bundle_past_what_training_can_hold_is_refused_saying_so() {
-    let ids: String = (0..=bundle::MAX_ARCHETYPES)
-        .map(|i| format!("E{i:06},Clerk {i}\n"))
-        .collect();
-    let e = Bundle::from_labeled_csv(format!("employee_id,title\n{ids}").as_bytes())
-        .unwrap_err()
-        .to_string();
+    // A labeled CSV of `header`, then `rows` rows of `row(i)`: the error it gets.
+    let refused = |header: &str, rows: usize, row: &dyn Fn(usize) -> String| {
+        let body: String = (0..rows).map(|i| row(i) + "\n").collect();
+        Bundle::from_labeled_csv(format!("{header}\n{body}").as_bytes())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = refused("employee_id,title", bundle::MAX_ARCHETYPES + 1, &|i| {
+        format!("E{i:06},Clerk {i}")
+    });
     assert!(
         e.contains("2001 archetypes") && e.contains("at most 2000") && e.contains("employee"),
         "{e}"
     );
-    let examples: String = (0..=bundle::MAX_EXAMPLES)
-        .map(|i| format!("{},Clerk {i}\n", i % 10))
-        .collect();
-    let e = Bundle::from_labeled_csv(format!("archetype_id,title\n{examples}").as_bytes())
-        .unwrap_err()
-        .to_string();
+    let e = refused("archetype_id,title", bundle::MAX_EXAMPLES + 1, &|i| {
+        format!("{},Clerk {i}", i % 10)
+    });
     assert!(
         e.contains("50001 examples") && e.contains("at most 50000"),
         "{e}"
     );
     // Few examples, but long: what training holds grows with their characters.
-    let long_examples: String = (0..2_000)
-        .map(|i| format!("{},{}\n", i % 10, "clerk ".repeat(170)))
-        .collect();
-    let e = Bundle::from_labeled_csv(format!("archetype_id,title\n{long_examples}").as_bytes())
-        .unwrap_err()
-        .to_string();
+    let e = refused("archetype_id,title", 2_000, &|i| {
+        format!("{},{}", i % 10, "clerk ".repeat(170))
+    });
     assert!(
         e.contains("characters of examples") && e.contains("at most 2000000"),
         "{e}"
