@@ -266,13 +266,11 @@ pub struct Loaded {
     /// The directory itself could not be listed (`errors` says why): nothing can be
     /// told about any file, so a reload must not take it for "every file was removed".
     pub dir_unreadable: bool,
-    /// The directory, listed, when no connector in it loads (no file, or none that
-    /// reads).
-    pub none_loaded_from: Option<PathBuf>,
-    /// Which directory was listed (through links). One that loads nothing and is
-    /// another than last time is a volume not mounted or a link pointed elsewhere, which
-    /// a reload does not take for the removal of every file.
-    pub dir_identity: Option<DirIdentity>,
+    /// The directory listed, and which one it was (through links). One in which no
+    /// connector loads and that is another than last time is a volume not mounted or a
+    /// link pointed elsewhere, which a reload does not take for the removal of every
+    /// file.
+    pub listed: Option<(PathBuf, Option<DirIdentity>)>,
 }
 
 /// A directory's device, inode and birth time: `rm -rf dir; mkdir dir` gets the same
@@ -343,12 +341,10 @@ pub fn load_dir_keeping(
     running: &BTreeMap<String, PathBuf>,
 ) -> Loaded {
     use std::os::unix::fs::MetadataExt as _;
-    let mut out = Loaded {
-        dir_identity: std::fs::metadata(dir)
-            .ok()
-            .map(|m| (m.dev(), m.ino(), m.created().ok())),
-        ..Loaded::default()
-    };
+    let identity = std::fs::metadata(dir)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.created().ok()));
+    let mut out = Loaded::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(source) => {
@@ -360,6 +356,7 @@ pub fn load_dir_keeping(
             return out;
         }
     };
+    out.listed = Some((dir.to_owned(), identity));
     // Whatever stands under a connector's file name counts, a directory, pipe or broken
     // link too: skipping it would read as the file's removal, which retires a running
     // connector and lets compaction drop the changes it still owes. It fails to read
@@ -451,9 +448,6 @@ pub fn load_dir_keeping(
             }
         }
     }
-    if out.connectors.is_empty() {
-        out.none_loaded_from = Some(dir.to_owned());
-    }
     out
 }
 
@@ -509,12 +503,15 @@ secret_env = "HOOK_SECRET"
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         assert_eq!(loaded.connectors.len(), 1);
         assert_eq!(loaded.connectors[0].file.file_name(), Some(name));
-        assert_eq!(loaded.none_loaded_from, None);
-        let empty = tempfile::tempdir().unwrap();
         assert_eq!(
-            load_dir(empty.path(), &["demo"])
-                .none_loaded_from
-                .as_deref(),
+            loaded.listed.as_ref().map(|(d, _)| d.as_path()),
+            Some(dir.path())
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let loaded = load_dir(empty.path(), &["demo"]);
+        assert!(loaded.connectors.is_empty());
+        assert_eq!(
+            loaded.listed.as_ref().map(|(d, _)| d.as_path()),
             Some(empty.path())
         );
     }

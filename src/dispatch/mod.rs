@@ -1882,7 +1882,7 @@ pub struct Dispatcher {
     /// Of those, the files that load but whose connector cannot start as they now read
     /// (file, error): the loader does not list them, yet they are errors to report.
     unstartable: Mutex<Vec<(std::path::PathBuf, String)>>,
-    /// The connectors directory last applied (see [`Loaded::dir_identity`]).
+    /// The connectors directory last applied (see [`Loaded::listed`]).
     dir_identity: Mutex<Option<crate::connectors::DirIdentity>>,
     /// The configured tenants, whose stored cursors are looked through for connectors
     /// that are not loaded.
@@ -1962,7 +1962,7 @@ impl Dispatcher {
     /// broken keeps its old config (as a broken bundle does), and so does one whose
     /// changed file cannot start (a secret the daemon's environment lacks: the new
     /// connector is built before the old one stops). A directory that cannot be read
-    /// changes nothing, nor does another directory with no connector file at all while
+    /// changes nothing, nor does another directory in which no connector file loads while
     /// connectors run. Only a removed file stops its connector, and retires it: its cursor
     /// then no longer holds back compaction.
     /// Returns the errors, also kept for /status: files that do not load, changed files
@@ -1978,11 +1978,12 @@ impl Dispatcher {
         {
             let mut last = self.dir_identity.lock().unwrap_or_else(|e| e.into_inner());
             let running_count = self.running().len();
-            let swapped = last.is_some() && *last != loaded.dir_identity;
-            if let Some(dir) = loaded
-                .none_loaded_from
+            let identity = loaded.listed.as_ref().and_then(|(_, id)| *id);
+            let swapped = last.is_some() && *last != identity;
+            if let Some((dir, _)) = loaded
+                .listed
                 .as_ref()
-                .filter(|_| swapped && running_count > 0)
+                .filter(|_| swapped && running_count > 0 && loaded.connectors.is_empty())
             {
                 let mut errors = vec![format!(
                     "the connectors directory {} is now another directory, with no connector file that loads, while {running_count} connector(s) run: taken for a volume not mounted or a link pointed elsewhere, not for the removal of every file. Every connector keeps running as loaded before. To remove them all, remove their files from the directory they were loaded from, or restart rosterd (their stored cursors are then listed as not loaded until `rosterd retire`)",
@@ -1992,7 +1993,7 @@ impl Dispatcher {
                 errors.extend(file_errors);
                 return self.set_errors(errors);
             }
-            *last = loaded.dir_identity;
+            *last = identity;
         }
         // Which running connector each unloadable file is, if any: by file, or by the
         // name the file still gives.
