@@ -710,7 +710,8 @@ fn repeated_examples(bundle: &rosterd::classify::Bundle) -> Vec<String> {
     }
     if copies > 0 {
         notes.push(format!(
-            "{copies} repeated example(s) (the same title under the same archetype, as normalized) are kept and weigh more in training, e.g. {}",
+            "{copies} repeated example(s) (the same title under the same archetype, as normalized) are kept and weigh more in training (each counts toward a bundle's {} examples), e.g. {}",
+            rosterd::classify::MAX_EXAMPLES,
             copied.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         ));
     }

@@ -333,7 +333,7 @@ impl Bundle {
                 "examples",
                 None,
                 format!(
-                    "{texts} examples, keywords and departments in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype teaches nothing new: keep each once"
+                    "{texts} examples, keywords and departments in all; a bundle holds at most {MAX_EXAMPLES}. A title repeated under one archetype counts each time (it weighs more in training): keep each once to make room"
                 ),
             ));
         }

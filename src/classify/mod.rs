@@ -21,9 +21,9 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-pub use bundle::{Archetype, Bundle, TITLE_COLUMNS, csv_line};
+pub use bundle::{Archetype, Bundle, MAX_EXAMPLES, TITLE_COLUMNS, csv_line};
 pub use normalize::normalize_title;
-pub use policy::TenantPolicy;
+pub use policy::{BundleRead, TenantPolicy};
 // The store keeps what the classifier proposes as it proposes it.
 pub use crate::store::Candidate;
 

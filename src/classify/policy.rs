@@ -59,6 +59,17 @@ impl TenantPolicy {
         rules: Vec<GroupRule>,
         threshold: Option<f64>,
     ) -> Result<TenantPolicy, ClassifyError> {
+        let content = bundle.fingerprint();
+        Self::trained_from(bundle, content, rules, threshold)
+    }
+
+    /// [`TenantPolicy::new`] given the bundle's fingerprint (`content`), already computed.
+    fn trained_from(
+        bundle: Bundle,
+        content: String,
+        rules: Vec<GroupRule>,
+        threshold: Option<f64>,
+    ) -> Result<TenantPolicy, ClassifyError> {
         for (i, r) in rules.iter().enumerate() {
             if bundle.get(&r.archetype).is_none() {
                 return Err(ClassifyError::UnknownRuleArchetype {
@@ -69,7 +80,6 @@ impl TenantPolicy {
                 });
             }
         }
-        let content = bundle.fingerprint();
         let fingerprint = fingerprint(&content, &bundle, &rules, threshold);
         let classifier = trained(&bundle, content);
         Ok(TenantPolicy {
@@ -80,30 +90,6 @@ impl TenantPolicy {
             fingerprint,
             loaded_from: None,
         })
-    }
-
-    /// The fingerprint the tenant's bundle file would have as a policy, without training
-    /// it: a reload compares it first, so a SIGHUP for a connector file does not retrain
-    /// an unchanged bundle (seconds to minutes for a large one). None without a bundle.
-    pub async fn fingerprint_on_disk(
-        t: &TenantConfig,
-        base_dir: &Path,
-    ) -> Result<Option<String>, ClassifyError> {
-        let Some(path) = Self::bundle_path(t, base_dir) else {
-            return Ok(None);
-        };
-        let (rules, threshold) = (t.group_rules.clone(), t.review_threshold);
-        tokio::task::spawn_blocking(move || {
-            let bundle = Bundle::load(&path)?;
-            Ok(Some(fingerprint(
-                &bundle.fingerprint(),
-                &bundle,
-                &rules,
-                threshold,
-            )))
-        })
-        .await
-        .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
     }
 
     /// The bundle file a tenant's config names, resolved against the config's directory.
@@ -117,16 +103,41 @@ impl TenantPolicy {
         })
     }
 
-    /// Load the bundle a tenant's config names (relative to the config's directory).
-    pub fn load(t: &TenantConfig, base_dir: &Path) -> Result<Option<TenantPolicy>, ClassifyError> {
+    /// Read, without training, the bundle a tenant's config names (relative to the
+    /// config's directory). None without a bundle.
+    pub fn read(t: &TenantConfig, base_dir: &Path) -> Result<Option<BundleRead>, ClassifyError> {
         let Some(path) = Self::bundle_path(t, base_dir) else {
             return Ok(None);
         };
         let started = std::time::Instant::now();
         let bundle = Bundle::load(&path)?;
-        let mut policy = TenantPolicy::new(bundle, t.group_rules.clone(), t.review_threshold)?;
-        policy.loaded_from = Some((path, started.elapsed().as_secs_f64()));
-        Ok(Some(policy))
+        let content = bundle.fingerprint();
+        Ok(Some(BundleRead {
+            fingerprint: fingerprint(&content, &bundle, &t.group_rules, t.review_threshold),
+            content,
+            bundle,
+            rules: t.group_rules.clone(),
+            threshold: t.review_threshold,
+            path,
+            started,
+        }))
+    }
+
+    /// [`TenantPolicy::read`] on a blocking thread, as a file read may block (a hung
+    /// network mount).
+    pub async fn read_blocking(
+        t: &TenantConfig,
+        base_dir: &Path,
+    ) -> Result<Option<BundleRead>, ClassifyError> {
+        let (t, base_dir) = (t.clone(), base_dir.to_owned());
+        tokio::task::spawn_blocking(move || Self::read(&t, &base_dir))
+            .await
+            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
+    }
+
+    /// Load the bundle a tenant's config names (relative to the config's directory).
+    pub fn load(t: &TenantConfig, base_dir: &Path) -> Result<Option<TenantPolicy>, ClassifyError> {
+        Self::read(t, base_dir)?.map(BundleRead::train).transpose()
     }
 
     /// The bundle file this policy was loaded from, and the seconds reading and training
@@ -176,6 +187,42 @@ impl TenantPolicy {
             .iter()
             .find(|r| rule_matches(r, id, display_name, external_id))
             .map(|r| r.archetype.as_str())
+    }
+}
+
+/// A tenant's bundle file as read once, not yet trained. A reload compares its
+/// fingerprint with the running policy's and trains from this same read: reading the file
+/// a second time to train would let a read that fails in between (a file being rewritten
+/// in place) pass for a change, and retrain and reclassify for an identical bundle.
+pub struct BundleRead {
+    bundle: Bundle,
+    content: String,
+    fingerprint: String,
+    rules: Vec<GroupRule>,
+    threshold: Option<f64>,
+    path: PathBuf,
+    started: std::time::Instant,
+}
+
+impl BundleRead {
+    /// What the policy trained from this read would have as [`TenantPolicy::fingerprint`].
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Train the policy; seconds to minutes for a large bundle.
+    pub fn train(self) -> Result<TenantPolicy, ClassifyError> {
+        let mut policy =
+            TenantPolicy::trained_from(self.bundle, self.content, self.rules, self.threshold)?;
+        policy.loaded_from = Some((self.path, self.started.elapsed().as_secs_f64()));
+        Ok(policy)
+    }
+
+    /// [`BundleRead::train`] on a blocking thread, off the async workers.
+    pub async fn train_blocking(self) -> Result<TenantPolicy, ClassifyError> {
+        tokio::task::spawn_blocking(move || self.train())
+            .await
+            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
     }
 }
 

@@ -745,6 +745,43 @@ fn tenants_naming_the_same_bundle_share_one_trained_classifier() {
     );
 }
 
+/// A reload compares a bundle's fingerprint and trains from the one read: what it trains
+/// is what it compared, even when the file changes (or fails to read) in between. It
+/// read the file twice, and a read that failed between the two passed for a change, so an
+/// identical bundle was retrained and the tenant reclassified.
+#[test]
+fn a_bundle_read_once_trains_what_was_compared() {
+    let dir = std::env::temp_dir().join(format!("classify-read-once-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bundle.toml");
+    std::fs::write(&path, TINY).unwrap();
+    let tenant: crate::config::TenantConfig = toml::from_str(&format!(
+        "id = \"t\"\nbundle = {:?}",
+        path.display().to_string()
+    ))
+    .unwrap();
+    let read = TenantPolicy::read(&tenant, &dir).unwrap().unwrap();
+    let expected = TenantPolicy::new(tiny(), Vec::new(), None).unwrap();
+    assert_eq!(read.fingerprint(), expected.fingerprint());
+
+    // Rewritten between the comparison and the training.
+    let other_version = format!("{}-rewritten", tiny().version);
+    std::fs::write(&path, TINY.replacen(&tiny().version, &other_version, 1)).unwrap();
+    let trained = read.train().unwrap();
+    assert_eq!(trained.bundle().version, tiny().version);
+    assert_eq!(trained.fingerprint(), expected.fingerprint());
+    assert_eq!(trained.loaded_from().map(|(p, _)| p), Some(path.as_path()));
+    // The file itself now holds the other bundle: the next read sees it.
+    let again = TenantPolicy::load(&tenant, &dir).unwrap().unwrap();
+    assert_eq!(again.bundle().version, other_version);
+    assert_ne!(again.fingerprint(), expected.fingerprint());
+
+    // A tenant without a bundle reads none.
+    let none: crate::config::TenantConfig = toml::from_str("id = \"t\"").unwrap();
+    assert!(TenantPolicy::read(&none, &dir).unwrap().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// What training costs is bounded before it starts: too many archetypes (a CSV's
 /// employee-id column taken for the label), too many examples, or ids long enough to
 /// multiply a store, are refused saying so; each took the daemon out of memory or disk.

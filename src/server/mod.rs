@@ -464,17 +464,23 @@ pub async fn reload(state: &Arc<AppState>) {
             continue;
         };
         // Compared before training, so a SIGHUP for a connector file does not retrain an
-        // unchanged bundle; a file that does not read here fails in the load below.
-        if let (Some(old), Ok(Some(now))) = (
-            roster.policy(),
-            TenantPolicy::fingerprint_on_disk(t, &state.config.base_dir).await,
-        ) && old.fingerprint() == now
+        // unchanged bundle; a changed one trains from this same read.
+        let read = TenantPolicy::read_blocking(t, &state.config.base_dir).await;
+        if let (Some(old), Ok(Some(now))) = (roster.policy(), &read)
+            && old.fingerprint() == now.fingerprint()
         {
             roster.set_bundle_state(crate::api::BundleState::recovered);
             continue;
         }
-        roster.set_bundle_state(crate::api::BundleState::training);
-        let policy = match TenantPolicy::load_blocking(t, &state.config.base_dir).await {
+        let trained = match read {
+            Ok(Some(now)) => {
+                roster.set_bundle_state(crate::api::BundleState::training);
+                now.train_blocking().await.map(Some)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let policy = match trained {
             Ok(Some(p)) => Arc::new(p),
             Ok(None) => {
                 roster.set_bundle_state(|b| b.training_since = None);

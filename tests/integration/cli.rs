@@ -266,6 +266,10 @@ fn bundle_from_csv_then_classify_dry_run() {
     assert!(ok, "{err}");
     assert!(err.contains("\"head chef\" (chef, nurse)"), "{err}");
     assert!(err.contains("1 repeated example(s)"), "{err}");
+    assert!(
+        err.contains("counts toward a bundle's 50000 examples"),
+        "{err}"
+    );
     let (ok, _, err) = rosterd(
         &["bundle", "from-csv", "-"],
         Some("chef,head chef\nnurse,staff nurse\n"),
