@@ -274,8 +274,8 @@ fn main() -> std::process::ExitCode {
             if e.downcast_ref::<Logged>().is_none() {
                 let line = format!("Error: {}", causes(&e));
                 if journal::is_journal(&std::io::stderr()) {
-                    let _ =
-                        std::io::stderr().write_all(&journal::entry(journal::ERR, line.as_bytes()));
+                    let _ = std::io::stderr()
+                        .write_all(&journal::entry(Some(journal::ERR), line.as_bytes()));
                 } else {
                     note!("{line}");
                 }
@@ -1749,11 +1749,15 @@ fn init_logging(log: &LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // Colour only for a person at a terminal: under systemd stdout is the journal, and
-    // escape codes there make `journalctl` show lines as blobs.
-    let writer = if journal::is_journal(&std::io::stdout()) {
+    // escape codes there make `journalctl` show lines as blobs. Elsewhere than a
+    // terminal, an event is one line (see `journal`).
+    let stdout = std::io::stdout();
+    let writer = if journal::is_journal(&stdout) {
         BoxMakeWriter::new(journal::JournalStdout)
-    } else {
+    } else if std::io::IsTerminal::is_terminal(&stdout) {
         BoxMakeWriter::new(std::io::stdout)
+    } else {
+        BoxMakeWriter::new(journal::OneLineStdout)
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -430,20 +430,24 @@ pub fn csv_line(text: &[u8], pos: Option<&csv::Position>) -> u64 {
 /// or control character would split them, an invisible or direction-changing character
 /// or surrounding blanks make two ids that look alike, and a spreadsheet runs a cell that
 /// starts with a formula character (the fullwidth ones too, as the export treats them).
-fn id_problem(id: &str) -> Option<&'static str> {
-    if id.chars().count() > MAX_ID_CHARS {
-        Some("is longer than 128 characters (each user assigned it stores it many times over)")
+fn id_problem(id: &str) -> Option<std::borrow::Cow<'static, str>> {
+    let why = if id.chars().count() > MAX_ID_CHARS {
+        return Some(
+            format!("is longer than {MAX_ID_CHARS} characters (each user assigned it stores it many times over)")
+                .into(),
+        );
     } else if id.chars().any(crate::text::breaks_line) {
-        Some("contains a control character or line break")
+        "contains a control character or line break"
     } else if id.chars().any(crate::text::is_invisible) {
-        Some("contains an invisible or text-direction character")
+        "contains an invisible or text-direction character"
     } else if id.trim() != id {
-        Some("begins or ends with blanks")
+        "begins or ends with blanks"
     } else if id.starts_with(crate::api::FORMULA_STARTS) {
-        Some("begins with = + - or @, which a spreadsheet reads as a formula")
+        "begins with = + - or @, which a spreadsheet reads as a formula"
     } else {
-        None
-    }
+        return None;
+    };
+    Some(why.into())
 }
 
 pub(crate) fn fnv1a_128(bytes: &[u8]) -> u128 {

@@ -10,8 +10,14 @@
 //! written as `\n`, as the JSON format writes them anyway.
 //!
 //! systemd says a stream is the journal's by setting `JOURNAL_STREAM` to its
-//! `device:inode`; a stream redirected elsewhere (a pipe to `tee`, a file) keeps plain
-//! lines even when the variable is inherited.
+//! `device:inode`; a stream redirected elsewhere (a pipe to `tee`, a file) gets no
+//! prefix even when the variable is inherited.
+//!
+//! A file or a pipe gets one line per event as well ([`OneLineStdout`]): there a line
+//! break inside a value (a connector file named with one, a target's error text) starts
+//! what reads as an event of its own, and one file name forged a whole `Reload finished.
+//! errors=0` line. Control characters are escaped on both, as the JSON format escapes
+//! them; only a terminal gets an event's lines as they are, for a person to read.
 
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -54,16 +60,21 @@ fn priority(level: &Level) -> u8 {
     }
 }
 
-/// `text` as one journal entry of `priority`: the prefix, the text with its line breaks
-/// escaped, one newline.
-pub fn entry(priority: u8, text: &[u8]) -> Vec<u8> {
+/// `text` as one line: a journal entry of `priority` (its prefix) or, without one, a line
+/// of a log file; line breaks written `\n` and `\r`, other control characters but the tab
+/// (ESC, which drives a terminal that `cat`s the file) as `\u{1b}`; one newline.
+pub fn entry(priority: Option<u8>, text: &[u8]) -> Vec<u8> {
     let text = text.strip_suffix(b"\n").unwrap_or(text);
     let mut out = Vec::with_capacity(text.len() + 8);
-    out.extend_from_slice(format!("<{priority}>").as_bytes());
+    if let Some(priority) = priority {
+        out.extend_from_slice(format!("<{priority}>").as_bytes());
+    }
     for &b in text {
         match b {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.push(b),
+            0..0x20 | 0x7f => out.extend_from_slice(format!("\\u{{{b:x}}}").as_bytes()),
             _ => out.push(b),
         }
     }
@@ -80,11 +91,24 @@ impl<'a> MakeWriter<'a> for JournalStdout {
     type Writer = Entry;
 
     fn make_writer(&'a self) -> Entry {
-        Entry::new(INFO)
+        Entry::new(Some(INFO))
     }
 
     fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Entry {
-        Entry::new(priority(meta.level()))
+        Entry::new(Some(priority(meta.level())))
+    }
+}
+
+/// A `tracing_subscriber` writer to stdout that keeps each event on one line, with no
+/// prefix: for a log file or a pipe.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OneLineStdout;
+
+impl<'a> MakeWriter<'a> for OneLineStdout {
+    type Writer = Entry;
+
+    fn make_writer(&'a self) -> Entry {
+        Entry::new(None)
     }
 }
 
@@ -92,12 +116,12 @@ impl<'a> MakeWriter<'a> for JournalStdout {
 /// write an event in several pieces, and a prefix and escaping need all of it.
 #[derive(Debug)]
 pub struct Entry {
-    priority: u8,
+    priority: Option<u8>,
     text: Vec<u8>,
 }
 
 impl Entry {
-    fn new(priority: u8) -> Self {
+    fn new(priority: Option<u8>) -> Self {
         Entry {
             priority,
             text: Vec::new(),
@@ -135,14 +159,30 @@ mod tests {
     #[test]
     fn an_entry_is_one_prefixed_line() {
         assert_eq!(
-            entry(4, b"Bundle not reloaded.\n"),
+            entry(Some(4), b"Bundle not reloaded.\n"),
             b"<4>Bundle not reloaded.\n"
         );
         assert_eq!(
-            entry(3, b"TOML parse error at line 3\n  |\nunknown field `x`\n"),
+            entry(
+                Some(3),
+                b"TOML parse error at line 3\n  |\nunknown field `x`\n"
+            ),
             b"<3>TOML parse error at line 3\\n  |\\nunknown field `x`\n"
         );
-        assert_eq!(entry(6, b"no newline"), b"<6>no newline\n");
+        assert_eq!(entry(Some(6), b"no newline"), b"<6>no newline\n");
+    }
+
+    #[test]
+    fn a_line_of_a_log_file_escapes_what_would_start_or_redraw_one() {
+        assert_eq!(
+            entry(
+                None,
+                b"file=a\nZ INFO Reload finished.\x1b[31m\r\x07\x7f.toml\tok\n"
+            ),
+            b"file=a\\nZ INFO Reload finished.\\u{1b}[31m\\r\\u{7}\\u{7f}.toml\tok\n".to_vec()
+        );
+        // UTF-8 stays as it is.
+        assert_eq!(entry(None, "café ✓".as_bytes()), "café ✓\n".as_bytes());
     }
 
     #[test]

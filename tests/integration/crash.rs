@@ -561,6 +561,56 @@ async fn on_the_journal_each_event_is_one_line_at_its_priority() {
     );
 }
 
+/// In a log file each event is one line, whatever its values hold: a connector file
+/// named with a line break and a made-up log line wrote that line into the log as if
+/// the daemon had said it, and an ESC in a name drove the terminal of whoever `cat`s
+/// the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_log_file_each_event_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let mut d = ChildDaemon::start(&root, &[("RUST_LOG", "info")]).await;
+    let forged = "2026-01-01T00:00:00Z  INFO rosterd::server: FORGED Reload finished. errors=0";
+    let connectors = root.join("connectors");
+    std::fs::write(
+        connectors.join(format!("evil\n{forged}\x1b[2J.toml")),
+        "not = [toml",
+    )
+    .unwrap();
+    d.signal("HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while d.status().await["reloads"] == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no reload happened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.signal("TERM");
+    assert!(d.child.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    assert!(!text.contains('\x1b'), "a raw ESC in the log: {text}");
+    let mut timestamps = 0;
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("2026-01-01"),
+            "a file name started a log line: {text}"
+        );
+        timestamps += usize::from(line.starts_with(|c: char| c.is_ascii_digit()));
+    }
+    assert_eq!(
+        timestamps,
+        text.lines().count(),
+        "a line that is no event's start: {text}"
+    );
+    // The TOML error's diagram and the file's name are on the error's own line.
+    let refused = text
+        .lines()
+        .find(|l| l.contains("evil") && l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no error for the file in {text}"));
+    assert!(refused.contains(r"evil\n2026-01-01"), "{refused}");
+    assert!(refused.contains(r"\u{1b}[2J"), "{refused}");
+    assert!(refused.contains("not = [toml"), "{refused}");
+}
+
 fn cli(root: &Path, d: &ChildDaemon, args: &[&str]) -> (bool, String) {
     // The daemon flags belong to the first word (`status`, `dead-letters`, …).
     let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
