@@ -1216,6 +1216,14 @@ fn object_keys(ev: &ChangeEvent, reports: &[String]) -> Vec<String> {
                 .map(|m| format!("User/{m}")),
         );
     }
+    // A target that deletes inactive users is sent the classes of the user's groups with
+    // a reactivation, as the groups stand when it is planned: a later change of one of
+    // them, sent while the reactivation waited to retry, would be put back as it was.
+    // (Changes logged before `groups` was recorded have none; their groups are read when
+    // they are sent.)
+    if ev.resource_type == "User" && (ev.deactivated || ev.reactivated) {
+        keys.extend(ev.groups.iter().flatten().map(|g| format!("Group/{g}")));
+    }
     keys.extend(reports.iter().map(|r| format!("User/{r}")));
     keys
 }
@@ -3067,5 +3075,32 @@ mod tests {
             object_keys(&ev, &reports),
             ["Group/g", "User/u1", "User/u2", "User/r1"]
         );
+    }
+
+    #[test]
+    fn a_change_of_state_depends_on_the_users_groups() {
+        let ev = |deactivated: bool, reactivated: bool| ChangeEvent {
+            seq: 1,
+            at: Utc::now(),
+            resource_type: "User".into(),
+            id: "u".into(),
+            op: ChangeOp::Updated,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated,
+            reactivated,
+            groups: Some(vec!["g1".into(), "g2".into()]),
+        };
+        assert_eq!(
+            object_keys(&ev(false, true), &[]),
+            ["User/u", "Group/g1", "Group/g2"]
+        );
+        assert_eq!(
+            object_keys(&ev(true, false), &[]),
+            ["User/u", "Group/g1", "Group/g2"]
+        );
+        assert_eq!(object_keys(&ev(false, false), &[]), ["User/u"]);
     }
 }

@@ -2360,6 +2360,52 @@ async fn a_deactivation_takes_the_enrollments_the_user_had_then_even_if_it_left_
     assert_eq!(target.enrollments()[&enrollment]["status"], "tobedeleted");
 }
 
+/// A reactivation puts back the classes of the user's groups as they stand: a later
+/// change of such a group must wait for it, or the reactivation, retried after the
+/// change went out, puts the class back as it was before it.
+#[tokio::test]
+async fn a_group_renamed_while_a_reactivation_is_retried_keeps_its_new_title() {
+    let (d, target, (ada, gid, user_sid, _)) = ada_on_a_deleting_target().await;
+    let off = json!([{"op": "replace", "path": "active", "value": false}]);
+    patched_paths(&d, &target, &ada, off, "DELETE").await;
+    let class_sid = sourced_id(&format!("Group/{gid}"));
+    assert_eq!(target.classes()[&class_sid]["title"], "Ops");
+    target.clear_requests();
+    // The reactivation's first request fails until the rename has had every chance to go
+    // out (it did at once, not waiting for the reactivation).
+    target.inject(Fault::status(503, 1).on_path(user_sid.as_str()).forever());
+    let on = json!([{"op": "replace", "path": "active", "value": true}]);
+    let r = d.patch(&format!("/Users/{ada}"), patch_op(on)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rename = json!([{"op": "replace", "path": "displayName", "value": "Ops 2"}]);
+    let r = d.patch(&format!("/Groups/{gid}"), patch_op(rename)).await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while target.faults_applied() < 8 && target.classes()[&class_sid]["title"] != "Ops 2" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reactivation was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    target.clear_faults();
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 0, "{c}");
+    let titles: Vec<Value> = target
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.ends_with(&class_sid))
+        .filter_map(|r| r.json())
+        .map(|b| b["class"]["title"].clone())
+        .collect();
+    assert_eq!(
+        target.classes()[&class_sid]["title"],
+        "Ops 2",
+        "class PUTs in order: {titles:?}"
+    );
+    assert_eq!(titles.last(), Some(&json!("Ops 2")), "{titles:?}");
+}
+
 #[tokio::test]
 async fn a_user_that_joins_a_group_while_deleted_downstream_is_put_before_its_enrollment() {
     let (d, target, (ada, _, user_sid, _)) = ada_on_a_deleting_target().await;
