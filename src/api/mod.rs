@@ -65,6 +65,14 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0} is not in the review queue; PATCH /api/v1/roster/users/{{id}} overrides any user")]
     NotInReview(String),
+    #[error(
+        "the suggestion changed since it was shown: it is now {}, not {expected:?} (the user's title or department changed); read the item again",
+        now.as_deref().map_or_else(|| "none".to_owned(), |a| format!("{a:?}"))
+    )]
+    SuggestionChanged {
+        expected: String,
+        now: Option<String>,
+    },
     /// A downstream target refused what we sent on the caller's behalf.
     #[error("{0}")]
     Upstream(String),
@@ -102,6 +110,9 @@ impl From<StoreError> for ApiError {
                 ),
                 R::UnknownArchetype(a) => ApiError::InvalidArchetype(a),
                 R::JobRunning => ApiError::SyncInProgress(None),
+                R::SuggestionChanged { expected, now } => {
+                    ApiError::SuggestionChanged { expected, now }
+                }
             },
             other => ApiError::Internal(other),
         }
@@ -135,6 +146,7 @@ impl ApiError {
             ApiError::Disabled(_) => (StatusCode::SERVICE_UNAVAILABLE, "roster_api_disabled"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::NotInReview(_) => (StatusCode::CONFLICT, "not_in_review"),
+            ApiError::SuggestionChanged { .. } => (StatusCode::CONFLICT, "suggestion_changed"),
             ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "target_refused"),
             ApiError::Unmappable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unmappable"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -243,6 +255,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "roster_api_disabled",
     "conflict",
     "not_in_review",
+    "suggestion_changed",
     "target_refused",
     "unmappable",
     "method_not_allowed",
@@ -542,6 +555,10 @@ mod tests {
             ApiError::Disabled("x".into()),
             ApiError::Conflict("x".into()),
             ApiError::NotInReview("x".into()),
+            ApiError::SuggestionChanged {
+                expected: "a".into(),
+                now: None,
+            },
             ApiError::Upstream("x".into()),
             ApiError::Unmappable("x".into()),
             ApiError::MethodNotAllowed("PUT".into()),
@@ -569,6 +586,7 @@ mod tests {
                 | ApiError::Disabled(_)
                 | ApiError::Conflict(_)
                 | ApiError::NotInReview(_)
+                | ApiError::SuggestionChanged { .. }
                 | ApiError::Upstream(_)
                 | ApiError::Unmappable(_)
                 | ApiError::MethodNotAllowed(_)

@@ -902,6 +902,29 @@ fn only_fields(
 /// The `archetype_id` of a body: a string sets an override, `null` clears it.
 /// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
 /// for the error message.
+/// A review accept's body: the archetype chosen (None: the suggestion) and the suggestion
+/// the reviewer was shown, if they say.
+fn accept_fields(body: &Value) -> ApiResult<(Option<String>, Option<String>)> {
+    const SHAPE: &str = "the body is {\"archetype_id\": \"<id>\"} to choose an archetype, or {} or {\"expected_archetype_id\": \"<id>\"} to accept the suggestion (only while it is that one)";
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    };
+    only_fields(obj, &["archetype_id", "expected_archetype_id"], SHAPE)?;
+    let id = |key: &str| match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{key} must be an archetype id, or null to accept the suggestion; {SHAPE}"
+        ))),
+    };
+    match (id("archetype_id")?, id("expected_archetype_id")?) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(format!(
+            "archetype_id chooses an archetype and expected_archetype_id accepts the suggestion: send one; {SHAPE}"
+        ))),
+        fields => Ok(fields),
+    }
+}
+
 fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
@@ -1235,7 +1258,9 @@ async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
 }
 
 /// Accept the suggested archetype (empty body) or pick another (`{"archetype_id": …}`):
-/// either way a person decided, so it becomes an override and leaves the queue.
+/// either way a person decided, so it becomes an override and leaves the queue. With
+/// `{"expected_archetype_id": …}`, the suggestion is accepted only while it is still the
+/// one the reviewer was shown.
 async fn accept_review(
     State(st): St,
     headers: HeaderMap,
@@ -1247,10 +1272,9 @@ async fn accept_review(
     let body = read_body(&st, &headers, body).await?;
     // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
     // suggestion (the OpenAPI document makes the field optional).
-    let chosen = match json_body(&headers, &body)? {
-        None => None,
-        Some(v) if v.as_object().is_some_and(|o| o.is_empty()) => None,
-        Some(v) => archetype_field(&v, "accept the suggestion")?,
+    let (chosen, expected) = match json_body(&headers, &body)? {
+        None => (None, None),
+        Some(v) => accept_fields(&v)?,
     };
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     check_override(
@@ -1265,7 +1289,7 @@ async fn accept_review(
     // reviewing. The store checks that, and takes the suggestion, as it writes.
     let change = match chosen {
         Some(a) => OverrideChange::Set(a),
-        None => OverrideChange::AcceptSuggestion,
+        None => OverrideChange::AcceptSuggestion { expected },
     };
     let rules = OverrideRules {
         only_review_items: true,

@@ -44,8 +44,11 @@ pub struct Decision {
 pub enum OverrideChange {
     Set(String),
     Clear,
-    /// Make the review item's current suggestion an override.
-    AcceptSuggestion,
+    /// Make the review item's current suggestion an override; with `expected`, only while
+    /// the suggestion is still that one (the one the reviewer was shown).
+    AcceptSuggestion {
+        expected: Option<String>,
+    },
 }
 
 /// Conditions [`Store::change_override`] checks at the moment of writing.
@@ -68,6 +71,11 @@ pub enum OverrideRefusal {
     UnknownArchetype(String),
     #[error("a job is running for this tenant")]
     JobRunning,
+    #[error("the suggestion is now {now:?}, not {expected:?}")]
+    SuggestionChanged {
+        expected: String,
+        now: Option<String>,
+    },
 }
 
 /// A user's archetype as stored.
@@ -608,8 +616,16 @@ impl Store {
             let archetype = match change {
                 OverrideChange::Set(a) => Some(a),
                 OverrideChange::Clear => None,
-                OverrideChange::AcceptSuggestion => {
-                    match current.as_ref().and_then(|c| c.archetype_id.clone()) {
+                OverrideChange::AcceptSuggestion { expected } => {
+                    let now = current.as_ref().and_then(|c| c.archetype_id.clone());
+                    // The IdP may have changed the title since the reviewer read the item:
+                    // what they approved is not what would be made sticky.
+                    if let Some(expected) = expected
+                        && now.as_ref() != Some(&expected)
+                    {
+                        return Err(OverrideRefusal::SuggestionChanged { expected, now }.into());
+                    }
+                    match now {
                         Some(a) => Some(a),
                         None => return Err(OverrideRefusal::NothingSuggested.into()),
                     }
@@ -1389,7 +1405,7 @@ mod tests {
                     .change_override(
                         "t",
                         &id,
-                        OverrideChange::AcceptSuggestion,
+                        OverrideChange::AcceptSuggestion { expected: None },
                         review,
                         "user:rev",
                     )

@@ -2223,6 +2223,72 @@ async fn raw_http(addr: std::net::SocketAddr, target: &str, token: &str) -> Stri
 /// A Roster API error is `{error, message}` JSON with a stable code, whatever refused the
 /// request: a handler, or axum before any handler ran.
 /// An API error whose message says `text`.
+/// A reviewer who says which suggestion they accept gets it, or 409 when the IdP changed
+/// the title since they read the item; a bare accept took whatever the suggestion had
+/// become (the tenant default here) and made it a sticky override.
+#[tokio::test]
+async fn accepting_a_review_item_can_name_the_suggestion_that_was_shown() {
+    let d = TestDaemon::start().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let id = create(&d, "pipes@acme.test", "account engineer", None).await;
+    let shown = roster_user(&d, &admin, &id).await;
+    let seen = shown["archetype_id"].as_str().unwrap().to_owned();
+    assert!(
+        shown["archetype_confidence"].as_f64().unwrap() < 0.7,
+        "{shown}"
+    );
+    let retitle = json!([{"op": "replace", "path": "title", "value": "software sales"}]);
+    let r = d.patch(&format!("/Users/{id}"), patch_op(retitle)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let now = roster_user(&d, &admin, &id).await;
+    let now = now["archetype_id"].as_str().unwrap().to_owned();
+    assert_ne!(now, seen, "the new title must suggest another archetype");
+
+    let accept = |body: Value| {
+        let (d, admin, id) = (&d, &admin, &id);
+        async move {
+            d.roster(
+                Method::POST,
+                &format!("/review/{id}/accept"),
+                admin,
+                Some(body),
+            )
+            .await
+        }
+    };
+    let r = accept(json!({"expected_archetype_id": seen})).await;
+    api_error_saying(
+        &r,
+        409,
+        "suggestion_changed",
+        &format!("now \"{now}\", not \"{seen}\""),
+    );
+    // Nothing was written: still an item, no event.
+    let user = roster_user(&d, &admin, &id).await;
+    let by = user["archetype_assigned_by"].as_str().unwrap();
+    assert!(by.starts_with("service:"), "{user}");
+    let review = d.roster(Method::GET, "/review", &admin, None).await;
+    assert!(
+        review.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["scim_id"] == id.as_str()),
+        "{}",
+        review.body
+    );
+    let r = accept(json!({"expected_archetype_id": seen, "archetype_id": seen})).await;
+    api_error_saying(&r, 400, "invalid_request", "send one");
+    let r = accept(json!({"expected_archetype_id": 7})).await;
+    api_error_saying(&r, 400, "invalid_request", "expected_archetype_id must be");
+    let r = accept(json!({"expected_archetype_id": now})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["archetype_id"], now.as_str(), "{}", r.body);
+    let user = roster_user(&d, &admin, &id).await;
+    let by = user["archetype_assigned_by"].as_str().unwrap();
+    assert!(by.starts_with("user:"), "{user}");
+}
+
 fn api_error_saying(r: &crate::harness::Resp, status: u16, code: &str, text: &str) {
     api_error(r, status, code);
     let msg = r.body["message"].as_str().unwrap_or_default();
