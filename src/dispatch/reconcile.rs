@@ -188,6 +188,26 @@ impl Pending {
         pending
     }
 
+    /// Nothing waiting, for a full run, but the changes logged from now on: the mirror
+    /// delivers each with its objects as they stand then, while the run's copies date
+    /// from when it read them. Sent after the mirror's, a run's copy put back a title
+    /// changed meanwhile, and brought back, enabled, a user deleted meanwhile.
+    fn from_now(store: &Store, tenant: &str) -> Pending {
+        match store.last_seq(tenant) {
+            Ok(seen) => Pending {
+                seen,
+                ..Pending::default()
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read where the change log stands; objects changed while the full run goes on may be sent as they were when it began.");
+                Pending {
+                    unreadable: true,
+                    ..Pending::default()
+                }
+            }
+        }
+    }
+
     /// Add the changes logged since the last one read, skipping `acked` (in order).
     fn read_on(
         &mut self,
@@ -635,9 +655,10 @@ pub(super) async fn reconcile_oneroster(
         // read.
         let found = super::blocking(move || {
             // A full run is for a target that lost data: it sends every object, as the
-            // target may no longer hold what an object's enrollments refer to.
+            // target may no longer hold what an object's enrollments refer to, whatever
+            // changes wait. Those logged from now on are the mirror's (see `from_now`).
             let pending = if full {
-                Pending::default()
+                Pending::from_now(&store, &t)
             } else {
                 Pending::read(&store, &t, &o, &s, live)
             };
@@ -701,19 +722,21 @@ pub(super) async fn reconcile_oneroster(
     items.sort_by_key(rank);
     let mut hashes = Vec::new();
     let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
-    let mut sent = vec![false; items.len()];
+    // Sent by the run, or left to the mirror's change.
+    let mut done = vec![false; items.len()];
     let mut left = 0;
     for (n, item) in items.iter().enumerate() {
         let Some(req) = &item.request else { continue };
         // And while it sends.
-        if !full && leave_to_mirror(ctx, settings, &mut pending, item, report).await? {
+        if leave_to_mirror(ctx, settings, &mut pending, item, report).await? {
             left += 1;
+            done[n] = true;
             continue;
         }
         match ctx.send_repair(req, 5).await {
             Sent::Ok => {
                 report.sent += 1;
-                sent[n] = true;
+                done[n] = true;
                 hashes.push((item.object.clone(), item.hash));
             }
             Sent::Refused { reason, .. } => {
@@ -734,12 +757,13 @@ pub(super) async fn reconcile_oneroster(
     if full {
         // A full run's object that did not go through still has its hash equal to what
         // would be sent, so an ordinary run would not see it missing: forgotten, it is
-        // "never delivered" to the next one.
+        // "never delivered" to the next one. One left to the mirror has the hash of what
+        // the mirror sent.
         hashes.extend(
             items
                 .iter()
-                .zip(&sent)
-                .filter(|(i, sent)| !**sent && i.hash.is_some())
+                .zip(&done)
+                .filter(|(i, done)| !**done && i.hash.is_some())
                 .map(|(i, _)| (i.object.clone(), None)),
         );
     }

@@ -228,6 +228,85 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     assert_eq!(target.objects(Kind::Enrollment).len(), 2);
 }
 
+/// A full run sends every object as it read them when it began; one changed or deleted
+/// while the run goes on is the mirror's, which sends it as it stands. The run sent its
+/// older copy after the mirror had: a user deprovisioned meanwhile came back at the
+/// target, enabled, and a new title went back to the old one.
+#[tokio::test]
+async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada, &bob]).await;
+    caught_up(&d, "sis").await;
+    // The run's first request, the course, is answered only once the changes below are
+    // delivered; everything else it sends comes after.
+    target.inject(Fault::held(1).on_path("/courses/").on_method("PUT"));
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job_id = r.body["job_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while target.faults_applied() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run sent no course"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
+    let retitle = json!([{"op": "replace", "path": "title", "value": "Night Nurse"}]);
+    let r = d.patch(&format!("/Users/{bob}"), patch_op(retitle)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    let (ada_sid, bob_sid) = (
+        sourced_id(&format!("User/{ada}")),
+        sourced_id(&format!("User/{bob}")),
+    );
+    assert_eq!(
+        target.stored(Kind::User, &ada_sid).unwrap().status(),
+        "tobedeleted"
+    );
+    target.release_held();
+    let job = wait_job(&d, &job_id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        target.stored(Kind::User, &ada_sid).unwrap().status(),
+        "tobedeleted",
+        "a user deleted during the run is back: {job}"
+    );
+    let enrollment = sourced_id(&format!("Member/{gid}/{ada}"));
+    assert_ne!(
+        target
+            .enrollments()
+            .get(&enrollment)
+            .map(|e| e["status"].clone()),
+        Some(json!("active")),
+        "{job}"
+    );
+    assert_eq!(
+        target.user(&bob_sid).unwrap()["metadata"]["job_title"],
+        "Night Nurse",
+        "{job}"
+    );
+    // What it left to the mirror, it counts as such.
+    assert!(
+        job["counts"]["drift_pending"].as_u64().unwrap() >= 2,
+        "{job}"
+    );
+    // And an ordinary run after it finds nothing to repair.
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+}
+
 /// A daemon whose `sis` connector reads users back, with three users delivered to
 /// `target`; ada's given name was then changed at the target.
 pub async fn reading_back(target: &OneRosterServer) -> TestDaemon {
