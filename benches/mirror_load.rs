@@ -9,6 +9,8 @@
 //!    `BENCH_RATE` per second (default 500) for `BENCH_SECONDS` (default 20); a change's
 //!    delay is when its PUT arrived at the target (recorded by the target, not polled)
 //!    minus when the client got the SCIM 2xx.
+//! 3. Full reconciliation (unless `BENCH_FULL=0`): `scim:sync {"full": true}`, every object
+//!    sent again one after another, each first checked against the change log.
 //!
 //! `BENCH_CONCURRENCY` (default 32) is the connector's `concurrency`;
 //! `BENCH_SEED_CONCURRENCY` (default 64) the SCIM creates in flight while seeding.
@@ -489,6 +491,51 @@ async fn run(target: &OneRosterServer) {
     let status_after = connector(&client, &daemon.base, &token).await;
     let rss_hwm = rss_kib(pid, "VmHWM:");
 
+    // ---- A full reconciliation: every object sent again, one after another, each
+    // checked against the change log first (an object changed meanwhile is the mirror's).
+    let full = if env_usize("BENCH_FULL", 1) > 0 {
+        let puts_before = target.count_requests("PUT", "users");
+        let t = Instant::now();
+        let job: Value = client
+            .post(format!("{}/api/v1/roster/scim:sync", daemon.base))
+            .bearer_auth(&token)
+            .json(&json!({"full": true}))
+            .send()
+            .await
+            .expect("scim:sync")
+            .json()
+            .await
+            .expect("scim:sync json");
+        let url = format!(
+            "{}/api/v1/roster/scim/jobs/{}",
+            daemon.base,
+            job["job_id"].as_str().expect("job_id")
+        );
+        let done = loop {
+            let j: Value = client
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("job")
+                .json()
+                .await
+                .expect("job json");
+            if j["status"] != "running" && j["status"] != "queued" {
+                break j;
+            }
+            assert!(t.elapsed() < deadline, "the full run never ended: {j}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        Some((
+            t.elapsed(),
+            done,
+            target.count_requests("PUT", "users") - puts_before,
+        ))
+    } else {
+        None
+    };
+
     let cores = |d: f64| d / put_secs;
     println!("| metric | value |");
     println!("|---|---|");
@@ -583,4 +630,15 @@ async fn run(target: &OneRosterServer) {
         status_after["dead_letters"],
         status_after["lag_events"]
     );
+    if let Some((took, job, user_puts)) = full {
+        let sent = job["counts"]["drift_sent"].as_u64().unwrap_or(0);
+        println!(
+            "| **full reconciliation** (`scim:sync {{\"full\": true}}`, sequential) | {} in {:.2} s = **{:.0} objects/s**; {user_puts} user PUTs, drift_pending {}, status {} |",
+            sent,
+            took.as_secs_f64(),
+            sent as f64 / took.as_secs_f64(),
+            job["counts"]["drift_pending"],
+            job["status"]
+        );
+    }
 }
