@@ -319,6 +319,23 @@ impl Pending {
         })
     }
 
+    /// [`Pending::sends`] from the changes read so far, when that needs no store read (an
+    /// enrollment of a user whose waiting change takes them all needs one).
+    fn known(&self, object: &str) -> Option<bool> {
+        if self.unreadable {
+            return None;
+        }
+        match object.split('/').collect::<Vec<_>>().as_slice() {
+            ["User", id] => Some(self.user(id)),
+            ["Group", id] => Some(self.group(id)),
+            ["Member", g, u] if !self.enrollments_of.contains(&fingerprint(u)) => {
+                Some(self.enrollment_changed(g, u))
+            }
+            ["Member", ..] => None,
+            _ => Some(false),
+        }
+    }
+
     /// [`Pending::sends`]; a change that cannot be read leaves the object to be sent.
     fn sends_or_warn(
         &mut self,
@@ -724,11 +741,13 @@ pub(super) async fn reconcile_oneroster(
     let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
     // Sent by the run, or left to the mirror's change.
     let mut done = vec![false; items.len()];
+    let durable = ctx.store.watch_durable(&tenant);
     let mut left = 0;
     for (n, item) in items.iter().enumerate() {
         let Some(req) = &item.request else { continue };
         // And while it sends.
-        if leave_to_mirror(ctx, settings, &mut pending, item, report).await? {
+        let logged = *durable.borrow();
+        if leave_to_mirror(ctx, settings, &mut pending, logged, item, report).await? {
             left += 1;
             done[n] = true;
             continue;
@@ -777,9 +796,20 @@ async fn leave_to_mirror(
     ctx: &Ctx,
     settings: &OneRosterSettings,
     pending: &mut Pending,
+    durable: u64,
     item: &DriftItem,
     report: &mut DriftReport,
 ) -> Result<bool, DispatchError> {
+    // Nothing the mirror could have sent was logged since the last read: the answer is in
+    // what was read. A read of the log per object halved a full run's pace.
+    if durable <= pending.seen
+        && let Some(sends) = pending.known(&item.object)
+    {
+        if sends {
+            report.left_to_mirror(item);
+        }
+        return Ok(sends);
+    }
     let (store, t, s, object) = (
         ctx.store.clone(),
         ctx.tenant().to_owned(),
