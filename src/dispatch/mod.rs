@@ -351,7 +351,10 @@ impl Live {
             drop(h);
             self.pause_changed.notify_waiters();
             tracing::warn!(failures = n, until = %rfc3339(until), reason, "Target keeps failing; connector paused.");
-        } else if streak.failures > before {
+        } else if streak.failures > before && h.pause.is_none() {
+            // Under a pause (another request's failure set it a moment ago) this one
+            // waits for the pause, which its own line announced: "retrying" would say
+            // otherwise.
             drop(h);
             tracing::warn!(
                 failures = n,
