@@ -623,6 +623,8 @@ enum Sent {
         response: Option<TargetResponse>,
     },
     Cancelled,
+    /// A reconciliation's repair not tried again: a change sends its object now.
+    Superseded,
 }
 
 /// How one change ended.
@@ -662,13 +664,20 @@ impl Ctx {
     /// Send one request until the target acknowledges or refuses it. `max_attempts`
     /// bounds retries; `None` retries until cancelled.
     async fn send(&self, req: &Request, max_attempts: Option<u32>) -> Sent {
-        self.send_as(req, max_attempts, Sender::Mirror).await
+        self.send_as(req, max_attempts, Sender::Mirror, None).await
     }
 
     /// A reconciliation's repair: as the mirror sends, but refused at once while the
-    /// connector is paused (see [`Sender::Reconcile`]).
-    async fn send_repair(&self, req: &Request, max_attempts: u32) -> Sent {
-        self.send_as(req, Some(max_attempts), Sender::Reconcile)
+    /// connector is paused (see [`Sender::Reconcile`]), and tried again only while
+    /// `wanted` says so: its body dates from when the run read the object, and a change
+    /// the mirror sent while it waited to retry would be put back.
+    async fn send_repair(
+        &self,
+        req: &Request,
+        max_attempts: u32,
+        wanted: &mut (dyn FnMut() -> bool + Send),
+    ) -> Sent {
+        self.send_as(req, Some(max_attempts), Sender::Reconcile, Some(wanted))
             .await
     }
 
@@ -691,10 +700,16 @@ impl Ctx {
 
     /// A preflight check (see [`Sender::Preflight`]).
     async fn send_preflight(&self, req: &Request) -> Sent {
-        self.send_as(req, None, Sender::Preflight).await
+        self.send_as(req, None, Sender::Preflight, None).await
     }
 
-    async fn send_as(&self, req: &Request, max_attempts: Option<u32>, by: Sender) -> Sent {
+    async fn send_as(
+        &self,
+        req: &Request,
+        max_attempts: Option<u32>,
+        by: Sender,
+        mut wanted: Option<&mut (dyn FnMut() -> bool + Send)>,
+    ) -> Sent {
         let mirror = matches!(by, Sender::Mirror | Sender::Preflight);
         // A change already started when a stop comes is let finish (the log follower
         // bounds that by STOP_DRAIN), so that what its target took is not sent again:
@@ -722,6 +737,12 @@ impl Ctx {
         // (a reconciliation holds the tenant's job slot meanwhile).
         let mut slot = None;
         loop {
+            if attempts > 0
+                && let Some(wanted) = wanted.as_deref_mut()
+                && !wanted()
+            {
+                return Sent::Superseded;
+            }
             if mirror && self.live.paused_until().is_some() {
                 // Nothing is sent while paused; the slot goes to no one meanwhile.
                 slot = None;
@@ -1170,7 +1191,7 @@ impl Ctx {
                     break;
                 };
                 match sent {
-                    Sent::Ok => {}
+                    Sent::Ok | Sent::Superseded => {}
                     Sent::Cancelled => return Ok(Delivered::Cancelled),
                     Sent::Refused { reason, response } => {
                         refused.get_or_insert((req, reason, response));
@@ -1338,7 +1359,7 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         for req in oneroster::preflight(settings, Utc::now()) {
             loop {
                 match ctx.send_preflight(&req).await {
-                    Sent::Ok => break,
+                    Sent::Ok | Sent::Superseded => break,
                     Sent::Cancelled => return Ok(()),
                     Sent::Refused { reason, .. } => {
                         ctx.live.pause_until_resumed(&format!(
@@ -2595,11 +2616,11 @@ impl Dispatcher {
         for stage in &plan.stages {
             for req in stage {
                 match ctx
-                    .send_as(req, Some(1), Sender::Operator)
+                    .send_as(req, Some(1), Sender::Operator, None)
                     .instrument(ctx.span())
                     .await
                 {
-                    Sent::Ok => {}
+                    Sent::Ok | Sent::Superseded => {}
                     Sent::Cancelled => {
                         return Err(DispatchError::NotRunning(
                             name.to_owned(),

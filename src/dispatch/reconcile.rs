@@ -752,7 +752,17 @@ pub(super) async fn reconcile_oneroster(
             done[n] = true;
             continue;
         }
-        match ctx.send_repair(req, 5).await {
+        // Before each retry too: the mirror may have sent a change of the object while
+        // the run waited out the backoff (a single 503 put old titles back, and
+        // deleted users back, enabled).
+        let (store, t, s) = (&ctx.store, &tenant, settings);
+        let mut wanted = || !pending.sends_or_warn(store, t, s, &item.object);
+        match ctx.send_repair(req, 5, &mut wanted).await {
+            Sent::Superseded => {
+                report.left_to_mirror(item);
+                left += 1;
+                done[n] = true;
+            }
             Sent::Ok => {
                 report.sent += 1;
                 done[n] = true;

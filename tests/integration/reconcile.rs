@@ -307,6 +307,59 @@ async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror()
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
 }
 
+/// A repair the target failed once is tried again only if no change sends its object
+/// meanwhile: the retry sent the copy the run read at its start, after the mirror had
+/// sent the change, and put the old title back.
+#[tokio::test]
+async fn a_repair_retried_after_the_mirror_sent_a_change_is_left_to_it() {
+    let (d, target) = start_with_oneroster("").await;
+    let bob = d.create_user("bob@acme.test").await;
+    caught_up(&d, "sis").await;
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    // The run's PUT of bob fails, and the target asks for two seconds before the next.
+    target.inject(
+        Fault::status(503, 1)
+            .with_retry_after("2")
+            .on_path(bob_sid.as_str())
+            .on_method("PUT"),
+    );
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job_id = r.body["job_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while target.faults_applied() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never sent bob"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let retitle = json!([{"op": "replace", "path": "title", "value": "Night Nurse"}]);
+    let r = d.patch(&format!("/Users/{bob}"), patch_op(retitle)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert_eq!(
+        target.user(&bob_sid).unwrap()["metadata"]["job_title"],
+        "Night Nurse"
+    );
+    let job = wait_job(&d, &job_id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        target.user(&bob_sid).unwrap()["metadata"]["job_title"],
+        "Night Nurse",
+        "the retry put the old title back: {job}"
+    );
+    assert_eq!(job["counts"]["drift_pending"], 1, "{job}");
+}
+
 /// A daemon whose `sis` connector reads users back, with three users delivered to
 /// `target`; ada's given name was then changed at the target.
 pub async fn reading_back(target: &OneRosterServer) -> TestDaemon {
