@@ -267,7 +267,7 @@ pub fn openapi_document() -> Value {
                         "archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "Omitted or null accepts the suggestion"},
                         "expected_archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "Accept the suggestion only while it is this archetype (the one the reviewer was shown); 409 suggestion_changed when the user's title or department has changed it since. Not with archetype_id"}}}}}},
                 "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[
-                    ("400", "archetype_id not in the bundle, or nothing to accept"),
+                    ("400", "archetype_id or expected_archetype_id not in the bundle, or nothing to accept"),
                     ("404", "User not found"),
                     ("409", "A sync job is running for the tenant (sync_in_progress), the user is not in the review queue (not_in_review), the suggestion is no longer expected_archetype_id (suggestion_changed), or the tenant has no archetype bundle (no_bundle)"),
                     ("422", "Tenant policy forbids manual overrides"),

@@ -1283,6 +1283,15 @@ async fn accept_review(
         OverrideIntent::Set(chosen.as_deref()),
         Some(&user.id),
     )?;
+    // A suggestion is always an archetype of the bundle: one outside it is a typo, which
+    // a 409 would pass off as a change to read again and retry.
+    if let Some(e) = &expected
+        && tenant_of(&st, &caller.tenant)?
+            .policy()
+            .is_some_and(|p| !p.has_archetype(e))
+    {
+        return Err(ApiError::InvalidArchetype(e.clone()));
+    }
     // Accepting resolves a queue item; a user decided with confidence, or already
     // resolved (a second click on a stale page, another reviewer first), is no item,
     // and an override of them is a PATCH on purpose rather than a side effect of

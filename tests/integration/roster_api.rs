@@ -2281,6 +2281,8 @@ async fn accepting_a_review_item_can_name_the_suggestion_that_was_shown() {
     api_error_saying(&r, 400, "invalid_request", "send one");
     let r = accept(json!({"expected_archetype_id": 7})).await;
     api_error_saying(&r, 400, "invalid_request", "expected_archetype_id must be");
+    let r = accept(json!({"expected_archetype_id": "sales_repp"})).await;
+    api_error_saying(&r, 400, "invalid_archetype", "sales_repp");
     let r = accept(json!({"expected_archetype_id": now})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["archetype_id"], now.as_str(), "{}", r.body);
