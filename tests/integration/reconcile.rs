@@ -144,17 +144,23 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
     assert_eq!(r.status, 400);
 }
 
+/// Ada and Bob, both in group Staff, delivered to `sis`: their ids and the group's.
+async fn ada_and_bob_in_staff(d: &TestDaemon) -> (String, String, String) {
+    let ada = d.create_user("ada@acme.test").await;
+    let bob = d.create_user("bob@acme.test").await;
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada, &bob]).await;
+    caught_up(d, "sis").await;
+    (ada, bob, gid)
+}
+
 /// A target that lost its data (rebuilt empty) shows no drift against what was
 /// delivered, and a read-back reads only what is left; `{"full": true}` sends
 /// everything again, the course first, and the job says it was full.
 #[tokio::test]
 async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     let (d, target) = start_with_oneroster("").await;
-    let ada = d.create_user("ada@acme.test").await;
-    let bob = d.create_user("bob@acme.test").await;
-    let gid = d.create_group("Staff").await;
-    d.add_members(&gid, &[&ada, &bob]).await;
-    caught_up(&d, "sis").await;
+    let (_, bob, _) = ada_and_bob_in_staff(&d).await;
     let kinds = [Kind::User, Kind::Class, Kind::Enrollment, Kind::Course];
     let before: Vec<_> = kinds.iter().map(|k| target.objects(*k)).collect();
     assert_eq!(before[0].len(), 2);
@@ -228,21 +234,9 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     assert_eq!(target.objects(Kind::Enrollment).len(), 2);
 }
 
-/// A full run sends every object as it read them when it began; one changed or deleted
-/// while the run goes on is the mirror's, which sends it as it stands. The run sent its
-/// older copy after the mirror had: a user deprovisioned meanwhile came back at the
-/// target, enabled, and a new title went back to the old one.
-#[tokio::test]
-async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror() {
-    let (d, target) = start_with_oneroster("").await;
-    let ada = d.create_user("ada@acme.test").await;
-    let bob = d.create_user("bob@acme.test").await;
-    let gid = d.create_group("Staff").await;
-    d.add_members(&gid, &[&ada, &bob]).await;
-    caught_up(&d, "sis").await;
-    // The run's first request, the course, is answered only once the changes below are
-    // delivered; everything else it sends comes after.
-    target.inject(Fault::held(1).on_path("/courses/").on_method("PUT"));
+/// Start a full reconciliation and return once its request has met the fault the test
+/// injected: the admin token and the job's id.
+async fn full_run_meeting_the_fault(d: &TestDaemon, target: &OneRosterServer) -> (String, String) {
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
         .roster(
@@ -258,10 +252,25 @@ async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror()
     while target.faults_applied() == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the run sent no course"
+            "the run never met the fault"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    (admin, job_id)
+}
+
+/// A full run sends every object as it read them when it began; one changed or deleted
+/// while the run goes on is the mirror's, which sends it as it stands. The run sent its
+/// older copy after the mirror had: a user deprovisioned meanwhile came back at the
+/// target, enabled, and a new title went back to the old one.
+#[tokio::test]
+async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror() {
+    let (d, target) = start_with_oneroster("").await;
+    let (ada, bob, gid) = ada_and_bob_in_staff(&d).await;
+    // The run's first request, the course, is answered only once the changes below are
+    // delivered; everything else it sends comes after.
+    target.inject(Fault::held(1).on_path("/courses/").on_method("PUT"));
+    let (admin, job_id) = full_run_meeting_the_fault(&d, &target).await;
     assert_eq!(d.delete(&format!("/Users/{ada}")).await.status, 204);
     let retitle = json!([{"op": "replace", "path": "title", "value": "Night Nurse"}]);
     let r = d.patch(&format!("/Users/{bob}"), patch_op(retitle)).await;
@@ -323,25 +332,7 @@ async fn a_repair_retried_after_the_mirror_sent_a_change_is_left_to_it() {
             .on_path(bob_sid.as_str())
             .on_method("PUT"),
     );
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"full": true})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job_id = r.body["job_id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while target.faults_applied() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never sent bob"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (_, job_id) = full_run_meeting_the_fault(&d, &target).await;
     let retitle = json!([{"op": "replace", "path": "title", "value": "Night Nurse"}]);
     let r = d.patch(&format!("/Users/{bob}"), patch_op(retitle)).await;
     assert_eq!(r.status, 200, "{}", r.body);
