@@ -899,9 +899,6 @@ fn only_fields(
     }
 }
 
-/// The `archetype_id` of a body: a string sets an override, `null` clears it.
-/// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
-/// for the error message.
 /// A review accept's body: the archetype chosen (None: the suggestion) and the suggestion
 /// the reviewer was shown, if they say.
 fn accept_fields(body: &Value) -> ApiResult<(Option<String>, Option<String>)> {
@@ -925,6 +922,9 @@ fn accept_fields(body: &Value) -> ApiResult<(Option<String>, Option<String>)> {
     }
 }
 
+/// The `archetype_id` of a body: a string sets an override, `null` clears it.
+/// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
+/// for the error message.
 fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
