@@ -922,10 +922,9 @@ fn accept_fields(body: &Value) -> ApiResult<(Option<String>, Option<String>)> {
     }
 }
 
-/// The `archetype_id` of a body: a string sets an override, `null` clears it.
-/// `{"archetype_id": "<id>" | null}`; `null_means` says what null does on this endpoint,
-/// for the error message.
-fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> {
+/// The `archetype_id` of an override's body (`{"archetype_id": "<id>" | null}`): a
+/// string sets an override, `null` clears it.
+fn archetype_field(body: &Value) -> ApiResult<Option<String>> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::BadRequest("body must be a JSON object".into()));
     };
@@ -937,9 +936,9 @@ fn archetype_field(body: &Value, null_means: &str) -> ApiResult<Option<String>> 
     match obj.get("archetype_id") {
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(Value::Null) => Ok(None),
-        _ => Err(ApiError::BadRequest(format!(
-            "archetype_id must be an archetype id, or null to {null_means}"
-        ))),
+        _ => Err(ApiError::BadRequest(
+            "archetype_id must be an archetype id, or null to clear the override".into(),
+        )),
     }
 }
 
@@ -953,7 +952,7 @@ async fn patch_user(
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     let body = read_body(&st, &headers, body).await?;
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
-    let archetype = archetype_field(&body, "clear the override")?;
+    let archetype = archetype_field(&body)?;
     let user = find_user_async(&st, &caller.tenant, &user_id).await?;
     let intent = match &archetype {
         Some(a) => OverrideIntent::Set(Some(a)),
