@@ -130,9 +130,7 @@ impl TenantPolicy {
         base_dir: &Path,
     ) -> Result<Option<BundleRead>, ClassifyError> {
         let (t, base_dir) = (t.clone(), base_dir.to_owned());
-        tokio::task::spawn_blocking(move || Self::read(&t, &base_dir))
-            .await
-            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
+        off_runtime(move || Self::read(&t, &base_dir)).await
     }
 
     /// Load the bundle a tenant's config names (relative to the config's directory).
@@ -154,9 +152,7 @@ impl TenantPolicy {
         base_dir: &Path,
     ) -> Result<Option<TenantPolicy>, ClassifyError> {
         let (t, base_dir) = (t.clone(), base_dir.to_owned());
-        tokio::task::spawn_blocking(move || Self::load(&t, &base_dir))
-            .await
-            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
+        off_runtime(move || Self::load(&t, &base_dir)).await
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -220,10 +216,19 @@ impl BundleRead {
 
     /// [`BundleRead::train`] on a blocking thread, off the async workers.
     pub async fn train_blocking(self) -> Result<TenantPolicy, ClassifyError> {
-        tokio::task::spawn_blocking(move || self.train())
-            .await
-            .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
+        off_runtime(move || self.train()).await
     }
+}
+
+/// `f` on a blocking thread: reading a bundle may block (a hung network mount) and
+/// training takes seconds to minutes, which on an async worker would stall requests and
+/// the watchdog's pings for as long.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ClassifyError> + Send + 'static,
+) -> Result<T, ClassifyError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
 }
 
 /// Everything that decides assignments: a change of it means reclassify. Rules and
