@@ -477,15 +477,12 @@ pub async fn reload(state: &Arc<AppState>) {
                 roster.set_bundle_state(crate::api::BundleState::training);
                 now.train_blocking().await.map(Some)
             }
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
+            other => other.map(|_| None),
         };
         let policy = match trained {
             Ok(Some(p)) => Arc::new(p),
-            Ok(None) => {
-                roster.set_bundle_state(|b| b.training_since = None);
-                continue;
-            }
+            // No bundle: no training was started.
+            Ok(None) => continue,
             Err(e) => {
                 failed += 1;
                 // Group rules are config.toml's, read only at start: an operator who
