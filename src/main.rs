@@ -1752,9 +1752,10 @@ fn init_logging(log: &LogConfig) {
     // escape codes there make `journalctl` show lines as blobs. Elsewhere than a
     // terminal, an event is one line (see `journal`).
     let stdout = std::io::stdout();
+    let at_terminal = std::io::IsTerminal::is_terminal(&stdout);
     let writer = if journal::is_journal(&stdout) {
         BoxMakeWriter::new(journal::JournalStdout)
-    } else if std::io::IsTerminal::is_terminal(&stdout) {
+    } else if at_terminal {
         BoxMakeWriter::new(std::io::stdout)
     } else {
         BoxMakeWriter::new(journal::OneLineStdout)
@@ -1767,7 +1768,7 @@ fn init_logging(log: &LogConfig) {
         // panic hook's own log line then aborts the daemon mid-request. A log line that
         // cannot be written is lost either way.
         .log_internal_errors(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+        .with_ansi(at_terminal);
     match log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
