@@ -1147,7 +1147,11 @@ mod tests {
         let store = when_unlocked(|| Store::open(copy.path()));
         let rows = walked(&store);
         assert_eq!(rows, stored(&store));
-        assert!(rows.len() == 17 || rows.len() == 18, "{}", rows.len());
+        // The refused write may still be on disk (sled's own flusher writes what reached
+        // its tree), as a write cut short by a crash may; churn's 18 users must be.
+        let names: Vec<&str> = rows.values().map(|v| v.0.as_str()).collect();
+        let late_landed = names.contains(&"late@x.test");
+        assert_eq!(rows.len(), 18 + usize::from(late_landed), "{names:?}");
     }
 
     async fn create_user_result(store: &Store, name: &str) -> StoreResult<String> {
