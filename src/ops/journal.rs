@@ -23,6 +23,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 
+use crate::text;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -61,21 +62,31 @@ fn priority(level: &Level) -> u8 {
 }
 
 /// `text` as one line: a journal entry of `priority` (its prefix) or, without one, a line
-/// of a log file; line breaks written `\n` and `\r`, other control characters but the tab
-/// (ESC, which drives a terminal that `cat`s the file) as `\u{1b}`; one newline.
+/// of a log file; line breaks written `\n` and `\r`, and whatever else
+/// [`text::breaks_line`] names but the tab (ESC, which drives a terminal that `cat`s the
+/// file; C1's CSI, which some terminals take for ESC `[`; U+2028, which a viewer shows
+/// as a new line) as `\u{1b}`; bytes that are not UTF-8 as `\u{fffd}`; one newline.
 pub fn entry(priority: Option<u8>, text: &[u8]) -> Vec<u8> {
     let text = text.strip_suffix(b"\n").unwrap_or(text);
     let mut out = Vec::with_capacity(text.len() + 8);
     if let Some(priority) = priority {
         out.extend_from_slice(format!("<{priority}>").as_bytes());
     }
-    for &b in text {
-        match b {
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.push(b),
-            0..0x20 | 0x7f => out.extend_from_slice(format!("\\u{{{b:x}}}").as_bytes()),
-            _ => out.push(b),
+    let mut buf = [0u8; 4];
+    for chunk in text.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.extend_from_slice(b"\\n"),
+                '\r' => out.extend_from_slice(b"\\r"),
+                '\t' => out.push(b'\t'),
+                c if text::breaks_line(c) => {
+                    out.extend_from_slice(format!("\\u{{{:x}}}", u32::from(c)).as_bytes());
+                }
+                c => out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes()),
+            }
+        }
+        for _ in chunk.invalid() {
+            out.extend_from_slice(b"\\u{fffd}");
         }
     }
     out.push(b'\n');
@@ -181,8 +192,14 @@ mod tests {
             ),
             b"file=a\\nZ INFO Reload finished.\\u{1b}[31m\\r\\u{7}\\u{7f}.toml\tok\n".to_vec()
         );
-        // UTF-8 stays as it is.
+        // UTF-8 stays as it is, but for C1 controls and the line and paragraph separators;
+        // a byte that is not UTF-8 shows as one.
         assert_eq!(entry(None, "café ✓".as_bytes()), "café ✓\n".as_bytes());
+        assert_eq!(
+            entry(None, "a\u{9b}31m\u{2028}Z INFO forged\u{2029}".as_bytes()),
+            b"a\\u{9b}31m\\u{2028}Z INFO forged\\u{2029}\n".to_vec()
+        );
+        assert_eq!(entry(None, b"a\xffb"), b"a\\u{fffd}b\n".to_vec());
     }
 
     #[test]
