@@ -51,9 +51,10 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 /// At 1,000 ms that was 0.5 MiB/s, below what 50 SCIM writes a second produce (about
 /// 10 KB each): the file grew 1.5 GiB an hour for 100 MiB of data, and without end. At
 /// 10 ms, 2,300 writes a second (all this daemon could take on 2 cores) kept it at about
-/// twice its data; 20 and 50 ms fell behind at that rate and never caught up. The cost is
-/// an idle wake-up and fsync every tick (0.7 % of a core). Durability does not depend on
-/// this thread: group commit flushes every acknowledged write.
+/// twice its data; at 20 and 50 ms it fell behind and kept falling behind for the 3
+/// minutes measured. The cost is an idle wake-up and fsync every tick (0.7 % of a core).
+/// Durability does not depend on this thread: group commit flushes every acknowledged
+/// write.
 const CLEANER_TICK_MS: u64 = 10;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
