@@ -101,6 +101,11 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Store utilities, for a stopped daemon.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Print a running daemon's /status readably.
     Status {
         #[command(flatten)]
@@ -264,6 +269,22 @@ enum BundleCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the store into a fresh directory that takes its place, keeping the old one
+    /// as `<data_dir>.before-rewrite`: gives back the space a file grown by garbage holds
+    /// (sled shrinks its file only from the end). Stop rosterd first; needs free space
+    /// for the store's live data.
+    Rewrite {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Rewrite this store directory instead of `server.data_dir`, as `serve
+        /// --data-dir` would use it (the systemd unit passes its StateDirectory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
 /// Errors are printed as their chain of causes only: with `RUST_BACKTRACE=1` (common in
 /// unit drop-ins) returning them from `main` would add a backtrace to a config typo,
 /// which reads as a crash in the journal.
@@ -335,6 +356,9 @@ fn run() -> Result<()> {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::CheckConfig { config, data_dir } => check_config(config, data_dir),
+        Command::Store {
+            command: StoreCommand::Rewrite { config, data_dir },
+        } => rewrite_store(config, data_dir),
         Command::Status {
             daemon,
             json,
@@ -417,6 +441,25 @@ fn run() -> Result<()> {
 /// Everything `serve` reads before it can start, read the same way: the config, each
 /// tenant's bundle (trained, with its group rules checked against it) and the connector
 /// files. A restart must not be the first to find a bad file.
+fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
+    let config = Config::load(&path)?;
+    let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    let done = rosterd::store::rewrite(&dir).with_context(|| key.clone())?;
+    let mib = |b: u64| b as f64 / 1_048_576.0;
+    outln!(
+        "rewrote {}: {} keys; {:.1} MiB before, {:.1} MiB now",
+        dir.display(),
+        done.keys,
+        mib(done.before),
+        mib(done.after)
+    )?;
+    outln!(
+        "the old directory is kept at {}; remove it once rosterd runs well on the new one",
+        done.kept.display()
+    )?;
+    Ok(())
+}
+
 fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;

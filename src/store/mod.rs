@@ -13,8 +13,10 @@ mod delivery;
 mod keys;
 mod paging;
 mod record;
+mod rewrite;
 mod roster;
 mod rows;
+pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
 #[cfg(test)]
 mod testing;

@@ -1831,3 +1831,82 @@ async fn status_names_the_connectors_that_need_the_operator_first() {
         .unwrap_or_else(|| panic!("{summary:?} missing from {out}"));
     assert!(at < out.find("tenant ").unwrap(), "{out}");
 }
+
+/// A store grown by garbage gives its space back only when copied into a new file
+/// (sled shrinks its file only from the end). The rewrite is refused while the daemon
+/// holds the store; afterwards the daemon serves what it served, the old directory kept.
+#[tokio::test]
+async fn a_store_rewritten_offline_serves_what_it_served() {
+    use crate::harness::{TENANT, TestDaemon, patch_op};
+    let mut d = TestDaemon::start().await;
+    let a = d.create_user("a@acme.test").await;
+    let b = d.create_user("b@acme.test").await;
+    let g = d.create_group("Ops").await;
+    d.add_members(&g, &[&a, &b]).await;
+    let r = d
+        .patch(
+            &format!("/Users/{b}"),
+            patch_op(serde_json::json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(d.delete(&format!("/Users/{a}")).await.status, 204);
+    d.idle().await;
+    let reader = d.jwt(TENANT, "roster:read");
+    let before = served(&d, &g, &reader).await;
+    let origin = d.url("");
+    assert_eq!(before[0]["totalResults"], 1, "{}", before[0]);
+
+    let data = d.root.join("data");
+    let config = d.root.join("config.toml");
+    let args = [
+        "store",
+        "rewrite",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (ok, _, err) = rosterd_async(&args).await;
+    assert!(!ok, "rewrote a store the daemon holds");
+    assert!(err.contains("another rosterd"), "{err}");
+
+    d.stop().await;
+    let (ok, out, err) = rosterd_async(&args).await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("rewrote") && out.contains("keys"), "{out}");
+    let kept = d.root.join("data.before-rewrite");
+    assert!(kept.join("db").is_file() && data.join("db").is_file());
+    assert!(data.join(".rosterd-store").is_file());
+
+    let d = d.restart().await;
+    let after = served(&d, &g, &reader).await;
+    // The same, but for the restarted daemon's port in the SCIM links.
+    let text = |v: &[serde_json::Value; 4]| serde_json::to_string_pretty(v).unwrap();
+    assert_eq!(text(&after), text(&before).replace(&origin, &d.url("")));
+    // And it takes writes.
+    d.create_user("c@acme.test").await;
+    assert_eq!(d.get("/Users").await.body["totalResults"], 2);
+
+    // A second rewrite waits until the kept copy is dealt with.
+    let mut d = d;
+    d.stop().await;
+    let (ok, _, err) = rosterd_async(&args).await;
+    assert!(!ok);
+    assert!(err.contains("data.before-rewrite is still there"), "{err}");
+}
+
+/// What a client reads: the SCIM users and a group, the Roster API's users and events.
+async fn served(
+    d: &crate::harness::TestDaemon,
+    group: &str,
+    reader: &str,
+) -> [serde_json::Value; 4] {
+    let get = |path: &'static str| d.roster(reqwest::Method::GET, path, reader, None);
+    [
+        d.get("/Users").await.body,
+        d.get(&format!("/Groups/{group}")).await.body,
+        get("/events").await.body,
+        get("/users").await.body,
+    ]
+}
