@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::{CLEANER_TICK_MS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, StoreError, StoreResult};
 
+const COPY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// What a rewrite did.
 #[derive(Debug)]
 pub struct Rewritten {
@@ -87,8 +89,11 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
     }
     let before = dir_size(dir);
     let keys = {
+        // One pass over each store: a small cache does, where sled's default (1 GiB)
+        // would hold a large store's pages twice over.
         let old = sled::Config::new()
             .path(dir)
+            .cache_capacity(COPY_CACHE_BYTES)
             .open()
             .map_err(|e| super::open_error(dir, &e.to_string()))?;
         match old.get(SCHEMA_VERSION_KEY)? {
@@ -102,6 +107,7 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
         }
         let new = sled::Config::new()
             .path(&fresh)
+            .cache_capacity(COPY_CACHE_BYTES)
             .flush_every_ms(Some(CLEANER_TICK_MS))
             .open()
             .map_err(|e| super::open_error(&fresh, &e.to_string()))?;
