@@ -438,9 +438,6 @@ fn run() -> Result<()> {
     }
 }
 
-/// Everything `serve` reads before it can start, read the same way: the config, each
-/// tenant's bundle (trained, with its group rules checked against it) and the connector
-/// files. A restart must not be the first to find a bad file.
 fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
@@ -460,6 +457,9 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Everything `serve` reads before it can start, read the same way: the config, each
+/// tenant's bundle (trained, with its group rules checked against it) and the connector
+/// files. A restart must not be the first to find a bad file.
 fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let config = Config::load(&path)?;
     rosterd::config::check_rust_log().map_err(anyhow::Error::msg)?;
