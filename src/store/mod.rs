@@ -1090,6 +1090,16 @@ fn net_membership(added: Vec<String>, removed: Vec<String>) -> (Vec<String>, Vec
     (net_added, net_removed)
 }
 
+/// The layout version a store records: `None` for none, `u64::MAX` for one unreadable.
+fn stored_schema(db: &sled::Db) -> StoreResult<Option<u64>> {
+    Ok(db.get(SCHEMA_VERSION_KEY)?.map(|v| {
+        std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(u64::MAX)
+    }))
+}
+
 /// Why `dir` could not be opened, with what an operator can do about it. sled's own
 /// messages name neither the directory nor the file.
 fn open_error(dir: &Path, engine: &str) -> StoreError {
@@ -1449,12 +1459,8 @@ impl Store {
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| open_error(dir, &e.to_string()))?;
-        match db.get(SCHEMA_VERSION_KEY)? {
-            Some(v) => {
-                let found = std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(u64::MAX);
+        match stored_schema(&db)? {
+            Some(found) => {
                 if (1..SCHEMA_VERSION).contains(&found) {
                     upgrade(&db, found)?;
                 } else if found != SCHEMA_VERSION {

@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CLEANER_TICK_MS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, StoreError, StoreResult};
+use super::rows::io;
+use super::{CLEANER_TICK_MS, SCHEMA_VERSION, StoreError, StoreResult, stored_schema};
 
 const COPY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -28,10 +29,6 @@ pub struct Rewritten {
 /// rosterd's and is copied as it is.
 fn is_sleds(name: &str) -> bool {
     matches!(name, "db" | "conf" | "blobs") || name.starts_with("snap.")
-}
-
-fn io(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("{}: {e}", path.display()))
 }
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
@@ -96,14 +93,11 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
             .cache_capacity(COPY_CACHE_BYTES)
             .open()
             .map_err(|e| super::open_error(dir, &e.to_string()))?;
-        match old.get(SCHEMA_VERSION_KEY)? {
-            Some(v) if v.as_ref() == SCHEMA_VERSION.to_string().as_bytes() => {}
-            _ => {
-                return Err(StoreError::Backend(format!(
-                    "the store in {} is not at this build's layout (version {SCHEMA_VERSION}); start this rosterd on it once, so that it upgrades it, then stop it and rewrite",
-                    dir.display()
-                )));
-            }
+        if stored_schema(&old)? != Some(SCHEMA_VERSION) {
+            return Err(StoreError::Backend(format!(
+                "the store in {} is not at this build's layout (version {SCHEMA_VERSION}); start this rosterd on it once, so that it upgrades it, then stop it and rewrite",
+                dir.display()
+            )));
         }
         let new = sled::Config::new()
             .path(&fresh)
