@@ -7,6 +7,7 @@
 //! made the batch durable. No sled type appears in this module's public API, so another
 //! engine can take its place behind the same functions.
 
+mod backup;
 mod commit;
 mod counts;
 mod delivery;
@@ -16,6 +17,7 @@ mod record;
 mod rewrite;
 mod roster;
 mod rows;
+pub use backup::BackedUp;
 pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
 #[cfg(test)]
@@ -360,6 +362,8 @@ struct Inner {
     /// Per tenant, the last change sequence number known to be on disk. Connectors read
     /// the log only up to it, so nothing leaves the daemon that a crash could still undo.
     durable: RwLock<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    /// The tenant an online backup is copying, and the keys its writers touched since.
+    backup: Mutex<Option<backup::Tracking>>,
 }
 
 /// The store handle; cheap to clone.
@@ -1164,6 +1168,7 @@ fn engine_panic_as_error(
 /// or empty would otherwise open as a new, empty store, and the connectors would mirror
 /// that emptiness downstream.
 const STORE_MARKER: &str = ".rosterd-store";
+const MARKER_TEXT: &str = "This directory is a rosterd store. rosterd refuses to start on it if its `db` file is missing or empty.\n";
 
 /// Said where damage is found: a directory restored from a copy taken while rosterd ran
 /// reads as damaged (measured: 8 of 13 such copies), and the operator who just restored
@@ -1483,12 +1488,7 @@ impl Store {
                 db.flush()?;
             }
         }
-        if !was_a_store
-            && let Err(e) = std::fs::write(
-                &marker,
-                "This directory is a rosterd store. rosterd refuses to start on it if its `db` file is missing or empty.\n",
-            )
-        {
+        if !was_a_store && let Err(e) = std::fs::write(&marker, MARKER_TEXT) {
             tracing::warn!(file = %marker.display(), error = %e, "Cannot write the store's marker file; a lost `db` file would then go unnoticed.");
         }
         let commit = GroupCommit::start(db.clone(), dir.to_owned())
@@ -1501,6 +1501,7 @@ impl Store {
                 resolvers: RwLock::new(HashMap::new()),
                 commit,
                 durable: RwLock::new(HashMap::new()),
+                backup: Mutex::new(None),
             }),
         })
     }
@@ -1580,6 +1581,7 @@ impl Store {
             job_running: Default::default(),
             rows,
         });
+        self.backup_saw_open(tenant);
         map.insert(tenant.to_owned(), t.clone());
         Ok(t)
     }
@@ -1649,6 +1651,7 @@ impl Store {
                 .partition(|(k, _)| k.starts_with(&record_prefix)),
             None => (Vec::new(), Vec::new()),
         };
+        self.backup_saw_write(tenant, &ops);
         let applied = apply_ops(&t.tree, ops);
         if let Err(StoreError::Io(e)) = &applied {
             self.inner.commit.fail(e);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::rows::io;
 use super::{CLEANER_TICK_MS, SCHEMA_VERSION, StoreError, StoreResult, stored_schema};
 
-const COPY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+pub(super) const COPY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a rewrite did.
 #[derive(Debug)]
@@ -31,13 +31,13 @@ fn is_sleds(name: &str) -> bool {
     matches!(name, "db" | "conf" | "blobs") || name.starts_with("snap.")
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+pub(super) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
     name.push(suffix);
     dir.with_file_name(name)
 }
 
-fn dir_size(dir: &Path) -> u64 {
+pub(super) fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

@@ -1,0 +1,428 @@
+//! An online backup: a copy of the store in a new directory, taken while it serves.
+//!
+//! sled has no snapshot, and its files copied while it runs are torn (session 38: 5 of
+//! 13 copies would not open). So the copy goes key by key, one tree at a time. A tenant's
+//! keys are read while its writers go on; the keys they write meanwhile are noted, and at
+//! the end, under the tenant's write lock, each noted key is copied again as it stands.
+//! A key not noted did not change while it was read, so the copy is the tree as it was at
+//! that moment, and writers wait only for that last step. Tenants are copied at
+//! different moments; nothing in the store spans two of them.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::rewrite::{COPY_CACHE_BYTES, dir_size, sibling};
+use super::rows::io;
+use super::{
+    MARKER_TEXT, Op, SCHEMA_VERSION, STORE_MARKER, Store, StoreError, StoreResult, keys,
+    stored_schema,
+};
+
+/// What a backup wrote.
+#[derive(Debug, Clone)]
+pub struct BackedUp {
+    pub path: PathBuf,
+    /// Keys copied, over every tree.
+    pub keys: u64,
+    /// The backup directory's size.
+    pub bytes: u64,
+    pub took: Duration,
+    /// The longest a tenant's writers waited for the backup (the last step of its copy).
+    pub longest_hold: Duration,
+}
+
+/// What the copy wrote: its keys, each tree's digest, the longest hold on writers.
+struct Copied {
+    keys: u64,
+    digests: Vec<(sled::IVec, Digested)>,
+    longest_hold: Duration,
+}
+
+/// The tenant being copied, and what its writers did meanwhile.
+pub(super) struct Tracking {
+    tenant: String,
+    touched: HashSet<Vec<u8>>,
+    /// The tenant was opened while its keys were read: an open finishes an interrupted
+    /// write and may rewrite the row file's token outside the write lock, unseen here.
+    opened: bool,
+}
+
+/// A tree whose tenant keeps being opened under the copy is given up after this many
+/// tries; it cannot happen to a tenant the daemon serves, which it opens at the start.
+const ATTEMPTS: usize = 3;
+
+impl Store {
+    /// Copy the store into `to`, which must not exist, while it serves. The copy is
+    /// written in `<to>.partial`, read back and compared, and only then renamed to `to`:
+    /// a directory of that name is always a whole backup.
+    pub fn backup(&self, to: &Path) -> StoreResult<BackedUp> {
+        let started = Instant::now();
+        if to.exists() {
+            return Err(StoreError::Backend(format!(
+                "{} exists already; a backup is written only into a new directory",
+                to.display()
+            )));
+        }
+        let partial = sibling(to, ".partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        }
+        Store::create_private_dir(&partial).map_err(|e| io(&partial, e))?;
+        let Copied {
+            keys,
+            digests,
+            longest_hold,
+        } = match self.copy_into(&partial) {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(e);
+            }
+        };
+        if let Err(e) = finish(&partial, to, &digests) {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+        Ok(BackedUp {
+            path: to.to_owned(),
+            keys,
+            bytes: dir_size(to),
+            took: started.elapsed(),
+            longest_hold,
+        })
+    }
+
+    /// Every tree into a new sled in `dir`.
+    fn copy_into(&self, dir: &Path) -> StoreResult<Copied> {
+        let copy = sled::Config::new()
+            .path(dir)
+            .cache_capacity(COPY_CACHE_BYTES)
+            .open()
+            .map_err(|e| super::open_error(dir, &e.to_string()))?;
+        let mut keys = 0;
+        let mut digests = Vec::new();
+        let mut longest_hold = Duration::ZERO;
+        for name in self.inner.db.tree_names() {
+            let (from, into) = (self.inner.db.open_tree(&name)?, copy.open_tree(&name)?);
+            match name.strip_prefix(b"tenant/") {
+                Some(tenant) => {
+                    let tenant = std::str::from_utf8(tenant).map_err(|_| {
+                        StoreError::Corrupt(format!(
+                            "a tree is named {:?}",
+                            String::from_utf8_lossy(&name)
+                        ))
+                    })?;
+                    longest_hold = longest_hold.max(self.copy_tenant(tenant, &from, &into)?);
+                }
+                // The layout version: written only at the open.
+                None => {
+                    copy_all(&from, &into)?;
+                }
+            }
+            let d = digest(&into)?;
+            keys += d.keys;
+            digests.push((name, d));
+        }
+        copy.flush()?;
+        Ok(Copied {
+            keys,
+            digests,
+            longest_hold,
+        })
+    }
+
+    /// Copy one tenant's tree as it stands at the end of the copy; how long its writers
+    /// waited.
+    fn copy_tenant(
+        &self,
+        tenant: &str,
+        from: &sled::Tree,
+        into: &sled::Tree,
+    ) -> StoreResult<Duration> {
+        for _ in 0..ATTEMPTS {
+            self.holding_writers(tenant, || {
+                *self.backup_tracking() = Some(Tracking {
+                    tenant: tenant.to_owned(),
+                    touched: HashSet::new(),
+                    opened: false,
+                });
+            });
+            into.clear()?;
+            let copied = copy_all(from, into);
+            let held = Instant::now();
+            let finished = self.holding_writers(tenant, || -> StoreResult<bool> {
+                let Some(tracking) = self.backup_tracking().take() else {
+                    return Ok(false);
+                };
+                copied?;
+                if tracking.opened {
+                    return Ok(false);
+                }
+                for k in tracking.touched {
+                    match from.get(&k)? {
+                        Some(v) => into.insert(k, v)?,
+                        None => into.remove(k)?,
+                    };
+                }
+                Ok(true)
+            });
+            if finished? {
+                return Ok(held.elapsed());
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "tenant {tenant} was opened {ATTEMPTS} times while it was copied; run the backup again"
+        )))
+    }
+
+    /// Run `f` while no writer of `tenant` can apply anything: under its write lock, or,
+    /// for a tenant not open here, under the tenants' map, which an open needs.
+    fn holding_writers<T>(&self, tenant: &str, f: impl FnOnce() -> T) -> T {
+        let map = self.inner.tenants.read().unwrap_or_else(|e| e.into_inner());
+        match map.get(tenant).cloned() {
+            Some(t) => {
+                // Not held while waiting for the writer: a writer may open a tenant.
+                drop(map);
+                let _writes = t.writes();
+                f()
+            }
+            None => f(),
+        }
+    }
+
+    fn backup_tracking(&self) -> std::sync::MutexGuard<'_, Option<Tracking>> {
+        self.inner.backup.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A writer of `tenant`, under its write lock, is about to apply `ops`.
+    pub(super) fn backup_saw_write(&self, tenant: &str, ops: &[Op]) {
+        if let Some(tracking) = self.backup_tracking().as_mut()
+            && tracking.tenant == tenant
+        {
+            tracking.touched.insert(keys::INTENT_KEY.to_vec());
+            tracking.touched.extend(ops.iter().map(|(k, _)| k.clone()));
+        }
+    }
+
+    /// `tenant` is being opened (under the tenants' map).
+    pub(super) fn backup_saw_open(&self, tenant: &str) {
+        if let Some(tracking) = self.backup_tracking().as_mut()
+            && tracking.tenant == tenant
+        {
+            tracking.opened = true;
+        }
+    }
+}
+
+fn copy_all(from: &sled::Tree, into: &sled::Tree) -> StoreResult<()> {
+    for kv in from.iter() {
+        let (k, v) = kv?;
+        into.insert(k, v)?;
+    }
+    Ok(())
+}
+
+/// A tree's keys and a hash of its keys and values, in order.
+#[derive(Debug, PartialEq)]
+struct Digested {
+    keys: u64,
+    hash: Vec<u8>,
+}
+
+fn digest(tree: &sled::Tree) -> StoreResult<Digested> {
+    let mut hash = Sha256::new();
+    let mut keys = 0;
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        hash.update((k.len() as u64).to_be_bytes());
+        hash.update(&k);
+        hash.update((v.len() as u64).to_be_bytes());
+        hash.update(&v);
+        keys += 1;
+    }
+    Ok(Digested {
+        keys,
+        hash: hash.finalize().to_vec(),
+    })
+}
+
+/// Read the copy back from disk, compare it with what was written, and move it to `to`.
+fn finish(partial: &Path, to: &Path, digests: &[(sled::IVec, Digested)]) -> StoreResult<()> {
+    {
+        let back = sled::Config::new()
+            .path(partial)
+            .cache_capacity(COPY_CACHE_BYTES)
+            .open()
+            .map_err(|e| super::open_error(partial, &e.to_string()))?;
+        if stored_schema(&back)? != Some(SCHEMA_VERSION) {
+            return Err(StoreError::Corrupt(format!(
+                "the backup in {} does not read back its layout version",
+                partial.display()
+            )));
+        }
+        for (name, written) in digests {
+            if digest(&back.open_tree(name)?)? != *written {
+                return Err(StoreError::Corrupt(format!(
+                    "the backup's tree {} does not read back as written",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+        }
+    }
+    let marker = partial.join(STORE_MARKER);
+    write_synced(&marker, MARKER_TEXT.as_bytes()).map_err(|e| io(&marker, e))?;
+    std::fs::rename(partial, to).map_err(|e| io(partial, e))?;
+    // The rename is durable only once the directory holding it is.
+    if let Some(parent) = to.parent() {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(parent, e))?;
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scim::ResourceKind;
+    use crate::store::testing::{user, when_unlocked};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// What must agree inside a tenant's copy if it is the tree as of one moment: the
+    /// user counter, the users, their roster records, and the change log's end.
+    fn consistent(store: &Store, tenant: &str) -> u64 {
+        let users: Vec<String> = store
+            .scan(tenant, ResourceKind::User)
+            .unwrap()
+            .map(|r| r.unwrap().id)
+            .collect();
+        assert_eq!(
+            store.count(tenant, ResourceKind::User).unwrap(),
+            users.len() as u64,
+            "{tenant}: the counter"
+        );
+        let records = store
+            .ids_page(tenant, ResourceKind::User, 0, usize::MAX)
+            .unwrap();
+        assert_eq!(records, users, "{tenant}: the roster records");
+        let last = store.last_seq(tenant).unwrap();
+        let newest = store.changes(tenant, last.saturating_sub(1), 10).unwrap();
+        assert_eq!(
+            newest.last().map(|c| c.seq),
+            Some(last),
+            "{tenant}: the change log's end"
+        );
+        users.len() as u64
+    }
+
+    #[test]
+    fn a_backup_taken_under_writes_holds_each_tenant_as_of_one_moment() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("backup");
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let (kept, backed) = rt.block_on(async {
+            let mut kept = Vec::new();
+            for i in 0..300 {
+                let tenant = ["t", "u"][i % 2];
+                let r = store
+                    .create(
+                        tenant,
+                        ResourceKind::User,
+                        user(&format!("kept{i}"), "Engineer", true),
+                        vec![],
+                    )
+                    .await
+                    .unwrap();
+                kept.push((tenant, r.id));
+            }
+            // Writers create users and delete them again while the backup reads.
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut writers = Vec::new();
+            for w in 0..8 {
+                let (store, stop) = (store.clone(), stop.clone());
+                writers.push(tokio::spawn(async move {
+                    let tenant = ["t", "u"][w % 2];
+                    let mut made = std::collections::VecDeque::new();
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            return i;
+                        }
+                        let r = store
+                            .create(
+                                tenant,
+                                ResourceKind::User,
+                                user(&format!("w{w}-{i}"), "Nurse", true),
+                                vec![],
+                            )
+                            .await
+                            .unwrap();
+                        made.push_back(r.id);
+                        if made.len() > 20 {
+                            let id = made.pop_front().unwrap();
+                            store
+                                .delete(tenant, ResourceKind::User, &id, None)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    unreachable!()
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let s = store.clone();
+            let to2 = to.clone();
+            let backed = tokio::task::spawn_blocking(move || s.backup(&to2))
+                .await
+                .unwrap()
+                .unwrap();
+            stop.store(true, Ordering::Relaxed);
+            let mut writes = 0;
+            for w in writers {
+                writes += w.await.unwrap();
+            }
+            assert!(writes > 100, "the writers wrote {writes} users in all");
+            (kept, backed)
+        });
+        store.close().unwrap();
+        assert_eq!(backed.path, to);
+        assert!(!sibling(&to, ".partial").exists());
+        assert!(to.join(STORE_MARKER).is_file());
+        let copy = when_unlocked(|| Store::open(&to));
+        for (tenant, id) in &kept {
+            assert!(
+                copy.get(tenant, ResourceKind::User, id).unwrap().is_some(),
+                "{tenant}/{id}"
+            );
+        }
+        let users = consistent(&copy, "t") + consistent(&copy, "u");
+        assert!(users >= 300, "{users}");
+    }
+
+    #[test]
+    fn a_backup_never_writes_into_a_directory_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let to = dir.path().join("old");
+        std::fs::create_dir(&to).unwrap();
+        std::fs::write(to.join("keep"), b"x").unwrap();
+        let e = store.backup(&to).unwrap_err();
+        assert!(e.to_string().contains("exists already"), "{e}");
+        assert!(to.join("keep").is_file());
+    }
+}
