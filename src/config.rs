@@ -54,6 +54,9 @@ pub struct Config {
     /// Cron schedules of the background jobs.
     #[serde(default)]
     pub schedules: SchedulesConfig,
+    /// Where online backups of the store go.
+    #[serde(default)]
+    pub backup: BackupConfig,
     /// The directory of the config file: relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -242,6 +245,25 @@ pub struct ConnectorsConfig {
 /// The connectors directory when `[connectors] dir` is left out.
 pub const DEFAULT_CONNECTORS_DIR: &str = "connectors";
 
+/// `[backup]`: online backups of the store, written by the `backup` schedule, by SIGUSR1
+/// and by `rosterd store backup`, each into a new directory named for its time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Relative to the config file's directory. Default: beside the data directory, its
+    /// name with `-backups` (the unit's `/var/lib/rosterd-backups`, a StateDirectory of
+    /// its own), so a backup is not inside what it backs up.
+    pub dir: Option<PathBuf>,
+    /// How many backups are kept: after one is written, the oldest beyond this go.
+    pub keep: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig { dir: None, keep: 7 }
+    }
+}
+
 /// `[schedules]`: cron expressions with a seconds field (`sec min hour dom month dow`,
 /// e.g. `0 */15 * * * *`), evaluated in `timezone`. An absent key never runs.
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +277,8 @@ pub struct SchedulesConfig {
     pub export: Option<String>,
     /// Trim the change log below the lowest connector cursor and past the retention.
     pub compact: Option<String>,
+    /// Write a backup of the store into `[backup] dir`.
+    pub backup: Option<String>,
     /// Change events younger than this are kept by `compact` even when delivered (pull
     /// consumers of `/api/v1/roster/changes` read them).
     pub changelog_retention_hours: u64,
@@ -271,6 +295,7 @@ impl Default for SchedulesConfig {
             reconcile: None,
             export: None,
             compact: None,
+            backup: None,
             changelog_retention_hours: 168,
             catch_up: false,
         }
@@ -284,6 +309,7 @@ impl SchedulesConfig {
             ("reconcile", &self.reconcile),
             ("export", &self.export),
             ("compact", &self.compact),
+            ("backup", &self.backup),
         ]
         .into_iter()
         .filter_map(|(n, c)| c.as_deref().map(|c| (n, c)))
@@ -647,6 +673,9 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=1000).contains(&self.backup.keep) {
+            return Err("key `backup.keep`: must be between 1 and 1000".into());
+        }
         check_log_level(&self.log.level).map_err(|e| format!("key `log.level`: {e}"))?;
         self.schedules.tz()?;
         for (name, expr) in self.schedules.entries() {
@@ -736,6 +765,20 @@ impl Config {
         }
     }
 
+    /// The backup directory, resolved (see [`BackupConfig::dir`]).
+    pub fn backup_dir(&self) -> PathBuf {
+        match &self.backup.dir {
+            Some(d) => self.resolve(d),
+            None => {
+                let data = self.resolve(&self.server.data_dir);
+                let data = std::path::absolute(&data).unwrap_or(data);
+                let mut name = data.file_name().unwrap_or_default().to_os_string();
+                name.push("-backups");
+                data.with_file_name(name)
+            }
+        }
+    }
+
     /// The connectors directory, resolved.
     pub fn connectors_dir(&self) -> PathBuf {
         let dir = self.connectors.dir.as_deref();
@@ -781,6 +824,30 @@ impl Config {
                 ),
             }),
         }
+    }
+
+    /// The backup directory must lie outside the data directory: a backup inside what it
+    /// backs up would be lost with it, and `store rewrite` would copy every backup.
+    pub fn check_backup_dir(&self) -> Result<(), ConfigError> {
+        let lexical = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let (backups, data) = (
+            lexical(self.backup_dir()),
+            lexical(self.resolve(&self.server.data_dir)),
+        );
+        // Through links too, where both exist.
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        if backups.starts_with(&data) || real(&backups).starts_with(real(&data)) {
+            return Err(ConfigError::Invalid {
+                path: self.file(),
+                message: format!(
+                    "key `backup.dir`: {} is inside the data directory {}; name a directory outside it (the default is beside it, {}-backups)",
+                    backups.display(),
+                    data.display(),
+                    data.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Load the connectors directory: the good files, and what was wrong with the rest.

@@ -271,6 +271,20 @@ enum BundleCommand {
 
 #[derive(Subcommand)]
 enum StoreCommand {
+    /// Write a backup of a stopped daemon's store into a new directory of `[backup] dir`
+    /// (or `--to`), named for its time, removing the oldest beyond `[backup] keep`. A
+    /// running daemon writes one on SIGUSR1 or on its `backup` schedule instead.
+    Backup {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Back up this store directory instead of `server.data_dir`, as `serve
+        /// --data-dir` would use it (the systemd unit passes its StateDirectory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Write the backup into this directory instead of `[backup] dir`.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
     /// Copy the store into a fresh directory that takes its place, keeping the old one
     /// as `<data_dir>.before-rewrite`: gives back the space a file grown by garbage holds
     /// (sled shrinks its file only from the end). Stop rosterd first; needs free space
@@ -359,6 +373,14 @@ fn run() -> Result<()> {
         Command::Store {
             command: StoreCommand::Rewrite { config, data_dir },
         } => rewrite_store(config, data_dir),
+        Command::Store {
+            command:
+                StoreCommand::Backup {
+                    config,
+                    data_dir,
+                    to,
+                },
+        } => backup_store(config, data_dir, to),
         Command::Status {
             daemon,
             json,
@@ -457,6 +479,45 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -> Result<()> {
+    let mut config = Config::load(&path)?;
+    let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    config.server.data_dir = dir.clone();
+    let backups = match to {
+        Some(to) => to,
+        None => {
+            config.check_backup_dir()?;
+            config.backup_dir()
+        }
+    };
+    // One pass over the store: a small cache does.
+    let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
+        Ok(store) => store,
+        Err(e) if e.held_elsewhere() => {
+            anyhow::bail!(
+                "{key}: rosterd is running on {} (it holds the store). Ask it for the backup instead: `sudo systemctl kill -s USR1 --kill-whom=main rosterd` (or `kill -USR1` its pid) writes one into {}, and `rosterd status` shows it when done",
+                dir.display(),
+                config.backup_dir().display()
+            )
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(key)),
+    };
+    let written = rosterd::ops::backup::write(
+        &store,
+        &backups,
+        config.backup.keep,
+        chrono::Utc::now(),
+        &|| false,
+    );
+    store.close().with_context(|| key.clone())?;
+    let written = written?;
+    outln!("backup written: {}", written.summary())?;
+    for old in &written.removed {
+        outln!("removed the older backup {}", old.display())?;
+    }
+    Ok(())
+}
+
 /// Everything `serve` reads before it can start, read the same way: the config, each
 /// tenant's bundle (trained, with its group rules checked against it) and the connector
 /// files. A restart must not be the first to find a bad file.
@@ -468,6 +529,10 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
     rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
     outln!("data directory: {}", dir.display())?;
+    let mut with_dir = config.clone();
+    with_dir.server.data_dir = dir.clone();
+    with_dir.check_backup_dir()?;
+    outln!("backup directory: {}", with_dir.backup_dir().display())?;
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
         note!(
             "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"
@@ -1515,6 +1580,35 @@ fn job_line(job: &serde_json::Value) -> String {
     line
 }
 
+/// `/status`'s `backup`, in a line: the newest backup, one being written, the last failure.
+fn backup_line(b: &serde_json::Value) -> String {
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
+    let mut line = format!("backup (into {}): ", str_of(&b["dir"]));
+    match b["last_path"].as_str() {
+        Some(path) => line.push_str(&format!(
+            "last written {} ({path}{})",
+            time_of(&b["last_success_at"]),
+            b["last_bytes"]
+                .as_u64()
+                .map(|n| format!(", {:.1} MiB", n as f64 / 1_048_576.0))
+                .unwrap_or_default()
+        )),
+        None => line.push_str("none written yet"),
+    }
+    if let Some(since) = b["running_since"].as_str() {
+        line.push_str(&format!("; one is being written since {}", rfc3339(since)));
+    }
+    if let Some(e) = b["last_error"].as_str() {
+        line.push_str(&format!(
+            "; FAILED at {}: {}",
+            time_of(&b["last_error_at"]),
+            indented(e)
+        ));
+    }
+    line
+}
+
 fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status", None)?;
     fail_unless_ok(status, &s)?;
@@ -1759,6 +1853,9 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                 )?;
             }
         }
+    }
+    if only.is_empty() && s["backup"].is_object() {
+        outln!("{}", backup_line(&s["backup"]))?;
     }
     healthy_store(&s)
 }

@@ -64,6 +64,9 @@ pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 pub const STORE_FAILED: &str = "rosterd_store_failed";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
+pub const BACKUP_LAST_SUCCESS: &str = "rosterd_backup_last_success_timestamp_seconds";
+pub const BACKUP_SIZE: &str = "rosterd_backup_size_bytes";
+pub const BACKUPS_TOTAL: &str = "rosterd_backups_total";
 
 /// The `route` label of requests no route matched (the fallback).
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -218,6 +221,18 @@ fn describe() {
     metrics::describe_gauge!(
         SCHEDULE_LAST_RUN,
         "When the schedule last ran (Unix time; kept across restarts); absent until its first run."
+    );
+    metrics::describe_gauge!(
+        BACKUP_LAST_SUCCESS,
+        "When the newest whole backup of the store was written (Unix time; found in the backup directory at start); absent until there is one."
+    );
+    metrics::describe_gauge!(
+        BACKUP_SIZE,
+        "The size of the last backup written since the start."
+    );
+    metrics::describe_counter!(
+        BACKUPS_TOTAL,
+        "Backups of the store attempted since the start, by result (written, failed)."
     );
     metrics::describe_counter!(
         JOBS_TOTAL,
@@ -398,6 +413,15 @@ fn set_gauges(st: &AppState) {
     }
     // `time() - rosterd_schedule_last_run_timestamp_seconds > …` catches a nightly
     // export or compaction that stopped running, which no job counter covers.
+    let backup = st.backups.state();
+    if let Some(at) = backup.last_success_at {
+        metrics::gauge!(BACKUP_LAST_SUCCESS).set(at.timestamp_millis() as f64 / 1000.0);
+    }
+    if let Some(bytes) = backup.last_bytes {
+        metrics::gauge!(BACKUP_SIZE).set(bytes as f64);
+    }
+    metrics::counter!(BACKUPS_TOTAL, "result" => "written").absolute(backup.written);
+    metrics::counter!(BACKUPS_TOTAL, "result" => "failed").absolute(backup.failed);
     for (schedule, at) in crate::schedule::last_runs(st) {
         let seconds = at.timestamp_millis() as f64 / 1000.0;
         metrics::gauge!(SCHEDULE_LAST_RUN, "schedule" => schedule).set(seconds);

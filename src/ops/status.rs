@@ -108,6 +108,14 @@ impl RosterCounts {
     }
 }
 
+/// Where backups go and what the last ones did.
+fn backup(st: &AppState) -> Value {
+    let mut doc = serde_json::to_value(st.backups.state()).unwrap_or_default();
+    doc["dir"] = json!(st.backups.dir);
+    doc["keep"] = json!(st.backups.keep);
+    doc
+}
+
 /// The `/status` document.
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     let on_disk = st.config.on_disk();
@@ -150,5 +158,6 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "config_file_error": on_disk.error.map(|e| e.to_string()),
         "config_changed_since_start": on_disk.changed,
         "schedules": crate::schedule::status(st),
+        "backup": backup(st),
     }))
 }

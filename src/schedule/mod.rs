@@ -641,6 +641,11 @@ pub fn missed_run(
     (due > last || last > now).then_some(due)
 }
 
+/// The schedule that backs up the store: one run for all tenants, whose result is
+/// shown under this name in place of a tenant's.
+const BACKUP: &str = "backup";
+const BACKUP_PART: &str = "store";
+
 /// Start one task per configured schedule; they stop with `shutdown`.
 pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::CancellationToken) {
     let tz = match state.config.schedules.tz() {
@@ -659,18 +664,33 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
             }
         };
         // What the last runs did before this start, so that `/status` does not forget them.
-        let kept: Vec<(String, ScheduledResult)> = state
-            .config
-            .tenants
-            .iter()
-            .filter_map(|t| match state.store.scheduled_result(&t.id, name) {
-                Ok(kept) => kept.map(|k| (t.id.clone(), k)),
-                Err(e) => {
-                    tracing::warn!(schedule = name, tenant = %t.id, error = %e, "Cannot read the schedule's last result.");
-                    None
-                }
-            })
-            .collect();
+        let kept: Vec<(String, ScheduledResult)> = if name == BACKUP {
+            // A backup's time is in its directory's name; a backup written by the CLI
+            // while the daemon was down counts too.
+            let last = state.backups.state();
+            last.last_success_at
+                .zip(last.last_path)
+                .map(|(at, path)| ScheduledResult {
+                    at,
+                    part: ScheduledPart::Text(format!("{}: {}", BACKUP_PART, path.display())),
+                })
+                .map(|k| (BACKUP_PART.to_owned(), k))
+                .into_iter()
+                .collect()
+        } else {
+            state
+                .config
+                .tenants
+                .iter()
+                .filter_map(|t| match state.store.scheduled_result(&t.id, name) {
+                    Ok(kept) => kept.map(|k| (t.id.clone(), k)),
+                    Err(e) => {
+                        tracing::warn!(schedule = name, tenant = %t.id, error = %e, "Cannot read the schedule's last result.");
+                        None
+                    }
+                })
+                .collect()
+        };
         let last_run = kept.iter().map(|(_, k)| k.at).max();
         let missed = if state.config.schedules.catch_up {
             missed_run(&cron, tz, last_run)
@@ -739,6 +759,22 @@ async fn jobs_ended(state: &AppState, cancel: &tokio_util::sync::CancellationTok
 /// Run schedule `name` once, record its result for `/status`, and keep each tenant's
 /// part in the store, so that a restart (and a catch-up) knows it.
 async fn run_and_keep(state: &Arc<AppState>, name: &str) {
+    if name == BACKUP {
+        // One run for the whole store, kept as the backup itself.
+        let part = match state
+            .backups
+            .run(&state.store, "schedule", &state.shutdown)
+            .await
+        {
+            Ok(w) => format!("{BACKUP_PART}: {}", w.summary()),
+            Err(e) => format!("{BACKUP_PART}: failed: {e}"),
+        };
+        let outcome = Outcome::Done(ScheduledPart::Text(part));
+        state
+            .schedules
+            .record(name, Utc::now(), vec![(BACKUP_PART.to_owned(), outcome)]);
+        return;
+    }
     let outcomes = run_scheduled(state, name).await;
     let at = Utc::now();
     let done: Vec<(String, ScheduledPart)> = outcomes

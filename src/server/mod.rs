@@ -86,6 +86,8 @@ pub struct AppState {
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
     pub schedules: crate::schedule::Schedules,
+    /// Online backups of the store (`[backup]`, the `backup` schedule, SIGUSR1).
+    pub backups: crate::ops::backup::Backups,
 }
 
 /// What makes a running daemon reload its connectors and archetype bundles.
@@ -127,9 +129,20 @@ pub async fn run_with_env(
     crate::ops::metrics::install();
     // Before the daemon can answer, let alone say it is ready: a SIGHUP that came before
     // the handler would end it (the signal's default action), not reload it.
+    // Likewise SIGUSR1, whose default action also ends the process.
+    let backup_signal = match reloads {
+        Reloads::Sighup => {
+            use tokio::signal::unix::{SignalKind, signal};
+            signal(SignalKind::user_defined1())
+                .inspect_err(|e| tracing::error!(error = %e, "Cannot install the SIGUSR1 handler; backups run on their schedule only."))
+                .ok()
+        }
+        Reloads::Notified(_) => None,
+    };
     let reloads = ReloadSource::install(reloads);
     // Before anything slow: starting without the connectors it names would let
     // compaction drop changes they still have to deliver, and nobody would notice.
+    config.check_backup_dir()?;
     if !config.check_connectors_dir()? {
         tracing::info!(dir = %config.connectors_dir().display(), "No connectors directory (config.toml names none, and the default does not exist); no connectors run.");
     }
@@ -223,6 +236,7 @@ pub async fn run_with_env(
         dispatch_stop.clone(),
     );
     dispatch.apply(config.load_connectors()).await;
+    let (backup_dir, backup_keep) = (config.backup_dir(), config.backup.keep);
     let state = Arc::new(AppState {
         store: store.clone(),
         tokens,
@@ -236,6 +250,7 @@ pub async fn run_with_env(
         started: std::time::Instant::now(),
         reloads: Default::default(),
         schedules: Default::default(),
+        backups: crate::ops::backup::Backups::new(backup_dir, backup_keep),
     });
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -264,6 +279,8 @@ pub async fn run_with_env(
     // reclassification holding its tenant's slot.
     crate::schedule::spawn_schedules(state.clone(), shutdown.clone());
     let reloads = tokio::spawn(reload_on(reloads, state.clone(), shutdown.clone()));
+    let backups =
+        backup_signal.map(|usr1| tokio::spawn(backup_on(usr1, state.clone(), shutdown.clone())));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
@@ -285,6 +302,9 @@ pub async fn run_with_env(
     }
     crate::ops::systemd::notify_stopping();
     reloads.abort();
+    if let Some(b) = backups {
+        b.abort();
+    }
     failed.abort();
     if let Some(w) = watchdog {
         w.abort();
@@ -401,6 +421,32 @@ impl ReloadSource {
                 "Reload asked"
             }
             ReloadSource::Never => std::future::pending().await,
+        }
+    }
+}
+
+/// Write a backup at each SIGUSR1 (`systemctl kill -s USR1 --kill-whom=main rosterd`).
+async fn backup_on(
+    mut usr1: tokio::signal::unix::Signal,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            got = usr1.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                let state = state.clone();
+                let stop = shutdown.clone();
+                // Its own task: a second signal during a long backup is answered (refused,
+                // in the log) rather than queued.
+                tokio::spawn(async move {
+                    // Its outcome is logged and shown in /status by `run`.
+                    let _ = state.backups.run(&state.store, "SIGUSR1", &stop).await;
+                });
+            }
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -57,8 +57,9 @@ const ATTEMPTS: usize = 3;
 impl Store {
     /// Copy the store into `to`, which must not exist, while it serves. The copy is
     /// written in `<to>.partial`, read back and compared, and only then renamed to `to`:
-    /// a directory of that name is always a whole backup.
-    pub fn backup(&self, to: &Path) -> StoreResult<BackedUp> {
+    /// a directory of that name is always a whole backup. `stopped` is asked as the copy
+    /// goes: a stop of the daemon need not wait for a long copy.
+    pub fn backup(&self, to: &Path, stopped: &dyn Fn() -> bool) -> StoreResult<BackedUp> {
         let started = Instant::now();
         if to.exists() {
             return Err(StoreError::Backend(format!(
@@ -75,7 +76,7 @@ impl Store {
             keys,
             digests,
             longest_hold,
-        } = match self.copy_into(&partial) {
+        } = match self.copy_into(&partial, stopped) {
             Ok(done) => done,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
@@ -96,7 +97,7 @@ impl Store {
     }
 
     /// Every tree into a new sled in `dir`.
-    fn copy_into(&self, dir: &Path) -> StoreResult<Copied> {
+    fn copy_into(&self, dir: &Path, stopped: &dyn Fn() -> bool) -> StoreResult<Copied> {
         let copy = sled::Config::new()
             .path(dir)
             .cache_capacity(COPY_CACHE_BYTES)
@@ -115,12 +116,11 @@ impl Store {
                             String::from_utf8_lossy(&name)
                         ))
                     })?;
-                    longest_hold = longest_hold.max(self.copy_tenant(tenant, &from, &into)?);
+                    longest_hold =
+                        longest_hold.max(self.copy_tenant(tenant, &from, &into, stopped)?);
                 }
                 // The layout version: written only at the open.
-                None => {
-                    copy_all(&from, &into)?;
-                }
+                None => copy_all(&from, &into, stopped)?,
             }
             let d = digest(&into)?;
             keys += d.keys;
@@ -141,6 +141,7 @@ impl Store {
         tenant: &str,
         from: &sled::Tree,
         into: &sled::Tree,
+        stopped: &dyn Fn() -> bool,
     ) -> StoreResult<Duration> {
         for _ in 0..ATTEMPTS {
             self.holding_writers(tenant, || {
@@ -151,7 +152,7 @@ impl Store {
                 });
             });
             into.clear()?;
-            let copied = copy_all(from, into);
+            let copied = copy_all(from, into, stopped);
             let held = Instant::now();
             let finished = self.holding_writers(tenant, || -> StoreResult<bool> {
                 let Some(tracking) = self.backup_tracking().take() else {
@@ -217,8 +218,13 @@ impl Store {
     }
 }
 
-fn copy_all(from: &sled::Tree, into: &sled::Tree) -> StoreResult<()> {
-    for kv in from.iter() {
+fn copy_all(from: &sled::Tree, into: &sled::Tree, stopped: &dyn Fn() -> bool) -> StoreResult<()> {
+    for (n, kv) in from.iter().enumerate() {
+        if n % 4096 == 0 && stopped() {
+            return Err(StoreError::Backend(
+                "the backup was stopped (rosterd is stopping); nothing was kept".into(),
+            ));
+        }
         let (k, v) = kv?;
         into.insert(k, v)?;
     }
@@ -387,7 +393,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let s = store.clone();
             let to2 = to.clone();
-            let backed = tokio::task::spawn_blocking(move || s.backup(&to2))
+            let backed = tokio::task::spawn_blocking(move || s.backup(&to2, &|| false))
                 .await
                 .unwrap()
                 .unwrap();
@@ -421,8 +427,19 @@ mod tests {
         let to = dir.path().join("old");
         std::fs::create_dir(&to).unwrap();
         std::fs::write(to.join("keep"), b"x").unwrap();
-        let e = store.backup(&to).unwrap_err();
+        let e = store.backup(&to, &|| false).unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
         assert!(to.join("keep").is_file());
+    }
+
+    #[test]
+    fn a_stopped_backup_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let to = dir.path().join("b");
+        let e = store.backup(&to, &|| true).unwrap_err();
+        assert!(e.to_string().contains("stopped"), "{e}");
+        assert!(!to.exists());
+        assert!(!sibling(&to, ".partial").exists());
     }
 }

@@ -111,6 +111,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The open failed because another process (a running daemon) holds the store.
+    pub fn held_elsewhere(&self) -> bool {
+        matches!(self, StoreError::Open { message, .. } if message.starts_with(HELD_ELSEWHERE))
+    }
+
     /// A blocking task that did not finish: it panicked, or the runtime is shutting down.
     pub fn from_join(e: tokio::task::JoinError) -> StoreError {
         if e.is_panic() {
@@ -1104,13 +1109,15 @@ fn stored_schema(db: &sled::Db) -> StoreResult<Option<u64>> {
     }))
 }
 
+const HELD_ELSEWHERE: &str = "another rosterd (or process) is using";
+
 /// Why `dir` could not be opened, with what an operator can do about it. sled's own
 /// messages name neither the directory nor the file.
 fn open_error(dir: &Path, engine: &str) -> StoreError {
     let mut message = engine.to_owned();
     if engine.contains("could not acquire lock") {
         message = format!(
-            "another rosterd (or process) is using {}; stop it first, or give this one another data_dir ({engine})",
+            "{HELD_ELSEWHERE} {}; stop it first, or give this one another data_dir ({engine})",
             dir.display()
         );
     }
@@ -1173,7 +1180,7 @@ const MARKER_TEXT: &str = "This directory is a rosterd store. rosterd refuses to
 /// Said where damage is found: a directory restored from a copy taken while rosterd ran
 /// reads as damaged (measured: 8 of 13 such copies), and the operator who just restored
 /// it needs to know the backup, not the disk, is at fault.
-const TORN_COPY: &str = " (a copy of the directory taken while rosterd was running is torn this way: take backups with rosterd stopped, or as a filesystem snapshot; README, \"Backing up and restoring\")";
+const TORN_COPY: &str = " (a copy of the directory taken while rosterd was running is torn this way: take backups with rosterd itself (the `backup` schedule, SIGUSR1, or `rosterd store backup` while it is stopped), or as a filesystem snapshot; README, \"Backing up and restoring\")";
 
 /// The directory of the export's row files (see `rows.rs`).
 const ROWS_DIR: &str = "rows";
@@ -1392,10 +1399,29 @@ impl Store {
     /// Open (or create) the store in `dir`, caching up to `cache_bytes` of pages. A
     /// tenant walk (export, reconciliation) that fits in the cache never reads the disk.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
-        engine_panic_as_error(dir, || Self::open_inner(dir, cache_bytes)).map_err(|e| match e {
-            // Already actionable on their own, or naming the directory.
-            e @ (StoreError::UnknownSchema { .. } | StoreError::Open { .. }) => e,
-            e => open_error(dir, &e.to_string()),
+        Self::open_checked(dir, cache_bytes, true)
+    }
+
+    /// Open an existing store for reading it whole (`rosterd store backup`): one at an
+    /// older layout is refused rather than upgraded, since a backup must not change what
+    /// it copies, and a directory without a store is refused rather than made one.
+    pub fn open_existing(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+        if !dir.join(STORE_MARKER).is_file() {
+            return Err(StoreError::Backend(format!(
+                "{} holds no rosterd store ({STORE_MARKER} is missing)",
+                dir.display()
+            )));
+        }
+        Self::open_checked(dir, cache_bytes, false)
+    }
+
+    fn open_checked(dir: &Path, cache_bytes: u64, upgrade: bool) -> StoreResult<Store> {
+        engine_panic_as_error(dir, || Self::open_inner(dir, cache_bytes, upgrade)).map_err(|e| {
+            match e {
+                // Already actionable on their own, or naming the directory.
+                e @ (StoreError::UnknownSchema { .. } | StoreError::Open { .. }) => e,
+                e => open_error(dir, &e.to_string()),
+            }
         })
     }
 
@@ -1454,7 +1480,7 @@ impl Store {
         Ok(())
     }
 
-    fn open_inner(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
+    fn open_inner(dir: &Path, cache_bytes: u64, may_upgrade: bool) -> StoreResult<Store> {
         Self::check_dir(dir)?;
         let marker = dir.join(STORE_MARKER);
         let was_a_store = marker.is_file();
@@ -1466,7 +1492,12 @@ impl Store {
             .map_err(|e| open_error(dir, &e.to_string()))?;
         match stored_schema(&db)? {
             Some(found) => {
-                if (1..SCHEMA_VERSION).contains(&found) {
+                if (1..SCHEMA_VERSION).contains(&found) && !may_upgrade {
+                    return Err(StoreError::Backend(format!(
+                        "the store in {} is at an older layout (version {found}, this build's is {SCHEMA_VERSION}); back it up with the rosterd that wrote it, or start this one on it first",
+                        dir.display()
+                    )));
+                } else if (1..SCHEMA_VERSION).contains(&found) {
                     upgrade(&db, found)?;
                 } else if found != SCHEMA_VERSION {
                     return Err(StoreError::UnknownSchema { found });

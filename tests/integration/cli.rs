@@ -1910,3 +1910,92 @@ async fn served(
         get("/users").await.body,
     ]
 }
+
+/// SIGUSR1 makes a running daemon write a backup; `rosterd store backup` says so while it
+/// runs, and writes one itself once it is stopped; a daemon started on either backup
+/// serves the users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_and_store_backup_write_backups_a_daemon_starts_on() {
+    use crate::crash::{ChildDaemon, child_root, scim_users};
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let config = root.join("config.toml");
+    let backups = root.join("data-backups");
+    let mut d = ChildDaemon::start(&root, &[]).await;
+    for i in 0..20 {
+        let r = d
+            .scim_send(
+                reqwest::Method::POST,
+                "/Users",
+                Some(crate::harness::user(&format!("u{i}@acme.test"))),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    let users = scim_users(&d).await;
+    assert_eq!(users.len(), 20);
+    let origin = d.base.clone();
+
+    d.signal("USR1");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let by_signal = loop {
+        let s = d.status().await;
+        if s["backup"]["written"] == 1 {
+            break std::path::PathBuf::from(s["backup"]["last_path"].as_str().unwrap());
+        }
+        assert!(s["backup"]["last_error"].is_null(), "{}", s["backup"]);
+        assert!(tokio::time::Instant::now() < deadline, "{}", s["backup"]);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(by_signal.parent(), Some(backups.as_path()));
+    assert!(by_signal.join(".rosterd-store").is_file());
+    // Still running after the signal, whose default action would have ended it.
+    assert!(d.child.try_wait().unwrap().is_none());
+    let (ok, out, err) = rosterd_async(&["status", "--url", &d.base]).await;
+    assert!(ok, "{out} {err}");
+    let line = format!("backup (into {}): last written ", backups.display());
+    assert!(out.contains(&line), "{out}");
+    assert!(out.contains(by_signal.to_str().unwrap()), "{out}");
+
+    let args = ["store", "backup", "--config", config.to_str().unwrap()];
+    let (ok, _, err) = rosterd_async(&args).await;
+    assert!(!ok, "backed up a store the daemon holds");
+    assert!(
+        err.contains("USR1") && err.contains("rosterd is running"),
+        "{err}"
+    );
+
+    d.signal("TERM");
+    assert!(d.child.wait().unwrap().success());
+    let (ok, out, err) = rosterd_async(&args).await;
+    assert!(ok, "{out} {err}");
+    assert!(
+        out.contains("backup written: ") && out.contains("keys"),
+        "{out}"
+    );
+    let all: Vec<_> = std::fs::read_dir(&backups).unwrap().collect();
+    assert_eq!(all.len(), 2, "{all:?}");
+
+    // Each one serves the roster: the signal's first, then the CLI's (the newest).
+    let newest = crate::harness::newest_backup(&backups);
+    assert_ne!(newest, by_signal);
+    for backup in [by_signal, newest] {
+        let data = root.join("data");
+        std::fs::rename(&data, root.join("data.before")).unwrap();
+        std::fs::rename(&backup, &data).unwrap();
+        let d = ChildDaemon::start(&root, &[]).await;
+        let served = serde_json::to_string(&scim_users(&d).await).unwrap();
+        // The same users, but for the new daemon's port in their locations.
+        assert!(
+            served
+                == serde_json::to_string(&users)
+                    .unwrap()
+                    .replace(&origin, &d.base),
+            "{} serves other users",
+            backup.display()
+        );
+        drop(d);
+        std::fs::remove_dir_all(&data).unwrap();
+        std::fs::rename(root.join("data.before"), &data).unwrap();
+    }
+}

@@ -601,3 +601,17 @@ pub fn location_id(result: &Value) -> String {
     let location = result["location"].as_str().expect("a location");
     location.rsplit('/').next().unwrap_or_default().to_owned()
 }
+
+/// The newest backup (`rosterd-<time>`) in a backup directory.
+pub fn newest_backup(dir: &Path) -> PathBuf {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("backup dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("rosterd-"))
+        })
+        .collect();
+    all.sort();
+    all.pop().expect("a backup")
+}

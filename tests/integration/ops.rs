@@ -477,3 +477,102 @@ async fn the_store_file_stays_near_its_data_under_sustained_writes() {
     let r = d.get(&format!("/Users/{}", kept[0])).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// The `backup` schedule under SCIM writes: each backup is whole, the oldest beyond
+/// `keep` go, and a daemon started on the newest serves every user acknowledged before
+/// it began, with counters that agree with what it lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_written_under_writes_serves_every_write_acknowledged_before_it() {
+    use chrono::{DateTime, Utc};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut d = TestDaemon::start_with(crate::harness::Options {
+        config_extra: "[schedules]\nbackup = \"*/2 * * * * *\"\n[backup]\nkeep = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let stop = AtomicBool::new(false);
+    let acked = std::sync::Mutex::new(Vec::<(String, DateTime<Utc>)>::new());
+    let writers = (0..4).map(|w| {
+        let (d, stop, acked) = (&d, &stop, &acked);
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let id = d.create_user(&format!("w{w}-{i}@acme.test")).await;
+                acked.lock().unwrap().push((id, Utc::now()));
+                i += 1;
+            }
+        }
+    });
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let s = d.status().await;
+            if s["backup"]["written"].as_u64().unwrap() >= 3 {
+                stop.store(true, Ordering::Relaxed);
+                return s;
+            }
+            assert!(s["backup"]["last_error"].is_null(), "{}", s["backup"]);
+            assert!(tokio::time::Instant::now() < deadline, "{}", s["backup"]);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let (s, _) = tokio::join!(watch, futures_util::future::join_all(writers));
+    let backup = &s["backup"];
+    assert_eq!(backup["failed"], 0, "{backup}");
+    assert!(backup["last_keys"].as_u64().unwrap() > 0, "{backup}");
+    assert!(
+        s["schedules"]["backup"]["last_result"]
+            .as_str()
+            .unwrap()
+            .starts_with("store: "),
+        "{}",
+        s["schedules"]["backup"]
+    );
+    let began: DateTime<Utc> = serde_json::from_value(backup["last_success_at"].clone()).unwrap();
+    let newest = std::path::PathBuf::from(backup["last_path"].as_str().unwrap());
+    let dir = d.root.join("data-backups");
+    assert_eq!(newest.parent(), Some(dir.as_path()));
+    let metrics = d
+        .raw(Method::GET, &d.url("/metrics"), None, &[], None)
+        .await;
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.contains("rosterd_backup_last_success_timestamp_seconds"),
+        "{text}"
+    );
+    // Three or more written, two kept.
+    let kept: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("rosterd-"))
+        .collect();
+    assert!(kept.len() <= 2, "{kept:?}");
+    let acked = acked.into_inner().unwrap();
+    let before: Vec<&String> = acked
+        .iter()
+        .filter(|(_, at)| *at < began)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        !before.is_empty(),
+        "no write was acknowledged before the backup began"
+    );
+
+    d.stop().await;
+    std::fs::rename(d.root.join("data"), d.root.join("data.live")).unwrap();
+    std::fs::rename(&newest, d.root.join("data")).unwrap();
+    let d = d.restart().await;
+    for id in &before {
+        let r = d.get(&format!("/Users/{id}")).await;
+        assert_eq!(
+            r.status, 200,
+            "{id}, acknowledged before the backup: {}",
+            r.body
+        );
+    }
+    let listed = d.get("/Users?count=1").await.body["totalResults"].clone();
+    let counted = d.status().await["tenants"][TENANT]["users"].clone();
+    assert_eq!(listed, counted);
+    assert!(listed.as_u64().unwrap() >= before.len() as u64);
+    d.create_user("after@acme.test").await;
+}
