@@ -162,6 +162,8 @@ pub struct BackupState {
     pub last_bytes: Option<u64>,
     pub last_keys: Option<u64>,
     pub last_seconds: Option<f64>,
+    /// The longest a tenant's writers waited for the last backup.
+    pub last_longest_hold_ms: Option<u64>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     /// Backups written and failed since the start.
@@ -226,6 +228,7 @@ impl Backups {
                 s.last_bytes = Some(w.backup.bytes);
                 s.last_keys = Some(w.backup.keys);
                 s.last_seconds = Some(w.backup.took.as_secs_f64());
+                s.last_longest_hold_ms = Some(w.backup.longest_hold.as_millis() as u64);
                 s.written += 1;
             }
             Err(e) => {

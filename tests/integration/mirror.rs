@@ -2008,7 +2008,7 @@ async fn a_broken_connector_file_stays_indented_in_rosterd_status() {
         .lines()
         .skip_while(|l| !l.starts_with("connector errors"))
         .skip(1)
-        .take_while(|l| !l.starts_with("schedule "))
+        .take_while(|l| !l.starts_with("schedule ") && !l.starts_with("backup "))
         .collect();
     assert!(section.len() > 2, "an error with its diagram:\n{out}");
     assert!(section[0].contains("broken.toml"), "{out}");
