@@ -258,11 +258,14 @@ fn digest(tree: &sled::Tree) -> StoreResult<Digested> {
 /// Read the copy back from disk, compare it with what was written, and move it to `to`.
 fn finish(partial: &Path, to: &Path, digests: &[(sled::IVec, Digested)]) -> StoreResult<()> {
     {
-        let back = sled::Config::new()
-            .path(partial)
-            .cache_capacity(COPY_CACHE_BYTES)
-            .open()
-            .map_err(|e| super::open_error(partial, &e.to_string()))?;
+        // The copy's handle was dropped a moment ago.
+        let back = super::past_the_lock(|| {
+            sled::Config::new()
+                .path(partial)
+                .cache_capacity(COPY_CACHE_BYTES)
+                .open()
+        })
+        .map_err(|e| super::open_error(partial, &e.to_string()))?;
         if stored_schema(&back)? != Some(SCHEMA_VERSION) {
             return Err(StoreError::Corrupt(format!(
                 "the backup in {} does not read back its layout version",

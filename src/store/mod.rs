@@ -1171,6 +1171,27 @@ fn engine_panic_as_error(
     })
 }
 
+/// What opening answers once a handle dropped a moment ago has let go of the directory:
+/// sled releases its file lock only when its background threads let go of the database,
+/// shortly after the drop (a backup reads back the copy it has just closed; tests re-open
+/// a store).
+pub(crate) fn past_the_lock<T, E: std::fmt::Debug>(
+    open: impl Fn() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(e)
+                if format!("{e:?}").contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Written beside sled's files once a store has opened: a `db` that later goes missing
 /// or empty would otherwise open as a new, empty store, and the connectors would mirror
 /// that emptiness downstream.

@@ -51,24 +51,7 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, 
     }
 }
 
-/// What opening answers once the dropped handle's lock is gone: for tests that expect
-/// the open itself to fail.
-pub(crate) fn past_the_lock<T, E: std::fmt::Debug>(
-    open: impl Fn() -> Result<T, E>,
-) -> Result<T, E> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match open() {
-            Err(e)
-                if format!("{e:?}").contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
+pub(crate) use super::past_the_lock;
 
 /// Create a user of tenant "t" from its SCIM document; its id.
 pub(crate) async fn create_user(store: &super::Store, doc: Value) -> String {
