@@ -1703,8 +1703,13 @@ impl Store {
                 .partition(|(k, _)| k.starts_with(&record_prefix)),
             None => (Vec::new(), Vec::new()),
         };
-        self.backup_saw_write(tenant, &ops);
+        let noted = self.backup_notes(tenant, &ops);
         let applied = apply_ops(&t.tree, ops);
+        // Noted once applied, failed or not: a backup that takes the keys noted so far
+        // and copies them again then reads this write's values.
+        if let Some(keys) = noted {
+            self.backup_saw_write(tenant, keys);
+        }
         if let Err(StoreError::Io(e)) = &applied {
             self.inner.commit.fail(e);
         }
