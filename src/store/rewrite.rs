@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use super::rows::io;
 use super::{CLEANER_TICK_MS, SCHEMA_VERSION, StoreError, StoreResult, stored_schema};
 
-pub(super) const COPY_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// The page cache of the stores a copy opens (a rewrite's both, a backup's new one): each is
+/// read or written in one pass. A backup of 200,000 users raised the daemon's RSS by about
+/// 250 MiB at 16 MiB and 330 MiB at 64 MiB, in the same time.
+pub(super) const COPY_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What a rewrite did.
 #[derive(Debug)]
