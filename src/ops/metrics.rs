@@ -411,8 +411,6 @@ fn set_gauges(st: &AppState) {
         }
         *failing = now;
     }
-    // `time() - rosterd_schedule_last_run_timestamp_seconds > …` catches a nightly
-    // export or compaction that stopped running, which no job counter covers.
     let backup = st.backups.state();
     if let Some(at) = backup.last_success_at {
         metrics::gauge!(BACKUP_LAST_SUCCESS).set(at.timestamp_millis() as f64 / 1000.0);
@@ -422,6 +420,8 @@ fn set_gauges(st: &AppState) {
     }
     metrics::counter!(BACKUPS_TOTAL, "result" => "written").absolute(backup.written);
     metrics::counter!(BACKUPS_TOTAL, "result" => "failed").absolute(backup.failed);
+    // `time() - rosterd_schedule_last_run_timestamp_seconds > …` catches a nightly
+    // export or compaction that stopped running, which no job counter covers.
     for (schedule, at) in crate::schedule::last_runs(st) {
         let seconds = at.timestamp_millis() as f64 / 1000.0;
         metrics::gauge!(SCHEDULE_LAST_RUN, "schedule" => schedule).set(seconds);
