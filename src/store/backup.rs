@@ -2,11 +2,12 @@
 //!
 //! sled has no snapshot, and its files copied while it runs are torn (session 38: 5 of
 //! 13 copies would not open). So the copy goes key by key, one tree at a time. A tenant's
-//! keys are read while its writers go on; the keys they write meanwhile are noted, and at
-//! the end, under the tenant's write lock, each noted key is copied again as it stands.
-//! A key not noted did not change while it was read, so the copy is the tree as it was at
-//! that moment, and writers wait only for that last step. Tenants are copied at
-//! different moments; nothing in the store spans two of them.
+//! keys are read while its writers go on; each key a writer writes is noted once it is
+//! applied, and copied again as it stands: in a few passes while writers go on, each
+//! shorter than the last, then once more under the tenant's write lock. A key not noted
+//! did not change after it was read, so the copy is the tree as it was at that moment,
+//! and writers wait only for that last pass. Tenants are copied at different moments;
+//! nothing in the store spans two of them.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
