@@ -1115,6 +1115,43 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
 
+    /// Backups go beside the data directory unless told, never inside it (a link to a
+    /// place inside it included), and `keep` is bounded.
+    #[test]
+    fn the_backup_directory_lies_outside_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let config = |extra: &str| {
+            Config::parse(
+                &format!("version = 1\n[server]\ndata_dir = \"state/data\"\n{extra}"),
+                &path,
+            )
+        };
+        let c = config("").unwrap();
+        assert_eq!(c.backup_dir(), dir.path().join("state/data-backups"));
+        assert!(c.check_backup_dir().is_ok());
+        let c = config("[backup]\ndir = \"/srv/backups\"\nkeep = 2\n").unwrap();
+        assert_eq!(
+            (c.backup_dir(), c.backup.keep),
+            (PathBuf::from("/srv/backups"), 2)
+        );
+        for inside in ["state/data", "state/data/backups", "state/data/../data/b"] {
+            let c = config(&format!("[backup]\ndir = {inside:?}\n")).unwrap();
+            let e = c.check_backup_dir().unwrap_err().to_string();
+            assert!(e.contains("is inside the data directory"), "{inside}: {e}");
+        }
+        std::fs::create_dir_all(dir.path().join("state/data/b")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("state/data/b"), dir.path().join("link"))
+            .unwrap();
+        let c = config("[backup]\ndir = \"link\"\n").unwrap();
+        assert!(c.check_backup_dir().is_err());
+        for keep in [0, 1001] {
+            let e = config(&format!("[backup]\nkeep = {keep}\n")).unwrap_err();
+            assert!(e.to_string().contains("backup.keep"), "{e}");
+        }
+        assert!(config("[backup]\nkept = 3\n").is_err());
+    }
+
     /// A pipe, a device or a directory named as a configuration file is refused at
     /// once: reading a pipe blocked for good, and /dev/zero ran out of memory.
     #[test]
