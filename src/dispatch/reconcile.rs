@@ -745,6 +745,8 @@ pub(super) async fn reconcile_oneroster(
     let mut left = 0;
     for (n, item) in items.iter().enumerate() {
         let Some(req) = &item.request else { continue };
+        // Before the check: a change logged after it waits for the repair.
+        let _repairing = ctx.repairing(&item.object);
         // And while it sends.
         let logged = *durable.borrow();
         if leave_to_mirror(ctx, settings, &mut pending, logged, item, report).await? {

@@ -316,6 +316,38 @@ async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror()
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
 }
 
+/// A change of an object whose repair is on its way to the target waits for that repair's
+/// answer: a target that applied the two in another order than they came (the repair
+/// held before it was applied) put the old title back, which stayed until the next run.
+#[tokio::test]
+async fn a_change_of_an_object_being_repaired_is_sent_after_the_repair() {
+    let (d, target) = start_with_oneroster("").await;
+    let bob = d.create_user("bob@acme.test").await;
+    caught_up(&d, "sis").await;
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    // The run's PUT of bob reaches the target, which holds it before applying it.
+    target.inject(Fault::stalled(1).on_path("/users/").on_method("PUT"));
+    let (_, job_id) = full_run_meeting_the_fault(&d, &target).await;
+    let retitle = json!([{"op": "replace", "path": "title", "value": "Night Nurse"}]);
+    let r = d.patch(&format!("/Users/{bob}"), patch_op(retitle)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The mirror's PUT of the new title would be applied now, before the repair's.
+    let puts = || target.count_requests("PUT", "users");
+    let before = puts();
+    target
+        .wait_until(|_| puts() > before, Duration::from_secs(1))
+        .await;
+    target.release_held();
+    let job = wait_job(&d, &job_id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    caught_up(&d, "sis").await;
+    assert_eq!(
+        target.user(&bob_sid).unwrap()["metadata"]["job_title"],
+        "Night Nurse",
+        "the repair's older copy was applied last: {job}"
+    );
+}
+
 /// A repair the target failed once is tried again only if no change sends its object
 /// meanwhile: the retry sent the copy the run read at its start, after the mirror had
 /// sent the change, and put the old title back.

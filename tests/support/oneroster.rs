@@ -222,6 +222,9 @@ pub enum FaultKind {
     /// Process the request normally, then hold the answer back until
     /// [`OneRosterServer::release_held`] (or a later injection of another such fault).
     Hold,
+    /// Hold the request back, not yet processed, until [`OneRosterServer::release_held`]:
+    /// a target that applies concurrent requests in another order than they came.
+    Stall,
     /// Close the connection without answering; the request is not processed.
     Drop,
     /// Answer this status and body, as given, without processing the request.
@@ -287,6 +290,12 @@ impl Fault {
     /// test needs, however slow the machine.
     pub fn held(times: usize) -> Fault {
         Fault::new(FaultKind::Hold, times)
+    }
+
+    /// Hold the next `times` requests back before processing them, until
+    /// [`OneRosterServer::release_held`]: requests that came later are applied first.
+    pub fn stalled(times: usize) -> Fault {
+        Fault::new(FaultKind::Stall, times)
     }
 
     /// Close the connection of the next `times` requests without answering.
@@ -413,7 +422,8 @@ struct Shared {
     tokens_issued: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     faults_applied: AtomicU64,
-    /// Whether answers held by [`FaultKind::Hold`] may go.
+    /// Whether answers held by [`FaultKind::Hold`], and requests by [`FaultKind::Stall`],
+    /// may go.
     released: tokio::sync::watch::Sender<bool>,
     list_quirks: Mutex<ListQuirks>,
     log: Mutex<Log>,
@@ -719,7 +729,7 @@ impl OneRosterServer {
     /// Add a fault; it applies from the next request on. Faults are tried in the order added
     /// and the first matching one applies (and uses up one of its `times`).
     pub fn inject(&self, fault: Fault) {
-        if fault.kind == FaultKind::Hold {
+        if matches!(fault.kind, FaultKind::Hold | FaultKind::Stall) {
             self.shared.released.send_replace(false);
         }
         lock(&self.shared.faults).push(fault);
@@ -878,6 +888,7 @@ impl Shared {
             FaultKind::Status { .. } => "status",
             FaultKind::Delay(_) => "delay",
             FaultKind::Hold => "hold",
+            FaultKind::Stall => "stall",
             FaultKind::Drop => "drop",
             FaultKind::Answer { .. } => "answer",
         };
@@ -957,7 +968,11 @@ async fn handle(
     };
     let fault = s.take_fault(&parts.method, &path);
     let label = fault.as_ref().map(|(_, l)| *l);
-    match fault.map(|(k, _)| k) {
+    let fault = fault.map(|(k, _)| k);
+    if fault == Some(FaultKind::Stall) {
+        let _ = s.released.subscribe().wait_for(|r| *r).await;
+    }
+    match fault {
         Some(FaultKind::Drop) => {
             conn.drop_connection();
             s.record(&parts.method, &path, query, None, &body, resource, label);
@@ -1005,7 +1020,7 @@ async fn handle(
             r
         }
         // Processed as usual; a delay or a hold only keeps the answer back.
-        kind @ (Some(FaultKind::Delay(_) | FaultKind::Hold) | None) => {
+        kind @ (Some(FaultKind::Delay(_) | FaultKind::Hold | FaultKind::Stall) | None) => {
             let r = process(&s, &parts.method, &path, query, &parts.headers, &body);
             s.record(
                 &parts.method,
