@@ -256,11 +256,19 @@ pub struct BackupConfig {
     pub dir: Option<PathBuf>,
     /// How many backups are kept: after one is written, the oldest beyond this go.
     pub keep: usize,
+    /// Free space a backup leaves on its directory's filesystem: one is not started, and
+    /// one under way is given up, below it. Default: 1 GiB, or a tenth of a smaller
+    /// filesystem.
+    pub keep_free_mb: Option<u64>,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        BackupConfig { dir: None, keep: 7 }
+        BackupConfig {
+            dir: None,
+            keep: 7,
+            keep_free_mb: None,
+        }
     }
 }
 
@@ -323,6 +331,26 @@ impl SchedulesConfig {
                 self.timezone
             )
         })
+    }
+}
+
+/// `path` with its links resolved, as far as it exists: the nearest existing ancestor
+/// resolved, the rest appended (a directory made later through a link lands where the
+/// link points).
+fn real_path(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path.to_owned(),
+        }
     }
 }
 
@@ -826,28 +854,51 @@ impl Config {
         }
     }
 
-    /// The backup directory must lie outside the data directory: a backup inside what it
-    /// backs up would be lost with it, and `store rewrite` would copy every backup.
+    /// The backup directory and the data directory must not hold one another: a backup
+    /// inside what it backs up would be lost with it (and `store rewrite` would copy every
+    /// backup), and a data directory among the backups (a daemon started on a backup
+    /// where it lies) would be removed with the old backups.
     pub fn check_backup_dir(&self) -> Result<(), ConfigError> {
-        let lexical = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        // `..` taken lexically here, as a path with a link in it is resolved below.
+        let lexical = |p: PathBuf| {
+            let p = std::path::absolute(&p).unwrap_or(p);
+            p.components().fold(PathBuf::new(), |mut out, c| {
+                match c {
+                    std::path::Component::ParentDir => {
+                        out.pop();
+                    }
+                    c => out.push(c),
+                }
+                out
+            })
+        };
         let (backups, data) = (
             lexical(self.backup_dir()),
             lexical(self.resolve(&self.server.data_dir)),
         );
-        // Through links too, where both exist.
-        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-        if backups.starts_with(&data) || real(&backups).starts_with(real(&data)) {
-            return Err(ConfigError::Invalid {
-                path: self.file(),
-                message: format!(
-                    "key `backup.dir`: {} is inside the data directory {}; name a directory outside it (the default is beside it, {}-backups)",
-                    backups.display(),
-                    data.display(),
-                    data.file_name().unwrap_or_default().to_string_lossy()
-                ),
-            });
-        }
-        Ok(())
+        let (real_backups, real_data) = (real_path(&backups), real_path(&data));
+        let within =
+            |a: &Path, b: &Path, ra: &Path, rb: &Path| a.starts_with(b) || ra.starts_with(rb);
+        let message = if within(&backups, &data, &real_backups, &real_data) {
+            format!(
+                "key `backup.dir`: {} is inside the data directory {}; name a directory outside it (the default is beside it, {}-backups)",
+                backups.display(),
+                data.display(),
+                data.file_name().unwrap_or_default().to_string_lossy()
+            )
+        } else if within(&data, &backups, &real_data, &real_backups) {
+            format!(
+                "key `backup.dir`: the data directory {} is inside the backup directory {}, where it would be removed as an old backup; to start on a backup, copy it to the data directory first (`cp -a`)",
+                data.display(),
+                backups.display()
+            )
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Invalid {
+            path: self.file(),
+            message,
+        })
     }
 
     /// Load the connectors directory: the good files, and what was wrong with the rest.
@@ -1145,6 +1196,21 @@ mod tests {
             .unwrap();
         let c = config("[backup]\ndir = \"link\"\n").unwrap();
         assert!(c.check_backup_dir().is_err());
+        // Through a link to the data directory, to a place not made yet.
+        std::os::unix::fs::symlink(dir.path().join("state/data"), dir.path().join("datalink"))
+            .unwrap();
+        let c = config("[backup]\ndir = \"datalink/not/yet\"\n").unwrap();
+        let e = c.check_backup_dir().unwrap_err().to_string();
+        assert!(e.contains("is inside the data directory"), "{e}");
+        // A data directory among the backups would be pruned as one.
+        for backups in ["state", "state/data/.."] {
+            let c = config(&format!("[backup]\ndir = {backups:?}\n")).unwrap();
+            let e = c.check_backup_dir().unwrap_err().to_string();
+            assert!(
+                e.contains("is inside the backup directory"),
+                "{backups}: {e}"
+            );
+        }
         for keep in [0, 1001] {
             let e = config(&format!("[backup]\nkeep = {keep}\n")).unwrap_err();
             assert!(e.to_string().contains("backup.keep"), "{e}");

@@ -483,13 +483,11 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
     let mut config = Config::load(&path)?;
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
     config.server.data_dir = dir.clone();
-    let backups = match to {
-        Some(to) => to,
-        None => {
-            config.check_backup_dir()?;
-            config.backup_dir()
-        }
-    };
+    let mut plan = rosterd::ops::backup::Plan::of(&config);
+    match to {
+        Some(to) => plan.dir = to,
+        None => config.check_backup_dir()?,
+    }
     // One pass over the store: a small cache does.
     let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
         Ok(store) => store,
@@ -502,13 +500,7 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
         }
         Err(e) => return Err(anyhow::Error::new(e).context(key)),
     };
-    let written = rosterd::ops::backup::write(
-        &store,
-        &backups,
-        config.backup.keep,
-        chrono::Utc::now(),
-        &|| false,
-    );
+    let written = rosterd::ops::backup::write(&store, &plan, chrono::Utc::now(), &|| false);
     store.close().with_context(|| key.clone())?;
     let written = written?;
     outln!("backup written: {}", written.summary())?;

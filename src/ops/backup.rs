@@ -25,6 +25,37 @@ pub enum BackupError {
     },
     #[error("a backup is being written already (since {0})")]
     Running(String),
+    #[error(
+        "not started: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`)",
+        dir.display(), free / MIB, keep_free / MIB
+    )]
+    LowSpace {
+        dir: PathBuf,
+        free: u64,
+        keep_free: u64,
+    },
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Where backups go and how many stay: `[backup]`, resolved.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub dir: PathBuf,
+    pub keep: usize,
+    /// Free space a backup leaves on the backup directory's filesystem (`None`: the
+    /// default, [`default_keep_free`]).
+    pub keep_free_mb: Option<u64>,
+}
+
+impl Plan {
+    pub fn of(config: &crate::config::Config) -> Plan {
+        Plan {
+            dir: config.backup_dir(),
+            keep: config.backup.keep,
+            keep_free_mb: config.backup.keep_free_mb,
+        }
+    }
 }
 
 /// What a backup run wrote and removed.
@@ -38,13 +69,19 @@ pub struct Written {
 impl Written {
     /// One line for the log, `/status` and the CLI.
     pub fn summary(&self) -> String {
+        let held = self.backup.longest_hold.as_millis();
         format!(
-            "{}: {} keys, {:.1} MiB in {:.1} s (writers held at most {} ms){}",
+            "{}: {} keys, {:.1} MiB in {:.1} s{}{}",
             self.backup.path.display(),
             self.backup.keys,
-            self.backup.bytes as f64 / 1_048_576.0,
+            self.backup.bytes as f64 / MIB as f64,
             self.backup.took.as_secs_f64(),
-            self.backup.longest_hold.as_millis(),
+            // Nothing to say with the daemon stopped.
+            if held > 0 {
+                format!(" (writers held at most {held} ms)")
+            } else {
+                String::new()
+            },
             match self.removed.len() {
                 0 => String::new(),
                 n => format!("; {n} older removed"),
@@ -53,82 +90,127 @@ impl Written {
     }
 }
 
-/// Write a backup of `store` into `dir`, named for `now`, then remove the oldest beyond
-/// `keep`. Blocking: it reads the whole store. Given up, leaving nothing, once `stopped`.
+/// The filesystem holding `path`: bytes free to this user, and its size.
+fn space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain integers, for which all zeroes is a value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let block = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * block, st.f_blocks as u64 * block))
+}
+
+/// A GiB, or a tenth of a smaller filesystem: the backup directory is often on the
+/// store's filesystem (the default is beside it), where a backup that took the last of
+/// the space would make the store fail.
+pub fn default_keep_free(size: u64) -> u64 {
+    (1024 * MIB).min(size / 10)
+}
+
+/// Write a backup of `store` into `plan.dir`, named for `now`, then remove the oldest
+/// beyond `plan.keep`. Blocking: it reads the whole store. Given up, leaving nothing, once
+/// `stopped`, or when the filesystem's free space falls to `plan.keep_free_mb`.
 pub fn write(
     store: &Store,
-    dir: &Path,
-    keep: usize,
+    plan: &Plan,
     now: DateTime<Utc>,
     stopped: &dyn Fn() -> bool,
 ) -> Result<Written, BackupError> {
+    let dir = plan.dir.as_path();
     let at_dir = |source| BackupError::Dir {
         path: dir.to_owned(),
         source,
     };
     Store::create_private_dir(dir).map_err(at_dir)?;
+    // Before, not after: what an interrupted backup left may hold the space this one needs.
+    remove_partials(dir).map_err(at_dir)?;
+    let (free, size) = space(dir).map_err(at_dir)?;
+    let keep_free = plan
+        .keep_free_mb
+        .map_or_else(|| default_keep_free(size), |mb| mb.saturating_mul(MIB));
+    if free < keep_free {
+        return Err(BackupError::LowSpace {
+            dir: dir.to_owned(),
+            free,
+            keep_free,
+        });
+    }
     let stem = format!("{PREFIX}{}", now.format(TIME_FORMAT));
     // Two in one second (a signal right after the schedule): the second gets a suffix,
     // which sorts after the first.
     let mut to = dir.join(&stem);
     let mut n = 1;
-    while to.exists() {
+    while to.exists() || sibling_partial(&to).exists() {
         to = dir.join(format!("{stem}-{n}"));
         n += 1;
     }
-    let backup = store.backup(&to, stopped)?;
-    let removed = prune(dir, keep).map_err(at_dir)?;
+    let give_up = || {
+        if stopped() {
+            return Some("rosterd is stopping".to_owned());
+        }
+        match space(dir) {
+            Ok((free, _)) if free < keep_free => Some(format!(
+                "{} has {} MiB left free, and a backup leaves at least {} MiB (key `backup.keep_free_mb`)",
+                dir.display(),
+                free / MIB,
+                keep_free / MIB
+            )),
+            _ => None,
+        }
+    };
+    let backup = store.backup(&to, &give_up)?;
+    let removed = prune(dir, plan.keep, &to, store.dir()).map_err(at_dir)?;
     Ok(Written { backup, removed })
 }
 
-/// The whole backups in `dir`, oldest first.
+fn sibling_partial(to: &Path) -> PathBuf {
+    let mut name = to.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    to.with_file_name(name)
+}
+
+/// The whole backups in `dir`, oldest first (by the time in their names, then the
+/// suffix a second one in the same second got).
 pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if time_of(&name).is_some() && entry.file_type()?.is_dir() {
-            found.push(entry.path());
+        if let Some(order) = order_of(&name)
+            && entry.file_type()?.is_dir()
+        {
+            found.push((order, entry.path()));
         }
     }
     found.sort();
-    Ok(found)
+    Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The time a backup's name gives; `None` for anything that is not a whole backup (a
-/// `.partial` one, a file of the operator's).
-fn time_of(name: &str) -> Option<DateTime<Utc>> {
+/// Where a backup's name puts it in time: the time, then its suffix; `None` for anything
+/// that is not a whole backup (a `.partial` one, a file of the operator's).
+fn order_of(name: &str) -> Option<(DateTime<Utc>, u32)> {
     let rest = name.strip_prefix(PREFIX)?;
-    if rest.ends_with(".partial") {
-        return None;
-    }
     let stamp = rest.get(..16)?;
-    let suffix = &rest[16..];
-    if !(suffix.is_empty()
-        || suffix
-            .strip_prefix('-')
-            .is_some_and(|n| n.parse::<u32>().is_ok()))
-    {
-        return None;
-    }
-    chrono::NaiveDateTime::parse_from_str(stamp, TIME_FORMAT)
-        .ok()
-        .map(|t| t.and_utc())
+    let n = match &rest[16..] {
+        "" => 0,
+        suffix => suffix.strip_prefix('-')?.parse::<u32>().ok()?,
+    };
+    let at = chrono::NaiveDateTime::parse_from_str(stamp, TIME_FORMAT).ok()?;
+    Some((at.and_utc(), n))
 }
 
-/// Remove the oldest backups beyond `keep`, and what an interrupted backup left.
-fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    let all = list(dir)?;
-    for old in &all[..all.len().saturating_sub(keep)] {
-        std::fs::remove_dir_all(old)?;
-        removed.push(old.clone());
-    }
+/// Remove what interrupted backups left (`rosterd-….partial`).
+fn remove_partials(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -136,22 +218,46 @@ fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
             std::fs::remove_dir_all(&path)?;
         }
     }
+    Ok(())
+}
+
+/// Remove the oldest backups beyond `keep`, never `written`, the one just written (a
+/// clock stepped back names it older than the rest), nor the directory the daemon runs
+/// on, should it be among them.
+fn prune(dir: &Path, keep: usize, written: &Path, live: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let same = |a: &Path, b: &Path| {
+        a == b
+            || std::fs::canonicalize(a)
+                .ok()
+                .zip(std::fs::canonicalize(b).ok())
+                .is_some_and(|(a, b)| a == b)
+    };
+    let others: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|p| !same(p, written) && !same(p, live))
+        .collect();
+    let mut removed = Vec::new();
+    for old in &others[..others.len().saturating_sub(keep.saturating_sub(1))] {
+        std::fs::remove_dir_all(old)?;
+        removed.push(old.clone());
+    }
     Ok(removed)
 }
 
 /// The newest whole backup in `dir` and its time.
 pub fn newest(dir: &Path) -> Option<(PathBuf, DateTime<Utc>)> {
     let newest = list(dir).ok()?.pop()?;
-    let at = time_of(&newest.file_name()?.to_string_lossy())?;
+    let (at, _) = order_of(&newest.file_name()?.to_string_lossy())?;
     Some((newest, at))
 }
 
 /// The daemon's backups: one at a time, and what the last ones did, for `/status` and
 /// `/metrics`.
 pub struct Backups {
-    pub dir: PathBuf,
-    pub keep: usize,
+    pub plan: Plan,
     state: Mutex<BackupState>,
+    /// Whether one is being written; a stopping daemon waits until it has given up.
+    busy: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -164,6 +270,7 @@ pub struct BackupState {
     pub last_seconds: Option<f64>,
     /// The longest a tenant's writers waited for the last backup.
     pub last_longest_hold_ms: Option<u64>,
+    /// Why the last backup failed, while no backup has been written since.
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
     /// Backups written and failed since the start.
@@ -172,23 +279,28 @@ pub struct BackupState {
 }
 
 impl Backups {
-    /// Knows the newest backup already in `dir`, so that `/status` and a missed
+    /// Knows the newest backup already in the directory, so that `/status` and a missed
     /// schedule's catch-up see it after a restart.
-    pub fn new(dir: PathBuf, keep: usize) -> Backups {
+    pub fn new(plan: Plan) -> Backups {
         let mut state = BackupState::default();
-        if let Some((path, at)) = newest(&dir) {
+        if let Some((path, at)) = newest(&plan.dir) {
             state.last_success_at = Some(at);
             state.last_path = Some(path);
         }
         Backups {
-            dir,
-            keep,
+            plan,
             state: Mutex::new(state),
+            busy: tokio::sync::watch::Sender::new(false),
         }
     }
 
     pub fn state(&self) -> BackupState {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Until no backup is being written (one given up by a stop removes its copy first).
+    pub async fn idle(&self) {
+        let _ = self.busy.subscribe().wait_for(|busy| !busy).await;
     }
 
     /// Write one now; `by` names what asked, for the log. Refused while one is written;
@@ -208,13 +320,15 @@ impl Backups {
                 return Err(e);
             }
             s.running_since = Some(now);
+            self.busy.send_replace(true);
         }
-        tracing::info!(by, dir = %self.dir.display(), "Writing a backup of the store.");
-        let (store2, dir, keep) = (store.clone(), self.dir.clone(), self.keep);
+        tracing::info!(by, dir = %self.plan.dir.display(), "Writing a backup of the store.");
+        let (store2, plan) = (store.clone(), self.plan.clone());
         let stop = stop.clone();
+        let stopping = stop.clone();
         let span = tracing::Span::current();
         let written = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| write(&store2, &dir, keep, now, &|| stop.is_cancelled()))
+            span.in_scope(|| write(&store2, &plan, now, &|| stop.is_cancelled()))
         })
         .await
         .unwrap_or_else(|e| Err(BackupError::Store(StoreError::from_join(e))));
@@ -229,7 +343,15 @@ impl Backups {
                 s.last_keys = Some(w.backup.keys);
                 s.last_seconds = Some(w.backup.took.as_secs_f64());
                 s.last_longest_hold_ms = Some(w.backup.longest_hold.as_millis() as u64);
+                // A failure before stays counted in `failed`; it no longer describes the
+                // backups, and a check of `last_error` would stay red until a restart.
+                s.last_error = None;
+                s.last_error_at = None;
                 s.written += 1;
+            }
+            // Not a failure of the backup: the next start's schedule writes one.
+            Err(e) if stopping.is_cancelled() => {
+                tracing::warn!(by, error = %e, "Backup given up: rosterd is stopping.");
             }
             Err(e) => {
                 tracing::error!(by, error = %e, "Backup failed.");
@@ -238,6 +360,7 @@ impl Backups {
                 s.failed += 1;
             }
         }
+        self.busy.send_replace(false);
         written
     }
 }
@@ -246,57 +369,118 @@ impl Backups {
 mod tests {
     use super::*;
 
-    #[test]
-    fn only_whole_backups_are_listed_and_pruned_oldest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in [
-            "rosterd-20261201T023000Z",
-            "rosterd-20261203T023000Z",
-            "rosterd-20261202T023000Z",
-            "rosterd-20261203T023000Z-1",
-            "rosterd-20261204T023000Z.partial",
-            "rosterd-notatime",
-            "mine",
-        ] {
-            std::fs::create_dir(dir.path().join(name)).unwrap();
+    fn names(v: &[PathBuf]) -> Vec<String> {
+        v.iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn made(dir: &Path, names: &[&str]) {
+        for name in names {
+            std::fs::create_dir(dir.join(name)).unwrap();
         }
+    }
+
+    #[test]
+    fn only_whole_backups_are_listed_in_the_order_they_were_written() {
+        let dir = tempfile::tempdir().unwrap();
+        made(
+            dir.path(),
+            &[
+                "rosterd-20261201T023000Z",
+                "rosterd-20261203T023000Z-10",
+                "rosterd-20261203T023000Z",
+                "rosterd-20261202T023000Z",
+                "rosterd-20261203T023000Z-2",
+                "rosterd-20261204T023000Z.partial",
+                "rosterd-20261204T023000Z-1.partial",
+                "rosterd-notatime",
+                "mine",
+            ],
+        );
         std::fs::write(dir.path().join("rosterd-20261130T000000Z"), b"a file").unwrap();
-        let names = |v: Vec<PathBuf>| -> Vec<String> {
-            v.iter()
-                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-                .collect()
-        };
         assert_eq!(
-            names(list(dir.path()).unwrap()),
+            names(&list(dir.path()).unwrap()),
             [
                 "rosterd-20261201T023000Z",
                 "rosterd-20261202T023000Z",
                 "rosterd-20261203T023000Z",
-                "rosterd-20261203T023000Z-1"
+                "rosterd-20261203T023000Z-2",
+                "rosterd-20261203T023000Z-10",
             ]
         );
         let (path, at) = newest(dir.path()).unwrap();
-        assert!(path.ends_with("rosterd-20261203T023000Z-1"));
+        assert!(path.ends_with("rosterd-20261203T023000Z-10"));
         assert_eq!(crate::dispatch::rfc3339(at), "2026-12-03T02:30:00Z");
-        let removed = prune(dir.path(), 2).unwrap();
-        assert_eq!(
-            names(removed),
-            ["rosterd-20261201T023000Z", "rosterd-20261202T023000Z"]
+        remove_partials(dir.path()).unwrap();
+        assert!(!dir.path().join("rosterd-20261204T023000Z.partial").exists());
+        assert!(
+            !dir.path()
+                .join("rosterd-20261204T023000Z-1.partial")
+                .exists()
         );
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
+        assert!(dir.path().join("rosterd-notatime").exists());
+    }
+
+    /// The oldest go, but never the backup just written (after a clock stepped back its
+    /// name is the oldest) nor a data directory that lies among them.
+    #[test]
+    fn pruning_keeps_the_newest_the_one_written_and_the_live_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = [
+            "rosterd-20261201T023000Z",
+            "rosterd-20261202T023000Z",
+            "rosterd-20261203T023000Z",
+            "rosterd-20261204T023000Z",
+        ];
+        made(dir.path(), &all);
+        let d = |n: &str| dir.path().join(n);
+        let removed = prune(dir.path(), 2, &d(all[3]), Path::new("/nowhere")).unwrap();
+        assert_eq!(names(&removed), &all[..2]);
+        assert_eq!(names(&list(dir.path()).unwrap()), &all[2..]);
+
+        // Written with a clock a day behind.
+        made(dir.path(), &["rosterd-20261130T023000Z"]);
+        let removed = prune(
+            dir.path(),
+            2,
+            &d("rosterd-20261130T023000Z"),
+            Path::new("/nowhere"),
+        )
+        .unwrap();
+        assert_eq!(names(&removed), [all[2]]);
         assert_eq!(
-            left,
-            [
-                "mine",
-                "rosterd-20261130T000000Z",
-                "rosterd-20261203T023000Z",
-                "rosterd-20261203T023000Z-1",
-                "rosterd-notatime"
-            ]
+            names(&list(dir.path()).unwrap()),
+            ["rosterd-20261130T023000Z", all[3]]
         );
+
+        // A daemon run on one of them (which the config check refuses) keeps it.
+        let removed = prune(dir.path(), 1, &d(all[3]), &d("rosterd-20261130T023000Z")).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+    }
+
+    /// A success clears the last failure (still counted), which a check of `last_error`
+    /// would otherwise show until a restart.
+    #[tokio::test]
+    async fn a_backup_written_after_a_failure_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("data")).unwrap();
+        let mut backups = Backups::new(Plan {
+            dir: dir.path().join("data-backups"),
+            keep: 2,
+            keep_free_mb: Some(u64::MAX / MIB),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let e = backups.run(&store, "test", &stop).await.unwrap_err();
+        assert!(matches!(e, BackupError::LowSpace { .. }), "{e}");
+        let s = backups.state();
+        assert_eq!((s.failed, s.written), (1, 0));
+        assert!(s.last_error.unwrap().starts_with("not started"));
+        backups.plan.keep_free_mb = Some(0);
+        backups.run(&store, "test", &stop).await.unwrap();
+        let s = backups.state();
+        assert_eq!((s.failed, s.written), (1, 1));
+        assert!(s.last_error.is_none() && s.last_error_at.is_none());
+        backups.idle().await;
     }
 }

@@ -111,8 +111,8 @@ impl RosterCounts {
 /// Where backups go and what the last ones did.
 fn backup(st: &AppState) -> Value {
     let mut doc = serde_json::to_value(st.backups.state()).unwrap_or_default();
-    doc["dir"] = json!(st.backups.dir);
-    doc["keep"] = json!(st.backups.keep);
+    doc["dir"] = json!(st.backups.plan.dir);
+    doc["keep"] = json!(st.backups.plan.keep);
     doc
 }
 

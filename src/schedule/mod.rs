@@ -761,15 +761,21 @@ async fn jobs_ended(state: &AppState, cancel: &tokio_util::sync::CancellationTok
 async fn run_and_keep(state: &Arc<AppState>, name: &str) {
     if name == BACKUP {
         // One run for the whole store, kept as the backup itself.
-        let part = match state
+        let outcome = match state
             .backups
             .run(&state.store, "schedule", &state.shutdown)
             .await
         {
-            Ok(w) => format!("{BACKUP_PART}: {}", w.summary()),
-            Err(e) => format!("{BACKUP_PART}: failed: {e}"),
+            Ok(w) => Outcome::Done(ScheduledPart::Text(format!(
+                "{BACKUP_PART}: {}",
+                w.summary()
+            ))),
+            // As a tenant's run that found a job running: the last result stands.
+            Err(e @ crate::ops::backup::BackupError::Running(_)) => {
+                Outcome::Skipped(format!("{BACKUP_PART}: skipped, {e}"))
+            }
+            Err(e) => Outcome::Done(ScheduledPart::Text(format!("{BACKUP_PART}: failed: {e}"))),
         };
-        let outcome = Outcome::Done(ScheduledPart::Text(part));
         state
             .schedules
             .record(name, Utc::now(), vec![(BACKUP_PART.to_owned(), outcome)]);

@@ -236,7 +236,7 @@ pub async fn run_with_env(
         dispatch_stop.clone(),
     );
     dispatch.apply(config.load_connectors()).await;
-    let (backup_dir, backup_keep) = (config.backup_dir(), config.backup.keep);
+    let backup_plan = crate::ops::backup::Plan::of(&config);
     let state = Arc::new(AppState {
         store: store.clone(),
         tokens,
@@ -250,7 +250,7 @@ pub async fn run_with_env(
         started: std::time::Instant::now(),
         reloads: Default::default(),
         schedules: Default::default(),
-        backups: crate::ops::backup::Backups::new(backup_dir, backup_keep),
+        backups: crate::ops::backup::Backups::new(backup_plan),
     });
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -310,6 +310,15 @@ pub async fn run_with_env(
         w.abort();
     }
     tracing::info!("Draining finished; stopping connectors and flushing the store.");
+    // A backup under way has seen the stop; it removes its copy before the store closes.
+    if tokio::time::timeout(BACKUP_GIVE_UP, state.backups.idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "A backup is still being given up; its `.partial` directory is removed by the next one."
+        );
+    }
     dispatch_stop.cancel();
     dispatch.stop_all().await;
     let closing = store.clone();
@@ -326,6 +335,9 @@ pub async fn run_with_env(
     tracing::info!("rosterd stopped cleanly.");
     Ok(())
 }
+
+/// How long a stop waits for a backup under way to give up (it asks every 4,096 keys).
+const BACKUP_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long requests in flight may take to finish once a stop began. With the connectors'
 /// stop and the final flush this keeps a stop within the 10 s the README promises.

@@ -66,9 +66,10 @@ const ATTEMPTS: usize = 3;
 impl Store {
     /// Copy the store into `to`, which must not exist, while it serves. The copy is
     /// written in `<to>.partial`, read back and compared, and only then renamed to `to`:
-    /// a directory of that name is always a whole backup. `stopped` is asked as the copy
-    /// goes: a stop of the daemon need not wait for a long copy.
-    pub fn backup(&self, to: &Path, stopped: &dyn Fn() -> bool) -> StoreResult<BackedUp> {
+    /// a directory of that name is always a whole backup. `give_up` is asked as the copy
+    /// and the read-back go, and says why to stop (a stop of the daemon, a filesystem
+    /// filling up); nothing is then left.
+    pub fn backup(&self, to: &Path, give_up: &GiveUp<'_>) -> StoreResult<BackedUp> {
         let started = Instant::now();
         if to.exists() {
             return Err(StoreError::Backend(format!(
@@ -85,16 +86,16 @@ impl Store {
             keys,
             digests,
             longest_hold,
-        } = match self.copy_into(&partial, stopped) {
+        } = match self.copy_into(&partial, give_up) {
             Ok(done) => done,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
-                return Err(e);
+                return Err(about(&partial, e));
             }
         };
-        if let Err(e) = finish(&partial, to, &digests) {
+        if let Err(e) = finish(&partial, to, &digests, give_up) {
             let _ = std::fs::remove_dir_all(&partial);
-            return Err(e);
+            return Err(about(&partial, e));
         }
         Ok(BackedUp {
             path: to.to_owned(),
@@ -106,7 +107,7 @@ impl Store {
     }
 
     /// Every tree into a new sled in `dir`.
-    fn copy_into(&self, dir: &Path, stopped: &dyn Fn() -> bool) -> StoreResult<Copied> {
+    fn copy_into(&self, dir: &Path, give_up: &GiveUp<'_>) -> StoreResult<Copied> {
         let copy = sled::Config::new()
             .path(dir)
             .cache_capacity(COPY_CACHE_BYTES)
@@ -126,12 +127,12 @@ impl Store {
                         ))
                     })?;
                     longest_hold =
-                        longest_hold.max(self.copy_tenant(tenant, &from, &into, stopped)?);
+                        longest_hold.max(self.copy_tenant(tenant, &from, &into, give_up)?);
                 }
                 // The layout version: written only at the open.
-                None => copy_all(&from, &into, stopped)?,
+                None => copy_all(&from, &into, give_up)?,
             }
-            let d = digest(&into)?;
+            let d = digest(&into, give_up)?;
             keys += d.keys;
             digests.push((name, d));
         }
@@ -150,7 +151,7 @@ impl Store {
         tenant: &str,
         from: &sled::Tree,
         into: &sled::Tree,
-        stopped: &dyn Fn() -> bool,
+        give_up: &GiveUp<'_>,
     ) -> StoreResult<Duration> {
         for _ in 0..ATTEMPTS {
             self.holding_writers(tenant, || {
@@ -161,7 +162,7 @@ impl Store {
                 });
             });
             into.clear()?;
-            let mut copied = copy_all(from, into, stopped);
+            let mut copied = copy_all(from, into, give_up);
             // While writers go on, copy again what they wrote during the last pass: each
             // pass is shorter than the one before, so the last one, which holds them, is
             // short too. A key written during a pass is noted for the next.
@@ -258,13 +259,33 @@ fn copy_again(from: &sled::Tree, into: &sled::Tree, keys: HashSet<Vec<u8>>) -> S
     Ok(())
 }
 
-fn copy_all(from: &sled::Tree, into: &sled::Tree, stopped: &dyn Fn() -> bool) -> StoreResult<()> {
+/// Asked as a backup goes: `Some(why)` to give it up.
+pub type GiveUp<'a> = dyn Fn() -> Option<String> + 'a;
+
+/// How often (in keys) a backup asks whether to give up.
+const ASK_EVERY: usize = 4096;
+
+fn ask(give_up: &GiveUp<'_>, n: usize) -> StoreResult<()> {
+    match n.is_multiple_of(ASK_EVERY).then(give_up).flatten() {
+        Some(why) => Err(StoreError::Backend(format!(
+            "the backup was given up: {why}; nothing was kept"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// What went wrong with the backup in `partial`, naming it: the engine's own I/O errors
+/// name no file, and a full disk there read like the store's own failure.
+fn about(partial: &Path, e: StoreError) -> StoreError {
+    match e {
+        e @ StoreError::Backend(_) if e.to_string().contains("was given up") => e,
+        e => StoreError::Backend(format!("the backup in {}: {e}", partial.display())),
+    }
+}
+
+fn copy_all(from: &sled::Tree, into: &sled::Tree, give_up: &GiveUp<'_>) -> StoreResult<()> {
     for (n, kv) in from.iter().enumerate() {
-        if n % 4096 == 0 && stopped() {
-            return Err(StoreError::Backend(
-                "the backup was stopped (rosterd is stopping); nothing was kept".into(),
-            ));
-        }
+        ask(give_up, n)?;
         let (k, v) = kv?;
         into.insert(k, v)?;
     }
@@ -278,10 +299,11 @@ struct Digested {
     hash: Vec<u8>,
 }
 
-fn digest(tree: &sled::Tree) -> StoreResult<Digested> {
+fn digest(tree: &sled::Tree, give_up: &GiveUp<'_>) -> StoreResult<Digested> {
     let mut hash = Sha256::new();
     let mut keys = 0;
-    for kv in tree.iter() {
+    for (n, kv) in tree.iter().enumerate() {
+        ask(give_up, n)?;
         let (k, v) = kv?;
         hash.update((k.len() as u64).to_be_bytes());
         hash.update(&k);
@@ -296,7 +318,12 @@ fn digest(tree: &sled::Tree) -> StoreResult<Digested> {
 }
 
 /// Read the copy back from disk, compare it with what was written, and move it to `to`.
-fn finish(partial: &Path, to: &Path, digests: &[(sled::IVec, Digested)]) -> StoreResult<()> {
+fn finish(
+    partial: &Path,
+    to: &Path,
+    digests: &[(sled::IVec, Digested)],
+    give_up: &GiveUp<'_>,
+) -> StoreResult<()> {
     {
         // The copy's handle was dropped a moment ago.
         let back = super::past_the_lock(|| {
@@ -313,7 +340,7 @@ fn finish(partial: &Path, to: &Path, digests: &[(sled::IVec, Digested)]) -> Stor
             )));
         }
         for (name, written) in digests {
-            if digest(&back.open_tree(name)?)? != *written {
+            if digest(&back.open_tree(name)?, give_up)? != *written {
                 return Err(StoreError::Corrupt(format!(
                     "the backup's tree {} does not read back as written",
                     String::from_utf8_lossy(name)
@@ -436,7 +463,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             let s = store.clone();
             let to2 = to.clone();
-            let backed = tokio::task::spawn_blocking(move || s.backup(&to2, &|| false))
+            let backed = tokio::task::spawn_blocking(move || s.backup(&to2, &|| None))
                 .await
                 .unwrap()
                 .unwrap();
@@ -470,7 +497,7 @@ mod tests {
         let to = dir.path().join("old");
         std::fs::create_dir(&to).unwrap();
         std::fs::write(to.join("keep"), b"x").unwrap();
-        let e = store.backup(&to, &|| false).unwrap_err();
+        let e = store.backup(&to, &|| None).unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
         assert!(to.join("keep").is_file());
     }
@@ -480,9 +507,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(&dir.path().join("data")));
         let to = dir.path().join("b");
-        let e = store.backup(&to, &|| true).unwrap_err();
-        assert!(e.to_string().contains("stopped"), "{e}");
+        let e = store
+            .backup(&to, &|| Some("rosterd is stopping".into()))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("given up: rosterd is stopping"),
+            "{e}"
+        );
         assert!(!to.exists());
         assert!(!sibling(&to, ".partial").exists());
+        // Given up at each question it asks in turn, copying or reading back, it leaves
+        // nothing, or, past the last one, a whole backup.
+        let dir2 = tempfile::tempdir().unwrap();
+        for stop_at in 1.. {
+            let to = dir2.path().join(format!("b{stop_at}"));
+            let asked = std::cell::Cell::new(0);
+            let given_up = store.backup(&to, &|| {
+                asked.set(asked.get() + 1);
+                (asked.get() == stop_at).then(|| "asked to".to_owned())
+            });
+            assert!(!sibling(&to, ".partial").exists(), "{stop_at}");
+            match given_up {
+                Err(e) => assert!(!to.exists() && e.to_string().contains("given up"), "{e}"),
+                Ok(_) => {
+                    assert!(stop_at > 2 && to.join(STORE_MARKER).is_file());
+                    break;
+                }
+            }
+        }
     }
 }

@@ -576,3 +576,45 @@ async fn a_backup_written_under_writes_serves_every_write_acknowledged_before_it
     assert!(listed.as_u64().unwrap() >= before.len() as u64);
     d.create_user("after@acme.test").await;
 }
+
+/// A backup that would leave less than `keep_free_mb` free on its filesystem (often the
+/// store's) is not started, and says why where an operator looks.
+#[tokio::test]
+async fn a_backup_that_would_fill_its_filesystem_is_not_started() {
+    let d =
+        TestDaemon::start_with(crate::harness::Options {
+            config_extra:
+                "[schedules]\nbackup = \"* * * * * *\"\n[backup]\nkeep_free_mb = 1000000000000\n"
+                    .into(),
+            ..Default::default()
+        })
+        .await;
+    d.create_user("a@acme.test").await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let s = loop {
+        let s = d.status().await;
+        if s["backup"]["failed"].as_u64().unwrap() >= 1 {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", s["backup"]);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let error = s["backup"]["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("not started: ") && error.contains("backup.keep_free_mb"),
+        "{error}"
+    );
+    assert_eq!(s["backup"]["written"], 0);
+    assert!(
+        s["schedules"]["backup"]["last_result"]
+            .as_str()
+            .unwrap()
+            .starts_with("store: failed: not started"),
+        "{}",
+        s["schedules"]["backup"]
+    );
+    // Nothing was left, and the store is untouched.
+    let dir = d.root.join("data-backups");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    d.create_user("b@acme.test").await;
+}
