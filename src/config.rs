@@ -336,18 +336,38 @@ impl SchedulesConfig {
 
 /// `path` with its links resolved, as far as it exists: the nearest existing ancestor
 /// resolved, the rest appended (a directory made later through a link lands where the
-/// link points).
+/// link points), and a link whose target does not exist yet followed to that target.
 fn real_path(path: &Path) -> PathBuf {
+    real_path_within(path, 40)
+}
+
+fn real_path_within(path: &Path, links: usize) -> PathBuf {
     let mut rest = Vec::new();
-    let mut at = path;
+    let mut at = path.to_owned();
     loop {
-        if let Ok(real) = std::fs::canonicalize(at) {
-            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        let resolved = match std::fs::canonicalize(&at) {
+            Ok(real) => Some(real),
+            Err(_) if links > 0 && std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_symlink()) => {
+                std::fs::read_link(&at).ok().map(|target| {
+                    let target = match at.parent() {
+                        Some(parent) => parent.join(target),
+                        None => target,
+                    };
+                    real_path_within(&target, links - 1)
+                })
+            }
+            Err(_) => None,
+        };
+        if let Some(real) = resolved {
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |p, c: &std::ffi::OsString| p.join(c));
         }
         match (at.parent(), at.file_name()) {
             (Some(parent), Some(name)) => {
                 rest.push(name.to_owned());
-                at = parent;
+                at = parent.to_owned();
             }
             _ => return path.to_owned(),
         }
@@ -1200,6 +1220,15 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("state/data"), dir.path().join("datalink"))
             .unwrap();
         let c = config("[backup]\ndir = \"datalink/not/yet\"\n").unwrap();
+        let e = c.check_backup_dir().unwrap_err().to_string();
+        assert!(e.contains("is inside the data directory"), "{e}");
+        // A link to a place inside it that is not made yet.
+        std::os::unix::fs::symlink(
+            dir.path().join("state/data/later"),
+            dir.path().join("dangling"),
+        )
+        .unwrap();
+        let c = config("[backup]\ndir = \"dangling\"\n").unwrap();
         let e = c.check_backup_dir().unwrap_err().to_string();
         assert!(e.contains("is inside the data directory"), "{e}");
         // A data directory among the backups would be pruned as one.

@@ -209,13 +209,22 @@ fn order_of(name: &str) -> Option<(DateTime<Utc>, u32)> {
     Some((at.and_utc(), n))
 }
 
-/// Remove what interrupted backups left (`rosterd-….partial`).
+/// Remove what interrupted backups left (`rosterd-….partial`; a file of that name too,
+/// which would stand where the next backup is written).
 fn remove_partials(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
+        let entry = entry?;
+        let path = entry.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if name.starts_with(PREFIX) && name.ends_with(".partial") {
-            std::fs::remove_dir_all(&path)?;
+            let removed = if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("cannot remove {}: {e}", path.display()))
+            })?;
         }
     }
     Ok(())
@@ -225,13 +234,13 @@ fn remove_partials(dir: &Path) -> std::io::Result<()> {
 /// clock stepped back names it older than the rest), nor the directory the daemon runs
 /// on, should it be among them.
 fn prune(dir: &Path, keep: usize, written: &Path, live: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let same = |a: &Path, b: &Path| {
-        a == b
-            || std::fs::canonicalize(a)
-                .ok()
-                .zip(std::fs::canonicalize(b).ok())
-                .is_some_and(|(a, b)| a == b)
+    // The same directory by its device and inode: a bind mount of the data directory
+    // among the backups has another path, which no resolving of links would reach.
+    let id = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
     };
+    let same = |a: &Path, b: &Path| a == b || id(a).is_some_and(|a| Some(a) == id(b));
     let others: Vec<PathBuf> = list(dir)?
         .into_iter()
         .filter(|p| !same(p, written) && !same(p, live))
