@@ -408,6 +408,8 @@ mod tests {
             ],
         );
         std::fs::write(dir.path().join("rosterd-20261130T000000Z"), b"a file").unwrap();
+        // A file where a backup would be written is in its way as much as a directory.
+        std::fs::write(dir.path().join("rosterd-20261205T000000Z.partial"), b"").unwrap();
         assert_eq!(
             names(&list(dir.path()).unwrap()),
             [
@@ -423,6 +425,7 @@ mod tests {
         assert_eq!(crate::dispatch::rfc3339(at), "2026-12-03T02:30:00Z");
         remove_partials(dir.path()).unwrap();
         assert!(!dir.path().join("rosterd-20261204T023000Z.partial").exists());
+        assert!(!dir.path().join("rosterd-20261205T000000Z.partial").exists());
         assert!(
             !dir.path()
                 .join("rosterd-20261204T023000Z-1.partial")
