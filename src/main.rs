@@ -507,6 +507,9 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
     for old in &written.removed {
         outln!("removed the older backup {}", old.display())?;
     }
+    if let Some(e) = &written.prune_error {
+        note!("warning: cannot remove the backups older than the newest `keep`: {e}");
+    }
     Ok(())
 }
 

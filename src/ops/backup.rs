@@ -64,6 +64,8 @@ pub struct Written {
     pub backup: BackedUp,
     /// Older backups removed to keep `keep`.
     pub removed: Vec<PathBuf>,
+    /// Why older backups could not be removed: the backup is written all the same.
+    pub prune_error: Option<String>,
 }
 
 impl Written {
@@ -164,8 +166,15 @@ pub fn write(
         }
     };
     let backup = store.backup(&to, &give_up)?;
-    let removed = prune(dir, plan.keep, &to, store.dir()).map_err(at_dir)?;
-    Ok(Written { backup, removed })
+    let (removed, prune_error) = match prune(dir, plan.keep, &to, store.dir()) {
+        Ok(removed) => (removed, None),
+        Err(e) => (Vec::new(), Some(format!("{}: {e}", dir.display()))),
+    };
+    Ok(Written {
+        backup,
+        removed,
+        prune_error,
+    })
 }
 
 fn sibling_partial(to: &Path) -> PathBuf {
@@ -247,7 +256,9 @@ fn prune(dir: &Path, keep: usize, written: &Path, live: &Path) -> std::io::Resul
         .collect();
     let mut removed = Vec::new();
     for old in &others[..others.len().saturating_sub(keep.saturating_sub(1))] {
-        std::fs::remove_dir_all(old)?;
+        std::fs::remove_dir_all(old).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot remove {}: {e}", old.display()))
+        })?;
         removed.push(old.clone());
     }
     Ok(removed)
@@ -346,6 +357,9 @@ impl Backups {
         match &written {
             Ok(w) => {
                 tracing::info!(by, result = %w.summary(), "Backup written.");
+                if let Some(e) = &w.prune_error {
+                    tracing::warn!(by, error = %e, "Cannot remove the backups older than the newest `keep`.");
+                }
                 s.last_success_at = Some(now);
                 s.last_path = Some(w.backup.path.clone());
                 s.last_bytes = Some(w.backup.bytes);
