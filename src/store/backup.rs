@@ -72,7 +72,7 @@ impl Store {
     pub fn backup(&self, to: &Path, give_up: &GiveUp<'_>) -> StoreResult<BackedUp> {
         let started = Instant::now();
         if to.exists() {
-            return Err(StoreError::Backend(format!(
+            return Err(StoreError::Backup(format!(
                 "{} exists already; a backup is written only into a new directory",
                 to.display()
             )));
@@ -267,7 +267,7 @@ const ASK_EVERY: usize = 4096;
 
 fn ask(give_up: &GiveUp<'_>, n: usize) -> StoreResult<()> {
     match n.is_multiple_of(ASK_EVERY).then(give_up).flatten() {
-        Some(why) => Err(StoreError::Backend(format!(
+        Some(why) => Err(StoreError::Backup(format!(
             "the backup was given up: {why}; nothing was kept"
         ))),
         None => Ok(()),
@@ -278,8 +278,8 @@ fn ask(give_up: &GiveUp<'_>, n: usize) -> StoreResult<()> {
 /// name no file, and a full disk there read like the store's own failure.
 fn about(partial: &Path, e: StoreError) -> StoreError {
     match e {
-        e @ StoreError::Backend(_) if e.to_string().contains("was given up") => e,
-        e => StoreError::Backend(format!("the backup in {}: {e}", partial.display())),
+        e @ StoreError::Backup(_) => e,
+        e => StoreError::Backup(format!("the backup in {}: {e}", partial.display())),
     }
 }
 

@@ -108,6 +108,10 @@ pub enum StoreError {
     /// An override the tenant's state refused at the moment it would have been written.
     #[error(transparent)]
     OverrideRefused(#[from] roster::OverrideRefusal),
+    /// A backup that failed or was given up; the message names its directory. Apart from
+    /// `Backend` and `Io`, whose "storage engine" reads as the store's own failure.
+    #[error("{0}")]
+    Backup(String),
 }
 
 impl StoreError {
