@@ -26,7 +26,7 @@ pub enum BackupError {
     #[error("a backup is being written already (since {0})")]
     Running(String),
     #[error(
-        "not started: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`)",
+        "not started: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`); {ROOM}",
         dir.display(), free / MIB, keep_free / MIB
     )]
     LowSpace {
@@ -37,6 +37,9 @@ pub enum BackupError {
 }
 
 const MIB: u64 = 1024 * 1024;
+
+/// What to do when a backup finds too little space.
+const ROOM: &str = "make room (fewer backups kept, `backup.keep`; old ones removed by hand) or give `backup.dir` a filesystem of its own";
 
 /// Where backups go and how many stay: `[backup]`, resolved.
 #[derive(Debug, Clone)]
@@ -157,7 +160,7 @@ pub fn write(
         }
         match space(dir) {
             Ok((free, _)) if free < keep_free => Some(format!(
-                "{} has {} MiB left free, and a backup leaves at least {} MiB (key `backup.keep_free_mb`)",
+                "{} has {} MiB left free, and a backup leaves at least {} MiB (key `backup.keep_free_mb`); {ROOM}",
                 dir.display(),
                 free / MIB,
                 keep_free / MIB
