@@ -625,3 +625,39 @@ async fn a_backup_that_would_fill_its_filesystem_is_not_started() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     d.create_user("b@acme.test").await;
 }
+
+/// A backup night missed while the daemon was down is caught up at the start
+/// (`catch_up`), as the newest backup in the directory tells: one older than the last
+/// time the schedule came due.
+#[tokio::test]
+async fn a_missed_backup_is_written_at_the_start_with_catch_up() {
+    let extra = "[schedules]\nbackup = \"0 0 3 1 1 *\"\ncatch_up = true\n";
+    let mut d = TestDaemon::start_with(crate::harness::Options {
+        config_extra: extra.into(),
+        ..Default::default()
+    })
+    .await;
+    d.create_user("a@acme.test").await;
+    // No backup yet: nothing to catch up (as for any schedule that never ran).
+    assert_eq!(d.status().await["backup"]["written"], 0);
+    d.stop().await;
+    // A backup from long before the last 1 January, 03:00.
+    let old = d.root.join("data-backups/rosterd-20000101T000000Z");
+    std::fs::create_dir_all(&old).unwrap();
+    let d = d.restart().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let s = loop {
+        let s = d.status().await;
+        if s["backup"]["written"] == 1 {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", s["backup"]);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let path = s["backup"]["last_path"].as_str().unwrap();
+    assert!(
+        std::path::Path::new(path).join(".rosterd-store").is_file(),
+        "{path}"
+    );
+    assert_ne!(std::path::Path::new(path), old);
+}
