@@ -1575,10 +1575,18 @@ fn job_line(job: &serde_json::Value) -> String {
     line
 }
 
+/// A `/status` text field, `-` when absent.
+fn str_of(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or("-").to_owned()
+}
+
+/// A `/status` time, to the second, as the log writes them; `-` when absent.
+fn time_of(v: &serde_json::Value) -> String {
+    v.as_str().map_or("-".to_owned(), rfc3339)
+}
+
 /// `/status`'s `backup`, in a line: the newest backup, one being written, the last failure.
 fn backup_line(b: &serde_json::Value) -> String {
-    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
-    let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
     let mut line = format!("backup (into {}): ", str_of(&b["dir"]));
     match b["last_path"].as_str() {
         Some(path) => line.push_str(&format!(
@@ -1641,9 +1649,6 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     let shown = |tenant: Option<&str>| {
         only.is_empty() || tenant.is_some_and(|t| only.iter().any(|o| o == t))
     };
-    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
-    // Every time to the second, as the log writes them.
-    let time_of = |v: &serde_json::Value| v.as_str().map_or("-".to_owned(), rfc3339);
     let up = s["uptime_seconds"].as_i64().unwrap_or(0);
     outln!(
         "rosterd {}  up {}h{:02}m  store {:.1} MiB{}",
