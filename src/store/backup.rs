@@ -82,21 +82,15 @@ impl Store {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
         Store::create_private_dir(&partial).map_err(|e| io(&partial, e))?;
+        let copied = self
+            .copy_into(&partial, give_up)
+            .and_then(|c| finish(&partial, to, &c.digests, give_up).map(|()| c));
         let Copied {
-            keys,
-            digests,
-            longest_hold,
-        } = match self.copy_into(&partial, give_up) {
-            Ok(done) => done,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&partial);
-                return Err(about(&partial, e));
-            }
-        };
-        if let Err(e) = finish(&partial, to, &digests, give_up) {
+            keys, longest_hold, ..
+        } = copied.map_err(|e| {
             let _ = std::fs::remove_dir_all(&partial);
-            return Err(about(&partial, e));
-        }
+            about(&partial, e)
+        })?;
         Ok(BackedUp {
             path: to.to_owned(),
             keys,
@@ -130,7 +124,9 @@ impl Store {
                         longest_hold.max(self.copy_tenant(tenant, &from, &into, give_up)?);
                 }
                 // The layout version: written only at the open.
-                None => copy_all(&from, &into, give_up)?,
+                None => {
+                    copy_all(&from, &into, give_up)?;
+                }
             }
             let d = digest(&into, give_up)?;
             keys += d.keys;
@@ -162,7 +158,7 @@ impl Store {
                 });
             });
             into.clear()?;
-            let mut copied = copy_all(from, into, give_up);
+            let mut copied = copy_all(from, into, give_up).map(drop);
             // While writers go on, copy again what they wrote during the last pass: each
             // pass is shorter than the one before, so the last one, which holds them, is
             // short too. A key written during a pass is noted for the next.
@@ -283,13 +279,20 @@ fn about(partial: &Path, e: StoreError) -> StoreError {
     }
 }
 
-fn copy_all(from: &sled::Tree, into: &sled::Tree, give_up: &GiveUp<'_>) -> StoreResult<()> {
+/// Copy every key of `from` into `into`; how many.
+pub(super) fn copy_all(
+    from: &sled::Tree,
+    into: &sled::Tree,
+    give_up: &GiveUp<'_>,
+) -> StoreResult<u64> {
+    let mut keys = 0;
     for (n, kv) in from.iter().enumerate() {
         ask(give_up, n)?;
         let (k, v) = kv?;
         into.insert(k, v)?;
+        keys += 1;
     }
-    Ok(())
+    Ok(keys)
 }
 
 /// A tree's keys and a hash of its keys and values, in order.

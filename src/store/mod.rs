@@ -1113,6 +1113,18 @@ fn stored_schema(db: &sled::Db) -> StoreResult<Option<u64>> {
     }))
 }
 
+/// A directory that does not hold a store (no marker) is refused by what only reads or
+/// copies one (`store backup`, `store rewrite`), which must not make one there.
+fn require_store(dir: &Path) -> StoreResult<()> {
+    if dir.join(STORE_MARKER).is_file() {
+        return Ok(());
+    }
+    Err(StoreError::Backend(format!(
+        "{} holds no rosterd store ({STORE_MARKER} is missing)",
+        dir.display()
+    )))
+}
+
 const HELD_ELSEWHERE: &str = "another rosterd (or process) is using";
 
 /// Why `dir` could not be opened, with what an operator can do about it. sled's own
@@ -1431,12 +1443,7 @@ impl Store {
     /// older layout is refused rather than upgraded, since a backup must not change what
     /// it copies, and a directory without a store is refused rather than made one.
     pub fn open_existing(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
-        if !dir.join(STORE_MARKER).is_file() {
-            return Err(StoreError::Backend(format!(
-                "{} holds no rosterd store ({STORE_MARKER} is missing)",
-                dir.display()
-            )));
-        }
+        require_store(dir)?;
         Self::open_checked(dir, cache_bytes, false)
     }
 
@@ -1517,12 +1524,13 @@ impl Store {
             .map_err(|e| open_error(dir, &e.to_string()))?;
         match stored_schema(&db)? {
             Some(found) => {
-                if (1..SCHEMA_VERSION).contains(&found) && !may_upgrade {
-                    return Err(StoreError::Backend(format!(
-                        "the store in {} is at an older layout (version {found}, this build's is {SCHEMA_VERSION}); back it up with the rosterd that wrote it, or start this one on it first",
-                        dir.display()
-                    )));
-                } else if (1..SCHEMA_VERSION).contains(&found) {
+                if (1..SCHEMA_VERSION).contains(&found) {
+                    if !may_upgrade {
+                        return Err(StoreError::Backend(format!(
+                            "the store in {} is at an older layout (version {found}, this build's is {SCHEMA_VERSION}); back it up with the rosterd that wrote it, or start this one on it first",
+                            dir.display()
+                        )));
+                    }
                     upgrade(&db, found)?;
                 } else if found != SCHEMA_VERSION {
                     return Err(StoreError::UnknownSchema { found });

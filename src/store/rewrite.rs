@@ -60,13 +60,7 @@ pub(super) fn dir_size(dir: &Path) -> u64 {
 pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
     let dir = &std::path::absolute(dir).map_err(|e| io(dir, e))?;
     super::Store::check_dir(dir)?;
-    if !dir.join(super::STORE_MARKER).is_file() {
-        return Err(StoreError::Backend(format!(
-            "{} holds no rosterd store ({} is missing)",
-            dir.display(),
-            super::STORE_MARKER
-        )));
-    }
+    super::require_store(dir)?;
     // Renaming a link would move the link, and put the new store where it lives.
     if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(StoreError::Backend(format!(
@@ -133,11 +127,8 @@ fn copy(old: &sled::Db, new: &sled::Db) -> StoreResult<u64> {
     let mut keys = 0;
     for name in old.tree_names() {
         let (from, to) = (old.open_tree(&name)?, new.open_tree(&name)?);
-        for kv in from.iter() {
-            let (k, v) = kv?;
-            to.insert(k, v)?;
-            keys += 1;
-        }
+        // Nothing to give up for: the daemon is stopped.
+        keys += super::backup::copy_all(&from, &to, &|| None)?;
     }
     Ok(keys)
 }
