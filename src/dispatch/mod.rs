@@ -554,12 +554,10 @@ pub(super) struct Repairing<'a> {
 impl Drop for Repairing<'_> {
     fn drop(&mut self) {
         self.done.send_replace(true);
+        let mine = self.done.subscribe();
         let mut repairs = self.ctx.repairs.lock().unwrap_or_else(|e| e.into_inner());
         for k in &self.keys {
-            if repairs
-                .get(k)
-                .is_some_and(|r| r.same_channel(&self.done.subscribe()))
-            {
+            if repairs.get(k).is_some_and(|r| r.same_channel(&mine)) {
                 repairs.remove(k);
             }
         }

@@ -150,7 +150,7 @@ pub fn write(
     // which sorts after the first.
     let mut to = dir.join(&stem);
     let mut n = 1;
-    while to.exists() || sibling_partial(&to).exists() {
+    while to.exists() {
         to = dir.join(format!("{stem}-{n}"));
         n += 1;
     }
@@ -178,12 +178,6 @@ pub fn write(
         removed,
         prune_error,
     })
-}
-
-fn sibling_partial(to: &Path) -> PathBuf {
-    let mut name = to.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    to.with_file_name(name)
 }
 
 /// The whole backups in `dir`, oldest first (by the time in their names, then the

@@ -670,11 +670,10 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
             let last = state.backups.state();
             last.last_success_at
                 .zip(last.last_path)
-                .map(|(at, path)| ScheduledResult {
-                    at,
-                    part: ScheduledPart::Text(format!("{}: {}", BACKUP_PART, path.display())),
+                .map(|(at, path)| {
+                    let part = ScheduledPart::Text(format!("{BACKUP_PART}: {}", path.display()));
+                    (BACKUP_PART.to_owned(), ScheduledResult { at, part })
                 })
-                .map(|k| (BACKUP_PART.to_owned(), k))
                 .into_iter()
                 .collect()
         } else {
