@@ -151,6 +151,22 @@ pub struct SnapshotReport {
     /// Users the OneRoster bundle leaves out because they cannot be OneRoster users (no
     /// given or family name); they are in the roster CSV.
     pub unmappable: u64,
+    /// With [`Snapshot::Compare`] or [`Snapshot::CompareAndReplace`]: whether any file
+    /// held something else before (or was missing, or could not be read).
+    pub differed: Option<bool>,
+}
+
+/// What a snapshot does with the files it has written under temporary names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshot {
+    /// Replace the files: the mirror's writes, which nothing compares.
+    Replace,
+    /// Compare each with the file it replaces, then replace them: a reconciliation, which
+    /// counts only files that differed as drift. Rewritten whole at every run, they used
+    /// to count as drift every time, which made an alert on drift useless.
+    CompareAndReplace,
+    /// Compare, and leave the files as they are: a reconciliation's dry run.
+    Compare,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,18 +210,26 @@ pub fn write_snapshot(
     store: &Store,
     tenant: &str,
     settings: &CsvSettings,
+    how: Snapshot,
     stop: &CancellationToken,
 ) -> Result<SnapshotReport, CsvError> {
-    write_halted(store, tenant, settings, &Arc::new(Halt::new(stop.clone())))
+    write_halted(
+        store,
+        tenant,
+        settings,
+        how,
+        &Arc::new(Halt::new(stop.clone())),
+    )
 }
 
 fn write_halted(
     store: &Store,
     tenant: &str,
     settings: &CsvSettings,
+    how: Snapshot,
     halt: &Arc<Halt>,
 ) -> Result<SnapshotReport, CsvError> {
-    match write_files(store, tenant, settings, halt) {
+    match write_files(store, tenant, settings, how, halt) {
         // Only an error the stop caused: one of its own (a full disk, a failed rename)
         // at the same moment is reported as it is, and the files may not be as they were.
         Err(_) if halt.refused.load(Ordering::Relaxed) => Err(CsvError::Stopped),
@@ -264,6 +288,7 @@ fn write_files(
     store: &Store,
     tenant: &str,
     settings: &CsvSettings,
+    how: Snapshot,
     halt: &Arc<Halt>,
 ) -> Result<SnapshotReport, CsvError> {
     let dir = settings.dir.as_path();
@@ -292,6 +317,30 @@ fn write_files(
         staged.push(bundle);
     }
     let consistent = store.last_seq(tenant)? == seq;
+    let differed = match how {
+        Snapshot::Replace => None,
+        Snapshot::Compare | Snapshot::CompareAndReplace => {
+            let mut differed = false;
+            for s in &staged {
+                if !s.same_as_target()? {
+                    differed = true;
+                    break;
+                }
+            }
+            Some(differed)
+        }
+    };
+    if how == Snapshot::Compare {
+        // Dropped, the staged files remove themselves.
+        return Ok(SnapshotReport {
+            users,
+            files: Vec::new(),
+            seq,
+            consistent,
+            unmappable,
+            differed,
+        });
+    }
 
     let mut files = Vec::with_capacity(staged.len());
     let mut published = Ok(());
@@ -321,6 +370,7 @@ fn write_files(
         seq,
         consistent,
         unmappable,
+        differed,
     })
 }
 
@@ -361,6 +411,13 @@ impl std::io::Read for Guarded<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.halt.admit_io()?;
         self.file.read(buf)
+    }
+}
+
+/// For reading the staged bundle back as an archive.
+impl Seek for Guarded<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.file.seek(pos)
     }
 }
 
@@ -455,6 +512,61 @@ impl Staged {
         self.file.sync_all().map_err(io_err("sync", &self.tmp))
     }
 
+    /// Whether the target holds what this file holds. The bundle is compared entry by
+    /// entry, uncompressed: each write stamps its entries with the time of writing, so
+    /// two archives of the same roster never match byte for byte. A target that is
+    /// missing or cannot be read differs; only a stop is an error.
+    fn same_as_target(&self) -> Result<bool, CsvError> {
+        let same = if self.target.file_name() == Some(std::ffi::OsStr::new(BUNDLE_FILE)) {
+            self.same_bundle()
+        } else {
+            File::open(&self.target).and_then(|old| {
+                same_stream(
+                    std::io::BufReader::new(old),
+                    std::io::BufReader::new(self.from_start()?),
+                )
+            })
+        };
+        match same {
+            Ok(same) => Ok(same),
+            Err(_) if self.halt.refused.load(Ordering::Relaxed) => Err(CsvError::Stopped),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(file = %self.target.display(), error = %e, "Cannot compare the CSV file with the roster; it counts as drift.");
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn same_bundle(&self) -> std::io::Result<bool> {
+        let zip_io = |e: zip::result::ZipError| match e {
+            zip::result::ZipError::Io(e) => e,
+            other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+        };
+        let mut old = zip::ZipArchive::new(std::io::BufReader::new(File::open(&self.target)?))
+            .map_err(zip_io)?;
+        let mut new =
+            zip::ZipArchive::new(std::io::BufReader::new(self.from_start()?)).map_err(zip_io)?;
+        if old.len() != new.len() {
+            return Ok(false);
+        }
+        for i in 0..new.len() {
+            let a = old.by_index(i).map_err(zip_io)?;
+            let b = new.by_index(i).map_err(zip_io)?;
+            if a.name_raw() != b.name_raw() || a.size() != b.size() || !same_stream(a, b)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The staged file read from its start, refused once a stop comes.
+    fn from_start(&self) -> std::io::Result<Guarded<'_>> {
+        (&self.file).seek(std::io::SeekFrom::Start(0))?;
+        Ok(self.guarded())
+    }
+
     /// Rename over the target; the caller fsyncs the directory.
     fn publish(mut self) -> Result<PathBuf, CsvError> {
         std::fs::rename(&self.tmp, &self.target).map_err(io_err("replace", &self.target))?;
@@ -467,6 +579,34 @@ impl Drop for Staged {
     fn drop(&mut self) {
         if self.armed {
             let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Whether two streams hold the same bytes, read a chunk at a time: a roster CSV of a
+/// million users is hundreds of megabytes.
+fn same_stream(mut a: impl std::io::Read, mut b: impl std::io::Read) -> std::io::Result<bool> {
+    // `read` may return less than asked at any point, so each side fills its chunk whole.
+    fn fill(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+    let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let (n, m) = (fill(&mut a, &mut x)?, fill(&mut b, &mut y)?);
+        if x[..n] != y[..m] {
+            return Ok(false);
+        }
+        if n < x.len() {
+            return Ok(true);
         }
     }
 }
@@ -1181,7 +1321,7 @@ mod tests {
         s.oneroster = None;
         let (store, s2) = (fx.store.clone(), s.clone());
         let report = tokio::task::spawn_blocking(move || {
-            write_snapshot(&store, T, &s2, &CancellationToken::new())
+            write_snapshot(&store, T, &s2, Snapshot::Replace, &CancellationToken::new())
         })
         .await
         .unwrap()
@@ -1264,6 +1404,7 @@ mod tests {
             &fx.store,
             T,
             &settings(out.path()),
+            Snapshot::Replace,
             &CancellationToken::new(),
         )
         .unwrap();
@@ -1275,6 +1416,70 @@ mod tests {
         assert_eq!(after, want);
     }
 
+    /// A reconciliation counts the files as drift only when what they hold differs from
+    /// the roster: the roster CSV byte for byte, the bundle entry by entry (its entries'
+    /// times differ at every write).
+    #[tokio::test]
+    async fn a_compared_snapshot_says_whether_the_files_held_the_roster() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        let snap = |how| {
+            write_snapshot(&fx.store, T, &s, how, &CancellationToken::new())
+                .unwrap()
+                .differed
+        };
+        assert_eq!(snap(Snapshot::Replace), None);
+        assert_eq!(snap(Snapshot::Compare), Some(false));
+        // The archive's bytes differ (a second later, its entries' times do), its content
+        // does not.
+        let zip = out.path().join(BUNDLE_FILE);
+        let before = std::fs::read(&zip).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(false));
+        assert_ne!(std::fs::read(&zip).unwrap(), before);
+
+        // A group's new name is in the bundle's classes.csv only, not in the roster CSV.
+        let roster = std::fs::read(out.path().join("roster.csv")).unwrap();
+        fx.store
+            .update(T, ResourceKind::Group, &fx.ops, None, |old| {
+                let mut doc = old.clone();
+                doc["displayName"] = json!("Ops renamed");
+                Ok(crate::store::Update {
+                    doc,
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap();
+        let zipped = unzip(&zip);
+        // A dry run compares and leaves the files as they were.
+        assert_eq!(snap(Snapshot::Compare), Some(true));
+        assert_eq!(unzip(&zip), zipped);
+        assert_eq!(listing(out.path()).len(), 2, "{:?}", listing(out.path()));
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
+        assert_eq!(std::fs::read(out.path().join("roster.csv")).unwrap(), roster);
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(false));
+
+        // A roster CSV edited, cut short or removed at the target differs.
+        let csv = out.path().join("roster.csv");
+        let mut edited = roster.clone();
+        *edited.last_mut().unwrap() = b' ';
+        std::fs::write(&csv, &edited).unwrap();
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
+        std::fs::write(&csv, &roster[..roster.len() - 1]).unwrap();
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
+        std::fs::remove_file(&csv).unwrap();
+        assert_eq!(snap(Snapshot::Compare), Some(true));
+        assert!(!csv.exists(), "a dry run wrote the file");
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
+        assert_eq!(std::fs::read(&csv).unwrap(), roster);
+        // So does a bundle that is no archive.
+        std::fs::write(&zip, b"not a zip").unwrap();
+        assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
+        assert_eq!(snap(Snapshot::Compare), Some(false));
+    }
+
     #[tokio::test]
     async fn the_oneroster_bundle_has_every_file_and_row() {
         let fx = fixture().await;
@@ -1283,6 +1488,7 @@ mod tests {
             &fx.store,
             T,
             &settings(out.path()),
+            Snapshot::Replace,
             &CancellationToken::new(),
         )
         .unwrap();
@@ -1447,7 +1653,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
         let before: Vec<(String, Vec<u8>)> = listing(out.path())
             .into_iter()
             .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
@@ -1458,7 +1664,7 @@ mod tests {
             .unwrap();
         let stop = CancellationToken::new();
         stop.cancel();
-        let err = write_snapshot(&fx.store, T, &s, &stop).unwrap_err();
+        let err = write_snapshot(&fx.store, T, &s, Snapshot::Replace, &stop).unwrap_err();
         assert!(matches!(err, CsvError::Stopped), "{err}");
         let after: Vec<(String, Vec<u8>)> = listing(out.path())
             .into_iter()
@@ -1475,7 +1681,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
         assert!(s.oneroster.is_some());
-        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
         let contents = || -> Vec<(String, Vec<u8>)> {
             listing(out.path())
                 .into_iter()
@@ -1495,11 +1701,11 @@ mod tests {
         // How many writes a whole write makes, elsewhere.
         let elsewhere = tempfile::tempdir().unwrap();
         let counted = halt(1_000_000);
-        write_halted(&fx.store, T, &settings(elsewhere.path()), &counted).unwrap();
+        write_halted(&fx.store, T, &settings(elsewhere.path()), Snapshot::Replace, &counted).unwrap();
         let writes = 1_000_000 - counted.stop_after.lock().unwrap().unwrap();
         assert!(writes > 3, "{writes}");
         for n in 0..writes {
-            let err = write_halted(&fx.store, T, &s, &halt(n)).unwrap_err();
+            let err = write_halted(&fx.store, T, &s, Snapshot::Replace, &halt(n)).unwrap_err();
             assert!(
                 matches!(err, CsvError::Stopped),
                 "stopped at write {n}: {err}"
@@ -1522,7 +1728,7 @@ mod tests {
         std::fs::write(&dir, "in the way").unwrap();
         let stop = CancellationToken::new();
         stop.cancel();
-        let err = write_snapshot(&fx.store, T, &settings(&dir), &stop).unwrap_err();
+        let err = write_snapshot(&fx.store, T, &settings(&dir), Snapshot::Replace, &stop).unwrap_err();
         assert!(matches!(err, CsvError::Io { .. }), "{err}");
     }
 
@@ -1532,7 +1738,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
         let path = out.path().join("roster.csv");
         let before = std::fs::read(&path).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
@@ -1554,7 +1760,7 @@ mod tests {
             .delete(T, ResourceKind::User, &fx.cy, None)
             .await
             .unwrap();
-        let report = write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        let report = write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
         assert_eq!(report.users, 3);
 
         let after = std::fs::read(&path).unwrap();
@@ -1590,13 +1796,13 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap();
+        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
         let roster_before = std::fs::read(out.path().join("roster.csv")).unwrap();
         // The bundle's target cannot be replaced: a non-empty directory stands there.
         std::fs::remove_file(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::create_dir(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::write(out.path().join(BUNDLE_FILE).join("x"), "x").unwrap();
-        let err = write_snapshot(&fx.store, T, &s, &CancellationToken::new()).unwrap_err();
+        let err = write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap_err();
         assert!(
             matches!(&err, CsvError::Io { path, .. } if path.ends_with(BUNDLE_FILE)),
             "{err}"
@@ -1615,6 +1821,7 @@ mod tests {
             &fx.store,
             T,
             &settings(&file.join("sub")),
+            Snapshot::Replace,
             &CancellationToken::new(),
         )
         .unwrap_err();
@@ -1627,7 +1834,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let file = out.path().join("exports");
         std::fs::write(&file, b"not a directory").unwrap();
-        let err = write_snapshot(&fx.store, T, &settings(&file), &CancellationToken::new())
+        let err = write_snapshot(&fx.store, T, &settings(&file), Snapshot::Replace, &CancellationToken::new())
             .unwrap_err()
             .to_string();
         // create_dir_all alone says "File exists", which reads as if all were well.

@@ -1889,7 +1889,13 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 ctx.cancel.clone(),
             );
             let written = tokio::task::spawn_blocking(move || {
-                crate::connectors::csv::write_snapshot(&store, &t, &s, &stop)
+                crate::connectors::csv::write_snapshot(
+                    &store,
+                    &t,
+                    &s,
+                    crate::connectors::csv::Snapshot::Replace,
+                    &stop,
+                )
             })
             .await;
             if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {

@@ -600,36 +600,54 @@ impl Dispatcher {
                     );
                 }
                 Target::Csv { settings } => {
-                    if dry_run {
-                        report.checked =
-                            self.store.count(tenant, crate::scim::ResourceKind::User)?;
-                        // The files are one object, rewritten whole.
-                        report.drifted = 1;
-                        report.note = Some("would rewrite the CSV files".into());
+                    // The files are one object, written whole, and drift only when what
+                    // they hold differs from what would be written now.
+                    use crate::connectors::csv::Snapshot;
+                    let how = if dry_run {
+                        Snapshot::Compare
                     } else {
-                        let (store, t, s, stop) = (
-                            self.store.clone(),
-                            tenant.to_owned(),
-                            settings.clone(),
-                            ctx.cancel.clone(),
-                        );
-                        let r = tokio::task::spawn_blocking(move || {
-                            crate::connectors::csv::write_snapshot(&store, &t, &s, &stop)
-                        })
-                        .await;
-                        let r = r.map_err(StoreError::from_join)?;
-                        match r {
-                            Ok(rep) => {
-                                report.checked = rep.users;
-                                report.drifted = 1;
-                                report.unmappable = rep.unmappable;
-                                report.sent = 1;
-                                report.note = Some("CSV files rewritten".into());
+                        Snapshot::CompareAndReplace
+                    };
+                    let (store, t, s, stop) = (
+                        self.store.clone(),
+                        tenant.to_owned(),
+                        settings.clone(),
+                        ctx.cancel.clone(),
+                    );
+                    let r = tokio::task::spawn_blocking(move || {
+                        crate::connectors::csv::write_snapshot(&store, &t, &s, how, &stop)
+                    })
+                    .await;
+                    match r.map_err(StoreError::from_join)? {
+                        Ok(rep) => {
+                            let differed = rep.differed.unwrap_or(true);
+                            report.checked = rep.users;
+                            report.drifted = u64::from(differed);
+                            report.unmappable = rep.unmappable;
+                            report.note = Some(
+                                match (dry_run, differed) {
+                                    (true, true) => {
+                                        "would rewrite the CSV files, which differ from the roster"
+                                    }
+                                    (true, false) => "the CSV files hold the roster",
+                                    (false, true) => {
+                                        "CSV files rewritten: they differed from the roster"
+                                    }
+                                    // Rewritten all the same: a consumer may go by the
+                                    // files' time, as after the `export` schedule.
+                                    (false, false) => {
+                                        "CSV files rewritten; they already held the roster"
+                                    }
+                                }
+                                .into(),
+                            );
+                            if !dry_run {
+                                report.sent = report.drifted;
                             }
-                            Err(e) => {
-                                report.failed = 1;
-                                report.note = Some(e.to_string());
-                            }
+                        }
+                        Err(e) => {
+                            report.failed = 1;
+                            report.note = Some(e.to_string());
                         }
                     }
                 }

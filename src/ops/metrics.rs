@@ -261,9 +261,9 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
         // another's (tests run several daemons in one process) set in between.
         static SCRAPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = SCRAPING.lock().unwrap_or_else(|e| e.into_inner());
-        set_gauges(&st);
+        let known = set_gauges(&st);
         handle.run_upkeep();
-        handle.render()
+        without_retired(&handle.render(), &known)
     })
     .await;
     match rendered {
@@ -364,8 +364,77 @@ impl ConnectorGauges {
     }
 }
 
-/// Gauges that describe state rather than events, read fresh at every scrape.
-fn set_gauges(st: &AppState) {
+/// The counters of each connector, by family name.
+const CONNECTOR_COUNTERS: [&str; 4] = [
+    DELIVERIES_TOTAL,
+    DELIVERY_RETRIES_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    CONNECTOR_CHANGES_LOST,
+];
+
+/// `text` without the counters of connectors outside `known` (by connector and tenant):
+/// those whose file was removed, and so retired. The exporter cannot drop a counter, so
+/// they stood at their last values until a restart, beside the live connectors. Kept in
+/// the recorder, a connector whose file comes back counts on from them.
+fn without_retired(text: &str, known: &BTreeSet<(String, String)>) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let retired = CONNECTOR_COUNTERS.iter().any(|family| {
+            line.strip_prefix(family)
+                .and_then(|rest| rest.strip_prefix('{'))
+                .is_some_and(|labels| {
+                    let labels = label_pairs(labels);
+                    let get = |k: &str| labels.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+                    match (get("connector"), get("tenant")) {
+                        (Some(c), Some(t)) => !known.contains(&(c.clone(), t.clone())),
+                        _ => false,
+                    }
+                })
+        });
+        if !retired {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// The label pairs at the start of `s` (what follows a sample's `{`), unescaped as the
+/// exposition format escapes them (`\\`, `\"`, `\n`), up to the closing `}`.
+fn label_pairs(s: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c)) => value.push(c),
+                    None => break,
+                },
+                '"' => {
+                    end = Some(i + 1);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let Some(end) = end else { break };
+        pairs.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end..];
+        if !rest.starts_with(',') {
+            break;
+        }
+    }
+    pairs
+}
+
+/// Gauges that describe state rather than events, read fresh at every scrape. Returns
+/// the connectors this daemon knows, loaded or not, by name and tenant.
+fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
+    let mut known = BTreeSet::new();
     metrics::gauge!(STORE_FAILED).set(if st.store.failure().is_some() {
         1.0
     } else {
@@ -379,6 +448,7 @@ fn set_gauges(st: &AppState) {
             paused: c.paused,
             dead_letters: c.dead_letters,
         };
+        known.insert((c.name.clone(), c.tenant.clone()));
         gauges.set(c.name, c.tenant);
     }
     // A connector whose file broke keeps its lag growing in the gauges, so a lag alert
@@ -391,6 +461,7 @@ fn set_gauges(st: &AppState) {
             paused: false,
             dead_letters: c.dead_letters,
         };
+        known.insert((c.name.clone(), c.tenant.clone()));
         gauges.set(c.name, c.tenant);
     }
     // As many as /status lists: a connector that cannot start is as much an error for
@@ -466,6 +537,7 @@ fn set_gauges(st: &AppState) {
             },
         );
     }
+    known
 }
 
 /// A SCIM request's resource and operation, for `rosterd_scim_operations_total`.
@@ -681,6 +753,34 @@ mod tests {
         assert_eq!(status_class(StatusCode::CREATED), "2xx");
         assert_eq!(status_class(StatusCode::NOT_FOUND), "4xx");
         assert_eq!(status_class(StatusCode::SERVICE_UNAVAILABLE), "5xx");
+    }
+
+    #[test]
+    fn counters_of_retired_connectors_are_left_out() {
+        let text = "# TYPE rosterd_deliveries_total counter\n\
+            rosterd_deliveries_total{connector=\"sis\",tenant=\"acme\",outcome=\"delivered\"} 3\n\
+            rosterd_deliveries_total{connector=\"gone\",tenant=\"acme\",outcome=\"delivered\"} 7\n\
+            rosterd_dead_letters_total{connector=\"q\\\"x\\\\y\",tenant=\"acme\"} 1\n\
+            rosterd_dead_letters_total{connector=\"sis\",tenant=\"other\"} 2\n\
+            rosterd_connector_loaded{connector=\"gone\",tenant=\"acme\"} 0\n\
+            rosterd_http_requests_total{route=\"x\"} 1\n";
+        let known: BTreeSet<(String, String)> = [("sis", "acme"), ("q\"x\\y", "acme")]
+            .into_iter()
+            .map(|(c, t)| (c.to_owned(), t.to_owned()))
+            .collect();
+        let kept = without_retired(text, &known);
+        let lines: Vec<&str> = kept.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "# TYPE rosterd_deliveries_total counter",
+                "rosterd_deliveries_total{connector=\"sis\",tenant=\"acme\",outcome=\"delivered\"} 3",
+                "rosterd_dead_letters_total{connector=\"q\\\"x\\\\y\",tenant=\"acme\"} 1",
+                // Gauges go idle by themselves; other metrics have no connector.
+                "rosterd_connector_loaded{connector=\"gone\",tenant=\"acme\"} 0",
+                "rosterd_http_requests_total{route=\"x\"} 1",
+            ]
+        );
     }
 
     #[test]

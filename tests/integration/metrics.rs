@@ -424,7 +424,7 @@ async fn a_removed_connector_reads_not_loaded() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let (file_name, text) = named_webhook_file("removedhook", &hook, "[]");
     let d = TestDaemon::start_with(Options {
-        connectors: vec![(file_name.clone(), text)],
+        connectors: vec![(file_name.clone(), text.clone())],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         ..Options::default()
     })
@@ -434,10 +434,28 @@ async fn a_removed_connector_reads_not_loaded() {
         |v: f64| move |s: &[Sample]| value(s, "rosterd_connector_loaded", &conn) == Some(v);
     let (text_m, samples) = scrape_until(&d, loaded(1.0)).await;
     assert!(loaded(1.0)(&samples), "{text_m}");
-    std::fs::remove_file(d.root.join("connectors").join(file_name)).unwrap();
+    let counters = |s: &[Sample]| {
+        [
+            "rosterd_deliveries_total",
+            "rosterd_delivery_retries_total",
+            "rosterd_dead_letters_total",
+            "rosterd_connector_changes_lost_total",
+        ]
+        .map(|name| value(s, name, &conn))
+    };
+    assert_eq!(counters(&samples), [Some(0.0); 4], "{text_m}");
+    let path = d.root.join("connectors").join(&file_name);
+    std::fs::remove_file(&path).unwrap();
     d.reload().await;
     let (text_m, samples) = scrape_until(&d, loaded(0.0)).await;
     assert!(loaded(0.0)(&samples), "{text_m}");
+    // Its counters leave at once: they would otherwise stand until a restart.
+    assert_eq!(counters(&samples), [None; 4], "{text_m}");
+    // Back, it counts on.
+    std::fs::write(&path, text).unwrap();
+    d.reload().await;
+    let (text_m, samples) = scrape_until(&d, loaded(1.0)).await;
+    assert_eq!(counters(&samples), [Some(0.0); 4], "{text_m}");
 }
 
 #[tokio::test]
