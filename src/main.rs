@@ -528,6 +528,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     with_dir.server.data_dir = dir.clone();
     with_dir.check_backup_dir()?;
     outln!("backup directory: {}", with_dir.backup_dir().display())?;
+    if let Some(w) = rosterd::ops::backup::Plan::of(&with_dir).space_warning() {
+        note!("warning: {w}");
+    }
     if let Some(why) = rosterd::store::Store::creatable(&dir) {
         note!(
             "warning: {key}: {why}; `serve` cannot start unless something creates it first (systemd's StateDirectory= does)"

@@ -1458,7 +1458,10 @@ mod tests {
         assert_eq!(unzip(&zip), zipped);
         assert_eq!(listing(out.path()).len(), 2, "{:?}", listing(out.path()));
         assert_eq!(snap(Snapshot::CompareAndReplace), Some(true));
-        assert_eq!(std::fs::read(out.path().join("roster.csv")).unwrap(), roster);
+        assert_eq!(
+            std::fs::read(out.path().join("roster.csv")).unwrap(),
+            roster
+        );
         assert_eq!(snap(Snapshot::CompareAndReplace), Some(false));
 
         // A roster CSV edited, cut short or removed at the target differs.
@@ -1653,7 +1656,14 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         let before: Vec<(String, Vec<u8>)> = listing(out.path())
             .into_iter()
             .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
@@ -1681,7 +1691,14 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
         assert!(s.oneroster.is_some());
-        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         let contents = || -> Vec<(String, Vec<u8>)> {
             listing(out.path())
                 .into_iter()
@@ -1701,7 +1718,14 @@ mod tests {
         // How many writes a whole write makes, elsewhere.
         let elsewhere = tempfile::tempdir().unwrap();
         let counted = halt(1_000_000);
-        write_halted(&fx.store, T, &settings(elsewhere.path()), Snapshot::Replace, &counted).unwrap();
+        write_halted(
+            &fx.store,
+            T,
+            &settings(elsewhere.path()),
+            Snapshot::Replace,
+            &counted,
+        )
+        .unwrap();
         let writes = 1_000_000 - counted.stop_after.lock().unwrap().unwrap();
         assert!(writes > 3, "{writes}");
         for n in 0..writes {
@@ -1728,7 +1752,8 @@ mod tests {
         std::fs::write(&dir, "in the way").unwrap();
         let stop = CancellationToken::new();
         stop.cancel();
-        let err = write_snapshot(&fx.store, T, &settings(&dir), Snapshot::Replace, &stop).unwrap_err();
+        let err =
+            write_snapshot(&fx.store, T, &settings(&dir), Snapshot::Replace, &stop).unwrap_err();
         assert!(matches!(err, CsvError::Io { .. }), "{err}");
     }
 
@@ -1738,7 +1763,14 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         let path = out.path().join("roster.csv");
         let before = std::fs::read(&path).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
@@ -1760,7 +1792,14 @@ mod tests {
             .delete(T, ResourceKind::User, &fx.cy, None)
             .await
             .unwrap();
-        let report = write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
+        let report = write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         assert_eq!(report.users, 3);
 
         let after = std::fs::read(&path).unwrap();
@@ -1796,13 +1835,27 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         let roster_before = std::fs::read(out.path().join("roster.csv")).unwrap();
         // The bundle's target cannot be replaced: a non-empty directory stands there.
         std::fs::remove_file(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::create_dir(out.path().join(BUNDLE_FILE)).unwrap();
         std::fs::write(out.path().join(BUNDLE_FILE).join("x"), "x").unwrap();
-        let err = write_snapshot(&fx.store, T, &s, Snapshot::Replace, &CancellationToken::new()).unwrap_err();
+        let err = write_snapshot(
+            &fx.store,
+            T,
+            &s,
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap_err();
         assert!(
             matches!(&err, CsvError::Io { path, .. } if path.ends_with(BUNDLE_FILE)),
             "{err}"
@@ -1834,9 +1887,15 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let file = out.path().join("exports");
         std::fs::write(&file, b"not a directory").unwrap();
-        let err = write_snapshot(&fx.store, T, &settings(&file), Snapshot::Replace, &CancellationToken::new())
-            .unwrap_err()
-            .to_string();
+        let err = write_snapshot(
+            &fx.store,
+            T,
+            &settings(&file),
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap_err()
+        .to_string();
         // create_dir_all alone says "File exists", which reads as if all were well.
         assert!(
             err.contains("cannot create the directory") && err.contains("a file has that name"),

@@ -95,6 +95,35 @@ impl Written {
     }
 }
 
+impl Plan {
+    /// What `check-config` should say about the space for backups: nothing, or why a
+    /// backup would not start on the filesystem `dir` is (or will be) on as it is now.
+    pub fn space_warning(&self) -> Option<String> {
+        let on = self.dir.ancestors().find(|a| a.exists())?;
+        let (free, size) = space(on).ok()?;
+        let keep_free = self
+            .keep_free_mb
+            .map_or_else(|| default_keep_free(size), |mb| mb.saturating_mul(MIB));
+        if keep_free >= size {
+            Some(format!(
+                "backup.keep_free_mb ({} MiB) is not less than the size of the filesystem of {} ({} MiB): no backup would ever start",
+                keep_free / MIB,
+                self.dir.display(),
+                size / MIB
+            ))
+        } else if free < keep_free {
+            Some(format!(
+                "a backup now would not start: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`); {ROOM}",
+                self.dir.display(),
+                free / MIB,
+                keep_free / MIB
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 /// The filesystem holding `path`: bytes free to this user, and its size.
 fn space(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
@@ -399,6 +428,25 @@ mod tests {
         for name in names {
             std::fs::create_dir(dir.join(name)).unwrap();
         }
+    }
+
+    #[test]
+    fn check_config_warns_of_a_free_space_no_filesystem_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = |keep_free_mb| Plan {
+            dir: dir.path().join("not-yet/backups"),
+            keep: 1,
+            keep_free_mb,
+        };
+        let (free, size) = space(dir.path()).unwrap();
+        let w = plan(Some(size / MIB + 1)).space_warning().unwrap();
+        assert!(w.contains("no backup would ever start"), "{w}");
+        // Between what is free and the filesystem's size.
+        let w = plan(Some((free / MIB + size / MIB) / 2))
+            .space_warning()
+            .unwrap();
+        assert!(w.contains("a backup now would not start"), "{w}");
+        assert_eq!(plan(Some(0)).space_warning(), None);
     }
 
     #[test]

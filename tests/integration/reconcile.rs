@@ -1284,7 +1284,11 @@ async fn csv_files_drift_only_when_they_differ_from_the_roster() {
     let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let l = live(&r.body);
-    assert_eq!((l["checked"].as_u64(), l["drifted"].as_u64()), (Some(2), Some(0)), "{l}");
+    assert_eq!(
+        (l["checked"].as_u64(), l["drifted"].as_u64()),
+        (Some(2), Some(0)),
+        "{l}"
+    );
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(
@@ -1300,7 +1304,11 @@ async fn csv_files_drift_only_when_they_differ_from_the_roster() {
     let r = d.dry_run_sync(&admin).await;
     let l = live(&r.body);
     assert_eq!(l["drifted"], 1, "{l}");
-    assert_ne!(std::fs::read_to_string(&csv).unwrap(), written, "a dry run rewrote it");
+    assert_ne!(
+        std::fs::read_to_string(&csv).unwrap(),
+        written,
+        "a dry run rewrote it"
+    );
     let job = sync_job(&d, &admin).await;
     assert_eq!(
         (&job["counts"]["drift_found"], &job["counts"]["drift_sent"]),
