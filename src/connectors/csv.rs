@@ -523,7 +523,7 @@ impl Staged {
             File::open(&self.target).and_then(|old| {
                 same_stream(
                     std::io::BufReader::new(old),
-                    std::io::BufReader::new(self.from_start()?),
+                    std::io::BufReader::new(self.read_back()?),
                 )
             })
         };
@@ -547,7 +547,7 @@ impl Staged {
         let mut old = zip::ZipArchive::new(std::io::BufReader::new(File::open(&self.target)?))
             .map_err(zip_io)?;
         let mut new =
-            zip::ZipArchive::new(std::io::BufReader::new(self.from_start()?)).map_err(zip_io)?;
+            zip::ZipArchive::new(std::io::BufReader::new(self.read_back()?)).map_err(zip_io)?;
         if old.len() != new.len() {
             return Ok(false);
         }
@@ -562,7 +562,7 @@ impl Staged {
     }
 
     /// The staged file read from its start, refused once a stop comes.
-    fn from_start(&self) -> std::io::Result<Guarded<'_>> {
+    fn read_back(&self) -> std::io::Result<Guarded<'_>> {
         (&self.file).seek(std::io::SeekFrom::Start(0))?;
         Ok(self.guarded())
     }
