@@ -1185,6 +1185,11 @@ mod tests {
         }
     }
 
+    /// The mirror's write, which must succeed.
+    fn written(store: &Store, s: &CsvSettings) -> SnapshotReport {
+        write_snapshot(store, T, s, Snapshot::Replace, &CancellationToken::new()).unwrap()
+    }
+
     fn member(id: &str) -> MemberRef {
         MemberRef {
             value: id.to_owned(),
@@ -1400,14 +1405,7 @@ mod tests {
         for name in left.iter().chain(&kept) {
             std::fs::write(out.path().join(name), "partial").unwrap();
         }
-        write_snapshot(
-            &fx.store,
-            T,
-            &settings(out.path()),
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        written(&fx.store, &settings(out.path()));
         let mut after = listing(out.path());
         after.sort();
         let mut want: Vec<String> = kept.to_vec();
@@ -1487,14 +1485,7 @@ mod tests {
     async fn the_oneroster_bundle_has_every_file_and_row() {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
-        let report = write_snapshot(
-            &fx.store,
-            T,
-            &settings(out.path()),
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        let report = written(&fx.store, &settings(out.path()));
         assert_eq!(
             report.files,
             vec![out.path().join("roster.csv"), out.path().join(BUNDLE_FILE)]
@@ -1656,14 +1647,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(
-            &fx.store,
-            T,
-            &s,
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        written(&fx.store, &s);
         let before: Vec<(String, Vec<u8>)> = listing(out.path())
             .into_iter()
             .map(|n| (n.clone(), std::fs::read(out.path().join(n)).unwrap()))
@@ -1691,14 +1675,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
         assert!(s.oneroster.is_some());
-        write_snapshot(
-            &fx.store,
-            T,
-            &s,
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        written(&fx.store, &s);
         let contents = || -> Vec<(String, Vec<u8>)> {
             listing(out.path())
                 .into_iter()
@@ -1763,14 +1740,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(
-            &fx.store,
-            T,
-            &s,
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        written(&fx.store, &s);
         let path = out.path().join("roster.csv");
         let before = std::fs::read(&path).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
@@ -1792,14 +1762,7 @@ mod tests {
             .delete(T, ResourceKind::User, &fx.cy, None)
             .await
             .unwrap();
-        let report = write_snapshot(
-            &fx.store,
-            T,
-            &s,
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        let report = written(&fx.store, &s);
         assert_eq!(report.users, 3);
 
         let after = std::fs::read(&path).unwrap();
@@ -1835,14 +1798,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let s = settings(out.path());
-        write_snapshot(
-            &fx.store,
-            T,
-            &s,
-            Snapshot::Replace,
-            &CancellationToken::new(),
-        )
-        .unwrap();
+        written(&fx.store, &s);
         let roster_before = std::fs::read(out.path().join("roster.csv")).unwrap();
         // The bundle's target cannot be replaced: a non-empty directory stands there.
         std::fs::remove_file(out.path().join(BUNDLE_FILE)).unwrap();
