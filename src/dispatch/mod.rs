@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod guard;
 mod reconcile;
 
 pub use reconcile::{DriftItem, DriftReport, ReconcileMode};
@@ -269,6 +270,10 @@ struct Live {
     /// Wakes request loops waiting out a pause or a backoff when a pause begins or is
     /// lifted (a resume, a reload).
     pause_changed: tokio::sync::Notify,
+    /// Held by its `[guard]`: only an operator's resume lets it go, not a reload.
+    held: std::sync::atomic::AtomicBool,
+    /// Counts the operator's resumes of a hold, which the held connector waits for.
+    approvals: watch::Sender<u64>,
 }
 
 impl Live {
@@ -286,7 +291,26 @@ impl Live {
             retries: AtomicU64::new(0),
             failing_requests: AtomicU64::new(0),
             pause_changed: tokio::sync::Notify::new(),
+            held: std::sync::atomic::AtomicBool::new(false),
+            approvals: watch::Sender::new(0),
         })
+    }
+
+    /// Paused until the operator resumes it, by its `[guard]`.
+    fn hold(&self, reason: &str) {
+        self.held.store(true, Ordering::Release);
+        self.pause_until_resumed(reason);
+    }
+
+    fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// The operator's resume: a hold lets its changes go.
+    fn approve(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.approvals.send_modify(|n| *n += 1);
+        }
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -576,6 +600,33 @@ pub(super) struct Acked {
 }
 
 impl Ctx {
+    /// The `[guard]` of the connector, if it has one, for a start at `cursor`.
+    async fn guard_at(&self, cursor: u64) -> Result<Option<guard::Guard>, StoreError> {
+        let Some(limit) = self.config.guard else {
+            return Ok(None);
+        };
+        let (store, tenant, key) = (
+            self.store.clone(),
+            self.tenant().to_owned(),
+            self.cursor_name(),
+        );
+        blocking(move || guard::Guard::at_start(limit, &store, &tenant, &key, cursor))
+            .await
+            .map(Some)
+    }
+
+    /// The operator resumed a held connector: every change logged by now may go, and a
+    /// restart remembers it.
+    async fn approve(&self, guard: &mut guard::Guard) -> Result<(), StoreError> {
+        let through = self.store.last_seq(self.tenant())?;
+        self.store
+            .set_guard_approved(self.tenant(), &self.cursor_name(), through)
+            .await?;
+        guard.approve(through);
+        tracing::info!(through, "Held changes let go by the operator's resume.");
+        Ok(())
+    }
+
     fn tenant(&self) -> &str {
         &self.config.tenant
     }
@@ -1671,11 +1722,15 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let mut latest: HashMap<String, (u64, watch::Receiver<bool>)> = HashMap::new();
     let mut running = FuturesUnordered::new();
     let mut last_write = std::time::Instant::now();
+    let mut guard = ctx.guard_at(start).await?;
+    let mut approvals = ctx.live.approvals.subscribe();
+    // Held at this change: nothing from it on is read until the operator resumes.
+    let mut held = false;
     loop {
         let upto = *durable.borrow_and_update();
         // Refill in large reads: a read per finished change would cost more than the send.
         let room = progress.in_flight.len() <= window / 2;
-        if room && progress.read < upto {
+        if room && !held && progress.read < upto {
             let (read, n) = (
                 progress.read,
                 ((upto - progress.read) as usize).min(window - progress.in_flight.len()),
@@ -1703,6 +1758,17 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 progress.read = upto;
             }
             for (ev, reports) in events {
+                if let Some(g) = guard.as_mut() {
+                    if progress.already_acked(ev.seq) {
+                        g.sent(&ev);
+                    } else if let Some(h) = g.check(&ev, tenant, ctx.name()) {
+                        // Read again once resumed, from the change before it.
+                        approvals.borrow_and_update();
+                        ctx.live.hold(&h.reason);
+                        held = true;
+                        break;
+                    }
+                }
                 progress.read = ev.seq;
                 if progress.already_acked(ev.seq) {
                     continue;
@@ -1739,7 +1805,16 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                     }
                 }
             }
-            r = durable.changed(), if room => if r.is_err() { return Ok(()) },
+            r = durable.changed(), if room && !held => if r.is_err() { return Ok(()) },
+            r = approvals.changed(), if held => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                if let Some(g) = guard.as_mut() {
+                    ctx.approve(g).await?;
+                }
+                held = false;
+            }
             // Behind one slow change nothing else may come for a long time: what finished
             // is saved anyway (a crash would send it again, and a reconciliation would
             // take it for still waiting).
@@ -1802,6 +1877,32 @@ async fn settled(
     }
 }
 
+/// The first change after `guarded`, up to `upto`, that the guard holds; `guarded` moves
+/// to the change before it, or to `upto`. A CSV connector writes every change at once, so
+/// the guard reads them all before a write.
+async fn first_held(
+    ctx: &Ctx,
+    guard: &mut guard::Guard,
+    guarded: &mut u64,
+    upto: u64,
+) -> Result<Option<guard::Held>, StoreError> {
+    while *guarded < upto {
+        let (store, tenant, from) = (ctx.store.clone(), ctx.tenant().to_owned(), *guarded);
+        let events = blocking(move || store.changes(&tenant, from, BATCH as usize)).await?;
+        if events.is_empty() {
+            *guarded = upto;
+            break;
+        }
+        for ev in events {
+            if let Some(h) = guard.check(&ev, ctx.tenant(), ctx.name()) {
+                return Ok(Some(h));
+            }
+            *guarded = ev.seq;
+        }
+    }
+    Ok(None)
+}
+
 /// The task of a CSV connector: write the files after changes settle, or on a schedule.
 async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let Target::Csv { settings } = &ctx.target else {
@@ -1840,6 +1941,10 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     }
     // The time of the last scheduled write, so that a clock stepped back does not write again.
     let mut fired = None;
+    // The last change the guard has read: the files hold every change up to the cursor.
+    let mut guarded = ctx.store.cursor(&tenant, &cursor_name)?;
+    let mut guard = ctx.guard_at(guarded).await?;
+    let mut approvals = ctx.live.approvals.subscribe();
     loop {
         match &schedule {
             Some(_) if owed => {}
@@ -1879,6 +1984,19 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             }
         }
         let upto = *durable.borrow_and_update();
+        if let Some(g) = guard.as_mut()
+            && let Some(h) = first_held(&ctx, g, &mut guarded, upto).await?
+        {
+            approvals.borrow_and_update();
+            ctx.live.hold(&h.reason);
+            tokio::select! {
+                r = approvals.changed() => if r.is_err() { return Ok(()) },
+                _ = ctx.cancel.cancelled() => return Ok(()),
+            }
+            ctx.approve(g).await?;
+            // Written at the next turn: owed if scheduled, the cursor behind if not.
+            continue;
+        }
         if ctx.config.dry_run {
             tracing::info!(dir = %settings.dir.display(), "Dry run: would write the CSV files.");
         } else {
@@ -2213,7 +2331,12 @@ impl Dispatcher {
         // Only pauses that wait for the operator (preflight refused, 410 Gone): a pause
         // for repeated failures ends by itself and then probes the target anyway.
         for r in self.running().values() {
-            if r.ctx.is_some() && r.live.paused_until() == Some(DateTime::<Utc>::MAX_UTC) {
+            // A hold waits for the operator's word, which a reload for another reason
+            // is not.
+            if r.ctx.is_some()
+                && !r.live.held()
+                && r.live.paused_until() == Some(DateTime::<Utc>::MAX_UTC)
+            {
                 r.live.resume("a reload");
             }
         }
@@ -2815,6 +2938,7 @@ impl Dispatcher {
         if let Some(credentials) = ctx.credentials() {
             credentials.forget_failure();
         }
+        found.live.approve();
         Ok(found.live.resume("the operator"))
     }
 }

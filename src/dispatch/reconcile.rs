@@ -599,6 +599,10 @@ impl Dispatcher {
                             .into(),
                     );
                 }
+                // Its next write would carry what the guard holds.
+                Target::Csv { .. } if ctx.live.held() => {
+                    report.note = Some("not written: the connector is held by its [guard]".into());
+                }
                 Target::Csv { settings } => {
                     // The files are one object, written whole, and drift only when what
                     // they hold differs from what would be written now.

@@ -51,6 +51,12 @@ fn scheduled_write_key(connector: &str) -> Vec<u8> {
     tagged(b'W', connector)
 }
 
+/// `A conn` → the last change (u64 big-endian) an operator let through the connector's
+/// `[guard]` by resuming it: a start counts the deprovisions after it only.
+fn guard_approved_key(connector: &str) -> Vec<u8> {
+    tagged(b'A', connector)
+}
+
 /// `d conn SEP id` → dead letter.
 fn dead_prefix(connector: &str) -> Vec<u8> {
     let mut k = tagged(b'd', connector);
@@ -147,6 +153,30 @@ impl Store {
             Some(v) => decode_u64(&v, "connector cursor"),
             None => Ok(0),
         }
+    }
+
+    /// The last change an operator let through the connector's guard; 0 for none.
+    pub fn guard_approved(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(guard_approved_key(connector))? {
+            Some(v) => decode_u64(&v, "guard approval"),
+            None => Ok(0),
+        }
+    }
+
+    /// Record that an operator let every change up to `through` through the guard.
+    pub async fn set_guard_approved(
+        &self,
+        tenant: &str,
+        connector: &str,
+        through: u64,
+    ) -> StoreResult<()> {
+        let key = guard_approved_key(connector);
+        self.write(tenant, move |txn| {
+            txn.put(key, through.to_be_bytes().to_vec());
+            Ok(())
+        })
+        .await
     }
 
     /// Whether the connector has a cursor at all (it ran, or was running, at some time).

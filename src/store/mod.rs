@@ -2197,6 +2197,26 @@ impl Store {
         Ok(out)
     }
 
+    /// Up to `limit` change events at or below `upto`, newest first.
+    pub fn changes_back(
+        &self,
+        tenant: &str,
+        upto: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<ChangeEvent>> {
+        let t = self.tenant(tenant)?;
+        let mut out = Vec::new();
+        for kv in t
+            .tree
+            .range(keys::change(0)..=keys::change(upto))
+            .rev()
+            .take(limit)
+        {
+            out.push(decode(&kv?.1)?);
+        }
+        Ok(out)
+    }
+
     /// Remove change events up to `upto` that are more than `retention` older than `now`,
     /// or than the newest change if that is earlier, oldest first, in batches so writers
     /// interleave. Returns how many were removed.

@@ -3021,3 +3021,160 @@ course_sourced_id = "course-rosterd"
         assert!(!status.contains(secret), "{secret} in {status}");
     }
 }
+
+/// An identity provider that deprovisions many users at once is held at each connector's
+/// `[guard]`: no more than `users` deactivations or deletions reach the OneRoster target,
+/// the webhook receiver or the CSV file, and nothing after them; a reload or a restart
+/// does not let them go; the operator's resume sends every held change, in order; and
+/// the count starts again after what was let go.
+#[tokio::test]
+async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let guard = "[guard]\nusers = 3\nminutes = 60\n";
+    let (hook_file, hook_text) = named_webhook_file(
+        "hooks",
+        &hook,
+        r#"["roster.user_deactivated", "roster.user_updated"]"#,
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            oneroster_file("sis", &target, guard),
+            (hook_file, format!("{hook_text}{guard}")),
+            (
+                "files.toml".into(),
+                format!(
+                    "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 50\n"
+                ),
+            ),
+        ],
+        env: [
+            static_token_env(),
+            vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ]
+        .concat(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    for c in ["sis", "hooks", "files"] {
+        caught_up(&d, c).await;
+    }
+    let deactivate = |id: String| {
+        let d = &d;
+        async move {
+            let r = d
+                .patch(
+                    &format!("/Users/{id}"),
+                    patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    };
+    for id in &ids[..6] {
+        deactivate(id.clone()).await;
+    }
+    // A change after the held one waits behind it.
+    let r = d
+        .patch(
+            &format!("/Users/{}", ids[7]),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Late"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let disabled = || {
+        target
+            .users()
+            .values()
+            .filter(|u| u["enabledUser"] == "false")
+            .count()
+    };
+    let hooked = |kind: &str| {
+        hook.deliveries()
+            .iter()
+            .filter(|g| g.accepted() && g.body["type"] == kind)
+            .count()
+    };
+    let csv = d.root.join("connectors/out/roster.csv");
+    let inactive_in_csv = || {
+        std::fs::read_to_string(&csv)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(",false,"))
+            .count()
+    };
+    held_by_guard(&d, &["sis", "hooks", "files"]).await;
+    // What was sent before the hold has landed; nothing more comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = || {
+        target
+            .user(&sourced_id(&format!("User/{}", ids[7])))
+            .unwrap()["metadata"]["job_title"]
+            .clone()
+    };
+    let as_held = |what: &str| {
+        assert_eq!(disabled(), 3, "{what}: OneRoster users disabled");
+        assert_eq!(hooked("roster.user_deactivated"), 3, "{what}: webhooks");
+        assert_eq!(hooked("roster.user_updated"), 0, "{what}: webhooks");
+        assert_eq!(late(), Value::Null, "{what}: the change after the hold");
+        assert_eq!(inactive_in_csv(), 0, "{what}: the CSV file");
+    };
+    as_held("held");
+
+    d.reload().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held_by_guard(&d, &["sis", "hooks", "files"]).await;
+    as_held("after a reload");
+
+    let d = d.restart().await;
+    held_by_guard(&d, &["sis", "hooks", "files"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    as_held("after a restart");
+
+    for c in ["sis", "hooks", "files"] {
+        resumed(&d, c).await;
+    }
+    for c in ["sis", "hooks", "files"] {
+        caught_up(&d, c).await;
+    }
+    assert_eq!(disabled(), 6);
+    assert_eq!(hooked("roster.user_deactivated"), 6);
+    assert_eq!(hooked("roster.user_updated"), 1);
+    assert_eq!(late(), "Late");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while inactive_in_csv() != 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CSV file was not written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Counted anew after what was let go, also after a restart: two more pass.
+    let d = d.restart().await;
+    for id in &ids[6..8] {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    for c in ["sis", "hooks", "files"] {
+        let s = caught_up(&d, c).await;
+        assert_ne!(s["paused"], true, "{c}: {s}");
+    }
+}
+
+/// Wait until each of `connectors` is paused, held by its guard, and says how to resume it.
+async fn held_by_guard(d: &TestDaemon, connectors: &[&str]) {
+    for c in connectors {
+        let s = paused(d, c).await;
+        let error = s["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("held by its [guard]"), "{c}: {s}");
+        assert!(
+            error.contains(&format!("rosterd resume --tenant {TENANT} {c}")),
+            "{c}: {s}"
+        );
+    }
+}
