@@ -165,7 +165,7 @@ enum Command {
         command: DeadLetterCommand,
     },
     /// Lift a connector's pause on a running daemon, once its target is fixed (a reload
-    /// does too).
+    /// does too), or let go the deprovisioning its [guard] holds.
     Resume {
         #[command(flatten)]
         daemon: DaemonArgs,
@@ -173,6 +173,13 @@ enum Command {
         #[arg(long)]
         tenant: String,
         connector: String,
+        /// For a connector its [guard] holds, after the identity provider undid its
+        /// mistake: send none of the held changes (the cursor moves past every change
+        /// logged by now), then reconcile, which sends the target the current state of
+        /// what they changed. Not for webhook connectors, whose receivers would lose
+        /// the events of every other change held.
+        #[arg(long)]
+        skip_held: bool,
     },
     /// Retire a connector that is not loaded (its file was removed while the daemon was
     /// stopped): its stored cursor stops holding back change-log compaction, and what it
@@ -418,7 +425,8 @@ fn run() -> Result<()> {
             daemon,
             tenant,
             connector,
-        } => resume(&daemon, &tenant, &connector),
+            skip_held,
+        } => resume(&daemon, &tenant, &connector, skip_held),
         Command::Retire {
             daemon,
             tenant,
@@ -1316,15 +1324,29 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
     Ok(())
 }
 
-fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
+fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str, skip_held: bool) -> Result<()> {
     let (status, body) = call_daemon(
         daemon,
         Some(tenant),
         reqwest::Method::POST,
         &format!("/api/v1/roster/connectors/{connector}/resume"),
-        None,
+        skip_held.then(|| serde_json::json!({"skip_held": true})),
     )?;
     fail_unless_ok(status, &body)?;
+    if skip_held {
+        outln!(
+            "{connector}: resumed; the changes it held, up to #{}, were skipped",
+            body["skipped_through"]
+        )?;
+        match (body["job"]["job_id"].as_str(), body["job_error"].as_str()) {
+            (Some(id), _) => outln!(
+                "reconciliation {id} started: it sends the current state of what they changed (follow it: rosterd job --tenant {tenant} {id} --wait)"
+            )?,
+            (None, Some(e)) => outln!("reconciliation not started: {e}")?,
+            (None, None) => {}
+        }
+        return Ok(());
+    }
     // A daemon from before `was_paused` answered only when it resumed something.
     if body["was_paused"].as_bool().unwrap_or(true) {
         outln!("{connector}: resumed")?;

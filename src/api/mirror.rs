@@ -46,9 +46,9 @@ impl From<DispatchError> for ApiError {
             DispatchError::UnknownConnector(_) | DispatchError::NoSuchLetter(_) => {
                 ApiError::NotFound(e.to_string())
             }
-            DispatchError::NotRunning(..) | DispatchError::NotRetirable(..) => {
-                ApiError::Conflict(e.to_string())
-            }
+            DispatchError::NotRunning(..)
+            | DispatchError::NotRetirable(..)
+            | DispatchError::CannotSkip(..) => ApiError::Conflict(e.to_string()),
             DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
             DispatchError::Unmappable(_) => ApiError::Unmappable(e.to_string()),
         }
@@ -199,16 +199,54 @@ async fn replay(
     Ok(Json(replayed).into_response())
 }
 
+/// `POST /connectors/{name}/resume`: lift a pause. `{"skip_held": true}` lets a
+/// connector its guard holds go on without sending what it holds, then starts a
+/// reconciliation, which sends the current state of what the skipped changes touched.
 async fn resume(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
     Params(p): Params,
+    body: axum::body::Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
-    let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
-    // `resumed` stays for older clients; `was_paused` says whether there was a pause.
-    Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response())
+    let body = super::roster::read_body(&st, &headers, body).await?;
+    const EXPECTED: &str = "expected {\"skip_held\": true|false}";
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct ResumeBody {
+        #[serde(default)]
+        skip_held: bool,
+    }
+    let ResumeBody { skip_held } = match super::json_body(&headers, &body)? {
+        None => ResumeBody::default(),
+        Some(v @ Value::Object(_)) => serde_json::from_value::<ResumeBody>(v)
+            .map_err(|e| ApiError::BadRequest(format!("body: {e}; {EXPECTED}")))?,
+        Some(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "body must be a JSON object: {EXPECTED}"
+            )));
+        }
+    };
+    if !skip_held {
+        let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
+        // `resumed` stays for older clients; `was_paused` says whether there was a pause.
+        return Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response());
+    }
+    let through = st.dispatch.skip_held(&caller.tenant, &name).await?;
+    let mut answer = json!({ "resumed": name, "was_paused": true, "skipped_through": through });
+    match crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", false).await {
+        Ok(job) => answer["job"] = super::roster::job_json(&job),
+        // Skipped all the same: the operator starts the reconciliation once the other
+        // job has ended.
+        Err(e) => {
+            answer["job_error"] = json!(format!(
+                "{e}; start it with `rosterd reconcile --tenant {}` once that ends",
+                caller.tenant
+            ))
+        }
+    }
+    Ok(Json(answer).into_response())
 }
 
 async fn retire(

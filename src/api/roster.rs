@@ -81,7 +81,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 
 /// The request body, read only once [`admit`] let the request in: a client without a
 /// valid token must not get the daemon to buffer `max_body_bytes` for it.
-async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+pub(super) async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
     use crate::server::BodyRefusal;
     crate::server::read_request_body(headers, body, st.config.server.max_body_bytes)
         .await
@@ -1446,7 +1446,7 @@ async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
 // ---------------------------------------------------------------------------------------
 // Sync jobs
 
-fn job_json(j: &Job) -> Value {
+pub(super) fn job_json(j: &Job) -> Value {
     let mut v = json!({
         "job_id": j.job_id,
         "kind": j.kind,

@@ -64,6 +64,8 @@ pub enum DispatchError {
     NoSuchLetter(u64),
     #[error("connector {0:?} {1}")]
     NotRetirable(String, String),
+    #[error("connector {0:?} {1}")]
+    CannotSkip(String, String),
     #[error("the target refused the replay: {0}")]
     ReplayFailed(String),
     /// Nothing was sent: the object cannot be expressed for this target as it stands.
@@ -270,10 +272,22 @@ struct Live {
     /// Wakes request loops waiting out a pause or a backoff when a pause begins or is
     /// lifted (a resume, a reload).
     pause_changed: tokio::sync::Notify,
-    /// Held by its `[guard]`: only an operator's resume lets it go, not a reload.
-    held: std::sync::atomic::AtomicBool,
-    /// Counts the operator's resumes of a hold, which the held connector waits for.
-    approvals: watch::Sender<u64>,
+    /// Held by its `[guard]`, and why: only an operator's resume lets it go, not a
+    /// reload. Not a pause: the changes sent before the one held go on, and only the
+    /// reading stops; status shows it as a pause until resumed.
+    held: Mutex<Option<String>>,
+    /// The operator's resumes of a hold, which the held connector waits for.
+    approvals: watch::Sender<Approval>,
+    /// The last approval the connector has carried out, and through which change.
+    applied: watch::Sender<(u64, u64)>,
+}
+
+/// The operator's word on a hold: the `n`-th, and whether to skip what is held instead
+/// of sending it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Approval {
+    n: u64,
+    skip: bool,
 }
 
 impl Live {
@@ -291,26 +305,52 @@ impl Live {
             retries: AtomicU64::new(0),
             failing_requests: AtomicU64::new(0),
             pause_changed: tokio::sync::Notify::new(),
-            held: std::sync::atomic::AtomicBool::new(false),
-            approvals: watch::Sender::new(0),
+            held: Mutex::new(None),
+            approvals: watch::Sender::new(Approval::default()),
+            applied: watch::Sender::new((0, 0)),
         })
     }
 
-    /// Paused until the operator resumes it, by its `[guard]`.
+    fn held_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held by its `[guard]` until the operator resumes it.
     fn hold(&self, reason: &str) {
-        self.held.store(true, Ordering::Release);
-        self.pause_until_resumed(reason);
+        let already = self.held_reason().replace(reason.to_owned()).is_some();
+        self.health().error(reason.to_owned());
+        if !already {
+            tracing::error!(
+                reason,
+                "Connector held by its [guard] until resumed (`rosterd resume`); a reload does not lift it."
+            );
+        }
     }
 
     fn held(&self) -> bool {
-        self.held.load(Ordering::Acquire)
+        self.held_reason().is_some()
     }
 
-    /// The operator's resume: a hold lets its changes go.
-    fn approve(&self) {
-        if self.held.swap(false, Ordering::AcqRel) {
-            self.approvals.send_modify(|n| *n += 1);
+    /// As status shows it: a hold, or a pause.
+    fn shown_pause(&self) -> Option<DateTime<Utc>> {
+        if self.held() {
+            return Some(DateTime::<Utc>::MAX_UTC);
         }
+        self.paused_until()
+    }
+
+    /// The operator's resume: a hold lets its changes go, or (`skip`) skips them. The
+    /// approval's number, when there was a hold.
+    fn approve(&self, skip: bool) -> Option<u64> {
+        let reason = self.held_reason().take()?;
+        tracing::info!(tenant = %self.tenant, connector = %self.name, held = %reason, skip, "The operator lets go the changes the guard held.");
+        let mut n = 0;
+        self.approvals.send_modify(|a| {
+            a.n += 1;
+            a.skip = skip;
+            n = a.n;
+        });
+        Some(n)
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -433,6 +473,9 @@ impl Live {
 
     /// While paused: until when, and the last error that paused it.
     fn pause_reason(&self) -> Option<String> {
+        if let Some(reason) = self.held_reason().as_deref() {
+            return Some(format!("the connector is paused until resumed ({reason})"));
+        }
         let until = self.paused_until()?;
         let when = if until == DateTime::<Utc>::MAX_UTC {
             "until resumed".to_owned()
@@ -615,16 +658,23 @@ impl Ctx {
             .map(Some)
     }
 
-    /// The operator resumed a held connector: every change logged by now may go, and a
-    /// restart remembers it.
-    async fn approve(&self, guard: &mut guard::Guard) -> Result<(), StoreError> {
+    /// The operator resumed a held connector: every change logged by now may go (or,
+    /// with `skip`, is skipped), and a restart remembers it. Through which change.
+    async fn approve(&self, guard: &mut guard::Guard, skip: bool) -> Result<u64, StoreError> {
         let through = self.store.last_seq(self.tenant())?;
         self.store
             .set_guard_approved(self.tenant(), &self.cursor_name(), through)
             .await?;
         guard.approve(through);
-        tracing::info!(through, "Held changes let go by the operator's resume.");
-        Ok(())
+        if skip {
+            tracing::warn!(
+                through,
+                "Held changes skipped by the operator: the changes up to this one are not sent; a reconciliation sends the target the current state of what they changed."
+            );
+        } else {
+            tracing::info!(through, "Held changes let go by the operator's resume.");
+        }
+        Ok(through)
     }
 
     fn tenant(&self) -> &str {
@@ -1810,8 +1860,17 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 if r.is_err() {
                     return Ok(());
                 }
+                let approval = *approvals.borrow_and_update();
                 if let Some(g) = guard.as_mut() {
-                    ctx.approve(g).await?;
+                    let through = ctx.approve(g, approval.skip).await?;
+                    if approval.skip {
+                        // Read past them: the cursor moves over them as if sent.
+                        progress.read = progress.read.max(through);
+                        progress.ahead.retain(|&s| s > through);
+                        progress.unsaved = true;
+                        save(&mut progress).await?;
+                    }
+                    ctx.live.applied.send_replace((approval.n, through));
                 }
                 held = false;
             }
@@ -1993,7 +2052,11 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 r = approvals.changed() => if r.is_err() { return Ok(()) },
                 _ = ctx.cancel.cancelled() => return Ok(()),
             }
-            ctx.approve(g).await?;
+            // The files are written whole, from the store as it is: skipping the held
+            // changes is sending them.
+            let approval = *approvals.borrow_and_update();
+            let through = ctx.approve(g, false).await?;
+            ctx.live.applied.send_replace((approval.n, through));
             // Written at the next turn: owed if scheduled, the cursor behind if not.
             continue;
         }
@@ -2659,7 +2722,7 @@ impl Dispatcher {
 
     fn status_of(&self, c: &ConnectorConfig, live: &Live, not_started: bool) -> ConnectorStatus {
         let (cursor, lag_events, lag_seconds) = self.lag(&c.tenant, &cursor_name(c));
-        let paused_until = live.paused_until();
+        let paused_until = live.shown_pause();
         let h = live.health();
         ConnectorStatus {
             name: c.name.clone(),
@@ -2921,6 +2984,48 @@ impl Dispatcher {
         })
     }
 
+    /// Let a connector its guard holds go on without sending what it holds: its cursor
+    /// moves past every change logged by now, and a reconciliation (the caller starts it)
+    /// sends the target the current state of what they changed. Through which change.
+    /// Not for a webhook connector: its receivers get events, not state, so the events of
+    /// every other change held would be lost.
+    pub async fn skip_held(&self, tenant: &str, name: &str) -> Result<u64, DispatchError> {
+        let found = self.find(tenant, name)?;
+        let refuse = |why: &str| Err(DispatchError::CannotSkip(name.to_owned(), why.to_owned()));
+        let Some(ctx) = &found.ctx else {
+            return refuse("is not running (disabled or failed to start): nothing is held");
+        };
+        if matches!(ctx.target, Target::Webhook { .. }) {
+            return refuse(
+                "sends webhook events, not state: skipping would lose the events of every other change held; resume it without skipping",
+            );
+        }
+        let mut applied = found.live.applied.subscribe();
+        let Some(n) = found.live.approve(true) else {
+            return refuse("is not held by its [guard]: nothing to skip");
+        };
+        // The reconciliation that follows must find the cursor moved, or it would leave
+        // what the skipped changes touched to them.
+        let done = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (seen, through) = *applied.borrow_and_update();
+                if seen >= n {
+                    return Some(through);
+                }
+                if applied.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        match done {
+            Ok(Some(through)) => Ok(through),
+            _ => refuse(
+                "did not confirm the skip (it stopped, or was restarted by a reload): see its state, and resume it again if it is still held",
+            ),
+        }
+    }
+
     /// Lift a pause now (after the operator fixed the target). Returns whether it was
     /// paused: a resume of one that was not only starts its count of failures afresh.
     pub fn resume(&self, tenant: &str, name: &str) -> Result<bool, DispatchError> {
@@ -2938,8 +3043,8 @@ impl Dispatcher {
         if let Some(credentials) = ctx.credentials() {
             credentials.forget_failure();
         }
-        found.live.approve();
-        Ok(found.live.resume("the operator"))
+        let held = found.live.approve(false).is_some();
+        Ok(found.live.resume("the operator") || held)
     }
 }
 
