@@ -1025,6 +1025,63 @@ async fn resume_says_when_the_connector_was_not_paused() {
     assert!(!out.contains("resumed"), "{out}");
 }
 
+/// `rosterd resume --skip-held` skips what a connector's guard holds and names the
+/// reconciliation it started; on a connector not held it fails, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_skip_held_names_the_reconciliation_it_started() {
+    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::oneroster::{OneRosterOptions, OneRosterServer};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![crate::mirror::oneroster_file(
+            "sis",
+            &target,
+            "[guard]\nusers = 1\nminutes = 5\n",
+        )],
+        env: crate::mirror::static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let ids = [
+        d.create_user("a@acme.test").await,
+        d.create_user("b@acme.test").await,
+    ];
+    crate::mirror::caught_up(&d, "sis").await;
+    for id in &ids {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    crate::mirror::paused(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let skip = move || {
+        let (url, admin) = (url.clone(), admin.clone());
+        tokio::task::spawn_blocking(move || {
+            run(
+                &[
+                    "resume",
+                    "--tenant",
+                    TENANT,
+                    "--url",
+                    &url,
+                    "--token",
+                    &admin,
+                    "--skip-held",
+                    "sis",
+                ],
+                None,
+                &[],
+            )
+        })
+    };
+    let (ok, out, err) = skip().await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("sis: resumed; the changes it held, up to #"), "{out}");
+    assert!(out.contains("reconciliation scim-sync-"), "{out}");
+    let (ok, _, err) = skip().await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("is not held by its [guard]"), "{err}");
+}
+
 /// The example config as README runs it: `--config config.toml`, from its directory,
 /// before the first start made `data`. A relative data directory not made yet was
 /// refused as "data is a file, not a directory".
