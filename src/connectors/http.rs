@@ -309,20 +309,26 @@ fn classify(
         410 if req.message_id.is_some() => Outcome::Gone {
             response: response(),
         },
-        408 | 425 | 429 => Outcome::Retry {
-            reason: format!("target answered {status}"),
-            retry_after,
-            response: Some(response()),
-        },
+        408 | 425 | 429 => {
+            let response = response();
+            Outcome::Retry {
+                reason: with_answer(format!("target answered {status}"), &response.body),
+                retry_after,
+                response: Some(response),
+            }
+        }
         501 => Outcome::Refused {
             reason: format!("target answered {status}: it does not implement this request"),
             response: response(),
         },
-        500..=599 => Outcome::Retry {
-            reason: format!("target answered {status}"),
-            retry_after,
-            response: Some(response()),
-        },
+        500..=599 => {
+            let response = response();
+            Outcome::Retry {
+                reason: with_answer(format!("target answered {status}"), &response.body),
+                retry_after,
+                response: Some(response),
+            }
+        }
         _ => Outcome::Refused {
             reason: match code {
                 403 => format!("target answered {status}: this object is not ours to change"),
@@ -332,6 +338,21 @@ fn classify(
             },
             response: response(),
         },
+    }
+}
+
+/// A retried failure's reason with the start of what the target said: a retry keeps no
+/// dead letter, and "target answered 500" alone sent the operator to the target's logs to
+/// learn which object and why. Blanks run together, so an HTML page reads on one line.
+fn with_answer(reason: String, body: &str) -> String {
+    const SHOWN: usize = 200;
+    let brief = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    if brief.is_empty() {
+        return reason;
+    }
+    match brief.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{reason}: {}…", &brief[..end]),
+        None => format!("{reason}: {brief}"),
     }
 }
 
@@ -1080,6 +1101,19 @@ pub(super) mod tests {
         (addr, written)
     }
 
+    #[test]
+    fn a_retried_failure_says_what_the_target_answered_on_one_line() {
+        let r = || "target answered 503 Service Unavailable".to_owned();
+        assert_eq!(with_answer(r(), " \n "), r());
+        assert_eq!(
+            with_answer(r(), "<html>\n  <h1>Down</h1>\r\n\tfor upgrade </html>"),
+            format!("{}: <html> <h1>Down</h1> for upgrade </html>", r())
+        );
+        let long = "é".repeat(500);
+        let shown = with_answer(r(), &long);
+        assert_eq!(shown, format!("{}: {}…", r(), "é".repeat(200)));
+    }
+
     #[tokio::test]
     async fn an_answer_without_end_is_read_no_further_than_it_is_used() {
         let client = reqwest::Client::new();
@@ -1095,7 +1129,12 @@ pub(super) mod tests {
                 response: Some(r),
                 ..
             } => {
-                assert_eq!(reason, "target answered 500 Internal Server Error");
+                // With the start of the answer, cut short.
+                assert!(
+                    reason.starts_with("target answered 500 Internal Server Error: "),
+                    "{reason}"
+                );
+                assert!(reason.ends_with('…') && reason.len() < 300, "{reason}");
                 assert_eq!(r.body.len(), KEPT_BODY);
             }
             other => panic!("{other:?}"),

@@ -272,6 +272,9 @@ struct Live {
     /// Wakes request loops waiting out a pause or a backoff when a pause begins or is
     /// lifted (a resume, a reload).
     pause_changed: tokio::sync::Notify,
+    /// Wakes request loops waiting out a pause, not a backoff, when an acknowledgement
+    /// ends the pause (see [`Live::success`]).
+    pause_over: tokio::sync::Notify,
     /// Held by its `[guard]`, and why: only an operator's resume lets it go, not a
     /// reload. Not a pause: the changes sent before the one held go on, and only the
     /// reading stops; status shows it as a pause until resumed.
@@ -305,6 +308,7 @@ impl Live {
             retries: AtomicU64::new(0),
             failing_requests: AtomicU64::new(0),
             pause_changed: tokio::sync::Notify::new(),
+            pause_over: tokio::sync::Notify::new(),
             held: Mutex::new(None),
             approvals: watch::Sender::new(Approval::default()),
             applied: watch::Sender::new((0, 0)),
@@ -368,9 +372,17 @@ impl Live {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.failing_requests.store(0, Ordering::Release);
             let mut h = self.health();
-            h.pause = None;
+            let paused = h.pause.take().is_some();
             h.pause_logged = false;
             drop(h);
+            // The requests the pause stopped go now: left asleep, they waited for its
+            // old end (30 s in an audit) while status said the connector was not paused,
+            // and `rosterd resume` that there was nothing to lift. This happens when a
+            // round's first answer is one object's failure that pauses the connector and
+            // the others' acknowledgements follow.
+            if paused {
+                self.pause_over.notify_waiters();
+            }
             // Requests still waiting out their backoff are not woken: one object's
             // success says nothing of another's failure, and a Retry-After stands.
             tracing::info!(
@@ -494,8 +506,10 @@ impl Live {
         loop {
             // Listening before looking, so a resume in between is not missed.
             let changed = self.pause_changed.notified();
-            tokio::pin!(changed);
+            let over = self.pause_over.notified();
+            tokio::pin!(changed, over);
             changed.as_mut().enable();
+            over.as_mut().enable();
             let Some(until) = self.paused_until() else {
                 break;
             };
@@ -504,6 +518,7 @@ impl Live {
                 _ = cancel.cancelled() => return false,
                 _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
                 _ = changed => {}
+                _ = over => {}
             }
         }
         if cancel.is_cancelled() {
@@ -1389,7 +1404,10 @@ impl Ctx {
         if self.cancel.is_cancelled() {
             return (ev.seq, keys, Ok(Delivered::Cancelled));
         }
-        let r = self.deliver(&ev, &reports, None).await;
+        // Its retries and refusals are logged naming the change and the object, which
+        // the target's answer alone (`500`) does not.
+        let span = tracing::info_span!("change", seq = ev.seq, object = %format_args!("{}/{}", ev.resource_type, ev.id));
+        let r = self.deliver(&ev, &reports, None).instrument(span).await;
         done.send_replace(true);
         (ev.seq, keys, r)
     }
@@ -3313,6 +3331,29 @@ mod tests {
         live.failure(&mut streaks[1], "500", 3, pause);
         live.failure(&mut streaks[1], "500", 3, pause);
         assert!(live.paused_until().is_none());
+    }
+
+    /// A round's first answer paused the connector (one object's 500), the others'
+    /// acknowledgements came after and ended the pause: the requests waiting for it go
+    /// at once, not at its old end, which status no longer showed.
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledgement_that_ends_a_pause_wakes_those_waiting_for_it() {
+        let live = Live::new("t", "c", "running");
+        live.failure(&mut Streak::default(), "500", 1, Duration::from_secs(30));
+        assert!(live.paused_until().is_some());
+        let waiter = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                assert!(live.wait_unpaused(&CancellationToken::new()).await);
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        live.success();
+        assert_eq!(live.paused_until(), None);
+        let waited = waiter.await.unwrap();
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]

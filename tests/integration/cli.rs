@@ -1075,7 +1075,10 @@ async fn resume_skip_held_names_the_reconciliation_it_started() {
     };
     let (ok, out, err) = skip().await.unwrap();
     assert!(ok, "{err}");
-    assert!(out.contains("sis: resumed; the changes it held, up to #"), "{out}");
+    assert!(
+        out.contains("sis: resumed; the changes it held, up to #"),
+        "{out}"
+    );
     assert!(out.contains("reconciliation scim-sync-"), "{out}");
     let (ok, _, err) = skip().await.unwrap();
     assert!(!ok);
