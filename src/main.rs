@@ -1910,9 +1910,22 @@ fn rfc3339(t: &str) -> String {
         .unwrap_or_else(|_| t.to_owned())
 }
 
+/// The target whose own lines repeat a connector's TLS failures (see [`init_logging`]).
+const QUIETED_TLS_LOG: &str = "rustls_platform_verifier";
+
 fn init_logging(log: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let given = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    // The TLS verifier logs an ERROR of its own at every attempt against a target whose
+    // certificate it refuses (104 lines in three minutes in an audit), beside the
+    // connector's WARN that already carries its reason: `journalctl -p err` alerting
+    // fired per retry. Still there for a filter that names it.
+    if !given.contains(QUIETED_TLS_LOG)
+        && let Ok(d) = format!("{QUIETED_TLS_LOG}=off").parse()
+    {
+        filter = filter.add_directive(d);
+    }
     // Colour only for a person at a terminal: under systemd stdout is the journal, and
     // escape codes there make `journalctl` show lines as blobs. Elsewhere than a
     // terminal, an event is one line (see `journal`).
