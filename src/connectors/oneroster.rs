@@ -66,6 +66,30 @@ pub struct OneRosterSettings {
     pub read_back_hours: u64,
 }
 
+impl OneRosterSettings {
+    /// The keys whose change alters the bodies of objects already sent (`other` is the
+    /// new version): the mirror sends only what changes in the roster, so those bodies
+    /// stay as they were at the target until a reconciliation (an audit saw 13 users keep
+    /// their old role after `roles` changed).
+    pub fn reshaped(&self, other: &OneRosterSettings) -> Vec<&'static str> {
+        [
+            ("org_sourced_id", self.org_sourced_id != other.org_sourced_id),
+            (
+                "course_sourced_id",
+                self.course_sourced_id != other.course_sourced_id,
+            ),
+            ("course_title", self.course_title != other.course_title),
+            ("roles", self.roles != other.roles),
+            ("default_role", self.default_role != other.default_role),
+            ("enrollment_role", self.enrollment_role != other.enrollment_role),
+            ("deactivate", self.deactivate != other.deactivate),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
 fn default_read_back_hours() -> u64 {
     24
 }
@@ -1450,6 +1474,19 @@ token_env = "T"
 "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn settings_that_change_what_was_sent_are_named() {
+        let old = settings();
+        let mut new = settings();
+        // Where to send and how to authenticate change no body already sent.
+        new.base_url = "http://elsewhere/or/".into();
+        new.read_back = true;
+        assert!(old.reshaped(&new).is_empty());
+        new.roles.insert("designer".into(), "proctor".into());
+        new.deactivate = Deactivate::Delete;
+        assert_eq!(old.reshaped(&new), ["roles", "deactivate"]);
     }
 
     use crate::store::ChangeOp;

@@ -2380,8 +2380,16 @@ impl Dispatcher {
         *self.unstartable_lock() = unstartable;
         for c in &stopping {
             let (tenant, name) = (&c.tenant, &c.name);
-            if wanted.contains_key(name) {
-                tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
+            if let Some(new) = wanted.get(name) {
+                let reshaped = match (&c.oneroster, &new.oneroster) {
+                    (Some(old), Some(new)) => old.reshaped(new),
+                    _ => vec![],
+                };
+                if reshaped.is_empty() {
+                    tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
+                } else {
+                    tracing::warn!(%tenant, connector = %name, keys = %reshaped.join(", "), "Stopping connector to start it again: its file changes what it sends for objects the target already has, which stay as they are until a reconciliation: run `rosterd reconcile --tenant {tenant}` (or wait for the scheduled one).");
+                }
                 continue;
             }
             // Renamed in place: the same file now names another connector, which starts
