@@ -449,7 +449,7 @@ pub fn openapi_document() -> Value {
                     "note": {"type": ["string", "null"]},
                     "read_back_stopped": {"type": ["string", "null"], "description": "Why reading users back from the target ended before the end of its window; the job then fails"},
                     "paused": {"type": ["string", "null"], "description": "Why re-sending stopped: the connector is paused (until when, and its last error); what was not sent counts in failed and the job fails at once instead of waiting the pause out"},
-                    "not_loaded": {"type": ["string", "null"], "description": "Why nothing was checked: the connector is not loaded (its file does not load, or no file names it since the last stop; kind is then \"unknown\"); its changes wait for it and the job fails, naming it"},
+                    "not_loaded": {"type": ["string", "null"], "description": "Why nothing was checked: the connector is not loaded (its file does not load, or no file names it since the last stop; kind is then \"unknown\"), or its file loaded but it cannot start (a secret not set); its changes wait for it and the job fails, naming it. A connector disabled on purpose is listed with a note, and does not fail the job"},
                     "items": {"type": "array", "items": {"type": "object", "properties": {
                         "object": {"type": "string"}, "action": {"type": "string", "enum": ["put", "delete"]},
                         "reason": {"type": "string"}}}}}}

@@ -73,7 +73,10 @@ impl OneRosterSettings {
     /// their old role after `roles` changed).
     pub fn reshaped(&self, other: &OneRosterSettings) -> Vec<&'static str> {
         [
-            ("org_sourced_id", self.org_sourced_id != other.org_sourced_id),
+            (
+                "org_sourced_id",
+                self.org_sourced_id != other.org_sourced_id,
+            ),
             (
                 "course_sourced_id",
                 self.course_sourced_id != other.course_sourced_id,
@@ -81,7 +84,10 @@ impl OneRosterSettings {
             ("course_title", self.course_title != other.course_title),
             ("roles", self.roles != other.roles),
             ("default_role", self.default_role != other.default_role),
-            ("enrollment_role", self.enrollment_role != other.enrollment_role),
+            (
+                "enrollment_role",
+                self.enrollment_role != other.enrollment_role,
+            ),
             ("deactivate", self.deactivate != other.deactivate),
         ]
         .into_iter()

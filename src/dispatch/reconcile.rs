@@ -577,6 +577,42 @@ impl Dispatcher {
                 });
             }
         }
+        // Loaded but not running: said, as a connector not loaded is. Disabled on
+        // purpose, it does not fail the job; one that cannot start (a secret not set)
+        // does, since its changes wait for a fix.
+        let idle: Vec<(String, &'static str, Option<String>)> = self
+            .running()
+            .values()
+            .filter(|r| r.config.tenant == tenant && r.ctx.is_none())
+            .filter(|r| only.is_none_or(|k| k == r.config.kind))
+            .map(|r| {
+                (
+                    r.config.name.clone(),
+                    r.config.kind.as_str(),
+                    r.not_started.clone(),
+                )
+            })
+            .collect();
+        for (connector, kind, not_started) in idle {
+            let (note, not_loaded) = match not_started {
+                Some(why) => {
+                    let why = format!("{why}; its changes wait for it");
+                    (why.clone(), Some(why))
+                }
+                None => (
+                    "disabled (`enabled = false`): not reconciled; its changes wait for it"
+                        .to_owned(),
+                    None,
+                ),
+            };
+            out.push(DriftReport {
+                connector,
+                kind,
+                note: Some(note),
+                not_loaded,
+                ..DriftReport::default()
+            });
+        }
         for ctx in ctxs {
             let mut report = DriftReport {
                 connector: ctx.name().to_owned(),

@@ -1248,6 +1248,51 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     );
 }
 
+/// A reconciliation names the connectors it did not reconcile because they do not run:
+/// one disabled on purpose (the job succeeds), one that cannot start (it fails, naming it).
+#[tokio::test]
+async fn a_reconciliation_names_connectors_that_do_not_run() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = crate::mirror::oneroster_file("sis", &target, "");
+    let off = (
+        "off.toml".to_owned(),
+        text.replace("name = \"sis\"", "name = \"off\"")
+            .replace("concurrency = 8", "concurrency = 8\nenabled = false"),
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text), off],
+        env: crate::mirror::static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let off = r.body["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["connector"] == "off")
+        .cloned()
+        .unwrap_or_else(|| panic!("the disabled connector is not in the report: {}", r.body));
+    assert!(off["note"].as_str().unwrap().contains("disabled"), "{off}");
+    assert_eq!(off["not_loaded"], Value::Null, "{off}");
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // Its secret unset, a connector cannot start: the job fails, saying so.
+    let d = d.restart_with(|o| o.env = vec![]).await;
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("connector sis") && error.contains("OR_TOKEN"),
+        "{job}"
+    );
+}
+
 /// A job's `drift_found` and `drift_sent`.
 fn found_and_sent(job: &Value) -> (u64, u64) {
     let n = |k: &str| {
