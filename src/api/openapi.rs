@@ -352,13 +352,13 @@ pub fn openapi_document() -> Value {
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
-                "description": "A OneRoster connector is sent the object's state as stored now (or its delete), not the letter's snapshot, so a replay never undoes a later change. A webhook is sent the original event (same webhook-id and data.seq); superseded_by lists later changes of the object already delivered.",
+                "description": "A OneRoster connector is sent the object's state as stored now (or its delete), not the letter's snapshot, so a replay never undoes a later change. A webhook is sent the original event (same webhook-id and data.seq); superseded_by lists later changes of the object the connector has passed (delivered, or dead letters themselves).",
                 "parameters": [path_param("name", "The connector's name"), letter_id_param()],
                 "responses": common_errors(json!({"200": ok_json("Replayed", json!({"type": "object", "required": ["replayed", "sent", "superseded_by"], "properties": {
                         "replayed": {"type": "integer", "description": "The dead letter's id"},
                         "sent": {"type": "string", "enum": ["current_state", "original_event"], "description": "What was sent"},
-                        "superseded_by": {"type": "array", "items": {"type": "integer"}, "description": "Sequence numbers of later changes of the same object the connector already delivered (at most 20)"},
-                        "note": {"type": ["string", "null"], "description": "Set when the letter is older than changes already delivered"}}})),
+                        "superseded_by": {"type": "array", "items": {"type": "integer"}, "description": "Sequence numbers of later changes of the same object the connector has passed, delivered or set aside as dead letters (at most 20)"},
+                        "note": {"type": ["string", "null"], "description": "Set when the letter is older than changes the connector has passed"}}})),
                     "400": error_response("id is not a number"),
                     "422": error_response("Nothing was sent: the object cannot be expressed for this target, such as a user without an email for OneRoster (unmappable)"),
                     "502": error_response("The target refused the replay (target_refused)")}),

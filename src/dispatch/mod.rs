@@ -2926,12 +2926,12 @@ impl Dispatcher {
         let note = match (sent, superseded_by.is_empty()) {
             (ReplaySent::CurrentState, true) => None,
             (ReplaySent::CurrentState, false) => Some(format!(
-                "the letter's change #{} is older than later changes of {}/{} already delivered; the object's current state was sent, not the letter's snapshot",
+                "the letter's change #{} is older than later changes of {}/{} the connector has passed (delivered, or set aside as dead letters); the object's current state was sent, not the letter's snapshot",
                 letter.event.seq, letter.event.resource_type, letter.event.id
             )),
             (ReplaySent::OriginalEvent, true) => None,
             (ReplaySent::OriginalEvent, false) => Some(format!(
-                "the replayed event (change #{}) is older than later changes of {}/{} already delivered (#{}); receivers that apply events by data.seq will ignore it, others may now hold its older snapshot",
+                "the replayed event (change #{}) is older than later changes of {}/{} the connector has passed (#{}: delivered, or set aside as dead letters); receivers that apply events by data.seq will ignore it, others may now hold its older snapshot",
                 letter.event.seq,
                 letter.event.resource_type,
                 letter.event.id,
@@ -3089,7 +3089,9 @@ pub enum ReplaySent {
 pub struct Replayed {
     pub replayed: u64,
     pub sent: ReplaySent,
-    /// Later changes of the letter's object that the connector already delivered.
+    /// Later changes of the letter's object that the connector has passed: delivered, or
+    /// set aside as dead letters themselves (telling them apart would read every letter
+    /// of the connector at each replay).
     pub superseded_by: Vec<u64>,
     pub note: Option<String>,
 }
