@@ -86,11 +86,14 @@ pub enum AuthOutcome {
     Denied,
 }
 
-/// Every tenant's token hashes.
-#[derive(Debug, Default, Clone)]
+/// Every tenant's token hashes. A reload replaces those of the tenants the daemon started
+/// with, so a leaked token is rotated without a restart.
+#[derive(Debug, Default)]
 pub struct TokenRegistry {
-    by_tenant: HashMap<String, Vec<TokenHash>>,
+    by_tenant: std::sync::RwLock<HashMap<String, Vec<TokenHash>>>,
 }
+
+type ByTenant = HashMap<String, Vec<TokenHash>>;
 
 impl TokenRegistry {
     /// Resolve each tenant's `token_env` and `token_hashes` with `env` as the environment.
@@ -98,6 +101,42 @@ impl TokenRegistry {
         tenants: &[TenantConfig],
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<TokenRegistry, AuthSetupError> {
+        Ok(TokenRegistry {
+            by_tenant: std::sync::RwLock::new(Self::resolve(tenants, env)?),
+        })
+    }
+
+    /// The tokens `tenants` (the config file as it is now) give the tenants this daemon
+    /// started with; a tenant added or removed waits for a restart. All or nothing: on an
+    /// error the tokens in force stay. Returns the tenants whose tokens changed.
+    pub fn reload(
+        &self,
+        tenants: &[TenantConfig],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, AuthSetupError> {
+        let fresh = Self::resolve(tenants, env)?;
+        let mut map = self.by_tenant.write().unwrap_or_else(|e| e.into_inner());
+        let mut changed = Vec::new();
+        for (tenant, hashes) in fresh {
+            if let Some(held) = map.get_mut(&tenant)
+                && *held != hashes
+            {
+                *held = hashes;
+                changed.push(tenant);
+            }
+        }
+        changed.sort();
+        Ok(changed)
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, ByTenant> {
+        self.by_tenant.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn resolve(
+        tenants: &[TenantConfig],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ByTenant, AuthSetupError> {
         let mut by_tenant = HashMap::new();
         for t in tenants {
             let mut hashes = Vec::new();
@@ -122,15 +161,15 @@ impl TokenRegistry {
             }
             by_tenant.insert(t.id.clone(), hashes);
         }
-        Ok(TokenRegistry { by_tenant })
+        Ok(by_tenant)
     }
 
     pub fn has_tenant(&self, tenant: &str) -> bool {
-        self.by_tenant.contains_key(tenant)
+        self.map().contains_key(tenant)
     }
 
-    pub fn tenants(&self) -> impl Iterator<Item = &str> {
-        self.by_tenant.keys().map(String::as_str)
+    pub fn tenant_count(&self) -> usize {
+        self.map().len()
     }
 
     /// Check `token` for `tenant`. Every stored hash is compared so the time taken does not
@@ -139,7 +178,7 @@ impl TokenRegistry {
         let presented = TokenHash::of(token);
         let mut own = false;
         let mut other = false;
-        for (t, hashes) in &self.by_tenant {
+        for (t, hashes) in self.map().iter() {
             for h in hashes {
                 if h.ct_eq(&presented) {
                     if t == tenant {

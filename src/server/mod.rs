@@ -88,6 +88,8 @@ pub struct AppState {
     pub schedules: crate::schedule::Schedules,
     /// Online backups of the store (`[backup]`, the `backup` schedule, SIGUSR1).
     pub backups: crate::ops::backup::Backups,
+    /// The environment secrets are read from; a reload reads SCIM tokens through it.
+    pub env: EnvFn,
 }
 
 /// What makes a running daemon reload its connectors and archetype bundles.
@@ -251,6 +253,7 @@ pub async fn run_with_env(
         reloads: Default::default(),
         schedules: Default::default(),
         backups: crate::ops::backup::Backups::new(backup_plan),
+        env: env.clone(),
     });
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -285,7 +288,7 @@ pub async fn run_with_env(
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
     crate::ops::systemd::notify_ready(local);
-    tracing::info!(addr = %local, tenants = state.tokens.tenants().count(), "rosterd is listening.");
+    tracing::info!(addr = %local, tenants = state.tokens.tenant_count(), "rosterd is listening.");
     let client_timeout = std::time::Duration::from_secs(state.config.server.client_timeout_secs);
     let server = serve(listener, app, client_timeout, shutdown.clone());
     // A client that stalls mid-request would otherwise hold the drain, and the stop,
@@ -504,7 +507,7 @@ pub async fn reload(state: &Arc<AppState>) {
     if on_disk.changed {
         match &on_disk.error {
             None => tracing::warn!(
-                "The config file changed since start; a reload does not apply it (tenants, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
+                "The config file changed since start; a reload applies only the tenants' SCIM tokens from it, not the rest (tenants added or removed, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
             ),
             Some(e) => {
                 tracing::error!(
@@ -517,6 +520,28 @@ pub async fn reload(state: &Arc<AppState>) {
     }
     let errors = state.dispatch.apply(loaded).await;
     let mut failed = errors.len() + usize::from(config_failed.is_some());
+    // A leaked SCIM token is replaced without a restart: the new one added beside it,
+    // the IdP switched, the old one removed, a reload after each edit.
+    // The file as it is now: as edited, or as the daemon started (an edit undone), not
+    // one that does not load.
+    let tenants = match (&on_disk.edited, on_disk.changed) {
+        (Some(edited), _) => Some(&edited.tenants),
+        (None, false) => Some(&state.config.tenants),
+        (None, true) => None,
+    };
+    if let Some(tenants) = tenants {
+        match state.tokens.reload(tenants, |v| (state.env)(v)) {
+            Ok(changed) => {
+                for tenant in changed {
+                    tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::error!(error = %e, "SCIM tokens not reloaded; those in force stay.");
+            }
+        }
+    }
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;

@@ -661,3 +661,62 @@ async fn a_missed_backup_is_written_at_the_start_with_catch_up() {
     );
     assert_ne!(std::path::Path::new(path), old);
 }
+
+/// A leaked SCIM token is rotated without a restart: the new one added beside the old and
+/// a reload (the IdP switches meanwhile), then the old one removed and a reload. A config
+/// that does not load changes no token, and an edit undone brings the first ones back.
+#[tokio::test]
+async fn a_scim_token_is_rotated_with_reloads() {
+    use rosterd::server::auth::{TokenHash, new_token};
+    let d = TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let first = std::fs::read_to_string(&config).unwrap();
+    let old_hash = TokenHash::of(&d.token).to_string();
+    let old_line = format!("token_hashes = [\"{old_hash}\"]");
+    assert!(first.contains(&old_line), "{first}");
+    let (new, new_hash) = new_token();
+    let status = |token: String| {
+        let d = &d;
+        async move {
+            d.raw(Method::GET, &d.scim_url("/Users"), Some(&token), &[], None)
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    let with = |line: String| {
+        std::fs::write(&config, first.replace(&old_line, &line)).unwrap();
+    };
+    assert_eq!(
+        (status(d.token.clone()).await, status(new.clone()).await),
+        (200, 401)
+    );
+
+    with(format!("token_hashes = [\"{old_hash}\", \"{new_hash}\"]"));
+    d.reload().await;
+    assert_eq!(
+        (status(d.token.clone()).await, status(new.clone()).await),
+        (200, 200)
+    );
+
+    with(format!("token_hashes = [\"{new_hash}\"]"));
+    d.reload().await;
+    assert_eq!(
+        (status(d.token.clone()).await, status(new.clone()).await),
+        (401, 200)
+    );
+
+    with("token_hashes = [\"sha256:not-a-hash\"]".to_owned());
+    d.reload().await;
+    assert_eq!(
+        (status(d.token.clone()).await, status(new.clone()).await),
+        (401, 200)
+    );
+
+    std::fs::write(&config, &first).unwrap();
+    d.reload().await;
+    assert_eq!(
+        (status(d.token.clone()).await, status(new.clone()).await),
+        (200, 401)
+    );
+}
