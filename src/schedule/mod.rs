@@ -192,6 +192,20 @@ async fn run_job(
             job.counts.insert("users".into(), c.scanned);
             job.counts.insert("changed".into(), c.changed);
             job.counts.insert("overrides_kept".into(), c.overrides_kept);
+            let moved: u64 = c.moved_off_removed.values().sum();
+            job.counts.insert("moved_off_removed".into(), moved);
+            if moved > 0 {
+                let list: Vec<String> = c
+                    .moved_off_removed
+                    .iter()
+                    .map(|(id, n)| format!("{id} ({n})"))
+                    .collect();
+                tracing::warn!(
+                    archetypes = %list.join(", "),
+                    users = moved,
+                    "Users held archetypes the bundle no longer has and were classified again without review; their governance events (rbac.archetype_assigned) name what they held. Check them, or put the archetypes back in the bundle."
+                );
+            }
             // A bundle reloaded while the job ran applied only to the users after that
             // point; its fingerprint is left unrecorded and the job runs again (below).
             if let Some(p) = policy

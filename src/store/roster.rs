@@ -537,11 +537,14 @@ impl Txn<'_> {
 }
 
 /// Counts from a reclassification pass.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReclassifyCounts {
     pub scanned: u64,
     pub changed: u64,
     pub overrides_kept: u64,
+    /// Users moved off an archetype the bundle no longer has, by that archetype: they
+    /// were classified again without a person looking (a role downstream may follow).
+    pub moved_off_removed: std::collections::BTreeMap<String, u64>,
 }
 
 impl Store {
@@ -722,16 +725,18 @@ impl Store {
             let Some(last) = ids.last().cloned() else {
                 break;
             };
-            let (c, o) = self
+            let (c, o, moved) = self
                 .write(tenant, move |txn| {
                     let mut changed = 0u64;
                     let mut kept = 0u64;
+                    let mut moved: Vec<String> = Vec::new();
                     for id in &ids {
                         let Some(doc) = txn.load(ResourceKind::User, id)? else {
                             continue;
                         };
-                        if txn
-                            .load_assignment(id)?
+                        let before = txn.load_assignment(id)?;
+                        if before
+                            .as_ref()
                             .is_some_and(|a| a.source == AssignmentSource::Override)
                         {
                             kept += 1;
@@ -740,13 +745,22 @@ impl Store {
                         if let Some(a) = txn.reassign(id, &doc)? {
                             txn.log_assignment(id, a);
                             changed += 1;
+                            let gone = before.and_then(|b| b.archetype_id).filter(|held| {
+                                txn.resolver
+                                    .as_ref()
+                                    .is_some_and(|r| !r.has_archetype(held))
+                            });
+                            moved.extend(gone);
                         }
                     }
-                    Ok((changed, kept))
+                    Ok((changed, kept, moved))
                 })
                 .await?;
             counts.changed += c;
             counts.overrides_kept += o;
+            for archetype in moved {
+                *counts.moved_off_removed.entry(archetype).or_default() += 1;
+            }
             after = Some(last);
         }
         counts.scanned = self.count(tenant, ResourceKind::User)?;

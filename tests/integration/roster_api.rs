@@ -739,9 +739,16 @@ async fn a_bundle_refused_by_the_starting_group_rules_says_when_a_restart_would_
 
 #[tokio::test]
 async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let d = TestDaemon::start().await;
     let admin = settled(&d).await;
     let id = create(&d, "pp@acme.test", "software engineer", None).await;
+    // Classified, not overridden: moved to another archetype by the change, and said so.
+    let planner = create(&d, "planner@acme.test", "production planner", None).await;
+    assert_eq!(
+        roster_user(&d, &admin, &planner).await["archetype_id"],
+        "production_planner"
+    );
     let r = d
         .override_archetype(&format!("/users/{id}"), &admin, json!("production_planner"))
         .await;
@@ -765,6 +772,14 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
         u["archetype_id"], "production_planner",
         "the override stands: {u}"
     );
+    let moved = roster_user(&d, &admin, &planner).await;
+    assert_ne!(moved["archetype_id"], "production_planner", "{moved}");
+    let warned = logs.lines("classified again without review");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("archetypes=production_planner (1)") && warned[0].contains("users=1"),
+        "{warned:?}"
+    );
     let r = d.roster(Method::GET, "/archetypes", &admin, None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let list = r.body["archetypes"].as_array().unwrap();
@@ -781,7 +796,7 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
         r.body
     );
     let total: u64 = list.iter().map(|a| a["user_count"].as_u64().unwrap()).sum();
-    assert_eq!(total, 1, "every user counted once: {}", r.body);
+    assert_eq!(total, 2, "every user counted once: {}", r.body);
     // The dropped archetype is still a filter that finds its holders.
     let r = d
         .roster(
