@@ -3301,3 +3301,48 @@ async fn a_held_deprovisioning_the_idp_undid_can_be_skipped() {
     }
     assert_ne!(connector(&d, "sis").await["paused"], true);
 }
+
+/// One object the target keeps refusing with 5xx holds the cursor, not the others: the
+/// lag counts the change still waiting, not those acknowledged past it.
+#[tokio::test]
+async fn the_lag_counts_what_is_not_delivered_not_what_waits_behind_the_cursor() {
+    let (d, target) = start_with_oneroster("").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(d.create_user(&format!("l{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    let stuck = sourced_id(&format!("User/{}", ids[0]));
+    target.inject(Fault::status(500, 0).forever().on_path(stuck.clone()));
+    for id in &ids {
+        let r = d
+            .patch(
+                &format!("/Users/{id}"),
+                patch_op(json!([{"op": "replace", "path": "title", "value": "Moved"}])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let delivered = ids[1..]
+            .iter()
+            .filter(|id| {
+                target.user(&sourced_id(&format!("User/{id}"))).unwrap()["metadata"]["job_title"]
+                    == "Moved"
+            })
+            .count();
+        let c = connector(&d, "sis").await;
+        if delivered == 4 && c["lag_events"] == 1 {
+            // The one left is the refused one, and the reason says what the target said.
+            let error = c["last_error"].as_str().unwrap_or_default();
+            assert!(error.starts_with("target answered 500"), "{c}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered {delivered} of 4; {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
