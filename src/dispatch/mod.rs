@@ -2362,10 +2362,15 @@ impl Dispatcher {
         }
         // They stay listed while they stop (up to STOP_DRAIN, side by side): meanwhile
         // /status shows them, and `retire` refuses them, as still loaded.
-        let (stopping, handles): (Vec<ConnectorConfig>, Vec<JoinHandle<()>>) = {
+        let (stopping, handles, held): (
+            Vec<ConnectorConfig>,
+            Vec<JoinHandle<()>>,
+            std::collections::HashSet<String>,
+        ) = {
             let mut running = self.running();
             let mut handles = Vec::new();
             let mut configs = Vec::new();
+            let mut held = std::collections::HashSet::new();
             for (n, r) in running.iter_mut() {
                 if broken.contains_key(n) || wanted.get(n) == Some(&r.config) {
                     continue;
@@ -2373,8 +2378,11 @@ impl Dispatcher {
                 r.cancel.cancel();
                 handles.extend(r.handle.take());
                 configs.push(r.config.clone());
+                if r.live.held() {
+                    held.insert(n.clone());
+                }
             }
-            (configs, handles)
+            (configs, handles, held)
         };
         *self.broken() = broken;
         *self.unstartable_lock() = unstartable;
@@ -2385,7 +2393,11 @@ impl Dispatcher {
                     (Some(old), Some(new)) => old.reshaped(new),
                     _ => vec![],
                 };
-                if reshaped.is_empty() {
+                if held.contains(name) && new.guard != c.guard {
+                    // Started again, it counts by the new table: a higher limit, or none,
+                    // lets go what the old one held, with no resume.
+                    tracing::warn!(%tenant, connector = %name, "Stopping connector to start it again: its file changed its [guard] while it held changes. It holds again only if the new [guard] would; otherwise the held changes go out now.");
+                } else if reshaped.is_empty() {
                     tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
                 } else {
                     tracing::warn!(%tenant, connector = %name, keys = %reshaped.join(", "), "Stopping connector to start it again: its file changes what it sends for objects the target already has, which stay as they are until a reconciliation: run `rosterd reconcile --tenant {tenant}` (or wait for the scheduled one).");
