@@ -17,6 +17,8 @@
 //! `BENCH_SLOW_MS` (default 0: off) makes the target hold back its answer to the first PUT
 //! of every `BENCH_SLOW_EVERY`-th user (default 1000) for that long during the throughput
 //! run: a target with a rare slow answer.
+//! `BENCH_GUARD_USERS` (default 0: none) gives the connector a `[guard]` of that many
+//! users in 60 minutes (the seed deprovisions no one, so it never holds: what it costs).
 //! `cargo bench --bench mirror_load`. Prints a Markdown table.
 
 use chrono::{DateTime, Utc};
@@ -51,7 +53,11 @@ fn user_body(i: usize) -> Value {
     })
 }
 
-fn connector_file(target: &OneRosterServer, concurrency: usize) -> String {
+fn connector_file(target: &OneRosterServer, concurrency: usize, guard_users: usize) -> String {
+    let guard = match guard_users {
+        0 => String::new(),
+        n => format!("[guard]\nusers = {n}\nminutes = 60\n"),
+    };
     format!(
         r#"kind = "oneroster"
 name = "{CONNECTOR}"
@@ -63,7 +69,7 @@ initial_delay_ms = 50
 max_delay_ms = 1000
 pause_after_failures = 1000
 pause_secs = 1
-[oneroster]
+{guard}[oneroster]
 base_url = "{base}"
 org_sourced_id = "{org}"
 course_sourced_id = "course-rosterd"
@@ -273,7 +279,7 @@ async fn run(target: &OneRosterServer) {
     std::fs::create_dir_all(&dir).expect("connectors dir");
     std::fs::write(
         dir.join(format!("{CONNECTOR}.toml")),
-        connector_file(target, concurrency),
+        connector_file(target, concurrency, env_usize("BENCH_GUARD_USERS", 0)),
     )
     .expect("connector file");
     let sampler = RssSampler::start(pid, rss_after_seed);
