@@ -223,6 +223,10 @@ struct Health {
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
     pause_logged: bool,
+    /// The pause came from one object's failures alone (no second request had failed):
+    /// its end starts the count afresh, so that object cannot pause the connector again
+    /// with its next failure before the others had their turn.
+    pause_lone: bool,
     /// The soonest attempt ahead of a request waiting to retry.
     next_retry: Option<Deadline>,
     /// The scheduled write a CSV connector waits for.
@@ -422,6 +426,7 @@ impl Live {
         h.last_error_at = Some(Utc::now());
         if n >= pause_after && h.pause.and_then(Pause::until).is_none() {
             h.pause = Some(Pause::Until(Deadline::after(pause)));
+            h.pause_lone = self.failing_requests.load(Ordering::Acquire) < 2;
             let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
             h.pause_logged = true;
             drop(h);
@@ -527,7 +532,16 @@ impl Live {
         let mut h = self.health();
         if h.pause_logged && h.pause.and_then(Pause::until).is_none() {
             h.pause_logged = false;
+            let lone = std::mem::take(&mut h.pause_lone);
             drop(h);
+            if lone {
+                // At `concurrency = 1` the failing object took the one slot first at
+                // each pause's end and paused the connector again at once: none of the
+                // others went out, pause after pause (an audit's F1-c1).
+                self.failures_in_a_row.store(0, Ordering::Release);
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                self.failing_requests.store(0, Ordering::Release);
+            }
             tracing::info!("Pause over; trying the target again.");
         }
         true
@@ -3384,6 +3398,44 @@ mod tests {
         assert_eq!(live.paused_until(), None);
         let waited = waiter.await.unwrap();
         assert!(waited < Duration::from_secs(1), "{waited:?}");
+    }
+
+    /// A pause one object's failures set starts the count afresh when it ends: that
+    /// object's next failure does not pause the connector again before another request
+    /// had its turn. A pause for a failing target (two requests failed) is probed once.
+    #[tokio::test(start_paused = true)]
+    async fn one_objects_pause_ends_with_the_count_afresh_a_targets_does_not() {
+        let pause = Duration::from_secs(30);
+        let cancel = CancellationToken::new();
+        let live = Live::new("t", "c", "running");
+        let mut lone = Streak::default();
+        for _ in 0..3 {
+            live.failure(&mut lone, "500", 3, pause);
+        }
+        assert!(live.paused_until().is_some());
+        tokio::time::advance(pause + Duration::from_secs(1)).await;
+        assert!(live.wait_unpaused(&cancel).await);
+        live.failure(&mut lone, "500", 3, pause);
+        assert_eq!(
+            live.paused_until(),
+            None,
+            "one object paused it again at once"
+        );
+
+        let live = Live::new("t", "c", "running");
+        let (mut a, mut b) = (Streak::default(), Streak::default());
+        live.failure(&mut a, "503", 3, pause);
+        live.failure(&mut b, "503", 3, pause);
+        live.failure(&mut a, "503", 3, pause);
+        live.failure(&mut a, "503", 3, pause);
+        assert!(live.paused_until().is_some());
+        tokio::time::advance(pause + Duration::from_secs(1)).await;
+        assert!(live.wait_unpaused(&cancel).await);
+        live.failure(&mut a, "503", 3, pause);
+        assert!(
+            live.paused_until().is_some(),
+            "the probe's failure pauses again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
