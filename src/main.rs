@@ -165,7 +165,8 @@ enum Command {
         command: DeadLetterCommand,
     },
     /// Lift a connector's pause on a running daemon, once its target is fixed (a reload
-    /// does too), or let go the deprovisioning its [guard] holds.
+    /// does too), or let go the deprovisioning its [guard] holds (which a reload does
+    /// not).
     Resume {
         #[command(flatten)]
         daemon: DaemonArgs,

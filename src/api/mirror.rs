@@ -48,7 +48,7 @@ impl From<DispatchError> for ApiError {
             }
             DispatchError::NotRunning(..)
             | DispatchError::NotRetirable(..)
-            | DispatchError::CannotSkip(..) => ApiError::Conflict(e.to_string()),
+            | DispatchError::Refused(..) => ApiError::Conflict(e.to_string()),
             DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
             DispatchError::Unmappable(_) => ApiError::Unmappable(e.to_string()),
         }
@@ -240,10 +240,13 @@ async fn resume(
         // Skipped all the same: the operator starts the reconciliation once the other
         // job has ended.
         Err(e) => {
-            answer["job_error"] = json!(format!(
+            let why = format!(
                 "{e}; start it with `rosterd reconcile --tenant {}` once that ends",
                 caller.tenant
-            ))
+            );
+            // Until it runs, what the skipped changes altered stays as the target has it.
+            tracing::warn!(tenant = %caller.tenant, connector = %name, reason = %why, "The reconciliation after a skip of held changes did not start.");
+            answer["job_error"] = json!(why);
         }
     }
     Ok(Json(answer).into_response())

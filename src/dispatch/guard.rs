@@ -5,7 +5,7 @@
 //! held holds again at the same change.
 
 use chrono::{DateTime, Utc};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use crate::connectors::GuardConfig;
 use crate::store::{ChangeEvent, ChangeOp, Store, StoreError};
@@ -17,8 +17,13 @@ const SEED_SCAN: usize = 200_000;
 
 pub(super) struct Guard {
     limit: GuardConfig,
-    /// When the deprovisions let through within the window were made, in log order.
-    recent: VecDeque<DateTime<Utc>>,
+    /// The deprovisions let through within the window (when made, and whose), in log
+    /// order.
+    recent: VecDeque<(DateTime<Utc>, String)>,
+    /// The users among them, with how many of their deprovisions: the limit counts
+    /// users, so one deactivated and reactivated over and over counts once (a recheck saw
+    /// one user's flapping hold a connector "for 4 users").
+    users: HashMap<String, u32>,
     /// Changes up to this one were let through by an operator's resume.
     approved_through: u64,
 }
@@ -41,6 +46,7 @@ impl Guard {
         Guard {
             limit,
             recent: VecDeque::new(),
+            users: HashMap::new(),
             approved_through: 0,
         }
     }
@@ -60,7 +66,8 @@ impl Guard {
         let approved_through = store.guard_approved(tenant, key)?;
         let window = chrono::Duration::minutes(limit.minutes as i64);
         let (mut below, mut scanned, mut newest) = (cursor, 0usize, None);
-        let mut found: Vec<DateTime<Utc>> = Vec::new();
+        let mut found: Vec<(DateTime<Utc>, String)> = Vec::new();
+        let mut distinct = std::collections::HashSet::new();
         'scan: while below > approved_through && scanned < SEED_SCAN {
             let batch = store.changes_back(tenant, below, 1024)?;
             let Some(last) = batch.last() else { break };
@@ -72,33 +79,54 @@ impl Guard {
                     break 'scan;
                 }
                 if deprovisions(ev) {
-                    found.push(ev.at);
-                    if found.len() as u64 >= limit.users {
+                    found.push((ev.at, ev.id.clone()));
+                    distinct.insert(ev.id.clone());
+                    if distinct.len() as u64 >= limit.users {
                         break 'scan;
                     }
                 }
             }
         }
         found.reverse();
-        Ok(Guard {
+        let mut guard = Guard {
             limit,
-            recent: found.into(),
+            recent: VecDeque::new(),
+            users: HashMap::new(),
             approved_through,
-        })
+        };
+        for (at, id) in found {
+            guard.count(at, id);
+        }
+        Ok(guard)
     }
 
     /// `ev` was sent before (acknowledged above the cursor): counted, never held.
     pub fn sent(&mut self, ev: &ChangeEvent) {
         if ev.seq > self.approved_through && deprovisions(ev) {
             self.forget_before(ev.at);
-            self.recent.push_back(ev.at);
+            self.count(ev.at, ev.id.clone());
         }
+    }
+
+    fn count(&mut self, at: DateTime<Utc>, user: String) {
+        *self.users.entry(user.clone()).or_default() += 1;
+        self.recent.push_back((at, user));
     }
 
     fn forget_before(&mut self, at: DateTime<Utc>) {
         let window = chrono::Duration::minutes(self.limit.minutes as i64);
-        while self.recent.front().is_some_and(|&t| t <= at - window) {
-            self.recent.pop_front();
+        while let Some((t, _)) = self.recent.front()
+            && *t <= at - window
+        {
+            let Some((_, user)) = self.recent.pop_front() else {
+                break;
+            };
+            if let Some(n) = self.users.get_mut(&user) {
+                *n -= 1;
+                if *n == 0 {
+                    self.users.remove(&user);
+                }
+            }
         }
     }
 
@@ -109,8 +137,8 @@ impl Guard {
             return None;
         }
         self.forget_before(ev.at);
-        if (self.recent.len() as u64) < self.limit.users {
-            self.recent.push_back(ev.at);
+        if self.users.contains_key(&ev.id) || (self.users.len() as u64) < self.limit.users {
+            self.count(ev.at, ev.id.clone());
             return None;
         }
         let GuardConfig { users, minutes } = self.limit;
@@ -128,6 +156,7 @@ impl Guard {
     pub fn approve(&mut self, through: u64) {
         self.approved_through = self.approved_through.max(through);
         self.recent.clear();
+        self.users.clear();
     }
 }
 
@@ -188,6 +217,29 @@ mod tests {
             check(change(10, 11, "User", ChangeOp::Deleted, false)),
             Some(10)
         );
+    }
+
+    /// The limit counts users: one deactivated, reactivated and deactivated again counts
+    /// once, however often.
+    #[test]
+    fn a_user_deprovisioned_again_counts_once() {
+        let mut g = Guard::new(GuardConfig {
+            users: 2,
+            minutes: 10,
+        });
+        let of = |seq: u64, user: &str| {
+            let mut ev = change(seq, 0, "User", ChangeOp::Updated, true);
+            ev.id = user.to_owned();
+            ev
+        };
+        for seq in 1..=6 {
+            assert_eq!(g.check(&of(seq, "flapper"), "acme", "sis"), None, "#{seq}");
+        }
+        assert_eq!(g.check(&of(7, "second"), "acme", "sis"), None);
+        assert_eq!(g.check(&of(8, "flapper"), "acme", "sis"), None);
+        let held = g.check(&of(9, "third"), "acme", "sis").unwrap();
+        assert_eq!(held.seq, 9);
+        assert!(held.reason.contains("would make 3 users"), "{}", held.reason);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tracing::Instrument;
 mod guard;
 mod reconcile;
 
-pub use reconcile::{DriftItem, DriftReport, ReconcileMode};
+pub use reconcile::{DriftItem, DriftReport, HELD_CSV_NOTE, ReconcileMode};
 
 use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};
@@ -64,8 +64,10 @@ pub enum DispatchError {
     NoSuchLetter(u64),
     #[error("connector {0:?} {1}")]
     NotRetirable(String, String),
+    /// What the connector is doing now refuses the operator's request (a skip of a
+    /// connector not held, a replay while held): a conflict, not an error.
     #[error("connector {0:?} {1}")]
-    CannotSkip(String, String),
+    Refused(String, String),
     #[error("the target refused the replay: {0}")]
     ReplayFailed(String),
     /// Nothing was sent: the object cannot be expressed for this target as it stands.
@@ -351,6 +353,14 @@ impl Live {
     /// approval's number, when there was a hold.
     fn approve(&self, skip: bool) -> Option<u64> {
         let reason = self.held_reason().take()?;
+        // Resumed, the hold is no longer the connector's last word ("… resume sends
+        // them" read as advice still to follow).
+        let mut h = self.health();
+        if h.last_error.as_deref() == Some(reason.as_str()) {
+            h.last_error = None;
+            h.last_error_at = None;
+        }
+        drop(h);
         tracing::info!(tenant = %self.tenant, connector = %self.name, held = %reason, skip, "The operator lets go the changes the guard held.");
         let mut n = 0;
         self.approvals.send_modify(|a| {
@@ -2892,6 +2902,16 @@ impl Dispatcher {
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
+        // A OneRoster replay sends the object as it stands, which may be a deprovisioning
+        // the guard holds: a recheck saw a held user disabled, and on a delete-mode target
+        // deleted, by a replay before any resume. A webhook replay sends the letter's own
+        // event, which the guard let through.
+        if ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. }) {
+            return Err(DispatchError::Refused(
+                name.to_owned(),
+                "is held by its [guard], and a replay sends the object as it stands, which may be what the guard holds: resume it first (`rosterd resume`, or `--skip-held`)".into(),
+            ));
+        }
         let letter = self
             .store
             .dead_letter(tenant, name, id)?
@@ -3051,7 +3071,7 @@ impl Dispatcher {
     /// every other change held would be lost.
     pub async fn skip_held(&self, tenant: &str, name: &str) -> Result<u64, DispatchError> {
         let found = self.find(tenant, name)?;
-        let refuse = |why: &str| Err(DispatchError::CannotSkip(name.to_owned(), why.to_owned()));
+        let refuse = |why: &str| Err(DispatchError::Refused(name.to_owned(), why.to_owned()));
         let Some(ctx) = &found.ctx else {
             return refuse("is not running (disabled or failed to start): nothing is held");
         };

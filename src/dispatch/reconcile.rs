@@ -24,6 +24,9 @@ use crate::connectors::oneroster::{
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, ChangeOp, IndexQuery, Store, StoreError};
 
+/// A CSV connector's report while its guard holds it: its files are not written.
+pub const HELD_CSV_NOTE: &str = "not written: the connector is held by its [guard]";
+
 /// Why every object drifts in a full reconciliation.
 const FULL: &str = "sent again in full";
 
@@ -637,7 +640,7 @@ impl Dispatcher {
                 }
                 // Its next write would carry what the guard holds.
                 Target::Csv { .. } if ctx.live.held() => {
-                    report.note = Some("not written: the connector is held by its [guard]".into());
+                    report.note = Some(HELD_CSV_NOTE.into());
                 }
                 Target::Csv { settings } => {
                     // The files are one object, written whole, and drift only when what

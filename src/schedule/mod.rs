@@ -857,8 +857,20 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
         "export" => match state.dispatch.export(tenant).await {
             Ok(r) => {
                 let failed = r.iter().filter(|r| r.failed > 0).count();
+                // A connector its guard holds writes nothing: said, not counted as done.
+                let held = r
+                    .iter()
+                    .filter(|r| r.note.as_deref() == Some(crate::dispatch::HELD_CSV_NOTE))
+                    .count();
+                let held = match held {
+                    0 => String::new(),
+                    n => format!(", {n} not written (held by its [guard])"),
+                };
                 (
-                    format!("{tenant}: {} CSV connector(s), {failed} failed", r.len()),
+                    format!(
+                        "{tenant}: {} CSV connector(s), {failed} failed{held}",
+                        r.len()
+                    ),
                     failed > 0,
                 )
             }

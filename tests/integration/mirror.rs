@@ -3346,3 +3346,54 @@ async fn the_lag_counts_what_is_not_delivered_not_what_waits_behind_the_cursor()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A dead letter's replay to a OneRoster target sends the object as it stands, which may
+/// be a deprovisioning the guard holds: refused while held (409), sent once resumed.
+#[tokio::test]
+async fn a_replay_does_not_send_what_the_guard_holds() {
+    let (d, target) = start_with_oneroster("[guard]\nusers = 1\nminutes = 60\n").await;
+    let a = d.create_user("a@acme.test").await;
+    let b = d.create_user("b@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{a}"));
+    // a's new title is refused: a dead letter.
+    target.inject(Fault::status(400, 1).on_path(sid.clone()));
+    let r = d
+        .patch(
+            &format!("/Users/{a}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let letters = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
+    // b, then a, leave: a's deactivation is held.
+    for user in [&b, &a] {
+        let r = d
+            .patch(
+                &format!("/Users/{user}"),
+                patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    held_by_guard(&d, &["sis"]).await;
+    let replay = format!("/connectors/sis/dead-letters/{id}/replay");
+    let r = d.roster(Method::POST, &replay, &admin, None).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body["message"].as_str().unwrap().contains("held by its [guard]"), "{}", r.body);
+    let disabled = || target.user(&sid).unwrap()["enabledUser"] == "false";
+    assert!(!disabled(), "the held deactivation went out");
+    // Resumed, the status no longer shows the hold as its last error, and the replay
+    // goes.
+    resumed(&d, "sis").await;
+    caught_up(&d, "sis").await;
+    assert!(disabled());
+    assert_eq!(connector(&d, "sis").await["last_error"], Value::Null);
+    let r = d.roster(Method::POST, &replay, &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
