@@ -239,7 +239,11 @@ mod tests {
         assert_eq!(g.check(&of(8, "flapper"), "acme", "sis"), None);
         let held = g.check(&of(9, "third"), "acme", "sis").unwrap();
         assert_eq!(held.seq, 9);
-        assert!(held.reason.contains("would make 3 users"), "{}", held.reason);
+        assert!(
+            held.reason.contains("would make 3 users"),
+            "{}",
+            held.reason
+        );
     }
 
     #[test]

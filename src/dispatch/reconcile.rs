@@ -24,6 +24,11 @@ use crate::connectors::oneroster::{
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, ChangeOp, IndexQuery, Store, StoreError};
 
+/// The delivered hash of an object a full run meant to send again and did not: no
+/// content hashes to it (a 64-bit hash is 0 once in 2^64), so the next run sends the
+/// object again, or deletes it if the roster no longer has it.
+const UNCONFIRMED: u64 = 0;
+
 /// A CSV connector's report while its guard holds it: its files are not written.
 pub const HELD_CSV_NOTE: &str = "not written: the connector is held by its [guard]";
 
@@ -848,15 +853,18 @@ pub(super) async fn reconcile_oneroster(
     }
     if full {
         // A full run's object that did not go through still has its hash equal to what
-        // would be sent, so an ordinary run would not see it missing: forgotten, it is
-        // "never delivered" to the next one. One left to the mirror has the hash of what
-        // the mirror sent.
+        // would be sent, so an ordinary run would not see it missing. Marked unconfirmed,
+        // it differs from anything the next run would send, which sends it again. Not
+        // forgotten: an object with no hash is one the target never had, so one deleted
+        // from the roster meanwhile was never deleted at the target (a recheck's G-8: a
+        // held connector's full run, then a skip, left the held leavers there). One left
+        // to the mirror has the hash of what the mirror sent.
         hashes.extend(
             items
                 .iter()
                 .zip(&done)
                 .filter(|(i, done)| !**done && i.hash.is_some())
-                .map(|(i, _)| (i.object.clone(), None)),
+                .map(|(i, _)| (i.object.clone(), Some(UNCONFIRMED))),
         );
     }
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;

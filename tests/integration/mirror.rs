@@ -3385,7 +3385,14 @@ async fn a_replay_does_not_send_what_the_guard_holds() {
     let replay = format!("/connectors/sis/dead-letters/{id}/replay");
     let r = d.roster(Method::POST, &replay, &admin, None).await;
     assert_eq!(r.status, 409, "{}", r.body);
-    assert!(r.body["message"].as_str().unwrap().contains("held by its [guard]"), "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("held by its [guard]"),
+        "{}",
+        r.body
+    );
     let disabled = || target.user(&sid).unwrap()["enabledUser"] == "false";
     assert!(!disabled(), "the held deactivation went out");
     // Resumed, the status no longer shows the hold as its last error, and the replay
@@ -3396,4 +3403,78 @@ async fn a_replay_does_not_send_what_the_guard_holds() {
     assert_eq!(connector(&d, "sis").await["last_error"], Value::Null);
     let r = d.roster(Method::POST, &replay, &admin, None).await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A full reconciliation that a held connector stops must not make the connector forget
+/// what its target has: after a skip of the held changes, the next reconciliation still
+/// deletes the leavers whose deletion was held (they used to stay at the target, and every
+/// later run said nothing drifted).
+#[tokio::test]
+async fn a_stopped_full_run_does_not_hide_the_held_leavers_from_the_next() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "[guard]\nusers = 1\nminutes = 60\n");
+    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let ids = [
+        d.create_user("a@acme.test").await,
+        d.create_user("b@acme.test").await,
+        d.create_user("c@acme.test").await,
+        d.create_user("d@acme.test").await,
+    ];
+    caught_up(&d, "sis").await;
+    for id in &ids[1..3] {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    held_by_guard(&d, &["sis"]).await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let start = |body: Value| {
+        let (d, admin) = (&d, admin.clone());
+        async move {
+            let r = d
+                .roster(Method::POST, "/scim:sync", &admin, Some(body))
+                .await;
+            assert_eq!(r.status, 202, "{}", r.body);
+            crate::reconcile::wait_job(d, r.body["job_id"].as_str().unwrap()).await
+        }
+    };
+    let job = start(json!({"full": true})).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    // d leaves after the stopped run: with a delete-mode target, an inactive user is
+    // one to delete there.
+    let r = d
+        .patch(
+            &format!("/Users/{}", ids[3]),
+            patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d
+        .roster(
+            Method::POST,
+            "/connectors/sis/resume",
+            &admin,
+            Some(json!({"skip_held": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let gone = |id: &str| {
+        target
+            .stored(Kind::User, &sourced_id(&format!("User/{id}")))
+            .is_none_or(|u| u.status() == "tobedeleted")
+    };
+    assert!(!gone(&ids[0]));
+    assert!(
+        gone(&ids[1]) && gone(&ids[2]) && gone(&ids[3]),
+        "a held leaver stayed at the target"
+    );
+    // And a run after it finds nothing left to do.
+    let job = start(json!({})).await;
+    assert_eq!(job["counts"]["drift_found"], 0, "{job}");
 }
