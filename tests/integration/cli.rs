@@ -1053,34 +1053,26 @@ async fn resume_skip_held_names_the_reconciliation_it_started() {
     crate::mirror::paused(&d, "sis").await;
     let admin = d.jwt(TENANT, "roster:admin");
     let url = format!("http://{}", d.addr);
-    let skip = move || {
-        let (url, admin) = (url.clone(), admin.clone());
-        tokio::task::spawn_blocking(move || {
-            run(
-                &[
-                    "resume",
-                    "--tenant",
-                    TENANT,
-                    "--url",
-                    &url,
-                    "--token",
-                    &admin,
-                    "--skip-held",
-                    "sis",
-                ],
-                None,
-                &[],
-            )
-        })
-    };
-    let (ok, out, err) = skip().await.unwrap();
+    let args = [
+        "resume",
+        "--tenant",
+        TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "--skip-held",
+        "sis",
+    ];
+    let skip = || rosterd_async(&args);
+    let (ok, out, err) = skip().await;
     assert!(ok, "{err}");
     assert!(
         out.contains("sis: resumed; the changes it held, up to #"),
         "{out}"
     );
     assert!(out.contains("reconciliation scim-sync-"), "{out}");
-    let (ok, _, err) = skip().await.unwrap();
+    let (ok, _, err) = skip().await;
     assert!(!ok);
     assert!(err.contains("is not held by its [guard]"), "{err}");
 }

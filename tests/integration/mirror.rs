@@ -97,33 +97,36 @@ pub async fn resumed(d: &TestDaemon, name: &str) -> Value {
     r.body
 }
 
-/// Wait until the connector is paused; its status then.
-pub async fn paused(d: &TestDaemon, name: &str) -> Value {
+/// Poll connector `name` until `ready` holds of its status; that status. Fails after
+/// `WAIT`, saying `what` did not happen.
+pub async fn connector_until(
+    d: &TestDaemon,
+    name: &str,
+    what: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let c = connector(d, name).await;
-        if c["paused"] == true {
+        if ready(&c) {
             return c;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never paused: {c}");
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {c}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
+/// Wait until the connector is paused; its status then.
+pub async fn paused(d: &TestDaemon, name: &str) -> Value {
+    connector_until(d, name, "never paused", |c| c["paused"] == true).await
+}
+
 /// Wait until the connector has delivered everything committed so far.
 pub async fn caught_up(d: &TestDaemon, name: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let c = connector(d, name).await;
-        if c["lag_events"] == 0 && c["state"] == "running" {
-            return c;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connector never caught up: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    connector_until(d, name, "connector never caught up", |c| {
+        c["lag_events"] == 0 && c["state"] == "running"
+    })
+    .await
 }
 
 #[tokio::test]
@@ -3064,20 +3067,8 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
     for c in ["sis", "hooks", "files"] {
         caught_up(&d, c).await;
     }
-    let deactivate = |id: String| {
-        let d = &d;
-        async move {
-            let r = d
-                .patch(
-                    &format!("/Users/{id}"),
-                    patch_op(json!([{"op": "replace", "value": {"active": false}}])),
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.body);
-        }
-    };
     for id in &ids[..6] {
-        deactivate(id.clone()).await;
+        set_active(&d, id, false).await;
     }
     // A change after the held one waits behind it.
     let r = d
@@ -3175,6 +3166,17 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
     }
 }
 
+/// Deactivate or reactivate a user over SCIM.
+async fn set_active(d: &TestDaemon, id: &str, active: bool) {
+    let r = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "replace", "value": {"active": active}}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// Wait until each of `connectors` is paused, held by its guard, and says how to resume it.
 async fn held_by_guard(d: &TestDaemon, connectors: &[&str]) {
     for c in connectors {
@@ -3238,25 +3240,13 @@ async fn a_held_deprovisioning_the_idp_undid_can_be_skipped() {
         ids.push(d.create_user(&format!("u{i}@acme.test")).await);
     }
     caught_up(&d, "sis").await;
-    let set_active = |id: String, active: bool| {
-        let d = &d;
-        async move {
-            let r = d
-                .patch(
-                    &format!("/Users/{id}"),
-                    patch_op(json!([{"op": "replace", "value": {"active": active}}])),
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.body);
-        }
-    };
     for id in &ids[..5] {
-        set_active(id.clone(), false).await;
+        set_active(&d, id, false).await;
     }
     held_by_guard(&d, &["sis", "hooks"]).await;
     // The identity provider puts them back.
     for id in &ids[..5] {
-        set_active(id.clone(), true).await;
+        set_active(&d, id, true).await;
     }
     let r = skip("hooks").await;
     assert_eq!(r.status, 409, "{}", r.body);
@@ -3323,28 +3313,22 @@ async fn the_lag_counts_what_is_not_delivered_not_what_waits_behind_the_cursor()
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let delivered = ids[1..]
+    let delivered = || {
+        ids[1..]
             .iter()
             .filter(|id| {
                 target.user(&sourced_id(&format!("User/{id}"))).unwrap()["metadata"]["job_title"]
                     == "Moved"
             })
-            .count();
-        let c = connector(&d, "sis").await;
-        if delivered == 4 && c["lag_events"] == 1 {
-            // The one left is the refused one, and the reason says what the target said.
-            let error = c["last_error"].as_str().unwrap_or_default();
-            assert!(error.starts_with("target answered 500"), "{c}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "delivered {delivered} of 4; {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            .count()
+    };
+    let c = connector_until(&d, "sis", "the others were not all delivered", |c| {
+        delivered() == 4 && c["lag_events"] == 1
+    })
+    .await;
+    // The one left is the refused one, and the reason says what the target said.
+    let error = c["last_error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("target answered 500"), "{c}");
 }
 
 /// A dead letter's replay to a OneRoster target sends the object as it stands, which may
@@ -3373,13 +3357,7 @@ async fn a_replay_does_not_send_what_the_guard_holds() {
     let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
     // b, then a, leave: a's deactivation is held.
     for user in [&b, &a] {
-        let r = d
-            .patch(
-                &format!("/Users/{user}"),
-                patch_op(json!([{"op": "replace", "value": {"active": false}}])),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        set_active(&d, user, false).await;
     }
     held_by_guard(&d, &["sis"]).await;
     let replay = format!("/connectors/sis/dead-letters/{id}/replay");
@@ -3446,13 +3424,7 @@ async fn a_stopped_full_run_does_not_hide_the_held_leavers_from_the_next() {
     assert_eq!(job["status"], "failed", "{job}");
     // d leaves after the stopped run: with a delete-mode target, an inactive user is
     // one to delete there.
-    let r = d
-        .patch(
-            &format!("/Users/{}", ids[3]),
-            patch_op(json!([{"op": "replace", "value": {"active": false}}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    set_active(&d, &ids[3], false).await;
     let r = d
         .roster(
             Method::POST,
