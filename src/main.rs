@@ -165,8 +165,8 @@ enum Command {
         command: DeadLetterCommand,
     },
     /// Lift a connector's pause on a running daemon, once its target is fixed (a reload
-    /// does too), or let go the deprovisioning its [guard] holds (which a reload does
-    /// not).
+    /// does too), or let go the deprovisioning its [guard] holds (which a reload does only
+    /// by changing the [guard]).
     Resume {
         #[command(flatten)]
         daemon: DaemonArgs,

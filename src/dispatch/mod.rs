@@ -332,7 +332,7 @@ impl Live {
         if !already {
             tracing::error!(
                 reason,
-                "Connector held by its [guard] until resumed (`rosterd resume`); a reload does not lift it."
+                "Connector held by its [guard] until resumed (`rosterd resume`); a reload lifts it only by changing the [guard]."
             );
         }
     }
