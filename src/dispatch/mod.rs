@@ -281,6 +281,8 @@ struct Live {
     /// Wakes request loops waiting out a pause, not a backoff, when an acknowledgement
     /// ends the pause (see [`Live::success`]).
     pause_over: tokio::sync::Notify,
+    /// Requests waiting out a pause now ([`Live::wait_unpaused`]).
+    waiting_out_pause: AtomicU64,
     /// Held by its `[guard]`, and why: only an operator's resume lets it go, not a
     /// reload. Not a pause: the changes sent before the one held go on, and only the
     /// reading stops; status shows it as a pause until resumed.
@@ -315,6 +317,7 @@ impl Live {
             failing_requests: AtomicU64::new(0),
             pause_changed: tokio::sync::Notify::new(),
             pause_over: tokio::sync::Notify::new(),
+            waiting_out_pause: AtomicU64::new(0),
             held: Mutex::new(None),
             approvals: watch::Sender::new(Approval::default()),
             applied: watch::Sender::new((0, 0)),
@@ -518,6 +521,14 @@ impl Live {
 
     /// Wait while paused. False if cancelled meanwhile.
     async fn wait_unpaused(&self, cancel: &CancellationToken) -> bool {
+        struct Waiting<'a>(&'a AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting_out_pause.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting_out_pause);
         loop {
             // Listening before looking, so a resume in between is not missed.
             let changed = self.pause_changed.notified();
@@ -544,10 +555,14 @@ impl Live {
             h.pause_logged = false;
             let lone = std::mem::take(&mut h.pause_lone);
             drop(h);
-            if lone {
+            // Others wait too: the count starts afresh, so that they get their turn.
+            if lone && self.waiting_out_pause.load(Ordering::Acquire) > 1 {
                 // At `concurrency = 1` the failing object took the one slot first at
                 // each pause's end and paused the connector again at once: none of the
-                // others went out, pause after pause (an audit's F1-c1).
+                // others went out, pause after pause (an audit's F1-c1). With nothing
+                // else waiting, its next failure pauses again, as a dead target's probe
+                // does (counted afresh, it took three attempts and let the pause show
+                // as over between them).
                 self.failures_in_a_row.store(0, Ordering::Release);
                 self.epoch.fetch_add(1, Ordering::AcqRel);
                 self.failing_requests.store(0, Ordering::Release);
@@ -3420,9 +3435,10 @@ mod tests {
         assert!(waited < Duration::from_secs(1), "{waited:?}");
     }
 
-    /// A pause one object's failures set starts the count afresh when it ends: that
-    /// object's next failure does not pause the connector again before another request
-    /// had its turn. A pause for a failing target (two requests failed) is probed once.
+    /// A pause one object's failures set starts the count afresh when it ends, if other
+    /// requests wait for it: that object's next failure does not pause the connector
+    /// again before they had their turn. Alone, or for a failing target (two requests
+    /// failed), the pause is probed once.
     #[tokio::test(start_paused = true)]
     async fn one_objects_pause_ends_with_the_count_afresh_a_targets_does_not() {
         let pause = Duration::from_secs(30);
@@ -3433,13 +3449,40 @@ mod tests {
             live.failure(&mut lone, "500", 3, pause);
         }
         assert!(live.paused_until().is_some());
+        // Another request waits out the pause with the failing one.
+        let other = {
+            let (live, cancel) = (live.clone(), cancel.clone());
+            tokio::spawn(async move { live.wait_unpaused(&cancel).await })
+        };
+        tokio::task::yield_now().await;
+        let failing = live.wait_unpaused(&cancel);
+        tokio::pin!(failing);
+        tokio::select! {
+            biased;
+            _ = &mut failing => panic!("the pause ended at once"),
+            () = tokio::task::yield_now() => {}
+        }
         tokio::time::advance(pause + Duration::from_secs(1)).await;
-        assert!(live.wait_unpaused(&cancel).await);
+        assert!(failing.await);
+        assert!(other.await.unwrap());
         live.failure(&mut lone, "500", 3, pause);
         assert_eq!(
             live.paused_until(),
             None,
             "one object paused it again at once"
+        );
+
+        // Nothing else waiting: its next failure pauses again.
+        for _ in 0..2 {
+            live.failure(&mut lone, "500", 3, pause);
+        }
+        assert!(live.paused_until().is_some());
+        tokio::time::advance(pause + Duration::from_secs(1)).await;
+        assert!(live.wait_unpaused(&cancel).await);
+        live.failure(&mut lone, "500", 3, pause);
+        assert!(
+            live.paused_until().is_some(),
+            "alone, it was not probed once"
         );
 
         let live = Live::new("t", "c", "running");
