@@ -233,8 +233,12 @@ async fn resume(
         // `resumed` stays for older clients; `was_paused` says whether there was a pause.
         return Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response());
     }
-    let through = st.dispatch.skip_held(&caller.tenant, &name).await?;
-    let mut answer = json!({ "resumed": name, "was_paused": true, "skipped_through": through });
+    let skipped = st.dispatch.skip_held(&caller.tenant, &name).await?;
+    let mut answer =
+        json!({ "resumed": name, "was_paused": true, "skipped_through": skipped.through });
+    if !skipped.reconcile {
+        return Ok(Json(answer).into_response());
+    }
     match crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", false).await {
         Ok(job) => answer["job"] = super::roster::job_json(&job),
         // Skipped all the same: the operator starts the reconciliation once the other

@@ -3084,7 +3084,7 @@ impl Dispatcher {
     /// sends the target the current state of what they changed. Through which change.
     /// Not for a webhook connector: its receivers get events, not state, so the events of
     /// every other change held would be lost.
-    pub async fn skip_held(&self, tenant: &str, name: &str) -> Result<u64, DispatchError> {
+    pub async fn skip_held(&self, tenant: &str, name: &str) -> Result<Skipped, DispatchError> {
         let found = self.find(tenant, name)?;
         let refuse = |why: &str| Err(DispatchError::Refused(name.to_owned(), why.to_owned()));
         let Some(ctx) = &found.ctx else {
@@ -3114,7 +3114,11 @@ impl Dispatcher {
         })
         .await;
         match done {
-            Ok(Some(through)) => Ok(through),
+            Ok(Some(through)) => Ok(Skipped {
+                through,
+                // The files are written from the roster as it stands: nothing to repair.
+                reconcile: !matches!(ctx.target, Target::Csv { .. }),
+            }),
             _ => refuse(
                 "did not confirm the skip (it stopped, or was restarted by a reload): see its state, and resume it again if it is still held",
             ),
@@ -3141,6 +3145,16 @@ impl Dispatcher {
         let held = found.live.approve(false).is_some();
         Ok(found.live.resume("the operator") || held)
     }
+}
+
+/// What [`Dispatcher::skip_held`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Skipped {
+    /// The held changes up to this one were skipped.
+    pub through: u64,
+    /// Whether a reconciliation is owed for what they changed (not for a CSV connector,
+    /// whose files hold the roster as it stands once written).
+    pub reconcile: bool,
 }
 
 /// What a replay sent.
