@@ -1743,8 +1743,8 @@ impl Progress {
     }
 
     /// Whether a stop or reload recorded this change as acknowledged; it is then done,
-    /// and not sent again.
-    fn already_acked(&mut self, seq: u64) -> bool {
+    /// and not sent again. Taken off the list: a second call answers false.
+    fn take_acked(&mut self, seq: u64) -> bool {
         if self.ahead.remove(&seq) {
             self.finished.insert(seq, Vec::new());
             return true;
@@ -1865,8 +1865,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 progress.read = upto;
             }
             for (ev, reports) in events {
+                // Asked once: the answer takes the change off the list.
+                let acked = progress.take_acked(ev.seq);
                 if let Some(g) = guard.as_mut() {
-                    if progress.already_acked(ev.seq) {
+                    if acked {
                         g.sent(&ev);
                     } else if let Some(h) = g.check(&ev, tenant, ctx.name()) {
                         // Read again once resumed, from the change before it.
@@ -1877,7 +1879,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                     }
                 }
                 progress.read = ev.seq;
-                if progress.already_acked(ev.seq) {
+                if acked {
                     continue;
                 }
                 let (tx, rx) = watch::channel(false);
@@ -3302,15 +3304,15 @@ mod tests {
         assert!(p.take().is_none(), "nothing new to write");
         p.finish(11, vec![]);
         p.finish(14, vec![]);
-        assert!(p.already_acked(20));
-        assert!(!p.already_acked(22));
+        assert!(p.take_acked(20));
+        assert!(!p.take_acked(22));
         p.read = 20;
         let (cursor, acked, hashes) = p.take().unwrap();
         assert_eq!((cursor, acked), (20, vec![21]));
         assert!(hashes.is_empty());
         // One object stuck while thousands go through: all of them, in order (the
         // record keeps those nearest the cursor, a reconciliation reads them all).
-        assert!(p.already_acked(21));
+        assert!(p.take_acked(21));
         p.read = 21;
         assert_eq!(p.take().unwrap().1, Vec::<u64>::new());
         p.in_flight.insert(22);

@@ -950,8 +950,23 @@ async fn renaming_a_connector_in_its_file_is_said_as_such() {
 /// again across a clean restart (or a reload): it used to be, every event of it.
 #[tokio::test]
 async fn a_restart_does_not_resend_what_was_acknowledged_behind_a_slow_request() {
+    not_resent_after_a_restart("").await;
+}
+
+/// The same with a `[guard]`, which reads those changes too (as sent, to count them):
+/// asking twice whether a change was acknowledged took the answer away, and they were
+/// sent again.
+#[tokio::test]
+async fn a_guarded_connector_does_not_resend_what_was_acknowledged_behind_a_slow_request() {
+    not_resent_after_a_restart("[guard]\nusers = 50\nminutes = 60\n").await;
+}
+
+async fn not_resent_after_a_restart(extra: &str) {
     let (hook, d, _) = with_hook(r#"["roster.user_created"]"#, |t| {
-        t.replace("timeout_ms = 2000", "timeout_ms = 60000")
+        format!(
+            "{}{extra}",
+            t.replace("timeout_ms = 2000", "timeout_ms = 60000")
+        )
     })
     .await;
     hook.inject(wh::Fault::hold(1).on_body("ada@acme.test"));
