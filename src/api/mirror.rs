@@ -218,16 +218,7 @@ async fn resume(
         #[serde(default)]
         skip_held: bool,
     }
-    let ResumeBody { skip_held } = match super::json_body(&headers, &body)? {
-        None => ResumeBody::default(),
-        Some(v @ Value::Object(_)) => serde_json::from_value::<ResumeBody>(v)
-            .map_err(|e| ApiError::BadRequest(format!("body: {e}; {EXPECTED}")))?,
-        Some(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "body must be a JSON object: {EXPECTED}"
-            )));
-        }
-    };
+    let ResumeBody { skip_held } = super::options_body(&headers, &body, EXPECTED)?;
     if !skip_held {
         let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
         // `resumed` stays for older clients; `was_paused` says whether there was a pause.

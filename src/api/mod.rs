@@ -294,6 +294,24 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
     }
 }
 
+/// An optional body of options (`{"dry_run": true}`): none is `T::default()`; anything
+/// but an object of `T`'s keys is 400 naming `expected`. serde would also read a struct
+/// from an array (`[true]`), which no caller means.
+pub(crate) fn options_body<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &[u8],
+    expected: &str,
+) -> ApiResult<T> {
+    match json_body(headers, body)? {
+        None => Ok(T::default()),
+        Some(v @ serde_json::Value::Object(_)) => serde_json::from_value(v)
+            .map_err(|e| ApiError::BadRequest(format!("body: {e}; {expected}"))),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "body must be a JSON object: {expected}"
+        ))),
+    }
+}
+
 /// A request body as JSON, or None when there is none (empty or only whitespace). A body
 /// labelled as something else than JSON is refused rather than read anyway: a form post
 /// by mistake should say so, not fail on its first byte. No Content-Type is taken as JSON.

@@ -1482,17 +1482,7 @@ async fn start_sync(
         #[serde(default)]
         full: bool,
     }
-    let SyncBody { dry_run, full } = match json_body(&headers, &body)? {
-        None => SyncBody::default(),
-        // serde would also read a struct from an array (`[true]`), which no caller means.
-        Some(v @ Value::Object(_)) => serde_json::from_value::<SyncBody>(v)
-            .map_err(|e| ApiError::BadRequest(format!("body: {e}; {EXPECTED}")))?,
-        Some(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "body must be a JSON object: {EXPECTED}"
-            )));
-        }
-    };
+    let SyncBody { dry_run, full } = super::options_body(&headers, &body, EXPECTED)?;
     if dry_run {
         let mode = ReconcileMode { dry_run, full };
         let reports = st.dispatch.reconcile(&caller.tenant, mode).await?;
