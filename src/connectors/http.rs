@@ -309,19 +309,11 @@ fn classify(
         410 if req.message_id.is_some() => Outcome::Gone {
             response: response(),
         },
-        408 | 425 | 429 => {
-            let response = response();
-            Outcome::Retry {
-                reason: with_answer(format!("target answered {status}"), &response.body),
-                retry_after,
-                response: Some(response),
-            }
-        }
         501 => Outcome::Refused {
             reason: format!("target answered {status}: it does not implement this request"),
             response: response(),
         },
-        500..=599 => {
+        408 | 425 | 429 | 500..=599 => {
             let response = response();
             Outcome::Retry {
                 reason: with_answer(format!("target answered {status}"), &response.body),

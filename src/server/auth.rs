@@ -90,7 +90,7 @@ pub enum AuthOutcome {
 /// with, so a leaked token is rotated without a restart.
 #[derive(Debug, Default)]
 pub struct TokenRegistry {
-    by_tenant: std::sync::RwLock<HashMap<String, Vec<TokenHash>>>,
+    by_tenant: std::sync::RwLock<ByTenant>,
 }
 
 type ByTenant = HashMap<String, Vec<TokenHash>>;
