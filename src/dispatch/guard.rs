@@ -40,8 +40,12 @@ pub(super) fn deprovisions(ev: &ChangeEvent) -> bool {
     ev.resource_type == "User" && (ev.op == ChangeOp::Deleted || ev.deactivated)
 }
 
+/// How far back from a change its window reaches.
+fn window(limit: &GuardConfig) -> chrono::Duration {
+    chrono::Duration::minutes(limit.minutes as i64)
+}
+
 impl Guard {
-    #[cfg(test)]
     fn new(limit: GuardConfig) -> Guard {
         Guard {
             limit,
@@ -64,7 +68,7 @@ impl Guard {
         cursor: u64,
     ) -> Result<Guard, StoreError> {
         let approved_through = store.guard_approved(tenant, key)?;
-        let window = chrono::Duration::minutes(limit.minutes as i64);
+        let window = window(&limit);
         let (mut below, mut scanned, mut newest) = (cursor, 0usize, None);
         let mut found: Vec<(DateTime<Utc>, String)> = Vec::new();
         let mut distinct = std::collections::HashSet::new();
@@ -88,12 +92,8 @@ impl Guard {
             }
         }
         found.reverse();
-        let mut guard = Guard {
-            limit,
-            recent: VecDeque::new(),
-            users: HashMap::new(),
-            approved_through,
-        };
+        let mut guard = Guard::new(limit);
+        guard.approved_through = approved_through;
         for (at, id) in found {
             guard.count(at, id);
         }
@@ -114,7 +114,7 @@ impl Guard {
     }
 
     fn forget_before(&mut self, at: DateTime<Utc>) {
-        let window = chrono::Duration::minutes(self.limit.minutes as i64);
+        let window = window(&self.limit);
         while let Some((t, _)) = self.recent.front()
             && *t <= at - window
         {
