@@ -59,6 +59,37 @@ impl Plan {
             keep_free_mb: config.backup.keep_free_mb,
         }
     }
+
+    /// The free space a backup leaves on a filesystem of `size` bytes.
+    fn keep_free(&self, size: u64) -> u64 {
+        self.keep_free_mb
+            .map_or_else(|| default_keep_free(size), |mb| mb.saturating_mul(MIB))
+    }
+
+    /// What `check-config` should say about the space for backups: nothing, or why a
+    /// backup would not start on the filesystem `dir` is (or will be) on as it is now.
+    pub fn space_warning(&self) -> Option<String> {
+        let on = self.dir.ancestors().find(|a| a.exists())?;
+        let (free, size) = space(on).ok()?;
+        let keep_free = self.keep_free(size);
+        if keep_free >= size {
+            Some(format!(
+                "backup.keep_free_mb ({} MiB) is not less than the size of the filesystem of {} ({} MiB): no backup would ever start",
+                keep_free / MIB,
+                self.dir.display(),
+                size / MIB
+            ))
+        } else if free < keep_free {
+            Some(format!(
+                "a backup now would not start: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`); {ROOM}",
+                self.dir.display(),
+                free / MIB,
+                keep_free / MIB
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// What a backup run wrote and removed.
@@ -92,35 +123,6 @@ impl Written {
                 n => format!("; {n} older removed"),
             }
         )
-    }
-}
-
-impl Plan {
-    /// What `check-config` should say about the space for backups: nothing, or why a
-    /// backup would not start on the filesystem `dir` is (or will be) on as it is now.
-    pub fn space_warning(&self) -> Option<String> {
-        let on = self.dir.ancestors().find(|a| a.exists())?;
-        let (free, size) = space(on).ok()?;
-        let keep_free = self
-            .keep_free_mb
-            .map_or_else(|| default_keep_free(size), |mb| mb.saturating_mul(MIB));
-        if keep_free >= size {
-            Some(format!(
-                "backup.keep_free_mb ({} MiB) is not less than the size of the filesystem of {} ({} MiB): no backup would ever start",
-                keep_free / MIB,
-                self.dir.display(),
-                size / MIB
-            ))
-        } else if free < keep_free {
-            Some(format!(
-                "a backup now would not start: {} has {} MiB free, and a backup leaves at least {} MiB free there (key `backup.keep_free_mb`); {ROOM}",
-                self.dir.display(),
-                free / MIB,
-                keep_free / MIB
-            ))
-        } else {
-            None
-        }
     }
 }
 
@@ -164,9 +166,7 @@ pub fn write(
     // Before, not after: what an interrupted backup left may hold the space this one needs.
     remove_partials(dir).map_err(at_dir)?;
     let (free, size) = space(dir).map_err(at_dir)?;
-    let keep_free = plan
-        .keep_free_mb
-        .map_or_else(|| default_keep_free(size), |mb| mb.saturating_mul(MIB));
+    let keep_free = plan.keep_free(size);
     if free < keep_free {
         return Err(BackupError::LowSpace {
             dir: dir.to_owned(),
