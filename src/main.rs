@@ -1915,8 +1915,9 @@ fn rfc3339(t: &str) -> String {
 const QUIETED_TLS_LOG: &str = "rustls_platform_verifier";
 
 fn init_logging(log: &LogConfig) {
+    // RUST_LOG overrides `[log] level`; read once, for the filter and the check below.
     let given = std::env::var("RUST_LOG").unwrap_or_else(|_| log.level.clone());
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&given)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // The TLS verifier logs an ERROR of its own at every attempt against a target whose
     // certificate it refuses (104 lines in three minutes in an audit), beside the
