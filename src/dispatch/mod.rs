@@ -714,7 +714,11 @@ impl Ctx {
 
     /// The operator resumed a held connector: every change logged by now may go (or,
     /// with `skip`, is skipped), and a restart remembers it. Through which change.
-    async fn approve(&self, guard: &mut guard::Guard, skip: bool) -> Result<u64, StoreError> {
+    async fn record_approval(
+        &self,
+        guard: &mut guard::Guard,
+        skip: bool,
+    ) -> Result<u64, StoreError> {
         let through = self.store.last_seq(self.tenant())?;
         self.store
             .set_guard_approved(self.tenant(), &self.cursor_name(), through)
@@ -1921,7 +1925,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 }
                 let approval = *approvals.borrow_and_update();
                 if let Some(g) = guard.as_mut() {
-                    let through = ctx.approve(g, approval.skip).await?;
+                    let through = ctx.record_approval(g, approval.skip).await?;
                     if approval.skip {
                         // Read past them: the cursor moves over them as if sent.
                         progress.read = progress.read.max(through);
@@ -2114,7 +2118,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             // The files are written whole, from the store as it is: skipping the held
             // changes is sending them.
             let approval = *approvals.borrow_and_update();
-            let through = ctx.approve(g, false).await?;
+            let through = ctx.record_approval(g, false).await?;
             ctx.live.applied.send_replace((approval.n, through));
             // Written at the next turn: owed if scheduled, the cursor behind if not.
             continue;
