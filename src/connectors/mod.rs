@@ -116,7 +116,12 @@ pub struct ConnectorConfig {
 #[serde(deny_unknown_fields)]
 pub struct GuardConfig {
     /// More than this many users deactivated or deleted...
-    pub users: u64,
+    #[serde(default)]
+    pub users: Option<u64>,
+    /// ...or more than this many group memberships ended while their users stay (a
+    /// group emptied or deleted: a OneRoster target loses the class's enrollments)...
+    #[serde(default)]
+    pub memberships: Option<u64>,
     /// ...within this many minutes, by the times the changes were made, holds it.
     pub minutes: u64,
 }
@@ -239,8 +244,16 @@ impl ConnectorConfig {
         }
         if let Some(g) = &self.guard {
             const WEEK_MINUTES: u64 = 7 * 24 * 60;
-            if g.users == 0 {
-                return Err("key `guard.users`: must be positive".into());
+            if g.users.is_none() && g.memberships.is_none() {
+                return Err(
+                    "table `[guard]`: needs `users`, `memberships` or both (leave the table out for no guard)"
+                        .into(),
+                );
+            }
+            for (key, limit) in [("users", g.users), ("memberships", g.memberships)] {
+                if limit == Some(0) {
+                    return Err(format!("key `guard.{key}`: must be positive"));
+                }
             }
             if g.minutes == 0 || g.minutes > WEEK_MINUTES {
                 return Err(format!(
@@ -643,7 +656,8 @@ secret_env = "HOOK_SECRET"
                 assert_eq!(
                     c.guard,
                     Some(GuardConfig {
-                        users: 50,
+                        users: Some(50),
+                        memberships: Some(500),
                         minutes: 60
                     }),
                     "{}",
@@ -670,7 +684,8 @@ secret_env = "HOOK_SECRET"
         assert_eq!(
             with("users = 5\nminutes = 10080"),
             Ok(Some(GuardConfig {
-                users: 5,
+                users: Some(5),
+                memberships: None,
                 minutes: 10080
             }))
         );
@@ -679,6 +694,8 @@ secret_env = "HOOK_SECRET"
             ("users = 5\nminutes = 0", "guard.minutes"),
             ("users = 5\nminutes = 10081", "guard.minutes"),
             ("users = 5", "minutes"),
+            ("minutes = 10", "`users`, `memberships` or both"),
+            ("memberships = 0\nminutes = 10", "guard.memberships"),
             ("users = 5\nminutes = 10\npercent = 3", "percent"),
         ] {
             let err = with(bad).unwrap_err();

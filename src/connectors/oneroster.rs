@@ -1510,6 +1510,7 @@ token_env = "T"
             assignment: None,
             deactivated: false,
             reactivated: false,
+            deleting_user: false,
             groups: None,
         }
     }

@@ -306,6 +306,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            deleting_user: false,
             groups: None,
         }
     }
@@ -351,6 +352,7 @@ mod tests {
     fn reactivation_has_its_own_type_and_passes_the_filter() {
         let e = ChangeEvent {
             reactivated: true,
+            deleting_user: false,
             ..user_change(5, ChangeOp::Updated)
         };
         assert_eq!(event_types(&e), ["roster.user_reactivated"]);

@@ -1,11 +1,11 @@
 //! A connector's `[guard]`: counts the users the changes it reads deactivate or delete,
-//! by the times the changes were made, and says when one more would pass the limit.
-//! The times are the change log's, not the clock's, so a connector reading a backlog
-//! (after an outage, or at a start) judges a burst as it happened, and a restart while
-//! held holds again at the same change.
+//! and the group memberships they end, by the times the changes were made, and says when
+//! one more would pass a limit. The times are the change log's, not the clock's, so a
+//! connector reading a backlog (after an outage, or at a start) judges a burst as it
+//! happened, and a restart while held holds again at the same change.
 
 use chrono::{DateTime, Utc};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::connectors::GuardConfig;
 use crate::store::{ChangeEvent, ChangeOp, Store, StoreError};
@@ -15,15 +15,98 @@ use crate::store::{ChangeEvent, ChangeOp, Store, StoreError};
 /// a start does not read a day of changes.
 const SEED_SCAN: usize = 200_000;
 
-pub(super) struct Guard {
-    limit: GuardConfig,
-    /// The deprovisions let through within the window (when made, and whose), in log
-    /// order.
+/// One limit's count: what it let through within the window, in log order, and how
+/// often each thing counted appears there. Things count once however often they come
+/// back (a recheck saw one user's flapping hold a connector "for 4 users").
+struct Window {
+    limit: u64,
     recent: VecDeque<(DateTime<Utc>, String)>,
-    /// The users among them, with how many of their deprovisions: the limit counts
-    /// users, so one deactivated and reactivated over and over counts once (a recheck saw
-    /// one user's flapping hold a connector "for 4 users").
-    users: HashMap<String, u32>,
+    counts: HashMap<String, u32>,
+}
+
+impl Window {
+    fn new(limit: u64) -> Window {
+        Window {
+            limit,
+            recent: VecDeque::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    fn forget_until(&mut self, cutoff: DateTime<Utc>) {
+        while let Some((t, _)) = self.recent.front()
+            && *t <= cutoff
+        {
+            let Some((_, key)) = self.recent.pop_front() else {
+                break;
+            };
+            if let Some(n) = self.counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// How many there would be with `keys` counted, when that is more than the limit.
+    fn over(&self, keys: &[String]) -> Option<u64> {
+        let new: HashSet<&String> = keys
+            .iter()
+            .filter(|k| !self.counts.contains_key(*k))
+            .collect();
+        let total = (self.counts.len() + new.len()) as u64;
+        (total > self.limit && !new.is_empty()).then_some(total)
+    }
+
+    fn count(&mut self, at: DateTime<Utc>, key: &str) {
+        *self.counts.entry(key.to_owned()).or_default() += 1;
+        self.recent.push_back((at, key.to_owned()));
+    }
+
+    fn clear(&mut self) {
+        self.recent.clear();
+        self.counts.clear();
+    }
+}
+
+/// What a change takes away, as a guard counts it.
+#[derive(Default)]
+struct Losses {
+    /// The user it deactivates or deletes (at most one).
+    users: Vec<String>,
+    /// The memberships it ends while their users stay, as `group` U+001F `member`.
+    memberships: Vec<String>,
+}
+
+impl Losses {
+    fn of(ev: &ChangeEvent) -> Losses {
+        let mut l = Losses::default();
+        match ev.resource_type.as_str() {
+            "User" if ev.op == ChangeOp::Deleted || ev.deactivated => l.users.push(ev.id.clone()),
+            // A user's removal from its groups is logged just before its deletion: it is
+            // part of that deprovisioning, and counted as it, so a hold at that user
+            // holds its enrollments too (they went out ahead of the hold before).
+            "Group" if ev.deleting_user => l.users.extend(ev.members_removed.iter().cloned()),
+            "Group" => l.memberships.extend(
+                ev.members_removed
+                    .iter()
+                    .map(|m| format!("{}\u{1f}{m}", ev.id)),
+            ),
+            _ => {}
+        }
+        l
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.memberships.is_empty()
+    }
+}
+
+pub(super) struct Guard {
+    config: GuardConfig,
+    users: Option<Window>,
+    memberships: Option<Window>,
     /// Changes up to this one were let through by an operator's resume.
     approved_through: u64,
 }
@@ -35,24 +118,18 @@ pub(super) struct Held {
     pub reason: String,
 }
 
-/// A user deactivated or deleted: what a mistaken deprovisioning is made of.
-pub(super) fn deprovisions(ev: &ChangeEvent) -> bool {
-    ev.resource_type == "User" && (ev.op == ChangeOp::Deleted || ev.deactivated)
-}
-
-/// How far back from a change its window reaches.
-fn window(limit: &GuardConfig) -> chrono::Duration {
-    chrono::Duration::minutes(limit.minutes as i64)
-}
-
 impl Guard {
-    fn new(limit: GuardConfig) -> Guard {
+    fn new(config: GuardConfig) -> Guard {
         Guard {
-            limit,
-            recent: VecDeque::new(),
-            users: HashMap::new(),
+            config,
+            users: config.users.map(Window::new),
+            memberships: config.memberships.map(Window::new),
             approved_through: 0,
         }
+    }
+
+    fn windows(&mut self) -> impl Iterator<Item = &mut Window> {
+        self.users.iter_mut().chain(self.memberships.iter_mut())
     }
 
     /// The guard of a connector starting at `cursor` (cursor name `key`): it counts the
@@ -61,17 +138,22 @@ impl Guard {
     /// from nothing and let `users` more go each time (a test saw a restart send all
     /// that was held).
     pub fn at_start(
-        limit: GuardConfig,
+        config: GuardConfig,
         store: &Store,
         tenant: &str,
         key: &str,
         cursor: u64,
     ) -> Result<Guard, StoreError> {
         let approved_through = store.guard_approved(tenant, key)?;
-        let window = window(&limit);
+        let window = window(&config);
         let (mut below, mut scanned, mut newest) = (cursor, 0usize, None);
-        let mut found: Vec<(DateTime<Utc>, String)> = Vec::new();
-        let mut distinct = std::collections::HashSet::new();
+        let mut found: Vec<(DateTime<Utc>, Losses)> = Vec::new();
+        let (mut users, mut memberships) = (HashSet::new(), HashSet::new());
+        // Older ones cannot change a later decision once each limit is reached by
+        // newer ones: those leave the window last.
+        let full = |seen: &HashSet<String>, limit: Option<u64>| {
+            limit.is_none_or(|l| seen.len() as u64 >= l)
+        };
         'scan: while below > approved_through && scanned < SEED_SCAN {
             let batch = store.changes_back(tenant, below, 1024)?;
             let Some(last) = batch.last() else { break };
@@ -82,72 +164,91 @@ impl Guard {
                 if ev.seq <= approved_through || ev.at <= newest - window {
                     break 'scan;
                 }
-                if deprovisions(ev) {
-                    found.push((ev.at, ev.id.clone()));
-                    distinct.insert(ev.id.clone());
-                    if distinct.len() as u64 >= limit.users {
-                        break 'scan;
-                    }
+                let losses = Losses::of(ev);
+                if losses.is_empty() {
+                    continue;
+                }
+                users.extend(losses.users.iter().cloned());
+                memberships.extend(losses.memberships.iter().cloned());
+                found.push((ev.at, losses));
+                if full(&users, config.users) && full(&memberships, config.memberships) {
+                    break 'scan;
                 }
             }
         }
         found.reverse();
-        let mut guard = Guard::new(limit);
+        let mut guard = Guard::new(config);
         guard.approved_through = approved_through;
-        for (at, id) in found {
-            guard.count(at, id);
+        for (at, losses) in found {
+            guard.count(at, &losses);
         }
         Ok(guard)
     }
 
     /// `ev` was sent before (acknowledged above the cursor): counted, never held.
     pub fn sent(&mut self, ev: &ChangeEvent) {
-        if ev.seq > self.approved_through && deprovisions(ev) {
-            self.forget_before(ev.at);
-            self.count(ev.at, ev.id.clone());
+        if ev.seq > self.approved_through {
+            let losses = Losses::of(ev);
+            if !losses.is_empty() {
+                self.forget_before(ev.at);
+                self.count(ev.at, &losses);
+            }
         }
     }
 
-    fn count(&mut self, at: DateTime<Utc>, user: String) {
-        *self.users.entry(user.clone()).or_default() += 1;
-        self.recent.push_back((at, user));
+    fn count(&mut self, at: DateTime<Utc>, losses: &Losses) {
+        for (w, keys) in [
+            (self.users.as_mut(), &losses.users),
+            (self.memberships.as_mut(), &losses.memberships),
+        ] {
+            if let Some(w) = w {
+                for k in keys {
+                    w.count(at, k);
+                }
+            }
+        }
     }
 
     fn forget_before(&mut self, at: DateTime<Utc>) {
-        let window = window(&self.limit);
-        while let Some((t, _)) = self.recent.front()
-            && *t <= at - window
-        {
-            let Some((_, user)) = self.recent.pop_front() else {
-                break;
-            };
-            if let Some(n) = self.users.get_mut(&user) {
-                *n -= 1;
-                if *n == 0 {
-                    self.users.remove(&user);
-                }
-            }
+        let cutoff = at - window(&self.config);
+        for w in self.windows() {
+            w.forget_until(cutoff);
         }
     }
 
     /// Whether `ev`, the next change in log order, may be sent: `None`, counted, or
     /// the hold. A held change is not counted; it comes again once approved.
     pub fn check(&mut self, ev: &ChangeEvent, tenant: &str, connector: &str) -> Option<Held> {
-        if ev.seq <= self.approved_through || !deprovisions(ev) {
+        if ev.seq <= self.approved_through {
+            return None;
+        }
+        let losses = Losses::of(ev);
+        if losses.is_empty() {
             return None;
         }
         self.forget_before(ev.at);
-        if self.users.contains_key(&ev.id) || (self.users.len() as u64) < self.limit.users {
-            self.count(ev.at, ev.id.clone());
+        let minutes = self.config.minutes;
+        let what = if let Some(n) = self.users.as_ref().and_then(|w| w.over(&losses.users)) {
+            let limit = self.config.users.unwrap_or_default();
+            format!(
+                "make {n} users deactivated or deleted within {minutes} minutes, more than {limit}"
+            )
+        } else if let Some(n) = self
+            .memberships
+            .as_ref()
+            .and_then(|w| w.over(&losses.memberships))
+        {
+            let limit = self.config.memberships.unwrap_or_default();
+            format!("end {n} group memberships within {minutes} minutes, more than {limit}")
+        } else {
+            self.count(ev.at, &losses);
             return None;
-        }
-        let GuardConfig { users, minutes } = self.limit;
+        };
         Some(Held {
             seq: ev.seq,
             reason: format!(
-                "held by its [guard]: change #{seq} would make {n} users deactivated or deleted within {minutes} minutes, more than {users}; if the identity provider meant it, `rosterd resume --tenant {tenant} {connector}` sends them; if not, undo it there first (the target then gets both, in order)",
+                "held by its [guard]: change #{seq} would {what}; if the identity provider meant it, `rosterd resume --tenant {tenant} {connector}` sends them; if not, undo it there first (the target then gets both, in order)",
                 seq = ev.seq,
-                n = users + 1,
             ),
         })
     }
@@ -155,9 +256,15 @@ impl Guard {
     /// The operator let every change up to `through` go: the count starts again after it.
     pub fn approve(&mut self, through: u64) {
         self.approved_through = self.approved_through.max(through);
-        self.recent.clear();
-        self.users.clear();
+        for w in self.windows() {
+            w.clear();
+        }
     }
+}
+
+/// How far back from a change its window reaches.
+fn window(config: &GuardConfig) -> chrono::Duration {
+    chrono::Duration::minutes(config.minutes as i64)
 }
 
 #[cfg(test)]
@@ -189,7 +296,8 @@ mod tests {
     #[test]
     fn more_deprovisions_than_the_limit_within_the_window_are_held() {
         let mut g = Guard::new(GuardConfig {
-            users: 3,
+            users: Some(3),
+            memberships: None,
             minutes: 10,
         });
         let mut check = |ev: ChangeEvent| g.check(&ev, "acme", "sis").map(|h| h.seq);
@@ -224,7 +332,8 @@ mod tests {
     #[test]
     fn a_user_deprovisioned_again_counts_once() {
         let mut g = Guard::new(GuardConfig {
-            users: 2,
+            users: Some(2),
+            memberships: None,
             minutes: 10,
         });
         let of = |seq: u64, user: &str| {
@@ -249,7 +358,8 @@ mod tests {
     #[test]
     fn an_approval_lets_its_changes_through_and_counts_anew_after_them() {
         let mut g = Guard::new(GuardConfig {
-            users: 1,
+            users: Some(1),
+            memberships: None,
             minutes: 60,
         });
         let ev = |seq| change(seq, 0, "User", ChangeOp::Deleted, false);
@@ -267,5 +377,139 @@ mod tests {
         }
         assert_eq!(g.check(&ev(5), "acme", "sis"), None);
         assert_eq!(g.check(&ev(6), "acme", "sis").map(|h| h.seq), Some(6));
+    }
+
+    fn group(
+        seq: u64,
+        id: &str,
+        op: ChangeOp,
+        removed: &[&str],
+        deleting_user: bool,
+    ) -> ChangeEvent {
+        let mut ev = change(seq, 0, "Group", op, false);
+        ev.id = id.to_owned();
+        ev.members_removed = removed.iter().map(|m| m.to_string()).collect();
+        ev.deleting_user = deleting_user;
+        ev
+    }
+
+    fn deleted(seq: u64, user: &str) -> ChangeEvent {
+        let mut ev = change(seq, 0, "User", ChangeOp::Deleted, false);
+        ev.id = user.to_owned();
+        ev
+    }
+
+    /// A deleted user leaves its groups first, in changes of their own: they are held with
+    /// the deletion, so the held user keeps its enrollments at the target.
+    #[test]
+    fn a_deleted_users_removal_from_its_groups_is_held_with_its_deletion() {
+        let mut g = Guard::new(GuardConfig {
+            users: Some(2),
+            memberships: None,
+            minutes: 10,
+        });
+        let mut check = |ev: ChangeEvent| g.check(&ev, "acme", "sis").map(|h| h.seq);
+        assert_eq!(
+            check(group(1, "maths", ChangeOp::Updated, &["u1"], true)),
+            None
+        );
+        assert_eq!(
+            check(group(2, "art", ChangeOp::Updated, &["u1"], true)),
+            None
+        );
+        assert_eq!(check(deleted(3, "u1")), None);
+        assert_eq!(
+            check(group(4, "maths", ChangeOp::Updated, &["u2"], true)),
+            None
+        );
+        assert_eq!(check(deleted(5, "u2")), None);
+        // The third user is held at its first group, not at its deletion.
+        assert_eq!(
+            check(group(6, "maths", ChangeOp::Updated, &["u3"], true)),
+            Some(6)
+        );
+    }
+
+    /// `memberships` counts the memberships that end while their users stay: a group's
+    /// members removed, or the group deleted with them.
+    #[test]
+    fn memberships_ended_are_counted_apart_from_users() {
+        let mut g = Guard::new(GuardConfig {
+            users: Some(1),
+            memberships: Some(4),
+            minutes: 10,
+        });
+        let mut check = |ev: ChangeEvent| g.check(&ev, "acme", "sis");
+        assert_eq!(
+            check(group(1, "maths", ChangeOp::Updated, &["u1", "u2"], false)),
+            None
+        );
+        // The same membership ending again (added back in between) counts once.
+        assert_eq!(
+            check(group(2, "maths", ChangeOp::Updated, &["u1"], false)),
+            None
+        );
+        // A user's deletion counts as a user, not as the memberships it ends.
+        assert_eq!(
+            check(group(3, "maths", ChangeOp::Updated, &["u9"], true)),
+            None
+        );
+        assert_eq!(check(deleted(4, "u9")), None);
+        assert_eq!(
+            check(group(5, "art", ChangeOp::Updated, &["u1"], false)),
+            None
+        );
+        // A group deleted with three members would make six.
+        let held = check(group(
+            6,
+            "art",
+            ChangeOp::Deleted,
+            &["u2", "u3", "u4"],
+            false,
+        ))
+        .unwrap();
+        assert_eq!(held.seq, 6);
+        assert!(
+            held.reason
+                .contains("would end 6 group memberships within 10 minutes, more than 4"),
+            "{}",
+            held.reason
+        );
+        // One more passes, and the users' limit still holds on its own.
+        assert_eq!(
+            check(group(7, "art", ChangeOp::Updated, &["u5"], false)),
+            None
+        );
+        let held = check(deleted(8, "u10")).unwrap();
+        assert!(
+            held.reason.contains("would make 2 users"),
+            "{}",
+            held.reason
+        );
+    }
+
+    /// Without `users`, deprovisions are not counted; without `memberships`, groups are not.
+    #[test]
+    fn a_guard_counts_only_what_it_names() {
+        let mut g = Guard::new(GuardConfig {
+            users: None,
+            memberships: Some(1),
+            minutes: 10,
+        });
+        for seq in 1..=5 {
+            assert_eq!(
+                g.check(&deleted(seq, &format!("u{seq}")), "acme", "sis"),
+                None
+            );
+        }
+        let ev = group(6, "maths", ChangeOp::Deleted, &["a", "b"], false);
+        assert_eq!(g.check(&ev, "acme", "sis").map(|h| h.seq), Some(6));
+        let mut g = Guard::new(GuardConfig {
+            users: Some(1),
+            memberships: None,
+            minutes: 10,
+        });
+        let ev = group(1, "maths", ChangeOp::Deleted, &["a", "b", "c"], false);
+        assert_eq!(g.check(&ev, "acme", "sis"), None);
     }
 }

@@ -3261,6 +3261,7 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         // it left it: its enrollments leave or come back with it.
         deactivated: ev.deactivated && active == Some(false),
         reactivated: ev.reactivated && active == Some(true),
+        deleting_user: false,
         // Its groups as they are now, as everything else here.
         groups: None,
     })
@@ -3611,6 +3612,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            deleting_user: false,
             groups: None,
         };
         assert_eq!(
@@ -3638,6 +3640,7 @@ mod tests {
             assignment: None,
             deactivated,
             reactivated,
+            deleting_user: false,
             groups: Some(vec!["g1".into(), "g2".into()]),
         };
         assert_eq!(

@@ -486,6 +486,7 @@ mod tests {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            deleting_user: false,
             groups: None,
         }
     }

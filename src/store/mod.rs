@@ -278,6 +278,12 @@ pub struct ChangeEvent {
     /// until that change came. `None` for other changes and those logged before the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Vec<String>>,
+    /// This group change removes a user being deleted (the user's own deletion is logged
+    /// next, in the same write): a connector's `[guard]` counts it as that user's
+    /// deprovisioning, so that it holds the enrollments with the deletion instead of
+    /// letting them go ahead of it. `false` for changes logged before the field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting_user: bool,
 }
 
 /// What an update function returns: the new document and membership changes.
@@ -667,8 +673,9 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Touch a group whose membership changed through another resource's deletion.
-    fn touch_group(&mut self, gid: &str, removed: String) -> StoreResult<()> {
+    /// Touch a group whose membership changed through another resource's deletion
+    /// (`of_user`: a user's).
+    fn touch_group(&mut self, gid: &str, removed: String, of_user: bool) -> StoreResult<()> {
         let Some(mut doc) = self.load(ResourceKind::Group, gid)? else {
             return Ok(());
         };
@@ -688,6 +695,7 @@ impl<'a> Txn<'a> {
             assignment: None,
             deactivated: false,
             reactivated: false,
+            deleting_user: of_user,
             groups: None,
         };
         self.log(event);
@@ -1862,6 +1870,7 @@ impl Store {
                 assignment,
                 deactivated: false,
                 reactivated: false,
+                deleting_user: false,
                 groups: None,
             });
             Ok(to_resource(id, doc))
@@ -1960,6 +1969,7 @@ impl Store {
                 assignment,
                 deactivated,
                 reactivated,
+                deleting_user: false,
                 groups,
             });
             Ok(to_resource(id, doc))
@@ -1999,7 +2009,7 @@ impl Store {
                 };
                 txn.del(key.clone());
                 txn.del(keys::member(&gid, &id));
-                txn.touch_group(&gid, id.clone())?;
+                txn.touch_group(&gid, id.clone(), kind == ResourceKind::User)?;
             }
             let seq = txn.seq();
             txn.reindex(kind, &id, Some(&old), None)?;
@@ -2027,6 +2037,7 @@ impl Store {
                 assignment: None,
                 deactivated: false,
                 reactivated: false,
+                deleting_user: false,
                 groups: None,
             });
             Ok(())
@@ -2708,6 +2719,75 @@ mod tests {
         let (_, noop) = store.write_sync("t", |_| Ok(())).unwrap();
         let (waits_for, _) = noop.expect("a no-op after an unflushed write waits");
         assert!(waits_for >= written, "{waits_for} < {written}");
+    }
+
+    /// A user's removal from its groups is logged ahead of its deletion and marked as
+    /// part of it (a connector's guard counts it with the deletion); a member's removal
+    /// by a group's own deletion, or a nested group's deletion, is not.
+    #[tokio::test]
+    async fn a_deleted_users_removal_from_its_groups_is_marked_as_its_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        let mut ids = Vec::new();
+        for name in ["leaver", "stayer"] {
+            let u = store
+                .create("t", ResourceKind::User, user(name), vec![])
+                .await
+                .unwrap();
+            ids.push(u.id);
+        }
+        let m = |id: &str| MemberRef {
+            value: id.to_owned(),
+            kind: None,
+            display: None,
+        };
+        let inner = store
+            .create(
+                "t",
+                ResourceKind::Group,
+                json!({"displayName": "inner"}),
+                vec![],
+            )
+            .await
+            .unwrap();
+        let g = store
+            .create(
+                "t",
+                ResourceKind::Group,
+                json!({"displayName": "g"}),
+                vec![m(&ids[0]), m(&ids[1]), m(&inner.id)],
+            )
+            .await
+            .unwrap();
+        let from = store.last_seq("t").unwrap();
+        for (kind, id) in [
+            (ResourceKind::User, &ids[0]),
+            (ResourceKind::Group, &inner.id),
+            (ResourceKind::Group, &g.id),
+        ] {
+            store.delete("t", kind, id, None).await.unwrap();
+        }
+        let logged: Vec<(String, ChangeOp, Vec<String>, bool)> = store
+            .changes("t", from, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.op, e.members_removed, e.deleting_user))
+            .collect();
+        assert_eq!(
+            logged,
+            [
+                (g.id.clone(), ChangeOp::Updated, vec![ids[0].clone()], true),
+                (ids[0].clone(), ChangeOp::Deleted, vec![], false),
+                (
+                    g.id.clone(),
+                    ChangeOp::Updated,
+                    vec![inner.id.clone()],
+                    false
+                ),
+                (inner.id.clone(), ChangeOp::Deleted, vec![], false),
+                (g.id.clone(), ChangeOp::Deleted, vec![ids[1].clone()], false),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -512,6 +512,7 @@ impl Txn<'_> {
             assignment: Some(a),
             deactivated: false,
             reactivated: false,
+            deleting_user: false,
             groups: None,
         });
     }

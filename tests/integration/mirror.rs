@@ -3181,6 +3181,126 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
     }
 }
 
+/// A deleted user leaves its groups in changes logged ahead of its deletion: the guard
+/// holds them with the deletion, so the held user keeps its enrollments. `memberships`
+/// holds a group deleted with more members than it allows, class and enrollments.
+#[tokio::test]
+async fn a_guard_holds_a_deleted_users_enrollments_and_an_emptied_group() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file(
+            "sis",
+            &target,
+            "[guard]\nusers = 2\nmemberships = 3\nminutes = 60\n",
+        )],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut leavers = Vec::new();
+    for i in 0..3 {
+        leavers.push(d.create_user(&format!("leaver{i}@acme.test")).await);
+    }
+    let mut pupils = Vec::new();
+    for i in 0..4 {
+        pupils.push(d.create_user(&format!("pupil{i}@acme.test")).await);
+    }
+    let ops = d.create_group("Ops").await;
+    d.add_members(
+        &ops,
+        &leavers.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let maths = d.create_group("Maths").await;
+    d.add_members(
+        &maths,
+        &pupils.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    let enrollment = |gid: &str, uid: &str| {
+        target.enrollments()[&sourced_id(&format!("Member/{gid}/{uid}"))]["status"].clone()
+    };
+    let user = |uid: &str| {
+        target
+            .stored(Kind::User, &sourced_id(&format!("User/{uid}")))
+            .unwrap()
+            .status()
+            .to_owned()
+    };
+
+    for id in &leavers {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    held_by_guard(&d, &["sis"]).await;
+    let s = paused(&d, "sis").await;
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("would make 3 users deactivated or deleted"),
+        "{s}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while user(&leavers[1]) != "tobedeleted" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first two were not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, id) in leavers.iter().enumerate() {
+        let gone = if i < 2 { "tobedeleted" } else { "active" };
+        assert_eq!(enrollment(&ops, id), gone, "leaver{i}'s enrollment");
+        assert_eq!(user(id), gone, "leaver{i}");
+    }
+    resumed(&d, "sis").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(enrollment(&ops, &leavers[2]), "tobedeleted");
+    assert_eq!(user(&leavers[2]), "tobedeleted");
+
+    // Two memberships end, then (after a restart, which counts them again from the log)
+    // the group goes with the other two: four, one more than allowed. The class and its
+    // last enrollments stay.
+    for id in &pupils[..2] {
+        let r = d
+            .patch(
+                &format!("/Groups/{maths}"),
+                patch_op(json!([{"op": "remove", "path": format!("members[value eq \"{id}\"]")}])),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let s = caught_up(&d, "sis").await;
+    assert_ne!(s["paused"], true, "{s}");
+    let d = d.restart().await;
+    assert_eq!(d.delete(&format!("/Groups/{maths}")).await.status, 204);
+    held_by_guard(&d, &["sis"]).await;
+    let s = paused(&d, "sis").await;
+    assert!(
+        s["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("would end 4 group memberships within 60 minutes, more than 3"),
+        "{s}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let class = sourced_id(&format!("Group/{maths}"));
+    assert_eq!(target.classes()[&class]["status"], "active");
+    for (i, id) in pupils.iter().enumerate() {
+        let left = if i < 2 { "tobedeleted" } else { "active" };
+        assert_eq!(enrollment(&maths, id), left, "pupil{i}");
+    }
+    resumed(&d, "sis").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.classes()[&class]["status"], "tobedeleted");
+    for id in &pupils {
+        assert_eq!(enrollment(&maths, id), "tobedeleted");
+        assert_eq!(user(id), "active");
+    }
+}
+
 /// Deactivate or reactivate a user over SCIM.
 async fn set_active(d: &TestDaemon, id: &str, active: bool) {
     let r = d
