@@ -138,6 +138,10 @@ enum Command {
         /// what was delivered cannot see.
         #[arg(long)]
         full: bool,
+        /// Only this connector (after its target was fixed): the tenant's others, held or
+        /// paused, neither run nor fail the job.
+        #[arg(long, value_name = "NAME")]
+        connector: Option<String>,
     },
     /// Show one of a tenant's jobs (a reconciliation or a reclassification after a
     /// bundle change; /status names the running one); with --wait, follow it until it
@@ -400,7 +404,17 @@ fn run() -> Result<()> {
             dry_run,
             wait,
             full,
-        } => reconcile(&daemon, &tenant, dry_run, wait, full),
+            connector,
+        } => reconcile(
+            &daemon,
+            &tenant,
+            ReconcileArgs {
+                dry_run,
+                wait,
+                full,
+                connector,
+            },
+        ),
         Command::Job {
             daemon,
             tenant,
@@ -1379,24 +1393,35 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     Ok(())
 }
 
-fn reconcile(
-    daemon: &DaemonArgs,
-    tenant: &str,
+/// What `rosterd reconcile` asks for.
+struct ReconcileArgs {
     dry_run: bool,
     wait: bool,
     full: bool,
-) -> Result<()> {
+    connector: Option<String>,
+}
+
+fn reconcile(daemon: &DaemonArgs, tenant: &str, args: ReconcileArgs) -> Result<()> {
+    let ReconcileArgs {
+        dry_run,
+        wait,
+        full,
+        connector,
+    } = args;
+    // `full` and `connector` only when asked: a daemon older than them refuses the keys.
+    let mut ask = serde_json::json!({ "dry_run": dry_run });
+    if full {
+        ask["full"] = true.into();
+    }
+    if let Some(name) = &connector {
+        ask["connector"] = name.as_str().into();
+    }
     let (status, body) = call_daemon(
         daemon,
         Some(tenant),
         reqwest::Method::POST,
         "/api/v1/roster/scim:sync",
-        // `full` only when asked: a daemon older than it refuses the key.
-        Some(if full {
-            serde_json::json!({ "dry_run": dry_run, "full": true })
-        } else {
-            serde_json::json!({ "dry_run": dry_run })
-        }),
+        Some(ask),
     )?;
     fail_unless_ok(status, &body)?;
     if !dry_run {
@@ -1404,8 +1429,11 @@ fn reconcile(
         if wait {
             return show_job(daemon, tenant, id, true);
         }
+        let of = connector
+            .map(|c| format!(" of connector {c}"))
+            .unwrap_or_default();
         outln!(
-            "{} job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`",
+            "{}{of} job {id} started; follow it with `rosterd job --tenant {tenant} {id} --wait`",
             if full { "full reconcile" } else { "reconcile" }
         )?;
         return Ok(());
@@ -1580,10 +1608,17 @@ fn connectors_summary(
 
 fn job_line(job: &serde_json::Value) -> String {
     let s = |k: &str| job[k].as_str().unwrap_or("-").to_owned();
+    // What it covers beside why it ran: a full run, or one connector's.
+    let mut kind = s("kind");
+    if job["full"] == true {
+        kind.push_str(", full");
+    }
+    if let Some(c) = job["connector"].as_str() {
+        kind.push_str(&format!(", connector {c}"));
+    }
     let mut line = format!(
-        "job {} ({}): {}, started {}",
+        "job {} ({kind}): {}, started {}",
         s("job_id"),
-        s("kind"),
         s("status"),
         s("started_at")
     );

@@ -230,7 +230,13 @@ async fn resume(
     if !skipped.reconcile {
         return Ok(Json(answer).into_response());
     }
-    match crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", false).await {
+    // This connector's alone: another connector of the tenant, held or paused, would
+    // fail a reconciliation of them all (a recheck saw the skip's job end `failed`
+    // although its own part went out).
+    let only = Some(name.as_str());
+    match crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", false, only)
+        .await
+    {
         Ok(job) => answer["job"] = super::roster::job_json(&job),
         // Skipped all the same: the operator starts the reconciliation once the other
         // job has ended.

@@ -294,13 +294,14 @@ pub fn openapi_document() -> Value {
                 })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
-                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data.",
-                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}, "full": {"type": "boolean"}}, "additionalProperties": false}}}},
+                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data; {\"connector\": NAME} reconciles that connector alone (404 if the tenant has no connector of that name).",
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connector": {"type": "string", "description": "Only this connector; the others, held or paused, neither run nor fail the job"}}, "additionalProperties": false}}}},
                 "responses": common_errors(json!({
                     "202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"})),
                     "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "required": ["dry_run", "full", "connectors"], "properties": {
                         "dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
-                    "400": error_response("Malformed body")
+                    "400": error_response("Malformed body"),
+                    "404": error_response("The tenant has no connector of the name given as `connector` (not_found)")
                 }), &[("409", "A job is already running for this tenant (sync_in_progress)")])
             }},
             "/api/v1/roster/changes": {"get": {
@@ -422,7 +423,8 @@ pub fn openapi_document() -> Value {
                     "finished_at": {"type": ["string", "null"], "format": "date-time"},
                     "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "error": {"type": ["string", "null"]},
-                    "full": {"type": "boolean", "description": "Present, true, on a reconciliation that sent every object again"}}},
+                    "full": {"type": "boolean", "description": "Present, true, on a reconciliation that sent every object again"},
+                    "connector": {"type": "string", "description": "Present on a reconciliation of this connector alone"}}},
                 "Change": {"type": "object", "required": ["seq", "at", "resource_type", "id", "op"], "properties": {
                     "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
                     "resource_type": {"type": "string", "enum": ["User", "Group"]}, "id": {"type": "string", "description": "SCIM id"},
@@ -432,7 +434,9 @@ pub fn openapi_document() -> Value {
                     "members_removed": {"type": "array", "items": {"type": "string"}},
                     "assignment": {"$ref": "#/components/schemas/AssignmentState"},
                     "deactivated": {"type": "boolean", "description": "Present (true) when this change turned an active user inactive"},
-                    "reactivated": {"type": "boolean", "description": "Present (true) when this change turned an inactive user active again"}}},
+                    "reactivated": {"type": "boolean", "description": "Present (true) when this change turned an inactive user active again"},
+                    "groups": {"type": "array", "items": {"type": "string"}, "description": "On a deactivation or reactivation: the user's direct groups then"},
+                    "deleting_user": {"type": "boolean", "description": "Present (true) on a group change that removes a user being deleted (the deletion is the next change)"}}},
                 "DeadLetter": {"type": "object", "required": ["id", "connector", "at", "reason", "event"], "properties": {
                     "id": {"type": "integer", "description": "What DELETE …/dead-letters/{id} and …/replay take"},
                     "connector": {"type": "string"}, "at": {"type": "string", "format": "date-time"},

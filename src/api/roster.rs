@@ -1459,12 +1459,16 @@ pub(super) fn job_json(j: &Job) -> Value {
     if j.full {
         v["full"] = json!(true);
     }
+    if let Some(c) = &j.connector {
+        v["connector"] = json!(c);
+    }
     v
 }
 
 /// `POST /scim:sync`: start the reconcile job (202 with the job). With
 /// `{"dry_run": true}` nothing is started: the answer (200) lists, per connector, what
-/// reconciliation would send. `{"full": true}` sends every object again.
+/// reconciliation would send. `{"full": true}` sends every object again; `{"connector":
+/// NAME}` reconciles that connector alone.
 async fn start_sync(
     State(st): St,
     headers: HeaderMap,
@@ -1473,7 +1477,8 @@ async fn start_sync(
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
     let body = read_body(&st, &headers, body).await?;
-    const EXPECTED: &str = "expected {\"dry_run\": true|false, \"full\": true|false}";
+    const EXPECTED: &str =
+        "expected {\"dry_run\": true|false, \"full\": true|false, \"connector\": \"NAME\"}";
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     struct SyncBody {
@@ -1481,16 +1486,28 @@ async fn start_sync(
         dry_run: bool,
         #[serde(default)]
         full: bool,
+        #[serde(default)]
+        connector: Option<String>,
     }
-    let SyncBody { dry_run, full } = super::options_body(&headers, &body, EXPECTED)?;
+    let SyncBody {
+        dry_run,
+        full,
+        connector,
+    } = super::options_body(&headers, &body, EXPECTED)?;
+    let only = connector.as_deref();
     if dry_run {
         let mode = ReconcileMode { dry_run, full };
-        let reports = st.dispatch.reconcile(&caller.tenant, mode).await?;
+        let reports = st.dispatch.reconcile(&caller.tenant, mode, only).await?;
         return Ok(
             Json(json!({"dry_run": true, "full": full, "connectors": reports})).into_response(),
         );
     }
-    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", full)
+    // Named, it must be one of the tenant's: a typo would otherwise start a job that
+    // reconciles nothing and succeeds.
+    if let Some(name) = only {
+        st.dispatch.connector_status(&caller.tenant, name)?;
+    }
+    let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", full, only)
         .await
         .map_err(|e| match ApiError::from(e) {
             ApiError::SyncInProgress(None) => sync_in_progress(&st, &caller.tenant),

@@ -526,13 +526,19 @@ fn projected(target: &Value, desired: &Value) -> Value {
 }
 
 impl Dispatcher {
-    /// Reconcile every connector of `tenant`.
+    /// Reconcile every connector of `tenant`, or only the one named `connector`: after
+    /// one target was fixed, or a skip of what one connector's guard held, the others
+    /// (another held, paused or off) neither run nor fail the job.
     pub async fn reconcile(
         &self,
         tenant: &str,
         mode: ReconcileMode,
+        connector: Option<&str>,
     ) -> Result<Vec<DriftReport>, DispatchError> {
-        self.reconcile_kind(tenant, mode, None).await
+        if let Some(name) = connector {
+            self.find(tenant, name)?;
+        }
+        self.reconcile_kind(tenant, mode, None, connector).await
     }
 
     /// Write the files of every CSV connector of `tenant` now.
@@ -541,6 +547,7 @@ impl Dispatcher {
             tenant,
             ReconcileMode::default(),
             Some(crate::connectors::Kind::Csv),
+            None,
         )
         .await
     }
@@ -550,13 +557,18 @@ impl Dispatcher {
         tenant: &str,
         mode: ReconcileMode,
         only: Option<crate::connectors::Kind>,
+        named: Option<&str>,
     ) -> Result<Vec<DriftReport>, DispatchError> {
         let dry_run = mode.dry_run;
+        let chosen = |c: &crate::connectors::ConnectorConfig| {
+            c.tenant == tenant
+                && only.is_none_or(|k| k == c.kind)
+                && named.is_none_or(|n| n == c.name)
+        };
         let ctxs: Vec<Arc<Ctx>> = self
             .running()
             .values()
-            .filter(|r| r.config.tenant == tenant)
-            .filter(|r| only.is_none_or(|k| k == r.config.kind))
+            .filter(|r| chosen(&r.config))
             .filter_map(|r| r.ctx.clone())
             .collect();
         let mut out = Vec::new();
@@ -564,7 +576,7 @@ impl Dispatcher {
         // a job (or its dry run) does not read as covering every target while one is
         // behind. The export schedule concerns CSV files only, and no file says which
         // kind one of these is.
-        if only.is_none() {
+        if only.is_none() && named.is_none() {
             for h in self.held_cursors(tenant)? {
                 if h.cursor_name.ends_with(".dry-run") {
                     continue;
@@ -591,8 +603,7 @@ impl Dispatcher {
         let idle: Vec<(String, &'static str, Option<String>)> = self
             .running()
             .values()
-            .filter(|r| r.config.tenant == tenant && r.ctx.is_none())
-            .filter(|r| only.is_none_or(|k| k == r.config.kind))
+            .filter(|r| chosen(&r.config) && r.ctx.is_none())
             .map(|r| {
                 (
                     r.config.name.clone(),

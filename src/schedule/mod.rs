@@ -39,22 +39,24 @@ pub async fn start_reclassify(
     tenant: &str,
     kind: &str,
 ) -> Result<Job, JobError> {
-    start_job(state, tenant, kind, None).await
+    start_job(state, tenant, kind, None, None).await
 }
 
-/// Queue a reconciliation of `tenant`: reclassify, then repair every connector's drift;
-/// with `full`, send every object again (see [`ReconcileMode::full`]).
+/// Queue a reconciliation of `tenant`: reclassify, then repair every connector's drift
+/// (only `connector`'s, when named); with `full`, send every object again (see
+/// [`ReconcileMode::full`]).
 pub async fn start_reconcile(
     state: Arc<AppState>,
     tenant: &str,
     kind: &str,
     full: bool,
+    connector: Option<&str>,
 ) -> Result<Job, JobError> {
     let mode = ReconcileMode {
         dry_run: false,
         full,
     };
-    start_job(state, tenant, kind, Some(mode)).await
+    start_job(state, tenant, kind, Some(mode), connector).await
 }
 
 /// A job: a reclassification, followed by a reconciliation when `reconcile` is given.
@@ -63,8 +65,10 @@ async fn start_job(
     tenant: &str,
     kind: &str,
     reconcile: Option<ReconcileMode>,
+    connector: Option<&str>,
 ) -> Result<Job, JobError> {
-    let (job, slot) = claim(&state, tenant, kind, reconcile.is_some_and(|m| m.full)).await?;
+    let full = reconcile.is_some_and(|m| m.full);
+    let (job, slot) = claim(&state, tenant, kind, full, connector).await?;
     let queued = job.clone();
     let tenant = tenant.to_owned();
     tokio::spawn(async move {
@@ -92,7 +96,7 @@ async fn start_job(
                 // this one held the slot; without another pass, users passed before the
                 // reload would keep the old bundle's archetypes until the next restart.
                 tracing::info!(tenant = %tenant, "The archetype bundle changed while a job ran; reclassifying again.");
-                match claim(&state, &tenant, "bundle_change", false).await {
+                match claim(&state, &tenant, "bundle_change", false, None).await {
                     Ok((job, slot)) => next = Some((job, slot, None)),
                     // A job someone started meanwhile reclassifies with the new bundle.
                     Err(JobError::AlreadyRunning(_)) => {
@@ -142,6 +146,7 @@ async fn claim(
     tenant: &str,
     kind: &str,
     full: bool,
+    connector: Option<&str>,
 ) -> Result<(Job, Slot), JobError> {
     // The store holds the flag, under the tenant's write lock, so an override write is
     // either before the job or refused with 409 (never inside it).
@@ -161,6 +166,7 @@ async fn claim(
         counts: BTreeMap::new(),
         error: None,
         full,
+        connector: connector.map(str::to_owned),
     };
     state.store.put_job(tenant, job.clone()).await?;
     Ok((job, slot))
@@ -251,7 +257,11 @@ async fn run_job(
                 job.counts.insert("review_queue".into(), n);
             }
             if let Some(mode) = reconcile {
-                match state.dispatch.reconcile(tenant, mode).await {
+                match state
+                    .dispatch
+                    .reconcile(tenant, mode, job.connector.as_deref())
+                    .await
+                {
                     Ok(reports) => {
                         for r in &reports {
                             let mut add = |k: &str, v: u64| {
@@ -841,19 +851,21 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     // Whether this tenant's part failed: such a run is a WARN, which the
     // `journalctl -p warning` the README suggests shows.
     let (part, failed) = match name {
-        "reconcile" => match start_reconcile(state.clone(), tenant, "schedule", false).await {
-            // The job logs its own end, with its outcome.
-            Ok(job) => {
-                tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
-                return Some(Outcome::Done(ScheduledPart::Job(job.job_id)));
+        "reconcile" => {
+            match start_reconcile(state.clone(), tenant, "schedule", false, None).await {
+                // The job logs its own end, with its outcome.
+                Ok(job) => {
+                    tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
+                    return Some(Outcome::Done(ScheduledPart::Job(job.job_id)));
+                }
+                Err(JobError::AlreadyRunning(_)) => {
+                    let text = format!("{tenant}: skipped, a job is running");
+                    tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
+                    return Some(Outcome::Skipped(text));
+                }
+                Err(e) => (format!("{tenant}: failed: {e}"), true),
             }
-            Err(JobError::AlreadyRunning(_)) => {
-                let text = format!("{tenant}: skipped, a job is running");
-                tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
-                return Some(Outcome::Skipped(text));
-            }
-            Err(e) => (format!("{tenant}: failed: {e}"), true),
-        },
+        }
         "export" => match state.dispatch.export(tenant).await {
             Ok(r) => {
                 let failed = r.iter().filter(|r| r.failed > 0).count();

@@ -204,6 +204,9 @@ pub struct Job {
     /// A reconciliation that sent every object again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full: bool,
+    /// A reconciliation of this connector alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<String>,
 }
 
 /// Governance event filters.
@@ -1251,6 +1254,7 @@ mod tests {
             counts: Default::default(),
             error: None,
             full: false,
+            connector: None,
         };
         // The oldest of all is still running: it must survive any pruning.
         store

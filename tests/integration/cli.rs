@@ -1801,6 +1801,54 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
     }
 }
 
+/// `reconcile --connector` reconciles one connector, and its job says so; a name the
+/// tenant has no connector of is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_names_the_one_connector_it_reconciles() {
+    use crate::harness::TENANT;
+    use crate::oneroster::{OneRosterOptions, OneRosterServer};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = crate::reconcile::reading_back(&target).await;
+    d.idle().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let run = |extra: &'static [&'static str]| {
+        let mut args: Vec<String> = [
+            "reconcile",
+            "--tenant",
+            TENANT,
+            "--url",
+            &url,
+            "--token",
+            &admin,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rosterd_async(&args).await
+        }
+    };
+    let (ok, out, err) = run(&["--connector", "sis", "--full", "--wait"]).await;
+    assert!(ok, "{out}{err}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("(scim_sync, full, connector sis): succeeded"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["--connector", "sis"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.starts_with("reconcile of connector sis job scim-sync-"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["--connector", "nope"]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("404") && err.contains("nope"), "{err}");
+}
+
 /// A job's error carries a target's answer too: `reconcile --wait` and the schedule's
 /// line in `rosterd status` kept its line breaks, so a forged log line stood alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3391,18 +3391,19 @@ async fn a_held_deprovisioning_the_idp_undid_can_be_skipped() {
         r.body
     );
 
-    // Resumed without a skip, it sends every event it held; a job fails while any
-    // connector of the tenant is paused.
-    resumed(&d, "hooks").await;
-    caught_up(&d, "hooks").await;
-
+    // The skip's reconciliation is sis's alone: hooks, still held, does not fail it.
     let r = skip("sis").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body["skipped_through"].as_u64().is_some(), "{}", r.body);
+    assert_eq!(r.body["job"]["connector"], "sis", "{}", r.body);
     let job_id = r.body["job"]["job_id"].as_str().unwrap().to_owned();
     let job = crate::reconcile::wait_job(&d, &job_id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     caught_up(&d, "sis").await;
+    assert_eq!(connector(&d, "hooks").await["paused"], true);
+    // Resumed without a skip, it sends every event it held.
+    resumed(&d, "hooks").await;
+    caught_up(&d, "hooks").await;
 
     let disabled_puts = |id: &str| {
         let sid = sourced_id(&format!("User/{id}"));

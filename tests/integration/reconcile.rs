@@ -1305,6 +1305,86 @@ async fn a_reconciliation_names_connectors_that_do_not_run() {
     );
 }
 
+/// `{"connector": NAME}` reconciles that connector alone: another connector of the
+/// tenant that is paused (its target down) neither runs nor fails the job, which would
+/// fail a reconciliation of them all. A name the tenant has none of is refused, not
+/// reconciled as nothing.
+#[tokio::test]
+async fn a_reconciliation_of_one_connector_leaves_the_others_out() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let gone = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (down, text) = crate::mirror::oneroster_file("down", &gone, "");
+    // Paused at its first failure, and for the whole test.
+    let text = text.replace(
+        "pause_after_failures = 1000\npause_secs = 1",
+        "pause_after_failures = 1\npause_secs = 3600",
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            crate::mirror::oneroster_file("sis", &target, ""),
+            (down, text),
+        ],
+        env: crate::mirror::static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    gone.shutdown().await;
+    let ada = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    crate::mirror::paused(&d, "down").await;
+    let ada_sid = sourced_id(&format!("User/{ada}"));
+    assert!(target.tamper_user(&ada_sid, |u| u["givenName"] = json!("Mallory")));
+    let admin = d.jwt(TENANT, "roster:admin");
+
+    // All of them: the paused one fails the job.
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("down"), "{job}");
+
+    let named = |body: Value| d.roster(Method::POST, "/scim:sync", &admin, Some(body));
+    let r = named(json!({"dry_run": true, "connector": "sis"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed: Vec<&str> = r.body["connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["connector"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["sis"], "{}", r.body);
+    for body in [
+        json!({"connector": "nope"}),
+        json!({"dry_run": true, "connector": "nope"}),
+    ] {
+        let r = named(body).await;
+        assert_eq!(r.status, 404, "{}", r.body);
+        assert!(
+            r.body["message"].as_str().unwrap().contains("nope"),
+            "{}",
+            r.body
+        );
+    }
+
+    // A full run of it alone puts back what changed at its target.
+    let r = named(json!({"connector": "sis", "full": true})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["connector"], "sis", "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        (&job["connector"], &job["full"]),
+        (&json!("sis"), &json!(true))
+    );
+    // The course and ada, at sis only.
+    assert_eq!(job["counts"]["drift_checked"], 2, "{job}");
+    assert_ne!(
+        target.user(&ada_sid).unwrap()["givenName"],
+        "Mallory",
+        "{job}"
+    );
+    // The paused connector was not probed by it.
+    assert_eq!(crate::mirror::connector(&d, "down").await["paused"], true);
+}
+
 /// A job's `drift_found` and `drift_sent`.
 fn found_and_sent(job: &Value) -> (u64, u64) {
     let n = |k: &str| {
