@@ -657,7 +657,10 @@ impl Config {
                     Err(e) => (None, Some(e)),
                 };
                 OnDisk {
-                    changed: true,
+                    // A reload applies the tenants' tokens; an edit of them alone (a
+                    // rotation, done with reloads), or of comments, is nothing a restart
+                    // owes. An audit saw the rotation's reload say "restart rosterd".
+                    changed: edited.is_none() || !same_but_tokens(text, &now),
                     error,
                     edited,
                 }
@@ -686,17 +689,25 @@ impl Config {
         if let Some(u) = &self.server.public_url {
             // It prefixes every meta.location: without a scheme and host those are no
             // URIs, and a query, fragment or credentials would end up in their middle.
-            let ok = reqwest::Url::parse(u).is_ok_and(|url| {
-                matches!(url.scheme(), "http" | "https")
-                    && url.host().is_some()
-                    && url.query().is_none()
-                    && url.fragment().is_none()
-                    && url.username().is_empty()
-                    && url.password().is_none()
-            });
-            if !ok {
+            // Said by what is wrong with it (a query was refused as "not an http(s)
+            // URL"), and without the credentials it should not have.
+            let why = match reqwest::Url::parse(u) {
+                Err(_) => Some("is not a URL"),
+                Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => {
+                    Some("is not an http(s) URL with a host")
+                }
+                Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                    Some("must not carry a user name or password")
+                }
+                Ok(url) if url.query().is_some() || url.fragment().is_some() => {
+                    Some("must not carry a query or fragment")
+                }
+                Ok(_) => None,
+            };
+            if let Some(why) = why {
+                let shown = crate::connectors::http::recorded_url(u);
                 return Err(format!(
-                    "key `server.public_url`: {u:?} is not an http(s) URL such as \"https://rosterd.example.com\""
+                    "key `server.public_url`: {shown:?} {why}, as in \"https://rosterd.example.com\""
                 ));
             }
         }
@@ -949,6 +960,22 @@ impl Config {
     }
 }
 
+/// Whether two config texts say the same but for the tenants' SCIM tokens (and comments
+/// and layout): what a reload applies from an edited file.
+fn same_but_tokens(a: &str, b: &str) -> bool {
+    let without_tokens = |text: &str| {
+        let mut v = text.parse::<toml::Table>().ok()?;
+        if let Some(toml::Value::Array(tenants)) = v.get_mut("tenants") {
+            for t in tenants.iter_mut().filter_map(toml::Value::as_table_mut) {
+                t.remove("token_env");
+                t.remove("token_hashes");
+            }
+        }
+        Some(v)
+    };
+    matches!((without_tokens(a), without_tokens(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// An environment variable's name as errors show it. A secret pasted where its name
 /// belongs (`token_env = "eyJ…"`, or `SCIM_TOKEN=abc…` copied from an env file) would be
 /// printed back into the log, `/status` (which needs no token) and the terminal; a value
@@ -967,14 +994,16 @@ pub fn shown_env_name(var: &str) -> String {
     format!("\"{head}…\" ({} characters)", var.chars().count())
 }
 
-/// Whether `s` reads as an environment variable's name, shown in errors as it is.
+/// Whether `s` reads as an environment variable's name, shown in errors as it is: capitals,
+/// digits and `_`, as names are written. Lower case is a secret's: half the tokens
+/// `rosterd token new` prints (`rsd_` and base64url) have no `-`, and an audit saw one
+/// pasted into `token_env` printed whole; so can a Standard Webhooks secret be.
 fn is_env_name(s: &str) -> bool {
-    // A Standard Webhooks secret can be all letters, digits and `_`, a name's alphabet.
     !s.is_empty()
         && s.len() <= 128
-        && !s.starts_with("whsec_")
         && !s.starts_with(|c: char| c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// A TOML error as shown. The parser quotes the line it stopped at, and serde quotes a
@@ -1389,10 +1418,20 @@ mod tests {
         std::fs::write(&path, "version = 1\n").unwrap();
         let config = Config::load(&path).unwrap();
         assert!(!config.on_disk().changed);
+        // Comments, layout and the tenants' tokens are what a reload applies, or nothing.
         std::fs::write(&path, "version = 1\n# a comment\n").unwrap();
+        assert!(!config.on_disk().changed);
+        std::fs::write(&path, "version = 1\n[server]\ncache_mb = 64\n").unwrap();
         let now = config.on_disk();
         assert!(now.changed && now.error.is_none(), "{now:?}");
         assert!(!Config::load(&path).unwrap().on_disk().changed);
+        let tenant = "version = 1\n[[tenants]]\nid = \"t\"\ntoken_hashes = [\"sha256:{h}\"]\n";
+        let with_hash = |h: char| tenant.replace("{h}", &h.to_string().repeat(64));
+        std::fs::write(&path, with_hash('a')).unwrap();
+        let config = Config::load(&path).unwrap();
+        std::fs::write(&path, with_hash('b')).unwrap();
+        let now = config.on_disk();
+        assert!(!now.changed && now.edited.is_some(), "{now:?}");
         // An edit that would not load is told apart: a restart would fail on it.
         std::fs::write(&path, "version = 1\n[server]\nlistne = 1\n").unwrap();
         let now = config.on_disk();
@@ -1417,17 +1456,21 @@ mod tests {
         };
         assert!(with("https://rosterd.example.com").is_ok());
         assert!(with("http://10.0.0.1:8080/base").is_ok());
-        for bad in [
-            "rosterd.example.com",
-            "ftp://x.example",
-            "https://",
-            "",
-            "https://h.example?x=1",
-            "https://h.example#f",
-            "https://u:p@h.example",
+        for (bad, why) in [
+            ("rosterd.example.com", "is not a URL"),
+            ("ftp://x.example", "not an http(s) URL"),
+            ("https://", "is not a URL"),
+            ("", "is not a URL"),
+            ("https://h.example?x=1", "query or fragment"),
+            ("https://h.example#f", "query or fragment"),
+            ("https://u:s3cretpw@h.example", "user name or password"),
         ] {
             let err = with(bad).unwrap_err().to_string();
-            assert!(err.contains("server.public_url"), "{bad:?}: {err}");
+            assert!(
+                err.contains("server.public_url") && err.contains(why),
+                "{bad:?}: {err}"
+            );
+            assert!(!err.contains("s3cretpw"), "{err}");
         }
     }
 
@@ -1560,6 +1603,11 @@ mod tests {
         assert!(e.contains("localhost:8080"), "{e}");
 
         assert_eq!(shown_env_name("ROSTERD_DEMO_TOKEN"), "ROSTERD_DEMO_TOKEN");
+        // `rosterd token new`'s shape, without a `-`.
+        assert_eq!(
+            shown_env_name("rsd_hSeUiUfK8iJXrzm8VByacYDKCLvEI71AOmS9lG4VmHs"),
+            "\"rsd_…\" (47 characters)"
+        );
         assert_eq!(shown_env_name("T=abc"), "\"T=…\"");
         assert_eq!(
             shown_env_name("whsec_c2VjcmV0c2VjcmV0"),

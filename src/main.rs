@@ -209,7 +209,7 @@ struct DaemonArgs {
     /// Base URL of the daemon; defaults to http://<server.listen>.
     #[arg(long, global = true)]
     url: Option<String>,
-    /// A Roster API JWT (roster:read for status, job and listing dead letters, roster:write
+    /// A Roster API JWT (status needs none; roster:read for job and listing dead letters, roster:write
     /// for reconcile, roster:admin for resume, retire, replay and discard); by default one with
     /// roster:admin is minted from the config's HS256 secret for a minute. Prefer the
     /// environment variable: a command line is readable by every local user (ps).
@@ -516,7 +516,7 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
         Ok(store) => store,
         Err(e) if e.held_elsewhere() => {
             anyhow::bail!(
-                "{key}: rosterd is running on {} (it holds the store). Ask it for the backup instead: `sudo systemctl kill -s USR1 --kill-whom=main rosterd` (or `kill -USR1` its pid) writes one into {}, and `rosterd status` shows it when done",
+                "{key}: rosterd is running on {} (it holds the store). Ask it for the backup instead: `sudo systemctl kill -s USR1 --kill-who=main rosterd` (or `kill -USR1` its pid) writes one into {}, and `rosterd status` shows it when done",
                 dir.display(),
                 config.backup_dir().display()
             )
@@ -609,7 +609,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                     && !verifier.accepts_hs256()
                 {
                     note!(
-                        "warning: [api.jwt]: {} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd status`, `reconcile` and `dead-letters` cannot mint their own token; give them --token",
+                        "warning: [api.jwt]: {} is not set here: HS256 tokens would be refused (the public keys still verify theirs), and `rosterd job`, `reconcile`, `resume`, `retire` and `dead-letters` cannot mint their own token; give them --token (`rosterd status` needs none)",
                         rosterd::config::shown_env_name(var)
                     );
                 }

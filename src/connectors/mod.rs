@@ -187,6 +187,17 @@ impl ConnectorConfig {
             .map_err(|e| invalid(crate::config::masked_toml_error(&e.to_string(), text)))?;
         c.file = file.to_owned();
         c.validate().map_err(invalid)?;
+        // Taken and never used, they would read as settings in force.
+        if c.kind == Kind::Csv
+            && let Ok(table) = text.parse::<toml::Table>()
+            && let Some(key) = ["concurrency", "timeout_ms"]
+                .into_iter()
+                .find(|k| table.contains_key(*k))
+        {
+            return Err(invalid(format!(
+                "key `{key}`: a CSV connector sends no requests (it writes files, one write at a time); remove it"
+            )));
+        }
         if let Some(csv) = &mut c.csv
             && csv.dir.is_relative()
         {
@@ -721,6 +732,31 @@ secret_env = "HOOK_SECRET"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[csv] section"), "{err}");
+    }
+
+    /// A CSV connector sends no requests: keys for them are refused, not ignored.
+    #[test]
+    fn a_csv_connector_refuses_request_settings() {
+        let csv =
+            "kind = \"csv\"\nname = \"files\"\ntenant = \"demo\"\n{extra}[csv]\ndir = \"out\"\n";
+        let parse = |extra: &str| {
+            ConnectorConfig::parse(
+                &csv.replace("{extra}", extra),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse(""), Ok(()));
+        assert_eq!(parse("[retry]\npause_secs = 5\n"), Ok(()));
+        for key in ["concurrency = 4\n", "timeout_ms = 100\n"] {
+            let err = parse(key).unwrap_err();
+            assert!(
+                err.contains(key.split(' ').next().unwrap()) && err.contains("CSV"),
+                "{err}"
+            );
+        }
     }
 
     /// A secret written into the file (where only its variable's name belongs) is not

@@ -879,10 +879,17 @@ pub fn plan(
 
 /// The requests that check and prepare the target before any change is sent: the org
 /// must exist (GET), the course is created or updated (PUT).
-pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<Request> {
+/// Each with what it is about, for an error: the URL is shown by its host alone.
+pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<(String, Request)> {
     vec![
-        Request::get(settings.url(&format!("orgs/{}", settings.org_sourced_id))),
-        course_put(settings, now),
+        (
+            format!("the org {:?}", settings.org_sourced_id),
+            Request::get(settings.url(&format!("orgs/{}", settings.org_sourced_id))),
+        ),
+        (
+            format!("the course {:?}", settings.course_sourced_id),
+            course_put(settings, now),
+        ),
     ]
 }
 

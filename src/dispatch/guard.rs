@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::connectors::GuardConfig;
+use crate::connectors::{GuardConfig, Kind};
 use crate::store::{ChangeEvent, ChangeOp, Store, StoreError};
 
 /// How many changes a start reads back from the cursor for the deprovisions it sent:
@@ -105,6 +105,8 @@ impl Losses {
 
 pub(super) struct Guard {
     config: GuardConfig,
+    /// The connector's kind: what a resume does, which the hold's reason tells.
+    kind: Kind,
     users: Option<Window>,
     memberships: Option<Window>,
     /// Changes up to this one were let through by an operator's resume.
@@ -122,6 +124,7 @@ impl Guard {
     fn new(config: GuardConfig) -> Guard {
         Guard {
             config,
+            kind: Kind::Oneroster,
             users: config.users.map(Window::new),
             memberships: config.memberships.map(Window::new),
             approved_through: 0,
@@ -139,6 +142,7 @@ impl Guard {
     /// that was held).
     pub fn at_start(
         config: GuardConfig,
+        kind: Kind,
         store: &Store,
         tenant: &str,
         key: &str,
@@ -178,6 +182,7 @@ impl Guard {
         }
         found.reverse();
         let mut guard = Guard::new(config);
+        guard.kind = kind;
         guard.approved_through = approved_through;
         for (at, losses) in found {
             guard.count(at, &losses);
@@ -244,11 +249,26 @@ impl Guard {
             self.count(ev.at, &losses);
             return None;
         };
+        // What to do, by what a resume does for this kind: the line an operator reads
+        // in an incident (an audit saw it steer a delete-mode target's operator to the
+        // plain resume, which deletes the users and puts them back).
+        let resume = format!("`rosterd resume --tenant {tenant} {connector}`");
+        let next = match self.kind {
+            Kind::Oneroster => format!(
+                "if the identity provider meant it, {resume} sends them; if not, undo it there, then `rosterd resume --tenant {tenant} {connector} --skip-held` sends none of them and reconciles"
+            ),
+            Kind::Csv => format!(
+                "{resume} writes the files from the roster as it then stands: if the identity provider did not mean it, undo it there first"
+            ),
+            Kind::Webhook => format!(
+                "if the identity provider meant it, {resume} sends them; if not, undo it there first (the receivers then get both events, in order)"
+            ),
+        };
         Some(Held {
             seq: ev.seq,
             reason: format!(
-                "held by its [guard]: change #{seq} would {what}; if the identity provider meant it, `rosterd resume --tenant {tenant} {connector}` sends them; if not, undo it there first (the target then gets both, in order)",
-                seq = ev.seq,
+                "held by its [guard]: change #{seq} would {what}; {next}",
+                seq = ev.seq
             ),
         })
     }
@@ -511,5 +531,34 @@ mod tests {
         });
         let ev = group(1, "maths", ChangeOp::Deleted, &["a", "b", "c"], false);
         assert_eq!(g.check(&ev, "acme", "sis"), None);
+    }
+
+    /// The hold says what a resume does for the connector's kind: a OneRoster target's
+    /// operator is pointed to the skip, which a webhook connector cannot do.
+    #[test]
+    fn the_hold_tells_what_to_run_for_the_connectors_kind() {
+        let reason = |kind: Kind| {
+            let mut g = Guard::new(GuardConfig {
+                users: Some(1),
+                memberships: None,
+                minutes: 10,
+            });
+            g.kind = kind;
+            assert_eq!(g.check(&deleted(1, "u1"), "acme", "sis"), None);
+            g.check(&deleted(2, "u2"), "acme", "sis").unwrap().reason
+        };
+        let skip = "`rosterd resume --tenant acme sis --skip-held`";
+        let or = reason(Kind::Oneroster);
+        assert!(or.contains(skip), "{or}");
+        let hook = reason(Kind::Webhook);
+        assert!(
+            !hook.contains("--skip-held") && hook.contains("both events"),
+            "{hook}"
+        );
+        let csv = reason(Kind::Csv);
+        assert!(
+            !csv.contains("--skip-held") && csv.contains("writes the files"),
+            "{csv}"
+        );
     }
 }

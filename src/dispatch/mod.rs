@@ -707,7 +707,8 @@ impl Ctx {
             self.tenant().to_owned(),
             self.cursor_name(),
         );
-        blocking(move || guard::Guard::at_start(limit, &store, &tenant, &key, cursor))
+        let kind = self.config.kind;
+        blocking(move || guard::Guard::at_start(limit, kind, &store, &tenant, &key, cursor))
             .await
             .map(Some)
     }
@@ -936,7 +937,13 @@ impl Ctx {
         let counts = by != Sender::Operator;
         let name = self.name();
         if self.config.dry_run {
-            tracing::info!(method = %req.method, url = %req.url,
+            // The object's path is what a dry run is for (a webhook's has none, and may
+            // hold its secret); credentials in the URL are not.
+            let url = match self.target {
+                Target::Webhook { .. } => http::shown_url(&req.url),
+                _ => http::recorded_url(&req.url),
+            };
+            tracing::info!(method = %req.method, %url,
                 body = %req.body.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
                 "Dry run: would send.");
             return Sent::Ok;
@@ -1103,7 +1110,7 @@ impl Ctx {
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
                 .max(retry_after.unwrap_or_default());
-            tracing::debug!(url = %req.url, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            tracing::debug!(url = %http::shown_url(&req.url), %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             if counts {
                 // The soonest attempt still ahead: what an operator waits for.
                 let at = Deadline::after(delay);
@@ -1577,15 +1584,18 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     if let Target::OneRoster { settings, .. } = &ctx.target {
         // The org must exist and the course must be in place before any class.
         ctx.live.set_state("preflight");
-        for req in oneroster::preflight(settings, Utc::now()) {
+        for (what, req) in oneroster::preflight(settings, Utc::now()) {
             loop {
                 match ctx.send_preflight(&req).await {
                     Sent::Ok | Sent::Superseded => break,
                     Sent::Cancelled => return Ok(()),
                     Sent::Refused { reason, .. } => {
+                        // By its host alone: the base URL may carry credentials (an
+                        // audit saw a password in the unauthenticated /status).
                         ctx.live.pause_until_resumed(&format!(
-                            "preflight {} {} failed: {reason}",
-                            req.method, req.url
+                            "preflight {} of {what} at {} failed: {reason}",
+                            req.method,
+                            http::shown_url(&req.url)
                         ));
                         if !ctx.live.wait_unpaused(&ctx.cancel).await {
                             return Ok(());

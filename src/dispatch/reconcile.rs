@@ -960,7 +960,12 @@ async fn read_back(
         let req = Request::get(format!("{}?{query}", settings.url("users")));
         let (headers, body) = match ctx.send_for_body(&req).await {
             Ok(answer) => answer,
-            Err(reason) => break Some(format!("GET {} failed: {reason}", req.url)),
+            Err(reason) => {
+                break Some(format!(
+                    "GET of the users page at offset {offset} ({}) failed: {reason}",
+                    crate::connectors::http::shown_url(&req.url)
+                ));
+            }
         };
         // A login page from a proxy, or another shape of JSON, is not the end of the
         // list: taken as one, it would turn the repair off without a word.
@@ -969,8 +974,8 @@ async fn read_back(
             Err(e) => {
                 let start = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
                 break Some(format!(
-                    "GET {} answered something that is not a OneRoster users page (a JSON object with a `users` array of at most {READ_BACK_MAX_PAGE_USERS}): {e}; it begins {start:?}",
-                    req.url
+                    "GET of the users page at offset {offset} ({}) answered something that is not a OneRoster users page (a JSON object with a `users` array of at most {READ_BACK_MAX_PAGE_USERS}): {e}; it begins {start:?}",
+                    crate::connectors::http::shown_url(&req.url)
                 ));
             }
         };

@@ -440,7 +440,7 @@ impl ReloadSource {
     }
 }
 
-/// Write a backup at each SIGUSR1 (`systemctl kill -s USR1 --kill-whom=main rosterd`).
+/// Write a backup at each SIGUSR1 (`systemctl kill -s USR1 --kill-who=main rosterd`).
 async fn backup_on(
     mut usr1: tokio::signal::unix::Signal,
     state: Arc<AppState>,

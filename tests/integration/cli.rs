@@ -733,7 +733,7 @@ async fn daemon_commands_with_url_read_no_config() {
     };
 
     // An edit that loads but waits for a restart.
-    std::fs::write(&broken, format!("{good}\n# edited\n")).unwrap();
+    std::fs::write(&broken, format!("{good}\n[log]\nformat = \"json\"\n")).unwrap();
     let (ok, out, err) = cli(args(&["status"], &missing, &[])).await.unwrap();
     assert!(ok, "{err}");
     assert!(

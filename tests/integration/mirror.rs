@@ -1521,21 +1521,32 @@ async fn a_new_file_reusing_a_running_connectors_name_is_rejected_on_reload() {
     assert_eq!(other.request_total(), 0);
 }
 
+/// A preflight that fails pauses until the operator acts, and says which object failed
+/// without the base URL's credentials (an audit read a password in `/status`, which
+/// needs no token).
 #[tokio::test]
 async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     target.inject(Fault::status(404, 0).forever().on_path("/orgs/"));
+    let (name, text) = oneroster_file("sis", &target, "");
+    let with_password = text.replace("http://", "http://svc:Sup3rS3cretPw@");
+    assert_ne!(with_password, text);
     let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, "")],
+        connectors: vec![(name.clone(), with_password)],
         env: static_token_env(),
         ..Options::default()
     })
     .await;
     let c = paused(&d, "sis").await;
     assert_eq!(c["state"], "preflight", "{c}");
-    assert!(c["last_error"].as_str().unwrap().contains("404"), "{c}");
+    let error = c["last_error"].as_str().unwrap();
+    assert!(error.contains("404") && error.contains("the org"), "{c}");
+    let status = d.status().await.to_string();
+    assert!(status.contains("the org"), "{status}");
+    assert!(!status.contains("Sup3rS3cretPw"), "{status}");
     // The operator fixes the target and reloads, as the log tells them to.
     target.clear_faults();
+    std::fs::write(d.root.join("connectors").join(&name), text).unwrap();
     d.reload().await;
     let id = d.create_user("ada@acme.test").await;
     caught_up(&d, "sis").await;
@@ -3116,6 +3127,22 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
             .count()
     };
     held_by_guard(&d, &["sis", "hooks", "files"]).await;
+    // The reason says what to run: a skip only where there is one.
+    let skip = format!("rosterd resume --tenant {TENANT} sis --skip-held");
+    assert!(
+        connector(&d, "sis").await["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&skip)
+    );
+    let hooks = connector(&d, "hooks").await;
+    assert!(
+        !hooks["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("--skip-held"),
+        "{hooks}"
+    );
     // What was sent before the hold lands; nothing more comes.
     let deadline = tokio::time::Instant::now() + WAIT;
     while disabled() < 3 || hooked("roster.user_deactivated") < 3 {

@@ -184,8 +184,11 @@ async fn status_says_when_the_config_file_changed_since_start() {
     assert_eq!(d.status().await["config_changed_since_start"], false);
     let path = d.root.join("config.toml");
     let good = std::fs::read_to_string(&path).unwrap();
-    // A valid edit that a reload does not apply: no reload needed for status to see it.
+    // A comment is no change.
     std::fs::write(&path, format!("{good}\n# a new tenant goes here\n")).unwrap();
+    assert_eq!(d.status().await["config_changed_since_start"], false);
+    // A valid edit that a reload does not apply: no reload needed for status to see it.
+    std::fs::write(&path, format!("{good}\n[log]\nformat = \"json\"\n")).unwrap();
     let s = d.status().await;
     assert_eq!(s["config_changed_since_start"], true, "{s}");
     assert!(s["config_file_error"].is_null(), "{s}");
@@ -705,6 +708,20 @@ async fn a_scim_token_is_rotated_with_reloads() {
         (status(d.token.clone()).await, status(new.clone()).await),
         (401, 200)
     );
+    // A reload applied all of that edit: nothing waits for a restart (the status said it
+    // did, and the log asked for one, halfway through a rotation).
+    let changed = || async { d.status().await["config_changed_since_start"].clone() };
+    assert_eq!(changed().await, false);
+    // An edit a reload does not apply is still said.
+    std::fs::write(
+        &config,
+        first.replace(
+            &old_line,
+            &format!("token_hashes = [\"{new_hash}\"]\nreview_threshold = 0.5"),
+        ),
+    )
+    .unwrap();
+    assert_eq!(changed().await, true);
 
     with("token_hashes = [\"sha256:not-a-hash\"]".to_owned());
     d.reload().await;
