@@ -1801,6 +1801,21 @@ async fn a_targets_answer_reaches_the_terminal_escaped() {
     }
 }
 
+/// `rosterd reconcile` of the test tenant at the daemon at `url`, with `extra` flags.
+async fn reconcile_at(url: &str, token: &str, extra: &[&str]) -> (bool, String, String) {
+    use crate::harness::TENANT;
+    let base = [
+        "reconcile",
+        "--tenant",
+        TENANT,
+        "--url",
+        url,
+        "--token",
+        token,
+    ];
+    rosterd_async(&[&base[..], extra].concat()).await
+}
+
 /// `reconcile --connector` reconciles one connector, and its job says so; a name the
 /// tenant has no connector of is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1812,25 +1827,7 @@ async fn reconcile_names_the_one_connector_it_reconciles() {
     d.idle().await;
     let admin = d.jwt(TENANT, "roster:admin");
     let url = format!("http://{}", d.addr);
-    let run = |extra: &'static [&'static str]| {
-        let mut args: Vec<String> = [
-            "reconcile",
-            "--tenant",
-            TENANT,
-            "--url",
-            &url,
-            "--token",
-            &admin,
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            rosterd_async(&args).await
-        }
-    };
+    let run = |extra: &'static [&'static str]| reconcile_at(&url, &admin, extra);
     let (ok, out, err) = run(&["--connector", "sis", "--full", "--wait"]).await;
     assert!(ok, "{out}{err}");
     let last = out.lines().last().unwrap_or_default();
@@ -1865,17 +1862,7 @@ async fn a_jobs_error_keeps_a_targets_answer_on_its_own_lines() {
     );
     let admin = d.jwt(TENANT, "roster:admin");
     let url = format!("http://{}", d.addr);
-    let (ok, out, err) = rosterd_async(&[
-        "reconcile",
-        "--tenant",
-        TENANT,
-        "--url",
-        &url,
-        "--token",
-        &admin,
-        "--wait",
-    ])
-    .await;
+    let (ok, out, err) = reconcile_at(&url, &admin, &["--wait"]).await;
     assert!(!ok, "the job fails: {out}");
     for text in [&out, &err] {
         assert!(text.contains(r"\u{1b}[2Joops"), "{text}");

@@ -3259,15 +3259,7 @@ async fn a_guard_holds_a_deleted_users_enrollments_and_an_emptied_group() {
     for id in &leavers {
         assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
     }
-    held_by_guard(&d, &["sis"]).await;
-    let s = paused(&d, "sis").await;
-    assert!(
-        s["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("would make 3 users deactivated or deleted"),
-        "{s}"
-    );
+    held_saying(&d, "sis", "would make 3 users deactivated or deleted").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while user(&leavers[1]) != "tobedeleted" {
         assert!(
@@ -3303,15 +3295,12 @@ async fn a_guard_holds_a_deleted_users_enrollments_and_an_emptied_group() {
     assert_ne!(s["paused"], true, "{s}");
     let d = d.restart().await;
     assert_eq!(d.delete(&format!("/Groups/{maths}")).await.status, 204);
-    held_by_guard(&d, &["sis"]).await;
-    let s = paused(&d, "sis").await;
-    assert!(
-        s["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("would end 4 group memberships within 60 minutes, more than 3"),
-        "{s}"
-    );
+    held_saying(
+        &d,
+        "sis",
+        "would end 4 group memberships within 60 minutes, more than 3",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let class = sourced_id(&format!("Group/{maths}"));
     assert_eq!(target.classes()[&class]["status"], "active");
@@ -3337,6 +3326,13 @@ async fn set_active(d: &TestDaemon, id: &str, active: bool) {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Wait until `connector` is held by its guard, for a reason that says `what`.
+async fn held_saying(d: &TestDaemon, connector: &str, what: &str) {
+    held_by_guard(d, &[connector]).await;
+    let s = paused(d, connector).await;
+    assert!(s["last_error"].as_str().unwrap().contains(what), "{s}");
 }
 
 /// Wait until each of `connectors` is paused, held by its guard, and says how to resume it.
