@@ -705,7 +705,15 @@ impl Config {
                 Ok(_) => None,
             };
             if let Some(why) = why {
-                let shown = crate::connectors::http::recorded_url(u);
+                let mut shown = crate::connectors::http::recorded_url(u);
+                // The fragment is what may be wrong, and holds no credentials.
+                if let Some(f) = reqwest::Url::parse(u)
+                    .ok()
+                    .and_then(|u| u.fragment().map(str::to_owned))
+                {
+                    shown.push('#');
+                    shown.push_str(&f);
+                }
                 return Err(format!(
                     "key `server.public_url`: {shown:?} {why}, as in \"https://rosterd.example.com\""
                 ));

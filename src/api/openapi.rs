@@ -302,7 +302,7 @@ pub fn openapi_document() -> Value {
                         "dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
                     "400": error_response("Malformed body"),
                     "404": error_response("The tenant has no connector of the name given as `connector` (not_found)")
-                }), &[("409", "A job is already running for this tenant (sync_in_progress)")])
+                }), &[("409", "A job is already running for this tenant (sync_in_progress), or the connector named is disabled (conflict)")])
             }},
             "/api/v1/roster/changes": {"get": {
                 "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",

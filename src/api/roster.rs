@@ -1502,10 +1502,14 @@ async fn start_sync(
             Json(json!({"dry_run": true, "full": full, "connectors": reports})).into_response(),
         );
     }
-    // Named, it must be one of the tenant's: a typo would otherwise start a job that
-    // reconciles nothing and succeeds.
-    if let Some(name) = only {
-        st.dispatch.connector_status(&caller.tenant, name)?;
+    // Named, it must be one of the tenant's, and on: a typo, or a connector switched
+    // off, would otherwise start a job that reconciles nothing and succeeds.
+    if let Some(name) = only
+        && !st.dispatch.connector_status(&caller.tenant, name)?.enabled
+    {
+        return Err(ApiError::Conflict(format!(
+            "connector {name:?} is disabled (`enabled = false` in its file): nothing to reconcile; enable it and reload first"
+        )));
     }
     let job = crate::schedule::start_reconcile(st.clone(), &caller.tenant, "scim_sync", full, only)
         .await

@@ -140,6 +140,21 @@ pub struct AuthSettings {
 impl OneRosterSettings {
     pub(super) fn validate(&self) -> Result<(), String> {
         super::http::check_url("base_url", &self.base_url, true)?;
+        // The HTTP client sends a URL's user name and password as Basic credentials,
+        // ahead of the bearer token: a recheck saw every request refused (401).
+        for (key, url) in [
+            ("base_url", Some(&self.base_url)),
+            ("auth.token_url", self.auth.token_url.as_ref()),
+        ] {
+            if let Some(u) = url.and_then(|u| reqwest::Url::parse(u).ok())
+                && (!u.username().is_empty() || u.password().is_some())
+            {
+                return Err(format!(
+                    "key `{key}`: {} carries a user name or password, which would be sent in place of the bearer token; put the target's credentials in [oneroster.auth]",
+                    super::http::shown_url(u.as_str())
+                ));
+            }
+        }
         let a = &self.auth;
         match (&a.token_env, &a.token_url) {
             (Some(_), None) => {}
@@ -1487,6 +1502,27 @@ token_env = "T"
 "#,
         )
         .unwrap()
+    }
+
+    /// A URL's user name and password would go out as Basic credentials ahead of the
+    /// bearer token: refused, without being shown.
+    #[test]
+    fn credentials_in_a_url_are_refused() {
+        assert_eq!(settings().validate(), Ok(()));
+        let mut s = settings();
+        s.base_url = "http://svc:s3cretpw@t/or/".into();
+        let e = s.validate().unwrap_err();
+        assert!(
+            e.contains("base_url") && e.contains("[oneroster.auth]") && !e.contains("s3cretpw"),
+            "{e}"
+        );
+        let mut s = settings();
+        s.auth.token_env = None;
+        s.auth.token_url = Some("https://svc@idp.example/token".into());
+        s.auth.client_id = Some("c".into());
+        s.auth.client_secret_env = Some("C".into());
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("auth.token_url"), "{e}");
     }
 
     #[test]

@@ -77,6 +77,8 @@ struct Losses {
     users: Vec<String>,
     /// The memberships it ends while their users stay, as `group` U+001F `member`.
     memberships: Vec<String>,
+    /// Those it ends with their user's deletion (counted with the user, under `users`).
+    with_user: Vec<String>,
 }
 
 impl Losses {
@@ -87,12 +89,11 @@ impl Losses {
             // A user's removal from its groups is logged just before its deletion: it is
             // part of that deprovisioning, and counted as it, so a hold at that user
             // holds its enrollments too (they went out ahead of the hold before).
-            "Group" if ev.deleting_user => l.users.extend(ev.members_removed.iter().cloned()),
-            "Group" => l.memberships.extend(
-                ev.members_removed
-                    .iter()
-                    .map(|m| format!("{}\u{1f}{m}", ev.id)),
-            ),
+            "Group" if ev.deleting_user => {
+                l.users.extend(ev.members_removed.iter().cloned());
+                l.with_user.extend(membership_keys(ev));
+            }
+            "Group" => l.memberships.extend(membership_keys(ev)),
             _ => {}
         }
         l
@@ -101,6 +102,23 @@ impl Losses {
     fn is_empty(&self) -> bool {
         self.users.is_empty() && self.memberships.is_empty()
     }
+
+    /// As a guard counts them: without a `users` limit, a deleted user's memberships count
+    /// under `memberships` (a recheck saw a guard of memberships alone let 45 enrollments
+    /// go with 10 deleted users, under a limit of 30).
+    fn counted(mut self, users_limit: bool) -> Losses {
+        if !users_limit {
+            self.memberships.append(&mut self.with_user);
+        }
+        self
+    }
+}
+
+/// A group change's removed memberships, as `group` U+001F `member`.
+fn membership_keys(ev: &ChangeEvent) -> impl Iterator<Item = String> + '_ {
+    ev.members_removed
+        .iter()
+        .map(move |m| format!("{}\u{1f}{m}", ev.id))
 }
 
 pub(super) struct Guard {
@@ -168,7 +186,7 @@ impl Guard {
                 if ev.seq <= approved_through || ev.at <= newest - window {
                     break 'scan;
                 }
-                let losses = Losses::of(ev);
+                let losses = Losses::of(ev).counted(config.users.is_some());
                 if losses.is_empty() {
                     continue;
                 }
@@ -193,7 +211,7 @@ impl Guard {
     /// `ev` was sent before (acknowledged above the cursor): counted, never held.
     pub fn sent(&mut self, ev: &ChangeEvent) {
         if ev.seq > self.approved_through {
-            let losses = Losses::of(ev);
+            let losses = Losses::of(ev).counted(self.users.is_some());
             if !losses.is_empty() {
                 self.forget_before(ev.at);
                 self.count(ev.at, &losses);
@@ -227,7 +245,7 @@ impl Guard {
         if ev.seq <= self.approved_through {
             return None;
         }
-        let losses = Losses::of(ev);
+        let losses = Losses::of(ev).counted(self.users.is_some());
         if losses.is_empty() {
             return None;
         }
@@ -524,6 +542,26 @@ mod tests {
         }
         let ev = group(6, "maths", ChangeOp::Deleted, &["a", "b"], false);
         assert_eq!(g.check(&ev, "acme", "sis").map(|h| h.seq), Some(6));
+        // Without `users`, a deleted user's memberships count as memberships.
+        let mut g = Guard::new(GuardConfig {
+            users: None,
+            memberships: Some(2),
+            minutes: 10,
+        });
+        let mut check = |ev: ChangeEvent| g.check(&ev, "acme", "sis").map(|h| h.seq);
+        assert_eq!(
+            check(group(1, "maths", ChangeOp::Updated, &["u1"], true)),
+            None
+        );
+        assert_eq!(
+            check(group(2, "art", ChangeOp::Updated, &["u1"], true)),
+            None
+        );
+        assert_eq!(check(deleted(3, "u1")), None);
+        assert_eq!(
+            check(group(4, "maths", ChangeOp::Updated, &["u2"], true)),
+            Some(4)
+        );
         let mut g = Guard::new(GuardConfig {
             users: Some(1),
             memberships: None,

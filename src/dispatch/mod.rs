@@ -2455,7 +2455,7 @@ impl Dispatcher {
                 } else if reshaped.is_empty() {
                     tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
                 } else {
-                    tracing::warn!(%tenant, connector = %name, keys = %reshaped.join(", "), "Stopping connector to start it again: its file changes what it sends for objects the target already has, which stay as they are until a reconciliation: run `rosterd reconcile --tenant {tenant}` (or wait for the scheduled one).");
+                    tracing::warn!(%tenant, connector = %name, keys = %reshaped.join(", "), "Stopping connector to start it again: its file changes what it sends for objects the target already has, which stay as they are until a reconciliation: run `rosterd reconcile --tenant {tenant} --connector {name}` (or wait for the scheduled one).");
                 }
                 continue;
             }

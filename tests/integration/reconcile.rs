@@ -1293,6 +1293,21 @@ async fn a_reconciliation_names_connectors_that_do_not_run() {
     assert_eq!(off["not_loaded"], Value::Null, "{off}");
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
+    // Named alone, it is refused: a job would reconcile nothing and succeed.
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"connector": "off"})),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("disabled"),
+        "{}",
+        r.body
+    );
 
     // Its secret unset, a connector cannot start: the job fails, saying so.
     let d = d.restart_with(|o| o.env = vec![]).await;
