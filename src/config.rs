@@ -968,20 +968,42 @@ impl Config {
     }
 }
 
-/// Whether two config texts say the same but for the tenants' SCIM tokens (and comments
-/// and layout): what a reload applies from an edited file.
+/// Whether two config texts say the same but for what a reload applies of the tenants'
+/// SCIM tokens (and comments and layout): `token_hashes`, and a `token_env` removed. A
+/// `token_env` added or renamed names a variable the daemon read only at its start: a
+/// restart applies it (and fails if it is not set), so it stays a change.
 fn same_but_tokens(a: &str, b: &str) -> bool {
-    let without_tokens = |text: &str| {
-        let mut v = text.parse::<toml::Table>().ok()?;
-        if let Some(toml::Value::Array(tenants)) = v.get_mut("tenants") {
-            for t in tenants.iter_mut().filter_map(toml::Value::as_table_mut) {
+    fn tenants(v: &mut toml::Table) -> impl Iterator<Item = &mut toml::Table> {
+        v.get_mut("tenants")
+            .and_then(toml::Value::as_array_mut)
+            .into_iter()
+            .flatten()
+            .filter_map(toml::Value::as_table_mut)
+    }
+    let (Ok(mut x), Ok(mut y)) = (a.parse::<toml::Table>(), b.parse::<toml::Table>()) else {
+        return false;
+    };
+    let id = |t: &toml::Table| t.get("id").and_then(toml::Value::as_str).map(str::to_owned);
+    let env_before: Vec<(Option<String>, Option<toml::Value>)> = tenants(&mut x)
+        .map(|t| (id(t), t.get("token_env").cloned()))
+        .collect();
+    let mut applied = std::collections::HashSet::new();
+    for t in tenants(&mut y) {
+        let env = t.get("token_env");
+        let before = env_before.iter().find(|(i, _)| *i == id(t));
+        if env.is_none() || before.is_some_and(|(_, e)| e.as_ref() == env) {
+            applied.insert(id(t));
+        }
+    }
+    for v in [&mut x, &mut y] {
+        for t in tenants(v) {
+            t.remove("token_hashes");
+            if applied.contains(&id(t)) {
                 t.remove("token_env");
-                t.remove("token_hashes");
             }
         }
-        Some(v)
-    };
-    matches!((without_tokens(a), without_tokens(b)), (Some(x), Some(y)) if x == y)
+    }
+    x == y
 }
 
 /// An environment variable's name as errors show it. A secret pasted where its name
@@ -1440,6 +1462,23 @@ mod tests {
         std::fs::write(&path, with_hash('b')).unwrap();
         let now = config.on_disk();
         assert!(!now.changed && now.edited.is_some(), "{now:?}");
+        // A `token_env` removed is applied by a reload; one added or renamed names a
+        // variable read only at start: a restart applies it.
+        let with_env =
+            |env: &str| with_hash('a').replace("id = \"t\"\n", &format!("id = \"t\"\n{env}"));
+        std::fs::write(&path, with_env("token_env = \"OLD\"\n")).unwrap();
+        let config = Config::load(&path).unwrap();
+        std::fs::write(&path, with_hash('a')).unwrap();
+        assert!(!config.on_disk().changed);
+        std::fs::write(&path, with_env("token_env = \"NEW\"\n")).unwrap();
+        assert!(config.on_disk().changed);
+        let config = Config::load(&path).unwrap();
+        std::fs::write(&path, with_env("token_env = \"NEW\"\n# rotated\n")).unwrap();
+        assert!(!config.on_disk().changed);
+        std::fs::write(&path, with_hash('a')).unwrap();
+        let config = Config::load(&path).unwrap();
+        std::fs::write(&path, with_env("token_env = \"ADDED\"\n")).unwrap();
+        assert!(config.on_disk().changed);
         // An edit that would not load is told apart: a restart would fail on it.
         std::fs::write(&path, "version = 1\n[server]\nlistne = 1\n").unwrap();
         let now = config.on_disk();
