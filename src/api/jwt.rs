@@ -1028,6 +1028,73 @@ pub mod testing {
     }
 }
 
+/// The verifier in force, and what its key files held when it was built. Identity
+/// providers rotate their signing keys; the files were read only at start, so after a
+/// rotation every token with the new key was refused (401 `token_unknown_key`) until a
+/// restart. A reload re-reads the files and rebuilds the verifier when they changed.
+pub struct Verifiers {
+    current: std::sync::RwLock<Option<std::sync::Arc<JwtVerifier>>>,
+    files: std::sync::Mutex<Vec<u8>>,
+}
+
+/// What `public_keys` and `jwks_file` hold now (a file that cannot be read as its error).
+fn key_files(cfg: &JwtConfig, base_dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for path in cfg.public_keys.iter().chain(&cfg.jwks_file) {
+        let path = base_dir.join(path);
+        out.extend(path.to_string_lossy().as_bytes());
+        out.push(0);
+        match std::fs::read(&path) {
+            Ok(bytes) => out.extend(bytes),
+            Err(e) => out.extend(e.to_string().as_bytes()),
+        }
+        out.push(0);
+    }
+    out
+}
+
+impl Verifiers {
+    /// `verifier` as built at start from `cfg` (None: the Roster API is off).
+    pub fn new(verifier: Option<JwtVerifier>, cfg: Option<&JwtConfig>, base_dir: &Path) -> Self {
+        Verifiers {
+            current: std::sync::RwLock::new(verifier.map(std::sync::Arc::new)),
+            files: std::sync::Mutex::new(cfg.map(|c| key_files(c, base_dir)).unwrap_or_default()),
+        }
+    }
+
+    pub fn get(&self) -> Option<std::sync::Arc<JwtVerifier>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Rebuild from `cfg` if its key files changed since the last build: whether it did.
+    /// A build that fails (a file broken mid-edit) keeps the verifier in force, and the
+    /// next reload tries again. Only a verifier the start built is replaced: an API off
+    /// for want of keys or a secret takes a restart, as its config does.
+    pub fn reload(
+        &self,
+        cfg: &JwtConfig,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<bool, JwtError> {
+        if cfg.public_keys.is_empty() && cfg.jwks_file.is_none() || self.get().is_none() {
+            return Ok(false);
+        }
+        let now = key_files(cfg, base_dir);
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if *files == now {
+            return Ok(false);
+        }
+        let verifier = JwtVerifier::from_config(cfg, base_dir, env)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::sync::Arc::new(verifier));
+        *files = now;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -1420,6 +1487,39 @@ wUxy2SJnKlwFKtLGhwIDAQAB
     }
 
     // ---- JWKS ----
+
+    /// An issuer's key rotation: a reload re-reads the key files and rebuilds the
+    /// verifier when they changed; a broken file keeps the keys in force.
+    #[test]
+    fn a_reload_takes_keys_added_to_the_jwks_file() {
+        let dir = TempDir::new();
+        let one = json!({ "keys": [jwks_json()["keys"][0].clone()] });
+        let path = dir.write("jwks.json", &one.to_string());
+        let cfg = JwtConfig {
+            jwks_file: Some(path),
+            ..base_cfg()
+        };
+        let v = Verifiers::new(Some(build(&cfg, &dir).unwrap()), Some(&cfg), &dir.0);
+        let rotated = rs256(RSA2_PRIVATE, Some("r2"), &claims());
+        let verify = |t: &str| v.get().unwrap().verify(t).map(|_| ()).map_err(|e| e.code());
+        assert_eq!(verify(&rotated), Err("token_unknown_key"));
+        let reload = || {
+            v.reload(&cfg, &dir.0, &env_with_secret)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(reload(), Ok(false));
+        dir.write("jwks.json", &jwks_json().to_string());
+        assert_eq!(reload(), Ok(true));
+        assert_eq!(verify(&rotated), Ok(()));
+        assert_eq!(reload(), Ok(false));
+        dir.write("jwks.json", "{ not json");
+        assert!(reload().is_err());
+        assert_eq!(verify(&rotated), Ok(()));
+        // Tried again at the next reload, once fixed.
+        dir.write("jwks.json", &one.to_string());
+        assert_eq!(reload(), Ok(true));
+        assert_eq!(verify(&rotated), Err("token_unknown_key"));
+    }
 
     #[test]
     fn jwks_kid_selects_the_key() {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::classify::TenantPolicy;
 use crate::server::AppState;
 use crate::store::StoreError;
-use jwt::{JwtError, JwtVerifier, Principal, Scope};
+use jwt::{JwtError, Principal, Scope};
 
 pub use export::{COLUMNS, FORMULA_STARTS, confidence_cell, neutralize, write_roster_csv};
 pub use openapi::openapi_document;
@@ -478,7 +478,7 @@ impl TenantRoster {
 
 /// Roster API state shared by its handlers.
 pub struct RosterState {
-    pub verifier: Option<JwtVerifier>,
+    pub verifier: jwt::Verifiers,
     /// Why there is no verifier, told to callers.
     pub disabled: Option<String>,
     pub tenants: HashMap<String, TenantRoster>,
@@ -509,7 +509,7 @@ impl Caller {
 /// `X-Claresia-Tenant`), when sent, must agree with the token: a client cannot pick a
 /// tenant its token does not name.
 pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
-    let Some(verifier) = &state.roster.verifier else {
+    let Some(verifier) = state.roster.verifier.get() else {
         return Err(ApiError::Disabled(
             state.roster.disabled.clone().unwrap_or_default(),
         ));

@@ -199,7 +199,11 @@ pub async fn run_with_env(
         );
     }
     let roster = RosterState {
-        verifier,
+        verifier: crate::api::jwt::Verifiers::new(
+            verifier,
+            config.api.jwt.as_ref(),
+            &config.base_dir,
+        ),
         disabled: api_disabled,
         tenants,
         exports: Default::default(),
@@ -539,6 +543,23 @@ pub async fn reload(state: &Arc<AppState>) {
             Err(e) => {
                 failed += 1;
                 tracing::error!(error = %e, "SCIM tokens not reloaded; those in force stay.");
+            }
+        }
+    }
+    // An identity provider's key rotation needs no restart either.
+    if let Some(jwt) = &state.config.api.jwt {
+        match state
+            .roster
+            .verifier
+            .reload(jwt, &state.config.base_dir, &|v| (state.env)(v))
+        {
+            Ok(true) => tracing::info!(
+                "Roster API keys reloaded: public_keys and jwks_file as they are now."
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                failed += 1;
+                tracing::error!(error = %e, "Roster API keys not reloaded; those in force stay.");
             }
         }
     }
