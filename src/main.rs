@@ -563,9 +563,14 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     // Kept until the end, so that tenants naming one bundle share its training, as in
     // `serve`.
     let mut checked = Vec::new();
+    let mut archetypes: std::collections::HashMap<&str, Vec<String>> = Default::default();
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
             Ok(Some(p)) => {
+                archetypes.insert(
+                    &t.id,
+                    p.bundle().archetypes.iter().map(|a| a.id.clone()).collect(),
+                );
                 outln!(
                     "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
                     t.id,
@@ -667,6 +672,18 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     });
     let mut not_started = 0usize;
     for c in &connectors.connectors {
+        if let Some(known) = archetypes.get(c.tenant.as_str()) {
+            for id in c
+                .role_archetypes()
+                .filter(|id| !known.iter().any(|k| k == id))
+            {
+                note!(
+                    "warning: connector {:?}: roles names {id:?}, which tenant {:?}'s bundle has no archetype of; it maps no one (a typo gives those users default_role)",
+                    c.name,
+                    c.tenant
+                );
+            }
+        }
         asked_unset.store(false, Ordering::Relaxed);
         if let Err(e) = rosterd::dispatch::check_start(c, &env) {
             if !asked_unset.load(Ordering::Relaxed) {
@@ -1467,6 +1484,13 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, args: ReconcileArgs) -> Result<(
         )?;
         if let Some(p) = c["paused"].as_str() {
             outln!("    {p}")?;
+        }
+        // Else "0 would be sent" reads as a clean read-back of the whole target.
+        if let Some(why) = c["read_back_stopped"].as_str() {
+            outln!(
+                "    the read-back stopped early, so drift at the target may be missed: {}",
+                indented(why)
+            )?;
         }
         for i in c["items"].as_array().cloned().unwrap_or_default() {
             outln!(

@@ -178,6 +178,18 @@ fn default_timeout_ms() -> u64 {
 
 impl ConnectorConfig {
     /// Parse one drop-in file's text; `base_dir` resolves relative paths in it.
+    /// The archetype ids its OneRoster `roles` map (REST or CSV bundle): one the tenant's
+    /// bundle lacks maps no one, and its users get `default_role` without a word.
+    pub fn role_archetypes(&self) -> impl Iterator<Item = &str> {
+        let rest = self.oneroster.iter().flat_map(|o| o.roles.keys());
+        let csv = self
+            .csv
+            .iter()
+            .filter_map(|c| c.oneroster.as_ref())
+            .flat_map(|o| o.roles.keys());
+        rest.chain(csv).map(String::as_str)
+    }
+
     pub fn parse(text: &str, file: &Path, base_dir: &Path) -> Result<Self, ConnectorError> {
         let invalid = |message: String| ConnectorError::Invalid {
             file: file.to_owned(),

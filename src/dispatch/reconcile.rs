@@ -32,6 +32,9 @@ const UNCONFIRMED: u64 = 0;
 /// A CSV connector's report while its guard holds it: its files are not written.
 pub const HELD_CSV_NOTE: &str = "not written: the connector is held by its [guard]";
 
+/// A CSV connector's report when it has a `schedule` of its own: not written here.
+pub const OWN_SCHEDULE_CSV_NOTE: &str = "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation or the `export` schedule";
+
 /// Why every object drifts in a full reconciliation.
 const FULL: &str = "sent again in full";
 
@@ -649,10 +652,7 @@ impl Dispatcher {
                 // only at the scheduled time (and a second one that night): the
                 // connector's own schedule is the more particular one.
                 Target::Csv { settings } if settings.schedule.is_some() => {
-                    report.note = Some(
-                        "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation or the `export` schedule"
-                            .into(),
-                    );
+                    report.note = Some(OWN_SCHEDULE_CSV_NOTE.into());
                 }
                 // Its next write would carry what the guard holds.
                 Target::Csv { .. } if ctx.live.held() => {

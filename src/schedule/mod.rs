@@ -878,9 +878,19 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                     0 => String::new(),
                     n => format!(", {n} not written (held by its [guard])"),
                 };
+                // Neither is one that writes on its own schedule (a recheck read "2 CSV
+                // connector(s)" where one was written).
+                let own = r
+                    .iter()
+                    .filter(|r| r.note.as_deref() == Some(crate::dispatch::OWN_SCHEDULE_CSV_NOTE))
+                    .count();
+                let own = match own {
+                    0 => String::new(),
+                    n => format!(", {n} left to its own schedule"),
+                };
                 (
                     format!(
-                        "{tenant}: {} CSV connector(s), {failed} failed{held}",
+                        "{tenant}: {} CSV connector(s), {failed} failed{held}{own}",
                         r.len()
                     ),
                     failed > 0,

@@ -555,6 +555,36 @@ fn check_config_refuses_what_serve_would_not_run() {
     assert!(err.contains("never fires"), "{err}");
 }
 
+/// A OneRoster `roles` key that names no archetype of the tenant's bundle maps no one:
+/// said, since a typo would give those users the default role at the target.
+#[test]
+fn check_config_warns_of_roles_that_name_no_archetype() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::create_dir(dir.path().join("connectors")).unwrap();
+    std::fs::write(
+        dir.path().join("connectors/files.toml"),
+        "kind = \"csv\"\nname = \"files\"\ntenant = \"t\"\n[csv]\ndir = \"out\"\n[csv.oneroster]\norg_sourced_id = \"o\"\norg_name = \"O\"\ncourse_sourced_id = \"c\"\nroles = { eng_leed = \"teacher\", eng_lead = \"districtAdministrator\" }\n",
+    )
+    .unwrap();
+    let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("archetypes/demo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[connectors]\ndir = \"connectors\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\nbundle = {:?}\n",
+            bundle.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = rosterd_env(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert!(ok, "{out} {err}");
+    assert!(
+        err.contains("warning: connector \"files\": roles names \"eng_leed\""),
+        "{err}"
+    );
+    assert!(!err.contains("\"eng_lead\""), "{err}");
+}
+
 #[test]
 fn ordinary_errors_print_their_causes_without_a_backtrace() {
     let dir = tempfile::tempdir().unwrap();
@@ -1844,6 +1874,15 @@ async fn reconcile_names_the_one_connector_it_reconciles() {
     let (ok, out, err) = run(&["--connector", "nope"]).await;
     assert!(!ok, "{out}");
     assert!(err.contains("404") && err.contains("nope"), "{err}");
+    // A dry run whose read-back stopped says so under its connector.
+    target.inject(
+        crate::oneroster::Fault::answer(422, "no", 1)
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let (ok, out, err) = run(&["--connector", "sis", "--dry-run"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("the read-back stopped early"), "{out}");
 }
 
 /// A job's error carries a target's answer too: `reconcile --wait` and the schedule's

@@ -1258,6 +1258,14 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         !nightly.exists(),
         "the export wrote the scheduled connector's files"
     );
+    // Its result says so.
+    let result = d.status().await["schedules"]["export"]["last_result"].clone();
+    assert!(
+        result.as_str().is_some_and(
+            |r| r.contains("2 CSV connector(s)") && r.contains("1 left to its own schedule")
+        ),
+        "{result}"
+    );
 }
 
 /// A reconciliation names the connectors it did not reconcile because they do not run:
