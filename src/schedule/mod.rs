@@ -869,25 +869,25 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
         "export" => match state.dispatch.export(tenant).await {
             Ok(r) => {
                 let failed = r.iter().filter(|r| r.failed > 0).count();
-                // A connector its guard holds writes nothing: said, not counted as done.
-                let held = r
-                    .iter()
-                    .filter(|r| r.note.as_deref() == Some(crate::dispatch::HELD_CSV_NOTE))
-                    .count();
-                let held = match held {
-                    0 => String::new(),
-                    n => format!(", {n} not written (held by its [guard])"),
-                };
-                // Neither is one that writes on its own schedule (a recheck read "2 CSV
+                // Connectors it did not write, said, not counted as done: one its guard
+                // holds, and one that writes on its own schedule (a recheck read "2 CSV
                 // connector(s)" where one was written).
-                let own = r
+                let not_written = |note: &str, why: &str| match r
                     .iter()
-                    .filter(|r| r.note.as_deref() == Some(crate::dispatch::OWN_SCHEDULE_CSV_NOTE))
-                    .count();
-                let own = match own {
+                    .filter(|r| r.note.as_deref() == Some(note))
+                    .count()
+                {
                     0 => String::new(),
-                    n => format!(", {n} left to its own schedule"),
+                    n => format!(", {n} {why}"),
                 };
+                let held = not_written(
+                    crate::dispatch::HELD_CSV_NOTE,
+                    "not written (held by its [guard])",
+                );
+                let own = not_written(
+                    crate::dispatch::OWN_SCHEDULE_CSV_NOTE,
+                    "left to its own schedule",
+                );
                 (
                     format!(
                         "{tenant}: {} CSV connector(s), {failed} failed{held}{own}",
