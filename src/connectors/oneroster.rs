@@ -150,7 +150,7 @@ impl OneRosterSettings {
                 && (!u.username().is_empty() || u.password().is_some())
             {
                 return Err(format!(
-                    "key `{key}`: {} carries a user name or password, which would be sent in place of the bearer token; put the target's credentials in [oneroster.auth]",
+                    "key `{key}`: {} carries a user name or password, which the HTTP client would send as Basic credentials in place of those [oneroster.auth] gives; put the target's credentials there",
                     super::http::shown_url(u.as_str())
                 ));
             }

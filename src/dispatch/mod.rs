@@ -32,7 +32,9 @@ use tracing::Instrument;
 mod guard;
 mod reconcile;
 
-pub use reconcile::{DriftItem, DriftReport, HELD_CSV_NOTE, OWN_SCHEDULE_CSV_NOTE, ReconcileMode};
+pub use reconcile::{
+    DISABLED_NOTE, DriftItem, DriftReport, HELD_CSV_NOTE, OWN_SCHEDULE_CSV_NOTE, ReconcileMode,
+};
 
 use crate::config::EnvFn;
 use crate::connectors::http::{self, Outcome, Request};

@@ -32,6 +32,10 @@ const UNCONFIRMED: u64 = 0;
 /// A CSV connector's report while its guard holds it: its files are not written.
 pub const HELD_CSV_NOTE: &str = "not written: the connector is held by its [guard]";
 
+/// The report of a connector switched off (`enabled = false`).
+pub const DISABLED_NOTE: &str =
+    "disabled (`enabled = false`): not reconciled; its changes wait for it";
+
 /// A CSV connector's report when it has a `schedule` of its own: not written here.
 pub const OWN_SCHEDULE_CSV_NOTE: &str = "writes its files on its own schedule (connector key `csv.schedule`), not at a reconciliation or the `export` schedule";
 
@@ -621,11 +625,7 @@ impl Dispatcher {
                     let why = format!("{why}; its changes wait for it");
                     (why.clone(), Some(why))
                 }
-                None => (
-                    "disabled (`enabled = false`): not reconciled; its changes wait for it"
-                        .to_owned(),
-                    None,
-                ),
+                None => (DISABLED_NOTE.to_owned(), None),
             };
             out.push(DriftReport {
                 connector,
@@ -1069,7 +1069,7 @@ async fn read_back(
         }
     };
     if let Some(reason) = &stopped {
-        tracing::warn!(pages, users = offset, %reason, "Read-back stopped before the end of its window; what was read is repaired, changes at the target past it are not.");
+        tracing::warn!(pages, users = offset, %reason, "Read-back stopped before the end of its window; what was read is compared (and repaired, unless this is a dry run), changes at the target past it are not.");
     }
     Ok((out, stopped))
 }

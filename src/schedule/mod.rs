@@ -888,9 +888,11 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                     crate::dispatch::OWN_SCHEDULE_CSV_NOTE,
                     "left to its own schedule",
                 );
+                // And one switched off (the recheck's N2-3).
+                let off = not_written(crate::dispatch::DISABLED_NOTE, "disabled");
                 (
                     format!(
-                        "{tenant}: {} CSV connector(s), {failed} failed{held}{own}",
+                        "{tenant}: {} CSV connector(s), {failed} failed{held}{own}{off}",
                         r.len()
                     ),
                     failed > 0,

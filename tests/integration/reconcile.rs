@@ -1191,6 +1191,10 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         connectors: vec![
             csv("nightly", &format!("schedule = \"{NEW_YEAR}\"\n")),
             csv("live", "debounce_ms = 100\n"),
+            (
+                "off.toml".into(),
+                format!("kind = \"csv\"\nname = \"off\"\ntenant = \"{TENANT}\"\nenabled = false\n[csv]\ndir = \"off-out\"\n"),
+            ),
         ],
         // An export every second, which must leave `nightly` alone too.
         config_extra: "[schedules]\nexport = \"* * * * * *\"\n".into(),
@@ -1261,9 +1265,11 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     // Its result says so.
     let result = d.status().await["schedules"]["export"]["last_result"].clone();
     assert!(
-        result.as_str().is_some_and(
-            |r| r.contains("2 CSV connector(s)") && r.contains("1 left to its own schedule")
-        ),
+        result
+            .as_str()
+            .is_some_and(|r| r.contains("3 CSV connector(s)")
+                && r.contains("1 left to its own schedule")
+                && r.contains("1 disabled")),
         "{result}"
     );
 }
