@@ -673,10 +673,8 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let mut not_started = 0usize;
     for c in &connectors.connectors {
         if let Some(known) = archetypes.get(c.tenant.as_str()) {
-            for id in c
-                .role_archetypes()
-                .filter(|id| !known.iter().any(|k| k == id))
-            {
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            for id in c.unmapped_roles(&known) {
                 note!(
                     "warning: connector {:?}: roles names {id:?}, which tenant {:?}'s bundle has no archetype of; it maps no one (a typo gives those users default_role)",
                     c.name,

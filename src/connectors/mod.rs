@@ -178,16 +178,20 @@ fn default_timeout_ms() -> u64 {
 
 impl ConnectorConfig {
     /// Parse one drop-in file's text; `base_dir` resolves relative paths in it.
-    /// The archetype ids its OneRoster `roles` map (REST or CSV bundle): one the tenant's
-    /// bundle lacks maps no one, and its users get `default_role` without a word.
-    pub fn role_archetypes(&self) -> impl Iterator<Item = &str> {
+    /// The archetype ids its OneRoster `roles` map (REST or CSV bundle) that are not
+    /// among `archetypes` (its tenant's bundle): such a key maps no one, and a typo in it
+    /// gives those users `default_role` without a word.
+    pub fn unmapped_roles(&self, archetypes: &[&str]) -> Vec<&str> {
         let rest = self.oneroster.iter().flat_map(|o| o.roles.keys());
         let csv = self
             .csv
             .iter()
             .filter_map(|c| c.oneroster.as_ref())
             .flat_map(|o| o.roles.keys());
-        rest.chain(csv).map(String::as_str)
+        rest.chain(csv)
+            .map(String::as_str)
+            .filter(|id| !archetypes.contains(id))
+            .collect()
     }
 
     pub fn parse(text: &str, file: &Path, base_dir: &Path) -> Result<Self, ConnectorError> {
@@ -744,6 +748,26 @@ secret_env = "HOOK_SECRET"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[csv] section"), "{err}");
+    }
+
+    #[test]
+    fn roles_naming_no_archetype_are_found() {
+        let or = ConnectorConfig::parse(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("connectors/oneroster.toml.example"),
+            )
+            .unwrap(),
+            Path::new("x.toml"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            or.unmapped_roles(&["eng_lead", "it_admin"]),
+            Vec::<&str>::new()
+        );
+        assert_eq!(or.unmapped_roles(&["eng_lead"]), ["it_admin"]);
+        let hook = ConnectorConfig::parse(WEBHOOK, Path::new("x.toml"), Path::new(".")).unwrap();
+        assert!(hook.unmapped_roles(&[]).is_empty());
     }
 
     /// A CSV connector sends no requests: keys for them are refused, not ignored.

@@ -241,7 +241,9 @@ pub async fn run_with_env(
         config.tenants.iter().map(|t| t.id.clone()).collect(),
         dispatch_stop.clone(),
     );
-    dispatch.apply(config.load_connectors()).await;
+    let loaded = config.load_connectors();
+    warn_unmapped_roles(&roster, &loaded.connectors);
+    dispatch.apply(loaded).await;
     let backup_plan = crate::ops::backup::Plan::of(&config);
     let state = Arc::new(AppState {
         store: store.clone(),
@@ -482,6 +484,27 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
     }
 }
 
+/// Say (WARN) each OneRoster `roles` key that names no archetype of its tenant's bundle,
+/// as `check-config` does: the example files tell operators to copy and reload, which a
+/// warning from `check-config` alone would not reach.
+fn warn_unmapped_roles(roster: &RosterState, connectors: &[crate::connectors::ConnectorConfig]) {
+    for c in connectors {
+        let Some(policy) = roster.tenants.get(&c.tenant).and_then(|t| t.policy()) else {
+            continue;
+        };
+        let ids: Vec<&str> = policy
+            .bundle()
+            .archetypes
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect();
+        let unmapped = c.unmapped_roles(&ids);
+        if !unmapped.is_empty() {
+            tracing::warn!(tenant = %c.tenant, connector = %c.name, roles = %unmapped.join(", "), "The connector's roles name archetypes its tenant's bundle does not have: they map no one, and a typo there gives those users default_role.");
+        }
+    }
+}
+
 /// Re-read the connectors directory and every tenant's archetype bundle. Requests keep
 /// being served throughout; a connector or bundle that fails to load is reported and the
 /// previous one (for bundles) or none (for connector files) stays in effect.
@@ -522,6 +545,8 @@ pub async fn reload(state: &Arc<AppState>) {
             }
         }
     }
+    // Judged after the bundles below are reloaded: a reload may change either side.
+    let configs = loaded.connectors.clone();
     let errors = state.dispatch.apply(loaded).await;
     let mut failed = errors.len() + usize::from(config_failed.is_some());
     // A leaked SCIM token is replaced without a restart: the new one added beside it,
@@ -628,6 +653,7 @@ pub async fn reload(state: &Arc<AppState>) {
             }
         }
     }
+    warn_unmapped_roles(&state.roster, &configs);
     state
         .reloads
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
