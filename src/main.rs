@@ -561,16 +561,11 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     }
     let mut bad_bundles = 0usize;
     // Kept until the end, so that tenants naming one bundle share its training, as in
-    // `serve`.
-    let mut checked = Vec::new();
-    let mut archetypes: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    // `serve`, and the connectors' roles are checked against them.
+    let mut checked = std::collections::HashMap::new();
     for t in &config.tenants {
         match rosterd::classify::TenantPolicy::load(t, &config.base_dir) {
             Ok(Some(p)) => {
-                archetypes.insert(
-                    &t.id,
-                    p.bundle().archetypes.iter().map(|a| a.id.clone()).collect(),
-                );
                 outln!(
                     "tenant {}: bundle version {} ({} archetypes) trained in {:.1} s",
                     t.id,
@@ -592,7 +587,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                 for note in repeated_examples(p.bundle()) {
                     outln!("    note: {note}")?;
                 }
-                checked.push(p);
+                checked.insert(t.id.as_str(), p);
             }
             Ok(None) => outln!("tenant {}: no bundle (users get no archetype)", t.id)?,
             Err(e) => {
@@ -672,9 +667,8 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     });
     let mut not_started = 0usize;
     for c in &connectors.connectors {
-        if let Some(known) = archetypes.get(c.tenant.as_str()) {
-            let known: Vec<&str> = known.iter().map(String::as_str).collect();
-            for id in c.unmapped_roles(&known) {
+        if let Some(p) = checked.get(c.tenant.as_str()) {
+            for id in c.unmapped_roles(&p.bundle().archetype_ids()) {
                 note!(
                     "warning: connector {:?}: roles names {id:?}, which tenant {:?}'s bundle has no archetype of; it maps no one (a typo gives those users default_role)",
                     c.name,

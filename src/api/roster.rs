@@ -1122,7 +1122,7 @@ async fn list_archetypes(
     let tenant = caller.tenant;
     blocking(move || {
         let archetypes = &policy.bundle().archetypes;
-        let ids: Vec<&str> = archetypes.iter().map(|a| a.id.as_str()).collect();
+        let ids = policy.bundle().archetype_ids();
         let counts = st.store.archetype_user_counts(&tenant, &ids)?;
         let mut out = Vec::new();
         for (a, (users, active)) in archetypes.iter().zip(counts) {

@@ -273,6 +273,11 @@ impl Bundle {
         self.archetypes.iter().find(|a| a.id == id)
     }
 
+    /// Its archetypes' ids, in the bundle's order.
+    pub fn archetype_ids(&self) -> Vec<&str> {
+        self.archetypes.iter().map(|a| a.id.as_str()).collect()
+    }
+
     /// Hex FNV-1a-128 of the canonical TOML: equal bundles give equal
     /// fingerprints on every platform and build.
     pub fn fingerprint(&self) -> String {

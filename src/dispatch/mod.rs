@@ -481,10 +481,15 @@ impl Live {
 
     /// Lift a pause and start counting failures afresh; `by` says who, for the log.
     /// Whether it was paused.
-    fn resume(&self, by: &str) -> bool {
-        self.failures_in_a_row.store(0, Ordering::Relaxed);
+    /// Failures are counted from nothing again: a new round begins.
+    fn count_afresh(&self) {
+        self.failures_in_a_row.store(0, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.failing_requests.store(0, Ordering::Release);
+    }
+
+    fn resume(&self, by: &str) -> bool {
+        self.count_afresh();
         let mut h = self.health();
         let was_paused = h.pause.and_then(Pause::until).is_some();
         h.pause = None;
@@ -565,9 +570,7 @@ impl Live {
                 // else waiting, its next failure pauses again, as a dead target's probe
                 // does (counted afresh, it took three attempts and let the pause show
                 // as over between them).
-                self.failures_in_a_row.store(0, Ordering::Release);
-                self.epoch.fetch_add(1, Ordering::AcqRel);
-                self.failing_requests.store(0, Ordering::Release);
+                self.count_afresh();
             }
             tracing::info!("Pause over; trying the target again.");
         }

@@ -225,12 +225,7 @@ async fn run_job(
                 tracing::warn!(error = %e, "Cannot record the bundle fingerprint; the next start reclassifies again.");
             }
             if let Some(p) = &policy {
-                let known: Vec<&str> = p
-                    .bundle()
-                    .archetypes
-                    .iter()
-                    .map(|a| a.id.as_str())
-                    .collect();
+                let known = p.bundle().archetype_ids();
                 match state.store.archetypes_held_outside(tenant, &known) {
                     Ok(orphans) if !orphans.is_empty() => {
                         let list: Vec<String> = orphans

@@ -492,13 +492,7 @@ fn warn_unmapped_roles(roster: &RosterState, connectors: &[crate::connectors::Co
         let Some(policy) = roster.tenants.get(&c.tenant).and_then(|t| t.policy()) else {
             continue;
         };
-        let ids: Vec<&str> = policy
-            .bundle()
-            .archetypes
-            .iter()
-            .map(|a| a.id.as_str())
-            .collect();
-        let unmapped = c.unmapped_roles(&ids);
+        let unmapped = c.unmapped_roles(&policy.bundle().archetype_ids());
         if !unmapped.is_empty() {
             tracing::warn!(tenant = %c.tenant, connector = %c.name, roles = %unmapped.join(", "), "The connector's roles name archetypes its tenant's bundle does not have: they map no one, and a typo there gives those users default_role.");
         }

@@ -433,8 +433,7 @@ fn bad_bundles_and_configs_name_the_problem() {
         "an unset secret leaves the API off, serve still starts: {err}"
     );
     assert!(err.contains("ROSTERD_CLI_TEST_UNSET"), "{out} {err}");
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::write(dir.path().join("connectors/bad.toml"), "kind = \"ftp\"\n").unwrap();
+    connector_file(dir.path(), "bad.toml", "kind = \"ftp\"\n");
     let (ok, _, err) = check(tenant(fixture, "[connectors]\ndir = \"connectors\"\n"));
     assert!(!ok);
     assert!(err.contains("bad.toml"), "{err}");
@@ -471,16 +470,21 @@ fn output_to_a_reader_that_goes_away_ends_quietly() {
     assert_eq!(&first[..6], b"title,");
 }
 
+/// Write connector file `name` into `dir`'s `connectors` directory, made if need be.
+fn connector_file(dir: &std::path::Path, name: &str, text: &str) {
+    std::fs::create_dir_all(dir.join("connectors")).unwrap();
+    std::fs::write(dir.join("connectors").join(name), text).unwrap();
+}
+
 #[test]
 fn check_config_refuses_what_serve_would_not_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::write(
-        dir.path().join("connectors/hook.toml"),
+    connector_file(
+        dir.path(),
+        "hook.toml",
         "kind = \"webhook\"\nname = \"hr-events\"\ntenant = \"t\"\n[webhook]\nurl = \"https://hooks.example.com/x\"\nsecret_env = \"ROSTERD_CLI_TEST_HOOK_SECRET\"\n",
-    )
-    .unwrap();
+    );
     let check = |extra: &str, env: &[(&str, &str)]| {
         std::fs::write(
             &config,
@@ -541,11 +545,11 @@ fn check_config_refuses_what_serve_would_not_run() {
     assert!(!ok);
     assert!(err.contains("RUST_LOG") && err.contains("verbose"), "{err}");
     // A CSV connector's own schedule too.
-    std::fs::write(
-        dir.path().join("connectors/roster.toml"),
+    connector_file(
+        dir.path(),
+        "roster.toml",
         "kind = \"csv\"\nname = \"nightly\"\ntenant = \"t\"\n[csv]\ndir = \"out\"\nschedule = \"0 0 0 30 2 *\"\n",
-    )
-    .unwrap();
+    );
     let (ok, out, err) = check("", &[("ROSTERD_CLI_TEST_HOOK_SECRET", good)]);
     assert!(!ok, "{out}");
     assert!(
@@ -561,12 +565,11 @@ fn check_config_refuses_what_serve_would_not_run() {
 fn check_config_warns_of_roles_that_name_no_archetype() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
-    std::fs::create_dir(dir.path().join("connectors")).unwrap();
-    std::fs::write(
-        dir.path().join("connectors/files.toml"),
+    connector_file(
+        dir.path(),
+        "files.toml",
         "kind = \"csv\"\nname = \"files\"\ntenant = \"t\"\n[csv]\ndir = \"out\"\n[csv.oneroster]\norg_sourced_id = \"o\"\norg_name = \"O\"\ncourse_sourced_id = \"c\"\nroles = { eng_leed = \"teacher\", eng_lead = \"districtAdministrator\" }\n",
-    )
-    .unwrap();
+    );
     let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("archetypes/demo.toml");
     std::fs::write(
         &config,

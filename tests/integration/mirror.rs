@@ -881,13 +881,7 @@ async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
     let id = d.create_user("ada@acme.test").await;
     // As Okta sends them: a replace without a path.
     for active in [false, true] {
-        let r = d
-            .patch(
-                &format!("/Users/{id}"),
-                patch_op(json!([{"op": "replace", "value": {"active": active}}])),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        set_active(&d, &id, active).await;
     }
     caught_up(&d, "hooks").await;
     let got = hook.deliveries();
@@ -3063,30 +3057,19 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let guard = "[guard]\nusers = 3\nminutes = 60\n";
-    let (hook_file, hook_text) = named_webhook_file(
-        "hooks",
+    let d = guarded_daemon(
+        &target,
         &hook,
         r#"["roster.user_deactivated", "roster.user_updated"]"#,
-    );
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![
-            oneroster_file("sis", &target, guard),
-            (hook_file, format!("{hook_text}{guard}")),
-            (
-                "files.toml".into(),
-                // One write for the whole burst, which the guard reads before it.
-                format!(
-                    "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 2000\n"
-                ),
+        guard,
+        vec![(
+            "files.toml".into(),
+            // One write for the whole burst, which the guard reads before it.
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 2000\n"
             ),
-        ],
-        env: [
-            static_token_env(),
-            vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ]
-        .concat(),
-        ..Options::default()
-    })
+        )],
+    )
     .await;
     let mut ids = Vec::new();
     for i in 0..8 {
@@ -3330,6 +3313,33 @@ async fn set_active(d: &TestDaemon, id: &str, active: bool) {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// A daemon whose OneRoster connector `sis` (to `target`) and webhook connector `hooks`
+/// (to `hook`, for `events`) carry `guard`, with `more` connector files beside them.
+async fn guarded_daemon(
+    target: &OneRosterServer,
+    hook: &WebhookServer,
+    events: &str,
+    guard: &str,
+    more: Vec<(String, String)>,
+) -> TestDaemon {
+    let (hook_file, hook_text) = named_webhook_file("hooks", hook, events);
+    let mut connectors = vec![
+        oneroster_file("sis", target, guard),
+        (hook_file, format!("{hook_text}{guard}")),
+    ];
+    connectors.extend(more);
+    TestDaemon::start_with(Options {
+        connectors,
+        env: [
+            static_token_env(),
+            vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ]
+        .concat(),
+        ..Options::default()
+    })
+    .await
+}
+
 /// Wait until `connector` is held by its guard, for a reason that says `what`.
 async fn held_saying(d: &TestDaemon, connector: &str, what: &str) {
     held_by_guard(d, &[connector]).await;
@@ -3359,20 +3369,7 @@ async fn a_held_deprovisioning_the_idp_undid_can_be_skipped() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let guard = "[guard]\nusers = 2\nminutes = 60\n";
-    let (hook_file, hook_text) = named_webhook_file("hooks", &hook, "[]");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![
-            oneroster_file("sis", &target, guard),
-            (hook_file, format!("{hook_text}{guard}")),
-        ],
-        env: [
-            static_token_env(),
-            vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ]
-        .concat(),
-        ..Options::default()
-    })
-    .await;
+    let d = guarded_daemon(&target, &hook, "[]", guard, vec![]).await;
     let admin = d.jwt(TENANT, "roster:admin");
     let skip = |name: &'static str| {
         let (d, admin) = (&d, admin.clone());
