@@ -1749,6 +1749,20 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
             "config file changed since start: its tenants, group rules, server and schedules apply at the next restart (rosterd check-config first)"
         )?;
     }
+    if let Some(errors) = s["reload_errors"].as_object() {
+        for (part, e) in errors {
+            let what = match part.as_str() {
+                "scim_tokens" => "SCIM TOKENS NOT reloaded",
+                "api_keys" => "ROSTER API KEYS NOT reloaded",
+                _ => part.as_str(),
+            };
+            outln!(
+                "{what} ({}), those in force stay until a reload applies them:\n    {}",
+                time_of(&e["at"]),
+                str_of(&e["error"]).trim_end().replace('\n', "\n    ")
+            )?;
+        }
+    }
     let store_error = &s["store"]["error"];
     if store_error.is_object() {
         outln!(

@@ -18,7 +18,8 @@
 //!   `rosterd_changelog_last_seq{tenant}`, `rosterd_users{tenant,active}`,
 //!   `rosterd_groups{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
-//!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands).
+//!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands);
+//!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys.
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher); `rosterd_deliveries_total`
 //! (with `outcome`), `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
@@ -63,6 +64,7 @@ pub const BUNDLE_ARCHETYPES: &str = "rosterd_bundle_archetypes";
 pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 pub const STORE_FAILED: &str = "rosterd_store_failed";
+pub const RELOAD_FAILED: &str = "rosterd_reload_failed";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
 pub const BACKUP_LAST_SUCCESS: &str = "rosterd_backup_last_success_timestamp_seconds";
 pub const BACKUP_SIZE: &str = "rosterd_backup_size_bytes";
@@ -213,6 +215,10 @@ fn describe() {
     metrics::describe_gauge!(
         BUNDLE_RELOAD_FAILED,
         "1 while the last reload of the tenant's bundle failed (the previous one serves; /status says whether a restart would load the file), else 0."
+    );
+    metrics::describe_gauge!(
+        RELOAD_FAILED,
+        "1 while the last reload did not apply the `part` (scim_tokens: the tenants' token_env and token_hashes; api_keys: the Roster API's public_keys and jwks_file), so the previous ones stay in force (/status says why), else 0."
     );
     metrics::describe_gauge!(
         STORE_FAILED,
@@ -440,6 +446,16 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     } else {
         0.0
     });
+    let reload_errors = st.reload_errors.get();
+    for part in crate::server::Reloadable::ALL {
+        metrics::gauge!(RELOAD_FAILED, "part" => part.as_str()).set(
+            if reload_errors.contains_key(&part) {
+                1.0
+            } else {
+                0.0
+            },
+        );
+    }
     for c in st.dispatch.status(None) {
         let gauges = ConnectorGauges {
             loaded: !c.not_started,

@@ -152,6 +152,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "connector_errors": st.dispatch.load_errors(),
         "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
+        // By part ("scim_tokens", "api_keys"): what a reload could not apply, so the old
+        // tokens or keys are still in force.
+        "reload_errors": st.reload_errors.get(),
         // Read at each call, so an edit not yet followed by a reload shows too: one that
         // would not load (a restart would fail), or one that waits for a restart (a
         // reload does not apply tenants, group rules, server or schedules).

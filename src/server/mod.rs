@@ -85,11 +85,74 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
+    /// What the reloads could not apply of the tenants' SCIM tokens and the Roster API's
+    /// key files, for `/status` and the metrics.
+    pub reload_errors: ReloadErrors,
     pub schedules: crate::schedule::Schedules,
     /// Online backups of the store (`[backup]`, the `backup` schedule, SIGUSR1).
     pub backups: crate::ops::backup::Backups,
     /// The environment secrets are read from; a reload reads SCIM tokens through it.
     pub env: EnvFn,
+}
+
+/// A part of the config a reload applies without a restart, and that can fail to apply
+/// on its own while the rest reloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reloadable {
+    /// The tenants' `token_env` and `token_hashes`.
+    ScimTokens,
+    /// `[api.jwt]`'s `public_keys` and `jwks_file`.
+    ApiKeys,
+}
+
+impl Reloadable {
+    pub const ALL: [Reloadable; 2] = [Reloadable::ScimTokens, Reloadable::ApiKeys];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reloadable::ScimTokens => "scim_tokens",
+            Reloadable::ApiKeys => "api_keys",
+        }
+    }
+}
+
+/// Why a reload did not apply a part, and when: the old tokens or keys stay in force, so
+/// an operator who rotated them must see that the rotation did not happen. The log said
+/// so once; `/status` and the metrics keep saying it until a reload applies the part.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadError {
+    pub error: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Default)]
+pub struct ReloadErrors(std::sync::Mutex<std::collections::BTreeMap<Reloadable, ReloadError>>);
+
+impl ReloadErrors {
+    /// Record what the reload did with `part`: an error stands until a later reload
+    /// applies the part.
+    pub fn record<E: std::fmt::Display>(&self, part: Reloadable, outcome: Result<(), E>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(()) => {
+                map.remove(&part);
+            }
+            Err(e) => {
+                map.insert(
+                    part,
+                    ReloadError {
+                        error: e.to_string(),
+                        at: chrono::Utc::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn get(&self) -> std::collections::BTreeMap<Reloadable, ReloadError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// What makes a running daemon reload its connectors and archetype bundles.
@@ -257,6 +320,7 @@ pub async fn run_with_env(
         started_at: chrono::Utc::now(),
         started: std::time::Instant::now(),
         reloads: Default::default(),
+        reload_errors: Default::default(),
         schedules: Default::default(),
         backups: crate::ops::backup::Backups::new(backup_plan),
         env: env.clone(),
@@ -553,7 +617,8 @@ pub async fn reload(state: &Arc<AppState>) {
         (None, true) => None,
     };
     if let Some(tenants) = tenants {
-        match state.tokens.reload(tenants, |v| (state.env)(v)) {
+        let outcome = state.tokens.reload(tenants, |v| (state.env)(v));
+        match &outcome {
             Ok(changed) => {
                 for tenant in changed {
                     tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
@@ -564,14 +629,17 @@ pub async fn reload(state: &Arc<AppState>) {
                 tracing::error!(error = %e, "SCIM tokens not reloaded; those in force stay.");
             }
         }
+        state
+            .reload_errors
+            .record(Reloadable::ScimTokens, outcome.map(drop));
     }
     // An identity provider's key rotation needs no restart either.
     if let Some(jwt) = &state.config.api.jwt {
-        match state
+        let outcome = state
             .roster
             .verifier
-            .reload(jwt, &state.config.base_dir, &|v| (state.env)(v))
-        {
+            .reload(jwt, &state.config.base_dir, &|v| (state.env)(v));
+        match &outcome {
             Ok(true) => tracing::info!(
                 "Roster API keys reloaded: public_keys and jwks_file as they are now."
             ),
@@ -581,6 +649,9 @@ pub async fn reload(state: &Arc<AppState>) {
                 tracing::error!(error = %e, "Roster API keys not reloaded; those in force stay.");
             }
         }
+        state
+            .reload_errors
+            .record(Reloadable::ApiKeys, outcome.map(drop));
     }
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {

@@ -7,7 +7,7 @@ fn rosterd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
 }
 
 /// [`rosterd`] from a blocking thread, for tests whose daemon runs on the test's runtime.
-async fn rosterd_async(args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn rosterd_async(args: &[&str]) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

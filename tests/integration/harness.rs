@@ -80,6 +80,10 @@ pub struct Options {
     pub allow_overrides: bool,
     /// The archetype bundle both tenants use, written at every start.
     pub bundle: String,
+    /// More keys for `[api.jwt]` (e.g. `public_keys`).
+    pub jwt_extra: String,
+    /// Files (name, text) written beside config.toml at every start, such as key files.
+    pub files: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -93,6 +97,8 @@ impl Default for Options {
             client_timeout_secs: 75,
             allow_overrides: true,
             bundle: BUNDLE.to_owned(),
+            jwt_extra: String::new(),
+            files: vec![],
         }
     }
 }
@@ -114,6 +120,7 @@ dir = "connectors"
 [api.jwt]
 audience = ["{JWT_AUDIENCE}"]
 hs256_secret_env = "TEST_JWT_SECRET"
+{jwt_extra}
 [[tenants]]
 id = "{TENANT}"
 token_hashes = ["{hash}"]
@@ -130,6 +137,7 @@ allow_overrides = false
 {extra}
 "#,
         extra = opts.config_extra,
+        jwt_extra = opts.jwt_extra,
         data = root.join("data"),
         max_body = opts.max_body_bytes,
         client_timeout = opts.client_timeout_secs,
@@ -164,6 +172,9 @@ impl TestDaemon {
             None => new_token(),
         };
         std::fs::write(root.join("bundle.toml"), &opts.bundle).expect("bundle");
+        for (name, text) in &opts.files {
+            std::fs::write(root.join(name), text).expect("file beside config.toml");
+        }
         let connectors = root.join("connectors");
         std::fs::create_dir_all(&connectors).expect("connectors dir");
         for (name, text) in &opts.connectors {

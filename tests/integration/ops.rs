@@ -737,3 +737,108 @@ async fn a_scim_token_is_rotated_with_reloads() {
         (200, 401)
     );
 }
+
+/// A reload that cannot apply the Roster API's key files or the tenants' SCIM tokens
+/// keeps the old ones in force. An operator rotating them must see that the rotation did
+/// not happen: the log said so once, `/status`, `rosterd status` and the metrics keep
+/// saying it until a reload applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
+    use crate::harness::{JWT_AUDIENCE, Options};
+    use crate::metrics::{scrape, value};
+    // A throwaway P-256 key pair, generated with openssl for this test only.
+    const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgx0qERD2wWyt4Kz00
+gcuhW/n4xTn8xAemxuE+9yudQDahRANCAATv6tLktbE4wBrHRhaUYAt9hmdWI78W
+AnzPhEq7uVTNy6/8GWNEZdXYck136snOT5UCuWUXyU6dm9biw8syLyB+
+-----END PRIVATE KEY-----
+";
+    const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE7+rS5LWxOMAax0YWlGALfYZnViO/
+FgJ8z4RKu7lUzcuv/BljRGXV2HJNd+rJzk+VArllF8lOnZvW4sPLMi8gfg==
+-----END PUBLIC KEY-----
+";
+    let d = TestDaemon::start_with(Options {
+        jwt_extra: "public_keys = [\"issuer.pem\"]".to_owned(),
+        files: vec![("issuer.pem".to_owned(), EC_PUBLIC.to_owned())],
+        ..Options::default()
+    })
+    .await;
+    let es256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({
+            "sub": "it.admin@acme.test",
+            "tenant": TENANT,
+            "scope": "roster:read",
+            "aud": JWT_AUDIENCE,
+            "exp": chrono::Utc::now().timestamp() + 3600,
+        }),
+        &jsonwebtoken::EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let answers = || async {
+        let api = d
+            .roster(Method::GET, "/archetypes", &es256, None)
+            .await
+            .status;
+        let scim = d.get("/Users").await.status;
+        (api.as_u16(), scim.as_u16())
+    };
+    let failed = |part: &'static str| {
+        let d = &d;
+        async move {
+            let (_, samples) = scrape(d).await;
+            value(&samples, "rosterd_reload_failed", &[("part", part)])
+        }
+    };
+    let errors = || async { d.status().await["reload_errors"].clone() };
+    assert_eq!(answers().await, (200, 200));
+    assert_eq!(errors().await, json!({}));
+
+    std::fs::write(d.root.join("issuer.pem"), "not a key\n").unwrap();
+    let config = d.root.join("config.toml");
+    let first = std::fs::read_to_string(&config).unwrap();
+    let unset = format!("id = \"{TENANT}\"\ntoken_env = \"ROSTERD_TEST_NEVER_SET\"");
+    let edited = first.replacen(&format!("id = \"{TENANT}\""), &unset, 1);
+    assert_ne!(edited, first);
+    std::fs::write(&config, &edited).unwrap();
+    d.reload().await;
+    // Both kept what was in force.
+    assert_eq!(answers().await, (200, 200));
+    let e = errors().await;
+    let said = |part: &str| e[part]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(said("api_keys").contains("issuer.pem"), "{e}");
+    assert!(
+        said("scim_tokens").contains("ROSTERD_TEST_NEVER_SET"),
+        "{e}"
+    );
+    assert!(e["api_keys"]["at"].is_string(), "{e}");
+    assert_eq!(
+        (failed("api_keys").await, failed("scim_tokens").await),
+        (Some(1.0), Some(1.0))
+    );
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = crate::cli::rosterd_async(&["status", "--url", &url]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("SCIM TOKENS NOT reloaded") && out.contains("ROSTER API KEYS NOT reloaded"),
+        "{out}"
+    );
+
+    // Each stands until a reload applies its part.
+    std::fs::write(&config, &first).unwrap();
+    d.reload().await;
+    let e = errors().await;
+    assert!(
+        e.get("scim_tokens").is_none() && e["api_keys"].is_object(),
+        "{e}"
+    );
+    std::fs::write(d.root.join("issuer.pem"), EC_PUBLIC).unwrap();
+    d.reload().await;
+    assert_eq!(errors().await, json!({}));
+    assert_eq!(
+        (failed("api_keys").await, failed("scim_tokens").await),
+        (Some(0.0), Some(0.0))
+    );
+    assert_eq!(answers().await, (200, 200));
+}
