@@ -1006,6 +1006,19 @@ pub mod testing {
     use super::{Principal, Scope};
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
+    /// A throwaway P-256 key pair, generated with openssl for tests only.
+    pub const EC_P256_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgx0qERD2wWyt4Kz00
+gcuhW/n4xTn8xAemxuE+9yudQDahRANCAATv6tLktbE4wBrHRhaUYAt9hmdWI78W
+AnzPhEq7uVTNy6/8GWNEZdXYck136snOT5UCuWUXyU6dm9biw8syLyB+
+-----END PRIVATE KEY-----
+";
+    pub const EC_P256_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE7+rS5LWxOMAax0YWlGALfYZnViO/
+FgJ8z4RKu7lUzcuv/BljRGXV2HJNd+rJzk+VArllF8lOnZvW4sPLMi8gfg==
+-----END PUBLIC KEY-----
+";
+
     /// An HS256 token over `claims`, signed with `secret`.
     pub fn hs256_token(secret: &[u8], claims: &serde_json::Value) -> String {
         let key = EncodingKey::from_secret(secret);
@@ -1196,17 +1209,7 @@ RQIDAQAB
 ";
     const RSA2_N: &str = "1msf4SNFsTtUN9Ybyi1XQNLwEjTwLiSNNvSk28s061mJikPkvX_SbwlMybRSkJ3TlmuHpbM3rV0eF-rfwFpjuD1N-7rR8Kybd45ehBfJElIBVSw3WWavzaBDkkFpSrnkp5457QU9T-v_a7PD2oG1bk9OuZEuyQX27V347htvJXjF5yQhRJhjXg2d1m28iqIxYjOUVRNeuaIcoBJi-Hj6UTx3lQQPgPeYoI3SQdROBhIgXWUfWfvatfwuLlssIiT4Zn0azxrZz_hLV1xzaKNBruAmthbnI70D8JljToVqt5-4Gfjke5nWm4LR9UzIfwQkkKr5XlD7fdmkpy-s5XLNRQ";
 
-    const EC1_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgx0qERD2wWyt4Kz00
-gcuhW/n4xTn8xAemxuE+9yudQDahRANCAATv6tLktbE4wBrHRhaUYAt9hmdWI78W
-AnzPhEq7uVTNy6/8GWNEZdXYck136snOT5UCuWUXyU6dm9biw8syLyB+
------END PRIVATE KEY-----
-";
-    const EC1_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
-MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE7+rS5LWxOMAax0YWlGALfYZnViO/
-FgJ8z4RKu7lUzcuv/BljRGXV2HJNd+rJzk+VArllF8lOnZvW4sPLMi8gfg==
------END PUBLIC KEY-----
-";
+    use testing::{EC_P256_PRIVATE as EC1_PRIVATE, EC_P256_PUBLIC as EC1_PUBLIC};
     const EC1_X: &str = "7-rS5LWxOMAax0YWlGALfYZnViO_FgJ8z4RKu7lUzcs";
     const EC1_Y: &str = "r_wZY0Rl1dhyTXfqyc5PlQK5ZRfJTp2b1uLDyzIvIH4";
 

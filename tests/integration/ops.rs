@@ -746,18 +746,7 @@ async fn a_scim_token_is_rotated_with_reloads() {
 async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
     use crate::harness::{JWT_AUDIENCE, Options};
     use crate::metrics::{scrape, value};
-    // A throwaway P-256 key pair, generated with openssl for this test only.
-    const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgx0qERD2wWyt4Kz00
-gcuhW/n4xTn8xAemxuE+9yudQDahRANCAATv6tLktbE4wBrHRhaUYAt9hmdWI78W
-AnzPhEq7uVTNy6/8GWNEZdXYck136snOT5UCuWUXyU6dm9biw8syLyB+
------END PRIVATE KEY-----
-";
-    const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
-MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE7+rS5LWxOMAax0YWlGALfYZnViO/
-FgJ8z4RKu7lUzcuv/BljRGXV2HJNd+rJzk+VArllF8lOnZvW4sPLMi8gfg==
------END PUBLIC KEY-----
-";
+    use rosterd::api::jwt::testing::{EC_P256_PRIVATE as EC_PRIVATE, EC_P256_PUBLIC as EC_PUBLIC};
     let d = TestDaemon::start_with(Options {
         jwt_extra: "public_keys = [\"issuer.pem\"]".to_owned(),
         files: vec![("issuer.pem".to_owned(), EC_PUBLIC.to_owned())],
