@@ -75,6 +75,7 @@ fn default_file_name() -> String {
 fn default_debounce_ms() -> u64 {
     2000
 }
+const DEBOUNCE_MAX_MS: u64 = 3_600_000;
 fn default_org_type() -> String {
     "district".into()
 }
@@ -98,6 +99,12 @@ impl CsvSettings {
         if self.oneroster.is_some() && self.file_name == BUNDLE_FILE {
             return Err(format!(
                 "key `file_name`: {BUNDLE_FILE:?} is the OneRoster bundle's name; pick another"
+            ));
+        }
+        // At u64::MAX ms the connector never wrote, and said nothing.
+        if self.debounce_ms > DEBOUNCE_MAX_MS {
+            return Err(format!(
+                "key `debounce_ms`: must be at most {DEBOUNCE_MAX_MS} (an hour)"
             ));
         }
         if let Some(s) = &self.schedule {

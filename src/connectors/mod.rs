@@ -842,6 +842,49 @@ secret_env = "HOOK_SECRET"
         }
     }
 
+    /// A read-back window past what the calendar holds made every reconciliation panic,
+    /// and a debounce of u64::MAX ms left a CSV connector writing nothing, silently.
+    #[test]
+    fn a_read_back_and_a_debounce_are_bounded() {
+        let parse = |example: &str, from: &str, to: &str| {
+            assert!(example.contains(from), "{from}");
+            ConnectorConfig::parse(
+                &example.replace(from, to),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let oneroster = |keys: &str| {
+            parse(
+                include_str!("../../connectors/oneroster.toml.example"),
+                "[oneroster]",
+                &format!("[oneroster]\n{keys}"),
+            )
+        };
+        let csv = |line: &str| {
+            parse(
+                include_str!("../../connectors/csv.toml.example"),
+                "debounce_ms = 5000",
+                line,
+            )
+        };
+        oneroster("read_back = true\nread_back_hours = 87600\nread_back_max_secs = 86400").unwrap();
+        csv("debounce_ms = 3600000").unwrap();
+        for (bad, key) in [
+            ("read_back_hours = 0", "read_back_hours"),
+            ("read_back_hours = 10000000000", "read_back_hours"),
+            ("read_back_max_secs = 0", "read_back_max_secs"),
+            ("read_back_max_secs = 86401", "read_back_max_secs"),
+        ] {
+            let err = oneroster(bad).unwrap_err();
+            assert!(err.contains(&format!("key `{key}`")), "{bad}: {err}");
+        }
+        let err = csv("debounce_ms = 18446744073709551615").unwrap_err();
+        assert!(err.contains("key `debounce_ms`"), "{err}");
+    }
+
     /// The CSV bundle's roles and org type are OneRoster's, as the REST connector's are.
     #[test]
     fn the_csv_bundle_takes_only_oneroster_roles_and_org_types() {

@@ -64,6 +64,10 @@ pub struct OneRosterSettings {
     pub read_back: bool,
     #[serde(default = "default_read_back_hours")]
     pub read_back_hours: u64,
+    /// The longest one read-back reads, in seconds: a slow target answering page after
+    /// page held the tenant's job slot, and so refused every override, for hours.
+    #[serde(default = "default_read_back_max_secs")]
+    pub read_back_max_secs: u64,
 }
 
 impl OneRosterSettings {
@@ -99,6 +103,16 @@ impl OneRosterSettings {
 fn default_read_back_hours() -> u64 {
     24
 }
+
+fn default_read_back_max_secs() -> u64 {
+    1800
+}
+
+/// Ten years: further back than a target keeps `dateLastModified` for, and far short of
+/// where the window's start would leave the calendar (a larger value made every
+/// reconciliation panic).
+const MAX_READ_BACK_HOURS: u64 = 87_600;
+const MAX_READ_BACK_SECS: u64 = 86_400;
 
 pub(super) fn default_course_title() -> String {
     "rosterd groups".into()
@@ -170,6 +184,16 @@ impl OneRosterSettings {
             _ => {
                 return Err("[oneroster.auth] needs exactly one of `token_env` (static bearer token) or `token_url` (OAuth client credentials)".into());
             }
+        }
+        if !(1..=MAX_READ_BACK_HOURS).contains(&self.read_back_hours) {
+            return Err(format!(
+                "key `read_back_hours`: must be between 1 and {MAX_READ_BACK_HOURS} (ten years)"
+            ));
+        }
+        if !(1..=MAX_READ_BACK_SECS).contains(&self.read_back_max_secs) {
+            return Err(format!(
+                "key `read_back_max_secs`: must be between 1 and {MAX_READ_BACK_SECS} (a day)"
+            ));
         }
         check_roles("", &self.roles, &self.default_role, &self.enrollment_role)
     }

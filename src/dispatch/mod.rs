@@ -56,6 +56,13 @@ struct Held {
 /// Changes read from the log per batch.
 const BATCH: u64 = 1000;
 
+/// A read-back page is tried this many times.
+const READ_ATTEMPTS: u32 = 3;
+/// The longest a read waits before its next attempt: a target asking for more (a
+/// `Retry-After` of an hour) ends the read, which the job reports, rather than holding
+/// the tenant's job slot while nothing happens.
+const READ_RETRY_MAX_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error("no connector {0:?} for this tenant")]
@@ -1159,7 +1166,7 @@ impl Ctx {
     ) -> Result<(reqwest::header::HeaderMap, bytes::Bytes), String> {
         let timeout = Duration::from_millis(self.config.timeout_ms);
         let mut last = String::new();
-        for _ in 0..3 {
+        for attempt in 1..=READ_ATTEMPTS {
             let headers = self.headers(req).await?;
             let used_auth = authorization(&headers);
             match http::send(&self.client, req, headers, timeout).await {
@@ -1175,9 +1182,21 @@ impl Ctx {
                     retry_after,
                     ..
                 } => {
+                    // The job slot is held meanwhile (overrides answer 409), and nothing
+                    // said why: a `Retry-After` of an hour kept a job waiting three
+                    // hours, the last after its final attempt, without a log line.
+                    let wait = retry_after.unwrap_or(self.config.retry.initial_delay());
+                    if wait > READ_RETRY_MAX_WAIT {
+                        return Err(format!(
+                            "{reason}, and asks to wait {} s before the next attempt; a read waits at most {} s",
+                            wait.as_secs(),
+                            READ_RETRY_MAX_WAIT.as_secs()
+                        ));
+                    }
                     last = reason;
-                    tokio::time::sleep(retry_after.unwrap_or(self.config.retry.initial_delay()))
-                        .await;
+                    if attempt < READ_ATTEMPTS {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 Outcome::Gone { response } | Outcome::Refused { response, .. } => {
                     let body: String = response.body.chars().take(200).collect();

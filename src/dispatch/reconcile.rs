@@ -935,8 +935,17 @@ async fn read_back(
     already: &[DriftItem],
     pending: &Pending,
 ) -> Result<(Vec<DriftItem>, Option<String>), DispatchError> {
+    // `read_back_hours` is at most ten years (checked at load), so this cannot overflow.
     let since = Utc::now() - chrono::Duration::hours(settings.read_back_hours as i64);
     let since = since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(settings.read_back_max_secs);
+    let out_of_time = |pages: usize, offset: usize| {
+        format!(
+            "the read-back took the {} s `read_back_max_secs` allows, {pages} pages ({offset} users) read; the target answers too slowly to read its window in that time",
+            settings.read_back_max_secs
+        )
+    };
     let mut out = Vec::new();
     // Objects already being repaired, so each is sent once.
     let mut seen: HashSet<String> = already.iter().map(|i| i.object.clone()).collect();
@@ -950,6 +959,9 @@ async fn read_back(
                 "{pages} pages read ({offset} users) and the target still answers more; that is the most one read-back asks for"
             ));
         }
+        if tokio::time::Instant::now() >= deadline {
+            break Some(out_of_time(pages, offset));
+        }
         pages += 1;
         let filter = format!("dateLastModified>'{since}'");
         let query = form_urlencoded::Serializer::new(String::new())
@@ -958,7 +970,11 @@ async fn read_back(
             .append_pair("offset", &offset.to_string())
             .finish();
         let req = Request::get(format!("{}?{query}", settings.url("users")));
-        let (headers, body) = match ctx.send_for_body(&req).await {
+        let answer = match tokio::time::timeout_at(deadline, ctx.send_for_body(&req)).await {
+            Ok(answer) => answer,
+            Err(_) => break Some(out_of_time(pages - 1, offset)),
+        };
+        let (headers, body) = match answer {
             Ok(answer) => answer,
             Err(reason) => {
                 break Some(format!(

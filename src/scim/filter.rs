@@ -322,7 +322,13 @@ fn tokenize(input: &str, err: fn(String) -> ScimError) -> ScimResult<Vec<Tok>> {
 /// `[URN ":"] attr ["." sub]`, or a bare known schema URN.
 fn parse_attr_path(word: &str, err: fn(String) -> ScimError) -> ScimResult<AttrPath> {
     let bad = || err(format!("{word:?} is not an attribute path"));
-    if word.len() > 4 && word[..4].eq_ignore_ascii_case("urn:") {
+    // By `get`: attribute lists reach here untokenized, and byte 4 may fall inside a
+    // multi-byte character.
+    if word.len() > 4
+        && word
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("urn:"))
+    {
         if known_urn(word) {
             return Ok(AttrPath {
                 urn: Some(word.to_owned()),

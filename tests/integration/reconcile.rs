@@ -398,11 +398,19 @@ async fn a_repair_retried_after_the_mirror_sent_a_change_is_left_to_it() {
 /// A daemon whose `sis` connector reads users back, with three users delivered to
 /// `target`; ada's given name was then changed at the target.
 pub async fn reading_back(target: &OneRosterServer) -> TestDaemon {
+    reading_back_with(target, "").await
+}
+
+/// [`reading_back`] with more `[oneroster]` keys (lines).
+async fn reading_back_with(target: &OneRosterServer, keys: &str) -> TestDaemon {
     let (name, text) = oneroster_file("sis", target, "");
     let d = TestDaemon::start_with(Options {
         connectors: vec![(
             name,
-            text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+            text.replace(
+                "[oneroster.auth]",
+                &format!("read_back = true\n{keys}\n[oneroster.auth]"),
+            ),
         )],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
         ..Options::default()
@@ -1622,6 +1630,48 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
             .is_some_and(|e| e.contains("not a OneRoster users page")),
         "{job}"
     );
+}
+
+/// A read-back holds the tenant's job slot, and overrides answer 409 meanwhile. A target
+/// answering each page slowly kept a job reading for hours, and a `Retry-After` of an
+/// hour kept one waiting three, without a word: the read now stops at
+/// `read_back_max_secs`, or at once when the target asks to wait more than a minute, and
+/// the job fails saying why, with the slot free.
+#[tokio::test]
+async fn a_read_back_that_would_hold_the_job_slot_for_long_stops_saying_why() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back_with(&target, "read_back_max_secs = 1").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    target.inject(
+        or::Fault::delay(Duration::from_secs(30), 1)
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("took the 1 s `read_back_max_secs` allows, 0 pages (0 users) read"),
+        "{job}"
+    );
+
+    target.clear_faults();
+    target.inject(
+        or::Fault::rate_limited(1, "3600")
+            .on_method("GET")
+            .on_path("users")
+            .forever(),
+    );
+    let before = read_back_gets(&target).len();
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("asks to wait 3600 s before the next attempt; a read waits at most 60 s"),
+        "{job}"
+    );
+    // Asked once: the read neither waited nor tried again.
+    assert_eq!(read_back_gets(&target).len(), before + 1);
 }
 
 /// A page is read one user at a time, and a page or a user too long to be one is

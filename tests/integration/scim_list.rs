@@ -346,6 +346,29 @@ async fn paging_sorting_and_projection() {
     let u = &r.body["Resources"][0];
     assert!(u.get("emails").is_none() && u.get("name").is_none(), "{u}");
     assert!(u.get("userName").is_some());
+
+    // A name with a multi-byte character across its fourth byte is refused as any bad
+    // name is; cutting it there to look for "urn:" panicked (500).
+    for query in [
+        "attributes=abc%C3%A9",
+        "excludedAttributes=abc%C3%A9",
+        "sortBy=abc%C3%A9",
+        "attributes=urn:x:%E2%80%80.",
+    ] {
+        let r = d.get(&format!("/Users?{query}")).await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["scimType"].as_str()),
+            (400, Some("invalidValue")),
+            "{query}: {}",
+            r.body
+        );
+    }
+    let search = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:SearchRequest"],
+        "attributes": ["abc\u{e9}"],
+    });
+    let r = d.post("/Users/.search", search).await;
+    assert_eq!(r.status, 400, "{}", r.body);
 }
 
 /// Paging with neither filter nor sort takes its total from the store's counters and reads
