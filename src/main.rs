@@ -1110,6 +1110,18 @@ fn call_daemon(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(reqwest::StatusCode, serde_json::Value)> {
+    call_daemon_within(daemon, tenant, method, path, body, CLI_TIMEOUT)
+}
+
+/// [`call_daemon`], waiting `within` for the whole answer.
+fn call_daemon_within(
+    daemon: &DaemonArgs,
+    tenant: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    within: std::time::Duration,
+) -> Result<(reqwest::StatusCode, serde_json::Value)> {
     // The config is read only for what the flags leave open: the address without --url,
     // the secret to mint a token with without --token. `status --url` must work while
     // config.toml is broken or unreadable to this user, which is when an operator most
@@ -1163,7 +1175,7 @@ fn call_daemon(
     runtime.block_on(async move {
         let mut req = reqwest::Client::new()
             .request(method, &url)
-            .timeout(CLI_TIMEOUT);
+            .timeout(within);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -1172,10 +1184,17 @@ fn call_daemon(
         }
         let unanswered = |e: reqwest::Error| {
             if e.is_timeout() {
-                anyhow::anyhow!(
-                    "rosterd at {url} did not answer within {} s: it accepted the connection but is stalled; its log says what it last did",
-                    CLI_TIMEOUT.as_secs()
-                )
+                if within == CLI_TIMEOUT {
+                    anyhow::anyhow!(
+                        "rosterd at {url} did not answer within {} s: it accepted the connection but is stalled; its log says what it last did",
+                        within.as_secs()
+                    )
+                } else {
+                    anyhow::anyhow!(
+                        "rosterd at {url} did not answer within {} s; its log says what it last did",
+                        within.as_secs()
+                    )
+                }
             } else {
                 anyhow::Error::new(e).context(format!("cannot reach rosterd at {url}; is it running?"))
             }
@@ -1196,6 +1215,10 @@ fn call_daemon(
 
 /// How long a command waits for the daemon's whole answer.
 const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long `reconcile --dry-run` waits: the daemon answers once it has read each
+/// OneRoster target back, which may take up to the connector's `read_back_max_secs`
+/// (default 1800): the minute other commands wait called a daemon busy reading stalled.
+const DRY_RUN_CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7200);
 
 fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Result<()> {
     if status.is_success() {
@@ -1425,12 +1448,17 @@ fn reconcile(daemon: &DaemonArgs, tenant: &str, args: ReconcileArgs) -> Result<(
     if let Some(name) = &connector {
         ask["connector"] = name.as_str().into();
     }
-    let (status, body) = call_daemon(
+    let (status, body) = call_daemon_within(
         daemon,
         Some(tenant),
         reqwest::Method::POST,
         "/api/v1/roster/scim:sync",
         Some(ask),
+        if dry_run {
+            DRY_RUN_CLI_TIMEOUT
+        } else {
+            CLI_TIMEOUT
+        },
     )?;
     fail_unless_ok(status, &body)?;
     if !dry_run {

@@ -95,6 +95,10 @@ pub enum ApiError {
         "{0}; try again when one has finished (one whose client reads nothing for server.client_timeout_secs is ended)"
     )]
     TooManyExports(String),
+    #[error(
+        "a dry run of this tenant's reconciliation is running; try again when it has finished (it reads each OneRoster target back for at most the connector's read_back_max_secs)"
+    )]
+    DryRunInProgress,
     #[error("internal error")]
     Internal(StoreError),
 }
@@ -156,6 +160,7 @@ impl ApiError {
             }
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::TooManyExports(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_exports"),
+            ApiError::DryRunInProgress => (StatusCode::TOO_MANY_REQUESTS, "dry_run_in_progress"),
             ApiError::Internal(StoreError::NotFound { .. }) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Internal(e) if e.outage_message().is_some() => {
                 (StatusCode::SERVICE_UNAVAILABLE, "store_failed")
@@ -222,7 +227,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("identity"),
             );
         }
-        if let ApiError::TooManyExports(_) = self {
+        if let ApiError::TooManyExports(_) | ApiError::DryRunInProgress = self {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static(export::EXPORT_RETRY_AFTER_SECS),
@@ -263,6 +268,7 @@ pub(crate) const ERROR_CODES: &[&str] = &[
     "unsupported_media_type",
     "request_timeout",
     "too_many_exports",
+    "dry_run_in_progress",
     "store_failed",
     "internal",
 ];
@@ -395,6 +401,10 @@ pub struct TenantRoster {
     pub group_roles: Vec<crate::config::GroupRole>,
     /// The bundle in force and how the last reload of it went, for `/status`.
     pub bundle: Mutex<BundleState>,
+    /// Held while a dry run of the tenant's reconciliation runs. Dry runs take no job
+    /// slot, and each reads every OneRoster target back: forty at once took the daemon to
+    /// 1.3 GB, and they kept reading after their clients had gone.
+    pub dry_run: tokio::sync::Mutex<()>,
 }
 
 /// Which bundle a tenant runs on, and whether the last attempt to replace it failed: a
@@ -585,6 +595,7 @@ mod tests {
             ApiError::UnsupportedEncoding("gzip".into()),
             ApiError::RequestTimeout(30),
             ApiError::TooManyExports("x".into()),
+            ApiError::DryRunInProgress,
             ApiError::Internal(StoreError::Backend("x".into())),
             ApiError::Internal(StoreError::NotDurable("x".into())),
             ApiError::Internal(StoreError::Io("x".into())),
@@ -613,6 +624,7 @@ mod tests {
                 | ApiError::UnsupportedEncoding(_)
                 | ApiError::RequestTimeout(_)
                 | ApiError::TooManyExports(_)
+                | ApiError::DryRunInProgress
                 | ApiError::Internal(_) => {}
             }
         }

@@ -301,7 +301,8 @@ pub fn openapi_document() -> Value {
                     "200": ok_json("Dry run: what each connector would send", json!({"type": "object", "required": ["dry_run", "full", "connectors"], "properties": {
                         "dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
                     "400": error_response("Malformed body"),
-                    "404": error_response("The tenant has no connector of the name given as `connector` (not_found)")
+                    "404": error_response("The tenant has no connector of the name given as `connector` (not_found)"),
+                    "429": error_response("A dry run of this tenant is running: one runs at a time (dry_run_in_progress), with Retry-After")
                 }), &[("409", "A job is already running for this tenant (sync_in_progress), or the connector named is disabled (conflict)")])
             }},
             "/api/v1/roster/changes": {"get": {

@@ -1496,6 +1496,12 @@ async fn start_sync(
     } = super::options_body(&headers, &body, EXPECTED)?;
     let only = connector.as_deref();
     if dry_run {
+        let _one = st
+            .roster
+            .tenants
+            .get(&caller.tenant)
+            .map(|r| r.dry_run.try_lock().map_err(|_| ApiError::DryRunInProgress))
+            .transpose()?;
         let mode = ReconcileMode { dry_run, full };
         let reports = st.dispatch.reconcile(&caller.tenant, mode, only).await?;
         return Ok(

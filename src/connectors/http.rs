@@ -208,6 +208,9 @@ pub(super) enum Answer {
     Cut(bytes::Bytes),
 }
 
+/// The most room an answer is given before its bytes arrive.
+const PRESIZED_MAX: usize = 4 << 20;
+
 /// Reads at most `limit` bytes of an answer. A target that answered with a body of a
 /// gigabyte, or one without end, was read whole into memory (a 16 MiB error answer took
 /// the daemon from 73 to 152 MB), or read until the timeout.
@@ -216,10 +219,11 @@ pub(super) async fn read_capped(
     limit: usize,
 ) -> Result<Answer, reqwest::Error> {
     // Sized up front when the length is given, so that a large page is not copied from
-    // buffer to doubled buffer as it arrives.
+    // buffer to doubled buffer as it arrives; but only so far, as a target that
+    // announces 40 MB and sends little would otherwise be given the whole limit at once.
     let announced = resp
         .content_length()
-        .map_or(0, |n| n.min(limit as u64) as usize);
+        .map_or(0, |n| n.min(limit.min(PRESIZED_MAX) as u64) as usize);
     let mut buf = bytes::BytesMut::with_capacity(announced);
     while let Some(chunk) = resp.chunk().await? {
         let room = limit - buf.len();
@@ -680,10 +684,14 @@ fn scheme_hint(chain: &str, url: &str) -> &'static str {
 
 /// Where a 3xx answer points, as [`shown_url`] shows it.
 pub(super) fn redirect_target(headers: &reqwest::header::HeaderMap) -> String {
-    headers
-        .get(reqwest::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .map_or_else(|| "nowhere".to_owned(), shown_url)
+    match headers.get(reqwest::header::LOCATION) {
+        None => "nowhere (no Location header)".to_owned(),
+        Some(v) => match v.to_str() {
+            Ok(to) => shown_url(to),
+            // Its bytes may hold credentials as well as any URL: not shown.
+            Err(_) => "a Location that is not visible ASCII (not shown)".to_owned(),
+        },
+    }
 }
 
 /// A request's URL as a dead letter keeps it: the path (which names the object) stays,
@@ -728,6 +736,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+
+    /// A `Location` that is not visible ASCII was reported as "redirecting to nowhere",
+    /// sending the operator to look for a header that was there.
+    #[test]
+    fn a_redirect_says_where_it_points_or_why_it_does_not() {
+        use reqwest::header::{HeaderMap, HeaderValue, LOCATION};
+        let mut h = HeaderMap::new();
+        assert_eq!(redirect_target(&h), "nowhere (no Location header)");
+        h.insert(
+            LOCATION,
+            HeaderValue::from_bytes(b"https://h.example/\xff").unwrap(),
+        );
+        assert_eq!(
+            redirect_target(&h),
+            "a Location that is not visible ASCII (not shown)"
+        );
+        h.insert(
+            LOCATION,
+            HeaderValue::from_static("https://u:secret@h.example/x?token=t1"),
+        );
+        let shown = redirect_target(&h);
+        assert!(
+            shown.contains("h.example") && !shown.contains("secret") && !shown.contains("t1"),
+            "{shown}"
+        );
+    }
 
     fn outcome(method: Method, code: u16) -> Outcome {
         let req = Request {

@@ -65,6 +65,7 @@ pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 pub const STORE_FAILED: &str = "rosterd_store_failed";
 pub const RELOAD_FAILED: &str = "rosterd_reload_failed";
+pub const PANICS_TOTAL: &str = "rosterd_panics_total";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
 pub const BACKUP_LAST_SUCCESS: &str = "rosterd_backup_last_success_timestamp_seconds";
 pub const BACKUP_SIZE: &str = "rosterd_backup_size_bytes";
@@ -216,6 +217,12 @@ fn describe() {
         BUNDLE_RELOAD_FAILED,
         "1 while the last reload of the tenant's bundle failed (the previous one serves; /status says whether a restart would load the file), else 0."
     );
+    metrics::describe_counter!(
+        PANICS_TOTAL,
+        "Panics (bugs) since the start: each stopped a request (answered 500), a job (failed) or a task (restarted); the log's \"rosterd panicked\" lines say where."
+    );
+    // Present at 0, so that an alert on increase() sees the first one.
+    metrics::counter!(PANICS_TOTAL).increment(0);
     metrics::describe_gauge!(
         RELOAD_FAILED,
         "1 while the last reload did not apply the `part` (scim_tokens: the tenants' token_env and token_hashes; api_keys: the Roster API's public_keys and jwks_file), so the previous ones stay in force (/status says why), else 0."

@@ -78,6 +78,8 @@ pub fn install_hook() {
             frames = %own_frames(&backtrace),
             "A bug: rosterd panicked. What it was doing was stopped or restarted; report this line."
         );
+        // Caught panics leave the daemon up, seen only in the log until now.
+        metrics::counter!(crate::ops::metrics::PANICS_TOTAL).increment(1);
     }));
 }
 

@@ -258,6 +258,7 @@ pub async fn run_with_env(
                     .map_or_else(|| "scim".to_owned(), |i| format!("scim:{i}")),
                 group_roles: t.group_roles.clone(),
                 bundle: std::sync::Mutex::new(bundle),
+                dry_run: Default::default(),
             },
         );
     }

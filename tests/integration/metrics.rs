@@ -20,7 +20,7 @@ pub(crate) struct Sample {
 }
 
 /// Parse the Prometheus text exposition format (samples only; comments skipped).
-fn parse(text: &str) -> Vec<Sample> {
+pub(crate) fn parse(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.trim();

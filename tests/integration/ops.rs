@@ -375,6 +375,15 @@ async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was
 #[test]
 fn the_panic_hook_logs_one_line_inside_its_span() {
     let (logs, guard) = crate::harness::LogBuf::capture();
+    let metrics = rosterd::ops::metrics::install().expect("the recorder");
+    let panics = || {
+        crate::metrics::value(
+            &crate::metrics::parse(&metrics.render()),
+            "rosterd_panics_total",
+            &[],
+        )
+    };
+    let before = panics().expect("counted from the start");
     let previous = std::panic::take_hook();
     rosterd::ops::panics::install_hook();
     let caught = {
@@ -389,6 +398,12 @@ fn the_panic_hook_logs_one_line_inside_its_span() {
     drop(guard);
     assert!(caught.is_err());
     assert_eq!(expected, Err("not sled's".to_owned()));
+    // At least these two (another test's daemon may count one at the same time).
+    assert!(
+        panics().is_some_and(|n| n >= before + 2.0),
+        "{:?}",
+        panics()
+    );
     let lines = logs.lines("rosterd panicked");
     let [line, other] = lines.as_slice() else {
         panic!("a line for each panic, got {lines:?}")

@@ -1674,6 +1674,46 @@ async fn a_read_back_that_would_hold_the_job_slot_for_long_stops_saying_why() {
     assert_eq!(read_back_gets(&target).len(), before + 1);
 }
 
+/// A dry run takes no job slot and reads every OneRoster target back while its client
+/// waits. Forty at once took the daemon to 1.3 GB: one runs at a time per tenant, and
+/// another meanwhile is told so (429), the tenant's real job and other tenants unhindered.
+#[tokio::test]
+async fn one_dry_run_of_a_tenant_runs_at_a_time() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    d.idle().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    target.inject(or::Fault::held(1).on_method("GET").on_path("users"));
+    let first = {
+        let (d, admin) = (&d, admin.clone());
+        async move { d.dry_run_sync(&admin).await }
+    };
+    let second = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while read_back_gets(&target).is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no read-back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = d.dry_run_sync(&admin).await;
+        let other = d.dry_run_sync(&d.jwt(OTHER_TENANT, "roster:admin")).await;
+        target.release_held();
+        (r, other)
+    };
+    let (first, (second, other)) = tokio::join!(first, second);
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(
+        (second.status.as_u16(), second.body["error"].as_str()),
+        (429, Some("dry_run_in_progress")),
+        "{}",
+        second.body
+    );
+    assert_eq!(second.header("retry-after"), Some("10"));
+    assert_eq!(other.status, 200, "{}", other.body);
+    // Free again once it answered.
+    let again = d.dry_run_sync(&admin).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+}
+
 /// A page is read one user at a time, and a page or a user too long to be one is
 /// refused: a page of 30 MiB of `0`s, or one user of 30 MiB, read whole as JSON, took the
 /// daemon to 1.2 GB.
