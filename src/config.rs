@@ -1126,9 +1126,11 @@ fn unescaped(s: &str) -> String {
 fn url_credentials(line: &str) -> Vec<String> {
     let mut found = Vec::new();
     for (at, _) in line.match_indices("://") {
+        // Past the character found, which may be more than a byte (a “quoted” URL).
         let start = line[..at]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rfind(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let end = line[at..]
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ','))
             .map_or(line.len(), |e| at + e);
@@ -1541,6 +1543,23 @@ mod tests {
         for bad in ["verbose", "rosterd=verbose", "info,chatty", ""] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains("log.level"), "{bad}: {err}");
+        }
+    }
+
+    /// A TOML error is shown with the URLs' credentials masked; a line with a multi-byte
+    /// character just before a URL's scheme (“quoted”, pasted from a document) made
+    /// that masking panic, and check-config and the start with it.
+    #[test]
+    fn a_toml_error_beside_a_quoted_url_is_shown() {
+        for text in [
+            "# Docs: \u{201c}https://example.com/docs\u{201d}\nversion = = 1\n",
+            "\u{4b9}://x\nversion = = 1\n",
+            "# see \u{ab}https://u:hunter22@h.example/x\u{bb}\nversion = = 1\n",
+        ] {
+            let err = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("x.toml") && !err.contains("hunter22"), "{err}");
         }
     }
 

@@ -180,10 +180,38 @@ impl fmt::Display for Filter {
         match self {
             Filter::Compare { path, op, value } => write!(f, "{path} {} {value}", op.as_str()),
             Filter::Present(p) => write!(f, "{p} pr"),
-            Filter::And(a, b) => write!(f, "({a} and {b})"),
-            Filter::Or(a, b) => write!(f, "({a} or {b})"),
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                let op = if matches!(self, Filter::And(..)) {
+                    "and"
+                } else {
+                    "or"
+                };
+                f.write_str("(")?;
+                self.write_chain(f, a)?;
+                write!(f, " {op} {b})")
+            }
             Filter::Not(a) => write!(f, "not ({a})"),
             Filter::ValuePath { path, filter } => write!(f, "{path}[{filter}]"),
+        }
+    }
+}
+
+impl Filter {
+    /// `left` of this `and` or `or`, without brackets when it is the same operator: a
+    /// chain `a or b or c` parses as one level, and printed with a bracket per term it
+    /// nested past [`MAX_DEPTH`] and no longer parsed.
+    fn write_chain(&self, f: &mut fmt::Formatter<'_>, left: &Filter) -> fmt::Result {
+        match (self, left) {
+            (Filter::And(..), Filter::And(a, b)) | (Filter::Or(..), Filter::Or(a, b)) => {
+                left.write_chain(f, a)?;
+                let op = if matches!(left, Filter::And(..)) {
+                    "and"
+                } else {
+                    "or"
+                };
+                write!(f, " {op} {b}")
+            }
+            _ => write!(f, "{left}"),
         }
     }
 }
@@ -1256,12 +1284,40 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
+        // A chain of more terms than MAX_DEPTH is one level deep, and printed so too.
+        let long_or = vec!["title pr"; 200].join(" or ");
+        let long_and = vec!["title pr"; 200].join(" and ");
         for f in [
             r#"userName eq "a" or (title pr and not (active eq false))"#,
             r#"emails[type eq "work" and value co "@x"]"#,
+            r#"a pr or (b pr or c pr) or d pr and e pr and (f pr or g pr)"#,
+            &long_or,
+            &long_and,
         ] {
             let parsed = parse_filter(f).unwrap();
-            assert_eq!(parse_filter(&parsed.to_string()).unwrap(), parsed);
+            let printed = parsed.to_string();
+            assert_eq!(parse_filter(&printed).unwrap(), parsed, "{printed}");
+        }
+        assert_eq!(
+            parse_filter("a pr or b pr or c pr and d pr")
+                .unwrap()
+                .to_string(),
+            "(a pr or b pr or (c pr and d pr))"
+        );
+    }
+
+    /// Attribute lists reach the path parser untokenized: a name with a multi-byte
+    /// character across its fourth byte was cut there, and panicked.
+    #[test]
+    fn a_non_ascii_attribute_name_is_refused_not_cut() {
+        for list in [
+            "abc\u{e9}",
+            "urn:   \u{2000}. ",
+            "ur\u{2000}\u{2}",
+            "abc\u{e9},userName",
+        ] {
+            let e = parse_attr_list(list).unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{list:?}");
         }
     }
 

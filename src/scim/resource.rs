@@ -304,7 +304,8 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
             continue;
         }
         // A URN-qualified attribute name at the top level (`urn:…:User:department`).
-        if key.len() > 4 && key[..4].eq_ignore_ascii_case("urn:") {
+        // By `get`: byte 4 of a client's key may fall inside a multi-byte character.
+        if key.len() > 4 && key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("urn:")) {
             if let Some((urn, attr)) = key.rsplit_once(':') {
                 if urn.eq_ignore_ascii_case(core.id) {
                     put_attr(core, &mut out, attr, value, &mut ignored, "")?;

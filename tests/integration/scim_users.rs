@@ -363,6 +363,59 @@ async fn a_patch_adding_an_email_the_user_has_leaves_one() {
     assert_eq!(r.body["emails"], sent, "{}", r.body);
 }
 
+/// A key with a multi-byte character across its fourth byte is an attribute name like
+/// any other (an IdP's custom attribute may have an accented name): it was cut there to
+/// look for "urn:", and the request panicked (500), in /Bulk after the operations before
+/// it were applied.
+#[tokio::test]
+async fn an_accented_attribute_name_is_taken_as_any_unknown_one() {
+    let d = TestDaemon::start().await;
+    let user = |name: &str, key: &str| {
+        json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "userName": name,
+            key: "x",
+        })
+    };
+    let plain = d.post("/Users", user("plain@acme.test", "aaaa")).await;
+    let accented = d
+        .post("/Users", user("accented@acme.test", "aaa\u{e9}"))
+        .await;
+    assert_eq!(plain.status, 201, "{}", plain.body);
+    assert_eq!(accented.status, plain.status, "{}", accented.body);
+    let id = accented.body["id"].as_str().unwrap().to_owned();
+    let put = d
+        .put(
+            &format!("/Users/{id}"),
+            user("accented@acme.test", "\u{e9}\u{e9}"),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let group = json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+        "displayName": "Caf\u{e9}s",
+        "caf\u{e9}": 1,
+    });
+    let g = d.post("/Groups", group).await;
+    assert_eq!(g.status, 201, "{}", g.body);
+    let bulk = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+        "Operations": [
+            {"method": "POST", "path": "/Users", "bulkId": "one", "data": user("bulk1@acme.test", "aaaa")},
+            {"method": "POST", "path": "/Users", "bulkId": "two", "data": user("bulk2@acme.test", "aaa\u{e9}")},
+        ],
+    });
+    let r = d.post("/Bulk", bulk).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let statuses: Vec<_> = r.body["Operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(statuses, ["201", "201"], "{}", r.body);
+}
+
 /// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
 /// `department` or `manager`, which only the enterprise extension has, lands there
 /// instead of being ignored (a POST) or refused (a PATCH path).
