@@ -12,6 +12,13 @@ fn error_response(description: &str) -> Value {
     })
 }
 
+/// [`error_response`] for a 429, which tells when to ask again.
+fn busy_response(description: &str) -> Value {
+    let mut r = error_response(description);
+    r["headers"] = json!({"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}});
+    r
+}
+
 fn ok_json(description: &str, schema: Value) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": schema}}})
 }
@@ -191,7 +198,7 @@ pub fn openapi_document() -> Value {
                 "parameters": export_params,
                 "responses": common_errors(json!({"200": {"description": "RFC 4180 CSV with columns user_id,email,first_name,last_name,job_title,department,manager,archetype_id,archetype_confidence,is_active,groups; cells beginning with = + - @ are prefixed with '",
                     "content": {"text/csv": {"schema": {"type": "string"}}}}, "400": error_response("Unknown parameter or format"),
-                    "429": error_response(&format!(
+                    "429": busy_response(&format!(
                         "Every export slot is taken ({} a tenant, {} in all): too_many_exports, with Retry-After",
                         super::export::EXPORTS_PER_TENANT,
                         super::export::EXPORTS_IN_ALL
@@ -302,7 +309,7 @@ pub fn openapi_document() -> Value {
                         "dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connectors": {"type": "array", "items": {"$ref": "#/components/schemas/DriftReport"}}}})),
                     "400": error_response("Malformed body"),
                     "404": error_response("The tenant has no connector of the name given as `connector` (not_found)"),
-                    "429": error_response("A dry run of this tenant is running: one runs at a time (dry_run_in_progress), with Retry-After")
+                    "429": busy_response("A dry run of this tenant is running: one runs at a time (dry_run_in_progress), with Retry-After")
                 }), &[("409", "A job is already running for this tenant (sync_in_progress), or the connector named is disabled (conflict)")])
             }},
             "/api/v1/roster/changes": {"get": {

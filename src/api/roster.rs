@@ -1500,7 +1500,15 @@ async fn start_sync(
             .roster
             .tenants
             .get(&caller.tenant)
-            .map(|r| r.dry_run.try_lock().map_err(|_| ApiError::DryRunInProgress))
+            .map(|r| {
+                r.dry_run.try_lock().map_err(|_| {
+                    // A name the tenant has no connector of is the answer to give first.
+                    match only.map(|name| st.dispatch.connector_status(&caller.tenant, name)) {
+                        Some(Err(e)) => ApiError::from(e),
+                        _ => ApiError::DryRunInProgress,
+                    }
+                })
+            })
             .transpose()?;
         let mode = ReconcileMode { dry_run, full };
         let reports = st.dispatch.reconcile(&caller.tenant, mode, only).await?;

@@ -615,7 +615,21 @@ pub async fn reload(state: &Arc<AppState>) {
     let tenants = match (&on_disk.edited, on_disk.changed) {
         (Some(edited), _) => Some(&edited.tenants),
         (None, false) => Some(&state.config.tenants),
-        (None, true) => None,
+        (None, true) => {
+            // A typo made while rotating a leaked token leaves the old one working: the
+            // alert on the tokens must fire, not only the config file's error.
+            state.reload_errors.record(
+                Reloadable::ScimTokens,
+                Err(format!(
+                    "config.toml does not load as it is now ({}), so no token was read from it",
+                    on_disk
+                        .error
+                        .as_ref()
+                        .map_or_else(|| "unknown error".to_owned(), |e| e.to_string())
+                )),
+            );
+            None
+        }
     };
     if let Some(tenants) = tenants {
         let outcome = state.tokens.reload(tenants, |v| (state.env)(v));

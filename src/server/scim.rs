@@ -17,7 +17,9 @@ use super::AppState;
 use super::auth::AuthOutcome;
 use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
-use crate::scim::patch::{MemberOp, MemberRef, apply, parse_patch_request, split_member_ops};
+use crate::scim::patch::{
+    MemberOp, MemberRef, apply, check_operation_count, parse_patch_request, split_member_ops,
+};
 use crate::scim::resource::{
     check_document_size, check_immutable, merge_repeats, normalize_input, one_primary_each,
     project, settle_primaries,
@@ -575,6 +577,7 @@ async fn op_patch(
     } else {
         (vec![], ops)
     };
+    check_operation_count(doc_ops.len())?;
     let res = state
         .store
         .update(tenant, kind, id, cond, move |old| {

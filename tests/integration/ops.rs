@@ -845,4 +845,24 @@ async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
         (Some(0.0), Some(0.0))
     );
     assert_eq!(answers().await, (200, 200));
+
+    // A config.toml that does not load gives no token either: a typo made while
+    // rotating a leaked one leaves it working, and the tokens' alert must say so.
+    std::fs::write(
+        &config,
+        first.replacen("token_hashes = [", "token_hashes = [[", 1),
+    )
+    .unwrap();
+    d.reload().await;
+    let e = errors().await;
+    assert!(
+        e["scim_tokens"]["error"]
+            .as_str()
+            .is_some_and(|s| s.contains("config.toml does not load")),
+        "{e}"
+    );
+    assert_eq!(failed("scim_tokens").await, Some(1.0));
+    std::fs::write(&config, &first).unwrap();
+    d.reload().await;
+    assert_eq!(errors().await, json!({}));
 }

@@ -1696,6 +1696,16 @@ async fn one_dry_run_of_a_tenant_runs_at_a_time() {
         }
         let r = d.dry_run_sync(&admin).await;
         let other = d.dry_run_sync(&d.jwt(OTHER_TENANT, "roster:admin")).await;
+        // A name the tenant has no connector of is told so first.
+        let unknown = d
+            .roster(
+                Method::POST,
+                "/scim:sync",
+                &admin,
+                Some(json!({"dry_run": true, "connector": "nope"})),
+            )
+            .await;
+        assert_eq!(unknown.status, 404, "{}", unknown.body);
         target.release_held();
         (r, other)
     };

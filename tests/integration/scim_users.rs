@@ -414,6 +414,36 @@ async fn an_accented_attribute_name_is_taken_as_any_unknown_one() {
         .map(|o| o["status"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(statuses, ["201", "201"], "{}", r.body);
+
+    // A path-less PATCH with such a name ignores it, as any unknown one.
+    let p = format!("/Users/{id}");
+    let r = d
+        .patch(
+            &p,
+            patch_op(json!([{"op": "add", "value": {"aaa\u{e9}": 1, "nickName": "Ace"}}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["nickName"], "Ace", "{}", r.body);
+    assert!(r.body.get("aaa\u{e9}").is_none(), "{}", r.body);
+    // More than 1,000 operations are refused before the write.
+    let ops: Vec<_> = (0..1001)
+        .map(|i| json!({"op": "replace", "path": "nickName", "value": format!("n{i}")}))
+        .collect();
+    let r = d.patch(&p, patch_op(json!(ops))).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["scimType"].as_str()),
+        (400, Some("invalidValue")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("1001 operations")),
+        "{}",
+        r.body
+    );
 }
 
 /// RFC 7644 §3.10: extension attributes SHOULD be qualified, not must. An unqualified
