@@ -12,27 +12,7 @@ fn docs() -> &'static (Value, Value) {
     static D: OnceLock<(Value, Value)> = OnceLock::new();
     D.get_or_init(|| {
         (
-            json!({
-                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
-                            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
-                "id": "2819c223-7f76-453a-919d-413861904646",
-                "externalId": "Ext-1",
-                "userName": "Bjensen@Example.com",
-                "name": {"familyName": "Jensen", "givenName": "Barbara"},
-                "title": "Tour Guide",
-                "active": true,
-                "emails": [
-                    {"value": "bjensen@example.com", "type": "work", "primary": true},
-                    {"value": "babs@jensen.org", "type": "home"}
-                ],
-                "phoneNumbers": [{"value": "555-555-8377", "type": "work"}],
-                "meta": {"resourceType": "User", "lastModified": "2011-05-13T04:42:34Z",
-                         "created": "2010-01-23T04:56:22Z"},
-                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":
-                    {"employeeNumber": "701984", "department": "Tour Operations",
-                     "manager": {"value": "26118915-6090-4610-87e4-49d8ca9f808d"}},
-                "x-score": 42
-            }),
+            serde_json::from_str(include_str!("../fixtures/user.json")).expect("user fixture"),
             json!({
                 "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
                 "id": "e9e30dba-f08f-4109-8486-d5c6a331660a",

@@ -18,37 +18,24 @@ use std::sync::OnceLock;
 fn stored() -> &'static (Value, Value) {
     static D: OnceLock<(Value, Value)> = OnceLock::new();
     D.get_or_init(|| {
-        let user = json!({
-            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User",
-                        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
-            "externalId": "ext-1",
-            "userName": "bjensen@example.com",
-            "name": {"familyName": "Jensen", "givenName": "Barbara", "formatted": "Barbara Jensen"},
-            "displayName": "Babs",
-            "title": "Tour Guide",
-            "active": true,
-            "emails": [
-                {"value": "bjensen@example.com", "type": "work", "primary": true},
-                {"value": "babs@jensen.org", "type": "home"}
-            ],
-            "phoneNumbers": [{"value": "555-555-8377", "type": "work"}],
-            "addresses": [{"type": "work", "streetAddress": "1 Main", "locality": "Town", "primary": true}],
-            "roles": [{"value": "teacher", "primary": true}],
-            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User":
-                {"employeeNumber": "701984", "department": "Tour Operations",
-                 "manager": {"value": "26118915-6090-4610-87e4-49d8ca9f808d"}}
-        });
+        // RFC 7643's example user, as the filter target evaluates against.
+        let user: Value =
+            serde_json::from_str(include_str!("../fixtures/user.json")).expect("user fixture");
         let group = json!({
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
             "displayName": "Tour Guides",
             "externalId": "g-1"
         });
-        let mut u = normalize_input(ResourceKind::User, user).expect("user seed").resource;
-        let mut g = normalize_input(ResourceKind::Group, group).expect("group seed").resource;
+        let mut u = normalize_input(ResourceKind::User, user)
+            .expect("user seed")
+            .resource;
+        let mut g = normalize_input(ResourceKind::Group, group)
+            .expect("group seed")
+            .resource;
         // What the store adds.
         u["id"] = json!("2819c223-7f76-453a-919d-413861904646");
-        u["meta"] = json!({"resourceType": "User", "created": "2024-01-01T00:00:00Z",
-                           "lastModified": "2024-01-01T00:00:00Z", "version": "W/\"1\""});
+        u["meta"] = json!({"resourceType": "User", "created": "2010-01-23T04:56:22Z",
+                           "lastModified": "2011-05-13T04:42:34Z", "version": "W/\"1\""});
         g["id"] = json!("e9e30dba-f08f-4109-8486-d5c6a331660a");
         g["meta"] = json!({"resourceType": "Group", "created": "2024-01-01T00:00:00Z"});
         (u, g)
