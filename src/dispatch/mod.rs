@@ -1185,14 +1185,19 @@ impl Ctx {
                     // The job slot is held meanwhile (overrides answer 409), and nothing
                     // said why: a `Retry-After` of an hour kept a job waiting three
                     // hours, the last after its final attempt, without a log line.
-                    let wait = retry_after.unwrap_or(self.config.retry.initial_delay());
-                    if wait > READ_RETRY_MAX_WAIT {
-                        return Err(format!(
-                            "{reason}, and asks to wait {} s before the next attempt; a read waits at most {} s",
-                            wait.as_secs(),
-                            READ_RETRY_MAX_WAIT.as_secs()
-                        ));
-                    }
+                    let wait = match retry_after {
+                        Some(asked) if asked > READ_RETRY_MAX_WAIT => {
+                            return Err(format!(
+                                "{reason}, and asks to wait {} s before the next attempt; a read waits at most {} s",
+                                asked.as_secs(),
+                                READ_RETRY_MAX_WAIT.as_secs()
+                            ));
+                        }
+                        Some(asked) => asked,
+                        // The connector's own first delay, which may be set far longer
+                        // for deliveries than a read should wait.
+                        None => self.config.retry.initial_delay().min(READ_RETRY_MAX_WAIT),
+                    };
                     last = reason;
                     if attempt < READ_ATTEMPTS {
                         tokio::time::sleep(wait).await;
