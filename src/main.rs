@@ -128,6 +128,9 @@ enum Command {
         #[arg(long)]
         tenant: String,
         /// Only report, per connector, what drifted and would be sent; change nothing.
+        /// The answer comes once each OneRoster target is read back (up to its
+        /// `read_back_max_secs`); this waits up to 2 hours for it. One dry run of a tenant
+        /// runs at a time.
         #[arg(long)]
         dry_run: bool,
         /// Follow the job until it ends, as `rosterd job --wait` does.
