@@ -180,15 +180,15 @@ impl fmt::Display for Filter {
         match self {
             Filter::Compare { path, op, value } => write!(f, "{path} {} {value}", op.as_str()),
             Filter::Present(p) => write!(f, "{p} pr"),
-            Filter::And(a, b) | Filter::Or(a, b) => {
-                let op = if matches!(self, Filter::And(..)) {
-                    "and"
-                } else {
-                    "or"
-                };
+            Filter::And(a, b) => {
                 f.write_str("(")?;
-                self.write_chain(f, a)?;
-                write!(f, " {op} {b})")
+                a.write_left_of(f, "and")?;
+                write!(f, " and {b})")
+            }
+            Filter::Or(a, b) => {
+                f.write_str("(")?;
+                a.write_left_of(f, "or")?;
+                write!(f, " or {b})")
             }
             Filter::Not(a) => write!(f, "not ({a})"),
             Filter::ValuePath { path, filter } => write!(f, "{path}[{filter}]"),
@@ -197,21 +197,16 @@ impl fmt::Display for Filter {
 }
 
 impl Filter {
-    /// `left` of this `and` or `or`, without brackets when it is the same operator: a
-    /// chain `a or b or c` parses as one level, and printed with a bracket per term it
-    /// nested past [`MAX_DEPTH`] and no longer parsed.
-    fn write_chain(&self, f: &mut fmt::Formatter<'_>, left: &Filter) -> fmt::Result {
-        match (self, left) {
-            (Filter::And(..), Filter::And(a, b)) | (Filter::Or(..), Filter::Or(a, b)) => {
-                left.write_chain(f, a)?;
-                let op = if matches!(left, Filter::And(..)) {
-                    "and"
-                } else {
-                    "or"
-                };
+    /// This filter as the left side of `op` ("and" or "or"), without brackets while it is
+    /// a chain of the same `op`: `a or b or c` parses as one level, and printed with a
+    /// bracket per term it nested past [`MAX_DEPTH`] and no longer parsed.
+    fn write_left_of(&self, f: &mut fmt::Formatter<'_>, op: &str) -> fmt::Result {
+        match (self, op) {
+            (Filter::And(a, b), "and") | (Filter::Or(a, b), "or") => {
+                a.write_left_of(f, op)?;
                 write!(f, " {op} {b}")
             }
-            _ => write!(f, "{left}"),
+            _ => write!(f, "{self}"),
         }
     }
 }
@@ -350,13 +345,8 @@ fn tokenize(input: &str, err: fn(String) -> ScimError) -> ScimResult<Vec<Tok>> {
 /// `[URN ":"] attr ["." sub]`, or a bare known schema URN.
 fn parse_attr_path(word: &str, err: fn(String) -> ScimError) -> ScimResult<AttrPath> {
     let bad = || err(format!("{word:?} is not an attribute path"));
-    // By `get`: attribute lists reach here untokenized, and byte 4 may fall inside a
-    // multi-byte character.
-    if word.len() > 4
-        && word
-            .get(..4)
-            .is_some_and(|p| p.eq_ignore_ascii_case("urn:"))
-    {
+    // Attribute lists reach here untokenized: `word` may hold any character.
+    if super::urn_prefixed(word) {
         if known_urn(word) {
             return Ok(AttrPath {
                 urn: Some(word.to_owned()),

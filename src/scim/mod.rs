@@ -9,3 +9,13 @@ pub mod schema;
 
 pub use error::{ScimError, ScimResult, ScimType};
 pub use schema::ResourceKind;
+
+/// Whether a client's name begins with `urn:` (any case) and goes on: a schema URN or an
+/// attribute qualified by one. Read by `get`, as byte 4 of an accented name falls inside
+/// a character, and cutting it there panicked.
+pub(crate) fn urn_prefixed(name: &str) -> bool {
+    name.len() > 4
+        && name
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("urn:"))
+}

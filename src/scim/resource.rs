@@ -304,8 +304,7 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
             continue;
         }
         // A URN-qualified attribute name at the top level (`urn:…:User:department`).
-        // By `get`: byte 4 of a client's key may fall inside a multi-byte character.
-        if key.len() > 4 && key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("urn:")) {
+        if super::urn_prefixed(&key) {
             if let Some((urn, attr)) = key.rsplit_once(':') {
                 if urn.eq_ignore_ascii_case(core.id) {
                     put_attr(core, &mut out, attr, value, &mut ignored, "")?;
@@ -686,14 +685,8 @@ pub(crate) fn check_list_sizes(doc: &Value) -> ScimResult<()> {
         .filter_map(|(_, v)| v.as_object())
         .flatten();
     for (name, v) in attrs.iter().chain(nested) {
-        if let Value::Array(values) = v
-            && values.len() > MAX_VALUES
-            && !name.eq_ignore_ascii_case("members")
-        {
-            return Err(ScimError::invalid_value(format!(
-                "{name}: {} values; rosterd takes at most {MAX_VALUES}",
-                values.len()
-            )));
+        if let Value::Array(values) = v {
+            check_count(name, name, values.len())?;
         }
     }
     Ok(())
@@ -702,7 +695,12 @@ pub(crate) fn check_list_sizes(doc: &Value) -> ScimResult<()> {
 /// Refuse a list of `n` values for `def` beyond [`MAX_VALUES`]. A group's members are
 /// exempt: they are stored one key each, never copied whole.
 pub(crate) fn check_value_count(def: &AttrDef, path: &str, n: usize) -> ScimResult<()> {
-    if n > MAX_VALUES && def.name != "members" {
+    check_count(def.name, path, n)
+}
+
+/// [`check_value_count`] by the attribute's name, as a client may spell it.
+fn check_count(name: &str, path: &str, n: usize) -> ScimResult<()> {
+    if n > MAX_VALUES && !name.eq_ignore_ascii_case("members") {
         return Err(ScimError::invalid_value(format!(
             "{path}: {n} values; rosterd takes at most {MAX_VALUES}"
         )));

@@ -96,9 +96,10 @@ pub struct AppState {
 }
 
 /// A part of the config a reload applies without a restart, and that can fail to apply
-/// on its own while the rest reloads.
+/// on its own while the rest reloads. Named by [`Reloadable::as_str`] in `/status` and
+/// the metrics alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "&'static str")]
 pub enum Reloadable {
     /// The tenants' `token_env` and `token_hashes`.
     ScimTokens,
@@ -114,6 +115,12 @@ impl Reloadable {
             Reloadable::ScimTokens => "scim_tokens",
             Reloadable::ApiKeys => "api_keys",
         }
+    }
+}
+
+impl From<Reloadable> for &'static str {
+    fn from(part: Reloadable) -> Self {
+        part.as_str()
     }
 }
 
@@ -549,6 +556,29 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
     }
 }
 
+/// What a reload did with `part`, recorded for `/status` and the metrics; a failure is
+/// counted and logged (the part in force before stays). The part's result when applied.
+fn settle<T, E: std::fmt::Display>(
+    state: &AppState,
+    part: Reloadable,
+    outcome: Result<T, E>,
+    failed: &mut usize,
+) -> Option<T> {
+    state.reload_errors.record(part, outcome.as_ref().map(drop));
+    match outcome {
+        Ok(applied) => Some(applied),
+        Err(e) => {
+            *failed += 1;
+            let what = match part {
+                Reloadable::ScimTokens => "SCIM tokens",
+                Reloadable::ApiKeys => "Roster API keys",
+            };
+            tracing::error!(error = %e, "{what} not reloaded; those in force stay.");
+            None
+        }
+    }
+}
+
 /// Say (WARN) each OneRoster `roles` key that names no archetype of its tenant's bundle,
 /// as `check-config` does: the example files tell operators to copy and reload, which a
 /// warning from `check-config` alone would not reach.
@@ -633,20 +663,12 @@ pub async fn reload(state: &Arc<AppState>) {
     };
     if let Some(tenants) = tenants {
         let outcome = state.tokens.reload(tenants, |v| (state.env)(v));
-        match &outcome {
-            Ok(changed) => {
-                for tenant in changed {
-                    tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                tracing::error!(error = %e, "SCIM tokens not reloaded; those in force stay.");
-            }
+        for tenant in settle(state, Reloadable::ScimTokens, outcome, &mut failed)
+            .into_iter()
+            .flatten()
+        {
+            tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
         }
-        state
-            .reload_errors
-            .record(Reloadable::ScimTokens, outcome.map(drop));
     }
     // An identity provider's key rotation needs no restart either.
     if let Some(jwt) = &state.config.api.jwt {
@@ -654,19 +676,9 @@ pub async fn reload(state: &Arc<AppState>) {
             .roster
             .verifier
             .reload(jwt, &state.config.base_dir, &|v| (state.env)(v));
-        match &outcome {
-            Ok(true) => tracing::info!(
-                "Roster API keys reloaded: public_keys and jwks_file as they are now."
-            ),
-            Ok(false) => {}
-            Err(e) => {
-                failed += 1;
-                tracing::error!(error = %e, "Roster API keys not reloaded; those in force stay.");
-            }
+        if settle(state, Reloadable::ApiKeys, outcome, &mut failed) == Some(true) {
+            tracing::info!("Roster API keys reloaded: public_keys and jwks_file as they are now.");
         }
-        state
-            .reload_errors
-            .record(Reloadable::ApiKeys, outcome.map(drop));
     }
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
