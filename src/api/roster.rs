@@ -21,7 +21,7 @@ use super::{ApiError, ApiResult, Caller, Params, TenantRoster, authenticate, jso
 use crate::classify::TenantPolicy;
 use crate::dispatch::ReconcileMode;
 use crate::scim::ResourceKind;
-use crate::server::AppState;
+use crate::server::{AppState, RequestBody};
 use crate::store::{
     Assignment, EVENT_KINDS, EventQuery, IdScan, IndexQuery, Job, OverrideChange, OverrideRefusal,
     OverrideRules, RecordAssignment, Resolver, Resource, RosterRecord, Store, StoreError,
@@ -81,9 +81,14 @@ pub(super) async fn blocking<T: Send + 'static>(
 
 /// The request body, read only once [`admit`] let the request in: a client without a
 /// valid token must not get the daemon to buffer `max_body_bytes` for it.
-pub(super) async fn read_body(st: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+/// A large body holds its share of [`crate::server::BodyBudget`] as long as it lives.
+pub(super) async fn read_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<RequestBody> {
     use crate::server::BodyRefusal;
-    crate::server::read_request_body(headers, body, st.config.server.max_body_bytes)
+    crate::server::read_request_body(st, headers, body)
         .await
         .map_err(|r| match r {
             BodyRefusal::Encoded(codings) => ApiError::UnsupportedEncoding(codings),

@@ -93,6 +93,8 @@ pub struct AppState {
     pub backups: crate::ops::backup::Backups,
     /// The environment secrets are read from; a reload reads SCIM tokens through it.
     pub env: EnvFn,
+    /// The share of `max_body_bytes` that large request bodies being handled hold.
+    pub large_bodies: BodyBudget,
 }
 
 /// A part of the config a reload applies without a restart, and that can fail to apply
@@ -316,6 +318,7 @@ pub async fn run_with_env(
     warn_unmapped_roles(&roster, &loaded.connectors);
     dispatch.apply(loaded).await;
     let backup_plan = crate::ops::backup::Plan::of(&config);
+    let config_max_body = config.server.max_body_bytes;
     let state = Arc::new(AppState {
         store: store.clone(),
         tokens,
@@ -332,6 +335,7 @@ pub async fn run_with_env(
         schedules: Default::default(),
         backups: crate::ops::backup::Backups::new(backup_plan),
         env: env.clone(),
+        large_bodies: BodyBudget::new(config_max_body),
     });
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -892,22 +896,99 @@ pub(crate) enum BodyRefusal {
 /// A request's body, for a handler that takes one, to call once the caller is let in:
 /// a client without credentials must not make the daemon buffer `max_body_bytes`. A
 /// compressed body is refused unread. Each protocol answers a refusal in its own
-/// format (`ApiError`, `ScimError`).
+/// format (`ApiError`, `ScimError`). A large body then waits for its share of
+/// [`BodyBudget`], which it holds as long as the [`RequestBody`] lives.
 pub(crate) async fn read_request_body(
+    st: &AppState,
     headers: &HeaderMap,
     body: axum::body::Body,
-    limit: usize,
-) -> Result<axum::body::Bytes, BodyRefusal> {
+) -> Result<RequestBody, BodyRefusal> {
     if let Some(codings) = body_encodings(headers) {
         return Err(BodyRefusal::Encoded(codings));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if over_limit(&e) {
-            BodyRefusal::TooLarge
-        } else {
-            BodyRefusal::Unreadable(e)
+    let bytes = axum::body::to_bytes(body, st.config.server.max_body_bytes)
+        .await
+        .map_err(|e| {
+            if over_limit(&e) {
+                BodyRefusal::TooLarge
+            } else {
+                BodyRefusal::Unreadable(e)
+            }
+        })?;
+    let held = st.large_bodies.hold(bytes.len()).await;
+    Ok(RequestBody { bytes, held })
+}
+
+/// Bodies up to this size (nearly all: a SCIM user is a few KB) never wait for
+/// [`BodyBudget`].
+const LARGE_BODY_BYTES: usize = 1 << 20;
+
+/// At most `max_body_bytes` of large request bodies are handled at once; the rest wait
+/// their turn, once read. A body parsed as JSON takes 17 to 28 times its size until its
+/// request ends, so four 16 MiB PATCH bodies at once took the daemon to 1.3 GB, where
+/// one takes it to about 450 MB. Only a client the request's protocol let in can hold a
+/// share, since the body is read after that.
+pub struct BodyBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+}
+
+impl BodyBudget {
+    pub(crate) fn new(max_body_bytes: usize) -> Self {
+        let total_kib = u32::try_from(max_body_bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
         }
-    })
+    }
+
+    /// Wait for a body of `len` bytes' share, if it is large.
+    pub(crate) async fn hold(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if len <= LARGE_BODY_BYTES {
+            return None;
+        }
+        let kib = u32::try_from(len.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.total_kib);
+        let asked = std::time::Instant::now();
+        // The semaphore is never closed, so this cannot fail.
+        let share = self.kib.clone().acquire_many_owned(kib).await.ok();
+        let waited = asked.elapsed();
+        if waited >= std::time::Duration::from_secs(1) {
+            tracing::info!(
+                bytes = len,
+                waited_ms = waited.as_millis() as u64,
+                "A large request body waited for others to be handled first (at most server.max_body_bytes of bodies over 1 MiB are handled at once)."
+            );
+        }
+        share
+    }
+}
+
+/// A request body that was read, with its share of [`BodyBudget`] while it lives.
+pub(crate) struct RequestBody {
+    bytes: axum::body::Bytes,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl RequestBody {
+    /// The share, for a handler that keeps what it parsed from the bytes after them.
+    pub(crate) fn into_parts(self) -> (axum::body::Bytes, BodyShare) {
+        (self.bytes, BodyShare { _held: self.held })
+    }
+}
+
+impl std::ops::Deref for RequestBody {
+    type Target = axum::body::Bytes;
+
+    fn deref(&self) -> &axum::body::Bytes {
+        &self.bytes
+    }
+}
+
+/// A large body's share of [`BodyBudget`], given back when dropped.
+pub(crate) struct BodyShare {
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Whether reading a body with `axum::body::to_bytes` failed for going over its limit.
@@ -1246,6 +1327,33 @@ mod tests {
 
     fn buggy(what: &str) -> &'static str {
         panic!("{what}")
+    }
+
+    #[tokio::test]
+    async fn large_bodies_wait_for_one_another_and_small_ones_never_wait() {
+        use futures_util::FutureExt;
+        const MIB: usize = 1 << 20;
+        let budget = BodyBudget::new(16 * MIB);
+        let first = budget.hold(10 * MIB).await;
+        assert!(first.is_some(), "a large body holds a share");
+        // 10 + 7 MiB is over the 16 MiB budget: the second waits for the first.
+        assert!(budget.hold(7 * MIB).now_or_never().is_none());
+        assert!(
+            matches!(budget.hold(MIB).now_or_never(), Some(None)),
+            "a body of 1 MiB or less takes nothing and never waits"
+        );
+        let third = budget
+            .hold(6 * MIB)
+            .now_or_never()
+            .expect("6 MiB still fits");
+        drop(first);
+        let second = budget.hold(7 * MIB).now_or_never().expect("room again");
+        assert!(second.is_some() && third.is_some());
+        drop((second, third));
+        // A budget smaller than one body (never: the body's limit is the budget) would
+        // still let it through alone rather than wait for good.
+        let small = BodyBudget::new(2 * MIB);
+        assert!(small.hold(3 * MIB).now_or_never().is_some());
     }
 
     #[test]

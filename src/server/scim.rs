@@ -157,9 +157,17 @@ fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<
 
 /// The request's JSON body, read only once [`authorize`] let the request in: a client
 /// without a token must not get the daemon to buffer `max_body_bytes` for it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ScimResult<Value> {
+///
+/// The share of [`super::BodyBudget`] a large body holds comes with it: keep it as long
+/// as the value.
+async fn read_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ScimResult<(Value, super::BodyShare)> {
     use super::BodyRefusal;
-    let bytes = super::read_request_body(headers, body, limit)
+    let limit = st.config.server.max_body_bytes;
+    let (bytes, share) = super::read_request_body(st, headers, body)
         .await
         .map_err(|r| match r {
             BodyRefusal::Encoded(codings) => ScimError::new(
@@ -175,11 +183,13 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ScimResult<
             BodyRefusal::Unreadable(e) => {
                 ScimError::invalid_syntax(format!("cannot read the request body: {e}"))
             }
-        })?;
+        })?
+        .into_parts();
     if bytes.is_empty() {
         return Err(ScimError::invalid_syntax("request body is empty"));
     }
-    super::json::request_body(&bytes).map_err(ScimError::invalid_syntax)
+    let value = super::json::request_body(&bytes).map_err(ScimError::invalid_syntax)?;
+    Ok((value, share))
 }
 
 fn if_match(headers: &HeaderMap) -> ScimResult<Option<IfMatch>> {
@@ -724,7 +734,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+            let (body, _share) = read_body(&st, &headers, body).await?;
             Ok(op_create(&st, &tenant, $kind, body).await?.into_response())
         }
 
@@ -735,7 +745,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+            let (body, _share) = read_body(&st, &headers, body).await?;
             let cond = if_match(&headers)?;
             Ok(op_replace(&st, &tenant, $kind, &id, cond, body)
                 .await?
@@ -750,7 +760,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+            let (body, _share) = read_body(&st, &headers, body).await?;
             let cond = if_match(&headers)?;
             let projection = Projection::from_params(&lower_keys(q)?)?;
             Ok(op_patch(&st, &tenant, $kind, &id, cond, body, &projection)
@@ -790,7 +800,7 @@ macro_rules! resource_handlers {
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
-            let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+            let (body, _share) = read_body(&st, &headers, body).await?;
             let query = ListQuery::from_search_body(&st, &body)?;
             Ok(run_list(st, tenant, vec![$kind], query)
                 .await?
@@ -827,7 +837,7 @@ async fn search_root(
     body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+    let (body, _share) = read_body(&st, &headers, body).await?;
     let query = ListQuery::from_search_body(&st, &body)?;
     Ok(run_list(
         st,
@@ -1454,7 +1464,7 @@ async fn bulk(
     body: Body,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    let body = read_body(&headers, body, st.config.server.max_body_bytes).await?;
+    let (body, _share) = read_body(&st, &headers, body).await?;
     Ok(run_bulk(&st, &tenant, body).await?.into_response())
 }
 

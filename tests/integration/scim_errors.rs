@@ -242,6 +242,74 @@ async fn malformed_input_gets_scim_errors() {
     assert_eq!(dn["mutability"], "readWrite", "{dn}");
 }
 
+/// Bodies over 1 MiB take turns within `max_body_bytes`: here each is three quarters of
+/// it, so no two are handled at once. Every one must still get its answer (a share
+/// never given back would hang the rest, which the timeout turns into a failure), on
+/// both APIs, and what each wrote must be there.
+#[tokio::test]
+async fn large_bodies_take_turns_and_each_is_answered() {
+    const LIMIT: usize = 2 << 20;
+    let d = TestDaemon::start_with(Options {
+        max_body_bytes: LIMIT,
+        ..Options::default()
+    })
+    .await;
+    // JSON's whitespace makes a body large without making the resource large.
+    let padded = |v: serde_json::Value| {
+        let mut b = serde_json::to_vec(&v).expect("json");
+        b.resize(LIMIT * 3 / 4, b' ');
+        b
+    };
+    let admin = d.jwt(TENANT, "roster:read roster:write roster:admin");
+    let scim = d.scim_url("/Users");
+    let posts = (0..4).map(|i| {
+        let body = padded(user(&format!("large{i}@example.com")));
+        d.raw(Method::POST, &scim, Some(&d.token), &[], Some(body))
+    });
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        futures_util::future::join_all(posts),
+    )
+    .await
+    .expect("every large body is answered");
+    let mut ids = Vec::new();
+    for r in answered {
+        assert_eq!(r.status, 201, "{}", r.body);
+        ids.push(r.body["id"].as_str().expect("id").to_owned());
+    }
+    let patch = padded(patch_op(
+        json!([{"op": "replace", "path": "title", "value": "account executive"}]),
+    ));
+    let r = d
+        .raw(
+            Method::PATCH,
+            &d.scim_url(&format!("/Users/{}", ids[0])),
+            Some(&d.token),
+            &[],
+            Some(patch),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["title"], "account executive");
+    let body = padded(json!({"archetype_id": "sales_rep"}));
+    let r = d
+        .client
+        .patch(d.url(&format!("/api/v1/roster/users/{}", ids[1])))
+        .bearer_auth(&admin)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let r = d
+        .roster(Method::GET, &format!("/users/{}", ids[1]), &admin, None)
+        .await;
+    assert_eq!(r.body["archetype_id"], "sales_rep", "{}", r.body);
+    let r = d.get("/Users?filter=userName sw \"large\"").await;
+    assert_eq!(r.body["totalResults"], 4, "{}", r.body);
+}
+
 #[tokio::test]
 async fn limits_and_unsupported_things() {
     let d = TestDaemon::start_with(Options {
