@@ -1653,6 +1653,21 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             break;
         }
     }
+    // The resource each PUT, PATCH or DELETE writes, by its path as written: one that
+    // waits holds back the later ones on the same resource, so the request's last write
+    // to it is the one that stands. (A POST makes a resource of its own.)
+    let targets: Vec<Option<String>> = ops
+        .iter()
+        .map(|op| {
+            let method = op.get("method").and_then(Value::as_str)?;
+            if method.eq_ignore_ascii_case("POST") {
+                return None;
+            }
+            let path = op.get("path").and_then(Value::as_str)?;
+            let (kind, id) = parse_bulk_path(path).ok()?;
+            Some(format!("{}/{}", endpoint(kind), id?))
+        })
+        .collect();
     let mut ran: HashSet<String> = HashSet::new();
     let mut created: HashMap<String, String> = HashMap::new();
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
@@ -1660,7 +1675,9 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
     let mut waiting: Vec<usize> = (0..ops.len()).collect();
     while !waiting.is_empty() {
         let mut still = Vec::new();
+        let mut held: HashSet<&str> = HashSet::new();
         for &i in &waiting {
+            let target = targets[i].as_deref();
             let entry = if !can_run[i] {
                 failed_entry(
                     bulk_entry_head(&ops[i]),
@@ -1672,7 +1689,10 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
                          PATCH",
                     ),
                 )
-            } else if waits_on[i].iter().any(|r| !ran.contains(r)) {
+            } else if waits_on[i].iter().any(|r| !ran.contains(r))
+                || target.is_some_and(|t| held.contains(t))
+            {
+                held.extend(target);
                 still.push(i);
                 continue;
             } else {
@@ -1741,7 +1761,16 @@ async fn run_bulk_entry(
         .unwrap_or("")
         .to_ascii_uppercase();
     let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_owned);
-    let outcome = run_bulk_op(state, tenant, op, &method_name, created).await;
+    let target = bulk_target(op, &method_name, created);
+    // RFC 7644 §3.7.3: every entry but a failed POST's says where its resource is.
+    let target_location = match &target {
+        Ok((kind, Some(id))) => Some(location(state, tenant, *kind, id)),
+        _ => None,
+    };
+    let outcome = match target {
+        Ok((kind, id)) => run_bulk_op(state, tenant, op, &method_name, kind, id, created).await,
+        Err(e) => Err(e),
+    };
     let mut entry = bulk_entry_head(op);
     if let (Some(b), "POST") = (&bulk_id, method_name.as_str()) {
         ran.insert(b.clone());
@@ -1764,7 +1793,12 @@ async fn run_bulk_entry(
                 Value::String(reply.status.as_u16().to_string()),
             );
         }
-        Err(e) => return failed_entry(entry, e),
+        Err(e) => {
+            if let Some(loc) = target_location {
+                entry.insert("location".into(), Value::String(loc));
+            }
+            return failed_entry(entry, e);
+        }
     }
     entry
 }
@@ -1776,13 +1810,14 @@ fn failed_entry(mut entry: Map<String, Value>, e: ScimError) -> Map<String, Valu
     entry
 }
 
-async fn run_bulk_op(
-    state: &AppState,
-    tenant: &str,
+/// The resource type an operation's path names, and its id with any `bulkId:` reference
+/// resolved; a POST's path names no id (RFC 7644 §3.7: "MUST specify a resource type
+/// endpoint"), since it would be ignored.
+fn bulk_target(
     op: &Value,
     method: &str,
     created: &HashMap<String, String>,
-) -> ScimResult<(Reply, Option<String>)> {
+) -> ScimResult<(ResourceKind, Option<String>)> {
     let path = op
         .get("path")
         .and_then(Value::as_str)
@@ -1796,14 +1831,42 @@ async fn run_bulk_op(
         path = format!("{}{id}", &path[..pos]);
     }
     let (kind, id) = parse_bulk_path(&path)?;
+    if method == "POST" && id.is_some() {
+        return Err(ScimError::invalid_value(format!(
+            "a POST's path is the resource type's endpoint, /{}, without an id",
+            endpoint(kind)
+        )));
+    }
+    Ok((kind, id))
+}
+
+/// An operation's `version`: its precondition, as `If-Match` is outside /Bulk.
+fn bulk_version(op: &Value) -> ScimResult<Option<IfMatch>> {
+    match op.get("version") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(v)) if v.trim() == "*" => Ok(Some(IfMatch::Any)),
+        Some(Value::String(v)) => Ok(Some(IfMatch::Tags(vec![v.trim().to_owned()]))),
+        // Dropping it would write without the check the client asked for.
+        Some(other) => Err(ScimError::invalid_syntax(format!(
+            "version must be a string, an ETag such as W/\"3\" or \"*\", not {other}"
+        ))),
+    }
+}
+
+async fn run_bulk_op(
+    state: &AppState,
+    tenant: &str,
+    op: &Value,
+    method: &str,
+    kind: ResourceKind,
+    id: Option<String>,
+    created: &HashMap<String, String>,
+) -> ScimResult<(Reply, Option<String>)> {
     let mut data = op.get("data").cloned();
     if let Some(d) = data.as_mut() {
         resolve_bulk_ids(d, created)?;
     }
-    let cond = op
-        .get("version")
-        .and_then(Value::as_str)
-        .map(|v| IfMatch::Tags(vec![v.to_owned()]));
+    let cond = bulk_version(op)?;
     let need_id = || {
         id.clone().ok_or_else(|| {
             ScimError::invalid_value(format!("{method} needs /{}/{{id}}", endpoint(kind)))

@@ -141,6 +141,133 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
     assert_eq!(y.body["totalResults"], 0, "{}", y.body);
 }
 
+/// An operation that waits for a later POST holds back the later operations on the same
+/// resource: the request's last write to a resource is the one that stands, wherever the
+/// bulkIds sit in it.
+#[tokio::test]
+async fn bulk_keeps_the_request_order_for_each_resource() {
+    let d = TestDaemon::start().await;
+    let title = |t: &str| patch_op(json!([{"op": "replace", "path": "title", "value": t}]));
+    let r = d
+        .bulk(json!([
+            {"method": "PATCH", "path": "/Users/bulkId:t", "data": title("first")},
+            {"method": "POST", "path": "/Users", "bulkId": "t", "data": user("order1@example.com")},
+            {"method": "PATCH", "path": "/Users/bulkId:t", "data": title("second")},
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["200", "201", "200"], "{}", r.body);
+    let u = d.get(&format!("/Users/{}", location_id(&ops[1]))).await;
+    assert_eq!(u.body["title"], "second", "{}", u.body);
+    let version = |o: &serde_json::Value| {
+        o["version"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(version(&ops[2]) > version(&ops[0]), "{}", r.body);
+
+    // A member added ahead of its group's POST and removed by the request's last
+    // operation stays out.
+    let r = d
+        .bulk(json!([
+            {"method": "PATCH", "path": "/Groups/bulkId:g", "data": patch_op(json!([
+                {"op": "add", "path": "members", "value": [{"value": "bulkId:u"}]}]))},
+            {"method": "POST", "path": "/Groups", "bulkId": "g", "data": {
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"], "displayName": "Order"}},
+            {"method": "POST", "path": "/Users", "bulkId": "u", "data": user("order2@example.com")},
+            {"method": "PATCH", "path": "/Groups/bulkId:g", "data": patch_op(json!([
+                {"op": "remove", "path": "members[value eq \"bulkId:u\"]"}]))},
+        ]))
+        .await;
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["204", "201", "201", "204"], "{}", r.body);
+    let g = d.get(&format!("/Groups/{}", location_id(&ops[1]))).await;
+    assert_eq!(
+        g.body
+            .get("members")
+            .map_or(0, |m| m.as_array().unwrap().len()),
+        0,
+        "{}",
+        g.body
+    );
+}
+
+/// RFC 7644 §3.7: a `version` is the operation's If-Match (`*` included), a failed PUT,
+/// PATCH or DELETE still says which resource it was about, and a POST's path is an
+/// endpoint.
+#[tokio::test]
+async fn bulk_versions_locations_and_paths() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("ver@example.com").await;
+    let path = format!("/Users/{id}");
+    let nick = |n: &str| patch_op(json!([{"op": "replace", "path": "nickName", "value": n}]));
+    let r = d
+        .bulk(json!([
+            {"method": "PATCH", "path": path, "version": "*", "data": nick("any")},
+            {"method": "PATCH", "path": path, "version": "W/\"1\"", "data": nick("stale")},
+            {"method": "PATCH", "path": path, "version": 5, "data": nick("number")},
+            {"method": "DELETE", "path": "/Users/does-not-exist"},
+            {"method": "POST", "path": format!("/Users/{id}"), "bulkId": "p", "data": user("ver2@example.com")},
+            {"method": "POST", "path": "/Groups/../Users", "bulkId": "q", "data": user("ver3@example.com")},
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        ["200", "412", "400", "404", "400", "400"],
+        "{}",
+        r.body
+    );
+    assert!(
+        ops[2]["response"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("version must be a string"),
+        "{}",
+        ops[2]
+    );
+    assert!(
+        ops[4]["response"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("without an id"),
+        "{}",
+        ops[4]
+    );
+    let here = d.scim_url(&path);
+    for i in [0, 1, 2] {
+        assert_eq!(ops[i]["location"], here.as_str(), "{}", ops[i]);
+    }
+    assert_eq!(
+        ops[3]["location"],
+        d.scim_url("/Users/does-not-exist").as_str(),
+        "{}",
+        ops[3]
+    );
+    assert!(
+        ops[4].get("location").is_none(),
+        "a failed POST has none: {}",
+        ops[4]
+    );
+    let u = d.get(&path).await;
+    assert_eq!(u.body["nickName"], "any", "{}", u.body);
+    let all = d.get("/Users").await;
+    assert_eq!(
+        all.body["totalResults"], 1,
+        "the POSTs created nothing: {}",
+        all.body
+    );
+}
+
 #[tokio::test]
 async fn bulk_fail_on_errors_stops_early() {
     let d = TestDaemon::start().await;
