@@ -524,6 +524,10 @@ fn projected(target: &Value, desired: &Value) -> Value {
                 // that stores and answers it as a boolean means the same, and counting
                 // it as drift re-sent its every user on every reconciliation.
                 (Some(Value::Bool(b)), Value::String(w)) if *w == b.to_string() => want.clone(),
+                // `metadata` is a free-form blob a target need not keep; counted as drift
+                // where it is missing, every user such a target read back would be sent
+                // again on every reconciliation. One it keeps, and changed, is drift.
+                (None, _) if k == "metadata" => want.clone(),
                 (got, _) => got.cloned().unwrap_or(Value::Null),
             };
             out.insert(k.clone(), got);
@@ -951,6 +955,8 @@ async fn read_back(
     let mut seen: HashSet<String> = already.iter().map(|i| i.object.clone()).collect();
     // Fingerprints of the sourcedIds read so far: 8 bytes a user, not the ids.
     let mut read: HashSet<u64> = HashSet::new();
+    // Made at the first user the target kept without our `metadata.scim_id`.
+    let mut by_sourced_id: Option<SourcedIds> = None;
     let mut offset = 0usize;
     let mut pages = 0usize;
     let stopped = 'pages: loop {
@@ -1045,9 +1051,34 @@ async fn read_back(
                 Ok(target) => target,
                 Err(e) => break 'pages Some(format!("{at} cannot be read: {e}")),
             };
-            let Some(scim_id) = target.pointer("/metadata/scim_id").and_then(Value::as_str) else {
-                continue;
+            // `metadata` is a free-form blob a target need not keep; without it, the user
+            // is found by the sourcedId rosterd gave it, or the repair would be off
+            // without a word for such a target.
+            let scim_id = match target.pointer("/metadata/scim_id").and_then(Value::as_str) {
+                Some(id) => id.to_owned(),
+                None => {
+                    let Some(sid) = target.get("sourcedId").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if by_sourced_id.is_none() {
+                        let (store, t) = (ctx.store.clone(), tenant.to_owned());
+                        let ids = tokio::task::spawn_blocking(move || SourcedIds::of(&store, &t))
+                            .await
+                            .map_err(StoreError::from_join)??;
+                        tracing::info!(
+                            users = ids.len(),
+                            "The target keeps no `metadata.scim_id` on a user it read back; users are matched by their sourcedId."
+                        );
+                        by_sourced_id = Some(ids);
+                    }
+                    match by_sourced_id.as_ref().and_then(|ids| ids.get(sid)) {
+                        Some(id) => id.to_owned(),
+                        // Not one of ours (or gone from the roster): nothing to compare.
+                        None => continue,
+                    }
+                }
             };
+            let scim_id = scim_id.as_str();
             // A change waiting for the connector sends it as it now stands.
             if seen.contains(&user_key(scim_id)) || pending.user(scim_id) {
                 continue;
@@ -1092,6 +1123,40 @@ async fn read_back(
         tracing::warn!(pages, users = offset, %reason, "Read-back stopped before the end of its window; what was read is compared (and repaired, unless this is a dry run), changes at the target past it are not.");
     }
     Ok((out, stopped))
+}
+
+/// The tenant's users by the sourcedId each has downstream, for a target that keeps no
+/// `metadata`: about 80 bytes a user (80 MB at a million), for one read-back.
+struct SourcedIds(std::collections::HashMap<u128, Box<str>>);
+
+impl SourcedIds {
+    fn of(store: &Store, tenant: &str) -> Result<Self, StoreError> {
+        const PAGE: usize = 10_000;
+        let (mut map, mut skip) = (std::collections::HashMap::new(), 0);
+        loop {
+            let ids = store.ids_page(tenant, ResourceKind::User, skip, PAGE)?;
+            skip += ids.len();
+            let last = ids.len() < PAGE;
+            for id in ids {
+                let sid = crate::connectors::sourced_id(tenant, &user_key(&id));
+                if let Ok(u) = uuid::Uuid::parse_str(&sid) {
+                    map.insert(u.as_u128(), id.into_boxed_str());
+                }
+            }
+            if last {
+                return Ok(Self(map));
+            }
+        }
+    }
+
+    fn get(&self, sourced_id: &str) -> Option<&str> {
+        let u = uuid::Uuid::parse_str(sourced_id).ok()?;
+        self.0.get(&u.as_u128()).map(|id| &**id)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Users one read-back reads at most: twice the million users of a tenant that one

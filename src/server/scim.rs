@@ -1782,7 +1782,8 @@ async fn run_bulk_entry(
             {
                 created.insert(b.clone(), id.clone());
             }
-            if let Some(loc) = reply.location {
+            // A DELETE's answer has none of its own.
+            if let Some(loc) = reply.location.or(target_location) {
                 entry.insert("location".into(), Value::String(loc));
             }
             if let Some(v) = reply.etag {

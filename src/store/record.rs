@@ -143,13 +143,16 @@ impl<'a> UserFields<'a> {
         }
     }
 
-    /// Whether `address` is one of the user's emails, ignoring case as the email index
-    /// does (full Unicode lowercasing, so a list never disagrees with its index).
+    /// Whether `address` is one of the user's emails, or a userName that is an address
+    /// (people look a user up by their login), ignoring case as the email index does
+    /// (full Unicode lowercasing, so a list never disagrees with its index).
     pub fn has_email(&self, address: &str) -> bool {
         let address = address.to_lowercase();
+        let login = Some(self.user_name).filter(|u| u.contains('@'));
         self.email
             .iter()
             .chain(&self.other_emails)
+            .chain(&login)
             .any(|e| e.to_lowercase() == address)
     }
 }
@@ -492,6 +495,16 @@ mod tests {
             assert_eq!(r.user.email, Some("Ada@X.test"));
             assert!(r.user.has_email("HOME@x.test") && r.user.has_email("ada@x.test"));
             assert!(!r.user.has_email("nobody@x.test"));
+            let mut other = doc("Engineer");
+            other["userName"] = json!("Login@X.test");
+            let login = UserFields::new(&other);
+            assert!(
+                login.has_email("login@x.test"),
+                "a userName that is an address"
+            );
+            assert!(login.has_email("home@x.test"));
+            other["userName"] = json!("login");
+            assert!(!UserFields::new(&other).has_email("login"));
             assert_eq!(r.user.given_name, Some("Ada"));
             assert_eq!(r.user.family_name, None, "empty strings are absent");
             assert_eq!(

@@ -709,6 +709,51 @@ async fn a_read_back_leaves_a_user_with_a_waiting_change_to_the_mirror() {
     );
 }
 
+/// `metadata` is a free-form blob a target need not keep: users read back without it are
+/// found by their sourcedId, and repaired as any other.
+#[tokio::test]
+async fn a_read_back_finds_users_by_sourced_id_when_the_target_drops_metadata() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let bob = d.create_user("bo@acme.test").await;
+    caught_up(&d, "sis").await;
+    let bob_sid = sourced_id(&format!("User/{bob}"));
+    assert!(target.tamper_user(&bob_sid, |u| u["status"] = json!("tobedeleted")));
+    let users: Vec<String> = target.users().into_keys().collect();
+    for sid in &users {
+        assert!(target.tamper_user(sid, |u| {
+            u.as_object_mut().unwrap().remove("metadata");
+        }));
+    }
+    // One the target has of its own, not rosterd's: left alone.
+    let mut stranger = target.user(&bob_sid).unwrap();
+    stranger["sourcedId"] = json!("00000000-0000-4000-8000-000000000001");
+    stranger["givenName"] = json!("Stranger");
+    assert!(target.insert(Kind::User, stranger));
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_found_at_target"], 2, "{job}");
+    caught_up(&d, "sis").await;
+    let ada = target
+        .users()
+        .into_values()
+        .find(|u| u["email"] == "ada@acme.test")
+        .unwrap();
+    assert_ne!(ada["givenName"], "Mallory", "{ada}");
+    assert_eq!(target.user(&bob_sid).unwrap()["status"], "active");
+    let stranger = target.user("00000000-0000-4000-8000-000000000001").unwrap();
+    assert_eq!(stranger["givenName"], "Stranger");
+    // Still without `metadata`, nothing has drifted: its absence is not a change.
+    for sid in &users {
+        assert!(target.tamper_user(sid, |u| {
+            u.as_object_mut().unwrap().remove("metadata");
+        }));
+    }
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_found_at_target"], 0, "{job}");
+}
+
 #[tokio::test]
 async fn read_back_takes_the_total_from_x_total_count() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;

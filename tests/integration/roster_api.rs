@@ -1361,6 +1361,19 @@ async fn listing_filters_and_pages() {
     let found = list("?email=nomail@acme.test&active=any").await;
     assert_eq!(names(&found), ["user:NoMail@acme.test"]);
     assert_eq!(found["users"][0]["email"], "NoMail@acme.test");
+    // With emails, the userName that is an address still finds its user.
+    let r = d
+        .post(
+            "/Users",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                   "userName": "Login@acme.test", "active": false,
+                   "emails": [{"type": "home", "value": "h0@home.example"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let found = list("?email=login@ACME.test&active=any").await;
+    assert_eq!(names(&found), ["user:Login@acme.test"]);
+    assert_eq!(found["users"][0]["email"], "h0@home.example");
     assert_eq!(
         names(&list("?manager_user_id=user:boss@acme.test").await).len(),
         6

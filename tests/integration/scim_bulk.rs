@@ -266,6 +266,10 @@ async fn bulk_versions_locations_and_paths() {
         "the POSTs created nothing: {}",
         all.body
     );
+    let r = d.bulk(json!([{"method": "DELETE", "path": path}])).await;
+    let ops = r.body["Operations"].as_array().unwrap();
+    assert_eq!(ops[0]["status"], "204", "{}", r.body);
+    assert_eq!(ops[0]["location"], here.as_str(), "{}", r.body);
 }
 
 #[tokio::test]
