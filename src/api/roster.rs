@@ -190,9 +190,10 @@ impl CursorScope {
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// The id of the last user a page showed. Anything else (an edited or truncated
-    /// cursor, an empty one, one from another query) is refused rather than read as some
-    /// other position.
+    /// The id of the last user a page showed. A truncated or garbled cursor, an empty one
+    /// and one from another query (endpoint, tenant, filters) are refused. One edited to
+    /// name another user id is read as that position: it is no secret, since the caller
+    /// may list the same query from the start, and it reads nothing outside it.
     fn decode(self, c: &str) -> ApiResult<String> {
         let raw = URL_SAFE_NO_PAD
             .decode(c.as_bytes())

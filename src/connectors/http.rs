@@ -188,7 +188,7 @@ pub async fn send(
         }
         Err(e) => {
             return Outcome::Retry {
-                reason: format!("answer {status} cut off: {}", transport_error(e, &req.url)),
+                reason: format!("answer {status} cut off: {}", body_error(e, &req.url)),
                 retry_after,
                 response: None,
             };
@@ -653,6 +653,12 @@ pub fn shown_url(url: &str) -> String {
 pub(super) fn transport_error(e: reqwest::Error, url: &str) -> String {
     let chain = error_chain(&e.without_url());
     format!("{chain} ({}){}", shown_url(url), scheme_hint(&chain, url))
+}
+
+/// [`transport_error`] once the answer's status line was read: the target spoke HTTP on
+/// that scheme, so a reset is no hint that it speaks another.
+pub(super) fn body_error(e: reqwest::Error, url: &str) -> String {
+    format!("{} ({})", error_chain(&e.without_url()), shown_url(url))
 }
 
 /// A URL whose scheme the target does not speak fails with an error that does not say
@@ -1206,6 +1212,41 @@ pub(super) mod tests {
             }
         });
         addr
+    }
+
+    /// A reset after the status line is an answer cut off, not a sign of the wrong scheme.
+    #[tokio::test]
+    async fn a_reset_after_the_status_line_names_no_scheme() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"a\":")
+                    .await;
+                let _ = socket.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A zero linger sends RST on close, not FIN.
+                let _ = socket.set_zero_linger();
+                drop(socket);
+            }
+        });
+        let client = reqwest::Client::new();
+        let req = Request::put(format!("http://{addr}/users/1"), &serde_json::json!({}));
+        match send(&client, &req, Vec::new(), Duration::from_secs(5)).await {
+            Outcome::Retry { reason, .. } => {
+                assert!(reason.starts_with("answer 200 OK cut off: "), "{reason}");
+                assert!(!reason.contains("does the target speak"), "{reason}");
+                assert!(
+                    reason.to_ascii_lowercase().contains("connection reset"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// `http://` to a server speaking TLS, and `https://` to one speaking plain HTTP, read

@@ -975,6 +975,9 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
+    /// Required by RFC 6749 §5.1, but left out by some endpoints, which mean Bearer.
+    #[serde(default)]
+    token_type: Option<serde_json::Value>,
     /// Seconds (RFC 6749 §5.1), read by [`token_lifetime`].
     #[serde(default)]
     expires_in: Option<serde_json::Value>,
@@ -1179,7 +1182,7 @@ impl Credentials {
         // read into memory whole.
         let bytes = match super::http::read_capped(&mut resp, super::http::SEARCHED_BODY)
             .await
-            .map_err(|e| AuthError::Token(super::http::transport_error(e, url)))?
+            .map_err(|e| AuthError::Token(super::http::body_error(e, url)))?
         {
             super::http::Answer::Whole(b) => b,
             super::http::Answer::Cut(b) if !status.is_success() => b,
@@ -1237,6 +1240,17 @@ impl Credentials {
                     )
                 }
             )));
+        }
+        // RFC 6749 §7.1: a client must not use a token of a type it does not know. Sent
+        // as Bearer, a MAC or DPoP token gets 401s that look like a revoked token.
+        match &t.token_type {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(kind)) if kind.eq_ignore_ascii_case("bearer") => {}
+            Some(other) => {
+                return Err(AuthError::Token(format!(
+                    "unusable answer: its `token_type` is {other}, where rosterd sends Bearer tokens only (RFC 6750); ask the endpoint for a Bearer token"
+                )));
+            }
         }
         let ttl = token_lifetime(t.expires_in.as_ref())
             .map_err(|e| AuthError::Token(format!("unreadable answer: {e}")))?;
@@ -1389,6 +1403,45 @@ mod tests {
             );
             assert_eq!(taken.load(std::sync::atomic::Ordering::SeqCst), 2);
         }
+    }
+
+    /// RFC 6749 §7.1: a token of a type rosterd does not send is refused, naming it; a
+    /// Bearer one in any case, or one without `token_type`, is used.
+    #[tokio::test]
+    async fn a_token_of_another_type_is_refused() {
+        let client = reqwest::Client::new();
+        for (kind, ok) in [
+            (r#""mac""#, false),
+            (r#""DPoP""#, false),
+            ("7", false),
+            (r#""bearer""#, true),
+            (r#""Bearer""#, true),
+            ("null", true),
+        ] {
+            let body = format!(r#"{{"access_token":"tok","token_type":{kind},"expires_in":60}}"#);
+            let (url, _) = token_endpoint(vec![answer("200 OK", "", &body)]).await;
+            let got = client_credentials(url)
+                .bearer(&client, Duration::from_secs(20))
+                .await;
+            match (got, ok) {
+                (Ok(t), true) => assert_eq!(t, "Bearer tok"),
+                (Err(AuthError::Token(e)), false) => assert!(
+                    e.contains(&format!("its `token_type` is {kind}")),
+                    "{kind}: {e}"
+                ),
+                (other, _) => panic!("{kind}: {other:?}"),
+            }
+        }
+        let body = r#"{"access_token":"tok","expires_in":60}"#;
+        let (url, _) = token_endpoint(vec![answer("200 OK", "", body)]).await;
+        let creds = client_credentials(url);
+        assert_eq!(
+            creds
+                .bearer(&client, Duration::from_secs(20))
+                .await
+                .unwrap(),
+            "Bearer tok"
+        );
     }
 
     #[tokio::test]
