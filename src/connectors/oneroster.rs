@@ -932,6 +932,46 @@ pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<(Strin
     ]
 }
 
+/// Whether the preflight's GET of the org answered that org, in use. A 2xx alone is not
+/// enough: a proxy's login page, another org and one marked for deletion answer it too.
+pub fn check_org_answer(settings: &OneRosterSettings, body: &[u8]) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        org: Org,
+    }
+    #[derive(Deserialize)]
+    struct Org {
+        #[serde(rename = "sourcedId")]
+        sourced_id: String,
+        #[serde(default)]
+        status: Option<String>,
+    }
+    let json = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let answer: Answer = serde_json::from_slice(json).map_err(|e| {
+        let start = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+        format!(
+            "the target answered the GET of the org with something that is not a OneRoster org (a JSON object with an `org` that has a `sourcedId`: {e}); it begins {start:?}: a proxy's login page?"
+        )
+    })?;
+    let wanted = &settings.org_sourced_id;
+    if answer.org.sourced_id != *wanted {
+        return Err(format!(
+            "the target answered the GET of the org {wanted:?} with the org {:?}",
+            answer.org.sourced_id
+        ));
+    }
+    if answer
+        .org
+        .status
+        .is_some_and(|s| s.eq_ignore_ascii_case("tobedeleted"))
+    {
+        return Err(format!(
+            "the org {wanted:?} is marked `tobedeleted` at the target; users and classes would be put under an org on its way out"
+        ));
+    }
+    Ok(())
+}
+
 /// The course every class belongs to.
 pub fn course_put(settings: &OneRosterSettings, now: DateTime<Utc>) -> Request {
     Request::put(

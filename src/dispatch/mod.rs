@@ -934,6 +934,17 @@ impl Ctx {
         self.send_as(req, None, Sender::Preflight, None).await
     }
 
+    /// A request the target took: counted, and the failure streak ended where it counts.
+    fn delivered(&self, counts: bool, name: &str) -> Sent {
+        if counts {
+            self.live.success();
+        } else {
+            self.live.count_delivery();
+        }
+        counters::delivered(self.tenant(), name);
+        Sent::Ok
+    }
+
     async fn send_as(
         &self,
         req: &Request,
@@ -1042,16 +1053,26 @@ impl Ctx {
                     response: None,
                 },
             };
-            let (reason, retry_after, response) = match outcome {
-                Outcome::Delivered { .. } => {
-                    if counts {
-                        self.live.success();
-                    } else {
-                        self.live.count_delivery();
-                    }
-                    counters::delivered(self.tenant(), name);
-                    return Sent::Ok;
+            let outcome = match (outcome, &self.target) {
+                // A 200 is not enough: a proxy's login page, another org and an org
+                // marked for deletion answer it too, and every PUT after would count the
+                // proxy's page as delivered.
+                (Outcome::Delivered { body, .. }, Target::OneRoster { settings, .. })
+                    if by == Sender::Preflight && req.method == reqwest::Method::GET =>
+                {
+                    // Refused, as a 404 is: the operator fixes the target, then resumes.
+                    return match oneroster::check_org_answer(settings, &body) {
+                        Ok(()) => self.delivered(counts, name),
+                        Err(reason) => Sent::Refused {
+                            reason,
+                            response: None,
+                        },
+                    };
                 }
+                (outcome, _) => outcome,
+            };
+            let (reason, retry_after, response) = match outcome {
+                Outcome::Delivered { .. } => return self.delivered(counts, name),
                 Outcome::Refused { reason, response } => {
                     return Sent::Refused {
                         reason,

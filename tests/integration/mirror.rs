@@ -1549,6 +1549,52 @@ async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
 }
 
+/// The preflight's GET must answer the org itself: a proxy's login page, another org
+/// and one marked for deletion answer 200 too, and each pauses the connector as a 404
+/// does, saying what came.
+#[tokio::test]
+async fn a_preflight_answered_by_something_else_than_the_org_pauses() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let org = |id: &str, status: &str| {
+        json!({"org": {"sourcedId": id, "status": status, "name": "X", "type": "district"}})
+            .to_string()
+    };
+    let start = || {
+        TestDaemon::start_with(Options {
+            connectors: vec![oneroster_file("sis", &target, "")],
+            env: static_token_env(),
+            ..Options::default()
+        })
+    };
+    let mut last = None;
+    for (answer, wanted) in [
+        (
+            "<html>Sign in to continue</html>".to_owned(),
+            "not a OneRoster org",
+        ),
+        (
+            org("someone-else", "active"),
+            "with the org \"someone-else\"",
+        ),
+        (org(or::DEFAULT_ORG, "tobedeleted"), "marked `tobedeleted`"),
+    ] {
+        target.clear_faults();
+        target.inject(Fault::answer(200, answer, 0).forever().on_path("/orgs/"));
+        let d = start().await;
+        let c = paused(&d, "sis").await;
+        assert_eq!(c["state"], "preflight", "{c}");
+        let error = c["last_error"].as_str().unwrap();
+        assert!(error.contains(wanted), "{wanted}: {c}");
+        last = Some(d);
+    }
+    let d = last.unwrap();
+    target.clear_faults();
+    d.reload().await;
+    let id = d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
+}
+
 /// A daemon with one webhook connector, `hooks`, for user creations.
 pub async fn with_user_created_hook(config_extra: &str) -> (WebhookServer, TestDaemon) {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
