@@ -868,7 +868,10 @@ fn classify_spki(der: &[u8]) -> Result<Alg, String> {
         Ok(Alg::Rs256)
     } else if oid == OID_EC_PUBLIC_KEY {
         match der_expect(params, DER_OID) {
-            Ok((curve, _)) if curve == OID_P256 => Ok(Alg::Es256),
+            Ok((curve, _)) if curve == OID_P256 => {
+                check_p256_point(bits.get(1..).ok_or("empty EC key")?)?;
+                Ok(Alg::Es256)
+            }
             _ => Err("EC key is not on P-256; only ES256 is supported".to_owned()),
         }
     } else {
@@ -879,8 +882,33 @@ fn classify_spki(der: &[u8]) -> Result<Alg, String> {
 /// PKCS#1 RSAPublicKey: checks the modulus size aws-lc will accept.
 fn check_rsa_public_key(der: &[u8]) -> Result<(), String> {
     let (seq, _) = der_expect(der, DER_SEQUENCE)?;
-    let (modulus, _) = der_expect(seq, DER_INTEGER)?;
-    check_rsa_modulus(modulus)
+    let (modulus, rest) = der_expect(seq, DER_INTEGER)?;
+    check_rsa_modulus(modulus)?;
+    check_rsa_exponent(der_expect(rest, DER_INTEGER)?.0)
+}
+
+/// A key that can never verify a token is refused when loaded: accepted, it answered
+/// every token with "token signature does not verify", which points at a forgery rather
+/// than at the key file. aws-lc verifies with an odd exponent of 3 to 33 bits.
+fn check_rsa_exponent(e: &[u8]) -> Result<(), String> {
+    let start = e.iter().position(|&b| b != 0).unwrap_or(e.len());
+    let e = &e[start..];
+    let value = (e.len() <= 5).then(|| e.iter().fold(0u64, |v, &b| (v << 8) | u64::from(b)));
+    match value {
+        Some(v) if v >= 3 && v % 2 == 1 && v < 1 << 33 => Ok(()),
+        _ => Err(
+            "RSA key's public exponent is not an odd number from 3 to 2^33 - 1 (65537 is usual); no token could verify against it"
+                .to_owned(),
+        ),
+    }
+}
+
+/// [`check_rsa_exponent`]'s rule for an EC key: its point must be on the curve.
+fn check_p256_point(point: &[u8]) -> Result<(), String> {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ParsedPublicKey};
+    ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+        .map(drop)
+        .map_err(|_| "EC key's point is not on P-256; no token could verify against it".to_owned())
 }
 
 fn check_rsa_modulus(modulus: &[u8]) -> Result<(), String> {
@@ -990,12 +1018,14 @@ fn jwk_algorithm(jwk: &Value) -> Result<Option<Alg>, String> {
     match alg {
         Alg::Rs256 => {
             check_rsa_modulus(&b64("n")?)?;
-            b64("e")?;
+            check_rsa_exponent(&b64("e")?)?;
         }
         _ => {
-            if b64("x")?.len() != 32 || b64("y")?.len() != 32 {
+            let (x, y) = (b64("x")?, b64("y")?);
+            if x.len() != 32 || y.len() != 32 {
                 return Err("P-256 coordinates must be 32 bytes each".into());
             }
+            check_p256_point(&[&[0x04][..], &x, &y].concat())?;
         }
     }
     Ok(Some(alg))
@@ -2025,11 +2055,32 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         assert!(err.to_string().contains("/nonexistent/rsa.pem"), "{err}");
     }
 
+    /// `pem` with its DER edited by `edit`.
+    fn edited_pem(pem: &str, edit: impl FnOnce(&mut Vec<u8>)) -> String {
+        use base64::engine::general_purpose::STANDARD;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let mut der = STANDARD.decode(body).unwrap();
+        edit(&mut der);
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            STANDARD.encode(der)
+        )
+    }
+
     #[test]
     fn unusable_pem_files_are_rejected_with_their_path() {
         let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         let two = format!("{RSA1_PUBLIC}{EC1_PUBLIC}");
-        let cases: [(&str, &str); 7] = [
+        // The exponent 65537 (01 00 01) ends the RSA key; the point's y ends the EC one.
+        let e_one = edited_pem(RSA1_PUBLIC, |der| {
+            let n = der.len();
+            assert_eq!(der[n - 3..], [1, 0, 1]);
+            der[n - 3..].copy_from_slice(&[0, 0, 1]);
+        });
+        let off_curve = edited_pem(EC1_PUBLIC, |der| *der.last_mut().unwrap() ^= 1);
+        let cases: [(&str, &str); 9] = [
+            (&e_one, "public exponent"),
+            (&off_curve, "not on P-256"),
             (RSA1_PRIVATE, "private key"),
             (EC1_PRIVATE, "private key"),
             (EC384_PUBLIC, "P-256"),
@@ -2092,6 +2143,21 @@ wUxy2SJnKlwFKtLGhwIDAQAB
                 json!({ "keys": [{ "kty": "EC", "crv": "P-256", "x": "AAAA", "y": EC1_Y }] })
                     .to_string(),
                 "32 bytes",
+            ),
+            // Keys no token could verify against: e = 1, an even e, a point off the curve.
+            (
+                json!({ "keys": [rsa(json!({ "e": "AQ" }))] }).to_string(),
+                "public exponent",
+            ),
+            (
+                json!({ "keys": [rsa(json!({ "e": "AQA" }))] }).to_string(),
+                "public exponent",
+            ),
+            (
+                json!({ "keys": [{ "kty": "EC", "crv": "P-256",
+                    "x": URL_SAFE_NO_PAD.encode([1u8; 32]), "y": URL_SAFE_NO_PAD.encode([2u8; 32]) }] })
+                .to_string(),
+                "not on P-256",
             ),
         ];
         for (text, reason) in cases {
