@@ -1072,7 +1072,7 @@ async fn read_back(
                         by_sourced_id = Some(ids);
                     }
                     match by_sourced_id.as_ref().and_then(|ids| ids.get(sid)) {
-                        Some(id) => id.to_owned(),
+                        Some(id) => id,
                         // Not one of ours (or gone from the roster): nothing to compare.
                         None => continue,
                     }
@@ -1126,36 +1126,58 @@ async fn read_back(
 }
 
 /// The tenant's users by the sourcedId each has downstream, for a target that keeps no
-/// `metadata`: about 80 bytes a user (80 MB at a million), for one read-back.
-struct SourcedIds(std::collections::HashMap<u128, Box<str>>);
+/// `metadata`, for one read-back. The store's ids are UUIDs, so a user takes 32 bytes
+/// here (32 MB at a million); any other id is kept as text.
+struct SourcedIds {
+    /// (sourcedId, SCIM id), sorted by sourcedId.
+    uuids: Vec<(u128, u128)>,
+    other: std::collections::HashMap<u128, String>,
+}
 
 impl SourcedIds {
     fn of(store: &Store, tenant: &str) -> Result<Self, StoreError> {
         const PAGE: usize = 10_000;
-        let (mut map, mut skip) = (std::collections::HashMap::new(), 0);
+        let users = store.count(tenant, ResourceKind::User)?;
+        let mut uuids = Vec::with_capacity(usize::try_from(users).unwrap_or(0));
+        let mut other = std::collections::HashMap::new();
+        let mut skip = 0;
         loop {
             let ids = store.ids_page(tenant, ResourceKind::User, skip, PAGE)?;
             skip += ids.len();
             let last = ids.len() < PAGE;
             for id in ids {
                 let sid = crate::connectors::sourced_id(tenant, &user_key(&id));
-                if let Ok(u) = uuid::Uuid::parse_str(&sid) {
-                    map.insert(u.as_u128(), id.into_boxed_str());
+                let Ok(sid) = uuid::Uuid::parse_str(&sid).map(|u| u.as_u128()) else {
+                    continue;
+                };
+                match uuid::Uuid::try_parse(&id) {
+                    Ok(u) if u.hyphenated().to_string() == id => uuids.push((sid, u.as_u128())),
+                    _ => {
+                        other.insert(sid, id);
+                    }
                 }
             }
             if last {
-                return Ok(Self(map));
+                uuids.sort_unstable();
+                return Ok(Self { uuids, other });
             }
         }
     }
 
-    fn get(&self, sourced_id: &str) -> Option<&str> {
-        let u = uuid::Uuid::parse_str(sourced_id).ok()?;
-        self.0.get(&u.as_u128()).map(|id| &**id)
+    fn get(&self, sourced_id: &str) -> Option<String> {
+        let sid = uuid::Uuid::parse_str(sourced_id).ok()?.as_u128();
+        match self.uuids.binary_search_by_key(&sid, |(s, _)| *s) {
+            Ok(i) => Some(
+                uuid::Uuid::from_u128(self.uuids[i].1)
+                    .hyphenated()
+                    .to_string(),
+            ),
+            Err(_) => self.other.get(&sid).cloned(),
+        }
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.uuids.len() + self.other.len()
     }
 }
 
