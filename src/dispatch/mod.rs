@@ -1390,6 +1390,21 @@ impl Ctx {
         response: Option<TargetResponse>,
     ) -> Result<(), StoreError> {
         let object = format!("{}/{}", ev.resource_type, ev.id);
+        self.store
+            .add_dead_letter(
+                self.tenant(),
+                DeadLetter {
+                    id: 0,
+                    connector: self.name().to_owned(),
+                    at: Utc::now(),
+                    reason: reason.clone(),
+                    request: request.map(Request::record),
+                    response,
+                    event: ev.clone(),
+                },
+            )
+            .await?;
+        // Said once it is stored, so that the log never names a letter the list lacks.
         tracing::warn!(seq = ev.seq, %object, %reason,
             "Change set aside as a dead letter; `rosterd dead-letters --tenant {} list {}` shows it.",
             self.tenant(), self.name());
@@ -1399,21 +1414,7 @@ impl Ctx {
             "change #{} ({object}) set aside as a dead letter: {reason}",
             ev.seq
         ));
-        self.store
-            .add_dead_letter(
-                self.tenant(),
-                DeadLetter {
-                    id: 0,
-                    connector: self.name().to_owned(),
-                    at: Utc::now(),
-                    reason,
-                    request: request.map(Request::record),
-                    response,
-                    event: ev.clone(),
-                },
-            )
-            .await
-            .map(|_| ())
+        Ok(())
     }
 
     /// Deliver one change: its stages in order, the requests of a stage concurrently.

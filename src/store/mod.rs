@@ -341,6 +341,28 @@ impl Tenant {
 /// the others ready to take it at once.
 const WRITERS_AT_THE_LOCK: usize = 4;
 
+/// A write's task, given up when its caller is: one still waiting for its turn then
+/// never writes, as before the task; one already writing finishes, as a write on the
+/// blocking pool always did.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
 /// if the system clock is stepped back. Governance events are then in time order as well
 /// as in sequence order, which is what lets a time filter search the log instead of
@@ -1779,17 +1801,26 @@ impl Store {
         // What the write logs (and a panic in it) belongs to the request or job that made it.
         let span = tracing::Span::current();
         let t = self.tenant(tenant)?;
-        let turn = t
-            .writers
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Backend("the tenant's writers were closed".into()))?;
-        let written =
-            tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
-                .await;
-        // Given back before the flush is awaited: the next writer's changes join it.
-        drop(turn);
-        let (out, ticket) = written.map_err(StoreError::from_join)??;
+        // The turn is taken, held and given back by a task of its own, which the runtime
+        // polls whatever becomes of the caller. A caller that is not polled for a while
+        // (a connector's delivery, while its loop awaits something else, such as a write of
+        // its cursor) would otherwise keep the turn it holds, or one handed to it in the
+        // queue, and the tenant's every writer behind it waited for good: a webhook
+        // connector setting aside dead letters hung the tenant's SCIM writes, and a stop.
+        let turn = tokio::spawn(async move {
+            let turn = t
+                .writers
+                .acquire()
+                .await
+                .map_err(|_| StoreError::Backend("the tenant's writers were closed".into()))?;
+            let written =
+                tokio::task::spawn_blocking(move || span.in_scope(|| store.write_sync(&owned, f)))
+                    .await;
+            // Given back before the flush is awaited: the next writer's changes join it.
+            drop(turn);
+            written.map_err(StoreError::from_join)?
+        });
+        let (out, ticket) = AbortOnDrop(turn).await.map_err(StoreError::from_join)??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit
@@ -2633,6 +2664,40 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    /// Writes that are polled once and then left (as a connector's deliveries are while
+    /// its loop awaits a write of its cursor) must not keep the tenant's turns: another
+    /// write of the tenant still goes through, and so do the left ones once polled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_left_unpolled_do_not_hold_the_tenants_turn() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        let mut left: Vec<_> = (0..2 * WRITERS_AT_THE_LOCK)
+            .map(|i| {
+                let s = store.clone();
+                async move {
+                    s.create("t", ResourceKind::User, user(&format!("left{i}")), vec![])
+                        .await
+                }
+                .boxed()
+            })
+            .collect();
+        for f in &mut left {
+            assert!(f.as_mut().now_or_never().is_none());
+        }
+        let another = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            store.create("t", ResourceKind::User, user("another"), vec![]),
+        )
+        .await
+        .expect("a write waited behind writes nobody polls");
+        assert!(another.is_ok());
+        for f in left {
+            assert!(f.await.is_ok());
+        }
+        assert_eq!(store.scan("t", ResourceKind::User).unwrap().count(), 9);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -790,6 +790,63 @@ events = {events}
     )
 }
 
+/// A target that refuses everything, at a high `concurrency`: the connector sets each
+/// change aside as a dead letter, side by side with its cursor's writes. Those writes once
+/// waited for good behind deliveries the connector's loop was not polling, and with them
+/// the tenant's every SCIM write and the stop.
+#[tokio::test]
+async fn many_dead_letters_at_once_leave_the_tenant_writable() {
+    const USERS: usize = 600;
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    hook.inject(wh::Fault::status(422, 0).forever());
+    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let mut d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            name,
+            text.replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 16"),
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    for chunk in 0..USERS / 300 {
+        let ops: Vec<Value> = (0..300)
+            .map(|i| {
+                let n = chunk * 300 + i;
+                json!({"method": "POST", "path": "/Users", "bulkId": format!("u{n}"),
+                       "data": user(&format!("dl{n}@acme.test"))})
+            })
+            .collect();
+        let r = d.bulk(json!(ops)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut n = 0;
+    loop {
+        // Each round, a SCIM write of the tenant must be answered meanwhile.
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            d.patch(
+                &format!("/Users/{}", d.create_user(&format!("w{n}@acme.test")).await),
+                patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+            ),
+        )
+        .await
+        .expect("a SCIM write of the tenant hung");
+        assert_eq!(r.status, 200, "{}", r.body);
+        n += 1;
+        let c = connector(&d, "hooks").await;
+        if c["dead_letters"].as_u64() == Some((USERS + n) as u64) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), d.stop())
+        .await
+        .expect("the stop hung");
+}
+
 #[tokio::test]
 async fn webhooks_are_signed_filtered_and_retried_with_the_same_id() {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
