@@ -87,6 +87,30 @@ fn default_system_name() -> String {
 }
 
 impl CsvSettings {
+    /// The files this connector writes, by where they are: through links, where the
+    /// directory exists.
+    pub(super) fn files(&self) -> Vec<PathBuf> {
+        let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| {
+            // Not made yet: its path, without `.` and with `..` taken back lexically.
+            let mut p = PathBuf::new();
+            for part in self.dir.components() {
+                match part {
+                    std::path::Component::CurDir => {}
+                    std::path::Component::ParentDir => {
+                        p.pop();
+                    }
+                    other => p.push(other),
+                }
+            }
+            p
+        });
+        let mut names = vec![self.file_name.as_str()];
+        if self.oneroster.is_some() {
+            names.extend([BUNDLE_FILE, ROLES_SPOOL]);
+        }
+        names.into_iter().map(|n| dir.join(n)).collect()
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
         if self.file_name.contains(['/', '\0'])
             || matches!(self.file_name.as_str(), "" | "." | "..")

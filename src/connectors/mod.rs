@@ -516,7 +516,63 @@ pub fn load_dir_keeping(
             }
         }
     }
+    refuse_shared_files(&mut out, running);
     out
+}
+
+/// Two CSV connectors that write one file overwrite each other's, and one tenant's
+/// roster lands in the file another tenant's consumer reads, with nothing said. As for a
+/// name, the running connector keeps its files and a new claimant is not loaded; several
+/// new claimants are ambiguous, and none loads.
+fn refuse_shared_files(out: &mut Loaded, running: &BTreeMap<String, PathBuf>) {
+    let mut writers: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
+    for (i, c) in out.connectors.iter().enumerate() {
+        for f in c.csv.iter().flat_map(csv::CsvSettings::files) {
+            writers.entry(f).or_default().push(i);
+        }
+    }
+    let mut refused: BTreeMap<usize, String> = BTreeMap::new();
+    for (path, claimants) in writers.into_iter().filter(|(_, c)| c.len() > 1) {
+        let runs = |&i: &usize| {
+            let c = &out.connectors[i];
+            running.get(&c.name) == Some(&c.file)
+        };
+        let keeper = match claimants.iter().filter(|i| runs(i)).collect::<Vec<_>>()[..] {
+            [&one] => Some(one),
+            _ => None,
+        };
+        for &i in claimants.iter().filter(|&&i| Some(i) != keeper) {
+            let others: Vec<String> = claimants
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| out.connectors[j].file.display().to_string())
+                .collect();
+            refused.entry(i).or_insert_with(|| {
+                format!(
+                    "key `csv.dir`: {} is written by {} too{}; give each CSV connector its own file (another `dir` or `file_name`)",
+                    path.display(),
+                    others.join(", "),
+                    if keeper.is_some() {
+                        ", which runs; this file is not loaded"
+                    } else {
+                        "; neither loads until only one writes it"
+                    }
+                )
+            });
+        }
+    }
+    for (i, message) in refused.into_iter().rev() {
+        let c = out.connectors.remove(i);
+        out.unloaded.push(Unloaded {
+            file: c.file.clone(),
+            tenant: Some(c.tenant.clone()),
+            name: Some(c.name.clone()),
+        });
+        out.errors.push(ConnectorError::Invalid {
+            file: c.file,
+            message,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -538,6 +594,57 @@ secret_env = "HOOK_SECRET"
         assert_eq!(a, sourced_id("demo", "User/1"));
         assert_ne!(a, sourced_id("other", "User/1"));
         assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 5);
+    }
+
+    /// Two CSV connectors writing one file (even of two tenants): the running one keeps
+    /// it; new ones load only once each writes its own.
+    #[test]
+    fn csv_connectors_that_would_write_one_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = |name: &str, tenant: &str, out: &str, file: &str, bundle: bool| {
+            let mut text = format!(
+                "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{tenant}\"\n[csv]\ndir = \"{out}\"\nfile_name = \"{file}\"\n"
+            );
+            if bundle {
+                text.push_str("[csv.oneroster]\norg_sourced_id = \"o\"\norg_name = \"O\"\ncourse_sourced_id = \"c\"\n");
+            }
+            std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+        };
+        let names =
+            |l: &Loaded| -> Vec<String> { l.connectors.iter().map(|c| c.name.clone()).collect() };
+        csv("a", "demo", "out", "roster.csv", false);
+        csv("b", "other", "./out/../out", "roster.csv", false);
+        let loaded = load_dir(dir.path(), &["demo", "other"]);
+        assert!(loaded.connectors.is_empty(), "{:?}", names(&loaded));
+        assert_eq!(loaded.errors.len(), 2);
+        let e = loaded.errors[0].to_string();
+        assert!(
+            e.contains("roster.csv is written by") && e.contains("neither loads"),
+            "{e}"
+        );
+        assert_eq!(loaded.unloaded[0].tenant.as_deref(), Some("other"));
+        // The running one keeps its file.
+        let keep = BTreeMap::from([("a".to_owned(), dir.path().join("a.toml"))]);
+        let loaded = load_dir_keeping(dir.path(), &["demo", "other"], &keep);
+        assert_eq!(names(&loaded), ["a"]);
+        assert!(
+            loaded.errors[0].to_string().contains("which runs"),
+            "{}",
+            loaded.errors[0]
+        );
+        // Another file name in the same directory is another file...
+        csv("b", "other", "out", "other.csv", false);
+        assert_eq!(names(&load_dir(dir.path(), &["demo", "other"])), ["a", "b"]);
+        // ...but two OneRoster bundles there would share oneroster.zip.
+        csv("a", "demo", "out", "roster.csv", true);
+        csv("b", "other", "out", "other.csv", true);
+        let loaded = load_dir(dir.path(), &["demo", "other"]);
+        assert!(loaded.connectors.is_empty());
+        assert!(
+            loaded.errors[0].to_string().contains("oneroster"),
+            "{}",
+            loaded.errors[0]
+        );
     }
 
     /// A file of one long line is quoted in its error a line's worth, not whole: the
