@@ -111,6 +111,13 @@ impl CsvSettings {
         names.into_iter().map(|n| dir.join(n)).collect()
     }
 
+    /// Remove what an interrupted write of this connector left: at each write, and at the
+    /// connector's start, so that a nightly file's partial copies (megabytes, with names
+    /// a consumer taking every `*.csv` might read) do not lie beside it until night.
+    pub fn remove_stale_staged(&self) {
+        remove_stale_staged(&self.dir, &[&self.file_name, BUNDLE_FILE, ROLES_SPOOL]);
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
         if self.file_name.contains(['/', '\0'])
             || matches!(self.file_name.as_str(), "" | "." | "..")
@@ -333,7 +340,7 @@ fn write_files(
             }
         })
         .map_err(io_err("create the directory", dir))?;
-    remove_stale_staged(dir, &[&settings.file_name, BUNDLE_FILE, ROLES_SPOOL]);
+    settings.remove_stale_staged();
     let seq = store.last_seq(tenant)?;
 
     let roster = Staged::create(dir, &settings.file_name, halt)?;

@@ -2093,6 +2093,11 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     };
     let tenant = ctx.tenant().to_owned();
     let cursor_name = ctx.cursor_name();
+    if !ctx.config.dry_run {
+        let s = settings.clone();
+        // A directory on a hung mount must not stall a worker thread.
+        let _ = tokio::task::spawn_blocking(move || s.remove_stale_staged()).await;
+    }
     let mut durable = ctx.store.watch_durable(&tenant);
     let schedule = settings
         .schedule

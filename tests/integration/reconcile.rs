@@ -1479,6 +1479,42 @@ fn found_and_sent(job: &Value) -> (u64, u64) {
 
 /// A CSV connector's files count as drift only when they do not hold the roster, so an
 /// alert on `drift_found` does not fire at every run for every CSV connector.
+/// What an interrupted write left is removed when the connector starts, not only at its
+/// next write: a nightly file's partial copies lay beside it until night.
+#[tokio::test]
+async fn a_csv_connector_removes_a_dead_writers_files_when_it_starts() {
+    let file = |debounce: u32| {
+        format!(
+            "kind = \"csv\"\nname = \"nightly\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"out\"\ndebounce_ms = {debounce}\nschedule = \"{NEW_YEAR}\"\n"
+        )
+    };
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![("nightly.toml".into(), file(50))],
+        ..Options::default()
+    })
+    .await;
+    let out = d.root.join("connectors/out");
+    std::fs::create_dir_all(&out).unwrap();
+    // A pid above the kernel's largest is no process.
+    let dead = out.join(".roster.csv.tmp-4194305-0");
+    let other = out.join(".someone-else.csv.tmp-4194305-0");
+    std::fs::write(&dead, "user_id,email\n").unwrap();
+    std::fs::write(&other, "theirs").unwrap();
+    // A changed file restarts the connector.
+    std::fs::write(d.root.join("connectors/nightly.toml"), file(60)).unwrap();
+    d.reload().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dead.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left until the next write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(other.exists(), "not this connector's: left alone");
+    assert!(!out.join("roster.csv").exists(), "no write came due");
+}
+
 #[tokio::test]
 async fn csv_files_drift_only_when_they_differ_from_the_roster() {
     let d = TestDaemon::start_with(Options {
