@@ -883,8 +883,21 @@ fn classify_spki(der: &[u8]) -> Result<Alg, String> {
 fn check_rsa_public_key(der: &[u8]) -> Result<(), String> {
     let (seq, _) = der_expect(der, DER_SEQUENCE)?;
     let (modulus, rest) = der_expect(seq, DER_INTEGER)?;
+    let exponent = der_expect(rest, DER_INTEGER)?.0;
+    // DER writes an integer in as few bytes as it takes: a zero byte first is there only
+    // to keep a high bit from reading as a sign. aws-lc refuses other encodings when it
+    // verifies, so such a key would answer every token `token_bad_signature`.
+    for (what, int) in [("modulus", modulus), ("exponent", exponent)] {
+        if let [0, next, ..] = int
+            && next & 0x80 == 0
+        {
+            return Err(format!(
+                "RSA key's {what} is not in DER's shortest form (a needless leading zero byte); no token could verify against it"
+            ));
+        }
+    }
     check_rsa_modulus(modulus)?;
-    check_rsa_exponent(der_expect(rest, DER_INTEGER)?.0)
+    check_rsa_exponent(exponent)
 }
 
 /// A key that can never verify a token is refused when loaded: accepted, it answered
@@ -1017,8 +1030,13 @@ fn jwk_algorithm(jwk: &Value) -> Result<Option<Alg>, String> {
     };
     match alg {
         Alg::Rs256 => {
-            check_rsa_modulus(&b64("n")?)?;
-            check_rsa_exponent(&b64("e")?)?;
+            let (n, e) = (b64("n")?, b64("e")?);
+            // RFC 7518 §6.3.1: "the minimum number of octets"; aws-lc holds a key to it.
+            if n.first() == Some(&0) || e.first() == Some(&0) {
+                return Err("\"n\" or \"e\" starts with a zero byte, where RFC 7518 asks for the fewest bytes; no token could verify against it".into());
+            }
+            check_rsa_modulus(&n)?;
+            check_rsa_exponent(&e)?;
         }
         _ => {
             let (x, y) = (b64("x")?, b64("y")?);
@@ -2072,14 +2090,18 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         let two = format!("{RSA1_PUBLIC}{EC1_PUBLIC}");
         // The exponent 65537 (01 00 01) ends the RSA key; the point's y ends the EC one.
-        let e_one = edited_pem(RSA1_PUBLIC, |der| {
-            let n = der.len();
-            assert_eq!(der[n - 3..], [1, 0, 1]);
-            der[n - 3..].copy_from_slice(&[0, 0, 1]);
-        });
+        let exponent = |e: [u8; 3]| {
+            edited_pem(RSA1_PUBLIC, |der| {
+                let n = der.len();
+                assert_eq!(der[n - 3..], [1, 0, 1]);
+                der[n - 3..].copy_from_slice(&e);
+            })
+        };
+        let (e_even, e_padded) = (exponent([1, 0, 0]), exponent([0, 0, 1]));
         let off_curve = edited_pem(EC1_PUBLIC, |der| *der.last_mut().unwrap() ^= 1);
-        let cases: [(&str, &str); 9] = [
-            (&e_one, "public exponent"),
+        let cases: [(&str, &str); 10] = [
+            (&e_even, "public exponent"),
+            (&e_padded, "shortest form"),
             (&off_curve, "not on P-256"),
             (RSA1_PRIVATE, "private key"),
             (EC1_PRIVATE, "private key"),
@@ -2152,6 +2174,10 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             (
                 json!({ "keys": [rsa(json!({ "e": "AQA" }))] }).to_string(),
                 "public exponent",
+            ),
+            (
+                json!({ "keys": [rsa(json!({ "e": "AAEAAQ" }))] }).to_string(),
+                "fewest bytes",
             ),
             (
                 json!({ "keys": [{ "kty": "EC", "crv": "P-256",

@@ -1287,8 +1287,11 @@ impl Credentials {
             None | Some(serde_json::Value::Null) => {}
             Some(serde_json::Value::String(kind)) if kind.eq_ignore_ascii_case("bearer") => {}
             Some(other) => {
+                // A type's name is a word; whatever else came is not copied whole into the
+                // log and `/status`.
+                let shown = super::http::kept_answer(other.to_string().as_bytes(), 64, &[]);
                 return Err(AuthError::Token(format!(
-                    "unusable answer: its `token_type` is {other}, where rosterd sends Bearer tokens only (RFC 6750); ask the endpoint for a Bearer token"
+                    "unusable answer: its `token_type` is {shown}, where rosterd sends Bearer tokens only (RFC 6750); ask the endpoint for a Bearer token"
                 )));
             }
         }
@@ -1455,6 +1458,10 @@ mod tests {
             (r#""DPoP""#, false),
             ("7", false),
             (r#""bearer""#, true),
+            (
+                r#""a-very-long-type-name-that-goes-on-and-on-for-ever-and-ever-more-yes""#,
+                false,
+            ),
             (r#""Bearer""#, true),
             ("null", true),
         ] {
@@ -1466,7 +1473,10 @@ mod tests {
             match (got, ok) {
                 (Ok(t), true) => assert_eq!(t, "Bearer tok"),
                 (Err(AuthError::Token(e)), false) => assert!(
-                    e.contains(&format!("its `token_type` is {kind}")),
+                    e.contains(&format!(
+                        "its `token_type` is {}",
+                        &kind[..kind.len().min(64)]
+                    )) && !e.contains("more-yes"),
                     "{kind}: {e}"
                 ),
                 (other, _) => panic!("{kind}: {other:?}"),

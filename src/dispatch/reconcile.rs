@@ -524,10 +524,21 @@ fn projected(target: &Value, desired: &Value) -> Value {
                 // that stores and answers it as a boolean means the same, and counting
                 // it as drift re-sent its every user on every reconciliation.
                 (Some(Value::Bool(b)), Value::String(w)) if *w == b.to_string() => want.clone(),
-                // `metadata` is a free-form blob a target need not keep; counted as drift
-                // where it is missing, every user such a target read back would be sent
-                // again on every reconciliation. One it keeps, and changed, is drift.
-                (None, _) if k == "metadata" => want.clone(),
+                // `metadata` is a free-form blob a target need not keep, or may keep only
+                // in part, or add its own keys to; counted as drift, every user such a
+                // target read back was sent again on every reconciliation. Only a key of
+                // ours that it keeps, with another value, is drift.
+                (got, Value::Object(ours)) if k == "metadata" => {
+                    let kept = got.and_then(Value::as_object);
+                    Value::Object(
+                        ours.iter()
+                            .map(|(key, v)| {
+                                let theirs = kept.and_then(|m| m.get(key)).unwrap_or(v);
+                                (key.clone(), theirs.clone())
+                            })
+                            .collect(),
+                    )
+                }
                 (got, _) => got.cloned().unwrap_or(Value::Null),
             };
             out.insert(k.clone(), got);
@@ -1252,6 +1263,35 @@ fn page_user_id(raw: &serde_json::value::RawValue) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// What a target does with the free-form `metadata` is not drift, unless it keeps one
+    /// of rosterd's keys with another value.
+    #[test]
+    fn metadata_is_drift_only_where_a_key_of_ours_changed() {
+        let desired = json!({"givenName": "Ada", "metadata": {"scim_id": "1", "title": "Eng"}});
+        let same = |metadata: Option<Value>| {
+            let mut target = json!({"givenName": "Ada", "sourcedId": "s"});
+            if let Some(m) = metadata {
+                target["metadata"] = m;
+            }
+            content_hash(&projected(&target, &desired)) == content_hash(&desired)
+        };
+        assert!(same(None));
+        assert!(same(Some(Value::Null)));
+        assert!(same(Some(json!({}))));
+        assert!(same(Some(json!({"scim_id": "1"}))));
+        assert!(same(Some(
+            json!({"scim_id": "1", "title": "Eng", "theirs": 7})
+        )));
+        assert!(!same(Some(json!({"scim_id": "1", "title": "Chef"}))));
+        assert!(!same(Some(json!({"scim_id": "2"}))));
+        let mut renamed = desired.clone();
+        renamed["givenName"] = json!("Mallory");
+        assert_ne!(
+            content_hash(&projected(&renamed, &desired)),
+            content_hash(&desired)
+        );
+    }
 
     fn settings(deactivate: &str) -> OneRosterSettings {
         toml::from_str(&format!(

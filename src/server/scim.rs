@@ -1673,10 +1673,18 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
     let mut errors = 0usize;
     let mut waiting: Vec<usize> = (0..ops.len()).collect();
+    // Where failOnErrors stopped the request: what comes after it in the request never
+    // runs, but what came before it and waited still does, where it can (its POSTs ran),
+    // as it would have in the request's order.
+    let mut stopped_at: Option<usize> = None;
     while !waiting.is_empty() {
         let mut still = Vec::new();
         let mut held: HashSet<&str> = HashSet::new();
+        let mut ran_any = false;
         for &i in &waiting {
+            if stopped_at.is_some_and(|at| i > at) {
+                break;
+            }
             let target = targets[i].as_deref();
             let entry = if !can_run[i] {
                 failed_entry(
@@ -1698,13 +1706,19 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             } else {
                 run_bulk_entry(state, tenant, &ops[i], &mut created, &mut ran).await
             };
+            ran_any = true;
             errors += usize::from(entry.get("response").is_some());
             results[i] = Some(Value::Object(entry));
-            if fail_on_errors.is_some_and(|limit| errors >= limit) {
-                still.clear();
+            if stopped_at.is_none() && fail_on_errors.is_some_and(|limit| errors >= limit) {
+                stopped_at = Some(i);
                 break;
             }
         }
+        if stopped_at.is_some() && !ran_any {
+            // What still waits needs a POST that came after the stop.
+            break;
+        }
+        still.retain(|&i| stopped_at.is_none_or(|at| i < at));
         waiting = still;
     }
     Ok(ok(json!({
@@ -1762,9 +1776,18 @@ async fn run_bulk_entry(
         .to_ascii_uppercase();
     let bulk_id = op.get("bulkId").and_then(Value::as_str).map(str::to_owned);
     let target = bulk_target(op, &method_name, created);
-    // RFC 7644 §3.7.3: every entry but a failed POST's says where its resource is.
+    // RFC 7644 §3.7.3: every entry but a failed POST's says where its resource is. An id
+    // that could be no resource's (`../../other/Users/x`, a line break) would make a
+    // location that is no URI, or another tenant's path: left out.
     let target_location = match &target {
-        Ok((kind, Some(id))) => Some(location(state, tenant, *kind, id)),
+        Ok((kind, Some(id)))
+            if !matches!(id.as_str(), "." | "..")
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)) =>
+        {
+            Some(location(state, tenant, *kind, id))
+        }
         _ => None,
     };
     let outcome = match target {

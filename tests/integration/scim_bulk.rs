@@ -172,6 +172,31 @@ async fn bulk_keeps_the_request_order_for_each_resource() {
     };
     assert!(version(&ops[2]) > version(&ops[0]), "{}", r.body);
 
+    // failOnErrors stops the request at its error, but what came before the error and
+    // waited for a POST that ran still runs, in order; what came after it does not.
+    let r = d
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK], "failOnErrors": 1, "Operations": [
+                {"method": "PATCH", "path": "/Users/bulkId:s", "data": title("first")},
+                {"method": "POST", "path": "/Users", "bulkId": "s", "data": user("order3@example.com")},
+                {"method": "PATCH", "path": "/Users/bulkId:s", "data": title("second")},
+                {"method": "DELETE", "path": "/Users/does-not-exist"},
+                {"method": "POST", "path": "/Users", "bulkId": "after", "data": user("order4@example.com")},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ops = r.body["Operations"].as_array().unwrap();
+    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["200", "201", "200", "404"], "{}", r.body);
+    let u = d.get(&format!("/Users/{}", location_id(&ops[1]))).await;
+    assert_eq!(u.body["title"], "second", "{}", u.body);
+    let after = d
+        .get("/Users?filter=userName%20eq%20%22order4@example.com%22")
+        .await;
+    assert_eq!(after.body["totalResults"], 0, "{}", after.body);
+
     // A member added ahead of its group's POST and removed by the request's last
     // operation stays out.
     let r = d
@@ -266,10 +291,17 @@ async fn bulk_versions_locations_and_paths() {
         "the POSTs created nothing: {}",
         all.body
     );
-    let r = d.bulk(json!([{"method": "DELETE", "path": path}])).await;
+    let r = d
+        .bulk(json!([
+            {"method": "DELETE", "path": path},
+            {"method": "DELETE", "path": "/Users/../../other/Users/x"},
+        ]))
+        .await;
     let ops = r.body["Operations"].as_array().unwrap();
     assert_eq!(ops[0]["status"], "204", "{}", r.body);
     assert_eq!(ops[0]["location"], here.as_str(), "{}", r.body);
+    assert_eq!(ops[1]["status"], "404", "{}", r.body);
+    assert!(ops[1].get("location").is_none(), "no URI: {}", r.body);
 }
 
 #[tokio::test]
