@@ -111,6 +111,23 @@ impl CsvSettings {
         names.into_iter().map(|n| dir.join(n)).collect()
     }
 
+    /// The turn to write this connector's files. The connector's own write and a
+    /// reconciliation's (or the `export` schedule's) run on their own threads; side by
+    /// side, the one that read the store first could rename last, and leave the older
+    /// roster in place. In turn, the later one reads the store later.
+    fn turn(&self) -> Arc<std::sync::Mutex<()>> {
+        static TURNS: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashMap<PathBuf, Arc<std::sync::Mutex<()>>>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let key = self.files().swap_remove(0);
+        TURNS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
     /// Remove what an interrupted write of this connector left: at each write, and at the
     /// connector's start, so that a nightly file's partial copies (megabytes, with names
     /// a consumer taking every `*.csv` might read) do not lie beside it until night.
@@ -329,6 +346,8 @@ fn write_files(
     how: Snapshot,
     halt: &Arc<Halt>,
 ) -> Result<SnapshotReport, CsvError> {
+    let turn = settings.turn();
+    let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
     let dir = settings.dir.as_path();
     std::fs::create_dir_all(dir)
         .map_err(|e| {
@@ -1450,6 +1469,49 @@ mod tests {
         want.extend(["oneroster.zip".to_owned(), "roster.csv".to_owned()]);
         want.sort();
         assert_eq!(after, want);
+    }
+
+    /// Two writes of one connector's files take turns: one waits while another holds the
+    /// turn (the same files through another spelling of the directory too), and then
+    /// writes; another connector's files do not wait.
+    #[tokio::test]
+    async fn writes_of_one_connectors_files_take_turns() {
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let s = settings(out.path());
+        let turn = s.turn();
+        let held = turn.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (store, mut other) = (fx.store.clone(), s.clone());
+        other.dir = out.path().join(".");
+        std::thread::spawn(move || {
+            let r = write_snapshot(
+                &store,
+                T,
+                &other,
+                Snapshot::Replace,
+                &CancellationToken::new(),
+            );
+            tx.send(r.map(|r| r.users)).unwrap();
+        });
+        let elsewhere = tempfile::tempdir().unwrap();
+        write_snapshot(
+            &fx.store,
+            T,
+            &settings(elsewhere.path()),
+            Snapshot::Replace,
+            &CancellationToken::new(),
+        )
+        .unwrap();
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(500))
+                .is_err(),
+            "wrote while another write held the turn"
+        );
+        assert!(!out.path().join("roster.csv").exists());
+        drop(held);
+        let users = rx.recv().unwrap().unwrap();
+        assert!(users > 0 && out.path().join("roster.csv").exists());
     }
 
     /// A reconciliation counts the files as drift only when what they hold differs from
