@@ -733,7 +733,14 @@ async fn a_read_back_finds_users_by_sourced_id_when_the_target_drops_metadata() 
     let admin = d.jwt(TENANT, "roster:admin");
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["counts"]["drift_found_at_target"], 2, "{job}");
+    // Both are found; one may be found first by comparing what was delivered with the
+    // roster (its assignment can change after its delivery, as the tenant's first
+    // classification runs), and a user is repaired once.
+    assert_eq!(job["counts"]["drift_found"], 2, "{job}");
+    assert!(
+        job["counts"]["drift_found_at_target"].as_u64() >= Some(1),
+        "{job}"
+    );
     caught_up(&d, "sis").await;
     let ada = target
         .users()
