@@ -1201,6 +1201,11 @@ pub(super) mod tests {
 
     /// A loopback server that answers whatever it is sent with `answer`, then closes.
     async fn answering(answer: &'static [u8]) -> std::net::SocketAddr {
+        answering_then(answer, false).await
+    }
+
+    /// [`answering`], closing with a reset (RST, not FIN) when `reset`.
+    async fn answering_then(answer: &'static [u8], reset: bool) -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1209,6 +1214,12 @@ pub(super) mod tests {
                 let mut buf = [0u8; 4096];
                 let _ = socket.read(&mut buf).await;
                 let _ = socket.write_all(answer).await;
+                if reset {
+                    let _ = socket.flush().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A zero linger sends RST on close.
+                    let _ = socket.set_zero_linger();
+                }
             }
         });
         addr
@@ -1217,23 +1228,11 @@ pub(super) mod tests {
     /// A reset after the status line is an answer cut off, not a sign of the wrong scheme.
     #[tokio::test]
     async fn a_reset_after_the_status_line_names_no_scheme() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut buf = [0u8; 4096];
-                let _ = socket.read(&mut buf).await;
-                let _ = socket
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"a\":")
-                    .await;
-                let _ = socket.flush().await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                // A zero linger sends RST on close, not FIN.
-                let _ = socket.set_zero_linger();
-                drop(socket);
-            }
-        });
+        let addr = answering_then(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"a\":",
+            true,
+        )
+        .await;
         let client = reqwest::Client::new();
         let req = Request::put(format!("http://{addr}/users/1"), &serde_json::json!({}));
         match send(&client, &req, Vec::new(), Duration::from_secs(5)).await {

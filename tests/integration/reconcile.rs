@@ -1322,16 +1322,22 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         !nightly.exists(),
         "the export wrote the scheduled connector's files"
     );
-    // Its result says so.
-    let result = d.status().await["schedules"]["export"]["last_result"].clone();
-    assert!(
-        result
-            .as_str()
-            .is_some_and(|r| r.contains("3 CSV connector(s)")
-                && r.contains("1 left to its own schedule")
-                && r.contains("1 disabled")),
-        "{result}"
-    );
+    // Its result says so, once the run that wrote the file has ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let result = d.status().await["schedules"]["export"]["last_result"].clone();
+        if let Some(r) = result.as_str() {
+            assert!(
+                r.contains("3 CSV connector(s)")
+                    && r.contains("1 left to its own schedule")
+                    && r.contains("1 disabled"),
+                "{r}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{result}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A reconciliation names the connectors it did not reconcile because they do not run:

@@ -3,6 +3,16 @@ use serde_json::json;
 
 const BULK: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
 
+/// Each result's `status`, in the response's order.
+fn status_list(body: &serde_json::Value) -> Vec<&str> {
+    body["Operations"]
+        .as_array()
+        .expect("Operations")
+        .iter()
+        .map(|o| o["status"].as_str().expect("status"))
+        .collect()
+}
+
 #[tokio::test]
 async fn bulk_ids_link_operations() {
     let d = TestDaemon::start().await;
@@ -54,8 +64,7 @@ async fn bulk_ids_link_operations() {
         ]))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["201", "204", "204", "400"], "{}", r.body);
     let g = d.get(&format!("/Groups/{gid}")).await;
     assert_eq!(g.body["members"].as_array().unwrap().len(), 1, "{}", g.body);
@@ -84,7 +93,7 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["201", "201", "200", "201"], "{}", r.body);
     let ids: Vec<&str> = ops
         .iter()
@@ -105,7 +114,7 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
         ]))
         .await;
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["409", "409", "201"], "{}", r.body);
     assert!(
         ops[0]["response"]["detail"]
@@ -132,8 +141,7 @@ async fn bulk_resolves_forward_references_and_refuses_circles() {
             ]}),
         )
         .await;
-    let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["409"], "{}", r.body);
     let y = d
         .get("/Users?filter=userName%20eq%20%22fwd4@example.com%22")
@@ -157,7 +165,7 @@ async fn bulk_keeps_the_request_order_for_each_resource() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["200", "201", "200"], "{}", r.body);
     let u = d.get(&format!("/Users/{}", location_id(&ops[1]))).await;
     assert_eq!(u.body["title"], "second", "{}", u.body);
@@ -188,7 +196,7 @@ async fn bulk_keeps_the_request_order_for_each_resource() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["200", "201", "200", "404"], "{}", r.body);
     let u = d.get(&format!("/Users/{}", location_id(&ops[1]))).await;
     assert_eq!(u.body["title"], "second", "{}", u.body);
@@ -211,7 +219,7 @@ async fn bulk_keeps_the_request_order_for_each_resource() {
         ]))
         .await;
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(statuses, ["204", "201", "201", "204"], "{}", r.body);
     let g = d.get(&format!("/Groups/{}", location_id(&ops[1]))).await;
     assert_eq!(
@@ -245,7 +253,7 @@ async fn bulk_versions_locations_and_paths() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ops = r.body["Operations"].as_array().unwrap();
-    let statuses: Vec<&str> = ops.iter().map(|o| o["status"].as_str().unwrap()).collect();
+    let statuses = status_list(&r.body);
     assert_eq!(
         statuses,
         ["200", "412", "400", "404", "400", "400"],
