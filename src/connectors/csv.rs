@@ -87,26 +87,37 @@ fn default_system_name() -> String {
 }
 
 impl CsvSettings {
-    /// The files this connector writes, by where they are: through links, where the
-    /// directory exists.
+    /// The files this connector writes, by where they are: the longest part of the
+    /// directory's path that exists is read through its links, and the rest (not made
+    /// yet) is taken as written, a `..` undoing the name before it as the kernel will
+    /// once it is made. (`link/not-yet/..` is where `link` points.)
     pub(super) fn files(&self) -> Vec<PathBuf> {
-        let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| {
-            // Not made yet: its path, without `.` and with `..` taken back lexically.
-            let mut p = PathBuf::new();
-            for part in self.dir.components() {
-                match part {
-                    std::path::Component::CurDir => {}
-                    std::path::Component::ParentDir => {
-                        p.pop();
-                    }
-                    other => p.push(other),
+        let parts: Vec<_> = self.dir.components().collect();
+        let (mut dir, rest) = (0..=parts.len())
+            .rev()
+            .find_map(|n| {
+                let prefix: PathBuf = parts[..n].iter().collect();
+                let found = if n == 0 {
+                    Some(PathBuf::new())
+                } else {
+                    std::fs::canonicalize(&prefix).ok()
+                };
+                found.map(|p| (p, &parts[n..]))
+            })
+            .unwrap_or_default();
+        for part in rest {
+            match part {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    dir.pop();
                 }
+                other => dir.push(other),
             }
-            p
-        });
+        }
+        // The roles file is staged under a name of this process's, never shared.
         let mut names = vec![self.file_name.as_str()];
         if self.oneroster.is_some() {
-            names.extend([BUNDLE_FILE, ROLES_SPOOL]);
+            names.push(BUNDLE_FILE);
         }
         names.into_iter().map(|n| dir.join(n)).collect()
     }

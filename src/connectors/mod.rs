@@ -641,10 +641,23 @@ secret_env = "HOOK_SECRET"
         let loaded = load_dir(dir.path(), &["demo", "other"]);
         assert!(loaded.connectors.is_empty());
         assert!(
-            loaded.errors[0].to_string().contains("oneroster"),
+            loaded.errors[0].to_string().contains("oneroster.zip"),
             "{}",
             loaded.errors[0]
         );
+        // Through a link, and past a directory not made yet: `link/not-yet/..` is where
+        // `link` points, once made.
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        csv("a", "demo", "real", "roster.csv", false);
+        csv("b", "other", "link/not-yet/..", "roster.csv", false);
+        assert!(
+            load_dir(dir.path(), &["demo", "other"])
+                .connectors
+                .is_empty()
+        );
+        csv("b", "other", "link/not-yet", "roster.csv", false);
+        assert_eq!(names(&load_dir(dir.path(), &["demo", "other"])), ["a", "b"]);
     }
 
     /// A file of one long line is quoted in its error a line's worth, not whole: the
