@@ -25,7 +25,12 @@ const SOURCED_ID_NAMESPACE: uuid::Uuid =
 /// The sourcedId of a rosterd object downstream: a UUIDv5 of tenant and local key, so it
 /// is stable across restarts and carries no personal data.
 pub fn sourced_id(tenant: &str, key: &str) -> String {
-    uuid::Uuid::new_v5(&SOURCED_ID_NAMESPACE, format!("{tenant}/{key}").as_bytes()).to_string()
+    sourced_uuid(tenant, key).to_string()
+}
+
+/// [`sourced_id`] as the UUID it is.
+pub fn sourced_uuid(tenant: &str, key: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&SOURCED_ID_NAMESPACE, format!("{tenant}/{key}").as_bytes())
 }
 
 /// A planned delivery: stages run one after another, the requests of a stage at once.

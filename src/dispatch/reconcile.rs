@@ -1157,10 +1157,7 @@ impl SourcedIds {
             skip += ids.len();
             let last = ids.len() < PAGE;
             for id in ids {
-                let sid = crate::connectors::sourced_id(tenant, &user_key(&id));
-                let Ok(sid) = uuid::Uuid::parse_str(&sid).map(|u| u.as_u128()) else {
-                    continue;
-                };
+                let sid = crate::connectors::sourced_uuid(tenant, &user_key(&id)).as_u128();
                 match uuid::Uuid::try_parse(&id) {
                     Ok(u) if u.hyphenated().to_string() == id => uuids.push((sid, u.as_u128())),
                     _ => {

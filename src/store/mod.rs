@@ -341,28 +341,6 @@ impl Tenant {
 /// the others ready to take it at once.
 const WRITERS_AT_THE_LOCK: usize = 4;
 
-/// A write's task, given up when its caller is: one still waiting for its turn then
-/// never writes, as before the task; one already writing finishes, as a write on the
-/// blocking pool always did.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The time a tenant's writes are stamped with: never earlier than the write before, even
 /// if the system clock is stepped back. Governance events are then in time order as well
 /// as in sequence order, which is what lets a time filter search the log instead of
@@ -1820,7 +1798,12 @@ impl Store {
             drop(turn);
             written.map_err(StoreError::from_join)?
         });
-        let (out, ticket) = AbortOnDrop(turn).await.map_err(StoreError::from_join)??;
+        // Given up with its caller: a write still waiting for its turn then never writes,
+        // as before the task; one already writing finishes, as a write on the blocking
+        // pool always did.
+        let (out, ticket) = tokio_util::task::AbortOnDropHandle::new(turn)
+            .await
+            .map_err(StoreError::from_join)??;
         if let Some((ticket, last_seq)) = ticket {
             self.inner
                 .commit
