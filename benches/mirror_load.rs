@@ -12,6 +12,11 @@
 //! 3. Full reconciliation (unless `BENCH_FULL=0`): `scim:sync {"full": true}`, every object
 //!    sent again one after another, each first checked against the change log.
 //!
+//! 4. Dead letters (unless `BENCH_LETTERS=0`; default 10000): the target refuses every PUT
+//!    while that many users' titles are PATCHed, so each change is set aside; then it takes
+//!    them again, and `rosterd dead-letters replay --all` (the CLI, as an operator runs it)
+//!    is timed until every letter is replayed.
+//!
 //! `BENCH_CONCURRENCY` (default 32) is the connector's `concurrency`;
 //! `BENCH_SEED_CONCURRENCY` (default 64) the SCIM creates in flight while seeding.
 //! `BENCH_SLOW_MS` (default 0: off) makes the target hold back its answer to the first PUT
@@ -22,6 +27,7 @@
 //! `cargo bench --bench mirror_load`. Prints a Markdown table.
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -542,6 +548,79 @@ async fn run(target: &OneRosterServer) {
         None
     };
 
+    // ---- Dead letters: a refusing target, then `replay --all`. ----
+    let letters = env_usize("BENCH_LETTERS", 10_000).min(users);
+    let replayed = if letters > 0 {
+        target.inject(Fault::status(422, 0).forever().on_method("PUT"));
+        let run_tag = Utc::now().timestamp_millis();
+        let log_before = connector(&client, &daemon.base, &token).await["cursor"]
+            .as_u64()
+            .unwrap_or(0);
+        let mut sent = futures_util::stream::iter(ids.iter().take(letters).map(|id| {
+            let (client, auth, url) = (
+                client.clone(),
+                auth.clone(),
+                format!("{}/Users/{id}", daemon.scim()),
+            );
+            async move {
+                let body = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                    "Operations": [{"op": "replace", "path": "title", "value": format!("Refused {run_tag}")}]});
+                let r = client
+                    .patch(&url)
+                    .header("authorization", &auth)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("PATCH");
+                assert!(r.status().is_success(), "PATCH {}", r.status());
+            }
+        }))
+        .buffer_unordered(seed_concurrency);
+        while sent.next().await.is_some() {}
+        let t = Instant::now();
+        let set_aside = loop {
+            let c = connector(&client, &daemon.base, &token).await;
+            if c["lag_events"] == 0 && c["dead_letters"].as_u64() >= Some(letters as u64) {
+                break c;
+            }
+            assert!(
+                t.elapsed() < deadline,
+                "the letters were never set aside: {c}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        target.clear_faults();
+        let t = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args([
+                "dead-letters",
+                "--tenant",
+                TENANT,
+                "replay",
+                CONNECTOR,
+                "--all",
+            ])
+            .args(["--url", &daemon.base, "--token", &token])
+            .output()
+            .expect("rosterd dead-letters replay --all");
+        let took = t.elapsed();
+        assert!(
+            out.status.success(),
+            "replay --all: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = connector(&client, &daemon.base, &token).await;
+        let log_span = set_aside["cursor"].as_u64().unwrap_or(0) - log_before;
+        Some((
+            set_aside["dead_letters"].clone(),
+            log_span,
+            took,
+            after["dead_letters"].clone(),
+        ))
+    } else {
+        None
+    };
+
     let cores = |d: f64| d / put_secs;
     println!("| metric | value |");
     println!("|---|---|");
@@ -645,6 +724,14 @@ async fn run(target: &OneRosterServer) {
             sent as f64 / took.as_secs_f64(),
             job["counts"]["drift_pending"],
             job["status"]
+        );
+    }
+    if let Some((letters, log_span, took, left)) = replayed {
+        let n = letters.as_u64().unwrap_or(0) as f64;
+        println!(
+            "| **dead letters**: `rosterd dead-letters replay --all` of {letters} letters spread over {log_span} changes of the log | {:.2} s = **{:.0} letters/s**; letters left {left} |",
+            took.as_secs_f64(),
+            n / took.as_secs_f64()
         );
     }
 }

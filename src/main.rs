@@ -1216,6 +1216,10 @@ fn call_daemon_within(
     })
 }
 
+/// Dead letters a `replay --all` sends the daemon at once: it starts letters for about
+/// 20 s a call and hands back those it did not begin.
+const REPLAY_BATCH: usize = 200;
+
 /// How long a command waits for the daemon's whole answer.
 const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How long `reconcile --dry-run` waits: the daemon answers once it has read each
@@ -1321,8 +1325,35 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     ids
                 }
             };
+            // Each letter's answer, from a single replay or from a batch's results.
             let mut failed = 0usize;
-            for id in &ids {
+            let mut report =
+                |id: u64, status: reqwest::StatusCode, body: &serde_json::Value| -> Result<()> {
+                    if let Err(e) = fail_unless_ok(status, body) {
+                        // One refusal does not stop the rest: each letter is its own object.
+                        failed += 1;
+                        if status == reqwest::StatusCode::NOT_FOUND && body["error"] == "not_found"
+                        {
+                            note!("{connector}: no dead letter #{id}: {}", causes(&e));
+                        } else {
+                            note!(
+                                "{connector}: dead letter #{id} not replayed, it stays: {}",
+                                causes(&e)
+                            );
+                        }
+                        return Ok(());
+                    }
+                    let what = match body["sent"].as_str() {
+                        Some("current_state") => "the object's current state",
+                        _ => "the original event",
+                    };
+                    outln!("{connector}: dead letter #{id} replayed ({what} sent) and removed")?;
+                    if let Some(note) = body["note"].as_str() {
+                        outln!("warning: {note}")?;
+                    }
+                    Ok(())
+                };
+            if let [id] = ids[..] {
                 let (status, body) = call_daemon(
                     daemon,
                     Some(tenant),
@@ -1330,26 +1361,51 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     &format!("{base}/{connector}/dead-letters/{id}/replay"),
                     None,
                 )?;
-                if let Err(e) = fail_unless_ok(status, &body) {
-                    // One refusal does not stop the rest: each letter is its own object.
-                    failed += 1;
-                    if status == reqwest::StatusCode::NOT_FOUND && body["error"] == "not_found" {
-                        note!("{connector}: no dead letter #{id}: {}", causes(&e));
-                    } else {
-                        note!(
-                            "{connector}: dead letter #{id} not replayed, it stays: {}",
-                            causes(&e)
+                report(id, status, &body)?;
+            }
+            // Many at once: the daemon reads the change log once a call, not once a letter.
+            let mut left: std::collections::VecDeque<u64> = match ids[..] {
+                [_] => Default::default(),
+                _ => ids.iter().copied().collect(),
+            };
+            while !left.is_empty() {
+                let batch: Vec<u64> = left.drain(..left.len().min(REPLAY_BATCH)).collect();
+                let (status, body) = call_daemon(
+                    daemon,
+                    Some(tenant),
+                    Method::POST,
+                    &format!("{base}/{connector}/dead-letters:replay"),
+                    Some(serde_json::json!({ "ids": batch })),
+                )?;
+                // The connector as a whole (unknown, not running): every letter would fail
+                // alike.
+                fail_unless_ok(status, &body)?;
+                for r in body["results"].as_array().into_iter().flatten() {
+                    let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
+                        anyhow::bail!(
+                            "the daemon's answer lists a result without id or status: {r}"
                         );
-                    }
-                    continue;
+                    };
+                    let status = u16::try_from(code)
+                        .ok()
+                        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
+                        .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+                    report(id, status, r)?;
                 }
-                let what = match body["sent"].as_str() {
-                    Some("current_state") => "the object's current state",
-                    _ => "the original event",
-                };
-                outln!("{connector}: dead letter #{id} replayed ({what} sent) and removed")?;
-                if let Some(note) = body["note"].as_str() {
-                    outln!("warning: {note}")?;
+                let not_attempted: Vec<u64> = body["not_attempted"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64)
+                    .collect();
+                if body["results"].as_array().is_none_or(Vec::is_empty) {
+                    anyhow::bail!(
+                        "the daemon replayed none of the {} dead letters asked for: {body}",
+                        batch.len()
+                    );
+                }
+                for id in not_attempted.into_iter().rev() {
+                    left.push_front(id);
                 }
             }
             if failed > 0 {

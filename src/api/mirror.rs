@@ -37,6 +37,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay",
             post(replay),
         )
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters:replay",
+            post(replay_batch),
+        )
 }
 
 impl From<DispatchError> for ApiError {
@@ -197,6 +201,69 @@ async fn replay(
     let id = letter_id(&id)?;
     let replayed = st.dispatch.replay(&caller.tenant, &name, id).await?;
     Ok(Json(replayed).into_response())
+}
+
+/// The most letters one `dead-letters:replay` names.
+pub const REPLAY_BATCH_MAX: usize = 1000;
+
+/// How long one `dead-letters:replay` goes on starting letters: the CLI waits a minute
+/// for an answer, and a replay may take the connector's request timeout.
+const REPLAY_BATCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `POST /connectors/{name}/dead-letters:replay` with `{"ids": [...]}`: replay each, in
+/// the order given, as `…/{id}/replay` would, reading the change log once for them all.
+/// Each letter's outcome is its own (`status` and the single replay's answer or error);
+/// `not_attempted` lists those left for the next call once the time budget ran out.
+async fn replay_batch(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Params(p): Params,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let body = super::roster::read_body(&st, &headers, body).await?;
+    const EXPECTED: &str = "expected {\"ids\": [dead letter ids]}";
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct BatchBody {
+        #[serde(default)]
+        ids: Vec<u64>,
+    }
+    let BatchBody { ids } = super::options_body(&headers, &body, EXPECTED)?;
+    if ids.is_empty() || ids.len() > REPLAY_BATCH_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "ids must name 1 to {REPLAY_BATCH_MAX} dead letters, not {}; {EXPECTED}",
+            ids.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = ids.iter().find(|&&id| !seen.insert(id)) {
+        return Err(ApiError::BadRequest(format!(
+            "ids names dead letter {twice} twice; {EXPECTED}"
+        )));
+    }
+    let (done, not_attempted) = st
+        .dispatch
+        .replay_batch(&caller.tenant, &name, &ids, REPLAY_BATCH_BUDGET)
+        .await?;
+    let results: Vec<Value> = done
+        .into_iter()
+        .map(|(id, r)| match r {
+            Ok(replayed) => {
+                let mut v = serde_json::to_value(replayed).unwrap_or_else(|_| json!({}));
+                v["id"] = json!(id);
+                v["status"] = json!(200);
+                v
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                let (status, code) = e.status_and_code();
+                json!({"id": id, "status": status.as_u16(), "error": code, "message": e.message()})
+            }
+        })
+        .collect();
+    Ok(Json(json!({"results": results, "not_attempted": not_attempted})).into_response())
 }
 
 /// `POST /connectors/{name}/resume`: lift a pause. `{"skip_held": true}` lets a

@@ -170,10 +170,11 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let message = match &self {
+impl ApiError {
+    /// What the client is told, as the body's `message`; a store failure is logged here,
+    /// and said to the client only as far as it is known.
+    pub(crate) fn message(&self) -> String {
+        match self {
             ApiError::Internal(StoreError::NotFound { .. }) => "not found".to_owned(),
             // As the SCIM side says it (server::error): only what is known.
             ApiError::Internal(e) => match e.outage_message() {
@@ -191,7 +192,14 @@ impl IntoResponse for ApiError {
                 self.to_string()
             }
             other => other.to_string(),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = self.message();
         let mut resp = (
             status,
             [(header::CONTENT_TYPE, "application/json")],

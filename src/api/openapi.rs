@@ -373,6 +373,26 @@ pub fn openapi_document() -> Value {
                     "502": error_response("The target refused the replay (target_refused)")}),
                     &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])
             }},
+            "/api/v1/roster/connectors/{name}/dead-letters:replay": {"post": {
+                "operationId": "replayDeadLetters", "summary": "Replay several dead letters, in the order given (roster:admin)",
+                "description": "Each letter is replayed as replayDeadLetter would, and its outcome is its own: one refused does not stop the others. The change log is read once for the whole call. Letters are started for about 20 s; those not begun by then are listed in not_attempted, to send again. `rosterd dead-letters replay --all` uses it.",
+                "parameters": [path_param("name", "The connector's name")],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["ids"], "additionalProperties": false, "properties": {
+                    "ids": {"type": "array", "minItems": 1, "maxItems": super::mirror::REPLAY_BATCH_MAX, "uniqueItems": true, "items": {"type": "integer", "minimum": 0}, "description": "Dead letter ids, replayed in this order"}}}}}},
+                "responses": common_errors(json!({"200": ok_json("Each letter's outcome", json!({"type": "object", "required": ["results", "not_attempted"], "properties": {
+                        "results": {"type": "array", "items": {"type": "object", "required": ["id", "status"], "properties": {
+                            "id": {"type": "integer"},
+                            "status": {"type": "integer", "description": "What replayDeadLetter would have answered for this letter: 200, or its error's status (404, 409, 422, 502, …)"},
+                            "replayed": {"type": "integer"},
+                            "sent": {"type": "string", "enum": ["current_state", "original_event"]},
+                            "superseded_by": {"type": "array", "items": {"type": "integer"}},
+                            "note": {"type": ["string", "null"]},
+                            "error": {"type": "string", "description": "Set when status is not 200: the error code replayDeadLetter would give"},
+                            "message": {"type": "string"}}}},
+                        "not_attempted": {"type": "array", "items": {"type": "integer"}, "description": "Ids not begun within the call's time; send them again"}}})),
+                    "400": error_response("ids missing, empty, over the limit, repeated, or not numbers")}),
+                    &[("404", "No such connector"), ("409", "The connector is disabled or not running")])
+            }},
             "/api/v1/roster/scim/jobs/{job_id}": {"get": {
                 "operationId": "getJob", "summary": "A sync job's state and counts",
                 "parameters": [path_param("job_id", "The job_id scim:sync returned")],

@@ -2985,35 +2985,101 @@ impl Dispatcher {
         name: &str,
         id: u64,
     ) -> Result<Replayed, DispatchError> {
+        let (mut results, _) = self
+            .replay_batch(tenant, name, &[id], Duration::MAX)
+            .await?;
+        results
+            .pop()
+            .map(|(_, r)| r)
+            .ok_or(DispatchError::NoSuchLetter(id))?
+    }
+
+    /// [`Dispatcher::replay`] of each of `ids` in turn, until `budget` has passed: each
+    /// letter's result, and the ids not begun. The change log is read once for the whole
+    /// batch, to find the later changes of each letter's objects: read for each letter,
+    /// `replay --all` managed 3–6 letters a second on a tenant of 27,000 changes. What
+    /// concerns the connector as a whole (unknown, not running) fails the batch.
+    pub async fn replay_batch(
+        &self,
+        tenant: &str,
+        name: &str,
+        ids: &[u64],
+        budget: Duration,
+    ) -> Result<(Vec<(u64, Result<Replayed, DispatchError>)>, Vec<u64>), DispatchError> {
+        let began = tokio::time::Instant::now();
         let Found { ctx, .. } = self.find(tenant, name)?;
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
-        // A OneRoster replay sends the object as it stands, which may be a deprovisioning
-        // the guard holds: a recheck saw a held user disabled, and on a delete-mode target
-        // deleted, by a replay before any resume. A webhook replay sends the letter's own
-        // event, which the guard let through.
-        if ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. }) {
-            return Err(DispatchError::Refused(
-                name.to_owned(),
-                "is held by its [guard], and a replay sends the object as it stands, which may be what the guard holds: resume it first (`rosterd resume`, or `--skip-held`)".into(),
-            ));
-        }
-        let letter = self
-            .store
-            .dead_letter(tenant, name, id)?
-            .ok_or(DispatchError::NoSuchLetter(id))?;
-        let superseded_by = {
-            let (store, t, cursor_name, ev, classes) = (
+        let letters: Vec<Result<DeadLetter, DispatchError>> = ids
+            .iter()
+            .map(|&id| match self.store.dead_letter(tenant, name, id) {
+                Ok(Some(letter)) => Ok(letter),
+                Ok(None) => Err(DispatchError::NoSuchLetter(id)),
+                Err(e) => Err(e.into()),
+            })
+            .collect();
+        let mut superseded = {
+            let (store, t, cursor_name, events, classes) = (
                 self.store.clone(),
                 tenant.to_owned(),
                 ctx.cursor_name(),
-                letter.event.clone(),
+                letters
+                    .iter()
+                    .filter_map(|l| Some(l.as_ref().ok()?.event.clone()))
+                    .collect::<Vec<_>>(),
                 ctx.state_sends_classes(),
             );
-            blocking(move || later_delivered_changes(&store, &t, &cursor_name, &ev, classes))
+            blocking(move || later_delivered_changes(&store, &t, &cursor_name, &events, classes))
                 .await?
+                .into_iter()
         };
+        let mut results = Vec::with_capacity(ids.len());
+        let mut letters = ids.iter().copied().zip(letters);
+        for (id, letter) in letters.by_ref() {
+            let superseded_by = match &letter {
+                Ok(_) => superseded.next().unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let result = match letter {
+                // Checked at each letter: a hold may begin while a batch runs.
+                Ok(_) if ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. }) => {
+                    Err(Self::held_refusal(name))
+                }
+                Ok(letter) => {
+                    self.replay_letter(&ctx, tenant, name, letter, superseded_by)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            results.push((id, result));
+            if began.elapsed() >= budget {
+                break;
+            }
+        }
+        Ok((results, letters.map(|(id, _)| id).collect()))
+    }
+
+    /// A OneRoster replay sends the object as it stands, which may be a deprovisioning
+    /// the guard holds: a recheck saw a held user disabled, and on a delete-mode target
+    /// deleted, by a replay before any resume. A webhook replay sends the letter's own
+    /// event, which the guard let through.
+    fn held_refusal(name: &str) -> DispatchError {
+        DispatchError::Refused(
+            name.to_owned(),
+            "is held by its [guard], and a replay sends the object as it stands, which may be what the guard holds: resume it first (`rosterd resume`, or `--skip-held`)".into(),
+        )
+    }
+
+    async fn replay_letter(
+        &self,
+        ctx: &Ctx,
+        tenant: &str,
+        name: &str,
+        letter: DeadLetter,
+        superseded_by: Vec<u64>,
+    ) -> Result<Replayed, DispatchError> {
+        let id = letter.id;
         let (event, reports, sent) = match &ctx.target {
             Target::OneRoster { .. } => {
                 let (store, t, ev) = (self.store.clone(), tenant.to_owned(), letter.event.clone());
@@ -3254,35 +3320,50 @@ pub struct Replayed {
 /// At most this many later changes are listed in a replay's answer.
 const SUPERSEDED_LISTED: usize = 20;
 
-/// Changes after the letter's that touch one of its objects and that the connector has
-/// already passed (delivered or dead-lettered themselves).
+/// For each of `letters`, the changes after its own that touch one of its objects and
+/// that the connector has already passed (delivered or dead-lettered themselves), at
+/// most [`SUPERSEDED_LISTED`]: one read of the log from the oldest letter on.
 fn later_delivered_changes(
     store: &Store,
     tenant: &str,
     cursor_name: &str,
-    letter: &ChangeEvent,
+    letters: &[ChangeEvent],
     classes: bool,
-) -> Result<Vec<u64>, StoreError> {
+) -> Result<Vec<Vec<u64>>, StoreError> {
     let cursor = store.cursor(tenant, cursor_name)?;
-    let keys = object_keys(letter, &[], classes);
-    let mut out = Vec::new();
-    let mut since = letter.seq;
-    while since < cursor && out.len() < SUPERSEDED_LISTED {
+    let mut out = vec![Vec::new(); letters.len()];
+    let mut letters_of: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, letter) in letters.iter().enumerate() {
+        for k in object_keys(letter, &[], classes) {
+            letters_of.entry(k).or_default().push(i);
+        }
+    }
+    let Some(mut since) = letters.iter().map(|l| l.seq).min() else {
+        return Ok(out);
+    };
+    let mut unlisted = letters.len();
+    while since < cursor && unlisted > 0 {
         let page = store.changes(tenant, since, BATCH as usize)?;
         let Some(last) = page.last() else { break };
         since = last.seq;
-        out.extend(
-            page.iter()
-                .filter(|e| e.seq <= cursor)
-                .filter(|e| {
-                    object_keys(e, &[], classes)
-                        .iter()
-                        .any(|k| keys.contains(k))
-                })
-                .map(|e| e.seq),
-        );
+        for e in page.iter().filter(|e| e.seq <= cursor) {
+            for k in object_keys(e, &[], classes) {
+                for &i in letters_of.get(&k).into_iter().flatten() {
+                    let listed = &mut out[i];
+                    // A change touching two of a letter's objects is listed once.
+                    if e.seq > letters[i].seq
+                        && listed.len() < SUPERSEDED_LISTED
+                        && listed.last() != Some(&e.seq)
+                    {
+                        listed.push(e.seq);
+                        if listed.len() == SUPERSEDED_LISTED {
+                            unlisted -= 1;
+                        }
+                    }
+                }
+            }
+        }
     }
-    out.truncate(SUPERSEDED_LISTED);
     Ok(out)
 }
 
@@ -3353,6 +3434,72 @@ fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One read of the log serves a batch of letters: each gets the later changes of its
+    /// own object that the connector passed, at most [`SUPERSEDED_LISTED`].
+    #[tokio::test]
+    async fn each_letter_of_a_batch_gets_its_own_objects_later_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let user = |name: &str| serde_json::json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name});
+        let mut ids = Vec::new();
+        for name in ["ada", "bob", "cy"] {
+            let id = store
+                .create("t", ResourceKind::User, user(name), vec![])
+                .await
+                .unwrap()
+                .id;
+            ids.push(id);
+        }
+        let retitle = |id: String, n: usize| {
+            let store = store.clone();
+            async move {
+                store
+                    .update("t", ResourceKind::User, &id, None, move |doc| {
+                        let mut doc = doc.clone();
+                        doc["title"] = serde_json::json!(format!("T{n}"));
+                        Ok(crate::store::Update {
+                            doc,
+                            members: vec![],
+                        })
+                    })
+                    .await
+                    .unwrap();
+            }
+        };
+        for n in 0..25 {
+            retitle(ids[0].clone(), n).await;
+        }
+        retitle(ids[1].clone(), 0).await;
+        let log = store.changes("t", 0, 100).unwrap();
+        let head = log.last().unwrap().seq;
+        // The connector passed all but the last change, bob's.
+        store
+            .advance_cursor("t", "c", head - 1, vec![])
+            .await
+            .unwrap();
+        let of =
+            |id: &str| -> Vec<ChangeEvent> { log.iter().filter(|e| e.id == id).cloned().collect() };
+        let (ada, bob, cy) = (of(&ids[0]), of(&ids[1]), of(&ids[2]));
+        let seqs = |evs: &[ChangeEvent]| -> Vec<u64> { evs.iter().map(|e| e.seq).collect() };
+        let letters = [
+            ada[0].clone(),
+            bob[0].clone(),
+            ada[10].clone(),
+            cy[0].clone(),
+        ];
+        let listed = later_delivered_changes(&store, "t", "c", &letters, false).unwrap();
+        assert_eq!(
+            listed,
+            [seqs(&ada[1..21]), vec![], seqs(&ada[11..]), vec![]],
+            "{listed:?}"
+        );
+        assert!(
+            later_delivered_changes(&store, "t", "c", &[], false)
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     #[test]
     fn progress_records_what_was_acknowledged_above_the_cursor() {
