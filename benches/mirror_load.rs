@@ -87,6 +87,24 @@ token_env = "OR_TOKEN"
     )
 }
 
+/// A SCIM PATCH of the user at `url`'s title.
+async fn retitle(
+    client: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    title: &str,
+) -> reqwest::Response {
+    let body = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "replace", "path": "title", "value": title}]});
+    client
+        .patch(url)
+        .header("authorization", auth)
+        .json(&body)
+        .send()
+        .await
+        .expect("PATCH")
+}
+
 fn jwt() -> String {
     let claims = json!({"sub": "bench", "tenant": TENANT, "scope": "roster:admin",
                         "aud": "bench", "exp": Utc::now().timestamp() + 86_400});
@@ -435,16 +453,8 @@ async fn run(target: &OneRosterServer) {
         );
         let title = format!("Engineer {run_tag}-{i}");
         handles.push(tokio::spawn(async move {
-            let body = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                "Operations": [{"op": "replace", "path": "title", "value": title}]});
             let t = Instant::now();
-            let r = client
-                .patch(&url)
-                .header("authorization", &auth)
-                .json(&body)
-                .send()
-                .await
-                .expect("patch");
+            let r = retitle(&client, &url, &auth, &title).await;
             let acked = Utc::now();
             let took = t.elapsed();
             assert!(r.status().is_success(), "patch {i}: {}", r.status());
@@ -563,15 +573,7 @@ async fn run(target: &OneRosterServer) {
                 format!("{}/Users/{id}", daemon.scim()),
             );
             async move {
-                let body = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-                    "Operations": [{"op": "replace", "path": "title", "value": format!("Refused {run_tag}")}]});
-                let r = client
-                    .patch(&url)
-                    .header("authorization", &auth)
-                    .json(&body)
-                    .send()
-                    .await
-                    .expect("PATCH");
+                let r = retitle(&client, &url, &auth, &format!("Refused {run_tag}")).await;
                 assert!(r.status().is_success(), "PATCH {}", r.status());
             }
         }))

@@ -1514,16 +1514,7 @@ async fn replaying_a_dead_letter_sends_the_current_state_not_its_old_snapshot() 
 
 #[tokio::test]
 async fn a_replayed_webhook_event_says_it_is_older_than_what_was_delivered_since() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(
-            &hook,
-            r#"["roster.user_created", "roster.user_updated"]"#,
-        )],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (d, hook) = with_created_and_updated_hook().await;
     hook.inject(wh::Fault::status(400, 1));
     let id = d.create_user("ada@acme.test").await;
     let c = caught_up(&d, "hooks").await;
@@ -1555,8 +1546,22 @@ async fn a_replayed_webhook_event_says_it_is_older_than_what_was_delivered_since
     assert!(created[0].body["data"]["seq"].as_u64().unwrap() < later[0].as_u64().unwrap());
 }
 
-/// `POST …/dead-letters:replay` with the ids of four letters of three users and one
-/// that is not there.
+/// A daemon with a webhook connector `hooks` for user creations and updates.
+async fn with_created_and_updated_hook() -> (TestDaemon, WebhookServer) {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![webhook_file(
+            &hook,
+            r#"["roster.user_created", "roster.user_updated"]"#,
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    (d, hook)
+}
+
+/// `POST …/dead-letters:replay` of connector `hooks` with `body`, as an admin.
 async fn replay_batch(d: &TestDaemon, body: Value) -> crate::harness::Resp {
     let admin = d.jwt(TENANT, "roster:admin");
     d.roster(
@@ -1574,16 +1579,7 @@ async fn replay_batch(d: &TestDaemon, body: Value) -> crate::harness::Resp {
 async fn refused_creations_then_changes(
     users: usize,
 ) -> (TestDaemon, WebhookServer, Vec<String>, Vec<u64>) {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(
-            &hook,
-            r#"["roster.user_created", "roster.user_updated"]"#,
-        )],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (d, hook) = with_created_and_updated_hook().await;
     hook.inject(wh::Fault::status(400, users));
     let mut ids = Vec::new();
     for i in 0..users {
