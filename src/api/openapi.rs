@@ -371,7 +371,7 @@ pub fn openapi_document() -> Value {
                     "400": error_response("id is not a number"),
                     "422": error_response("Nothing was sent: the object cannot be expressed for this target, such as a user without an email for OneRoster (unmappable)"),
                     "502": error_response("The target refused the replay (target_refused)")}),
-                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled or not running")])
+                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled, not running or held by its guard, or another request is replaying this letter now")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters:replay": {"post": {
                 "operationId": "replayDeadLetters", "summary": "Replay several dead letters, in the order given (roster:admin)",

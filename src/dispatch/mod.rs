@@ -300,6 +300,21 @@ struct Live {
     approvals: watch::Sender<Approval>,
     /// The last approval the connector has carried out, and through which change.
     applied: watch::Sender<(u64, u64)>,
+    /// Dead letters an operator's replay is sending now: another replay of one of them
+    /// (a CLI run again while the call it gave up on goes on) is refused, not sent twice.
+    replaying: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// A dead letter claimed for one replay until dropped (see [`Live::replaying`]).
+struct ReplayClaim<'a> {
+    live: &'a Live,
+    id: u64,
+}
+
+impl Drop for ReplayClaim<'_> {
+    fn drop(&mut self) {
+        self.live.replaying().remove(&self.id);
+    }
 }
 
 /// The operator's word on a hold: the `n`-th, and whether to skip what is held instead
@@ -330,7 +345,20 @@ impl Live {
             held: Mutex::new(None),
             approvals: watch::Sender::new(Approval::default()),
             applied: watch::Sender::new((0, 0)),
+            replaying: Mutex::new(Default::default()),
         })
+    }
+
+    fn replaying(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.replaying.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Letter `id` for this replay alone; None while another replay sends it.
+    fn claim_replay(&self, id: u64) -> Option<ReplayClaim<'_>> {
+        // Not `then_some`: its claim, built and dropped when the letter is taken, would
+        // give back the other replay's claim (and lock the set it is locked in).
+        let free = self.replaying().insert(id);
+        free.then(|| ReplayClaim { live: self, id })
     }
 
     fn held_reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -3046,10 +3074,26 @@ impl Dispatcher {
                 Ok(_) if ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. }) => {
                     Err(Self::held_refusal(name))
                 }
-                Ok(letter) => {
-                    self.replay_letter(&ctx, tenant, name, letter, superseded_by)
-                        .await
-                }
+                // Read again at its turn, which may come many seconds after the batch
+                // began: a call the CLI gave up on goes on, and the operator's next
+                // call must not send again what it replayed (or an operator discarded)
+                // meanwhile.
+                Ok(_) => match ctx.live.claim_replay(id) {
+                    None => Err(DispatchError::Refused(
+                        name.to_owned(),
+                        format!(
+                            "is replaying dead letter {id} for another request now; it is removed if that replay goes through"
+                        ),
+                    )),
+                    Some(_claim) => match self.store.dead_letter(tenant, name, id) {
+                        Ok(Some(letter)) => {
+                            self.replay_letter(&ctx, tenant, name, letter, superseded_by)
+                                .await
+                        }
+                        Ok(None) => Err(DispatchError::NoSuchLetter(id)),
+                        Err(e) => Err(e.into()),
+                    },
+                },
                 Err(e) => Err(e),
             };
             results.push((id, result));

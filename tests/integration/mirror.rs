@@ -1736,6 +1736,57 @@ async fn a_batch_replay_hands_back_what_it_did_not_begin_in_time() {
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[2]]);
 }
 
+/// Two calls replaying one letter at once (a CLI run again while the call it gave up on
+/// goes on): one sends it, the other is refused, and the target gets it once.
+#[tokio::test]
+async fn a_letter_another_call_is_replaying_is_refused_not_sent_twice() {
+    let (d, hook, _, letters) = refused_creations_then_changes(1).await;
+    rewrite_hook_timeout(&d, 30_000).await;
+    hook.inject(wh::Fault::delay(Duration::from_secs(5), 1));
+    let body = json!({ "ids": [letters[0]] });
+    let (first, second) = tokio::join!(replay_batch(&d, body.clone()), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        replay_batch(&d, body.clone()).await
+    });
+    let mut outcomes: Vec<(Value, Value)> = [&first, &second]
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.body);
+            let x = &r.body["results"][0];
+            (x["status"].clone(), x["error"].clone())
+        })
+        .collect();
+    outcomes.sort_by_key(|(status, _)| status.as_u64());
+    assert_eq!(
+        outcomes,
+        [(json!(200), Value::Null), (json!(409), json!("conflict"))],
+        "{} / {}",
+        first.body,
+        second.body
+    );
+    let refused = [&first, &second]
+        .into_iter()
+        .find(|r| r.body["results"][0]["status"] == 409)
+        .unwrap();
+    assert!(
+        refused.body["results"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another request"),
+        "{}",
+        refused.body
+    );
+    let created = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted() && x.body["type"] == "roster.user_created")
+        .count();
+    assert_eq!(created, 1);
+    // Replayed and removed: a call after it finds nothing to send.
+    let r = replay_batch(&d, body).await;
+    assert_eq!(r.body["results"][0]["status"], 404, "{}", r.body);
+}
+
 /// The webhook connector's request timeout set to `ms`, and reloaded.
 async fn rewrite_hook_timeout(d: &TestDaemon, ms: u64) {
     let file = d.root.join("connectors/hooks.toml");
