@@ -1380,6 +1380,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 // The connector as a whole (unknown, not running): every letter would fail
                 // alike.
                 fail_unless_ok(status, &body)?;
+                let mut answered = std::collections::HashSet::new();
                 for r in body["results"].as_array().into_iter().flatten() {
                     let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
                         anyhow::bail!(
@@ -1391,14 +1392,18 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                         .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
                         .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
                     report(id, status, r)?;
+                    answered.insert(id);
                 }
+                // Asked again: only those of this call it did not answer, so each call
+                // leaves fewer and the loop ends whatever the daemon says.
                 let not_attempted: Vec<u64> = body["not_attempted"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(serde_json::Value::as_u64)
+                    .filter(|id| batch.contains(id) && !answered.contains(id))
                     .collect();
-                if body["results"].as_array().is_none_or(Vec::is_empty) {
+                if batch.iter().all(|id| !answered.contains(id)) {
                     anyhow::bail!(
                         "the daemon replayed none of the {} dead letters asked for: {body}",
                         batch.len()
