@@ -3016,10 +3016,13 @@ impl Dispatcher {
         let (mut results, _) = self
             .replay_batch(tenant, name, &[id], Duration::MAX)
             .await?;
-        results
-            .pop()
-            .map(|(_, r)| r)
-            .ok_or(DispatchError::NoSuchLetter(id))?
+        // Not begun without a time limit: only a stop hands a letter back.
+        results.pop().map(|(_, r)| r).unwrap_or_else(|| {
+            Err(DispatchError::NotRunning(
+                name.to_owned(),
+                "shutting down".into(),
+            ))
+        })
     }
 
     /// [`Dispatcher::replay`] of each of `ids` in turn, until `budget` has passed: each
@@ -3039,6 +3042,12 @@ impl Dispatcher {
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
+        // Checked before each letter too: a hold may begin while a batch runs.
+        let held = || ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. });
+        if held() {
+            let refused = ids.iter().map(|&id| (id, Err(Self::held_refusal(name))));
+            return Ok((refused.collect(), vec![]));
+        }
         let letters: Vec<Result<DeadLetter, DispatchError>> = ids
             .iter()
             .map(|&id| match self.store.dead_letter(tenant, name, id) {
@@ -3070,10 +3079,7 @@ impl Dispatcher {
                 Err(_) => Vec::new(),
             };
             let result = match letter {
-                // Checked at each letter: a hold may begin while a batch runs.
-                Ok(_) if ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. }) => {
-                    Err(Self::held_refusal(name))
-                }
+                _ if held() => Err(Self::held_refusal(name)),
                 // Read again at its turn, which may come many seconds after the batch
                 // began: a call the CLI gave up on goes on, and the operator's next
                 // call must not send again what it replayed (or an operator discarded)
@@ -3096,6 +3102,16 @@ impl Dispatcher {
                 },
                 Err(e) => Err(e),
             };
+            // Stopped (the daemon, or this connector for a reload): what was cut short
+            // and what was not begun are handed back, not failed, for the next call.
+            if ctx.cancel.is_cancelled() {
+                let cut = matches!(result, Err(DispatchError::NotRunning(..)));
+                if !cut {
+                    results.push((id, result));
+                }
+                let left = cut.then_some(id).into_iter();
+                return Ok((results, left.chain(letters.map(|(id, _)| id)).collect()));
+            }
             results.push((id, result));
             if began.elapsed() >= budget {
                 break;

@@ -1245,3 +1245,112 @@ async fn a_scheduled_csv_write_cut_off_by_a_crash_is_written_at_the_next_start()
     let rows = std::fs::read_to_string(&roster).unwrap().lines().count();
     assert_eq!(rows, 3_001, "a header and every user");
 }
+
+/// `replay --all` against a daemon whose answers leave letters out: `sis` answers one of
+/// four letters (twice, and one it was not asked for), hands one back and says nothing of
+/// the other two; `old` is a daemon older than the batch call, replayed one call a
+/// letter. What was not answered counts as not replayed, once, and the command fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_all_counts_what_the_daemon_leaves_unanswered_as_not_replayed() {
+    use axum::extract::Path as UrlPath;
+    use axum::routing::{get, post};
+    use std::sync::{Arc, Mutex};
+    let batches = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let seen = batches.clone();
+    let list = |ids: &[u64]| {
+        let letters: Vec<Value> = ids.iter().map(|id| json!({"id": id})).collect();
+        json!({"dead_letters": letters, "next_after": null, "total": ids.len()})
+    };
+    let (sis, old) = (list(&[1, 2, 3, 4]), list(&[7, 8]));
+    let ok = |id: u64| json!({"id": id, "status": 200, "replayed": id, "sent": "original_event", "superseded_by": [], "note": null});
+    let router = axum::Router::new()
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters",
+            get(move |UrlPath(name): UrlPath<String>| async move {
+                axum::Json(if name == "sis" { sis } else { old })
+            }),
+        )
+        .route(
+            "/api/v1/roster/connectors/sis/dead-letters:replay",
+            post(move |axum::Json(body): axum::Json<Value>| async move {
+                let first = {
+                    let mut b = seen.lock().unwrap();
+                    b.push(body["ids"].clone());
+                    b.len() == 1
+                };
+                axum::Json(if first {
+                    json!({"results": [ok(1), ok(1), ok(99)], "not_attempted": [3]})
+                } else {
+                    json!({"results": [ok(3)], "not_attempted": []})
+                })
+            }),
+        )
+        .route(
+            "/api/v1/roster/connectors/old/dead-letters/{id}/replay",
+            post(move |UrlPath(id): UrlPath<u64>| async move { axum::Json(ok(id)) }),
+        )
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::Json(
+                    json!({"error": "not_found", "message": "no such endpoint in the Roster API"}),
+                ),
+            )
+        });
+    let addr = crate::mirror::serve_on_loopback(router).await;
+    let replay_all = move |connector: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args([
+                "dead-letters",
+                "--url",
+                &format!("http://{addr}"),
+                "--token",
+                "t",
+            ])
+            .args(["--tenant", "acme", "replay", connector, "--all"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok_all, out) = tokio::task::spawn_blocking(move || replay_all("sis"))
+        .await
+        .unwrap();
+    assert!(!ok_all, "{out}");
+    assert_eq!(
+        *batches.lock().unwrap(),
+        [json!([1, 2, 3, 4]), json!([3])],
+        "{out}"
+    );
+    assert_eq!(out.matches(" replayed (the").count(), 2, "{out}");
+    for id in [1, 3] {
+        assert!(out.contains(&format!("#{id} replayed")), "{out}");
+    }
+    assert!(!out.contains("#99"), "{out}");
+    for id in [2, 4] {
+        assert!(
+            out.contains(&format!(
+                "#{id} not known to be replayed, it may stay: the daemon's answer does not say"
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("2 of 4 dead letters were not replayed"),
+        "{out}"
+    );
+    let (ok_all, out) = tokio::task::spawn_blocking(move || replay_all("old"))
+        .await
+        .unwrap();
+    assert!(ok_all, "{out}");
+    assert!(
+        out.contains("#7 replayed") && out.contains("#8 replayed"),
+        "{out}"
+    );
+}

@@ -3223,7 +3223,7 @@ async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
 }
 
 /// Serve `router` on a loopback port; its address.
-async fn serve_on_loopback(router: axum::Router) -> std::net::SocketAddr {
+pub async fn serve_on_loopback(router: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });
