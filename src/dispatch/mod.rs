@@ -3402,8 +3402,23 @@ fn later_delivered_changes(
         return Ok(out);
     };
     let mut unlisted = letters.len();
+    let mut page_size = BATCH as usize;
     while since < cursor && unlisted > 0 {
-        let page = store.changes(tenant, since, BATCH as usize)?;
+        let page = match store.changes(tenant, since, page_size) {
+            Ok(page) => page,
+            // The list is for the answers' notes only: a change that cannot be read must
+            // not keep the letters from being replayed. The page is read again a change
+            // at a time, so the list goes up to it.
+            Err(e) if e.outage_message().is_none() && page_size > 1 => {
+                page_size = 1;
+                continue;
+            }
+            Err(e) if e.outage_message().is_none() => {
+                tracing::warn!(error = %e, after_seq = since, "Cannot read the change log past this change; a replay lists the later changes of its object read before it only.");
+                break;
+            }
+            Err(e) => return Err(e),
+        };
         let Some(last) = page.last() else { break };
         since = last.seq;
         for e in page.iter().filter(|e| e.seq <= cursor) {
@@ -3559,6 +3574,10 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        // A change that cannot be read ends the list there; the letters still replay.
+        store.damage_change("t", ada[5].seq);
+        let listed = later_delivered_changes(&store, "t", "c", &letters, false).unwrap();
+        assert_eq!(listed[0], seqs(&ada[1..5]), "{listed:?}");
     }
 
     #[test]

@@ -1435,6 +1435,17 @@ fn member_matches(filter: &Filter, member: &Member) -> bool {
     wrapped.matches(ResourceKind::Group, &json!({ "members": [element] }))
 }
 
+#[cfg(test)]
+impl Store {
+    /// Change `seq` overwritten with bytes that do not decode, as a damaged disk leaves it.
+    pub(crate) fn damage_change(&self, tenant: &str, seq: u64) {
+        let t = self.tenant(tenant).unwrap();
+        t.tree
+            .insert(keys::change(seq), &b"\xff not json"[..])
+            .unwrap();
+    }
+}
+
 impl Store {
     /// Open (or create) the store in `dir` with the default page cache.
     pub fn open(dir: &Path) -> StoreResult<Store> {
