@@ -62,7 +62,7 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 const CLEANER_TICK_MS: u64 = 10;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
-const SCHEMA_VERSION: u64 = 5;
+const SCHEMA_VERSION: u64 = 6;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -1031,7 +1031,8 @@ impl<'a> UpgradeWriter<'a> {
 /// Bring every tenant from an older layout to this one, then record the new version.
 /// Layout 1 had no roster records and no index of inactive users; layout 2 had no
 /// counters; layout 3 did not index governance events by user and kind; layout 4 had no
-/// archetype counters. Runs before the store serves anything.
+/// archetype counters; layout 5 counted dead letters by walking them. Runs before the
+/// store serves anything.
 fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {
@@ -1074,12 +1075,21 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
                 "Upgraded the tenant's data to layout version 4 (governance events by user and kind)."
             );
         }
-        let archetypes = counts::build_archetypes(&tree)?;
+        if from < 5 {
+            let archetypes = counts::build_archetypes(&tree)?;
+            tracing::info!(
+                tenant,
+                archetypes,
+                secs = started.elapsed().as_secs_f64(),
+                "Upgraded the tenant's data to layout version 5 (users per archetype counted)."
+            );
+        }
+        let letters = delivery::build_dead_counts(&tree)?;
         tracing::info!(
             tenant,
-            archetypes,
+            letters,
             secs = started.elapsed().as_secs_f64(),
-            "Upgraded the tenant's data to layout version 5 (users per archetype counted)."
+            "Upgraded the tenant's data to layout version 6 (dead letters counted)."
         );
     }
     db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
