@@ -613,18 +613,23 @@ async fn in_a_log_file_each_event_is_one_line() {
 
 fn cli(root: &Path, d: &ChildDaemon, args: &[&str]) -> (bool, String) {
     // The daemon flags belong to the first word (`status`, `dead-letters`, …).
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-        .arg(args[0])
-        .args([
-            "--config",
-            root.join("config.toml").to_str().unwrap(),
-            "--url",
-            &d.base,
-        ])
-        .args(&args[1..])
-        .env("TEST_JWT_SECRET", JWT_SECRET)
-        .output()
-        .unwrap();
+    outcome(
+        Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .arg(args[0])
+            .args([
+                "--config",
+                root.join("config.toml").to_str().unwrap(),
+                "--url",
+                &d.base,
+            ])
+            .args(&args[1..])
+            .env("TEST_JWT_SECRET", JWT_SECRET),
+    )
+}
+
+/// Whether `cmd` succeeded, and what it printed (stdout, then stderr).
+fn outcome(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
     (
         out.status.success(),
         format!(
@@ -1299,24 +1304,12 @@ async fn replay_all_counts_what_the_daemon_leaves_unanswered_as_not_replayed() {
         });
     let addr = crate::mirror::serve_on_loopback(router).await;
     let replay_all = move |connector: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
-            .args([
-                "dead-letters",
-                "--url",
-                &format!("http://{addr}"),
-                "--token",
-                "t",
-            ])
-            .args(["--tenant", "acme", "replay", connector, "--all"])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        outcome(
+            Command::new(env!("CARGO_BIN_EXE_rosterd"))
+                .args(["dead-letters", "--url", &format!("http://{addr}")])
+                .args([
+                    "--token", "t", "--tenant", "acme", "replay", connector, "--all",
+                ]),
         )
     };
     let (ok_all, out) = tokio::task::spawn_blocking(move || replay_all("sis"))
