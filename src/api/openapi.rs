@@ -357,7 +357,7 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/connectors/{name}/dead-letters/{id}": {"delete": {
                 "operationId": "discardDeadLetter", "summary": "Drop a dead letter (roster:admin)",
                 "parameters": [path_param("name", "The connector's name"), letter_id_param()],
-                "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector or dead letter")])
+                "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector or dead letter"), ("409", "A replay of this letter is sending it now; it is removed if the target takes it")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",

@@ -2982,7 +2982,11 @@ impl Dispatcher {
     }
 
     pub async fn discard(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
-        self.find(tenant, name)?;
+        let Found { live, .. } = self.find(tenant, name)?;
+        // A letter being replayed is the replay's: it goes if the target takes it.
+        let _claim = live
+            .claim_replay(id)
+            .ok_or_else(|| Self::in_hand(name, id))?;
         let letter = self
             .store
             .dead_letter(tenant, name, id)?
@@ -3085,12 +3089,7 @@ impl Dispatcher {
                 // call must not send again what it replayed (or an operator discarded)
                 // meanwhile.
                 Ok(_) => match ctx.live.claim_replay(id) {
-                    None => Err(DispatchError::Refused(
-                        name.to_owned(),
-                        format!(
-                            "is replaying dead letter {id} for another request now; it is removed if that replay goes through"
-                        ),
-                    )),
+                    None => Err(Self::in_hand(name, id)),
                     Some(_claim) => match self.store.dead_letter(tenant, name, id) {
                         Ok(Some(letter)) => {
                             self.replay_letter(&ctx, tenant, name, letter, superseded_by)
@@ -3118,6 +3117,16 @@ impl Dispatcher {
             }
         }
         Ok((results, letters.map(|(id, _)| id).collect()))
+    }
+
+    /// Letter `id` is being replayed for another request.
+    fn in_hand(name: &str, id: u64) -> DispatchError {
+        DispatchError::Refused(
+            name.to_owned(),
+            format!(
+                "is replaying dead letter {id} for another request now; it is removed if that replay goes through"
+            ),
+        )
     }
 
     /// A OneRoster replay sends the object as it stands, which may be a deprovisioning

@@ -1744,10 +1744,21 @@ async fn a_letter_another_call_is_replaying_is_refused_not_sent_twice() {
     rewrite_hook_timeout(&d, 30_000).await;
     hook.inject(wh::Fault::delay(Duration::from_secs(5), 1));
     let body = json!({ "ids": [letters[0]] });
-    let (first, second) = tokio::join!(replay_batch(&d, body.clone()), async {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let discard = format!("/connectors/hooks/dead-letters/{}", letters[0]);
+    let (first, (second, discarded)) = tokio::join!(replay_batch(&d, body.clone()), async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        replay_batch(&d, body.clone()).await
+        let second = replay_batch(&d, body.clone()).await;
+        // Nor can it be discarded meanwhile: the replay decides whether it stays.
+        let discarded = d.roster(Method::DELETE, &discard, &admin, None).await;
+        (second, discarded)
     });
+    assert_eq!(
+        (discarded.status.as_u16(), discarded.body["error"].as_str()),
+        (409, Some("conflict")),
+        "{}",
+        discarded.body
+    );
     let mut outcomes: Vec<(Value, Value)> = [&first, &second]
         .iter()
         .map(|r| {
