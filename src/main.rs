@@ -1367,16 +1367,10 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     REPLAY_WAIT,
                 )
             };
-            if let [id] = ids[..] {
-                let (status, body) = replay_one(id)?;
-                report(id, status, &body)?;
-            }
             // Many at once: the daemon reads the change log once a call, not once a letter.
-            let mut left: std::collections::VecDeque<u64> = match ids[..] {
-                [_] => Default::default(),
-                _ => ids.iter().copied().collect(),
-            };
-            let mut one_by_one = false;
+            // One alone goes by itself.
+            let mut left: std::collections::VecDeque<u64> = ids.iter().copied().collect();
+            let mut one_by_one = ids.len() == 1;
             let mut unaccounted = 0usize;
             while let Some(&next) = left.front() {
                 if one_by_one {

@@ -2987,10 +2987,7 @@ impl Dispatcher {
         let _claim = live
             .claim_replay(id)
             .ok_or_else(|| Self::in_hand(name, id))?;
-        let letter = self
-            .store
-            .dead_letter(tenant, name, id)?
-            .ok_or(DispatchError::NoSuchLetter(id))?;
+        let letter = self.stored_letter(tenant, name, id)?;
         if !self.store.remove_dead_letter(tenant, name, id).await? {
             return Err(DispatchError::NoSuchLetter(id));
         }
@@ -3054,11 +3051,7 @@ impl Dispatcher {
         }
         let letters: Vec<Result<DeadLetter, DispatchError>> = ids
             .iter()
-            .map(|&id| match self.store.dead_letter(tenant, name, id) {
-                Ok(Some(letter)) => Ok(letter),
-                Ok(None) => Err(DispatchError::NoSuchLetter(id)),
-                Err(e) => Err(e.into()),
-            })
+            .map(|&id| self.stored_letter(tenant, name, id))
             .collect();
         let mut superseded = {
             let (store, t, cursor_name, events, classes) = (
@@ -3090,13 +3083,12 @@ impl Dispatcher {
                 // meanwhile.
                 Ok(_) => match ctx.live.claim_replay(id) {
                     None => Err(Self::in_hand(name, id)),
-                    Some(_claim) => match self.store.dead_letter(tenant, name, id) {
-                        Ok(Some(letter)) => {
+                    Some(_claim) => match self.stored_letter(tenant, name, id) {
+                        Ok(letter) => {
                             self.replay_letter(&ctx, tenant, name, letter, superseded_by)
                                 .await
                         }
-                        Ok(None) => Err(DispatchError::NoSuchLetter(id)),
-                        Err(e) => Err(e.into()),
+                        Err(e) => Err(e),
                     },
                 },
                 Err(e) => Err(e),
@@ -3117,6 +3109,18 @@ impl Dispatcher {
             }
         }
         Ok((results, letters.map(|(id, _)| id).collect()))
+    }
+
+    /// Dead letter `id` of connector `name` as stored now.
+    fn stored_letter(
+        &self,
+        tenant: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<DeadLetter, DispatchError> {
+        self.store
+            .dead_letter(tenant, name, id)?
+            .ok_or(DispatchError::NoSuchLetter(id))
     }
 
     /// Letter `id` is being replayed for another request.

@@ -77,9 +77,9 @@ const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
 /// `s count:dead:conn` → how many dead letters the connector has (big-endian u64).
 /// `/status` and every `/metrics` scrape show the count: walked, 270,000 letters cost
 /// 0.8 s of CPU a call and pulled every letter through sled's cache (a soak's 700 MB).
-fn dead_count_key(connector: &str) -> Vec<u8> {
+fn dead_count_key(connector: impl AsRef<[u8]>) -> Vec<u8> {
     let mut k = b"s\0count:dead:".to_vec();
-    k.extend_from_slice(connector.as_bytes());
+    k.extend_from_slice(connector.as_ref());
     k
 }
 
@@ -107,13 +107,11 @@ pub(super) fn build_dead_counts(tree: &sled::Tree) -> StoreResult<u64> {
             total += 1;
         }
     }
-    let mut batch = sled::Batch::default();
+    let mut writer = super::UpgradeWriter::new(tree);
     for (connector, n) in counts {
-        let mut key = b"s\0count:dead:".to_vec();
-        key.extend_from_slice(&connector);
-        batch.insert(key, n.to_be_bytes().to_vec());
+        writer.insert(dead_count_key(connector), n.to_be_bytes().to_vec())?;
     }
-    tree.apply_batch(batch)?;
+    writer.finish()?;
     Ok(total)
 }
 
