@@ -144,6 +144,13 @@ pub struct RetryConfig {
     pub pause_after_failures: u64,
     /// How long a paused connector waits before it probes the target again.
     pub pause_secs: u64,
+    /// After the target refuses this many changes in a row (each set aside as a dead
+    /// letter) and acknowledges no request between them, the connector pauses until
+    /// resumed; 0 never. A target that refuses everything is misconfigured (a revoked
+    /// permission answers 403 to every object, a changed schema 422), and left running the
+    /// connector would turn the whole log into dead letters for the operator to replay
+    /// one by one, and grow the store by each one's request and answer.
+    pub pause_after_refusals: u64,
 }
 
 impl Default for RetryConfig {
@@ -153,6 +160,7 @@ impl Default for RetryConfig {
             max_delay_ms: 60_000,
             pause_after_failures: 20,
             pause_secs: 60,
+            pause_after_refusals: 100,
         }
     }
 }
@@ -214,6 +222,13 @@ impl ConnectorConfig {
             && let Some(key) = ["concurrency", "timeout_ms"]
                 .into_iter()
                 .find(|k| table.contains_key(*k))
+                .or_else(|| {
+                    table
+                        .get("retry")
+                        .and_then(toml::Value::as_table)
+                        .is_some_and(|r| r.contains_key("pause_after_refusals"))
+                        .then_some("retry.pause_after_refusals")
+                })
         {
             return Err(invalid(format!(
                 "key `{key}`: a CSV connector sends no requests (it writes files, one write at a time); remove it"
@@ -911,12 +926,16 @@ secret_env = "HOOK_SECRET"
         };
         assert_eq!(parse(""), Ok(()));
         assert_eq!(parse("[retry]\npause_secs = 5\n"), Ok(()));
-        for key in ["concurrency = 4\n", "timeout_ms = 100\n"] {
-            let err = parse(key).unwrap_err();
-            assert!(
-                err.contains(key.split(' ').next().unwrap()) && err.contains("CSV"),
-                "{err}"
-            );
+        for (text, key) in [
+            ("concurrency = 4\n", "`concurrency`"),
+            ("timeout_ms = 100\n", "`timeout_ms`"),
+            (
+                "[retry]\npause_after_refusals = 5\n",
+                "`retry.pause_after_refusals`",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key) && err.contains("CSV"), "{err}");
         }
     }
 

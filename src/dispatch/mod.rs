@@ -276,6 +276,9 @@ struct Live {
     /// their jittered retries interleave; counting each failure would pause a connector
     /// with `concurrency` 16 after about one round.
     failures_in_a_row: AtomicU64,
+    /// Changes the target refused in a row, with no request of the connector's
+    /// acknowledged between them (see `retry.pause_after_refusals`).
+    refusals_in_a_row: AtomicU64,
     /// Bumped when the run of failures ends, so that requests still retrying start
     /// their own runs over.
     epoch: AtomicU64,
@@ -335,6 +338,7 @@ impl Live {
                 ..Health::default()
             }),
             failures_in_a_row: AtomicU64::new(0),
+            refusals_in_a_row: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -421,6 +425,7 @@ impl Live {
 
     fn success(&self) {
         self.count_delivery();
+        self.refusals_in_a_row.store(0, Ordering::Release);
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -519,6 +524,7 @@ impl Live {
     /// Failures are counted from nothing again: a new round begins.
     fn count_afresh(&self) {
         self.failures_in_a_row.store(0, Ordering::Release);
+        self.refusals_in_a_row.store(0, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.failing_requests.store(0, Ordering::Release);
     }
@@ -1445,6 +1451,23 @@ impl Ctx {
         Ok(())
     }
 
+    /// A change the target refused, counted; enough in a row pause the connector until
+    /// resumed. Only the target's refusals count: a change rosterd cannot express (a user
+    /// without an email) says nothing of the target, and a tenant's service accounts
+    /// created together would otherwise stop every other change behind them.
+    fn count_refusal(&self, reason: &str) {
+        let n = self.live.refusals_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+        let limit = self.config.retry.pause_after_refusals;
+        if limit == 0 || n < limit {
+            return;
+        }
+        let (tenant, name) = (self.tenant(), self.name());
+        // Set after the letter's own `last_error`, so that status shows why it stopped.
+        self.live.pause_until_resumed(&format!(
+            "the target refused the last {n} changes, each set aside as a dead letter, and took nothing between them (the last: {reason}); the changes after them wait. Fix the target or the connector's file, then `rosterd resume --tenant {tenant} {name}` and `rosterd dead-letters --tenant {tenant} replay {name} --all`"
+        ));
+    }
+
     /// Deliver one change: its stages in order, the requests of a stage concurrently.
     async fn deliver(
         &self,
@@ -1506,7 +1529,9 @@ impl Ctx {
             // enrollments, a webhook's user event before its assignment event), so it
             // stops here; a replay sends the whole change again, in order.
             if let Some((req, reason, response)) = refused {
-                self.dead_letter(ev, reason, Some(req), response).await?;
+                self.dead_letter(ev, reason.clone(), Some(req), response)
+                    .await?;
+                self.count_refusal(&reason);
                 return Ok(Delivered::DeadLettered);
             }
         }

@@ -745,7 +745,13 @@ async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
     const USERS: usize = 130;
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    // Never paused for its refusals: every one of them becomes a letter.
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text.replace(
+        "pause_after_failures = 1000",
+        "pause_after_failures = 1000\npause_after_refusals = 0",
+    );
+    let root = child_root(dir.path(), &[(name, text)]);
     let d = ChildDaemon::start(&root, &[("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)]).await;
     target.inject(Fault::status(422, USERS).on_method("PUT"));
     for i in 0..USERS {

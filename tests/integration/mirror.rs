@@ -820,7 +820,12 @@ async fn many_dead_letters_at_once_leave_the_tenant_writable() {
     let mut d = TestDaemon::start_with(Options {
         connectors: vec![(
             name,
-            text.replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 16"),
+            text.replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 16")
+                // Never paused for its refusals: every change becomes a letter.
+                .replace(
+                    "max_delay_ms = 200",
+                    "max_delay_ms = 200\npause_after_refusals = 0",
+                ),
         )],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         ..Options::default()
@@ -862,6 +867,101 @@ async fn many_dead_letters_at_once_leave_the_tenant_writable() {
     tokio::time::timeout(Duration::from_secs(30), d.stop())
         .await
         .expect("the stop hung");
+}
+
+/// A target that refuses every change (a revoked permission answers 403 to each object)
+/// pauses its connector until resumed after `retry.pause_after_refusals` of them, rather
+/// than turning the whole log into dead letters. A change the target takes between two
+/// refusals starts the count again; a resume sends the changes that waited.
+#[tokio::test]
+async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let (name, text) = webhook_file(&hook, r#"["roster.user_created"]"#);
+    let text = text
+        .replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 1")
+        .replace(
+            "max_delay_ms = 200",
+            "max_delay_ms = 200\npause_after_refusals = 3",
+        );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    // Five refusals, with a change taken between each two: no pause.
+    hook.inject(wh::Fault::status(422, 0).on_body("odd").forever());
+    for i in 0..10 {
+        let kind = if i % 2 == 0 { "odd" } else { "even" };
+        d.create_user(&format!("{kind}{i}@acme.test")).await;
+    }
+    let c = caught_up(&d, "hooks").await;
+    assert_eq!(c["dead_letters"], 5, "{c}");
+    assert_eq!(c["paused"], false, "{c}");
+    // Now it refuses everything.
+    hook.clear_faults();
+    hook.inject(wh::Fault::status(403, 0).forever());
+    let mut all = Vec::new();
+    for i in 0..8 {
+        all.push(d.create_user(&format!("all{i}@acme.test")).await);
+    }
+    paused(&d, "hooks").await;
+    let refused_now = || {
+        hook.attempts()
+            .iter()
+            .filter(|a| a.status == Some(403))
+            .count()
+    };
+    // Settled: at most the one request that took the slot as the third refusal was
+    // being stored goes out after it.
+    let mut seen = refused_now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = refused_now();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    assert!((3..=4).contains(&seen), "{seen} changes refused");
+    let c = connector_until(&d, "hooks", "letters stored", |c| {
+        c["dead_letters"] == json!(5 + seen)
+    })
+    .await;
+    assert_eq!(c["paused_until"], Value::Null, "{c}");
+    let error = c["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("refused the last {seen} changes"))
+            && error.contains("target answered 403")
+            && error.contains("rosterd resume --tenant acme hooks")
+            && error.contains("dead-letters --tenant acme replay hooks --all"),
+        "{c}"
+    );
+    assert_eq!(c["lag_events"], json!(8 - seen), "{c}");
+    let line = logs.lines("paused until resumed");
+    assert!(
+        line.len() == 1 && line[0].contains("connector=hooks"),
+        "{line:?}"
+    );
+    assert!(status_text(&d).await.contains("PAUSED"));
+    // Fixed and resumed, the changes that waited go, and the letters replay.
+    hook.clear_faults();
+    assert_eq!(resumed(&d, "hooks").await["was_paused"], true);
+    caught_up(&d, "hooks").await;
+    let ids = dead_letter_ids(&d, "hooks").await;
+    let r = replay_batch(&d, json!({"ids": ids})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = connector(&d, "hooks").await;
+    assert_eq!(c["dead_letters"], 0, "{c}");
+    for (i, id) in all.iter().enumerate() {
+        assert!(
+            hook.deliveries()
+                .iter()
+                .any(|h| h.body.to_string().contains(id.as_str())),
+            "all{i} was never delivered"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1734,6 +1834,50 @@ async fn a_batch_replay_hands_back_what_it_did_not_begin_in_time() {
     assert_eq!(statuses, [&json!(200), &json!(200)], "{}", r.body);
     assert_eq!(r.body["not_attempted"], json!([letters[2]]), "{}", r.body);
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[2]]);
+}
+
+/// A reload that restarts the connector in the middle of a batch hands back the letter
+/// it cut short and those after it, for the next call, rather than failing them.
+#[tokio::test]
+async fn a_batch_replay_cut_short_by_a_restart_hands_its_letters_back() {
+    let (d, hook, _, letters) = refused_creations_then_changes(3).await;
+    rewrite_hook_timeout(&d, 30_000).await;
+    hook.inject(wh::Fault::hold(1));
+    let before = hook.attempts().len();
+    let (cut, ()) = tokio::join!(replay_batch(&d, json!({ "ids": letters })), async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while hook.attempts().len() == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replay reached the target"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A changed file: the connector stops and starts again on it.
+        let file = d.root.join("connectors/hooks.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("timeout_ms = 30000"), "{text}");
+        std::fs::write(
+            &file,
+            text.replace("timeout_ms = 30000", "timeout_ms = 20000"),
+        )
+        .unwrap();
+        d.reload().await;
+    });
+    hook.release();
+    assert_eq!(cut.status, 200, "{}", cut.body);
+    assert_eq!(cut.body["results"], json!([]), "{}", cut.body);
+    assert_eq!(cut.body["not_attempted"], json!(letters), "{}", cut.body);
+    assert_eq!(dead_letter_ids(&d, "hooks").await, letters);
+    let r = replay_batch(&d, json!({ "ids": letters })).await;
+    let statuses: Vec<&Value> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["status"])
+        .collect();
+    assert_eq!(statuses, [&json!(200); 3], "{}", r.body);
+    assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
 }
 
 /// Two calls replaying one letter at once (a CLI run again while the call it gave up on
