@@ -1063,6 +1063,13 @@ fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> 
         .hs256_secret_env
         .as_ref()
         .context("[api.jwt] has no hs256_secret_env; mint RS256/ES256 tokens with your IdP")?;
+    if let Some(max) = jwt.max_lifetime_secs
+        && ttl.unsigned_abs() > max
+    {
+        anyhow::bail!(
+            "--ttl {ttl}: longer than [api.jwt] max_lifetime_secs ({max} s) allows, so the daemon would refuse the token; give at most {max}"
+        );
+    }
     let secret = match std::env::var(var) {
         Ok(s) => s,
         Err(std::env::VarError::NotPresent) => {
@@ -1163,7 +1170,13 @@ fn call_daemon_within(
                 );
             }
             let scopes = "roster:read roster:write roster:admin";
-            Some(mint_jwt(&config, t, scopes, "cli", 60).context(NO_TOKEN)?)
+            let ttl = config
+                .api
+                .jwt
+                .as_ref()
+                .and_then(|j| j.max_lifetime_secs)
+                .map_or(60, |max| max.min(60) as i64);
+            Some(mint_jwt(&config, t, scopes, "cli", ttl).context(NO_TOKEN)?)
         }
         (None, None) => None,
     };

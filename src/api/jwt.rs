@@ -68,6 +68,12 @@ pub struct JwtConfig {
     /// Clock skew allowed for exp/nbf, seconds. Default 30.
     #[serde(default = "default_leeway_secs")]
     pub leeway_secs: u64,
+    /// Refuse a token that expires more than this many seconds from now. A token is
+    /// revoked only by rotating its key, so one minted to live for years (by mistake, or
+    /// by whoever holds the HS256 secret) stays a standing credential once leaked; an
+    /// IdP's access tokens live an hour. Unset: no limit.
+    #[serde(default)]
+    pub max_lifetime_secs: Option<u64>,
 }
 
 /// Access level granted by a token. `Admin ⊇ Write ⊇ Read`, which the
@@ -196,6 +202,10 @@ pub enum JwtError {
     UnsupportedAlgorithm(String),
     #[error("token type (typ) `{0}` is not an access token; expected JWT or at+jwt")]
     WrongType(String),
+    #[error(
+        "token expires more than {max} s from now, which [api.jwt] max_lifetime_secs does not allow; use a token that expires sooner"
+    )]
+    LivesTooLong { max: u64 },
 }
 
 /// The codes of the per-request errors (a refused or missing token), as 401 bodies
@@ -214,6 +224,7 @@ pub const TOKEN_CODES: &[&str] = &[
     "token_unknown_key",
     "token_unsupported_algorithm",
     "token_wrong_type",
+    "token_lives_too_long",
 ];
 
 impl JwtError {
@@ -241,6 +252,7 @@ impl JwtError {
             JwtError::UnknownKey => "token_unknown_key",
             JwtError::UnsupportedAlgorithm(_) => "token_unsupported_algorithm",
             JwtError::WrongType(_) => "token_wrong_type",
+            JwtError::LivesTooLong { .. } => "token_lives_too_long",
         }
     }
 
@@ -305,6 +317,8 @@ pub struct JwtVerifier {
     rs256: Validation,
     es256: Validation,
     tenant_claim: String,
+    max_lifetime_secs: Option<u64>,
+    leeway_secs: u64,
 }
 
 const _: () = {
@@ -338,6 +352,20 @@ impl JwtVerifier {
             return Err(invalid_setting(
                 "leeway_secs",
                 &format!("must be at most {MAX_LEEWAY_SECS}"),
+            ));
+        }
+        // Past a year the limit holds nothing back (`rosterd token jwt` mints at most a
+        // year), and it keeps `now + limit` far from overflowing.
+        const MAX_LIFETIME_SECS: u64 = 366 * 24 * 3600;
+        if cfg
+            .max_lifetime_secs
+            .is_some_and(|m| m == 0 || m > MAX_LIFETIME_SECS)
+        {
+            return Err(invalid_setting(
+                "max_lifetime_secs",
+                &format!(
+                    "must be between 1 and {MAX_LIFETIME_SECS} (a year); leave it out for no limit"
+                ),
             ));
         }
 
@@ -388,6 +416,8 @@ impl JwtVerifier {
             rs256: validation(Alg::Rs256),
             es256: validation(Alg::Es256),
             tenant_claim: cfg.tenant_claim.clone(),
+            max_lifetime_secs: cfg.max_lifetime_secs,
+            leeway_secs: cfg.leeway_secs,
         })
     }
 
@@ -464,6 +494,14 @@ impl JwtVerifier {
         } else {
             JwtError::BadSignature
         })?;
+        // The leeway, as for `exp` itself: an issuer whose clock runs ahead mints tokens
+        // that look that much longer-lived.
+        if let Some(max) = self.max_lifetime_secs
+            && let Some(exp) = claims.get("exp").and_then(Value::as_f64)
+            && exp > (unix_now() + max + self.leeway_secs) as f64
+        {
+            return Err(JwtError::LivesTooLong { max });
+        }
         self.principal(&claims)
     }
 
@@ -555,6 +593,12 @@ impl JwtVerifier {
 fn install_crypto_provider() {
     // Err only means a provider is installed already, which is fine.
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn invalid_setting(field: &'static str, reason: &str) -> JwtError {
@@ -1517,6 +1561,47 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         assert!(v.verify(&es256(None, &claims())).is_ok());
     }
 
+    /// A token expiring further ahead than `max_lifetime_secs` (plus the leeway) is
+    /// refused whatever else it carries; without the setting, a year-long one passes.
+    #[test]
+    fn a_token_living_longer_than_max_lifetime_secs_is_refused() {
+        let dir = TempDir::new();
+        let capped = build(
+            &JwtConfig {
+                max_lifetime_secs: Some(3600),
+                ..hs_cfg()
+            },
+            &dir,
+        )
+        .unwrap();
+        let expiring = |secs: u64| hs256(&with(claims(), json!({ "exp": now() + secs })));
+        assert!(capped.verify(&expiring(3600)).is_ok());
+        // Within the 30 s leeway, as for `exp` itself.
+        assert!(capped.verify(&expiring(3620)).is_ok());
+        let long = capped.verify(&expiring(3700)).unwrap_err();
+        assert_eq!(long.code(), "token_lives_too_long");
+        assert!(long.to_string().contains("3600 s"), "{long}");
+        assert_eq!(
+            code_of(capped.verify(&expiring(366 * 24 * 3600))),
+            "token_lives_too_long"
+        );
+        // A fractional `exp` is a NumericDate too.
+        let fractional = hs256(&with(claims(), json!({ "exp": now() as f64 + 7200.5 })));
+        assert_eq!(code_of(capped.verify(&fractional)), "token_lives_too_long");
+        assert!(hs_verifier().verify(&expiring(366 * 24 * 3600)).is_ok());
+        for bad in [0, 366 * 24 * 3600 + 1] {
+            let e = build(
+                &JwtConfig {
+                    max_lifetime_secs: Some(bad),
+                    ..hs_cfg()
+                },
+                &dir,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("max_lifetime_secs"), "{e}");
+        }
+    }
+
     #[test]
     fn leeway_tolerates_small_clock_skew() {
         let v = hs_verifier();
@@ -2240,6 +2325,7 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             JwtError::UnknownKey,
             JwtError::UnsupportedAlgorithm("none".into()),
             JwtError::WrongType("dpop+jwt".into()),
+            JwtError::LivesTooLong { max: 3600 },
         ];
         let codes: std::collections::HashSet<&str> = all.iter().map(JwtError::code).collect();
         assert_eq!(codes.len(), all.len());

@@ -2129,3 +2129,92 @@ async fn sigusr1_and_store_backup_write_backups_a_daemon_starts_on() {
         std::fs::rename(root.join("data.before"), &data).unwrap();
     }
 }
+
+/// `[api.jwt] max_lifetime_secs`: the daemon refuses a token that expires further ahead,
+/// `token jwt` refuses to mint one, and the token a command mints for itself from the
+/// config lives no longer than the limit, so the command still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_living_longer_than_the_limit_are_refused_and_not_minted() {
+    use crate::harness::{JWT_SECRET, Options, TENANT, TestDaemon, jwt_with};
+    let d = TestDaemon::start_with(Options {
+        jwt_extra: "max_lifetime_secs = 30".into(),
+        ..Options::default()
+    })
+    .await;
+    // The harness's own token lives an hour.
+    let r = d
+        .roster(
+            reqwest::Method::GET,
+            "/users",
+            &d.jwt(TENANT, "roster:read"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["error"].as_str()),
+        (401, Some("token_lives_too_long")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_lifetime_secs")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"rosterd\", error=\"invalid_token\"")
+    );
+    let short = jwt_with(serde_json::json!({
+        "sub": "ops", "tenant": TENANT, "scope": "roster:read", "aud": "rosterd-tests",
+        "exp": chrono::Utc::now().timestamp() + 20,
+    }));
+    let r = d.roster(reqwest::Method::GET, "/users", &short, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let config = d.root.join("config.toml");
+    let config = config.to_str().unwrap();
+    let env = [("TEST_JWT_SECRET", JWT_SECRET)];
+    let mint = |ttl: &str| {
+        rosterd_env(
+            &[
+                "token", "jwt", "--config", config, "--tenant", TENANT, "--ttl", ttl,
+            ],
+            &env,
+        )
+    };
+    let (ok, out, err) = mint("3600");
+    assert!(!ok, "minted {out}");
+    assert!(
+        err.contains("--ttl 3600") && err.contains("max_lifetime_secs (30 s)"),
+        "{err}"
+    );
+    let (ok, _, err) = mint("30");
+    assert!(ok, "{err}");
+    // A command with no --token mints its own (60 s otherwise): the daemon takes it.
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let config = config.to_owned();
+        move || {
+            rosterd_env(
+                &[
+                    "dead-letters",
+                    "--config",
+                    &config,
+                    "--url",
+                    &url,
+                    "--tenant",
+                    TENANT,
+                    "list",
+                    "nope",
+                ],
+                &[("TEST_JWT_SECRET", JWT_SECRET)],
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{out}");
+    assert!(err.contains("rosterd answered 404"), "{err}");
+}
