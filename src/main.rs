@@ -235,11 +235,15 @@ enum DeadLetterCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Drop a dead letter without sending it.
+    /// Drop a dead letter without sending it (or, with --all, every one listed now).
     Discard {
         connector: String,
-        #[arg(value_parser = letter_id)]
-        id: u64,
+        #[arg(value_parser = letter_id, conflicts_with = "all")]
+        id: Option<u64>,
+        /// Discard every dead letter the connector has now, oldest first: after the
+        /// target was fixed and a reconciliation repaired what they held, for one.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -1296,6 +1300,24 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
         }
         Ok::<_, anyhow::Error>(())
     };
+    // A command's one id, or with `--all` every letter listed now: after an outage there
+    // can be hundreds, which is one command, not a loop by hand.
+    let ids = |connector: &str, id: Option<u64>, all: bool, verb: &str| -> Result<Vec<u64>> {
+        match id {
+            Some(id) => Ok(vec![id]),
+            None if !all => anyhow::bail!(
+                "give the dead letter's id (12, or '#12' in quotes: unquoted, the shell drops #12 as a comment), or --all to {verb} every one"
+            ),
+            None => {
+                let mut ids = Vec::new();
+                each(connector, &mut |l| {
+                    ids.extend(l["id"].as_u64());
+                    Ok(())
+                })?;
+                Ok(ids)
+            }
+        }
+    };
     match command {
         DeadLetterCommand::List { connector } => {
             each(&connector, &mut |l| {
@@ -1327,21 +1349,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             })?;
         }
         DeadLetterCommand::Replay { connector, id, all } => {
-            let ids = match id {
-                Some(id) => vec![id],
-                None if !all => anyhow::bail!(
-                    "give the dead letter's id (12, or '#12' in quotes: unquoted, the shell drops #12 as a comment), or --all to replay every one"
-                ),
-                // After an outage there can be hundreds: one command, not a loop by hand.
-                None => {
-                    let mut ids = Vec::new();
-                    each(&connector, &mut |l| {
-                        ids.extend(l["id"].as_u64());
-                        Ok(())
-                    })?;
-                    ids
-                }
-            };
+            let ids = ids(&connector, id, all, "replay")?;
             // Each letter's answer, from a single replay or from a batch's results.
             let mut failed = 0usize;
             let mut report =
@@ -1474,16 +1482,40 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 );
             }
         }
-        DeadLetterCommand::Discard { connector, id } => {
-            let (status, body) = call_daemon(
-                daemon,
-                Some(tenant),
-                Method::DELETE,
-                &format!("{base}/{connector}/dead-letters/{id}"),
-                None,
-            )?;
-            fail_unless_ok(status, &body)?;
-            outln!("{connector}: dead letter #{id} discarded")?;
+        DeadLetterCommand::Discard { connector, id, all } => {
+            let ids = ids(&connector, id, all, "discard")?;
+            let mut kept = 0usize;
+            for &id in &ids {
+                let (status, body) = call_daemon(
+                    daemon,
+                    Some(tenant),
+                    Method::DELETE,
+                    &format!("{base}/{connector}/dead-letters/{id}"),
+                    None,
+                )?;
+                match fail_unless_ok(status, &body) {
+                    Ok(()) => outln!("{connector}: dead letter #{id} discarded")?,
+                    Err(e) if !all => return Err(e),
+                    // Gone since it was listed (a replay went through): nothing stays.
+                    Err(e) if status == reqwest::StatusCode::NOT_FOUND => {
+                        note!("{connector}: no dead letter #{id} any more: {}", causes(&e));
+                    }
+                    // One refused (a replay is sending it) does not stop the rest.
+                    Err(e) => {
+                        kept += 1;
+                        note!(
+                            "{connector}: dead letter #{id} not discarded, it stays: {}",
+                            causes(&e)
+                        );
+                    }
+                }
+            }
+            if kept > 0 {
+                anyhow::bail!(
+                    "{kept} of {} dead letters were not discarded (see above)",
+                    ids.len()
+                );
+            }
         }
     }
     Ok(())

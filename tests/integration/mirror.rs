@@ -1876,6 +1876,80 @@ async fn a_batch_replay_cut_short_by_a_restart_hands_its_letters_back() {
     assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
 }
 
+/// `dead-letters discard --all` drops every letter listed, goes on past one it may not
+/// drop (a replay is sending it), names that one, and exits non-zero.
+#[tokio::test]
+async fn discard_all_drops_every_letter_but_one_being_replayed() {
+    let (d, hook, _, letters) = refused_creations_then_changes(3).await;
+    rewrite_hook_timeout(&d, 30_000).await;
+    hook.inject(wh::Fault::hold(1));
+    let before = hook.attempts().len();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let (replayed, (ok, out, err)) =
+        tokio::join!(replay_batch(&d, json!({ "ids": [letters[1]] })), async {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while hook.attempts().len() == before {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no replay reached the target"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let discarded = crate::cli::rosterd_async(&[
+                "dead-letters",
+                "--tenant",
+                TENANT,
+                "--url",
+                &url,
+                "--token",
+                &admin,
+                "discard",
+                "hooks",
+                "--all",
+            ])
+            .await;
+            hook.release();
+            discarded
+        });
+    assert!(!ok, "{out}");
+    for id in [letters[0], letters[2]] {
+        assert!(
+            out.contains(&format!("hooks: dead letter #{id} discarded")),
+            "{out}"
+        );
+    }
+    assert!(
+        err.contains(&format!(
+            "dead letter #{} not discarded, it stays",
+            letters[1]
+        )) && err.contains("1 of 3 dead letters were not discarded"),
+        "{err}"
+    );
+    // The replay went through, so the letter it held is gone too.
+    assert_eq!(
+        replayed.body["results"][0]["status"], 200,
+        "{}",
+        replayed.body
+    );
+    assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
+    let (ok, out, err) = crate::cli::rosterd_async(&[
+        "dead-letters",
+        "--tenant",
+        TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "discard",
+        "hooks",
+        "--all",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "hooks: no dead letters", "{out}");
+}
+
 /// Two calls replaying one letter at once (a CLI run again while the call it gave up on
 /// goes on): one sends it, the other is refused, and the target gets it once.
 #[tokio::test]
