@@ -1320,7 +1320,9 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
     };
     match command {
         DeadLetterCommand::List { connector } => {
+            let mut listed = 0usize;
             each(&connector, &mut |l| {
+                listed += 1;
                 outln!(
                     "#{} {} seq {} {}/{}: {}",
                     l["id"],
@@ -1347,6 +1349,10 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 }
                 Ok(())
             })?;
+            // Past a screenful, how many there are is the first thing asked.
+            if listed > 0 {
+                outln!("{connector}: {listed} dead letter(s)")?;
+            }
         }
         DeadLetterCommand::Replay { connector, id, all } => {
             let ids = ids(&connector, id, all, "replay")?;
@@ -1550,6 +1556,11 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str, skip_held: bool) -
     } else {
         outln!(
             "{connector}: was not paused (its count of failures in a row starts afresh, and any request waiting to retry tries now)"
+        )?;
+    }
+    if let Some(n) = body["dead_letters"].as_u64().filter(|n| *n > 0) {
+        outln!(
+            "{connector}: {n} dead letter(s) stay, which a resume does not send: `rosterd dead-letters --tenant {tenant} replay {connector} --all` sends them"
         )?;
     }
     Ok(())

@@ -287,9 +287,14 @@ async fn resume(
     }
     let ResumeBody { skip_held } = super::options_body(&headers, &body, EXPECTED)?;
     if !skip_held {
-        let was_paused = st.dispatch.resume(&caller.tenant, &name)?;
+        let was_paused = st.dispatch.resume(&caller.tenant, &name).await?;
+        // The letters a pause left are the operator's next step: said with the resume.
+        let dead_letters = st.store.dead_letter_count(&caller.tenant, &name)?;
         // `resumed` stays for older clients; `was_paused` says whether there was a pause.
-        return Ok(Json(json!({ "resumed": name, "was_paused": was_paused })).into_response());
+        return Ok(Json(
+            json!({ "resumed": name, "was_paused": was_paused, "dead_letters": dead_letters }),
+        )
+        .into_response());
     }
     let skipped = st.dispatch.skip_held(&caller.tenant, &name).await?;
     let mut answer =

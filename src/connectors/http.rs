@@ -340,7 +340,7 @@ fn classify(
 /// A retried failure's reason with the start of what the target said: a retry keeps no
 /// dead letter, and "target answered 500" alone sent the operator to the target's logs to
 /// learn which object and why. Blanks run together, so an HTML page reads on one line.
-fn with_answer(reason: String, body: &str) -> String {
+pub fn with_answer(reason: String, body: &str) -> String {
     const SHOWN: usize = 200;
     let brief = body.split_whitespace().collect::<Vec<_>>().join(" ");
     if brief.is_empty() {

@@ -144,8 +144,8 @@ pub struct RetryConfig {
     pub pause_after_failures: u64,
     /// How long a paused connector waits before it probes the target again.
     pub pause_secs: u64,
-    /// After the target refuses this many changes in a row (each set aside as a dead
-    /// letter) and acknowledges no request between them, the connector pauses until
+    /// After the target refuses this many requests in a row (their changes set aside as
+    /// dead letters) and takes no change whole between them, the connector pauses until
     /// resumed; 0 never. A target that refuses everything is misconfigured (a revoked
     /// permission answers 403 to every object, a changed schema 422), and left running the
     /// connector would turn the whole log into dead letters for the operator to replay

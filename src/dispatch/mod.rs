@@ -211,14 +211,21 @@ impl Deadline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pause {
     Until(Deadline),
+    /// Until an operator's resume or a reload (the preflight failed, a webhook's 410).
     UntilResumed,
+    /// Until an operator's resume, after the target refused `pause_after_refusals`
+    /// requests in a row: a reload leaves it (unless the connector's file changed), and
+    /// the store keeps it across a restart. Each lifted it, and the connector then set
+    /// aside that many changes again before it paused again (an audit counted 141 to 244
+    /// more letters at each restart).
+    Refusals,
 }
 
 impl Pause {
     /// Its end on the wall clock (`DateTime::MAX_UTC` until resumed); None once it is over.
     fn until(self) -> Option<DateTime<Utc>> {
         match self {
-            Pause::UntilResumed => Some(DateTime::<Utc>::MAX_UTC),
+            Pause::UntilResumed | Pause::Refusals => Some(DateTime::<Utc>::MAX_UTC),
             Pause::Until(end) => end.wall(),
         }
     }
@@ -242,6 +249,8 @@ struct Health {
     next_retry: Option<Deadline>,
     /// The scheduled write a CSV connector waits for.
     next_write_at: Option<DateTime<Utc>>,
+    /// Why the connector is paused for its target's refusals (with `Pause::Refusals`).
+    refusal_pause: Option<String>,
 }
 
 impl Health {
@@ -276,8 +285,8 @@ struct Live {
     /// their jittered retries interleave; counting each failure would pause a connector
     /// with `concurrency` 16 after about one round.
     failures_in_a_row: AtomicU64,
-    /// Changes the target refused in a row, with no request of the connector's
-    /// acknowledged between them (see `retry.pause_after_refusals`).
+    /// Requests the target refused in a row, with no change taken whole between them
+    /// (see `retry.pause_after_refusals`).
     refusals_in_a_row: AtomicU64,
     /// Bumped when the run of failures ends, so that requests still retrying start
     /// their own runs over.
@@ -425,13 +434,13 @@ impl Live {
 
     fn success(&self) {
         self.count_delivery();
-        self.refusals_in_a_row.store(0, Ordering::Release);
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.failing_requests.store(0, Ordering::Release);
             let mut h = self.health();
-            let paused = h.pause.take().is_some();
+            // Not a pause for refusals: one request taken says nothing of the rest.
+            let paused = h.pause.take_if(|p| *p != Pause::Refusals).is_some();
             h.pause_logged = false;
             drop(h);
             // The requests the pause stopped go now: left asleep, they waited for its
@@ -505,9 +514,12 @@ impl Live {
         let mut h = self.health();
         h.last_error = Some(reason.to_owned());
         h.last_error_at = Some(Utc::now());
-        // Every request in flight meets the same answer (a 410): one line says it.
-        let already = h.pause == Some(Pause::UntilResumed);
-        h.pause = Some(Pause::UntilResumed);
+        // Every request in flight meets the same answer (a 410): one line says it. A
+        // pause for refusals stays what it is: a reload must not lift it.
+        let already = matches!(h.pause, Some(Pause::UntilResumed | Pause::Refusals));
+        if h.pause != Some(Pause::Refusals) {
+            h.pause = Some(Pause::UntilResumed);
+        }
         h.pause_logged = true;
         drop(h);
         self.pause_changed.notify_waiters();
@@ -529,11 +541,70 @@ impl Live {
         self.failing_requests.store(0, Ordering::Release);
     }
 
+    /// A request the target refused, counted; `limit` of them in a row, with no change
+    /// taken whole between them, pause the connector until resumed. Set here, before the
+    /// refused request gives up its slot: set once its change was stored as a dead
+    /// letter, the requests that took the slot meanwhile overshot the limit by up to
+    /// 144 (at `concurrency` 16, against a target answering at once).
+    fn refused(&self, limit: u64, reason: &str, answer: &str) {
+        let n = self.refusals_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+        if limit == 0 || n < limit {
+            return;
+        }
+        let mut h = self.health();
+        if h.pause == Some(Pause::Refusals) {
+            return;
+        }
+        let (tenant, name) = (&self.tenant, &self.name);
+        // The reason names one object ("not ours to change"); the answer shows when the
+        // target means all of them ("token lacks scope").
+        let last = http::with_answer(reason.to_owned(), answer);
+        let why = format!(
+            "the target refused {n} requests in a row and took no change between them (the last: {last}): a target that refuses everything is misconfigured, so the connector stopped. The changes it refused are dead letters; those after them wait. Fix the target, then `rosterd dead-letters --tenant {tenant} replay {name} --all` (before the resume, so that they go ahead of the changes that wait) and `rosterd resume --tenant {tenant} {name}`"
+        );
+        h.pause = Some(Pause::Refusals);
+        h.refusal_pause = Some(why.clone());
+        h.error(why.clone());
+        h.pause_logged = true;
+        drop(h);
+        self.pause_changed.notify_waiters();
+        tracing::error!(reason = %why, "Connector paused until resumed (`rosterd resume`): its target refuses everything.");
+    }
+
+    /// Why the connector is paused for its target's refusals, if it is.
+    fn refusal_pause(&self) -> Option<String> {
+        let h = self.health();
+        h.refusal_pause
+            .clone()
+            .filter(|_| h.pause == Some(Pause::Refusals))
+    }
+
+    /// Paused for refusals as the store says it was when the connector last stopped.
+    fn restore_refusal_pause(&self, why: String) {
+        let mut h = self.health();
+        h.pause = Some(Pause::Refusals);
+        h.error(why.clone());
+        h.refusal_pause = Some(why);
+        h.pause_logged = true;
+    }
+
+    /// A change the target took whole: its refusals before were those objects' own.
+    fn change_taken(&self) {
+        self.refusals_in_a_row.store(0, Ordering::Release);
+    }
+
     fn resume(&self, by: &str) -> bool {
         self.count_afresh();
         let mut h = self.health();
         let was_paused = h.pause.and_then(Pause::until).is_some();
         h.pause = None;
+        // Its advice (replay, then resume) is followed now, not still to follow.
+        if let Some(why) = h.refusal_pause.take()
+            && h.last_error.as_deref() == Some(why.as_str())
+        {
+            h.last_error = None;
+            h.last_error_at = None;
+        }
         // Woken, the waiting requests try now.
         h.next_retry = None;
         h.pause_logged = false;
@@ -1108,6 +1179,13 @@ impl Ctx {
             let (reason, retry_after, response) = match outcome {
                 Outcome::Delivered { .. } => return self.delivered(counts, name),
                 Outcome::Refused { reason, response } => {
+                    if by == Sender::Mirror {
+                        self.live.refused(
+                            self.config.retry.pause_after_refusals,
+                            &reason,
+                            &response.body,
+                        );
+                    }
                     return Sent::Refused {
                         reason,
                         response: Some(response),
@@ -1424,6 +1502,13 @@ impl Ctx {
         response: Option<TargetResponse>,
     ) -> Result<(), StoreError> {
         let object = format!("{}/{}", ev.resource_type, ev.id);
+        // The log line and `last_error` show what the target said, not only the status:
+        // a 403 reads as one object's ("not ours to change") where the answer may say
+        // the token lacks a permission for every one.
+        let shown = match &response {
+            Some(r) => http::with_answer(reason.clone(), &r.body),
+            None => reason.clone(),
+        };
         self.store
             .add_dead_letter(
                 self.tenant(),
@@ -1439,33 +1524,16 @@ impl Ctx {
             )
             .await?;
         // Said once it is stored, so that the log never names a letter the list lacks.
-        tracing::warn!(seq = ev.seq, %object, %reason,
+        tracing::warn!(seq = ev.seq, %object, reason = %shown,
             "Change set aside as a dead letter; `rosterd dead-letters --tenant {} list {}` shows it.",
             self.tenant(), self.name());
         counters::dead_lettered(self.tenant(), self.name());
         // What shows as the connector's last error is this refusal, not an older blip.
         self.live.health().error(format!(
-            "change #{} ({object}) set aside as a dead letter: {reason}",
+            "change #{} ({object}) set aside as a dead letter: {shown}",
             ev.seq
         ));
         Ok(())
-    }
-
-    /// A change the target refused, counted; enough in a row pause the connector until
-    /// resumed. Only the target's refusals count: a change rosterd cannot express (a user
-    /// without an email) says nothing of the target, and a tenant's service accounts
-    /// created together would otherwise stop every other change behind them.
-    fn count_refusal(&self, reason: &str) {
-        let n = self.live.refusals_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
-        let limit = self.config.retry.pause_after_refusals;
-        if limit == 0 || n < limit {
-            return;
-        }
-        let (tenant, name) = (self.tenant(), self.name());
-        // Set after the letter's own `last_error`, so that status shows why it stopped.
-        self.live.pause_until_resumed(&format!(
-            "the target refused the last {n} changes, each set aside as a dead letter, and took nothing between them (the last: {reason}); the changes after them wait. Fix the target or the connector's file, then `rosterd resume --tenant {tenant} {name}` and `rosterd dead-letters --tenant {tenant} replay {name} --all`"
-        ));
     }
 
     /// Deliver one change: its stages in order, the requests of a stage concurrently.
@@ -1529,11 +1597,25 @@ impl Ctx {
             // enrollments, a webhook's user event before its assignment event), so it
             // stops here; a replay sends the whole change again, in order.
             if let Some((req, reason, response)) = refused {
-                self.dead_letter(ev, reason.clone(), Some(req), response)
-                    .await?;
-                self.count_refusal(&reason);
+                self.dead_letter(ev, reason, Some(req), response).await?;
+                if let Some(why) = self.live.refusal_pause() {
+                    // The letter's line is not why the connector stopped.
+                    self.live.health().error(why.clone());
+                    let (tenant, name) = (self.tenant(), self.name());
+                    self.store
+                        .set_refusal_pause(tenant, name, Some(why))
+                        .await?;
+                    // A resume between the look and the write has cleared the store
+                    // already: it must stay cleared.
+                    if self.live.refusal_pause().is_none() {
+                        self.store.set_refusal_pause(tenant, name, None).await?;
+                    }
+                }
                 return Ok(Delivered::DeadLettered);
             }
+        }
+        if plan.stages.iter().any(|s| !s.is_empty()) {
+            self.live.change_taken();
         }
         Ok(Delivered::Done(plan.hashes))
     }
@@ -2587,6 +2669,24 @@ impl Dispatcher {
                 running.remove(&c.name);
             }
         }
+        // A changed file may be the fix (a new credential, another URL): its connector
+        // starts sending again. A removed one leaves nothing to pause.
+        for c in &stopping {
+            match self.store.refusal_pause(&c.tenant, &c.name) {
+                Ok(None) => {}
+                Ok(Some(_)) => match self.store.set_refusal_pause(&c.tenant, &c.name, None).await {
+                    Ok(()) => {
+                        tracing::info!(tenant = %c.tenant, connector = %c.name, "The connector's pause for its target's refusals ends with the change of its file.")
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %c.tenant, connector = %c.name, error = %e, "Cannot end the connector's pause for refusals in the store; it starts paused.")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(tenant = %c.tenant, connector = %c.name, error = %e, "Cannot read whether the connector was paused for refusals.")
+                }
+            }
+        }
         for c in stopping.iter().filter(|c| !wanted.contains_key(&c.name)) {
             counters::connector_removed(&c.tenant, &c.name);
             if let Err(e) = self.store.set_retired(&c.tenant, &c.name, true).await {
@@ -2600,7 +2700,7 @@ impl Dispatcher {
             // is not.
             if r.ctx.is_some()
                 && !r.live.held()
-                && r.live.paused_until() == Some(DateTime::<Utc>::MAX_UTC)
+                && r.live.health().pause == Some(Pause::UntilResumed)
             {
                 r.live.resume("a reload");
             }
@@ -2702,6 +2802,17 @@ impl Dispatcher {
             config.kind == Kind::Webhook,
         );
         let live = Live::new(&config.tenant, &config.name, "starting");
+        if config.kind != Kind::Csv
+            && let Some(why) = self
+                .store
+                .refusal_pause(&config.tenant, &config.name)
+                .unwrap_or_else(|e| {
+                    tracing::error!(tenant = %config.tenant, connector = %config.name, error = %e, "Cannot read whether the connector was paused for refusals; it starts unpaused.");
+                    None
+                })
+        {
+            live.restore_refusal_pause(why);
+        }
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
             client: self.client.clone(),
@@ -2718,6 +2829,9 @@ impl Dispatcher {
         let handle = self.tasks.spawn(
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
+                if let Some(why) = task_ctx.live.refusal_pause() {
+                    tracing::warn!(reason = %why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
+                }
                 let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
                 supervised(&live, &cancel, || {
                     let ctx = task_ctx.clone();
@@ -3363,7 +3477,7 @@ impl Dispatcher {
 
     /// Lift a pause now (after the operator fixed the target). Returns whether it was
     /// paused: a resume of one that was not only starts its count of failures afresh.
-    pub fn resume(&self, tenant: &str, name: &str) -> Result<bool, DispatchError> {
+    pub async fn resume(&self, tenant: &str, name: &str) -> Result<bool, DispatchError> {
         let found = self.find(tenant, name)?;
         // Nothing runs to resume: saying "resumed" would promise deliveries that wait
         // for an `enabled = true` (or a fixed file) and a reload.
@@ -3379,7 +3493,11 @@ impl Dispatcher {
             credentials.forget_failure();
         }
         let held = found.live.approve(false).is_some();
-        Ok(found.live.resume("the operator") || held)
+        let was_paused = found.live.resume("the operator");
+        if self.store.refusal_pause(tenant, name)?.is_some() {
+            self.store.set_refusal_pause(tenant, name, None).await?;
+        }
+        Ok(was_paused || held)
     }
 }
 

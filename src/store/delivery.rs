@@ -59,6 +59,13 @@ fn guard_approved_key(connector: &str) -> Vec<u8> {
     tagged(b'A', connector)
 }
 
+/// `P conn` → why the connector is paused until resumed (UTF-8): its target refused
+/// `pause_after_refusals` requests in a row. Kept, so that a restart does not set aside
+/// that many changes again before pausing again.
+fn refusal_pause_key(connector: &str) -> Vec<u8> {
+    tagged(b'P', connector)
+}
+
 /// `d conn SEP id` → dead letter.
 fn dead_prefix(connector: &str) -> Vec<u8> {
     let mut k = tagged(b'd', connector);
@@ -217,6 +224,34 @@ impl Store {
         let key = guard_approved_key(connector);
         self.write(tenant, move |txn| {
             txn.put(key, through.to_be_bytes().to_vec());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Why the connector was paused for its target's refusals, while it waits for an
+    /// operator's resume.
+    pub fn refusal_pause(&self, tenant: &str, connector: &str) -> StoreResult<Option<String>> {
+        Ok(self
+            .tenant(tenant)?
+            .tree
+            .get(refusal_pause_key(connector))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Record the connector's pause for refusals (`Some(why)`), or its end.
+    pub async fn set_refusal_pause(
+        &self,
+        tenant: &str,
+        connector: &str,
+        why: Option<String>,
+    ) -> StoreResult<()> {
+        let key = refusal_pause_key(connector);
+        self.write(tenant, move |txn| {
+            match why {
+                Some(why) => txn.put(key, why.into_bytes()),
+                None => txn.del(key),
+            }
             Ok(())
         })
         .await

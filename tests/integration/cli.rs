@@ -1039,7 +1039,7 @@ async fn resume_says_when_the_connector_was_not_paused() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
         r.body,
-        serde_json::json!({"resumed": "hooks", "was_paused": false})
+        serde_json::json!({"resumed": "hooks", "was_paused": false, "dead_letters": 0})
     );
     let url = format!("http://{}", d.addr);
     let (ok, out, err) = tokio::task::spawn_blocking(move || {

@@ -779,6 +779,10 @@ async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
         .filter_map(|l| l.split(' ').next())
         .collect();
     assert_eq!(listed.len(), USERS, "{out}");
+    assert!(
+        out.contains(&format!("sis: {USERS} dead letter(s)")),
+        "{out}"
+    );
     let (ok, out) = cli(
         &root,
         &d,
