@@ -97,6 +97,18 @@ pub async fn resumed(d: &TestDaemon, name: &str) -> Value {
     r.body
 }
 
+/// `rosterd COMMAND --tenant acme --url … --token … ARGS…` against `d`, as an admin: whether
+/// it succeeded, its output and its errors.
+pub async fn admin_cli(d: &TestDaemon, command: &str, args: &[&str]) -> (bool, String, String) {
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let mut all = vec![
+        command, "--tenant", TENANT, "--url", &url, "--token", &admin,
+    ];
+    all.extend(args);
+    crate::cli::rosterd_async(&all).await
+}
+
 /// Poll connector `name` until `ready` holds of its status; that status. Fails after
 /// `WAIT`, saying `what` did not happen.
 pub async fn connector_until(
@@ -977,12 +989,7 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
     }
     paused(&d, "hooks").await;
     connector_until(&d, "hooks", "letters stored", |c| c["dead_letters"] == 3).await;
-    let admin = d.jwt(TENANT, "roster:admin");
-    let url = format!("http://{}", d.addr);
-    let (ok, out, err) = crate::cli::rosterd_async(&[
-        "resume", "--tenant", TENANT, "--url", &url, "--token", &admin, "hooks",
-    ])
-    .await;
+    let (ok, out, err) = admin_cli(&d, "resume", &["hooks"]).await;
     assert!(ok, "{err}");
     assert!(
         out.contains("hooks: resumed")
@@ -1886,6 +1893,14 @@ async fn a_batch_replay_hands_back_what_it_did_not_begin_in_time() {
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[2]]);
 }
 
+/// Wait until `hook` has more than `before` attempts: a held replay is on the wire.
+async fn on_the_wire(hook: &WebhookServer, before: usize) {
+    assert!(
+        hook.wait_until(|h| h.attempts().len() > before, WAIT).await,
+        "no replay reached the target"
+    );
+}
+
 /// A reload that restarts the connector in the middle of a batch hands back the letter
 /// it cut short and those after it, for the next call, rather than failing them.
 #[tokio::test]
@@ -1895,14 +1910,7 @@ async fn a_batch_replay_cut_short_by_a_restart_hands_its_letters_back() {
     hook.inject(wh::Fault::hold(1));
     let before = hook.attempts().len();
     let (cut, ()) = tokio::join!(replay_batch(&d, json!({ "ids": letters })), async {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while hook.attempts().len() == before {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no replay reached the target"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        on_the_wire(&hook, before).await;
         // A changed file: the connector stops and starts again on it.
         let file = d.root.join("connectors/hooks.toml");
         let text = std::fs::read_to_string(&file).unwrap();
@@ -1972,31 +1980,10 @@ async fn discard_all_drops_every_letter_but_one_being_replayed() {
     rewrite_hook_timeout(&d, 30_000).await;
     hook.inject(wh::Fault::hold(1));
     let before = hook.attempts().len();
-    let admin = d.jwt(TENANT, "roster:admin");
-    let url = format!("http://{}", d.addr);
     let (replayed, (ok, out, err)) =
         tokio::join!(replay_batch(&d, json!({ "ids": [letters[1]] })), async {
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while hook.attempts().len() == before {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "no replay reached the target"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let discarded = crate::cli::rosterd_async(&[
-                "dead-letters",
-                "--tenant",
-                TENANT,
-                "--url",
-                &url,
-                "--token",
-                &admin,
-                "discard",
-                "hooks",
-                "--all",
-            ])
-            .await;
+            on_the_wire(&hook, before).await;
+            let discarded = admin_cli(&d, "dead-letters", &["discard", "hooks", "--all"]).await;
             hook.release();
             discarded
         });
@@ -2021,19 +2008,7 @@ async fn discard_all_drops_every_letter_but_one_being_replayed() {
         replayed.body
     );
     assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
-    let (ok, out, err) = crate::cli::rosterd_async(&[
-        "dead-letters",
-        "--tenant",
-        TENANT,
-        "--url",
-        &url,
-        "--token",
-        &admin,
-        "discard",
-        "hooks",
-        "--all",
-    ])
-    .await;
+    let (ok, out, err) = admin_cli(&d, "dead-letters", &["discard", "hooks", "--all"]).await;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "hooks: no dead letters", "{out}");
 }
