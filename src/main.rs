@@ -1236,6 +1236,8 @@ fn call_daemon_within(
 /// Dead letters a `replay --all` sends the daemon at once: it starts letters for about
 /// 20 s a call and hands back those it did not begin.
 const REPLAY_BATCH: usize = 200;
+/// Letters refused again, with none replayed, after which `replay --all` stops.
+const REPLAY_GIVE_UP: usize = 20;
 /// How long a replay waits for the daemon's answer: a letter it began near the end of its
 /// 20 s takes what its requests take (each up to the connector's `timeout_ms`), and a
 /// letter given up on goes on in the daemon, so the next call would find it in hand.
@@ -1358,11 +1360,17 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             let ids = ids(&connector, id, all, "replay")?;
             // Each letter's answer, from a single replay or from a batch's results.
             let mut failed = 0usize;
+            // Read between calls, while `report` holds `failed`.
+            let replayed = std::cell::Cell::new(0usize);
+            let refused_again = std::cell::Cell::new(0usize);
             let mut report =
                 |id: u64, status: reqwest::StatusCode, body: &serde_json::Value| -> Result<()> {
                     if let Err(e) = fail_unless_ok(status, body) {
                         // One refusal does not stop the rest: each letter is its own object.
                         failed += 1;
+                        if body["error"] == "target_refused" {
+                            refused_again.set(refused_again.get() + 1);
+                        }
                         if status == reqwest::StatusCode::NOT_FOUND && body["error"] == "not_found"
                         {
                             note!("{connector}: no dead letter #{id}: {}", causes(&e));
@@ -1374,6 +1382,7 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                         }
                         return Ok(());
                     }
+                    replayed.set(replayed.get() + 1);
                     let what = match body["sent"].as_str() {
                         Some("current_state") => "the object's current state",
                         _ => "the original event",
@@ -1400,6 +1409,16 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
             let mut one_by_one = ids.len() == 1;
             let mut unaccounted = 0usize;
             while let Some(&next) = left.front() {
+                // A target that still refuses everything (the pause for refusals was
+                // resumed, or the letters replayed, before the fix) would meet every
+                // letter, each refused again: the first call, or 20 alone, say so.
+                if replayed.get() == 0 && refused_again.get() >= REPLAY_GIVE_UP {
+                    anyhow::bail!(
+                        "the target refused again the {} dead letters replayed first, and took none: it still refuses everything, so the other {} were not tried. Fix the target (`rosterd dead-letters --tenant {tenant} list {connector}` shows its answers), then run `replay --all` again",
+                        refused_again.get(),
+                        left.len()
+                    );
+                }
                 if one_by_one {
                     left.pop_front();
                     let (status, body) = replay_one(next)?;
@@ -1487,10 +1506,13 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     ids.len()
                 );
             }
+            if all && !ids.is_empty() {
+                outln!("{connector}: {} dead letter(s) replayed", replayed.get())?;
+            }
         }
         DeadLetterCommand::Discard { connector, id, all } => {
             let ids = ids(&connector, id, all, "discard")?;
-            let mut kept = 0usize;
+            let (mut kept, mut discarded) = (0usize, 0usize);
             for &id in &ids {
                 let (status, body) = call_daemon(
                     daemon,
@@ -1500,7 +1522,10 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     None,
                 )?;
                 match fail_unless_ok(status, &body) {
-                    Ok(()) => outln!("{connector}: dead letter #{id} discarded")?,
+                    Ok(()) => {
+                        discarded += 1;
+                        outln!("{connector}: dead letter #{id} discarded")?;
+                    }
                     Err(e) if !all => return Err(e),
                     // Gone since it was listed (a replay went through): nothing stays.
                     Err(e) if status == reqwest::StatusCode::NOT_FOUND => {
@@ -1521,6 +1546,9 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     "{kept} of {} dead letters were not discarded (see above)",
                     ids.len()
                 );
+            }
+            if all && !ids.is_empty() {
+                outln!("{connector}: {discarded} dead letter(s) discarded")?;
             }
         }
     }

@@ -43,7 +43,7 @@ use crate::connectors::webhook::{self, SecretError, Signer, WebhookSettings};
 use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded, csv::CsvSettings};
 use crate::ops::metrics as counters;
 use crate::scim::ResourceKind;
-use crate::store::{ChangeEvent, DeadLetter, Store, StoreError, TargetResponse};
+use crate::store::{ChangeEvent, DeadLetter, RefusalPause, Store, StoreError, TargetResponse};
 
 /// A stored cursor of a connector that is not loaded.
 struct Held {
@@ -249,8 +249,9 @@ struct Health {
     next_retry: Option<Deadline>,
     /// The scheduled write a CSV connector waits for.
     next_write_at: Option<DateTime<Utc>>,
-    /// Why the connector is paused for its target's refusals (with `Pause::Refusals`).
-    refusal_pause: Option<String>,
+    /// Why, and since when, the connector is paused for its target's refusals (with
+    /// `Pause::Refusals`).
+    refusal_pause: Option<RefusalPause>,
 }
 
 impl Health {
@@ -563,16 +564,19 @@ impl Live {
             "the target refused {n} requests in a row and took no change between them (the last: {last}): a target that refuses everything is misconfigured, so the connector stopped. The changes it refused are dead letters; those after them wait. Fix the target, then `rosterd dead-letters --tenant {tenant} replay {name} --all` (before the resume, so that they go ahead of the changes that wait) and `rosterd resume --tenant {tenant} {name}`"
         );
         h.pause = Some(Pause::Refusals);
-        h.refusal_pause = Some(why.clone());
         h.error(why.clone());
+        h.refusal_pause = Some(RefusalPause {
+            at: h.last_error_at.unwrap_or_else(Utc::now),
+            why: why.clone(),
+        });
         h.pause_logged = true;
         drop(h);
         self.pause_changed.notify_waiters();
         tracing::error!(reason = %why, "Connector paused until resumed (`rosterd resume`): its target refuses everything.");
     }
 
-    /// Why the connector is paused for its target's refusals, if it is.
-    fn refusal_pause(&self) -> Option<String> {
+    /// Why, and since when, the connector is paused for its target's refusals, if it is.
+    fn refusal_pause(&self) -> Option<RefusalPause> {
         let h = self.health();
         h.refusal_pause
             .clone()
@@ -580,11 +584,12 @@ impl Live {
     }
 
     /// Paused for refusals as the store says it was when the connector last stopped.
-    fn restore_refusal_pause(&self, why: String) {
+    fn restore_refusal_pause(&self, pause: RefusalPause) {
         let mut h = self.health();
         h.pause = Some(Pause::Refusals);
-        h.error(why.clone());
-        h.refusal_pause = Some(why);
+        h.last_error = Some(pause.why.clone());
+        h.last_error_at = Some(pause.at);
+        h.refusal_pause = Some(pause);
         h.pause_logged = true;
     }
 
@@ -599,8 +604,8 @@ impl Live {
         let was_paused = h.pause.and_then(Pause::until).is_some();
         h.pause = None;
         // Its advice (replay, then resume) is followed now, not still to follow.
-        if let Some(why) = h.refusal_pause.take()
-            && h.last_error.as_deref() == Some(why.as_str())
+        if let Some(pause) = h.refusal_pause.take()
+            && h.last_error.as_deref() == Some(pause.why.as_str())
         {
             h.last_error = None;
             h.last_error_at = None;
@@ -1598,12 +1603,16 @@ impl Ctx {
             // stops here; a replay sends the whole change again, in order.
             if let Some((req, reason, response)) = refused {
                 self.dead_letter(ev, reason, Some(req), response).await?;
-                if let Some(why) = self.live.refusal_pause() {
-                    // The letter's line is not why the connector stopped.
-                    self.live.health().error(why.clone());
+                if let Some(pause) = self.live.refusal_pause() {
+                    // The letter's line is not why the connector stopped, nor its time.
+                    {
+                        let mut h = self.live.health();
+                        h.last_error = Some(pause.why.clone());
+                        h.last_error_at = Some(pause.at);
+                    }
                     let (tenant, name) = (self.tenant(), self.name());
                     self.store
-                        .set_refusal_pause(tenant, name, Some(why))
+                        .set_refusal_pause(tenant, name, Some(&pause))
                         .await?;
                     // A resume between the look and the write has cleared the store
                     // already: it must stay cleared.
@@ -2803,7 +2812,7 @@ impl Dispatcher {
         );
         let live = Live::new(&config.tenant, &config.name, "starting");
         if config.kind != Kind::Csv
-            && let Some(why) = self
+            && let Some(pause) = self
                 .store
                 .refusal_pause(&config.tenant, &config.name)
                 .unwrap_or_else(|e| {
@@ -2811,7 +2820,7 @@ impl Dispatcher {
                     None
                 })
         {
-            live.restore_refusal_pause(why);
+            live.restore_refusal_pause(pause);
         }
         let ctx = Arc::new(Ctx {
             store: self.store.clone(),
@@ -2829,8 +2838,8 @@ impl Dispatcher {
         let handle = self.tasks.spawn(
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
-                if let Some(why) = task_ctx.live.refusal_pause() {
-                    tracing::warn!(reason = %why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
+                if let Some(pause) = task_ctx.live.refusal_pause() {
+                    tracing::warn!(since = %rfc3339(pause.at), reason = %pause.why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
                 }
                 let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
                 supervised(&live, &cancel, || {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use super::{ChangeEvent, Store, StoreError, StoreResult, Txn, decode_u64, encode};
+use super::{ChangeEvent, Store, StoreError, StoreResult, Txn, decode, decode_u64, encode};
 
 const SEP: u8 = 0;
 
@@ -59,7 +59,7 @@ fn guard_approved_key(connector: &str) -> Vec<u8> {
     tagged(b'A', connector)
 }
 
-/// `P conn` → why the connector is paused until resumed (UTF-8): its target refused
+/// `P conn` → [`RefusalPause`]: why the connector is paused until resumed: its target refused
 /// `pause_after_refusals` requests in a row. Kept, so that a restart does not set aside
 /// that many changes again before pausing again.
 fn refusal_pause_key(connector: &str) -> Vec<u8> {
@@ -172,6 +172,14 @@ pub struct TargetResponse {
     pub body: String,
 }
 
+/// A connector paused until resumed because its target refused everything: why, and
+/// since when (a restart shows the time it began, not the start's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalPause {
+    pub at: DateTime<Utc>,
+    pub why: String,
+}
+
 /// A change a connector could not deliver and set aside instead of retrying forever.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -231,12 +239,16 @@ impl Store {
 
     /// Why the connector was paused for its target's refusals, while it waits for an
     /// operator's resume.
-    pub fn refusal_pause(&self, tenant: &str, connector: &str) -> StoreResult<Option<String>> {
-        Ok(self
-            .tenant(tenant)?
+    pub fn refusal_pause(
+        &self,
+        tenant: &str,
+        connector: &str,
+    ) -> StoreResult<Option<RefusalPause>> {
+        self.tenant(tenant)?
             .tree
             .get(refusal_pause_key(connector))?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .map(|v| decode(&v))
+            .transpose()
     }
 
     /// Record the connector's pause for refusals (`Some(why)`), or its end.
@@ -244,12 +256,13 @@ impl Store {
         &self,
         tenant: &str,
         connector: &str,
-        why: Option<String>,
+        pause: Option<&RefusalPause>,
     ) -> StoreResult<()> {
         let key = refusal_pause_key(connector);
+        let value = pause.map(encode).transpose()?;
         self.write(tenant, move |txn| {
-            match why {
-                Some(why) => txn.put(key, why.into_bytes()),
+            match value {
+                Some(v) => txn.put(key, v),
                 None => txn.del(key),
             }
             Ok(())

@@ -36,7 +36,7 @@ use crate::scim::schema::ENTERPRISE_USER_SCHEMA;
 use crate::scim::{ResourceKind, ScimError};
 use commit::GroupCommit;
 pub use commit::fail_next_flush_in;
-pub use delivery::{DeadLetter, SentRequest, TargetResponse};
+pub use delivery::{DeadLetter, RefusalPause, SentRequest, TargetResponse};
 pub(crate) use keys::Index;
 pub use record::{RecordAssignment, RecordBytes, RosterRecord, UserFields};
 pub use roster::{

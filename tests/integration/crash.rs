@@ -790,6 +790,10 @@ async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
     );
     assert!(ok, "{out}");
     assert_eq!(out.matches(" replayed ").count(), USERS, "{out}");
+    assert!(
+        out.contains(&format!("sis: {USERS} dead letter(s) replayed")),
+        "{out}"
+    );
     assert_eq!(d.drained().await["connectors"][0]["dead_letters"], 0);
     assert_eq!(target.users().len(), USERS);
 }

@@ -876,6 +876,15 @@ async fn many_dead_letters_at_once_leave_the_tenant_writable() {
         assert!(tokio::time::Instant::now() < deadline, "{c}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // `replay --all` while the target still refuses everything stops after its first
+    // call (200 letters), every one refused again, rather than sending them all.
+    let (ok, _, err) = admin_cli(&d, "dead-letters", &["replay", "hooks", "--all"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("refused again the 200 dead letters replayed first")
+            && err.contains(&format!("the other {} were not tried", USERS + n - 200)),
+        "{err}"
+    );
     tokio::time::timeout(Duration::from_secs(30), d.stop())
         .await
         .expect("the stop hung");
@@ -951,12 +960,14 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
     assert!(status_text(&d).await.contains("PAUSED"));
     // Neither a reload that leaves its file as it is nor a restart lifts it: each used to,
     // and the connector set aside as many changes again.
+    let since = connector(&d, "hooks").await["last_error_at"].clone();
     d.reload().await;
     let d = d.restart().await;
     let c = connector(&d, "hooks").await;
+    // Dated when it began, not when the daemon started again.
     assert!(
-        c["paused"] == true && c["last_error"] == json!(error),
-        "{c}"
+        c["paused"] == true && c["last_error"] == json!(error) && c["last_error_at"] == since,
+        "{c} (since {since})"
     );
     assert_eq!(
         logs.lines("starts paused until resumed, as it was").len(),
