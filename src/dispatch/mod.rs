@@ -2713,6 +2713,10 @@ impl Dispatcher {
             {
                 r.live.resume("a reload");
             }
+            // An operator who reloaded to lift it hears why it stays.
+            if let Some(pause) = r.live.refusal_pause() {
+                tracing::info!(tenant = %r.config.tenant, connector = %r.config.name, since = %rfc3339(pause.at), "The connector stays paused for its target's refusals: a reload lifts that only when it changes the connector's file; `rosterd resume` lifts it.");
+            }
         }
         for (name, config) in wanted {
             if self.running().contains_key(&name) {

@@ -962,6 +962,10 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
     // and the connector set aside as many changes again.
     let since = connector(&d, "hooks").await["last_error_at"].clone();
     d.reload().await;
+    assert_eq!(
+        logs.lines("stays paused for its target's refusals").len(),
+        1
+    );
     let d = d.restart().await;
     let c = connector(&d, "hooks").await;
     // Dated when it began, not when the daemon started again.
