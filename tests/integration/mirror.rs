@@ -258,8 +258,20 @@ async fn refusals_become_dead_letters_that_can_be_replayed_or_discarded() {
     caught_up(&d, "sis").await;
     let ada_sid = sourced_id(&format!("User/{ada}"));
     let bob_sid = sourced_id(&format!("User/{bob}"));
-    assert!(target.set_owner_other(Kind::User, &ada_sid));
-    assert!(target.set_owner_other(Kind::User, &bob_sid));
+    // Failed once in about a dozen runs of the suite, with nothing to say why: the
+    // connector's view and the target's requests are said with it.
+    for sid in [&ada_sid, &bob_sid] {
+        assert!(
+            target.set_owner_other(Kind::User, sid),
+            "{sid} is not at the target although the connector caught up: {} / requests {:?}",
+            connector(&d, "sis").await,
+            target
+                .requests()
+                .iter()
+                .map(|r| format!("{} {} {:?} {:?}", r.method, r.path, r.status, r.fault))
+                .collect::<Vec<_>>()
+        );
+    }
     for id in [&ada, &bob] {
         d.patch(
             &format!("/Users/{id}"),
