@@ -22,6 +22,10 @@ pub struct ChildDaemon {
     pub client: reqwest::Client,
     /// Reads the child's systemd notifications, so that they never fill the socket.
     notifications: tokio::task::JoinHandle<()>,
+    /// Its stdout and stderr, shown when a test fails: the file goes with the test's
+    /// temporary directory, and a connection the child closed without an answer could
+    /// not be told from a crash.
+    log: PathBuf,
 }
 
 impl ChildDaemon {
@@ -100,6 +104,7 @@ impl ChildDaemon {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
             notifications,
+            log: root.join("daemon.log"),
         };
         let r = d.get("/readyz").await;
         assert!(
@@ -182,6 +187,16 @@ impl ChildDaemon {
 impl Drop for ChildDaemon {
     fn drop(&mut self) {
         self.notifications.abort();
+        if std::thread::panicking() {
+            let exited = self.child.try_wait().ok().flatten();
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "child daemon {}; the end of its log:\n{}",
+                exited.map_or("still running".to_owned(), |s| format!("exited: {s}")),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -753,7 +768,13 @@ async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
     );
     let root = child_root(dir.path(), &[(name, text)]);
     let d = ChildDaemon::start(&root, &[("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)]).await;
-    target.inject(Fault::status(422, USERS).on_method("PUT"));
+    // The users' PUTs only: the course's, which the connector may still be sending when
+    // the daemon answers, would pause it until resumed.
+    target.inject(
+        Fault::status(422, USERS)
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
     for i in 0..USERS {
         let r = d
             .scim_send(
