@@ -206,16 +206,17 @@ fn put_hashes(txn: &mut super::Txn<'_>, connector: &str, hashes: Vec<(String, Op
 impl Store {
     /// Every change up to this sequence number was acknowledged by the connector.
     pub fn cursor(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
-        self.seq_at(tenant, cursor_key(connector), "connector cursor")
+        self.u64_at(tenant, cursor_key(connector), "connector cursor")
     }
 
     /// The last change an operator let through the connector's guard; 0 for none.
     pub fn guard_approved(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
-        self.seq_at(tenant, guard_approved_key(connector), "guard approval")
+        self.u64_at(tenant, guard_approved_key(connector), "guard approval")
     }
 
-    /// A change's sequence number kept under `key`; 0 (before the first) when none is.
-    fn seq_at(&self, tenant: &str, key: Vec<u8>, what: &str) -> StoreResult<u64> {
+    /// The number kept under `key` (a change's sequence number, a count); 0 (before the
+    /// first change, none counted) when none is.
+    fn u64_at(&self, tenant: &str, key: Vec<u8>, what: &str) -> StoreResult<u64> {
         match self.tenant(tenant)?.tree.get(key)? {
             Some(v) => decode_u64(&v, what),
             None => Ok(0),
@@ -521,11 +522,7 @@ impl Store {
     }
 
     pub fn dead_letter_count(&self, tenant: &str, connector: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        match t.tree.get(dead_count_key(connector))? {
-            Some(v) => decode_u64(&v, "dead-letter count"),
-            None => Ok(0),
-        }
+        self.u64_at(tenant, dead_count_key(connector), "dead-letter count")
     }
 
     pub fn dead_letter(
