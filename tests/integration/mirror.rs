@@ -1920,6 +1920,17 @@ async fn a_batch_replay_hands_back_what_it_did_not_begin_in_time() {
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[2]]);
 }
 
+/// Three letters of `hooks` ([`refused_creations_then_changes`]), a target that holds
+/// its answer to the next attempt (the connector waiting 30 s for it), and how many
+/// attempts the target had before it.
+async fn three_letters_and_a_held_answer() -> (TestDaemon, WebhookServer, Vec<u64>, usize) {
+    let (d, hook, _, letters) = refused_creations_then_changes(3).await;
+    rewrite_hook_timeout(&d, 30_000).await;
+    hook.inject(wh::Fault::hold(1));
+    let before = hook.attempts().len();
+    (d, hook, letters, before)
+}
+
 /// Wait until `hook` has more than `before` attempts: a held replay is on the wire.
 async fn on_the_wire(hook: &WebhookServer, before: usize) {
     assert!(
@@ -1932,10 +1943,7 @@ async fn on_the_wire(hook: &WebhookServer, before: usize) {
 /// it cut short and those after it, for the next call, rather than failing them.
 #[tokio::test]
 async fn a_batch_replay_cut_short_by_a_restart_hands_its_letters_back() {
-    let (d, hook, _, letters) = refused_creations_then_changes(3).await;
-    rewrite_hook_timeout(&d, 30_000).await;
-    hook.inject(wh::Fault::hold(1));
-    let before = hook.attempts().len();
+    let (d, hook, letters, before) = three_letters_and_a_held_answer().await;
     let (cut, ()) = tokio::join!(replay_batch(&d, json!({ "ids": letters })), async {
         on_the_wire(&hook, before).await;
         // A changed file: the connector stops and starts again on it.
@@ -2003,10 +2011,7 @@ async fn a_target_refusing_every_change_in_its_second_event_pauses_too() {
 /// drop (a replay is sending it), names that one, and exits non-zero.
 #[tokio::test]
 async fn discard_all_drops_every_letter_but_one_being_replayed() {
-    let (d, hook, _, letters) = refused_creations_then_changes(3).await;
-    rewrite_hook_timeout(&d, 30_000).await;
-    hook.inject(wh::Fault::hold(1));
-    let before = hook.attempts().len();
+    let (d, hook, letters, before) = three_letters_and_a_held_answer().await;
     let (replayed, (ok, out, err)) =
         tokio::join!(replay_batch(&d, json!({ "ids": [letters[1]] })), async {
             on_the_wire(&hook, before).await;
