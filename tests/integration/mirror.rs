@@ -1757,6 +1757,16 @@ async fn replay_batch(d: &TestDaemon, body: Value) -> crate::harness::Resp {
     .await
 }
 
+/// The status of each letter a batch replay answered, in order.
+fn result_statuses(r: &crate::harness::Resp) -> Vec<&Value> {
+    r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["status"])
+        .collect()
+}
+
 /// A webhook connector whose target refused the creation of `users`, then took a title
 /// change of each `i`-th user `i` times: the daemon, the target, the users' ids and
 /// their letters' ids (in order).
@@ -1909,12 +1919,7 @@ async fn a_batch_replay_hands_back_what_it_did_not_begin_in_time() {
     hook.inject(wh::Fault::delay(Duration::from_millis(10_500), 2));
     let r = replay_batch(&d, json!({ "ids": letters })).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let statuses: Vec<&Value> = r.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| &x["status"])
-        .collect();
+    let statuses = result_statuses(&r);
     assert_eq!(statuses, [&json!(200), &json!(200)], "{}", r.body);
     assert_eq!(r.body["not_attempted"], json!([letters[2]]), "{}", r.body);
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[2]]);
@@ -1963,12 +1968,7 @@ async fn a_batch_replay_cut_short_by_a_restart_hands_its_letters_back() {
     assert_eq!(cut.body["not_attempted"], json!(letters), "{}", cut.body);
     assert_eq!(dead_letter_ids(&d, "hooks").await, letters);
     let r = replay_batch(&d, json!({ "ids": letters })).await;
-    let statuses: Vec<&Value> = r.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| &x["status"])
-        .collect();
+    let statuses = result_statuses(&r);
     assert_eq!(statuses, [&json!(200); 3], "{}", r.body);
     assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
 }
