@@ -304,6 +304,22 @@ enum StoreCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// Check that every tenant's indexes, roster records, memberships, review queue,
+    /// counters, change log and dead letters agree with each other, and list what does
+    /// not; exits non-zero if anything does not. Stop rosterd first, or check a backup
+    /// of the running one (`--data-dir` its directory).
+    Check {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Check this store directory (a backup, say) instead of `server.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Put right every derived key found wrong (indexes, roster records,
+        /// back-references, review queue, counters), then check again. The documents,
+        /// assignments, memberships, events and letters are not changed.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Copy the store into a fresh directory that takes its place, keeping the old one
     /// as `<data_dir>.before-rewrite`: gives back the space a file grown by garbage holds
     /// (sled shrinks its file only from the end). Stop rosterd first; needs free space
@@ -392,6 +408,14 @@ fn run() -> Result<()> {
         Command::Store {
             command: StoreCommand::Rewrite { config, data_dir },
         } => rewrite_store(config, data_dir),
+        Command::Store {
+            command:
+                StoreCommand::Check {
+                    config,
+                    data_dir,
+                    repair,
+                },
+        } => check_store(config, data_dir, repair),
         Command::Store {
             command:
                 StoreCommand::Backup {
@@ -507,6 +531,87 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         done.kept.display()
     )?;
     Ok(())
+}
+
+fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result<()> {
+    let config = Config::load(&path)?;
+    let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
+        Ok(store) => store,
+        Err(e) if e.held_elsewhere() => anyhow::bail!(
+            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>`",
+            dir.display(),
+            config.backup_dir().display()
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context(key)),
+    };
+    let checked = (|| {
+        if repair {
+            let repaired = store.repair()?;
+            print_checks(&repaired, true)?;
+            outln!("checking again after the repair:")?;
+        }
+        let checked = store.check()?;
+        anyhow::Ok(print_checks(&checked, false)?)
+    })();
+    store.close().with_context(|| key.clone())?;
+    let problems = checked.with_context(|| format!("{key}: the check could not read the store"))?;
+    if problems > 0 {
+        anyhow::bail!(
+            "the store in {} has {problems} problems{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",
+            dir.display(),
+            if repair {
+                " that a repair cannot put right"
+            } else {
+                " (`--repair` puts right those of derived keys)"
+            }
+        );
+    }
+    outln!("{}: every check passed", dir.display())?;
+    Ok(())
+}
+
+/// A line per tenant and its problems; the number of problems.
+fn print_checks(checked: &[rosterd::store::TenantCheck], repairing: bool) -> Result<u64> {
+    let mut problems = 0;
+    for t in checked {
+        problems += t.problem_count;
+        let verdict = match t.problem_count {
+            0 => "OK".to_owned(),
+            1 => "1 problem".to_owned(),
+            n => format!("{n} problems"),
+        };
+        outln!(
+            "tenant {}: {} users, {} groups, {} memberships, {} changes, {} governance events, {} dead letters: {verdict}",
+            t.tenant,
+            t.users,
+            t.groups,
+            t.memberships,
+            t.changes,
+            t.governance_events,
+            t.dead_letters
+        )?;
+        if t.completed_a_write {
+            outln!("  (completed a write the last stop had interrupted, as a start would)")?;
+        }
+        for p in &t.problems {
+            outln!("  - {p}")?;
+        }
+        if t.problem_count > t.problems.len() as u64 {
+            outln!(
+                "  … and {} more (the first {} are listed)",
+                t.problem_count - t.problems.len() as u64,
+                rosterd::store::CHECK_LISTED
+            )?;
+        }
+        if repairing && t.problem_count > 0 {
+            outln!("  repaired: {} keys written or removed", t.repaired)?;
+        }
+    }
+    if checked.is_empty() && !repairing {
+        outln!("the store holds no tenant")?;
+    }
+    Ok(problems)
 }
 
 fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -> Result<()> {

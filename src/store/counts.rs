@@ -136,7 +136,7 @@ impl Txn<'_> {
 }
 
 /// Per archetype: users holding it, and how many of them are active.
-type Tally<N> = BTreeMap<String, (N, N)>;
+pub(super) type Tally<N> = BTreeMap<String, (N, N)>;
 
 fn tally(into: &mut Tally<i64>, record: &[u8], sign: i64) -> StoreResult<()> {
     if let Some((archetype, active)) = record::holding(record)? {
@@ -223,6 +223,55 @@ pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<[u64; 4]> {
         tree.insert(family.key(), &out[i].to_be_bytes())?;
     }
     Ok(out)
+}
+
+/// Each stored counter against a walk of its family, and each archetype's counter against
+/// `archetypes`, counted from the users' assignments (for `rosterd store check`); put
+/// right when repairing.
+pub(super) fn check(
+    tree: &sled::Tree,
+    archetypes: &Tally<u64>,
+    c: &mut super::check::TenantCheck,
+) -> StoreResult<()> {
+    for family in Counted::ALL {
+        let name = String::from_utf8_lossy(&family.key()[2..]).into_owned();
+        let walked = walk(tree, family)?;
+        match read(tree, family) {
+            Ok(stored) if stored == walked => continue,
+            Ok(stored) => c.problem(format!(
+                "the counter {name} says {stored}, but there are {walked}: /status and SCIM totals are off by {}",
+                stored.abs_diff(walked)
+            )),
+            Err(StoreError::Corrupt(e)) => c.problem(format!(
+                "the counter {name} cannot be read ({e}); there are {walked}"
+            )),
+            Err(e) => return Err(e),
+        }
+        c.fix(
+            tree,
+            family.key().to_vec(),
+            Some(walked.to_be_bytes().to_vec()),
+        )?;
+    }
+    let stored: Tally<u64> = read_all_archetypes(tree)?
+        .into_iter()
+        .map(|(a, users, active)| (a, (users, active)))
+        .collect();
+    let none = (0, 0);
+    let all: std::collections::BTreeSet<&String> = stored.keys().chain(archetypes.keys()).collect();
+    for archetype in all {
+        let s = stored.get(archetype).unwrap_or(&none);
+        let w = archetypes.get(archetype).unwrap_or(&none);
+        if s != w {
+            c.problem(format!(
+                "archetype {archetype:?} is counted as held by {} users ({} active), but {} users ({} active) hold it",
+                s.0, s.1, w.0, w.1
+            ));
+            let (key, value) = archetype_op(archetype, *w);
+            c.fix(tree, key, value)?;
+        }
+    }
+    Ok(())
 }
 
 /// The family's size by walking its keys.

@@ -122,6 +122,115 @@ pub(super) fn build_dead_counts(tree: &sled::Tree) -> StoreResult<u64> {
     Ok(total)
 }
 
+/// For `rosterd store check`: no connector's cursor is past the change log's sequence
+/// counter `last_seq` (it would skip the changes up to it), every dead letter decodes
+/// under an id its counter has given out, and each connector's count of letters is its
+/// letters. Returns how many letters there are. A repair puts the counts right, and the
+/// letters' counter past every letter.
+pub(super) fn check(
+    tree: &sled::Tree,
+    last_seq: u64,
+    c: &mut super::check::TenantCheck,
+) -> StoreResult<u64> {
+    let mut furthest = last_seq;
+    for kv in tree.scan_prefix([b'k', SEP]) {
+        let (k, v) = kv?;
+        let connector = String::from_utf8_lossy(&k[2..]).into_owned();
+        let cursor = decode_u64(&v, "connector cursor")?;
+        if cursor > last_seq {
+            c.problem(format!(
+                "connector {connector:?} has acknowledged up to change {cursor}, past the last change ({last_seq}): it would skip the next {} changes",
+                cursor - last_seq
+            ));
+            furthest = furthest.max(cursor);
+        }
+    }
+    // The next change is numbered past every cursor, so that none skips it; the numbers
+    // between were never used.
+    if furthest > last_seq {
+        c.fix(
+            tree,
+            super::keys::SEQ_KEY.to_vec(),
+            Some(furthest.to_be_bytes().to_vec()),
+        )?;
+    }
+    let given_out = match tree.get(DEAD_SEQ_KEY)? {
+        Some(v) => decode_u64(&v, "dead-letter counter")?,
+        None => 0,
+    };
+    let mut letters: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut total = 0;
+    let mut highest = given_out;
+    for kv in tree.scan_prefix([b'd', SEP]) {
+        let (k, v) = kv?;
+        // `d SEP conn SEP id`: the id is the last eight bytes.
+        let Some(split) = k.len().checked_sub(9).filter(|&s| s >= 2) else {
+            c.problem(format!(
+                "a dead letter under a malformed key: {:?}",
+                String::from_utf8_lossy(&k)
+            ));
+            continue;
+        };
+        let connector = &k[2..split];
+        let id = <[u8; 8]>::try_from(&k[split + 1..]).map_or(0, u64::from_be_bytes);
+        *letters.entry(connector.to_vec()).or_default() += 1;
+        total += 1;
+        let name = String::from_utf8_lossy(connector);
+        if id > given_out {
+            highest = highest.max(id);
+            c.problem(format!(
+                "dead letter {id} of connector {name:?} is past the letters' counter ({given_out}): the next letter set aside would overwrite it"
+            ));
+        }
+        match decode::<DeadLetter>(&v) {
+            Ok(letter) if letter.id != id => c.problem(format!(
+                "dead letter {id} of connector {name:?} holds letter {}",
+                letter.id
+            )),
+            Ok(_) => {}
+            Err(e) => c.problem(format!(
+                "dead letter {id} of connector {name:?} does not decode ({e}): it can only be discarded"
+            )),
+        }
+    }
+    if highest > given_out {
+        c.fix(
+            tree,
+            DEAD_SEQ_KEY.to_vec(),
+            Some(highest.to_be_bytes().to_vec()),
+        )?;
+    }
+    let counted_prefix = dead_count_key("");
+    let mut counted: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    for kv in tree.scan_prefix(&counted_prefix) {
+        let (k, v) = kv?;
+        counted.insert(
+            k[counted_prefix.len()..].to_vec(),
+            decode_u64(&v, "dead-letter count")?,
+        );
+    }
+    let names: std::collections::BTreeSet<&Vec<u8>> =
+        letters.keys().chain(counted.keys()).collect();
+    for connector in names {
+        let (has, says) = (
+            letters.get(connector).copied().unwrap_or(0),
+            counted.get(connector).copied().unwrap_or(0),
+        );
+        if has != says {
+            c.problem(format!(
+                "connector {:?} is counted as holding {says} dead letters, but holds {has}: status and metrics show the wrong number",
+                String::from_utf8_lossy(connector)
+            ));
+            c.fix(
+                tree,
+                dead_count_key(connector),
+                Some(has.to_be_bytes().to_vec()),
+            )?;
+        }
+    }
+    Ok(total)
+}
+
 /// `D conn SEP seq what` → the id of the dead letter holding that change's request.
 /// After a crash the batch is delivered again, and a target that refused a request
 /// refuses it again: the letter it already has is kept instead of a second one.

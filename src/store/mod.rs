@@ -8,6 +8,7 @@
 //! engine can take its place behind the same functions.
 
 mod backup;
+mod check;
 mod commit;
 mod counts;
 mod delivery;
@@ -18,6 +19,7 @@ mod rewrite;
 mod roster;
 mod rows;
 pub use backup::BackedUp;
+pub use check::{LISTED as CHECK_LISTED, TenantCheck};
 pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
 #[cfg(test)]
@@ -1323,6 +1325,26 @@ fn refuse_unwritable(dir: &Path) -> StoreResult<()> {
     Ok(())
 }
 
+/// An offline command run with `sudo` on the store of the unit's user: opening the store
+/// writes files (sled's snapshot, the completion of an interrupted write), which as root
+/// would belong to root, and the daemon's next start would refuse them.
+fn refuse_root_in_theirs(dir: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = match std::fs::metadata(dir) {
+        Ok(m) => m.uid(),
+        Err(_) => return Ok(()),
+    };
+    if euid() != 0 || owner == 0 {
+        return Ok(());
+    }
+    Err(StoreError::Open {
+        dir: dir.to_owned(),
+        message: format!(
+            "it belongs to uid {owner}, and this command runs as root: the files it writes there would be root's, which the daemon's next start refuses. Run it as the store's user instead (`sudo -u rosterd rosterd …`)"
+        ),
+    })
+}
+
 /// `dir` itself or its nearest ancestor that exists (the one a start would create it
 /// in); `dir` when none does.
 fn nearest_existing(dir: &Path) -> &Path {
@@ -1468,11 +1490,13 @@ impl Store {
         Self::open_checked(dir, cache_bytes, true)
     }
 
-    /// Open an existing store for reading it whole (`rosterd store backup`): one at an
-    /// older layout is refused rather than upgraded, since a backup must not change what
-    /// it copies, and a directory without a store is refused rather than made one.
+    /// Open an existing store for reading it whole (`rosterd store backup`, `store
+    /// check`): one at an older layout is refused rather than upgraded, since a backup
+    /// must not change what it copies, and a directory without a store is refused rather
+    /// than made one.
     pub fn open_existing(dir: &Path, cache_bytes: u64) -> StoreResult<Store> {
         require_store(dir)?;
+        refuse_root_in_theirs(dir)?;
         Self::open_checked(dir, cache_bytes, false)
     }
 
@@ -1556,7 +1580,7 @@ impl Store {
                 if (1..SCHEMA_VERSION).contains(&found) {
                     if !may_upgrade {
                         return Err(StoreError::Backend(format!(
-                            "the store in {} is at an older layout (version {found}, this build's is {SCHEMA_VERSION}); back it up with the rosterd that wrote it, or start this one on it first",
+                            "the store in {} is at an older layout (version {found}, this build's is {SCHEMA_VERSION}), which this command does not change: use the rosterd that wrote it, or start this one on it first (a start upgrades it)",
                             dir.display()
                         )));
                     }
@@ -1597,6 +1621,21 @@ impl Store {
                 backup: Mutex::new(None),
             }),
         })
+    }
+
+    /// Check every tenant's derived keys against the data they derive from (`rosterd
+    /// store check`). Meant for a store no daemon serves: a stopped one's, or a backup.
+    /// Opening a tenant completes a write a stop interrupted, as a start does.
+    pub fn check(&self) -> StoreResult<Vec<TenantCheck>> {
+        check::check_all(&self.inner.db, false)
+    }
+
+    /// The check, putting right every derived key it finds wrong as it goes (`rosterd
+    /// store check --repair`): what each document, assignment, membership, event and
+    /// letter implies is written, and what none implies is removed. Those primary keys
+    /// are not changed, so what disagrees among them stays, and a second check lists it.
+    pub fn repair(&self) -> StoreResult<Vec<TenantCheck>> {
+        check::check_all(&self.inner.db, true)
     }
 
     /// Open these tenants' data now rather than at their first request: after a crash
@@ -2922,6 +2961,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(same.version, updated.version);
+    }
+
+    #[test]
+    fn root_does_not_open_another_users_store_offline() {
+        let dir = closed_store_with_users(1);
+        if euid() != 0 {
+            // Only root can give the directory away; as another user there is nothing to
+            // refuse.
+            Store::open_existing(dir.path(), 1 << 20)
+                .unwrap()
+                .close()
+                .unwrap();
+            return;
+        }
+        let chown = |uid: u32| std::os::unix::fs::chown(dir.path(), Some(uid), None).unwrap();
+        let files = || {
+            let mut all: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    (e.file_name(), m.len(), m.modified().unwrap())
+                })
+                .collect();
+            all.sort();
+            all
+        };
+        let before = files();
+        chown(65534);
+        let e = Store::open_existing(dir.path(), 1 << 20)
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains("belongs to uid 65534") && text.contains("sudo -u rosterd"),
+            "{text}"
+        );
+        assert_eq!(files(), before, "nothing is written as root");
+        chown(0);
+        let store = past_the_lock(|| Store::open_existing(dir.path(), 1 << 20)).unwrap();
+        store.close().unwrap();
     }
 
     #[test]

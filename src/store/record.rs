@@ -392,6 +392,15 @@ impl super::Store {
     }
 }
 
+/// The stored bytes of the record of a user with this document and assignment: what
+/// `rosterd store check` compares the stored record with.
+pub(super) fn expected(doc: &Value, assignment: Option<&Assignment>) -> StoreResult<Vec<u8>> {
+    encode(&RosterRecord {
+        user: UserFields::new(doc),
+        assignment: assignment.map(RecordAssignment::new),
+    })
+}
+
 /// Build every user's record and index entries in `tree` from the stored documents and
 /// assignments: the migration from layout version 1, which had neither the records nor
 /// the inactive index. Idempotent, so a crash part-way just runs it again. Returns the

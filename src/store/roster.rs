@@ -234,7 +234,7 @@ pub const EVENT_KINDS: [&str; 4] = [
     "rbac.archetype_removed",
 ];
 
-fn kind_indexed(kind: &str) -> bool {
+pub(super) fn kind_indexed(kind: &str) -> bool {
     kind != "rbac.archetype_assigned"
 }
 

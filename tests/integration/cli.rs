@@ -2218,3 +2218,112 @@ async fn tokens_living_longer_than_the_limit_are_refused_and_not_minted() {
     assert!(!ok, "{out}");
     assert!(err.contains("rosterd answered 404"), "{err}");
 }
+
+/// `rosterd store check` names what disagrees in a damaged store and exits non-zero;
+/// a store the daemon wrote checks clean, and one the daemon holds is refused. The
+/// damage is made with the storage engine itself, as a bug or a torn write would leave
+/// it: a counter that is off, and more index entries of nobody than the check lists.
+#[tokio::test]
+async fn store_check_names_what_disagrees_and_fails() {
+    use crate::harness::{TENANT, TestDaemon};
+    let mut d = TestDaemon::start().await;
+    let a = d.create_user("a@acme.test").await;
+    let g = d.create_group("Ops").await;
+    d.add_members(&g, &[&a]).await;
+    d.create_user("b@acme.test").await;
+    d.idle().await;
+    let data = d.root.join("data");
+    let config = d.root.join("config.toml");
+    let args = [
+        "store",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (ok, _, err) = rosterd_async(&args).await;
+    assert!(!ok, "checked a store the daemon holds");
+    assert!(err.contains("rosterd is running on"), "{err}");
+
+    d.stop().await;
+    let (ok, out, err) = rosterd_async(&args).await;
+    assert!(ok, "{out} {err}");
+    assert!(
+        out.contains(&format!(
+            "tenant {TENANT}: 2 users, 1 groups, 1 memberships,"
+        )) && out.contains(": OK\n")
+            && out.contains("every check passed"),
+        "{out}"
+    );
+
+    {
+        let db = sled::open(&data).unwrap();
+        let tree = db.open_tree(format!("tenant/{TENANT}")).unwrap();
+        tree.insert(b"s\0count:users", &9u64.to_be_bytes()).unwrap();
+        for i in 0..60 {
+            let key = format!("i\0dp\0ghosts\0{:036}", i);
+            tree.insert(key.as_bytes(), &[]).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let (ok, out, err) = rosterd_async(&args).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("tenant {TENANT}: 2 users")) && out.contains(": 61 problems"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the counter count:users says 9, but there are 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the department index entry \"ghosts\" points at user 000000000000000000000000000000000000, which does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("… and 11 more (the first 50 are listed)"),
+        "{out}"
+    );
+    assert!(
+        err.contains("has 61 problems") && err.contains("--repair") && err.contains("backup"),
+        "{err}"
+    );
+
+    // The repair puts the counter right and removes the entries of nobody; the daemon
+    // then counts what it holds (it said 9 before).
+    let repair: Vec<&str> = args.iter().copied().chain(["--repair"]).collect();
+    let (ok, out, err) = rosterd_async(&repair).await;
+    assert!(ok, "{out} {err}");
+    let again = out.find("checking again after the repair:").expect(&out);
+    assert!(out[..again].contains(": 61 problems"), "{out}");
+    assert!(
+        out[..again].contains("repaired: 61 keys written or removed"),
+        "{out}"
+    );
+    assert!(
+        out[again..].contains(": OK\n") && out.contains("every check passed"),
+        "{out}"
+    );
+    let d = d.restart().await;
+    assert_eq!(d.get("/Users").await.body["totalResults"], 2);
+    let mut d = d;
+    d.stop().await;
+
+    let missing = d.root.join("nowhere");
+    let (ok, _, err) = rosterd_async(&[
+        "store",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        missing.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("nowhere"), "{err}");
+    assert!(
+        !missing.exists(),
+        "a check made the directory it was to check"
+    );
+}

@@ -322,12 +322,32 @@ async fn kill_9_mid_mirror_loses_nothing() {
         assert!(tokio::time::Instant::now() < deadline, "burst too slow");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let check = || {
+        outcome(
+            Command::new(env!("CARGO_BIN_EXE_rosterd"))
+                .args(["store", "check", "--config"])
+                .arg(root.join("config.toml")),
+        )
+    };
+    let (ok, out) = check();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("rosterd is running on") && out.contains("store check --data-dir"),
+        "{out}"
+    );
     d.kill9();
     for w in writers {
         let _ = w.await;
     }
     let acked = acked.lock().unwrap().clone();
     let delivered_before = target.count(Kind::User);
+    // What the kill left, a write cut in half or not, checks clean.
+    let (ok, out) = check();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("tenant {TENANT}: ")) && out.contains("every check passed"),
+        "{out}"
+    );
 
     target.clear_faults();
     let d = ChildDaemon::start(&root, &env).await;

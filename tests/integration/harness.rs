@@ -380,10 +380,16 @@ impl TestDaemon {
             .expect("join")
     }
 
+    /// Stop gracefully, then check the store it leaves: every test that stops or restarts
+    /// a daemon also checks that the store's derived keys agree with its documents.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(h) = self.handle.take() {
             h.await.expect("join").expect("daemon exited with an error");
+            let data = self.root.join("data");
+            tokio::task::spawn_blocking(move || assert_store_checks_clean(&data))
+                .await
+                .expect("store check");
         }
     }
 
@@ -509,6 +515,36 @@ impl TestDaemon {
             .await;
         assert_eq!(r.status, 201, "create group {name}: {}", r.body);
         r.body["id"].as_str().expect("id").to_owned()
+    }
+}
+
+/// `rosterd store check` on a stopped daemon's store finds nothing wrong.
+pub fn assert_store_checks_clean(data: &Path) {
+    if !rosterd::store::Store::holds_store(data) {
+        return;
+    }
+    // sled lets go of its file lock a moment after the daemon's last handle drops.
+    let mut tries = 0;
+    let store = loop {
+        match rosterd::store::Store::open_existing(data, 16 << 20) {
+            Ok(store) => break store,
+            Err(e) if e.held_elsewhere() && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => panic!("store check: cannot open {}: {e}", data.display()),
+        }
+    };
+    let checked = store.check().expect("store check reads the store");
+    store.close().expect("store check closes the store");
+    for t in checked {
+        assert_eq!(
+            t.problems,
+            Vec::<String>::new(),
+            "store check of tenant {} after a graceful stop ({} problems)",
+            t.tenant,
+            t.problem_count
+        );
     }
 }
 
