@@ -1243,6 +1243,12 @@ const TORN_COPY: &str = " (a copy of the directory taken while rosterd was runni
 const ROWS_DIR: &str = "rows";
 
 /// The ids of the groups `member` is a direct member of, in `tree`.
+/// The tenant's export row file in the data directory `dir` (see `rows.rs`).
+fn rows_path(dir: &Path, tenant: &str) -> PathBuf {
+    dir.join(ROWS_DIR)
+        .join(format!("{}.rows", hex::encode(tenant)))
+}
+
 fn groups_in(tree: &sled::Tree, member: &str) -> StoreResult<Vec<String>> {
     let prefix = keys::backrefs_prefix(member);
     let mut out = Vec::new();
@@ -1627,7 +1633,7 @@ impl Store {
     /// store check`). Meant for a store no daemon serves: a stopped one's, or a backup.
     /// Opening a tenant completes a write a stop interrupted, as a start does.
     pub fn check(&self) -> StoreResult<Vec<TenantCheck>> {
-        check::check_all(&self.inner.db, false)
+        check::check_all(&self.inner.db, &self.inner.dir, false)
     }
 
     /// The check, putting right every derived key it finds wrong as it goes (`rosterd
@@ -1635,7 +1641,7 @@ impl Store {
     /// letter implies is written, and what none implies is removed. Those primary keys
     /// are not changed, so what disagrees among them stays, and a second check lists it.
     pub fn repair(&self) -> StoreResult<Vec<TenantCheck>> {
-        check::check_all(&self.inner.db, true)
+        check::check_all(&self.inner.db, &self.inner.dir, true)
     }
 
     /// Open these tenants' data now rather than at their first request: after a crash
@@ -1692,11 +1698,7 @@ impl Store {
         let last_write = roster::last_event_time(&tree)?
             .max(newest_change_time(&tree)?)
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let rows_path = self
-            .inner
-            .dir
-            .join(ROWS_DIR)
-            .join(format!("{}.rows", hex::encode(tenant)));
+        let rows_path = rows_path(&self.inner.dir, tenant);
         let rows = rows::RowFile::open(&rows_path, &tree)
             .inspect_err(|e| {
                 tracing::warn!(tenant, error = %e, "Cannot open the export's copy of the roster records; exports read the store instead.");

@@ -359,6 +359,18 @@ impl RowFile {
         Ok(rows)
     }
 
+    /// The file at `path` if a clean close vouched for it, without building it otherwise
+    /// (`rosterd store check`). Opening it takes the vouching back, as any open does.
+    pub(super) fn open_vouched(path: &Path, tree: &sled::Tree) -> StoreResult<Option<RowFile>> {
+        let Some(token) = tree.get(keys::ROWS_TOKEN_KEY)? else {
+            return Ok(None);
+        };
+        match File::options().read(true).write(true).open(path) {
+            Ok(file) => Self::load(path, file, &token, marks(tree)?),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The file at `path` as a clean close left it, if it did, with the tree's `token`
     /// and `marks` as they are now.
     fn load(
