@@ -1776,6 +1776,15 @@ where
 /// The task of an HTTP connector (OneRoster, webhook).
 async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let tenant = ctx.tenant().to_owned();
+    // Paused as it was at the stop (its target refused everything): nothing goes out
+    // until the operator resumes it. Said as such: a OneRoster connector showed
+    // "preflight" meanwhile, as if its preflight were what failed.
+    if ctx.live.refusal_pause().is_some() {
+        ctx.live.set_state("paused");
+        if !ctx.live.wait_unpaused(&ctx.cancel).await {
+            return Ok(());
+        }
+    }
     if let Target::OneRoster { settings, .. } = &ctx.target {
         // The org must exist and the course must be in place before any class.
         ctx.live.set_state("preflight");

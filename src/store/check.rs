@@ -381,11 +381,20 @@ fn holds(
     index: Index,
     value: &str,
 ) -> StoreResult<bool> {
-    Ok(match tree.get(keys::resource(kind, id))? {
-        Some(doc) => decode::<Value>(&doc)
-            .map(|doc| index_entries(kind, id, &doc).contains(&(index, value.to_owned())))
-            // A document that does not decode is a problem of its own; its entries stay.
-            .unwrap_or(true),
+    stored_and(tree, keys::resource(kind, id), |doc: &Value| {
+        index_entries(kind, id, doc).contains(&(index, value.to_owned()))
+    })
+}
+
+/// Whether a value is stored at `key` and `explains` it. One that does not decode is a
+/// problem of its own, found where it is read: what it would explain is left alone.
+fn stored_and<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: Vec<u8>,
+    explains: impl FnOnce(&T) -> bool,
+) -> StoreResult<bool> {
+    Ok(match tree.get(key)? {
+        Some(bytes) => decode::<T>(&bytes).map_or(true, |v| explains(&v)),
         None => false,
     })
 }
@@ -505,12 +514,9 @@ fn check_per_user_families(
                 continue;
             };
             let archetype = String::from_utf8_lossy(&k[2..end.max(2)]).into_owned();
-            let held = match tree.get(keys::assignment(id))? {
-                Some(b) => decode::<Assignment>(&b)
-                    .map(|a| a.archetype_id.as_deref() == Some(archetype.as_str()))
-                    .unwrap_or(true),
-                None => false,
-            };
+            let held = stored_and(tree, keys::assignment(id), |a: &Assignment| {
+                a.archetype_id.as_deref() == Some(archetype.as_str())
+            })?;
             if !held {
                 c.problem(format!(
                     "the archetype index lists user {id} under {archetype:?}, which the user does not hold"
@@ -744,18 +750,13 @@ fn check_governance(
             };
             let value = String::from_utf8_lossy(&k[2..split]).into_owned();
             let seq = <[u8; 8]>::try_from(&k[split + 1..]).map_or(0, u64::from_be_bytes);
-            let found = match tree.get(keys::governance(seq))? {
-                Some(b) => decode::<GovernanceEvent>(&b)
-                    .map(|e| {
-                        if tag == b'e' {
-                            e.user == value
-                        } else {
-                            e.kind == value
-                        }
-                    })
-                    .unwrap_or(true),
-                None => false,
-            };
+            let found = stored_and(tree, keys::governance(seq), |e: &GovernanceEvent| {
+                if tag == b'e' {
+                    e.user == value
+                } else {
+                    e.kind == value
+                }
+            })?;
             if !found {
                 c.problem(format!(
                     "the governance events by {by} list event {seq} under {value:?}, which has no such event"

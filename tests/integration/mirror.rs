@@ -985,6 +985,7 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
         c["paused"] == true && c["last_error"] == json!(error) && c["last_error_at"] == since,
         "{c} (since {since})"
     );
+    assert_eq!(c["state"], "paused", "{c}");
     assert_eq!(
         logs.lines("starts paused until resumed, as it was").len(),
         1
