@@ -1341,6 +1341,8 @@ fn call_daemon_within(
 /// Dead letters a `replay --all` sends the daemon at once: it starts letters for about
 /// 20 s a call and hands back those it did not begin.
 const REPLAY_BATCH: usize = 200;
+/// Dead letters a `discard --all` drops at once: as many as the daemon takes in a call.
+const DISCARD_BATCH: usize = 1000;
 /// Letters refused again, with none replayed, after which `replay --all` stops.
 const REPLAY_GIVE_UP: usize = 20;
 /// How long a replay waits for the daemon's answer: a letter it began near the end of its
@@ -1617,16 +1619,9 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
         }
         DeadLetterCommand::Discard { connector, id, all } => {
             let ids = ids(&connector, id, all, "discard")?;
-            let (mut kept, mut discarded) = (0usize, 0usize);
-            for &id in &ids {
-                let (status, body) = call_daemon(
-                    daemon,
-                    Some(tenant),
-                    Method::DELETE,
-                    &format!("{base}/{connector}/dead-letters/{id}"),
-                    None,
-                )?;
-                match fail_unless_ok(status, &body) {
+            let (mut kept, mut discarded, mut unaccounted) = (0usize, 0usize, 0usize);
+            let mut report = |id: u64, status: reqwest::StatusCode, body: &serde_json::Value| {
+                match fail_unless_ok(status, body) {
                     Ok(()) => {
                         discarded += 1;
                         outln!("{connector}: dead letter #{id} discarded")?;
@@ -1645,7 +1640,67 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                         );
                     }
                 }
+                Ok(())
+            };
+            // All of them: a thousand a call, in one store write each.
+            let mut one_by_one = !all;
+            let mut left: &[u64] = &ids;
+            while !one_by_one && !left.is_empty() {
+                let (batch, rest) = left.split_at(left.len().min(DISCARD_BATCH));
+                let (status, body) = call_daemon(
+                    daemon,
+                    Some(tenant),
+                    Method::POST,
+                    &format!("{base}/{connector}/dead-letters:discard"),
+                    Some(serde_json::json!({ "ids": batch })),
+                )?;
+                // A daemon older than this command has no batch call: one call a letter.
+                if status == reqwest::StatusCode::NOT_FOUND
+                    && body["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("no such endpoint"))
+                {
+                    one_by_one = true;
+                    break;
+                }
+                fail_unless_ok(status, &body)?;
+                let mut answered = std::collections::HashSet::new();
+                for r in body["results"].as_array().into_iter().flatten() {
+                    let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
+                        anyhow::bail!(
+                            "the daemon's answer lists a result without id or status: {r}"
+                        );
+                    };
+                    if !batch.contains(&id) || !answered.insert(id) {
+                        continue;
+                    }
+                    let status = u16::try_from(code)
+                        .ok()
+                        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
+                        .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+                    report(id, status, r)?;
+                }
+                for &id in batch.iter().filter(|id| !answered.contains(id)) {
+                    unaccounted += 1;
+                    note!(
+                        "{connector}: dead letter #{id} not known to be discarded, it may stay: the daemon's answer does not say what became of it"
+                    );
+                }
+                left = rest;
             }
+            if one_by_one {
+                for &id in left {
+                    let (status, body) = call_daemon(
+                        daemon,
+                        Some(tenant),
+                        Method::DELETE,
+                        &format!("{base}/{connector}/dead-letters/{id}"),
+                        None,
+                    )?;
+                    report(id, status, &body)?;
+                }
+            }
+            let kept = kept + unaccounted;
             if kept > 0 {
                 anyhow::bail!(
                     "{kept} of {} dead letters were not discarded (see above)",

@@ -41,6 +41,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
             "/api/v1/roster/connectors/{name}/dead-letters:replay",
             post(replay_batch),
         )
+        .route(
+            "/api/v1/roster/connectors/{name}/dead-letters:discard",
+            post(discard_batch),
+        )
 }
 
 impl From<DispatchError> for ApiError {
@@ -203,7 +207,7 @@ async fn replay(
     Ok(Json(replayed).into_response())
 }
 
-/// The most letters one `dead-letters:replay` names.
+/// The most letters one `dead-letters:replay` or `dead-letters:discard` names.
 pub const REPLAY_BATCH_MAX: usize = 1000;
 
 /// How long one `dead-letters:replay` goes on starting letters: the CLI waits a minute
@@ -222,27 +226,7 @@ async fn replay_batch(
     body: axum::body::Body,
 ) -> ApiResult<Response> {
     let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
-    let body = super::roster::read_body(&st, &headers, body).await?;
-    const EXPECTED: &str = "expected {\"ids\": [dead letter ids]}";
-    #[derive(serde::Deserialize, Default)]
-    #[serde(deny_unknown_fields)]
-    struct BatchBody {
-        #[serde(default)]
-        ids: Vec<u64>,
-    }
-    let BatchBody { ids } = super::options_body(&headers, &body, EXPECTED)?;
-    if ids.is_empty() || ids.len() > REPLAY_BATCH_MAX {
-        return Err(ApiError::BadRequest(format!(
-            "ids must name 1 to {REPLAY_BATCH_MAX} dead letters, not {}; {EXPECTED}",
-            ids.len()
-        )));
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(twice) = ids.iter().find(|&&id| !seen.insert(id)) {
-        return Err(ApiError::BadRequest(format!(
-            "ids names dead letter {twice} twice; {EXPECTED}"
-        )));
-    }
+    let ids = batch_ids(&st, &headers, body).await?;
     let (done, not_attempted) = st
         .dispatch
         .replay_batch(&caller.tenant, &name, &ids, REPLAY_BATCH_BUDGET)
@@ -256,14 +240,72 @@ async fn replay_batch(
                 v["status"] = json!(200);
                 v
             }
-            Err(e) => {
-                let e = ApiError::from(e);
-                let (status, code) = e.status_and_code();
-                json!({"id": id, "status": status.as_u16(), "error": code, "message": e.message()})
-            }
+            Err(e) => failed(id, e),
         })
         .collect();
     Ok(Json(json!({"results": results, "not_attempted": not_attempted})).into_response())
+}
+
+/// `POST /connectors/{name}/dead-letters:discard` with `{"ids": [...]}`: drop each, as
+/// `DELETE …/{id}` would, in one store write. Each letter's outcome is its own.
+async fn discard_batch(
+    State(st): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Params(p): Params,
+    body: axum::body::Body,
+) -> ApiResult<Response> {
+    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let ids = batch_ids(&st, &headers, body).await?;
+    let done = st
+        .dispatch
+        .discard_batch(&caller.tenant, &name, &ids)
+        .await?;
+    let results: Vec<Value> = done
+        .into_iter()
+        .map(|(id, r)| match r {
+            Ok(()) => json!({"id": id, "status": 204}),
+            Err(e) => failed(id, e),
+        })
+        .collect();
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+/// The dead letter ids a batch call names: 1 to [`REPLAY_BATCH_MAX`], none twice.
+async fn batch_ids(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Vec<u64>> {
+    let body = super::roster::read_body(st, headers, body).await?;
+    const EXPECTED: &str = "expected {\"ids\": [dead letter ids]}";
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct BatchBody {
+        #[serde(default)]
+        ids: Vec<u64>,
+    }
+    let BatchBody { ids } = super::options_body(headers, &body, EXPECTED)?;
+    if ids.is_empty() || ids.len() > REPLAY_BATCH_MAX {
+        return Err(ApiError::BadRequest(format!(
+            "ids must name 1 to {REPLAY_BATCH_MAX} dead letters, not {}; {EXPECTED}",
+            ids.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = ids.iter().find(|&&id| !seen.insert(id)) {
+        return Err(ApiError::BadRequest(format!(
+            "ids names dead letter {twice} twice; {EXPECTED}"
+        )));
+    }
+    Ok(ids)
+}
+
+/// One letter's failure in a batch's answer: what its single call would have answered.
+fn failed(id: u64, e: DispatchError) -> Value {
+    let e = ApiError::from(e);
+    let (status, code) = e.status_and_code();
+    json!({"id": id, "status": status.as_u16(), "error": code, "message": e.message()})
 }
 
 /// `POST /connectors/{name}/resume`: lift a pause. `{"skip_held": true}` lets a

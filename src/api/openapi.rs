@@ -393,6 +393,21 @@ pub fn openapi_document() -> Value {
                     "400": error_response("ids missing, empty, over the limit, repeated, or not numbers")}),
                     &[("404", "No such connector"), ("409", "The connector is disabled or not running")])
             }},
+            "/api/v1/roster/connectors/{name}/dead-letters:discard": {"post": {
+                "operationId": "discardDeadLetters", "summary": "Drop several dead letters at once (roster:admin)",
+                "description": "Each letter is dropped as discardDeadLetter would, and its outcome is its own: one a replay is sending (409) or one gone already (404) does not keep the others. All go in one store write. `rosterd dead-letters discard --all` uses it.",
+                "parameters": [path_param("name", "The connector's name")],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["ids"], "additionalProperties": false, "properties": {
+                    "ids": {"type": "array", "minItems": 1, "maxItems": super::mirror::REPLAY_BATCH_MAX, "uniqueItems": true, "items": {"type": "integer", "minimum": 0}, "description": "Dead letter ids"}}}}}},
+                "responses": common_errors(json!({"200": ok_json("Each letter's outcome, in the order given", json!({"type": "object", "required": ["results"], "properties": {
+                        "results": {"type": "array", "items": {"type": "object", "required": ["id", "status"], "properties": {
+                            "id": {"type": "integer"},
+                            "status": {"type": "integer", "description": "What discardDeadLetter would have answered for this letter: 204, or its error's status (404, 409)"},
+                            "error": {"type": "string", "description": "Set when status is not 204: the error code discardDeadLetter would give"},
+                            "message": {"type": "string"}}}}}})),
+                    "400": error_response("ids missing, empty, over the limit, repeated, or not numbers")}),
+                    &[("404", "No such connector")])
+            }},
             "/api/v1/roster/scim/jobs/{job_id}": {"get": {
                 "operationId": "getJob", "summary": "A sync job's state and counts",
                 "parameters": [path_param("job_id", "The job_id scim:sync returned")],

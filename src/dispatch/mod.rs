@@ -3143,19 +3143,56 @@ impl Dispatcher {
     }
 
     pub async fn discard(&self, tenant: &str, name: &str, id: u64) -> Result<(), DispatchError> {
+        let mut done = self.discard_batch(tenant, name, &[id]).await?;
+        done.pop()
+            .map_or(Err(DispatchError::NoSuchLetter(id)), |(_, r)| r)
+    }
+
+    /// Drop several dead letters in one store write, each with its own outcome: one a
+    /// replay is sending (409) or one gone already (404) does not keep the others. At 300
+    /// a second one call at a time, 20,000 letters took the operator over a minute.
+    pub async fn discard_batch(
+        &self,
+        tenant: &str,
+        name: &str,
+        ids: &[u64],
+    ) -> Result<Vec<(u64, Result<(), DispatchError>)>, DispatchError> {
         let Found { live, .. } = self.find(tenant, name)?;
-        // A letter being replayed is the replay's: it goes if the target takes it.
-        let _claim = live
-            .claim_replay(id)
-            .ok_or_else(|| Self::in_hand(name, id))?;
-        let letter = self.stored_letter(tenant, name, id)?;
-        if !self.store.remove_dead_letter(tenant, name, id).await? {
-            return Err(DispatchError::NoSuchLetter(id));
+        let mut outcome: Vec<(u64, Result<(), DispatchError>)> = Vec::with_capacity(ids.len());
+        let mut claims = Vec::new();
+        let mut letters = Vec::new();
+        for &id in ids {
+            // A letter being replayed is the replay's: it goes if the target takes it.
+            let Some(claim) = live.claim_replay(id) else {
+                outcome.push((id, Err(Self::in_hand(name, id))));
+                continue;
+            };
+            match self.stored_letter(tenant, name, id) {
+                Ok(letter) => {
+                    claims.push(claim);
+                    letters.push((id, letter));
+                    outcome.push((id, Ok(())));
+                }
+                Err(e) => outcome.push((id, Err(e))),
+            }
         }
-        // The change is now never delivered to this target: the log is its only trace.
-        let ev = &letter.event;
-        tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
-        Ok(())
+        let wanted: Vec<u64> = letters.iter().map(|(id, _)| *id).collect();
+        let removed = self.store.remove_dead_letters(tenant, name, wanted).await?;
+        drop(claims);
+        let mut removed = letters.iter().zip(removed);
+        for (id, result) in outcome.iter_mut().filter(|(_, r)| r.is_ok()) {
+            let Some(((_, letter), gone)) = removed.next() else {
+                break;
+            };
+            if !gone {
+                *result = Err(DispatchError::NoSuchLetter(*id));
+                continue;
+            }
+            // The change is now never delivered to this target: the log is its only trace.
+            let ev = &letter.event;
+            tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+        }
+        Ok(outcome)
     }
 
     /// Send a dead letter's change again, once. On success the letter is removed; on

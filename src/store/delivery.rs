@@ -654,19 +654,41 @@ impl Store {
         connector: &str,
         id: u64,
     ) -> StoreResult<bool> {
-        let key = dead_key(connector, id);
+        let removed = self
+            .remove_dead_letters(tenant, connector, vec![id])
+            .await?;
+        Ok(removed.first() == Some(&true))
+    }
+
+    /// Remove several dead letters in one write (an operator's discard of many: one
+    /// write, and one flush, for them all); for each id, whether it was there.
+    pub async fn remove_dead_letters(
+        &self,
+        tenant: &str,
+        connector: &str,
+        ids: Vec<u64>,
+    ) -> StoreResult<Vec<bool>> {
         let connector = connector.to_owned();
         self.write(tenant, move |txn| {
-            let Some(v) = txn.get(&key)? else {
-                return Ok(false);
-            };
-            // A letter that no longer decodes still goes; only its reference stays.
-            if let Ok(letter) = super::decode::<DeadLetter>(&v) {
-                txn.del(dead_ref_key(&letter));
+            let mut removed = Vec::with_capacity(ids.len());
+            for &id in &ids {
+                let key = dead_key(&connector, id);
+                let Some(v) = txn.get(&key)? else {
+                    removed.push(false);
+                    continue;
+                };
+                // A letter that no longer decodes still goes; only its reference stays.
+                if let Ok(letter) = super::decode::<DeadLetter>(&v) {
+                    txn.del(dead_ref_key(&letter));
+                }
+                txn.del(key);
+                removed.push(true);
             }
-            txn.del(key);
-            add_to_dead_count(txn, &connector, -1)?;
-            Ok(true)
+            let gone = removed.iter().filter(|&&r| r).count();
+            if gone > 0 {
+                add_to_dead_count(txn, &connector, -i64::try_from(gone).unwrap_or(i64::MAX))?;
+            }
+            Ok(removed)
         })
         .await
     }

@@ -2046,6 +2046,85 @@ async fn discard_all_drops_every_letter_but_one_being_replayed() {
     assert_eq!(out.trim(), "hooks: no dead letters", "{out}");
 }
 
+/// `dead-letters:discard` drops the letters it names in one call, each with its own
+/// outcome; a body that names none, too many or one twice is refused whole, as is a
+/// caller without roster:admin.
+#[tokio::test]
+async fn letters_are_discarded_many_at_a_time_each_with_its_outcome() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (d, _hook, _, letters) = refused_creations_then_changes(3).await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let discard = |token: String, body: Value| {
+        let d = &d;
+        async move {
+            d.roster(
+                Method::POST,
+                "/connectors/hooks/dead-letters:discard",
+                &token,
+                Some(body),
+            )
+            .await
+        }
+    };
+    let too_many: Vec<u64> = (1..=1001).collect();
+    for body in [
+        json!({}),
+        json!({ "ids": [] }),
+        json!({ "ids": too_many }),
+        json!({ "ids": [letters[0], letters[0]] }),
+        json!({ "ids": ["one"] }),
+        json!({ "ids": [letters[0]], "all": true }),
+    ] {
+        let r = discard(admin.clone(), body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+    }
+    let r = discard(d.jwt(TENANT, "roster:read"), json!({ "ids": [letters[0]] })).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        dead_letter_ids(&d, "hooks").await,
+        letters,
+        "nothing refused went"
+    );
+
+    let r = discard(
+        admin.clone(),
+        json!({ "ids": [letters[2], 999_999, letters[0]] }),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let outcomes: Vec<(u64, u64)> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["id"].as_u64().unwrap(), x["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [(letters[2], 204), (999_999, 404), (letters[0], 204)],
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["results"][1]["error"], "not_found", "{}", r.body);
+    assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[1]]);
+    assert_eq!(connector(&d, "hooks").await["dead_letters"], 1);
+    assert_eq!(
+        logs.lines("Dead letter discarded by the operator").len(),
+        2,
+        "each discarded letter is in the log"
+    );
+    let r = discard(admin, json!({ "ids": [letters[1]] })).await;
+    assert_eq!(r.body["results"][0]["status"], 204, "{}", r.body);
+    let r = d
+        .roster(
+            Method::POST,
+            "/connectors/nobody/dead-letters:discard",
+            &d.jwt(TENANT, "roster:admin"),
+            Some(json!({ "ids": [1] })),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
 /// Two calls replaying one letter at once (a CLI run again while the call it gave up on
 /// goes on): one sends it, the other is refused, and the target gets it once.
 #[tokio::test]
