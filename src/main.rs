@@ -534,8 +534,10 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
 }
 
 fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result<()> {
-    let config = Config::load(&path)?;
+    let mut config = Config::load(&path)?;
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    // The backups the refusal below points to are those of the store checked.
+    config.server.data_dir = dir.clone();
     let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
         Ok(store) => store,
         Err(e) if e.held_elsewhere() => anyhow::bail!(

@@ -2245,6 +2245,24 @@ async fn store_check_names_what_disagrees_and_fails() {
     let (ok, _, err) = rosterd_async(&args).await;
     assert!(!ok, "checked a store the daemon holds");
     assert!(err.contains("rosterd is running on"), "{err}");
+    // Named by another path (as the unit's StateDirectory names the config's), the
+    // advice points to the backups beside the directory given.
+    let alias = d.root.join("alias");
+    std::os::unix::fs::symlink(&data, &alias).unwrap();
+    let (ok, _, err) = rosterd_async(&[
+        "store",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        alias.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("writes one into {}-backups", alias.display())),
+        "{err}"
+    );
 
     d.stop().await;
     let (ok, out, err) = rosterd_async(&args).await;
