@@ -1550,37 +1550,17 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                         batch[batch.len() - 1]
                     )
                 })?;
-                // A daemon older than this command has no batch call: one call a letter.
-                if status == reqwest::StatusCode::NOT_FOUND
-                    && body["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("no such endpoint"))
-                {
+                let Some(results) = batch_results(status, &body, &batch)? else {
                     one_by_one = true;
                     for id in batch.into_iter().rev() {
                         left.push_front(id);
                     }
                     continue;
-                }
-                // The connector as a whole (unknown, not running): every letter would fail
-                // alike.
-                fail_unless_ok(status, &body)?;
+                };
                 let mut answered = std::collections::HashSet::new();
-                for r in body["results"].as_array().into_iter().flatten() {
-                    let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
-                        anyhow::bail!(
-                            "the daemon's answer lists a result without id or status: {r}"
-                        );
-                    };
-                    // Each letter counts once, and only one this call asked for.
-                    if !batch.contains(&id) || !answered.insert(id) {
-                        continue;
-                    }
-                    let status = u16::try_from(code)
-                        .ok()
-                        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
-                        .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
-                    report(id, status, r)?;
+                for (id, status, r) in &results {
+                    answered.insert(*id);
+                    report(*id, *status, r)?;
                 }
                 if answered.is_empty() {
                     anyhow::bail!(
@@ -1656,31 +1636,14 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     &format!("{base}/{connector}/dead-letters:discard"),
                     Some(serde_json::json!({ "ids": batch })),
                 )?;
-                // A daemon older than this command has no batch call: one call a letter.
-                if status == reqwest::StatusCode::NOT_FOUND
-                    && body["message"]
-                        .as_str()
-                        .is_some_and(|m| m.contains("no such endpoint"))
-                {
+                let Some(results) = batch_results(status, &body, batch)? else {
                     one_by_one = true;
                     break;
-                }
-                fail_unless_ok(status, &body)?;
+                };
                 let mut answered = std::collections::HashSet::new();
-                for r in body["results"].as_array().into_iter().flatten() {
-                    let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
-                        anyhow::bail!(
-                            "the daemon's answer lists a result without id or status: {r}"
-                        );
-                    };
-                    if !batch.contains(&id) || !answered.insert(id) {
-                        continue;
-                    }
-                    let status = u16::try_from(code)
-                        .ok()
-                        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
-                        .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
-                    report(id, status, r)?;
+                for (id, status, r) in &results {
+                    answered.insert(*id);
+                    report(*id, *status, r)?;
                 }
                 for &id in batch.iter().filter(|id| !answered.contains(id)) {
                     unaccounted += 1;
@@ -1715,6 +1678,42 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
         }
     }
     Ok(())
+}
+
+/// The letters' outcomes in a batch call's answer (`dead-letters:replay`, `:discard`):
+/// each letter this call asked for, once, with the status the daemon gave it. `None`
+/// from a daemon older than the call, which has no such endpoint: send one a call.
+fn batch_results(
+    status: reqwest::StatusCode,
+    body: &serde_json::Value,
+    batch: &[u64],
+) -> Result<Option<Vec<(u64, reqwest::StatusCode, serde_json::Value)>>> {
+    if status == reqwest::StatusCode::NOT_FOUND
+        && body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no such endpoint"))
+    {
+        return Ok(None);
+    }
+    // The connector as a whole (unknown, not running): every letter would fail alike.
+    fail_unless_ok(status, body)?;
+    let mut answered = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for r in body["results"].as_array().into_iter().flatten() {
+        let (Some(id), Some(code)) = (r["id"].as_u64(), r["status"].as_u64()) else {
+            anyhow::bail!("the daemon's answer lists a result without id or status: {r}");
+        };
+        // Each letter counts once, and only one this call asked for.
+        if !batch.contains(&id) || !answered.insert(id) {
+            continue;
+        }
+        let status = u16::try_from(code)
+            .ok()
+            .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
+            .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+        out.push((id, status, r.clone()));
+    }
+    Ok(Some(out))
 }
 
 fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str, skip_held: bool) -> Result<()> {
