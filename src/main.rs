@@ -547,21 +547,23 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
         ),
         Err(e) => return Err(anyhow::Error::new(e).context(key)),
     };
+    let tenants: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
     let checked = (|| {
         if repair {
-            let repaired = store.repair()?;
+            let repaired = store.repair(&tenants)?;
             print_checks(&repaired, true)?;
             outln!("checking again after the repair:")?;
         }
-        let checked = store.check()?;
+        let checked = store.check(&tenants)?;
         anyhow::Ok(print_checks(&checked, false)?)
     })();
     store.close().with_context(|| key.clone())?;
     let problems = checked.with_context(|| format!("{key}: the check could not read the store"))?;
     if problems > 0 {
         anyhow::bail!(
-            "the store in {} has {problems} problems{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",
+            "the store in {} has {}{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",
             dir.display(),
+            plural(problems, "problem"),
             if repair {
                 " that a repair cannot put right"
             } else {
@@ -573,15 +575,30 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     Ok(())
 }
 
+/// `n thing` or `n things`.
+fn plural(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 /// A line per tenant and its problems; the number of problems.
 fn print_checks(checked: &[rosterd::store::TenantCheck], repairing: bool) -> Result<u64> {
     let mut problems = 0;
     for t in checked {
         problems += t.problem_count;
+        if t.absent && t.problem_count == 0 {
+            outln!(
+                "tenant {}: not in the store yet (the config names it; a start makes it)",
+                t.tenant
+            )?;
+            continue;
+        }
         let verdict = match t.problem_count {
             0 => "OK".to_owned(),
-            1 => "1 problem".to_owned(),
-            n => format!("{n} problems"),
+            n => plural(n, "problem"),
         };
         outln!(
             "tenant {}: {} users, {} groups, {} memberships, {} changes, {} governance events, {} dead letters: {verdict}",
@@ -607,7 +624,10 @@ fn print_checks(checked: &[rosterd::store::TenantCheck], repairing: bool) -> Res
             )?;
         }
         if repairing && t.problem_count > 0 {
-            outln!("  repaired: {} keys written or removed", t.repaired)?;
+            outln!(
+                "  repaired: {} written or removed",
+                plural(t.repaired, "key")
+            )?;
         }
     }
     if checked.is_empty() && !repairing {

@@ -3167,13 +3167,20 @@ impl Dispatcher {
                 outcome.push((id, Err(Self::in_hand(name, id))));
                 continue;
             };
-            match self.stored_letter(tenant, name, id) {
-                Ok(letter) => {
+            match self.store.dead_letter(tenant, name, id) {
+                Ok(Some(letter)) => {
                     claims.push(claim);
-                    letters.push((id, letter));
+                    letters.push((id, Some(letter)));
                     outcome.push((id, Ok(())));
                 }
-                Err(e) => outcome.push((id, Err(e))),
+                // One that cannot be read can still go: it is all that can be done.
+                Err(StoreError::Corrupt(_)) => {
+                    claims.push(claim);
+                    letters.push((id, None));
+                    outcome.push((id, Ok(())));
+                }
+                Ok(None) => outcome.push((id, Err(DispatchError::NoSuchLetter(id)))),
+                Err(e) => outcome.push((id, Err(e.into()))),
             }
         }
         let wanted: Vec<u64> = letters.iter().map(|(id, _)| *id).collect();
@@ -3189,8 +3196,15 @@ impl Dispatcher {
                 continue;
             }
             // The change is now never delivered to this target: the log is its only trace.
-            let ev = &letter.event;
-            tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+            match letter {
+                Some(letter) => {
+                    let ev = &letter.event;
+                    tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+                }
+                None => {
+                    tracing::warn!(tenant = %tenant, connector = %name, id, "Dead letter discarded by the operator; it could not be read, so which change it held is not known.");
+                }
+            }
         }
         Ok(outcome)
     }
@@ -3316,9 +3330,14 @@ impl Dispatcher {
         name: &str,
         id: u64,
     ) -> Result<DeadLetter, DispatchError> {
-        self.store
-            .dead_letter(tenant, name, id)?
-            .ok_or(DispatchError::NoSuchLetter(id))
+        match self.store.dead_letter(tenant, name, id) {
+            Ok(found) => found.ok_or(DispatchError::NoSuchLetter(id)),
+            Err(StoreError::Corrupt(e)) => Err(DispatchError::Refused(
+                name.to_owned(),
+                format!("cannot read dead letter {id} ({e}); it can only be discarded"),
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Letter `id` is being replayed for another request.
@@ -3326,7 +3345,7 @@ impl Dispatcher {
         DispatchError::Refused(
             name.to_owned(),
             format!(
-                "is replaying dead letter {id} for another request now; it is removed if that replay goes through"
+                "is replaying or discarding dead letter {id} for another request now; a replay that goes through, or the discard, removes it"
             ),
         )
     }

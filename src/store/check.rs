@@ -25,6 +25,9 @@ use super::{
 };
 use crate::scim::ResourceKind;
 
+/// The size of an export row file with no row: its header slot (see `rows.rs`).
+const ROW_FILE_HEADER: u64 = 384;
+
 /// At most this many problems are listed a tenant; all are counted.
 pub const LISTED: usize = 50;
 
@@ -49,6 +52,9 @@ pub struct TenantCheck {
     pub repaired: u64,
     /// Put right what is derived as it is found.
     repair: bool,
+    /// The config names the tenant, and the store has no data of it (yet: a start makes
+    /// it).
+    pub absent: bool,
 }
 
 impl TenantCheck {
@@ -83,7 +89,12 @@ impl TenantCheck {
 /// Every tenant tree of the database, checked in name order; with `repair`, every derived
 /// key found wrong is put right as it is found (the documents, assignments, memberships,
 /// events and letters themselves are left as they are).
-pub(super) fn check_all(db: &sled::Db, dir: &Path, repair: bool) -> StoreResult<Vec<TenantCheck>> {
+pub(super) fn check_all(
+    db: &sled::Db,
+    dir: &Path,
+    configured: &[String],
+    repair: bool,
+) -> StoreResult<Vec<TenantCheck>> {
     let mut names: Vec<String> = db
         .tree_names()
         .iter()
@@ -94,9 +105,33 @@ pub(super) fn check_all(db: &sled::Db, dir: &Path, repair: bool) -> StoreResult<
                 .map(str::to_owned)
         })
         .collect();
+    let held = names.clone();
+    for tenant in configured {
+        if !names.contains(tenant) {
+            names.push(tenant.clone());
+        }
+    }
     names.sort();
     let mut out = Vec::new();
     for tenant in names {
+        let path = super::rows_path(dir, &tenant);
+        // A row file of more than its header: the tenant had users, in this directory.
+        let had_rows = std::fs::metadata(&path).is_ok_and(|m| m.len() > ROW_FILE_HEADER);
+        if !held.contains(&tenant) {
+            let mut c = TenantCheck {
+                tenant,
+                absent: true,
+                ..TenantCheck::default()
+            };
+            if had_rows {
+                c.problem(format!(
+                    "the store holds none of this tenant's data, yet its export row file ({}) has rows: its data is gone. Restore a backup",
+                    path.display()
+                ));
+            }
+            out.push(c);
+            continue;
+        }
         let tree = db.open_tree(format!("tenant/{tenant}"))?;
         let mut c = TenantCheck {
             completed_a_write: recover_intent(&tree)?,
@@ -105,9 +140,14 @@ pub(super) fn check_all(db: &sled::Db, dir: &Path, repair: bool) -> StoreResult<
             ..TenantCheck::default()
         };
         check_tree(&tree, &mut c)?;
+        if tree.is_empty() && had_rows {
+            c.problem(format!(
+                "the tenant's data is empty, yet its export row file ({}) has rows: its data is gone. Restore a backup",
+                path.display()
+            ));
+        }
         // After a repair the records changed: the file is built again at the next start.
         if c.repaired == 0 {
-            let path = super::rows_path(dir, &c.tenant);
             let r = check_rows(&tree, &path, &mut c);
             go_on(&mut c, r)?;
         }
@@ -244,6 +284,10 @@ fn check_documents(
                 Ok(doc) => doc,
                 Err(e) => {
                     c.problem(format!("{what} {id}: its document does not decode ({e})"));
+                    if kind == ResourceKind::User {
+                        want.assignments += u64::from(tree.contains_key(keys::assignment(id))?);
+                        kept_as_recorded(tree, want, id)?;
+                    }
                     continue;
                 }
             };
@@ -305,10 +349,25 @@ fn check_user_derived(
             Err(e) => {
                 want.assignments += 1;
                 c.problem(format!("user {id}: its assignment does not decode ({e})"));
-                return Ok(());
+                return kept_as_recorded(tree, want, id);
             }
         },
     };
+    // A missing assignment the record still holds: the record (and the archetype index
+    // entry) are then the only trace of it, a person's override perhaps. Made again from
+    // the document alone, they would lose it.
+    if assignment.is_none()
+        && let Some(held) = tree.get(keys::record(id))?
+        && record::assigned(&held)?
+    {
+        c.problem(format!(
+            "user {id}: its assignment is missing, though its roster record holds one{}; left as it is: set it again (an override, or a reclassification) or restore a backup",
+            record::holding(&held)?
+                .map(|(a, _)| format!(" (archetype {a:?})"))
+                .unwrap_or_default()
+        ));
+        return kept_as_recorded(tree, want, id);
+    }
     let expected = record::expected(doc, assignment.as_ref())?;
     match tree.get(keys::record(id))? {
         None => {
@@ -397,6 +456,26 @@ fn stored_and<T: serde::de::DeserializeOwned>(
         Some(bytes) => decode::<T>(&bytes).map_or(true, |v| explains(&v)),
         None => false,
     })
+}
+
+/// A user whose assignment cannot be read, or is missing: the stored record, and the
+/// archetype entry it names, stand for it, so that neither a count nor a repair takes
+/// the user out of their archetype.
+fn kept_as_recorded(tree: &sled::Tree, want: &mut Explained, id: &str) -> StoreResult<()> {
+    let Some(held) = tree.get(keys::record(id))? else {
+        return Ok(());
+    };
+    want.records += 1;
+    want.review_entries += u64::from(tree.contains_key(keys::review(id))?);
+    if let Some((archetype, active)) = record::holding(&held)? {
+        let e = want.archetypes.entry(archetype.clone()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(active);
+        if tree.contains_key(keys::archetype_entry(&archetype, id))? {
+            want.archetype_entries += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Which index a key's tag names, and the kind of resource it points at.
@@ -493,6 +572,11 @@ fn check_per_user_families(
             let k = k?;
             match keys::trailing_id(&k, prefix.len()) {
                 Some(id) if user_exists(id)? => {}
+                // An assignment is not derived: a repair leaves it for a restored
+                // document to find.
+                Some(id) if prefix == keys::assignment("") => c.problem(format!(
+                    "{what} of user {id}, who does not exist; left as it is (a repair changes no assignment)"
+                )),
                 Some(id) => {
                     c.problem(format!("{what} of user {id}, who does not exist"));
                     c.fix(tree, k.to_vec(), None)?;
@@ -514,9 +598,18 @@ fn check_per_user_families(
                 continue;
             };
             let archetype = String::from_utf8_lossy(&k[2..end.max(2)]).into_owned();
-            let held = stored_and(tree, keys::assignment(id), |a: &Assignment| {
-                a.archetype_id.as_deref() == Some(archetype.as_str())
-            })?;
+            let held = if tree.contains_key(keys::assignment(id))? {
+                stored_and(tree, keys::assignment(id), |a: &Assignment| {
+                    a.archetype_id.as_deref() == Some(archetype.as_str())
+                })?
+            } else {
+                // Missing, the assignment is named as such above; its record stands for it.
+                let recorded = tree.get(keys::record(id))?;
+                match recorded.as_deref().map(record::holding).transpose()? {
+                    Some(Some((a, _))) => a == archetype,
+                    _ => false,
+                }
+            };
             if !held {
                 c.problem(format!(
                     "the archetype index lists user {id} under {archetype:?}, which the user does not hold"
@@ -645,7 +738,7 @@ fn check_change_log(tree: &sled::Tree, c: &mut TenantCheck) -> StoreResult<u64> 
             }
             Ok(_) => {}
             Err(e) => c.problem(format!(
-                "change {seq} does not decode ({e}); connectors set it aside as a dead letter"
+                "change {seq} does not decode ({e}): a connector that reaches it stops there (failed) until the store is restored"
             )),
         }
     }
@@ -948,7 +1041,7 @@ mod tests {
     }
 
     fn checked(store: &Store) -> TenantCheck {
-        let mut all = store.check().unwrap();
+        let mut all = store.check(&[]).unwrap();
         assert_eq!(all.len(), 1, "{all:?}");
         all.remove(0)
     }
@@ -964,7 +1057,7 @@ mod tests {
         assert_eq!(c.dead_letters, 1);
         assert!(c.changes >= 8 && c.governance_events >= 5, "{c:?}");
         assert!(!c.completed_a_write);
-        let r = store.repair().unwrap();
+        let r = store.repair(&[]).unwrap();
         assert_eq!((r[0].problem_count, r[0].repaired), (0, 0));
     }
 
@@ -1062,7 +1155,9 @@ mod tests {
                 finds: &[
                     "assignment of user 00000000-0000-0000-0000-000000000000, who does not exist",
                 ],
-                stays: &[],
+                stays: &[
+                    "assignment of user 00000000-0000-0000-0000-000000000000, who does not exist; left as it is",
+                ],
             },
             Damage {
                 does: |t, ids| {
@@ -1237,7 +1332,7 @@ mod tests {
             assert_eq!(c.problem_count, c.problems.len() as u64);
 
             // A repair finds the same, puts right what is derived, and leaves the rest.
-            let mut repaired = store.repair().unwrap();
+            let mut repaired = store.repair(&[]).unwrap();
             // Not always the same: a key put right early can explain one the check found
             // later, and a key removed early can leave one unexplained that it explained.
             let found = &repaired[0].problems;
@@ -1261,13 +1356,70 @@ mod tests {
                 }
             }
             // Repaired again, nothing more is written.
-            repaired = store.repair().unwrap();
+            repaired = store.repair(&[]).unwrap();
             assert_eq!(
                 repaired[0].repaired, 0,
                 "case {i}: {:?}",
                 repaired[0].problems
             );
         }
+    }
+
+    /// A lost assignment (a person's override here) is named, and a repair keeps what
+    /// still records it rather than rebuild the user as unassigned.
+    #[tokio::test]
+    async fn a_missing_assignment_is_named_and_what_records_it_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ids) = written(dir.path()).await;
+        let t = store.tenant("t").unwrap();
+        t.tree.remove(keys::assignment(&ids[0])).unwrap().unwrap();
+        let before = counts::read_archetype(&t.tree, "y").unwrap();
+        assert_eq!(before, (1, 1));
+        let found = checked(&store).problems;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].contains(
+                "its assignment is missing, though its roster record holds one (archetype \"y\")"
+            ),
+            "{found:?}"
+        );
+        let repaired = store.repair(&[]).unwrap();
+        assert_eq!(repaired[0].repaired, 0, "{:?}", repaired[0].problems);
+        assert!(
+            t.tree
+                .contains_key(keys::archetype_entry("y", &ids[0]))
+                .unwrap()
+        );
+        assert_eq!(counts::read_archetype(&t.tree, "y").unwrap(), before);
+        assert_eq!(checked(&store).problems, found);
+    }
+
+    /// A tenant the config names with no data: a new one is only said to be absent; one
+    /// whose row file shows it had users is a problem.
+    #[tokio::test]
+    async fn a_configured_tenant_whose_data_is_gone_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = written(dir.path()).await;
+            store.close().unwrap();
+        }
+        let store = when_unlocked(|| Store::open(dir.path()));
+        let names = ["new".to_owned(), "t".to_owned()];
+        let all = store.check(&names).unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all[0].absent && all[0].problems.is_empty(), "{all:?}");
+        assert!(!all[1].absent && all[1].problems.is_empty(), "{all:?}");
+        assert!(store.inner.db.drop_tree("tenant/t").unwrap());
+        let all = store.check(&names).unwrap();
+        assert!(all[1].absent, "{all:?}");
+        assert!(
+            all[1].problems.len() == 1
+                && all[1].problems[0]
+                    .contains("holds none of this tenant's data, yet its export row file"),
+            "{all:?}"
+        );
+        // Not named by the config, a dropped tenant is not looked for.
+        assert!(store.check(&[]).unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -302,6 +302,36 @@ pub struct DeadLetter {
     pub event: ChangeEvent,
 }
 
+impl DeadLetter {
+    /// What a list shows of a stored letter that does not decode: its id, and why it
+    /// can only be discarded.
+    fn unreadable(id: u64, connector: &str, e: &StoreError) -> DeadLetter {
+        DeadLetter {
+            id,
+            connector: connector.to_owned(),
+            at: DateTime::<Utc>::UNIX_EPOCH,
+            reason: format!("this dead letter cannot be read ({e}); it can only be discarded"),
+            request: None,
+            response: None,
+            event: ChangeEvent {
+                seq: 0,
+                at: DateTime::<Utc>::UNIX_EPOCH,
+                resource_type: String::new(),
+                id: String::new(),
+                op: super::ChangeOp::Updated,
+                snapshot: None,
+                members_added: vec![],
+                members_removed: vec![],
+                assignment: None,
+                deactivated: false,
+                reactivated: false,
+                deleting_user: false,
+                groups: None,
+            },
+        }
+    }
+}
+
 fn put_hashes(txn: &mut super::Txn<'_>, connector: &str, hashes: Vec<(String, Option<u64>)>) {
     for (object, hash) in hashes {
         let k = hash_key(connector, &object);
@@ -625,7 +655,12 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
-            out.push(super::decode(&v)?);
+            // One that cannot be read is listed as such, so that it can be discarded:
+            // failing the list made every letter of the connector unlistable.
+            let id = <[u8; 8]>::try_from(&k[prefix.len()..]).map_or(0, u64::from_be_bytes);
+            out.push(
+                super::decode(&v).unwrap_or_else(|e| DeadLetter::unreadable(id, connector, &e)),
+            );
         }
         Ok(out)
     }

@@ -1632,16 +1632,17 @@ impl Store {
     /// Check every tenant's derived keys against the data they derive from (`rosterd
     /// store check`). Meant for a store no daemon serves: a stopped one's, or a backup.
     /// Opening a tenant completes a write a stop interrupted, as a start does.
-    pub fn check(&self) -> StoreResult<Vec<TenantCheck>> {
-        check::check_all(&self.inner.db, &self.inner.dir, false)
+    /// `configured`: the tenants the config names, each of which the store should hold.
+    pub fn check(&self, configured: &[String]) -> StoreResult<Vec<TenantCheck>> {
+        check::check_all(&self.inner.db, &self.inner.dir, configured, false)
     }
 
     /// The check, putting right every derived key it finds wrong as it goes (`rosterd
     /// store check --repair`): what each document, assignment, membership, event and
     /// letter implies is written, and what none implies is removed. Those primary keys
     /// are not changed, so what disagrees among them stays, and a second check lists it.
-    pub fn repair(&self) -> StoreResult<Vec<TenantCheck>> {
-        check::check_all(&self.inner.db, &self.inner.dir, true)
+    pub fn repair(&self, configured: &[String]) -> StoreResult<Vec<TenantCheck>> {
+        check::check_all(&self.inner.db, &self.inner.dir, configured, true)
     }
 
     /// Open these tenants' data now rather than at their first request: after a crash

@@ -180,6 +180,11 @@ pub(super) fn holding(bytes: &[u8]) -> StoreResult<Option<(String, bool)>> {
         .map(|a| (a.to_owned(), r.user.active)))
 }
 
+/// Whether a stored record holds an assignment (with or without an archetype).
+pub(super) fn assigned(bytes: &[u8]) -> StoreResult<bool> {
+    Ok(RosterRecord::decode(bytes)?.assignment.is_some())
+}
+
 fn corrupt(e: postcard::Error) -> StoreError {
     StoreError::Corrupt(format!("unreadable roster record: {e}"))
 }

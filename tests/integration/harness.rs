@@ -535,7 +535,7 @@ pub fn assert_store_checks_clean(data: &Path) {
             Err(e) => panic!("store check: cannot open {}: {e}", data.display()),
         }
     };
-    let checked = store.check().expect("store check reads the store");
+    let checked = store.check(&[]).expect("store check reads the store");
     store.close().expect("store check closes the store");
     for t in checked {
         assert_eq!(

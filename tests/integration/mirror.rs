@@ -2125,6 +2125,50 @@ async fn letters_are_discarded_many_at_a_time_each_with_its_outcome() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
+/// A dead letter that no longer decodes (damage `rosterd store check` names) is listed as
+/// unreadable, refused for a replay, and discarded like any other; it used to fail the
+/// connector's whole list, and every discard, with 500.
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_read_is_listed_and_discarded() {
+    let (mut d, _hook, _, letters) = refused_creations_then_changes(2).await;
+    d.stop().await;
+    {
+        let db = sled::open(d.root.join("data")).unwrap();
+        let tree = db.open_tree(format!("tenant/{TENANT}")).unwrap();
+        let mut key = b"d\0hooks\0".to_vec();
+        key.extend_from_slice(&letters[0].to_be_bytes());
+        assert!(
+            tree.insert(key, &b"{\"id\": 1, \"conn"[..])
+                .unwrap()
+                .is_some()
+        );
+        db.flush().unwrap();
+    }
+    let d = d.restart().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/connectors/hooks/dead-letters", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listed = &r.body["dead_letters"];
+    assert_eq!(listed[0]["id"], letters[0], "{}", r.body);
+    assert!(
+        listed[0]["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot be read") && m.contains("only be discarded")),
+        "{}",
+        r.body
+    );
+    assert_eq!(listed[1]["id"], letters[1], "{}", r.body);
+    let r = replay_batch(&d, json!({ "ids": [letters[0]] })).await;
+    assert_eq!(r.body["results"][0]["status"], 409, "{}", r.body);
+    let (ok, out, err) = admin_cli(&d, "dead-letters", &["discard", "hooks", "--all"]).await;
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("hooks: 2 dead letter(s) discarded"), "{out}");
+    assert_eq!(dead_letter_ids(&d, "hooks").await, Vec::<u64>::new());
+    assert_eq!(connector(&d, "hooks").await["dead_letters"], 0);
+}
+
 /// Two calls replaying one letter at once (a CLI run again while the call it gave up on
 /// goes on): one sends it, the other is refused, and the target gets it once.
 #[tokio::test]
