@@ -1633,7 +1633,16 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                     Err(e) if status == reqwest::StatusCode::NOT_FOUND => {
                         note!("{connector}: no dead letter #{id} any more: {}", causes(&e));
                     }
-                    // One refused (a replay is sending it) does not stop the rest.
+                    // One held by another request (a replay sending it, another discard
+                    // dropping it) does not stop the rest; which of them ends it is not
+                    // known here.
+                    Err(e) if status == reqwest::StatusCode::CONFLICT => {
+                        kept += 1;
+                        note!(
+                            "{connector}: dead letter #{id} not discarded by this run, another request holds it: {}",
+                            causes(&e)
+                        );
+                    }
                     Err(e) => {
                         kept += 1;
                         note!(
