@@ -1665,21 +1665,7 @@ token_env = "T"
     use crate::store::ChangeOp;
 
     fn event(rt: &str, op: ChangeOp) -> ChangeEvent {
-        ChangeEvent {
-            seq: 1,
-            at: Utc::now(),
-            resource_type: rt.into(),
-            id: "u1".into(),
-            op,
-            snapshot: None,
-            members_added: vec![],
-            members_removed: vec![],
-            assignment: None,
-            deactivated: false,
-            reactivated: false,
-            deleting_user: false,
-            groups: None,
-        }
+        ChangeEvent::bare(1, Utc::now(), rt, "u1", op)
     }
 
     #[test]

@@ -294,21 +294,7 @@ mod tests {
 
     /// A change of user `u` with nothing else set.
     fn user_change(seq: u64, op: ChangeOp) -> ChangeEvent {
-        ChangeEvent {
-            seq,
-            at: chrono::Utc::now(),
-            resource_type: "User".into(),
-            id: "u".into(),
-            op,
-            snapshot: None,
-            members_added: vec![],
-            members_removed: vec![],
-            assignment: None,
-            deactivated: false,
-            reactivated: false,
-            deleting_user: false,
-            groups: None,
-        }
+        ChangeEvent::bare(seq, chrono::Utc::now(), "User", "u", op)
     }
 
     fn assignment(source: AssignmentSource) -> crate::store::Assignment {

@@ -313,21 +313,13 @@ impl DeadLetter {
             reason: format!("this dead letter cannot be read ({e}); it can only be discarded"),
             request: None,
             response: None,
-            event: ChangeEvent {
-                seq: 0,
-                at: DateTime::<Utc>::UNIX_EPOCH,
-                resource_type: String::new(),
-                id: String::new(),
-                op: super::ChangeOp::Updated,
-                snapshot: None,
-                members_added: vec![],
-                members_removed: vec![],
-                assignment: None,
-                deactivated: false,
-                reactivated: false,
-                deleting_user: false,
-                groups: None,
-            },
+            event: ChangeEvent::bare(
+                0,
+                DateTime::<Utc>::UNIX_EPOCH,
+                "",
+                "",
+                super::ChangeOp::Updated,
+            ),
         }
     }
 }
@@ -735,21 +727,7 @@ mod tests {
     use crate::store::ChangeOp;
 
     fn event(seq: u64) -> ChangeEvent {
-        ChangeEvent {
-            seq,
-            at: Utc::now(),
-            resource_type: "User".into(),
-            id: "u1".into(),
-            op: ChangeOp::Created,
-            snapshot: None,
-            members_added: vec![],
-            members_removed: vec![],
-            assignment: None,
-            deactivated: false,
-            reactivated: false,
-            deleting_user: false,
-            groups: None,
-        }
+        ChangeEvent::bare(seq, Utc::now(), "User", "u1", ChangeOp::Created)
     }
 
     #[tokio::test]

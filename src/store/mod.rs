@@ -288,6 +288,34 @@ pub struct ChangeEvent {
     pub deleting_user: bool,
 }
 
+impl ChangeEvent {
+    /// A change with nothing but its number, time, object and kind set: for tests, and
+    /// for what stands in a dead letter that cannot be read.
+    pub fn bare(
+        seq: u64,
+        at: DateTime<Utc>,
+        resource_type: &str,
+        id: &str,
+        op: ChangeOp,
+    ) -> ChangeEvent {
+        ChangeEvent {
+            seq,
+            at,
+            resource_type: resource_type.to_owned(),
+            id: id.to_owned(),
+            op,
+            snapshot: None,
+            members_added: vec![],
+            members_removed: vec![],
+            assignment: None,
+            deactivated: false,
+            reactivated: false,
+            deleting_user: false,
+            groups: None,
+        }
+    }
+}
+
 /// What an update function returns: the new document and membership changes.
 pub struct Update {
     pub doc: Value,
