@@ -1363,8 +1363,6 @@ fn call_daemon_within(
 /// Dead letters a `replay --all` sends the daemon at once: it starts letters for about
 /// 20 s a call and hands back those it did not begin.
 const REPLAY_BATCH: usize = 200;
-/// Dead letters a `discard --all` drops at once: as many as the daemon takes in a call.
-const DISCARD_BATCH: usize = 1000;
 /// Letters refused again, with none replayed, after which `replay --all` stops.
 const REPLAY_GIVE_UP: usize = 20;
 /// How long a replay waits for the daemon's answer: a letter it began near the end of its
@@ -1653,11 +1651,11 @@ fn dead_letters(daemon: &DaemonArgs, tenant: &str, command: DeadLetterCommand) -
                 }
                 Ok(())
             };
-            // All of them: a thousand a call, in one store write each.
+            // All of them: as many a call as the daemon takes, in one store write each.
             let mut one_by_one = !all;
             let mut left: &[u64] = &ids;
             while !one_by_one && !left.is_empty() {
-                let (batch, rest) = left.split_at(left.len().min(DISCARD_BATCH));
+                let (batch, rest) = left.split_at(left.len().min(rosterd::api::REPLAY_BATCH_MAX));
                 let (status, body) = call_daemon(
                     daemon,
                     Some(tenant),

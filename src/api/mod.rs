@@ -24,6 +24,7 @@ use crate::store::StoreError;
 use jwt::{JwtError, Principal, Scope};
 
 pub use export::{COLUMNS, FORMULA_STARTS, confidence_cell, neutralize, write_roster_csv};
+pub use mirror::REPLAY_BATCH_MAX;
 pub use openapi::openapi_document;
 pub(crate) use roster::assignment_state;
 

@@ -20,8 +20,8 @@ use super::counts::{self, Tally};
 use super::keys::{self, ID_LEN, Index};
 use super::roster::{self, Assignment, GovernanceEvent};
 use super::{
-    ChangeEvent, Member, StoreError, StoreResult, count_under, decode, decode_u64, delivery,
-    index_entries, record, recover_intent,
+    ChangeEvent, Member, StoreError, StoreResult, be_u64, count_under, decode, decode_u64,
+    delivery, index_entries, record, recover_intent,
 };
 use crate::scim::ResourceKind;
 
@@ -174,6 +174,15 @@ struct Explained {
     archetypes: Tally<u64>,
     user_events: u64,
     kind_events: u64,
+}
+
+impl Explained {
+    /// A user holding `archetype`, as its counters count them.
+    fn holder(&mut self, archetype: &str, active: bool) {
+        let e = self.archetypes.entry(archetype.to_owned()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(active);
+    }
 }
 
 pub(super) fn check_tree(tree: &sled::Tree, c: &mut TenantCheck) -> StoreResult<()> {
@@ -396,9 +405,7 @@ fn check_user_derived(
     want.assignments += 1;
     if let Some(archetype) = &a.archetype_id {
         let active = doc.get("active").and_then(Value::as_bool).unwrap_or(true);
-        let e = want.archetypes.entry(archetype.clone()).or_default();
-        e.0 += 1;
-        e.1 += u64::from(active);
+        want.holder(archetype, active);
         if tree.contains_key(keys::archetype_entry(archetype, id))? {
             want.archetype_entries += 1;
         } else {
@@ -430,6 +437,22 @@ fn check_user_derived(
         _ => {}
     }
     Ok(())
+}
+
+/// The keys whose stored count is not the one counted (absent counts as the default),
+/// with both, in key order: a family of counters held against a walk.
+pub(super) fn disagreeing<'a, K: Ord, V: Copy + Default + PartialEq>(
+    stored: &'a BTreeMap<K, V>,
+    counted: &'a BTreeMap<K, V>,
+) -> Vec<(&'a K, V, V)> {
+    let keys: std::collections::BTreeSet<&K> = stored.keys().chain(counted.keys()).collect();
+    keys.into_iter()
+        .map(|k| {
+            let get = |m: &BTreeMap<K, V>| m.get(k).copied().unwrap_or_default();
+            (k, get(stored), get(counted))
+        })
+        .filter(|(_, s, w)| s != w)
+        .collect()
 }
 
 /// Whether the resource `id` exists and its document has `value` in `index`.
@@ -468,9 +491,7 @@ fn kept_as_recorded(tree: &sled::Tree, want: &mut Explained, id: &str) -> StoreR
     want.records += 1;
     want.review_entries += u64::from(tree.contains_key(keys::review(id))?);
     if let Some((archetype, active)) = record::holding(&held)? {
-        let e = want.archetypes.entry(archetype.clone()).or_default();
-        e.0 += 1;
-        e.1 += u64::from(active);
+        want.holder(&archetype, active);
         if tree.contains_key(keys::archetype_entry(&archetype, id))? {
             want.archetype_entries += 1;
         }
@@ -715,11 +736,7 @@ fn check_change_log(tree: &sled::Tree, c: &mut TenantCheck) -> StoreResult<u64> 
     for kv in tree.scan_prefix(keys::changes_prefix()) {
         let (k, v) = kv?;
         c.changes += 1;
-        let Some(seq) = k
-            .get(2..)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-        else {
+        let Some(seq) = k.get(2..).and_then(be_u64) else {
             c.problem(format!(
                 "a change event under a malformed key: {}",
                 shown(&k)
@@ -770,7 +787,7 @@ fn check_governance(
     for kv in tree.range(keys::governance_all()) {
         let (k, v) = kv?;
         c.governance_events += 1;
-        let seq = <[u8; 8]>::try_from(&k[2..]).map_or(0, u64::from_be_bytes);
+        let seq = be_u64(&k[2..]).unwrap_or(0);
         if seq > last {
             c.problem(format!(
                 "governance event {seq} is past its counter ({last}): the next assignment change would overwrite it"
@@ -842,7 +859,7 @@ fn check_governance(
                 continue;
             };
             let value = String::from_utf8_lossy(&k[2..split]).into_owned();
-            let seq = <[u8; 8]>::try_from(&k[split + 1..]).map_or(0, u64::from_be_bytes);
+            let seq = be_u64(&k[split + 1..]).unwrap_or(0);
             let found = stored_and(tree, keys::governance(seq), |e: &GovernanceEvent| {
                 if tag == b'e' {
                     e.user == value

@@ -257,19 +257,13 @@ pub(super) fn check(
         .into_iter()
         .map(|(a, users, active)| (a, (users, active)))
         .collect();
-    let none = (0, 0);
-    let all: std::collections::BTreeSet<&String> = stored.keys().chain(archetypes.keys()).collect();
-    for archetype in all {
-        let s = stored.get(archetype).unwrap_or(&none);
-        let w = archetypes.get(archetype).unwrap_or(&none);
-        if s != w {
-            c.problem(format!(
-                "archetype {archetype:?} is counted as held by {} users ({} active), but {} users ({} active) hold it",
-                s.0, s.1, w.0, w.1
-            ));
-            let (key, value) = archetype_op(archetype, *w);
-            c.fix(tree, key, value)?;
-        }
+    for (archetype, s, w) in super::check::disagreeing(&stored, archetypes) {
+        c.problem(format!(
+            "archetype {archetype:?} is counted as held by {} users ({} active), but {} users ({} active) hold it",
+            s.0, s.1, w.0, w.1
+        ));
+        let (key, value) = archetype_op(archetype, w);
+        c.fix(tree, key, value)?;
     }
     Ok(())
 }

@@ -172,7 +172,7 @@ pub(super) fn check(
             continue;
         };
         let connector = &k[2..split];
-        let id = <[u8; 8]>::try_from(&k[split + 1..]).map_or(0, u64::from_be_bytes);
+        let id = super::be_u64(&k[split + 1..]).unwrap_or(0);
         *letters.entry(connector.to_vec()).or_default() += 1;
         total += 1;
         let name = String::from_utf8_lossy(connector);
@@ -209,24 +209,16 @@ pub(super) fn check(
             decode_u64(&v, "dead-letter count")?,
         );
     }
-    let names: std::collections::BTreeSet<&Vec<u8>> =
-        letters.keys().chain(counted.keys()).collect();
-    for connector in names {
-        let (has, says) = (
-            letters.get(connector).copied().unwrap_or(0),
-            counted.get(connector).copied().unwrap_or(0),
-        );
-        if has != says {
-            c.problem(format!(
-                "connector {:?} is counted as holding {says} dead letters, but holds {has}: status and metrics show the wrong number",
-                String::from_utf8_lossy(connector)
-            ));
-            c.fix(
-                tree,
-                dead_count_key(connector),
-                Some(has.to_be_bytes().to_vec()),
-            )?;
-        }
+    for (connector, says, has) in super::check::disagreeing(&counted, &letters) {
+        c.problem(format!(
+            "connector {:?} is counted as holding {says} dead letters, but holds {has}: status and metrics show the wrong number",
+            String::from_utf8_lossy(connector)
+        ));
+        c.fix(
+            tree,
+            dead_count_key(connector),
+            Some(has.to_be_bytes().to_vec()),
+        )?;
     }
     Ok(total)
 }
@@ -649,7 +641,7 @@ impl Store {
             }
             // One that cannot be read is listed as such, so that it can be discarded:
             // failing the list made every letter of the connector unlistable.
-            let id = <[u8; 8]>::try_from(&k[prefix.len()..]).map_or(0, u64::from_be_bytes);
+            let id = super::be_u64(&k[prefix.len()..]).unwrap_or(0);
             out.push(
                 super::decode(&v).unwrap_or_else(|e| DeadLetter::unreadable(id, connector, &e)),
             );

@@ -452,9 +452,13 @@ fn resource_type(kind: ResourceKind) -> &'static str {
 
 /// A big-endian u64 value (counters, cursors, hashes); `what` names it in the error.
 fn decode_u64(bytes: &[u8], what: &str) -> StoreResult<u64> {
-    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
-        StoreError::Corrupt(format!("{what} is not 8 bytes"))
-    })?))
+    be_u64(bytes).ok_or_else(|| StoreError::Corrupt(format!("{what} is not 8 bytes")))
+}
+
+/// The number in 8 big-endian bytes (a counter's value, the sequence number or letter id
+/// a key ends with); `None` for any other length.
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
 }
 
 /// A stored JSON value (document, assignment, event, …); unreadable bytes are corruption.
