@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::rewrite::{COPY_CACHE_BYTES, dir_size, sibling};
+use super::rewrite::{copy_config, dir_size, sibling};
 use super::rows::io;
 use super::{
     MARKER_TEXT, Op, SCHEMA_VERSION, STORE_MARKER, Store, StoreError, StoreResult, keys,
@@ -102,9 +102,7 @@ impl Store {
 
     /// Every tree into a new sled in `dir`.
     fn copy_into(&self, dir: &Path, give_up: &GiveUp<'_>) -> StoreResult<Copied> {
-        let copy = sled::Config::new()
-            .path(dir)
-            .cache_capacity(COPY_CACHE_BYTES)
+        let copy = copy_config(dir)
             .open()
             .map_err(|e| super::open_error(dir, &e.to_string()))?;
         let mut keys = 0;
@@ -279,18 +277,39 @@ fn about(partial: &Path, e: StoreError) -> StoreError {
     }
 }
 
-/// Copy every key of `from` into `into`; how many.
+/// Passes a copy makes over a tree, each writing the keys whose hash falls to it. Written
+/// in one pass in key order, a copy's file came out at about twice its data: each insert
+/// logs a fragment of a leaf that the next split rewrites whole, and sled reclaims a
+/// segment only once half of it is dead, which those interleaved fragments seldom leave.
+/// Spread over four passes, the leaves fill from four places at once: a backup of 13
+/// million keys took 4,791 MiB instead of 7,126 MiB, in 193 s instead of 129 s
+/// (BENCHMARKS.md, "Session 51"). A hash, not the position in the tree: writers change
+/// the tree between passes, and a position could then be skipped by every pass.
+const COPY_PASSES: u64 = 4;
+
+fn pass_of(key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish() % COPY_PASSES
+}
+
+/// Copy every key of `from` into `into`; how many were written.
 pub(super) fn copy_all(
     from: &sled::Tree,
     into: &sled::Tree,
     give_up: &GiveUp<'_>,
 ) -> StoreResult<u64> {
     let mut keys = 0;
-    for (n, kv) in from.iter().enumerate() {
-        ask(give_up, n)?;
-        let (k, v) = kv?;
-        into.insert(k, v)?;
-        keys += 1;
+    for pass in 0..COPY_PASSES {
+        for (n, kv) in from.iter().enumerate() {
+            ask(give_up, n)?;
+            let (k, v) = kv?;
+            if pass_of(&k) == pass {
+                into.insert(k, v)?;
+                keys += 1;
+            }
+        }
     }
     Ok(keys)
 }
@@ -329,13 +348,8 @@ fn finish(
 ) -> StoreResult<()> {
     {
         // The copy's handle was dropped a moment ago.
-        let back = super::past_the_lock(|| {
-            sled::Config::new()
-                .path(partial)
-                .cache_capacity(COPY_CACHE_BYTES)
-                .open()
-        })
-        .map_err(|e| super::open_error(partial, &e.to_string()))?;
+        let back = super::past_the_lock(|| copy_config(partial).open())
+            .map_err(|e| super::open_error(partial, &e.to_string()))?;
         if stored_schema(&back)? != Some(SCHEMA_VERSION) {
             return Err(StoreError::Corrupt(format!(
                 "the backup in {} does not read back its layout version",

@@ -16,6 +16,17 @@ use super::{CLEANER_TICK_MS, SCHEMA_VERSION, StoreError, StoreResult, stored_sch
 /// 250 MiB at 16 MiB and 330 MiB at 64 MiB, in the same time.
 pub(super) const COPY_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// The store a copy writes (a backup, a rewrite's new store) and reads back. Its cleaner
+/// ticks as the daemon's does: at sled's default of 500 ms it reclaims one segment a tick,
+/// far behind what a bulk copy leaves to clean, and a backup of a 3.8 GiB store of 13
+/// million keys came out at 7.3 GiB (BENCHMARKS.md, "Session 51").
+pub(super) fn copy_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(COPY_CACHE_BYTES)
+        .flush_every_ms(Some(CLEANER_TICK_MS))
+}
+
 /// What a rewrite did.
 #[derive(Debug)]
 pub struct Rewritten {
@@ -96,10 +107,7 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
                 dir.display()
             )));
         }
-        let new = sled::Config::new()
-            .path(&fresh)
-            .cache_capacity(COPY_CACHE_BYTES)
-            .flush_every_ms(Some(CLEANER_TICK_MS))
+        let new = copy_config(&fresh)
             .open()
             .map_err(|e| super::open_error(&fresh, &e.to_string()))?;
         let keys = copy(&old, &new)?;
