@@ -272,9 +272,10 @@ enum TokenCommand {
         /// The `sub` claim; overrides and events record it as `user:<sub>`.
         #[arg(long, default_value = "operator")]
         sub: String,
-        /// Lifetime in seconds (at most a year).
-        #[arg(long, default_value_t = 3600)]
-        ttl: i64,
+        /// Lifetime in seconds (at most a year); by default an hour, or `[api.jwt]
+        /// max_lifetime_secs` when shorter.
+        #[arg(long)]
+        ttl: Option<i64>,
     },
 }
 
@@ -541,7 +542,7 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
         Ok(store) => store,
         Err(e) if e.held_elsewhere() => anyhow::bail!(
-            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>`",
+            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}; copy it (`cp -a`, as the store's user), since opening a store writes to its files and the backup should stay as written, then `rosterd store check --data-dir <the copy>`",
             dir.display(),
             config.backup_dir().display()
         ),
@@ -563,7 +564,7 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
         anyhow::bail!(
             "the store in {} has {}{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",
             dir.display(),
-            plural(problems, "problem"),
+            rosterd::text::plural(problems, "problem"),
             if repair {
                 " that a repair cannot put right"
             } else {
@@ -573,15 +574,6 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     }
     outln!("{}: every check passed", dir.display())?;
     Ok(())
-}
-
-/// `n thing` or `n things`.
-fn plural(n: u64, thing: &str) -> String {
-    if n == 1 {
-        format!("1 {thing}")
-    } else {
-        format!("{n} {thing}s")
-    }
 }
 
 /// A line per tenant and its problems; the number of problems.
@@ -598,17 +590,17 @@ fn print_checks(checked: &[rosterd::store::TenantCheck], repairing: bool) -> Res
         }
         let verdict = match t.problem_count {
             0 => "OK".to_owned(),
-            n => plural(n, "problem"),
+            n => rosterd::text::plural(n, "problem"),
         };
         outln!(
-            "tenant {}: {} users, {} groups, {} memberships, {} changes, {} governance events, {} dead letters: {verdict}",
+            "tenant {}: {}, {}, {}, {}, {}, {}: {verdict}",
             t.tenant,
-            t.users,
-            t.groups,
-            t.memberships,
-            t.changes,
-            t.governance_events,
-            t.dead_letters
+            rosterd::text::plural(t.users, "user"),
+            rosterd::text::plural(t.groups, "group"),
+            rosterd::text::plural(t.memberships, "membership"),
+            rosterd::text::plural(t.changes, "change"),
+            rosterd::text::plural(t.governance_events, "governance event"),
+            rosterd::text::plural(t.dead_letters, "dead letter")
         )?;
         if t.completed_a_write {
             outln!("  (completed a write the last stop had interrupted, as a start would)")?;
@@ -626,7 +618,7 @@ fn print_checks(checked: &[rosterd::store::TenantCheck], repairing: bool) -> Res
         if repairing && t.problem_count > 0 {
             outln!(
                 "  repaired: {} written or removed",
-                plural(t.repaired, "key")
+                rosterd::text::plural(t.repaired, "key")
             )?;
         }
     }
@@ -809,6 +801,18 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
                     c.tenant
                 );
             }
+        }
+        // A relative `dir` copied from the example lands under /etc/rosterd, read-only
+        // under the unit: the connector would only retry, then pause.
+        if let Some(why) = c
+            .csv
+            .as_ref()
+            .and_then(|s| rosterd::store::Store::unwritable(&s.dir))
+        {
+            note!(
+                "warning: connector {:?}: [csv] dir: {why}; run as the service's user, `serve` would fail to write the files and pause the connector",
+                c.name
+            );
         }
         asked_unset.store(false, Ordering::Relaxed);
         if let Err(e) = rosterd::dispatch::check_start(c, &env) {
@@ -1146,8 +1150,24 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
     Ok(())
 }
 
-fn jwt(config: &std::path::Path, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<()> {
+fn jwt(
+    config: &std::path::Path,
+    tenant: &str,
+    scope: &str,
+    sub: &str,
+    ttl: Option<i64>,
+) -> Result<()> {
     let config = Config::load(config)?;
+    // The default keeps within the site's limit rather than minting what the daemon
+    // refuses; a lifetime asked for explicitly is refused over it instead, below.
+    let ttl = ttl.unwrap_or_else(|| {
+        config
+            .api
+            .jwt
+            .as_ref()
+            .and_then(|j| j.max_lifetime_secs)
+            .map_or(3600, |max| max.min(3600) as i64)
+    });
     outln!("{}", mint_jwt(&config, tenant, scope, sub, ttl)?)?;
     Ok(())
 }

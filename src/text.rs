@@ -71,6 +71,16 @@ pub fn terminal_safe(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `1 user` or `2 users`: counts a person reads, where "held by 1 users" reads as a
+/// slip and makes them doubt the figure too.
+pub fn plural(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 /// The most characters of one line a message quotes from a file.
 const MAX_QUOTED_LINE: usize = 240;
 
@@ -112,6 +122,13 @@ mod tests {
         assert!(clipped.starts_with("TOML parse error at line 1\n1 | x = [[["));
         assert!(clipped.ends_with("\n  |     ^"), "{clipped}");
         assert!(matches!(clip_lines("short\nlines"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn one_is_singular_and_every_other_count_plural() {
+        assert_eq!(plural(1, "user"), "1 user");
+        assert_eq!(plural(0, "user"), "0 users");
+        assert_eq!(plural(2, "dead letter"), "2 dead letters");
     }
 
     #[test]

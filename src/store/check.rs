@@ -935,9 +935,10 @@ fn check_rows(tree: &sled::Tree, path: &Path, c: &mut TenantCheck) -> StoreResul
         return Ok(());
     }
     c.problem(format!(
-        "the export's copy of the roster records ({}) has {seen} rows for {} users, {wrong} of them unlike the store{}: CSV exports show what it holds. It is left to be built again at the next start",
+        "the export's copy of the roster records ({}) has {} for {}, {wrong} of them unlike the store{}: CSV exports show what it holds. It is left to be built again at the next start",
         path.display(),
-        c.users,
+        crate::text::plural(seen, "row"),
+        crate::text::plural(c.users, "user"),
         first_wrong.map(|id| format!(" (the first: user {id})")).unwrap_or_default()
     ));
     Ok(())

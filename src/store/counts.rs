@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use super::keys::{self, Index};
 use super::{Op, StoreError, StoreResult, Txn, count_under, decode_u64, paging, record};
 use crate::scim::ResourceKind;
+use crate::text::plural;
 
 /// A family of keys whose size is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,8 +260,12 @@ pub(super) fn check(
         .collect();
     for (archetype, s, w) in super::check::disagreeing(&stored, archetypes) {
         c.problem(format!(
-            "archetype {archetype:?} is counted as held by {} users ({} active), but {} users ({} active) hold it",
-            s.0, s.1, w.0, w.1
+            "archetype {archetype:?} is counted as held by {} ({} active), but {} ({} active) {} it",
+            plural(s.0, "user"),
+            s.1,
+            plural(w.0, "user"),
+            w.1,
+            if w.0 == 1 { "holds" } else { "hold" }
         ));
         let (key, value) = archetype_op(archetype, w);
         c.fix(tree, key, value)?;

@@ -1571,6 +1571,22 @@ impl Store {
         })
     }
 
+    /// Why this process could not write files into `dir` (a CSV connector's), if it
+    /// could not: the directory is not writable here, or it does not exist and cannot be
+    /// made. A warning: run as another user than the service, it tells little.
+    pub fn unwritable(dir: &Path) -> Option<String> {
+        if !dir.exists() {
+            return Self::creatable(dir);
+        }
+        writable(dir).err().map(|e| {
+            format!(
+                "this user (uid {}) cannot write into {}: {e}",
+                euid(),
+                dir.display()
+            )
+        })
+    }
+
     /// Make `dir` and its missing parents readable by this user alone. The store holds
     /// every user's personal data and what targets answered; under
     /// the unit, `UMask=0077` and `StateDirectoryMode=0700` do this, but run by hand under

@@ -588,6 +588,62 @@ fn check_config_warns_of_roles_that_name_no_archetype() {
     assert!(!err.contains("\"eng_lead\""), "{err}");
 }
 
+/// A CSV connector's directory the user running check-config cannot write (the
+/// example's relative `exports`, under a read-only /etc/rosterd) is said, since `serve`
+/// would only retry and pause it. Root writes anywhere, so as root the check runs as
+/// `nobody` through setpriv.
+#[test]
+fn check_config_warns_of_a_csv_directory_it_cannot_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = dir.path().join("locked");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for (name, out) in [("locked", locked.join("out")), ("open", open.join("out"))] {
+        connector_file(
+            dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "kind = \"csv\"\nname = \"{name}\"\ntenant = \"t\"\n[csv]\ndir = {:?}\n",
+                out.to_str().unwrap()
+            ),
+        );
+    }
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[connectors]\ndir = \"connectors\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let args = ["check-config", "--config", config.to_str().unwrap()];
+    // SAFETY: geteuid cannot fail.
+    let out = if unsafe { libc::geteuid() } != 0 {
+        Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(args)
+            .output()
+            .unwrap()
+    } else {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_rosterd"))
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux) runs the check as another user than root")
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: connector \"locked\": [csv] dir:")
+            && err.contains("cannot create it in"),
+        "{err}"
+    );
+    assert!(!err.contains("connector \"open\""), "{err}");
+}
+
 #[test]
 fn ordinary_errors_print_their_causes_without_a_backtrace() {
     let dir = tempfile::tempdir().unwrap();
@@ -2192,6 +2248,25 @@ async fn tokens_living_longer_than_the_limit_are_refused_and_not_minted() {
     );
     let (ok, _, err) = mint("30");
     assert!(ok, "{err}");
+    // Without --ttl, the hour is cut to the limit rather than refused.
+    let (ok, out, err) = rosterd_env(
+        &["token", "jwt", "--config", config, "--tenant", TENANT],
+        &env,
+    );
+    assert!(ok, "{err}");
+    use base64::Engine as _;
+    let payload = out.trim().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        30,
+        "{claims}"
+    );
     // A command with no --token mints its own (60 s otherwise): the daemon takes it.
     let url = format!("http://{}", d.addr);
     let (ok, out, err) = tokio::task::spawn_blocking({
@@ -2268,9 +2343,8 @@ async fn store_check_names_what_disagrees_and_fails() {
     let (ok, out, err) = rosterd_async(&args).await;
     assert!(ok, "{out} {err}");
     assert!(
-        out.contains(&format!(
-            "tenant {TENANT}: 2 users, 1 groups, 1 memberships,"
-        )) && out.contains(": OK\n")
+        out.contains(&format!("tenant {TENANT}: 2 users, 1 group, 1 membership,"))
+            && out.contains(": OK\n")
             && out.contains("every check passed"),
         "{out}"
     );
