@@ -2254,19 +2254,25 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         }
         let paused = match (&c["paused"], c["paused_until"].as_str()) {
             (serde_json::Value::Bool(true), Some(until)) => {
-                format!(", PAUSED until {}", rfc3339(until))
+                Some(format!("PAUSED until {}", rfc3339(until)))
             }
             // A pause without an end waits for `rosterd resume` or a reload.
-            (serde_json::Value::Bool(true), None) => ", PAUSED until resumed".to_owned(),
-            _ => String::new(),
+            (serde_json::Value::Bool(true), None) => Some("PAUSED until resumed".to_owned()),
+            _ => None,
+        };
+        // A paused connector's task runs, but sends nothing: "running, PAUSED" read as a
+        // contradiction, and the summary line above counts it apart from the running.
+        let state = match (str_of(&c["state"]), paused) {
+            (state, None) => state,
+            (state, Some(paused)) if state == "running" => paused,
+            (state, Some(paused)) => format!("{state}, {paused}"),
         };
         outln!(
-            "connector {} ({}, tenant {}){}: {}{paused}",
+            "connector {} ({}, tenant {}){}: {state}",
             str_of(&c["name"]),
             str_of(&c["kind"]),
             str_of(&c["tenant"]),
             if c["dry_run"] == true { " DRY RUN" } else { "" },
-            str_of(&c["state"]),
         )?;
         outln!(
             "    cursor #{}  lag {} events / {:.1} s  delivered {}  retries {}  dead letters {}  last success {}",

@@ -2818,7 +2818,7 @@ async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
     let out = status_text(&d).await;
     assert!(
         out.contains(&format!(
-            "connector pausing (webhook, tenant acme): running, PAUSED until {until}"
+            "connector pausing (webhook, tenant acme): PAUSED until {until}"
         )),
         "{out}"
     );
