@@ -1171,8 +1171,10 @@ fn require_store(dir: &Path) -> StoreResult<()> {
     if dir.join(STORE_MARKER).is_file() {
         return Ok(());
     }
+    // Only the commands for a stopped store get here, and under the unit the store's
+    // directory is on the daemon's command line, not in the config they read.
     Err(StoreError::Backend(format!(
-        "{} holds no rosterd store ({STORE_MARKER} is missing)",
+        "{} holds no rosterd store ({STORE_MARKER} is missing); name the store's directory with --data-dir (the systemd unit's is /var/lib/rosterd)",
         dir.display()
     )))
 }

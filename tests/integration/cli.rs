@@ -2418,4 +2418,23 @@ async fn store_check_names_what_disagrees_and_fails() {
         !missing.exists(),
         "a check made the directory it was to check"
     );
+    // A directory that is not the store (the config's data_dir on an installed host,
+    // where the unit names the store on its command line) says what to give.
+    let empty = d.root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = rosterd_async(&[
+        "store",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        empty.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("holds no rosterd store")
+            && err.contains("name the store's directory with --data-dir"),
+        "{err}"
+    );
 }
