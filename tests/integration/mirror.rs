@@ -1175,6 +1175,16 @@ async fn a_reactivated_user_is_reported_to_a_webhook_set_up_like_the_example() {
         .unwrap_or_else(|| panic!("change #{} not in the feed: {}", seqs[2], r.body));
     assert_eq!(change["reactivated"], true, "{change}");
     assert!(change.get("deactivated").is_none(), "{change}");
+    // A leaver the IdP DELETEs outright is never deactivated: the example takes the
+    // delete too, or such a receiver would keep them.
+    assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    caught_up(&d, "hooks").await;
+    let got = hook.deliveries();
+    assert_eq!(
+        event_types(&got).last().copied(),
+        Some("roster.user_deleted")
+    );
+    assert_eq!(got.last().unwrap().body["data"]["id"], id.as_str());
 }
 
 /// A connector renamed in its file is said to be that, not a file removed: the new name
