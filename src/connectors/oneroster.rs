@@ -149,6 +149,22 @@ pub struct AuthSettings {
     pub client_secret_env: Option<String>,
     #[serde(default)]
     pub scope: Option<String>,
+    /// How the client authenticates at the token endpoint.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Where the token request carries the client's credentials (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (`client_secret_post`): what
+    /// rosterd always sent, so the default, and what most SIS endpoints take.
+    #[default]
+    Post,
+    /// An `Authorization: Basic` header (`client_secret_basic`), which 1EdTech's
+    /// security framework and some SIS endpoints require.
+    Basic,
 }
 
 impl OneRosterSettings {
@@ -1171,25 +1187,38 @@ impl Credentials {
         retry_after: &mut Option<Duration>,
     ) -> Result<(String, Duration), AuthError> {
         let url = self.settings.token_url.as_deref().unwrap_or_default();
-        let mut form = vec![
-            ("grant_type", "client_credentials".to_owned()),
-            (
-                "client_id",
-                self.settings.client_id.clone().unwrap_or_default(),
-            ),
-            (
-                "client_secret",
-                self.client_secret.clone().unwrap_or_default(),
-            ),
-        ];
+        let id = self.settings.client_id.clone().unwrap_or_default();
+        let secret = self.client_secret.clone().unwrap_or_default();
+        let mut form = vec![("grant_type", "client_credentials".to_owned())];
+        let mut request = client.post(url);
+        match self.settings.client_auth {
+            ClientAuth::Post => {
+                form.push(("client_id", id));
+                form.push(("client_secret", secret));
+            }
+            ClientAuth::Basic => {
+                // RFC 6749 §2.3.1: each is form-encoded before they are joined, so a
+                // `:` in the id cannot move the split.
+                let enc =
+                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                use base64::Engine as _;
+                let pair = format!("{}:{}", enc(&id), enc(&secret));
+                request = request.header(
+                    reqwest::header::AUTHORIZATION,
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(pair)
+                    ),
+                );
+            }
+        }
         if let Some(s) = &self.settings.scope {
             form.push(("scope", s.clone()));
         }
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&form)
             .finish();
-        let mut resp = client
-            .post(url)
+        let mut resp = request
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -1313,6 +1342,7 @@ mod tests {
             client_id: Some("c".into()),
             client_secret_env: Some("S".into()),
             scope: None,
+            client_auth: ClientAuth::Post,
         };
         let creds = Credentials::new(&settings, &|_| Some("s".into())).unwrap();
         let later = Instant::now() + Duration::from_secs(600);
@@ -1396,6 +1426,7 @@ mod tests {
             client_id: Some("c".into()),
             client_secret_env: Some("S".into()),
             scope: None,
+            client_auth: ClientAuth::Post,
         };
         Credentials::new(&settings, &|_| Some("a-client-secret".into())).unwrap()
     }

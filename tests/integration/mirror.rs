@@ -515,6 +515,53 @@ async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
     assert_eq!(target.count(Kind::User), 10);
 }
 
+/// A token endpoint that takes the client's credentials only as HTTP Basic (1EdTech's
+/// security framework has it so) gets them that way with `client_auth = "basic"`, each
+/// form-encoded first (RFC 6749 §2.3.1: a `:` in the secret cannot move the split). Sent
+/// in the body, the default, they are refused, and that connector delivers nothing.
+#[tokio::test]
+async fn a_token_endpoint_taking_only_basic_credentials_gets_them_so() {
+    let secret = "pa:ss w&rd%+é";
+    let target = OneRosterServer::start(OneRosterOptions {
+        basic_only: true,
+        oauth_clients: vec![(or::DEFAULT_CLIENT_ID.into(), secret.into())],
+        ..OneRosterOptions::default()
+    })
+    .await;
+    let file = |name: &str, extra: &str| {
+        let (name, text) = oneroster_file(name, &target, "");
+        let text = with_client_credentials(&text, &target).replace(
+            "client_secret_env = \"OR_SECRET\"",
+            &format!("client_secret_env = \"OR_SECRET\"\n{extra}"),
+        );
+        (name, text)
+    };
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![file("sis", "client_auth = \"basic\""), file("posting", "")],
+        env: vec![("OR_SECRET".into(), secret.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 1);
+    assert_eq!(target.tokens_issued(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = connector(&d, "posting").await;
+        if c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("invalid_client"))
+        {
+            assert_eq!(c["delivered"], 0, "{c}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(target.tokens_issued(), 1);
+}
+
 /// A token endpoint's `Retry-After` is waited out, by every request alike; `rosterd
 /// resume` says the endpoint is worth asking now, as it does for a target's.
 #[tokio::test]

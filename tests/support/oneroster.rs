@@ -152,6 +152,9 @@ pub struct OneRosterOptions {
     pub static_token: Option<String>,
     /// `(client_id, client_secret)` pairs accepted by the token endpoint.
     pub oauth_clients: Vec<(String, String)>,
+    /// The token endpoint takes the client's credentials only as HTTP Basic
+    /// (`client_secret_basic`), as 1EdTech's security framework has it.
+    pub basic_only: bool,
     /// Lifetime of issued tokens (`expires_in` is its whole seconds).
     pub token_ttl: Duration,
     /// Path of the OAuth2 client-credentials token endpoint (outside the prefix).
@@ -175,6 +178,7 @@ impl Default for OneRosterOptions {
                 DEFAULT_CLIENT_ID.to_string(),
                 DEFAULT_CLIENT_SECRET.to_string(),
             )],
+            basic_only: false,
             token_ttl: Duration::from_secs(3600),
             token_path: "/oauth/token".to_string(),
             orgs: vec![DEFAULT_ORG.to_string()],
@@ -413,6 +417,7 @@ struct Shared {
     token_path: String,
     static_token: Mutex<Option<String>>,
     clients: Vec<(String, String)>,
+    basic_only: bool,
     token_ttl: Duration,
     max_limit: usize,
     log_capacity: usize,
@@ -496,6 +501,7 @@ impl OneRosterServer {
             token_path: opts.token_path.clone(),
             static_token: Mutex::new(opts.static_token),
             clients: opts.oauth_clients,
+            basic_only: opts.basic_only,
             token_ttl: opts.token_ttl,
             max_limit: opts.max_limit.max(1),
             log_capacity: opts.log_capacity,
@@ -1229,6 +1235,9 @@ fn token_endpoint(s: &Shared, method: &Method, headers: &HeaderMap, body: &Bytes
                 .map(|(id, secret)| (pct_decode(id, true), pct_decode(secret, true)))
         });
     let creds = basic.or_else(|| {
+        if s.basic_only {
+            return None;
+        }
         Some((
             field("client_id")?.to_string(),
             field("client_secret")?.to_string(),
