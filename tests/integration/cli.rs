@@ -2317,6 +2317,18 @@ async fn store_check_names_what_disagrees_and_fails() {
         "--data-dir",
         data.to_str().unwrap(),
     ];
+    // `store check --data-dir DIR` on the config above.
+    let check_on = async |dir: &std::path::Path| {
+        rosterd_async(&[
+            "store",
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ])
+        .await
+    };
     let (ok, _, err) = rosterd_async(&args).await;
     assert!(!ok, "checked a store the daemon holds");
     assert!(err.contains("rosterd is running on"), "{err}");
@@ -2324,15 +2336,7 @@ async fn store_check_names_what_disagrees_and_fails() {
     // advice points to the backups beside the directory given.
     let alias = d.root.join("alias");
     std::os::unix::fs::symlink(&data, &alias).unwrap();
-    let (ok, _, err) = rosterd_async(&[
-        "store",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        alias.to_str().unwrap(),
-    ])
-    .await;
+    let (ok, _, err) = check_on(&alias).await;
     assert!(!ok);
     assert!(
         err.contains(&format!("writes one into {}-backups", alias.display())),
@@ -2403,15 +2407,7 @@ async fn store_check_names_what_disagrees_and_fails() {
     d.stop().await;
 
     let missing = d.root.join("nowhere");
-    let (ok, _, err) = rosterd_async(&[
-        "store",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        missing.to_str().unwrap(),
-    ])
-    .await;
+    let (ok, _, err) = check_on(&missing).await;
     assert!(!ok);
     assert!(err.contains("nowhere"), "{err}");
     assert!(
@@ -2422,15 +2418,7 @@ async fn store_check_names_what_disagrees_and_fails() {
     // where the unit names the store on its command line) says what to give.
     let empty = d.root.join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let (ok, _, err) = rosterd_async(&[
-        "store",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        empty.to_str().unwrap(),
-    ])
-    .await;
+    let (ok, _, err) = check_on(&empty).await;
     assert!(!ok);
     assert!(
         err.contains("holds no rosterd store")
