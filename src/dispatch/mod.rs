@@ -3011,10 +3011,13 @@ impl Dispatcher {
     /// Cursor, lag in changes and age of the oldest undelivered change of a cursor.
     /// Durable changes after `cursor`.
     fn lag_events(&self, tenant: &str, cursor: u64) -> u64 {
-        self.store
-            .watch_durable(tenant)
-            .borrow()
-            .saturating_sub(cursor)
+        let durable = *self.store.watch_durable(tenant).borrow();
+        // A restore skips numbers no change has (store::restored).
+        let skipped = self
+            .store
+            .skipped_between(tenant, cursor, durable)
+            .unwrap_or(0);
+        durable.saturating_sub(cursor).saturating_sub(skipped)
     }
 
     fn lag(&self, tenant: &str, cursor_name: &str) -> (u64, u64, f64) {

@@ -121,9 +121,14 @@ impl Store {
                     longest_hold =
                         longest_hold.max(self.copy_tenant(tenant, &from, &into, give_up)?);
                 }
-                // The layout version: written only at the open.
+                // The layout version: written only at the open. The mark makes the
+                // copy's first start number its changes past the original's.
                 None => {
                     copy_all(&from, &into, give_up)?;
+                    into.insert(
+                        super::restored::BACKUP_MARK,
+                        chrono::Utc::now().to_rfc3339().as_bytes(),
+                    )?;
                 }
             }
             let d = digest(&into, give_up)?;
@@ -409,11 +414,14 @@ mod tests {
             .ids_page(tenant, ResourceKind::User, 0, usize::MAX)
             .unwrap();
         assert_eq!(records, users, "{tenant}: the roster records");
+        // Opened as a start, the copy numbered its next change past the original's; its
+        // log ends where the original's did when it was copied.
         let last = store.last_seq(tenant).unwrap();
-        let newest = store.changes(tenant, last.saturating_sub(1), 10).unwrap();
+        let end = last - store.skipped_between(tenant, 0, last).unwrap();
+        let newest = store.changes(tenant, end.saturating_sub(1), 10).unwrap();
         assert_eq!(
             newest.last().map(|c| c.seq),
-            Some(last),
+            Some(end),
             "{tenant}: the change log's end"
         );
         users.len() as u64
@@ -505,6 +513,74 @@ mod tests {
         }
         let users = consistent(&copy, "t") + consistent(&copy, "u");
         assert!(users >= 300, "{users}");
+    }
+
+    /// A restored backup's first start numbers its changes past the original's, so that
+    /// none repeats the number of a change the restore lost; a check of it does not, and
+    /// the move is made once.
+    #[test]
+    fn a_restored_backup_numbers_its_changes_past_the_originals() {
+        use super::super::restored::SKIP;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let create = |s: &Store, name: &str| {
+            rt.block_on(s.create(
+                "t",
+                ResourceKind::User,
+                user(name, "Engineer", true),
+                vec![],
+            ))
+            .unwrap()
+        };
+        for i in 0..3 {
+            create(&store, &format!("u{i}"));
+        }
+        let last = store.last_seq("t").unwrap();
+        let gseq = |s: &Store| {
+            let tree = s.inner.db.open_tree("tenant/t").unwrap();
+            tree.get(crate::store::keys::GSEQ_KEY)
+                .unwrap()
+                .map_or(0, |v| crate::store::decode_u64(&v, "").unwrap())
+        };
+        let governance = gseq(&store);
+        rt.block_on(store.advance_cursor("t", "caught-up", last, vec![]))
+            .unwrap();
+        rt.block_on(store.advance_cursor("t", "behind", last - 1, vec![]))
+            .unwrap();
+        let to = dir.path().join("backup");
+        store.backup(&to, &|| None).unwrap();
+        // The change the restore loses.
+        create(&store, "lost");
+        store.close().unwrap();
+
+        // A check, or any other command that is not a start, leaves it as it was.
+        let checked = when_unlocked(|| Store::open_existing(&to, 16 << 20));
+        assert_eq!(checked.last_seq("t").unwrap(), last);
+        checked.close().unwrap();
+        drop(checked);
+
+        let restored = when_unlocked(|| Store::open(&to));
+        let next = last + SKIP;
+        assert_eq!(restored.last_seq("t").unwrap(), next);
+        assert_eq!(restored.cursor("t", "caught-up").unwrap(), next);
+        assert_eq!(restored.cursor("t", "behind").unwrap(), last - 1);
+        // What a lag and the compaction floor read leave the skipped numbers out.
+        assert_eq!(restored.skipped_between("t", last - 1, next).unwrap(), SKIP);
+        assert!(restored.changelog_floor("t").unwrap() < last);
+        let r = create(&restored, "after");
+        assert_eq!(restored.last_seq("t").unwrap(), next + 1, "{r:?}");
+        let newest = restored.changes("t", last, 10).unwrap();
+        assert_eq!(newest.iter().map(|c| c.seq).collect::<Vec<_>>(), [next + 1]);
+        assert!(gseq(&restored) >= governance + SKIP);
+        restored.close().unwrap();
+        drop(restored);
+        // Once: a second start finds no mark.
+        let again = when_unlocked(|| Store::open(&to));
+        assert_eq!(again.last_seq("t").unwrap(), next + 1);
     }
 
     #[test]

@@ -26,6 +26,18 @@ fn cursor_key(connector: &str) -> Vec<u8> {
     tagged(b'k', connector)
 }
 
+/// The keys of the connector cursors that stand at `seq`.
+pub(super) fn cursors_at(tree: &sled::Tree, seq: u64) -> StoreResult<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for kv in tree.scan_prefix([b'k', SEP]) {
+        let (k, v) = kv?;
+        if super::decode_u64(&v, "connector cursor")? == seq {
+            out.push(k.to_vec());
+        }
+    }
+    Ok(out)
+}
+
 /// `K conn` → sequence numbers above the cursor (u64 big-endian each) acknowledged while
 /// a change below them was still in flight. A restart or reload skips them instead of
 /// sending them again: a slow request held the cursor, and a clean stop re-sent every

@@ -213,6 +213,10 @@ pub(crate) fn review_prefix() -> Vec<u8> {
 
 pub(crate) const GSEQ_KEY: &[u8] = b"s\0gseq";
 
+/// `s skipped` → the change numbers restores skipped, as pairs of big-endian u64s
+/// (see `restored.rs`).
+pub(crate) const SKIPPED_KEY: &[u8] = b"s\0skipped";
+
 /// `g seq` → governance event, big-endian so events iterate in order.
 pub(crate) fn governance(seq: u64) -> Vec<u8> {
     let mut k = vec![b'g', SEP];

@@ -15,6 +15,7 @@ mod delivery;
 mod keys;
 mod paging;
 mod record;
+mod restored;
 mod rewrite;
 mod roster;
 mod rows;
@@ -1661,6 +1662,22 @@ impl Store {
                 db.flush()?;
             }
         }
+        // Only a start: a check or a backup of a backup leaves its mark for the start.
+        if may_upgrade && let Some((at, moved)) = restored::move_counters_of_a_restored_backup(&db)?
+        {
+            for m in moved {
+                tracing::warn!(
+                    tenant = %m.tenant,
+                    backup_written_at = %at,
+                    last_change = m.changes_from,
+                    next_change = m.changes_to + 1,
+                    cursors_moved = m.cursors,
+                    "This store is a backup starting to serve: its change numbers go on from #{} rather than #{}, so that no change repeats a number (or a webhook-id) of one the restore lost. Governance event numbers move on as far.",
+                    m.changes_to + 1,
+                    m.changes_from + 1
+                );
+            }
+        }
         if !was_a_store && let Err(e) = std::fs::write(&marker, MARKER_TEXT) {
             tracing::warn!(file = %marker.display(), error = %e, "Cannot write the store's marker file; a lost `db` file would then go unnoticed.");
         }
@@ -2410,13 +2427,26 @@ impl Store {
     /// numbers have no holes, so it is one below the oldest change kept (or the last
     /// sequence number when nothing is kept).
     pub fn changelog_floor(&self, tenant: &str) -> StoreResult<u64> {
-        match change_log(&self.tenant(tenant)?.tree).next() {
+        let tree = &self.tenant(tenant)?.tree;
+        let floor = match change_log(tree).next() {
             Some(kv) => {
                 let e: ChangeEvent = decode(&kv?.1)?;
-                Ok(e.seq.saturating_sub(1))
+                e.seq.saturating_sub(1)
             }
-            None => self.last_seq(tenant),
-        }
+            None => self.last_seq(tenant)?,
+        };
+        Ok(restored::floor_below_skips(
+            &restored::skipped(tree)?,
+            floor,
+        ))
+    }
+
+    /// How many numbers in `from + 1 ..= to` no change has because a restore skipped
+    /// them (see `restored.rs`): what a connector's lag, a difference of numbers, leaves
+    /// out.
+    pub fn skipped_between(&self, tenant: &str, from: u64, to: u64) -> StoreResult<u64> {
+        let ranges = restored::skipped(&self.tenant(tenant)?.tree)?;
+        Ok(restored::skipped_between(&ranges, from, to))
     }
 
     /// The tenant's last change sequence number.

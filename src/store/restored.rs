@@ -1,0 +1,147 @@
+//! A backup that starts to serve numbers its changes past those of the store it was
+//! copied from.
+//!
+//! A restored store would otherwise number its next change right after the backup's
+//! last, the number a change the restore lost already had downstream: a webhook event
+//! with the `webhook-id` and `data.seq` of one the receiver took, which a receiver that
+//! drops repeated ids, or events older than the newest it saw, would drop (a session-51
+//! audit saw three such events, a deactivation could be one). The backup marks its copy;
+//! the first `serve` of a marked store moves each tenant's counters on by [`SKIP`],
+//! records the numbers it skipped, and removes the mark. No number is renumbered.
+
+use super::keys::{GSEQ_KEY, SEQ_KEY, SKIPPED_KEY};
+use super::{StoreResult, decode_u64};
+
+/// The key, in the default tree, a backup writes into its copy: the time it was written.
+pub(super) const BACKUP_MARK: &[u8] = b"rosterd:written_as_backup_at";
+
+/// How far the counters move: more changes than a store makes between a backup and its
+/// restore, by far (a billion a day would take eleven years), and u64 holds four
+/// billion such moves.
+pub(super) const SKIP: u64 = 1 << 32;
+
+/// One tenant's counters as the restore moved them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Moved {
+    pub tenant: String,
+    pub changes_from: u64,
+    pub changes_to: u64,
+    pub cursors: usize,
+}
+
+/// If `db` holds a backup's mark: move every tenant's change and governance counters on
+/// by [`SKIP`], and each connector cursor that stood at the last change with them (a
+/// cursor behind it still has the changes after it to deliver); record the skipped
+/// numbers; then remove the mark. A start cut short in between moves them again at the
+/// next, which only skips more.
+pub(super) fn move_counters_of_a_restored_backup(
+    db: &sled::Db,
+) -> StoreResult<Option<(String, Vec<Moved>)>> {
+    let Some(mark) = db.get(BACKUP_MARK)? else {
+        return Ok(None);
+    };
+    let mut moved = Vec::new();
+    for name in db.tree_names() {
+        let Some(tenant) = name.strip_prefix(b"tenant/") else {
+            continue;
+        };
+        let tree = db.open_tree(&name)?;
+        let last = read(&tree, SEQ_KEY, "sequence counter")?;
+        let next = last + SKIP;
+        let mut batch = sled::Batch::default();
+        batch.insert(SEQ_KEY, &next.to_be_bytes());
+        let governance = read(&tree, GSEQ_KEY, "governance counter")?;
+        batch.insert(GSEQ_KEY, &(governance + SKIP).to_be_bytes());
+        let cursors = super::delivery::cursors_at(&tree, last)?;
+        for key in &cursors {
+            batch.insert(key.as_slice(), &next.to_be_bytes());
+        }
+        let mut skipped = tree
+            .get(SKIPPED_KEY)?
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        skipped.extend_from_slice(&last.to_be_bytes());
+        skipped.extend_from_slice(&next.to_be_bytes());
+        batch.insert(SKIPPED_KEY, skipped);
+        tree.apply_batch(batch)?;
+        moved.push(Moved {
+            tenant: String::from_utf8_lossy(tenant).into_owned(),
+            changes_from: last,
+            changes_to: next,
+            cursors: cursors.len(),
+        });
+    }
+    db.flush()?;
+    db.remove(BACKUP_MARK)?;
+    db.flush()?;
+    Ok(Some((String::from_utf8_lossy(&mark).into_owned(), moved)))
+}
+
+fn read(tree: &sled::Tree, key: &[u8], what: &str) -> StoreResult<u64> {
+    match tree.get(key)? {
+        Some(v) => decode_u64(&v, what),
+        None => Ok(0),
+    }
+}
+
+/// The ranges of change numbers a restore skipped, as `(last before, first after - 1)`:
+/// no change has a number in `last + 1 ..= next`.
+pub(super) fn skipped(tree: &sled::Tree) -> StoreResult<Vec<(u64, u64)>> {
+    let Some(v) = tree.get(SKIPPED_KEY)? else {
+        return Ok(Vec::new());
+    };
+    Ok(v.chunks_exact(16)
+        .map(|c| {
+            let (a, b) = c.split_at(8);
+            (
+                u64::from_be_bytes(a.try_into().unwrap_or_default()),
+                u64::from_be_bytes(b.try_into().unwrap_or_default()),
+            )
+        })
+        .collect())
+}
+
+/// How many of the numbers in `from + 1 ..= to` a restore skipped.
+pub(super) fn skipped_between(ranges: &[(u64, u64)], from: u64, to: u64) -> u64 {
+    ranges
+        .iter()
+        .map(|&(last, next)| next.min(to).saturating_sub(last.max(from)))
+        .sum()
+}
+
+/// `floor`, the number before the oldest change the log holds, read past the skipped
+/// numbers: a floor at the top of a skipped range means nothing was compacted there,
+/// since no change had those numbers.
+pub(super) fn floor_below_skips(ranges: &[(u64, u64)], floor: u64) -> u64 {
+    ranges.iter().rev().fold(
+        floor,
+        |f, &(last, next)| if f > last && f <= next { last } else { f },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_numbers_are_counted_only_inside_the_window() {
+        let r = [(10, 20), (25, 35)];
+        assert_eq!(skipped_between(&r, 0, 100), 20);
+        assert_eq!(skipped_between(&r, 15, 30), 5 + 5);
+        assert_eq!(skipped_between(&r, 20, 25), 0);
+        assert_eq!(skipped_between(&r, 0, 5), 0);
+        assert_eq!(skipped_between(&[], 0, 5), 0);
+    }
+
+    #[test]
+    fn a_floor_in_a_skipped_range_falls_to_its_start() {
+        let r = [(10, 20), (25, 35)];
+        assert_eq!(floor_below_skips(&r, 20), 10);
+        assert_eq!(floor_below_skips(&r, 15), 10);
+        assert_eq!(floor_below_skips(&r, 10), 10);
+        assert_eq!(floor_below_skips(&r, 21), 21);
+        // Both skips, with nothing between them left: from the upper to the lower.
+        assert_eq!(floor_below_skips(&r, 35), 25);
+        assert_eq!(floor_below_skips(&[(10, 20), (20, 30)], 30), 10);
+    }
+}
