@@ -1896,7 +1896,12 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                 "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
             );
             tracing::error!(first, last, "{reason}");
-            counters::changes_lost(tenant, ctx.name(), last - cursor);
+            // Numbers a restore skipped were never changes (store::restored).
+            let skipped = {
+                let (store, t) = (ctx.store.clone(), tenant.to_owned());
+                blocking(move || store.skipped_between(&t, cursor, last)).await?
+            };
+            counters::changes_lost(tenant, ctx.name(), (last - cursor).saturating_sub(skipped));
             let mut h = ctx.live.health();
             h.last_error = Some(reason);
             h.last_error_at = Some(Utc::now());

@@ -6,7 +6,7 @@
 //! with the `webhook-id` and `data.seq` of one the receiver took, which a receiver that
 //! drops repeated ids, or events older than the newest it saw, would drop (a session-51
 //! audit saw three such events, a deactivation could be one). The backup marks its copy;
-//! the first `serve` of a marked store moves each tenant's counters on by [`SKIP`],
+//! the first `serve` of a marked store moves each tenant's counters on (see [`moved_on`]),
 //! records the numbers it skipped, and removes the mark. No number is renumbered.
 
 use super::keys::{GSEQ_KEY, SEQ_KEY, SKIPPED_KEY};
@@ -15,10 +15,20 @@ use super::{StoreResult, decode_u64};
 /// The key, in the default tree, a backup writes into its copy: the time it was written.
 pub(super) const BACKUP_MARK: &[u8] = b"rosterd:written_as_backup_at";
 
-/// How far the counters move: more changes than a store makes between a backup and its
-/// restore, by far (a billion a day would take eleven years), and u64 holds four
-/// billion such moves.
+/// How far the counters move at least: more changes than a store makes between a backup
+/// and its restore, by far (a billion a day would take eleven years).
 pub(super) const SKIP: u64 = 1 << 32;
+
+/// Where a counter at `last` goes on from: past [`SKIP`], and past the microseconds since
+/// 1970. The same backup restored twice, or an older one after a restored run, would
+/// otherwise number from the same place again, reusing the first run's numbers (an
+/// audit saw one `webhook-id` for two users); the clock has moved on since, by more
+/// microseconds than a run makes changes. A clock set back is covered by the first bound
+/// alone.
+pub(super) fn moved_on(last: u64, now: chrono::DateTime<chrono::Utc>) -> u64 {
+    let micros = u64::try_from(now.timestamp_micros()).unwrap_or(0);
+    last.saturating_add(SKIP).max(micros)
+}
 
 /// One tenant's counters as the restore moved them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +40,7 @@ pub(super) struct Moved {
 }
 
 /// If `db` holds a backup's mark: move every tenant's change and governance counters on
-/// by [`SKIP`], and each connector cursor that stood at the last change with them (a
+/// ([`moved_on`]), and each connector cursor that stood at the last change with them (a
 /// cursor behind it still has the changes after it to deliver); record the skipped
 /// numbers; then remove the mark. A start cut short in between moves them again at the
 /// next, which only skips more.
@@ -46,12 +56,13 @@ pub(super) fn move_counters_of_a_restored_backup(
             continue;
         };
         let tree = db.open_tree(&name)?;
+        let now = chrono::Utc::now();
         let last = read(&tree, SEQ_KEY, "sequence counter")?;
-        let next = last + SKIP;
+        let next = moved_on(last, now);
         let mut batch = sled::Batch::default();
         batch.insert(SEQ_KEY, &next.to_be_bytes());
         let governance = read(&tree, GSEQ_KEY, "governance counter")?;
-        batch.insert(GSEQ_KEY, &(governance + SKIP).to_be_bytes());
+        batch.insert(GSEQ_KEY, &moved_on(governance, now).to_be_bytes());
         let cursors = super::delivery::cursors_at(&tree, last)?;
         for key in &cursors {
             batch.insert(key.as_slice(), &next.to_be_bytes());
@@ -131,6 +142,19 @@ mod tests {
         assert_eq!(skipped_between(&r, 20, 25), 0);
         assert_eq!(skipped_between(&r, 0, 5), 0);
         assert_eq!(skipped_between(&[], 0, 5), 0);
+    }
+
+    #[test]
+    fn a_later_restore_numbers_past_an_earlier_ones_run() {
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        let first = moved_on(6, t("2026-12-06T14:00:00Z"));
+        // The first restored run made a thousand changes; the same backup is restored
+        // again a second later.
+        let again = moved_on(6, t("2026-12-06T14:00:01Z"));
+        assert!(again > first + 1000, "{first} {again}");
+        assert!(first >= 6 + SKIP);
+        // A clock at 1970 still skips.
+        assert_eq!(moved_on(6, t("1970-01-01T00:00:00Z")), 6 + SKIP);
     }
 
     #[test]
