@@ -1160,16 +1160,16 @@ fn jwt(
     let config = Config::load(config)?;
     // The default keeps within the site's limit rather than minting what the daemon
     // refuses; a lifetime asked for explicitly is refused over it instead, below.
-    let ttl = ttl.unwrap_or_else(|| {
-        config
-            .api
-            .jwt
-            .as_ref()
-            .and_then(|j| j.max_lifetime_secs)
-            .map_or(3600, |max| max.min(3600) as i64)
-    });
+    let ttl = ttl.unwrap_or_else(|| within_max_lifetime(&config, 3600));
     outln!("{}", mint_jwt(&config, tenant, scope, sub, ttl)?)?;
     Ok(())
+}
+
+/// `secs`, or `[api.jwt] max_lifetime_secs` when shorter: a token's lifetime the daemon
+/// takes.
+fn within_max_lifetime(config: &Config, secs: u64) -> i64 {
+    let max = config.api.jwt.as_ref().and_then(|j| j.max_lifetime_secs);
+    max.map_or(secs, |max| max.min(secs)) as i64
 }
 
 fn mint_jwt(config: &Config, tenant: &str, scope: &str, sub: &str, ttl: i64) -> Result<String> {
@@ -1321,12 +1321,7 @@ fn call_daemon_within(
                 );
             }
             let scopes = "roster:read roster:write roster:admin";
-            let ttl = config
-                .api
-                .jwt
-                .as_ref()
-                .and_then(|j| j.max_lifetime_secs)
-                .map_or(60, |max| max.min(60) as i64);
+            let ttl = within_max_lifetime(&config, 60);
             Some(mint_jwt(&config, t, scopes, "cli", ttl).context(NO_TOKEN)?)
         }
         (None, None) => None,

@@ -1821,14 +1821,13 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
 /// to the floor, where the log resumes.
 async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let cursor_name = ctx.cursor_name();
-    let (cursor, floor, known) = {
+    let (cursor, floor, known, skipped) = {
         let (store, t, n) = (ctx.store.clone(), tenant.to_owned(), cursor_name.clone());
         blocking(move || {
-            Ok((
-                store.cursor(&t, &n)?,
-                store.changelog_floor(&t)?,
-                store.has_cursor(&t, &n)?,
-            ))
+            let (cursor, floor) = (store.cursor(&t, &n)?, store.changelog_floor(&t)?);
+            // Numbers a restore skipped were never changes (store::restored).
+            let skipped = store.skipped_between(&t, cursor, floor)?;
+            Ok((cursor, floor, store.has_cursor(&t, &n)?, skipped))
         })
         .await?
     };
@@ -1896,11 +1895,6 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                 "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
             );
             tracing::error!(first, last, "{reason}");
-            // Numbers a restore skipped were never changes (store::restored).
-            let skipped = {
-                let (store, t) = (ctx.store.clone(), tenant.to_owned());
-                blocking(move || store.skipped_between(&t, cursor, last)).await?
-            };
             counters::changes_lost(tenant, ctx.name(), (last - cursor).saturating_sub(skipped));
             let mut h = ctx.live.health();
             h.last_error = Some(reason);

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::keys::{self, Index};
-use super::{Op, StoreError, StoreResult, Txn, count_under, decode_u64, paging, record};
+use super::{Op, StoreError, StoreResult, Txn, count_under, paging, record};
 use crate::scim::ResourceKind;
 use crate::text::plural;
 
@@ -65,10 +65,7 @@ impl Counted {
 /// The family's size as last committed. A tree without the counter has none of the family
 /// (a new tenant); older layouts get their counters when the store opens.
 pub(super) fn read(tree: &sled::Tree, family: Counted) -> StoreResult<u64> {
-    match tree.get(family.key())? {
-        Some(v) => decode_u64(&v, "counter"),
-        None => Ok(0),
-    }
+    super::u64_in(tree, family.key(), "counter")
 }
 
 impl Txn<'_> {

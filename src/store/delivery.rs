@@ -352,10 +352,7 @@ impl Store {
     /// The number kept under `key` (a change's sequence number, a count); 0 (before the
     /// first change, none counted) when none is.
     fn u64_at(&self, tenant: &str, key: Vec<u8>, what: &str) -> StoreResult<u64> {
-        match self.tenant(tenant)?.tree.get(key)? {
-            Some(v) => decode_u64(&v, what),
-            None => Ok(0),
-        }
+        super::u64_in(&self.tenant(tenant)?.tree, &key, what)
     }
 
     /// Record that an operator let every change up to `through` through the guard.

@@ -456,6 +456,15 @@ fn decode_u64(bytes: &[u8], what: &str) -> StoreResult<u64> {
     be_u64(bytes).ok_or_else(|| StoreError::Corrupt(format!("{what} is not 8 bytes")))
 }
 
+/// The number kept under `key` in `tree` (a counter, a sequence number); 0 when none is:
+/// before the first change, or with none counted.
+fn u64_in(tree: &sled::Tree, key: &[u8], what: &str) -> StoreResult<u64> {
+    match tree.get(key)? {
+        Some(v) => decode_u64(&v, what),
+        None => Ok(0),
+    }
+}
+
 /// The number in 8 big-endian bytes (a counter's value, the sequence number or letter id
 /// a key ends with); `None` for any other length.
 fn be_u64(bytes: &[u8]) -> Option<u64> {
@@ -563,10 +572,7 @@ impl<'a> Txn<'a> {
         resolver: Option<Arc<dyn Resolver>>,
         now: DateTime<Utc>,
     ) -> StoreResult<Txn<'a>> {
-        let last = match tree.get(keys::SEQ_KEY)? {
-            Some(v) => decode_u64(&v, "sequence counter")?,
-            None => 0,
-        };
+        let last = u64_in(tree, keys::SEQ_KEY, "sequence counter")?;
         Ok(Txn {
             tree,
             pending: BTreeMap::new(),
@@ -2451,11 +2457,11 @@ impl Store {
 
     /// The tenant's last change sequence number.
     pub fn last_seq(&self, tenant: &str) -> StoreResult<u64> {
-        let t = self.tenant(tenant)?;
-        Ok(match t.tree.get(keys::SEQ_KEY)? {
-            Some(v) => decode_u64(&v, "sequence counter")?,
-            None => 0,
-        })
+        u64_in(
+            &self.tenant(tenant)?.tree,
+            keys::SEQ_KEY,
+            "sequence counter",
+        )
     }
 
     /// Number of users or groups (one counter read).

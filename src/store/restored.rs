@@ -10,7 +10,7 @@
 //! records the numbers it skipped, and removes the mark. No number is renumbered.
 
 use super::keys::{GSEQ_KEY, SEQ_KEY, SKIPPED_KEY};
-use super::{StoreResult, decode_u64};
+use super::{StoreResult, be_u64, u64_in};
 
 /// The key, in the default tree, a backup writes into its copy: the time it was written.
 pub(super) const BACKUP_MARK: &[u8] = b"rosterd:written_as_backup_at";
@@ -57,11 +57,11 @@ pub(super) fn move_counters_of_a_restored_backup(
         };
         let tree = db.open_tree(&name)?;
         let now = chrono::Utc::now();
-        let last = read(&tree, SEQ_KEY, "sequence counter")?;
+        let last = u64_in(&tree, SEQ_KEY, "sequence counter")?;
         let next = moved_on(last, now);
         let mut batch = sled::Batch::default();
         batch.insert(SEQ_KEY, &next.to_be_bytes());
-        let governance = read(&tree, GSEQ_KEY, "governance counter")?;
+        let governance = u64_in(&tree, GSEQ_KEY, "governance counter")?;
         batch.insert(GSEQ_KEY, &moved_on(governance, now).to_be_bytes());
         let cursors = super::delivery::cursors_at(&tree, last)?;
         for key in &cursors {
@@ -88,13 +88,6 @@ pub(super) fn move_counters_of_a_restored_backup(
     Ok(Some((String::from_utf8_lossy(&mark).into_owned(), moved)))
 }
 
-fn read(tree: &sled::Tree, key: &[u8], what: &str) -> StoreResult<u64> {
-    match tree.get(key)? {
-        Some(v) => decode_u64(&v, what),
-        None => Ok(0),
-    }
-}
-
 /// The ranges of change numbers a restore skipped, as `(last before, first after - 1)`:
 /// no change has a number in `last + 1 ..= next`.
 pub(super) fn skipped(tree: &sled::Tree) -> StoreResult<Vec<(u64, u64)>> {
@@ -102,12 +95,9 @@ pub(super) fn skipped(tree: &sled::Tree) -> StoreResult<Vec<(u64, u64)>> {
         return Ok(Vec::new());
     };
     Ok(v.chunks_exact(16)
-        .map(|c| {
+        .filter_map(|c| {
             let (a, b) = c.split_at(8);
-            (
-                u64::from_be_bytes(a.try_into().unwrap_or_default()),
-                u64::from_be_bytes(b.try_into().unwrap_or_default()),
-            )
+            Some((be_u64(a)?, be_u64(b)?))
         })
         .collect())
 }
