@@ -1835,13 +1835,24 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
         return Ok(());
     }
     let (first, last) = (cursor + 1, floor);
+    let lost = (last - cursor).saturating_sub(skipped);
+    // Across a restore the range spans billions of numbers that were never changes; the
+    // count keeps an operator from reading them as lost.
+    let counted = if skipped > 0 {
+        format!(
+            " ({}; a restore skipped the numbers between)",
+            crate::text::plural(lost, "change")
+        )
+    } else {
+        String::new()
+    };
     match &ctx.target {
         Target::OneRoster { settings, .. } => {
             if known {
                 tracing::warn!(
                     first,
                     last,
-                    "Changes #{first}..#{last} were compacted away before this connector delivered them; reconciling every object to bring the target up to date."
+                    "Changes #{first}..#{last}{counted} were compacted away before this connector delivered them; reconciling every object to bring the target up to date."
                 );
             } else {
                 tracing::info!(
@@ -1892,10 +1903,10 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
         }
         _ if known => {
             let reason = format!(
-                "changes #{first}..#{last} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
+                "changes #{first}..#{last}{counted} were compacted away before this connector delivered them; their webhook events are lost for this target (reconcile it by other means)"
             );
-            tracing::error!(first, last, "{reason}");
-            counters::changes_lost(tenant, ctx.name(), (last - cursor).saturating_sub(skipped));
+            tracing::error!(first, last, lost, "{reason}");
+            counters::changes_lost(tenant, ctx.name(), lost);
             let mut h = ctx.live.health();
             h.last_error = Some(reason);
             h.last_error_at = Some(Utc::now());

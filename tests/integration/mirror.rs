@@ -1244,24 +1244,7 @@ async fn a_restored_backup_sends_no_event_under_a_number_already_sent() {
     d.create_user("ada@acme.test").await;
     caught_up(&d, "hooks").await;
     d.stop().await;
-    let (config, data, backups) = (
-        d.root.join("config.toml"),
-        d.root.join("data"),
-        d.root.join("bk"),
-    );
-    let (ok, out, err) = crate::cli::rosterd_async(&[
-        "store",
-        "backup",
-        "--config",
-        config.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--to",
-        backups.to_str().unwrap(),
-    ])
-    .await;
-    assert!(ok, "{out} {err}");
-    let backup = crate::harness::newest_backup(&backups);
+    let backup = backup_stopped(&d).await;
     let mut d = d.restart().await;
     // What the restore will lose, though the receiver has it.
     for name in ["lost1@acme.test", "lost2@acme.test"] {
@@ -1273,8 +1256,7 @@ async fn a_restored_backup_sends_no_event_under_a_number_already_sent() {
     let seq = |g: &wh::Delivery| g.body["data"]["seq"].as_u64().unwrap();
     let newest_before = before.iter().map(seq).max().unwrap();
     d.stop().await;
-    std::fs::rename(&data, d.root.join("data.lost")).unwrap();
-    std::fs::rename(&backup, &data).unwrap();
+    restore(&d, &backup);
     let mut d = d.restart().await;
     d.create_user("after@acme.test").await;
     caught_up(&d, "hooks").await;
@@ -1304,6 +1286,31 @@ async fn a_restored_backup_sends_no_event_under_a_number_already_sent() {
     );
     // The numbers skipped and the cursor moved past them check clean.
     d.stop().await;
+}
+
+/// `rosterd store backup` of stopped daemon `d`'s store; the backup's directory.
+pub async fn backup_stopped(d: &TestDaemon) -> std::path::PathBuf {
+    let backups = d.root.join("bk");
+    let (ok, out, err) = crate::cli::rosterd_async(&[
+        "store",
+        "backup",
+        "--config",
+        d.root.join("config.toml").to_str().unwrap(),
+        "--data-dir",
+        d.root.join("data").to_str().unwrap(),
+        "--to",
+        backups.to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{out} {err}");
+    crate::harness::newest_backup(&backups)
+}
+
+/// Put `backup` in place of stopped daemon `d`'s store, as README's restore does.
+pub fn restore(d: &TestDaemon, backup: &std::path::Path) {
+    let data = d.root.join("data");
+    std::fs::rename(&data, d.root.join("data.lost")).unwrap();
+    std::fs::rename(backup, &data).unwrap();
 }
 
 /// A connector renamed in its file is said to be that, not a file removed: the new name

@@ -4,8 +4,8 @@
 
 use crate::harness::{BUNDLE, OTHER_TENANT, Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
-    caught_up, connector, discard_dead_letters, oneroster_file, sourced_id, start_with_oneroster,
-    with_user_created_hook,
+    backup_stopped, caught_up, connector, connector_until, discard_dead_letters, oneroster_file,
+    restore, sourced_id, start_with_oneroster, with_user_created_hook,
 };
 use crate::oneroster::{self as or, Fault, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
@@ -1204,6 +1204,82 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The changes a retired connector lost to compaction are counted without the numbers a
+/// restore skipped, which were never changes: brought back across a restore, it counted
+/// 4,294,967,300 lost for three (an audit's finding).
+#[tokio::test]
+async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
+    let (_hook, d) = with_user_created_hook("").await;
+    d.create_user("before@acme.test").await;
+    let cursor = caught_up(&d, "hooks").await["cursor"].as_u64().unwrap();
+    let file = d.root.join("connectors/hooks.toml");
+    let away = d.root.join("hooks.toml.away");
+    std::fs::rename(&file, &away).unwrap();
+    let mut d = d.restart().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for name in ["lost1@acme.test", "lost2@acme.test"] {
+        d.create_user(name).await;
+    }
+    d.stop().await;
+    let backup = backup_stopped(&d).await;
+    restore(&d, &backup);
+    // The first start of the restored store numbers on past a gap.
+    let d = d.restart().await;
+    d.create_user("after@acme.test").await;
+    let feed = d
+        .roster(
+            Method::GET,
+            &format!("/changes?since={cursor}&limit=1000"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(feed.status, 200, "{}", feed.body);
+    let seqs: Vec<u64> = feed.body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.len() >= 3 && seqs.last().unwrap() - seqs[0] > 1 << 32,
+        "no gap: {seqs:?}"
+    );
+    let d = d
+        .restart_with(|o| o.config_extra = COMPACT_EVERY_SECOND.into())
+        .await;
+    compacted_away(&d).await;
+    std::fs::rename(&away, &file).unwrap();
+    d.reload().await;
+    let c = connector_until(&d, "hooks", "no gap reported", |c| {
+        c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("compacted away"))
+    })
+    .await;
+    assert!(
+        c["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("({} changes; a restore skipped", seqs.len())),
+        "{c}"
+    );
+    let (text, samples) = crate::metrics::scrape(&d).await;
+    assert_eq!(
+        crate::metrics::value(
+            &samples,
+            "rosterd_connector_changes_lost_total",
+            &[("connector", "hooks"), ("tenant", TENANT)]
+        ),
+        Some(seqs.len() as f64),
+        "{c}\n{text}"
+    );
 }
 
 #[tokio::test]
