@@ -281,9 +281,11 @@ impl ConnectorConfig {
                 "key `retry.max_delay_ms`: must be at most {MAX_DELAY_MS} (a day)"
             ));
         }
-        if self.retry.pause_secs > MAX_PAUSE_SECS {
+        // A pause of 0 s probed the target again at once: the hammering a pause is for
+        // stopping, with the connector shown as paused all the while.
+        if !(1..=MAX_PAUSE_SECS).contains(&self.retry.pause_secs) {
             return Err(format!(
-                "key `retry.pause_secs`: must be at most {MAX_PAUSE_SECS} (a week)"
+                "key `retry.pause_secs`: must be 1 to {MAX_PAUSE_SECS} (a second to a week)"
             ));
         }
         if self.retry.pause_after_failures == 0 {
@@ -980,6 +982,7 @@ secret_env = "HOOK_SECRET"
                 "[retry]\npause_secs = 18446744073709551615",
                 "retry.pause_secs",
             ),
+            ("[retry]\npause_secs = 0", "retry.pause_secs`: must be 1 to"),
         ] {
             let err = parse(extra).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
