@@ -710,29 +710,33 @@ impl Ctx<'_> {
 /// value reached without a sub-attribute stands for its `value` sub-attribute, if it has
 /// one.
 fn resolve<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> Vec<&'a Value> {
+    resolve_with_gaps(ctx, doc, path).0
+}
+
+/// [`resolve`], and whether an element of the attribute lacks the sub-attribute named
+/// (an email without a `type`): `ne` holds of such an element.
+fn resolve_with_gaps<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> (Vec<&'a Value>, bool) {
     let Some(obj) = doc.as_object() else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
     let base = match path.urn.as_deref() {
         Some(u) if ctx.parent.is_none() && !is_core_urn(u) => match get_ci(obj, u) {
             Some(Value::Object(ext)) => ext,
-            _ => return Vec::new(),
+            _ => return (Vec::new(), false),
         },
         _ => obj,
     };
     let Some(top) = get_ci(base, &path.attr) else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
     let mut out = Vec::new();
+    let mut gap = false;
     let mut push = |v: &'a Value| match (&path.sub, v) {
-        (Some(s), Value::Object(o)) => {
-            if let Some(x) = get_ci(o, s) {
-                match x {
-                    Value::Array(xs) => out.extend(xs.iter()),
-                    x => out.push(x),
-                }
-            }
-        }
+        (Some(s), Value::Object(o)) => match get_ci(o, s) {
+            Some(Value::Array(xs)) => out.extend(xs.iter()),
+            Some(x) => out.push(x),
+            None => gap = true,
+        },
         (Some(_), _) => {}
         // One without a `value` (`name`, an address) stands for itself: `name pr` is
         // true when any part of the name is there (RFC 7644 §3.4.2.2), and no
@@ -744,7 +748,7 @@ fn resolve<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> Vec<&'a Value> 
         Value::Array(items) => items.iter().for_each(&mut push),
         v => push(v),
     }
-    out
+    (out, gap)
 }
 
 fn present(v: &Value) -> bool {
@@ -921,7 +925,7 @@ impl Filter {
             Filter::Not(a) => !a.eval(ctx, doc),
             Filter::Present(p) => resolve(ctx, doc, p).into_iter().any(present),
             Filter::Compare { path, op, value } => {
-                let values = resolve(ctx, doc, path);
+                let (values, gap) = resolve_with_gaps(ctx, doc, path);
                 if value.is_null() {
                     let any = values.iter().any(|v| present(v));
                     return match op {
@@ -936,10 +940,16 @@ impl Filter {
                 }
                 let sem = ctx.semantics(path);
                 if *op == CompareOp::Ne {
-                    // "not equal" holds when no value equals, including when absent.
-                    return !values
-                        .iter()
-                        .any(|v| compare_one(&sem, CompareOp::Eq, v, value));
+                    // Absent, nothing equals. Otherwise any value that differs matches,
+                    // as for every operator on a multi-valued attribute (RFC 7644
+                    // §3.4.2.2): `emails.type ne "work"` holds of a user with a work and a
+                    // home address, as `emails[type ne "work"]` does. It was read as "no
+                    // value equals", and the two spellings selected different users.
+                    return values.is_empty()
+                        || gap
+                        || values
+                            .iter()
+                            .any(|v| !compare_one(&sem, CompareOp::Eq, v, value));
                 }
                 values.iter().any(|v| compare_one(&sem, *op, v, value))
             }
@@ -1166,6 +1176,28 @@ mod tests {
         assert!(m(r#"nickName ne "x""#), "absent is not equal");
         assert!(m("nickName eq null"));
         assert!(!m("title eq null"));
+    }
+
+    /// On a multi-valued attribute `ne` matches when any value differs (RFC 7644
+    /// §3.4.2.2), in either spelling.
+    #[test]
+    fn ne_on_a_multi_valued_attribute_is_any_value_differing() {
+        for f in [r#"emails.type ne "work""#, r#"emails[type ne "work"]"#] {
+            assert!(m(f), "the home address differs: {f}");
+        }
+        assert!(!m(r#"userName ne "bjensen@example.com""#));
+        let both_work = json!({"emails": [
+            {"value": "a@x.test", "type": "work"}, {"value": "b@x.test", "type": "work"}]});
+        let untyped = json!({"emails": [
+            {"value": "a@x.test", "type": "work"}, {"value": "b@x.test"}]});
+        for f in [r#"emails.type ne "work""#, r#"emails[type ne "work"]"#] {
+            let f = parse_filter(f).unwrap();
+            assert!(!f.matches(ResourceKind::User, &both_work), "{f}");
+            assert!(
+                f.matches(ResourceKind::User, &untyped),
+                "no type is not work: {f}"
+            );
+        }
     }
 
     #[test]
