@@ -510,6 +510,7 @@ async fn op_create(
     tenant: &str,
     kind: ResourceKind,
     body: Value,
+    projection: &Projection,
 ) -> ScimResult<Reply> {
     let (doc, members) = whole_resource(kind, body)?;
     let res = state
@@ -518,14 +519,7 @@ async fn op_create(
         .await
         .map_err(store_to_scim)?;
     tracing::info!(id = %res.id, kind = ?kind, "Resource created.");
-    resource_reply(
-        state,
-        tenant,
-        kind,
-        &res,
-        StatusCode::CREATED,
-        &Projection::default(),
-    )
+    resource_reply(state, tenant, kind, &res, StatusCode::CREATED, projection)
 }
 
 async fn op_replace(
@@ -535,6 +529,7 @@ async fn op_replace(
     id: &str,
     cond: Option<IfMatch>,
     body: Value,
+    projection: &Projection,
 ) -> ScimResult<Reply> {
     if let Some(body_id) = body.get("id").and_then(Value::as_str)
         && body_id != id
@@ -560,14 +555,7 @@ async fn op_replace(
         })
         .await
         .map_err(store_to_scim)?;
-    resource_reply(
-        state,
-        tenant,
-        kind,
-        &res,
-        StatusCode::OK,
-        &Projection::default(),
-    )
+    resource_reply(state, tenant, kind, &res, StatusCode::OK, projection)
 }
 
 async fn op_patch(
@@ -727,29 +715,40 @@ macro_rules! resource_handlers {
             Ok(get_one(&st, &tenant, $kind, &id, &headers, lower_keys(q)?)?.into_response())
         }
 
+        // `attributes` and `excludedAttributes` shape every answer that carries the
+        // resource (RFC 7644 §3.9): a group PUT's answer echoed every member, and are read
+        // before the write so that a bad one changes nothing.
         async fn $create(
             State(st): St,
             Path(tenant): Path<String>,
+            Query(q): Query<Vec<(String, String)>>,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
             let (body, _share) = read_body(&st, &headers, body).await?;
-            Ok(op_create(&st, &tenant, $kind, body).await?.into_response())
+            let projection = Projection::from_params(&lower_keys(q)?)?;
+            Ok(op_create(&st, &tenant, $kind, body, &projection)
+                .await?
+                .into_response())
         }
 
         async fn $replace(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
+            Query(q): Query<Vec<(String, String)>>,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
             let (body, _share) = read_body(&st, &headers, body).await?;
             let cond = if_match(&headers)?;
-            Ok(op_replace(&st, &tenant, $kind, &id, cond, body)
-                .await?
-                .into_response())
+            let projection = Projection::from_params(&lower_keys(q)?)?;
+            Ok(
+                op_replace(&st, &tenant, $kind, &id, cond, body, &projection)
+                    .await?
+                    .into_response(),
+            )
         }
 
         async fn $patch(
@@ -1905,9 +1904,20 @@ async fn run_bulk_op(
             if op.get("bulkId").and_then(Value::as_str).is_none() {
                 return Err(ScimError::invalid_syntax("POST in /Bulk needs a bulkId"));
             }
-            op_create(state, tenant, kind, need_data()?).await?
+            op_create(state, tenant, kind, need_data()?, &Projection::default()).await?
         }
-        "PUT" => op_replace(state, tenant, kind, &need_id()?, cond, need_data()?).await?,
+        "PUT" => {
+            op_replace(
+                state,
+                tenant,
+                kind,
+                &need_id()?,
+                cond,
+                need_data()?,
+                &Projection::default(),
+            )
+            .await?
+        }
         "PATCH" => {
             op_patch(
                 state,

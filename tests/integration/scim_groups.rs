@@ -161,6 +161,61 @@ async fn excluded_members_and_group_filters() {
     assert_eq!(r.body["displayName"], "Sales Team");
 }
 
+/// POST and PUT answer as `attributes` and `excludedAttributes` ask (RFC 7644 §3.9), as
+/// GET and PATCH do: a group PUT echoed every member whatever was asked. A bad list is
+/// refused before the write.
+#[tokio::test]
+async fn post_and_put_answer_with_the_attributes_asked_for() {
+    let d = TestDaemon::start().await;
+    let user = |name: &str| {
+        json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+               "userName": name, "title": "Engineer", "nickName": "n"})
+    };
+    let r = d
+        .post("/Users?attributes=userName", user("r1@example.com"))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["userName"], "r1@example.com", "{}", r.body);
+    assert!(r.body["id"].is_string(), "{}", r.body);
+    assert!(
+        r.body.get("title").is_none() && r.body.get("meta").is_none(),
+        "{}",
+        r.body
+    );
+    let a = r.body["id"].as_str().unwrap().to_owned();
+    let r = d
+        .put(
+            &format!("/Users/{a}?excludedAttributes=title"),
+            user("r1@example.com"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.get("title").is_none(), "{}", r.body);
+    assert_eq!(r.body["nickName"], "n", "{}", r.body);
+    let gid = d.create_group("Echo").await;
+    let group = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                       "displayName": "Echo", "members": [{"value": a}]});
+    let r = d
+        .put(
+            &format!("/Groups/{gid}?excludedAttributes=members"),
+            group.clone(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.get("members").is_none(), "{}", r.body);
+    assert_eq!(r.body["displayName"], "Echo", "{}", r.body);
+    let r = d.put(&format!("/Groups/{gid}"), group).await;
+    assert_eq!(r.body["members"][0]["value"], a.as_str(), "{}", r.body);
+    let r = d
+        .post("/Users?attributes=abc%C3%A9", user("never@example.com"))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = d
+        .get("/Users?filter=userName%20eq%20%22never@example.com%22")
+        .await;
+    assert_eq!(r.body["totalResults"], 0, "{}", r.body);
+}
+
 #[tokio::test]
 async fn large_member_patch_is_applied_whole() {
     let d = TestDaemon::start().await;
