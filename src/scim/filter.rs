@@ -751,7 +751,7 @@ fn resolve_with_gaps<'a>(ctx: Ctx<'_>, doc: &'a Value, path: &AttrPath) -> (Vec<
     (out, gap)
 }
 
-fn present(v: &Value) -> bool {
+pub(crate) fn present(v: &Value) -> bool {
     match v {
         Value::Null => false,
         Value::String(s) => !s.is_empty(),

@@ -7,8 +7,8 @@
 use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
-use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path};
-use crate::scim::resource::{HeldValues, check_value_count, value_key};
+use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path, present};
+use crate::scim::resource::{HeldValues, check_value_count, types_agree, value_key};
 use crate::scim::schema::{self, AttrDef, Mutability, ResourceKind};
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
@@ -709,15 +709,26 @@ fn apply_plain(
     let value = value.cloned();
     match op {
         PatchOpKind::Remove => {
+            let gone = |v: Value| match v {
+                Value::Array(vs) => vs,
+                v => vec![v],
+            };
             match (value, obj.get_mut(key)) {
                 // Entra's older dialect: remove the listed values of a multi-valued attribute.
                 (Some(v), Some(Value::Array(items))) if multi => {
-                    let gone = match v {
-                        Value::Array(vs) => vs,
-                        v => vec![v],
-                    };
-                    items.retain(|i| !gone.iter().any(|g| same_element(i, g)));
+                    let gone = gone(v);
+                    items.retain(|i| !gone.iter().any(|g| same_element(def, i, g)));
                     if items.is_empty() {
+                        obj.remove(key);
+                    }
+                }
+                // A value names what goes on a single-valued attribute too, as the filter
+                // form `manager[value eq "…"]` does: `remove manager` naming another
+                // manager than the one held removed the held one, and a `name` naming
+                // only a givenName took the familyName with it.
+                (Some(v), Some(stored)) => {
+                    let named: Vec<Value> = gone(v).into_iter().filter(present).collect();
+                    if named.is_empty() || named.iter().any(|g| same_element(def, stored, g)) {
                         obj.remove(key);
                     }
                 }
@@ -789,13 +800,23 @@ fn apply_plain(
     }
 }
 
-fn same_element(stored: &Value, given: &Value) -> bool {
+/// Whether a value a `remove` names (`given`) is the one held (`stored`): the same
+/// `value` as the schema compares it (an email in any letter case) with types that agree
+/// (a home address is not the work one), or, for a value without a `value`, equal.
+fn same_element(def: Option<&AttrDef>, stored: &Value, given: &Value) -> bool {
+    let as_element = |g: &Value| Map::from_iter([("value".to_owned(), g.clone())]);
     match (stored, given) {
-        (Value::Object(s), Value::Object(g)) => match (get_ci(s, "value"), get_ci(g, "value")) {
-            (Some(a), Some(b)) => a == b,
+        (Value::Object(s), Value::Object(g)) => match (value_key(def, s), value_key(def, g)) {
+            (Some((a, at)), Some((b, bt))) => a == b && types_agree(&at, &bt),
             _ => s == g,
         },
-        (Value::Object(s), g) => get_ci(s, "value") == Some(g),
+        (Value::Object(s), g) => match (value_key(def, s), value_key(def, &as_element(g))) {
+            (Some((a, _)), Some((b, _))) => a == b,
+            _ => false,
+        },
+        (Value::String(s), Value::String(g)) if !def.is_some_and(|d| d.case_exact) => {
+            s.to_lowercase() == g.to_lowercase()
+        }
         (s, g) => s == g,
     }
 }
@@ -1072,6 +1093,54 @@ mod tests {
         .unwrap();
         apply(ResourceKind::Group, &mut g, &ops).unwrap();
         assert_eq!(g["members"].as_array().map(Vec::len), Some(1001));
+    }
+
+    /// A `remove` that names a value removes that value only, on a single-valued
+    /// attribute as on a multi-valued one, compared as the schema compares it.
+    #[test]
+    fn a_remove_naming_a_value_removes_only_that_value() {
+        let manager = format!("{ENTERPRISE_USER_SCHEMA}:manager");
+        let mut d = user();
+        d["title"] = json!("Tour Guide");
+        d[ENTERPRISE_USER_SCHEMA] = json!({"manager": {"value": "m-1", "displayName": "M"}});
+        let before = d.clone();
+        patch(
+            &mut d,
+            json!([
+                {"op": "remove", "path": manager, "value": [{"value": "m-other"}]},
+                {"op": "remove", "path": "name", "value": {"givenName": "Barbara"}},
+                {"op": "remove", "path": "title", "value": "Tour Operator"},
+                {"op": "remove", "path": "emails", "value": [{"value": "B@WORK.EXAMPLE", "type": "home"}]},
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d, before, "nothing named is held");
+        patch(
+            &mut d,
+            json!([
+                {"op": "remove", "path": manager, "value": [{"value": "m-1"}]},
+                {"op": "remove", "path": "title", "value": "tour guide"},
+                {"op": "remove", "path": "emails", "value": [{"value": "B@WORK.EXAMPLE", "type": "work"}]},
+                {"op": "remove", "path": "name", "value": null},
+            ]),
+        )
+        .unwrap();
+        assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none(), "{d}");
+        for gone in ["title", "name"] {
+            assert!(d.get(gone).is_none(), "{gone}: {d}");
+        }
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "b@home.example", "type": "home"}])
+        );
+        // A bare id names a manager as an object does (Entra sends either).
+        d[ENTERPRISE_USER_SCHEMA] = json!({"manager": {"value": "m-2"}});
+        patch(
+            &mut d,
+            json!([{"op": "Remove", "path": manager, "value": "m-2"}]),
+        )
+        .unwrap();
+        assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none(), "{d}");
     }
 
     #[test]

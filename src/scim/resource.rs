@@ -82,7 +82,7 @@ pub(crate) fn value_key(
 
 /// Whether two values' types (from [`value_key`]) let one be a repeat of the other: the
 /// same, or one of them untyped.
-fn types_agree(a: &Option<String>, b: &Option<String>) -> bool {
+pub(crate) fn types_agree(a: &Option<String>, b: &Option<String>) -> bool {
     a.is_none() || b.is_none() || a == b
 }
 
