@@ -358,6 +358,17 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         super::resource::check_list_sizes(doc)?;
         super::resource::settle_primaries(kind, &before, doc);
     }
+    // RFC 7644 §3.5.2.2: a PATCH that leaves a required attribute unassigned is a
+    // `mutability` error. Judged on the result, so that a remove and an add of
+    // `userName` in one request pass.
+    if let Some(obj) = doc.as_object()
+        && let Some(name) = super::resource::missing_required(kind, |n| get_ci(obj, n))
+    {
+        return Err(ScimError::mutability(format!(
+            "{name} is required for a {}; a PATCH cannot remove it or set it empty",
+            kind.name()
+        )));
+    }
     Ok(())
 }
 
@@ -1141,6 +1152,42 @@ mod tests {
         )
         .unwrap();
         assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none(), "{d}");
+    }
+
+    /// RFC 7644 §3.5.2.2: leaving a required attribute unassigned is `mutability`;
+    /// a remove and an add of it in one request pass.
+    #[test]
+    fn a_patch_cannot_leave_a_required_attribute_unassigned() {
+        for ops in [
+            json!([{"op": "remove", "path": "userName"}]),
+            json!([{"op": "replace", "path": "USERNAME", "value": null}]),
+            json!([{"op": "replace", "value": {"userName": null}}]),
+            json!([{"op": "replace", "path": "userName", "value": "  "}]),
+        ] {
+            let mut d = user();
+            let e = patch(&mut d, ops.clone()).expect_err(&ops.to_string());
+            assert_eq!(e.scim_type, Some(ScimType::Mutability), "{ops}");
+            assert!(e.detail.contains("userName is required"), "{}", e.detail);
+        }
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "remove", "path": "userName"},
+                   {"op": "add", "path": "userName", "value": "babs"}]),
+        )
+        .unwrap();
+        assert_eq!(d["userName"], "babs");
+        let mut g = json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                           "id": "g1", "displayName": "G"});
+        let body = json!({"schemas": [PATCH_OP_SCHEMA],
+                          "Operations": [{"op": "remove", "path": "displayName"}]});
+        let e = apply(
+            ResourceKind::Group,
+            &mut g,
+            &parse_patch_request(body).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::Mutability), "{}", e.detail);
     }
 
     #[test]

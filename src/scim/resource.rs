@@ -335,24 +335,34 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
     }
     out.insert("schemas".into(), Value::Array(schemas));
 
-    for def in core.attributes.iter().filter(|d| d.required) {
-        let ok = match out.get(def.name) {
-            Some(Value::String(s)) => !s.trim().is_empty(),
-            Some(v) => !v.is_null(),
-            None => false,
-        };
-        if !ok {
-            return Err(ScimError::invalid_value(format!(
-                "{} is required for a {}",
-                def.name,
-                kind.name()
-            )));
-        }
+    if let Some(name) = missing_required(kind, |name| out.get(name)) {
+        return Err(ScimError::invalid_value(format!(
+            "{name} is required for a {}",
+            kind.name()
+        )));
     }
     Ok(Normalized {
         resource: Value::Object(out),
         ignored,
     })
+}
+
+/// The first required attribute of `kind`'s core schema that `get` finds unassigned
+/// (absent, null or blank).
+pub(crate) fn missing_required<'a>(
+    kind: ResourceKind,
+    get: impl Fn(&str) -> Option<&'a Value>,
+) -> Option<&'static str> {
+    schema::core_schema(kind)
+        .attributes
+        .iter()
+        .filter(|d| d.required)
+        .find(|d| match get(d.name) {
+            Some(Value::String(s)) => s.trim().is_empty(),
+            Some(v) => v.is_null(),
+            None => true,
+        })
+        .map(|d| d.name)
 }
 
 /// A resource's `schemas` must name the endpoint's own core schema (RFC 7643 §3): a
