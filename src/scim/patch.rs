@@ -397,12 +397,23 @@ fn apply_pathless(
         ));
     };
     for (key, v) in attrs {
-        if ["schemas", "id", "meta"]
+        if key.eq_ignore_ascii_case("id") {
+            // Okta's group rename carries the resource's own id, which changes nothing.
+            // Another id is refused as PUT refuses it, not dropped with a 200.
+            let own = doc.get("id");
+            if !v.is_null() && Some(v) != own {
+                return Err(ScimError::mutability(format!(
+                    "id {v} in the value does not match this resource's id {}",
+                    own.unwrap_or(&Value::Null)
+                )));
+            }
+            continue;
+        }
+        if ["schemas", "meta"]
             .iter()
             .any(|k| key.eq_ignore_ascii_case(k))
         {
-            // Okta's group rename carries the id; it, meta and schemas are not the
-            // client's to set, and are rebuilt by the server anyway.
+            // Not the client's to set, and rebuilt by the server anyway.
             continue;
         }
         if let Some(ext) = schema::schemas_of(kind)
@@ -1236,10 +1247,18 @@ mod tests {
         let mut d = user();
         patch(
             &mut d,
-            json!([{"op": "replace", "value": {"id": "other", "displayName": "B"}}]),
+            json!([{"op": "replace", "value": {"id": "u1", "displayName": "B"}}]),
         )
         .unwrap();
         assert_eq!(d["id"], "u1");
+        assert_eq!(d["displayName"], "B");
+        // Another id is refused, as PUT refuses it.
+        let e = patch(
+            &mut d,
+            json!([{"op": "replace", "value": {"ID": "other", "displayName": "C"}}]),
+        )
+        .unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::Mutability), "{}", e.detail);
         assert_eq!(d["displayName"], "B");
     }
 
