@@ -1211,15 +1211,26 @@ async fn run_list(
         // before creating one; a PATCH path naming it is refused as well.
         return Err(ScimError::invalid_filter(format!(
             "{unknown} is not an attribute of {}",
-            kinds
-                .iter()
-                .map(|k| k.endpoint())
-                .collect::<Vec<_>>()
-                .join(" or ")
+            endpoints(&kinds)
         )));
     }
     if let Some(f) = &query.filter {
         check_comparisons(&kinds, f)?;
+    }
+    // Sorted by what no resource holds, a list came back in id order with a 200: a typo
+    // in `sortBy` went unnoticed (RFC 7644 §3.4.2.3 leaves it to the server).
+    if let Some(path) = &query.sort_by
+        && (defs_in(&kinds, path).next().is_none()
+            || path.attr.eq_ignore_ascii_case("meta")
+                && path
+                    .sub
+                    .as_deref()
+                    .is_none_or(|s| s.eq_ignore_ascii_case("location")))
+    {
+        return Err(ScimError::invalid_value(format!(
+            "sortBy: {path} is not an attribute of {} that a list can be sorted by",
+            endpoints(&kinds)
+        )));
     }
     let span = tracing::Span::current();
     let listed = tokio::task::spawn_blocking(move || {
@@ -1229,16 +1240,40 @@ async fn run_list(
     listed.map_err(|e| store_to_scim(crate::store::StoreError::from_join(e)))?
 }
 
+/// `/Users`, `/Groups` or `/Users or /Groups`, for errors.
+fn endpoints(kinds: &[ResourceKind]) -> String {
+    kinds
+        .iter()
+        .map(|k| k.endpoint())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 /// A comparison that can never be true is 400 `invalidFilter`, for the reason an unknown
 /// attribute is: it would match nothing, and an IdP reads "nothing" as "no such user".
 /// That is `gt`, `ge`, `lt` or `le` on a boolean or binary attribute (RFC 7644
 /// §3.4.2.2), and a value the attribute can never hold (`meta.created gt "soon"`,
 /// `active eq "maybe"`, `userName eq true`). Numbers against strings stay, as
-/// `employeeNumber eq 701` means the digits.
+/// `employeeNumber eq 701` means the digits. So is a substring operator on a boolean, a
+/// comparison of a complex attribute that has no `value` (`name eq "Alice"`), and any
+/// filter on `meta.location`, which is made as a resource is answered, not stored.
 fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> {
     use crate::scim::filter::CompareOp;
     use schema::AttrKind;
     let comparisons = filter.comparisons();
+    let is_location = |p: &AttrPath| {
+        p.attr.eq_ignore_ascii_case("meta")
+            && p.sub
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("location"))
+    };
+    if filter.attr_paths().into_iter().any(&is_location)
+        || comparisons.iter().any(|(p, ..)| is_location(p))
+    {
+        return Err(ScimError::invalid_filter(
+            "meta.location is made from the resource's id as it is answered and is not stored: filter on id instead",
+        ));
+    }
     let unordered = comparisons.iter().find(|(path, op, _)| {
         matches!(
             op,
@@ -1248,6 +1283,28 @@ fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> 
     if let Some((path, ..)) = unordered {
         return Err(ScimError::invalid_filter(format!(
             "{path} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
+        )));
+    }
+    let substring = comparisons.iter().find(|(path, op, _)| {
+        matches!(op, CompareOp::Co | CompareOp::Sw | CompareOp::Ew)
+            && defs_in(kinds, path).any(|d| d.kind == AttrKind::Boolean)
+    });
+    if let Some((path, ..)) = substring {
+        return Err(ScimError::invalid_filter(format!(
+            "{path} is a boolean: co, sw and ew do not apply to it (RFC 7644 §3.4.2.2)"
+        )));
+    }
+    let whole = comparisons.iter().find(|(path, ..)| {
+        defs_in(kinds, path).any(|d| {
+            d.kind == AttrKind::Complex && !d.sub_attributes.iter().any(|s| s.name == "value")
+        })
+    });
+    if let Some((path, ..)) = whole {
+        return Err(ScimError::invalid_filter(format!(
+            "{path} is complex and has no value of its own: compare one of its sub-attributes (such as {path}.{})",
+            defs_in(kinds, path)
+                .find_map(|d| d.sub_attributes.first())
+                .map_or("…", |s| s.name)
         )));
     }
     for (path, _, value) in comparisons {

@@ -263,6 +263,16 @@ async fn bad_filters_are_scim_errors() {
         ("active eq \"maybe\"", "boolean"),
         ("emails[primary eq 1]", "boolean"),
         ("userName eq true", "string"),
+        // A boolean has no substrings, a name no value of its own to compare, and a
+        // location is not stored: each matched nothing with a 200.
+        ("active sw true", "co, sw and ew do not apply"),
+        ("name eq \"Alice\"", "compare one of its sub-attributes"),
+        ("meta co \"x\"", "compare one of its sub-attributes"),
+        ("meta.location pr", "filter on id instead"),
+        (
+            "userName pr and meta.location co \"Users\"",
+            "filter on id instead",
+        ),
     ] {
         let r = d.get(&format!("/Users?filter={}", enc(f))).await;
         assert_eq!(r.status, 400, "{f}: {}", r.body);
@@ -369,6 +379,23 @@ async fn paging_sorting_and_projection() {
     });
     let r = d.post("/Users/.search", search).await;
     assert_eq!(r.status, 400, "{}", r.body);
+    // A sortBy no resource holds is said, not answered in id order.
+    for sort in ["nosuch", "meta.location", "department"] {
+        let r = d.get(&format!("/Groups?sortBy={sort}")).await;
+        assert_eq!(
+            (r.status.as_u16(), r.body["scimType"].as_str()),
+            (400, Some("invalidValue")),
+            "{sort}: {}",
+            r.body
+        );
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("sortBy"),
+            "{}",
+            r.body
+        );
+    }
+    let r = d.get("/Users?sortBy=department").await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// Paging with neither filter nor sort takes its total from the store's counters and reads
