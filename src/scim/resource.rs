@@ -873,17 +873,9 @@ pub fn project(
             let Some(inner) = value.as_object() else {
                 continue;
             };
-            let whole = |list: &[AttrPath]| {
-                list.iter().any(|p| {
-                    p.is_whole_schema()
-                        && p.urn
-                            .as_deref()
-                            .is_some_and(|u| u.eq_ignore_ascii_case(ext.id))
-                })
-            };
-            let m = if !attributes.is_empty() && whole(attributes) {
+            let m = if !attributes.is_empty() && whole(ext, attributes) {
                 project_attrs(ext, inner, &[], &[], false)
-            } else if attributes.is_empty() && whole(excluded) {
+            } else if attributes.is_empty() && whole(ext, excluded) {
                 Map::new()
             } else {
                 project_attrs(ext, inner, attributes, excluded, false)
@@ -894,9 +886,28 @@ pub fn project(
             continue;
         }
         let single = Map::from_iter([(key.clone(), value.clone())]);
-        out.extend(project_attrs(core, &single, attributes, excluded, true));
+        // The core schema's URN alone names every core attribute, as an extension's
+        // names all of its own: `attributes=urn:…:core:2.0:User` gave only id and schemas.
+        let m = if !attributes.is_empty() && whole(core, attributes) {
+            project_attrs(core, &single, &[], &[], true)
+        } else if attributes.is_empty() && whole(core, excluded) {
+            project_attrs(core, &single, &[], &[AttrPath::simple(key)], true)
+        } else {
+            project_attrs(core, &single, attributes, excluded, true)
+        };
+        out.extend(m);
     }
     Value::Object(out)
+}
+
+/// Whether `list` names the whole of `schema` by its URN alone.
+fn whole(schema: &SchemaDef, list: &[AttrPath]) -> bool {
+    list.iter().any(|p| {
+        p.is_whole_schema()
+            && p.urn
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(schema.id))
+    })
 }
 
 fn project_attrs(

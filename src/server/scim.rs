@@ -299,13 +299,16 @@ impl Projection {
     /// Would a top-level core attribute `name` be returned? Used to skip loading members
     /// or groups that the client excluded.
     fn wants(&self, name: &str) -> bool {
-        let named = |list: &[AttrPath]| {
-            list.iter().any(|p| {
-                p.attr.eq_ignore_ascii_case(name)
-                    && p.urn.as_deref().is_none_or(|u| {
-                        u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA)
-                    })
+        let core = |p: &AttrPath| {
+            p.urn.as_deref().is_none_or(|u| {
+                u.eq_ignore_ascii_case(USER_SCHEMA) || u.eq_ignore_ascii_case(GROUP_SCHEMA)
             })
+        };
+        // The core schema's URN alone names every core attribute.
+        let whole_core = |p: &AttrPath| p.is_whole_schema() && p.urn.is_some() && core(p);
+        let named = |list: &[AttrPath]| {
+            list.iter()
+                .any(|p| (p.attr.eq_ignore_ascii_case(name) && core(p)) || whole_core(p))
         };
         if !self.attributes.is_empty() {
             return named(&self.attributes);
@@ -313,7 +316,7 @@ impl Projection {
         !self
             .excluded
             .iter()
-            .any(|p| p.sub.is_none() && p.attr.eq_ignore_ascii_case(name))
+            .any(|p| (p.sub.is_none() && p.attr.eq_ignore_ascii_case(name)) || whole_core(p))
     }
 }
 

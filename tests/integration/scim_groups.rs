@@ -206,6 +206,14 @@ async fn post_and_put_answer_with_the_attributes_asked_for() {
     assert_eq!(r.body["displayName"], "Echo", "{}", r.body);
     let r = d.put(&format!("/Groups/{gid}"), group).await;
     assert_eq!(r.body["members"][0]["value"], a.as_str(), "{}", r.body);
+    // The core schema's URN names the members too, which are stored apart.
+    let r = d
+        .get(&format!(
+            "/Groups/{gid}?attributes=urn:ietf:params:scim:schemas:core:2.0:Group"
+        ))
+        .await;
+    assert_eq!(r.body["members"][0]["value"], a.as_str(), "{}", r.body);
+    assert_eq!(r.body["displayName"], "Echo", "{}", r.body);
     let r = d
         .post("/Users?attributes=abc%C3%A9", user("never@example.com"))
         .await;

@@ -357,6 +357,37 @@ async fn paging_sorting_and_projection() {
     assert!(u.get("emails").is_none() && u.get("name").is_none(), "{u}");
     assert!(u.get("userName").is_some());
 
+    // A schema's URN alone names all of its attributes, the core's as an extension's.
+    let core = "urn:ietf:params:scim:schemas:core:2.0:User";
+    let r = d.get(&format!("/Users?attributes={core}&count=1")).await;
+    let u = &r.body["Resources"][0];
+    assert!(u["userName"].is_string() && u["emails"].is_array(), "{u}");
+    assert!(
+        u["name"]["givenName"].is_string() && u["meta"].is_object(),
+        "{u}"
+    );
+    assert!(u.get(ENTERPRISE).is_none(), "{u}");
+    let r = d
+        .get(&format!("/Users?excludedAttributes={core}&count=1"))
+        .await;
+    let u = &r.body["Resources"][0];
+    assert!(
+        u.get("userName").is_none() && u.get("emails").is_none(),
+        "{u}"
+    );
+    assert!(
+        u["id"].is_string() && u[ENTERPRISE]["department"].is_string(),
+        "{u}"
+    );
+    let r = d
+        .get(&format!("/Users?attributes={ENTERPRISE}&count=1"))
+        .await;
+    let u = &r.body["Resources"][0];
+    assert!(
+        u.get("userName").is_none() && u[ENTERPRISE].is_object(),
+        "{u}"
+    );
+
     // A name with a multi-byte character across its fourth byte is refused as any bad
     // name is; cutting it there to look for "urn:" panicked (500).
     for query in [
