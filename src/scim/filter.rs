@@ -756,7 +756,9 @@ pub(crate) fn present(v: &Value) -> bool {
         Value::Null => false,
         Value::String(s) => !s.is_empty(),
         Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
+        // "a non-empty node for complex attributes" (RFC 7644 §3.4.2.2): a name of
+        // one empty givenName is not there.
+        Value::Object(o) => o.values().any(present),
         _ => true,
     }
 }
@@ -1169,6 +1171,23 @@ mod tests {
         assert!(m(r#"not (userName eq "x") and not(nickName pr)"#));
         let f = parse_filter(r#"a eq 1 or b eq 2 and c eq 3"#).unwrap();
         assert!(matches!(f, Filter::Or(_, ref r) if matches!(**r, Filter::And(..))));
+    }
+
+    #[test]
+    fn a_complex_value_of_empty_parts_is_not_present() {
+        let f = parse_filter("name pr").unwrap();
+        let doc = |name: Value| json!({"userName": "u", "name": name});
+        assert!(f.matches(ResourceKind::User, &doc(json!({"givenName": "A"}))));
+        for empty in [
+            json!({"givenName": ""}),
+            json!({}),
+            json!({"givenName": null}),
+        ] {
+            assert!(
+                !f.matches(ResourceKind::User, &doc(empty.clone())),
+                "{empty}"
+            );
+        }
     }
 
     #[test]
