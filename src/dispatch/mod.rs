@@ -2272,8 +2272,9 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     // A scheduled write is owed from the moment it is due until it succeeds, and the
     // store keeps that across a stop, a reload or a crash: a write cut short or failed is
     // tried again after its backoff or at the next start, not at the next scheduled time
-    // (a nightly file would miss its night).
-    let mut owed = schedule.is_some() && ctx.store.write_due(&tenant, &cursor_name)?;
+    // (a nightly file would miss its night). A restore marks every connector's files owed,
+    // scheduled or not: they held what the restore lost (store::restored).
+    let mut owed = ctx.store.write_due(&tenant, &cursor_name)?;
     if let Some(cron) = &schedule
         && settings.catch_up
         && !owed
@@ -2298,7 +2299,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let mut approvals = ctx.live.approvals.subscribe();
     loop {
         match &schedule {
-            Some(_) if owed => {}
+            _ if owed => {}
             Some(cron) => {
                 use crate::schedule::Wait;
                 // A connector's own schedule is read in UTC (documented in csv.toml.example).
@@ -2354,6 +2355,9 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         }
         if ctx.config.dry_run {
             tracing::info!(dir = %settings.dir.display(), "Dry run: would write the CSV files.");
+            // Still owed in the store, for when the dry run ends; here, said once rather
+            // than at every turn of the loop.
+            owed = false;
         } else {
             let (store, t, s, stop) = (
                 ctx.store.clone(),

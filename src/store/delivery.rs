@@ -26,16 +26,28 @@ fn cursor_key(connector: &str) -> Vec<u8> {
     tagged(b'k', connector)
 }
 
-/// The keys of the connector cursors that stand at `seq`.
-pub(super) fn cursors_at(tree: &sled::Tree, seq: u64) -> StoreResult<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
+/// A restore, into `batch`: the connector cursors that stand at `last` move to `next`
+/// with the change counter, and every connector's files are owed a write (see
+/// [`Store::mark_write_due`]; only a CSV connector has files). Returns how many cursors
+/// moved.
+pub(super) fn restore_cursors(
+    tree: &sled::Tree,
+    last: u64,
+    next: u64,
+    batch: &mut sled::Batch,
+) -> StoreResult<usize> {
+    let mut moved = 0;
     for kv in tree.scan_prefix([b'k', SEP]) {
         let (k, v) = kv?;
-        if super::decode_u64(&v, "connector cursor")? == seq {
-            out.push(k.to_vec());
+        if super::decode_u64(&v, "connector cursor")? == last {
+            batch.insert(k.as_ref(), &next.to_be_bytes());
+            moved += 1;
         }
+        let mut due = k.to_vec();
+        due[0] = b'w';
+        batch.insert(due, &1u64.to_be_bytes());
     }
-    Ok(out)
+    Ok(moved)
 }
 
 /// `K conn` → sequence numbers above the cursor (u64 big-endian each) acknowledged while
@@ -91,7 +103,7 @@ fn dead_key(connector: &str, id: u64) -> Vec<u8> {
     k
 }
 
-const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
+pub(super) const DEAD_SEQ_KEY: &[u8] = b"s\0dseq";
 
 /// `s count:dead:conn` → how many dead letters the connector has (big-endian u64).
 /// `/status` and every `/metrics` scrape show the count: walked, 270,000 letters cost

@@ -1669,20 +1669,27 @@ impl Store {
             }
         }
         // Only a start: a check or a backup of a backup leaves its mark for the start.
-        if may_upgrade && let Some((at, moved)) = restored::move_counters_of_a_restored_backup(&db)?
-        {
-            for m in moved {
+        if may_upgrade && let Some(r) = restored::move_counters_of_a_restored_backup(&db)? {
+            // Said before the mark goes: a crash between the two would leave the jump
+            // unexplained, where one before the mark's removal only says it again.
+            for m in r.moved {
+                let again = if m.again {
+                    " (an earlier start of this backup, cut short, had moved them already)"
+                } else {
+                    ""
+                };
                 tracing::warn!(
                     tenant = %m.tenant,
-                    backup_written_at = %at,
+                    backup_written_at = %r.at,
                     last_change = m.changes_from,
                     next_change = m.changes_to + 1,
                     cursors_moved = m.cursors,
-                    "This store is a backup starting to serve: its change numbers go on from #{} rather than #{}, so that no change repeats a number (or a webhook-id) of one the restore lost. Governance event numbers move on as far.",
+                    "This store is a backup starting to serve: its change numbers go on from #{} rather than #{}{again}, so that no change repeats a number (or a webhook-id) of one the restore lost. Governance event and dead-letter numbers move on as far, and CSV connectors write their files again.",
                     m.changes_to + 1,
                     m.changes_from + 1
                 );
             }
+            restored::finish(&db)?;
         }
         if !was_a_store && let Err(e) = std::fs::write(&marker, MARKER_TEXT) {
             tracing::warn!(file = %marker.display(), error = %e, "Cannot write the store's marker file; a lost `db` file would then go unnoticed.");
@@ -1760,6 +1767,14 @@ impl Store {
             return Ok(t.clone());
         }
         let tree = self.inner.db.open_tree(format!("tenant/{tenant}"))?;
+        if let Some(from) = restored::number_a_new_tenant(&self.inner.db, &tree)? {
+            tracing::warn!(
+                tenant,
+                next_change = from + 1,
+                "This store was restored from a backup that does not hold this tenant: its change numbers start at #{} rather than #1, since it may have had changes after the backup that the restore lost. Governance event and dead-letter numbers start as far on.",
+                from + 1
+            );
+        }
         if recover_intent(&tree)? {
             tracing::warn!(
                 tenant,

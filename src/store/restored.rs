@@ -8,12 +8,21 @@
 //! audit saw three such events, a deactivation could be one). The backup marks its copy;
 //! the first `serve` of a marked store moves each tenant's counters on (see [`moved_on`]),
 //! records the numbers it skipped, and removes the mark. No number is renumbered.
+//!
+//! The same goes for the dead letters' ids (an operator's note of letter #3 named
+//! another letter after a restore), and for a tenant the backup does not hold: one added
+//! after the backup numbered from #1 again, under the ids its lost changes had.
 
 use super::keys::{GSEQ_KEY, SEQ_KEY, SKIPPED_KEY};
 use super::{StoreResult, be_u64, u64_in};
 
 /// The key, in the default tree, a backup writes into its copy: the time it was written.
 pub(super) const BACKUP_MARK: &[u8] = b"rosterd:written_as_backup_at";
+
+/// The key, in the default tree, of where a tenant new to a restored store numbers from
+/// (big-endian u64): it may have existed after the backup, with changes the restore lost.
+/// Kept, since the tenant may come back to the config any time after.
+pub(super) const NEW_TENANTS_FROM: &[u8] = b"rosterd:restored_new_tenants_from";
 
 /// How far the counters move at least: more changes than a store makes between a backup
 /// and its restore, by far (a billion a day would take eleven years).
@@ -34,58 +43,126 @@ pub(super) fn moved_on(last: u64, now: chrono::DateTime<chrono::Utc>) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Moved {
     pub tenant: String,
+    /// The backup's last change: an earlier start cut short may have moved the counter
+    /// already, and the number it moved it to was never a change.
     pub changes_from: u64,
     pub changes_to: u64,
     pub cursors: usize,
+    /// Whether an earlier start of this backup moved the counters already.
+    pub again: bool,
 }
 
-/// If `db` holds a backup's mark: move every tenant's change and governance counters on
-/// ([`moved_on`]), and each connector cursor that stood at the last change with them (a
-/// cursor behind it still has the changes after it to deliver); record the skipped
-/// numbers; then remove the mark. A start cut short in between moves them again at the
-/// next, which only skips more.
-pub(super) fn move_counters_of_a_restored_backup(
-    db: &sled::Db,
-) -> StoreResult<Option<(String, Vec<Moved>)>> {
+/// A restored store's first start, as [`move_counters_of_a_restored_backup`] found it.
+pub(super) struct Restored {
+    /// When the backup was written, as its mark says.
+    pub at: String,
+    pub moved: Vec<Moved>,
+}
+
+/// If `db` holds a backup's mark: move every tenant's change, governance and dead-letter
+/// counters on ([`moved_on`]), and each connector cursor that stood at the last change
+/// with them (a cursor behind it still has the changes after it to deliver); mark every
+/// connector's files as owing a write (a CSV connector's files still held what the
+/// restore lost, and its cursor, moved, had nothing to write); record the skipped
+/// numbers, and where a tenant new to the store numbers from. The mark stays until
+/// [`finish`], after the caller has said what moved: a start cut short in between moves
+/// them again at the next, which only skips more.
+pub(super) fn move_counters_of_a_restored_backup(db: &sled::Db) -> StoreResult<Option<Restored>> {
     let Some(mark) = db.get(BACKUP_MARK)? else {
         return Ok(None);
     };
     let mut moved = Vec::new();
+    let now = chrono::Utc::now();
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {
             continue;
         };
         let tree = db.open_tree(&name)?;
-        let now = chrono::Utc::now();
         let last = u64_in(&tree, SEQ_KEY, "sequence counter")?;
         let next = moved_on(last, now);
         let mut batch = sled::Batch::default();
-        batch.insert(SEQ_KEY, &next.to_be_bytes());
-        let governance = u64_in(&tree, GSEQ_KEY, "governance counter")?;
-        batch.insert(GSEQ_KEY, &moved_on(governance, now).to_be_bytes());
-        let cursors = super::delivery::cursors_at(&tree, last)?;
-        for key in &cursors {
-            batch.insert(key.as_slice(), &next.to_be_bytes());
-        }
-        let mut skipped = tree
-            .get(SKIPPED_KEY)?
-            .map(|v| v.to_vec())
-            .unwrap_or_default();
-        skipped.extend_from_slice(&last.to_be_bytes());
-        skipped.extend_from_slice(&next.to_be_bytes());
-        batch.insert(SKIPPED_KEY, skipped);
+        let cursors = super::delivery::restore_cursors(&tree, last, next, &mut batch)?;
+        let from = before_skips(&skipped(&tree)?, last);
+        move_counters(&tree, &mut batch, last, next, now)?;
         tree.apply_batch(batch)?;
         moved.push(Moved {
             tenant: String::from_utf8_lossy(tenant).into_owned(),
-            changes_from: last,
+            changes_from: from,
             changes_to: next,
-            cursors: cursors.len(),
+            cursors,
+            again: from != last,
         });
     }
+    db.insert(NEW_TENANTS_FROM, &moved_on(0, now).to_be_bytes())?;
     db.flush()?;
+    Ok(Some(Restored {
+        at: String::from_utf8_lossy(&mark).into_owned(),
+        moved,
+    }))
+}
+
+/// Into `batch`: the tenant's change counter from `last` to `next`, its governance and
+/// dead-letter counters past where they stand, and the skipped range.
+fn move_counters(
+    tree: &sled::Tree,
+    batch: &mut sled::Batch,
+    last: u64,
+    next: u64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> StoreResult<()> {
+    batch.insert(SEQ_KEY, &next.to_be_bytes());
+    let governance = u64_in(tree, GSEQ_KEY, "governance counter")?;
+    batch.insert(GSEQ_KEY, &moved_on(governance, now).to_be_bytes());
+    let letters = u64_in(tree, super::delivery::DEAD_SEQ_KEY, "dead-letter counter")?;
+    batch.insert(
+        super::delivery::DEAD_SEQ_KEY,
+        &moved_on(letters, now).to_be_bytes(),
+    );
+    let mut skipped = tree
+        .get(SKIPPED_KEY)?
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    skipped.extend_from_slice(&last.to_be_bytes());
+    skipped.extend_from_slice(&next.to_be_bytes());
+    batch.insert(SKIPPED_KEY, skipped);
+    Ok(())
+}
+
+/// The number `last` stood at before the skips that end at it: the backup's last change,
+/// where an earlier start cut short had moved the counter on already.
+fn before_skips(ranges: &[(u64, u64)], last: u64) -> u64 {
+    ranges
+        .iter()
+        .rev()
+        .fold(last, |f, &(a, b)| if b == f { a } else { f })
+}
+
+/// The restore is done: remove the backup's mark.
+pub(super) fn finish(db: &sled::Db) -> StoreResult<()> {
     db.remove(BACKUP_MARK)?;
     db.flush()?;
-    Ok(Some((String::from_utf8_lossy(&mark).into_owned(), moved)))
+    Ok(())
+}
+
+/// A tenant's tree opened empty in a store that was restored from a backup: number its
+/// changes, governance events and dead letters past where [`NEW_TENANTS_FROM`] says, as
+/// if it had been moved with the others. Returns the change counter, if it did.
+pub(super) fn number_a_new_tenant(db: &sled::Db, tree: &sled::Tree) -> StoreResult<Option<u64>> {
+    if !tree.is_empty() {
+        return Ok(None);
+    }
+    let Some(from) = db.get(NEW_TENANTS_FROM)?.and_then(|v| be_u64(&v)) else {
+        return Ok(None);
+    };
+    let now = chrono::Utc::now();
+    // Past the restore, and past now as a restore would number (the clock stepped back
+    // since is covered by the first).
+    let next = moved_on(0, now).max(from);
+    let mut batch = sled::Batch::default();
+    move_counters(tree, &mut batch, 0, next, now)?;
+    tree.apply_batch(batch)?;
+    tree.flush()?;
+    Ok(Some(next))
 }
 
 /// The ranges of change numbers a restore skipped, as `(last before, first after - 1)`:
@@ -145,6 +222,16 @@ mod tests {
         assert!(first >= 6 + SKIP);
         // A clock at 1970 still skips.
         assert_eq!(moved_on(6, t("1970-01-01T00:00:00Z")), 6 + SKIP);
+    }
+
+    #[test]
+    fn a_start_cut_short_is_seen_through_to_the_backups_last_change() {
+        assert_eq!(before_skips(&[], 7), 7);
+        assert_eq!(before_skips(&[(2, 50)], 50), 2, "moved once, cut short");
+        assert_eq!(before_skips(&[(2, 50), (50, 90)], 90), 2, "twice");
+        // Changes made after a restore end the chain: that run was not cut short.
+        assert_eq!(before_skips(&[(2, 50)], 53), 53);
+        assert_eq!(before_skips(&[(2, 50), (53, 90)], 90), 53);
     }
 
     #[test]

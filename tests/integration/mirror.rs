@@ -1313,6 +1313,74 @@ pub fn restore(d: &TestDaemon, backup: &std::path::Path) {
     std::fs::rename(backup, &data).unwrap();
 }
 
+/// The first start of a restored store writes every CSV connector's files again from the
+/// restored roster, scheduled or not: they held what the restore lost (a user it lost,
+/// for one), and the cursors, moved on with the change numbers, had nothing left to
+/// write. A scheduled connector's files waited for its next time, a night away.
+#[tokio::test]
+async fn a_restore_writes_the_csv_files_again_at_its_first_start() {
+    let csv = |name: &str, when: &str| {
+        format!(
+            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\n{when}\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+        )
+    };
+    let mut d = TestDaemon::start_with(Options {
+        connectors: vec![
+            ("files.toml".into(), csv("files", "debounce_ms = 50")),
+            // Every second until the restore, then once a year.
+            (
+                "nightly.toml".into(),
+                csv("nightly", "schedule = \"* * * * * *\""),
+            ),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let roster = |d: &TestDaemon, name: &str| {
+        std::fs::read_to_string(d.root.join("connectors").join(name).join("roster.csv"))
+            .unwrap_or_default()
+    };
+    async fn holds(d: &TestDaemon, roster: impl Fn(&TestDaemon, &str) -> String, user: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !["files", "nightly"]
+            .iter()
+            .all(|n| roster(d, n).contains(user))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} never written"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    d.create_user("ada@acme.test").await;
+    holds(&d, roster, "ada@acme.test").await;
+    d.stop().await;
+    let backup = backup_stopped(&d).await;
+    let mut d = d.restart().await;
+    d.create_user("lost@acme.test").await;
+    holds(&d, roster, "lost@acme.test").await;
+    d.stop().await;
+    std::fs::write(
+        d.root.join("connectors/nightly.toml"),
+        csv("nightly", "schedule = \"0 0 0 1 1 *\"\ncatch_up = false"),
+    )
+    .unwrap();
+    restore(&d, &backup);
+    let d = d.restart().await;
+    for name in ["files", "nightly"] {
+        let c = connector_until(&d, name, "not written again", |c| c["delivered"] == 1).await;
+        let text = roster(&d, name);
+        assert!(
+            text.contains("ada@acme.test") && !text.contains("lost@acme.test"),
+            "{c}\n{text}"
+        );
+    }
+    // Written once: the write is no longer owed, and waits for its time.
+    let nightly = connector(&d, "nightly").await;
+    assert!(nightly["next_write_at"].is_string(), "{nightly}");
+}
+
 /// A connector renamed in its file is said to be that, not a file removed: the new name
 /// is another connector, with a cursor of its own.
 #[tokio::test]
