@@ -45,6 +45,9 @@ pub enum MemberOp {
     ReplaceAll(Vec<MemberRef>),
     /// Remove every member the value filter (over `value`, `type`, `display`) selects.
     RemoveMatching(Filter),
+    /// Replace the members the filter selects with these; 400 `noTarget` when it selects
+    /// none (RFC 7644 §3.5.2.3), as a filtered `replace` of emails is.
+    ReplaceMatching(Filter, Vec<MemberRef>),
 }
 
 fn get_ci<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -284,8 +287,11 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                         Some(ids) => MemberOp::Remove(ids),
                         None => MemberOp::RemoveMatching(f),
                     }),
-                    (PatchOpKind::Add | PatchOpKind::Replace, Some(f), Some(v)) => {
-                        // Replacing selected members: drop them, then add the given ones.
+                    (PatchOpKind::Replace, Some(f), Some(v)) => {
+                        members.push(MemberOp::ReplaceMatching(f, member_refs(v, &mut ignored)?));
+                    }
+                    (PatchOpKind::Add, Some(f), Some(v)) => {
+                        // An add creates what it names, matched or not, as for emails.
                         members.push(MemberOp::RemoveMatching(f));
                         members.push(MemberOp::Add(member_refs(v, &mut ignored)?));
                     }

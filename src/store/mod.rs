@@ -818,6 +818,27 @@ impl<'a> Txn<'a> {
         Ok(out)
     }
 
+    /// Remove the group's members that `filter` selects; how many.
+    fn remove_matching(
+        &mut self,
+        gid: &str,
+        filter: &Filter,
+        removed: &mut Vec<String>,
+    ) -> StoreResult<usize> {
+        let mut n = 0;
+        for id in self.member_ids(gid)? {
+            let Some(bytes) = self.get(&keys::member(gid, &id))? else {
+                continue;
+            };
+            let member: Member = decode(&bytes)?;
+            if member_matches(filter, &member) {
+                self.remove_member(gid, &id, removed)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn apply_member_ops(
         &mut self,
         gid: &str,
@@ -856,14 +877,16 @@ impl<'a> Txn<'a> {
                     }
                 }
                 MemberOp::RemoveMatching(filter) => {
-                    for id in self.member_ids(gid)? {
-                        let Some(bytes) = self.get(&keys::member(gid, &id))? else {
-                            continue;
-                        };
-                        let member: Member = decode(&bytes)?;
-                        if member_matches(filter, &member) {
-                            self.remove_member(gid, &id, &mut removed)?;
-                        }
+                    self.remove_matching(gid, filter, &mut removed)?;
+                }
+                MemberOp::ReplaceMatching(filter, refs) => {
+                    if self.remove_matching(gid, filter, &mut removed)? == 0 {
+                        return Err(StoreError::Rejected(ScimError::no_target(format!(
+                            "members[{filter}] matches no member of the group"
+                        ))));
+                    }
+                    for m in refs {
+                        self.add_member(gid, m, &mut added)?;
                     }
                 }
             }

@@ -224,6 +224,42 @@ async fn post_and_put_answer_with_the_attributes_asked_for() {
     assert_eq!(r.body["totalResults"], 0, "{}", r.body);
 }
 
+/// A filtered `replace` of members that selects none is 400 `noTarget` (RFC 7644
+/// §3.5.2.3), as one of emails is: it added the member, which no one asked for.
+#[tokio::test]
+async fn a_filtered_member_replace_that_selects_nobody_is_no_target() {
+    let d = TestDaemon::start().await;
+    let a = d.create_user("a@example.com").await;
+    let b = d.create_user("b@example.com").await;
+    let gid = d.create_group("Swap").await;
+    let replace = |which: &str, with: &str| {
+        patch_op(
+            json!([{"op": "replace", "path": format!("members[value eq \"{which}\"]"),
+                          "value": [{"value": with}]}]),
+        )
+    };
+    let r = d.patch(&format!("/Groups/{gid}"), replace(&a, &b)).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["scimType"], "noTarget", "{}", r.body);
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    assert_eq!(g.body["members"], json!([]), "{}", g.body);
+    d.patch(
+        &format!("/Groups/{gid}"),
+        patch_op(json!([{"op": "add", "path": "members", "value": [{"value": a}]}])),
+    )
+    .await;
+    let r = d.patch(&format!("/Groups/{gid}"), replace(&a, &b)).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let g = d.get(&format!("/Groups/{gid}")).await;
+    let ids: Vec<&str> = g.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [b.as_str()], "{}", g.body);
+}
+
 #[tokio::test]
 async fn large_member_patch_is_applied_whole() {
     let d = TestDaemon::start().await;
