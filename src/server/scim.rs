@@ -63,6 +63,8 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
                 .patch(patch_group)
                 .delete(delete_group),
         )
+        .route("/scim/v2/{tenant}", get(list_root))
+        .route("/scim/v2/{tenant}/", get(list_root))
         .route("/scim/v2/{tenant}/.search", post(search_root))
         .route("/scim/v2/{tenant}/Bulk", post(bulk))
         .route(
@@ -831,6 +833,26 @@ resource_handlers!(
     list_groups,
     search_groups
 );
+
+/// `GET {base}?filter=…`, a query across users and groups (RFC 7644 §3.4.2.1), as
+/// `POST {base}/.search` is.
+async fn list_root(
+    State(st): St,
+    Path(tenant): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> HandlerResult {
+    authorize(&st, &tenant, &headers)?;
+    let query = ListQuery::from_params(&st, &lower_keys(q)?)?;
+    Ok(run_list(
+        st,
+        tenant,
+        vec![ResourceKind::User, ResourceKind::Group],
+        query,
+    )
+    .await?
+    .into_response())
+}
 
 async fn search_root(
     State(st): St,

@@ -318,6 +318,17 @@ async fn bad_filters_are_scim_errors() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // A GET of the root with a filter queries both (RFC 7644 §3.4.2.1); it was 404.
+    d.create_group("Ann's group").await;
+    d.create_user("ann@example.com").await;
+    for root in ["", "/"] {
+        let f = enc("userName sw \"ann\" or displayName sw \"ann\"");
+        let r = d.get(&format!("{root}?filter={f}")).await;
+        assert_eq!(r.status, 200, "{root:?}: {}", r.body);
+        assert_eq!(r.body["totalResults"], 2, "{}", r.body);
+        let r = d.get(&format!("{root}?filter={}", enc("nosuch pr"))).await;
+        assert_eq!(r.body["scimType"], "invalidFilter", "{}", r.body);
+    }
 }
 
 #[tokio::test]
