@@ -356,6 +356,7 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
     }
     check_operation_count(ops.len())?;
     for op in ops {
+        one_primary_in(op)?;
         let before = super::resource::primaries_of(doc);
         match &op.path {
             None => apply_pathless(kind, doc, op.op, op.value.as_ref())?,
@@ -376,6 +377,28 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         )));
     }
     Ok(())
+}
+
+/// "primary": true on at most one of the values one operation sends (RFC 7643 §2.4), as
+/// a POST or PUT is held to: which of two the client meant is not known, and the last
+/// one was kept.
+fn one_primary_in(op: &PatchOp) -> ScimResult<()> {
+    match (&op.path, &op.value) {
+        (None, Some(v @ Value::Object(_))) => super::resource::one_primary_each(v),
+        (Some(p), Some(Value::Array(items)))
+            if items
+                .iter()
+                .filter(|v| super::resource::is_primary(v))
+                .count()
+                > 1 =>
+        {
+            Err(ScimError::invalid_value(format!(
+                "{}: \"primary\": true on more than one value; at most one may be primary",
+                p.attr
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// At most [`MAX_PATCH_OPERATIONS`]: checked before the resource's write starts, so a
@@ -1205,6 +1228,39 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.scim_type, Some(ScimType::Mutability), "{}", e.detail);
+    }
+
+    #[test]
+    fn two_primaries_in_one_operation_are_refused() {
+        let two = json!([{"value": "a@x.test", "primary": true},
+                         {"value": "b@x.test", "primary": true}]);
+        for op in [
+            json!({"op": "replace", "path": "emails", "value": two}),
+            json!({"op": "add", "value": {"emails": two}}),
+        ] {
+            let e = patch(&mut user(), json!([op])).expect_err(&op.to_string());
+            assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{op}");
+            assert!(
+                e.detail.contains("at most one may be primary"),
+                "{}",
+                e.detail
+            );
+        }
+        // One made primary against those held still takes over (RFC 7644 §3.5.2).
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "add", "path": "emails", "value": [{"value": "c@x.test", "primary": true}]}]),
+        )
+        .unwrap();
+        let primaries: Vec<&Value> = d["emails"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["primary"] == true)
+            .collect();
+        assert_eq!(primaries.len(), 1, "{d}");
+        assert_eq!(primaries[0]["value"], "c@x.test");
     }
 
     #[test]
