@@ -1209,6 +1209,10 @@ fn sort_key(kind: ResourceKind, doc: &Value, path: &AttrPath) -> Option<SortKey>
         };
     } else if let Some(s) = &path.sub {
         v = get(v.as_object()?, s)?;
+    } else if let Value::Object(o) = &v {
+        // A single complex attribute sorts by its `value` (`manager`), as a multi-valued
+        // one does; it sorted as nothing.
+        v = get(o, "value")?;
     }
     let case_exact = lookup(kind, path.urn.as_deref(), &path.attr, path.sub.as_deref())
         .map(|d| d.case_exact)
@@ -1245,12 +1249,7 @@ async fn run_list(
     // Sorted by what no resource holds, a list came back in id order with a 200: a typo
     // in `sortBy` went unnoticed (RFC 7644 §3.4.2.3 leaves it to the server).
     if let Some(path) = &query.sort_by
-        && (defs_in(&kinds, path).next().is_none()
-            || path.attr.eq_ignore_ascii_case("meta")
-                && path
-                    .sub
-                    .as_deref()
-                    .is_none_or(|s| s.eq_ignore_ascii_case("location")))
+        && !sortable(&kinds, path)
     {
         return Err(ScimError::invalid_value(format!(
             "sortBy: {path} is not an attribute of {} that a list can be sorted by",
@@ -1263,6 +1262,30 @@ async fn run_list(
     })
     .await;
     listed.map_err(|e| store_to_scim(crate::store::StoreError::from_join(e)))?
+}
+
+/// Whether a list can be sorted by `path`: an attribute the endpoint's schemas define that
+/// has one value to sort by. Not `meta.location` (made as a resource is answered), a
+/// user's `groups` or a group's `members` (stored apart from the document), `password`
+/// (never kept), or a complex attribute without a `value` of its own (`name`): each
+/// sorted as nothing, in id order, with a 200.
+fn sortable(kinds: &[ResourceKind], path: &AttrPath) -> bool {
+    let is = |name: &str| path.attr.eq_ignore_ascii_case(name);
+    let mut defs = defs_in(kinds, path).peekable();
+    if defs.peek().is_none() || is("groups") || is("members") || is("password") {
+        return false;
+    }
+    if is("meta")
+        && path
+            .sub
+            .as_deref()
+            .is_none_or(|s| s.eq_ignore_ascii_case("location"))
+    {
+        return false;
+    }
+    defs.all(|d| {
+        d.kind != schema::AttrKind::Complex || d.sub_attributes.iter().any(|s| s.name == "value")
+    })
 }
 
 /// `/Users`, `/Groups` or `/Users or /Groups`, for errors.

@@ -422,8 +422,16 @@ async fn paging_sorting_and_projection() {
     let r = d.post("/Users/.search", search).await;
     assert_eq!(r.status, 400, "{}", r.body);
     // A sortBy no resource holds is said, not answered in id order.
-    for sort in ["nosuch", "meta.location", "department"] {
-        let r = d.get(&format!("/Groups?sortBy={sort}")).await;
+    for (endpoint, sort) in [
+        ("/Groups", "nosuch"),
+        ("/Groups", "meta.location"),
+        ("/Groups", "department"),
+        ("/Groups", "members.value"),
+        ("/Users", "groups"),
+        ("/Users", "name"),
+        ("/Users", "password"),
+    ] {
+        let r = d.get(&format!("{endpoint}?sortBy={sort}")).await;
         assert_eq!(
             (r.status.as_u16(), r.body["scimType"].as_str()),
             (400, Some("invalidValue")),
@@ -438,6 +446,31 @@ async fn paging_sorting_and_projection() {
     }
     let r = d.get("/Users?sortBy=department").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // A single complex attribute sorts by its value, as manager.value does.
+    let ext = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+    for (name, boss) in [("z@example.com", "a-boss"), ("y@example.com", "b-boss")] {
+        d.post(
+            "/Users",
+            json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User", ext],
+                   "userName": name, ext: {"manager": {"value": boss}}}),
+        )
+        .await;
+    }
+    for sort in ["manager", "manager.value"] {
+        let r = d.get(&format!("/Users?sortBy={sort}&count=2")).await;
+        let names: Vec<&str> = r.body["Resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["userName"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["z@example.com", "y@example.com"],
+            "{sort}: {}",
+            r.body
+        );
+    }
 }
 
 /// Paging with neither filter nor sort takes its total from the store's counters and reads
