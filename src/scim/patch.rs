@@ -383,20 +383,29 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
 /// a POST or PUT is held to: which of two the client meant is not known, and the last
 /// one was kept.
 fn one_primary_in(op: &PatchOp) -> ScimResult<()> {
+    // Before normalization: `"Primary": "True"` counts, as it will once normalized.
+    let primary = |v: &Value| {
+        v.as_object()
+            .and_then(|o| get_ci(o, "primary"))
+            .is_some_and(|p| same_scalar(false, p, &Value::Bool(true)))
+    };
+    let several = |items: &[Value]| items.iter().filter(|v| primary(v)).count() > 1;
+    let refused = |name: &str| {
+        Err(ScimError::invalid_value(format!(
+            "{name}: \"primary\": true on more than one value; at most one may be primary"
+        )))
+    };
     match (&op.path, &op.value) {
-        (None, Some(v @ Value::Object(_))) => super::resource::one_primary_each(v),
-        (Some(p), Some(Value::Array(items)))
-            if items
+        (None, Some(Value::Object(o))) => {
+            match o
                 .iter()
-                .filter(|v| super::resource::is_primary(v))
-                .count()
-                > 1 =>
-        {
-            Err(ScimError::invalid_value(format!(
-                "{}: \"primary\": true on more than one value; at most one may be primary",
-                p.attr
-            )))
+                .find(|(_, v)| v.as_array().is_some_and(|items| several(items)))
+            {
+                Some((k, _)) => refused(k),
+                None => Ok(()),
+            }
         }
+        (Some(p), Some(Value::Array(items))) if several(items) => refused(&p.attr.to_string()),
         _ => Ok(()),
     }
 }
@@ -591,7 +600,7 @@ fn apply_path(
         Some(f) => apply_filtered(
             kind,
             obj,
-            &key,
+            (&key, def),
             attr,
             f,
             path.sub_after_filter.as_deref(),
@@ -705,19 +714,28 @@ fn apply_plain(
                     .find(|s| s.name.eq_ignore_ascii_case(sub))
             })
             .map_or(sub, |s| s.name);
+        // A value names which of the sub-attribute's values go (`remove manager.value`
+        // naming another manager than the one held removed the held one).
+        let named = named(value);
+        let named = named.as_deref();
+        let held_def = sub_def(def, sub_name);
+        let take = |o: &mut Map<String, Value>| {
+            if let Some(k) = key_ci(o, sub_name)
+                && is_named(held_def, &o[&k], named)
+            {
+                o.remove(&k);
+            }
+        };
         return match (op, obj.get_mut(key)) {
             (PatchOpKind::Remove, Some(Value::Object(o))) => {
-                if let Some(k) = key_ci(o, sub_name) {
-                    o.remove(&k);
-                }
+                take(o);
                 Ok(())
             }
             (PatchOpKind::Remove, Some(Value::Array(items))) => {
-                for item in items.iter_mut().filter_map(Value::as_object_mut) {
-                    if let Some(k) = key_ci(item, sub_name) {
-                        item.remove(&k);
-                    }
-                }
+                items
+                    .iter_mut()
+                    .filter_map(Value::as_object_mut)
+                    .for_each(take);
                 Ok(())
             }
             (PatchOpKind::Remove, _) => Ok(()),
@@ -760,29 +778,54 @@ fn apply_plain(
     let value = value.cloned();
     match op {
         PatchOpKind::Remove => {
-            let gone = |v: Value| match v {
-                Value::Array(vs) => vs,
-                v => vec![v],
-            };
             match (value, obj.get_mut(key)) {
                 // Entra's older dialect: remove the listed values of a multi-valued attribute.
                 (Some(v), Some(Value::Array(items))) if multi => {
-                    let gone = gone(v);
-                    items.retain(|i| !gone.iter().any(|g| same_element(def, i, g)));
-                    if items.is_empty() {
-                        obj.remove(key);
+                    // An empty list names no value to remove; `null` names none either,
+                    // and the path alone says what goes, as for any attribute.
+                    let empty_list = v.as_array().is_some_and(Vec::is_empty);
+                    match named(Some(&v)) {
+                        None if empty_list => {}
+                        None => {
+                            obj.remove(key);
+                        }
+                        Some(n) => {
+                            items.retain(|i| !n.iter().any(|g| same_element(def, i, g)));
+                            if items.is_empty() {
+                                obj.remove(key);
+                            }
+                        }
                     }
                 }
                 // A value names what goes on a single-valued attribute too, as the filter
                 // form `manager[value eq "…"]` does: `remove manager` naming another
                 // manager than the one held removed the held one, and a `name` naming
                 // only a givenName took the familyName with it.
-                (Some(v), Some(stored)) => {
-                    let named: Vec<Value> = gone(v).into_iter().filter(present).collect();
-                    if named.is_empty() || named.iter().any(|g| same_element(def, stored, g)) {
+                (Some(v), Some(stored)) => match named(Some(&v)) {
+                    None => {
                         obj.remove(key);
                     }
-                }
+                    Some(n) if n.iter().any(|g| same_element(def, stored, g)) => {
+                        obj.remove(key);
+                    }
+                    // Parts of a complex value without a `value` of its own (`name` with
+                    // a `givenName`): those parts go, where they hold what was named.
+                    Some(n) if complex && !def.is_some_and(has_value_sub) => {
+                        if let Value::Object(held) = stored {
+                            for (k, given) in n.iter().filter_map(Value::as_object).flatten() {
+                                if let Some(hk) = key_ci(held, k)
+                                    && same_element(sub_def(def, k), &held[&hk], given)
+                                {
+                                    held.remove(&hk);
+                                }
+                            }
+                            if held.is_empty() {
+                                obj.remove(key);
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                },
                 _ => {
                     obj.remove(key);
                 }
@@ -865,11 +908,49 @@ fn same_element(def: Option<&AttrDef>, stored: &Value, given: &Value) -> bool {
             (Some((a, _)), Some((b, _))) => a == b,
             _ => false,
         },
-        (Value::String(s), Value::String(g)) if !def.is_some_and(|d| d.case_exact) => {
-            s.to_lowercase() == g.to_lowercase()
-        }
-        (s, g) => s == g,
+        (s, g) => same_scalar(def.is_some_and(|d| d.case_exact), s, g),
     }
+}
+
+/// Two simple values alike as an add or a filter would take them: a string in any letter
+/// case unless the attribute is caseExact, a boolean sent as `"True"`, a number sent as
+/// its digits.
+fn same_scalar(case_exact: bool, a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(x), Value::String(y)) if !case_exact => x.to_lowercase() == y.to_lowercase(),
+        (Value::Bool(x), Value::String(y)) | (Value::String(y), Value::Bool(x)) => {
+            y.eq_ignore_ascii_case(if *x { "true" } else { "false" })
+        }
+        (Value::Number(x), Value::String(y)) | (Value::String(y), Value::Number(x)) => {
+            x.to_string() == *y
+        }
+        _ => a == b,
+    }
+}
+
+/// What a `remove` names in its `value` (Entra's older dialect), or `None` when it names
+/// nothing (no value, `null`, empty): then the path alone says what goes.
+fn named(value: Option<&Value>) -> Option<Vec<Value>> {
+    let list: Vec<Value> = match value? {
+        Value::Array(vs) => vs.clone(),
+        v => vec![v.clone()],
+    };
+    let list: Vec<Value> = list.into_iter().filter(present).collect();
+    (!list.is_empty()).then_some(list)
+}
+
+/// Whether a `remove` takes `held`: nothing was named, or `held` is one of what was.
+fn is_named(def: Option<&AttrDef>, held: &Value, named: Option<&[Value]>) -> bool {
+    named.is_none_or(|n| n.iter().any(|g| same_element(def, held, g)))
+}
+
+/// `name`'s sub-attribute `sub`, if `def` has one.
+fn sub_def<'a>(def: Option<&'a AttrDef>, sub: &str) -> Option<&'a AttrDef> {
+    def.and_then(|d| {
+        d.sub_attributes
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(sub))
+    })
 }
 
 fn set_ci(obj: &mut Map<String, Value>, name: &str, v: Value) {
@@ -901,7 +982,7 @@ fn synthesize(filter: &Filter) -> Option<Map<String, Value>> {
 fn apply_filtered(
     kind: ResourceKind,
     obj: &mut Map<String, Value>,
-    key: &str,
+    (key, def): (&str, Option<&AttrDef>),
     attr: &AttrPath,
     filter: &Filter,
     sub: Option<&str>,
@@ -909,6 +990,21 @@ fn apply_filtered(
     value: Option<&Value>,
 ) -> ScimResult<()> {
     let matches = |e: &Value| filter.matches_element(kind, attr, e);
+    // A `remove`'s value narrows what the filter selects, as it does without a filter.
+    let named = if op == PatchOpKind::Remove {
+        named(value)
+    } else {
+        None
+    };
+    let named = named.as_deref();
+    let held_def = sub.and_then(|s| sub_def(def, s));
+    let take_sub = |o: &mut Map<String, Value>, s: &str| {
+        if let Some(k) = key_ci(o, s)
+            && is_named(held_def, &o[&k], named)
+        {
+            o.remove(&k);
+        }
+    };
     match obj.get_mut(key) {
         // A single-valued complex attribute (`manager[value eq "…"]`).
         Some(Value::Object(_)) => {
@@ -927,13 +1023,11 @@ fn apply_filtered(
             };
             match (op, sub) {
                 (PatchOpKind::Remove, None) => {
-                    obj.remove(key);
-                }
-                (PatchOpKind::Remove, Some(s)) => {
-                    if let Some(k) = key_ci(o, s) {
-                        o.remove(&k);
+                    if is_named(def, &slot, named) {
+                        obj.remove(key);
                     }
                 }
+                (PatchOpKind::Remove, Some(s)) => take_sub(o, s),
                 (_, Some(s)) => set_ci(o, s, value.cloned().unwrap_or(Value::Null)),
                 (_, None) => merge_element(o, op, value, attr)?,
             }
@@ -947,8 +1041,8 @@ fn apply_filtered(
             match (op, sub) {
                 (PatchOpKind::Remove, None) => {
                     let mut i = 0;
-                    items.retain(|_| {
-                        let keep = !hits.contains(&i);
+                    items.retain(|item| {
+                        let keep = !(hits.contains(&i) && is_named(def, item, named));
                         i += 1;
                         keep
                     });
@@ -958,10 +1052,8 @@ fn apply_filtered(
                 }
                 (PatchOpKind::Remove, Some(s)) => {
                     for &i in &hits {
-                        if let Some(o) = items[i].as_object_mut()
-                            && let Some(k) = key_ci(o, s)
-                        {
-                            o.remove(&k);
+                        if let Some(o) = items[i].as_object_mut() {
+                            take_sub(o, s);
                         }
                     }
                 }
@@ -1159,7 +1251,7 @@ mod tests {
             &mut d,
             json!([
                 {"op": "remove", "path": manager, "value": [{"value": "m-other"}]},
-                {"op": "remove", "path": "name", "value": {"givenName": "Barbara"}},
+                {"op": "remove", "path": "name", "value": {"givenName": "Babs"}},
                 {"op": "remove", "path": "title", "value": "Tour Operator"},
                 {"op": "remove", "path": "emails", "value": [{"value": "B@WORK.EXAMPLE", "type": "home"}]},
             ]),
@@ -1192,6 +1284,71 @@ mod tests {
         )
         .unwrap();
         assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none(), "{d}");
+    }
+
+    /// The same with a sub-attribute or a filter in the path: the value narrows what the
+    /// path selects, and compares as an add would take it.
+    #[test]
+    fn a_remove_naming_a_value_narrows_a_sub_attribute_or_a_filter() {
+        let ext = ENTERPRISE_USER_SCHEMA;
+        let mut d = user();
+        d[ext] = json!({"manager": {"value": "m-1"}, "employeeNumber": "701"});
+        let before = d.clone();
+        patch(
+            &mut d,
+            json!([
+                {"op": "remove", "path": format!("{ext}:manager.value"), "value": "m-2"},
+                {"op": "remove", "path": "name.givenName", "value": "X"},
+                {"op": "remove", "path": "emails[type eq \"work\"]", "value": [{"value": "b@home.example"}]},
+                {"op": "remove", "path": "emails.value", "value": "nobody@x.test"},
+                {"op": "remove", "path": "active", "value": "False"},
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d, before, "nothing named is held");
+        patch(
+            &mut d,
+            json!([
+                {"op": "remove", "path": format!("{ext}:manager.value"), "value": "m-1"},
+                {"op": "remove", "path": "name", "value": {"givenName": "BARBARA"}},
+                {"op": "remove", "path": "emails[type eq \"work\"]", "value": [{"value": "B@work.example"}]},
+                {"op": "remove", "path": "active", "value": "True"},
+                {"op": "remove", "path": format!("{ext}:employeeNumber"), "value": 701},
+            ]),
+        )
+        .unwrap();
+        assert!(
+            d[ext]
+                .get("manager")
+                .is_none_or(|m| m.get("value").is_none()),
+            "{d}"
+        );
+        assert_eq!(
+            d["name"],
+            json!({"familyName": "Jensen"}),
+            "only the part named"
+        );
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "b@home.example", "type": "home"}])
+        );
+        assert!(
+            d.get("active").is_none() && d[ext].get("employeeNumber").is_none(),
+            "{d}"
+        );
+        // An empty list names no value; null names none, and the path says what goes.
+        patch(
+            &mut d,
+            json!([{"op": "remove", "path": "emails", "value": []}]),
+        )
+        .unwrap();
+        assert!(d["emails"].is_array(), "{d}");
+        patch(
+            &mut d,
+            json!([{"op": "remove", "path": "emails", "value": null}]),
+        )
+        .unwrap();
+        assert!(d.get("emails").is_none(), "{d}");
     }
 
     /// RFC 7644 §3.5.2.2: leaving a required attribute unassigned is `mutability`;
@@ -1234,9 +1391,12 @@ mod tests {
     fn two_primaries_in_one_operation_are_refused() {
         let two = json!([{"value": "a@x.test", "primary": true},
                          {"value": "b@x.test", "primary": true}]);
+        let spelled = json!([{"value": "a@x.test", "Primary": "True"},
+                             {"value": "b@x.test", "primary": true}]);
         for op in [
             json!({"op": "replace", "path": "emails", "value": two}),
             json!({"op": "add", "value": {"emails": two}}),
+            json!({"op": "add", "path": "emails", "value": spelled}),
         ] {
             let e = patch(&mut user(), json!([op])).expect_err(&op.to_string());
             assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{op}");
