@@ -608,6 +608,20 @@ mod tests {
         // Once: a second start finds no mark.
         let again = when_unlocked(|| Store::open(&to));
         assert_eq!(again.last_seq("t").unwrap(), next + 1);
+        // One restored by session 51's rosterd has the skipped ranges but not where a new
+        // tenant numbers from: its next start notes that, and a tenant added later
+        // numbers past the restore.
+        again
+            .inner
+            .db
+            .remove(super::super::restored::NEW_TENANTS_FROM)
+            .unwrap();
+        again.close().unwrap();
+        drop(again);
+        let upgraded = when_unlocked(|| Store::open(&to));
+        assert!(upgraded.last_seq("later").unwrap() >= SKIP);
+        upgraded.close().unwrap();
+        drop(upgraded);
         // Restored again, the backup numbers past the first restored run's numbers (an
         // audit saw one webhook-id for two users when both runs started at one number).
         std::thread::sleep(Duration::from_millis(2));

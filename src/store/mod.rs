@@ -1713,6 +1713,10 @@ impl Store {
                 );
             }
             restored::finish(&db)?;
+        } else if may_upgrade && restored::note_an_earlier_restore(&db)? {
+            tracing::info!(
+                "This store was restored from a backup by an earlier rosterd: a tenant new to it will number its changes past the restore, as one added to a store restored by this one does."
+            );
         }
         if !was_a_store && let Err(e) = std::fs::write(&marker, MARKER_TEXT) {
             tracing::warn!(file = %marker.display(), error = %e, "Cannot write the store's marker file; a lost `db` file would then go unnoticed.");

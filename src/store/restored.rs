@@ -137,6 +137,27 @@ fn before_skips(ranges: &[(u64, u64)], last: u64) -> u64 {
         .fold(last, |f, &(a, b)| if b == f { a } else { f })
 }
 
+/// A store restored and first started by a rosterd from before [`NEW_TENANTS_FROM`]
+/// (session 51's) moved its tenants' counters, recording the skipped ranges, but not
+/// where a new tenant numbers from: one added later numbered from #1 again. Such a store
+/// gets it at its next start.
+pub(super) fn note_an_earlier_restore(db: &sled::Db) -> StoreResult<bool> {
+    if db.contains_key(NEW_TENANTS_FROM)? {
+        return Ok(false);
+    }
+    for name in db.tree_names() {
+        if name.starts_with(b"tenant/") && db.open_tree(&name)?.contains_key(SKIPPED_KEY)? {
+            db.insert(
+                NEW_TENANTS_FROM,
+                &moved_on(0, chrono::Utc::now()).to_be_bytes(),
+            )?;
+            db.flush()?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The restore is done: remove the backup's mark.
 pub(super) fn finish(db: &sled::Db) -> StoreResult<()> {
     db.remove(BACKUP_MARK)?;
