@@ -171,9 +171,14 @@ pub fn event_types(e: &ChangeEvent) -> Vec<&'static str> {
 
 /// The messages for one change, filtered by the connector's event types: a stage each,
 /// so that a receiver never sees the assignment of a change before the change itself.
+///
+/// A message's `webhook-id` is the same for the same change of the same store every time
+/// it is sent (a retry, a restart, a replay), and differs between stores: `store` is the
+/// store's id ([`crate::store::Store::id`]; empty for one from before stores had one,
+/// whose ids stay as they were).
 pub fn plan(
     settings: &WebhookSettings,
-    tenant: &str,
+    (store, tenant): (&str, &str),
     e: &ChangeEvent,
     snapshot: Option<&Value>,
 ) -> Plan {
@@ -185,7 +190,12 @@ pub fn plan(
                 "msg_{}",
                 uuid::Uuid::new_v5(
                     &uuid::Uuid::NAMESPACE_URL,
-                    format!("rosterd:{tenant}:{}:{t}", e.seq).as_bytes()
+                    if store.is_empty() {
+                        format!("rosterd:{tenant}:{}:{t}", e.seq)
+                    } else {
+                        format!("rosterd:{store}/{tenant}:{}:{t}", e.seq)
+                    }
+                    .as_bytes()
                 )
                 .simple()
             );
@@ -319,6 +329,29 @@ mod tests {
         }
     }
 
+    /// A change's message id is the same every time it is planned, differs between
+    /// stores (one rebuilt empty numbers from #1 again), and is the one it always was
+    /// for a store from before stores had an id.
+    #[test]
+    fn a_message_id_is_the_stores_and_the_changes() {
+        let settings = settings(&["roster.user_created"]);
+        let e = user_change(1, ChangeOp::Created);
+        let id = |store: &str| {
+            plan(&settings, (store, "t"), &e, None).stages[0][0]
+                .message_id
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(id("store-a"), id("store-a"));
+        assert_ne!(id("store-a"), id("store-b"));
+        assert_ne!(id("store-a"), id(""));
+        let before = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_URL,
+            b"rosterd:t:1:roster.user_created",
+        );
+        assert_eq!(id(""), format!("msg_{}", before.simple()));
+    }
+
     #[test]
     fn deactivation_and_overrides_have_their_own_types() {
         let mut e = ChangeEvent {
@@ -331,7 +364,7 @@ mod tests {
         e.assignment = Some(assignment(AssignmentSource::Override));
         assert_eq!(event_types(&e), ["roster.archetype_overridden"]);
         let settings = settings(&["roster.user_created"]);
-        assert!(plan(&settings, "t", &e, None).stages.is_empty());
+        assert!(plan(&settings, ("", "t"), &e, None).stages.is_empty());
     }
 
     #[test]
@@ -344,7 +377,7 @@ mod tests {
         assert_eq!(event_types(&e), ["roster.user_reactivated"]);
         let settings = settings(&["roster.user_reactivated"]);
         assert_eq!(settings.validate(), Ok(()));
-        assert_eq!(plan(&settings, "t", &e, None).stages.len(), 1);
+        assert_eq!(plan(&settings, ("", "t"), &e, None).stages.len(), 1);
     }
 
     #[test]
@@ -354,7 +387,7 @@ mod tests {
             ..user_change(6, ChangeOp::Created)
         };
         let settings = settings(&[]);
-        let types: Vec<Vec<String>> = plan(&settings, "t", &e, None)
+        let types: Vec<Vec<String>> = plan(&settings, ("", "t"), &e, None)
             .stages
             .iter()
             .map(|stage| {

@@ -1466,7 +1466,12 @@ impl Ctx {
             }
             Target::Webhook { settings, .. } => {
                 let snapshot = self.document(ev)?;
-                Ok(webhook::plan(settings, tenant, ev, snapshot.as_deref()))
+                Ok(webhook::plan(
+                    settings,
+                    (self.store.id(), tenant),
+                    ev,
+                    snapshot.as_deref(),
+                ))
             }
             Target::Csv { .. } => Ok(Plan::default()),
         }

@@ -68,6 +68,11 @@ const CLEANER_TICK_MS: u64 = 10;
 const SCHEMA_VERSION: u64 = 6;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
+/// The key, in the default tree, of a random id a store is given when it is made, and
+/// its backups and rewrites keep: what tells a store rebuilt empty (its data directory
+/// lost) from the one it replaces, whose change numbers it starts over.
+const STORE_ID_KEY: &[u8] = b"rosterd:store_id";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind:?} {id} not found")]
@@ -410,6 +415,8 @@ struct Inner {
     durable: RwLock<HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// The tenant an online backup is copying, and the keys its writers touched since.
     backup: Mutex<Option<backup::Tracking>>,
+    /// [`STORE_ID_KEY`]'s value, empty for a store made before stores had one.
+    id: String,
 }
 
 /// The store handle; cheap to clone.
@@ -1688,6 +1695,7 @@ impl Store {
             }
             None => {
                 db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+                db.insert(STORE_ID_KEY, uuid::Uuid::new_v4().to_string().as_bytes())?;
                 db.flush()?;
             }
         }
@@ -1723,6 +1731,10 @@ impl Store {
         }
         let commit = GroupCommit::start(db.clone(), dir.to_owned())
             .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let id = db
+            .get(STORE_ID_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
@@ -1732,8 +1744,16 @@ impl Store {
                 commit,
                 durable: RwLock::new(HashMap::new()),
                 backup: Mutex::new(None),
+                id,
             }),
         })
+    }
+
+    /// The store's random id (see [`STORE_ID_KEY`]); empty for a store made before stores
+    /// had one. A webhook event's id is made from it, so that a store rebuilt empty does
+    /// not send its changes under the ids of the lost store's.
+    pub fn id(&self) -> &str {
+        &self.inner.id
     }
 
     /// Check every tenant's derived keys against the data they derive from (`rosterd

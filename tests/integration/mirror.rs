@@ -1288,6 +1288,30 @@ async fn a_restored_backup_sends_no_event_under_a_number_already_sent() {
     d.stop().await;
 }
 
+/// A store rebuilt empty (its data directory lost, no backup to restore) numbers its
+/// changes from #1 again; its events go out under ids of their own, not those of the lost
+/// store's first changes, which a receiver that drops repeated ids would drop.
+#[tokio::test]
+async fn a_store_rebuilt_empty_sends_its_changes_under_ids_of_its_own() {
+    let (hook, mut d) = with_user_created_hook("").await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "hooks").await;
+    d.stop().await;
+    std::fs::rename(d.root.join("data"), d.root.join("data.lost")).unwrap();
+    let d = d.restart().await;
+    d.create_user("bob@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let got: Vec<wh::Delivery> = hook
+        .deliveries()
+        .into_iter()
+        .filter(|x| x.accepted())
+        .collect();
+    assert_eq!(got.len(), 2, "{:?}", event_types(&got));
+    let seq = |g: &wh::Delivery| g.body["data"]["seq"].as_u64().unwrap();
+    assert_eq!(seq(&got[0]), seq(&got[1]), "both stores' first change");
+    assert_ne!(got[0].id, got[1].id);
+}
+
 /// `rosterd store backup` of stopped daemon `d`'s store; the backup's directory.
 pub async fn backup_stopped(d: &TestDaemon) -> std::path::PathBuf {
     let backups = d.root.join("bk");
