@@ -834,6 +834,9 @@ resource_handlers!(
     search_groups
 );
 
+/// What a query of the root lists.
+const BOTH: [ResourceKind; 2] = [ResourceKind::User, ResourceKind::Group];
+
 /// `GET {base}?filter=…`, a query across users and groups (RFC 7644 §3.4.2.1), as
 /// `POST {base}/.search` is.
 async fn list_root(
@@ -844,14 +847,9 @@ async fn list_root(
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
     let query = ListQuery::from_params(&st, &lower_keys(q)?)?;
-    Ok(run_list(
-        st,
-        tenant,
-        vec![ResourceKind::User, ResourceKind::Group],
-        query,
-    )
-    .await?
-    .into_response())
+    Ok(run_list(st, tenant, BOTH.to_vec(), query)
+        .await?
+        .into_response())
 }
 
 async fn search_root(
@@ -863,14 +861,9 @@ async fn search_root(
     authorize(&st, &tenant, &headers)?;
     let (body, _share) = read_body(&st, &headers, body).await?;
     let query = ListQuery::from_search_body(&st, &body)?;
-    Ok(run_list(
-        st,
-        tenant,
-        vec![ResourceKind::User, ResourceKind::Group],
-        query,
-    )
-    .await?
-    .into_response())
+    Ok(run_list(st, tenant, BOTH.to_vec(), query)
+        .await?
+        .into_response())
 }
 
 async fn me(State(st): St, Path(tenant): Path<String>, headers: HeaderMap) -> HandlerResult {
@@ -2004,37 +1997,17 @@ async fn run_bulk_op(
         data.clone()
             .ok_or_else(|| ScimError::invalid_syntax(format!("{method} needs data")))
     };
+    // No operation of /Bulk answers with its resource.
+    let all = Projection::default();
     let reply = match method {
         "POST" => {
             if op.get("bulkId").and_then(Value::as_str).is_none() {
                 return Err(ScimError::invalid_syntax("POST in /Bulk needs a bulkId"));
             }
-            op_create(state, tenant, kind, need_data()?, &Projection::default()).await?
+            op_create(state, tenant, kind, need_data()?, &all).await?
         }
-        "PUT" => {
-            op_replace(
-                state,
-                tenant,
-                kind,
-                &need_id()?,
-                cond,
-                need_data()?,
-                &Projection::default(),
-            )
-            .await?
-        }
-        "PATCH" => {
-            op_patch(
-                state,
-                tenant,
-                kind,
-                &need_id()?,
-                cond,
-                need_data()?,
-                &Projection::default(),
-            )
-            .await?
-        }
+        "PUT" => op_replace(state, tenant, kind, &need_id()?, cond, need_data()?, &all).await?,
+        "PATCH" => op_patch(state, tenant, kind, &need_id()?, cond, need_data()?, &all).await?,
         "DELETE" => op_delete(state, tenant, kind, &need_id()?, cond).await?,
         other => {
             return Err(ScimError::invalid_syntax(format!(
