@@ -439,7 +439,8 @@ fn apply_pathless(
             // Okta's group rename carries the resource's own id, which changes nothing.
             // Another id is refused as PUT refuses it, not dropped with a 200.
             let own = doc.get("id");
-            if !v.is_null() && Some(v) != own {
+            let names_none = v.is_null() || v.as_str() == Some("");
+            if !names_none && Some(v) != own {
                 return Err(ScimError::mutability(format!(
                     "id {v} in the value does not match this resource's id {}",
                     own.unwrap_or(&Value::Null)
@@ -1474,7 +1475,12 @@ mod tests {
         .unwrap();
         assert_eq!(d["id"], "u1");
         assert_eq!(d["displayName"], "B");
-        // Another id is refused, as PUT refuses it.
+        // An empty one names none; another is refused, as PUT refuses it.
+        patch(
+            &mut d,
+            json!([{"op": "replace", "value": {"id": "", "displayName": "B"}}]),
+        )
+        .unwrap();
         let e = patch(
             &mut d,
             json!([{"op": "replace", "value": {"ID": "other", "displayName": "C"}}]),
