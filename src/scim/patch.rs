@@ -255,6 +255,27 @@ pub struct GroupPatch {
 }
 
 /// Separate a group PATCH into membership changes and changes to the document proper.
+/// `value eq "a" or value eq "b" …` over these member ids; `None` for none. Balanced, so
+/// that thousands of ids nest only as deep as their logarithm (a chain as long as the
+/// list overflowed a worker's stack once).
+fn any_member_of(mut ids: Vec<String>) -> Option<Filter> {
+    match ids.len() {
+        0 => None,
+        1 => ids.pop().map(|id| Filter::Compare {
+            path: AttrPath::simple("value"),
+            op: CompareOp::Eq,
+            value: Value::String(id),
+        }),
+        n => {
+            let right = ids.split_off(n / 2);
+            Some(Filter::Or(
+                Box::new(any_member_of(ids)?),
+                Box::new(any_member_of(right)?),
+            ))
+        }
+    }
+}
+
 pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
     let kind = ResourceKind::Group;
     let mut members = Vec::new();
@@ -283,10 +304,31 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                             .collect(),
                     )),
                     (PatchOpKind::Remove, None, None) => members.push(MemberOp::RemoveAll),
-                    (PatchOpKind::Remove, Some(f), _) => members.push(match member_ids_of(&f) {
-                        Some(ids) => MemberOp::Remove(ids),
-                        None => MemberOp::RemoveMatching(f),
-                    }),
+                    (PatchOpKind::Remove, Some(f), v) => {
+                        // A value narrows what the filter selects, as it does for emails.
+                        let named = match v.filter(|v| !v.is_null()) {
+                            Some(v) => Some(
+                                member_refs(v, &mut ignored)?
+                                    .into_iter()
+                                    .map(|m| m.value)
+                                    .collect::<Vec<_>>(),
+                            ),
+                            None => None,
+                        };
+                        members.push(match (member_ids_of(&f), named) {
+                            (Some(ids), None) => MemberOp::Remove(ids),
+                            (Some(ids), Some(n)) => MemberOp::Remove(
+                                ids.into_iter().filter(|i| n.contains(i)).collect(),
+                            ),
+                            (None, None) => MemberOp::RemoveMatching(f),
+                            (None, Some(n)) => match any_member_of(n) {
+                                Some(of) => {
+                                    MemberOp::RemoveMatching(Filter::And(Box::new(f), Box::new(of)))
+                                }
+                                None => MemberOp::Remove(vec![]),
+                            },
+                        });
+                    }
                     (PatchOpKind::Replace, Some(f), Some(v)) => {
                         members.push(MemberOp::ReplaceMatching(f, member_refs(v, &mut ignored)?));
                     }
@@ -782,14 +824,14 @@ fn apply_plain(
             match (value, obj.get_mut(key)) {
                 // Entra's older dialect: remove the listed values of a multi-valued attribute.
                 (Some(v), Some(Value::Array(items))) if multi => {
-                    // An empty list names no value to remove; `null` names none either,
-                    // and the path alone says what goes, as for any attribute.
-                    let empty_list = v.as_array().is_some_and(Vec::is_empty);
+                    // `null` names no value, and the path alone says what goes, as for
+                    // any attribute. A list that names none (`[]`, `[{"value": null}]`)
+                    // removes none: read as no value, it removed every address.
                     match named(Some(&v)) {
-                        None if empty_list => {}
-                        None => {
+                        None if v.is_null() => {
                             obj.remove(key);
                         }
+                        None => {}
                         Some(n) => {
                             items.retain(|i| !n.iter().any(|g| same_element(def, i, g)));
                             if items.is_empty() {
@@ -1337,13 +1379,22 @@ mod tests {
             d.get("active").is_none() && d[ext].get("employeeNumber").is_none(),
             "{d}"
         );
-        // An empty list names no value; null names none, and the path says what goes.
-        patch(
-            &mut d,
-            json!([{"op": "remove", "path": "emails", "value": []}]),
-        )
-        .unwrap();
-        assert!(d["emails"].is_array(), "{d}");
+        // A list that names no value removes none (read as no value, it removed every
+        // address); null names none, and the path says what goes.
+        for none in [
+            json!([]),
+            json!([{"value": null}]),
+            json!([{}]),
+            json!([null]),
+            json!([""]),
+        ] {
+            patch(
+                &mut d,
+                json!([{"op": "remove", "path": "emails", "value": none}]),
+            )
+            .unwrap();
+            assert_eq!(d["emails"].as_array().map(Vec::len), Some(1), "{none}: {d}");
+        }
         patch(
             &mut d,
             json!([{"op": "remove", "path": "emails", "value": null}]),
@@ -1856,6 +1907,40 @@ mod tests {
         assert!(matches!(&members[5], MemberOp::RemoveAll));
         assert_eq!(doc_ops.len(), 1);
         assert!(doc_ops[0].value.as_ref().unwrap().get("members").is_none());
+    }
+
+    /// A value narrows a filtered member removal, as it does one of emails: naming
+    /// another member than the filter's, it removed the filter's.
+    #[test]
+    fn a_value_narrows_a_filtered_member_removal() {
+        let body = json!({"Operations": [
+            {"op": "remove", "path": "members[value eq \"u1\"]", "value": [{"value": "u2"}]},
+            {"op": "remove", "path": "members[value eq \"u1\"]", "value": [{"value": "u1"}]},
+            {"op": "remove", "path": "members[type eq \"User\"]", "value": [{"value": "u2"}]},
+            {"op": "remove", "path": "members[type eq \"User\"]", "value": []},
+        ]});
+        let members = split_member_ops(parse_patch_request(body).unwrap())
+            .unwrap()
+            .members;
+        assert!(matches!(&members[0], MemberOp::Remove(v) if v.is_empty()));
+        assert!(matches!(&members[1], MemberOp::Remove(v) if v == &["u1"]));
+        let MemberOp::RemoveMatching(f) = &members[2] else {
+            panic!("{:?}", members[2]);
+        };
+        let member = |id: &str| json!({"value": id, "type": "User"});
+        let path = AttrPath::simple("members");
+        assert!(f.matches_element(ResourceKind::Group, &path, &member("u2")));
+        assert!(!f.matches_element(ResourceKind::Group, &path, &member("u1")));
+        assert!(matches!(&members[3], MemberOp::Remove(v) if v.is_empty()));
+        // Thousands of ids nest as deep as their logarithm.
+        let many = (0..4096).map(|i| format!("u{i}")).collect();
+        fn depth(f: &Filter) -> usize {
+            match f {
+                Filter::Or(a, b) | Filter::And(a, b) => 1 + depth(a).max(depth(b)),
+                _ => 1,
+            }
+        }
+        assert_eq!(depth(&any_member_of(many).unwrap()), 13);
     }
 
     #[test]
