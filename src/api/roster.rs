@@ -1055,11 +1055,19 @@ async fn bulk_assign(
             let set = match item.get("archetype_id") {
                 Some(Value::String(a)) if !a.is_empty() => Some(a),
                 Some(Value::Null) => None,
-                _ => {
+                None => {
                     return Err(ApiError::BadRequest(
                         "archetype_id is required: an archetype id, or null to clear the override"
                             .into(),
                     ));
+                }
+                // Said as what it is: "required" sent the client looking for a field it
+                // had sent.
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "archetype_id must be an archetype id (a non-empty string), or null to clear the override, not {}",
+                        crate::server::clip(&other.to_string(), 64)
+                    )));
                 }
             };
             let user = find_user_async(&st, &caller.tenant, user_id).await?;

@@ -1121,24 +1121,25 @@ async fn bulk_assign_reports_per_item() {
             &admin,
             json!([
                 {"user_id": "user:a@acme.test", "archetype_id": null},
-                {"user_id": "user:a@acme.test"}
+                {"user_id": "user:a@acme.test"},
+                {"user_id": "user:b@acme.test", "archetype_id": 5}
             ]),
         )
         .await;
     assert_eq!(
         (r.body["updated"].as_u64(), r.body["failed"].as_u64()),
-        (Some(1), Some(1)),
+        (Some(1), Some(2)),
         "{}",
         r.body
     );
+    let message = |i: usize| r.body["errors"][i]["message"].as_str().unwrap().to_owned();
     assert!(
-        r.body["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("null to clear"),
+        message(0).contains("is required") && message(0).contains("null to clear"),
         "{}",
         r.body
     );
+    // One of another type is said to be that, not missing.
+    assert!(message(1).contains("not 5"), "{}", r.body);
     let a = roster_user(&d, &admin, "user:a@acme.test").await;
     assert_eq!(a["archetype_assigned_by"], "service:classifier", "{a}");
     // One item per user: a later one naming the same user (by userName or SCIM id) fails
