@@ -1837,6 +1837,14 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
         .await?
     };
     if cursor >= floor {
+        if !known {
+            // Kept from the first start, delivered or not: one that never delivered had
+            // no cursor, so brought back after its changes were compacted away it read as
+            // new and said nothing of what it lost (a docs check's finding).
+            ctx.store
+                .advance_cursor(tenant, &cursor_name, cursor, vec![])
+                .await?;
+        }
         return Ok(());
     }
     let (first, last) = (cursor + 1, floor);
@@ -2279,7 +2287,12 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     // tried again after its backoff or at the next start, not at the next scheduled time
     // (a nightly file would miss its night). A restore marks every connector's files owed,
     // scheduled or not: they held what the restore lost (store::restored).
-    let mut owed = ctx.store.write_due(&tenant, &cursor_name)?;
+    let mut owed = ctx.store.write_due(&tenant, &cursor_name)?
+        // One that had not written before the backup (or came after it) has no cursor
+        // for the restore to mark, and may have written what the restore lost.
+        || (schedule.is_some()
+            && ctx.store.was_restored()?
+            && !ctx.store.has_cursor(&tenant, &cursor_name)?);
     if let Some(cron) = &schedule
         && settings.catch_up
         && !owed

@@ -255,6 +255,21 @@ pub struct GroupPatch {
 }
 
 /// Separate a group PATCH into membership changes and changes to the document proper.
+/// The ids of the members a `remove`'s value names. An entry that names none
+/// (`{"value": null}`, `{}`) is passed over, as for any multi-valued attribute, rather
+/// than refused.
+fn named_members(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<String>> {
+    let items = match value {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    let named: Vec<Value> = items.into_iter().filter(present).collect();
+    Ok(member_refs(Value::Array(named), ignored)?
+        .into_iter()
+        .map(|m| m.value)
+        .collect())
+}
+
 /// `value eq "a" or value eq "b" …` over these member ids; `None` for none. Balanced, so
 /// that thousands of ids nest only as deep as their logarithm (a chain as long as the
 /// list overflowed a worker's stack once).
@@ -297,22 +312,14 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                         members.push(MemberOp::ReplaceAll(member_refs(v, &mut ignored)?));
                     }
                     // Entra's older dialect names the members to remove in `value`.
-                    (PatchOpKind::Remove, None, Some(v)) => members.push(MemberOp::Remove(
-                        member_refs(v, &mut ignored)?
-                            .into_iter()
-                            .map(|m| m.value)
-                            .collect(),
-                    )),
-                    (PatchOpKind::Remove, None, None) => members.push(MemberOp::RemoveAll),
+                    (PatchOpKind::Remove, None, Some(v)) if !v.is_null() => {
+                        members.push(MemberOp::Remove(named_members(v, &mut ignored)?))
+                    }
+                    (PatchOpKind::Remove, None, _) => members.push(MemberOp::RemoveAll),
                     (PatchOpKind::Remove, Some(f), v) => {
                         // A value narrows what the filter selects, as it does for emails.
                         let named = match v.filter(|v| !v.is_null()) {
-                            Some(v) => Some(
-                                member_refs(v, &mut ignored)?
-                                    .into_iter()
-                                    .map(|m| m.value)
-                                    .collect::<Vec<_>>(),
-                            ),
+                            Some(v) => Some(named_members(v, &mut ignored)?),
                             None => None,
                         };
                         members.push(match (member_ids_of(&f), named) {
@@ -1918,6 +1925,8 @@ mod tests {
             {"op": "remove", "path": "members[value eq \"u1\"]", "value": [{"value": "u1"}]},
             {"op": "remove", "path": "members[type eq \"User\"]", "value": [{"value": "u2"}]},
             {"op": "remove", "path": "members[type eq \"User\"]", "value": []},
+            {"op": "remove", "path": "members[type eq \"User\"]", "value": [{"value": null}]},
+            {"op": "remove", "path": "members", "value": [{"value": null}, {}]},
         ]});
         let members = split_member_ops(parse_patch_request(body).unwrap())
             .unwrap()
@@ -1931,7 +1940,10 @@ mod tests {
         let path = AttrPath::simple("members");
         assert!(f.matches_element(ResourceKind::Group, &path, &member("u2")));
         assert!(!f.matches_element(ResourceKind::Group, &path, &member("u1")));
-        assert!(matches!(&members[3], MemberOp::Remove(v) if v.is_empty()));
+        // Lists that name no member remove none, rather than being refused.
+        for op in &members[3..6] {
+            assert!(matches!(op, MemberOp::Remove(v) if v.is_empty()), "{op:?}");
+        }
         // Thousands of ids nest as deep as their logarithm.
         let many = (0..4096).map(|i| format!("u{i}")).collect();
         fn depth(f: &Filter) -> usize {

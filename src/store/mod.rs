@@ -1749,6 +1749,12 @@ impl Store {
         })
     }
 
+    /// Whether this store was restored from a backup (its first start moved the numbers
+    /// on, see [`restored`]).
+    pub fn was_restored(&self) -> StoreResult<bool> {
+        Ok(self.inner.db.contains_key(restored::NEW_TENANTS_FROM)?)
+    }
+
     /// The store's random id (see [`STORE_ID_KEY`]); empty for a store made before stores
     /// had one. A webhook event's id is made from it, so that a store rebuilt empty does
     /// not send its changes under the ids of the lost store's.

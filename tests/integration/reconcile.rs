@@ -1206,21 +1206,60 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     }
 }
 
+/// A connector that never delivered anything, retired and brought back after its
+/// changes were compacted away, says what it lost: it had no cursor, read as new, and said
+/// nothing.
+#[tokio::test]
+async fn a_connector_that_never_delivered_says_what_it_lost_when_it_comes_back() {
+    let (_hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
+    let c = connector_until(&d, "hooks", "never running", |c| c["state"] == "running").await;
+    assert_eq!(c["cursor"], 0, "{c}");
+    let file = d.root.join("connectors/hooks.toml");
+    let away = d.root.join("hooks.toml.away");
+    std::fs::rename(&file, &away).unwrap();
+    d.reload().await;
+    for i in 0..3 {
+        d.create_user(&format!("meanwhile{i}@acme.test")).await;
+    }
+    compacted_away(&d).await;
+    std::fs::rename(&away, &file).unwrap();
+    d.reload().await;
+    let c = connector_until(&d, "hooks", "no gap reported", |c| {
+        c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("compacted away"))
+    })
+    .await;
+    assert!(c["last_error"].as_str().unwrap().contains("#1.."), "{c}");
+}
+
 /// The changes a retired connector lost to compaction are counted without the numbers a
 /// restore skipped, which were never changes: brought back across a restore, it counted
 /// 4,294,967,300 lost for three (an audit's finding).
 #[tokio::test]
 async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
-    let (_hook, d) = with_user_created_hook("").await;
+    // A name of its own: the metric is the process's, and other tests' connectors named
+    // hooks lose changes too.
+    let hook = WebhookServer::start(crate::webhook::WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![crate::mirror::named_webhook_file(
+            "lostcount",
+            &hook,
+            r#"["roster.user_created"]"#,
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
     d.create_user("before@acme.test").await;
-    let cursor = caught_up(&d, "hooks").await["cursor"].as_u64().unwrap();
-    let file = d.root.join("connectors/hooks.toml");
-    let away = d.root.join("hooks.toml.away");
+    let cursor = caught_up(&d, "lostcount").await["cursor"].as_u64().unwrap();
+    let file = d.root.join("connectors/lostcount.toml");
+    let away = d.root.join("lostcount.toml.away");
     std::fs::rename(&file, &away).unwrap();
     let mut d = d.restart().await;
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
-        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .roster(Method::POST, "/connectors/lostcount/retire", &admin, None)
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     for name in ["lost1@acme.test", "lost2@acme.test"] {
@@ -1257,7 +1296,7 @@ async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
     compacted_away(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
-    let c = connector_until(&d, "hooks", "no gap reported", |c| {
+    let c = connector_until(&d, "lostcount", "no gap reported", |c| {
         c["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("compacted away"))
@@ -1275,7 +1314,7 @@ async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
         crate::metrics::value(
             &samples,
             "rosterd_connector_changes_lost_total",
-            &[("connector", "hooks"), ("tenant", TENANT)]
+            &[("connector", "lostcount"), ("tenant", TENANT)]
         ),
         Some(seqs.len() as f64),
         "{c}\n{text}"
