@@ -639,6 +639,23 @@ fn apply_path(
                 d.name
             )));
         }
+        // A boolean has neither order nor substrings (RFC 7644 §3.4.2.2): refused as the
+        // same filter in a query is, not answered `noTarget` as if it matched nothing.
+        let on_boolean = path
+            .filter
+            .iter()
+            .flat_map(|f| f.comparisons())
+            .find(|(p, op, _)| {
+                !matches!(op, CompareOp::Eq | CompareOp::Ne)
+                    && self::sub_def(Some(d), &p.attr)
+                        .is_some_and(|s| s.kind == schema::AttrKind::Boolean)
+            });
+        if let Some((p, op, _)) = on_boolean {
+            return Err(ScimError::invalid_filter(format!(
+                "{attr}[…]: {p} is a boolean, which {} does not apply to (RFC 7644 §3.4.2.2)",
+                op.as_str()
+            )));
+        }
     }
     let name = def.map_or(attr.attr.as_str(), |d| d.name);
     let Some(obj) = container(kind, doc, attr, op != PatchOpKind::Remove)? else {
@@ -1480,6 +1497,33 @@ mod tests {
             .collect();
         assert_eq!(primaries.len(), 1, "{d}");
         assert_eq!(primaries[0]["value"], "c@x.test");
+    }
+
+    #[test]
+    fn a_path_filter_comparing_a_boolean_by_order_or_substring_is_invalid_filter() {
+        for path in [
+            "emails[primary co \"tr\"].value",
+            "emails[primary gt false]",
+        ] {
+            let e = patch(
+                &mut user(),
+                json!([{"op": "replace", "path": path, "value": "x@y.test"}]),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.scim_type,
+                Some(ScimType::InvalidFilter),
+                "{path}: {}",
+                e.detail
+            );
+        }
+        let mut d = user();
+        patch(
+            &mut d,
+            json!([{"op": "replace", "path": "emails[primary eq true].value", "value": "n@x.test"}]),
+        )
+        .unwrap();
+        assert_eq!(d["emails"][0]["value"], "n@x.test");
     }
 
     #[test]
