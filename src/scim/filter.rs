@@ -139,6 +139,18 @@ impl CompareOp {
         })
     }
 
+    /// Whether the operator means anything for an attribute of `kind` (RFC 7644
+    /// §3.4.2.2): a boolean or binary value has no order, and a boolean no substrings.
+    pub fn applies_to(self, kind: AttrKind) -> bool {
+        match self {
+            CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le => {
+                !matches!(kind, AttrKind::Boolean | AttrKind::Binary)
+            }
+            CompareOp::Co | CompareOp::Sw | CompareOp::Ew => kind != AttrKind::Boolean,
+            CompareOp::Eq | CompareOp::Ne => true,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CompareOp::Eq => "eq",

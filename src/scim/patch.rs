@@ -254,16 +254,11 @@ pub struct GroupPatch {
     pub ignored: Vec<String>,
 }
 
-/// Separate a group PATCH into membership changes and changes to the document proper.
 /// The ids of the members a `remove`'s value names. An entry that names none
 /// (`{"value": null}`, `{}`) is passed over, as for any multi-valued attribute, rather
 /// than refused.
-fn named_members(value: Value, ignored: &mut Vec<String>) -> ScimResult<Vec<String>> {
-    let items = match value {
-        Value::Array(items) => items,
-        other => vec![other],
-    };
-    let named: Vec<Value> = items.into_iter().filter(present).collect();
+fn named_members(value: &Value, ignored: &mut Vec<String>) -> ScimResult<Vec<String>> {
+    let named = named(Some(value)).unwrap_or_default();
     Ok(member_refs(Value::Array(named), ignored)?
         .into_iter()
         .map(|m| m.value)
@@ -291,6 +286,7 @@ fn any_member_of(mut ids: Vec<String>) -> Option<Filter> {
     }
 }
 
+/// Separate a group PATCH into membership changes and changes to the document proper.
 pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
     let kind = ResourceKind::Group;
     let mut members = Vec::new();
@@ -313,13 +309,13 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                     }
                     // Entra's older dialect names the members to remove in `value`.
                     (PatchOpKind::Remove, None, Some(v)) if !v.is_null() => {
-                        members.push(MemberOp::Remove(named_members(v, &mut ignored)?))
+                        members.push(MemberOp::Remove(named_members(&v, &mut ignored)?))
                     }
                     (PatchOpKind::Remove, None, _) => members.push(MemberOp::RemoveAll),
                     (PatchOpKind::Remove, Some(f), v) => {
                         // A value narrows what the filter selects, as it does for emails.
                         let named = match v.filter(|v| !v.is_null()) {
-                            Some(v) => Some(named_members(v, &mut ignored)?),
+                            Some(v) => Some(named_members(&v, &mut ignored)?),
                             None => None,
                         };
                         members.push(match (member_ids_of(&f), named) {
@@ -596,25 +592,20 @@ fn apply_path(
         )));
     }
     if let Some(d) = def {
-        let sub_def = attr
+        let sub = attr
             .sub
             .as_deref()
             .or(path.sub_after_filter.as_deref())
-            .and_then(|s| {
-                d.sub_attributes
-                    .iter()
-                    .find(|x| x.name.eq_ignore_ascii_case(s))
-            });
+            .and_then(|s| sub_def(def, s));
         let read_only = d.mutability == Mutability::ReadOnly
-            || sub_def.is_some_and(|s| s.mutability == Mutability::ReadOnly);
+            || sub.is_some_and(|s| s.mutability == Mutability::ReadOnly);
         if read_only {
             if explicit {
                 return Err(ScimError::mutability(format!("{attr} is read-only")));
             }
             return Ok(());
         }
-        if explicit && (attr.sub.is_some() || path.sub_after_filter.is_some()) && sub_def.is_none()
-        {
+        if explicit && (attr.sub.is_some() || path.sub_after_filter.is_some()) && sub.is_none() {
             return Err(ScimError::invalid_path(format!(
                 "{path_text} names no sub-attribute of {}",
                 d.name,
@@ -627,10 +618,7 @@ fn apply_path(
         let is_sub = |p: &AttrPath| {
             p.urn.is_none()
                 && p.sub.is_none()
-                && (d
-                    .sub_attributes
-                    .iter()
-                    .any(|s| s.name.eq_ignore_ascii_case(&p.attr))
+                && (sub_def(def, &p.attr).is_some()
                     || (d.sub_attributes.is_empty() && p.attr.eq_ignore_ascii_case("value")))
         };
         if let Some(unknown) = path.filter.as_ref().and_then(|f| f.unknown_attr(&is_sub)) {
@@ -646,9 +634,8 @@ fn apply_path(
             .iter()
             .flat_map(|f| f.comparisons())
             .find(|(p, op, _)| {
-                !matches!(op, CompareOp::Eq | CompareOp::Ne)
-                    && self::sub_def(Some(d), &p.attr)
-                        .is_some_and(|s| s.kind == schema::AttrKind::Boolean)
+                sub_def(def, &p.attr)
+                    .is_some_and(|s| s.kind == schema::AttrKind::Boolean && !op.applies_to(s.kind))
             });
         if let Some((p, op, _)) = on_boolean {
             return Err(ScimError::invalid_filter(format!(
@@ -757,12 +744,6 @@ fn add_values(def: Option<&AttrDef>, list: &mut Vec<Value>, new: Vec<Value>) {
 }
 
 /// `attr` or `attr.sub` without a value filter.
-fn has_value_sub(def: &AttrDef) -> bool {
-    def.sub_attributes
-        .iter()
-        .any(|s| s.name.eq_ignore_ascii_case("value"))
-}
-
 fn apply_plain(
     obj: &mut Map<String, Value>,
     key: &str,
@@ -774,18 +755,12 @@ fn apply_plain(
     let multi = def.is_some_and(|d| d.multi_valued);
     let complex = def.is_some_and(|d| !d.sub_attributes.is_empty());
     if let Some(sub) = sub {
-        let sub_name = def
-            .and_then(|d| {
-                d.sub_attributes
-                    .iter()
-                    .find(|s| s.name.eq_ignore_ascii_case(sub))
-            })
-            .map_or(sub, |s| s.name);
+        let held_def = sub_def(def, sub);
+        let sub_name = held_def.map_or(sub, |s| s.name);
         // A value names which of the sub-attribute's values go (`remove manager.value`
         // naming another manager than the one held removed the held one).
         let named = named(value);
         let named = named.as_deref();
-        let held_def = sub_def(def, sub_name);
         let take = |o: &mut Map<String, Value>| {
             if let Some(k) = key_ci(o, sub_name)
                 && is_named(held_def, &o[&k], named)
@@ -877,7 +852,7 @@ fn apply_plain(
                     }
                     // Parts of a complex value without a `value` of its own (`name` with
                     // a `givenName`): those parts go, where they hold what was named.
-                    Some(n) if complex && !def.is_some_and(has_value_sub) => {
+                    Some(n) if complex && !def.is_some_and(AttrDef::has_value_sub) => {
                         if let Value::Object(held) = stored {
                             for (k, given) in n.iter().filter_map(Value::as_object).flatten() {
                                 if let Some(hk) = key_ci(held, k)
@@ -922,7 +897,7 @@ fn apply_plain(
                 Some(Value::Object(o)) => o,
                 // Entra sends `manager` as a bare id. Only an attribute with a `value`
                 // can take one: "Jane Doe" for `name` would vanish with a 200.
-                Some(v @ Value::String(_)) if def.is_some_and(has_value_sub) => {
+                Some(v @ Value::String(_)) if def.is_some_and(AttrDef::has_value_sub) => {
                     Map::from_iter([("value".to_owned(), v)])
                 }
                 Some(_) | None => {

@@ -118,6 +118,22 @@ pub struct AttrDef {
     pub sub_attributes: &'static [AttrDef],
 }
 
+impl AttrDef {
+    /// Whether it has a `value` sub-attribute (`manager`, `emails`), which stands for it
+    /// in a comparison, a sort or a bare id sent for it.
+    pub fn has_value_sub(&self) -> bool {
+        self.sub_attributes
+            .iter()
+            .any(|s| s.name.eq_ignore_ascii_case("value"))
+    }
+
+    /// A complex attribute with no `value` of its own (`name`, `meta`): nothing to
+    /// compare or sort it by, but its parts.
+    pub fn is_valueless_complex(&self) -> bool {
+        self.kind == AttrKind::Complex && !self.has_value_sub()
+    }
+}
+
 #[derive(Debug)]
 pub struct SchemaDef {
     pub id: &'static str,

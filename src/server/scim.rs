@@ -1268,17 +1268,19 @@ fn sortable(kinds: &[ResourceKind], path: &AttrPath) -> bool {
     if defs.peek().is_none() || is("groups") || is("members") || is("password") {
         return false;
     }
-    if is("meta")
-        && path
-            .sub
-            .as_deref()
-            .is_none_or(|s| s.eq_ignore_ascii_case("location"))
-    {
+    if is_meta_location(path) {
         return false;
     }
-    defs.all(|d| {
-        d.kind != schema::AttrKind::Complex || d.sub_attributes.iter().any(|s| s.name == "value")
-    })
+    defs.all(|d| !d.is_valueless_complex())
+}
+
+/// `meta.location`, which is made from the id as a resource is answered, not stored: no
+/// filter or sort can read it.
+fn is_meta_location(p: &AttrPath) -> bool {
+    p.attr.eq_ignore_ascii_case("meta")
+        && p.sub
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("location"))
 }
 
 /// `/Users`, `/Groups` or `/Users or /Groups`, for errors.
@@ -1302,44 +1304,29 @@ fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> 
     use crate::scim::filter::CompareOp;
     use schema::AttrKind;
     let comparisons = filter.comparisons();
-    let is_location = |p: &AttrPath| {
-        p.attr.eq_ignore_ascii_case("meta")
-            && p.sub
-                .as_deref()
-                .is_some_and(|s| s.eq_ignore_ascii_case("location"))
-    };
-    if filter.attr_paths().into_iter().any(&is_location)
-        || comparisons.iter().any(|(p, ..)| is_location(p))
+    if filter.attr_paths().into_iter().any(is_meta_location)
+        || comparisons.iter().any(|(p, ..)| is_meta_location(p))
     {
         return Err(ScimError::invalid_filter(
             "meta.location is made from the resource's id as it is answered and is not stored: filter on id instead",
         ));
     }
-    let unordered = comparisons.iter().find(|(path, op, _)| {
-        matches!(
-            op,
-            CompareOp::Gt | CompareOp::Ge | CompareOp::Lt | CompareOp::Le
-        ) && defs_in(kinds, path).any(|d| matches!(d.kind, AttrKind::Boolean | AttrKind::Binary))
-    });
-    if let Some((path, ..)) = unordered {
-        return Err(ScimError::invalid_filter(format!(
-            "{path} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
-        )));
+    let misapplied = comparisons
+        .iter()
+        .find(|(path, op, _)| defs_in(kinds, path).any(|d| !op.applies_to(d.kind)));
+    if let Some((path, op, _)) = misapplied {
+        return Err(ScimError::invalid_filter(match op {
+            CompareOp::Co | CompareOp::Sw | CompareOp::Ew => {
+                format!("{path} is a boolean: co, sw and ew do not apply to it (RFC 7644 §3.4.2.2)")
+            }
+            _ => format!(
+                "{path} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
+            ),
+        }));
     }
-    let substring = comparisons.iter().find(|(path, op, _)| {
-        matches!(op, CompareOp::Co | CompareOp::Sw | CompareOp::Ew)
-            && defs_in(kinds, path).any(|d| d.kind == AttrKind::Boolean)
-    });
-    if let Some((path, ..)) = substring {
-        return Err(ScimError::invalid_filter(format!(
-            "{path} is a boolean: co, sw and ew do not apply to it (RFC 7644 §3.4.2.2)"
-        )));
-    }
-    let whole = comparisons.iter().find(|(path, ..)| {
-        defs_in(kinds, path).any(|d| {
-            d.kind == AttrKind::Complex && !d.sub_attributes.iter().any(|s| s.name == "value")
-        })
-    });
+    let whole = comparisons
+        .iter()
+        .find(|(path, ..)| defs_in(kinds, path).any(schema::AttrDef::is_valueless_complex));
     if let Some((path, ..)) = whole {
         return Err(ScimError::invalid_filter(format!(
             "{path} is complex and has no value of its own: compare one of its sub-attributes (such as {path}.{})",

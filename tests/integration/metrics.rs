@@ -291,17 +291,7 @@ async fn metrics_count_scim_requests_by_route_template_and_configured_tenant() {
 
 #[tokio::test]
 async fn metrics_report_connector_gauges_and_deliveries() {
-    let hook = WebhookServer::start(WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![named_webhook_file(
-            "metricshook",
-            &hook,
-            r#"["roster.user_created"]"#,
-        )],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (hook, d) = crate::mirror::with_named_user_created_hook("metricshook", "").await;
     d.create_user("metrics.hook@acme.test").await;
     hook.wait_for(1, WAIT).await;
 

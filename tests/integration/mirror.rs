@@ -2595,9 +2595,22 @@ async fn a_preflight_answered_by_something_else_than_the_org_pauses() {
 
 /// A daemon with one webhook connector, `hooks`, for user creations.
 pub async fn with_user_created_hook(config_extra: &str) -> (WebhookServer, TestDaemon) {
+    with_named_user_created_hook("hooks", config_extra).await
+}
+
+/// As [`with_user_created_hook`], the connector named `name`: a metric of its own, as the
+/// metrics are the test process's.
+pub async fn with_named_user_created_hook(
+    name: &str,
+    config_extra: &str,
+) -> (WebhookServer, TestDaemon) {
     let hook = WebhookServer::start(WebhookOptions::default()).await;
     let d = TestDaemon::start_with(Options {
-        connectors: vec![webhook_file(&hook, r#"["roster.user_created"]"#)],
+        connectors: vec![named_webhook_file(
+            name,
+            &hook,
+            r#"["roster.user_created"]"#,
+        )],
         env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
         config_extra: config_extra.into(),
         ..Options::default()

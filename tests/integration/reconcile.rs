@@ -1189,21 +1189,18 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     two_compactions(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let c = connector(&d, "hooks").await;
-        if c["last_error"]
+    gap_reported(&d, "hooks").await;
+}
+
+/// Wait until connector `name` reports changes compacted away before it delivered them;
+/// its status then.
+async fn gap_reported(d: &TestDaemon, name: &str) -> Value {
+    connector_until(d, name, "no gap reported", |c| {
+        c["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("compacted away"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no gap reported: {c}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// A connector that never delivered anything, retired and brought back after its
@@ -1224,12 +1221,7 @@ async fn a_connector_that_never_delivered_says_what_it_lost_when_it_comes_back()
     compacted_away(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
-    let c = connector_until(&d, "hooks", "no gap reported", |c| {
-        c["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("compacted away"))
-    })
-    .await;
+    let c = gap_reported(&d, "hooks").await;
     assert!(c["last_error"].as_str().unwrap().contains("#1.."), "{c}");
 }
 
@@ -1240,17 +1232,7 @@ async fn a_connector_that_never_delivered_says_what_it_lost_when_it_comes_back()
 async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
     // A name of its own: the metric is the process's, and other tests' connectors named
     // hooks lose changes too.
-    let hook = WebhookServer::start(crate::webhook::WebhookOptions::default()).await;
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![crate::mirror::named_webhook_file(
-            "lostcount",
-            &hook,
-            r#"["roster.user_created"]"#,
-        )],
-        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
-        ..Options::default()
-    })
-    .await;
+    let (_hook, d) = crate::mirror::with_named_user_created_hook("lostcount", "").await;
     d.create_user("before@acme.test").await;
     let cursor = caught_up(&d, "lostcount").await["cursor"].as_u64().unwrap();
     let file = d.root.join("connectors/lostcount.toml");
@@ -1296,12 +1278,7 @@ async fn changes_lost_across_a_restore_leave_out_the_numbers_it_skipped() {
     compacted_away(&d).await;
     std::fs::rename(&away, &file).unwrap();
     d.reload().await;
-    let c = connector_until(&d, "lostcount", "no gap reported", |c| {
-        c["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("compacted away"))
-    })
-    .await;
+    let c = gap_reported(&d, "lostcount").await;
     assert!(
         c["last_error"]
             .as_str()
