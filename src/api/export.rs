@@ -90,9 +90,13 @@ impl ExportSlots {
 /// injection advice): identity data is attacker-influenced, exports are opened in Excel.
 /// Leading spaces are looked through, and the fullwidth signs too, because importers
 /// that trim cells or fold fullwidth forms (LibreOffice, some BI loaders) would still
-/// see a formula there.
+/// see a formula there. Invisible format characters (a zero-width space, a BOM) are
+/// looked through as well: loaders that strip them, as text cleaners do, would otherwise
+/// hand a spreadsheet a bare `=`.
 pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
-    if cell.starts_with(['\t', '\r']) || cell.trim_start().starts_with(FORMULA_STARTS) {
+    let shown =
+        cell.trim_start_matches(|c: char| c.is_whitespace() || crate::text::is_invisible(c));
+    if cell.starts_with(['\t', '\r']) || shown.starts_with(FORMULA_STARTS) {
         return format!("'{cell}").into();
     }
     cell.into()
@@ -369,6 +373,12 @@ mod tests {
         assert_eq!(neutralize("\u{FF1D}1+1"), "'\u{FF1D}1+1");
         assert_eq!(neutralize("\u{FF0D}2"), "'\u{FF0D}2");
         assert_eq!(neutralize("\tx"), "'\tx");
+        assert_eq!(neutralize("\u{FEFF}=1+1"), "'\u{FEFF}=1+1");
+        assert_eq!(
+            neutralize("\u{200B} \u{2060}\u{202E}-2"),
+            "'\u{200B} \u{2060}\u{202E}-2"
+        );
+        assert_eq!(neutralize("\u{200B}Engineer"), "\u{200B}Engineer");
         assert_eq!(neutralize("Engineer"), "Engineer");
         assert_eq!(neutralize("  Engineer"), "  Engineer");
         assert_eq!(neutralize("R&D - Labs"), "R&D - Labs");
