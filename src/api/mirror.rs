@@ -282,7 +282,7 @@ async fn batch_ids(
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     struct BatchBody {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "whole_numbers")]
         ids: Vec<u64>,
     }
     let BatchBody { ids } = super::options_body(headers, &body, EXPECTED)?;
@@ -299,6 +299,25 @@ async fn batch_ids(
         )));
     }
     Ok(ids)
+}
+
+/// Ids as JSON numbers, `1.0` included: OpenAPI 3.1 (JSON Schema 2020-12) counts a number
+/// with a zero fraction as an integer, so a client that writes ids as floats is within the
+/// served schema.
+fn whole_numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+    use serde::Deserialize;
+    Vec::<serde_json::Number>::deserialize(d)?
+        .into_iter()
+        .map(|n| {
+            n.as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..=9_007_199_254_740_992.0).contains(f))
+                        .map(|f| f as u64)
+                })
+                .ok_or_else(|| serde::de::Error::custom(format!("{n} is not a dead letter id")))
+        })
+        .collect()
 }
 
 /// One letter's failure in a batch's answer: what its single call would have answered.

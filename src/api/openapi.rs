@@ -270,7 +270,9 @@ pub fn openapi_document() -> Value {
                 "operationId": "acceptReview", "summary": "Resolve a review item: accept the suggestion (no body, {} or archetype_id null) or choose an archetype (roster:write)",
                 "parameters": [path_param("user_id", "user:<userName> or the SCIM id")],
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": false, "properties": {
+                    "type": "object", "additionalProperties": false,
+                    "not": {"description": "Not both at once", "required": ["archetype_id", "expected_archetype_id"], "properties": {"archetype_id": {"type": "string"}, "expected_archetype_id": {"type": "string"}}},
+                    "properties": {
                         "archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "Omitted or null accepts the suggestion"},
                         "expected_archetype_id": {"type": ["string", "null"], "minLength": 1, "description": "Accept the suggestion only while it is this archetype (the one the reviewer was shown); 409 suggestion_changed when the user's title or department has changed it since. Not with archetype_id"}}}}}},
                 "responses": common_errors(json!({"200": ok_json("The assignment now in force", assignment_ref.clone())}), &[

@@ -2105,6 +2105,8 @@ async fn a_batch_replay_answers_for_each_letter_and_names_its_later_changes() {
         (json!({"ids": [letters[0], letters[0]]}), "twice"),
         (json!({"ids": [letters[0]], "all": true}), "unknown field"),
         (json!({"ids": ["x"]}), "ids"),
+        (json!({"ids": [1.5]}), "1.5 is not a dead letter id"),
+        (json!({"ids": [-1]}), "-1 is not a dead letter id"),
         (
             json!({ "ids": (0..1001).collect::<Vec<u64>>() }),
             "not 1001",
@@ -2123,13 +2125,14 @@ async fn a_batch_replay_answers_for_each_letter_and_names_its_later_changes() {
             r.body
         );
     }
+    // An id written as 1.0 is an integer to the served OpenAPI 3.1 schema, and to us.
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
         .roster(
             Method::POST,
             "/connectors/nosuch/dead-letters:replay",
             &admin,
-            Some(json!({"ids": [1]})),
+            Some(json!({"ids": [1.0]})),
         )
         .await;
     assert_eq!(r.status, 404, "{}", r.body);

@@ -2049,11 +2049,18 @@ async fn openapi_lists_exactly_the_served_operations() {
 
 /// Whether `value` has what `schema` (of the served OpenAPI document `doc`) says it
 /// has: required fields, the declared types of the fields it carries, array items,
-/// `$ref` and `oneOf`. Enough of JSON Schema to hold the document to the handlers.
+/// `$ref`, `oneOf` and `not`. Enough of JSON Schema to hold the document to the handlers.
 fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
     if let Some(r) = schema["$ref"].as_str() {
         let name = r.trim_start_matches("#/components/schemas/");
         return conforms(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if let Some(not) = schema.get("not")
+        && conforms(doc, not, value, at).is_ok()
+    {
+        return Err(format!(
+            "{at}: {value} matches what the schema rules out: {not}"
+        ));
     }
     if let Some(any) = schema["oneOf"].as_array() {
         return any
@@ -2308,6 +2315,23 @@ async fn accepting_a_review_item_can_name_the_suggestion_that_was_shown() {
     );
     let r = accept(json!({"expected_archetype_id": seen, "archetype_id": seen})).await;
     api_error_saying(&r, 400, "invalid_request", "send one");
+    // The served document rules out that body too, and only that one of these.
+    let doc = d
+        .raw(Method::GET, &d.url("/api/v1/openapi.json"), None, &[], None)
+        .await
+        .body;
+    let schema = &doc["paths"]["/api/v1/roster/review/{user_id}/accept"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"];
+    let both = json!({"expected_archetype_id": seen, "archetype_id": seen});
+    assert!(conforms(&doc, schema, &both, "both").is_err(), "{schema}");
+    for one in [
+        json!({"expected_archetype_id": seen}),
+        json!({"expected_archetype_id": seen, "archetype_id": null}),
+        json!({"archetype_id": seen}),
+        json!({}),
+    ] {
+        conforms(&doc, schema, &one, "one").unwrap();
+    }
     let r = accept(json!({"expected_archetype_id": 7})).await;
     api_error_saying(&r, 400, "invalid_request", "expected_archetype_id must be");
     let r = accept(json!({"expected_archetype_id": "sales_repp"})).await;
