@@ -1781,6 +1781,7 @@ where
 /// The task of an HTTP connector (OneRoster, webhook).
 async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     let tenant = ctx.tenant().to_owned();
+    ctx.store.no_write_owed(&tenant, &ctx.cursor_name()).await?;
     // Paused as it was at the stop (its target refused everything): nothing goes out
     // until the operator resumes it. Said as such: a OneRoster connector showed
     // "preflight" meanwhile, as if its preflight were what failed.

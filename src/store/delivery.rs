@@ -462,6 +462,16 @@ impl Store {
         self.set_flag(tenant, write_due_key(connector), true).await
     }
 
+    /// The connector has no files (it sends over HTTP): a write a restore marked owed for
+    /// every cursor (see [`restore_cursors`]) is not its to make, and would linger.
+    pub async fn no_write_owed(&self, tenant: &str, connector: &str) -> StoreResult<()> {
+        if self.write_due(tenant, connector)? {
+            self.set_flag(tenant, write_due_key(connector), false)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// A scheduled write succeeded at `at`: it is no longer owed, and `at` is the last
     /// one (see [`Store::last_scheduled_write`]), in one write.
     pub async fn scheduled_write_done(

@@ -518,23 +518,28 @@ impl TestDaemon {
     }
 }
 
+/// The store of a stopped daemon, opened to look into.
+pub fn open_stopped_store(data: &Path) -> rosterd::store::Store {
+    // sled lets go of its file lock a moment after the daemon's last handle drops.
+    let mut tries = 0;
+    loop {
+        match rosterd::store::Store::open_existing(data, 16 << 20) {
+            Ok(store) => return store,
+            Err(e) if e.held_elsewhere() && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => panic!("cannot open the store at {}: {e}", data.display()),
+        }
+    }
+}
+
 /// `rosterd store check` on a stopped daemon's store finds nothing wrong.
 pub fn assert_store_checks_clean(data: &Path) {
     if !rosterd::store::Store::holds_store(data) {
         return;
     }
-    // sled lets go of its file lock a moment after the daemon's last handle drops.
-    let mut tries = 0;
-    let store = loop {
-        match rosterd::store::Store::open_existing(data, 16 << 20) {
-            Ok(store) => break store,
-            Err(e) if e.held_elsewhere() && tries < 200 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(25));
-            }
-            Err(e) => panic!("store check: cannot open {}: {e}", data.display()),
-        }
-    };
+    let store = open_stopped_store(data);
     let checked = store.check(&[]).expect("store check reads the store");
     store.close().expect("store check closes the store");
     for t in checked {
