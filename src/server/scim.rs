@@ -688,6 +688,17 @@ fn get_one(
         .get(tenant, kind, id)
         .map_err(store_to_scim)?
         .ok_or_else(|| ScimError::not_found(format!("{kind:?} {id:?} not found")))?;
+    // RFC 9110 §13.1.1 holds If-Match to every method: a client that reads only the
+    // version it holds gets 412 rather than a newer one it did not ask for.
+    if let Some(cond) = if_match(headers)?
+        && !cond.admits(res.version)
+    {
+        return Err(store_to_scim(
+            crate::store::StoreError::PreconditionFailed {
+                current: res.etag(),
+            },
+        ));
+    }
     if let Some(inm) = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())

@@ -227,7 +227,7 @@ pub enum IfMatch {
 }
 
 impl IfMatch {
-    fn admits(&self, version: u64) -> bool {
+    pub fn admits(&self, version: u64) -> bool {
         match self {
             IfMatch::Any => true,
             IfMatch::Tags(tags) => tags.iter().any(|t| tag_version(t) == Some(version)),

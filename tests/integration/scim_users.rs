@@ -109,6 +109,20 @@ async fn etags_drive_preconditions() {
     let new_etag = fresh.header("etag").unwrap().to_owned();
     assert_ne!(new_etag, etag);
 
+    // A GET reads only a version it names.
+    let read = d
+        .scim_with(Method::GET, &path, None, &[("if-match", &etag)])
+        .await;
+    assert_eq!(read.status, 412, "{}", read.body);
+    assert_eq!(read.body["status"], "412", "{}", read.body);
+    for tags in [new_etag.as_str(), "*", &format!("{etag}, {new_etag}")] {
+        let read = d
+            .scim_with(Method::GET, &path, None, &[("if-match", tags)])
+            .await;
+        assert_eq!(read.status, 200, "{tags}: {}", read.body);
+        assert_eq!(read.body["displayName"], "E");
+    }
+
     let old = d
         .scim_with(Method::DELETE, &path, None, &[("if-match", &etag)])
         .await;
