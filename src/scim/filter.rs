@@ -151,6 +151,17 @@ impl CompareOp {
         }
     }
 
+    /// Why the operator does not apply to an attribute (see [`Self::applies_to`]), for
+    /// the `invalidFilter` detail after the attribute's path.
+    pub fn misapplied(self) -> &'static str {
+        match self {
+            CompareOp::Co | CompareOp::Sw | CompareOp::Ew => {
+                "is a boolean: co, sw and ew do not apply to it (RFC 7644 §3.4.2.2)"
+            }
+            _ => "has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CompareOp::Eq => "eq",

@@ -627,20 +627,18 @@ fn apply_path(
                 d.name
             )));
         }
-        // A boolean has neither order nor substrings (RFC 7644 §3.4.2.2): refused as the
-        // same filter in a query is, not answered `noTarget` as if it matched nothing.
-        let on_boolean = path
+        // A boolean has neither order nor substrings, a binary value no order (RFC 7644
+        // §3.4.2.2): refused as the same filter in a query is, not answered `noTarget` as
+        // if it matched nothing.
+        let misapplied = path
             .filter
             .iter()
             .flat_map(|f| f.comparisons())
-            .find(|(p, op, _)| {
-                sub_def(def, &p.attr)
-                    .is_some_and(|s| s.kind == schema::AttrKind::Boolean && !op.applies_to(s.kind))
-            });
-        if let Some((p, op, _)) = on_boolean {
+            .find(|(p, op, _)| sub_def(def, &p.attr).is_some_and(|s| !op.applies_to(s.kind)));
+        if let Some((p, op, _)) = misapplied {
             return Err(ScimError::invalid_filter(format!(
-                "{attr}[…]: {p} is a boolean, which {} does not apply to (RFC 7644 §3.4.2.2)",
-                op.as_str()
+                "{attr}[…]: {p} {}",
+                op.misapplied()
             )));
         }
     }
@@ -1479,6 +1477,8 @@ mod tests {
         for path in [
             "emails[primary co \"tr\"].value",
             "emails[primary gt false]",
+            // A binary value has no order either.
+            "x509Certificates[value gt \"TUlJ\"]",
         ] {
             let e = patch(
                 &mut user(),

@@ -1312,7 +1312,6 @@ fn endpoints(kinds: &[ResourceKind]) -> String {
 /// comparison of a complex attribute that has no `value` (`name eq "Alice"`), and any
 /// filter on `meta.location`, which is made as a resource is answered, not stored.
 fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> {
-    use crate::scim::filter::CompareOp;
     use schema::AttrKind;
     let comparisons = filter.comparisons();
     if filter.attr_paths().into_iter().any(is_meta_location)
@@ -1326,14 +1325,10 @@ fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> 
         .iter()
         .find(|(path, op, _)| defs_in(kinds, path).any(|d| !op.applies_to(d.kind)));
     if let Some((path, op, _)) = misapplied {
-        return Err(ScimError::invalid_filter(match op {
-            CompareOp::Co | CompareOp::Sw | CompareOp::Ew => {
-                format!("{path} is a boolean: co, sw and ew do not apply to it (RFC 7644 §3.4.2.2)")
-            }
-            _ => format!(
-                "{path} has no order: gt, ge, lt and le do not apply to it (RFC 7644 §3.4.2.2)"
-            ),
-        }));
+        return Err(ScimError::invalid_filter(format!(
+            "{path} {}",
+            op.misapplied()
+        )));
     }
     let whole = comparisons
         .iter()
