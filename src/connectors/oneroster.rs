@@ -659,6 +659,11 @@ pub struct Current<'a> {
     /// [`OneRosterSettings::deletes`]), the groups it belongs to, with their documents:
     /// their enrollments leave before it, and come back after it and their classes.
     pub groups: Vec<(&'a str, &'a Value)>,
+    /// For a user the target has never acknowledged, its groups whose class the target
+    /// holds but not the user's enrollment: a group's change leaves out the enrollment of
+    /// a user that cannot be sent ([`held_downstream`]), and it goes with the user once
+    /// the user can be.
+    pub enrollments_owed: Vec<&'a str>,
 }
 
 /// A content hash that ignores `dateLastModified`, so reconciliation sees real drift only.
@@ -796,11 +801,13 @@ pub fn enrollment_put(
 }
 
 /// Whether the roster's user `id` is one the target holds as of change `seq`, so that
-/// it can be enrolled then: `None` when it is not a user in the roster (a nested group),
-/// `Some(false)` while it is inactive and deactivation means deletion
-/// ([`OneRosterSettings::deletes`]), and also when it was reactivated after `seq`: it was
-/// inactive, so absent downstream, at that change, and its reactivation, sent after it,
-/// brings the enrollment back with the user. Its document is read only in that mode.
+/// it can be enrolled then: `None` when it is not a user in the roster (a nested group)
+/// or one that cannot be sent ([`can_send`]: the target never got it, and an enrollment
+/// naming it would be refused, failing its group's whole change); `Some(false)` while it
+/// is inactive and deactivation means deletion ([`OneRosterSettings::deletes`]), and
+/// also when it was reactivated after `seq`: it was inactive, so absent downstream, at
+/// that change, and its reactivation, sent after it, brings the enrollment back with the
+/// user.
 pub fn held_downstream(
     store: &Store,
     settings: &OneRosterSettings,
@@ -808,14 +815,22 @@ pub fn held_downstream(
     id: &str,
     seq: u64,
 ) -> Result<Option<bool>, StoreError> {
+    let Some(u) = store.get(tenant, ResourceKind::User, id)? else {
+        return Ok(None);
+    };
     Ok(match settings.deactivate {
-        Deactivate::Delete => match store.get(tenant, ResourceKind::User, id)? {
-            None => None,
-            Some(u) if settings.deletes(&u.doc) => Some(false),
-            Some(_) => Some(!store.reactivated_after(tenant, id, seq)?),
-        },
-        Deactivate::Disable => store.get_raw(tenant, ResourceKind::User, id)?.map(|_| true),
+        Deactivate::Delete if settings.deletes(&u.doc) => Some(false),
+        _ if !can_send(&u.doc) => None,
+        Deactivate::Delete => Some(!store.reactivated_after(tenant, id, seq)?),
+        Deactivate::Disable => Some(true),
     })
+}
+
+/// Whether a user has what a OneRoster user requires (an email, a given and a family
+/// name); one that has not is a dead letter, never sent (see [`user_body`]).
+pub fn can_send(doc: &Value) -> bool {
+    let u = UserFields { doc };
+    u.email().is_some() && u.names("").is_ok()
 }
 
 pub fn enrollment_delete(
@@ -886,7 +901,14 @@ pub fn plan(
                 p.stage(
                     cur.groups
                         .iter()
-                        .map(|(g, _)| enrollment_put(settings, tenant, g, id, event.at))
+                        .map(|(g, _)| *g)
+                        .chain(
+                            cur.enrollments_owed
+                                .iter()
+                                .copied()
+                                .filter(|o| !cur.groups.iter().any(|(g, _)| g == o)),
+                        )
+                        .map(|g| enrollment_put(settings, tenant, g, id, event.at))
                         .collect(),
                 );
             }
@@ -1723,6 +1745,7 @@ token_env = "T"
             user_members_removed: vec![],
             reports: vec![],
             groups: vec![],
+            enrollments_owed: vec![],
         };
         let p = plan(&s, "demo", &event("User", ChangeOp::Created), cur).unwrap();
         assert_eq!(p.stages.len(), 1);
@@ -1750,6 +1773,7 @@ token_env = "T"
             user_members_removed: vec![],
             reports: vec![],
             groups: vec![],
+            enrollments_owed: vec![],
         };
         let err = plan(&settings(), "demo", &event("User", ChangeOp::Created), cur).unwrap_err();
         assert!(err.0.contains("email"), "{err}");
@@ -1768,6 +1792,7 @@ token_env = "T"
             user_members_removed: vec!["u3"],
             reports: vec![],
             groups: vec![],
+            enrollments_owed: vec![],
         };
         let p = plan(&settings(), "demo", &ev, cur).unwrap();
         assert_eq!(p.stages.len(), 2);
@@ -1787,6 +1812,7 @@ token_env = "T"
                 user_members_removed: vec!["u1"],
                 reports: vec![],
                 groups: vec![],
+                enrollments_owed: vec![],
             },
         )
         .unwrap();
@@ -1908,6 +1934,7 @@ token_env = "T"
             user_members_removed: vec![],
             reports: vec![user_write(&s, "demo", &report, Utc::now()).unwrap()],
             groups: vec![],
+            enrollments_owed: vec![],
         };
         let p = plan(&s, "demo", &event("User", ChangeOp::Deleted), cur).unwrap();
         assert_eq!(p.stages.len(), 2);

@@ -1387,6 +1387,32 @@ impl Ctx {
             .filter(|r| r.version <= seq))
     }
 
+    /// For user `id` as `doc` now stands, which the target has never acknowledged, the
+    /// groups whose class the target holds without the user's enrollment: while the user
+    /// could not be sent, its groups' changes left that enrollment out
+    /// ([`oneroster::held_downstream`]). Read for such a user only: others cost nothing.
+    fn enrollments_owed(
+        &self,
+        settings: &oneroster::OneRosterSettings,
+        id: &str,
+        doc: &serde_json::Value,
+    ) -> Result<Vec<String>, StoreError> {
+        let (tenant, owner) = (self.tenant(), self.cursor_name());
+        let acked = |key: String| -> Result<bool, StoreError> {
+            Ok(self.store.delivered(tenant, &owner, &key)?.is_some())
+        };
+        if settings.deletes(doc) || !oneroster::can_send(doc) || acked(oneroster::user_key(id))? {
+            return Ok(Vec::new());
+        }
+        let mut owed = Vec::new();
+        for g in self.store.groups_of(tenant, id)? {
+            if acked(oneroster::group_key(&g))? && !acked(oneroster::member_key(&g, id))? {
+                owed.push(g);
+            }
+        }
+        Ok(owed)
+    }
+
     /// `reports`: the users [`reports_of`] found for the change, which a OneRoster target
     /// is sent again.
     fn plan(&self, ev: &ChangeEvent, reports: &[String]) -> Result<Plan, PlanError> {
@@ -1453,6 +1479,12 @@ impl Ctx {
                         }
                     }
                 }
+                let owed = match doc {
+                    Some(d) if ev.resource_type == "User" => {
+                        self.enrollments_owed(settings, &ev.id, d)?
+                    }
+                    _ => Vec::new(),
+                };
                 let cur = oneroster::Current {
                     doc,
                     assignment: assignment.as_ref(),
@@ -1461,6 +1493,7 @@ impl Ctx {
                     user_members_removed: ev.members_removed.iter().map(String::as_str).collect(),
                     reports: self.report_writes(settings, ev.seq, reports)?,
                     groups: groups.iter().map(|(g, doc)| (g.as_str(), doc)).collect(),
+                    enrollments_owed: owed.iter().map(String::as_str).collect(),
                 };
                 oneroster::plan(settings, tenant, ev, cur).map_err(|e| PlanError::Unplannable(e.0))
             }

@@ -433,6 +433,9 @@ fn diff(
         report.checked += 1;
         report.pending += 1;
     };
+    // Users the target cannot be sent: their enrollments are not sent either (a target
+    // refuses one naming a user it does not hold), nor taken away if it has them.
+    let mut unsendable = HashSet::new();
     for r in store.scan(tenant, ResourceKind::User)? {
         let r = r?;
         match crate::ops::panics::catch_sync(|| {
@@ -441,11 +444,15 @@ fn diff(
             Ok(mapped) => match mapped? {
                 Ok(_) if pending.user(&r.id) => left(report),
                 Ok(w) => check(report, w)?,
-                Err(_) => report.unmappable += 1,
+                Err(_) => {
+                    report.unmappable += 1;
+                    unsendable.insert(r.id);
+                }
             },
             Err(panic) => {
                 bug(&format!("User/{}", r.id), panic);
                 report.unmappable += 1;
+                unsendable.insert(r.id);
             }
         }
     }
@@ -462,7 +469,7 @@ fn diff(
         }
         for m in store.members(tenant, &g.id)? {
             let m = m?;
-            if m.kind != "User" {
+            if m.kind != "User" || unsendable.contains(&m.value) {
                 continue;
             }
             if pending.member(&g.id, &m.value) {

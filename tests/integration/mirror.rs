@@ -3289,6 +3289,74 @@ async fn names_come_from_the_scim_user_and_are_never_invented() {
     );
 }
 
+/// A group holding a user the target cannot be sent (one word of a name) is delivered
+/// without that user's enrollment: the target never got the user and refuses an
+/// enrollment naming it, which made a dead letter of every change of the group, and
+/// enough of them paused the connector. The enrollment goes with the user once the IdP
+/// gives it a name. (A session-53 audit saw the pause.)
+#[tokio::test]
+async fn a_group_is_delivered_without_a_user_that_cannot_be_sent_until_it_can() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text.replace("[retry]", "[retry]\npause_after_refusals = 2");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let ada = d.create_user("ada@acme.test").await;
+    let cher_as = |display: &str| {
+        json!({"userName": "cher@acme.test", "displayName": display,
+               "emails": [{"value": "cher@acme.test"}]})
+    };
+    let cher = create_user_with(&d, cher_as("Cher")).await;
+    let mut groups = Vec::new();
+    for name in ["Staff", "Singers", "Everyone"] {
+        let gid = d.create_group(name).await;
+        d.add_members(&gid, &[&ada, &cher]).await;
+        groups.push(gid);
+    }
+    let c = caught_up(&d, "sis").await;
+    // Cher's own change only; the groups went through, and nothing paused.
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    assert_eq!(c["state"], "running", "{c}");
+    let enrolled = |user: &str| {
+        let enrollments = target.enrollments();
+        groups
+            .iter()
+            .filter(|g| enrollments.contains_key(&sourced_id(&format!("Member/{g}/{user}"))))
+            .count()
+    };
+    assert_eq!((enrolled(&ada), enrolled(&cher)), (3, 0));
+    assert_eq!(target.classes().len(), 3);
+    // A reconciliation agrees: nothing to send while Cher cannot be sent.
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (&report["drifted"], &report["unmappable"]),
+        (&json!(0), &json!(1)),
+        "{report}"
+    );
+
+    // Named at last: the user, then her enrollments in the classes the target holds.
+    let mut body = cher_as("Cher Sarkisian");
+    body["schemas"] = json!(["urn:ietf:params:scim:schemas:core:2.0:User"]);
+    let r = d.put(&format!("/Users/{cher}"), body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    assert!(target.user(&sourced_id(&format!("User/{cher}"))).is_some());
+    assert_eq!(enrolled(&cher), 3);
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(
+        (&report["drifted"], &report["unmappable"]),
+        (&json!(0), &json!(0)),
+        "{report}"
+    );
+}
+
 /// User ada in group Ops, delivered: her id, the group's, and the sourcedIds of her
 /// user and her enrollment.
 async fn enrolled_ada(
