@@ -749,6 +749,10 @@ impl Config {
             parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
         }
         let mut seen = std::collections::HashSet::new();
+        let (mut hash_owner, mut env_owner) = (
+            std::collections::HashMap::new(),
+            std::collections::HashMap::new(),
+        );
         for (i, t) in self.tenants.iter().enumerate() {
             let valid = !t.id.is_empty()
                 && t.id.len() <= 64
@@ -815,9 +819,24 @@ impl Config {
                 ));
             }
             for (j, h) in t.token_hashes.iter().enumerate() {
-                TokenHash::parse(h).map_err(|e: TokenHashError| {
+                let hash = TokenHash::parse(h).map_err(|e: TokenHashError| {
                     format!("key `tenants[{i}].token_hashes[{j}]`: {e}")
                 })?;
+                if let Some(other) = hash_owner.insert(hash, &t.id)
+                    && *other != t.id
+                {
+                    return Err(format!(
+                        "key `tenants[{i}].token_hashes[{j}]`: tenant {other:?} lists the same hash, so one token would open both tenants; give each tenant a token of its own (`rosterd token new`)"
+                    ));
+                }
+            }
+            if let Some(var) = &t.token_env
+                && let Some(other) = env_owner.insert(var, &t.id)
+            {
+                return Err(format!(
+                    "key `tenants[{i}].token_env`: tenant {other:?} reads its token from {} too, so one token would open both tenants; give each tenant a variable of its own",
+                    shown_env_name(var)
+                ));
             }
         }
         Ok(())
@@ -1723,6 +1742,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("tenants[0].token_hashes[0]"), "{err}");
+    }
+
+    #[test]
+    fn a_token_opens_one_tenant_only() {
+        let h = "sha256:be71c23c45dd27e29f16f4048cdca30f18ed51d9f4dfb25e726d2d061d678ccd";
+        let two = |a: &str, b: &str| {
+            Config::parse(
+                &format!(
+                    "version = 1\n[[tenants]]\nid = \"a\"\n{a}\n[[tenants]]\nid = \"b\"\n{b}\n"
+                ),
+                Path::new("x"),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let err = two(
+            &format!("token_hashes = [\"{h}\"]"),
+            &format!("token_hashes = [\"{h}\"]"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("tenants[1].token_hashes[0]")
+                && err.contains("tenant \"a\" lists the same hash"),
+            "{err}"
+        );
+        let err = two("token_env = \"T\"", "token_env = \"T\"").unwrap_err();
+        assert!(
+            err.contains("tenants[1].token_env") && err.contains("\"a\""),
+            "{err}"
+        );
+        // A hash listed twice under its own tenant opens nothing more.
+        two(
+            &format!("token_hashes = [\"{h}\", \"{h}\"]"),
+            "token_env = \"T\"",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub enum TokenHashError {
     Format,
 }
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenHash([u8; 32]);
 
 impl std::fmt::Debug for TokenHash {
@@ -74,6 +74,10 @@ pub enum AuthSetupError {
         tenant: String,
         source: TokenHashError,
     },
+    #[error(
+        "tenants {tenant:?} and {other:?} have the same SCIM token (a token_env variable's value or a token_hashes entry): it would open both tenants; give each tenant a token of its own (`rosterd token new`)"
+    )]
+    Shared { tenant: String, other: String },
 }
 
 /// Outcome of checking a bearer token against a tenant.
@@ -161,6 +165,21 @@ impl TokenRegistry {
             }
             by_tenant.insert(t.id.clone(), hashes);
         }
+        // One token under two tenants opens both, which a tenant's token must never do:
+        // a copy-paste slip while rotating, or two variables holding one value.
+        let mut owner: HashMap<&TokenHash, &str> = HashMap::new();
+        for t in tenants {
+            for h in by_tenant.get(&t.id).into_iter().flatten() {
+                if let Some(other) = owner.insert(h, &t.id)
+                    && other != t.id
+                {
+                    return Err(AuthSetupError::Shared {
+                        tenant: other.to_owned(),
+                        other: t.id.clone(),
+                    });
+                }
+            }
+        }
         Ok(by_tenant)
     }
 
@@ -233,6 +252,38 @@ mod tests {
         assert_eq!(reg.check("b", &tb), AuthOutcome::Allowed);
         assert_eq!(reg.check("b", &ta), AuthOutcome::OtherTenant);
         assert_eq!(reg.check("a", "rsd_nope"), AuthOutcome::Denied);
+    }
+
+    #[test]
+    fn one_token_under_two_tenants_is_refused() {
+        let (t, h) = new_token();
+        let err = TokenRegistry::from_config(
+            &[
+                tenant("a", Some("A_TOKEN"), vec![]),
+                tenant("b", Some("B_TOKEN"), vec![]),
+            ],
+            |_| Some(t.clone()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"a\" and \"b\""), "{err}");
+        assert!(!err.contains(&t), "the token itself is never said: {err}");
+        let reg = TokenRegistry::from_config(
+            &[
+                tenant("a", None, vec![h.to_string()]),
+                tenant("b", Some("B"), vec![]),
+            ],
+            |_| Some(new_token().0),
+        )
+        .unwrap();
+        // A reload that would share it is refused whole: the tokens in force stay.
+        let shared = [
+            tenant("a", None, vec![h.to_string()]),
+            tenant("b", Some("B"), vec![]),
+        ];
+        assert!(reg.reload(&shared, |_| Some(t.clone())).is_err());
+        assert_eq!(reg.check("a", &t), AuthOutcome::Allowed);
+        assert_eq!(reg.check("b", &t), AuthOutcome::OtherTenant);
     }
 
     #[test]
