@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
@@ -702,9 +702,11 @@ impl Live {
 /// A reconciliation counts towards the pause as the mirror does, but does not wait one
 /// out: its job would hold the tenant's job slot, and refuse overrides with 409, for as
 /// long as the target stays down.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Sender {
-    Mirror,
+#[derive(Clone, Copy)]
+enum Sender<'c> {
+    /// A request of a change the connector follows from the log, with whether the change
+    /// has started (see [`Ctx::send_as`]).
+    Mirror(&'c AtomicBool),
     /// A OneRoster connector's checks before it follows the log: sent as the mirror
     /// sends, but a stop cuts it at once (it belongs to no change a stop lets finish).
     Preflight,
@@ -1002,10 +1004,12 @@ impl Ctx {
         }
     }
 
-    /// Send one request until the target acknowledges or refuses it. `max_attempts`
-    /// bounds retries; `None` retries until cancelled.
-    async fn send(&self, req: &Request, max_attempts: Option<u32>) -> Sent {
-        self.send_as(req, max_attempts, Sender::Mirror, None).await
+    /// Send one request of a change until the target acknowledges or refuses it.
+    /// `max_attempts` bounds retries; `None` retries until cancelled. `started` is the
+    /// change's: set once one of its requests has a slot (see [`Ctx::send_as`]).
+    async fn send(&self, req: &Request, max_attempts: Option<u32>, started: &AtomicBool) -> Sent {
+        self.send_as(req, max_attempts, Sender::Mirror(started), None)
+            .await
     }
 
     /// A reconciliation's repair: as the mirror sends, but refused at once while the
@@ -1059,15 +1063,22 @@ impl Ctx {
         &self,
         req: &Request,
         max_attempts: Option<u32>,
-        by: Sender,
+        by: Sender<'_>,
         mut wanted: Option<&mut (dyn FnMut() -> bool + Send)>,
     ) -> Sent {
-        let mirror = matches!(by, Sender::Mirror | Sender::Preflight);
+        let mirror = matches!(by, Sender::Mirror(_) | Sender::Preflight);
         // A change already started when a stop comes is let finish (the log follower
         // bounds that by STOP_DRAIN), so that what its target took is not sent again:
-        // only waiting out a pause or a backoff gives up then.
-        let drains = by == Sender::Mirror;
-        let counts = by != Sender::Operator;
+        // only waiting out a pause or a backoff gives up then. Started means one of its
+        // requests got a slot: the changes queued behind `concurrency` have not, and
+        // start no more once a stop comes (a reload's 3 s sent hundreds of them, each
+        // sent again after it, since the cursor records only what finished before).
+        let started = match by {
+            Sender::Mirror(started) => Some(started),
+            _ => None,
+        };
+        let drains = || started.is_some_and(|s| s.load(Ordering::Relaxed));
+        let counts = !matches!(by, Sender::Operator);
         let name = self.name();
         if self.config.dry_run {
             // The object's path is what a dry run is for (a webhook's has none, and may
@@ -1106,7 +1117,7 @@ impl Ctx {
                 slot = None;
             }
             if mirror {
-                let go_on = if drains && self.cancel.is_cancelled() {
+                let go_on = if drains() && self.cancel.is_cancelled() {
                     self.live.paused_until().is_none()
                 } else {
                     self.live.wait_unpaused(&self.cancel).await
@@ -1115,7 +1126,7 @@ impl Ctx {
                     return Sent::Cancelled;
                 }
             }
-            if by == Sender::Reconcile
+            if matches!(by, Sender::Reconcile)
                 && let Some(reason) = self.live.pause_reason()
             {
                 return Sent::Refused {
@@ -1125,8 +1136,11 @@ impl Ctx {
             }
             if mirror && slot.is_none() {
                 // Draining, the others' answers free the slots.
-                match self.unless_stopped(drains, self.slots.acquire()).await {
-                    Some(Ok(s)) => slot = Some(s),
+                match self.unless_stopped(drains(), self.slots.acquire()).await {
+                    Some(Ok(s)) => {
+                        slot = Some(s);
+                        started.inspect(|s| s.store(true, Ordering::Relaxed));
+                    }
                     _ => return Sent::Cancelled,
                 }
                 // A pause may have begun while this request queued for its slot: every
@@ -1144,14 +1158,14 @@ impl Ctx {
             let mut used_auth = None;
             // Outside a started change, a stop also cuts the wait for an access token (a
             // token endpoint may take its whole timeout to answer).
-            let Some(headers) = self.unless_stopped(drains, self.headers(req)).await else {
+            let Some(headers) = self.unless_stopped(drains(), self.headers(req)).await else {
                 return Sent::Cancelled;
             };
             let outcome = match headers {
                 Ok(headers) => {
                     used_auth = authorization(&headers);
                     let sending = http::send(&self.client, req, headers, timeout);
-                    match self.unless_stopped(drains, sending).await {
+                    match self.unless_stopped(drains(), sending).await {
                         Some(o) => o,
                         None => return Sent::Cancelled,
                     }
@@ -1168,7 +1182,7 @@ impl Ctx {
                 // marked for deletion answer it too, and every PUT after would count the
                 // proxy's page as delivered.
                 (Outcome::Delivered { body, .. }, Target::OneRoster { settings, .. })
-                    if by == Sender::Preflight && req.method == reqwest::Method::GET =>
+                    if matches!(by, Sender::Preflight) && req.method == reqwest::Method::GET =>
                 {
                     // Refused, as a 404 is: the operator fixes the target, then resumes.
                     return match oneroster::check_org_answer(settings, &body) {
@@ -1184,7 +1198,7 @@ impl Ctx {
             let (reason, retry_after, response) = match outcome {
                 Outcome::Delivered { .. } => return self.delivered(counts, name),
                 Outcome::Refused { reason, response } => {
-                    if by == Sender::Mirror {
+                    if matches!(by, Sender::Mirror(_)) {
                         self.live.refused(
                             self.config.retry.pause_after_refusals,
                             &reason,
@@ -1243,7 +1257,7 @@ impl Ctx {
             if max_attempts.is_some_and(|m| attempts >= m) {
                 return Sent::Refused { reason, response };
             }
-            if by != Sender::Operator && self.live.paused_until().is_some() {
+            if !matches!(by, Sender::Operator) && self.live.paused_until().is_some() {
                 // The pause is the wait: its end, or a resume, is the next attempt.
                 continue;
             }
@@ -1354,8 +1368,9 @@ impl Ctx {
         &self,
         req: &'r Request,
         max_attempts: Option<u32>,
+        started: &AtomicBool,
     ) -> (&'r Request, Sent) {
-        (req, self.send(req, max_attempts).await)
+        (req, self.send(req, max_attempts, started).await)
     }
 
     /// The document a change leaves: its snapshot, or for an assignment-only change (which
@@ -1612,6 +1627,7 @@ impl Ctx {
                 return Ok(Delivered::DeadLettered);
             }
         };
+        let started = AtomicBool::new(false);
         for stage in &plan.stages {
             // A stage can hold 50,000 enrollments: keep only a window of them in flight.
             let mut pending = stage.iter();
@@ -1621,7 +1637,7 @@ impl Ctx {
             loop {
                 while inflight.len() < window {
                     match pending.next() {
-                        Some(req) => inflight.push(self.send_one(req, max_attempts)),
+                        Some(req) => inflight.push(self.send_one(req, max_attempts, &started)),
                         None => break,
                     }
                 }

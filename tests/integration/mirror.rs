@@ -1506,6 +1506,37 @@ async fn not_resent_after_a_restart(extra: &str) {
     assert_eq!(c["cursor"].as_u64(), seqs.iter().max().copied(), "{c}");
 }
 
+/// A reload that restarts a connector starts none of the changes queued behind its
+/// `concurrency`: only those with a request under way finish. The queued ones used to
+/// start for the whole 3 s the stop gives, and hundreds were sent again after the restart
+/// (an audit counted 456 events twice at concurrency 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_starts_no_change_that_waited_for_a_slot() {
+    let (hook, d, _) = with_hook("[]", |t| {
+        t.replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 3")
+    })
+    .await;
+    hook.inject(wh::Fault::delay(Duration::from_millis(20), 1).forever());
+    let r = d
+        .bulk(crate::harness::user_posts(0..300, |i| format!("u{i}@acme.test")))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        hook.wait_until(|h| h.deliveries().len() >= 10, WAIT).await,
+        "nothing delivered"
+    );
+    rewrite_hook_timeout(&d, 3000).await;
+    caught_up(&d, "hooks").await;
+    let mut sent: std::collections::HashMap<String, usize> = Default::default();
+    for x in hook.deliveries().iter().filter(|x| x.accepted()) {
+        *sent.entry(x.id.clone()).or_default() += 1;
+    }
+    let again: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(sent.len() >= 300, "{}", sent.len());
+    // A change on the wire when the stop came finishes in far less than the 3 s.
+    assert!(again.is_empty(), "sent again after the reload: {again:?}");
+}
+
 /// A stop lets a change already started finish (for up to 3 s): the request on the wire
 /// has its answer, and the change's next event goes out, so the target gets neither
 /// again after the start. Both used to be sent again, every time.
