@@ -224,6 +224,7 @@ pub fn write_roster_csv<W: std::io::Write>(
 
 pub(super) async fn export_users(
     State(st): State<Arc<AppState>>,
+    socket: Option<axum::Extension<crate::server::ConnSocket>>,
     headers: HeaderMap,
     Params(p): Params,
 ) -> ApiResult<Response> {
@@ -251,6 +252,7 @@ pub(super) async fn export_users(
     // A client that takes nothing for this long is let go, and its slot with it; the body
     // then ends in an error, not as if the file were whole.
     let stall = std::time::Duration::from_secs(st.config.server.client_timeout_secs);
+    let socket = socket.map(|axum::Extension(s)| s);
     let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let runtime = tokio::runtime::Handle::current();
     let given_up = abandoned.clone();
@@ -260,20 +262,43 @@ pub(super) async fn export_users(
         let store = &st.store;
         let buf = SharedBuf::default();
         let mut w = csv_writer(buf.clone());
-        let send = |buf: &mut Vec<u8>| -> bool {
-            let chunk = Ok(Bytes::from(std::mem::take(buf)));
-            match runtime.block_on(tx.send_timeout(chunk, stall)) {
-                Ok(()) => true,
-                Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => false,
-                Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
-                    tracing::warn!(
-                        stalled_secs = stall.as_secs(),
-                        "The client read nothing of the export for server.client_timeout_secs; the export is ended."
-                    );
-                    given_up.store(true, std::sync::atomic::Ordering::Release);
-                    false
+        // Once false, nothing more is sent: the client went away or was let go (the
+        // last chunk's send would wait out another stall, and log it again).
+        let mut open = true;
+        let mut send = |buf: &mut Vec<u8>| -> bool {
+            use tokio::sync::mpsc::error::SendTimeoutError;
+            let mut chunk = Ok(Bytes::from(std::mem::take(buf)));
+            // A client reading slowly but steadily takes nothing the writer sees for a
+            // long time: the kernel wakes it only once a third of the socket's buffer
+            // (megabytes) has drained. It is reading while what it has not acknowledged
+            // shrinks.
+            let mut unacked = socket.and_then(crate::server::ConnSocket::unacknowledged);
+            if !open {
+                return false;
+            }
+            loop {
+                match runtime.block_on(tx.send_timeout(chunk, stall)) {
+                    Ok(()) => return true,
+                    Err(SendTimeoutError::Closed(_)) => break,
+                    Err(SendTimeoutError::Timeout(back)) => {
+                        let now = socket.and_then(crate::server::ConnSocket::unacknowledged);
+                        if let (Some(before), Some(now)) = (unacked, now)
+                            && now < before
+                        {
+                            (chunk, unacked) = (back, Some(now));
+                            continue;
+                        }
+                        tracing::warn!(
+                            stalled_secs = stall.as_secs(),
+                            "The client read nothing of the export for server.client_timeout_secs; the export is ended."
+                        );
+                        given_up.store(true, std::sync::atomic::Ordering::Release);
+                        break;
+                    }
                 }
             }
+            open = false;
+            false
         };
         // A panic part-way must end the body with an error, as a store error does: a
         // stream that simply stops reads as a complete file.

@@ -763,6 +763,33 @@ pub async fn reload(state: &Arc<AppState>) {
     tracing::info!(errors = failed, "Reload finished.");
 }
 
+/// The socket a request came on, for a streamed answer to see whether its client is
+/// still taking what was sent: valid while the request's answer is being written, since
+/// the connection holds the socket open until then.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnSocket(std::os::fd::RawFd);
+
+impl ConnSocket {
+    /// The bytes sent on the socket that the client has not acknowledged yet, if the
+    /// system says: they shrink while the client reads, even when the kernel, which wakes
+    /// a writer only once a third of a send buffer of megabytes has drained, lets nothing
+    /// more be written for a long time.
+    pub fn unacknowledged(self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int; the descriptor
+            // is the connection's, open while its request is answered.
+            let r = unsafe { libc::ioctl(self.0, libc::TIOCOUTQ, &mut queued) };
+            (r == 0).then_some(u64::try_from(queued).ok()).flatten()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+}
+
 /// Serve `app` until `shutdown`, then wait for the requests in flight (the caller bounds
 /// that wait). This is `axum::serve` giving hyper a timer, which it does not: without
 /// one, hyper's header read timeout never fires, and a client that stops in the middle
@@ -787,11 +814,16 @@ async fn serve(
         };
         // Responses are written whole; Nagle would only delay their last segment.
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(
-            tower::ServiceExt::map_request(app.clone(), |req: Request<hyper::body::Incoming>| {
-                req.map(axum::body::Body::new)
-            }),
-        );
+        let socket = ConnSocket(std::os::fd::AsRawFd::as_raw_fd(&stream));
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                app.clone(),
+                move |req: Request<hyper::body::Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(socket);
+                    req
+                },
+            ));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(client_timeout)

@@ -1518,7 +1518,9 @@ async fn a_reload_starts_no_change_that_waited_for_a_slot() {
     .await;
     hook.inject(wh::Fault::delay(Duration::from_millis(20), 1).forever());
     let r = d
-        .bulk(crate::harness::user_posts(0..300, |i| format!("u{i}@acme.test")))
+        .bulk(crate::harness::user_posts(0..300, |i| {
+            format!("u{i}@acme.test")
+        }))
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(

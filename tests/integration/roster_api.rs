@@ -2784,6 +2784,58 @@ async fn stalled_export(d: &TestDaemon, token: &str) -> tokio::net::TcpStream {
     s
 }
 
+/// A client that reads an export slowly but without stopping gets all of it, however
+/// long the kernel's socket buffers take to drain: it was let go as if it read nothing,
+/// since the kernel wakes a writer only once a third of a send buffer of megabytes has
+/// drained (an audit's 40 KB/s reader was cut off after 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_an_export_slowly_gets_all_of_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = TestDaemon::start_with(crate::harness::Options {
+        client_timeout_secs: 1,
+        ..crate::harness::Options::default()
+    })
+    .await;
+    let admin = settled(&d).await;
+    // About 7 MB: more than the socket buffers hold.
+    let long = "x".repeat(60_000);
+    for i in 0..120 {
+        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
+        u["title"] = json!(long);
+        assert_eq!(d.post("/Users", u).await.status, 201);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(65_536).unwrap();
+    let mut s = socket.connect(d.addr).await.unwrap();
+    let request = format!(
+        "GET /api/v1/roster/users:export?format=csv HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {admin}\r\nConnection: close\r\n\r\n",
+        d.addr
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    // About 640 KB/s: a second passes between the writer's wake-ups.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} bytes",
+            got.len()
+        );
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(got.len() > 7_000_000, "{} bytes", got.len());
+    assert!(
+        got.ends_with(b"0\r\n\r\n"),
+        "cut off after {} bytes",
+        got.len()
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_an_export_holds_its_slot_only_until_the_client_timeout() {
     use rosterd::api::export::EXPORTS_PER_TENANT;
