@@ -464,6 +464,20 @@ impl Live {
     /// A delivery, counted and dated. All an operator's replay that got through is (the
     /// metric counts it too): not a sign that the target recovered, since its failures
     /// leave the streak and any pause alone, and so does its success.
+    /// Requests delivered and retries, as status shows them.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Go on from the counts of the run before (see [`Live::counts`]).
+    fn count_on_from(&self, (delivered, retries): (u64, u64)) {
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        self.retries.fetch_add(retries, Ordering::Relaxed);
+    }
+
     fn count_delivery(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.health().last_success_at = Some(Utc::now());
@@ -2730,6 +2744,10 @@ impl Dispatcher {
             }
             (configs, handles, held)
         };
+        // Started again, a connector goes on counting where it was, as its metrics do:
+        // status and the dashboards would disagree from the first reload on. Read once
+        // it has stopped, with what it finished while stopping.
+        let mut counted: HashMap<String, (u64, u64)> = HashMap::new();
         *self.broken() = broken;
         *self.unstartable_lock() = unstartable;
         for c in &stopping {
@@ -2766,7 +2784,9 @@ impl Dispatcher {
         {
             let mut running = self.running();
             for c in &stopping {
-                running.remove(&c.name);
+                if let Some(r) = running.remove(&c.name) {
+                    counted.insert(c.name.clone(), r.live.counts());
+                }
             }
         }
         // A changed file may be the fix (a new credential, another URL): its connector
@@ -2825,6 +2845,9 @@ impl Dispatcher {
                 .remove(&name)
                 .unwrap_or_else(|| self.prepare(&config));
             let r = self.start(config, built);
+            if let Some(counts) = counted.remove(&name) {
+                r.live.count_on_from(counts);
+            }
             self.running().insert(name, r);
         }
         // Said at every start and reload: otherwise the change log just grows, and only

@@ -1539,6 +1539,30 @@ async fn a_reload_starts_no_change_that_waited_for_a_slot() {
     assert!(again.is_empty(), "sent again after the reload: {again:?}");
 }
 
+/// A reload that starts a connector again keeps its counts, as its metrics do: status
+/// said 2 delivered where the dashboards said 102 (two audits saw it).
+#[tokio::test]
+async fn a_connector_started_again_by_a_reload_goes_on_counting() {
+    let (hook, d, _) = with_hook(r#"["roster.user_created"]"#, |t| t).await;
+    hook.inject(wh::Fault::status(503, 1));
+    d.create_user("ada@acme.test").await;
+    d.create_user("bob@acme.test").await;
+    let before = caught_up(&d, "hooks").await;
+    assert_eq!(
+        (&before["delivered"], &before["retries"]),
+        (&json!(2), &json!(1)),
+        "{before}"
+    );
+    rewrite_hook_timeout(&d, 3000).await;
+    d.create_user("cy@acme.test").await;
+    let after = caught_up(&d, "hooks").await;
+    assert_eq!(
+        (&after["delivered"], &after["retries"]),
+        (&json!(3), &json!(1)),
+        "{after}"
+    );
+}
+
 /// A stop lets a change already started finish (for up to 3 s): the request on the wire
 /// has its answer, and the change's next event goes out, so the target gets neither
 /// again after the start. Both used to be sent again, every time.
