@@ -200,6 +200,12 @@ pub enum JwtError {
     UnknownKey,
     #[error("token algorithm `{0}` is not accepted")]
     UnsupportedAlgorithm(String),
+    #[error("token is signed {alg}, but its kid {kid:?} names a key for {key_alg}")]
+    NotTheKeysAlgorithm {
+        alg: String,
+        kid: String,
+        key_alg: String,
+    },
     #[error("token type (typ) `{0}` is not an access token; expected JWT or at+jwt")]
     WrongType(String),
     #[error(
@@ -250,7 +256,9 @@ impl JwtError {
             JwtError::MissingClaim { .. } => "token_missing_claim",
             JwtError::InvalidClaim(_) => "token_invalid_claim",
             JwtError::UnknownKey => "token_unknown_key",
-            JwtError::UnsupportedAlgorithm(_) => "token_unsupported_algorithm",
+            JwtError::UnsupportedAlgorithm(_) | JwtError::NotTheKeysAlgorithm { .. } => {
+                "token_unsupported_algorithm"
+            }
             JwtError::WrongType(_) => "token_wrong_type",
             JwtError::LivesTooLong { .. } => "token_lives_too_long",
         }
@@ -494,6 +502,16 @@ impl JwtVerifier {
         } else {
             JwtError::BadSignature
         })?;
+        // Verified, so the payload decodes; jsonwebtoken kept the last of a repeated
+        // claim (a second `tenant` or `scope` won), and no copy is to be trusted.
+        let once = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .is_some_and(|b| crate::server::json::request_body(&b).is_ok());
+        if !once {
+            return Err(JwtError::Malformed);
+        }
         // The leeway, as for `exp` itself: an issuer whose clock runs ahead mints tokens
         // that look that much longer-lived.
         if let Some(max) = self.max_lifetime_secs
@@ -513,18 +531,24 @@ impl JwtVerifier {
         let Some(kid) = kid else {
             return Ok(of_alg);
         };
-        let picked: Vec<&VerifyKey> = if self.keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
-            // A kid we know names exactly one key; if that key is for another
-            // algorithm the token is inconsistent, never "try the others".
-            of_alg
-                .into_iter()
-                .filter(|k| k.kid.as_deref() == Some(kid))
-                .collect()
-        } else {
-            // An unknown kid may just be the issuer's label for a key we hold
-            // as a PEM or secret, which have no kid.
-            of_alg.into_iter().filter(|k| k.kid.is_none()).collect()
-        };
+        let picked: Vec<&VerifyKey> =
+            if let Some(named) = self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)) {
+                // A kid we know names exactly one key; if that key is for another
+                // algorithm the token is inconsistent, never "try the others", and said so:
+                // "no key matches the kid" would send the operator after a key rotation.
+                if named.alg != alg {
+                    return Err(JwtError::NotTheKeysAlgorithm {
+                        alg: alg.name().to_owned(),
+                        kid: kid.to_owned(),
+                        key_alg: named.alg.name().to_owned(),
+                    });
+                }
+                vec![named]
+            } else {
+                // An unknown kid may just be the issuer's label for a key we hold
+                // as a PEM or secret, which have no kid.
+                of_alg.into_iter().filter(|k| k.kid.is_none()).collect()
+            };
         if picked.is_empty() {
             Err(JwtError::UnknownKey)
         } else {
@@ -706,7 +730,9 @@ fn parse_header(token: &str) -> Result<TokenHeader, JwtError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(header)
         .map_err(|_| JwtError::Malformed)?;
-    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(&bytes) else {
+    // A key given twice is refused, in the header and in the claims: which copy a
+    // gateway or an audit tool reads is anyone's guess (serde_json keeps the last).
+    let Ok(Value::Object(header)) = crate::server::json::request_body(&bytes) else {
         return Err(JwtError::Malformed);
     };
     // RFC 7515 §4.1.11: extensions listed in `crit` must be understood, and
@@ -1674,10 +1700,15 @@ wUxy2SJnKlwFKtLGhwIDAQAB
             code_of(v.verify(&rs256(RSA2_PRIVATE, Some("r1"), &claims()))),
             "token_bad_signature"
         );
-        // A kid naming a key of another algorithm is not a match.
+        // A kid naming a key of another algorithm is not a match, and is said as such:
+        // the key is there, the algorithm is what is wrong.
+        let e = v
+            .verify(&rs256(RSA1_PRIVATE, Some("e1"), &claims()))
+            .unwrap_err();
+        assert_eq!(e.code(), "token_unsupported_algorithm");
         assert_eq!(
-            code_of(v.verify(&rs256(RSA1_PRIVATE, Some("e1"), &claims()))),
-            "token_unknown_key"
+            e.to_string(),
+            "token is signed RS256, but its kid \"e1\" names a key for ES256"
         );
     }
 
@@ -1954,6 +1985,44 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         assert_eq!(code_of(both.verify(&forged)), "token_bad_signature");
         let pkcs1 = testing::hs256_token(RSA1_PUBLIC_PKCS1.as_bytes(), &claims());
         assert_eq!(code_of(both.verify(&pkcs1)), "token_bad_signature");
+    }
+
+    /// A claim or header parameter given twice is refused: jsonwebtoken kept the last
+    /// `tenant` or `scope`, while a gateway reading the first would see another.
+    #[test]
+    fn a_key_given_twice_is_malformed() {
+        let v = hs_verifier();
+        let signed = |header: &str, payload: &str| {
+            let input = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode(payload)
+            );
+            let key = EncodingKey::from_secret(SECRET.as_bytes());
+            let sig = jsonwebtoken::crypto::sign(input.as_bytes(), &key, Algorithm::HS256).unwrap();
+            format!("{input}.{sig}")
+        };
+        let exp = now() + 600;
+        let payload = |extra: &str| {
+            format!(
+                r#"{{"sub":"alice","aud":"roster","exp":{exp},"tenant":"acme","scope":"roster:read"{extra}}}"#
+            )
+        };
+        let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+        assert!(v.verify(&signed(header, &payload(""))).is_ok());
+        for extra in [
+            r#","tenant":"beta""#,
+            r#","scope":"roster:admin""#,
+            r#","sub":"bob""#,
+        ] {
+            let t = signed(header, &payload(extra));
+            assert_eq!(code_of(v.verify(&t)), "token_malformed", "{extra}");
+        }
+        let twice = r#"{"alg":"HS256","typ":"JWT","typ":"JWT"}"#;
+        assert_eq!(
+            code_of(v.verify(&signed(twice, &payload("")))),
+            "token_malformed"
+        );
     }
 
     #[test]
