@@ -647,7 +647,13 @@ pub fn subject_problem(sub: &str) -> Option<&'static str> {
             "it holds an invisible or text-direction character; it must name the caller as it reads",
         );
     }
-    if sub.trim().is_empty() {
+    // Drawn as blank though neither space nor ignorable: the braille blank and the
+    // musical null notehead, the two a blank-looking name is made of once the others
+    // are refused.
+    if sub
+        .chars()
+        .all(|c| c.is_whitespace() || matches!(c, '\u{2800}' | '\u{1D159}'))
+    {
         return Some("it is blank; it must name the caller");
     }
     None
@@ -1862,7 +1868,14 @@ wUxy2SJnKlwFKtLGhwIDAQAB
     #[test]
     fn missing_subject_is_refused() {
         let v = hs_verifier();
-        for sub in [json!(null), json!(""), json!(" "), json!("\u{3000}\t")] {
+        for sub in [
+            json!(null),
+            json!(""),
+            json!(" "),
+            json!("\u{3000}\t"),
+            json!("\u{2800}"),
+            json!(" \u{1D159} "),
+        ] {
             let t = hs256(&with(claims(), json!({ "sub": sub })));
             assert_eq!(code_of(v.verify(&t)), "token_missing_claim", "sub {sub}");
         }

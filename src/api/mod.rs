@@ -544,7 +544,12 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
     let token =
         crate::server::bearer_token(headers).ok_or(ApiError::Unauthorized(JwtError::Missing))?;
     let principal = verifier.verify(&token)?;
-    tracing::Span::current().record("tenant", tracing::field::display(&principal.tenant));
+    // The claim is the token's, before it is found to name a tenant: written to the
+    // log as the terminal can show it (`\u{202E}` would reverse the rest of the line).
+    tracing::Span::current().record(
+        "tenant",
+        tracing::field::display(crate::text::terminal_safe(&principal.tenant)),
+    );
     // Every copy of the header counts: a proxy that checks only one of them must not be
     // able to disagree with us about which tenant was asked for.
     for name in ["x-tenant", "x-claresia-tenant"] {

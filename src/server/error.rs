@@ -49,11 +49,15 @@ pub fn store_to_scim(e: StoreError) -> ScimError {
     }
 }
 
+/// The detail of a SCIM 401 for a token that was sent and is not valid.
+pub const INVALID_TOKEN: &str = "the Bearer token is not valid";
+
 impl IntoResponse for ScimFailure {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = self.0.to_json().to_string();
+        let token_refused = self.0.detail == INVALID_TOKEN;
         let mut resp = (status, body).into_response();
         resp.extensions_mut().insert(crate::server::Refusal {
             code: self.0.scim_type.map(|t| t.as_str()),
@@ -79,9 +83,16 @@ impl IntoResponse for ScimFailure {
             );
         }
         if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750 §3.1: a token refused says so; a request without one gets no error
+            // code, only the challenge.
+            let challenge = if token_refused {
+                "Bearer realm=\"rosterd\", error=\"invalid_token\""
+            } else {
+                "Bearer realm=\"rosterd\""
+            };
             h.insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"rosterd\""),
+                HeaderValue::from_static(challenge),
             );
         }
         resp

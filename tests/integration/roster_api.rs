@@ -2344,6 +2344,26 @@ async fn accepting_a_review_item_can_name_the_suggestion_that_was_shown() {
     assert!(by.starts_with("user:"), "{user}");
 }
 
+/// The tenant claim is logged before it is found to name a tenant: a direction control
+/// in it goes to the log escaped, as the answer's message has it, not as is (it would
+/// reverse the rest of the line on the operator's terminal).
+#[tokio::test]
+async fn a_tenant_claim_goes_to_the_log_escaped() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    let token = d.jwt("ahpla\u{202E}", "roster:admin");
+    let r = d.roster(Method::GET, "/users", &token, None).await;
+    api_error(&r, 403, "unknown_tenant");
+    let said = logs.lines("ahpla");
+    assert!(!said.is_empty(), "the refusal was not logged");
+    for line in said {
+        assert!(
+            !line.contains('\u{202E}') && line.contains("ahpla\\u{202e}"),
+            "{line:?}"
+        );
+    }
+}
+
 fn api_error_saying(r: &crate::harness::Resp, status: u16, code: &str, text: &str) {
     api_error(r, status, code);
     let msg = r.body["message"].as_str().unwrap_or_default();

@@ -163,9 +163,12 @@ async fn tokens_open_only_their_own_tenant() {
         .raw(Method::GET, &d.scim_url("/Users"), None, &[], None)
         .await;
     assert_eq!(r.status, 401);
-    assert!(r.header("www-authenticate").unwrap().starts_with("Bearer"));
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"rosterd\"")
+    );
     assert_eq!(r.body["status"], "401");
-    // Wrong token: 401.
+    // Wrong token: 401, saying the token is what was refused (RFC 6750 §3.1).
     let r = d
         .raw(
             Method::GET,
@@ -176,6 +179,30 @@ async fn tokens_open_only_their_own_tenant() {
         )
         .await;
     assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"rosterd\", error=\"invalid_token\"")
+    );
+    // Two Authorization headers, the good token first: 400, whichever a proxy reads.
+    let bogus = [("authorization", "Bearer rsd_bogus")];
+    let r = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &bogus,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2 Authorization headers"),
+        "{}",
+        r.body
+    );
     // The other tenant's valid token: 403 here.
     let r = d
         .raw(
