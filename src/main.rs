@@ -1306,8 +1306,15 @@ fn call_daemon_within(
             (format!("http://{}", c.server.listen), Some(c))
         }
     };
-    let token = match (&daemon.token, tenant) {
-        (Some(t), _) => Some(t.clone()),
+    // An empty ROSTERD_API_TOKEN (`export ROSTERD_API_TOKEN=`) is no token: one is minted,
+    // rather than sending an empty one the daemon refuses as missing.
+    let given = daemon
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let token = match (given, tenant) {
+        (Some(t), _) => Some(t.to_owned()),
         (None, Some(t)) => {
             let config = match config {
                 Some(c) => c,

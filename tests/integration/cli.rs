@@ -2267,31 +2267,36 @@ async fn tokens_living_longer_than_the_limit_are_refused_and_not_minted() {
         30,
         "{claims}"
     );
-    // A command with no --token mints its own (60 s otherwise): the daemon takes it.
+    // A command with no --token mints its own (60 s otherwise): the daemon takes it. So
+    // does one whose ROSTERD_API_TOKEN is set empty, which was sent as no token (401).
     let url = format!("http://{}", d.addr);
-    let (ok, out, err) = tokio::task::spawn_blocking({
-        let config = config.to_owned();
-        move || {
-            rosterd_env(
-                &[
-                    "dead-letters",
-                    "--config",
-                    &config,
-                    "--url",
-                    &url,
-                    "--tenant",
-                    TENANT,
-                    "list",
-                    "nope",
-                ],
-                &[("TEST_JWT_SECRET", JWT_SECRET)],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    assert!(!ok, "{out}");
-    assert!(err.contains("rosterd answered 404"), "{err}");
+    for api_token in [None, Some(""), Some("  ")] {
+        let (ok, out, err) = tokio::task::spawn_blocking({
+            let (config, url) = (config.to_owned(), url.clone());
+            move || {
+                let mut env = vec![("TEST_JWT_SECRET", JWT_SECRET)];
+                env.extend(api_token.map(|t| ("ROSTERD_API_TOKEN", t)));
+                rosterd_env(
+                    &[
+                        "dead-letters",
+                        "--config",
+                        &config,
+                        "--url",
+                        &url,
+                        "--tenant",
+                        TENANT,
+                        "list",
+                        "nope",
+                    ],
+                    &env,
+                )
+            }
+        })
+        .await
+        .unwrap();
+        assert!(!ok, "{out}");
+        assert!(err.contains("rosterd answered 404"), "{api_token:?}: {err}");
+    }
 }
 
 /// `rosterd store check` names what disagrees in a damaged store and exits non-zero;
