@@ -801,6 +801,12 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // The connections, owned here: when the caller stops waiting for the drain (its
+    // deadline), dropping this future aborts those still open, so a request in flight
+    // is cut off as the log says, and an export's thread sees its client gone. Spawned
+    // loose, they went on until the runtime ended, holding the exit seconds past the
+    // store's close while an export streamed on.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -810,6 +816,7 @@ async fn serve(
                     continue;
                 }
             },
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             () = shutdown.cancelled() => break,
         };
         // Responses are written whole; Nagle would only delay their last segment.
@@ -832,7 +839,7 @@ async fn serve(
             .half_close(true)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "A connection ended with an error.");
             }

@@ -1082,6 +1082,79 @@ async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
     drop(stalled);
 }
 
+/// A stop cuts off, at the drain's deadline, an export whose client reads nothing, as the
+/// log says: the connection went on until the runtime ended, so a client that began
+/// reading while the connectors stopped got the whole file, and the exit waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_off_an_export_at_the_drain_deadline() {
+    use std::io::{Read, Write};
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text.replace("timeout_ms = 2000", "timeout_ms = 30000");
+    let root = child_root(dir.path(), &[(name, text)]);
+    let env = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+    let mut d = ChildDaemon::start(&root, &env).await;
+    // About 7 MB of export: far more than the socket buffers hold.
+    let long = "x".repeat(60_000);
+    for i in 0..120 {
+        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
+        u["title"] = json!(long);
+        let r = d.scim_send(Method::POST, "/Users", Some(u)).await;
+        assert_eq!(r.status(), 201);
+    }
+    d.drained().await;
+    // A PUT the target holds: the connector's stop waits its 3 s for it, after the drain.
+    target.inject(Fault::delay(Duration::from_secs(20), 1).on_path("/users/"));
+    let r = d
+        .scim_send(
+            Method::POST,
+            "/Users",
+            Some(crate::harness::user("slow@acme.test")),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
+    let addr = d.base.trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stalled,
+        "GET /api/v1/roster/users:export?format=csv HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    stalled.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.signal("TERM");
+    // Past the drain's 5 s, while the connector still waits for its PUT: read it all.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let read = stalled.read_to_end(&mut got);
+        (read.is_ok(), got)
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rosterd still runs; see {}",
+            root.join("daemon.log").display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    let (read_ok, got) = reader.join().unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        !read_ok || !got.ends_with(b"0\r\n\r\n"),
+        "an export cut off by the stop read as complete ({} bytes)",
+        got.len()
+    );
+}
+
 /// `user_id` → (`job_title`, `groups`) of every row of the CSV export (every user,
 /// `active=any`).
 async fn exported(d: &ChildDaemon) -> BTreeMap<String, (String, String)> {
