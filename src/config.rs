@@ -961,21 +961,30 @@ impl Config {
 
     /// Load the connectors directory: the good files, and what was wrong with the rest.
     pub fn load_connectors(&self) -> crate::connectors::Loaded {
-        self.load_connectors_keeping(&Default::default())
+        self.load_connectors_keeping(&Default::default(), None)
     }
 
     /// Load the connectors directory on a reload: on a name clash, the running
     /// connector's file (`running`: name → file) keeps the name. A default directory
     /// that does not exist (the key left out) loads as none.
+    /// `now`: config.toml as it is now, when it changed and loads (see [`OnDisk`]), whose
+    /// new tenants a connector may already name.
     pub fn load_connectors_keeping(
         &self,
         running: &std::collections::BTreeMap<String, std::path::PathBuf>,
+        now: Option<&Config>,
     ) -> crate::connectors::Loaded {
         if let Ok(false) = self.check_connectors_dir() {
             return crate::connectors::Loaded::default();
         }
         let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
-        crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, running)
+        let added: Vec<&str> = now
+            .into_iter()
+            .flat_map(|c| &c.tenants)
+            .map(|t| t.id.as_str())
+            .filter(|t| !tenants.contains(t))
+            .collect();
+        crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, &added, running)
     }
 
     /// The base URL clients see, without a trailing slash.

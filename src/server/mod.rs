@@ -612,7 +612,10 @@ pub async fn reload(state: &Arc<AppState>) {
         match tokio::task::spawn_blocking(move || {
             // Read once: the bundles below are checked against it too.
             let on_disk = reading.config.on_disk();
-            (on_disk, reading.config.load_connectors_keeping(&running))
+            let loaded = reading
+                .config
+                .load_connectors_keeping(&running, on_disk.edited.as_ref());
+            (on_disk, loaded)
         })
         .await
         {

@@ -2990,6 +2990,33 @@ fn to_the_second(t: &Value) -> String {
     format!("{}Z", &t[..19])
 }
 
+/// A connector file naming a tenant added to config.toml since the start says that the
+/// tenant waits for a restart; "no tenant in config.toml" sent the operator to a file
+/// that has it.
+#[tokio::test]
+async fn a_connector_of_a_tenant_added_since_the_start_waits_for_a_restart() {
+    let (hook, d) = with_user_created_hook("").await;
+    let config = d.root.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let (token, hash) = rosterd::server::auth::new_token();
+    drop(token);
+    std::fs::write(
+        &config,
+        format!("{text}\n[[tenants]]\nid = \"beta\"\ntoken_hashes = [\"{hash}\"]\n"),
+    )
+    .unwrap();
+    let (_, beta) = named_webhook_file("beta-hooks", &hook, "[]");
+    let beta = beta.replace(&format!("tenant = \"{TENANT}\""), "tenant = \"beta\"");
+    std::fs::write(d.root.join("connectors/beta-hooks.toml"), beta).unwrap();
+    d.reload().await;
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(
+        errors.contains("beta-hooks.toml")
+            && errors.contains("\\\"beta\\\" was added to config.toml after rosterd started"),
+        "{errors}"
+    );
+}
+
 /// The README's rotation step done with a reload: the variable it names is not in the
 /// daemon's environment, which is read only at start.
 #[tokio::test]
