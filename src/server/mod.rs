@@ -337,6 +337,14 @@ pub async fn run_with_env(
         env: env.clone(),
         large_bodies: BodyBudget::new(config_max_body),
     });
+    // A tenant taken out of config.toml keeps its data: said, or the store seems to hold
+    // only what is served, and one declared again by mistake or on purpose surprises.
+    for t in state.store.stored_tenants() {
+        if !state.config.tenants.iter().any(|c| c.id == t) {
+            let users = state.store.count(&t, crate::scim::ResourceKind::User)?;
+            tracing::warn!(tenant = %t, users, "The store holds this tenant's data, and config.toml does not declare it: it is neither served nor sent anywhere, and stays as it is. Declare it again to serve it as it was.");
+        }
+    }
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
         if !marked.is_empty() {

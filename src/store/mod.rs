@@ -1801,6 +1801,17 @@ impl Store {
             .transpose()
     }
 
+    /// The tenants the store holds data of, declared or not.
+    pub fn stored_tenants(&self) -> Vec<String> {
+        self.inner
+            .db
+            .tree_names()
+            .iter()
+            .filter_map(|n| n.strip_prefix(b"tenant/"))
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .collect()
+    }
+
     fn tenant(&self, tenant: &str) -> StoreResult<Arc<Tenant>> {
         if let Some(t) = self
             .inner

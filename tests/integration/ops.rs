@@ -37,6 +37,48 @@ async fn status_counts_each_tenant_and_readyz_answers() {
     assert!(!s.to_string().contains("a@acme.test"));
 }
 
+/// A tenant taken out of config.toml keeps its data in the store, and the start says so:
+/// nothing did, and the store seemed to hold only what is served.
+#[tokio::test]
+async fn a_tenant_taken_out_of_the_config_is_said_to_keep_its_data() {
+    let (token, hash) = rosterd::server::auth::new_token();
+    let ghost = format!("[[tenants]]\nid = \"ghost\"\ntoken_hashes = [\"{hash}\"]\n");
+    let d = TestDaemon::start_with(crate::harness::Options {
+        config_extra: ghost,
+        ..crate::harness::Options::default()
+    })
+    .await;
+    for name in ["a@ghost.test", "b@ghost.test"] {
+        let r = d
+            .raw(
+                Method::POST,
+                &d.url("/scim/v2/ghost/Users"),
+                Some(&token),
+                &[("content-type", "application/scim+json")],
+                Some(crate::harness::user(name).to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = d.restart_with(|o| o.config_extra = String::new()).await;
+    // Up once it answers.
+    d.status().await;
+    let said = logs.lines("config.toml does not declare it");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("WARN") && said[0].contains("tenant=ghost") && said[0].contains("users=2"),
+        "{said:?}"
+    );
+    // Declared tenants are not named.
+    assert!(
+        logs.lines("does not declare")
+            .iter()
+            .all(|l| !l.contains(TENANT))
+    );
+    drop(d);
+}
+
 #[tokio::test]
 async fn sighup_reloads_a_changed_bundle_and_reclassifies() {
     let d = TestDaemon::start().await;
