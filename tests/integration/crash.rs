@@ -1065,19 +1065,7 @@ async fn sigterm_stops_the_daemon_while_a_client_stalls_mid_body() {
     // Let the request reach its handler before the stop begins.
     tokio::time::sleep(Duration::from_millis(300)).await;
     d.signal("TERM");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rosterd still runs while the client stalls; see {}",
-            root.join("daemon.log").display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(status.success(), "{status}");
+    exits_cleanly(&mut d, &root).await;
     // The client was still connected: the daemon did not wait for it to give up.
     drop(stalled);
 }
@@ -1133,6 +1121,19 @@ async fn sigterm_cuts_off_an_export_at_the_drain_deadline() {
         let read = stalled.read_to_end(&mut got);
         (read.is_ok(), got)
     });
+    exits_cleanly(&mut d, &root).await;
+    let (read_ok, got) = reader.join().unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        !read_ok || !got.ends_with(b"0\r\n\r\n"),
+        "an export cut off by the stop read as complete ({} bytes)",
+        got.len()
+    );
+}
+
+/// Wait (up to a minute) for the stopping daemon `d` to exit, and for its exit to be a
+/// clean one.
+async fn exits_cleanly(d: &mut ChildDaemon, root: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = d.child.try_wait().unwrap() {
@@ -1146,13 +1147,6 @@ async fn sigterm_cuts_off_an_export_at_the_drain_deadline() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "{status}");
-    let (read_ok, got) = reader.join().unwrap();
-    assert!(got.starts_with(b"HTTP/1.1 200"));
-    assert!(
-        !read_ok || !got.ends_with(b"0\r\n\r\n"),
-        "an export cut off by the stop read as complete ({} bytes)",
-        got.len()
-    );
 }
 
 /// `user_id` → (`job_title`, `groups`) of every row of the CSV export (every user,

@@ -2804,6 +2804,25 @@ async fn stalled_export(d: &TestDaemon, token: &str) -> tokio::net::TcpStream {
     s
 }
 
+/// A daemon whose clients are let go after a second of reading nothing, with 120 users
+/// whose export is about 7 MB: far more than the socket buffers and the export's channel
+/// hold. An admin token for it.
+async fn with_a_long_export() -> (TestDaemon, String) {
+    let d = TestDaemon::start_with(crate::harness::Options {
+        client_timeout_secs: 1,
+        ..crate::harness::Options::default()
+    })
+    .await;
+    let admin = settled(&d).await;
+    let long = "x".repeat(60_000);
+    for i in 0..120 {
+        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
+        u["title"] = json!(long);
+        assert_eq!(d.post("/Users", u).await.status, 201);
+    }
+    (d, admin)
+}
+
 /// A client that reads an export slowly but without stopping gets all of it, however
 /// long the kernel's socket buffers take to drain: it was let go as if it read nothing,
 /// since the kernel wakes a writer only once a third of a send buffer of megabytes has
@@ -2811,19 +2830,7 @@ async fn stalled_export(d: &TestDaemon, token: &str) -> tokio::net::TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reading_an_export_slowly_gets_all_of_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let d = TestDaemon::start_with(crate::harness::Options {
-        client_timeout_secs: 1,
-        ..crate::harness::Options::default()
-    })
-    .await;
-    let admin = settled(&d).await;
-    // About 7 MB: more than the socket buffers hold.
-    let long = "x".repeat(60_000);
-    for i in 0..120 {
-        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
-        u["title"] = json!(long);
-        assert_eq!(d.post("/Users", u).await.status, 201);
-    }
+    let (d, admin) = with_a_long_export().await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(65_536).unwrap();
     let mut s = socket.connect(d.addr).await.unwrap();
@@ -2860,20 +2867,7 @@ async fn a_client_reading_an_export_slowly_gets_all_of_it() {
 async fn a_client_that_stops_reading_an_export_holds_its_slot_only_until_the_client_timeout() {
     use rosterd::api::export::EXPORTS_PER_TENANT;
     use tokio::io::AsyncReadExt;
-    let d = TestDaemon::start_with(crate::harness::Options {
-        client_timeout_secs: 1,
-        ..crate::harness::Options::default()
-    })
-    .await;
-    let admin = settled(&d).await;
-    // About 7 MB of export: far more than the socket buffers and the export's channel
-    // hold for a client that reads nothing.
-    let long = "x".repeat(60_000);
-    for i in 0..120 {
-        let mut u = crate::harness::user(&format!("wide{i}@acme.test"));
-        u["title"] = json!(long);
-        assert_eq!(d.post("/Users", u).await.status, 201);
-    }
+    let (d, admin) = with_a_long_export().await;
     let mut stalled = Vec::new();
     for _ in 0..EXPORTS_PER_TENANT {
         stalled.push(stalled_export(&d, &admin).await);
