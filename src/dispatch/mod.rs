@@ -3000,16 +3000,31 @@ impl Dispatcher {
     /// removing its file and reloading. The change log below it has been delivered
     /// everywhere it still has to go. `None` when nothing holds the log.
     pub fn lowest_cursor(&self, tenant: &str) -> Option<u64> {
-        let running: Vec<u64> = self
+        let mut running: Vec<u64> = Vec::new();
+        for r in self
             .running()
             .values()
             .filter(|r| r.config.tenant == tenant)
-            .map(|r| {
+        {
+            running.push(
                 self.store
                     .cursor(tenant, &cursor_name(&r.config))
-                    .unwrap_or(0)
-            })
-            .collect();
+                    .unwrap_or(0),
+            );
+            // A connector in dry run still owes its target what its real cursor has not
+            // delivered: turned on to quiet a failing target, dry run let compaction drop
+            // those changes, and the webhook events with them (a schedules audit lost
+            // 21,841). A connector that never ran for real has no such cursor.
+            if r.config.dry_run {
+                match self.store.has_cursor(tenant, &r.config.name) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        running.push(self.store.cursor(tenant, &r.config.name).unwrap_or(0))
+                    }
+                    Err(_) => return Some(0),
+                }
+            }
+        }
         // A store error here must hold compaction back, not let it run free.
         let Ok(held) = self.held_cursors(tenant) else {
             return Some(0);

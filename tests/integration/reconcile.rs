@@ -986,6 +986,36 @@ async fn held_while_unloaded(d: &TestDaemon) -> (Vec<String>, Value) {
     (ids, held)
 }
 
+/// A connector switched to dry run while its target is down still holds compaction for
+/// its real cursor: the changes it owes the target stay, and go out once dry run is off.
+/// Dry run let compaction drop them (a schedules audit lost 21,841 webhook events).
+#[tokio::test]
+async fn a_connector_in_dry_run_holds_back_compaction_for_what_it_owes() {
+    let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    hook.inject(crate::webhook::Fault::status(503, 1).forever());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("owed{i}@acme.test")).await);
+    }
+    let file = d.root.join("connectors/hooks.toml");
+    let real = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        real.replace("kind = \"webhook\"", "kind = \"webhook\"\ndry_run = true"),
+    )
+    .unwrap();
+    d.reload().await;
+    two_compactions(&d).await;
+    hook.clear_faults();
+    std::fs::write(&file, real).unwrap();
+    d.reload().await;
+    caught_up(&d, "hooks").await;
+    delivered_all(&hook, &ids);
+    assert_eq!(connector(&d, "hooks").await["dead_letters"], 0);
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
     let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
