@@ -376,9 +376,18 @@ fn real_path_within(path: &Path, links: usize) -> PathBuf {
 
 /// Parse a cron expression with a required seconds field.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    if expr.split_whitespace().count() < 6 && !expr.trim_start().starts_with('@') {
+    let fields = expr.split_whitespace().count();
+    if fields < 6 && !expr.trim_start().starts_with('@') {
         return Err(format!(
             "{expr:?} needs six fields: seconds minutes hours day-of-month month day-of-week"
+        ));
+    }
+    // croner takes a seventh, the year; once its last year has passed the schedule never
+    // fires, and a start refuses the file, so a config valid when written stops the
+    // daemon at a reboot some January.
+    if fields > 6 {
+        return Err(format!(
+            "{expr:?} has {fields} fields; a schedule takes six (seconds minutes hours day-of-month month day-of-week), not a year"
         ));
     }
     check_cron_steps(expr)?;
@@ -1603,6 +1612,26 @@ mod tests {
             err.contains("schedules.reconcile") && err.contains("never fires"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_schedule_with_a_year_is_refused() {
+        let parse = |expr: &str| {
+            Config::parse(
+                &format!("version = 1\n[schedules]\nreconcile = {expr:?}\n"),
+                Path::new("x.toml"),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        // Fires until 2099 today, and then refuses every start.
+        let err = parse("0 0 0 * * * 2026-2099").unwrap_err();
+        assert!(
+            err.contains("schedules.reconcile") && err.contains("not a year"),
+            "{err}"
+        );
+        parse("0 0 0 * * *").unwrap();
+        parse("@daily").unwrap();
     }
 
     #[test]
