@@ -1631,7 +1631,9 @@ mod tests {
             "{err}"
         );
         parse("0 0 0 * * *").unwrap();
-        parse("@daily").unwrap();
+        for shortcut in ["@hourly", "@daily", "@weekly", "@monthly", "@yearly"] {
+            parse(shortcut).unwrap();
+        }
     }
 
     #[test]
