@@ -2361,7 +2361,14 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                     time_of(&sch["last_run"]),
                     time_of(&sch["next_run"])
                 )?;
-                for t in only {
+                // A store-wide schedule (the backup) has one result, the store's, whatever
+                // tenants are asked for: "no result yet" per tenant read as if it never ran.
+                let parts: Vec<&str> = match sch["results"][rosterd::schedule::BACKUP_PART].as_str()
+                {
+                    Some(_) => vec![rosterd::schedule::BACKUP_PART],
+                    None => only.iter().map(String::as_str).collect(),
+                };
+                for t in parts {
                     match sch["results"][t].as_str() {
                         Some(result) => outln!("    {}", indented(result))?,
                         None => outln!("    {t}: no result yet")?,

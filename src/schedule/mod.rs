@@ -663,7 +663,7 @@ pub fn missed_run(
 /// The schedule that backs up the store: one run for all tenants, whose result is
 /// shown under this name in place of a tenant's.
 const BACKUP: &str = "backup";
-const BACKUP_PART: &str = "store";
+pub const BACKUP_PART: &str = "store";
 
 /// Start one task per configured schedule; they stop with `shutdown`.
 pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::CancellationToken) {

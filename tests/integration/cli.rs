@@ -1742,15 +1742,18 @@ async fn status_for_one_tenant_shows_only_its_lines() {
             ),
         ],
         env: static_token_env(),
-        config_extra: "[schedules]\ncompact = \"* * * * * *\"\n".into(),
+        config_extra: "[schedules]\ncompact = \"* * * * * *\"\nbackup = \"*/2 * * * * *\"\n".into(),
         ..Options::default()
     })
     .await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let compact = loop {
-        let s = d.status().await["schedules"]["compact"].clone();
-        if s["results"][TENANT].is_string() && s["results"][OTHER_TENANT].is_string() {
-            break s;
+        let s = d.status().await["schedules"].clone();
+        if s["compact"]["results"][TENANT].is_string()
+            && s["compact"]["results"][OTHER_TENANT].is_string()
+            && s["backup"]["results"]["store"].is_string()
+        {
+            break s["compact"].clone();
         }
         assert!(tokio::time::Instant::now() < deadline, "{s}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1798,6 +1801,9 @@ async fn status_for_one_tenant_shows_only_its_lines() {
         "{one}"
     );
     assert!(one.contains(&format!("\n    {OTHER_TENANT}: ")), "{one}");
+    // The backup's one result is the store's, whichever tenant is asked for.
+    assert!(one.contains("\n    store: "), "{one}");
+    assert!(!one.contains("no result yet"), "{one}");
     assert!(!one.contains(TENANT), "{one}");
     assert!(!one.contains("connector sis"), "{one}");
     assert!(
