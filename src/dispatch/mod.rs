@@ -797,6 +797,12 @@ struct Ctx {
     /// The objects a reconciliation is repairing now, by the keys the log follower orders
     /// changes by: a change of one waits for the repair's answer (see [`Repairing`]).
     repairs: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Delivered-content hashes of changes finished but not written to the store yet (the
+    /// follower writes them with the cursor, at most every 200 ms): a change that waited
+    /// for one of them plans on them as the target now holds them. A user's enrollment
+    /// owed once it can be sent is sent only where the target holds the class, and a class
+    /// acknowledged a moment before looked not held (a re-audit lost it 7 times of 7).
+    unsaved: Mutex<HashMap<String, Option<u64>>>,
 }
 
 /// A reconciliation's repair of one object, from before it checks the change log for a
@@ -1428,7 +1434,16 @@ impl Ctx {
     ) -> Result<Vec<String>, StoreError> {
         let (tenant, owner) = (self.tenant(), self.cursor_name());
         let acked = |key: String| -> Result<bool, StoreError> {
-            Ok(self.store.delivered(tenant, &owner, &key)?.is_some())
+            let unsaved = self
+                .unsaved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .copied();
+            Ok(match unsaved {
+                Some(hash) => hash.is_some(),
+                None => self.store.delivered(tenant, &owner, &key)?.is_some(),
+            })
         };
         if settings.deletes(doc) || !oneroster::can_send(doc) || acked(oneroster::user_key(id))? {
             return Ok(Vec::new());
@@ -1721,6 +1736,10 @@ impl Ctx {
         // the target's answer alone (`500`) does not.
         let span = tracing::info_span!("change", seq = ev.seq, object = %format_args!("{}/{}", ev.resource_type, ev.id));
         let r = self.deliver(&ev, &reports, None).instrument(span).await;
+        if let Ok(Delivered::Done(hashes)) = &r {
+            let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+            unsaved.extend(hashes.iter().cloned());
+        }
         done.send_replace(true);
         (ev.seq, keys, r)
     }
@@ -2117,9 +2136,18 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
         async move {
             match taken {
                 Some((cursor, acked, hashes)) => {
+                    let saved = hashes.clone();
                     store
                         .record_progress(tenant, cursor_name, cursor, recorded(&acked), hashes)
                         .await?;
+                    // Written: the store answers for them now, unless a later change of
+                    // the same object finished meanwhile with another hash.
+                    let mut unsaved = ctx.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+                    for (key, hash) in saved {
+                        if unsaved.get(&key) == Some(&hash) {
+                            unsaved.remove(&key);
+                        }
+                    }
                     ctx.publish_acked(Some(Acked {
                         cursor,
                         above: Arc::new(acked),
@@ -2950,6 +2978,7 @@ impl Dispatcher {
             cancel: cancel.clone(),
             acked: Mutex::new(None),
             repairs: Mutex::new(HashMap::new()),
+            unsaved: Mutex::new(HashMap::new()),
         });
         let span = ctx.span();
         let task_ctx = ctx.clone();

@@ -3441,6 +3441,39 @@ async fn a_group_is_delivered_without_a_user_that_cannot_be_sent_until_it_can() 
     );
 }
 
+/// The enrollment owed to a user named just after its group's change goes with the user
+/// even while the class's acknowledgement is not written yet (the cursor and the hashes
+/// are written at most every 200 ms): the class looked not held, and the enrollment was
+/// left for a reconciliation (a re-audit saw it 7 times of 7).
+#[tokio::test]
+async fn an_owed_enrollment_follows_a_user_named_right_after_its_group_changed() {
+    let (d, target) = start_with_oneroster("").await;
+    let ada = d.create_user("ada@acme.test").await;
+    let mono = create_user_with(
+        &d,
+        json!({"userName": "mono@acme.test", "displayName": "Mono",
+               "emails": [{"value": "mono@acme.test"}]}),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    target.inject(Fault::delay(Duration::from_millis(300), 1).on_path("/classes/"));
+    let gid = d.create_group("Staff").await;
+    d.add_members(&gid, &[&ada, &mono]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let named = json!([{"op": "add", "path": "name",
+                        "value": {"givenName": "Mono", "familyName": "Named"}}]);
+    let r = d.patch(&format!("/Users/{mono}"), patch_op(named)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    let enrollments = target.enrollments();
+    for user in [&ada, &mono] {
+        assert!(
+            enrollments.contains_key(&sourced_id(&format!("Member/{gid}/{user}"))),
+            "{user} not enrolled: {enrollments:?}"
+        );
+    }
+}
+
 /// User ada in group Ops, delivered: her id, the group's, and the sourcedIds of her
 /// user and her enrollment.
 async fn enrolled_ada(
