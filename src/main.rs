@@ -868,6 +868,19 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
             );
         }
     }
+    // The tokens as `serve` resolves them here: two variables holding one token, or a
+    // hash of another tenant's variable, open both tenants, and `serve` refuses them.
+    // (Unset variables were said above.)
+    let here = |v: &str| std::env::var(v).ok().filter(|t| !t.trim().is_empty());
+    let set: Vec<_> = config
+        .tenants
+        .iter()
+        .filter(|t| t.token_env.as_deref().is_none_or(|v| here(v).is_some()))
+        .cloned()
+        .collect();
+    if let Err(e) = rosterd::server::auth::TokenRegistry::from_config(&set, here) {
+        anyhow::bail!("{}: {e}", path.display());
+    }
     if config.tenants.is_empty() {
         note!(
             "warning: no [[tenants]]: `serve` would start, but every SCIM and Roster API request would be refused"

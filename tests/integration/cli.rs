@@ -477,6 +477,33 @@ fn connector_file(dir: &std::path::Path, name: &str, text: &str) {
 }
 
 #[test]
+fn check_config_refuses_one_token_for_two_tenants_as_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"a\"\ntoken_env = \"A_TOKEN\"\n[[tenants]]\nid = \"b\"\ntoken_env = \"B_TOKEN\"\n",
+    )
+    .unwrap();
+    let check = |env: &[(&str, &str)]| {
+        rosterd_env(&["check-config", "--config", config.to_str().unwrap()], env)
+    };
+    let (ok, out, err) = check(&[("A_TOKEN", "rsd_one"), ("B_TOKEN", "rsd_two")]);
+    assert!(ok, "{out} {err}");
+    // Two variables holding one token: `serve` refuses it, and so does the check.
+    let (ok, out, err) = check(&[("A_TOKEN", "rsd_one"), ("B_TOKEN", "rsd_one ")]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("\"a\" and \"b\"") && !err.contains("rsd_one"),
+        "{err}"
+    );
+    // One unset: said as a warning, and the other is checked alone.
+    let (ok, out, err) = check(&[("A_TOKEN", "rsd_one")]);
+    assert!(ok, "{out} {err}");
+    assert!(err.contains("B_TOKEN is not set here"), "{err}");
+}
+
+#[test]
 fn check_config_refuses_what_serve_would_not_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
