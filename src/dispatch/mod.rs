@@ -2586,6 +2586,10 @@ pub struct Dispatcher {
     /// Every connector task, so that a stop waits for all of them: a reload cut short by
     /// the stop drops its own wait for the connectors it was stopping.
     tasks: tokio_util::task::TaskTracker,
+    /// What connectors a reload stopped had counted (delivered, retries), by tenant and
+    /// name: started again, by that reload or a later one (its file put back), a
+    /// connector goes on from them, as its metrics do.
+    counted: Mutex<HashMap<(String, String), (u64, u64)>>,
 }
 
 impl Dispatcher {
@@ -2615,6 +2619,7 @@ impl Dispatcher {
             dir_identity: Mutex::new(None),
             tenants,
             tasks: tokio_util::task::TaskTracker::new(),
+            counted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -2772,10 +2777,6 @@ impl Dispatcher {
             }
             (configs, handles, held)
         };
-        // Started again, a connector goes on counting where it was, as its metrics do:
-        // status and the dashboards would disagree from the first reload on. Read once
-        // it has stopped, with what it finished while stopping.
-        let mut counted: HashMap<String, (u64, u64)> = HashMap::new();
         *self.broken() = broken;
         *self.unstartable_lock() = unstartable;
         for c in &stopping {
@@ -2812,8 +2813,10 @@ impl Dispatcher {
         {
             let mut running = self.running();
             for c in &stopping {
+                // Read once it has stopped, with what it finished while stopping.
                 if let Some(r) = running.remove(&c.name) {
-                    counted.insert(c.name.clone(), r.live.counts());
+                    let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+                    counted.insert((c.tenant.clone(), c.name.clone()), r.live.counts());
                 }
             }
         }
@@ -2872,8 +2875,15 @@ impl Dispatcher {
             let built = prepared
                 .remove(&name)
                 .unwrap_or_else(|| self.prepare(&config));
+            let counts = self
+                .counted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(config.tenant.clone(), name.clone()));
             let r = self.start(config, built);
-            if let Some(counts) = counted.remove(&name) {
+            // Started again, a connector goes on counting where it was, as its metrics
+            // do: status and the dashboards disagreed from the first reload on.
+            if let Some(counts) = counts {
                 r.live.count_on_from(counts);
             }
             self.running().insert(name, r);

@@ -1561,6 +1561,20 @@ async fn a_connector_started_again_by_a_reload_goes_on_counting() {
         (&json!(3), &json!(1)),
         "{after}"
     );
+    // Its file taken away and put back, by two reloads: the same.
+    let file = d.root.join("connectors/hooks.toml");
+    let away = d.root.join("hooks.toml.away");
+    std::fs::rename(&file, &away).unwrap();
+    d.reload().await;
+    std::fs::rename(&away, &file).unwrap();
+    d.reload().await;
+    d.create_user("dee@acme.test").await;
+    let back = caught_up(&d, "hooks").await;
+    assert_eq!(
+        (&back["delivered"], &back["retries"]),
+        (&json!(4), &json!(1)),
+        "{back}"
+    );
 }
 
 /// A stop lets a change already started finish (for up to 3 s): the request on the wire
