@@ -1523,8 +1523,14 @@ impl Ctx {
                         }
                     }
                 }
+                // A user's creation owes nothing: no group change before it named the user,
+                // and those after it enroll the user themselves if it can be sent then (a
+                // million creations need not each look up their groups).
                 let owed = match doc {
-                    Some(d) if ev.resource_type == "User" => {
+                    Some(d)
+                        if ev.resource_type == "User"
+                            && ev.op != crate::store::ChangeOp::Created =>
+                    {
                         self.enrollments_owed(settings, &ev.id, d)?
                     }
                     _ => Vec::new(),
