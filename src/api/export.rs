@@ -94,8 +94,10 @@ impl ExportSlots {
 /// looked through as well: loaders that strip them, as text cleaners do, would otherwise
 /// hand a spreadsheet a bare `=`.
 pub fn neutralize(cell: &str) -> std::borrow::Cow<'_, str> {
-    let shown =
-        cell.trim_start_matches(|c: char| c.is_whitespace() || crate::text::is_invisible(c));
+    // The braille blank (U+2800) is drawn as a space without being one.
+    let shown = cell.trim_start_matches(|c: char| {
+        c.is_whitespace() || c == '\u{2800}' || crate::text::is_invisible(c)
+    });
     if cell.starts_with(['\t', '\r']) || shown.starts_with(FORMULA_STARTS) {
         return format!("'{cell}").into();
     }
@@ -404,6 +406,7 @@ mod tests {
             "'\u{200B} \u{2060}\u{202E}-2"
         );
         assert_eq!(neutralize("\u{200B}Engineer"), "\u{200B}Engineer");
+        assert_eq!(neutralize("\u{2800}=1+1"), "'\u{2800}=1+1");
         assert_eq!(neutralize("Engineer"), "Engineer");
         assert_eq!(neutralize("  Engineer"), "  Engineer");
         assert_eq!(neutralize("R&D - Labs"), "R&D - Labs");
