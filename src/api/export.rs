@@ -274,10 +274,10 @@ pub(super) async fn export_users(
             // long time: the kernel wakes it only once a third of the socket's buffer
             // (megabytes) has drained. It is reading while what it has not acknowledged
             // shrinks.
-            let mut unacked = socket.and_then(crate::server::ConnSocket::unacknowledged);
             if !open {
                 return false;
             }
+            let mut unacked = socket.and_then(crate::server::ConnSocket::unacknowledged);
             loop {
                 match runtime.block_on(tx.send_timeout(chunk, stall)) {
                     Ok(()) => return true,

@@ -504,11 +504,8 @@ impl JwtVerifier {
         })?;
         // Verified, so the payload decodes; jsonwebtoken kept the last of a repeated
         // claim (a second `tenant` or `scope` won), and no copy is to be trusted.
-        let once = token
-            .split('.')
-            .nth(1)
-            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
-            .is_some_and(|b| crate::server::json::request_body(&b).is_ok());
+        let once =
+            payload_bytes(token).is_some_and(|b| crate::server::json::request_body(&b).is_ok());
         if !once {
             return Err(JwtError::Malformed);
         }
@@ -684,12 +681,16 @@ fn map_library_error(kind: &ErrorKind, alg: Alg) -> JwtError {
     }
 }
 
-fn payload(token: &str) -> Option<Value> {
+/// The token's payload (its claims), decoded from base64url, not parsed.
+fn payload_bytes(token: &str) -> Option<Vec<u8>> {
     token
         .split('.')
         .nth(1)
         .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+}
+
+fn payload(token: &str) -> Option<Value> {
+    payload_bytes(token).and_then(|b| serde_json::from_slice::<Value>(&b).ok())
 }
 
 /// Whether the token's payload has the claim `name` with a value (of whatever type).

@@ -533,13 +533,8 @@ pub fn authenticate(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> 
             state.roster.disabled.clone().unwrap_or_default(),
         ));
     };
-    // One Authorization header (RFC 9110 §5.3): with two, a proxy that reads the other
-    // one would authorize someone else than we do.
-    let copies = headers.get_all(header::AUTHORIZATION).iter().count();
-    if copies > 1 {
-        return Err(ApiError::BadRequest(format!(
-            "{copies} Authorization headers; send one"
-        )));
+    if let Some(why) = crate::server::more_than_one_authorization(headers) {
+        return Err(ApiError::BadRequest(why));
     }
     let token =
         crate::server::bearer_token(headers).ok_or(ApiError::Unauthorized(JwtError::Missing))?;

@@ -379,6 +379,18 @@ impl UserFields<'_> {
         })
     }
 
+    /// What a OneRoster user cannot be without: email, given and family name; or why
+    /// user `id` cannot be one.
+    pub fn required(&self, id: &str) -> Result<(&str, Cow<'_, str>, Cow<'_, str>), Unmappable> {
+        let email = self.email().ok_or_else(|| {
+            Unmappable(format!(
+                "user {id} has no email and no email-like userName; OneRoster requires one"
+            ))
+        })?;
+        let (given, family) = self.names(id)?;
+        Ok((email, given, family))
+    }
+
     /// Given and family name, or why the user cannot be a OneRoster user.
     pub fn names(&self, id: &str) -> Result<(Cow<'_, str>, Cow<'_, str>), Unmappable> {
         let (missing, attrs) = match (self.given_name(), self.family_name()) {
@@ -542,12 +554,7 @@ pub fn user_body(
 ) -> Result<Value, Unmappable> {
     let (id, doc) = (user.id, user.doc);
     let u = UserFields { doc };
-    let email = u.email().ok_or_else(|| {
-        Unmappable(format!(
-            "user {id} has no email and no email-like userName; OneRoster requires one"
-        ))
-    })?;
-    let (given, family) = u.names(id)?;
+    let (email, given, family) = u.required(id)?;
     let archetype = user.assignment.and_then(|a| a.archetype_id.as_deref());
     let org = json!({ "sourcedId": settings.org_sourced_id, "type": "org" });
     let s = |v: Option<&str>| v.map(Value::from);
@@ -829,8 +836,7 @@ pub fn held_downstream(
 /// Whether a user has what a OneRoster user requires (an email, a given and a family
 /// name); one that has not is a dead letter, never sent (see [`user_body`]).
 pub fn can_send(doc: &Value) -> bool {
-    let u = UserFields { doc };
-    u.email().is_some() && u.names("").is_ok()
+    UserFields { doc }.required("").is_ok()
 }
 
 pub fn enrollment_delete(

@@ -461,9 +461,6 @@ impl Live {
         }
     }
 
-    /// A delivery, counted and dated. All an operator's replay that got through is (the
-    /// metric counts it too): not a sign that the target recovered, since its failures
-    /// leave the streak and any pause alone, and so does its success.
     /// Requests delivered and retries, as status shows them.
     fn counts(&self) -> (u64, u64) {
         (
@@ -478,6 +475,9 @@ impl Live {
         self.retries.fetch_add(retries, Ordering::Relaxed);
     }
 
+    /// A delivery, counted and dated. All an operator's replay that got through is (the
+    /// metric counts it too): not a sign that the target recovered, since its failures
+    /// leave the streak and any pause alone, and so does its success.
     fn count_delivery(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.health().last_success_at = Some(Utc::now());

@@ -903,6 +903,14 @@ fn body_encodings(h: &HeaderMap) -> Option<String> {
 /// The token of an `Authorization: Bearer …` header, or None when there is no such
 /// header. A value that is not ASCII is still a token sent (and refused as malformed),
 /// not the absence of one: the caller is told its token is wrong, not that it sent none.
+/// Why a request's `Authorization` is refused before its token is read: one header only
+/// (RFC 9110 §5.3), since with two a proxy that reads the other one would authorize
+/// someone else than we do. For SCIM and the Roster API alike (400).
+pub(crate) fn more_than_one_authorization(h: &HeaderMap) -> Option<String> {
+    let copies = h.get_all(axum::http::header::AUTHORIZATION).iter().count();
+    (copies > 1).then(|| format!("{copies} Authorization headers; send one"))
+}
+
 pub(crate) fn bearer_token(h: &HeaderMap) -> Option<String> {
     let v = h.get(axum::http::header::AUTHORIZATION)?.as_bytes();
     let blank = v.iter().position(|&b| b == b' ')?;

@@ -143,18 +143,8 @@ pub(super) async fn not_found(method: Method, uri: Uri) -> ScimFailure {
 // Authentication and request plumbing
 
 fn authorize(state: &AppState, tenant: &str, headers: &HeaderMap) -> ScimResult<()> {
-    // One Authorization header (RFC 9110 §5.3), as the Roster API requires: with two, a
-    // proxy that reads the other one would authorize someone else than we do.
-    let copies = headers
-        .get_all(axum::http::header::AUTHORIZATION)
-        .iter()
-        .count();
-    if copies > 1 {
-        return Err(ScimError::new(
-            400,
-            None,
-            format!("{copies} Authorization headers; send one"),
-        ));
+    if let Some(why) = super::more_than_one_authorization(headers) {
+        return Err(ScimError::new(400, None, why));
     }
     let Some(token) = super::bearer_token(headers) else {
         return Err(ScimError::new(401, None, "a Bearer token is required"));
