@@ -1539,6 +1539,44 @@ async fn a_reload_starts_no_change_that_waited_for_a_slot() {
     assert!(again.is_empty(), "sent again after the reload: {again:?}");
 }
 
+/// A change already started goes ahead of those not started for a slot. Queued in turn,
+/// each change's second event waited behind the first events of the whole window, so a
+/// stop found hundreds of changes half sent, more than its 3 s could finish, and each was
+/// sent again whole after it (an audit's SIGTERM re-sent 100–500 events).
+#[tokio::test]
+async fn a_stop_finds_few_changes_half_sent() {
+    let (hook, d, _) = with_hook("[]", |t| {
+        t.replace("timeout_ms = 2000", "timeout_ms = 2000\nconcurrency = 3")
+    })
+    .await;
+    // 60 events a second: the 3 s a stop gives finish at most 180 events.
+    hook.inject(wh::Fault::delay(Duration::from_millis(50), 1).forever());
+    let r = d
+        .bulk(crate::harness::user_posts(0..300, |i| {
+            format!("half{i}@acme.test")
+        }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Far into the backlog: in turn, about 250 changes would be half sent now.
+    assert!(
+        hook.wait_until(|h| h.deliveries().len() >= 250, WAIT).await,
+        "the backlog was not delivered"
+    );
+    rewrite_hook_timeout(&d, 3000).await;
+    caught_up(&d, "hooks").await;
+    let mut sent: std::collections::HashMap<String, usize> = Default::default();
+    for x in hook.deliveries().iter().filter(|x| x.accepted()) {
+        *sent.entry(x.id.clone()).or_default() += 1;
+    }
+    let again: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(sent.len(), 600, "two events for each of 300 users");
+    assert!(
+        again.is_empty(),
+        "{} sent again after the reload",
+        again.len()
+    );
+}
+
 /// A reload that starts a connector again keeps its counts, as its metrics do: status
 /// said 2 delivered where the dashboards said 102 (two audits saw it).
 #[tokio::test]
