@@ -383,8 +383,13 @@ pub async fn run_with_env(
     let server = serve(listener, app, client_timeout, shutdown.clone());
     // A client that stalls mid-request would otherwise hold the drain, and the stop,
     // until systemd's SIGKILL; the connections left are closed when the runtime ends.
+    let stopping_said = std::sync::atomic::AtomicBool::new(false);
     let drain_deadline = async {
         shutdown.cancelled().await;
+        // Said as the stop begins: `systemctl status` read "Serving on …" for the whole
+        // drain, and the watchdog pings end here.
+        crate::ops::systemd::notify_stopping();
+        stopping_said.store(true, std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(DRAIN_DEADLINE).await;
     };
     tokio::select! {
@@ -393,7 +398,10 @@ pub async fn run_with_env(
             tracing::warn!(seconds = DRAIN_DEADLINE.as_secs(), "Requests still in flight after the drain deadline are cut off; their clients get no answer and must retry.");
         }
     }
-    crate::ops::systemd::notify_stopping();
+    // A server that drained before the deadline's branch was polled again.
+    if !stopping_said.load(std::sync::atomic::Ordering::Relaxed) {
+        crate::ops::systemd::notify_stopping();
+    }
     reloads.abort();
     if let Some(b) = backups {
         b.abort();
@@ -1313,13 +1321,15 @@ async fn request_span(
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        // Printable and without blanks, quotes or `=`: the id is logged as a field, and
-        // `abc status=200` would print as two.
+        // Printable and without blanks, quotes, `=`, braces or backslashes: the id is
+        // logged as a field of the request's span, `abc status=200` would print as two
+        // fields, and `a}b{c` would end the span's braces early for a log parser.
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128
-                && v.bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=')
+                && v.bytes().all(|b| {
+                    b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'=' | b'{' | b'}' | b'\\')
+                })
         })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());

@@ -530,6 +530,42 @@ async fn op_create(
     resource_reply(state, tenant, kind, &res, StatusCode::CREATED, projection)
 }
 
+/// The state a PUT or PATCH found, so that what it changed is logged: Entra and Okta
+/// deprovision by PATCH or PUT `active: false`, and the journal must name the request that
+/// did it (by its request id), as it does for a create or a delete. A write that changed
+/// nothing (Okta's GET-then-PUT of every user) logs nothing.
+#[derive(Clone, Default)]
+struct Found(Arc<std::sync::Mutex<Option<Before>>>);
+
+/// A resource's version and whether it was active, as a write found it.
+type Before = (Option<Value>, bool);
+
+impl Found {
+    fn record(&self, old: &Value) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((old.pointer("/meta/version").cloned(), is_active(old)));
+    }
+
+    fn log_change(&self, kind: ResourceKind, res: &Resource, how: &'static str) {
+        let Some((version, was_active)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        else {
+            return;
+        };
+        if version.as_ref() == res.doc.pointer("/meta/version") {
+            return;
+        }
+        let active = is_active(&res.doc);
+        let deactivated = kind == ResourceKind::User && was_active && !active;
+        let reactivated = kind == ResourceKind::User && !was_active && active;
+        tracing::info!(id = %res.id, kind = ?kind, by = how, deactivated, reactivated, "Resource updated.");
+    }
+}
+
+/// A user without `active` is active, as the store and the roster read it.
+fn is_active(doc: &Value) -> bool {
+    doc.get("active") != Some(&Value::Bool(false))
+}
+
 async fn op_replace(
     state: &AppState,
     tenant: &str,
@@ -548,9 +584,12 @@ async fn op_replace(
     }
     // PUT replaces the whole resource, members included (a diff is applied in the store).
     let (doc, members) = whole_resource(kind, body)?;
+    let found = Found::default();
+    let seen = found.clone();
     let res = state
         .store
         .update(tenant, kind, id, cond, move |old| {
+            seen.record(old);
             check_immutable(kind, old, &doc)?;
             Ok(Update {
                 doc,
@@ -563,6 +602,7 @@ async fn op_replace(
         })
         .await
         .map_err(store_to_scim)?;
+    found.log_change(kind, &res, "PUT");
     resource_reply(state, tenant, kind, &res, StatusCode::OK, projection)
 }
 
@@ -584,9 +624,12 @@ async fn op_patch(
         (vec![], ops)
     };
     check_operation_count(doc_ops.len())?;
+    let found = Found::default();
+    let seen = found.clone();
     let res = state
         .store
         .update(tenant, kind, id, cond, move |old| {
+            seen.record(old);
             let mut doc = old.clone();
             apply(kind, &mut doc, &doc_ops)?;
             let mut doc = normalize(kind, doc)?;
@@ -607,6 +650,7 @@ async fn op_patch(
         })
         .await
         .map_err(store_to_scim)?;
+    found.log_change(kind, &res, "PATCH");
     // A group's answer carries every member: 3 MB and a tenth of a second for one member
     // added to 20,000, on every PATCH Entra or Okta sends. RFC 7644 §3.5.2 lets the
     // answer be 204; a client that wants the group back asks with `attributes` or

@@ -22,6 +22,8 @@ pub struct ChildDaemon {
     pub client: reqwest::Client,
     /// Reads the child's systemd notifications, so that they never fill the socket.
     notifications: tokio::task::JoinHandle<()>,
+    /// Every notification the child sent, in order.
+    notified: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Its stdout and stderr, shown when a test fails: the file goes with the test's
     /// temporary directory, and a connection the child closed without an answer could
     /// not be told from a crash.
@@ -70,11 +72,14 @@ impl ChildDaemon {
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn rosterd");
         let (ready_tx, mut ready) = tokio::sync::oneshot::channel();
+        let notified = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let heard = notified.clone();
         let notifications = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = notify.recv(&mut buf).await {
                 let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                heard.lock().unwrap().push(msg.clone());
                 let ready = msg.lines().any(|l| l == "READY=1");
                 let addr = msg
                     .lines()
@@ -104,6 +109,7 @@ impl ChildDaemon {
             base: format!("http://{addr}"),
             client: reqwest::Client::new(),
             notifications,
+            notified,
             log: root.join("daemon.log"),
         };
         let r = d.get("/readyz").await;
@@ -113,6 +119,24 @@ impl ChildDaemon {
             r.status()
         );
         d
+    }
+
+    /// Wait (up to a minute) until the child has sent a notification with the line `line`.
+    pub async fn notified(&self, line: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            if self
+                .notified
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.lines().any(|l| l == line))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     pub fn kill9(&mut self) {
@@ -1114,6 +1138,14 @@ async fn sigterm_cuts_off_an_export_at_the_drain_deadline() {
     stalled.flush().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     d.signal("TERM");
+    // systemd hears of the stop as it begins, not once the drain is over: `systemctl
+    // status` said "Serving" for the drain's 5 s.
+    assert!(d.notified("STOPPING=1").await, "no STOPPING=1");
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    assert!(
+        !log.contains("after the drain deadline"),
+        "STOPPING=1 came after the drain: {log}"
+    );
     // Past the drain's 5 s, while the connector still waits for its PUT: read it all.
     tokio::time::sleep(Duration::from_millis(5_500)).await;
     let reader = std::thread::spawn(move || {

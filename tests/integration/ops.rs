@@ -3,7 +3,7 @@
 
 use crate::harness::{OTHER_TENANT, TENANT, TestDaemon, patch_op};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn status_counts_each_tenant_and_readyz_answers() {
@@ -307,6 +307,62 @@ async fn what_a_client_sends_is_logged_cut_to_size() {
     );
 }
 
+/// A deactivation by PATCH or PUT (how Entra and Okta deprovision) is logged under the
+/// IdP's request id, as a create and a delete are; a write that changes nothing is not.
+#[tokio::test]
+async fn an_update_is_logged_with_its_request_id_and_a_no_op_is_not() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    let id = d.create_user("deprov@acme.test").await;
+    let send = |method: Method, rid: &'static str, body: Value| {
+        let (d, id) = (&d, &id);
+        async move {
+            let r = d
+                .raw(
+                    method,
+                    &d.scim_url(&format!("/Users/{id}")),
+                    Some(&d.token),
+                    &[
+                        ("x-request-id", rid),
+                        ("content-type", "application/scim+json"),
+                    ],
+                    Some(body.to_string().into_bytes()),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body
+        }
+    };
+    let off = json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+        "Operations": [{"op": "Replace", "path": "active", "value": "False"}]});
+    let doc = send(Method::PATCH, "deprov-patch", off.clone()).await;
+    let line = logs.lines("deprov-patch");
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(
+        line[0].contains("Resource updated.")
+            && line[0].contains(&id)
+            && line[0].contains("by=\"PATCH\"")
+            && line[0].contains("deactivated=true"),
+        "{line:?}"
+    );
+    // The same again: nothing changed, nothing said.
+    send(Method::PATCH, "deprov-again", off).await;
+    assert!(
+        logs.lines("deprov-again").is_empty(),
+        "{:?}",
+        logs.lines("deprov-again")
+    );
+    let mut put = doc.clone();
+    put["active"] = json!(true);
+    send(Method::PUT, "deprov-put", put).await;
+    let line = logs.lines("deprov-put");
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(
+        line[0].contains("reactivated=true") && line[0].contains("by=\"PUT\""),
+        "{line:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was_told() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
@@ -398,6 +454,25 @@ async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was
         "abc status=200 FAKE17"
     );
     assert!(logs.lines("FAKE17").is_empty());
+    // Nor one that would end the span's braces, or hold a quote or an escape.
+    for id in ["a}b{cFAKE18", "it'sFAKE18", "a\\bFAKE18"] {
+        let r = d
+            .raw(
+                Method::GET,
+                &d.scim_url("/Users/nobody"),
+                Some(&d.token),
+                &[("x-request-id", id)],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 404);
+        assert_ne!(r.header("x-request-id").unwrap(), id);
+    }
+    assert!(
+        logs.lines("FAKE18").is_empty(),
+        "{:?}",
+        logs.lines("FAKE18")
+    );
     // A request that succeeds is not logged at INFO.
     let ok = d
         .raw(
