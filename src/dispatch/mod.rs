@@ -483,6 +483,16 @@ impl Live {
         self.health().last_success_at = Some(Utc::now());
     }
 
+    /// A write of a CSV connector's files made apart from its own loop (the `export`
+    /// schedule, a reconciliation) failed: shown and counted as the loop's failures are,
+    /// without a retry of its own (the next run is the retry) or a pause.
+    pub(super) fn write_failed(&self, reason: &str) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.health();
+        h.last_error = Some(reason.to_owned());
+        h.last_error_at = Some(Utc::now());
+    }
+
     /// Record a failed attempt of the request whose run is `streak`; pause the
     /// connector once failures in a row reach the limit. The first failure of each
     /// round is logged, so an outage shows before the pause without a line per request.

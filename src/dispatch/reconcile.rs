@@ -704,6 +704,13 @@ impl Dispatcher {
                     .await;
                     match r.map_err(StoreError::from_join)? {
                         Ok(rep) => {
+                            if !dry_run {
+                                // Written, as the connector's own writes are counted: an
+                                // export that runs only by the schedule read `delivered 0`
+                                // and no last success for good.
+                                ctx.live.success();
+                                crate::ops::metrics::delivered(tenant, ctx.name());
+                            }
                             let differed = rep.differed.unwrap_or(true);
                             report.checked = rep.users;
                             report.drifted = u64::from(differed);
@@ -730,8 +737,17 @@ impl Dispatcher {
                             }
                         }
                         Err(e) => {
+                            // Said where the connector's own failures are: the job and
+                            // the schedule's result point to `last_error`, which stayed
+                            // empty, and the reason was nowhere.
+                            let reason = e.to_string();
+                            if !dry_run {
+                                ctx.live.write_failed(&reason);
+                                crate::ops::metrics::retried(tenant, ctx.name());
+                            }
+                            tracing::error!(parent: &ctx.span(), %reason, "Cannot write the CSV files.");
                             report.failed = 1;
-                            report.note = Some(e.to_string());
+                            report.note = Some(reason);
                         }
                     }
                 }

@@ -67,6 +67,7 @@ pub const STORE_FAILED: &str = "rosterd_store_failed";
 pub const RELOAD_FAILED: &str = "rosterd_reload_failed";
 pub const PANICS_TOTAL: &str = "rosterd_panics_total";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
+pub const SCHEDULE_RUNS: &str = "rosterd_schedule_runs_total";
 pub const BACKUP_LAST_SUCCESS: &str = "rosterd_backup_last_success_timestamp_seconds";
 pub const BACKUP_SIZE: &str = "rosterd_backup_size_bytes";
 pub const BACKUPS_TOTAL: &str = "rosterd_backups_total";
@@ -230,6 +231,10 @@ fn describe() {
     metrics::describe_gauge!(
         STORE_FAILED,
         "1 once the store hit an unrecoverable storage error (e.g. a full disk) and refuses writes until rosterd restarts, else 0."
+    );
+    metrics::describe_counter!(
+        SCHEDULE_RUNS,
+        "Scheduled runs, one per tenant's part (one per run for the backup schedule), by `result`: done, failed (the part failed: a CSV connector's files not written, say) or skipped (its tenant ran a job). A reconcile part is done once its job started; the job's outcome is rosterd_jobs_total."
     );
     metrics::describe_gauge!(
         SCHEDULE_LAST_RUN,

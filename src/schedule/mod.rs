@@ -784,15 +784,22 @@ async fn run_and_keep(state: &Arc<AppState>, name: &str) {
             .run(&state.store, "schedule", &state.shutdown)
             .await
         {
-            Ok(w) => Outcome::Done(ScheduledPart::Text(format!(
-                "{BACKUP_PART}: {}",
-                w.summary()
-            ))),
+            Ok(w) => {
+                count_run(name, RunResult::Done);
+                Outcome::Done(ScheduledPart::Text(format!(
+                    "{BACKUP_PART}: {}",
+                    w.summary()
+                )))
+            }
             // As a tenant's run that found a job running: the last result stands.
             Err(e @ crate::ops::backup::BackupError::Running(_)) => {
+                count_run(name, RunResult::Skipped);
                 Outcome::Skipped(format!("{BACKUP_PART}: skipped, {e}"))
             }
-            Err(e) => Outcome::Done(ScheduledPart::Text(format!("{BACKUP_PART}: failed: {e}"))),
+            Err(e) => {
+                count_run(name, RunResult::Failed);
+                Outcome::Done(ScheduledPart::Text(format!("{BACKUP_PART}: failed: {e}")))
+            }
         };
         state
             .schedules
@@ -834,6 +841,7 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
                 let part =
                     format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
                 tracing::error!(schedule = name, result = %part, "Scheduled run failed.");
+                count_run(name, RunResult::Failed);
                 outcomes.push((tenant.to_owned(), Outcome::Done(ScheduledPart::Text(part))));
             }
         }
@@ -851,11 +859,13 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 // The job logs its own end, with its outcome.
                 Ok(job) => {
                     tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
+                    count_run(name, RunResult::Done);
                     return Some(Outcome::Done(ScheduledPart::Job(job.job_id)));
                 }
                 Err(JobError::AlreadyRunning(_)) => {
                     let text = format!("{tenant}: skipped, a job is running");
                     tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
+                    count_run(name, RunResult::Skipped);
                     return Some(Outcome::Skipped(text));
                 }
                 Err(e) => (format!("{tenant}: failed: {e}"), true),
@@ -917,10 +927,37 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     };
     if failed {
         tracing::warn!(schedule = name, result = %part, "Scheduled run failed.");
+        count_run(name, RunResult::Failed);
     } else {
         tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+        count_run(name, RunResult::Done);
     }
     Some(Outcome::Done(ScheduledPart::Text(part)))
+}
+
+/// How a tenant's part of a scheduled run ended, as the runs metric counts it.
+#[derive(Clone, Copy)]
+enum RunResult {
+    Done,
+    Failed,
+    Skipped,
+}
+
+/// Count a part of a scheduled run. `last_run` moves on a failed run too, so an alert on
+/// it alone never fires for an export that fails every night; this counter's `failed`
+/// does.
+fn count_run(schedule: &str, result: RunResult) {
+    let result = match result {
+        RunResult::Done => "done",
+        RunResult::Failed => "failed",
+        RunResult::Skipped => "skipped",
+    };
+    metrics::counter!(
+        crate::ops::metrics::SCHEDULE_RUNS,
+        "schedule" => schedule.to_owned(),
+        "result" => result,
+    )
+    .increment(1);
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).

@@ -639,3 +639,97 @@ async fn connector_counters_carry_the_tenant_and_start_at_zero() {
     let csv = crate::mirror::connector(&d, "zerocsv").await;
     assert!(csv["delivered"].as_u64().unwrap() >= 1, "{csv}");
 }
+
+/// The `export` schedule's writes of a CSV connector count as its deliveries, and a write
+/// that fails shows in its `last_error`, its retries and the schedule's runs: an export
+/// run only by the schedule read `delivered 0` for good, and one failing every night
+/// moved nothing but `last_run`.
+#[tokio::test]
+async fn a_scheduled_export_counts_its_writes_and_shows_its_failures() {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "nightout.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"nightout\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"nightout-out\"\ndebounce_ms = 50\n"
+            ),
+        )],
+        config_extra: "[schedules]\nexport = \"* * * * * *\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    let connector = |status: &serde_json::Value| {
+        status["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "nightout")
+            .cloned()
+            .unwrap_or_else(|| panic!("{status}"))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let first = loop {
+        let c = connector(&d.status().await);
+        if c["delivered"].as_u64().unwrap_or(0) >= 1 {
+            break c["delivered"].as_u64().unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // No change comes meanwhile: only the schedule writes.
+    loop {
+        let c = connector(&d.status().await);
+        if c["delivered"].as_u64().unwrap_or(0) >= first + 2 {
+            assert!(c["last_success_at"].is_string(), "{c}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the schedule's writes were not counted: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = |samples: &[Sample]| {
+        value(
+            samples,
+            "rosterd_schedule_runs_total",
+            &[("schedule", "export"), ("result", "failed")],
+        )
+        .unwrap_or(0.0)
+    };
+    let (_, before) = scrape(&d).await;
+    let failed_before = failed(&before);
+    let retries_before = value(
+        &before,
+        "rosterd_delivery_retries_total",
+        &[("connector", "nightout"), ("tenant", TENANT)],
+    )
+    .unwrap_or(0.0);
+    // The directory turns into a file: every write fails.
+    let dir = d.root.join("connectors/nightout-out");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, "not a directory").unwrap();
+    let c = loop {
+        let c = connector(&d.status().await);
+        if c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nightout-out"))
+        {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed write was not shown: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(c["last_error_at"].is_string(), "{c}");
+    let (text, after) = scrape_until(&d, |s| failed(s) > failed_before).await;
+    assert!(failed(&after) > failed_before, "{text}");
+    at_least(
+        &after,
+        "rosterd_delivery_retries_total",
+        &[("connector", "nightout"), ("tenant", TENANT)],
+        retries_before + 1.0,
+    );
+}
