@@ -685,16 +685,22 @@ pub fn record_request(
         "method" => method_l,
     )
     .record(elapsed.as_secs_f64());
-    if let Some(ScimOp { resource, op }) = route.and_then(|r| classify_scim(method, r)) {
-        metrics::counter!(
-            SCIM_OPERATIONS_TOTAL,
-            "tenant" => tenant.unwrap_or(UNKNOWN_TENANT).to_owned(),
-            "resource" => resource,
-            "op" => op,
-            "status_class" => status_class(status),
-        )
-        .increment(1);
+    if let Some(op) = route.and_then(|r| classify_scim(method, r)) {
+        record_scim_operation(tenant.unwrap_or(UNKNOWN_TENANT), op, status);
     }
+}
+
+/// Count one SCIM operation: a request's, or one of a /Bulk request's operations (which
+/// the request's own 200 does not show).
+pub fn record_scim_operation(tenant: &str, ScimOp { resource, op }: ScimOp, status: StatusCode) {
+    metrics::counter!(
+        SCIM_OPERATIONS_TOTAL,
+        "tenant" => tenant.to_owned(),
+        "resource" => resource,
+        "op" => op,
+        "status_class" => status_class(status),
+    )
+    .increment(1);
 }
 
 #[cfg(test)]

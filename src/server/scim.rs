@@ -1927,10 +1927,31 @@ async fn run_bulk_entry(
         }
         _ => None,
     };
+    // Each operation counts as the request it stands for would: a /Bulk answers 200
+    // whatever its operations met, and a store outage's 503s went uncounted.
+    let counted = crate::ops::metrics::ScimOp {
+        resource: match &target {
+            Ok((ResourceKind::User, _)) => "Users",
+            Ok((ResourceKind::Group, _)) => "Groups",
+            Err(_) => "Bulk",
+        },
+        op: match method_name.as_str() {
+            "POST" => "create",
+            "PUT" => "replace",
+            "PATCH" => "patch",
+            "DELETE" => "delete",
+            _ => "bulk",
+        },
+    };
     let outcome = match target {
         Ok((kind, id)) => run_bulk_op(state, tenant, op, &method_name, kind, id, created).await,
         Err(e) => Err(e),
     };
+    let status = match &outcome {
+        Ok((reply, _)) => reply.status,
+        Err(e) => StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
+    crate::ops::metrics::record_scim_operation(tenant, counted, status);
     let mut entry = bulk_entry_head(op);
     if let (Some(b), "POST") = (&bulk_id, method_name.as_str()) {
         ran.insert(b.clone());

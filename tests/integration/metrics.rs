@@ -733,3 +733,39 @@ async fn a_scheduled_export_counts_its_writes_and_shows_its_failures() {
         retries_before + 1.0,
     );
 }
+
+/// A /Bulk request answers 200 whatever its operations met: each operation counts on its
+/// own, by its resource, method and status, so an alert on 4xx or 5xx sees them.
+#[tokio::test]
+async fn each_bulk_operation_counts_with_its_own_status() {
+    let d = TestDaemon::start().await;
+    let scim = "rosterd_scim_operations_total";
+    let deletes = [
+        ("tenant", TENANT),
+        ("resource", "Groups"),
+        ("op", "delete"),
+        ("status_class", "4xx"),
+    ];
+    let bulks = [
+        ("tenant", TENANT),
+        ("resource", "Bulk"),
+        ("op", "bulk"),
+        ("status_class", "2xx"),
+    ];
+    let (_, before) = scrape(&d).await;
+    let was = |want: &[(&str, &str)]| value(&before, scim, want).unwrap_or(0.0);
+    let (deletes_before, bulks_before) = (was(&deletes), was(&bulks));
+    let missing = uuid::Uuid::new_v4();
+    let r = d
+        .bulk(serde_json::json!([
+            {"method": "DELETE", "path": format!("/Groups/{missing}")},
+            {"method": "DELETE", "path": format!("/Groups/{missing}")},
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["Operations"][0]["status"], "404", "{}", r.body);
+    let (text, after) = scrape(&d).await;
+    let now = |want: &[(&str, &str)]| value(&after, scim, want).unwrap_or(0.0);
+    assert!(now(&deletes) >= deletes_before + 2.0, "{text}");
+    assert!(now(&bulks) >= bulks_before + 1.0, "{text}");
+}
