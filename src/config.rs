@@ -993,7 +993,10 @@ impl Config {
             .map(|t| t.id.as_str())
             .filter(|t| !tenants.contains(t))
             .collect();
-        crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, &added, running)
+        let mut loaded =
+            crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, &added, running);
+        loaded.refuse_csv_inside(&self.server.data_dir, "the store's data directory");
+        loaded
     }
 
     /// The base URL clients see, without a trailing slash.

@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,6 +70,10 @@ pub struct OneRosterCsv {
     pub system_name: String,
 }
 
+fn canonical_or_as_is(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned())
+}
+
 fn default_file_name() -> String {
     "roster.csv".into()
 }
@@ -120,6 +125,26 @@ impl CsvSettings {
             names.push(BUNDLE_FILE);
         }
         names.into_iter().map(|n| dir.join(n)).collect()
+    }
+
+    /// Whether the files are written in `dir` or below it, both read through links as
+    /// far as they exist.
+    pub(super) fn written_inside(&self, dir: &Path) -> bool {
+        self.written_dir()
+            .is_some_and(|d| d.starts_with(canonical_or_as_is(dir)))
+    }
+
+    /// Whether the files are written in `dir` itself.
+    pub(super) fn written_in(&self, dir: &Path) -> bool {
+        self.written_dir()
+            .is_some_and(|d| d == canonical_or_as_is(dir))
+    }
+
+    fn written_dir(&self) -> Option<PathBuf> {
+        self.files()
+            .first()
+            .and_then(|f| f.parent())
+            .map(Path::to_owned)
     }
 
     /// The turn to write this connector's files. The connector's own write and a
@@ -360,7 +385,15 @@ fn write_files(
     let turn = settings.turn();
     let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
     let dir = settings.dir.as_path();
-    std::fs::create_dir_all(dir)
+    // 0750 and 0640 below, whatever the umask: the files hold the roster's personal
+    // data, as the store does (made 0700), and under umask 000 they were writable by
+    // every local user. The group bits stay, for a consumer given the group or an ACL
+    // (a default ACL's mask is what `open` asks for). A directory that exists keeps its
+    // mode: it is the operator's.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
         .map_err(|e| {
             // create_dir_all's own word for it, "File exists", reads as if all were well.
             if dir.exists() && !dir.is_dir() {
@@ -554,6 +587,7 @@ impl Staged {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o640)
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
         Ok(Staged {
@@ -1383,6 +1417,32 @@ mod tests {
 
     fn user_sid(id: &str) -> String {
         sourced_id(T, &format!("User/{id}"))
+    }
+
+    /// The files hold personal data: never readable by others, whatever the umask (the
+    /// test's is usually 022, under which they were 0644 in a 0755 directory).
+    #[tokio::test]
+    async fn the_files_and_the_directories_made_are_not_for_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let fx = fixture().await;
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("made/csv");
+        let s = settings(&dir);
+        let (store, s2) = (fx.store.clone(), s.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            write_snapshot(&store, T, &s2, Snapshot::Replace, &CancellationToken::new())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(report.files.len(), 2, "{report:?}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for f in &report.files {
+            assert_eq!(mode(f) & 0o037, 0, "{} is {:o}", f.display(), mode(f));
+        }
+        for d in [dir.as_path(), &out.path().join("made")] {
+            assert_eq!(mode(d) & 0o027, 0, "{} is {:o}", d.display(), mode(d));
+        }
     }
 
     #[tokio::test]

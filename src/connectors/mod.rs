@@ -234,10 +234,25 @@ impl ConnectorConfig {
                 "key `{key}`: a CSV connector sends no requests (it writes files, one write at a time); remove it"
             )));
         }
-        if let Some(csv) = &mut c.csv
-            && csv.dir.is_relative()
-        {
-            csv.dir = base_dir.join(&csv.dir);
+        if let Some(csv) = &mut c.csv {
+            // Empty, it would be the connectors directory (below), and said as such.
+            if csv.dir.as_os_str().is_empty() {
+                return Err(invalid(
+                    "key `csv.dir`: empty; name the directory the files are written to".into(),
+                ));
+            }
+            if csv.dir.is_relative() {
+                csv.dir = base_dir.join(&csv.dir);
+            }
+            // The roster there would be read as a connector file at every reload when
+            // its name ends in `.toml`, and lie among the config (under the unit,
+            // /etc/rosterd) either way. (A directory below it is no connector file.)
+            if csv.written_in(base_dir) {
+                return Err(invalid(format!(
+                    "key `csv.dir`: {} is the connectors directory; write the files elsewhere",
+                    csv.dir.display()
+                )));
+            }
         }
         Ok(c)
     }
@@ -377,6 +392,36 @@ pub struct Unloaded {
     /// strings; `None` means it could be any connector (of any tenant).
     pub tenant: Option<String>,
     pub name: Option<String>,
+}
+
+impl Loaded {
+    /// Refuse every CSV connector whose files would be written inside `dir` (the store's
+    /// data directory), as a file with an invalid key is: a start refuses a data
+    /// directory holding anything but the store, so the next restart would not come up.
+    pub fn refuse_csv_inside(&mut self, dir: &Path, what: &str) {
+        let (inside, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.connectors)
+            .into_iter()
+            .partition(|c| c.csv.as_ref().is_some_and(|csv| csv.written_inside(dir)));
+        self.connectors = rest;
+        for c in inside {
+            self.errors.push(ConnectorError::Invalid {
+                file: c.file.clone(),
+                message: format!(
+                    "key `csv.dir`: {} is inside {what} {}; write the files elsewhere",
+                    c.csv
+                        .as_ref()
+                        .map(|s| s.dir.display().to_string())
+                        .unwrap_or_default(),
+                    dir.display()
+                ),
+            });
+            self.unloaded.push(Unloaded {
+                file: c.file.clone(),
+                tenant: Some(c.tenant.clone()),
+                name: Some(c.name.clone()),
+            });
+        }
+    }
 }
 
 impl Unloaded {
@@ -924,6 +969,45 @@ secret_env = "HOOK_SECRET"
     }
 
     /// A CSV connector sends no requests: keys for them are refused, not ignored.
+    #[test]
+    fn a_csv_connector_writes_neither_among_the_connector_files_nor_in_the_store() {
+        let base = tempfile::tempdir().unwrap();
+        let connectors = base.path().join("connectors");
+        let data = base.path().join("data");
+        std::fs::create_dir_all(&connectors).unwrap();
+        std::fs::create_dir_all(data.join("exports")).unwrap();
+        let file = |dir: &str| {
+            format!("kind = \"csv\"\nname = \"files\"\ntenant = \"demo\"\n[csv]\ndir = \"{dir}\"\n")
+        };
+        let parse = |dir: &str| {
+            ConnectorConfig::parse(&file(dir), &connectors.join("x.toml"), &connectors)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(parse("out"), Ok(()));
+        for dir in ["", ".", "out/..", &connectors.display().to_string()] {
+            let err = parse(dir).unwrap_err();
+            assert!(err.contains("`csv.dir`"), "{dir:?}: {err}");
+        }
+        // The data directory, by a path of its own or through the connectors directory.
+        for dir in [
+            data.join("exports").display().to_string(),
+            "../data/exports".into(),
+        ] {
+            std::fs::write(connectors.join("files.toml"), file(&dir)).unwrap();
+            let mut loaded = load_dir(&connectors, &["demo"]);
+            assert_eq!(loaded.connectors.len(), 1, "{dir}");
+            loaded.refuse_csv_inside(&data, "the store's data directory");
+            assert!(loaded.connectors.is_empty(), "{dir}");
+            let err = loaded.errors[0].to_string();
+            assert!(
+                err.contains("`csv.dir`") && err.contains("data directory"),
+                "{err}"
+            );
+            assert_eq!(loaded.unloaded[0].name.as_deref(), Some("files"));
+        }
+    }
+
     #[test]
     fn a_csv_connector_refuses_request_settings() {
         let csv =
