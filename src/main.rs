@@ -793,6 +793,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     });
     let mut not_started = 0usize;
     for c in &connectors.connectors {
+        for warning in c.warnings() {
+            note!("warning: connector {:?}: {warning}", c.name);
+        }
         if let Some(p) = checked.get(c.tenant.as_str()) {
             for id in c.unmapped_roles(&p.bundle().archetype_ids()) {
                 note!(

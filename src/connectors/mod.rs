@@ -110,6 +110,10 @@ pub struct ConnectorConfig {
     /// The file it came from.
     #[serde(skip)]
     pub file: PathBuf,
+    /// What the file says that runs but is probably not what was meant (see
+    /// [`ConnectorConfig::warnings`]), found as it was read.
+    #[serde(skip)]
+    read_warnings: Vec<String>,
 }
 
 /// `[guard]`: hold the connector when the roster loses many users at once. An identity
@@ -190,6 +194,29 @@ fn default_timeout_ms() -> u64 {
 }
 
 impl ConnectorConfig {
+    /// What the file says that runs but is probably not what was meant: `check-config`
+    /// prints these, and a start or reload logs them at WARN.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.read_warnings.clone();
+        if let Some(w) = &self.webhook
+            && !w.events.is_empty()
+        {
+            let takes = |t: &str| w.events.iter().any(|e| e == t);
+            // A cleared override goes out as the assignment that follows it.
+            if takes("roster.archetype_overridden") && !takes("roster.archetype_assigned") {
+                out.push("`events` takes roster.archetype_overridden but not roster.archetype_assigned, which is what a cleared override sends (the assignment the user falls back to): the receiver would keep the override for good".into());
+            }
+            if takes("roster.user_deactivated")
+                && let Some(missing) = ["roster.user_reactivated", "roster.user_deleted"]
+                    .into_iter()
+                    .find(|t| !takes(t))
+            {
+                out.push(format!("`events` takes roster.user_deactivated but not {missing}: the receiver would not hear that a leaver came back, or was deleted outright (an IdP may DELETE without deactivating first)"));
+            }
+        }
+        out
+    }
+
     /// Parse one drop-in file's text; `base_dir` resolves relative paths in it.
     /// The archetype ids its OneRoster `roles` map (REST or CSV bundle) that are not
     /// among `archetypes` (its tenant's bundle): such a key maps no one, and a typo in it
@@ -233,6 +260,15 @@ impl ConnectorConfig {
             return Err(invalid(format!(
                 "key `{key}`: a CSV connector sends no requests (it writes files, one write at a time); remove it"
             )));
+        }
+        if c.csv.as_ref().is_some_and(|s| s.schedule.is_some())
+            && let Ok(table) = text.parse::<toml::Table>()
+            && table
+                .get("csv")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|t| t.contains_key("debounce_ms"))
+        {
+            c.read_warnings.push("[csv] has both `schedule` and `debounce_ms`: the files are written on the schedule only, and `debounce_ms` is not used".into());
         }
         if let Some(csv) = &mut c.csv {
             // Empty, it would be the connectors directory (below), and said as such.
@@ -1006,6 +1042,46 @@ secret_env = "HOOK_SECRET"
             );
             assert_eq!(loaded.unloaded[0].name.as_deref(), Some("files"));
         }
+    }
+
+    #[test]
+    fn a_filter_that_would_miss_a_clear_or_a_return_is_warned_of() {
+        let hook = |events: &str| {
+            ConnectorConfig::parse(
+                &WEBHOOK.replace("[webhook]", &format!("[webhook]\nevents = {events}")),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+            .unwrap()
+            .warnings()
+        };
+        assert!(hook("[]").is_empty());
+        let w = hook(r#"["roster.archetype_overridden"]"#);
+        assert!(
+            w.len() == 1 && w[0].contains("roster.archetype_assigned"),
+            "{w:?}"
+        );
+        assert!(hook(r#"["roster.archetype_overridden", "roster.archetype_assigned"]"#).is_empty());
+        let w = hook(r#"["roster.user_deactivated", "roster.user_reactivated"]"#);
+        assert!(
+            w.len() == 1 && w[0].contains("roster.user_deleted"),
+            "{w:?}"
+        );
+        let csv = |extra: &str| {
+            ConnectorConfig::parse(
+                &format!(
+                    "kind = \"csv\"\nname = \"f\"\ntenant = \"demo\"\n[csv]\ndir = \"out\"\n{extra}"
+                ),
+                Path::new("x.toml"),
+                Path::new("."),
+            )
+            .unwrap()
+            .warnings()
+        };
+        assert!(csv("debounce_ms = 10\n").is_empty());
+        assert!(csv("schedule = \"0 0 3 * * *\"\n").is_empty());
+        let w = csv("schedule = \"0 0 3 * * *\"\ndebounce_ms = 10\n");
+        assert!(w.len() == 1 && w[0].contains("debounce_ms"), "{w:?}");
     }
 
     #[test]

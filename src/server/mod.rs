@@ -315,7 +315,7 @@ pub async fn run_with_env(
         dispatch_stop.clone(),
     );
     let loaded = config.load_connectors();
-    warn_unmapped_roles(&roster, &loaded.connectors);
+    warn_about_connectors(&roster, &loaded.connectors);
     dispatch.apply(loaded).await;
     let backup_plan = crate::ops::backup::Plan::of(&config);
     let config_max_body = config.server.max_body_bytes;
@@ -602,8 +602,11 @@ fn settle<T, E: std::fmt::Display>(
 /// Say (WARN) each OneRoster `roles` key that names no archetype of its tenant's bundle,
 /// as `check-config` does: the example files tell operators to copy and reload, which a
 /// warning from `check-config` alone would not reach.
-fn warn_unmapped_roles(roster: &RosterState, connectors: &[crate::connectors::ConnectorConfig]) {
+fn warn_about_connectors(roster: &RosterState, connectors: &[crate::connectors::ConnectorConfig]) {
     for c in connectors {
+        for warning in c.warnings() {
+            tracing::warn!(tenant = %c.tenant, connector = %c.name, file = %c.file.display(), %warning, "The connector's file says something that is probably not meant.");
+        }
         let Some(policy) = roster.tenants.get(&c.tenant).and_then(|t| t.policy()) else {
             continue;
         };
@@ -768,7 +771,7 @@ pub async fn reload(state: &Arc<AppState>) {
             }
         }
     }
-    warn_unmapped_roles(&state.roster, &configs);
+    warn_about_connectors(&state.roster, &configs);
     state
         .reloads
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
