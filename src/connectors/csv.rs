@@ -96,7 +96,7 @@ impl CsvSettings {
     /// directory's path that exists is read through its links, and the rest (not made
     /// yet) is taken as written, a `..` undoing the name before it as the kernel will
     /// once it is made. (`link/not-yet/..` is where `link` points.)
-    pub(super) fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         let parts: Vec<_> = self.dir.components().collect();
         let (mut dir, rest) = (0..=parts.len())
             .rev()

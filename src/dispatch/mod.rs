@@ -2435,6 +2435,20 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             owed = true;
         }
     }
+    // Files missing at the start of an on-change connector that has something to write
+    // (a reload renamed them or moved the directory, or someone removed them) are
+    // written now, not at the next change of the roster, which may be hours away. A
+    // scheduled connector's consumer expects them at the scheduled time.
+    if schedule.is_none() && !owed && !ctx.config.dry_run && *durable.borrow() > 0 {
+        let s = settings.clone();
+        let missing = tokio::task::spawn_blocking(move || s.files().iter().any(|f| !f.exists()))
+            .await
+            .unwrap_or(false);
+        if missing {
+            tracing::info!(dir = %settings.dir.display(), "The connector's files are missing; writing them now.");
+            owed = true;
+        }
+    }
     // The time of the last scheduled write, so that a clock stepped back does not write again.
     let mut fired = None;
     // The last change the guard has read: the files hold every change up to the cursor.
@@ -2826,6 +2840,24 @@ impl Dispatcher {
                     tracing::warn!(%tenant, connector = %name, "Stopping connector to start it again: its file changed its [guard] while it held changes. It holds again only if the new [guard] would; otherwise the held changes go out now.");
                 } else if reshaped.is_empty() {
                     tracing::info!(%tenant, connector = %name, "Stopping connector to start it again: its file changed.");
+                    // Files it no longer writes stay as they were: a consumer still
+                    // reading them reads a roster that stopped moving.
+                    if let (Some(old), Some(new)) = (c.csv.clone(), new.csv.clone()) {
+                        // Off the runtime: a directory on a hung mount.
+                        let left: Vec<String> = tokio::task::spawn_blocking(move || {
+                            let kept = new.files();
+                            old.files()
+                                .into_iter()
+                                .filter(|f| !kept.contains(f) && f.exists())
+                                .map(|f| f.display().to_string())
+                                .collect()
+                        })
+                        .await
+                        .unwrap_or_default();
+                        if !left.is_empty() {
+                            tracing::warn!(%tenant, connector = %name, files = %left.join(", "), "The connector no longer writes these files; they stay as they were, and stop following the roster. Remove them once nothing reads them.");
+                        }
+                    }
                 } else {
                     tracing::warn!(%tenant, connector = %name, keys = %reshaped.join(", "), "Stopping connector to start it again: its file changes what it sends for objects the target already has, which stay as they are until a reconciliation: run `rosterd reconcile --tenant {tenant} --connector {name}` (or wait for the scheduled one).");
                 }

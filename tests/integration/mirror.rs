@@ -3250,6 +3250,48 @@ async fn a_broken_connector_file_stays_indented_in_rosterd_status() {
     );
 }
 
+/// A reload that renames a CSV connector's roster and drops its bundle writes the new
+/// file at once, not at the roster's next change, and says which files it left behind:
+/// they stay, and stop following the roster.
+#[tokio::test]
+async fn a_reload_that_renames_the_csv_files_writes_them_and_names_those_left() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = with_csv_files().await;
+    d.create_user("ada@acme.test").await;
+    let out = d.root.join("connectors/out");
+    let wait_for = |p: std::path::PathBuf| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !p.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never written",
+                p.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for(out.join("oneroster.zip")).await;
+    let file = d.root.join("connectors/files.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text[..text.find("[csv.oneroster]").unwrap()].to_owned();
+    std::fs::write(
+        &file,
+        text.replace("[csv]", "[csv]\nfile_name = \"people.csv\""),
+    )
+    .unwrap();
+    d.reload().await;
+    // No change of the roster comes.
+    wait_for(out.join("people.csv")).await;
+    let people = std::fs::read_to_string(out.join("people.csv")).unwrap();
+    assert!(people.contains("ada@acme.test"), "{people}");
+    let said = logs.lines("no longer writes these files");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("roster.csv") && said[0].contains("oneroster.zip"),
+        "{said:?}"
+    );
+}
+
 /// A daemon with one CSV connector, `files`, writing the roster and the OneRoster bundle
 /// to `connectors/out` 100 ms after changes settle.
 async fn with_csv_files() -> TestDaemon {
