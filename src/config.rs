@@ -199,10 +199,12 @@ pub struct GroupRole {
 pub const DEFAULT_GROUP_ROLE: &str = "member";
 
 /// Whether `pattern` (a config file's `group = "…"`) names this group: its SCIM id, its
-/// displayName in any case, or its externalId.
+/// displayName in any case, or its externalId. Any case in Unicode's sense, as the Roster
+/// API's `group` filter reads a name: with ASCII's alone, a rule for "Équipe Design"
+/// missed the group "équipe design", and its members kept the classifier's archetype.
 pub fn names_group(pattern: &str, id: &str, name: Option<&str>, external: Option<&str>) -> bool {
     pattern == id
-        || name.is_some_and(|n| n.eq_ignore_ascii_case(pattern))
+        || name.is_some_and(|n| n == pattern || n.to_lowercase() == pattern.to_lowercase())
         || external.is_some_and(|x| x == pattern)
 }
 
@@ -1286,6 +1288,20 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_is_named_in_any_case_beyond_ascii() {
+        let named = |pattern: &str, name: &str| names_group(pattern, "g1", Some(name), Some("X-1"));
+        assert!(named("Équipe Design", "équipe design"));
+        assert!(named("équipe design", "ÉQUIPE DESIGN"));
+        assert!(named("Equipe Design", "EQUIPE design"));
+        assert!(!named("Équipe Design", "Equipe Design"));
+        assert!(named("g1", "anything") && named("X-1", "anything"));
+        assert!(
+            !named("x-1", "anything"),
+            "an externalId is matched as it is"
+        );
+    }
 
     /// Backups go beside the data directory unless told, never inside it (a link to a
     /// place inside it included), and `keep` is bounded.

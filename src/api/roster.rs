@@ -853,22 +853,26 @@ fn check_override(
 ) -> ApiResult<()> {
     caller.require(Scope::Write)?;
     let t = tenant_of(st, &caller.tenant)?;
+    // One read, only for an archetype outside the bundle or a tenant without overrides:
+    // rare enough to do here.
+    let held = |a: &str| -> ApiResult<bool> {
+        let Some(id) = user else { return Ok(false) };
+        Ok(st.store.assignment(&caller.tenant, id)?.is_some_and(|c| {
+            c.source == crate::store::AssignmentSource::Override
+                && c.archetype_id.as_deref() == Some(a)
+        }))
+    };
     let archetype = match intent {
+        // Repeating the override a user holds sets nothing new, as for a dropped
+        // archetype: a bulk re-send of a team's overrides does not fail on them.
+        OverrideIntent::Set(Some(a)) if !t.allow_overrides && held(a)? => Some(a),
         OverrideIntent::Set(_) if !t.allow_overrides => return Err(ApiError::OverridesForbidden),
         OverrideIntent::Set(a) => a,
         OverrideIntent::Clear => None,
     };
     if let Some(a) = archetype {
         let policy = t.policy().ok_or(ApiError::NoBundle)?;
-        // One read, only for an archetype outside the bundle: rare enough to do here.
-        let held = || -> ApiResult<bool> {
-            let Some(id) = user else { return Ok(false) };
-            Ok(st.store.assignment(&caller.tenant, id)?.is_some_and(|c| {
-                c.source == crate::store::AssignmentSource::Override
-                    && c.archetype_id.as_deref() == Some(a)
-            }))
-        };
-        if !policy.has_archetype(a) && !held()? {
+        if !policy.has_archetype(a) && !held(a)? {
             return Err(ApiError::InvalidArchetype(a.to_owned()));
         }
     }

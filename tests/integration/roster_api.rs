@@ -1038,6 +1038,27 @@ async fn overrides_made_before_a_policy_forbids_them_can_still_be_cleared() {
         .override_archetype("/users/user:a@acme.test", &admin, json!("sales_rep"))
         .await;
     api_error(&set, 422, "override_forbidden");
+    // Repeating the override a user holds sets nothing new: accepted, as a bulk re-send
+    // of a team's overrides is.
+    let again = d
+        .override_archetype("/users/user:a@acme.test", &admin, json!("fpa_analyst"))
+        .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    let r = d
+        .bulk_assign(
+            &admin,
+            json!([{"user_id": "user:b@acme.test", "archetype_id": "fpa_analyst"}]),
+        )
+        .await;
+    assert_eq!(
+        (
+            r.body["updated"].as_u64(),
+            r.body["errors"].as_array().map(Vec::len)
+        ),
+        (Some(1), Some(0)),
+        "{}",
+        r.body
+    );
     let clear = d
         .override_archetype("/users/user:a@acme.test", &admin, json!(null))
         .await;
