@@ -241,18 +241,29 @@ fn fingerprint(
     rules: &[GroupRule],
     threshold: Option<f64>,
 ) -> String {
+    let mut rules_part = rules
+        .iter()
+        .map(|r| format!("{}={}", r.group, r.archetype))
+        .collect::<Vec<_>>()
+        .join(",");
+    // How a rule names a group decides too: tenants with rules are reclassified by the
+    // rosterd that reads names in any case beyond ASCII (`config::names_group`), and only
+    // they, once.
+    if !rules.is_empty() {
+        rules_part.insert_str(0, GROUP_NAMING);
+    }
     format!(
         "{}:{}:{}:{}",
         super::REVISION,
         content,
-        rules
-            .iter()
-            .map(|r| format!("{}={}", r.group, r.archetype))
-            .collect::<Vec<_>>()
-            .join(","),
+        rules_part,
         threshold.unwrap_or(bundle.review_threshold)
     )
 }
+
+/// The revision of how a group rule's `group` names a group; part of the fingerprint of a
+/// tenant with rules.
+const GROUP_NAMING: &str = "names-unicode-case;";
 
 fn rule_matches(r: &GroupRule, id: &str, name: Option<&str>, external: Option<&str>) -> bool {
     crate::config::names_group(&r.group, id, name, external)

@@ -884,3 +884,22 @@ fn a_labeled_csv_names_its_title_column_as_classify_does() {
         );
     }
 }
+
+#[test]
+fn the_policy_fingerprint_of_a_tenant_with_rules_covers_how_rules_name_groups() {
+    // A store resolved by a rosterd that read names in ASCII case alone must not look up
+    // to date where rules exist, and only there.
+    let archetype = tiny().archetypes[0].id.clone();
+    let rules = vec![crate::config::GroupRule {
+        group: "Équipe".into(),
+        archetype,
+    }];
+    let with = TenantPolicy::new(tiny(), rules, None).unwrap();
+    let without = TenantPolicy::new(tiny(), Vec::new(), None).unwrap();
+    assert!(
+        with.fingerprint().contains(":names-unicode-case;Équipe="),
+        "{}",
+        with.fingerprint()
+    );
+    assert!(!without.fingerprint().contains("names-unicode-case"));
+}
