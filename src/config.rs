@@ -1188,6 +1188,11 @@ fn url_credentials(line: &str) -> Vec<String> {
 pub(crate) fn url_secrets(url: &reqwest::Url) -> Vec<String> {
     let mut found = vec![url.username().to_owned()];
     found.extend(url.password().map(str::to_owned));
+    // What the Basic header carries (in base64, which `redact` also looks for): the user
+    // name's base64 alone is its start, and taken out on its own it left a letter of it.
+    if let Some(password) = url.password() {
+        found.push(format!("{}:{password}", url.username()));
+    }
     found.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
     found.extend(url.query().into_iter().flat_map(|q| {
         q.split('&')

@@ -2355,7 +2355,14 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         .cloned()
         .unwrap_or_default();
     if !errors.is_empty() {
-        outln!("connector errors (files NOT loaded, connectors NOT started):")?;
+        // A file that does not load may name no tenant, or the wrong one: all are shown.
+        if only.is_empty() {
+            outln!("connector errors (files NOT loaded, connectors NOT started):")?;
+        } else {
+            outln!(
+                "connector errors, of every tenant (files NOT loaded, connectors NOT started):"
+            )?;
+        }
         for e in errors {
             outln!("    {}", indented(&str_of(&e)))?;
         }

@@ -987,7 +987,7 @@ async fn patch_user(
         )
         .await?;
     let name = text(user.doc.get("userName")).unwrap_or_default();
-    tracing::info!(user = %user.id, archetype = ?a.archetype_id, actor = %caller.principal.actor(), "Archetype override set.");
+    tracing::info!(user = %user.id, archetype = a.archetype_id.as_deref().unwrap_or("none"), actor = %caller.principal.actor(), "Archetype override set.");
     Ok(Json(assignment_reply(&name, &a)).into_response())
 }
 

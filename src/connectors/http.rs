@@ -425,8 +425,17 @@ const MIN_PARTIAL: usize = 4;
 /// PHP's `\/`, .NET's `\u002B`, Python's `quote` and HTML all match; and the secret may
 /// be echoed in base64.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut secrets: Vec<&str> = secrets
+        .iter()
+        .copied()
+        .filter(|s| s.len() >= MIN_SECRET)
+        .collect();
+    // Longest first: one secret may hold another (a Basic header holds the URL's user
+    // name and password, in base64). The user name's base64 taken out of the header's
+    // first left it no longer whole, and a letter of it between two `[redacted]`.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let mut out = text.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET) {
+    for secret in secrets {
         out = redact_one(&out, secret);
     }
     out
@@ -671,7 +680,7 @@ fn scheme_hint(chain: &str, url: &str) -> &'static str {
             .iter()
             .any(|s| lower.contains(s))
     {
-        "; does the target speak https://? The URL says http://, and a TLS server answers plain HTTP so"
+        "; does the target speak https://? The URL says http://, and a TLS server answers plain HTTP so (a plain HTTP server whose answer broke HTTP, a body sent with a 204 say, does too)"
     } else if url.starts_with("https://")
         && [
             "invalidcontenttype",
@@ -846,6 +855,24 @@ pub(super) mod tests {
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", Some("yesterday")),
             Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn a_basic_header_echoed_back_is_redacted_whole() {
+        // The URL's user name and password are secrets, and so is the header made of
+        // them; the user name's base64 is the header's start.
+        let header = "Basic aG9va3VzZXI6aG9va3Bhc3N3MHJkOTk=";
+        let echoed = format!("{{\"authorization\": \"{header}\"}}");
+        let shown = redact(&echoed, &["hookuser", "hookpassw0rd99", header]);
+        assert_eq!(shown, "{\"authorization\": \"[redacted]\"}");
+        // As a webhook whose URL carries them gathers them (reqwest makes the header).
+        let url = reqwest::Url::parse("http://hookuser:hookpassw0rd99@127.0.0.1/h").unwrap();
+        let secrets = crate::config::url_secrets(&url);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        assert_eq!(
+            redact(&echoed, &secrets),
+            "{\"authorization\": \"Basic [redacted]\"}"
         );
     }
 

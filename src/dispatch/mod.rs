@@ -415,7 +415,7 @@ impl Live {
             h.last_error_at = None;
         }
         drop(h);
-        tracing::info!(tenant = %self.tenant, connector = %self.name, held = %reason, skip, "The operator lets go the changes the guard held.");
+        tracing::info!(tenant = %self.tenant, connector = %self.name, held = ?reason, skip, "The operator lets go the changes the guard held.");
         let mut n = 0;
         self.approvals.send_modify(|a| {
             a.n += 1;
@@ -596,7 +596,7 @@ impl Live {
         h.pause_logged = true;
         drop(h);
         self.pause_changed.notify_waiters();
-        tracing::error!(reason = %why, "Connector paused until resumed (`rosterd resume`): its target refuses everything.");
+        tracing::error!(reason = ?why, "Connector paused until resumed (`rosterd resume`): its target refuses everything.");
     }
 
     /// Why, and since when, the connector is paused for its target's refusals, if it is.
@@ -1322,7 +1322,7 @@ impl Ctx {
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
                 .max(retry_after.unwrap_or_default());
-            tracing::debug!(url = %http::shown_url(&req.url), %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            tracing::debug!(url = %http::shown_url(&req.url), ?reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             if counts {
                 // The soonest attempt still ahead: what an operator waits for.
                 let at = Deadline::after(delay);
@@ -1645,7 +1645,7 @@ impl Ctx {
             )
             .await?;
         // Said once it is stored, so that the log never names a letter the list lacks.
-        tracing::warn!(seq = ev.seq, %object, reason = %shown,
+        tracing::warn!(seq = ev.seq, %object, reason = ?shown,
             "Change set aside as a dead letter; `rosterd dead-letters --tenant {} list {}` shows it.",
             self.tenant(), self.name());
         counters::dead_lettered(self.tenant(), self.name());
@@ -2019,7 +2019,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                     "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped{stopped}; run `rosterd reconcile` once the target accepts them",
                     report.failed, report.drifted, report.unmappable
                 );
-                tracing::warn!(%reason, "Resync incomplete.");
+                tracing::warn!(?reason, "Resync incomplete.");
                 let mut h = ctx.live.health();
                 h.last_error = Some(reason);
                 h.last_error_at = Some(Utc::now());
@@ -2570,7 +2570,11 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
                     // Before any await: /status never shows the failure without its retry.
                     ctx.live.health().next_retry = Some(Deadline::after(delay));
-                    tracing::error!(%reason, retry_in_ms = delay.as_millis() as u64, "Cannot write the CSV files; trying again.");
+                    tracing::error!(
+                        ?reason,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "Cannot write the CSV files; trying again."
+                    );
                     // Still owed if scheduled, the cursor still behind if not: the next
                     // turn of the loop writes them.
                     tokio::select! {
@@ -3009,7 +3013,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 let reason = format!("not started: {}", e.explained());
-                tracing::error!(tenant = %config.tenant, connector = %config.name, %reason, "Connector not started.");
+                tracing::error!(tenant = %config.tenant, connector = %config.name, ?reason, "Connector not started.");
                 let live = Live::new(&config.tenant, &config.name, &reason);
                 // The state says what to do; `last error` is the error alone.
                 live.health().error(e.to_string());
@@ -3063,7 +3067,7 @@ impl Dispatcher {
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
                 if let Some(pause) = task_ctx.live.refusal_pause() {
-                    tracing::warn!(since = %rfc3339(pause.at), reason = %pause.why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
+                    tracing::warn!(since = %rfc3339(pause.at), reason = ?pause.why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
                 }
                 let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
                 supervised(&live, &cancel, || {
@@ -3428,7 +3432,7 @@ impl Dispatcher {
             match letter {
                 Some(letter) => {
                     let ev = &letter.event;
-                    tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = %letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+                    tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = ?letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
                 }
                 None => {
                     tracing::warn!(tenant = %tenant, connector = %name, id, "Dead letter discarded by the operator; it could not be read, so which change it held is not known.");

@@ -80,7 +80,7 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 pub const UNKNOWN_TENANT: &str = "(unknown)";
 
 /// The content type of the Prometheus text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Request latencies: 250 µs to 30 s.
 const HTTP_BUCKETS: &[f64] = &[

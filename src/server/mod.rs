@@ -348,7 +348,8 @@ pub async fn run_with_env(
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
         if !marked.is_empty() {
-            tracing::warn!(tenant = %t.id, jobs = marked.len(), "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
+            let ids: Vec<&str> = marked.iter().map(|j| j.job_id.as_str()).collect();
+            tracing::warn!(tenant = %t.id, jobs = marked.len(), job_ids = %ids.join(","), "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
         }
         // They finished here, as far as anyone alerting on job outcomes can tell.
         for j in &marked {

@@ -119,7 +119,7 @@ pub(crate) async fn scrape(d: &TestDaemon) -> (String, Vec<Sample>) {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ct = r.header("content-type").unwrap_or_default();
-    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
     let text = r.body.as_str().expect("text body").to_owned();
     let samples = parse(&text);
     (text, samples)
