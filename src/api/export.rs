@@ -179,8 +179,8 @@ fn write_rows<W: std::io::Write>(
         }
         let cells = [
             rec.user.email,
-            rec.user.given_name,
-            rec.user.family_name,
+            rec.user.given_name.as_deref(),
+            rec.user.family_name.as_deref(),
             rec.user.title,
             rec.user.department,
             manager.as_deref(),

@@ -296,9 +296,6 @@ fn ts(t: DateTime<Utc>) -> String {
 #[error("{0}")]
 pub struct Unmappable(pub String);
 
-/// Where a SCIM user's full name is, in the order it is looked for.
-const FULL_NAMES: [&str; 2] = ["/name/formatted", "/displayName"];
-
 /// The fields of a SCIM user a OneRoster user needs.
 pub struct UserFields<'a> {
     pub doc: &'a Value,
@@ -332,51 +329,14 @@ impl UserFields<'_> {
             .or_else(|| self.user_name().filter(|u| u.contains('@')))
     }
 
-    /// `name.givenName`, else all but the last word of a full name (see [`Self::split_name`]).
+    /// The given name every output shows (see [`crate::scim::names`]).
     pub fn given_name(&self) -> Option<Cow<'_, str>> {
-        if let Some(g) = self.str("/name/givenName") {
-            return Some(Cow::Borrowed(g));
-        }
-        // A known family name ends the full name: what comes before it is the given
-        // name ("Jan" of "Jan van der Berg"), not all but the last word.
-        if let Some(f) = self.str("/name/familyName")
-            && let Some(rest) = self.full_name_around(|full| strip_suffix_words(full, f))
-        {
-            return Some(Cow::Owned(rest));
-        }
-        self.split_name().map(|(given, _)| Cow::Owned(given))
+        crate::scim::names::given_name(self.doc)
     }
 
-    /// `name.familyName`, else the last word of a full name (see [`Self::split_name`]).
+    /// The family name every output shows (see [`crate::scim::names`]).
     pub fn family_name(&self) -> Option<Cow<'_, str>> {
-        if let Some(f) = self.str("/name/familyName") {
-            return Some(Cow::Borrowed(f));
-        }
-        // A known given name starts the full name: the rest is the family name
-        // ("de la Cruz" of "Mary Ann de la Cruz").
-        if let Some(g) = self.str("/name/givenName")
-            && let Some(rest) = self.full_name_around(|full| strip_prefix_words(full, g))
-        {
-            return Some(Cow::Owned(rest));
-        }
-        self.split_name().map(|(_, family)| Cow::Borrowed(family))
-    }
-
-    /// What `cut` leaves of `name.formatted`, else of `displayName`, when it leaves
-    /// words.
-    fn full_name_around(&self, cut: impl Fn(&str) -> Option<String>) -> Option<String> {
-        FULL_NAMES.iter().find_map(|ptr| cut(self.str(ptr)?))
-    }
-
-    /// `name.formatted`, else `displayName`, as given name(s) and a family name: the last
-    /// word is the family name. A single word could be either, so it is neither: OneRoster
-    /// requires both, and a guess would put a made-up name on a person's record.
-    fn split_name(&self) -> Option<(String, &str)> {
-        FULL_NAMES.iter().find_map(|ptr| {
-            let words: Vec<&str> = self.str(ptr)?.split_whitespace().collect();
-            let (family, given) = words.split_last()?;
-            (!given.is_empty()).then(|| (given.join(" "), *family))
-        })
+        crate::scim::names::family_name(self.doc)
     }
 
     /// What a OneRoster user cannot be without: email, given and family name; or why
@@ -502,31 +462,6 @@ fn present<const N: usize>(fields: [(&str, Option<Value>); N]) -> Map<String, Va
         .into_iter()
         .filter_map(|(k, v)| Some((k.to_owned(), v?)))
         .collect()
-}
-
-/// `full` without its last words `words` (compared word by word, ignoring case), when
-/// words are left before them.
-fn strip_suffix_words(full: &str, words: &str) -> Option<String> {
-    let full: Vec<&str> = full.split_whitespace().collect();
-    let tail: Vec<&str> = words.split_whitespace().collect();
-    let keep = full.len().checked_sub(tail.len()).filter(|k| *k > 0)?;
-    full[keep..]
-        .iter()
-        .zip(&tail)
-        .all(|(a, b)| a.to_lowercase() == b.to_lowercase())
-        .then(|| full[..keep].join(" "))
-}
-
-/// `full` without its first words `words`, when words are left after them.
-fn strip_prefix_words(full: &str, words: &str) -> Option<String> {
-    let full: Vec<&str> = full.split_whitespace().collect();
-    let head: Vec<&str> = words.split_whitespace().collect();
-    (head.len() < full.len()
-        && full
-            .iter()
-            .zip(&head)
-            .all(|(a, b)| a.to_lowercase() == b.to_lowercase()))
-    .then(|| full[head.len()..].join(" "))
 }
 
 /// A string value as a target should get it: trimmed, and absent when blank.

@@ -3,6 +3,7 @@
 //! unit-tested without a server.
 pub mod error;
 pub mod filter;
+pub mod names;
 pub mod patch;
 pub mod resource;
 pub mod schema;

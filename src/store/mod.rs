@@ -65,7 +65,7 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 const CLEANER_TICK_MS: u64 = 10;
 
 /// Layout version of the data directory. Bumped whenever keys or values change shape.
-const SCHEMA_VERSION: u64 = 6;
+const SCHEMA_VERSION: u64 = 7;
 const SCHEMA_VERSION_KEY: &[u8] = b"rosterd:schema_version";
 
 /// The key, in the default tree, of a random id a store is given when it is made, and
@@ -1102,8 +1102,9 @@ impl<'a> UpgradeWriter<'a> {
 /// Bring every tenant from an older layout to this one, then record the new version.
 /// Layout 1 had no roster records and no index of inactive users; layout 2 had no
 /// counters; layout 3 did not index governance events by user and kind; layout 4 had no
-/// archetype counters; layout 5 counted dead letters by walking them. Runs before the
-/// store serves anything.
+/// archetype counters; layout 5 counted dead letters by walking them; layout 6 took a
+/// user's names from `name` alone, untrimmed (see `scim::names`). Runs before the store
+/// serves anything.
 fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {
@@ -1116,13 +1117,16 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
         // row file checks: build it again rather than trust it.
         tree.remove(keys::ROWS_TOKEN_KEY)?;
         let started = std::time::Instant::now();
-        if from < 2 {
+        // Layout 1 had no records; up to 6 they held names as `name` had them, where
+        // the derivation now trims them and falls back to a full name: `store check`
+        // would call every such record wrong. The counters count nothing a name changes.
+        if from < 7 {
             let users = record::build_all(&tree)?;
             tracing::info!(
                 tenant,
                 users,
                 secs = started.elapsed().as_secs_f64(),
-                "Upgraded the tenant's data to layout version 2 (roster records)."
+                "Upgraded the tenant's roster records to layout version 7 (names trimmed, else taken from a full name)."
             );
         }
         if from < 3 {
@@ -1155,13 +1159,15 @@ fn upgrade(db: &sled::Db, from: u64) -> StoreResult<()> {
                 "Upgraded the tenant's data to layout version 5 (users per archetype counted)."
             );
         }
-        let letters = delivery::build_dead_counts(&tree)?;
-        tracing::info!(
-            tenant,
-            letters,
-            secs = started.elapsed().as_secs_f64(),
-            "Upgraded the tenant's data to layout version 6 (dead letters counted)."
-        );
+        if from < 6 {
+            let letters = delivery::build_dead_counts(&tree)?;
+            tracing::info!(
+                tenant,
+                letters,
+                secs = started.elapsed().as_secs_f64(),
+                "Upgraded the tenant's data to layout version 6 (dead letters counted)."
+            );
+        }
     }
     db.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
     db.flush()?;

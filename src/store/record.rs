@@ -8,6 +8,8 @@
 //! transaction that writes a user's document or assignment rewrites it in the same
 //! atomic write ([`Txn::refresh_records`]), and opening an older data directory builds
 //! it ([`build_all`]).
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -42,10 +44,12 @@ pub struct UserFields<'a> {
     /// Every other email value, for the email filter.
     #[serde(borrow)]
     pub other_emails: Vec<&'a str>,
+    /// Derived (see [`crate::scim::names`]): owned when taken from a full name, borrowed
+    /// when read back, as postcard writes a string the same either way.
     #[serde(borrow)]
-    pub given_name: Option<&'a str>,
+    pub given_name: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    pub family_name: Option<&'a str>,
+    pub family_name: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub title: Option<&'a str>,
     #[serde(borrow)]
@@ -131,8 +135,8 @@ impl<'a> UserFields<'a> {
             user_name,
             email,
             other_emails,
-            given_name: text(doc.pointer("/name/givenName")),
-            family_name: text(doc.pointer("/name/familyName")),
+            given_name: crate::scim::names::given_name(doc),
+            family_name: crate::scim::names::family_name(doc),
             title: text(doc.get("title")),
             department: text(ext.and_then(|e| e.get("department"))),
             manager: ext
@@ -408,7 +412,7 @@ pub(super) fn expected(doc: &Value, assignment: Option<&Assignment>) -> StoreRes
 
 /// Build every user's record and index entries in `tree` from the stored documents and
 /// assignments: the migration from layout version 1, which had neither the records nor
-/// the inactive index. Idempotent, so a crash part-way just runs it again. Returns the
+/// the inactive index, and from 2 to 6, whose records held names as `name` had them. Idempotent, so a crash part-way just runs it again. Returns the
 /// number of users.
 pub(super) fn build_all(tree: &sled::Tree) -> StoreResult<u64> {
     let user_prefix = keys::resource_prefix(ResourceKind::User);
@@ -519,7 +523,7 @@ mod tests {
             assert!(login.has_email("home@x.test"));
             other["userName"] = json!("login");
             assert!(!UserFields::new(&other).has_email("login"));
-            assert_eq!(r.user.given_name, Some("Ada"));
+            assert_eq!(r.user.given_name.as_deref(), Some("Ada"));
             assert_eq!(r.user.family_name, None, "empty strings are absent");
             assert_eq!(
                 (r.user.department, r.user.manager, r.user.external_id),
@@ -605,6 +609,44 @@ mod tests {
             .unwrap();
         assert!(owned(&store, &id).is_none());
         assert_eq!(store.scan_records_after("t", None).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_layout_6_directory_gets_its_names_derived_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            let d = json!({"userName": "grace@x.test", "displayName": "Grace Hopper",
+                           "name": {"familyName": " "}});
+            let id = crate::store::testing::create_user(&store, d).await;
+            store.close().unwrap();
+            id
+        };
+        {
+            // What layout 6 wrote for that user: `name` as sent, no full name read.
+            let db = crate::store::testing::when_unlocked(|| sled::open(dir.path()));
+            let tree = db.open_tree("tenant/t").unwrap();
+            let stored = tree.get(keys::record(&id)).unwrap().unwrap();
+            let mut old = RosterRecord::decode(&stored).unwrap();
+            old.user.given_name = None;
+            old.user.family_name = Some(Cow::Borrowed(" "));
+            tree.insert(keys::record(&id), encode(&old).unwrap())
+                .unwrap();
+            db.insert(SCHEMA_VERSION_KEY, b"6").unwrap();
+            db.flush().unwrap();
+        }
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        {
+            let bytes = store.roster_record("t", &id).unwrap().unwrap();
+            let r = bytes.record().unwrap();
+            assert_eq!(
+                (r.user.given_name.as_deref(), r.user.family_name.as_deref()),
+                (Some("Grace"), Some("Hopper"))
+            );
+        }
+        let checked = store.check(&[]).unwrap();
+        assert_eq!(checked.len(), 1);
+        assert_eq!(checked[0].problems, Vec::<String>::new());
     }
 
     #[tokio::test]

@@ -1685,6 +1685,52 @@ async fn csv_export_has_the_documented_columns_and_is_safe() {
     assert_eq!(r.status, 400);
 }
 
+/// The Keycloak scim plugin sends only `displayName`; authentik sends `familyName: " "`
+/// for a one-word name. The Roster API and the CSV show the names the connectors send:
+/// trimmed, blank as absent, else taken from the full name.
+#[tokio::test]
+async fn names_come_from_the_full_name_when_name_lacks_them_on_every_output() {
+    let d = TestDaemon::start().await;
+    let admin = settled(&d).await;
+    let users = [
+        json!({"userName": "grace@acme.test", "displayName": "Grace Hopper"}),
+        json!({"userName": "cher@acme.test", "displayName": "Cher",
+               "name": {"givenName": "Cher", "familyName": " ", "formatted": "Cher"}}),
+        json!({"userName": "ada@acme.test", "displayName": "Ada King",
+               "name": {"givenName": " Ada ", "familyName": "Lovelace"}}),
+    ];
+    for u in users {
+        let r = d.post("/Users", u).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let want = [
+        ("user:grace@acme.test", json!("Grace"), json!("Hopper")),
+        ("user:cher@acme.test", json!("Cher"), Value::Null),
+        ("user:ada@acme.test", json!("Ada"), json!("Lovelace")),
+    ];
+    for (user, first, last) in &want {
+        let u = roster_user(&d, &admin, user).await;
+        assert_eq!((&u["first_name"], &u["last_name"]), (first, last), "{u}");
+    }
+    let text = d
+        .client
+        .get(d.url("/api/v1/roster/users:export?format=csv"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut rdr = csv::Reader::from_reader(text.as_bytes());
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    for (user, first, last) in &want {
+        let row = rows.iter().find(|r| &r[0] == *user).unwrap();
+        let cell = |v: &Value| v.as_str().unwrap_or("").to_owned();
+        assert_eq!((&row[2], &row[3]), (&*cell(first), &*cell(last)), "{text}");
+    }
+}
+
 #[tokio::test]
 async fn review_queue_lists_and_resolves() {
     let d = TestDaemon::start().await;
