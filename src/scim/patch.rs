@@ -162,6 +162,78 @@ fn parse_op(item: Value) -> ScimResult<PatchOp> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Extension schemas rosterd does not know
+
+/// The schemas rosterd has a definition of.
+const KNOWN_SCHEMAS: [&str; 3] = [
+    schema::USER_SCHEMA,
+    schema::GROUP_SCHEMA,
+    schema::ENTERPRISE_USER_SCHEMA,
+];
+
+/// Whether `urn`, the schema part of a qualified attribute name, is an extension schema
+/// rosterd has no definition of (an Entra custom extension,
+/// `urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User`). Not a core
+/// schema misspelt (`urn:…:core:2.0:Usr`) nor a longer path inside a known schema
+/// (`urn:…:core:2.0:User:name:givenName`): those are a client's mistake about a schema
+/// rosterd has, and stay refused.
+fn unknown_extension(urn: &str) -> bool {
+    let urn = urn.to_ascii_lowercase();
+    !urn.starts_with("urn:ietf:params:scim:schemas:core:")
+        && !KNOWN_SCHEMAS.iter().any(|k| {
+            let k = k.to_ascii_lowercase();
+            urn == k || urn.starts_with(&format!("{k}:"))
+        })
+}
+
+/// Whether a path-less value's key, or a path, lies in an extension schema rosterd does
+/// not know: it is such a schema's URN (a key holding an object of its attributes), or
+/// an attribute qualified by one. Either way, what precedes its last `:` is no known
+/// schema, unless it is a known schema's URN alone.
+fn in_unknown_extension(name: &str) -> bool {
+    super::urn_prefixed(name)
+        && !KNOWN_SCHEMAS.iter().any(|k| k.eq_ignore_ascii_case(name))
+        && name
+            .rsplit_once(':')
+            .is_some_and(|(urn, _)| unknown_extension(urn))
+}
+
+/// Drop what `ops` change in extension schemas rosterd does not know, and name it: a
+/// whole operation whose path lies in one, and the keys of a path-less value that do.
+/// A POST or PUT ignores such attributes (with a warning); refusing the PATCH instead
+/// lost the operations beside them (Entra sends a custom extension's attribute in the
+/// same request as a title change, and retries the user until it quarantines the job).
+/// An unknown attribute of a known schema is left for `apply` to refuse.
+pub fn skip_unknown_extensions(ops: Vec<PatchOp>) -> (Vec<PatchOp>, Vec<String>) {
+    let mut skipped = Vec::new();
+    let mut kept = Vec::with_capacity(ops.len());
+    for mut op in ops {
+        match &op.path {
+            Some(p) => {
+                let name = p.attr.to_string();
+                if in_unknown_extension(&name) {
+                    skipped.push(name);
+                    continue;
+                }
+            }
+            None => {
+                if let Some(Value::Object(attrs)) = &mut op.value {
+                    attrs.retain(|key, _| {
+                        let unknown = in_unknown_extension(key);
+                        if unknown {
+                            skipped.push(key.clone());
+                        }
+                        !unknown
+                    });
+                }
+            }
+        }
+        kept.push(op);
+    }
+    (kept, skipped)
+}
+
+// ---------------------------------------------------------------------------------------
 // Membership
 
 fn is_members(kind: ResourceKind, p: &AttrPath) -> bool {
@@ -1225,6 +1297,42 @@ mod tests {
         let body = json!({"schemas": [PATCH_OP_SCHEMA], "Operations": ops});
         let ops = parse_patch_request(body)?;
         apply(ResourceKind::User, doc, &ops)
+    }
+
+    #[test]
+    fn an_unknown_extension_is_skipped_and_an_unknown_attribute_of_a_known_schema_is_not() {
+        const CUSTOM: &str = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User";
+        let skipped = |ops: Value| {
+            let body = json!({"schemas": [PATCH_OP_SCHEMA], "Operations": ops});
+            let (kept, skipped) = skip_unknown_extensions(parse_patch_request(body).unwrap());
+            let mut d = user();
+            apply(ResourceKind::User, &mut d, &kept).map(|()| (d, skipped))
+        };
+        let (d, names) = skipped(json!([
+            {"op": "Replace", "path": "title", "value": "Buyer II"},
+            {"op": "Replace", "path": format!("{CUSTOM}:costCode"), "value": "CC-1"},
+            {"op": "Remove", "path": CUSTOM},
+            {"op": "Add", "value": {CUSTOM: {"costCode": "CC-2"},
+                                    format!("{CUSTOM}:site"): "HQ",
+                                    "displayName": "B J"}},
+        ]))
+        .unwrap();
+        assert_eq!(
+            (&d["title"], &d["displayName"]),
+            (&json!("Buyer II"), &json!("B J"))
+        );
+        assert_eq!(d.get(CUSTOM), None, "{d}");
+        assert_eq!(names.len(), 4, "{names:?}");
+        // An unknown attribute of a schema rosterd has, and a core schema misspelt.
+        for path in [
+            format!("{ENTERPRISE_USER_SCHEMA}:costCode"),
+            "urn:ietf:params:scim:schemas:core:2.0:User:nickname2".to_owned(),
+            "urn:ietf:params:scim:schemas:core:2.0:Usr:title".to_owned(),
+            "titel".to_owned(),
+        ] {
+            let e = skipped(json!([{"op": "Replace", "path": path, "value": "x"}])).unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::InvalidPath), "{path}: {e:?}");
+        }
     }
 
     #[test]

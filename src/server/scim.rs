@@ -18,7 +18,8 @@ use super::auth::AuthOutcome;
 use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
 use crate::scim::patch::{
-    MemberOp, MemberRef, apply, check_operation_count, parse_patch_request, split_member_ops,
+    MemberOp, MemberRef, apply, check_operation_count, parse_patch_request,
+    skip_unknown_extensions, split_member_ops,
 };
 use crate::scim::resource::{
     check_document_size, check_immutable, merge_repeats, normalize_input, one_primary_each,
@@ -615,14 +616,15 @@ async fn op_patch(
     body: Value,
     projection: &Projection,
 ) -> ScimResult<Reply> {
-    let ops = parse_patch_request(body)?;
+    let (ops, mut ignored) = skip_unknown_extensions(parse_patch_request(body)?);
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         let split = split_member_ops(ops)?;
-        warn_ignored(&split.ignored);
+        ignored.extend(split.ignored);
         (split.members, split.doc_ops)
     } else {
         (vec![], ops)
     };
+    warn_ignored(&ignored);
     check_operation_count(doc_ops.len())?;
     let found = Found::default();
     let seen = found.clone();

@@ -572,3 +572,70 @@ async fn unqualified_enterprise_attributes_land_in_the_extension() {
         g.body
     );
 }
+
+/// An Entra custom extension attribute is ignored in a POST; a PATCH carrying it beside a
+/// title change (by path, or keyed by its URN in a path-less value) applies the title and
+/// skips the extension with one warning, where it was refused whole. An unknown attribute
+/// of a schema rosterd has is still refused.
+#[tokio::test]
+async fn a_patch_skips_an_unknown_extension_and_applies_the_rest() {
+    const CUSTOM: &str = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User";
+    let d = TestDaemon::start().await;
+    let (logs, _guard) = LogBuf::capture();
+    let mut body = user("buyer@acme.test");
+    body["title"] = json!("Buyer");
+    body[format!("{CUSTOM}:costCode")] = json!("CC-1");
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let path = format!("/Users/{id}");
+
+    let r = d
+        .patch(
+            &path,
+            patch_op(json!([
+                {"op": "Replace", "path": "title", "value": "Senior Buyer"},
+                {"op": "Replace", "path": format!("{CUSTOM}:costCode"), "value": "CC-2"},
+            ])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["title"], "Senior Buyer");
+    assert_eq!(r.body.get(CUSTOM), None);
+    let warned = logs.lines("Ignored attributes that are not in the schema.");
+    assert_eq!(warned.len(), 2, "the POST's and the PATCH's: {warned:?}");
+    assert!(warned[1].contains("method=PATCH"), "{warned:?}");
+
+    let r = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "Replace", "value": {
+                "title": "Lead Buyer",
+                CUSTOM: {"costCode": "CC-3"},
+                format!("{CUSTOM}:site"): "HQ",
+            }}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["title"], "Lead Buyer");
+    let warned = logs.lines("Ignored attributes that are not in the schema.");
+    assert_eq!(warned.len(), 3, "one for the request: {warned:?}");
+
+    for path_text in [
+        format!("{ENTERPRISE}:costCode"),
+        "urn:ietf:params:scim:schemas:core:2.0:User:titel".to_owned(),
+    ] {
+        let r = d
+            .patch(
+                &path,
+                patch_op(json!([
+                    {"op": "Replace", "path": "title", "value": "Buyer"},
+                    {"op": "Replace", "path": path_text, "value": "x"},
+                ])),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{path_text}: {}", r.body);
+        assert_eq!(r.body["scimType"], "invalidPath", "{}", r.body);
+    }
+    assert_eq!(d.get(&path).await.body["title"], "Lead Buyer");
+}
