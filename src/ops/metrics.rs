@@ -44,6 +44,7 @@ use crate::server::AppState;
 pub const HTTP_REQUESTS_TOTAL: &str = "rosterd_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "rosterd_http_request_duration_seconds";
 pub const SCIM_OPERATIONS_TOTAL: &str = "rosterd_scim_operations_total";
+pub const SCIM_UNRESOLVED_MANAGERS_TOTAL: &str = "rosterd_scim_unresolved_managers_total";
 pub const STORE_FLUSH_SECONDS: &str = "rosterd_store_flush_seconds";
 pub const CONNECTOR_LAG_EVENTS: &str = "rosterd_connector_lag_events";
 pub const CONNECTOR_LAG_SECONDS: &str = "rosterd_connector_lag_seconds";
@@ -151,6 +152,10 @@ fn describe() {
     metrics::describe_counter!(
         SCIM_OPERATIONS_TOTAL,
         "SCIM operations by tenant, resource, operation and status class."
+    );
+    metrics::describe_counter!(
+        SCIM_UNRESOLVED_MANAGERS_TOTAL,
+        "SCIM writes of a user whose new manager.value names no user (kept, shown as no manager)."
     );
     metrics::describe_histogram!(
         STORE_FLUSH_SECONDS,
@@ -295,6 +300,11 @@ async fn scrape(State(st): State<Arc<AppState>>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// A SCIM write gave a user a `manager.value` that names no user.
+pub fn unresolved_manager(tenant: &str) {
+    metrics::counter!(SCIM_UNRESOLVED_MANAGERS_TOTAL, "tenant" => tenant.to_owned()).increment(1);
 }
 
 /// A connector's counters, at 0 until something happens: a series that appears only at

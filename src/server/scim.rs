@@ -489,6 +489,54 @@ fn warn_ignored(ignored: &[String]) {
     );
 }
 
+/// A user's enterprise `manager.value`, unless blank.
+fn manager_value(doc: &Value) -> Option<&str> {
+    doc.get(ENTERPRISE_USER_SCHEMA)
+        .and_then(|e| e.pointer("/manager/value"))
+        .and_then(Value::as_str)
+        .filter(|m| !m.trim().is_empty())
+}
+
+/// Say at WARN, and count, a `manager.value` this write brought that names no user.
+/// It is kept (refusing it would fail an IdP that ran for months), but the roster links
+/// a manager by SCIM id alone (RFC 7643 §4.3), so the Roster API's `manager_user_id`,
+/// its filter and the CSV's `manager` show none: Google and JumpCloud mappings send the
+/// manager's email or employee number there, and the operator should hear of it.
+/// Resolving such a value by userName would need a second, case-folded manager index
+/// kept right as managers are created and renamed, for the filter's pages to agree.
+/// A value the user already held is not said again: it may name a manager deleted
+/// since (an IdP may PUT a report just after its manager's DELETE).
+fn check_manager(
+    state: &AppState,
+    tenant: &str,
+    kind: ResourceKind,
+    res: &Resource,
+    before: Option<&Option<String>>,
+) {
+    let Some(value) = manager_value(&res.doc).filter(|_| kind == ResourceKind::User) else {
+        return;
+    };
+    if before.is_some_and(|b| b.as_deref() == Some(value)) {
+        return;
+    }
+    // A store failure here leaves the write done; the next read says what is wrong.
+    if !matches!(
+        state.store.get_raw(tenant, ResourceKind::User, value),
+        Ok(None)
+    ) {
+        return;
+    }
+    crate::ops::metrics::unresolved_manager(tenant);
+    let shown = |v: &str| crate::text::terminal_safe(&super::quote_clipped(v, 64)).into_owned();
+    let user_name = res.doc.get("userName").and_then(Value::as_str);
+    tracing::warn!(
+        user = %res.id,
+        user_name = %shown(user_name.unwrap_or_default()),
+        manager = %shown(value),
+        "manager.value names no user (it must be the manager's SCIM id): kept, but the roster shows no manager for this user."
+    );
+}
+
 /// How many of a body's unknown attribute names its warning lists.
 const IGNORED_NAMES_LOGGED: usize = 20;
 
@@ -528,6 +576,7 @@ async fn op_create(
         .await
         .map_err(store_to_scim)?;
     tracing::info!(id = %res.id, kind = ?kind, "Resource created.");
+    check_manager(state, tenant, kind, &res, None);
     resource_reply(state, tenant, kind, &res, StatusCode::CREATED, projection)
 }
 
@@ -535,23 +584,47 @@ async fn op_create(
 /// deprovision by PATCH or PUT `active: false`, and the journal must name the request that
 /// did it (by its request id), as it does for a create or a delete. A write that changed
 /// nothing (Okta's GET-then-PUT of every user) logs nothing.
+/// It also keeps the manager the resource had, for [`check_manager`].
 #[derive(Clone, Default)]
 struct Found(Arc<std::sync::Mutex<Option<Before>>>);
 
-/// A resource's version and whether it was active, as a write found it.
-type Before = (Option<Value>, bool);
+/// A resource as a write found it.
+struct Before {
+    version: Option<Value>,
+    active: bool,
+    manager: Option<String>,
+}
 
 impl Found {
     fn record(&self, old: &Value) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((old.pointer("/meta/version").cloned(), is_active(old)));
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Before {
+            version: old.pointer("/meta/version").cloned(),
+            active: is_active(old),
+            manager: manager_value(old).map(str::to_owned),
+        });
+    }
+
+    /// The manager the resource had, if the write found the resource.
+    fn manager_before(&self) -> Option<Option<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|b| b.manager.clone())
     }
 
     fn log_change(&self, kind: ResourceKind, res: &Resource, how: &'static str) {
-        let Some((version, was_active)) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(Before {
+            version,
+            active: was_active,
+            ..
+        }) = guard.as_ref()
         else {
             return;
         };
+        let (version, was_active) = (version.clone(), *was_active);
+        drop(guard);
         if version.as_ref() == res.doc.pointer("/meta/version") {
             return;
         }
@@ -604,6 +677,7 @@ async fn op_replace(
         .await
         .map_err(store_to_scim)?;
     found.log_change(kind, &res, "PUT");
+    check_manager(state, tenant, kind, &res, found.manager_before().as_ref());
     resource_reply(state, tenant, kind, &res, StatusCode::OK, projection)
 }
 
@@ -653,6 +727,7 @@ async fn op_patch(
         .await
         .map_err(store_to_scim)?;
     found.log_change(kind, &res, "PATCH");
+    check_manager(state, tenant, kind, &res, found.manager_before().as_ref());
     // A group's answer carries every member: 3 MB and a tenth of a second for one member
     // added to 20,000, on every PATCH Entra or Okta sends. RFC 7644 §3.5.2 lets the
     // answer be 204; a client that wants the group back asks with `attributes` or

@@ -639,3 +639,79 @@ async fn a_patch_skips_an_unknown_extension_and_applies_the_rest() {
     }
     assert_eq!(d.get(&path).await.body["title"], "Lead Buyer");
 }
+
+/// Google and JumpCloud mappings put the manager's email or employee number in
+/// `manager.value`. It is kept (an IdP must not start failing), and the operator hears of
+/// it: a WARN naming the user and the value, escaped for the terminal, and a counter. A
+/// value the user already held (a manager deleted since) is not said again.
+#[tokio::test]
+async fn a_manager_value_naming_no_user_is_kept_warned_and_counted() {
+    const WARNED: &str = "manager.value names no user";
+    const COUNTER: &str = "rosterd_scim_unresolved_managers_total";
+    let d = TestDaemon::start().await;
+    let (logs, _guard) = LogBuf::capture();
+    let counted = || async {
+        let (_, samples) = crate::metrics::scrape(&d).await;
+        crate::metrics::value(&samples, COUNTER, &[("tenant", TENANT)]).unwrap_or(0.0)
+    };
+    let at_start = counted().await;
+    let boss = d.create_user("boss@acme.test").await;
+
+    let mut body = user("report@acme.test");
+    body[ENTERPRISE] = json!({"manager": {"value": "boss@acme.test"}});
+    let r = d.post("/Users", body.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body[ENTERPRISE]["manager"]["value"], "boss@acme.test");
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let path = format!("/Users/{id}");
+    let warned = logs.lines(WARNED);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    for part in ["tenant=acme", &format!("user={id}"), "\"boss@acme.test\""] {
+        assert!(warned[0].contains(part), "{part}: {warned:?}");
+    }
+    assert_eq!(counted().await - at_start, 1.0);
+
+    // The same value again: said once already.
+    let r = d.put(&path, body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(logs.lines(WARNED).len(), 1);
+
+    // A new one, with a terminal escape in it.
+    let r = d
+        .patch(
+            &path,
+            patch_op(
+                json!([{"op": "replace", "path": format!("{ENTERPRISE}:manager.value"),
+                             "value": "E-00042\u{1b}[2J"}]),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let warned = logs.lines(WARNED);
+    assert_eq!(warned.len(), 2, "{warned:?}");
+    assert!(!warned[1].contains('\u{1b}'), "{warned:?}");
+    assert!(warned[1].contains("E-00042"), "{warned:?}");
+    assert_eq!(counted().await - at_start, 2.0);
+
+    // The manager's id: linked, nothing said.
+    let r = d
+        .patch(
+            &path,
+            patch_op(
+                json!([{"op": "replace", "path": format!("{ENTERPRISE}:manager"),
+                             "value": {"value": boss}}]),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(logs.lines(WARNED).len(), 2);
+    let admin = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/users/user:report@acme.test", &admin, None)
+        .await;
+    assert_eq!(
+        r.body["manager_user_id"], "user:boss@acme.test",
+        "{}",
+        r.body
+    );
+}
