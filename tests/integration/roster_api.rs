@@ -2916,7 +2916,12 @@ async fn a_client_reading_an_export_slowly_gets_all_of_it() {
             "{} bytes",
             got.len()
         );
-        match s.read(&mut buf).await {
+        // Bounded: a read that never ends (seen once, in a loaded parallel run, not
+        // reproduced) fails here with what was read, rather than holding the suite.
+        let read = tokio::time::timeout(std::time::Duration::from_secs(60), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("nothing sent for 60 s, after {} bytes", got.len()));
+        match read {
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
