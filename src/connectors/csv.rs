@@ -1419,6 +1419,17 @@ mod tests {
         sourced_id(T, &format!("User/{id}"))
     }
 
+    /// Write the fixture's files as `s` says, off the runtime, as the connector does.
+    async fn replace_files(fx: &Fixture, s: CsvSettings) -> SnapshotReport {
+        let store = fx.store.clone();
+        tokio::task::spawn_blocking(move || {
+            write_snapshot(&store, T, &s, Snapshot::Replace, &CancellationToken::new())
+        })
+        .await
+        .unwrap()
+        .unwrap()
+    }
+
     /// The files hold personal data: never readable by others, whatever the umask (the
     /// test's is usually 022, under which they were 0644 in a 0755 directory).
     #[tokio::test]
@@ -1427,14 +1438,7 @@ mod tests {
         let fx = fixture().await;
         let out = tempfile::tempdir().unwrap();
         let dir = out.path().join("made/csv");
-        let s = settings(&dir);
-        let (store, s2) = (fx.store.clone(), s.clone());
-        let report = tokio::task::spawn_blocking(move || {
-            write_snapshot(&store, T, &s2, Snapshot::Replace, &CancellationToken::new())
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let report = replace_files(&fx, settings(&dir)).await;
         assert_eq!(report.files.len(), 2, "{report:?}");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         for f in &report.files {
@@ -1452,13 +1456,7 @@ mod tests {
         let dir = out.path().join("nested/csv");
         let mut s = settings(&dir);
         s.oneroster = None;
-        let (store, s2) = (fx.store.clone(), s.clone());
-        let report = tokio::task::spawn_blocking(move || {
-            write_snapshot(&store, T, &s2, Snapshot::Replace, &CancellationToken::new())
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let report = replace_files(&fx, s).await;
         assert_eq!(report.users, 3);
         assert_eq!(report.files, vec![dir.join("roster.csv")]);
         assert!(report.consistent);

@@ -1668,21 +1668,25 @@ async fn csv_export_has_the_documented_columns_and_is_safe() {
     assert_eq!(&eve[9], "true");
     assert!(text.contains("\r\n"), "RFC 4180 line endings");
 
-    let filtered = d
-        .client
-        .get(d.url("/api/v1/roster/users:export?format=csv&department=finance"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let filtered = export_text(&d, &admin, "&department=finance").await;
     assert_eq!(filtered.lines().count(), 2, "{filtered}");
     let r = d
         .roster(Method::GET, "/users:export?format=xlsx", &admin, None)
         .await;
     assert_eq!(r.status, 400);
+}
+
+/// The CSV export's text, with `query` (`&department=…`) after `format=csv`.
+async fn export_text(d: &TestDaemon, token: &str, query: &str) -> String {
+    d.client
+        .get(d.url(&format!("/api/v1/roster/users:export?format=csv{query}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// The Keycloak scim plugin sends only `displayName`; authentik sends `familyName: " "`
@@ -1712,16 +1716,7 @@ async fn names_come_from_the_full_name_when_name_lacks_them_on_every_output() {
         let u = roster_user(&d, &admin, user).await;
         assert_eq!((&u["first_name"], &u["last_name"]), (first, last), "{u}");
     }
-    let text = d
-        .client
-        .get(d.url("/api/v1/roster/users:export?format=csv"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = export_text(&d, &admin, "").await;
     let mut rdr = csv::Reader::from_reader(text.as_bytes());
     let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
     for (user, first, last) in &want {
