@@ -770,10 +770,12 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
             Some(e)
         }
     };
+    // With the data directory `serve` would use (`--data-dir` included): a `[csv] dir`
+    // inside it is refused by that.
     let connectors = if dir_error.is_some() {
         Default::default()
     } else {
-        config.load_connectors()
+        with_dir.load_connectors()
     };
     for e in &connectors.errors {
         note!("error: connector {e}");

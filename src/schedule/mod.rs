@@ -840,7 +840,7 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
             Err(panic) => {
                 let part =
                     format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
-                tracing::error!(schedule = name, result = %part, "Scheduled run failed.");
+                tracing::error!(schedule = name, result = ?part, "Scheduled run failed.");
                 count_run(name, RunResult::Failed);
                 outcomes.push((tenant.to_owned(), Outcome::Done(ScheduledPart::Text(part))));
             }
@@ -864,7 +864,7 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 }
                 Err(JobError::AlreadyRunning(_)) => {
                     let text = format!("{tenant}: skipped, a job is running");
-                    tracing::info!(schedule = name, result = %text, "Scheduled run skipped.");
+                    tracing::info!(schedule = name, result = ?text, "Scheduled run skipped.");
                     count_run(name, RunResult::Skipped);
                     return Some(Outcome::Skipped(text));
                 }
@@ -926,10 +926,10 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
         _ => return None,
     };
     if failed {
-        tracing::warn!(schedule = name, result = %part, "Scheduled run failed.");
+        tracing::warn!(schedule = name, result = ?part, "Scheduled run failed.");
         count_run(name, RunResult::Failed);
     } else {
-        tracing::info!(schedule = name, result = %part, "Scheduled run finished.");
+        tracing::info!(schedule = name, result = ?part, "Scheduled run finished.");
         count_run(name, RunResult::Done);
     }
     Some(Outcome::Done(ScheduledPart::Text(part)))

@@ -13,11 +13,12 @@ use serde_json::Value;
 /// Where a SCIM user's full name is, in the order it is looked for.
 const FULL_NAMES: [&str; 2] = ["/name/formatted", "/displayName"];
 
-/// A string at `ptr`, trimmed, and absent when blank.
+/// A string at `ptr`, trimmed, and absent when blank: white space and characters that
+/// show as nothing (a zero-width space alone is no name).
 fn text<'a>(doc: &'a Value, ptr: &str) -> Option<&'a str> {
     doc.pointer(ptr)
         .and_then(Value::as_str)
-        .map(str::trim)
+        .map(|s| s.trim_matches(|c: char| c.is_whitespace() || crate::text::is_invisible(c)))
         .filter(|s| !s.is_empty())
 }
 
@@ -61,9 +62,22 @@ fn full_name_around(doc: &Value, cut: impl Fn(&str) -> Option<String>) -> Option
 /// `name.formatted`, else `displayName`, as given name(s) and a family name: the last
 /// word is the family name. A single word could be either, so it is neither: a guess
 /// would put a made-up name on a person's record (and OneRoster requires both).
+///
+/// A full name with one comma is "Family, Given" (as directories and HR systems write
+/// it): read as words, "Doe, Jane" gave the given name "Doe," and the family name "Jane".
 fn split_name(doc: &Value) -> Option<(String, &str)> {
     FULL_NAMES.iter().find_map(|ptr| {
-        let words: Vec<&str> = text(doc, ptr)?.split_whitespace().collect();
+        let full = text(doc, ptr)?;
+        if let Some((family, given)) = full.split_once(',') {
+            let (family, given) = (family.trim(), given.trim());
+            return (!family.is_empty() && !given.is_empty() && !given.contains(',')).then(|| {
+                (
+                    given.split_whitespace().collect::<Vec<_>>().join(" "),
+                    family,
+                )
+            });
+        }
+        let words: Vec<&str> = full.split_whitespace().collect();
         let (family, given) = words.split_last()?;
         (!given.is_empty()).then(|| (given.join(" "), *family))
     })
@@ -122,6 +136,28 @@ mod tests {
         );
         // One word could be either name: neither is made up.
         assert_eq!(names(json!({"displayName": "grace"})), (None, None));
+        // "Family, Given", as directories write it.
+        assert_eq!(
+            names(json!({"displayName": "Doe, Jane Q"})),
+            both("Jane Q", "Doe")
+        );
+        assert_eq!(
+            names(json!({"displayName": "van der Berg, Jan"})),
+            both("Jan", "van der Berg")
+        );
+        // Commas it cannot read as that name no one.
+        assert_eq!(names(json!({"displayName": "Doe, Jane, Jr"})), (None, None));
+        assert_eq!(names(json!({"displayName": "Doe,"})), (None, None));
+        // A known part and a "Family, Given" full name.
+        assert_eq!(
+            names(json!({"displayName": "Doe, Jane", "name": {"givenName": "Jane"}})),
+            both("Jane", "Doe")
+        );
+        // A zero-width space is no name.
+        assert_eq!(
+            names(json!({"displayName": "Ada King", "name": {"givenName": "\u{200B}"}})),
+            both("Ada", "King")
+        );
     }
 
     #[test]

@@ -179,7 +179,11 @@ const KNOWN_SCHEMAS: [&str; 3] = [
 /// rosterd has, and stay refused.
 fn unknown_extension(urn: &str) -> bool {
     let urn = urn.to_ascii_lowercase();
+    // The core and enterprise schemas' own namespaces: a URN there that rosterd does
+    // not know is a misspelt known schema (`…:enterprise:2.0:Usr`), refused as an
+    // unknown attribute, not skipped as someone's extension.
     !urn.starts_with("urn:ietf:params:scim:schemas:core:")
+        && !urn.starts_with("urn:ietf:params:scim:schemas:extension:enterprise:")
         && !KNOWN_SCHEMAS.iter().any(|k| {
             let k = k.to_ascii_lowercase();
             urn == k || urn.starts_with(&format!("{k}:"))
@@ -1328,6 +1332,7 @@ mod tests {
             format!("{ENTERPRISE_USER_SCHEMA}:costCode"),
             "urn:ietf:params:scim:schemas:core:2.0:User:nickname2".to_owned(),
             "urn:ietf:params:scim:schemas:core:2.0:Usr:title".to_owned(),
+            "urn:ietf:params:scim:schemas:extension:enterprise:2.0:Usr:department".to_owned(),
             "titel".to_owned(),
         ] {
             let e = skipped(json!([{"op": "Replace", "path": path, "value": "x"}])).unwrap_err();

@@ -480,7 +480,7 @@ fn warn_ignored(ignored: &[String]) {
     let shown: Vec<_> = ignored
         .iter()
         .take(IGNORED_NAMES_LOGGED)
-        .map(|a| super::clip(a, 64))
+        .map(|a| super::clip(a, 160))
         .collect();
     tracing::warn!(
         count = ignored.len(),

@@ -476,6 +476,48 @@ fn connector_file(dir: &std::path::Path, name: &str, text: &str) {
     std::fs::write(dir.join("connectors").join(name), text).unwrap();
 }
 
+/// A `[csv] dir` inside the data directory is refused, by `check-config` as by `serve`,
+/// against the directory `--data-dir` names when it is given (the README's check before
+/// an upgrade): it checked the config's `data_dir` instead, both ways.
+#[test]
+fn check_config_reads_csv_dirs_against_the_data_dir_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "version = 1\n[server]\ndata_dir = \"data\"\n[connectors]\ndir = \"connectors\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\n",
+    )
+    .unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let csv = |out: &std::path::Path| {
+        connector_file(
+            dir.path(),
+            "files.toml",
+            &format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"t\"\n[csv]\ndir = \"{}\"\n",
+                out.display()
+            ),
+        );
+    };
+    let check = |data_dir: Option<&std::path::Path>| {
+        let mut args = vec!["check-config", "--config", config.to_str().unwrap()];
+        if let Some(d) = data_dir {
+            args.extend(["--data-dir", d.to_str().unwrap()]);
+        }
+        rosterd_env(&args, &[("T", "rsd_token")])
+    };
+    csv(&elsewhere.join("exports"));
+    let (ok, out, err) = check(Some(&elsewhere));
+    assert!(!ok && err.contains("`csv.dir`"), "{out} {err}");
+    let (ok, out, err) = check(None);
+    assert!(ok, "{out} {err}");
+    csv(&dir.path().join("data/exports"));
+    let (ok, out, err) = check(Some(&elsewhere));
+    assert!(ok, "{out} {err}");
+    let (ok, out, err) = check(None);
+    assert!(!ok && err.contains("`csv.dir`"), "{out} {err}");
+}
+
 #[test]
 fn check_config_refuses_one_token_for_two_tenants_as_serve_does() {
     let dir = tempfile::tempdir().unwrap();
