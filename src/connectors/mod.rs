@@ -243,9 +243,13 @@ impl ConnectorConfig {
             .map_err(|e| invalid(crate::config::masked_toml_error(&e.to_string(), text)))?;
         c.file = file.to_owned();
         c.validate().map_err(invalid)?;
+        // The file key by key, for what a CSV connector is given and does not use.
+        let table = (c.kind == Kind::Csv || c.csv.is_some())
+            .then(|| text.parse::<toml::Table>().ok())
+            .flatten();
         // Taken and never used, they would read as settings in force.
         if c.kind == Kind::Csv
-            && let Ok(table) = text.parse::<toml::Table>()
+            && let Some(table) = &table
             && let Some(key) = ["concurrency", "timeout_ms"]
                 .into_iter()
                 .find(|k| table.contains_key(*k))
@@ -262,7 +266,7 @@ impl ConnectorConfig {
             )));
         }
         if c.csv.as_ref().is_some_and(|s| s.schedule.is_some())
-            && let Ok(table) = text.parse::<toml::Table>()
+            && let Some(table) = &table
             && table
                 .get("csv")
                 .and_then(toml::Value::as_table)
@@ -1004,7 +1008,6 @@ secret_env = "HOOK_SECRET"
         assert!(hook.unmapped_roles(&[]).is_empty());
     }
 
-    /// A CSV connector sends no requests: keys for them are refused, not ignored.
     #[test]
     fn a_csv_connector_writes_neither_among_the_connector_files_nor_in_the_store() {
         let base = tempfile::tempdir().unwrap();
@@ -1084,6 +1087,7 @@ secret_env = "HOOK_SECRET"
         assert!(w.len() == 1 && w[0].contains("debounce_ms"), "{w:?}");
     }
 
+    /// A CSV connector sends no requests: keys for them are refused, not ignored.
     #[test]
     fn a_csv_connector_refuses_request_settings() {
         let csv =

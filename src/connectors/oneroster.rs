@@ -387,7 +387,7 @@ impl UserFields<'_> {
     }
 
     pub fn active(&self) -> bool {
-        self.doc.get("active") != Some(&Value::Bool(false))
+        crate::scim::is_active(self.doc)
     }
 
     fn enterprise(&self, attr: &str) -> Option<&str> {

@@ -587,6 +587,32 @@ pub struct ScimOp {
     pub op: &'static str,
 }
 
+impl ScimOp {
+    /// One operation of a /Bulk request, by the resource type its path names (`None`: a
+    /// path that names none) and its method, as the request it stands for is counted.
+    pub fn of_bulk_operation(kind: Option<crate::scim::ResourceKind>, method: &str) -> ScimOp {
+        ScimOp {
+            resource: kind.map_or("Bulk", crate::scim::ResourceKind::endpoint),
+            op: Method::from_bytes(method.as_bytes())
+                .ok()
+                .and_then(|m| write_op(&m))
+                .unwrap_or("bulk"),
+        }
+    }
+}
+
+/// The `op` of a write: POST creates (in a collection), PUT replaces, PATCH patches,
+/// DELETE deletes.
+fn write_op(method: &Method) -> Option<&'static str> {
+    match *method {
+        Method::POST => Some("create"),
+        Method::PUT => Some("replace"),
+        Method::PATCH => Some("patch"),
+        Method::DELETE => Some("delete"),
+        _ => None,
+    }
+}
+
 /// Classify a request by method and matched route template (`/scim/v2/{tenant}/Users/{id}`).
 /// `None` when it is not a SCIM route, or the method is not an operation of that route
 /// (those are answered 405 and counted only in `rosterd_http_requests_total`).
@@ -618,11 +644,10 @@ pub fn classify_scim(method: &Method, route: &str) -> Option<ScimOp> {
         [res @ ("Users" | "Groups"), _id] => {
             let resource = if *res == "Users" { "Users" } else { "Groups" };
             match *method {
-                Method::PUT => op(resource, "replace"),
-                Method::PATCH => op(resource, "patch"),
-                Method::DELETE => op(resource, "delete"),
+                // A resource is not created by a POST to itself.
+                Method::POST => None,
                 _ if read => op(resource, "read"),
-                _ => None,
+                _ => write_op(method).and_then(|o| op(resource, o)),
             }
         }
         [".search"] => (*method == Method::POST).then_some(ScimOp {
@@ -634,14 +659,8 @@ pub fn classify_scim(method: &Method, route: &str) -> Option<ScimOp> {
             op: "bulk",
         }),
         // Discovery (ServiceProviderConfig, Schemas, ResourceTypes) and /Me.
-        [_, ..] => match *method {
-            Method::POST => op("other", "create"),
-            Method::PUT => op("other", "replace"),
-            Method::PATCH => op("other", "patch"),
-            Method::DELETE => op("other", "delete"),
-            _ if read => op("other", "read"),
-            _ => None,
-        },
+        [_, ..] if read => op("other", "read"),
+        [_, ..] => write_op(method).and_then(|o| op("other", o)),
         [] => None,
     }
 }

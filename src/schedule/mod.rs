@@ -407,8 +407,23 @@ struct ScheduleRun {
 /// One tenant's result of a scheduled run.
 enum Outcome {
     Done(ScheduledPart),
+    /// The part failed (a CSV connector's files not written, say); shown as a done one.
+    Failed(ScheduledPart),
     /// The tenant's job slot was taken: its last result stands.
     Skipped(String),
+}
+
+impl Outcome {
+    /// The `result` label of `rosterd_schedule_runs_total`. `last_run` moves on a failed
+    /// run too, so an alert on it alone never fires for an export that fails every
+    /// night; this counter's `failed` does. A reconcile part is done once its job started.
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Done(_) => "done",
+            Outcome::Failed(_) => "failed",
+            Outcome::Skipped(_) => "skipped",
+        }
+    }
 }
 
 /// The schedules' state, shared with `/status`.
@@ -431,8 +446,14 @@ impl Schedules {
             let mut skipped = Vec::new();
             let mut done = false;
             for (tenant, outcome) in outcomes {
+                metrics::counter!(
+                    crate::ops::metrics::SCHEDULE_RUNS,
+                    "schedule" => name.to_owned(),
+                    "result" => outcome.label(),
+                )
+                .increment(1);
                 match outcome {
-                    Outcome::Done(part) => {
+                    Outcome::Done(part) | Outcome::Failed(part) => {
                         done = true;
                         match r.parts.iter_mut().find(|(t, _)| *t == tenant) {
                             Some(slot) => slot.1 = part,
@@ -784,22 +805,15 @@ async fn run_and_keep(state: &Arc<AppState>, name: &str) {
             .run(&state.store, "schedule", &state.shutdown)
             .await
         {
-            Ok(w) => {
-                count_run(name, RunResult::Done);
-                Outcome::Done(ScheduledPart::Text(format!(
-                    "{BACKUP_PART}: {}",
-                    w.summary()
-                )))
-            }
+            Ok(w) => Outcome::Done(ScheduledPart::Text(format!(
+                "{BACKUP_PART}: {}",
+                w.summary()
+            ))),
             // As a tenant's run that found a job running: the last result stands.
             Err(e @ crate::ops::backup::BackupError::Running(_)) => {
-                count_run(name, RunResult::Skipped);
                 Outcome::Skipped(format!("{BACKUP_PART}: skipped, {e}"))
             }
-            Err(e) => {
-                count_run(name, RunResult::Failed);
-                Outcome::Done(ScheduledPart::Text(format!("{BACKUP_PART}: failed: {e}")))
-            }
+            Err(e) => Outcome::Failed(ScheduledPart::Text(format!("{BACKUP_PART}: failed: {e}"))),
         };
         state
             .schedules
@@ -811,7 +825,7 @@ async fn run_and_keep(state: &Arc<AppState>, name: &str) {
     let done: Vec<(String, ScheduledPart)> = outcomes
         .iter()
         .filter_map(|(t, o)| match o {
-            Outcome::Done(part) => Some((t.clone(), part.clone())),
+            Outcome::Done(part) | Outcome::Failed(part) => Some((t.clone(), part.clone())),
             Outcome::Skipped(_) => None,
         })
         .collect();
@@ -841,8 +855,10 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
                 let part =
                     format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
                 tracing::error!(schedule = name, result = ?part, "Scheduled run failed.");
-                count_run(name, RunResult::Failed);
-                outcomes.push((tenant.to_owned(), Outcome::Done(ScheduledPart::Text(part))));
+                outcomes.push((
+                    tenant.to_owned(),
+                    Outcome::Failed(ScheduledPart::Text(part)),
+                ));
             }
         }
     }
@@ -859,13 +875,11 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 // The job logs its own end, with its outcome.
                 Ok(job) => {
                     tracing::info!(schedule = name, tenant, job_id = %job.job_id, "Scheduled run started.");
-                    count_run(name, RunResult::Done);
                     return Some(Outcome::Done(ScheduledPart::Job(job.job_id)));
                 }
                 Err(JobError::AlreadyRunning(_)) => {
                     let text = format!("{tenant}: skipped, a job is running");
                     tracing::info!(schedule = name, result = ?text, "Scheduled run skipped.");
-                    count_run(name, RunResult::Skipped);
                     return Some(Outcome::Skipped(text));
                 }
                 Err(e) => (format!("{tenant}: failed: {e}"), true),
@@ -927,37 +941,11 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     };
     if failed {
         tracing::warn!(schedule = name, result = ?part, "Scheduled run failed.");
-        count_run(name, RunResult::Failed);
+        Some(Outcome::Failed(ScheduledPart::Text(part)))
     } else {
         tracing::info!(schedule = name, result = ?part, "Scheduled run finished.");
-        count_run(name, RunResult::Done);
+        Some(Outcome::Done(ScheduledPart::Text(part)))
     }
-    Some(Outcome::Done(ScheduledPart::Text(part)))
-}
-
-/// How a tenant's part of a scheduled run ended, as the runs metric counts it.
-#[derive(Clone, Copy)]
-enum RunResult {
-    Done,
-    Failed,
-    Skipped,
-}
-
-/// Count a part of a scheduled run. `last_run` moves on a failed run too, so an alert on
-/// it alone never fires for an export that fails every night; this counter's `failed`
-/// does.
-fn count_run(schedule: &str, result: RunResult) {
-    let result = match result {
-        RunResult::Done => "done",
-        RunResult::Failed => "failed",
-        RunResult::Skipped => "skipped",
-    };
-    metrics::counter!(
-        crate::ops::metrics::SCHEDULE_RUNS,
-        "schedule" => schedule.to_owned(),
-        "result" => result,
-    )
-    .increment(1);
 }
 
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).

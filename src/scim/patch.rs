@@ -164,12 +164,12 @@ fn parse_op(item: Value) -> ScimResult<PatchOp> {
 // ---------------------------------------------------------------------------------------
 // Extension schemas rosterd does not know
 
-/// The schemas rosterd has a definition of.
-const KNOWN_SCHEMAS: [&str; 3] = [
-    schema::USER_SCHEMA,
-    schema::GROUP_SCHEMA,
-    schema::ENTERPRISE_USER_SCHEMA,
-];
+/// The ids of the schemas rosterd has a definition of, for either resource kind.
+fn known_schemas() -> impl Iterator<Item = &'static str> {
+    [ResourceKind::User, ResourceKind::Group]
+        .into_iter()
+        .flat_map(|k| schema::schemas_of(k).iter().map(|s| s.id))
+}
 
 /// Whether `urn`, the schema part of a qualified attribute name, is an extension schema
 /// rosterd has no definition of (an Entra custom extension,
@@ -184,7 +184,7 @@ fn unknown_extension(urn: &str) -> bool {
     // unknown attribute, not skipped as someone's extension.
     !urn.starts_with("urn:ietf:params:scim:schemas:core:")
         && !urn.starts_with("urn:ietf:params:scim:schemas:extension:enterprise:")
-        && !KNOWN_SCHEMAS.iter().any(|k| {
+        && !known_schemas().any(|k| {
             let k = k.to_ascii_lowercase();
             urn == k || urn.starts_with(&format!("{k}:"))
         })
@@ -196,7 +196,7 @@ fn unknown_extension(urn: &str) -> bool {
 /// schema, unless it is a known schema's URN alone.
 fn in_unknown_extension(name: &str) -> bool {
     super::urn_prefixed(name)
-        && !KNOWN_SCHEMAS.iter().any(|k| k.eq_ignore_ascii_case(name))
+        && !known_schemas().any(|k| k.eq_ignore_ascii_case(name))
         && name
             .rsplit_once(':')
             .is_some_and(|(urn, _)| unknown_extension(urn))

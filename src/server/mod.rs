@@ -381,28 +381,27 @@ pub async fn run_with_env(
     crate::ops::systemd::notify_ready(local);
     tracing::info!(addr = %local, tenants = state.tokens.tenant_count(), "rosterd is listening.");
     let client_timeout = std::time::Duration::from_secs(state.config.server.client_timeout_secs);
-    let server = serve(listener, app, client_timeout, shutdown.clone());
-    // A client that stalls mid-request would otherwise hold the drain, and the stop,
-    // until systemd's SIGKILL; the connections left are closed when the runtime ends.
-    let stopping_said = std::sync::atomic::AtomicBool::new(false);
-    let drain_deadline = async {
-        shutdown.cancelled().await;
-        // Said as the stop begins: `systemctl status` read "Serving on …" for the whole
-        // drain, and the watchdog pings end here.
-        crate::ops::systemd::notify_stopping();
-        stopping_said.store(true, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(DRAIN_DEADLINE).await;
+    // The server owns its connections: dropped, it cuts off those still open.
+    let mut server = Box::pin(serve(listener, app, client_timeout, shutdown.clone()));
+    // First the stop's start, said to systemd at once (`systemctl status` read "Serving
+    // on …" for the whole drain, and the watchdog pings end here); then the drain, for
+    // at most DRAIN_DEADLINE: a client that stalls mid-request would otherwise hold the
+    // drain, and the stop, until systemd's SIGKILL. A server that ended on its own has
+    // nothing to drain.
+    let ended = tokio::select! {
+        () = &mut server => true,
+        () = shutdown.cancelled() => false,
     };
-    tokio::select! {
-        () = server => {}
-        () = drain_deadline => {
-            tracing::warn!(seconds = DRAIN_DEADLINE.as_secs(), "Requests still in flight after the drain deadline are cut off; their clients get no answer and must retry.");
+    crate::ops::systemd::notify_stopping();
+    if !ended {
+        tokio::select! {
+            () = &mut server => {}
+            () = tokio::time::sleep(DRAIN_DEADLINE) => {
+                tracing::warn!(seconds = DRAIN_DEADLINE.as_secs(), "Requests still in flight after the drain deadline are cut off; their clients get no answer and must retry.");
+            }
         }
     }
-    // A server that drained before the deadline's branch was polled again.
-    if !stopping_said.load(std::sync::atomic::Ordering::Relaxed) {
-        crate::ops::systemd::notify_stopping();
-    }
+    drop(server);
     reloads.abort();
     if let Some(b) = backups {
         b.abort();
@@ -912,9 +911,6 @@ fn body_encodings(h: &HeaderMap) -> Option<String> {
     (has_body && !encodings.is_empty()).then(|| encodings.join(", "))
 }
 
-/// The token of an `Authorization: Bearer …` header, or None when there is no such
-/// header. A value that is not ASCII is still a token sent (and refused as malformed),
-/// not the absence of one: the caller is told its token is wrong, not that it sent none.
 /// Why a request's `Authorization` is refused before its token is read: one header only
 /// (RFC 9110 §5.3), since with two a proxy that reads the other one would authorize
 /// someone else than we do. For SCIM and the Roster API alike (400).
@@ -923,6 +919,9 @@ pub(crate) fn more_than_one_authorization(h: &HeaderMap) -> Option<String> {
     (copies > 1).then(|| format!("{copies} Authorization headers; send one"))
 }
 
+/// The token of an `Authorization: Bearer …` header, or None when there is no such
+/// header. A value that is not ASCII is still a token sent (and refused as malformed),
+/// not the absence of one: the caller is told its token is wrong, not that it sent none.
 pub(crate) fn bearer_token(h: &HeaderMap) -> Option<String> {
     let v = h.get(axum::http::header::AUTHORIZATION)?.as_bytes();
     let blank = v.iter().position(|&b| b == b' ')?;

@@ -254,18 +254,11 @@ fn ok(v: Value) -> Reply {
     }
 }
 
-fn endpoint(kind: ResourceKind) -> &'static str {
-    match kind {
-        ResourceKind::User => "Users",
-        ResourceKind::Group => "Groups",
-    }
-}
-
 fn location(state: &AppState, tenant: &str, kind: ResourceKind, id: &str) -> String {
     format!(
         "{}/scim/v2/{tenant}/{}/{id}",
         state.base_url,
-        endpoint(kind)
+        kind.endpoint()
     )
 }
 
@@ -511,12 +504,12 @@ fn check_manager(
     tenant: &str,
     kind: ResourceKind,
     res: &Resource,
-    before: Option<&Option<String>>,
+    had: Option<&str>,
 ) {
     let Some(value) = manager_value(&res.doc).filter(|_| kind == ResourceKind::User) else {
         return;
     };
-    if before.is_some_and(|b| b.as_deref() == Some(value)) {
+    if had == Some(value) {
         return;
     }
     // A store failure here leaves the write done; the next read says what is wrong.
@@ -580,11 +573,9 @@ async fn op_create(
     resource_reply(state, tenant, kind, &res, StatusCode::CREATED, projection)
 }
 
-/// The state a PUT or PATCH found, so that what it changed is logged: Entra and Okta
-/// deprovision by PATCH or PUT `active: false`, and the journal must name the request that
-/// did it (by its request id), as it does for a create or a delete. A write that changed
-/// nothing (Okta's GET-then-PUT of every user) logs nothing.
-/// It also keeps the manager the resource had, for [`check_manager`].
+/// The state a PUT or PATCH found (the store hands it to the update only), so that what
+/// the write changed is logged and its manager checked (see [`log_update`],
+/// [`check_manager`]).
 #[derive(Clone, Default)]
 struct Found(Arc<std::sync::Mutex<Option<Before>>>);
 
@@ -599,45 +590,30 @@ impl Found {
     fn record(&self, old: &Value) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Before {
             version: old.pointer("/meta/version").cloned(),
-            active: is_active(old),
+            active: crate::scim::is_active(old),
             manager: manager_value(old).map(str::to_owned),
         });
     }
 
-    /// The manager the resource had, if the write found the resource.
-    fn manager_before(&self) -> Option<Option<String>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|b| b.manager.clone())
-    }
-
-    fn log_change(&self, kind: ResourceKind, res: &Resource, how: &'static str) {
-        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(Before {
-            version,
-            active: was_active,
-            ..
-        }) = guard.as_ref()
-        else {
-            return;
-        };
-        let (version, was_active) = (version.clone(), *was_active);
-        drop(guard);
-        if version.as_ref() == res.doc.pointer("/meta/version") {
-            return;
-        }
-        let active = is_active(&res.doc);
-        let deactivated = kind == ResourceKind::User && was_active && !active;
-        let reactivated = kind == ResourceKind::User && !was_active && active;
-        tracing::info!(id = %res.id, kind = ?kind, by = how, deactivated, reactivated, "Resource updated.");
+    /// What the write found, once it is done.
+    fn take(&self) -> Option<Before> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
-/// A user without `active` is active, as the store and the roster read it.
-fn is_active(doc: &Value) -> bool {
-    doc.get("active") != Some(&Value::Bool(false))
+/// Log a PUT or PATCH (`how`) that changed a resource: Entra and Okta deprovision by
+/// PATCH or PUT `active: false`, and the journal must name the request that did it (by
+/// its request id), as it does for a create or a delete. A write that changed nothing
+/// (Okta's GET-then-PUT of every user) logs nothing.
+fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Option<&Before>) {
+    let Some(before) = before else { return };
+    if before.version.as_ref() == res.doc.pointer("/meta/version") {
+        return;
+    }
+    let active = crate::scim::is_active(&res.doc);
+    let deactivated = kind == ResourceKind::User && before.active && !active;
+    let reactivated = kind == ResourceKind::User && !before.active && active;
+    tracing::info!(id = %res.id, kind = ?kind, by = how, deactivated, reactivated, "Resource updated.");
 }
 
 async fn op_replace(
@@ -676,8 +652,10 @@ async fn op_replace(
         })
         .await
         .map_err(store_to_scim)?;
-    found.log_change(kind, &res, "PUT");
-    check_manager(state, tenant, kind, &res, found.manager_before().as_ref());
+    let before = found.take();
+    log_update(kind, &res, "PUT", before.as_ref());
+    let had = before.as_ref().and_then(|b| b.manager.as_deref());
+    check_manager(state, tenant, kind, &res, had);
     resource_reply(state, tenant, kind, &res, StatusCode::OK, projection)
 }
 
@@ -726,8 +704,10 @@ async fn op_patch(
         })
         .await
         .map_err(store_to_scim)?;
-    found.log_change(kind, &res, "PATCH");
-    check_manager(state, tenant, kind, &res, found.manager_before().as_ref());
+    let before = found.take();
+    log_update(kind, &res, "PATCH", before.as_ref());
+    let had = before.as_ref().and_then(|b| b.manager.as_deref());
+    check_manager(state, tenant, kind, &res, had);
     // A group's answer carries every member: 3 MB and a tenth of a second for one member
     // added to 20,000, on every PATCH Entra or Okta sends. RFC 7644 §3.5.2 lets the
     // answer be 204; a client that wants the group back asks with `attributes` or
@@ -1879,7 +1859,7 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             }
             let path = op.get("path").and_then(Value::as_str)?;
             let (kind, id) = parse_bulk_path(path).ok()?;
-            Some(format!("{}/{}", endpoint(kind), id?))
+            Some(format!("{}/{}", kind.endpoint(), id?))
         })
         .collect();
     let mut ran: HashSet<String> = HashSet::new();
@@ -2006,20 +1986,10 @@ async fn run_bulk_entry(
     };
     // Each operation counts as the request it stands for would: a /Bulk answers 200
     // whatever its operations met, and a store outage's 503s went uncounted.
-    let counted = crate::ops::metrics::ScimOp {
-        resource: match &target {
-            Ok((ResourceKind::User, _)) => "Users",
-            Ok((ResourceKind::Group, _)) => "Groups",
-            Err(_) => "Bulk",
-        },
-        op: match method_name.as_str() {
-            "POST" => "create",
-            "PUT" => "replace",
-            "PATCH" => "patch",
-            "DELETE" => "delete",
-            _ => "bulk",
-        },
-    };
+    let counted = crate::ops::metrics::ScimOp::of_bulk_operation(
+        target.as_ref().ok().map(|(kind, _)| *kind),
+        &method_name,
+    );
     let outcome = match target {
         Ok((kind, id)) => run_bulk_op(state, tenant, op, &method_name, kind, id, created).await,
         Err(e) => Err(e),
@@ -2093,7 +2063,7 @@ fn bulk_target(
     if method == "POST" && id.is_some() {
         return Err(ScimError::invalid_value(format!(
             "a POST's path is the resource type's endpoint, /{}, without an id",
-            endpoint(kind)
+            kind.endpoint()
         )));
     }
     Ok((kind, id))
@@ -2128,7 +2098,7 @@ async fn run_bulk_op(
     let cond = bulk_version(op)?;
     let need_id = || {
         id.clone().ok_or_else(|| {
-            ScimError::invalid_value(format!("{method} needs /{}/{{id}}", endpoint(kind)))
+            ScimError::invalid_value(format!("{method} needs /{}/{{id}}", kind.endpoint()))
         })
     };
     let need_data = || {

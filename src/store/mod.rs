@@ -521,7 +521,7 @@ fn index_entries(kind: ResourceKind, id: &str, doc: &Value) -> Vec<(Index, Strin
                     }
                 }
             }
-            if doc.get("active") == Some(&Value::Bool(false)) {
+            if !crate::scim::is_active(doc) {
                 out.push((Index::Inactive, String::new()));
             }
             if let Some(ext) = doc.get(ENTERPRISE_USER_SCHEMA) {
@@ -2178,10 +2178,8 @@ impl Store {
                     None
                 }
             };
-            // A user without `active` is active (as the roster record reads it), so a PUT
-            // that leaves it out after a deactivation reactivates.
-            let was_active = old.get("active") != Some(&Value::Bool(false));
-            let is_active = doc.get("active") != Some(&Value::Bool(false));
+            let (was_active, is_active) =
+                (crate::scim::is_active(&old), crate::scim::is_active(&doc));
             let deactivated = kind == ResourceKind::User && was_active && !is_active;
             let reactivated = kind == ResourceKind::User && !was_active && is_active;
             let groups = if deactivated || reactivated {
