@@ -71,7 +71,8 @@ async fn start_job(
     let (job, slot) = claim(&state, tenant, kind, full, connector).await?;
     let queued = job.clone();
     let tenant = tenant.to_owned();
-    tokio::spawn(async move {
+    let jobs = state.jobs.clone();
+    jobs.spawn(async move {
         let mut next = Some((job, slot, reconcile));
         while let Some((job, slot, reconcile)) = next.take() {
             let span = tracing::info_span!("job", tenant = %tenant, job_id = %job.job_id, kind = %job.kind);
@@ -191,9 +192,11 @@ async fn run_job(
     }
     tracing::info!("Reclassification started.");
     let policy = state.roster.tenants.get(tenant).and_then(|t| t.policy());
-    let result = state.store.reclassify(tenant, 500).await;
+    let result = state.store.reclassify(tenant, 500, &state.shutdown).await;
     match result {
-        Ok(c) => {
+        // The stop came between two batches: said below, with the stop's other cases.
+        Ok(None) => {}
+        Ok(Some(c)) => {
             job.status = JobStatus::Succeeded;
             job.counts.insert("users".into(), c.scanned);
             job.counts.insert("changed".into(), c.changed);

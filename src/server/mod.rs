@@ -95,6 +95,10 @@ pub struct AppState {
     pub env: EnvFn,
     /// The share of `max_body_bytes` that large request bodies being handled hold.
     pub large_bodies: BodyBudget,
+    /// Jobs (reclassifications, reconciliations) under way: a stop waits for them to
+    /// give up before it closes the store, so none writes into a closed one and each says
+    /// how it ended before the stop says it is done.
+    pub jobs: tokio_util::task::TaskTracker,
 }
 
 /// A part of the config a reload applies without a restart, and that can fail to apply
@@ -336,6 +340,7 @@ pub async fn run_with_env(
         backups: crate::ops::backup::Backups::new(backup_plan),
         env: env.clone(),
         large_bodies: BodyBudget::new(config_max_body),
+        jobs: tokio_util::task::TaskTracker::new(),
     });
     // A tenant taken out of config.toml keeps its data: said, or the store seems to hold
     // only what is served, and one declared again by mistake or on purpose surprises.
@@ -422,6 +427,17 @@ pub async fn run_with_env(
     }
     dispatch_stop.cancel();
     dispatch.stop_all().await;
+    // A job sees the stop between its batches, or as its sends are cut off above.
+    state.jobs.close();
+    if tokio::time::timeout(JOB_GIVE_UP, state.jobs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            seconds = JOB_GIVE_UP.as_secs(),
+            "A job had not given up by the deadline; the store closes under it, and the next start marks it interrupted."
+        );
+    }
     let closing = store.clone();
     let closed = tokio::task::spawn_blocking(move || closing.close())
         .await
@@ -439,6 +455,10 @@ pub async fn run_with_env(
 
 /// How long a stop waits for a backup under way to give up (it asks every 4,096 keys).
 const BACKUP_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a stop waits for a job under way to give up (a reclassification looks
+/// between batches of 500 users, a few milliseconds each).
+const JOB_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long requests in flight may take to finish once a stop began. With the connectors'
 /// stop and the final flush this keeps a stop within the 10 s the README promises.

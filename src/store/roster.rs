@@ -720,11 +720,21 @@ impl Store {
     }
 
     /// Re-run the policy for every user (after a bundle change, or as a sync job), in
-    /// batches so SCIM writes interleave. Overrides are kept.
-    pub async fn reclassify(&self, tenant: &str, batch: usize) -> StoreResult<ReclassifyCounts> {
+    /// batches so SCIM writes interleave. Overrides are kept. `None` when `stop` came
+    /// first: the users after the last batch are as they were, so the caller must not
+    /// take the tenant as reclassified.
+    pub async fn reclassify(
+        &self,
+        tenant: &str,
+        batch: usize,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> StoreResult<Option<ReclassifyCounts>> {
         let mut counts = ReclassifyCounts::default();
         let mut after: Option<String> = None;
         loop {
+            if stop.is_cancelled() {
+                return Ok(None);
+            }
             let ids = self.user_ids_after(tenant, after.as_deref(), batch.max(1))?;
             let Some(last) = ids.last().cloned() else {
                 break;
@@ -768,7 +778,7 @@ impl Store {
             after = Some(last);
         }
         counts.scanned = self.count(tenant, ResourceKind::User)?;
-        Ok(counts)
+        Ok(Some(counts))
     }
 
     fn user_ids_after(

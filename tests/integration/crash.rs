@@ -874,7 +874,11 @@ struct StuckJob {
     job_id: String,
 }
 
-const STUCK_ENV: [(&str, &str); 1] = [("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN)];
+/// At info, so that a test reads how a job ended in the log.
+const STUCK_ENV: [(&str, &str); 2] = [
+    ("OR_TOKEN", crate::oneroster::DEFAULT_TOKEN),
+    ("RUST_LOG", "info"),
+];
 
 impl StuckJob {
     async fn start(users: usize) -> StuckJob {
@@ -1023,8 +1027,81 @@ async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
     ] {
         assert!(!log.contains(noise), "{noise}: {log}");
     }
+    // The stop waits for the job to give up before it closes the store and says it
+    // stopped: the job's last line comes first (it used to come after, or not at all).
+    let cut = log
+        .find("The shutdown cut the job off")
+        .unwrap_or_else(|| panic!("the job's end is logged: {log}"));
+    let stopped = log.find("rosterd stopped cleanly.").expect(&log);
+    assert!(cut < stopped, "{log}");
     let d = s.restart().await;
     let j = s.job(&d).await;
+    assert_eq!(j["status"], "interrupted", "{j}");
+}
+
+/// A reclassification under way when the daemon stops gives up between two batches,
+/// says so, and only then does the stop close the store and say it stopped. Before, the
+/// stop closed the store under it and the runtime dropped it without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclassification_gives_up_before_the_stop_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let d = ChildDaemon::start(&root, &[("RUST_LOG", "info")]).await;
+    // Enough batches of 500 that the stop, sent at once, finds the job under way.
+    bulk_users(&d, 6_000).await;
+    let token = jwt_with(
+        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let job: Value = loop {
+        let r = d
+            .client
+            .post(format!("{}/api/v1/roster/scim:sync", d.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        // The start-up reclassification of a fresh store holds the slot for a while.
+        if r.status() != 409 || tokio::time::Instant::now() > deadline {
+            assert_eq!(r.status(), 202);
+            break r.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    d.signal("TERM");
+    let mut d = d;
+    let exit = tokio::task::block_in_place(|| d.child.wait()).unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    let job_id = job["job_id"].as_str().unwrap();
+    let cut = log
+        .lines()
+        .position(|l| l.contains(job_id) && l.contains("The shutdown cut the job off"))
+        .unwrap_or_else(|| panic!("the job says it was cut off: {log}"));
+    let stopped = log
+        .lines()
+        .position(|l| l.contains("rosterd stopped cleanly."))
+        .expect(&log);
+    assert!(cut < stopped, "{log}");
+    for noise in [
+        "Reclassification failed",
+        "Cannot record the job",
+        "had not given up",
+    ] {
+        assert!(!log.contains(noise), "{noise}: {log}");
+    }
+    let d = ChildDaemon::start(&root, &[]).await;
+    let j: Value = d
+        .client
+        .get(format!("{}/api/v1/roster/scim/jobs/{job_id}", d.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(j["status"], "interrupted", "{j}");
 }
 
