@@ -1152,7 +1152,22 @@ fn apply_filtered(
         Some(Value::Array(items)) => {
             let hits: Vec<usize> = (0..items.len()).filter(|&i| matches(&items[i])).collect();
             if hits.is_empty() {
-                return create_matching(obj, key, attr, filter, sub, op, value);
+                return create_matching(obj, (key, def), attr, filter, sub, op, value);
+            }
+            // One operation making several values primary is refused, as the same in a
+            // body is (RFC 7643 §2.4): keeping the last would pick one the client did not.
+            let makes_primary = match (sub, value) {
+                (Some(s), Some(v)) => s.eq_ignore_ascii_case("primary") && v == &Value::Bool(true),
+                (None, Some(Value::Object(o))) => o
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("primary") && v == &Value::Bool(true)),
+                _ => false,
+            };
+            if op != PatchOpKind::Remove && makes_primary && hits.len() > 1 {
+                return Err(ScimError::invalid_value(format!(
+                    "{attr}[{filter}] selects {} values to make primary; at most one may be",
+                    hits.len()
+                )));
             }
             match (op, sub) {
                 (PatchOpKind::Remove, None) => {
@@ -1190,7 +1205,7 @@ fn apply_filtered(
             }
             Ok(())
         }
-        _ => create_matching(obj, key, attr, filter, sub, op, value),
+        _ => create_matching(obj, (key, def), attr, filter, sub, op, value),
     }
 }
 
@@ -1217,7 +1232,7 @@ fn merge_element(
 #[allow(clippy::too_many_arguments)]
 fn create_matching(
     obj: &mut Map<String, Value>,
-    key: &str,
+    (key, def): (&str, Option<&AttrDef>),
     attr: &AttrPath,
     filter: &Filter,
     sub: Option<&str>,
@@ -1265,6 +1280,18 @@ fn create_matching(
                 "{attr}[…]: the value for a selected element is an object"
             )));
         }
+    }
+    // An element whose attribute has a `value` means nothing without one
+    // (`replace emails[type eq "work"].primary` on a user with no work address would
+    // make an address-less email, and make it the primary).
+    if def.is_some_and(AttrDef::has_value_sub)
+        && !element
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("value") && !v.is_null())
+    {
+        return Err(ScimError::no_target(format!(
+            "{attr}[{filter}] matches nothing, and the operation gives no value for an element to create"
+        )));
     }
     let slot = obj
         .entry(key.to_owned())
@@ -1848,6 +1875,80 @@ mod tests {
                    {"value": "a@x.com", "type": "home"}]),
             "the stored names kept, another type another value"
         );
+    }
+
+    /// An element of an attribute that has a `value` is made only with one: a filtered
+    /// `primary` or `display` alone would make an address-less email (and, primary, take
+    /// the primary from the real address).
+    #[test]
+    fn a_filter_matching_nothing_makes_no_element_without_a_value() {
+        for (op, path, value) in [
+            ("replace", "emails[type eq \"work\"].primary", json!(true)),
+            ("add", "emails[type eq \"work\"].display", json!("Work")),
+            ("add", "emails[type eq \"work\"]", json!({"primary": true})),
+            (
+                "replace",
+                "phoneNumbers[type eq \"mobile\"].primary",
+                json!(true),
+            ),
+        ] {
+            let mut d = json!({"userName": "x",
+                "emails": [{"value": "real@x.com", "type": "home", "primary": true}]});
+            let before = d.clone();
+            let e = patch(&mut d, json!([{"op": op, "path": path, "value": value}])).unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::NoTarget), "{op} {path}: {e:?}");
+            assert_eq!(d, before, "{op} {path}");
+        }
+        // With the value it is made, as Entra expects; an address has no `value` to give.
+        let mut d = json!({"userName": "x"});
+        patch(
+            &mut d,
+            json!([
+                {"op": "add", "path": "emails[type eq \"work\"]", "value": {"value": "w@x.com", "primary": true}},
+                {"op": "replace", "path": "addresses[type eq \"work\"].locality", "value": "Leeds"}
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            d["emails"],
+            json!([{"type": "work", "value": "w@x.com", "primary": true}])
+        );
+        assert_eq!(
+            d["addresses"],
+            json!([{"type": "work", "locality": "Leeds"}])
+        );
+    }
+
+    #[test]
+    fn a_filter_selecting_several_values_cannot_make_them_all_primary() {
+        let base = json!({"userName": "x", "emails": [
+            {"value": "w1@x.com", "type": "work", "primary": true},
+            {"value": "w2@x.com", "type": "work"},
+            {"value": "h@x.com", "type": "home"}]});
+        for (path, value) in [
+            ("emails[type eq \"work\"].primary", json!(true)),
+            (
+                "emails[type eq \"work\"]",
+                json!({"value": "w@x.com", "primary": true}),
+            ),
+        ] {
+            let mut d = base.clone();
+            let e = patch(
+                &mut d,
+                json!([{"op": "replace", "path": path, "value": value}]),
+            )
+            .unwrap_err();
+            assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{path}: {e:?}");
+            assert_eq!(d, base, "{path}");
+        }
+        // One value selected is made primary, the others not.
+        let mut d = base.clone();
+        patch(
+            &mut d,
+            json!([{"op": "replace", "path": "emails[type eq \"home\"].primary", "value": true}]),
+        )
+        .unwrap();
+        assert_eq!(d["emails"][2]["primary"], true);
     }
 
     #[test]

@@ -616,6 +616,20 @@ fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Opt
     tracing::info!(id = %res.id, kind = ?kind, by = how, deactivated, reactivated, "Resource updated.");
 }
 
+/// A PUT that leaves `active` out keeps a deactivated user deactivated: RFC 7644 §3.5.1
+/// lets an omitted attribute be taken as not asserted, and an HR client's PUT of a title
+/// must not give a leaver their access back. Only `active: true` reactivates.
+fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
+    if kind == ResourceKind::User
+        && !crate::scim::is_active(old)
+        && let Some(obj) = doc.as_object_mut()
+        && obj.get("active").is_none_or(Value::is_null)
+    {
+        obj.insert("active".into(), Value::Bool(false));
+    }
+    doc
+}
+
 async fn op_replace(
     state: &AppState,
     tenant: &str,
@@ -641,6 +655,7 @@ async fn op_replace(
         .update(tenant, kind, id, cond, move |old| {
             seen.record(old);
             check_immutable(kind, old, &doc)?;
+            let doc = keep_deactivated(kind, old, doc);
             Ok(Update {
                 doc,
                 members: if kind == ResourceKind::Group {

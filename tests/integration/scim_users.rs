@@ -715,3 +715,38 @@ async fn a_manager_value_naming_no_user_is_kept_warned_and_counted() {
         r.body
     );
 }
+
+/// A PUT that leaves `active` out keeps a leaver deactivated: an HR client's PUT of a new
+/// title gave a deactivated user their access back. Only `active: true` reactivates.
+#[tokio::test]
+async fn a_put_without_active_keeps_a_deactivated_user_deactivated() {
+    let d = TestDaemon::start().await;
+    let mut body = user("leaver@example.com");
+    body["active"] = json!(false);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let mut put = user("leaver@example.com");
+    put.as_object_mut().unwrap().remove("active");
+    put["title"] = json!("Buyer");
+    let p = d.put(&format!("/Users/{id}"), put.clone()).await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(p.body["active"], false, "{}", p.body);
+    assert_eq!(p.body["title"], "Buyer");
+    let found = d
+        .get("/Users?filter=userName%20eq%20%22leaver@example.com%22%20and%20active%20eq%20true")
+        .await;
+    assert_eq!(found.body["totalResults"], 0, "{}", found.body);
+    // An active user sent without `active` stays active, as before.
+    let r = d.post("/Users", user("stayer@example.com")).await;
+    let stayer = r.body["id"].as_str().unwrap().to_owned();
+    let mut put2 = user("stayer@example.com");
+    put2.as_object_mut().unwrap().remove("active");
+    let p = d.put(&format!("/Users/{stayer}"), put2).await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(p.body["active"].is_null(), "kept as sent: {}", p.body);
+    // Saying so reactivates.
+    put["active"] = json!(true);
+    let p = d.put(&format!("/Users/{id}"), put).await;
+    assert_eq!(p.body["active"], true, "{}", p.body);
+}
