@@ -759,6 +759,14 @@ impl Config {
         for (name, expr) in self.schedules.entries() {
             parse_cron(expr).map_err(|e| format!("key `schedules.{name}`: {e}"))?;
         }
+        if let Some(var) = self
+            .api
+            .jwt
+            .as_ref()
+            .and_then(|j| j.hs256_secret_env.as_ref())
+        {
+            check_env_name("api.jwt.hs256_secret_env", var)?;
+        }
         let mut seen = std::collections::HashSet::new();
         let (mut hash_owner, mut env_owner) = (
             std::collections::HashMap::new(),
@@ -793,13 +801,8 @@ impl Config {
                     t.id
                 ));
             }
-            if let Some(env) = &t.token_env
-                && (env.trim().is_empty() || env.contains('='))
-            {
-                return Err(format!(
-                    "key `tenants[{i}].token_env`: {} is not an environment variable's name (it names the variable holding the token, e.g. \"ROSTERD_DEMO_TOKEN\", not the token)",
-                    shown_env_name(env)
-                ));
+            if let Some(env) = &t.token_env {
+                check_env_name(&format!("tenants[{i}].token_env"), env)?;
             }
             if t.token_env.is_none() && t.token_hashes.is_empty() {
                 return Err(format!(
@@ -1046,6 +1049,23 @@ fn same_but_tokens(a: &str, b: &str) -> bool {
         }
     }
     x == y
+}
+
+/// A `*_env` key's value must be a name a variable can have: letters, digits and `_`,
+/// not starting with a digit (POSIX; systemd's `EnvironmentFile=` sets no other). A
+/// token pasted in its place (`token_env = "s3cr3t-…"`) was only a warning to
+/// `check-config`, which looked it up as a variable not set there, and `serve` then
+/// refused to start.
+pub fn check_env_name(key: &str, value: &str) -> Result<(), String> {
+    let ok = value.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "key `{key}`: {} is not an environment variable's name (a name is letters, digits and `_`, not starting with a digit; the key names the variable holding the secret, e.g. \"ROSTERD_DEMO_TOKEN\", not the secret)",
+        shown_env_name(value)
+    ))
 }
 
 /// An environment variable's name as errors show it. A secret pasted where its name
@@ -1621,6 +1641,41 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("x.toml") && !err.contains("hunter22"), "{err}");
+        }
+    }
+
+    /// A token pasted where a variable's name belongs is refused by the file's check (so
+    /// by `check-config` as by `serve`), shown starred; a name of any case is taken.
+    #[test]
+    fn an_env_key_holding_what_cannot_be_a_name_is_refused() {
+        let parse =
+            |text: &str| Config::parse(&format!("version = 1\n{text}\n"), Path::new("x.toml"));
+        for (text, key) in [
+            (
+                "[[tenants]]\nid = \"a\"\ntoken_env = \"s3cr3t-pasted-token-value\"\nbundle = \"b.toml\"",
+                "tenants[0].token_env",
+            ),
+            (
+                "[api.jwt]\naudience = [\"a\"]\nhs256_secret_env = \"s3cr3t.jwt+value\"",
+                "api.jwt.hs256_secret_env",
+            ),
+            (
+                "[[tenants]]\nid = \"a\"\ntoken_env = \"9S3CR3T\"\nbundle = \"b.toml\"",
+                "tenants[0].token_env",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("is not an environment variable's name"),
+                "{text}: {e}"
+            );
+            assert!(!e.contains("3cr3t"), "{e}");
+        }
+        for good in ["ROSTERD_DEMO_TOKEN", "rosterd_token", "_T1"] {
+            crate::config::check_env_name("k", good).unwrap();
+        }
+        for bad in ["", " T", "T-1", "T=abc", "1T", "été"] {
+            assert!(crate::config::check_env_name("k", bad).is_err(), "{bad:?}");
         }
     }
 

@@ -1123,6 +1123,9 @@ secret_env = "HOOK_SECRET"
         for wrong in [
             "secret = \"whsec_CANARYc2VjcmV0\"",
             "secret_env = whsec_CANARYc2VjcmV0",
+            // Quoted, it parses, and is no variable's name: refused as one, starred.
+            "secret_env = \"whsec_CANARY+c2VjcmV0\"",
+            "secret_env = \"HOOK_SECRET\"\nrotation_secret_env = \"whsec_CANARY/c2VjcmV0\"",
         ] {
             let err = ConnectorConfig::parse(
                 &WEBHOOK.replace("secret_env = \"HOOK_SECRET\"", wrong),
@@ -1133,6 +1136,20 @@ secret_env = "HOOK_SECRET"
             .to_string();
             assert!(err.contains("x.toml") && !err.contains("CANARY"), "{err}");
         }
+        let err = ConnectorConfig::parse(
+            &WEBHOOK.replace(
+                "secret_env = \"HOOK_SECRET\"",
+                "secret_env = \"whsec_CANARY+c2VjcmV0\"",
+            ),
+            Path::new("x.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`secret_env`") && err.contains("is not an environment variable's name"),
+            "{err}"
+        );
     }
 
     /// Times past what a clock can add made every retry panic; the bounds are named.
@@ -1277,6 +1294,9 @@ client_secret_env = "SIS_SECRET"
         };
         parse(WEBHOOK).unwrap();
         parse(ONEROSTER).unwrap();
+        let pasted =
+            parse(&ONEROSTER.replace("\"SIS_SECRET\"", "\"pasted-secret-value\"")).unwrap_err();
+        assert!(pasted.contains("auth.client_secret_env"), "{pasted}");
         parse(&WEBHOOK.replace("/hook\"", "/hook?tenant=demo\"")).unwrap();
         let bad = [
             ("", false),

@@ -186,6 +186,14 @@ impl OneRosterSettings {
             }
         }
         let a = &self.auth;
+        for (key, var) in [
+            ("auth.token_env", &a.token_env),
+            ("auth.client_secret_env", &a.client_secret_env),
+        ] {
+            if let Some(var) = var {
+                crate::config::check_env_name(key, var)?;
+            }
+        }
         match (&a.token_env, &a.token_url) {
             (Some(_), None) => {}
             (None, Some(url)) => {

@@ -49,6 +49,10 @@ pub struct WebhookSettings {
 impl WebhookSettings {
     pub(super) fn validate(&self) -> Result<(), String> {
         super::http::check_url("url", &self.url, false)?;
+        crate::config::check_env_name("secret_env", &self.secret_env)?;
+        if let Some(var) = &self.rotation_secret_env {
+            crate::config::check_env_name("rotation_secret_env", var)?;
+        }
         for e in &self.events {
             if !EVENT_TYPES.contains(&e.as_str()) && e != GROUP_DELETED {
                 return Err(format!(
