@@ -461,18 +461,24 @@ impl Live {
         }
     }
 
-    /// Requests delivered and retries, as status shows them.
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.delivered.load(Ordering::Relaxed),
-            self.retries.load(Ordering::Relaxed),
-        )
+    /// Requests delivered, retries and the last success, as status shows them.
+    fn counts(&self) -> Counted {
+        Counted {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            last_success_at: self.health().last_success_at,
+        }
     }
 
-    /// Go on from the counts of the run before (see [`Live::counts`]).
-    fn count_on_from(&self, (delivered, retries): (u64, u64)) {
-        self.delivered.fetch_add(delivered, Ordering::Relaxed);
-        self.retries.fetch_add(retries, Ordering::Relaxed);
+    /// Go on from the counts of the run before (see [`Live::counts`]). The last success
+    /// too: cleared by a reload, it read "never" beside a count of deliveries, for as long
+    /// as a quiet connector sent nothing.
+    fn count_on_from(&self, before: Counted) {
+        self.delivered
+            .fetch_add(before.delivered, Ordering::Relaxed);
+        self.retries.fetch_add(before.retries, Ordering::Relaxed);
+        let mut h = self.health();
+        h.last_success_at = h.last_success_at.max(before.last_success_at);
     }
 
     /// A delivery, counted and dated. All an operator's replay that got through is (the
@@ -2638,10 +2644,18 @@ pub struct Dispatcher {
     /// Every connector task, so that a stop waits for all of them: a reload cut short by
     /// the stop drops its own wait for the connectors it was stopping.
     tasks: tokio_util::task::TaskTracker,
-    /// What connectors a reload stopped had counted (delivered, retries), by tenant and
+    /// What connectors a reload stopped had counted (delivered, retries, last success), by tenant and
     /// name: started again, by that reload or a later one (its file put back), a
     /// connector goes on from them, as its metrics do.
-    counted: Mutex<HashMap<(String, String), (u64, u64)>>,
+    counted: Mutex<HashMap<(String, String), Counted>>,
+}
+
+/// What a connector counted before a reload stopped it (see [`Live::counts`]).
+#[derive(Clone, Copy)]
+struct Counted {
+    delivered: u64,
+    retries: u64,
+    last_success_at: Option<DateTime<Utc>>,
 }
 
 impl Dispatcher {

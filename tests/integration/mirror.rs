@@ -1599,6 +1599,13 @@ async fn a_connector_started_again_by_a_reload_goes_on_counting() {
         "{before}"
     );
     rewrite_hook_timeout(&d, 3000).await;
+    // Its last success too, until it delivers again: it read "never" after the reload.
+    let restarted = caught_up(&d, "hooks").await;
+    assert_eq!(
+        restarted["last_success_at"], before["last_success_at"],
+        "{restarted}"
+    );
+    assert!(before["last_success_at"].is_string(), "{before}");
     d.create_user("cy@acme.test").await;
     let after = caught_up(&d, "hooks").await;
     assert_eq!(
