@@ -378,6 +378,15 @@ fn real_path_within(path: &Path, links: usize) -> PathBuf {
 
 /// Parse a cron expression with a required seconds field.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    // croner's own error for an unknown one speaks of "between 5 and 7 fields".
+    if let Some(name) = expr.trim().strip_prefix('@')
+        && !CRON_SHORTCUTS.iter().any(|s| s.eq_ignore_ascii_case(name))
+    {
+        return Err(format!(
+            "{expr:?} is not a shortcut rosterd knows (@{}); or write six fields: seconds minutes hours day-of-month month day-of-week",
+            CRON_SHORTCUTS.join(", @")
+        ));
+    }
     let fields = expr.split_whitespace().count();
     if fields < 6 && !expr.trim_start().starts_with('@') {
         return Err(format!(
@@ -407,6 +416,9 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     }
     Ok(cron)
 }
+
+/// The `@` shortcuts croner reads (each fires at second 0 of its minute).
+const CRON_SHORTCUTS: [&str; 6] = ["hourly", "daily", "weekly", "monthly", "yearly", "annually"];
 
 /// The six fields of a cron expression: name, values and how many distinct values
 /// (day-of-week 0 and 7 are both Sunday).
@@ -931,6 +943,12 @@ impl Config {
     /// backup), and a data directory among the backups (a daemon started on a backup
     /// where it lies) would be removed with the old backups.
     pub fn check_backup_dir(&self) -> Result<(), ConfigError> {
+        self.check_backups_in(&self.backup_dir(), "key `backup.dir`")
+    }
+
+    /// [`Config::check_backup_dir`] for backups written into `dir` instead, which the
+    /// message calls `named` (`store backup --to DIR`).
+    pub fn check_backups_in(&self, dir: &Path, named: &str) -> Result<(), ConfigError> {
         // `..` taken lexically here, as a path with a link in it is resolved below.
         let lexical = |p: PathBuf| {
             let p = std::path::absolute(&p).unwrap_or(p);
@@ -945,7 +963,7 @@ impl Config {
             })
         };
         let (backups, data) = (
-            lexical(self.backup_dir()),
+            lexical(dir.to_owned()),
             lexical(self.resolve(&self.server.data_dir)),
         );
         let (real_backups, real_data) = (real_path(&backups), real_path(&data));
@@ -953,14 +971,14 @@ impl Config {
             |a: &Path, b: &Path, ra: &Path, rb: &Path| a.starts_with(b) || ra.starts_with(rb);
         let message = if within(&backups, &data, &real_backups, &real_data) {
             format!(
-                "key `backup.dir`: {} is inside the data directory {}; name a directory outside it (the default is beside it, {}-backups)",
+                "{named}: {} is inside the data directory {}; name a directory outside it (the default is beside it, {}-backups)",
                 backups.display(),
                 data.display(),
                 data.file_name().unwrap_or_default().to_string_lossy()
             )
         } else if within(&data, &backups, &real_data, &real_backups) {
             format!(
-                "key `backup.dir`: the data directory {} is inside the backup directory {}, where it would be removed as an old backup; to start on a backup, copy it to the data directory first (`cp -a`)",
+                "{named}: the data directory {} is inside the backup directory {}, where it would be removed as an old backup; to start on a backup, copy it to the data directory first (`cp -a`)",
                 data.display(),
                 backups.display()
             )
@@ -1677,6 +1695,20 @@ mod tests {
         for bad in ["", " T", "T-1", "T=abc", "1T", "été"] {
             assert!(crate::config::check_env_name("k", bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// An unknown `@` shortcut is named as one, with those known; croner's own error
+    /// said "between 5 and 7 fields" where six are the rule.
+    #[test]
+    fn an_unknown_schedule_shortcut_names_those_known() {
+        for good in ["@daily", "@HOURLY", "@annually", " @weekly "] {
+            assert!(parse_cron(good).is_ok(), "{good}");
+        }
+        let e = parse_cron("@fortnightly").unwrap_err();
+        assert!(
+            e.contains("@hourly, @daily") && !e.contains("between 5 and 7"),
+            "{e}"
+        );
     }
 
     #[test]

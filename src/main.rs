@@ -66,7 +66,7 @@ enum Command {
         #[arg(long, short, default_value = "config.toml")]
         config: PathBuf,
         /// Listen address; overrides `server.listen`.
-        #[arg(long)]
+        #[arg(long, value_parser = listen_addr)]
         listen: Option<SocketAddr>,
         /// Store directory; overrides `server.data_dir`.
         #[arg(long)]
@@ -143,7 +143,7 @@ enum Command {
         full: bool,
         /// Only this connector (after its target was fixed): the tenant's others, held or
         /// paused, neither run nor fail the job.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", value_parser = connector_name)]
         connector: Option<String>,
     },
     /// Show one of a tenant's jobs (a reconciliation or a reclassification after a
@@ -180,6 +180,7 @@ enum Command {
         /// The tenant the connector belongs to.
         #[arg(long)]
         tenant: String,
+        #[arg(value_parser = connector_name)]
         connector: String,
         /// For a connector its [guard] holds, after the identity provider undid its
         /// mistake: send none of the held changes (the cursor moves past every change
@@ -198,6 +199,7 @@ enum Command {
         /// The tenant the connector belongs to.
         #[arg(long)]
         tenant: String,
+        #[arg(value_parser = connector_name)]
         connector: String,
     },
 }
@@ -223,10 +225,14 @@ struct DaemonArgs {
 #[derive(Subcommand)]
 enum DeadLetterCommand {
     /// List a connector's dead letters.
-    List { connector: String },
+    List {
+        #[arg(value_parser = connector_name)]
+        connector: String,
+    },
     /// Send a dead letter again (or, with --all, every one, oldest first); each that
     /// goes through is removed.
     Replay {
+        #[arg(value_parser = connector_name)]
         connector: String,
         #[arg(value_parser = letter_id, conflicts_with = "all")]
         id: Option<u64>,
@@ -237,6 +243,7 @@ enum DeadLetterCommand {
     },
     /// Drop a dead letter without sending it (or, with --all, every one listed now).
     Discard {
+        #[arg(value_parser = connector_name)]
         connector: String,
         #[arg(value_parser = letter_id, conflicts_with = "all")]
         id: Option<u64>,
@@ -245,6 +252,41 @@ enum DeadLetterCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// `--listen`, refused as `server.listen` is, with the same hint.
+fn listen_addr(addr: &str) -> Result<SocketAddr, String> {
+    addr.parse().map_err(|_| {
+        format!(
+            "{addr:?}: an IP address and a port are needed, such as 127.0.0.1:8080 or [::1]:8080; a host name such as localhost is not accepted"
+        )
+    })
+}
+
+/// Nothing listens there: a TLS hint would mislead.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// A connector's name as a connector file may give it (it goes into the request's path).
+fn connector_name(name: &str) -> Result<String, String> {
+    if rosterd::connectors::is_connector_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?} is no connector's name: names are 1-64 letters, digits, '-' or '_'"
+        ))
+    }
 }
 
 /// A dead letter's id, as `list` prints it (`#12`) or bare (`12`).
@@ -634,7 +676,10 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
     config.server.data_dir = dir.clone();
     let mut plan = rosterd::ops::backup::Plan::of(&config);
     match to {
-        Some(to) => plan.dir = to,
+        Some(to) => {
+            config.check_backups_in(&to, "--to")?;
+            plan.dir = to;
+        }
         None => config.check_backup_dir()?,
     }
     // One pass over the store: a small cache does.
@@ -1355,7 +1400,21 @@ fn call_daemon_within(
     // means the daemon at that address: the path is the command's to add.
     let base = base.trim_end_matches('/');
     let base = base.strip_suffix("/status").unwrap_or(base);
+    // Errors name the address without the user name and password a URL may carry.
+    let shown = rosterd::connectors::http::recorded_url(base)
+        .trim_end_matches('/')
+        .to_owned();
+    let scheme = reqwest::Url::parse(base).map(|u| u.scheme().to_owned());
+    let https = match scheme.as_deref() {
+        Ok("http") => false,
+        Ok("https") => true,
+        // The client's own "URL scheme is not allowed" read as the daemon's fault.
+        _ => anyhow::bail!(
+            "--url {shown}: give the daemon's address as http://HOST:PORT (or HOST:PORT)"
+        ),
+    };
     let url = format!("{base}{path}");
+    let shown_url = format!("{shown}{path}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -1373,17 +1432,22 @@ fn call_daemon_within(
             if e.is_timeout() {
                 if within == CLI_TIMEOUT {
                     anyhow::anyhow!(
-                        "rosterd at {url} did not answer within {} s: it accepted the connection but is stalled; its log says what it last did",
+                        "rosterd at {shown_url} did not answer within {} s: it accepted the connection but is stalled; its log says what it last did",
                         within.as_secs()
                     )
                 } else {
                     anyhow::anyhow!(
-                        "rosterd at {url} did not answer within {} s; its log says what it last did",
+                        "rosterd at {shown_url} did not answer within {} s; its log says what it last did",
                         within.as_secs()
                     )
                 }
+            } else if https && e.is_connect() && !refused(&e) {
+                anyhow::Error::new(e.without_url()).context(format!(
+                    "cannot reach rosterd at {shown_url}: is it running, and is TLS ended in front of it? rosterd itself speaks plain http://"
+                ))
             } else {
-                anyhow::Error::new(e).context(format!("cannot reach rosterd at {url}; is it running?"))
+                anyhow::Error::new(e.without_url())
+                    .context(format!("cannot reach rosterd at {shown_url}; is it running?"))
             }
         };
         let resp = req.send().await.map_err(unanswered)?;
@@ -1422,7 +1486,7 @@ fn fail_unless_ok(status: reqwest::StatusCode, body: &serde_json::Value) -> Resu
         return Ok(());
     }
     if let (Some(error), Some(message)) = (body["error"].as_str(), body["message"].as_str()) {
-        anyhow::bail!("rosterd answered {status}: {error} {message}");
+        anyhow::bail!("rosterd answered {status} ({error}): {message}");
     }
     // Not one of rosterd's error bodies: whatever answered (a proxy, another service
     // at a wrong --url) says what it says.

@@ -216,7 +216,7 @@ pub fn openapi_document() -> Value {
                 "responses": common_errors(json!({"200": ok_json("Per-item outcome", json!({
                     "type": "object", "required": ["updated", "failed", "errors"],
                     "properties": {"updated": {"type": "integer"}, "failed": {"type": "integer"},
-                        "errors": {"type": "array", "description": "One per item that failed: 400 (a bad item), 404 (no such user), 422 (override_forbidden), 409 (sync_in_progress: a sync job started while the list was applied; the items before it stand, send the rest again once it ends)", "items": {"type": "object", "required": ["index", "user_id", "status", "error", "message"], "properties": {
+                        "errors": {"type": "array", "description": "One per item that failed: 400 (a bad item), 404 (no such user), 422 (override_forbidden), 409 (sync_in_progress: the item met a sync job running while the list was applied; the other items stand, send those listed again once it ends)", "items": {"type": "object", "required": ["index", "user_id", "status", "error", "message"], "properties": {
                             "index": {"type": "integer"}, "user_id": {"type": "string"}, "status": {"type": "integer"},
                             "error": {"type": "string"}, "message": {"type": "string"}}}}}
                 })), "400": error_response("Malformed body, or more than 10,000 items")}), &[

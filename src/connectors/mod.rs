@@ -298,13 +298,7 @@ impl ConnectorConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let valid_name = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid_name {
+        if !is_connector_name(&self.name) {
             return Err(format!(
                 "key `name`: {:?} must be 1-64 letters, digits, '-' or '_'",
                 self.name
@@ -691,6 +685,17 @@ fn refuse_shared_files(out: &mut Loaded, running: &BTreeMap<String, PathBuf>) {
             message,
         });
     }
+}
+
+/// What a connector may be called: 1-64 letters, digits, `-` or `_`. The CLI holds a
+/// name given on its command line to it too, since the name goes into a URL's path,
+/// where `a/../x` would reach connector `x`.
+pub fn is_connector_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 #[cfg(test)]

@@ -2576,7 +2576,9 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     let delay = backoff.next().unwrap_or(ctx.config.retry.max_delay());
                     // Before any await: /status never shows the failure without its retry.
                     ctx.live.health().next_retry = Some(Deadline::after(delay));
-                    tracing::error!(
+                    // `failure` above said it at WARN, with the reason, as for any target;
+                    // a second line at ERROR per attempt counted double in `-p err`.
+                    tracing::debug!(
                         ?reason,
                         retry_in_ms = delay.as_millis() as u64,
                         "Cannot write the CSV files; trying again."
@@ -2777,7 +2779,7 @@ impl Dispatcher {
                     // A rejected duplicate names a connector that still loads from its
                     // own file: that one is not broken.
                     Some(r) if !loaded.connectors.iter().any(|c| c.name == r.config.name) => {
-                        tracing::warn!(tenant = %r.config.tenant, connector = %r.config.name, error = %e, "Connector file does not load; the connector keeps running on its previously loaded config until the file is fixed or removed.");
+                        tracing::error!(tenant = %r.config.tenant, connector = %r.config.name, error = %e, "Connector file does not load; the connector keeps running on its previously loaded config until the file is fixed or removed.");
                         broken.insert(r.config.name.clone(), e.to_string());
                     }
                     _ => tracing::error!(error = %e, "Connector file not loaded; the others are."),

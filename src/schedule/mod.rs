@@ -255,6 +255,11 @@ async fn run_job(
                 job.counts.insert("review_queue".into(), n);
             }
             if let Some(mode) = reconcile {
+                tracing::info!(
+                    connector = job.connector.as_deref(),
+                    full = mode.full,
+                    "Reconciliation started."
+                );
                 match state
                     .dispatch
                     .reconcile(tenant, mode, job.connector.as_deref())

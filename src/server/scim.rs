@@ -613,6 +613,8 @@ fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Opt
     let active = crate::scim::is_active(&res.doc);
     let deactivated = kind == ResourceKind::User && before.active && !active;
     let reactivated = kind == ResourceKind::User && !before.active && active;
+    // Named only when `active` changed, so that a search for them finds the changes.
+    let (deactivated, reactivated) = (deactivated.then_some(true), reactivated.then_some(true));
     tracing::info!(id = %res.id, kind = ?kind, by = how, deactivated, reactivated, "Resource updated.");
 }
 

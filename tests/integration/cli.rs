@@ -991,6 +991,17 @@ async fn daemon_commands_with_url_read_no_config() {
     .unwrap();
     assert!(!ok);
     assert!(err.contains("is not a job id"), "{err}");
+    // Nor a connector name that is none: `a/../x` reached connector `x`.
+    for cmd in [
+        &["dead-letters", "--tenant", TENANT, "list", "a/../x"][..],
+        &["resume", "--tenant", TENANT, "a/../x"][..],
+        &["retire", "--tenant", TENANT, "x y"][..],
+        &["reconcile", "--tenant", TENANT, "--connector", "a/../x"][..],
+    ] {
+        let (ok, _, err) = cli(args(cmd, &missing, &with_token)).await.unwrap();
+        assert!(!ok, "{cmd:?}");
+        assert!(err.contains("is no connector's name"), "{cmd:?}: {err}");
+    }
     // Answered by the daemon (no such connector), not refused for want of a config. The
     // daemon flags may follow the dead-letters subcommand too.
     for cmd in [
@@ -2236,6 +2247,19 @@ async fn sigusr1_and_store_backup_write_backups_a_daemon_starts_on() {
     );
     let all: Vec<_> = std::fs::read_dir(&backups).unwrap().collect();
     assert_eq!(all.len(), 2, "{all:?}");
+    // `--to` is held to what `[backup] dir` is: not the store, nor inside it.
+    let data = root.join("data");
+    for to in [data.clone(), data.join("inside")] {
+        let mut to_args = args.to_vec();
+        to_args.extend(["--to", to.to_str().unwrap()]);
+        let (ok, out, err) = rosterd_async(&to_args).await;
+        assert!(!ok, "{out}");
+        assert!(
+            err.contains("--to") && err.contains("is inside the data directory"),
+            "{err}"
+        );
+    }
+    assert!(!data.join("inside").exists());
 
     // Each one serves the roster: the signal's first, then the CLI's (the newest).
     let newest = crate::harness::newest_backup(&backups);
@@ -2503,6 +2527,25 @@ async fn store_check_names_what_disagrees_and_fails() {
     assert!(
         err.contains("holds no rosterd store")
             && err.contains("name the store's directory with --data-dir"),
+        "{err}"
+    );
+}
+
+/// A `--url` the CLI cannot use is said to be the flag's fault, not the daemon's, and a
+/// password in it is not printed back.
+#[tokio::test]
+async fn a_url_flag_is_checked_and_its_password_not_shown() {
+    let (ok, _, err) = rosterd_async(&["status", "--url", "ftp://h.example"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("--url") && err.contains("http://HOST:PORT") && !err.contains("running"),
+        "{err}"
+    );
+    // Nothing listens on port 1 of loopback.
+    let (ok, _, err) = rosterd_async(&["status", "--url", "http://op:s3cr3t@127.0.0.1:1"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach rosterd") && !err.contains("s3cr3t"),
         "{err}"
     );
 }

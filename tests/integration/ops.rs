@@ -358,9 +358,19 @@ async fn an_update_is_logged_with_its_request_id_and_a_no_op_is_not() {
     let line = logs.lines("deprov-put");
     assert_eq!(line.len(), 1, "{line:?}");
     assert!(
-        line[0].contains("reactivated=true") && line[0].contains("by=\"PUT\""),
+        line[0].contains("reactivated=true")
+            && line[0].contains("by=\"PUT\"")
+            && !line[0].contains("deactivated"),
         "{line:?}"
     );
+    // A change that leaves `active` alone names neither.
+    let mut put = doc.clone();
+    put["active"] = json!(true);
+    put["title"] = json!("Buyer");
+    send(Method::PUT, "deprov-title", put).await;
+    let line = logs.lines("deprov-title");
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert!(!line[0].contains("activated"), "{line:?}");
 }
 
 #[tokio::test]
