@@ -1462,6 +1462,7 @@ async fn a_guarded_connector_does_not_resend_what_was_acknowledged_behind_a_slow
 }
 
 async fn not_resent_after_a_restart(extra: &str) {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let (hook, d, _) = with_hook(r#"["roster.user_created"]"#, |t| {
         format!(
             "{}{extra}",
@@ -1489,6 +1490,13 @@ async fn not_resent_after_a_restart(extra: &str) {
     );
     assert_eq!(acked(&hook, &ada), 0);
     let d = d.restart().await;
+    // The stop says what it cut off: "stopped cleanly" alone read as if the target had it.
+    let cut = logs.lines("The stop cut off changes not yet acknowledged");
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert!(
+        cut[0].contains("changes=1") && cut[0].contains("connector=hooks"),
+        "{cut:?}"
+    );
     hook.release();
     caught_up(&d, "hooks").await;
     assert!(
