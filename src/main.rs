@@ -2086,7 +2086,9 @@ fn connectors_summary(
     };
     let (all, not_loaded) = (of_shown("connectors"), of_shown("unloaded_connectors"));
     let unloaded: Vec<String> = not_loaded.iter().map(|c| named(c)).collect();
-    if all.is_empty() && unloaded.is_empty() {
+    // Every tenant's, as listed below: a file that does not load may name none.
+    let bad_files = s["connector_errors"].as_array().map_or(0, Vec::len);
+    if all.is_empty() && unloaded.is_empty() && bad_files == 0 {
         return None;
     }
     let (mut running, mut paused, mut other) = (0usize, Vec::new(), Vec::new());
@@ -2114,6 +2116,12 @@ fn connectors_summary(
             "{} NOT LOADED ({})",
             unloaded.len(),
             listed(&unloaded)
+        ));
+    }
+    if bad_files > 0 {
+        parts.push(format!(
+            "{bad_files} connector file{} NOT LOADING (below)",
+            if bad_files == 1 { "" } else { "s" }
         ));
     }
     let lettered: Vec<(String, u64)> = all
@@ -2422,11 +2430,15 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         .unwrap_or_default();
     if !errors.is_empty() {
         // A file that does not load may name no tenant, or the wrong one: all are shown.
+        // A connector already running on such a file goes on with its last good config
+        // (its own lines say so); the file's other connectors are NOT started.
         if only.is_empty() {
-            outln!("connector errors (files NOT loaded, connectors NOT started):")?;
+            outln!(
+                "connector files that do not load (a connector they would start is NOT started):"
+            )?;
         } else {
             outln!(
-                "connector errors, of every tenant (files NOT loaded, connectors NOT started):"
+                "connector files that do not load, of every tenant (a connector they would start is NOT started):"
             )?;
         }
         for e in errors {

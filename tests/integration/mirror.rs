@@ -3258,9 +3258,15 @@ async fn a_broken_connector_file_stays_indented_in_rosterd_status() {
     })
     .await;
     let out = status_text(&d).await;
+    // The first line says so, as it says what is paused.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("connectors: ") && l.contains("1 connector file NOT LOADING")),
+        "{out}"
+    );
     let section: Vec<&str> = out
         .lines()
-        .skip_while(|l| !l.starts_with("connector errors"))
+        .skip_while(|l| !l.starts_with("connector files that do not load"))
         .skip(1)
         .take_while(|l| !l.starts_with("schedule ") && !l.starts_with("backup "))
         .collect();
