@@ -825,6 +825,26 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     for e in &connectors.errors {
         note!("error: connector {e}");
     }
+    // What was read, and what was not: `hr-events.tml` gave "ok" and a daemon with no
+    // connector.
+    if dir_error.is_none() {
+        let loaded: Vec<String> = connectors
+            .connectors
+            .iter()
+            .map(|c| format!("{} ({}, tenant {})", c.name, c.kind.as_str(), c.tenant))
+            .collect();
+        if !loaded.is_empty() {
+            outln!("connectors: {}", loaded.join(", "))?;
+        }
+        let skipped = rosterd::connectors::skipped_files(&config.connectors_dir());
+        if !skipped.is_empty() {
+            note!(
+                "note: {} not read as connector files (only *.toml are): {}",
+                config.connectors_dir().display(),
+                skipped.join(", ")
+            );
+        }
+    }
     // A variable unset here may well be set where `serve` runs (the unit's
     // EnvironmentFile, readable by root only): as for tenant tokens, a warning. A value
     // that is set is checked as `serve` checks it.

@@ -492,6 +492,25 @@ fn is_connector_file(path: &Path) -> bool {
     })
 }
 
+/// The names of the files in `dir` that are not read as connector files, but for the
+/// `*.example` ones shipped beside them, hidden ones and editors' backups (`…~`), in
+/// name order: what `check-config` points out (`hr.tml`, a `README`).
+pub fn skipped_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+        .map(|e| e.path())
+        .filter(|p| !is_connector_file(p))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.') && !n.ends_with(".example") && !n.ends_with('~'))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Load every `*.toml` file of `dir`, in file-name order. A directory that cannot be
 /// listed (missing included) is an error with `dir_unreadable` set; whether a missing
 /// one is acceptable is the config's call. Files naming an unknown tenant, or a name

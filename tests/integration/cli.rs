@@ -655,6 +655,18 @@ fn check_config_warns_of_roles_that_name_no_archetype() {
         "{err}"
     );
     assert!(!err.contains("\"eng_lead\""), "{err}");
+    // It names what it read, and what it did not: `hr.tml` gave "ok" and no connector.
+    assert!(out.contains("connectors: files (csv, tenant t)"), "{out}");
+    assert!(!err.contains("not read as connector files"), "{err}");
+    connector_file(dir.path(), "hr.tml", "kind = \"webhook\"\n");
+    connector_file(dir.path(), "webhook.toml.example", "kind = \"webhook\"\n");
+    let (ok, _, err) = rosterd_env(&["check-config", "--config", config.to_str().unwrap()], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("not read as connector files (only *.toml are): hr.tml")
+            && !err.contains("example"),
+        "{err}"
+    );
 }
 
 /// A CSV connector's directory the user running check-config cannot write (the
