@@ -2468,18 +2468,30 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     if let Some(schedules) = s["schedules"].as_object() {
         for (name, sch) in schedules {
             if only.is_empty() {
+                // "last run - (-)" said nothing twice.
+                let last = if sch["last_run"].is_null() {
+                    "never".to_owned()
+                } else {
+                    format!(
+                        "{} ({})",
+                        time_of(&sch["last_run"]),
+                        indented(&str_of(&sch["last_result"]))
+                    )
+                };
                 outln!(
-                    "schedule {name} ({}): last run {} ({}), next run {}",
+                    "schedule {name} ({}): last run {last}, next run {}",
                     str_of(&sch["cron"]),
-                    time_of(&sch["last_run"]),
-                    indented(&str_of(&sch["last_result"])),
                     time_of(&sch["next_run"])
                 )?;
             } else {
                 outln!(
                     "schedule {name} ({}): last run {}, next run {}",
                     str_of(&sch["cron"]),
-                    time_of(&sch["last_run"]),
+                    if sch["last_run"].is_null() {
+                        "never".to_owned()
+                    } else {
+                        time_of(&sch["last_run"])
+                    },
                     time_of(&sch["next_run"])
                 )?;
                 // A store-wide schedule (the backup) has one result, the store's, whatever

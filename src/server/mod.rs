@@ -492,7 +492,7 @@ async fn exit_once_store_recovers(store: Store, shutdown: CancellationToken) {
         let probe = dir.clone();
         match tokio::task::spawn_blocking(move || probe_writable(&probe)).await {
             Ok(Ok(())) => {
-                tracing::warn!(dir = %dir.display(), "The data directory takes writes again; stopping, so that the service manager restarts rosterd.");
+                tracing::warn!(dir = %dir.display(), "The data directory takes writes again; stopping, so that the service manager restarts rosterd. The storage engine's 'failed to flush' errors that may follow repeat the failure it kept, not the disk as it is now.");
                 shutdown.cancel();
                 return;
             }

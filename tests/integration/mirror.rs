@@ -4986,3 +4986,23 @@ async fn a_stopped_full_run_does_not_hide_the_held_leavers_from_the_next() {
     let job = start(json!({})).await;
     assert_eq!(job["counts"]["drift_found"], 0, "{job}");
 }
+
+/// A schedule that has not run yet reads `last run never` in `rosterd status` (it read
+/// `last run - (-)`).
+#[tokio::test]
+async fn a_schedule_not_run_yet_reads_never_in_rosterd_status() {
+    let d = TestDaemon::start_with(Options {
+        config_extra: format!(
+            "[schedules]\nreconcile = \"{}\"\n",
+            crate::reconcile::NEW_YEAR
+        ),
+        ..Options::default()
+    })
+    .await;
+    let out = status_text(&d).await;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("schedule reconcile ("))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("last run never, next run "), "{line}");
+}
