@@ -82,6 +82,11 @@ impl Store {
             std::fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
         Store::create_private_dir(&partial).map_err(|e| io(&partial, e))?;
+        // First, so that a copy a kill -9 leaves is refused wherever it is copied to;
+        // removed just before the store's marker goes in.
+        let incomplete = partial.join(super::BACKUP_INCOMPLETE);
+        write_synced(&incomplete, super::INCOMPLETE_TEXT.as_bytes())
+            .map_err(|e| io(&incomplete, e))?;
         let copied = self
             .copy_into(&partial, give_up)
             .and_then(|c| finish(&partial, to, &c.digests, give_up).map(|()| c));
@@ -370,6 +375,8 @@ fn finish(
             }
         }
     }
+    let incomplete = partial.join(super::BACKUP_INCOMPLETE);
+    std::fs::remove_file(&incomplete).map_err(|e| io(&incomplete, e))?;
     let marker = partial.join(STORE_MARKER);
     write_synced(&marker, MARKER_TEXT.as_bytes()).map_err(|e| io(&marker, e))?;
     std::fs::rename(partial, to).map_err(|e| io(partial, e))?;
@@ -651,6 +658,54 @@ mod tests {
         let e = store.backup(&to, &|| None).unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
         assert!(to.join("keep").is_file());
+    }
+
+    /// A backup a kill -9 cut short, copied into place as a data directory, is refused:
+    /// a start took it for a store from before markers and served a torn roster. So is
+    /// one that lost its marker (a build before the incomplete mark, `cp dir/*`).
+    #[test]
+    fn a_backup_cut_short_is_refused_wherever_it_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let to = dir.path().join("b");
+        // While it is written, the copy carries the mark: seen from inside the copy.
+        let marked = std::cell::Cell::new(false);
+        store
+            .backup(&to, &|| {
+                let partial = sibling(&to, ".partial");
+                marked.set(marked.get() || partial.join(super::super::BACKUP_INCOMPLETE).is_file());
+                None
+            })
+            .unwrap();
+        assert!(
+            marked.get(),
+            "the copy carried no incomplete mark while written"
+        );
+        assert!(!to.join(super::super::BACKUP_INCOMPLETE).exists());
+        store.close().unwrap();
+        drop(store);
+        // What a kill leaves: the mark still there.
+        std::fs::write(
+            to.join(super::super::BACKUP_INCOMPLETE),
+            super::super::INCOMPLETE_TEXT,
+        )
+        .unwrap();
+        let e = Store::open(&to).err().expect("opened a backup cut short");
+        assert!(e.to_string().contains("is a backup cut short"), "{e}");
+        // Without the mark and without the marker: the data says it was a backup.
+        std::fs::remove_file(to.join(super::super::BACKUP_INCOMPLETE)).unwrap();
+        std::fs::remove_file(to.join(STORE_MARKER)).unwrap();
+        let e = when_unlocked(|| match Store::open(&to) {
+            Err(e) if e.to_string().contains("could not acquire lock") => Err(e),
+            other => Ok(other),
+        })
+        .err()
+        .expect("opened a backup without its marker");
+        assert!(e.to_string().contains("is a backup cut short"), "{e}");
+        assert!(!to.join(STORE_MARKER).exists(), "it was adopted as a store");
+        // A whole one opens.
+        std::fs::write(to.join(STORE_MARKER), MARKER_TEXT).unwrap();
+        when_unlocked(|| Store::open(&to));
     }
 
     #[test]

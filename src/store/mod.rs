@@ -1234,13 +1234,21 @@ fn open_error(dir: &Path, engine: &str) -> StoreError {
             dir.display()
         );
     }
-    let snapshots = snapshot_files(dir);
+    // An unfinished one is the next open's to remove (see remove_unfinished_snapshots).
+    let snapshots: Vec<(PathBuf, u64)> = snapshot_files(dir)
+        .into_iter()
+        .filter(|(p, _)| !p.to_string_lossy().ends_with(".generating"))
+        .collect();
     let empty: Vec<String> = snapshots
         .iter()
         .filter(|(_, len)| *len == 0)
         .map(|(p, _)| p.display().to_string())
         .collect();
-    if !empty.is_empty() {
+    if engine.contains("No space left") {
+        message.push_str(
+            "; free space on the data directory's file system, then start rosterd again (nothing needs moving: a snapshot a start on a full disk leaves unfinished is removed at the next start)",
+        );
+    } else if !empty.is_empty() {
         message.push_str(&format!(
             "; the directory holds empty snapshot file(s), typically left by a full disk: {}. Move them out of the directory (do not delete the rest of it) and start rosterd again; sled rebuilds the snapshot from its log",
             empty.join(", ")
@@ -1309,6 +1317,11 @@ pub(crate) fn past_the_lock<T, E: std::fmt::Debug>(
 /// or empty would otherwise open as a new, empty store, and the connectors would mirror
 /// that emptiness downstream.
 const STORE_MARKER: &str = ".rosterd-store";
+/// In a backup being written, until it is whole: a directory holding it is refused.
+const BACKUP_INCOMPLETE: &str = ".rosterd-backup-incomplete";
+const INCOMPLETE_TEXT: &str = "This directory is a rosterd backup that was still being written: it holds part of the store at most. rosterd refuses to start on it.\n";
+/// Why a backup cut short is refused, and what to use instead.
+const CUT_SHORT: &str = "is a backup cut short (by a kill, a crash or a full disk) that holds part of the store at most: serving it would mirror a torn roster downstream. Restore a whole backup (a `rosterd-<time>` directory, never `rosterd-<time>.partial`), copied with its hidden files (`cp -a`)";
 const MARKER_TEXT: &str = "This directory is a rosterd store. rosterd refuses to start on it if its `db` file is missing or empty.\n";
 
 /// Said where damage is found: a directory restored from a copy taken while rosterd ran
@@ -1521,6 +1534,43 @@ fn refuse_foreign(dir: &Path) -> StoreResult<()> {
 /// The `snap.*` files in `dir` with their sizes. An empty one is an interrupted
 /// snapshot write, which sled refuses as corruption although the log beside it is
 /// intact.
+/// sled writes a snapshot as `snap.<lsn>.generating` and renames it once whole; one left
+/// behind (a start on a full disk leaves it empty) is read as the newest snapshot, so
+/// every later start failed as corrupt, even once space was freed, until someone moved
+/// it out. Removed under the lock sled takes (`flock` on `db`), so that a running
+/// daemon's snapshot in progress is never touched: sled then reads the snapshot before
+/// it, which the unfinished one had not yet replaced.
+fn remove_unfinished_snapshots(dir: &Path) {
+    let unfinished: Vec<PathBuf> = snapshot_files(dir)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.to_string_lossy().ends_with(".generating"))
+        .collect();
+    if unfinished.is_empty() {
+        return;
+    }
+    let Ok(db) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+    else {
+        return;
+    };
+    if db.try_lock().is_err() {
+        return;
+    }
+    for p in unfinished {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                tracing::warn!(file = %p.display(), "Removed a snapshot the storage engine had not finished writing (a start on a full disk leaves one); it rebuilds the snapshot from its log.")
+            }
+            Err(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "Cannot remove a snapshot the storage engine had not finished writing; the start may fail on it.")
+            }
+        }
+    }
+}
+
 fn snapshot_files(dir: &Path) -> Vec<(PathBuf, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
@@ -1651,6 +1701,12 @@ impl Store {
     pub fn check_dir(dir: &Path) -> StoreResult<()> {
         refuse_unwritable(dir)?;
         refuse_foreign(dir)?;
+        if dir.join(BACKUP_INCOMPLETE).exists() {
+            return Err(StoreError::Open {
+                dir: dir.to_owned(),
+                message: format!("it {CUT_SHORT} ({BACKUP_INCOMPLETE} is there)"),
+            });
+        }
         if dir.join(STORE_MARKER).is_file()
             && std::fs::metadata(dir.join("db")).map_or(true, |m| m.len() == 0)
         {
@@ -1666,6 +1722,7 @@ impl Store {
 
     fn open_inner(dir: &Path, cache_bytes: u64, may_upgrade: bool) -> StoreResult<Store> {
         Self::check_dir(dir)?;
+        remove_unfinished_snapshots(dir);
         let marker = dir.join(STORE_MARKER);
         let was_a_store = marker.is_file();
         let db = sled::Config::new()
@@ -1675,6 +1732,17 @@ impl Store {
             .open()
             .map_err(|e| open_error(dir, &e.to_string()))?;
         match stored_schema(&db)? {
+            // A backup gets its marker last, after it reads back whole: one without it
+            // was cut short (by a build before the incomplete mark, or copied without
+            // its hidden files), and a start would take it for a store of before markers.
+            Some(_) if !was_a_store && db.contains_key(restored::BACKUP_MARK)? => {
+                return Err(StoreError::Open {
+                    dir: dir.to_owned(),
+                    message: format!(
+                        "it {CUT_SHORT} (it holds a backup's data without the {STORE_MARKER} a whole backup ends with)"
+                    ),
+                });
+            }
             Some(found) => {
                 if (1..SCHEMA_VERSION).contains(&found) {
                     if !may_upgrade {
@@ -2718,7 +2786,7 @@ mod tests {
             let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
             store.close().unwrap();
         }
-        let snap = dir.path().join("snap.00000000FFFFFFFF.generating");
+        let snap = dir.path().join("snap.00000000FFFFFFFF");
         std::fs::write(&snap, b"").unwrap();
         let err = match crate::store::testing::past_the_lock(|| Store::open(dir.path())) {
             Ok(_) => panic!("sled opened a directory with an empty snapshot"),
@@ -2733,6 +2801,25 @@ mod tests {
         // Moving the file away is the fix the message gives.
         std::fs::remove_file(&snap).unwrap();
         crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+    }
+
+    /// A snapshot sled had not finished writing (`.generating`, left empty by a start on
+    /// a full disk) made every later start fail as corrupt; it is removed at the open,
+    /// but never under a store that holds the directory.
+    #[test]
+    fn an_unfinished_snapshot_is_removed_at_the_open_and_only_then() {
+        let dir = closed_store_with_users(3);
+        let snap = dir.path().join("snap.00000000FFFFFFFF.generating");
+        std::fs::write(&snap, b"").unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        assert!(!snap.exists());
+        assert_eq!(store.count("t", ResourceKind::User).unwrap(), 3);
+        // Another process's open while this one holds the store leaves the file alone.
+        std::fs::write(&snap, b"").unwrap();
+        let e = Store::open(dir.path()).err().expect("opened a held store");
+        assert!(e.held_elsewhere(), "{e}");
+        assert!(snap.exists());
+        store.close().unwrap();
     }
 
     /// A store with something in it, closed; the directory is returned.
