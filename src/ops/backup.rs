@@ -162,6 +162,13 @@ pub fn write(
         path: dir.to_owned(),
         source,
     };
+    // "File exists (os error 17)" said nothing of what is wrong.
+    if dir.exists() && !dir.is_dir() {
+        return Err(at_dir(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            "it is not a directory (a file is there); name a directory for the backups",
+        )));
+    }
     Store::create_private_dir(dir).map_err(at_dir)?;
     // Before, not after: what an interrupted backup left may hold the space this one needs.
     remove_partials(dir).map_err(at_dir)?;
@@ -260,6 +267,7 @@ fn remove_partials(dir: &Path) -> std::io::Result<()> {
             removed.map_err(|e| {
                 std::io::Error::new(e.kind(), format!("cannot remove {}: {e}", path.display()))
             })?;
+            tracing::info!(path = %path.display(), "Removed a backup an earlier run left unfinished (a kill or a crash cut it short).");
         }
     }
     Ok(())
@@ -447,6 +455,24 @@ mod tests {
             .unwrap();
         assert!(w.contains("a backup now would not start"), "{w}");
         assert_eq!(plan(Some(0)).space_warning(), None);
+    }
+
+    /// A file where the backup directory should be is said to be one ("File exists" was).
+    #[test]
+    fn a_backup_directory_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        let file = dir.path().join("bk");
+        std::fs::write(&file, b"x").unwrap();
+        let plan = Plan {
+            dir: file.clone(),
+            keep: 1,
+            keep_free_mb: Some(0),
+        };
+        let e =
+            write(&store, &plan, Utc::now(), &|| false).expect_err("wrote a backup into a file");
+        assert!(e.to_string().contains("is not a directory"), "{e}");
+        store.close().unwrap();
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
         std::fs::remove_dir_all(&fresh).map_err(|e| io(&fresh, e))?;
     }
     let before = dir_size(dir);
-    let keys = {
+    let copied = (|| -> StoreResult<u64> {
         // One pass over each store: a small cache does, where sled's default (1 GiB)
         // would hold a large store's pages twice over.
         let old = sled::Config::new()
@@ -114,10 +114,30 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
         let keys = copy(&old, &new)?;
         new.flush()?;
         same(&old, &new)?;
-        keys
-    };
-    copy_ours(dir, &fresh)?;
-    same_owner(dir, &fresh)?;
+        drop(new);
+        copy_ours(dir, &fresh)?;
+        same_owner(dir, &fresh)?;
+        Ok(keys)
+    })();
+    // A copy cut short by a full disk was left there, holding what space there had been
+    // (the disk this command is run to relieve went to 0 bytes free), with a bare error.
+    let keys = copied.map_err(|e| {
+        let removed = std::fs::remove_dir_all(&fresh).is_ok() || !fresh.exists();
+        let left = if removed {
+            "its partial copy is removed".to_owned()
+        } else {
+            format!("remove its partial copy {}", fresh.display())
+        };
+        let space = if e.to_string().contains("No space left") {
+            "; the copy needs free space beside the store for its live data, up to the store's own size"
+        } else {
+            ""
+        };
+        StoreError::Backend(format!(
+            "the rewrite stopped and changed nothing: the store in {} is as it was, and {left}{space}: {e}",
+            dir.display()
+        ))
+    })?;
     std::fs::rename(dir, &kept).map_err(|e| io(dir, e))?;
     if let Err(e) = std::fs::rename(&fresh, dir) {
         // Put the old store back where the daemon looks for it.

@@ -2178,6 +2178,22 @@ async fn a_store_rewritten_offline_serves_what_it_served() {
     let (ok, _, err) = rosterd_async(&args).await;
     assert!(!ok);
     assert!(err.contains("data.before-rewrite is still there"), "{err}");
+
+    // A rewrite that fails part-way (here a file of the store's it cannot copy; a full
+    // disk in life) removes its partial copy and says the store is as it was.
+    std::fs::rename(&kept, d.root.join("kept-aside")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/rosterd-test", data.join("stray")).unwrap();
+    let (ok, _, err) = rosterd_async(&args).await;
+    assert!(!ok);
+    assert!(
+        err.contains("changed nothing") && err.contains("partial copy is removed"),
+        "{err}"
+    );
+    assert!(!d.root.join("data.rewrite").exists());
+    assert!(!kept.exists());
+    std::fs::remove_file(data.join("stray")).unwrap();
+    let d = d.restart().await;
+    assert_eq!(d.get("/Users").await.body["totalResults"], 2);
 }
 
 /// What a client reads: the SCIM users and a group, the Roster API's users and events.
