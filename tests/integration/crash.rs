@@ -901,30 +901,10 @@ impl StuckJob {
                 .await;
             assert_eq!(r.status(), 201);
         }
-        let token = jwt_with(
-            json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
-            "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
-        );
-        // A fresh store is reclassified at start-up (it holds no policy fingerprint); the
-        // sync is 409 until that job ends. It is full, so that it has something of its
-        // own to send, the course: the users wait for the connector, which sends them.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let r = loop {
-            let r = d
-                .client
-                .post(format!("{}/api/v1/roster/scim:sync", d.base))
-                .bearer_auth(&token)
-                .json(&json!({"full": true}))
-                .send()
-                .await
-                .unwrap();
-            if r.status() != 409 || tokio::time::Instant::now() > deadline {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(r.status(), 202);
-        let job_id = r.json::<Value>().await.unwrap()["job_id"]
+        let token = writer_token();
+        // It is full, so that it has something of its own to send, the course: the users
+        // wait for the connector, which sends them.
+        let job_id = sync_when_free(&d, &token, json!({"full": true})).await["job_id"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -946,18 +926,7 @@ impl StuckJob {
 
     /// The job as `d` (this daemon, or the one started after it) reports it.
     async fn job(&self, d: &ChildDaemon) -> Value {
-        d.client
-            .get(format!(
-                "{}/api/v1/roster/scim/jobs/{}",
-                d.base, self.job_id
-            ))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        job_of(d, &self.token, &self.job_id).await
     }
 
     /// Stop faulting the target and start a daemon on the same store.
@@ -965,6 +934,49 @@ impl StuckJob {
         self.target.clear_faults();
         ChildDaemon::start(&self.root, &STUCK_ENV).await
     }
+}
+
+/// A roster:write token for the tenant.
+fn writer_token() -> String {
+    jwt_with(
+        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
+    )
+}
+
+/// Start a sync job with `body`, as soon as the tenant's slot is free: a fresh store is
+/// reclassified at start-up (it holds no policy fingerprint), and the sync is 409 until
+/// that job ends. The job as the 202 gives it.
+async fn sync_when_free(d: &ChildDaemon, token: &str, body: Value) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = d
+            .client
+            .post(format!("{}/api/v1/roster/scim:sync", d.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 409 || tokio::time::Instant::now() > deadline {
+            assert_eq!(r.status(), 202);
+            return r.json().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A job as `d` reports it.
+async fn job_of(d: &ChildDaemon, token: &str, job_id: &str) -> Value {
+    d.client
+        .get(format!("{}/api/v1/roster/scim/jobs/{job_id}", d.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1049,26 +1061,8 @@ async fn a_reclassification_gives_up_before_the_stop_closes_the_store() {
     let d = ChildDaemon::start(&root, &[("RUST_LOG", "info")]).await;
     // Enough batches of 500 that the stop, sent at once, finds the job under way.
     bulk_users(&d, 6_000).await;
-    let token = jwt_with(
-        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
-        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let job: Value = loop {
-        let r = d
-            .client
-            .post(format!("{}/api/v1/roster/scim:sync", d.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        // The start-up reclassification of a fresh store holds the slot for a while.
-        if r.status() != 409 || tokio::time::Instant::now() > deadline {
-            assert_eq!(r.status(), 202);
-            break r.json().await.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let token = writer_token();
+    let job = sync_when_free(&d, &token, json!({})).await;
     d.signal("TERM");
     let mut d = d;
     let exit = tokio::task::block_in_place(|| d.child.wait()).unwrap();
@@ -1092,16 +1086,7 @@ async fn a_reclassification_gives_up_before_the_stop_closes_the_store() {
         assert!(!log.contains(noise), "{noise}: {log}");
     }
     let d = ChildDaemon::start(&root, &[]).await;
-    let j: Value = d
-        .client
-        .get(format!("{}/api/v1/roster/scim/jobs/{job_id}", d.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let j = job_of(&d, &token, job_id).await;
     assert_eq!(j["status"], "interrupted", "{j}");
 }
 
