@@ -1425,6 +1425,13 @@ fn call_daemon_within(
         .trim_end_matches('/')
         .to_owned();
     let scheme = reqwest::Url::parse(base).map(|u| u.scheme().to_owned());
+    // The client would send them as a Basic header beside the bearer token, and the
+    // daemon refuses a request with two (400).
+    if reqwest::Url::parse(base).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+        anyhow::bail!(
+            "--url {shown}: leave the user name and password out; the daemon takes a token (--token or ROSTERD_API_TOKEN)"
+        );
+    }
     let https = match scheme.as_deref() {
         Ok("http") => false,
         Ok("https") => true,

@@ -192,6 +192,22 @@ async fn run_job(
     }
     tracing::info!("Reclassification started.");
     let policy = state.roster.tenants.get(tenant).and_then(|t| t.policy());
+    // Under way, the tenant is half on the new policy: were the job cut off and the old
+    // bundle put back before the next start, the fingerprint (still the old one's) would
+    // match again and leave those users on archetypes the bundle lacks. Recorded again
+    // once the job has gone through.
+    if let Some(p) = &policy
+        && state
+            .store
+            .policy_fingerprint(tenant)
+            .ok()
+            .flatten()
+            .as_deref()
+            != Some(p.fingerprint())
+        && let Err(e) = state.store.clear_policy_fingerprint(tenant).await
+    {
+        tracing::warn!(error = %e, "Cannot mark the tenant as being reclassified; were this job cut off, the next start might not reclassify it.");
+    }
     let result = state.store.reclassify(tenant, 500, &state.shutdown).await;
     match result {
         // The stop came between two batches: said below, with the stop's other cases.

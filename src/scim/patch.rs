@@ -476,6 +476,7 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         return Err(ScimError::invalid_value("resource is not an object"));
     }
     check_operation_count(ops.len())?;
+    let hollow = hollow_elements(kind, doc);
     for op in ops {
         one_primary_in(op)?;
         let before = super::resource::primaries_of(doc);
@@ -485,6 +486,28 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         }
         super::resource::check_list_sizes(doc)?;
         super::resource::settle_primaries(kind, &before, doc);
+    }
+    // A filtered operation that matches nothing makes the element its filter describes;
+    // one left with nothing of its own (`replace emails[type eq "work"].primary` on a
+    // user with no work address: an address-less email, made the primary) is refused.
+    // Judged on the result, so that `.primary` before `.value` in one request passes.
+    let now = hollow_elements(kind, doc);
+    let had = |def: &AttrDef| {
+        hollow
+            .iter()
+            .find(|(d, _)| d.name == def.name)
+            .map_or(0, |(_, n)| *n)
+    };
+    if let Some((def, _)) = now.iter().find(|(def, n)| *n > had(def)) {
+        return Err(ScimError::no_target(format!(
+            "{}: a filtered operation matched nothing, and the element it would make was given no {}",
+            def.name,
+            if def.has_value_sub() {
+                "value"
+            } else {
+                "content but its type or primary"
+            }
+        )));
     }
     // RFC 7644 §3.5.2.2: a PATCH that leaves a required attribute unassigned is a
     // `mutability` error. Judged on the result, so that a remove and an add of
@@ -498,6 +521,43 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         )));
     }
     Ok(())
+}
+
+/// Per multi-valued complex attribute of `kind`'s core schema, how many of its elements
+/// hold nothing of their own: no `value` where the attribute has one, else nothing but
+/// `type`, `primary` or `display`.
+fn hollow_elements(kind: ResourceKind, doc: &Value) -> Vec<(&'static AttrDef, usize)> {
+    let Some(obj) = doc.as_object() else {
+        return Vec::new();
+    };
+    schema::core_schema(kind)
+        .attributes
+        .iter()
+        .filter(|a| a.multi_valued && !a.sub_attributes.is_empty())
+        .filter_map(|a| {
+            let Some(Value::Array(items)) = get_ci(obj, a.name) else {
+                return None;
+            };
+            let valued = a.has_value_sub();
+            let n = items
+                .iter()
+                .filter_map(Value::as_object)
+                .filter(|e| {
+                    !e.iter().any(|(k, v)| {
+                        !v.is_null()
+                            && if valued {
+                                k.eq_ignore_ascii_case("value")
+                            } else {
+                                !["type", "primary", "display"]
+                                    .iter()
+                                    .any(|m| k.eq_ignore_ascii_case(m))
+                            }
+                    })
+                })
+                .count();
+            Some((a, n))
+        })
+        .collect()
 }
 
 /// "primary": true on at most one of the values one operation sends (RFC 7643 §2.4), as
@@ -1152,15 +1212,19 @@ fn apply_filtered(
         Some(Value::Array(items)) => {
             let hits: Vec<usize> = (0..items.len()).filter(|&i| matches(&items[i])).collect();
             if hits.is_empty() {
-                return create_matching(obj, (key, def), attr, filter, sub, op, value);
+                return create_matching(obj, key, attr, filter, sub, op, value);
             }
             // One operation making several values primary is refused, as the same in a
             // body is (RFC 7643 §2.4): keeping the last would pick one the client did not.
+            // As the flag is read everywhere: `"True"`, as Entra sends it, too.
             let makes_primary = match (sub, value) {
-                (Some(s), Some(v)) => s.eq_ignore_ascii_case("primary") && v == &Value::Bool(true),
-                (None, Some(Value::Object(o))) => o
-                    .iter()
-                    .any(|(k, v)| k.eq_ignore_ascii_case("primary") && v == &Value::Bool(true)),
+                (Some(s), Some(v)) => {
+                    s.eq_ignore_ascii_case("primary")
+                        && crate::scim::resource::marked_primary(
+                            &serde_json::json!({ "primary": v }),
+                        )
+                }
+                (None, Some(v)) => crate::scim::resource::marked_primary(v),
                 _ => false,
             };
             if op != PatchOpKind::Remove && makes_primary && hits.len() > 1 {
@@ -1205,7 +1269,7 @@ fn apply_filtered(
             }
             Ok(())
         }
-        _ => create_matching(obj, (key, def), attr, filter, sub, op, value),
+        _ => create_matching(obj, key, attr, filter, sub, op, value),
     }
 }
 
@@ -1232,7 +1296,7 @@ fn merge_element(
 #[allow(clippy::too_many_arguments)]
 fn create_matching(
     obj: &mut Map<String, Value>,
-    (key, def): (&str, Option<&AttrDef>),
+    key: &str,
     attr: &AttrPath,
     filter: &Filter,
     sub: Option<&str>,
@@ -1280,18 +1344,6 @@ fn create_matching(
                 "{attr}[…]: the value for a selected element is an object"
             )));
         }
-    }
-    // An element whose attribute has a `value` means nothing without one
-    // (`replace emails[type eq "work"].primary` on a user with no work address would
-    // make an address-less email, and make it the primary).
-    if def.is_some_and(AttrDef::has_value_sub)
-        && !element
-            .iter()
-            .any(|(k, v)| k.eq_ignore_ascii_case("value") && !v.is_null())
-    {
-        return Err(ScimError::no_target(format!(
-            "{attr}[{filter}] matches nothing, and the operation gives no value for an element to create"
-        )));
     }
     let slot = obj
         .entry(key.to_owned())
@@ -1891,20 +1943,27 @@ mod tests {
                 "phoneNumbers[type eq \"mobile\"].primary",
                 json!(true),
             ),
+            // An address has no `value`: its type and primary alone are nothing either.
+            (
+                "replace",
+                "addresses[type eq \"home\"].primary",
+                json!(true),
+            ),
         ] {
             let mut d = json!({"userName": "x",
-                "emails": [{"value": "real@x.com", "type": "home", "primary": true}]});
-            let before = d.clone();
+                "emails": [{"value": "real@x.com", "type": "home", "primary": true}],
+                "addresses": [{"type": "work", "locality": "Leeds", "primary": true}]});
             let e = patch(&mut d, json!([{"op": op, "path": path, "value": value}])).unwrap_err();
             assert_eq!(e.scim_type, Some(ScimType::NoTarget), "{op} {path}: {e:?}");
-            assert_eq!(d, before, "{op} {path}");
         }
-        // With the value it is made, as Entra expects; an address has no `value` to give.
+        // With the value it is made, as Entra expects, whichever operation comes first;
+        // an address has no `value` to give, and any part of it will do.
         let mut d = json!({"userName": "x"});
         patch(
             &mut d,
             json!([
-                {"op": "add", "path": "emails[type eq \"work\"]", "value": {"value": "w@x.com", "primary": true}},
+                {"op": "add", "path": "emails[type eq \"work\"].primary", "value": true},
+                {"op": "add", "path": "emails[type eq \"work\"].value", "value": "w@x.com"},
                 {"op": "replace", "path": "addresses[type eq \"work\"].locality", "value": "Leeds"}
             ]),
         )
@@ -1927,6 +1986,7 @@ mod tests {
             {"value": "h@x.com", "type": "home"}]});
         for (path, value) in [
             ("emails[type eq \"work\"].primary", json!(true)),
+            ("emails[type eq \"work\"].primary", json!("True")),
             (
                 "emails[type eq \"work\"]",
                 json!({"value": "w@x.com", "primary": true}),

@@ -354,7 +354,7 @@ pub async fn run_with_env(
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
         if !marked.is_empty() {
             let ids: Vec<&str> = marked.iter().map(|j| j.job_id.as_str()).collect();
-            tracing::warn!(tenant = %t.id, jobs = marked.len(), job_ids = %ids.join(","), "Jobs interrupted by the last stop are marked interrupted; start them again with scim:sync.");
+            tracing::warn!(tenant = %t.id, jobs = marked.len(), job_ids = %ids.join(","), "Jobs interrupted by the last stop are marked interrupted; a reclassification a bundle change started runs again by itself now, any other job is started again with scim:sync (or rosterd reconcile).");
         }
         // They finished here, as far as anyone alerting on job outcomes can tell.
         for j in &marked {

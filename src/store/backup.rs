@@ -701,7 +701,10 @@ mod tests {
         })
         .err()
         .expect("opened a backup without its marker");
-        assert!(e.to_string().contains("is a backup cut short"), "{e}");
+        assert!(
+            e.to_string().contains("a backup cut short") && e.to_string().contains("cp -a"),
+            "{e}"
+        );
         assert!(!to.join(STORE_MARKER).exists(), "it was adopted as a store");
         // A whole one opens.
         std::fs::write(to.join(STORE_MARKER), MARKER_TEXT).unwrap();

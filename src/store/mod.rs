@@ -1739,7 +1739,7 @@ impl Store {
                 return Err(StoreError::Open {
                     dir: dir.to_owned(),
                     message: format!(
-                        "it {CUT_SHORT} (it holds a backup's data without the {STORE_MARKER} a whole backup ends with)"
+                        "it holds a backup's data without the {STORE_MARKER} a whole backup ends with: a backup cut short (by a kill, a crash or a full disk), which holds part of the store at most, or a whole one copied without its hidden files (`cp dir/*`). Restore a whole backup (a `rosterd-<time>` directory, never `rosterd-<time>.partial`) with `cp -a`"
                     ),
                 });
             }

@@ -122,8 +122,9 @@ pub fn rewrite(dir: &Path) -> StoreResult<Rewritten> {
     // A copy cut short by a full disk was left there, holding what space there had been
     // (the disk this command is run to relieve went to 0 bytes free), with a bare error.
     let keys = copied.map_err(|e| {
-        let removed = std::fs::remove_dir_all(&fresh).is_ok() || !fresh.exists();
-        let left = if removed {
+        let left = if !fresh.exists() {
+            "nothing was copied".to_owned()
+        } else if std::fs::remove_dir_all(&fresh).is_ok() {
             "its partial copy is removed".to_owned()
         } else {
             format!("remove its partial copy {}", fresh.display())

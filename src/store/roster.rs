@@ -1100,6 +1100,16 @@ impl Store {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// Forget which policy the assignments were computed under: the next start
+    /// reclassifies the tenant, whatever its bundle then.
+    pub async fn clear_policy_fingerprint(&self, tenant: &str) -> StoreResult<()> {
+        self.write(tenant, move |txn| {
+            txn.del(POLICY_FINGERPRINT_KEY.to_vec());
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn set_policy_fingerprint(&self, tenant: &str, fp: &str) -> StoreResult<()> {
         let fp = fp.as_bytes().to_vec();
         self.write(tenant, move |txn| {

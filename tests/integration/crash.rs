@@ -1090,6 +1090,97 @@ async fn a_reclassification_gives_up_before_the_stop_closes_the_store() {
     assert_eq!(j["status"], "interrupted", "{j}");
 }
 
+/// A bundle change's reclassification cut off by a stop, and the old bundle put back
+/// before the next start (the operator backing out the change): the tenant was half on
+/// the new bundle, and the fingerprint, still the old bundle's, matched again, so
+/// nothing reclassified it and thousands of users kept archetypes the bundle lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_change_cut_off_and_backed_out_is_reclassified_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let env = [("RUST_LOG", "info")];
+    let mut d = ChildDaemon::start(&root, &env).await;
+    for start in (0..6_000).step_by(1000) {
+        let ops: Vec<Value> = (start..start + 1000)
+            .map(|i| {
+                let mut u = user(&format!("nurse{i}@acme.test"));
+                u["title"] = json!("Registered Nurse");
+                json!({"method": "POST", "path": "/Users", "bulkId": format!("u{i}"), "data": u})
+            })
+            .collect();
+        let r = d
+            .scim_send(Method::POST, "/Bulk", Some(bulk_request(json!(ops))))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let idle = |s: &Value| s["tenants"][TENANT]["running_job"].is_null();
+    while !idle(&d.status().await) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let clinician = "\n[[archetypes]]\nid = \"clinician\"\ntitle = \"Clinician\"\nfunction_focus = [\"care\"]\ndefault_cowork_id = \"clinician.test.v1\"\nexamples = [\"registered nurse\", \"nurse\", \"staff nurse\", \"charge nurse\"]\nkeywords = [\"nurse\"]\n";
+    let changed = format!(
+        "{}{clinician}",
+        BUNDLE.replace("version = \"test-1\"", "version = \"test-2\"")
+    );
+    std::fs::write(root.join("bundle.toml"), changed).unwrap();
+    d.signal("HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while idle(&d.status().await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload started no job"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.signal("TERM");
+    assert!(
+        tokio::task::block_in_place(|| d.child.wait())
+            .unwrap()
+            .success()
+    );
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("kind=bundle_change") && l.contains("The shutdown cut the job off")),
+        "the stop came after the job: {log}"
+    );
+    std::fs::write(root.join("bundle.toml"), BUNDLE).unwrap();
+    let before = log.len();
+    let d = ChildDaemon::start(&root, &env).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+        if log[before..].contains("Reclassification finished.") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reclassification at the start: {}",
+            &log[before..]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
+    let archetypes: Value = d
+        .client
+        .get(format!("{}/api/v1/roster/archetypes", d.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outside: Vec<&Value> = archetypes["archetypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["in_bundle"] == false && a["user_count"].as_u64() > Some(0))
+        .collect();
+    assert!(outside.is_empty(), "{archetypes}");
+}
+
 /// Started with a soft limit of 256 open files (systemd's default is 1,024, which 1,000
 /// idle clients used up), the daemon raises it to the hard limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
