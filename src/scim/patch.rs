@@ -476,33 +476,43 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         return Err(ScimError::invalid_value("resource is not an object"));
     }
     check_operation_count(ops.len())?;
-    let hollow = hollow_elements(kind, doc);
+    // Elements with nothing of their own, per attribute, that the result may hold: those
+    // the resource had, and those a `remove` left so (`remove emails[…].value`: what the
+    // client asked for).
+    let mut allowed = hollow_elements(kind, doc);
     for op in ops {
         one_primary_in(op)?;
         let before = super::resource::primaries_of(doc);
+        let hollow_before = (op.op == PatchOpKind::Remove).then(|| hollow_elements(kind, doc));
         match &op.path {
             None => apply_pathless(kind, doc, op.op, op.value.as_ref())?,
             Some(p) => apply_path(kind, doc, op.op, p, op.value.as_ref(), true)?,
         }
         super::resource::check_list_sizes(doc)?;
         super::resource::settle_primaries(kind, &before, doc);
+        if let Some(was) = hollow_before {
+            for (name, n) in hollow_elements(kind, doc) {
+                let more = n.saturating_sub(was.get(name).copied().unwrap_or(0));
+                *allowed.entry(name).or_default() += more;
+            }
+        }
     }
     // A filtered operation that matches nothing makes the element its filter describes;
     // one left with nothing of its own (`replace emails[type eq "work"].primary` on a
     // user with no work address: an address-less email, made the primary) is refused.
     // Judged on the result, so that `.primary` before `.value` in one request passes.
     let now = hollow_elements(kind, doc);
-    let had = |def: &AttrDef| {
-        hollow
+    if let Some((name, _)) = now
+        .iter()
+        .find(|(name, n)| **n > allowed.get(*name).copied().unwrap_or(0))
+    {
+        let def = schema::core_schema(kind)
+            .attributes
             .iter()
-            .find(|(d, _)| d.name == def.name)
-            .map_or(0, |(_, n)| *n)
-    };
-    if let Some((def, _)) = now.iter().find(|(def, n)| *n > had(def)) {
+            .find(|a| a.name == *name);
         return Err(ScimError::no_target(format!(
-            "{}: a filtered operation matched nothing, and the element it would make was given no {}",
-            def.name,
-            if def.has_value_sub() {
+            "{name}: a filtered operation matched nothing, and the element it would make was given no {}",
+            if def.is_some_and(AttrDef::has_value_sub) {
                 "value"
             } else {
                 "content but its type or primary"
@@ -526,9 +536,12 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
 /// Per multi-valued complex attribute of `kind`'s core schema, how many of its elements
 /// hold nothing of their own: no `value` where the attribute has one, else nothing but
 /// `type`, `primary` or `display`.
-fn hollow_elements(kind: ResourceKind, doc: &Value) -> Vec<(&'static AttrDef, usize)> {
+fn hollow_elements(
+    kind: ResourceKind,
+    doc: &Value,
+) -> std::collections::BTreeMap<&'static str, usize> {
     let Some(obj) = doc.as_object() else {
-        return Vec::new();
+        return Default::default();
     };
     schema::core_schema(kind)
         .attributes
@@ -555,7 +568,7 @@ fn hollow_elements(kind: ResourceKind, doc: &Value) -> Vec<(&'static AttrDef, us
                     })
                 })
                 .count();
-            Some((a, n))
+            Some((a.name, n))
         })
         .collect()
 }
@@ -1956,6 +1969,14 @@ mod tests {
             let e = patch(&mut d, json!([{"op": op, "path": path, "value": value}])).unwrap_err();
             assert_eq!(e.scim_type, Some(ScimType::NoTarget), "{op} {path}: {e:?}");
         }
+        // A remove of a value leaves what the client asked for.
+        let mut d = json!({"userName": "x",
+            "phoneNumbers": [{"value": "+1", "type": "mobile"}]});
+        patch(
+            &mut d,
+            json!([{"op": "Remove", "path": "phoneNumbers[type eq \"mobile\"].value"}]),
+        )
+        .unwrap();
         // With the value it is made, as Entra expects, whichever operation comes first;
         // an address has no `value` to give, and any part of it will do.
         let mut d = json!({"userName": "x"});
