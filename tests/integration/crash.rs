@@ -161,6 +161,19 @@ impl ChildDaemon {
             .unwrap()
     }
 
+    /// A Roster API GET with `token`, its JSON answer.
+    pub async fn api_get(&self, path: &str, token: &str) -> Value {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn status(&self) -> Value {
         self.get("/status").await.json().await.unwrap()
     }
@@ -901,7 +914,7 @@ impl StuckJob {
                 .await;
             assert_eq!(r.status(), 201);
         }
-        let token = writer_token();
+        let token = roster_token("roster:write");
         // It is full, so that it has something of its own to send, the course: the users
         // wait for the connector, which sends them.
         let job_id = sync_when_free(&d, &token, json!({"full": true})).await["job_id"]
@@ -936,12 +949,10 @@ impl StuckJob {
     }
 }
 
-/// A roster:write token for the tenant.
-fn writer_token() -> String {
-    jwt_with(
-        json!({"sub": "t", "tenant": TENANT, "scope": "roster:write",
-        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}),
-    )
+/// A Roster API token for the tenant with `scope`, for ten minutes.
+fn roster_token(scope: &str) -> String {
+    jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": scope,
+        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}))
 }
 
 /// Start a sync job with `body`, as soon as the tenant's slot is free: a fresh store is
@@ -968,15 +979,8 @@ async fn sync_when_free(d: &ChildDaemon, token: &str, body: Value) -> Value {
 
 /// A job as `d` reports it.
 async fn job_of(d: &ChildDaemon, token: &str, job_id: &str) -> Value {
-    d.client
-        .get(format!("{}/api/v1/roster/scim/jobs/{job_id}", d.base))
-        .bearer_auth(token)
-        .send()
+    d.api_get(&format!("/api/v1/roster/scim/jobs/{job_id}"), token)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1061,7 +1065,7 @@ async fn a_reclassification_gives_up_before_the_stop_closes_the_store() {
     let d = ChildDaemon::start(&root, &[("RUST_LOG", "info")]).await;
     // Enough batches of 500 that the stop, sent at once, finds the job under way.
     bulk_users(&d, 6_000).await;
-    let token = writer_token();
+    let token = roster_token("roster:write");
     let job = sync_when_free(&d, &token, json!({})).await;
     d.signal("TERM");
     let mut d = d;
@@ -1160,18 +1164,9 @@ async fn a_bundle_change_cut_off_and_backed_out_is_reclassified_at_the_next_star
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let token = jwt_with(json!({"sub": "t", "tenant": TENANT, "scope": "roster:read",
-        "aud": JWT_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 600}));
-    let archetypes: Value = d
-        .client
-        .get(format!("{}/api/v1/roster/archetypes", d.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let archetypes = d
+        .api_get("/api/v1/roster/archetypes", &roster_token("roster:read"))
+        .await;
     let outside: Vec<&Value> = archetypes["archetypes"]
         .as_array()
         .unwrap()
