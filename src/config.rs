@@ -377,6 +377,9 @@ fn real_path_within(path: &Path, links: usize) -> PathBuf {
 }
 
 /// Parse a cron expression with a required seconds field.
+/// What a listen address needs, said where one is refused (`server.listen`, `--listen`).
+pub const LISTEN_HINT: &str = "an IP address and a port are needed, such as 127.0.0.1:8080 or [::1]:8080; a host name such as localhost is not accepted";
+
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     // croner's own error for an unknown one speaks of "between 5 and 7 fields".
     if let Some(name) = expr.trim().strip_prefix('@')
@@ -640,7 +643,8 @@ impl Config {
             // The standard library's message names no remedy, and `localhost:8080` is
             // the first thing people write.
             if message.contains("invalid socket address syntax") {
-                message.push_str("an IP address and a port are needed, such as 127.0.0.1:8080 or [::1]:8080; a host name such as localhost is not accepted\n");
+                message.push_str(LISTEN_HINT);
+                message.push('\n');
             }
             ConfigError::Parse {
                 path: path.to_owned(),

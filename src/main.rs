@@ -256,11 +256,8 @@ enum DeadLetterCommand {
 
 /// `--listen`, refused as `server.listen` is, with the same hint.
 fn listen_addr(addr: &str) -> Result<SocketAddr, String> {
-    addr.parse().map_err(|_| {
-        format!(
-            "{addr:?}: an IP address and a port are needed, such as 127.0.0.1:8080 or [::1]:8080; a host name such as localhost is not accepted"
-        )
-    })
+    addr.parse()
+        .map_err(|_| format!("{addr:?}: {}", rosterd::config::LISTEN_HINT))
 }
 
 /// Nothing listens there: a TLS hint would mislead.
@@ -1424,15 +1421,18 @@ fn call_daemon_within(
     let shown = rosterd::connectors::http::recorded_url(base)
         .trim_end_matches('/')
         .to_owned();
-    let scheme = reqwest::Url::parse(base).map(|u| u.scheme().to_owned());
+    let parsed = reqwest::Url::parse(base);
     // The client would send them as a Basic header beside the bearer token, and the
     // daemon refuses a request with two (400).
-    if reqwest::Url::parse(base).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+    if parsed
+        .as_ref()
+        .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+    {
         anyhow::bail!(
             "--url {shown}: leave the user name and password out; the daemon takes a token (--token or ROSTERD_API_TOKEN)"
         );
     }
-    let https = match scheme.as_deref() {
+    let https = match parsed.as_ref().map(reqwest::Url::scheme) {
         Ok("http") => false,
         Ok("https") => true,
         // The client's own "URL scheme is not allowed" read as the daemon's fault.
@@ -2147,8 +2147,8 @@ fn connectors_summary(
     }
     if bad_files > 0 {
         parts.push(format!(
-            "{bad_files} connector file{} NOT LOADING (below)",
-            if bad_files == 1 { "" } else { "s" }
+            "{} NOT LOADING (below)",
+            rosterd::text::plural(bad_files as u64, "connector file")
         ));
     }
     let lettered: Vec<(String, u64)> = all
@@ -2204,6 +2204,14 @@ fn str_of(v: &serde_json::Value) -> String {
 /// A `/status` time, to the second, as the log writes them; `-` when absent.
 fn time_of(v: &serde_json::Value) -> String {
     v.as_str().map_or("-".to_owned(), rfc3339)
+}
+
+/// A schedule's last run: its time, or `never` ("last run -" said nothing).
+fn last_run_at(schedule: &serde_json::Value) -> String {
+    match schedule["last_run"] {
+        serde_json::Value::Null => "never".to_owned(),
+        ref at => time_of(at),
+    }
 }
 
 /// `/status`'s `backup`, in a line: the newest backup, one being written, the last failure.
@@ -2476,15 +2484,10 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
         for (name, sch) in schedules {
             if only.is_empty() {
                 // "last run - (-)" said nothing twice.
-                let last = if sch["last_run"].is_null() {
-                    "never".to_owned()
-                } else {
-                    format!(
-                        "{} ({})",
-                        time_of(&sch["last_run"]),
-                        indented(&str_of(&sch["last_result"]))
-                    )
-                };
+                let mut last = last_run_at(sch);
+                if !sch["last_run"].is_null() {
+                    last.push_str(&format!(" ({})", indented(&str_of(&sch["last_result"]))));
+                }
                 outln!(
                     "schedule {name} ({}): last run {last}, next run {}",
                     str_of(&sch["cron"]),
@@ -2494,11 +2497,7 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
                 outln!(
                     "schedule {name} ({}): last run {}, next run {}",
                     str_of(&sch["cron"]),
-                    if sch["last_run"].is_null() {
-                        "never".to_owned()
-                    } else {
-                        time_of(&sch["last_run"])
-                    },
+                    last_run_at(sch),
                     time_of(&sch["next_run"])
                 )?;
                 // A store-wide schedule (the backup) has one result, the store's, whatever

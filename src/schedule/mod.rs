@@ -197,13 +197,10 @@ async fn run_job(
     // match again and leave those users on archetypes the bundle lacks. Recorded again
     // once the job has gone through.
     if let Some(p) = &policy
-        && state
+        && !state
             .store
-            .policy_fingerprint(tenant)
-            .ok()
-            .flatten()
-            .as_deref()
-            != Some(p.fingerprint())
+            .policy_recorded(tenant, p.fingerprint())
+            .unwrap_or(false)
         && let Err(e) = state.store.clear_policy_fingerprint(tenant).await
     {
         tracing::warn!(error = %e, "Cannot mark the tenant as being reclassified; were this job cut off, the next start might not reclassify it.");

@@ -364,7 +364,7 @@ pub async fn run_with_env(
     // A bundle (or group rule) that changed since the assignments were computed means
     // everyone is reclassified, in the background.
     for (tenant, p) in &policies {
-        if state.store.policy_fingerprint(tenant)?.as_deref() != Some(p.fingerprint()) {
+        if !state.store.policy_recorded(tenant, p.fingerprint())? {
             tracing::info!(tenant = %tenant, version = %p.bundle().version, "Archetype policy changed; reclassifying the tenant.");
             if let Err(e) =
                 crate::schedule::start_reclassify(state.clone(), tenant, "bundle_change").await

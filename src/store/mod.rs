@@ -1237,7 +1237,7 @@ fn open_error(dir: &Path, engine: &str) -> StoreError {
     // An unfinished one is the next open's to remove (see remove_unfinished_snapshots).
     let snapshots: Vec<(PathBuf, u64)> = snapshot_files(dir)
         .into_iter()
-        .filter(|(p, _)| !p.to_string_lossy().ends_with(".generating"))
+        .filter(|(p, _)| !unfinished(p))
         .collect();
     let empty: Vec<String> = snapshots
         .iter()
@@ -1321,7 +1321,9 @@ const STORE_MARKER: &str = ".rosterd-store";
 const BACKUP_INCOMPLETE: &str = ".rosterd-backup-incomplete";
 const INCOMPLETE_TEXT: &str = "This directory is a rosterd backup that was still being written: it holds part of the store at most. rosterd refuses to start on it.\n";
 /// Why a backup cut short is refused, and what to use instead.
-const CUT_SHORT: &str = "is a backup cut short (by a kill, a crash or a full disk) that holds part of the store at most: serving it would mirror a torn roster downstream. Restore a whole backup (a `rosterd-<time>` directory, never `rosterd-<time>.partial`), copied with its hidden files (`cp -a`)";
+const CUT_SHORT: &str = "is a backup cut short (by a kill, a crash or a full disk) that holds part of the store at most: serving it would mirror a torn roster downstream";
+/// What to restore instead of a backup refused as cut short.
+const RESTORE_WHOLE: &str = "Restore a whole backup (a `rosterd-<time>` directory, never `rosterd-<time>.partial`), copied with its hidden files (`cp -a`)";
 const MARKER_TEXT: &str = "This directory is a rosterd store. rosterd refuses to start on it if its `db` file is missing or empty.\n";
 
 /// Said where damage is found: a directory restored from a copy taken while rosterd ran
@@ -1531,9 +1533,6 @@ fn refuse_foreign(dir: &Path) -> StoreResult<()> {
     })
 }
 
-/// The `snap.*` files in `dir` with their sizes. An empty one is an interrupted
-/// snapshot write, which sled refuses as corruption although the log beside it is
-/// intact.
 /// sled writes a snapshot as `snap.<lsn>.generating` and renames it once whole; one left
 /// behind (a start on a full disk leaves it empty) is read as the newest snapshot, so
 /// every later start failed as corrupt, even once space was freed, until someone moved
@@ -1544,7 +1543,7 @@ fn remove_unfinished_snapshots(dir: &Path) {
     let unfinished: Vec<PathBuf> = snapshot_files(dir)
         .into_iter()
         .map(|(p, _)| p)
-        .filter(|p| p.to_string_lossy().ends_with(".generating"))
+        .filter(|p| unfinished(p))
         .collect();
     if unfinished.is_empty() {
         return;
@@ -1571,6 +1570,15 @@ fn remove_unfinished_snapshots(dir: &Path) {
     }
 }
 
+/// Whether `snap` is one sled had not finished writing (see
+/// [`remove_unfinished_snapshots`]).
+fn unfinished(snap: &Path) -> bool {
+    snap.to_string_lossy().ends_with(".generating")
+}
+
+/// The `snap.*` files in `dir` with their sizes. An empty one is an interrupted
+/// snapshot write, which sled refuses as corruption although the log beside it is
+/// intact.
 fn snapshot_files(dir: &Path) -> Vec<(PathBuf, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
@@ -1704,7 +1712,7 @@ impl Store {
         if dir.join(BACKUP_INCOMPLETE).exists() {
             return Err(StoreError::Open {
                 dir: dir.to_owned(),
-                message: format!("it {CUT_SHORT} ({BACKUP_INCOMPLETE} is there)"),
+                message: format!("it {CUT_SHORT} ({BACKUP_INCOMPLETE} is there). {RESTORE_WHOLE}"),
             });
         }
         if dir.join(STORE_MARKER).is_file()
@@ -1739,7 +1747,7 @@ impl Store {
                 return Err(StoreError::Open {
                     dir: dir.to_owned(),
                     message: format!(
-                        "it holds a backup's data without the {STORE_MARKER} a whole backup ends with: a backup cut short (by a kill, a crash or a full disk), which holds part of the store at most, or a whole one copied without its hidden files (`cp dir/*`). Restore a whole backup (a `rosterd-<time>` directory, never `rosterd-<time>.partial`) with `cp -a`"
+                        "it holds a backup's data without the {STORE_MARKER} a whole backup ends with: a backup cut short (by a kill, a crash or a full disk), which holds part of the store at most, or a whole one copied without its hidden files (`cp dir/*`). {RESTORE_WHOLE}"
                     ),
                 });
             }

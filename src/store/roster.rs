@@ -1100,6 +1100,11 @@ impl Store {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// Whether the assignments are recorded as computed under the policy `fingerprint`.
+    pub fn policy_recorded(&self, tenant: &str, fingerprint: &str) -> StoreResult<bool> {
+        Ok(self.policy_fingerprint(tenant)?.as_deref() == Some(fingerprint))
+    }
+
     /// Forget which policy the assignments were computed under: the next start
     /// reclassifies the tenant, whatever its bundle then.
     pub async fn clear_policy_fingerprint(&self, tenant: &str) -> StoreResult<()> {
