@@ -1296,6 +1296,16 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
             || key.ends_with("key")
             || key == "authorization"
             || key == "jwt"
+            // Keys of other tools pasted in (`scim_auth`, `pwd`, `session_cookie`):
+            // rosterd's own `client_auth` holds only a method's name.
+            || (key.contains("auth") && key != "auth" && key != "client_auth")
+            || ["pwd", "cookie", "session", "salt", "signature"]
+                .iter()
+                .any(|w| key.contains(w))
+            || key == "pin"
+            || key.ends_with("_pin")
+            || key == "sig"
+            || key.ends_with("_sig")
             // `auth = { … }` is a table, whose keys are looked at one by one.
             || (key == "auth" && chars.get(v) != Some(&'{'));
         // A URL's value is what its error is about, and names no secret of its own.
@@ -1827,6 +1837,14 @@ mod tests {
             format!("[server]\npublic_url = \"https://u:{secret}@h.example/?k={secret}\" oops"),
             format!("[server]\njwt = \"{secret}\""),
             format!("[server]\nauth = \"{secret}\""),
+            // Other tools' keys pasted in (an audit read these in /status).
+            format!("[[tenants]]\nid = \"a\"\nscim_auth = \"{secret}\""),
+            format!("[server]\npwd = \"{secret}\""),
+            format!("[server]\nsession_cookie = \"{secret}\""),
+            format!("[server]\npin = \"{secret}\""),
+            format!("[server]\nwebhook_sig = \"{secret}\""),
+            format!("[server]\nsignature = \"{secret}\""),
+            format!("[server]\nsalt = \"{secret}\""),
         ] {
             let e = err(&format!("version = 1\n{line}\n"));
             assert!(!e.contains("s3cr3t"), "{line}: {e}");

@@ -773,6 +773,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         }) {
             Ok(verifier) => {
                 outln!("Roster API: JWT keys load")?;
+                for warning in j.warnings() {
+                    note!("warning: {warning}");
+                }
                 if let Some(var) = &j.hs256_secret_env
                     && !verifier.accepts_hs256()
                 {
@@ -947,6 +950,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         .collect();
     if let Err(e) = rosterd::server::auth::TokenRegistry::from_config(&set, here) {
         anyhow::bail!("{}: {e}", path.display());
+    }
+    for warning in rosterd::server::auth::short_tokens(&config.tenants, here) {
+        note!("warning: {warning}");
     }
     if config.tenants.is_empty() {
         note!(

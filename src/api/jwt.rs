@@ -76,6 +76,20 @@ pub struct JwtConfig {
     pub max_lifetime_secs: Option<u64>,
 }
 
+impl JwtConfig {
+    /// What the section lets through that is probably not meant: `check-config` prints
+    /// these, and `serve` logs them at WARN.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.issuer.is_none() && (!self.public_keys.is_empty() || self.jwks_file.is_some()) {
+            // One key set serves every tenant; an IdP whose signing keys its other
+            // customers share signs their tokens too (RFC 8725 §3.8).
+            out.push("[api.jwt]: public keys are set but `issuer` is not: a token any issuer signed with one of these keys is taken; set `issuer` to your identity provider's `iss`".to_owned());
+        }
+        out
+    }
+}
+
 /// Access level granted by a token. `Admin ⊇ Write ⊇ Read`, which the
 /// derived ordering encodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -1838,6 +1852,25 @@ wUxy2SJnKlwFKtLGhwIDAQAB
         let wrong = hs256(&with(claims(), json!({ "iss": "https://evil.example" })));
         assert_eq!(code_of(v.verify(&wrong)), "token_wrong_issuer");
         assert_eq!(code_of(v.verify(&hs256(&claims()))), "token_wrong_issuer");
+    }
+
+    #[test]
+    fn public_keys_without_an_issuer_are_warned_of() {
+        assert!(hs_cfg().warnings().is_empty());
+        let keys = JwtConfig {
+            jwks_file: Some("keys.json".into()),
+            ..hs_cfg()
+        };
+        let said = keys.warnings();
+        assert!(
+            said.len() == 1 && said[0].contains("`issuer` is not"),
+            "{said:?}"
+        );
+        let pinned = JwtConfig {
+            issuer: Some("https://idp.example".into()),
+            ..keys
+        };
+        assert!(pinned.warnings().is_empty());
     }
 
     #[test]

@@ -341,15 +341,23 @@ fn classify(
 /// dead letter, and "target answered 500" alone sent the operator to the target's logs to
 /// learn which object and why. Blanks run together, so an HTML page reads on one line.
 pub fn with_answer(reason: String, body: &str) -> String {
+    match brief_answer(body) {
+        Some(brief) => format!("{reason}: {brief}"),
+        None => reason,
+    }
+}
+
+/// The start of a target's answer as [`with_answer`] quotes it; None for an empty one.
+pub fn brief_answer(body: &str) -> Option<String> {
     const SHOWN: usize = 200;
     let brief = body.split_whitespace().collect::<Vec<_>>().join(" ");
     if brief.is_empty() {
-        return reason;
+        return None;
     }
-    match brief.char_indices().nth(SHOWN) {
-        Some((end, _)) => format!("{reason}: {}…", &brief[..end]),
-        None => format!("{reason}: {brief}"),
-    }
+    Some(match brief.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &brief[..end]),
+        None => brief,
+    })
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date. A date is measured from the answer's

@@ -158,6 +158,9 @@ pub struct ConnectorStatus {
     pub last_success_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The start of the target's answer, where `last_error` quotes it.
+    #[serde(skip)]
+    pub last_answer: Option<String>,
     pub paused: bool,
     pub paused_until: Option<DateTime<Utc>>,
     /// The soonest attempt ahead of a request waiting to retry (its backoff, or the
@@ -173,6 +176,24 @@ pub struct ConnectorStatus {
     /// the metrics, which count it as not loaded, since it delivers nothing.
     #[serde(skip)]
     pub not_started: bool,
+}
+
+impl ConnectorStatus {
+    /// As `/status`, which takes no token, shows it: `last_error` without the target's
+    /// words, which may be the user it was sent (a target echoing the body it refused).
+    /// The Roster API, which takes a token of the tenant, shows them.
+    pub fn without_answer(mut self) -> Self {
+        if let (Some(error), Some(answer)) = (&mut self.last_error, &self.last_answer) {
+            *error = error.replace(
+                answer.as_str(),
+                &format!(
+                    "[the target's answer: GET /api/v1/roster/connectors/{} shows it]",
+                    self.name
+                ),
+            );
+        }
+        self
+    }
 }
 
 /// A known connector that is not loaded (its file is broken, or missing since the last
@@ -237,6 +258,10 @@ struct Health {
     last_success_at: Option<DateTime<Utc>>,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
+    /// The start of the target's answer as `last_error` quotes it. `/status` needs no
+    /// token, and a target that echoes what it was sent put a user's name, email and
+    /// phone there for anyone who could reach the port; it shows the error without it.
+    last_answer: Option<String>,
     pause: Option<Pause>,
     /// A pause was logged and its end not yet: the end is logged once, by whichever
     /// request loop notices it first.
@@ -259,6 +284,20 @@ impl Health {
     fn error(&mut self, reason: String) {
         self.last_error = Some(reason);
         self.last_error_at = Some(Utc::now());
+        self.last_answer = None;
+    }
+
+    /// Record an error that quotes `answer`, the start of what the target said (as
+    /// [`http::brief_answer`] gives it).
+    fn error_quoting(&mut self, reason: String, answer: Option<String>) {
+        self.error(reason);
+        self.last_answer = answer;
+    }
+
+    fn clear_error(&mut self) {
+        self.last_error = None;
+        self.last_error_at = None;
+        self.last_answer = None;
     }
 }
 
@@ -411,8 +450,7 @@ impl Live {
         // them" read as advice still to follow).
         let mut h = self.health();
         if h.last_error.as_deref() == Some(reason.as_str()) {
-            h.last_error = None;
-            h.last_error_at = None;
+            h.clear_error();
         }
         drop(h);
         tracing::info!(tenant = %self.tenant, connector = %self.name, held = ?reason, skip, "The operator lets go the changes the guard held.");
@@ -494,15 +532,20 @@ impl Live {
     /// without a retry of its own (the next run is the retry) or a pause.
     pub(super) fn write_failed(&self, reason: &str) {
         self.retries.fetch_add(1, Ordering::Relaxed);
-        let mut h = self.health();
-        h.last_error = Some(reason.to_owned());
-        h.last_error_at = Some(Utc::now());
+        self.health().error(reason.to_owned());
     }
 
     /// Record a failed attempt of the request whose run is `streak`; pause the
     /// connector once failures in a row reach the limit. The first failure of each
     /// round is logged, so an outage shows before the pause without a line per request.
-    fn failure(&self, streak: &mut Streak, reason: &str, pause_after: u64, pause: Duration) {
+    fn failure(
+        &self,
+        streak: &mut Streak,
+        reason: &str,
+        answer: Option<String>,
+        pause_after: u64,
+        pause: Duration,
+    ) {
         self.retries.fetch_add(1, Ordering::Relaxed);
         let epoch = self.epoch.load(Ordering::Acquire);
         if streak.epoch != epoch {
@@ -517,8 +560,7 @@ impl Live {
             .fetch_max(streak.failures, Ordering::AcqRel);
         let n = before.max(streak.failures);
         let mut h = self.health();
-        h.last_error = Some(reason.to_owned());
-        h.last_error_at = Some(Utc::now());
+        h.error_quoting(reason.to_owned(), answer);
         if n >= pause_after && h.pause.and_then(Pause::until).is_none() {
             h.pause = Some(Pause::Until(Deadline::after(pause)));
             h.pause_lone = self.failing_requests.load(Ordering::Acquire) < 2;
@@ -541,10 +583,9 @@ impl Live {
         }
     }
 
-    fn pause_until_resumed(&self, reason: &str) {
+    fn pause_until_resumed(&self, reason: &str, answer: Option<String>) {
         let mut h = self.health();
-        h.last_error = Some(reason.to_owned());
-        h.last_error_at = Some(Utc::now());
+        h.error_quoting(reason.to_owned(), answer);
         // Every request in flight meets the same answer (a 410): one line says it. A
         // pause for refusals stays what it is: a reload must not lift it.
         let already = matches!(h.pause, Some(Pause::UntilResumed | Pause::Refusals));
@@ -590,14 +631,16 @@ impl Live {
         // The reason names one object ("not ours to change"); the answer shows when the
         // target means all of them ("token lacks scope").
         let last = http::with_answer(reason.to_owned(), answer);
+        let answer = http::brief_answer(answer);
         let why = format!(
             "the target refused {n} requests in a row and took no change between them (the last: {last}): a target that refuses everything is misconfigured, so the connector stopped. The changes it refused are dead letters; those after them wait. Fix the target, then `rosterd dead-letters --tenant {tenant} replay {name} --all` (before the resume, so that they go ahead of the changes that wait) and `rosterd resume --tenant {tenant} {name}`"
         );
         h.pause = Some(Pause::Refusals);
-        h.error(why.clone());
+        h.error_quoting(why.clone(), answer.clone());
         h.refusal_pause = Some(RefusalPause {
             at: h.last_error_at.unwrap_or_else(Utc::now),
             why: why.clone(),
+            answer,
         });
         h.pause_logged = true;
         drop(h);
@@ -617,7 +660,7 @@ impl Live {
     fn restore_refusal_pause(&self, pause: RefusalPause) {
         let mut h = self.health();
         h.pause = Some(Pause::Refusals);
-        h.last_error = Some(pause.why.clone());
+        h.error_quoting(pause.why.clone(), pause.answer.clone());
         h.last_error_at = Some(pause.at);
         h.refusal_pause = Some(pause);
         h.pause_logged = true;
@@ -637,8 +680,7 @@ impl Live {
         if let Some(pause) = h.refusal_pause.take()
             && h.last_error.as_deref() == Some(pause.why.as_str())
         {
-            h.last_error = None;
-            h.last_error_at = None;
+            h.clear_error();
         }
         // Woken, the waiting requests try now.
         h.next_retry = None;
@@ -1286,10 +1328,11 @@ impl Ctx {
                 ),
                 Outcome::Gone { response } => {
                     self.live.pause_until_resumed(
-                        &format!(
-                            "target answered 410 Gone: the endpoint is disabled; fix it, then reload or resume ({})",
-                            response.body
+                        &http::with_answer(
+                            "target answered 410 Gone: the endpoint is disabled; fix it, then reload or resume".to_owned(),
+                            &response.body,
                         ),
+                        http::brief_answer(&response.body),
                     );
                     continue;
                 }
@@ -1304,6 +1347,7 @@ impl Ctx {
                 self.live.failure(
                     &mut streak,
                     &reason,
+                    response.as_ref().and_then(|r| http::brief_answer(&r.body)),
                     self.config.retry.pause_after_failures,
                     self.config.retry.pause(),
                 );
@@ -1636,6 +1680,7 @@ impl Ctx {
             Some(r) => http::with_answer(reason.clone(), &r.body),
             None => reason.clone(),
         };
+        let response_brief = response.as_ref().and_then(|r| http::brief_answer(&r.body));
         self.store
             .add_dead_letter(
                 self.tenant(),
@@ -1656,10 +1701,13 @@ impl Ctx {
             self.tenant(), self.name());
         counters::dead_lettered(self.tenant(), self.name());
         // What shows as the connector's last error is this refusal, not an older blip.
-        self.live.health().error(format!(
-            "change #{} ({object}) set aside as a dead letter: {shown}",
-            ev.seq
-        ));
+        self.live.health().error_quoting(
+            format!(
+                "change #{} ({object}) set aside as a dead letter: {shown}",
+                ev.seq
+            ),
+            response_brief,
+        );
         Ok(())
     }
 
@@ -1730,7 +1778,7 @@ impl Ctx {
                     // The letter's line is not why the connector stopped, nor its time.
                     {
                         let mut h = self.live.health();
-                        h.last_error = Some(pause.why.clone());
+                        h.error_quoting(pause.why.clone(), pause.answer.clone());
                         h.last_error_at = Some(pause.at);
                     }
                     let (tenant, name) = (self.tenant(), self.name());
@@ -1888,8 +1936,7 @@ where
                         "panicked ({panics} in a row): {panic}; starting again at {}",
                         rfc3339(at)
                     );
-                    h.last_error = Some(format!("panicked: {panic}"));
-                    h.last_error_at = Some(Utc::now());
+                    h.error(format!("panicked: {panic}"));
                 }
                 tokio::select! {
                     () = cancel.cancelled() => return live.set_state("stopped"),
@@ -1921,14 +1968,17 @@ async fn run_http(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 match ctx.send_preflight(&req).await {
                     Sent::Ok | Sent::Superseded => break,
                     Sent::Cancelled => return Ok(()),
-                    Sent::Refused { reason, .. } => {
+                    Sent::Refused { reason, response } => {
                         // By its host alone: the base URL may carry credentials (an
                         // audit saw a password in the unauthenticated /status).
-                        ctx.live.pause_until_resumed(&format!(
-                            "preflight {} of {what} at {} failed: {reason}",
-                            req.method,
-                            http::shown_url(&req.url)
-                        ));
+                        ctx.live.pause_until_resumed(
+                            &format!(
+                                "preflight {} of {what} at {} failed: {reason}",
+                                req.method,
+                                http::shown_url(&req.url)
+                            ),
+                            response.and_then(|r| http::brief_answer(&r.body)),
+                        );
                         if !ctx.live.wait_unpaused(&ctx.cancel).await {
                             return Ok(());
                         }
@@ -2026,9 +2076,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                     report.failed, report.drifted, report.unmappable
                 );
                 tracing::warn!(?reason, "Resync incomplete.");
-                let mut h = ctx.live.health();
-                h.last_error = Some(reason);
-                h.last_error_at = Some(Utc::now());
+                ctx.live.health().error(reason);
             } else {
                 tracing::info!(
                     checked = report.checked,
@@ -2043,9 +2091,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
             );
             tracing::error!(first, last, lost, "{reason}");
             counters::changes_lost(tenant, ctx.name(), lost);
-            let mut h = ctx.live.health();
-            h.last_error = Some(reason);
-            h.last_error_at = Some(Utc::now());
+            ctx.live.health().error(reason);
         }
         _ => {
             tracing::info!(
@@ -2485,7 +2531,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 match waited {
                     Wait::Due(at) => fired = Some(at),
                     Wait::Never => {
-                        ctx.live.pause_until_resumed("the schedule has no next run");
+                        ctx.live
+                            .pause_until_resumed("the schedule has no next run", None);
                         return Ok(());
                     }
                     Wait::Cancelled => return Ok(()),
@@ -2580,6 +2627,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     ctx.live.failure(
                         &mut streak,
                         &reason,
+                        None,
                         ctx.config.retry.pause_after_failures,
                         ctx.config.retry.pause(),
                     );
@@ -3344,6 +3392,7 @@ impl Dispatcher {
             last_success_at: h.last_success_at,
             last_error: h.last_error.clone(),
             last_error_at: h.last_error_at,
+            last_answer: h.last_answer.clone(),
             paused: paused_until.is_some(),
             paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
             // While paused the pause's end is the next attempt; `paused_until` says it.
@@ -4198,23 +4247,23 @@ mod tests {
         let mut streaks: Vec<Streak> = (0..8).map(|_| Streak::default()).collect();
         for _ in 0..2 {
             for s in &mut streaks {
-                live.failure(s, "500", 3, pause);
+                live.failure(s, "500", None, 3, pause);
             }
         }
         assert!(live.paused_until().is_none());
         assert_eq!(live.retries.load(Ordering::Relaxed), 16);
         // One of them fails a third time: three rounds in a row.
-        live.failure(&mut streaks[0], "500", 3, pause);
+        live.failure(&mut streaks[0], "500", None, 3, pause);
         assert!(live.paused_until().is_some());
         // A resume starts the count over, for requests still retrying too.
         live.resume("a test");
-        live.failure(&mut streaks[1], "500", 3, pause);
-        live.failure(&mut streaks[1], "500", 3, pause);
+        live.failure(&mut streaks[1], "500", None, 3, pause);
+        live.failure(&mut streaks[1], "500", None, 3, pause);
         assert!(live.paused_until().is_none());
         // So does a success.
         live.success();
-        live.failure(&mut streaks[1], "500", 3, pause);
-        live.failure(&mut streaks[1], "500", 3, pause);
+        live.failure(&mut streaks[1], "500", None, 3, pause);
+        live.failure(&mut streaks[1], "500", None, 3, pause);
         assert!(live.paused_until().is_none());
     }
 
@@ -4224,7 +4273,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_acknowledgement_that_ends_a_pause_wakes_those_waiting_for_it() {
         let live = Live::new("t", "c", "running");
-        live.failure(&mut Streak::default(), "500", 1, Duration::from_secs(30));
+        live.failure(
+            &mut Streak::default(),
+            "500",
+            None,
+            1,
+            Duration::from_secs(30),
+        );
         assert!(live.paused_until().is_some());
         let waiter = {
             let live = live.clone();
@@ -4252,7 +4307,7 @@ mod tests {
         let live = Live::new("t", "c", "running");
         let mut lone = Streak::default();
         for _ in 0..3 {
-            live.failure(&mut lone, "500", 3, pause);
+            live.failure(&mut lone, "500", None, 3, pause);
         }
         assert!(live.paused_until().is_some());
         // Another request waits out the pause with the failing one.
@@ -4271,7 +4326,7 @@ mod tests {
         tokio::time::advance(pause + Duration::from_secs(1)).await;
         assert!(failing.await);
         assert!(other.await.unwrap());
-        live.failure(&mut lone, "500", 3, pause);
+        live.failure(&mut lone, "500", None, 3, pause);
         assert_eq!(
             live.paused_until(),
             None,
@@ -4280,12 +4335,12 @@ mod tests {
 
         // Nothing else waiting: its next failure pauses again.
         for _ in 0..2 {
-            live.failure(&mut lone, "500", 3, pause);
+            live.failure(&mut lone, "500", None, 3, pause);
         }
         assert!(live.paused_until().is_some());
         tokio::time::advance(pause + Duration::from_secs(1)).await;
         assert!(live.wait_unpaused(&cancel).await);
-        live.failure(&mut lone, "500", 3, pause);
+        live.failure(&mut lone, "500", None, 3, pause);
         assert!(
             live.paused_until().is_some(),
             "alone, it was not probed once"
@@ -4293,14 +4348,14 @@ mod tests {
 
         let live = Live::new("t", "c", "running");
         let (mut a, mut b) = (Streak::default(), Streak::default());
-        live.failure(&mut a, "503", 3, pause);
-        live.failure(&mut b, "503", 3, pause);
-        live.failure(&mut a, "503", 3, pause);
-        live.failure(&mut a, "503", 3, pause);
+        live.failure(&mut a, "503", None, 3, pause);
+        live.failure(&mut b, "503", None, 3, pause);
+        live.failure(&mut a, "503", None, 3, pause);
+        live.failure(&mut a, "503", None, 3, pause);
         assert!(live.paused_until().is_some());
         tokio::time::advance(pause + Duration::from_secs(1)).await;
         assert!(live.wait_unpaused(&cancel).await);
-        live.failure(&mut a, "503", 3, pause);
+        live.failure(&mut a, "503", None, 3, pause);
         assert!(
             live.paused_until().is_some(),
             "the probe's failure pauses again"
@@ -4310,7 +4365,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_ends_by_the_monotonic_clock_whatever_the_wall_clock_reads() {
         let live = Live::new("t", "c", "running");
-        live.failure(&mut Streak::default(), "503", 1, Duration::from_secs(60));
+        live.failure(
+            &mut Streak::default(),
+            "503",
+            None,
+            1,
+            Duration::from_secs(60),
+        );
         let until = live.paused_until().expect("paused");
         let ahead = until - Utc::now();
         assert!(
@@ -4324,7 +4385,7 @@ mod tests {
         let cancel = CancellationToken::new();
         assert!(live.wait_unpaused(&cancel).await);
         // A pause until resumed stays one, whatever either clock does.
-        live.pause_until_resumed("410");
+        live.pause_until_resumed("410", None);
         tokio::time::advance(Duration::from_secs(86_400 * 30)).await;
         assert_eq!(live.paused_until(), Some(DateTime::<Utc>::MAX_UTC));
     }

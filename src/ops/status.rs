@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::dispatch::ConnectorStatus;
 use crate::scim::ResourceKind;
 use crate::server::AppState;
 
@@ -148,7 +149,12 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "draining": st.shutdown.is_cancelled(),
         "store": { "size_bytes": st.store.size_on_disk()?, "error": store_error(st) },
         "tenants": tenants,
-        "connectors": st.dispatch.status(None),
+        "connectors": st
+            .dispatch
+            .status(None)
+            .into_iter()
+            .map(ConnectorStatus::without_answer)
+            .collect::<Vec<_>>(),
         "connector_errors": st.dispatch.load_errors(),
         "unloaded_connectors": st.dispatch.unloaded_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),

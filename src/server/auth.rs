@@ -80,6 +80,31 @@ pub enum AuthSetupError {
     Shared { tenant: String, other: String },
 }
 
+/// A token shorter than this is said to be guessable: nothing limits how often a client
+/// may try one (an audit tried 1,000 a second), so a word a person chose falls in
+/// minutes. `rosterd token new` gives 47 characters.
+pub const SHORT_TOKEN: usize = 20;
+
+/// What to say of the tenants whose `token_env` holds a token shorter than
+/// [`SHORT_TOKEN`]: one line each, naming the variable, never the token. A warning, not
+/// a refusal: a daemon that ran yesterday must start today.
+pub fn short_tokens(tenants: &[TenantConfig], env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    tenants
+        .iter()
+        .filter_map(|t| {
+            let var = t.token_env.as_ref()?;
+            let len = env(var)?.trim().chars().count();
+            (len > 0 && len < SHORT_TOKEN).then(|| {
+                format!(
+                    "tenant {:?}: the SCIM token in {} is {len} characters long: a client can try tokens as fast as rosterd answers, and one that short may be guessed; give it one from `rosterd token new`",
+                    t.id,
+                    crate::config::shown_env_name(var)
+                )
+            })
+        })
+        .collect()
+}
+
 /// Outcome of checking a bearer token against a tenant.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuthOutcome {
@@ -252,6 +277,35 @@ mod tests {
         assert_eq!(reg.check("b", &tb), AuthOutcome::Allowed);
         assert_eq!(reg.check("b", &ta), AuthOutcome::OtherTenant);
         assert_eq!(reg.check("a", "rsd_nope"), AuthOutcome::Denied);
+    }
+
+    #[test]
+    fn a_short_token_is_said_without_being_shown() {
+        let tenants = [
+            tenant("a", Some("A_TOKEN"), vec![]),
+            tenant("b", Some("B_TOKEN"), vec![]),
+            tenant("c", None, vec![new_token().1.to_string()]),
+        ];
+        let (long, _) = new_token();
+        let said = short_tokens(&tenants, |v| match v {
+            "A_TOKEN" => Some(" change-me ".to_owned()),
+            _ => Some(long.clone()),
+        });
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].contains("tenant \"a\"")
+                && said[0].contains("A_TOKEN is 9 characters")
+                && said[0].contains("rosterd token new")
+                && !said[0].contains("change-me"),
+            "{said:?}"
+        );
+        let nineteen = "x".repeat(SHORT_TOKEN - 1);
+        assert_eq!(
+            short_tokens(&tenants[..1], |_| Some(nineteen.clone())).len(),
+            1
+        );
+        let twenty = "x".repeat(SHORT_TOKEN);
+        assert!(short_tokens(&tenants[..1], |_| Some(twenty.clone())).is_empty());
     }
 
     #[test]

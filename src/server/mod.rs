@@ -99,6 +99,8 @@ pub struct AppState {
     /// give up before it closes the store, so none writes into a closed one and each says
     /// how it ended before the stop says it is done.
     pub jobs: tokio_util::task::TaskTracker,
+    /// How many refusals for credentials this minute were logged, and how many were not.
+    pub(crate) refusals: RefusalLog,
 }
 
 /// A part of the config a reload applies without a restart, and that can fail to apply
@@ -225,11 +227,19 @@ pub async fn run_with_env(
         tracing::info!(dir = %config.connectors_dir().display(), "No connectors directory (config.toml names none, and the default does not exist); no connectors run.");
     }
     let tokens = TokenRegistry::from_config(&config.tenants, |v| env(v))?;
+    for warning in auth::short_tokens(&config.tenants, |v| env(v)) {
+        tracing::warn!("{warning}");
+    }
     // Without its secret the Roster API is off, but SCIM provisioning still runs: an IdP
     // should not stop syncing because an operator has not set up API access yet.
     let (verifier, api_disabled) = match &config.api.jwt {
         Some(j) => match JwtVerifier::from_config(j, &config.base_dir, &|v| env(v)) {
-            Ok(v) => (Some(v), None),
+            Ok(v) => {
+                for warning in j.warnings() {
+                    tracing::warn!("{warning}");
+                }
+                (Some(v), None)
+            }
             Err(e @ JwtError::SecretUnset { .. }) => {
                 tracing::warn!(error = %e, "The Roster API is disabled until this is set.");
                 (None, Some(e.to_string()))
@@ -341,6 +351,7 @@ pub async fn run_with_env(
         env: env.clone(),
         large_bodies: BodyBudget::new(config_max_body),
         jobs: tokio_util::task::TaskTracker::new(),
+        refusals: RefusalLog::default(),
     });
     // A tenant taken out of config.toml keeps its data: said, or the store seems to hold
     // only what is served, and one declared again by mistake or on purpose surprises.
@@ -715,6 +726,9 @@ pub async fn reload(state: &Arc<AppState>) {
         {
             tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
         }
+        for warning in auth::short_tokens(tenants, |v| (state.env)(v)) {
+            tracing::warn!("{warning}");
+        }
     }
     // An identity provider's key rotation needs no restart either.
     if let Some(jwt) = &state.config.api.jwt {
@@ -811,6 +825,10 @@ pub async fn reload(state: &Arc<AppState>) {
 #[derive(Clone, Copy, Debug)]
 pub struct ConnSocket(std::os::fd::RawFd);
 
+/// The address a request's connection came from (a proxy's, behind one).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
 impl ConnSocket {
     /// The bytes sent on the socket that the client has not acknowledged yet, if the
     /// system says: they shrink while the client reads, even when the kernel, which wakes
@@ -850,9 +868,9 @@ async fn serve(
     // store's close while an export streamed on.
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -870,6 +888,7 @@ async fn serve(
                 move |req: Request<hyper::body::Incoming>| {
                     let mut req = req.map(axum::body::Body::new);
                     req.extensions_mut().insert(socket);
+                    req.extensions_mut().insert(Peer(peer));
                     req
                 },
             ));
@@ -1291,6 +1310,82 @@ pub(crate) fn quote_clipped(s: &str, max: usize) -> String {
     format!("{:?}… ({} bytes in all)", head(s, max), s.len())
 }
 
+/// Refusals for credentials logged one by one in a minute. A client without a token, trying
+/// tokens, wrote a WARN line each: 4,000 requests, 4,000 lines (about 20 GB a day at the
+/// rate one client reached). An identity provider with a stale token retries far below it.
+const REFUSALS_LOGGED_A_MINUTE: u32 = 20;
+
+/// The addresses a minute's summary names, at most.
+const REFUSING_CLIENTS_NAMED: usize = 5;
+
+/// What becomes of one refusal for credentials in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RefusalVerdict {
+    Log,
+    /// The first past the minute's share: logged, with a line saying the rest are counted.
+    LogThenCount,
+    /// Counted, and said in the summary that the next minute's first refusal writes.
+    Count,
+}
+
+/// The minute's refusals for credentials: how many were logged, how many only counted
+/// and from where.
+#[derive(Default)]
+pub(crate) struct RefusalLog(std::sync::Mutex<RefusalMinute>);
+
+#[derive(Default)]
+struct RefusalMinute {
+    began: Option<std::time::Instant>,
+    logged: u32,
+    counted: u64,
+    clients: std::collections::BTreeSet<std::net::IpAddr>,
+}
+
+impl RefusalLog {
+    /// The verdict on one more refusal from `client`. The first refusal of a minute
+    /// after one that counted some writes their summary first.
+    fn verdict(&self, client: Option<std::net::IpAddr>) -> RefusalVerdict {
+        let now = std::time::Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.began
+            .is_none_or(|b| now.duration_since(b) >= std::time::Duration::from_secs(60))
+        {
+            let ended = std::mem::take(&mut *m);
+            m.began = Some(now);
+            if ended.counted > 0 {
+                let clients: Vec<String> = ended.clients.iter().map(|c| c.to_string()).collect();
+                let more = if ended.clients.len() == REFUSING_CLIENTS_NAMED {
+                    " (and maybe others)"
+                } else {
+                    ""
+                };
+                tracing::warn!(
+                    counted = ended.counted,
+                    clients = %clients.join(","),
+                    "{} more requests were refused for their credentials in the minute after the first {REFUSALS_LOGGED_A_MINUTE}, from {}{more}.",
+                    ended.counted,
+                    clients.join(", ")
+                );
+            }
+        }
+        if m.logged < REFUSALS_LOGGED_A_MINUTE {
+            m.logged += 1;
+            return RefusalVerdict::Log;
+        }
+        m.counted += 1;
+        if let Some(c) = client
+            && m.clients.len() < REFUSING_CLIENTS_NAMED
+        {
+            m.clients.insert(c);
+        }
+        if m.counted == 1 {
+            RefusalVerdict::LogThenCount
+        } else {
+            RefusalVerdict::Count
+        }
+    }
+}
+
 /// The detail is a string field: the text format writes it quoted and escaped (it can echo
 /// what the client sent, a filter or a userName, and a line break in it must not start a
 /// forged log line), the JSON format as a plain JSON string.
@@ -1298,17 +1393,32 @@ pub(crate) fn quote_clipped(s: &str, max: usize) -> String {
 /// request id an identity provider reports (or the 401s after a token rotation) finds it.
 /// Wrong or missing credentials are WARN: nothing works until someone fixes them. Other
 /// refusals are routine (an IdP probing for a user that does not exist gets 404) and INFO.
-fn log_finished(resp: &Response, elapsed: std::time::Duration) {
+fn log_finished(
+    resp: &Response,
+    elapsed: std::time::Duration,
+    credentials: Option<RefusalVerdict>,
+    client: Option<std::net::IpAddr>,
+) {
     let status = resp.status().as_u16();
     let micros = elapsed.as_micros() as u64;
     match resp.extensions().get::<Refusal>() {
         Some(r) if matches!(status, 401 | 403) => {
+            if credentials == Some(RefusalVerdict::Count) {
+                return;
+            }
+            let client = client.map(tracing::field::display);
             tracing::warn!(
                 status,
                 code = r.code,
                 detail = clip(&r.detail, MAX_LOGGED_DETAIL).as_ref(),
+                client,
                 "Request refused: credentials."
-            )
+            );
+            if credentials == Some(RefusalVerdict::LogThenCount) {
+                tracing::warn!(
+                    "More than {REFUSALS_LOGGED_A_MINUTE} requests this minute were refused for their credentials; the rest of the minute's are counted, not logged one by one (rosterd_http_requests_total counts each by status)."
+                );
+            }
         }
         Some(r) if status < 500 => {
             tracing::info!(
@@ -1395,9 +1505,13 @@ async fn request_span(
         .cloned();
     let method = req.method().clone();
     let started = std::time::Instant::now();
+    let client = req.extensions().get::<Peer>().map(|p| p.0.ip());
     let mut resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
-    span.in_scope(|| log_finished(&resp, elapsed));
+    let credentials = (matches!(resp.status().as_u16(), 401 | 403)
+        && resp.extensions().get::<Refusal>().is_some())
+    .then(|| state.refusals.verdict(client));
+    span.in_scope(|| log_finished(&resp, elapsed, credentials, client));
     crate::ops::metrics::record_request(
         route.as_ref().map(|r| r.as_str()),
         &method,

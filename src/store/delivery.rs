@@ -303,6 +303,10 @@ pub struct TargetResponse {
 pub struct RefusalPause {
     pub at: DateTime<Utc>,
     pub why: String,
+    /// The start of the target's last refusal, which `why` quotes (kept apart so that
+    /// `/status` can leave it out after a restart too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
 }
 
 /// A change a connector could not deliver and set aside instead of retrying forever.

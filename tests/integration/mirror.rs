@@ -1033,6 +1033,16 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
         "{c} (since {since})"
     );
     assert_eq!(c["state"], "paused", "{c}");
+    // `/status`, which needs no token, leaves out what the target said, after the
+    // restart too (the store keeps it apart from the reason).
+    let public = d.status().await.to_string();
+    assert!(
+        public.contains("refused 3 requests in a row")
+            && !public.contains("injected fault")
+            && public
+                .contains("[the target's answer: GET /api/v1/roster/connectors/hooks shows it]"),
+        "{public}"
+    );
     assert_eq!(
         logs.lines("starts paused until resumed, as it was").len(),
         1
@@ -3180,11 +3190,23 @@ async fn a_dead_letter_becomes_the_last_error_and_its_log_line_names_the_command
     )
     .await;
     let last = c["last_error"].as_str().unwrap();
-    assert!(last.contains("400"), "{c}");
+    // The Roster API, which takes the tenant's token, quotes what the target said.
+    assert!(last.contains("400: injected fault: 400"), "{c}");
     assert_eq!(dead_letter_ids(&d, "hooks").await.len(), 1);
+    // `/status` takes none, and a target's answer may be the user it was sent: it says
+    // where to read it instead.
+    let public = last.replace(
+        "injected fault: 400",
+        "[the target's answer: GET /api/v1/roster/connectors/hooks shows it]",
+    );
+    assert!(
+        !d.status().await.to_string().contains("injected fault"),
+        "{}",
+        d.status().await
+    );
     let out = status_text(&d).await;
     let shown = format!(
-        "last error ({}): {last}",
+        "last error ({}): {public}",
         to_the_second(&c["last_error_at"])
     );
     assert!(out.contains(&shown), "{shown:?} not in:\n{out}");

@@ -373,6 +373,58 @@ async fn an_update_is_logged_with_its_request_id_and_a_no_op_is_not() {
     assert!(!line[0].contains("activated"), "{line:?}");
 }
 
+/// A client trying tokens wrote a WARN line per request (4,000 requests, 4,000 lines):
+/// a minute logs 20 one by one, then one line says the rest are counted; each names the
+/// client's address, which is what an operator blocks.
+#[tokio::test]
+async fn refusals_for_credentials_past_twenty_a_minute_are_counted_not_logged() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    for i in 0..45 {
+        let r = d
+            .raw(
+                Method::GET,
+                &d.scim_url("/Users"),
+                Some(&format!("guess-{i}")),
+                &[("x-request-id", &format!("guessing-{i:02}"))],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    let lines = logs.lines("request_id=guessing-");
+    let one_by_one: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("Request refused: credentials."))
+        .collect();
+    assert_eq!(one_by_one.len(), 21, "{lines:#?}");
+    assert!(
+        one_by_one
+            .iter()
+            .all(|l| l.contains(" WARN ") && l.contains("client=127.0.0.1")),
+        "{one_by_one:#?}"
+    );
+    let counted: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("the rest of the minute's are counted"))
+        .collect();
+    assert!(
+        counted.len() == 1 && counted[0].contains("request_id=guessing-20"),
+        "{lines:#?}"
+    );
+    // A token that is right still gets in.
+    let ok = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users"),
+            Some(&d.token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
 #[tokio::test]
 async fn a_refused_request_is_logged_with_its_request_id_and_what_the_client_was_told() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
