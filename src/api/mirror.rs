@@ -379,7 +379,7 @@ async fn resume(
                 caller.tenant
             );
             // Until it runs, what the skipped changes altered stays as the target has it.
-            tracing::warn!(tenant = %caller.tenant, connector = %name, reason = ?why, "The reconciliation after a skip of held changes did not start.");
+            tracing::warn!(tenant = %caller.tenant, connector = %name, reason = why.as_str(), "The reconciliation after a skip of held changes did not start.");
             answer["job_error"] = json!(why);
         }
     }

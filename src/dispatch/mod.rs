@@ -453,7 +453,7 @@ impl Live {
             h.clear_error();
         }
         drop(h);
-        tracing::info!(tenant = %self.tenant, connector = %self.name, held = ?reason, skip, "The operator lets go the changes the guard held.");
+        tracing::info!(tenant = %self.tenant, connector = %self.name, held = reason.as_str(), skip, "The operator lets go the changes the guard held.");
         let mut n = 0;
         self.approvals.send_modify(|a| {
             a.n += 1;
@@ -645,7 +645,10 @@ impl Live {
         h.pause_logged = true;
         drop(h);
         self.pause_changed.notify_waiters();
-        tracing::error!(reason = ?why, "Connector paused until resumed (`rosterd resume`): its target refuses everything.");
+        tracing::error!(
+            reason = why.as_str(),
+            "Connector paused until resumed (`rosterd resume`): its target refuses everything."
+        );
     }
 
     /// Why, and since when, the connector is paused for its target's refusals, if it is.
@@ -1372,7 +1375,7 @@ impl Ctx {
                 .next()
                 .unwrap_or(self.config.retry.max_delay())
                 .max(retry_after.unwrap_or_default());
-            tracing::debug!(url = %http::shown_url(&req.url), ?reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+            tracing::debug!(url = %http::shown_url(&req.url), reason = reason.as_str(), delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
             if counts {
                 // The soonest attempt still ahead: what an operator waits for.
                 let at = Deadline::after(delay);
@@ -1696,7 +1699,7 @@ impl Ctx {
             )
             .await?;
         // Said once it is stored, so that the log never names a letter the list lacks.
-        tracing::warn!(seq = ev.seq, %object, reason = ?shown,
+        tracing::warn!(seq = ev.seq, %object, reason = shown.as_str(),
             "Change set aside as a dead letter; `rosterd dead-letters --tenant {} list {}` shows it.",
             self.tenant(), self.name());
         counters::dead_lettered(self.tenant(), self.name());
@@ -2075,7 +2078,7 @@ async fn catch_up_compacted(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreErr
                     "resync after compacted changes #{first}..#{last}: {} of {} objects failed, {} cannot be mapped{stopped}; run `rosterd reconcile` once the target accepts them",
                     report.failed, report.drifted, report.unmappable
                 );
-                tracing::warn!(?reason, "Resync incomplete.");
+                tracing::warn!(reason = reason.as_str(), "Resync incomplete.");
                 ctx.live.health().error(reason);
             } else {
                 tracing::info!(
@@ -2363,6 +2366,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     // finish (a request waiting out a pause or a backoff gives up), so that what a
     // target took is not sent again after the start; a change that does not finish in
     // time is, whole. Then keep what is acknowledged.
+    let draining = tokio::time::Instant::now();
     let deadline = tokio::time::sleep(STOP_DRAIN);
     tokio::pin!(deadline);
     let mut given_up = 0usize;
@@ -2382,9 +2386,11 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     // Said, or "stopped cleanly" reads as if the target had everything.
     let unfinished = given_up + running.len();
     if unfinished > 0 {
+        // How long the stop waited, not the most it may: one whose requests were waiting
+        // out a backoff gives up at once, and `seconds=3` read as three seconds spent.
         tracing::warn!(
             changes = unfinished,
-            seconds = STOP_DRAIN.as_secs(),
+            waited_ms = draining.elapsed().as_millis() as u64,
             "The stop cut off changes not yet acknowledged (a slow target, or a request waiting out a retry); each is sent again, whole, at the next start."
         );
     }
@@ -2637,7 +2643,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                     // `failure` above said it at WARN, with the reason, as for any target;
                     // a second line at ERROR per attempt counted double in `-p err`.
                     tracing::debug!(
-                        ?reason,
+                        reason = reason.as_str(),
                         retry_in_ms = delay.as_millis() as u64,
                         "Cannot write the CSV files; trying again."
                     );
@@ -3087,7 +3093,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 let reason = format!("not started: {}", e.explained());
-                tracing::error!(tenant = %config.tenant, connector = %config.name, ?reason, "Connector not started.");
+                tracing::error!(tenant = %config.tenant, connector = %config.name, reason = reason.as_str(), "Connector not started.");
                 let live = Live::new(&config.tenant, &config.name, &reason);
                 // The state says what to do; `last error` is the error alone.
                 live.health().error(e.to_string());
@@ -3141,7 +3147,7 @@ impl Dispatcher {
             async move {
                 tracing::info!(dry_run = task_ctx.config.dry_run, "Connector started.");
                 if let Some(pause) = task_ctx.live.refusal_pause() {
-                    tracing::warn!(since = %rfc3339(pause.at), reason = ?pause.why, "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
+                    tracing::warn!(since = %rfc3339(pause.at), reason = pause.why.as_str(), "The connector starts paused until resumed, as it was when it stopped: its target refused everything.");
                 }
                 let (live, cancel) = (task_ctx.live.clone(), task_ctx.cancel.clone());
                 supervised(&live, &cancel, || {
@@ -3507,7 +3513,7 @@ impl Dispatcher {
             match letter {
                 Some(letter) => {
                     let ev = &letter.event;
-                    tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = ?letter.reason, "Dead letter discarded by the operator; its change will not be delivered.");
+                    tracing::warn!(tenant = %tenant, connector = %name, id, seq = ev.seq, object = %format!("{}/{}", ev.resource_type, ev.id), reason = letter.reason.as_str(), "Dead letter discarded by the operator; its change will not be delivered.");
                 }
                 None => {
                     tracing::warn!(tenant = %tenant, connector = %name, id, "Dead letter discarded by the operator; it could not be read, so which change it held is not known.");

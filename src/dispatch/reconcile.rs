@@ -745,7 +745,7 @@ impl Dispatcher {
                                 ctx.live.write_failed(&reason);
                                 crate::ops::metrics::retried(tenant, ctx.name());
                             }
-                            tracing::error!(parent: &ctx.span(), ?reason, "Cannot write the CSV files.");
+                            tracing::error!(parent: &ctx.span(), reason = reason.as_str(), "Cannot write the CSV files.");
                             report.failed = 1;
                             report.note = Some(reason);
                         }
@@ -898,7 +898,7 @@ pub(super) async fn reconcile_oneroster(
                     break;
                 }
                 report.failed += 1;
-                tracing::warn!(object = %item.object, ?reason, "Reconciliation could not repair an object.");
+                tracing::warn!(object = %item.object, reason = reason.as_str(), "Reconciliation could not repair an object.");
             }
             Sent::Cancelled => break,
         }
@@ -1160,7 +1160,7 @@ async fn read_back(
         tracing::warn!(
             pages,
             users = offset,
-            ?reason,
+            reason = reason.as_str(),
             "Read-back stopped before the end of its window; what was read is compared (and repaired, unless this is a dry run), changes at the target past it are not."
         );
     }

@@ -390,7 +390,7 @@ impl Backups {
         s.running_since = None;
         match &written {
             Ok(w) => {
-                tracing::info!(by, result = ?w.summary(), "Backup written.");
+                tracing::info!(by, result = w.summary().as_str(), "Backup written.");
                 if let Some(e) = &w.prune_error {
                     tracing::warn!(by, error = %e, "Cannot remove the backups older than the newest `keep`.");
                 }

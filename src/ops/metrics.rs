@@ -19,7 +19,9 @@
 //!   `rosterd_groups{tenant}`; per tenant with a bundle,
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands);
-//!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys.
+//!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys;
+//!   `rosterd_config_file_error` (1 while config.toml on disk would not load),
+//!   `rosterd_store_size_bytes`; `rosterd_build_info{version}` (1, set once).
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher); `rosterd_deliveries_total`
 //! (with `outcome`), `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
@@ -66,6 +68,9 @@ pub const BUNDLE_RELOAD_FAILED: &str = "rosterd_bundle_reload_failed";
 pub const JOBS_TOTAL: &str = "rosterd_jobs_total";
 pub const STORE_FAILED: &str = "rosterd_store_failed";
 pub const RELOAD_FAILED: &str = "rosterd_reload_failed";
+pub const CONFIG_FILE_ERROR: &str = "rosterd_config_file_error";
+pub const BUILD_INFO: &str = "rosterd_build_info";
+pub const STORE_SIZE_BYTES: &str = "rosterd_store_size_bytes";
 pub const PANICS_TOTAL: &str = "rosterd_panics_total";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
 pub const SCHEDULE_RUNS: &str = "rosterd_schedule_runs_total";
@@ -234,6 +239,19 @@ fn describe() {
         "1 while the last reload did not apply the `part` (scim_tokens: the tenants' token_env and token_hashes; api_keys: the Roster API's public_keys and jwks_file), so the previous ones stay in force (/status says why), else 0."
     );
     metrics::describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with the running rosterd's version: a deploy shows as the label changing."
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::describe_gauge!(
+        STORE_SIZE_BYTES,
+        "Bytes the store takes on disk (as /status's store.size_bytes): its growth, against the filesystem's free space, is what a full disk is foreseen by."
+    );
+    metrics::describe_gauge!(
+        CONFIG_FILE_ERROR,
+        "1 while config.toml, as it is on disk now, does not load (/status shows config_file_error): the next start or restart would fail, else 0."
+    );
+    metrics::describe_gauge!(
         STORE_FAILED,
         "1 once the store hit an unrecoverable storage error (e.g. a full disk) and refuses writes until rosterd restarts, else 0."
     );
@@ -318,6 +336,66 @@ pub fn register_connector_counters(tenant: &str, connector: &str, webhook: bool)
     metrics::counter!(DEAD_LETTERS_TOTAL, &labels).increment(0);
     if webhook {
         metrics::counter!(CONNECTOR_CHANGES_LOST, &labels).increment(0);
+    }
+}
+
+/// The counters of failures an alert watches with `increase()`, at 0 from the start, for
+/// the same reason as [`register_connector_counters`]: a nightly export failing once after
+/// a deploy, a job failing, the first burst of SCIM 5xx (an audit's full disk: a series
+/// born at 228) alerted on nothing. Successes need no such help: their series are the
+/// denominators, and a rate of zero failures is what they show.
+pub fn register_failure_counters(config: &crate::config::Config) {
+    let s = &config.schedules;
+    for (schedule, set) in [
+        ("reconcile", &s.reconcile),
+        ("export", &s.export),
+        ("compact", &s.compact),
+        ("backup", &s.backup),
+    ] {
+        if set.is_some() {
+            metrics::counter!(SCHEDULE_RUNS, "schedule" => schedule, "result" => "failed")
+                .increment(0);
+        }
+    }
+    for t in &config.tenants {
+        let tenant = t.id.clone();
+        metrics::counter!(SCIM_UNRESOLVED_MANAGERS_TOTAL, "tenant" => tenant.clone()).increment(0);
+        for (resource, op) in [
+            ("Users", "create"),
+            ("Users", "replace"),
+            ("Users", "patch"),
+            ("Users", "delete"),
+            ("Groups", "create"),
+            ("Groups", "replace"),
+            ("Groups", "patch"),
+            ("Groups", "delete"),
+            ("Bulk", "bulk"),
+        ] {
+            metrics::counter!(
+                SCIM_OPERATIONS_TOTAL,
+                "tenant" => tenant.clone(),
+                "resource" => resource,
+                "op" => op,
+                "status_class" => "5xx",
+            )
+            .increment(0);
+        }
+        for (kind, trigger) in [
+            ("reclassify", "bundle_change"),
+            ("reconcile", "scim_sync"),
+            ("reconcile", "schedule"),
+        ] {
+            for status in ["failed", "interrupted"] {
+                metrics::counter!(
+                    JOBS_TOTAL,
+                    "tenant" => tenant.clone(),
+                    "kind" => kind,
+                    "trigger" => trigger,
+                    "status" => status,
+                )
+                .increment(0);
+            }
+        }
     }
 }
 
@@ -464,6 +542,16 @@ fn label_pairs(s: &str) -> Vec<(String, String)> {
 fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     let mut known = BTreeSet::new();
     metrics::gauge!(STORE_FAILED).set(if st.store.failure().is_some() {
+        1.0
+    } else {
+        0.0
+    });
+    // Read at each scrape, as /status reads it: an edit nobody reloaded yet still stops
+    // the next restart (systemd then gives up after its start limit).
+    if let Ok(bytes) = st.store.size_on_disk() {
+        metrics::gauge!(STORE_SIZE_BYTES).set(bytes as f64);
+    }
+    metrics::gauge!(CONFIG_FILE_ERROR).set(if st.config.on_disk().error.is_some() {
         1.0
     } else {
         0.0
@@ -787,6 +875,33 @@ mod tests {
             c(Method::PATCH, "/scim/v2/{tenant}/Me"),
             Some(("other", "patch"))
         );
+    }
+
+    /// The failures an alert counts with increase() are there at 0 before the first:
+    /// a series born at 1 is no increase to Prometheus.
+    #[test]
+    fn failure_counters_are_present_at_zero_from_the_start() {
+        let config = crate::config::Config::parse(
+            "version = 1\n[[tenants]]\nid = \"t1\"\ntoken_env = \"T1_TOKEN\"\n[schedules]\nexport = \"0 0 2 * * *\"\n",
+            std::path::Path::new("/x/config.toml"),
+        )
+        .unwrap();
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || register_failure_counters(&config));
+        let text = handle.render();
+        for line in [
+            "rosterd_schedule_runs_total{schedule=\"export\",result=\"failed\"} 0",
+            "rosterd_scim_unresolved_managers_total{tenant=\"t1\"} 0",
+            "rosterd_scim_operations_total{tenant=\"t1\",resource=\"Users\",op=\"create\",status_class=\"5xx\"} 0",
+            "rosterd_scim_operations_total{tenant=\"t1\",resource=\"Bulk\",op=\"bulk\",status_class=\"5xx\"} 0",
+            "rosterd_jobs_total{tenant=\"t1\",kind=\"reconcile\",trigger=\"schedule\",status=\"failed\"} 0",
+            "rosterd_jobs_total{tenant=\"t1\",kind=\"reclassify\",trigger=\"bundle_change\",status=\"interrupted\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+        // A schedule left out never runs, so it has nothing to fail.
+        assert!(!text.contains("schedule=\"backup\""), "{text}");
     }
 
     #[test]

@@ -875,7 +875,11 @@ async fn run_scheduled(state: &Arc<AppState>, name: &str) -> Vec<(String, Outcom
             Err(panic) => {
                 let part =
                     format!("{tenant}: failed: the run stopped on a bug (it panicked: {panic})");
-                tracing::error!(schedule = name, result = ?part, "Scheduled run failed.");
+                tracing::error!(
+                    schedule = name,
+                    result = part.as_str(),
+                    "Scheduled run failed."
+                );
                 outcomes.push((
                     tenant.to_owned(),
                     Outcome::Failed(ScheduledPart::Text(part)),
@@ -900,7 +904,11 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 }
                 Err(JobError::AlreadyRunning(_)) => {
                     let text = format!("{tenant}: skipped, a job is running");
-                    tracing::info!(schedule = name, result = ?text, "Scheduled run skipped.");
+                    tracing::info!(
+                        schedule = name,
+                        result = text.as_str(),
+                        "Scheduled run skipped."
+                    );
                     return Some(Outcome::Skipped(text));
                 }
                 Err(e) => (format!("{tenant}: failed: {e}"), true),
@@ -961,10 +969,18 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
         _ => return None,
     };
     if failed {
-        tracing::warn!(schedule = name, result = ?part, "Scheduled run failed.");
+        tracing::warn!(
+            schedule = name,
+            result = part.as_str(),
+            "Scheduled run failed."
+        );
         Some(Outcome::Failed(ScheduledPart::Text(part)))
     } else {
-        tracing::info!(schedule = name, result = ?part, "Scheduled run finished.");
+        tracing::info!(
+            schedule = name,
+            result = part.as_str(),
+            "Scheduled run finished."
+        );
         Some(Outcome::Done(ScheduledPart::Text(part)))
     }
 }

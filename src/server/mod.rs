@@ -207,6 +207,7 @@ pub async fn run_with_env(
 ) -> Result<(), ServerError> {
     // Before the first store flush, interrupted job or request is recorded; idempotent.
     crate::ops::metrics::install();
+    crate::ops::metrics::register_failure_counters(&config);
     // Before the daemon can answer, let alone say it is ready: a SIGHUP that came before
     // the handler would end it (the signal's default action), not reload it.
     // Likewise SIGUSR1, whose default action also ends the process.
@@ -816,7 +817,13 @@ pub async fn reload(state: &Arc<AppState>) {
             crate::ops::systemd::serving(state.local_addr)
         ));
     }
-    tracing::info!(errors = failed, "Reload finished.");
+    // At WARN when something did not apply, so `journalctl -p warning` shows the reload
+    // that the errors above it belong to.
+    if failed > 0 {
+        tracing::warn!(errors = failed, "Reload finished.");
+    } else {
+        tracing::info!(errors = failed, "Reload finished.");
+    }
 }
 
 /// The socket a request came on, for a streamed answer to see whether its client is

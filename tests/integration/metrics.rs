@@ -330,7 +330,13 @@ async fn metrics_need_no_token_and_are_idempotent_across_daemons() {
     let b = TestDaemon::start().await;
     scrape(&a).await;
     // b sees a's scrape: one recorder for the process.
-    let (_, sb) = scrape(&b).await;
+    let (text, sb) = scrape(&b).await;
+    let version = format!(
+        "rosterd_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.lines().any(|l| l == version), "{text}");
+    at_least(&sb, "rosterd_store_size_bytes", &[], 1.0);
     at_least(
         &sb,
         "rosterd_http_requests_total",

@@ -220,10 +220,27 @@ async fn a_reload_says_when_the_edited_config_file_would_not_start() {
     assert_eq!(s["config_changed_since_start"], false, "{s}");
 }
 
+/// `rosterd_config_file_error` as a scrape of `d` sets it. The recorder is the process's:
+/// another test's daemon scraped at the same moment sets the gauge for its own file, so
+/// the value read is the one a scrape of `d` agrees on twice.
+async fn config_file_error_metric(d: &TestDaemon) -> f64 {
+    let read = || async {
+        let (_, samples) = crate::metrics::scrape(d).await;
+        crate::metrics::value(&samples, "rosterd_config_file_error", &[]).unwrap()
+    };
+    loop {
+        let (a, b) = (read().await, read().await);
+        if a == b {
+            return a;
+        }
+    }
+}
+
 #[tokio::test]
 async fn status_says_when_the_config_file_changed_since_start() {
     let d = TestDaemon::start().await;
     assert_eq!(d.status().await["config_changed_since_start"], false);
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
     let path = d.root.join("config.toml");
     let good = std::fs::read_to_string(&path).unwrap();
     // A comment is no change.
@@ -244,6 +261,8 @@ async fn status_says_when_the_config_file_changed_since_start() {
             .is_some_and(|e| e.contains("listne")),
         "{s}"
     );
+    // So do the metrics, where an alert can see that the next restart would fail.
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
     // A file gone: a restart would fail as well.
     std::fs::remove_file(&path).unwrap();
     let s = d.status().await;
