@@ -1649,3 +1649,33 @@ async fn replay_all_counts_what_the_daemon_leaves_unanswered_as_not_replayed() {
         "{out}"
     );
 }
+
+/// With JSON logs a field that holds text is a JSON string of that text: log shippers
+/// read `reason` and `result` as written. An audit found them quoted twice
+/// (`"result":"\"…/rosterd-…: 50275 keys …\""`), as `{:?}` of a string writes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_hold_text_fields_as_plain_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[]);
+    let config = root.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[log]\nformat = \"json\"\n")).unwrap();
+    let d = ChildDaemon::start(&root, &[("RUST_LOG", "info")]).await;
+    d.signal("USR1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        let log = std::fs::read_to_string(root.join("daemon.log")).unwrap();
+        if let Some(line) = log.lines().find(|l| l.contains("Backup written.")) {
+            break serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no backup: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let result = written["result"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{written}"));
+    assert!(
+        result.contains("rosterd-") && result.contains("keys") && !result.starts_with('"'),
+        "{written}"
+    );
+}
