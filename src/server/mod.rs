@@ -1488,6 +1488,7 @@ async fn request_span(
         "request",
         request_id = %request_id,
         tenant = tracing::field::Empty,
+        actor = tracing::field::Empty,
         method = %req.method(),
         // Cut as a detail is: a client without credentials sent them, and each byte of
         // a 60 KB path was one byte (a tenant segment two) of every line logged for it.

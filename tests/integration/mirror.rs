@@ -2491,10 +2491,14 @@ async fn letters_are_discarded_many_at_a_time_each_with_its_outcome() {
     assert_eq!(r.body["results"][1]["error"], "not_found", "{}", r.body);
     assert_eq!(dead_letter_ids(&d, "hooks").await, [letters[1]]);
     assert_eq!(connector(&d, "hooks").await["dead_letters"], 1);
-    assert_eq!(
-        logs.lines("Dead letter discarded by the operator").len(),
-        2,
-        "each discarded letter is in the log"
+    let discarded = logs.lines("Dead letter discarded by the operator");
+    assert_eq!(discarded.len(), 2, "each discarded letter is in the log");
+    // Said with who discarded it: the token's subject.
+    assert!(
+        discarded
+            .iter()
+            .all(|l| l.contains("actor=user:it.admin@acme.test")),
+        "{discarded:?}"
     );
     let r = discard(admin, json!({ "ids": [letters[1]] })).await;
     assert_eq!(r.body["results"][0]["status"], 204, "{}", r.body);
