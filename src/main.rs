@@ -118,6 +118,11 @@ enum Command {
         /// not load) are always shown.
         #[arg(long = "tenant", value_name = "ID", conflicts_with = "json")]
         tenants: Vec<String>,
+        /// Exit 2, naming each on stderr, when anything needs an operator: a paused,
+        /// broken or unloaded connector, dead letters, a reload or backup that failed, a
+        /// config file that would not load. For a monitoring script; a failed store is 1.
+        #[arg(long)]
+        check: bool,
     },
     /// Run reconciliation on a running daemon now; with --dry-run, print what it would
     /// send per connector instead.
@@ -380,6 +385,8 @@ enum StoreCommand {
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Each was said on stderr already.
+        Err(e) if e.downcast_ref::<NeedsAttention>().is_some() => std::process::ExitCode::from(2),
         Err(e) => {
             if e.downcast_ref::<Logged>().is_none() {
                 let line = format!("Error: {}", causes(&e));
@@ -468,7 +475,8 @@ fn run() -> Result<()> {
             daemon,
             json,
             tenants,
-        } => print_status(&daemon, json, &tenants),
+            check,
+        } => print_status(&daemon, json, &tenants, check),
         Command::Reconcile {
             daemon,
             tenant,
@@ -2247,7 +2255,98 @@ fn backup_line(b: &serde_json::Value) -> String {
     line
 }
 
-fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
+fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String], check: bool) -> Result<()> {
+    let s = show_status(daemon, raw, only)?;
+    if !check {
+        return Ok(());
+    }
+    let attention = needing_attention(&s, only);
+    if attention.is_empty() {
+        return Ok(());
+    }
+    for line in &attention {
+        note!("needs attention: {line}");
+    }
+    Err(NeedsAttention(attention.len()).into())
+}
+
+/// `status --check` found something for an operator: exit 2, as a monitoring plugin's
+/// warning, apart from 1 (the daemon unreachable, its store failed).
+#[derive(Debug)]
+struct NeedsAttention(usize);
+
+impl std::fmt::Display for NeedsAttention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} thing(s) need attention", self.0)
+    }
+}
+
+impl std::error::Error for NeedsAttention {}
+
+/// What in a `/status` document needs an operator, one line each; with `only`, of those
+/// tenants and what belongs to none.
+fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
+    let shown = |t: &serde_json::Value| {
+        only.is_empty() || t.as_str().is_some_and(|t| only.iter().any(|o| o == t))
+    };
+    let mut out = Vec::new();
+    if s["config_file_error"].is_string() {
+        out.push("config.toml as edited would not load: a restart would fail".to_owned());
+    }
+    if let Some(errors) = s["reload_errors"].as_object() {
+        for part in errors.keys() {
+            out.push(format!("the last reload did not apply {part}"));
+        }
+    }
+    let files = s["connector_errors"].as_array().map_or(0, Vec::len);
+    if files > 0 {
+        out.push(format!(
+            "{} not loading",
+            rosterd::text::plural(files as u64, "connector file")
+        ));
+    }
+    for c in s["unloaded_connectors"].as_array().into_iter().flatten() {
+        if shown(&c["tenant"]) {
+            out.push(format!(
+                "connector {}/{} is not loaded",
+                str_of(&c["tenant"]),
+                str_of(&c["name"])
+            ));
+        }
+    }
+    for c in s["connectors"].as_array().into_iter().flatten() {
+        if !shown(&c["tenant"]) {
+            continue;
+        }
+        let name = format!("{}/{}", str_of(&c["tenant"]), str_of(&c["name"]));
+        if c["paused"] == true {
+            out.push(format!("connector {name} is paused"));
+        }
+        if let Some(n) = c["dead_letters"].as_u64().filter(|&n| n > 0) {
+            out.push(format!(
+                "connector {name} holds {}",
+                rosterd::text::plural(n, "dead letter")
+            ));
+        }
+        if c["file_error"].is_string() {
+            out.push(format!(
+                "connector {name}'s file does not load (it runs on the one before)"
+            ));
+        }
+    }
+    for (tenant, t) in s["tenants"].as_object().into_iter().flatten() {
+        if shown(&serde_json::json!(tenant)) && t["bundle"]["reload_error"].is_string() {
+            out.push(format!("tenant {tenant}'s bundle did not reload"));
+        }
+    }
+    if s["backup"]["last_error"].is_string() {
+        out.push("the last backup failed".to_owned());
+    }
+    out
+}
+
+/// Print the status; the document, for `--check`.
+fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_json::Value> {
     let (status, s) = call_daemon(daemon, None, reqwest::Method::GET, "/status", None)?;
     fail_unless_ok(status, &s)?;
     // Another service on the port (a proxy, a wrong --url) must not read as a healthy,
@@ -2262,7 +2361,8 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     }
     if raw {
         out_document(&(serde_json::to_string_pretty(&s)? + "\n"))?;
-        return healthy_store(&s);
+        healthy_store(&s)?;
+        return Ok(s);
     }
     // A mistyped tenant must not read as a tenant with nothing wrong.
     if let Some(tenants) = s["tenants"].as_object()
@@ -2533,7 +2633,8 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<()> {
     if only.is_empty() && s["backup"].is_object() {
         outln!("{}", backup_line(&s["backup"]))?;
     }
-    healthy_store(&s)
+    healthy_store(&s)?;
+    Ok(s)
 }
 
 /// A TOML error spans lines (the line and a caret under it): its continuation lines go

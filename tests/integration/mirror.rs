@@ -3230,6 +3230,43 @@ async fn a_dead_letter_becomes_the_last_error_and_its_log_line_names_the_command
     );
 }
 
+/// `rosterd status --check` for a monitoring script: 0 while nothing needs an operator,
+/// 2 with a line on stderr for each thing that does.
+#[tokio::test]
+async fn status_check_exits_two_naming_what_needs_an_operator() {
+    let (hook, d) = with_user_created_hook("").await;
+    let check = |d: &TestDaemon| {
+        let url = d.url("");
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+                .args(["status", "--check", "--url", &url])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = check(&d).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    hook.inject(wh::Fault::status(400, 1));
+    d.create_user("refused@acme.test").await;
+    connector_until(&d, "hooks", "no dead letter", |c| c["dead_letters"] == 1).await;
+    let out = check(&d).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        ["needs attention: connector acme/hooks holds 1 dead letter"],
+        "{err}"
+    );
+    // The status itself is printed as without the flag.
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("dead letters 1"),
+        "{out:?}"
+    );
+    discard_dead_letters(&d, "hooks").await;
+    let out = check(&d).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 #[tokio::test]
 async fn a_pause_says_until_when_in_rfc3339_in_the_log_and_in_rosterd_status() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
