@@ -1310,13 +1310,20 @@ impl Ctx {
                     };
                 }
                 Outcome::Unauthorized { response } => {
-                    if let Some(credentials) = self.credentials()
-                        && !refreshed
-                    {
-                        // An expired or revoked token: fetch a new one and try at once.
+                    if let Some(credentials) = self.credentials() {
+                        // An expired or revoked token is dropped at every 401, so the
+                        // next attempt fetches another: kept after the second, a token
+                        // the target would never take again was sent at each retry until
+                        // it expired (an hour by default), and a connector starting its
+                        // preflight then delivered nothing for that long.
                         credentials.invalidate(used_auth.as_deref()).await;
-                        refreshed = true;
-                        continue;
+                        // The first time, try again at once; after that, with the backoff,
+                        // so a target refusing every token does not see one fetch and
+                        // request after another.
+                        if !refreshed {
+                            refreshed = true;
+                            continue;
+                        }
                     }
                     (
                         "target refuses our credentials (401)".to_owned(),

@@ -515,6 +515,36 @@ async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
     assert_eq!(target.count(Kind::User), 10);
 }
 
+/// Every 401 drops the token it was sent with, so the attempt after it fetches another:
+/// a second token the API refused too was kept and sent at each retry until it expired
+/// (an hour), and a connector in its preflight, which nothing else rescues, delivered
+/// nothing meanwhile. The test's retries are 50 ms apart and its tokens live an hour.
+#[tokio::test]
+async fn a_connector_fetches_a_token_again_after_each_refusal() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    // Its first three tokens the API never takes: the preflight meets two of them.
+    target.issue_dead_tokens(3);
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = with_client_credentials(&text, &target);
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 1);
+    assert_eq!(target.tokens_issued(), 4);
+    // Once running, the same for a lone change (no other request fetches a token for it).
+    target.revoke_tokens();
+    target.issue_dead_tokens(2);
+    d.create_user("bob@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(target.count(Kind::User), 2);
+    assert_eq!(target.tokens_issued(), 7);
+}
+
 /// A token endpoint that takes the client's credentials only as HTTP Basic (1EdTech's
 /// security framework has it so) gets them that way with `client_auth = "basic"`, each
 /// form-encoded first (RFC 6749 §2.3.1: a `:` in the secret cannot move the split). Sent

@@ -425,6 +425,9 @@ struct Shared {
     db: Mutex<Db>,
     tokens: Mutex<HashMap<String, Instant>>,
     tokens_issued: AtomicU64,
+    /// How many of the next tokens issued the API then refuses (a token endpoint and an
+    /// API out of step: a key rotated on one side first).
+    dead_tokens: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     faults_applied: AtomicU64,
     /// Whether answers held by [`FaultKind::Hold`], and requests by [`FaultKind::Stall`],
@@ -509,6 +512,7 @@ impl OneRosterServer {
             db: Mutex::new(db),
             tokens: Mutex::new(HashMap::new()),
             tokens_issued: AtomicU64::new(0),
+            dead_tokens: AtomicU64::new(0),
             faults: Mutex::new(Vec::new()),
             faults_applied: AtomicU64::new(0),
             released: tokio::sync::watch::Sender::new(false),
@@ -716,6 +720,11 @@ impl OneRosterServer {
     /// Replace (or remove) the static token.
     pub fn set_static_token(&self, token: Option<String>) {
         *lock(&self.shared.static_token) = token;
+    }
+
+    /// The next `n` tokens issued are refused by the API (401) from the start.
+    pub fn issue_dead_tokens(&self, n: u64) {
+        self.shared.dead_tokens.store(n, Ordering::Relaxed);
     }
 
     /// How many tokens the token endpoint has issued.
@@ -1263,7 +1272,13 @@ fn token_endpoint(s: &Shared, method: &Method, headers: &HeaderMap, body: &Bytes
         return r;
     }
     let token = format!("ort_{}", uuid::Uuid::new_v4().simple());
-    lock(&s.tokens).insert(token.clone(), Instant::now() + s.token_ttl);
+    let dead = s
+        .dead_tokens
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok();
+    if !dead {
+        lock(&s.tokens).insert(token.clone(), Instant::now() + s.token_ttl);
+    }
     s.tokens_issued.fetch_add(1, Ordering::Relaxed);
     let mut answer = json!({
         "access_token": token,
