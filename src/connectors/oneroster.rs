@@ -919,6 +919,13 @@ pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<(Strin
     ]
 }
 
+/// Whether a write's answer is what a OneRoster provider sends: JSON (the object, or a
+/// status document), or no body at all.
+pub fn is_json_or_empty(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+        || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+}
+
 /// Whether the preflight's GET of the org answered that org, in use. A 2xx alone is not
 /// enough: a proxy's login page, another org and one marked for deletion answer it too.
 pub fn check_org_answer(settings: &OneRosterSettings, body: &[u8]) -> Result<(), String> {

@@ -1292,6 +1292,23 @@ impl Ctx {
                         },
                     };
                 }
+                // A write's 2xx must be OneRoster's answer (JSON, or nothing): a proxy's
+                // login page answering 200 to a PUT was counted as delivered, and the
+                // change was lost unless a read-back found it (5 of 100 in an audit).
+                (Outcome::Delivered { status, body, .. }, Target::OneRoster { .. })
+                    if req.method != reqwest::Method::GET
+                        && (200..300).contains(&status)
+                        && !oneroster::is_json_or_empty(&body) =>
+                {
+                    Outcome::Retry {
+                        reason: format!(
+                            "target answered {status} to a {} with something that is not JSON (a proxy's login page?); the change is sent again",
+                            req.method
+                        ),
+                        retry_after: None,
+                        response: None,
+                    }
+                }
                 (outcome, _) => outcome,
             };
             let (reason, retry_after, response) = match outcome {

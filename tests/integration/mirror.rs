@@ -2729,6 +2729,26 @@ async fn a_reload_lifts_a_pause_that_waits_for_the_operator() {
     assert!(target.user(&sourced_id(&format!("User/{id}"))).is_some());
 }
 
+/// A write's 200 must be OneRoster's answer: a proxy's login page answering a PUT was
+/// counted as delivered, and the change was lost unless a read-back found it.
+#[tokio::test]
+async fn a_put_answered_by_a_page_that_is_not_json_is_sent_again() {
+    let (d, target) = start_with_oneroster("").await;
+    target.inject(
+        Fault::answer(200, "<html>Sign in to continue</html>", 2)
+            .on_method("PUT")
+            .on_path("/users/"),
+    );
+    let id = d.create_user("ada@acme.test").await;
+    let c = caught_up(&d, "sis").await;
+    assert!(
+        target.user(&sourced_id(&format!("User/{id}"))).is_some(),
+        "{c}"
+    );
+    assert!(c["retries"].as_u64().is_some_and(|r| r >= 2), "{c}");
+    assert_eq!(c["dead_letters"], 0, "{c}");
+}
+
 /// The preflight's GET must answer the org itself: a proxy's login page, another org
 /// and one marked for deletion answer 200 too, and each pauses the connector as a 404
 /// does, saying what came.
