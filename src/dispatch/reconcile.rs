@@ -409,8 +409,10 @@ fn diff(
     let mut check = |report: &mut DriftReport, w: Write| -> Result<(), StoreError> {
         report.checked += 1;
         // In full, what was delivered does not matter for an object that exists
-        // downstream: it is sent whatever the hash says, so the hash is not read.
-        let reason = if full && w.hash.is_some() {
+        // downstream: it is sent whatever the hash says, so the hash is not read. So is a
+        // user's DELETE: a target that lost data may have got a leaver back from a
+        // backup, live, and only this takes its access away where no read-back runs.
+        let reason = if full && (w.hash.is_some() || w.key.starts_with("User/")) {
             FULL
         } else {
             match (w.hash, store.delivered(tenant, hash_owner, &w.key)?) {
@@ -1136,10 +1138,39 @@ async fn read_back(
                 .await
                 .map_err(StoreError::from_join)??
             };
-            // Gone from the roster, or not expressible: nothing to compare.
-            let Some(Ok(w)) = write else { continue };
-            // An inactive user that is deleted downstream has nothing to compare.
-            let Some(desired) = &w.body else { continue };
+            // A copy the target holds as live of a user the roster has no place for
+            // there (deleted from the roster, or inactive where inactive users are
+            // deleted) is deleted again: a leaver restored at the SIS (a backup put
+            // back, an undo) has its access back, and nothing else would take it away.
+            // Only a copy under the sourcedId rosterd gives that user counts as ours:
+            // `metadata` is anyone's to write.
+            let live = target.get("status").and_then(Value::as_str) != Some("tobedeleted");
+            let ours = target.get("sourcedId").and_then(Value::as_str)
+                == Some(crate::connectors::sourced_id(tenant, &user_key(scim_id)).as_str());
+            let deleted = |w: Write, why: &str| DriftItem {
+                at_target: true,
+                ..DriftItem::from_write(w, format!("{why}, and live at the target"))
+            };
+            let w = match write {
+                None => {
+                    if live && ours {
+                        let w = user_delete(settings, tenant, scim_id);
+                        seen.insert(w.key.clone());
+                        out.push(deleted(w, "deleted from the roster"));
+                    }
+                    continue;
+                }
+                // Not expressible: nothing to compare.
+                Some(Err(_)) => continue,
+                Some(Ok(w)) => w,
+            };
+            let Some(desired) = &w.body else {
+                if live && ours {
+                    seen.insert(w.key.clone());
+                    out.push(deleted(w, "to be deleted downstream (inactive)"));
+                }
+                continue;
+            };
             if content_hash(&projected(&target, desired)) != content_hash(desired) {
                 let reason = format!(
                     "changed at the target (status {:?})",

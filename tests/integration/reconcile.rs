@@ -472,6 +472,95 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
     );
 }
 
+/// A leaver the target holds as live again (a backup restored at the SIS, an undo) is
+/// deleted again by a reconciliation that reads the target back: a user deleted from the
+/// roster, and one inactive where inactive users are deleted. Before, both were read and
+/// skipped ("nothing to compare"), and the leavers kept their access. A live copy under a
+/// sourcedId rosterd did not give is left alone, whatever its `metadata` says.
+#[tokio::test]
+async fn a_read_back_deletes_again_a_leaver_live_at_the_target() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = deleting_on_deactivation(&target).await;
+    let file = d.root.join("connectors/sis.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+    )
+    .unwrap();
+    d.reload().await;
+    let gone = d.create_user("gone@acme.test").await;
+    let left = d.create_user("left@acme.test").await;
+    let stays = d.create_user("stays@acme.test").await;
+    caught_up(&d, "sis").await;
+    assert_eq!(d.delete(&format!("/Users/{gone}")).await.status, 204);
+    d.patch(
+        &format!("/Users/{left}"),
+        patch_op(json!([{"op": "replace", "value": {"active": false}}])),
+    )
+    .await;
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    for id in [&gone, &left] {
+        assert_eq!(
+            target.stored(Kind::User, &sid(id)).unwrap().status(),
+            "tobedeleted"
+        );
+        // Someone brings them back by hand.
+        assert!(target.tamper_user(&sid(id), |u| u["status"] = json!("active")));
+    }
+    // A user of someone else's that names our deleted user in its metadata.
+    let mut stranger = target.user(&sid(&stays)).unwrap();
+    stranger["sourcedId"] = json!("not-ours-1");
+    stranger["metadata"]["scim_id"] = json!(gone);
+    assert!(target.insert(Kind::User, stranger));
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    let items = report["items"].to_string();
+    assert_eq!(report["found_at_target"], 2, "{report}");
+    assert!(
+        items.contains("deleted from the roster, and live at the target")
+            && items.contains("to be deleted downstream (inactive), and live at the target"),
+        "{report}"
+    );
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    for id in [&gone, &left] {
+        assert_eq!(
+            target.stored(Kind::User, &sid(id)).unwrap().status(),
+            "tobedeleted"
+        );
+    }
+    assert_eq!(
+        target.stored(Kind::User, &sid(&stays)).unwrap().status(),
+        "active"
+    );
+    assert_eq!(
+        target.stored(Kind::User, "not-ours-1").unwrap().status(),
+        "active"
+    );
+    // Without a read-back, a full run sends the inactive leaver's DELETE again.
+    std::fs::write(&file, &text).unwrap();
+    d.reload().await;
+    assert!(target.tamper_user(&sid(&left), |u| u["status"] = json!("active")));
+    let r = d
+        .roster(
+            Method::POST,
+            "/scim:sync",
+            &admin,
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        target.stored(Kind::User, &sid(&left)).unwrap().status(),
+        "tobedeleted"
+    );
+}
+
 /// A daemon whose OneRoster connector `sis` deletes a deactivated user downstream.
 async fn deleting_on_deactivation(target: &OneRosterServer) -> TestDaemon {
     let (name, text) = oneroster_file("sis", target, "");
