@@ -2415,7 +2415,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
         tracing::warn!(
             changes = unfinished,
             waited_ms = draining.elapsed().as_millis() as u64,
-            "The stop cut off changes not yet acknowledged (a slow target, or a request waiting out a retry); each is sent again, whole, at the next start."
+            "The stop left changes not yet acknowledged: cut off in flight, or still waiting their turn (a slow target, a request waiting out a retry); each goes out, whole, at the next start."
         );
     }
     drop(running);

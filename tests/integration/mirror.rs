@@ -1531,7 +1531,7 @@ async fn not_resent_after_a_restart(extra: &str) {
     assert_eq!(acked(&hook, &ada), 0);
     let d = d.restart().await;
     // The stop says what it cut off: "stopped cleanly" alone read as if the target had it.
-    let cut = logs.lines("The stop cut off changes not yet acknowledged");
+    let cut = logs.lines("The stop left changes not yet acknowledged");
     assert_eq!(cut.len(), 1, "{cut:?}");
     assert!(
         cut[0].contains("changes=1") && cut[0].contains("connector=hooks"),
