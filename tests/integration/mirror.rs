@@ -490,17 +490,22 @@ async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
     assert_eq!(target.user(&sid).unwrap()["metadata"]["job_title"], "Chef");
 }
 
-#[tokio::test]
-async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (name, text) = oneroster_file("sis", &target, "");
-    let text = with_client_credentials(&text, &target);
-    let d = TestDaemon::start_with(Options {
+/// A daemon whose OneRoster connector `sis` gets its tokens from `target`'s endpoint.
+async fn with_oauth_connector(target: &OneRosterServer) -> TestDaemon {
+    let (name, text) = oneroster_file("sis", target, "");
+    let text = with_client_credentials(&text, target);
+    TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
         ..Options::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = with_oauth_connector(&target).await;
     for i in 0..5 {
         d.create_user(&format!("a{i}@acme.test")).await;
     }
@@ -522,16 +527,9 @@ async fn oauth_tokens_are_cached_and_fetched_again_after_a_401() {
 #[tokio::test]
 async fn a_connector_fetches_a_token_again_after_each_refusal() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    // Its first three tokens the API never takes: the preflight meets two of them.
+    // Its first three tokens the API never takes: the preflight meets all three.
     target.issue_dead_tokens(3);
-    let (name, text) = oneroster_file("sis", &target, "");
-    let text = with_client_credentials(&text, &target);
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
-        ..Options::default()
-    })
-    .await;
+    let d = with_oauth_connector(&target).await;
     d.create_user("ada@acme.test").await;
     caught_up(&d, "sis").await;
     assert_eq!(target.count(Kind::User), 1);
