@@ -118,9 +118,10 @@ enum Command {
         /// not load) are always shown.
         #[arg(long = "tenant", value_name = "ID", conflicts_with = "json")]
         tenants: Vec<String>,
-        /// Exit 2, naming each on stderr, when anything needs an operator: a paused,
-        /// broken or unloaded connector, dead letters, a reload or backup that failed, a
-        /// config file that would not load. For a monitoring script; a failed store is 1.
+        /// Exit 3, naming each on stderr, when anything needs an operator: a paused,
+        /// retrying, broken or unloaded connector, dead letters, a reload or backup that
+        /// failed, a config file that would not load. For a monitoring script; a failed
+        /// store or an unreachable daemon is 1, a mistyped command 2.
         #[arg(long)]
         check: bool,
     },
@@ -386,7 +387,7 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Each was said on stderr already.
-        Err(e) if e.downcast_ref::<NeedsAttention>().is_some() => std::process::ExitCode::from(2),
+        Err(e) if e.downcast_ref::<NeedsAttention>().is_some() => std::process::ExitCode::from(3),
         Err(e) => {
             if e.downcast_ref::<Logged>().is_none() {
                 let line = format!("Error: {}", causes(&e));
@@ -2270,8 +2271,8 @@ fn print_status(daemon: &DaemonArgs, raw: bool, only: &[String], check: bool) ->
     Err(NeedsAttention(attention.len()).into())
 }
 
-/// `status --check` found something for an operator: exit 2, as a monitoring plugin's
-/// warning, apart from 1 (the daemon unreachable, its store failed).
+/// `status --check` found something for an operator: exit 3, apart from 1 (the daemon
+/// unreachable, its store failed) and 2 (clap's, for a command it cannot parse).
 #[derive(Debug)]
 struct NeedsAttention(usize);
 
@@ -2321,6 +2322,9 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
         let name = format!("{}/{}", str_of(&c["tenant"]), str_of(&c["name"]));
         if c["paused"] == true {
             out.push(format!("connector {name} is paused"));
+        } else if c["next_retry_at"].is_string() {
+            // Failing before it pauses: the pause comes only after `pause_after_failures`.
+            out.push(format!("connector {name} is retrying a failed request"));
         }
         if let Some(n) = c["dead_letters"].as_u64().filter(|&n| n > 0) {
             out.push(format!(

@@ -189,7 +189,10 @@ impl ApiError {
                 }
             },
             ApiError::Disabled(reason) => {
-                tracing::debug!(?reason, "Roster API request while the API is off.");
+                tracing::debug!(
+                    reason = reason.as_str(),
+                    "Roster API request while the API is off."
+                );
                 self.to_string()
             }
             other => other.to_string(),

@@ -919,16 +919,26 @@ pub fn preflight(settings: &OneRosterSettings, now: DateTime<Utc>) -> Vec<(Strin
     ]
 }
 
-/// Whether a write's answer is what a OneRoster provider sends: JSON (the object, or a
-/// status document), or no body at all.
-pub fn is_json_or_empty(body: &[u8]) -> bool {
-    body.iter().all(u8::is_ascii_whitespace)
-        || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+/// Whether a write's answer is a page (HTML or XML: a proxy's login page, an error page)
+/// rather than what a OneRoster provider sends. JSON is the norm, but a byte-order mark
+/// before it, or a bare `OK`, are answers too: refused, a provider answering so would
+/// hold its connector on the first change for good.
+pub fn looks_like_a_page(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.iter()
+        .find(|b| !b.is_ascii_whitespace() && **b != 0)
+        .is_some_and(|&b| b == b'<')
 }
 
 /// Whether the preflight's GET of the org answered that org, in use. A 2xx alone is not
 /// enough: a proxy's login page, another org and one marked for deletion answer it too.
-pub fn check_org_answer(settings: &OneRosterSettings, body: &[u8]) -> Result<(), String> {
+///
+/// The error is the reason, and the start of what came when it is quoted in it (a login
+/// page may name a person: `/status`, which takes no token, leaves it out).
+pub fn check_org_answer(
+    settings: &OneRosterSettings,
+    body: &[u8],
+) -> Result<(), (String, Option<String>)> {
     #[derive(Deserialize)]
     struct Answer {
         org: Org,
@@ -943,15 +953,22 @@ pub fn check_org_answer(settings: &OneRosterSettings, body: &[u8]) -> Result<(),
     let json = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let answer: Answer = serde_json::from_slice(json).map_err(|e| {
         let start = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
-        format!(
-            "the target answered the GET of the org with something that is not a OneRoster org (a JSON object with an `org` that has a `sourcedId`: {e}); it begins {start:?}: a proxy's login page?"
+        let reason = format!(
+            "the target answered the GET of the org with something that is not a OneRoster org (a JSON object with an `org` that has a `sourcedId`: {e}), a proxy's login page? It begins"
+        );
+        (
+            crate::connectors::http::with_answer(reason, &start),
+            crate::connectors::http::brief_answer(&start),
         )
     })?;
     let wanted = &settings.org_sourced_id;
     if answer.org.sourced_id != *wanted {
-        return Err(format!(
-            "the target answered the GET of the org {wanted:?} with the org {:?}",
-            answer.org.sourced_id
+        return Err((
+            format!(
+                "the target answered the GET of the org {wanted:?} with the org {:?}",
+                answer.org.sourced_id
+            ),
+            None,
         ));
     }
     if answer
@@ -959,8 +976,11 @@ pub fn check_org_answer(settings: &OneRosterSettings, body: &[u8]) -> Result<(),
         .status
         .is_some_and(|s| s.eq_ignore_ascii_case("tobedeleted"))
     {
-        return Err(format!(
-            "the org {wanted:?} is marked `tobedeleted` at the target; users and classes would be put under an org on its way out"
+        return Err((
+            format!(
+                "the org {wanted:?} is marked `tobedeleted` at the target; users and classes would be put under an org on its way out"
+            ),
+            None,
         ));
     }
     Ok(())
@@ -1311,6 +1331,27 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_is_told_from_an_answer() {
+        for page in [
+            &b"<html>Sign in</html>"[..],
+            b"\0<html>not json at all",
+            b"\xEF\xBB\xBF \n<!DOCTYPE html>",
+            b"<?xml version=\"1.0\"?><error/>",
+        ] {
+            assert!(looks_like_a_page(page), "{page:?}");
+        }
+        for answer in [
+            &b""[..],
+            b" \n",
+            b"{\"user\":{}}",
+            b"\xEF\xBB\xBF{\"status\":\"active\"}",
+            b"OK",
+        ] {
+            assert!(!looks_like_a_page(answer), "{answer:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_401_for_an_old_token_keeps_the_new_one() {

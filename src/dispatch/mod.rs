@@ -183,9 +183,13 @@ impl ConnectorStatus {
     /// words, which may be the user it was sent (a target echoing the body it refused).
     /// The Roster API, which takes a token of the tenant, shows them.
     pub fn without_answer(mut self) -> Self {
-        if let (Some(error), Some(answer)) = (&mut self.last_error, &self.last_answer) {
-            *error = error.replace(
-                answer.as_str(),
+        // The answer is quoted after rosterd's own words: its last occurrence is the
+        // quote, where a short answer ("error") may occur in those words as well.
+        if let (Some(error), Some(answer)) = (&mut self.last_error, &self.last_answer)
+            && let Some(at) = error.rfind(answer.as_str())
+        {
+            error.replace_range(
+                at..at + answer.len(),
                 &format!(
                     "[the target's answer: GET /api/v1/roster/connectors/{} shows it]",
                     self.name
@@ -1280,29 +1284,29 @@ impl Ctx {
                 // A 200 is not enough: a proxy's login page, another org and an org
                 // marked for deletion answer it too, and every PUT after would count the
                 // proxy's page as delivered.
-                (Outcome::Delivered { body, .. }, Target::OneRoster { settings, .. })
+                (Outcome::Delivered { status, body, .. }, Target::OneRoster { settings, .. })
                     if matches!(by, Sender::Preflight) && req.method == reqwest::Method::GET =>
                 {
                     // Refused, as a 404 is: the operator fixes the target, then resumes.
                     return match oneroster::check_org_answer(settings, &body) {
                         Ok(()) => self.delivered(counts, name),
-                        Err(reason) => Sent::Refused {
+                        Err((reason, quoted)) => Sent::Refused {
                             reason,
-                            response: None,
+                            response: quoted.map(|body| TargetResponse { status, body }),
                         },
                     };
                 }
-                // A write's 2xx must be OneRoster's answer (JSON, or nothing): a proxy's
-                // login page answering 200 to a PUT was counted as delivered, and the
-                // change was lost unless a read-back found it (5 of 100 in an audit).
+                // A write's 2xx must not be a page: a proxy's login page answering 200 to
+                // a PUT was counted as delivered, and the change was lost unless a
+                // read-back found it (5 of 100 in an audit).
                 (Outcome::Delivered { status, body, .. }, Target::OneRoster { .. })
                     if req.method != reqwest::Method::GET
                         && (200..300).contains(&status)
-                        && !oneroster::is_json_or_empty(&body) =>
+                        && oneroster::looks_like_a_page(&body) =>
                 {
                     Outcome::Retry {
                         reason: format!(
-                            "target answered {status} to a {} with something that is not JSON (a proxy's login page?); the change is sent again",
+                            "target answered {status} to a {} with a page, not OneRoster's answer (a proxy's login page?); the change is sent again",
                             req.method
                         ),
                         retry_after: None,

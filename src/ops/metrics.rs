@@ -21,7 +21,7 @@
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands);
 //!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys;
 //!   `rosterd_config_file_error` (1 while config.toml on disk would not load),
-//!   `rosterd_store_size_bytes`; `rosterd_build_info{version}` (1, set once).
+//!   `rosterd_store_size_bytes`, `rosterd_build_info{version}` (1).
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher); `rosterd_deliveries_total`
 //! (with `outcome`), `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
@@ -242,7 +242,6 @@ fn describe() {
         BUILD_INFO,
         "1, labelled with the running rosterd's version: a deploy shows as the label changing."
     );
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::describe_gauge!(
         STORE_SIZE_BYTES,
         "Bytes the store takes on disk (as /status's store.size_bytes): its growth, against the filesystem's free space, is what a full disk is foreseen by."
@@ -548,6 +547,9 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     });
     // Read at each scrape, as /status reads it: an edit nobody reloaded yet still stops
     // the next restart (systemd then gives up after its start limit).
+    // Set at every scrape, as every gauge: the exporter drops one left unset for a
+    // minute, and one set once at the start was gone from the second minute on.
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     if let Ok(bytes) = st.store.size_on_disk() {
         metrics::gauge!(STORE_SIZE_BYTES).set(bytes as f64);
     }
