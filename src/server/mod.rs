@@ -393,6 +393,7 @@ pub async fn run_with_env(
     let backups =
         backup_signal.map(|usr1| tokio::spawn(backup_on(usr1, state.clone(), shutdown.clone())));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
+    let refusals = tokio::spawn(sum_up_refusals(state.clone(), shutdown.clone()));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
     crate::ops::systemd::notify_ready(local);
@@ -424,6 +425,7 @@ pub async fn run_with_env(
         b.abort();
     }
     failed.abort();
+    refusals.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -1354,11 +1356,42 @@ impl RefusalLog {
     fn verdict(&self, client: Option<std::net::IpAddr>) -> RefusalVerdict {
         let now = std::time::Instant::now();
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if m.began
-            .is_none_or(|b| now.duration_since(b) >= std::time::Duration::from_secs(60))
-        {
-            let ended = std::mem::take(&mut *m);
+        if Self::ended(&mut m, now) {
             m.began = Some(now);
+        }
+        if m.logged < REFUSALS_LOGGED_A_MINUTE {
+            m.logged += 1;
+            return RefusalVerdict::Log;
+        }
+        m.counted += 1;
+        if let Some(c) = client
+            && m.clients.len() < REFUSING_CLIENTS_NAMED
+        {
+            m.clients.insert(c);
+        }
+        if m.counted == 1 {
+            RefusalVerdict::LogThenCount
+        } else {
+            RefusalVerdict::Count
+        }
+    }
+
+    /// A minute over: its summary said, if it counted any.
+    fn sum_up(&self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Self::ended(&mut m, std::time::Instant::now());
+    }
+
+    /// Whether the minute is over (or none began); if so, its summary is written and
+    /// the count starts afresh.
+    fn ended(m: &mut RefusalMinute, now: std::time::Instant) -> bool {
+        if m.began
+            .is_some_and(|b| now.duration_since(b) < std::time::Duration::from_secs(60))
+        {
+            return false;
+        }
+        {
+            let ended = std::mem::take(m);
             if ended.counted > 0 {
                 let clients: Vec<String> = ended.clients.iter().map(|c| c.to_string()).collect();
                 let more = if ended.clients.len() == REFUSING_CLIENTS_NAMED {
@@ -1375,20 +1408,18 @@ impl RefusalLog {
                 );
             }
         }
-        if m.logged < REFUSALS_LOGGED_A_MINUTE {
-            m.logged += 1;
-            return RefusalVerdict::Log;
-        }
-        m.counted += 1;
-        if let Some(c) = client
-            && m.clients.len() < REFUSING_CLIENTS_NAMED
-        {
-            m.clients.insert(c);
-        }
-        if m.counted == 1 {
-            RefusalVerdict::LogThenCount
-        } else {
-            RefusalVerdict::Count
+        true
+    }
+}
+
+/// Writes a minute's summary of refusals once it is over, though no refusal follows:
+/// written only by the next refusal, the count of a flood that stopped was never said.
+async fn sum_up_refusals(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = every.tick() => state.refusals.sum_up(),
+            () = shutdown.cancelled() => return,
         }
     }
 }
@@ -1536,6 +1567,33 @@ async fn request_span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_minute_logs_twenty_refusals_then_counts_and_sums_up_once_over() {
+        let log = RefusalLog::default();
+        let ip = std::net::IpAddr::from([192, 0, 2, 7]);
+        let client = Some(ip);
+        for _ in 0..REFUSALS_LOGGED_A_MINUTE {
+            assert_eq!(log.verdict(client), RefusalVerdict::Log);
+        }
+        assert_eq!(log.verdict(client), RefusalVerdict::LogThenCount);
+        assert_eq!(log.verdict(client), RefusalVerdict::Count);
+        log.sum_up();
+        // Still this minute: nothing summed up, nothing started afresh.
+        assert_eq!(log.verdict(None), RefusalVerdict::Count);
+        {
+            let mut m = log.0.lock().unwrap();
+            assert_eq!(m.counted, 3);
+            assert!(m.clients.contains(&ip));
+            m.began = m
+                .began
+                .and_then(|b| b.checked_sub(std::time::Duration::from_secs(61)));
+        }
+        // Over without another refusal: said, and the next minute logs again.
+        log.sum_up();
+        assert_eq!(log.0.lock().unwrap().counted, 0);
+        assert_eq!(log.verdict(client), RefusalVerdict::Log);
+    }
     use axum::routing::get;
 
     fn buggy(what: &str) -> &'static str {
