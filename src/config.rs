@@ -1302,10 +1302,10 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
             || ["pwd", "cookie", "session", "salt", "signature"]
                 .iter()
                 .any(|w| key.contains(w))
-            || key == "pin"
-            || key.ends_with("_pin")
-            || key == "sig"
-            || key.ends_with("_sig")
+            || key.contains("cred")
+            || ["pin", "pins", "sig", "sid", "otp"]
+                .iter()
+                .any(|w| key == *w || key.ends_with(&format!("_{w}")))
             // `auth = { … }` is a table, whose keys are looked at one by one.
             || (key == "auth" && chars.get(v) != Some(&'{'));
         // A URL's value is what its error is about, and names no secret of its own.
@@ -1845,6 +1845,10 @@ mod tests {
             format!("[server]\nwebhook_sig = \"{secret}\""),
             format!("[server]\nsignature = \"{secret}\""),
             format!("[server]\nsalt = \"{secret}\""),
+            format!("[server]\npins = [\"{secret}\"]"),
+            format!("[server]\ncred = \"{secret}\""),
+            format!("[server]\nsession_sid = \"{secret}\""),
+            format!("[server]\notp = \"{secret}\""),
         ] {
             let e = err(&format!("version = 1\n{line}\n"));
             assert!(!e.contains("s3cr3t"), "{line}: {e}");
