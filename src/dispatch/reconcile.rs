@@ -1118,8 +1118,13 @@ async fn read_back(
                 }
             };
             let scim_id = scim_id.as_str();
+            // Only a copy under the sourcedId rosterd gives that user is ours: `metadata`
+            // is anyone's to write, and another's record naming our user was compared as
+            // ours, and our user's record PUT again at every run.
+            let ours = target.get("sourcedId").and_then(Value::as_str)
+                == Some(crate::connectors::sourced_id(tenant, &user_key(scim_id)).as_str());
             // A change waiting for the connector sends it as it now stands.
-            if seen.contains(&user_key(scim_id)) || pending.user(scim_id) {
+            if !ours || seen.contains(&user_key(scim_id)) || pending.user(scim_id) {
                 continue;
             }
             let write = {
@@ -1142,18 +1147,14 @@ async fn read_back(
             // there (deleted from the roster, or inactive where inactive users are
             // deleted) is deleted again: a leaver restored at the SIS (a backup put
             // back, an undo) has its access back, and nothing else would take it away.
-            // Only a copy under the sourcedId rosterd gives that user counts as ours:
-            // `metadata` is anyone's to write.
             let live = target.get("status").and_then(Value::as_str) != Some("tobedeleted");
-            let ours = target.get("sourcedId").and_then(Value::as_str)
-                == Some(crate::connectors::sourced_id(tenant, &user_key(scim_id)).as_str());
             let deleted = |w: Write, why: &str| DriftItem {
                 at_target: true,
                 ..DriftItem::from_write(w, format!("{why}, and live at the target"))
             };
             let w = match write {
                 None => {
-                    if live && ours {
+                    if live {
                         let w = user_delete(settings, tenant, scim_id);
                         seen.insert(w.key.clone());
                         out.push(deleted(w, "deleted from the roster"));
@@ -1165,7 +1166,7 @@ async fn read_back(
                 Some(Ok(w)) => w,
             };
             let Some(desired) = &w.body else {
-                if live && ours {
+                if live {
                     seen.insert(w.key.clone());
                     out.push(deleted(w, "to be deleted downstream (inactive)"));
                 }

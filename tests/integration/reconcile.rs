@@ -513,12 +513,18 @@ async fn a_read_back_deletes_again_a_leaver_live_at_the_target() {
     let mut stranger = target.user(&sid(&stays)).unwrap();
     stranger["sourcedId"] = json!("not-ours-1");
     stranger["metadata"]["scim_id"] = json!(gone);
+    assert!(target.insert(Kind::User, stranger.clone()));
+    // And one naming a user we have, which is no drift of that user's.
+    stranger["sourcedId"] = json!("not-ours-2");
+    stranger["metadata"]["scim_id"] = json!(stays);
+    stranger["givenName"] = json!("Mallory");
     assert!(target.insert(Kind::User, stranger));
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d.dry_run_sync(&admin).await;
     let report = &r.body["connectors"][0];
     let items = report["items"].to_string();
     assert_eq!(report["found_at_target"], 2, "{report}");
+    assert!(!items.contains(&format!("User/{stays}")), "{report}");
     assert!(
         items.contains("deleted from the roster, and live at the target")
             && items.contains("to be deleted downstream (inactive), and live at the target"),
