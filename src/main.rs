@@ -2287,9 +2287,7 @@ impl std::error::Error for NeedsAttention {}
 /// What in a `/status` document needs an operator, one line each; with `only`, of those
 /// tenants and what belongs to none.
 fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
-    let shown = |t: &serde_json::Value| {
-        only.is_empty() || t.as_str().is_some_and(|t| only.iter().any(|o| o == t))
-    };
+    let shown = |t: &serde_json::Value| tenant_shown(only, t.as_str());
     let mut out = Vec::new();
     if s["config_file_error"].is_string() {
         out.push("config.toml as edited would not load: a restart would fail".to_owned());
@@ -2339,7 +2337,7 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
         }
     }
     for (tenant, t) in s["tenants"].as_object().into_iter().flatten() {
-        if shown(&serde_json::json!(tenant)) && t["bundle"]["reload_error"].is_string() {
+        if tenant_shown(only, Some(tenant)) && t["bundle"]["reload_error"].is_string() {
             out.push(format!("tenant {tenant}'s bundle did not reload"));
         }
     }
@@ -2347,6 +2345,11 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
         out.push("the last backup failed".to_owned());
     }
     out
+}
+
+/// Whether `status --tenant` (`only`) shows what belongs to `tenant` (None: to none).
+fn tenant_shown(only: &[String], tenant: Option<&str>) -> bool {
+    only.is_empty() || tenant.is_some_and(|t| only.iter().any(|o| o == t))
 }
 
 /// Print the status; the document, for `--check`.
@@ -2385,9 +2388,7 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             }
         );
     }
-    let shown = |tenant: Option<&str>| {
-        only.is_empty() || tenant.is_some_and(|t| only.iter().any(|o| o == t))
-    };
+    let shown = |tenant: Option<&str>| tenant_shown(only, tenant);
     let up = s["uptime_seconds"].as_i64().unwrap_or(0);
     outln!(
         "rosterd {}  up {}h{:02}m  store {:.1} MiB{}",

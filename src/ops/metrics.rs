@@ -379,16 +379,12 @@ pub fn register_failure_counters(config: &crate::config::Config) {
             )
             .increment(0);
         }
-        for (kind, trigger) in [
-            ("reclassify", "bundle_change"),
-            ("reconcile", "scim_sync"),
-            ("reconcile", "schedule"),
-        ] {
+        for trigger in ["bundle_change", "scim_sync", "schedule"] {
             for status in ["failed", "interrupted"] {
                 metrics::counter!(
                     JOBS_TOTAL,
                     "tenant" => tenant.clone(),
-                    "kind" => kind,
+                    "kind" => crate::schedule::job_kind(trigger),
                     "trigger" => trigger,
                     "status" => status,
                 )

@@ -985,21 +985,25 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
     }
 }
 
+/// The work a job of this trigger (its record's kind) does, as the metrics name it.
+pub(crate) fn job_kind(trigger: &str) -> &'static str {
+    if trigger == "bundle_change" {
+        "reclassify"
+    } else {
+        "reconcile"
+    }
+}
+
 /// Count a job that reached its end (succeeded, failed, or interrupted by a stop).
 ///
 /// A job records what started it (`bundle_change`, `scim_sync`, `schedule`); the metric's
 /// `kind` is the work, which is what an alert is written against, and `trigger` is the
 /// record's kind.
 pub(crate) fn count_finished_job(tenant: &str, job: &crate::store::Job) {
-    let kind = if job.kind == "bundle_change" {
-        "reclassify"
-    } else {
-        "reconcile"
-    };
     metrics::counter!(
         crate::ops::metrics::JOBS_TOTAL,
         "tenant" => tenant.to_owned(),
-        "kind" => kind,
+        "kind" => job_kind(&job.kind),
         "trigger" => job.kind.clone(),
         "status" => job.status.as_str(),
     )

@@ -1390,23 +1390,21 @@ impl RefusalLog {
         {
             return false;
         }
-        {
-            let ended = std::mem::take(m);
-            if ended.counted > 0 {
-                let clients: Vec<String> = ended.clients.iter().map(|c| c.to_string()).collect();
-                let more = if ended.clients.len() == REFUSING_CLIENTS_NAMED {
-                    " (and maybe others)"
-                } else {
-                    ""
-                };
-                tracing::warn!(
-                    counted = ended.counted,
-                    clients = %clients.join(","),
-                    "{} more requests were refused for their credentials in the minute after the first {REFUSALS_LOGGED_A_MINUTE}, from {}{more}.",
-                    ended.counted,
-                    clients.join(", ")
-                );
-            }
+        let ended = std::mem::take(m);
+        if ended.counted > 0 {
+            let clients: Vec<String> = ended.clients.iter().map(|c| c.to_string()).collect();
+            let more = if ended.clients.len() == REFUSING_CLIENTS_NAMED {
+                " (and maybe others)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                counted = ended.counted,
+                clients = %clients.join(","),
+                "{} more requests were refused for their credentials in the minute after the first {REFUSALS_LOGGED_A_MINUTE}, from {}{more}.",
+                ended.counted,
+                clients.join(", ")
+            );
         }
         true
     }

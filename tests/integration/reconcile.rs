@@ -35,17 +35,21 @@ pub async fn wait_job(d: &TestDaemon, job_id: &str) -> Value {
 
 /// Start a reconciliation (`POST /scim:sync`) and wait for its end, as [`wait_job`].
 async fn sync_job(d: &TestDaemon, admin: &str) -> Value {
+    sync_job_with(d, admin, None).await
+}
+
+/// [`sync_job`] with `body` (`{"full": true}`, …).
+async fn sync_job_with(d: &TestDaemon, admin: &str, body: Option<Value>) -> Value {
     // The start-up reclassification holds the job slot (409) while it runs.
     d.idle().await;
-    let r = d.roster(Method::POST, "/scim:sync", admin, None).await;
+    let r = d.roster(Method::POST, "/scim:sync", admin, body).await;
     assert_eq!(r.status, 202, "{}", r.body);
     wait_job(d, r.body["job_id"].as_str().unwrap()).await
 }
 
-#[tokio::test]
-async fn reconcile_repairs_what_changed_behind_our_back() {
-    let (d, target) = start_with_oneroster("").await;
-    // read_back lives in [oneroster]: append it to the file and reload.
+/// Turn on `read_back` in connector `sis`'s file (it lives in `[oneroster]`) and reload;
+/// the file's text before.
+async fn read_back_on(d: &TestDaemon) -> String {
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
@@ -54,6 +58,13 @@ async fn reconcile_repairs_what_changed_behind_our_back() {
     )
     .unwrap();
     d.reload().await;
+    text
+}
+
+#[tokio::test]
+async fn reconcile_repairs_what_changed_behind_our_back() {
+    let (d, target) = start_with_oneroster("").await;
+    read_back_on(&d).await;
     let ada = d.create_user("ada@acme.test").await;
     let bob = d.create_user("bob@acme.test").await;
     let cy = d.create_user("cy@acme.test").await;
@@ -481,14 +492,7 @@ async fn a_waiting_change_to_a_user_leaves_their_enrollments_compared() {
 async fn a_read_back_deletes_again_a_leaver_live_at_the_target() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let d = deleting_on_deactivation(&target).await;
-    let file = d.root.join("connectors/sis.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
-    )
-    .unwrap();
-    d.reload().await;
+    let text = read_back_on(&d).await;
     let gone = d.create_user("gone@acme.test").await;
     let left = d.create_user("left@acme.test").await;
     let stays = d.create_user("stays@acme.test").await;
@@ -547,19 +551,10 @@ async fn a_read_back_deletes_again_a_leaver_live_at_the_target() {
         "active"
     );
     // Without a read-back, a full run sends the inactive leaver's DELETE again.
-    std::fs::write(&file, &text).unwrap();
+    std::fs::write(d.root.join("connectors/sis.toml"), &text).unwrap();
     d.reload().await;
     assert!(target.tamper_user(&sid(&left), |u| u["status"] = json!("active")));
-    let r = d
-        .roster(
-            Method::POST,
-            "/scim:sync",
-            &admin,
-            Some(json!({"full": true})),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
+    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(
         target.stored(Kind::User, &sid(&left)).unwrap().status(),
