@@ -10,7 +10,9 @@
 //!    delay is when its PUT arrived at the target (recorded by the target, not polled)
 //!    minus when the client got the SCIM 2xx.
 //! 3. Full reconciliation (unless `BENCH_FULL=0`): `scim:sync {"full": true}`, every object
-//!    sent again one after another, each first checked against the change log.
+//!    sent again, up to `concurrency` at once, each first checked against the change log.
+//!    `BENCH_FULL_DELAY_MS` (default 0) makes the target hold back every answer of the run
+//!    that long: a target across a network.
 //!
 //! 4. Dead letters (unless `BENCH_LETTERS=0`; default 10000): the target refuses every PUT
 //!    while that many users' titles are PATCHed, so each change is set aside; then it takes
@@ -513,9 +515,18 @@ async fn run(target: &OneRosterServer) {
     let status_after = connector(&client, &daemon.base, &token).await;
     let rss_hwm = rss_kib(pid, "VmHWM:");
 
-    // ---- A full reconciliation: every object sent again, one after another, each
-    // checked against the change log first (an object changed meanwhile is the mirror's).
+    // ---- A full reconciliation: every object sent again, up to `concurrency` at once,
+    // each checked against the change log first (an object changed meanwhile is the
+    // mirror's).
+    let full_delay = env_usize("BENCH_FULL_DELAY_MS", 0);
     let full = if env_usize("BENCH_FULL", 1) > 0 {
+        if full_delay > 0 {
+            target.inject(
+                Fault::delay(Duration::from_millis(full_delay as u64), 1)
+                    .on_method("PUT")
+                    .forever(),
+            );
+        }
         let puts_before = target.count_requests("PUT", "users");
         let t = Instant::now();
         let job: Value = client
@@ -549,6 +560,7 @@ async fn run(target: &OneRosterServer) {
             assert!(t.elapsed() < deadline, "the full run never ended: {j}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        target.clear_faults();
         Some((
             t.elapsed(),
             done,
@@ -720,7 +732,7 @@ async fn run(target: &OneRosterServer) {
     if let Some((took, job, user_puts)) = full {
         let sent = job["counts"]["drift_sent"].as_u64().unwrap_or(0);
         println!(
-            "| **full reconciliation** (`scim:sync {{\"full\": true}}`, sequential) | {} in {:.2} s = **{:.0} objects/s**; {user_puts} user PUTs, drift_pending {}, status {} |",
+            "| **full reconciliation** (`scim:sync {{\"full\": true}}`, concurrency {concurrency}, answers held {full_delay} ms) | {} in {:.2} s = **{:.0} objects/s**; {user_puts} user PUTs, drift_pending {}, status {} |",
             sent,
             took.as_secs_f64(),
             sent as f64 / took.as_secs_f64(),

@@ -863,9 +863,8 @@ struct Ctx {
     start_gate: tokio::sync::Mutex<()>,
     /// What the connector following the log last took as acknowledged (see [`Acked`]).
     acked: Mutex<Option<Acked>>,
-    /// The objects a reconciliation is repairing now, by the keys the log follower orders
-    /// changes by: a change of one waits for the repair's answer (see [`Repairing`]).
-    repairs: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// The objects a reconciliation is repairing now.
+    repairs: Repairs,
     /// Delivered-content hashes of changes finished but not written to the store yet (the
     /// follower writes them with the cursor, at most every 200 ms): a change that waited
     /// for one of them plans on them as the target now holds them. A user's enrollment
@@ -874,13 +873,46 @@ struct Ctx {
     unsaved: Mutex<HashMap<String, Option<u64>>>,
 }
 
+/// The objects a reconciliation is repairing now, by the keys the log follower orders
+/// changes by: a change of one waits for the repairs' answers (see [`Repairing`]).
+/// Several at once share a key: repairs go side by side, and the enrollments of one class
+/// are all under its `Group/…` key, those of one user under its `User/…` key.
+#[derive(Default)]
+struct Repairs(Mutex<HashMap<String, Vec<watch::Receiver<bool>>>>);
+
+impl Repairs {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<watch::Receiver<bool>>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A repair under `keys`, until the guard is dropped.
+    fn begin(&self, keys: Vec<String>) -> Repairing<'_> {
+        let (done, rx) = watch::channel(false);
+        let mut map = self.map();
+        for k in &keys {
+            map.entry(k.clone()).or_default().push(rx.clone());
+        }
+        drop(map);
+        Repairing {
+            repairs: self,
+            keys,
+            done,
+        }
+    }
+
+    /// The repairs of the object `key` under way.
+    fn of(&self, key: &str) -> Vec<watch::Receiver<bool>> {
+        self.map().get(key).cloned().unwrap_or_default()
+    }
+}
+
 /// A reconciliation's repair of one object, from before it checks the change log for a
 /// change of the object until the target answered it. The log follower reads a change
 /// only once it is logged, so a change the check did not see finds this and is sent after
 /// the repair: sent alongside it, a target applying requests in another order than they
 /// came put the repair's older copy back (session 41: 18 of 40 titles).
 pub(super) struct Repairing<'a> {
-    ctx: &'a Ctx,
+    repairs: &'a Repairs,
     keys: Vec<String>,
     done: watch::Sender<bool>,
 }
@@ -889,10 +921,13 @@ impl Drop for Repairing<'_> {
     fn drop(&mut self) {
         self.done.send_replace(true);
         let mine = self.done.subscribe();
-        let mut repairs = self.ctx.repairs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.repairs.map();
         for k in &self.keys {
-            if repairs.get(k).is_some_and(|r| r.same_channel(&mine)) {
-                repairs.remove(k);
+            if let Some(waits) = map.get_mut(k) {
+                waits.retain(|r| !r.same_channel(&mine));
+                if waits.is_empty() {
+                    map.remove(k);
+                }
             }
         }
     }
@@ -963,26 +998,7 @@ impl Ctx {
             // The course: no change of the log sends it.
             _ => vec![],
         };
-        let (done, rx) = watch::channel(false);
-        let mut repairs = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
-        for k in &keys {
-            repairs.insert(k.clone(), rx.clone());
-        }
-        drop(repairs);
-        Repairing {
-            ctx: self,
-            keys,
-            done,
-        }
-    }
-
-    /// The repair of the object `key` under way, if any.
-    fn repair_of(&self, key: &str) -> Option<watch::Receiver<bool>> {
-        self.repairs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.repairs.begin(keys)
     }
 
     /// Whether a user's deactivation or reactivation sends the classes of its groups: a
@@ -1204,9 +1220,9 @@ impl Ctx {
         // requests retrying against a failing target, not only those on the wire: a
         // batch of thousands would otherwise retry side by side, each on its own
         // backoff, and the target would see no backoff at all. Only the mirror takes
-        // slots: an operator's replay and a reconciliation's repairs send one request
-        // at a time, and must not queue behind mirror requests waiting out a backoff
-        // (a reconciliation holds the tenant's job slot meanwhile).
+        // slots: an operator's replay sends one request at a time and a reconciliation
+        // up to `concurrency` of its own, and neither must queue behind mirror requests
+        // waiting out a backoff (a reconciliation holds the tenant's job slot meanwhile).
         let mut slot = None;
         loop {
             if attempts > 0
@@ -2335,7 +2351,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 let (tx, rx) = watch::channel(false);
                 let mut waits = Vec::new();
                 for k in object_keys(&ev, &reports, classes) {
-                    waits.extend(ctx.repair_of(&k));
+                    waits.extend(ctx.repairs.of(&k));
                     if let Some((_, r)) = latest.insert(k, (ev.seq, rx.clone())) {
                         waits.push(r);
                     }
@@ -3166,7 +3182,7 @@ impl Dispatcher {
             live: live.clone(),
             cancel: cancel.clone(),
             acked: Mutex::new(None),
-            repairs: Mutex::new(HashMap::new()),
+            repairs: Repairs::default(),
             unsaved: Mutex::new(HashMap::new()),
         });
         let span = ctx.span();
@@ -4085,6 +4101,29 @@ fn authorization(headers: &[(&'static str, String)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Repairs side by side share keys (two enrollments of one user, of one class): a
+    /// change of the key waits for each of them, not only for the last one begun, which
+    /// had replaced the others.
+    #[test]
+    fn a_change_waits_for_every_repair_under_its_key() {
+        let repairs = Repairs::default();
+        let keys = |g: &str| vec![format!("Group/{g}"), "User/ada".to_owned()];
+        let first = repairs.begin(keys("staff"));
+        let second = repairs.begin(keys("night"));
+        let waits = repairs.of("User/ada");
+        assert_eq!(waits.len(), 2);
+        assert_eq!(repairs.of("Group/staff").len(), 1);
+        drop(first);
+        assert!(*waits[0].borrow(), "the first repair's answer is not seen");
+        assert!(!*waits[1].borrow());
+        assert_eq!(repairs.of("User/ada").len(), 1);
+        assert!(repairs.of("Group/staff").is_empty());
+        drop(second);
+        assert!(*waits[1].borrow());
+        assert!(repairs.of("User/ada").is_empty());
+        assert!(repairs.map().is_empty(), "a finished repair's key stayed");
+    }
 
     /// One read of the log serves a batch of letters: each gets the later changes of its
     /// own object that the connector passed, at most [`SUPERSEDED_LISTED`].

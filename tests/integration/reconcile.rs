@@ -342,6 +342,44 @@ async fn a_full_reconciliation_leaves_what_changes_while_it_runs_to_the_mirror()
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
 }
 
+/// A reconciliation's repairs go side by side, as many at once as the connector's
+/// `concurrency` and no more: one at a time, a full run of a million objects against a
+/// target answering in 43 ms held the tenant's job slot for about 8 hours.
+#[tokio::test]
+async fn a_reconciliation_repairs_side_by_side_up_to_the_connectors_concurrency() {
+    // `concurrency = 8`.
+    let (d, target) = start_with_oneroster("").await;
+    for i in 0..12 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    // The answers to the run's user PUTs wait until eight are at the target at once,
+    // or 10 s have passed (past the connector's 2 s timeout: one at a time, each is
+    // tried again).
+    target.inject(Fault::held(12).on_path("/users/").on_method("PUT"));
+    target.reset_most_in_flight();
+    let (_, job_id) = full_run_meeting_the_fault(&d, &target).await;
+    let met = target
+        .wait_until(|t| t.most_in_flight() >= 8, Duration::from_secs(10))
+        .await;
+    target.release_held();
+    let job = wait_job(&d, &job_id).await;
+    assert!(
+        met,
+        "the repairs never were eight at once: at most {}; {job}",
+        target.most_in_flight()
+    );
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // The course and the twelve users.
+    assert_eq!(job["counts"]["drift_sent"], 13, "{job}");
+    assert_eq!(
+        target.most_in_flight(),
+        8,
+        "more than `concurrency` at once"
+    );
+    assert_eq!(target.users().len(), 12);
+}
+
 /// A change of an object whose repair is on its way to the target waits for that repair's
 /// answer: a target that applied the two in another order than they came (the repair
 /// held before it was applied) put the old title back, which stayed until the next run.

@@ -428,6 +428,9 @@ struct Shared {
     /// How many of the next tokens issued the API then refuses (a token endpoint and an
     /// API out of step: a key rotated on one side first).
     dead_tokens: AtomicU64,
+    /// Requests being answered now, and the most at once since the last reset.
+    in_flight: AtomicU64,
+    most_in_flight: AtomicU64,
     faults: Mutex<Vec<Fault>>,
     faults_applied: AtomicU64,
     /// Whether answers held by [`FaultKind::Hold`], and requests by [`FaultKind::Stall`],
@@ -513,6 +516,8 @@ impl OneRosterServer {
             tokens: Mutex::new(HashMap::new()),
             tokens_issued: AtomicU64::new(0),
             dead_tokens: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
             faults: Mutex::new(Vec::new()),
             faults_applied: AtomicU64::new(0),
             released: tokio::sync::watch::Sender::new(false),
@@ -725,6 +730,16 @@ impl OneRosterServer {
     /// The next `n` tokens issued are refused by the API (401) from the start.
     pub fn issue_dead_tokens(&self, n: u64) {
         self.shared.dead_tokens.store(n, Ordering::Relaxed);
+    }
+
+    /// The most requests it was answering at once since the last
+    /// [`OneRosterServer::reset_most_in_flight`] (or its start).
+    pub fn most_in_flight(&self) -> u64 {
+        self.shared.most_in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn reset_most_in_flight(&self) {
+        self.shared.most_in_flight.store(0, Ordering::Relaxed);
     }
 
     /// How many tokens the token endpoint has issued.
@@ -957,6 +972,7 @@ async fn handle(
     ConnectInfo(conn): ConnectInfo<Conn>,
     req: Request,
 ) -> Response {
+    let _in_flight = InFlight::new(&s);
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query();
@@ -1055,6 +1071,23 @@ async fn handle(
             }
             r
         }
+    }
+}
+
+/// One request being answered, until dropped (also when the client goes away).
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn new(s: &'a Shared) -> Self {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
