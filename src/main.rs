@@ -2402,6 +2402,15 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             ""
         }
     )?;
+    if let Some(run) = s["unclean_stop"].as_object() {
+        outln!(
+            "started after a run that did NOT stop cleanly (killed, crashed or its machine went down): pid {}, started {}; its journal says why",
+            run.get("pid").map_or("?".to_owned(), ToString::to_string),
+            run.get("started_at")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?")
+        )?;
+    }
     if let Some(e) = s["config_file_error"].as_str() {
         outln!(
             "CONFIG FILE as edited would NOT load (a restart would fail; rosterd check-config):\n    {}",

@@ -21,7 +21,9 @@
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands);
 //!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys;
 //!   `rosterd_config_file_error` (1 while config.toml on disk would not load),
-//!   `rosterd_store_size_bytes`, `rosterd_build_info{version}` (1).
+//!   `rosterd_store_size_bytes`, `rosterd_build_info{version}` (1),
+//!   `rosterd_started_after_unclean_stop` (1 when the run before this one was killed or
+//!   crashed).
 //!
 //! Elsewhere: `rosterd_store_flush_seconds` (store flusher); `rosterd_deliveries_total`
 //! (with `outcome`), `rosterd_delivery_retries_total`, `rosterd_dead_letters_total` and
@@ -71,6 +73,7 @@ pub const RELOAD_FAILED: &str = "rosterd_reload_failed";
 pub const CONFIG_FILE_ERROR: &str = "rosterd_config_file_error";
 pub const BUILD_INFO: &str = "rosterd_build_info";
 pub const STORE_SIZE_BYTES: &str = "rosterd_store_size_bytes";
+pub const UNCLEAN_STOP: &str = "rosterd_started_after_unclean_stop";
 pub const PANICS_TOTAL: &str = "rosterd_panics_total";
 pub const SCHEDULE_LAST_RUN: &str = "rosterd_schedule_last_run_timestamp_seconds";
 pub const SCHEDULE_RUNS: &str = "rosterd_schedule_runs_total";
@@ -245,6 +248,10 @@ fn describe() {
     metrics::describe_gauge!(
         STORE_SIZE_BYTES,
         "Bytes the store takes on disk (as /status's store.size_bytes): its growth, against the filesystem's free space, is what a full disk is foreseen by."
+    );
+    metrics::describe_gauge!(
+        UNCLEAN_STOP,
+        "1 when this run started after one that did not stop cleanly (killed, crashed, or its machine went down; /status's unclean_stop says which run), else 0."
     );
     metrics::describe_gauge!(
         CONFIG_FILE_ERROR,
@@ -546,6 +553,7 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     // Set at every scrape, as every gauge: the exporter drops one left unset for a
     // minute, and one set once at the start was gone from the second minute on.
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(UNCLEAN_STOP).set(if st.unclean_stop.is_some() { 1.0 } else { 0.0 });
     if let Ok(bytes) = st.store.size_on_disk() {
         metrics::gauge!(STORE_SIZE_BYTES).set(bytes as f64);
     }

@@ -146,6 +146,8 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": st.started_at,
         "uptime_seconds": st.started.elapsed().as_secs(),
+        // The run before this one, when it was killed or crashed rather than stopped.
+        "unclean_stop": st.unclean_stop,
         "draining": st.shutdown.is_cancelled(),
         "store": { "size_bytes": st.store.size_on_disk()?, "error": store_error(st) },
         "tenants": tenants,

@@ -83,6 +83,8 @@ pub struct AppState {
     /// The same moment on the monotonic clock: uptime measured on the wall clock went
     /// negative when the clock was stepped back.
     pub started: std::time::Instant,
+    /// The run before this one, if it did not stop cleanly.
+    pub unclean_stop: Option<crate::store::UncleanRun>,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
     /// What the reloads could not apply of the tenants' SCIM tokens and the Roster API's
@@ -318,6 +320,22 @@ pub async fn run_with_env(
     for (tenant, p) in &policies {
         store.set_resolver(tenant, p.clone());
     }
+    let started_at = chrono::Utc::now();
+    let unclean_stop = match store.begin_run(&crate::dispatch::rfc3339(started_at)) {
+        Ok(unclean) => unclean,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot record in the data directory that rosterd runs; the next start cannot tell whether this run stopped cleanly.");
+            None
+        }
+    };
+    if let Some(run) = &unclean_stop {
+        tracing::warn!(
+            pid = run.pid,
+            started_at = run.started_at.as_deref(),
+            version = run.version.as_deref(),
+            "The last run on this store did not stop cleanly: it was killed (kill -9, the OOM killer, a stop timeout), crashed, or its machine went down; its journal says which. The writes it acknowledged are in the store; the changes it was sending are sent again, and jobs it ran are marked interrupted."
+        );
+    }
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Io)?;
     let base_url = config.public_url(local);
     // Connectors stop on their own token, after the HTTP server drained: the last
@@ -343,8 +361,9 @@ pub async fn run_with_env(
         roster,
         dispatch: dispatch.clone(),
         shutdown: shutdown.clone(),
-        started_at: chrono::Utc::now(),
+        started_at,
         started: std::time::Instant::now(),
+        unclean_stop,
         reloads: Default::default(),
         reload_errors: Default::default(),
         schedules: Default::default(),
@@ -463,6 +482,9 @@ pub async fn run_with_env(
         });
     }
     closed?;
+    if let Err(e) = store.end_run() {
+        tracing::warn!(error = %e, "Cannot record in the data directory that rosterd stopped cleanly; the next start will say it did not.");
+    }
     tracing::info!("rosterd stopped cleanly.");
     Ok(())
 }

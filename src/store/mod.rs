@@ -19,10 +19,12 @@ mod restored;
 mod rewrite;
 mod roster;
 mod rows;
+mod run;
 pub use backup::BackedUp;
 pub use check::{LISTED as CHECK_LISTED, TenantCheck};
 pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
+pub use run::UncleanRun;
 #[cfg(test)]
 mod testing;
 

@@ -993,6 +993,7 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
         out.contains(&format!("job {} (scim_sync) running since", s.job_id)),
         "{out}"
     );
+    let killed = s.d.child.id();
     s.d.kill9();
     let d = s.restart().await;
     let j = s.job(&d).await;
@@ -1001,6 +1002,21 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert!(
         status["tenants"][TENANT]["running_job"].is_null(),
         "{status}"
+    );
+    // The start says the run before it was cut off, and which one: it used to log as a
+    // start after a clean stop does.
+    assert_eq!(status["unclean_stop"]["pid"], killed, "{status}");
+    assert!(status["unclean_stop"]["started_at"].is_string(), "{status}");
+    let log = std::fs::read_to_string(s.root.join("daemon.log")).unwrap();
+    assert!(
+        log.contains("The last run on this store did not stop cleanly"),
+        "{log}"
+    );
+    let (ok, out) = cli(&s.root, &d, &["status"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("did NOT stop cleanly (killed, crashed or its machine went down): pid {killed}, started ")),
+        "{out}"
     );
     assert!(j["error"].as_str().unwrap().contains("stopped"), "{j}");
     // Alerts on job outcomes see it too: it ended, as interrupted.
@@ -1018,6 +1034,12 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
         .collect();
     assert_eq!(counted.len(), 1, "{metrics}");
     assert!(counted[0].ends_with(" 1"), "{}", counted[0]);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "rosterd_started_after_unclean_stop 1"),
+        "{metrics}"
+    );
     let r = d
         .client
         .post(format!("{}/api/v1/roster/scim:sync", d.base))
@@ -1053,6 +1075,15 @@ async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
     let d = s.restart().await;
     let j = s.job(&d).await;
     assert_eq!(j["status"], "interrupted", "{j}");
+    // A stop is no crash.
+    let status = d.status().await;
+    assert!(status["unclean_stop"].is_null(), "{status}");
+    assert!(
+        d.metrics()
+            .await
+            .lines()
+            .any(|l| l == "rosterd_started_after_unclean_stop 0")
+    );
 }
 
 /// A reclassification under way when the daemon stops gives up between two batches,

@@ -1,0 +1,94 @@
+//! Whether the daemon that last served this store stopped cleanly.
+//!
+//! A daemon writes a file into the data directory when it starts serving and removes it
+//! once the store closed cleanly; a start that finds one knows the last run was killed
+//! (`kill -9`, the OOM killer, systemd's stop timeout), crashed or lost its machine. A
+//! start after that logged as any other did, and the operator had only the journal to
+//! tell the two apart. A file beside sled's, not a key in it: an online backup copies
+//! the keys, and a store restored from it would say a run it never had ended badly.
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::rows::io;
+use super::{Store, StoreResult};
+
+const RUN_FILE: &str = ".rosterd-running";
+
+/// The run a start found had not stopped cleanly, as it described itself when it began.
+/// A file that no longer reads gives `None`s.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UncleanRun {
+    pub pid: Option<u32>,
+    pub started_at: Option<String>,
+    pub version: Option<String>,
+}
+
+impl Store {
+    fn run_file(&self) -> PathBuf {
+        self.dir().join(RUN_FILE)
+    }
+
+    /// Record that a daemon serves this store from now on, and return the run before it
+    /// if that one did not stop cleanly.
+    pub fn begin_run(&self, started_at: &str) -> StoreResult<Option<UncleanRun>> {
+        let path = self.run_file();
+        let before = match std::fs::read(&path) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&path, e)),
+        };
+        let now = UncleanRun {
+            pid: Some(std::process::id()),
+            started_at: Some(started_at.to_owned()),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        };
+        write_synced(&path, &serde_json::to_vec(&now).unwrap_or_default())?;
+        Ok(before)
+    }
+
+    /// The store closed cleanly: the next start need not say otherwise.
+    pub fn end_run(&self) -> StoreResult<()> {
+        let path = self.run_file();
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path, e)),
+        }
+    }
+}
+
+/// Written through a temporary file and a rename: a crash while writing leaves the old
+/// file or the new, never half of one.
+fn write_synced(path: &Path, bytes: &[u8]) -> StoreResult<()> {
+    let tmp = path.with_file_name(format!("{RUN_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_not_ended_is_found_by_the_next_and_an_ended_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.begin_run("2026-12-07T05:00:00Z").unwrap(), None);
+        // Killed: nothing removed the file.
+        let before = store.begin_run("2026-12-07T06:00:00Z").unwrap().unwrap();
+        assert_eq!(before.pid, Some(std::process::id()));
+        assert_eq!(before.started_at.as_deref(), Some("2026-12-07T05:00:00Z"));
+        store.end_run().unwrap();
+        assert_eq!(store.begin_run("2026-12-07T07:00:00Z").unwrap(), None);
+        // A file that does not read is still a run that did not end.
+        std::fs::write(dir.path().join(RUN_FILE), b"\0\0").unwrap();
+        assert_eq!(
+            store.begin_run("2026-12-07T08:00:00Z").unwrap(),
+            Some(UncleanRun::default())
+        );
+    }
+}
