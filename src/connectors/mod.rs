@@ -90,7 +90,8 @@ pub struct ConnectorConfig {
     /// turning it off later sends everything for real.
     #[serde(default)]
     pub dry_run: bool,
-    /// Requests in flight at once (order per object is kept whatever this is).
+    /// Requests in flight at once (order per object is kept whatever this is). A
+    /// reconciliation's re-sends count apart, up to as many again.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Per-request timeout.

@@ -327,16 +327,23 @@ impl Pending {
             self.unreadable = true;
             return Err(e);
         }
-        Ok(match object.split('/').collect::<Vec<_>>().as_slice() {
-            ["User", id] => self.user(id),
-            ["Group", id] => self.group(id),
-            ["Member", g, u] => {
-                self.enrollment_changed(g, u)
-                    || (self.enrollments_of.contains(&fingerprint(u))
-                        && store.is_member(tenant, g, u)?)
+        self.verdict(object).resolve(store, tenant)
+    }
+
+    /// What the changes read so far say of `object`.
+    fn verdict(&self, object: &str) -> Verdict {
+        match object.split('/').collect::<Vec<_>>().as_slice() {
+            ["User", id] => Verdict::Is(self.user(id)),
+            ["Group", id] => Verdict::Is(self.group(id)),
+            ["Member", g, u] if self.enrollment_changed(g, u) => Verdict::Is(true),
+            ["Member", g, u] if self.enrollments_of.contains(&fingerprint(u)) => {
+                Verdict::IfMember {
+                    group: (*g).to_owned(),
+                    user: (*u).to_owned(),
+                }
             }
-            _ => false,
-        })
+            _ => Verdict::Is(false),
+        }
     }
 
     /// [`Pending::sends`] from the changes read so far, when that needs no store read (an
@@ -345,14 +352,9 @@ impl Pending {
         if self.unreadable {
             return None;
         }
-        match object.split('/').collect::<Vec<_>>().as_slice() {
-            ["User", id] => Some(self.user(id)),
-            ["Group", id] => Some(self.group(id)),
-            ["Member", g, u] if !self.enrollments_of.contains(&fingerprint(u)) => {
-                Some(self.enrollment_changed(g, u))
-            }
-            ["Member", ..] => None,
-            _ => Some(false),
+        match self.verdict(object) {
+            Verdict::Is(sends) => Some(sends),
+            Verdict::IfMember { .. } => None,
         }
     }
 
@@ -364,11 +366,79 @@ impl Pending {
         s: &OneRosterSettings,
         object: &str,
     ) -> bool {
-        self.sends(store, tenant, s, object).unwrap_or_else(|e| {
-            tracing::warn!(%object, error = %e, "Cannot read the changes logged since the reconciliation began; the object is sent.");
-            false
-        })
+        let sends = self.sends(store, tenant, s, object);
+        sent_unless_known(sends, object)
     }
+
+    /// Take in what another read of the log found (sets only grow, so reads of the same
+    /// changes side by side add nothing twice).
+    fn merge(&mut self, other: Pending) {
+        self.objects.extend(other.objects);
+        self.enrollments_of.extend(other.enrollments_of);
+        self.seen = self.seen.max(other.seen);
+        self.unreadable |= other.unreadable;
+    }
+}
+
+/// What the waiting changes say of an object.
+enum Verdict {
+    Is(bool),
+    /// An enrollment: sent by a waiting change of its user's state if the user is still in
+    /// the class.
+    IfMember {
+        group: String,
+        user: String,
+    },
+}
+
+impl Verdict {
+    fn resolve(self, store: &Store, tenant: &str) -> Result<bool, StoreError> {
+        match self {
+            Verdict::Is(sends) => Ok(sends),
+            Verdict::IfMember { group, user } => store.is_member(tenant, &group, &user),
+        }
+    }
+}
+
+fn sent_unless_known(sends: Result<bool, StoreError>, object: &str) -> bool {
+    sends.unwrap_or_else(|e| {
+        tracing::warn!(%object, error = %e, "Cannot read the changes logged since the reconciliation began; the object is sent.");
+        false
+    })
+}
+
+/// [`Pending::sends_or_warn`] on the set a reconciliation's repairs share. The log is
+/// read, and an enrollment looked up, without the lock: the other repairs' checks, some
+/// on the runtime's threads, do not wait on a store read.
+fn shared_sends(
+    pending: &Mutex<Pending>,
+    store: &Store,
+    tenant: &str,
+    s: &OneRosterSettings,
+    object: &str,
+) -> bool {
+    let (seen, unreadable) = {
+        let p = lock(pending);
+        (p.seen, p.unreadable)
+    };
+    let verdict = if unreadable {
+        lock(pending).verdict(object)
+    } else {
+        let mut news = Pending {
+            seen,
+            ..Pending::default()
+        };
+        let read = news.read_on(store, tenant, s, &[]);
+        let mut p = lock(pending);
+        // What was read is right even when the read broke off.
+        p.merge(news);
+        if let Err(e) = read {
+            p.unreadable = true;
+            return sent_unless_known(Err(e), object);
+        }
+        p.verdict(object)
+    };
+    sent_unless_known(verdict.resolve(store, tenant), object)
 }
 
 /// 8 bytes that stand for a key in a set; two keys of one tenant sharing them is
@@ -853,12 +923,11 @@ pub(super) async fn reconcile_oneroster(
     // the users nothing, and a target that holds it back holds back the whole run.
     let rank = |i: &DriftItem| match (i.action, i.object.split('/').next()) {
         ("put", Some("Course")) => 0,
-        ("put", Some("User")) => 1,
-        ("put", Some("Group")) => 2,
-        ("put", _) => 3,
-        ("delete", Some("Member")) => 4,
-        ("delete", Some("Group")) => 5,
-        _ => 6,
+        ("put", Some("User" | "Group")) => 1,
+        ("put", _) => 2,
+        ("delete", Some("Member")) => 3,
+        ("delete", Some("Group")) => 4,
+        _ => 5,
     };
     items.sort_by_key(rank);
     let mut hashes = Vec::new();
@@ -867,14 +936,16 @@ pub(super) async fn reconcile_oneroster(
     let mut done = vec![false; items.len()];
     let durable = ctx.store.watch_durable(&tenant);
     let pending = Arc::new(Mutex::new(pending));
-    // Set once nothing more is to be sent: a pause or a stop.
+    // Set once nothing more is to be sent: a pause, a stop or an error.
     let over = AtomicBool::new(false);
     let mut paused = None;
+    let mut failure = None;
     let mut left = 0;
     // Side by side, as the mirror sends, up to `concurrency`: one at a time, a full run
     // of a million objects against a target answering in 43 ms held the tenant's job
     // slot for about 8 hours. Each rank waits for the one before it (an enrollment
-    // needs its user and class at the target).
+    // needs its user and class at the target). The target may meet the mirror's own
+    // `concurrency` requests besides: repairs take none of its slots.
     let width = ctx.config.concurrency.max(1);
     let mut from = 0;
     while from < items.len() && !over.load(Ordering::Relaxed) {
@@ -887,14 +958,20 @@ pub(super) async fn reconcile_oneroster(
             .buffer_unordered(width);
         while let Some((n, outcome)) = repairs.next().await {
             let item = &items[n];
-            match outcome? {
-                Repair::NotTried => {}
-                Repair::Left => {
-                    report.left_to_mirror(item);
-                    left += 1;
-                    done[n] = true;
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                // The repairs in flight are let finish: dropped, their requests could
+                // still reach the target, with nothing to keep the mirror's later change
+                // of their objects behind them.
+                Err(e) => {
+                    over.store(true, Ordering::Relaxed);
+                    failure.get_or_insert(e);
+                    continue;
                 }
-                Repair::Sent(Sent::Superseded) => {
+            };
+            match outcome {
+                Repair::NotTried => {}
+                Repair::Left | Repair::Sent(Sent::Superseded) => {
                     report.left_to_mirror(item);
                     left += 1;
                     done[n] = true;
@@ -942,7 +1019,7 @@ pub(super) async fn reconcile_oneroster(
         );
     }
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// What became of one object a reconciliation would send.
@@ -980,7 +1057,7 @@ async fn repair(
     // run waited out the backoff (a single 503 put old titles back, and deleted users
     // back, enabled).
     let (store, t) = (&ctx.store, ctx.tenant());
-    let mut wanted = || !lock(pending).sends_or_warn(store, t, settings, &item.object);
+    let mut wanted = || !shared_sends(pending, store, t, settings, &item.object);
     Ok(Repair::Sent(ctx.send_repair(req, 5, &mut wanted).await))
 }
 
@@ -1013,11 +1090,8 @@ async fn leave_to_mirror(
         object.to_owned(),
         pending.clone(),
     );
-    // Off the runtime: the read may be of many changes. The repairs beside this one
-    // wait for the lock meanwhile, as they would for the answer.
-    let sends =
-        super::blocking(move || Ok(lock(&pending).sends_or_warn(&store, &t, &s, &object))).await?;
-    Ok(sends)
+    // Off the runtime: the read may be of many changes.
+    Ok(super::blocking(move || Ok(shared_sends(&pending, &store, &t, &s, &object))).await?)
 }
 
 /// Users changed at the target over the read-back window whose state there is not what
@@ -1442,6 +1516,7 @@ mod tests {
         store.advance_cursor("t", "or", head, vec![]).await.unwrap();
         let mut pending = Pending::read(&store, "t", "or", &s, None);
         assert!(!pending.user(&ada) && !pending.user(&bob));
+        let shared = Mutex::new(Pending::read(&store, "t", "or", &s, None));
         store
             .update("t", ResourceKind::User, &ada, None, |doc| {
                 let mut doc = doc.clone();
@@ -1455,6 +1530,11 @@ mod tests {
             .unwrap();
         assert!(pending.sends(&store, "t", &s, &user_key(&ada)).unwrap());
         assert!(!pending.sends(&store, "t", &s, &user_key(&bob)).unwrap());
+        // Repairs side by side share one set, each reading the log outside its lock.
+        assert!(!shared_sends(&shared, &store, "t", &s, &user_key(&bob)));
+        assert!(shared_sends(&shared, &store, "t", &s, &user_key(&ada)));
+        assert_eq!(lock(&shared).seen, pending.seen);
+        assert!(lock(&shared).known(&user_key(&ada)).unwrap());
     }
 
     /// The connector saves its progress, then publishes it: a reconciliation in between
