@@ -31,6 +31,9 @@ use crate::store::{ChangeEvent, ChangeOp, IndexQuery, Store, StoreError};
 /// object again, or deletes it if the roster no longer has it.
 const UNCONFIRMED: u64 = 0;
 
+/// A reconciliation records the hashes of what it sent every so many objects.
+const PROGRESS_EVERY: usize = 2_000;
+
 /// A CSV connector's report while its guard holds it: its files are not written.
 pub const HELD_CSV_NOTE: &str = "not written: the connector is held by its [guard]";
 
@@ -932,8 +935,6 @@ pub(super) async fn reconcile_oneroster(
     items.sort_by_key(rank);
     let mut hashes = Vec::new();
     let sendable = items.iter().filter(|i| i.request.is_some()).count() as u64;
-    // Sent by the run, or left to the mirror's change.
-    let mut done = vec![false; items.len()];
     let durable = ctx.store.watch_durable(&tenant);
     let pending = Arc::new(Mutex::new(pending));
     // Set once nothing more is to be sent: a pause, a stop or an error.
@@ -947,6 +948,9 @@ pub(super) async fn reconcile_oneroster(
     // needs its user and class at the target). The target may meet the mirror's own
     // `concurrency` requests besides: repairs take none of its slots.
     let width = ctx.config.concurrency.max(1);
+    if full {
+        mark_unconfirmed(ctx, &tenant, &owner, &items).await?;
+    }
     let mut from = 0;
     while from < items.len() && !over.load(Ordering::Relaxed) {
         let to = from + items[from..].partition_point(|i| rank(i) == rank(&items[from]));
@@ -974,12 +978,21 @@ pub(super) async fn reconcile_oneroster(
                 Repair::Left | Repair::Sent(Sent::Superseded) => {
                     report.left_to_mirror(item);
                     left += 1;
-                    done[n] = true;
                 }
                 Repair::Sent(Sent::Ok) => {
                     report.sent += 1;
-                    done[n] = true;
                     hashes.push((item.object.clone(), item.hash));
+                    // Recorded as the run goes: cut off by a crash, the next run sends
+                    // again only what this one had not recorded.
+                    if hashes.len() >= PROGRESS_EVERY
+                        && let Err(e) = ctx
+                            .store
+                            .set_delivered(&tenant, &owner, std::mem::take(&mut hashes))
+                            .await
+                    {
+                        over.store(true, Ordering::Relaxed);
+                        failure.get_or_insert(e.into());
+                    }
                 }
                 Repair::Sent(Sent::Refused { reason, .. }) => {
                     if let Some(p) = ctx.live.pause_reason() {
@@ -1002,24 +1015,34 @@ pub(super) async fn reconcile_oneroster(
         tracing::warn!(not_sent = report.failed, %paused, "Reconciliation stopped re-sending: the connector is paused.");
         report.paused = Some(paused);
     }
-    if full {
-        // A full run's object that did not go through still has its hash equal to what
-        // would be sent, so an ordinary run would not see it missing. Marked unconfirmed,
-        // it differs from anything the next run would send, which sends it again. Not
-        // forgotten: an object with no hash is one the target never had, so one deleted
-        // from the roster meanwhile was never deleted at the target (a recheck's G-8: a
-        // held connector's full run, then a skip, left the held leavers there). One left
-        // to the mirror has the hash of what the mirror sent.
-        hashes.extend(
-            items
-                .iter()
-                .zip(&done)
-                .filter(|(i, done)| !**done && i.hash.is_some())
-                .map(|(i, _)| (i.object.clone(), Some(UNCONFIRMED))),
-        );
-    }
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;
     failure.map_or(Ok(()), Err)
+}
+
+/// Before a full run sends anything: each object it is to send, marked unconfirmed.
+///
+/// A full run's object that does not go through still has its hash equal to what would
+/// be sent, so an ordinary run would not see it missing. Marked unconfirmed, it differs
+/// from anything the next run would send, which sends it again; the run records the hash
+/// of each object sent as it goes. Marked at the run's end instead, a run cut off by
+/// `kill -9` or the OOM killer was never finished (audit: 1,407 of 1,995 users still
+/// missing after five restarts). Not forgotten: an object with no hash is one the target
+/// never had, so one deleted from the roster meanwhile was never deleted at the target
+/// (a recheck's G-8: a held connector's full run, then a skip, left the held leavers
+/// there). One left to the mirror gets the hash of what the mirror sent when it is
+/// acknowledged.
+async fn mark_unconfirmed(
+    ctx: &Ctx,
+    tenant: &str,
+    owner: &str,
+    items: &[DriftItem],
+) -> Result<(), DispatchError> {
+    let marks = items
+        .iter()
+        .filter(|i| i.hash.is_some())
+        .map(|i| (i.object.clone(), Some(UNCONFIRMED)))
+        .collect();
+    Ok(ctx.store.set_delivered(tenant, owner, marks).await?)
 }
 
 /// What became of one object a reconciliation would send.

@@ -1050,6 +1050,69 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert_eq!(r.status(), 202, "the job can be run again");
 }
 
+/// A full reconciliation cut off by `kill -9` (or the OOM killer) is finished by the next
+/// ordinary one: what it had not sent is marked before it sends anything. Marked only at
+/// its end, the objects it never sent kept the hash of what would be sent, and no
+/// ordinary run saw them missing (audit: 1,407 of 1,995 users, after five restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_run_cut_off_by_a_crash_is_finished_by_the_next_run() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
+    let mut d = ChildDaemon::start(&root, &STUCK_ENV).await;
+    let users = 12;
+    for i in 0..users {
+        let r = d
+            .scim_send(
+                Method::POST,
+                "/Users",
+                Some(user(&format!("f{i}@acme.test"))),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    d.drained().await;
+    assert_eq!(target.users().len(), users);
+    // The target lost its data; the full run's user PUTs wait at its door.
+    for k in [Kind::User, Kind::Course] {
+        for id in target.objects(k).keys() {
+            assert!(target.remove(k, id));
+        }
+    }
+    target.inject(
+        Fault::stalled(0)
+            .forever()
+            .on_path("/users/")
+            .on_method("PUT"),
+    );
+    let token = roster_token("roster:write");
+    sync_when_free(&d, &token, json!({"full": true})).await;
+    assert!(
+        target
+            .wait_until(|t| t.faults_applied() > 0, Duration::from_secs(20))
+            .await,
+        "the run never sent a user"
+    );
+    d.kill9();
+    target.clear_faults();
+    target.release_held();
+    let d = ChildDaemon::start(&root, &STUCK_ENV).await;
+    let job = sync_when_free(&d, &token, json!({})).await;
+    let job_id = job["job_id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let j = job_of(&d, &token, job_id).await;
+        if j["status"] != "running" && j["status"] != "queued" {
+            break j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_sent"], users, "{job}");
+    assert_eq!(target.users().len(), users, "{job}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cut_off_by_a_stop_is_not_reported_as_failed() {
     let mut s = StuckJob::start(1).await;
