@@ -2403,12 +2403,16 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
         }
     )?;
     if let Some(run) = s["unclean_stop"].as_object() {
-        outln!(
-            "started after a run that did NOT stop cleanly (killed, crashed or its machine went down): pid {}, started {}; its journal says why",
-            run.get("pid").map_or("?".to_owned(), ToString::to_string),
-            run.get("started_at")
+        let pid = run.get("pid").map_or("?".to_owned(), ToString::to_string);
+        let text = |k: &str| {
+            run.get(k)
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or("?")
+        };
+        outln!(
+            "started after a run that did NOT stop cleanly (killed, crashed or its machine went down): pid {pid}, started {}, version {}; `journalctl _PID={pid}` shows how it ended",
+            text("started_at"),
+            text("version"),
         )?;
     }
     if let Some(e) = s["config_file_error"].as_str() {

@@ -321,19 +321,22 @@ pub async fn run_with_env(
         store.set_resolver(tenant, p.clone());
     }
     let started_at = chrono::Utc::now();
-    let unclean_stop = match store.begin_run(&crate::dispatch::rfc3339(started_at)) {
-        Ok(unclean) => unclean,
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot record in the data directory that rosterd runs; the next start cannot tell whether this run stopped cleanly.");
-            None
-        }
-    };
+    // Read apart from the write: a start that cannot record itself still says what it
+    // found (the audit's kill -9 went unsaid, and the next clean stop removed the trace).
+    let unclean_stop = store.unclean_run().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "Cannot read whether the last run on this store stopped cleanly.");
+        None
+    });
+    if let Err(e) = store.begin_run(&crate::dispatch::rfc3339(started_at)) {
+        tracing::warn!(error = %e, "Cannot record in the data directory that rosterd runs; the next start cannot tell whether this run stopped cleanly.");
+    }
     if let Some(run) = &unclean_stop {
+        let pid = run.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
         tracing::warn!(
             pid = run.pid,
             started_at = run.started_at.as_deref(),
             version = run.version.as_deref(),
-            "The last run on this store did not stop cleanly: it was killed (kill -9, the OOM killer, a stop timeout), crashed, or its machine went down; its journal says which. The writes it acknowledged are in the store; the changes it was sending are sent again, and jobs it ran are marked interrupted."
+            "The last run on this store did not stop cleanly: it was killed (kill -9, the OOM killer, a stop timeout), crashed, stopped on a storage error it logged, or its machine went down. `journalctl _PID={pid}` shows its last lines, and `journalctl -k --grep oom` the OOM killer. The writes it acknowledged are in the store; the changes it was sending are sent again, and the jobs it ran are marked interrupted."
         );
     }
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Io)?;

@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::rows::io;
-use super::{Store, StoreResult};
+use super::Store;
 
 const RUN_FILE: &str = ".rosterd-running";
 
@@ -30,43 +29,52 @@ impl Store {
         self.dir().join(RUN_FILE)
     }
 
-    /// Record that a daemon serves this store from now on, and return the run before it
-    /// if that one did not stop cleanly.
-    pub fn begin_run(&self, started_at: &str) -> StoreResult<Option<UncleanRun>> {
+    /// The run before this one on the store, if it did not stop cleanly.
+    pub fn unclean_run(&self) -> std::io::Result<Option<UncleanRun>> {
         let path = self.run_file();
-        let before = match std::fs::read(&path) {
-            Ok(bytes) => Some(serde_json::from_slice(&bytes).unwrap_or_default()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(&path, e)),
-        };
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).unwrap_or_default())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(at(&path, e)),
+        }
+    }
+
+    /// Record that a daemon serves this store from now on (in place of the run before).
+    pub fn begin_run(&self, started_at: &str) -> std::io::Result<()> {
         let now = UncleanRun {
             pid: Some(std::process::id()),
             started_at: Some(started_at.to_owned()),
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         };
-        write_synced(&path, &serde_json::to_vec(&now).unwrap_or_default())?;
-        Ok(before)
+        write_synced(
+            &self.run_file(),
+            &serde_json::to_vec(&now).unwrap_or_default(),
+        )
     }
 
     /// The store closed cleanly: the next start need not say otherwise.
-    pub fn end_run(&self) -> StoreResult<()> {
+    pub fn end_run(&self) -> std::io::Result<()> {
         let path = self.run_file();
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&path, e)),
+            Err(e) => Err(at(&path, e)),
         }
     }
 }
 
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// Written through a temporary file and a rename: a crash while writing leaves the old
 /// file or the new, never half of one.
-fn write_synced(path: &Path, bytes: &[u8]) -> StoreResult<()> {
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!("{RUN_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    let mut f = std::fs::File::create(&tmp).map_err(|e| at(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| at(&tmp, e))?;
+    f.sync_all().map_err(|e| at(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| at(path, e))
 }
 
 #[cfg(test)]
@@ -77,18 +85,23 @@ mod tests {
     fn a_run_not_ended_is_found_by_the_next_and_an_ended_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.begin_run("2026-12-07T05:00:00Z").unwrap(), None);
+        assert_eq!(store.unclean_run().unwrap(), None);
+        store.begin_run("2026-12-07T05:00:00Z").unwrap();
         // Killed: nothing removed the file.
-        let before = store.begin_run("2026-12-07T06:00:00Z").unwrap().unwrap();
+        let before = store.unclean_run().unwrap().unwrap();
         assert_eq!(before.pid, Some(std::process::id()));
         assert_eq!(before.started_at.as_deref(), Some("2026-12-07T05:00:00Z"));
+        store.begin_run("2026-12-07T06:00:00Z").unwrap();
         store.end_run().unwrap();
-        assert_eq!(store.begin_run("2026-12-07T07:00:00Z").unwrap(), None);
+        assert_eq!(store.unclean_run().unwrap(), None);
         // A file that does not read is still a run that did not end.
         std::fs::write(dir.path().join(RUN_FILE), b"\0\0").unwrap();
-        assert_eq!(
-            store.begin_run("2026-12-07T08:00:00Z").unwrap(),
-            Some(UncleanRun::default())
-        );
+        assert_eq!(store.unclean_run().unwrap(), Some(UncleanRun::default()));
+        // One that cannot be written is said, naming the file; the run before is still
+        // read (the audit's directory in the temporary file's place).
+        std::fs::create_dir(dir.path().join(format!("{RUN_FILE}.tmp"))).unwrap();
+        let e = store.begin_run("2026-12-07T07:00:00Z").unwrap_err();
+        assert!(e.to_string().contains(RUN_FILE), "{e}");
+        assert!(store.unclean_run().unwrap().is_some());
     }
 }
