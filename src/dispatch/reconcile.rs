@@ -951,13 +951,24 @@ pub(super) async fn reconcile_oneroster(
     if full {
         mark_unconfirmed(ctx, &tenant, &owner, &items).await?;
     }
+    // The users and classes the run could not put: their enrollments would be refused.
+    let mut not_put = HashSet::new();
+    let mut not_enrolled = 0u64;
     let mut from = 0;
     while from < items.len() && !over.load(Ordering::Relaxed) {
         let to = from + items[from..].partition_point(|i| rank(i) == rank(&items[from]));
+        let mut failed_now = Vec::new();
+        let not_put_before = &not_put;
         let mut repairs = futures_util::stream::iter(from..to)
             .map(|n| {
                 let (item, pending, durable, over) = (&items[n], &pending, &durable, &over);
-                async move { (n, repair(ctx, settings, pending, durable, item, over).await) }
+                let needs_missing = needs_one_of(item, not_put_before);
+                async move {
+                    if needs_missing {
+                        return (n, Ok(Repair::NeedsMissing));
+                    }
+                    (n, repair(ctx, settings, pending, durable, item, over).await)
+                }
             })
             .buffer_unordered(width);
         while let Some((n, outcome)) = repairs.next().await {
@@ -975,6 +986,10 @@ pub(super) async fn reconcile_oneroster(
             };
             match outcome {
                 Repair::NotTried => {}
+                Repair::NeedsMissing => {
+                    report.failed += 1;
+                    not_enrolled += 1;
+                }
                 Repair::Left | Repair::Sent(Sent::Superseded) => {
                     report.left_to_mirror(item);
                     left += 1;
@@ -1002,13 +1017,24 @@ pub(super) async fn reconcile_oneroster(
                         paused.get_or_insert(p);
                     } else {
                         report.failed += 1;
+                        if item.action == "put" {
+                            failed_now.push(item.object.as_str());
+                        }
                         tracing::warn!(object = %item.object, reason = reason.as_str(), "Reconciliation could not repair an object.");
                     }
                 }
                 Repair::Sent(Sent::Cancelled) => over.store(true, Ordering::Relaxed),
             }
         }
+        drop(repairs);
+        not_put.extend(failed_now);
         from = to;
+    }
+    if not_enrolled > 0 {
+        tracing::warn!(
+            not_sent = not_enrolled,
+            "Reconciliation did not send enrollments whose user or class it could not put (the target would refuse them); the next run sends them."
+        );
     }
     if let Some(paused) = paused {
         report.failed = sendable - report.sent - left;
@@ -1045,10 +1071,25 @@ async fn mark_unconfirmed(
     Ok(ctx.store.set_delivered(tenant, owner, marks).await?)
 }
 
+/// Whether `item` is an enrollment whose user or class is among `not_put`.
+fn needs_one_of(item: &DriftItem, not_put: &HashSet<&str>) -> bool {
+    if not_put.is_empty() || item.action != "put" {
+        return false;
+    }
+    match item.object.split('/').collect::<Vec<_>>()[..] {
+        ["Member", group, user] => {
+            not_put.contains(group_key(group).as_str()) || not_put.contains(user_key(user).as_str())
+        }
+        _ => false,
+    }
+}
+
 /// What became of one object a reconciliation would send.
 enum Repair {
     /// A pause or a stop came first.
     NotTried,
+    /// An enrollment whose user or class the run could not put.
+    NeedsMissing,
     /// A change logged since the run read the object sends it: the mirror's.
     Left,
     Sent(Sent),

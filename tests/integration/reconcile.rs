@@ -233,11 +233,18 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
             .on_path(bob_sid.clone())
             .on_method("PUT"),
     );
+    let enrollment_puts = || target.count_requests("PUT", "enrollments");
+    let before = enrollment_puts();
     let r = full().await;
     let job = wait_job(&d, r.body["job_id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "failed", "{job}");
-    // Bob, and his enrollment, which the target refuses without him.
+    // Bob, and his enrollment, which the target would refuse without him: not sent.
     assert_eq!(job["counts"]["drift_failed"], 2, "{job}");
+    assert_eq!(
+        enrollment_puts() - before,
+        1,
+        "only ada's enrollment is sent"
+    );
     assert!(target.user(&bob_sid).is_none());
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["counts"]["drift_sent"], 2, "{job}");
