@@ -31,6 +31,8 @@ use crate::store::{ChangeEvent, ChangeOp, IndexQuery, Store, StoreError};
 /// object again, or deletes it if the roster no longer has it.
 const UNCONFIRMED: u64 = 0;
 
+const OWED_FULL_NOTE: &str = "run full: a full reconciliation of this connector was cut off before it had marked what it was to send";
+
 /// A reconciliation records the hashes of what it sent every so many objects.
 const PROGRESS_EVERY: usize = 2_000;
 
@@ -851,9 +853,18 @@ pub(super) async fn reconcile_oneroster(
     mode: ReconcileMode,
     report: &mut DriftReport,
 ) -> Result<(), DispatchError> {
-    let ReconcileMode { dry_run, full } = mode;
+    let ReconcileMode { dry_run, mut full } = mode;
     let tenant = ctx.tenant().to_owned();
     let owner = ctx.cursor_name();
+    // A full run cut off (kill -9, a crash) while it compared, before it marked what it was
+    // to send, left nothing an ordinary run would see: this one runs full in its place.
+    if !full && ctx.store.full_owed(&tenant, &owner)? {
+        full = true;
+        report.note = Some(OWED_FULL_NOTE.into());
+    }
+    if full && !dry_run {
+        ctx.store.set_full_owed(&tenant, &owner, true).await?;
+    }
     let items = {
         let (store, s, t, o) = (
             ctx.store.clone(),
@@ -919,6 +930,9 @@ pub(super) async fn reconcile_oneroster(
         return Ok(());
     }
     if items.is_empty() {
+        if full {
+            ctx.store.set_full_owed(&tenant, &owner, false).await?;
+        }
         return Ok(());
     }
     // Users and classes before enrollments, the course before its classes; deletes of
@@ -950,6 +964,7 @@ pub(super) async fn reconcile_oneroster(
     let width = ctx.config.concurrency.max(1);
     if full {
         mark_unconfirmed(ctx, &tenant, &owner, &items).await?;
+        ctx.store.set_full_owed(&tenant, &owner, false).await?;
     }
     // The users and classes the run could not put: their enrollments would be refused.
     let mut not_put = HashSet::new();

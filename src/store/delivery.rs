@@ -71,6 +71,12 @@ fn write_due_key(connector: &str) -> Vec<u8> {
     tagged(b'w', connector)
 }
 
+/// `F conn` → 1: a full reconciliation of the connector began and has not yet marked what
+/// it is to send (see `Store::set_full_owed`).
+fn full_owed_key(connector: &str) -> Vec<u8> {
+    tagged(b'F', connector)
+}
+
 /// `W conn` → when the connector's last scheduled write succeeded, so that a start can
 /// tell a scheduled time missed while the daemon was down.
 fn scheduled_write_key(connector: &str) -> Vec<u8> {
@@ -453,6 +459,18 @@ impl Store {
     /// Whether the connector's scheduled write is owed (see [`Store::mark_write_due`]).
     pub fn write_due(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
         self.has_key(tenant, write_due_key(connector))
+    }
+
+    /// Whether a full reconciliation of the connector was cut off before it marked what it
+    /// was to send: the next reconciliation runs full in its place.
+    pub fn full_owed(&self, tenant: &str, connector: &str) -> StoreResult<bool> {
+        self.has_key(tenant, full_owed_key(connector))
+    }
+
+    /// Record that a full reconciliation of the connector is under way and has not marked
+    /// what it is to send yet (`on`), or that it has.
+    pub async fn set_full_owed(&self, tenant: &str, connector: &str, on: bool) -> StoreResult<()> {
+        self.set_flag(tenant, full_owed_key(connector), on).await
     }
 
     fn has_key(&self, tenant: &str, key: Vec<u8>) -> StoreResult<bool> {

@@ -252,6 +252,44 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     assert_eq!(target.objects(Kind::Enrollment).len(), 2);
 }
 
+/// A full run cut off (kill -9, a crash) while it still compared, before it marked what
+/// it was to send, leaves nothing an ordinary run would see: the next reconciliation
+/// runs full in its place, and says why (the re-audit left a stale target stale so).
+#[tokio::test]
+async fn a_full_run_cut_off_before_it_marked_anything_is_run_full_by_the_next() {
+    let (mut d, target) = start_with_oneroster("").await;
+    ada_and_bob_in_staff(&d).await;
+    for k in [Kind::User, Kind::Class, Kind::Enrollment, Kind::Course] {
+        for id in target.objects(k).keys() {
+            assert!(target.remove(k, id));
+        }
+    }
+    d.stop().await;
+    // What such a run leaves in the store.
+    let store = crate::harness::open_stopped_store(&d.root.join("data"));
+    store.set_full_owed(TENANT, "sis", true).await.unwrap();
+    store.close().unwrap();
+    drop(store);
+    let d = d.restart().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d.dry_run_sync(&admin).await;
+    let report = &r.body["connectors"][0];
+    assert_eq!(report["drifted"], 6, "{}", r.body);
+    assert!(
+        report["note"].as_str().unwrap().starts_with("run full"),
+        "{}",
+        r.body
+    );
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_sent"], 6, "{job}");
+    assert_eq!(target.users().len(), 2);
+    assert_eq!(target.objects(Kind::Enrollment).len(), 2);
+    // Done once: the run after it is an ordinary one.
+    let r = d.dry_run_sync(&admin).await;
+    assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
+    assert!(r.body["connectors"][0]["note"].is_null(), "{}", r.body);
+}
+
 /// Start a full reconciliation and return once its request has met the fault the test
 /// injected: the admin token and the job's id.
 async fn full_run_meeting_the_fault(d: &TestDaemon, target: &OneRosterServer) -> (String, String) {
