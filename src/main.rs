@@ -2403,15 +2403,20 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
         }
     )?;
     if let Some(run) = s["unclean_stop"].as_object() {
-        let pid = run.get("pid").map_or("?".to_owned(), ToString::to_string);
+        // A run file that no longer reads gives nulls.
+        let pid = run
+            .get("pid")
+            .and_then(serde_json::Value::as_u64)
+            .map_or("?".to_owned(), |p| p.to_string());
         let text = |k: &str| {
             run.get(k)
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or("?")
         };
         outln!(
-            "started after a run that did NOT stop cleanly (killed, crashed or its machine went down): pid {pid}, started {}, version {}; `journalctl _PID={pid}` shows how it ended",
+            "started after a run that did NOT stop cleanly (killed, crashed or its machine went down): pid {pid}, started {}, last alive {} (it ended within a minute after), version {}; `journalctl _PID={pid}` shows how it ended",
             text("started_at"),
+            text("alive_at"),
             text("version"),
         )?;
     }

@@ -84,7 +84,7 @@ pub struct AppState {
     /// negative when the clock was stepped back.
     pub started: std::time::Instant,
     /// The run before this one, if it did not stop cleanly.
-    pub unclean_stop: Option<crate::store::UncleanRun>,
+    pub unclean_stop: Option<crate::store::RunRecord>,
     /// Reloads (SIGHUP) completed.
     pub reloads: std::sync::atomic::AtomicU64,
     /// What the reloads could not apply of the tenants' SCIM tokens and the Roster API's
@@ -327,16 +327,22 @@ pub async fn run_with_env(
         tracing::warn!(error = %e, "Cannot read whether the last run on this store stopped cleanly.");
         None
     });
-    if let Err(e) = store.begin_run(&crate::dispatch::rfc3339(started_at)) {
-        tracing::warn!(error = %e, "Cannot record in the data directory that rosterd runs; the next start cannot tell whether this run stopped cleanly.");
-    }
+    let this_run = crate::store::RunRecord::this_process(&crate::dispatch::rfc3339(started_at));
+    let recorded = match store.record_run(&this_run) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot record in the data directory that rosterd runs; the next start cannot tell whether this run stopped cleanly.");
+            false
+        }
+    };
     if let Some(run) = &unclean_stop {
         let pid = run.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
         tracing::warn!(
             pid = run.pid,
             started_at = run.started_at.as_deref(),
+            alive_at = run.alive_at.as_deref(),
             version = run.version.as_deref(),
-            "The last run on this store did not stop cleanly: it was killed (kill -9, the OOM killer, a stop timeout), crashed, stopped on a storage error it logged, or its machine went down. `journalctl _PID={pid}` shows its last lines, and `journalctl -k --grep oom` the OOM killer. The writes it acknowledged are in the store; the changes it was sending are sent again, and the jobs it ran are marked interrupted."
+            "The last run on this store did not stop cleanly: it was killed (kill -9, the OOM killer, a stop timeout), crashed, stopped on a storage error it logged, or its machine went down, within a minute after alive_at. `journalctl _PID={pid}` shows its last lines, and `journalctl -k --grep oom` the OOM killer. The writes it acknowledged are in the store; the changes it was sending are sent again, and the jobs it ran are marked interrupted."
         );
     }
     let local: SocketAddr = listener.local_addr().map_err(ServerError::Io)?;
@@ -416,6 +422,10 @@ pub async fn run_with_env(
         backup_signal.map(|usr1| tokio::spawn(backup_on(usr1, state.clone(), shutdown.clone())));
     let failed = tokio::spawn(exit_once_store_recovers(store.clone(), shutdown.clone()));
     let refusals = tokio::spawn(sum_up_refusals(state.clone(), shutdown.clone()));
+    // Its own token: a server that ended on its own stops with no shutdown.
+    let alive_stop = shutdown.child_token();
+    let alive =
+        recorded.then(|| tokio::spawn(say_alive(store.clone(), this_run, alive_stop.clone())));
     let watchdog = crate::ops::systemd::spawn_watchdog(shutdown.clone());
     let app = router(state.clone());
     crate::ops::systemd::notify_ready(local);
@@ -448,6 +458,12 @@ pub async fn run_with_env(
     }
     failed.abort();
     refusals.abort();
+    // Awaited, not aborted: a rewrite of the run file under way would finish on its own
+    // thread, and one landing after the clean stop removed the file would bring it back.
+    alive_stop.cancel();
+    if let Some(a) = alive {
+        let _ = a.await;
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -1435,6 +1451,32 @@ impl RefusalLog {
     }
 }
 
+/// Rewrite the run file every [`ALIVE_EVERY`]: a start after a crash says when the run was
+/// last alive, not only when it began, weeks before perhaps.
+async fn say_alive(store: Store, mut run: crate::store::RunRecord, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(ALIVE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the start just wrote the file.
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                run.alive_at = Some(crate::dispatch::rfc3339(chrono::Utc::now()));
+                let (s, r) = (store.clone(), run.clone());
+                let written = tokio::task::spawn_blocking(move || s.record_run(&r)).await;
+                if let Ok(Err(e)) = written {
+                    // Not at WARN: it would come every minute, and a store on a disk that
+                    // refuses writes says so louder.
+                    tracing::debug!(error = %e, "Cannot rewrite the run file.");
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Writes a minute's summary of refusals once it is over, though no refusal follows:
 /// written only by the next refusal, the count of a flood that stopped was never said.
 async fn sum_up_refusals(state: Arc<AppState>, shutdown: CancellationToken) {
@@ -1590,6 +1632,36 @@ async fn request_span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The run file is rewritten every minute with when the run was last alive, and not
+    /// after the rewriter was told to stop.
+    #[tokio::test(start_paused = true)]
+    async fn the_run_file_says_every_minute_that_the_run_is_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = crate::store::RunRecord::this_process("2026-01-01T00:00:00Z");
+        store.record_run(&run).unwrap();
+        let stop = CancellationToken::new();
+        let alive = tokio::spawn(say_alive(store.clone(), run.clone(), stop.clone()));
+        tokio::time::sleep(std::time::Duration::from_secs(59)).await;
+        assert_eq!(store.unclean_run().unwrap(), Some(run.clone()));
+        let mut rewritten = None;
+        for _ in 0..200 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            rewritten = store.unclean_run().unwrap().filter(|r| *r != run);
+            if rewritten.is_some() {
+                break;
+            }
+        }
+        let rewritten = rewritten.expect("rewritten after a minute");
+        assert_eq!(rewritten.started_at, run.started_at);
+        assert_ne!(rewritten.alive_at, run.alive_at);
+        stop.cancel();
+        alive.await.unwrap();
+        store.end_run().unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        assert_eq!(store.unclean_run().unwrap(), None, "rewritten after its stop");
+    }
 
     #[test]
     fn a_minute_logs_twenty_refusals_then_counts_and_sums_up_once_over() {

@@ -24,7 +24,7 @@ pub use backup::BackedUp;
 pub use check::{LISTED as CHECK_LISTED, TenantCheck};
 pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
-pub use run::UncleanRun;
+pub use run::RunRecord;
 #[cfg(test)]
 mod testing;
 

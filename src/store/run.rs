@@ -15,13 +15,28 @@ use super::Store;
 
 const RUN_FILE: &str = ".rosterd-running";
 
-/// The run a start found had not stopped cleanly, as it described itself when it began.
-/// A file that no longer reads gives `None`s.
+/// What a running daemon records of itself in the data directory; read at the next start,
+/// the run that did not stop cleanly. A file that no longer reads gives `None`s.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UncleanRun {
+pub struct RunRecord {
     pub pid: Option<u32>,
     pub started_at: Option<String>,
+    /// Rewritten every minute: the run ended within a minute of it.
+    #[serde(default)]
+    pub alive_at: Option<String>,
     pub version: Option<String>,
+}
+
+impl RunRecord {
+    /// This process, started at `started_at`.
+    pub fn this_process(started_at: &str) -> RunRecord {
+        RunRecord {
+            pid: Some(std::process::id()),
+            started_at: Some(started_at.to_owned()),
+            alive_at: Some(started_at.to_owned()),
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        }
+    }
 }
 
 impl Store {
@@ -30,7 +45,7 @@ impl Store {
     }
 
     /// The run before this one on the store, if it did not stop cleanly.
-    pub fn unclean_run(&self) -> std::io::Result<Option<UncleanRun>> {
+    pub fn unclean_run(&self) -> std::io::Result<Option<RunRecord>> {
         let path = self.run_file();
         match std::fs::read(&path) {
             Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).unwrap_or_default())),
@@ -39,16 +54,12 @@ impl Store {
         }
     }
 
-    /// Record that a daemon serves this store from now on (in place of the run before).
-    pub fn begin_run(&self, started_at: &str) -> std::io::Result<()> {
-        let now = UncleanRun {
-            pid: Some(std::process::id()),
-            started_at: Some(started_at.to_owned()),
-            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
-        };
+    /// Record that `run` serves this store (in place of the run before), or that it is
+    /// still alive.
+    pub fn record_run(&self, run: &RunRecord) -> std::io::Result<()> {
         write_synced(
             &self.run_file(),
-            &serde_json::to_vec(&now).unwrap_or_default(),
+            &serde_json::to_vec(run).unwrap_or_default(),
         )
     }
 
@@ -86,21 +97,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.unclean_run().unwrap(), None);
-        store.begin_run("2026-12-07T05:00:00Z").unwrap();
+        store
+            .record_run(&RunRecord::this_process("2026-12-07T05:00:00Z"))
+            .unwrap();
         // Killed: nothing removed the file.
         let before = store.unclean_run().unwrap().unwrap();
         assert_eq!(before.pid, Some(std::process::id()));
         assert_eq!(before.started_at.as_deref(), Some("2026-12-07T05:00:00Z"));
-        store.begin_run("2026-12-07T06:00:00Z").unwrap();
+        let mut run = RunRecord::this_process("2026-12-07T06:00:00Z");
+        store.record_run(&run).unwrap();
+        run.alive_at = Some("2026-12-07T06:01:00Z".into());
+        store.record_run(&run).unwrap();
+        assert_eq!(store.unclean_run().unwrap().unwrap(), run);
         store.end_run().unwrap();
         assert_eq!(store.unclean_run().unwrap(), None);
         // A file that does not read is still a run that did not end.
         std::fs::write(dir.path().join(RUN_FILE), b"\0\0").unwrap();
-        assert_eq!(store.unclean_run().unwrap(), Some(UncleanRun::default()));
+        assert_eq!(store.unclean_run().unwrap(), Some(RunRecord::default()));
         // One that cannot be written is said, naming the file; the run before is still
         // read (the audit's directory in the temporary file's place).
         std::fs::create_dir(dir.path().join(format!("{RUN_FILE}.tmp"))).unwrap();
-        let e = store.begin_run("2026-12-07T07:00:00Z").unwrap_err();
+        let e = store
+            .record_run(&RunRecord::this_process("2026-12-07T07:00:00Z"))
+            .unwrap_err();
         assert!(e.to_string().contains(RUN_FILE), "{e}");
         assert!(store.unclean_run().unwrap().is_some());
     }

@@ -1007,6 +1007,7 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     // start after a clean stop does.
     assert_eq!(status["unclean_stop"]["pid"], killed, "{status}");
     assert!(status["unclean_stop"]["started_at"].is_string(), "{status}");
+    assert!(status["unclean_stop"]["alive_at"].is_string(), "{status}");
     let log = std::fs::read_to_string(s.root.join("daemon.log")).unwrap();
     assert!(
         log.contains("The last run on this store did not stop cleanly"),
