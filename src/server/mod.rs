@@ -1660,7 +1660,11 @@ mod tests {
         alive.await.unwrap();
         store.end_run().unwrap();
         tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-        assert_eq!(store.unclean_run().unwrap(), None, "rewritten after its stop");
+        assert_eq!(
+            store.unclean_run().unwrap(),
+            None,
+            "rewritten after its stop"
+        );
     }
 
     #[test]
