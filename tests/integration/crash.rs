@@ -199,6 +199,20 @@ impl ChildDaemon {
         req.send().await.unwrap()
     }
 
+    /// Create `n` users `{prefix}{i}@acme.test` over SCIM.
+    pub async fn create_users(&self, prefix: &str, n: usize) {
+        for i in 0..n {
+            let r = self
+                .scim_send(
+                    Method::POST,
+                    "/Users",
+                    Some(user(&format!("{prefix}{i}@acme.test"))),
+                )
+                .await;
+            assert_eq!(r.status(), 201);
+        }
+    }
+
     pub fn scim(&self, path: &str) -> String {
         format!("{}/scim/v2/{TENANT}{path}", self.base)
     }
@@ -832,16 +846,7 @@ async fn the_cli_lists_and_replays_dead_letters_past_one_page() {
             .on_method("PUT")
             .on_path("/users/"),
     );
-    for i in 0..USERS {
-        let r = d
-            .scim_send(
-                Method::POST,
-                "/Users",
-                Some(user(&format!("u{i}@acme.test"))),
-            )
-            .await;
-        assert_eq!(r.status(), 201);
-    }
+    d.create_users("u", USERS).await;
     let s = d.drained().await;
     assert_eq!(s["connectors"][0]["dead_letters"], USERS, "{s}");
 
@@ -904,16 +909,7 @@ impl StuckJob {
         let dir = tempfile::tempdir().unwrap();
         let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
         let d = ChildDaemon::start(&root, &STUCK_ENV).await;
-        for i in 0..users {
-            let r = d
-                .scim_send(
-                    Method::POST,
-                    "/Users",
-                    Some(user(&format!("j{i}@acme.test"))),
-                )
-                .await;
-            assert_eq!(r.status(), 201);
-        }
+        d.create_users("j", users).await;
         let token = roster_token("roster:write");
         // It is full, so that it has something of its own to send, the course: the users
         // wait for the connector, which sends them.
@@ -1062,16 +1058,7 @@ async fn a_full_run_cut_off_by_a_crash_is_finished_by_the_next_run() {
     let root = child_root(dir.path(), &[oneroster_file("sis", &target, "")]);
     let mut d = ChildDaemon::start(&root, &STUCK_ENV).await;
     let users = 12;
-    for i in 0..users {
-        let r = d
-            .scim_send(
-                Method::POST,
-                "/Users",
-                Some(user(&format!("f{i}@acme.test"))),
-            )
-            .await;
-        assert_eq!(r.status(), 201);
-    }
+    d.create_users("f", users).await;
     d.drained().await;
     assert_eq!(target.users().len(), users);
     // The target lost its data; the full run's user PUTs wait at its door.
