@@ -861,6 +861,10 @@ pub(super) async fn reconcile_oneroster(
     if !full && ctx.store.full_owed(&tenant, &owner)? {
         full = true;
         report.note = Some(OWED_FULL_NOTE.into());
+        tracing::info!(
+            dry_run,
+            "This reconciliation runs full: a full one of this connector was cut off before it had marked what it was to send."
+        );
     }
     if full && !dry_run {
         ctx.store.set_full_owed(&tenant, &owner, true).await?;
