@@ -491,9 +491,13 @@ pub async fn run_with_env(
         );
     }
     let closing = store.clone();
-    let closed = tokio::task::spawn_blocking(move || closing.close())
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let closed = tokio::task::spawn_blocking(move || {
+        let closed = closing.close();
+        closing.release_after_close();
+        closed
+    })
+    .await
+    .map_err(|e| StoreError::Backend(e.to_string()))?;
     if let Some(failure) = store.failure() {
         return Err(ServerError::StoreFailed {
             dir: store.dir().to_owned(),

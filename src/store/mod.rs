@@ -2714,6 +2714,17 @@ impl Store {
             })
     }
 
+    /// Let go of a handle after [`Store::close`]. The last one is leaked instead: dropped,
+    /// sled flushes again, and that flush can wait for good (sled issue #1412). Only a
+    /// runtime shutting down under a stop (a test's, whose daemon task is dropped while
+    /// its close runs) leaves the closing task with the last handle; the close flushed
+    /// everything already, and the process is ending.
+    pub fn release_after_close(self) {
+        if Arc::strong_count(&self.inner) == 1 {
+            std::mem::forget(self);
+        }
+    }
+
     /// The unrecoverable storage error this store hit, if any.
     pub fn failure(&self) -> Option<StoreFailure> {
         self.inner.commit.failure()
