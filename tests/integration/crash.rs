@@ -1062,11 +1062,7 @@ async fn a_full_run_cut_off_by_a_crash_is_finished_by_the_next_run() {
     d.drained().await;
     assert_eq!(target.users().len(), users);
     // The target lost its data; the full run's user PUTs wait at its door.
-    for k in [Kind::User, Kind::Course] {
-        for id in target.objects(k).keys() {
-            assert!(target.remove(k, id));
-        }
-    }
+    target.remove_all(&[Kind::User, Kind::Course]);
     target.inject(
         Fault::stalled(0)
             .forever()

@@ -176,11 +176,7 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
     let before: Vec<_> = kinds.iter().map(|k| target.objects(*k)).collect();
     assert_eq!(before[0].len(), 2);
     assert_eq!(before[2].len(), 2);
-    for k in kinds {
-        for id in target.objects(k).keys() {
-            assert!(target.remove(k, id));
-        }
-    }
+    target.remove_all(&kinds);
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d.dry_run_sync(&admin).await;
     assert_eq!(r.body["connectors"][0]["drifted"], 0, "{}", r.body);
@@ -259,11 +255,7 @@ async fn a_full_reconciliation_refills_a_target_that_lost_its_data() {
 async fn a_full_run_cut_off_before_it_marked_anything_is_run_full_by_the_next() {
     let (mut d, target) = start_with_oneroster("").await;
     ada_and_bob_in_staff(&d).await;
-    for k in [Kind::User, Kind::Class, Kind::Enrollment, Kind::Course] {
-        for id in target.objects(k).keys() {
-            assert!(target.remove(k, id));
-        }
-    }
+    target.remove_all(&[Kind::User, Kind::Class, Kind::Enrollment, Kind::Course]);
     d.stop().await;
     // What such a run leaves in the store.
     let store = crate::harness::open_stopped_store(&d.root.join("data"));

@@ -694,6 +694,15 @@ impl OneRosterServer {
         found
     }
 
+    /// Delete every object of `kinds` outright: a target that lost its data.
+    pub fn remove_all(&self, kinds: &[Kind]) {
+        for &k in kinds {
+            for id in self.objects(k).keys() {
+                assert!(self.remove(k, id), "{k:?} {id} went away meanwhile");
+            }
+        }
+    }
+
     /// Mark an object as owned by another client: PUT and DELETE of it (and DELETE of the
     /// classes/enrollments under it) answer 403. Returns false when it does not exist.
     pub fn set_owner_other(&self, kind: Kind, id: &str) -> bool {
