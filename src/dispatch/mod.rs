@@ -63,6 +63,13 @@ const READ_ATTEMPTS: u32 = 3;
 /// the tenant's job slot while nothing happens.
 const READ_RETRY_MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// A reconciliation's repairs that may use all their attempts in a row, nothing delivered
+/// between, before the connector pauses; at least the connector's `concurrency`, since
+/// that many fail together when the target goes down. Three, not one: a few objects the
+/// target keeps failing (a bug of its own on their data) may sort side by side, and one
+/// would then stop every run at the same place.
+const REPAIRS_GIVEN_UP_PAUSE: u64 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error("no connector {0:?} for this tenant")]
@@ -332,6 +339,9 @@ struct Live {
     /// Requests the target refused in a row, with no change taken whole between them
     /// (see `retry.pause_after_refusals`).
     refusals_in_a_row: AtomicU64,
+    /// A reconciliation's repairs that used all their attempts, in a row, with nothing
+    /// delivered between (see [`Live::repair_gave_up`]).
+    repairs_given_up: AtomicU64,
     /// Bumped when the run of failures ends, so that requests still retrying start
     /// their own runs over.
     epoch: AtomicU64,
@@ -392,6 +402,7 @@ impl Live {
             }),
             failures_in_a_row: AtomicU64::new(0),
             refusals_in_a_row: AtomicU64::new(0),
+            repairs_given_up: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -477,6 +488,7 @@ impl Live {
 
     fn success(&self) {
         self.count_delivery();
+        self.repairs_given_up.store(0, Ordering::Release);
         let rounds = self.failures_in_a_row.swap(0, Ordering::AcqRel);
         if rounds > 0 {
             self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -587,6 +599,32 @@ impl Live {
         }
     }
 
+    /// A reconciliation's repair used all its attempts. Once `limit` have in a row, each
+    /// while the target delivered nothing (the deliveries counted `delivered` when it
+    /// began), the connector pauses as for the mirror's failures, and the run stops at
+    /// the pause. A repair's attempts alone never reach `pause_after_failures` (5 against
+    /// 20 by default), so against a dead target with no SCIM traffic a run tried every
+    /// object five times: about 3 s an object at the default backoff, days for a large
+    /// tenant, holding the tenant's job slot (overrides answer 409) all along. Objects
+    /// the target keeps failing while it takes others are theirs alone: they do not count.
+    fn repair_gave_up(&self, delivered: u64, limit: u64, pause: Duration, reason: &str) {
+        if self.delivered.load(Ordering::Acquire) != delivered {
+            return;
+        }
+        let n = self.repairs_given_up.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut h = self.health();
+        if n < limit || h.pause.is_some() {
+            return;
+        }
+        h.pause = Some(Pause::Until(Deadline::after(pause)));
+        h.pause_lone = false;
+        h.pause_logged = true;
+        drop(h);
+        self.pause_changed.notify_waiters();
+        let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
+        tracing::warn!(repairs = n, until = %rfc3339(until), reason, "Target failed a reconciliation's repairs in a row, each after all its attempts; connector paused, and the reconciliation stops.");
+    }
+
     fn pause_until_resumed(&self, reason: &str, answer: Option<String>) {
         let mut h = self.health();
         h.error_quoting(reason.to_owned(), answer);
@@ -613,6 +651,7 @@ impl Live {
     fn count_afresh(&self) {
         self.failures_in_a_row.store(0, Ordering::Release);
         self.refusals_in_a_row.store(0, Ordering::Release);
+        self.repairs_given_up.store(0, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.failing_requests.store(0, Ordering::Release);
     }
@@ -1214,6 +1253,7 @@ impl Ctx {
         let mut backoff = self.backoff();
         let mut refreshed = false;
         let mut attempts = 0u32;
+        let delivered_before = self.live.delivered.load(Ordering::Acquire);
         let mut streak = Streak::default();
         let timeout = Duration::from_millis(self.config.timeout_ms);
         // A request keeps its slot while it waits to retry, so `concurrency` bounds the
@@ -1400,6 +1440,14 @@ impl Ctx {
                 );
             }
             if max_attempts.is_some_and(|m| attempts >= m) {
+                if matches!(by, Sender::Reconcile) {
+                    self.live.repair_gave_up(
+                        delivered_before,
+                        REPAIRS_GIVEN_UP_PAUSE.max(self.config.concurrency as u64),
+                        self.config.retry.pause(),
+                        &reason,
+                    );
+                }
                 return Sent::Refused { reason, response };
             }
             if !matches!(by, Sender::Operator) && self.live.paused_until().is_some() {
@@ -4310,6 +4358,32 @@ mod tests {
         .await;
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(live.health().state, "stopped");
+    }
+
+    #[test]
+    fn repairs_given_up_while_nothing_is_delivered_pause_the_connector() {
+        let live = Live::new("t", "c", "running");
+        let pause = Duration::from_secs(3600);
+        let gave_up = |since: u64| live.repair_gave_up(since, 3, pause, "503");
+        gave_up(0);
+        gave_up(0);
+        assert!(live.paused_until().is_none());
+        // A delivery between starts the count over.
+        live.success();
+        gave_up(1);
+        gave_up(1);
+        assert!(live.paused_until().is_none());
+        // A repair that failed while the target took another: that object's own.
+        gave_up(0);
+        assert!(live.paused_until().is_none());
+        gave_up(1);
+        assert!(live.paused_until().is_some());
+        assert!(
+            live.pause_reason()
+                .is_some_and(|r| r.contains("paused until")),
+            "{:?}",
+            live.pause_reason()
+        );
     }
 
     #[test]

@@ -2244,6 +2244,89 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     assert_eq!(c["paused"], true, "{c}");
 }
 
+/// A reconciliation against a target that fails everything stops once `concurrency` of
+/// its repairs in a row used all their attempts with nothing delivered, and pauses the
+/// connector. Before, a repair's five attempts never reached `pause_after_failures`, and
+/// with no SCIM traffic to pause the connector a run tried every object five times: days
+/// for a large tenant, holding the tenant's job slot all along.
+#[tokio::test]
+async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connector_and_stops() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text.replace("pause_secs = 1", "pause_secs = 3600"))],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    for i in 0..40 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    target.clear_requests();
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    // The course and the forty users: none sent, all counted.
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    assert_eq!(job["counts"]["drift_failed"], 41, "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("connector sis: ") && error.contains("the connector is paused until"),
+        "{job}"
+    );
+    // The course alone, then eight users at a time: the pause comes once eight repairs
+    // (the course's among them) gave up, before the users begun meanwhile use their five
+    // attempts. Every object's five would be 205.
+    let tried = target.count_status(503);
+    assert!((5 * 8..=5 * 16).contains(&tried), "{tried} attempts; {job}");
+    assert_eq!(connector(&d, "sis").await["paused"], true);
+    // Once the target is back and the pause lifted, the next run sends what this one
+    // could not.
+    target.clear_faults();
+    crate::mirror::resumed(&d, "sis").await;
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job["counts"]["drift_sent"].as_u64() >= Some(40), "{job}");
+}
+
+/// Objects the target keeps failing while it takes the others are theirs alone: fewer
+/// than `concurrency` of them leave the connector running, whatever order they fail in.
+#[tokio::test]
+async fn objects_a_target_keeps_failing_while_it_takes_others_do_not_pause_the_connector() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text.replace("pause_secs = 1", "pause_secs = 3600"))],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(d.create_user(&format!("user{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    // Seven of them, under the eight that `concurrency` lets fail together.
+    for id in ids.iter().step_by(3) {
+        let path = format!("/users/{}", sourced_id(&format!("User/{id}")));
+        target.inject(
+            or::Fault::status(503, 0)
+                .forever()
+                .on_path(path)
+                .on_method("PUT"),
+        );
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["counts"]["drift_failed"], 7, "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 14, "{job}");
+    assert!(!job["error"].as_str().unwrap().contains("paused"), "{job}");
+    assert_eq!(connector(&d, "sis").await["paused"], false);
+}
+
 /// A paused connector delivers nothing, drift or not: a reconciliation that found
 /// nothing to re-send must still not report the tenant healthy.
 #[tokio::test]
