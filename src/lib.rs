@@ -32,3 +32,7 @@ pub mod store;
 pub mod text;
 
 pub use server::{run, run_with_env};
+
+/// The version `--version`, `/status`, `rosterd_build_info` and the run file show: the
+/// package's, and `+git.<commit>` when built from a git checkout (see `build.rs`).
+pub const VERSION: &str = env!("ROSTERD_VERSION");

@@ -52,7 +52,7 @@ macro_rules! note {
 }
 
 #[derive(Parser)]
-#[command(name = "rosterd", version, about = "SCIM 2.0 roster daemon")]
+#[command(name = "rosterd", version = rosterd::VERSION, about = "SCIM 2.0 roster daemon")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

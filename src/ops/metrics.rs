@@ -552,7 +552,7 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     // the next restart (systemd then gives up after its start limit).
     // Set at every scrape, as every gauge: the exporter drops one left unset for a
     // minute, and one set once at the start was gone from the second minute on.
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
     metrics::gauge!(UNCLEAN_STOP).set(if st.unclean_stop.is_some() { 1.0 } else { 0.0 });
     if let Ok(bytes) = st.store.size_on_disk() {
         metrics::gauge!(STORE_SIZE_BYTES).set(bytes as f64);

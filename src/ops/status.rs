@@ -58,7 +58,7 @@ async fn status(State(st): State<Arc<AppState>>) -> Response {
         Ok(Ok(v)) => Json(v).into_response(),
         // The counts come from the store that failed; what failed matters more.
         Ok(Err(_)) if failed.store.failure().is_some() => Json(json!({
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::VERSION,
             "started_at": failed.started_at,
             "uptime_seconds": failed.started.elapsed().as_secs(),
             "draining": failed.shutdown.is_cancelled(),
@@ -143,7 +143,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         );
     }
     Ok(json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "started_at": st.started_at,
         "uptime_seconds": st.started.elapsed().as_secs(),
         // The run before this one, when it was killed or crashed rather than stopped.

@@ -34,7 +34,7 @@ impl RunRecord {
             pid: Some(std::process::id()),
             started_at: Some(started_at.to_owned()),
             alive_at: Some(started_at.to_owned()),
-            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            version: Some(crate::VERSION.to_owned()),
         }
     }
 }

@@ -1004,6 +1004,17 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert_eq!(status["unclean_stop"]["pid"], killed, "{status}");
     assert!(status["unclean_stop"]["started_at"].is_string(), "{status}");
     assert!(status["unclean_stop"]["alive_at"].is_string(), "{status}");
+    // Which build it was, as `--version`, `/status` and the metrics name this one: every
+    // build said 0.1.0.
+    let (ok, version) = outcome(Command::new(env!("CARGO_BIN_EXE_rosterd")).arg("--version"));
+    assert!(ok, "{version}");
+    assert_eq!(version.trim(), format!("rosterd {}", rosterd::VERSION));
+    assert_eq!(
+        status["unclean_stop"]["version"],
+        rosterd::VERSION,
+        "{status}"
+    );
+    assert_eq!(status["version"], rosterd::VERSION, "{status}");
     let log = std::fs::read_to_string(s.root.join("daemon.log")).unwrap();
     assert!(
         log.contains("The last run on this store did not stop cleanly"),
@@ -1037,6 +1048,8 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
             .any(|l| l == "rosterd_started_after_unclean_stop 1"),
         "{metrics}"
     );
+    let build = format!("rosterd_build_info{{version=\"{}\"}} 1", rosterd::VERSION);
+    assert!(metrics.lines().any(|l| l == build), "{metrics}");
     let r = d
         .client
         .post(format!("{}/api/v1/roster/scim:sync", d.base))
