@@ -700,9 +700,12 @@ impl<'a> Txn<'a> {
                 && let Some(owner) = self.get(&key)?
                 && owner != id.as_bytes()
             {
-                return Err(StoreError::Uniqueness(format!(
-                    "userName {value:?} is already taken in this tenant"
-                )));
+                // Without the value: the refusal is logged at INFO, and an identity
+                // provider retrying a duplicate wrote the person's email into the log at
+                // each try. The client knows what it sent.
+                return Err(StoreError::Uniqueness(
+                    "userName is already taken in this tenant by another user".to_owned(),
+                ));
             }
             self.put(key, keys::index_value(index, id));
         }

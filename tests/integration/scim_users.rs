@@ -56,11 +56,25 @@ async fn create_get_replace_delete_user() {
 
 #[tokio::test]
 async fn user_name_is_unique_case_insensitively() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let d = TestDaemon::start().await;
     d.create_user("bob@example.com").await;
     let r = d.post("/Users", user("BOB@example.COM")).await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(r.body["scimType"], "uniqueness");
+    // The refusal is logged at INFO, without the person's email: an identity provider
+    // retrying the duplicate wrote it into the log at every try.
+    let refused = logs.lines("Request refused.");
+    assert!(
+        refused.iter().any(|l| l.contains("already taken")),
+        "{refused:?}"
+    );
+    assert!(
+        !refused
+            .iter()
+            .any(|l| l.to_lowercase().contains("bob@example")),
+        "{refused:?}"
+    );
     // Renaming another user onto a taken name is refused too.
     let other = d.create_user("carol@example.com").await;
     let r = d
