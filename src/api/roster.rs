@@ -1387,6 +1387,12 @@ async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
             EVENT_KINDS.join(", ")
         )));
     }
+    // Refused as the other filters refuse an empty value: a 404 said no such user.
+    if p.get("user_id").is_some_and(String::is_empty) {
+        return Err(ApiError::BadRequest(
+            "user_id is empty; name a user by user:<userName> or by SCIM id".to_owned(),
+        ));
+    }
     let tenant = caller.tenant;
     blocking(move || {
         let user = match p.get("user_id") {

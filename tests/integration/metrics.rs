@@ -331,10 +331,7 @@ async fn metrics_need_no_token_and_are_idempotent_across_daemons() {
     scrape(&a).await;
     // b sees a's scrape: one recorder for the process.
     let (text, sb) = scrape(&b).await;
-    let version = format!(
-        "rosterd_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
+    let version = format!("rosterd_build_info{{version=\"{}\"}} 1", rosterd::VERSION);
     assert!(text.lines().any(|l| l == version), "{text}");
     at_least(&sb, "rosterd_store_size_bytes", &[], 1.0);
     at_least(

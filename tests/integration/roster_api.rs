@@ -2663,6 +2663,58 @@ async fn requests_are_read_strictly_whatever_the_endpoint() {
             r.body
         );
     }
+    // A query value that is not UTF-8 once decoded is refused, not matched as U+FFFD
+    // (an empty page), in a value and in a name.
+    for path in [
+        "/users?department=%FF",
+        "/events?kind=%C3%28",
+        "/users?%FF=1",
+    ] {
+        let r = d.roster(Method::GET, path, &admin, None).await;
+        api_error_saying(&r, 400, "invalid_request", "not UTF-8");
+    }
+    // `+` is a space, as clients building query strings encode one; `%2B` is a plus.
+    create(
+        &d,
+        "plus+tag@acme.test",
+        "accountant",
+        Some("Human Resources"),
+    )
+    .await;
+    let listed = |query: &'static str| {
+        let d = &d;
+        let admin = &admin;
+        async move {
+            let r = d.roster(Method::GET, query, admin, None).await;
+            assert_eq!(r.status, 200, "{query}: {}", r.body);
+            r.body["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["user_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let want = vec!["user:plus+tag@acme.test".to_owned()];
+    assert_eq!(listed("/users?department=Human+Resources").await, want);
+    assert_eq!(listed("/users?email=plus%2Btag%40acme.test").await, want);
+    assert!(listed("/users?email=plus+tag@acme.test").await.is_empty());
+    // An empty user_id is refused as the other filters refuse one, not a 404.
+    let r = d
+        .roster(Method::GET, "/events?user_id=", &admin, None)
+        .await;
+    api_error_saying(&r, 400, "invalid_request", "user_id is empty");
+    // A message quoting what the client sent is cut: a 60,000-byte filter came back whole.
+    let long = "g".repeat(60_000);
+    let r = d
+        .roster(Method::GET, &format!("/users?group={long}"), &admin, None)
+        .await;
+    api_error_saying(&r, 400, "invalid_request", "bytes in all)");
+    assert!(
+        r.body["message"].as_str().unwrap().len() < 1200,
+        "{}",
+        r.body
+    );
     // A form post by mistake is told to send JSON; no Content-Type is read as JSON.
     let url = d.url(&format!("/api/v1/roster/users/{id}"));
     let send_body = |ct: Option<&'static str>, body: &'static str| {
