@@ -305,7 +305,8 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
         parts: &mut axum::http::request::Parts,
         _: &S,
     ) -> Result<Self, ApiError> {
-        let pairs = query_pairs(parts.uri.query().unwrap_or_default())?;
+        let pairs = crate::server::query_pairs(parts.uri.query().unwrap_or_default())
+            .map_err(|e| ApiError::BadRequest(format!("query string: {e}")))?;
         let mut map = HashMap::with_capacity(pairs.len());
         for (k, v) in pairs {
             if map.contains_key(&k) {
@@ -317,35 +318,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
         }
         Ok(Params(map))
     }
-}
-
-/// A query string's names and values, form-decoded (`+` is a space, as the clients that
-/// build query strings encode it: write `%2B` for a plus). Bytes that do not decode to
-/// UTF-8 are refused: decoded lossily (as `Query` does), `department=%FF` matched a
-/// department named U+FFFD and answered an empty page.
-fn query_pairs(query: &str) -> ApiResult<Vec<(String, String)>> {
-    let decode = |part: &str, what: &str| {
-        let bytes = part.replace('+', " ");
-        percent_encoding::percent_decode_str(&bytes)
-            .decode_utf8()
-            .map(std::borrow::Cow::into_owned)
-            .map_err(|_| {
-                ApiError::BadRequest(format!(
-                    "query string: a {what} is not UTF-8 once percent-decoded"
-                ))
-            })
-    };
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            Ok((
-                decode(name, "parameter name")?,
-                decode(value, "parameter value")?,
-            ))
-        })
-        .collect()
 }
 
 /// An optional body of options (`{"dry_run": true}`): none is `T::default()`; anything

@@ -1347,6 +1347,30 @@ fn head(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A query string's names and values, form-decoded (`+` is a space, as the clients that
+/// build query strings encode it: a plus is `%2B`), for SCIM and the Roster API alike.
+/// Bytes that do not decode to UTF-8 are refused: decoded lossily (as axum's `Query`
+/// does), `department=%FF` matched a department named U+FFFD and answered an empty page.
+pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+    let decode = |part: &str, what: &str| {
+        percent_encoding::percent_decode_str(&part.replace('+', " "))
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| format!("a {what} is not UTF-8 once percent-decoded"))
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((
+                decode(name, "parameter name")?,
+                decode(value, "parameter value")?,
+            ))
+        })
+        .collect()
+}
+
 /// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
 pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {

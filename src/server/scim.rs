@@ -5,7 +5,7 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -766,6 +766,23 @@ async fn op_delete(
 
 type Params = HashMap<String, String>;
 
+/// The query string's names and values (see [`super::query_pairs`]); one that does not
+/// decode is 400 in SCIM's error schema.
+struct ScimQuery(Vec<(String, String)>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ScimQuery {
+    type Rejection = ScimFailure;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ScimFailure> {
+        super::query_pairs(parts.uri.query().unwrap_or_default())
+            .map(ScimQuery)
+            .map_err(|e| ScimError::invalid_value(format!("query string: {e}")).into())
+    }
+}
+
 /// Query parameter names are matched case-insensitively.
 /// Query parameters by lower-case name. A list parameter given more than once
 /// (`attributes=userName&attributes=emails`, as HTTP libraries send a list) is one list;
@@ -845,7 +862,7 @@ macro_rules! resource_handlers {
         async fn $get(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            Query(q): Query<Vec<(String, String)>>,
+            ScimQuery(q): ScimQuery,
             headers: HeaderMap,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
@@ -858,7 +875,7 @@ macro_rules! resource_handlers {
         async fn $create(
             State(st): St,
             Path(tenant): Path<String>,
-            Query(q): Query<Vec<(String, String)>>,
+            ScimQuery(q): ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -873,7 +890,7 @@ macro_rules! resource_handlers {
         async fn $replace(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            Query(q): Query<Vec<(String, String)>>,
+            ScimQuery(q): ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -891,7 +908,7 @@ macro_rules! resource_handlers {
         async fn $patch(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            Query(q): Query<Vec<(String, String)>>,
+            ScimQuery(q): ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -919,7 +936,7 @@ macro_rules! resource_handlers {
         async fn $list(
             State(st): St,
             Path(tenant): Path<String>,
-            Query(q): Query<Vec<(String, String)>>,
+            ScimQuery(q): ScimQuery,
             headers: HeaderMap,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
@@ -974,7 +991,7 @@ const BOTH: [ResourceKind; 2] = [ResourceKind::User, ResourceKind::Group];
 async fn list_root(
     State(st): St,
     Path(tenant): Path<String>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2191,7 +2208,7 @@ fn spc_json(state: &AppState, tenant: &str) -> Value {
 async fn service_provider_config(
     State(st): St,
     Path(tenant): Path<String>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2233,7 +2250,7 @@ fn list_response(items: Vec<Value>) -> Value {
 async fn schemas(
     State(st): St,
     Path(tenant): Path<String>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2244,7 +2261,7 @@ async fn schemas(
 async fn schema_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2289,7 +2306,7 @@ fn all_resource_types(state: &AppState, tenant: &str) -> Vec<Value> {
 async fn resource_types(
     State(st): St,
     Path(tenant): Path<String>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2300,7 +2317,7 @@ async fn resource_types(
 async fn resource_type_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
-    Query(q): Query<Vec<(String, String)>>,
+    ScimQuery(q): ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;

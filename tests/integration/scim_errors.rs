@@ -247,6 +247,33 @@ async fn malformed_input_gets_scim_errors() {
 /// never given back would hang the rest, which the timeout turns into a failure), on
 /// both APIs, and what each wrote must be there.
 #[tokio::test]
+async fn a_query_string_that_does_not_decode_is_refused() {
+    let d = TestDaemon::start().await;
+    // A query value that is not UTF-8 once decoded is refused: read as U+FFFD, the
+    // filter matched no one and the list came back empty. `+` stays a space.
+    d.create_user("plus+tag@x").await;
+    for (query, found) in [
+        ("filter=userName+eq+%22%FF%22", None),
+        ("%FF=1", None),
+        ("filter=userName+eq+%22plus%2Btag@x%22", Some(1)),
+    ] {
+        let r = d.get(&format!("/Users?{query}")).await;
+        match found {
+            None => {
+                assert_eq!(r.status, 400, "{query}: {}", r.body);
+                assert_eq!(r.body["scimType"], "invalidValue", "{}", r.body);
+                let detail = r.body["detail"].as_str().unwrap();
+                assert!(detail.contains("not UTF-8"), "{detail}");
+            }
+            Some(n) => {
+                assert_eq!(r.status, 200, "{query}: {}", r.body);
+                assert_eq!(r.body["totalResults"], n, "{query}: {}", r.body);
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn large_bodies_take_turns_and_each_is_answered() {
     const LIMIT: usize = 2 << 20;
     let d = TestDaemon::start_with(Options {
