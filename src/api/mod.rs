@@ -200,16 +200,13 @@ impl ApiError {
     }
 }
 
-/// The longest error message, in bytes; past it, cut as `server::clip` cuts.
-const MAX_MESSAGE_BYTES: usize = 1024;
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         // Messages quote what the client sent: a 60,000-character filter came back whole.
         let message = match self.message() {
-            m if m.len() > MAX_MESSAGE_BYTES => {
-                crate::server::clip(&m, MAX_MESSAGE_BYTES).into_owned()
+            m if m.len() > crate::server::MAX_MESSAGE_BYTES => {
+                crate::server::clip(&m, crate::server::MAX_MESSAGE_BYTES).into_owned()
             }
             m => m,
         };

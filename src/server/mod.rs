@@ -1371,6 +1371,11 @@ pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> 
         .collect()
 }
 
+/// The longest error message a client is sent (a SCIM `detail`, a Roster API `message`),
+/// in bytes; past it, cut as [`clip`] cuts. Messages quote what the client sent: a
+/// 60,000-byte filter came back whole.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
 pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {

@@ -2244,13 +2244,8 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     assert_eq!(c["paused"], true, "{c}");
 }
 
-/// A reconciliation against a target that fails everything stops once `concurrency` of
-/// its repairs in a row used all their attempts with nothing delivered, and pauses the
-/// connector. Before, a repair's five attempts never reached `pause_after_failures`, and
-/// with no SCIM traffic to pause the connector a run tried every object five times: days
-/// for a large tenant, holding the tenant's job slot all along.
-#[tokio::test]
-async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connector_and_stops() {
+/// A daemon with the OneRoster connector `sis`, whose pauses last an hour.
+async fn pausing_for_an_hour() -> (TestDaemon, OneRosterServer) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
     let d = TestDaemon::start_with(Options {
@@ -2259,6 +2254,17 @@ async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connect
         ..Options::default()
     })
     .await;
+    (d, target)
+}
+
+/// A reconciliation against a target that fails everything stops once `concurrency` of
+/// its repairs in a row used all their attempts with nothing delivered, and pauses the
+/// connector. Before, a repair's five attempts never reached `pause_after_failures`, and
+/// with no SCIM traffic to pause the connector a run tried every object five times: days
+/// for a large tenant, holding the tenant's job slot all along.
+#[tokio::test]
+async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connector_and_stops() {
+    let (d, target) = pausing_for_an_hour().await;
     for i in 0..40 {
         d.create_user(&format!("user{i}@acme.test")).await;
     }
@@ -2295,14 +2301,7 @@ async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connect
 /// than `concurrency` of them leave the connector running, whatever order they fail in.
 #[tokio::test]
 async fn objects_a_target_keeps_failing_while_it_takes_others_do_not_pause_the_connector() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (name, text) = oneroster_file("sis", &target, "");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text.replace("pause_secs = 1", "pause_secs = 3600"))],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        ..Options::default()
-    })
-    .await;
+    let (d, target) = pausing_for_an_hour().await;
     let mut ids = Vec::new();
     for i in 0..20 {
         ids.push(d.create_user(&format!("user{i}@acme.test")).await);

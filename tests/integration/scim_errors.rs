@@ -273,6 +273,18 @@ async fn a_query_string_that_does_not_decode_is_refused() {
     }
 }
 
+/// A detail quoting what the client sent is cut: a 60,000-byte value came back whole.
+#[tokio::test]
+async fn a_detail_quoting_a_long_value_is_cut() {
+    let d = TestDaemon::start().await;
+    let long = "x".repeat(60_000);
+    let r = d.get(&format!("/Users?sortOrder={long}")).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(detail.contains("bytes in all)"), "{detail}");
+    assert!(detail.len() < 1200, "{} bytes", detail.len());
+}
+
 #[tokio::test]
 async fn large_bodies_take_turns_and_each_is_answered() {
     const LIMIT: usize = 2 << 20;
