@@ -129,6 +129,9 @@ pub(super) struct Guard {
     memberships: Option<Window>,
     /// Changes up to this one were let through by an operator's resume.
     approved_through: u64,
+    /// The start's count stopped once each limit was reached: until the changes it left
+    /// uncounted leave the window (this time), the true figure may be higher.
+    seeded_short_until: Option<DateTime<Utc>>,
 }
 
 /// A change the guard holds, and why.
@@ -146,6 +149,7 @@ impl Guard {
             users: config.users.map(Window::new),
             memberships: config.memberships.map(Window::new),
             approved_through: 0,
+            seeded_short_until: None,
         }
     }
 
@@ -171,6 +175,7 @@ impl Guard {
         let (mut below, mut scanned, mut newest) = (cursor, 0usize, None);
         let mut found: Vec<(DateTime<Utc>, Losses)> = Vec::new();
         let (mut users, mut memberships) = (HashSet::new(), HashSet::new());
+        let mut short_until = None;
         // Older ones cannot change a later decision once each limit is reached by
         // newer ones: those leave the window last.
         let full = |seen: &HashSet<String>, limit: Option<u64>| {
@@ -194,6 +199,7 @@ impl Guard {
                 memberships.extend(losses.memberships.iter().cloned());
                 found.push((ev.at, losses));
                 if full(&users, config.users) && full(&memberships, config.memberships) {
+                    short_until = Some(ev.at + window);
                     break 'scan;
                 }
             }
@@ -202,6 +208,7 @@ impl Guard {
         let mut guard = Guard::new(config);
         guard.kind = kind;
         guard.approved_through = approved_through;
+        guard.seeded_short_until = short_until;
         for (at, losses) in found {
             guard.count(at, &losses);
         }
@@ -251,10 +258,17 @@ impl Guard {
         }
         self.forget_before(ev.at);
         let minutes = self.config.minutes;
+        // Counted short at the start: an operator sizing an incident by this figure
+        // read 4 where hundreds had gone.
+        let n_of = |n: u64| match self.seeded_short_until {
+            Some(until) if ev.at < until => format!("at least {n}"),
+            _ => n.to_string(),
+        };
         let what = if let Some(n) = self.users.as_ref().and_then(|w| w.over(&losses.users)) {
             let limit = self.config.users.unwrap_or_default();
             format!(
-                "make {n} users deactivated or deleted within {minutes} minutes, more than {limit}"
+                "make {} users deactivated or deleted within {minutes} minutes, more than {limit}",
+                n_of(n)
             )
         } else if let Some(n) = self
             .memberships
@@ -262,7 +276,10 @@ impl Guard {
             .and_then(|w| w.over(&losses.memberships))
         {
             let limit = self.config.memberships.unwrap_or_default();
-            format!("end {n} group memberships within {minutes} minutes, more than {limit}")
+            format!(
+                "end {} group memberships within {minutes} minutes, more than {limit}",
+                n_of(n)
+            )
         } else {
             self.count(ev.at, &losses);
             return None;
@@ -294,6 +311,7 @@ impl Guard {
     /// The operator let every change up to `through` go: the count starts again after it.
     pub fn approve(&mut self, through: u64) {
         self.approved_through = self.approved_through.max(through);
+        self.seeded_short_until = None;
         for w in self.windows() {
             w.clear();
         }

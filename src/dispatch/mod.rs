@@ -3452,9 +3452,17 @@ impl Dispatcher {
     pub fn unloaded_status(&self) -> Vec<UnloadedStatus> {
         let mut out = Vec::new();
         for tenant in &self.tenants {
-            let Ok(held) = self.held_cursors(tenant) else {
+            let Ok(mut held) = self.held_cursors(tenant) else {
                 continue;
             };
+            // One entry a connector: one that was ever in dry run has a cursor for it
+            // too, and was listed twice, with two lags (an audit's `2 NOT LOADED (t1/dr,
+            // t1/dr)`). Its real cursor's lag is what its target is owed; both still
+            // hold back compaction (see `lowest_cursor`).
+            held.sort_by(|a, b| {
+                (&a.name, a.cursor_name != a.name).cmp(&(&b.name, b.cursor_name != b.name))
+            });
+            held.dedup_by(|later, first| later.name == first.name);
             for h in held {
                 let (cursor, lag_events, lag_seconds) = self.lag(tenant, &h.cursor_name);
                 out.push(UnloadedStatus {

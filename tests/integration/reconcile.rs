@@ -1184,6 +1184,40 @@ async fn a_connector_in_dry_run_holds_back_compaction_for_what_it_owes() {
     assert_eq!(connector(&d, "hooks").await["dead_letters"], 0);
 }
 
+/// A connector once in dry run keeps a cursor for it: not loaded, it is still one
+/// connector in `/status`, with its real cursor's lag. It was listed twice, with two lags
+/// (the dry run's stale one among them), and its start's WARN said it twice.
+#[tokio::test]
+async fn a_connector_once_in_dry_run_is_one_connector_when_not_loaded() {
+    let (_hook, d) = with_user_created_hook("").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let real = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        real.replace("kind = \"webhook\"", "kind = \"webhook\"\ndry_run = true"),
+    )
+    .unwrap();
+    d.reload().await;
+    d.create_user("dry@acme.test").await;
+    caught_up(&d, "hooks").await;
+    std::fs::write(&file, real).unwrap();
+    d.reload().await;
+    d.create_user("real@acme.test").await;
+    caught_up(&d, "hooks").await;
+    std::fs::remove_file(&file).unwrap();
+    let d = d.restart().await;
+    let status = d.status().await;
+    let listed: Vec<&Value> = status["unloaded_connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "hooks")
+        .collect();
+    assert_eq!(listed.len(), 1, "{status}");
+    // The real cursor delivered everything; the dry run's missed the last change.
+    assert_eq!(listed[0]["lag_events"], 0, "{status}");
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
     let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
