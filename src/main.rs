@@ -2517,10 +2517,12 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             _ => None,
         };
         // A paused connector's task runs, but sends nothing: "running, PAUSED" read as a
-        // contradiction, and the summary line above counts it apart from the running.
+        // contradiction, and the summary line above counts it apart from the running;
+        // "paused, PAUSED until resumed" (a refusal pause kept across a restart) said it
+        // twice.
         let state = match (str_of(&c["state"]), paused) {
             (state, None) => state,
-            (state, Some(paused)) if state == "running" => paused,
+            (state, Some(paused)) if state == "running" || state == "paused" => paused,
             (state, Some(paused)) => format!("{state}, {paused}"),
         };
         outln!(

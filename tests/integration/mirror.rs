@@ -1061,6 +1061,12 @@ async fn a_target_refusing_every_change_pauses_its_connector_until_resumed() {
         "{c} (since {since})"
     );
     assert_eq!(c["state"], "paused", "{c}");
+    // Said once: "paused, PAUSED until resumed" said it twice.
+    let shown = status_text(&d).await;
+    assert!(
+        shown.contains("(webhook, tenant acme): PAUSED until resumed\n"),
+        "{shown}"
+    );
     // `/status`, which needs no token, leaves out what the target said, after the
     // restart too (the store keeps it apart from the reason).
     let public = d.status().await.to_string();
