@@ -1,7 +1,7 @@
 //! Which characters break or hide text where rosterd shows it to a person: in an
 //! archetype id, a JWT's `sub`, a title being classified, and every line the CLI prints.
 //! One list, so that what the bundle refuses, what the Roster API refuses and what the
-//! CLI escapes cannot drift apart.
+//! CLI escapes cannot drift apart. And how long a value quoted back to a person may be.
 
 use std::borrow::Cow;
 
@@ -104,6 +104,37 @@ pub fn clip_lines(message: &str) -> Cow<'_, str> {
         })
         .collect();
     Cow::Owned(clipped.join("\n"))
+}
+
+/// The first at most `max` bytes of `s`, cut on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The longest error message a client is sent (a SCIM `detail`, a Roster API `message`),
+/// in bytes; past it, cut as [`clip`] cuts. Messages quote what the client sent: a
+/// 60,000-byte filter came back whole.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    format!("{}… ({} bytes in all)", head(s, max), s.len()).into()
+}
+
+/// A value a client sent, quoted as in `{:?}`, and cut as [`clip`] cuts, with the note
+/// of its length outside the quotes, where it cannot be read as part of the value.
+pub fn quote_clipped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return format!("{s:?}");
+    }
+    format!("{:?}… ({} bytes in all)", head(s, max), s.len())
 }
 
 #[cfg(test)]

@@ -1387,8 +1387,11 @@ async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
             EVENT_KINDS.join(", ")
         )));
     }
-    // Refused as the other filters refuse an empty value: a 404 said no such user.
-    if p.get("user_id").is_some_and(String::is_empty) {
+    // An empty user_id (or `user:` and nothing) names no one: 400, as an empty group,
+    // archetype or manager_user_id is; a 404 read as "no such user".
+    if p.get("user_id")
+        .is_some_and(|u| u.strip_prefix("user:").unwrap_or(u).trim().is_empty())
+    {
         return Err(ApiError::BadRequest(
             "user_id is empty; name a user by user:<userName> or by SCIM id".to_owned(),
         ));

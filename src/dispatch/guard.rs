@@ -176,6 +176,7 @@ impl Guard {
         let mut found: Vec<(DateTime<Utc>, Losses)> = Vec::new();
         let (mut users, mut memberships) = (HashSet::new(), HashSet::new());
         let mut short_until = None;
+        let (mut read_to_the_end, mut oldest_read) = (false, None);
         // Older ones cannot change a later decision once each limit is reached by
         // newer ones: those leave the window last.
         let full = |seen: &HashSet<String>, limit: Option<u64>| {
@@ -189,8 +190,10 @@ impl Guard {
             for ev in &batch {
                 let newest = *newest.get_or_insert(ev.at);
                 if ev.seq <= approved_through || ev.at <= newest - window {
+                    read_to_the_end = true;
                     break 'scan;
                 }
+                oldest_read = Some(ev.at);
                 let losses = Losses::of(ev).counted(config.users.is_some());
                 if losses.is_empty() {
                     continue;
@@ -203,6 +206,10 @@ impl Guard {
                     break 'scan;
                 }
             }
+        }
+        // Stopped at SEED_SCAN inside the window: what is older was not counted either.
+        if short_until.is_none() && !read_to_the_end && scanned >= SEED_SCAN {
+            short_until = oldest_read.map(|at| at + window);
         }
         found.reverse();
         let mut guard = Guard::new(config);

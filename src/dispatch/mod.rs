@@ -64,11 +64,13 @@ const READ_ATTEMPTS: u32 = 3;
 const READ_RETRY_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// A reconciliation's repairs that may use all their attempts in a row, nothing delivered
-/// between, before the connector pauses; at least the connector's `concurrency`, since
-/// that many fail together when the target goes down. Three, not one: a few objects the
-/// target keeps failing (a bug of its own on their data) may sort side by side, and one
-/// would then stop every run at the same place.
+/// between, before the target is asked whether it takes writes (see
+/// [`Ctx::repair_gave_up`]); at least the connector's `concurrency`, since that many fail
+/// together when the target goes down.
 const REPAIRS_GIVEN_UP_PAUSE: u64 = 3;
+
+/// Attempts of a reconciliation's repair: one that still fails is left for the next run.
+pub(super) const REPAIR_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -599,30 +601,54 @@ impl Live {
         }
     }
 
-    /// A reconciliation's repair used all its attempts. Once `limit` have in a row, each
-    /// while the target delivered nothing (the deliveries counted `delivered` when it
-    /// began), the connector pauses as for the mirror's failures, and the run stops at
-    /// the pause. A repair's attempts alone never reach `pause_after_failures` (5 against
-    /// 20 by default), so against a dead target with no SCIM traffic a run tried every
-    /// object five times: about 3 s an object at the default backoff, days for a large
-    /// tenant, holding the tenant's job slot (overrides answer 409) all along. Objects
-    /// the target keeps failing while it takes others are theirs alone: they do not count.
-    fn repair_gave_up(&self, delivered: u64, limit: u64, pause: Duration, reason: &str) {
+    /// A reconciliation begins to send: its repairs are counted afresh (see
+    /// [`Live::repair_gave_up`]). Carried over, a run's count made the next run's first
+    /// failures pause the connector.
+    fn begin_repairs(&self) {
+        self.repairs_given_up.store(0, Ordering::Release);
+    }
+
+    /// A reconciliation's repair used all its attempts, while the target delivered
+    /// nothing (the deliveries counted `delivered` when it began): whether it is the
+    /// `limit`-th in a row, when the target should be asked whether it takes writes at
+    /// all (see [`Ctx::takes_writes`]). A repair's attempts alone never reach
+    /// `pause_after_failures` (5 against 20 by default), so against a dead target with no
+    /// SCIM traffic a run tried every object five times: about 0.24 s an object at the
+    /// default backoff, days for a large tenant, holding the tenant's job slot
+    /// (overrides answer 409) all along. A repair that failed while the target took
+    /// others is its object's own, and does not count.
+    fn repair_gave_up(&self, delivered: u64, limit: u64) -> bool {
         if self.delivered.load(Ordering::Acquire) != delivered {
-            return;
+            return false;
         }
-        let n = self.repairs_given_up.fetch_add(1, Ordering::AcqRel) + 1;
+        self.repairs_given_up.fetch_add(1, Ordering::AcqRel) + 1 == limit
+    }
+
+    /// The target took a write after `limit` repairs in a row failed: they were their
+    /// objects' own failures, and the count starts again.
+    fn repairs_failed_alone(&self) {
+        self.repairs_given_up.store(0, Ordering::Release);
+    }
+
+    /// The target took no write after a reconciliation's repairs failed in a row: the
+    /// connector pauses as for the mirror's failures, and the run stops at the pause.
+    fn pause_for_repairs(&self, repairs: u64, pause: Duration, reason: &str) {
+        self.repairs_given_up.store(0, Ordering::Release);
         let mut h = self.health();
-        if n < limit || h.pause.is_some() {
+        // A pause that ran out is no pause: the run after it must pause again.
+        if h.pause.and_then(Pause::until).is_some() {
             return;
         }
         h.pause = Some(Pause::Until(Deadline::after(pause)));
         h.pause_lone = false;
         h.pause_logged = true;
         drop(h);
+        // So that the next delivery lifts it, though one may have ended the run of
+        // failures while the target was asked.
+        self.failures_in_a_row.fetch_max(1, Ordering::AcqRel);
         self.pause_changed.notify_waiters();
         let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
-        tracing::warn!(repairs = n, until = %rfc3339(until), reason, "Target failed a reconciliation's repairs in a row, each after all its attempts; connector paused, and the reconciliation stops.");
+        tracing::warn!(repairs, until = %rfc3339(until), reason, "Target failed a reconciliation's repairs in a row, each after all its attempts, and took no write when asked; connector paused, and the reconciliation stops.");
     }
 
     fn pause_until_resumed(&self, reason: &str, answer: Option<String>) {
@@ -1201,6 +1227,54 @@ impl Ctx {
         self.slots.acquire().await
     }
 
+    /// A reconciliation's repair used all its attempts: once enough have in a row with
+    /// nothing delivered (`concurrency`, at least [`REPAIRS_GIVEN_UP_PAUSE`], and at
+    /// least `pause_after_failures` attempts), the connector pauses unless the target
+    /// still takes a write. Objects the target fails on their data alone (a bug of its
+    /// own) are all an ordinary run after a failed one sends, and they fail together:
+    /// without the question they paused the connector at every run.
+    async fn repair_gave_up(&self, delivered_before: u64, reason: &str) {
+        let limit = REPAIRS_GIVEN_UP_PAUSE
+            .max(self.config.concurrency as u64)
+            .max(
+                self.config
+                    .retry
+                    .pause_after_failures
+                    .div_ceil(u64::from(REPAIR_ATTEMPTS)),
+            );
+        if !self.live.repair_gave_up(delivered_before, limit) {
+            return;
+        }
+        if self.takes_writes().await {
+            tracing::info!(
+                repairs = limit,
+                "A reconciliation's repairs failed in a row while the target took a write: those objects' own failures; not pausing."
+            );
+            self.live.repairs_failed_alone();
+        } else {
+            self.live
+                .pause_for_repairs(limit, self.config.retry.pause(), reason);
+        }
+    }
+
+    /// Whether the target takes a write now: one attempt of the course's PUT, which every
+    /// start sends too and which changes nothing there but its date.
+    async fn takes_writes(&self) -> bool {
+        let Target::OneRoster { settings, .. } = &self.target else {
+            return false;
+        };
+        let req = oneroster::course_put(settings, Utc::now());
+        let Ok(headers) = self.headers(&req).await else {
+            return false;
+        };
+        let timeout = Duration::from_millis(self.config.timeout_ms);
+        let sending = http::send(&self.client, &req, headers, timeout);
+        matches!(
+            self.unless_stopped(false, sending).await,
+            Some(Outcome::Delivered { body, .. }) if !oneroster::looks_like_a_page(&body)
+        )
+    }
+
     /// A preflight check (see [`Sender::Preflight`]).
     async fn send_preflight(&self, req: &Request) -> Sent {
         self.send_as(req, None, Sender::Preflight, None).await
@@ -1441,12 +1515,7 @@ impl Ctx {
             }
             if max_attempts.is_some_and(|m| attempts >= m) {
                 if matches!(by, Sender::Reconcile) {
-                    self.live.repair_gave_up(
-                        delivered_before,
-                        REPAIRS_GIVEN_UP_PAUSE.max(self.config.concurrency as u64),
-                        self.config.retry.pause(),
-                        &reason,
-                    );
+                    self.repair_gave_up(delivered_before, &reason).await;
                 }
                 return Sent::Refused { reason, response };
             }
@@ -4369,29 +4438,40 @@ mod tests {
     }
 
     #[test]
-    fn repairs_given_up_while_nothing_is_delivered_pause_the_connector() {
+    fn repairs_given_up_in_a_row_while_nothing_is_delivered_reach_the_limit_once() {
         let live = Live::new("t", "c", "running");
-        let pause = Duration::from_secs(3600);
-        let gave_up = |since: u64| live.repair_gave_up(since, 3, pause, "503");
-        gave_up(0);
-        gave_up(0);
-        assert!(live.paused_until().is_none());
+        live.begin_repairs();
+        assert!(!live.repair_gave_up(0, 3));
+        assert!(!live.repair_gave_up(0, 3));
         // A delivery between starts the count over.
         live.success();
-        gave_up(1);
-        gave_up(1);
-        assert!(live.paused_until().is_none());
+        assert!(!live.repair_gave_up(1, 3));
+        assert!(!live.repair_gave_up(1, 3));
         // A repair that failed while the target took another: that object's own.
-        gave_up(0);
-        assert!(live.paused_until().is_none());
-        gave_up(1);
+        assert!(!live.repair_gave_up(0, 3));
+        assert!(live.repair_gave_up(1, 3));
+        // Once: the repairs failing alongside do not ask again.
+        assert!(!live.repair_gave_up(1, 3));
+        // A new run counts afresh.
+        live.begin_repairs();
+        assert!(!live.repair_gave_up(1, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_for_repairs_comes_again_once_the_last_ran_out() {
+        let live = Live::new("t", "c", "running");
+        let pause = Duration::from_secs(60);
+        live.pause_for_repairs(3, pause, "503");
         assert!(live.paused_until().is_some());
-        assert!(
-            live.pause_reason()
-                .is_some_and(|r| r.contains("paused until")),
-            "{:?}",
-            live.pause_reason()
-        );
+        tokio::time::advance(pause + Duration::from_secs(1)).await;
+        assert!(live.paused_until().is_none());
+        // The ended pause is still recorded until a delivery or a probe clears it: it
+        // must not keep the next run from pausing.
+        live.pause_for_repairs(3, pause, "503");
+        assert!(live.paused_until().is_some());
+        // A delivery lifts it.
+        live.success();
+        assert!(live.paused_until().is_none());
     }
 
     #[test]

@@ -966,6 +966,7 @@ pub(super) async fn reconcile_oneroster(
     // needs its user and class at the target). The target may meet the mirror's own
     // `concurrency` requests besides: repairs take none of its slots.
     let width = ctx.config.concurrency.max(1);
+    ctx.live.begin_repairs();
     if full {
         mark_unconfirmed(ctx, &tenant, &owner, &items).await?;
         ctx.store.set_full_owed(&tenant, &owner, false).await?;
@@ -1141,7 +1142,10 @@ async fn repair(
     // back, enabled).
     let (store, t) = (&ctx.store, ctx.tenant());
     let mut wanted = || !shared_sends(pending, store, t, settings, &item.object);
-    Ok(Repair::Sent(ctx.send_repair(req, 5, &mut wanted).await))
+    Ok(Repair::Sent(
+        ctx.send_repair(req, super::REPAIR_ATTEMPTS, &mut wanted)
+            .await,
+    ))
 }
 
 fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {

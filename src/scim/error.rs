@@ -97,7 +97,9 @@ impl ScimError {
         let mut v = json!({
             "schemas": [ERROR_SCHEMA],
             "status": self.status.to_string(),
-            "detail": self.detail,
+            // Details quote what the client sent: a 60,000-byte value came back whole,
+            // in a /Bulk answer once per operation.
+            "detail": crate::text::clip(&self.detail, crate::text::MAX_MESSAGE_BYTES),
         });
         if let Some(t) = self.scim_type {
             v["scimType"] = json!(t.as_str());

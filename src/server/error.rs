@@ -53,12 +53,10 @@ pub fn store_to_scim(e: StoreError) -> ScimError {
 pub const INVALID_TOKEN: &str = "the Bearer token is not valid";
 
 impl IntoResponse for ScimFailure {
-    fn into_response(mut self) -> Response {
+    fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if self.0.detail.len() > super::MAX_MESSAGE_BYTES {
-            self.0.detail = super::clip(&self.0.detail, super::MAX_MESSAGE_BYTES).into_owned();
-        }
+
         let body = self.0.to_json().to_string();
         let token_refused = self.0.detail == INVALID_TOKEN;
         let mut resp = (status, body).into_response();

@@ -1338,15 +1338,6 @@ const MAX_LOGGED_DETAIL: usize = 512;
 const LOGGED_PATH_BYTES: usize = 512;
 const LOGGED_TENANT_BYTES: usize = 128;
 
-/// The first at most `max` bytes of `s`, cut on a character boundary.
-fn head(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// A query string's names and values, form-decoded (`+` is a space, as the clients that
 /// build query strings encode it: a plus is `%2B`), for SCIM and the Roster API alike.
 /// Bytes that do not decode to UTF-8 are refused: decoded lossily (as axum's `Query`
@@ -1371,27 +1362,7 @@ pub(crate) fn query_pairs(query: &str) -> Result<Vec<(String, String)>, String> 
         .collect()
 }
 
-/// The longest error message a client is sent (a SCIM `detail`, a Roster API `message`),
-/// in bytes; past it, cut as [`clip`] cuts. Messages quote what the client sent: a
-/// 60,000-byte filter came back whole.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 1024;
-
-/// `s` cut to at most `max` bytes on a character boundary, saying how long it was.
-pub(crate) fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if s.len() <= max {
-        return s.into();
-    }
-    format!("{}… ({} bytes in all)", head(s, max), s.len()).into()
-}
-
-/// A value a client sent, quoted as in `{:?}`, and cut as [`clip`] cuts, with the note
-/// of its length outside the quotes, where it cannot be read as part of the value.
-pub(crate) fn quote_clipped(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return format!("{s:?}");
-    }
-    format!("{:?}… ({} bytes in all)", head(s, max), s.len())
-}
+pub(crate) use crate::text::{MAX_MESSAGE_BYTES, clip, quote_clipped};
 
 /// Refusals for credentials logged one by one in a minute. A client without a token, trying
 /// tokens, wrote a WARN line each: 4,000 requests, 4,000 lines (about 20 GB a day at the

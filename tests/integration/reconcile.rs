@@ -2278,12 +2278,18 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     assert_eq!(c["paused"], true, "{c}");
 }
 
-/// A daemon with the OneRoster connector `sis`, whose pauses last an hour.
-async fn pausing_for_an_hour() -> (TestDaemon, OneRosterServer) {
+/// A daemon with the OneRoster connector `sis`, whose pauses last `secs`, and which
+/// pauses after the default 20 failures in a row: a reconciliation's repair, five
+/// attempts, never reaches it alone, and their count then starts at the connector's
+/// `concurrency`, 8.
+async fn pausing_for(secs: u64) -> (TestDaemon, OneRosterServer) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
+    let text = text
+        .replace("pause_secs = 1", &format!("pause_secs = {secs}"))
+        .replace("pause_after_failures = 1000", "pause_after_failures = 20");
     let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text.replace("pause_secs = 1", "pause_secs = 3600"))],
+        connectors: vec![(name, text)],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
         ..Options::default()
     })
@@ -2292,13 +2298,14 @@ async fn pausing_for_an_hour() -> (TestDaemon, OneRosterServer) {
 }
 
 /// A reconciliation against a target that fails everything stops once `concurrency` of
-/// its repairs in a row used all their attempts with nothing delivered, and pauses the
-/// connector. Before, a repair's five attempts never reached `pause_after_failures`, and
-/// with no SCIM traffic to pause the connector a run tried every object five times: days
-/// for a large tenant, holding the tenant's job slot all along.
+/// its repairs in a row used all their attempts with nothing delivered and the target
+/// takes no write when asked, and pauses the connector. Before, a repair's five attempts
+/// never reached `pause_after_failures`, and with no SCIM traffic to pause the connector
+/// a run tried every object five times: days for a large tenant, holding the tenant's job
+/// slot all along.
 #[tokio::test]
 async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connector_and_stops() {
-    let (d, target) = pausing_for_an_hour().await;
+    let (d, target) = pausing_for(3600).await;
     for i in 0..40 {
         d.create_user(&format!("user{i}@acme.test")).await;
     }
@@ -2317,10 +2324,14 @@ async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connect
         "{job}"
     );
     // The course alone, then eight users at a time: the pause comes once eight repairs
-    // (the course's among them) gave up, before the users begun meanwhile use their five
+    // (the course's among them) gave up and the course's PUT that asks whether the
+    // target takes writes failed, before the users begun meanwhile use their five
     // attempts. Every object's five would be 205.
     let tried = target.count_status(503);
-    assert!((5 * 8..=5 * 16).contains(&tried), "{tried} attempts; {job}");
+    assert!(
+        (5 * 8 + 1..=5 * 16 + 1).contains(&tried),
+        "{tried} attempts; {job}"
+    );
     assert_eq!(connector(&d, "sis").await["paused"], true);
     // Once the target is back and the pause lifted, the next run sends what this one
     // could not.
@@ -2331,18 +2342,51 @@ async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connect
     assert!(job["counts"]["drift_sent"].as_u64() >= Some(40), "{job}");
 }
 
-/// Objects the target keeps failing while it takes the others are theirs alone: fewer
-/// than `concurrency` of them leave the connector running, whatever order they fail in.
+/// A pause for a reconciliation's failures that ran out does not keep the next run from
+/// pausing when the target is still down: an ended pause stayed recorded, and the run
+/// after it tried every object five times again.
 #[tokio::test]
-async fn objects_a_target_keeps_failing_while_it_takes_others_do_not_pause_the_connector() {
-    let (d, target) = pausing_for_an_hour().await;
+async fn a_reconciliation_after_its_pause_ran_out_pauses_again_while_the_target_is_down() {
+    let (d, target) = pausing_for(2).await;
+    for i in 0..20 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    target.inject(or::Fault::status(503, 0).forever().on_method("PUT"));
+    let admin = d.jwt(TENANT, "roster:admin");
+    let paused = |job: &Value| {
+        job["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the connector is paused until"))
+    };
+    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
+    assert!(paused(&job), "{job}");
+    connector_until(&d, "sis", "the pause never ran out", |c| {
+        c["paused"] == false
+    })
+    .await;
+    // What the full run did not send is owed: the next run sends it, and meets the
+    // same dead target.
+    target.clear_requests();
+    let job = sync_job(&d, &admin).await;
+    assert!(paused(&job), "{job}");
+    assert!(target.count_status(503) <= 5 * 16 + 1, "{job}");
+}
+
+/// Objects the target fails on their own (a bug of its own on their data) while it takes
+/// writes do not pause the connector, however many fail together: asked, the target
+/// takes the course's PUT. An ordinary run after a failed one sends just those objects,
+/// and they paused the connector at every run.
+#[tokio::test]
+async fn objects_a_target_keeps_failing_while_it_takes_writes_do_not_pause_the_connector() {
+    let (d, target) = pausing_for(3600).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         ids.push(d.create_user(&format!("user{i}@acme.test")).await);
     }
     caught_up(&d, "sis").await;
-    // Seven of them, under the eight that `concurrency` lets fail together.
-    for id in ids.iter().step_by(3) {
+    // Ten of them, more than the eight that `concurrency` lets fail together.
+    for id in ids.iter().step_by(2) {
         let path = format!("/users/{}", sourced_id(&format!("User/{id}")));
         target.inject(
             or::Fault::status(503, 0)
@@ -2354,8 +2398,11 @@ async fn objects_a_target_keeps_failing_while_it_takes_others_do_not_pause_the_c
     let admin = d.jwt(TENANT, "roster:admin");
     let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["counts"]["drift_failed"], 7, "{job}");
-    assert_eq!(job["counts"]["drift_sent"], 14, "{job}");
+    assert_eq!(job["counts"]["drift_failed"], 10, "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 11, "{job}");
+    // The next run sends the ten alone, which fail together with nothing delivered.
+    let job = sync_job(&d, &admin).await;
+    assert_eq!(job["counts"]["drift_failed"], 10, "{job}");
     assert!(!job["error"].as_str().unwrap().contains("paused"), "{job}");
     assert_eq!(connector(&d, "sis").await["paused"], false);
 }

@@ -242,10 +242,6 @@ async fn malformed_input_gets_scim_errors() {
     assert_eq!(dn["mutability"], "readWrite", "{dn}");
 }
 
-/// Bodies over 1 MiB take turns within `max_body_bytes`: here each is three quarters of
-/// it, so no two are handled at once. Every one must still get its answer (a share
-/// never given back would hang the rest, which the timeout turns into a failure), on
-/// both APIs, and what each wrote must be there.
 #[tokio::test]
 async fn a_query_string_that_does_not_decode_is_refused() {
     let d = TestDaemon::start().await;
@@ -283,8 +279,29 @@ async fn a_detail_quoting_a_long_value_is_cut() {
     let detail = r.body["detail"].as_str().unwrap();
     assert!(detail.contains("bytes in all)"), "{detail}");
     assert!(detail.len() < 1200, "{} bytes", detail.len());
+    // In a /Bulk answer too, once per operation.
+    let op = json!({"method": "DELETE", "path": format!("/Users/{long}")});
+    let r = d
+        .post(
+            "/Bulk",
+            json!({
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+                "Operations": [op.clone(), op],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for o in r.body["Operations"].as_array().unwrap() {
+        let detail = o["response"]["detail"].as_str().unwrap();
+        assert!(detail.contains("bytes in all)"), "{detail}");
+        assert!(detail.len() < 1200, "{} bytes", detail.len());
+    }
 }
 
+/// Bodies over 1 MiB take turns within `max_body_bytes`: here each is three quarters of
+/// it, so no two are handled at once. Every one must still get its answer (a share
+/// never given back would hang the rest, which the timeout turns into a failure), on
+/// both APIs, and what each wrote must be there.
 #[tokio::test]
 async fn large_bodies_take_turns_and_each_is_answered() {
     const LIMIT: usize = 2 << 20;
