@@ -50,15 +50,28 @@ async fn sync_job_with(d: &TestDaemon, admin: &str, body: Option<Value>) -> Valu
 /// Turn on `read_back` in connector `sis`'s file (it lives in `[oneroster]`) and reload;
 /// the file's text before.
 async fn read_back_on(d: &TestDaemon) -> String {
-    let file = d.root.join("connectors/sis.toml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
+    edit_connector(
+        d,
+        "sis",
+        "[oneroster.auth]",
+        "read_back = true\n[oneroster.auth]",
     )
-    .unwrap();
+    .await
+}
+
+/// Replace `from` with `to` in connector `name`'s file and reload; the file's text before.
+async fn edit_connector(d: &TestDaemon, name: &str, from: &str, to: &str) -> String {
+    let file = d.root.join(format!("connectors/{name}.toml"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace(from, to)).unwrap();
     d.reload().await;
     text
+}
+
+/// Put connector `hooks` in dry run and reload; its file's text before.
+async fn hooks_in_dry_run(d: &TestDaemon) -> String {
+    let kind = "kind = \"webhook\"";
+    edit_connector(d, "hooks", kind, &format!("{kind}\ndry_run = true")).await
 }
 
 #[tokio::test]
@@ -1168,13 +1181,7 @@ async fn a_connector_in_dry_run_holds_back_compaction_for_what_it_owes() {
         ids.push(d.create_user(&format!("owed{i}@acme.test")).await);
     }
     let file = d.root.join("connectors/hooks.toml");
-    let real = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        real.replace("kind = \"webhook\"", "kind = \"webhook\"\ndry_run = true"),
-    )
-    .unwrap();
-    d.reload().await;
+    let real = hooks_in_dry_run(&d).await;
     two_compactions(&d).await;
     hook.clear_faults();
     std::fs::write(&file, real).unwrap();
@@ -1191,13 +1198,7 @@ async fn a_connector_in_dry_run_holds_back_compaction_for_what_it_owes() {
 async fn a_connector_once_in_dry_run_is_one_connector_when_not_loaded() {
     let (_hook, d) = with_user_created_hook("").await;
     let file = d.root.join("connectors/hooks.toml");
-    let real = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        real.replace("kind = \"webhook\"", "kind = \"webhook\"\ndry_run = true"),
-    )
-    .unwrap();
-    d.reload().await;
+    let real = hooks_in_dry_run(&d).await;
     d.create_user("dry@acme.test").await;
     caught_up(&d, "hooks").await;
     std::fs::write(&file, real).unwrap();
