@@ -192,20 +192,26 @@ impl ConnectorStatus {
     /// words, which may be the user it was sent (a target echoing the body it refused).
     /// The Roster API, which takes a token of the tenant, shows them.
     pub fn without_answer(mut self) -> Self {
-        // The answer is quoted after rosterd's own words: its last occurrence is the
-        // quote, where a short answer ("error") may occur in those words as well.
-        if let (Some(error), Some(answer)) = (&mut self.last_error, &self.last_answer)
-            && let Some(at) = error.rfind(answer.as_str())
-        {
-            error.replace_range(
-                at..at + answer.len(),
-                &format!(
-                    "[the target's answer: GET /api/v1/roster/connectors/{} shows it]",
-                    self.name
-                ),
-            );
+        if let Some(error) = &mut self.last_error {
+            *error = unquoted(error, self.last_answer.as_deref(), &self.name);
         }
         self
+    }
+}
+
+/// `error` with the target's `answer` it quotes replaced by where to read it: the
+/// Roster API, which takes a token of the tenant. A target echoing the body it refused
+/// puts a user's name and email in its answer, and `/status` takes no token.
+fn unquoted(error: &str, answer: Option<&str>, connector: &str) -> String {
+    // The answer is quoted after rosterd's own words: its last occurrence is the quote,
+    // where a short answer ("error") may occur in those words as well.
+    match answer.and_then(|a| Some((error.rfind(a)?, a.len()))) {
+        Some((at, len)) => format!(
+            "{}[the target's answer: GET /api/v1/roster/connectors/{connector} shows it]{}",
+            &error[..at],
+            &error[at + len..]
+        ),
+        None => error.to_owned(),
     }
 }
 
@@ -783,7 +789,14 @@ impl Live {
                 until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )
         };
-        let last = self.health().last_error.clone().unwrap_or_default();
+        // A job's error, which `/status` shows in the schedules' results: without the
+        // target's words (an audit saw a refused user's email there, every hour).
+        let h = self.health();
+        let last = unquoted(
+            h.last_error.as_deref().unwrap_or_default(),
+            h.last_answer.as_deref(),
+            &self.name,
+        );
         Some(format!("the connector is paused {when} ({last})"))
     }
 
@@ -1594,8 +1607,9 @@ impl Ctx {
                 Outcome::Retry {
                     reason,
                     retry_after,
-                    ..
+                    response,
                 } => {
+                    let reason = self.unquoted_read(reason, response.as_ref());
                     // The job slot is held meanwhile (overrides answer 409), and nothing
                     // said why: a `Retry-After` of an hour kept a job waiting three
                     // hours, the last after its final attempt, without a log line.
@@ -1618,12 +1632,30 @@ impl Ctx {
                     }
                 }
                 Outcome::Gone { response } | Outcome::Refused { response, .. } => {
-                    let body: String = response.body.chars().take(200).collect();
-                    return Err(format!("target answered {}: {body}", response.status));
+                    let reason = http::with_answer(
+                        format!("target answered {}", response.status),
+                        &response.body,
+                    );
+                    return Err(self.unquoted_read(reason, Some(&response)));
                 }
             }
         }
         Err(last)
+    }
+
+    /// A read's failure as the job reports it, which `/status` shows: without the
+    /// target's words, which the log gets instead.
+    fn unquoted_read(&self, reason: String, response: Option<&TargetResponse>) -> String {
+        let answer = response.and_then(|r| http::brief_answer(&r.body));
+        let Some(answer) = answer.filter(|a| reason.contains(a.as_str())) else {
+            return reason;
+        };
+        tracing::warn!(reason = reason.as_str(), "A read of the target failed.");
+        let name = self.name();
+        unquoted(&reason, Some(&answer), name).replace(
+            &format!("GET /api/v1/roster/connectors/{name} shows it"),
+            "in rosterd's log",
+        )
     }
 
     async fn send_one<'r>(

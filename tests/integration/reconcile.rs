@@ -2034,8 +2034,10 @@ async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
 async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let d = reading_back(&target).await;
+    // A page that is a user's record: the job's error, which `/status` shows to anyone,
+    // says what was wrong and where, and leaves the page's words to the log.
     target.inject(
-        or::Fault::status(200, 0)
+        or::Fault::answer(200, r#"{"user": "echoed-person@acme.test"}"#, 0)
             .forever()
             .on_method("GET")
             .on_path("users"),
@@ -2043,11 +2045,54 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     let admin = d.jwt(TENANT, "roster:admin");
     let job = sync_job(&d, &admin).await;
     assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
     assert!(
-        job["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not a OneRoster users page")),
+        error.contains("not a OneRoster users page") && error.contains("rosterd's log"),
         "{job}"
+    );
+    assert!(!error.contains("echoed-person"), "{job}");
+}
+
+/// A job failed by a paused connector names the pause and its last error, without the
+/// target's words: the job's error shows in `/status`, which takes no token, and a target
+/// echoing the user it refused put that user's email there, every hour the schedule ran.
+/// The Roster API's connector, which takes the tenant's token, shows them.
+#[tokio::test]
+async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    let text = text
+        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
+        .replace("pause_secs = 1", "pause_secs = 3600");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "sis").await;
+    let echo = r#"{"refused": "echoed-person@acme.test"}"#;
+    target.inject(or::Fault::answer(503, echo, 0).forever().on_method("PUT"));
+    d.create_user("bob@acme.test").await;
+    crate::mirror::paused(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the connector is paused until")
+            && error.contains("GET /api/v1/roster/connectors/sis shows it]"),
+        "{job}"
+    );
+    assert!(!error.contains("echoed-person"), "{job}");
+    let status = d.status().await.to_string();
+    assert!(!status.contains("echoed-person"), "{status}");
+    let c = connector(&d, "sis").await;
+    assert!(
+        c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("echoed-person")),
+        "{c}"
     );
 }
 
