@@ -337,6 +337,23 @@ fn classify(
     }
 }
 
+/// Why a target's answer is not the JSON expected, without quoting it: serde's words may
+/// hold a value (`invalid type: string "ada@…"`), and the reason reaches `/status`, which
+/// takes no token. Then only what kind of error, and where.
+pub fn json_error_unquoted(e: &serde_json::Error) -> String {
+    let said = e.to_string();
+    if !said.contains(['"', '`']) {
+        return said;
+    }
+    let kind = match e.classify() {
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Eof => "JSON cut short",
+        serde_json::error::Category::Data => "JSON of another shape",
+        serde_json::error::Category::Io => "unreadable",
+    };
+    format!("{kind} at line {} column {}", e.line(), e.column())
+}
+
 /// A retried failure's reason with the start of what the target said: a retry keeps no
 /// dead letter, and "target answered 500" alone sent the operator to the target's logs to
 /// learn which object and why. Blanks run together, so an HTML page reads on one line.

@@ -954,7 +954,8 @@ pub fn check_org_answer(
     let answer: Answer = serde_json::from_slice(json).map_err(|e| {
         let start = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
         let reason = format!(
-            "the target answered the GET of the org with something that is not a OneRoster org (a JSON object with an `org` that has a `sourcedId`: {e}), a proxy's login page? It begins"
+            "the target answered the GET of the org with something that is not a OneRoster org (a JSON object with an `org` that has a `sourcedId`: {}), a proxy's login page? It begins",
+            crate::connectors::http::json_error_unquoted(&e)
         );
         (
             crate::connectors::http::with_answer(reason, &start),

@@ -1255,7 +1255,10 @@ impl Ctx {
                     .pause_after_failures
                     .div_ceil(u64::from(REPAIR_ATTEMPTS)),
             );
-        if !self.live.repair_gave_up(delivered_before, limit) {
+        // Already paused or held (the mirror's failures, another repair's question):
+        // the run stops at it, and the target need not be asked.
+        if !self.live.repair_gave_up(delivered_before, limit) || self.live.pause_reason().is_some()
+        {
             return;
         }
         if self.takes_writes().await {
@@ -1263,6 +1266,13 @@ impl Ctx {
                 repairs = limit,
                 "A reconciliation's repairs failed in a row while the target took a write: those objects' own failures; not pausing."
             );
+            self.live.repairs_failed_alone();
+        } else if self.cancel.is_cancelled()
+            || self.live.delivered.load(Ordering::Acquire) != delivered_before
+        {
+            // A stop cut the question short, or a delivery came while it was asked: no
+            // answer that the target is down, and a pause set after a delivery would
+            // stand until it ran out.
             self.live.repairs_failed_alone();
         } else {
             self.live
@@ -4484,9 +4494,14 @@ mod tests {
         assert!(live.repair_gave_up(1, 3));
         // Once: the repairs failing alongside do not ask again.
         assert!(!live.repair_gave_up(1, 3));
-        // A new run counts afresh.
+        // A new run counts afresh: two of the last, one of this, is not three.
         live.begin_repairs();
         assert!(!live.repair_gave_up(1, 3));
+        assert!(!live.repair_gave_up(1, 3));
+        live.begin_repairs();
+        assert!(!live.repair_gave_up(1, 3));
+        assert!(!live.repair_gave_up(1, 3));
+        assert!(live.repair_gave_up(1, 3));
     }
 
     #[tokio::test(start_paused = true)]

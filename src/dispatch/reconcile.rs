@@ -1258,20 +1258,7 @@ async fn read_back(
                 // page may be a user's record.
                 let start = String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned();
                 tracing::warn!(offset, error = %e, begins = start.as_str(), "A read-back page is not a OneRoster users page.");
-                // serde's words may quote a value (`invalid type: string "ada@…"`): then only
-                // what kind of error, and where.
-                let said = e.to_string();
-                let what = if said.contains(['"', '`']) {
-                    let kind = match e.classify() {
-                        serde_json::error::Category::Syntax => "not JSON",
-                        serde_json::error::Category::Eof => "JSON cut short",
-                        serde_json::error::Category::Data => "JSON of another shape",
-                        serde_json::error::Category::Io => "unreadable",
-                    };
-                    format!("{kind} at line {} column {}", e.line(), e.column())
-                } else {
-                    said
-                };
+                let what = crate::connectors::http::json_error_unquoted(&e);
                 break Some(format!(
                     "GET of the users page at offset {offset} ({}) answered something that is not a OneRoster users page (a JSON object with a `users` array of at most {READ_BACK_MAX_PAGE_USERS}): {what}; how it begins is in rosterd's log",
                     crate::connectors::http::shown_url(&req.url),

@@ -2781,6 +2781,11 @@ async fn a_preflight_answered_by_something_else_than_the_org_pauses() {
             "with the org \"someone-else\"",
         ),
         (org(or::DEFAULT_ORG, "tobedeleted"), "marked `tobedeleted`"),
+        // serde's words quoted the value: `invalid type: string "echoed-person@…"`.
+        (
+            r#"{"org": "echoed-person@acme.test"}"#.to_owned(),
+            "not a OneRoster org",
+        ),
     ] {
         target.clear_faults();
         target.inject(
@@ -2805,6 +2810,8 @@ async fn a_preflight_answered_by_something_else_than_the_org_pauses() {
                 "{public}"
             );
         }
+        let public = d.status().await.to_string();
+        assert!(!public.contains("echoed-person"), "{public}");
         last = Some(d);
     }
     let d = last.unwrap();

@@ -2053,10 +2053,33 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     assert!(!error.contains("echoed-person"), "{job}");
 }
 
-/// A job failed by a paused connector names the pause and its last error, without the
-/// target's words: the job's error shows in `/status`, which takes no token, and a target
-/// echoing the user it refused put that user's email there, every hour the schedule ran.
-/// The Roster API's connector, which takes the tenant's token, shows them.
+/// A read-back the target fails says so in the job's error without the target's words,
+/// which go to the log: the error shows in `/status`.
+#[tokio::test]
+async fn a_read_back_the_target_fails_keeps_its_words_out_of_the_jobs_error() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let echo = r#"{"refused": "echoed-person@acme.test"}"#;
+    target.inject(
+        or::Fault::answer(503, echo, 0)
+            .forever()
+            .on_method("GET")
+            .on_path("users"),
+    );
+    let admin = d.jwt(TENANT, "roster:admin");
+    let job = sync_job(&d, &admin).await;
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the read-back stopped early") && error.contains("in rosterd's log"),
+        "{job}"
+    );
+    assert!(!error.contains("echoed-person"), "{job}");
+}
+
+/// A scheduled job failed by a paused connector names the pause and its last error,
+/// without the target's words: its error shows in `/status`, which takes no token, and a
+/// target echoing the user it refused put that user's email there, every hour the
+/// schedule ran. The Roster API's connector, which takes the tenant's token, shows them.
 #[tokio::test]
 async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
@@ -2067,6 +2090,7 @@ async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        config_extra: "[schedules]\nreconcile = \"* * * * * *\"\n".into(),
         ..Options::default()
     })
     .await;
@@ -2076,16 +2100,19 @@ async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
     target.inject(or::Fault::answer(503, echo, 0).forever().on_method("PUT"));
     d.create_user("bob@acme.test").await;
     crate::mirror::paused(&d, "sis").await;
-    let admin = d.jwt(TENANT, "roster:admin");
-    let job = sync_job_with(&d, &admin, Some(json!({"full": true}))).await;
-    let error = job["error"].as_str().unwrap_or_default();
+    let s = reconcile_schedule_until(&d, "no scheduled job failed on the pause", |s| {
+        s["jobs"][TENANT]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the connector is paused until"))
+    })
+    .await;
+    let error = s["jobs"][TENANT]["error"].as_str().unwrap();
     assert!(
-        error.contains("the connector is paused until")
-            && error.contains("GET /api/v1/roster/connectors/sis shows it]"),
-        "{job}"
+        error.contains("GET /api/v1/roster/connectors/sis shows it]"),
+        "{s}"
     );
-    assert!(!error.contains("echoed-person"), "{job}");
     let status = d.status().await.to_string();
+    assert!(status.contains("the connector is paused until"), "{status}");
     assert!(!status.contains("echoed-person"), "{status}");
     let c = connector(&d, "sis").await;
     assert!(
