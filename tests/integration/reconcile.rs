@@ -2032,12 +2032,26 @@ async fn a_scheduled_csv_write_owed_at_a_stop_is_written_at_the_next_start() {
 /// end of the list: taken as one, the repair would be off without a word.
 #[tokio::test]
 async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = reading_back(&target).await;
     // A page that is a user's record: the job's error, which `/status` shows to anyone,
     // says what was wrong and where, and leaves the page's words to the log.
+    read_back_failing_with(200, "not a OneRoster users page").await;
+}
+
+/// A read-back the target fails says so in the job's error without the target's words,
+/// which go to the log: the error shows in `/status`.
+#[tokio::test]
+async fn a_read_back_the_target_fails_keeps_its_words_out_of_the_jobs_error() {
+    read_back_failing_with(503, "the read-back stopped early").await;
+}
+
+/// A reconciliation whose read-back the target answers with `status` and a user's
+/// record: the job fails saying `wanted`, and its error does not quote the record.
+async fn read_back_failing_with(status: u16, wanted: &str) {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = reading_back(&target).await;
+    let echo = r#"{"user": "echoed-person@acme.test"}"#;
     target.inject(
-        or::Fault::answer(200, r#"{"user": "echoed-person@acme.test"}"#, 0)
+        or::Fault::answer(status, echo, 0)
             .forever()
             .on_method("GET")
             .on_path("users"),
@@ -2047,30 +2061,7 @@ async fn a_read_back_page_that_is_no_users_page_fails_the_job() {
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("not a OneRoster users page") && error.contains("rosterd's log"),
-        "{job}"
-    );
-    assert!(!error.contains("echoed-person"), "{job}");
-}
-
-/// A read-back the target fails says so in the job's error without the target's words,
-/// which go to the log: the error shows in `/status`.
-#[tokio::test]
-async fn a_read_back_the_target_fails_keeps_its_words_out_of_the_jobs_error() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let d = reading_back(&target).await;
-    let echo = r#"{"refused": "echoed-person@acme.test"}"#;
-    target.inject(
-        or::Fault::answer(503, echo, 0)
-            .forever()
-            .on_method("GET")
-            .on_path("users"),
-    );
-    let admin = d.jwt(TENANT, "roster:admin");
-    let job = sync_job(&d, &admin).await;
-    let error = job["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("the read-back stopped early") && error.contains("in rosterd's log"),
+        error.contains(wanted) && error.contains("rosterd's log"),
         "{job}"
     );
     assert!(!error.contains("echoed-person"), "{job}");
