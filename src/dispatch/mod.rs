@@ -1287,15 +1287,33 @@ impl Ctx {
             return false;
         };
         let req = oneroster::course_put(settings, Utc::now());
-        let Ok(headers) = self.headers(&req).await else {
-            return false;
+        // What it answered, for the log: the pause's line names only the repairs' error.
+        let said = match self.headers(&req).await {
+            Err(e) => e,
+            Ok(headers) => {
+                let timeout = Duration::from_millis(self.config.timeout_ms);
+                let sending = http::send(&self.client, &req, headers, timeout);
+                match self.unless_stopped(false, sending).await {
+                    Some(Outcome::Delivered { body, .. })
+                        if !oneroster::looks_like_a_page(&body) =>
+                    {
+                        return true;
+                    }
+                    Some(Outcome::Delivered { status, .. }) => {
+                        format!("answered {status} with a page")
+                    }
+                    Some(Outcome::Retry { reason, .. } | Outcome::Refused { reason, .. }) => reason,
+                    Some(Outcome::Unauthorized { .. }) => "answered 401".to_owned(),
+                    Some(Outcome::Gone { .. }) => "answered 410".to_owned(),
+                    None => "rosterd is stopping".to_owned(),
+                }
+            }
         };
-        let timeout = Duration::from_millis(self.config.timeout_ms);
-        let sending = http::send(&self.client, &req, headers, timeout);
-        matches!(
-            self.unless_stopped(false, sending).await,
-            Some(Outcome::Delivered { body, .. }) if !oneroster::looks_like_a_page(&body)
-        )
+        tracing::warn!(
+            answer = said.as_str(),
+            "The target took no PUT of the course after a reconciliation's repairs failed in a row."
+        );
+        false
     }
 
     /// A preflight check (see [`Sender::Preflight`]).
@@ -2935,7 +2953,7 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Arc<Dispatcher> {
         let client = reqwest::Client::builder()
-            .user_agent(concat!("rosterd/", env!("CARGO_PKG_VERSION")))
+            .user_agent(format!("rosterd/{}", crate::VERSION))
             .pool_max_idle_per_host(256)
             // A redirect is the target's answer, not followed (see `http::classify`).
             .redirect(reqwest::redirect::Policy::none())

@@ -2034,6 +2034,11 @@ async fn a_secret_rotation_signs_with_both_secrets() {
         .unwrap()
         .to_owned();
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
+    // Which build sent it, as `--version` says: a target's logs named every build 0.1.0.
+    assert_eq!(
+        hook.deliveries()[1].header("user-agent"),
+        Some(format!("rosterd/{}", rosterd::VERSION).as_str())
+    );
 }
 
 /// Discard every dead letter of connector `name`, as an operator who gave up on them.

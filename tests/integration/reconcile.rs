@@ -2369,6 +2369,7 @@ async fn pausing_for(secs: u64) -> (TestDaemon, OneRosterServer) {
 /// slot all along.
 #[tokio::test]
 async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connector_and_stops() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let (d, target) = pausing_for(3600).await;
     for i in 0..40 {
         d.create_user(&format!("user{i}@acme.test")).await;
@@ -2397,6 +2398,12 @@ async fn a_reconciliation_against_a_target_failing_everything_pauses_the_connect
         "{tried} attempts; {job}"
     );
     assert_eq!(connector(&d, "sis").await["paused"], true);
+    // The question's answer is in the log: the pause's line names the repairs' error.
+    let asked = logs.lines("The target took no PUT of the course");
+    assert!(
+        asked.len() == 1 && asked[0].contains("answered 503"),
+        "{asked:?}"
+    );
     // Once the target is back and the pause lifted, the next run sends what this one
     // could not.
     target.clear_faults();
