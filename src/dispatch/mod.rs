@@ -193,26 +193,36 @@ impl ConnectorStatus {
     /// The Roster API, which takes a token of the tenant, shows them.
     pub fn without_answer(mut self) -> Self {
         if let Some(error) = &mut self.last_error {
-            *error = unquoted(error, self.last_answer.as_deref(), &self.name);
+            *error = unquoted(
+                error,
+                self.last_answer.as_deref(),
+                &shown_by_api(&self.name),
+            );
         }
         self
     }
 }
 
-/// `error` with the target's `answer` it quotes replaced by where to read it: the
-/// Roster API, which takes a token of the tenant. A target echoing the body it refused
-/// puts a user's name and email in its answer, and `/status` takes no token.
-fn unquoted(error: &str, answer: Option<&str>, connector: &str) -> String {
+/// `error` with the target's `answer` it quotes replaced by where to read it (`shown`):
+/// the Roster API, which takes a token of the tenant, or the log. A target echoing the
+/// body it refused puts a user's name and email in its answer, and `/status` takes no
+/// token.
+fn unquoted(error: &str, answer: Option<&str>, shown: &str) -> String {
     // The answer is quoted after rosterd's own words: its last occurrence is the quote,
     // where a short answer ("error") may occur in those words as well.
     match answer.and_then(|a| Some((error.rfind(a)?, a.len()))) {
         Some((at, len)) => format!(
-            "{}[the target's answer: GET /api/v1/roster/connectors/{connector} shows it]{}",
+            "{}[the target's answer: {shown}]{}",
             &error[..at],
             &error[at + len..]
         ),
         None => error.to_owned(),
     }
+}
+
+/// Where a connector's last answer from its target is shown to those with a token.
+fn shown_by_api(connector: &str) -> String {
+    format!("GET /api/v1/roster/connectors/{connector} shows it")
 }
 
 /// A known connector that is not loaded (its file is broken, or missing since the last
@@ -607,10 +617,12 @@ impl Live {
         }
     }
 
-    /// A reconciliation begins to send: its repairs are counted afresh (see
-    /// [`Live::repair_gave_up`]). Carried over, a run's count made the next run's first
-    /// failures pause the connector.
-    fn begin_repairs(&self) {
+    /// A reconciliation's repairs given up are counted afresh (see
+    /// [`Live::repair_gave_up`]): as a run begins to send (carried over, a run's count
+    /// made the next run's first failures pause the connector), and once the target took
+    /// a write after `limit` of them failed in a row (they were their objects' own
+    /// failures).
+    fn count_repairs_afresh(&self) {
         self.repairs_given_up.store(0, Ordering::Release);
     }
 
@@ -628,12 +640,6 @@ impl Live {
             return false;
         }
         self.repairs_given_up.fetch_add(1, Ordering::AcqRel) + 1 == limit
-    }
-
-    /// The target took a write after `limit` repairs in a row failed: they were their
-    /// objects' own failures, and the count starts again.
-    fn repairs_failed_alone(&self) {
-        self.repairs_given_up.store(0, Ordering::Release);
     }
 
     /// The target took no write after a reconciliation's repairs failed in a row: the
@@ -795,7 +801,7 @@ impl Live {
         let last = unquoted(
             h.last_error.as_deref().unwrap_or_default(),
             h.last_answer.as_deref(),
-            &self.name,
+            &shown_by_api(&self.name),
         );
         Some(format!("the connector is paused {when} ({last})"))
     }
@@ -1266,14 +1272,14 @@ impl Ctx {
                 repairs = limit,
                 "A reconciliation's repairs failed in a row while the target took a write: those objects' own failures; not pausing."
             );
-            self.live.repairs_failed_alone();
+            self.live.count_repairs_afresh();
         } else if self.cancel.is_cancelled()
             || self.live.delivered.load(Ordering::Acquire) != delivered_before
         {
             // A stop cut the question short, or a delivery came while it was asked: no
             // answer that the target is down, and a pause set after a delivery would
             // stand until it ran out.
-            self.live.repairs_failed_alone();
+            self.live.count_repairs_afresh();
         } else {
             self.live
                 .pause_for_repairs(limit, self.config.retry.pause(), reason);
@@ -1679,11 +1685,7 @@ impl Ctx {
             return reason;
         };
         tracing::warn!(reason = reason.as_str(), "A read of the target failed.");
-        let name = self.name();
-        unquoted(&reason, Some(&answer), name).replace(
-            &format!("GET /api/v1/roster/connectors/{name} shows it"),
-            "in rosterd's log",
-        )
+        unquoted(&reason, Some(&answer), "in rosterd's log")
     }
 
     async fn send_one<'r>(
@@ -4500,7 +4502,7 @@ mod tests {
     #[test]
     fn repairs_given_up_in_a_row_while_nothing_is_delivered_reach_the_limit_once() {
         let live = Live::new("t", "c", "running");
-        live.begin_repairs();
+        live.count_repairs_afresh();
         assert!(!live.repair_gave_up(0, 3));
         assert!(!live.repair_gave_up(0, 3));
         // A delivery between starts the count over.
@@ -4513,10 +4515,10 @@ mod tests {
         // Once: the repairs failing alongside do not ask again.
         assert!(!live.repair_gave_up(1, 3));
         // A new run counts afresh: two of the last, one of this, is not three.
-        live.begin_repairs();
+        live.count_repairs_afresh();
         assert!(!live.repair_gave_up(1, 3));
         assert!(!live.repair_gave_up(1, 3));
-        live.begin_repairs();
+        live.count_repairs_afresh();
         assert!(!live.repair_gave_up(1, 3));
         assert!(!live.repair_gave_up(1, 3));
         assert!(live.repair_gave_up(1, 3));

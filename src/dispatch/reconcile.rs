@@ -966,7 +966,7 @@ pub(super) async fn reconcile_oneroster(
     // needs its user and class at the target). The target may meet the mirror's own
     // `concurrency` requests besides: repairs take none of its slots.
     let width = ctx.config.concurrency.max(1);
-    ctx.live.begin_repairs();
+    ctx.live.count_repairs_afresh();
     if full {
         mark_unconfirmed(ctx, &tenant, &owner, &items).await?;
         ctx.store.set_full_owed(&tenant, &owner, false).await?;

@@ -56,7 +56,6 @@ impl IntoResponse for ScimFailure {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-
         let body = self.0.to_json().to_string();
         let token_refused = self.0.detail == INVALID_TOKEN;
         let mut resp = (status, body).into_response();
