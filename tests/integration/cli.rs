@@ -2089,9 +2089,7 @@ async fn status_names_the_connectors_that_need_the_operator_first() {
     );
     down.inject(Fault::status(500, 0).forever());
     let (name, text) = oneroster_file("down", &down, "");
-    let text = text
-        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
-        .replace("pause_secs = 1", "pause_secs = 3600");
+    let text = crate::mirror::pausing(&text, 2, 3600);
     target.inject(
         Fault::answer(422, "no", 1)
             .on_method("PUT")

@@ -43,6 +43,16 @@ token_env = "OR_TOKEN"
     )
 }
 
+/// The text of a connector file of [`oneroster_file`] made to pause after `after`
+/// failures in a row, for `secs`.
+pub fn pausing(text: &str, after: u64, secs: u64) -> String {
+    text.replace(
+        "pause_after_failures = 1000",
+        &format!("pause_after_failures = {after}"),
+    )
+    .replace("pause_secs = 1", &format!("pause_secs = {secs}"))
+}
+
 /// A connector file of [`oneroster_file`] that gets its tokens from `target`'s token
 /// endpoint (OAuth 2.0 client credentials, the secret in `OR_SECRET`).
 pub fn with_client_credentials(text: &str, target: &OneRosterServer) -> String {
@@ -463,12 +473,7 @@ async fn replays_a_failing_target_refuses_do_not_pause_the_connector() {
     // Pause after two failures in a row, for an hour.
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        text.replace("pause_after_failures = 1000", "pause_after_failures = 2")
-            .replace("pause_secs = 1", "pause_secs = 3600"),
-    )
-    .unwrap();
+    std::fs::write(&file, pausing(&text, 2, 3600)).unwrap();
     d.reload().await;
     caught_up(&d, "sis").await;
     target.clear_owner(Kind::User, &sid);
@@ -638,12 +643,7 @@ async fn a_target_that_keeps_failing_pauses_its_connector_until_resumed() {
     // Rewrite the connector to pause after 3 failures for an hour, and reload.
     let file = d.root.join("connectors/sis.toml");
     let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        text.replace("pause_after_failures = 1000", "pause_after_failures = 3")
-            .replace("pause_secs = 1", "pause_secs = 3600"),
-    )
-    .unwrap();
+    std::fs::write(&file, pausing(&text, 3, 3600)).unwrap();
     target.inject(Fault::status(500, 0).forever().on_method("PUT"));
     d.reload().await;
     let id = d.create_user("stuck@acme.test").await;
@@ -694,11 +694,7 @@ async fn a_failing_target_meets_only_concurrency_retrying_requests_and_none_once
     let (d, target) = start_with_oneroster("").await;
     d.create_user("warm@acme.test").await;
     caught_up(&d, "sis").await;
-    let slow = |t: String| {
-        t.replace("concurrency = 8", "concurrency = 2")
-            .replace("pause_after_failures = 1000", "pause_after_failures = 3")
-            .replace("pause_secs = 1", "pause_secs = 3600")
-    };
+    let slow = |t: String| pausing(&t.replace("concurrency = 8", "concurrency = 2"), 3, 3600);
     // A backlog of 30 changes builds up while the connector is off.
     rewrite_connector(&d, |t| format!("enabled = false\n{}", slow(t))).await;
     for i in 0..30 {
@@ -2876,10 +2872,7 @@ async fn with_hook(
 /// the returned file, and sends them together.
 async fn disable_pausing_after_three(d: &TestDaemon) -> (std::path::PathBuf, String) {
     let file = d.root.join("connectors/sis.toml");
-    let text = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("pause_after_failures = 1000", "pause_after_failures = 3")
-        .replace("pause_secs = 1", "pause_secs = 3600");
+    let text = pausing(&std::fs::read_to_string(&file).unwrap(), 3, 3600);
     std::fs::write(&file, format!("enabled = false\n{text}")).unwrap();
     d.reload().await;
     (file, text)

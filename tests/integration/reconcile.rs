@@ -5,7 +5,7 @@
 use crate::harness::{BUNDLE, OTHER_TENANT, Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
     backup_stopped, caught_up, connector, connector_until, discard_dead_letters, oneroster_file,
-    restore, sourced_id, start_with_oneroster, with_user_created_hook,
+    pausing, restore, sourced_id, start_with_oneroster, with_user_created_hook,
 };
 use crate::oneroster::{self as or, Fault, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
@@ -2075,9 +2075,7 @@ async fn read_back_failing_with(status: u16, wanted: &str) {
 async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let text = text
-        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
-        .replace("pause_secs = 1", "pause_secs = 3600");
+    let text = pausing(&text, 2, 3600);
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
@@ -2298,9 +2296,7 @@ async fn change_after_puts_fail(
 async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let text = text
-        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
-        .replace("pause_secs = 1", "pause_secs = 3600");
+    let text = pausing(&text, 2, 3600);
     // ada's change is refused, so she drifted; then the target goes down, and the change
     // after it (bob's creation, which waits for the connector) pauses it for an hour.
     let d = change_after_puts_fail(&target, (name, text), 400).await;
@@ -2349,9 +2345,7 @@ async fn a_reconciliation_does_not_wait_out_a_paused_connector() {
 async fn pausing_for(secs: u64) -> (TestDaemon, OneRosterServer) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let text = text
-        .replace("pause_secs = 1", &format!("pause_secs = {secs}"))
-        .replace("pause_after_failures = 1000", "pause_after_failures = 20");
+    let text = pausing(&text, 20, secs);
     let d = TestDaemon::start_with(Options {
         connectors: vec![(name, text)],
         env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
