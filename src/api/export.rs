@@ -228,11 +228,11 @@ pub(super) async fn export_users(
     State(st): State<Arc<AppState>>,
     socket: Option<axum::Extension<crate::server::ConnSocket>>,
     headers: HeaderMap,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
     let mut allowed = FILTER_PARAMS.to_vec();
     allowed.push("format");
-    let caller = admit(&st, &headers, Scope::Read, &p, &allowed)?;
+    let (caller, p) = admit(&st, &headers, Scope::Read, p, &allowed)?;
     match p.get("format").map(String::as_str) {
         None | Some("csv") => {}
         Some(f) => {

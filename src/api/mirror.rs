@@ -76,8 +76,8 @@ fn change_json(c: &crate::store::ChangeEvent) -> Value {
 /// `GET /changes?since=SEQ&limit=N`: committed (durable) changes after `since`, oldest
 /// first. `next_since` is what to ask for next; `compacted_upto` the last change
 /// compaction removed, so a reader whose `since` is below it knows it missed some.
-async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &["since", "limit"])?;
+async fn list_changes(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, p) = admit(&st, &headers, Scope::Read, p, &["since", "limit"])?;
     let limit = parse_limit(&p)?;
     let since = match p.get("since") {
         Some(v) => v
@@ -110,12 +110,8 @@ async fn list_changes(State(st): St, headers: HeaderMap, Params(p): Params) -> A
     .await
 }
 
-async fn list_connectors(
-    State(st): St,
-    headers: HeaderMap,
-    Params(p): Params,
-) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+async fn list_connectors(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         Ok(Json(json!({ "connectors": st.dispatch.status(Some(&tenant)) })).into_response())
@@ -127,9 +123,9 @@ async fn get_connector(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let tenant = caller.tenant;
     blocking(move || Ok(Json(st.dispatch.connector_status(&tenant, &name)?).into_response())).await
 }
@@ -140,9 +136,9 @@ async fn list_dead_letters(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &["limit", "after"])?;
+    let (caller, p) = admit(&st, &headers, Scope::Read, p, &["limit", "after"])?;
     let limit = parse_limit(&p)?;
     let after = p
         .get("after")
@@ -186,9 +182,9 @@ async fn discard(
     State(st): St,
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     st.dispatch
         .discard(&caller.tenant, &name, letter_id(&id)?)
         .await?;
@@ -199,9 +195,9 @@ async fn replay(
     State(st): St,
     headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     let id = letter_id(&id)?;
     let replayed = st.dispatch.replay(&caller.tenant, &name, id).await?;
     Ok(Json(replayed).into_response())
@@ -222,10 +218,10 @@ async fn replay_batch(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
     body: axum::body::Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     let ids = batch_ids(&st, &headers, body).await?;
     let (done, not_attempted) = st
         .dispatch
@@ -252,10 +248,10 @@ async fn discard_batch(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
     body: axum::body::Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     let ids = batch_ids(&st, &headers, body).await?;
     let done = st
         .dispatch
@@ -334,10 +330,10 @@ async fn resume(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
     body: axum::body::Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     let body = super::roster::read_body(&st, &headers, body).await?;
     const EXPECTED: &str = "expected {\"skip_held\": true|false}";
     #[derive(serde::Deserialize, Default)]
@@ -390,9 +386,9 @@ async fn retire(
     State(st): St,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Admin, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Admin, p, &[])?;
     let r = st.dispatch.retire(&caller.tenant, &name).await?;
     Ok(Json(json!({
         "retired": name,

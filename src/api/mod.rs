@@ -292,29 +292,35 @@ pub(crate) const ERROR_CODES: &[&str] = &[
 ];
 
 /// The query string, name → value. A name given twice is refused: which copy counts is
-/// nothing a caller should have to guess (`limit=1&limit=2`).
-pub(crate) struct Params(pub HashMap<String, String>);
+/// nothing a caller should have to guess (`limit=1&limit=2`). A query that does not read
+/// is refused only once the caller is known (`roster::admit`): a client without a token
+/// gets the 401 its credentials earn, whatever it asked.
+pub(crate) struct Params(ApiResult<HashMap<String, String>>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         _: &S,
-    ) -> Result<Self, ApiError> {
-        let pairs = crate::server::query_pairs(parts.uri.query().unwrap_or_default())
-            .map_err(|e| ApiError::BadRequest(format!("query string: {e}")))?;
-        let mut map = HashMap::with_capacity(pairs.len());
-        for (k, v) in pairs {
-            if map.contains_key(&k) {
-                return Err(ApiError::BadRequest(format!(
-                    "query parameter {k:?} is given more than once; give it once"
-                )));
-            }
-            map.insert(k, v);
-        }
-        Ok(Params(map))
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Params(read_params(parts.uri.query().unwrap_or_default())))
     }
+}
+
+fn read_params(query: &str) -> ApiResult<HashMap<String, String>> {
+    let pairs = crate::server::query_pairs(query)
+        .map_err(|e| ApiError::BadRequest(format!("query string: {e}")))?;
+    let mut map = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        if map.contains_key(&k) {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter {k:?} is given more than once; give it once"
+            )));
+        }
+        map.insert(k, v);
+    }
+    Ok(map)
 }
 
 /// An optional body of options (`{"dry_run": true}`): none is `T::default()`; anything

@@ -105,13 +105,14 @@ pub(super) fn admit(
     st: &AppState,
     headers: &HeaderMap,
     scope: Scope,
-    p: &HashMap<String, String>,
+    p: Params,
     allowed: &[&str],
-) -> ApiResult<Caller> {
+) -> ApiResult<(Caller, HashMap<String, String>)> {
     let caller = authenticate(st, headers)?;
     caller.require(scope)?;
-    check_params(p, allowed)?;
-    Ok(caller)
+    let p = p.0?;
+    check_params(&p, allowed)?;
+    Ok((caller, p))
 }
 
 fn check_params(p: &HashMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
@@ -737,10 +738,10 @@ fn find_group(store: &Store, tenant: &str, g: &str) -> ApiResult<Option<String>>
     Ok(ids.pop())
 }
 
-async fn list_users(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
+async fn list_users(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
     let mut allowed = FILTER_PARAMS.to_vec();
     allowed.extend(["limit", "cursor"]);
-    let caller = admit(&st, &headers, Scope::Read, &p, &allowed)?;
+    let (caller, p) = admit(&st, &headers, Scope::Read, p, &allowed)?;
     let limit = parse_limit(&p)?;
     let policy = tenant_of(&st, &caller.tenant)?.policy();
     let tenant = caller.tenant;
@@ -772,9 +773,9 @@ async fn get_user(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let res = find_user(&st.store, &tenant, &user_id)?;
@@ -956,10 +957,10 @@ async fn patch_user(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
-    Params(p): Params,
+    p: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Write, p, &[])?;
     let body = read_body(&st, &headers, body).await?;
     let body = required_body(&headers, &body, "{\"archetype_id\": \"<id>\" | null}")?;
     let archetype = archetype_field(&body)?;
@@ -994,10 +995,10 @@ async fn patch_user(
 async fn bulk_assign(
     State(st): St,
     headers: HeaderMap,
-    Params(p): Params,
+    p: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Write, p, &[])?;
     let body = read_body(&st, &headers, body).await?;
     let body = required_body(
         &headers,
@@ -1128,12 +1129,8 @@ async fn bulk_assign(
 // ---------------------------------------------------------------------------------------
 // Archetypes and groups
 
-async fn list_archetypes(
-    State(st): St,
-    headers: HeaderMap,
-    Params(p): Params,
-) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+async fn list_archetypes(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let policy = tenant_of(&st, &caller.tenant)?
         .policy()
         .ok_or(ApiError::NoBundle)?;
@@ -1176,8 +1173,8 @@ async fn list_archetypes(
     .await
 }
 
-async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+async fn list_groups(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let tenant = caller.tenant;
     blocking(move || {
         let t = tenant_of(&st, &tenant)?;
@@ -1210,8 +1207,8 @@ async fn list_groups(State(st): St, headers: HeaderMap, Params(p): Params) -> Ap
 // ---------------------------------------------------------------------------------------
 // Review queue
 
-async fn list_review(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &["limit", "cursor"])?;
+async fn list_review(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, p) = admit(&st, &headers, Scope::Read, p, &["limit", "cursor"])?;
     let limit = parse_limit(&p)?;
     // The queue takes no filters: a cursor is bound to the endpoint and tenant only.
     let scope = CursorScope::new("review", &caller.tenant, []);
@@ -1282,10 +1279,10 @@ async fn accept_review(
     State(st): St,
     headers: HeaderMap,
     Path(user_id): Path<String>,
-    Params(p): Params,
+    p: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Write, p, &[])?;
     let body = read_body(&st, &headers, body).await?;
     // No body (or whitespace), `{}` and `{"archetype_id": null}` all accept the
     // suggestion (the OpenAPI document makes the field optional).
@@ -1354,12 +1351,12 @@ fn parse_time(p: &HashMap<String, String>, key: &str) -> ApiResult<Option<DateTi
         .transpose()
 }
 
-async fn list_events(State(st): St, headers: HeaderMap, Params(p): Params) -> ApiResult<Response> {
-    let caller = admit(
+async fn list_events(State(st): St, headers: HeaderMap, p: Params) -> ApiResult<Response> {
+    let (caller, p) = admit(
         &st,
         &headers,
         Scope::Read,
-        &p,
+        p,
         &["user_id", "kind", "since", "until", "limit", "after"],
     )?;
     let limit = parse_limit(&p)?;
@@ -1499,10 +1496,10 @@ pub(super) fn job_json(j: &Job) -> Value {
 async fn start_sync(
     State(st): St,
     headers: HeaderMap,
-    Params(p): Params,
+    p: Params,
     body: Body,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Write, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Write, p, &[])?;
     let body = read_body(&st, &headers, body).await?;
     const EXPECTED: &str =
         "expected {\"dry_run\": true|false, \"full\": true|false, \"connector\": \"NAME\"}";
@@ -1565,9 +1562,9 @@ async fn get_job(
     State(st): St,
     headers: HeaderMap,
     Path(job_id): Path<String>,
-    Params(p): Params,
+    p: Params,
 ) -> ApiResult<Response> {
-    let caller = admit(&st, &headers, Scope::Read, &p, &[])?;
+    let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let job = st
         .store
         .job(&caller.tenant, &job_id)?

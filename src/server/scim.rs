@@ -767,28 +767,37 @@ async fn op_delete(
 type Params = HashMap<String, String>;
 
 /// The query string's names and values (see [`super::query_pairs`]); one that does not
-/// decode is 400 in SCIM's error schema.
-struct ScimQuery(Vec<(String, String)>);
+/// decode is 400 in SCIM's error schema. It is read only after the token is checked: a
+/// client without one learns nothing of what the query would have done, and gets the 401
+/// its credentials earn whatever it asked.
+struct ScimQuery(Result<Vec<(String, String)>, String>);
+
+impl ScimQuery {
+    fn read(self) -> ScimResult<Vec<(String, String)>> {
+        self.0
+            .map_err(|e| ScimError::invalid_value(format!("query string: {e}")))
+    }
+}
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ScimQuery {
-    type Rejection = ScimFailure;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         _: &S,
-    ) -> Result<Self, ScimFailure> {
-        super::query_pairs(parts.uri.query().unwrap_or_default())
-            .map(ScimQuery)
-            .map_err(|e| ScimError::invalid_value(format!("query string: {e}")).into())
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ScimQuery(super::query_pairs(
+            parts.uri.query().unwrap_or_default(),
+        )))
     }
 }
 
-/// Query parameter names are matched case-insensitively.
 /// Query parameters by lower-case name. A list parameter given more than once
 /// (`attributes=userName&attributes=emails`, as HTTP libraries send a list) is one list;
 /// any other given twice (`count=1&count=2`) is 400: which of the two the client meant
 /// is not rosterd's to guess, as with a key given twice in a body.
-fn lower_keys(q: Vec<(String, String)>) -> ScimResult<Params> {
+fn lower_keys(q: ScimQuery) -> ScimResult<Params> {
+    let q = q.read()?;
     let mut out = Params::with_capacity(q.len());
     for (k, v) in q {
         let name = k.to_ascii_lowercase();
@@ -862,7 +871,7 @@ macro_rules! resource_handlers {
         async fn $get(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            ScimQuery(q): ScimQuery,
+            q: ScimQuery,
             headers: HeaderMap,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
@@ -875,7 +884,7 @@ macro_rules! resource_handlers {
         async fn $create(
             State(st): St,
             Path(tenant): Path<String>,
-            ScimQuery(q): ScimQuery,
+            q: ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -890,7 +899,7 @@ macro_rules! resource_handlers {
         async fn $replace(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            ScimQuery(q): ScimQuery,
+            q: ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -908,7 +917,7 @@ macro_rules! resource_handlers {
         async fn $patch(
             State(st): St,
             Path((tenant, id)): Path<(String, String)>,
-            ScimQuery(q): ScimQuery,
+            q: ScimQuery,
             headers: HeaderMap,
             body: Body,
         ) -> HandlerResult {
@@ -936,7 +945,7 @@ macro_rules! resource_handlers {
         async fn $list(
             State(st): St,
             Path(tenant): Path<String>,
-            ScimQuery(q): ScimQuery,
+            q: ScimQuery,
             headers: HeaderMap,
         ) -> HandlerResult {
             authorize(&st, &tenant, &headers)?;
@@ -991,7 +1000,7 @@ const BOTH: [ResourceKind; 2] = [ResourceKind::User, ResourceKind::Group];
 async fn list_root(
     State(st): St,
     Path(tenant): Path<String>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
@@ -2208,11 +2217,11 @@ fn spc_json(state: &AppState, tenant: &str) -> Value {
 async fn service_provider_config(
     State(st): St,
     Path(tenant): Path<String>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    refuse_filter(&q)?;
+    refuse_filter(&q.read()?)?;
     Ok(ok(spc_json(&st, &tenant)).into_response())
 }
 
@@ -2250,22 +2259,22 @@ fn list_response(items: Vec<Value>) -> Value {
 async fn schemas(
     State(st): St,
     Path(tenant): Path<String>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    refuse_filter(&q)?;
+    refuse_filter(&q.read()?)?;
     Ok(ok(list_response(all_schemas(&st, &tenant))).into_response())
 }
 
 async fn schema_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    refuse_filter(&q)?;
+    refuse_filter(&q.read()?)?;
     one_by_id(all_schemas(&st, &tenant), &id, "schema")
 }
 
@@ -2306,21 +2315,21 @@ fn all_resource_types(state: &AppState, tenant: &str) -> Vec<Value> {
 async fn resource_types(
     State(st): St,
     Path(tenant): Path<String>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    refuse_filter(&q)?;
+    refuse_filter(&q.read()?)?;
     Ok(ok(list_response(all_resource_types(&st, &tenant))).into_response())
 }
 
 async fn resource_type_by_id(
     State(st): St,
     Path((tenant, id)): Path<(String, String)>,
-    ScimQuery(q): ScimQuery,
+    q: ScimQuery,
     headers: HeaderMap,
 ) -> HandlerResult {
     authorize(&st, &tenant, &headers)?;
-    refuse_filter(&q)?;
+    refuse_filter(&q.read()?)?;
     one_by_id(all_resource_types(&st, &tenant), &id, "resource type")
 }

@@ -2672,7 +2672,16 @@ async fn requests_are_read_strictly_whatever_the_endpoint() {
     ] {
         let r = d.roster(Method::GET, path, &admin, None).await;
         api_error_saying(&r, 400, "invalid_request", "not UTF-8");
+        // Judged only for a caller the daemon knows, and after its scope: the query of a
+        // request with a bad token or too narrow a scope is not the first thing wrong.
+        let r = d.roster(Method::GET, path, "not-a-jwt", None).await;
+        api_error(&r, 401, "token_malformed");
     }
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::POST, "/scim:sync?%FF=1", &reader, None)
+        .await;
+    api_error(&r, 403, "insufficient_scope");
     // `+` is a space, as clients building query strings encode one; `%2B` is a plus.
     create(
         &d,

@@ -267,6 +267,25 @@ async fn a_query_string_that_does_not_decode_is_refused() {
             }
         }
     }
+    // Without the token, the same queries are 401 wherever they go: the query is judged
+    // only for a client the tenant knows.
+    for path in [
+        "/Users",
+        "/Groups/g1",
+        "/",
+        "/Schemas",
+        "/ServiceProviderConfig",
+    ] {
+        let url = format!("{}?filter=%FF", d.scim_url(path).trim_end_matches('/'));
+        for token in [None, Some("not-the-token")] {
+            let r = d.raw(Method::GET, &url, token, &[], None).await;
+            assert_eq!(r.status, 401, "{url} with {token:?}: {}", r.body);
+            assert_eq!(
+                r.body["schemas"],
+                json!(["urn:ietf:params:scim:api:messages:2.0:Error"])
+            );
+        }
+    }
 }
 
 /// A detail quoting what the client sent is cut: a 60,000-byte value came back whole.
