@@ -1287,33 +1287,45 @@ impl Ctx {
     }
 
     /// Whether the target takes a write now: one attempt of the course's PUT, which every
-    /// start sends too and which changes nothing there but its date.
+    /// start sends too and which changes nothing there but its date. A 401 is asked once
+    /// more with a fresh token, as a mirror's request is: repairs failing with a 503 never
+    /// drop the token, so one that expired or was revoked meanwhile answered the question
+    /// for a target that takes writes, and paused the connector.
     async fn takes_writes(&self) -> bool {
         let Target::OneRoster { settings, .. } = &self.target else {
             return false;
         };
         let req = oneroster::course_put(settings, Utc::now());
+        let mut refreshed = false;
         // What it answered, for the log: the pause's line names only the repairs' error.
-        let said = match self.headers(&req).await {
-            Err(e) => e,
-            Ok(headers) => {
-                let timeout = Duration::from_millis(self.config.timeout_ms);
-                let sending = http::send(&self.client, &req, headers, timeout);
-                match self.unless_stopped(false, sending).await {
-                    Some(Outcome::Delivered { body, .. })
-                        if !oneroster::looks_like_a_page(&body) =>
-                    {
-                        return true;
-                    }
-                    Some(Outcome::Delivered { status, .. }) => {
-                        format!("answered {status} with a page")
-                    }
-                    Some(Outcome::Retry { reason, .. } | Outcome::Refused { reason, .. }) => reason,
-                    Some(Outcome::Unauthorized { .. }) => "answered 401".to_owned(),
-                    Some(Outcome::Gone { .. }) => "answered 410".to_owned(),
-                    None => "rosterd is stopping".to_owned(),
+        let said = loop {
+            let headers = match self.headers(&req).await {
+                Err(e) => break e,
+                Ok(headers) => headers,
+            };
+            let used_auth = authorization(&headers);
+            let timeout = Duration::from_millis(self.config.timeout_ms);
+            let sending = http::send(&self.client, &req, headers, timeout);
+            break match self.unless_stopped(false, sending).await {
+                Some(Outcome::Delivered { body, .. }) if !oneroster::looks_like_a_page(&body) => {
+                    return true;
                 }
-            }
+                Some(Outcome::Delivered { status, .. }) => {
+                    format!("answered {status} with a page")
+                }
+                Some(Outcome::Retry { reason, .. } | Outcome::Refused { reason, .. }) => reason,
+                Some(Outcome::Unauthorized { .. }) => {
+                    if let Some(credentials) = self.credentials() {
+                        credentials.invalidate(used_auth.as_deref()).await;
+                        if !std::mem::replace(&mut refreshed, true) {
+                            continue;
+                        }
+                    }
+                    "answered 401".to_owned()
+                }
+                Some(Outcome::Gone { .. }) => "answered 410".to_owned(),
+                None => "rosterd is stopping".to_owned(),
+            };
         };
         tracing::warn!(
             answer = said.as_str(),

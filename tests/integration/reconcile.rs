@@ -5,7 +5,8 @@
 use crate::harness::{BUNDLE, OTHER_TENANT, Options, TENANT, TestDaemon, patch_op};
 use crate::mirror::{
     backup_stopped, caught_up, connector, connector_until, discard_dead_letters, oneroster_file,
-    pausing, restore, sourced_id, start_with_oneroster, with_user_created_hook,
+    pausing, restore, sourced_id, start_with_oneroster, with_client_credentials,
+    with_user_created_hook,
 };
 use crate::oneroster::{self as or, Fault, Kind, ListQuirks, OneRosterOptions, OneRosterServer};
 use crate::webhook::WebhookServer;
@@ -2470,6 +2471,61 @@ async fn objects_a_target_keeps_failing_while_it_takes_writes_do_not_pause_the_c
     assert_eq!(job["counts"]["drift_failed"], 10, "{job}");
     assert!(!job["error"].as_str().unwrap().contains("paused"), "{job}");
     assert_eq!(connector(&d, "sis").await["paused"], false);
+}
+
+/// The question whether the target takes writes, answered 401 for a token that died while
+/// the repairs failed, is asked again with a fresh token: repairs failing with a 503 keep
+/// the token, so a revoked or expired one answered for a target that takes writes, and
+/// paused the connector for an hour.
+#[tokio::test]
+async fn a_question_refused_for_a_stale_token_is_asked_again_with_a_fresh_one() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    // Slower retries than the other tests': the token is revoked once the first repair
+    // has failed, and the question comes after eight repairs' five attempts.
+    let text = with_client_credentials(&pausing(&text, 20, 3600), &target).replace(
+        "initial_delay_ms = 20\nmax_delay_ms = 200",
+        "initial_delay_ms = 100\nmax_delay_ms = 1000",
+    );
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_SECRET".into(), or::DEFAULT_CLIENT_SECRET.into())],
+        ..Options::default()
+    })
+    .await;
+    for i in 0..10 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    caught_up(&d, "sis").await;
+    target.inject(
+        Fault::status(503, 0)
+            .forever()
+            .on_path("/users/")
+            .on_method("PUT"),
+    );
+    let issued = target.tokens_issued();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let revoke = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while target.count_status(503) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "no repair failed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        target.revoke_tokens();
+    };
+    let (job, ()) = tokio::join!(
+        sync_job_with(&d, &admin, Some(json!({"full": true}))),
+        revoke
+    );
+    // Asked with the revoked token, then with a fresh one, which the target took.
+    assert_eq!(target.count_status(401), 1, "{job}");
+    assert_eq!(target.tokens_issued(), issued + 1, "{job}");
+    assert_eq!(job["counts"]["drift_failed"], 10, "{job}");
+    assert!(!job["error"].as_str().unwrap().contains("paused"), "{job}");
+    assert_eq!(connector(&d, "sis").await["paused"], false);
+    let asked = logs.lines("The target took no PUT of the course");
+    assert!(asked.is_empty(), "{asked:?}");
 }
 
 /// A paused connector delivers nothing, drift or not: a reconciliation that found
