@@ -620,7 +620,9 @@ fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Opt
 
 /// A PUT that leaves `active` out keeps a deactivated user deactivated: RFC 7644 §3.5.1
 /// lets an omitted attribute be taken as not asserted, and an HR client's PUT of a title
-/// must not give a leaver their access back. Only `active: true` reactivates.
+/// must not give a leaver their access back. Only `active: true` reactivates. So too for
+/// a PATCH that removes `active` or makes it null: a user without one reads as active, so
+/// such a PATCH reactivated a leaver everywhere the roster goes, though no one asked.
 fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
     if kind == ResourceKind::User
         && !crate::scim::is_active(old)
@@ -708,6 +710,7 @@ async fn op_patch(
             // it repeats: merged, it would carry the stored `primary` and pass for new.
             settle_primaries(kind, old, &mut doc);
             merge_repeats(kind, &mut doc, old);
+            let mut doc = keep_deactivated(kind, old, doc);
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
                 obj.remove("groups");

@@ -730,6 +730,77 @@ async fn a_manager_value_naming_no_user_is_kept_warned_and_counted() {
     );
 }
 
+/// A PATCH that removes `active`, or makes it null, keeps a leaver deactivated, as a PUT
+/// without it does: a user without `active` reads as active, so each of these reactivated
+/// the leaver in the roster, the exports and downstream.
+#[tokio::test]
+async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
+    let d = TestDaemon::start().await;
+    let mut body = user("leaver@example.com");
+    body["active"] = json!(false);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let admin = d.jwt(TENANT, "roster:admin");
+    let roster_active = || async {
+        let r = d
+            .roster(Method::GET, &format!("/users/{id}"), &admin, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["is_active"].clone()
+    };
+    for ops in [
+        json!([{"op": "remove", "path": "active"}]),
+        json!([{"op": "Remove", "path": "ACTIVE"}]),
+        json!([{"op": "replace", "path": "active", "value": null}]),
+        json!([{"op": "replace", "value": {"active": null}}]),
+        json!([{"op": "add", "value": {"active": null, "title": "Buyer"}}]),
+    ] {
+        let p = d
+            .patch(&format!("/Users/{id}"), patch_op(ops.clone()))
+            .await;
+        assert_eq!(p.status, 200, "{ops}: {}", p.body);
+        assert_eq!(p.body["active"], false, "{ops}: {}", p.body);
+        assert_eq!(roster_active().await, false, "{ops}");
+    }
+    // In /Bulk too.
+    let bulk = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+        "Operations": [{
+            "method": "PATCH",
+            "path": format!("/Users/{id}"),
+            "data": patch_op(json!([{"op": "remove", "path": "active"}])),
+        }],
+    });
+    let r = d.post("/Bulk", bulk).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["Operations"][0]["status"], "200", "{}", r.body);
+    assert_eq!(roster_active().await, false);
+    let found = d
+        .get("/Users?filter=userName%20eq%20%22leaver@example.com%22%20and%20active%20eq%20true")
+        .await;
+    assert_eq!(found.body["totalResults"], 0, "{}", found.body);
+    // An active user's `active` removed reads as active still, and is kept as sent.
+    let stayer = d.create_user("stayer@example.com").await;
+    let p = d
+        .patch(
+            &format!("/Users/{stayer}"),
+            patch_op(json!([{"op": "remove", "path": "active"}])),
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert!(p.body["active"].is_null(), "{}", p.body);
+    // Saying so reactivates.
+    let p = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "Replace", "path": "active", "value": "True"}])),
+        )
+        .await;
+    assert_eq!(p.body["active"], true, "{}", p.body);
+    assert_eq!(roster_active().await, true);
+}
+
 /// A PUT that leaves `active` out keeps a leaver deactivated: an HR client's PUT of a new
 /// title gave a deactivated user their access back. Only `active: true` reactivates.
 #[tokio::test]
