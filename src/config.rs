@@ -1023,7 +1023,26 @@ impl Config {
         let mut loaded =
             crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, &added, running);
         loaded.refuse_csv_inside(&self.server.data_dir, "the store's data directory");
+        loaded.refuse_csv_over(&self.files_read());
         loaded
+    }
+
+    /// The files this config makes rosterd read, resolved: itself, the bundles and the
+    /// Roster API's key files.
+    fn files_read(&self) -> Vec<PathBuf> {
+        let jwt = self.api.jwt.as_ref();
+        let keys = jwt.into_iter().flat_map(|j| &j.public_keys);
+        let jwks = jwt.and_then(|j| j.jwks_file.as_ref());
+        let bundles = self.tenants.iter().filter_map(|t| t.bundle.as_ref());
+        let mut files: Vec<PathBuf> = bundles
+            .chain(keys)
+            .chain(jwks)
+            .map(|p| self.resolve(p))
+            .collect();
+        // As named on the command line: from the working directory.
+        let own = self.source.as_ref().map(|(p, _)| p);
+        files.extend(own.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())));
+        files
     }
 
     /// The base URL clients see, without a trailing slash.
@@ -1358,6 +1377,30 @@ mod tests {
             !named("x-1", "anything"),
             "an externalId is matched as it is"
         );
+    }
+
+    /// What a CSV connector may not write over: the config file, every bundle and every
+    /// key file, resolved as the daemon reads them.
+    #[test]
+    fn the_files_read_are_the_config_its_bundles_and_its_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let c = Config::parse(
+            "version = 1\n[[tenants]]\nid = \"a\"\ntoken_env = \"A\"\nbundle = \"b/a.toml\"\n[[tenants]]\nid = \"b\"\ntoken_env = \"B\"\n[api.jwt]\naudience = [\"x\"]\nissuer = \"i\"\npublic_keys = [\"keys/k.pem\", \"/etc/k2.pem\"]\njwks_file = \"keys/jwks.json\"\n",
+            &path,
+        )
+        .unwrap();
+        let mut read = c.files_read();
+        read.sort();
+        let mut want = vec![
+            dir.path().join("b/a.toml"),
+            dir.path().join("keys/k.pem"),
+            PathBuf::from("/etc/k2.pem"),
+            dir.path().join("keys/jwks.json"),
+            path.clone(),
+        ];
+        want.sort();
+        assert_eq!(read, want);
     }
 
     /// Backups go beside the data directory unless told, never inside it (a link to a

@@ -134,6 +134,13 @@ impl CsvSettings {
             .is_some_and(|d| d.starts_with(canonical_or_as_is(dir)))
     }
 
+    /// The first of `read` (files rosterd reads, as they are named) that this connector
+    /// would write over, read through links as its own files are.
+    pub(super) fn writes_over<'a>(&self, read: &'a [PathBuf]) -> Option<&'a PathBuf> {
+        let files = self.files();
+        read.iter().find(|r| files.contains(&canonical_or_as_is(r)))
+    }
+
     /// Whether the files are written in `dir` itself.
     pub(super) fn written_in(&self, dir: &Path) -> bool {
         self.written_dir()

@@ -434,21 +434,43 @@ impl Loaded {
     /// data directory), as a file with an invalid key is: a start refuses a data
     /// directory holding anything but the store, so the next restart would not come up.
     pub fn refuse_csv_inside(&mut self, dir: &Path, what: &str) {
-        let (inside, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.connectors)
-            .into_iter()
-            .partition(|c| c.csv.as_ref().is_some_and(|csv| csv.written_inside(dir)));
-        self.connectors = rest;
-        for c in inside {
+        self.refuse_csv(|csv| {
+            csv.written_inside(dir).then(|| {
+                format!(
+                    "key `csv.dir`: {} is inside {what} {}; write the files elsewhere",
+                    csv.dir.display(),
+                    dir.display()
+                )
+            })
+        });
+    }
+
+    /// Refuse every CSV connector that would write over one of `read`: the config file,
+    /// a bundle, a key file. One did: `file_name = "demo.toml"` beside the bundle replaced
+    /// the bundle with the roster, and the next start refused the file it left.
+    pub fn refuse_csv_over(&mut self, read: &[PathBuf]) {
+        self.refuse_csv(|csv| {
+            csv.writes_over(read).map(|file| {
+                format!(
+                    "keys `csv.dir`/`csv.file_name`: the connector would write over {}, which rosterd reads; write the files elsewhere",
+                    file.display()
+                )
+            })
+        });
+    }
+
+    /// Refuse, as a file with an invalid key is, every CSV connector `refused` has a
+    /// reason for.
+    fn refuse_csv(&mut self, refused: impl Fn(&csv::CsvSettings) -> Option<String>) {
+        let mut kept = Vec::with_capacity(self.connectors.len());
+        for c in std::mem::take(&mut self.connectors) {
+            let Some(message) = c.csv.as_ref().and_then(&refused) else {
+                kept.push(c);
+                continue;
+            };
             self.errors.push(ConnectorError::Invalid {
                 file: c.file.clone(),
-                message: format!(
-                    "key `csv.dir`: {} is inside {what} {}; write the files elsewhere",
-                    c.csv
-                        .as_ref()
-                        .map(|s| s.dir.display().to_string())
-                        .unwrap_or_default(),
-                    dir.display()
-                ),
+                message,
             });
             self.unloaded.push(Unloaded {
                 file: c.file.clone(),
@@ -456,6 +478,7 @@ impl Loaded {
                 name: Some(c.name.clone()),
             });
         }
+        self.connectors = kept;
     }
 }
 

@@ -518,6 +518,53 @@ fn check_config_reads_csv_dirs_against_the_data_dir_it_is_given() {
     assert!(!ok && err.contains("`csv.dir`"), "{out} {err}");
 }
 
+/// A CSV connector that would write over a file rosterd reads is refused: with
+/// `file_name = "b.toml"` beside the bundle, or `config.toml` through `..`, the roster
+/// replaced the bundle or the config, and the next start refused what it left.
+#[test]
+fn check_config_refuses_a_csv_connector_writing_over_a_file_rosterd_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::create_dir_all(dir.path().join("archetypes")).unwrap();
+    std::fs::write(dir.path().join("archetypes/b.toml"), crate::harness::BUNDLE).unwrap();
+    std::fs::write(
+        &config,
+        "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\nbundle = \"archetypes/b.toml\"\n",
+    )
+    .unwrap();
+    let check = |csv_dir: &str, file_name: &str| {
+        connector_file(
+            dir.path(),
+            "files.toml",
+            &format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"t\"\n[csv]\ndir = \"{csv_dir}\"\nfile_name = \"{file_name}\"\n"
+            ),
+        );
+        rosterd_env(
+            &["check-config", "--config", config.to_str().unwrap()],
+            &[("T", "rsd_token")],
+        )
+    };
+    let (ok, out, err) = check("../exports", "b.toml");
+    assert!(ok, "{out} {err}");
+    for (csv_dir, file_name, over) in [
+        ("../archetypes", "b.toml", "b.toml"),
+        (
+            &dir.path().join("archetypes").display().to_string(),
+            "b.toml",
+            "b.toml",
+        ),
+        ("../archetypes/../", "config.toml", "config.toml"),
+    ] {
+        let (ok, out, err) = check(csv_dir, file_name);
+        assert!(!ok, "{csv_dir}/{file_name}: {out}");
+        assert!(
+            err.contains("would write over") && err.contains(over),
+            "{csv_dir}/{file_name}: {err}"
+        );
+    }
+}
+
 #[test]
 fn check_config_refuses_one_token_for_two_tenants_as_serve_does() {
     let dir = tempfile::tempdir().unwrap();
