@@ -674,6 +674,7 @@ pub static GROUP: SchemaDef = SchemaDef {
     attributes: &[
         AttrDef {
             required: true,
+            uniqueness: Uniqueness::Server,
             ..string("displayName", "A human-readable name for the Group.")
         },
         multi_complex("members", "A list of members of the Group.", &MEMBER_SUBS),

@@ -707,9 +707,31 @@ impl<'a> Txn<'a> {
                     "userName is already taken in this tenant by another user".to_owned(),
                 ));
             }
+            if index == Index::GroupName
+                && let Some(other) = self.other_group_named(&value, id)?
+            {
+                return Err(StoreError::Uniqueness(format!(
+                    "displayName is already taken in this tenant by group {other:?} (names are compared without letter case)"
+                )));
+            }
             self.put(key, keys::index_value(index, id));
         }
         Ok(())
+    }
+
+    /// Another group than `id` whose lower-cased displayName is `name`. A group's name is
+    /// held unique when it is given or changed, not over groups that share one already (a
+    /// store from before kept them; each may still be written under its name): Entra and
+    /// Okta match groups by displayName, and a group create retried after a timeout made a
+    /// second group of the name, which their match then found twice.
+    fn other_group_named(&self, name: &str, id: &str) -> StoreResult<Option<String>> {
+        let prefix = keys::index_prefix(Index::GroupName, name);
+        Ok(self
+            .keys_with_prefix(&prefix)?
+            .iter()
+            .filter_map(|k| keys::trailing_id(k, prefix.len()))
+            .find(|other| *other != id)
+            .map(str::to_owned))
     }
 
     /// Stamp `meta` for a write at `seq`.

@@ -14,6 +14,76 @@ fn member_ids(body: &Value) -> Vec<String> {
     v
 }
 
+/// A group's displayName is unique in its tenant, in any letter case, as Entra and Okta
+/// take it: a group create retried after a timeout made a second group of the name, which
+/// their match by displayName then found twice, and which went downstream as a group.
+#[tokio::test]
+async fn group_display_name_is_unique_case_insensitively() {
+    let d = TestDaemon::start().await;
+    let group = |name: &str| {
+        json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": name,
+            "externalId": "ext-1",
+        })
+    };
+    let finance = d.create_group("Finance").await;
+    for name in ["Finance", "FINANCE", "finance"] {
+        let r = d.post("/Groups", group(name)).await;
+        assert_eq!(r.status, 409, "{name}: {}", r.body);
+        assert_eq!(r.body["scimType"], "uniqueness", "{}", r.body);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(&finance), "{detail}");
+    }
+    let found = d
+        .get("/Groups?filter=displayName%20eq%20%22finance%22&excludedAttributes=members")
+        .await;
+    assert_eq!(found.body["totalResults"], 1, "{}", found.body);
+    // Renamed onto it, by PATCH (Entra, Okta's path-less form) or PUT: refused, and
+    // nothing changed.
+    let sales = d.create_group("Sales").await;
+    let path = format!("/Groups/{sales}");
+    for ops in [
+        json!([{"op": "Replace", "path": "displayName", "value": "finance"}]),
+        json!([{"op": "replace", "value": {"id": sales, "displayName": "Finance"}}]),
+    ] {
+        let r = d.patch(&path, patch_op(ops.clone())).await;
+        assert_eq!(r.status, 409, "{ops}: {}", r.body);
+    }
+    let r = d.put(&path, group("FINANCE")).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(d.get(&path).await.body["displayName"], "Sales");
+    // A group keeps its own name through a PUT, and may change its letter case.
+    let r = d.put(&path, group("SALES")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d.put(&path, group("SALES")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // In /Bulk, a second create of one name in one request is refused on its own.
+    let bulk = json!({
+        "schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkRequest"],
+        "Operations": [
+            {"method": "POST", "path": "/Groups", "bulkId": "a", "data": group("Ops")},
+            {"method": "POST", "path": "/Groups", "bulkId": "b", "data": group("ops")},
+        ],
+    });
+    let r = d.post("/Bulk", bulk).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["Operations"][0]["status"], "201", "{}", r.body);
+    assert_eq!(r.body["Operations"][1]["status"], "409", "{}", r.body);
+    // Deleted, its name is free again; /Schemas says the name is unique.
+    assert_eq!(d.delete(&format!("/Groups/{finance}")).await.status, 204);
+    d.create_group("finance").await;
+    let schema = d
+        .get("/Schemas/urn:ietf:params:scim:schemas:core:2.0:Group")
+        .await;
+    assert_eq!(
+        schema.body["attributes"][0]["name"], "displayName",
+        "{}",
+        schema.body
+    );
+    assert_eq!(schema.body["attributes"][0]["uniqueness"], "server");
+}
+
 #[tokio::test]
 async fn group_membership_add_remove_replace() {
     let d = TestDaemon::start().await;
