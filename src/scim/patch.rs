@@ -8,8 +8,10 @@ use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, PatchPath, parse_path, present};
-use crate::scim::resource::{HeldValues, check_value_count, types_agree, value_key};
-use crate::scim::schema::{self, AttrDef, Mutability, ResourceKind};
+use crate::scim::resource::{
+    HeldValues, check_value_count, complex_entries, encoded_object, types_agree, value_key,
+};
+use crate::scim::schema::{self, AttrDef, AttrKind, Mutability, ResourceKind};
 
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 
@@ -973,12 +975,14 @@ fn apply_plain(
                     // `null` names no value, and the path alone says what goes, as for
                     // any attribute. A list that names none (`[]`, `[{"value": null}]`)
                     // removes none: read as no value, it removed every address.
+                    let complex = def.is_some_and(|d| d.kind == AttrKind::Complex);
                     match named(Some(&v)) {
                         None if v.is_null() => {
                             obj.remove(key);
                         }
                         None => {}
                         Some(n) => {
+                            let n = if complex { complex_entries(n) } else { n };
                             items.retain(|i| !n.iter().any(|g| same_element(def, i, g)));
                             if items.is_empty() {
                                 obj.remove(key);
@@ -1088,6 +1092,14 @@ fn apply_plain(
 /// (a home address is not the work one), or, for a value without a `value`, equal.
 fn same_element(def: Option<&AttrDef>, stored: &Value, given: &Value) -> bool {
     let as_element = |g: &Value| Map::from_iter([("value".to_owned(), g.clone())]);
+    // An entry named by its JSON text, as Entra's older dialect removes the `roles` entry
+    // it added so: read as text, it named nothing, and the remove answered 200 and left
+    // the role.
+    if let (Value::Object(_), Value::String(g)) = (stored, given)
+        && let Some(o) = encoded_object(g)
+    {
+        return same_element(def, stored, &Value::Object(o));
+    }
     match (stored, given) {
         (Value::Object(s), Value::Object(g)) => match (value_key(def, s), value_key(def, g)) {
             (Some((a, at)), Some((b, bt))) => a == b && types_agree(&at, &bt),
@@ -1529,6 +1541,48 @@ mod tests {
         )
         .unwrap();
         assert!(d[ENTERPRISE_USER_SCHEMA].get("manager").is_none(), "{d}");
+    }
+
+    /// An entry named by its JSON text is the entry the text encodes, as an add takes it:
+    /// Entra's older dialect removes a `roles` entry so, and the remove answered 200 and
+    /// left the role.
+    #[test]
+    fn a_remove_naming_an_entry_by_its_json_text_removes_it() {
+        let mut d = user();
+        d["roles"] = json!([
+            {"primary": false, "type": "WindowsAzureActiveDirectoryRole", "value": "Reader"},
+            {"value": "Writer"},
+            {"value": "Owner"},
+        ]);
+        patch(
+            &mut d,
+            json!([
+                {"op": "Remove", "path": "roles", "value": [
+                    "{\"primary\":false,\"type\":\"WindowsAzureActiveDirectoryRole\",\"value\":\"Reader\"}"
+                ]},
+                {"op": "Remove", "path": "roles", "value": "{\"value\":\"writer\"}"},
+                {"op": "Remove", "path": "emails", "value": ["{\"value\":\"b@work.example\",\"type\":\"work\"}"]},
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d["roles"], json!([{"value": "Owner"}]), "{d}");
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "b@home.example", "type": "home"}])
+        );
+        // A list of entries as one JSON text too; text naming no entry removes nothing.
+        patch(
+            &mut d,
+            json!([{"op": "Remove", "path": "roles", "value": "[{\"value\":\"Nobody\"}]"}]),
+        )
+        .unwrap();
+        assert_eq!(d["roles"], json!([{"value": "Owner"}]), "{d}");
+        patch(
+            &mut d,
+            json!([{"op": "Remove", "path": "roles", "value": "[{\"value\":\"Owner\"}]"}]),
+        )
+        .unwrap();
+        assert!(d.get("roles").is_none(), "{d}");
     }
 
     /// The same with a sub-attribute or a filter in the path: the value narrows what the

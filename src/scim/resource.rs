@@ -545,6 +545,42 @@ fn put_attr(
     Ok(())
 }
 
+/// A complex value sent as its JSON text (`"{\"value\": \"Reader\"}"`), as Entra sends
+/// `roles` entries: the object it encodes.
+pub(crate) fn encoded_object(s: &str) -> Option<Map<String, Value>> {
+    if !s.trim_start().starts_with('{') {
+        return None;
+    }
+    match serde_json::from_str(s) {
+        Ok(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// The entries of a complex multi-valued attribute as sent, with one sent as the JSON
+/// text of a list of entries (`"[{\"value\": \"Writer\"}]"`) read as those entries: kept
+/// whole, it was stored as one entry whose `value` was the list's text.
+pub(crate) fn complex_entries(items: Vec<Value>) -> Vec<Value> {
+    let encoded_list = |v: &Value| match v {
+        Value::String(s) if s.trim_start().starts_with('[') => {
+            match serde_json::from_str::<Value>(s) {
+                Ok(Value::Array(list)) if list.iter().all(|e| e.is_object() || e.is_string()) => {
+                    Some(list)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    if !items.iter().any(|i| encoded_list(i).is_some()) {
+        return items;
+    }
+    items
+        .into_iter()
+        .flat_map(|i| encoded_list(&i).unwrap_or_else(|| vec![i]))
+        .collect()
+}
+
 /// A value of attribute `def` in stored form; `None` when it is unassigned (null, empty).
 fn normalize_value(
     def: &AttrDef,
@@ -559,6 +595,11 @@ fn normalize_value(
         let items = match value {
             Value::Array(items) => items,
             single => vec![single],
+        };
+        let items = if def.kind == AttrKind::Complex {
+            complex_entries(items)
+        } else {
+            items
         };
         // A group's members are stored one key each and may run to the hundred
         // thousand; every other list is copied whole into the document, the roster
@@ -592,8 +633,8 @@ fn normalize_complex(
         Value::Object(o) => o,
         Value::Null => return Ok(None),
         // Entra sends `manager` as a bare id and `roles` entries as JSON-encoded strings.
-        Value::String(s) => match serde_json::from_str::<Value>(&s) {
-            Ok(Value::Object(o)) if s.trim_start().starts_with('{') => o,
+        Value::String(s) => match encoded_object(&s) {
+            Some(o) => o,
             // Only an attribute with a `value` can take a bare string as its value;
             // `name` has none, and "Ada Lovelace" would otherwise vanish with a 201.
             _ if def
@@ -1170,6 +1211,24 @@ mod tests {
         assert_eq!(
             n.resource["roles"],
             json!([{"value": "admin", "primary": true}])
+        );
+        // One JSON text of a list of entries is those entries, not one entry of its text.
+        for roles in [
+            json!("[{\"value\":\"R1\"},{\"value\":\"R2\",\"type\":\"app\"}]"),
+            json!(["[{\"value\":\"R1\"}]", {"value": "R2", "type": "app"}]),
+        ] {
+            let n = norm(json!({"userName": "x", "roles": roles}));
+            assert_eq!(
+                n.resource["roles"],
+                json!([{"value": "R1"}, {"value": "R2", "type": "app"}]),
+                "{roles}"
+            );
+        }
+        // Text that is no such list stays a value as sent.
+        let n = norm(json!({"userName": "x", "roles": ["[R1]", "[1, 2]"]}));
+        assert_eq!(
+            n.resource["roles"],
+            json!([{"value": "[R1]"}, {"value": "[1, 2]"}])
         );
     }
 

@@ -730,6 +730,42 @@ async fn a_manager_value_naming_no_user_is_kept_warned_and_counted() {
     );
 }
 
+/// Entra's older dialect adds a `roles` entry as its JSON text and removes it the same
+/// way: the remove answered 200 and left the role, in the document and downstream.
+#[tokio::test]
+async fn a_role_added_and_removed_as_json_text_is_gone() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("roles@example.com").await;
+    let reader = r#"{"primary":false,"type":"WindowsAzureActiveDirectoryRole","value":"Reader"}"#;
+    let path = format!("/Users/{id}");
+    let p = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "Add", "path": "roles", "value": [reader, "[{\"value\":\"Writer\"}]"]}])),
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(
+        p.body["roles"],
+        json!([
+            {"primary": false, "type": "WindowsAzureActiveDirectoryRole", "value": "Reader"},
+            {"value": "Writer"},
+        ])
+    );
+    let p = d
+        .patch(
+            &path,
+            patch_op(json!([{"op": "Remove", "path": "roles", "value": [reader]}])),
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(p.body["roles"], json!([{"value": "Writer"}]), "{}", p.body);
+    assert_eq!(
+        d.get(&path).await.body["roles"],
+        json!([{"value": "Writer"}])
+    );
+}
+
 /// A PATCH that removes `active`, or makes it null, keeps a leaver deactivated, as a PUT
 /// without it does: a user without `active` reads as active, so each of these reactivated
 /// the leaver in the roster, the exports and downstream.
