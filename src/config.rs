@@ -625,6 +625,9 @@ pub struct OnDisk {
     pub error: Option<ConfigError>,
     /// The file as it is now, when it changed and loads: what a restart would run on.
     pub edited: Option<Config>,
+    /// The keys that read differently and wait for a restart, dotted, a tenant's under
+    /// its id (`tenants.demo.bundle`), when the file changed and loads.
+    pub waiting: Vec<String>,
 }
 
 impl Config {
@@ -683,13 +686,19 @@ impl Config {
                     Ok(c) => (Some(c), None),
                     Err(e) => (None, Some(e)),
                 };
+                // A reload applies the tenants' tokens; an edit of them alone (a
+                // rotation, done with reloads), or of comments, is nothing a restart
+                // owes. An audit saw the rotation's reload say "restart rosterd".
+                let waiting = if edited.is_some() {
+                    keys_but_tokens(text, &now)
+                } else {
+                    Vec::new()
+                };
                 OnDisk {
-                    // A reload applies the tenants' tokens; an edit of them alone (a
-                    // rotation, done with reloads), or of comments, is nothing a restart
-                    // owes. An audit saw the rotation's reload say "restart rosterd".
-                    changed: edited.is_none() || !same_but_tokens(text, &now),
+                    changed: edited.is_none() || !waiting.is_empty(),
                     error,
                     edited,
+                    waiting,
                 }
             }
             Err(source) => OnDisk {
@@ -699,6 +708,7 @@ impl Config {
                     source,
                 }),
                 edited: None,
+                waiting: Vec::new(),
             },
         }
     }
@@ -1054,11 +1064,13 @@ impl Config {
     }
 }
 
-/// Whether two config texts say the same but for what a reload applies of the tenants'
-/// SCIM tokens (and comments and layout): `token_hashes`, and a `token_env` removed. A
-/// `token_env` added or renamed names a variable the daemon read only at its start: a
-/// restart applies it (and fails if it is not set), so it stays a change.
-fn same_but_tokens(a: &str, b: &str) -> bool {
+/// The keys two config texts give differently, but for what a reload applies of the
+/// tenants' SCIM tokens (and comments and layout): `token_hashes`, and a `token_env`
+/// removed. A `token_env` added or renamed names a variable the daemon read only at its
+/// start: a restart applies it (and fails if it is not set), so it stays a change. A
+/// reload said only "tenants, group rules, server, schedules" wait: an operator who
+/// edited a tenant's `bundle` or `allow_overrides` and reloaded took the edit as live.
+fn keys_but_tokens(a: &str, b: &str) -> Vec<String> {
     fn tenants(v: &mut toml::Table) -> impl Iterator<Item = &mut toml::Table> {
         v.get_mut("tenants")
             .and_then(toml::Value::as_array_mut)
@@ -1067,7 +1079,7 @@ fn same_but_tokens(a: &str, b: &str) -> bool {
             .filter_map(toml::Value::as_table_mut)
     }
     let (Ok(mut x), Ok(mut y)) = (a.parse::<toml::Table>(), b.parse::<toml::Table>()) else {
-        return false;
+        return vec!["(the whole file)".to_owned()];
     };
     let id = |t: &toml::Table| t.get("id").and_then(toml::Value::as_str).map(str::to_owned);
     let env_before: Vec<(Option<String>, Option<toml::Value>)> = tenants(&mut x)
@@ -1089,7 +1101,76 @@ fn same_but_tokens(a: &str, b: &str) -> bool {
             }
         }
     }
-    x == y
+    let mut out = Vec::new();
+    differing_keys("", &x, &y, &mut out);
+    out
+}
+
+/// The most keys [`waiting_list`] names; an edit of a hundred tenants would fill a line.
+const WAITING_NAMED: usize = 12;
+
+/// [`OnDisk::waiting`] as one line for the log and the CLI.
+pub fn waiting_list(keys: &[String]) -> String {
+    let mut out = keys
+        .iter()
+        .take(WAITING_NAMED)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > WAITING_NAMED {
+        out.push_str(&format!(" and {} more", keys.len() - WAITING_NAMED));
+    }
+    out
+}
+
+/// The dotted keys `a` and `b` give differently, into `out`; tenants by their `id`.
+fn differing_keys(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                differing_keys(&path, x, y, out);
+            }
+            // A table added or removed names its keys: `[log]` added for `format` alone.
+            (Some(toml::Value::Table(x)), None) => {
+                differing_keys(&path, x, &toml::Table::new(), out);
+            }
+            (None, Some(toml::Value::Table(y))) => {
+                differing_keys(&path, &toml::Table::new(), y, out);
+            }
+            (Some(toml::Value::Array(x)), Some(toml::Value::Array(y)))
+                if path == "tenants" && x != y =>
+            {
+                let by_id = |list: &[toml::Value]| -> Option<std::collections::BTreeMap<String, toml::Table>> {
+                    list.iter()
+                        .map(|t| {
+                            let t = t.as_table()?;
+                            Some((t.get("id")?.as_str()?.to_owned(), t.clone()))
+                        })
+                        .collect()
+                };
+                let (Some(x), Some(y)) = (by_id(x), by_id(y)) else {
+                    out.push(path);
+                    continue;
+                };
+                let ids: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for id in ids {
+                    match (x.get(id), y.get(id)) {
+                        (Some(s), Some(t)) => differing_keys(&format!("tenants.{id}"), s, t, out),
+                        (None, _) => out.push(format!("tenants.{id} (added)")),
+                        (_, None) => out.push(format!("tenants.{id} (removed)")),
+                    }
+                }
+            }
+            (x, y) if x != y => out.push(path),
+            _ => {}
+        }
+    }
 }
 
 /// A `*_env` key's value must be a name a variable can have: letters, digits and `_`,
@@ -1612,6 +1693,7 @@ mod tests {
         std::fs::write(&path, "version = 1\n[server]\ncache_mb = 64\n").unwrap();
         let now = config.on_disk();
         assert!(now.changed && now.error.is_none(), "{now:?}");
+        assert_eq!(now.waiting, ["server.cache_mb"]);
         assert!(!Config::load(&path).unwrap().on_disk().changed);
         let tenant = "version = 1\n[[tenants]]\nid = \"t\"\ntoken_hashes = [\"sha256:{h}\"]\n";
         let with_hash = |h: char| tenant.replace("{h}", &h.to_string().repeat(64));
@@ -1629,7 +1711,7 @@ mod tests {
         std::fs::write(&path, with_hash('a')).unwrap();
         assert!(!config.on_disk().changed);
         std::fs::write(&path, with_env("token_env = \"NEW\"\n")).unwrap();
-        assert!(config.on_disk().changed);
+        assert_eq!(config.on_disk().waiting, ["tenants.t.token_env"]);
         let config = Config::load(&path).unwrap();
         std::fs::write(&path, with_env("token_env = \"NEW\"\n# rotated\n")).unwrap();
         assert!(!config.on_disk().changed);

@@ -2426,8 +2426,20 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             e.replace('\n', "\n    ")
         )?;
     } else if s["config_changed_since_start"] == true {
+        let waiting: Vec<String> = s["config_keys_waiting_for_restart"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|k| k.as_str().map(str::to_owned))
+            .collect();
         outln!(
-            "config file changed since start: its tenants, group rules, server and schedules apply at the next restart (rosterd check-config first)"
+            "config file changed since start: {} {} only at the next restart; a reload applies only the tenants' SCIM tokens (rosterd check-config first)",
+            rosterd::config::waiting_list(&waiting),
+            if waiting.len() == 1 {
+                "applies"
+            } else {
+                "apply"
+            },
         )?;
     }
     if let Some(errors) = s["reload_errors"].as_object() {

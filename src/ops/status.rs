@@ -168,6 +168,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         // reload does not apply tenants, group rules, server or schedules).
         "config_file_error": on_disk.error.map(|e| e.to_string()),
         "config_changed_since_start": on_disk.changed,
+        // Which keys wait: a reload applies none of them (a tenant's `bundle` path and
+        // `allow_overrides` included), and an operator took such an edit as live.
+        "config_keys_waiting_for_restart": on_disk.waiting,
         "schedules": crate::schedule::status(st),
         "backup": backup(st),
     }))

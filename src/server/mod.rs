@@ -728,7 +728,8 @@ pub async fn reload(state: &Arc<AppState>) {
     if on_disk.changed {
         match &on_disk.error {
             None => tracing::warn!(
-                "The config file changed since start; a reload applies only the tenants' SCIM tokens from it, not the rest (tenants added or removed, group rules, server, schedules): restart rosterd for that. Connectors and bundles are reloaded now."
+                waiting = %crate::config::waiting_list(&on_disk.waiting),
+                "The config file changed since start; a reload applies only the tenants' SCIM tokens from it: the keys named wait for a restart (rosterd check-config first). Connectors and bundles are reloaded now, from the paths the daemon started with."
             ),
             Some(e) => {
                 tracing::error!(

@@ -954,7 +954,9 @@ async fn daemon_commands_with_url_read_no_config() {
     let (ok, out, err) = cli(args(&["status"], &missing, &[])).await.unwrap();
     assert!(ok, "{err}");
     assert!(
-        out.contains("config file changed since start") && !out.contains("would NOT load"),
+        out.contains(
+            "config file changed since start: log.format applies only at the next restart"
+        ) && !out.contains("would NOT load"),
         "{out}"
     );
     std::fs::write(&broken, "version = 1\n[server\n").unwrap();

@@ -240,6 +240,7 @@ async fn config_file_error_metric(d: &TestDaemon) -> f64 {
 
 #[tokio::test]
 async fn status_says_when_the_config_file_changed_since_start() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     let d = TestDaemon::start().await;
     assert_eq!(d.status().await["config_changed_since_start"], false);
     assert_eq!(config_file_error_metric(&d).await, 0.0);
@@ -253,6 +254,39 @@ async fn status_says_when_the_config_file_changed_since_start() {
     let s = d.status().await;
     assert_eq!(s["config_changed_since_start"], true, "{s}");
     assert!(s["config_file_error"].is_null(), "{s}");
+    assert_eq!(s["config_keys_waiting_for_restart"], json!(["log.format"]));
+    // Each key that waits is named, a tenant's under its id: a reload said only
+    // "tenants, group rules, server, schedules", and an operator who had edited a
+    // tenant's bundle path or `allow_overrides` took the reload as applying them.
+    let edited = good
+        .replacen("bundle = \"bundle.toml\"", "bundle = \"other.toml\"", 1)
+        .replace("allow_overrides = false", "allow_overrides = true")
+        .replace(
+            &format!("id = \"{OTHER_TENANT}\""),
+            &format!("id = \"{OTHER_TENANT}\"\nreview_threshold = 0.5"),
+        );
+    std::fs::write(
+        &path,
+        format!("{edited}\n[[tenants]]\nid = \"new\"\ntoken_env = \"NEW_TOKEN\"\n"),
+    )
+    .unwrap();
+    let s = d.status().await;
+    assert_eq!(
+        s["config_keys_waiting_for_restart"],
+        json!([
+            format!("tenants.{TENANT}.bundle"),
+            format!("tenants.{OTHER_TENANT}.allow_overrides"),
+            format!("tenants.{OTHER_TENANT}.review_threshold"),
+            "tenants.new (added)",
+        ]),
+        "{s}"
+    );
+    d.reload().await;
+    let said = logs.lines("The config file changed since start");
+    assert!(
+        said.len() == 1 && said[0].contains(&format!("tenants.{TENANT}.bundle")),
+        "{said:?}"
+    );
     // One that would not load shows without a reload too, and goes when undone.
     std::fs::write(&path, format!("listne = 1\n{good}")).unwrap();
     let s = d.status().await;
