@@ -875,7 +875,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
         if let Some(p) = checked.get(c.tenant.as_str()) {
             for id in c.unmapped_roles(&p.bundle().archetype_ids()) {
                 note!(
-                    "warning: connector {:?}: roles names {id:?}, which tenant {:?}'s bundle has no archetype of; it maps no one (a typo gives those users default_role)",
+                    "warning: connector {:?}: roles names {id:?}, which tenant {:?}'s bundle has no archetype of; it maps only users whose manual override still holds it (a typo gives the users meant default_role)",
                     c.name,
                     c.tenant
                 );

@@ -220,8 +220,9 @@ impl ConnectorConfig {
 
     /// Parse one drop-in file's text; `base_dir` resolves relative paths in it.
     /// The archetype ids its OneRoster `roles` map (REST or CSV bundle) that are not
-    /// among `archetypes` (its tenant's bundle): such a key maps no one, and a typo in it
-    /// gives those users `default_role` without a word.
+    /// among `archetypes` (its tenant's bundle): such a key maps only users whose manual
+    /// override still holds the id, and a typo in it gives the users meant `default_role`
+    /// without a word.
     pub fn unmapped_roles(&self, archetypes: &[&str]) -> Vec<&str> {
         let rest = self.oneroster.iter().flat_map(|o| o.roles.keys());
         let csv = self

@@ -225,7 +225,7 @@ async fn run_job(
                 tracing::warn!(
                     archetypes = %list.join(", "),
                     users = moved,
-                    "Users held archetypes the bundle no longer has and were classified again without review; their governance events (rbac.archetype_assigned) name what they held. Check them, or put the archetypes back in the bundle."
+                    "Users held archetypes the bundle no longer has and were classified again; those at or above the review threshold took their new archetype with no person's review. Their governance events (rbac.archetype_assigned) name what they held. Check them, or put the archetypes back in the bundle."
                 );
             }
             // A bundle reloaded while the job ran applied only to the users after that

@@ -691,7 +691,7 @@ fn warn_about_connectors(roster: &RosterState, connectors: &[crate::connectors::
         };
         let unmapped = c.unmapped_roles(&policy.bundle().archetype_ids());
         if !unmapped.is_empty() {
-            tracing::warn!(tenant = %c.tenant, connector = %c.name, roles = %unmapped.join(", "), "The connector's roles name archetypes its tenant's bundle does not have: they map no one, and a typo there gives those users default_role.");
+            tracing::warn!(tenant = %c.tenant, connector = %c.name, roles = %unmapped.join(", "), "The connector's roles name archetypes its tenant's bundle does not have: they map only users whose manual override still holds one, and a typo there gives the users meant default_role.");
         }
     }
 }

@@ -675,8 +675,9 @@ fn check_config_refuses_what_serve_would_not_run() {
     assert!(err.contains("never fires"), "{err}");
 }
 
-/// A OneRoster `roles` key that names no archetype of the tenant's bundle maps no one:
-/// said, since a typo would give those users the default role at the target.
+/// A OneRoster `roles` key that names no archetype of the tenant's bundle maps only
+/// overrides that still hold it: said, since a typo would give the users meant the
+/// default role at the target.
 #[test]
 fn check_config_warns_of_roles_that_name_no_archetype() {
     let dir = tempfile::tempdir().unwrap();

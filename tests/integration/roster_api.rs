@@ -774,7 +774,7 @@ async fn overrides_outlive_a_bundle_that_drops_their_archetype_and_are_listed() 
     );
     let moved = roster_user(&d, &admin, &planner).await;
     assert_ne!(moved["archetype_id"], "production_planner", "{moved}");
-    let warned = logs.lines("classified again without review");
+    let warned = logs.lines("were classified again; those at or above the review threshold");
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert!(
         warned[0].contains("archetypes=production_planner (1)") && warned[0].contains("users=1"),
