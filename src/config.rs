@@ -604,18 +604,25 @@ pub fn read_file(path: &Path, kind: FileKind) -> std::io::Result<Vec<u8>> {
 pub fn read_text(path: &Path, kind: FileKind) -> std::io::Result<String> {
     let bytes = read_file(path, kind)?;
     String::from_utf8(bytes).map_err(|e| {
-        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-        let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
-        let byte = e.as_bytes()[good.len()];
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "not UTF-8 text: line {line}, column {column} has the byte 0x{byte:02x} (save the file as UTF-8)"
+                "not UTF-8 text: {} (save the file as UTF-8)",
+                where_not_utf8(&e)
             ),
         )
     })
+}
+
+/// Where text that is not UTF-8 stops being so, as an editor counts: `line 4, column 4
+/// has the byte 0xfc`. A byte offset alone ("byte 52") read like the byte's value.
+pub fn where_not_utf8(e: &std::string::FromUtf8Error) -> String {
+    let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+    let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&good[line_start..]).chars().count() + 1;
+    let byte = e.as_bytes()[good.len()];
+    format!("line {line}, column {column} has the byte 0x{byte:02x}")
 }
 
 /// See [`Config::on_disk`].

@@ -1000,10 +1000,9 @@ fn read_text(input: Option<&std::path::Path>) -> Result<String> {
         );
     }
     let text = String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
         anyhow::anyhow!(
-            "{name}: line {line} is not UTF-8 (byte {at}); save the file as UTF-8 (in Excel: CSV UTF-8)"
+            "{name}: not UTF-8 text: {}; save the file as UTF-8 (in Excel: CSV UTF-8)",
+            rosterd::config::where_not_utf8(&e)
         )
     })?;
     Ok(match text.strip_prefix('\u{feff}') {
@@ -1143,6 +1142,24 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         .unwrap_or_default();
     let column = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     let title_col = column(TITLE_COLUMNS);
+    // Excel writes `;` where the decimal separator is a comma. Read as one title a line,
+    // the header was classified as a title and the department dropped, with plausible
+    // confidences and no word, where `bundle from-csv` refuses the same file.
+    if header.len() == 1 && first.contains(';') {
+        let cells: Vec<String> = first.split(';').map(|c| c.trim().to_lowercase()).collect();
+        let known = |c: &String| {
+            TITLE_COLUMNS.contains(&c.as_str())
+                || DEPARTMENT_COLUMNS.contains(&c.as_str())
+                || OTHER_COLUMNS.contains(&c.as_str())
+        };
+        if cells.iter().any(known) {
+            anyhow::bail!(
+                "the first line looks like a CSV header whose columns are separated by ';' ({}); \
+                 separate them by commas (or tabs), or give one title per line",
+                first.trim()
+            );
+        }
+    }
     // Column names of the HR exports people feed this: a first line that holds one is a
     // header, however few columns it has. Words that head titles too ("Manager, Human
     // Resources") make a header only when every cell is a column name ("user,manager").

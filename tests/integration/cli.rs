@@ -112,6 +112,18 @@ fn bundle_from_csv_then_classify_dry_run() {
     assert!(ok, "{err}");
     assert!(out.lines().nth(1).unwrap().contains(",chef,"), "{out}");
     assert!(!err.contains("note:"), "{err}");
+    // Columns separated by `;` (Excel where the decimal separator is a comma) are refused,
+    // as `bundle from-csv` refuses them: read as one title a line, the header was
+    // classified as a title and the department dropped, with exit 0. A title holding a
+    // `;` under no such header is still a title.
+    std::fs::write(&titles, "Title;Department\nHead Chef;Kitchen\n").unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(!ok, "{out}");
+    assert!(err.contains("separated by ';'"), "{err}");
+    std::fs::write(&titles, "Chef; Pastry\nLorry Driver\n").unwrap();
+    let (ok, out, err) = classify_titles();
+    assert!(ok, "{err}");
+    assert!(out.contains("Chef; Pastry,chef,"), "{out}");
     // A row of another length is refused, naming its line as an editor numbers it (here
     // in a CRLF file, after a blank line), before anything is written: with a cell short
     // it would be answered as a blank title, with one over as the wrong cells.
@@ -235,7 +247,10 @@ fn bundle_from_csv_then_classify_dry_run() {
     std::fs::write(&titles, b"head chef\n\xe9t\xe9 nurse\n").unwrap();
     let (ok, _, err) = classify_titles();
     assert!(!ok);
-    assert!(err.contains("line 2 is not UTF-8"), "{err}");
+    assert!(
+        err.contains("not UTF-8 text: line 2, column 1 has the byte 0xe9"),
+        "{err}"
+    );
     // Excel's "Unicode Text" is named as what it is, not as "byte 0".
     let utf16: Vec<u8> = [0xff, 0xfe]
         .into_iter()
