@@ -2627,14 +2627,12 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
         // A file that does not load may name no tenant, or the wrong one: all are shown.
         // A connector already running on such a file goes on with its last good config
         // (its own lines say so); the file's other connectors are NOT started.
+        // "NOT started" alone read as if the connectors running on such files had stopped.
+        let what = "a connector already running on one goes on with the config it was last loaded with, as its own lines say; any other is NOT started";
         if only.is_empty() {
-            outln!(
-                "connector files that do not load (a connector they would start is NOT started):"
-            )?;
+            outln!("connector files that do not load ({what}):")?;
         } else {
-            outln!(
-                "connector files that do not load, of every tenant (a connector they would start is NOT started):"
-            )?;
+            outln!("connector files that do not load, of every tenant ({what}):")?;
         }
         for e in errors {
             outln!("    {}", indented(&str_of(&e)))?;

@@ -3110,7 +3110,7 @@ impl Dispatcher {
                             config.file.display(),
                             e.explained()
                         );
-                        tracing::warn!(tenant = %config.tenant, connector = %name, %error, "Connector file changed, but the connector cannot start as it now reads; it keeps running on its previously loaded config until the file is fixed or removed.");
+                        tracing::error!(tenant = %config.tenant, connector = %name, %error, "Connector file changed, but the connector cannot start as it now reads; it keeps running on its previously loaded config until the file is fixed or removed.");
                         broken.insert(name.clone(), error.clone());
                         unstartable.push((config.file.clone(), error));
                     }

@@ -3225,7 +3225,7 @@ async fn a_changed_file_whose_secret_is_not_set_keeps_its_connector_running_on_t
     let kept = logs.lines("keeps running on its previously loaded config");
     assert!(
         kept.iter()
-            .any(|l| l.contains(" WARN ") && l.contains("HOOK_SECRET_NOT_SET")),
+            .any(|l| l.contains(" ERROR ") && l.contains("HOOK_SECRET_NOT_SET")),
         "{kept:?}"
     );
     // Still delivering, signed as before.
