@@ -1402,6 +1402,7 @@ fn call_daemon_within(
     const NO_TOKEN: &str =
         "no token given (--token or ROSTERD_API_TOKEN), and none can be minted from the config";
     let load = || Config::load(&daemon.config);
+    let from_config = daemon.url.is_none();
     let (base, config) = match &daemon.url {
         // `--url 127.0.0.1:8080`, as `listen` is written, means plain HTTP.
         Some(url) if !url.contains("://") => (format!("http://{url}"), None),
@@ -1484,6 +1485,13 @@ fn call_daemon_within(
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
+        // The tenant named, so that a token of another (ROSTERD_API_TOKEN left exported
+        // from other work) is refused (403 tenant_mismatch): without it the daemon took
+        // the token's tenant, and `reconcile --tenant demo` reconciled acme and said
+        // "succeeded".
+        if let Some(t) = tenant {
+            req = req.header("x-tenant", t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -1503,6 +1511,11 @@ fn call_daemon_within(
             } else if https && e.is_connect() && !refused(&e) {
                 anyhow::Error::new(e.without_url()).context(format!(
                     "cannot reach rosterd at {shown_url}: is it running, and is TLS ended in front of it? rosterd itself speaks plain http://"
+                ))
+            } else if from_config {
+                anyhow::Error::new(e.without_url()).context(format!(
+                    "cannot reach rosterd at {shown_url}; is it running? (The address is server.listen in {}: if that was edited since the daemon started, give the address it runs on with --url.)",
+                    daemon.config.display()
                 ))
             } else {
                 anyhow::Error::new(e.without_url())

@@ -2490,6 +2490,58 @@ async fn tokens_living_longer_than_the_limit_are_refused_and_not_minted() {
     }
 }
 
+/// A command names its `--tenant` to the daemon, so a token of another tenant (one left
+/// in ROSTERD_API_TOKEN) is refused: the daemon took the token's tenant, and
+/// `reconcile --tenant acme` with another tenant's token reconciled that one and said
+/// "succeeded".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_with_another_tenants_token_is_refused() {
+    use crate::harness::{OTHER_TENANT, TENANT, TestDaemon};
+    let d = TestDaemon::start().await;
+    d.idle().await;
+    let url = format!("http://{}", d.addr);
+    let run_with = |token: String, args: &'static [&'static str]| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut all = vec!["--url", &url, "--tenant", TENANT];
+            all.splice(0..0, args.iter().take(1).copied());
+            all.extend(&args[1..]);
+            rosterd_env(&all, &[("ROSTERD_API_TOKEN", &token)])
+        })
+    };
+    for args in [
+        &["reconcile", "--dry-run"][..],
+        &["reconcile", "--wait"][..],
+        &["dead-letters", "list", "nope"][..],
+        &["resume", "nope"][..],
+    ] {
+        let other = d.jwt(OTHER_TENANT, "roster:admin");
+        let (ok, out, err) = run_with(other, args).await.unwrap();
+        assert!(!ok, "{args:?}: {out}");
+        assert!(err.contains("tenant_mismatch"), "{args:?}: {err}");
+    }
+    let own = d.jwt(TENANT, "roster:admin");
+    let (ok, out, err) = run_with(own, &["reconcile", "--wait"]).await.unwrap();
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("succeeded"), "{out}");
+}
+
+/// A daemon not found at the config's `server.listen` may run on the address the file
+/// gave before an edit: the error says how to reach it anyway.
+#[test]
+fn a_daemon_not_found_at_the_configs_address_points_to_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "version = 1\n[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+    let (ok, _, err) = rosterd_env(&["status", "--config", config.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot reach rosterd at http://127.0.0.1:1/status")
+            && err.contains("give the address it runs on with --url"),
+        "{err}"
+    );
+}
+
 /// `rosterd store check` names what disagrees in a damaged store and exits non-zero;
 /// a store the daemon wrote checks clean, and one the daemon holds is refused. The
 /// damage is made with the storage engine itself, as a bug or a torn write would leave
