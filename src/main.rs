@@ -384,6 +384,8 @@ enum StoreCommand {
 /// unit drop-ins) returning them from `main` would add a backtrace to a config typo,
 /// which reads as a crash in the journal.
 fn main() -> std::process::ExitCode {
+    // `serve` replaces it with the hook that logs.
+    rosterd::ops::panics::quiet_expected();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Each was said on stderr already.
@@ -607,7 +609,24 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
         anyhow::Ok(print_checks(&checked, false)?)
     })();
     store.close().with_context(|| key.clone())?;
-    let problems = checked.with_context(|| format!("{key}: the check could not read the store"))?;
+    // Damaged pages say what to do themselves; any other read failure named no way out.
+    let advised = checked.as_ref().err().is_some_and(|e| {
+        e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<rosterd::store::StoreError>(),
+                Some(rosterd::store::StoreError::Damaged(_))
+            )
+        })
+    });
+    let problems = checked.with_context(|| {
+        if advised {
+            format!("{key}: the check could not read the store")
+        } else {
+            format!(
+                "{key}: the check could not read the store (keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync)"
+            )
+        }
+    })?;
     if problems > 0 {
         anyhow::bail!(
             "the store in {} has {}{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",

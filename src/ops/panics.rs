@@ -53,6 +53,20 @@ pub fn catch_expected<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     r
 }
 
+/// Keep Rust's default report of a panic, but for sled's that the caller expects and
+/// answers as an error (see [`catch_expected`]): for the commands, which log nothing.
+/// `rosterd store check` on a damaged store printed sled's assertion (and, with
+/// `RUST_BACKTRACE` set, a stack backtrace) before its own error, which `serve` does not.
+pub fn quiet_expected() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_sled = info.location().is_some_and(|l| l.file().contains("/sled-"));
+        if !(EXPECTED.get() && in_sled) {
+            default(info);
+        }
+    }));
+}
+
 /// Route every panic through `tracing`, with where it happened and a backtrace, instead of
 /// Rust's default stderr line. The event is emitted on the panicking thread, inside the
 /// span that was current there: a handler's panic carries its request id and tenant.

@@ -109,6 +109,12 @@ pub enum StoreError {
     FinalFlush { dir: PathBuf, message: String },
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    /// The storage engine read a page of its files that is damaged. A start refuses only
+    /// the damage sled meets while opening; a page read later fails here, once per read.
+    #[error(
+        "the store's files are damaged (the storage engine read corrupted data at {0}); keep a copy of the data directory, run `rosterd store check` on the newest backup and restore the newest that checks clean"
+    )]
+    Damaged(String),
     #[error(
         "data directory has layout version {found}; this rosterd reads version {SCHEMA_VERSION}"
     )]
@@ -144,6 +150,15 @@ impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
             sled::Error::Io(e) => StoreError::Io(e.to_string()),
+            // sled's own words end in `backtrace ()`, which reached job errors, `rosterd
+            // status` and the log, and named no way out.
+            sled::Error::Corruption { at, .. } => StoreError::Damaged(match at {
+                Some(sled::DiskPtr::Inline(offset)) => format!("file offset {offset}"),
+                Some(sled::DiskPtr::Blob(offset, blob)) => {
+                    format!("file offset {offset} (blob {blob})")
+                }
+                None => "an unknown place".to_owned(),
+            }),
             e => StoreError::Backend(e.to_string()),
         }
     }
@@ -1673,6 +1688,11 @@ impl Store {
             match e {
                 // Already actionable on their own, or naming the directory.
                 e @ (StoreError::UnknownSchema { .. } | StoreError::Open { .. }) => e,
+                // Its own advice is for a running store; the open's names the snapshots.
+                StoreError::Damaged(at) => open_error(
+                    dir,
+                    &format!("the storage engine read corrupted data at {at}"),
+                ),
                 e => open_error(dir, &e.to_string()),
             }
         })
@@ -1765,7 +1785,15 @@ impl Store {
             .flush_every_ms(Some(CLEANER_TICK_MS))
             .cache_capacity(cache_bytes)
             .open()
-            .map_err(|e| open_error(dir, &e.to_string()))?;
+            .map_err(|e| {
+                let text = match StoreError::from(e.clone()) {
+                    StoreError::Damaged(at) => {
+                        format!("the storage engine read corrupted data at {at}")
+                    }
+                    _ => e.to_string(),
+                };
+                open_error(dir, &text)
+            })?;
         match stored_schema(&db)? {
             // A backup gets its marker last, after it reads back whole: one without it
             // was cut short (by a build before the incomplete mark, or copied without

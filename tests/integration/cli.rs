@@ -2542,6 +2542,78 @@ fn a_daemon_not_found_at_the_configs_address_points_to_url() {
     );
 }
 
+/// `rosterd store check` on files damaged on disk (bytes overwritten, the log cut short)
+/// answers with what to do and without sled's panic: it printed sled's assertion, and a
+/// stack backtrace with RUST_BACKTRACE set, before its own error, and a read that failed
+/// ended in sled's `backtrace ()` with no way out.
+#[tokio::test]
+async fn store_check_on_damaged_files_says_what_to_do_without_a_panic() {
+    use crate::harness::TestDaemon;
+    let mut d = TestDaemon::start().await;
+    for i in 0..300 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    d.idle().await;
+    d.stop().await;
+    let config = d.root.join("config.toml");
+    let data = d.root.join("data");
+    let len = std::fs::metadata(data.join("db")).unwrap().len();
+    let damaged = |name: &str, damage: &dyn Fn(&std::path::Path)| {
+        let copy = d.root.join(name);
+        let status = std::process::Command::new("cp")
+            .args(["-a", data.to_str().unwrap(), copy.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        damage(&copy.join("db"));
+        copy
+    };
+    let overwritten = damaged("overwritten", &|db| {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+        for i in 1..40u64 {
+            f.seek(SeekFrom::Start(len / 2 + i * (len / 100))).unwrap();
+            f.write_all(&[0xa5; 64]).unwrap();
+        }
+    });
+    let cut = damaged("cut", &|db| {
+        let f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+        f.set_len(len / 2).unwrap();
+    });
+    for dir in [overwritten, cut] {
+        let (ok, out, err) = tokio::task::spawn_blocking({
+            let (config, dir) = (config.clone(), dir.clone());
+            move || {
+                run(
+                    &[
+                        "store",
+                        "check",
+                        "--config",
+                        config.to_str().unwrap(),
+                        "--data-dir",
+                        dir.to_str().unwrap(),
+                    ],
+                    None,
+                    &[("RUST_BACKTRACE", "1")],
+                )
+            }
+        })
+        .await
+        .unwrap();
+        assert!(!ok, "{}: {out}", dir.display());
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{}: {err}",
+            dir.display()
+        );
+        assert!(
+            err.to_lowercase().contains("keep a copy of the"),
+            "{}: {err}",
+            dir.display()
+        );
+    }
+}
+
 /// `rosterd store check` names what disagrees in a damaged store and exits non-zero;
 /// a store the daemon wrote checks clean, and one the daemon holds is refused. The
 /// damage is made with the storage engine itself, as a bug or a torn write would leave
