@@ -1253,8 +1253,27 @@ fn stored_schema(db: &sled::Db) -> StoreResult<Option<u64>> {
 /// A directory that does not hold a store (no marker) is refused by what only reads or
 /// copies one (`store backup`, `store rewrite`), which must not make one there.
 fn require_store(dir: &Path) -> StoreResult<()> {
-    if dir.join(STORE_MARKER).is_file() {
-        return Ok(());
+    let marker = dir.join(STORE_MARKER);
+    match std::fs::metadata(&marker) {
+        Ok(m) if m.is_file() => return Ok(()),
+        // Run as another user than the store's (the usual slip: without `sudo -u
+        // rosterd`), "holds no rosterd store" sent the operator looking for lost data.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(StoreError::Open {
+                dir: dir.to_owned(),
+                message: format!(
+                    "this user (uid {}) cannot read it: {e}; run the store commands as the store's user (`sudo -u rosterd rosterd store …` under the systemd unit)",
+                    euid()
+                ),
+            });
+        }
+        _ => {}
+    }
+    if dir.join(BACKUP_INCOMPLETE).exists() {
+        return Err(StoreError::Open {
+            dir: dir.to_owned(),
+            message: format!("it {CUT_SHORT} ({BACKUP_INCOMPLETE} is there). {RESTORE_WHOLE}"),
+        });
     }
     // Only the commands for a stopped store get here, and under the unit the store's
     // directory is on the daemon's command line, not in the config they read.

@@ -2745,6 +2745,32 @@ async fn store_check_names_what_disagrees_and_fails() {
             && err.contains("name the store's directory with --data-dir"),
         "{err}"
     );
+    // A backup cut short is named as one, as a start names it: "holds no rosterd store"
+    // sent the operator to look for the store elsewhere.
+    std::fs::write(empty.join(".rosterd-backup-incomplete"), "").unwrap();
+    let (ok, _, err) = check_on(&empty).await;
+    assert!(!ok);
+    assert!(err.contains("is a backup cut short"), "{err}");
+    // Run by a user who cannot read the store (without `sudo -u rosterd`), it says so:
+    // "holds no rosterd store" read as lost data. Only root can become another user here.
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["store", "check", "--config"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("cannot read it") && err.contains("sudo -u rosterd"),
+            "{err}"
+        );
+    }
 }
 
 /// A `--url` the CLI cannot use is said to be the flag's fault, not the daemon's, and a
