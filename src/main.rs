@@ -584,6 +584,14 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// The store is held, by no daemon: another store command (a backup, a check) is at work.
+fn held_by_a_command(key: &str, dir: &std::path::Path) -> String {
+    format!(
+        "{key}: another process holds the store in {} and no rosterd serves it: another `rosterd store` command (a backup, a check) is at work, most likely; run this one once it is done",
+        dir.display()
+    )
+}
+
 fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result<()> {
     let mut config = Config::load(&path)?;
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
@@ -591,6 +599,9 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     config.server.data_dir = dir.clone();
     let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
         Ok(store) => store,
+        Err(e) if e.held_elsewhere() && !rosterd::store::daemon_serving(&dir) => {
+            anyhow::bail!(held_by_a_command(&key, &dir))
+        }
         Err(e) if e.held_elsewhere() => anyhow::bail!(
             "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}; copy it (`cp -a`, as the store's user), since opening a store writes to its files and the backup should stay as written, then `rosterd store check --data-dir <the copy>`",
             dir.display(),
@@ -710,6 +721,9 @@ fn backup_store(path: PathBuf, data_dir: Option<PathBuf>, to: Option<PathBuf>) -
     // One pass over the store: a small cache does.
     let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
         Ok(store) => store,
+        Err(e) if e.held_elsewhere() && !rosterd::store::daemon_serving(&dir) => {
+            anyhow::bail!(held_by_a_command(&key, &dir))
+        }
         Err(e) if e.held_elsewhere() => {
             anyhow::bail!(
                 "{key}: rosterd is running on {} (it holds the store). Ask it for the backup instead: `sudo systemctl kill -s USR1 --kill-who=main rosterd` (or `kill -USR1` its pid) writes one into {}, and `rosterd status` shows it when done",

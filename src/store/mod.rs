@@ -24,7 +24,7 @@ pub use backup::BackedUp;
 pub use check::{LISTED as CHECK_LISTED, TenantCheck};
 pub use rewrite::{Rewritten, rewrite};
 pub(crate) use rows::id_key;
-pub use run::RunRecord;
+pub use run::{RunRecord, daemon_serving};
 #[cfg(test)]
 mod testing;
 

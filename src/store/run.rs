@@ -39,6 +39,24 @@ impl RunRecord {
     }
 }
 
+/// Whether a daemon serves the store in `dir` now: its run file names a live process.
+/// A store command holds the store's lock too, and was taken for a daemon ("ask it with
+/// SIGUSR1", with no daemon to ask).
+pub fn daemon_serving(dir: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(dir.join(RUN_FILE)) else {
+        return false;
+    };
+    let record: RunRecord = serde_json::from_slice(&bytes).unwrap_or_default();
+    record.pid.is_some_and(|pid| {
+        let Ok(pid) = i32::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    })
+}
+
 impl Store {
     fn run_file(&self) -> PathBuf {
         self.dir().join(RUN_FILE)

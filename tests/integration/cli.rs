@@ -2664,7 +2664,39 @@ async fn store_check_names_what_disagrees_and_fails() {
     );
 
     d.stop().await;
-    let (ok, out, err) = rosterd_async(&args).await;
+    // Held by no daemon (another store command at work, here this test), it says so:
+    // "rosterd is running … ask it with SIGUSR1" sent the operator to a daemon that was
+    // not there.
+    let held = crate::harness::open_stopped_store(&data);
+    for args in [
+        &args[..],
+        &[
+            "store",
+            "backup",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ][..],
+    ] {
+        let (ok, _, err) = rosterd_async(args).await;
+        assert!(!ok, "{args:?}");
+        assert!(
+            err.contains("no rosterd serves it") && !err.contains("USR1"),
+            "{args:?}: {err}"
+        );
+    }
+    drop(held);
+    // sled lets go of its lock a moment after the last handle drops.
+    let mut tries = 0;
+    let (ok, out, err) = loop {
+        let (ok, out, err) = rosterd_async(&args).await;
+        if ok || !err.contains("no rosterd serves it") || tries == 200 {
+            break (ok, out, err);
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
     assert!(ok, "{out} {err}");
     assert!(
         out.contains(&format!("tenant {TENANT}: 2 users, 1 group, 1 membership,"))
