@@ -71,6 +71,12 @@ impl Store {
     /// filling up); nothing is then left.
     pub fn backup(&self, to: &Path, give_up: &GiveUp<'_>) -> StoreResult<BackedUp> {
         let started = Instant::now();
+        // The engine keeps its I/O error for good, and each read of the copy would answer
+        // it: a full data disk was reported as "No space left on device" on the backup's
+        // path, on a file system with 51 GB free.
+        if let Some(f) = self.failure() {
+            return Err(StoreError::Failed(f));
+        }
         if to.exists() {
             return Err(StoreError::Backup(format!(
                 "{} exists already; a backup is written only into a new directory",
@@ -94,6 +100,10 @@ impl Store {
             keys, longest_hold, ..
         } = copied.map_err(|e| {
             let _ = std::fs::remove_dir_all(&partial);
+            // The store failed while it was copied: its error, not the backup's.
+            if let Some(f) = self.failure() {
+                return StoreError::Failed(f);
+            }
             about(&partial, e)
         })?;
         Ok(BackedUp {
@@ -646,6 +656,39 @@ mod tests {
                 std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
             }
         }
+    }
+
+    /// A store that failed is not backed up, and says it is the store that failed: each
+    /// read of the copy answered the engine's kept error, and a full data disk was
+    /// reported as "No space left on device" on the backup's path.
+    #[test]
+    fn a_failed_store_is_not_backed_up_and_says_it_failed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = when_unlocked(|| Store::open(&data));
+        let create = |name: &str| {
+            rt.block_on(store.create(
+                "t",
+                ResourceKind::User,
+                user(name, "Engineer", true),
+                vec![],
+            ))
+        };
+        create("before").unwrap();
+        crate::store::fail_next_flush_in(&data);
+        assert!(create("during").is_err());
+        assert!(store.failure().is_some());
+        let to = dir.path().join("b");
+        let e = store.backup(&to, &|| None).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Failed(_)) && e.to_string().contains("the store failed at"),
+            "{e}"
+        );
+        assert!(!to.exists() && !sibling(&to, ".partial").exists());
     }
 
     #[test]
