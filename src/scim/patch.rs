@@ -479,9 +479,8 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
     }
     check_operation_count(ops.len())?;
     // Elements with nothing of their own, per attribute, that the result may hold: those
-    // the resource had, and those a `remove` left so (`remove emails[…].value`: what the
-    // client asked for).
-    let mut allowed = hollow_elements(kind, doc);
+    // the resource had.
+    let allowed = hollow_elements(kind, doc);
     for op in ops {
         one_primary_in(op)?;
         let before = super::resource::primaries_of(doc);
@@ -492,10 +491,15 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         }
         super::resource::check_list_sizes(doc)?;
         super::resource::settle_primaries(kind, &before, doc);
+        // A remove that leaves an element with nothing of its own (`remove
+        // emails[type eq "work"].value`, Entra's way to clear the work address) removes
+        // the element: kept, the user had a primary email with no address, which a PATCH
+        // may not make.
         if let Some(was) = hollow_before {
             for (name, n) in hollow_elements(kind, doc) {
-                let more = n.saturating_sub(was.get(name).copied().unwrap_or(0));
-                *allowed.entry(name).or_default() += more;
+                if n > was.get(name).copied().unwrap_or(0) {
+                    drop_hollow(kind, doc, name);
+                }
             }
         }
     }
@@ -553,26 +557,54 @@ fn hollow_elements(
             let Some(Value::Array(items)) = get_ci(obj, a.name) else {
                 return None;
             };
-            let valued = a.has_value_sub();
             let n = items
                 .iter()
                 .filter_map(Value::as_object)
-                .filter(|e| {
-                    !e.iter().any(|(k, v)| {
-                        !v.is_null()
-                            && if valued {
-                                k.eq_ignore_ascii_case("value")
-                            } else {
-                                !["type", "primary", "display"]
-                                    .iter()
-                                    .any(|m| k.eq_ignore_ascii_case(m))
-                            }
-                    })
-                })
+                .filter(|e| is_hollow(a, e))
                 .count();
             Some((a.name, n))
         })
         .collect()
+}
+
+/// Whether an element of `def` holds nothing of its own: no `value`, or for an attribute
+/// without one (`addresses`), nothing but its type, primary or display.
+fn is_hollow(def: &AttrDef, element: &Map<String, Value>) -> bool {
+    let valued = def.has_value_sub();
+    !element.iter().any(|(k, v)| {
+        !v.is_null()
+            && if valued {
+                k.eq_ignore_ascii_case("value")
+            } else {
+                !["type", "primary", "display"]
+                    .iter()
+                    .any(|m| k.eq_ignore_ascii_case(m))
+            }
+    })
+}
+
+/// Remove the elements of attribute `name` that hold nothing of their own, and the
+/// attribute once none is left.
+fn drop_hollow(kind: ResourceKind, doc: &mut Value, name: &str) {
+    let Some(def) = schema::core_schema(kind)
+        .attributes
+        .iter()
+        .find(|a| a.name == name)
+    else {
+        return;
+    };
+    let Some(obj) = doc.as_object_mut() else {
+        return;
+    };
+    let Some(key) = key_ci(obj, name) else {
+        return;
+    };
+    if let Some(Value::Array(items)) = obj.get_mut(&key) {
+        items.retain(|e| e.as_object().is_none_or(|e| !is_hollow(def, e)));
+        if items.is_empty() {
+            obj.remove(&key);
+        }
+    }
 }
 
 /// "primary": true on at most one of the values one operation sends (RFC 7643 §2.4), as
@@ -2023,14 +2055,35 @@ mod tests {
             let e = patch(&mut d, json!([{"op": op, "path": path, "value": value}])).unwrap_err();
             assert_eq!(e.scim_type, Some(ScimType::NoTarget), "{op} {path}: {e:?}");
         }
-        // A remove of a value leaves what the client asked for.
+        // A remove that leaves an element with nothing of its own removes the element
+        // (Entra clears the work address so): kept, a primary email had no address. The
+        // other elements, and one left with something, stay.
         let mut d = json!({"userName": "x",
-            "phoneNumbers": [{"value": "+1", "type": "mobile"}]});
+        "phoneNumbers": [{"value": "+1", "type": "mobile"}],
+        "emails": [
+            {"value": "w@x.com", "type": "work", "primary": true},
+            {"value": "h@x.com", "type": "home"},
+        ],
+        "addresses": [
+            {"type": "work", "locality": "Leeds", "primary": true},
+            {"type": "home", "locality": "York", "postalCode": "Y1"},
+        ]});
         patch(
             &mut d,
-            json!([{"op": "Remove", "path": "phoneNumbers[type eq \"mobile\"].value"}]),
+            json!([
+                {"op": "Remove", "path": "phoneNumbers[type eq \"mobile\"].value"},
+                {"op": "Remove", "path": "emails[type eq \"work\"].value"},
+                {"op": "Remove", "path": "addresses[type eq \"work\"].locality"},
+                {"op": "Remove", "path": "addresses[type eq \"home\"].locality"},
+            ]),
         )
         .unwrap();
+        assert!(d.get("phoneNumbers").is_none(), "{d}");
+        assert_eq!(d["emails"], json!([{"value": "h@x.com", "type": "home"}]));
+        assert_eq!(
+            d["addresses"],
+            json!([{"type": "home", "postalCode": "Y1"}])
+        );
         // With the value it is made, as Entra expects, whichever operation comes first;
         // an address has no `value` to give, and any part of it will do.
         let mut d = json!({"userName": "x"});

@@ -730,6 +730,40 @@ async fn a_manager_value_naming_no_user_is_kept_warned_and_counted() {
     );
 }
 
+/// Entra clears a user's work address by removing its value: the element goes with it,
+/// where a primary email with no address stayed (one a PATCH may not make), and the
+/// Roster API then takes the next address.
+#[tokio::test]
+async fn removing_the_work_emails_value_removes_the_email() {
+    let d = TestDaemon::start().await;
+    let mut body = user("w@example.com");
+    body["emails"] = json!([
+        {"value": "w@example.com", "type": "work", "primary": true},
+        {"value": "h@example.com", "type": "home"},
+    ]);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let p = d
+        .patch(
+            &format!("/Users/{id}"),
+            patch_op(json!([{"op": "Remove", "path": "emails[type eq \"work\"].value"}])),
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.body);
+    assert_eq!(
+        p.body["emails"],
+        json!([{"value": "h@example.com", "type": "home"}]),
+        "{}",
+        p.body
+    );
+    let admin = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, &format!("/users/{id}"), &admin, None)
+        .await;
+    assert_eq!(r.body["email"], "h@example.com", "{}", r.body);
+}
+
 /// Entra's older dialect adds a `roles` entry as its JSON text and removes it the same
 /// way: the remove answered 200 and left the role, in the document and downstream.
 #[tokio::test]
