@@ -865,6 +865,25 @@ impl Config {
                     "key `tenants[{i}].group_rules`: group rules need a `bundle` to name archetypes"
                 ));
             }
+            // A rule that can never apply was taken without a word: an empty group names
+            // none, and the first rule naming a group wins, so a second one for it (in
+            // another letter case, say) is dead.
+            for (j, r) in t.group_rules.iter().enumerate() {
+                if r.group.trim().is_empty() {
+                    return Err(format!(
+                        "key `tenants[{i}].group_rules[{j}]`: group must not be empty"
+                    ));
+                }
+                if let Some(k) = t.group_rules[..j]
+                    .iter()
+                    .position(|e| e.group.to_lowercase() == r.group.to_lowercase())
+                {
+                    return Err(format!(
+                        "key `tenants[{i}].group_rules[{j}]`: group_rules[{k}] names the group {:?} already (names match in any letter case), and the first rule that names a group wins: this one would never apply; keep one",
+                        t.group_rules[k].group
+                    ));
+                }
+            }
             for (j, h) in t.token_hashes.iter().enumerate() {
                 let hash = TokenHash::parse(h).map_err(|e: TokenHashError| {
                     format!("key `tenants[{i}].token_hashes[{j}]`: {e}")
@@ -932,6 +951,24 @@ impl Config {
     /// exists but cannot be read is not.
     pub fn check_connectors_dir(&self) -> Result<bool, ConfigError> {
         let dir = self.connectors_dir();
+        // Named `.` (or the config's own directory), config.toml was read as a connector
+        // file and refused for its first key, which named no cause.
+        let own = self.source.as_ref().map(|(p, _)| p.as_path());
+        if let Some(own) = own.filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            && let (Ok(a), Ok(b)) = (
+                std::fs::canonicalize(&dir),
+                std::fs::canonicalize(own).map(|p| p.parent().map(Path::to_path_buf)),
+            )
+            && Some(a) == b
+        {
+            return Err(ConfigError::Invalid {
+                path: self.file(),
+                message: format!(
+                    "key `connectors.dir`: {} holds this config file, which would be read as a connector file; give the connectors a directory of their own (the example's is `connectors`)",
+                    dir.display()
+                ),
+            });
+        }
         match std::fs::read_dir(&dir) {
             Ok(_) => Ok(true),
             Err(e) if self.connectors.dir.is_none() && e.kind() == std::io::ErrorKind::NotFound => {
@@ -1464,6 +1501,61 @@ mod tests {
         assert!(
             !named("x-1", "anything"),
             "an externalId is matched as it is"
+        );
+    }
+
+    /// A connectors directory that holds config.toml is refused, saying so: config.toml
+    /// was read as a connector file, refused for a key it holds.
+    #[test]
+    fn the_connectors_directory_may_not_hold_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        for (named, refused) in [(".", true), ("./", true), ("connectors", false)] {
+            let text = format!("version = 1\n[connectors]\ndir = \"{named}\"\n");
+            std::fs::write(&path, &text).unwrap();
+            std::fs::create_dir_all(dir.path().join("connectors")).unwrap();
+            let c = Config::parse(&text, &path).unwrap();
+            match c.check_connectors_dir() {
+                Err(e) if refused => assert!(
+                    e.to_string().contains("holds this config file"),
+                    "{named}: {e}"
+                ),
+                other => assert_eq!(other.is_ok(), !refused, "{named}: {other:?}"),
+            }
+        }
+    }
+
+    /// A group rule that could never apply is refused: an empty group, or a second rule
+    /// for a group an earlier one names (the first match wins), in any letter case.
+    #[test]
+    fn a_group_rule_that_could_never_apply_is_refused() {
+        let config = |rules: &str| {
+            Config::parse(
+                &format!(
+                    "version = 1\n[[tenants]]\nid = \"t\"\ntoken_env = \"T\"\nbundle = \"b.toml\"\ngroup_rules = [{rules}]\n"
+                ),
+                Path::new("config.toml"),
+            )
+        };
+        assert!(
+            config(r#"{ group = "Leads", archetype = "a" }, { group = "Ops", archetype = "b" }"#)
+                .is_ok()
+        );
+        let e = config(r#"{ group = " ", archetype = "a" }"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("group_rules[0]`: group must not be empty"),
+            "{e}"
+        );
+        let e = config(
+            r#"{ group = "Engineering Leads", archetype = "a" }, { group = "engineering leads", archetype = "b" }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("group_rules[1]") && e.contains("would never apply"),
+            "{e}"
         );
     }
 

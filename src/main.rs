@@ -950,7 +950,7 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     }
     if dir_error.is_some() {
         anyhow::bail!(
-            "{}: `serve` would refuse to start: the connectors directory above cannot be read",
+            "{}: `serve` would refuse to start: the connectors directory above is refused",
             path.display()
         );
     }

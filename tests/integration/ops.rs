@@ -304,6 +304,14 @@ async fn status_says_when_the_config_file_changed_since_start() {
     let s = d.status().await;
     assert_eq!(s["config_changed_since_start"], true, "{s}");
     assert!(s["config_file_error"].is_string(), "{s}");
+    // A reload says it cannot be read, not that it was edited.
+    d.reload().await;
+    let said = logs.lines("The config file cannot be read now");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        logs.lines("changed since start and, as it is now")
+            .is_empty()
+    );
     std::fs::write(&path, &good).unwrap();
     let s = d.status().await;
     assert_eq!(s["config_changed_since_start"], false, "{s}");
