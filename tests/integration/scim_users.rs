@@ -800,17 +800,22 @@ async fn a_role_added_and_removed_as_json_text_is_gone() {
     );
 }
 
+/// `leaver@example.com`, created deactivated; its id.
+async fn create_leaver(d: &TestDaemon) -> String {
+    let mut body = user("leaver@example.com");
+    body["active"] = json!(false);
+    let r = d.post("/Users", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
 /// A PATCH that removes `active`, or makes it null, keeps a leaver deactivated, as a PUT
 /// without it does: a user without `active` reads as active, so each of these reactivated
 /// the leaver in the roster, the exports and downstream.
 #[tokio::test]
 async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
     let d = TestDaemon::start().await;
-    let mut body = user("leaver@example.com");
-    body["active"] = json!(false);
-    let r = d.post("/Users", body).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_owned();
+    let id = create_leaver(&d).await;
     let admin = d.jwt(TENANT, "roster:admin");
     let roster_active = || async {
         let r = d
@@ -876,11 +881,7 @@ async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
 #[tokio::test]
 async fn a_put_without_active_keeps_a_deactivated_user_deactivated() {
     let d = TestDaemon::start().await;
-    let mut body = user("leaver@example.com");
-    body["active"] = json!(false);
-    let r = d.post("/Users", body).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_owned();
+    let id = create_leaver(&d).await;
     let mut put = user("leaver@example.com");
     put.as_object_mut().unwrap().remove("active");
     put["title"] = json!("Buyer");
