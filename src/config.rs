@@ -866,21 +866,19 @@ impl Config {
                 ));
             }
             // A rule that can never apply was taken without a word: an empty group names
-            // none, and the first rule naming a group wins, so a second one for it (in
-            // another letter case, say) is dead.
+            // none, and the first rule naming a group wins, so a second one giving the
+            // same `group` is dead. (Only the same text: one in another letter case may
+            // name another group by its externalId or id, which match exactly.)
             for (j, r) in t.group_rules.iter().enumerate() {
                 if r.group.trim().is_empty() {
                     return Err(format!(
                         "key `tenants[{i}].group_rules[{j}]`: group must not be empty"
                     ));
                 }
-                if let Some(k) = t.group_rules[..j]
-                    .iter()
-                    .position(|e| e.group.to_lowercase() == r.group.to_lowercase())
-                {
+                if let Some(k) = t.group_rules[..j].iter().position(|e| e.group == r.group) {
                     return Err(format!(
-                        "key `tenants[{i}].group_rules[{j}]`: group_rules[{k}] names the group {:?} already (names match in any letter case), and the first rule that names a group wins: this one would never apply; keep one",
-                        t.group_rules[k].group
+                        "key `tenants[{i}].group_rules[{j}]`: group_rules[{k}] gives the group {:?} already, and the first rule that names a group wins: this one would never apply; keep one",
+                        r.group
                     ));
                 }
             }
@@ -954,12 +952,18 @@ impl Config {
         // Named `.` (or the config's own directory), config.toml was read as a connector
         // file and refused for its first key, which named no cause.
         let own = self.source.as_ref().map(|(p, _)| p.as_path());
+        let parent = |p: &Path| p.parent().map(Path::to_path_buf);
+        // Where the file is named, and where it is if that is a link.
         if let Some(own) = own.filter(|p| p.extension().is_some_and(|e| e == "toml"))
-            && let (Ok(a), Ok(b)) = (
-                std::fs::canonicalize(&dir),
-                std::fs::canonicalize(own).map(|p| p.parent().map(Path::to_path_buf)),
-            )
-            && Some(a) == b
+            && let Ok(real) = std::fs::canonicalize(&dir)
+            && [
+                std::fs::canonicalize(own).ok().and_then(|p| parent(&p)),
+                std::path::absolute(own)
+                    .ok()
+                    .and_then(|p| parent(&p))
+                    .and_then(|p| std::fs::canonicalize(p).ok()),
+            ]
+            .contains(&Some(real))
         {
             return Err(ConfigError::Invalid {
                 path: self.file(),
@@ -1526,7 +1530,7 @@ mod tests {
     }
 
     /// A group rule that could never apply is refused: an empty group, or a second rule
-    /// for a group an earlier one names (the first match wins), in any letter case.
+    /// giving the `group` an earlier one gives (the first match wins).
     #[test]
     fn a_group_rule_that_could_never_apply_is_refused() {
         let config = |rules: &str| {
@@ -1549,13 +1553,18 @@ mod tests {
             "{e}"
         );
         let e = config(
-            r#"{ group = "Engineering Leads", archetype = "a" }, { group = "engineering leads", archetype = "b" }"#,
+            r#"{ group = "Engineering Leads", archetype = "a" }, { group = "Engineering Leads", archetype = "b" }"#,
         )
         .unwrap_err()
         .to_string();
         assert!(
             e.contains("group_rules[1]") && e.contains("would never apply"),
             "{e}"
+        );
+        // In another letter case it may name another group, by its externalId.
+        assert!(
+            config(r#"{ group = "Eng", archetype = "a" }, { group = "ENG", archetype = "b" }"#)
+                .is_ok()
         );
     }
 

@@ -584,10 +584,11 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The store is held, by no daemon: another store command (a backup, a check) is at work.
+/// The store is held, by no daemon that recorded itself: another store command (a backup,
+/// a check) is at work, or a daemon is still opening the store.
 fn held_by_a_command(key: &str, dir: &std::path::Path) -> String {
     format!(
-        "{key}: another process holds the store in {} and no rosterd serves it: another `rosterd store` command (a backup, a check) is at work, most likely; run this one once it is done",
+        "{key}: another process holds the store in {}, and no running rosterd has recorded itself there: another `rosterd store` command (a backup, a check) at work, or a daemon still opening the store; run this one once it is done",
         dir.display()
     )
 }
@@ -1545,7 +1546,7 @@ fn call_daemon_within(
                 anyhow::Error::new(e.without_url()).context(format!(
                     "cannot reach rosterd at {shown_url}: is it running, and is TLS ended in front of it? rosterd itself speaks plain http://"
                 ))
-            } else if from_config {
+            } else if from_config && e.is_connect() {
                 anyhow::Error::new(e.without_url()).context(format!(
                     "cannot reach rosterd at {shown_url}; is it running? (The address is server.listen in {}: if that was edited since the daemon started, give the address it runs on with --url.)",
                     daemon.config.display()
@@ -2495,15 +2496,22 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             .flatten()
             .filter_map(|k| k.as_str().map(str::to_owned))
             .collect();
-        outln!(
-            "config file changed since start: {} {} only at the next restart; a reload applies only the tenants' SCIM tokens (rosterd check-config first)",
-            rosterd::config::waiting_list(&waiting),
-            if waiting.len() == 1 {
-                "applies"
-            } else {
-                "apply"
-            },
-        )?;
+        if waiting.is_empty() {
+            // A daemon from before the keys were listed (a CLI upgraded ahead of it).
+            outln!(
+                "config file changed since start: what a reload does not apply waits for the next restart (rosterd check-config first)"
+            )?;
+        } else {
+            outln!(
+                "config file changed since start: {} {} only at the next restart; a reload applies only the tenants' SCIM tokens (rosterd check-config first)",
+                rosterd::config::waiting_list(&waiting),
+                if waiting.len() == 1 {
+                    "applies"
+                } else {
+                    "apply"
+                },
+            )?;
+        }
     }
     if let Some(errors) = s["reload_errors"].as_object() {
         for (part, e) in errors {

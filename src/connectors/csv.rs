@@ -138,7 +138,15 @@ impl CsvSettings {
     /// would write over, read through links as its own files are.
     pub(super) fn writes_over<'a>(&self, read: &'a [PathBuf]) -> Option<&'a PathBuf> {
         let files = self.files();
-        read.iter().find(|r| files.contains(&canonical_or_as_is(r)))
+        read.iter().find(|r| {
+            // The file a link points to, and the link itself: a rename over a bundle
+            // kept as a link (config management does) replaces the link.
+            let named = match (r.parent(), r.file_name()) {
+                (Some(dir), Some(name)) => canonical_or_as_is(dir).join(name),
+                _ => r.to_path_buf(),
+            };
+            files.contains(&canonical_or_as_is(r)) || files.contains(&named)
+        })
     }
 
     /// Whether the files are written in `dir` itself.

@@ -481,6 +481,9 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
     // Elements with nothing of their own, per attribute, that the result may hold: those
     // the resource had.
     let allowed = hollow_elements(kind, doc);
+    let had = hollow_of(kind, doc);
+    // By attribute, how many elements a `remove` left with nothing of their own.
+    let mut hollowed = std::collections::BTreeMap::<&'static str, usize>::new();
     for op in ops {
         one_primary_in(op)?;
         let before = super::resource::primaries_of(doc);
@@ -491,17 +494,24 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
         }
         super::resource::check_list_sizes(doc)?;
         super::resource::settle_primaries(kind, &before, doc);
-        // A remove that leaves an element with nothing of its own (`remove
-        // emails[type eq "work"].value`, Entra's way to clear the work address) removes
-        // the element: kept, the user had a primary email with no address, which a PATCH
-        // may not make.
         if let Some(was) = hollow_before {
             for (name, n) in hollow_elements(kind, doc) {
-                if n > was.get(name).copied().unwrap_or(0) {
-                    drop_hollow(kind, doc, name);
+                let more = n.saturating_sub(was.get(name).copied().unwrap_or(0));
+                if more > 0 {
+                    *hollowed.entry(name).or_default() += more;
                 }
             }
         }
+    }
+    // A remove that leaves an element with nothing of its own (`remove emails[type eq
+    // "work"].value`, Entra's way to clear the work address) removes the element: kept,
+    // the user had a primary email with no address, which a PATCH may not make. Judged
+    // on the result, so that a later operation of the request giving it a value again
+    // keeps its `primary`; the resource's own such elements stay, and one a filtered
+    // operation made so is still refused below.
+    for (name, removed) in hollowed {
+        let had = had.get(name).map_or(&[][..], Vec::as_slice);
+        drop_new_hollow(kind, doc, name, had, removed);
     }
     // A filtered operation that matches nothing makes the element its filter describes;
     // one left with nothing of its own (`replace emails[type eq "work"].primary` on a
@@ -546,6 +556,17 @@ fn hollow_elements(
     kind: ResourceKind,
     doc: &Value,
 ) -> std::collections::BTreeMap<&'static str, usize> {
+    hollow_of(kind, doc)
+        .into_iter()
+        .map(|(name, items)| (name, items.len()))
+        .collect()
+}
+
+/// The elements of each multi-valued complex attribute that hold nothing of their own.
+fn hollow_of(
+    kind: ResourceKind,
+    doc: &Value,
+) -> std::collections::BTreeMap<&'static str, Vec<Value>> {
     let Some(obj) = doc.as_object() else {
         return Default::default();
     };
@@ -557,12 +578,12 @@ fn hollow_elements(
             let Some(Value::Array(items)) = get_ci(obj, a.name) else {
                 return None;
             };
-            let n = items
+            let hollow = items
                 .iter()
-                .filter_map(Value::as_object)
-                .filter(|e| is_hollow(a, e))
-                .count();
-            Some((a.name, n))
+                .filter(|e| e.as_object().is_some_and(|e| is_hollow(a, e)))
+                .cloned()
+                .collect();
+            Some((a.name, hollow))
         })
         .collect()
 }
@@ -583,9 +604,9 @@ fn is_hollow(def: &AttrDef, element: &Map<String, Value>) -> bool {
     })
 }
 
-/// Remove the elements of attribute `name` that hold nothing of their own, and the
-/// attribute once none is left.
-fn drop_hollow(kind: ResourceKind, doc: &mut Value, name: &str) {
+/// Remove at most `most` elements of attribute `name` that hold nothing of their own,
+/// not those of `had` (the resource's own), and the attribute once none is left.
+fn drop_new_hollow(kind: ResourceKind, doc: &mut Value, name: &str, had: &[Value], most: usize) {
     let Some(def) = schema::core_schema(kind)
         .attributes
         .iter()
@@ -600,7 +621,19 @@ fn drop_hollow(kind: ResourceKind, doc: &mut Value, name: &str) {
         return;
     };
     if let Some(Value::Array(items)) = obj.get_mut(&key) {
-        items.retain(|e| e.as_object().is_none_or(|e| !is_hollow(def, e)));
+        let mut kept: Vec<&Value> = had.iter().collect();
+        let mut dropped = 0;
+        items.retain(|e| {
+            if e.as_object().is_none_or(|o| !is_hollow(def, o)) {
+                return true;
+            }
+            if let Some(i) = kept.iter().position(|h| *h == e) {
+                kept.swap_remove(i);
+                return true;
+            }
+            dropped += 1;
+            dropped > most
+        });
         if items.is_empty() {
             obj.remove(&key);
         }
@@ -1127,10 +1160,12 @@ fn same_element(def: Option<&AttrDef>, stored: &Value, given: &Value) -> bool {
     // An entry named by its JSON text, as Entra's older dialect removes the `roles` entry
     // it added so: read as text, it named nothing, and the remove answered 200 and left
     // the role.
+    // A value that is itself such text (stored before it was read so) still matches it.
     if let (Value::Object(_), Value::String(g)) = (stored, given)
         && let Some(o) = encoded_object(g)
+        && same_element(def, stored, &Value::Object(o))
     {
-        return same_element(def, stored, &Value::Object(o));
+        return true;
     }
     match (stored, given) {
         (Value::Object(s), Value::Object(g)) => match (value_key(def, s), value_key(def, g)) {
@@ -2084,6 +2119,37 @@ mod tests {
             d["addresses"],
             json!([{"type": "home", "postalCode": "Y1"}])
         );
+        // Judged on the result: a value given again in the same request keeps the
+        // element, `primary` and all; the resource's own such element stays; one a
+        // filtered operation makes so is still refused.
+        let mut d = json!({"userName": "x",
+            "emails": [{"value": "w@x.com", "type": "work", "primary": true}],
+            "addresses": [{"type": "other"}, {"type": "work", "locality": "Leeds"}]});
+        patch(
+            &mut d,
+            json!([
+                {"op": "Remove", "path": "emails[type eq \"work\"].value"},
+                {"op": "Add", "path": "emails[type eq \"work\"].value", "value": "new@x.com"},
+                {"op": "Remove", "path": "addresses[type eq \"work\"].locality"},
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            d["emails"],
+            json!([{"value": "new@x.com", "type": "work", "primary": true}])
+        );
+        assert_eq!(d["addresses"], json!([{"type": "other"}]));
+        let mut d = json!({"userName": "x",
+            "emails": [{"value": "w@x.com", "type": "work"}]});
+        let e = patch(
+            &mut d,
+            json!([
+                {"op": "Remove", "path": "emails[type eq \"work\"].value"},
+                {"op": "Replace", "path": "emails[type eq \"home\"].primary", "value": true},
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.scim_type, Some(ScimType::NoTarget), "{e:?}");
         // With the value it is made, as Entra expects, whichever operation comes first;
         // an address has no `value` to give, and any part of it will do.
         let mut d = json!({"userName": "x"});

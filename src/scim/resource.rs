@@ -564,7 +564,9 @@ pub(crate) fn complex_entries(items: Vec<Value>) -> Vec<Value> {
     let encoded_list = |v: &Value| match v {
         Value::String(s) if s.trim_start().starts_with('[') => {
             match serde_json::from_str::<Value>(s) {
-                Ok(Value::Array(list)) if list.iter().all(|e| e.is_object() || e.is_string()) => {
+                Ok(Value::Array(list))
+                    if !list.is_empty() && list.iter().all(|e| e.is_object() || e.is_string()) =>
+                {
                     Some(list)
                 }
                 _ => None,

@@ -732,7 +732,9 @@ pub async fn reload(state: &Arc<AppState>) {
                 "The config file changed since start; a reload applies only the tenants' SCIM tokens from it: the keys named wait for a restart (rosterd check-config first). Connectors and bundles are reloaded now, from the paths the daemon started with."
             ),
             // A file that no longer reads (its mode changed, say) was said to be edited.
-            Some(e @ crate::config::ConfigError::Read { .. }) => {
+            Some(e @ crate::config::ConfigError::Read { source, .. })
+                if source.kind() != std::io::ErrorKind::InvalidData =>
+            {
                 tracing::error!(
                     error = %e,
                     "The config file cannot be read now (removed, moved, or its permissions changed): a restart would fail. Put it back, readable to rosterd's user (rosterd check-config, as that user), before restarting; this daemon keeps running on the config it started with. Connectors and bundles are reloaded now."

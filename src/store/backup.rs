@@ -292,7 +292,8 @@ fn ask(give_up: &GiveUp<'_>, n: usize) -> StoreResult<()> {
 /// name no file, and a full disk there read like the store's own failure.
 fn about(partial: &Path, e: StoreError) -> StoreError {
     match e {
-        e @ StoreError::Backup(_) => e,
+        // The store's damage, met while copying it: its own, as a failure is.
+        e @ (StoreError::Backup(_) | StoreError::Damaged(_)) => e,
         e => StoreError::Backup(format!("the backup in {}: {e}", partial.display())),
     }
 }

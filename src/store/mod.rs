@@ -3184,6 +3184,74 @@ mod tests {
         assert!(waits_for >= written, "{waits_for} < {written}");
     }
 
+    /// Groups that shared a displayName before it was held unique (a store from before)
+    /// stay writable under it, in any letter case; a new group, or a rename, may not take
+    /// it.
+    #[tokio::test]
+    async fn groups_that_already_share_a_name_stay_writable_and_no_other_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        let group = |name: &str| json!({"displayName": name});
+        let a = store
+            .create("t", ResourceKind::Group, group("Finance"), vec![])
+            .await
+            .unwrap();
+        let b = store
+            .create("t", ResourceKind::Group, group("Sales"), vec![])
+            .await
+            .unwrap();
+        // What an older store holds: b renamed onto a's name, index and all.
+        let bid = b.id.clone();
+        store
+            .write_sync("t", move |txn| {
+                let mut doc = txn.load(ResourceKind::Group, &bid)?.unwrap();
+                doc["displayName"] = json!("Finance");
+                txn.put(keys::resource(ResourceKind::Group, &bid), encode(&doc)?);
+                txn.del(keys::index_entry(Index::GroupName, "sales", &bid));
+                txn.put(
+                    keys::index_entry(Index::GroupName, "finance", &bid),
+                    keys::index_value(Index::GroupName, &bid),
+                );
+                Ok(())
+            })
+            .unwrap();
+        for (id, name) in [(&b.id, "Finance"), (&b.id, "FINANCE"), (&a.id, "finance")] {
+            let name = name.to_owned();
+            store
+                .update("t", ResourceKind::Group, id, None, move |doc| {
+                    let mut doc = doc.clone();
+                    doc["displayName"] = json!(name);
+                    Ok(Update {
+                        doc,
+                        members: vec![],
+                    })
+                })
+                .await
+                .unwrap();
+        }
+        let e = store
+            .create("t", ResourceKind::Group, group("FiNaNcE"), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Uniqueness(_)), "{e}");
+        let c = store
+            .create("t", ResourceKind::Group, group("Ops"), vec![])
+            .await
+            .unwrap();
+        let e = store
+            .update("t", ResourceKind::Group, &c.id, None, |doc| {
+                let mut doc = doc.clone();
+                doc["displayName"] = json!("finance");
+                Ok(Update {
+                    doc,
+                    members: vec![],
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Uniqueness(_)), "{e}");
+    }
+
     /// A user's removal from its groups is logged ahead of its deletion and marked as
     /// part of it (a connector's guard counts it with the deletion); a member's removal
     /// by a group's own deletion, or a nested group's deletion, is not.
