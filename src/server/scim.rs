@@ -634,6 +634,34 @@ fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
     doc
 }
 
+/// Whether a PATCH body asks, by an operation `remove` with the path `active`, for the
+/// attribute to go: RFC 7644 §3.5.2.2 says it then goes (the public conformance suite
+/// checks it), and a user without `active` reads as active. A null (`replace` with null,
+/// a path-less `{"active": null}`) is an unasserted value, as in a PUT, and keeps a
+/// leaver deactivated: what an IdP sends when the attribute it maps from is empty.
+fn removes_active(body: &Value) -> bool {
+    fn field(op: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
+        op.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+            .map(|v| v.trim().to_ascii_lowercase())
+    }
+    let core = format!("{}:", USER_SCHEMA.to_ascii_lowercase());
+    let ops = body.as_object().and_then(|o| {
+        o.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("Operations"))
+            .and_then(|(_, v)| v.as_array())
+    });
+    ops.into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .any(|op| {
+            field(op, "op").as_deref() == Some("remove")
+                && field(op, "path")
+                    .is_some_and(|p| p.strip_prefix(&core).unwrap_or(&p) == "active")
+        })
+}
+
 async fn op_replace(
     state: &AppState,
     tenant: &str,
@@ -687,6 +715,7 @@ async fn op_patch(
     body: Value,
     projection: &Projection,
 ) -> ScimResult<Reply> {
+    let unassigns_active = kind == ResourceKind::User && removes_active(&body);
     let (ops, mut ignored) = skip_unknown_extensions(parse_patch_request(body)?);
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         let split = split_member_ops(ops)?;
@@ -710,7 +739,11 @@ async fn op_patch(
             // it repeats: merged, it would carry the stored `primary` and pass for new.
             settle_primaries(kind, old, &mut doc);
             merge_repeats(kind, &mut doc, old);
-            let mut doc = keep_deactivated(kind, old, doc);
+            let mut doc = if unassigns_active {
+                doc
+            } else {
+                keep_deactivated(kind, old, doc)
+            };
             if let Some(obj) = doc.as_object_mut() {
                 obj.remove("members");
                 obj.remove("groups");

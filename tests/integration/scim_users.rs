@@ -809,11 +809,12 @@ async fn create_leaver(d: &TestDaemon) -> String {
     r.body["id"].as_str().unwrap().to_owned()
 }
 
-/// A PATCH that removes `active`, or makes it null, keeps a leaver deactivated, as a PUT
-/// without it does: a user without `active` reads as active, so each of these reactivated
-/// the leaver in the roster, the exports and downstream.
+/// A PATCH that makes `active` null keeps a leaver deactivated, as a PUT without it does:
+/// a user without `active` reads as active, so each of these reactivated the leaver in
+/// the roster, the exports and downstream. An explicit `remove` of `active` removes it,
+/// as RFC 7644 says and the public conformance suite checks: the user reads as active.
 #[tokio::test]
-async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
+async fn a_patch_that_makes_active_null_keeps_a_deactivated_user_deactivated() {
     let d = TestDaemon::start().await;
     let id = create_leaver(&d).await;
     let admin = d.jwt(TENANT, "roster:admin");
@@ -825,9 +826,8 @@ async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
         r.body["is_active"].clone()
     };
     for ops in [
-        json!([{"op": "remove", "path": "active"}]),
-        json!([{"op": "Remove", "path": "ACTIVE"}]),
         json!([{"op": "replace", "path": "active", "value": null}]),
+        json!([{"op": "Replace", "path": "urn:ietf:params:scim:schemas:core:2.0:User:ACTIVE", "value": null}]),
         json!([{"op": "replace", "value": {"active": null}}]),
         json!([{"op": "add", "value": {"active": null, "title": "Buyer"}}]),
     ] {
@@ -844,7 +844,7 @@ async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
         "Operations": [{
             "method": "PATCH",
             "path": format!("/Users/{id}"),
-            "data": patch_op(json!([{"op": "remove", "path": "active"}])),
+            "data": patch_op(json!([{"op": "replace", "value": {"active": null}}])),
         }],
     });
     let r = d.post("/Bulk", bulk).await;
@@ -855,25 +855,35 @@ async fn a_patch_that_unsets_active_keeps_a_deactivated_user_deactivated() {
         .get("/Users?filter=userName%20eq%20%22leaver@example.com%22%20and%20active%20eq%20true")
         .await;
     assert_eq!(found.body["totalResults"], 0, "{}", found.body);
-    // An active user's `active` removed reads as active still, and is kept as sent.
-    let stayer = d.create_user("stayer@example.com").await;
-    let p = d
-        .patch(
-            &format!("/Users/{stayer}"),
-            patch_op(json!([{"op": "remove", "path": "active"}])),
-        )
-        .await;
-    assert_eq!(p.status, 200, "{}", p.body);
-    assert!(p.body["active"].is_null(), "{}", p.body);
-    // Saying so reactivates.
-    let p = d
-        .patch(
-            &format!("/Users/{id}"),
-            patch_op(json!([{"op": "Replace", "path": "active", "value": "True"}])),
-        )
-        .await;
-    assert_eq!(p.body["active"], true, "{}", p.body);
-    assert_eq!(roster_active().await, true);
+    // An explicit remove takes the attribute away, whatever the case of its path.
+    for path in [
+        "active",
+        "urn:ietf:params:scim:schemas:core:2.0:User:Active",
+    ] {
+        let p = d
+            .patch(
+                &format!("/Users/{id}"),
+                patch_op(json!([
+                    {"op": "replace", "path": "active", "value": false},
+                    {"op": "Remove", "path": path},
+                ])),
+            )
+            .await;
+        assert_eq!(p.status, 200, "{}", p.body);
+        assert!(p.body["active"].is_null(), "{path}: {}", p.body);
+        assert_eq!(roster_active().await, true, "{path}");
+    }
+    // Saying so deactivates and reactivates.
+    for (sent, active) in [("False", false), ("True", true)] {
+        let p = d
+            .patch(
+                &format!("/Users/{id}"),
+                patch_op(json!([{"op": "Replace", "path": "active", "value": sent}])),
+            )
+            .await;
+        assert_eq!(p.body["active"], active, "{}", p.body);
+        assert_eq!(roster_active().await, active);
+    }
 }
 
 /// A PUT that leaves `active` out keeps a leaver deactivated: an HR client's PUT of a new
