@@ -621,8 +621,9 @@ fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Opt
 /// A PUT that leaves `active` out keeps a deactivated user deactivated: RFC 7644 §3.5.1
 /// lets an omitted attribute be taken as not asserted, and an HR client's PUT of a title
 /// must not give a leaver their access back. Only `active: true` reactivates. So too for
-/// a PATCH that removes `active` or makes it null: a user without one reads as active, so
-/// such a PATCH reactivated a leaver everywhere the roster goes, though no one asked.
+/// a PATCH that makes `active` null: a user without one reads as active, so such a PATCH
+/// reactivated a leaver everywhere the roster goes, though no one asked. (An explicit
+/// remove is another matter: see [`removes_active`].)
 fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
     if kind == ResourceKind::User
         && !crate::scim::is_active(old)
