@@ -27,6 +27,24 @@ pub struct PatchOp {
     pub op: PatchOpKind,
     pub path: Option<PatchPath>,
     pub value: Option<Value>,
+    /// The op as the client named it: a `replace` with null is applied as a `remove`.
+    pub sent_as: PatchOpKind,
+}
+
+impl PatchOp {
+    /// A `remove` the client named, of the core `active` itself: RFC 7644 §3.5.2.2 has
+    /// the attribute go (the public conformance suite checks it), where a null `active`
+    /// is an unasserted value, as in a PUT (see `server::scim::keep_deactivated`).
+    pub fn removes_active(&self) -> bool {
+        self.sent_as == PatchOpKind::Remove
+            && self.path.as_ref().is_some_and(|p| {
+                p.filter.is_none()
+                    && p.sub_after_filter.is_none()
+                    && p.attr.sub.is_none()
+                    && p.attr.is_core()
+                    && p.attr.attr.eq_ignore_ascii_case("active")
+            })
+    }
 }
 
 /// A member as a client names it.
@@ -139,6 +157,7 @@ fn parse_op(item: Value) -> ScimResult<PatchOp> {
     // RFC 7643 §2.5: null and unassigned are the same state, so replacing an attribute
     // with null clears it, as a remove of the same path does (some IdPs clear a title
     // this way). An add of null adds nothing and stays refused below.
+    let sent_as = op;
     let op = match (op, &path, &sent) {
         (PatchOpKind::Replace, Some(_), Some(Value::Null)) => PatchOpKind::Remove,
         (op, ..) => op,
@@ -159,7 +178,12 @@ fn parse_op(item: Value) -> ScimResult<PatchOp> {
                 "without a \"path\", \"value\" must be an object of attributes",
             ))
         }
-        _ => Ok(PatchOp { op, path, value }),
+        _ => Ok(PatchOp {
+            op,
+            path,
+            value,
+            sent_as,
+        }),
     }
 }
 
@@ -445,6 +469,7 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                         op: op.op,
                         path: None,
                         value,
+                        sent_as: op.sent_as,
                     });
                 }
             }
@@ -452,6 +477,7 @@ pub fn split_member_ops(ops: Vec<PatchOp>) -> ScimResult<GroupPatch> {
                 op: op.op,
                 path,
                 value: op.value,
+                sent_as: op.sent_as,
             }),
         }
     }
@@ -481,7 +507,10 @@ pub fn apply(kind: ResourceKind, doc: &mut Value, ops: &[PatchOp]) -> ScimResult
     // Elements with nothing of their own, per attribute, that the result may hold: those
     // the resource had.
     let allowed = hollow_elements(kind, doc);
-    let had = hollow_of(kind, doc);
+    let had: std::collections::BTreeMap<&str, Vec<Value>> = hollow_of(kind, doc)
+        .into_iter()
+        .map(|(name, items)| (name, items.into_iter().cloned().collect()))
+        .collect();
     // By attribute, how many elements a `remove` left with nothing of their own.
     let mut hollowed = std::collections::BTreeMap::<&'static str, usize>::new();
     for op in ops {
@@ -566,7 +595,7 @@ fn hollow_elements(
 fn hollow_of(
     kind: ResourceKind,
     doc: &Value,
-) -> std::collections::BTreeMap<&'static str, Vec<Value>> {
+) -> std::collections::BTreeMap<&'static str, Vec<&Value>> {
     let Some(obj) = doc.as_object() else {
         return Default::default();
     };
@@ -581,7 +610,6 @@ fn hollow_of(
             let hollow = items
                 .iter()
                 .filter(|e| e.as_object().is_some_and(|e| is_hollow(a, e)))
-                .cloned()
                 .collect();
             Some((a.name, hollow))
         })

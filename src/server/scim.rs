@@ -18,7 +18,7 @@ use super::auth::AuthOutcome;
 use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
 use crate::scim::patch::{
-    MemberOp, MemberRef, apply, check_operation_count, parse_patch_request,
+    MemberOp, MemberRef, PatchOp, apply, check_operation_count, parse_patch_request,
     skip_unknown_extensions, split_member_ops,
 };
 use crate::scim::resource::{
@@ -623,7 +623,7 @@ fn log_update(kind: ResourceKind, res: &Resource, how: &'static str, before: Opt
 /// must not give a leaver their access back. Only `active: true` reactivates. So too for
 /// a PATCH that makes `active` null: a user without one reads as active, so such a PATCH
 /// reactivated a leaver everywhere the roster goes, though no one asked. (An explicit
-/// remove is another matter: see [`removes_active`].)
+/// remove is another matter: see [`PatchOp::removes_active`].)
 fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
     if kind == ResourceKind::User
         && !crate::scim::is_active(old)
@@ -633,34 +633,6 @@ fn keep_deactivated(kind: ResourceKind, old: &Value, mut doc: Value) -> Value {
         obj.insert("active".into(), Value::Bool(false));
     }
     doc
-}
-
-/// Whether a PATCH body asks, by an operation `remove` with the path `active`, for the
-/// attribute to go: RFC 7644 §3.5.2.2 says it then goes (the public conformance suite
-/// checks it), and a user without `active` reads as active. A null (`replace` with null,
-/// a path-less `{"active": null}`) is an unasserted value, as in a PUT, and keeps a
-/// leaver deactivated: what an IdP sends when the attribute it maps from is empty.
-fn removes_active(body: &Value) -> bool {
-    fn field(op: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
-        op.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| v.as_str())
-            .map(|v| v.trim().to_ascii_lowercase())
-    }
-    let core = format!("{}:", USER_SCHEMA.to_ascii_lowercase());
-    let ops = body.as_object().and_then(|o| {
-        o.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("Operations"))
-            .and_then(|(_, v)| v.as_array())
-    });
-    ops.into_iter()
-        .flatten()
-        .filter_map(Value::as_object)
-        .any(|op| {
-            field(op, "op").as_deref() == Some("remove")
-                && field(op, "path")
-                    .is_some_and(|p| p.strip_prefix(&core).unwrap_or(&p) == "active")
-        })
 }
 
 async fn op_replace(
@@ -716,8 +688,8 @@ async fn op_patch(
     body: Value,
     projection: &Projection,
 ) -> ScimResult<Reply> {
-    let unassigns_active = kind == ResourceKind::User && removes_active(&body);
     let (ops, mut ignored) = skip_unknown_extensions(parse_patch_request(body)?);
+    let unassigns_active = kind == ResourceKind::User && ops.iter().any(PatchOp::removes_active);
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         let split = split_member_ops(ops)?;
         ignored.extend(split.ignored);
