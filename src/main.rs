@@ -1176,30 +1176,28 @@ fn classify(bundle: &std::path::Path, input: Option<&std::path::Path>) -> Result
         .unwrap_or_default();
     let column = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     let title_col = column(TITLE_COLUMNS);
-    // Excel writes `;` where the decimal separator is a comma. Read as one title a line,
-    // the header was classified as a title and the department dropped, with plausible
-    // confidences and no word, where `bundle from-csv` refuses the same file.
-    if header.len() == 1 && first.contains(';') {
-        let cells: Vec<String> = first.split(';').map(|c| c.trim().to_lowercase()).collect();
-        let known = |c: &String| {
-            TITLE_COLUMNS.contains(&c.as_str())
-                || DEPARTMENT_COLUMNS.contains(&c.as_str())
-                || OTHER_COLUMNS.contains(&c.as_str())
-        };
-        if cells.iter().any(known) {
-            anyhow::bail!(
-                "the first line looks like a CSV header whose columns are separated by ';' ({}); \
-                 separate them by commas (or tabs), or give one title per line",
-                first.trim()
-            );
-        }
-    }
     // Column names of the HR exports people feed this: a first line that holds one is a
     // header, however few columns it has. Words that head titles too ("Manager, Human
     // Resources") make a header only when every cell is a column name ("user,manager").
     let column_name = |h: &String| {
         DEPARTMENT_COLUMNS.contains(&h.as_str()) || OTHER_COLUMNS.contains(&h.as_str())
     };
+    // Excel writes `;` where the decimal separator is a comma. Read as one title a line,
+    // the header was classified as a title and the department dropped, with plausible
+    // confidences and no word, where `bundle from-csv` refuses the same file.
+    if header.len() == 1
+        && first.contains(';')
+        && first
+            .split(';')
+            .map(|c| c.trim().to_lowercase())
+            .any(|c| column_name(&c) || TITLE_COLUMNS.contains(&c.as_str()))
+    {
+        anyhow::bail!(
+            "the first line looks like a CSV header whose columns are separated by ';' ({}); \
+             separate them by commas (or tabs), or give one title per line",
+            first.trim()
+        );
+    }
     let named = header.iter().any(column_name)
         || header
             .iter()

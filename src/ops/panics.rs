@@ -60,11 +60,16 @@ pub fn catch_expected<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 pub fn quiet_expected() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let in_sled = info.location().is_some_and(|l| l.file().contains("/sled-"));
-        if !(EXPECTED.get() && in_sled) {
+        if !expected(info) {
             default(info);
         }
     }));
+}
+
+/// A panic of sled's under [`catch_expected`]. Only sled's own: a panic in rosterd's
+/// code under the same guard (a bug in a store upgrade) is still a bug to report.
+fn expected(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    EXPECTED.get() && info.location().is_some_and(|l| l.file().contains("/sled-"))
 }
 
 /// Route every panic through `tracing`, with where it happened and a backtrace, instead of
@@ -72,10 +77,7 @@ pub fn quiet_expected() {
 /// span that was current there: a handler's panic carries its request id and tenant.
 pub fn install_hook() {
     std::panic::set_hook(Box::new(|info| {
-        // Only sled's own: a panic in rosterd's code under the same guard (a bug in a
-        // store upgrade) is still a bug to report.
-        let in_sled = info.location().is_some_and(|l| l.file().contains("/sled-"));
-        if EXPECTED.get() && in_sled {
+        if expected(info) {
             tracing::debug!(panic = %message(info.payload()), "An expected panic, answered as an error.");
             return;
         }
