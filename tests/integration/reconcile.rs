@@ -2068,6 +2068,18 @@ async fn read_back_failing_with(status: u16, wanted: &str) {
     assert!(!error.contains("echoed-person"), "{job}");
 }
 
+/// A daemon whose OneRoster connector `name` (its file `text`, the static token) a
+/// schedule reconciles every second.
+async fn reconciling_every_second(name: String, text: String) -> TestDaemon {
+    TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
+        config_extra: "[schedules]\nreconcile = \"* * * * * *\"\n".into(),
+        ..Options::default()
+    })
+    .await
+}
+
 /// A scheduled job failed by a paused connector names the pause and its last error,
 /// without the target's words: its error shows in `/status`, which takes no token, and a
 /// target echoing the user it refused put that user's email there, every hour the
@@ -2076,14 +2088,7 @@ async fn read_back_failing_with(status: u16, wanted: &str) {
 async fn a_job_failed_by_a_pause_keeps_the_targets_words_out_of_status() {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let text = pausing(&text, 2, 3600);
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(name, text)],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        config_extra: "[schedules]\nreconcile = \"* * * * * *\"\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let d = reconciling_every_second(name, pausing(&text, 2, 3600)).await;
     d.create_user("ada@acme.test").await;
     caught_up(&d, "sis").await;
     let echo = r#"{"refused": "echoed-person@acme.test"}"#;
@@ -2585,16 +2590,8 @@ async fn a_scheduled_reconcile_shows_its_outcome_in_status() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let (name, text) = oneroster_file("sis", &target, "");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            name,
-            text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]"),
-        )],
-        env: vec![("OR_TOKEN".into(), or::DEFAULT_TOKEN.into())],
-        config_extra: "[schedules]\nreconcile = \"* * * * * *\"\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let text = text.replace("[oneroster.auth]", "read_back = true\n[oneroster.auth]");
+    let d = reconciling_every_second(name, text).await;
     d.create_user("ada@acme.test").await;
     caught_up(&d, "sis").await;
     let job_of = |s: &Value| s["jobs"][TENANT].clone();
