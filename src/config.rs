@@ -17,7 +17,7 @@ pub type EnvFn = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source}{hint}", hint = missing_hint(source))]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -635,6 +635,16 @@ pub struct OnDisk {
     /// The keys that read differently and wait for a restart, dotted, a tenant's under
     /// its id (`tenants.demo.bundle`), when the file changed and loads.
     pub waiting: Vec<String>,
+}
+
+/// A config file that is not there is most often one run from another directory than
+/// the default `config.toml` is in: the installed one is elsewhere.
+fn missing_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        "; name the config file with --config (installed: --config /etc/rosterd/config.toml)"
+    } else {
+        ""
+    }
 }
 
 impl Config {

@@ -178,8 +178,9 @@ enum Command {
         command: DeadLetterCommand,
     },
     /// Lift a connector's pause on a running daemon, once its target is fixed (a reload
-    /// does too), or let go the deprovisioning its [guard] holds (which a reload does only
-    /// by changing the [guard]).
+    /// does only for a paused organization check or a retired webhook endpoint), or let
+    /// go the deprovisioning its [guard] holds (which a reload does only by changing the
+    /// [guard]).
     Resume {
         #[command(flatten)]
         daemon: DaemonArgs,
@@ -2380,7 +2381,9 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
             continue;
         }
         let name = format!("{}/{}", str_of(&c["tenant"]), str_of(&c["name"]));
-        if c["paused"] == true {
+        if let Some(reason) = c["held_by_guard"].as_str() {
+            out.push(format!("connector {name} is {reason}"));
+        } else if c["paused"] == true {
             out.push(format!("connector {name} is paused"));
         } else if c["next_retry_at"].is_string() {
             // Failing before it pauses: the pause comes only after `pause_after_failures`.
@@ -2623,6 +2626,9 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             c["dead_letters"],
             time_of(&c["last_success_at"])
         )?;
+        if let Some(reason) = c["held_by_guard"].as_str() {
+            outln!("    {}", indented(reason))?;
+        }
         if let Some(at) = c["next_retry_at"].as_str() {
             outln!(
                 "    retrying: next attempt at {} (its backoff, or the target's Retry-After)",

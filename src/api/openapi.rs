@@ -458,6 +458,7 @@ pub fn openapi_document() -> Value {
                     "last_success_at": {"type": ["string", "null"], "format": "date-time"},
                     "last_error": {"type": ["string", "null"]}, "last_error_at": {"type": ["string", "null"], "format": "date-time"},
                     "paused": {"type": "boolean"}, "paused_until": {"type": ["string", "null"], "format": "date-time"},
+                    "held_by_guard": {"type": ["string", "null"], "description": "Why its [guard] holds it until resumed (`held by its [guard]: change #N would make …`, and what to run); null when not held. Kept apart from last_error, which a failure of an earlier change overwrites"},
                     "next_retry_at": {"type": ["string", "null"], "format": "date-time", "description": "The soonest attempt ahead of a request waiting to retry (its backoff, or the target's Retry-After); null when none waits, and while paused (paused_until is the next attempt then)"},
                     "next_write_at": {"type": ["string", "null"], "format": "date-time", "description": "A csv connector with a schedule: when it writes its files next, while it waits for that time; null otherwise (writing, retrying a failed write, or no schedule)"},
                     "dead_letters": {"type": "integer"}, "delivered": {"type": "integer"}, "retries": {"type": "integer"}}},

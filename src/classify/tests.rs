@@ -342,6 +342,77 @@ fn with_the_demo_bundle_a_department_never_rates_an_archetype_above_the_title() 
     assert!(software.confidence > c.confidence, "{c:?}");
 }
 
+/// A department settles a title the examples leave open, but does not overturn one they
+/// tie to an archetype: "Sr. Mfg. Director of EMEA" in IT was it_admin at 0.05 while
+/// production_planner, at 0.72, stood below it among the candidates. It may choose an
+/// archetype the title alone rates at least 1/e² as high as its first choice
+/// ("Engineer" in Hardware), no other.
+#[test]
+fn with_the_demo_bundle_a_department_chooses_only_among_what_the_title_allows() {
+    let demo = Bundle::load(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/archetypes/demo.toml"
+    )))
+    .unwrap();
+    let clf = Classifier::new(&demo);
+    let depts: Vec<&String> = demo
+        .archetypes
+        .iter()
+        .flat_map(|a| &a.departments)
+        .collect();
+    let mut titles: Vec<&str> = demo
+        .archetypes
+        .iter()
+        .flat_map(|a| a.examples.iter().map(String::as_str))
+        .collect();
+    titles.extend([
+        "Sr. Mfg. Director of EMEA",
+        "Specialist",
+        "Coordinator",
+        "Engineer",
+    ]);
+    let odds = f64::from(HINT_EXACT_BONUS.exp());
+    let mut overturned = 0;
+    for t in titles {
+        let alone = clf.classify(t, None);
+        for d in &depts {
+            let c = clf.classify(t, Some(d));
+            if c.archetype_id == alone.archetype_id {
+                continue;
+            }
+            overturned += 1;
+            // Not among the title's candidates: rated at most as its last one.
+            let rated = alone
+                .candidates
+                .iter()
+                .find(|k| Some(&k.archetype_id) == c.archetype_id.as_ref())
+                .or(alone.candidates.last())
+                .map_or(0.0, |k| k.confidence);
+            assert!(
+                rated * odds >= alone.confidence - 1e-6,
+                "{t} in {d}: {c:?}, alone {alone:?}"
+            );
+        }
+    }
+    assert!(overturned > 0, "no department chose anything");
+    let c = clf.classify("Sr. Mfg. Director of EMEA", Some("IT"));
+    assert_eq!(
+        c.archetype_id.as_deref(),
+        Some("production_planner"),
+        "{c:?}"
+    );
+    assert!(
+        c.confidence < 0.7,
+        "the department disagrees, so it is reviewed: {c:?}"
+    );
+    let c = clf.classify("Engineer", Some("Hardware"));
+    assert_eq!(
+        c.archetype_id.as_deref(),
+        Some("firmware_engineer"),
+        "{c:?}"
+    );
+}
+
 #[test]
 fn deterministic_across_builds() {
     let titles = [

@@ -172,6 +172,10 @@ pub struct ConnectorStatus {
     pub last_answer: Option<String>,
     pub paused: bool,
     pub paused_until: Option<DateTime<Utc>>,
+    /// Why its `[guard]` holds it, until an operator resumes it. Apart from `last_error`,
+    /// which a failure of an earlier change still in flight overwrites: the hold then
+    /// read as a plain pause, and "fix the target, resume" sent what the guard held.
+    pub held_by_guard: Option<String>,
     /// The soonest attempt ahead of a request waiting to retry (its backoff, or the
     /// target's `Retry-After`): a long one otherwise looks like a connector doing nothing.
     pub next_retry_at: Option<DateTime<Utc>>,
@@ -3625,6 +3629,7 @@ impl Dispatcher {
     fn status_of(&self, c: &ConnectorConfig, live: &Live, not_started: bool) -> ConnectorStatus {
         let (cursor, lag_events, lag_seconds) = self.lag(&c.tenant, &cursor_name(c));
         let paused_until = live.shown_pause();
+        let held_by_guard = live.held_reason().clone();
         let h = live.health();
         ConnectorStatus {
             name: c.name.clone(),
@@ -3644,6 +3649,7 @@ impl Dispatcher {
             last_answer: h.last_answer.clone(),
             paused: paused_until.is_some(),
             paused_until: paused_until.filter(|u| *u != DateTime::<Utc>::MAX_UTC),
+            held_by_guard,
             // While paused the pause's end is the next attempt; `paused_until` says it.
             next_retry_at: h
                 .next_retry

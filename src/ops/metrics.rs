@@ -677,20 +677,24 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
 pub struct ScimOp {
     /// `Users`, `Groups`, `Bulk`, `.search` or `other` (discovery endpoints, `/Me`).
     pub resource: &'static str,
-    /// `create`, `read`, `list`, `replace`, `patch`, `delete`, `search` or `bulk`.
+    /// `create`, `read`, `list`, `replace`, `patch`, `delete`, `search`, `bulk`, or
+    /// `invalid` for a /Bulk operation whose method is none of its writes.
     pub op: &'static str,
 }
 
 impl ScimOp {
     /// One operation of a /Bulk request, by the resource type its path names (`None`: a
     /// path that names none) and its method, as the request it stands for is counted.
+    /// One that names no resource type or no write is `other` or `invalid`: counted as
+    /// `Bulk`, it read as a /Bulk request that failed, and `op="bulk"` on `Users` as an
+    /// operation Users do not have.
     pub fn of_bulk_operation(kind: Option<crate::scim::ResourceKind>, method: &str) -> ScimOp {
         ScimOp {
-            resource: kind.map_or("Bulk", crate::scim::ResourceKind::endpoint),
+            resource: kind.map_or("other", crate::scim::ResourceKind::endpoint),
             op: Method::from_bytes(method.as_bytes())
                 .ok()
                 .and_then(|m| write_op(&m))
-                .unwrap_or("bulk"),
+                .unwrap_or("invalid"),
         }
     }
 }

@@ -205,12 +205,15 @@ fn if_match(headers: &HeaderMap) -> ScimResult<Option<IfMatch>> {
     let v = v
         .to_str()
         .map_err(|_| ScimError::invalid_syntax("If-Match is not ASCII"))?;
+    Ok(Some(etag_list(v)))
+}
+
+/// An `If-Match` value, or a /Bulk operation's `version`: `*`, or a list of ETags.
+fn etag_list(v: &str) -> IfMatch {
     if v.trim() == "*" {
-        return Ok(Some(IfMatch::Any));
+        return IfMatch::Any;
     }
-    Ok(Some(IfMatch::Tags(
-        v.split(',').map(|t| t.trim().to_owned()).collect(),
-    )))
+    IfMatch::Tags(v.split(',').map(|t| t.trim().to_owned()).collect())
 }
 
 /// A successful SCIM answer, shared by the endpoints and /Bulk.
@@ -1856,21 +1859,35 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             })? as usize),
         };
 
-    // bulkIds must be unique: a duplicate would make references ambiguous.
+    // An operation's keys are attribute names, read in any letter case (RFC 7643
+    // §2.1): `"Version"` read as absent wrote without the check the client asked for.
+    let ops: Vec<Value> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| canonical_operation(i, op))
+        .collect::<ScimResult<_>>()?;
+
+    // bulkIds must be unique: a duplicate would make references ambiguous. A reference
+    // ends at a quote inside a filter, so a bulkId holding one could not be named.
     let mut seen = HashSet::new();
-    for op in ops {
-        if let Some(b) = op.get("bulkId").and_then(Value::as_str)
-            && !seen.insert(b)
-        {
-            return Err(ScimError::invalid_value(format!(
-                "bulkId {b:?} is used twice"
-            )));
+    for op in &ops {
+        if let Some(b) = op.get("bulkId").and_then(Value::as_str) {
+            if b.is_empty() || b.contains('"') {
+                return Err(ScimError::invalid_value(format!(
+                    "bulkId {b:?}: a bulkId is not empty and holds no double quote"
+                )));
+            }
+            if !seen.insert(b) {
+                return Err(ScimError::invalid_value(format!(
+                    "bulkId {b:?} is used twice"
+                )));
+            }
         }
     }
 
-    // RFC 7644 §3.7.1: an operation may name a resource a later POST creates. It waits
-    // until that POST has run; what is still waiting when nothing else can run waits in a
-    // circle, which the RFC lets us refuse with 409.
+    // RFC 7644 §3.7.1: an operation may name a resource a later POST creates. It runs
+    // right after that POST; what waits in a circle (itself included) can never run,
+    // which the RFC lets us refuse with 409.
     let posts: HashSet<&str> = ops
         .iter()
         .filter(|op| {
@@ -1885,18 +1902,14 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
     let waits_on: Vec<Vec<String>> = ops
         .iter()
         .map(|op| {
-            let own = op.get("bulkId").and_then(Value::as_str);
             let mut refs = Vec::new();
             bulk_refs(op, &mut refs);
-            refs.retain(|r| posts.contains(r.as_str()) && Some(r.as_str()) != own);
+            refs.retain(|r| posts.contains(r.as_str()));
             refs.sort_unstable();
             refs.dedup();
             refs
         })
         .collect();
-    // An operation can run once every POST it waits for can: found before anything runs,
-    // so that one caught in a circle fails at its place in the request and counts towards
-    // failOnErrors in order, as any other failure does.
     let mut can_run = vec![false; ops.len()];
     let mut will_post: HashSet<&str> = HashSet::new();
     loop {
@@ -1930,63 +1943,108 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             Some(format!("{}/{}", kind.endpoint(), id?))
         })
         .collect();
+    let order = bulk_order(&ops, &waits_on, &can_run, &targets);
+
+    // Run one at a time in that order: when failOnErrors stops the request, nothing
+    // after the failed operation runs, as the README says, and what did not run has no
+    // entry in the response.
     let mut ran: HashSet<String> = HashSet::new();
     let mut created: HashMap<String, String> = HashMap::new();
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
     let mut errors = 0usize;
-    let mut waiting: Vec<usize> = (0..ops.len()).collect();
-    // Where failOnErrors stopped the request: what comes after it in the request never
-    // runs, but what came before it and waited still does, where it can (its POSTs ran),
-    // as it would have in the request's order.
-    let mut stopped_at: Option<usize> = None;
-    while !waiting.is_empty() {
-        let mut still = Vec::new();
-        let mut held: HashSet<&str> = HashSet::new();
-        let mut ran_any = false;
-        for &i in &waiting {
-            if stopped_at.is_some_and(|at| i > at) {
-                break;
-            }
-            let target = targets[i].as_deref();
-            let entry = if !can_run[i] {
-                failed_entry(
-                    bulk_entry_head(&ops[i]),
-                    ScimError::new(
-                        409,
-                        None,
-                        "this operation and others in the request wait for each other's \
-                         bulkIds; create one of them without the reference and add it with a \
-                         PATCH",
-                    ),
-                )
-            } else if waits_on[i].iter().any(|r| !ran.contains(r))
-                || target.is_some_and(|t| held.contains(t))
-            {
-                held.extend(target);
-                still.push(i);
-                continue;
-            } else {
-                run_bulk_entry(state, tenant, &ops[i], &mut created, &mut ran).await
-            };
-            ran_any = true;
-            errors += usize::from(entry.get("response").is_some());
-            results[i] = Some(Value::Object(entry));
-            if stopped_at.is_none() && fail_on_errors.is_some_and(|limit| errors >= limit) {
-                stopped_at = Some(i);
-                break;
-            }
-        }
-        if stopped_at.is_some() && !ran_any {
-            // What still waits needs a POST that came after the stop.
+    for i in order {
+        let entry = if can_run[i] {
+            run_bulk_entry(state, tenant, &ops[i], &mut created, &mut ran).await
+        } else {
+            failed_entry(
+                bulk_entry_head(&ops[i]),
+                ScimError::new(
+                    409,
+                    None,
+                    "this operation waits for its own bulkId, or it and others in the request \
+                     wait for each other's; create one of them without the reference and add \
+                     it with a PATCH",
+                ),
+            )
+        };
+        errors += usize::from(entry.get("response").is_some());
+        results[i] = Some(Value::Object(entry));
+        if fail_on_errors.is_some_and(|limit| errors >= limit) {
             break;
         }
-        still.retain(|&i| stopped_at.is_none_or(|at| i < at));
-        waiting = still;
     }
     Ok(ok(json!({
         "schemas": [BULK_RESPONSE_SCHEMA],
         "Operations": results.into_iter().flatten().collect::<Vec<_>>(),
     })))
+}
+
+/// The names RFC 7644 §3.7 gives a bulk operation's keys.
+const BULK_OPERATION_KEYS: [&str; 5] = ["method", "bulkId", "version", "path", "data"];
+
+/// Operation `i` with its keys spelt as RFC 7644 §3.7 spells them. A key given twice in
+/// two letter cases is refused, as in a resource. Other keys are left as they are: the
+/// operation's `method` and `path` say what it does, and a misspelt one fails it.
+fn canonical_operation(i: usize, op: &Value) -> ScimResult<Value> {
+    let Some(obj) = op.as_object() else {
+        return Ok(op.clone());
+    };
+    let mut out = Map::with_capacity(obj.len());
+    for (k, v) in obj {
+        let name = BULK_OPERATION_KEYS
+            .iter()
+            .find(|n| n.eq_ignore_ascii_case(k))
+            .map_or(k.as_str(), |n| *n);
+        if out.insert(name.to_owned(), v.clone()).is_some() {
+            return Err(ScimError::invalid_syntax(format!(
+                "Operations[{i}]: {name} is given twice (its name is case-insensitive); give it once"
+            )));
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// The order a /Bulk request's operations run in: the request's, except that one waiting
+/// for a later POST's bulkId runs right after that POST, and one writing a resource that
+/// a waiting one writes runs after it. One that can never run (`can_run` false) takes
+/// its place in the request, where it fails.
+fn bulk_order(
+    ops: &[Value],
+    waits_on: &[Vec<String>],
+    can_run: &[bool],
+    targets: &[Option<String>],
+) -> Vec<usize> {
+    let mut order = Vec::with_capacity(ops.len());
+    let mut posted: HashSet<&str> = HashSet::new();
+    let mut pending: Vec<usize> = Vec::new();
+    for i in 0..ops.len() {
+        pending.push(i);
+        // What is ready goes, earliest first; each POST may free earlier ones.
+        'again: loop {
+            let mut held: HashSet<&str> = HashSet::new();
+            for (k, &j) in pending.iter().enumerate() {
+                let target = targets[j].as_deref();
+                let ready = !can_run[j]
+                    || (waits_on[j].iter().all(|r| posted.contains(r.as_str()))
+                        && !target.is_some_and(|t| held.contains(t)));
+                if ready {
+                    pending.remove(k);
+                    order.push(j);
+                    if can_run[j]
+                        && let Some(b) = ops[j].get("bulkId").and_then(Value::as_str)
+                    {
+                        posted.insert(b);
+                    }
+                    continue 'again;
+                }
+                held.extend(target);
+            }
+            break;
+        }
+    }
+    // Only one that waits for what never posts is left; `can_run` says none does.
+    order.extend(pending);
+    order
 }
 
 /// The bulkIds an operation refers to: `bulkId:x` in its path, its data, or a quoted one
@@ -2141,8 +2199,7 @@ fn bulk_target(
 fn bulk_version(op: &Value) -> ScimResult<Option<IfMatch>> {
     match op.get("version") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(v)) if v.trim() == "*" => Ok(Some(IfMatch::Any)),
-        Some(Value::String(v)) => Ok(Some(IfMatch::Tags(vec![v.trim().to_owned()]))),
+        Some(Value::String(v)) => Ok(Some(etag_list(v))),
         // Dropping it would write without the check the client asked for.
         Some(other) => Err(ScimError::invalid_syntax(format!(
             "version must be a string, an ETag such as W/\"3\" or \"*\", not {other}"

@@ -4891,6 +4891,65 @@ async fn held_by_guard(d: &TestDaemon, connectors: &[&str]) {
     }
 }
 
+/// A hold keeps its reason in `held_by_guard`, apart from `last_error`: a change before
+/// the held one, still retried against a target that fails it, overwrote the reason, and
+/// the hold read as a plain pause whose cure was "fix the target, resume", which sends
+/// what the guard holds.
+#[tokio::test]
+async fn a_hold_keeps_its_reason_when_an_earlier_change_fails_after_it() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let guard = "[guard]\nusers = 2\nminutes = 60\n";
+    let d = guarded_daemon(
+        &target,
+        &hook,
+        r#"["roster.user_deactivated"]"#,
+        guard,
+        vec![],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(d.create_user(&format!("h{i}@acme.test")).await);
+    }
+    caught_up(&d, "hooks").await;
+    // The first leaver's event fails until the end: retried while the guard holds.
+    hook.inject(wh::Fault::status(503, 1).on_body(ids[0].as_str()).forever());
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        let c = connector(&d, "hooks").await;
+        let failed_after = c["last_error"].as_str().is_some_and(|e| e.contains("503"));
+        if c["held_by_guard"].is_string() && failed_after {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let held = c["held_by_guard"].as_str().unwrap();
+    assert!(held.contains("held by its [guard]"), "{c}");
+    assert!(
+        held.contains(&format!("rosterd resume --tenant {TENANT} hooks")),
+        "{c}"
+    );
+    assert_eq!(c["paused"], true, "{c}");
+    // The Roster API's entry says the same.
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::GET, "/connectors/hooks", &admin, None)
+        .await;
+    assert_eq!(r.body["held_by_guard"], held, "{}", r.body);
+    // Resumed, it is held no more.
+    hook.clear_faults();
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/resume", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(connector(&d, "hooks").await["held_by_guard"], Value::Null);
+}
+
 /// The identity provider undid its mistake while the guard held it: a resume that skips
 /// what is held sends none of the held deactivations, and its reconciliation puts back
 /// the users deactivated before the hold. A webhook connector, whose receivers would lose

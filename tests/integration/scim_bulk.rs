@@ -380,3 +380,119 @@ async fn bulk_over_the_operation_limit_is_413() {
     let l = d.get("/Users?count=0").await;
     assert_eq!(l.body["totalResults"], 0, "nothing applied");
 }
+
+/// An operation's keys are read in any letter case: a stale `"Version"` was read as no
+/// precondition, and the PATCH and DELETE it guarded went through. A `version` may list
+/// ETags, as `If-Match` does. A key given twice in two cases, or a bulkId no reference
+/// can name (empty, or holding a quote), is refused whole.
+#[tokio::test]
+async fn bulk_operation_keys_in_any_case_and_etag_lists() {
+    let d = TestDaemon::start().await;
+    let id = d.create_user("keys@example.com").await;
+    let path = format!("/Users/{id}");
+    let etag = d.get(&path).await.body["meta"]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let nick = |n: &str| patch_op(json!([{"op": "replace", "path": "nickName", "value": n}]));
+    let r = d
+        .bulk(json!([
+            {"Method": "PATCH", "Path": path, "Version": "W/\"999\"", "Data": nick("stale")},
+            {"METHOD": "DELETE", "PATH": path, "VERSION": "W/\"999\""},
+            {"method": "PATCH", "path": path, "version": format!("W/\"999\", {etag}"), "data": nick("listed")},
+            {"Method": "POST", "Path": "/Users", "BulkId": "n", "Data": user("keys2@example.com")},
+        ]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        status_list(&r.body),
+        ["412", "412", "200", "201"],
+        "{}",
+        r.body
+    );
+    let ops = r.body["Operations"].as_array().unwrap();
+    assert_eq!(
+        (&ops[0]["method"], &ops[3]["bulkId"]),
+        (&json!("PATCH"), &json!("n"))
+    );
+    let u = d.get(&path).await;
+    assert_eq!(u.status, 200, "{}", u.body);
+    assert_eq!(u.body["nickName"], "listed", "{}", u.body);
+
+    for (ops, says) in [
+        (
+            json!([{"method": "DELETE", "path": path, "version": "*", "Version": "W/\"1\""}]),
+            "version is given twice",
+        ),
+        (
+            json!([{"method": "POST", "path": "/Users", "bulkId": "", "data": user("e@x.test")}]),
+            "holds no double quote",
+        ),
+        (
+            json!([{"method": "POST", "path": "/Users", "bulkId": "a\"b", "data": user("q@x.test")}]),
+            "holds no double quote",
+        ),
+    ] {
+        let r = d.bulk(ops).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(says),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(d.get(&path).await.status, 200, "nothing ran");
+    assert_eq!(d.get("/Users").await.body["totalResults"], 2);
+}
+
+/// failOnErrors stops the request at the first error in the order operations run: an
+/// operation waiting for a later POST runs right after it, so when it fails, the
+/// independent POSTs after it in the request do not run. They ran first, and a DELETE
+/// held behind the failed operation vanished from the response while later operations
+/// ran. A group naming its own bulkId waits in a circle of one: 409.
+#[tokio::test]
+async fn bulk_fail_on_errors_counts_in_the_order_operations_run() {
+    let d = TestDaemon::start().await;
+    let missing = uuid::Uuid::new_v4();
+    let manager = patch_op(json!([{"op": "replace",
+        "path": "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
+        "value": {"value": "bulkId:t"}}]));
+    let r = d
+        .post(
+            "/Bulk",
+            json!({"schemas": [BULK], "failOnErrors": 1, "Operations": [
+                {"method": "PATCH", "path": format!("/Users/{missing}"), "data": manager},
+                {"method": "POST", "path": "/Users", "bulkId": "t", "data": user("ft@example.com")},
+                {"method": "POST", "path": "/Users", "bulkId": "u", "data": user("fu@example.com")},
+                {"method": "DELETE", "path": format!("/Users/{missing}")},
+                {"method": "POST", "path": "/Users", "bulkId": "v", "data": user("fv@example.com")},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(status_list(&r.body), ["404", "201"], "{}", r.body);
+    let names: Vec<String> = d.get("/Users").await.body["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userName"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["ft@example.com"], "u and v were not created");
+
+    let r = d
+        .bulk(json!([
+            {"method": "POST", "path": "/Groups", "bulkId": "s", "data": {
+                "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                "displayName": "Itself", "members": [{"value": "bulkId:s"}]}},
+        ]))
+        .await;
+    assert_eq!(status_list(&r.body), ["409"], "{}", r.body);
+    assert!(
+        r.body["Operations"][0]["response"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("its own bulkId"),
+        "{}",
+        r.body
+    );
+}
