@@ -67,7 +67,7 @@ pub enum ApiError {
     #[error("{0} is not in the review queue; PATCH /api/v1/roster/users/{{id}} overrides any user")]
     NotInReview(String),
     #[error(
-        "the suggestion changed since it was shown: it is now {}, not {expected:?} (the user's title, department or groups changed, or the bundle or the group rules did); read the item again",
+        "the suggestion is {}, not {expected:?} (expected_archetype_id): it changed since the item was read (the user's title, department or groups, or the bundle or the group rules did), or it never was {expected:?}; read the item again",
         now.as_deref().map_or_else(|| "none".to_owned(), |a| format!("{a:?}"))
     )]
     SuggestionChanged {

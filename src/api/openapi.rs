@@ -37,9 +37,13 @@ fn letter_id_param() -> Value {
 }
 
 /// RFC 6750's challenge, which `ApiError::into_response` sets.
-fn with_challenge(mut response: Value, when: &str) -> Value {
-    response["headers"] = json!({"WWW-Authenticate": {
-        "description": when,
+fn with_challenge(response: Value, when: &str) -> Value {
+    with_header(response, "WWW-Authenticate", when)
+}
+
+fn with_header(mut response: Value, name: &str, description: &str) -> Value {
+    response["headers"] = json!({name: {
+        "description": description,
         "schema": {"type": "string"}
     }});
     response
@@ -64,11 +68,6 @@ fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
                 "On insufficient_scope only: Bearer realm=\"rosterd\", error=\"insufficient_scope\", scope=\"<the scope needed>\"",
             ),
         );
-        let bad = match map.get("400").and_then(|r| r["description"].as_str()) {
-            Some(d) => format!("{d}; or {TWO_AUTHORIZATIONS}"),
-            None => format!("Unknown or repeated query parameter, or {TWO_AUTHORIZATIONS}"),
-        };
-        map.insert("400".into(), error_response(&bad));
         map.insert(
             "500".into(),
             error_response("An unexpected failure, logged by the daemon (internal)"),
@@ -80,6 +79,22 @@ fn common_errors(mut responses: Value, extra: &[(&str, &str)]) -> Value {
         for (code, d) in extra {
             map.insert((*code).into(), error_response(d));
         }
+        // Every operation refuses these, whatever else its 400 says.
+        let bad = match map.get("400").and_then(|r| r["description"].as_str()) {
+            Some(d) => {
+                format!("{d}; an unknown or repeated query parameter; or {TWO_AUTHORIZATIONS}")
+            }
+            None => format!("Unknown or repeated query parameter, or {TWO_AUTHORIZATIONS}"),
+        };
+        map.insert("400".into(), error_response(&bad));
+        map.insert(
+            "405".into(),
+            with_header(
+                error_response("The path does not take this method (method_not_allowed)"),
+                "Allow",
+                "The methods the path takes",
+            ),
+        );
     }
     responses
 }
@@ -94,7 +109,7 @@ fn user_filters() -> Vec<Value> {
         query(
             "active",
             "true (default), false, or any (all is the same as any); any letter case",
-            json!({"type": "string", "enum": ["true", "false", "any", "all"], "default": "true"}),
+            json!({"type": "string", "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|[Aa][Nn][Yy]|[Aa][Ll][Ll])$", "default": "true"}),
         ),
         query(
             "email",
@@ -189,7 +204,7 @@ pub fn openapi_document() -> Value {
                         ("400", "archetype_id not in the tenant's bundle, or a malformed body"),
                         ("404", "User not found"),
                         ("409", "A sync job is running for the tenant (sync_in_progress), or the tenant has no archetype bundle (no_bundle)"),
-                        ("422", "Tenant policy forbids manual overrides (setting one; clearing one is allowed)"),
+                        ("422", "Tenant policy forbids manual overrides (setting one; clearing one is allowed); answered before the archetype_id is checked"),
                     ])
                 }
             },
@@ -279,13 +294,13 @@ pub fn openapi_document() -> Value {
                     ("400", "archetype_id or expected_archetype_id not in the bundle, or nothing to accept"),
                     ("404", "User not found"),
                     ("409", "A sync job is running for the tenant (sync_in_progress), the user is not in the review queue (not_in_review), the suggestion is no longer expected_archetype_id (suggestion_changed), or the tenant has no archetype bundle (no_bundle)"),
-                    ("422", "Tenant policy forbids manual overrides"),
+                    ("422", "Tenant policy forbids manual overrides; answered before the archetype is checked"),
                 ])
             }},
             "/api/v1/roster/events": {"get": {
                 "operationId": "listEvents", "summary": "Governance events (assignment changes), oldest first",
                 "parameters": [
-                    query("user_id", "Only this user (user:<userName> or SCIM id; a deleted user's history by SCIM id)", json!({"type": "string", "minLength": 1})),
+                    query("user_id", "Only this user: user:<userName> (the user who has the name now; when none does, the deleted user who last had it, whose history stays readable) or SCIM id (a deleted user's too)", json!({"type": "string", "minLength": 1})),
                     query("kind", "One kind of event", json!({"type": "string", "enum": EVENT_KINDS})),
                     query("since", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
                     query("until", "RFC 3339 time, inclusive", json!({"type": "string", "format": "date-time"})),
@@ -300,7 +315,7 @@ pub fn openapi_document() -> Value {
                             "actor": {"type": "string"},
                             "before": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]},
                             "after": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/AssignmentState"}]}}}}}
-                })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user")])
+                })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user, present or deleted")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
                 "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data; {\"connector\": NAME} reconciles that connector alone (404 if the tenant has no connector of that name).",

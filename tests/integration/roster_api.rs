@@ -2352,7 +2352,7 @@ async fn accepting_a_review_item_can_name_the_suggestion_that_was_shown() {
         &r,
         409,
         "suggestion_changed",
-        &format!("now \"{now}\", not \"{seen}\""),
+        &format!("the suggestion is \"{now}\", not \"{seen}\""),
     );
     // Nothing was written: still an item, no event.
     let user = roster_user(&d, &admin, &id).await;

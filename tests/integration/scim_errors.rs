@@ -814,3 +814,63 @@ async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
+
+/// A GET ignores a body, and answered with a small one unread, the connection was closed
+/// with `connection: close` while the client still sent it: the reset that followed cut
+/// off answers (python-requests lost 2 of 10 with 5 bytes). It is read to the end first,
+/// so the answer is whole and the connection serves the next request. A large one is
+/// still left unread, and the connection closed.
+#[tokio::test]
+async fn a_get_with_a_small_body_keeps_its_connection() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let d = TestDaemon::start().await;
+    let id = d.create_user("body@example.com").await;
+    let conn = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let mut conn = BufReader::new(conn);
+    let path = format!("/scim/v2/{TENANT}/Users/{id}");
+    // The head of one answer, and its body read by its length.
+    async fn answer(conn: &mut BufReader<tokio::net::TcpStream>) -> (String, String) {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                conn.read_line(&mut line).await.unwrap() > 0,
+                "closed: {head}"
+            );
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body).await.unwrap();
+        (head, String::from_utf8(body).unwrap())
+    }
+    for body in ["{}", &"x".repeat(20_000)] {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: rosterd\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            d.token,
+            body.len()
+        );
+        conn.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let (head, text) = answer(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.to_lowercase().contains("connection: close"), "{head}");
+        assert!(text.contains("body@example.com"), "{text}");
+    }
+    // The same connection still answers.
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: rosterd\r\nAuthorization: Bearer {}\r\n\r\n",
+        d.token
+    );
+    conn.get_mut().write_all(req.as_bytes()).await.unwrap();
+    assert!(answer(&mut conn).await.0.starts_with("HTTP/1.1 200"));
+}
