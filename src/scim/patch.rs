@@ -188,6 +188,82 @@ fn parse_op(item: Value) -> ScimResult<PatchOp> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Extension schemas rosterd does not know
+
+/// The ids of the schemas rosterd has a definition of, for either resource kind.
+fn known_schemas() -> impl Iterator<Item = &'static str> {
+    [ResourceKind::User, ResourceKind::Group]
+        .into_iter()
+        .flat_map(|k| schema::schemas_of(k).iter().map(|s| s.id))
+}
+
+/// Whether `urn`, the schema part of a qualified attribute name, is an extension schema
+/// rosterd has no definition of (an Entra custom extension,
+/// `urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User`). Not a core
+/// schema misspelt (`urn:…:core:2.0:Usr`) nor a longer path inside a known schema
+/// (`urn:…:core:2.0:User:name:givenName`): those are a client's mistake about a schema
+/// rosterd has, and stay refused.
+fn unknown_extension(urn: &str) -> bool {
+    let urn = urn.to_ascii_lowercase();
+    // The core and enterprise schemas' own namespaces: a URN there that rosterd does
+    // not know is a misspelt known schema (`…:enterprise:2.0:Usr`), refused as an
+    // unknown attribute, not skipped as someone's extension.
+    !urn.starts_with("urn:ietf:params:scim:schemas:core:")
+        && !urn.starts_with("urn:ietf:params:scim:schemas:extension:enterprise:")
+        && !known_schemas().any(|k| {
+            let k = k.to_ascii_lowercase();
+            urn == k || urn.starts_with(&format!("{k}:"))
+        })
+}
+
+/// Whether a path-less value's key, or a path, lies in an extension schema rosterd does
+/// not know: it is such a schema's URN (a key holding an object of its attributes), or
+/// an attribute qualified by one. Either way, what precedes its last `:` is no known
+/// schema, unless it is a known schema's URN alone.
+fn in_unknown_extension(name: &str) -> bool {
+    super::urn_prefixed(name)
+        && !known_schemas().any(|k| k.eq_ignore_ascii_case(name))
+        && name
+            .rsplit_once(':')
+            .is_some_and(|(urn, _)| unknown_extension(urn))
+}
+
+/// Drop what `ops` change in extension schemas rosterd does not know, and name it: a
+/// whole operation whose path lies in one, and the keys of a path-less value that do.
+/// A POST or PUT ignores such attributes (with a warning); refusing the PATCH instead
+/// lost the operations beside them (Entra sends a custom extension's attribute in the
+/// same request as a title change, and retries the user until it quarantines the job).
+/// An unknown attribute of a known schema is left for `apply` to refuse.
+pub fn skip_unknown_extensions(ops: Vec<PatchOp>) -> (Vec<PatchOp>, Vec<String>) {
+    let mut skipped = Vec::new();
+    let mut kept = Vec::with_capacity(ops.len());
+    for mut op in ops {
+        match &op.path {
+            Some(p) => {
+                let name = p.attr.to_string();
+                if in_unknown_extension(&name) {
+                    skipped.push(name);
+                    continue;
+                }
+            }
+            None => {
+                if let Some(Value::Object(attrs)) = &mut op.value {
+                    attrs.retain(|key, _| {
+                        let unknown = in_unknown_extension(key);
+                        if unknown {
+                            skipped.push(key.clone());
+                        }
+                        !unknown
+                    });
+                }
+            }
+        }
+        kept.push(op);
+    }
+    (kept, skipped)
+}
+
+// ---------------------------------------------------------------------------------------
 // Membership
 
 fn is_members(kind: ResourceKind, p: &AttrPath) -> bool {
@@ -715,29 +791,19 @@ fn container<'a>(
     let Some(urn) = attr.urn.as_deref().filter(|_| !attr.is_core()) else {
         return Ok(Some(root));
     };
-    let id = match schema::schemas_of(kind)
+    let Some(ext) = schema::schemas_of(kind)
         .iter()
         .skip(1)
         .find(|s| s.id.eq_ignore_ascii_case(urn))
-    {
-        Some(ext) => ext.id,
-        None if schema::is_foreign_extension(urn) => urn,
-        None => return Err(ScimError::invalid_path(format!("unknown schema {urn:?}"))),
+    else {
+        return Err(ScimError::invalid_path(format!("unknown schema {urn:?}")));
     };
-    match key_ci(root, id) {
+    let key = key_ci(root, ext.id);
+    match key {
         Some(k) => Ok(root.get_mut(&k).and_then(Value::as_object_mut)),
         None if create => {
-            // Listed, so that normalization reads the new key as the extension it is,
-            // whatever its URN ends in (see `schema::names_foreign_extension`).
-            if let Some(Value::Array(schemas)) = root.get_mut("schemas")
-                && !schemas
-                    .iter()
-                    .any(|s| s.as_str().is_some_and(|s| s.eq_ignore_ascii_case(id)))
-            {
-                schemas.push(Value::String(id.to_owned()));
-            }
             let slot = root
-                .entry(id.to_owned())
+                .entry(ext.id.to_owned())
                 .or_insert_with(|| Value::Object(Map::new()));
             Ok(slot.as_object_mut())
         }
@@ -756,13 +822,6 @@ fn apply_path(
     let attr = &path.attr;
     if attr.is_whole_schema() {
         return apply_whole_extension(kind, doc, op, attr, value);
-    }
-    if attr
-        .urn
-        .as_deref()
-        .is_some_and(schema::is_foreign_extension)
-    {
-        return apply_foreign(kind, doc, op, path, value);
     }
     if attr.urn.is_none() && schema::extension_owning(kind, &attr.attr).is_some() {
         let mut qualified = path.clone();
@@ -845,94 +904,6 @@ fn apply_path(
             value,
         ),
     }
-}
-
-/// An operation on an extension rosterd has no definition of (an Entra custom
-/// extension): on the whole extension, when the path is its URN, or on one attribute.
-/// With no schema to say which attributes are multi-valued, what is held says it: an
-/// `add` to a list appends what it lacks, an `add` or `replace` of an object into an
-/// object merges, anything else is set. Normalization checks the result.
-fn apply_foreign(
-    kind: ResourceKind,
-    doc: &mut Value,
-    op: PatchOpKind,
-    path: &PatchPath,
-    value: Option<&Value>,
-) -> ScimResult<()> {
-    let attr = &path.attr;
-    if path.filter.is_some() {
-        return Err(ScimError::invalid_path(format!(
-            "{attr}[…]: rosterd has no definition of this schema, so a value filter cannot select in it; set the attribute whole"
-        )));
-    }
-    if let Some(urn) = foreign_whole(kind, doc, attr) {
-        let whole = AttrPath {
-            urn: Some(urn),
-            attr: String::new(),
-            sub: None,
-        };
-        return apply_whole_extension(kind, doc, op, &whole, value);
-    }
-    let Some(obj) = container(kind, doc, attr, op != PatchOpKind::Remove)? else {
-        return Ok(());
-    };
-    let key = key_ci(obj, &attr.attr).unwrap_or_else(|| attr.attr.clone());
-    if attr.sub.is_some() {
-        return apply_plain(obj, &key, None, attr.sub.as_deref(), op, value);
-    }
-    let value = value.cloned();
-    match (op, obj.get_mut(&key), value) {
-        (PatchOpKind::Remove, Some(Value::Array(items)), Some(v)) if !v.is_null() => {
-            let named = match v {
-                Value::Array(vs) => vs,
-                v => vec![v],
-            };
-            items.retain(|i| !named.contains(i));
-            if items.is_empty() {
-                obj.remove(&key);
-            }
-        }
-        (PatchOpKind::Remove, ..) | (_, _, None | Some(Value::Null)) => {
-            obj.remove(&key);
-        }
-        (PatchOpKind::Add, Some(Value::Array(items)), Some(v)) => {
-            for v in match v {
-                Value::Array(vs) => vs,
-                v => vec![v],
-            } {
-                if !items.contains(&v) {
-                    items.push(v);
-                }
-            }
-        }
-        (_, Some(Value::Object(held)), Some(Value::Object(new))) => {
-            for (k, v) in new {
-                set_ci(held, &k, v);
-            }
-        }
-        (_, _, Some(v)) => {
-            obj.insert(key, v);
-        }
-    }
-    Ok(())
-}
-
-/// The URN of the foreign extension `attr` names whole, if it does: the document lists
-/// or holds it, or its name ends in the resource type's (see
-/// `schema::names_foreign_extension`).
-fn foreign_whole(kind: ResourceKind, doc: &Value, attr: &AttrPath) -> Option<String> {
-    if attr.sub.is_some() || attr.urn.is_none() {
-        return None;
-    }
-    let name = attr.to_string();
-    let listed = |n: &str| {
-        let same = |s: &str| s.eq_ignore_ascii_case(n);
-        doc.get("schemas")
-            .and_then(Value::as_array)
-            .is_some_and(|l| l.iter().filter_map(Value::as_str).any(same))
-            || doc.as_object().is_some_and(|o| o.keys().any(|k| same(k)))
-    };
-    schema::names_foreign_extension(kind, &name, &listed).then_some(name)
 }
 
 fn apply_whole_extension(
@@ -1532,93 +1503,30 @@ mod tests {
     }
 
     #[test]
-    fn an_extension_rosterd_has_no_definition_of_is_kept_as_sent() {
+    fn an_unknown_extension_is_skipped_and_an_unknown_attribute_of_a_known_schema_is_not() {
         const CUSTOM: &str = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User";
-        let patched = |d: &mut Value, ops: Value| {
-            patch(d, ops)?;
-            crate::scim::resource::normalize_input(ResourceKind::User, d.clone())
-                .map(|n| n.resource)
+        let skipped = |ops: Value| {
+            let body = json!({"schemas": [PATCH_OP_SCHEMA], "Operations": ops});
+            let (kept, skipped) = skip_unknown_extensions(parse_patch_request(body).unwrap());
+            let mut d = user();
+            apply(ResourceKind::User, &mut d, &kept).map(|()| (d, skipped))
         };
-        let mut d = user();
-        let d1 = patched(
-            &mut d,
-            json!([
-                {"op": "Replace", "path": "title", "value": "Buyer II"},
-                {"op": "Replace", "path": format!("{CUSTOM}:costCode"), "value": "CC-1"},
-                {"op": "Add", "value": {format!("{CUSTOM}:site"): "HQ", "displayName": "B J"}},
-                {"op": "Add", "path": format!("{CUSTOM}:badges"), "value": ["a", "b"]},
-                {"op": "Add", "path": format!("{CUSTOM}:Badges"), "value": ["b", "c"]},
-            ]),
-        )
+        let (d, names) = skipped(json!([
+            {"op": "Replace", "path": "title", "value": "Buyer II"},
+            {"op": "Replace", "path": format!("{CUSTOM}:costCode"), "value": "CC-1"},
+            {"op": "Remove", "path": CUSTOM},
+            {"op": "Add", "value": {CUSTOM: {"costCode": "CC-2"},
+                                    format!("{CUSTOM}:site"): "HQ",
+                                    "displayName": "B J"}},
+        ]))
         .unwrap();
         assert_eq!(
-            d1[CUSTOM],
-            json!({"costCode": "CC-1", "site": "HQ", "badges": ["a", "b", "c"]}),
-            "{d1}"
-        );
-        assert_eq!(
-            (&d1["title"], &d1["displayName"]),
+            (&d["title"], &d["displayName"]),
             (&json!("Buyer II"), &json!("B J"))
         );
-        assert!(
-            d1["schemas"].as_array().unwrap().contains(&json!(CUSTOM)),
-            "{d1}"
-        );
-
-        // A path-less value keyed by the URN merges; a sub-attribute; a remove of one
-        // attribute, then of the extension whole.
-        let mut d = d1.clone();
-        let d2 = patched(
-            &mut d,
-            json!([
-                {"op": "Replace", "value": {CUSTOM: {"COSTCODE": "CC-2"}}},
-                {"op": "Add", "path": format!("{CUSTOM}:desk.floor"), "value": 3},
-                {"op": "Remove", "path": format!("{CUSTOM}:badges"), "value": ["a"]},
-                {"op": "Remove", "path": format!("{CUSTOM}:site")},
-            ]),
-        )
-        .unwrap();
-        assert_eq!(
-            d2[CUSTOM],
-            json!({"costCode": "CC-2", "badges": ["b", "c"], "desk": {"floor": 3}}),
-            "{d2}"
-        );
-        let mut d = d2.clone();
-        let d3 = patched(&mut d, json!([{"op": "Remove", "path": CUSTOM}])).unwrap();
-        assert_eq!(d3.get(CUSTOM), None, "{d3}");
-        assert!(
-            !d3["schemas"].as_array().unwrap().contains(&json!(CUSTOM)),
-            "{d3}"
-        );
-
-        // An extension whose URN does not end in "User" is one once a path made it.
-        const OKTA: &str = "urn:okta:acme_app:1.0:user:custom";
-        let mut d = user();
-        let d4 = patched(
-            &mut d,
-            json!([{"op": "Add", "path": format!("{OKTA}:tier"), "value": 2}]),
-        )
-        .unwrap();
-        assert_eq!(d4[OKTA], json!({"tier": 2}), "{d4}");
-
-        // A value filter has no schema to select by; nesting deeper than RFC 7643 allows
-        // is refused, not flattened.
-        let mut d = d1.clone();
-        let e = patch(
-            &mut d,
-            json!([{"op": "Remove", "path": format!("{CUSTOM}:badges[value eq \"a\"]")}]),
-        )
-        .unwrap_err();
-        assert_eq!(e.scim_type, Some(ScimType::InvalidPath), "{e:?}");
-        let mut d = d1.clone();
-        let e = patched(
-            &mut d,
-            json!([{"op": "Add", "path": format!("{CUSTOM}:desk"), "value": {"room": {"no": 1}}}]),
-        )
-        .unwrap_err();
-        assert_eq!(e.scim_type, Some(ScimType::InvalidValue), "{e:?}");
-
-        // An unknown attribute of a schema rosterd has, and a known schema misspelt.
+        assert_eq!(d.get(CUSTOM), None, "{d}");
+        assert_eq!(names.len(), 4, "{names:?}");
+        // An unknown attribute of a schema rosterd has, and a core schema misspelt.
         for path in [
             format!("{ENTERPRISE_USER_SCHEMA}:costCode"),
             "urn:ietf:params:scim:schemas:core:2.0:User:nickname2".to_owned(),
@@ -1626,12 +1534,7 @@ mod tests {
             "urn:ietf:params:scim:schemas:extension:enterprise:2.0:Usr:department".to_owned(),
             "titel".to_owned(),
         ] {
-            let mut d = user();
-            let e = patch(
-                &mut d,
-                json!([{"op": "Replace", "path": path, "value": "x"}]),
-            )
-            .unwrap_err();
+            let e = skipped(json!([{"op": "Replace", "path": path, "value": "x"}])).unwrap_err();
             assert_eq!(e.scim_type, Some(ScimType::InvalidPath), "{path}: {e:?}");
         }
     }
@@ -2494,7 +2397,7 @@ mod tests {
         assert_eq!(ro.unwrap_err().scim_type, Some(ScimType::Mutability));
         let bad_urn = patch(
             &mut d,
-            json!([{"op": "add", "path": "urn:ietf:params:scim:schemas:core:2.0:Usr:title", "value": "x"}]),
+            json!([{"op": "add", "path": "urn:x:y:z", "value": "x"}]),
         );
         assert!(bad_urn.is_err());
         assert_eq!(d, user(), "failed operations left the document as it was");

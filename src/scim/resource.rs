@@ -7,7 +7,7 @@
 //! it wrote.
 use std::collections::HashMap;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::scim::error::{ScimError, ScimResult};
 use crate::scim::filter::AttrPath;
@@ -281,8 +281,6 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
     let mut out = Map::new();
     let mut ignored = Vec::new();
     let mut exts: Vec<(&'static SchemaDef, Map<String, Value>)> = Vec::new();
-    let mut foreign = Foreign::default();
-    let listed = listed_schemas(&input);
 
     for (key, value) in input {
         if key.eq_ignore_ascii_case("schemas") {
@@ -317,10 +315,6 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
                     continue;
                 }
             }
-            if schema::is_foreign_extension(&key) {
-                foreign.put(kind, &key, value, &listed, &mut ignored)?;
-                continue;
-            }
             ignored.push(key);
             continue;
         }
@@ -337,12 +331,6 @@ pub fn normalize_input(kind: ResourceKind, body: Value) -> ScimResult<Normalized
         if !m.is_empty() {
             schemas.push(Value::String(ext.id.to_owned()));
             out.insert(ext.id.to_owned(), Value::Object(m));
-        }
-    }
-    for (urn, m) in foreign.0 {
-        if !m.is_empty() {
-            schemas.push(Value::String(urn.clone()));
-            out.insert(urn, Value::Object(m));
         }
     }
     out.insert("schemas".into(), Value::Array(schemas));
@@ -400,200 +388,6 @@ fn check_schemas(core: &SchemaDef, value: &Value) -> ScimResult<()> {
         "schemas {names:?} does not name {}, the schema of this endpoint's resources",
         core.id
     )))
-}
-
-/// The URNs a document's `schemas` names, as sent.
-fn listed_schemas(input: &Map<String, Value>) -> Vec<String> {
-    input
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("schemas"))
-        .filter_map(|(_, v)| v.as_array())
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The values of [foreign](schema::is_foreign_extension) extensions in a document, by
-/// URN as first spelled. rosterd has no definition of such a schema, yet an IdP maps
-/// attributes to it (Entra's custom extensions) and reads them back: they are kept as
-/// sent, within the shapes RFC 7643 §2.3 allows any attribute, rather than dropped.
-#[derive(Default)]
-struct Foreign(Vec<(String, Map<String, Value>)>);
-
-impl Foreign {
-    /// Place `key` (the extension's URN holding an object of its attributes, or one
-    /// attribute qualified by it) and its value.
-    fn put(
-        &mut self,
-        kind: ResourceKind,
-        key: &str,
-        value: Value,
-        listed: &[String],
-        ignored: &mut Vec<String>,
-    ) -> ScimResult<()> {
-        let is_listed = |n: &str| listed.iter().any(|l| l.eq_ignore_ascii_case(n));
-        if schema::names_foreign_extension(kind, key, &is_listed) {
-            let attrs = match value {
-                Value::Object(attrs) => attrs,
-                Value::Null => return Ok(()),
-                _ => {
-                    return Err(ScimError::invalid_value(format!(
-                        "{key}: an extension's value is an object"
-                    )));
-                }
-            };
-            let m = self.extension(key);
-            for (name, v) in attrs {
-                put_foreign_attr(m, key, &name, v, ignored)?;
-            }
-            return Ok(());
-        }
-        match key.rsplit_once(':') {
-            Some((urn, name)) if super::urn_prefixed(urn) && urn.contains(':') => {
-                let m = self.extension(urn);
-                put_foreign_attr(m, urn, name, value, ignored)
-            }
-            _ => {
-                ignored.push(key.to_owned());
-                Ok(())
-            }
-        }
-    }
-
-    fn extension(&mut self, urn: &str) -> &mut Map<String, Value> {
-        let at = match self.0.iter().position(|(u, _)| u.eq_ignore_ascii_case(urn)) {
-            Some(at) => at,
-            None => {
-                self.0.push((urn.to_owned(), Map::new()));
-                self.0.len() - 1
-            }
-        };
-        &mut self.0[at].1
-    }
-}
-
-/// Whether `name` can be an attribute's name (RFC 7643 §2.1 `ATTRNAME`, and `$ref`):
-/// one a PATCH path, a filter or an attribute list can name again.
-pub(crate) fn attribute_name(name: &str) -> bool {
-    let mut cs = name.chars();
-    cs.next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '$')
-        && cs.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '$'))
-}
-
-/// One attribute of a foreign extension `urn`, `name` possibly dotted
-/// (`site.building`), into the extension's object `m`.
-fn put_foreign_attr(
-    m: &mut Map<String, Value>,
-    urn: &str,
-    name: &str,
-    value: Value,
-    ignored: &mut Vec<String>,
-) -> ScimResult<()> {
-    let (top, sub) = match name.split_once('.') {
-        Some((t, s)) => (t, Some(s)),
-        None => (name, None),
-    };
-    if !attribute_name(top) || sub.is_some_and(|s| !attribute_name(s)) {
-        ignored.push(format!("{urn}:{name}"));
-        return Ok(());
-    }
-    let path = format!("{urn}:{name}");
-    let value = match sub {
-        None => foreign_value(value, &path)?,
-        Some(s) => foreign_simple(value, &path)?.map(|v| json!({ s: v })),
-    };
-    let Some(value) = value else {
-        return Ok(());
-    };
-    let existing = m.keys().find(|k| k.eq_ignore_ascii_case(top)).cloned();
-    match (existing.and_then(|k| m.get_mut(&k)), value) {
-        (Some(Value::Object(have)), Value::Object(more)) if sub.is_some() => {
-            for (s, v) in more {
-                once_ci(have, &s, &path)?;
-                have.insert(s, v);
-            }
-            Ok(())
-        }
-        (Some(_), _) => Err(twice(&path)),
-        (None, v) => {
-            m.insert(top.to_owned(), v);
-            Ok(())
-        }
-    }
-}
-
-/// A foreign extension's attribute value as stored: a simple value, a complex one of
-/// simple sub-attributes, or a list of either (RFC 7643 §2.3.8: no complex attribute
-/// within a complex one). `None` when it is unassigned.
-pub(crate) fn foreign_value(value: Value, path: &str) -> ScimResult<Option<Value>> {
-    match value {
-        Value::Array(items) => {
-            check_count(path, path, items.len())?;
-            let mut out = Vec::with_capacity(items.len());
-            for item in items {
-                let item = match item {
-                    Value::Object(o) => foreign_complex(o, path)?,
-                    other => foreign_simple(other, path)?,
-                };
-                out.extend(item);
-            }
-            Ok((!out.is_empty()).then_some(Value::Array(out)))
-        }
-        Value::Object(o) => foreign_complex(o, path),
-        other => foreign_simple(other, path),
-    }
-}
-
-fn foreign_complex(obj: Map<String, Value>, path: &str) -> ScimResult<Option<Value>> {
-    let mut out = Map::new();
-    for (k, v) in obj {
-        let sub_path = format!("{path}.{k}");
-        if !attribute_name(&k) {
-            return Err(ScimError::invalid_value(format!(
-                "{sub_path}: not an attribute name (a letter, then letters, digits, \"-\" or \"_\")"
-            )));
-        }
-        let v = match v {
-            Value::Array(items) => {
-                check_count(&sub_path, &sub_path, items.len())?;
-                let mut list = Vec::with_capacity(items.len());
-                for item in items {
-                    list.extend(foreign_simple(item, &sub_path)?);
-                }
-                (!list.is_empty()).then_some(Value::Array(list))
-            }
-            other => foreign_simple(other, &sub_path)?,
-        };
-        if let Some(v) = v {
-            once_ci(&out, &k, &sub_path)?;
-            out.insert(k, v);
-        }
-    }
-    Ok((!out.is_empty()).then_some(Value::Object(out)))
-}
-
-fn foreign_simple(value: Value, path: &str) -> ScimResult<Option<Value>> {
-    match value {
-        Value::Null => Ok(None),
-        Value::String(s) => {
-            check_text(&s, path)?;
-            Ok(Some(Value::String(s)))
-        }
-        v @ (Value::Bool(_) | Value::Number(_)) => Ok(Some(v)),
-        _ => Err(ScimError::invalid_value(format!(
-            "{path}: rosterd has no definition of this schema and keeps its attributes as simple values, complex values of simple sub-attributes, or lists of those; this value nests deeper"
-        ))),
-    }
-}
-
-/// [`once`] where the names are the client's own, in any letter case.
-fn once_ci(out: &Map<String, Value>, name: &str, path: &str) -> ScimResult<()> {
-    if out.keys().any(|k| k.eq_ignore_ascii_case(name)) {
-        return Err(twice(path));
-    }
-    Ok(())
 }
 
 fn extension(kind: ResourceKind, urn: &str) -> Option<&'static SchemaDef> {
@@ -661,15 +455,11 @@ fn merge_into(
 /// name one attribute, and keeping either value would silently drop the other.
 fn once(out: &Map<String, Value>, name: &str, path: &str) -> ScimResult<()> {
     if out.contains_key(name) {
-        return Err(twice(path));
+        return Err(ScimError::invalid_syntax(format!(
+            "{path} is given twice (attribute names are case-insensitive, and may be qualified by their schema's URN); give it once"
+        )));
     }
     Ok(())
-}
-
-fn twice(path: &str) -> ScimError {
-    ScimError::invalid_syntax(format!(
-        "{path} is given twice (attribute names are case-insensitive, and may be qualified by their schema's URN); give it once"
-    ))
 }
 
 /// Place one attribute (possibly dotted: `name.givenName`) into `out` in stored form.
@@ -1122,20 +912,16 @@ pub fn project(
             out.insert(key.clone(), value.clone());
             continue;
         }
-        let scope = match extension(kind, key) {
-            Some(ext) => Some((ext.id, ext.attributes)),
-            None => schema::is_foreign_extension(key).then_some((key.as_str(), &[][..])),
-        };
-        if let Some((id, defs)) = scope {
+        if let Some(ext) = extension(kind, key) {
             let Some(inner) = value.as_object() else {
                 continue;
             };
-            let m = if !attributes.is_empty() && whole(id, attributes) {
-                project_attrs((id, defs), inner, &[], &[], false)
-            } else if attributes.is_empty() && whole(id, excluded) {
+            let m = if !attributes.is_empty() && whole(ext, attributes) {
+                project_attrs(ext, inner, &[], &[], false)
+            } else if attributes.is_empty() && whole(ext, excluded) {
                 Map::new()
             } else {
-                project_attrs((id, defs), inner, attributes, excluded, false)
+                project_attrs(ext, inner, attributes, excluded, false)
             };
             if !m.is_empty() {
                 out.insert(key.clone(), Value::Object(m));
@@ -1145,10 +931,9 @@ pub fn project(
         let single = Map::from_iter([(key.clone(), value.clone())]);
         // The core schema's URN alone names every core attribute, as an extension's
         // names all of its own: `attributes=urn:…:core:2.0:User` gave only id and schemas.
-        let core = (core.id, core.attributes);
-        let m = if !attributes.is_empty() && whole(core.0, attributes) {
+        let m = if !attributes.is_empty() && whole(core, attributes) {
             project_attrs(core, &single, &[], &[], true)
-        } else if attributes.is_empty() && whole(core.0, excluded) {
+        } else if attributes.is_empty() && whole(core, excluded) {
             project_attrs(core, &single, &[], &[AttrPath::simple(key)], true)
         } else {
             project_attrs(core, &single, attributes, excluded, true)
@@ -1158,29 +943,18 @@ pub fn project(
     Value::Object(out)
 }
 
-/// Whether `list` names the whole of schema `id` by its URN alone. A foreign extension's
-/// URN parses as an attribute of a shorter URN (`…:2.0` and `User`), as nothing says it
-/// is a schema: the text as a whole names it.
-fn whole(id: &str, list: &[AttrPath]) -> bool {
-    list.iter().any(|p| match p.urn.as_deref() {
-        Some(u) if p.is_whole_schema() => u.eq_ignore_ascii_case(id),
-        Some(u) => {
-            p.sub.is_none()
-                && id.len() == u.len() + 1 + p.attr.len()
-                && id
-                    .get(..u.len())
-                    .is_some_and(|head| head.eq_ignore_ascii_case(u))
-                && id
-                    .get(u.len() + 1..)
-                    .is_some_and(|a| a.eq_ignore_ascii_case(&p.attr))
-        }
-        None => false,
+/// Whether `list` names the whole of `schema` by its URN alone.
+fn whole(schema: &SchemaDef, list: &[AttrPath]) -> bool {
+    list.iter().any(|p| {
+        p.is_whole_schema()
+            && p.urn
+                .as_deref()
+                .is_some_and(|u| u.eq_ignore_ascii_case(schema.id))
     })
 }
 
-/// Shape the attributes `obj` holds of the schema `(id, its attribute definitions)`.
 fn project_attrs(
-    (id, defs): (&str, &[AttrDef]),
+    schema: &SchemaDef,
     obj: &Map<String, Value>,
     attributes: &[AttrPath],
     excluded: &[AttrPath],
@@ -1188,7 +962,8 @@ fn project_attrs(
 ) -> Map<String, Value> {
     let mut out = Map::new();
     for (key, value) in obj {
-        let def = defs
+        let def = schema
+            .attributes
             .iter()
             .find(|d| d.name.eq_ignore_ascii_case(key))
             .or_else(|| schema::lookup_common(key, None).filter(|_| core));
@@ -1201,7 +976,10 @@ fn project_attrs(
         } else {
             attributes
         };
-        let mentions: Vec<&AttrPath> = list.iter().filter(|p| names(p, id, core, key)).collect();
+        let mentions: Vec<&AttrPath> = list
+            .iter()
+            .filter(|p| names(p, schema.id, core, key))
+            .collect();
         if returned == Returned::Always {
             out.insert(key.clone(), value.clone());
             continue;
@@ -1577,86 +1355,6 @@ mod tests {
             &parse_attr_list(attrs).unwrap(),
             &parse_attr_list(excl).unwrap(),
         )
-    }
-
-    #[test]
-    fn an_extension_rosterd_has_no_definition_of_is_stored_as_sent_and_projected() {
-        const CUSTOM: &str = "urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User";
-        const OKTA: &str = "urn:okta:acme_app:1.0:user:custom";
-        let n = norm(json!({
-            "schemas": [USER_SCHEMA, CUSTOM, OKTA],
-            "userName": "bjensen",
-            CUSTOM: {"costCode": "CC-1", "badges": ["a", 2, true], "desk": {"floor": 3}, "gone": null},
-            format!("{CUSTOM}:site"): "HQ",
-            format!("{CUSTOM}:desk.room"): "3.14",
-            OKTA: {"tier": "gold"},
-            "urn:ietf:params:scim:schemas:core:2.0:User:titel": "x",
-        }));
-        let d = &n.resource;
-        assert_eq!(
-            d[CUSTOM],
-            json!({"costCode": "CC-1", "badges": ["a", 2, true], "desk": {"floor": 3, "room": "3.14"}, "site": "HQ"}),
-            "{d}"
-        );
-        assert_eq!(d[OKTA], json!({"tier": "gold"}), "{d}");
-        assert_eq!(d["schemas"], json!([USER_SCHEMA, CUSTOM, OKTA]), "{d}");
-        // A misspelt core attribute is still no one's: dropped and named.
-        assert_eq!(n.ignored, ["titel"]);
-
-        // Unlisted, a URN ending in the resource type is the extension whole; without a
-        // listing, an attribute qualified by it lands in it.
-        let n = norm(json!({"userName": "b", format!("{CUSTOM}:site"): "HQ"}));
-        assert_eq!(n.resource[CUSTOM], json!({"site": "HQ"}));
-        assert_eq!(n.resource["schemas"], json!([USER_SCHEMA, CUSTOM]));
-
-        for (body, why) in [
-            (
-                json!({"userName": "b", CUSTOM: {"desk": {"room": {"no": 1}}}}),
-                "nested",
-            ),
-            (json!({"userName": "b", CUSTOM: "x"}), "not an object"),
-            (
-                json!({"userName": "b", CUSTOM: {"a": "x", "A": "y"}}),
-                "given twice",
-            ),
-            (json!({"userName": "b", CUSTOM: {"a": "x\u{0}"}}), "NUL"),
-            (
-                json!({"userName": "b", CUSTOM: {"a": vec![1; MAX_VALUES + 1]}}),
-                "too many",
-            ),
-        ] {
-            let e = normalize_input(ResourceKind::User, body).unwrap_err();
-            assert!(
-                matches!(
-                    e.scim_type,
-                    Some(ScimType::InvalidValue | ScimType::InvalidSyntax)
-                ),
-                "{why}: {e:?}"
-            );
-        }
-
-        let stored = json!({"schemas": [USER_SCHEMA, CUSTOM], "id": "u1", "userName": "b",
-                            CUSTOM: {"costCode": "CC-1", "site": "HQ"}});
-        let proj = |attrs: &str, excl: &str| {
-            project(
-                ResourceKind::User,
-                &stored,
-                &parse_attr_list(attrs).unwrap(),
-                &parse_attr_list(excl).unwrap(),
-            )
-        };
-        assert_eq!(proj("", "")[CUSTOM], stored[CUSTOM]);
-        assert_eq!(proj(CUSTOM, "")[CUSTOM], stored[CUSTOM]);
-        assert_eq!(proj("userName", "").get(CUSTOM), None);
-        assert_eq!(
-            proj(&format!("{CUSTOM}:site"), "")[CUSTOM],
-            json!({"site": "HQ"})
-        );
-        assert_eq!(proj("", CUSTOM).get(CUSTOM), None);
-        assert_eq!(
-            proj("", &format!("{}:COSTCODE", CUSTOM.to_uppercase()))[CUSTOM],
-            json!({"site": "HQ"})
-        );
     }
 
     #[test]

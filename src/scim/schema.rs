@@ -228,51 +228,6 @@ pub fn extension_owning(kind: ResourceKind, attr: &str) -> Option<&'static Schem
     }
 }
 
-/// Whether `urn`, the schema part of a qualified name, is an extension schema rosterd has
-/// no definition of: an Entra custom extension
-/// (`urn:ietf:params:scim:schemas:extension:CustomExtensionName:2.0:User`), an Okta
-/// app's. Its attributes are kept as sent, without a schema (see
-/// [`crate::scim::resource::foreign_value`]). Not a core schema misspelt
-/// (`urn:…:core:2.0:Usr`), a URN in the enterprise extension's namespace
-/// (`…:enterprise:2.0:Usr`), nor a longer path inside a known schema
-/// (`urn:…:core:2.0:User:name`): those are a client's mistake about a schema rosterd
-/// has, and stay refused or ignored as unknown attributes.
-pub fn is_foreign_extension(urn: &str) -> bool {
-    let lower = urn.to_ascii_lowercase();
-    crate::scim::urn_prefixed(urn)
-        && !lower.starts_with("urn:ietf:params:scim:schemas:core:")
-        && !lower.starts_with("urn:ietf:params:scim:schemas:extension:enterprise:")
-        && !lower.starts_with("urn:ietf:params:scim:api:")
-        && !known_schemas().any(|k| {
-            let k = k.to_ascii_lowercase();
-            lower == k || lower.starts_with(&format!("{k}:"))
-        })
-}
-
-/// The ids of the schemas rosterd has a definition of, for either resource kind.
-fn known_schemas() -> impl Iterator<Item = &'static str> {
-    [ResourceKind::User, ResourceKind::Group]
-        .into_iter()
-        .flat_map(|k| schemas_of(k).iter().map(|s| s.id))
-}
-
-/// Whether `name`, a URN-qualified name of a [foreign](is_foreign_extension) schema,
-/// names the whole extension rather than one of its attributes. Nothing defines such a
-/// schema here, so its URN is told from an attribute by what the client said: the
-/// resource's `schemas` list names it (`listed`), or it ends in the resource type's name,
-/// as schema URNs do (`…:2.0:User`).
-pub fn names_foreign_extension(
-    kind: ResourceKind,
-    name: &str,
-    listed: &dyn Fn(&str) -> bool,
-) -> bool {
-    is_foreign_extension(name)
-        && (listed(name)
-            || name
-                .rsplit_once(':')
-                .is_some_and(|(_, last)| last.eq_ignore_ascii_case(kind.name())))
-}
-
 /// Resolve a common attribute (RFC 7643 §3.1), case-insensitively.
 pub fn lookup_common(attr: &str, sub: Option<&str>) -> Option<&'static AttrDef> {
     resolve_sub(find(COMMON_ATTRIBUTES, attr)?, sub)

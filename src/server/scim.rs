@@ -19,7 +19,7 @@ use super::error::{SCIM_CONTENT_TYPE, ScimFailure, store_to_scim};
 use crate::scim::filter::{AttrPath, CompareOp, Filter, parse_attr_list, parse_filter};
 use crate::scim::patch::{
     MemberOp, MemberRef, PatchOp, apply, check_operation_count, parse_patch_request,
-    split_member_ops,
+    skip_unknown_extensions, split_member_ops,
 };
 use crate::scim::resource::{
     check_document_size, check_immutable, merge_repeats, normalize_input, one_primary_each,
@@ -691,8 +691,7 @@ async fn op_patch(
     body: Value,
     projection: &Projection,
 ) -> ScimResult<Reply> {
-    let ops = parse_patch_request(body)?;
-    let mut ignored = Vec::new();
+    let (ops, mut ignored) = skip_unknown_extensions(parse_patch_request(body)?);
     let unassigns_active = kind == ResourceKind::User && ops.iter().any(PatchOp::removes_active);
     let (member_ops, doc_ops) = if kind == ResourceKind::Group {
         let split = split_member_ops(ops)?;
@@ -1398,7 +1397,7 @@ async fn run_list(
     if let Some(unknown) = query
         .filter
         .as_ref()
-        .and_then(|f| f.unknown_attr(&|p| known_to_filter(&kinds, p)))
+        .and_then(|f| f.unknown_attr(&|p| defs_in(&kinds, p).next().is_some()))
     {
         // It would match nothing, which an IdP matching users reads as "no such user"
         // before creating one; a PATCH path naming it is refused as well.
@@ -1434,14 +1433,6 @@ async fn run_list(
 /// (never kept), or a complex attribute without a `value` of its own (`name`): each
 /// sorted as nothing, in id order, with a 200.
 fn sortable(kinds: &[ResourceKind], path: &AttrPath) -> bool {
-    if path
-        .urn
-        .as_deref()
-        .is_some_and(schema::is_foreign_extension)
-    {
-        // Kept as sent: a value that is no string, number or boolean sorts as missing.
-        return true;
-    }
     let is = |name: &str| path.attr.eq_ignore_ascii_case(name);
     let mut defs = defs_in(kinds, path).peekable();
     if defs.peek().is_none() || is("groups") || is("members") || is("password") {
@@ -1543,13 +1534,6 @@ fn check_comparisons(kinds: &[ResourceKind], filter: &Filter) -> ScimResult<()> 
 
 /// What the schemas of `kinds` define at the path (core, common or extension), one per
 /// kind that has it.
-/// Whether a filter may name `p`: an attribute of a schema of `kinds`, or any attribute
-/// of an extension rosterd has no definition of, kept as sent (compared as a string that
-/// is not case-exact, RFC 7643 §2.2's default).
-fn known_to_filter(kinds: &[ResourceKind], p: &AttrPath) -> bool {
-    defs_in(kinds, p).next().is_some() || p.urn.as_deref().is_some_and(schema::is_foreign_extension)
-}
-
 fn defs_in<'a>(
     kinds: &'a [ResourceKind],
     p: &'a AttrPath,
