@@ -17,7 +17,7 @@ pub type EnvFn = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}{hint}", hint = missing_hint(source))]
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -26,6 +26,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    /// The config file is not there: a command run from another directory than the
+    /// default `config.toml` is in, where the installed one is elsewhere.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -635,16 +643,6 @@ pub struct OnDisk {
     /// The keys that read differently and wait for a restart, dotted, a tenant's under
     /// its id (`tenants.demo.bundle`), when the file changed and loads.
     pub waiting: Vec<String>,
-}
-
-/// A config file that is not there is most often one run from another directory than
-/// the default `config.toml` is in: the installed one is elsewhere.
-fn missing_hint(e: &std::io::Error) -> &'static str {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        "; name the config file with --config (installed: --config /etc/rosterd/config.toml)"
-    } else {
-        ""
-    }
 }
 
 impl Config {

@@ -393,7 +393,17 @@ fn main() -> std::process::ExitCode {
         Err(e) if e.downcast_ref::<NeedsAttention>().is_some() => std::process::ExitCode::from(3),
         Err(e) => {
             if e.downcast_ref::<Logged>().is_none() {
-                let line = format!("Error: {}", causes(&e));
+                let mut line = format!("Error: {}", causes(&e));
+                // Only here, at a command's start: a reload's error names the file the
+                // daemon was started with, where the hint would be wrong.
+                if e.chain().any(|c| {
+                    c.downcast_ref::<rosterd::config::ConfigError>()
+                        .is_some_and(rosterd::config::ConfigError::is_missing)
+                }) {
+                    line.push_str(
+                        "\n(name the config file with --config; an installed one is --config /etc/rosterd/config.toml)",
+                    );
+                }
                 if journal::is_journal(&std::io::stderr()) {
                     let _ = std::io::stderr()
                         .write_all(&journal::entry(Some(journal::ERR), line.as_bytes()));
@@ -2638,7 +2648,8 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
         if let Some(at) = c["next_write_at"].as_str() {
             outln!("    next scheduled write at {}", rfc3339(at))?;
         }
-        if !c["last_error"].is_null() {
+        // The hold's reason is its last error too, until another error comes: said once.
+        if !c["last_error"].is_null() && c["last_error"] != c["held_by_guard"] {
             outln!(
                 "    last error ({}): {}",
                 time_of(&c["last_error_at"]),

@@ -381,13 +381,12 @@ fn with_the_demo_bundle_a_department_chooses_only_among_what_the_title_allows() 
                 continue;
             }
             overturned += 1;
-            // Not among the title's candidates: rated at most as its last one.
             let rated = alone
                 .candidates
                 .iter()
                 .find(|k| Some(&k.archetype_id) == c.archetype_id.as_ref())
-                .or(alone.candidates.last())
-                .map_or(0.0, |k| k.confidence);
+                .unwrap_or_else(|| panic!("{t} in {d}: {c:?} is not among {alone:?}"))
+                .confidence;
             assert!(
                 rated * odds >= alone.confidence - 1e-6,
                 "{t} in {d}: {c:?}, alone {alone:?}"

@@ -471,14 +471,6 @@ impl Live {
         self.held_reason().is_some()
     }
 
-    /// As status shows it: a hold, or a pause.
-    fn shown_pause(&self) -> Option<DateTime<Utc>> {
-        if self.held() {
-            return Some(DateTime::<Utc>::MAX_UTC);
-        }
-        self.paused_until()
-    }
-
     /// The operator's resume: a hold lets its changes go, or (`skip`) skips them. The
     /// approval's number, when there was a hold.
     fn approve(&self, skip: bool) -> Option<u64> {
@@ -3628,8 +3620,13 @@ impl Dispatcher {
 
     fn status_of(&self, c: &ConnectorConfig, live: &Live, not_started: bool) -> ConnectorStatus {
         let (cursor, lag_events, lag_seconds) = self.lag(&c.tenant, &cursor_name(c));
-        let paused_until = live.shown_pause();
+        // Read once: `paused` and `held_by_guard` from one look at the hold.
         let held_by_guard = live.held_reason().clone();
+        let paused_until = if held_by_guard.is_some() {
+            Some(DateTime::<Utc>::MAX_UTC)
+        } else {
+            live.paused_until()
+        };
         let h = live.health();
         ConnectorStatus {
             name: c.name.clone(),

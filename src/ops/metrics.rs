@@ -873,6 +873,18 @@ mod tests {
             c(Method::POST, "/scim/v2/{tenant}/Bulk"),
             Some(("Bulk", "bulk"))
         );
+        // A /Bulk operation: by its resource type and method; one that names neither
+        // is never counted as a /Bulk request.
+        let b = |kind, method| {
+            let o = ScimOp::of_bulk_operation(kind, method);
+            (o.resource, o.op)
+        };
+        use crate::scim::ResourceKind::{Group, User};
+        assert_eq!(b(Some(User), "PATCH"), ("Users", "patch"));
+        assert_eq!(b(Some(Group), "DELETE"), ("Groups", "delete"));
+        assert_eq!(b(Some(User), "GET"), ("Users", "invalid"));
+        assert_eq!(b(None, "PUT"), ("other", "replace"));
+        assert_eq!(b(None, ""), ("other", "invalid"));
         assert_eq!(
             c(Method::GET, "/scim/v2/{tenant}/ServiceProviderConfig"),
             Some(("other", "read"))

@@ -1207,11 +1207,13 @@ impl http_body::Body for EndSeen {
     }
 }
 
+/// The largest body of a GET or HEAD read (and dropped) once it is answered, to keep its
+/// connection whole; and how long that may take.
+const IGNORED_BODY_READ_BYTES: u64 = 64 * 1024;
+const IGNORED_BODY_READ_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
 /// protocol's own format (SCIM error, or JSON problem), and the connection closes.
-/// The most of a GET's or HEAD's ignored body read, to keep its connection whole.
-const IGNORED_BODY_READ_BYTES: usize = 64 * 1024;
-
 async fn body_deadline(
     axum::extract::State(secs): axum::extract::State<u64>,
     req: Request,
@@ -1240,29 +1242,38 @@ async fn body_deadline(
     });
     // A GET or HEAD ignores its body, and answered with it unread, the connection was
     // closed with the client still sending: the kernel's reset then cut off the answer
-    // (python-requests lost 2 of 10 with a 5-byte body). A small one is read to the end
-    // and dropped first; a larger one stays unread (and the connection closed), so a
-    // client without a token still cannot make the daemon read megabytes.
-    let req = if has_body
+    // (python-requests lost 2 of 10 with a 5-byte body). A small one, of a length given,
+    // is read and dropped once the request is answered (401 and 403 come on the headers
+    // still), for a second at most; a larger one, or one the client waits to be asked for
+    // (`Expect: 100-continue`), stays unread and the connection closes.
+    let small = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= IGNORED_BODY_READ_BYTES);
+    let ignored = has_body
+        && small
         && matches!(
             *req.method(),
             axum::http::Method::GET | axum::http::Method::HEAD
-        ) {
-        let (parts, mut body) = req.into_parts();
-        let mut read = 0usize;
-        while read <= IGNORED_BODY_READ_BYTES {
-            match body.frame().await {
-                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-                // A stall is answered 408 below; any other failure leaves the rest
-                // unread, as before.
-                Some(Err(_)) | None => break,
-            }
-        }
-        Request::from_parts(parts, body)
+        )
+        && !req.headers().contains_key(axum::http::header::EXPECT);
+    let (req, ignored) = if ignored {
+        let (parts, body) = req.into_parts();
+        (
+            Request::from_parts(parts, axum::body::Body::empty()),
+            Some(body),
+        )
     } else {
-        req
+        (req, None)
     };
     let mut resp = next.run(req).await;
+    if let Some(mut body) = ignored {
+        let _ = tokio::time::timeout(IGNORED_BODY_READ_TIME, async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    }
     if !stalled.load(Ordering::Relaxed) {
         // Answered before its body was read to the end (refused on its headers): hyper
         // then closes the connection unless the rest is small, so a client that reused

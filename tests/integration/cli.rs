@@ -2828,3 +2828,29 @@ async fn a_url_flag_is_checked_and_its_password_not_shown() {
         "{err}"
     );
 }
+
+/// A command run where its config is not (the default `config.toml` of another
+/// directory) says to name it with `--config`: `rosterd token jwt` and `check-config`
+/// said only "cannot read config.toml", with no way on.
+#[test]
+fn a_missing_config_file_points_to_the_config_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("config.toml");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["check-config", "--config", missing],
+        vec!["token", "jwt", "--config", missing, "--tenant", "demo"],
+    ] {
+        let (ok, _, err) = run(
+            &args,
+            None,
+            &[("ROSTERD_JWT_SECRET", "x".repeat(32).as_str())],
+        );
+        assert!(!ok, "{args:?}");
+        assert!(err.contains("cannot read"), "{args:?}: {err}");
+        assert!(
+            err.contains("name the config file with --config"),
+            "{args:?}: {err}"
+        );
+    }
+}

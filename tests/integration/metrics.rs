@@ -756,13 +756,8 @@ async fn each_bulk_operation_counts_with_its_own_status() {
         ("status_class", "2xx"),
     ];
     // An operation that names no resource type or no write has labels of its own: as
-    // `resource="Bulk"` it read as a /Bulk request that failed.
-    let failed_bulks = [
-        ("tenant", TENANT),
-        ("resource", "Bulk"),
-        ("op", "bulk"),
-        ("status_class", "4xx"),
-    ];
+    // `resource="Bulk"` it read as a /Bulk request that failed. (Whether anything else
+    // moved cannot be told here: the counters are the whole test binary's.)
     let invalid = [
         ("tenant", TENANT),
         ("resource", "other"),
@@ -772,7 +767,7 @@ async fn each_bulk_operation_counts_with_its_own_status() {
     let (_, before) = scrape(&d).await;
     let was = |want: &[(&str, &str)]| value(&before, scim, want).unwrap_or(0.0);
     let (deletes_before, bulks_before) = (was(&deletes), was(&bulks));
-    let (failed_before, invalid_before) = (was(&failed_bulks), was(&invalid));
+    let invalid_before = was(&invalid);
     let missing = uuid::Uuid::new_v4();
     let r = d
         .bulk(serde_json::json!([
@@ -788,7 +783,6 @@ async fn each_bulk_operation_counts_with_its_own_status() {
     let now = |want: &[(&str, &str)]| value(&after, scim, want).unwrap_or(0.0);
     assert!(now(&deletes) >= deletes_before + 2.0, "{text}");
     assert!(now(&bulks) >= bulks_before + 1.0, "{text}");
-    assert_eq!(now(&failed_bulks), failed_before, "{text}");
     assert!(now(&invalid) >= invalid_before + 1.0, "{text}");
     let users_invalid = [
         ("tenant", TENANT),

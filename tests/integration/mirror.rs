@@ -4941,6 +4941,25 @@ async fn a_hold_keeps_its_reason_when_an_earlier_change_fails_after_it() {
         .roster(Method::GET, "/connectors/hooks", &admin, None)
         .await;
     assert_eq!(r.body["held_by_guard"], held, "{}", r.body);
+    // So do `rosterd status`, under the connector's line, and `--check`.
+    let shown = status_text(&d).await;
+    assert!(shown.contains(&format!("\n    {held}\n")), "{shown}");
+    let url = d.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .args(["status", "--check", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "needs attention: connector {TENANT}/hooks is {held}"
+        )),
+        "{err}"
+    );
     // Resumed, it is held no more.
     hook.clear_faults();
     let r = d

@@ -425,6 +425,10 @@ async fn bulk_operation_keys_in_any_case_and_etag_lists() {
             "version is given twice",
         ),
         (
+            json!([{"method": "DELETE", "path": path, "verison": "W/\"1\""}]),
+            "\"verison\" is not a key of a bulk operation",
+        ),
+        (
             json!([{"method": "POST", "path": "/Users", "bulkId": "", "data": user("e@x.test")}]),
             "holds no double quote",
         ),
@@ -491,7 +495,7 @@ async fn bulk_fail_on_errors_counts_in_the_order_operations_run() {
         r.body["Operations"][0]["response"]["detail"]
             .as_str()
             .unwrap()
-            .contains("its own bulkId"),
+            .contains("its own"),
         "{}",
         r.body
     );
