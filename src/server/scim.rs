@@ -1903,24 +1903,7 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
             refs
         })
         .collect();
-    let mut can_run = vec![false; ops.len()];
-    let mut will_post: HashSet<&str> = HashSet::new();
-    loop {
-        let before = will_post.len();
-        for (i, op) in ops.iter().enumerate() {
-            if !can_run[i] && waits_on[i].iter().all(|r| will_post.contains(r.as_str())) {
-                can_run[i] = true;
-                if let Some(b) = op.get("bulkId").and_then(Value::as_str)
-                    && posts.contains(b)
-                {
-                    will_post.insert(b);
-                }
-            }
-        }
-        if will_post.len() == before {
-            break;
-        }
-    }
+    let can_run = runnable(&ops, &waits_on, &posts);
     // The resource each PUT, PATCH or DELETE writes, by its path as written: one that
     // waits holds back the later ones on the same resource, so the request's last write
     // to it is the one that stands. (A POST makes a resource of its own.)
@@ -2001,6 +1984,29 @@ fn canonical_operation(i: usize, op: Value) -> ScimResult<Value> {
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Which operations can run: every POST each waits for can (`posts`, the request's
+/// POSTs' bulkIds). What is left waits in a circle, or on one.
+fn runnable(ops: &[Value], waits_on: &[Vec<String>], posts: &HashSet<&str>) -> Vec<bool> {
+    let mut can_run = vec![false; ops.len()];
+    let mut will_post: HashSet<&str> = HashSet::new();
+    loop {
+        let before = will_post.len();
+        for (i, op) in ops.iter().enumerate() {
+            if !can_run[i] && waits_on[i].iter().all(|r| will_post.contains(r.as_str())) {
+                can_run[i] = true;
+                if let Some(b) = op.get("bulkId").and_then(Value::as_str)
+                    && posts.contains(b)
+                {
+                    will_post.insert(b);
+                }
+            }
+        }
+        if will_post.len() == before {
+            return can_run;
+        }
+    }
 }
 
 /// The order a /Bulk request's operations run in: the request's, except that one waiting
@@ -2520,29 +2526,14 @@ mod tests {
                 waits_on.push(refs);
             }
             // Only POSTs' bulkIds are waited for, as run_bulk keeps them.
-            let posts: HashSet<String> = ops
+            let posts: HashSet<&str> = ops
                 .iter()
-                .filter_map(|o| o.get("bulkId").and_then(Value::as_str).map(str::to_owned))
+                .filter_map(|o| o.get("bulkId").and_then(Value::as_str))
                 .collect();
             for refs in &mut waits_on {
-                refs.retain(|r| posts.contains(r));
+                refs.retain(|r| posts.contains(r.as_str()));
             }
-            let mut can_run = vec![false; n];
-            let mut will_post: HashSet<&str> = HashSet::new();
-            loop {
-                let before = will_post.len();
-                for (i, op) in ops.iter().enumerate() {
-                    if !can_run[i] && waits_on[i].iter().all(|r| will_post.contains(r.as_str())) {
-                        can_run[i] = true;
-                        if let Some(b) = op.get("bulkId").and_then(Value::as_str) {
-                            will_post.insert(b);
-                        }
-                    }
-                }
-                if will_post.len() == before {
-                    break;
-                }
-            }
+            let can_run = runnable(&ops, &waits_on, &posts);
             let counted = bulk_order(&ops, &waits_on, &can_run, &targets);
             let rescanned = rescanning_order(&ops, &waits_on, &can_run, &targets);
             assert_eq!(
