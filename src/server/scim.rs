@@ -1958,6 +1958,9 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
 
 /// The names RFC 7644 §3.7 gives a bulk operation's keys.
 const BULK_OPERATION_KEYS: [&str; 5] = ["method", "bulkId", "version", "path", "data"];
+/// The keys RFC 7644 §3.7.3 gives an operation's result only: a client whose one model
+/// serves both (scim2-models' BulkOperation) may send them, and they ask for nothing.
+const BULK_RESULT_KEYS: [&str; 3] = ["location", "response", "status"];
 
 /// Operation `i` with its keys spelt as RFC 7644 §3.7 spells them. A key given twice in
 /// two letter cases, or one the RFC does not name (`"verison"`, which would have written
@@ -1968,6 +1971,9 @@ fn canonical_operation(i: usize, op: Value) -> ScimResult<Value> {
     };
     let mut out = Map::with_capacity(obj.len());
     for (k, v) in obj {
+        if BULK_RESULT_KEYS.iter().any(|n| n.eq_ignore_ascii_case(&k)) {
+            continue;
+        }
         let Some(name) = BULK_OPERATION_KEYS
             .iter()
             .find(|n| n.eq_ignore_ascii_case(&k))
