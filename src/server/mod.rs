@@ -1209,7 +1209,7 @@ impl http_body::Body for EndSeen {
 
 /// The largest body of a GET or HEAD read (and dropped) once it is answered, to keep its
 /// connection whole; and how long that may take.
-const IGNORED_BODY_READ_BYTES: u64 = 64 * 1024;
+const IGNORED_BODY_READ_BYTES: u64 = 1024 * 1024;
 const IGNORED_BODY_READ_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A request body that stalls for `client_timeout_secs` ends the request with 408 in the
@@ -1242,10 +1242,11 @@ async fn body_deadline(
     });
     // A GET or HEAD ignores its body, and answered with it unread, the connection was
     // closed with the client still sending: the kernel's reset then cut off the answer
-    // (python-requests lost 2 of 10 with a 5-byte body). A small one, of a length given,
+    // (python-requests lost 2 of 10 with a 5-byte body). One of a length up to 1 MiB
     // is read and dropped once the request is answered (401 and 403 come on the headers
-    // still), for a second at most; a larger one, or one the client waits to be asked for
-    // (`Expect: 100-continue`), stays unread and the connection closes.
+    // still), for a second at most; a larger one, one of no length given, or one the
+    // client waits to be asked for (`Expect: 100-continue`), stays unread and the
+    // connection closes.
     let small = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -1268,13 +1269,17 @@ async fn body_deadline(
         (req, None)
     };
     let mut resp = next.run(req).await;
+    // Taken before the drain: a body the answer did not need is no stall of the
+    // request's, whatever `client_timeout_secs` is (at 1 s, a GET announcing a body it
+    // never sent was answered 408, even without a token).
+    let stalled = stalled.load(Ordering::Relaxed);
     if let Some(mut body) = ignored {
         let _ = tokio::time::timeout(IGNORED_BODY_READ_TIME, async {
             while let Some(Ok(_)) = body.frame().await {}
         })
         .await;
     }
-    if !stalled.load(Ordering::Relaxed) {
+    if !stalled {
         // Answered before its body was read to the end (refused on its headers): hyper
         // then closes the connection unless the rest is small, so a client that reused
         // it met a broken pipe on its next request. Say so.

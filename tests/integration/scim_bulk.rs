@@ -430,6 +430,11 @@ async fn bulk_operation_keys_in_any_case_and_etag_lists() {
             "\"verison\" is not a key of a bulk operation",
         ),
         (
+            json!({"schemas": [BULK], "failOnError": 1, "Operations": [
+                {"method": "DELETE", "path": path}]}),
+            "\"failOnError\" is not a key of a BulkRequest",
+        ),
+        (
             json!([{"method": "POST", "path": "/Users", "bulkId": "", "data": user("e@x.test")}]),
             "holds no double quote",
         ),
@@ -438,7 +443,12 @@ async fn bulk_operation_keys_in_any_case_and_etag_lists() {
             "holds no double quote",
         ),
     ] {
-        let r = d.bulk(ops).await;
+        // A whole request, or its operations.
+        let r = if ops.is_object() {
+            d.post("/Bulk", ops).await
+        } else {
+            d.bulk(ops).await
+        };
         assert_eq!(r.status, 400, "{}", r.body);
         assert!(
             r.body["detail"].as_str().unwrap().contains(says),
