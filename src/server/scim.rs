@@ -1717,12 +1717,6 @@ async fn bulk(
     Ok(run_bulk(&st, &tenant, body).await?.into_response())
 }
 
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v)
-}
-
 /// Replace every `"bulkId:x"` string with the id created for `x`. An unresolved
 /// reference is an error for that operation.
 fn resolve_bulk_ids(v: &mut Value, ids: &HashMap<String, String>) -> ScimResult<()> {
@@ -1805,30 +1799,16 @@ fn parse_bulk_path(path: &str) -> ScimResult<(ResourceKind, Option<String>)> {
 }
 
 async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Reply> {
-    let Value::Object(mut obj) = body else {
+    let Value::Object(obj) = body else {
         return Err(ScimError::invalid_syntax(
             "a BulkRequest must be a JSON object",
         ));
     };
-    let obj = &mut obj;
     // As in an operation: a misspelt `failOnError`, read as absent, ran every operation
     // after the first error.
-    let mut seen_keys: Vec<&str> = Vec::with_capacity(obj.len());
-    for k in obj.keys() {
-        let Some(name) = BULK_REQUEST_KEYS.iter().find(|n| n.eq_ignore_ascii_case(k)) else {
-            return Err(ScimError::invalid_syntax(format!(
-                "{:?} is not a key of a BulkRequest (schemas, failOnErrors, Operations)",
-                super::clip(k, 64)
-            )));
-        };
-        if seen_keys.contains(name) {
-            return Err(ScimError::invalid_syntax(format!(
-                "{name} is given twice (its name is case-insensitive); give it once"
-            )));
-        }
-        seen_keys.push(name);
-    }
-    let schemas_ok = field(obj, "schemas")
+    let mut obj = canonical_keys(obj, &BULK_REQUEST_KEYS, &[], "", "a BulkRequest")?;
+    let schemas_ok = obj
+        .get("schemas")
         .and_then(Value::as_array)
         .is_some_and(|a| {
             a.iter().any(|s| {
@@ -1842,12 +1822,7 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         )));
     }
     // Taken out of the body, not copied: a request of 16 MiB is held once.
-    let ops = obj
-        .keys()
-        .find(|k| k.eq_ignore_ascii_case("Operations"))
-        .cloned()
-        .and_then(|k| obj.remove(&k));
-    let Some(Value::Array(ops)) = ops else {
+    let Some(Value::Array(ops)) = obj.remove("Operations") else {
         return Err(ScimError::invalid_syntax("Operations must be an array"));
     };
     let max_ops = state.config.scim.bulk_max_operations;
@@ -1862,7 +1837,7 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
         ));
     }
     let fail_on_errors =
-        match field(obj, "failOnErrors") {
+        match obj.get("failOnErrors") {
             None | Some(Value::Null) => None,
             Some(v) => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
                 ScimError::invalid_value("failOnErrors must be a positive integer")
@@ -1941,13 +1916,12 @@ async fn run_bulk(state: &AppState, tenant: &str, body: Value) -> ScimResult<Rep
     // Run one at a time in that order: when failOnErrors stops the request, nothing
     // after the failed operation runs, as the README says, and what did not run has no
     // entry in the response.
-    let mut ran: HashSet<String> = HashSet::new();
     let mut created: HashMap<String, String> = HashMap::new();
     let mut results: Vec<Option<Value>> = vec![None; ops.len()];
     let mut errors = 0usize;
     for i in order {
         let entry = if can_run[i] {
-            run_bulk_entry(state, tenant, &ops[i], &mut created, &mut ran).await
+            run_bulk_entry(state, tenant, &ops[i], &mut created).await
         } else {
             failed_entry(
                 bulk_entry_head(&ops[i]),
@@ -1989,27 +1963,45 @@ fn canonical_operation(i: usize, op: Value) -> ScimResult<Value> {
     let Value::Object(obj) = op else {
         return Ok(op);
     };
+    canonical_keys(
+        obj,
+        &BULK_OPERATION_KEYS,
+        &BULK_RESULT_KEYS,
+        &format!("Operations[{i}]: "),
+        "a bulk operation",
+    )
+    .map(Value::Object)
+}
+
+/// `obj` with each key spelt as `names` spells it, read in any letter case, and the
+/// `ignored` ones dropped. Any other key, or one given twice in two cases, is refused,
+/// the message led by `at` and naming the object as `what`.
+fn canonical_keys(
+    obj: Map<String, Value>,
+    names: &[&'static str],
+    ignored: &[&str],
+    at: &str,
+    what: &str,
+) -> ScimResult<Map<String, Value>> {
     let mut out = Map::with_capacity(obj.len());
     for (k, v) in obj {
-        if BULK_RESULT_KEYS.iter().any(|n| n.eq_ignore_ascii_case(&k)) {
+        if ignored.iter().any(|n| n.eq_ignore_ascii_case(&k)) {
             continue;
         }
-        let Some(name) = BULK_OPERATION_KEYS
-            .iter()
-            .find(|n| n.eq_ignore_ascii_case(&k))
-        else {
+        let Some(name) = names.iter().find(|n| n.eq_ignore_ascii_case(&k)) else {
             return Err(ScimError::invalid_syntax(format!(
-                "Operations[{i}]: {:?} is not a key of a bulk operation (method, bulkId, version, path, data)",
-                super::clip(&k, 64)
+                "{at}{:?} is not a key of {what} ({})",
+                super::clip(&k, 64),
+                names.join(", ")
             )));
         };
         if out.insert((*name).to_owned(), v).is_some() {
             return Err(ScimError::invalid_syntax(format!(
-                "Operations[{i}]: {name} is given twice (its name is case-insensitive); give it once"
+                "{at}{name} is given twice (its name is case-insensitive); give it once"
             )));
         }
     }
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 /// Which operations can run: every POST each waits for can (`posts`, the request's
@@ -2147,14 +2139,13 @@ fn bulk_entry_head(op: &Value) -> Map<String, Value> {
     entry
 }
 
-/// Run one bulk operation and describe its outcome; a POST's bulkId is recorded as run,
-/// and with the id it created if it succeeded.
+/// Run one bulk operation and describe its outcome; a POST's bulkId is recorded with
+/// the id it created, if it succeeded.
 async fn run_bulk_entry(
     state: &AppState,
     tenant: &str,
     op: &Value,
     created: &mut HashMap<String, String>,
-    ran: &mut HashSet<String>,
 ) -> Map<String, Value> {
     let method_name = op
         .get("method")
@@ -2196,9 +2187,6 @@ async fn run_bulk_entry(
     };
     crate::ops::metrics::record_scim_operation(tenant, counted, status);
     let mut entry = bulk_entry_head(op);
-    if let (Some(b), "POST") = (&bulk_id, method_name.as_str()) {
-        ran.insert(b.clone());
-    }
     match outcome {
         Ok((reply, id)) => {
             if let (Some(b), Some(id)) = (&bulk_id, &id)

@@ -3128,17 +3128,23 @@ async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and
     );
 }
 
-/// `rosterd status` against the daemon, as text.
-pub async fn status_text(d: &TestDaemon) -> String {
-    let url = d.url("");
-    let shown = tokio::task::spawn_blocking(move || {
+/// `rosterd status` against the daemon, with `extra` arguments (`--check`).
+pub async fn run_status(d: &TestDaemon, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["status".to_owned(), "--url".to_owned(), d.url("")];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
-            .args(["status", "--url", &url])
+            .args(&args)
             .output()
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// `rosterd status` against the daemon, as text.
+pub async fn status_text(d: &TestDaemon) -> String {
+    let shown = run_status(d, &[]).await;
     assert!(
         shown.status.success(),
         "{}",
@@ -3310,21 +3316,13 @@ async fn a_dead_letter_becomes_the_last_error_and_its_log_line_names_the_command
 #[tokio::test]
 async fn status_check_exits_three_naming_what_needs_an_operator() {
     let (hook, d) = with_user_created_hook("").await;
-    let check = |d: &TestDaemon| {
-        let url = d.url("");
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
-                .args(["status", "--check", "--url", &url])
-                .output()
-                .unwrap()
-        })
-    };
-    let out = check(&d).await.unwrap();
+    let check = |d| run_status(d, &["--check"]);
+    let out = check(&d).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     hook.inject(wh::Fault::status(400, 1));
     d.create_user("refused@acme.test").await;
     connector_until(&d, "hooks", "no dead letter", |c| c["dead_letters"] == 1).await;
-    let out = check(&d).await.unwrap();
+    let out = check(&d).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert_eq!(
@@ -3338,7 +3336,7 @@ async fn status_check_exits_three_naming_what_needs_an_operator() {
         "{out:?}"
     );
     discard_dead_letters(&d, "hooks").await;
-    let out = check(&d).await.unwrap();
+    let out = check(&d).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
@@ -4944,15 +4942,7 @@ async fn a_hold_keeps_its_reason_when_an_earlier_change_fails_after_it() {
     // So do `rosterd status`, under the connector's line, and `--check`.
     let shown = status_text(&d).await;
     assert!(shown.contains(&format!("\n    {held}\n")), "{shown}");
-    let url = d.url("");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
-            .args(["status", "--check", "--url", &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_status(&d, &["--check"]).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!(
