@@ -386,7 +386,7 @@ pub(crate) async fn json_errors(
     if !api || json || !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let allow = resp.headers().get(header::ALLOW).cloned();
+    let kept = crate::server::kept_headers(resp.headers());
     let err = match status {
         StatusCode::NOT_FOUND => ApiError::NotFound("no such endpoint in the Roster API".into()),
         StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(method.to_string()),
@@ -400,6 +400,7 @@ pub(crate) async fn json_errors(
             };
             return (
                 status,
+                kept,
                 [(header::CONTENT_TYPE, "application/json")],
                 json!({"error": code, "message": message}).to_string(),
             )
@@ -407,9 +408,7 @@ pub(crate) async fn json_errors(
         }
     };
     let mut out = err.into_response();
-    if let Some(allow) = allow {
-        out.headers_mut().insert(header::ALLOW, allow);
-    }
+    out.headers_mut().extend(kept);
     out
 }
 

@@ -1302,6 +1302,20 @@ async fn body_deadline(
     )
 }
 
+/// What an answer rebuilt in the protocol's error format (`scim_errors`, `json_errors`)
+/// keeps of the one it replaces: the methods a 405 names, and the `Connection: close` of
+/// an answer given with the body unread (`body_deadline`). Without it, a client reused
+/// a connection the daemon was closing, and lost its next request.
+pub(crate) fn kept_headers(from: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
+        if let Some(value) = from.get(&name) {
+            kept.insert(name, value.clone());
+        }
+    }
+    kept
+}
+
 /// What an error answered before any handler (axum's rejection of a path or body that
 /// does not decode) says, for the protocol's own error body; its status if it says nothing.
 pub(crate) async fn rejection_text(resp: Response) -> String {

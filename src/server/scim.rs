@@ -105,12 +105,11 @@ pub(super) async fn scim_errors(
     if !scim || typed || !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
-    let allow = resp.headers().get(header::ALLOW).cloned();
+    let kept = super::kept_headers(resp.headers());
     let detail = match status {
         StatusCode::METHOD_NOT_ALLOWED => format!(
             "this endpoint does not take {method}{}",
-            allow
-                .as_ref()
+            kept.get(header::ALLOW)
                 .and_then(|a| a.to_str().ok())
                 .map(|a| format!("; it takes {a}"))
                 .unwrap_or_default()
@@ -118,9 +117,7 @@ pub(super) async fn scim_errors(
         _ => super::rejection_text(resp).await,
     };
     let mut out = ScimFailure(ScimError::new(status.as_u16(), None, detail)).into_response();
-    if let Some(allow) = allow {
-        out.headers_mut().insert(header::ALLOW, allow);
-    }
+    out.headers_mut().extend(kept);
     out
 }
 

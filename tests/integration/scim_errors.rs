@@ -716,6 +716,58 @@ async fn a_request_without_a_valid_token_is_refused_before_its_body_is_read() {
     assert_eq!(r.header("connection"), None);
 }
 
+/// An answer given with the body unread says the connection closes, on the errors axum
+/// answers before any handler (no such route, a method the route does not take) as on a
+/// handler's: the SCIM and Roster API error bodies those get are built afresh, and they
+/// used to drop the header (python-requests then lost a request in 30 to a dead
+/// connection).
+#[tokio::test]
+async fn an_answer_to_a_body_left_unread_says_the_connection_closes() {
+    let d = TestDaemon::start_with(Options {
+        client_timeout_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let addr = d.addr;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let cases = [
+        ("OPTIONS", "/api/v1/roster/users".to_owned(), &admin, "405"),
+        ("POST", "/api/v1/roster/nope".to_owned(), &admin, "404"),
+        ("DELETE", "/api/v1/roster/users".to_owned(), &admin, "405"),
+        (
+            "PUT",
+            format!("/scim/v2/{TENANT}/ServiceProviderConfig"),
+            &d.token,
+            "405",
+        ),
+        ("POST", format!("/scim/v2/{TENANT}/Nope"), &d.token, "404"),
+    ];
+    for (method, path, token, status) in cases {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+        );
+        let answer = stall(&d, head, "{\"a\"", false).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{method} {path}: {answer}"
+        );
+        assert!(
+            answer.to_lowercase().contains("\r\nconnection: close\r\n"),
+            "{method} {path}: {answer}"
+        );
+        if status == "405" {
+            assert!(
+                answer.to_lowercase().contains("\r\nallow: "),
+                "{method} {path}: {answer}"
+            );
+        }
+    }
+    // Without a body, the same refusals keep the connection for the next request.
+    let r = d.delete("/ServiceProviderConfig").await;
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("connection"), None);
+}
+
 #[tokio::test]
 async fn clients_that_stall_are_dropped_and_slow_ones_are_served() {
     let d = TestDaemon::start_with(Options {
