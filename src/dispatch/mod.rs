@@ -508,8 +508,12 @@ impl Live {
             self.epoch.fetch_add(1, Ordering::AcqRel);
             self.failing_requests.store(0, Ordering::Release);
             let mut h = self.health();
-            // Not a pause for refusals: one request taken says nothing of the rest.
-            let paused = h.pause.take_if(|p| *p != Pause::Refusals).is_some();
+            // Only a timed pause: one request taken says nothing of the rest after
+            // refusals, and a pause until resumed (a webhook's 410, a failed preflight)
+            // is the operator's to lift. Any acknowledgement of a request already in
+            // flight lifted it, and the connector went on sending to an endpoint that
+            // had said it was gone.
+            let paused = h.pause.take_if(|p| matches!(p, Pause::Until(_))).is_some();
             h.pause_logged = false;
             drop(h);
             // The requests the pause stopped go now: left asleep, they waited for its

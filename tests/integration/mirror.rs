@@ -5227,3 +5227,42 @@ async fn a_schedule_not_run_yet_reads_never_in_rosterd_status() {
         .unwrap_or_else(|| panic!("{out}"));
     assert!(line.contains("last run never, next run "), "{line}");
 }
+
+/// A webhook target's 410 pauses the connector until resumed or reloaded. The
+/// acknowledgement of a request already in flight, after an earlier failure, lifted it,
+/// and the connector went on sending to the endpoint that had said it was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_pause_outlasts_an_acknowledgement_of_a_request_in_flight() {
+    let hook = WebhookServer::start(WebhookOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![named_webhook_file(
+            "hooks",
+            &hook,
+            r#"["roster.user_created"]"#,
+        )],
+        env: vec![("HOOK_SECRET".into(), hook.secret.clone())],
+        ..Options::default()
+    })
+    .await;
+    caught_up(&d, "hooks").await;
+    hook.inject(wh::Fault::hold(1).on_body("bee@acme.test"));
+    hook.inject(wh::Fault::status(503, 1).on_body("ada@acme.test"));
+    hook.inject(wh::Fault::gone(1).on_body("ada@acme.test"));
+    d.create_user("bee@acme.test").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    d.create_user("ada@acme.test").await;
+    // ada's event: 503, then 410 Gone: paused until resumed.
+    let c = paused(&d, "hooks").await;
+    assert!(
+        c["last_error"].as_str().unwrap_or_default().contains("410"),
+        "{c}"
+    );
+    // bee's event, in flight all along, is acknowledged.
+    hook.release();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = connector(&d, "hooks").await;
+    assert_eq!(
+        c["paused"], true,
+        "the 410's pause (until resumed) was lifted by another request's success: {c}"
+    );
+}
