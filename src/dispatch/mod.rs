@@ -1046,18 +1046,19 @@ impl Ctx {
     }
 
     /// The operator resumed a held connector: every change logged by now may go (or,
-    /// with `skip`, is skipped), and a restart remembers it. Through which change.
+    /// with `skipped_after`, those after that one are skipped), and a restart remembers
+    /// it. Through which change.
     async fn record_approval(
         &self,
         guard: &mut guard::Guard,
-        skip: bool,
+        skipped_after: Option<u64>,
     ) -> Result<u64, StoreError> {
         let through = self.store.last_seq(self.tenant())?;
         self.store
-            .set_guard_approved(self.tenant(), &self.cursor_name(), through)
+            .set_guard_approved(self.tenant(), &self.cursor_name(), through, skipped_after)
             .await?;
         guard.approve(through);
-        if skip {
+        if skipped_after.is_some() {
             tracing::warn!(
                 through,
                 "Held changes skipped by the operator: the changes up to this one are not sent; a reconciliation sends the target the current state of what they changed."
@@ -2360,6 +2361,9 @@ struct Progress {
     unsaved: bool,
     /// Changes a stop or reload recorded as acknowledged, not read again yet.
     ahead: std::collections::BTreeSet<u64>,
+    /// Ranges of changes (`after`, `through`] the operator skipped at a hold, not read
+    /// yet: a stop came while a change before them was still in flight.
+    skipped: Vec<(u64, u64)>,
 }
 
 /// The most changes recorded as acknowledged above the cursor: one object failing for
@@ -2398,6 +2402,31 @@ impl Progress {
             return true;
         }
         false
+    }
+
+    /// The operator skipped the changes read from now on up to `through`: none is sent.
+    fn skip(&mut self, through: u64) {
+        self.read = self.read.max(through);
+        self.ahead.retain(|&s| s > through);
+        self.skipped.retain(|&(_, t)| t > through);
+    }
+
+    /// Whether the operator skipped this change at a hold (a range a stop left above the
+    /// cursor); it is then done, and not sent.
+    fn was_skipped(&self, seq: u64) -> bool {
+        self.skipped.iter().any(|&(a, t)| a < seq && seq <= t)
+    }
+
+    /// Past a skipped range the read has reached, at once: read change by change, a
+    /// million skipped changes were each fetched to be dropped.
+    fn read_past_skipped(&mut self) {
+        while let Some(&(_, t)) = self
+            .skipped
+            .iter()
+            .find(|&&(a, t)| a <= self.read && self.read < t)
+        {
+            self.read = t;
+        }
     }
 
     /// What to write, when the cursor moved or a change finished since the last write.
@@ -2453,6 +2482,12 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             .into_iter()
             .filter(|&s| s > start)
             .collect(),
+        skipped: ctx
+            .store
+            .guard_skipped(tenant, &cursor_name)?
+            .into_iter()
+            .filter(|&(_, through)| through > start)
+            .collect(),
     };
     let save = |progress: &mut Progress| {
         let taken = progress.take();
@@ -2492,6 +2527,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let mut held = false;
     loop {
         let upto = *durable.borrow_and_update();
+        progress.read_past_skipped();
         // Refill in large reads: a read per finished change would cost more than the send.
         let room = progress.in_flight.len() <= window / 2;
         if room && !held && progress.read < upto {
@@ -2522,6 +2558,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 progress.read = upto;
             }
             for (ev, reports) in events {
+                if progress.was_skipped(ev.seq) {
+                    progress.read = ev.seq;
+                    continue;
+                }
                 // Asked once: the answer takes the change off the list.
                 let acked = progress.take_acked(ev.seq);
                 if let Some(g) = guard.as_mut() {
@@ -2578,11 +2618,13 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 }
                 let approval = *approvals.borrow_and_update();
                 if let Some(g) = guard.as_mut() {
-                    let through = ctx.record_approval(g, approval.skip).await?;
+                    let skipped_after = approval.skip.then_some(progress.read);
+                    let through = ctx.record_approval(g, skipped_after).await?;
                     if approval.skip {
-                        // Read past them: the cursor moves over them as if sent.
-                        progress.read = progress.read.max(through);
-                        progress.ahead.retain(|&s| s > through);
+                        // Read past them: the cursor moves over them as if sent, once
+                        // the changes still in flight before them are done. Until then
+                        // the store keeps them as skipped (`set_guard_approved`).
+                        progress.skip(through);
                         progress.unsaved = true;
                         save(&mut progress).await?;
                     }
@@ -2810,7 +2852,7 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             // The files are written whole, from the store as it is: skipping the held
             // changes is sending them.
             let approval = *approvals.borrow_and_update();
-            let through = ctx.record_approval(g, false).await?;
+            let through = ctx.record_approval(g, None).await?;
             ctx.live.applied.send_replace((approval.n, through));
             // Written at the next turn: owed if scheduled, the cursor behind if not.
             continue;
@@ -4411,6 +4453,7 @@ mod tests {
             unsaved: false,
             // Recorded by the last stop, not read again yet.
             ahead: [20, 21].into(),
+            skipped: vec![],
         };
         // 11 is slow; 12 and 13 are acknowledged behind it.
         p.finish(12, vec![("User/a".into(), Some(1))]);

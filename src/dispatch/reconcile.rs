@@ -170,6 +170,8 @@ struct Pending {
     seen: u64,
     /// A change could not be read: those after it are not known (and not read again).
     unreadable: bool,
+    /// Ranges of changes (`after`, `through`] skipped at a hold ([`Store::guard_skipped`]).
+    skipped: Vec<(u64, u64)>,
 }
 
 impl Pending {
@@ -204,6 +206,10 @@ impl Pending {
             acked.retain(|&s| s > pending.seen);
             acked.sort_unstable();
             acked.dedup();
+            // Skipped at a hold while a change before them was in flight: never to be
+            // sent, so their objects are the reconciliation's to put right (the skip's
+            // own reconciliation left them, and still said it succeeded).
+            pending.skipped = store.guard_skipped(tenant, owner)?;
             pending.read_on(store, tenant, s, &acked)
         })();
         if let Err(e) = read {
@@ -247,7 +253,14 @@ impl Pending {
                 return Ok(());
             };
             let last = last.seq;
-            for e in page.iter().filter(|e| acked.binary_search(&e.seq).is_err()) {
+            let waiting: Vec<&ChangeEvent> = page
+                .iter()
+                .filter(|e| {
+                    acked.binary_search(&e.seq).is_err()
+                        && !self.skipped.iter().any(|&(a, t)| a < e.seq && e.seq <= t)
+                })
+                .collect();
+            for e in waiting {
                 self.add(store, tenant, s, e)?;
             }
             self.seen = last;

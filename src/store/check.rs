@@ -945,7 +945,7 @@ fn check_rows(tree: &sled::Tree, path: &Path, c: &mut TenantCheck) -> StoreResul
 }
 
 /// The one-byte family tags the store writes (see `keys.rs` and `delivery.rs`).
-const KNOWN_FAMILIES: &[u8] = b"rimbcapnNxqgefjsvkKRwWAPdDh";
+const KNOWN_FAMILIES: &[u8] = b"rimbcapnNxqgefjsvkKRwWAPSdDh";
 
 /// Keys of a family this build does not write: another program's, or damage.
 fn check_families_known(tree: &sled::Tree, c: &mut TenantCheck) -> StoreResult<()> {

@@ -89,6 +89,60 @@ fn guard_approved_key(connector: &str) -> Vec<u8> {
     tagged(b'A', connector)
 }
 
+/// `S conn` → ranges of changes (`after`, `through`], u64 big-endian pairs, that an
+/// operator skipped at a hold (`rosterd resume --skip-held`) while a change before them
+/// was still in flight. The cursor stays below them until that change is acknowledged,
+/// and meanwhile a restart sent every skipped change, and a reconciliation took them for
+/// changes still to come. Dropped once the cursor passes them.
+fn guard_skipped_key(connector: &str) -> Vec<u8> {
+    tagged(b'S', connector)
+}
+
+fn decode_ranges(v: &[u8]) -> StoreResult<Vec<(u64, u64)>> {
+    v.chunks(16)
+        .map(|c| {
+            let (after, through) = c.split_at(c.len().min(8));
+            Ok((
+                decode_u64(after, "skipped changes")?,
+                decode_u64(through, "skipped changes")?,
+            ))
+        })
+        .collect()
+}
+
+fn encode_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+    ranges
+        .iter()
+        .flat_map(|(a, t)| a.to_be_bytes().into_iter().chain(t.to_be_bytes()))
+        .collect()
+}
+
+/// Into `txn`: the skipped ranges of `connector` that reach above `cursor`, and `add`.
+fn keep_skipped(
+    txn: &mut Txn<'_>,
+    connector: &str,
+    cursor: u64,
+    add: Option<(u64, u64)>,
+) -> StoreResult<()> {
+    let key = guard_skipped_key(connector);
+    let Some(v) = txn.get(&key)? else {
+        if let Some(range) = add {
+            txn.put(key, encode_ranges(&[range]));
+        }
+        return Ok(());
+    };
+    let mut ranges = decode_ranges(&v)?;
+    let before = ranges.len();
+    ranges.retain(|&(_, through)| through > cursor);
+    ranges.extend(add);
+    if ranges.is_empty() {
+        txn.del(key);
+    } else if ranges.len() != before || add.is_some() {
+        txn.put(key, encode_ranges(&ranges));
+    }
+    Ok(())
+}
+
 /// `P conn` → [`RefusalPause`]: why the connector is paused until resumed: its target refused
 /// `pause_after_refusals` requests in a row. Kept, so that a restart does not set aside
 /// that many changes again before pausing again.
@@ -377,19 +431,40 @@ impl Store {
         super::u64_in(&self.tenant(tenant)?.tree, &key, what)
     }
 
-    /// Record that an operator let every change up to `through` through the guard.
+    /// Record that an operator let every change up to `through` through the guard; with
+    /// `skipped_after`, that the changes after it up to `through` are skipped, not sent
+    /// (see [`Store::guard_skipped`]).
     pub async fn set_guard_approved(
         &self,
         tenant: &str,
         connector: &str,
         through: u64,
+        skipped_after: Option<u64>,
     ) -> StoreResult<()> {
         let key = guard_approved_key(connector);
+        let connector = connector.to_owned();
         self.write(tenant, move |txn| {
             txn.put(key, through.to_be_bytes().to_vec());
+            if let Some(after) = skipped_after.filter(|&a| a < through) {
+                let cursor = match txn.get(&cursor_key(&connector))? {
+                    Some(v) => decode_u64(&v, "connector cursor")?,
+                    None => 0,
+                };
+                keep_skipped(txn, &connector, cursor, Some((after, through)))?;
+            }
             Ok(())
         })
         .await
+    }
+
+    /// The ranges of changes (`after`, `through`] above the connector's cursor that an
+    /// operator skipped at a hold: done, as if acknowledged, though never sent.
+    pub fn guard_skipped(&self, tenant: &str, connector: &str) -> StoreResult<Vec<(u64, u64)>> {
+        let t = self.tenant(tenant)?;
+        match t.tree.get(guard_skipped_key(connector))? {
+            Some(v) => decode_ranges(&v),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Why the connector was paused for its target's refusals, while it waits for an
@@ -573,7 +648,7 @@ impl Store {
                 );
             }
             put_hashes(txn, &connector, hashes);
-            Ok(())
+            keep_skipped(txn, &connector, seq, None)
         })
         .await
     }
@@ -883,6 +958,60 @@ mod tests {
             .unwrap();
         assert_eq!(store.delivered("t", "or", "User/u1").unwrap(), None);
         assert!(store.acked_above("t", "or").unwrap().is_empty());
+    }
+
+    /// Ranges skipped at a hold are kept until the cursor passes them, across a reopen,
+    /// and each connector's apart.
+    #[tokio::test]
+    async fn skipped_ranges_last_until_the_cursor_passes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+            store.advance_cursor("t", "or", 4, vec![]).await.unwrap();
+            store
+                .set_guard_approved("t", "or", 9, Some(6))
+                .await
+                .unwrap();
+            // A resume that lets the changes go records no range; nor does a skip of
+            // nothing.
+            store
+                .set_guard_approved("t", "or-2", 9, None)
+                .await
+                .unwrap();
+            store
+                .set_guard_approved("t", "or-2", 9, Some(9))
+                .await
+                .unwrap();
+            store
+                .record_progress("t", "or", 5, vec![], vec![])
+                .await
+                .unwrap();
+            store
+                .set_guard_approved("t", "or", 20, Some(15))
+                .await
+                .unwrap();
+            store.close().unwrap();
+        }
+        let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
+        assert_eq!(store.guard_skipped("t", "or").unwrap(), [(6, 9), (15, 20)]);
+        assert!(store.guard_skipped("t", "or-2").unwrap().is_empty());
+        assert_eq!(store.guard_approved("t", "or").unwrap(), 20);
+        store
+            .record_progress("t", "or", 9, vec![], vec![])
+            .await
+            .unwrap();
+        assert_eq!(store.guard_skipped("t", "or").unwrap(), [(15, 20)]);
+        store.advance_cursor("t", "or", 25, vec![]).await.unwrap();
+        assert!(store.guard_skipped("t", "or").unwrap().is_empty());
+        let families: Vec<u8> = store
+            .tenant("t")
+            .unwrap()
+            .tree
+            .iter()
+            .keys()
+            .map(|k| k.unwrap()[0])
+            .collect();
+        assert!(!families.contains(&b'S'), "{families:?}");
     }
 
     /// Layout 5 counted a connector's dead letters by walking them; opened by this

@@ -5266,3 +5266,145 @@ async fn a_410_pause_outlasts_an_acknowledgement_of_a_request_in_flight() {
         "the 410's pause (until resumed) was lifted by another request's success: {c}"
     );
 }
+
+/// Changes skipped at a hold while an earlier change is still in flight stay skipped
+/// across a restart. The stored cursor stays below the change in flight, and the
+/// skipped changes were recorded nowhere: after a restart the guard's stored approval
+/// waved them all through, and the deprovisioning the operator skipped reached the
+/// target (the IdP's undoing of it followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_skipped_behind_a_change_in_flight_stay_skipped_after_a_restart() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let guard = "[guard]\nusers = 1\nminutes = 60\n";
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, guard)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    // u0's writes fail for now (one object's trouble): its deactivation stays in flight.
+    target.inject(
+        Fault::status(503, usize::MAX)
+            .on_method("PUT")
+            .on_path(sid(&ids[0])),
+    );
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    // u0 passes the guard (1 of 1); u1 is held.
+    let held = paused(&d, "sis").await;
+    assert!(held["held_by_guard"].is_string(), "{held}");
+    // The IdP undoes its mistake, and the operator skips what is held.
+    for id in &ids[1..] {
+        set_active(&d, id, true).await;
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            "/connectors/sis/resume",
+            &admin,
+            Some(json!({"skip_held": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    target.set_log_bodies(true);
+    target.clear_requests();
+    let d = d.restart().await;
+    // A change logged after the restart reaches the target: the connector read past the
+    // skipped ones, and would have started them first.
+    let late = d.create_user("late@acme.test").await;
+    assert!(
+        target
+            .wait_until(|t| t.user(&sid(&late)).is_some(), Duration::from_secs(20))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let disabling: Vec<String> = target
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "PUT"
+                && ids[1..].iter().any(|id| r.path.contains(&sid(id)))
+                && r.body.as_ref().is_some_and(|b| {
+                    String::from_utf8_lossy(b).contains("\"enabledUser\":\"false\"")
+                })
+        })
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        disabling.is_empty(),
+        "skipped deactivations sent after the restart: {disabling:?}"
+    );
+    for id in &ids[1..] {
+        assert_eq!(
+            target.user(&sid(id)).map(|u| u["enabledUser"] == "true"),
+            Some(true)
+        );
+    }
+}
+
+/// The reconciliation a skip starts puts right what the skipped changes touched, also
+/// while an earlier change is still in flight. It took them for changes still to be sent
+/// (above the stored cursor, in no acknowledged list) and left their objects alone: a
+/// user deactivated before the hold and put back by the IdP stayed disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let guard = "[guard]\nusers = 2\nminutes = 60\n";
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, guard)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    let disabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"] == "false");
+    target.inject(
+        Fault::status(503, usize::MAX)
+            .on_method("PUT")
+            .on_path(sid(&ids[0])),
+    );
+    // u0 (stuck in flight) and u1 (delivered) pass the guard; u2 is held.
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    paused(&d, "sis").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while disabled(&ids[1]) != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "u1 never disabled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The IdP undoes its mistake; the operator skips what is held.
+    for id in &ids {
+        set_active(&d, id, true).await;
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            "/connectors/sis/resume",
+            &admin,
+            Some(json!({"skip_held": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    assert_eq!(
+        disabled(&ids[1]),
+        Some(false),
+        "u1, deactivated before the hold and put back by the IdP, is still disabled after the skip's reconciliation: {job}"
+    );
+}
