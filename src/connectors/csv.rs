@@ -289,7 +289,15 @@ pub enum CsvError {
     Zip { path: PathBuf, message: String },
     #[error("stopped before the files were complete; the files there are as they were")]
     Stopped,
+    /// The gate given to [`write_snapshot_gated`] refused what the files would hold.
+    #[error("not written: {reason}")]
+    Withheld { seq: u64, reason: String },
 }
+
+/// What a write's files may hold, asked once they are staged and before any replaces its
+/// target: given the last change the store had logged then, which bounds what the
+/// staged files read. `Err` (as [`CsvError::Withheld`]) drops them.
+pub type Gate<'a> = &'a mut (dyn FnMut(u64) -> Result<(), CsvError> + Send);
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CsvError + 'a {
     move |source| CsvError::Io {
@@ -319,12 +327,26 @@ pub fn write_snapshot(
     how: Snapshot,
     stop: &CancellationToken,
 ) -> Result<SnapshotReport, CsvError> {
+    write_snapshot_gated(store, tenant, settings, how, stop, &mut |_| Ok(()))
+}
+
+/// [`write_snapshot`], with the files replaced only if `gate` lets what they hold through
+/// (a connector's `[guard]`).
+pub fn write_snapshot_gated(
+    store: &Store,
+    tenant: &str,
+    settings: &CsvSettings,
+    how: Snapshot,
+    stop: &CancellationToken,
+    gate: Gate<'_>,
+) -> Result<SnapshotReport, CsvError> {
     write_halted(
         store,
         tenant,
         settings,
         how,
         &Arc::new(Halt::new(stop.clone())),
+        gate,
     )
 }
 
@@ -334,8 +356,9 @@ fn write_halted(
     settings: &CsvSettings,
     how: Snapshot,
     halt: &Arc<Halt>,
+    gate: Gate<'_>,
 ) -> Result<SnapshotReport, CsvError> {
-    match write_files(store, tenant, settings, how, halt) {
+    match write_files(store, tenant, settings, how, halt, gate) {
         // Only an error the stop caused: one of its own (a full disk, a failed rename)
         // at the same moment is reported as it is, and the files may not be as they were.
         Err(_) if halt.refused.load(Ordering::Relaxed) => Err(CsvError::Stopped),
@@ -396,6 +419,7 @@ fn write_files(
     settings: &CsvSettings,
     how: Snapshot,
     halt: &Arc<Halt>,
+    gate: Gate<'_>,
 ) -> Result<SnapshotReport, CsvError> {
     let turn = settings.turn();
     let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
@@ -432,7 +456,8 @@ fn write_files(
         bundle.sync()?;
         staged.push(bundle);
     }
-    let consistent = store.last_seq(tenant)? == seq;
+    let staged_through = store.last_seq(tenant)?;
+    let consistent = staged_through == seq;
     let differed = match how {
         Snapshot::Replace => None,
         Snapshot::Compare | Snapshot::CompareAndReplace => {
@@ -458,6 +483,10 @@ fn write_files(
         });
     }
 
+    // The files were read from the store as it stood while they were written, which
+    // may hold changes logged after `seq`: a mass deprovisioning a connector's guard
+    // had not judged yet went into the files that way.
+    gate(staged_through)?;
     let mut files = Vec::with_capacity(staged.len());
     let mut published = Ok(());
     for s in staged {
@@ -1885,12 +1914,16 @@ mod tests {
             &settings(elsewhere.path()),
             Snapshot::Replace,
             &counted,
+            &mut |_| Ok(()),
         )
         .unwrap();
         let writes = 1_000_000 - counted.stop_after.lock().unwrap().unwrap();
         assert!(writes > 3, "{writes}");
         for n in 0..writes {
-            let err = write_halted(&fx.store, T, &s, Snapshot::Replace, &halt(n)).unwrap_err();
+            let err = write_halted(&fx.store, T, &s, Snapshot::Replace, &halt(n), &mut |_| {
+                Ok(())
+            })
+            .unwrap_err();
             assert!(
                 matches!(err, CsvError::Stopped),
                 "stopped at write {n}: {err}"

@@ -37,10 +37,11 @@ pub use reconcile::{
 };
 
 use crate::config::EnvFn;
+use crate::connectors::csv::{CsvError, CsvSettings};
 use crate::connectors::http::{self, Outcome, Request};
 use crate::connectors::oneroster::{self, AuthError, Credentials, OneRosterSettings};
 use crate::connectors::webhook::{self, SecretError, Signer, WebhookSettings};
-use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded, csv::CsvSettings};
+use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded};
 use crate::ops::metrics as counters;
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, RefusalPause, Store, StoreError, TargetResponse};
@@ -1043,6 +1044,20 @@ impl Ctx {
         blocking(move || guard::Guard::at_start(limit, kind, &store, &tenant, &key, cursor))
             .await
             .map(Some)
+    }
+
+    /// Whether the connector's `[guard]` would hold one of the changes after its cursor,
+    /// up to `through`: judged from the store (what it sent before, the operator's
+    /// approval), for a write beside the connector's own loop, which may not have read
+    /// them yet, or not since a restart. Reads the store in the calling thread.
+    pub(super) fn guard_holds_now(&self, through: u64) -> Result<Option<guard::Held>, StoreError> {
+        let Some(limit) = self.config.guard else {
+            return Ok(None);
+        };
+        let (tenant, key) = (self.tenant(), self.cursor_name());
+        let mut at = self.store.cursor(tenant, &key)?;
+        let mut g = guard::Guard::at_start(limit, self.config.kind, &self.store, tenant, &key, at)?;
+        first_held(&self.store, tenant, self.name(), &mut g, &mut at, through)
     }
 
     /// The operator resumed a held connector: every change logged by now may go (or,
@@ -2709,28 +2724,77 @@ async fn settled(
 
 /// The first change after `guarded`, up to `upto`, that the guard holds; `guarded` moves
 /// to the change before it, or to `upto`. A CSV connector writes every change at once, so
-/// the guard reads them all before a write.
-async fn first_held(
-    ctx: &Ctx,
+/// the guard reads them all before a write. Reads the store in the calling thread.
+fn first_held(
+    store: &Store,
+    tenant: &str,
+    connector: &str,
     guard: &mut guard::Guard,
     guarded: &mut u64,
     upto: u64,
 ) -> Result<Option<guard::Held>, StoreError> {
     while *guarded < upto {
-        let (store, tenant, from) = (ctx.store.clone(), ctx.tenant().to_owned(), *guarded);
-        let events = blocking(move || store.changes(&tenant, from, BATCH as usize)).await?;
+        let events = store.changes(tenant, *guarded, BATCH as usize)?;
         if events.is_empty() {
             *guarded = upto;
             break;
         }
         for ev in events {
-            if let Some(h) = guard.check(&ev, ctx.tenant(), ctx.name()) {
+            if let Some(h) = guard.check(&ev, tenant, connector) {
                 return Ok(Some(h));
             }
             *guarded = ev.seq;
         }
     }
     Ok(None)
+}
+
+/// A CSV connector's guard and the last change it judged.
+type Judged = Option<(guard::Guard, u64)>;
+
+/// [`first_held`] off the async threads, for the connector's own guard (taken and given
+/// back).
+async fn judge(
+    ctx: &Ctx,
+    judged: &mut Judged,
+    upto: u64,
+) -> Result<Option<guard::Held>, StoreError> {
+    let Some((mut g, mut at)) = judged.take() else {
+        return Ok(None);
+    };
+    let (store, tenant, name) = (
+        ctx.store.clone(),
+        ctx.tenant().to_owned(),
+        ctx.name().to_owned(),
+    );
+    let (g, at, held) = blocking(move || {
+        let held = first_held(&store, &tenant, &name, &mut g, &mut at, upto)?;
+        Ok((g, at, held))
+    })
+    .await?;
+    *judged = Some((g, at));
+    Ok(held)
+}
+
+/// Held by its guard at a write: wait for the operator's resume, and record it. The files
+/// are written whole, from the store as it is: skipping the held changes is sending them.
+/// False when the connector stops first.
+async fn csv_held(
+    ctx: &Ctx,
+    guard: &mut guard::Guard,
+    approvals: &mut watch::Receiver<Approval>,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    approvals.borrow_and_update();
+    ctx.live.hold(reason);
+    tokio::select! {
+        r = approvals.changed() => if r.is_err() { return Ok(false) },
+        _ = ctx.cancel.cancelled() => return Ok(false),
+    }
+    let approval = *approvals.borrow_and_update();
+    let through = ctx.record_approval(guard, None).await?;
+    ctx.live.applied.send_replace((approval.n, through));
+    Ok(true)
 }
 
 /// The task of a CSV connector: write the files after changes settle, or on a schedule.
@@ -2797,8 +2861,8 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     // The time of the last scheduled write, so that a clock stepped back does not write again.
     let mut fired = None;
     // The last change the guard has read: the files hold every change up to the cursor.
-    let mut guarded = ctx.store.cursor(&tenant, &cursor_name)?;
-    let mut guard = ctx.guard_at(guarded).await?;
+    let guarded = ctx.store.cursor(&tenant, &cursor_name)?;
+    let mut judged: Judged = ctx.guard_at(guarded).await?.map(|g| (g, guarded));
     let mut approvals = ctx.live.approvals.subscribe();
     loop {
         match &schedule {
@@ -2840,20 +2904,13 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             }
         }
         let upto = *durable.borrow_and_update();
-        if let Some(g) = guard.as_mut()
-            && let Some(h) = first_held(&ctx, g, &mut guarded, upto).await?
-        {
-            approvals.borrow_and_update();
-            ctx.live.hold(&h.reason);
-            tokio::select! {
-                r = approvals.changed() => if r.is_err() { return Ok(()) },
-                _ = ctx.cancel.cancelled() => return Ok(()),
+        if let Some(h) = judge(&ctx, &mut judged, upto).await? {
+            let Some((g, _)) = judged.as_mut() else {
+                return Ok(());
+            };
+            if !csv_held(&ctx, g, &mut approvals, &h.reason).await? {
+                return Ok(());
             }
-            // The files are written whole, from the store as it is: skipping the held
-            // changes is sending them.
-            let approval = *approvals.borrow_and_update();
-            let through = ctx.record_approval(g, None).await?;
-            ctx.live.applied.send_replace((approval.n, through));
             // Written at the next turn: owed if scheduled, the cursor behind if not.
             continue;
         }
@@ -2869,17 +2926,55 @@ async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
                 settings.clone(),
                 ctx.cancel.clone(),
             );
+            let name = ctx.name().to_owned();
+            let mut taken = judged.take();
             let written = tokio::task::spawn_blocking(move || {
-                crate::connectors::csv::write_snapshot(
+                // The files read the store as it stands while they are written: the
+                // guard judges what was logged meanwhile too, before they replace the
+                // old ones.
+                let mut gate = |through: u64| match taken.as_mut() {
+                    Some((g, at)) => match first_held(&store, &t, &name, g, at, through)? {
+                        Some(h) => Err(CsvError::Withheld {
+                            seq: h.seq,
+                            reason: h.reason,
+                        }),
+                        None => Ok(()),
+                    },
+                    None => Ok(()),
+                };
+                let written = crate::connectors::csv::write_snapshot_gated(
                     &store,
                     &t,
                     &s,
                     crate::connectors::csv::Snapshot::Replace,
                     &stop,
-                )
+                    &mut gate,
+                );
+                (written, taken)
             })
             .await;
-            if let Ok(Err(crate::connectors::csv::CsvError::Stopped)) = written {
+            let written = match written {
+                Ok((written, taken)) => {
+                    judged = taken;
+                    Ok(written)
+                }
+                Err(e) => {
+                    // The guard went with the thread: counted again from the store.
+                    let cursor = ctx.store.cursor(&tenant, &cursor_name)?;
+                    judged = ctx.guard_at(cursor).await?.map(|g| (g, cursor));
+                    Err(e)
+                }
+            };
+            if let Ok(Err(CsvError::Withheld { reason, .. })) = &written {
+                let Some((g, _)) = judged.as_mut() else {
+                    return Ok(());
+                };
+                if !csv_held(&ctx, g, &mut approvals, reason).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if let Ok(Err(CsvError::Stopped)) = written {
                 // No failure. The cursor stays, and a scheduled write stays owed, so the
                 // next start writes them.
                 tracing::info!(

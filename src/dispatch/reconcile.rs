@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use tracing::Instrument;
 
 use super::{Acked, Ctx, DispatchError, Dispatcher, Sent, Target};
+use crate::connectors::csv::CsvError;
 use crate::connectors::http::Request;
 use crate::connectors::oneroster::{
     Deactivate, OneRosterSettings, Write, class_delete, class_put, content_hash, course_put,
@@ -790,11 +791,28 @@ impl Dispatcher {
                         settings.clone(),
                         ctx.cancel.clone(),
                     );
+                    let judge = ctx.clone();
                     let r = tokio::task::spawn_blocking(move || {
-                        crate::connectors::csv::write_snapshot(&store, &t, &s, how, &stop)
+                        // Not only a hold in force: a mass deprovisioning the
+                        // connector's loop has not read yet (it waits for the burst to
+                        // settle, or has just started) would go into the files too.
+                        let mut gate = |through: u64| match judge.guard_holds_now(through)? {
+                            Some(h) => Err(CsvError::Withheld {
+                                seq: h.seq,
+                                reason: h.reason,
+                            }),
+                            None => Ok(()),
+                        };
+                        crate::connectors::csv::write_snapshot_gated(
+                            &store, &t, &s, how, &stop, &mut gate,
+                        )
                     })
                     .await;
                     match r.map_err(StoreError::from_join)? {
+                        Err(CsvError::Withheld { seq, reason }) => {
+                            tracing::warn!(parent: &ctx.span(), seq, reason = reason.as_str(), "CSV files not written: the connector's [guard] holds a change they would carry.");
+                            report.note = Some(HELD_CSV_NOTE.into());
+                        }
                         Ok(rep) => {
                             if !dry_run {
                                 // Written, as the connector's own writes are counted: an

@@ -5408,3 +5408,71 @@ async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
         "u1, deactivated before the hold and put back by the IdP, is still disabled after the skip's reconciliation: {job}"
     );
 }
+
+/// A reconciliation (and the `export` schedule, on the same path) writes a CSV
+/// connector's files only if its `[guard]` lets through what they would carry, judged
+/// from the store. It went by the hold in force alone: while the connector waited for a
+/// burst of deactivations to settle, before it had read them, a reconciliation wrote
+/// them into the files, and the hold came after the consumer had them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_writes_no_csv_file_its_guard_would_hold() {
+    let guard = "[guard]\nusers = 1\nminutes = 60\n";
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 8000\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    let csv = d.root.join("connectors/out/roster.csv");
+    let inactive = || {
+        std::fs::read_to_string(&csv)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(",false,"))
+            .count()
+    };
+    let admin = d.jwt(TENANT, "roster:admin");
+    let sync = || async {
+        d.idle().await;
+        let r = d.roster(Method::POST, "/scim:sync", &admin, None).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        crate::reconcile::wait_job(&d, r.body["job_id"].as_str().unwrap()).await
+    };
+    let job = sync().await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(csv.exists(), "{job}");
+    // The IdP deactivates four users: three more than the guard lets through.
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    // A reconciliation while the connector waits for the burst to settle.
+    let job = sync().await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
+    assert_eq!(
+        inactive(),
+        0,
+        "the file carries what the guard holds: {job}"
+    );
+    // The connector's own loop holds the burst too, and writes nothing either.
+    held_by_guard(&d, &["files"]).await;
+    assert_eq!(inactive(), 0);
+    // Let go, the files carry it.
+    let r = d
+        .roster(Method::POST, "/connectors/files/resume", &admin, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while inactive() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
