@@ -451,12 +451,30 @@ impl Outcome {
 #[derive(Default)]
 pub struct Schedules {
     runs: std::sync::Mutex<BTreeMap<String, ScheduleRun>>,
+    /// Set at the first compaction: every tenant's and every run's is read against it.
+    compaction_clock: std::sync::Mutex<Option<CompactionClock>>,
 }
 
 impl Schedules {
     fn update(&self, name: &str, f: impl FnOnce(&mut ScheduleRun)) {
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         f(runs.entry(name.to_owned()).or_default());
+    }
+
+    /// What compaction takes as now: see [`CompactionClock`].
+    fn compaction_now(
+        &self,
+        now: chrono::DateTime<Utc>,
+        started_at: chrono::DateTime<Utc>,
+        since_start: std::time::Duration,
+    ) -> chrono::DateTime<Utc> {
+        let mut clock = self
+            .compaction_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        clock
+            .get_or_insert_with(|| CompactionClock::at_start(started_at))
+            .read(now, since_start)
     }
 
     /// Record a run's per-tenant outcomes at `at`.
@@ -607,25 +625,114 @@ pub fn next_run_after(
         Some(f) if f > now && f - now <= REPEAT_GUARD => f,
         _ => now,
     };
-    cron.find_next_occurrence(&from.with_timezone(&tz), false)
+    occurrence_after(cron, tz, from)
+}
+
+/// The first time `cron`, read in `tz`, fires after `t`'s second.
+fn occurrence_after(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    t: chrono::DateTime<Utc>,
+) -> Option<chrono::DateTime<Utc>> {
+    cron.find_next_occurrence(&t.with_timezone(&tz), false)
         .ok()
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// The wall clock, but no later than the start's time plus the monotonic time since: a
-/// step forward while the daemon runs (a wrong NTP answer, a year ahead) is not believed
-/// where believing it loses data. Compaction took every change written meanwhile as a
-/// year old otherwise, since the newest change was then stamped a year ahead too. Time a
-/// VM spent paused is not counted either, which only keeps changes a little longer.
+/// The last time `cron`, read in `tz`, fired up to `now` (its second included), if any.
+fn occurrence_until(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    now: chrono::DateTime<Utc>,
+) -> Option<chrono::DateTime<Utc>> {
+    cron.find_previous_occurrence(&now.with_timezone(&tz), true)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The wall clock, but no later than `anchor` (a reading believed) plus the monotonic time
+/// since: a step forward while the daemon runs (a wrong NTP answer, a year ahead) is not
+/// believed where believing it loses data. Compaction took every change written meanwhile
+/// as a year old otherwise, since the newest change was then stamped a year ahead too.
+/// Time a VM spent paused is not counted either until the clock is believed again (see
+/// [`CompactionClock`]), which only keeps changes a little longer.
 fn vouched_now(
     now: chrono::DateTime<Utc>,
-    started_at: chrono::DateTime<Utc>,
-    since_start: std::time::Duration,
+    anchor: chrono::DateTime<Utc>,
+    since_anchor: std::time::Duration,
 ) -> chrono::DateTime<Utc> {
-    chrono::Duration::from_std(since_start)
+    chrono::Duration::from_std(since_anchor)
         .ok()
-        .and_then(|d| started_at.checked_add_signed(d))
+        .and_then(|d| anchor.checked_add_signed(d))
         .map_or(now, |vouched| now.min(vouched))
+}
+
+/// How far the wall clock may run ahead of the monotonic one between two compactions and
+/// still count as having kept time. Both are slewed alike by NTP; this covers the start
+/// (the monotonic clock is read a little after the wall clock) and the two reads' order.
+const KEPT_TIME: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+/// How long a clock stepped forward must keep time before compaction believes it: longer
+/// than NTP's longest default poll (timesyncd 2048 s, chrony 1024 s), so that a wrong
+/// answer the next poll takes back is never believed, while a correction (a clock that
+/// was behind at start: no RTC, NTP synced after the start) is, within the hour.
+const STEP_SETTLES: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The wall clock as compaction may believe it, from one run to the next. Anchored at the
+/// start's time, and moved to each reading believed since; a reading ahead of the anchor
+/// by more than the monotonic time since is a step forward, believed only once the clock
+/// has kept time from it for [`STEP_SETTLES`]. Without that re-anchoring, a clock that was
+/// behind at start and corrected later was never believed until a restart, and compaction
+/// removed nothing meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct CompactionClock {
+    /// The last reading believed, and when it was read, as monotonic time since the start.
+    anchor: (chrono::DateTime<Utc>, std::time::Duration),
+    /// The first reading of a step forward not believed yet, and when it was read.
+    ahead: Option<(chrono::DateTime<Utc>, std::time::Duration)>,
+}
+
+impl CompactionClock {
+    fn at_start(started_at: chrono::DateTime<Utc>) -> Self {
+        CompactionClock {
+            anchor: (started_at, std::time::Duration::ZERO),
+            ahead: None,
+        }
+    }
+
+    /// What compaction takes as now, given the wall clock `now` and the monotonic time
+    /// since the start.
+    fn read(
+        &mut self,
+        now: chrono::DateTime<Utc>,
+        since_start: std::time::Duration,
+    ) -> chrono::DateTime<Utc> {
+        let (wall, mono) = self.anchor;
+        let vouched = vouched_now(now, wall, since_start.saturating_sub(mono));
+        let settled = self.ahead.is_some_and(|(w, m)| {
+            let on_mono = since_start.saturating_sub(m);
+            on_mono >= STEP_SETTLES && kept_time(now - w, on_mono)
+        });
+        if now <= vouched + KEPT_TIME || settled {
+            self.anchor = (now, since_start);
+            self.ahead = None;
+            return now;
+        }
+        // A clock that moved again since the step was first seen (wrong answers tend to
+        // wander) starts the wait over: only a step that then holds is a correction.
+        let holding = self
+            .ahead
+            .is_some_and(|(w, m)| kept_time(now - w, since_start.saturating_sub(m)));
+        if !holding {
+            self.ahead = Some((now, since_start));
+        }
+        vouched
+    }
+}
+
+/// Whether the wall clock moved by `on_wall` while the monotonic one moved by `on_mono`.
+fn kept_time(on_wall: chrono::TimeDelta, on_mono: std::time::Duration) -> bool {
+    chrono::Duration::from_std(on_mono).is_ok_and(|m| (on_wall - m).abs() <= KEPT_TIME)
 }
 
 /// How a wait for a schedule's next time ended.
@@ -650,20 +757,37 @@ pub async fn wait_next(
     cancel: &tokio_util::sync::CancellationToken,
     shown: impl FnMut(chrono::DateTime<Utc>),
 ) -> Wait {
-    wait_next_by(cron, tz, fired, cancel, shown, Utc::now).await
+    wait_next_by(cron, tz, fired, None, cancel, shown, Utc::now).await
 }
 
+/// [`wait_next`] on `clock`; with `since`, the first time after it is due at once if the
+/// clock has passed it already: a time stepped over while the last run went on (or that
+/// came during a run longer than the schedule's interval) is run once, at once, rather
+/// than lost to a next time read from the clock after the run.
 async fn wait_next_by(
     cron: &croner::Cron,
     tz: chrono_tz::Tz,
     fired: Option<chrono::DateTime<Utc>>,
+    since: Option<chrono::DateTime<Utc>>,
     cancel: &tokio_util::sync::CancellationToken,
     mut shown: impl FnMut(chrono::DateTime<Utc>),
     clock: impl Fn() -> chrono::DateTime<Utc>,
 ) -> Wait {
+    let mut waiting_for = since.and_then(|t| occurrence_after(cron, tz, t));
     let mut last_shown = None;
     loop {
+        // One read per turn decides both whether the time is due and, if not, what is
+        // next: with a read for each, a time the clock passed between them (a wall clock
+        // slewed a little slower than the monotonic one the sleep ran on) was neither.
         let now = clock();
+        if let Some(due) = waiting_for.filter(|due| now >= *due) {
+            // The last of the times passed: the run after it is the next one to come, so
+            // a step over several runs them once.
+            let last = occurrence_until(cron, tz, now).filter(|last| *last >= due);
+            return Wait::Due(last.unwrap_or(due));
+        }
+        // Settled again each turn, not kept: after a step back the time comes on the new
+        // clock.
         let Some(next) = next_run_after(cron, tz, now, fired) else {
             return Wait::Never;
         };
@@ -671,13 +795,11 @@ async fn wait_next_by(
             shown(next);
             last_shown = Some(next);
         }
+        waiting_for = Some(next);
         let wait = (next - now).to_std().unwrap_or_default();
         tokio::select! {
             _ = tokio::time::sleep(wait.min(WALL_CLOCK_RECHECK)) => {}
             _ = cancel.cancelled() => return Wait::Cancelled,
-        }
-        if clock() >= next {
-            return Wait::Due(next);
         }
     }
 }
@@ -691,11 +813,19 @@ pub fn missed_run(
     tz: chrono_tz::Tz,
     last: Option<chrono::DateTime<Utc>>,
 ) -> Option<chrono::DateTime<Utc>> {
-    let now = Utc::now();
-    let due = cron
-        .find_previous_occurrence(&now.with_timezone(&tz), false)
-        .ok()?
-        .with_timezone(&Utc);
+    missed_run_at(cron, tz, last, Utc::now())
+}
+
+/// [`missed_run`] with the clock read at `now`. A time in `now`'s own second counts: the
+/// wait that follows looks only past that second, and a start just after a time ran it
+/// neither as missed nor as next.
+fn missed_run_at(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    last: Option<chrono::DateTime<Utc>>,
+    now: chrono::DateTime<Utc>,
+) -> Option<chrono::DateTime<Utc>> {
+    let due = occurrence_until(cron, tz, now)?;
     let last = last?;
     // A last run stamped ahead of the clock was made while the clock was wrong: when it
     // really ran is not known, so the time due is run rather than taken as done.
@@ -752,8 +882,11 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                 .collect()
         };
         let last_run = kept.iter().map(|(_, k)| k.at).max();
+        // One read of the clock for both the catch-up and the start of the wait: a time
+        // between two reads was neither missed nor next.
+        let checked_at = Utc::now();
         let missed = if state.config.schedules.catch_up {
-            missed_run(&cron, tz, last_run)
+            missed_run_at(&cron, tz, last_run, checked_at)
         } else {
             None
         };
@@ -762,7 +895,11 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
             r.last_run = last_run;
             r.parts = kept.into_iter().map(|(t, k)| (t, k.part)).collect();
         });
-        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let task = Daemon {
+            state: state.clone(),
+            name,
+        };
+        let shutdown = shutdown.clone();
         let span = tracing::info_span!("schedule", schedule = name);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
@@ -773,41 +910,113 @@ pub fn spawn_schedules(state: Arc<AppState>, shutdown: tokio_util::sync::Cancell
                         last_run = %last_run.map(rfc3339).unwrap_or_default(),
                         "The schedule came due while the daemon was down; running it now (catch_up)."
                     );
-                    if !jobs_ended(&state, &shutdown).await {
-                        return;
-                    }
-                    run_and_keep(&state, name).await;
                 }
-                let mut fired = None;
-                loop {
-                    let shown = |next| state.schedules.update(name, |r| r.next_run = Some(next));
-                    match wait_next(&cron, tz, fired, &shutdown, shown).await {
-                        Wait::Due(at) => fired = Some(at),
-                        Wait::Never => {
-                            tracing::warn!("The schedule has no next run.");
-                            return;
-                        }
-                        Wait::Cancelled => return,
-                    }
-                    run_and_keep(&state, name).await;
-                }
+                keep(&cron, tz, missed.is_some(), checked_at, &shutdown, &task).await
             },
             span,
         ));
     }
 }
 
-/// Wait until no tenant runs a job; false if `cancel` came first. A catch-up waits for
-/// the start-up reclassification (after a bundle change): a scheduled run that found the
-/// slot taken would be skipped, and a missed night's run would then wait for the next
-/// start. (A run at its time is skipped instead: the next one comes soon.)
-async fn jobs_ended(state: &AppState, cancel: &tokio_util::sync::CancellationToken) -> bool {
-    while state
-        .config
-        .tenants
-        .iter()
-        .any(|t| state.store.job_running(&t.id))
-    {
+/// What a schedule's task does besides keeping time, so that the tests can stand in for
+/// the daemon and its clock.
+trait Task {
+    fn name(&self) -> &str;
+    /// The wall clock.
+    fn now(&self) -> chrono::DateTime<Utc>;
+    /// Whether a tenant runs a job (holds its job slot).
+    fn jobs_running(&self) -> bool;
+    /// The next time, as settled, for `/status`.
+    fn shown(&self, next: chrono::DateTime<Utc>);
+    /// Run the schedule once.
+    fn run(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// The schedule `name` of the daemon.
+struct Daemon {
+    state: Arc<AppState>,
+    name: &'static str,
+}
+
+impl Task for Daemon {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn now(&self) -> chrono::DateTime<Utc> {
+        Utc::now()
+    }
+    fn jobs_running(&self) -> bool {
+        let state = &self.state;
+        state
+            .config
+            .tenants
+            .iter()
+            .any(|t| state.store.job_running(&t.id))
+    }
+    fn shown(&self, next: chrono::DateTime<Utc>) {
+        self.state
+            .schedules
+            .update(self.name, |r| r.next_run = Some(next));
+    }
+    fn run(&self) -> impl std::future::Future<Output = ()> + Send {
+        run_and_keep(&self.state, self.name)
+    }
+}
+
+/// Whether schedule `name` runs in a tenant's job slot: only `reconcile` starts jobs. The
+/// others (`export`, `compact`, `backup`) change no assignment and run beside a job.
+fn needs_job_slot(name: &str) -> bool {
+    name == "reconcile"
+}
+
+/// Keep one schedule until `cancel`: its catch-up first when `catch_up`, then each of its
+/// times. `checked_at` is when the start looked for a missed time: a time up to it is
+/// the catch-up's (run only with `catch_up`), and the wait takes the times after it.
+async fn keep(
+    cron: &croner::Cron,
+    tz: chrono_tz::Tz,
+    catch_up: bool,
+    checked_at: chrono::DateTime<Utc>,
+    cancel: &tokio_util::sync::CancellationToken,
+    task: &impl Task,
+) {
+    let mut since = checked_at;
+    if catch_up {
+        // A catch-up that found the slot taken by the start-up reclassification (after a
+        // bundle change) would be skipped, and a missed night's reconciliation would wait
+        // for the next start. Only a schedule that needs the slot waits: the others ran
+        // behind a job for nothing (minutes per million users) and lost their times.
+        if needs_job_slot(task.name()) && !jobs_ended(task, cancel).await {
+            return;
+        }
+        // The times that came while it waited are run by the catch-up, once; the wait
+        // begins after it started.
+        since = task.now();
+        task.run().await;
+    }
+    // The last run's time, for a clock stepped back behind it (see `next_run_after`).
+    let mut fired = None;
+    loop {
+        let shown = |next| task.shown(next);
+        match wait_next_by(cron, tz, fired, Some(since), cancel, shown, || task.now()).await {
+            Wait::Due(at) => {
+                fired = Some(at);
+                since = at;
+            }
+            Wait::Never => {
+                tracing::warn!("The schedule has no next run.");
+                return;
+            }
+            Wait::Cancelled => return,
+        }
+        task.run().await;
+    }
+}
+
+/// Wait until no tenant runs a job; false if `cancel` came first. (A run at its time that
+/// finds the slot taken is skipped instead: the next one comes soon.)
+async fn jobs_ended(task: &impl Task, cancel: &tokio_util::sync::CancellationToken) -> bool {
+    while task.jobs_running() {
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = cancel.cancelled() => return false,
@@ -953,7 +1162,11 @@ async fn run_for_tenant(state: &Arc<AppState>, name: &str, tenant: &str) -> Opti
                 chrono::Duration::hours(state.config.schedules.changelog_retention_hours as i64);
             let durable = *state.store.watch_durable(tenant).borrow();
             let upto = state.dispatch.lowest_cursor(tenant).unwrap_or(durable);
-            let now = vouched_now(Utc::now(), state.started_at, state.started.elapsed());
+            let now = state.schedules.compaction_now(
+                Utc::now(),
+                state.started_at,
+                state.started.elapsed(),
+            );
             match state
                 .store
                 .compact_changes(tenant, upto, retention, now)
@@ -1072,6 +1285,7 @@ mod tests {
         let waited = wait_next_by(
             &cron,
             chrono_tz::UTC,
+            None,
             None,
             &cancel,
             |_| {},
@@ -1202,5 +1416,319 @@ mod tests {
         );
         let runs = s.runs.lock().unwrap();
         assert_eq!(text(&runs["reconcile"]), ["acme=a2", "globex=g2"]);
+    }
+
+    /// A daemon started while the wall clock was behind (no RTC, NTP not synced yet at
+    /// boot) and whose clock NTP then corrected: once the corrected clock has kept time,
+    /// compaction follows it rather than the start's time plus the uptime, which stayed in
+    /// the past until a restart, so that no change ever looked old enough to remove.
+    #[tokio::test]
+    async fn compaction_resumes_once_a_clock_behind_at_start_is_corrected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let user = |name: &str| serde_json::json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"], "userName": name});
+        for name in ["ada", "bob", "cy"] {
+            store
+                .create("t", crate::scim::ResourceKind::User, user(name), vec![])
+                .await
+                .unwrap();
+        }
+        let last = store.changes("t", 0, 100).unwrap().last().unwrap().seq;
+        // The changes are stamped now: with no retention, all of them are old enough once
+        // compaction's now has reached them (a retention is measured back from the newest
+        // change at most, so it would keep these whatever the clock).
+        let compacted = |now| store.compact_changes("t", last, chrono::Duration::zero(), now);
+        // Started three days ago, when the clock read a year behind.
+        let real_now = Utc::now();
+        let mut clock = CompactionClock::at_start(real_now - chrono::Duration::days(365 + 3));
+        let day = std::time::Duration::from_secs(86_400);
+        let hour = std::time::Duration::from_secs(3600);
+        // The first run after the correction sees a step forward, as it would a wrong NTP
+        // answer: not believed yet.
+        let now = clock.read(real_now - chrono::Duration::hours(1), 3 * day - hour);
+        assert_eq!(compacted(now).await.unwrap(), 0, "believed at once: {now}");
+        // An hour on, the clock has kept time since: a correction.
+        let now = clock.read(real_now, 3 * day);
+        assert_eq!(now, real_now);
+        assert_eq!(compacted(now).await.unwrap(), 3, "took {now} as now");
+        // And it is believed from then on.
+        let later = real_now + chrono::Duration::minutes(15);
+        assert_eq!(clock.read(later, 3 * day + hour / 4), later);
+    }
+
+    /// A step forward is believed only once the clock has kept time from it for
+    /// STEP_SETTLES, as the monotonic clock measures it: not at a second reading moments
+    /// later (every tenant's compaction reads the clock in turn), nor when it moved again.
+    #[test]
+    fn a_clock_stepped_forward_is_believed_for_compaction_only_once_it_keeps_time() {
+        let start = utc(10, 12, 0, 0);
+        let secs = std::time::Duration::from_secs;
+        let year = chrono::Duration::days(365);
+        let day = chrono::Duration::days(1);
+        // The wall time `mono` seconds after the start, as a clock keeping time reads it.
+        let at = |mono: u64| start + chrono::Duration::seconds(mono as i64);
+        let mut clock = CompactionClock::at_start(start);
+        assert_eq!(clock.read(at(600), secs(600)), at(600));
+        // A year ahead: the monotonic clock vouches for no more than it measured...
+        assert_eq!(clock.read(at(1800) + year, secs(1800)), at(1800));
+        // ...also at the next tenant's read, moments later...
+        assert_eq!(clock.read(at(1801) + year, secs(1801)), at(1801));
+        // ...and when the clock moved again (another wrong answer), the wait starts over.
+        assert_eq!(clock.read(at(4000) + year + day, secs(4000)), at(4000));
+        assert_eq!(clock.read(at(7000) + year + day, secs(7000)), at(7000));
+        // An hour after that, still keeping time: believed.
+        let stepped = at(7600) + year + day;
+        assert_eq!(clock.read(stepped, secs(7600)), stepped);
+        // A clock stepped back is believed at once...
+        let mut clock = CompactionClock::at_start(start);
+        assert_eq!(clock.read(at(600) + year, secs(600)), at(600));
+        assert_eq!(clock.read(at(700), secs(700)), at(700));
+        // ...and a step forward taken back is forgotten: seen again, it waits again.
+        assert_eq!(clock.read(at(4300) + year, secs(4300)), at(4300));
+        // A clock a few seconds ahead of the monotonic one keeps time (the monotonic one
+        // is read a little after the wall clock at start), and counts from there.
+        let mut clock = CompactionClock::at_start(start);
+        assert_eq!(clock.read(at(605), secs(600)), at(605));
+        assert_eq!(clock.read(at(1200) + year, secs(1195)), at(1200));
+    }
+
+    /// The wall clock is read once per turn of the wait: a read for "is it due?" and
+    /// another for "what is next?" lost a time falling between the two (a wall clock
+    /// slewed a little slower than tokio's monotonic one, as NTP does, read 1 us short
+    /// of it, then 1 us past): the next day's was waited for instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_time_the_clock_reaches_between_two_reads_is_run() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let cron = crate::config::parse_cron("0 0 3 * * *").unwrap();
+        let due = utc(10, 3, 0, 0);
+        let reads = AtomicUsize::new(0);
+        let began = tokio::time::Instant::now();
+        let clock = || {
+            let us = chrono::Duration::microseconds;
+            match reads.fetch_add(1, Ordering::SeqCst) {
+                // 10 s before: the wait sleeps 10 s on the monotonic clock...
+                0 => due - chrono::Duration::seconds(10),
+                // ...after which the slewed wall clock reads 1 us short of 03:00...
+                1 => due - us(1),
+                // ...and 1 us past at any read after that.
+                _ => due + us(1) + chrono::Duration::from_std(began.elapsed()).unwrap(),
+            }
+        };
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let waited = wait_next_by(&cron, chrono_tz::UTC, None, None, &cancel, |_| {}, clock).await;
+        assert_eq!(waited, Wait::Due(due));
+    }
+
+    /// A start within the second after a schedule's time catches it up: the catch-up
+    /// looked only before that second, and the wait only after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_within_the_second_after_a_time_catches_it_up() {
+        let cron = crate::config::parse_cron("0 0 3 * * *").unwrap();
+        let now = utc(10, 3, 0, 0) + chrono::Duration::milliseconds(300);
+        let yesterdays = Some(utc(9, 3, 0, 5));
+        assert_eq!(
+            missed_run_at(&cron, chrono_tz::UTC, yesterdays, now),
+            Some(utc(10, 3, 0, 0))
+        );
+        // Run at 03:00:00.1, it is not missed...
+        assert_eq!(
+            missed_run_at(
+                &cron,
+                chrono_tz::UTC,
+                Some(now - chrono::Duration::milliseconds(200)),
+                now
+            ),
+            None
+        );
+        // ...and the wait after the check is for tomorrow's.
+        let clock = SteppedClock::at(now);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let c = clock.clone();
+        let waited = wait_next_by(
+            &cron,
+            chrono_tz::UTC,
+            None,
+            Some(now),
+            &cancel,
+            |_| {},
+            move || c.now(),
+        )
+        .await;
+        assert_eq!(waited, Wait::Due(utc(11, 3, 0, 0)));
+        // A time between the check and the wait's first read is run at once.
+        let checked = utc(10, 3, 0, 0) - chrono::Duration::milliseconds(1);
+        let clock = SteppedClock::at(checked + chrono::Duration::milliseconds(2));
+        let waited = wait_next_by(
+            &cron,
+            chrono_tz::UTC,
+            None,
+            Some(checked),
+            &cancel,
+            |_| {},
+            move || clock.now(),
+        )
+        .await;
+        assert_eq!(waited, Wait::Due(utc(10, 3, 0, 0)));
+    }
+
+    /// A schedule for the tests: its clock, whether a job runs, and the wall time each of
+    /// its runs began; a run takes `run_takes` (monotonic) and the first one steps the
+    /// clock by `step_in_first_run`; `cancel` ends it after `runs_wanted` runs.
+    struct Fake {
+        name: &'static str,
+        clock: SteppedClock,
+        busy: Arc<std::sync::atomic::AtomicBool>,
+        runs: std::sync::Mutex<Vec<chrono::DateTime<Utc>>>,
+        run_takes: std::time::Duration,
+        step_in_first_run: i64,
+        runs_wanted: usize,
+        cancel: tokio_util::sync::CancellationToken,
+    }
+
+    impl Fake {
+        fn new(name: &'static str, clock: SteppedClock, runs_wanted: usize) -> Self {
+            Fake {
+                name,
+                clock,
+                busy: Arc::default(),
+                runs: Default::default(),
+                run_takes: std::time::Duration::ZERO,
+                step_in_first_run: 0,
+                runs_wanted,
+                cancel: Default::default(),
+            }
+        }
+
+        /// Keep the schedule `cron` (in UTC) from now, catching up or not; its runs.
+        async fn keep(&self, cron: &str, catch_up: bool) -> Vec<chrono::DateTime<Utc>> {
+            let cron = crate::config::parse_cron(cron).unwrap();
+            let checked_at = self.clock.now();
+            // A day of the test's clock: a schedule stalled behind a job fails, not hangs.
+            let day = std::time::Duration::from_secs(86_400);
+            let kept = keep(
+                &cron,
+                chrono_tz::UTC,
+                catch_up,
+                checked_at,
+                &self.cancel,
+                self,
+            );
+            tokio::time::timeout(day, kept)
+                .await
+                .expect("the schedule stalled");
+            self.runs.lock().unwrap().clone()
+        }
+    }
+
+    impl Task for Fake {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn now(&self) -> chrono::DateTime<Utc> {
+            self.clock.now()
+        }
+        fn jobs_running(&self) -> bool {
+            self.busy.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn shown(&self, _: chrono::DateTime<Utc>) {}
+        async fn run(&self) {
+            let n = {
+                let mut runs = self.runs.lock().unwrap();
+                runs.push(self.clock.now());
+                runs.len()
+            };
+            if n == 1 {
+                self.clock.step(self.step_in_first_run);
+            }
+            tokio::time::sleep(self.run_takes).await;
+            if n == self.runs_wanted {
+                self.cancel.cancel();
+            }
+        }
+    }
+
+    /// A step forward during a run over the schedule's next time: that time runs once,
+    /// as the run ends, not at the time after (the clock read after the run lay past it).
+    #[tokio::test(start_paused = true)]
+    async fn a_time_stepped_over_during_a_run_runs_once_when_it_ends() {
+        let mut fake = Fake::new("export", SteppedClock::at(utc(10, 1, 59, 0)), 3);
+        // The 02:00 run takes a minute, during which the clock is stepped 70 minutes on.
+        fake.step_in_first_run = 70 * 60;
+        fake.run_takes = std::time::Duration::from_secs(60);
+        let runs = fake.keep("0 0 * * * *", false).await;
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(runs[0], utc(10, 2, 0, 0));
+        // 03:00, at 03:11 as the run ends.
+        assert_eq!(runs[1], utc(10, 3, 11, 0));
+        // Then at its time: the run at 03:11 took a minute, and 04:00 was not passed.
+        assert_eq!(runs[2], utc(10, 4, 0, 0));
+        // Stepped over several times, it runs once: the run after 05:00 is 06:00's.
+        let clock = SteppedClock::at(utc(10, 5, 10, 0));
+        let cron = crate::config::parse_cron("0 0 * * * *").unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (c, at) = (clock.clone(), Some(utc(10, 2, 0, 0)));
+        let waited = wait_next_by(
+            &cron,
+            chrono_tz::UTC,
+            at,
+            at,
+            &cancel,
+            |_| {},
+            move || c.now(),
+        )
+        .await;
+        assert_eq!(waited, Wait::Due(utc(10, 5, 0, 0)));
+        let at = Some(utc(10, 5, 0, 0));
+        let waited = wait_next_by(
+            &cron,
+            chrono_tz::UTC,
+            at,
+            at,
+            &cancel,
+            |_| {},
+            move || clock.now(),
+        )
+        .await;
+        assert_eq!(waited, Wait::Due(utc(10, 6, 0, 0)));
+    }
+
+    /// While a job runs at start, only a schedule that needs the job slot (`reconcile`)
+    /// waits to catch up, and its times that come meanwhile are run by the catch-up,
+    /// once; the others catch up at once and keep their times.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_schedule_that_needs_the_job_slot_waits_for_jobs_to_catch_up() {
+        let every15 = "0 */15 * * * *";
+        // A job runs throughout: export catches up at 03:05 and runs at 03:15, 03:30.
+        let export = Fake::new("export", SteppedClock::at(utc(10, 3, 5, 0)), 3);
+        export.busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        let runs = export.keep(every15, true).await;
+        assert_eq!(
+            runs,
+            [utc(10, 3, 5, 0), utc(10, 3, 15, 0), utc(10, 3, 30, 0)]
+        );
+        // A job runs until 03:20: reconcile catches up then, 03:15 with it, and runs at
+        // 03:30.
+        let reconcile = Fake::new("reconcile", SteppedClock::at(utc(10, 3, 5, 0)), 2);
+        reconcile
+            .busy
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let busy = reconcile.busy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(15 * 60)).await;
+            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+        let runs = reconcile.keep(every15, true).await;
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert!(
+            runs[0] >= utc(10, 3, 20, 0) && runs[0] <= utc(10, 3, 20, 1),
+            "{runs:?}"
+        );
+        assert_eq!(runs[1], utc(10, 3, 30, 0));
+        // No catch-up asked for: nothing waits, whatever the schedule.
+        let reconcile = Fake::new("reconcile", SteppedClock::at(utc(10, 3, 5, 0)), 1);
+        reconcile
+            .busy
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(reconcile.keep(every15, false).await, [utc(10, 3, 15, 0)]);
     }
 }
