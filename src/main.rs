@@ -367,6 +367,17 @@ enum StoreCommand {
         #[arg(long)]
         repair: bool,
     },
+    /// Make a new, empty store in the data directory, where `serve` refuses to make one
+    /// itself because `[backup] dir` holds backups (a restore whose copy failed looks the
+    /// same as a deliberate fresh start).
+    Init {
+        #[arg(long, short, default_value = "config.toml")]
+        config: PathBuf,
+        /// Make it in this directory instead of `server.data_dir`, as `serve
+        /// --data-dir` would use it (the systemd unit passes its StateDirectory).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Copy the store into a fresh directory that takes its place, keeping the old one
     /// as `<data_dir>.before-rewrite`: gives back the space a file grown by garbage holds
     /// (sled shrinks its file only from the end). Stop rosterd first; needs free space
@@ -469,6 +480,9 @@ fn run() -> Result<()> {
         Command::Store {
             command: StoreCommand::Rewrite { config, data_dir },
         } => rewrite_store(config, data_dir),
+        Command::Store {
+            command: StoreCommand::Init { config, data_dir },
+        } => init_store(config, data_dir),
         Command::Store {
             command:
                 StoreCommand::Check {
@@ -591,6 +605,25 @@ fn rewrite_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     outln!(
         "the old directory is kept at {}; remove it once rosterd runs well on the new one",
         done.kept.display()
+    )?;
+    Ok(())
+}
+
+fn init_store(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
+    let config = Config::load(&path)?;
+    let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    if rosterd::store::Store::holds_store(&dir) {
+        anyhow::bail!("{key}: {} already holds a store", dir.display());
+    }
+    rosterd::store::Store::check_dir(&dir).with_context(|| key.clone())?;
+    rosterd::store::Store::create_private_dir(&dir)
+        .with_context(|| format!("{key}: cannot create {}", dir.display()))?;
+    let store = rosterd::store::Store::open_with_cache(&dir, 16 * 1024 * 1024)
+        .with_context(|| key.clone())?;
+    store.close().with_context(|| key.clone())?;
+    outln!(
+        "made a new, empty store in {}; `rosterd serve` starts on it",
+        dir.display()
     )?;
     Ok(())
 }
@@ -772,6 +805,9 @@ fn check_config(path: PathBuf, data_dir: Option<PathBuf>) -> Result<()> {
     let mut with_dir = config.clone();
     with_dir.server.data_dir = dir.clone();
     with_dir.check_backup_dir()?;
+    if let Some(why) = rosterd::ops::backup::new_store_refused(&dir, &with_dir.backup_dir()) {
+        anyhow::bail!("{key}: {why}");
+    }
     outln!("backup directory: {}", with_dir.backup_dir().display())?;
     if let Some(w) = rosterd::ops::backup::Plan::of(&with_dir).space_warning() {
         note!("warning: {w}");
@@ -2886,8 +2922,15 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -
     let json_logs = matches!(config.log.format, LogFormat::Json);
     // Refused as `check-config` refuses it, naming the setting to change (a file where
     // the directory should be was "cannot create …: File exists").
+    let backup_dir = config.backup_dir();
     let checked = rosterd::store::Store::check_dir(&config.server.data_dir)
         .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            match rosterd::ops::backup::new_store_refused(&config.server.data_dir, &backup_dir) {
+                Some(why) => Err(anyhow::anyhow!(why)),
+                None => Ok(()),
+            }
+        })
         .and_then(|()| {
             // Made here rather than by the store, so that the error names the setting.
             // `check-config` only warns about it, since systemd may make it first.

@@ -216,6 +216,28 @@ pub fn write(
     })
 }
 
+/// Why a start must not make a new, empty store in `data_dir`: there is none, yet
+/// `backup_dir` holds backups of one. A restore whose copy failed (systemd's
+/// StateDirectory= then leaves the directory empty) or a data directory named wrongly
+/// looks just so, and a new store, which the identity provider fills and the connectors
+/// mirror at once, handed a CSV consumer a roster of the few users written next, and lost
+/// every write it acknowledged once the right store was back. `rosterd store init` makes
+/// one on purpose.
+pub fn new_store_refused(data_dir: &Path, backup_dir: &Path) -> Option<String> {
+    if crate::store::Store::holds_store(data_dir) {
+        return None;
+    }
+    let backups = list(backup_dir).ok()?;
+    let newest = backups.last()?;
+    Some(format!(
+        "{} holds no store, yet {} holds {} backup(s) of one (the newest: {}): a restore whose copy failed, or a data directory named wrongly. Restore the newest backup into it (README: Backing up and restoring), or point the data directory at the store; to start a new, empty store there on purpose, run `rosterd store init` first",
+        data_dir.display(),
+        backup_dir.display(),
+        backups.len(),
+        newest.display()
+    ))
+}
+
 /// The whole backups in `dir`, oldest first (by the time in their names, then the
 /// suffix a second one in the same second got).
 pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {

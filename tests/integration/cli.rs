@@ -2854,3 +2854,79 @@ fn a_missing_config_file_points_to_the_config_flag() {
         );
     }
 }
+
+/// A start finds no store where backups say there was one (a restore whose copy failed,
+/// a data directory named wrongly): it refuses to make a new, empty one, which the IdP
+/// would fill and the connectors mirror at once; `rosterd store init` makes one on
+/// purpose. It used to start without a word, and a CSV consumer got a roster of the few
+/// users written next.
+#[test]
+fn a_start_beside_backups_makes_no_new_store_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "version = 1\n[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[tenants]]\nid = \"t\"\ntoken_env = \"ROSTERD_CLI_TEST_TOKEN\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    let config = config.to_str().unwrap();
+    let env = [(
+        "ROSTERD_CLI_TEST_TOKEN",
+        "a-token-of-some-length-1234567890",
+    )];
+    let (ok, out, err) = rosterd_env(&["store", "init", "--config", config], &env);
+    assert!(ok, "{err}");
+    assert!(out.contains("made a new, empty store"), "{out}");
+    let (ok, _, err) = rosterd_env(&["store", "init", "--config", config], &env);
+    assert!(!ok);
+    assert!(err.contains("already holds a store"), "{err}");
+    let (ok, _, err) = rosterd_env(&["store", "backup", "--config", config], &env);
+    assert!(ok, "{err}");
+    let data = dir.path().join("data");
+    // Gone, then there but empty (systemd's StateDirectory= makes it anew).
+    for made in [false, true] {
+        std::fs::remove_dir_all(&data).ok();
+        if made {
+            std::fs::create_dir(&data).unwrap();
+        }
+        let (ok, _, err) = rosterd_env(&["check-config", "--config", config], &env);
+        assert!(!ok);
+        assert!(
+            err.contains("holds no store, yet") && err.contains("rosterd store init"),
+            "{err}"
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            .current_dir(dir.path())
+            .args(["serve", "--config", config])
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("serve started on a new store beside backups");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success());
+        assert!(
+            err.contains("server.data_dir") && err.contains("holds no store, yet"),
+            "{err}"
+        );
+        assert!(!data.join("conf").exists());
+    }
+    let (ok, _, err) = rosterd_env(&["store", "init", "--config", config], &env);
+    assert!(ok, "{err}");
+    let (child, _log, _) = serve_child(dir.path(), &["--config", config]);
+    assert!(stop(child).success());
+}
