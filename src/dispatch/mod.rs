@@ -2554,7 +2554,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 let (store, tenant) = (ctx.store.clone(), tenant.to_owned());
                 blocking(move || {
                     store
-                        .changes(&tenant, read, n)?
+                        .changes_through(&tenant, read, upto, n)?
                         .into_iter()
                         .map(|ev| {
                             let reports = if fans_out {

@@ -602,6 +602,19 @@ mod tests {
         assert_eq!(restored.last_seq("t").unwrap(), next + 1, "{r:?}");
         let newest = restored.changes("t", last, 10).unwrap();
         assert_eq!(newest.iter().map(|c| c.seq).collect::<Vec<_>>(), [next + 1]);
+        // A reader going up to a watermark inside the gap reads nothing past it: a count
+        // of `next - last` would have reached the change after the gap.
+        assert!(
+            restored
+                .changes_through("t", last, next, 10)
+                .unwrap()
+                .is_empty()
+        );
+        let through = restored.changes_through("t", last, next + 1, 10).unwrap();
+        assert_eq!(
+            through.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            [next + 1]
+        );
         assert!(gseq(&restored) >= governance + SKIP);
         // Dead-letter ids move on too: an id noted before the restore named another
         // letter after it.
