@@ -4071,6 +4071,17 @@ impl Dispatcher {
         superseded_by: Vec<u64>,
     ) -> Result<Replayed, DispatchError> {
         let id = letter.id;
+        // Before the state is read, and until its hashes are written: a change of the
+        // object logged meanwhile waits for the replay, as for a reconciliation's repair.
+        // Sent beside it, the mirror's deactivation could land first and the replay's
+        // older copy after, and with the mirror's hash written last no reconciliation saw
+        // the leaver still enabled.
+        let _ordered = matches!(ctx.target, Target::OneRoster { .. }).then(|| {
+            ctx.repairing(&format!(
+                "{}/{}",
+                letter.event.resource_type, letter.event.id
+            ))
+        });
         let (event, reports, sent) = match &ctx.target {
             Target::OneRoster { .. } => {
                 let (store, t, ev) = (self.store.clone(), tenant.to_owned(), letter.event.clone());

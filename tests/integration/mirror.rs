@@ -5476,3 +5476,91 @@ async fn a_reconciliation_writes_no_csv_file_its_guard_would_hold() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An operator's replay of a OneRoster letter is ordered with the mirror's changes of the
+/// same object: one logged while the replay is under way waits for it. Sent beside it,
+/// the mirror's deactivation landed first and the replay's copy (the user as read when
+/// it began: active) after, and with the mirror's hash written last, no reconciliation
+/// saw the leaver still enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_and_a_deactivation_of_its_user_land_in_order() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, "")],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let x = d.create_user("x@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{x}"));
+    let disabled = || target.user(&sid).map(|u| u["enabledUser"] == "false");
+    // One refused change of x: a dead letter to replay.
+    target.inject(Fault::status(422, 1).on_method("PUT").on_path(sid.clone()));
+    let r = d
+        .patch(
+            &format!("/Users/{x}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    let reader = d.jwt(TENANT, "roster:read");
+    let r = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &reader, None)
+        .await;
+    let id = r.body["dead_letters"][0]["id"].as_u64().unwrap();
+    // The replay's PUT is held at the target; the next PUT of x is applied at once and
+    // answered late.
+    target.inject(Fault::stalled(1).on_method("PUT").on_path(sid.clone()));
+    target.inject(
+        Fault::delay(Duration::from_millis(1500), 1)
+            .on_method("PUT")
+            .on_path(sid.clone()),
+    );
+    let admin = d.jwt(TENANT, "roster:admin");
+    let replay = {
+        let (client, url, admin) = (
+            reqwest::Client::new(),
+            d.url(&format!(
+                "/api/v1/roster/connectors/sis/dead-letters/{id}/replay"
+            )),
+            admin.clone(),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(admin)
+                .header("x-tenant", TENANT)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while target.pending_faults() > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replay sent nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The IdP deactivates x meanwhile.
+    set_active(&d, &x, false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(disabled(), Some(false), "sent beside the replay");
+    target.release_held();
+    assert_eq!(replay.await.unwrap(), 200);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while disabled() != Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "x is inactive in the roster but enabled at the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = caught_up(&d, "sis").await;
+    assert_eq!(c["dead_letters"], 0, "{c}");
+}
