@@ -1402,6 +1402,8 @@ impl Ctx {
         let mut backoff = self.backoff();
         let mut refreshed = false;
         let mut attempts = 0u32;
+        // The target's own `Retry-After`, when a pause was waited out in its place.
+        let mut not_before: Option<tokio::time::Instant> = None;
         let delivered_before = self.live.delivered.load(Ordering::Acquire);
         let mut streak = Streak::default();
         let timeout = Duration::from_millis(self.config.timeout_ms);
@@ -1433,6 +1435,29 @@ impl Ctx {
                 if !go_on {
                     return Sent::Cancelled;
                 }
+            }
+            if let Some(t) = not_before.take()
+                && t > tokio::time::Instant::now()
+            {
+                // The pause is over before the wait the target asked for: a pause of
+                // 60 s sent a target answering `429 Retry-After: 600` a round of
+                // requests every minute. An operator's resume still means now.
+                let changed = self.live.pause_changed.notified();
+                if counts {
+                    self.live.health().next_retry = Some(Deadline::after(
+                        t.saturating_duration_since(tokio::time::Instant::now()),
+                    ));
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(t) => {}
+                    () = changed => {
+                        if self.live.paused_until().is_some() {
+                            not_before = Some(t);
+                        }
+                    }
+                    () = self.cancel.cancelled() => return Sent::Cancelled,
+                }
+                continue;
             }
             if matches!(by, Sender::Reconcile)
                 && let Some(reason) = self.live.pause_reason()
@@ -1595,7 +1620,9 @@ impl Ctx {
                 return Sent::Refused { reason, response };
             }
             if !matches!(by, Sender::Operator) && self.live.paused_until().is_some() {
-                // The pause is the wait: its end, or a resume, is the next attempt.
+                // The pause is the wait: its end, or a resume, is the next attempt, and
+                // not before the target's `Retry-After`.
+                not_before = retry_after.map(|d| tokio::time::Instant::now() + d);
                 continue;
             }
             // While only this request has failed, its slot goes back as it waits, so

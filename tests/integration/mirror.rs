@@ -5564,3 +5564,47 @@ async fn a_replay_and_a_deactivation_of_its_user_land_in_order() {
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["dead_letters"], 0, "{c}");
 }
+
+/// A target's `Retry-After` holds under a pause too: the pause's end was taken as the
+/// next attempt, whatever the target asked, so a pause shorter than the target's wait
+/// sent it a request at each pause's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_outlasts_a_shorter_pause() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (name, text) = oneroster_file("sis", &target, "");
+    // Paused after 2 failures in a row, for 1 s.
+    let text = pausing(&text, 2, 1);
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(name, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    caught_up(&d, "sis").await;
+    // The target rate-limits user writes and asks for 3 s between attempts.
+    target.inject(Fault::rate_limited(usize::MAX, "3").on_path("/users/"));
+    d.create_user("ada@acme.test").await;
+    let puts = || -> Vec<chrono::DateTime<chrono::Utc>> {
+        target
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PUT" && r.path.contains("/users/"))
+            .map(|r| r.at)
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while puts().len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", puts());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gaps: Vec<i64> = puts()
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_milliseconds())
+        .collect();
+    // The first wait is the backoff's (its first step, before any pause), the others
+    // the pause's; none is shorter than what the target asked.
+    assert!(
+        gaps.iter().all(|g| *g >= 2900),
+        "attempts {gaps:?} ms apart, though each answer said Retry-After: 3"
+    );
+}
