@@ -728,6 +728,28 @@ impl Config {
         }
     }
 
+    /// `edited` (the tenants of this file as it is now) with the SCIM tokens a reload puts
+    /// in force: their `token_hashes`, and their `token_env` when it is unchanged or
+    /// removed. A `token_env` added or renamed keeps the one this daemon started with (none
+    /// for one added), as [`OnDisk::waiting`] says: its variable was read when the daemon
+    /// started, and an operator who has since given it a new value in the environment file
+    /// would get the old one in force, a token perhaps revoked, while the reload's log and
+    /// `rosterd status` said the edit waits for a restart.
+    pub fn tenants_for_token_reload(&self, edited: &[TenantConfig]) -> Vec<TenantConfig> {
+        edited
+            .iter()
+            .map(|t| {
+                let started = self.tenants.iter().find(|s| s.id == t.id);
+                let started_env = started.and_then(|s| s.token_env.clone());
+                let mut applied = t.clone();
+                if t.token_env.is_some() && t.token_env != started_env {
+                    applied.token_env = started_env;
+                }
+                applied
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.version != CONFIG_VERSION {
             return Err(format!(
@@ -1123,7 +1145,8 @@ impl Config {
 /// The keys two config texts give differently, but for what a reload applies of the
 /// tenants' SCIM tokens (and comments and layout): `token_hashes`, and a `token_env`
 /// removed. A `token_env` added or renamed names a variable the daemon read only at its
-/// start: a restart applies it (and fails if it is not set), so it stays a change. A
+/// start: a restart applies it (and fails if it is not set), so it stays a change, and a
+/// reload keeps the one in force ([`Config::tenants_for_token_reload`]). A
 /// reload said only "tenants, group rules, server, schedules" wait: an operator who
 /// edited a tenant's `bundle` or `allow_overrides` and reloaded took the edit as live.
 fn keys_but_tokens(a: &str, b: &str) -> Vec<String> {
@@ -1834,7 +1857,28 @@ mod tests {
         std::fs::write(&path, with_hash('a')).unwrap();
         let config = Config::load(&path).unwrap();
         std::fs::write(&path, with_env("token_env = \"ADDED\"\n")).unwrap();
-        assert!(config.on_disk().changed);
+        let now = config.on_disk();
+        assert!(now.changed);
+        // Waiting, it is not what a reload puts in force either: the tenant keeps the
+        // `token_env` it started with (none), and takes its `token_hashes`.
+        let edited = now.edited.expect("the edit loads");
+        let applied = config.tenants_for_token_reload(&edited.tenants);
+        assert_eq!(applied[0].token_env, None);
+        assert_eq!(applied[0].token_hashes, edited.tenants[0].token_hashes);
+        std::fs::write(&path, with_env("token_env = \"OLD\"\n")).unwrap();
+        let config = Config::load(&path).unwrap();
+        for (env, in_force) in [("NEW", Some("OLD")), ("OLD", Some("OLD"))] {
+            std::fs::write(&path, with_env(&format!("token_env = \"{env}\"\n"))).unwrap();
+            let edited = Config::load(&path).unwrap();
+            let applied = config.tenants_for_token_reload(&edited.tenants);
+            assert_eq!(applied[0].token_env.as_deref(), in_force, "{env}");
+        }
+        std::fs::write(&path, with_hash('a')).unwrap();
+        let edited = Config::load(&path).unwrap();
+        assert_eq!(
+            config.tenants_for_token_reload(&edited.tenants)[0].token_env,
+            None
+        );
         // An edit that would not load is told apart: a restart would fail on it.
         std::fs::write(&path, "version = 1\n[server]\nlistne = 1\n").unwrap();
         let now = config.on_disk();

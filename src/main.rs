@@ -2550,7 +2550,7 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             )?;
         } else {
             outln!(
-                "config file changed since start: {} {} only at the next restart; a reload applies only the tenants' SCIM tokens (rosterd check-config first)",
+                "config file changed since start: {} {} only at the next restart, what the daemon started with staying in force until then; a reload applies only the tenants' token_hashes and a token_env removed (rosterd check-config first)",
                 rosterd::config::waiting_list(&waiting),
                 if waiting.len() == 1 {
                     "applies"

@@ -442,6 +442,10 @@ pub struct BundleState {
     pub load_seconds: Option<f64>,
     pub reload_error: Option<String>,
     pub reload_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether a restart would refuse the file that did not reload: `reload_error` ends
+    /// saying so in words; the metrics' `rosterd_config_file_error` counts it.
+    #[serde(skip)]
+    pub restart_refuses: bool,
     /// A changed bundle being read and trained since then, the one above still in
     /// force: training a large bundle takes minutes, during which nothing else told a
     /// reload under way from one ignored.
@@ -459,6 +463,7 @@ impl BundleState {
             load_seconds: from.map(|(_, took)| (took * 100.0).round() / 100.0),
             reload_error: None,
             reload_error_at: None,
+            restart_refuses: false,
             training_since: None,
         };
     }
@@ -467,16 +472,18 @@ impl BundleState {
         self.training_since = Some(chrono::Utc::now());
     }
 
-    pub fn failed(&mut self, error: &impl std::fmt::Display) {
+    pub fn failed(&mut self, error: &impl std::fmt::Display, restart_refuses: bool) {
         self.training_since = None;
         self.reload_error = Some(error.to_string());
         self.reload_error_at = Some(chrono::Utc::now());
+        self.restart_refuses = restart_refuses;
     }
 
     /// The file loads again (or never changed): no reload error stands.
     pub fn recovered(&mut self) {
         self.reload_error = None;
         self.reload_error_at = None;
+        self.restart_refuses = false;
     }
 }
 

@@ -20,7 +20,8 @@
 //!   `rosterd_review_queue_users`, `rosterd_bundle_archetypes` and
 //!   `rosterd_bundle_reload_failed` (1 while a failed reload's error stands);
 //!   `rosterd_reload_failed{part}` for the SCIM tokens and the Roster API keys;
-//!   `rosterd_config_file_error` (1 while config.toml on disk would not load),
+//!   `rosterd_config_file_error` (1 while a restart would fail: config.toml on disk would
+//!   not load, or a key file or bundle that failed to reload would be refused at start),
 //!   `rosterd_store_size_bytes`, `rosterd_build_info{version}` (1),
 //!   `rosterd_started_after_unclean_stop` (1 when the run before this one was killed or
 //!   crashed).
@@ -239,7 +240,7 @@ fn describe() {
     metrics::counter!(PANICS_TOTAL).increment(0);
     metrics::describe_gauge!(
         RELOAD_FAILED,
-        "1 while the last reload did not apply the `part` (scim_tokens: the tenants' token_env and token_hashes; api_keys: the Roster API's public_keys and jwks_file), so the previous ones stay in force (/status says why), else 0."
+        "1 while the last reload did not apply the `part` (scim_tokens: the tenants' token_env and token_hashes; api_keys: the Roster API's public_keys and jwks_file), so the previous ones stay in force (/status says why, and whether a restart would fail on them, which rosterd_config_file_error counts), else 0."
     );
     metrics::describe_gauge!(
         BUILD_INFO,
@@ -255,7 +256,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         CONFIG_FILE_ERROR,
-        "1 while config.toml, as it is on disk now, does not load (/status shows config_file_error): the next start or restart would fail, else 0."
+        "1 while the next start or restart would fail, else 0: config.toml, as it is on disk now, does not load (/status shows config_file_error), or a file it names did not load at the last reload and a start would refuse it too (the Roster API's key files, under /status reload_errors.api_keys, or a tenant's bundle, its bundle.reload_error; each error ends saying so)."
     );
     metrics::describe_gauge!(
         STORE_FAILED,
@@ -557,11 +558,22 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
     if let Ok(bytes) = st.store.size_on_disk() {
         metrics::gauge!(STORE_SIZE_BYTES).set(bytes as f64);
     }
-    metrics::gauge!(CONFIG_FILE_ERROR).set(if st.config.on_disk().error.is_some() {
-        1.0
-    } else {
-        0.0
-    });
+    // The alert that a restart would fail: on config.toml, or on a file it names that the
+    // last reload could not load and a start would refuse too (the Roster API's key files
+    // or a bundle), each of which stopped the whole daemon, SCIM included, at a restart.
+    let bundle_refused = st
+        .roster
+        .tenants
+        .values()
+        .any(|r| r.bundle_state().restart_refuses);
+    metrics::gauge!(CONFIG_FILE_ERROR).set(
+        if st.config.on_disk().error.is_some() || st.reload_errors.restart_fails() || bundle_refused
+        {
+            1.0
+        } else {
+            0.0
+        },
+    );
     let reload_errors = st.reload_errors.get();
     for part in crate::server::Reloadable::ALL {
         metrics::gauge!(RELOAD_FAILED, "part" => part.as_str()).set(

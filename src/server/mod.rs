@@ -141,6 +141,28 @@ impl From<Reloadable> for &'static str {
 pub struct ReloadError {
     pub error: String,
     pub at: chrono::DateTime<chrono::Utc>,
+    /// Whether a restart would fail on what did not reload. Said in words at the end of
+    /// `error`, as a bundle's reload error says it; kept for the metrics, whose
+    /// `rosterd_config_file_error` is the alert that a restart would fail.
+    #[serde(skip)]
+    pub restart_fails: bool,
+}
+
+/// Why a reload did not apply a part, and whether a restart would fail on it too.
+#[derive(Debug)]
+pub struct NotApplied {
+    pub error: String,
+    pub restart_fails: bool,
+}
+
+impl NotApplied {
+    /// A part a restart reads afresh: what the reload refused says nothing of a restart.
+    pub fn for_reload(error: impl std::fmt::Display) -> Self {
+        NotApplied {
+            error: error.to_string(),
+            restart_fails: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -149,7 +171,7 @@ pub struct ReloadErrors(std::sync::Mutex<std::collections::BTreeMap<Reloadable, 
 impl ReloadErrors {
     /// Record what the reload did with `part`: an error stands until a later reload
     /// applies the part.
-    pub fn record<E: std::fmt::Display>(&self, part: Reloadable, outcome: Result<(), E>) {
+    pub fn record(&self, part: Reloadable, outcome: Result<(), &NotApplied>) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match outcome {
             Ok(()) => {
@@ -159,12 +181,22 @@ impl ReloadErrors {
                 map.insert(
                     part,
                     ReloadError {
-                        error: e.to_string(),
+                        error: e.error.clone(),
                         at: chrono::Utc::now(),
+                        restart_fails: e.restart_fails,
                     },
                 );
             }
         }
+    }
+
+    /// Whether a part that did not reload would make a restart fail.
+    pub fn restart_fails(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|e| e.restart_fails)
     }
 
     pub fn get(&self) -> std::collections::BTreeMap<Reloadable, ReloadError> {
@@ -647,7 +679,7 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
     loop {
         tokio::select! {
             by = reloads.next() => {
-                tracing::info!("{by}; reloading connectors and archetype bundles.");
+                tracing::info!("{by}; reloading connectors, archetype bundles, the tenants' SCIM tokens and the Roster API's key files.");
                 reload(&state).await;
             }
             _ = shutdown.cancelled() => return,
@@ -657,10 +689,10 @@ async fn reload_on(mut reloads: ReloadSource, state: Arc<AppState>, shutdown: Ca
 
 /// What a reload did with `part`, recorded for `/status` and the metrics; a failure is
 /// counted and logged (the part in force before stays). The part's result when applied.
-fn settle<T, E: std::fmt::Display>(
+fn settle<T>(
     state: &AppState,
     part: Reloadable,
-    outcome: Result<T, E>,
+    outcome: Result<T, NotApplied>,
     failed: &mut usize,
 ) -> Option<T> {
     state.reload_errors.record(part, outcome.as_ref().map(drop));
@@ -672,8 +704,56 @@ fn settle<T, E: std::fmt::Display>(
                 Reloadable::ScimTokens => "SCIM tokens",
                 Reloadable::ApiKeys => "Roster API keys",
             };
-            tracing::error!(error = %e, "{what} not reloaded; those in force stay.");
+            if e.restart_fails {
+                tracing::error!(error = %e.error, "{what} not reloaded; those in force stay, but a restart would fail on these files: rosterd would not start at all, SCIM included. Fix them and reload (rosterd check-config) before any restart.");
+            } else {
+                tracing::error!(error = %e.error, "{what} not reloaded; those in force stay.");
+            }
             None
+        }
+    }
+}
+
+/// The Roster API's key files did not reload: the error, saying whether a restart would
+/// fail on them too. The start reads them and refuses to run without them, SCIM
+/// included, and "those in force stay" led an operator to restart to force the new keys
+/// in. Judged as for a bundle: by config.toml as a restart would read it.
+async fn api_keys_not_applied(
+    state: &AppState,
+    edited: Option<&Config>,
+    e: JwtError,
+) -> NotApplied {
+    // The `[api.jwt]` the daemon started with reads the files that just failed; only an
+    // edit of it since may name others.
+    let restart_loads = match edited {
+        Some(c) => {
+            let c = c.clone();
+            let env = state.env.clone();
+            tokio::task::spawn_blocking(move || match &c.api.jwt {
+                Some(j) => matches!(
+                    JwtVerifier::from_config(j, &c.base_dir, &|v| env(v)),
+                    Ok(_) | Err(JwtError::SecretUnset { .. })
+                ),
+                None => true,
+            })
+            .await
+            .unwrap_or(false)
+        }
+        None => false,
+    };
+    if restart_loads {
+        NotApplied {
+            error: format!(
+                "{e} — config.toml as edited since the start names Roster API keys that load ([api.jwt] is read only at start): a restart applies them"
+            ),
+            restart_fails: false,
+        }
+    } else {
+        NotApplied {
+            error: format!(
+                "{e} — a restart would refuse this file too: rosterd would not start, SCIM included"
+            ),
+            restart_fails: true,
         }
     }
 }
@@ -729,7 +809,7 @@ pub async fn reload(state: &Arc<AppState>) {
         match &on_disk.error {
             None => tracing::warn!(
                 waiting = %crate::config::waiting_list(&on_disk.waiting),
-                "The config file changed since start; a reload applies only the tenants' SCIM tokens from it: the keys named wait for a restart (rosterd check-config first). Connectors and bundles are reloaded now, from the paths the daemon started with."
+                "The config file changed since start; a reload applies only the tenants' token_hashes and a token_env removed from it: the keys named wait for a restart (rosterd check-config first), what the daemon started with staying in force until then (a token_env added or renamed included: its variable is read at start). Connectors and bundles are reloaded now, from the paths the daemon started with."
             ),
             // A file that no longer reads (its mode changed, say) was said to be edited.
             Some(e @ crate::config::ConfigError::Read { source, .. })
@@ -759,33 +839,37 @@ pub async fn reload(state: &Arc<AppState>) {
     // The file as it is now: as edited, or as the daemon started (an edit undone), not
     // one that does not load.
     let tenants = match (&on_disk.edited, on_disk.changed) {
-        (Some(edited), _) => Some(&edited.tenants),
-        (None, false) => Some(&state.config.tenants),
+        (Some(edited), _) => Some(state.config.tenants_for_token_reload(&edited.tenants)),
+        (None, false) => Some(state.config.tenants.clone()),
         (None, true) => {
             // A typo made while rotating a leaked token leaves the old one working: the
             // alert on the tokens must fire, not only the config file's error.
             state.reload_errors.record(
                 Reloadable::ScimTokens,
-                Err(format!(
+                // That a restart would fail is config_file_error's to say.
+                Err(&NotApplied::for_reload(format!(
                     "config.toml does not load as it is now ({}), so no token was read from it",
                     on_disk
                         .error
                         .as_ref()
                         .map_or_else(|| "unknown error".to_owned(), |e| e.to_string())
-                )),
+                ))),
             );
             None
         }
     };
     if let Some(tenants) = tenants {
-        let outcome = state.tokens.reload(tenants, |v| (state.env)(v));
+        let outcome = state
+            .tokens
+            .reload(&tenants, |v| (state.env)(v))
+            .map_err(NotApplied::for_reload);
         for tenant in settle(state, Reloadable::ScimTokens, outcome, &mut failed)
             .into_iter()
             .flatten()
         {
-            tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_env and token_hashes as they are now.");
+            tracing::info!(%tenant, "SCIM tokens reloaded from the config file: the tenant's token_hashes as they are now, and its token_env unless one was added or renamed (that waits for a restart).");
         }
-        for warning in auth::short_tokens(tenants, |v| (state.env)(v)) {
+        for warning in auth::short_tokens(&tenants, |v| (state.env)(v)) {
             tracing::warn!("{warning}");
         }
     }
@@ -795,6 +879,10 @@ pub async fn reload(state: &Arc<AppState>) {
             .roster
             .verifier
             .reload(jwt, &state.config.base_dir, &|v| (state.env)(v));
+        let outcome = match outcome {
+            Ok(changed) => Ok(changed),
+            Err(e) => Err(api_keys_not_applied(state, on_disk.edited.as_ref(), e).await),
+        };
         if settle(state, Reloadable::ApiKeys, outcome, &mut failed) == Some(true) {
             tracing::info!("Roster API keys reloaded: public_keys and jwks_file as they are now.");
         }
@@ -846,7 +934,7 @@ pub async fn reload(state: &Arc<AppState>) {
                     tracing::error!(tenant = %t.id, error = %e, "Bundle not reloaded; the previous one stays in effect, but a restart would refuse this file. (Group rules are checked as config.toml had them at start.)");
                     format!("{e} — a restart would refuse this file too")
                 };
-                roster.set_bundle_state(|b| b.failed(&error));
+                roster.set_bundle_state(|b| b.failed(&error, !restart_loads));
                 continue;
             }
         };

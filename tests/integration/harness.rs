@@ -82,6 +82,8 @@ pub struct Options {
     pub bundle: String,
     /// More keys for `[api.jwt]` (e.g. `public_keys`).
     pub jwt_extra: String,
+    /// More keys of the first tenant's `[[tenants]]` entry, such as a `token_env`.
+    pub tenant_extra: String,
     /// Files (name, text) written beside config.toml at every start, such as key files.
     pub files: Vec<(String, String)>,
 }
@@ -98,6 +100,7 @@ impl Default for Options {
             allow_overrides: true,
             bundle: BUNDLE.to_owned(),
             jwt_extra: String::new(),
+            tenant_extra: String::new(),
             files: vec![],
         }
     }
@@ -127,6 +130,7 @@ token_hashes = ["{hash}"]
 bundle = "bundle.toml"
 allow_overrides = {allow_overrides}
 idp = "azure-ad"
+{tenant_extra}
 group_rules = [{{ group = "Engineering Leads", archetype = "eng_lead" }}]
 group_roles = [{{ group = "engineering leads", role = "admin" }}]
 [[tenants]]
@@ -138,6 +142,7 @@ allow_overrides = false
 "#,
         extra = opts.config_extra,
         jwt_extra = opts.jwt_extra,
+        tenant_extra = opts.tenant_extra,
         data = root.join("data"),
         max_body = opts.max_body_bytes,
         client_timeout = opts.client_timeout_secs,

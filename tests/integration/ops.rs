@@ -225,7 +225,7 @@ async fn a_reload_says_when_the_edited_config_file_would_not_start() {
 /// `rosterd_config_file_error` as a scrape of `d` sets it. The recorder is the process's:
 /// another test's daemon scraped at the same moment sets the gauge for its own file, so
 /// the value read is the one a scrape of `d` agrees on twice.
-async fn config_file_error_metric(d: &TestDaemon) -> f64 {
+pub(crate) async fn config_file_error_metric(d: &TestDaemon) -> f64 {
     let read = || async {
         let (_, samples) = crate::metrics::scrape(d).await;
         crate::metrics::value(&samples, "rosterd_config_file_error", &[]).unwrap()
@@ -1004,9 +1004,13 @@ async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
     use crate::harness::{JWT_AUDIENCE, Options};
     use crate::metrics::{scrape, value};
     use rosterd::api::jwt::testing::{EC_P256_PRIVATE as EC_PRIVATE, EC_P256_PUBLIC as EC_PUBLIC};
+    use rosterd::server::auth::{TokenHash, new_token};
+    let (from_env, _) = new_token();
     let d = TestDaemon::start_with(Options {
         jwt_extra: "public_keys = [\"issuer.pem\"]".to_owned(),
         files: vec![("issuer.pem".to_owned(), EC_PUBLIC.to_owned())],
+        env: vec![("ACME_SCIM_TOKEN".to_owned(), from_env.clone())],
+        tenant_extra: "token_env = \"ACME_SCIM_TOKEN\"".to_owned(),
         ..Options::default()
     })
     .await;
@@ -1044,8 +1048,15 @@ async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
     std::fs::write(d.root.join("issuer.pem"), "not a key\n").unwrap();
     let config = d.root.join("config.toml");
     let first = std::fs::read_to_string(&config).unwrap();
-    let unset = format!("id = \"{TENANT}\"\ntoken_env = \"ROSTERD_TEST_NEVER_SET\"");
-    let edited = first.replacen(&format!("id = \"{TENANT}\""), &unset, 1);
+    // The other tenant given the hash of the token the first one's token_env holds: the
+    // file loads (it cannot know the variable's value), the tokens do not.
+    let other = format!("token_hashes = [\"{}\"]", TokenHash::of(&d.other_token));
+    let shared = format!(
+        "token_hashes = [\"{}\", \"{}\"]",
+        TokenHash::of(&d.other_token),
+        TokenHash::of(&from_env)
+    );
+    let edited = first.replacen(&other, &shared, 1);
     assert_ne!(edited, first);
     std::fs::write(&config, &edited).unwrap();
     d.reload().await;
@@ -1054,10 +1065,7 @@ async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
     let e = errors().await;
     let said = |part: &str| e[part]["error"].as_str().unwrap_or_default().to_owned();
     assert!(said("api_keys").contains("issuer.pem"), "{e}");
-    assert!(
-        said("scim_tokens").contains("ROSTERD_TEST_NEVER_SET"),
-        "{e}"
-    );
+    assert!(said("scim_tokens").contains("same SCIM token"), "{e}");
     assert!(e["api_keys"]["at"].is_string(), "{e}");
     assert_eq!(
         (failed("api_keys").await, failed("scim_tokens").await),
@@ -1130,4 +1138,213 @@ fn expected_version() -> String {
         Some(commit) if own => format!("{}+git.{commit}", env!("CARGO_PKG_VERSION")),
         _ => env!("CARGO_PKG_VERSION").to_owned(),
     }
+}
+
+/// What each of `tokens` is answered at the tenant's `/Users`.
+async fn scim_answers(d: &TestDaemon, tokens: &[&str]) -> Vec<u16> {
+    let mut out = Vec::new();
+    for t in tokens {
+        let r = d
+            .raw(Method::GET, &d.scim_url("/Users"), Some(t), &[], None)
+            .await;
+        out.push(r.status.as_u16());
+    }
+    out
+}
+
+/// A `token_env` added to a tenant, or renamed, waits for the restart that the reload's
+/// log and `rosterd status` say it waits for: its variable was read when the daemon
+/// started, and a reload put that value in force (a token revoked an hour earlier opened
+/// another tenant) while both said the key applies only at the next restart. A restart
+/// applies it; a `token_env` removed is applied by the reload.
+#[tokio::test]
+async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
+    use crate::harness::Options;
+    use rosterd::server::auth::new_token;
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (first, _) = new_token();
+    let (second, _) = new_token();
+    let d = TestDaemon::start_with(Options {
+        env: vec![
+            ("ACME_SCIM_TOKEN".to_owned(), first.clone()),
+            ("ACME_SCIM_TOKEN_2".to_owned(), second.clone()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    let own = d.token.clone();
+    let tokens = [own.as_str(), first.as_str(), second.as_str()];
+    let key = format!("tenants.{TENANT}.token_env");
+    let waiting = |s: &Value| s["config_keys_waiting_for_restart"].clone();
+
+    let added = started.replacen(
+        &format!("id = \"{TENANT}\""),
+        &format!("id = \"{TENANT}\"\ntoken_env = \"ACME_SCIM_TOKEN\""),
+        1,
+    );
+    assert_ne!(added, started);
+    std::fs::write(&config, &added).unwrap();
+    d.reload().await;
+    // Not in force, as the reload and the status say.
+    assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
+    let s = d.status().await;
+    assert_eq!(waiting(&s), json!([key]), "{s}");
+    assert!(s["reload_errors"].get("scim_tokens").is_none(), "{s}");
+    let said = logs.lines("The config file changed since start");
+    assert!(said.len() == 1 && said[0].contains(&key), "{said:?}");
+    assert!(logs.lines("SCIM tokens reloaded").is_empty());
+    // The reload's first line names all it reloads, the tokens included.
+    assert_eq!(
+        logs.lines("reloading connectors, archetype bundles, the tenants' SCIM tokens and the Roster API's key files")
+            .len(),
+        1
+    );
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = crate::cli::rosterd_async(&["status", "--url", &url]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("{key} applies only at the next restart")),
+        "{out}"
+    );
+
+    // A start with it puts it in force.
+    let d = d
+        .restart_with(|o| o.tenant_extra = "token_env = \"ACME_SCIM_TOKEN\"".to_owned())
+        .await;
+    assert_eq!(scim_answers(&d, &tokens).await, [200, 200, 401]);
+    let with_first = std::fs::read_to_string(&config).unwrap();
+    assert_eq!(d.status().await["config_changed_since_start"], false);
+
+    // Renamed: the variable the daemon started with stays in force until a restart.
+    std::fs::write(
+        &config,
+        with_first.replace("\"ACME_SCIM_TOKEN\"", "\"ACME_SCIM_TOKEN_2\""),
+    )
+    .unwrap();
+    d.reload().await;
+    assert_eq!(scim_answers(&d, &tokens).await, [200, 200, 401]);
+    assert_eq!(waiting(&d.status().await), json!([key]));
+
+    // Removed: the reload applies it, and nothing waits.
+    std::fs::write(
+        &config,
+        with_first.replace("token_env = \"ACME_SCIM_TOKEN\"\n", ""),
+    )
+    .unwrap();
+    d.reload().await;
+    assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
+    assert_eq!(d.status().await["config_changed_since_start"], false);
+}
+
+/// A JWKS with the public half of `rosterd::api::jwt::testing::EC_P256_PRIVATE`, as `k1`.
+const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"7-rS5LWxOMAax0YWlGALfYZnViO_FgJ8z4RKu7lUzcs","y":"r_wZY0Rl1dhyTXfqyc5PlQK5ZRfJTp2b1uLDyzIvIH4"}]}"#;
+
+/// What the Roster API answers a token signed by the JWKS's key.
+async fn jwks_answer(d: &TestDaemon) -> u16 {
+    use crate::harness::JWT_AUDIENCE;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".to_owned());
+    let key = rosterd::api::jwt::testing::EC_P256_PRIVATE;
+    let token = jsonwebtoken::encode(
+        &header,
+        &json!({
+            "sub": "it.admin@acme.test",
+            "tenant": TENANT,
+            "scope": "roster:read",
+            "aud": JWT_AUDIENCE,
+            "exp": chrono::Utc::now().timestamp() + 3600,
+        }),
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    d.roster(Method::GET, "/archetypes", &token, None)
+        .await
+        .status
+        .as_u16()
+}
+
+async fn api_keys_error(d: &TestDaemon) -> String {
+    d.status().await["reload_errors"]["api_keys"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A JWKS file that does not load at a reload keeps the keys in force, and says that a
+/// restart would fail on it: the start refuses to run without the Roster API's keys,
+/// SCIM included, and "those in force stay" alone led an operator to restart to force
+/// the new keys in. Said as for a bundle (the error ends so) and counted where an alert
+/// already watches for a restart that would fail (`rosterd_config_file_error`).
+#[tokio::test]
+async fn a_key_file_that_does_not_reload_says_a_restart_would_fail() {
+    use crate::harness::Options;
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let jwt_extra = || "jwks_file = \"jwks.json\"".to_owned();
+    let d = TestDaemon::start_with(Options {
+        jwt_extra: jwt_extra(),
+        files: vec![
+            ("jwks.json".to_owned(), JWKS.to_owned()),
+            ("other.json".to_owned(), JWKS.to_owned()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(jwks_answer(&d).await, 200);
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+
+    // A rotation gone wrong: a truncated upload.
+    std::fs::write(d.root.join("jwks.json"), "{\"keys\":[\n").unwrap();
+    d.reload().await;
+    assert_eq!(jwks_answer(&d).await, 200, "the keys in force stay");
+    let e = api_keys_error(&d).await;
+    assert!(
+        e.contains("jwks.json")
+            && e.ends_with(
+                "a restart would refuse this file too: rosterd would not start, SCIM included"
+            ),
+        "{e}"
+    );
+    let said = logs.lines("Roster API keys not reloaded");
+    assert!(
+        said.len() == 1 && said[0].contains("a restart would fail"),
+        "{said:?}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = crate::cli::rosterd_async(&["status", "--url", &url]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("ROSTER API KEYS NOT reloaded")
+            && out.contains("a restart would refuse this file too"),
+        "{out}"
+    );
+
+    // config.toml edited since the start to name a file that loads: a restart would
+    // start, on that file.
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, started.replace("\"jwks.json\"", "\"other.json\"")).unwrap();
+    d.reload().await;
+    let e = api_keys_error(&d).await;
+    assert!(e.ends_with("a restart applies them"), "{e}");
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+    std::fs::write(&config, &started).unwrap();
+    d.reload().await;
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+
+    // What was said is so: a start on that file fails.
+    let mut d = d.restart_with(|o| o.jwt_extra = jwt_extra()).await;
+    let stopped = d.exited(std::time::Duration::from_secs(30)).await;
+    assert!(
+        matches!(&stopped, Err(e) if e.to_string().contains("jwks.json")),
+        "{stopped:?}"
+    );
+    // Fixed: nothing stands.
+    std::fs::write(d.root.join("jwks.json"), JWKS).unwrap();
+    let d = d.restart_with(|o| o.jwt_extra = jwt_extra()).await;
+    assert_eq!(jwks_answer(&d).await, 200);
+    assert!(api_keys_error(&d).await.is_empty());
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
 }

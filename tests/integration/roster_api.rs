@@ -715,6 +715,8 @@ async fn a_bundle_refused_by_the_starting_group_rules_says_when_a_restart_would_
         error.ends_with("a restart would refuse this file too"),
         "{error}"
     );
+    // Where an alert watches for a restart that would fail.
+    assert_eq!(crate::ops::config_file_error_metric(&d).await, 1.0);
     // The rule fixed as the error says. Rules are read only at start, so the reload is
     // refused again, but a restart would now load both, and the error says so (before, it
     // still said a restart would fail).
@@ -729,6 +731,7 @@ async fn a_bundle_refused_by_the_starting_group_rules_says_when_a_restart_would_
     d.reload().await;
     let error = reload_error(&d.status().await);
     assert!(error.ends_with("a restart applies both"), "{error}");
+    assert_eq!(crate::ops::config_file_error_metric(&d).await, 0.0);
     // check-config loads what a start would: it agrees.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
         .args(["check-config", "--config", config.to_str().unwrap()])
