@@ -31,6 +31,7 @@ use tracing::Instrument;
 
 mod guard;
 mod reconcile;
+mod seqs;
 
 pub use reconcile::{
     DISABLED_NOTE, DriftItem, DriftReport, HELD_CSV_NOTE, OWN_SCHEDULE_CSV_NOTE, ReconcileMode,
@@ -45,6 +46,7 @@ use crate::connectors::{ConnectorConfig, Kind, Loaded, Plan, Unloaded};
 use crate::ops::metrics as counters;
 use crate::scim::ResourceKind;
 use crate::store::{ChangeEvent, DeadLetter, RefusalPause, Store, StoreError, TargetResponse};
+use seqs::Seqs;
 
 /// A stored cursor of a connector that is not loaded.
 struct Held {
@@ -1026,7 +1028,7 @@ impl Drop for Repairing<'_> {
 #[derive(Debug, Clone)]
 pub(super) struct Acked {
     pub cursor: u64,
-    pub above: Arc<Vec<u64>>,
+    pub above: Arc<Seqs>,
 }
 
 impl Ctx {
@@ -2396,9 +2398,10 @@ struct Progress {
     /// The cursor as last written.
     persisted: u64,
     in_flight: std::collections::BTreeSet<u64>,
-    /// Finished changes above the written cursor, with the delivered-content hashes not
-    /// written yet.
+    /// Finished changes since the last write, with their delivered-content hashes.
     finished: BTreeMap<u64, Hashes>,
+    /// Finished changes above the written cursor, whose hashes are written.
+    done: Seqs,
     /// Whether a change finished since the last write.
     unsaved: bool,
     /// Changes a stop or reload recorded as acknowledged, not read again yet.
@@ -2413,16 +2416,16 @@ struct Progress {
 /// megabytes long. Those past it are sent again after a stop, as all were before.
 const MAX_ACKED_RECORDED: usize = 1000;
 
-/// Of the changes acknowledged above the cursor (in order), those the store keeps: the
-/// nearest the cursor.
-fn recorded(acked: &[u64]) -> Vec<u64> {
-    acked[..acked.len().min(MAX_ACKED_RECORDED)].to_vec()
+/// Of the changes acknowledged above the cursor, those the store keeps: the nearest the
+/// cursor.
+fn recorded(acked: &Seqs) -> Vec<u64> {
+    acked.iter().take(MAX_ACKED_RECORDED).collect()
 }
 
 /// What [`Progress::take`] gives to write: the cursor, the changes above it that are
-/// finished too (in order; the first [`MAX_ACKED_RECORDED`] are written), and the hashes
-/// not written yet.
-type ToWrite = (u64, Vec<u64>, Hashes);
+/// finished too (the first [`MAX_ACKED_RECORDED`] are written), and the hashes not
+/// written yet.
+type ToWrite = (u64, Seqs, Hashes);
 
 impl Progress {
     /// Every change up to this one was acknowledged or dead-lettered.
@@ -2480,16 +2483,19 @@ impl Progress {
         if cursor <= self.persisted && !self.unsaved {
             return None;
         }
-        let hashes = self
-            .finished
-            .values_mut()
-            .flat_map(std::mem::take)
-            .collect();
-        self.finished = self.finished.split_off(&(cursor + 1));
+        let finished = std::mem::take(&mut self.finished);
+        let mut hashes = Vec::new();
+        for (seq, h) in finished {
+            hashes.extend(h);
+            if seq > cursor {
+                self.done.insert(seq);
+            }
+        }
+        self.done.remove_through(cursor);
         self.persisted = cursor;
         self.unsaved = false;
-        let mut acked: Vec<u64> = self.finished.keys().chain(&self.ahead).copied().collect();
-        acked.sort_unstable();
+        let mut acked = self.done.clone();
+        acked.extend(&self.ahead.iter().copied().collect());
         Some((cursor, acked, hashes))
     }
 }
@@ -2517,6 +2523,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
         persisted: start,
         in_flight: Default::default(),
         finished: BTreeMap::new(),
+        done: Seqs::default(),
         unsaved: false,
         ahead: ctx
             .store
@@ -4583,6 +4590,7 @@ mod tests {
             persisted: 10,
             in_flight: [11, 12, 13, 14].into(),
             finished: BTreeMap::new(),
+            done: Seqs::default(),
             unsaved: false,
             // Recorded by the last stop, not read again yet.
             ahead: [20, 21].into(),
@@ -4593,7 +4601,7 @@ mod tests {
         p.finish(13, vec![]);
         let (cursor, acked, hashes) = p.take().unwrap();
         assert_eq!(cursor, 10);
-        assert_eq!(acked, [12, 13, 20, 21]);
+        assert_eq!(acked.iter().collect::<Vec<_>>(), [12, 13, 20, 21]);
         assert_eq!(hashes, [("User/a".to_owned(), Some(1))]);
         assert!(p.take().is_none(), "nothing new to write");
         p.finish(11, vec![]);
@@ -4602,13 +4610,13 @@ mod tests {
         assert!(!p.take_acked(22));
         p.read = 20;
         let (cursor, acked, hashes) = p.take().unwrap();
-        assert_eq!((cursor, acked), (20, vec![21]));
+        assert_eq!((cursor, acked.iter().collect()), (20, vec![21]));
         assert!(hashes.is_empty());
         // One object stuck while thousands go through: all of them, in order (the
         // record keeps those nearest the cursor, a reconciliation reads them all).
         assert!(p.take_acked(21));
         p.read = 21;
-        assert_eq!(p.take().unwrap().1, Vec::<u64>::new());
+        assert_eq!(p.take().unwrap().1, Seqs::default());
         p.in_flight.insert(22);
         for seq in 23..3000 {
             p.in_flight.insert(seq);
@@ -4617,12 +4625,31 @@ mod tests {
         p.read = 2999;
         let (cursor, acked, _) = p.take().unwrap();
         assert_eq!(cursor, 21);
-        assert_eq!(acked, (23..3000).collect::<Vec<_>>());
+        assert_eq!(
+            acked.iter().collect::<Vec<_>>(),
+            (23..3000).collect::<Vec<_>>()
+        );
         assert_eq!(
             recorded(&acked),
             (23..23 + MAX_ACKED_RECORDED as u64).collect::<Vec<_>>()
         );
+        // A million more behind the same stuck change are kept as the one range they
+        // make, not a million entries sorted again at every write.
+        for seq in 3000..1_003_000 {
+            p.in_flight.insert(seq);
+            p.finish(seq, vec![]);
+            if seq % 100_000 == 0 {
+                p.take();
+            }
+        }
+        p.read = 1_002_999;
+        let (cursor, acked, _) = p.take().unwrap();
+        assert_eq!(cursor, 21);
+        assert_eq!(acked, (23..1_003_000).collect());
+        assert_eq!(p.done, acked);
+        assert!(p.finished.is_empty());
     }
+
     use crate::store::ChangeOp;
 
     #[tokio::test(start_paused = true)]

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tracing::Instrument;
 
+use super::seqs::Seqs;
 use super::{Acked, Ctx, DispatchError, Dispatcher, Sent, Target};
 use crate::connectors::csv::CsvError;
 use crate::connectors::http::Request;
@@ -199,14 +200,12 @@ impl Pending {
             // (CI caught a dead-lettered user reported as not drifted). The store alone
             // keeps only the first acknowledgements above its cursor, hence both.
             pending.seen = store.cursor(tenant, owner)?;
-            let mut acked = store.acked_above(tenant, owner)?;
+            let mut acked: Seqs = store.acked_above(tenant, owner)?.into_iter().collect();
             if let Some(live) = live {
                 pending.seen = pending.seen.max(live.cursor);
-                acked.extend(live.above.iter());
+                acked.extend(&live.above);
             }
-            acked.retain(|&s| s > pending.seen);
-            acked.sort_unstable();
-            acked.dedup();
+            acked.remove_through(pending.seen);
             // Skipped at a hold while a change before them was in flight: never to be
             // sent, so their objects are the reconciliation's to put right (the skip's
             // own reconciliation left them, and still said it succeeded).
@@ -246,7 +245,7 @@ impl Pending {
         store: &Store,
         tenant: &str,
         s: &OneRosterSettings,
-        acked: &[u64],
+        acked: &Seqs,
     ) -> Result<(), StoreError> {
         loop {
             let page = store.changes(tenant, self.seen, 1000)?;
@@ -257,7 +256,7 @@ impl Pending {
             let waiting: Vec<&ChangeEvent> = page
                 .iter()
                 .filter(|e| {
-                    acked.binary_search(&e.seq).is_err()
+                    !acked.contains(e.seq)
                         && !self.skipped.iter().any(|&(a, t)| a < e.seq && e.seq <= t)
                 })
                 .collect();
@@ -341,7 +340,7 @@ impl Pending {
     ) -> Result<bool, StoreError> {
         // Acknowledged or not: the repair was built before it.
         if !self.unreadable
-            && let Err(e) = self.read_on(store, tenant, s, &[])
+            && let Err(e) = self.read_on(store, tenant, s, &Seqs::default())
         {
             self.unreadable = true;
             return Err(e);
@@ -447,7 +446,7 @@ fn shared_sends(
             seen,
             ..Pending::default()
         };
-        let read = news.read_on(store, tenant, s, &[]);
+        let read = news.read_on(store, tenant, s, &Seqs::default());
         let mut p = lock(pending);
         // What was read is right even when the read broke off.
         p.merge(news);
@@ -1691,7 +1690,7 @@ mod tests {
             .unwrap();
         let live = crate::dispatch::Acked {
             cursor: seqs[0],
-            above: Arc::new(vec![seqs[3]]),
+            above: Arc::new([seqs[3]].into_iter().collect()),
         };
         let pending = Pending::read(&store, "t", "or", &s, Some(live));
         let waiting: Vec<bool> = ids.iter().map(|id| pending.user(id)).collect();
@@ -1699,7 +1698,7 @@ mod tests {
         // Published past what the store keeps: cy's acknowledgement only there.
         let live = crate::dispatch::Acked {
             cursor: seqs[1],
-            above: Arc::new(vec![seqs[2], seqs[3]]),
+            above: Arc::new([seqs[2], seqs[3]].into_iter().collect()),
         };
         let pending = Pending::read(&store, "t", "or", &s, Some(live));
         let waiting: Vec<bool> = ids.iter().map(|id| pending.user(id)).collect();
