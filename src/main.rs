@@ -166,7 +166,9 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// List, replay or discard a connector's dead letters on a running daemon.
+    /// List, replay or discard a connector's dead letters on a running daemon. List and
+    /// discard also take a connector that is not loaded or is retired, whose letters
+    /// stay in the store; a replay needs it loaded.
     DeadLetters {
         #[command(flatten)]
         daemon: DaemonArgs,
@@ -199,7 +201,8 @@ enum Command {
     },
     /// Retire a connector that is not loaded (its file was removed while the daemon was
     /// stopped): its stored cursor stops holding back change-log compaction, and what it
-    /// never delivered may be dropped.
+    /// never delivered may be dropped. Its dead letters stay until discarded
+    /// (`rosterd dead-letters … discard CONNECTOR --all`).
     Retire {
         #[command(flatten)]
         daemon: DaemonArgs,
@@ -2054,6 +2057,13 @@ fn retire(daemon: &DaemonArgs, tenant: &str, connector: &str) -> Result<()> {
     outln!(
         "{connector}: retired; the {undelivered} change(s) it never delivered may be compacted away"
     )?;
+    // Older daemons do not say; a retirement that leaves letters must.
+    if let Some(n) = body["dead_letters"].as_u64().filter(|&n| n > 0) {
+        outln!(
+            "{connector}: {} kept in the store until discarded: `rosterd dead-letters --tenant {tenant} list {connector}`, then `discard {connector} --all`",
+            rosterd::text::plural(n, "dead letter")
+        )?;
+    }
     Ok(())
 }
 
@@ -2236,10 +2246,11 @@ fn connectors_summary(
             .collect()
     };
     let (all, not_loaded) = (of_shown("connectors"), of_shown("unloaded_connectors"));
+    let retired = of_shown("retired_connectors");
     let unloaded: Vec<String> = not_loaded.iter().map(|c| named(c)).collect();
     // Every tenant's, as listed below: a file that does not load may name none.
     let bad_files = s["connector_errors"].as_array().map_or(0, Vec::len);
-    if all.is_empty() && unloaded.is_empty() && bad_files == 0 {
+    if all.is_empty() && unloaded.is_empty() && retired.is_empty() && bad_files == 0 {
         return None;
     }
     let (mut running, mut paused, mut other) = (0usize, Vec::new(), Vec::new());
@@ -2278,6 +2289,7 @@ fn connectors_summary(
     let lettered: Vec<(String, u64)> = all
         .iter()
         .chain(&not_loaded)
+        .chain(&retired)
         .map(|c| (named(c), c["dead_letters"].as_u64().unwrap_or(0)))
         .filter(|(_, n)| *n > 0)
         .collect();
@@ -2419,6 +2431,21 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
                 "connector {}/{} is not loaded",
                 str_of(&c["tenant"]),
                 str_of(&c["name"])
+            ));
+        }
+    }
+    // Refused requests, personal data, kept until discarded: as much the operator's as
+    // a running connector's.
+    for c in s["retired_connectors"].as_array().into_iter().flatten() {
+        if let Some(n) = c["dead_letters"]
+            .as_u64()
+            .filter(|&n| n > 0 && shown(&c["tenant"]))
+        {
+            out.push(format!(
+                "retired connector {}/{} holds {}",
+                str_of(&c["tenant"]),
+                str_of(&c["name"]),
+                rosterd::text::plural(n, "dead letter")
             ));
         }
     }
@@ -2722,6 +2749,20 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             u["lag_events"],
             u["lag_seconds"].as_f64().unwrap_or(0.0),
             u["dead_letters"]
+        )?;
+    }
+    for r in s["retired_connectors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        if !shown(r["tenant"].as_str()) {
+            continue;
+        }
+        let (name, tenant) = (str_of(&r["name"]), str_of(&r["tenant"]));
+        outln!(
+            "connector {name} (tenant {tenant}): RETIRED, nothing is delivered; {} kept in the store until discarded: `rosterd dead-letters --tenant {tenant} list {name}`, then `discard {name} --all`",
+            rosterd::text::plural(r["dead_letters"].as_u64().unwrap_or(0), "dead letter"),
         )?;
     }
     let errors = s["connector_errors"]

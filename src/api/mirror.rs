@@ -55,6 +55,7 @@ impl From<DispatchError> for ApiError {
                 ApiError::NotFound(e.to_string())
             }
             DispatchError::NotRunning(..)
+            | DispatchError::NotLoaded(..)
             | DispatchError::NotRetirable(..)
             | DispatchError::Refused(..) => ApiError::Conflict(e.to_string()),
             DispatchError::ReplayFailed(_) => ApiError::Upstream(e.to_string()),
@@ -393,6 +394,7 @@ async fn retire(
     Ok(Json(json!({
         "retired": name,
         "undelivered": r.undelivered,
+        "dead_letters": r.dead_letters,
         "was_retired": r.was_retired,
     }))
     .into_response())

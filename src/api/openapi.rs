@@ -359,22 +359,24 @@ pub fn openapi_document() -> Value {
             "/api/v1/roster/connectors/{name}/retire": {"post": {
                 "operationId": "retireConnector", "summary": "Stop a connector that is not loaded from holding back change-log compaction: it is gone for good (roster:admin)",
                 "parameters": [path_param("name", "The connector's name")],
-                "responses": common_errors(json!({"200": ok_json("Retired", json!({"type": "object", "required": ["retired", "undelivered", "was_retired"], "properties": {"retired": {"type": "string", "description": "The connector's name"}, "undelivered": {"type": "integer", "description": "Changes it had not delivered, which compaction may now drop (0 when it was already retired)"}, "was_retired": {"type": "boolean", "description": "It was retired already, and nothing changed"}}}))}), &[("404", "No stored cursor of that name holds compaction for this tenant, and none was retired under it"), ("409", "The connector is loaded (remove its file and reload), or a connector file that does not load may name it (conflict)")])
+                "responses": common_errors(json!({"200": ok_json("Retired", json!({"type": "object", "required": ["retired", "undelivered", "was_retired"], "properties": {"retired": {"type": "string", "description": "The connector's name"}, "undelivered": {"type": "integer", "description": "Changes it had not delivered, which compaction may now drop (0 when it was already retired)"}, "dead_letters": {"type": "integer", "description": "Its dead letters, which stay in the store until discarded (listDeadLetters and discardDeadLetters still take a retired connector)"}, "was_retired": {"type": "boolean", "description": "It was retired already, and nothing changed"}}}))}), &[("404", "No stored cursor of that name holds compaction for this tenant, and none was retired under it"), ("409", "The connector is loaded (remove its file and reload), or a connector file that does not load may name it (conflict)")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters": {"get": {
                 "operationId": "listDeadLetters", "summary": "Changes the target refused, with request, answer and reason, oldest first",
+                "description": "Also for a connector that is not loaded (no file names it, or its file does not load) or is retired, as long as the store keeps its cursor or dead letters: /status lists them (unloaded_connectors, retired_connectors).",
                 "parameters": [path_param("name", "The connector's name"), limit(),
                     query("after", "Only letters with a larger id (next_after of the previous page)", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}))],
                 "responses": common_errors(json!({"200": ok_json("Dead letters", json!({"type": "object", "required": ["dead_letters", "next_after", "total"], "properties": {
                     "dead_letters": {"type": "array", "items": {"$ref": "#/components/schemas/DeadLetter"}},
                     "next_after": {"type": ["integer", "null"], "description": "What to pass as after for the next page; null on the last page"},
                     "total": {"type": "integer", "description": "How many dead letters the connector holds"}}})),
-                    "400": error_response("Bad limit or after")}), &[("404", "No such connector for this tenant")])
+                    "400": error_response("Bad limit or after")}), &[("404", "No such connector for this tenant, loaded or kept in the store")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}": {"delete": {
                 "operationId": "discardDeadLetter", "summary": "Drop a dead letter (roster:admin)",
+                "description": "Also for a connector that is not loaded or is retired, as listDeadLetters.",
                 "parameters": [path_param("name", "The connector's name"), letter_id_param()],
-                "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector or dead letter"), ("409", "A replay of this letter is sending it now; it is removed if the target takes it")])
+                "responses": common_errors(json!({"204": {"description": "Discarded"}, "400": error_response("id is not a number")}), &[("404", "No such connector (loaded or kept in the store) or dead letter"), ("409", "A replay of this letter is sending it now; it is removed if the target takes it")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters/{id}/replay": {"post": {
                 "operationId": "replayDeadLetter", "summary": "Send a dead letter again, once; removed on success (roster:admin)",
@@ -388,7 +390,7 @@ pub fn openapi_document() -> Value {
                     "400": error_response("id is not a number"),
                     "422": error_response("Nothing was sent: the object cannot be expressed for this target, such as a user without an email for OneRoster (unmappable)"),
                     "502": error_response("The target refused the replay (target_refused)")}),
-                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled, not running or held by its guard, or another request is replaying this letter now")])
+                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled, not running, not loaded (no file names it, its file does not load, or it is retired: the message says what loads it again) or held by its guard, or another request is replaying this letter now")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters:replay": {"post": {
                 "operationId": "replayDeadLetters", "summary": "Replay several dead letters, in the order given (roster:admin)",
@@ -408,11 +410,11 @@ pub fn openapi_document() -> Value {
                             "message": {"type": "string"}}}},
                         "not_attempted": {"type": "array", "items": {"type": "integer"}, "description": "Ids not begun within the call's time; send them again"}}})),
                     "400": error_response("ids missing, empty, over the limit, repeated, or not numbers")}),
-                    &[("404", "No such connector"), ("409", "The connector is disabled or not running")])
+                    &[("404", "No such connector"), ("409", "The connector is disabled, not running or not loaded (no file names it, its file does not load, or it is retired)")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters:discard": {"post": {
                 "operationId": "discardDeadLetters", "summary": "Drop several dead letters at once (roster:admin)",
-                "description": "Each letter is dropped as discardDeadLetter would, and its outcome is its own: one a replay is sending (409) or one gone already (404) does not keep the others. All go in one store write. `rosterd dead-letters discard --all` uses it.",
+                "description": "Each letter is dropped as discardDeadLetter would, and its outcome is its own: one a replay is sending (409) or one gone already (404) does not keep the others. All go in one store write. `rosterd dead-letters discard --all` uses it. Also for a connector that is not loaded or is retired, as listDeadLetters.",
                 "parameters": [path_param("name", "The connector's name")],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["ids"], "additionalProperties": false, "properties": {
                     "ids": {"type": "array", "minItems": 1, "maxItems": super::mirror::REPLAY_BATCH_MAX, "uniqueItems": true, "items": {"type": "integer", "minimum": 0}, "description": "Dead letter ids"}}}}}},
@@ -423,7 +425,7 @@ pub fn openapi_document() -> Value {
                             "error": {"type": "string", "description": "Set when status is not 204: the error code discardDeadLetter would give"},
                             "message": {"type": "string"}}}}}})),
                     "400": error_response("ids missing, empty, over the limit, repeated, or not numbers")}),
-                    &[("404", "No such connector")])
+                    &[("404", "No such connector for this tenant, loaded or kept in the store")])
             }},
             "/api/v1/roster/scim/jobs/{job_id}": {"get": {
                 "operationId": "getJob", "summary": "A sync job's state and counts",

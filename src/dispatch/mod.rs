@@ -81,6 +81,10 @@ pub enum DispatchError {
     UnknownConnector(String),
     #[error("connector {0:?} is not running: {1}")]
     NotRunning(String, String),
+    /// Known to the store (a cursor, dead letters) but loaded from no file: what needs
+    /// it running (a replay) cannot be done, what needs only the store can.
+    #[error("connector {0:?} is not loaded ({1}): {2}")]
+    NotLoaded(String, String, String),
     #[error("dead letter {0} not found")]
     NoSuchLetter(u64),
     #[error("connector {0:?} {1}")]
@@ -246,6 +250,15 @@ pub struct UnloadedStatus {
     pub dead_letters: u64,
 }
 
+/// A retired connector that still holds dead letters (see
+/// [`Dispatcher::retired_status`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RetiredStatus {
+    pub name: String,
+    pub tenant: String,
+    pub dead_letters: u64,
+}
+
 /// A time ahead (a pause's end, a retry), kept on the monotonic clock and shown on the
 /// wall clock as it reads when asked. Kept as a wall-clock time, a clock stepped back a
 /// day (NTP, a VM resumed) held a paused connector for that day, and showed a retry a day
@@ -394,6 +407,9 @@ struct Live {
     /// Dead letters an operator's replay is sending now: another replay of one of them
     /// (a CLI run again while the call it gave up on goes on) is refused, not sent twice.
     replaying: Mutex<std::collections::HashSet<u64>>,
+    /// Set before a reload stops it for good (its file removed, or naming another
+    /// connector): what its stop leaves unsent has no next start to go out at.
+    retiring: AtomicBool,
 }
 
 /// A dead letter claimed for one replay until dropped (see [`Live::replaying`]).
@@ -439,6 +455,7 @@ impl Live {
             approvals: watch::Sender::new(Approval::default()),
             applied: watch::Sender::new((0, 0)),
             replaying: Mutex::new(Default::default()),
+            retiring: AtomicBool::new(false),
         })
     }
 
@@ -2714,11 +2731,22 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     if unfinished > 0 {
         // How long the stop waited, not the most it may: one whose requests were waiting
         // out a backoff gives up at once, and `seconds=3` read as three seconds spent.
-        tracing::warn!(
-            changes = unfinished,
-            waited_ms = draining.elapsed().as_millis() as u64,
-            "The stop left changes not yet acknowledged: cut off in flight, or still waiting their turn (a slow target, a request waiting out a retry); each goes out, whole, at the next start."
-        );
+        let waited_ms = draining.elapsed().as_millis() as u64;
+        // A retired connector has no next start: promising one hid from an operator who
+        // removed a file by mistake that compaction would now drop these changes.
+        if ctx.live.retiring.load(Ordering::Acquire) {
+            tracing::warn!(
+                changes = unfinished,
+                waited_ms,
+                "The stop left changes not yet acknowledged: cut off in flight, or still waiting their turn (a slow target, a request waiting out a retry). The connector is being retired, so they go out only if a file with its name brings it back before compaction drops them."
+            );
+        } else {
+            tracing::warn!(
+                changes = unfinished,
+                waited_ms,
+                "The stop left changes not yet acknowledged: cut off in flight, or still waiting their turn (a slow target, a request waiting out a retry); each goes out, whole, at the next start."
+            );
+        }
     }
     drop(running);
     save(&mut progress).await
@@ -3306,6 +3334,9 @@ impl Dispatcher {
                 if broken.contains_key(n) || wanted.get(n) == Some(&r.config) {
                     continue;
                 }
+                if !wanted.contains_key(n) {
+                    r.live.retiring.store(true, Ordering::Release);
+                }
                 r.cancel.cancel();
                 handles.extend(r.handle.take());
                 configs.push(r.config.clone());
@@ -3353,17 +3384,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            // Renamed in place: the same file now names another connector, which starts
-            // on a cursor of its own (from the oldest change the log holds, for a new
-            // name); the operator should hear that, not that the file went away.
-            match wanted.values().find(|w| w.file == c.file) {
-                Some(renamed) => {
-                    tracing::warn!(%tenant, connector = %name, file = %c.file.display(), new_name = %renamed.name, "Stopping connector: its file now names another connector, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds). This one is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
-                }
-                None => {
-                    tracing::info!(%tenant, connector = %name, "Stopping connector: its file was removed. It is retired: its cursor no longer holds back change-log compaction (a file with its name resumes it).")
-                }
-            }
+            // Said once it has stopped (below), with what it left behind.
         }
         futures_util::future::join_all(handles).await;
         {
@@ -3395,10 +3416,42 @@ impl Dispatcher {
             }
         }
         for c in stopping.iter().filter(|c| !wanted.contains_key(&c.name)) {
-            counters::connector_removed(&c.tenant, &c.name);
-            if let Err(e) = self.store.set_retired(&c.tenant, &c.name, true).await {
-                tracing::error!(tenant = %c.tenant, connector = %c.name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
+            let (tenant, name) = (&c.tenant, &c.name);
+            counters::connector_removed(tenant, name);
+            if let Err(e) = self.store.set_retired(tenant, name, true).await {
+                tracing::error!(%tenant, connector = %name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
+                continue;
             }
+            // At WARN with the counts, as `rosterd retire` says it: a file removed by
+            // mistake (an editor's rename, `mv x.toml x.toml.bak`) got an INFO line, and
+            // nothing afterwards showed the changes compaction would drop, nor the dead
+            // letters (refused requests, personal data) left in the store.
+            let undelivered = self.undelivered(tenant, name);
+            let dead_letters = self.store.dead_letter_count(tenant, name).unwrap_or(0);
+            // Renamed in place: the same file now names another connector, which starts
+            // on a cursor of its own (from the oldest change the log holds, for a new
+            // name); the operator should hear that, not that the file went away.
+            let kept = match dead_letters {
+                0 => String::new(),
+                n => format!(
+                    " Its {n} dead letter(s) stay in the store until discarded (`rosterd dead-letters --tenant {tenant} list {name}`, then `discard {name} --all`)."
+                ),
+            };
+            let why = match wanted.values().find(|w| w.file == c.file) {
+                Some(renamed) => format!(
+                    "its file now names another connector, {}, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds)",
+                    renamed.name
+                ),
+                None => "its file was removed".to_owned(),
+            };
+            tracing::warn!(
+                %tenant,
+                connector = %name,
+                file = %c.file.display(),
+                undelivered,
+                dead_letters,
+                "Connector retired: {why}. Its cursor no longer holds back change-log compaction, which may now drop the {undelivered} change(s) it never delivered.{kept} A file with its name resumes it from its cursor."
+            );
         }
         // Only pauses that wait for the operator (preflight refused, 410 Gone): a pause
         // for repeated failures ends by itself and then probes the target anyway.
@@ -3852,6 +3905,117 @@ impl Dispatcher {
         })
     }
 
+    /// A connector by name for what its dead letters need: `Ok(None)` when no file loads
+    /// it but the store still knows it (a cursor, dead letters, a retirement), so that
+    /// what is kept of it stays listable and removable. Its letters hold refused
+    /// requests, personal data, which an operator must be able to see and remove with
+    /// the connector gone: /status lists them, and the commands to handle them
+    /// answered "no connector".
+    fn find_letters(&self, tenant: &str, name: &str) -> Result<Option<Found>, DispatchError> {
+        match self.find(tenant, name) {
+            Ok(found) => Ok(Some(found)),
+            Err(DispatchError::UnknownConnector(_)) if self.stored(tenant, name)? => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the store holds anything of connector `name` of `tenant`.
+    fn stored(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        let dry_run = format!("{name}.dry-run");
+        Ok(self.store.dead_letter_count(tenant, name)? > 0
+            || self
+                .store
+                .cursors(tenant)?
+                .iter()
+                .any(|(c, _)| *c == name || *c == dry_run)
+            || self.store.retired(tenant)?.iter().any(|r| r == name))
+    }
+
+    /// Why a connector the store knows is not loaded, and what would load it again: for
+    /// the refusal of what needs it running.
+    fn not_loaded(&self, tenant: &str, name: &str, needs: &str) -> DispatchError {
+        let held = self.held_cursors(tenant).unwrap_or_default();
+        let file = held
+            .iter()
+            .filter(|h| h.name == name)
+            .find_map(|h| h.file.as_ref());
+        let retired = self
+            .store
+            .retired(tenant)
+            .is_ok_and(|r| r.iter().any(|r| r == name));
+        let (why, fix) = match file {
+            Some(file) => (
+                format!("its file {} does not load", file.display()),
+                "fix that file and reload",
+            ),
+            None if retired => (
+                "it is retired".to_owned(),
+                "put back a file with its name and reload, which resumes it from its cursor",
+            ),
+            None => (
+                "no connector file names it".to_owned(),
+                "put its file back and reload",
+            ),
+        };
+        DispatchError::NotLoaded(
+            name.to_owned(),
+            why,
+            format!(
+                "{needs} needs it running; to do that, {fix}. Its dead letters can be listed and discarded as it is (`rosterd dead-letters --tenant {tenant} list {name}`, `discard {name} --all`)"
+            ),
+        )
+    }
+
+    /// The changes a connector has not delivered, by the furthest behind of its cursors
+    /// (one in dry run keeps its real one too): what compaction may drop once it is
+    /// retired.
+    fn undelivered(&self, tenant: &str, name: &str) -> u64 {
+        let dry_run = format!("{name}.dry-run");
+        self.store
+            .cursors(tenant)
+            .unwrap_or_default()
+            .iter()
+            .filter(|(c, _)| *c == name || *c == dry_run)
+            .map(|(c, _)| self.lag(tenant, c).1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Retired connectors that still hold dead letters, which no other list shows: not
+    /// loaded, they are not connectors, and retired, not "not loaded" either, yet their
+    /// letters stay in the store until discarded.
+    pub fn retired_status(&self) -> Vec<RetiredStatus> {
+        let mut out = Vec::new();
+        for tenant in &self.tenants {
+            let Ok(retired) = self.store.retired(tenant) else {
+                continue;
+            };
+            // Named again by a file, loaded or not: listed as such. (`held_cursors`
+            // takes the lock of the running ones itself.)
+            let running: Vec<String> = self
+                .running()
+                .values()
+                .filter(|r| r.config.tenant == *tenant)
+                .map(|r| r.config.name.clone())
+                .collect();
+            let held = self.held_cursors(tenant).unwrap_or_default();
+            for name in retired {
+                if running.contains(&name) || held.iter().any(|h| h.name == name) {
+                    continue;
+                }
+                let dead_letters = self.store.dead_letter_count(tenant, &name).unwrap_or(0);
+                if dead_letters > 0 {
+                    out.push(RetiredStatus {
+                        name,
+                        tenant: tenant.clone(),
+                        dead_letters,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     pub fn connector_status(
         &self,
         tenant: &str,
@@ -3870,7 +4034,7 @@ impl Dispatcher {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, u64), DispatchError> {
-        self.find(tenant, name)?;
+        self.find_letters(tenant, name)?;
         Ok((
             self.store.dead_letters(tenant, name, after, limit)?,
             self.store.dead_letter_count(tenant, name)?,
@@ -3892,15 +4056,24 @@ impl Dispatcher {
         name: &str,
         ids: &[u64],
     ) -> Result<Vec<(u64, Result<(), DispatchError>)>, DispatchError> {
-        let Found { live, .. } = self.find(tenant, name)?;
+        // Not loaded, nothing replays its letters. (A reload that loads it meanwhile may
+        // replay a letter this discards: the store removes a letter once, so it goes
+        // either way, and nothing is sent twice.)
+        let live = self.find_letters(tenant, name)?.map(|f| f.live);
         let mut outcome: Vec<(u64, Result<(), DispatchError>)> = Vec::with_capacity(ids.len());
         let mut claims = Vec::new();
         let mut letters = Vec::new();
         for &id in ids {
             // A letter being replayed is the replay's: it goes if the target takes it.
-            let Some(claim) = live.claim_replay(id) else {
-                outcome.push((id, Err(Self::in_hand(name, id))));
-                continue;
+            let claim = match &live {
+                Some(live) => match live.claim_replay(id) {
+                    Some(claim) => Some(claim),
+                    None => {
+                        outcome.push((id, Err(Self::in_hand(name, id))));
+                        continue;
+                    }
+                },
+                None => None,
             };
             match self.store.dead_letter(tenant, name, id) {
                 Ok(Some(letter)) => {
@@ -3986,7 +4159,9 @@ impl Dispatcher {
         budget: Duration,
     ) -> Result<(Vec<(u64, Result<Replayed, DispatchError>)>, Vec<u64>), DispatchError> {
         let began = tokio::time::Instant::now();
-        let Found { ctx, .. } = self.find(tenant, name)?;
+        let Some(Found { ctx, .. }) = self.find_letters(tenant, name)? else {
+            return Err(self.not_loaded(tenant, name, "a replay"));
+        };
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
@@ -4226,6 +4401,7 @@ impl Dispatcher {
             if self.store.retired(tenant)?.iter().any(|r| r == name) {
                 return Ok(Retirement {
                     undelivered: 0,
+                    dead_letters: self.store.dead_letter_count(tenant, name)?,
                     was_retired: true,
                 });
             }
@@ -4240,15 +4416,13 @@ impl Dispatcher {
                 ),
             ));
         }
-        let undelivered = mine
-            .iter()
-            .map(|h| self.lag_events(tenant, h.cursor))
-            .max()
-            .unwrap_or(0);
+        let undelivered = self.undelivered(tenant, name);
         self.store.set_retired(tenant, name, true).await?;
-        tracing::warn!(%tenant, connector = %name, undelivered, "Connector retired by the operator: compaction may now drop the changes it never delivered (a file with its name resumes it from its cursor).");
+        let dead_letters = self.store.dead_letter_count(tenant, name)?;
+        tracing::warn!(%tenant, connector = %name, undelivered, dead_letters, "Connector retired by the operator: compaction may now drop the changes it never delivered. Its dead letters stay in the store until discarded (`rosterd dead-letters --tenant {tenant} list {name}`, then `discard {name} --all`). A file with its name resumes it from its cursor.");
         Ok(Retirement {
             undelivered,
+            dead_letters,
             was_retired: false,
         })
     }
@@ -4474,6 +4648,8 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
 pub struct Retirement {
     /// The changes it never delivered, which compaction may now drop.
     pub undelivered: u64,
+    /// Its dead letters, which stay in the store until discarded.
+    pub dead_letters: u64,
     /// It was retired already; nothing changed.
     pub was_retired: bool,
 }

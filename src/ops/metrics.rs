@@ -584,6 +584,28 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
             },
         );
     }
+    {
+        // A retired connector's dead letters stay in the store until discarded, and an
+        // alert on this gauge is where they are looked for: removing the file took them
+        // out of it. Before the connectors below, which set their own when one is back;
+        // one whose last letter went reads 0 once, then goes idle.
+        static RETIRED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+        let mut shown = RETIRED.lock().unwrap_or_else(|e| e.into_inner());
+        let retired = st.dispatch.retired_status();
+        let now: BTreeSet<(String, String)> = retired
+            .iter()
+            .map(|r| (r.name.clone(), r.tenant.clone()))
+            .collect();
+        for (connector, tenant) in shown.difference(&now) {
+            let labels = [("connector", connector.clone()), ("tenant", tenant.clone())];
+            metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(0.0);
+        }
+        for r in retired {
+            let labels = [("connector", r.name), ("tenant", r.tenant)];
+            metrics::gauge!(CONNECTOR_DEAD_LETTERS, &labels).set(r.dead_letters as f64);
+        }
+        *shown = now;
+    }
     for c in st.dispatch.status(None) {
         let gauges = ConnectorGauges {
             loaded: !c.not_started,

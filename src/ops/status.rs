@@ -159,6 +159,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
             .collect::<Vec<_>>(),
         "connector_errors": st.dispatch.load_errors(),
         "unloaded_connectors": st.dispatch.unloaded_status(),
+        // Retired, so neither loaded nor waited for, yet their dead letters stay in the
+        // store until discarded: listed here, or nothing showed them at all.
+        "retired_connectors": st.dispatch.retired_status(),
         "reloads": st.reloads.load(Ordering::Relaxed),
         // By part ("scim_tokens", "api_keys"): what a reload could not apply, so the old
         // tokens or keys are still in force.

@@ -127,7 +127,10 @@ pub(crate) async fn scrape(d: &TestDaemon) -> (String, Vec<Sample>) {
 
 /// Scrape until `ready` holds (the store flusher and the connectors record from their own
 /// threads and tasks, a moment after the response that depended on them).
-async fn scrape_until(d: &TestDaemon, ready: impl Fn(&[Sample]) -> bool) -> (String, Vec<Sample>) {
+pub(crate) async fn scrape_until(
+    d: &TestDaemon,
+    ready: impl Fn(&[Sample]) -> bool,
+) -> (String, Vec<Sample>) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (text, samples) = scrape(d).await;

@@ -1426,6 +1426,266 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     gap_reported(&d, "hooks").await;
 }
 
+/// Give connector `name` one dead letter (its target refuses a user's event once) and
+/// return its id.
+async fn one_dead_letter(hook: &WebhookServer, d: &TestDaemon, name: &str) -> u64 {
+    hook.inject(crate::webhook::Fault::status(400, 1));
+    d.create_user("refused@acme.test").await;
+    let c = connector_until(d, name, "no dead letter", |c| c["dead_letters"] == 1).await;
+    assert_eq!(c["dead_letters"], 1, "{c}");
+    let r = dead_letters_of(d, name).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["dead_letters"][0]["id"].as_u64().unwrap()
+}
+
+async fn dead_letters_of(d: &TestDaemon, name: &str) -> crate::harness::Resp {
+    let reader = d.jwt(TENANT, "roster:read");
+    d.roster(
+        Method::GET,
+        &format!("/connectors/{name}/dead-letters"),
+        &reader,
+        None,
+    )
+    .await
+}
+
+/// `rosterd ARGS --url … --token …` (an admin's token) against `d`.
+async fn cli_as_admin(d: &TestDaemon, args: &[&str]) -> (bool, String, String) {
+    let (url, admin) = (d.url(""), d.jwt(TENANT, "roster:admin"));
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--url", &url, "--token", &admin]);
+    crate::cli::rosterd_async(&all).await
+}
+
+/// Removing the file of a connector with changes still to send and a dead letter retires
+/// it at WARN, saying how many changes it leaves undelivered and how many dead letters
+/// stay; the stopping connector does not promise its unsent changes to a next start. Its
+/// letter stays in reach: listed in /status (and flagged by `--check`), listable and
+/// discardable, and a replay says it is not loaded. It was an INFO line, a WARN saying
+/// the changes "go out at the next start", and then the letters vanished from every
+/// view, with `dead-letters list` answering "no connector".
+#[tokio::test]
+async fn removing_a_connectors_file_says_what_it_leaves_and_keeps_its_dead_letters_in_reach() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    // A name of its own: the metrics are the test process's.
+    const NAME: &str = "retiredletters";
+    let (hook, d) = crate::mirror::with_named_user_created_hook(NAME, "").await;
+    let id = one_dead_letter(&hook, &d, NAME).await;
+    // Still to send, in flight while the stop comes: the target is failing.
+    hook.inject(crate::webhook::Fault::status(503, 1).forever());
+    for i in 0..2 {
+        d.create_user(&format!("unsent{i}@acme.test")).await;
+    }
+    assert!(
+        hook.wait_until(|h| h.attempts().len() >= 3, Duration::from_secs(20))
+            .await,
+        "the failing target was never tried"
+    );
+    std::fs::remove_file(d.root.join(format!("connectors/{NAME}.toml"))).unwrap();
+    d.reload().await;
+
+    let retired = logs.lines("Connector retired: its file was removed");
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    assert!(retired[0].contains("WARN"), "{retired:?}");
+    assert!(retired[0].contains("dead_letters=1"), "{retired:?}");
+    let undelivered: u64 = retired[0]
+        .split("undelivered=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no count of undelivered changes: {retired:?}"));
+    assert!(undelivered >= 2, "{retired:?}");
+    assert!(
+        logs.lines("at the next start").is_empty(),
+        "a retired connector has no next start: {:?}",
+        logs.lines("at the next start")
+    );
+    let cut = logs.lines("The stop left changes not yet acknowledged");
+    assert!(
+        !cut.is_empty() && cut.iter().all(|l| l.contains("is being retired")),
+        "{cut:?}"
+    );
+
+    let status = d.status().await;
+    assert_eq!(status["unloaded_connectors"], json!([]), "{status}");
+    assert_eq!(
+        status["retired_connectors"],
+        json!([{"name": NAME, "tenant": TENANT, "dead_letters": 1}]),
+        "{status}"
+    );
+    let url = d.url("");
+    let (ok, out, _) = crate::cli::rosterd_async(&["status", "--url", &url]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("dead letters 1 (acme/{NAME} 1)")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("connector {NAME} (tenant acme): RETIRED")),
+        "{out}"
+    );
+    let (ok, _, err) = crate::cli::rosterd_async(&["status", "--check", "--url", &url]).await;
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "needs attention: retired connector acme/{NAME} holds 1 dead letter"
+        )),
+        "{err}"
+    );
+    let letters = |v: f64| {
+        move |s: &[crate::metrics::Sample]| {
+            crate::metrics::value(
+                s,
+                "rosterd_connector_dead_letters",
+                &[("connector", NAME), ("tenant", TENANT)],
+            ) == Some(v)
+        }
+    };
+    let (text, samples) = crate::metrics::scrape_until(&d, letters(1.0)).await;
+    assert!(letters(1.0)(&samples), "{text}");
+
+    let r = dead_letters_of(&d, NAME).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["total"], 1, "{}", r.body);
+    assert_eq!(r.body["dead_letters"][0]["id"], id, "{}", r.body);
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            &format!("/connectors/{NAME}/dead-letters/{id}/replay"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.body["error"], "conflict", "{}", r.body);
+    let message = r.body["message"].as_str().unwrap();
+    assert!(
+        message.contains("is not loaded (it is retired)") && message.contains("reload"),
+        "{message}"
+    );
+    let r = d
+        .roster(
+            Method::DELETE,
+            &format!("/connectors/{NAME}/dead-letters/{id}"),
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let status = d.status().await;
+    assert_eq!(status["retired_connectors"], json!([]), "{status}");
+    let (text, samples) = crate::metrics::scrape_until(&d, letters(0.0)).await;
+    assert!(letters(0.0)(&samples), "{text}");
+    // A name the store never knew is still no connector.
+    let r = dead_letters_of(&d, "nope").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.body["error"], "not_found", "{}", r.body);
+}
+
+/// A connector that is not loaded, by a broken file or with no file at all, keeps its
+/// dead letters in the store, which `rosterd status` lists: `dead-letters list` and
+/// `discard` take it, and `replay` says why it is not loaded and what loads it, where
+/// each answered 404 "no connector". Retired by the operator, it says its letters stay,
+/// and they can still be discarded.
+#[tokio::test]
+async fn the_dead_letters_of_a_connector_not_loaded_can_be_listed_and_discarded() {
+    let (hook, d) = with_user_created_hook("").await;
+    let id = one_dead_letter(&hook, &d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("url =", "urll =")).unwrap();
+    // A reload would keep it running on its old config; a start leaves it not loaded.
+    let d = d.restart().await;
+    let status = d.status().await;
+    assert_eq!(
+        status["unloaded_connectors"][0]["dead_letters"], 1,
+        "{status}"
+    );
+    let r = dead_letters_of(&d, "hooks").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["dead_letters"][0]["id"], id, "{}", r.body);
+    let id_arg = id.to_string();
+    let (ok, _, err) = cli_as_admin(
+        &d,
+        &[
+            "dead-letters",
+            "--tenant",
+            "acme",
+            "replay",
+            "hooks",
+            &id_arg,
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("is not loaded (its file") && err.contains("does not load)"),
+        "{err}"
+    );
+    assert!(err.contains("fix that file and reload"), "{err}");
+
+    std::fs::remove_file(&file).unwrap();
+    d.reload().await;
+    let (ok, out, err) =
+        cli_as_admin(&d, &["dead-letters", "--tenant", "acme", "list", "hooks"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("#{id} ")) && out.contains("hooks: 1 dead letter(s)"),
+        "{out}"
+    );
+    let (ok, _, err) = cli_as_admin(
+        &d,
+        &[
+            "dead-letters",
+            "--tenant",
+            "acme",
+            "replay",
+            "hooks",
+            "--all",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("is not loaded (no connector file names it)")
+            && err.contains("put its file back and reload"),
+        "{err}"
+    );
+    assert!(!err.contains("no connector \"hooks\""), "{err}");
+
+    let (ok, out, err) = cli_as_admin(&d, &["retire", "--tenant", "acme", "hooks"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("hooks: 1 dead letter kept in the store until discarded"),
+        "{out}"
+    );
+    let status = d.status().await;
+    assert_eq!(
+        status["retired_connectors"][0]["dead_letters"], 1,
+        "{status}"
+    );
+    let (ok, out, err) = cli_as_admin(
+        &d,
+        &[
+            "dead-letters",
+            "--tenant",
+            "acme",
+            "discard",
+            "hooks",
+            "--all",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("hooks: 1 dead letter(s) discarded"), "{out}");
+    let r = dead_letters_of(&d, "hooks").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["total"], 0, "{}", r.body);
+    let status = d.status().await;
+    assert_eq!(status["retired_connectors"], json!([]), "{status}");
+}
+
 /// Wait until connector `name` reports changes compacted away before it delivered them;
 /// its status then.
 async fn gap_reported(d: &TestDaemon, name: &str) -> Value {
