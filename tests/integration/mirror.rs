@@ -5274,32 +5274,9 @@ async fn a_410_pause_outlasts_an_acknowledgement_of_a_request_in_flight() {
 /// target (the IdP's undoing of it followed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_skipped_behind_a_change_in_flight_stay_skipped_after_a_restart() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let guard = "[guard]\nusers = 1\nminutes = 60\n";
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, guard)],
-        env: static_token_env(),
-        ..Options::default()
-    })
-    .await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
-    }
-    caught_up(&d, "sis").await;
+    // u0's deactivation stays in flight; u0 passes the guard (1 of 1); u1 is held.
+    let (target, d, ids) = held_behind_a_stuck_user(1).await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
-    // u0's writes fail for now (one object's trouble): its deactivation stays in flight.
-    target.inject(
-        Fault::status(503, usize::MAX)
-            .on_method("PUT")
-            .on_path(sid(&ids[0])),
-    );
-    for id in &ids {
-        set_active(&d, id, false).await;
-    }
-    // u0 passes the guard (1 of 1); u1 is held.
-    let held = paused(&d, "sis").await;
-    assert!(held["held_by_guard"].is_string(), "{held}");
     // The IdP undoes its mistake, and the operator skips what is held.
     for id in &ids[1..] {
         set_active(&d, id, true).await;
@@ -5357,31 +5334,10 @@ async fn changes_skipped_behind_a_change_in_flight_stay_skipped_after_a_restart(
 /// user deactivated before the hold and put back by the IdP stayed disabled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let guard = "[guard]\nusers = 2\nminutes = 60\n";
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, guard)],
-        env: static_token_env(),
-        ..Options::default()
-    })
-    .await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
-    }
-    caught_up(&d, "sis").await;
+    // u0 (stuck in flight) and u1 (delivered) pass the guard; u2 is held.
+    let (target, d, ids) = held_behind_a_stuck_user(2).await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
     let disabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"] == "false");
-    target.inject(
-        Fault::status(503, usize::MAX)
-            .on_method("PUT")
-            .on_path(sid(&ids[0])),
-    );
-    // u0 (stuck in flight) and u1 (delivered) pass the guard; u2 is held.
-    for id in &ids {
-        set_active(&d, id, false).await;
-    }
-    paused(&d, "sis").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while disabled(&ids[1]) != Some(true) {
         assert!(tokio::time::Instant::now() < deadline, "u1 never disabled");
@@ -5607,4 +5563,34 @@ async fn retry_after_outlasts_a_shorter_pause() {
         gaps.iter().all(|g| *g >= 2900),
         "attempts {gaps:?} ms apart, though each answer said Retry-After: 3"
     );
+}
+
+/// A OneRoster connector whose `[guard]` lets `users` deactivations through, with three
+/// users all deactivated: the first one's PUTs fail (one object's trouble), so its
+/// change stays in flight, and the guard holds the one after the limit.
+async fn held_behind_a_stuck_user(users: u64) -> (OneRosterServer, TestDaemon, Vec<String>) {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let guard = format!("[guard]\nusers = {users}\nminutes = 60\n");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file("sis", &target, &guard)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    target.inject(
+        Fault::status(503, usize::MAX)
+            .on_method("PUT")
+            .on_path(sourced_id(&format!("User/{}", ids[0]))),
+    );
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    let held = paused(&d, "sis").await;
+    assert!(held["held_by_guard"].is_string(), "{held}");
+    (target, d, ids)
 }
