@@ -729,25 +729,63 @@ impl Config {
     }
 
     /// `edited` (the tenants of this file as it is now) with the SCIM tokens a reload puts
-    /// in force: their `token_hashes`, and their `token_env` when it is unchanged or
-    /// removed. A `token_env` added or renamed keeps the one this daemon started with (none
-    /// for one added), as [`OnDisk::waiting`] says: its variable was read when the daemon
-    /// started, and an operator who has since given it a new value in the environment file
-    /// would get the old one in force, a token perhaps revoked, while the reload's log and
-    /// `rosterd status` said the edit waits for a restart.
-    pub fn tenants_for_token_reload(&self, edited: &[TenantConfig]) -> Vec<TenantConfig> {
+    /// in force: their `token_hashes`, and their `token_env` when it is the one in force
+    /// (`in_force`, by tenant) or removed. A `token_env` added or renamed keeps the one in
+    /// force (none for one added, or one a reload removed), as [`OnDisk::waiting`] says:
+    /// its variable was read when the daemon started, and an operator who has since given
+    /// it a new value in the environment file would get the old one in force, a token
+    /// perhaps revoked. Measured against what started, a token_env removed (to revoke a
+    /// leaked token) and then added back, or another in its place, put the leaked token
+    /// back into force.
+    pub fn tenants_for_token_reload(
+        edited: &[TenantConfig],
+        in_force: &std::collections::HashMap<String, Option<String>>,
+    ) -> Vec<TenantConfig> {
         edited
             .iter()
             .map(|t| {
-                let started = self.tenants.iter().find(|s| s.id == t.id);
-                let started_env = started.and_then(|s| s.token_env.clone());
+                let current = in_force.get(&t.id).cloned().flatten();
                 let mut applied = t.clone();
-                if t.token_env.is_some() && t.token_env != started_env {
-                    applied.token_env = started_env;
+                if t.token_env.is_some() && t.token_env != current {
+                    applied.token_env = current;
                 }
                 applied
             })
             .collect()
+    }
+
+    /// [`Config::on_disk`], with the `token_env` of each tenant whose file names one that
+    /// is not in force (`in_force`, by tenant) among the keys waiting for a restart: one a
+    /// reload took out of force, named again, is not read again until then, though the
+    /// file may read as the daemon started.
+    pub fn on_disk_with_tokens(
+        &self,
+        in_force: &std::collections::HashMap<String, Option<String>>,
+    ) -> OnDisk {
+        let mut on_disk = self.on_disk();
+        if on_disk.error.is_some() {
+            return on_disk;
+        }
+        let tenants = on_disk
+            .edited
+            .as_ref()
+            .map_or(&self.tenants, |c| &c.tenants);
+        let mut waiting = Vec::new();
+        for t in tenants {
+            if t.token_env.is_some()
+                && let Some(current) = in_force.get(&t.id)
+                && *current != t.token_env
+            {
+                waiting.push(format!("tenants.{}.token_env", t.id));
+            }
+        }
+        for key in waiting {
+            if !on_disk.waiting.contains(&key) {
+                on_disk.waiting.push(key);
+                on_disk.changed = true;
+            }
+        }
+        on_disk
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -1523,6 +1561,16 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Each tenant's `token_env` as `config` starts it: what a reload measures against
+    /// until one is removed.
+    fn started_envs(config: &Config) -> std::collections::HashMap<String, Option<String>> {
+        config
+            .tenants
+            .iter()
+            .map(|t| (t.id.clone(), t.token_env.clone()))
+            .collect()
+    }
     use super::*;
 
     #[test]
@@ -1862,7 +1910,7 @@ mod tests {
         // Waiting, it is not what a reload puts in force either: the tenant keeps the
         // `token_env` it started with (none), and takes its `token_hashes`.
         let edited = now.edited.expect("the edit loads");
-        let applied = config.tenants_for_token_reload(&edited.tenants);
+        let applied = Config::tenants_for_token_reload(&edited.tenants, &started_envs(&config));
         assert_eq!(applied[0].token_env, None);
         assert_eq!(applied[0].token_hashes, edited.tenants[0].token_hashes);
         std::fs::write(&path, with_env("token_env = \"OLD\"\n")).unwrap();
@@ -1870,13 +1918,28 @@ mod tests {
         for (env, in_force) in [("NEW", Some("OLD")), ("OLD", Some("OLD"))] {
             std::fs::write(&path, with_env(&format!("token_env = \"{env}\"\n"))).unwrap();
             let edited = Config::load(&path).unwrap();
-            let applied = config.tenants_for_token_reload(&edited.tenants);
+            let applied = Config::tenants_for_token_reload(&edited.tenants, &started_envs(&config));
             assert_eq!(applied[0].token_env.as_deref(), in_force, "{env}");
+        }
+        // Once a reload took it out of force (to revoke a leaked token), it stays out when
+        // named again, as itself or another: its value is the one read at start.
+        let mut revoked = started_envs(&config);
+        revoked.values_mut().for_each(|e| *e = None);
+        for env in ["OLD", "NEW"] {
+            std::fs::write(&path, with_env(&format!("token_env = \"{env}\"\n"))).unwrap();
+            let edited = Config::load(&path).unwrap();
+            let applied = Config::tenants_for_token_reload(&edited.tenants, &revoked);
+            assert_eq!(applied[0].token_env, None, "{env}");
+            let waiting = config.on_disk_with_tokens(&revoked).waiting;
+            assert!(
+                waiting.iter().any(|k| k.ends_with(".token_env")),
+                "{env}: {waiting:?}"
+            );
         }
         std::fs::write(&path, with_hash('a')).unwrap();
         let edited = Config::load(&path).unwrap();
         assert_eq!(
-            config.tenants_for_token_reload(&edited.tenants)[0].token_env,
+            Config::tenants_for_token_reload(&edited.tenants, &started_envs(&config))[0].token_env,
             None
         );
         // An edit that would not load is told apart: a restart would fail on it.

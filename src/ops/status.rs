@@ -119,7 +119,7 @@ fn backup(st: &AppState) -> Value {
 
 /// The `/status` document.
 pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
-    let on_disk = st.config.on_disk();
+    let on_disk = st.config.on_disk_with_tokens(&st.tokens.envs_in_force());
     let mut tenants = serde_json::Map::new();
     for t in &st.config.tenants {
         let counts = RosterCounts::of(st, &t.id)?;

@@ -120,6 +120,10 @@ pub enum AuthOutcome {
 #[derive(Debug, Default)]
 pub struct TokenRegistry {
     by_tenant: std::sync::RwLock<ByTenant>,
+    /// Each tenant's `token_env` whose value (read at start) is in force: a reload may
+    /// take it out of force, never put one back (see
+    /// [`crate::config::Config::tenants_for_token_reload`]).
+    envs: std::sync::RwLock<HashMap<String, Option<String>>>,
 }
 
 type ByTenant = HashMap<String, Vec<TokenHash>>;
@@ -132,7 +136,18 @@ impl TokenRegistry {
     ) -> Result<TokenRegistry, AuthSetupError> {
         Ok(TokenRegistry {
             by_tenant: std::sync::RwLock::new(Self::resolve(tenants, env)?),
+            envs: std::sync::RwLock::new(
+                tenants
+                    .iter()
+                    .map(|t| (t.id.clone(), t.token_env.clone()))
+                    .collect(),
+            ),
         })
+    }
+
+    /// Each tenant's `token_env` in force.
+    pub fn envs_in_force(&self) -> HashMap<String, Option<String>> {
+        self.envs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The tokens `tenants` (the config file as it is now) give the tenants this daemon
@@ -144,6 +159,13 @@ impl TokenRegistry {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Vec<String>, AuthSetupError> {
         let fresh = Self::resolve(tenants, env)?;
+        let mut envs = self.envs.write().unwrap_or_else(|e| e.into_inner());
+        for t in tenants {
+            if let Some(held) = envs.get_mut(&t.id) {
+                held.clone_from(&t.token_env);
+            }
+        }
+        drop(envs);
         let mut map = self.by_tenant.write().unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::new();
         for (tenant, hashes) in fresh {

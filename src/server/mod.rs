@@ -789,7 +789,9 @@ pub async fn reload(state: &Arc<AppState>) {
         let reading = state.clone();
         match tokio::task::spawn_blocking(move || {
             // Read once: the bundles below are checked against it too.
-            let on_disk = reading.config.on_disk();
+            let on_disk = reading
+                .config
+                .on_disk_with_tokens(&reading.tokens.envs_in_force());
             let loaded = reading
                 .config
                 .load_connectors_keeping(&running, on_disk.edited.as_ref());
@@ -839,8 +841,14 @@ pub async fn reload(state: &Arc<AppState>) {
     // The file as it is now: as edited, or as the daemon started (an edit undone), not
     // one that does not load.
     let tenants = match (&on_disk.edited, on_disk.changed) {
-        (Some(edited), _) => Some(state.config.tenants_for_token_reload(&edited.tenants)),
-        (None, false) => Some(state.config.tenants.clone()),
+        (Some(edited), _) => Some(Config::tenants_for_token_reload(
+            &edited.tenants,
+            &state.tokens.envs_in_force(),
+        )),
+        (None, false) => Some(Config::tenants_for_token_reload(
+            &state.config.tenants,
+            &state.tokens.envs_in_force(),
+        )),
         (None, true) => {
             // A typo made while rotating a leaked token leaves the old one working: the
             // alert on the tokens must fire, not only the config file's error.

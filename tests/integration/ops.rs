@@ -1236,6 +1236,21 @@ async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     d.reload().await;
     assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
     assert_eq!(d.status().await["config_changed_since_start"], false);
+
+    // Removed, it stays out of force until a restart: named again (the file then reads as
+    // the daemon started), or another named in its place, the value its variable had at
+    // the start, the token just revoked, came back into force.
+    for again in [
+        with_first.clone(),
+        with_first.replace("\"ACME_SCIM_TOKEN\"", "\"ACME_SCIM_TOKEN_2\""),
+    ] {
+        std::fs::write(&config, &again).unwrap();
+        d.reload().await;
+        assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
+        let s = d.status().await;
+        assert_eq!(waiting(&s), json!([key]), "{s}");
+        assert_eq!(s["config_changed_since_start"], true, "{s}");
+    }
 }
 
 /// A JWKS with the public half of `rosterd::api::jwt::testing::EC_P256_PRIVATE`, as `k1`.
