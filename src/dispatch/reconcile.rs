@@ -811,6 +811,11 @@ impl Dispatcher {
                         Err(CsvError::Withheld { seq, reason }) => {
                             tracing::warn!(parent: &ctx.span(), seq, reason = reason.as_str(), "CSV files not written: the connector's [guard] holds a change they would carry.");
                             report.note = Some(HELD_CSV_NOTE.into());
+                            // As once the connector has read them and holds: the job
+                            // fails, rather than say the tenant is in sync while what
+                            // the files would carry waits for the operator.
+                            report.paused =
+                                Some(format!("the connector is paused until resumed ({reason})"));
                         }
                         Ok(rep) => {
                             if !dry_run {

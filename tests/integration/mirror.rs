@@ -5409,9 +5409,17 @@ async fn a_reconciliation_writes_no_csv_file_its_guard_would_hold() {
     for id in &ids {
         set_active(&d, id, false).await;
     }
-    // A reconciliation while the connector waits for the burst to settle.
+    // A reconciliation while the connector waits for the burst to settle: it fails, as
+    // once the connector holds, and says why.
     let job = sync().await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("held by its [guard]"),
+        "{job}"
+    );
     assert_eq!(job["counts"]["drift_sent"], 0, "{job}");
     assert_eq!(
         inactive(),
