@@ -5602,3 +5602,35 @@ async fn held_behind_a_stuck_user(users: u64) -> (OneRosterServer, TestDaemon, V
     assert!(held["held_by_guard"].is_string(), "{held}");
     (target, d, ids)
 }
+
+/// The skip's reconciliation says when an object the skipped changes touch waits behind
+/// an older change of it still in flight: sent, that change leaves the object as it had
+/// it (here a user the IdP put back stays deactivated at the target), and the job said it
+/// succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skip_behind_an_older_change_of_the_same_user_says_to_reconcile_again() {
+    // u0's deactivation is stuck in flight; u1's is held.
+    let (_target, d, ids) = held_behind_a_stuck_user(1).await;
+    // The IdP puts everyone back, u0 included: skipped with the rest.
+    for id in &ids {
+        set_active(&d, id, true).await;
+    }
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(
+            Method::POST,
+            "/connectors/sis/resume",
+            &admin,
+            Some(json!({"skip_held": true})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("1 objects that changes skipped at its hold touch wait behind older changes still in flight")
+            && error.contains("rosterd reconcile --connector sis"),
+        "{job}"
+    );
+}
