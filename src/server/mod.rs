@@ -726,19 +726,7 @@ async fn api_keys_not_applied(
     // The `[api.jwt]` the daemon started with reads the files that just failed; only an
     // edit of it since may name others.
     let restart_loads = match edited {
-        Some(c) => {
-            let c = c.clone();
-            let env = state.env.clone();
-            tokio::task::spawn_blocking(move || match &c.api.jwt {
-                Some(j) => matches!(
-                    JwtVerifier::from_config(j, &c.base_dir, &|v| env(v)),
-                    Ok(_) | Err(JwtError::SecretUnset { .. })
-                ),
-                None => true,
-            })
-            .await
-            .unwrap_or(false)
-        }
+        Some(c) => edited_api_keys_load(state, c).await.is_ok(),
         None => false,
     };
     if restart_loads {
@@ -756,6 +744,22 @@ async fn api_keys_not_applied(
             restart_fails: true,
         }
     }
+}
+
+/// Whether the Roster API's key files config.toml names as edited load, as a start would
+/// read them; why not if they do not.
+async fn edited_api_keys_load(state: &AppState, edited: &Config) -> Result<(), String> {
+    let c = edited.clone();
+    let env = state.env.clone();
+    tokio::task::spawn_blocking(move || match &c.api.jwt {
+        Some(j) => match JwtVerifier::from_config(j, &c.base_dir, &|v| env(v)) {
+            Ok(_) | Err(JwtError::SecretUnset { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        },
+        None => Ok(()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
 }
 
 /// Say (WARN) each OneRoster `roles` key that names no archetype of its tenant's bundle,
@@ -887,9 +891,20 @@ pub async fn reload(state: &Arc<AppState>) {
             .roster
             .verifier
             .reload(jwt, &state.config.base_dir, &|v| (state.env)(v));
-        let outcome = match outcome {
-            Ok(changed) => Ok(changed),
-            Err(e) => Err(api_keys_not_applied(state, on_disk.edited.as_ref(), e).await),
+        let outcome = match (outcome, on_disk.edited.as_ref()) {
+            // Those in force reloaded, but config.toml as edited names others a start
+            // could not load: an alert on `rosterd_config_file_error` stayed silent, and
+            // the restart it did not warn of was refused, SCIM included.
+            (Ok(_), Some(edited)) if let Err(e) = edited_api_keys_load(state, edited).await => {
+                Err(NotApplied {
+                    error: format!(
+                        "config.toml as edited since the start names Roster API keys that do not load ({e}): a restart would refuse them: rosterd would not start, SCIM included; the keys in force stay"
+                    ),
+                    restart_fails: true,
+                })
+            }
+            (Ok(changed), _) => Ok(changed),
+            (Err(e), edited) => Err(api_keys_not_applied(state, edited, e).await),
         };
         if settle(state, Reloadable::ApiKeys, outcome, &mut failed) == Some(true) {
             tracing::info!("Roster API keys reloaded: public_keys and jwks_file as they are now.");

@@ -1362,4 +1362,26 @@ async fn a_key_file_that_does_not_reload_says_a_restart_would_fail() {
     assert_eq!(jwks_answer(&d).await, 200);
     assert!(api_keys_error(&d).await.is_empty());
     assert_eq!(config_file_error_metric(&d).await, 0.0);
+
+    // The files in force load, but config.toml as edited names one that does not: a
+    // restart would fail on it, which nothing said.
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        started.replace("\"jwks.json\"", "\"missing.json\""),
+    )
+    .unwrap();
+    d.reload().await;
+    assert_eq!(jwks_answer(&d).await, 200, "the keys in force stay");
+    let e = api_keys_error(&d).await;
+    assert!(
+        e.contains("missing.json") && e.contains("a restart would refuse them"),
+        "{e}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+    std::fs::write(&config, &started).unwrap();
+    d.reload().await;
+    assert!(api_keys_error(&d).await.is_empty());
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
 }
