@@ -534,6 +534,7 @@ impl Live {
             // flight lifted it, and the connector went on sending to an endpoint that
             // had said it was gone.
             let paused = h.pause.take_if(|p| matches!(p, Pause::Until(_))).is_some();
+            let still_paused = h.pause.is_some();
             h.pause_logged = false;
             drop(h);
             // The requests the pause stopped go now: left asleep, they waited for its
@@ -546,10 +547,18 @@ impl Live {
             }
             // Requests still waiting out their backoff are not woken: one object's
             // success says nothing of another's failure, and a Retry-After stands.
-            tracing::info!(
-                failures = rounds,
-                "The target acknowledges again; the connector recovered."
-            );
+            if still_paused {
+                // "Recovered" read as if the pause had ended.
+                tracing::info!(
+                    failures = rounds,
+                    "A request already in flight was acknowledged; the connector stays paused until resumed."
+                );
+            } else {
+                tracing::info!(
+                    failures = rounds,
+                    "The target acknowledges again; the connector recovered."
+                );
+            }
         }
     }
 

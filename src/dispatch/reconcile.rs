@@ -280,10 +280,21 @@ impl Pending {
                 }
                 self.merge(touched);
             }
+            // Only what a waiting change before them touches can be behind one: read in
+            // order, those are all known by now, and a skip of a million changes with
+            // nothing stuck costs nothing here.
             for e in skipped {
+                if self.before_skipped.is_empty() {
+                    break;
+                }
                 let mut touched = Pending::default();
                 touched.add(store, tenant, s, e)?;
-                self.skipped_objects.extend(touched.objects);
+                self.skipped_objects.extend(
+                    touched
+                        .objects
+                        .into_iter()
+                        .filter(|o| self.before_skipped.contains(o)),
+                );
             }
             self.seen = last;
         }
