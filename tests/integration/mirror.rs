@@ -5348,20 +5348,7 @@ async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The IdP undoes its mistake; the operator skips what is held.
-    for id in &ids {
-        set_active(&d, id, true).await;
-    }
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(
-            Method::POST,
-            "/connectors/sis/resume",
-            &admin,
-            Some(json!({"skip_held": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    let job = skip_once_the_idp_undoes(&d, &ids).await;
     assert_eq!(
         disabled(&ids[1]),
         Some(false),
@@ -5616,8 +5603,21 @@ async fn a_skip_behind_an_older_change_of_the_same_user_says_to_reconcile_again(
     // u0's deactivation is stuck in flight; u1's is held.
     let (_target, d, ids) = held_behind_a_stuck_user(1).await;
     // The IdP puts everyone back, u0 included: skipped with the rest.
-    for id in &ids {
-        set_active(&d, id, true).await;
+    let job = skip_once_the_idp_undoes(&d, &ids).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("1 objects that changes skipped at its hold touch wait behind older changes still in flight")
+            && error.contains("rosterd reconcile --connector sis"),
+        "{job}"
+    );
+}
+
+/// The IdP puts `ids` back, and the operator skips what `sis` holds: the skip's
+/// reconciliation, once it ended.
+async fn skip_once_the_idp_undoes(d: &TestDaemon, ids: &[String]) -> Value {
+    for id in ids {
+        set_active(d, id, true).await;
     }
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
@@ -5629,12 +5629,5 @@ async fn a_skip_behind_an_older_change_of_the_same_user_says_to_reconcile_again(
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    let error = job["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("1 objects that changes skipped at its hold touch wait behind older changes still in flight")
-            && error.contains("rosterd reconcile --connector sis"),
-        "{job}"
-    );
+    crate::reconcile::wait_job(d, r.body["job"]["job_id"].as_str().unwrap()).await
 }
