@@ -2427,8 +2427,13 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
     }
     for c in s["unloaded_connectors"].as_array().into_iter().flatten() {
         if shown(&c["tenant"]) {
+            // Its letters, as a retired connector's below: they are in reach, and wait.
+            let letters = match c["dead_letters"].as_u64().unwrap_or(0) {
+                0 => String::new(),
+                n => format!(" (it holds {})", rosterd::text::plural(n, "dead letter")),
+            };
             out.push(format!(
-                "connector {}/{} is not loaded",
+                "connector {}/{} is not loaded{letters}",
                 str_of(&c["tenant"]),
                 str_of(&c["name"])
             ));

@@ -1602,6 +1602,14 @@ async fn the_dead_letters_of_a_connector_not_loaded_can_be_listed_and_discarded(
         status["unloaded_connectors"][0]["dead_letters"], 1,
         "{status}"
     );
+    // `--check` names them too, as it does a retired connector's.
+    let url = format!("http://{}", d.addr);
+    let (ok, _, err) = crate::cli::rosterd_async(&["status", "--check", "--url", &url]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("connector acme/hooks is not loaded (it holds 1 dead letter)"),
+        "{err}"
+    );
     let r = dead_letters_of(&d, "hooks").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["dead_letters"][0]["id"], id, "{}", r.body);
