@@ -1286,19 +1286,29 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
             stepper.step(step);
         });
-        let cancel = tokio_util::sync::CancellationToken::new();
+        let waited = wait_on(&cron, &clock, None, None).await;
+        (waited, clock.now())
+    }
+
+    /// [`wait_next_by`] in UTC on `clock`, never cancelled.
+    async fn wait_on(
+        cron: &croner::Cron,
+        clock: &SteppedClock,
+        fired: Option<chrono::DateTime<Utc>>,
+        since: Option<chrono::DateTime<Utc>>,
+    ) -> Wait {
         let c = clock.clone();
-        let waited = wait_next_by(
-            &cron,
+        let cancel = tokio_util::sync::CancellationToken::new();
+        wait_next_by(
+            cron,
             chrono_tz::UTC,
-            None,
-            None,
+            fired,
+            since,
             &cancel,
             |_| {},
             move || c.now(),
         )
-        .await;
-        (waited, clock.now())
+        .await
     }
 
     #[tokio::test(start_paused = true)]
@@ -1548,32 +1558,12 @@ mod tests {
         );
         // ...and the wait after the check is for tomorrow's.
         let clock = SteppedClock::at(now);
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let c = clock.clone();
-        let waited = wait_next_by(
-            &cron,
-            chrono_tz::UTC,
-            None,
-            Some(now),
-            &cancel,
-            |_| {},
-            move || c.now(),
-        )
-        .await;
+        let waited = wait_on(&cron, &clock, None, Some(now)).await;
         assert_eq!(waited, Wait::Due(utc(11, 3, 0, 0)));
         // A time between the check and the wait's first read is run at once.
         let checked = utc(10, 3, 0, 0) - chrono::Duration::milliseconds(1);
         let clock = SteppedClock::at(checked + chrono::Duration::milliseconds(2));
-        let waited = wait_next_by(
-            &cron,
-            chrono_tz::UTC,
-            None,
-            Some(checked),
-            &cancel,
-            |_| {},
-            move || clock.now(),
-        )
-        .await;
+        let waited = wait_on(&cron, &clock, None, Some(checked)).await;
         assert_eq!(waited, Wait::Due(utc(10, 3, 0, 0)));
     }
 
@@ -1671,30 +1661,11 @@ mod tests {
         // Stepped over several times, it runs once: the run after 05:00 is 06:00's.
         let clock = SteppedClock::at(utc(10, 5, 10, 0));
         let cron = crate::config::parse_cron("0 0 * * * *").unwrap();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let (c, at) = (clock.clone(), Some(utc(10, 2, 0, 0)));
-        let waited = wait_next_by(
-            &cron,
-            chrono_tz::UTC,
-            at,
-            at,
-            &cancel,
-            |_| {},
-            move || c.now(),
-        )
-        .await;
+        let at = Some(utc(10, 2, 0, 0));
+        let waited = wait_on(&cron, &clock, at, at).await;
         assert_eq!(waited, Wait::Due(utc(10, 5, 0, 0)));
         let at = Some(utc(10, 5, 0, 0));
-        let waited = wait_next_by(
-            &cron,
-            chrono_tz::UTC,
-            at,
-            at,
-            &cancel,
-            |_| {},
-            move || clock.now(),
-        )
-        .await;
+        let waited = wait_on(&cron, &clock, at, at).await;
         assert_eq!(waited, Wait::Due(utc(10, 6, 0, 0)));
     }
 

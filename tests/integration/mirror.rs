@@ -5282,20 +5282,7 @@ async fn changes_skipped_behind_a_change_in_flight_stay_skipped_after_a_restart(
     let (target, d, ids) = held_behind_a_stuck_user(1).await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
     // The IdP undoes its mistake, and the operator skips what is held.
-    for id in &ids[1..] {
-        set_active(&d, id, true).await;
-    }
-    let admin = d.jwt(TENANT, "roster:admin");
-    let r = d
-        .roster(
-            Method::POST,
-            "/connectors/sis/resume",
-            &admin,
-            Some(json!({"skip_held": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    skip_once_the_idp_undoes(&d, &ids[1..]).await;
     target.set_log_bodies(true);
     target.clear_requests();
     let d = d.restart().await;

@@ -1001,9 +1001,9 @@ async fn a_scim_token_is_rotated_with_reloads() {
 /// saying it until a reload applies them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
-    use crate::harness::{JWT_AUDIENCE, Options};
+    use crate::harness::Options;
     use crate::metrics::{scrape, value};
-    use rosterd::api::jwt::testing::{EC_P256_PRIVATE as EC_PRIVATE, EC_P256_PUBLIC as EC_PUBLIC};
+    use rosterd::api::jwt::testing::EC_P256_PUBLIC as EC_PUBLIC;
     use rosterd::server::auth::{TokenHash, new_token};
     let (from_env, _) = new_token();
     let d = TestDaemon::start_with(Options {
@@ -1014,18 +1014,7 @@ async fn a_reload_that_keeps_old_tokens_or_keys_says_so_until_one_applies() {
         ..Options::default()
     })
     .await;
-    let es256 = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
-        &json!({
-            "sub": "it.admin@acme.test",
-            "tenant": TENANT,
-            "scope": "roster:read",
-            "aud": JWT_AUDIENCE,
-            "exp": chrono::Utc::now().timestamp() + 3600,
-        }),
-        &jsonwebtoken::EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
-    )
-    .unwrap();
+    let es256 = es256_reader_token(None);
     let answers = || async {
         let api = d
             .roster(Method::GET, "/archetypes", &es256, None)
@@ -1253,16 +1242,14 @@ async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     }
 }
 
-/// A JWKS with the public half of `rosterd::api::jwt::testing::EC_P256_PRIVATE`, as `k1`.
-const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"7-rS5LWxOMAax0YWlGALfYZnViO_FgJ8z4RKu7lUzcs","y":"r_wZY0Rl1dhyTXfqyc5PlQK5ZRfJTp2b1uLDyzIvIH4"}]}"#;
-
-/// What the Roster API answers a token signed by the JWKS's key.
-async fn jwks_answer(d: &TestDaemon) -> u16 {
+/// A `roster:read` token signed ES256 by `rosterd::api::jwt::testing::EC_P256_PRIVATE`,
+/// naming `kid` if given.
+fn es256_reader_token(kid: Option<&str>) -> String {
     use crate::harness::JWT_AUDIENCE;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some("k1".to_owned());
+    header.kid = kid.map(str::to_owned);
     let key = rosterd::api::jwt::testing::EC_P256_PRIVATE;
-    let token = jsonwebtoken::encode(
+    jsonwebtoken::encode(
         &header,
         &json!({
             "sub": "it.admin@acme.test",
@@ -1273,7 +1260,15 @@ async fn jwks_answer(d: &TestDaemon) -> u16 {
         }),
         &jsonwebtoken::EncodingKey::from_ec_pem(key.as_bytes()).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A JWKS with the public half of `rosterd::api::jwt::testing::EC_P256_PRIVATE`, as `k1`.
+const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"7-rS5LWxOMAax0YWlGALfYZnViO_FgJ8z4RKu7lUzcs","y":"r_wZY0Rl1dhyTXfqyc5PlQK5ZRfJTp2b1uLDyzIvIH4"}]}"#;
+
+/// What the Roster API answers a token signed by the JWKS's key.
+async fn jwks_answer(d: &TestDaemon) -> u16 {
+    let token = es256_reader_token(Some("k1"));
     d.roster(Method::GET, "/archetypes", &token, None)
         .await
         .status
