@@ -2432,9 +2432,9 @@ struct Progress {
     unsaved: bool,
     /// Changes a stop or reload recorded as acknowledged, not read again yet.
     ahead: std::collections::BTreeSet<u64>,
-    /// Ranges of changes (`after`, `through`] the operator skipped at a hold, not read
-    /// yet: a stop came while a change before them was still in flight.
-    skipped: Vec<(u64, u64)>,
+    /// Changes the operator skipped at a hold, not read yet: a stop came while a change
+    /// before them was still in flight.
+    skipped: Seqs,
 }
 
 /// The most changes recorded as acknowledged above the cursor: one object failing for
@@ -2479,24 +2479,20 @@ impl Progress {
     fn skip(&mut self, through: u64) {
         self.read = self.read.max(through);
         self.ahead.retain(|&s| s > through);
-        self.skipped.retain(|&(_, t)| t > through);
+        self.skipped.remove_through(through);
     }
 
     /// Whether the operator skipped this change at a hold (a range a stop left above the
     /// cursor); it is then done, and not sent.
     fn was_skipped(&self, seq: u64) -> bool {
-        self.skipped.iter().any(|&(a, t)| a < seq && seq <= t)
+        self.skipped.contains(seq)
     }
 
     /// Past a skipped range the read has reached, at once: read change by change, a
     /// million skipped changes were each fetched to be dropped.
     fn read_past_skipped(&mut self) {
-        while let Some(&(_, t)) = self
-            .skipped
-            .iter()
-            .find(|&&(a, t)| a <= self.read && self.read < t)
-        {
-            self.read = t;
+        if let Some(end) = self.skipped.end_of(self.read + 1) {
+            self.read = end;
         }
     }
 
@@ -2557,12 +2553,11 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             .into_iter()
             .filter(|&s| s > start)
             .collect(),
-        skipped: ctx
-            .store
-            .guard_skipped(tenant, &cursor_name)?
-            .into_iter()
-            .filter(|&(_, through)| through > start)
-            .collect(),
+        skipped: {
+            let mut skipped = Seqs::skipped(&ctx.store.guard_skipped(tenant, &cursor_name)?);
+            skipped.remove_through(start);
+            skipped
+        },
     };
     let save = |progress: &mut Progress| {
         let taken = progress.take();
@@ -4779,7 +4774,7 @@ mod tests {
             unsaved: false,
             // Recorded by the last stop, not read again yet.
             ahead: [20, 21].into(),
-            skipped: vec![],
+            skipped: Seqs::default(),
         };
         // 11 is slow; 12 and 13 are acknowledged behind it.
         p.finish(12, vec![("User/a".into(), Some(1))]);

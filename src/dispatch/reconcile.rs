@@ -176,8 +176,8 @@ struct Pending {
     seen: u64,
     /// A change could not be read: those after it are not known (and not read again).
     unreadable: bool,
-    /// Ranges of changes (`after`, `through`] skipped at a hold ([`Store::guard_skipped`]).
-    skipped: Vec<(u64, u64)>,
+    /// Changes skipped at a hold ([`Store::guard_skipped`]).
+    skipped: Seqs,
     /// The objects those skipped changes touch, as `objects` keeps them; and those that
     /// waiting changes before them and after them touch.
     skipped_objects: HashSet<u64>,
@@ -218,7 +218,7 @@ impl Pending {
             // Skipped at a hold while a change before them was in flight: never to be
             // sent, so their objects are the reconciliation's to put right (the skip's
             // own reconciliation left them, and still said it succeeded).
-            pending.skipped = store.guard_skipped(tenant, owner)?;
+            pending.skipped = Seqs::skipped(&store.guard_skipped(tenant, owner)?);
             pending.read_on(store, tenant, s, &acked)
         })();
         if let Err(e) = read {
@@ -265,7 +265,7 @@ impl Pending {
             let (skipped, waiting): (Vec<&ChangeEvent>, Vec<&ChangeEvent>) = page
                 .iter()
                 .filter(|e| !acked.contains(e.seq))
-                .partition(|e| self.skipped.iter().any(|&(a, t)| a < e.seq && e.seq <= t));
+                .partition(|e| self.skipped.contains(e.seq));
             for e in waiting {
                 if self.skipped.is_empty() {
                     self.add(store, tenant, s, e)?;
@@ -273,7 +273,7 @@ impl Pending {
                 }
                 let mut touched = Pending::default();
                 touched.add(store, tenant, s, e)?;
-                if self.skipped.iter().any(|&(a, _)| e.seq <= a) {
+                if self.skipped.any_above(e.seq) {
                     self.before_skipped.extend(&touched.objects);
                 } else {
                     self.after_skipped.extend(&touched.objects);

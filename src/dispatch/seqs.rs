@@ -31,8 +31,36 @@ impl Seqs {
     }
 
     pub fn contains(&self, seq: u64) -> bool {
+        self.end_of(seq).is_some()
+    }
+
+    /// The last number of the range that holds `seq`, if one does.
+    pub fn end_of(&self, seq: u64) -> Option<u64> {
         let i = self.0.partition_point(|&(start, _)| start <= seq);
-        i > 0 && self.0[i - 1].1 >= seq
+        (i > 0 && self.0[i - 1].1 >= seq).then(|| self.0[i - 1].1)
+    }
+
+    /// Whether a number above `seq` is held.
+    pub fn any_above(&self, seq: u64) -> bool {
+        self.0.last().is_some_and(|&(_, end)| end > seq)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The changes an operator skipped at a hold, from the store's ranges (`after`,
+    /// `through`] ([`crate::store::Store::guard_skipped`]).
+    pub fn skipped(ranges: &[(u64, u64)]) -> Seqs {
+        let mut out = Seqs::default();
+        out.extend(&Seqs(
+            ranges
+                .iter()
+                .filter(|&&(after, through)| after < through)
+                .map(|&(after, through)| (after + 1, through))
+                .collect(),
+        ));
+        out
     }
 
     /// Forget every number up to `cursor`.
@@ -121,6 +149,17 @@ mod tests {
                 want.into_iter().collect::<Vec<_>>()
             );
         }
+    }
+
+    #[test]
+    fn skipped_ranges_read_as_the_store_keeps_them() {
+        // (after, through]: the change `after` itself was read before the hold.
+        let skipped = Seqs::skipped(&[(10, 20), (20, 25), (30, 30), (40, 41)]);
+        assert_eq!(skipped.0, [(11, 25), (41, 41)]);
+        assert!(!skipped.contains(10) && skipped.contains(11) && skipped.contains(25));
+        assert_eq!(skipped.end_of(12), Some(25));
+        assert_eq!(skipped.end_of(26), None);
+        assert!(skipped.any_above(40) && !skipped.any_above(41));
     }
 
     #[test]
