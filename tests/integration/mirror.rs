@@ -5182,16 +5182,7 @@ async fn a_stopped_full_run_does_not_hide_the_held_leavers_from_the_next() {
     // d leaves after the stopped run: with a delete-mode target, an inactive user is
     // one to delete there.
     set_active(&d, &ids[3], false).await;
-    let r = d
-        .roster(
-            Method::POST,
-            "/connectors/sis/resume",
-            &admin,
-            Some(json!({"skip_held": true})),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let job = crate::reconcile::wait_job(&d, r.body["job"]["job_id"].as_str().unwrap()).await;
+    let job = skip_held(&d).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let gone = |id: &str| {
         target
@@ -5606,6 +5597,11 @@ async fn skip_once_the_idp_undoes(d: &TestDaemon, ids: &[String]) -> Value {
     for id in ids {
         set_active(d, id, true).await;
     }
+    skip_held(d).await
+}
+
+/// `rosterd resume --skip-held` of `sis`: the skip's reconciliation, once it ended.
+async fn skip_held(d: &TestDaemon) -> Value {
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
         .roster(
