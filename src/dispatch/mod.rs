@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -2109,13 +2109,36 @@ impl Ctx {
         Ok(Delivered::Done(plan.hashes))
     }
 
+    /// What a change of `keys` waits for: the repairs under them, and the latest change
+    /// of each still in flight. It becomes that latest change (`rx` says when it is done).
+    fn waits_for(
+        &self,
+        keys: &[String],
+        latest: &mut HashMap<String, (u64, watch::Receiver<bool>)>,
+        seq: u64,
+        rx: &watch::Receiver<bool>,
+    ) -> Vec<watch::Receiver<bool>> {
+        let mut waits = Vec::new();
+        for k in keys {
+            waits.extend(self.repairs.of(k));
+            if let Some((_, r)) = latest.insert(k.clone(), (seq, rx.clone())) {
+                waits.push(r);
+            }
+        }
+        waits
+    }
+
     /// Deliver one change once every earlier change it depends on is done, then say so.
+    /// `as_it_stands`: the change was skipped at a hold behind an older change of its
+    /// objects; it is sent as they stand once that is done ([`current_state`]), read then,
+    /// so that whatever the IdP did meanwhile goes with it.
     async fn deliver_after(
         &self,
         ev: ChangeEvent,
         reports: Vec<String>,
         waits: Vec<watch::Receiver<bool>>,
         done: watch::Sender<bool>,
+        as_it_stands: bool,
     ) -> (u64, Vec<String>, Result<Delivered, StoreError>) {
         let keys = object_keys(&ev, &reports, self.state_sends_classes());
         for mut w in waits {
@@ -2132,6 +2155,31 @@ impl Ctx {
         // Its retries and refusals are logged naming the change and the object, which
         // the target's answer alone (`500`) does not.
         let span = tracing::info_span!("change", seq = ev.seq, object = %format_args!("{}/{}", ev.resource_type, ev.id));
+        let (ev, reports) = if as_it_stands {
+            let seq = ev.seq;
+            let (store, tenant) = (self.store.clone(), self.tenant().to_owned());
+            let fans_out = matches!(self.target, Target::OneRoster { .. });
+            let read = blocking(move || {
+                let current = current_state(&store, &tenant, &ev)?;
+                let reports = if fans_out {
+                    reports_of(&store, &tenant, &current)?
+                } else {
+                    vec![]
+                };
+                Ok((current, reports))
+            })
+            .instrument(span.clone())
+            .await;
+            match read {
+                Ok(read) => read,
+                Err(e) => return (seq, keys, Err(e)),
+            }
+        } else {
+            (ev, reports)
+        };
+        if as_it_stands {
+            span.in_scope(|| tracing::info!("Skipped at a hold behind an older change of its object, this change is sent as the object now stands, now that the older one is done."));
+        }
         let r = self.deliver(&ev, &reports, None).instrument(span).await;
         if let Ok(Delivered::Done(hashes)) = &r {
             let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
@@ -2476,10 +2524,16 @@ impl Progress {
     }
 
     /// The operator skipped the changes read from now on up to `through`: none is sent.
-    fn skip(&mut self, through: u64) {
-        self.read = self.read.max(through);
+    /// `read_through`: moved past them at once, or (behind a change in flight whose
+    /// objects one of them may touch) read one by one as skipped.
+    fn skip(&mut self, through: u64, read_through: bool) {
         self.ahead.retain(|&s| s > through);
-        self.skipped.remove_through(through);
+        if read_through {
+            self.read = self.read.max(through);
+            self.skipped.remove_through(through);
+        } else if through > self.read {
+            self.skipped.extend(&Seqs::skipped(&[(self.read, through)]));
+        }
     }
 
     /// Whether the operator skipped this change at a hold (a range a stop left above the
@@ -2489,7 +2543,8 @@ impl Progress {
     }
 
     /// Past a skipped range the read has reached, at once: read change by change, a
-    /// million skipped changes were each fetched to be dropped.
+    /// million skipped changes were each fetched to be dropped. (Not while a change read
+    /// before it is owed a repair: [`follow_log`]'s `owed`.)
     fn read_past_skipped(&mut self) {
         if let Some(end) = self.skipped.end_of(self.read + 1) {
             self.read = end;
@@ -2595,9 +2650,21 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let mut approvals = ctx.live.approvals.subscribe();
     // Held at this change: nothing from it on is read until the operator resumes.
     let mut held = false;
+    // Objects a change sent before a range skipped at a hold touches (read by this run;
+    // after a start, from the cursor on). Sent, such a change leaves its object as it had
+    // it, and the skipped change after it never comes: a leaver stayed enabled at the
+    // target, or a user the IdP put back disabled, and the skip's reconciliation left
+    // them to the change in flight. A skipped change of one of them is sent instead as
+    // the object stands, once the changes before it are done.
+    let mut owed: HashSet<String> = HashSet::new();
     loop {
         let upto = *durable.borrow_and_update();
-        progress.read_past_skipped();
+        if !progress.skipped.any_above(progress.read) {
+            owed.clear();
+        }
+        if owed.is_empty() {
+            progress.read_past_skipped();
+        }
         // Refill in large reads: a read per finished change would cost more than the send.
         let room = progress.in_flight.len() <= window / 2;
         if room && !held && progress.read < upto {
@@ -2628,8 +2695,19 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 progress.read = upto;
             }
             for (ev, reports) in events {
+                let keys = object_keys(&ev, &reports, classes);
                 if progress.was_skipped(ev.seq) {
                     progress.read = ev.seq;
+                    if keys.iter().any(|k| owed.contains(k)) {
+                        if ev.resource_type == "User" {
+                            // Its repair reads the user as it stands when sent: one is enough.
+                            owed.remove(&keys[0]);
+                        }
+                        let (tx, rx) = watch::channel(false);
+                        let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx);
+                        progress.in_flight.insert(ev.seq);
+                        running.push(ctx.deliver_after(ev, reports, waits, tx, true));
+                    }
                     continue;
                 }
                 // Asked once: the answer takes the change off the list.
@@ -2646,19 +2724,17 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                     }
                 }
                 progress.read = ev.seq;
+                // Acknowledged before a stop, it may still have landed after the skip.
+                if progress.skipped.any_above(ev.seq) {
+                    owed.extend(keys.iter().cloned());
+                }
                 if acked {
                     continue;
                 }
                 let (tx, rx) = watch::channel(false);
-                let mut waits = Vec::new();
-                for k in object_keys(&ev, &reports, classes) {
-                    waits.extend(ctx.repairs.of(&k));
-                    if let Some((_, r)) = latest.insert(k, (ev.seq, rx.clone())) {
-                        waits.push(r);
-                    }
-                }
+                let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx);
                 progress.in_flight.insert(ev.seq);
-                running.push(ctx.deliver_after(ev, reports, waits, tx));
+                running.push(ctx.deliver_after(ev, reports, waits, tx, false));
             }
             continue;
         }
@@ -2694,7 +2770,8 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                         // Read past them: the cursor moves over them as if sent, once
                         // the changes still in flight before them are done. Until then
                         // the store keeps them as skipped (`set_guard_approved`).
-                        progress.skip(through);
+                        owed.extend(latest.keys().cloned());
+                        progress.skip(through, owed.is_empty());
                         progress.unsaved = true;
                         save(&mut progress).await?;
                     }

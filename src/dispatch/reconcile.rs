@@ -117,10 +117,6 @@ pub struct DriftReport {
     /// Why nothing was checked or re-sent: the connector is not loaded (its file does not
     /// load, or no file names it since the last stop), so its changes wait for it.
     pub not_loaded: Option<String>,
-    /// Objects left to changes waiting for the connector that changes skipped at a hold
-    /// touch too ([`Pending::behind_in_flight`]): they need a reconciliation once those
-    /// are delivered.
-    pub behind_in_flight: u64,
     /// The first drifted objects.
     pub items: Vec<DriftItem>,
 }
@@ -178,11 +174,6 @@ struct Pending {
     unreadable: bool,
     /// Changes skipped at a hold ([`Store::guard_skipped`]).
     skipped: Seqs,
-    /// The objects those skipped changes touch, as `objects` keeps them; and those that
-    /// waiting changes before them and after them touch.
-    skipped_objects: HashSet<u64>,
-    before_skipped: HashSet<u64>,
-    after_skipped: HashSet<u64>,
 }
 
 impl Pending {
@@ -262,39 +253,14 @@ impl Pending {
                 return Ok(());
             };
             let last = last.seq;
-            let (skipped, waiting): (Vec<&ChangeEvent>, Vec<&ChangeEvent>) = page
+            // A skipped change is done: the follower sends the current state of what it
+            // touches once an older change of it still in flight ends (`follow_log`).
+            let waiting: Vec<&ChangeEvent> = page
                 .iter()
-                .filter(|e| !acked.contains(e.seq))
-                .partition(|e| self.skipped.contains(e.seq));
+                .filter(|e| !acked.contains(e.seq) && !self.skipped.contains(e.seq))
+                .collect();
             for e in waiting {
-                if self.skipped.is_empty() {
-                    self.add(store, tenant, s, e)?;
-                    continue;
-                }
-                let mut touched = Pending::default();
-                touched.add(store, tenant, s, e)?;
-                if self.skipped.any_above(e.seq) {
-                    self.before_skipped.extend(&touched.objects);
-                } else {
-                    self.after_skipped.extend(&touched.objects);
-                }
-                self.merge(touched);
-            }
-            // Only what a waiting change before them touches can be behind one: read in
-            // order, those are all known by now, and a skip of a million changes with
-            // nothing stuck costs nothing here.
-            for e in skipped {
-                if self.before_skipped.is_empty() {
-                    break;
-                }
-                let mut touched = Pending::default();
-                touched.add(store, tenant, s, e)?;
-                self.skipped_objects.extend(
-                    touched
-                        .objects
-                        .into_iter()
-                        .filter(|o| self.before_skipped.contains(o)),
-                );
+                self.add(store, tenant, s, e)?;
             }
             self.seen = last;
         }
@@ -341,18 +307,6 @@ impl Pending {
 
     fn user(&self, id: &str) -> bool {
         self.objects.contains(&fingerprint(&user_key(id)))
-    }
-
-    /// Objects left to changes still waiting for the connector that changes skipped at a
-    /// hold touch too. Those waiting changes are older than the skipped ones and, sent,
-    /// leave the object as they had it: a user reactivated by the IdP after a change of
-    /// it got stuck in flight stays deactivated (or a leaver enabled), and the skip's
-    /// reconciliation said it succeeded.
-    fn behind_in_flight(&self) -> u64 {
-        self.skipped_objects
-            .iter()
-            .filter(|o| self.before_skipped.contains(o) && !self.after_skipped.contains(o))
-            .count() as u64
     }
 
     fn group(&self, id: &str) -> bool {
@@ -981,7 +935,6 @@ pub(super) async fn reconcile_oneroster(
         (items, pending)
     };
     let (mut items, mut pending) = items;
-    report.behind_in_flight = pending.behind_in_flight();
     // In full, every user is sent anyway: nothing a read-back finds would add to it.
     if settings.read_back && !full {
         let (repaired, stopped) = read_back(ctx, settings, &tenant, &items, &pending).await?;
@@ -1142,7 +1095,6 @@ pub(super) async fn reconcile_oneroster(
         tracing::warn!(not_sent = report.failed, %paused, "Reconciliation stopped re-sending: the connector is paused.");
         report.paused = Some(paused);
     }
-    report.behind_in_flight = lock(&pending).behind_in_flight();
     ctx.store.set_delivered(&tenant, &owner, hashes).await?;
     failure.map_or(Ok(()), Err)
 }

@@ -45,10 +45,6 @@ impl Seqs {
         self.0.last().is_some_and(|&(_, end)| end > seq)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The changes an operator skipped at a hold, from the store's ranges (`after`,
     /// `through`] ([`crate::store::Store::guard_skipped`]).
     pub fn skipped(ranges: &[(u64, u64)]) -> Seqs {

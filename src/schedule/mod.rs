@@ -326,12 +326,6 @@ async fn run_job(
                             let why = r.not_loaded.as_ref()?;
                             Some(format!("connector {}: {why}", r.connector))
                         }));
-                        errors.extend(reports.iter().filter(|r| r.behind_in_flight > 0).map(|r| {
-                            format!(
-                                "connector {}: {} objects that changes skipped at its hold touch wait behind older changes still in flight, which will leave them as those had them; reconcile it again (`rosterd reconcile --connector {}`) once its lag is 0",
-                                r.connector, r.behind_in_flight, r.connector
-                            )
-                        }));
                         if !errors.is_empty() {
                             job.status = JobStatus::Failed;
                             job.error = Some(errors.join("; "));

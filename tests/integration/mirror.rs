@@ -5572,23 +5572,99 @@ async fn held_behind_a_stuck_user(users: u64) -> (OneRosterServer, TestDaemon, V
     (target, d, ids)
 }
 
-/// The skip's reconciliation says when an object the skipped changes touch waits behind
-/// an older change of it still in flight: sent, that change leaves the object as it had
-/// it (here a user the IdP put back stays deactivated at the target), and the job said it
-/// succeeded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_skip_behind_an_older_change_of_the_same_user_says_to_reconcile_again() {
+/// A change skipped at a hold behind an older change of its user still in flight is
+/// sent as the user stands once that one lands. Left to the change in flight, the user
+/// ended as it had them: here the IdP put everyone back, and u0, whose deactivation was
+/// stuck, stayed disabled at the target while the skip's reconciliation said it
+/// succeeded (or, since 73abca2, failed, saying to reconcile again).
+#[tokio::test]
+async fn a_change_skipped_behind_an_older_one_in_flight_is_sent_as_it_stands() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
     // u0's deactivation is stuck in flight; u1's is held.
-    let (_target, d, ids) = held_behind_a_stuck_user(1).await;
+    let (target, d, ids) = held_behind_a_stuck_user(1).await;
     // The IdP puts everyone back, u0 included: skipped with the rest.
     let job = skip_once_the_idp_undoes(&d, &ids).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    let error = job["error"].as_str().unwrap_or_default();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{}", ids[0]));
+    let enabled = |t: &OneRosterServer| t.user(&sid).map(|u| u["enabledUser"].clone());
     assert!(
-        error.contains("1 objects that changes skipped at its hold touch wait behind older changes still in flight")
-            && error.contains("rosterd reconcile --connector sis"),
-        "{job}"
+        target
+            .wait_until(
+                |t| enabled(t) == Some(json!("true")),
+                Duration::from_secs(20)
+            )
+            .await,
+        "u0, put back by the IdP, ended as its stuck deactivation left it: {:?}",
+        enabled(&target)
     );
+    assert_eq!(logs.lines("sent as the object now stands").len(), 1);
+}
+
+/// The same for a leaver, across a restart: u0's title change is stuck in flight, its
+/// deactivation comes after the hold and is skipped with the burst the IdP undid, and u0
+/// really leaves. The title change landed and nothing after it: a deprovisioned user stayed
+/// enabled at the SIS until a scheduled reconciliation (none without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaver_skipped_behind_an_older_change_of_theirs_leaves_the_target_after_a_restart() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![oneroster_file(
+            "sis",
+            &target,
+            "[guard]\nusers = 1\nminutes = 60\n",
+        )],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    target.inject(
+        Fault::status(503, usize::MAX)
+            .on_method("PUT")
+            .on_path(sid(&ids[0])),
+    );
+    let r = d
+        .patch(
+            &format!("/Users/{}", ids[0]),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // u1 passes the guard, u2 is held, and u0's deactivation comes after the hold.
+    for id in [&ids[1], &ids[2], &ids[0]] {
+        set_active(&d, id, false).await;
+    }
+    let held = paused(&d, "sis").await;
+    assert!(held["held_by_guard"].is_string(), "{held}");
+    let job = skip_once_the_idp_undoes(&d, &ids[1..]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let d = d.restart().await;
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    let enabled = |t: &OneRosterServer| t.user(&sid(&ids[0])).map(|u| u["enabledUser"].clone());
+    assert!(
+        target
+            .wait_until(
+                |t| enabled(t) == Some(json!("false")),
+                Duration::from_secs(20)
+            )
+            .await,
+        "u0 left at the IdP and is still enabled at the target: {:?}",
+        target.user(&sid(&ids[0]))
+    );
+    for id in &ids[1..] {
+        assert_eq!(
+            target.user(&sid(id)).map(|u| u["enabledUser"].clone()),
+            Some(json!("true"))
+        );
+    }
 }
 
 /// The IdP puts `ids` back, and the operator skips what `sis` holds: the skip's
