@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -2483,6 +2483,99 @@ struct Progress {
     /// Changes the operator skipped at a hold, not read yet: a stop came while a change
     /// before them was still in flight.
     skipped: Seqs,
+    /// Objects changes before those touch, whose skipped changes are sent as they stand.
+    owed: Owed,
+}
+
+/// Objects a change before a range skipped at a hold touches (in flight at the skip, or
+/// read by this run; after a start, from the cursor on), each with that change's number.
+/// Sent, such a change leaves its object as it had it, and the skipped change after it
+/// never came: a leaver stayed enabled at the target, or a user the IdP put back
+/// disabled, and the skip's reconciliation left them to the change in flight. A skipped
+/// change of one of them is sent instead as the object stands, once the changes before
+/// it are done.
+///
+/// The cursor stays below each change owed until the range is read past, and below one
+/// whose skipped change is being sent until that is done: a stop in between reads that
+/// change again at the start, and so the skipped range after it, where the cursor past
+/// it had the start jump the range and the object stay as the older change left it.
+#[derive(Debug, Default)]
+struct Owed {
+    keys: HashMap<String, u64>,
+    /// For each change being sent as it stands, the changes it holds the cursor below.
+    sending: HashMap<u64, Vec<u64>>,
+    /// How many keys and sends hold the cursor below each change.
+    pins: BTreeMap<u64, usize>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn pin(&mut self, seq: u64) {
+        *self.pins.entry(seq).or_default() += 1;
+    }
+
+    fn unpin(&mut self, seq: u64) {
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.pins.entry(seq) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Change `seq`, before a skipped range, touches `keys`.
+    fn owe(&mut self, keys: impl IntoIterator<Item = String>, seq: u64) {
+        for k in keys {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.keys.entry(k) {
+                e.insert(seq);
+                self.pin(seq);
+            }
+        }
+    }
+
+    /// Whether skipped change `seq` of `keys` is to be sent as its objects stand; it then
+    /// holds the cursor below the changes owed until it is done ([`Owed::sent`]). A
+    /// user's is read whole when sent: a later skipped change of it needs none.
+    fn send_skipped(&mut self, seq: u64, keys: &[String], user: bool) -> bool {
+        let held: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| self.keys.get(k).copied())
+            .collect();
+        if held.is_empty() {
+            return false;
+        }
+        for &s in &held {
+            self.pin(s);
+        }
+        if user && let Some(s) = keys.first().and_then(|k| self.keys.remove(k)) {
+            self.unpin(s);
+        }
+        self.sending.insert(seq, held);
+        true
+    }
+
+    /// Change `seq` is done: if it was a skipped change sent as it stands, the cursor may
+    /// pass what it held.
+    fn sent(&mut self, seq: u64) {
+        for s in self.sending.remove(&seq).unwrap_or_default() {
+            self.unpin(s);
+        }
+    }
+
+    /// The range is read past: only what is still being sent holds the cursor.
+    fn read_past(&mut self) {
+        for (_, s) in std::mem::take(&mut self.keys) {
+            self.unpin(s);
+        }
+    }
+
+    /// The lowest change the cursor must stay below.
+    fn floor(&self) -> Option<u64> {
+        self.pins.keys().next().copied()
+    }
 }
 
 /// The most changes recorded as acknowledged above the cursor: one object failing for
@@ -2504,11 +2597,16 @@ type ToWrite = (u64, Seqs, Hashes);
 impl Progress {
     /// Every change up to this one was acknowledged or dead-lettered.
     fn cursor(&self) -> u64 {
-        self.in_flight.first().map(|s| s - 1).unwrap_or(self.read)
+        let first = match (self.in_flight.first().copied(), self.owed.floor()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        first.map(|s| s - 1).unwrap_or(self.read)
     }
 
     fn finish(&mut self, seq: u64, hashes: Hashes) {
         self.in_flight.remove(&seq);
+        self.owed.sent(seq);
         self.finished.insert(seq, hashes);
         self.unsaved = true;
     }
@@ -2613,6 +2711,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
             skipped.remove_through(start);
             skipped
         },
+        owed: Owed::default(),
     };
     let save = |progress: &mut Progress| {
         let taken = progress.take();
@@ -2650,19 +2749,12 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
     let mut approvals = ctx.live.approvals.subscribe();
     // Held at this change: nothing from it on is read until the operator resumes.
     let mut held = false;
-    // Objects a change sent before a range skipped at a hold touches (read by this run;
-    // after a start, from the cursor on). Sent, such a change leaves its object as it had
-    // it, and the skipped change after it never comes: a leaver stayed enabled at the
-    // target, or a user the IdP put back disabled, and the skip's reconciliation left
-    // them to the change in flight. A skipped change of one of them is sent instead as
-    // the object stands, once the changes before it are done.
-    let mut owed: HashSet<String> = HashSet::new();
     loop {
         let upto = *durable.borrow_and_update();
         if !progress.skipped.any_above(progress.read) {
-            owed.clear();
+            progress.owed.read_past();
         }
-        if owed.is_empty() {
+        if progress.owed.is_empty() {
             progress.read_past_skipped();
         }
         // Refill in large reads: a read per finished change would cost more than the send.
@@ -2698,11 +2790,12 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 let keys = object_keys(&ev, &reports, classes);
                 if progress.was_skipped(ev.seq) {
                     progress.read = ev.seq;
-                    if keys.iter().any(|k| owed.contains(k)) {
-                        if ev.resource_type == "User" {
-                            // Its repair reads the user as it stands when sent: one is enough.
-                            owed.remove(&keys[0]);
-                        }
+                    // Sent as it stands before a stop: not again.
+                    if !progress.take_acked(ev.seq)
+                        && progress
+                            .owed
+                            .send_skipped(ev.seq, &keys, ev.resource_type == "User")
+                    {
                         let (tx, rx) = watch::channel(false);
                         let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx);
                         progress.in_flight.insert(ev.seq);
@@ -2726,7 +2819,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                 progress.read = ev.seq;
                 // Acknowledged before a stop, it may still have landed after the skip.
                 if progress.skipped.any_above(ev.seq) {
-                    owed.extend(keys.iter().cloned());
+                    progress.owed.owe(keys.iter().cloned(), ev.seq);
                 }
                 if acked {
                     continue;
@@ -2770,8 +2863,10 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                         // Read past them: the cursor moves over them as if sent, once
                         // the changes still in flight before them are done. Until then
                         // the store keeps them as skipped (`set_guard_approved`).
-                        owed.extend(latest.keys().cloned());
-                        progress.skip(through, owed.is_empty());
+                        for (k, (seq, _)) in &latest {
+                            progress.owed.owe([k.clone()], *seq);
+                        }
+                        progress.skip(through, progress.owed.is_empty());
                         progress.unsaved = true;
                         save(&mut progress).await?;
                     }
@@ -4841,6 +4936,39 @@ mod tests {
     }
 
     #[test]
+    fn a_change_owed_a_skipped_send_holds_the_cursor_until_that_is_done() {
+        // 10 (of User/a) is in flight when 13..=20 are skipped.
+        let mut p = Progress {
+            read: 12,
+            persisted: 9,
+            in_flight: [10].into(),
+            finished: BTreeMap::new(),
+            done: Seqs::default(),
+            unsaved: false,
+            ahead: Default::default(),
+            skipped: Seqs::skipped(&[(12, 20)]),
+            owed: Owed::default(),
+        };
+        p.owed.owe(["User/a".to_owned()], 10);
+        p.finish(10, vec![]);
+        assert_eq!(p.cursor(), 9, "passed, a stop would read the range as done");
+        let a = ["User/a".to_owned()];
+        assert!(!p.owed.send_skipped(14, &["User/b".to_owned()], true));
+        assert!(p.owed.send_skipped(15, &a, true));
+        assert!(
+            !p.owed.send_skipped(16, &a, true),
+            "the user is read whole when sent: once is enough"
+        );
+        p.in_flight.insert(15);
+        p.read = 20;
+        p.owed.read_past();
+        assert_eq!(p.cursor(), 9, "15 is still being sent");
+        p.finish(15, vec![]);
+        assert_eq!(p.cursor(), 20);
+        assert!(p.owed.pins.is_empty(), "{:?}", p.owed);
+    }
+
+    #[test]
     fn progress_records_what_was_acknowledged_above_the_cursor() {
         let mut p = Progress {
             read: 14,
@@ -4852,6 +4980,7 @@ mod tests {
             // Recorded by the last stop, not read again yet.
             ahead: [20, 21].into(),
             skipped: Seqs::default(),
+            owed: Owed::default(),
         };
         // 11 is slow; 12 and 13 are acknowledged behind it.
         p.finish(12, vec![("User/a".into(), Some(1))]);

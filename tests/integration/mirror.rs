@@ -5608,13 +5608,76 @@ async fn a_change_skipped_behind_an_older_one_in_flight_is_sent_as_it_stands() {
 /// enabled at the SIS until a scheduled reconciliation (none without one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaver_skipped_behind_an_older_change_of_theirs_leaves_the_target_after_a_restart() {
+    let (target, d, ids) = a_leaver_behind_a_stuck_title("").await;
+    let d = d.restart().await;
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    let enabled = |t: &OneRosterServer| t.user(&sid(&ids[0])).map(|u| u["enabledUser"].clone());
+    assert!(
+        target
+            .wait_until(
+                |t| enabled(t) == Some(json!("false")),
+                Duration::from_secs(20)
+            )
+            .await,
+        "u0 left at the IdP and is still enabled at the target: {:?}",
+        target.user(&sid(&ids[0]))
+    );
+    for id in &ids[1..] {
+        assert_eq!(
+            target.user(&sid(id)).map(|u| u["enabledUser"].clone()),
+            Some(json!("true"))
+        );
+    }
+}
+
+/// A stop after the change in flight lands but before the skipped change behind it is
+/// sent as the user stands: the start sends it. The cursor had moved past the change
+/// that landed, so the start jumped the skipped range, and the leaver stayed at the
+/// target (here, in `deactivate = "delete"` mode, undeleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_before_a_skipped_change_is_sent_as_it_stands_leaves_it_to_the_start() {
+    let (target, d, ids) = a_leaver_behind_a_stuck_title("deactivate = \"delete\"\n").await;
+    let sid = sourced_id(&format!("User/{}", ids[0]));
+    // The leaver's DELETE is kept from the target, unanswered, until the stop.
+    target.inject(Fault::stalled(1).on_method("DELETE").on_path(sid.clone()));
+    target.remove_faults("PUT");
+    assert!(
+        target
+            .wait_until(|t| t.pending_faults() == 0, Duration::from_secs(20))
+            .await,
+        "the leaver's DELETE never came"
+    );
+    assert_eq!(target.stored(Kind::User, &sid).unwrap().status(), "active");
+    let d = d.restart().await;
+    caught_up(&d, "sis").await;
+    assert!(
+        target
+            .wait_until(
+                |t| t
+                    .stored(Kind::User, &sid)
+                    .is_some_and(|u| u.status() == "tobedeleted"),
+                Duration::from_secs(20)
+            )
+            .await,
+        "u0 left at the IdP and is still at the target after the start: {:?}",
+        target.user(&sid)
+    );
+}
+
+/// A OneRoster connector `sis` (with `oneroster`'s settings added) guarding at one user,
+/// with u0..u2 delivered. u0's title change is stuck in flight (its PUTs answer 503), u1
+/// and u2 are deactivated (u2 held), then u0; the IdP undoes u1 and u2, and the operator
+/// skips what is held. u0 leaves; the skip's reconciliation succeeded.
+async fn a_leaver_behind_a_stuck_title(
+    oneroster: &str,
+) -> (OneRosterServer, TestDaemon, Vec<String>) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 1\nminutes = 60\n");
+    let text = text.replace("[oneroster]\n", &format!("[oneroster]\n{oneroster}"));
     let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file(
-            "sis",
-            &target,
-            "[guard]\nusers = 1\nminutes = 60\n",
-        )],
+        connectors: vec![(file, text)],
         env: static_token_env(),
         ..Options::default()
     })
@@ -5637,7 +5700,6 @@ async fn a_leaver_skipped_behind_an_older_change_of_theirs_leaves_the_target_aft
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // u1 passes the guard, u2 is held, and u0's deactivation comes after the hold.
     for id in [&ids[1], &ids[2], &ids[0]] {
         set_active(&d, id, false).await;
     }
@@ -5645,26 +5707,7 @@ async fn a_leaver_skipped_behind_an_older_change_of_theirs_leaves_the_target_aft
     assert!(held["held_by_guard"].is_string(), "{held}");
     let job = skip_once_the_idp_undoes(&d, &ids[1..]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let d = d.restart().await;
-    target.clear_faults();
-    caught_up(&d, "sis").await;
-    let enabled = |t: &OneRosterServer| t.user(&sid(&ids[0])).map(|u| u["enabledUser"].clone());
-    assert!(
-        target
-            .wait_until(
-                |t| enabled(t) == Some(json!("false")),
-                Duration::from_secs(20)
-            )
-            .await,
-        "u0 left at the IdP and is still enabled at the target: {:?}",
-        target.user(&sid(&ids[0]))
-    );
-    for id in &ids[1..] {
-        assert_eq!(
-            target.user(&sid(id)).map(|u| u["enabledUser"].clone()),
-            Some(json!("true"))
-        );
-    }
+    (target, d, ids)
 }
 
 /// The IdP puts `ids` back, and the operator skips what `sis` holds: the skip's

@@ -784,6 +784,11 @@ impl OneRosterServer {
         lock(&self.shared.faults).clear();
     }
 
+    /// Remove the pending faults that apply to `method` alone.
+    pub fn remove_faults(&self, method: &str) {
+        lock(&self.shared.faults).retain(|f| f.method.as_deref() != Some(method));
+    }
+
     /// How many fault applications are still pending (`usize::MAX` saturates).
     pub fn pending_faults(&self) -> usize {
         lock(&self.shared.faults)
