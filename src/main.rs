@@ -2666,6 +2666,23 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             }
         }
     }
+    // Taken out of config.toml, by a merge that dropped its block as readily as on purpose:
+    // its IdP is refused as if its token were wrong, and only the start's WARN said why.
+    for u in s["undeclared_tenants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        if !shown(u["tenant"].as_str()) {
+            continue;
+        }
+        outln!(
+            "tenant {}: NOT DECLARED in config.toml, so neither served (its IdP's requests answer 401) nor sent anywhere; the store keeps its {} and {}. Declare it again and restart to serve it as it was.",
+            str_of(&u["tenant"]),
+            rosterd::text::plural(u["users"].as_u64().unwrap_or(0), "user"),
+            rosterd::text::plural(u["groups"].as_u64().unwrap_or(0), "group"),
+        )?;
+    }
     for c in s["connectors"].as_array().cloned().unwrap_or_default() {
         if !shown(c["tenant"].as_str()) {
             continue;

@@ -142,6 +142,14 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
             }),
         );
     }
+    // Stored, not declared: kept as it was, and served to no one.
+    let mut undeclared = Vec::new();
+    for t in st.store.stored_tenants() {
+        if !st.config.tenants.iter().any(|c| c.id == t) {
+            let counts = RosterCounts::of(st, &t)?;
+            undeclared.push(json!({"tenant": t, "users": counts.users, "groups": counts.groups}));
+        }
+    }
     Ok(json!({
         "version": crate::VERSION,
         "started_at": st.started_at,
@@ -151,6 +159,7 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         "draining": st.shutdown.is_cancelled(),
         "store": { "size_bytes": st.store.size_on_disk()?, "error": store_error(st) },
         "tenants": tenants,
+        "undeclared_tenants": undeclared,
         "connectors": st
             .dispatch
             .status(None)

@@ -78,6 +78,20 @@ async fn a_tenant_taken_out_of_the_config_is_said_to_keep_its_data() {
             .iter()
             .all(|l| !l.contains(TENANT))
     );
+    // Nor only at the start: its IdP is answered 401 as for a wrong token, and the
+    // on-call saw nothing else say why.
+    let status = d.status().await;
+    assert_eq!(
+        status["undeclared_tenants"],
+        json!([{"tenant": "ghost", "users": 2, "groups": 0}]),
+        "{status}"
+    );
+    let shown = crate::mirror::status_text(&d).await;
+    assert!(
+        shown.contains("tenant ghost: NOT DECLARED in config.toml")
+            && shown.contains("the store keeps its 2 users and 0 groups"),
+        "{shown}"
+    );
     drop(d);
 }
 
