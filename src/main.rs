@@ -308,6 +308,10 @@ fn letter_id(s: &str) -> Result<u64, String> {
 enum TokenCommand {
     /// Print a fresh random SCIM token and the hash to put in `token_hashes`.
     New,
+    /// Read a SCIM token from stdin and print its hash for `token_hashes`: a token kept in
+    /// `token_env` moves there without being changed (not an argument, which `ps` and
+    /// the shell's history would keep).
+    Hash,
     /// Print an HS256 Roster API JWT signed with the secret in `[api.jwt] hs256_secret_env`
     /// (for trying the API and for scripts; real clients get tokens from your IdP).
     Jwt {
@@ -588,6 +592,23 @@ fn run() -> Result<()> {
             outln!()?;
             outln!("Give the token to the identity provider; put the hash in config.toml:")?;
             outln!("  token_hashes = [\"{hash}\"]")?;
+            Ok(())
+        }
+        Command::Token {
+            command: TokenCommand::Hash,
+        } => {
+            let mut token = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut token)
+                .context("reading the token from stdin")?;
+            // Trimmed, as the daemon reads a `token_env` (and `echo` adds a line end).
+            let token = token.trim();
+            if token.is_empty() {
+                anyhow::bail!(
+                    "no token on stdin: pipe it in, e.g. `printenv ROSTERD_DEMO_TOKEN | rosterd token hash`"
+                );
+            }
+            let hash = rosterd::server::auth::TokenHash::of(token);
+            outln!("{hash}")?;
             Ok(())
         }
     }
@@ -1508,6 +1529,8 @@ fn call_daemon_within(
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty());
+    // Minted here, from the secret as this shell has it: named if the daemon's differs.
+    let mut minted_from = None;
     let token = match (given, tenant) {
         (Some(t), _) => Some(t.to_owned()),
         (None, Some(t)) => {
@@ -1524,7 +1547,13 @@ fn call_daemon_within(
             }
             let scopes = "roster:read roster:write roster:admin";
             let ttl = within_max_lifetime(&config, 60);
-            Some(mint_jwt(&config, t, scopes, "cli", ttl).context(NO_TOKEN)?)
+            let jwt = mint_jwt(&config, t, scopes, "cli", ttl).context(NO_TOKEN)?;
+            minted_from = config
+                .api
+                .jwt
+                .as_ref()
+                .and_then(|j| j.hs256_secret_env.clone());
+            Some(jwt)
         }
         (None, None) => None,
     };
@@ -1607,13 +1636,24 @@ fn call_daemon_within(
         let resp = req.send().await.map_err(unanswered)?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(unanswered)?;
-        let body = if bytes.is_empty() {
+        let mut body = if bytes.is_empty() {
             serde_json::Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                 serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
             })
         };
+        // After a rotation of the HS256 secret, a shell still holding the old value
+        // mints tokens the daemon refuses, and "signature does not verify" alone did not
+        // say that the command had signed it.
+        if let (Some(var), Some(message)) = (&minted_from, body["message"].as_str())
+            && body["error"] == "token_bad_signature"
+        {
+            body["message"] = serde_json::Value::String(format!(
+                "{message} (this command signed its token with {} as this shell has it; the daemon checks with the value it started with, so run the command with the daemon's environment, e.g. /etc/rosterd/env, or give a token with --token)",
+                rosterd::config::shown_env_name(var)
+            ));
+        }
         Ok((status, body))
     })
 }

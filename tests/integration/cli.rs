@@ -2930,3 +2930,93 @@ fn a_start_beside_backups_makes_no_new_store_unless_told() {
     let (child, _log, _) = serve_child(dir.path(), &["--config", config]);
     assert!(stop(child).success());
 }
+
+/// `rosterd token hash` gives the hash the daemon checks a token against, so a token kept
+/// in `token_env` moves to `token_hashes` unchanged (trimmed, as the daemon reads the
+/// variable). Before it, the hash's form was not said anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_hash_gives_the_hash_a_kept_token_is_accepted_by() {
+    let token = "kept-in-an-env-file-0123456789abcdef";
+    let (ok, out, err) = rosterd(&["token", "hash"], Some(&format!("{token}\n")));
+    assert!(ok, "{err}");
+    let hash = out.trim();
+    assert!(hash.starts_with("sha256:") && hash.len() == 7 + 64, "{out}");
+    let (ok, _, err) = rosterd(&["token", "hash"], Some("\n"));
+    assert!(!ok && err.contains("no token on stdin"), "{err}");
+    let d = crate::harness::TestDaemon::start_with(crate::harness::Options {
+        config_extra: format!("[[tenants]]\nid = \"kept\"\ntoken_hashes = [\"{hash}\"]\n"),
+        ..crate::harness::Options::default()
+    })
+    .await;
+    for (given, status) in [(token, 200), ("kept-in-an-env-file-0123456789abcdeX", 401)] {
+        let r = d
+            .raw(
+                reqwest::Method::GET,
+                &d.url("/scim/v2/kept/Users"),
+                Some(given),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, status, "{given}: {}", r.body);
+    }
+}
+
+/// A command that signs its own token with an HS256 secret other than the daemon's (a
+/// shell still holding the value from before a rotation) says so; "token signature does
+/// not verify" alone did not tell that the command had signed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_command_signed_with_another_secret_says_whose_secret() {
+    let d = crate::harness::TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let (config, url) = (
+        config.to_str().unwrap().to_owned(),
+        format!("http://{}", d.addr),
+    );
+    let list = |secret: &'static str, token: Option<String>| {
+        let (config, url) = (config.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec![
+                "dead-letters".to_owned(),
+                "--config".into(),
+                config,
+                "--url".into(),
+                url,
+                "--tenant".into(),
+                crate::harness::TENANT.into(),
+            ];
+            if let Some(t) = token {
+                args.extend(["--token".into(), t]);
+            }
+            args.extend(["list".into(), "nope".into()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            rosterd_env(&args, &[("TEST_JWT_SECRET", secret)])
+        })
+    };
+    let other = "a-secret-from-before-the-rotation-of-32-bytes";
+    let (ok, out, err) = list(other, None).await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("token_bad_signature")
+            && err.contains(
+                "this command signed its token with TEST_JWT_SECRET as this shell has it"
+            ),
+        "{err}"
+    );
+    // A token given is the giver's: no word of the shell's secret.
+    let (ok, given, err) = rosterd_env(
+        &[
+            "token",
+            "jwt",
+            "--config",
+            &config,
+            "--tenant",
+            crate::harness::TENANT,
+        ],
+        &[("TEST_JWT_SECRET", other)],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = list(other, Some(given.trim().to_owned())).await.unwrap();
+    assert!(!ok && err.contains("token_bad_signature"), "{err}");
+    assert!(!err.contains("this command signed"), "{err}");
+}
