@@ -490,6 +490,7 @@ pub async fn run_with_env(
     }
     failed.abort();
     refusals.abort();
+    state.refusals.sum_up_at_stop();
     // Awaited, not aborted: a rewrite of the run file under way would finish on its own
     // thread, and one landing after the clean stop removed the file would bring it back.
     alive_stop.cancel();
@@ -1606,6 +1607,14 @@ impl RefusalLog {
         Self::ended(&mut m, std::time::Instant::now());
     }
 
+    /// The stop: the minute under way is summed up now, or its count (a flood of old
+    /// tokens just before a restart, the likeliest time for one) was never said.
+    fn sum_up_at_stop(&self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.began = None;
+        Self::ended(&mut m, std::time::Instant::now());
+    }
+
     /// Whether the minute is over (or none began); if so, its summary is written and
     /// the count starts afresh.
     fn ended(m: &mut RefusalMinute, now: std::time::Instant) -> bool {
@@ -1875,6 +1884,15 @@ mod tests {
         log.sum_up();
         assert_eq!(log.0.lock().unwrap().counted, 0);
         assert_eq!(log.verdict(client), RefusalVerdict::Log);
+        // A stop within the minute sums it up at once (one logged above).
+        for _ in 0..REFUSALS_LOGGED_A_MINUTE + 1 {
+            log.verdict(client);
+        }
+        assert_eq!(log.0.lock().unwrap().counted, 2);
+        log.sum_up();
+        assert_eq!(log.0.lock().unwrap().counted, 2, "the minute is not over");
+        log.sum_up_at_stop();
+        assert_eq!(log.0.lock().unwrap().counted, 0);
     }
     use axum::routing::get;
 

@@ -500,6 +500,18 @@ async fn refusals_for_credentials_past_twenty_a_minute_are_counted_not_logged() 
         )
         .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
+    // A stop within the minute says how many it counted: summed up only once the minute
+    // was over, the count of a flood just before a restart was never said.
+    let mut d = d;
+    assert!(logs.lines("more requests were refused").is_empty());
+    d.stop().await;
+    let summed = logs.lines("more requests were refused");
+    assert!(
+        summed.len() == 1
+            && summed[0].contains("25 more requests")
+            && summed[0].contains("127.0.0.1"),
+        "{summed:#?}"
+    );
 }
 
 #[tokio::test]
