@@ -886,6 +886,25 @@ pub async fn reload(state: &Arc<AppState>) {
             tracing::warn!("{warning}");
         }
     }
+    // A `token_env` waiting for the restart whose variable this daemon's environment
+    // does not set: unless the environment file has it by then, that restart refuses
+    // to start, SCIM and all, and the reload had only said "waits for a restart".
+    if let Some(edited) = &on_disk.edited {
+        let in_force = state.tokens.envs_in_force();
+        for t in &edited.tenants {
+            if let Some(var) = &t.token_env
+                && in_force.get(&t.id).is_some_and(|f| f.as_ref() != Some(var))
+                && (state.env)(var).is_none_or(|v| v.trim().is_empty())
+            {
+                tracing::warn!(
+                    tenant = %t.id,
+                    "tenants.{}.token_env names {}, which this daemon's environment does not set: set it in the environment file the service reads (under systemd, /etc/rosterd/env) before restarting, or the restart refuses to start (rosterd check-config with that file tells).",
+                    t.id,
+                    crate::config::shown_env_name(var)
+                );
+            }
+        }
+    }
     // An identity provider's key rotation needs no restart either.
     if let Some(jwt) = &state.config.api.jwt {
         let outcome = state

@@ -1172,6 +1172,37 @@ async fn scim_answers(d: &TestDaemon, tokens: &[&str]) -> Vec<u16> {
 /// started, and a reload put that value in force (a token revoked an hour earlier opened
 /// another tenant) while both said the key applies only at the next restart. A restart
 /// applies it; a `token_env` removed is applied by the reload.
+/// A `token_env` added on a reload, naming a variable the daemon's environment does not
+/// set, says that the restart it waits for would be refused unless the environment file
+/// sets it by then: the reload said only that it waited for a restart.
+#[tokio::test]
+async fn a_token_env_added_for_a_variable_not_set_says_the_restart_needs_it() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let d = TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    let added = started.replacen(
+        &format!("id = \"{TENANT}\""),
+        &format!("id = \"{TENANT}\"\ntoken_env = \"ACME_NOT_SET_ANYWHERE\""),
+        1,
+    );
+    assert_ne!(added, started);
+    std::fs::write(&config, &added).unwrap();
+    d.reload().await;
+    let said = logs.lines("which this daemon's environment does not set");
+    assert!(
+        said.len() == 1
+            && said[0].contains(" WARN ")
+            && said[0].contains(&format!(
+                "tenants.{TENANT}.token_env names ACME_NOT_SET_ANYWHERE"
+            ))
+            && said[0].contains("the restart refuses to start"),
+        "{said:?}"
+    );
+    // The tokens in force stay.
+    assert_eq!(scim_answers(&d, &[d.token.as_str()]).await, [200]);
+}
+
 #[tokio::test]
 async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     use crate::harness::Options;
@@ -1210,6 +1241,8 @@ async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     let said = logs.lines("The config file changed since start");
     assert!(said.len() == 1 && said[0].contains(&key), "{said:?}");
     assert!(logs.lines("SCIM tokens reloaded").is_empty());
+    // Set where the daemon runs: no word of a restart refused.
+    assert!(logs.lines("environment does not set").is_empty());
     // The reload's first line names all it reloads, the tokens included.
     assert_eq!(
         logs.lines("reloading connectors, archetype bundles, the tenants' SCIM tokens and the Roster API's key files")
