@@ -390,7 +390,7 @@ pub fn openapi_document() -> Value {
                     "400": error_response("id is not a number"),
                     "422": error_response("Nothing was sent: the object cannot be expressed for this target, such as a user without an email for OneRoster (unmappable)"),
                     "502": error_response("The target refused the replay (target_refused)")}),
-                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled, not running, not loaded (no file names it, its file does not load, or it is retired: the message says what loads it again) or held by its guard, or another request is replaying this letter now")])
+                    &[("404", "No such connector or dead letter"), ("409", "The connector is disabled, not running, not loaded (no file names it, its file does not load, or it is retired: the message says what loads it again) or held by its guard (for a OneRoster connector also a hold it has not reached yet since a start or reload, judged from the store), or another request is replaying this letter now")])
             }},
             "/api/v1/roster/connectors/{name}/dead-letters:replay": {"post": {
                 "operationId": "replayDeadLetters", "summary": "Replay several dead letters, in the order given (roster:admin)",

@@ -4341,10 +4341,30 @@ impl Dispatcher {
         let ctx = ctx.ok_or_else(|| {
             DispatchError::NotRunning(name.to_owned(), "it is disabled or failed to start".into())
         })?;
+        let oneroster = matches!(ctx.target, Target::OneRoster { .. });
         // Checked before each letter too: a hold may begin while a batch runs.
-        let held = || ctx.live.held() && matches!(ctx.target, Target::OneRoster { .. });
+        let held = || ctx.live.held() && oneroster;
         if held() {
             let refused = ids.iter().map(|&id| (id, Err(Self::held_refusal(name))));
+            return Ok((refused.collect(), vec![]));
+        }
+        // The hold lives in the connector's task, which after a start or a reload holds
+        // again only once it has read that far (after its preflight, a pause, a
+        // backlog): until then it reads as not held, and a replay sent a deprovisioning
+        // the operator was about to skip. So the guard is judged from the store too, as
+        // a CSV write beside the connector's loop is. Any hold refuses, as a hold in
+        // force does: an object's state carries every change of it logged by now, and
+        // which of them the guard would hold is the hold's to say, not the replay's.
+        let mut judged: Judged = if oneroster {
+            let cursor = self.store.cursor(tenant, &ctx.cursor_name())?;
+            ctx.guard_at(cursor).await?.map(|g| (g, cursor))
+        } else {
+            None
+        };
+        if let Some(h) = self.judged_holds(&ctx, &mut judged).await? {
+            let refused = ids
+                .iter()
+                .map(|&id| (id, Err(Self::guard_refusal(tenant, name, &h))));
             return Ok((refused.collect(), vec![]));
         }
         let letters: Vec<Result<DeadLetter, DispatchError>> = ids
@@ -4373,13 +4393,23 @@ impl Dispatcher {
                 Ok(_) => superseded.next().unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
-            let result = match letter {
-                _ if held() => Err(Self::held_refusal(name)),
+            let refused = if held() {
+                Some(Self::held_refusal(name))
+            } else if letter.is_ok() {
+                // Changes logged while the batch runs are judged before each letter.
+                self.judged_holds(&ctx, &mut judged)
+                    .await?
+                    .map(|h| Self::guard_refusal(tenant, name, &h))
+            } else {
+                None
+            };
+            let result = match (refused, letter) {
+                (Some(refused), _) => Err(refused),
                 // Read again at its turn, which may come many seconds after the batch
                 // began: a call the CLI gave up on goes on, and the operator's next
                 // call must not send again what it replayed (or an operator discarded)
                 // meanwhile.
-                Ok(_) => match ctx.live.claim_replay(id) {
+                (None, Ok(_)) => match ctx.live.claim_replay(id) {
                     None => Err(Self::in_hand(name, id)),
                     Some(_claim) => match self.stored_letter(tenant, name, id) {
                         Ok(letter) => {
@@ -4389,7 +4419,7 @@ impl Dispatcher {
                         Err(e) => Err(e),
                     },
                 },
-                Err(e) => Err(e),
+                (None, Err(e)) => Err(e),
             };
             // Stopped (the daemon, or this connector for a reload): what was cut short
             // and what was not begun are handed back, not failed, for the next call.
@@ -4444,6 +4474,33 @@ impl Dispatcher {
         DispatchError::Refused(
             name.to_owned(),
             "is held by its [guard], and a replay sends the object as it stands, which may be what the guard holds: resume it first (`rosterd resume`, or `--skip-held`)".into(),
+        )
+    }
+
+    /// What the guard judged in `judged` holds of the changes logged by now: for a
+    /// replay beside a connector that may not have read them yet.
+    async fn judged_holds(
+        &self,
+        ctx: &Ctx,
+        judged: &mut Judged,
+    ) -> Result<Option<guard::Held>, StoreError> {
+        if judged.is_none() {
+            return Ok(None);
+        }
+        let upto = self.store.last_seq(ctx.tenant())?;
+        judge(ctx, judged, upto).await
+    }
+
+    /// [`Dispatcher::held_refusal`] for a hold judged from the store that the connector
+    /// has not read yet: a resume now finds nothing held, so the operator waits for the
+    /// hold first.
+    fn guard_refusal(tenant: &str, name: &str, held: &guard::Held) -> DispatchError {
+        DispatchError::Refused(
+            name.to_owned(),
+            format!(
+                "is held by its [guard] at change #{seq}, which the connector has not read yet (just after a start or a reload, or while it is behind or paused), and a replay sends the object as it stands, which may be what the guard holds. Once `rosterd status --tenant {tenant}` shows it held (a paused connector reaches the hold only once resumed), resume it (`rosterd resume`, or `--skip-held`), then replay",
+                seq = held.seq
+            ),
         )
     }
 

@@ -5140,6 +5140,65 @@ async fn a_replay_does_not_send_what_the_guard_holds() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// After a restart the hold is not in force until the connector has read as far as the
+/// held change again (here never: its preflight waits). A replay in that window sent the
+/// object as it stands, the deactivation the guard holds, while the connector read as
+/// not held.
+#[tokio::test]
+async fn a_replay_does_not_send_what_the_guard_holds_before_the_connector_holds_again() {
+    let (d, target) = start_with_oneroster("[guard]\nusers = 1\nminutes = 60\n").await;
+    let a = d.create_user("a@acme.test").await;
+    let b = d.create_user("b@acme.test").await;
+    caught_up(&d, "sis").await;
+    let sid = sourced_id(&format!("User/{a}"));
+    target.inject(Fault::status(400, 1).on_path(sid.clone()));
+    let r = d
+        .patch(
+            &format!("/Users/{a}"),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    caught_up(&d, "sis").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let letters = d
+        .roster(Method::GET, "/connectors/sis/dead-letters", &admin, None)
+        .await;
+    let id = letters.body["dead_letters"][0]["id"].as_u64().unwrap();
+    // Started again, the connector waits in its preflight and reads no change.
+    target.inject(Fault::held(1).on_method("GET").on_path("/orgs/"));
+    let d = d.restart().await;
+    connector_until(&d, "sis", "never in preflight", |c| {
+        c["state"] == "preflight"
+    })
+    .await;
+    // b, then a, leave: the guard would hold a's deactivation.
+    for user in [&b, &a] {
+        set_active(&d, user, false).await;
+    }
+    assert_eq!(connector(&d, "sis").await["held_by_guard"], Value::Null);
+    let replay = format!("/connectors/sis/dead-letters/{id}/replay");
+    let r = d.roster(Method::POST, &replay, &admin, None).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let message = r.body["message"].as_str().unwrap();
+    assert!(
+        message.contains("held by its [guard] at change #")
+            && message.contains("`rosterd status --tenant acme`"),
+        "{message}"
+    );
+    let disabled = || target.user(&sid).unwrap()["enabledUser"] == "false";
+    assert!(!disabled(), "the deactivation the guard holds went out");
+    // Once the connector holds and is resumed, the replay goes.
+    target.release_held();
+    held_by_guard(&d, &["sis"]).await;
+    assert!(!disabled());
+    resumed(&d, "sis").await;
+    caught_up(&d, "sis").await;
+    assert!(disabled());
+    let r = d.roster(Method::POST, &replay, &admin, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// A full reconciliation that a held connector stops must not make the connector forget
 /// what its target has: after a skip of the held changes, the next reconciliation still
 /// deletes the leavers whose deletion was held (they used to stay at the target, and every
