@@ -2051,10 +2051,14 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str, skip_held: bool) -
     )?;
     fail_unless_ok(status, &body)?;
     if skip_held {
-        outln!(
-            "{connector}: resumed; the changes it held, up to #{}, were skipped",
-            body["skipped_through"]
-        )?;
+        match body["note"].as_str() {
+            // A CSV connector: its files carry the roster as it stands, held changes too.
+            Some(note) => outln!("{connector}: resumed; {note}")?,
+            None => outln!(
+                "{connector}: resumed; the changes it held, up to #{}, were skipped",
+                body["skipped_through"]
+            )?,
+        }
         match (body["job"]["job_id"].as_str(), body["job_error"].as_str()) {
             (Some(id), _) => outln!(
                 "reconciliation {id} started: it sends the current state of what they changed (follow it: rosterd job --tenant {tenant} {id} --wait)"

@@ -324,6 +324,9 @@ fn failed(id: u64, e: DispatchError) -> Value {
     json!({"id": id, "status": status.as_u16(), "error": code, "message": e.message()})
 }
 
+/// What `skip_held` does for a CSV connector, in the resume's answer.
+const CSV_SKIP_NOTE: &str = "its CSV files are written again from the roster as it stands now, so nothing it held is left out of them: a deprovisioning the identity provider has not undone goes out with them (undo it there, and the next write puts those users back)";
+
 /// `POST /connectors/{name}/resume`: lift a pause. `{"skip_held": true}` lets a
 /// connector its guard holds go on without sending what it holds, then starts a
 /// reconciliation, which sends the current state of what the skipped changes touched.
@@ -358,6 +361,9 @@ async fn resume(
     let mut answer =
         json!({ "resumed": name, "was_paused": true, "skipped_through": skipped.through });
     if !skipped.reconcile {
+        // A CSV connector's files are state, written whole: nothing it held is left out
+        // of them, which "skipped" alone let an operator believe.
+        answer["note"] = json!(CSV_SKIP_NOTE);
         return Ok(Json(answer).into_response());
     }
     // This connector's alone: another connector of the tenant, held or paused, would

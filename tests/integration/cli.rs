@@ -1327,6 +1327,59 @@ async fn resume_skip_held_names_the_reconciliation_it_started() {
     assert!(err.contains("is not held by its [guard]"), "{err}");
 }
 
+/// `rosterd resume --skip-held` of a held CSV connector says what it does: the files are
+/// written from the roster as it stands, held deprovisionings included. It said the held
+/// changes "were skipped", and then wrote them into the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_skip_held_of_a_csv_connector_says_the_files_carry_the_roster_as_it_stands() {
+    use crate::harness::{Options, TENANT, TestDaemon};
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            format!(
+                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[guard]\nusers = 1\nminutes = 5\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n"
+            ),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let ids = [
+        d.create_user("a@acme.test").await,
+        d.create_user("b@acme.test").await,
+    ];
+    crate::mirror::caught_up(&d, "files").await;
+    for id in &ids {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    crate::mirror::paused(&d, "files").await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = rosterd_async(&[
+        "resume",
+        "--tenant",
+        TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "--skip-held",
+        "files",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim_end(),
+        "files: resumed; its CSV files are written again from the roster as it stands now, so nothing it held is left out of them: a deprovisioning the identity provider has not undone goes out with them (undo it there, and the next write puts those users back)"
+    );
+    // As said: the deleted users are gone from the files.
+    crate::mirror::caught_up(&d, "files").await;
+    let csv = std::fs::read_to_string(d.root.join("connectors/out/roster.csv")).unwrap();
+    assert!(
+        !csv.contains("a@acme.test") && !csv.contains("b@acme.test"),
+        "{csv}"
+    );
+}
+
 /// The example config as README runs it: `--config config.toml`, from its directory,
 /// before the first start made `data`. A relative data directory not made yet was
 /// refused as "data is a file, not a directory".
