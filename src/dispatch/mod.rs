@@ -4095,6 +4095,30 @@ impl Dispatcher {
         }
     }
 
+    /// A loaded connector by name, for what needs it loaded (`needs`, as the refusal
+    /// says it). One the store knows, or that a file which does not load names, is
+    /// refused as not loaded, saying why and what loads it: "no connector" read as a
+    /// misspelt name, for a connector whose file is broken or that was retired.
+    fn find_loaded(&self, tenant: &str, name: &str, needs: &str) -> Result<Found, DispatchError> {
+        match self.find(tenant, name) {
+            Err(DispatchError::UnknownConnector(_))
+                if self.stored(tenant, name)? || self.unloaded_file(tenant, name).is_some() =>
+            {
+                Err(self.not_loaded(tenant, name, needs))
+            }
+            found => found,
+        }
+    }
+
+    /// The file naming connector `name` of `tenant` that did not load, if one does.
+    fn unloaded_file(&self, tenant: &str, name: &str) -> Option<std::path::PathBuf> {
+        self.unloaded_lock()
+            .iter()
+            .filter(|u| u.tenant.as_deref().is_none_or(|t| t == tenant))
+            .find(|u| u.name.as_deref() == Some(name))
+            .map(|u| u.file.clone())
+    }
+
     /// Whether the store holds anything of connector `name` of `tenant`.
     fn stored(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
         let dry_run = format!("{name}.dry-run");
@@ -4111,10 +4135,12 @@ impl Dispatcher {
     /// the refusal of what needs it running.
     fn not_loaded(&self, tenant: &str, name: &str, needs: &str) -> DispatchError {
         let held = self.held_cursors(tenant).unwrap_or_default();
+        // One that never delivered has no cursor to find its file by.
         let file = held
             .iter()
             .filter(|h| h.name == name)
-            .find_map(|h| h.file.as_ref());
+            .find_map(|h| h.file.clone())
+            .or_else(|| self.unloaded_file(tenant, name));
         let retired = self
             .store
             .retired(tenant)
@@ -4198,6 +4224,17 @@ impl Dispatcher {
         name: &str,
     ) -> Result<ConnectorStatus, DispatchError> {
         let f = self.find(tenant, name)?;
+        Ok(self.status_of(&f.config, &f.live, f.not_started))
+    }
+
+    /// [`Dispatcher::connector_status`] for `GET /connectors/NAME`: a connector that is
+    /// not loaded is said to be so, with why and what loads it.
+    pub fn loaded_connector_status(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<ConnectorStatus, DispatchError> {
+        let f = self.find_loaded(tenant, name, "its status")?;
         Ok(self.status_of(&f.config, &f.live, f.not_started))
     }
 
@@ -4666,7 +4703,7 @@ impl Dispatcher {
     /// Not for a webhook connector: its receivers get events, not state, so the events of
     /// every other change held would be lost.
     pub async fn skip_held(&self, tenant: &str, name: &str) -> Result<Skipped, DispatchError> {
-        let found = self.find(tenant, name)?;
+        let found = self.find_loaded(tenant, name, "a resume with --skip-held")?;
         let refuse = |why: &str| Err(DispatchError::Refused(name.to_owned(), why.to_owned()));
         let Some(ctx) = &found.ctx else {
             return refuse("is not running (disabled or failed to start): nothing is held");
@@ -4709,7 +4746,7 @@ impl Dispatcher {
     /// Lift a pause now (after the operator fixed the target). Returns whether it was
     /// paused: a resume of one that was not only starts its count of failures afresh.
     pub async fn resume(&self, tenant: &str, name: &str) -> Result<bool, DispatchError> {
-        let found = self.find(tenant, name)?;
+        let found = self.find_loaded(tenant, name, "a resume")?;
         // Nothing runs to resume: saying "resumed" would promise deliveries that wait
         // for an `enabled = true` (or a fixed file) and a reload.
         let Some(ctx) = &found.ctx else {

@@ -1694,6 +1694,94 @@ async fn the_dead_letters_of_a_connector_not_loaded_can_be_listed_and_discarded(
     assert_eq!(status["retired_connectors"], json!([]), "{status}");
 }
 
+/// A connector that is not loaded (its file does not load, no file names it, it is
+/// retired) is said to be so by `GET /connectors/NAME`, `resume` and `resume
+/// --skip-held`, with why and what loads it, as a replay is: they answered 404 "no
+/// connector", as for a misspelt name. A name never seen still answers 404.
+#[tokio::test]
+async fn a_connector_not_loaded_is_said_so_by_its_status_and_its_resume() {
+    let (_hook, d) = with_user_created_hook("").await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("url =", "urll =")).unwrap();
+    // One that never ran, named by a file that does not load: no cursor to know it by.
+    std::fs::write(
+        d.root.join("connectors/fresh.toml"),
+        good.replace("name = \"hooks\"", "name = \"fresh\"")
+            .replace("url =", "urll ="),
+    )
+    .unwrap();
+    let d = d.restart().await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let answers = |name: &'static str| {
+        let (d, admin) = (&d, admin.clone());
+        async move {
+            let path = format!("/connectors/{name}");
+            let status = d.roster(Method::GET, &path, &admin, None).await;
+            let resume = format!("{path}/resume");
+            let resumed = d.roster(Method::POST, &resume, &admin, None).await;
+            let skip = Some(json!({"skip_held": true}));
+            let skipped = d.roster(Method::POST, &resume, &admin, skip).await;
+            [status, resumed, skipped]
+        }
+    };
+    let is_409 = |answers: &[crate::harness::Resp; 3], why: &str, fix: &str| {
+        for (r, needs) in answers.iter().zip([
+            "its status needs it running",
+            "a resume needs it running",
+            "a resume with --skip-held needs it running",
+        ]) {
+            assert_eq!(r.status, 409, "{}", r.body);
+            let m = r.body["message"].as_str().unwrap();
+            assert!(
+                m.contains(why) && m.contains(needs) && m.contains(fix),
+                "{m}"
+            );
+        }
+    };
+    let file_of = |name: &str| {
+        format!(
+            "is not loaded (its file {} does not load)",
+            d.root.join(format!("connectors/{name}.toml")).display()
+        )
+    };
+    is_409(
+        &answers("hooks").await,
+        &file_of("hooks"),
+        "fix that file and reload",
+    );
+    is_409(
+        &answers("fresh").await,
+        &file_of("fresh"),
+        "fix that file and reload",
+    );
+    let (ok, _, err) = cli_as_admin(&d, &["resume", "--tenant", "acme", "hooks"]).await;
+    assert!(!ok);
+    assert!(err.contains(&file_of("hooks")), "{err}");
+
+    std::fs::remove_file(&file).unwrap();
+    d.reload().await;
+    is_409(
+        &answers("hooks").await,
+        "is not loaded (no connector file names it)",
+        "put its file back and reload",
+    );
+    let (ok, _, err) = cli_as_admin(&d, &["retire", "--tenant", "acme", "hooks"]).await;
+    assert!(ok, "{err}");
+    is_409(
+        &answers("hooks").await,
+        "is not loaded (it is retired)",
+        "put back a file with its name and reload",
+    );
+    for r in answers("nosuch").await {
+        assert_eq!(r.status, 404, "{}", r.body);
+        let m = r.body["message"].as_str().unwrap_or_default();
+        assert!(m.contains("no connector \"nosuch\""), "{m}");
+    }
+}
+
 /// Wait until connector `name` reports changes compacted away before it delivered them;
 /// its status then.
 async fn gap_reported(d: &TestDaemon, name: &str) -> Value {
