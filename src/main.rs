@@ -663,16 +663,116 @@ fn held_by_a_command(key: &str, dir: &std::path::Path) -> String {
 
 fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result<()> {
     let mut config = Config::load(&path)?;
+    let given = data_dir.is_some();
     let (dir, key) = data_dir_setting(&path, &config, data_dir.as_deref())?;
+    // Opening a store writes to its files (643 MB into a 7 GiB backup's `db`, its content
+    // unchanged), and a backup must stay as written for what copies it off the machine:
+    // one is checked on a copy. The data directory itself is the store, not a backup,
+    // wherever it is (a backup served in place).
+    let backup_dir = config.backup_dir();
+    if given && backup_of(&dir, &backup_dir) {
+        if repair {
+            anyhow::bail!(
+                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or copy it (`cp -a`, as the store's user) and repair the copy",
+                dir.display()
+            );
+        }
+        return check_backup_copy(&config, &dir, &key);
+    }
     // The backups the refusal below points to are those of the store checked.
     config.server.data_dir = dir.clone();
-    let store = match rosterd::store::Store::open_existing(&dir, 64 * 1024 * 1024) {
+    check_dir(&config, &dir, &dir, &key, repair)
+}
+
+/// Whether `dir` is a backup: inside the config's backup directory, or named as one.
+fn backup_of(dir: &std::path::Path, backup_dir: &std::path::Path) -> bool {
+    let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    real(dir).starts_with(real(backup_dir)) || rosterd::ops::backup::named_as_backup(&real(dir))
+}
+
+/// `store check` of backup `dir`, on a copy of it made in `$TMPDIR` (default /var/tmp,
+/// which is on disk where /tmp may be memory) and removed after.
+fn check_backup_copy(config: &Config, dir: &std::path::Path, key: &str) -> Result<()> {
+    // Copied while a daemon serves it (one started on the backup in place), the copy
+    // would be torn, and its problems not the store's.
+    if rosterd::store::daemon_serving(dir) {
+        // Its backups go beside the directory it serves, unless `[backup] dir` says.
+        let mut served = config.clone();
+        served.server.data_dir = dir.to_owned();
+        anyhow::bail!(
+            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>`",
+            dir.display(),
+            served.backup_dir().display()
+        );
+    }
+    // Refused as it would be in place: another user's (as root), or one cut short.
+    rosterd::store::Store::check_dir(dir).with_context(|| key.to_owned())?;
+    let tmp = std::env::var_os("TMPDIR")
+        .filter(|t| !t.is_empty())
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let copy = tmp.join(format!(
+        "rosterd-check-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
+    ));
+    let copied =
+        rosterd::store::Store::create_private_dir(&copy).and_then(|()| copy_tree(dir, &copy));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&copy);
+        anyhow::bail!(
+            "{key}: {} is a backup, which is checked on a copy (opening a store writes to its files, and a backup must stay as written), and copying it to {} failed: {e}. Point TMPDIR at a directory with room for a copy of it, as the store's user, and run the check again",
+            dir.display(),
+            copy.display()
+        );
+    }
+    outln!("checking a copy of the backup, in {}", copy.display())?;
+    let mut config = config.clone();
+    config.server.data_dir = copy.clone();
+    let checked = check_dir(&config, &copy, dir, key, false);
+    // Said whatever the check found: the copy is as large as the backup.
+    if let Err(e) = std::fs::remove_dir_all(&copy) {
+        note!(
+            "{key}: the copy of the backup in {} could not be removed ({e}): remove it (`rm -rf`)",
+            copy.display()
+        );
+    }
+    checked
+}
+
+/// Copy directory `from` into `to` (made already), with the files' permissions.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        let failed =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", src.display()));
+        if kind.is_dir() {
+            rosterd::store::Store::create_private_dir(&dst).map_err(failed)?;
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(failed)?;
+        }
+    }
+    Ok(())
+}
+
+/// `store check` of the store in `dir`, named `shown` to the operator.
+fn check_dir(
+    config: &Config,
+    dir: &std::path::Path,
+    shown: &std::path::Path,
+    key: &str,
+    repair: bool,
+) -> Result<()> {
+    let key = key.to_owned();
+    let store = match rosterd::store::Store::open_existing(dir, 64 * 1024 * 1024) {
         Ok(store) => store,
-        Err(e) if e.held_elsewhere() && !rosterd::store::daemon_serving(&dir) => {
-            anyhow::bail!(held_by_a_command(&key, &dir))
+        Err(e) if e.held_elsewhere() && !rosterd::store::daemon_serving(dir) => {
+            anyhow::bail!(held_by_a_command(&key, dir))
         }
         Err(e) if e.held_elsewhere() => anyhow::bail!(
-            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}; copy it (`cp -a`, as the store's user), since opening a store writes to its files and the backup should stay as written, then `rosterd store check --data-dir <the copy>`",
+            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>` (it checks a copy of it, in $TMPDIR or /var/tmp)",
             dir.display(),
             config.backup_dir().display()
         ),
@@ -707,10 +807,18 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
             )
         }
     })?;
+    // A copy's problems are the backup's: a repair of it would be thrown away.
+    if problems > 0 && shown != dir {
+        anyhow::bail!(
+            "the backup in {} has {}: restore an older backup that checks clean instead, or copy this one (`cp -a`, as the store's user) and run `--repair` on the copy",
+            shown.display(),
+            rosterd::text::plural(problems, "problem"),
+        );
+    }
     if problems > 0 {
         anyhow::bail!(
             "the store in {} has {}{}. Keep a copy of the directory; restoring the newest backup that checks clean loses the changes since it, which the identity providers send again at their next full sync",
-            dir.display(),
+            shown.display(),
             rosterd::text::plural(problems, "problem"),
             if repair {
                 " that a repair cannot put right"
@@ -719,7 +827,7 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
             }
         );
     }
-    outln!("{}: every check passed", dir.display())?;
+    outln!("{}: every check passed", shown.display())?;
     Ok(())
 }
 

@@ -260,6 +260,14 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Whether `dir` is named as a whole backup is (`rosterd-20261205T021500Z`), wherever it
+/// is: under the systemd unit the backups are beside the unit's data directory, which the
+/// config need not name.
+pub fn named_as_backup(dir: &Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| order_of(&n.to_string_lossy()).is_some())
+}
+
 /// Where a backup's name puts it in time: the time, then its suffix; `None` for anything
 /// that is not a whole backup (a `.partial` one, a file of the operator's).
 fn order_of(name: &str) -> Option<(DateTime<Utc>, u32)> {

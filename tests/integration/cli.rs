@@ -2862,6 +2862,83 @@ async fn store_check_names_what_disagrees_and_fails() {
     }
 }
 
+/// `rosterd store check --data-dir` on a backup checks a copy of it, which it removes
+/// after: opening a store writes to its files, and the backup must stay as written for
+/// what copies it off the machine. It opened the backup in place. `--repair` on one is
+/// refused.
+#[tokio::test]
+async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written() {
+    use crate::harness::TestDaemon;
+    let mut d = TestDaemon::start().await;
+    for i in 0..20 {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    d.idle().await;
+    d.stop().await;
+    let config = d.root.join("config.toml");
+    let config = config.to_str().unwrap();
+    let (ok, _, err) = rosterd_async(&["store", "backup", "--config", config]).await;
+    assert!(ok, "{err}");
+    let backup = crate::harness::newest_backup(&d.root.join("data-backups"));
+    // Every file of the backup, and what it holds.
+    let files = |dir: &std::path::Path| {
+        fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push((path.clone(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(dir, &mut out);
+        out.sort();
+        out
+    };
+    let written = files(&backup);
+    let tmp = d.root.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let check = |extra: &'static [&'static str]| {
+        let (backup, tmp) = (backup.clone(), tmp.clone());
+        let config = config.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec!["store", "check", "--config", &config, "--data-dir"];
+            args.push(backup.to_str().unwrap());
+            args.extend(extra);
+            run(&args, None, &[("TMPDIR", tmp.to_str().unwrap())])
+        })
+    };
+    let (ok, out, err) = check(&[]).await.unwrap();
+    assert!(ok, "{out} {err}");
+    let copy_in = format!(
+        "checking a copy of the backup, in {}/rosterd-check-",
+        tmp.display()
+    );
+    assert!(out.contains(&copy_in), "{out}");
+    assert!(
+        out.contains(&format!("{}: every check passed", backup.display())),
+        "{out}"
+    );
+    assert!(
+        files(&backup) == written,
+        "the check wrote to the backup it checked"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the copy stayed"
+    );
+    let (ok, _, err) = check(&["--repair"]).await.unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("is a backup, which must stay as written, and --repair writes to the store"),
+        "{err}"
+    );
+    assert!(files(&backup) == written);
+}
+
 /// A `--url` the CLI cannot use is said to be the flag's fault, not the daemon's, and a
 /// password in it is not printed back.
 #[tokio::test]
