@@ -660,6 +660,98 @@ mod tests {
         assert!(second.last_seq("t").unwrap() > next + 1);
     }
 
+    /// The WARN of a restored store's first start says who had moved its counters
+    /// already, with no change since: an earlier start of the same backup, cut short, or
+    /// a restore of the store the backup was written from. It blamed a start cut short
+    /// for both.
+    #[test]
+    fn a_restored_start_says_who_had_moved_its_counters_already() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        rt.block_on(store.create(
+            "t",
+            ResourceKind::User,
+            user("u0", "Engineer", true),
+            vec![],
+        ))
+        .unwrap();
+        let first = dir.path().join("first");
+        store.backup(&first, &|| None).unwrap();
+        store.close().unwrap();
+        drop(store);
+        // The WARN lines of a start of `dir`.
+        let started = |dir: &Path| {
+            #[derive(Clone, Default)]
+            struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+            impl std::io::Write for Lines {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    self.0.lock().unwrap().extend_from_slice(b);
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            // tracing caches whether a callsite is enabled for the whole process, asking
+            // only the thread that reaches it first while one dispatcher is registered
+            // (tokio-rs/tracing#2874): a second one, never used, makes it ask each.
+            static BYSTANDER: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+            BYSTANDER.get_or_init(|| {
+                tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
+            });
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(move || writer.clone())
+                .finish();
+            let store = tracing::subscriber::with_default(subscriber, || {
+                when_unlocked(|| Store::open(dir))
+            });
+            store.close().unwrap();
+            drop(store);
+            let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
+            text.lines()
+                .filter(|l| l.contains("This store is a backup starting to serve"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        // A start cut short after it moved the counters, before it removed the mark.
+        let cut = dir.path().join("cut");
+        copy_dir(&first, &cut);
+        {
+            let db = copy_config(&cut).open().unwrap();
+            super::super::restored::move_counters_of_a_restored_backup(&db)
+                .unwrap()
+                .unwrap();
+        }
+        let warned = started(&cut);
+        assert!(
+            warned.contains("(an earlier start of this backup, cut short, had moved them already)"),
+            "{warned}"
+        );
+        // Restored whole, then backed up before any change: that backup's start finds
+        // the counters moved by the restore before it, which was not cut short.
+        let warned = started(&first);
+        assert!(!warned.contains("had moved them already"), "{warned}");
+        let restored = when_unlocked(|| Store::open(&first));
+        let second = dir.path().join("second");
+        restored.backup(&second, &|| None).unwrap();
+        restored.close().unwrap();
+        drop(restored);
+        let warned = started(&second);
+        assert!(
+            warned.contains("(the store this backup was written from had been restored itself, which moved them, and made no change between that restore and this backup)"),
+            "{warned}"
+        );
+        assert!(!warned.contains("cut short"), "{warned}");
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for e in std::fs::read_dir(from).unwrap() {

@@ -1860,11 +1860,7 @@ impl Store {
             // Said before the mark goes: a crash between the two would leave the jump
             // unexplained, where one before the mark's removal only says it again.
             for m in r.moved {
-                let again = if m.again {
-                    " (an earlier start of this backup, cut short, had moved them already)"
-                } else {
-                    ""
-                };
+                let again = m.again.map_or("", restored::MovedBefore::said);
                 tracing::warn!(
                     tenant = %m.tenant,
                     backup_written_at = %r.at,

@@ -19,6 +19,11 @@ use super::{StoreResult, be_u64, u64_in};
 /// The key, in the default tree, a backup writes into its copy: the time it was written.
 pub(super) const BACKUP_MARK: &[u8] = b"rosterd:written_as_backup_at";
 
+/// The key, in the default tree, of the mark of the backup whose start last moved the
+/// counters: a later start that finds them moved tells by it whether a start of the same
+/// backup was cut short, or the store the backup was written from had been restored.
+const MOVED_FOR: &[u8] = b"rosterd:counters_moved_for_backup_at";
+
 /// The key, in the default tree, of where a tenant new to a restored store numbers from
 /// (big-endian u64): it may have existed after the backup, with changes the restore lost.
 /// Kept, since the tenant may come back to the config any time after.
@@ -43,13 +48,43 @@ pub(super) fn moved_on(last: u64, now: chrono::DateTime<chrono::Utc>) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Moved {
     pub tenant: String,
-    /// The backup's last change: an earlier start cut short may have moved the counter
-    /// already, and the number it moved it to was never a change.
+    /// The backup's last change: the counter may have been moved already (see
+    /// [`MovedBefore`]), and the number it was moved to was never a change.
     pub changes_from: u64,
     pub changes_to: u64,
     pub cursors: usize,
-    /// Whether an earlier start of this backup moved the counters already.
-    pub again: bool,
+    /// Who had moved the counter already, with no change made since; `None` when no one.
+    pub again: Option<MovedBefore>,
+}
+
+/// Who moved a restored backup's counters before its start did, with no change since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MovedBefore {
+    /// An earlier start of this backup, cut short after it moved them and before it
+    /// removed the backup's mark.
+    ThisBackup,
+    /// The start of another backup: the store this one was written from had been
+    /// restored itself, and made no change between that restore and this backup.
+    EarlierRestore,
+    /// Either: moved by a rosterd that did not record which backup it moved them for.
+    NotRecorded,
+}
+
+impl MovedBefore {
+    /// What the start's WARN says of it.
+    pub fn said(self) -> &'static str {
+        match self {
+            MovedBefore::ThisBackup => {
+                " (an earlier start of this backup, cut short, had moved them already)"
+            }
+            MovedBefore::EarlierRestore => {
+                " (the store this backup was written from had been restored itself, which moved them, and made no change between that restore and this backup)"
+            }
+            MovedBefore::NotRecorded => {
+                " (they had been moved already, with no change since: by an earlier start of this backup that was cut short, or by a restore of the store this backup was written from)"
+            }
+        }
+    }
 }
 
 /// A restored store's first start, as [`move_counters_of_a_restored_backup`] found it.
@@ -73,6 +108,11 @@ pub(super) fn move_counters_of_a_restored_backup(db: &sled::Db) -> StoreResult<O
     };
     let mut moved = Vec::new();
     let now = chrono::Utc::now();
+    let before = match db.get(MOVED_FOR)? {
+        Some(m) if m == mark => MovedBefore::ThisBackup,
+        Some(_) => MovedBefore::EarlierRestore,
+        None => MovedBefore::NotRecorded,
+    };
     for name in db.tree_names() {
         let Some(tenant) = name.strip_prefix(b"tenant/") else {
             continue;
@@ -90,9 +130,10 @@ pub(super) fn move_counters_of_a_restored_backup(db: &sled::Db) -> StoreResult<O
             changes_from: from,
             changes_to: next,
             cursors,
-            again: from != last,
+            again: (from != last).then_some(before),
         });
     }
+    db.insert(MOVED_FOR, &mark)?;
     db.insert(NEW_TENANTS_FROM, &moved_on(0, now).to_be_bytes())?;
     db.flush()?;
     Ok(Some(Restored {
@@ -129,7 +170,8 @@ fn move_counters(
 }
 
 /// The number `last` stood at before the skips that end at it: the backup's last change,
-/// where an earlier start cut short had moved the counter on already.
+/// where the counter had been moved on already with no change since (by an earlier start
+/// cut short, or a restore of the store the backup was written from).
 fn before_skips(ranges: &[(u64, u64)], last: u64) -> u64 {
     ranges
         .iter()
