@@ -673,7 +673,7 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     if given && backup_of(&dir, &backup_dir) {
         if repair {
             anyhow::bail!(
-                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or copy it (`cp -a`, as the store's user) and repair the copy",
+                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or copy it under another name (`cp -a DIR /var/tmp/rosterd-repair`, as the store's user) and repair the copy",
                 dir.display()
             );
         }
@@ -810,7 +810,7 @@ fn check_dir(
     // A copy's problems are the backup's: a repair of it would be thrown away.
     if problems > 0 && shown != dir {
         anyhow::bail!(
-            "the backup in {} has {}: restore an older backup that checks clean instead, or copy this one (`cp -a`, as the store's user) and run `--repair` on the copy",
+            "the backup in {} has {}: restore an older backup that checks clean instead, or copy this one under another name (`cp -a DIR /var/tmp/rosterd-repair`, as the store's user) and run `--repair` on the copy",
             shown.display(),
             rosterd::text::plural(problems, "problem"),
         );
