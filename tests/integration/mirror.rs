@@ -3040,14 +3040,21 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
         d.reload().await;
         assert_eq!(d.status().await["connector_errors"], json!([]), "{shape}");
     }
-    // Removed: the connector stops.
+    // Removed: the connector stops, retired, and is said to be.
     std::fs::remove_file(&file).unwrap();
     d.reload().await;
     let admin = d.jwt(TENANT, "roster:admin");
     let r = d
         .roster(Method::GET, "/connectors/hooks", &admin, None)
         .await;
-    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is not loaded (it is retired)")),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test]
