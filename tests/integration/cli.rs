@@ -1279,7 +1279,7 @@ async fn resume_says_when_the_connector_was_not_paused() {
 /// reconciliation it started; on a connector not held it fails, saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_skip_held_names_the_reconciliation_it_started() {
-    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::harness::{Options, TestDaemon};
     use crate::oneroster::{OneRosterOptions, OneRosterServer};
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let d = TestDaemon::start_with(Options {
@@ -1292,29 +1292,8 @@ async fn resume_skip_held_names_the_reconciliation_it_started() {
         ..Options::default()
     })
     .await;
-    let ids = [
-        d.create_user("a@acme.test").await,
-        d.create_user("b@acme.test").await,
-    ];
-    crate::mirror::caught_up(&d, "sis").await;
-    for id in &ids {
-        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
-    }
-    crate::mirror::paused(&d, "sis").await;
-    let admin = d.jwt(TENANT, "roster:admin");
-    let url = format!("http://{}", d.addr);
-    let args = [
-        "resume",
-        "--tenant",
-        TENANT,
-        "--url",
-        &url,
-        "--token",
-        &admin,
-        "--skip-held",
-        "sis",
-    ];
-    let skip = || rosterd_async(&args);
+    held_by_two_deletions(&d, "sis").await;
+    let skip = || skip_held(&d, "sis");
     let (ok, out, err) = skip().await;
     assert!(ok, "{err}");
     assert!(
@@ -1343,29 +1322,8 @@ async fn resume_skip_held_of_a_csv_connector_says_the_files_carry_the_roster_as_
         ..Options::default()
     })
     .await;
-    let ids = [
-        d.create_user("a@acme.test").await,
-        d.create_user("b@acme.test").await,
-    ];
-    crate::mirror::caught_up(&d, "files").await;
-    for id in &ids {
-        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
-    }
-    crate::mirror::paused(&d, "files").await;
-    let admin = d.jwt(TENANT, "roster:admin");
-    let url = format!("http://{}", d.addr);
-    let (ok, out, err) = rosterd_async(&[
-        "resume",
-        "--tenant",
-        TENANT,
-        "--url",
-        &url,
-        "--token",
-        &admin,
-        "--skip-held",
-        "files",
-    ])
-    .await;
+    held_by_two_deletions(&d, "files").await;
+    let (ok, out, err) = skip_held(&d, "files").await;
     assert!(ok, "{err}");
     assert_eq!(
         out.trim_end(),
@@ -1378,6 +1336,38 @@ async fn resume_skip_held_of_a_csv_connector_says_the_files_carry_the_roster_as_
         !csv.contains("a@acme.test") && !csv.contains("b@acme.test"),
         "{csv}"
     );
+}
+
+/// Users a and b delivered by connector `name`, whose `[guard]` (at one user) holds
+/// their deletion.
+async fn held_by_two_deletions(d: &crate::harness::TestDaemon, name: &str) {
+    let ids = [
+        d.create_user("a@acme.test").await,
+        d.create_user("b@acme.test").await,
+    ];
+    crate::mirror::caught_up(d, name).await;
+    for id in &ids {
+        assert_eq!(d.delete(&format!("/Users/{id}")).await.status, 204);
+    }
+    crate::mirror::paused(d, name).await;
+}
+
+/// `rosterd resume --skip-held NAME` against `d`.
+async fn skip_held(d: &crate::harness::TestDaemon, name: &str) -> (bool, String, String) {
+    let admin = d.jwt(crate::harness::TENANT, "roster:admin");
+    let url = format!("http://{}", d.addr);
+    rosterd_async(&[
+        "resume",
+        "--tenant",
+        crate::harness::TENANT,
+        "--url",
+        &url,
+        "--token",
+        &admin,
+        "--skip-held",
+        name,
+    ])
+    .await
 }
 
 /// The example config as README runs it: `--config config.toml`, from its directory,
