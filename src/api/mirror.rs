@@ -128,8 +128,14 @@ async fn get_connector(
 ) -> ApiResult<Response> {
     let (caller, _) = admit(&st, &headers, Scope::Read, p, &[])?;
     let tenant = caller.tenant;
-    blocking(move || Ok(Json(st.dispatch.loaded_connector_status(&tenant, &name)?).into_response()))
-        .await
+    blocking(move || {
+        Ok(Json(
+            st.dispatch
+                .loaded_connector_status(&tenant, &name, "its status")?,
+        )
+        .into_response())
+    })
+    .await
 }
 
 /// `GET …/dead-letters?limit=N&after=ID`: a page of the letters, oldest first, and

@@ -318,7 +318,7 @@ pub fn openapi_document() -> Value {
                 })), "400": error_response("Bad parameter, an unknown kind, or since after until")}), &[("404", "user_id names no user, present or deleted")])
             }},
             "/api/v1/roster/scim:sync": {"post": {
-                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data; {\"connector\": NAME} reconciles that connector alone (404 if the tenant has no connector of that name).",
+                "operationId": "startSync", "summary": "Start the reconcile job: reclassify the tenant, then re-send what drifted downstream (roster:write). Body {\"dry_run\": true} only reports, and is answered even while a job runs; {\"full\": true} sends every object to each OneRoster connector again (and the course), for a target that lost data; {\"connector\": NAME} reconciles that connector alone (404 if the tenant has no connector of that name, 409 if it is not loaded).",
                 "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"dry_run": {"type": "boolean"}, "full": {"type": "boolean"}, "connector": {"type": "string", "description": "Only this connector; the others, held or paused, neither run nor fail the job"}}, "additionalProperties": false}}}},
                 "responses": common_errors(json!({
                     "202": ok_json("The queued job", json!({"$ref": "#/components/schemas/Job"})),
@@ -327,7 +327,7 @@ pub fn openapi_document() -> Value {
                     "400": error_response("Malformed body"),
                     "404": error_response("The tenant has no connector of the name given as `connector` (not_found)"),
                     "429": busy_response("A dry run of this tenant is running: one runs at a time (dry_run_in_progress), with Retry-After")
-                }), &[("409", "A job is already running for this tenant (sync_in_progress), or the connector named is disabled (conflict)")])
+                }), &[("409", "A job is already running for this tenant (sync_in_progress), or the connector named is disabled or not loaded (its file does not load, no file names it, or it is retired: the message says what loads it again) (conflict)")])
             }},
             "/api/v1/roster/changes": {"get": {
                 "operationId": "listChanges", "summary": "The change feed: committed changes after a sequence number, oldest first",

@@ -1527,7 +1527,13 @@ async fn start_sync(
             .map(|r| {
                 r.dry_run.try_lock().map_err(|_| {
                     // A name the tenant has no connector of is the answer to give first.
-                    match only.map(|name| st.dispatch.connector_status(&caller.tenant, name)) {
+                    match only.map(|name| {
+                        st.dispatch.loaded_connector_status(
+                            &caller.tenant,
+                            name,
+                            "a reconciliation",
+                        )
+                    }) {
                         Some(Err(e)) => ApiError::from(e),
                         _ => ApiError::DryRunInProgress,
                     }
@@ -1543,7 +1549,10 @@ async fn start_sync(
     // Named, it must be one of the tenant's, and on: a typo, or a connector switched
     // off, would otherwise start a job that reconciles nothing and succeeds.
     if let Some(name) = only
-        && !st.dispatch.connector_status(&caller.tenant, name)?.enabled
+        && !st
+            .dispatch
+            .loaded_connector_status(&caller.tenant, name, "a reconciliation")?
+            .enabled
     {
         return Err(ApiError::Conflict(format!(
             "connector {name:?} is disabled (`enabled = false` in its file): nothing to reconcile; enable it and reload first"

@@ -4218,23 +4218,16 @@ impl Dispatcher {
         out
     }
 
-    pub fn connector_status(
-        &self,
-        tenant: &str,
-        name: &str,
-    ) -> Result<ConnectorStatus, DispatchError> {
-        let f = self.find(tenant, name)?;
-        Ok(self.status_of(&f.config, &f.live, f.not_started))
-    }
-
-    /// [`Dispatcher::connector_status`] for `GET /connectors/NAME`: a connector that is
-    /// not loaded is said to be so, with why and what loads it.
+    /// A connector's status, for `GET /connectors/NAME` and a reconciliation of one
+    /// connector: one that is not loaded is said to be so, with why and what loads it.
+    /// `needs`: what asks, as the refusal says it ("its status", "a reconciliation").
     pub fn loaded_connector_status(
         &self,
         tenant: &str,
         name: &str,
+        needs: &str,
     ) -> Result<ConnectorStatus, DispatchError> {
-        let f = self.find_loaded(tenant, name, "its status")?;
+        let f = self.find_loaded(tenant, name, needs)?;
         Ok(self.status_of(&f.config, &f.live, f.not_started))
     }
 

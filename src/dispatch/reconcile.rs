@@ -659,7 +659,7 @@ impl Dispatcher {
         connector: Option<&str>,
     ) -> Result<Vec<DriftReport>, DispatchError> {
         if let Some(name) = connector {
-            self.find(tenant, name)?;
+            self.find_loaded(tenant, name, "a reconciliation")?;
         }
         self.reconcile_kind(tenant, mode, None, connector).await
     }

@@ -1724,14 +1724,22 @@ async fn a_connector_not_loaded_is_said_so_by_its_status_and_its_resume() {
             let resumed = d.roster(Method::POST, &resume, &admin, None).await;
             let skip = Some(json!({"skip_held": true}));
             let skipped = d.roster(Method::POST, &resume, &admin, skip).await;
-            [status, resumed, skipped]
+            // A reconciliation of it alone, and its dry run.
+            let sync = |dry_run: bool| {
+                let body = Some(json!({"connector": name, "dry_run": dry_run}));
+                d.roster(Method::POST, "/scim:sync", &admin, body)
+            };
+            let (synced, dry) = (sync(false).await, sync(true).await);
+            [status, resumed, skipped, synced, dry]
         }
     };
-    let is_409 = |answers: &[crate::harness::Resp; 3], why: &str, fix: &str| {
+    let is_409 = |answers: &[crate::harness::Resp; 5], why: &str, fix: &str| {
         for (r, needs) in answers.iter().zip([
             "its status needs it running",
             "a resume needs it running",
             "a resume with --skip-held needs it running",
+            "a reconciliation needs it running",
+            "a reconciliation needs it running",
         ]) {
             assert_eq!(r.status, 409, "{}", r.body);
             let m = r.body["message"].as_str().unwrap();
