@@ -2163,7 +2163,7 @@ fn resume(daemon: &DaemonArgs, tenant: &str, connector: &str, skip_held: bool) -
             // A CSV connector: its files carry the roster as it stands, held changes too.
             Some(note) => outln!("{connector}: resumed; {note}")?,
             None => outln!(
-                "{connector}: resumed; the changes it held, up to #{}, were skipped",
+                "{connector}: resumed; the changes it held, up to #{}, were skipped (one of an object whose older change is still in flight is sent as the object stands once that lands)",
                 body["skipped_through"]
             )?,
         }

@@ -5725,6 +5725,119 @@ async fn a_stop_before_a_skipped_change_is_sent_as_it_stands_leaves_it_to_the_st
     );
 }
 
+/// One user stuck in flight holds up no other member of its group after a skip. On a
+/// target that deletes inactive users a change of state is ordered by its groups, and a
+/// skipped change was sent as it stands whenever it shared such a key with one in flight:
+/// every member of an "all staff" group the IdP's undone burst touched waited, with each
+/// later change of theirs, until the one user the SIS refused was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_stuck_in_flight_holds_up_no_other_member_of_its_group_after_a_skip() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 2\nminutes = 60\n");
+    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(file, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    let all = d.create_group("All").await;
+    d.add_members(&all, &ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    // u0 leaves, and the SIS refuses its DELETE; u1 leaves too, u2 is held, u3 after.
+    target.inject(Fault::status(503, usize::MAX).on_path(sid(&ids[0])));
+    for id in &ids {
+        set_active(&d, id, false).await;
+    }
+    let held = paused(&d, "sis").await;
+    assert!(held["held_by_guard"].is_string(), "{held}");
+    let job = skip_once_the_idp_undoes(&d, &ids[1..]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // While u0 is still refused, u3's next change goes out.
+    let r = d
+        .patch(
+            &format!("/Users/{}", ids[3]),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Later"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let later = |t: &OneRosterServer| {
+        t.user(&sid(&ids[3]))
+            .is_some_and(|u| u["metadata"]["job_title"] == "Later")
+    };
+    assert!(
+        target.wait_until(later, Duration::from_secs(10)).await,
+        "u3's change waited for u0, refused: {:?}",
+        target.user(&sid(&ids[3]))
+    );
+    // And u0 leaves once the SIS takes it.
+    target.clear_faults();
+    caught_up(&d, "sis").await;
+    assert_eq!(
+        target.stored(Kind::User, &sid(&ids[0])).unwrap().status(),
+        "tobedeleted"
+    );
+}
+
+/// `--skip-held` is a resume: a pause for the target's failures ends with the hold. It
+/// stayed, and the skip's reconciliation failed on it ("paused until … ()", the reason
+/// cleared with the hold's), leaving a user deactivated before the hold and put back by
+/// the IdP disabled at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skip_lifts_a_pause_for_the_targets_failures_too() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 1\nminutes = 60\n");
+    let text = text
+        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
+        .replace("pause_secs = 1\n", "pause_secs = 600\n");
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(file, text)],
+        env: static_token_env(),
+        ..Options::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
+    }
+    caught_up(&d, "sis").await;
+    let sid = |id: &str| sourced_id(&format!("User/{id}"));
+    let enabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"].clone());
+    // u1 leaves, within the guard's limit.
+    set_active(&d, &ids[1], false).await;
+    caught_up(&d, "sis").await;
+    assert_eq!(enabled(&ids[1]), Some(json!("false")));
+    // u0's PUTs fail until the connector pauses.
+    target.inject(Fault::status(503, usize::MAX).on_path(sid(&ids[0])));
+    let r = d
+        .patch(
+            &format!("/Users/{}", ids[0]),
+            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    paused(&d, "sis").await;
+    // u2 leaves: held. The SIS is fixed; the IdP undoes its mistake.
+    set_active(&d, &ids[2], false).await;
+    connector_until(&d, "sis", "never held", |c| c["held_by_guard"].is_string()).await;
+    target.clear_faults();
+    let job = skip_once_the_idp_undoes(&d, &ids[1..]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let c = connector(&d, "sis").await;
+    assert_eq!(c["paused"], false, "{c}");
+    assert_eq!(enabled(&ids[1]), Some(json!("true")), "{job}");
+    caught_up(&d, "sis").await;
+    for id in &ids {
+        assert_eq!(enabled(id), Some(json!("true")));
+    }
+}
+
 /// A OneRoster connector `sis` (with `oneroster`'s settings added) guarding at one user,
 /// with u0..u2 delivered. u0's title change is stuck in flight (its PUTs answer 503), u1
 /// and u2 are deactivated (u2 held), then u0; the IdP undoes u1 and u2, and the operator
