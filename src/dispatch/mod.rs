@@ -2116,17 +2116,25 @@ impl Ctx {
 
     /// What a change of `keys` waits for: the repairs under them, and the latest change
     /// of each still in flight. It becomes that latest change (`rx` says when it is done).
+    /// `stands_for`: the keys it becomes the latest change of (the others it only waits
+    /// on). A skipped change sent as it stands stands only for what it writes: standing
+    /// for a group's members too (the order a group's change keeps with theirs), it made
+    /// each member's later change, a title, wait behind the change stuck in flight
+    /// before it.
     fn waits_for(
         &self,
         keys: &[String],
         latest: &mut HashMap<String, (u64, watch::Receiver<bool>)>,
         seq: u64,
         rx: &watch::Receiver<bool>,
+        stands_for: impl Fn(&str) -> bool,
     ) -> Vec<watch::Receiver<bool>> {
         let mut waits = Vec::new();
         for k in keys {
             waits.extend(self.repairs.of(k));
-            if let Some((_, r)) = latest.insert(k.clone(), (seq, rx.clone())) {
+            if !stands_for(k) {
+                waits.extend(latest.get(k).map(|(_, r)| r.clone()));
+            } else if let Some((_, r)) = latest.insert(k.clone(), (seq, rx.clone())) {
                 waits.push(r);
             }
         }
@@ -2853,7 +2861,9 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                             .send_skipped(ev.seq, &writes, ev.resource_type == "User")
                     {
                         let (tx, rx) = watch::channel(false);
-                        let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx);
+                        let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx, |k| {
+                            writes.iter().any(|w| w == k)
+                        });
                         progress.in_flight.insert(ev.seq);
                         running.push(ctx.deliver_after(ev, reports, waits, tx, true));
                     }
@@ -2881,7 +2891,7 @@ async fn follow_log(ctx: &Arc<Ctx>, tenant: &str) -> Result<(), StoreError> {
                     continue;
                 }
                 let (tx, rx) = watch::channel(false);
-                let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx);
+                let waits = ctx.waits_for(&keys, &mut latest, ev.seq, &rx, |_| true);
                 progress.in_flight.insert(ev.seq);
                 progress.owed.sending(ev.seq, writes);
                 running.push(ctx.deliver_after(ev, reports, waits, tx, false));

@@ -5732,9 +5732,45 @@ async fn a_stop_before_a_skipped_change_is_sent_as_it_stands_leaves_it_to_the_st
 /// later change of theirs, until the one user the SIS refused was taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_stuck_in_flight_holds_up_no_other_member_of_its_group_after_a_skip() {
+    let (target, d, ids, _) = a_skip_behind_one_member_stuck(true).await;
+    member_changes_after_the_skip(&target, &d, &ids).await;
+    assert_eq!(
+        target
+            .stored(Kind::User, &sourced_id(&format!("User/{}", ids[0])))
+            .unwrap()
+            .status(),
+        "tobedeleted"
+    );
+}
+
+/// The same with a group's change stuck (u0 leaves the group, and the SIS refuses the
+/// enrollment's DELETE) and a skipped change of the group naming u3: sent as it stands
+/// behind the stuck one, it stood for u3 too, and u3's title waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_change_stuck_in_flight_holds_up_no_member_named_by_a_skipped_one() {
+    let (target, d, ids, all) = a_skip_behind_one_member_stuck(false).await;
+    member_changes_after_the_skip(&target, &d, &ids).await;
+    let enrollment = |u: &str| {
+        target
+            .stored(Kind::Enrollment, &sourced_id(&format!("Member/{all}/{u}")))
+            .map(|e| e.status().to_owned())
+    };
+    assert_eq!(enrollment(&ids[0]).as_deref(), Some("tobedeleted"));
+    assert_eq!(enrollment(&ids[3]).as_deref(), Some("active"));
+}
+
+/// u0..u3 in group All, delivered by `sis` (guarding at two users; `deletes`: in
+/// `deactivate = "delete"` mode). u0's change is stuck in flight: its deactivation
+/// (`deletes`), else its removal from All. u1..u3 are deactivated (u3 held) and put back,
+/// u3 also taken out of All and put back (without `deletes`), and the operator skips.
+async fn a_skip_behind_one_member_stuck(
+    deletes: bool,
+) -> (OneRosterServer, TestDaemon, Vec<String>, String) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 2\nminutes = 60\n");
-    let text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    let (file, mut text) = oneroster_file("sis", &target, "[guard]\nusers = 2\nminutes = 60\n");
+    if deletes {
+        text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
+    }
     let d = TestDaemon::start_with(Options {
         connectors: vec![(file, text)],
         env: static_token_env(),
@@ -5749,17 +5785,37 @@ async fn a_user_stuck_in_flight_holds_up_no_other_member_of_its_group_after_a_sk
     d.add_members(&all, &ids.iter().map(String::as_str).collect::<Vec<_>>())
         .await;
     caught_up(&d, "sis").await;
-    let sid = |id: &str| sourced_id(&format!("User/{id}"));
-    // u0 leaves, and the SIS refuses its DELETE; u1 leaves too, u2 is held, u3 after.
-    target.inject(Fault::status(503, usize::MAX).on_path(sid(&ids[0])));
-    for id in &ids {
+    let group = format!("/Groups/{all}");
+    let remove = |u: &str| {
+        let path = format!("members[value eq \"{u}\"]");
+        d.patch(&group, patch_op(json!([{"op": "remove", "path": path}])))
+    };
+    if deletes {
+        let sid = sourced_id(&format!("User/{}", ids[0]));
+        target.inject(Fault::status(503, usize::MAX).on_path(sid));
+        set_active(&d, &ids[0], false).await;
+    } else {
+        let sid = sourced_id(&format!("Member/{all}/{}", ids[0]));
+        target.inject(Fault::status(503, usize::MAX).on_path(sid));
+        assert_eq!(remove(&ids[0]).await.status, 204);
+    }
+    for id in &ids[1..] {
         set_active(&d, id, false).await;
     }
     let held = paused(&d, "sis").await;
     assert!(held["held_by_guard"].is_string(), "{held}");
+    if !deletes {
+        assert_eq!(remove(&ids[3]).await.status, 204);
+        d.add_members(&all, &[&ids[3]]).await;
+    }
     let job = skip_once_the_idp_undoes(&d, &ids[1..]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    // While u0 is still refused, u3's next change goes out.
+    (target, d, ids, all)
+}
+
+/// While u0's change is still refused, u3's next change goes out; then the SIS takes u0's.
+async fn member_changes_after_the_skip(target: &OneRosterServer, d: &TestDaemon, ids: &[String]) {
+    let sid = sourced_id(&format!("User/{}", ids[3]));
     let r = d
         .patch(
             &format!("/Users/{}", ids[3]),
@@ -5768,21 +5824,16 @@ async fn a_user_stuck_in_flight_holds_up_no_other_member_of_its_group_after_a_sk
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let later = |t: &OneRosterServer| {
-        t.user(&sid(&ids[3]))
+        t.user(&sid)
             .is_some_and(|u| u["metadata"]["job_title"] == "Later")
     };
     assert!(
         target.wait_until(later, Duration::from_secs(10)).await,
-        "u3's change waited for u0, refused: {:?}",
-        target.user(&sid(&ids[3]))
+        "u3's change waited for u0's, refused: {:?}",
+        target.user(&sid)
     );
-    // And u0 leaves once the SIS takes it.
     target.clear_faults();
-    caught_up(&d, "sis").await;
-    assert_eq!(
-        target.stored(Kind::User, &sid(&ids[0])).unwrap().status(),
-        "tobedeleted"
-    );
+    caught_up(d, "sis").await;
 }
 
 /// `--skip-held` is a resume: a pause for the target's failures ends with the hold. It
