@@ -2203,18 +2203,18 @@ impl Ctx {
     }
 }
 
+/// The members a group's change adds or removes.
+fn members_changed(ev: &ChangeEvent) -> impl Iterator<Item = &String> {
+    ev.members_added.iter().chain(&ev.members_removed)
+}
+
 /// The objects a change touches (with the `reports` it sends again); changes sharing one
 /// are delivered in log order. `classes`: the target is sent the classes of a user's
 /// groups with the user's deactivation or reactivation ([`Ctx::state_sends_classes`]).
 fn object_keys(ev: &ChangeEvent, reports: &[String], classes: bool) -> Vec<String> {
     let mut keys = vec![format!("{}/{}", ev.resource_type, ev.id)];
     if ev.resource_type == "Group" {
-        keys.extend(
-            ev.members_added
-                .iter()
-                .chain(&ev.members_removed)
-                .map(|m| format!("User/{m}")),
-        );
+        keys.extend(members_changed(ev).map(|m| format!("User/{m}")));
     }
     // A target that deletes inactive users is sent the classes of the user's groups with
     // a reactivation, as the groups stand when it is planned: a later change of one of
@@ -2242,12 +2242,7 @@ fn object_keys(ev: &ChangeEvent, reports: &[String], classes: bool) -> Vec<Strin
 fn written_keys(ev: &ChangeEvent, reports: &[String], classes: bool) -> Vec<String> {
     let mut keys = vec![format!("{}/{}", ev.resource_type, ev.id)];
     if ev.resource_type == "Group" {
-        keys.extend(
-            ev.members_added
-                .iter()
-                .chain(&ev.members_removed)
-                .map(|m| format!("Member/{}/{m}", ev.id)),
-        );
+        keys.extend(members_changed(ev).map(|m| format!("Member/{}/{m}", ev.id)));
     } else if classes && (ev.deactivated || ev.reactivated) {
         for g in ev.groups.iter().flatten() {
             keys.push(format!("Member/{g}/{}", ev.id));

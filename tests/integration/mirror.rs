@@ -5601,23 +5601,35 @@ async fn retry_after_outlasts_a_shorter_pause() {
     );
 }
 
-/// A OneRoster connector whose `[guard]` lets `users` deactivations through, with three
-/// users all deactivated: the first one's PUTs fail (one object's trouble), so its
-/// change stays in flight, and the guard holds the one after the limit.
-async fn held_behind_a_stuck_user(users: u64) -> (OneRosterServer, TestDaemon, Vec<String>) {
+/// A OneRoster connector `sis` whose `[guard]` lets `users` deprovisionings through in an
+/// hour, its file passed through `edit`, and `n` users (u0, u1, …) it has delivered.
+async fn guarded_sis(
+    users: u64,
+    n: usize,
+    edit: impl FnOnce(String) -> String,
+) -> (OneRosterServer, TestDaemon, Vec<String>) {
     let target = OneRosterServer::start(OneRosterOptions::default()).await;
     let guard = format!("[guard]\nusers = {users}\nminutes = 60\n");
+    let (file, text) = oneroster_file("sis", &target, &guard);
     let d = TestDaemon::start_with(Options {
-        connectors: vec![oneroster_file("sis", &target, &guard)],
+        connectors: vec![(file, edit(text))],
         env: static_token_env(),
         ..Options::default()
     })
     .await;
     let mut ids = Vec::new();
-    for i in 0..3 {
+    for i in 0..n {
         ids.push(d.create_user(&format!("u{i}@acme.test")).await);
     }
     caught_up(&d, "sis").await;
+    (target, d, ids)
+}
+
+/// A OneRoster connector whose `[guard]` lets `users` deactivations through, with three
+/// users all deactivated: the first one's PUTs fail (one object's trouble), so its
+/// change stays in flight, and the guard holds the one after the limit.
+async fn held_behind_a_stuck_user(users: u64) -> (OneRosterServer, TestDaemon, Vec<String>) {
+    let (target, d, ids) = guarded_sis(users, 3, |t| t).await;
     target.inject(
         Fault::status(503, usize::MAX)
             .on_method("PUT")
@@ -5766,21 +5778,14 @@ async fn a_group_change_stuck_in_flight_holds_up_no_member_named_by_a_skipped_on
 async fn a_skip_behind_one_member_stuck(
     deletes: bool,
 ) -> (OneRosterServer, TestDaemon, Vec<String>, String) {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (file, mut text) = oneroster_file("sis", &target, "[guard]\nusers = 2\nminutes = 60\n");
-    if deletes {
-        text = text.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n");
-    }
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(file, text)],
-        env: static_token_env(),
-        ..Options::default()
+    let (target, d, ids) = guarded_sis(2, 4, |t| {
+        if deletes {
+            t.replace("[oneroster]\n", "[oneroster]\ndeactivate = \"delete\"\n")
+        } else {
+            t
+        }
     })
     .await;
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
-    }
     let all = d.create_group("All").await;
     d.add_members(&all, &ids.iter().map(String::as_str).collect::<Vec<_>>())
         .await;
@@ -5842,22 +5847,11 @@ async fn member_changes_after_the_skip(target: &OneRosterServer, d: &TestDaemon,
 /// the IdP disabled at the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skip_lifts_a_pause_for_the_targets_failures_too() {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 1\nminutes = 60\n");
-    let text = text
-        .replace("pause_after_failures = 1000", "pause_after_failures = 2")
-        .replace("pause_secs = 1\n", "pause_secs = 600\n");
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(file, text)],
-        env: static_token_env(),
-        ..Options::default()
+    let (target, d, ids) = guarded_sis(1, 3, |t| {
+        t.replace("pause_after_failures = 1000", "pause_after_failures = 2")
+            .replace("pause_secs = 1\n", "pause_secs = 600\n")
     })
     .await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
-    }
-    caught_up(&d, "sis").await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
     let enabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"].clone());
     // u1 leaves, within the guard's limit.
@@ -5896,20 +5890,10 @@ async fn a_skip_lifts_a_pause_for_the_targets_failures_too() {
 async fn a_leaver_behind_a_stuck_title(
     oneroster: &str,
 ) -> (OneRosterServer, TestDaemon, Vec<String>) {
-    let target = OneRosterServer::start(OneRosterOptions::default()).await;
-    let (file, text) = oneroster_file("sis", &target, "[guard]\nusers = 1\nminutes = 60\n");
-    let text = text.replace("[oneroster]\n", &format!("[oneroster]\n{oneroster}"));
-    let d = TestDaemon::start_with(Options {
-        connectors: vec![(file, text)],
-        env: static_token_env(),
-        ..Options::default()
+    let (target, d, ids) = guarded_sis(1, 3, |t| {
+        t.replace("[oneroster]\n", &format!("[oneroster]\n{oneroster}"))
     })
     .await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        ids.push(d.create_user(&format!("u{i}@acme.test")).await);
-    }
-    caught_up(&d, "sis").await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
     target.inject(
         Fault::status(503, usize::MAX)
