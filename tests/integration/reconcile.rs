@@ -1765,6 +1765,29 @@ async fn a_connector_not_loaded_is_said_so_by_its_status_and_its_resume() {
         &file_of("fresh"),
         "fix that file and reload",
     );
+    // Its dead letters (none: it never ran) are listed, and a replay is refused as for
+    // the others, where both answered 404 "no connector".
+    let letters = d
+        .roster(Method::GET, "/connectors/fresh/dead-letters", &admin, None)
+        .await;
+    assert_eq!(letters.status, 200, "{}", letters.body);
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    let replay = d
+        .roster(
+            Method::POST,
+            "/connectors/fresh/dead-letters/1/replay",
+            &admin,
+            None,
+        )
+        .await;
+    assert_eq!(replay.status, 409, "{}", replay.body);
+    assert!(
+        replay.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&file_of("fresh"))),
+        "{}",
+        replay.body
+    );
     let (ok, _, err) = cli_as_admin(&d, &["resume", "--tenant", "acme", "hooks"]).await;
     assert!(!ok);
     assert!(err.contains(&file_of("hooks")), "{err}");
