@@ -770,15 +770,9 @@ impl Config {
             .edited
             .as_ref()
             .map_or(&self.tenants, |c| &c.tenants);
-        let mut waiting = Vec::new();
-        for t in tenants {
-            if t.token_env.is_some()
-                && let Some(current) = in_force.get(&t.id)
-                && *current != t.token_env
-            {
-                waiting.push(format!("tenants.{}.token_env", t.id));
-            }
-        }
+        let waiting: Vec<String> = token_envs_waiting(tenants, in_force)
+            .map(|(id, _)| format!("tenants.{id}.token_env"))
+            .collect();
         for key in waiting {
             if !on_disk.waiting.contains(&key) {
                 on_disk.waiting.push(key);
@@ -1557,6 +1551,20 @@ fn secret_span(text: &str) -> Option<(usize, usize)> {
         return Some((v, chars.len()));
     }
     None
+}
+
+/// Each tenant of `tenants` (by id) whose `token_env` is not the one in force (`in_force`,
+/// by tenant), with the variable it names: one added, renamed, or named again after a
+/// reload took it out of force. It waits for a restart, which reads it then.
+pub fn token_envs_waiting<'a>(
+    tenants: &'a [TenantConfig],
+    in_force: &'a std::collections::HashMap<String, Option<String>>,
+) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    tenants.iter().filter_map(move |t| {
+        let var = t.token_env.as_deref()?;
+        let current = in_force.get(&t.id)?;
+        (current.as_deref() != Some(var)).then_some((t.id.as_str(), var))
+    })
 }
 
 #[cfg(test)]

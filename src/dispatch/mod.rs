@@ -2170,19 +2170,10 @@ impl Ctx {
         let span = tracing::info_span!("change", seq = ev.seq, object = %format_args!("{}/{}", ev.resource_type, ev.id));
         let (ev, reports) = if as_it_stands {
             let seq = ev.seq;
-            let (store, tenant) = (self.store.clone(), self.tenant().to_owned());
             let fans_out = matches!(self.target, Target::OneRoster { .. });
-            let read = blocking(move || {
-                let current = current_state(&store, &tenant, &ev)?;
-                let reports = if fans_out {
-                    reports_of(&store, &tenant, &current)?
-                } else {
-                    vec![]
-                };
-                Ok((current, reports))
-            })
-            .instrument(span.clone())
-            .await;
+            let read = current_with_reports(&self.store, self.tenant(), ev, fans_out)
+                .instrument(span.clone())
+                .await;
             match read {
                 Ok(read) => read,
                 Err(e) => return (seq, keys, Err(e)),
@@ -4156,9 +4147,7 @@ impl Dispatcher {
             Ok(found) => Ok(Some(found)),
             // Also one a file that does not load names, though it never ran: it has no
             // letters, and "no connector" read as a misspelt name, as its status did.
-            Err(DispatchError::UnknownConnector(_))
-                if self.stored(tenant, name)? || self.unloaded_file(tenant, name).is_some() =>
-            {
+            Err(DispatchError::UnknownConnector(_)) if self.known_unloaded(tenant, name)? => {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -4171,13 +4160,17 @@ impl Dispatcher {
     /// misspelt name, for a connector whose file is broken or that was retired.
     fn find_loaded(&self, tenant: &str, name: &str, needs: &str) -> Result<Found, DispatchError> {
         match self.find(tenant, name) {
-            Err(DispatchError::UnknownConnector(_))
-                if self.stored(tenant, name)? || self.unloaded_file(tenant, name).is_some() =>
-            {
+            Err(DispatchError::UnknownConnector(_)) if self.known_unloaded(tenant, name)? => {
                 Err(self.not_loaded(tenant, name, needs))
             }
             found => found,
         }
+    }
+
+    /// Whether connector `name` of `tenant`, not loaded, is one the store knows or a file
+    /// that does not load names (it may never have run).
+    fn known_unloaded(&self, tenant: &str, name: &str) -> Result<bool, StoreError> {
+        Ok(self.stored(tenant, name)? || self.unloaded_file(tenant, name).is_some())
     }
 
     /// The file naming connector `name` of `tenant` that did not load, if one does.
@@ -4626,13 +4619,8 @@ impl Dispatcher {
         });
         let (event, reports, sent) = match &ctx.target {
             Target::OneRoster { .. } => {
-                let (store, t, ev) = (self.store.clone(), tenant.to_owned(), letter.event.clone());
-                let (current, reports) = blocking(move || {
-                    let current = current_state(&store, &t, &ev)?;
-                    let reports = reports_of(&store, &t, &current)?;
-                    Ok((current, reports))
-                })
-                .await?;
+                let (current, reports) =
+                    current_with_reports(&self.store, tenant, letter.event.clone(), true).await?;
                 (current, reports, ReplaySent::CurrentState)
             }
             Target::Webhook { .. } | Target::Csv { .. } => {
@@ -4994,6 +4982,28 @@ fn current_state(store: &Store, tenant: &str, ev: &ChangeEvent) -> Result<Change
         // Its groups as they are now, as everything else here.
         groups: None,
     })
+}
+
+/// [`current_state`] of `ev`, with the users whose OneRoster bodies it sends again
+/// ([`reports_of`], when `fans_out`): what a replay or a skipped change sends as its
+/// objects stand now.
+async fn current_with_reports(
+    store: &Store,
+    tenant: &str,
+    ev: ChangeEvent,
+    fans_out: bool,
+) -> Result<(ChangeEvent, Vec<String>), StoreError> {
+    let (store, tenant) = (store.clone(), tenant.to_owned());
+    blocking(move || {
+        let current = current_state(&store, &tenant, &ev)?;
+        let reports = if fans_out {
+            reports_of(&store, &tenant, &current)?
+        } else {
+            vec![]
+        };
+        Ok((current, reports))
+    })
+    .await
 }
 
 /// What [`Dispatcher::retire`] did.

@@ -144,11 +144,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     }
     // Stored, not declared: kept as it was, and served to no one.
     let mut undeclared = Vec::new();
-    for t in st.store.stored_tenants() {
-        if !st.config.tenants.iter().any(|c| c.id == t) {
-            let counts = RosterCounts::of(st, &t)?;
-            undeclared.push(json!({"tenant": t, "users": counts.users, "groups": counts.groups}));
-        }
+    for t in st.undeclared_tenants() {
+        let counts = RosterCounts::of(st, &t)?;
+        undeclared.push(json!({"tenant": t, "users": counts.users, "groups": counts.groups}));
     }
     Ok(json!({
         "version": crate::VERSION,

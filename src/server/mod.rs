@@ -105,6 +105,16 @@ pub struct AppState {
     pub(crate) refusals: RefusalLog,
 }
 
+impl AppState {
+    /// The tenants the store holds that `config.toml` does not declare: kept as they
+    /// were, served to no one.
+    pub(crate) fn undeclared_tenants(&self) -> Vec<String> {
+        let mut stored = self.store.stored_tenants();
+        stored.retain(|t| !self.config.tenants.iter().any(|c| c.id == *t));
+        stored
+    }
+}
+
 /// A part of the config a reload applies without a restart, and that can fail to apply
 /// on its own while the rest reloads. Named by [`Reloadable::as_str`] in `/status` and
 /// the metrics alike.
@@ -416,11 +426,9 @@ pub async fn run_with_env(
     });
     // A tenant taken out of config.toml keeps its data: said, or the store seems to hold
     // only what is served, and one declared again by mistake or on purpose surprises.
-    for t in state.store.stored_tenants() {
-        if !state.config.tenants.iter().any(|c| c.id == t) {
-            let users = state.store.count(&t, crate::scim::ResourceKind::User)?;
-            tracing::warn!(tenant = %t, users, "The store holds this tenant's data, and config.toml does not declare it: it is neither served nor sent anywhere, and stays as it is. Declare it again to serve it as it was.");
-        }
+    for t in state.undeclared_tenants() {
+        let users = state.store.count(&t, crate::scim::ResourceKind::User)?;
+        tracing::warn!(tenant = %t, users, "The store holds this tenant's data, and config.toml does not declare it: it is neither served nor sent anywhere, and stays as it is. Declare it again to serve it as it was.");
     }
     for t in &state.config.tenants {
         let marked = state.store.mark_interrupted_jobs(&t.id).await?;
@@ -891,15 +899,11 @@ pub async fn reload(state: &Arc<AppState>) {
     // to start, SCIM and all, and the reload had only said "waits for a restart".
     if let Some(edited) = &on_disk.edited {
         let in_force = state.tokens.envs_in_force();
-        for t in &edited.tenants {
-            if let Some(var) = &t.token_env
-                && in_force.get(&t.id).is_some_and(|f| f.as_ref() != Some(var))
-                && (state.env)(var).is_none_or(|v| v.trim().is_empty())
-            {
+        for (tenant, var) in crate::config::token_envs_waiting(&edited.tenants, &in_force) {
+            if (state.env)(var).is_none_or(|v| v.trim().is_empty()) {
                 tracing::warn!(
-                    tenant = %t.id,
-                    "tenants.{}.token_env names {}, which this daemon's environment does not set: set it in the environment file the service reads (under systemd, /etc/rosterd/env) before restarting, or the restart refuses to start (rosterd check-config with that file tells).",
-                    t.id,
+                    %tenant,
+                    "tenants.{tenant}.token_env names {}, which this daemon's environment does not set: set it in the environment file the service reads (under systemd, /etc/rosterd/env) before restarting, or the restart refuses to start (rosterd check-config with that file tells).",
                     crate::config::shown_env_name(var)
                 );
             }

@@ -2589,19 +2589,25 @@ fn a_daemon_not_found_at_the_configs_address_points_to_url() {
     );
 }
 
+/// A daemon that created `n` users, finished its start-up reclassification and stopped:
+/// its store is the command's to open.
+async fn stopped_with_users(n: usize) -> crate::harness::TestDaemon {
+    let mut d = crate::harness::TestDaemon::start().await;
+    for i in 0..n {
+        d.create_user(&format!("user{i}@acme.test")).await;
+    }
+    d.idle().await;
+    d.stop().await;
+    d
+}
+
 /// `rosterd store check` on files damaged on disk (bytes overwritten, the log cut short)
 /// answers with what to do and without sled's panic: it printed sled's assertion, and a
 /// stack backtrace with RUST_BACKTRACE set, before its own error, and a read that failed
 /// ended in sled's `backtrace ()` with no way out.
 #[tokio::test]
 async fn store_check_on_damaged_files_says_what_to_do_without_a_panic() {
-    use crate::harness::TestDaemon;
-    let mut d = TestDaemon::start().await;
-    for i in 0..300 {
-        d.create_user(&format!("user{i}@acme.test")).await;
-    }
-    d.idle().await;
-    d.stop().await;
+    let d = stopped_with_users(300).await;
     let config = d.root.join("config.toml");
     let data = d.root.join("data");
     let len = std::fs::metadata(data.join("db")).unwrap().len();
@@ -2858,13 +2864,7 @@ async fn store_check_names_what_disagrees_and_fails() {
 /// refused.
 #[tokio::test]
 async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written() {
-    use crate::harness::TestDaemon;
-    let mut d = TestDaemon::start().await;
-    for i in 0..20 {
-        d.create_user(&format!("user{i}@acme.test")).await;
-    }
-    d.idle().await;
-    d.stop().await;
+    let d = stopped_with_users(20).await;
     let config = d.root.join("config.toml");
     let config = config.to_str().unwrap();
     let (ok, _, err) = rosterd_async(&["store", "backup", "--config", config]).await;

@@ -5601,6 +5601,21 @@ async fn retry_after_outlasts_a_shorter_pause() {
     );
 }
 
+/// User `id`'s `enabledUser` at the target, if the target has the user.
+fn enabled_at(target: &OneRosterServer, id: &str) -> Option<Value> {
+    target
+        .user(&sourced_id(&format!("User/{id}")))
+        .map(|u| u["enabledUser"].clone())
+}
+
+/// Whether user `id`'s `enabledUser` at the target reads `want` within 20 s.
+async fn ends_enabled(target: &OneRosterServer, id: &str, want: &str) -> bool {
+    let want = Some(json!(want));
+    target
+        .wait_until(|t| enabled_at(t, id) == want, Duration::from_secs(20))
+        .await
+}
+
 /// A OneRoster connector `sis` whose `[guard]` lets `users` deprovisionings through in an
 /// hour, its file passed through `edit`, and `n` users (u0, u1, …) it has delivered.
 async fn guarded_sis(
@@ -5658,17 +5673,10 @@ async fn a_change_skipped_behind_an_older_one_in_flight_is_sent_as_it_stands() {
     assert_eq!(job["status"], "succeeded", "{job}");
     target.clear_faults();
     caught_up(&d, "sis").await;
-    let sid = sourced_id(&format!("User/{}", ids[0]));
-    let enabled = |t: &OneRosterServer| t.user(&sid).map(|u| u["enabledUser"].clone());
     assert!(
-        target
-            .wait_until(
-                |t| enabled(t) == Some(json!("true")),
-                Duration::from_secs(20)
-            )
-            .await,
+        ends_enabled(&target, &ids[0], "true").await,
         "u0, put back by the IdP, ended as its stuck deactivation left it: {:?}",
-        enabled(&target)
+        enabled_at(&target, &ids[0])
     );
     assert_eq!(logs.lines("sent as the object now stands").len(), 1);
 }
@@ -5683,23 +5691,13 @@ async fn a_leaver_skipped_behind_an_older_change_of_theirs_leaves_the_target_aft
     let d = d.restart().await;
     target.clear_faults();
     caught_up(&d, "sis").await;
-    let sid = |id: &str| sourced_id(&format!("User/{id}"));
-    let enabled = |t: &OneRosterServer| t.user(&sid(&ids[0])).map(|u| u["enabledUser"].clone());
     assert!(
-        target
-            .wait_until(
-                |t| enabled(t) == Some(json!("false")),
-                Duration::from_secs(20)
-            )
-            .await,
+        ends_enabled(&target, &ids[0], "false").await,
         "u0 left at the IdP and is still enabled at the target: {:?}",
-        target.user(&sid(&ids[0]))
+        target.user(&sourced_id(&format!("User/{}", ids[0])))
     );
     for id in &ids[1..] {
-        assert_eq!(
-            target.user(&sid(id)).map(|u| u["enabledUser"].clone()),
-            Some(json!("true"))
-        );
+        assert_eq!(enabled_at(&target, id), Some(json!("true")));
     }
 }
 
@@ -5853,7 +5851,7 @@ async fn a_skip_lifts_a_pause_for_the_targets_failures_too() {
     })
     .await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
-    let enabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"].clone());
+    let enabled = |id: &str| enabled_at(&target, id);
     // u1 leaves, within the guard's limit.
     set_active(&d, &ids[1], false).await;
     caught_up(&d, "sis").await;

@@ -1172,6 +1172,17 @@ async fn scim_answers(d: &TestDaemon, tokens: &[&str]) -> Vec<u16> {
 /// started, and a reload put that value in force (a token revoked an hour earlier opened
 /// another tenant) while both said the key applies only at the next restart. A restart
 /// applies it; a `token_env` removed is applied by the reload.
+/// `config.toml`'s text with `var` as the test tenant's `token_env`.
+fn naming_token_env(config: &str, var: &str) -> String {
+    let named = config.replacen(
+        &format!("id = \"{TENANT}\""),
+        &format!("id = \"{TENANT}\"\ntoken_env = \"{var}\""),
+        1,
+    );
+    assert_ne!(named, config);
+    named
+}
+
 /// A `token_env` added on a reload, naming a variable the daemon's environment does not
 /// set, says that the restart it waits for would be refused unless the environment file
 /// sets it by then: the reload said only that it waited for a restart.
@@ -1181,13 +1192,7 @@ async fn a_token_env_added_for_a_variable_not_set_says_the_restart_needs_it() {
     let d = TestDaemon::start().await;
     let config = d.root.join("config.toml");
     let started = std::fs::read_to_string(&config).unwrap();
-    let added = started.replacen(
-        &format!("id = \"{TENANT}\""),
-        &format!("id = \"{TENANT}\"\ntoken_env = \"ACME_NOT_SET_ANYWHERE\""),
-        1,
-    );
-    assert_ne!(added, started);
-    std::fs::write(&config, &added).unwrap();
+    std::fs::write(&config, naming_token_env(&started, "ACME_NOT_SET_ANYWHERE")).unwrap();
     d.reload().await;
     let said = logs.lines("which this daemon's environment does not set");
     assert!(
@@ -1225,13 +1230,7 @@ async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     let key = format!("tenants.{TENANT}.token_env");
     let waiting = |s: &Value| s["config_keys_waiting_for_restart"].clone();
 
-    let added = started.replacen(
-        &format!("id = \"{TENANT}\""),
-        &format!("id = \"{TENANT}\"\ntoken_env = \"ACME_SCIM_TOKEN\""),
-        1,
-    );
-    assert_ne!(added, started);
-    std::fs::write(&config, &added).unwrap();
+    std::fs::write(&config, naming_token_env(&started, "ACME_SCIM_TOKEN")).unwrap();
     d.reload().await;
     // Not in force, as the reload and the status say.
     assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
