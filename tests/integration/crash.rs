@@ -2,7 +2,8 @@
 //! start it again, and the target ends with exactly the committed state.
 
 use crate::harness::{
-    BUNDLE, JWT_AUDIENCE, JWT_SECRET, bulk_request, jwt_with, patch_op, user, user_posts,
+    BACKUP_WHATEVER_SPACE, BUNDLE, JWT_AUDIENCE, JWT_SECRET, bulk_request, jwt_with, patch_op,
+    user, user_posts,
 };
 use crate::mirror::oneroster_file;
 use crate::oneroster::{Fault, Kind, OneRosterOptions, OneRosterServer};
@@ -276,7 +277,7 @@ hs256_secret_env = "TEST_JWT_SECRET"
 id = "{TENANT}"
 token_env = "ROSTERD_TEST_TOKEN"
 bundle = "bundle.toml"
-"#
+{BACKUP_WHATEVER_SPACE}"#
         ),
     )
     .unwrap();

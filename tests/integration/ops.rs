@@ -771,11 +771,14 @@ async fn the_store_file_stays_near_its_data_under_sustained_writes() {
 async fn a_backup_written_under_writes_serves_every_write_acknowledged_before_it() {
     use chrono::{DateTime, Utc};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut d = TestDaemon::start_with(crate::harness::Options {
-        config_extra: "[schedules]\nbackup = \"*/2 * * * * *\"\n[backup]\nkeep = 2\n".into(),
-        ..Default::default()
-    })
-    .await;
+    let mut d =
+        TestDaemon::start_with(crate::harness::Options {
+            config_extra:
+                "[schedules]\nbackup = \"*/2 * * * * *\"\n[backup]\nkeep = 2\nkeep_free_mb = 0\n"
+                    .into(),
+            ..Default::default()
+        })
+        .await;
     let stop = AtomicBool::new(false);
     let acked = std::sync::Mutex::new(Vec::<(String, DateTime<Utc>)>::new());
     let writers = (0..4).map(|w| {
