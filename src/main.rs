@@ -673,7 +673,8 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     if given && backup_of(&dir, &backup_dir) {
         if repair {
             anyhow::bail!(
-                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or copy it under another name (`cp -a DIR /var/tmp/rosterd-repair`, as the store's user) and repair the copy",
+                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or repair a copy of it under another name, without its backup marker (`cp -a {} /var/tmp/rosterd-repair && rm -f /var/tmp/rosterd-repair/.rosterd-backup`, as the store's user)",
+                dir.display(),
                 dir.display()
             );
         }
@@ -684,10 +685,13 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     check_dir(&config, &dir, &dir, &key, repair)
 }
 
-/// Whether `dir` is a backup: inside the config's backup directory, or named as one.
+/// Whether `dir` is a backup: marked as one (moved or renamed since), inside the
+/// config's backup directory, or named as one (a backup from before the mark).
 fn backup_of(dir: &std::path::Path, backup_dir: &std::path::Path) -> bool {
     let real = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-    real(dir).starts_with(real(backup_dir)) || rosterd::ops::backup::named_as_backup(&real(dir))
+    rosterd::store::written_as_backup(dir)
+        || real(dir).starts_with(real(backup_dir))
+        || rosterd::ops::backup::named_as_backup(&real(dir))
 }
 
 /// `store check` of backup `dir`, on a copy of it made in `$TMPDIR` (default /var/tmp,

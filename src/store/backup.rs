@@ -388,6 +388,8 @@ fn finish(
     }
     let incomplete = partial.join(super::BACKUP_INCOMPLETE);
     std::fs::remove_file(&incomplete).map_err(|e| io(&incomplete, e))?;
+    let whole = partial.join(super::BACKUP_WHOLE);
+    write_synced(&whole, super::WHOLE_TEXT.as_bytes()).map_err(|e| io(&whole, e))?;
     let marker = partial.join(STORE_MARKER);
     write_synced(&marker, MARKER_TEXT.as_bytes()).map_err(|e| io(&marker, e))?;
     std::fs::rename(partial, to).map_err(|e| io(partial, e))?;
@@ -858,6 +860,49 @@ mod tests {
         // A whole one opens.
         std::fs::write(to.join(STORE_MARKER), MARKER_TEXT).unwrap();
         when_unlocked(|| Store::open(&to));
+    }
+
+    /// A whole backup is marked as one wherever it goes, so that `store check` does not
+    /// open it in place; a check leaves the mark, and the first start, which makes it a
+    /// store, removes it. A backup renamed out of the backup directory was opened in place.
+    #[test]
+    fn a_backup_is_marked_as_one_until_a_start_serves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = when_unlocked(|| Store::open(&dir.path().join("data")));
+        let to = dir.path().join("b");
+        let marked = std::cell::Cell::new(false);
+        store
+            .backup(&to, &|| {
+                marked.set(
+                    marked.get() || super::super::written_as_backup(&sibling(&to, ".partial")),
+                );
+                None
+            })
+            .unwrap();
+        assert!(
+            !marked.get(),
+            "a backup was marked whole while it was written"
+        );
+        assert!(!super::super::written_as_backup(&dir.path().join("data")));
+        store.close().unwrap();
+        drop(store);
+        let moved = dir.path().join("kept-for-audit");
+        std::fs::rename(&to, &moved).unwrap();
+        assert!(super::super::written_as_backup(&moved));
+        let checked = when_unlocked(|| Store::open_existing(&moved, 1 << 20));
+        checked.close().unwrap();
+        drop(checked);
+        assert!(
+            super::super::written_as_backup(&moved),
+            "a check took the mark"
+        );
+        let started = when_unlocked(|| Store::open(&moved));
+        assert!(
+            !super::super::written_as_backup(&moved),
+            "a start left the mark"
+        );
+        assert!(moved.join(STORE_MARKER).is_file());
+        drop(started);
     }
 
     #[test]

@@ -1381,6 +1381,15 @@ const STORE_MARKER: &str = ".rosterd-store";
 /// In a backup being written, until it is whole: a directory holding it is refused.
 const BACKUP_INCOMPLETE: &str = ".rosterd-backup-incomplete";
 const INCOMPLETE_TEXT: &str = "This directory is a rosterd backup that was still being written: it holds part of the store at most. rosterd refuses to start on it.\n";
+/// In a whole backup until a start serves it: `rosterd store check` tells a backup by
+/// it, wherever the backup was moved and whatever it was renamed, and checks a copy.
+const BACKUP_WHOLE: &str = ".rosterd-backup";
+const WHOLE_TEXT: &str = "This directory is a whole rosterd backup. `rosterd store check` checks a copy of it, so that it stays as written. The first start of rosterd on it (a restore) removes this file.\n";
+
+/// Whether `dir` holds a whole backup that no start has served yet.
+pub fn written_as_backup(dir: &Path) -> bool {
+    dir.join(BACKUP_WHOLE).is_file()
+}
 /// Why a backup cut short is refused, and what to use instead.
 const CUT_SHORT: &str = "is a backup cut short (by a kill, a crash or a full disk) that holds part of the store at most: serving it would mirror a torn roster downstream";
 /// What to restore instead of a backup refused as cut short.
@@ -1877,6 +1886,17 @@ impl Store {
             tracing::info!(
                 "This store was restored from a backup by an earlier rosterd: a tenant new to it will number its changes past the restore, as one added to a store restored by this one does."
             );
+        }
+        // Served, it is a store and no longer a backup; at every start, in case the one
+        // that removed the mark above was cut short before this.
+        if may_upgrade {
+            let whole = dir.join(BACKUP_WHOLE);
+            match std::fs::remove_file(&whole) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(file = %whole.display(), error = %e, "Cannot remove the backup's marker from the store it became; `rosterd store check` will check a copy of this store, as of a backup, until it is removed.");
+                }
+                _ => {}
+            }
         }
         if !was_a_store && let Err(e) = std::fs::write(&marker, MARKER_TEXT) {
             tracing::warn!(file = %marker.display(), error = %e, "Cannot write the store's marker file; a lost `db` file would then go unnoticed.");

@@ -2892,8 +2892,8 @@ async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written(
     let written = files(&backup);
     let tmp = d.root.join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    let check = |extra: &'static [&'static str]| {
-        let (backup, tmp) = (backup.clone(), tmp.clone());
+    let check = |backup: &std::path::Path, extra: &'static [&'static str]| {
+        let (backup, tmp) = (backup.to_owned(), tmp.clone());
         let config = config.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut args = vec!["store", "check", "--config", &config, "--data-dir"];
@@ -2902,7 +2902,7 @@ async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written(
             run(&args, None, &[("TMPDIR", tmp.to_str().unwrap())])
         })
     };
-    let (ok, out, err) = check(&[]).await.unwrap();
+    let (ok, out, err) = check(&backup, &[]).await.unwrap();
     assert!(ok, "{out} {err}");
     let copy_in = format!(
         "checking a copy of the backup, in {}/rosterd-check-",
@@ -2922,13 +2922,38 @@ async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written(
         0,
         "the copy stayed"
     );
-    let (ok, _, err) = check(&["--repair"]).await.unwrap();
+    let (ok, _, err) = check(&backup, &["--repair"]).await.unwrap();
     assert!(!ok);
     assert!(
-        err.contains("is a backup, which must stay as written, and --repair writes to the store"),
+        err.contains("is a backup, which must stay as written, and --repair writes to the store")
+            && err.contains("rm -f /var/tmp/rosterd-repair/.rosterd-backup"),
         "{err}"
     );
     assert!(files(&backup) == written);
+    // Moved out of the backup directory under a name unlike a backup's, it is still one
+    // (it was opened in place).
+    let kept = d.root.join("kept-for-audit");
+    std::fs::rename(&backup, &kept).unwrap();
+    let written = files(&kept);
+    let (ok, out, err) = check(&kept, &[]).await.unwrap();
+    assert!(ok && out.contains(&copy_in), "{out} {err}");
+    assert!(
+        files(&kept) == written,
+        "the check wrote to a backup renamed out of the backup directory"
+    );
+    let (ok, _, err) = check(&kept, &["--repair"]).await.unwrap();
+    assert!(!ok && err.contains("is a backup"), "{err}");
+    // A copy without the marker is repaired, as the refusal says.
+    let copy = d.root.join("rosterd-repair");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .args([&kept, &copy])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::remove_file(copy.join(".rosterd-backup")).unwrap();
+    let (ok, out, err) = check(&copy, &["--repair"]).await.unwrap();
+    assert!(ok && !out.contains(&copy_in), "{out} {err}");
 }
 
 /// A `--url` the CLI cannot use is said to be the flag's fault, not the daemon's, and a
