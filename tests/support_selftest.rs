@@ -822,3 +822,46 @@ async fn webhook_hold_answers_on_release_and_ticks_order_arrivals_and_answers() 
     );
     assert_eq!(hook.delivery_count(), 3);
 }
+
+/// A request to 127.0.0.1 reaches the server listening there, whatever proxy the
+/// environment names: every test talks to its servers on loopback through a default
+/// reqwest client, which sends to the proxy of HTTP_PROXY or ALL_PROXY (a CI machine's
+/// way to its package registries) whatever NO_PROXY does not name. `.cargo/config.toml`
+/// sets NO_PROXY for what cargo runs; without it this test fails first, and says why.
+#[tokio::test]
+async fn loopback_requests_go_direct_whatever_proxy_the_environment_names() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf).await;
+        let answer =
+            "HTTP/1.1 204 No Content\r\nx-answered-by: the-test\r\nconnection: close\r\n\r\n";
+        conn.write_all(answer.as_bytes()).await.unwrap();
+    });
+    let proxies: Vec<String> = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|val| format!("{v}={val}")))
+        .collect();
+    let why = format!(
+        "a request to {addr} went to a proxy ({proxies:?}) that NO_PROXY ({:?}) does not keep \
+         loopback from; run the tests through cargo, whose .cargo/config.toml sets NO_PROXY",
+        std::env::var("NO_PROXY")
+            .or_else(|_| std::env::var("no_proxy"))
+            .ok()
+    );
+    let resp = client()
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{why}: {e}"));
+    assert_eq!(
+        resp.headers()
+            .get("x-answered-by")
+            .map(|v| v.to_str().unwrap()),
+        Some("the-test"),
+        "{why}"
+    );
+}
