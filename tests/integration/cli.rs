@@ -1,6 +1,6 @@
 //! The binary's operator commands, run as a child process.
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 fn rosterd(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     run(args, stdin, &[])
@@ -23,7 +23,7 @@ fn rosterd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
 }
 
 fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let mut child = crate::harness::rosterd_command()
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
@@ -461,7 +461,7 @@ fn output_to_a_reader_that_goes_away_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let titles = dir.path().join("titles.txt");
     std::fs::write(&titles, "Head Chef\n".repeat(200_000)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let mut child = crate::harness::rosterd_command()
         .args([
             "classify",
             "--bundle",
@@ -770,12 +770,12 @@ fn check_config_warns_of_a_csv_directory_it_cannot_write() {
     let args = ["check-config", "--config", config.to_str().unwrap()];
     // SAFETY: geteuid cannot fail.
     let out = if unsafe { libc::geteuid() } != 0 {
-        Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        crate::harness::rosterd_command()
             .args(args)
             .output()
             .unwrap()
     } else {
-        Command::new("setpriv")
+        crate::harness::command("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_rosterd"))
             .args(args)
@@ -1382,7 +1382,7 @@ fn check_config_takes_a_relative_data_directory_not_made_yet() {
     )
     .unwrap();
     let check = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        let out = crate::harness::rosterd_command()
             .args(["check-config", "--config", "config.toml"])
             .env("T", "x")
             .current_dir(dir.path())
@@ -1400,7 +1400,7 @@ fn check_config_takes_a_relative_data_directory_not_made_yet() {
     assert!(!ok);
     assert!(err.contains("data is a file, not a directory"), "{err}");
     // And `serve` says the same, naming the setting, rather than "File exists".
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let out = crate::harness::rosterd_command()
         .args([
             "serve",
             "--config",
@@ -1700,7 +1700,7 @@ fn an_answer_that_cannot_be_written_is_an_error_not_a_panic() {
         vec!["token", "new"],
         vec!["bundle", "from-csv", examples.to_str().unwrap()],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        let out = crate::harness::rosterd_command()
             .args(&args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create("/dev/full").unwrap())
@@ -1732,7 +1732,7 @@ fn serve_child(
     let (reader, writer) = std::io::pipe().unwrap();
     // The Command, and with it the parent's copies of the pipe's write end, goes at the
     // end of this statement: the daemon then holds the only ones.
-    let child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let child = crate::harness::rosterd_command()
         .current_dir(cwd)
         .arg("serve")
         .args(args)
@@ -1838,7 +1838,7 @@ fn a_relative_config_path_puts_the_store_beside_the_config() {
     // A store where earlier versions put it is not left behind for an empty one.
     std::fs::create_dir_all(sub.join("sub").join("data")).unwrap();
     std::fs::write(sub.join("sub").join("data").join("conf"), "").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let out = crate::harness::rosterd_command()
         .current_dir(dir.path())
         .args(["serve", "--config", "sub/config.toml"])
         .env(
@@ -2842,7 +2842,7 @@ async fn store_check_names_what_disagrees_and_fails() {
     // "holds no rosterd store" read as lost data. Only root can become another user here.
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
-        let out = std::process::Command::new("setpriv")
+        let out = crate::harness::command("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_rosterd"))
             .args(["store", "check", "--config"])
@@ -3042,7 +3042,7 @@ fn a_start_beside_backups_makes_no_new_store_unless_told() {
             err.contains("holds no store, yet") && err.contains("rosterd store init"),
             "{err}"
         );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        let mut child = crate::harness::rosterd_command()
             .current_dir(dir.path())
             .args(["serve", "--config", config])
             .envs(env)

@@ -50,7 +50,7 @@ impl ChildDaemon {
         let socket = root.join("notify.sock");
         let _ = std::fs::remove_file(&socket);
         let notify = tokio::net::UnixDatagram::bind(&socket).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rosterd"));
+        let mut cmd = crate::harness::rosterd_command();
         cmd.args(["serve", "--config"])
             .arg(root.join("config.toml"))
             .args(["--listen", "127.0.0.1:0"])
@@ -376,7 +376,7 @@ async fn kill_9_mid_mirror_loses_nothing() {
     }
     let check = || {
         outcome(
-            Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            crate::harness::rosterd_command()
                 .args(["store", "check", "--config"])
                 .arg(root.join("config.toml")),
         )
@@ -605,7 +605,7 @@ async fn on_the_journal_each_event_is_one_line_at_its_priority() {
     }
     // A second daemon fails to start (on that bundle, or on the data the first one
     // holds); its fatal error goes to stderr.
-    let second = Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let second = crate::harness::rosterd_command()
         .args(["serve", "--config"])
         .arg(root.join("config.toml"))
         .args(["--listen", "127.0.0.1:0"])
@@ -701,7 +701,7 @@ async fn in_a_log_file_each_event_is_one_line() {
 fn cli(root: &Path, d: &ChildDaemon, args: &[&str]) -> (bool, String) {
     // The daemon flags belong to the first word (`status`, `dead-letters`, …).
     outcome(
-        Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        crate::harness::rosterd_command()
             .arg(args[0])
             .args([
                 "--config",
@@ -1007,7 +1007,7 @@ async fn a_job_cut_off_by_a_crash_reads_interrupted_and_can_run_again() {
     assert!(status["unclean_stop"]["alive_at"].is_string(), "{status}");
     // Which build it was, as `--version`, `/status` and the metrics name this one: every
     // build said 0.1.0.
-    let (ok, version) = outcome(Command::new(env!("CARGO_BIN_EXE_rosterd")).arg("--version"));
+    let (ok, version) = outcome(crate::harness::rosterd_command().arg("--version"));
     assert!(ok, "{version}");
     assert_eq!(version.trim(), format!("rosterd {}", rosterd::VERSION));
     assert_eq!(
@@ -1709,7 +1709,7 @@ async fn replay_all_counts_what_the_daemon_leaves_unanswered_as_not_replayed() {
     let addr = crate::mirror::serve_on_loopback(router).await;
     let replay_all = move |connector: &str| {
         outcome(
-            Command::new(env!("CARGO_BIN_EXE_rosterd"))
+            crate::harness::rosterd_command()
                 .args(["dead-letters", "--url", &format!("http://{addr}")])
                 .args([
                     "--token", "t", "--tenant", "acme", "replay", connector, "--all",

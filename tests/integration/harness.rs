@@ -534,6 +534,35 @@ impl TestDaemon {
     }
 }
 
+/// What a shell may export for other work that changes what a `rosterd` child does, so
+/// that no child inherits it: `RUST_LOG=warn` hid the INFO line that gives a child's
+/// address, which tests waited for without end; a `ROSTERD_API_TOKEN` was sent instead of
+/// the token a command mints (401); systemd's own, when the tests run under a unit, would
+/// send a child's notifications and log lines there. A test that wants one sets it.
+pub const NOT_INHERITED: &[&str] = &[
+    "RUST_LOG",
+    "ROSTERD_API_TOKEN",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+];
+
+/// `program` as a child process, without [`NOT_INHERITED`] (`setpriv` passes its
+/// environment on to the `rosterd` it runs).
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    for var in NOT_INHERITED {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The `rosterd` binary as a child process, without [`NOT_INHERITED`].
+pub fn rosterd_command() -> std::process::Command {
+    command(env!("CARGO_BIN_EXE_rosterd"))
+}
+
 /// The store of a stopped daemon, opened to look into.
 pub fn open_stopped_store(data: &Path) -> rosterd::store::Store {
     // sled lets go of its file lock a moment after the daemon's last handle drops.

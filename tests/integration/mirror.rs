@@ -3142,7 +3142,7 @@ pub async fn run_status(d: &TestDaemon, extra: &[&str]) -> std::process::Output 
     let mut args = vec!["status".to_owned(), "--url".to_owned(), d.url("")];
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        crate::harness::rosterd_command()
             .args(&args)
             .output()
             .unwrap()

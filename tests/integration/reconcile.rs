@@ -1395,7 +1395,7 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
     assert_eq!(r.body["undelivered"], 0, "{}", r.body);
     let url = d.url("");
     let shown = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+        crate::harness::rosterd_command()
             .args(["retire", "--tenant", "acme", "hooks", "--url", &url])
             .args(["--token", &admin])
             .output()

@@ -733,7 +733,7 @@ async fn a_bundle_refused_by_the_starting_group_rules_says_when_a_restart_would_
     assert!(error.ends_with("a restart applies both"), "{error}");
     assert_eq!(crate::ops::config_file_error_metric(&d).await, 0.0);
     // check-config loads what a start would: it agrees.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rosterd"))
+    let out = crate::harness::rosterd_command()
         .args(["check-config", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
