@@ -2842,11 +2842,19 @@ async fn store_check_names_what_disagrees_and_fails() {
     // "holds no rosterd store" read as lost data. Only root can become another user here.
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
+        // A config that user can read, unlike the checkout's under a directory closed to
+        // others (a root CI's /root), whose "cannot read config.toml" failed this.
+        use std::os::unix::fs::PermissionsExt;
+        let open = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let readable = open.path().join("config.toml");
+        std::fs::write(&readable, "version = 1\n").unwrap();
+        std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
         let out = crate::harness::command("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(env!("CARGO_BIN_EXE_rosterd"))
             .args(["store", "check", "--config"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+            .arg(&readable)
             .arg("--data-dir")
             .arg(&data)
             .output()
