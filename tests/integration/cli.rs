@@ -1527,12 +1527,14 @@ fn check_config_refuses_a_data_directory_serve_would_refuse() {
         let (ok, _, err) = check_dir(&locked);
         assert!(!ok);
         assert!(err.contains("is not writable by this user"), "{err}");
-        // Not made yet, and not makeable here: a warning, since systemd may make it.
-        let (ok, out, err) = check_dir(&locked.join("data"));
+        // Not made yet, and not makeable here: a warning, since systemd may make it. On
+        // stderr, as every warning of check-config (this part runs only as another user
+        // than root, and read stdout unseen).
+        let (ok, _, err) = check_dir(&locked.join("data"));
         assert!(ok, "{err}");
         assert!(
-            out.contains("warning: --data-dir") && out.contains("cannot create it"),
-            "{out}"
+            err.contains("warning: --data-dir") && err.contains("cannot create it"),
+            "{err}"
         );
         std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
