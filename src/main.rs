@@ -271,6 +271,19 @@ fn listen_addr(addr: &str) -> Result<SocketAddr, String> {
 }
 
 /// Nothing listens there: a TLS hint would mislead.
+/// Whether `url` names this machine: `localhost`, 127.0.0.0/8 or ::1.
+fn on_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // An IPv6 host is written in brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
 fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(err) = next {
@@ -1696,13 +1709,22 @@ fn call_daemon_within(
             "--url {shown}: give the daemon's address as http://HOST:PORT (or HOST:PORT)"
         ),
     };
+    // An operator's shell often exports a proxy for the way out (http_proxy, ALL_PROXY),
+    // and the client, as curl does, sent even a request for 127.0.0.1 to it unless
+    // NO_PROXY named it: the proxy's refusal read as the daemon's. No proxy reaches this
+    // machine's loopback.
+    let mut client = reqwest::Client::builder();
+    if parsed.as_ref().is_ok_and(on_loopback) {
+        client = client.no_proxy();
+    }
+    let client = client.build()?;
     let url = format!("{base}{path}");
     let shown_url = format!("{shown}{path}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut req = reqwest::Client::new()
+        let mut req = client
             .request(method, &url)
             .timeout(within);
         if let Some(t) = token {

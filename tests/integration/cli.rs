@@ -942,6 +942,33 @@ fn token_jwt_refuses_a_subject_the_daemon_would_refuse() {
     assert!(ok, "{err}");
 }
 
+/// A proxy the operator's shell exports for the way out (`http_proxy`, `ALL_PROXY`, with
+/// no NO_PROXY) does not come between a command and a daemon on this machine: the client,
+/// as curl does, sent even 127.0.0.1 to the proxy, and its refusal read as the daemon's.
+#[tokio::test]
+async fn commands_reach_a_daemon_on_loopback_past_the_shells_proxy() {
+    let d = crate::harness::TestDaemon::start().await;
+    // Nothing listens on port 9 (discard): a request sent to this proxy fails.
+    let proxy = "http://127.0.0.1:9";
+    let env = [
+        ("HTTP_PROXY", proxy),
+        ("http_proxy", proxy),
+        ("HTTPS_PROXY", proxy),
+        ("ALL_PROXY", proxy),
+        ("all_proxy", proxy),
+        ("NO_PROXY", ""),
+        ("no_proxy", ""),
+    ];
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("http://{host}:{}", d.addr.port());
+        let (ok, out, err) =
+            tokio::task::spawn_blocking(move || rosterd_env(&["status", "--url", &url], &env))
+                .await
+                .unwrap();
+        assert!(ok && out.contains("tenant acme:"), "{host}: {out} {err}");
+    }
+}
+
 /// The commands that talk to a running daemon read the config only for what their flags
 /// leave open. `status --url` needs none (`/status` takes no token): an operator who has
 /// just broken config.toml, or may not read the installed one, still sees the daemon's
