@@ -522,7 +522,9 @@ async fn sigterm_under_load_drains_and_loses_no_acknowledged_write() {
     .unwrap();
     let waited = asked.elapsed();
     assert!(status.0.success(), "exit status {:?}", status.0);
-    assert!(waited < Duration::from_secs(10), "took {waited:?} to stop");
+    // Only a drain without its deadline (5 s) would take this long: systemd's SIGKILL
+    // comes at 90 s. Not closer to 5 s, which a loaded machine's flush can pass.
+    assert!(waited < Duration::from_secs(30), "took {waited:?} to stop");
     for w in writers {
         let _ = w.await;
     }

@@ -5379,7 +5379,7 @@ async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
     let (target, d, ids) = held_behind_a_stuck_user(2).await;
     let sid = |id: &str| sourced_id(&format!("User/{id}"));
     let disabled = |id: &str| target.user(&sid(id)).map(|u| u["enabledUser"] == "false");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + WAIT;
     while disabled(&ids[1]) != Some(true) {
         assert!(tokio::time::Instant::now() < deadline, "u1 never disabled");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -5831,7 +5831,7 @@ async fn member_changes_after_the_skip(target: &OneRosterServer, d: &TestDaemon,
             .is_some_and(|u| u["metadata"]["job_title"] == "Later")
     };
     assert!(
-        target.wait_until(later, Duration::from_secs(10)).await,
+        target.wait_until(later, WAIT).await,
         "u3's change waited for u0's, refused: {:?}",
         target.user(&sid)
     );

@@ -2023,7 +2023,7 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
     assert_eq!(found_and_sent(&job), (0, 0), "{job}");
     // Nor does the `export` schedule write it, which writes the other.
     std::fs::remove_file(&live).unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !live.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -2036,7 +2036,7 @@ async fn a_reconciliation_leaves_a_scheduled_csv_connector_to_its_schedule() {
         "the export wrote the scheduled connector's files"
     );
     // Its result says so, once the run that wrote the file has ended.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let result = d.status().await["schedules"]["export"]["last_result"].clone();
         if let Some(r) = result.as_str() {

@@ -3009,7 +3009,7 @@ async fn a_client_that_stops_reading_an_export_holds_its_slot_only_until_the_cli
             .unwrap()
     };
     // Every slot of the tenant is held: one more is told to come back.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let busy = loop {
         let resp = export().await;
         if resp.status() == 429 {
