@@ -1774,6 +1774,28 @@ fn serve_child(
         .stderr(writer)
         .spawn()
         .unwrap();
+    // A child that never logs where it listens (a log level above INFO, a start that
+    // stalls) held the read below, and with it a test thread, for good; killed after a
+    // minute, it ends the read, and the test fails instead. The read has ended before the
+    // child can exit, so its pid is still the child's when the kill comes.
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pid = child.id() as i32;
+    let watchdog = {
+        let read = read.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if read.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            // SAFETY: the child's pid, whose output is still being waited for.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        })
+    };
     let mut lines = std::io::BufReader::new(reader).lines();
     let addr = lines
         .by_ref()
@@ -1784,7 +1806,9 @@ fn serve_child(
                 .find_map(|w| w.strip_prefix("addr="))
                 .map(str::to_owned)
         });
-    let addr = addr.expect("the daemon did not start");
+    read.store(true, std::sync::atomic::Ordering::SeqCst);
+    let addr = addr.expect("the daemon did not say where it listens within a minute");
+    watchdog.join().unwrap();
     (child, lines, addr)
 }
 
