@@ -1807,7 +1807,7 @@ fn serve_child(
                 .map(str::to_owned)
         });
     read.store(true, std::sync::atomic::Ordering::SeqCst);
-    let addr = addr.expect("the daemon did not say where it listens within a minute");
+    let addr = addr.expect("the daemon exited, or did not say where it listens within a minute");
     watchdog.join().unwrap();
     (child, lines, addr)
 }
