@@ -2195,6 +2195,13 @@ async fn reconcile_names_the_one_connector_it_reconciles() {
         out.starts_with("reconcile of connector sis job scim-sync-"),
         "{out}"
     );
+    // Its read-back, still going, would take the fault injected below (seen once on a
+    // loaded machine): the dry run's must.
+    let job = out
+        .split_whitespace()
+        .find(|w| w.starts_with("scim-sync-"))
+        .unwrap();
+    crate::reconcile::wait_job(&d, job.trim_end_matches([':', ','])).await;
     let (ok, out, err) = run(&["--connector", "nope"]).await;
     assert!(!ok, "{out}");
     assert!(err.contains("404") && err.contains("nope"), "{err}");
