@@ -811,6 +811,20 @@ mod tests {
         assert!(to.join("keep").is_file());
     }
 
+    /// Back `store` up into `to`; whether `seen` held of the copy being written
+    /// (`<to>.partial`) at any of the backup's questions whether to give up.
+    fn backed_up_seeing(store: &Store, to: &Path, seen: impl Fn(&Path) -> bool) -> bool {
+        let partial = sibling(to, ".partial");
+        let saw = std::cell::Cell::new(false);
+        store
+            .backup(to, &|| {
+                saw.set(saw.get() || seen(&partial));
+                None
+            })
+            .unwrap();
+        saw.get()
+    }
+
     /// A backup a kill -9 cut short, copied into place as a data directory, is refused:
     /// a start took it for a store from before markers and served a torn roster. So is
     /// one that lost its marker (a build before the incomplete mark, `cp dir/*`).
@@ -820,18 +834,10 @@ mod tests {
         let store = when_unlocked(|| Store::open(&dir.path().join("data")));
         let to = dir.path().join("b");
         // While it is written, the copy carries the mark: seen from inside the copy.
-        let marked = std::cell::Cell::new(false);
-        store
-            .backup(&to, &|| {
-                let partial = sibling(&to, ".partial");
-                marked.set(marked.get() || partial.join(super::super::BACKUP_INCOMPLETE).is_file());
-                None
-            })
-            .unwrap();
-        assert!(
-            marked.get(),
-            "the copy carried no incomplete mark while written"
-        );
+        let marked = backed_up_seeing(&store, &to, |partial| {
+            partial.join(super::super::BACKUP_INCOMPLETE).is_file()
+        });
+        assert!(marked, "the copy carried no incomplete mark while written");
         assert!(!to.join(super::super::BACKUP_INCOMPLETE).exists());
         store.close().unwrap();
         drop(store);
@@ -870,19 +876,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(&dir.path().join("data")));
         let to = dir.path().join("b");
-        let marked = std::cell::Cell::new(false);
-        store
-            .backup(&to, &|| {
-                marked.set(
-                    marked.get() || super::super::written_as_backup(&sibling(&to, ".partial")),
-                );
-                None
-            })
-            .unwrap();
-        assert!(
-            !marked.get(),
-            "a backup was marked whole while it was written"
-        );
+        let marked = backed_up_seeing(&store, &to, super::super::written_as_backup);
+        assert!(!marked, "a backup was marked whole while it was written");
         assert!(!super::super::written_as_backup(&dir.path().join("data")));
         store.close().unwrap();
         drop(store);
