@@ -270,7 +270,6 @@ fn listen_addr(addr: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{addr:?}: {}", rosterd::config::LISTEN_HINT))
 }
 
-/// Nothing listens there: a TLS hint would mislead.
 /// Whether `url` names this machine: `localhost`, 127.0.0.0/8 or ::1.
 fn on_loopback(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
@@ -284,6 +283,7 @@ fn on_loopback(url: &reqwest::Url) -> bool {
             .is_ok_and(|a| a.is_loopback())
 }
 
+/// Nothing listens there: a TLS hint would mislead.
 fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(err) = next {

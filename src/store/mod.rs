@@ -1390,6 +1390,7 @@ const WHOLE_TEXT: &str = "This directory is a whole rosterd backup. `rosterd sto
 pub fn written_as_backup(dir: &Path) -> bool {
     dir.join(BACKUP_WHOLE).is_file()
 }
+
 /// Why a backup cut short is refused, and what to use instead.
 const CUT_SHORT: &str = "is a backup cut short (by a kill, a crash or a full disk) that holds part of the store at most: serving it would mirror a torn roster downstream";
 /// What to restore instead of a backup refused as cut short.
