@@ -163,6 +163,63 @@ impl Drop for Entry {
     }
 }
 
+/// Log capture for tests, the daemon's own (the integration tests') and the unit tests'.
+pub mod testing {
+    /// Collects what the daemon logs on a test's thread (a `#[tokio::test]` runs the
+    /// daemon's tasks there).
+    #[derive(Clone, Default)]
+    pub struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogBuf {
+        /// Capture INFO and above until the guard drops.
+        pub fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+            // tracing caches per callsite, for the whole process, whether it is enabled. While
+            // at most one dispatcher is registered it asks only the subscriber of the thread
+            // that first reaches the callsite: another test's thread, which has none, would
+            // switch off here a span or event this capture waits for (tokio-rs/tracing#2874).
+            // A second dispatcher, never used, makes it ask every registered one instead.
+            static BYSTANDER: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+            BYSTANDER.get_or_init(|| {
+                tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
+            });
+            let logs = LogBuf::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .finish();
+            (logs, tracing::subscriber::set_default(subscriber))
+        }
+
+        pub fn lines(&self, containing: &str) -> Vec<String> {
+            String::from_utf8_lossy(
+                &self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+            .lines()
+            .filter(|l| l.contains(containing))
+            .map(str::to_owned)
+            .collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -413,7 +413,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::scim::ResourceKind;
-    use crate::store::testing::{user, when_unlocked};
+    use crate::store::testing::{runtime, user, when_unlocked};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -541,10 +541,7 @@ mod tests {
     #[test]
     fn a_restored_backup_numbers_its_changes_past_the_originals() {
         use super::super::restored::SKIP;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(&dir.path().join("data")));
         let create = |s: &Store, name: &str| {
@@ -668,10 +665,7 @@ mod tests {
     /// for both.
     #[test]
     fn a_restored_start_says_who_had_moved_its_counters_already() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let store = when_unlocked(|| Store::open(&dir.path().join("data")));
         rt.block_on(store.create(
@@ -687,40 +681,12 @@ mod tests {
         drop(store);
         // The WARN lines of a start of `dir`.
         let started = |dir: &Path| {
-            #[derive(Clone, Default)]
-            struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-            impl std::io::Write for Lines {
-                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                    self.0.lock().unwrap().extend_from_slice(b);
-                    Ok(b.len())
-                }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            // tracing caches whether a callsite is enabled for the whole process, asking
-            // only the thread that reaches it first while one dispatcher is registered
-            // (tokio-rs/tracing#2874): a second one, never used, makes it ask each.
-            static BYSTANDER: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
-            BYSTANDER.get_or_init(|| {
-                tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default())
-            });
-            let lines = Lines::default();
-            let writer = lines.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_max_level(tracing::Level::WARN)
-                .with_writer(move || writer.clone())
-                .finish();
-            let store = tracing::subscriber::with_default(subscriber, || {
-                when_unlocked(|| Store::open(dir))
-            });
+            let (logs, guard) = crate::ops::journal::testing::LogBuf::capture();
+            let store = when_unlocked(|| Store::open(dir));
+            drop(guard);
             store.close().unwrap();
             drop(store);
-            let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
-            text.lines()
-                .filter(|l| l.contains("This store is a backup starting to serve"))
-                .collect::<Vec<_>>()
+            logs.lines("This store is a backup starting to serve")
                 .join("\n")
         };
         // A start cut short after it moved the counters, before it removed the mark.
@@ -771,10 +737,7 @@ mod tests {
     /// reported as "No space left on device" on the backup's path.
     #[test]
     fn a_failed_store_is_not_backed_up_and_says_it_failed() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let store = when_unlocked(|| Store::open(&data));

@@ -2952,10 +2952,7 @@ mod tests {
     fn closed_store_with_users(n: usize) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::testing::when_unlocked(|| Store::open(dir.path()));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = crate::store::testing::runtime();
         rt.block_on(async {
             for i in 0..n {
                 let doc = json!({

@@ -1136,10 +1136,7 @@ mod tests {
         let _ = store.close_with(|| {
             let store = store.clone();
             late = Some(std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let rt = crate::store::testing::runtime();
                 rt.block_on(create_user_result(&store, "late@x.test"))
             }));
             // Time for the write to land, if nothing holds it.

@@ -53,6 +53,14 @@ pub(crate) fn when_unlocked<T, E: std::fmt::Debug>(open: impl Fn() -> Result<T, 
 
 pub(crate) use super::past_the_lock;
 
+/// A runtime for a synchronous test to drive the store's async calls on.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Create a user of tenant "t" from its SCIM document; its id.
 pub(crate) async fn create_user(store: &super::Store, doc: Value) -> String {
     store
