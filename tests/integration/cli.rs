@@ -1338,13 +1338,11 @@ async fn resume_skip_held_names_the_reconciliation_it_started() {
 /// changes "were skipped", and then wrote them into the files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_skip_held_of_a_csv_connector_says_the_files_carry_the_roster_as_it_stands() {
-    use crate::harness::{Options, TENANT, TestDaemon};
+    use crate::harness::{Options, TestDaemon};
     let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "files.toml".into(),
-            format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n[guard]\nusers = 1\nminutes = 5\n[csv]\ndir = \"out\"\ndebounce_ms = 100\n"
-            ),
+        connectors: vec![crate::mirror::guarded_csv_files(
+            "[guard]\nusers = 1\nminutes = 5\n",
+            100,
         )],
         ..Options::default()
     })

@@ -3476,6 +3476,17 @@ async fn with_csv_files() -> TestDaemon {
     with_csv_files_debounced(100).await
 }
 
+/// The file of CSV connector `files`, of the first tenant, under `guard` (a `[guard]`
+/// table), writing into `connectors/out` `debounce_ms` after changes settle.
+pub fn guarded_csv_files(guard: &str, debounce_ms: u64) -> (String, String) {
+    (
+        "files.toml".into(),
+        format!(
+            "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = {debounce_ms}\n"
+        ),
+    )
+}
+
 async fn with_csv_files_debounced(debounce_ms: u64) -> TestDaemon {
     TestDaemon::start_with(Options {
         connectors: vec![(
@@ -4590,13 +4601,8 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
         &hook,
         r#"["roster.user_deactivated", "roster.user_updated"]"#,
         guard,
-        vec![(
-            "files.toml".into(),
-            // One write for the whole burst, which the guard reads before it.
-            format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 2000\n"
-            ),
-        )],
+        // One write for the whole burst, which the guard reads before it.
+        vec![guarded_csv_files(guard, 2000)],
     )
     .await;
     let mut ids = Vec::new();
@@ -4610,13 +4616,7 @@ async fn a_mass_deprovisioning_is_held_until_the_operator_resumes() {
         set_active(&d, id, false).await;
     }
     // A change after the held one waits behind it.
-    let r = d
-        .patch(
-            &format!("/Users/{}", ids[7]),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Late"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(&d, &ids[7], "Late").await;
 
     let disabled = || {
         target
@@ -5105,13 +5105,7 @@ async fn a_dead_letter_behind_a_guard() -> (TestDaemon, OneRosterServer, [String
     let b = d.create_user("b@acme.test").await;
     caught_up(&d, "sis").await;
     target.inject(Fault::status(400, 1).on_path(sourced_id(&format!("User/{a}"))));
-    let r = d
-        .patch(
-            &format!("/Users/{a}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(&d, &a, "Chef").await;
     caught_up(&d, "sis").await;
     let admin = d.jwt(TENANT, "roster:admin");
     let letters = d
@@ -5402,12 +5396,7 @@ async fn the_skips_reconciliation_repairs_behind_a_change_in_flight() {
 async fn a_reconciliation_writes_no_csv_file_its_guard_would_hold() {
     let guard = "[guard]\nusers = 1\nminutes = 60\n";
     let d = TestDaemon::start_with(Options {
-        connectors: vec![(
-            "files.toml".into(),
-            format!(
-                "kind = \"csv\"\nname = \"files\"\ntenant = \"{TENANT}\"\n{guard}[csv]\ndir = \"out\"\ndebounce_ms = 8000\n"
-            ),
-        )],
+        connectors: vec![guarded_csv_files(guard, 8000)],
         ..Options::default()
     })
     .await;
@@ -5489,13 +5478,7 @@ async fn a_replay_and_a_deactivation_of_its_user_land_in_order() {
     let disabled = || target.user(&sid).map(|u| u["enabledUser"] == "false");
     // One refused change of x: a dead letter to replay.
     target.inject(Fault::status(422, 1).on_method("PUT").on_path(sid.clone()));
-    let r = d
-        .patch(
-            &format!("/Users/{x}"),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(&d, &x, "Chef").await;
     let c = caught_up(&d, "sis").await;
     assert_eq!(c["dead_letters"], 1, "{c}");
     let reader = d.jwt(TENANT, "roster:read");
@@ -5819,13 +5802,7 @@ async fn a_skip_behind_one_member_stuck(
 /// While u0's change is still refused, u3's next change goes out; then the SIS takes u0's.
 async fn member_changes_after_the_skip(target: &OneRosterServer, d: &TestDaemon, ids: &[String]) {
     let sid = sourced_id(&format!("User/{}", ids[3]));
-    let r = d
-        .patch(
-            &format!("/Users/{}", ids[3]),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Later"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(d, &ids[3], "Later").await;
     let later = |t: &OneRosterServer| {
         t.user(&sid)
             .is_some_and(|u| u["metadata"]["job_title"] == "Later")
@@ -5858,13 +5835,7 @@ async fn a_skip_lifts_a_pause_for_the_targets_failures_too() {
     assert_eq!(enabled(&ids[1]), Some(json!("false")));
     // u0's PUTs fail until the connector pauses.
     target.inject(Fault::status(503, usize::MAX).on_path(sid(&ids[0])));
-    let r = d
-        .patch(
-            &format!("/Users/{}", ids[0]),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(&d, &ids[0], "Chef").await;
     paused(&d, "sis").await;
     // u2 leaves: held. The SIS is fixed; the IdP undoes its mistake.
     set_active(&d, &ids[2], false).await;
@@ -5898,13 +5869,7 @@ async fn a_leaver_behind_a_stuck_title(
             .on_method("PUT")
             .on_path(sid(&ids[0])),
     );
-    let r = d
-        .patch(
-            &format!("/Users/{}", ids[0]),
-            patch_op(json!([{"op": "replace", "path": "title", "value": "Chef"}])),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    retitle(&d, &ids[0], "Chef").await;
     for id in [&ids[1], &ids[2], &ids[0]] {
         set_active(&d, id, false).await;
     }
