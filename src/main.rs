@@ -686,9 +686,9 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     if given && backup_of(&dir, &backup_dir) {
         if repair {
             anyhow::bail!(
-                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or repair a copy of it under another name, without its backup marker (`cp -a {} /var/tmp/rosterd-repair && rm -f /var/tmp/rosterd-repair/.rosterd-backup`, as the store's user)",
+                "--data-dir: {} is a backup, which must stay as written, and --repair writes to the store: check it without --repair (rosterd checks a copy), or {}",
                 dir.display(),
-                dir.display()
+                repair_a_copy(&dir)
             );
         }
         return check_backup_copy(&config, &dir, &key);
@@ -696,6 +696,15 @@ fn check_store(path: PathBuf, data_dir: Option<PathBuf>, repair: bool) -> Result
     // The backups the refusal below points to are those of the store checked.
     config.server.data_dir = dir.clone();
     check_dir(&config, &dir, &dir, &key, repair)
+}
+
+/// How to repair backup `dir`, which stays as written: on a copy under another name,
+/// without the marker that makes the copy a backup too (`--repair` refuses one).
+fn repair_a_copy(dir: &std::path::Path) -> String {
+    format!(
+        "repair a copy of it under another name, without its backup marker (`cp -a {} /var/tmp/rosterd-repair && rm -f /var/tmp/rosterd-repair/.rosterd-backup`, as the store's user, then `--repair --data-dir /var/tmp/rosterd-repair`)",
+        dir.display()
+    )
 }
 
 /// Whether `dir` is a backup: marked as one (moved or renamed since), inside the
@@ -827,9 +836,10 @@ fn check_dir(
     // A copy's problems are the backup's: a repair of it would be thrown away.
     if problems > 0 && shown != dir {
         anyhow::bail!(
-            "the backup in {} has {}: restore an older backup that checks clean instead, or copy this one under another name (`cp -a DIR /var/tmp/rosterd-repair`, as the store's user) and run `--repair` on the copy",
+            "the backup in {} has {}: restore an older backup that checks clean instead, or {}",
             shown.display(),
             rosterd::text::plural(problems, "problem"),
+            repair_a_copy(shown)
         );
     }
     if problems > 0 {
