@@ -725,11 +725,7 @@ fn check_backup_copy(config: &Config, dir: &std::path::Path, key: &str) -> Resul
         // Its backups go beside the directory it serves, unless `[backup] dir` says.
         let mut served = config.clone();
         served.server.data_dir = dir.to_owned();
-        anyhow::bail!(
-            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>`",
-            dir.display(),
-            served.backup_dir().display()
-        );
+        return Err(checked_while_served(key, dir, &served.backup_dir()));
     }
     // Refused as it would be in place: another user's (as root), or one cut short.
     rosterd::store::Store::check_dir(dir).with_context(|| key.to_owned())?;
@@ -765,6 +761,20 @@ fn check_backup_copy(config: &Config, dir: &std::path::Path, key: &str) -> Resul
     checked
 }
 
+/// `store check` of `dir`, which a running daemon serves: what to do instead. Its
+/// backups go into `backups`.
+fn checked_while_served(
+    key: &str,
+    dir: &std::path::Path,
+    backups: &std::path::Path,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>` (it checks a copy of it, in $TMPDIR or /var/tmp)",
+        dir.display(),
+        backups.display()
+    )
+}
+
 /// Copy directory `from` into `to` (made already), with the files' permissions.
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(from)? {
@@ -797,11 +807,9 @@ fn check_dir(
         Err(e) if e.held_elsewhere() && !rosterd::store::daemon_serving(dir) => {
             anyhow::bail!(held_by_a_command(&key, dir))
         }
-        Err(e) if e.held_elsewhere() => anyhow::bail!(
-            "{key}: rosterd is running on {} (it holds the store). Stop it first, or check a backup of it: `sudo systemctl kill -s USR1 --kill-who=main rosterd` writes one into {}, then `rosterd store check --data-dir <that backup>` (it checks a copy of it, in $TMPDIR or /var/tmp)",
-            dir.display(),
-            config.backup_dir().display()
-        ),
+        Err(e) if e.held_elsewhere() => {
+            return Err(checked_while_served(&key, dir, &config.backup_dir()));
+        }
         Err(e) => return Err(anyhow::Error::new(e).context(key)),
     };
     let tenants: Vec<String> = config.tenants.iter().map(|t| t.id.clone()).collect();
