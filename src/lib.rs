@@ -17,7 +17,7 @@
 //! - [`server`]: the HTTP surface: routing, SCIM authentication and endpoints, request
 //!   ids and graceful shutdown. [`server::run`] is the whole daemon.
 //! - [`text`]: which characters break or hide text shown to a person, in one list.
-//! - `main.rs`: the thin binary: argument parsing, logging, signals.
+//! - `src/bin/rosterd/`: the thin binary, a module per command: arguments, logging, signals.
 
 pub mod api;
 pub mod classify;
