@@ -13,7 +13,14 @@
 //!   policy (group rules, classifier, default), which the store consults in-transaction.
 //! - [`api`]: the Roster API (`/api/v1/roster`): JWT auth, listing, overrides, review
 //!   queue, governance events, CSV export, jobs, its OpenAPI document.
-//! - [`schedule`]: background jobs (reclassification), one per tenant at a time.
+//! - [`connectors`]: what each downstream target is (its drop-in TOML file) and how a
+//!   change becomes requests to it: OneRoster, webhooks, CSV files.
+//! - [`dispatch`]: every committed change to every connector, in order per object, at
+//!   least once: cursors, retries, pauses, dead letters, the deprovisioning guard and
+//!   reconciliation's repairs.
+//! - [`schedule`]: background jobs (reclassification, reconciliation) and their cron
+//!   schedules, one job per tenant at a time.
+//! - [`ops`]: the operator's surface: `/status`, metrics, backups, systemd, logs.
 //! - [`server`]: the HTTP surface: routing, SCIM authentication and endpoints, request
 //!   ids and graceful shutdown. [`server::run`] is the whole daemon.
 //! - [`text`]: which characters break or hide text shown to a person, in one list.
