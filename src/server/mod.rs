@@ -851,29 +851,26 @@ pub async fn reload(state: &Arc<AppState>) {
     let mut failed = errors.len() + usize::from(config_failed.is_some());
     // A leaked SCIM token is replaced without a restart: the new one added beside it,
     // the IdP switched, the old one removed, a reload after each edit.
-    // The file as it is now: as edited, or as the daemon started (an edit undone), not
-    // one that does not load.
-    let tenants = match (&on_disk.edited, on_disk.changed) {
+    // The file as it is now: as edited, or as the daemon started (an edit undone, though
+    // a token_env a reload removed and the file names again still counts as a change
+    // that waits), not one that does not load.
+    let tenants = match (&on_disk.edited, &on_disk.error) {
         (Some(edited), _) => Some(Config::tenants_for_token_reload(
             &edited.tenants,
             &state.tokens.envs_in_force(),
         )),
-        (None, false) => Some(Config::tenants_for_token_reload(
+        (None, None) => Some(Config::tenants_for_token_reload(
             &state.config.tenants,
             &state.tokens.envs_in_force(),
         )),
-        (None, true) => {
+        (None, Some(error)) => {
             // A typo made while rotating a leaked token leaves the old one working: the
             // alert on the tokens must fire, not only the config file's error.
             state.reload_errors.record(
                 Reloadable::ScimTokens,
                 // That a restart would fail is config_file_error's to say.
                 Err(&NotApplied::for_reload(format!(
-                    "config.toml does not load as it is now ({}), so no token was read from it",
-                    on_disk
-                        .error
-                        .as_ref()
-                        .map_or_else(|| "unknown error".to_owned(), |e| e.to_string())
+                    "config.toml does not load as it is now ({error}), so no token was read from it"
                 ))),
             );
             None

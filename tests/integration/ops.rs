@@ -1214,7 +1214,7 @@ async fn a_token_env_added_for_a_variable_not_set_says_the_restart_needs_it() {
 #[tokio::test]
 async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     use crate::harness::Options;
-    use rosterd::server::auth::new_token;
+    use rosterd::server::auth::{TokenHash, new_token};
     let (logs, _guard) = crate::harness::LogBuf::capture();
     let (first, _) = new_token();
     let (second, _) = new_token();
@@ -1287,19 +1287,46 @@ async fn a_token_env_added_or_renamed_waits_for_the_restart_it_is_said_to() {
     assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
     assert_eq!(d.status().await["config_changed_since_start"], false);
 
+    // A token_hashes entry added meanwhile, as a rotation away from the variable does.
+    let (third, third_hash) = new_token();
+    let own_hash = TokenHash::of(&own).to_string();
+    let own_line = format!("token_hashes = [\"{own_hash}\"]");
+    let with_third = with_first
+        .replace("token_env = \"ACME_SCIM_TOKEN\"\n", "")
+        .replacen(
+            &own_line,
+            &format!("token_hashes = [\"{own_hash}\", \"{third_hash}\"]"),
+            1,
+        );
+    assert!(with_third.contains(&third_hash.to_string()), "{with_third}");
+    std::fs::write(&config, &with_third).unwrap();
+    d.reload().await;
+    let tokens = [
+        own.as_str(),
+        first.as_str(),
+        second.as_str(),
+        third.as_str(),
+    ];
+    assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401, 200]);
+
     // Removed, it stays out of force until a restart: named again (the file then reads as
     // the daemon started), or another named in its place, the value its variable had at
-    // the start, the token just revoked, came back into force.
+    // the start, the token just revoked, came back into force. The rest of the file is
+    // applied all the same: the hash taken out again revokes its token. The file as the
+    // daemon started, with its token_env waiting, was taken for one that does not load
+    // ("unknown error"), and no token of it was applied.
     for again in [
         with_first.clone(),
         with_first.replace("\"ACME_SCIM_TOKEN\"", "\"ACME_SCIM_TOKEN_2\""),
     ] {
         std::fs::write(&config, &again).unwrap();
         d.reload().await;
-        assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401]);
+        assert_eq!(scim_answers(&d, &tokens).await, [200, 401, 401, 401]);
         let s = d.status().await;
         assert_eq!(waiting(&s), json!([key]), "{s}");
         assert_eq!(s["config_changed_since_start"], true, "{s}");
+        assert_eq!(s["reload_errors"], json!({}), "{s}");
+        assert!(s["config_file_error"].is_null(), "{s}");
     }
 }
 
