@@ -3022,6 +3022,88 @@ async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written(
     assert!(ok && !out.contains(&copy_in), "{out} {err}");
 }
 
+/// `store check` of a backup removes its copy however it ends: its reader gone
+/// (`… | head`), or Ctrl-C while the copy is written (a large backup takes minutes).
+/// Both left a copy as large as the backup in `$TMPDIR`, default /var/tmp.
+#[tokio::test]
+async fn store_check_of_a_backup_stopped_early_removes_its_copy() {
+    let d = stopped_with_users(5).await;
+    let config = d.root.join("config.toml");
+    let config = config.to_str().unwrap().to_owned();
+    let (ok, _, err) = rosterd_async(&["store", "backup", "--config", &config]).await;
+    assert!(ok, "{err}");
+    let backup = crate::harness::newest_backup(&d.root.join("data-backups"));
+    let tmp = d.root.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let left = |tmp: &std::path::Path| std::fs::read_dir(tmp).unwrap().count();
+    let start = |backup: &std::path::Path, stdout: Stdio| {
+        crate::harness::rosterd_command()
+            .args(["store", "check", "--config", &config, "--data-dir"])
+            .arg(backup)
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // The reader gone before the first line: the end and status of a command SIGPIPE
+    // stopped, with no error of its own.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let child = start(&backup, Stdio::from(writer));
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(left(&tmp), 0, "the copy stayed");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("Error"), "{err}");
+
+    // Stopped while the copy is written. A FIFO in the backup holds the copy up where a
+    // large file would: reading it waits for a writer that never comes.
+    let slow = d.root.join("slow-backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .args([&backup, &slow])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let fifo = std::ffi::CString::new(slow.join("zz-fifo").to_str().unwrap()).unwrap();
+    // SAFETY: a path that is NUL-terminated, and a valid mode.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let child = start(&slow, Stdio::piped());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // The copy's directory: made once the signals are watched, and never finished.
+    let writing = loop {
+        let made = std::fs::read_dir(&tmp)
+            .unwrap()
+            .next()
+            .map(|e| e.unwrap().path());
+        if let Some(made) = made {
+            break made;
+        }
+        assert!(std::time::Instant::now() < deadline, "no copy was made");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // SAFETY: sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!writing.exists(), "the copy stayed");
+    assert_eq!(left(&tmp), 0);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A `--url` the CLI cannot use is said to be the flag's fault, not the daemon's, and a
 /// password in it is not printed back.
 #[tokio::test]

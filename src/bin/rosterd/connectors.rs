@@ -1,7 +1,7 @@
 //! `rosterd resume` and `rosterd retire`: a connector's pause lifted, or a connector
 //! whose file is gone retired, on a running daemon.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rosterd::text::terminal_safe;
 use std::io::Write as _;
 

@@ -38,9 +38,16 @@ macro_rules! outln {
     };
     ($($arg:tt)*) => {
         writeln!(std::io::stdout(), "{}", terminal_safe(&format!($($arg)*)))
-            .context("standard output")
+            .map_err(|e| anyhow::Error::from($crate::StandardOutput(e)))
     };
 }
+
+/// Standard output failed: full, closed, or its reader gone. A type of its own, so that
+/// `main` can end quietly when the reader went away, and only then: a connection to the
+/// daemon broken the same way is an error to report.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output")]
+struct StandardOutput(#[source] std::io::Error);
 
 /// A document (JSON, TOML) on standard output, as it is: it escapes what it must, and
 /// [`terminal_safe`]'s `\u{…}` would make it another document.
@@ -48,7 +55,7 @@ fn out_document(text: &str) -> Result<()> {
     let mut out = std::io::stdout();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
-        .context("standard output")
+        .map_err(|e| StandardOutput(e).into())
 }
 
 /// `eprintln!` for notes and warnings. Where stderr is gone there is no one to tell, and
@@ -83,6 +90,15 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Each was said on stderr already.
         Err(e) if e.downcast_ref::<NeedsAttention>().is_some() => std::process::ExitCode::from(3),
+        // The reader went away (`| head`): the end, and status, of a command that SIGPIPE
+        // killed, as for every command but those that ignore SIGPIPE to clean up first
+        // (`store check` of a backup, see `store::CheckCopy`).
+        Err(e)
+            if e.downcast_ref::<StandardOutput>()
+                .is_some_and(|o| o.0.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            std::process::ExitCode::from(128 + libc::SIGPIPE as u8)
+        }
         Err(e) => {
             if e.downcast_ref::<Logged>().is_none() {
                 let mut line = format!("Error: {}", causes(&e));

@@ -1,7 +1,7 @@
 //! `rosterd reconcile` and `rosterd job`: start a reconciliation on a running daemon (or
 //! only report what it would send), and follow a job until it ends.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rosterd::text::terminal_safe;
 use std::io::Write as _;
 

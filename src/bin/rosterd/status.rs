@@ -1,7 +1,7 @@
 //! `rosterd status`: a running daemon's /status shown readably, and with `--check`, what
 //! in it needs an operator.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rosterd::text::terminal_safe;
 use std::io::Write as _;
 

@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use rosterd::config::Config;
 use rosterd::text::terminal_safe;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::serve::data_dir_setting;
 
@@ -119,10 +120,11 @@ fn check_backup_copy(config: &Config, dir: &std::path::Path, key: &str) -> Resul
         std::process::id(),
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.fZ")
     ));
+    // Before the copy is made: a Ctrl-C while it is written removes it too.
+    let _removed_after = CheckCopy::watch(&copy, key);
     let copied =
         rosterd::store::Store::create_private_dir(&copy).and_then(|()| copy_tree(dir, &copy));
     if let Err(e) = copied {
-        let _ = std::fs::remove_dir_all(&copy);
         anyhow::bail!(
             "{key}: {} is a backup, which is checked on a copy (opening a store writes to its files, and a backup must stay as written), and copying it to {} failed: {e}. Point TMPDIR at a directory with room for a copy of it, as the store's user, and run the check again",
             dir.display(),
@@ -132,15 +134,86 @@ fn check_backup_copy(config: &Config, dir: &std::path::Path, key: &str) -> Resul
     outln!("checking a copy of the backup, in {}", copy.display())?;
     let mut config = config.clone();
     config.server.data_dir = copy.clone();
-    let checked = check_dir(&config, &copy, dir, key, false);
-    // Said whatever the check found: the copy is as large as the backup.
-    if let Err(e) = std::fs::remove_dir_all(&copy) {
-        note!(
+    check_dir(&config, &copy, dir, key, false)
+}
+
+/// The copy a backup is checked on, removed however the check ends: done, failed, or
+/// stopped by Ctrl-C, SIGTERM, SIGHUP (its terminal closed) or its reader gone
+/// (`rosterd store check … | head`). A copy as large as the backup stayed in /var/tmp,
+/// often the filesystem of /var/lib/rosterd, after each check stopped that way.
+struct CheckCopy(Arc<Mutex<Option<(PathBuf, String)>>>);
+
+impl CheckCopy {
+    fn watch(copy: &Path, key: &str) -> Self {
+        let held = Arc::new(Mutex::new(Some((copy.to_owned(), key.to_owned()))));
+        // Ignored, so that a write to a reader gone fails and the copy is removed on the
+        // way out; `main` then ends as SIGPIPE would have ended it.
+        // SAFETY: SIG_IGN is a valid disposition, and nothing here relies on SIGPIPE's.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+        let removing = held.clone();
+        let watched = on_stop_signal(move |signal| {
+            // Held while the check's own way out removes it, so this waits for that.
+            remove_copy(&mut removing.lock().unwrap_or_else(|e| e.into_inner()));
+            std::process::exit(128 + signal);
+        });
+        if let Err(e) = watched {
+            note!(
+                "{key}: cannot watch for Ctrl-C ({e}): stopped by a signal, this check would leave its copy in {}",
+                copy.display()
+            );
+        }
+        Self(held)
+    }
+}
+
+impl Drop for CheckCopy {
+    fn drop(&mut self) {
+        remove_copy(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Said whatever the check found: the copy is as large as the backup.
+fn remove_copy(held: &mut Option<(PathBuf, String)>) {
+    let Some((copy, key)) = held.take() else {
+        return;
+    };
+    match std::fs::remove_dir_all(&copy) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => note!(
             "{key}: the copy of the backup in {} could not be removed ({e}): remove it (`rm -rf`)",
             copy.display()
-        );
+        ),
+        _ => {}
     }
-    checked
+}
+
+/// Run `then` with the signal's number, on a thread of its own, at the first SIGINT,
+/// SIGTERM or SIGHUP. The handlers are in place when this returns.
+fn on_stop_signal(then: impl FnOnce(i32) + Send + 'static) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut int, mut term, mut hup) = {
+        let _in = runtime.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
+    std::thread::spawn(move || {
+        let signal = runtime.block_on(async {
+            tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+                _ = hup.recv() => libc::SIGHUP,
+            }
+        });
+        then(signal);
+    });
+    Ok(())
 }
 
 /// `store check` of `dir`, which a running daemon serves: what to do instead. Its
