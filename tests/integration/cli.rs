@@ -2649,6 +2649,21 @@ fn a_daemon_not_found_at_the_configs_address_points_to_url() {
     );
 }
 
+/// `cp -a FROM TO`: a store's directory copied as an operator copies it, modes and all.
+fn copy_a(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .args([from, to])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// A daemon that created `n` users, finished its start-up reclassification and stopped:
 /// its store is the command's to open.
 async fn stopped_with_users(n: usize) -> crate::harness::TestDaemon {
@@ -2673,11 +2688,7 @@ async fn store_check_on_damaged_files_says_what_to_do_without_a_panic() {
     let len = std::fs::metadata(data.join("db")).unwrap().len();
     let damaged = |name: &str, damage: &dyn Fn(&std::path::Path)| {
         let copy = d.root.join(name);
-        let status = std::process::Command::new("cp")
-            .args(["-a", data.to_str().unwrap(), copy.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        copy_a(&data, &copy);
         damage(&copy.join("db"));
         copy
     };
@@ -3011,12 +3022,7 @@ async fn store_check_of_a_backup_checks_a_copy_and_leaves_the_backup_as_written(
     assert!(!ok && err.contains("is a backup"), "{err}");
     // A copy without the marker is repaired, as the refusal says.
     let copy = d.root.join("rosterd-repair");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .args([&kept, &copy])
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_a(&kept, &copy);
     std::fs::remove_file(copy.join(".rosterd-backup")).unwrap();
     let (ok, out, err) = check(&copy, &["--repair"]).await.unwrap();
     assert!(ok && !out.contains(&copy_in), "{out} {err}");
@@ -3065,12 +3071,7 @@ async fn store_check_of_a_backup_stopped_early_removes_its_copy() {
     // Stopped while the copy is written. A FIFO in the backup holds the copy up where a
     // large file would: reading it waits for a writer that never comes.
     let slow = d.root.join("slow-backup");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .args([&backup, &slow])
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_a(&backup, &slow);
     let fifo = std::ffi::CString::new(slow.join("zz-fifo").to_str().unwrap()).unwrap();
     // SAFETY: a path that is NUL-terminated, and a valid mode.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
