@@ -215,6 +215,20 @@ impl ConnectorConfig {
                 out.push(format!("`events` takes roster.user_deactivated but not {missing}: the receiver would not hear that a leaver came back, or was deleted outright (an IdP may DELETE without deactivating first)"));
             }
         }
+        // The example's relative `dir`, copied into /etc/rosterd/connectors as the install
+        // steps do, lands here. Checked by the path, not by a write: as root, or outside
+        // the unit, the directory is writable, and the service alone finds out, by
+        // retrying, then pausing.
+        if let Some(c) = &self.csv
+            && let Some(top) = ["/etc", "/usr"]
+                .into_iter()
+                .find(|top| c.dir.starts_with(top))
+        {
+            out.push(format!(
+                "[csv] dir is {} (a relative dir is under the connectors directory): under the systemd unit, {top} is read-only (ProtectSystem=strict), and the connector would retry, then pause. Use a directory in /var/lib/rosterd-exports, which the unit makes, or one a drop-in's ReadWritePaths= opens",
+                c.dir.display()
+            ));
+        }
         out
     }
 
@@ -1134,6 +1148,36 @@ secret_env = "HOOK_SECRET"
         assert!(csv("schedule = \"0 0 3 * * *\"\n").is_empty());
         let w = csv("schedule = \"0 0 3 * * *\"\ndebounce_ms = 10\n");
         assert!(w.len() == 1 && w[0].contains("debounce_ms"), "{w:?}");
+        // Read-only under the unit: named whether the path was given whole or relative.
+        let in_dir = |base: &str, dir: &str| {
+            ConnectorConfig::parse(
+                &format!(
+                    "kind = \"csv\"\nname = \"f\"\ntenant = \"demo\"\n[csv]\ndir = \"{dir}\"\n"
+                ),
+                Path::new("x.toml"),
+                Path::new(base),
+            )
+            .unwrap()
+            .warnings()
+        };
+        let w = in_dir("/etc/rosterd/connectors", "exports");
+        assert!(
+            w.len() == 1
+                && w[0].contains("/etc/rosterd/connectors/exports")
+                && w[0].contains("/etc is read-only"),
+            "{w:?}"
+        );
+        let w = in_dir("/srv", "/usr/local/share/roster");
+        assert!(w.len() == 1 && w[0].contains("/usr is read-only"), "{w:?}");
+        assert!(
+            in_dir(
+                "/etc/rosterd/connectors",
+                "/var/lib/rosterd-exports/nightly"
+            )
+            .is_empty()
+        );
+        // A path that merely begins with the same letters.
+        assert!(in_dir("/srv", "/etcetera/exports").is_empty());
     }
 
     /// A CSV connector sends no requests: keys for them are refused, not ignored.
