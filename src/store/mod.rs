@@ -90,7 +90,7 @@ pub enum StoreError {
     Backend(String),
     /// Work done for the store on a blocking thread panicked: a bug in rosterd, logged
     /// where it happened. Its own variant, so a connector restarts on it (see
-    /// `dispatch::supervised`) where a storage failure would stop it.
+    /// `dispatch::task::supervised`) where a storage failure would stop it.
     #[error("a bug: the work panicked: {0}")]
     Panicked(String),
     /// The storage engine could not read or write its files (a full disk, a read-only
