@@ -14,6 +14,14 @@
 //! Retrying is apart from transport: `connectors::http` says what an answer means,
 //! this module waits (exponential backoff with jitter, at least `Retry-After`), pauses a
 //! connector whose target keeps failing, and dead-letters what the target refused.
+//!
+//! Where each part is: `follow` reads the log and lets a change go once the earlier
+//! changes to its objects (`keys`) are done; `send` delivers it, with retries, pauses and
+//! dead letters, through the task's context (`ctx`) and the connector's live state
+//! (`live`); `task` runs a connector again after a panic, and `csv_task` is the CSV
+//! connector's own loop; `guard` holds a burst of deprovisioning; `reconcile` repairs
+//! drift; `dispatcher` starts, reloads and stops connectors, `commands` are what an
+//! operator asks of one, and `status` is what they are shown.
 
 use std::time::Duration;
 
