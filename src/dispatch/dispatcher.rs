@@ -190,17 +190,23 @@ impl Dispatcher {
             }
             *last = identity;
         }
-        // Which running connector each unloadable file is, if any: by file, or by the
-        // name the file still gives.
+        // Which running connector each unloadable file is, if any: the one it was loaded
+        // from, else the one whose name the file still gives. The file first: edited to
+        // take the name of another running connector, it was taken for that one's when
+        // that name sorted first, and its own connector was retired as if removed.
         let mut broken = BTreeMap::new();
         {
             let running = self.running();
             for (e, u) in loaded.errors.iter().zip(&loaded.unloaded) {
-                let of = running.values().find(|r| {
-                    r.config.file == u.file
-                        || (u.name.as_deref() == Some(r.config.name.as_str())
-                            && u.tenant.as_deref().is_none_or(|t| t == r.config.tenant))
-                });
+                let of = running
+                    .values()
+                    .find(|r| r.config.file == u.file)
+                    .or_else(|| {
+                        running.values().find(|r| {
+                            u.name.as_deref() == Some(r.config.name.as_str())
+                                && u.tenant.as_deref().is_none_or(|t| t == r.config.tenant)
+                        })
+                    });
                 match of {
                     // A rejected duplicate names a connector that still loads from its
                     // own file: that one is not broken.

@@ -3059,6 +3059,76 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
     );
 }
 
+/// A running connector's file edited to give the name of another running connector is a
+/// file that does not load: that connector keeps running on its old config, whichever of
+/// the two names sorts first. When the name it took sorted first, the file was taken for
+/// that connector's, and its own connector was stopped and retired as if its file had
+/// been removed: a cursor that no longer held compaction back, and changes it never sent.
+#[tokio::test]
+async fn a_file_that_takes_another_running_connectors_name_retires_neither() {
+    let csv = |name: &str| {
+        format!(
+            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\ndebounce_ms = 50\n"
+        )
+    };
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            ("first.toml".into(), csv("alpha")),
+            ("second.toml".into(), csv("omega")),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let dir = d.root.join("connectors");
+    let written = |name: &str, user: &str| {
+        std::fs::read_to_string(dir.join(name).join("roster.csv"))
+            .unwrap_or_default()
+            .contains(user)
+    };
+    let wait_written = |name: &'static str, user: String| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !written(name, &user) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} did not write {user}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    // Both run before any file changes.
+    d.create_user("first@acme.test").await;
+    for name in ["alpha", "omega"] {
+        wait_written(name, "first@acme.test".into()).await;
+    }
+    for (file, own, taken) in [
+        ("second.toml", "omega", "alpha"),
+        ("first.toml", "alpha", "omega"),
+    ] {
+        // The name taken, the files its own.
+        std::fs::write(
+            dir.join(file),
+            csv(taken).replace(&format!("dir = \"{taken}\""), &format!("dir = \"{own}\"")),
+        )
+        .unwrap();
+        d.reload().await;
+        let c = connector(&d, own).await;
+        assert!(
+            c["file_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(file) && e.contains("is already used by")),
+            "{file}: {c}"
+        );
+        assert!(connector(&d, taken).await["file_error"].is_null(), "{file}");
+        // Still delivering: its roster gets the next user.
+        let user = format!("after-{file}@acme.test");
+        d.create_user(&user).await;
+        wait_written(own, user).await;
+        std::fs::write(dir.join(file), csv(own)).unwrap();
+        d.reload().await;
+        assert!(connector(&d, own).await["file_error"].is_null(), "{file}");
+    }
+}
+
 #[tokio::test]
 async fn a_410_pause_and_a_discarded_dead_letter_are_logged_once_with_tenant_and_connector() {
     let (logs, _guard) = crate::harness::LogBuf::capture();
