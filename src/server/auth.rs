@@ -78,6 +78,10 @@ pub enum AuthSetupError {
         "tenants {tenant:?} and {other:?} have the same SCIM token (a token_env variable's value or a token_hashes entry): it would open both tenants; give each tenant a token of its own (`rosterd token new`)"
     )]
     Shared { tenant: String, other: String },
+    #[error(
+        "tenant {other:?} is given a SCIM token of tenant {removed:?}, which config.toml no longer names but this daemon serves, with its tokens, until the restart its removal waits for: the token would open both tenants until then; restart first (which removes {removed:?}), or give {other:?} a token of its own (`rosterd token new`)"
+    )]
+    SharedWithRemoved { removed: String, other: String },
 }
 
 /// A token shorter than this is said to be guessable: nothing limits how often a client
@@ -159,6 +163,20 @@ impl TokenRegistry {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Vec<String>, AuthSetupError> {
         let fresh = Self::resolve(tenants, env)?;
+        // A tenant taken out of the file keeps its tokens until the restart, beyond what
+        // `resolve` compares.
+        for (removed, held) in self.map().iter().filter(|(t, _)| !fresh.contains_key(*t)) {
+            if let Some(other) = fresh
+                .iter()
+                .find(|(_, hashes)| hashes.iter().any(|h| held.contains(h)))
+                .map(|(t, _)| t)
+            {
+                return Err(AuthSetupError::SharedWithRemoved {
+                    removed: removed.clone(),
+                    other: other.clone(),
+                });
+            }
+        }
         let mut envs = self.envs.write().unwrap_or_else(|e| e.into_inner());
         for t in tenants {
             if let Some(held) = envs.get_mut(&t.id) {

@@ -1170,6 +1170,64 @@ async fn scim_answers(d: &TestDaemon, tokens: &[&str]) -> Vec<u16> {
     out
 }
 
+/// A tenant taken out of config.toml is served, with its tokens, until the restart its
+/// removal waits for: a reload that gives one of those tokens to another tenant keeps the
+/// tokens in force and says why. It applied them, and the token opened both tenants.
+#[tokio::test]
+async fn a_token_of_a_tenant_taken_out_of_the_file_is_not_given_to_another_by_a_reload() {
+    use crate::harness::OTHER_TENANT;
+    use rosterd::server::auth::TokenHash;
+    let d = TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    let own = format!("token_hashes = [\"{}\"]", TokenHash::of(&d.token));
+    let other_table = started
+        .find(&format!("[[tenants]]\nid = \"{OTHER_TENANT}\""))
+        .unwrap();
+    // The other tenant's table, to the end of its bundle and overrides lines.
+    let other_end = other_table
+        + started[other_table..]
+            .find("allow_overrides = false\n")
+            .unwrap()
+        + "allow_overrides = false\n".len();
+    let merged = format!("{}{}", &started[..other_table], &started[other_end..]).replacen(
+        &own,
+        &format!(
+            "token_hashes = [\"{}\", \"{}\"]",
+            TokenHash::of(&d.token),
+            TokenHash::of(&d.other_token)
+        ),
+        1,
+    );
+    assert!(!merged.contains(OTHER_TENANT), "{merged}");
+    std::fs::write(&config, &merged).unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    let error = s["reload_errors"]["scim_tokens"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains(&format!("a SCIM token of tenant \"{OTHER_TENANT}\""))
+            && error.contains("restart first"),
+        "{s}"
+    );
+    // The other tenant's token opens its own tenant only; the first keeps its own.
+    assert_eq!(scim_answers(&d, &[&d.other_token, &d.token]).await[0], 403);
+    let other_users = d
+        .raw(
+            Method::GET,
+            &d.scim_url("/Users")
+                .replace(&format!("/{TENANT}/"), &format!("/{OTHER_TENANT}/")),
+            Some(&d.other_token),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(other_users.status.as_u16(), 200);
+    assert_eq!(scim_answers(&d, &[&d.token]).await, [200]);
+}
+
 /// A `token_env` added to a tenant, or renamed, waits for the restart that the reload's
 /// log and `rosterd status` say it waits for: its variable was read when the daemon
 /// started, and a reload put that value in force (a token revoked an hour earlier opened
