@@ -133,7 +133,6 @@ pub(super) async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         .schedule
         .as_deref()
         .and_then(|s| crate::config::parse_cron(s).ok());
-    ctx.live.set_state("running");
     let mut backoff = ctx.backoff();
     let mut streak = Streak::default();
     // A scheduled write is owed from the moment it is due until it succeeds, and the
@@ -147,6 +146,17 @@ pub(super) async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
         || (schedule.is_some()
             && ctx.store.was_restored()?
             && !ctx.store.has_cursor(&tenant, &cursor_name)?);
+    // Kept from the first start, written or not, as an HTTP connector's is (see
+    // `catch_up_compacted`): one that had not written yet (a scheduled one before its
+    // first time, any on an empty change log) had none, and with its file removed while
+    // the daemon was stopped, nothing in `/status` said a connector was missing.
+    if !ctx.store.has_cursor(&tenant, &cursor_name)? {
+        let at = ctx.store.cursor(&tenant, &cursor_name)?;
+        ctx.store
+            .advance_cursor(&tenant, &cursor_name, at, vec![])
+            .await?;
+    }
+    ctx.live.set_state("running");
     if let Some(cron) = &schedule
         && settings.catch_up
         && !owed

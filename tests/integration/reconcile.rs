@@ -1220,6 +1220,50 @@ async fn a_connector_once_in_dry_run_is_one_connector_when_not_loaded() {
     assert_eq!(listed[0]["lag_events"], 0, "{status}");
 }
 
+/// A CSV connector that has not written yet (a scheduled one before its first time, any
+/// on an empty change log) has a cursor from its first start, as README says of every
+/// connector: its file removed while the daemon was stopped, `/status` lists it under
+/// `unloaded_connectors`. It had none, and nothing said a connector was missing.
+#[tokio::test]
+async fn a_csv_connector_that_never_wrote_is_listed_when_its_file_goes_while_stopped() {
+    use crate::harness::Options;
+    let csv = |name: &str, when: &str| {
+        format!(
+            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\n{when}\n"
+        )
+    };
+    let mut d = TestDaemon::start_with(Options {
+        connectors: vec![
+            ("files.toml".into(), csv("files", "debounce_ms = 50")),
+            (
+                "nightly.toml".into(),
+                csv("nightly", "schedule = \"0 0 3 1 1 *\""),
+            ),
+        ],
+        ..Options::default()
+    })
+    .await;
+    // Started, on an empty change log: nothing to write for either.
+    for name in ["files", "nightly"] {
+        connector_until(&d, name, "running", |c| c["state"] == "running").await;
+    }
+    d.stop().await;
+    for file in ["files.toml", "nightly.toml"] {
+        std::fs::remove_file(d.root.join("connectors").join(file)).unwrap();
+    }
+    let d = d.restart().await;
+    let status = d.status().await;
+    let mut listed: Vec<&str> = status["unloaded_connectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["file"].is_null())
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(listed, ["files", "nightly"], "{status}");
+}
+
 #[tokio::test]
 async fn a_connector_whose_file_broke_holds_back_compaction_until_it_is_fixed() {
     let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
