@@ -931,6 +931,8 @@ pub async fn reload(state: &Arc<AppState>) {
             tracing::info!("Roster API keys reloaded: public_keys and jwks_file as they are now.");
         }
     }
+    // Tenants whose bundle this reload refused, with what a restart would do said.
+    let mut refused = std::collections::HashSet::new();
     for t in &state.config.tenants {
         let Some(roster) = state.roster.tenants.get(&t.id) else {
             continue;
@@ -979,6 +981,7 @@ pub async fn reload(state: &Arc<AppState>) {
                     format!("{e} — a restart would refuse this file too")
                 };
                 roster.set_bundle_state(|b| b.failed(&error, !restart_loads));
+                refused.insert(t.id.clone());
                 continue;
             }
         };
@@ -995,6 +998,9 @@ pub async fn reload(state: &Arc<AppState>) {
                 tracing::error!(tenant = %t.id, error = %e, "Cannot start the reclassification.")
             }
         }
+    }
+    if let Some(edited) = &on_disk.edited {
+        failed += edited_bundles_refused(state, edited, &refused).await;
     }
     warn_about_connectors(&state.roster, &configs);
     state
@@ -1014,6 +1020,44 @@ pub async fn reload(state: &Arc<AppState>) {
     } else {
         tracing::info!(errors = failed, "Reload finished.");
     }
+}
+
+/// The tenants whose bundle config.toml, as edited since the start, names in another file
+/// that does not load: that edit waits for a restart, which would refuse it, SCIM and
+/// all. Said as a bundle that did not reload is (`/status`, `rosterd_config_file_error`):
+/// the reload said only that the key waited. `refused`: tenants already said so. Returns
+/// how many.
+async fn edited_bundles_refused(
+    state: &Arc<AppState>,
+    edited: &Config,
+    refused: &std::collections::HashSet<String>,
+) -> usize {
+    let mut count = 0;
+    for t in &state.config.tenants {
+        let (Some(roster), Some(now)) = (
+            state.roster.tenants.get(&t.id),
+            edited.tenants.iter().find(|n| n.id == t.id),
+        ) else {
+            continue;
+        };
+        let named = |c: &Config, b: &Option<std::path::PathBuf>| b.as_deref().map(|p| c.resolve(p));
+        let Some(file) = named(edited, &now.bundle) else {
+            continue;
+        };
+        if refused.contains(&t.id) || Some(&file) == named(&state.config, &t.bundle).as_ref() {
+            continue;
+        }
+        if let Err(e) = TenantPolicy::load_blocking(now, &edited.base_dir).await {
+            count += 1;
+            let error = format!(
+                "config.toml as edited since the start names the bundle {}, which does not load ({e}): a restart would refuse it, SCIM included; the bundle in force stays",
+                file.display()
+            );
+            tracing::error!(tenant = %t.id, %error, "A restart would fail: the bundle config.toml now names does not load.");
+            roster.set_bundle_state(|b| b.failed(&error, true));
+        }
+    }
+    count
 }
 
 /// The socket a request came on, for a streamed answer to see whether its client is

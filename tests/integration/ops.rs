@@ -1428,6 +1428,47 @@ async fn api_keys_error(d: &TestDaemon) -> String {
         .to_owned()
 }
 
+/// config.toml edited to name another bundle file that does not load waits for a restart
+/// that would refuse it, SCIM included: the reload says so where a bundle that did not
+/// reload is said (the tenant's `bundle.reload_error`, `rosterd_config_file_error`). It
+/// said only that `tenants.….bundle` waited for a restart, and no alert fired.
+#[tokio::test]
+async fn a_bundle_config_toml_now_names_that_does_not_load_says_a_restart_would_fail() {
+    let d = TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+    std::fs::write(d.root.join("next.toml"), "not a bundle [\n").unwrap();
+    let edited = started.replacen("bundle = \"bundle.toml\"", "bundle = \"next.toml\"", 1);
+    assert_ne!(edited, started);
+    std::fs::write(&config, &edited).unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    let bundle = &s["tenants"][TENANT]["bundle"];
+    let error = bundle["reload_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("next.toml") && error.contains("a restart would refuse it"),
+        "{s}"
+    );
+    // The bundle in force stays.
+    assert_eq!(bundle["version"], "test-1", "{s}");
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+    // Fixed, nothing stands; the other tenant, whose bundle line did not change, was
+    // never said to fail.
+    std::fs::copy(d.root.join("bundle.toml"), d.root.join("next.toml")).unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    assert!(
+        s["tenants"][TENANT]["bundle"]["reload_error"].is_null(),
+        "{s}"
+    );
+    assert!(
+        s["tenants"][OTHER_TENANT]["bundle"]["reload_error"].is_null(),
+        "{s}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+}
+
 /// A JWKS file that does not load at a reload keeps the keys in force, and says that a
 /// restart would fail on it: the start refuses to run without the Roster API's keys,
 /// SCIM included, and "those in force stay" alone led an operator to restart to force
