@@ -824,7 +824,7 @@ pub async fn reload(state: &Arc<AppState>) {
         match &on_disk.error {
             None => tracing::warn!(
                 waiting = %crate::config::waiting_list(&on_disk.waiting),
-                "The config file changed since start; a reload applies only the tenants' token_hashes and a token_env removed from it: the keys named wait for a restart (rosterd check-config first), what the daemon started with staying in force until then (a token_env added or renamed included: its variable is read at start). Connectors and bundles are reloaded now, from the paths the daemon started with."
+                "The config file changed since start; a reload applies only the tenants' token_hashes and a token_env removed from it: the keys named wait for a restart (rosterd check-config first), what the daemon started with staying in force until then (a token_env added or renamed included: its variable is read at start), but for a token_env a reload removed, which stays out of force. Connectors and bundles are reloaded now, from the paths the daemon started with."
             ),
             // A file that no longer reads (its mode changed, say) was said to be edited.
             Some(e @ crate::config::ConfigError::Read { source, .. })

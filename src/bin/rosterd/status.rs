@@ -351,7 +351,7 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
             )?;
         } else {
             outln!(
-                "config file changed since start: {} {} only at the next restart, what the daemon started with staying in force until then; a reload applies only the tenants' token_hashes and a token_env removed (rosterd check-config first)",
+                "config file changed since start: {} {} only at the next restart, what the daemon started with staying in force until then, but for a token_env a reload removed, which stays out of force; a reload applies only the tenants' token_hashes and a token_env removed (rosterd check-config first)",
                 rosterd::config::waiting_list(&waiting),
                 if waiting.len() == 1 {
                     "applies"
