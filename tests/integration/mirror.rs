@@ -3066,11 +3066,7 @@ async fn a_connector_whose_file_breaks_keeps_running_on_its_old_config_until_rem
 /// been removed: a cursor that no longer held compaction back, and changes it never sent.
 #[tokio::test]
 async fn a_file_that_takes_another_running_connectors_name_retires_neither() {
-    let csv = |name: &str| {
-        format!(
-            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\ndebounce_ms = 50\n"
-        )
-    };
+    let csv = |name: &str| csv_connector(name, "debounce_ms = 50");
     let d = TestDaemon::start_with(Options {
         connectors: vec![
             ("first.toml".into(), csv("alpha")),
@@ -3544,6 +3540,14 @@ async fn a_reload_that_renames_the_csv_files_writes_them_and_names_those_left() 
 /// to `connectors/out` 100 ms after changes settle.
 async fn with_csv_files() -> TestDaemon {
     with_csv_files_debounced(100).await
+}
+
+/// A CSV connector `name` of the test tenant writing into `connectors/<name>`, `when`
+/// (`debounce_ms = …` or `schedule = "…"`) saying when.
+pub fn csv_connector(name: &str, when: &str) -> String {
+    format!(
+        "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\n{when}\n"
+    )
 }
 
 /// The file of CSV connector `files`, of the first tenant, under `guard` (a `[guard]`
