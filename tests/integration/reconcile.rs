@@ -1227,11 +1227,7 @@ async fn a_connector_once_in_dry_run_is_one_connector_when_not_loaded() {
 #[tokio::test]
 async fn a_csv_connector_that_never_wrote_is_listed_when_its_file_goes_while_stopped() {
     use crate::harness::Options;
-    let csv = |name: &str, when: &str| {
-        format!(
-            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\n{when}\n"
-        )
-    };
+    use crate::mirror::csv_connector as csv;
     let mut d = TestDaemon::start_with(Options {
         connectors: vec![
             ("files.toml".into(), csv("files", "debounce_ms = 50")),
