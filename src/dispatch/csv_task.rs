@@ -140,17 +140,16 @@ pub(super) async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
     // tried again after its backoff or at the next start, not at the next scheduled time
     // (a nightly file would miss its night). A restore marks every connector's files owed,
     // scheduled or not: they held what the restore lost (store::restored).
+    let had_cursor = ctx.store.has_cursor(&tenant, &cursor_name)?;
     let mut owed = ctx.store.write_due(&tenant, &cursor_name)?
-        // One that had not written before the backup (or came after it) has no cursor
+        // One that had not started before the backup (or came after it) has no cursor
         // for the restore to mark, and may have written what the restore lost.
-        || (schedule.is_some()
-            && ctx.store.was_restored()?
-            && !ctx.store.has_cursor(&tenant, &cursor_name)?);
+        || (schedule.is_some() && ctx.store.was_restored()? && !had_cursor);
     // Kept from the first start, written or not, as an HTTP connector's is (see
     // `catch_up_compacted`): one that had not written yet (a scheduled one before its
     // first time, any on an empty change log) had none, and with its file removed while
     // the daemon was stopped, nothing in `/status` said a connector was missing.
-    if !ctx.store.has_cursor(&tenant, &cursor_name)? {
+    if !had_cursor {
         let at = ctx.store.cursor(&tenant, &cursor_name)?;
         ctx.store
             .advance_cursor(&tenant, &cursor_name, at, vec![])

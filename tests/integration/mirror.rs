@@ -1396,7 +1396,8 @@ pub fn restore(d: &TestDaemon, backup: &std::path::Path) {
 async fn a_restore_writes_the_csv_files_again_at_its_first_start() {
     let csv = |name: &str, when: &str| {
         format!(
-            "kind = \"csv\"\nname = \"{name}\"\ntenant = \"{TENANT}\"\n[csv]\ndir = \"{name}\"\n{when}\n[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n"
+            "{}[csv.oneroster]\norg_sourced_id = \"org-1\"\norg_name = \"Acme\"\ncourse_sourced_id = \"c-1\"\n",
+            csv_connector(name, when)
         )
     };
     let mut d = TestDaemon::start_with(Options {
