@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use subtle::ConstantTimeEq;
 
 use crate::config::TenantConfig;
@@ -187,11 +187,15 @@ impl TokenRegistry {
         let mut map = self.by_tenant.write().unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::new();
         for (tenant, hashes) in fresh {
-            if let Some(held) = map.get_mut(&tenant)
-                && *held != hashes
-            {
+            if let Some(held) = map.get_mut(&tenant) {
+                // "Changed" is said of the tokens a tenant accepts, not of the list: the
+                // hash of its own `token_env` token added to `token_hashes` (README's
+                // first step of moving a token into the file) opens nothing new.
+                let accepted = |h: &[TokenHash]| h.iter().cloned().collect::<HashSet<_>>();
+                if accepted(held) != accepted(&hashes) {
+                    changed.push(tenant);
+                }
                 *held = hashes;
-                changed.push(tenant);
             }
         }
         changed.sort();
@@ -378,6 +382,31 @@ mod tests {
         assert!(reg.reload(&shared, |_| Some(t.clone())).is_err());
         assert_eq!(reg.check("a", &t), AuthOutcome::Allowed);
         assert_eq!(reg.check("b", &t), AuthOutcome::OtherTenant);
+    }
+
+    #[test]
+    fn a_reload_says_changed_only_of_tenants_whose_accepted_tokens_changed() {
+        let (env_token, env_hash) = new_token();
+        let (_, other) = new_token();
+        let env = |_: &str| Some(env_token.clone());
+        let reg =
+            TokenRegistry::from_config(&[tenant("a", Some("A"), vec![other.to_string()])], env)
+                .unwrap();
+        // The env token's own hash listed beside it, and the list reordered: the same
+        // tokens open the tenant.
+        let same = [tenant(
+            "a",
+            Some("A"),
+            vec![
+                env_hash.to_string(),
+                other.to_string(),
+                env_hash.to_string(),
+            ],
+        )];
+        assert_eq!(reg.reload(&same, env).unwrap(), Vec::<String>::new());
+        let without_other = [tenant("a", Some("A"), vec![env_hash.to_string()])];
+        assert_eq!(reg.reload(&without_other, env).unwrap(), vec!["a"]);
+        assert_eq!(reg.check("a", &env_token), AuthOutcome::Allowed);
     }
 
     #[test]
