@@ -1123,25 +1123,31 @@ impl Config {
     /// Load the connectors directory on a reload: on a name clash, the running
     /// connector's file (`running`: name → file) keeps the name. A default directory
     /// that does not exist (the key left out) loads as none.
-    /// `now`: config.toml as it is now, when it changed and loads (see [`OnDisk`]), whose
-    /// new tenants a connector may already name.
+    /// `now`: config.toml as it is now (see [`OnDisk`]), whose new tenants a connector
+    /// may already name.
     pub fn load_connectors_keeping(
         &self,
         running: &std::collections::BTreeMap<String, std::path::PathBuf>,
-        now: Option<&Config>,
+        now: Option<&OnDisk>,
     ) -> crate::connectors::Loaded {
         if let Ok(false) = self.check_connectors_dir() {
             return crate::connectors::Loaded::default();
         }
         let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
         let added: Vec<&str> = now
+            .and_then(|n| n.edited.as_ref())
             .into_iter()
             .flat_map(|c| &c.tenants)
             .map(|t| t.id.as_str())
             .filter(|t| !tenants.contains(t))
             .collect();
-        let mut loaded =
-            crate::connectors::load_dir_keeping(&self.connectors_dir(), &tenants, &added, running);
+        let unread = now.is_some_and(|n| n.error.is_some());
+        let mut loaded = crate::connectors::load_dir_keeping(
+            &self.connectors_dir(),
+            &tenants,
+            (!unread).then_some(&added[..]),
+            running,
+        );
         loaded.refuse_csv_inside(&self.server.data_dir, "the store's data directory");
         loaded.refuse_csv_over(&self.files_read());
         loaded

@@ -555,7 +555,7 @@ pub fn skipped_files(dir: &Path) -> Vec<String> {
 /// one is acceptable is the config's call. Files naming an unknown tenant, or a name
 /// already taken, are errors.
 pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
-    load_dir_keeping(dir, tenants, &[], &BTreeMap::new())
+    load_dir_keeping(dir, tenants, Some(&[]), &BTreeMap::new())
 }
 
 /// [`load_dir`] for a reload: when files share a `name`, the file of the connector
@@ -563,11 +563,12 @@ pub fn load_dir(dir: &Path, tenants: &[&str]) -> Loaded {
 /// says. Otherwise a copy made to edit a variant (`dup.toml` sorting before
 /// `webhook.toml`) would take over the running connector's cursor and dead letters.
 /// `added`: tenants config.toml has gained since the start, which a connector may name
-/// but that are served only after a restart; its error says so.
+/// but that are served only after a restart; its error says so. `None` when config.toml
+/// as it is now does not load, so that a tenant just added there is not seen either.
 pub fn load_dir_keeping(
     dir: &Path,
     tenants: &[&str],
-    added: &[&str],
+    added: Option<&[&str]>,
     running: &BTreeMap<String, PathBuf>,
 ) -> Loaded {
     use std::os::unix::fs::MetadataExt as _;
@@ -608,13 +609,18 @@ pub fn load_dir_keeping(
         };
         let c = ConnectorConfig::parse(&text, &file, dir).and_then(|c| {
             if !tenants.contains(&c.tenant.as_str()) {
-                let message = if added.contains(&c.tenant.as_str()) {
-                    format!(
+                let message = match added {
+                    Some(added) if added.contains(&c.tenant.as_str()) => format!(
                         "key `tenant`: tenant {:?} was added to config.toml after rosterd started; it is served, and its connectors run, after a restart",
                         c.tenant
-                    )
-                } else {
-                    format!("key `tenant`: no tenant {:?} in config.toml", c.tenant)
+                    ),
+                    Some(_) => format!("key `tenant`: no tenant {:?} in config.toml", c.tenant),
+                    // A tenant added in a file that does not load would otherwise be said
+                    // to be missing from it.
+                    None => format!(
+                        "key `tenant`: no tenant {:?} among those rosterd serves, and config.toml does not load as it is now, so a tenant added there is not seen (`rosterd check-config` says why); once it loads, a tenant added to it is served, and its connectors run, after a restart",
+                        c.tenant
+                    ),
                 };
                 return Err(ConnectorError::Invalid {
                     file: file.clone(),
@@ -806,7 +812,7 @@ secret_env = "HOOK_SECRET"
         assert_eq!(loaded.unloaded[0].tenant.as_deref(), Some("other"));
         // The running one keeps its file.
         let keep = BTreeMap::from([("a".to_owned(), dir.path().join("a.toml"))]);
-        let loaded = load_dir_keeping(dir.path(), &["demo", "other"], &[], &keep);
+        let loaded = load_dir_keeping(dir.path(), &["demo", "other"], Some(&[]), &keep);
         assert_eq!(names(&loaded), ["a"]);
         assert!(
             loaded.errors[0].to_string().contains("which runs"),
@@ -931,7 +937,7 @@ secret_env = "HOOK_SECRET"
         )
         .unwrap();
         let keep = BTreeMap::from([("hooks".to_owned(), running.clone())]);
-        let loaded = load_dir_keeping(dir.path(), &["demo"], &[], &keep);
+        let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
         assert_eq!(loaded.connectors.len(), 1);
         assert_eq!(loaded.connectors[0].file, running);
         let e = loaded.errors[0].to_string();
@@ -953,7 +959,7 @@ secret_env = "HOOK_SECRET"
         assert_eq!(loaded.unloaded.len(), 2);
         // A typo in the running file mid-edit does not hand the name to the copy.
         std::fs::write(&running, WEBHOOK.replace("[webhook]", "[webhok]")).unwrap();
-        let loaded = load_dir_keeping(dir.path(), &["demo"], &[], &keep);
+        let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
         assert!(loaded.connectors.is_empty(), "{:?}", loaded.connectors);
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         assert!(
@@ -962,7 +968,7 @@ secret_env = "HOOK_SECRET"
             "{errors:?}"
         );
         std::fs::write(&running, WEBHOOK).unwrap();
-        let loaded = load_dir_keeping(dir.path(), &["demo"], &[], &keep);
+        let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
         assert_eq!(loaded.connectors.len(), 1);
         assert_eq!(loaded.connectors[0].file, running);
         std::fs::remove_file(dir.path().join("dup.toml")).unwrap();

@@ -807,7 +807,7 @@ pub async fn reload(state: &Arc<AppState>) {
                 .on_disk_with_tokens(&reading.tokens.envs_in_force());
             let loaded = reading
                 .config
-                .load_connectors_keeping(&running, on_disk.edited.as_ref());
+                .load_connectors_keeping(&running, Some(&on_disk));
             (on_disk, loaded)
         })
         .await

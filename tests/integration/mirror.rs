@@ -3260,6 +3260,18 @@ async fn a_connector_of_a_tenant_added_since_the_start_waits_for_a_restart() {
             && errors.contains("\\\"beta\\\" was added to config.toml after rosterd started"),
         "{errors}"
     );
+    // While the file that adds it does not load, the tenant is not said to be missing
+    // from it.
+    let added = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{added}\nthis is not toml\n")).unwrap();
+    d.reload().await;
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(
+        errors.contains("beta-hooks.toml")
+            && errors.contains("config.toml does not load as it is now")
+            && !errors.contains("no tenant \\\"beta\\\" in config.toml"),
+        "{errors}"
+    );
 }
 
 /// The README's rotation step done with a reload: the variable it names is not in the
