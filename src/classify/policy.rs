@@ -70,16 +70,7 @@ impl TenantPolicy {
         rules: Vec<GroupRule>,
         threshold: Option<f64>,
     ) -> Result<TenantPolicy, ClassifyError> {
-        for (i, r) in rules.iter().enumerate() {
-            if bundle.get(&r.archetype).is_none() {
-                return Err(ClassifyError::UnknownRuleArchetype {
-                    index: i,
-                    group: r.group.clone(),
-                    archetype: r.archetype.clone(),
-                    bundle_version: bundle.version.clone(),
-                });
-            }
-        }
+        check_rules(&bundle, &rules)?;
         let fingerprint = fingerprint(&content, &bundle, &rules, threshold);
         let classifier = trained(&bundle, content);
         Ok(TenantPolicy {
@@ -131,6 +122,17 @@ impl TenantPolicy {
     ) -> Result<Option<BundleRead>, ClassifyError> {
         let (t, base_dir) = (t.clone(), base_dir.to_owned());
         off_runtime(move || Self::read(&t, &base_dir)).await
+    }
+
+    /// Whether [`TenantPolicy::load`] would load the bundle a tenant's config names, found
+    /// without training (which cannot fail, and takes seconds for a large bundle): a
+    /// reload asks this of a file a restart would load, at every reload until then.
+    pub async fn loads_blocking(t: &TenantConfig, base_dir: &Path) -> Result<(), ClassifyError> {
+        let (t, base_dir) = (t.clone(), base_dir.to_owned());
+        off_runtime(move || {
+            Self::read(&t, &base_dir)?.map_or(Ok(()), |read| check_rules(&read.bundle, &read.rules))
+        })
+        .await
     }
 
     /// Load the bundle a tenant's config names (relative to the config's directory).
@@ -229,6 +231,22 @@ async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ClassifyError::Interrupted(e.to_string()))?
+}
+
+/// Group rules must name archetypes of the bundle: everything but training that decides
+/// whether a bundle loads for a tenant.
+fn check_rules(bundle: &Bundle, rules: &[GroupRule]) -> Result<(), ClassifyError> {
+    for (i, r) in rules.iter().enumerate() {
+        if bundle.get(&r.archetype).is_none() {
+            return Err(ClassifyError::UnknownRuleArchetype {
+                index: i,
+                group: r.group.clone(),
+                archetype: r.archetype.clone(),
+                bundle_version: bundle.version.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Everything that decides assignments: a change of it means reclassify. Rules and
@@ -345,5 +363,71 @@ impl Resolver for TenantPolicy {
 
     fn has_archetype(&self, id: &str) -> bool {
         self.bundle.get(id).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(bundle: &Path, rules: &[(&str, &str)]) -> TenantConfig {
+        TenantConfig {
+            id: "t".into(),
+            token_env: None,
+            token_hashes: vec![],
+            bundle: Some(bundle.to_owned()),
+            review_threshold: None,
+            allow_overrides: true,
+            group_rules: rules
+                .iter()
+                .map(|(group, archetype)| GroupRule {
+                    group: (*group).into(),
+                    archetype: (*archetype).into(),
+                })
+                .collect(),
+            idp: None,
+            group_roles: vec![],
+        }
+    }
+
+    /// `loads_blocking` says what `load` would, and trains nothing: a reload asks it of a
+    /// bundle only a restart would load, at each reload until then.
+    #[tokio::test]
+    async fn whether_a_bundle_loads_is_found_without_training_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("b.toml");
+        // Content of its own, so that no other test's model shares its key.
+        let text = format!(
+            "version = \"{}\"\ndefault_archetype = \"a\"\n[[archetypes]]\nid = \"a\"\ntitle = \"A\"\nfunction_focus = []\ndefault_cowork_id = \"c\"\nexamples = [\"Accountant\"]\n[[archetypes]]\nid = \"b\"\ntitle = \"B\"\nfunction_focus = []\ndefault_cowork_id = \"c\"\nexamples = [\"Baker\"]\n",
+            std::process::id()
+        );
+        std::fs::write(&file, &text).unwrap();
+        let key = Bundle::load(&file).unwrap().fingerprint();
+        let cases = [
+            (tenant(&file, &[]), true),
+            (tenant(&file, &[("Bakers", "b")]), true),
+            (tenant(&file, &[("Bakers", "c")]), false),
+            (tenant(&dir.path().join("missing.toml"), &[]), false),
+        ];
+        for (t, loads) in &cases {
+            let said = TenantPolicy::loads_blocking(t, dir.path()).await;
+            assert_eq!(said.is_ok(), *loads, "{:?}: {said:?}", t.group_rules);
+        }
+        // A model trained is keyed here, held or not, until another is trained.
+        assert!(!TRAINED.lock().unwrap().contains_key(&key), "trained");
+        for (t, loads) in &cases {
+            assert_eq!(
+                TenantPolicy::load(t, dir.path()).is_ok(),
+                *loads,
+                "{:?}",
+                t.group_rules
+            );
+        }
+        std::fs::write(&file, "not a bundle [").unwrap();
+        assert!(
+            TenantPolicy::loads_blocking(&tenant(&file, &[]), dir.path())
+                .await
+                .is_err()
+        );
     }
 }

@@ -968,7 +968,7 @@ pub async fn reload(state: &Arc<AppState>) {
                     .as_ref()
                     .and_then(|c| c.tenants.iter().find(|n| n.id == t.id).map(|n| (c, n)))
                 {
-                    Some((c, n)) => TenantPolicy::load_blocking(n, &c.base_dir).await.is_ok(),
+                    Some((c, n)) => TenantPolicy::loads_blocking(n, &c.base_dir).await.is_ok(),
                     None => false,
                 };
                 let error = if restart_loads {
@@ -1047,7 +1047,7 @@ async fn edited_bundles_refused(
         if refused.contains(&t.id) || Some(&file) == named(&state.config, &t.bundle).as_ref() {
             continue;
         }
-        if let Err(e) = TenantPolicy::load_blocking(now, &edited.base_dir).await {
+        if let Err(e) = TenantPolicy::loads_blocking(now, &edited.base_dir).await {
             count += 1;
             let error = format!(
                 "config.toml as edited since the start names the bundle {}, which does not load ({e}): a restart would refuse it, SCIM included; the bundle in force stays",
