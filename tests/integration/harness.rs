@@ -177,6 +177,32 @@ impl TestDaemon {
         d
     }
 
+    /// Wait until the daemon serves, or has stopped. It has read its config, bundles and
+    /// connector files by then: a test that edits one of those files at once raced that
+    /// first read, and the daemon could start on the edited file.
+    async fn until_serving(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+                return;
+            }
+            let asked = self
+                .client
+                .get(self.url("/status"))
+                .timeout(std::time::Duration::from_secs(1))
+                .send()
+                .await;
+            if asked.is_ok() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the daemon neither serves nor stopped: {asked:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Boot with the config and store under `root`, with known tokens (restart tests).
     async fn boot(root: &Path, opts: Options, tokens: Option<(String, String)>) -> TestDaemon {
         let (token, hash) = match &tokens {
@@ -224,9 +250,7 @@ impl TestDaemon {
             rosterd::server::Reloads::Notified(reloads.clone()),
         ));
         let client = reqwest::Client::new();
-        // The listener is bound before run() starts, so the first request simply waits for
-        // the store to open.
-        TestDaemon {
+        let d = TestDaemon {
             addr,
             token,
             other_token,
@@ -238,7 +262,9 @@ impl TestDaemon {
             reloads,
             handle: Some(handle),
             _dir: None,
-        }
+        };
+        d.until_serving().await;
+        d
     }
 
     /// Stop gracefully and start again on the same config and store.
