@@ -145,8 +145,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
     // Stored, not declared: kept as it was, and served to no one.
     let mut undeclared = Vec::new();
     for t in st.undeclared_tenants() {
-        let counts = RosterCounts::of(st, &t)?;
-        undeclared.push(json!({"tenant": t, "users": counts.users, "groups": counts.groups}));
+        let users = st.store.count(&t, ResourceKind::User)?;
+        let groups = st.store.count(&t, ResourceKind::Group)?;
+        undeclared.push(json!({"tenant": t, "users": users, "groups": groups}));
     }
     Ok(json!({
         "version": crate::VERSION,
