@@ -6,6 +6,18 @@
 //! events it produced. Callers get control back only after the group-commit flusher has
 //! made the batch durable. No sled type appears in this module's public API, so another
 //! engine can take its place behind the same functions.
+//!
+//! Where each part is: `open` opens the store, `data_dir` refuses a directory that is not
+//! one to open (and keeps its marker files), `upgrade` brings an older layout to this one,
+//! and `close` ends it; `tenants` opens a tenant's data at its first use. A write is a
+//! `txn` (its pending writes and the redo record that lands them), which `write` runs
+//! under the tenant's lock and `commit` makes durable. `resources` are the users and
+//! groups written and read, `changes` the change log, `roster` the archetype assignments,
+//! governance events and jobs, `delivery` what connectors sent; `keys` lays out the keys,
+//! and `record`, `counts`, `paging` and `rows` are kept from them (roster records,
+//! counters, page starts, the export's row file), which `check` verifies and repairs.
+//! `backup` and `rewrite` copy a store, `restored` moves a served backup's numbers on,
+//! `run` records whether the last run ended cleanly, and `error` is how the store fails.
 
 mod backup;
 mod changes;
