@@ -529,13 +529,13 @@ fn ids_from(
 /// The directory of the export's row files (see `rows.rs`).
 const ROWS_DIR: &str = "rows";
 
-/// The ids of the groups `member` is a direct member of, in `tree`.
 /// The tenant's export row file in the data directory `dir` (see `rows.rs`).
 fn rows_path(dir: &Path, tenant: &str) -> PathBuf {
     dir.join(ROWS_DIR)
         .join(format!("{}.rows", hex::encode(tenant)))
 }
 
+/// The ids of the groups `member` is a direct member of, in `tree`.
 fn groups_in(tree: &sled::Tree, member: &str) -> StoreResult<Vec<String>> {
     let prefix = keys::backrefs_prefix(member);
     let mut out = Vec::new();
