@@ -1190,13 +1190,16 @@ pub struct Verifiers {
 }
 
 /// What `public_keys` and `jwks_file` hold now (a file that cannot be read as its error).
+/// Read as the build reads them, bounded and without waiting: a pipe put in place of a
+/// key file held the reload (and the worker under it) until something wrote to it, and
+/// a file of gigabytes was read whole, before the build refused it.
 fn key_files(cfg: &JwtConfig, base_dir: &Path) -> Vec<u8> {
     let mut out = Vec::new();
     for path in cfg.public_keys.iter().chain(&cfg.jwks_file) {
         let path = base_dir.join(path);
         out.extend(path.to_string_lossy().as_bytes());
         out.push(0);
-        match std::fs::read(&path) {
+        match crate::config::read_file(&path, crate::config::FileKind::Key) {
             Ok(bytes) => out.extend(bytes),
             Err(e) => out.extend(e.to_string().as_bytes()),
         }

@@ -908,15 +908,24 @@ pub async fn reload(state: &Arc<AppState>) {
     }
     // An identity provider's key rotation needs no restart either.
     if let Some(jwt) = &state.config.api.jwt {
-        let outcome = state
-            .roster
-            .verifier
-            .reload(jwt, &state.config.base_dir, &|v| (state.env)(v));
+        // Off the runtime, as the other files are read: a key file on a mount that hangs
+        // held up a worker, and with it the requests and the stop it would have served.
+        let (reading, jwt) = (state.clone(), jwt.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            reading
+                .roster
+                .verifier
+                .reload(&jwt, &reading.config.base_dir, &|v| (reading.env)(v))
+        })
+        .await;
         let outcome = match (outcome, on_disk.edited.as_ref()) {
+            (Err(e), _) => Err(NotApplied::for_reload(format!(
+                "the key files' reload was cut short ({e}); the keys in force stay"
+            ))),
             // Those in force reloaded, but config.toml as edited names others a start
             // could not load: an alert on `rosterd_config_file_error` stayed silent, and
             // the restart it did not warn of was refused, SCIM included.
-            (Ok(_), Some(edited)) if let Err(e) = edited_api_keys_load(state, edited).await => {
+            (Ok(Ok(_)), Some(edited)) if let Err(e) = edited_api_keys_load(state, edited).await => {
                 Err(NotApplied {
                     error: format!(
                         "config.toml as edited since the start names Roster API keys that do not load ({e}): a restart would refuse them: rosterd would not start, SCIM included; the keys in force stay"
@@ -924,8 +933,8 @@ pub async fn reload(state: &Arc<AppState>) {
                     restart_fails: true,
                 })
             }
-            (Ok(changed), _) => Ok(changed),
-            (Err(e), edited) => Err(api_keys_not_applied(state, edited, e).await),
+            (Ok(Ok(changed)), _) => Ok(changed),
+            (Ok(Err(e)), edited) => Err(api_keys_not_applied(state, edited, e).await),
         };
         if settle(state, Reloadable::ApiKeys, outcome, &mut failed) == Some(true) {
             tracing::info!("Roster API keys reloaded: public_keys and jwks_file as they are now.");

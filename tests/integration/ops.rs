@@ -1428,6 +1428,51 @@ async fn api_keys_error(d: &TestDaemon) -> String {
         .to_owned()
 }
 
+/// A pipe put in place of a key file is refused at a reload as any file that is not
+/// regular is, and holds nothing up. The reload read the key files to see whether they
+/// had changed with a plain read, on a runtime worker: it waited for a writer that never
+/// came, no reload ended after it, and the worker's requests (SIGTERM's too) waited with it.
+/// Multi-threaded, so that on such code the test fails at `reload`'s deadline rather
+/// than hanging with the runtime's one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipe_in_place_of_a_key_file_holds_up_no_reload() {
+    use crate::harness::Options;
+    use std::os::unix::fs::OpenOptionsExt;
+    /// Opens the pipe for writing once the test ends, so a read waiting on it ends too.
+    struct Writer(std::path::PathBuf);
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+    let d = TestDaemon::start_with(Options {
+        jwt_extra: "jwks_file = \"jwks.json\"".to_owned(),
+        files: vec![("jwks.json".to_owned(), JWKS.to_owned())],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(jwks_answer(&d).await, 200);
+    let jwks = d.root.join("jwks.json");
+    std::fs::remove_file(&jwks).unwrap();
+    let fifo = std::ffi::CString::new(jwks.to_str().unwrap()).unwrap();
+    // SAFETY: a path that is NUL-terminated, and a valid mode.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let _writer = Writer(jwks.clone());
+    d.reload().await;
+    assert_eq!(jwks_answer(&d).await, 200, "the keys in force stay");
+    let e = api_keys_error(&d).await;
+    assert!(
+        e.contains("jwks.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    // And the next reload is not held up either.
+    d.reload().await;
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+}
+
 /// config.toml edited to name another bundle file that does not load waits for a restart
 /// that would refuse it, SCIM included: the reload says so where a bundle that did not
 /// reload is said (the tenant's `bundle.reload_error`, `rosterd_config_file_error`). It
