@@ -1023,6 +1023,12 @@ const TOKEN_RETRY_FLOOR: Duration = Duration::from_secs(1);
 pub enum AuthError {
     #[error("environment variable {} is not set", crate::config::shown_env_name(.0))]
     Unset(String),
+    #[error(
+        "environment variable {} is set but empty (an environment file's line `{}=` with nothing after it)",
+        crate::config::shown_env_name(.0),
+        crate::config::shown_env_name(.0)
+    )]
+    Blank(String),
     #[error("token endpoint: {0}")]
     Token(String),
 }
@@ -1077,12 +1083,16 @@ impl Credentials {
         settings: &AuthSettings,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Credentials, AuthError> {
+        // A blank value is as good as none, and sent it reads as the target refusing
+        // rosterd's credentials (`Bearer ` and a 401), not as the variable to set.
         let read = |v: &Option<String>| -> Result<Option<String>, AuthError> {
-            match v {
-                Some(name) => env(name)
-                    .map(Some)
-                    .ok_or_else(|| AuthError::Unset(name.clone())),
-                None => Ok(None),
+            let Some(name) = v else {
+                return Ok(None);
+            };
+            match env(name) {
+                None => Err(AuthError::Unset(name.clone())),
+                Some(value) if value.trim().is_empty() => Err(AuthError::Blank(name.clone())),
+                Some(value) => Ok(Some(value)),
             }
         };
         Ok(Credentials {

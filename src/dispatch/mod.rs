@@ -138,7 +138,7 @@ impl From<SecretError> for StartError {
 impl From<AuthError> for StartError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::Unset(_) => StartError::Environment(e.to_string()),
+            AuthError::Unset(_) | AuthError::Blank(_) => StartError::Environment(e.to_string()),
             AuthError::Token(_) => StartError::Config(e.to_string()),
         }
     }

@@ -821,6 +821,51 @@ async fn a_bad_connector_file_is_named_and_the_others_run() {
     );
 }
 
+/// A OneRoster connector whose token or client secret variable is set but blank does
+/// not start, and says which variable: it started, and sent `Authorization: Bearer `,
+/// which the target refused as bad credentials (an environment file's `OR_TOKEN=` line,
+/// its value lost).
+#[tokio::test]
+async fn a_oneroster_secret_set_but_blank_does_not_start_its_connector() {
+    let target = OneRosterServer::start(OneRosterOptions::default()).await;
+    let (_, sis) = oneroster_file("sis", &target, "");
+    let secret = sis.replace(
+        "token_env = \"OR_TOKEN\"",
+        "token_url = \"http://127.0.0.1:9/token\"\nclient_id = \"c\"\nclient_secret_env = \"OR_SECRET\"",
+    );
+    let mut env = static_token_env();
+    env[0].1 = "   ".into();
+    env.push(("OR_SECRET".into(), String::new()));
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![
+            ("sis.toml".into(), sis),
+            (
+                "secret.toml".into(),
+                secret.replace("name = \"sis\"", "name = \"secret\""),
+            ),
+        ],
+        env,
+        ..Options::default()
+    })
+    .await;
+    d.create_user("ada@acme.test").await;
+    for (name, var) in [("sis", "OR_TOKEN"), ("secret", "OR_SECRET")] {
+        let c = connector(&d, name).await;
+        let state = c["state"].as_str().unwrap();
+        assert!(
+            state.starts_with("not started") && state.contains(&format!("{var} is set but empty")),
+            "{c}"
+        );
+    }
+    let errors = d.status().await["connector_errors"].to_string();
+    assert!(
+        errors.contains("OR_TOKEN is set but empty")
+            && errors.contains("OR_SECRET is set but empty"),
+        "{errors}"
+    );
+    assert_eq!(target.request_total(), 0);
+}
+
 #[tokio::test]
 async fn the_change_feed_pages_through_committed_changes() {
     let d = TestDaemon::start().await;
