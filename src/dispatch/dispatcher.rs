@@ -218,6 +218,20 @@ impl Dispatcher {
                 }
             }
         }
+        // Files that do not read far enough to name a connector, and are no running
+        // connector's own: each could be the file of a connector whose file is gone,
+        // renamed (`mv sis.toml district.toml`, left unreadable or mid-edit). Such a
+        // connector stops, but is not retired: its cursor holds its changes, as at a
+        // start, until that file reads or is removed.
+        let nameless: Vec<std::path::PathBuf> = {
+            let running = self.running();
+            loaded
+                .unloaded
+                .iter()
+                .filter(|u| u.name.is_none() && !running.values().any(|r| r.config.file == u.file))
+                .map(|u| u.file.clone())
+                .collect()
+        };
         *self.unloaded_lock() = loaded.unloaded;
         let wanted: BTreeMap<String, ConnectorConfig> = loaded
             .connectors
@@ -268,7 +282,7 @@ impl Dispatcher {
                 if broken.contains_key(n) || wanted.get(n) == Some(&r.config) {
                     continue;
                 }
-                if !wanted.contains_key(n) {
+                if !wanted.contains_key(n) && nameless.is_empty() {
                     r.live.retiring.store(true, Ordering::Release);
                 }
                 r.cancel.cancel();
@@ -352,6 +366,17 @@ impl Dispatcher {
         for c in stopping.iter().filter(|c| !wanted.contains_key(&c.name)) {
             let (tenant, name) = (&c.tenant, &c.name);
             counters::connector_removed(tenant, name);
+            if !nameless.is_empty() {
+                let files: Vec<String> = nameless.iter().map(|f| f.display().to_string()).collect();
+                tracing::warn!(
+                    %tenant,
+                    connector = %name,
+                    file = %c.file.display(),
+                    unreadable = %files.join(", "),
+                    "Connector stopped, not retired: its file is gone, and a file in the directory does not read far enough to say which connector it is, so it could be this one's, renamed. Its cursor keeps holding its changes, and /status lists it under unloaded_connectors. Fix that file (the connector runs again if it names it), or remove it and retire the connector with `rosterd retire --tenant {tenant} {name}`."
+                );
+                continue;
+            }
             if let Err(e) = self.store.set_retired(tenant, name, true).await {
                 tracing::error!(%tenant, connector = %name, error = %e, "Cannot record the connector as retired; its cursor keeps holding back compaction.");
                 continue;

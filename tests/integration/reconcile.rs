@@ -1468,6 +1468,60 @@ async fn an_operator_retires_a_connector_whose_file_went_away_while_stopped() {
 
 /// Give connector `name` one dead letter (its target refuses a user's event once) and
 /// return its id.
+/// A running connector's file renamed to one that does not read far enough to name a
+/// connector (`mv hooks.toml district.toml`, left mid-edit) is not taken for a removal:
+/// that file could be its own. The connector was retired ("its file was removed"), and
+/// its cursor stopped holding the changes it had not delivered. It now stops, stays
+/// unretired, and is listed as not loaded with that file, until the file reads.
+#[tokio::test]
+async fn a_file_renamed_into_one_that_does_not_read_retires_nothing() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (hook, d) = with_user_created_hook(COMPACT_EVERY_SECOND).await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "hooks").await;
+    let file = d.root.join("connectors/hooks.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let renamed = d.root.join("connectors/district.toml");
+    std::fs::rename(&file, &renamed).unwrap();
+    std::fs::write(
+        &renamed,
+        good.replace("name = \"hooks\"", "name = \"unclosed"),
+    )
+    .unwrap();
+    d.reload().await;
+    assert!(
+        logs.lines("Connector retired").is_empty(),
+        "{:?}",
+        logs.lines("retired")
+    );
+    assert_eq!(logs.lines("Connector stopped, not retired").len(), 1);
+    let status = d.status().await;
+    let held = &status["unloaded_connectors"];
+    assert_eq!(held[0]["name"], "hooks", "{status}");
+    assert!(
+        held[0]["file"].as_str().unwrap().ends_with("district.toml"),
+        "{status}"
+    );
+    // Changes made meanwhile wait for it, compaction or not.
+    d.create_user("meanwhile@acme.test").await;
+    two_compactions(&d).await;
+    let admin = d.jwt(TENANT, "roster:admin");
+    let r = d
+        .roster(Method::POST, "/connectors/hooks/retire", &admin, None)
+        .await;
+    assert_eq!(r.status, 409, "a file that may name it: {}", r.body);
+    // The edit finished: the connector runs again from its cursor.
+    std::fs::write(&renamed, &good).unwrap();
+    d.reload().await;
+    caught_up(&d, "hooks").await;
+    assert!(
+        hook.deliveries()
+            .iter()
+            .any(|e| e.body.to_string().contains("meanwhile@acme.test")),
+        "the change made while it was stopped went out"
+    );
+}
+
 async fn one_dead_letter(hook: &WebhookServer, d: &TestDaemon, name: &str) -> u64 {
     hook.inject(crate::webhook::Fault::status(400, 1));
     d.create_user("refused@acme.test").await;
