@@ -127,12 +127,14 @@ impl TenantPolicy {
     /// Whether [`TenantPolicy::load`] would load the bundle a tenant's config names, found
     /// without training (which cannot fail, and takes seconds for a large bundle): a
     /// reload asks this of a file a restart would load, at every reload until then.
+    pub fn loads(t: &TenantConfig, base_dir: &Path) -> Result<(), ClassifyError> {
+        Self::read(t, base_dir)?.map_or(Ok(()), |read| check_rules(&read.bundle, &read.rules))
+    }
+
+    /// [`TenantPolicy::loads`] on a blocking thread.
     pub async fn loads_blocking(t: &TenantConfig, base_dir: &Path) -> Result<(), ClassifyError> {
         let (t, base_dir) = (t.clone(), base_dir.to_owned());
-        off_runtime(move || {
-            Self::read(&t, &base_dir)?.map_or(Ok(()), |read| check_rules(&read.bundle, &read.rules))
-        })
-        .await
+        off_runtime(move || Self::loads(&t, &base_dir)).await
     }
 
     /// Load the bundle a tenant's config names (relative to the config's directory).

@@ -256,7 +256,7 @@ fn describe() {
     );
     metrics::describe_gauge!(
         CONFIG_FILE_ERROR,
-        "1 while the next start or restart would fail, else 0: config.toml, as it is on disk now, does not load (/status shows config_file_error), or a file it names did not load at the last reload and a start would refuse it too (the Roster API's key files, under /status reload_errors.api_keys, or a tenant's bundle, its bundle.reload_error; each error ends saying so)."
+        "1 while the next start or restart would fail, else 0: config.toml, as it is on disk now, does not load (/status shows config_file_error), or a file it names did not load at the last reload and a start would refuse it too (the Roster API's key files, under /status reload_errors.api_keys, or a tenant's bundle, its bundle.reload_error; each error ends saying so), or the last reload found config.toml naming something else a start refuses (/status restart_refusals: a connectors directory that cannot be read, an [api.jwt] or a tenant added since the start whose keys or bundle do not load)."
     );
     metrics::describe_gauge!(
         STORE_FAILED,
@@ -567,7 +567,14 @@ fn set_gauges(st: &AppState) -> BTreeSet<(String, String)> {
         .values()
         .any(|r| r.bundle_state().restart_refuses);
     metrics::gauge!(CONFIG_FILE_ERROR).set(
-        if st.config.on_disk().error.is_some() || st.reload_errors.restart_fails() || bundle_refused
+        if st.config.on_disk().error.is_some()
+            || st.reload_errors.restart_fails()
+            || bundle_refused
+            || !st
+                .restart_refusals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
         {
             1.0
         } else {

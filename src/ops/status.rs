@@ -178,6 +178,9 @@ pub fn document(st: &AppState) -> Result<Value, crate::store::StoreError> {
         // would not load (a restart would fail), or one that waits for a restart (a
         // reload does not apply tenants, group rules, server or schedules).
         "config_file_error": on_disk.error.map(|e| e.to_string()),
+        // What a start would refuse in the file as the last reload found it, beyond what
+        // `reload_errors` and each tenant's `bundle.reload_error` say: one line each.
+        "restart_refusals": st.restart_refusals.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         "config_changed_since_start": on_disk.changed,
         // Which keys wait: a reload applies none of them (a tenant's `bundle` path and
         // `allow_overrides` included), and an operator took such an edit as live.

@@ -90,6 +90,10 @@ pub struct AppState {
     /// What the reloads could not apply of the tenants' SCIM tokens and the Roster API's
     /// key files, for `/status` and the metrics.
     pub reload_errors: ReloadErrors,
+    /// What a restart would refuse in config.toml as the last reload found it, beyond the
+    /// parts in force that `reload_errors` and the bundles' states say (see
+    /// [`restart_refusals`]).
+    pub restart_refusals: std::sync::Mutex<Vec<String>>,
     pub schedules: crate::schedule::Schedules,
     /// Online backups of the store (`[backup]`, the `backup` schedule, SIGUSR1).
     pub backups: crate::ops::backup::Backups,
@@ -417,6 +421,7 @@ pub async fn run_with_env(
         unclean_stop,
         reloads: Default::default(),
         reload_errors: Default::default(),
+        restart_refusals: Default::default(),
         schedules: Default::default(),
         backups: crate::ops::backup::Backups::new(backup_plan),
         env: env.clone(),
@@ -1011,6 +1016,29 @@ pub async fn reload(state: &Arc<AppState>) {
     if let Some(edited) = &on_disk.edited {
         failed += edited_bundles_refused(state, edited, &refused).await;
     }
+    // Nothing when the file does not load: `config_file_error` says that.
+    let refusals = if on_disk.error.is_some() {
+        Vec::new()
+    } else {
+        let (reading, edited) = (state.clone(), on_disk.edited.clone());
+        tokio::task::spawn_blocking(move || {
+            restart_refusals(&reading.config, edited.as_ref(), &|v| (reading.env)(v))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            vec![format!(
+                "config.toml's check for a restart was cut short: {e}"
+            )]
+        })
+    };
+    for refusal in &refusals {
+        tracing::error!(error = %refusal, "A restart would fail: config.toml as it is now names what a start refuses, SCIM included (rosterd check-config says the same). Fix it before restarting; what runs now stays as it is.");
+    }
+    failed += refusals.len();
+    *state
+        .restart_refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = refusals;
     warn_about_connectors(&state.roster, &configs);
     state
         .reloads
@@ -1029,6 +1057,47 @@ pub async fn reload(state: &Arc<AppState>) {
     } else {
         tracing::info!(errors = failed, "Reload finished.");
     }
+}
+
+/// What a start on config.toml as it is now would refuse, beyond the parts in force that
+/// the reload says of itself (the served tenants' bundles, the key files of the
+/// `[api.jwt]` the daemon started with): a connectors directory that cannot be read, an
+/// `[api.jwt]` added since the start whose keys do not load, a tenant added whose bundle
+/// does not load. Each was said only to wait for a restart, and that restart refused to
+/// start, SCIM included, with no alert before it. `edited`: the file as it is now, when
+/// it changed since the start (and loads).
+fn restart_refusals(
+    started: &Config,
+    edited: Option<&Config>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let next = edited.unwrap_or(started);
+    let mut out = Vec::new();
+    if let Err(e) = next.check_connectors_dir() {
+        out.push(e.to_string());
+    }
+    if started.api.jwt.is_none()
+        && let Some(jwt) = &next.api.jwt
+    {
+        match JwtVerifier::from_config(jwt, &next.base_dir, env) {
+            // The environment a restart reads may set it (the unit's EnvironmentFile).
+            Ok(_) | Err(JwtError::SecretUnset { .. }) => {}
+            Err(e) => out.push(format!("[api.jwt], added since the start: {e}")),
+        }
+    }
+    for t in next
+        .tenants
+        .iter()
+        .filter(|t| !started.tenants.iter().any(|s| s.id == t.id))
+    {
+        if let Err(e) = TenantPolicy::loads(t, &next.base_dir) {
+            out.push(format!(
+                "tenant {:?}, added since the start: archetype bundle: {e}",
+                t.id
+            ));
+        }
+    }
+    out
 }
 
 /// The tenants whose bundle config.toml, as edited since the start, names in another file
@@ -1897,6 +1966,67 @@ async fn request_span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each part of config.toml a start would refuse, new since the start, is said; what
+    /// loads, and a secret a restart's environment may set, are not.
+    #[test]
+    fn what_a_restart_would_refuse_is_found_in_the_file_as_it_is_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::create_dir(dir.path().join("connectors")).unwrap();
+        std::fs::write(
+            dir.path().join("b.toml"),
+            "version = \"1\"\ndefault_archetype = \"a\"\n[[archetypes]]\nid = \"a\"\ntitle = \"A\"\nfunction_focus = []\ndefault_cowork_id = \"c\"\nexamples = [\"Accountant\"]\n",
+        )
+        .unwrap();
+        let tenant = |id: &str, bundle: &str| {
+            format!("[[tenants]]\nid = \"{id}\"\ntoken_env = \"T_{id}\"\nbundle = \"{bundle}\"\n")
+        };
+        let config = |text: String| Config::parse(&format!("version = 1\n{text}"), &path).unwrap();
+        let started = config(format!(
+            "[connectors]\ndir = \"connectors\"\n{}",
+            tenant("t", "b.toml")
+        ));
+        let env = |_: &str| None;
+        assert!(restart_refusals(&started, None, &env).is_empty());
+        let edited = config(format!(
+            "[connectors]\ndir = \"nope\"\n[api.jwt]\naudience = [\"a\"]\nhs256_secret_env = \"UNSET\"\njwks_file = \"missing.json\"\n{}{}{}",
+            tenant("t", "b.toml"),
+            tenant("good", "b.toml"),
+            tenant("bad", "missing.toml")
+        ));
+        let said = restart_refusals(&started, Some(&edited), &env);
+        assert_eq!(said.len(), 3, "{said:#?}");
+        assert!(
+            said[0].contains("connectors.dir") && said[0].contains("nope"),
+            "{}",
+            said[0]
+        );
+        assert!(
+            said[1].starts_with("[api.jwt], added since the start")
+                && said[1].contains("missing.json"),
+            "{}",
+            said[1]
+        );
+        assert!(
+            said[2].starts_with("tenant \"bad\", added since the start: archetype bundle")
+                && said[2].contains("missing.toml"),
+            "{}",
+            said[2]
+        );
+        // A secret alone may be set by the environment a restart reads.
+        let secret_only = config(format!(
+            "[connectors]\ndir = \"connectors\"\n[api.jwt]\naudience = [\"a\"]\nhs256_secret_env = \"UNSET\"\n{}",
+            tenant("t", "b.toml")
+        ));
+        assert_eq!(
+            restart_refusals(&started, Some(&secret_only), &env),
+            Vec::<String>::new()
+        );
+        // The directory in force, gone.
+        std::fs::remove_dir(dir.path().join("connectors")).unwrap();
+        assert_eq!(restart_refusals(&started, None, &env).len(), 1);
+    }
 
     /// The run file is rewritten every minute with when the run was last alive, and not
     /// after the rewriter was told to stop.

@@ -1473,6 +1473,88 @@ async fn a_pipe_in_place_of_a_key_file_holds_up_no_reload() {
     assert_eq!(config_file_error_metric(&d).await, 1.0);
 }
 
+/// A reload says what a start on config.toml as it is now would refuse, where nothing
+/// in force shows it: it said only that the keys waited for a restart, and the restart
+/// refused to start, SCIM included, with no alert before it (`rosterd_config_file_error`
+/// stayed 0).
+#[tokio::test]
+async fn a_reload_says_what_in_config_toml_a_restart_would_refuse() {
+    use rosterd::server::auth::new_token;
+    let d = TestDaemon::start().await;
+    let config = d.root.join("config.toml");
+    let started = std::fs::read_to_string(&config).unwrap();
+    let refusals = |s: &Value| -> Vec<String> {
+        s["restart_refusals"]
+            .as_array()
+            .unwrap_or_else(|| panic!("restart_refusals in /status: {s}"))
+            .iter()
+            .map(|r| r.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(refusals(&d.status().await).is_empty());
+
+    // The connectors directory edited to one that is not there.
+    std::fs::write(
+        &config,
+        started.replace("dir = \"connectors\"", "dir = \"connectors-nope\""),
+    )
+    .unwrap();
+    d.reload().await;
+    let said = refusals(&d.status().await);
+    assert!(
+        said.len() == 1 && said[0].contains("connectors-nope"),
+        "{said:?}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+    let url = format!("http://{}", d.addr);
+    let (ok, out, err) = crate::cli::rosterd_async(&["status", "--url", &url]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("A RESTART WOULD FAIL") && out.contains("connectors-nope"),
+        "{out}"
+    );
+    // check-config agrees.
+    let path = config.to_str().unwrap().to_owned();
+    let (ok, _, err) = crate::cli::rosterd_async(&["check-config", "--config", &path]).await;
+    assert!(!ok && err.contains("connectors-nope"), "{err}");
+
+    // Put back: nothing stands.
+    std::fs::write(&config, &started).unwrap();
+    d.reload().await;
+    assert!(refusals(&d.status().await).is_empty());
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+
+    // A tenant added whose bundle does not load.
+    let (_, hash) = new_token();
+    std::fs::write(
+        &config,
+        format!("{started}\n[[tenants]]\nid = \"added\"\ntoken_hashes = [\"{hash}\"]\nbundle = \"missing.toml\"\n"),
+    )
+    .unwrap();
+    d.reload().await;
+    let said = refusals(&d.status().await);
+    assert!(
+        said.len() == 1 && said[0].contains("\"added\"") && said[0].contains("missing.toml"),
+        "{said:?}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+
+    // The directory in force moved away, config.toml as it started.
+    std::fs::write(&config, &started).unwrap();
+    std::fs::rename(d.root.join("connectors"), d.root.join("connectors.away")).unwrap();
+    d.reload().await;
+    let said = refusals(&d.status().await);
+    assert!(
+        said.len() == 1 && said[0].contains("cannot read the connectors directory"),
+        "{said:?}"
+    );
+    assert_eq!(config_file_error_metric(&d).await, 1.0);
+    std::fs::rename(d.root.join("connectors.away"), d.root.join("connectors")).unwrap();
+    d.reload().await;
+    assert!(refusals(&d.status().await).is_empty());
+    assert_eq!(config_file_error_metric(&d).await, 0.0);
+}
+
 /// config.toml edited to name another bundle file that does not load waits for a restart
 /// that would refuse it, SCIM included: the reload says so where a bundle that did not
 /// reload is said (the tenant's `bundle.reload_error`, `rosterd_config_file_error`). It

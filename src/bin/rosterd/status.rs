@@ -182,6 +182,12 @@ fn needing_attention(s: &serde_json::Value, only: &[String]) -> Vec<String> {
     if s["config_file_error"].is_string() {
         out.push("config.toml as edited would not load: a restart would fail".to_owned());
     }
+    for refusal in s["restart_refusals"].as_array().into_iter().flatten() {
+        out.push(format!(
+            "a restart would fail: {}",
+            refusal.as_str().unwrap_or("?")
+        ));
+    }
     if let Some(errors) = s["reload_errors"].as_object() {
         for part in errors.keys() {
             out.push(format!("the last reload did not apply {part}"));
@@ -360,6 +366,12 @@ fn show_status(daemon: &DaemonArgs, raw: bool, only: &[String]) -> Result<serde_
                 },
             )?;
         }
+    }
+    for refusal in s["restart_refusals"].as_array().into_iter().flatten() {
+        outln!(
+            "A RESTART WOULD FAIL (found at the last reload; rosterd check-config says why):\n    {}",
+            refusal.as_str().unwrap_or("?").replace('\n', "\n    ")
+        )?;
     }
     if let Some(errors) = s["reload_errors"].as_object() {
         for (part, e) in errors {
