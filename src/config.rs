@@ -1130,7 +1130,13 @@ impl Config {
         running: &std::collections::BTreeMap<String, std::path::PathBuf>,
         now: Option<&OnDisk>,
     ) -> crate::connectors::Loaded {
-        if let Ok(false) = self.check_connectors_dir() {
+        // The default directory missing is no connectors, but at a reload with connectors
+        // loaded from it, it is a directory that cannot be read (a volume not mounted, a
+        // move), as one the config names is: taken for no connector file at all, it
+        // retired every connector, and compaction dropped what they had not delivered.
+        if let Ok(false) = self.check_connectors_dir()
+            && running.is_empty()
+        {
             return crate::connectors::Loaded::default();
         }
         let tenants: Vec<&str> = self.tenants.iter().map(|t| t.id.as_str()).collect();
@@ -1598,6 +1604,31 @@ mod tests {
         assert!(
             !named("x-1", "anything"),
             "an externalId is matched as it is"
+        );
+    }
+
+    /// The default connectors directory gone at a reload, with connectors loaded from it
+    /// running, is a directory that cannot be read, as one the config names is: taken for
+    /// no connector file at all, it retired every connector. With none running (at a
+    /// start), it is no connectors.
+    #[test]
+    fn the_default_connectors_directory_gone_at_a_reload_does_not_read_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let c = Config::parse("version = 1\n", &path).unwrap();
+        assert!(c.connectors.dir.is_none());
+        let running: std::collections::BTreeMap<String, PathBuf> =
+            [("sis".to_owned(), c.connectors_dir().join("sis.toml"))].into();
+        let at_start = c.load_connectors();
+        assert!(!at_start.dir_unreadable && at_start.errors.is_empty());
+        let at_reload = c.load_connectors_keeping(&running, None);
+        assert!(at_reload.dir_unreadable, "{:?}", at_reload.errors);
+        assert!(
+            at_reload.errors[0]
+                .to_string()
+                .contains("cannot read the connectors directory"),
+            "{:?}",
+            at_reload.errors
         );
     }
 
