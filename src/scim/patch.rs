@@ -34,7 +34,7 @@ pub struct PatchOp {
 impl PatchOp {
     /// A `remove` the client named, of the core `active` itself: RFC 7644 §3.5.2.2 has
     /// the attribute go (the public conformance suite checks it), where a null `active`
-    /// is an unasserted value, as in a PUT (see `server::scim::keep_deactivated`).
+    /// is an unasserted value, as in a PUT (see `server::scim::write::keep_deactivated`).
     pub fn removes_active(&self) -> bool {
         self.sent_as == PatchOpKind::Remove
             && self.path.as_ref().is_some_and(|p| {
