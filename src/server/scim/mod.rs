@@ -2,6 +2,15 @@
 //! search, /Bulk and discovery. Protocol rules come from `crate::scim`; persistence from
 //! `crate::store`. Each operation is a plain function returning a [`Reply`] so that /Bulk
 //! runs exactly the code the single-resource endpoints run.
+//!
+//! Where each part is: this file has the routes, the errors answered before a handler
+//! runs, what every request shares (the token check, the body, `If-Match`, the query
+//! string, the `Reply`), and the handlers of users and groups that `resource_handlers!`
+//! makes. `render` says which attributes an answer carries and renders a resource with
+//! its members or groups; `write` creates, replaces, patches and deletes; `read` gets one
+//! resource and lists and searches (the filter's checks, index lookups, sorting, paging);
+//! `bulk` runs a /Bulk request's operations through `write`; `discovery` answers
+//! ServiceProviderConfig, Schemas and ResourceTypes.
 
 mod bulk;
 mod discovery;
