@@ -598,11 +598,13 @@ pub fn load_dir_keeping(
         .collect();
     files.sort();
     let mut parsed = Vec::with_capacity(files.len());
+    let mut unreadable = Vec::new();
     for file in files {
         let text = match crate::config::read_text(&file, crate::config::FileKind::Connector) {
             Ok(t) => t,
             Err(source) => {
                 out.unloaded.push(Unloaded::of(&file, None));
+                unreadable.push(file.clone());
                 out.errors.push(ConnectorError::Read { file, source });
                 continue;
             }
@@ -638,8 +640,10 @@ pub fn load_dir_keeping(
     // A running connector's file that is there but does not load (a typo mid-edit) still
     // holds the name: what it claims now is unknown, and handing its cursor to another
     // claimant would send the tenant's changes to that file's URL.
+    // One that cannot be read at all (its mode changed, a dangling link) holds it too:
+    // it lost the name to another file claiming it, cursor and dead letters with it.
     let mut claims: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    let mut broken: Vec<PathBuf> = Vec::new();
+    let mut broken: Vec<PathBuf> = unreadable;
     for (file, _, c) in &parsed {
         match c {
             Ok(c) => claims.entry(c.name.clone()).or_default().push(file.clone()),
@@ -967,6 +971,16 @@ secret_env = "HOOK_SECRET"
                 && e.contains("webhook.toml, which runs it as last loaded")),
             "{errors:?}"
         );
+        // Nor does one that cannot be read at all: a dangling link, or a directory.
+        std::fs::remove_file(&running).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone.toml"), &running).unwrap();
+        let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
+        assert!(loaded.connectors.is_empty(), "{:?}", loaded.connectors);
+        std::fs::remove_file(&running).unwrap();
+        std::fs::create_dir(&running).unwrap();
+        let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
+        assert!(loaded.connectors.is_empty(), "{:?}", loaded.connectors);
+        std::fs::remove_dir(&running).unwrap();
         std::fs::write(&running, WEBHOOK).unwrap();
         let loaded = load_dir_keeping(dir.path(), &["demo"], Some(&[]), &keep);
         assert_eq!(loaded.connectors.len(), 1);
