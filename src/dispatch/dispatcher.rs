@@ -233,15 +233,15 @@ impl Dispatcher {
                 .collect()
         };
         *self.unloaded_lock() = loaded.unloaded;
-        let wanted: BTreeMap<String, ConnectorConfig> = loaded
+        let mut wanted: BTreeMap<String, ConnectorConfig> = loaded
             .connectors
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
+        let mut unstartable = self.refuse_kept_files(&mut wanted, &mut broken);
         // Every new or changed connector is built before anything stops: one that cannot
         // start must not take down the connector running on the file's previous version.
         let mut prepared = BTreeMap::new();
-        let mut unstartable = Vec::new();
         {
             let running = self.running();
             for (name, config) in &wanted {
@@ -469,6 +469,62 @@ impl Dispatcher {
             );
         }
         self.set_errors(file_errors)
+    }
+
+    /// Refuse (take out of `wanted`) each connector that would write a file a connector
+    /// in `broken` writes: that one keeps running on its previous config while its own
+    /// file does not load, and keeps its files, as it does when its file loads
+    /// (`connectors::refuse_shared_files`, which sees only the files that load). A
+    /// newcomer was accepted, and two tenants' rosters took turns in one file. One already
+    /// running keeps running on its previous config too. Returns the refusals, as
+    /// (file, error).
+    fn refuse_kept_files(
+        &self,
+        wanted: &mut BTreeMap<String, ConnectorConfig>,
+        broken: &mut BTreeMap<String, String>,
+    ) -> Vec<(std::path::PathBuf, String)> {
+        let running = self.running();
+        let kept: Vec<(std::path::PathBuf, &ConnectorConfig)> = broken
+            .keys()
+            .filter_map(|n| running.get(n))
+            .flat_map(|r| {
+                r.config
+                    .csv
+                    .iter()
+                    .flat_map(crate::connectors::csv::CsvSettings::files)
+                    .map(move |f| (f, &r.config))
+            })
+            .collect();
+        let mut refused = Vec::new();
+        wanted.retain(|name, c| {
+            let Some((path, owner)) = c
+                .csv
+                .iter()
+                .flat_map(crate::connectors::csv::CsvSettings::files)
+                .find_map(|f| kept.iter().find(|(w, o)| *w == f && o.name != *name))
+            else {
+                return true;
+            };
+            let error = format!(
+                "{}: key `csv.dir`: {} is written by connector {:?} ({}), which keeps running on its previous config while that file does not load; this file is not loaded; give each CSV connector its own file (another `dir` or `file_name`)",
+                c.file.display(),
+                path.display(),
+                owner.name,
+                owner.file.display()
+            );
+            tracing::error!(tenant = %c.tenant, connector = %name, %error, "Connector file not loaded: it would write another connector's file.");
+            self.unloaded_lock().push(crate::connectors::Unloaded {
+                file: c.file.clone(),
+                tenant: Some(c.tenant.clone()),
+                name: Some(name.clone()),
+            });
+            if running.contains_key(name) {
+                broken.insert(name.clone(), error.clone());
+            }
+            refused.push((c.file.clone(), error));
+            false
+        });
+        refused
     }
 
     /// Keep `file_errors` with the errors of connectors that cannot start for /status,

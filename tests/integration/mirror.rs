@@ -3600,6 +3600,69 @@ async fn with_csv_files() -> TestDaemon {
     with_csv_files_debounced(100).await
 }
 
+/// A CSV connector whose file does not load keeps running on its previous config, and
+/// keeps its files: another tenant's connector added at the same reload to write them is
+/// refused, as it is while that file loads. It was loaded, and the two tenants' rosters
+/// took turns in one file.
+#[tokio::test]
+async fn a_csv_connector_whose_file_does_not_load_keeps_its_files() {
+    let d = TestDaemon::start_with(Options {
+        connectors: vec![(
+            "files.toml".into(),
+            csv_connector("files", "debounce_ms = 20"),
+        )],
+        ..Options::default()
+    })
+    .await;
+    let dir = d.root.join("connectors");
+    // One edit: a typo in files.toml, and another tenant's connector writing its file.
+    std::fs::write(
+        dir.join("files.toml"),
+        csv_connector("files", "debounce_mss = 20"),
+    )
+    .unwrap();
+    let other = csv_connector("other", "debounce_ms = 20")
+        .replace(
+            &format!("tenant = \"{TENANT}\""),
+            &format!("tenant = \"{}\"", crate::harness::OTHER_TENANT),
+        )
+        .replace("dir = \"other\"", "dir = \"files\"");
+    std::fs::write(dir.join("other.toml"), &other).unwrap();
+    d.reload().await;
+    let running = |s: &Value| -> Vec<String> {
+        s["connectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let s = d.status().await;
+    assert_eq!(running(&s), ["files"], "{s}");
+    let errors = s["connector_errors"].to_string();
+    assert!(
+        errors.contains("other.toml")
+            && errors
+                .contains("keeps running on its previous config while that file does not load"),
+        "{errors}"
+    );
+    // Fixed: the running connector keeps its files still.
+    std::fs::write(
+        dir.join("files.toml"),
+        csv_connector("files", "debounce_ms = 20"),
+    )
+    .unwrap();
+    d.reload().await;
+    let s = d.status().await;
+    assert_eq!(running(&s), ["files"], "{s}");
+    assert!(
+        s["connector_errors"]
+            .to_string()
+            .contains("which runs; this file is not loaded"),
+        "{s}"
+    );
+}
+
 /// A CSV connector `name` of the test tenant writing into `connectors/<name>`, `when`
 /// (`debounce_ms = …` or `schedule = "…"`) saying when.
 pub fn csv_connector(name: &str, when: &str) -> String {
