@@ -303,7 +303,18 @@ impl Dispatcher {
                     (Some(old), Some(new)) => old.reshaped(new),
                     _ => vec![],
                 };
-                if held.contains(name) && new.guard != c.guard {
+                let new_target = match (&c.oneroster, &new.oneroster) {
+                    (Some(old), Some(new)) => (old.base_url.trim_end_matches('/')
+                        != new.base_url.trim_end_matches('/'))
+                    .then(|| (old.base_url.clone(), new.base_url.clone())),
+                    _ => None,
+                };
+                if let Some((from, to)) = new_target {
+                    // Its cursor and what it recorded as delivered are the old target's:
+                    // the new one gets only later changes, and a plain reconciliation,
+                    // comparing with what was delivered, finds nothing to send.
+                    tracing::warn!(%tenant, connector = %name, %from, %to, "Stopping connector to start it again: its file points it at another target. It goes on from its cursor, so the new target gets only the changes from now on: run `rosterd reconcile --tenant {tenant} --connector {name} --full` to send it everything.");
+                } else if held.contains(name) && new.guard != c.guard {
                     // Started again, it counts by the new table: a higher limit, or none,
                     // lets go what the old one held, with no resume.
                     tracing::warn!(%tenant, connector = %name, "Stopping connector to start it again: its file changed its [guard] while it held changes. It holds again only if the new [guard] would; otherwise the held changes go out now.");

@@ -689,6 +689,30 @@ async fn rewrite_connector(d: &TestDaemon, edit: impl Fn(String) -> String) {
     d.reload().await;
 }
 
+/// A OneRoster connector pointed at another target by a reload goes on from its cursor,
+/// so the new target gets only later changes, and a plain reconciliation finds nothing
+/// to send: the reload says so at WARN and names the full reconciliation. It said only
+/// "its file changed", at INFO.
+#[tokio::test]
+async fn a_new_base_url_is_said_with_the_full_reconciliation_it_needs() {
+    let (logs, _guard) = crate::harness::LogBuf::capture();
+    let (d, old) = start_with_oneroster("").await;
+    d.create_user("before@acme.test").await;
+    caught_up(&d, "sis").await;
+    let new = OneRosterServer::start(OneRosterOptions::default()).await;
+    rewrite_connector(&d, |t| t.replace(&old.base_url, &new.base_url)).await;
+    let said = logs.lines("points it at another target");
+    assert!(
+        said.len() == 1
+            && said[0].contains("rosterd reconcile --tenant acme --connector sis --full")
+            && said[0].contains(&new.base_url),
+        "{said:?}"
+    );
+    // Not said of a change that keeps the target.
+    rewrite_connector(&d, |t| t.replace("timeout_ms = 2000", "timeout_ms = 3000")).await;
+    assert_eq!(logs.lines("points it at another target").len(), 1);
+}
+
 #[tokio::test]
 async fn a_failing_target_meets_only_concurrency_retrying_requests_and_none_once_paused() {
     let (d, target) = start_with_oneroster("").await;
