@@ -412,7 +412,7 @@ impl Dispatcher {
                     "its file now names another connector, {}, which keeps its own cursor, dead letters and delivered hashes (a new name starts from the oldest change the log holds)",
                     renamed.name
                 ),
-                None => "its file was removed".to_owned(),
+                None => "its file is no longer in the connectors directory".to_owned(),
             };
             tracing::warn!(
                 %tenant,

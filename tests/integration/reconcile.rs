@@ -1578,7 +1578,8 @@ async fn removing_a_connectors_file_says_what_it_leaves_and_keeps_its_dead_lette
     std::fs::remove_file(d.root.join(format!("connectors/{NAME}.toml"))).unwrap();
     d.reload().await;
 
-    let retired = logs.lines("Connector retired: its file was removed");
+    let retired =
+        logs.lines("Connector retired: its file is no longer in the connectors directory");
     assert_eq!(retired.len(), 1, "{retired:?}");
     assert!(retired[0].contains("WARN"), "{retired:?}");
     assert!(retired[0].contains("dead_letters=1"), "{retired:?}");
