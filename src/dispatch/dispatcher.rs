@@ -356,6 +356,34 @@ impl Dispatcher {
                 }
             }
         }
+        // A CSV connector whose `[csv.oneroster]` changed writes its files again in the
+        // new shape when it starts, not at the next change of the roster, which may be
+        // hours away (a scheduled one at its time, as its consumer expects). Marked once
+        // the old task has stopped, which could otherwise clear the mark with a write of
+        // its own.
+        for c in &stopping {
+            let Some(new) = wanted.get(&c.name) else {
+                continue;
+            };
+            if let (Some(old), Some(now)) = (&c.csv, &new.csv)
+                && old.oneroster != now.oneroster
+                && now.schedule.is_none()
+                && new.enabled
+            {
+                match self
+                    .store
+                    .mark_write_due(&new.tenant, &super::ctx::cursor_name(new))
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(tenant = %new.tenant, connector = %new.name, "The connector's [csv.oneroster] changed: it writes its files again now.")
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %new.tenant, connector = %new.name, error = %e, "Cannot mark the connector's files to be written again; they change at the roster's next change.")
+                    }
+                }
+            }
+        }
         // A changed file may be the fix (a new credential, another URL): its connector
         // starts sending again. A removed one leaves nothing to pause.
         for c in &stopping {

@@ -4547,6 +4547,43 @@ async fn an_assignment_event_carries_the_user_only_as_its_change_left_it() {
     assert_eq!(titles, ["First", "Later"]);
 }
 
+/// A CSV connector whose `[csv.oneroster]` a reload changed writes its files again at
+/// once: they kept the old shape until the roster's next change, which may be hours
+/// away.
+#[tokio::test]
+async fn a_changed_csv_oneroster_table_writes_the_files_again_at_once() {
+    let d = with_csv_files_debounced(20).await;
+    d.create_user("ada@acme.test").await;
+    caught_up(&d, "files").await;
+    let orgs = || -> String {
+        let zip = std::fs::File::open(d.root.join("connectors/out/oneroster.zip")).unwrap();
+        let mut zip = zip::ZipArchive::new(zip).unwrap();
+        std::io::read_to_string(zip.by_name("orgs.csv").unwrap()).unwrap()
+    };
+    assert!(
+        orgs().contains("Acme") && !orgs().contains("Acme Schools"),
+        "{}",
+        orgs()
+    );
+    let file = d.root.join("connectors/files.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("org_name = \"Acme\"", "org_name = \"Acme Schools\""),
+    )
+    .unwrap();
+    d.reload().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !orgs().contains("Acme Schools") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not written again: {}",
+            orgs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_oneroster_csv_bundle_maps_users_as_the_rest_connector_does() {
     let d = with_csv_files().await;
