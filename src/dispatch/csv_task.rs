@@ -166,7 +166,7 @@ pub(super) async fn run_csv(ctx: Arc<Ctx>) -> Result<(), StoreError> {
             tracing::info!(
                 missed = %rfc3339(due),
                 last_write = %last.map(rfc3339).unwrap_or_default(),
-                "A scheduled write came due while the daemon was down; writing now (catch_up)."
+                "A scheduled write came due while the connector was not running (the daemon down, or the connector disabled or not loaded); writing now (catch_up)."
             );
             ctx.store.mark_write_due(&tenant, &cursor_name).await?;
             owed = true;
