@@ -765,15 +765,21 @@ async fn api_keys_not_applied(
 async fn edited_api_keys_load(state: &AppState, edited: &Config) -> Result<(), String> {
     let c = edited.clone();
     let env = state.env.clone();
-    tokio::task::spawn_blocking(move || match &c.api.jwt {
-        Some(j) => match JwtVerifier::from_config(j, &c.base_dir, &|v| env(v)) {
+    tokio::task::spawn_blocking(move || api_keys_load(&c, &|v| env(v)).map_err(|e| e.to_string()))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// Whether a start on `config` would load its `[api.jwt]` keys. A secret that is not set
+/// here passes: the environment a restart reads may set it (the unit's EnvironmentFile).
+fn api_keys_load(config: &Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(), JwtError> {
+    match &config.api.jwt {
+        Some(j) => match JwtVerifier::from_config(j, &config.base_dir, env) {
             Ok(_) | Err(JwtError::SecretUnset { .. }) => Ok(()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         },
         None => Ok(()),
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()))
+    }
 }
 
 /// Say (WARN) each OneRoster `roles` key that names no archetype of its tenant's bundle,
@@ -1076,14 +1082,11 @@ fn restart_refusals(
     if let Err(e) = next.check_connectors_dir() {
         out.push(e.to_string());
     }
+    // With an `[api.jwt]` at the start, the reload's own check of the key files says it.
     if started.api.jwt.is_none()
-        && let Some(jwt) = &next.api.jwt
+        && let Err(e) = api_keys_load(next, env)
     {
-        match JwtVerifier::from_config(jwt, &next.base_dir, env) {
-            // The environment a restart reads may set it (the unit's EnvironmentFile).
-            Ok(_) | Err(JwtError::SecretUnset { .. }) => {}
-            Err(e) => out.push(format!("[api.jwt], added since the start: {e}")),
-        }
+        out.push(format!("[api.jwt], added since the start: {e}"));
     }
     for t in next
         .tenants
